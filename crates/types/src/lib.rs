@@ -1,0 +1,28 @@
+//! The Suanli domain model.
+//!
+//! Architecture invariant: this crate does no I/O, reads no clock and draws no random numbers.
+//! It depends on nothing internal, so every other crate (broker, agent, scheduler, portal,
+//! simulator) can share one definition of what a cluster, a card, a lease and a price are,
+//! and one place where their fields are validated.
+
+pub mod account;
+pub mod catalogue;
+pub mod cluster;
+pub mod error;
+pub mod ids;
+pub mod lease;
+pub mod money;
+pub mod node;
+pub mod secret;
+pub mod time;
+
+pub use account::{AccountKind, Caller, OperatorRole};
+pub use catalogue::{CatalogueFilter, PageRequest};
+pub use cluster::{ClusterClass, ClusterState, Listing, LocalStorage, ResourceType};
+pub use error::{DomainError, ErrorCode, FieldError};
+pub use ids::{AccountId, CardId, ClusterId, CpcId, LeaseId, NodeId, RequestId};
+pub use lease::{EndReason, LeaseAction, LeaseState, LeaseUnit, SupplierEndReason};
+pub use money::{BillingMode, Currency, Money, PriceList};
+pub use node::{CardSpec, CardStatus, NodeInventory};
+pub use secret::SecretHash;
+pub use time::Timestamp;
