@@ -57,7 +57,8 @@ impl Validator {
     pub fn nested(&mut self, prefix: &str, result: Result<(), DomainError>) {
         if let Err(DomainError::Invalid(errors)) = result {
             for e in errors {
-                self.errors.push(FieldError::new(format!("{prefix}.{}", e.field), e.problem));
+                let field = if prefix.is_empty() { e.field } else { format!("{prefix}.{}", e.field) };
+                self.errors.push(FieldError::new(field, e.problem));
             }
         }
     }

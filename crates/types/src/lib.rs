@@ -16,10 +16,10 @@ pub mod node;
 pub mod secret;
 pub mod time;
 
-pub use account::{AccountKind, Caller, OperatorRole};
-pub use catalogue::{CatalogueFilter, PageRequest};
-pub use cluster::{ClusterClass, ClusterState, Listing, LocalStorage, ResourceType};
-pub use error::{DomainError, ErrorCode, FieldError};
+pub use account::{AccountKind, Caller, OperatorRole, SshPublicKey};
+pub use catalogue::{CatalogueFacts, CatalogueFilter, PageRequest};
+pub use cluster::{ClusterClass, ClusterState, DiskMedium, Listing, LocalStorage, ResourceType};
+pub use error::{DomainError, EntityKind, ErrorCode, FieldError, Validator};
 pub use ids::{AccountId, CardId, ClusterId, CpcId, LeaseId, NodeId, RequestId};
 pub use lease::{EndReason, LeaseAction, LeaseState, LeaseUnit, SupplierEndReason};
 pub use money::{BillingMode, Currency, Money, PriceList};

@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 /// used in two places hashes differently. Secrets hashed this way must carry enough entropy
 /// that an offline guess is hopeless (authorization codes have 80 random bits); passwords chosen
 /// by people are not hashed here.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SecretHash(pub [u8; 32]);
 
 impl SecretHash {

@@ -1,0 +1,69 @@
+//! The closed set of commands the replicated log carries.
+//!
+//! Every command travels in an [`Envelope`] that names its authenticated caller, the client's
+//! request ID (applied at most once per caller) and the time the leader accepted it, so that
+//! `apply` never reads a clock and every replica computes the same state.
+
+use serde::{Deserialize, Serialize};
+use suanli_types::{
+    AccountId, AccountKind, BillingMode, CardId, CardStatus, Caller, ClusterClass, ClusterId, EndReason, LeaseId, LeaseUnit,
+    Listing, NodeId, NodeInventory, RequestId, SecretHash, SshPublicKey, Timestamp,
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub caller: Caller,
+    pub request_id: RequestId,
+    /// Leader's wall clock when it accepted the command, in milliseconds.
+    pub at: Timestamp,
+    pub command: Command,
+}
+
+/// Secrets never appear here in plain text: tokens and authorization codes arrive already
+/// hashed by the service layer (`SecretHash`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Platform only. `token_hash` is the hash of the API token the service handed out.
+    RegisterAccount { kind: AccountKind, token_hash: SecretHash },
+    /// The account itself, or the platform on its behalf.
+    AddSshKey { account: AccountId, key: SshPublicKey },
+    /// A supplier enrolls a server it owns.
+    EnrollNode { inventory: NodeInventory },
+    PublishCluster { class: ClusterClass, nodes: Vec<NodeId>, listing: Listing },
+    ModifyCluster { cluster: ClusterId, listing: Listing },
+    DelistCluster { cluster: ClusterId },
+    SetCardStatus { card: CardId, status: CardStatus },
+    RequestLease { cluster: ClusterId, unit: LeaseUnit, billing_mode: BillingMode, periods: u32 },
+    /// Class A: the supplier approves and issues an authorization code (hashed here), valid
+    /// until `code_expires_at`.
+    ApproveLease { lease: LeaseId, code_hash: SecretHash, code_expires_at: Timestamp },
+    /// Class A: the lessee presents a code (hashed by the service).
+    VerifyAuthCode { lease: LeaseId, candidate_hash: SecretHash },
+    /// Class B: the supplier's agent confirms the cards are provisioned.
+    ActivateLease { lease: LeaseId },
+    ExtendLease { lease: LeaseId, periods: u32 },
+    EndLease { lease: LeaseId, reason: EndReason },
+    /// System only: the reservation or paid term is over (checked against `Envelope::at`).
+    ExpireLease { lease: LeaseId },
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::RegisterAccount { .. } => "register_account",
+            Command::AddSshKey { .. } => "add_ssh_key",
+            Command::EnrollNode { .. } => "enroll_node",
+            Command::PublishCluster { .. } => "publish_cluster",
+            Command::ModifyCluster { .. } => "modify_cluster",
+            Command::DelistCluster { .. } => "delist_cluster",
+            Command::SetCardStatus { .. } => "set_card_status",
+            Command::RequestLease { .. } => "request_lease",
+            Command::ApproveLease { .. } => "approve_lease",
+            Command::VerifyAuthCode { .. } => "verify_auth_code",
+            Command::ActivateLease { .. } => "activate_lease",
+            Command::ExtendLease { .. } => "extend_lease",
+            Command::EndLease { .. } => "end_lease",
+            Command::ExpireLease { .. } => "expire_lease",
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! What applying a command changed, as a stream clients can watch.
+
+use serde::{Deserialize, Serialize};
+use suanli_types::{
+    AccountId, AccountKind, CardId, CardStatus, ClusterId, CpcId, EndReason, LeaseId, LeaseState, NodeId, Timestamp,
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    AccountRegistered { account: AccountId, kind: AccountKind },
+    SshKeyAdded { account: AccountId },
+    NodeEnrolled { node: NodeId, supplier: AccountId, cards: Vec<CardId> },
+    ClusterPublished { cluster: ClusterId, cpc: CpcId },
+    ClusterModified { cluster: ClusterId, revision: u64 },
+    ClusterDelisted { cluster: ClusterId },
+    CardStatusChanged { card: CardId, from: CardStatus, to: CardStatus, lease: Option<LeaseId> },
+    LeaseStateChanged { lease: LeaseId, from: Option<LeaseState>, to: LeaseState, reason: Option<EndReason> },
+    LeaseExtended { lease: LeaseId, periods: u32, paid_until: Timestamp },
+    AuthCodeRejected { lease: LeaseId, attempts_left: u32 },
+}
+
+/// The events of one applied log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedEvents {
+    pub index: u64,
+    pub at: Timestamp,
+    pub events: Vec<Event>,
+}

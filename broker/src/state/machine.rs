@@ -1,0 +1,793 @@
+//! The broker's state and the one function that changes it.
+//!
+//! `State::apply` is deterministic: its only inputs are the state and the envelope (time
+//! included), so every replica that applies the same log reaches the same state. It checks
+//! authority itself instead of trusting the service layer, and it never panics on any input:
+//! every rejection is a `DomainError` that leaves the state as it was (the one exception is a
+//! wrong authorization code, which must cost an attempt).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use suanli_types::error::EntityKind;
+use suanli_types::{
+    AccountId, AccountKind, CardId, CardStatus, Caller, CatalogueFacts, CatalogueFilter, ClusterClass, ClusterId,
+    ClusterState, CpcId, DomainError, EndReason, LeaseAction, LeaseId, LeaseState, LeaseUnit, Money, NodeId,
+    PageRequest, RequestId, SecretHash, Timestamp,
+};
+
+use super::command::{Command, Envelope};
+use super::event::Event;
+use super::model::{Account, AuthCode, Card, Cluster, Lease, Node};
+
+/// Limits that are part of the replicated rules (changing them is a format change).
+pub mod rules {
+    /// A Class A lease waits this long for approval and verification.
+    pub const RESERVATION_SECONDS_CLASS_A: i64 = 24 * 3600;
+    /// A Class B lease waits this long for the agent to provision it.
+    pub const RESERVATION_SECONDS_CLASS_B: i64 = 15 * 60;
+    pub const AUTH_CODE_ATTEMPTS: u32 = 5;
+    /// How long a request ID is remembered for at-most-once application.
+    pub const REQUEST_ID_RETENTION_SECONDS: i64 = 24 * 3600;
+    pub const MAX_SSH_KEYS_PER_ACCOUNT: usize = 32;
+    pub const MAX_NODES_PER_CLUSTER: usize = 1024;
+    pub const MAX_PERIODS_PER_REQUEST: u32 = 10_000;
+    /// Largest encoded command the broker accepts.
+    pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+}
+
+/// What a successful command returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Empty,
+    Account(AccountId),
+    Node(Box<Node>),
+    Cluster(Box<Cluster>),
+    Card(Box<Card>),
+    Lease(Box<Lease>),
+}
+
+pub type Outcome = Result<Response, DomainError>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Remembered {
+    digest: [u8; 32],
+    at: Timestamp,
+    outcome: Outcome,
+}
+
+/// The whole replicated state. Serialized as a whole for snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    accounts: BTreeMap<AccountId, Account>,
+    accounts_by_token: BTreeMap<SecretHash, AccountId>,
+    nodes: BTreeMap<NodeId, Node>,
+    cards: BTreeMap<CardId, Card>,
+    clusters: BTreeMap<ClusterId, Cluster>,
+    leases: BTreeMap<LeaseId, Lease>,
+    /// Live leases only, for the reaper.
+    live_leases: BTreeMap<LeaseId, ()>,
+    requests: BTreeMap<(Caller, RequestId), Remembered>,
+    requests_by_age: VecDeque<(Timestamp, Caller, RequestId)>,
+    next_id: u64,
+}
+
+/// A cluster as the catalogue shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSummary<'a> {
+    pub cluster: &'a Cluster,
+    pub total_cards: u32,
+    pub idle_cards: u32,
+}
+
+impl State {
+    pub fn new() -> Self {
+        State { next_id: 1, ..Default::default() }
+    }
+
+    /// Applies one command. Retrying the same request ID from the same caller returns the
+    /// first outcome without applying anything; reusing it for a different command is refused.
+    pub fn apply(&mut self, envelope: &Envelope) -> (Outcome, Vec<Event>) {
+        self.forget_old_requests(envelope.at);
+        let digest = digest(&envelope.command);
+        let key = (envelope.caller.clone(), envelope.request_id.clone());
+        if let Some(seen) = self.requests.get(&key) {
+            return if seen.digest == digest {
+                (seen.outcome.clone(), Vec::new())
+            } else {
+                (Err(DomainError::RequestIdConflict), Vec::new())
+            };
+        }
+        let mut events = Vec::new();
+        let outcome = self.dispatch(envelope, &mut events);
+        self.requests.insert(key.clone(), Remembered { digest, at: envelope.at, outcome: outcome.clone() });
+        self.requests_by_age.push_back((envelope.at, key.0, key.1));
+        (outcome, events)
+    }
+
+    fn forget_old_requests(&mut self, now: Timestamp) {
+        while let Some((at, _, _)) = self.requests_by_age.front() {
+            if now.seconds_since(*at) < rules::REQUEST_ID_RETENTION_SECONDS {
+                break;
+            }
+            if let Some((_, caller, request)) = self.requests_by_age.pop_front() {
+                self.requests.remove(&(caller, request));
+            }
+        }
+    }
+
+    fn dispatch(&mut self, env: &Envelope, events: &mut Vec<Event>) -> Outcome {
+        let caller = &env.caller;
+        let at = env.at;
+        match &env.command {
+            Command::RegisterAccount { kind, token_hash } => {
+                require(matches!(caller, Caller::Platform), "only the platform registers accounts")?;
+                if self.accounts_by_token.contains_key(token_hash) {
+                    return Err(DomainError::AlreadyExists { kind: EntityKind::Account, id: "token".into() });
+                }
+                let id = AccountId(self.next());
+                self.accounts.insert(
+                    id,
+                    Account { id, kind: *kind, token_hash: *token_hash, ssh_keys: Vec::new(), registered_at: at },
+                );
+                self.accounts_by_token.insert(*token_hash, id);
+                events.push(Event::AccountRegistered { account: id, kind: *kind });
+                Ok(Response::Account(id))
+            }
+            Command::AddSshKey { account, key } => {
+                require(
+                    matches!(caller, Caller::Platform) || *caller == Caller::Account(*account),
+                    "only the account itself adds its keys",
+                )?;
+                let acc = self.accounts.get_mut(account).ok_or(DomainError::not_found(EntityKind::Account, account))?;
+                if acc.ssh_keys.contains(key) {
+                    return Err(DomainError::AlreadyExists { kind: EntityKind::SshKey, id: key.as_str().into() });
+                }
+                if acc.ssh_keys.len() >= rules::MAX_SSH_KEYS_PER_ACCOUNT {
+                    return Err(DomainError::invalid(
+                        "ssh_public_key",
+                        format!("at most {} keys per account", rules::MAX_SSH_KEYS_PER_ACCOUNT),
+                    ));
+                }
+                acc.ssh_keys.push(key.clone());
+                events.push(Event::SshKeyAdded { account: *account });
+                Ok(Response::Empty)
+            }
+            Command::EnrollNode { inventory } => {
+                let supplier = self.account_of_kind(caller, AccountKind::Supplier)?;
+                inventory.validate()?;
+                let node_id = NodeId(self.next());
+                let mut card_ids = Vec::with_capacity(inventory.cards.len());
+                for spec in &inventory.cards {
+                    let id = CardId(self.next());
+                    card_ids.push(id);
+                    self.cards.insert(
+                        id,
+                        Card { id, node: node_id, spec: spec.clone(), status: CardStatus::Idle, lease: None },
+                    );
+                }
+                let node = Node {
+                    id: node_id,
+                    supplier,
+                    inventory: inventory.clone(),
+                    cards: card_ids.clone(),
+                    cluster: None,
+                    enrolled_at: at,
+                };
+                self.nodes.insert(node_id, node.clone());
+                events.push(Event::NodeEnrolled { node: node_id, supplier, cards: card_ids });
+                Ok(Response::Node(Box::new(node)))
+            }
+            Command::PublishCluster { class, nodes, listing } => {
+                let supplier = self.account_of_kind(caller, AccountKind::Supplier)?;
+                listing.validate(*class)?;
+                if nodes.is_empty() || nodes.len() > rules::MAX_NODES_PER_CLUSTER {
+                    return Err(DomainError::invalid(
+                        "nodes",
+                        format!("between 1 and {} enrolled nodes", rules::MAX_NODES_PER_CLUSTER),
+                    ));
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                for node_id in nodes {
+                    if !seen.insert(*node_id) {
+                        return Err(DomainError::invalid("nodes", format!("{node_id} is listed twice")));
+                    }
+                    let node = self.nodes.get(node_id).ok_or(DomainError::not_found(EntityKind::Node, node_id))?;
+                    if node.supplier != supplier {
+                        return Err(DomainError::PermissionDenied(format!("{node_id} belongs to another supplier")));
+                    }
+                    if let Some(cluster) = node.cluster {
+                        return Err(DomainError::NodeInUse { node: *node_id, cluster });
+                    }
+                    if node.cards.is_empty() {
+                        return Err(DomainError::invalid("nodes", format!("{node_id} has no GPU cards")));
+                    }
+                }
+                let id = ClusterId(self.next());
+                let cluster = Cluster {
+                    id,
+                    cpc: CpcId::for_cluster(id),
+                    supplier,
+                    class: *class,
+                    nodes: nodes.clone(),
+                    listing: listing.clone(),
+                    state: ClusterState::Listed,
+                    published_at: at,
+                    modified_at: at,
+                    revision: 1,
+                };
+                for node_id in nodes {
+                    if let Some(node) = self.nodes.get_mut(node_id) {
+                        node.cluster = Some(id);
+                    }
+                }
+                self.clusters.insert(id, cluster.clone());
+                events.push(Event::ClusterPublished { cluster: id, cpc: cluster.cpc.clone() });
+                Ok(Response::Cluster(Box::new(cluster)))
+            }
+            Command::ModifyCluster { cluster, listing } => {
+                let c = self.owned_cluster(caller, *cluster, false)?;
+                listing.validate(c.class)?;
+                let c = self.clusters.get_mut(cluster).ok_or(DomainError::not_found(EntityKind::Cluster, cluster))?;
+                if c.state == ClusterState::Delisted {
+                    return Err(DomainError::ClusterDelisted(*cluster));
+                }
+                c.listing = listing.clone();
+                c.modified_at = at;
+                c.revision += 1;
+                events.push(Event::ClusterModified { cluster: *cluster, revision: c.revision });
+                Ok(Response::Cluster(Box::new(c.clone())))
+            }
+            Command::DelistCluster { cluster } => {
+                self.owned_cluster(caller, *cluster, true)?;
+                let c = self.clusters.get_mut(cluster).ok_or(DomainError::not_found(EntityKind::Cluster, cluster))?;
+                if c.state == ClusterState::Delisted {
+                    return Err(DomainError::ClusterDelisted(*cluster));
+                }
+                c.state = ClusterState::Delisted;
+                c.modified_at = at;
+                events.push(Event::ClusterDelisted { cluster: *cluster });
+                Ok(Response::Cluster(Box::new(c.clone())))
+            }
+            Command::SetCardStatus { card, status } => {
+                let c = self.cards.get(card).ok_or(DomainError::not_found(EntityKind::Card, card))?;
+                let node = self.nodes.get(&c.node).ok_or(DomainError::not_found(EntityKind::Node, c.node))?;
+                let allowed = match caller {
+                    Caller::Account(id) => *id == node.supplier,
+                    Caller::Agent(n) => *n == node.id,
+                    Caller::Operator(role) => role.may_intervene(),
+                    _ => false,
+                };
+                require(allowed, "only the card's supplier, its agent or an operator sets its status")?;
+                if !status.settable_by_supplier() {
+                    return Err(DomainError::invalid("status", "reserved and busy are set by leases only"));
+                }
+                if c.lease.is_some() {
+                    return Err(DomainError::CardUnavailable { card: *card, status: c.status });
+                }
+                let from = c.status;
+                if from != *status {
+                    if let Some(c) = self.cards.get_mut(card) {
+                        c.status = *status;
+                    }
+                    events.push(Event::CardStatusChanged { card: *card, from, to: *status, lease: None });
+                }
+                Ok(Response::Card(Box::new(self.cards[card].clone())))
+            }
+            Command::RequestLease { cluster, unit, billing_mode, periods } => {
+                let researcher = self.account_of_kind(caller, AccountKind::Researcher)?;
+                self.request_lease(researcher, *cluster, unit, *billing_mode, *periods, at, events)
+            }
+            Command::ApproveLease { lease, code_hash, code_expires_at } => {
+                let l = self.lease_of_supplier(caller, *lease)?;
+                self.transition_check(l, LeaseAction::Approve)?;
+                if *code_expires_at <= at || *code_expires_at > l.reserved_until {
+                    return Err(DomainError::invalid(
+                        "code_expires_at",
+                        "must be in the future and within the lease's reservation",
+                    ));
+                }
+                let from = l.state;
+                let l = self.leases.get_mut(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
+                l.auth_code = Some(AuthCode {
+                    hash: *code_hash,
+                    expires_at: *code_expires_at,
+                    attempts_left: rules::AUTH_CODE_ATTEMPTS,
+                });
+                l.state = LeaseState::Approved;
+                if from != LeaseState::Approved {
+                    events.push(Event::LeaseStateChanged { lease: *lease, from: Some(from), to: l.state, reason: None });
+                }
+                Ok(Response::Lease(Box::new(l.clone())))
+            }
+            Command::VerifyAuthCode { lease, candidate_hash } => {
+                let l = self.lease_of_researcher(caller, *lease)?;
+                self.transition_check(l, LeaseAction::Verify)?;
+                let Some(code) = l.auth_code.clone() else {
+                    return Err(DomainError::InvalidTransition { lease: *lease, state: l.state, action: LeaseAction::Verify });
+                };
+                if at >= code.expires_at {
+                    return Err(DomainError::AuthCodeExpired);
+                }
+                if !code.hash.matches(candidate_hash) {
+                    let attempts_left = code.attempts_left.saturating_sub(1);
+                    if attempts_left == 0 {
+                        self.finish_lease(*lease, LeaseState::Cancelled, EndReason::AuthCodeAttemptsExhausted, at, events);
+                        return Err(DomainError::AuthCodeAttemptsExhausted);
+                    }
+                    if let Some(AuthCode { attempts_left: left, .. }) =
+                        self.leases.get_mut(lease).and_then(|l| l.auth_code.as_mut())
+                    {
+                        *left = attempts_left;
+                    }
+                    events.push(Event::AuthCodeRejected { lease: *lease, attempts_left });
+                    return Err(DomainError::AuthCodeMismatch { attempts_left });
+                }
+                self.activate(*lease, at, events)
+            }
+            Command::ActivateLease { lease } => {
+                let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
+                let allowed = match caller {
+                    Caller::Account(id) => *id == l.supplier,
+                    Caller::Agent(node) => l.cards.iter().any(|c| self.cards.get(c).is_some_and(|c| c.node == *node)),
+                    _ => false,
+                };
+                require(allowed, "only the supplier or its agent confirms provisioning")?;
+                self.transition_check(l, LeaseAction::Activate)?;
+                self.activate(*lease, at, events)
+            }
+            Command::ExtendLease { lease, periods } => {
+                let l = self.lease_of_researcher(caller, *lease)?;
+                self.transition_check(l, LeaseAction::Extend)?;
+                check_periods(*periods)?;
+                let added = l.price_per_card.minor as i128 * l.cards.len() as i128 * *periods as i128;
+                let amount = i64::try_from(l.amount.minor as i128 + added)
+                    .map_err(|_| DomainError::invalid("periods", "the total price is out of range"))?;
+                let total_periods = l.periods.checked_add(*periods).filter(|p| *p <= rules::MAX_PERIODS_PER_REQUEST * 10);
+                let Some(total_periods) = total_periods else {
+                    return Err(DomainError::invalid("periods", "the lease would run too long"));
+                };
+                let extra = l.billing_mode.period_seconds() * *periods as i64;
+                let l = self.leases.get_mut(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
+                l.periods = total_periods;
+                l.amount.minor = amount;
+                let paid_until = l.paid_until.unwrap_or(at).plus_seconds(extra);
+                l.paid_until = Some(paid_until);
+                events.push(Event::LeaseExtended { lease: *lease, periods: total_periods, paid_until });
+                Ok(Response::Lease(Box::new(l.clone())))
+            }
+            Command::EndLease { lease, reason } => {
+                let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
+                let allowed = match (caller, reason) {
+                    (Caller::Account(id), EndReason::ByResearcher) => *id == l.researcher,
+                    (Caller::Account(id), EndReason::BySupplier(_)) => *id == l.supplier,
+                    (Caller::Operator(role), EndReason::ByOperator) => role.may_intervene(),
+                    _ => false,
+                };
+                if !allowed {
+                    // A stranger learns nothing about someone else's lease.
+                    return Err(match caller {
+                        Caller::Account(id) if *id != l.researcher && *id != l.supplier => {
+                            DomainError::not_found(EntityKind::Lease, lease)
+                        }
+                        _ => DomainError::PermissionDenied(format!("{caller} may not end {lease} as {reason:?}")),
+                    });
+                }
+                self.transition_check(l, LeaseAction::End)?;
+                let to = if l.state == LeaseState::Active { LeaseState::Ended } else { LeaseState::Cancelled };
+                self.finish_lease(*lease, to, *reason, at, events);
+                Ok(Response::Lease(Box::new(self.leases[lease].clone())))
+            }
+            Command::ExpireLease { lease } => {
+                require(matches!(caller, Caller::System), "only the broker's reaper expires leases")?;
+                let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
+                self.transition_check(l, LeaseAction::Expire)?;
+                let (due, to, reason) = match l.state {
+                    LeaseState::Active => (l.paid_until.unwrap_or(at), LeaseState::Expired, EndReason::TermElapsed),
+                    _ => (l.reserved_until, LeaseState::Cancelled, EndReason::ReservationTimedOut),
+                };
+                if at < due {
+                    return Err(DomainError::NotYetDue);
+                }
+                self.finish_lease(*lease, to, reason, at, events);
+                Ok(Response::Lease(Box::new(self.leases[lease].clone())))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn request_lease(
+        &mut self,
+        researcher: AccountId,
+        cluster_id: ClusterId,
+        unit: &LeaseUnit,
+        billing_mode: suanli_types::BillingMode,
+        periods: u32,
+        at: Timestamp,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        check_periods(periods)?;
+        let cluster = self.clusters.get(&cluster_id).ok_or(DomainError::not_found(EntityKind::Cluster, cluster_id))?;
+        if cluster.state == ClusterState::Delisted {
+            return Err(DomainError::ClusterDelisted(cluster_id));
+        }
+        if !unit.fits(cluster.class) {
+            return Err(DomainError::invalid(
+                "unit",
+                match cluster.class {
+                    ClusterClass::A => "a Class A lease takes whole nodes",
+                    ClusterClass::B => "a Class B lease takes a number of cards",
+                },
+            ));
+        }
+        let price = cluster.listing.prices.price(billing_mode)?;
+        let cards = self.pick_cards(cluster, unit)?;
+        let count = cards.len() as u32;
+        let amount = cluster.listing.prices.quote(billing_mode, count, periods)?;
+        let reservation = match cluster.class {
+            ClusterClass::A => rules::RESERVATION_SECONDS_CLASS_A,
+            ClusterClass::B => rules::RESERVATION_SECONDS_CLASS_B,
+        };
+        let id = LeaseId(self.next());
+        let lease = Lease {
+            id,
+            cluster: cluster_id,
+            class: cluster.class,
+            researcher,
+            supplier: cluster.supplier,
+            unit: unit.clone(),
+            cards: cards.clone(),
+            billing_mode,
+            periods,
+            price_per_card: Money::new(cluster.listing.prices.currency.clone(), price),
+            amount,
+            state: LeaseState::Requested,
+            requested_at: at,
+            reserved_until: at.plus_seconds(reservation),
+            auth_code: None,
+            activated_at: None,
+            paid_until: None,
+            ended_at: None,
+            end_reason: None,
+        };
+        for card_id in &cards {
+            self.set_card(*card_id, CardStatus::Reserved, Some(id), events);
+        }
+        self.leases.insert(id, lease.clone());
+        self.live_leases.insert(id, ());
+        events.push(Event::LeaseStateChanged { lease: id, from: None, to: LeaseState::Requested, reason: None });
+        Ok(Response::Lease(Box::new(lease)))
+    }
+
+    /// Chooses the cards a lease takes. Class A: every card of each named node, all idle.
+    /// Class B: `n` idle cards, preferring the node that fits them most tightly so whole nodes
+    /// stay free for larger requests.
+    fn pick_cards(&self, cluster: &Cluster, unit: &LeaseUnit) -> Result<Vec<CardId>, DomainError> {
+        match unit {
+            LeaseUnit::Nodes(nodes) => {
+                if nodes.is_empty() {
+                    return Err(DomainError::invalid("unit.nodes", "name at least one node"));
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                let mut cards = Vec::new();
+                for node_id in nodes {
+                    if !seen.insert(*node_id) {
+                        return Err(DomainError::invalid("unit.nodes", format!("{node_id} is listed twice")));
+                    }
+                    if !cluster.nodes.contains(node_id) {
+                        return Err(DomainError::NodeNotInCluster { node: *node_id, cluster: cluster.id });
+                    }
+                    let node = self.nodes.get(node_id).ok_or(DomainError::not_found(EntityKind::Node, node_id))?;
+                    for card_id in &node.cards {
+                        let card = self.cards.get(card_id).ok_or(DomainError::not_found(EntityKind::Card, card_id))?;
+                        if card.status != CardStatus::Idle || card.lease.is_some() {
+                            return Err(DomainError::CardUnavailable { card: *card_id, status: card.status });
+                        }
+                        cards.push(*card_id);
+                    }
+                }
+                Ok(cards)
+            }
+            LeaseUnit::Cards(n) => {
+                let n = *n as usize;
+                if n == 0 {
+                    return Err(DomainError::invalid("unit.cards", "lease at least one card"));
+                }
+                let mut idle_by_node: Vec<Vec<CardId>> = cluster
+                    .nodes
+                    .iter()
+                    .filter_map(|node_id| self.nodes.get(node_id))
+                    .map(|node| node.cards.iter().copied().filter(|c| self.is_idle(*c)).collect())
+                    .collect();
+                let available: usize = idle_by_node.iter().map(Vec::len).sum();
+                if available < n {
+                    return Err(DomainError::InsufficientCapacity {
+                        cluster: cluster.id,
+                        requested: n as u32,
+                        available: available as u32,
+                    });
+                }
+                if let Some(best) = idle_by_node.iter().filter(|idle| idle.len() >= n).min_by_key(|idle| idle.len()) {
+                    return Ok(best[..n].to_vec());
+                }
+                // No single node fits: spread over the fullest nodes first (stable sort keeps
+                // node order among equals, so every replica picks the same cards).
+                idle_by_node.sort_by_key(|idle| std::cmp::Reverse(idle.len()));
+                Ok(idle_by_node.into_iter().flatten().take(n).collect())
+            }
+        }
+    }
+
+    fn is_idle(&self, card: CardId) -> bool {
+        self.cards.get(&card).is_some_and(|c| c.status == CardStatus::Idle && c.lease.is_none())
+    }
+
+    fn activate(&mut self, lease: LeaseId, at: Timestamp, events: &mut Vec<Event>) -> Outcome {
+        let l = self.leases.get_mut(&lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
+        let from = l.state;
+        l.state = LeaseState::Active;
+        l.auth_code = None;
+        l.activated_at = Some(at);
+        l.paid_until = Some(at.plus_seconds(l.billing_mode.period_seconds() * l.periods as i64));
+        let cards = l.cards.clone();
+        events.push(Event::LeaseStateChanged { lease, from: Some(from), to: LeaseState::Active, reason: None });
+        for card in cards {
+            self.set_card(card, CardStatus::Busy, Some(lease), events);
+        }
+        Ok(Response::Lease(Box::new(self.leases[&lease].clone())))
+    }
+
+    fn finish_lease(&mut self, lease: LeaseId, to: LeaseState, reason: EndReason, at: Timestamp, events: &mut Vec<Event>) {
+        let Some(l) = self.leases.get_mut(&lease) else { return };
+        let from = l.state;
+        l.state = to;
+        l.ended_at = Some(at);
+        l.end_reason = Some(reason);
+        l.auth_code = None;
+        let cards = l.cards.clone();
+        self.live_leases.remove(&lease);
+        events.push(Event::LeaseStateChanged { lease, from: Some(from), to, reason: Some(reason) });
+        for card in cards {
+            self.set_card(card, CardStatus::Idle, None, events);
+        }
+    }
+
+    fn set_card(&mut self, card: CardId, to: CardStatus, lease: Option<LeaseId>, events: &mut Vec<Event>) {
+        if let Some(c) = self.cards.get_mut(&card) {
+            let from = c.status;
+            c.status = to;
+            c.lease = lease;
+            if from != to {
+                events.push(Event::CardStatusChanged { card, from, to, lease });
+            }
+        }
+    }
+
+    fn transition_check(&self, l: &Lease, action: LeaseAction) -> Result<(), DomainError> {
+        match l.state.after(action, l.class) {
+            Some(_) => Ok(()),
+            None => Err(DomainError::InvalidTransition { lease: l.id, state: l.state, action }),
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        let id = self.next_id.max(1);
+        self.next_id = id + 1;
+        id
+    }
+
+    fn account_of_kind(&self, caller: &Caller, kind: AccountKind) -> Result<AccountId, DomainError> {
+        let Caller::Account(id) = caller else {
+            return Err(DomainError::PermissionDenied(format!("{caller} is not a {kind} account")));
+        };
+        let account = self.accounts.get(id).ok_or(DomainError::Unauthenticated(format!("unknown account {id}")))?;
+        if account.kind != kind {
+            return Err(DomainError::WrongAccountKind(*id, kind.as_str()));
+        }
+        Ok(*id)
+    }
+
+    /// The cluster if `caller` owns it (or, when `operators_too`, is an intervening operator).
+    /// Strangers get `NOT_FOUND`, never a hint that the cluster exists.
+    fn owned_cluster(&self, caller: &Caller, id: ClusterId, operators_too: bool) -> Result<&Cluster, DomainError> {
+        let c = self.clusters.get(&id).ok_or(DomainError::not_found(EntityKind::Cluster, id))?;
+        match caller {
+            Caller::Account(acc) if *acc == c.supplier => Ok(c),
+            Caller::Operator(role) if operators_too && role.may_intervene() => Ok(c),
+            Caller::Account(_) => Err(DomainError::PermissionDenied(format!("{id} belongs to another supplier"))),
+            _ => Err(DomainError::PermissionDenied(format!("{caller} may not change {id}"))),
+        }
+    }
+
+    fn lease_of_supplier(&self, caller: &Caller, id: LeaseId) -> Result<&Lease, DomainError> {
+        let l = self.leases.get(&id).ok_or(DomainError::not_found(EntityKind::Lease, id))?;
+        match caller {
+            Caller::Account(acc) if *acc == l.supplier => Ok(l),
+            Caller::Account(acc) if *acc == l.researcher => {
+                Err(DomainError::PermissionDenied("only the supplier may do this".into()))
+            }
+            _ => Err(DomainError::not_found(EntityKind::Lease, id)),
+        }
+    }
+
+    fn lease_of_researcher(&self, caller: &Caller, id: LeaseId) -> Result<&Lease, DomainError> {
+        let l = self.leases.get(&id).ok_or(DomainError::not_found(EntityKind::Lease, id))?;
+        match caller {
+            Caller::Account(acc) if *acc == l.researcher => Ok(l),
+            Caller::Account(acc) if *acc == l.supplier => {
+                Err(DomainError::PermissionDenied("only the lessee may do this".into()))
+            }
+            _ => Err(DomainError::not_found(EntityKind::Lease, id)),
+        }
+    }
+
+    // ---- reads -------------------------------------------------------------------------------
+
+    pub fn account_by_token(&self, token_hash: &SecretHash) -> Option<&Account> {
+        self.accounts_by_token.get(token_hash).and_then(|id| self.accounts.get(id))
+    }
+
+    pub fn account(&self, id: AccountId) -> Option<&Account> {
+        self.accounts.get(&id)
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(&id)
+    }
+
+    pub fn card(&self, id: CardId) -> Option<&Card> {
+        self.cards.get(&id)
+    }
+
+    pub fn cluster(&self, id: ClusterId) -> Option<&Cluster> {
+        self.clusters.get(&id)
+    }
+
+    pub fn lease(&self, id: LeaseId) -> Option<&Lease> {
+        self.leases.get(&id)
+    }
+
+    pub fn clusters(&self) -> impl Iterator<Item = &Cluster> {
+        self.clusters.values()
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    pub fn cards(&self) -> impl Iterator<Item = &Card> {
+        self.cards.values()
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    pub fn cards_of_cluster(&self, id: ClusterId) -> Vec<&Card> {
+        let Some(cluster) = self.clusters.get(&id) else { return Vec::new() };
+        cluster
+            .nodes
+            .iter()
+            .filter_map(|n| self.nodes.get(n))
+            .flat_map(|n| n.cards.iter().filter_map(|c| self.cards.get(c)))
+            .collect()
+    }
+
+    pub fn summary<'a>(&'a self, cluster: &'a Cluster) -> ClusterSummary<'a> {
+        let cards = self.cards_of_cluster(cluster.id);
+        ClusterSummary {
+            cluster,
+            total_cards: cards.len() as u32,
+            idle_cards: cards.iter().filter(|c| c.status == CardStatus::Idle && c.lease.is_none()).count() as u32,
+        }
+    }
+
+    /// One page of the catalogue, ordered by cluster ID; the second value is the cursor for the
+    /// next page, if there is one.
+    pub fn catalogue(
+        &self,
+        filter: &CatalogueFilter,
+        page: &PageRequest,
+    ) -> Result<(Vec<ClusterSummary<'_>>, Option<ClusterId>), DomainError> {
+        filter.validate()?;
+        let limit = page.effective_limit()?;
+        let start = page.after.map(|a| ClusterId(a.0.saturating_add(1))).unwrap_or(ClusterId(0));
+        let mut out = Vec::with_capacity(limit.min(64));
+        let mut more = false;
+        for cluster in self.clusters.range(start..).map(|(_, c)| c) {
+            let summary = self.summary(cluster);
+            let facts = CatalogueFacts {
+                class: cluster.class,
+                state: cluster.state,
+                listing: &cluster.listing,
+                idle_cards: summary.idle_cards,
+            };
+            if !filter.matches(&facts) {
+                continue;
+            }
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            out.push(summary);
+        }
+        let next = if more { out.last().map(|s| s.cluster.id) } else { None };
+        Ok((out, next))
+    }
+
+    /// Leases in which `account` is the researcher or the supplier.
+    pub fn leases_of(&self, account: AccountId) -> impl Iterator<Item = &Lease> {
+        self.leases.values().filter(move |l| l.researcher == account || l.supplier == account)
+    }
+
+    /// Live leases whose reservation or paid term is over at `now`: the reaper's work list.
+    pub fn due_for_expiry(&self, now: Timestamp) -> Vec<LeaseId> {
+        self.live_leases
+            .keys()
+            .filter_map(|id| self.leases.get(id))
+            .filter(|l| match l.state {
+                LeaseState::Active => l.paid_until.is_some_and(|p| now >= p),
+                _ => now >= l.reserved_until,
+            })
+            .map(|l| l.id)
+            .collect()
+    }
+
+    /// The invariants every reachable state keeps. Used by tests and by a debug check after
+    /// snapshot installation; returns the first violation found.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut holder: BTreeMap<CardId, LeaseId> = BTreeMap::new();
+        for lease in self.leases.values() {
+            if lease.state.is_live() != self.live_leases.contains_key(&lease.id) {
+                return Err(format!("{} live index out of step", lease.id));
+            }
+            if !lease.state.is_live() {
+                continue;
+            }
+            for card in &lease.cards {
+                if let Some(other) = holder.insert(*card, lease.id) {
+                    return Err(format!("{card} is in two live leases: {other} and {}", lease.id));
+                }
+                let c = self.cards.get(card).ok_or(format!("{} holds unknown {card}", lease.id))?;
+                let want = if lease.state == LeaseState::Active { CardStatus::Busy } else { CardStatus::Reserved };
+                if c.lease != Some(lease.id) || c.status != want {
+                    return Err(format!("{card} is {} for {:?}, expected {want} for {}", c.status, c.lease, lease.id));
+                }
+            }
+        }
+        for card in self.cards.values() {
+            if card.lease.is_some() != holder.contains_key(&card.id) {
+                return Err(format!("{} points at a lease that does not hold it", card.id));
+            }
+            if card.lease.is_none() && matches!(card.status, CardStatus::Reserved | CardStatus::Busy) {
+                return Err(format!("{} is {} without a lease", card.id, card.status));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn require(ok: bool, why: &str) -> Result<(), DomainError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(DomainError::PermissionDenied(why.to_owned()))
+    }
+}
+
+fn check_periods(periods: u32) -> Result<(), DomainError> {
+    if periods == 0 || periods > rules::MAX_PERIODS_PER_REQUEST {
+        return Err(DomainError::invalid(
+            "periods",
+            format!("between 1 and {} billing periods", rules::MAX_PERIODS_PER_REQUEST),
+        ));
+    }
+    Ok(())
+}
+
+fn digest(command: &Command) -> [u8; 32] {
+    // postcard of a closed enum is a canonical encoding of the command.
+    let bytes = postcard::to_allocvec(command).unwrap_or_default();
+    Sha256::digest(&bytes).into()
+}

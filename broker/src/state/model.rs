@@ -1,0 +1,90 @@
+//! The entities the broker keeps. Plain data: the rules live in `machine.rs`.
+
+use serde::{Deserialize, Serialize};
+use suanli_types::{
+    AccountId, AccountKind, BillingMode, CardId, CardSpec, CardStatus, ClusterClass, ClusterId, ClusterState, CpcId,
+    EndReason, LeaseId, LeaseState, LeaseUnit, Listing, Money, NodeId, NodeInventory, SecretHash, SshPublicKey,
+    Timestamp,
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub id: AccountId,
+    pub kind: AccountKind,
+    pub token_hash: SecretHash,
+    pub ssh_keys: Vec<SshPublicKey>,
+    pub registered_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    pub supplier: AccountId,
+    pub inventory: NodeInventory,
+    /// In inventory order.
+    pub cards: Vec<CardId>,
+    pub cluster: Option<ClusterId>,
+    pub enrolled_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Card {
+    pub id: CardId,
+    pub node: NodeId,
+    pub spec: CardSpec,
+    pub status: CardStatus,
+    /// The live lease holding this card; `Some` exactly when `status` is reserved or busy.
+    pub lease: Option<LeaseId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    pub id: ClusterId,
+    pub cpc: CpcId,
+    pub supplier: AccountId,
+    pub class: ClusterClass,
+    pub nodes: Vec<NodeId>,
+    pub listing: Listing,
+    pub state: ClusterState,
+    pub published_at: Timestamp,
+    pub modified_at: Timestamp,
+    /// Bumped by every modification, so clients can tell which listing a lease was made on.
+    pub revision: u64,
+}
+
+/// A Class A authorization code, stored only as a hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthCode {
+    pub hash: SecretHash,
+    pub expires_at: Timestamp,
+    pub attempts_left: u32,
+}
+
+/// A lease is also the task record of SPEC §3/§4 Itm: cluster, user and billing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub cluster: ClusterId,
+    pub class: ClusterClass,
+    pub researcher: AccountId,
+    pub supplier: AccountId,
+    pub unit: LeaseUnit,
+    pub cards: Vec<CardId>,
+    pub billing_mode: BillingMode,
+    /// Periods bought so far (request plus extensions).
+    pub periods: u32,
+    /// Price per card per period, fixed when the lease was requested.
+    pub price_per_card: Money,
+    /// What the periods bought so far cost: price × cards × periods, exact.
+    pub amount: Money,
+    pub state: LeaseState,
+    pub requested_at: Timestamp,
+    /// A lease not active by then is cancelled by the reaper.
+    pub reserved_until: Timestamp,
+    pub auth_code: Option<AuthCode>,
+    pub activated_at: Option<Timestamp>,
+    /// Set at activation: activation + periods × period length.
+    pub paid_until: Option<Timestamp>,
+    pub ended_at: Option<Timestamp>,
+    pub end_reason: Option<EndReason>,
+}

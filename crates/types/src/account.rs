@@ -1,0 +1,130 @@
+//! Who is calling: accounts, operators, agents and the platform itself.
+//!
+//! The broker keeps no personal data (that lives in the portal): an account here is an opaque
+//! ID, its kind, the hash of its API token and its SSH public keys.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DomainError, Validator};
+use crate::ids::{AccountId, NodeId};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AccountKind {
+    Supplier,
+    Researcher,
+}
+
+impl AccountKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountKind::Supplier => "supplier",
+            AccountKind::Researcher => "researcher",
+        }
+    }
+}
+
+impl fmt::Display for AccountKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Operator roles of SPEC §1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum OperatorRole {
+    Dispatcher,
+    Monitor,
+    Operator,
+    Auditor,
+    SystemAdministrator,
+}
+
+impl OperatorRole {
+    /// Roles that may intervene in the market: end someone's lease, delist a cluster, take a
+    /// card out of service. Monitors and auditors only read.
+    pub fn may_intervene(self) -> bool {
+        matches!(self, OperatorRole::Dispatcher | OperatorRole::Operator)
+    }
+}
+
+/// The authenticated author of a command. The service layer establishes it from credentials;
+/// the state machine decides what it may do.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Caller {
+    /// The platform's own services (the portal registering accounts).
+    Platform,
+    /// The broker itself: the leader's reaper expiring reservations and paid terms.
+    System,
+    Operator(OperatorRole),
+    Account(AccountId),
+    /// A supplier agent, authenticated as the node it runs on.
+    Agent(NodeId),
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Platform => f.write_str("platform"),
+            Caller::System => f.write_str("system"),
+            Caller::Operator(role) => write!(f, "operator({role:?})"),
+            Caller::Account(id) => write!(f, "{id}"),
+            Caller::Agent(node) => write!(f, "agent({node})"),
+        }
+    }
+}
+
+/// Key algorithms accepted for researchers' SSH keys.
+pub const SSH_KEY_ALGORITHMS: &[&str] = &[
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "ssh-rsa",
+    "sk-ssh-ed25519@openssh.com",
+];
+
+/// An OpenSSH public key line: `algorithm base64-blob [comment]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshPublicKey(String);
+
+impl SshPublicKey {
+    pub fn parse(raw: &str) -> Result<Self, DomainError> {
+        let line = raw.trim();
+        let mut v = Validator::new();
+        v.text("ssh_public_key", line, true, 16 * 1024);
+        let mut parts = line.split_whitespace();
+        let algorithm = parts.next().unwrap_or("");
+        let blob = parts.next().unwrap_or("");
+        v.check(
+            SSH_KEY_ALGORITHMS.contains(&algorithm),
+            "ssh_public_key",
+            format!("unsupported key type {algorithm:?}; use one of {}", SSH_KEY_ALGORITHMS.join(", ")),
+        );
+        v.check(
+            blob.len() >= 16 && blob.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b)),
+            "ssh_public_key",
+            "the key data is not base64",
+        );
+        v.finish()?;
+        Ok(SshPublicKey(line.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssh_keys_are_checked() {
+        SshPublicKey::parse("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1 alice@lab").unwrap();
+        assert!(SshPublicKey::parse("ssh-dss AAAAB3NzaC1kc3MAAACBAP").is_err());
+        assert!(SshPublicKey::parse("ssh-ed25519 not*base64!!!!!!!!!!").is_err());
+        assert!(SshPublicKey::parse("").is_err());
+    }
+}

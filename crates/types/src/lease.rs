@@ -1,0 +1,169 @@
+//! Leases: what a researcher rents, and the one table of legal lease transitions.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::ClusterClass;
+use crate::ids::NodeId;
+
+/// How much of a cluster a lease takes (SPEC §2): a Class A lease takes whole servers, a
+/// Class B lease takes a number of cards, which the broker picks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseUnit {
+    Nodes(Vec<NodeId>),
+    Cards(u32),
+}
+
+impl LeaseUnit {
+    pub fn fits(&self, class: ClusterClass) -> bool {
+        matches!((self, class), (LeaseUnit::Nodes(_), ClusterClass::A) | (LeaseUnit::Cards(_), ClusterClass::B))
+    }
+}
+
+/// ```text
+///                 approve (A)            verify code (A)
+///   Requested ──────────────▶ Approved ──────────────▶ Active ──▶ Ended / Expired
+///       │  └──────────── activate (B) ─────────────────▲  │ extend ↺
+///       └──▶ Cancelled (reservation timed out, researcher withdrew, code attempts exhausted)
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LeaseState {
+    /// Capacity reserved; Class A waits for the supplier, Class B for the agent to provision.
+    Requested,
+    /// Class A: the supplier approved and issued an authorization code.
+    Approved,
+    Active,
+    Ended,
+    Expired,
+    Cancelled,
+}
+
+impl LeaseState {
+    /// A live lease holds its cards.
+    pub fn is_live(self) -> bool {
+        matches!(self, LeaseState::Requested | LeaseState::Approved | LeaseState::Active)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseState::Requested => "requested",
+            LeaseState::Approved => "approved",
+            LeaseState::Active => "active",
+            LeaseState::Ended => "ended",
+            LeaseState::Expired => "expired",
+            LeaseState::Cancelled => "cancelled",
+        }
+    }
+
+    /// The state a lease of `class` moves to when `action` is applied in this state, or `None`
+    /// when the action is not allowed here. The only transition table: the state machine,
+    /// the property tests and the docs all read it.
+    pub fn after(self, action: LeaseAction, class: ClusterClass) -> Option<LeaseState> {
+        use LeaseAction as A;
+        use LeaseState as S;
+        match (self, action, class) {
+            (S::Requested, A::Approve, ClusterClass::A) => Some(S::Approved),
+            // A supplier may re-issue a code (the researcher lost it, or it expired).
+            (S::Approved, A::Approve, ClusterClass::A) => Some(S::Approved),
+            (S::Approved, A::Verify, ClusterClass::A) => Some(S::Active),
+            (S::Requested, A::Activate, ClusterClass::B) => Some(S::Active),
+            (S::Active, A::Extend, _) => Some(S::Active),
+            (S::Active, A::End, _) => Some(S::Ended),
+            (S::Requested | S::Approved, A::End, _) => Some(S::Cancelled),
+            (S::Active, A::Expire, _) => Some(S::Expired),
+            (S::Requested | S::Approved, A::Expire, _) => Some(S::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LeaseState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LeaseAction {
+    Approve,
+    Verify,
+    Activate,
+    Extend,
+    End,
+    Expire,
+}
+
+impl LeaseAction {
+    pub const ALL: [LeaseAction; 6] = [
+        LeaseAction::Approve,
+        LeaseAction::Verify,
+        LeaseAction::Activate,
+        LeaseAction::Extend,
+        LeaseAction::End,
+        LeaseAction::Expire,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseAction::Approve => "approve",
+            LeaseAction::Verify => "verify",
+            LeaseAction::Activate => "activate",
+            LeaseAction::Extend => "extend",
+            LeaseAction::End => "end",
+            LeaseAction::Expire => "expire",
+        }
+    }
+}
+
+impl fmt::Display for LeaseAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a supplier ended a lease early; recorded on the task record and shown to the lessee.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SupplierEndReason {
+    HardwareFault,
+    Maintenance,
+    PolicyViolation,
+    NonPayment,
+}
+
+/// Why a lease stopped holding its cards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EndReason {
+    ByResearcher,
+    BySupplier(SupplierEndReason),
+    ByOperator,
+    /// The paid term ran out.
+    TermElapsed,
+    /// Not approved, verified or provisioned before the reservation deadline.
+    ReservationTimedOut,
+    AuthCodeAttemptsExhausted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_b_never_needs_approval_and_class_a_never_skips_it() {
+        assert_eq!(LeaseState::Requested.after(LeaseAction::Activate, ClusterClass::B), Some(LeaseState::Active));
+        assert_eq!(LeaseState::Requested.after(LeaseAction::Activate, ClusterClass::A), None);
+        assert_eq!(LeaseState::Requested.after(LeaseAction::Approve, ClusterClass::B), None);
+        assert_eq!(LeaseState::Requested.after(LeaseAction::Verify, ClusterClass::A), None);
+    }
+
+    #[test]
+    fn terminal_states_accept_nothing() {
+        for state in [LeaseState::Ended, LeaseState::Expired, LeaseState::Cancelled] {
+            for action in LeaseAction::ALL {
+                for class in [ClusterClass::A, ClusterClass::B] {
+                    assert_eq!(state.after(action, class), None, "{state} {action} {class}");
+                }
+            }
+        }
+    }
+}
