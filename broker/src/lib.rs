@@ -2,6 +2,15 @@
 //!
 //! - [`state`]: the pure, deterministic state machine (commands, rules, reads).
 //! - [`store`]: openraft's log and state-machine storage over RocksDB.
-//! - [`service`]: the tonic gRPC services and their authentication.
+//! - [`network`]: Raft's RPCs between nodes, over gRPC.
+//! - [`service`]: the public gRPC services, authentication, metrics, the lease reaper.
+//! - [`server`]: wiring one node together.
+//! - [`demo`]: demo listings for a local marketplace.
 
+pub mod client;
+pub mod demo;
+pub mod network;
+pub mod server;
+pub mod service;
 pub mod state;
+pub mod store;

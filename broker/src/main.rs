@@ -1,1 +1,278 @@
-fn main() {}
+//! `suanli-broker`: run a broker node, a local demo marketplace, or query one.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use suanli_broker::server::{self, NodeConfig};
+use suanli_broker::{client, demo};
+use suanli_proto::convert::billing_mode_from_wire;
+use suanli_proto::v1;
+use tracing_subscriber::EnvFilter;
+
+/// The Suanli broker: the GPU marketplace's replicated source of truth (suppliers, clusters,
+/// cards, leases), served over gRPC.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a broker node.
+    ///
+    /// Settings come from, in rising order: built-in defaults, the TOML file given with
+    /// --config (section [broker]), SUANLI_BROKER_* environment variables, flags.
+    Serve(ServeArgs),
+    /// Run a local single-node marketplace with demo suppliers, clusters and a researcher
+    /// account, on embedded defaults (data under ./.dev/broker). Prints the tokens to use.
+    Dev(DevArgs),
+    /// List the catalogue of a running broker as a table.
+    Catalogue(CatalogueArgs),
+}
+
+#[derive(Args, Default)]
+struct ServeArgs {
+    /// TOML configuration file; see ops/broker.example.toml.
+    #[arg(long, env = "SUANLI_BROKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's Raft ID (a positive integer, never reused).
+    #[arg(long, env = "SUANLI_BROKER_NODE_ID")]
+    node_id: Option<u64>,
+    /// Where the Raft log, snapshots and state live.
+    #[arg(long, env = "SUANLI_BROKER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// gRPC listen address (clients and other broker nodes).
+    #[arg(long, env = "SUANLI_BROKER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Address other nodes use to reach this one, if not the listen address.
+    #[arg(long, env = "SUANLI_BROKER_ADVERTISE")]
+    advertise: Option<String>,
+    /// Prometheus /metrics listen address.
+    #[arg(long, env = "SUANLI_BROKER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Token of the platform's own services (registers accounts). At least 16 characters.
+    #[arg(long, env = "SUANLI_BROKER_PLATFORM_TOKEN", hide_env_values = true)]
+    platform_token: Option<String>,
+    /// Do not initialize a single-node cluster on first start (the node will join one).
+    #[arg(long)]
+    no_bootstrap: bool,
+    /// Log filter, e.g. `info` or `suanli_broker=debug,openraft=warn`.
+    #[arg(long, env = "SUANLI_LOG", default_value = "info,openraft=warn")]
+    log: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    broker: Option<FileBroker>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileBroker {
+    node_id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+    platform_token: Option<String>,
+    bootstrap: Option<bool>,
+    reaper_interval_ms: Option<u64>,
+    snapshot_every_entries: Option<u64>,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    #[arg(long, default_value = ".dev/broker")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_listen: SocketAddr,
+    /// Delete the data directory first.
+    #[arg(long)]
+    fresh: bool,
+    #[arg(long, env = "SUANLI_LOG", default_value = "info,openraft=warn")]
+    log: String,
+}
+
+#[derive(Args)]
+struct CatalogueArgs {
+    #[arg(long, env = "SUANLI_BROKER_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// Any account token or the platform token.
+    #[arg(long, env = "SUANLI_TOKEN", hide_env_values = true)]
+    token: String,
+    /// A or B.
+    #[arg(long)]
+    class: Option<String>,
+    #[arg(long)]
+    gpu_model: Option<String>,
+    #[arg(long)]
+    region: Option<String>,
+    #[arg(long)]
+    vendor: Option<String>,
+    #[arg(long)]
+    min_idle_cards: Option<u32>,
+    #[arg(long)]
+    min_vram_gib: Option<u32>,
+    /// hourly, daily, monthly or yearly.
+    #[arg(long)]
+    billing_mode: Option<String>,
+    /// Most per card per period of --billing-mode, in minor units (fen).
+    #[arg(long)]
+    max_price_minor: Option<i64>,
+}
+
+/// The development platform token: fine on loopback, refused nowhere, never for production.
+const DEV_PLATFORM_TOKEN: &str = "dev-platform-token-not-for-production";
+
+fn init_logging(filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Dev(args) => dev(args).await,
+        Command::Catalogue(args) => catalogue(args).await,
+    }
+}
+
+fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
+    let file = match &args.config {
+        Some(path) => load_file(path)?,
+        None => FileBroker::default(),
+    };
+    let platform_token = args
+        .platform_token
+        .or(file.platform_token)
+        .context("set a platform token: --platform-token, SUANLI_BROKER_PLATFORM_TOKEN or [broker] platform_token")?;
+    Ok(NodeConfig {
+        node_id: args.node_id.or(file.node_id).unwrap_or(1),
+        data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/broker")),
+        listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+        advertise: args.advertise.or(file.advertise),
+        metrics_listen: args.metrics_listen.or(file.metrics_listen),
+        platform_token,
+        bootstrap: !args.no_bootstrap && file.bootstrap.unwrap_or(true),
+        reaper_interval: Duration::from_millis(file.reaper_interval_ms.unwrap_or(1000)),
+        snapshot_every_entries: file.snapshot_every_entries.unwrap_or(10_000),
+    })
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileBroker> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let parsed: FileConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(parsed.broker.unwrap_or_default())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(&args.log);
+    let config = node_config(args)?;
+    let node = server::start(config).await?;
+    tokio::signal::ctrl_c().await?;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    init_logging(&args.log);
+    if args.fresh && args.data_dir.exists() {
+        std::fs::remove_dir_all(&args.data_dir)?;
+    }
+    let fresh = !args.data_dir.join("raft").exists();
+    let node = server::start(NodeConfig {
+        node_id: 1,
+        data_dir: args.data_dir.clone(),
+        listen: args.listen,
+        advertise: None,
+        metrics_listen: Some(args.metrics_listen),
+        platform_token: DEV_PLATFORM_TOKEN.into(),
+        bootstrap: true,
+        reaper_interval: Duration::from_secs(1),
+        snapshot_every_entries: 10_000,
+    })
+    .await?;
+    node.wait_for_leader(Duration::from_secs(10)).await?;
+    let endpoint = format!("http://{}", node.grpc_addr);
+    println!("Suanli broker (dev) on {endpoint}, metrics on http://{}/metrics", args.metrics_listen);
+    println!("platform token: {DEV_PLATFORM_TOKEN}");
+    if fresh {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?.connect().await?;
+        let accounts = demo::seed(channel, DEV_PLATFORM_TOKEN).await?;
+        for (id, token) in &accounts.suppliers {
+            println!("supplier   acc-{id}: {token}");
+        }
+        println!("researcher acc-{}: {}", accounts.researcher.0, accounts.researcher.1);
+        println!();
+        println!("Try:  cargo run -p suanli-broker -- catalogue --token {DEV_PLATFORM_TOKEN} --class B");
+    } else {
+        println!("(existing data in {}; tokens were printed on first start; --fresh starts over)", args.data_dir.display());
+    }
+    tokio::signal::ctrl_c().await?;
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn catalogue(args: CatalogueArgs) -> anyhow::Result<()> {
+    let mut client = client::connect(&args.endpoint, Some(&args.token)).await?;
+    let class = match args.class.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        None => v1::ClusterClass::Unspecified,
+        Some("A") => v1::ClusterClass::A,
+        Some("B") => v1::ClusterClass::B,
+        Some(other) => bail!("--class must be A or B, not {other}"),
+    };
+    let billing_mode = match args.billing_mode.as_deref() {
+        None => v1::BillingMode::Unspecified,
+        Some(raw) => {
+            let mode = suanli_types::BillingMode::parse(raw).map_err(|e| anyhow::anyhow!("{e}"))?;
+            v1::BillingMode::try_from(suanli_proto::convert::billing_mode_to_wire(mode))?
+        }
+    };
+    let mut request = v1::ListCatalogueRequest {
+        class: class.into(),
+        gpu_model: args.gpu_model.unwrap_or_default(),
+        region: args.region.unwrap_or_default(),
+        vendor: args.vendor.unwrap_or_default(),
+        min_idle_cards: args.min_idle_cards.unwrap_or(0),
+        min_vram_gib: args.min_vram_gib.unwrap_or(0),
+        billing_mode: billing_mode.into(),
+        max_price_minor: args.max_price_minor,
+        ..Default::default()
+    };
+    println!("{:<12} {:<5} {:<11} {:>5} {:>5} {:<10} {:<12} {}", "CPC", "CLASS", "MODEL", "IDLE", "CARDS", "REGION", "VENDOR", "PRICES (per card)");
+    loop {
+        let page = client.list_catalogue(request.clone()).await.map_err(|s| suanli_proto::decode_status(&s))?.into_inner();
+        for c in &page.clusters {
+            let l = c.listing.clone().unwrap_or_default();
+            let prices: Vec<String> = l
+                .prices
+                .iter()
+                .filter_map(|p| {
+                    let mode = billing_mode_from_wire(p.mode)?;
+                    Some(format!("{}.{:02} {}/{}", p.per_card_minor / 100, p.per_card_minor % 100, l.currency, mode))
+                })
+                .collect();
+            let class = if c.class == i32::from(v1::ClusterClass::A) { "A" } else { "B" };
+            println!(
+                "{:<12} {:<5} {:<11} {:>5} {:>5} {:<10} {:<12} {}",
+                c.cpc_id, class, l.gpu_model, c.idle_cards, c.total_cards, l.region, l.vendor, prices.join(", ")
+            );
+        }
+        if page.next_page_after_cluster_id == 0 {
+            break;
+        }
+        request.page_after_cluster_id = page.next_page_after_cluster_id;
+    }
+    Ok(())
+}

@@ -425,7 +425,8 @@ impl State {
         let cards = self.pick_cards(cluster, unit)?;
         let count = cards.len() as u32;
         let amount = cluster.listing.prices.quote(billing_mode, count, periods)?;
-        let reservation = match cluster.class {
+        let (class, supplier, currency) = (cluster.class, cluster.supplier, cluster.listing.prices.currency.clone());
+        let reservation = match class {
             ClusterClass::A => rules::RESERVATION_SECONDS_CLASS_A,
             ClusterClass::B => rules::RESERVATION_SECONDS_CLASS_B,
         };
@@ -433,14 +434,14 @@ impl State {
         let lease = Lease {
             id,
             cluster: cluster_id,
-            class: cluster.class,
+            class,
             researcher,
-            supplier: cluster.supplier,
+            supplier,
             unit: unit.clone(),
             cards: cards.clone(),
             billing_mode,
             periods,
-            price_per_card: Money::new(cluster.listing.prices.currency.clone(), price),
+            price_per_card: Money::new(currency, price),
             amount,
             state: LeaseState::Requested,
             requested_at: at,
@@ -583,7 +584,7 @@ impl State {
         };
         let account = self.accounts.get(id).ok_or(DomainError::Unauthenticated(format!("unknown account {id}")))?;
         if account.kind != kind {
-            return Err(DomainError::WrongAccountKind(*id, kind.as_str()));
+            return Err(DomainError::WrongAccountKind(*id, kind));
         }
         Ok(*id)
     }
@@ -732,6 +733,12 @@ impl State {
             })
             .map(|l| l.id)
             .collect()
+    }
+
+    /// The state without the request-ID memory, for comparing what a command changed.
+    #[cfg(test)]
+    pub(crate) fn market(&self) -> State {
+        State { requests: BTreeMap::new(), requests_by_age: VecDeque::new(), ..self.clone() }
     }
 
     /// The invariants every reachable state keeps. Used by tests and by a debug check after

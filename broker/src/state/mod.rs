@@ -10,3 +10,6 @@ pub use command::{Command, Envelope};
 pub use event::{AppliedEvents, Event};
 pub use machine::{rules, ClusterSummary, Outcome, Response, State};
 pub use model::{Account, AuthCode, Card, Cluster, Lease, Node};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,15 @@
+//! The wire contracts: code generated from `proto/suanli/v1`, conversions between wire and
+//! domain types, and the one mapping of domain errors onto gRPC statuses.
+//!
+//! Architecture invariant: this is the only crate that knows protobuf. Services convert at
+//! their edge and work with `suanli-types` inside.
+
+pub mod convert;
+pub mod error;
+
+#[allow(clippy::all, clippy::unwrap_used)]
+pub mod v1 {
+    tonic::include_proto!("suanli.v1");
+}
+
+pub use error::{decode_status, to_status, ApiError};

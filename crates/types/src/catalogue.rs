@@ -129,7 +129,7 @@ mod tests {
             (
                 CatalogueFilter {
                     billing_mode: Some(BillingMode::Monthly),
-                    max_price_minor: Some(531_250_00),
+                    max_price_minor: Some(531_250),
                     ..Default::default()
                 },
                 true,
@@ -137,7 +137,7 @@ mod tests {
             (
                 CatalogueFilter {
                     billing_mode: Some(BillingMode::Monthly),
-                    max_price_minor: Some(531_249_99),
+                    max_price_minor: Some(531_249),
                     ..Default::default()
                 },
                 false,

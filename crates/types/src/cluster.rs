@@ -153,7 +153,7 @@ pub(crate) mod tests {
             local_storage: LocalStorage { data_disks: 2, data_disk_gb: 3840, system_disk_gb: 480, medium: DiskMedium::Nvme },
             prices: PriceList {
                 currency: Currency::cny(),
-                per_card: BTreeMap::from([(BillingMode::Monthly, 531_250_00)]),
+                per_card: BTreeMap::from([(BillingMode::Monthly, 531_250)]),
             },
             usage_instructions: "SSH as the account shown after verification.".into(),
         }

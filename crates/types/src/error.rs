@@ -145,7 +145,7 @@ pub enum DomainError {
     #[error("too many wrong authorization codes; the lease was cancelled")]
     AuthCodeAttemptsExhausted,
     #[error("account {0} is not a {1}")]
-    WrongAccountKind(AccountId, &'static str),
+    WrongAccountKind(AccountId, crate::account::AccountKind),
     #[error("payload too large: {size} bytes, at most {limit}")]
     PayloadTooLarge { size: usize, limit: usize },
     #[error("billing mode {0} is not offered by this cluster")]

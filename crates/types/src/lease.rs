@@ -40,6 +40,15 @@ pub enum LeaseState {
 }
 
 impl LeaseState {
+    pub const ALL: [LeaseState; 6] = [
+        LeaseState::Requested,
+        LeaseState::Approved,
+        LeaseState::Active,
+        LeaseState::Ended,
+        LeaseState::Expired,
+        LeaseState::Cancelled,
+    ];
+
     /// A live lease holds its cards.
     pub fn is_live(self) -> bool {
         matches!(self, LeaseState::Requested | LeaseState::Approved | LeaseState::Active)
@@ -142,6 +151,20 @@ pub enum EndReason {
     /// Not approved, verified or provisioned before the reservation deadline.
     ReservationTimedOut,
     AuthCodeAttemptsExhausted,
+}
+
+impl EndReason {
+    pub const ALL: [EndReason; 9] = [
+        EndReason::ByResearcher,
+        EndReason::BySupplier(SupplierEndReason::HardwareFault),
+        EndReason::BySupplier(SupplierEndReason::Maintenance),
+        EndReason::BySupplier(SupplierEndReason::PolicyViolation),
+        EndReason::BySupplier(SupplierEndReason::NonPayment),
+        EndReason::ByOperator,
+        EndReason::TermElapsed,
+        EndReason::ReservationTimedOut,
+        EndReason::AuthCodeAttemptsExhausted,
+    ];
 }
 
 #[cfg(test)]

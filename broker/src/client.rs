@@ -1,0 +1,51 @@
+//! A typed client for the broker's gRPC API, with the bearer token attached to every call.
+
+use suanli_proto::v1::broker_client::BrokerClient;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Client = BrokerClient<InterceptedService<Channel, Bearer>>;
+
+/// Connects to `endpoint` (`http://host:port`), authenticating as `token` (none: anonymous).
+pub async fn connect(endpoint: &str, token: Option<&str>) -> Result<Client, ClientError> {
+    let channel = Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| ClientError::Endpoint(e.to_string()))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| ClientError::Connect(endpoint.to_owned(), e.to_string()))?;
+    Ok(with_token(channel, token)?)
+}
+
+/// A client over an existing channel (channels are cheap to clone and multiplex calls).
+pub fn with_token(channel: Channel, token: Option<&str>) -> Result<Client, ClientError> {
+    let value = token
+        .map(|t| format!("Bearer {t}").parse().map_err(|_| ClientError::Token))
+        .transpose()?;
+    Ok(BrokerClient::with_interceptor(channel, Bearer(value)).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid endpoint: {0}")]
+    Endpoint(String),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, String),
+    #[error("the token contains characters not allowed in a header")]
+    Token,
+}

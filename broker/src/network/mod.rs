@@ -1,0 +1,146 @@
+//! Raft's transport: openraft's RPCs carried over the `RaftInternal` gRPC service.
+//!
+//! Payloads are openraft's own request and response types, postcard-encoded. Responses carry
+//! openraft's `Result` so a remote `RaftError` (e.g. a higher vote) reaches the caller as such,
+//! distinct from a transport failure (`Unreachable`), which openraft retries with backoff.
+
+use std::sync::Arc;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use suanli_proto::v1::raft_internal_client::RaftInternalClient;
+use suanli_proto::v1::raft_internal_server::RaftInternal;
+use suanli_proto::v1::RaftMessage;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::store::{Raft, TypeConfig};
+
+/// Bumped when the encoding of Raft messages changes incompatibly.
+pub const WIRE_FORMAT_VERSION: u32 = 1;
+
+type NodeId = u64;
+
+fn encode<T: Serialize>(value: &T) -> Result<RaftMessage, postcard::Error> {
+    Ok(RaftMessage { format_version: WIRE_FORMAT_VERSION, payload: postcard::to_allocvec(value)? })
+}
+
+fn decode<T: DeserializeOwned>(message: &RaftMessage) -> Result<T, String> {
+    if message.format_version != WIRE_FORMAT_VERSION {
+        return Err(format!(
+            "raft wire format {} received, this node speaks {WIRE_FORMAT_VERSION}",
+            message.format_version
+        ));
+    }
+    postcard::from_bytes(&message.payload).map_err(|e| e.to_string())
+}
+
+/// Creates one lazily connected channel per peer.
+#[derive(Clone, Default)]
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        let endpoint = Endpoint::from_shared(format!("http://{}", node.addr))
+            .map(|e| e.connect_timeout(std::time::Duration::from_secs(1)).tcp_nodelay(true));
+        PeerClient { target, client: endpoint.ok().map(|e| RaftInternalClient::new(e.connect_lazy())) }
+    }
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    client: Option<RaftInternalClient<Channel>>,
+}
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        req: &Req,
+        option: &RPCOption,
+        send: impl AsyncFnOnce(RaftInternalClient<Channel>, Request<RaftMessage>) -> Result<Response<RaftMessage>, Status>,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let unreachable = |why: String| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(why)));
+        let client = self.client.clone().ok_or_else(|| unreachable(format!("bad address for node {}", self.target)))?;
+        let message = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = Request::new(message);
+        request.set_timeout(option.hard_ttl());
+        let response = send(client, request).await.map_err(|status| unreachable(status.to_string()))?;
+        let result: Result<Resp, E> =
+            decode(response.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&std::io::Error::other(e))))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(&rpc, &option, async |mut c, r| c.append_entries(r).await).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.call(&rpc, &option, async |mut c, r| c.install_snapshot(r).await).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(&rpc, &option, async |mut c, r| c.vote(r).await).await
+    }
+}
+
+/// The receiving side: hands each message to the local Raft node.
+pub struct RaftService {
+    raft: Arc<Raft>,
+}
+
+impl RaftService {
+    pub fn new(raft: Arc<Raft>) -> Self {
+        RaftService { raft }
+    }
+}
+
+fn reply<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
+    encode(value).map(Response::new).map_err(|e| Status::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl RaftInternal for RaftService {
+    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let req: AppendEntriesRequest<TypeConfig> = decode(request.get_ref()).map_err(Status::invalid_argument)?;
+        reply(&self.raft.append_entries(req).await)
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let req: VoteRequest<NodeId> = decode(request.get_ref()).map_err(Status::invalid_argument)?;
+        reply(&self.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let req: InstallSnapshotRequest<TypeConfig> = decode(request.get_ref()).map_err(Status::invalid_argument)?;
+        reply(&self.raft.install_snapshot(req).await)
+    }
+}

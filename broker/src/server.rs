@@ -1,0 +1,180 @@
+//! Starting and stopping one broker node: storage, Raft, the gRPC services, the metrics
+//! endpoint and the reaper.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::{BasicNode, SnapshotPolicy};
+use suanli_proto::v1::{
+    broker_server::BrokerServer, monitoring_service_server::MonitoringServiceServer,
+    raft_internal_server::RaftInternalServer, supplier_service_server::SupplierServiceServer,
+    task_service_server::TaskServiceServer,
+};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::network::{Network, RaftService};
+use crate::service::broker_api::BrokerApi;
+use crate::service::metrics::Metrics;
+use crate::service::southbound::{Icpcss, Irmds, Itm};
+use crate::service::{reaper, Shared};
+use crate::store::{self, Raft, StoreError};
+
+/// Largest gRPC message a node accepts; commands are further limited to 64 KiB.
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Address other nodes and clients use to reach this one; defaults to `listen`.
+    pub advertise: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub platform_token: String,
+    /// Initialize a single-node cluster on first start.
+    pub bootstrap: bool,
+    pub reaper_interval: Duration,
+    pub snapshot_every_entries: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+pub struct RunningNode {
+    pub shared: Shared,
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    stop: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
+    if config.platform_token.len() < 16 {
+        return Err(ServeError::Config("platform_token must be at least 16 characters".into()));
+    }
+    std::fs::create_dir_all(&config.data_dir)?;
+    let (log_store, sm) = store::open(&config.data_dir.join("raft"))?;
+    let raft_config = openraft::Config {
+        cluster_name: "suanli-broker".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries),
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| ServeError::Raft(e.to_string()))?;
+    let raft = Raft::new(config.node_id, Arc::new(raft_config), Network, log_store, sm.clone())
+        .await
+        .map_err(|e| ServeError::Raft(e.to_string()))?;
+    let raft = Arc::new(raft);
+
+    let listener = TcpListener::bind(config.listen).await?;
+    let grpc_addr = listener.local_addr()?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| grpc_addr.to_string());
+
+    let initialized = raft.is_initialized().await.map_err(|e| ServeError::Raft(e.to_string()))?;
+    if config.bootstrap && !initialized {
+        let members = BTreeMap::from([(config.node_id, BasicNode { addr: advertise.clone() })]);
+        raft.initialize(members).await.map_err(|e| ServeError::Raft(e.to_string()))?;
+        info!(node = config.node_id, %advertise, "initialized a new single-node cluster");
+    }
+
+    let metrics = Arc::new(Metrics::new());
+    let shared = Shared::new(raft.clone(), sm, &config.platform_token, metrics.clone());
+    let mut stop = Vec::new();
+    let mut tasks = Vec::new();
+
+    let (stop_grpc, stopped) = oneshot::channel::<()>();
+    stop.push(stop_grpc);
+    let router = tonic::transport::Server::builder()
+        .add_service(
+            BrokerServer::new(BrokerApi::new(shared.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(SupplierServiceServer::new(Icpcss::new(shared.clone())))
+        .add_service(TaskServiceServer::new(Itm::new(shared.clone())))
+        .add_service(MonitoringServiceServer::new(Irmds))
+        .add_service(
+            RaftInternalServer::new(RaftService::new(raft.clone()))
+                .max_decoding_message_size(256 * 1024 * 1024),
+        );
+    tasks.push(tokio::spawn(async move {
+        let incoming = TcpListenerStream::new(listener);
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, async { stopped.await.ok(); }).await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+
+    let metrics_addr = match config.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await?;
+            let addr = listener.local_addr()?;
+            let (stop_metrics, stopped) = oneshot::channel::<()>();
+            stop.push(stop_metrics);
+            let raft = raft.clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let body = metrics.render(&raft);
+                    async move { ([("content-type", "text/plain; version=0.0.4")], body) }
+                }),
+            );
+            tasks.push(tokio::spawn(async move {
+                let _ = axum::serve(listener, app).with_graceful_shutdown(async { stopped.await.ok(); }).await;
+            }));
+            Some(addr)
+        }
+        None => None,
+    };
+
+    tasks.push(tokio::spawn(reaper::run(shared.clone(), config.reaper_interval)));
+    info!(node = config.node_id, grpc = %grpc_addr, metrics = ?metrics_addr, "broker node serving");
+    Ok(RunningNode { shared, grpc_addr, metrics_addr, stop, tasks })
+}
+
+impl RunningNode {
+    pub fn raft(&self) -> &Raft {
+        &self.shared.raft
+    }
+
+    /// Waits until this node sees a leader (itself, on a single-node cluster).
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<u64, ServeError> {
+        let metrics = self
+            .shared
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await
+            .map_err(|e| ServeError::Raft(e.to_string()))?;
+        metrics.current_leader.ok_or_else(|| ServeError::Raft("no leader".into()))
+    }
+
+    pub async fn shutdown(mut self) {
+        for stop in self.stop.drain(..) {
+            let _ = stop.send(());
+        }
+        for task in self.tasks.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
+        let _ = self.shared.raft.shutdown().await;
+    }
+}

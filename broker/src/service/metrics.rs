@@ -1,0 +1,100 @@
+//! Prometheus metrics, served at `/metrics`.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::store::Raft;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: &'static str,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<MethodLabel, Histogram>,
+    term: Gauge<i64, std::sync::atomic::AtomicI64>,
+    leader: Gauge<i64, std::sync::atomic::AtomicI64>,
+    last_log_index: Gauge<u64, AtomicU64>,
+    applied_index: Gauge<u64, AtomicU64>,
+    apply_lag: Gauge<u64, AtomicU64>,
+    snapshot_index: Gauge<u64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("suanli_broker");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<MethodLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        let metrics = Metrics {
+            registry: Mutex::new(Registry::default()),
+            requests,
+            latency,
+            term: Gauge::default(),
+            leader: Gauge::default(),
+            last_log_index: Gauge::default(),
+            applied_index: Gauge::default(),
+            apply_lag: Gauge::default(),
+            snapshot_index: Gauge::default(),
+        };
+        registry.register("requests", "gRPC requests by method and result code", metrics.requests.clone());
+        registry.register("request_seconds", "gRPC request latency", metrics.latency.clone());
+        registry.register("raft_term", "current Raft term", metrics.term.clone());
+        registry.register("raft_leader", "current leader's node id, -1 when unknown", metrics.leader.clone());
+        registry.register("raft_last_log_index", "last log index", metrics.last_log_index.clone());
+        registry.register("raft_applied_index", "last applied log index", metrics.applied_index.clone());
+        registry.register("raft_apply_lag", "log entries not yet applied", metrics.apply_lag.clone());
+        registry.register("raft_snapshot_index", "log index of the last snapshot", metrics.snapshot_index.clone());
+        if let Ok(mut r) = metrics.registry.lock() {
+            *r = registry;
+        }
+        metrics
+    }
+
+    pub fn observe_request(&self, method: &'static str, code: String, elapsed: Duration) {
+        self.requests.get_or_create(&RequestLabels { method, code }).inc();
+        self.latency.get_or_create(&MethodLabel { method }).observe(elapsed.as_secs_f64());
+    }
+
+    /// Renders the exposition text, refreshing the Raft gauges first.
+    pub fn render(&self, raft: &Raft) -> String {
+        let m = raft.metrics().borrow().clone();
+        self.term.set(m.current_term as i64);
+        self.leader.set(m.current_leader.map_or(-1, |l| l as i64));
+        let last_log = m.last_log_index.unwrap_or(0);
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        self.last_log_index.set(last_log);
+        self.applied_index.set(applied);
+        self.apply_lag.set(last_log.saturating_sub(applied));
+        self.snapshot_index.set(m.snapshot.map_or(0, |l| l.index));
+        let mut out = String::new();
+        if let Ok(registry) = self.registry.lock() {
+            let _ = encode(&mut out, &registry);
+        }
+        out
+    }
+}

@@ -1,0 +1,118 @@
+//! The gRPC edge: authentication, turning calls into commands, proposing them through Raft,
+//! and the reads. The rules themselves live in `state`; this layer only establishes *who* is
+//! calling and *when*, hashes secrets before they reach the log, and maps outcomes to statuses.
+
+pub mod broker_api;
+pub mod metrics;
+pub mod reaper;
+pub mod southbound;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use suanli_proto::error::status;
+use suanli_proto::to_status;
+use suanli_types::{Caller, DomainError, ErrorCode, RequestId, SecretHash, Timestamp};
+use tonic::{Request, Status};
+
+use crate::state::{rules, Command, Envelope, Response, State};
+use crate::store::{Raft, StateMachineStore};
+use metrics::Metrics;
+
+/// Hash domain of API tokens (platform and account tokens).
+pub const TOKEN_DOMAIN: &str = "api-token";
+
+pub fn auth_code_domain(lease: suanli_types::LeaseId) -> String {
+    format!("auth-code:{lease}")
+}
+
+/// Everything a request handler needs, shared by all services of one node.
+#[derive(Clone)]
+pub struct Shared {
+    pub raft: Arc<Raft>,
+    pub sm: StateMachineStore,
+    platform_token: SecretHash,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    pub fn new(raft: Arc<Raft>, sm: StateMachineStore, platform_token: &str, metrics: Arc<Metrics>) -> Self {
+        Shared { raft, sm, platform_token: SecretHash::of(TOKEN_DOMAIN, platform_token), metrics }
+    }
+
+    /// Who sent this request, from its `authorization: Bearer …` header.
+    pub fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let unauthenticated = |why: &str| to_status(&DomainError::Unauthenticated(why.into()));
+        let header = request
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| unauthenticated("send `authorization: Bearer <token>`"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && t.len() <= 256)
+            .ok_or_else(|| unauthenticated("malformed authorization header"))?;
+        let hash = SecretHash::of(TOKEN_DOMAIN, token);
+        if hash.matches(&self.platform_token) {
+            return Ok(Caller::Platform);
+        }
+        self.sm
+            .read(|s| s.account_by_token(&hash).map(|a| Caller::Account(a.id)))
+            .ok_or_else(|| unauthenticated("unknown token"))
+    }
+
+    /// Commits a command through Raft and returns its outcome. A write is acknowledged only
+    /// once it is committed and applied.
+    pub async fn propose(&self, caller: Caller, request_id: &str, command: Command) -> Result<Response, Status> {
+        let request_id = RequestId::parse(request_id).map_err(|e| to_status(&e.into()))?;
+        let envelope = Envelope { caller, request_id, at: now(), command };
+        let size = postcard::to_allocvec(&envelope).map(|b| b.len()).unwrap_or(usize::MAX);
+        if size > rules::MAX_COMMAND_BYTES {
+            return Err(to_status(&DomainError::PayloadTooLarge { size, limit: rules::MAX_COMMAND_BYTES }));
+        }
+        match self.raft.client_write(envelope).await {
+            Ok(written) => written.data.map_err(|e| to_status(&e)),
+            Err(e) => Err(status(ErrorCode::Unavailable, format!("not committed: {e}"), &[])),
+        }
+    }
+
+    /// Runs `f` on the state after making sure this node has applied everything committed
+    /// before the call (linearizable read).
+    pub async fn read<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T, Status> {
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| status(ErrorCode::Unavailable, format!("cannot confirm leadership: {e}"), &[]))?;
+        Ok(self.sm.read(f))
+    }
+
+    /// Times a handler and counts its outcome by code.
+    pub async fn observe<T>(&self, method: &'static str, f: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+        let started = Instant::now();
+        let result = f.await;
+        let code = match &result {
+            Ok(_) => "OK".to_owned(),
+            Err(status) => suanli_proto::decode_status(status).code.as_str().to_owned(),
+        };
+        self.metrics.observe_request(method, code, started.elapsed());
+        result
+    }
+}
+
+pub fn now() -> Timestamp {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    Timestamp::from_millis(ms)
+}
+
+const BASE32: &[u8; 32] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+
+/// A random secret of `len` characters from a 32-symbol alphabet without look-alikes
+/// (5 bits each: 16 characters are 80 bits).
+pub fn random_secret(len: usize) -> String {
+    let mut rng = rand::rng();
+    (0..len).map(|_| BASE32[rng.random_range(0..32)] as char).collect()
+}

@@ -1,0 +1,33 @@
+//! Expires leases whose reservation or paid term is over. Runs on every node but proposes only
+//! while this node is the leader; the state machine re-checks the deadline, so a proposal from a
+//! deposed leader or a skewed clock is refused with `NOT_YET_DUE` and changes nothing.
+
+use std::time::Duration;
+
+use suanli_types::Caller;
+use tracing::{debug, warn};
+
+use super::{now, Shared};
+use crate::state::Command;
+
+pub async fn run(shared: Shared, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let me = shared.raft.metrics().borrow().id;
+        if shared.raft.metrics().borrow().current_leader != Some(me) {
+            continue;
+        }
+        let at = now();
+        let due = shared.sm.read(|s| s.due_for_expiry(at).into_iter().map(|id| (id, s.lease(id).map(|l| l.state))).collect::<Vec<_>>());
+        for (lease, state) in due {
+            // One request ID per lease and state: a retry after a lost answer is recognised.
+            let request_id = format!("expire-{}-{}", lease.0, state.map_or("gone", |s| s.as_str()));
+            match shared.propose(Caller::System, &request_id, Command::ExpireLease { lease }).await {
+                Ok(_) => debug!(%lease, "expired"),
+                Err(status) => warn!(%lease, %status, "could not expire lease"),
+            }
+        }
+    }
+}

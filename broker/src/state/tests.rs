@@ -1,0 +1,554 @@
+//! State machine tests: each rule by example, then the invariants under random command
+//! sequences (proptest).
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use suanli_types::cluster::DiskMedium;
+use suanli_types::{
+    AccountId, AccountKind, BillingMode, CardId, CardSpec, CardStatus, Caller, ClusterClass, ClusterId, Currency,
+    DomainError, EndReason, ErrorCode, LeaseAction, LeaseId, LeaseState, LeaseUnit, Listing, LocalStorage, NodeId,
+    NodeInventory, OperatorRole, PriceList, RequestId, ResourceType, SecretHash, SupplierEndReason, Timestamp,
+};
+
+use super::*;
+
+const T0: i64 = 1_800_000_000_000;
+
+struct World {
+    state: State,
+    now: Timestamp,
+    seq: u64,
+}
+
+struct Market {
+    w: World,
+    supplier: AccountId,
+    other_supplier: AccountId,
+    researcher: AccountId,
+    other_researcher: AccountId,
+    class_a: ClusterId,
+    class_a_nodes: Vec<NodeId>,
+    class_b: ClusterId,
+}
+
+fn code_hash(lease: LeaseId, code: &str) -> SecretHash {
+    SecretHash::of(&format!("auth-code:{lease}"), code)
+}
+
+fn listing(class: ClusterClass) -> Listing {
+    Listing {
+        title: "demo".into(),
+        resource_type: ResourceType::Gpu,
+        gpu_model: "A100 80GB".into(),
+        vram_gib: 80,
+        memory_gib: 1024,
+        vcpus: 128,
+        vendor: "Inspur".into(),
+        region: "Shenzhen".into(),
+        local_storage: LocalStorage { data_disks: 2, data_disk_gb: 3840, system_disk_gb: 480, medium: DiskMedium::Nvme },
+        prices: PriceList {
+            currency: Currency::cny(),
+            per_card: BTreeMap::from([(BillingMode::Hourly, 1_000), (BillingMode::Monthly, 531_250)]),
+        },
+        usage_instructions: if class == ClusterClass::A { "ssh in".into() } else { String::new() },
+    }
+}
+
+fn inventory(cards: u32) -> NodeInventory {
+    NodeInventory {
+        hostname: "gpu.example".into(),
+        cpu_model: "EPYC".into(),
+        vcpus: 128,
+        memory_gib: 1024,
+        cards: (0..cards)
+            .map(|i| CardSpec { index: i, uuid: format!("GPU-{i}"), model: "A100 80GB".into(), vram_mib: 81920 })
+            .collect(),
+    }
+}
+
+impl World {
+    fn new() -> Self {
+        World { state: State::new(), now: Timestamp::from_millis(T0), seq: 0 }
+    }
+
+    fn envelope(&mut self, caller: Caller, command: Command) -> Envelope {
+        self.seq += 1;
+        let request_id = RequestId::parse(&format!("req-{}", self.seq)).expect("valid id");
+        Envelope { caller, request_id, at: self.now, command }
+    }
+
+    fn run(&mut self, caller: Caller, command: Command) -> Outcome {
+        let env = self.envelope(caller, command);
+        self.state.apply(&env).0
+    }
+
+    fn ok(&mut self, caller: Caller, command: Command) -> Response {
+        let name = command.name();
+        self.run(caller, command).unwrap_or_else(|e| panic!("{name} failed: {e}"))
+    }
+
+    fn lease(&mut self, caller: Caller, command: Command) -> Lease {
+        match self.ok(caller, command) {
+            Response::Lease(l) => *l,
+            other => panic!("expected a lease, got {other:?}"),
+        }
+    }
+
+    fn account(&mut self, kind: AccountKind) -> AccountId {
+        let token_hash = SecretHash::of("api-token", &format!("token-{}", self.seq));
+        match self.ok(Caller::Platform, Command::RegisterAccount { kind, token_hash }) {
+            Response::Account(id) => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn node(&mut self, supplier: AccountId, cards: u32) -> NodeId {
+        match self.ok(Caller::Account(supplier), Command::EnrollNode { inventory: inventory(cards) }) {
+            Response::Node(n) => n.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn cluster(&mut self, supplier: AccountId, class: ClusterClass, nodes: Vec<NodeId>) -> ClusterId {
+        let command = Command::PublishCluster { class, nodes, listing: listing(class) };
+        match self.ok(Caller::Account(supplier), command) {
+            Response::Cluster(c) => c.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn advance(&mut self, seconds: i64) {
+        self.now = self.now.plus_seconds(seconds);
+    }
+
+    fn card_statuses(&self, lease: LeaseId) -> Vec<CardStatus> {
+        let l = self.state.lease(lease).expect("lease");
+        l.cards.iter().map(|c| self.state.card(*c).expect("card").status).collect()
+    }
+}
+
+/// Class A: two nodes of 2 cards. Class B: two nodes of 4 cards.
+fn market() -> Market {
+    let mut w = World::new();
+    let supplier = w.account(AccountKind::Supplier);
+    let other_supplier = w.account(AccountKind::Supplier);
+    let researcher = w.account(AccountKind::Researcher);
+    let other_researcher = w.account(AccountKind::Researcher);
+    let class_a_nodes = vec![w.node(supplier, 2), w.node(supplier, 2)];
+    let class_a = w.cluster(supplier, ClusterClass::A, class_a_nodes.clone());
+    let b_nodes = vec![w.node(supplier, 4), w.node(supplier, 4)];
+    let class_b = w.cluster(supplier, ClusterClass::B, b_nodes);
+    Market { w, supplier, other_supplier, researcher, other_researcher, class_a, class_a_nodes, class_b }
+}
+
+fn request_b(cluster: ClusterId, cards: u32) -> Command {
+    Command::RequestLease { cluster, unit: LeaseUnit::Cards(cards), billing_mode: BillingMode::Hourly, periods: 2 }
+}
+
+fn request_a(cluster: ClusterId, nodes: Vec<NodeId>) -> Command {
+    Command::RequestLease { cluster, unit: LeaseUnit::Nodes(nodes), billing_mode: BillingMode::Monthly, periods: 1 }
+}
+
+fn code(err: Outcome) -> ErrorCode {
+    err.expect_err("expected a rejection").code()
+}
+
+#[test]
+fn class_b_lease_reserves_then_activates_then_ends() {
+    let mut m = market();
+    let r = Caller::Account(m.researcher);
+    let l = m.w.lease(r.clone(), request_b(m.class_b, 3));
+    assert_eq!(l.state, LeaseState::Requested);
+    assert_eq!(l.amount.minor, 1_000 * 3 * 2, "price × cards × periods");
+    assert_eq!(m.w.card_statuses(l.id), vec![CardStatus::Reserved; 3]);
+    // Packed onto one node so the other stays whole.
+    let nodes: std::collections::BTreeSet<_> = l.cards.iter().map(|c| m.w.state.card(*c).expect("card").node).collect();
+    assert_eq!(nodes.len(), 1);
+
+    m.w.advance(60);
+    let l = m.w.lease(Caller::Account(m.supplier), Command::ActivateLease { lease: l.id });
+    assert_eq!(l.state, LeaseState::Active);
+    assert_eq!(l.paid_until, Some(m.w.now.plus_seconds(2 * 3600)));
+    assert_eq!(m.w.card_statuses(l.id), vec![CardStatus::Busy; 3]);
+
+    let l = m.w.lease(r.clone(), Command::ExtendLease { lease: l.id, periods: 3 });
+    assert_eq!((l.periods, l.amount.minor), (5, 1_000 * 3 * 5));
+    assert_eq!(l.paid_until, Some(m.w.now.plus_seconds(5 * 3600)));
+
+    let l = m.w.lease(r, Command::EndLease { lease: l.id, reason: EndReason::ByResearcher });
+    assert_eq!(l.state, LeaseState::Ended);
+    assert_eq!(m.w.card_statuses(l.id), vec![CardStatus::Idle; 3]);
+    m.w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn class_a_lease_needs_approval_and_the_right_code() {
+    let mut m = market();
+    let r = Caller::Account(m.researcher);
+    let s = Caller::Account(m.supplier);
+    let l = m.w.lease(r.clone(), request_a(m.class_a, vec![m.class_a_nodes[0]]));
+    assert_eq!(l.cards.len(), 2, "a Class A lease takes every card of the node");
+    assert_eq!(code(m.w.run(s.clone(), Command::ActivateLease { lease: l.id })), ErrorCode::InvalidTransition);
+    let expires = m.w.now.plus_seconds(3600);
+    let approve = Command::ApproveLease { lease: l.id, code_hash: code_hash(l.id, "RIGHT"), code_expires_at: expires };
+    assert_eq!(m.w.lease(s, approve).state, LeaseState::Approved);
+    assert_eq!(m.w.card_statuses(l.id), vec![CardStatus::Reserved; 2], "not busy before verification");
+
+    let wrong = Command::VerifyAuthCode { lease: l.id, candidate_hash: code_hash(l.id, "WRONG") };
+    assert_eq!(m.w.run(r.clone(), wrong), Err(DomainError::AuthCodeMismatch { attempts_left: rules::AUTH_CODE_ATTEMPTS - 1 }));
+    let right = Command::VerifyAuthCode { lease: l.id, candidate_hash: code_hash(l.id, "RIGHT") };
+    let l = m.w.lease(r, right);
+    assert_eq!(l.state, LeaseState::Active);
+    assert!(l.auth_code.is_none(), "single use: the code is gone once used");
+    assert_eq!(m.w.card_statuses(l.id), vec![CardStatus::Busy; 2]);
+}
+
+#[test]
+fn exhausting_code_attempts_cancels_the_lease_and_frees_the_cards() {
+    let mut m = market();
+    let r = Caller::Account(m.researcher);
+    let l = m.w.lease(r.clone(), request_a(m.class_a, vec![m.class_a_nodes[1]]));
+    let approve = Command::ApproveLease {
+        lease: l.id,
+        code_hash: code_hash(l.id, "RIGHT"),
+        code_expires_at: m.w.now.plus_seconds(60),
+    };
+    m.w.ok(Caller::Account(m.supplier), approve);
+    for left in (1..rules::AUTH_CODE_ATTEMPTS).rev() {
+        let wrong = Command::VerifyAuthCode { lease: l.id, candidate_hash: code_hash(l.id, "WRONG") };
+        assert_eq!(m.w.run(r.clone(), wrong), Err(DomainError::AuthCodeMismatch { attempts_left: left }));
+    }
+    let wrong = Command::VerifyAuthCode { lease: l.id, candidate_hash: code_hash(l.id, "WRONG") };
+    assert_eq!(m.w.run(r.clone(), wrong), Err(DomainError::AuthCodeAttemptsExhausted));
+    assert_eq!(m.w.state.lease(l.id).map(|l| l.state), Some(LeaseState::Cancelled));
+    assert_eq!(m.w.card_statuses(l.id), vec![CardStatus::Idle; 2]);
+    let right = Command::VerifyAuthCode { lease: l.id, candidate_hash: code_hash(l.id, "RIGHT") };
+    assert_eq!(code(m.w.run(r, right)), ErrorCode::InvalidTransition);
+}
+
+#[test]
+fn an_expired_code_is_refused_and_costs_nothing() {
+    let mut m = market();
+    let r = Caller::Account(m.researcher);
+    let l = m.w.lease(r.clone(), request_a(m.class_a, vec![m.class_a_nodes[0]]));
+    let approve =
+        Command::ApproveLease { lease: l.id, code_hash: code_hash(l.id, "C"), code_expires_at: m.w.now.plus_seconds(60) };
+    m.w.ok(Caller::Account(m.supplier), approve);
+    m.w.advance(61);
+    let before = m.w.state.market();
+    let verify = Command::VerifyAuthCode { lease: l.id, candidate_hash: code_hash(l.id, "C") };
+    assert_eq!(m.w.run(r, verify), Err(DomainError::AuthCodeExpired));
+    assert_eq!(m.w.state.market(), before);
+}
+
+#[test]
+fn strangers_cannot_approve_verify_extend_or_end() {
+    let mut m = market();
+    let r = Caller::Account(m.researcher);
+    let l = m.w.lease(r.clone(), request_a(m.class_a, vec![m.class_a_nodes[0]]));
+    let before = m.w.state.market();
+    let approve =
+        |lease| Command::ApproveLease { lease, code_hash: code_hash(lease, "X"), code_expires_at: Timestamp(T0 + 1000) };
+    let verify = |lease| Command::VerifyAuthCode { lease, candidate_hash: code_hash(lease, "X") };
+    let cases: Vec<(Caller, Command, ErrorCode)> = vec![
+        (Caller::Account(m.other_supplier), approve(l.id), ErrorCode::NotFound),
+        (r.clone(), approve(l.id), ErrorCode::PermissionDenied),
+        (Caller::Account(m.other_researcher), verify(l.id), ErrorCode::NotFound),
+        (Caller::Account(m.supplier), verify(l.id), ErrorCode::PermissionDenied),
+        (Caller::Account(m.other_researcher), Command::ExtendLease { lease: l.id, periods: 1 }, ErrorCode::NotFound),
+        (Caller::Account(m.other_researcher), Command::EndLease { lease: l.id, reason: EndReason::ByResearcher }, ErrorCode::NotFound),
+        (
+            Caller::Account(m.other_supplier),
+            Command::EndLease { lease: l.id, reason: EndReason::BySupplier(SupplierEndReason::Maintenance) },
+            ErrorCode::NotFound,
+        ),
+        (
+            Caller::Account(m.researcher),
+            Command::EndLease { lease: l.id, reason: EndReason::BySupplier(SupplierEndReason::Maintenance) },
+            ErrorCode::PermissionDenied,
+        ),
+        (Caller::Operator(OperatorRole::Auditor), Command::EndLease { lease: l.id, reason: EndReason::ByOperator }, ErrorCode::PermissionDenied),
+        (Caller::Platform, Command::ExpireLease { lease: l.id }, ErrorCode::PermissionDenied),
+        (Caller::Account(m.other_supplier), Command::DelistCluster { cluster: m.class_a }, ErrorCode::PermissionDenied),
+        (Caller::Account(m.researcher), Command::EnrollNode { inventory: inventory(1) }, ErrorCode::WrongAccountKind),
+        (Caller::Account(m.supplier), request_b(m.class_b, 1), ErrorCode::WrongAccountKind),
+        (Caller::Account(m.researcher), Command::RegisterAccount { kind: AccountKind::Supplier, token_hash: SecretHash([7; 32]) }, ErrorCode::PermissionDenied),
+    ];
+    for (caller, command, want) in cases {
+        let name = command.name();
+        assert_eq!(code(m.w.run(caller.clone(), command)), want, "{name} by {caller}");
+        assert_eq!(m.w.state.market(), before, "{name} by {caller} changed the state");
+    }
+    // The rightful parties still can.
+    let l = m.w.lease(Caller::Operator(OperatorRole::Dispatcher), Command::EndLease { lease: l.id, reason: EndReason::ByOperator });
+    assert_eq!(l.state, LeaseState::Cancelled);
+}
+
+#[test]
+fn a_card_is_never_leased_twice() {
+    let mut m = market();
+    let r = Caller::Account(m.researcher);
+    let r2 = Caller::Account(m.other_researcher);
+    m.w.lease(r.clone(), request_a(m.class_a, vec![m.class_a_nodes[0]]));
+    let err = m.w.run(r2.clone(), request_a(m.class_a, vec![m.class_a_nodes[0], m.class_a_nodes[1]]));
+    assert_eq!(code(err), ErrorCode::CardUnavailable);
+    m.w.lease(r.clone(), request_b(m.class_b, 5));
+    assert_eq!(
+        m.w.run(r2.clone(), request_b(m.class_b, 4)),
+        Err(DomainError::InsufficientCapacity { cluster: m.class_b, requested: 4, available: 3 })
+    );
+    m.w.lease(r2, request_b(m.class_b, 3));
+    m.w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn delisted_clusters_take_no_new_lease() {
+    let mut m = market();
+    m.w.ok(Caller::Account(m.supplier), Command::DelistCluster { cluster: m.class_b });
+    assert_eq!(
+        m.w.run(Caller::Account(m.researcher), request_b(m.class_b, 1)),
+        Err(DomainError::ClusterDelisted(m.class_b))
+    );
+}
+
+#[test]
+fn retries_apply_at_most_once_and_reused_ids_conflict() {
+    let mut m = market();
+    let env = m.w.envelope(Caller::Account(m.researcher), request_b(m.class_b, 2));
+    let (first, events) = m.w.state.apply(&env);
+    assert!(!events.is_empty());
+    let leases = m.w.state.leases().count();
+    let (again, events) = m.w.state.apply(&env);
+    assert_eq!(again, first);
+    assert!(events.is_empty());
+    assert_eq!(m.w.state.leases().count(), leases, "the retry did not lease more cards");
+
+    let mut other = env.clone();
+    other.command = request_b(m.class_b, 1);
+    assert_eq!(m.w.state.apply(&other).0, Err(DomainError::RequestIdConflict));
+    // The same ID from another caller is a different request.
+    let mut theirs = env.clone();
+    theirs.caller = Caller::Account(m.other_researcher);
+    assert!(m.w.state.apply(&theirs).0.is_ok());
+
+    // Remembered for the retention window, then forgotten.
+    m.w.advance(rules::REQUEST_ID_RETENTION_SECONDS + 1);
+    let mut late = env.clone();
+    late.at = m.w.now;
+    late.command = request_b(m.class_b, 1);
+    assert!(m.w.state.apply(&late).0.is_ok());
+}
+
+#[test]
+fn bad_input_is_refused_field_by_field_and_changes_nothing() {
+    let mut m = market();
+    let s = Caller::Account(m.supplier);
+    let r = Caller::Account(m.researcher);
+    let before = m.w.state.market();
+    let mut bad = listing(ClusterClass::A);
+    bad.title.clear();
+    bad.prices.per_card.insert(BillingMode::Daily, -100);
+    bad.usage_instructions.clear();
+    let err = m.w.run(s.clone(), Command::ModifyCluster { cluster: m.class_a, listing: bad }).expect_err("invalid");
+    let fields: Vec<_> = err.field_errors().iter().map(|f| f.field.as_str()).collect();
+    assert_eq!(fields, ["title", "prices.daily", "usage_instructions"]);
+    assert_eq!(code(m.w.run(r.clone(), request_b(ClusterId(999), 1))), ErrorCode::NotFound);
+    let zero_periods = Command::RequestLease {
+        cluster: m.class_b,
+        unit: LeaseUnit::Cards(1),
+        billing_mode: BillingMode::Hourly,
+        periods: 0,
+    };
+    assert_eq!(code(m.w.run(r.clone(), zero_periods)), ErrorCode::InvalidArgument);
+    let yearly = Command::RequestLease {
+        cluster: m.class_b,
+        unit: LeaseUnit::Cards(1),
+        billing_mode: BillingMode::Yearly,
+        periods: 1,
+    };
+    assert_eq!(m.w.run(r.clone(), yearly), Err(DomainError::BillingModeNotOffered(BillingMode::Yearly)));
+    assert_eq!(code(m.w.run(r.clone(), request_a(m.class_b, vec![m.class_a_nodes[0]]))), ErrorCode::InvalidArgument);
+    assert_eq!(code(m.w.run(r.clone(), request_a(m.class_a, vec![NodeId(4242)]))), ErrorCode::NodeNotInCluster);
+    assert_eq!(code(m.w.run(r, request_b(m.class_b, 0))), ErrorCode::InvalidArgument);
+    assert_eq!(
+        code(m.w.run(s.clone(), Command::PublishCluster { class: ClusterClass::B, nodes: m.class_a_nodes.clone(), listing: listing(ClusterClass::B) })),
+        ErrorCode::NodeInUse
+    );
+    assert_eq!(code(m.w.run(s, Command::SetCardStatus { card: CardId(1_000_000), status: CardStatus::Offline })), ErrorCode::NotFound);
+    assert_eq!(m.w.state.market(), before);
+}
+
+#[test]
+fn the_reaper_expires_only_what_is_due() {
+    let mut m = market();
+    let r = Caller::Account(m.researcher);
+    let reserved = m.w.lease(r.clone(), request_b(m.class_b, 1));
+    let active = m.w.lease(r, request_b(m.class_b, 1));
+    m.w.ok(Caller::Account(m.supplier), Command::ActivateLease { lease: active.id });
+    assert_eq!(m.w.run(Caller::System, Command::ExpireLease { lease: reserved.id }), Err(DomainError::NotYetDue));
+    assert!(m.w.state.due_for_expiry(m.w.now).is_empty());
+
+    m.w.advance(rules::RESERVATION_SECONDS_CLASS_B);
+    assert_eq!(m.w.state.due_for_expiry(m.w.now), vec![reserved.id]);
+    let l = m.w.lease(Caller::System, Command::ExpireLease { lease: reserved.id });
+    assert_eq!((l.state, l.end_reason), (LeaseState::Cancelled, Some(EndReason::ReservationTimedOut)));
+
+    m.w.advance(2 * 3600);
+    assert_eq!(m.w.state.due_for_expiry(m.w.now), vec![active.id]);
+    let l = m.w.lease(Caller::System, Command::ExpireLease { lease: active.id });
+    assert_eq!((l.state, l.end_reason), (LeaseState::Expired, Some(EndReason::TermElapsed)));
+    assert_eq!(m.w.card_statuses(active.id), vec![CardStatus::Idle]);
+}
+
+#[test]
+fn card_status_is_the_suppliers_but_not_while_leased() {
+    let mut m = market();
+    let l = m.w.lease(Caller::Account(m.researcher), request_b(m.class_b, 1));
+    let leased = l.cards[0];
+    let s = Caller::Account(m.supplier);
+    assert_eq!(code(m.w.run(s.clone(), Command::SetCardStatus { card: leased, status: CardStatus::Offline })), ErrorCode::CardUnavailable);
+    assert_eq!(code(m.w.run(s.clone(), Command::SetCardStatus { card: leased, status: CardStatus::Busy })), ErrorCode::InvalidArgument);
+    let free = m.w.state.cards_of_cluster(m.class_b).iter().find(|c| c.lease.is_none()).map(|c| c.id).expect("free card");
+    assert_eq!(code(m.w.run(Caller::Account(m.other_supplier), Command::SetCardStatus { card: free, status: CardStatus::Faulty })), ErrorCode::PermissionDenied);
+    m.w.ok(s, Command::SetCardStatus { card: free, status: CardStatus::Faulty });
+    let idle = m.w.state.summary(m.w.state.cluster(m.class_b).expect("cluster")).idle_cards;
+    assert_eq!(idle, 6, "8 cards, one reserved, one faulty");
+}
+
+#[test]
+fn snapshots_round_trip() {
+    let mut m = market();
+    m.w.lease(Caller::Account(m.researcher), request_b(m.class_b, 2));
+    let bytes = postcard::to_allocvec(&m.w.state).expect("serialize");
+    let back: State = postcard::from_bytes(&bytes).expect("deserialize");
+    assert_eq!(back, m.w.state);
+}
+
+// ---- property tests ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Op {
+    RequestA { researcher: bool, nodes: Vec<usize> },
+    RequestB { researcher: bool, cards: u32 },
+    Approve { by_owner: bool, lease: usize },
+    Verify { by_lessee: bool, lease: usize, right: bool },
+    Activate { by_owner: bool, lease: usize },
+    Extend { lease: usize, periods: u32 },
+    End { who: u8, lease: usize },
+    Expire { lease: usize },
+    SetCard { card: usize, status: CardStatus },
+    Delist,
+    Advance { seconds: i64 },
+    Retry { back: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let status = prop::sample::select(CardStatus::ALL.to_vec());
+    prop_oneof![
+        (any::<bool>(), prop::collection::vec(0usize..3, 1..3)).prop_map(|(researcher, nodes)| Op::RequestA { researcher, nodes }),
+        (any::<bool>(), 0u32..7).prop_map(|(researcher, cards)| Op::RequestB { researcher, cards }),
+        (prop::bool::weighted(0.8), 0usize..8).prop_map(|(by_owner, lease)| Op::Approve { by_owner, lease }),
+        (prop::bool::weighted(0.8), 0usize..8, prop::bool::weighted(0.6)).prop_map(|(by_lessee, lease, right)| Op::Verify { by_lessee, lease, right }),
+        (prop::bool::weighted(0.8), 0usize..8).prop_map(|(by_owner, lease)| Op::Activate { by_owner, lease }),
+        (0usize..8, 0u32..3).prop_map(|(lease, periods)| Op::Extend { lease, periods }),
+        (0u8..5, 0usize..8).prop_map(|(who, lease)| Op::End { who, lease }),
+        (0usize..8).prop_map(|lease| Op::Expire { lease }),
+        (0usize..14, status).prop_map(|(card, status)| Op::SetCard { card, status }),
+        Just(Op::Delist),
+        prop_oneof![Just(60i64), Just(3600), Just(rules::RESERVATION_SECONDS_CLASS_B), Just(86_400)].prop_map(|seconds| Op::Advance { seconds }),
+        (0usize..10).prop_map(|back| Op::Retry { back }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Whatever happens: no card is in two live leases, card status follows its lease, lease
+    /// states move only along the transition table, and a refused command changes nothing
+    /// (except the attempt counter of a wrong authorization code).
+    #[test]
+    fn invariants_hold_under_any_command_sequence(ops in prop::collection::vec(op(), 1..60)) {
+        let mut m = market();
+        let mut history: Vec<Envelope> = Vec::new();
+        let lease_ids = |m: &Market| m.w.state.leases().map(|l| l.id).collect::<Vec<_>>();
+        let card_ids: Vec<CardId> = m.w.state.cards().map(|c| c.id).collect();
+        for op in ops {
+            let leases = lease_ids(&m);
+            let pick = |i: usize| leases.get(i % leases.len().max(1)).copied().unwrap_or(LeaseId(999_999));
+            let researcher = |mine: bool| Caller::Account(if mine { m.researcher } else { m.other_researcher });
+            let lessee_of = |m: &Market, id: LeaseId, mine: bool| {
+                let owner = m.w.state.lease(id).map(|l| l.researcher).unwrap_or(m.researcher);
+                Caller::Account(if mine { owner } else if owner == m.researcher { m.other_researcher } else { m.researcher })
+            };
+            let envelope = match op {
+                Op::Advance { seconds } => { m.w.advance(seconds); continue; }
+                Op::Retry { back } => match history.len().checked_sub(back + 1) {
+                    Some(i) => history[i].clone(),
+                    None => continue,
+                },
+                Op::RequestA { researcher: mine, nodes } => {
+                    let nodes = nodes.iter().map(|i| m.class_a_nodes.get(*i).copied().unwrap_or(NodeId(777))).collect();
+                    m.w.envelope(researcher(mine), request_a(m.class_a, nodes))
+                }
+                Op::RequestB { researcher: mine, cards } => m.w.envelope(researcher(mine), request_b(m.class_b, cards)),
+                Op::Approve { by_owner, lease } => {
+                    let id = pick(lease);
+                    let caller = Caller::Account(if by_owner { m.supplier } else { m.other_supplier });
+                    let expires = m.w.now.plus_seconds(600);
+                    m.w.envelope(caller, Command::ApproveLease { lease: id, code_hash: code_hash(id, "OK"), code_expires_at: expires })
+                }
+                Op::Verify { by_lessee, lease, right } => {
+                    let id = pick(lease);
+                    let caller = lessee_of(&m, id, by_lessee);
+                    let candidate_hash = code_hash(id, if right { "OK" } else { "NO" });
+                    m.w.envelope(caller, Command::VerifyAuthCode { lease: id, candidate_hash })
+                }
+                Op::Activate { by_owner, lease } => {
+                    let caller = Caller::Account(if by_owner { m.supplier } else { m.other_supplier });
+                    m.w.envelope(caller, Command::ActivateLease { lease: pick(lease) })
+                }
+                Op::Extend { lease, periods } => {
+                    let id = pick(lease);
+                    let caller = lessee_of(&m, id, true);
+                    m.w.envelope(caller, Command::ExtendLease { lease: id, periods })
+                }
+                Op::End { who, lease } => {
+                    let id = pick(lease);
+                    let (caller, reason) = match who {
+                        0 => (lessee_of(&m, id, true), EndReason::ByResearcher),
+                        1 => (lessee_of(&m, id, false), EndReason::ByResearcher),
+                        2 => (Caller::Account(m.supplier), EndReason::BySupplier(SupplierEndReason::HardwareFault)),
+                        3 => (Caller::Account(m.other_supplier), EndReason::BySupplier(SupplierEndReason::Maintenance)),
+                        _ => (Caller::Operator(OperatorRole::Dispatcher), EndReason::ByOperator),
+                    };
+                    m.w.envelope(caller, Command::EndLease { lease: id, reason })
+                }
+                Op::Expire { lease } => m.w.envelope(Caller::System, Command::ExpireLease { lease: pick(lease) }),
+                Op::SetCard { card, status } => {
+                    let card = card_ids[card % card_ids.len()];
+                    m.w.envelope(Caller::Account(m.supplier), Command::SetCardStatus { card, status })
+                }
+                Op::Delist => m.w.envelope(Caller::Account(m.supplier), Command::DelistCluster { cluster: m.class_b }),
+            };
+            let before = m.w.state.clone();
+            let (outcome, _events) = m.w.state.apply(&envelope);
+            history.push(envelope.clone());
+            if let Err(violation) = m.w.state.check_invariants() {
+                panic!("after {}: {violation}", envelope.command.name());
+            }
+            if let Err(e) = &outcome {
+                if !matches!(e, DomainError::AuthCodeMismatch { .. } | DomainError::AuthCodeAttemptsExhausted) {
+                    prop_assert_eq!(m.w.state.market(), before.market(), "refused {} ({}) changed the state", envelope.command.name(), e);
+                }
+            }
+            for lease in m.w.state.leases() {
+                let Some(old) = before.lease(lease.id) else { continue };
+                if old.state != lease.state {
+                    let legal = LeaseAction::ALL.iter().any(|a| old.state.after(*a, lease.class) == Some(lease.state));
+                    prop_assert!(legal, "{}: {} -> {} is not in the table", lease.id, old.state, lease.state);
+                }
+            }
+        }
+    }
+}
