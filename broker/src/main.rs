@@ -178,11 +178,24 @@ fn load_file(path: &Path) -> anyhow::Result<FileBroker> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log);
     let config = node_config(args)?;
+    let bootstrapped = config.bootstrap;
     let node = server::start(config).await?;
+    if bootstrapped {
+        node.wait_for_leader(Duration::from_secs(30)).await?;
+    }
+    announce_ready(&node);
     tokio::signal::ctrl_c().await?;
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
+}
+
+/// The machine-readable line test harnesses and scripts wait for (`suanli-testkit`).
+fn announce_ready(node: &server::RunningNode) {
+    use std::io::Write;
+    let metrics = node.metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+    println!("SUANLI_READY grpc={} metrics={metrics}", node.grpc_addr);
+    let _ = std::io::stdout().flush();
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
@@ -205,6 +218,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     .await?;
     node.wait_for_leader(Duration::from_secs(10)).await?;
     let endpoint = format!("http://{}", node.grpc_addr);
+    announce_ready(&node);
     println!("Suanli broker (dev) on {endpoint}, metrics on http://{}/metrics", args.metrics_listen);
     println!("platform token: {DEV_PLATFORM_TOKEN}");
     if fresh {

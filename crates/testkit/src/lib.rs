@@ -1,0 +1,148 @@
+//! Shared harness for tests that start real processes: spawn a service binary, wait until it
+//! announces readiness on stdout (no sleeping), and kill it hard (`SIGKILL`) or stop it.
+//!
+//! Services print one line `SUANLI_READY key=value …` once they accept connections; the
+//! harness reads the addresses from it, so tests can ask for port 0 and never race for ports.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const READY_PREFIX: &str = "SUANLI_READY";
+
+/// A running service process. Killed (SIGKILL) when dropped.
+pub struct Service {
+    pub name: String,
+    child: Child,
+    /// The `key=value` pairs of the readiness line.
+    pub ready: BTreeMap<String, String>,
+    stderr_log: PathBuf,
+}
+
+impl Service {
+    /// Starts `binary` with `args` and waits up to `timeout` for its readiness line. Stderr
+    /// goes to `log_dir/<name>.log` so a failing test can show what the service said.
+    pub async fn start(
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+        timeout: Duration,
+    ) -> anyhow::Result<Service> {
+        let stderr_log = log_dir.join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log)?;
+        let mut command = Command::new(binary);
+        command.args(args).stdout(Stdio::piped()).stderr(Stdio::from(log)).kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().with_context(|| format!("spawning {}", binary.display()))?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(timeout, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix(READY_PREFIX) {
+                    return Ok(parse_pairs(rest));
+                }
+            }
+            bail!("{name} exited before it was ready")
+        })
+        .await;
+        // Keep draining stdout so the service never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let ready = match ready {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(e)) => bail!("{e}; its log:\n{}", tail(&stderr_log)),
+            Err(_) => bail!("{name} not ready after {timeout:?}; its log:\n{}", tail(&stderr_log)),
+        };
+        Ok(Service { name: name.to_owned(), child, ready, stderr_log })
+    }
+
+    pub fn get(&self, key: &str) -> anyhow::Result<&str> {
+        self.ready.get(key).map(String::as_str).ok_or_else(|| anyhow!("{} did not announce {key}", self.name))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// `kill -9`: no shutdown code runs; only what was made durable survives.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// SIGTERM-free stop for services that handle Ctrl-C: send SIGINT and wait.
+    pub async fn interrupt(mut self, timeout: Duration) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            let status = Command::new("kill").args(["-INT", &pid.to_string()]).status().await?;
+            if !status.success() {
+                bail!("kill -INT {pid} failed");
+            }
+        }
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => {
+                status?;
+                Ok(())
+            }
+            Err(_) => {
+                self.child.kill().await?;
+                bail!("{} did not stop within {timeout:?}", self.name)
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        tail(&self.stderr_log)
+    }
+}
+
+fn parse_pairs(rest: &str) -> BTreeMap<String, String> {
+    rest.split_whitespace()
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Retries `f` until it returns `Some` or `timeout` passes, polling every `every`. For waiting
+/// on a condition another process brings about (never for hiding a race in our own code).
+pub async fn eventually<T, F, Fut>(timeout: Duration, every: Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_line_is_parsed() {
+        let pairs = parse_pairs(" grpc=127.0.0.1:5 metrics=127.0.0.1:6");
+        assert_eq!(pairs["grpc"], "127.0.0.1:5");
+        assert_eq!(pairs["metrics"], "127.0.0.1:6");
+    }
+}
