@@ -13,4 +13,5 @@ pub mod network;
 pub mod server;
 pub mod service;
 pub mod state;
-pub mod store;
+pub mod storage;
+pub use storage as store;

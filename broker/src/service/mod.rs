@@ -8,6 +8,7 @@ pub mod reaper;
 pub mod southbound;
 pub mod wire;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 

@@ -48,6 +48,23 @@ pub enum Command {
 }
 
 impl Command {
+    /// What identifies a request for at-most-once application: the command without the
+    /// values the service mints for it (a new token or authorization code, an expiry computed
+    /// from the clock). A client retrying "register me" or "approve lease 7" after a lost
+    /// answer sends the same request, though the service drew a fresh secret for the retry.
+    pub fn identity(&self) -> Command {
+        let mut identity = self.clone();
+        match &mut identity {
+            Command::RegisterAccount { token_hash, .. } => *token_hash = SecretHash([0; 32]),
+            Command::ApproveLease { code_hash, code_expires_at, .. } => {
+                *code_hash = SecretHash([0; 32]);
+                *code_expires_at = Timestamp::from_millis(0);
+            }
+            _ => {}
+        }
+        identity
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Command::RegisterAccount { .. } => "register_account",

@@ -1,0 +1,115 @@
+//! openraft storage over one RocksDB database.
+//!
+//! Column families:
+//! - `log`: Raft log entries, key = big-endian u64 index (so byte order is index order);
+//! - `meta`: the vote, the committed log id, the last purged log id, the events purge mark and
+//!   `format_version`;
+//! - `snapshot`: the latest snapshot (meta + data);
+//! - `events`: the events of each applied entry, key = big-endian u64 index, for `Watch`.
+//!
+//! Durability: the vote and every appended batch are written with `sync = true` before openraft
+//! is told they are persisted, so an acknowledged write survives power loss, not only `kill -9`.
+//! The state machine lives in memory and is rebuilt on start from the latest snapshot plus the
+//! committed log; its events are written without sync because re-applying recreates them.
+
+mod log_store;
+mod state_machine;
+
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+
+pub use log_store::LogStore;
+pub use state_machine::StateMachineStore;
+
+use crate::state::{Envelope, Outcome};
+
+openraft::declare_raft_types!(
+    /// The broker's Raft types: the log carries command envelopes, applying one yields its outcome.
+    pub TypeConfig:
+        D = Envelope,
+        R = Outcome,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type NodeId = u64;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+
+/// The on-disk format this code reads and writes. Bumped on any incompatible change; a node
+/// refuses to open data of another version instead of misreading it.
+pub const FORMAT_VERSION: u32 = 1;
+
+pub(crate) const CF_LOG: &str = "log";
+pub(crate) const CF_META: &str = "meta";
+pub(crate) const CF_SNAPSHOT: &str = "snapshot";
+pub(crate) const CF_EVENTS: &str = "events";
+
+pub(crate) const KEY_FORMAT: &[u8] = b"format_version";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("encoding: {0}")]
+    Codec(#[from] postcard::Error),
+    #[error("data in {path} has on-disk format {found}; this broker reads format {FORMAT_VERSION}")]
+    FormatVersion { path: String, found: u32 },
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+    #[error("column family {0} missing")]
+    MissingColumnFamily(&'static str),
+}
+
+/// Opens (or creates) the store at `path`: the log store and the state machine share one
+/// RocksDB instance.
+pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    let cfs = [CF_LOG, CF_META, CF_SNAPSHOT, CF_EVENTS]
+        .into_iter()
+        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let db = Arc::new(DB::open_cf_descriptors(&options, path, cfs)?);
+    check_format(&db, path)?;
+    let log = LogStore::new(db.clone());
+    let sm = StateMachineStore::open(db)?;
+    Ok((log, sm))
+}
+
+fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
+    let meta = cf(db, CF_META)?;
+    match db.get_cf(meta, KEY_FORMAT)? {
+        Some(bytes) => {
+            let found = bytes.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX);
+            if found != FORMAT_VERSION {
+                return Err(StoreError::FormatVersion { path: path.display().to_string(), found });
+            }
+        }
+        None => {
+            let mut sync = rocksdb::WriteOptions::default();
+            sync.set_sync(true);
+            db.put_cf_opt(meta, KEY_FORMAT, FORMAT_VERSION.to_be_bytes(), &sync)?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn cf<'a>(db: &'a DB, name: &'static str) -> Result<&'a rocksdb::ColumnFamily, StoreError> {
+    db.cf_handle(name).ok_or(StoreError::MissingColumnFamily(name))
+}
+
+pub(crate) fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+pub(crate) fn key_index(key: &[u8]) -> Option<u64> {
+    key.try_into().ok().map(u64::from_be_bytes)
+}

@@ -1,0 +1,264 @@
+//! The state machine side of openraft: the in-memory [`State`], snapshots in RocksDB, and the
+//! event log that feeds `Watch`.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StoredMembership,
+};
+use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use super::{cf, index_key, key_index, LogId, NodeId, StorageError, StoreError, TypeConfig, CF_EVENTS, CF_META, CF_SNAPSHOT};
+use crate::state::{AppliedEvents, Outcome, Response, State};
+
+const KEY_SNAPSHOT: &[u8] = b"current";
+/// Events below this index were discarded (compaction, or a snapshot installed from a leader).
+const KEY_EVENTS_FLOOR: &[u8] = b"events_floor";
+/// How many log indexes of events are kept behind the latest snapshot for watchers to resume.
+pub const EVENTS_RETAINED: u64 = 100_000;
+
+type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+
+struct Applied {
+    state: State,
+    last_applied: Option<LogId>,
+    membership: Membership,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotPayload {
+    last_applied: Option<LogId>,
+    membership: Membership,
+    state: State,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+struct Inner {
+    db: Arc<DB>,
+    applied: RwLock<Applied>,
+    events: broadcast::Sender<Arc<AppliedEvents>>,
+    snapshots_built: AtomicU64,
+}
+
+/// Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    inner: Arc<Inner>,
+}
+
+fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+    openraft::StorageIOError::new(subject, verb, AnyError::new(&e)).into()
+}
+
+fn sm_read(e: StoreError) -> StorageError {
+    io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e)
+}
+
+fn sm_write(e: StoreError) -> StorageError {
+    io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
+}
+
+impl StateMachineStore {
+    /// Restores the state from the stored snapshot, if any; openraft re-applies the committed
+    /// log after it.
+    pub(super) fn open(db: Arc<DB>) -> Result<Self, StoreError> {
+        let mut applied = Applied { state: State::new(), last_applied: None, membership: Membership::default() };
+        if let Some(stored) = read_stored_snapshot(&db)? {
+            let payload: SnapshotPayload = postcard::from_bytes(&stored.data)?;
+            applied = Applied { state: payload.state, last_applied: payload.last_applied, membership: payload.membership };
+        }
+        let (events, _) = broadcast::channel(4096);
+        Ok(StateMachineStore {
+            inner: Arc::new(Inner { db, applied: RwLock::new(applied), events, snapshots_built: AtomicU64::new(0) }),
+        })
+    }
+
+    /// Runs `f` on the current state (no linearizability by itself: see `Shared::read`).
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        let applied = self.inner.applied.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&applied.state)
+    }
+
+    /// Runs `f` on the state together with the log index it reflects.
+    pub fn read_with_index<T>(&self, f: impl FnOnce(&State, u64) -> T) -> T {
+        let applied = self.inner.applied.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&applied.state, applied.last_applied.map_or(0, |l| l.index))
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.read_with_index(|_, index| index)
+    }
+
+    /// Events applied from now on, as they are applied.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<AppliedEvents>> {
+        self.inner.events.subscribe()
+    }
+
+    /// Stored events with index ≥ `from`, oldest first, at most `limit`.
+    pub fn events_since(&self, from: u64, limit: usize) -> Result<Vec<AppliedEvents>, StoreError> {
+        let db = &self.inner.db;
+        let events = cf(db, CF_EVENTS)?;
+        let mut out = Vec::new();
+        for item in db.iterator_cf(events, IteratorMode::From(&index_key(from), Direction::Forward)).take(limit) {
+            let (_, value) = item?;
+            out.push(postcard::from_bytes(&value)?);
+        }
+        Ok(out)
+    }
+
+    /// The lowest index whose events are still guaranteed to be stored: a watcher that needs
+    /// anything below it must resync from a snapshot. `None` when nothing was ever discarded.
+    pub fn first_event_index(&self) -> Option<u64> {
+        let db = &self.inner.db;
+        let meta = cf(db, CF_META).ok()?;
+        let floor = db.get_cf(meta, KEY_EVENTS_FLOOR).ok()??;
+        key_index(&floor)
+    }
+
+    fn discard_events_below(&self, floor: u64) -> Result<(), StoreError> {
+        let db = &self.inner.db;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf(db, CF_EVENTS)?, index_key(0), index_key(floor));
+        batch.put_cf(cf(db, CF_META)?, KEY_EVENTS_FLOOR, index_key(floor));
+        db.write(batch)?;
+        Ok(())
+    }
+
+    fn persist_snapshot(&self, stored: &StoredSnapshot) -> Result<(), StoreError> {
+        let db = &self.inner.db;
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        db.put_cf_opt(cf(db, CF_SNAPSHOT)?, KEY_SNAPSHOT, postcard::to_allocvec(stored)?, &options)?;
+        Ok(())
+    }
+}
+
+fn read_stored_snapshot(db: &DB) -> Result<Option<StoredSnapshot>, StoreError> {
+    match db.get_cf(cf(db, CF_SNAPSHOT)?, KEY_SNAPSHOT)? {
+        Some(bytes) => Ok(Some(postcard::from_bytes(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (data, last_applied, membership) = {
+            let applied = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
+            let payload = SnapshotPayload {
+                last_applied: applied.last_applied,
+                membership: applied.membership.clone(),
+                state: applied.state.clone(),
+            };
+            let data = postcard::to_allocvec(&payload).map_err(|e| sm_read(e.into()))?;
+            (data, applied.last_applied, applied.membership.clone())
+        };
+        let seq = self.inner.snapshots_built.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{seq}", l.leader_id.term, l.index),
+            None => format!("0-0-{seq}"),
+        };
+        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        self.persist_snapshot(&stored).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        if let Some(index) = last_applied.map(|l| l.index).filter(|i| *i > EVENTS_RETAINED) {
+            self.discard_events_below(index - EVENTS_RETAINED).map_err(sm_write)?;
+        }
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        let applied = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let db = self.inner.db.clone();
+        let events_cf = cf(&db, CF_EVENTS).map_err(sm_write)?;
+        let mut outcomes = Vec::new();
+        let mut published = Vec::new();
+        let mut batch = WriteBatch::default();
+        {
+            let mut applied = self.inner.applied.write().unwrap_or_else(|p| p.into_inner());
+            for entry in entries {
+                applied.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => outcomes.push(Ok(Response::Empty)),
+                    EntryPayload::Membership(membership) => {
+                        applied.membership = StoredMembership::new(Some(entry.log_id), membership);
+                        outcomes.push(Ok(Response::Empty));
+                    }
+                    EntryPayload::Normal(envelope) => {
+                        let (outcome, events) = applied.state.apply(&envelope);
+                        outcomes.push(outcome);
+                        if !events.is_empty() {
+                            let record = AppliedEvents { index: entry.log_id.index, at: envelope.at, events };
+                            let bytes = postcard::to_allocvec(&record).map_err(|e| sm_write(e.into()))?;
+                            batch.put_cf(events_cf, index_key(record.index), bytes);
+                            published.push(Arc::new(record));
+                        }
+                    }
+                }
+            }
+        }
+        // Stored before broadcast, so a watcher that reads the store after subscribing sees
+        // every event at least once.
+        db.write(batch).map_err(|e| sm_write(e.into()))?;
+        for record in published {
+            let _ = self.inner.events.send(record);
+        }
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let snapshot_err = |e: StoreError| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e);
+        let payload: SnapshotPayload = postcard::from_bytes(&data).map_err(|e| snapshot_err(e.into()))?;
+        if let Err(violation) = payload.state.check_invariants() {
+            return Err(snapshot_err(StoreError::Corrupt(violation)));
+        }
+        self.persist_snapshot(&StoredSnapshot { meta: meta.clone(), data }).map_err(sm_write)?;
+        // The events the snapshot covers never reached this node: watchers below it resync.
+        if let Some(index) = meta.last_log_id.map(|l| l.index) {
+            self.discard_events_below(index.saturating_add(1)).map_err(sm_write)?;
+        }
+        let mut applied = self.inner.applied.write().unwrap_or_else(|p| p.into_inner());
+        *applied = Applied { state: payload.state, last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let stored = read_stored_snapshot(&self.inner.db).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}
