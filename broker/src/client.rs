@@ -29,7 +29,7 @@ pub async fn connect(endpoint: &str, token: Option<&str>) -> Result<Client, Clie
         .connect()
         .await
         .map_err(|e| ClientError::Connect(endpoint.to_owned(), e.to_string()))?;
-    Ok(with_token(channel, token)?)
+    with_token(channel, token)
 }
 
 /// A client over an existing channel (channels are cheap to clone and multiplex calls).

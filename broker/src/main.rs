@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use suanli_broker::server::{self, NodeConfig};
+use suanli_broker::store::DEFAULT_EVENTS_RETAINED;
 use suanli_broker::{client, demo};
 use suanli_proto::convert::billing_mode_from_wire;
 use suanli_proto::v1;
@@ -85,6 +86,7 @@ struct FileBroker {
     bootstrap: Option<bool>,
     reaper_interval_ms: Option<u64>,
     snapshot_every_entries: Option<u64>,
+    events_retained: Option<u64>,
 }
 
 #[derive(Args)]
@@ -166,6 +168,7 @@ fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         bootstrap: !args.no_bootstrap && file.bootstrap.unwrap_or(true),
         reaper_interval: Duration::from_millis(file.reaper_interval_ms.unwrap_or(1000)),
         snapshot_every_entries: file.snapshot_every_entries.unwrap_or(10_000),
+        events_retained: file.events_retained.unwrap_or(DEFAULT_EVENTS_RETAINED),
     })
 }
 
@@ -214,6 +217,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         bootstrap: true,
         reaper_interval: Duration::from_secs(1),
         snapshot_every_entries: 10_000,
+        events_retained: DEFAULT_EVENTS_RETAINED,
     })
     .await?;
     node.wait_for_leader(Duration::from_secs(10)).await?;
@@ -264,7 +268,7 @@ async fn catalogue(args: CatalogueArgs) -> anyhow::Result<()> {
         max_price_minor: args.max_price_minor,
         ..Default::default()
     };
-    println!("{:<12} {:<5} {:<11} {:>5} {:>5} {:<10} {:<12} {}", "CPC", "CLASS", "MODEL", "IDLE", "CARDS", "REGION", "VENDOR", "PRICES (per card)");
+    println!("{:<12} {:<5} {:<11} {:>5} {:>5} {:<10} {:<12} PRICES (per card)", "CPC", "CLASS", "MODEL", "IDLE", "CARDS", "REGION", "VENDOR");
     loop {
         let page = client.list_catalogue(request.clone()).await.map_err(|s| suanli_proto::decode_status(&s))?.into_inner();
         for c in &page.clusters {

@@ -42,6 +42,8 @@ pub struct NodeConfig {
     pub bootstrap: bool,
     pub reaper_interval: Duration,
     pub snapshot_every_entries: u64,
+    /// Log indexes of events kept behind each snapshot for `Watch` to resume from.
+    pub events_retained: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     }
     std::fs::create_dir_all(&config.data_dir)?;
     let (log_store, sm) = store::open(&config.data_dir.join("raft"))?;
+    sm.set_events_retained(config.events_retained);
     let raft_config = openraft::Config {
         cluster_name: "suanli-broker".into(),
         heartbeat_interval: 100,

@@ -16,7 +16,11 @@ use tokio_stream::StreamExt;
 const PLATFORM_TOKEN: &str = "test-platform-token-0123456789";
 
 async fn start(data: &Path, logs: &Path) -> Service {
-    let args = [
+    start_with(data, logs, &[]).await
+}
+
+async fn start_with(data: &Path, logs: &Path, extra: &[String]) -> Service {
+    let mut args: Vec<String> = [
         "serve",
         "--node-id",
         "1",
@@ -27,7 +31,9 @@ async fn start(data: &Path, logs: &Path) -> Service {
         "--data-dir",
         data.to_str().expect("utf-8 path"),
     ]
-    .map(String::from);
+    .map(String::from)
+    .to_vec();
+    args.extend_from_slice(extra);
     Service::start(
         "broker",
         Path::new(env!("CARGO_BIN_EXE_suanli-broker")),
@@ -336,4 +342,56 @@ async fn http_get(addr: &str, path: &str) -> String {
     let mut body = String::new();
     stream.read_to_string(&mut body).await.expect("read");
     body
+}
+
+#[tokio::test]
+async fn a_watcher_behind_the_compacted_events_resyncs_from_a_snapshot() {
+    let dir = TempDir::new().expect("tempdir");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "[broker]\nsnapshot_every_entries = 5\nevents_retained = 2\n").expect("config");
+    let broker = start_with(&dir.path().join("data"), dir.path(), &["--config".into(), config.display().to_string()]).await;
+    let mut a = actors(&broker).await;
+    let cluster = publish(&mut a.supplier, ClusterClass::B, 16, "b1").await;
+    let mut leases = Vec::new();
+    for i in 0..12 {
+        leases.push(a.researcher.request_lease(lease_b(cluster.cluster_id, 1, &format!("l{i}"))).await.expect("lease").into_inner());
+    }
+    // Snapshots are built in the background; wait until one has discarded old events.
+    let metrics_addr = broker.get("metrics").expect("metrics").to_owned();
+    suanli_testkit::eventually(Duration::from_secs(20), Duration::from_millis(50), || {
+        let addr = metrics_addr.clone();
+        async move {
+            let text = http_get(&addr, "/metrics").await;
+            text.lines()
+                .find_map(|l| l.strip_prefix("suanli_broker_raft_snapshot_index "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|index| *index >= 10)
+        }
+    })
+    .await
+    .expect("a snapshot was built");
+
+    let mut stream = a.platform.watch(v1::WatchRequest { after_index: 0 }).await.expect("watch").into_inner();
+    let first = stream.next().await.expect("an item").expect("ok");
+    let Some(v1::watch_response::Kind::Resync(resync)) = first.kind else { panic!("expected a resync, got {first:?}") };
+    assert_eq!(resync.leases.len(), leases.len(), "the resync carries the whole current state");
+    assert_eq!(resync.cards.iter().filter(|c| c.status == i32::from(v1::CardStatus::Reserved)).count(), 12);
+    assert_eq!(resync.clusters.len(), 1);
+
+    // After the resync the stream goes on with new changes.
+    let more = a.researcher.end_lease(v1::EndLeaseRequest {
+        request_id: "end".into(),
+        lease_id: leases[0].lease_id,
+        reason: v1::EndReason::ByResearcher.into(),
+    });
+    more.await.expect("end");
+    let next = loop {
+        let item = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("no stall").expect("item").expect("ok");
+        if let Some(v1::watch_response::Kind::Batch(batch)) = item.kind {
+            if batch.index > resync.index {
+                break batch;
+            }
+        }
+    };
+    assert!(next.events.iter().any(|e| matches!(&e.kind, Some(v1::event::Kind::LeaseStateChanged(c)) if c.lease_id == leases[0].lease_id)));
 }

@@ -19,8 +19,10 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder 
 }
 
 #[test]
-fn openraft_storage_suite() -> Result<(), StorageError> {
-    Suite::test_all(Builder)
+fn openraft_storage_suite() {
+    if let Err(e) = Suite::test_all(Builder) {
+        panic!("storage suite failed: {e}");
+    }
 }
 
 fn log_id(term: u64, index: u64) -> LogId<u64> {
@@ -53,7 +55,7 @@ async fn vote_log_snapshot_and_state_survive_reopen() {
         assert!(matches!(outcomes[0], Ok(Response::Account(_))));
         sm.get_snapshot_builder().await.build_snapshot().await.expect("snapshot");
         sm.apply(entries[3..].to_vec()).await.expect("apply rest");
-        assert_eq!(sm.read(|s| s.account_by_token(&SecretHash::of("api-token", "t5")).is_some()), true);
+        assert!(sm.read(|s| s.account_by_token(&SecretHash::of("api-token", "t5")).is_some()));
     }
     let (mut log, mut sm) = store::open(dir.path()).expect("reopen");
     assert_eq!(log.read_vote().await.expect("vote"), Some(vote));

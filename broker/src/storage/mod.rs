@@ -22,7 +22,7 @@ use std::sync::Arc;
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 
 pub use log_store::LogStore;
-pub use state_machine::StateMachineStore;
+pub use state_machine::{StateMachineStore, DEFAULT_EVENTS_RETAINED};
 
 use crate::state::{Envelope, Outcome};
 

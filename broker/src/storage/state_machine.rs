@@ -20,8 +20,9 @@ use crate::state::{AppliedEvents, Outcome, Response, State};
 const KEY_SNAPSHOT: &[u8] = b"current";
 /// Events below this index were discarded (compaction, or a snapshot installed from a leader).
 const KEY_EVENTS_FLOOR: &[u8] = b"events_floor";
-/// How many log indexes of events are kept behind the latest snapshot for watchers to resume.
-pub const EVENTS_RETAINED: u64 = 100_000;
+/// By default, how many log indexes of events are kept behind the latest snapshot for watchers
+/// to resume from.
+pub const DEFAULT_EVENTS_RETAINED: u64 = 100_000;
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 
@@ -49,6 +50,7 @@ struct Inner {
     applied: RwLock<Applied>,
     events: broadcast::Sender<Arc<AppliedEvents>>,
     snapshots_built: AtomicU64,
+    events_retained: AtomicU64,
 }
 
 /// Cheap to clone; all clones share one state.
@@ -80,8 +82,19 @@ impl StateMachineStore {
         }
         let (events, _) = broadcast::channel(4096);
         Ok(StateMachineStore {
-            inner: Arc::new(Inner { db, applied: RwLock::new(applied), events, snapshots_built: AtomicU64::new(0) }),
+            inner: Arc::new(Inner {
+                db,
+                applied: RwLock::new(applied),
+                events,
+                snapshots_built: AtomicU64::new(0),
+                events_retained: AtomicU64::new(DEFAULT_EVENTS_RETAINED),
+            }),
         })
+    }
+
+    /// How many log indexes of events to keep behind each snapshot.
+    pub fn set_events_retained(&self, entries: u64) {
+        self.inner.events_retained.store(entries, Ordering::Relaxed);
     }
 
     /// Runs `f` on the current state (no linearizability by itself: see `Shared::read`).
@@ -171,8 +184,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
         let stored = StoredSnapshot { meta: meta.clone(), data };
         self.persist_snapshot(&stored).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
-        if let Some(index) = last_applied.map(|l| l.index).filter(|i| *i > EVENTS_RETAINED) {
-            self.discard_events_below(index - EVENTS_RETAINED).map_err(sm_write)?;
+        let retained = self.inner.events_retained.load(Ordering::Relaxed);
+        if let Some(index) = last_applied.map(|l| l.index).filter(|i| *i > retained) {
+            self.discard_events_below(index - retained).map_err(sm_write)?;
         }
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
     }
