@@ -1,7 +1,7 @@
 //! `suanli-broker`: the marketplace's source of truth.
 //!
 //! - [`state`]: the pure, deterministic state machine (commands, rules, reads).
-//! - [`store`]: openraft's log and state-machine storage over RocksDB.
+//! - [`storage`]: openraft's log and state-machine storage over RocksDB.
 //! - [`network`]: Raft's RPCs between nodes, over gRPC.
 //! - [`service`]: the public gRPC services, authentication, metrics, the lease reaper.
 //! - [`server`]: wiring one node together.
@@ -14,4 +14,3 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod storage;
-pub use storage as store;

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use suanli_broker::server::{self, NodeConfig};
-use suanli_broker::store::DEFAULT_EVENTS_RETAINED;
+use suanli_broker::storage::DEFAULT_EVENTS_RETAINED;
 use suanli_broker::{client, demo};
 use suanli_proto::convert::billing_mode_from_wire;
 use suanli_proto::v1;

@@ -24,7 +24,7 @@ use crate::service::broker_api::BrokerApi;
 use crate::service::metrics::Metrics;
 use crate::service::southbound::{Icpcss, Irmds, Itm};
 use crate::service::{reaper, Shared};
-use crate::store::{self, Raft, StoreError};
+use crate::storage::{self, Raft, StoreError};
 
 /// Largest gRPC message a node accepts; commands are further limited to 64 KiB.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -71,7 +71,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         return Err(ServeError::Config("platform_token must be at least 16 characters".into()));
     }
     std::fs::create_dir_all(&config.data_dir)?;
-    let (log_store, sm) = store::open(&config.data_dir.join("raft"))?;
+    let (log_store, sm) = storage::open(&config.data_dir.join("raft"))?;
     sm.set_events_retained(config.events_retained);
     let raft_config = openraft::Config {
         cluster_name: "suanli-broker".into(),
@@ -170,11 +170,20 @@ impl RunningNode {
         metrics.current_leader.ok_or_else(|| ServeError::Raft("no leader".into()))
     }
 
+    /// Stops accepting calls, lets in-flight ones finish (up to 10 s), then stops Raft.
     pub async fn shutdown(mut self) {
         for stop in self.stop.drain(..) {
             let _ = stop.send(());
         }
-        for task in self.tasks.drain(..) {
+        let mut tasks = self.tasks.drain(..);
+        // The first task is the gRPC server: wait for its graceful stop.
+        if let Some(grpc) = tasks.next() {
+            let abort = grpc.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(10), grpc).await.is_err() {
+                abort.abort();
+            }
+        }
+        for task in tasks {
             task.abort();
             let _ = task.await;
         }

@@ -4,7 +4,7 @@ use openraft::storage::{RaftLogReader, RaftLogStorage, RaftLogStorageExt, RaftSn
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
 use suanli_broker::state::{Command, Envelope, Response};
-use suanli_broker::store::{self, LogStore, StateMachineStore, StorageError, StoreError, TypeConfig};
+use suanli_broker::storage::{self, LogStore, StateMachineStore, StorageError, StoreError, TypeConfig};
 use suanli_types::{AccountKind, Caller, RequestId, SecretHash, Timestamp};
 use tempfile::TempDir;
 
@@ -13,7 +13,7 @@ struct Builder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = TempDir::new().map_err(|e| openraft::StorageIOError::write(openraft::AnyError::new(&e)))?;
-        let (log, sm) = store::open(dir.path()).map_err(|e| openraft::StorageIOError::write(openraft::AnyError::new(&e)))?;
+        let (log, sm) = storage::open(dir.path()).map_err(|e| openraft::StorageIOError::write(openraft::AnyError::new(&e)))?;
         Ok((dir, log, sm))
     }
 }
@@ -47,7 +47,7 @@ async fn vote_log_snapshot_and_state_survive_reopen() {
     let dir = TempDir::new().expect("tempdir");
     let vote = Vote::new_committed(1, 1);
     {
-        let (mut log, mut sm) = store::open(dir.path()).expect("open");
+        let (mut log, mut sm) = storage::open(dir.path()).expect("open");
         log.save_vote(&vote).await.expect("vote");
         let entries: Vec<_> = (1..=5).map(register).collect();
         log.blocking_append(entries.clone()).await.expect("append");
@@ -57,7 +57,7 @@ async fn vote_log_snapshot_and_state_survive_reopen() {
         sm.apply(entries[3..].to_vec()).await.expect("apply rest");
         assert!(sm.read(|s| s.account_by_token(&SecretHash::of("api-token", "t5")).is_some()));
     }
-    let (mut log, mut sm) = store::open(dir.path()).expect("reopen");
+    let (mut log, mut sm) = storage::open(dir.path()).expect("reopen");
     assert_eq!(log.read_vote().await.expect("vote"), Some(vote));
     let state = log.get_log_state().await.expect("log state");
     assert_eq!(state.last_log_id, Some(log_id(1, 5)));
@@ -76,7 +76,7 @@ async fn vote_log_snapshot_and_state_survive_reopen() {
 #[test]
 fn a_store_of_another_format_version_is_refused() {
     let dir = TempDir::new().expect("tempdir");
-    drop(store::open(dir.path()).expect("create"));
+    drop(storage::open(dir.path()).expect("create"));
     {
         let mut options = rocksdb::Options::default();
         options.create_missing_column_families(true);
@@ -85,7 +85,7 @@ fn a_store_of_another_format_version_is_refused() {
         let meta = db.cf_handle("meta").expect("meta");
         db.put_cf(meta, b"format_version", 99u32.to_be_bytes()).expect("put");
     }
-    match store::open(dir.path()) {
+    match storage::open(dir.path()) {
         Err(StoreError::FormatVersion { found: 99, .. }) => {}
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("opened a store of format 99"),

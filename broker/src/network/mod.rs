@@ -21,7 +21,7 @@ use suanli_proto::v1::RaftMessage;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::store::{Raft, TypeConfig};
+use crate::storage::{Raft, TypeConfig};
 
 /// Bumped when the encoding of Raft messages changes incompatibly.
 pub const WIRE_FORMAT_VERSION: u32 = 1;

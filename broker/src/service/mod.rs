@@ -19,7 +19,7 @@ use suanli_types::{Caller, DomainError, ErrorCode, RequestId, SecretHash, Timest
 use tonic::{Request, Status};
 
 use crate::state::{rules, Command, Envelope, Response, State};
-use crate::store::{Raft, StateMachineStore};
+use crate::storage::{Raft, StateMachineStore};
 use metrics::Metrics;
 
 /// Hash domain of API tokens (platform and account tokens).

@@ -341,6 +341,30 @@ fn retries_apply_at_most_once_and_reused_ids_conflict() {
 }
 
 #[test]
+fn a_retry_is_recognised_though_the_service_minted_a_new_secret_for_it() {
+    let mut m = market();
+    let l = m.w.lease(Caller::Account(m.researcher), request_a(m.class_a, vec![m.class_a_nodes[0]]));
+    let mut approve = m.w.envelope(
+        Caller::Account(m.supplier),
+        Command::ApproveLease { lease: l.id, code_hash: code_hash(l.id, "FIRST"), code_expires_at: m.w.now.plus_seconds(60) },
+    );
+    let (first, _) = m.w.state.apply(&approve);
+    approve.command = Command::ApproveLease {
+        lease: l.id,
+        code_hash: code_hash(l.id, "SECOND"),
+        code_expires_at: m.w.now.plus_seconds(90),
+    };
+    let (again, events) = m.w.state.apply(&approve);
+    assert_eq!(again, first, "the retry returns the first answer");
+    assert!(events.is_empty());
+    let stored = m.w.state.lease(l.id).and_then(|l| l.auth_code.clone()).expect("code");
+    assert!(stored.hash.matches(&code_hash(l.id, "FIRST")), "the first code stays the valid one");
+    // Approving a different lease under the same request ID is still a conflict.
+    approve.command = Command::ApproveLease { lease: LeaseId(l.id.0 + 1), code_hash: code_hash(l.id, "X"), code_expires_at: m.w.now };
+    assert_eq!(m.w.state.apply(&approve).0, Err(DomainError::RequestIdConflict));
+}
+
+#[test]
 fn bad_input_is_refused_field_by_field_and_changes_nothing() {
     let mut m = market();
     let s = Caller::Account(m.supplier);
