@@ -10,7 +10,7 @@ use suanli_types::cluster::DiskMedium;
 use suanli_types::{BillingMode, Currency, Listing, LocalStorage, PriceList, ResourceType};
 use tonic::transport::Channel;
 
-use crate::client::{with_token, ClientError};
+use suanli_proto::client::{with_token, ClientError};
 
 pub struct DemoAccounts {
     pub suppliers: Vec<(u64, String)>,

@@ -7,7 +7,6 @@
 //! - [`server`]: wiring one node together.
 //! - [`demo`]: demo listings for a local marketplace.
 
-pub mod client;
 pub mod demo;
 pub mod network;
 pub mod server;

@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use suanli_broker::server::{self, NodeConfig};
 use suanli_broker::storage::DEFAULT_EVENTS_RETAINED;
-use suanli_broker::{client, demo};
+use suanli_broker::demo;
+use suanli_proto::client;
 use suanli_proto::convert::billing_mode_from_wire;
 use suanli_proto::v1;
 use tracing_subscriber::EnvFilter;
@@ -35,6 +36,39 @@ enum Command {
     Dev(DevArgs),
     /// List the catalogue of a running broker as a table.
     Catalogue(CatalogueArgs),
+    /// Administer the broker cluster: status, add a node, promote it to voter, remove one.
+    ///
+    /// A 3-node cluster: start node 1 with `serve --bootstrap`, nodes 2 and 3 with `serve`,
+    /// then `cluster add-learner 2 HOST:PORT`, `cluster promote 2`, and the same for 3.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    /// Any node of the cluster; membership changes are forwarded to the leader.
+    #[arg(long, env = "SUANLI_BROKER_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    #[arg(long, env = "SUANLI_BROKER_PLATFORM_TOKEN", hide_env_values = true)]
+    platform_token: String,
+    #[command(subcommand)]
+    action: ClusterAction,
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Leader, term, indexes and members as the answering node sees them.
+    Status,
+    /// Add a node (already running `serve`, not bootstrapped) as a learner; waits until it has
+    /// caught up.
+    AddLearner {
+        node_id: u64,
+        /// Its gRPC address as the other nodes reach it, HOST:PORT.
+        address: String,
+    },
+    /// Make a learner a voter.
+    Promote { node_id: u64 },
+    /// Remove a node. Its ID can never be used again.
+    Remove { node_id: u64 },
 }
 
 #[derive(Args, Default)]
@@ -60,9 +94,10 @@ struct ServeArgs {
     /// Token of the platform's own services (registers accounts). At least 16 characters.
     #[arg(long, env = "SUANLI_BROKER_PLATFORM_TOKEN", hide_env_values = true)]
     platform_token: Option<String>,
-    /// Do not initialize a single-node cluster on first start (the node will join one).
+    /// Initialize a new cluster with this node as its only member, if its data directory is
+    /// empty. Give it to exactly one node; add the others with `cluster add-learner`/`promote`.
     #[arg(long)]
-    no_bootstrap: bool,
+    bootstrap: bool,
     /// Log filter, e.g. `info` or `suanli_broker=debug,openraft=warn`.
     #[arg(long, env = "SUANLI_LOG", default_value = "info,openraft=warn")]
     log: String,
@@ -146,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Dev(args) => dev(args).await,
         Command::Catalogue(args) => catalogue(args).await,
+        Command::Cluster(args) => cluster(args).await,
     }
 }
 
@@ -165,7 +201,7 @@ fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         advertise: args.advertise.or(file.advertise),
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
         platform_token,
-        bootstrap: !args.no_bootstrap && file.bootstrap.unwrap_or(true),
+        bootstrap: args.bootstrap || file.bootstrap.unwrap_or(false),
         reaper_interval: Duration::from_millis(file.reaper_interval_ms.unwrap_or(1000)),
         snapshot_every_entries: file.snapshot_every_entries.unwrap_or(10_000),
         events_retained: file.events_retained.unwrap_or(DEFAULT_EVENTS_RETAINED),
@@ -291,6 +327,28 @@ async fn catalogue(args: CatalogueArgs) -> anyhow::Result<()> {
             break;
         }
         request.page_after_cluster_id = page.next_page_after_cluster_id;
+    }
+    Ok(())
+}
+
+async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
+    let mut admin = client::admin(&args.endpoint, &args.platform_token).await?;
+    let status = match args.action {
+        ClusterAction::Status => admin.status(v1::StatusRequest {}).await,
+        ClusterAction::AddLearner { node_id, address } => {
+            admin.add_learner(v1::AddLearnerRequest { node_id, address }).await
+        }
+        ClusterAction::Promote { node_id } => admin.promote(v1::NodeRef { node_id }).await,
+        ClusterAction::Remove { node_id } => admin.remove(v1::NodeRef { node_id }).await,
+    }
+    .map_err(|s| suanli_proto::decode_status(&s))?
+    .into_inner();
+    println!(
+        "node {} sees leader {} in term {}; log {}, applied {}, snapshot {}",
+        status.node_id, status.leader_id, status.term, status.last_log_index, status.applied_index, status.snapshot_index
+    );
+    for m in &status.members {
+        println!("  node {:<4} {:<22} {}", m.node_id, m.address, if m.voter { "voter" } else { "learner" });
     }
     Ok(())
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use openraft::{BasicNode, SnapshotPolicy};
 use suanli_proto::v1::{
-    broker_server::BrokerServer, monitoring_service_server::MonitoringServiceServer,
+    broker_server::BrokerServer, cluster_admin_server::ClusterAdminServer,
+    monitoring_service_server::MonitoringServiceServer,
     raft_internal_server::RaftInternalServer, supplier_service_server::SupplierServiceServer,
     task_service_server::TaskServiceServer,
 };
@@ -19,7 +20,9 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
+use crate::network::forward::{ForwardLayer, LeaderRouter};
 use crate::network::{Network, RaftService};
+use crate::service::admin::Admin;
 use crate::service::broker_api::BrokerApi;
 use crate::service::metrics::Metrics;
 use crate::service::southbound::{Icpcss, Irmds, Itm};
@@ -38,7 +41,8 @@ pub struct NodeConfig {
     pub advertise: Option<String>,
     pub metrics_listen: Option<SocketAddr>,
     pub platform_token: String,
-    /// Initialize a single-node cluster on first start.
+    /// Initialize a new cluster with this node as its only member on first start. Exactly one
+    /// node of a cluster is bootstrapped; the others are added with `cluster add-learner`.
     pub bootstrap: bool,
     pub reaper_interval: Duration,
     pub snapshot_every_entries: u64,
@@ -108,6 +112,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let (stop_grpc, stopped) = oneshot::channel::<()>();
     stop.push(stop_grpc);
     let router = tonic::transport::Server::builder()
+        .layer(ForwardLayer::new(Arc::new(LeaderRouter::new(raft.clone()))))
+        .add_service(ClusterAdminServer::new(Admin::new(shared.clone())))
         .add_service(
             BrokerServer::new(BrokerApi::new(shared.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),

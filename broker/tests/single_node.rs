@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use suanli_broker::client::{self, Client};
+use suanli_proto::client::{self, Client};
 use suanli_proto::convert::listing_to_wire;
 use suanli_proto::decode_status;
 use suanli_proto::v1::{self, AccountKind, BillingMode, ClusterClass, LeaseState};
@@ -22,6 +22,7 @@ async fn start(data: &Path, logs: &Path) -> Service {
 async fn start_with(data: &Path, logs: &Path, extra: &[String]) -> Service {
     let mut args: Vec<String> = [
         "serve",
+        "--bootstrap",
         "--node-id",
         "1",
         "--listen",

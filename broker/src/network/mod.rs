@@ -4,6 +4,8 @@
 //! openraft's `Result` so a remote `RaftError` (e.g. a higher vote) reaches the caller as such,
 //! distinct from a transport failure (`Unreachable`), which openraft retries with backoff.
 
+pub mod forward;
+
 use std::sync::Arc;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{auth_code_domain, now, random_secret, wire, Shared, TOKEN_DOMAIN};
+use super::{Consistency, auth_code_domain, now, random_secret, wire, Shared, TOKEN_DOMAIN};
 use crate::state::{Command, Response as Applied};
 
 pub struct BrokerApi {
@@ -317,6 +317,7 @@ impl Broker for BrokerApi {
     ) -> Result<Response<v1::ListCatalogueResponse>, Status> {
         self.shared
             .observe("ListCatalogue", async {
+                let consistency = Consistency::of(&request);
                 self.shared.caller(&request)?;
                 let req = request.into_inner();
                 let filter = catalogue_filter_from_wire(&req).map_err(|e| to_status(&e))?;
@@ -326,7 +327,7 @@ impl Broker for BrokerApi {
                 };
                 let (clusters, next) = self
                     .shared
-                    .read(|s| {
+                    .read(consistency, |s| {
                         s.catalogue(&filter, &page)
                             .map(|(page, next)| (page.iter().map(wire::cluster).collect::<Vec<_>>(), next))
                     })
@@ -343,10 +344,11 @@ impl Broker for BrokerApi {
     async fn get_cluster(&self, request: Request<v1::GetClusterRequest>) -> Result<Response<v1::Cluster>, Status> {
         self.shared
             .observe("GetCluster", async {
+                let consistency = Consistency::of(&request);
                 self.shared.caller(&request)?;
                 let id = ClusterId(required_id("cluster_id", request.get_ref().cluster_id)?);
                 self.shared
-                    .read(|s| s.cluster(id).map(|c| wire::cluster(&s.summary(c))))
+                    .read(consistency, |s| s.cluster(id).map(|c| wire::cluster(&s.summary(c))))
                     .await?
                     .map(Response::new)
                     .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Cluster, id)))
@@ -357,11 +359,12 @@ impl Broker for BrokerApi {
     async fn list_cards(&self, request: Request<v1::ListCardsRequest>) -> Result<Response<v1::ListCardsResponse>, Status> {
         self.shared
             .observe("ListCards", async {
+                let consistency = Consistency::of(&request);
                 self.shared.caller(&request)?;
                 let id = ClusterId(required_id("cluster_id", request.get_ref().cluster_id)?);
                 let cards = self
                     .shared
-                    .read(|s| s.cluster(id).map(|_| s.cards_of_cluster(id).into_iter().map(wire::card).collect()))
+                    .read(consistency, |s| s.cluster(id).map(|_| s.cards_of_cluster(id).into_iter().map(wire::card).collect()))
                     .await?
                     .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Cluster, id)))?;
                 Ok(Response::new(v1::ListCardsResponse { cards }))
@@ -372,10 +375,11 @@ impl Broker for BrokerApi {
     async fn get_lease(&self, request: Request<v1::GetLeaseRequest>) -> Result<Response<v1::Lease>, Status> {
         self.shared
             .observe("GetLease", async {
+                let consistency = Consistency::of(&request);
                 let caller = self.shared.caller(&request)?;
                 let id = LeaseId(required_id("lease_id", request.get_ref().lease_id)?);
                 self.shared
-                    .read(|s| s.lease(id).filter(|l| self.visible_lease(&caller, l)).map(wire::lease))
+                    .read(consistency, |s| s.lease(id).filter(|l| self.visible_lease(&caller, l)).map(wire::lease))
                     .await?
                     .map(Response::new)
                     .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Lease, id)))
@@ -389,11 +393,12 @@ impl Broker for BrokerApi {
     ) -> Result<Response<v1::ListLeasesResponse>, Status> {
         self.shared
             .observe("ListLeases", async {
+                let consistency = Consistency::of(&request);
                 let caller = self.shared.caller(&request)?;
                 let live_only = request.get_ref().live_only;
                 let leases = self
                     .shared
-                    .read(|s| {
+                    .read(consistency, |s| {
                         s.leases()
                             .filter(|l| self.visible_lease(&caller, l) && (!live_only || l.state.is_live()))
                             .map(wire::lease)

@@ -2,6 +2,7 @@
 //! and the reads. The rules themselves live in `state`; this layer only establishes *who* is
 //! calling and *when*, hashes secrets before they reach the log, and maps outcomes to statuses.
 
+pub mod admin;
 pub mod broker_api;
 pub mod metrics;
 pub mod reaper;
@@ -81,13 +82,15 @@ impl Shared {
         }
     }
 
-    /// Runs `f` on the state after making sure this node has applied everything committed
-    /// before the call (linearizable read).
-    pub async fn read<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T, Status> {
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map_err(|e| status(ErrorCode::Unavailable, format!("cannot confirm leadership: {e}"), &[]))?;
+    /// Runs `f` on the state. A linearizable read first makes sure this node is the leader and
+    /// has applied everything committed before the call; a stale read uses what this node has.
+    pub async fn read<T>(&self, consistency: Consistency, f: impl FnOnce(&State) -> T) -> Result<T, Status> {
+        if consistency == Consistency::Linearizable {
+            self.raft
+                .ensure_linearizable()
+                .await
+                .map_err(|e| status(ErrorCode::Unavailable, format!("cannot confirm leadership: {e}"), &[]))?;
+        }
         Ok(self.sm.read(f))
     }
 
@@ -101,6 +104,28 @@ impl Shared {
         };
         self.metrics.observe_request(method, code, started.elapsed());
         result
+    }
+}
+
+/// How fresh a read must be. Linearizable by default; `x-suanli-read: stale` asks for the
+/// local state of whichever node answers (see `network::forward`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    Linearizable,
+    Stale,
+}
+
+impl Consistency {
+    pub fn of<T>(request: &Request<T>) -> Consistency {
+        let stale = request
+            .metadata()
+            .get(crate::network::forward::READ_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"stale");
+        if stale {
+            Consistency::Stale
+        } else {
+            Consistency::Linearizable
+        }
     }
 }
 

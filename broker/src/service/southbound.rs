@@ -11,7 +11,7 @@ use suanli_types::{Caller, DomainError, LeaseId};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::broker_api::{lease_reply, set_card_status};
-use super::{wire, Shared};
+use super::{Consistency, wire, Shared};
 use crate::state::{Command, Lease, State};
 
 pub struct Icpcss {
@@ -59,12 +59,13 @@ impl SupplierService for Icpcss {
     ) -> Result<Response<v1::ListAssignedLeasesResponse>, Status> {
         self.shared
             .observe("ListAssignedLeases", async {
+                let consistency = Consistency::of(&request);
                 let Caller::Account(supplier) = self.shared.caller(&request)? else {
                     return Err(to_status(&DomainError::PermissionDenied("supplier accounts only".into())));
                 };
                 let leases = self
                     .shared
-                    .read(|s| {
+                    .read(consistency, |s| {
                         s.leases_of(supplier)
                             .filter(|l| l.supplier == supplier && l.state.is_live())
                             .map(wire::lease)
@@ -105,10 +106,11 @@ impl TaskService for Itm {
     async fn get_task(&self, request: Request<v1::GetTaskRequest>) -> Result<Response<v1::Task>, Status> {
         self.shared
             .observe("GetTask", async {
+                let consistency = Consistency::of(&request);
                 let caller = self.shared.caller(&request)?;
                 let id = LeaseId(request.get_ref().lease_id);
                 self.shared
-                    .read(|s| s.lease(id).filter(|l| may_see(&caller, l)).map(|l| task_of(s, l)))
+                    .read(consistency, |s| s.lease(id).filter(|l| may_see(&caller, l)).map(|l| task_of(s, l)))
                     .await?
                     .map(Response::new)
                     .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Lease, id)))
@@ -119,11 +121,12 @@ impl TaskService for Itm {
     async fn list_tasks(&self, request: Request<v1::ListTasksRequest>) -> Result<Response<v1::ListTasksResponse>, Status> {
         self.shared
             .observe("ListTasks", async {
+                let consistency = Consistency::of(&request);
                 let caller = self.shared.caller(&request)?;
                 let live_only = request.get_ref().live_only;
                 let tasks = self
                     .shared
-                    .read(|s| {
+                    .read(consistency, |s| {
                         s.leases()
                             .filter(|l| may_see(&caller, l) && (!live_only || l.state.is_live()))
                             .map(|l| task_of(s, l))

@@ -45,6 +45,8 @@ pub enum Command {
     EndLease { lease: LeaseId, reason: EndReason },
     /// System only: the reservation or paid term is over (checked against `Envelope::at`).
     ExpireLease { lease: LeaseId },
+    /// Platform only: a broker node was removed from the Raft group; its ID is never reused.
+    RetireBrokerNode { node: u64 },
 }
 
 impl Command {
@@ -81,6 +83,7 @@ impl Command {
             Command::ExtendLease { .. } => "extend_lease",
             Command::EndLease { .. } => "end_lease",
             Command::ExpireLease { .. } => "expire_lease",
+            Command::RetireBrokerNode { .. } => "retire_broker_node",
         }
     }
 }

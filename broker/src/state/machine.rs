@@ -71,6 +71,8 @@ pub struct State {
     requests: BTreeMap<(Caller, RequestId), Remembered>,
     requests_by_age: VecDeque<(Timestamp, Caller, RequestId)>,
     next_id: u64,
+    /// Raft node IDs of removed broker nodes: never admitted again.
+    retired_broker_nodes: std::collections::BTreeSet<u64>,
 }
 
 /// A cluster as the catalogue shows it.
@@ -379,6 +381,11 @@ impl State {
                 self.finish_lease(*lease, to, *reason, at, events);
                 Ok(Response::Lease(Box::new(self.leases[lease].clone())))
             }
+            Command::RetireBrokerNode { node } => {
+                require(matches!(caller, Caller::Platform), "only the platform administers broker nodes")?;
+                self.retired_broker_nodes.insert(*node);
+                Ok(Response::Empty)
+            }
             Command::ExpireLease { lease } => {
                 require(matches!(caller, Caller::System), "only the broker's reaper expires leases")?;
                 let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
@@ -624,6 +631,10 @@ impl State {
     }
 
     // ---- reads -------------------------------------------------------------------------------
+
+    pub fn broker_node_retired(&self, node: u64) -> bool {
+        self.retired_broker_nodes.contains(&node)
+    }
 
     pub fn account_by_token(&self, token_hash: &SecretHash) -> Option<&Account> {
         self.accounts_by_token.get(token_hash).and_then(|id| self.accounts.get(id))

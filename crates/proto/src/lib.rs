@@ -4,6 +4,7 @@
 //! Architecture invariant: this is the only crate that knows protobuf. Services convert at
 //! their edge and work with `suanli-types` inside.
 
+pub mod client;
 pub mod convert;
 pub mod error;
 

@@ -13,6 +13,8 @@ use anyhow::{anyhow, bail, Context};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+pub mod cluster;
+
 pub const READY_PREFIX: &str = "SUANLI_READY";
 
 /// A running service process. Killed (SIGKILL) when dropped.
@@ -94,6 +96,20 @@ impl Service {
             Err(_) => {
                 self.child.kill().await?;
                 bail!("{} did not stop within {timeout:?}", self.name)
+            }
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait(mut self, timeout: Duration) -> anyhow::Result<()> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => {
+                status?;
+                Ok(())
+            }
+            Err(_) => {
+                self.child.kill().await?;
+                bail!("{} did not exit within {timeout:?}", self.name)
             }
         }
     }

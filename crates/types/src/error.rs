@@ -159,7 +159,7 @@ fn join(errors: &[FieldError]) -> String {
 }
 
 /// Stable machine-readable codes. The string forms are the contract: clients switch on them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
     InvalidArgument,
     NotFound,

@@ -1,6 +1,7 @@
-//! A typed client for the broker's gRPC API, with the bearer token attached to every call.
+//! Typed clients for the broker's gRPC API, with the bearer token attached to every call.
 
-use suanli_proto::v1::broker_client::BrokerClient;
+use crate::v1::broker_client::BrokerClient;
+use crate::v1::cluster_admin_client::ClusterAdminClient;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -48,4 +49,17 @@ pub enum ClientError {
     Connect(String, String),
     #[error("the token contains characters not allowed in a header")]
     Token,
+}
+
+pub type AdminClient = ClusterAdminClient<InterceptedService<Channel, Bearer>>;
+
+/// A cluster-administration client (platform token).
+pub async fn admin(endpoint: &str, token: &str) -> Result<AdminClient, ClientError> {
+    let channel = Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| ClientError::Endpoint(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| ClientError::Connect(endpoint.to_owned(), e.to_string()))?;
+    let value = format!("Bearer {token}").parse().map_err(|_| ClientError::Token)?;
+    Ok(ClusterAdminClient::with_interceptor(channel, Bearer(Some(value))))
 }

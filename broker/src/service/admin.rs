@@ -1,0 +1,118 @@
+//! `suanli.v1.ClusterAdmin`: membership of the broker's Raft group, platform token only.
+
+use std::collections::BTreeSet;
+
+use openraft::{BasicNode, ChangeMembers};
+use suanli_proto::error::status;
+use suanli_proto::to_status;
+use suanli_proto::v1::{self, cluster_admin_server::ClusterAdmin};
+use suanli_types::{Caller, DomainError, ErrorCode};
+use tonic::{Request, Response, Status};
+
+use super::Shared;
+use crate::state::Command;
+
+pub struct Admin {
+    shared: Shared,
+}
+
+impl Admin {
+    pub fn new(shared: Shared) -> Self {
+        Admin { shared }
+    }
+
+    fn require_platform<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        match self.shared.caller(request)? {
+            Caller::Platform => Ok(()),
+            _ => Err(to_status(&DomainError::PermissionDenied("cluster administration needs the platform token".into()))),
+        }
+    }
+
+    fn status(&self) -> v1::ClusterStatus {
+        let m = self.shared.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        v1::ClusterStatus {
+            node_id: m.id,
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            members: membership
+                .nodes()
+                .map(|(id, node)| v1::ClusterMember { node_id: *id, address: node.addr.clone(), voter: voters.contains(id) })
+                .collect(),
+        }
+    }
+}
+
+fn raft_error(e: impl std::fmt::Display) -> Status {
+    status(ErrorCode::Unavailable, format!("membership change failed: {e}"), &[])
+}
+
+fn invalid(field: &str, problem: &str) -> Status {
+    to_status(&DomainError::invalid(field, problem))
+}
+
+#[tonic::async_trait]
+impl ClusterAdmin for Admin {
+    async fn status(&self, request: Request<v1::StatusRequest>) -> Result<Response<v1::ClusterStatus>, Status> {
+        self.require_platform(&request)?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn add_learner(&self, request: Request<v1::AddLearnerRequest>) -> Result<Response<v1::ClusterStatus>, Status> {
+        self.require_platform(&request)?;
+        let req = request.into_inner();
+        if req.node_id == 0 {
+            return Err(invalid("node_id", "required"));
+        }
+        if req.address.parse::<std::net::SocketAddr>().is_err() && !req.address.contains(':') {
+            return Err(invalid("address", "host:port"));
+        }
+        if self.shared.sm.read(|s| s.broker_node_retired(req.node_id)) {
+            return Err(invalid("node_id", "this ID belonged to a removed node; a wiped node rejoins under a new ID"));
+        }
+        self.shared
+            .raft
+            .add_learner(req.node_id, BasicNode { addr: req.address }, true)
+            .await
+            .map_err(raft_error)?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn promote(&self, request: Request<v1::NodeRef>) -> Result<Response<v1::ClusterStatus>, Status> {
+        self.require_platform(&request)?;
+        let id = request.into_inner().node_id;
+        self.shared
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(raft_error)?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn remove(&self, request: Request<v1::NodeRef>) -> Result<Response<v1::ClusterStatus>, Status> {
+        self.require_platform(&request)?;
+        let id = request.into_inner().node_id;
+        let voter = self.shared.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
+        if voter {
+            self.shared
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(raft_error)?;
+        } else {
+            self.shared
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(raft_error)?;
+        }
+        self.shared
+            .propose(Caller::Platform, &format!("retire-broker-node-{id}"), Command::RetireBrokerNode { node: id })
+            .await?;
+        Ok(Response::new(self.status()))
+    }
+}

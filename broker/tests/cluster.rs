@@ -1,0 +1,348 @@
+//! A 3-node cluster of real `suanli-broker` processes on loopback: replication, forwarding,
+//! failover under load with the history checked, catch-up, snapshots, removal.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use suanli_proto::convert::listing_to_wire;
+use suanli_proto::decode_status;
+use suanli_proto::v1::{self, AccountKind, ClusterClass};
+use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
+use suanli_types::ErrorCode;
+use tokio_stream::StreamExt;
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_suanli-broker"))
+}
+
+struct Market {
+    researcher_token: String,
+    cluster: v1::Cluster,
+}
+
+fn listing() -> v1::Listing {
+    use std::collections::BTreeMap;
+    use suanli_types::cluster::DiskMedium;
+    use suanli_types::{BillingMode, Currency, Listing, LocalStorage, PriceList, ResourceType};
+    listing_to_wire(&Listing {
+        title: "RTX 4090".into(),
+        resource_type: ResourceType::Gpu,
+        gpu_model: "RTX 4090".into(),
+        vram_gib: 24,
+        memory_gib: 256,
+        vcpus: 64,
+        vendor: "Supermicro".into(),
+        region: "Hangzhou".into(),
+        local_storage: LocalStorage { data_disks: 1, data_disk_gb: 2000, system_disk_gb: 480, medium: DiskMedium::Nvme },
+        prices: PriceList { currency: Currency::cny(), per_card: BTreeMap::from([(BillingMode::Hourly, 250)]) },
+        usage_instructions: String::new(),
+    })
+}
+
+/// A supplier with one Class B cluster of `cards` cards, and a researcher.
+async fn market(cluster: &BrokerCluster, via: u64, cards: u32) -> Market {
+    let mut platform = cluster.client(via, PLATFORM_TOKEN).await.expect("client");
+    let mut register = async |kind: AccountKind, id: &str| {
+        platform
+            .register_account(v1::RegisterAccountRequest { request_id: id.into(), kind: kind.into() })
+            .await
+            .expect("register")
+            .into_inner()
+            .token
+    };
+    let supplier_token = register(AccountKind::Supplier, "supplier").await;
+    let researcher_token = register(AccountKind::Researcher, "researcher").await;
+    let mut supplier = cluster.client(via, &supplier_token).await.expect("client");
+    let inventory = v1::NodeInventory {
+        hostname: "gpu.example".into(),
+        cpu_model: "EPYC".into(),
+        vcpus: 64,
+        memory_gib: 256,
+        cards: (0..cards)
+            .map(|i| v1::CardSpec { index: i, uuid: format!("GPU-{i}"), model: "RTX 4090".into(), vram_mib: 24576 })
+            .collect(),
+    };
+    let node = supplier
+        .enroll_node(v1::EnrollNodeRequest { request_id: "node".into(), inventory: Some(inventory) })
+        .await
+        .expect("enroll")
+        .into_inner();
+    let cluster = supplier
+        .publish_cluster(v1::PublishClusterRequest {
+            request_id: "cluster".into(),
+            class: ClusterClass::B.into(),
+            node_ids: vec![node.node_id],
+            listing: Some(listing()),
+        })
+        .await
+        .expect("publish")
+        .into_inner();
+    Market { researcher_token, cluster }
+}
+
+fn lease_request(cluster: u64, request_id: String) -> v1::RequestLeaseRequest {
+    v1::RequestLeaseRequest {
+        request_id,
+        cluster_id: cluster,
+        node_ids: vec![],
+        cards: 1,
+        billing_mode: v1::BillingMode::Hourly.into(),
+        periods: 1,
+    }
+}
+
+#[tokio::test]
+async fn any_node_serves_writes_and_linearizable_reads() {
+    let cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
+    let leader = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).expect("follower");
+    // Every write through a follower is forwarded to the leader.
+    let m = market(&cluster, follower, 4).await;
+    for id in cluster.ids() {
+        let mut researcher = cluster.client(id, &m.researcher_token).await.expect("client");
+        let lease = researcher
+            .request_lease(lease_request(m.cluster.cluster_id, format!("via-{id}")))
+            .await
+            .expect("request through any node")
+            .into_inner();
+        // A linearizable read on every node sees the write just acknowledged.
+        for reader in cluster.ids() {
+            let mut r = cluster.client(reader, &m.researcher_token).await.expect("client");
+            let got = r.get_lease(v1::GetLeaseRequest { lease_id: lease.lease_id }).await.expect("read").into_inner();
+            assert_eq!(got.lease_id, lease.lease_id);
+        }
+    }
+    // A stale read is served locally: it sees what that node applied.
+    cluster.converge(Duration::from_secs(10)).await.expect("converge");
+    let mut r = cluster.client(follower, &m.researcher_token).await.expect("client");
+    let mut request = tonic::Request::new(v1::ListLeasesRequest { live_only: true });
+    request.metadata_mut().insert("x-suanli-read", "stale".parse().expect("header"));
+    assert_eq!(r.list_leases(request).await.expect("stale read").into_inner().leases.len(), 3);
+}
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    Acked(v1::Lease),
+    Refused(ErrorCode),
+    Unknown,
+}
+
+/// Requests a lease, retrying with the same request ID while the cluster is unavailable; ends
+/// it again when granted, so the cards churn.
+async fn client_loop(
+    cluster: Arc<Vec<String>>,
+    token: String,
+    cluster_id: u64,
+    worker: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    history: Arc<Mutex<Vec<(String, Outcome)>>>,
+) {
+    let mut n = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        n += 1;
+        let request_id = format!("w{worker}-{n}");
+        let mut outcome = Outcome::Unknown;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut attempt = 0usize;
+        while Instant::now() < deadline {
+            attempt += 1;
+            let address = &cluster[(worker + attempt) % cluster.len()];
+            let Ok(mut client) = suanli_proto::client::connect(&format!("http://{address}"), Some(&token)).await else {
+                continue;
+            };
+            let mut request = tonic::Request::new(lease_request(cluster_id, request_id.clone()));
+            request.set_timeout(Duration::from_secs(2));
+            match client.request_lease(request).await {
+                Ok(lease) => {
+                    outcome = Outcome::Acked(lease.into_inner());
+                    break;
+                }
+                Err(status) => {
+                    let code = decode_status(&status).code;
+                    if code != ErrorCode::Unavailable && code != ErrorCode::Internal {
+                        outcome = Outcome::Refused(code);
+                        break;
+                    }
+                }
+            }
+        }
+        if let Outcome::Acked(lease) = &outcome {
+            // Free the card again (best effort; the checker does not rely on it).
+            let address = &cluster[worker % cluster.len()];
+            if let Ok(mut client) = suanli_proto::client::connect(&format!("http://{address}"), Some(&token)).await {
+                let _ = client
+                    .end_lease(v1::EndLeaseRequest {
+                        request_id: format!("end-{request_id}"),
+                        lease_id: lease.lease_id,
+                        reason: v1::EndReason::ByResearcher.into(),
+                    })
+                    .await;
+            }
+        }
+        history.lock().expect("history").push((request_id, outcome));
+    }
+}
+
+#[tokio::test]
+async fn killing_the_leader_under_a_storm_loses_no_acknowledged_lease_and_double_books_nothing() {
+    let mut cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
+    let first = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let m = market(&cluster, first, 6).await;
+    let addresses: Arc<Vec<String>> =
+        Arc::new(cluster.ids().iter().map(|id| cluster.address(*id).expect("address").to_owned()).collect());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let history = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..12)
+        .map(|w| {
+            tokio::spawn(client_loop(
+                addresses.clone(),
+                m.researcher_token.clone(),
+                m.cluster.cluster_id,
+                w,
+                stop.clone(),
+                history.clone(),
+            ))
+        })
+        .collect();
+
+    let mut leaders = vec![first];
+    for _round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await; // let the storm run between kills
+        let leader = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+        cluster.kill(leader).await.expect("kill -9");
+        let next = cluster.leader(Duration::from_secs(20)).await.expect("a new leader");
+        assert_ne!(next, leader);
+        leaders.push(next);
+        cluster.restart(leader).await.expect("restart");
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    cluster.converge(Duration::from_secs(30)).await.expect("converge");
+    let history = history.lock().expect("history").clone();
+    let acked: Vec<&v1::Lease> = history.iter().filter_map(|(_, o)| if let Outcome::Acked(l) = o { Some(l) } else { None }).collect();
+    assert!(acked.len() >= 10, "the storm made progress: {} acknowledged of {}", acked.len(), history.len());
+
+    // Every acknowledged lease is present on every node, with the cards it was granted.
+    for id in cluster.ids() {
+        let mut platform = cluster.client(id, PLATFORM_TOKEN).await.expect("client");
+        let mut request = tonic::Request::new(v1::ListLeasesRequest { live_only: false });
+        request.metadata_mut().insert("x-suanli-read", "stale".parse().expect("header"));
+        let all: BTreeMap<u64, v1::Lease> =
+            platform.list_leases(request).await.expect("list").into_inner().leases.into_iter().map(|l| (l.lease_id, l)).collect();
+        for lease in &acked {
+            let stored = all.get(&lease.lease_id).unwrap_or_else(|| panic!("node {id} lost acknowledged {}", lease.lease_id));
+            assert_eq!(stored.card_ids, lease.card_ids);
+        }
+    }
+
+    // The full event stream: no card ever held by two live leases at once. A last write marks
+    // the end of the history.
+    let mut platform = cluster.client(cluster.live()[0], PLATFORM_TOKEN).await.expect("client");
+    let sentinel = platform
+        .register_account(v1::RegisterAccountRequest { request_id: "sentinel".into(), kind: AccountKind::Researcher.into() })
+        .await
+        .expect("sentinel")
+        .into_inner()
+        .account_id;
+    let mut stream = platform.watch(v1::WatchRequest { after_index: 0 }).await.expect("watch").into_inner();
+    let mut holder: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut granted = BTreeSet::new();
+    let mut done = false;
+    while !done {
+        let item = stream.next().await.expect("the stream reaches the sentinel");
+        let Some(v1::watch_response::Kind::Batch(batch)) = item.expect("item").kind else { panic!("unexpected resync") };
+        for event in batch.events {
+            match event.kind {
+                Some(v1::event::Kind::CardStatusChanged(c)) if c.to == i32::from(v1::CardStatus::Reserved) => {
+                    if let Some(other) = holder.insert(c.card_id, c.lease_id) {
+                        panic!("card {} reserved for lease {} while lease {other} held it", c.card_id, c.lease_id);
+                    }
+                    granted.insert(c.lease_id);
+                }
+                Some(v1::event::Kind::CardStatusChanged(c)) if c.to == i32::from(v1::CardStatus::Idle) => {
+                    holder.remove(&c.card_id);
+                }
+                Some(v1::event::Kind::AccountRegistered(a)) if a.account_id == sentinel => done = true,
+                _ => {}
+            }
+        }
+    }
+    for lease in &acked {
+        assert!(granted.contains(&lease.lease_id), "acknowledged {} missing from the event stream", lease.lease_id);
+    }
+    // Unknown outcomes may or may not have happened; they are never counted as absent.
+    let unknown = history.iter().filter(|(_, o)| matches!(o, Outcome::Unknown)).count();
+    let mut refused: BTreeMap<ErrorCode, usize> = BTreeMap::new();
+    for (_, o) in &history {
+        if let Outcome::Refused(code) = o {
+            *refused.entry(*code).or_default() += 1;
+        }
+    }
+    eprintln!(
+        "storm: {} requests, {} acknowledged, {unknown} unknown, refused {refused:?}, leaders {leaders:?}",
+        history.len(),
+        acked.len()
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_node_catches_up_and_a_new_node_catches_up_from_a_snapshot() {
+    let config = "[broker]\nsnapshot_every_entries = 20\n";
+    let mut cluster = BrokerCluster::start(binary(), 3, Some(config)).await.expect("cluster");
+    let leader = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let down = cluster.ids().into_iter().find(|id| *id != leader).expect("follower");
+    cluster.kill(down).await.expect("kill");
+    let m = market(&cluster, leader, 64).await;
+    let mut researcher = cluster.client(leader, &m.researcher_token).await.expect("client");
+    for i in 0..40 {
+        researcher.request_lease(lease_request(m.cluster.cluster_id, format!("r{i}"))).await.expect("lease");
+    }
+    cluster.restart(down).await.expect("restart");
+    let target = cluster.converge(Duration::from_secs(30)).await.expect("the restarted node caught up");
+    assert!(target > 40);
+
+    // Node 4 joins after the log was compacted: it can only catch up from a snapshot.
+    cluster.join(4).await.expect("join");
+    cluster.converge(Duration::from_secs(30)).await.expect("node 4 caught up");
+    let status = cluster.status(4).await.expect("status");
+    assert!(status.snapshot_index > 0, "node 4 installed a snapshot: {status:?}");
+    let mut on_new = cluster.client(4, &m.researcher_token).await.expect("client");
+    let mut request = tonic::Request::new(v1::ListLeasesRequest { live_only: true });
+    request.metadata_mut().insert("x-suanli-read", "stale".parse().expect("header"));
+    assert_eq!(on_new.list_leases(request).await.expect("read").into_inner().leases.len(), 40);
+}
+
+#[tokio::test]
+async fn a_removed_node_cannot_disturb_the_cluster_and_its_id_is_never_reused() {
+    let cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
+    let leader = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let removed = cluster.ids().into_iter().find(|id| *id != leader).expect("follower");
+    let mut admin = cluster.admin(leader).await.expect("admin");
+    admin.remove(v1::NodeRef { node_id: removed }).await.expect("remove");
+    let term = cluster.status(leader).await.expect("status").term;
+
+    // The removed node keeps running and hears no heartbeats; writes go on undisturbed.
+    let m = market(&cluster, leader, 8).await;
+    let mut researcher = cluster.client(leader, &m.researcher_token).await.expect("client");
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut i = 0;
+    while Instant::now() < until {
+        i += 1;
+        let lease = researcher.request_lease(lease_request(m.cluster.cluster_id, format!("x{i}"))).await.expect("lease").into_inner();
+        researcher
+            .end_lease(v1::EndLeaseRequest { request_id: format!("e{i}"), lease_id: lease.lease_id, reason: v1::EndReason::ByResearcher.into() })
+            .await
+            .expect("end");
+    }
+    let after = cluster.status(leader).await.expect("status");
+    assert_eq!((after.leader_id, after.term), (leader, term), "no election was forced");
+    assert!(after.members.iter().all(|m| m.node_id != removed));
+
+    let again = admin.add_learner(v1::AddLearnerRequest { node_id: removed, address: "127.0.0.1:1".into() }).await;
+    assert_eq!(decode_status(&again.expect_err("refused")).code, ErrorCode::InvalidArgument);
+}

@@ -1,0 +1,175 @@
+//! A cluster of real `suanli-broker` processes on loopback.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use suanli_proto::client::{admin, connect, AdminClient, Client};
+use suanli_proto::v1;
+use tempfile::TempDir;
+
+use crate::{eventually, Service};
+
+pub const PLATFORM_TOKEN: &str = "test-platform-token-0123456789";
+
+struct Member {
+    address: String,
+    metrics: String,
+    process: Option<Service>,
+}
+
+pub struct BrokerCluster {
+    binary: PathBuf,
+    pub dir: TempDir,
+    config: Option<PathBuf>,
+    members: BTreeMap<u64, Member>,
+}
+
+impl BrokerCluster {
+    /// Starts node 1 as a single-node cluster, then adds nodes 2..=n as learners and promotes
+    /// them. `config` (TOML text) is given to every node.
+    pub async fn start(binary: &Path, n: u64, config: Option<&str>) -> anyhow::Result<BrokerCluster> {
+        let dir = TempDir::new()?;
+        let config = match config {
+            Some(text) => {
+                let path = dir.path().join("broker.toml");
+                std::fs::write(&path, text)?;
+                Some(path)
+            }
+            None => None,
+        };
+        let mut cluster = BrokerCluster { binary: binary.to_owned(), dir, config, members: BTreeMap::new() };
+        cluster.spawn(1, "127.0.0.1:0", true).await?;
+        for id in 2..=n {
+            cluster.join(id).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts a fresh node `id` and makes it a voter.
+    pub async fn join(&mut self, id: u64) -> anyhow::Result<()> {
+        self.spawn(id, "127.0.0.1:0", false).await?;
+        let address = self.address(id)?.to_owned();
+        let mut admin = self.admin(self.any_live()?).await?;
+        admin.add_learner(v1::AddLearnerRequest { node_id: id, address }).await.context("add learner")?;
+        admin.promote(v1::NodeRef { node_id: id }).await.context("promote")?;
+        Ok(())
+    }
+
+    async fn spawn(&mut self, id: u64, listen: &str, bootstrap: bool) -> anyhow::Result<()> {
+        let data = self.dir.path().join(format!("node-{id}"));
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--node-id".into(),
+            id.to_string(),
+            "--listen".into(),
+            listen.into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+        ];
+        if bootstrap {
+            args.push("--bootstrap".into());
+        }
+        if let Some(config) = &self.config {
+            args.extend(["--config".into(), config.display().to_string()]);
+        }
+        let service = Service::start(
+            &format!("broker-{id}"),
+            &self.binary,
+            &args,
+            &[("SUANLI_BROKER_PLATFORM_TOKEN", PLATFORM_TOKEN), ("SUANLI_LOG", "info,openraft=info")],
+            self.dir.path(),
+            Duration::from_secs(60),
+        )
+        .await?;
+        let address = service.get("grpc")?.to_owned();
+        let metrics = service.get("metrics")?.to_owned();
+        self.members.insert(id, Member { address, metrics, process: Some(service) });
+        Ok(())
+    }
+
+    pub fn address(&self, id: u64) -> anyhow::Result<&str> {
+        Ok(&self.members.get(&id).ok_or_else(|| anyhow!("no node {id}"))?.address)
+    }
+
+    pub fn metrics_address(&self, id: u64) -> anyhow::Result<&str> {
+        Ok(&self.members.get(&id).ok_or_else(|| anyhow!("no node {id}"))?.metrics)
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.members.keys().copied().collect()
+    }
+
+    pub fn live(&self) -> Vec<u64> {
+        self.members.iter().filter(|(_, m)| m.process.is_some()).map(|(id, _)| *id).collect()
+    }
+
+    fn any_live(&self) -> anyhow::Result<u64> {
+        self.live().first().copied().ok_or_else(|| anyhow!("no live node"))
+    }
+
+    pub async fn client(&self, id: u64, token: &str) -> anyhow::Result<Client> {
+        Ok(connect(&format!("http://{}", self.address(id)?), Some(token)).await?)
+    }
+
+    pub async fn admin(&self, id: u64) -> anyhow::Result<AdminClient> {
+        Ok(admin(&format!("http://{}", self.address(id)?), PLATFORM_TOKEN).await?)
+    }
+
+    pub async fn status(&self, id: u64) -> anyhow::Result<v1::ClusterStatus> {
+        Ok(self.admin(id).await?.status(v1::StatusRequest {}).await?.into_inner())
+    }
+
+    /// The leader as every live node sees it, once they agree.
+    pub async fn leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        eventually(timeout, Duration::from_millis(50), || async {
+            let mut seen = None;
+            for id in self.live() {
+                let leader = self.status(id).await.ok()?.leader_id;
+                if leader == 0 || seen.is_some_and(|s| s != leader) {
+                    return None;
+                }
+                seen = Some(leader);
+            }
+            seen.filter(|l| self.live().contains(l))
+        })
+        .await
+    }
+
+    /// `kill -9` of node `id`.
+    pub async fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        let member = self.members.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
+        match member.process.take() {
+            Some(process) => process.kill().await,
+            None => bail!("node {id} is not running"),
+        }
+    }
+
+    /// Restarts a killed node on its old address with its old data.
+    pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        let address = self.address(id)?.to_owned();
+        self.spawn(id, &address, false).await
+    }
+
+    /// Waits until every live node has applied at least what `id` has applied now.
+    pub async fn converge(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let leader = self.leader(timeout).await?;
+        let target = self.status(leader).await?.last_log_index;
+        eventually(timeout, Duration::from_millis(50), || async {
+            for id in self.live() {
+                if self.status(id).await.ok()?.applied_index < target {
+                    return None;
+                }
+            }
+            Some(target)
+        })
+        .await
+    }
+
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("broker-{id}.log"))).unwrap_or_default()
+    }
+}
