@@ -124,7 +124,7 @@ async fn any_node_serves_writes_and_linearizable_reads() {
 
 #[derive(Debug, Clone)]
 enum Outcome {
-    Acked(v1::Lease),
+    Acked(Box<v1::Lease>),
     Refused(ErrorCode),
     Unknown,
 }
@@ -156,7 +156,7 @@ async fn client_loop(
             request.set_timeout(Duration::from_secs(2));
             match client.request_lease(request).await {
                 Ok(lease) => {
-                    outcome = Outcome::Acked(lease.into_inner());
+                    outcome = Outcome::Acked(Box::new(lease.into_inner()));
                     break;
                 }
                 Err(status) => {
@@ -224,7 +224,7 @@ async fn killing_the_leader_under_a_storm_loses_no_acknowledged_lease_and_double
     }
     cluster.converge(Duration::from_secs(30)).await.expect("converge");
     let history = history.lock().expect("history").clone();
-    let acked: Vec<&v1::Lease> = history.iter().filter_map(|(_, o)| if let Outcome::Acked(l) = o { Some(l) } else { None }).collect();
+    let acked: Vec<&v1::Lease> = history.iter().filter_map(|(_, o)| if let Outcome::Acked(l) = o { Some(l.as_ref()) } else { None }).collect();
     assert!(acked.len() >= 10, "the storm made progress: {} acknowledged of {}", acked.len(), history.len());
 
     // Every acknowledged lease is present on every node, with the cards it was granted.
