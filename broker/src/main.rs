@@ -122,6 +122,10 @@ struct FileBroker {
     reaper_interval_ms: Option<u64>,
     snapshot_every_entries: Option<u64>,
     events_retained: Option<u64>,
+    /// Per-peer address overrides: node id → HOST:PORT this node dials instead of the address
+    /// in the membership (NAT, sidecars, the test harness's fault-injecting links).
+    #[serde(default)]
+    peers: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Args)]
@@ -205,6 +209,11 @@ fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         reaper_interval: Duration::from_millis(file.reaper_interval_ms.unwrap_or(1000)),
         snapshot_every_entries: file.snapshot_every_entries.unwrap_or(10_000),
         events_retained: file.events_retained.unwrap_or(DEFAULT_EVENTS_RETAINED),
+        peer_overrides: file
+            .peers
+            .iter()
+            .map(|(id, addr)| Ok((id.parse::<u64>().with_context(|| format!("[broker.peers] key {id:?} is not a node id"))?, addr.clone())))
+            .collect::<anyhow::Result<_>>()?,
     })
 }
 
@@ -254,6 +263,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         reaper_interval: Duration::from_secs(1),
         snapshot_every_entries: 10_000,
         events_retained: DEFAULT_EVENTS_RETAINED,
+        peer_overrides: Default::default(),
     })
     .await?;
     node.wait_for_leader(Duration::from_secs(10)).await?;

@@ -21,7 +21,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::network::forward::{ForwardLayer, LeaderRouter};
-use crate::network::{Network, RaftService};
+use crate::network::{Network, PeerAddresses, RaftService};
 use crate::service::admin::Admin;
 use crate::service::broker_api::BrokerApi;
 use crate::service::metrics::Metrics;
@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub snapshot_every_entries: u64,
     /// Log indexes of events kept behind each snapshot for `Watch` to resume from.
     pub events_retained: u64,
+    /// Addresses to reach particular peers by, instead of the ones in the membership.
+    pub peer_overrides: BTreeMap<u64, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +90,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     }
     .validate()
     .map_err(|e| ServeError::Raft(e.to_string()))?;
-    let raft = Raft::new(config.node_id, Arc::new(raft_config), Network, log_store, sm.clone())
+    let peers = PeerAddresses::new(config.peer_overrides.clone());
+    let raft = Raft::new(config.node_id, Arc::new(raft_config), Network::new(peers.clone()), log_store, sm.clone())
         .await
         .map_err(|e| ServeError::Raft(e.to_string()))?;
     let raft = Arc::new(raft);
@@ -112,7 +115,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let (stop_grpc, stopped) = oneshot::channel::<()>();
     stop.push(stop_grpc);
     let router = tonic::transport::Server::builder()
-        .layer(ForwardLayer::new(Arc::new(LeaderRouter::new(raft.clone()))))
+        .layer(ForwardLayer::new(Arc::new(LeaderRouter::new(raft.clone(), peers))))
         .add_service(ClusterAdminServer::new(Admin::new(shared.clone())))
         .add_service(
             BrokerServer::new(BrokerApi::new(shared.clone()))

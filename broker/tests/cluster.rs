@@ -10,6 +10,7 @@ use suanli_proto::convert::listing_to_wire;
 use suanli_proto::decode_status;
 use suanli_proto::v1::{self, AccountKind, ClusterClass};
 use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
+use suanli_testkit::link::Fault;
 use suanli_types::ErrorCode;
 use tokio_stream::StreamExt;
 
@@ -345,4 +346,73 @@ async fn a_removed_node_cannot_disturb_the_cluster_and_its_id_is_never_reused() 
 
     let again = admin.add_learner(v1::AddLearnerRequest { node_id: removed, address: "127.0.0.1:1".into() }).await;
     assert_eq!(decode_status(&again.expect_err("refused")).code, ErrorCode::InvalidArgument);
+}
+
+async fn live_leases(cluster: &BrokerCluster, id: u64) -> BTreeSet<u64> {
+    let mut platform = cluster.client(id, PLATFORM_TOKEN).await.expect("client");
+    let mut request = tonic::Request::new(v1::ListLeasesRequest { live_only: false });
+    request.metadata_mut().insert("x-suanli-read", "stale".parse().expect("header"));
+    platform.list_leases(request).await.expect("list").into_inner().leases.into_iter().map(|l| l.lease_id).collect()
+}
+
+#[tokio::test]
+async fn a_minority_partition_makes_no_progress_and_all_nodes_agree_after_healing() {
+    let cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
+    let old = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let m = market(&cluster, old, 64).await;
+    cluster.converge(Duration::from_secs(10)).await.expect("converge");
+
+    cluster.partition(&[old]);
+    let before = cluster.status(old).await.expect("status").applied_index;
+    // The isolated leader cannot commit: the write times out, or is refused as unavailable.
+    let mut isolated = cluster.client(old, &m.researcher_token).await.expect("client");
+    let mut request = tonic::Request::new(lease_request(m.cluster.cluster_id, "minority".into()));
+    request.set_timeout(Duration::from_secs(2));
+    assert!(isolated.request_lease(request).await.is_err(), "a minority committed a write");
+
+    // The majority elects a leader of its own and keeps committing.
+    let majority: Vec<u64> = cluster.ids().into_iter().filter(|id| *id != old).collect();
+    let new = cluster.leader_among(&majority, Duration::from_secs(20)).await.expect("majority leader");
+    let mut researcher = cluster.client(new, &m.researcher_token).await.expect("client");
+    let mut committed = BTreeSet::new();
+    for i in 0..10 {
+        let lease = researcher.request_lease(lease_request(m.cluster.cluster_id, format!("majority-{i}"))).await.expect("majority write");
+        committed.insert(lease.into_inner().lease_id);
+    }
+    assert_eq!(cluster.status(old).await.expect("status").applied_index, before, "the minority applied nothing");
+
+    cluster.heal();
+    cluster.converge(Duration::from_secs(30)).await.expect("converge after healing");
+    let views: Vec<BTreeSet<u64>> = futures::future::join_all(cluster.ids().into_iter().map(|id| live_leases(&cluster, id))).await;
+    assert!(views.windows(2).all(|w| w[0] == w[1]), "nodes disagree after healing: {views:?}");
+    assert!(committed.is_subset(&views[0]));
+    assert_eq!(views[0].len(), committed.len(), "the minority's write never took effect");
+}
+
+#[tokio::test]
+async fn a_one_way_partition_and_slow_links_do_not_stop_the_majority() {
+    let cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
+    let leader = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let m = market(&cluster, leader, 64).await;
+    // The leader can no longer reach anyone, but everyone can still reach it.
+    for to in cluster.ids().into_iter().filter(|id| *id != leader) {
+        cluster.fault(leader, to, Fault::Drop).expect("fault");
+    }
+    let others: Vec<u64> = cluster.ids().into_iter().filter(|id| *id != leader).collect();
+    let new = cluster.leader_among(&others, Duration::from_secs(20)).await.expect("a new leader");
+    // And every remaining link is slow.
+    for from in cluster.ids() {
+        for to in cluster.ids().into_iter().filter(|to| *to != from && from != leader) {
+            cluster.fault(from, to, Fault::Delay(Duration::from_millis(20))).expect("fault");
+        }
+    }
+    let mut researcher = cluster.client(new, &m.researcher_token).await.expect("client");
+    for i in 0..5 {
+        researcher.request_lease(lease_request(m.cluster.cluster_id, format!("slow-{i}"))).await.expect("write over slow links");
+    }
+    cluster.heal();
+    cluster.converge(Duration::from_secs(30)).await.expect("converge");
+    let views: Vec<BTreeSet<u64>> = futures::future::join_all(cluster.ids().into_iter().map(|id| live_leases(&cluster, id))).await;
+    assert!(views.windows(2).all(|w| w[0] == w[1]), "nodes disagree: {views:?}");
+    assert_eq!(views[0].len(), 5);
 }

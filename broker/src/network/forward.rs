@@ -21,6 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::PeerAddresses;
 use crate::storage::Raft;
 
 pub const FORWARDED_HEADER: &str = "x-suanli-forwarded";
@@ -45,12 +46,13 @@ const LOCAL_METHODS: &[&str] = &["/suanli.v1.Broker/Watch", "/suanli.v1.ClusterA
 
 pub struct LeaderRouter {
     raft: Arc<Raft>,
+    peers: PeerAddresses,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl LeaderRouter {
-    pub fn new(raft: Arc<Raft>) -> Self {
-        LeaderRouter { raft, channels: Mutex::new(HashMap::new()) }
+    pub fn new(raft: Arc<Raft>, peers: PeerAddresses) -> Self {
+        LeaderRouter { raft, peers, channels: Mutex::new(HashMap::new()) }
     }
 
     /// Where `request` should be served: `None` here, `Some(channel)` on the leader.
@@ -71,7 +73,7 @@ impl LeaderRouter {
         if leader == metrics.id {
             return None;
         }
-        let address = metrics.membership_config.membership().get_node(&leader)?.addr.clone();
+        let address = self.peers.of(leader, metrics.membership_config.membership().get_node(&leader)?);
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(channel) = channels.get(&address) {
             return Some(channel.clone());

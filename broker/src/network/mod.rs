@@ -44,15 +44,41 @@ fn decode<T: DeserializeOwned>(message: &RaftMessage) -> Result<T, String> {
     postcard::from_bytes(&message.payload).map_err(|e| e.to_string())
 }
 
+/// Where this node reaches its peers: the address in the Raft membership, unless the
+/// configuration overrides it for this node (a NAT, a sidecar, or the test harness's fault
+/// injecting links).
+#[derive(Clone, Debug, Default)]
+pub struct PeerAddresses {
+    overrides: Arc<std::collections::BTreeMap<NodeId, String>>,
+}
+
+impl PeerAddresses {
+    pub fn new(overrides: std::collections::BTreeMap<NodeId, String>) -> Self {
+        PeerAddresses { overrides: Arc::new(overrides) }
+    }
+
+    pub fn of(&self, id: NodeId, node: &BasicNode) -> String {
+        self.overrides.get(&id).cloned().unwrap_or_else(|| node.addr.clone())
+    }
+}
+
 /// Creates one lazily connected channel per peer.
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    peers: PeerAddresses,
+}
+
+impl Network {
+    pub fn new(peers: PeerAddresses) -> Self {
+        Network { peers }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        let endpoint = Endpoint::from_shared(format!("http://{}", node.addr))
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.peers.of(target, node)))
             .map(|e| e.connect_timeout(std::time::Duration::from_secs(1)).tcp_nodelay(true));
         PeerClient { target, client: endpoint.ok().map(|e| RaftInternalClient::new(e.connect_lazy())) }
     }

@@ -9,6 +9,7 @@ use suanli_proto::client::{admin, connect, AdminClient, Client};
 use suanli_proto::v1;
 use tempfile::TempDir;
 
+use crate::link::{Fault, Link};
 use crate::{eventually, Service};
 
 pub const PLATFORM_TOKEN: &str = "test-platform-token-0123456789";
@@ -22,24 +23,32 @@ struct Member {
 pub struct BrokerCluster {
     binary: PathBuf,
     pub dir: TempDir,
-    config: Option<PathBuf>,
+    /// TOML given to every node; each node's file adds its `[broker.peers]` links.
+    config: String,
     members: BTreeMap<u64, Member>,
+    /// Node `from` reaches node `to` through `links[(from, to)]`.
+    links: BTreeMap<(u64, u64), Link>,
 }
 
 impl BrokerCluster {
     /// Starts node 1 as a single-node cluster, then adds nodes 2..=n as learners and promotes
-    /// them. `config` (TOML text) is given to every node.
+    /// them. `config` (TOML text, a `[broker]` table) is given to every node. Nodes 1..=n reach
+    /// each other through fault-injectable links; nodes added later by `join` talk directly.
     pub async fn start(binary: &Path, n: u64, config: Option<&str>) -> anyhow::Result<BrokerCluster> {
         let dir = TempDir::new()?;
-        let config = match config {
-            Some(text) => {
-                let path = dir.path().join("broker.toml");
-                std::fs::write(&path, text)?;
-                Some(path)
+        let mut links = BTreeMap::new();
+        for from in 1..=n {
+            for to in (1..=n).filter(|to| *to != from) {
+                links.insert((from, to), Link::bind().await?);
             }
-            None => None,
+        }
+        let mut cluster = BrokerCluster {
+            binary: binary.to_owned(),
+            dir,
+            config: config.unwrap_or("").to_owned(),
+            members: BTreeMap::new(),
+            links,
         };
-        let mut cluster = BrokerCluster { binary: binary.to_owned(), dir, config, members: BTreeMap::new() };
         cluster.spawn(1, "127.0.0.1:0", true).await?;
         for id in 2..=n {
             cluster.join(id).await?;
@@ -73,9 +82,14 @@ impl BrokerCluster {
         if bootstrap {
             args.push("--bootstrap".into());
         }
-        if let Some(config) = &self.config {
-            args.extend(["--config".into(), config.display().to_string()]);
+        let mut config = self.config.clone();
+        config.push_str("\n[broker.peers]\n");
+        for ((_, to), link) in self.links.range((id, 0)..=(id, u64::MAX)) {
+            config.push_str(&format!("\"{to}\" = \"{}\"\n", link.listen));
         }
+        let config_path = self.dir.path().join(format!("node-{id}.toml"));
+        std::fs::write(&config_path, config)?;
+        args.extend(["--config".into(), config_path.display().to_string()]);
         let service = Service::start(
             &format!("broker-{id}"),
             &self.binary,
@@ -87,6 +101,12 @@ impl BrokerCluster {
         .await?;
         let address = service.get("grpc")?.to_owned();
         let metrics = service.get("metrics")?.to_owned();
+        let target = address.parse()?;
+        for ((_, to), link) in &self.links {
+            if *to == id {
+                link.set_target(target);
+            }
+        }
         self.members.insert(id, Member { address, metrics, process: Some(service) });
         Ok(())
     }
@@ -125,18 +145,45 @@ impl BrokerCluster {
 
     /// The leader as every live node sees it, once they agree.
     pub async fn leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        self.leader_among(&self.live(), timeout).await
+    }
+
+    /// The leader as the nodes `ids` see it, once they agree on one of themselves.
+    pub async fn leader_among(&self, ids: &[u64], timeout: Duration) -> anyhow::Result<u64> {
         eventually(timeout, Duration::from_millis(50), || async {
             let mut seen = None;
-            for id in self.live() {
+            for id in ids.iter().copied() {
                 let leader = self.status(id).await.ok()?.leader_id;
                 if leader == 0 || seen.is_some_and(|s| s != leader) {
                     return None;
                 }
                 seen = Some(leader);
             }
-            seen.filter(|l| self.live().contains(l))
+            seen.filter(|l| ids.contains(l))
         })
         .await
+    }
+
+    /// Sets the fault on the link from `from` to `to`.
+    pub fn fault(&self, from: u64, to: u64, fault: Fault) -> anyhow::Result<()> {
+        self.links.get(&(from, to)).ok_or_else(|| anyhow!("no link {from}->{to}"))?.set(fault);
+        Ok(())
+    }
+
+    /// Cuts every link between `side` and the other nodes, both ways.
+    pub fn partition(&self, side: &[u64]) {
+        for ((from, to), link) in &self.links {
+            if side.contains(from) != side.contains(to) {
+                link.set(Fault::Drop);
+            }
+        }
+    }
+
+    /// Every link passes traffic again.
+    pub fn heal(&self) {
+        for link in self.links.values() {
+            link.set(Fault::None);
+        }
     }
 
     /// `kill -9` of node `id`.
@@ -154,7 +201,7 @@ impl BrokerCluster {
         self.spawn(id, &address, false).await
     }
 
-    /// Waits until every live node has applied at least what `id` has applied now.
+    /// Waits until every live node has applied everything the leader has logged now.
     pub async fn converge(&self, timeout: Duration) -> anyhow::Result<u64> {
         let leader = self.leader(timeout).await?;
         let target = self.status(leader).await?.last_log_index;

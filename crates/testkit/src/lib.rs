@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub mod cluster;
+pub mod link;
 
 pub const READY_PREFIX: &str = "SUANLI_READY";
 
