@@ -78,6 +78,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     }
     std::fs::create_dir_all(&config.data_dir)?;
     let (log_store, sm) = storage::open(&config.data_dir.join("raft"))?;
+    let log_for_metrics = log_store.clone();
     sm.set_events_retained(config.events_retained);
     let raft_config = openraft::Config {
         cluster_name: "suanli-broker".into(),
@@ -142,10 +143,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
             let (stop_metrics, stopped) = oneshot::channel::<()>();
             stop.push(stop_metrics);
             let raft = raft.clone();
+            let sm = shared.sm.clone();
             let app = axum::Router::new().route(
                 "/metrics",
                 axum::routing::get(move || {
-                    let body = metrics.render(&raft);
+                    let body = metrics.render(&raft, &log_for_metrics, &sm);
                     async move { ([("content-type", "text/plain; version=0.0.4")], body) }
                 }),
             );

@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::storage::Raft;
+use crate::storage::{LogStore, Raft, StateMachineStore};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -35,6 +35,8 @@ pub struct Metrics {
     applied_index: Gauge<u64, AtomicU64>,
     apply_lag: Gauge<u64, AtomicU64>,
     snapshot_index: Gauge<u64, AtomicU64>,
+    snapshot_bytes: Gauge<u64, AtomicU64>,
+    committed_index: Gauge<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -60,6 +62,8 @@ impl Metrics {
             applied_index: Gauge::default(),
             apply_lag: Gauge::default(),
             snapshot_index: Gauge::default(),
+            snapshot_bytes: Gauge::default(),
+            committed_index: Gauge::default(),
         };
         registry.register("requests", "gRPC requests by method and result code", metrics.requests.clone());
         registry.register("request_seconds", "gRPC request latency", metrics.latency.clone());
@@ -69,6 +73,8 @@ impl Metrics {
         registry.register("raft_applied_index", "last applied log index", metrics.applied_index.clone());
         registry.register("raft_apply_lag", "log entries not yet applied", metrics.apply_lag.clone());
         registry.register("raft_snapshot_index", "log index of the last snapshot", metrics.snapshot_index.clone());
+        registry.register("raft_snapshot_bytes", "size of the last snapshot built or installed", metrics.snapshot_bytes.clone());
+        registry.register("raft_committed_index", "last committed log index known to this node", metrics.committed_index.clone());
         if let Ok(mut r) = metrics.registry.lock() {
             *r = registry;
         }
@@ -81,7 +87,9 @@ impl Metrics {
     }
 
     /// Renders the exposition text, refreshing the Raft gauges first.
-    pub fn render(&self, raft: &Raft) -> String {
+    pub fn render(&self, raft: &Raft, log: &LogStore, sm: &StateMachineStore) -> String {
+        self.committed_index.set(log.committed_index());
+        self.snapshot_bytes.set(sm.last_snapshot_bytes());
         let m = raft.metrics().borrow().clone();
         self.term.set(m.current_term as i64);
         self.leader.set(m.current_leader.map_or(-1, |l| l as i64));
@@ -89,7 +97,8 @@ impl Metrics {
         let applied = m.last_applied.map_or(0, |l| l.index);
         self.last_log_index.set(last_log);
         self.applied_index.set(applied);
-        self.apply_lag.set(last_log.saturating_sub(applied));
+        // Committed but not yet applied: how far the state machine trails the log.
+        self.apply_lag.set(log.committed_index().saturating_sub(applied));
         self.snapshot_index.set(m.snapshot.map_or(0, |l| l.index));
         let mut out = String::new();
         if let Ok(registry) = self.registry.lock() {

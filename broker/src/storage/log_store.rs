@@ -19,6 +19,8 @@ const KEY_PURGED: &[u8] = b"last_purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    /// The committed index openraft last reported, for metrics.
+    committed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
@@ -27,7 +29,12 @@ fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Er
 
 impl LogStore {
     pub(super) fn new(db: Arc<DB>) -> Self {
-        LogStore { db }
+        LogStore { db, committed: Arc::default() }
+    }
+
+    /// The committed log index as last reported by openraft (0 before the first commit).
+    pub fn committed_index(&self) -> u64 {
+        self.committed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -117,6 +124,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.committed.store(committed.map_or(0, |c| c.index), std::sync::atomic::Ordering::Relaxed);
         // Not synced: losing it only means re-learning the commit index from the leader; it lets
         // a restarted node re-apply its committed entries at once.
         self.put_meta(KEY_COMMITTED, &committed, false).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))

@@ -51,6 +51,7 @@ struct Inner {
     events: broadcast::Sender<Arc<AppliedEvents>>,
     snapshots_built: AtomicU64,
     events_retained: AtomicU64,
+    last_snapshot_bytes: AtomicU64,
 }
 
 /// Cheap to clone; all clones share one state.
@@ -88,8 +89,14 @@ impl StateMachineStore {
                 events,
                 snapshots_built: AtomicU64::new(0),
                 events_retained: AtomicU64::new(DEFAULT_EVENTS_RETAINED),
+                last_snapshot_bytes: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Size of the last snapshot built or installed, in bytes.
+    pub fn last_snapshot_bytes(&self) -> u64 {
+        self.inner.last_snapshot_bytes.load(Ordering::Relaxed)
     }
 
     /// How many log indexes of events to keep behind each snapshot.
@@ -149,6 +156,7 @@ impl StateMachineStore {
     }
 
     fn persist_snapshot(&self, stored: &StoredSnapshot) -> Result<(), StoreError> {
+        self.inner.last_snapshot_bytes.store(stored.data.len() as u64, Ordering::Relaxed);
         let db = &self.inner.db;
         let mut options = rocksdb::WriteOptions::default();
         options.set_sync(true);
