@@ -35,13 +35,19 @@ impl BrokerCluster {
     /// them. `config` (TOML text, a `[broker]` table) is given to every node. Nodes 1..=n reach
     /// each other through fault-injectable links; nodes added later by `join` talk directly.
     pub async fn start(binary: &Path, n: u64, config: Option<&str>) -> anyhow::Result<BrokerCluster> {
+        Self::start_with(binary, n, config, true).await
+    }
+
+    /// As `start`; `links: false` connects the nodes directly (benchmarks: no proxy hop).
+    pub async fn start_with(binary: &Path, n: u64, config: Option<&str>, links: bool) -> anyhow::Result<BrokerCluster> {
         let dir = TempDir::new()?;
-        let mut links = BTreeMap::new();
-        for from in 1..=n {
+        let mut all_links = BTreeMap::new();
+        for from in (1..=n).filter(|_| links) {
             for to in (1..=n).filter(|to| *to != from) {
-                links.insert((from, to), Link::bind().await?);
+                all_links.insert((from, to), Link::bind().await?);
             }
         }
+        let links = all_links;
         let mut cluster = BrokerCluster {
             binary: binary.to_owned(),
             dir,
