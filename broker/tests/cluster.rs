@@ -323,8 +323,27 @@ async fn a_removed_node_cannot_disturb_the_cluster_and_its_id_is_never_reused() 
     let cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
     let leader = cluster.leader(Duration::from_secs(20)).await.expect("leader");
     let removed = cluster.ids().into_iter().find(|id| *id != leader).expect("follower");
+    // Through the operator's CLI, as a person would.
+    // (Asynchronously: the links between the nodes run on this test's runtime.)
+    let endpoint = format!("http://{}", cluster.address(leader).expect("address"));
+    let cli = async |args: &[&str]| {
+        let out = tokio::process::Command::new(binary())
+            .arg("cluster")
+            .args(["--endpoint", &endpoint])
+            .args(args)
+            .env("SUANLI_BROKER_PLATFORM_TOKEN", PLATFORM_TOKEN)
+            .output()
+            .await
+            .expect("run the CLI");
+        assert!(out.status.success(), "cluster {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = cli(&["status"]).await;
+    assert_eq!(before.matches(" voter").count(), 3, "{before}");
+    let after = cli(&["remove", &removed.to_string()]).await;
+    assert_eq!(after.matches(" voter").count(), 2, "{after}");
+    assert!(!after.contains(&format!("node {removed} ")), "{after}");
     let mut admin = cluster.admin(leader).await.expect("admin");
-    admin.remove(v1::NodeRef { node_id: removed }).await.expect("remove");
     let term = cluster.status(leader).await.expect("status").term;
 
     // The removed node keeps running and hears no heartbeats; writes go on undisturbed.
