@@ -17,7 +17,6 @@ use suanli_proto::v1::{
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::network::forward::{ForwardLayer, LeaderRouter};
@@ -130,7 +129,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
                 .max_decoding_message_size(256 * 1024 * 1024),
         );
     tasks.push(tokio::spawn(async move {
-        let incoming = TcpListenerStream::new(listener);
+        // Without TCP_NODELAY a response's trailing frames wait for the client's delayed ACK:
+        // ~40 ms added to a share of the calls.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         if let Err(e) = router.serve_with_incoming_shutdown(incoming, async { stopped.await.ok(); }).await {
             tracing::error!(error = %e, "gRPC server failed");
         }
