@@ -21,30 +21,6 @@ pub struct LogStore {
     db: Arc<DB>,
     /// The committed index openraft last reported, for metrics.
     committed: Arc<std::sync::atomic::AtomicU64>,
-    /// Hands "this batch is written, tell openraft once it is durable" to the syncer thread.
-    syncer: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
-}
-
-/// Group commit. `append` writes a batch to RocksDB without waiting for the disk (the entries
-/// are readable at once, which replication needs) and queues its callback here. This thread
-/// takes every queued callback, syncs the WAL once — covering every write made before it, in
-/// order, since RocksDB has one WAL — and only then reports those batches persisted, in the
-/// order they were appended. Raft keeps working while the disk syncs, and concurrent clients
-/// share one fsync instead of queueing for one each.
-///
-/// It holds the database weakly, so closing the store closes RocksDB at once.
-fn run_syncer(db: std::sync::Weak<DB>, queue: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
-    while let Ok(first) = queue.recv() {
-        let mut waiting = vec![first];
-        waiting.extend(queue.try_iter());
-        let synced = match db.upgrade() {
-            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
-            None => Err("the store was closed before the log was synced".to_owned()),
-        };
-        for callback in waiting {
-            callback.log_io_completed(synced.clone().map_err(std::io::Error::other));
-        }
-    }
 }
 
 fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
@@ -52,14 +28,8 @@ fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Er
 }
 
 impl LogStore {
-    pub(super) fn new(db: Arc<DB>) -> Result<Self, StoreError> {
-        let (syncer, queue) = std::sync::mpsc::channel();
-        let syncer_db = Arc::downgrade(&db);
-        // The thread ends when the last LogStore clone (the last sender) is dropped.
-        std::thread::Builder::new()
-            .name("raft-log-sync".into())
-            .spawn(move || run_syncer(syncer_db, queue))?;
-        Ok(LogStore { db, committed: Arc::default(), syncer })
+    pub(super) fn new(db: Arc<DB>) -> Self {
+        LogStore { db, committed: Arc::default() }
     }
 
     /// The committed log index as last reported by openraft (0 before the first commit).
@@ -178,15 +148,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = postcard::to_allocvec(&entry).map_err(|e| write(e.into()))?;
             batch.put_cf(log, index_key(entry.get_log_id().index), bytes);
         }
-        if let Err(e) = self.db.write(batch) {
-            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-            return Err(write(e.into()));
-        }
-        // openraft counts these entries as persisted only when the syncer says so.
-        if let Err(unsent) = self.syncer.send(callback) {
-            unsent.0.log_io_completed(Err(std::io::Error::other("the log sync thread has stopped")));
-        }
-        Ok(())
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        let result = self.db.write_opt(batch, &options);
+        // Only now, with the batch on disk, may openraft count these entries as persisted.
+        let io_result = result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(io_result);
+        result.map_err(|e| write(e.into()))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -62,8 +62,6 @@ pub enum StoreError {
     Codec(#[from] postcard::Error),
     #[error("data in {path} has on-disk format {found}; this broker reads format {FORMAT_VERSION}")]
     FormatVersion { path: String, found: u32 },
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
     #[error("column family {0} missing")]
@@ -81,7 +79,7 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
         .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
     let db = Arc::new(DB::open_cf_descriptors(&options, path, cfs)?);
     check_format(&db, path)?;
-    let log = LogStore::new(db.clone())?;
+    let log = LogStore::new(db.clone());
     let sm = StateMachineStore::open(db)?;
     Ok((log, sm))
 }
