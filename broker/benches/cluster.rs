@@ -6,7 +6,8 @@
 //! etcd a conditional create (`Txn`: create_revision == 0 → put) + `DeleteRange` of its own key.
 //! Clients spread over the three members; followers forward to the leader in both systems.
 //!
-//! Flags: `--clients 1,16,256`, `--seconds 10`, `--failovers 20`, `--no-etcd`.
+//! Flags: `--clients 1,16,256`, `--seconds 10`, `--failovers 20`, `--no-etcd`, `--leader-only`
+//! (Suanli clients call the leader directly, as a leader-aware client would).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -90,10 +91,12 @@ struct Args {
     seconds: u64,
     failovers: usize,
     etcd: bool,
+    /// Suanli clients talk to the leader only (a leader-aware client), no forwarding hop.
+    leader_only: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args { clients: vec![1, 16, 256], seconds: 10, failovers: 20, etcd: true };
+    let mut a = Args { clients: vec![1, 16, 256], seconds: 10, failovers: 20, etcd: true, leader_only: false };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -101,6 +104,7 @@ fn args() -> anyhow::Result<Args> {
             "--seconds" => a.seconds = it.next().context("--seconds N")?.parse()?,
             "--failovers" => a.failovers = it.next().context("--failovers N")?.parse()?,
             "--no-etcd" => a.etcd = false,
+            "--leader-only" => a.leader_only = true,
             "--bench" => {}
             other => bail!("unknown argument {other}"),
         }
@@ -407,7 +411,10 @@ async fn main() -> anyhow::Result<()> {
     let binary = Path::new(env!("CARGO_BIN_EXE_suanli-broker"));
     let mut cluster = BrokerCluster::start_with(binary, 3, Some("[broker]\nsnapshot_every_entries = 100000\n"), false).await?;
     let market = market(&cluster).await?;
-    let addresses: Vec<String> = cluster.ids().iter().map(|id| cluster.address(*id).map(str::to_owned)).collect::<anyhow::Result<_>>()?;
+    let mut addresses: Vec<String> = cluster.ids().iter().map(|id| cluster.address(*id).map(str::to_owned)).collect::<anyhow::Result<_>>()?;
+    if args.leader_only {
+        addresses = vec![cluster.address(cluster.leader(Duration::from_secs(20)).await?)?.to_owned()];
+    }
     let suanli_channels = channels(&addresses).await?;
     let token = Arc::new(market.researcher_token.clone());
     // The etcd value is as large as Suanli's encoded lease request.
