@@ -69,6 +69,14 @@ async fn every_acknowledged_write_was_synced_to_disk_first() {
     )
     .await
     .expect("broker under strace");
+    // If anything below panics, the broker (strace's child) must not outlive the test.
+    struct KillTracee(String);
+    impl Drop for KillTracee {
+        fn drop(&mut self) {
+            let _ = Command::new("pkill").args(["-KILL", "-P", &self.0]).status();
+        }
+    }
+    let _guard = KillTracee(broker.pid().expect("pid").to_string());
     let mut platform = suanli_proto::client::connect(&format!("http://{}", broker.get("grpc").expect("grpc")), Some(PLATFORM_TOKEN))
         .await
         .expect("connect");
