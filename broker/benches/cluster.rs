@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use suanli_proto::convert::listing_to_wire;
-use suanli_proto::v1::{self, AccountKind, ClusterClass};
+use suanli_proto::v1::{self, AccountKind};
+use suanli_testkit::fixtures::{self, register};
+use suanli_types::ClusterClass;
 use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
 use tonic::transport::{Channel, Endpoint};
 
@@ -199,59 +200,14 @@ struct Market {
     cluster_id: u64,
 }
 
+/// A supplier with one Class B cluster of 8 nodes × 64 cards, and a researcher.
 async fn market(cluster: &BrokerCluster) -> anyhow::Result<Market> {
     let leader = cluster.leader(Duration::from_secs(20)).await?;
     let mut platform = cluster.client(leader, PLATFORM_TOKEN).await?;
-    let mut register = async |kind: AccountKind, id: &str| -> anyhow::Result<String> {
-        Ok(platform
-            .register_account(v1::RegisterAccountRequest { request_id: id.into(), kind: kind.into() })
-            .await?
-            .into_inner()
-            .token)
-    };
-    let supplier_token = register(AccountKind::Supplier, "bench-supplier").await?;
-    let researcher_token = register(AccountKind::Researcher, "bench-researcher").await?;
+    let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "bench-supplier").await?;
+    let (_, researcher_token) = register(&mut platform, AccountKind::Researcher, "bench-researcher").await?;
     let mut supplier = cluster.client(leader, &supplier_token).await?;
-    let mut node_ids = Vec::new();
-    for n in 0..8 {
-        let inventory = v1::NodeInventory {
-            hostname: format!("bench-{n}"),
-            cpu_model: "EPYC".into(),
-            vcpus: 128,
-            memory_gib: 1024,
-            cards: (0..64)
-                .map(|i| v1::CardSpec { index: i, uuid: format!("GPU-{n}-{i}"), model: "RTX 4090".into(), vram_mib: 24576 })
-                .collect(),
-        };
-        let node = supplier.enroll_node(v1::EnrollNodeRequest { request_id: format!("n{n}"), inventory: Some(inventory) }).await?;
-        node_ids.push(node.into_inner().node_id);
-    }
-    use std::collections::BTreeMap;
-    use suanli_types::cluster::DiskMedium;
-    use suanli_types::{BillingMode, Currency, Listing, LocalStorage, PriceList, ResourceType};
-    let listing = listing_to_wire(&Listing {
-        title: "bench".into(),
-        resource_type: ResourceType::Gpu,
-        gpu_model: "RTX 4090".into(),
-        vram_gib: 24,
-        memory_gib: 1024,
-        vcpus: 128,
-        vendor: "bench".into(),
-        region: "Loopback".into(),
-        local_storage: LocalStorage { data_disks: 1, data_disk_gb: 1000, system_disk_gb: 100, medium: DiskMedium::Nvme },
-        prices: PriceList { currency: Currency::cny(), per_card: BTreeMap::from([(BillingMode::Hourly, 250)]) },
-        usage_instructions: String::new(),
-    });
-    let cluster_id = supplier
-        .publish_cluster(v1::PublishClusterRequest {
-            request_id: "c".into(),
-            class: ClusterClass::B.into(),
-            node_ids,
-            listing: Some(listing),
-        })
-        .await?
-        .into_inner()
-        .cluster_id;
+    let cluster_id = fixtures::publish(&mut supplier, ClusterClass::B, 8, 64, "bench").await?.cluster_id;
     Ok(Market { researcher_token, cluster_id })
 }
 

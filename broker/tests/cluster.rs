@@ -6,9 +6,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use suanli_proto::convert::listing_to_wire;
 use suanli_proto::decode_status;
-use suanli_proto::v1::{self, AccountKind, ClusterClass};
+use suanli_proto::v1::{self, AccountKind};
+use suanli_testkit::fixtures::{self, register};
+use suanli_types::ClusterClass;
 use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
 use suanli_testkit::link::Fault;
 use suanli_types::ErrorCode;
@@ -23,63 +24,13 @@ struct Market {
     cluster: v1::Cluster,
 }
 
-fn listing() -> v1::Listing {
-    use std::collections::BTreeMap;
-    use suanli_types::cluster::DiskMedium;
-    use suanli_types::{BillingMode, Currency, Listing, LocalStorage, PriceList, ResourceType};
-    listing_to_wire(&Listing {
-        title: "RTX 4090".into(),
-        resource_type: ResourceType::Gpu,
-        gpu_model: "RTX 4090".into(),
-        vram_gib: 24,
-        memory_gib: 256,
-        vcpus: 64,
-        vendor: "Supermicro".into(),
-        region: "Hangzhou".into(),
-        local_storage: LocalStorage { data_disks: 1, data_disk_gb: 2000, system_disk_gb: 480, medium: DiskMedium::Nvme },
-        prices: PriceList { currency: Currency::cny(), per_card: BTreeMap::from([(BillingMode::Hourly, 250)]) },
-        usage_instructions: String::new(),
-    })
-}
-
 /// A supplier with one Class B cluster of `cards` cards, and a researcher.
 async fn market(cluster: &BrokerCluster, via: u64, cards: u32) -> Market {
     let mut platform = cluster.client(via, PLATFORM_TOKEN).await.expect("client");
-    let mut register = async |kind: AccountKind, id: &str| {
-        platform
-            .register_account(v1::RegisterAccountRequest { request_id: id.into(), kind: kind.into() })
-            .await
-            .expect("register")
-            .into_inner()
-            .token
-    };
-    let supplier_token = register(AccountKind::Supplier, "supplier").await;
-    let researcher_token = register(AccountKind::Researcher, "researcher").await;
+    let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
+    let (_, researcher_token) = register(&mut platform, AccountKind::Researcher, "researcher").await.expect("researcher");
     let mut supplier = cluster.client(via, &supplier_token).await.expect("client");
-    let inventory = v1::NodeInventory {
-        hostname: "gpu.example".into(),
-        cpu_model: "EPYC".into(),
-        vcpus: 64,
-        memory_gib: 256,
-        cards: (0..cards)
-            .map(|i| v1::CardSpec { index: i, uuid: format!("GPU-{i}"), model: "RTX 4090".into(), vram_mib: 24576 })
-            .collect(),
-    };
-    let node = supplier
-        .enroll_node(v1::EnrollNodeRequest { request_id: "node".into(), inventory: Some(inventory) })
-        .await
-        .expect("enroll")
-        .into_inner();
-    let cluster = supplier
-        .publish_cluster(v1::PublishClusterRequest {
-            request_id: "cluster".into(),
-            class: ClusterClass::B.into(),
-            node_ids: vec![node.node_id],
-            listing: Some(listing()),
-        })
-        .await
-        .expect("publish")
-        .into_inner();
+    let cluster = fixtures::publish(&mut supplier, ClusterClass::B, 1, cards, "b").await.expect("publish");
     Market { researcher_token, cluster }
 }
 

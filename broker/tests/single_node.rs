@@ -7,13 +7,15 @@ use std::time::Duration;
 use suanli_proto::client::{self, Client};
 use suanli_proto::convert::listing_to_wire;
 use suanli_proto::decode_status;
-use suanli_proto::v1::{self, AccountKind, BillingMode, ClusterClass, LeaseState};
+use suanli_proto::v1::{self, AccountKind, BillingMode, LeaseState};
+use suanli_testkit::fixtures::{self, register};
 use suanli_testkit::Service;
+use suanli_types::ClusterClass;
 use suanli_types::ErrorCode;
 use tempfile::TempDir;
 use tokio_stream::StreamExt;
 
-const PLATFORM_TOKEN: &str = "test-platform-token-0123456789";
+use suanli_testkit::cluster::PLATFORM_TOKEN;
 
 async fn start(data: &Path, logs: &Path) -> Service {
     start_with(data, logs, &[]).await
@@ -62,19 +64,11 @@ struct Actors {
     researcher_id: u64,
 }
 
-async fn register(platform: &mut Client, kind: AccountKind, request_id: &str) -> (u64, String) {
-    let r = platform
-        .register_account(v1::RegisterAccountRequest { request_id: request_id.into(), kind: kind.into() })
-        .await
-        .expect("register")
-        .into_inner();
-    (r.account_id, r.token)
-}
-
 async fn actors(service: &Service) -> Actors {
     let mut platform = connect(service, PLATFORM_TOKEN).await;
-    let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "acc-supplier").await;
-    let (researcher_id, researcher_token) = register(&mut platform, AccountKind::Researcher, "acc-researcher").await;
+    let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "acc-supplier").await.expect("supplier");
+    let (researcher_id, researcher_token) =
+        register(&mut platform, AccountKind::Researcher, "acc-researcher").await.expect("researcher");
     Actors {
         platform,
         supplier: connect(service, &supplier_token).await,
@@ -84,49 +78,11 @@ async fn actors(service: &Service) -> Actors {
 }
 
 fn listing(class: ClusterClass) -> v1::Listing {
-    use std::collections::BTreeMap;
-    use suanli_types::cluster::DiskMedium;
-    use suanli_types::{BillingMode as M, Currency, Listing, LocalStorage, PriceList, ResourceType};
-    listing_to_wire(&Listing {
-        title: "4*L40S".into(),
-        resource_type: ResourceType::Gpu,
-        gpu_model: "L40S".into(),
-        vram_gib: 48,
-        memory_gib: 512,
-        vcpus: 96,
-        vendor: "Lenovo".into(),
-        region: "Beijing".into(),
-        local_storage: LocalStorage { data_disks: 1, data_disk_gb: 3840, system_disk_gb: 480, medium: DiskMedium::Ssd },
-        prices: PriceList { currency: Currency::cny(), per_card: BTreeMap::from([(M::Hourly, 600)]) },
-        usage_instructions: if class == ClusterClass::A { "ssh".into() } else { String::new() },
-    })
+    listing_to_wire(&fixtures::listing(class))
 }
 
 async fn publish(supplier: &mut Client, class: ClusterClass, cards: u32, tag: &str) -> v1::Cluster {
-    let inventory = v1::NodeInventory {
-        hostname: format!("{tag}.example"),
-        cpu_model: "EPYC".into(),
-        vcpus: 96,
-        memory_gib: 512,
-        cards: (0..cards)
-            .map(|i| v1::CardSpec { index: i, uuid: format!("GPU-{tag}-{i}"), model: "L40S".into(), vram_mib: 49152 })
-            .collect(),
-    };
-    let node = supplier
-        .enroll_node(v1::EnrollNodeRequest { request_id: format!("node-{tag}"), inventory: Some(inventory) })
-        .await
-        .expect("enroll")
-        .into_inner();
-    supplier
-        .publish_cluster(v1::PublishClusterRequest {
-            request_id: format!("cluster-{tag}"),
-            class: class.into(),
-            node_ids: vec![node.node_id],
-            listing: Some(listing(class)),
-        })
-        .await
-        .expect("publish")
-        .into_inner()
+    fixtures::publish(supplier, class, 1, cards, tag).await.expect("publish")
 }
 
 fn lease_b(cluster: u64, cards: u32, request_id: &str) -> v1::RequestLeaseRequest {
@@ -186,7 +142,7 @@ async fn acknowledged_writes_survive_kill_9_and_restart() {
     assert_eq!((busy, reserved), (3, 2));
 
     // At-most-once survives the restart too: the same request ID returns the first answer.
-    let (id, token) = register(&mut platform, AccountKind::Researcher, "acc-researcher").await;
+    let (id, token) = register(&mut platform, AccountKind::Researcher, "acc-researcher").await.expect("register");
     assert_eq!(id, a.researcher_id);
     assert!(token.is_empty(), "a retried registration does not mint a second token");
     broker.interrupt(Duration::from_secs(20)).await.expect("clean stop");
@@ -271,7 +227,7 @@ async fn class_a_flow_over_grpc_and_the_watch_stream_resumes() {
         periods: 3,
     };
     let lease = a.researcher.request_lease(request).await.expect("request").into_inner();
-    assert_eq!(lease.amount.as_ref().map(|m| m.minor), Some(600 * 2 * 3));
+    assert_eq!(lease.amount.as_ref().map(|m| m.minor), Some(fixtures::HOURLY_PRICE * 2 * 3));
     let approved = a
         .supplier
         .approve_lease(v1::ApproveLeaseRequest { request_id: "ap".into(), lease_id: lease.lease_id, code_valid_seconds: 600 })

@@ -1,15 +1,14 @@
 //! State machine tests: each rule by example, then the invariants under random command
 //! sequences (proptest).
 
-use std::collections::BTreeMap;
-
 use proptest::prelude::*;
-use suanli_types::cluster::DiskMedium;
 use suanli_types::{
-    AccountId, AccountKind, BillingMode, CardId, CardSpec, CardStatus, Caller, ClusterClass, ClusterId, Currency,
-    DomainError, EndReason, ErrorCode, LeaseAction, LeaseId, LeaseState, LeaseUnit, Listing, LocalStorage, NodeId,
-    NodeInventory, OperatorRole, PriceList, RequestId, ResourceType, SecretHash, SupplierEndReason, Timestamp,
+    AccountId, AccountKind, BillingMode, CardId, CardStatus, Caller, ClusterClass, ClusterId, DomainError, EndReason,
+    ErrorCode, LeaseAction, LeaseId, LeaseState, LeaseUnit, Listing, NodeId, NodeInventory, OperatorRole, RequestId,
+    SecretHash, SupplierEndReason, Timestamp,
 };
+
+use suanli_testkit::fixtures;
 
 use super::*;
 
@@ -37,34 +36,11 @@ fn code_hash(lease: LeaseId, code: &str) -> SecretHash {
 }
 
 fn listing(class: ClusterClass) -> Listing {
-    Listing {
-        title: "demo".into(),
-        resource_type: ResourceType::Gpu,
-        gpu_model: "A100 80GB".into(),
-        vram_gib: 80,
-        memory_gib: 1024,
-        vcpus: 128,
-        vendor: "Inspur".into(),
-        region: "Shenzhen".into(),
-        local_storage: LocalStorage { data_disks: 2, data_disk_gb: 3840, system_disk_gb: 480, medium: DiskMedium::Nvme },
-        prices: PriceList {
-            currency: Currency::cny(),
-            per_card: BTreeMap::from([(BillingMode::Hourly, 1_000), (BillingMode::Monthly, 531_250)]),
-        },
-        usage_instructions: if class == ClusterClass::A { "ssh in".into() } else { String::new() },
-    }
+    fixtures::listing(class)
 }
 
 fn inventory(cards: u32) -> NodeInventory {
-    NodeInventory {
-        hostname: "gpu.example".into(),
-        cpu_model: "EPYC".into(),
-        vcpus: 128,
-        memory_gib: 1024,
-        cards: (0..cards)
-            .map(|i| CardSpec { index: i, uuid: format!("GPU-{i}"), model: "A100 80GB".into(), vram_mib: 81920 })
-            .collect(),
-    }
+    fixtures::inventory("gpu", cards)
 }
 
 impl World {
@@ -160,7 +136,7 @@ fn class_b_lease_reserves_then_activates_then_ends() {
     let r = Caller::Account(m.researcher);
     let l = m.w.lease(r.clone(), request_b(m.class_b, 3));
     assert_eq!(l.state, LeaseState::Requested);
-    assert_eq!(l.amount.minor, 1_000 * 3 * 2, "price × cards × periods");
+    assert_eq!(l.amount.minor, fixtures::HOURLY_PRICE * 3 * 2, "price × cards × periods");
     assert_eq!(m.w.card_statuses(l.id), vec![CardStatus::Reserved; 3]);
     // Packed onto one node so the other stays whole.
     let nodes: std::collections::BTreeSet<_> = l.cards.iter().map(|c| m.w.state.card(*c).expect("card").node).collect();
@@ -173,7 +149,7 @@ fn class_b_lease_reserves_then_activates_then_ends() {
     assert_eq!(m.w.card_statuses(l.id), vec![CardStatus::Busy; 3]);
 
     let l = m.w.lease(r.clone(), Command::ExtendLease { lease: l.id, periods: 3 });
-    assert_eq!((l.periods, l.amount.minor), (5, 1_000 * 3 * 5));
+    assert_eq!((l.periods, l.amount.minor), (5, fixtures::HOURLY_PRICE * 3 * 5));
     assert_eq!(l.paid_until, Some(m.w.now.plus_seconds(5 * 3600)));
 
     let l = m.w.lease(r, Command::EndLease { lease: l.id, reason: EndReason::ByResearcher });

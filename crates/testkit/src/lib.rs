@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub mod cluster;
+pub mod fixtures;
 pub mod link;
 
 pub const READY_PREFIX: &str = "SUANLI_READY";
@@ -81,24 +82,15 @@ impl Service {
         Ok(())
     }
 
-    /// SIGTERM-free stop for services that handle Ctrl-C: send SIGINT and wait.
-    pub async fn interrupt(mut self, timeout: Duration) -> anyhow::Result<()> {
+    /// Stops a service that handles Ctrl-C: sends SIGINT and waits for it to exit.
+    pub async fn interrupt(self, timeout: Duration) -> anyhow::Result<()> {
         if let Some(pid) = self.child.id() {
             let status = Command::new("kill").args(["-INT", &pid.to_string()]).status().await?;
             if !status.success() {
                 bail!("kill -INT {pid} failed");
             }
         }
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(status) => {
-                status?;
-                Ok(())
-            }
-            Err(_) => {
-                self.child.kill().await?;
-                bail!("{} did not stop within {timeout:?}", self.name)
-            }
-        }
+        self.wait(timeout).await
     }
 
     /// Waits for the process to exit by itself.

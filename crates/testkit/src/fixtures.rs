@@ -1,0 +1,90 @@
+//! Marketplace fixtures shared by the tests and benchmarks: one listing, one node inventory,
+//! and the gRPC steps that register accounts and publish a cluster.
+
+use std::collections::BTreeMap;
+
+use suanli_proto::client::Client;
+use suanli_proto::convert::{inventory_to_wire, listing_to_wire};
+use suanli_proto::v1::{self, AccountKind};
+use suanli_types::cluster::DiskMedium;
+use suanli_types::{
+    BillingMode, CardSpec, ClusterClass, Currency, Listing, LocalStorage, NodeInventory, PriceList, ResourceType,
+};
+
+/// Per card: 6.00 CNY an hour, 3,000.00 CNY a month.
+pub const HOURLY_PRICE: i64 = 600;
+pub const MONTHLY_PRICE: i64 = 300_000;
+
+/// An L40S listing in Beijing; Class A listings carry usage instructions.
+pub fn listing(class: ClusterClass) -> Listing {
+    Listing {
+        title: "4*L40S".into(),
+        resource_type: ResourceType::Gpu,
+        gpu_model: "L40S".into(),
+        vram_gib: 48,
+        memory_gib: 512,
+        vcpus: 96,
+        vendor: "Lenovo".into(),
+        region: "Beijing".into(),
+        local_storage: LocalStorage { data_disks: 1, data_disk_gb: 3840, system_disk_gb: 480, medium: DiskMedium::Ssd },
+        prices: PriceList {
+            currency: Currency::cny(),
+            per_card: BTreeMap::from([(BillingMode::Hourly, HOURLY_PRICE), (BillingMode::Monthly, MONTHLY_PRICE)]),
+        },
+        usage_instructions: if class == ClusterClass::A { "SSH in with the account shown on the lease.".into() } else { String::new() },
+    }
+}
+
+/// A server named `{tag}.example` with `cards` L40S cards.
+pub fn inventory(tag: &str, cards: u32) -> NodeInventory {
+    NodeInventory {
+        hostname: format!("{tag}.example"),
+        cpu_model: "AMD EPYC 9654".into(),
+        vcpus: 96,
+        memory_gib: 512,
+        cards: (0..cards)
+            .map(|i| CardSpec { index: i, uuid: format!("GPU-{tag}-{i}"), model: "L40S".into(), vram_mib: 48 * 1024 })
+            .collect(),
+    }
+}
+
+/// Registers an account with the platform token; returns its ID and API token.
+pub async fn register(platform: &mut Client, kind: AccountKind, request_id: &str) -> anyhow::Result<(u64, String)> {
+    let r = platform
+        .register_account(v1::RegisterAccountRequest { request_id: request_id.into(), kind: kind.into() })
+        .await?
+        .into_inner();
+    Ok((r.account_id, r.token))
+}
+
+/// Enrolls `nodes` servers of `cards_per_node` cards and publishes them as one cluster.
+pub async fn publish(
+    supplier: &mut Client,
+    class: ClusterClass,
+    nodes: u32,
+    cards_per_node: u32,
+    tag: &str,
+) -> anyhow::Result<v1::Cluster> {
+    let mut node_ids = Vec::new();
+    for n in 0..nodes {
+        let inventory = inventory_to_wire(&inventory(&format!("{tag}-{n}"), cards_per_node));
+        let node = supplier
+            .enroll_node(v1::EnrollNodeRequest { request_id: format!("node-{tag}-{n}"), inventory: Some(inventory) })
+            .await?
+            .into_inner();
+        node_ids.push(node.node_id);
+    }
+    let class_wire = match class {
+        ClusterClass::A => v1::ClusterClass::A,
+        ClusterClass::B => v1::ClusterClass::B,
+    };
+    Ok(supplier
+        .publish_cluster(v1::PublishClusterRequest {
+            request_id: format!("cluster-{tag}"),
+            class: class_wire.into(),
+            node_ids,
+            listing: Some(listing_to_wire(&listing(class))),
+        })
+        .await?
+        .into_inner())
+}
