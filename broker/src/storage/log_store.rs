@@ -127,7 +127,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.committed.store(committed.map_or(0, |c| c.index), std::sync::atomic::Ordering::Relaxed);
         // Not synced: losing it only means re-learning the commit index from the leader; it lets
         // a restarted node re-apply its committed entries at once.
-        self.put_meta(KEY_COMMITTED, &committed, false).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))
+        // Outside the WAL, too: a WAL write would join the next log append's fsync group and
+        // wait for that disk sync on Raft's critical path.
+        let write = |e| io_err(ErrorSubject::Store, ErrorVerb::Write, e);
+        let meta = cf(&self.db, CF_META).map_err(write)?;
+        let mut options = WriteOptions::default();
+        options.disable_wal(true);
+        let bytes = postcard::to_allocvec(&committed).map_err(|e| write(e.into()))?;
+        self.db.put_cf_opt(meta, KEY_COMMITTED, bytes, &options).map_err(|e| write(e.into()))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
