@@ -12,7 +12,7 @@ use suanli_proto::v1::{self, AccountKind};
 use suanli_testkit::Service;
 use tempfile::TempDir;
 
-const PLATFORM_TOKEN: &str = "test-platform-token-0123456789";
+use suanli_testkit::cluster::PLATFORM_TOKEN;
 
 fn now_micros() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)

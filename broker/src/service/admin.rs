@@ -9,7 +9,7 @@ use suanli_proto::v1::{self, cluster_admin_server::ClusterAdmin};
 use suanli_types::{Caller, DomainError, ErrorCode};
 use tonic::{Request, Response, Status};
 
-use super::Shared;
+use super::{invalid, Shared};
 use crate::state::Command;
 
 pub struct Admin {
@@ -49,10 +49,6 @@ impl Admin {
 
 fn raft_error(e: impl std::fmt::Display) -> Status {
     status(ErrorCode::Unavailable, format!("membership change failed: {e}"), &[])
-}
-
-fn invalid(field: &str, problem: &str) -> Status {
-    to_status(&DomainError::invalid(field, problem))
 }
 
 #[tonic::async_trait]

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{Consistency, auth_code_domain, now, random_secret, wire, Shared, TOKEN_DOMAIN};
+use super::{auth_code_domain, invalid, may_see_lease, Consistency, now, random_secret, wire, Shared, TOKEN_DOMAIN};
 use crate::state::{Command, Response as Applied};
 
 pub struct BrokerApi {
@@ -30,10 +30,6 @@ impl BrokerApi {
     pub fn new(shared: Shared) -> Self {
         BrokerApi { shared }
     }
-}
-
-fn invalid(field: &str, problem: &str) -> Status {
-    to_status(&DomainError::invalid(field, problem))
 }
 
 fn required_id(field: &str, id: u64) -> Result<u64, Status> {
@@ -66,16 +62,6 @@ impl BrokerApi {
                 Ok(Response::new(wire))
             }
             other => Err(unexpected(&other)),
-        }
-    }
-
-    /// A lease visible to the caller: its researcher, its supplier, the platform or an operator.
-    /// Anyone else is told it does not exist.
-    fn visible_lease(&self, caller: &Caller, lease: &crate::state::Lease) -> bool {
-        match caller {
-            Caller::Account(id) => *id == lease.researcher || *id == lease.supplier,
-            Caller::Platform | Caller::Operator(_) | Caller::System => true,
-            Caller::Agent(_) => false,
         }
     }
 }
@@ -379,7 +365,7 @@ impl Broker for BrokerApi {
                 let caller = self.shared.caller(&request)?;
                 let id = LeaseId(required_id("lease_id", request.get_ref().lease_id)?);
                 self.shared
-                    .read(consistency, |s| s.lease(id).filter(|l| self.visible_lease(&caller, l)).map(wire::lease))
+                    .read(consistency, |s| s.lease(id).filter(|l| may_see_lease(&caller, l)).map(wire::lease))
                     .await?
                     .map(Response::new)
                     .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Lease, id)))
@@ -400,7 +386,7 @@ impl Broker for BrokerApi {
                     .shared
                     .read(consistency, |s| {
                         s.leases()
-                            .filter(|l| self.visible_lease(&caller, l) && (!live_only || l.state.is_live()))
+                            .filter(|l| may_see_lease(&caller, l) && (!live_only || l.state.is_live()))
                             .map(wire::lease)
                             .collect()
                     })

@@ -47,15 +47,10 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("suanli_broker");
-        let requests = Family::<RequestLabels, Counter>::default();
-        let latency = Family::<MethodLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
-        });
-        let metrics = Metrics {
-            registry: Mutex::new(Registry::default()),
-            requests,
-            latency,
+        let mut metrics = Metrics {
+            registry: Mutex::new(Registry::with_prefix("suanli_broker")),
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))),
             term: Gauge::default(),
             leader: Gauge::default(),
             last_log_index: Gauge::default(),
@@ -65,6 +60,8 @@ impl Metrics {
             snapshot_bytes: Gauge::default(),
             committed_index: Gauge::default(),
         };
+        // Metric handles share their values with their clones, so the registry holds clones.
+        let registry = metrics.registry.get_mut().unwrap_or_else(|p| p.into_inner());
         registry.register("requests", "gRPC requests by method and result code", metrics.requests.clone());
         registry.register("request_seconds", "gRPC request latency", metrics.latency.clone());
         registry.register("raft_term", "current Raft term", metrics.term.clone());
@@ -75,9 +72,6 @@ impl Metrics {
         registry.register("raft_snapshot_index", "log index of the last snapshot", metrics.snapshot_index.clone());
         registry.register("raft_snapshot_bytes", "size of the last snapshot built or installed", metrics.snapshot_bytes.clone());
         registry.register("raft_committed_index", "last committed log index known to this node", metrics.committed_index.clone());
-        if let Ok(mut r) = metrics.registry.lock() {
-            *r = registry;
-        }
         metrics
     }
 

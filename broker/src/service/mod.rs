@@ -129,6 +129,21 @@ impl Consistency {
     }
 }
 
+/// Whether `caller` may see `lease`: its researcher, its supplier, the platform or an operator.
+/// Anyone else is told it does not exist.
+pub fn may_see_lease(caller: &Caller, lease: &crate::state::Lease) -> bool {
+    match caller {
+        Caller::Account(id) => *id == lease.researcher || *id == lease.supplier,
+        Caller::Platform | Caller::Operator(_) | Caller::System => true,
+        Caller::Agent(_) => false,
+    }
+}
+
+/// `INVALID_ARGUMENT` for one field.
+pub fn invalid(field: &str, problem: &str) -> Status {
+    to_status(&DomainError::invalid(field, problem))
+}
+
 pub fn now() -> Timestamp {
     let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     Timestamp::from_millis(ms)

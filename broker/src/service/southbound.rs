@@ -11,7 +11,7 @@ use suanli_types::{Caller, DomainError, LeaseId};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::broker_api::{lease_reply, set_card_status};
-use super::{Consistency, wire, Shared};
+use super::{may_see_lease, wire, Consistency, Shared};
 use crate::state::{Command, Lease, State};
 
 pub struct Icpcss {
@@ -93,14 +93,6 @@ fn task_of(s: &State, l: &Lease) -> v1::Task {
     wire::task(l, &cpc)
 }
 
-fn may_see(caller: &Caller, l: &Lease) -> bool {
-    match caller {
-        Caller::Account(id) => *id == l.researcher || *id == l.supplier,
-        Caller::Platform | Caller::Operator(_) | Caller::System => true,
-        Caller::Agent(_) => false,
-    }
-}
-
 #[tonic::async_trait]
 impl TaskService for Itm {
     async fn get_task(&self, request: Request<v1::GetTaskRequest>) -> Result<Response<v1::Task>, Status> {
@@ -110,7 +102,7 @@ impl TaskService for Itm {
                 let caller = self.shared.caller(&request)?;
                 let id = LeaseId(request.get_ref().lease_id);
                 self.shared
-                    .read(consistency, |s| s.lease(id).filter(|l| may_see(&caller, l)).map(|l| task_of(s, l)))
+                    .read(consistency, |s| s.lease(id).filter(|l| may_see_lease(&caller, l)).map(|l| task_of(s, l)))
                     .await?
                     .map(Response::new)
                     .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Lease, id)))
@@ -128,7 +120,7 @@ impl TaskService for Itm {
                     .shared
                     .read(consistency, |s| {
                         s.leases()
-                            .filter(|l| may_see(&caller, l) && (!live_only || l.state.is_live()))
+                            .filter(|l| may_see_lease(&caller, l) && (!live_only || l.state.is_live()))
                             .map(|l| task_of(s, l))
                             .collect()
                     })

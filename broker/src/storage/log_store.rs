@@ -5,12 +5,12 @@ use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{AnyError, Entry, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, Vote};
+use openraft::{Entry, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, Vote};
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{cf, index_key, key_index, LogId, NodeId, StorageError, StoreError, TypeConfig, CF_LOG, CF_META};
+use super::{cf, index_key, io_err, key_index, LogId, NodeId, StorageError, StoreError, TypeConfig, CF_LOG, CF_META};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -21,10 +21,6 @@ pub struct LogStore {
     db: Arc<DB>,
     /// The committed index openraft last reported, for metrics.
     committed: Arc<std::sync::atomic::AtomicU64>,
-}
-
-fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
-    openraft::StorageIOError::new(subject, verb, AnyError::new(&e)).into()
 }
 
 impl LogStore {

@@ -106,6 +106,15 @@ pub(crate) fn cf<'a>(db: &'a DB, name: &'static str) -> Result<&'a rocksdb::Colu
     db.cf_handle(name).ok_or(StoreError::MissingColumnFamily(name))
 }
 
+/// A storage failure as openraft reports it: what was being read or written, and why.
+pub(crate) fn io_err(
+    subject: openraft::ErrorSubject<NodeId>,
+    verb: openraft::ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError {
+    openraft::StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
+}
+
 pub(crate) fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }

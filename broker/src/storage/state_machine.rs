@@ -7,14 +7,16 @@ use std::sync::{Arc, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    Entry, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
     StoredMembership,
 };
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::{cf, index_key, key_index, LogId, NodeId, StorageError, StoreError, TypeConfig, CF_EVENTS, CF_META, CF_SNAPSHOT};
+use super::{
+    cf, index_key, io_err, key_index, LogId, NodeId, StorageError, StoreError, TypeConfig, CF_EVENTS, CF_META, CF_SNAPSHOT,
+};
 use crate::state::{AppliedEvents, Outcome, Response, State};
 
 const KEY_SNAPSHOT: &[u8] = b"current";
@@ -58,10 +60,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct StateMachineStore {
     inner: Arc<Inner>,
-}
-
-fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
-    openraft::StorageIOError::new(subject, verb, AnyError::new(&e)).into()
 }
 
 fn sm_read(e: StoreError) -> StorageError {

@@ -24,21 +24,27 @@ pub type Client = BrokerClient<InterceptedService<Channel, Bearer>>;
 
 /// Connects to `endpoint` (`http://host:port`), authenticating as `token` (none: anonymous).
 pub async fn connect(endpoint: &str, token: Option<&str>) -> Result<Client, ClientError> {
-    let channel = Endpoint::from_shared(endpoint.to_owned())
+    with_token(channel(endpoint).await?, token)
+}
+
+/// A connected channel to `endpoint` (`http://host:port`).
+pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
+    Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| ClientError::Endpoint(e.to_string()))?
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| ClientError::Connect(endpoint.to_owned(), e.to_string()))?;
-    with_token(channel, token)
+        .map_err(|e| ClientError::Connect(endpoint.to_owned(), e.to_string()))
+}
+
+fn bearer(token: Option<&str>) -> Result<Bearer, ClientError> {
+    let value = token.map(|t| format!("Bearer {t}").parse().map_err(|_| ClientError::Token)).transpose()?;
+    Ok(Bearer(value))
 }
 
 /// A client over an existing channel (channels are cheap to clone and multiplex calls).
 pub fn with_token(channel: Channel, token: Option<&str>) -> Result<Client, ClientError> {
-    let value = token
-        .map(|t| format!("Bearer {t}").parse().map_err(|_| ClientError::Token))
-        .transpose()?;
-    Ok(BrokerClient::with_interceptor(channel, Bearer(value)).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(BrokerClient::with_interceptor(channel, bearer(token)?).max_decoding_message_size(64 * 1024 * 1024))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +61,5 @@ pub type AdminClient = ClusterAdminClient<InterceptedService<Channel, Bearer>>;
 
 /// A cluster-administration client (platform token).
 pub async fn admin(endpoint: &str, token: &str) -> Result<AdminClient, ClientError> {
-    let channel = Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| ClientError::Endpoint(e.to_string()))?
-        .connect()
-        .await
-        .map_err(|e| ClientError::Connect(endpoint.to_owned(), e.to_string()))?;
-    let value = format!("Bearer {token}").parse().map_err(|_| ClientError::Token)?;
-    Ok(ClusterAdminClient::with_interceptor(channel, Bearer(Some(value))))
+    Ok(ClusterAdminClient::with_interceptor(channel(endpoint).await?, bearer(Some(token))?))
 }

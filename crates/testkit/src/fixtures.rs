@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use suanli_proto::client::Client;
-use suanli_proto::convert::{inventory_to_wire, listing_to_wire};
+use suanli_proto::convert::{cluster_class_to_wire, inventory_to_wire, listing_to_wire};
 use suanli_proto::v1::{self, AccountKind};
 use suanli_types::cluster::DiskMedium;
 use suanli_types::{
@@ -74,14 +74,10 @@ pub async fn publish(
             .into_inner();
         node_ids.push(node.node_id);
     }
-    let class_wire = match class {
-        ClusterClass::A => v1::ClusterClass::A,
-        ClusterClass::B => v1::ClusterClass::B,
-    };
     Ok(supplier
         .publish_cluster(v1::PublishClusterRequest {
             request_id: format!("cluster-{tag}"),
-            class: class_wire.into(),
+            class: cluster_class_to_wire(class),
             node_ids,
             listing: Some(listing_to_wire(&listing(class))),
         })
