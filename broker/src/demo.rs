@@ -79,8 +79,10 @@ pub async fn seed(channel: Channel, platform_token: &str) -> Result<DemoAccounts
                         uuid: format!("GPU-demo-{i}-{n}-{c}"),
                         model: spec.model.into(),
                         vram_mib: spec.vram_gib as u64 * 1024,
+                        ..Default::default()
                     })
                     .collect(),
+                ..Default::default()
             };
             let node = supplier
                 .enroll_node(v1::EnrollNodeRequest { request_id: format!("demo-node-{i}-{n}"), inventory: Some(inventory) })

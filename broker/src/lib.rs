@@ -4,6 +4,7 @@
 //! - [`storage`]: openraft's log and state-machine storage over RocksDB.
 //! - [`network`]: Raft's RPCs between nodes, over gRPC.
 //! - [`service`]: the public gRPC services, authentication, metrics, the lease reaper.
+//! - [`telemetry`]: rolling windows of agent telemetry, card health, silent agents.
 //! - [`server`]: wiring one node together.
 //! - [`demo`]: demo listings for a local marketplace.
 
@@ -13,3 +14,4 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod storage;
+pub mod telemetry;

@@ -122,6 +122,8 @@ struct FileBroker {
     reaper_interval_ms: Option<u64>,
     snapshot_every_entries: Option<u64>,
     events_retained: Option<u64>,
+    /// An enrolled agent not heard from for this long has its cards marked silent.
+    agent_silent_after_ms: Option<u64>,
     /// Per-peer address overrides: node id → HOST:PORT this node dials instead of the address
     /// in the membership (NAT, sidecars, the test harness's fault-injecting links).
     #[serde(default)]
@@ -172,6 +174,8 @@ struct CatalogueArgs {
 }
 
 /// The development platform token: fine on loopback, refused nowhere, never for production.
+/// Ten missed one-second samples.
+const DEFAULT_AGENT_SILENT_AFTER_MS: u64 = 10_000;
 const DEV_PLATFORM_TOKEN: &str = "dev-platform-token-not-for-production";
 
 fn init_logging(filter: &str) {
@@ -209,6 +213,7 @@ fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         reaper_interval: Duration::from_millis(file.reaper_interval_ms.unwrap_or(1000)),
         snapshot_every_entries: file.snapshot_every_entries.unwrap_or(10_000),
         events_retained: file.events_retained.unwrap_or(DEFAULT_EVENTS_RETAINED),
+        agent_silent_after: Duration::from_millis(file.agent_silent_after_ms.unwrap_or(DEFAULT_AGENT_SILENT_AFTER_MS)),
         peer_overrides: file
             .peers
             .iter()
@@ -263,6 +268,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         reaper_interval: Duration::from_secs(1),
         snapshot_every_entries: 10_000,
         events_retained: DEFAULT_EVENTS_RETAINED,
+        agent_silent_after: Duration::from_millis(DEFAULT_AGENT_SILENT_AFTER_MS),
         peer_overrides: Default::default(),
     })
     .await?;

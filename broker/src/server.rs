@@ -24,9 +24,14 @@ use crate::network::{Network, PeerAddresses, RaftService};
 use crate::service::admin::Admin;
 use crate::service::broker_api::BrokerApi;
 use crate::service::metrics::Metrics;
-use crate::service::southbound::{Icpcss, Irmds, Itm};
+use crate::service::monitoring::Irmds;
+use crate::service::southbound::{Icpcss, Itm};
 use crate::service::{reaper, Shared};
 use crate::storage::{self, Raft, StoreError};
+use crate::telemetry::{self, Telemetry};
+
+/// How often the leader commits card health and looks for silent agents.
+const HEALTH_TICK: Duration = Duration::from_millis(500);
 
 /// Largest gRPC message a node accepts; commands are further limited to 64 KiB.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -49,6 +54,8 @@ pub struct NodeConfig {
     pub events_retained: u64,
     /// Addresses to reach particular peers by, instead of the ones in the membership.
     pub peer_overrides: BTreeMap<u64, String>,
+    /// An enrolled agent not heard from for this long has its cards marked silent.
+    pub agent_silent_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +118,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let shared = Shared::new(raft.clone(), sm, &config.platform_token, metrics.clone());
     let mut stop = Vec::new();
     let mut tasks = Vec::new();
+    let telemetry = Telemetry::new(config.agent_silent_after);
 
     let (stop_grpc, stopped) = oneshot::channel::<()>();
     stop.push(stop_grpc);
@@ -123,7 +131,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         )
         .add_service(SupplierServiceServer::new(Icpcss::new(shared.clone())))
         .add_service(TaskServiceServer::new(Itm::new(shared.clone())))
-        .add_service(MonitoringServiceServer::new(Irmds))
+        .add_service(MonitoringServiceServer::new(Irmds::new(shared.clone(), telemetry.clone())))
         .add_service(
             RaftInternalServer::new(RaftService::new(raft.clone()))
                 .max_decoding_message_size(256 * 1024 * 1024),
@@ -161,6 +169,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     };
 
     tasks.push(tokio::spawn(reaper::run(shared.clone(), config.reaper_interval)));
+    tasks.push(tokio::spawn(telemetry::monitor(shared.clone(), telemetry, HEALTH_TICK)));
     info!(node = config.node_id, grpc = %grpc_addr, metrics = ?metrics_addr, "broker node serving");
     Ok(RunningNode { shared, grpc_addr, metrics_addr, stop, tasks })
 }

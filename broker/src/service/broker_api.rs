@@ -40,7 +40,7 @@ fn required_id(field: &str, id: u64) -> Result<u64, Status> {
     }
 }
 
-fn unexpected(what: &Applied) -> Status {
+pub(crate) fn unexpected(what: &Applied) -> Status {
     Status::internal(format!("unexpected state machine response {what:?}"))
 }
 

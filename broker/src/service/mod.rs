@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod broker_api;
 pub mod metrics;
+pub mod monitoring;
 pub mod reaper;
 pub mod southbound;
 pub mod wire;
@@ -63,8 +64,12 @@ impl Shared {
             return Ok(Caller::Platform);
         }
         self.sm
-            .read(|s| s.account_by_token(&hash).map(|a| Caller::Account(a.id)))
-            .ok_or_else(|| unauthenticated("unknown token"))
+            .read(|s| {
+                s.account_by_token(&hash)
+                    .map(|a| Caller::Account(a.id))
+                    .or_else(|| s.node_by_agent_credential(&hash).map(Caller::Agent))
+            })
+            .ok_or_else(|| unauthenticated("unknown or revoked token"))
     }
 
     /// Commits a command through Raft and returns its outcome. A write is acknowledged only

@@ -1,18 +1,32 @@
 //! The SPEC §4 interfaces: Icpcss (`SupplierService`), Itm (`TaskService`) and Irmds
-//! (`MonitoringService`, implemented by the agent issue).
+//! (`MonitoringService`, in `monitoring.rs`).
 
+use suanli_proto::convert::inventory_from_wire;
 use suanli_proto::to_status;
 use suanli_proto::v1::{
-    self, monitoring_service_server::MonitoringService, supplier_service_server::SupplierService,
+    self, supplier_service_server::SupplierService,
     task_service_server::TaskService,
 };
 use suanli_types::error::EntityKind;
-use suanli_types::{Caller, DomainError, LeaseId};
-use tonic::{Request, Response, Status, Streaming};
+use suanli_types::{Caller, ClusterClass, DomainError, LeaseId, NodeId, SecretHash};
+use tonic::{Request, Response, Status};
 
-use super::broker_api::{lease_reply, set_card_status};
-use super::{may_see_lease, wire, Consistency, Shared};
-use crate::state::{Command, Lease, State};
+use super::broker_api::{lease_reply, set_card_status, unexpected};
+use super::{invalid, may_see_lease, now, random_secret, wire, Consistency, Shared, TOKEN_DOMAIN};
+use crate::state::{rules, Command, Lease, Response as Applied, State};
+
+/// Hash domain of agent enrollment tokens (their credentials share `TOKEN_DOMAIN` with API
+/// tokens: one lookup authenticates any bearer).
+pub const ENROLLMENT_DOMAIN: &str = "enrollment-token";
+/// Shortest agent credential accepted: 32 characters of the agent's own randomness.
+pub const MIN_CREDENTIAL_LEN: usize = 32;
+
+fn node_reply(applied: Applied) -> Result<Response<v1::Node>, Status> {
+    match applied {
+        Applied::Node(n) => Ok(Response::new(wire::node(&n))),
+        other => Err(unexpected(&other)),
+    }
+}
 
 pub struct Icpcss {
     shared: Shared,
@@ -26,6 +40,81 @@ impl Icpcss {
 
 #[tonic::async_trait]
 impl SupplierService for Icpcss {
+    async fn create_enrollment_token(
+        &self,
+        request: Request<v1::CreateEnrollmentTokenRequest>,
+    ) -> Result<Response<v1::CreateEnrollmentTokenResponse>, Status> {
+        self.shared
+            .observe("CreateEnrollmentToken", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let valid = i64::from(req.valid_seconds);
+                if valid == 0 || valid > rules::ENROLLMENT_TOKEN_MAX_SECONDS {
+                    let range = format!("between 1 and {} seconds", rules::ENROLLMENT_TOKEN_MAX_SECONDS);
+                    return Err(invalid("valid_seconds", &range));
+                }
+                let token = format!("SLE-{}", random_secret(32));
+                let token_hash = SecretHash::of(ENROLLMENT_DOMAIN, &token);
+                let expires_at = now().plus_seconds(valid);
+                self.shared
+                    .propose(caller, &req.request_id, Command::IssueEnrollmentToken { token_hash, expires_at })
+                    .await?;
+                Ok(Response::new(v1::CreateEnrollmentTokenResponse { token, expires_at_ms: expires_at.millis() }))
+            })
+            .await
+    }
+
+    async fn enroll_agent(&self, request: Request<v1::EnrollAgentRequest>) -> Result<Response<v1::Node>, Status> {
+        self.shared
+            .observe("EnrollAgent", async {
+                let req = request.into_inner();
+                if req.credential.len() < MIN_CREDENTIAL_LEN || req.credential.len() > 256 {
+                    return Err(invalid("credential", "between 32 and 256 characters of the agent's own randomness"));
+                }
+                if req.enrollment_token.is_empty() || req.enrollment_token.len() > 256 {
+                    return Err(invalid("enrollment_token", "required"));
+                }
+                let inventory = inventory_from_wire(req.inventory).map_err(|e| to_status(&e))?;
+                let command = Command::EnrollAgent {
+                    token_hash: SecretHash::of(ENROLLMENT_DOMAIN, &req.enrollment_token),
+                    credential_hash: SecretHash::of(TOKEN_DOMAIN, &req.credential),
+                    inventory,
+                };
+                node_reply(self.shared.propose(Caller::System, &req.request_id, command).await?)
+            })
+            .await
+    }
+
+    async fn revoke_agent(&self, request: Request<v1::RevokeAgentRequest>) -> Result<Response<v1::Node>, Status> {
+        self.shared
+            .observe("RevokeAgent", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let node = NodeId(req.node_id);
+                node_reply(self.shared.propose(caller, &req.request_id, Command::RevokeAgent { node }).await?)
+            })
+            .await
+    }
+
+    async fn get_agent_node(
+        &self,
+        request: Request<v1::GetAgentNodeRequest>,
+    ) -> Result<Response<v1::AgentNode>, Status> {
+        self.shared
+            .observe("GetAgentNode", async {
+                let consistency = Consistency::of(&request);
+                let Caller::Agent(node) = self.shared.caller(&request)? else {
+                    return Err(to_status(&DomainError::PermissionDenied("agents only".into())));
+                };
+                self.shared
+                    .read(consistency, |s| agent_node(s, node))
+                    .await?
+                    .map(Response::new)
+                    .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Node, node)))
+            })
+            .await
+    }
+
     async fn report_card_status(
         &self,
         request: Request<v1::ReportCardStatusRequest>,
@@ -78,6 +167,17 @@ impl SupplierService for Icpcss {
     }
 }
 
+/// What an agent needs to know about its own node.
+pub fn agent_node(s: &State, node: NodeId) -> Option<v1::AgentNode> {
+    let n = s.node(node)?;
+    let class = n.cluster.and_then(|c| s.cluster(c)).map(|c| c.class);
+    Some(v1::AgentNode {
+        node: Some(wire::node(n)),
+        cards: n.cards.iter().filter_map(|c| s.card(*c)).map(wire::card).collect(),
+        full_telemetry: class != Some(ClusterClass::A),
+    })
+}
+
 pub struct Itm {
     shared: Shared,
 }
@@ -128,25 +228,5 @@ impl TaskService for Itm {
                 Ok(Response::new(v1::ListTasksResponse { tasks }))
             })
             .await
-    }
-}
-
-/// Irmds: the contract is fixed; telemetry arrives with the agent issue.
-pub struct Irmds;
-
-#[tonic::async_trait]
-impl MonitoringService for Irmds {
-    async fn push_samples(
-        &self,
-        _request: Request<Streaming<v1::NodeSample>>,
-    ) -> Result<Response<v1::PushSamplesResponse>, Status> {
-        Err(Status::unimplemented("telemetry ingestion arrives with the supplier agent"))
-    }
-
-    async fn query_cluster(
-        &self,
-        _request: Request<v1::QueryClusterRequest>,
-    ) -> Result<Response<v1::QueryClusterResponse>, Status> {
-        Err(Status::unimplemented("telemetry queries arrive with the supplier agent"))
     }
 }

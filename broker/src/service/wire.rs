@@ -1,7 +1,7 @@
 //! Broker model → wire messages. (Types owned by `suanli-types` convert in `suanli-proto`.)
 
 use suanli_proto::convert::{
-    account_kind_to_wire, billing_mode_to_wire, card_spec_to_wire, card_status_to_wire, cluster_class_to_wire,
+    account_kind_to_wire, billing_mode_to_wire, card_health_to_wire, card_spec_to_wire, card_status_to_wire, cluster_class_to_wire,
     end_reason_to_wire, inventory_to_wire, lease_state_to_wire, listing_to_wire, money_to_wire,
 };
 use suanli_proto::v1;
@@ -16,6 +16,7 @@ pub fn card(c: &Card) -> v1::Card {
         spec: Some(card_spec_to_wire(&c.spec)),
         status: card_status_to_wire(c.status),
         lease_id: c.lease.map_or(0, |l| l.0),
+        health: card_health_to_wire(c.health),
     }
 }
 
@@ -131,6 +132,17 @@ pub fn event(e: &Event) -> v1::Event {
         Event::AuthCodeRejected { lease, attempts_left } => {
             Kind::AuthCodeRejected(v1::AuthCodeRejected { lease_id: lease.0, attempts_left: *attempts_left })
         }
+        Event::AgentEnrolled { node, supplier, reenrolled } => Kind::AgentEnrolled(v1::AgentEnrolled {
+            node_id: node.0,
+            supplier_id: supplier.0,
+            reenrolled: *reenrolled,
+        }),
+        Event::AgentRevoked { node } => Kind::AgentRevoked(v1::AgentRevoked { node_id: node.0 }),
+        Event::CardHealthChanged { card, from, to } => Kind::CardHealthChanged(v1::CardHealthChanged {
+            card_id: card.0,
+            from: card_health_to_wire(*from),
+            to: card_health_to_wire(*to),
+        }),
     };
     v1::Event { kind: Some(kind) }
 }

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use suanli_types::{
-    AccountId, AccountKind, BillingMode, CardId, CardStatus, Caller, ClusterClass, ClusterId, EndReason, LeaseId, LeaseUnit,
+    AccountId, AccountKind, BillingMode, CardHealth, CardId, CardStatus, Caller, ClusterClass, ClusterId, EndReason, LeaseId, LeaseUnit,
     Listing, NodeId, NodeInventory, RequestId, SecretHash, SshPublicKey, Timestamp,
 };
 
@@ -29,6 +29,17 @@ pub enum Command {
     AddSshKey { account: AccountId, key: SshPublicKey },
     /// A supplier enrolls a server it owns.
     EnrollNode { inventory: NodeInventory },
+    /// A supplier mints a one-time enrollment token for an agent (hashed by the service).
+    IssueEnrollmentToken { token_hash: SecretHash, expires_at: Timestamp },
+    /// An agent enrolls with a supplier's token; the token is its only authority (the caller
+    /// is `System`). `credential_hash` is the hash of a secret the agent drew itself, so a
+    /// retried enrollment is the same command. A node of the same supplier that shares a card
+    /// UUID or the hostname is a reinstall: it keeps its IDs and history.
+    EnrollAgent { token_hash: SecretHash, credential_hash: SecretHash, inventory: NodeInventory },
+    /// The supplier or an operator withdraws a node's agent credential.
+    RevokeAgent { node: NodeId },
+    /// System only: what the leader's health monitor concluded from telemetry and silence.
+    SetCardHealth { changes: Vec<(CardId, CardHealth)> },
     PublishCluster { class: ClusterClass, nodes: Vec<NodeId>, listing: Listing },
     ModifyCluster { cluster: ClusterId, listing: Listing },
     DelistCluster { cluster: ClusterId },
@@ -58,6 +69,10 @@ impl Command {
         let mut identity = self.clone();
         match &mut identity {
             Command::RegisterAccount { token_hash, .. } => *token_hash = SecretHash([0; 32]),
+            Command::IssueEnrollmentToken { token_hash, expires_at } => {
+                *token_hash = SecretHash([0; 32]);
+                *expires_at = Timestamp::from_millis(0);
+            }
             Command::ApproveLease { code_hash, code_expires_at, .. } => {
                 *code_hash = SecretHash([0; 32]);
                 *code_expires_at = Timestamp::from_millis(0);
@@ -72,6 +87,10 @@ impl Command {
             Command::RegisterAccount { .. } => "register_account",
             Command::AddSshKey { .. } => "add_ssh_key",
             Command::EnrollNode { .. } => "enroll_node",
+            Command::IssueEnrollmentToken { .. } => "issue_enrollment_token",
+            Command::EnrollAgent { .. } => "enroll_agent",
+            Command::RevokeAgent { .. } => "revoke_agent",
+            Command::SetCardHealth { .. } => "set_card_health",
             Command::PublishCluster { .. } => "publish_cluster",
             Command::ModifyCluster { .. } => "modify_cluster",
             Command::DelistCluster { .. } => "delist_cluster",

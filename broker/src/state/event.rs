@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use suanli_types::{
-    AccountId, AccountKind, CardId, CardStatus, ClusterId, CpcId, EndReason, LeaseId, LeaseState, NodeId, Timestamp,
+    AccountId, AccountKind, CardHealth, CardId, CardStatus, ClusterId, CpcId, EndReason, LeaseId, LeaseState, NodeId, Timestamp,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -13,6 +13,9 @@ pub enum Event {
     ClusterPublished { cluster: ClusterId, cpc: CpcId },
     ClusterModified { cluster: ClusterId, revision: u64 },
     ClusterDelisted { cluster: ClusterId },
+    AgentEnrolled { node: NodeId, supplier: AccountId, reenrolled: bool },
+    AgentRevoked { node: NodeId },
+    CardHealthChanged { card: CardId, from: CardHealth, to: CardHealth },
     CardStatusChanged { card: CardId, from: CardStatus, to: CardStatus, lease: Option<LeaseId> },
     LeaseStateChanged { lease: LeaseId, from: Option<LeaseState>, to: LeaseState, reason: Option<EndReason> },
     LeaseExtended { lease: LeaseId, periods: u32, paid_until: Timestamp },

@@ -12,14 +12,16 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use suanli_types::error::EntityKind;
 use suanli_types::{
-    AccountId, AccountKind, CardId, CardStatus, Caller, CatalogueFacts, CatalogueFilter, ClusterClass, ClusterId,
+    AccountId, AccountKind, CardHealth, CardId, CardStatus, Caller, CatalogueFacts, CatalogueFilter, ClusterClass, ClusterId,
     ClusterState, CpcId, DomainError, EndReason, LeaseAction, LeaseId, LeaseState, LeaseUnit, Money, NodeId,
     PageRequest, RequestId, SecretHash, Timestamp,
 };
 
 use super::command::{Command, Envelope};
 use super::event::Event;
-use super::model::{Account, AuthCode, Card, Cluster, Lease, Node};
+use super::model::{Account, AuthCode, Card, Cluster, EnrollmentToken, Lease, Node};
+
+mod agents;
 
 /// Limits that are part of the replicated rules (changing them is a format change).
 pub mod rules {
@@ -35,6 +37,8 @@ pub mod rules {
     pub const MAX_PERIODS_PER_REQUEST: u32 = 10_000;
     /// Largest encoded command the broker accepts.
     pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+    /// An enrollment token lives at most this long.
+    pub const ENROLLMENT_TOKEN_MAX_SECONDS: i64 = 7 * 24 * 3600;
 }
 
 /// What a successful command returns.
@@ -71,6 +75,8 @@ pub struct State {
     requests: BTreeMap<(Caller, RequestId), Remembered>,
     requests_by_age: VecDeque<(Timestamp, Caller, RequestId)>,
     next_id: u64,
+    enrollment_tokens: BTreeMap<SecretHash, EnrollmentToken>,
+    nodes_by_credential: BTreeMap<SecretHash, NodeId>,
     /// Raft node IDs of removed broker nodes: never admitted again.
     retired_broker_nodes: std::collections::BTreeSet<u64>,
 }
@@ -159,28 +165,17 @@ impl State {
             Command::EnrollNode { inventory } => {
                 let supplier = self.account_of_kind(caller, AccountKind::Supplier)?;
                 inventory.validate()?;
-                let node_id = NodeId(self.next());
-                let mut card_ids = Vec::with_capacity(inventory.cards.len());
-                for spec in &inventory.cards {
-                    let id = CardId(self.next());
-                    card_ids.push(id);
-                    self.cards.insert(
-                        id,
-                        Card { id, node: node_id, spec: spec.clone(), status: CardStatus::Idle, lease: None },
-                    );
-                }
-                let node = Node {
-                    id: node_id,
-                    supplier,
-                    inventory: inventory.clone(),
-                    cards: card_ids.clone(),
-                    cluster: None,
-                    enrolled_at: at,
-                };
-                self.nodes.insert(node_id, node.clone());
-                events.push(Event::NodeEnrolled { node: node_id, supplier, cards: card_ids });
-                Ok(Response::Node(Box::new(node)))
+                let node = self.add_node(supplier, inventory, at, events);
+                Ok(Response::Node(Box::new(self.nodes[&node].clone())))
             }
+            Command::IssueEnrollmentToken { token_hash, expires_at } => {
+                self.issue_enrollment_token(caller, *token_hash, *expires_at, at)
+            }
+            Command::EnrollAgent { token_hash, credential_hash, inventory } => {
+                self.enroll_agent(caller, token_hash, credential_hash, inventory, at, events)
+            }
+            Command::RevokeAgent { node } => self.revoke_agent(caller, *node, events),
+            Command::SetCardHealth { changes } => self.set_card_health(caller, changes, events),
             Command::PublishCluster { class, nodes, listing } => {
                 let supplier = self.account_of_kind(caller, AccountKind::Supplier)?;
                 listing.validate(*class)?;
@@ -267,6 +262,12 @@ impl State {
                 }
                 if c.lease.is_some() {
                     return Err(DomainError::CardUnavailable { card: *card, status: c.status });
+                }
+                if *status == CardStatus::Idle && c.health != CardHealth::Healthy {
+                    return Err(DomainError::invalid(
+                        "status",
+                        format!("the card is {}; it returns to idle when monitoring sees it healthy", c.health),
+                    ));
                 }
                 let from = c.status;
                 if from != *status {
@@ -557,7 +558,8 @@ impl State {
         self.live_leases.remove(&lease);
         events.push(Event::LeaseStateChanged { lease, from: Some(from), to, reason: Some(reason) });
         for card in cards {
-            self.set_card(card, CardStatus::Idle, None, events);
+            let released = self.cards.get(&card).map_or(CardStatus::Idle, |c| c.health.idle_status());
+            self.set_card(card, released, None, events);
         }
     }
 
@@ -638,6 +640,11 @@ impl State {
 
     pub fn account_by_token(&self, token_hash: &SecretHash) -> Option<&Account> {
         self.accounts_by_token.get(token_hash).and_then(|id| self.accounts.get(id))
+    }
+
+    /// The node whose agent holds this credential.
+    pub fn node_by_agent_credential(&self, credential_hash: &SecretHash) -> Option<NodeId> {
+        self.nodes_by_credential.get(credential_hash).copied()
     }
 
     pub fn account(&self, id: AccountId) -> Option<&Account> {

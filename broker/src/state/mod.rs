@@ -9,7 +9,7 @@ pub mod model;
 pub use command::{Command, Envelope};
 pub use event::{AppliedEvents, Event};
 pub use machine::{rules, ClusterSummary, Outcome, Response, State};
-pub use model::{Account, AuthCode, Card, Cluster, Lease, Node};
+pub use model::{Account, AuthCode, Card, Cluster, EnrollmentToken, Lease, Node};
 
 #[cfg(test)]
 mod tests;

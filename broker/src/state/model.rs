@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use suanli_types::{
-    AccountId, AccountKind, BillingMode, CardId, CardSpec, CardStatus, ClusterClass, ClusterId, ClusterState, CpcId,
+    AccountId, AccountKind, BillingMode, CardHealth, CardId, CardSpec, CardStatus, ClusterClass, ClusterId, ClusterState, CpcId,
     EndReason, LeaseId, LeaseState, LeaseUnit, Listing, Money, NodeId, NodeInventory, SecretHash, SshPublicKey,
     Timestamp,
 };
@@ -25,6 +25,9 @@ pub struct Node {
     pub cards: Vec<CardId>,
     pub cluster: Option<ClusterId>,
     pub enrolled_at: Timestamp,
+    /// Hash of the credential the node's agent authenticates with; `None` when no agent is
+    /// enrolled (a node enrolled by hand) or its agent was revoked.
+    pub agent_credential: Option<SecretHash>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +38,16 @@ pub struct Card {
     pub status: CardStatus,
     /// The live lease holding this card; `Some` exactly when `status` is reserved or busy.
     pub lease: Option<LeaseId>,
+    pub health: CardHealth,
+}
+
+/// A one-time token a supplier hands to an agent it installs; stored only as a hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentToken {
+    pub supplier: AccountId,
+    pub expires_at: Timestamp,
+    /// The node that enrolled with it: a token works once.
+    pub used_by: Option<NodeId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use suanli_types::cluster::DiskMedium;
 use suanli_types::{
-    AccountKind, BillingMode, CardSpec, CardStatus, CatalogueFilter, ClusterClass, Currency, DomainError, EndReason,
+    AccountKind, BillingMode, CardHealth, CardSpec, CardStatus, CatalogueFilter, ClusterClass, Currency, DomainError, EndReason,
     FieldError, LeaseState, Listing, LocalStorage, Money, NodeInventory, PriceList, ResourceType,
     SupplierEndReason, Validator,
 };
@@ -230,13 +230,31 @@ pub fn inventory_from_wire(wire: Option<v1::NodeInventory>) -> Result<NodeInvent
         cards: w
             .cards
             .into_iter()
-            .map(|c| CardSpec { index: c.index, uuid: c.uuid, model: c.model, vram_mib: c.vram_mib })
+            .map(|c| CardSpec {
+                index: c.index,
+                uuid: c.uuid,
+                model: c.model,
+                vram_mib: c.vram_mib,
+                pci_bus_id: c.pci_bus_id,
+                power_limit_mw: c.power_limit_mw,
+            })
             .collect(),
+        os: w.os,
+        disk_gib: w.disk_gib,
+        driver_version: w.driver_version,
+        cuda_version: w.cuda_version,
     })
 }
 
 pub fn card_spec_to_wire(c: &CardSpec) -> v1::CardSpec {
-    v1::CardSpec { index: c.index, uuid: c.uuid.clone(), model: c.model.clone(), vram_mib: c.vram_mib }
+    v1::CardSpec {
+        index: c.index,
+        uuid: c.uuid.clone(),
+        model: c.model.clone(),
+        vram_mib: c.vram_mib,
+        pci_bus_id: c.pci_bus_id.clone(),
+        power_limit_mw: c.power_limit_mw,
+    }
 }
 
 pub fn inventory_to_wire(i: &NodeInventory) -> v1::NodeInventory {
@@ -246,7 +264,26 @@ pub fn inventory_to_wire(i: &NodeInventory) -> v1::NodeInventory {
         vcpus: i.vcpus,
         memory_gib: i.memory_gib,
         cards: i.cards.iter().map(card_spec_to_wire).collect(),
+        os: i.os.clone(),
+        disk_gib: i.disk_gib,
+        driver_version: i.driver_version.clone(),
+        cuda_version: i.cuda_version.clone(),
     }
+}
+
+pub fn card_health_to_wire(health: CardHealth) -> i32 {
+    let wire = match health {
+        CardHealth::Healthy => v1::CardHealth::Healthy,
+        CardHealth::Lost => v1::CardHealth::Lost,
+        CardHealth::Overheating => v1::CardHealth::Overheating,
+        CardHealth::XidError => v1::CardHealth::XidError,
+        CardHealth::AgentSilent => v1::CardHealth::AgentSilent,
+    };
+    wire as i32
+}
+
+pub fn card_health_from_wire(raw: i32) -> Option<CardHealth> {
+    CardHealth::ALL.into_iter().find(|h| card_health_to_wire(*h) == raw)
 }
 
 /// Reads a catalogue query; `0`/empty means "no constraint".
@@ -289,6 +326,9 @@ mod tests {
         }
         for r in EndReason::ALL {
             assert_eq!(end_reason_from_wire(end_reason_to_wire(r)), Some(r));
+        }
+        for h in CardHealth::ALL {
+            assert_eq!(card_health_from_wire(card_health_to_wire(h)), Some(h));
         }
         for s in CardStatus::ALL {
             assert_eq!(card_status_from_wire(card_status_to_wire(s)), Some(s));

@@ -29,7 +29,7 @@ pub enum Fault {
     FallenOffBus,
     /// The cooling fails: the card heats far beyond its slowdown temperature under load.
     Overheat,
-    /// The card reports a burst of XID errors on every sample.
+    /// The card reports a burst of hardware XID errors (48, 63, 94) on every sample.
     XidStorm,
 }
 
@@ -133,7 +133,8 @@ impl GpuSource for SimulatedSource {
                 if rng.random_bool(0.001 * dt_s.min(60.0)) {
                     card.ecc_corrected += 1;
                 }
-                let xid_events = if card.fault == Some(Fault::XidStorm) { vec![13, 31, 43, 13] } else { Vec::new() };
+                // Hardware XIDs (double-bit ECC, row remapping, uncontained ECC): a failing card.
+                let xid_events = if card.fault == Some(Fault::XidStorm) { vec![48, 63, 94] } else { Vec::new() };
                 let u = card.utilization;
                 Ok(CardSample {
                     index: card.info.index,

@@ -43,8 +43,15 @@ pub fn inventory(tag: &str, cards: u32) -> NodeInventory {
         vcpus: 96,
         memory_gib: 512,
         cards: (0..cards)
-            .map(|i| CardSpec { index: i, uuid: format!("GPU-{tag}-{i}"), model: "L40S".into(), vram_mib: 48 * 1024 })
+            .map(|i| CardSpec {
+                index: i,
+                uuid: format!("GPU-{tag}-{i}"),
+                model: "L40S".into(),
+                vram_mib: 48 * 1024,
+                ..Default::default()
+            })
             .collect(),
+        ..Default::default()
     }
 }
 

@@ -11,7 +11,7 @@ use crate::error::{DomainError, Validator};
 pub const MAX_CARDS_PER_NODE: usize = 64;
 
 /// One GPU card as the node reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CardSpec {
     /// Index on the node (the CUDA/NVML ordinal).
     pub index: u32,
@@ -20,6 +20,10 @@ pub struct CardSpec {
     /// Model as reported, e.g. `NVIDIA A100-SXM4-80GB`.
     pub model: String,
     pub vram_mib: u64,
+    /// `0000:3B:00.0`; empty where the source cannot tell.
+    pub pci_bus_id: String,
+    /// Enforced power limit in milliwatts; 0 where unknown.
+    pub power_limit_mw: u32,
 }
 
 /// Every card is its own unit of compute with its own status (SPEC §2).
@@ -64,14 +68,69 @@ impl fmt::Display for CardStatus {
     }
 }
 
+/// What the platform's monitoring last concluded about a card, independent of leases. An
+/// unhealthy card that is idle leaves the market (offline or faulty); an unhealthy card under a
+/// lease keeps its lease, and the fault is on record for the lessee's service credit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum CardHealth {
+    #[default]
+    Healthy,
+    /// The driver lost the card (NVML `GPU_IS_LOST`, XID 79) or it vanished from the node.
+    Lost,
+    /// At or above the overheating threshold.
+    Overheating,
+    /// A critical XID error was reported.
+    XidError,
+    /// The node's agent stopped reporting.
+    AgentSilent,
+}
+
+impl CardHealth {
+    pub const ALL: [CardHealth; 5] =
+        [CardHealth::Healthy, CardHealth::Lost, CardHealth::Overheating, CardHealth::XidError, CardHealth::AgentSilent];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CardHealth::Healthy => "healthy",
+            CardHealth::Lost => "lost",
+            CardHealth::Overheating => "overheating",
+            CardHealth::XidError => "xid_error",
+            CardHealth::AgentSilent => "agent_silent",
+        }
+    }
+
+    /// The status an idle card takes while in this health: unreachable cards are offline,
+    /// misbehaving ones faulty.
+    pub fn idle_status(self) -> CardStatus {
+        match self {
+            CardHealth::Healthy => CardStatus::Idle,
+            CardHealth::Lost | CardHealth::AgentSilent => CardStatus::Offline,
+            CardHealth::Overheating | CardHealth::XidError => CardStatus::Faulty,
+        }
+    }
+}
+
+impl fmt::Display for CardHealth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What an enrolling node reports about itself: what a listing needs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInventory {
     pub hostname: String,
     pub cpu_model: String,
     pub vcpus: u32,
     pub memory_gib: u32,
     pub cards: Vec<CardSpec>,
+    /// e.g. `Debian GNU/Linux 12 (bookworm)`.
+    pub os: String,
+    /// Total local disk capacity.
+    pub disk_gib: u64,
+    /// NVIDIA driver and CUDA driver API versions; empty without a driver.
+    pub driver_version: String,
+    pub cuda_version: String,
 }
 
 impl NodeInventory {
@@ -84,6 +143,9 @@ impl NodeInventory {
             "letters, digits, '-' and '.' only",
         );
         v.text("cpu_model", &self.cpu_model, false, 128);
+        v.text("os", &self.os, false, 128);
+        v.text("driver_version", &self.driver_version, false, 32);
+        v.text("cuda_version", &self.cuda_version, false, 32);
         v.check(self.vcpus > 0, "vcpus", "must be positive");
         v.check(self.memory_gib > 0, "memory_gib", "must be positive");
         v.check(
@@ -100,6 +162,7 @@ impl NodeInventory {
             v.check(uuids.insert(card.uuid.as_str()), &format!("{field}.uuid"), "duplicate card uuid");
             v.text(&format!("{field}.model"), &card.model, true, 128);
             v.check(card.vram_mib > 0, &format!("{field}.vram_mib"), "must be positive");
+            v.text(&format!("{field}.pci_bus_id"), &card.pci_bus_id, false, 32);
         }
         v.finish()
     }
@@ -116,8 +179,15 @@ mod tests {
             vcpus: 128,
             memory_gib: 1024,
             cards: (0..2)
-                .map(|i| CardSpec { index: i, uuid: format!("GPU-{i}"), model: "A100 80GB".into(), vram_mib: 81920 })
+                .map(|i| CardSpec {
+                    index: i,
+                    uuid: format!("GPU-{i}"),
+                    model: "A100 80GB".into(),
+                    vram_mib: 81920,
+                    ..Default::default()
+                })
                 .collect(),
+            ..Default::default()
         }
     }
 

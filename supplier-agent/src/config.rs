@@ -1,0 +1,199 @@
+//! Configuration: a TOML file (`ops/agent.example.toml`), overridden by `SUANLI_AGENT_*`
+//! environment variables and flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+#[derive(Args, Debug, Default)]
+pub struct AgentArgs {
+    /// TOML configuration file; see ops/agent.example.toml.
+    #[arg(long, env = "SUANLI_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Broker gRPC endpoints, comma-separated (any node of the cluster will do).
+    #[arg(long, env = "SUANLI_AGENT_BROKER", value_delimiter = ',')]
+    pub broker: Vec<String>,
+    /// Where the agent keeps its credential and node identity.
+    #[arg(long, env = "SUANLI_AGENT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// One-time enrollment token from the supplier (only needed until the node is enrolled).
+    #[arg(long, env = "SUANLI_AGENT_ENROLLMENT_TOKEN", hide_env_values = true)]
+    pub enrollment_token: Option<String>,
+    /// Prometheus /metrics listen address (dcgm-exporter's port by default).
+    #[arg(long, env = "SUANLI_AGENT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// GPU source: `nvml` (the NVIDIA driver) or `simulated`.
+    #[arg(long, env = "SUANLI_AGENT_SOURCE")]
+    pub source: Option<SourceKind>,
+    /// Simulated cards' model, e.g. "A100 80GB".
+    #[arg(long, env = "SUANLI_AGENT_SIM_MODEL")]
+    pub sim_model: Option<String>,
+    #[arg(long, env = "SUANLI_AGENT_SIM_CARDS")]
+    pub sim_cards: Option<u32>,
+    #[arg(long, env = "SUANLI_AGENT_SIM_SEED")]
+    pub sim_seed: Option<u64>,
+    /// The node's name as enrolled (default: the system's hostname).
+    #[arg(long, env = "SUANLI_AGENT_HOSTNAME")]
+    pub hostname: Option<String>,
+    #[arg(long, env = "SUANLI_AGENT_SAMPLE_INTERVAL_MS")]
+    pub sample_interval_ms: Option<u64>,
+    /// Also append every sample, as sent, to this JSON-lines file (audits and tests).
+    #[arg(long, env = "SUANLI_AGENT_RECORD")]
+    pub record: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `suanli_agent=debug`.
+    #[arg(long, env = "SUANLI_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Nvml,
+    Simulated,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    agent: Option<FileAgent>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileAgent {
+    broker: Option<Vec<String>>,
+    state_dir: Option<PathBuf>,
+    enrollment_token: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+    hostname: Option<String>,
+    sample_interval_ms: Option<u64>,
+    retain_samples: Option<usize>,
+    max_batch: Option<usize>,
+    source: Option<SourceKind>,
+    nvml_library: Option<PathBuf>,
+    /// Use the simulated source when the NVIDIA library cannot be loaded.
+    fallback_to_simulated: Option<bool>,
+    simulated: Option<FileSimulated>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileSimulated {
+    model: Option<String>,
+    cards: Option<u32>,
+    seed: Option<u64>,
+    /// Target load of every card, 0.0–1.0.
+    load: Option<f64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimulatedConfig {
+    pub model: String,
+    pub cards: u32,
+    pub seed: u64,
+    pub load: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub brokers: Vec<String>,
+    pub state_dir: PathBuf,
+    pub enrollment_token: Option<String>,
+    pub metrics_listen: SocketAddr,
+    pub hostname: Option<String>,
+    pub sample_interval: Duration,
+    /// Samples kept after the broker acknowledged them, to refill a new leader's windows.
+    pub retain_samples: usize,
+    pub max_batch: usize,
+    pub source: SourceKind,
+    pub nvml_library: Option<PathBuf>,
+    pub fallback_to_simulated: bool,
+    pub simulated: SimulatedConfig,
+    pub record: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("parsing {0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl AgentConfig {
+    pub fn resolve(args: &AgentArgs) -> Result<AgentConfig, ConfigError> {
+        let file = match &args.config {
+            Some(path) => load(path)?,
+            None => FileAgent::default(),
+        };
+        let sim = file.simulated.unwrap_or_default();
+        let brokers = if args.broker.is_empty() { file.broker.unwrap_or_default() } else { args.broker.clone() };
+        if brokers.is_empty() {
+            return Err(ConfigError::Invalid("name the broker: --broker, SUANLI_AGENT_BROKER or [agent] broker".into()));
+        }
+        let config = AgentConfig {
+            brokers,
+            state_dir: args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/agent")),
+            enrollment_token: args.enrollment_token.clone().or(file.enrollment_token),
+            metrics_listen: args
+                .metrics_listen
+                .or(file.metrics_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9400))),
+            hostname: args.hostname.clone().or(file.hostname),
+            sample_interval: Duration::from_millis(args.sample_interval_ms.or(file.sample_interval_ms).unwrap_or(1000)),
+            retain_samples: file.retain_samples.unwrap_or(600),
+            max_batch: file.max_batch.unwrap_or(100),
+            source: args.source.or(file.source).unwrap_or(SourceKind::Nvml),
+            nvml_library: file.nvml_library,
+            fallback_to_simulated: file.fallback_to_simulated.unwrap_or(false),
+            simulated: SimulatedConfig {
+                model: args.sim_model.clone().or(sim.model).unwrap_or_else(|| "A100 80GB".into()),
+                cards: args.sim_cards.or(sim.cards).unwrap_or(8),
+                seed: args.sim_seed.or(sim.seed).unwrap_or(1),
+                load: sim.load.unwrap_or(0.3),
+            },
+            record: args.record.clone(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |why: &str| Err(ConfigError::Invalid(why.into()));
+        if self.sample_interval < Duration::from_millis(100) || self.sample_interval > Duration::from_secs(60) {
+            return bad("sample_interval_ms must be between 100 and 60000");
+        }
+        if !(1..=1000).contains(&self.max_batch) {
+            return bad("max_batch must be between 1 and 1000 (the broker's batch limit)");
+        }
+        if self.retain_samples < self.max_batch {
+            return bad("retain_samples must be at least max_batch");
+        }
+        if !(0.0..=1.0).contains(&self.simulated.load) {
+            return bad("simulated.load must be between 0.0 and 1.0");
+        }
+        if self.simulated.cards == 0 || self.simulated.cards as usize > suanli_types::node::MAX_CARDS_PER_NODE {
+            return bad("simulated.cards must be between 1 and 64");
+        }
+        if suanli_telemetry::models::find(&self.simulated.model).is_none() {
+            let known: Vec<&str> = suanli_telemetry::models::MODELS.iter().map(|m| m.name).collect();
+            return Err(ConfigError::Invalid(format!(
+                "unknown simulated model {:?}; known: {}",
+                self.simulated.model,
+                known.join(", ")
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn load(path: &Path) -> Result<FileAgent, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+    let parsed: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))?;
+    Ok(parsed.agent.unwrap_or_default())
+}
