@@ -1,1 +1,147 @@
-fn main() {}
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use suanli_agent::config::{AgentArgs, AgentConfig};
+use suanli_agent::identity::{self, IdentityError};
+use suanli_agent::runtime::{self, lock, Agent};
+use suanli_agent::source::Gpus;
+use suanli_agent::{exporter, host, inventory, probe, uplink};
+use suanli_telemetry::GpuSource;
+
+#[derive(Parser)]
+#[command(name = "suanli-agent", version, about = "Suanli supplier agent: enrollment, GPU telemetry, health")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll (first start) and report this node's GPUs to the broker until stopped.
+    Run(AgentArgs),
+    /// Print the inventory this node would enroll with, as JSON, and exit.
+    Inventory(AgentArgs),
+}
+
+/// How often network quality to the broker is measured.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run(args) => run(args).await,
+        Command::Inventory(args) => {
+            let config = AgentConfig::resolve(&args)?;
+            let facts = host::facts(config.hostname.as_deref());
+            let gpus = Gpus::open(&config, &facts.hostname)?;
+            let inventory = inventory(&facts, &gpus.cards());
+            println!("{}", serde_json::to_string_pretty(&inventory)?);
+            Ok(())
+        }
+    }
+}
+
+async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = AgentConfig::resolve(&args)?;
+    let facts = host::facts(config.hostname.as_deref());
+    let gpus = Gpus::open(&config, &facts.hostname)?;
+    let inventory = inventory(&facts, &gpus.cards());
+    inventory.validate().context("this node's inventory")?;
+
+    let (channel, identity) = enroll(&config, &inventory).await?;
+    drop(channel);
+    let record = match &config.record {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let agent = Arc::new(Agent::new(facts.hostname.clone(), identity.node_id(), gpus, config.retain_samples, record));
+    agent.full_telemetry.store(identity.node.full_telemetry, std::sync::atomic::Ordering::Relaxed);
+
+    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("binding {}", config.metrics_listen))?;
+    let metrics_addr = listener.local_addr()?;
+    let app = exporter::router(agent.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics endpoint failed");
+        }
+    });
+    tokio::spawn(runtime::sampler(agent.clone(), config.sample_interval));
+    tokio::spawn(uplink::run(agent.clone(), config.brokers.clone(), identity.credential.clone(), config.max_batch));
+    let probed = agent.clone();
+    let target = config.brokers[0].trim_start_matches("http://").trim_start_matches("https://").to_owned();
+    tokio::spawn(async move {
+        loop {
+            let quality = probe::measure(&target).await;
+            *lock(&probed.quality) = quality;
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    });
+
+    println!("SUANLI_READY metrics={metrics_addr} node={}", identity.node_id());
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    tracing::info!(node = identity.node_id(), metrics = %metrics_addr, cards = agent.cards.len(), "agent running");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+/// Connects to the first broker that answers and establishes the node's identity, retrying
+/// while the brokers are unreachable (an agent may start before them).
+async fn enroll(
+    config: &AgentConfig,
+    inventory: &suanli_types::NodeInventory,
+) -> anyhow::Result<(tonic::transport::Channel, identity::Identity)> {
+    let mut backoff = Duration::from_millis(200);
+    let mut attempt = 0usize;
+    loop {
+        let endpoint = &config.brokers[attempt % config.brokers.len()];
+        attempt += 1;
+        let outcome = match suanli_proto::client::channel(endpoint).await {
+            Ok(channel) => {
+                let established =
+                    identity::establish(channel.clone(), &config.state_dir, config.enrollment_token.as_deref(), inventory)
+                        .await;
+                match established {
+                    Ok(identity) => return Ok((channel, identity)),
+                    Err(e @ (IdentityError::Broker(_) | IdentityError::Enrollment(_)))
+                        if e.to_string().contains("UNAVAILABLE") =>
+                    {
+                        e.to_string()
+                    }
+                    Err(IdentityError::Broker(why)) => why,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(broker = %endpoint, why = %outcome, "broker not reachable yet; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

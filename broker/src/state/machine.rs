@@ -788,6 +788,14 @@ impl State {
             if card.lease.is_none() && matches!(card.status, CardStatus::Reserved | CardStatus::Busy) {
                 return Err(format!("{} is {} without a lease", card.id, card.status));
             }
+            if card.status == CardStatus::Idle && card.health != CardHealth::Healthy {
+                return Err(format!("{} is idle (in the market) while {}", card.id, card.health));
+            }
+        }
+        for (credential, node) in &self.nodes_by_credential {
+            if self.nodes.get(node).and_then(|n| n.agent_credential.as_ref()) != Some(credential) {
+                return Err(format!("credential index points at {node}, which holds another credential"));
+            }
         }
         Ok(())
     }

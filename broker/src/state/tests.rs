@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use suanli_types::{
-    AccountId, AccountKind, BillingMode, CardId, CardStatus, Caller, ClusterClass, ClusterId, DomainError, EndReason,
+    AccountId, AccountKind, BillingMode, CardHealth, CardId, CardStatus, Caller, ClusterClass, ClusterId, DomainError, EndReason,
     ErrorCode, LeaseAction, LeaseId, LeaseState, LeaseUnit, Listing, NodeId, NodeInventory, OperatorRole, RequestId,
     SecretHash, SupplierEndReason, Timestamp,
 };
@@ -425,6 +425,89 @@ fn snapshots_round_trip() {
     assert_eq!(back, m.w.state);
 }
 
+// ---- agents and card health --------------------------------------------------------------------
+
+fn enroll(w: &mut World, token: &str, credential: &str, inv: NodeInventory) -> Outcome {
+    let command = Command::EnrollAgent {
+        token_hash: SecretHash::of("enrollment-token", token),
+        credential_hash: SecretHash::of("api-token", credential),
+        inventory: inv,
+    };
+    w.run(Caller::System, command)
+}
+
+fn issue(w: &mut World, supplier: AccountId, token: &str, seconds: i64) -> Outcome {
+    let command = Command::IssueEnrollmentToken {
+        token_hash: SecretHash::of("enrollment-token", token),
+        expires_at: w.now.plus_seconds(seconds),
+    };
+    w.run(Caller::Account(supplier), command)
+}
+
+#[test]
+fn enrollment_tokens_work_once_before_they_expire_and_reinstalls_keep_the_node() {
+    let mut w = World::new();
+    let supplier = w.account(AccountKind::Supplier);
+    let researcher = w.account(AccountKind::Researcher);
+    assert_eq!(issue(&mut w, researcher, "t0", 600).unwrap_err().code(), ErrorCode::WrongAccountKind);
+    assert_eq!(issue(&mut w, supplier, "t0", rules::ENROLLMENT_TOKEN_MAX_SECONDS + 1).unwrap_err().code(), ErrorCode::InvalidArgument);
+    issue(&mut w, supplier, "t1", 600).expect("token");
+    let Response::Node(node) = enroll(&mut w, "t1", "cred-1", inventory(2)).expect("enrolled") else { panic!() };
+    assert_eq!(node.supplier, supplier);
+    assert_eq!(w.state.node_by_agent_credential(&SecretHash::of("api-token", "cred-1")), Some(node.id));
+    // Used, unknown, expired.
+    assert_eq!(enroll(&mut w, "t1", "cred-2", inventory(2)).unwrap_err().code(), ErrorCode::Unauthenticated);
+    assert_eq!(enroll(&mut w, "nope", "cred-2", inventory(2)).unwrap_err().code(), ErrorCode::Unauthenticated);
+    issue(&mut w, supplier, "t2", 60).expect("token");
+    w.advance(61);
+    assert_eq!(enroll(&mut w, "t2", "cred-2", inventory(2)).unwrap_err().code(), ErrorCode::Unauthenticated);
+
+    // A reinstall: same cards, one more; the node and its card IDs stay, the old credential goes.
+    issue(&mut w, supplier, "t3", 600).expect("token");
+    let Response::Node(again) = enroll(&mut w, "t3", "cred-3", inventory(3)).expect("re-enrolled") else { panic!() };
+    assert_eq!(again.id, node.id);
+    assert_eq!(again.cards[..2], node.cards[..]);
+    assert_eq!(again.cards.len(), 3);
+    assert_eq!(w.state.node_by_agent_credential(&SecretHash::of("api-token", "cred-1")), None);
+    assert_eq!(w.state.node_by_agent_credential(&SecretHash::of("api-token", "cred-3")), Some(node.id));
+
+    // Revocation: by the owner only; strangers are told the node does not exist.
+    let other = w.account(AccountKind::Supplier);
+    assert_eq!(w.run(Caller::Account(other), Command::RevokeAgent { node: node.id }).unwrap_err().code(), ErrorCode::NotFound);
+    w.ok(Caller::Account(supplier), Command::RevokeAgent { node: node.id });
+    assert_eq!(w.state.node_by_agent_credential(&SecretHash::of("api-token", "cred-3")), None);
+    w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn health_takes_idle_cards_out_of_the_market_and_leaves_leases_alone() {
+    let mut m = market();
+    let lease = m.w.lease(Caller::Account(m.researcher), request_b(m.class_b, 1));
+    m.w.ok(Caller::Account(m.supplier), Command::ActivateLease { lease: lease.id });
+    let leased = lease.cards[0];
+    let idle = m.w.state.cards_of_cluster(m.class_b).into_iter().find(|c| c.lease.is_none()).expect("idle card").id;
+
+    // Only the broker's monitoring sets health.
+    let set = |card, health| Command::SetCardHealth { changes: vec![(card, health)] };
+    assert_eq!(m.w.run(Caller::Account(m.supplier), set(idle, CardHealth::Lost)).unwrap_err().code(), ErrorCode::PermissionDenied);
+
+    m.w.ok(Caller::System, set(idle, CardHealth::XidError));
+    assert_eq!(m.w.state.card(idle).map(|c| c.status), Some(CardStatus::Faulty));
+    let refused = m.w.run(Caller::Account(m.supplier), Command::SetCardStatus { card: idle, status: CardStatus::Idle });
+    assert_eq!(refused.unwrap_err().code(), ErrorCode::InvalidArgument);
+    m.w.ok(Caller::System, set(idle, CardHealth::Lost));
+    assert_eq!(m.w.state.card(idle).map(|c| c.status), Some(CardStatus::Offline));
+    m.w.ok(Caller::System, set(idle, CardHealth::Healthy));
+    assert_eq!(m.w.state.card(idle).map(|c| c.status), Some(CardStatus::Idle));
+
+    // A leased card keeps its lease and status; when the lease ends it leaves the market.
+    m.w.ok(Caller::System, set(leased, CardHealth::Overheating));
+    assert_eq!(m.w.state.card(leased).map(|c| (c.status, c.health)), Some((CardStatus::Busy, CardHealth::Overheating)));
+    m.w.ok(Caller::Account(m.researcher), Command::EndLease { lease: lease.id, reason: EndReason::ByResearcher });
+    assert_eq!(m.w.state.card(leased).map(|c| c.status), Some(CardStatus::Faulty));
+    m.w.state.check_invariants().expect("invariants");
+}
+
 // ---- property tests ---------------------------------------------------------------------------
 
 #[derive(Clone, Debug)]
@@ -438,6 +521,7 @@ enum Op {
     End { who: u8, lease: usize },
     Expire { lease: usize },
     SetCard { card: usize, status: CardStatus },
+    Health { card: usize, health: CardHealth },
     Delist,
     Advance { seconds: i64 },
     Retry { back: usize },
@@ -455,6 +539,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0u8..5, 0usize..8).prop_map(|(who, lease)| Op::End { who, lease }),
         (0usize..8).prop_map(|lease| Op::Expire { lease }),
         (0usize..14, status).prop_map(|(card, status)| Op::SetCard { card, status }),
+        (0usize..14, prop::sample::select(CardHealth::ALL.to_vec())).prop_map(|(card, health)| Op::Health { card, health }),
         Just(Op::Delist),
         prop_oneof![Just(60i64), Just(3600), Just(rules::RESERVATION_SECONDS_CLASS_B), Just(86_400)].prop_map(|seconds| Op::Advance { seconds }),
         (0usize..10).prop_map(|back| Op::Retry { back }),
@@ -528,6 +613,10 @@ proptest! {
                 Op::SetCard { card, status } => {
                     let card = card_ids[card % card_ids.len()];
                     m.w.envelope(Caller::Account(m.supplier), Command::SetCardStatus { card, status })
+                }
+                Op::Health { card, health } => {
+                    let card = card_ids[card % card_ids.len()];
+                    m.w.envelope(Caller::System, Command::SetCardHealth { changes: vec![(card, health)] })
                 }
                 Op::Delist => m.w.envelope(Caller::Account(m.supplier), Command::DelistCluster { cluster: m.class_b }),
             };

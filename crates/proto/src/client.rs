@@ -37,7 +37,9 @@ pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
         .map_err(|e| ClientError::Connect(endpoint.to_owned(), e.to_string()))
 }
 
-fn bearer(token: Option<&str>) -> Result<Bearer, ClientError> {
+/// The interceptor that sends `authorization: Bearer <token>`, for any generated client:
+/// `XClient::with_interceptor(channel, bearer(Some(token))?)`.
+pub fn bearer(token: Option<&str>) -> Result<Bearer, ClientError> {
     let value = token.map(|t| format!("Bearer {t}").parse().map_err(|_| ClientError::Token)).transpose()?;
     Ok(Bearer(value))
 }

@@ -125,6 +125,26 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
+/// A binary of another workspace package, for tests that start several services
+/// (`CARGO_BIN_EXE_*` names only the test's own package's). It sits next to the test's own
+/// executable's directory; if this build has not produced it yet, it is built now.
+pub fn workspace_binary(package: &str, binary: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target/<profile>/<binary>
+    let dir = exe.parent().and_then(Path::parent).ok_or_else(|| anyhow!("unexpected test path {}", exe.display()))?;
+    let path = dir.join(binary);
+    if !path.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--package", package, "--bin", binary])
+            .status()
+            .context("running cargo build")?;
+        if !status.success() || !path.exists() {
+            bail!("cannot build {binary}: run `cargo build --workspace` first");
+        }
+    }
+    Ok(path)
+}
+
 /// Retries `f` until it returns `Some` or `timeout` passes, polling every `every`. For waiting
 /// on a condition another process brings about (never for hiding a race in our own code).
 pub async fn eventually<T, F, Fut>(timeout: Duration, every: Duration, mut f: F) -> anyhow::Result<T>

@@ -1,0 +1,385 @@
+//! Real processes: a broker and supplier agents with simulated GPUs, on loopback.
+//!
+//! Enrollment and authentication, telemetry aggregates checked against what the agents
+//! recorded sending, malformed samples, injected card faults, and agents killed and restarted.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use suanli_proto::client::{bearer, Client};
+use suanli_proto::convert::{cluster_class_to_wire, listing_to_wire};
+use suanli_proto::v1::{self, monitoring_service_client::MonitoringServiceClient, supplier_service_client::SupplierServiceClient};
+use suanli_proto::decode_status;
+use suanli_testkit::cluster::BrokerCluster;
+use suanli_testkit::fixtures::{self, register};
+use suanli_testkit::{eventually, workspace_binary, Service};
+use suanli_types::{AccountKind, ClusterClass, ErrorCode};
+use tempfile::TempDir;
+
+const SILENT_AFTER_MS: u64 = 2_000;
+const WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(100);
+
+struct Fleet {
+    broker: BrokerCluster,
+    dir: TempDir,
+    supplier_token: String,
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let binary = workspace_binary("suanli-broker", "suanli-broker").expect("broker binary");
+        let config = format!("[broker]\nagent_silent_after_ms = {SILENT_AFTER_MS}\n");
+        let broker = BrokerCluster::start(&binary, 1, Some(&config)).await.expect("broker starts");
+        let mut platform = broker.client(1, suanli_testkit::cluster::PLATFORM_TOKEN).await.expect("platform client");
+        let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
+        Fleet { broker, dir: TempDir::new().expect("temp dir"), supplier_token }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.broker.address(1).expect("address"))
+    }
+
+    async fn supplier(&self) -> Client {
+        self.broker.client(1, &self.supplier_token).await.expect("supplier client")
+    }
+
+    async fn supplier_service(&self, token: Option<&str>) -> SupplierServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>> {
+        let channel = suanli_proto::client::channel(&self.endpoint()).await.expect("channel");
+        SupplierServiceClient::with_interceptor(channel, bearer(token).expect("token"))
+    }
+
+    async fn monitoring(&self, token: Option<&str>) -> MonitoringServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>> {
+        let channel = suanli_proto::client::channel(&self.endpoint()).await.expect("channel");
+        MonitoringServiceClient::with_interceptor(channel, bearer(token).expect("token"))
+    }
+
+    async fn enrollment_token(&self, n: u32) -> String {
+        let mut supplier = self.supplier_service(Some(&self.supplier_token)).await;
+        supplier
+            .create_enrollment_token(v1::CreateEnrollmentTokenRequest { request_id: format!("token-{n}"), valid_seconds: 600 })
+            .await
+            .expect("token")
+            .into_inner()
+            .token
+    }
+
+    fn state_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn record(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.jsonl"))
+    }
+
+    /// An agent with two simulated L40S cards sampling five times a second.
+    async fn agent(&self, name: &str, token: Option<&str>, seed: u64) -> Service {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--broker".into(),
+            self.endpoint(),
+            "--state-dir".into(),
+            self.state_dir(name).display().to_string(),
+            "--hostname".into(),
+            name.into(),
+            "--source".into(),
+            "simulated".into(),
+            "--sim-model".into(),
+            "L40S".into(),
+            "--sim-cards".into(),
+            "2".into(),
+            "--sim-seed".into(),
+            seed.to_string(),
+            "--sample-interval-ms".into(),
+            "200".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--record".into(),
+            self.record(name).display().to_string(),
+        ];
+        if let Some(token) = token {
+            args.extend(["--enrollment-token".into(), token.into()]);
+        }
+        Service::start(name, Path::new(env!("CARGO_BIN_EXE_suanli-agent")), &args, &[], self.dir.path(), WAIT)
+            .await
+            .expect("agent starts")
+    }
+
+    /// Publishes the agents' nodes as one Class B cluster; returns its ID.
+    async fn publish(&self, nodes: &[u64]) -> u64 {
+        let mut supplier = self.supplier().await;
+        supplier
+            .publish_cluster(v1::PublishClusterRequest {
+                request_id: "publish".into(),
+                class: cluster_class_to_wire(ClusterClass::B),
+                node_ids: nodes.to_vec(),
+                listing: Some(listing_to_wire(&fixtures::listing(ClusterClass::B))),
+            })
+            .await
+            .expect("publish")
+            .into_inner()
+            .cluster_id
+    }
+
+    async fn cards(&self, cluster: u64) -> Vec<v1::Card> {
+        let mut supplier = self.supplier().await;
+        supplier.list_cards(v1::ListCardsRequest { cluster_id: cluster }).await.expect("cards").into_inner().cards
+    }
+}
+
+fn node_of(agent: &Service) -> u64 {
+    agent.get("node").expect("node").parse().expect("node id")
+}
+
+fn credential(fleet: &Fleet, name: &str) -> String {
+    std::fs::read_to_string(fleet.state_dir(name).join("credential")).expect("credential").trim().to_owned()
+}
+
+async fn http(method: &str, address: &str, path: &str) -> u16 {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, &format!("http://{address}{path}")])
+        .output()
+        .await
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_is_one_time_and_every_call_is_authenticated() {
+    let fleet = Fleet::start().await;
+    let token = fleet.enrollment_token(1).await;
+    let agent = fleet.agent("gpu-a", Some(&token), 1).await;
+    let node = node_of(&agent);
+
+    // The same token a second time: refused.
+    let mut anonymous = fleet.supplier_service(None).await;
+    let again = anonymous
+        .enroll_agent(v1::EnrollAgentRequest {
+            request_id: "second-use".into(),
+            enrollment_token: token.clone(),
+            credential: "x".repeat(40),
+            inventory: Some(suanli_proto::convert::inventory_to_wire(&fixtures::inventory("other", 1))),
+        })
+        .await;
+    assert_eq!(decode_status(&again.expect_err("token reuse")).code, ErrorCode::Unauthenticated);
+
+    // Telemetry without credentials, with a supplier's account token, with a made-up one.
+    for token in [None, Some(fleet.supplier_token.as_str()), Some("not-a-real-credential")] {
+        let mut monitoring = fleet.monitoring(token).await;
+        let refused = monitoring.stream_telemetry(tokio_stream::iter(Vec::<v1::TelemetryBatch>::new())).await;
+        let code = decode_status(&refused.expect_err("refused")).code;
+        assert!(matches!(code, ErrorCode::Unauthenticated | ErrorCode::PermissionDenied), "{token:?}: {code:?}");
+    }
+
+    // Kill the agent, wipe its state (a reinstall), enroll with a new token: same node.
+    let metrics = agent.get("metrics").expect("metrics").to_owned();
+    assert_eq!(http("GET", &metrics, "/metrics").await, 200);
+    let old_credential = credential(&fleet, "gpu-a");
+    agent.kill().await.expect("kill");
+    std::fs::remove_dir_all(fleet.state_dir("gpu-a")).expect("wipe");
+    let token = fleet.enrollment_token(2).await;
+    let agent = fleet.agent("gpu-a", Some(&token), 1).await;
+    assert_eq!(node_of(&agent), node, "a reinstalled node keeps its identity");
+    // The old credential stopped working.
+    let mut old = fleet.supplier_service(Some(&old_credential)).await;
+    let refused = old.get_agent_node(v1::GetAgentNodeRequest {}).await.expect_err("old credential");
+    assert_eq!(decode_status(&refused).code, ErrorCode::Unauthenticated);
+
+    // Revoked by the supplier: refused from then on.
+    let mut supplier = fleet.supplier_service(Some(&fleet.supplier_token)).await;
+    supplier.revoke_agent(v1::RevokeAgentRequest { request_id: "revoke".into(), node_id: node }).await.expect("revoke");
+    let mut revoked = fleet.supplier_service(Some(&credential(&fleet, "gpu-a"))).await;
+    let refused = revoked.get_agent_node(v1::GetAgentNodeRequest {}).await.expect_err("revoked");
+    assert_eq!(decode_status(&refused).code, ErrorCode::Unauthenticated);
+}
+
+/// One recorded sample line of an agent's `--record` file.
+#[derive(serde::Deserialize)]
+struct Recorded {
+    at_ms: i64,
+    cards: Vec<RecordedCard>,
+}
+
+#[derive(serde::Deserialize)]
+struct RecordedCard {
+    index: u32,
+    present: bool,
+    gpu_utilization_pct: u64,
+    memory_used_mib: u64,
+    temperature_c: u64,
+    power_draw_mw: u64,
+}
+
+/// Per (card index, step start): samples, Σ utilization, Σ memory, Σ temperature, Σ power.
+type Sums = BTreeMap<(u32, i64), (u32, u64, u64, u64, u64)>;
+
+fn recorded_sums(path: &Path, from_ms: i64, to_ms: i64, step_ms: i64) -> Sums {
+    let mut sums = Sums::new();
+    for line in std::fs::read_to_string(path).expect("record").lines() {
+        let r: Recorded = serde_json::from_str(line).expect("record line");
+        if r.at_ms < from_ms || r.at_ms >= to_ms {
+            continue;
+        }
+        for c in r.cards.iter().filter(|c| c.present) {
+            let e = sums.entry((c.index, r.at_ms.div_euclid(step_ms) * step_ms)).or_default();
+            e.0 += 1;
+            e.1 += c.gpu_utilization_pct;
+            e.2 += c.memory_used_mib;
+            e.3 += c.temperature_c;
+            e.4 += c.power_draw_mw;
+        }
+    }
+    sums
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_aggregates_equal_what_the_agents_sent_and_bad_samples_are_refused() {
+    let fleet = Fleet::start().await;
+    let mut agents = Vec::new();
+    for (i, name) in ["gpu-1", "gpu-2", "gpu-3"].into_iter().enumerate() {
+        let token = fleet.enrollment_token(i as u32).await;
+        agents.push(fleet.agent(name, Some(&token), 10 + i as u64).await);
+    }
+    let nodes: Vec<u64> = agents.iter().map(node_of).collect();
+    let cluster = fleet.publish(&nodes).await;
+    assert_eq!(fleet.cards(cluster).await.len(), 6);
+
+    let step_ms = 2_000;
+    let start = suanli_agent::runtime::now_ms();
+    let from_ms = (start.div_euclid(step_ms) + 1) * step_ms;
+    let to_ms = from_ms + 3 * step_ms;
+    let mut supplier = fleet.monitoring(Some(&fleet.supplier_token)).await;
+    let card_index: BTreeMap<u64, u32> =
+        fleet.cards(cluster).await.iter().map(|c| (c.card_id, c.spec.as_ref().map_or(0, |s| s.index))).collect();
+    for (agent, (name, node)) in agents.iter().zip(["gpu-1", "gpu-2", "gpu-3"].into_iter().zip(&nodes)) {
+        let _ = agent;
+        let compared = eventually(WAIT, POLL, || {
+            let mut supplier = supplier.clone();
+            let card_index = card_index.clone();
+            let record = fleet.record(name);
+            let node = *node;
+            async move {
+                // Only once the window is over and every sample in it has been recorded.
+                if suanli_agent::runtime::now_ms() < to_ms + 1_000 {
+                    return None;
+                }
+                let expected = recorded_sums(&record, from_ms, to_ms, step_ms);
+                let reply = supplier
+                    .query_telemetry(v1::QueryTelemetryRequest {
+                        scope: Some(v1::query_telemetry_request::Scope::NodeId(node)),
+                        from_ms,
+                        to_ms,
+                        step_seconds: (step_ms / 1000) as u32,
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                let mut got = Sums::new();
+                for series in &reply.cards {
+                    for p in &series.points {
+                        got.insert(
+                            (card_index[&series.card_id], p.at_ms),
+                            (p.samples, p.sum_gpu_utilization_pct, p.sum_memory_used_mib, p.sum_temperature_c, p.sum_power_draw_mw),
+                        );
+                    }
+                }
+                (got == expected && !expected.is_empty()).then_some((got, expected))
+            }
+        })
+        .await;
+        let (got, expected) = compared.unwrap_or_else(|e| panic!("{name}: broker aggregates never matched: {e}"));
+        assert_eq!(got, expected);
+        assert_eq!(got.keys().filter(|(card, _)| *card == 0).count(), 3, "three steps of card 0");
+    }
+    // The live subscription sees samples of the cluster's nodes.
+    let mut live = supplier
+        .subscribe_telemetry(v1::SubscribeTelemetryRequest {
+            scope: Some(v1::subscribe_telemetry_request::Scope::ClusterId(cluster)),
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let sample = tokio::time::timeout(WAIT, live.message()).await.expect("a live sample").expect("stream").expect("sample");
+    assert!(nodes.contains(&sample.node_id));
+    assert_eq!(sample.card_ids.len(), 2);
+
+    // A malformed sample from a genuine agent credential: refused, field named.
+    let mut genuine = fleet.monitoring(Some(&credential(&fleet, "gpu-1"))).await;
+    let bad = v1::TelemetryBatch {
+        samples: vec![v1::NodeSample {
+            seq: u64::MAX - 1,
+            at_ms: suanli_agent::runtime::now_ms(),
+            node: None,
+            cards: vec![v1::CardSample { index: 0, present: true, gpu_utilization_pct: 150, ..Default::default() }],
+        }],
+    };
+    let mut acks = genuine.stream_telemetry(tokio_stream::iter(vec![bad])).await.expect("stream opens").into_inner();
+    acks.message().await.expect("first ack").expect("first ack present");
+    let refused = acks.message().await.expect_err("the bad batch is refused");
+    let e = decode_status(&refused);
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.fields.iter().any(|f| f.field == "samples[0].cards[0].gpu_utilization_pct"), "{:?}", e.fields);
+}
+
+fn health_of(cards: &[v1::Card], node: u64, index: u32) -> (v1::CardStatus, v1::CardHealth) {
+    let card = cards
+        .iter()
+        .find(|c| c.node_id == node && c.spec.as_ref().is_some_and(|s| s.index == index))
+        .expect("card");
+    (card.status(), card.health())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_and_silent_agents_take_cards_out_of_the_market_and_back() {
+    let fleet = Fleet::start().await;
+    let mut agents = Vec::new();
+    for (i, name) in ["gpu-1", "gpu-2"].into_iter().enumerate() {
+        let token = fleet.enrollment_token(i as u32).await;
+        agents.push(fleet.agent(name, Some(&token), 20 + i as u64).await);
+    }
+    let nodes: Vec<u64> = agents.iter().map(node_of).collect();
+    let cluster = fleet.publish(&nodes).await;
+    let metrics = agents[0].get("metrics").expect("metrics").to_owned();
+
+    let wait_for = |node: u64, index: u32, want: (v1::CardStatus, v1::CardHealth)| {
+        let fleet = &fleet;
+        async move {
+            eventually(WAIT, POLL, || async move {
+                let cards = fleet.cards(cluster).await;
+                (health_of(&cards, node, index) == want).then_some(())
+            })
+            .await
+            .unwrap_or_else(|e| panic!("card {index} of node {node} never became {want:?}: {e}"))
+        }
+    };
+
+    // An XID storm: the card turns faulty, and the health event is committed.
+    assert_eq!(http("POST", &metrics, "/simulated/cards/0/fault/xid-storm").await, 204);
+    wait_for(nodes[0], 0, (v1::CardStatus::Faulty, v1::CardHealth::XidError)).await;
+    // The other card of that node is untouched.
+    let cards = fleet.cards(cluster).await;
+    assert_eq!(health_of(&cards, nodes[0], 1), (v1::CardStatus::Idle, v1::CardHealth::Healthy));
+
+    // A card falls off the bus and comes back.
+    assert_eq!(http("POST", &metrics, "/simulated/cards/1/fault/fallen-off-bus").await, 204);
+    wait_for(nodes[0], 1, (v1::CardStatus::Offline, v1::CardHealth::Lost)).await;
+    assert_eq!(http("DELETE", &metrics, "/simulated/cards/1/fault").await, 204);
+    wait_for(nodes[0], 1, (v1::CardStatus::Idle, v1::CardHealth::Healthy)).await;
+    assert_eq!(http("POST", &metrics, "/simulated/cards/9/fault/overheat").await, 404);
+    assert_eq!(http("POST", &metrics, "/simulated/cards/0/fault/meltdown").await, 400);
+
+    // kill -9 an agent: its cards go offline within the silence bound, and return with it.
+    let second = agents.pop().expect("second agent");
+    second.kill().await.expect("kill");
+    let killed_at = std::time::Instant::now();
+    for index in 0..2 {
+        wait_for(nodes[1], index, (v1::CardStatus::Offline, v1::CardHealth::AgentSilent)).await;
+    }
+    assert!(killed_at.elapsed() < Duration::from_millis(SILENT_AFTER_MS) + Duration::from_secs(10));
+    let restarted = fleet.agent("gpu-2", None, 21).await;
+    assert_eq!(node_of(&restarted), nodes[1], "a restarted agent keeps its credential");
+    for index in 0..2 {
+        wait_for(nodes[1], index, (v1::CardStatus::Idle, v1::CardHealth::Healthy)).await;
+    }
+}
