@@ -36,6 +36,9 @@ enum Command {
     Dev(DevArgs),
     /// List the catalogue of a running broker as a table.
     Catalogue(CatalogueArgs),
+    /// Mint a one-time enrollment token for a supplier agent (`suanli-agent run
+    /// --enrollment-token …`). Prints the token only, for scripts.
+    EnrollmentToken(EnrollmentTokenArgs),
     /// Administer the broker cluster: status, add a node, promote it to voter, remove one.
     ///
     /// A 3-node cluster: start node 1 with `serve --bootstrap`, nodes 2 and 3 with `serve`,
@@ -146,6 +149,18 @@ struct DevArgs {
 }
 
 #[derive(Args)]
+struct EnrollmentTokenArgs {
+    #[arg(long, env = "SUANLI_BROKER_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// The supplier's account token.
+    #[arg(long, env = "SUANLI_TOKEN", hide_env_values = true)]
+    token: String,
+    /// How long the token may be used (at most 7 days).
+    #[arg(long, default_value_t = 3600)]
+    valid_seconds: u32,
+}
+
+#[derive(Args)]
 struct CatalogueArgs {
     #[arg(long, env = "SUANLI_BROKER_ENDPOINT", default_value = "http://127.0.0.1:50051")]
     endpoint: String,
@@ -189,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Dev(args) => dev(args).await,
         Command::Catalogue(args) => catalogue(args).await,
+        Command::EnrollmentToken(args) => enrollment_token(args).await,
         Command::Cluster(args) => cluster(args).await,
     }
 }
@@ -291,6 +307,20 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     }
     tokio::signal::ctrl_c().await?;
     node.shutdown().await;
+    Ok(())
+}
+
+async fn enrollment_token(args: EnrollmentTokenArgs) -> anyhow::Result<()> {
+    use suanli_proto::v1::supplier_service_client::SupplierServiceClient;
+    let channel = client::channel(&args.endpoint).await?;
+    let mut supplier = SupplierServiceClient::with_interceptor(channel, client::bearer(Some(&args.token))?);
+    let request_id = format!("enrollment-token-{}", suanli_broker::service::random_secret(12));
+    let reply = supplier
+        .create_enrollment_token(v1::CreateEnrollmentTokenRequest { request_id, valid_seconds: args.valid_seconds })
+        .await
+        .map_err(|s| suanli_proto::decode_status(&s))?
+        .into_inner();
+    println!("{}", reply.token);
     Ok(())
 }
 

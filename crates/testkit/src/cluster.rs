@@ -125,6 +125,11 @@ impl BrokerCluster {
         Ok(&self.members.get(&id).ok_or_else(|| anyhow!("no node {id}"))?.metrics)
     }
 
+    /// The OS process ID of a live node (benchmarks read its CPU time).
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.members.get(&id)?.process.as_ref()?.pid()
+    }
+
     pub fn ids(&self) -> Vec<u64> {
         self.members.keys().copied().collect()
     }

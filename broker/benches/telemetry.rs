@@ -1,0 +1,193 @@
+//! `cargo bench -p suanli-broker --bench telemetry` — telemetry ingestion on one broker node.
+//!
+//! Starts a real broker process, enrolls `--nodes` agents of `--cards` cards each (through
+//! enrollment tokens, as agents do), opens one `StreamTelemetry` per node and pushes batches of
+//! `--batch` samples as fast as the acknowledgements allow (4 batches in flight per stream, as
+//! the agent does) for `--seconds`. Reports acknowledged card-samples per second and per
+//! second of the broker's CPU time (utime + stime from /proc), against the target load of
+//! 100,000 cards at 1 Hz. Baseline in the same run: the same card-samples through the broker's
+//! in-process `TelemetryStore` alone (no gRPC, no validation) — the ceiling of this design.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use suanli_broker::telemetry::store::{Reading, TelemetryStore};
+use suanli_proto::client::bearer;
+use suanli_proto::convert::inventory_to_wire;
+use suanli_proto::v1::{self, monitoring_service_client::MonitoringServiceClient, supplier_service_client::SupplierServiceClient, AccountKind};
+use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
+use suanli_testkit::fixtures::{self, register};
+use suanli_types::{CardId, NodeId};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const TARGET_CARD_SAMPLES_PER_S: f64 = 100_000.0;
+const IN_FLIGHT: usize = 4;
+
+struct Args {
+    nodes: u64,
+    cards: u32,
+    seconds: u64,
+    batch: usize,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args { nodes: 100, cards: 8, seconds: 10, batch: 20 };
+    let raw: Vec<String> = std::env::args().skip(1).filter(|s| s != "--bench").collect();
+    let mut it = raw.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().context("flag needs a value");
+        match flag.as_str() {
+            "--nodes" => a.nodes = value()?.parse()?,
+            "--cards" => a.cards = value()?.parse()?,
+            "--seconds" => a.seconds = value()?.parse()?,
+            "--batch" => a.batch = value()?.parse()?,
+            other => anyhow::bail!("unknown flag {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<u64> = rest.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the state char.
+    let ticks = fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+fn sample(seq: u64, at_ms: i64, cards: u32) -> v1::NodeSample {
+    v1::NodeSample {
+        seq,
+        at_ms,
+        node: Some(v1::NodeMetrics { cpu_utilization_permille: 300, memory_used_mib: 1024, ..Default::default() }),
+        cards: (0..cards)
+            .map(|index| v1::CardSample {
+                index,
+                present: true,
+                gpu_utilization_pct: (seq % 100) as u32,
+                memory_utilization_pct: 40,
+                memory_used_mib: 1000,
+                temperature_c: 60,
+                power_draw_mw: 200_000,
+                power_limit_mw: 350_000,
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+fn store_baseline(a: &Args) -> f64 {
+    let mut store = TelemetryStore::new();
+    let now = suanli_broker::service::now().millis();
+    let reading = Some(Reading { gpu_utilization_pct: 50, memory_utilization_pct: 40, memory_used_mib: 1000, temperature_c: 60, power_draw_mw: 200_000 });
+    let cards: Vec<Vec<(CardId, Option<Reading>)>> =
+        (0..a.nodes).map(|n| (0..a.cards).map(|c| (CardId(n * 1000 + u64::from(c)), reading)).collect()).collect();
+    let started = Instant::now();
+    let mut card_samples = 0u64;
+    let mut seq = 0u64;
+    while started.elapsed() < Duration::from_secs(2) {
+        seq += 1;
+        for (n, node_cards) in cards.iter().enumerate() {
+            store.add(NodeId(n as u64), seq, now + seq as i64 * 1000, node_cards);
+            card_samples += node_cards.len() as u64;
+        }
+    }
+    card_samples as f64 / started.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = args()?;
+    let binary = suanli_testkit::workspace_binary("suanli-broker", "suanli-broker")?;
+    let cluster = BrokerCluster::start_with(&binary, 1, None, false).await?;
+    let endpoint = format!("http://{}", cluster.address(1)?);
+    let mut platform = cluster.client(1, PLATFORM_TOKEN).await?;
+    let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "bench-supplier").await?;
+    let channel = suanli_proto::client::channel(&endpoint).await?;
+    let mut supplier = SupplierServiceClient::with_interceptor(channel.clone(), bearer(Some(&supplier_token))?);
+    let mut credentials = Vec::new();
+    for n in 0..a.nodes {
+        let token = supplier
+            .create_enrollment_token(v1::CreateEnrollmentTokenRequest { request_id: format!("t-{n}"), valid_seconds: 600 })
+            .await?
+            .into_inner()
+            .token;
+        let credential = format!("bench-credential-{n:08}-0123456789abcdefghij");
+        SupplierServiceClient::new(channel.clone())
+            .enroll_agent(v1::EnrollAgentRequest {
+                request_id: format!("e-{n}"),
+                enrollment_token: token,
+                credential: credential.clone(),
+                inventory: Some(inventory_to_wire(&fixtures::inventory(&format!("bench-{n}"), a.cards))),
+            })
+            .await?;
+        credentials.push(credential);
+    }
+
+    let acked = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(a.seconds);
+    let pid = cluster.pid(1).context("broker pid")?;
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+    let mut streams = Vec::new();
+    for credential in credentials {
+        let channel = suanli_proto::client::channel(&endpoint).await?;
+        let acked = acked.clone();
+        let (cards, batch) = (a.cards, a.batch);
+        streams.push(tokio::spawn(async move {
+            let mut client = MonitoringServiceClient::with_interceptor(channel, bearer(Some(&credential))?);
+            let (tx, rx) = mpsc::channel(IN_FLIGHT);
+            let mut acks = client.stream_telemetry(ReceiverStream::new(rx)).await?.into_inner();
+            acks.message().await?;
+            // Samples 100 ms apart starting two hours back: all within the accepted range.
+            let base = suanli_broker::service::now().millis() - 7_200_000;
+            let mut seq = 0u64;
+            let mut in_flight = 0;
+            while Instant::now() < deadline {
+                while in_flight < IN_FLIGHT {
+                    let samples = (0..batch)
+                        .map(|_| {
+                            seq += 1;
+                            sample(seq, base + seq as i64 * 100, cards)
+                        })
+                        .collect();
+                    tx.send(v1::TelemetryBatch { samples }).await?;
+                    in_flight += 1;
+                }
+                if acks.message().await?.is_none() {
+                    break;
+                }
+                in_flight -= 1;
+                acked.fetch_add((batch as u64) * u64::from(cards), Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for s in streams {
+        s.await??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let total = acked.load(Ordering::Relaxed) as f64;
+    let rate = total / elapsed;
+    let per_cpu = total / cpu.max(0.01);
+    let baseline = store_baseline(&a);
+    println!("telemetry ingestion, one broker node: {} streams × {} cards, batches of {}, {} s", a.nodes, a.cards, a.batch, a.seconds);
+    println!("{:<44} {:>14}", "measure", "card-samples/s");
+    println!("{:<44} {:>14.0}", "end to end (gRPC, validated, stored, acked)", rate);
+    println!("{:<44} {:>14.0}", "end to end per broker CPU-second", per_cpu);
+    println!("{:<44} {:>14.0}", "baseline: TelemetryStore::add alone, 1 core", baseline);
+    println!("broker CPU {cpu:.1} s over {elapsed:.1} s wall");
+    println!("ratio end-to-end per CPU-second / store baseline: {:.3}", per_cpu / baseline);
+    println!(
+        "cores needed for 100,000 cards at 1 Hz: {:.2} (target per core met: {})",
+        TARGET_CARD_SAMPLES_PER_S / per_cpu,
+        per_cpu >= TARGET_CARD_SAMPLES_PER_S
+    );
+    Ok(())
+}
