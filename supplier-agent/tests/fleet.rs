@@ -14,7 +14,8 @@ use suanli_proto::decode_status;
 use suanli_testkit::cluster::BrokerCluster;
 use suanli_testkit::fixtures::{self, register};
 use suanli_testkit::{eventually, workspace_binary, Service};
-use suanli_types::{AccountKind, ClusterClass, ErrorCode};
+use suanli_proto::v1::AccountKind;
+use suanli_types::{ClusterClass, ErrorCode};
 use tempfile::TempDir;
 
 const SILENT_AFTER_MS: u64 = 2_000;
@@ -145,6 +146,31 @@ async fn http(method: &str, address: &str, path: &str) -> u16 {
     String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0)
 }
 
+async fn get_text(address: &str, path: &str) -> String {
+    let out = tokio::process::Command::new("curl").args(["-sf", &format!("http://{address}{path}")]).output().await.expect("curl");
+    assert!(out.status.success(), "GET {path} failed");
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// `promtool check metrics` (Debian's prometheus package, installed by ops/install-build-deps)
+/// on an exposition: its exit status and what it complained about.
+async fn promtool(exposition: &str) -> (bool, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (ops/install-build-deps)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(exposition.as_bytes()).await.expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().await.expect("promtool");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), said)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrollment_is_one_time_and_every_call_is_authenticated() {
     let fleet = Fleet::start().await;
@@ -173,8 +199,20 @@ async fn enrollment_is_one_time_and_every_call_is_authenticated() {
     }
 
     // Kill the agent, wipe its state (a reinstall), enroll with a new token: same node.
+    // /metrics speaks DCGM's names and passes promtool's checks.
     let metrics = agent.get("metrics").expect("metrics").to_owned();
-    assert_eq!(http("GET", &metrics, "/metrics").await, 200);
+    let exposition = eventually(WAIT, POLL, || {
+        let metrics = metrics.clone();
+        async move { Some(get_text(&metrics, "/metrics").await).filter(|t| t.contains("DCGM_FI_DEV_GPU_UTIL{")) }
+    })
+    .await
+    .expect("GPU metrics appear once sampled");
+    for name in ["DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_FB_USED", "suanli_agent_samples_total"] {
+        assert!(exposition.contains(name), "{name} missing from\n{exposition}");
+    }
+    assert!(exposition.contains("Hostname=\"gpu-a\"") && exposition.contains("device=\"nvidia1\""));
+    let (ok, said) = promtool(&exposition).await;
+    assert!(ok && said.trim().is_empty(), "promtool check metrics: {said}\n{exposition}");
     let old_credential = credential(&fleet, "gpu-a");
     agent.kill().await.expect("kill");
     std::fs::remove_dir_all(fleet.state_dir("gpu-a")).expect("wipe");

@@ -8,7 +8,9 @@
 //! No clock is read here: callers pass the time of each sample, so sources are deterministic
 //! under test.
 
+pub mod dcgm;
 pub mod models;
+pub mod nvml;
 pub mod simulated;
 
 use serde::{Deserialize, Serialize};
