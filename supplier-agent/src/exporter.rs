@@ -13,6 +13,8 @@ use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use suanli_telemetry::simulated::Fault;
 
+use suanli_telemetry::dcgm::escape;
+
 use crate::runtime::{lock, Agent};
 
 pub fn router(agent: Arc<Agent>) -> Router {
@@ -52,12 +54,8 @@ fn own_metrics(agent: &Agent, out: &mut String) {
         ("suanli_agent_broker_packet_loss_ratio", "gauge", "Share of broker probes unanswered.", f64::from(quality.loss_ppm) / 1e6),
     ];
     for (name, kind, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{Hostname=\"{}\"}} {value}", escape(&agent.hostname));
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{hostname=\"{}\"}} {value}", escape(&agent.hostname));
     }
-}
-
-fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 async fn healthz(State(agent): State<Arc<Agent>>) -> impl IntoResponse {

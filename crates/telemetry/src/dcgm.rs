@@ -6,6 +6,11 @@
 //! checked by a test. Labels are dcgm-exporter's: `gpu`, `UUID`, `pci_bus_id`, `device`,
 //! `modelName`, `Hostname`. A card that has fallen off the bus reports no DCGM values (as
 //! with dcgm-exporter) and `suanli_gpu_present 0`.
+//!
+//! `promtool check metrics` parses the output cleanly; its only complaints are the ones
+//! dcgm-exporter's own output draws — camelCase label names and `*_TOTAL` counters without a
+//! lower-case `_total` suffix — which are the compatibility contract. Our own families
+//! (`suanli_*`) use snake_case labels and pass every lint.
 
 use std::fmt::Write;
 
@@ -94,9 +99,9 @@ pub fn render(hostname: &str, cards: &[CardInfo], latest: &[Result<CardSample, C
     }
     if !cards.is_empty() {
         header(&mut out, PRESENT.0, "gauge", PRESENT.1);
-        for (i, _) in cards.iter().enumerate() {
+        for (i, card) in cards.iter().enumerate() {
             let present = !matches!(latest.get(i), Some(Err(CardError::FallenOffBus(_))));
-            let _ = writeln!(out, "{}{{{}}} {}", PRESENT.0, labels[i], u8::from(present));
+            let _ = writeln!(out, "{}{{{}}} {}", PRESENT.0, snake_labels(hostname, card), u8::from(present));
         }
     }
     out
@@ -123,8 +128,21 @@ fn labels(hostname: &str, c: &CardInfo) -> String {
     )
 }
 
+/// The same labels in Prometheus' own style, for our families.
+fn snake_labels(hostname: &str, c: &CardInfo) -> String {
+    format!(
+        "gpu=\"{}\",uuid=\"{}\",pci_bus_id=\"{}\",device=\"nvidia{}\",model_name=\"{}\",hostname=\"{}\"",
+        c.index,
+        escape(&c.uuid),
+        escape(&c.pci_bus_id),
+        c.index,
+        escape(&c.model),
+        escape(hostname)
+    )
+}
+
 /// Label values escape backslash, double quote and newline (the text format's rules).
-fn escape(value: &str) -> String {
+pub fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
@@ -173,6 +191,7 @@ mod tests {
         let text = render("h", &cards, &source.sample(1_000));
         assert!(text.contains(r#"modelName="A \"quoted\" \\ name""#), "{text}");
         assert!(text.contains("device=\"nvidia1\"") && text.contains("suanli_gpu_present{gpu=\"1\""));
+        assert!(text.contains("model_name=\"A \\\"quoted\\\" \\\\ name\""), "{text}");
         let lost: Vec<&str> = text.lines().filter(|l| l.contains("gpu=\"1\"")).collect();
         assert_eq!(lost.len(), 1, "only presence for the lost card: {lost:?}");
         assert!(lost[0].ends_with(" 0"));
