@@ -10,7 +10,7 @@ pub enum Gpus {
     Nvml(NvmlSource),
     /// Simulated cards can be driven (load) and broken (faults) through the agent's
     /// `/simulated` endpoints, for demos and tests.
-    Simulated(SimulatedSource),
+    Simulated(Box<SimulatedSource>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +27,7 @@ impl Gpus {
             for index in 0..config.simulated.cards {
                 source.set_load(index, config.simulated.load);
             }
-            Gpus::Simulated(source)
+            Gpus::Simulated(Box::new(source))
         };
         match config.source {
             SourceKind::Simulated => Ok(simulated()),

@@ -247,7 +247,7 @@ mod tests {
     #[test]
     fn old_ranges_come_from_coarser_tiers() {
         let mut store = TelemetryStore::new();
-        let base = 1_700_000_400_000 - 1_700_000_400_000 % 600_000;
+        let base = 1_700_000_400_000; // a whole number of ten-minute buckets
         // Two hours at one sample per second: the raw tier keeps two minutes only.
         for i in 0..7_200i64 {
             store.add(NodeId(1), i as u64 + 1, base + i * 1_000, &[(CardId(1), reading(10, 50))]);
