@@ -133,9 +133,6 @@ impl AgentConfig {
         };
         let sim = file.simulated.unwrap_or_default();
         let brokers = if args.broker.is_empty() { file.broker.unwrap_or_default() } else { args.broker.clone() };
-        if brokers.is_empty() {
-            return Err(ConfigError::Invalid("name the broker: --broker, SUANLI_AGENT_BROKER or [agent] broker".into()));
-        }
         let config = AgentConfig {
             brokers,
             state_dir: args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/agent")),
@@ -161,6 +158,14 @@ impl AgentConfig {
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// For running (not for `inventory`): the agent needs a broker to talk to.
+    pub fn require_broker(&self) -> Result<(), ConfigError> {
+        if self.brokers.is_empty() {
+            return Err(ConfigError::Invalid("name the broker: --broker, SUANLI_AGENT_BROKER or [agent] broker".into()));
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -49,6 +49,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = AgentConfig::resolve(&args)?;
+    config.require_broker()?;
     let facts = host::facts(config.hostname.as_deref());
     let gpus = Gpus::open(&config, &facts.hostname)?;
     let inventory = inventory(&facts, &gpus.cards());

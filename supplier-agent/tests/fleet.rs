@@ -30,16 +30,29 @@ struct Fleet {
 
 impl Fleet {
     async fn start() -> Fleet {
+        Fleet::with_brokers(1, SILENT_AFTER_MS).await
+    }
+
+    async fn with_brokers(n: u64, silent_after_ms: u64) -> Fleet {
         let binary = workspace_binary("suanli-broker", "suanli-broker").expect("broker binary");
-        let config = format!("[broker]\nagent_silent_after_ms = {SILENT_AFTER_MS}\n");
-        let broker = BrokerCluster::start(&binary, 1, Some(&config)).await.expect("broker starts");
-        let mut platform = broker.client(1, suanli_testkit::cluster::PLATFORM_TOKEN).await.expect("platform client");
+        let config = format!("[broker]\nagent_silent_after_ms = {silent_after_ms}\n");
+        let broker = BrokerCluster::start(&binary, n, Some(&config)).await.expect("brokers start");
+        let leader = broker.leader(WAIT).await.expect("a leader");
+        let mut platform = broker.client(leader, suanli_testkit::cluster::PLATFORM_TOKEN).await.expect("platform client");
         let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
         Fleet { broker, dir: TempDir::new().expect("temp dir"), supplier_token }
     }
 
+    /// A live broker node's endpoint.
     fn endpoint(&self) -> String {
-        format!("http://{}", self.broker.address(1).expect("address"))
+        let id = self.broker.live()[0];
+        format!("http://{}", self.broker.address(id).expect("address"))
+    }
+
+    /// Every broker node, as the agent's `--broker` list.
+    fn all_endpoints(&self) -> String {
+        let ids = self.broker.ids();
+        ids.iter().map(|id| format!("http://{}", self.broker.address(*id).expect("address"))).collect::<Vec<_>>().join(",")
     }
 
     async fn supplier(&self) -> Client {
@@ -79,7 +92,7 @@ impl Fleet {
         let mut args: Vec<String> = vec![
             "run".into(),
             "--broker".into(),
-            self.endpoint(),
+            self.all_endpoints(),
             "--state-dir".into(),
             self.state_dir(name).display().to_string(),
             "--hostname".into(),
@@ -282,6 +295,86 @@ fn recorded_sums(path: &Path, from_ms: i64, to_ms: i64, step_ms: i64) -> Sums {
     sums
 }
 
+const STEP_MS: i64 = 2_000;
+const WINDOW_STEPS: i64 = 3;
+
+/// The start of the next whole step after `at_ms`.
+fn next_step(at_ms: i64) -> i64 {
+    (at_ms.div_euclid(STEP_MS) + 1) * STEP_MS
+}
+
+async fn card_indexes(fleet: &Fleet, cluster: u64) -> BTreeMap<u64, u32> {
+    fleet.cards(cluster).await.iter().map(|c| (c.card_id, c.spec.as_ref().map_or(0, |s| s.index))).collect()
+}
+
+/// Waits until the window of `WINDOW_STEPS` steps from `from_ms` is over, then until the
+/// broker's per-step sums for `node` equal those computed from what the agent `name` recorded
+/// sending (bounded by `WAIT`); returns them.
+async fn broker_matches_record(fleet: &Fleet, name: &str, node: u64, card_index: &BTreeMap<u64, u32>, from_ms: i64) -> Sums {
+    let to_ms = from_ms + WINDOW_STEPS * STEP_MS;
+    let supplier = fleet.monitoring(Some(&fleet.supplier_token)).await;
+    let compared = eventually(WAIT, POLL, || {
+        let mut supplier = supplier.clone();
+        let record = fleet.record(name);
+        async move {
+            // Only once the window is over and every sample in it has been recorded.
+            if suanli_agent::runtime::now_ms() < to_ms + 1_000 {
+                return None;
+            }
+            let expected = recorded_sums(&record, from_ms, to_ms, STEP_MS);
+            let reply = supplier
+                .query_telemetry(v1::QueryTelemetryRequest {
+                    scope: Some(v1::query_telemetry_request::Scope::NodeId(node)),
+                    from_ms,
+                    to_ms,
+                    step_seconds: (STEP_MS / 1000) as u32,
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let mut got = Sums::new();
+            for series in &reply.cards {
+                for p in &series.points {
+                    got.insert(
+                        (card_index[&series.card_id], p.at_ms),
+                        (p.samples, p.sum_gpu_utilization_pct, p.sum_memory_used_mib, p.sum_temperature_c, p.sum_power_draw_mw),
+                    );
+                }
+            }
+            (got == expected && !expected.is_empty()).then_some(got)
+        }
+    })
+    .await;
+    compared.unwrap_or_else(|e| panic!("{name}: the broker's aggregates never matched the agent's record: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_survives_a_leader_change_without_gaps_or_duplicates() {
+    // Silence detection is not under test here: a long bound keeps it out of the way.
+    let fleet = Fleet::with_brokers(3, 60_000).await;
+    let token = fleet.enrollment_token(0).await;
+    let agent = fleet.agent("gpu-1", Some(&token), 5).await;
+    let node = node_of(&agent);
+    let cluster = fleet.publish(&[node]).await;
+    let card_index = card_indexes(&fleet, cluster).await;
+
+    let before = next_step(suanli_agent::runtime::now_ms());
+    broker_matches_record(&fleet, "gpu-1", node, &card_index, before).await;
+
+    // The leader holds the windows; kill it. The agent's stream breaks, it reconnects, and the
+    // new leader gets the agent's retained samples: the window before the failover is complete
+    // there too, and nothing in it is counted twice.
+    let mut broker = fleet.broker;
+    let leader = broker.leader(WAIT).await.expect("leader");
+    broker.kill(leader).await.expect("kill the leader");
+    let new_leader = broker.leader_among(&broker.live(), WAIT).await.expect("a new leader");
+    assert_ne!(new_leader, leader);
+    let fleet = Fleet { broker, ..fleet };
+    broker_matches_record(&fleet, "gpu-1", node, &card_index, before).await;
+    let after = next_step(suanli_agent::runtime::now_ms());
+    broker_matches_record(&fleet, "gpu-1", node, &card_index, after).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_aggregates_equal_what_the_agents_sent_and_bad_samples_are_refused() {
     let fleet = Fleet::start().await;
@@ -294,53 +387,13 @@ async fn telemetry_aggregates_equal_what_the_agents_sent_and_bad_samples_are_ref
     let cluster = fleet.publish(&nodes).await;
     assert_eq!(fleet.cards(cluster).await.len(), 6);
 
-    let step_ms = 2_000;
-    let start = suanli_agent::runtime::now_ms();
-    let from_ms = (start.div_euclid(step_ms) + 1) * step_ms;
-    let to_ms = from_ms + 3 * step_ms;
-    let mut supplier = fleet.monitoring(Some(&fleet.supplier_token)).await;
-    let card_index: BTreeMap<u64, u32> =
-        fleet.cards(cluster).await.iter().map(|c| (c.card_id, c.spec.as_ref().map_or(0, |s| s.index))).collect();
-    for (agent, (name, node)) in agents.iter().zip(["gpu-1", "gpu-2", "gpu-3"].into_iter().zip(&nodes)) {
-        let _ = agent;
-        let compared = eventually(WAIT, POLL, || {
-            let mut supplier = supplier.clone();
-            let card_index = card_index.clone();
-            let record = fleet.record(name);
-            let node = *node;
-            async move {
-                // Only once the window is over and every sample in it has been recorded.
-                if suanli_agent::runtime::now_ms() < to_ms + 1_000 {
-                    return None;
-                }
-                let expected = recorded_sums(&record, from_ms, to_ms, step_ms);
-                let reply = supplier
-                    .query_telemetry(v1::QueryTelemetryRequest {
-                        scope: Some(v1::query_telemetry_request::Scope::NodeId(node)),
-                        from_ms,
-                        to_ms,
-                        step_seconds: (step_ms / 1000) as u32,
-                    })
-                    .await
-                    .ok()?
-                    .into_inner();
-                let mut got = Sums::new();
-                for series in &reply.cards {
-                    for p in &series.points {
-                        got.insert(
-                            (card_index[&series.card_id], p.at_ms),
-                            (p.samples, p.sum_gpu_utilization_pct, p.sum_memory_used_mib, p.sum_temperature_c, p.sum_power_draw_mw),
-                        );
-                    }
-                }
-                (got == expected && !expected.is_empty()).then_some((got, expected))
-            }
-        })
-        .await;
-        let (got, expected) = compared.unwrap_or_else(|e| panic!("{name}: broker aggregates never matched: {e}"));
-        assert_eq!(got, expected);
+    let card_index = card_indexes(&fleet, cluster).await;
+    let from_ms = next_step(suanli_agent::runtime::now_ms());
+    for (name, node) in ["gpu-1", "gpu-2", "gpu-3"].into_iter().zip(&nodes) {
+        let got = broker_matches_record(&fleet, name, *node, &card_index, from_ms).await;
         assert_eq!(got.keys().filter(|(card, _)| *card == 0).count(), 3, "three steps of card 0");
     }
+    let mut supplier = fleet.monitoring(Some(&fleet.supplier_token)).await;
     // The live subscription sees samples of the cluster's nodes.
     let mut live = supplier
         .subscribe_telemetry(v1::SubscribeTelemetryRequest {
