@@ -3,7 +3,8 @@
 //! A [`GpuSource`] describes its cards once ([`CardInfo`]) and then answers samples
 //! ([`CardSample`]) per card, or an error for a card that cannot be read (fallen off the bus).
 //! The simulated source ([`simulated::SimulatedSource`]) stands in for a GPU in demos and
-//! tests; the NVML source (agent issue) reads a real driver through `nvml-wrapper`.
+//! tests; the NVML source ([`nvml::NvmlSource`]) reads a real driver through `nvml-wrapper`,
+//! loading `libnvidia-ml` at run time (tested against a stand-in library, `tests/fake-nvml`).
 //!
 //! No clock is read here: callers pass the time of each sample, so sources are deterministic
 //! under test.

@@ -3,7 +3,8 @@
 //! Nothing links against the driver: `libnvidia-ml.so.1` is opened when the agent starts, so
 //! the same binary runs on machines without a GPU (and says so once). Readings NVML does not
 //! support on a card (fans on passively cooled boards, ECC on consumer cards) are left out;
-//! a card NVML reports lost (`GPU_IS_LOST`, XID 79) is [`CardError::FallenOffBus`]. XID errors
+//! a card NVML reports lost (`GPU_IS_LOST`, XID 79) is [`CardError::FallenOffBus`], and any
+//! other failed reading makes that card's sample [`CardError::Unreadable`]. XID errors
 //! arrive through an NVML event set registered for critical XIDs and are drained, without
 //! waiting, at every sample.
 
@@ -36,6 +37,7 @@ pub struct NvmlSource {
     nvml: &'static Nvml,
     xid_events: Option<EventSet<'static>>,
     cards: Vec<CardInfo>,
+    unidentified: Vec<CardError>,
 }
 
 impl NvmlSource {
@@ -61,11 +63,21 @@ impl NvmlSource {
         let count = nvml.device_count().map_err(|e| NvmlOpenError::Init(e.to_string()))?;
         let mut xid_events = nvml.create_event_set().ok();
         let mut cards = Vec::with_capacity(count as usize);
+        let mut unidentified = Vec::new();
         for index in 0..count {
-            let device = nvml.device_by_index(index).map_err(|e| NvmlOpenError::Init(format!("card {index}: {e}")))?;
+            // A card already lost when the agent starts has no identity to list; the others
+            // still do.
+            let identified = nvml.device_by_index(index).and_then(|device| Ok((device.uuid()?, device)));
+            let (uuid, device) = match identified {
+                Ok(found) => found,
+                Err(e) => {
+                    unidentified.push(card_error(index, e));
+                    continue;
+                }
+            };
             cards.push(CardInfo {
                 index,
-                uuid: device.uuid().map_err(|e| NvmlOpenError::Init(format!("card {index} UUID: {e}")))?,
+                uuid,
                 pci_bus_id: device.pci_info().map(|p| p.bus_id).unwrap_or_default(),
                 model: device.name().unwrap_or_default(),
                 vram_mib: device.memory_info().map(|m| m.total >> 20).unwrap_or(0),
@@ -75,7 +87,20 @@ impl NvmlSource {
             });
             xid_events = xid_events.and_then(|set| watch_xids(&device, set));
         }
-        Ok(NvmlSource { nvml, xid_events, cards })
+        if cards.is_empty() {
+            // Nothing readable at all (no permission on the device nodes, say) is a broken
+            // driver setup, not an empty node.
+            if let Some(first) = unidentified.first() {
+                return Err(NvmlOpenError::Init(first.to_string()));
+            }
+        }
+        Ok(NvmlSource { nvml, xid_events, cards, unidentified })
+    }
+
+    /// Cards NVML counts but that could not be identified at open (fallen off the bus before
+    /// the agent started, say): they are left out of [`GpuSource::cards`] and of samples.
+    pub fn unidentified(&self) -> &[CardError] {
+        &self.unidentified
     }
 
     /// XIDs reported since the last call, by card index.
@@ -91,7 +116,7 @@ impl NvmlSource {
         xids
     }
 
-    fn read(&self, index: u32, xid_events: Vec<u32>) -> Result<CardSample, CardError> {
+    fn read(&self, index: u32, at_ms: i64, xid_events: Vec<u32>) -> Result<CardSample, CardError> {
         let lost = |e: NvmlError| card_error(index, e);
         let device = self.nvml.device_by_index(index).map_err(lost)?;
         let utilization = device.utilization_rates().map_err(lost)?;
@@ -100,7 +125,7 @@ impl NvmlSource {
         let power_draw_mw = device.power_usage().map_err(lost)?;
         Ok(CardSample {
             index,
-            at_ms: 0,
+            at_ms,
             gpu_utilization_pct: utilization.gpu,
             memory_utilization_pct: utilization.memory,
             memory_used_mib: memory.used >> 20,
@@ -138,13 +163,19 @@ fn card_error(index: u32, e: NvmlError) -> CardError {
     }
 }
 
-/// A reading the card may not support: `None` when NVML says so; a lost card is still an
-/// error; any other failure of an optional reading is left out rather than failing the card.
+/// A reading the card may not support: `None` when NVML says it does not (`NOT_SUPPORTED`;
+/// an older driver without the function; `INVALID_ARGUMENT` for fan 0 of a fanless card);
+/// any other failure is the card's, as for a required reading.
 fn optional<T>(index: u32, reading: Result<T, NvmlError>) -> Result<Option<T>, CardError> {
     match reading {
         Ok(value) => Ok(Some(value)),
-        Err(NvmlError::GpuLost) => Err(CardError::FallenOffBus(index)),
-        Err(_) => Ok(None),
+        Err(
+            NvmlError::NotSupported
+            | NvmlError::VgpuEccNotSupported
+            | NvmlError::FailedToLoadSymbol(_)
+            | NvmlError::InvalidArg,
+        ) => Ok(None),
+        Err(e) => Err(card_error(index, e)),
     }
 }
 
@@ -158,8 +189,7 @@ impl GpuSource for NvmlSource {
         self.cards
             .iter()
             .map(|card| {
-                self.read(card.index, xids.remove(&card.index).unwrap_or_default())
-                    .map(|sample| CardSample { at_ms, ..sample })
+                self.read(card.index, at_ms, xids.remove(&card.index).unwrap_or_default())
             })
             .collect()
     }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use suanli_telemetry::nvml::{NvmlOpenError, NvmlSource};
-use suanli_telemetry::{CardError, GpuSource};
+use suanli_telemetry::{CardError, CardInfo, CardSample, GpuSource};
 use tempfile::TempDir;
 
 const TWO_CARDS: &str = "driver=550.54.15
@@ -24,7 +24,7 @@ count=2
 0.limit_mw=400000
 0.sm_clock=1410
 0.mem_clock=1593
-0.fan=-1
+0.fan=n/a
 0.ecc_corrected=3
 0.ecc_uncorrected=0
 0.pcie_rx=1000
@@ -42,6 +42,10 @@ count=2
 1.sm_clock=210
 1.mem_clock=405
 1.fan=30
+1.ecc_corrected=n/a
+1.ecc_uncorrected=n/a
+1.pcie_rx=n/a
+1.pcie_tx=n/a
 ";
 
 /// Compiles the stand-in with its script path built in; returns (library, script).
@@ -73,31 +77,80 @@ fn inventory_and_samples_come_from_the_library() {
     let dir = TempDir::new().expect("temp dir");
     let (library, script) = stand_in(&dir);
     let mut source = NvmlSource::open(Some(&library)).expect("opens the stand-in");
-    let cards = source.cards();
-    assert_eq!(cards.len(), 2);
-    assert_eq!(cards[0].uuid, "GPU-11111111-2222-3333-4444-555555555555");
-    assert_eq!(cards[0].model, "NVIDIA A100-SXM4-80GB");
-    assert_eq!(cards[0].pci_bus_id, "00000000:3B:00.0");
-    assert_eq!(cards[0].vram_mib, 81920);
-    assert_eq!(cards[0].power_limit_mw, 400_000);
-    assert_eq!(cards[0].driver_version, "550.54.15");
-    assert_eq!(cards[0].cuda_version, "12.4");
-    assert_eq!(cards[1].index, 1);
-
-    let samples = source.sample(1_000);
-    let a100 = samples[0].as_ref().expect("readable");
     assert_eq!(
-        (a100.at_ms, a100.gpu_utilization_pct, a100.memory_utilization_pct, a100.memory_used_mib, a100.temperature_c),
-        (1_000, 42, 17, 1024, 55)
+        source.cards(),
+        [
+            CardInfo {
+                index: 0,
+                uuid: "GPU-11111111-2222-3333-4444-555555555555".into(),
+                pci_bus_id: "00000000:3B:00.0".into(),
+                model: "NVIDIA A100-SXM4-80GB".into(),
+                vram_mib: 81920,
+                power_limit_mw: 400_000,
+                driver_version: "550.54.15".into(),
+                cuda_version: "12.4".into(),
+            },
+            CardInfo {
+                index: 1,
+                uuid: "GPU-66666666-7777-8888-9999-000000000000".into(),
+                pci_bus_id: "00000000:86:00.0".into(),
+                model: "NVIDIA GeForce RTX 4090".into(),
+                vram_mib: 24564,
+                power_limit_mw: 450_000,
+                driver_version: "550.54.15".into(),
+                cuda_version: "12.4".into(),
+            },
+        ]
     );
-    assert_eq!((a100.power_draw_mw, a100.power_limit_mw, a100.sm_clock_mhz, a100.memory_clock_mhz), (210_000, 400_000, 1410, 1593));
-    assert_eq!((a100.fan_pct, a100.ecc_corrected, a100.pcie_rx_kbps, a100.pcie_tx_kbps), (None, 3, 1000, 2000));
-    assert_eq!(samples[1].as_ref().expect("readable").fan_pct, Some(30));
+    assert!(source.unidentified().is_empty());
+
+    let a100 = CardSample {
+        index: 0,
+        at_ms: 1_000,
+        gpu_utilization_pct: 42,
+        memory_utilization_pct: 17,
+        memory_used_mib: 1024,
+        temperature_c: 55,
+        power_draw_mw: 210_000,
+        power_limit_mw: 400_000,
+        sm_clock_mhz: 1410,
+        memory_clock_mhz: 1593,
+        fan_pct: None,
+        ecc_corrected: 3,
+        ecc_uncorrected: 0,
+        xid_events: vec![],
+        pcie_rx_kbps: 1000,
+        pcie_tx_kbps: 2000,
+    };
+    // The GeForce has a fan but no ECC and (here) no PCIe counters: left out, not errors.
+    let rtx = CardSample {
+        index: 1,
+        at_ms: 1_000,
+        gpu_utilization_pct: 0,
+        memory_utilization_pct: 0,
+        memory_used_mib: 0,
+        temperature_c: 35,
+        power_draw_mw: 20_000,
+        power_limit_mw: 450_000,
+        sm_clock_mhz: 210,
+        memory_clock_mhz: 405,
+        fan_pct: Some(30),
+        ecc_corrected: 0,
+        ecc_uncorrected: 0,
+        xid_events: vec![],
+        pcie_rx_kbps: 0,
+        pcie_tx_kbps: 0,
+    };
+    assert_eq!(source.sample(1_000), [Ok(a100.clone()), Ok(rtx.clone())]);
 
     rewrite(&script, "0.util_gpu=42", "0.util_gpu=97");
     rewrite(&script, "0.temp=55", "0.temp=83");
-    let a100 = source.sample(2_000).remove(0).expect("readable");
-    assert_eq!((a100.gpu_utilization_pct, a100.temperature_c), (97, 83));
+    rewrite(&script, "0.ecc_uncorrected=0", "0.ecc_uncorrected=2");
+    rewrite(&script, "1.fan=30", "1.fan=55");
+    let later = source.sample(2_000);
+    let a100 = CardSample { at_ms: 2_000, gpu_utilization_pct: 97, temperature_c: 83, ecc_uncorrected: 2, ..a100 };
+    let rtx = CardSample { at_ms: 2_000, fan_pct: Some(55), ..rtx };
+    assert_eq!(later, [Ok(a100), Ok(rtx)]);
 }
 
 #[test]
@@ -126,5 +179,45 @@ fn a_missing_library_is_a_clear_error() {
         Err(e @ NvmlOpenError::NotFound(_)) => assert!(e.to_string().contains("not found"), "{e}"),
         Err(other) => panic!("expected NotFound, got {other}"),
         Ok(_) => panic!("opened a library that does not exist"),
+    }
+}
+
+#[test]
+fn a_failed_reading_makes_only_that_card_unreadable() {
+    let dir = TempDir::new().expect("temp dir");
+    let (library, script) = stand_in(&dir);
+    let mut source = NvmlSource::open(Some(&library)).expect("opens the stand-in");
+    // 999 is NVML_ERROR_UNKNOWN: neither "not supported" (left out) nor "lost". It fails the
+    // card whether the reading is one every card has or one a card may lack.
+    for broken in ["0.error=999", "0.pcie_rx=err:999"] {
+        let text = format!("{TWO_CARDS}{broken}\n").replace("0.pcie_rx=1000\n", "");
+        std::fs::write(&script, text).expect("script");
+        let samples = source.sample(1_000);
+        assert!(matches!(samples[0], Err(CardError::Unreadable { index: 0, .. })), "{broken}: {:?}", samples[0]);
+        assert!(samples[1].is_ok(), "{broken}: {:?}", samples[1]);
+    }
+    std::fs::write(&script, TWO_CARDS).expect("script");
+    assert!(source.sample(2_000)[0].is_ok(), "and reads again once the driver answers");
+
+}
+
+#[test]
+fn a_card_lost_before_open_is_left_out_and_the_rest_are_listed() {
+    let dir = TempDir::new().expect("temp dir");
+    let (library, script) = stand_in(&dir);
+    std::fs::write(&script, format!("{TWO_CARDS}0.lost=1\n")).expect("script");
+    let mut source = NvmlSource::open(Some(&library)).expect("opens with the card that answers");
+    assert_eq!(source.unidentified(), [CardError::FallenOffBus(0)]);
+    let cards = source.cards();
+    assert_eq!((cards.len(), cards[0].index, cards[0].uuid.as_str()), (1, 1, "GPU-66666666-7777-8888-9999-000000000000"));
+    let samples = source.sample(1_000);
+    assert_eq!((samples.len(), samples[0].as_ref().map(|s| s.index)), (1, Ok(1)));
+
+    // No card answering at all is a broken driver, not an empty node.
+    std::fs::write(&script, format!("{TWO_CARDS}0.lost=1\n1.lost=1\n")).expect("script");
+    match NvmlSource::open(Some(&library)) {
+        Err(e @ NvmlOpenError::Init(_)) => assert!(e.to_string().contains("fallen off the bus"), "{e}"),
+        Err(other) => panic!("expected Init, got {other}"),
+        Ok(_) => panic!("opened with every card lost"),
     }
 }

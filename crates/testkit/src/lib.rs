@@ -134,8 +134,10 @@ pub fn workspace_binary(package: &str, binary: &str) -> anyhow::Result<PathBuf> 
     let dir = exe.parent().and_then(Path::parent).ok_or_else(|| anyhow!("unexpected test path {}", exe.display()))?;
     let path = dir.join(binary);
     if !path.exists() {
+        let release = dir.file_name().is_some_and(|d| d == "release");
         let status = std::process::Command::new(env!("CARGO"))
             .args(["build", "--package", package, "--bin", binary])
+            .args(release.then_some("--release"))
             .status()
             .context("running cargo build")?;
         if !status.success() || !path.exists() {

@@ -4,9 +4,13 @@
  * call so a test can change the values between samples. Lines are `key=value`:
  *   driver=550.54.15   cuda=12040   count=2
  *   <i>.name= <i>.uuid= <i>.bus= <i>.total_mib= <i>.used_mib= <i>.util_gpu= <i>.util_mem=
- *   <i>.temp= <i>.power_mw= <i>.limit_mw= <i>.sm_clock= <i>.mem_clock= <i>.fan= (-1: none)
+ *   <i>.temp= <i>.power_mw= <i>.limit_mw= <i>.sm_clock= <i>.mem_clock= <i>.fan=
  *   <i>.ecc_corrected= <i>.ecc_uncorrected= <i>.pcie_rx= <i>.pcie_tx=
+ *                      a number; `n/a` answers NVML_ERROR_NOT_SUPPORTED, as does a fan left out
+ *                      (a passively cooled card); `err:999` answers that NVML return code;
+ *                      other numbers left out read 0
  *   <i>.lost=1         every read of the card answers NVML_ERROR_GPU_IS_LOST
+ *   <i>.error=999      every read of the card answers this NVML return code (999: UNKNOWN)
  *   <i>.xid=48,79      XIDs reported so far; each is delivered once through nvmlEventSetWait_v2
  * Only the symbols the agent's path calls are exported.
  */
@@ -78,6 +82,30 @@ static long long num(int card, const char *field, long long fallback) {
     return get(key, value, sizeof value) ? atoll(value) : fallback;
 }
 
+/* A card's numeric reading into *out: NVML_SUCCESS, NVML_ERROR_NOT_SUPPORTED for `n/a` (and for
+ * a field left out whose `fallback` is negative), or the code N of `err:N`. */
+static int reading(int card, const char *field, long long fallback, unsigned long long *out) {
+    char key[64], value[64];
+    snprintf(key, sizeof key, "%d.%s", card, field);
+    long long v = fallback;
+    if (get(key, value, sizeof value)) {
+        if (strcmp(value, "n/a") == 0) return NVML_ERROR_NOT_SUPPORTED;
+        if (strncmp(value, "err:", 4) == 0) return atoi(value + 4);
+        v = atoll(value);
+    }
+    if (v < 0) return NVML_ERROR_NOT_SUPPORTED;
+    *out = (unsigned long long)v;
+    return NVML_SUCCESS;
+}
+
+/* reading() into an unsigned int. */
+static int reading_u(int card, const char *field, long long fallback, unsigned int *out) {
+    unsigned long long v = 0;
+    int r = reading(card, field, fallback, &v);
+    if (r == NVML_SUCCESS) *out = (unsigned int)v;
+    return r;
+}
+
 static int text(int card, const char *field, char *out, unsigned int size) {
     char key[64];
     snprintf(key, sizeof key, "%d.%s", card, field);
@@ -88,7 +116,8 @@ static int text(int card, const char *field, char *out, unsigned int size) {
 static int card_ok(nvmlDevice_t d) {
     load();
     if (!d || d->index < 0 || d->index >= num(-1, "count", 0)) return NVML_ERROR_INVALID_ARGUMENT;
-    return num(d->index, "lost", 0) ? NVML_ERROR_GPU_IS_LOST : NVML_SUCCESS;
+    if (num(d->index, "lost", 0)) return NVML_ERROR_GPU_IS_LOST;
+    return (int)num(d->index, "error", NVML_SUCCESS);
 }
 
 int nvmlInit_v2(void) { load(); return NVML_SUCCESS; }
@@ -120,45 +149,45 @@ int nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *p) {
 }
 int nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t d, nvmlMemory_v2_t *m) {
     READ();
-    m->total = (unsigned long long)num(c, "total_mib", 0) << 20;
-    m->used = (unsigned long long)num(c, "used_mib", 0) << 20;
+    unsigned long long total = 0, used = 0;
+    if ((r = reading(c, "total_mib", 0, &total)) || (r = reading(c, "used_mib", 0, &used))) return r;
+    m->total = total << 20;
+    m->used = used << 20;
     m->reserved = 0;
     m->free = m->total - m->used;
     return NVML_SUCCESS;
 }
 int nvmlDeviceGetUtilizationRates(nvmlDevice_t d, nvmlUtilization_t *u) {
     READ();
-    u->gpu = (unsigned int)num(c, "util_gpu", 0);
-    u->memory = (unsigned int)num(c, "util_mem", 0);
+    unsigned int gpu = 0, memory = 0;
+    if ((r = reading_u(c, "util_gpu", 0, &gpu)) || (r = reading_u(c, "util_mem", 0, &memory))) return r;
+    u->gpu = gpu;
+    u->memory = memory;
     return NVML_SUCCESS;
 }
-int nvmlDeviceGetTemperature(nvmlDevice_t d, int sensor, unsigned int *t) { READ(); (void)sensor; *t = (unsigned int)num(c, "temp", 0); return NVML_SUCCESS; }
-int nvmlDeviceGetPowerUsage(nvmlDevice_t d, unsigned int *p) { READ(); *p = (unsigned int)num(c, "power_mw", 0); return NVML_SUCCESS; }
-int nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t d, unsigned int *p) { READ(); *p = (unsigned int)num(c, "limit_mw", 0); return NVML_SUCCESS; }
+int nvmlDeviceGetTemperature(nvmlDevice_t d, int sensor, unsigned int *t) { READ(); (void)sensor; return reading_u(c, "temp", 0, t); }
+int nvmlDeviceGetPowerUsage(nvmlDevice_t d, unsigned int *p) { READ(); return reading_u(c, "power_mw", 0, p); }
+int nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t d, unsigned int *p) { READ(); return reading_u(c, "limit_mw", 0, p); }
 int nvmlDeviceGetClockInfo(nvmlDevice_t d, int type, unsigned int *mhz) {
     READ();
     /* nvmlClockType_t: 0 graphics, 1 SM, 2 memory */
-    *mhz = (unsigned int)num(c, type == 2 ? "mem_clock" : "sm_clock", 0);
-    return NVML_SUCCESS;
+    return reading_u(c, type == 2 ? "mem_clock" : "sm_clock", 0, mhz);
 }
 int nvmlDeviceGetFanSpeed_v2(nvmlDevice_t d, unsigned int fan, unsigned int *pct) {
     READ();
-    long long v = num(c, "fan", -1);
-    if (fan != 0 || v < 0) return NVML_ERROR_NOT_SUPPORTED;
-    *pct = (unsigned int)v;
-    return NVML_SUCCESS;
+    if (fan != 0) return NVML_ERROR_INVALID_ARGUMENT;
+    return reading_u(c, "fan", -1, pct);
 }
 int nvmlDeviceGetTotalEccErrors(nvmlDevice_t d, int type, int counter, unsigned long long *n) {
     READ();
+    /* nvmlMemoryErrorType_t: 0 corrected, 1 uncorrected */
     (void)counter;
-    *n = (unsigned long long)num(c, type == 0 ? "ecc_corrected" : "ecc_uncorrected", 0);
-    return NVML_SUCCESS;
+    return reading(c, type == 0 ? "ecc_corrected" : "ecc_uncorrected", 0, n);
 }
 int nvmlDeviceGetPcieThroughput(nvmlDevice_t d, int counter, unsigned int *kbps) {
     READ();
     /* nvmlPcieUtilCounter_t: 0 TX, 1 RX */
-    *kbps = (unsigned int)num(c, counter == 0 ? "pcie_tx" : "pcie_rx", 0);
-    return NVML_SUCCESS;
+    return reading_u(c, counter == 0 ? "pcie_tx" : "pcie_rx", 0, kbps);
 }
 int nvmlDeviceGetSupportedEventTypes(nvmlDevice_t d, unsigned long long *types) { READ(); *types = XID_CRITICAL_ERROR; return NVML_SUCCESS; }
 int nvmlEventSetCreate(nvmlEventSet_t *set) { *set = (nvmlEventSet_t)&event_set_token; return NVML_SUCCESS; }
