@@ -32,7 +32,12 @@ impl Gpus {
         match config.source {
             SourceKind::Simulated => Ok(simulated()),
             SourceKind::Nvml => match NvmlSource::open(config.nvml_library.as_deref()) {
-                Ok(nvml) => Ok(Gpus::Nvml(nvml)),
+                Ok(nvml) => {
+                    for problem in nvml.unidentified() {
+                        tracing::error!(%problem, "a card could not be identified at start and is left out of the inventory");
+                    }
+                    Ok(Gpus::Nvml(nvml))
+                }
                 Err(e) if config.fallback_to_simulated => {
                     tracing::warn!(error = %e, "no NVIDIA driver: using simulated GPUs as configured");
                     Ok(simulated())
