@@ -8,6 +8,7 @@
 //! - [`outbox`]: sequence-numbered samples awaiting (and retained after) acknowledgement.
 //! - [`uplink`]: the telemetry stream to the broker, with reconnects and backpressure.
 //! - [`probe`]: network quality to the broker.
+//! - [`provisioner`]: confirms Class B leases of this node's cards.
 //! - [`exporter`]: `/metrics` (DCGM names), `/healthz`, simulated-GPU controls.
 
 pub mod config;
@@ -16,6 +17,7 @@ pub mod host;
 pub mod identity;
 pub mod outbox;
 pub mod probe;
+pub mod provisioner;
 pub mod runtime;
 pub mod source;
 pub mod uplink;

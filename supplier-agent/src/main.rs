@@ -7,7 +7,7 @@ use suanli_agent::config::{AgentArgs, AgentConfig};
 use suanli_agent::identity::{self, IdentityError};
 use suanli_agent::runtime::{self, lock, Agent};
 use suanli_agent::source::Gpus;
-use suanli_agent::{exporter, host, inventory, probe, uplink};
+use suanli_agent::{exporter, host, inventory, probe, provisioner, uplink};
 use suanli_telemetry::GpuSource;
 
 #[derive(Parser)]
@@ -25,6 +25,8 @@ enum Command {
     Inventory(AgentArgs),
 }
 
+/// How often the agent looks for Class B leases to provision on its node.
+const PROVISION_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// How often network quality to the broker is measured.
 const PROBE_EVERY: Duration = Duration::from_secs(5);
 
@@ -82,6 +84,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     });
     tokio::spawn(runtime::sampler(agent.clone(), config.sample_interval));
     tokio::spawn(uplink::run(agent.clone(), config.brokers.clone(), identity.credential.clone(), config.max_batch));
+    tokio::spawn(provisioner::run(config.brokers.clone(), identity.credential.clone(), PROVISION_CHECK_EVERY));
     let probed = agent.clone();
     let target = config.brokers[0].trim_start_matches("http://").trim_start_matches("https://").to_owned();
     tokio::spawn(async move {

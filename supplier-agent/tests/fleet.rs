@@ -485,3 +485,45 @@ async fn faults_and_silent_agents_take_cards_out_of_the_market_and_back() {
         wait_for(nodes[1], index, (v1::CardStatus::Idle, v1::CardHealth::Healthy)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn class_b_leases_start_once_every_agent_has_provisioned() {
+    let fleet = Fleet::start().await;
+    let mut agents = Vec::new();
+    for (i, name) in ["gpu-1", "gpu-2"].into_iter().enumerate() {
+        let token = fleet.enrollment_token(i as u32).await;
+        agents.push(fleet.agent(name, Some(&token), 30 + i as u64).await);
+    }
+    let nodes: Vec<u64> = agents.iter().map(node_of).collect();
+    let cluster = fleet.publish(&nodes).await;
+    let leader = fleet.broker.leader(WAIT).await.expect("leader");
+    let mut platform = fleet.broker.client(leader, suanli_testkit::cluster::PLATFORM_TOKEN).await.expect("platform");
+    let (_, researcher_token) = register(&mut platform, AccountKind::Researcher, "researcher").await.expect("researcher");
+    let mut researcher = fleet.broker.client(leader, &researcher_token).await.expect("researcher client");
+
+    // Four cards: both nodes' cards. Nobody but the agents acts.
+    let lease = researcher
+        .request_lease(v1::RequestLeaseRequest {
+            request_id: "lease".into(),
+            cluster_id: cluster,
+            node_ids: Vec::new(),
+            cards: 4,
+            billing_mode: v1::BillingMode::Hourly.into(),
+            periods: 1,
+        })
+        .await
+        .expect("lease")
+        .into_inner();
+    let active = eventually(WAIT, POLL, || {
+        let mut researcher = researcher.clone();
+        async move {
+            let l = researcher.get_lease(v1::GetLeaseRequest { lease_id: lease.lease_id }).await.ok()?.into_inner();
+            (l.state() == v1::LeaseState::Active).then_some(l)
+        }
+    })
+    .await
+    .expect("the agents activate the lease");
+    assert_eq!(active.card_ids.len(), 4);
+    let cards = fleet.cards(cluster).await;
+    assert!(cards.iter().all(|c| c.status() == v1::CardStatus::Busy && c.lease_id == lease.lease_id), "{cards:?}");
+}

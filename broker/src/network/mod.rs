@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status};
 use crate::storage::{Raft, TypeConfig};
 
 /// Bumped when the encoding of Raft messages changes incompatibly.
-pub const WIRE_FORMAT_VERSION: u32 = 1;
+pub const WIRE_FORMAT_VERSION: u32 = 2;
 
 type NodeId = u64;
 

@@ -6,7 +6,7 @@
 //! every rejection is a `DomainError` that leaves the state as it was (the one exception is a
 //! wrong authorization code, which must cost an attempt).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -78,7 +78,7 @@ pub struct State {
     enrollment_tokens: BTreeMap<SecretHash, EnrollmentToken>,
     nodes_by_credential: BTreeMap<SecretHash, NodeId>,
     /// Raft node IDs of removed broker nodes: never admitted again.
-    retired_broker_nodes: std::collections::BTreeSet<u64>,
+    retired_broker_nodes: BTreeSet<u64>,
 }
 
 /// A cluster as the catalogue shows it.
@@ -338,6 +338,17 @@ impl State {
                 };
                 require(allowed, "only the supplier or its agent confirms provisioning")?;
                 self.transition_check(l, LeaseAction::Activate)?;
+                // An agent speaks for its own node: the lease starts once every node holding
+                // its cards has provisioned them. The supplier speaks for all of them.
+                if let Caller::Agent(node) = caller {
+                    let nodes: BTreeSet<NodeId> =
+                        l.cards.iter().filter_map(|c| self.cards.get(c)).map(|c| c.node).collect();
+                    let l = self.leases.get_mut(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
+                    l.provisioned.insert(*node);
+                    if !nodes.is_subset(&l.provisioned) {
+                        return Ok(Response::Lease(Box::new(l.clone())));
+                    }
+                }
                 self.activate(*lease, at, events)
             }
             Command::ExtendLease { lease, periods } => {
@@ -459,6 +470,7 @@ impl State {
             paid_until: None,
             ended_at: None,
             end_reason: None,
+            provisioned: BTreeSet::new(),
         };
         for card_id in &cards {
             self.set_card(*card_id, CardStatus::Reserved, Some(id), events);

@@ -100,4 +100,6 @@ pub struct Lease {
     pub paid_until: Option<Timestamp>,
     pub ended_at: Option<Timestamp>,
     pub end_reason: Option<EndReason>,
+    /// Class B: the nodes whose agents have confirmed provisioning so far.
+    pub provisioned: std::collections::BTreeSet<NodeId>,
 }

@@ -508,6 +508,28 @@ fn health_takes_idle_cards_out_of_the_market_and_leaves_leases_alone() {
     m.w.state.check_invariants().expect("invariants");
 }
 
+#[test]
+fn a_class_b_lease_starts_when_every_node_holding_its_cards_has_provisioned() {
+    let mut m = market();
+    let lease = m.w.lease(Caller::Account(m.researcher), request_b(m.class_b, 6));
+    let nodes: std::collections::BTreeSet<NodeId> =
+        lease.cards.iter().map(|c| m.w.state.card(*c).expect("card").node).collect();
+    assert_eq!(nodes.len(), 2, "six cards span both nodes");
+    let mut nodes = nodes.into_iter();
+    let (first, second) = (nodes.next().expect("node"), nodes.next().expect("node"));
+    // An agent of a node the lease does not touch is refused.
+    let stranger = m.class_a_nodes[0];
+    let refused = m.w.run(Caller::Agent(stranger), Command::ActivateLease { lease: lease.id });
+    assert_eq!(code(refused), ErrorCode::PermissionDenied);
+    let after_first = m.w.lease(Caller::Agent(first), Command::ActivateLease { lease: lease.id });
+    assert_eq!(after_first.state, LeaseState::Requested);
+    assert!(m.w.card_statuses(lease.id).iter().all(|s| *s == CardStatus::Reserved));
+    let after_second = m.w.lease(Caller::Agent(second), Command::ActivateLease { lease: lease.id });
+    assert_eq!(after_second.state, LeaseState::Active);
+    assert!(m.w.card_statuses(lease.id).iter().all(|s| *s == CardStatus::Busy));
+    m.w.state.check_invariants().expect("invariants");
+}
+
 // ---- property tests ---------------------------------------------------------------------------
 
 #[derive(Clone, Debug)]
