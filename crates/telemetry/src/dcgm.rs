@@ -116,29 +116,22 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
+/// dcgm-exporter's label names, in its order.
+const DCGM_LABELS: [&str; 6] = ["gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname"];
+/// The same labels in Prometheus' own style, for our families.
+const SNAKE_LABELS: [&str; 6] = ["gpu", "uuid", "pci_bus_id", "device", "model_name", "hostname"];
+
 fn labels(hostname: &str, c: &CardInfo) -> String {
-    format!(
-        "gpu=\"{}\",UUID=\"{}\",pci_bus_id=\"{}\",device=\"nvidia{}\",modelName=\"{}\",Hostname=\"{}\"",
-        c.index,
-        escape(&c.uuid),
-        escape(&c.pci_bus_id),
-        c.index,
-        escape(&c.model),
-        escape(hostname)
-    )
+    label_set(&DCGM_LABELS, hostname, c)
 }
 
-/// The same labels in Prometheus' own style, for our families.
 fn snake_labels(hostname: &str, c: &CardInfo) -> String {
-    format!(
-        "gpu=\"{}\",uuid=\"{}\",pci_bus_id=\"{}\",device=\"nvidia{}\",model_name=\"{}\",hostname=\"{}\"",
-        c.index,
-        escape(&c.uuid),
-        escape(&c.pci_bus_id),
-        c.index,
-        escape(&c.model),
-        escape(hostname)
-    )
+    label_set(&SNAKE_LABELS, hostname, c)
+}
+
+fn label_set(names: &[&str; 6], hostname: &str, c: &CardInfo) -> String {
+    let values = [c.index.to_string(), escape(&c.uuid), escape(&c.pci_bus_id), format!("nvidia{}", c.index), escape(&c.model), escape(hostname)];
+    names.iter().zip(values).map(|(name, value)| format!("{name}=\"{value}\"")).collect::<Vec<_>>().join(",")
 }
 
 /// Label values escape backslash, double quote and newline (the text format's rules).
