@@ -30,7 +30,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
 async fn metrics(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     let mut text = {
         let latest = lock(&agent.latest);
-        suanli_telemetry::dcgm::render(&agent.hostname, &agent.cards, &latest.cards)
+        suanli_telemetry::dcgm::render_latched(&agent.hostname, &agent.cards, &latest.cards, &latest.xids)
     };
     own_metrics(&agent, &mut text);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)

@@ -8,6 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use suanli_proto::v1;
+use suanli_telemetry::dcgm::XidLatch;
 use suanli_telemetry::{CardError, CardInfo, CardSample, GpuSource};
 use tokio::sync::Notify;
 
@@ -36,6 +37,8 @@ pub struct Agent {
 pub struct Latest {
     pub cards: Vec<Result<CardSample, CardError>>,
     pub node: NodeReading,
+    /// The last XID of each card, kept as DCGM keeps it, so a scrape between samples sees it.
+    pub xids: XidLatch,
 }
 
 #[derive(Default)]
@@ -102,7 +105,11 @@ impl Agent {
                 tracing::warn!(error = %e, "cannot record sample");
             }
         }
-        *lock(&self.latest) = Latest { cards, node };
+        let mut latest = lock(&self.latest);
+        latest.xids.observe(&cards);
+        latest.cards = cards;
+        latest.node = node;
+        drop(latest);
         self.counters.samples.fetch_add(1, Ordering::Relaxed);
         self.new_sample.notify_one();
     }
