@@ -1,7 +1,8 @@
 //! `cargo bench -p suanli-broker --bench telemetry` — telemetry ingestion on one broker node.
 //!
 //! Starts a real broker process, enrolls `--nodes` agents of `--cards` cards each (through
-//! enrollment tokens, as agents do), opens one `StreamTelemetry` per node and pushes batches of
+//! enrollment tokens, as agents do), opens one `StreamTelemetry` per node on the agent port
+//! (mutual TLS, each with its own client certificate) and pushes batches of
 //! `--batch` samples as fast as the acknowledgements allow (4 batches in flight per stream, as
 //! the agent does) for `--seconds`. Reports acknowledged card-samples per second and per
 //! second of the broker's CPU time (utime + stime from /proc), against the target load of
@@ -22,6 +23,7 @@ use suanli_testkit::fixtures::{self, register};
 use suanli_types::{CardId, NodeId};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 const TARGET_CARD_SAMPLES_PER_S: f64 = 100_000.0;
 const IN_FLIGHT: usize = 4;
@@ -110,23 +112,29 @@ async fn main() -> anyhow::Result<()> {
     let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "bench-supplier").await?;
     let channel = suanli_proto::client::channel(&endpoint).await?;
     let mut supplier = SupplierServiceClient::with_interceptor(channel.clone(), bearer(Some(&supplier_token))?);
-    let mut credentials = Vec::new();
+    // Agents enroll and stream on the agent port, by mutual TLS, as the real agent does.
+    let agent_port = cluster.agent_endpoint(1)?;
+    let ca = Certificate::from_pem(std::fs::read_to_string(cluster.agent_ca_cert())?);
+    let tls = || ClientTlsConfig::new().ca_certificate(ca.clone());
+    let anonymous = suanli_proto::client::channel_with(&agent_port, Some(tls())).await?;
+    let mut identities = Vec::new();
     for n in 0..a.nodes {
         let token = supplier
             .create_enrollment_token(v1::CreateEnrollmentTokenRequest { request_id: format!("t-{n}"), valid_seconds: 600 })
             .await?
             .into_inner()
             .token;
-        let credential = format!("bench-credential-{n:08}-0123456789abcdefghij");
-        SupplierServiceClient::new(channel.clone())
+        let key = suanli_pki::new_private_key()?;
+        let enrolled = SupplierServiceClient::new(anonymous.clone())
             .enroll_agent(v1::EnrollAgentRequest {
                 request_id: format!("e-{n}"),
                 enrollment_token: token,
-                credential: credential.clone(),
+                csr_pem: suanli_pki::signing_request(&key, &format!("bench-{n}"))?,
                 inventory: Some(inventory_to_wire(&fixtures::inventory(&format!("bench-{n}"), a.cards))),
             })
-            .await?;
-        credentials.push(credential);
+            .await?
+            .into_inner();
+        identities.push(Identity::from_pem(enrolled.certificate_pem, key));
     }
 
     let acked = Arc::new(AtomicU64::new(0));
@@ -135,12 +143,12 @@ async fn main() -> anyhow::Result<()> {
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
     let mut streams = Vec::new();
-    for credential in credentials {
-        let channel = suanli_proto::client::channel(&endpoint).await?;
+    for identity in identities {
+        let channel = suanli_proto::client::channel_with(&agent_port, Some(tls().identity(identity))).await?;
         let acked = acked.clone();
         let (cards, batch) = (a.cards, a.batch);
         streams.push(tokio::spawn(async move {
-            let mut client = MonitoringServiceClient::with_interceptor(channel, bearer(Some(&credential))?);
+            let mut client = MonitoringServiceClient::new(channel);
             let (tx, rx) = mpsc::channel(IN_FLIGHT);
             let mut acks = client.stream_telemetry(ReceiverStream::new(rx)).await?.into_inner();
             acks.message().await?;

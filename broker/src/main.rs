@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
-use suanli_broker::server::{self, NodeConfig};
+use suanli_broker::server::{self, AgentCaSource, NodeConfig};
 use suanli_broker::storage::DEFAULT_EVENTS_RETAINED;
 use suanli_broker::demo;
 use suanli_proto::client;
@@ -44,6 +44,18 @@ enum Command {
     /// A 3-node cluster: start node 1 with `serve --bootstrap`, nodes 2 and 3 with `serve`,
     /// then `cluster add-learner 2 HOST:PORT`, `cluster promote 2`, and the same for 3.
     Cluster(ClusterArgs),
+    /// Make a new agent CA (certificate and key) for a cluster; give both files to every node
+    /// (`agent_ca_cert`, `agent_ca_key`). Refuses to overwrite.
+    AgentCa(AgentCaArgs),
+}
+
+#[derive(Args)]
+struct AgentCaArgs {
+    #[arg(long, default_value = "agent-ca.pem")]
+    cert: PathBuf,
+    /// Written readable by its owner only.
+    #[arg(long, default_value = "agent-ca.key")]
+    key: PathBuf,
 }
 
 #[derive(Args)]
@@ -94,6 +106,15 @@ struct ServeArgs {
     /// Prometheus /metrics listen address.
     #[arg(long, env = "SUANLI_BROKER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// The agent port (mutual TLS): where supplier agents enroll and stream telemetry.
+    #[arg(long, env = "SUANLI_BROKER_AGENT_LISTEN")]
+    agent_listen: Option<SocketAddr>,
+    /// The agent CA's certificate (PEM), the same on every node (`suanli-broker agent-ca`).
+    /// Without it and its key, a node with an agent port makes its own in the data directory.
+    #[arg(long, env = "SUANLI_BROKER_AGENT_CA_CERT")]
+    agent_ca_cert: Option<PathBuf>,
+    #[arg(long, env = "SUANLI_BROKER_AGENT_CA_KEY")]
+    agent_ca_key: Option<PathBuf>,
     /// Token of the platform's own services (registers accounts). At least 16 characters.
     #[arg(long, env = "SUANLI_BROKER_PLATFORM_TOKEN", hide_env_values = true)]
     platform_token: Option<String>,
@@ -127,6 +148,12 @@ struct FileBroker {
     events_retained: Option<u64>,
     /// An enrolled agent not heard from for this long has its cards marked silent.
     agent_silent_after_ms: Option<u64>,
+    agent_listen: Option<SocketAddr>,
+    agent_ca_cert: Option<PathBuf>,
+    agent_ca_key: Option<PathBuf>,
+    /// DNS names or IP addresses agents reach this node by (the agent port's certificate).
+    #[serde(default)]
+    agent_tls_names: Vec<String>,
     /// Per-peer address overrides: node id → HOST:PORT this node dials instead of the address
     /// in the membership (NAT, sidecars, the test harness's fault-injecting links).
     #[serde(default)]
@@ -141,6 +168,9 @@ struct DevArgs {
     listen: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics_listen: SocketAddr,
+    /// The agent port (mutual TLS); its CA is `<data-dir>/agent-ca.pem`.
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    agent_listen: SocketAddr,
     /// Delete the data directory first.
     #[arg(long)]
     fresh: bool,
@@ -206,7 +236,26 @@ async fn main() -> anyhow::Result<()> {
         Command::Catalogue(args) => catalogue(args).await,
         Command::EnrollmentToken(args) => enrollment_token(args).await,
         Command::Cluster(args) => cluster(args).await,
+        Command::AgentCa(args) => agent_ca(args),
     }
+}
+
+fn agent_ca(args: AgentCaArgs) -> anyhow::Result<()> {
+    if args.cert.exists() || args.key.exists() {
+        bail!("{} or {} exists already: not overwriting an agent CA", args.cert.display(), args.key.display());
+    }
+    suanli_pki::Ca::load(&args.cert, &args.key, true)?;
+    println!("agent CA: certificate {}, key {} (0600)", args.cert.display(), args.key.display());
+    Ok(())
+}
+
+fn agent_ca_source(cert: Option<PathBuf>, key: Option<PathBuf>, agent_listen: Option<SocketAddr>) -> anyhow::Result<AgentCaSource> {
+    Ok(match (cert, key) {
+        (Some(cert), Some(key)) => AgentCaSource::Files { cert, key },
+        (None, None) if agent_listen.is_some() => AgentCaSource::DataDir,
+        (None, None) => AgentCaSource::None,
+        _ => bail!("give both agent_ca_cert and agent_ca_key, or neither"),
+    })
 }
 
 fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
@@ -218,7 +267,12 @@ fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         .platform_token
         .or(file.platform_token)
         .context("set a platform token: --platform-token, SUANLI_BROKER_PLATFORM_TOKEN or [broker] platform_token")?;
+    let agent_listen = args.agent_listen.or(file.agent_listen);
+    let agent_ca = agent_ca_source(args.agent_ca_cert.or(file.agent_ca_cert), args.agent_ca_key.or(file.agent_ca_key), agent_listen)?;
     Ok(NodeConfig {
+        agent_listen,
+        agent_ca,
+        agent_tls_names: file.agent_tls_names,
         node_id: args.node_id.or(file.node_id).unwrap_or(1),
         data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/broker")),
         listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
@@ -263,7 +317,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn announce_ready(node: &server::RunningNode) {
     use std::io::Write;
     let metrics = node.metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-    println!("SUANLI_READY grpc={} metrics={metrics}", node.grpc_addr);
+    let agents = node.agent_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+    println!("SUANLI_READY grpc={} agents={agents} metrics={metrics}", node.grpc_addr);
     let _ = std::io::stdout().flush();
 }
 
@@ -286,12 +341,16 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         events_retained: DEFAULT_EVENTS_RETAINED,
         agent_silent_after: Duration::from_millis(DEFAULT_AGENT_SILENT_AFTER_MS),
         peer_overrides: Default::default(),
+        agent_listen: Some(args.agent_listen),
+        agent_ca: AgentCaSource::DataDir,
+        agent_tls_names: Vec::new(),
     })
     .await?;
     node.wait_for_leader(Duration::from_secs(10)).await?;
     let endpoint = format!("http://{}", node.grpc_addr);
     announce_ready(&node);
     println!("Suanli broker (dev) on {endpoint}, metrics on http://{}/metrics", args.metrics_listen);
+    println!("agent port https://{} (CA {})", args.agent_listen, args.data_dir.join("agent-ca.pem").display());
     println!("platform token: {DEV_PLATFORM_TOKEN}");
     if fresh {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?.connect().await?;

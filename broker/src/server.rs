@@ -15,6 +15,7 @@ use suanli_proto::v1::{
     task_service_server::TaskServiceServer,
 };
 use tokio::net::TcpListener;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::info;
@@ -56,6 +57,37 @@ pub struct NodeConfig {
     pub peer_overrides: BTreeMap<u64, String>,
     /// An enrolled agent not heard from for this long has its cards marked silent.
     pub agent_silent_after: Duration,
+    /// The agent port: mutual TLS, Icpcss and Irmds only. `None`: agents cannot connect here.
+    pub agent_listen: Option<SocketAddr>,
+    /// The agent CA every node of the cluster shares.
+    pub agent_ca: AgentCaSource,
+    /// Names (DNS or IP) agents reach this node by, besides its listen and advertised addresses.
+    pub agent_tls_names: Vec<String>,
+}
+
+/// Where a node finds the agent CA.
+#[derive(Clone, Debug)]
+pub enum AgentCaSource {
+    /// Certificate and key files, which must exist (every node of a cluster is given the same).
+    Files { cert: PathBuf, key: PathBuf },
+    /// `agent-ca.pem` and `agent-ca.key` in the data directory, made on first start: for a
+    /// single node only, since another node would make a different CA.
+    DataDir,
+    /// None: this node neither serves agents nor signs their certificates.
+    None,
+}
+
+impl AgentCaSource {
+    fn load(&self, data_dir: &std::path::Path) -> Result<Option<suanli_pki::Ca>, ServeError> {
+        let loaded = match self {
+            AgentCaSource::Files { cert, key } => suanli_pki::Ca::load(cert, key, false),
+            AgentCaSource::DataDir => {
+                suanli_pki::Ca::load(&data_dir.join("agent-ca.pem"), &data_dir.join("agent-ca.key"), true)
+            }
+            AgentCaSource::None => return Ok(None),
+        };
+        loaded.map(Some).map_err(|e| ServeError::Config(format!("agent CA: {e}")))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +105,8 @@ pub enum ServeError {
 pub struct RunningNode {
     pub shared: Shared,
     pub grpc_addr: SocketAddr,
+    /// The agent port (mutual TLS), where configured.
+    pub agent_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     stop: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -114,16 +148,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         info!(node = config.node_id, %advertise, "initialized a new single-node cluster");
     }
 
+    let agent_ca = config.agent_ca.load(&config.data_dir)?.map(Arc::new);
     let metrics = Arc::new(Metrics::new());
-    let shared = Shared::new(raft.clone(), sm, &config.platform_token, metrics.clone());
+    let shared = Shared::new(raft.clone(), sm, &config.platform_token, metrics.clone(), agent_ca.clone());
     let mut stop = Vec::new();
     let mut tasks = Vec::new();
     let telemetry = Telemetry::new(config.agent_silent_after);
 
     let (stop_grpc, stopped) = oneshot::channel::<()>();
     stop.push(stop_grpc);
+    let leader_router = Arc::new(LeaderRouter::new(raft.clone(), peers, &config.platform_token));
     let router = tonic::transport::Server::builder()
-        .layer(ForwardLayer::new(Arc::new(LeaderRouter::new(raft.clone(), peers))))
+        .layer(ForwardLayer::new(leader_router.clone()))
         .add_service(ClusterAdminServer::new(Admin::new(shared.clone())))
         .add_service(
             BrokerServer::new(BrokerApi::new(shared.clone()))
@@ -144,6 +180,45 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
             tracing::error!(error = %e, "gRPC server failed");
         }
     }));
+
+    let agent_addr = match (config.agent_listen, &agent_ca) {
+        (None, _) => None,
+        (Some(_), None) => return Err(ServeError::Config("agent_listen needs an agent CA".into())),
+        (Some(addr), Some(ca)) => {
+            let listener = TcpListener::bind(addr).await?;
+            let addr = listener.local_addr()?;
+            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+            names.extend([grpc_addr.ip(), addr.ip()].iter().filter(|ip| !ip.is_unspecified()).map(|ip| ip.to_string()));
+            if let Some(host) = advertise.rsplit_once(':').map(|(host, _)| host.trim_matches(['[', ']'])) {
+                names.push(host.to_owned());
+            }
+            names.extend(config.agent_tls_names.iter().cloned());
+            names.sort();
+            names.dedup();
+            let server_cert = ca.server_certificate(&names).map_err(|e| ServeError::Config(format!("agent port certificate: {e}")))?;
+            // Client certificates are optional at the handshake, so an agent can enroll before
+            // it has one; every other call needs an enrolled key (`Shared::caller`).
+            let tls = ServerTlsConfig::new()
+                .identity(Identity::from_pem(&server_cert.cert_pem, &server_cert.key_pem))
+                .client_ca_root(Certificate::from_pem(ca.cert_pem()))
+                .client_auth_optional(true);
+            let agent_router = tonic::transport::Server::builder()
+                .tls_config(tls)
+                .map_err(|e| ServeError::Config(format!("agent port TLS: {e}")))?
+                .layer(ForwardLayer::new(leader_router.clone()))
+                .add_service(SupplierServiceServer::new(Icpcss::new(shared.clone())))
+                .add_service(MonitoringServiceServer::new(Irmds::new(shared.clone(), telemetry.clone())));
+            let (stop_agents, stopped) = oneshot::channel::<()>();
+            stop.push(stop_agents);
+            tasks.push(tokio::spawn(async move {
+                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                if let Err(e) = agent_router.serve_with_incoming_shutdown(incoming, async { stopped.await.ok(); }).await {
+                    tracing::error!(error = %e, "agent port failed");
+                }
+            }));
+            Some(addr)
+        }
+    };
 
     let metrics_addr = match config.metrics_listen {
         Some(addr) => {
@@ -170,8 +245,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
 
     tasks.push(tokio::spawn(reaper::run(shared.clone(), config.reaper_interval)));
     tasks.push(tokio::spawn(telemetry::monitor(shared.clone(), telemetry, HEALTH_TICK)));
-    info!(node = config.node_id, grpc = %grpc_addr, metrics = ?metrics_addr, "broker node serving");
-    Ok(RunningNode { shared, grpc_addr, metrics_addr, stop, tasks })
+    info!(node = config.node_id, grpc = %grpc_addr, agents = ?agent_addr, metrics = ?metrics_addr, "broker node serving");
+    Ok(RunningNode { shared, grpc_addr, agent_addr, metrics_addr, stop, tasks })
 }
 
 impl RunningNode {

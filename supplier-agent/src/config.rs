@@ -13,10 +13,14 @@ pub struct AgentArgs {
     /// TOML configuration file; see ops/agent.example.toml.
     #[arg(long, env = "SUANLI_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Broker gRPC endpoints, comma-separated (any node of the cluster will do).
+    /// The brokers' agent ports, `https://HOST:PORT`, comma-separated (any node will do).
     #[arg(long, env = "SUANLI_AGENT_BROKER", value_delimiter = ',')]
     pub broker: Vec<String>,
-    /// Where the agent keeps its credential and node identity.
+    /// The agent CA's certificate (PEM): the brokers' agent ports must present a certificate
+    /// it signed. The supplier gets it with the enrollment token.
+    #[arg(long, env = "SUANLI_AGENT_BROKER_CA")]
+    pub broker_ca: Option<PathBuf>,
+    /// Where the agent keeps its key, certificate and node identity.
     #[arg(long, env = "SUANLI_AGENT_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// One-time enrollment token from the supplier (only needed until the node is enrolled).
@@ -65,6 +69,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileAgent {
     broker: Option<Vec<String>>,
+    broker_ca: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     enrollment_token: Option<String>,
     metrics_listen: Option<SocketAddr>,
@@ -100,6 +105,7 @@ pub struct SimulatedConfig {
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub brokers: Vec<String>,
+    pub broker_ca: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub enrollment_token: Option<String>,
     pub metrics_listen: SocketAddr,
@@ -135,6 +141,7 @@ impl AgentConfig {
         let brokers = if args.broker.is_empty() { file.broker.unwrap_or_default() } else { args.broker.clone() };
         let config = AgentConfig {
             brokers,
+            broker_ca: args.broker_ca.clone().or(file.broker_ca),
             state_dir: args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/agent")),
             enrollment_token: args.enrollment_token.clone().or(file.enrollment_token),
             metrics_listen: args
@@ -160,12 +167,19 @@ impl AgentConfig {
         Ok(config)
     }
 
-    /// For running (not for `inventory`): the agent needs a broker to talk to.
-    pub fn require_broker(&self) -> Result<(), ConfigError> {
+    /// For running (not for `inventory`): the agent needs a broker to talk to, over TLS, and
+    /// the CA to check it by. Returns that CA's certificate.
+    pub fn require_broker(&self) -> Result<String, ConfigError> {
         if self.brokers.is_empty() {
             return Err(ConfigError::Invalid("name the broker: --broker, SUANLI_AGENT_BROKER or [agent] broker".into()));
         }
-        Ok(())
+        if let Some(plain) = self.brokers.iter().find(|b| !b.starts_with("https://")) {
+            return Err(ConfigError::Invalid(format!("broker endpoint {plain:?}: agents talk to the broker's agent port over TLS (https://HOST:PORT)")));
+        }
+        let ca = self.broker_ca.as_ref().ok_or_else(|| {
+            ConfigError::Invalid("give the agent CA's certificate: --broker-ca, SUANLI_AGENT_BROKER_CA or [agent] broker_ca".into())
+        })?;
+        std::fs::read_to_string(ca).map_err(|e| ConfigError::Read(ca.clone(), e))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -4,7 +4,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use suanli_agent::config::{AgentArgs, AgentConfig};
-use suanli_agent::identity::{self, IdentityError};
+use suanli_agent::identity;
 use suanli_agent::runtime::{self, lock, Agent};
 use suanli_agent::source::Gpus;
 use suanli_agent::{exporter, host, inventory, probe, provisioner, uplink};
@@ -51,14 +51,13 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = AgentConfig::resolve(&args)?;
-    config.require_broker()?;
+    let trust = identity::BrokerTls::new(&config.require_broker()?);
     let facts = host::facts(config.hostname.as_deref());
     let gpus = Gpus::open(&config, &facts.hostname)?;
     let inventory = inventory(&facts, &gpus.cards());
     inventory.validate().context("this node's inventory")?;
 
-    let (channel, identity) = enroll(&config, &inventory).await?;
-    drop(channel);
+    let identity = enroll(&config, &trust, &inventory).await?;
     let record = match &config.record {
         Some(path) => Some(
             std::fs::OpenOptions::new()
@@ -83,8 +82,8 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     });
     tokio::spawn(runtime::sampler(agent.clone(), config.sample_interval));
-    tokio::spawn(uplink::run(agent.clone(), config.brokers.clone(), identity.credential.clone(), config.max_batch));
-    tokio::spawn(provisioner::run(config.brokers.clone(), identity.credential.clone(), PROVISION_CHECK_EVERY));
+    tokio::spawn(uplink::run(agent.clone(), config.brokers.clone(), identity.tls.clone(), config.max_batch));
+    tokio::spawn(provisioner::run(config.brokers.clone(), identity.tls.clone(), PROVISION_CHECK_EVERY));
     let probed = agent.clone();
     let target = config.brokers[0].trim_start_matches("http://").trim_start_matches("https://").to_owned();
     tokio::spawn(async move {
@@ -104,36 +103,25 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connects to the first broker that answers and establishes the node's identity, retrying
-/// while the brokers are unreachable (an agent may start before them).
+/// Establishes the node's identity with the first broker that answers, retrying while the
+/// brokers are unreachable (an agent may start before them).
 async fn enroll(
     config: &AgentConfig,
+    trust: &identity::BrokerTls,
     inventory: &suanli_types::NodeInventory,
-) -> anyhow::Result<(tonic::transport::Channel, identity::Identity)> {
+) -> anyhow::Result<identity::Identity> {
     let mut backoff = Duration::from_millis(200);
     let mut attempt = 0usize;
     loop {
         let endpoint = &config.brokers[attempt % config.brokers.len()];
         attempt += 1;
-        let outcome = match suanli_proto::client::channel(endpoint).await {
-            Ok(channel) => {
-                let established =
-                    identity::establish(channel.clone(), &config.state_dir, config.enrollment_token.as_deref(), inventory)
-                        .await;
-                match established {
-                    Ok(identity) => return Ok((channel, identity)),
-                    Err(e @ (IdentityError::Broker(_) | IdentityError::Enrollment(_)))
-                        if e.to_string().contains("UNAVAILABLE") =>
-                    {
-                        e.to_string()
-                    }
-                    Err(IdentityError::Broker(why)) => why,
-                    Err(e) => return Err(e.into()),
-                }
+        match identity::establish(endpoint, trust, &config.state_dir, config.enrollment_token.as_deref(), inventory).await {
+            Ok(identity) => return Ok(identity),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(broker = %endpoint, why = %e, "broker not reachable yet; retrying");
             }
-            Err(e) => e.to_string(),
-        };
-        tracing::warn!(broker = %endpoint, why = %outcome, "broker not reachable yet; retrying");
+            Err(e) => return Err(e.into()),
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }

@@ -9,12 +9,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use suanli_proto::decode_status;
-use suanli_proto::v1;
+use suanli_proto::v1::{self, supplier_service_client::SupplierServiceClient};
 use tonic::transport::Channel;
 
-use crate::identity;
+use crate::identity::BrokerTls;
 
-pub async fn run(brokers: Vec<String>, credential: String, every: Duration) {
+pub async fn run(brokers: Vec<String>, tls: BrokerTls, every: Duration) {
     let mut confirmed: BTreeSet<u64> = BTreeSet::new();
     let mut channel: Option<Channel> = None;
     let mut which = 0usize;
@@ -23,7 +23,7 @@ pub async fn run(brokers: Vec<String>, credential: String, every: Duration) {
     loop {
         tick.tick().await;
         if channel.is_none() {
-            match suanli_proto::client::channel(&brokers[which % brokers.len()]).await {
+            match tls.connect(&brokers[which % brokers.len()]).await {
                 Ok(c) => channel = Some(c),
                 Err(e) => {
                     tracing::debug!(error = %e, "provisioner: broker unreachable");
@@ -33,7 +33,7 @@ pub async fn run(brokers: Vec<String>, credential: String, every: Duration) {
             }
         }
         let Some(c) = channel.clone() else { continue };
-        if let Err(why) = confirm_reserved(c, &credential, &mut confirmed).await {
+        if let Err(why) = confirm_reserved(c, &mut confirmed).await {
             tracing::warn!(%why, "provisioner: could not check this node's leases");
             channel = None;
             which += 1;
@@ -42,8 +42,8 @@ pub async fn run(brokers: Vec<String>, credential: String, every: Duration) {
 }
 
 /// Confirms every Class B lease that reserves cards of this node and is not confirmed yet.
-async fn confirm_reserved(channel: Channel, credential: &str, confirmed: &mut BTreeSet<u64>) -> Result<(), String> {
-    let mut client = identity::supplier_client(channel, credential).map_err(|e| e.to_string())?;
+async fn confirm_reserved(channel: Channel, confirmed: &mut BTreeSet<u64>) -> Result<(), String> {
+    let mut client = SupplierServiceClient::new(channel);
     let describe = |s: tonic::Status| decode_status(&s).to_string();
     let node = client.get_agent_node(v1::GetAgentNodeRequest {}).await.map_err(describe)?.into_inner();
     if !node.full_telemetry {

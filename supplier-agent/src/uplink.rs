@@ -9,24 +9,24 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use suanli_proto::client::bearer;
 use suanli_proto::decode_status;
 use suanli_proto::v1::{self, monitoring_service_client::MonitoringServiceClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::identity::BrokerTls;
 use crate::runtime::{lock, Agent};
 
 const IN_FLIGHT_BATCHES: usize = 4;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-pub async fn run(agent: Arc<Agent>, brokers: Vec<String>, credential: String, max_batch: usize) {
+pub async fn run(agent: Arc<Agent>, brokers: Vec<String>, tls: BrokerTls, max_batch: usize) {
     let mut backoff = MIN_BACKOFF;
     let mut which = 0usize;
     loop {
         let endpoint = &brokers[which % brokers.len()];
-        let Err(why) = stream_once(&agent, endpoint, &credential, max_batch).await;
+        let Err(why) = stream_once(&agent, endpoint, &tls, max_batch).await;
         tracing::warn!(broker = %endpoint, %why, "telemetry stream broke; reconnecting");
         if agent.counters.connected.swap(false, Ordering::Relaxed) {
             // It worked until now: retry soon, same broker first (it forwards to any new leader).
@@ -43,11 +43,11 @@ pub async fn run(agent: Arc<Agent>, brokers: Vec<String>, credential: String, ma
 async fn stream_once(
     agent: &Agent,
     endpoint: &str,
-    credential: &str,
+    tls: &BrokerTls,
     max_batch: usize,
 ) -> Result<std::convert::Infallible, String> {
-    let channel = suanli_proto::client::channel(endpoint).await.map_err(|e| e.to_string())?;
-    let mut client = MonitoringServiceClient::with_interceptor(channel, bearer(Some(credential)).map_err(|e| e.to_string())?);
+    let channel = tls.connect(endpoint).await.map_err(|e| e.to_string())?;
+    let mut client = MonitoringServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<v1::TelemetryBatch>(IN_FLIGHT_BATCHES);
     let describe = |status: tonic::Status| {
         let e = decode_status(&status);

@@ -17,6 +17,8 @@ use suanli_testkit::{eventually, workspace_binary, Service};
 use suanli_proto::v1::AccountKind;
 use suanli_types::{ClusterClass, ErrorCode};
 use tempfile::TempDir;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+use std::os::unix::fs::PermissionsExt;
 
 const SILENT_AFTER_MS: u64 = 2_000;
 const WAIT: Duration = Duration::from_secs(30);
@@ -43,16 +45,33 @@ impl Fleet {
         Fleet { broker, dir: TempDir::new().expect("temp dir"), supplier_token }
     }
 
-    /// A live broker node's endpoint.
+    /// A live broker node's public gRPC endpoint.
     fn endpoint(&self) -> String {
         let id = self.broker.live()[0];
         format!("http://{}", self.broker.address(id).expect("address"))
     }
 
-    /// Every broker node, as the agent's `--broker` list.
+    /// Every broker node's agent port, as the agent's `--broker` list.
     fn all_endpoints(&self) -> String {
         let ids = self.broker.ids();
-        ids.iter().map(|id| format!("http://{}", self.broker.address(*id).expect("address"))).collect::<Vec<_>>().join(",")
+        ids.iter().map(|id| self.broker.agent_endpoint(*id).expect("address")).collect::<Vec<_>>().join(",")
+    }
+
+    /// A TLS channel to a live node's agent port, presenting `client` (certificate and key PEM)
+    /// or no certificate at all.
+    async fn agent_channel(&self, client: Option<&(String, String)>) -> Result<tonic::transport::Channel, String> {
+        let ca = std::fs::read_to_string(self.broker.agent_ca_cert()).expect("CA");
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = client {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        let endpoint = self.broker.agent_endpoint(self.broker.live()[0]).expect("agent port");
+        suanli_proto::client::channel_with(&endpoint, Some(tls)).await.map_err(|e| e.to_string())
+    }
+
+    /// The agent port's Icpcss as the agent `name` (its key and certificate from its state).
+    async fn as_agent(&self, name: &str) -> SupplierServiceClient<tonic::transport::Channel> {
+        SupplierServiceClient::new(self.agent_channel(Some(&agent_files(self, name))).await.expect("agent channel"))
     }
 
     async fn supplier(&self) -> Client {
@@ -93,6 +112,8 @@ impl Fleet {
             "run".into(),
             "--broker".into(),
             self.all_endpoints(),
+            "--broker-ca".into(),
+            self.broker.agent_ca_cert().display().to_string(),
             "--state-dir".into(),
             self.state_dir(name).display().to_string(),
             "--hostname".into(),
@@ -146,8 +167,10 @@ fn node_of(agent: &Service) -> u64 {
     agent.get("node").expect("node").parse().expect("node id")
 }
 
-fn credential(fleet: &Fleet, name: &str) -> String {
-    std::fs::read_to_string(fleet.state_dir(name).join("credential")).expect("credential").trim().to_owned()
+/// The agent's certificate and key, as it stored them.
+fn agent_files(fleet: &Fleet, name: &str) -> (String, String) {
+    let read = |file: &str| std::fs::read_to_string(fleet.state_dir(name).join(file)).expect(file);
+    (read("agent.crt"), read("agent.key"))
 }
 
 async fn http(method: &str, address: &str, path: &str) -> u16 {
@@ -199,25 +222,74 @@ async fn enrollment_is_one_time_and_every_call_is_authenticated() {
     let agent = fleet.agent("gpu-a", Some(&token), 1).await;
     let node = node_of(&agent);
 
-    // The same token a second time: refused.
-    let mut anonymous = fleet.supplier_service(None).await;
+    // The key and certificate are the agent's own, readable by it alone.
+    let key_mode = std::fs::metadata(fleet.state_dir("gpu-a").join("agent.key")).expect("key").permissions().mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    let genuine = agent_files(&fleet, "gpu-a");
+    assert_eq!(fleet.as_agent("gpu-a").await.get_agent_node(v1::GetAgentNodeRequest {}).await.expect("whoami").into_inner().node.expect("node").node_id, node);
+
+    // The same token a second time, with a fresh key: refused.
+    let mut anonymous = SupplierServiceClient::new(fleet.agent_channel(None).await.expect("TLS without a certificate"));
+    let key = suanli_pki::new_private_key().expect("key");
     let again = anonymous
         .enroll_agent(v1::EnrollAgentRequest {
             request_id: "second-use".into(),
             enrollment_token: token.clone(),
-            credential: "x".repeat(40),
+            csr_pem: suanli_pki::signing_request(&key, "other").expect("csr"),
             inventory: Some(suanli_proto::convert::inventory_to_wire(&fixtures::inventory("other", 1))),
         })
         .await;
     assert_eq!(decode_status(&again.expect_err("token reuse")).code, ErrorCode::Unauthenticated);
+    // A signing request that is not one: the field is named.
+    let garbage = anonymous
+        .enroll_agent(v1::EnrollAgentRequest {
+            request_id: "garbage".into(),
+            enrollment_token: fleet.enrollment_token(9).await,
+            csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(),
+            inventory: Some(suanli_proto::convert::inventory_to_wire(&fixtures::inventory("other", 1))),
+        })
+        .await;
+    let e = decode_status(&garbage.expect_err("not a CSR"));
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.fields.iter().any(|f| f.field == "csr_pem"), "{:?}", e.fields);
 
-    // Telemetry without credentials, with a supplier's account token, with a made-up one.
-    for token in [None, Some(fleet.supplier_token.as_str()), Some("not-a-real-credential")] {
+    // Agent calls without a client certificate, or with a supplier's token instead: refused.
+    let whoami = anonymous.get_agent_node(v1::GetAgentNodeRequest {}).await.expect_err("no certificate");
+    assert_eq!(decode_status(&whoami).code, ErrorCode::Unauthenticated);
+    let mut anonymous_monitoring = MonitoringServiceClient::new(fleet.agent_channel(None).await.expect("channel"));
+    let refused = anonymous_monitoring.stream_telemetry(tokio_stream::iter(Vec::<v1::TelemetryBatch>::new())).await;
+    assert_eq!(decode_status(&refused.expect_err("no certificate")).code, ErrorCode::Unauthenticated);
+    for token in [None, Some(fleet.supplier_token.as_str())] {
         let mut monitoring = fleet.monitoring(token).await;
         let refused = monitoring.stream_telemetry(tokio_stream::iter(Vec::<v1::TelemetryBatch>::new())).await;
         let code = decode_status(&refused.expect_err("refused")).code;
         assert!(matches!(code, ErrorCode::Unauthenticated | ErrorCode::PermissionDenied), "{token:?}: {code:?}");
     }
+
+    // The key header one broker node passes another is believed only with a peer's proof: a
+    // client naming the genuine agent's key on the public port is refused.
+    let fingerprint = suanli_pki::pem_certificate_fingerprint(&genuine.0).expect("fp");
+    for proof in [None, Some("00".repeat(32)), Some("1".into())] {
+        let channel = suanli_proto::client::channel(&fleet.endpoint()).await.expect("channel");
+        let mut forged = SupplierServiceClient::new(channel);
+        let mut request = tonic::Request::new(v1::GetAgentNodeRequest {});
+        request.metadata_mut().insert("x-suanli-agent-key", fingerprint.to_hex().parse().expect("header"));
+        if let Some(proof) = &proof {
+            request.metadata_mut().insert("x-suanli-forwarded", proof.parse().expect("header"));
+        }
+        let refused = forged.get_agent_node(request).await.expect_err("a forged key header");
+        assert_eq!(decode_status(&refused).code, ErrorCode::Unauthenticated, "proof {proof:?}");
+    }
+
+    // A certificate from another CA does not get through the handshake.
+    let stranger_ca = suanli_pki::Ca::generate("not the platform").expect("CA");
+    let stranger_key = suanli_pki::new_private_key().expect("key");
+    let stranger_cert = stranger_ca.sign_agent(&suanli_pki::signing_request(&stranger_key, "x").expect("csr"), node).expect("cert");
+    let handshake = async {
+        let channel = fleet.agent_channel(Some(&(stranger_cert, stranger_key))).await?;
+        SupplierServiceClient::new(channel).get_agent_node(v1::GetAgentNodeRequest {}).await.map_err(|s| s.to_string())
+    };
+    assert!(handshake.await.is_err(), "a foreign certificate must not authenticate");
 
     // Kill the agent, wipe its state (a reinstall), enroll with a new token: same node.
     // /metrics speaks DCGM's names and passes promtool's checks.
@@ -237,22 +309,20 @@ async fn enrollment_is_one_time_and_every_call_is_authenticated() {
     assert!(matches!(code, Some(0 | 3)), "promtool failed ({code:?}): {complaints:?}\n{exposition}");
     let other: Vec<&String> = complaints.iter().filter(|c| !inherent_to_dcgm_naming(c)).collect();
     assert!(other.is_empty(), "promtool complaints beyond DCGM's naming: {other:?}");
-    let old_credential = credential(&fleet, "gpu-a");
     agent.kill().await.expect("kill");
     std::fs::remove_dir_all(fleet.state_dir("gpu-a")).expect("wipe");
     let token = fleet.enrollment_token(2).await;
     let agent = fleet.agent("gpu-a", Some(&token), 1).await;
     assert_eq!(node_of(&agent), node, "a reinstalled node keeps its identity");
-    // The old credential stopped working.
-    let mut old = fleet.supplier_service(Some(&old_credential)).await;
-    let refused = old.get_agent_node(v1::GetAgentNodeRequest {}).await.expect_err("old credential");
+    // The old key stopped working, though its certificate is still within its validity.
+    let mut old = SupplierServiceClient::new(fleet.agent_channel(Some(&genuine)).await.expect("channel"));
+    let refused = old.get_agent_node(v1::GetAgentNodeRequest {}).await.expect_err("old key");
     assert_eq!(decode_status(&refused).code, ErrorCode::Unauthenticated);
 
     // Revoked by the supplier: refused from then on.
     let mut supplier = fleet.supplier_service(Some(&fleet.supplier_token)).await;
     supplier.revoke_agent(v1::RevokeAgentRequest { request_id: "revoke".into(), node_id: node }).await.expect("revoke");
-    let mut revoked = fleet.supplier_service(Some(&credential(&fleet, "gpu-a"))).await;
-    let refused = revoked.get_agent_node(v1::GetAgentNodeRequest {}).await.expect_err("revoked");
+    let refused = fleet.as_agent("gpu-a").await.get_agent_node(v1::GetAgentNodeRequest {}).await.expect_err("revoked");
     assert_eq!(decode_status(&refused).code, ErrorCode::Unauthenticated);
 }
 
@@ -406,8 +476,9 @@ async fn telemetry_aggregates_equal_what_the_agents_sent_and_bad_samples_are_ref
     assert!(nodes.contains(&sample.node_id));
     assert_eq!(sample.card_ids.len(), 2);
 
-    // A malformed sample from a genuine agent credential: refused, field named.
-    let mut genuine = fleet.monitoring(Some(&credential(&fleet, "gpu-1"))).await;
+    // A malformed sample from a genuine agent: refused, field named.
+    let channel = fleet.agent_channel(Some(&agent_files(&fleet, "gpu-1"))).await.expect("agent channel");
+    let mut genuine = MonitoringServiceClient::new(channel);
     let bad = v1::TelemetryBatch {
         samples: vec![v1::NodeSample {
             seq: u64::MAX - 1,

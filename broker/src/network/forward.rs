@@ -9,6 +9,12 @@
 //! A forwarded call carries `x-suanli-forwarded`, and a node never forwards such a call again:
 //! if leadership moved meanwhile it answers `UNAVAILABLE` and the client retries with the same
 //! request ID.
+//!
+//! This layer also establishes the **transport identity** of a call, [`AgentKey`]: the key in
+//! the client certificate of a mutual-TLS connection to the agent port. When it forwards such a
+//! call it passes the key on in `x-suanli-agent-key`, with a peer proof (derived from the
+//! platform token every node holds) as the value of `x-suanli-forwarded`; the receiving node
+//! believes the key only with a valid proof, and drops the header from anyone else.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,11 +27,23 @@ use tonic::transport::{Channel, Endpoint};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use suanli_pki::{certificate_fingerprint, KeyFingerprint};
+use suanli_types::SecretHash;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
 use super::PeerAddresses;
 use crate::storage::Raft;
 
 pub const FORWARDED_HEADER: &str = "x-suanli-forwarded";
 pub const READ_HEADER: &str = "x-suanli-read";
+pub const AGENT_KEY_HEADER: &str = "x-suanli-agent-key";
+/// Hash domain of the proof one broker node gives another that it forwarded a call.
+const PEER_PROOF_DOMAIN: &str = "peer-forwarding";
+
+/// The agent key a call was made with, as the transport established it (see the module
+/// documentation). Only this layer puts it in a request's extensions; clients cannot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentKey(pub KeyFingerprint);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -48,11 +66,38 @@ pub struct LeaderRouter {
     raft: Arc<Raft>,
     peers: PeerAddresses,
     channels: Mutex<HashMap<String, Channel>>,
+    peer_proof: SecretHash,
 }
 
 impl LeaderRouter {
-    pub fn new(raft: Arc<Raft>, peers: PeerAddresses) -> Self {
-        LeaderRouter { raft, peers, channels: Mutex::new(HashMap::new()) }
+    pub fn new(raft: Arc<Raft>, peers: PeerAddresses, platform_token: &str) -> Self {
+        let peer_proof = SecretHash::of(PEER_PROOF_DOMAIN, platform_token);
+        LeaderRouter { raft, peers, channels: Mutex::new(HashMap::new()), peer_proof }
+    }
+
+    fn proven_peer(&self, value: &http::HeaderValue) -> bool {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(value.as_bytes(), &mut bytes).is_ok() && SecretHash(bytes).matches(&self.peer_proof)
+    }
+
+    /// Sets the request's [`AgentKey`] from its TLS client certificate, or from a proven peer's
+    /// header; removes any header nobody proved.
+    fn establish_agent_key<B>(&self, request: &mut http::Request<B>) {
+        let claimed = request.headers_mut().remove(AGENT_KEY_HEADER);
+        let from_tls = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs())
+            .and_then(|certs| certs.first().and_then(|leaf| certificate_fingerprint(leaf).ok()));
+        let from_peer = || {
+            let proof = request.headers().get(FORWARDED_HEADER)?;
+            let mut key = [0u8; 32];
+            (self.proven_peer(proof) && hex::decode_to_slice(claimed?.as_bytes(), &mut key).is_ok())
+                .then_some(KeyFingerprint(key))
+        };
+        if let Some(key) = from_tls.or_else(from_peer) {
+            request.extensions_mut().insert(AgentKey(key));
+        }
     }
 
     /// Where `request` should be served: `None` here, `Some(channel)` on the leader.
@@ -125,13 +170,21 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        self.router.establish_agent_key(&mut request);
         match self.router.route(&request) {
             None => {
                 let local = self.inner.call(request);
                 Box::pin(async move { local.await.map_err(Into::into) })
             }
             Some(mut leader) => {
-                request.headers_mut().insert(FORWARDED_HEADER, http::HeaderValue::from_static("1"));
+                // Hex digits are always a valid header value.
+                if let Ok(proof) = http::HeaderValue::from_str(&self.router.peer_proof.to_hex()) {
+                    request.headers_mut().insert(FORWARDED_HEADER, proof);
+                }
+                let key = request.extensions().get::<AgentKey>().map(|AgentKey(k)| k.to_hex());
+                if let Some(Ok(key)) = key.map(|k| http::HeaderValue::from_str(&k)) {
+                    request.headers_mut().insert(AGENT_KEY_HEADER, key);
+                }
                 Box::pin(async move {
                     let sent = async {
                         futures::future::poll_fn(|cx| leader.poll_ready(cx)).await?;

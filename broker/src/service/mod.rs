@@ -20,6 +20,7 @@ use suanli_proto::to_status;
 use suanli_types::{Caller, DomainError, ErrorCode, RequestId, SecretHash, Timestamp};
 use tonic::{Request, Status};
 
+use crate::network::forward::AgentKey;
 use crate::state::{rules, Command, Envelope, Response, State};
 use crate::storage::{Raft, StateMachineStore};
 use metrics::Metrics;
@@ -38,16 +39,33 @@ pub struct Shared {
     pub sm: StateMachineStore,
     platform_token: SecretHash,
     pub metrics: Arc<Metrics>,
+    /// Signs enrolled agents' client certificates; every node of a cluster holds the same one.
+    pub agent_ca: Option<Arc<suanli_pki::Ca>>,
 }
 
 impl Shared {
-    pub fn new(raft: Arc<Raft>, sm: StateMachineStore, platform_token: &str, metrics: Arc<Metrics>) -> Self {
-        Shared { raft, sm, platform_token: SecretHash::of(TOKEN_DOMAIN, platform_token), metrics }
+    pub fn new(
+        raft: Arc<Raft>,
+        sm: StateMachineStore,
+        platform_token: &str,
+        metrics: Arc<Metrics>,
+        agent_ca: Option<Arc<suanli_pki::Ca>>,
+    ) -> Self {
+        Shared { raft, sm, platform_token: SecretHash::of(TOKEN_DOMAIN, platform_token), metrics, agent_ca }
     }
 
-    /// Who sent this request, from its `authorization: Bearer …` header.
+    /// Who sent this request: the agent whose key the transport established (mutual TLS on the
+    /// agent port, see `network::forward`), else the `authorization: Bearer …` header's owner.
     pub fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let unauthenticated = |why: &str| to_status(&DomainError::Unauthenticated(why.into()));
+        if let Some(AgentKey(key)) = request.extensions().get::<AgentKey>() {
+            let hash = southbound::agent_key_hash(key);
+            return self
+                .sm
+                .read(|s| s.node_by_agent_credential(&hash))
+                .map(Caller::Agent)
+                .ok_or_else(|| unauthenticated("this agent's key is not enrolled, or it was revoked"));
+        }
         let header = request
             .metadata()
             .get("authorization")
@@ -64,11 +82,7 @@ impl Shared {
             return Ok(Caller::Platform);
         }
         self.sm
-            .read(|s| {
-                s.account_by_token(&hash)
-                    .map(|a| Caller::Account(a.id))
-                    .or_else(|| s.node_by_agent_credential(&hash).map(Caller::Agent))
-            })
+            .read(|s| s.account_by_token(&hash).map(|a| Caller::Account(a.id)))
             .ok_or_else(|| unauthenticated("unknown or revoked token"))
     }
 

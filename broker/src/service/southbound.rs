@@ -2,24 +2,29 @@
 //! (`MonitoringService`, in `monitoring.rs`).
 
 use suanli_proto::convert::inventory_from_wire;
+use suanli_proto::error::status;
 use suanli_proto::to_status;
 use suanli_proto::v1::{
     self, supplier_service_server::SupplierService,
     task_service_server::TaskService,
 };
 use suanli_types::error::EntityKind;
-use suanli_types::{Caller, ClusterClass, DomainError, LeaseId, NodeId, SecretHash};
+use suanli_types::{Caller, ClusterClass, DomainError, ErrorCode, LeaseId, NodeId, SecretHash};
 use tonic::{Request, Response, Status};
 
 use super::broker_api::{lease_reply, set_card_status, unexpected};
-use super::{invalid, may_see_lease, now, random_secret, wire, Consistency, Shared, TOKEN_DOMAIN};
+use super::{invalid, may_see_lease, now, random_secret, wire, Consistency, Shared};
 use crate::state::{rules, Command, Lease, Response as Applied, State};
 
-/// Hash domain of agent enrollment tokens (their credentials share `TOKEN_DOMAIN` with API
-/// tokens: one lookup authenticates any bearer).
+/// Hash domain of agent enrollment tokens.
 pub const ENROLLMENT_DOMAIN: &str = "enrollment-token";
-/// Shortest agent credential accepted: 32 characters of the agent's own randomness.
-pub const MIN_CREDENTIAL_LEN: usize = 32;
+/// Hash domain of agents' key fingerprints: the agent credential the state machine keeps.
+pub const AGENT_KEY_DOMAIN: &str = "agent-key";
+
+/// The credential the state machine records for an agent key.
+pub fn agent_key_hash(key: &suanli_pki::KeyFingerprint) -> SecretHash {
+    SecretHash::of(AGENT_KEY_DOMAIN, &key.to_hex())
+}
 
 fn node_reply(applied: Applied) -> Result<Response<v1::Node>, Status> {
     match applied {
@@ -64,23 +69,41 @@ impl SupplierService for Icpcss {
             .await
     }
 
-    async fn enroll_agent(&self, request: Request<v1::EnrollAgentRequest>) -> Result<Response<v1::Node>, Status> {
+    async fn enroll_agent(
+        &self,
+        request: Request<v1::EnrollAgentRequest>,
+    ) -> Result<Response<v1::EnrollAgentResponse>, Status> {
         self.shared
             .observe("EnrollAgent", async {
                 let req = request.into_inner();
-                if req.credential.len() < MIN_CREDENTIAL_LEN || req.credential.len() > 256 {
-                    return Err(invalid("credential", "between 32 and 256 characters of the agent's own randomness"));
-                }
                 if req.enrollment_token.is_empty() || req.enrollment_token.len() > 256 {
                     return Err(invalid("enrollment_token", "required"));
                 }
+                let key = suanli_pki::csr_fingerprint(&req.csr_pem)
+                    .map_err(|e| invalid("csr_pem", &format!("a PKCS#10 signing request (PEM) for the agent's key: {e}")))?;
+                let ca = self.shared.agent_ca.as_ref().ok_or_else(|| {
+                    status(ErrorCode::Internal, "this broker node holds no agent CA ([broker] agent_ca_cert, agent_ca_key)", &[])
+                })?;
                 let inventory = inventory_from_wire(req.inventory).map_err(|e| to_status(&e))?;
                 let command = Command::EnrollAgent {
                     token_hash: SecretHash::of(ENROLLMENT_DOMAIN, &req.enrollment_token),
-                    credential_hash: SecretHash::of(TOKEN_DOMAIN, &req.credential),
+                    credential_hash: agent_key_hash(&key),
                     inventory,
                 };
-                node_reply(self.shared.propose(Caller::System, &req.request_id, command).await?)
+                let node = match self.shared.propose(Caller::System, &req.request_id, command).await? {
+                    Applied::Node(n) => n,
+                    other => return Err(unexpected(&other)),
+                };
+                // Signed after the commit, which named the node. A retried enrollment gets a
+                // new certificate for the same key: the key is what the broker recognises.
+                let certificate_pem = ca
+                    .sign_agent(&req.csr_pem, node.id.0)
+                    .map_err(|e| status(ErrorCode::Internal, format!("signing the agent certificate: {e}"), &[]))?;
+                Ok(Response::new(v1::EnrollAgentResponse {
+                    node: Some(wire::node(&node)),
+                    certificate_pem,
+                    ca_certificate_pem: ca.cert_pem().to_owned(),
+                }))
             })
             .await
     }

@@ -5,7 +5,7 @@ use crate::v1::cluster_admin_client::ClusterAdminClient;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 #[derive(Clone)]
@@ -29,12 +29,30 @@ pub async fn connect(endpoint: &str, token: Option<&str>) -> Result<Client, Clie
 
 /// A connected channel to `endpoint` (`http://host:port`).
 pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
-    Endpoint::from_shared(endpoint.to_owned())
+    channel_with(endpoint, None).await
+}
+
+/// A connected channel to `endpoint`, over TLS with `tls` where given (`https://host:port`).
+pub async fn channel_with(endpoint: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, ClientError> {
+    let mut target = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| ClientError::Endpoint(e.to_string()))?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| ClientError::Connect(endpoint.to_owned(), e.to_string()))
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        target = target.tls_config(tls).map_err(|e| ClientError::Endpoint(e.to_string()))?;
+    }
+    target.connect().await.map_err(|e| ClientError::Connect(endpoint.to_owned(), describe_chain(&e)))
+}
+
+/// An error with its sources: a TLS failure is only said two levels down.
+fn describe_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// The interceptor that sends `authorization: Bearer <token>`, for any generated client:

@@ -13,9 +13,13 @@ use crate::link::{Fault, Link};
 use crate::{eventually, Service};
 
 pub const PLATFORM_TOKEN: &str = "test-platform-token-0123456789";
+const AGENT_CA_CERT: &str = "agent-ca.pem";
+const AGENT_CA_KEY: &str = "agent-ca.key";
 
 struct Member {
     address: String,
+    /// The agent port (mutual TLS).
+    agents: String,
     metrics: String,
     process: Option<Service>,
 }
@@ -48,6 +52,8 @@ impl BrokerCluster {
             }
         }
         let links = all_links;
+        // One agent CA for every node, as an operator would give it.
+        suanli_pki::Ca::load(&dir.path().join(AGENT_CA_CERT), &dir.path().join(AGENT_CA_KEY), true)?;
         let mut cluster = BrokerCluster {
             binary: binary.to_owned(),
             dir,
@@ -55,7 +61,7 @@ impl BrokerCluster {
             members: BTreeMap::new(),
             links,
         };
-        cluster.spawn(1, "127.0.0.1:0", true).await?;
+        cluster.spawn(1, "127.0.0.1:0", "127.0.0.1:0", true).await?;
         for id in 2..=n {
             cluster.join(id).await?;
         }
@@ -64,7 +70,7 @@ impl BrokerCluster {
 
     /// Starts a fresh node `id` and makes it a voter.
     pub async fn join(&mut self, id: u64) -> anyhow::Result<()> {
-        self.spawn(id, "127.0.0.1:0", false).await?;
+        self.spawn(id, "127.0.0.1:0", "127.0.0.1:0", false).await?;
         let address = self.address(id)?.to_owned();
         let mut admin = self.admin(self.any_live()?).await?;
         admin.add_learner(v1::AddLearnerRequest { node_id: id, address }).await.context("add learner")?;
@@ -72,7 +78,7 @@ impl BrokerCluster {
         Ok(())
     }
 
-    async fn spawn(&mut self, id: u64, listen: &str, bootstrap: bool) -> anyhow::Result<()> {
+    async fn spawn(&mut self, id: u64, listen: &str, agent_listen: &str, bootstrap: bool) -> anyhow::Result<()> {
         let data = self.dir.path().join(format!("node-{id}"));
         let mut args: Vec<String> = vec![
             "serve".into(),
@@ -84,6 +90,12 @@ impl BrokerCluster {
             "127.0.0.1:0".into(),
             "--data-dir".into(),
             data.display().to_string(),
+            "--agent-listen".into(),
+            agent_listen.into(),
+            "--agent-ca-cert".into(),
+            self.agent_ca_cert().display().to_string(),
+            "--agent-ca-key".into(),
+            self.dir.path().join(AGENT_CA_KEY).display().to_string(),
         ];
         if bootstrap {
             args.push("--bootstrap".into());
@@ -107,18 +119,29 @@ impl BrokerCluster {
         .await?;
         let address = service.get("grpc")?.to_owned();
         let metrics = service.get("metrics")?.to_owned();
+        let agents = service.get("agents")?.to_owned();
         let target = address.parse()?;
         for ((_, to), link) in &self.links {
             if *to == id {
                 link.set_target(target);
             }
         }
-        self.members.insert(id, Member { address, metrics, process: Some(service) });
+        self.members.insert(id, Member { address, agents, metrics, process: Some(service) });
         Ok(())
     }
 
     pub fn address(&self, id: u64) -> anyhow::Result<&str> {
         Ok(&self.members.get(&id).ok_or_else(|| anyhow!("no node {id}"))?.address)
+    }
+
+    /// Node `id`'s agent port, as an agent's `--broker` endpoint (`https://…`).
+    pub fn agent_endpoint(&self, id: u64) -> anyhow::Result<String> {
+        Ok(format!("https://{}", self.members.get(&id).ok_or_else(|| anyhow!("no node {id}"))?.agents))
+    }
+
+    /// The agent CA's certificate, as an agent's `--broker-ca`.
+    pub fn agent_ca_cert(&self) -> PathBuf {
+        self.dir.path().join(AGENT_CA_CERT)
     }
 
     pub fn metrics_address(&self, id: u64) -> anyhow::Result<&str> {
@@ -206,10 +229,11 @@ impl BrokerCluster {
         }
     }
 
-    /// Restarts a killed node on its old address with its old data.
+    /// Restarts a killed node on its old addresses with its old data.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         let address = self.address(id)?.to_owned();
-        self.spawn(id, &address, false).await
+        let agents = self.members.get(&id).map(|m| m.agents.clone()).ok_or_else(|| anyhow!("no node {id}"))?;
+        self.spawn(id, &address, &agents, false).await
     }
 
     /// Waits until every live node has applied everything the leader has logged now.

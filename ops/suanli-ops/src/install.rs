@@ -15,7 +15,8 @@ const UNIT_PATH: &str = "/etc/systemd/system/suanli-agent.service";
 pub struct Layout {
     /// The binary goes to `<prefix>/bin/suanli-agent`.
     pub prefix: String,
-    /// `agent.toml`, `agent.env` (the token, 0600) and, without systemd, `supervise.sh`.
+    /// `agent.toml`, `agent.env` (the token, 0600), `broker-ca.pem` and, without systemd,
+    /// `supervise.sh`.
     pub config_dir: String,
     pub state_dir: String,
 }
@@ -30,6 +31,9 @@ impl Layout {
     fn env(&self) -> String {
         format!("{}/agent.env", self.config_dir)
     }
+    fn broker_ca(&self) -> String {
+        format!("{}/broker-ca.pem", self.config_dir)
+    }
     fn supervisor(&self) -> String {
         format!("{}/supervise.sh", self.config_dir)
     }
@@ -39,8 +43,9 @@ impl Layout {
     fn log(&self) -> String {
         format!("{}/agent.log", self.state_dir)
     }
-    fn credential(&self) -> String {
-        format!("{}/credential", self.state_dir)
+    /// Written by the agent once the broker has signed its certificate: it is enrolled.
+    fn certificate(&self) -> String {
+        format!("{}/agent.crt", self.state_dir)
     }
 
     /// The shipped unit, pointed at this layout.
@@ -55,6 +60,8 @@ impl Layout {
 pub struct Package<'a> {
     pub binary: &'a [u8],
     pub config: &'a [u8],
+    /// The agent CA's certificate, which the brokers' agent ports present.
+    pub broker_ca: &'a [u8],
     pub enrollment_token: &'a str,
 }
 
@@ -80,7 +87,7 @@ pub fn supervision(remote: &Remote) -> Result<Supervision, RemoteError> {
     Ok(if status == 0 { Supervision::Systemd } else { Supervision::Supervisor })
 }
 
-/// Installs, starts and waits for enrollment (a credential in the state directory).
+/// Installs, starts and waits for enrollment (a certificate in the state directory).
 pub fn install(remote: &Remote, layout: &Layout, package: &Package<'_>, timeout: Duration) -> Result<Supervision, InstallError> {
     let dirs = [format!("{}/bin", layout.prefix), layout.config_dir.clone()];
     remote.run(&format!("mkdir -p {} {}", quote(&dirs[0]), quote(&dirs[1])))?;
@@ -88,9 +95,12 @@ pub fn install(remote: &Remote, layout: &Layout, package: &Package<'_>, timeout:
     stop(remote, layout)?;
     remote.upload(&layout.binary(), package.binary, 0o755)?;
     remote.upload(&layout.config(), package.config, 0o644)?;
+    remote.upload(&layout.broker_ca(), package.broker_ca, 0o644)?;
     let env = format!(
-        "SUANLI_AGENT_ENROLLMENT_TOKEN={}\nSUANLI_AGENT_STATE_DIR={}\n",
-        package.enrollment_token, layout.state_dir
+        "SUANLI_AGENT_ENROLLMENT_TOKEN={}\nSUANLI_AGENT_STATE_DIR={}\nSUANLI_AGENT_BROKER_CA={}\n",
+        package.enrollment_token,
+        layout.state_dir,
+        layout.broker_ca()
     );
     remote.upload(&layout.env(), env.as_bytes(), 0o600)?;
     let how = supervision(remote)?;
@@ -128,7 +138,7 @@ pub fn install(remote: &Remote, layout: &Layout, package: &Package<'_>, timeout:
 fn wait_for_enrollment(remote: &Remote, layout: &Layout, how: Supervision, timeout: Duration) -> Result<(), InstallError> {
     let started = Instant::now();
     while started.elapsed() < timeout {
-        if remote.status(&format!("test -s {}", quote(&layout.credential())))?.0 == 0 {
+        if remote.status(&format!("test -s {}", quote(&layout.certificate())))?.0 == 0 {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(250));

@@ -69,6 +69,9 @@ struct InstallArgs {
     /// The agent's configuration (see ops/agent.example.toml).
     #[arg(long)]
     config: PathBuf,
+    /// The agent CA's certificate (PEM), installed as the agent's `broker_ca`.
+    #[arg(long)]
+    broker_ca: PathBuf,
     /// One-time enrollment token (`suanli-broker enrollment-token`).
     #[arg(long, env = "SUANLI_ENROLLMENT_TOKEN", hide_env_values = true)]
     enrollment_token: String,
@@ -81,7 +84,7 @@ struct InstallArgs {
 struct UninstallArgs {
     #[command(flatten)]
     host: HostArgs,
-    /// Also delete the state directory (the node's credential): a later install enrolls anew.
+    /// Also delete the state directory (the node's key): a later install enrolls anew.
     #[arg(long)]
     purge: bool,
 }
@@ -116,9 +119,10 @@ fn main() -> anyhow::Result<()> {
         Command::InstallAgent(args) => {
             let binary = std::fs::read(&args.agent_binary).with_context(|| format!("reading {}", args.agent_binary.display()))?;
             let config = std::fs::read(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
+            let broker_ca = std::fs::read(&args.broker_ca).with_context(|| format!("reading {}", args.broker_ca.display()))?;
             let remote = connect(&args.host)?;
             let layout = layout(&args.host.layout);
-            let package = Package { binary: &binary, config: &config, enrollment_token: &args.enrollment_token };
+            let package = Package { binary: &binary, config: &config, broker_ca: &broker_ca, enrollment_token: &args.enrollment_token };
             let how = install::install(&remote, &layout, &package, Duration::from_secs(args.timeout))?;
             let how = match how {
                 Supervision::Systemd => "systemd unit suanli-agent.service",

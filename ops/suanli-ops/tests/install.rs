@@ -16,6 +16,7 @@ use suanli_testkit::fixtures::register;
 use suanli_testkit::{eventually, workspace_binary};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 struct Sshd {
     _child: Child,
@@ -115,6 +116,7 @@ async fn install_agent_over_ssh_enrolls_and_uninstall_removes_it() {
     let agent_binary = workspace_binary("suanli-agent", "suanli-agent").expect("agent");
     let broker = BrokerCluster::start(&broker_binary, 1, None).await.expect("broker");
     let endpoint = format!("http://{}", broker.address(1).expect("address"));
+    let agent_port = broker.agent_endpoint(1).expect("agent port");
     let mut platform = broker.client(1, PLATFORM_TOKEN).await.expect("client");
     let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
     let channel = suanli_proto::client::channel(&endpoint).await.expect("channel");
@@ -136,7 +138,7 @@ async fn install_agent_over_ssh_enrolls_and_uninstall_removes_it() {
     std::fs::write(
         &config,
         format!(
-            "[agent]\nbroker = [\"{endpoint}\"]\nhostname = \"installed-1\"\nmetrics_listen = \"127.0.0.1:0\"\nsource = \"simulated\"\n\n[agent.simulated]\nmodel = \"A10\"\ncards = 2\n"
+            "[agent]\nbroker = [\"{agent_port}\"]\nhostname = \"installed-1\"\nmetrics_listen = \"127.0.0.1:0\"\nsource = \"simulated\"\n\n[agent.simulated]\nmodel = \"A10\"\ncards = 2\n"
         ),
     )
     .expect("config");
@@ -148,6 +150,8 @@ async fn install_agent_over_ssh_enrolls_and_uninstall_removes_it() {
         agent_binary.display().to_string(),
         "--config".into(),
         config.display().to_string(),
+        "--broker-ca".into(),
+        broker.agent_ca_cert().display().to_string(),
         "--enrollment-token".into(),
         token,
         "--timeout".into(),
@@ -165,7 +169,7 @@ async fn install_agent_over_ssh_enrolls_and_uninstall_removes_it() {
     assert!(said.contains("enrolled") && said.contains("supervisor"), "{said}");
     assert!(std::fs::read_to_string(&known_hosts).expect("recorded").contains(&format!("[127.0.0.1]:{}", sshd.port)));
     let state = PathBuf::from(&layout.state_dir);
-    assert!(state.join("credential").exists(), "the agent enrolled");
+    assert!(state.join("agent.crt").exists(), "the agent enrolled");
     let env_mode = std::fs::metadata(host.join("etc/agent.env")).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
     assert_eq!(env_mode.expect("env file"), 0o600, "the token file is private");
     assert!(running(&state.join("agent.pid")), "the supervisor runs");
@@ -173,9 +177,13 @@ async fn install_agent_over_ssh_enrolls_and_uninstall_removes_it() {
         let node = supplier.get_agent_node(v1::GetAgentNodeRequest {}).await;
         // The supplier is not an agent: the call is refused, but the broker knows the node.
         assert!(node.is_err());
-        let credential = std::fs::read_to_string(state.join("credential")).expect("credential");
-        let channel = suanli_proto::client::channel(&endpoint).await.expect("channel");
-        let mut agent = SupplierServiceClient::with_interceptor(channel, bearer(Some(credential.trim())).expect("token"));
+        let read = |file: &str| std::fs::read_to_string(state.join(file)).expect(file);
+        let ca = std::fs::read_to_string(broker.agent_ca_cert()).expect("CA");
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(read("agent.crt"), read("agent.key")));
+        let channel = suanli_proto::client::channel_with(&agent_port, Some(tls)).await.expect("agent channel");
+        let mut agent = SupplierServiceClient::new(channel);
         agent.get_agent_node(v1::GetAgentNodeRequest {}).await.expect("the installed agent is enrolled").into_inner().cards
     };
     assert_eq!(cards.len(), 2);
