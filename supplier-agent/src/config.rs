@@ -44,6 +44,19 @@ pub struct AgentArgs {
     pub hostname: Option<String>,
     #[arg(long, env = "SUANLI_AGENT_SAMPLE_INTERVAL_MS")]
     pub sample_interval_ms: Option<u64>,
+    /// The SSH gateway's listen address; leases are reached through it. Unset: no gateway.
+    #[arg(long, env = "SUANLI_AGENT_SSH_LISTEN")]
+    pub ssh_listen: Option<SocketAddr>,
+    /// The host name or address researchers reach the gateway by (default: the listen
+    /// address, or the hostname when listening on all interfaces).
+    #[arg(long, env = "SUANLI_AGENT_SSH_ADVERTISE")]
+    pub ssh_advertise: Option<String>,
+    /// Where lease accounts get their homes.
+    #[arg(long, env = "SUANLI_AGENT_HOME_ROOT")]
+    pub home_root: Option<PathBuf>,
+    /// Lease logins are `<prefix><lease id>`.
+    #[arg(long, env = "SUANLI_AGENT_LOGIN_PREFIX")]
+    pub login_prefix: Option<String>,
     /// Also append every sample, as sent, to this JSON-lines file (audits and tests).
     #[arg(long, env = "SUANLI_AGENT_RECORD")]
     pub record: Option<PathBuf>,
@@ -82,6 +95,18 @@ struct FileAgent {
     /// Use the simulated source when the NVIDIA library cannot be loaded.
     fallback_to_simulated: Option<bool>,
     simulated: Option<FileSimulated>,
+    access: Option<FileAccess>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileAccess {
+    ssh_listen: Option<SocketAddr>,
+    ssh_advertise: Option<String>,
+    home_root: Option<PathBuf>,
+    login_prefix: Option<String>,
+    shell: Option<PathBuf>,
+    sftp_server: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -119,6 +144,10 @@ pub struct AgentConfig {
     pub fallback_to_simulated: bool,
     pub simulated: SimulatedConfig,
     pub record: Option<PathBuf>,
+    /// The SSH gateway, when configured.
+    pub ssh_listen: Option<SocketAddr>,
+    pub ssh_advertise: Option<String>,
+    pub access: crate::access::AccessConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +167,7 @@ impl AgentConfig {
             None => FileAgent::default(),
         };
         let sim = file.simulated.unwrap_or_default();
+        let access = file.access.unwrap_or_default();
         let brokers = if args.broker.is_empty() { file.broker.unwrap_or_default() } else { args.broker.clone() };
         let config = AgentConfig {
             brokers,
@@ -162,6 +192,14 @@ impl AgentConfig {
                 load: sim.load.unwrap_or(0.3),
             },
             record: args.record.clone(),
+            ssh_listen: args.ssh_listen.or(access.ssh_listen),
+            ssh_advertise: args.ssh_advertise.clone().or(access.ssh_advertise),
+            access: crate::access::AccessConfig {
+                home_root: args.home_root.clone().or(access.home_root).unwrap_or_else(|| PathBuf::from("/home/suanli")),
+                login_prefix: args.login_prefix.clone().or(access.login_prefix).unwrap_or_else(|| "sl".into()),
+                shell: access.shell.unwrap_or_else(|| PathBuf::from("/bin/bash")),
+                sftp_server: access.sftp_server.unwrap_or_else(|| PathBuf::from("/usr/lib/openssh/sftp-server")),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -198,6 +236,14 @@ impl AgentConfig {
         }
         if self.simulated.cards == 0 || self.simulated.cards as usize > suanli_types::node::MAX_CARDS_PER_NODE {
             return bad("simulated.cards must be between 1 and 64");
+        }
+        let prefix = &self.access.login_prefix;
+        if prefix.is_empty()
+            || prefix.len() > suanli_types::node::MAX_LOGIN_PREFIX
+            || !prefix.starts_with(|c: char| c.is_ascii_lowercase())
+            || !prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return bad("login_prefix: 1 to 8 lowercase letters and digits, starting with a letter");
         }
         if suanli_telemetry::models::find(&self.simulated.model).is_none() {
             let known: Vec<&str> = suanli_telemetry::models::MODELS.iter().map(|m| m.name).collect();

@@ -3,14 +3,16 @@
 //! - [`config`]: TOML + environment + flags.
 //! - [`host`]: host facts for the inventory and node metrics from `/proc`.
 //! - [`source`]: the GPUs — NVML or simulated.
-//! - [`identity`]: one-time-token enrollment and the node credential.
+//! - [`identity`]: one-time-token enrollment; mutual TLS with the node's key from then on.
+//! - [`access`]: per-lease Unix accounts and the SSH gateway that admits their researchers.
 //! - [`runtime`]: the sampler and the state the tasks share.
 //! - [`outbox`]: sequence-numbered samples awaiting (and retained after) acknowledgement.
 //! - [`uplink`]: the telemetry stream to the broker, with reconnects and backpressure.
 //! - [`probe`]: network quality to the broker.
-//! - [`provisioner`]: confirms Class B leases of this node's cards.
+//! - [`provisioner`]: follows this node's leases: provisions access, confirms Class B leases.
 //! - [`exporter`]: `/metrics` (DCGM names), `/healthz`, simulated-GPU controls.
 
+pub mod access;
 pub mod config;
 pub mod exporter;
 pub mod host;

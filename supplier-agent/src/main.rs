@@ -7,7 +7,8 @@ use suanli_agent::config::{AgentArgs, AgentConfig};
 use suanli_agent::identity;
 use suanli_agent::runtime::{self, lock, Agent};
 use suanli_agent::source::Gpus;
-use suanli_agent::{exporter, host, inventory, probe, provisioner, uplink};
+use suanli_agent::{access, exporter, host, inventory, probe, provisioner, uplink};
+use suanli_proto::v1;
 use suanli_telemetry::GpuSource;
 
 #[derive(Parser)]
@@ -83,7 +84,27 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     });
     tokio::spawn(runtime::sampler(agent.clone(), config.sample_interval));
     tokio::spawn(uplink::run(agent.clone(), config.brokers.clone(), identity.tls.clone(), config.max_batch));
-    tokio::spawn(provisioner::run(config.brokers.clone(), identity.tls.clone(), PROVISION_CHECK_EVERY));
+    let (access, gateway, ssh_addr) = match config.ssh_listen {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the ssh gateway to {listen}"))?;
+            let ssh_addr = listener.local_addr()?;
+            let host_key = access::gateway::host_key(&config.state_dir.join("ssh_host_ed25519_key"))?;
+            let published = v1::NodeAccess {
+                ssh_host: config.ssh_advertise.clone().unwrap_or_else(|| {
+                    if ssh_addr.ip().is_unspecified() { facts.hostname.clone() } else { ssh_addr.ip().to_string() }
+                }),
+                ssh_port: u32::from(ssh_addr.port()),
+                host_key: access::gateway::public_line(&host_key),
+                login_prefix: config.access.login_prefix.clone(),
+            };
+            let access = access::Access::new(config.access.clone());
+            tokio::spawn(access::gateway::serve(listener, access::gateway::config(host_key), access.clone()));
+            (Some(access), Some(published), Some(ssh_addr))
+        }
+        None => (None, None, None),
+    };
+    let provisioner = provisioner::Provisioner { brokers: config.brokers.clone(), tls: identity.tls.clone(), access, gateway };
+    tokio::spawn(provisioner.run(PROVISION_CHECK_EVERY));
     let probed = agent.clone();
     let target = config.brokers[0].trim_start_matches("http://").trim_start_matches("https://").to_owned();
     tokio::spawn(async move {
@@ -94,7 +115,8 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     });
 
-    println!("SUANLI_READY metrics={metrics_addr} node={}", identity.node_id());
+    let ssh = ssh_addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
+    println!("SUANLI_READY metrics={metrics_addr} node={} ssh={ssh}", identity.node_id());
     use std::io::Write;
     std::io::stdout().flush()?;
     tracing::info!(node = identity.node_id(), metrics = %metrics_addr, cards = agent.cards.len(), "agent running");

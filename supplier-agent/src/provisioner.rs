@@ -1,72 +1,118 @@
-//! Class B leases start without the supplier (SPEC §3: "Class B status changes automatically
-//! through the monitoring interface"): the agent watches its node's cards, and when a Class B
-//! lease reserves some of them it provisions them and confirms; the broker activates the lease
-//! once every node holding its cards has confirmed. Provisioning itself — the lease's account,
-//! SSH access, device isolation — arrives with the access issue; today there is nothing to set
-//! up beyond the confirmation. Class A leases wait for the supplier's approval instead.
+//! Follows this node's leases. Every few seconds it asks the broker which live leases hold the
+//! node's cards and hands them to [`Access::sync`] (accounts provisioned for new leases, torn
+//! down for ended ones). Class B leases start without the supplier (SPEC §3: "Class B status
+//! changes automatically through the monitoring interface"): once a Class B lease's account is
+//! ready the agent confirms it, and the broker activates the lease when every node holding its
+//! cards has confirmed. Class A leases wait for the supplier's approval instead.
+//!
+//! It also publishes, once per start, where the node's SSH gateway listens.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use suanli_proto::decode_status;
 use suanli_proto::v1::{self, supplier_service_client::SupplierServiceClient};
 use tonic::transport::Channel;
 
+use crate::access::Access;
 use crate::identity::BrokerTls;
 
-pub async fn run(brokers: Vec<String>, tls: BrokerTls, every: Duration) {
-    let mut confirmed: BTreeSet<u64> = BTreeSet::new();
-    let mut channel: Option<Channel> = None;
-    let mut which = 0usize;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if channel.is_none() {
-            match tls.connect(&brokers[which % brokers.len()]).await {
-                Ok(c) => channel = Some(c),
-                Err(e) => {
-                    tracing::debug!(error = %e, "provisioner: broker unreachable");
-                    which += 1;
-                    continue;
+pub struct Provisioner {
+    pub brokers: Vec<String>,
+    pub tls: BrokerTls,
+    /// Lease access on this node; `None` when the agent runs no gateway.
+    pub access: Option<Arc<Access>>,
+    /// What to publish about the gateway.
+    pub gateway: Option<v1::NodeAccess>,
+}
+
+impl Provisioner {
+    pub async fn run(self, every: Duration) {
+        let mut state = Progress::default();
+        let mut channel: Option<Channel> = None;
+        let mut which = 0usize;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            match &self.access {
+                Some(access) => tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = access.refresh.notified() => {}
+                },
+                None => {
+                    tick.tick().await;
                 }
             }
+            if channel.is_none() {
+                match self.tls.connect(&self.brokers[which % self.brokers.len()]).await {
+                    Ok(c) => channel = Some(c),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "provisioner: broker unreachable");
+                        which += 1;
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = channel.clone() else { continue };
+            if let Err(why) = self.follow(c, &mut state).await {
+                tracing::warn!(%why, "provisioner: could not check this node's leases");
+                channel = None;
+                which += 1;
+            }
         }
-        let Some(c) = channel.clone() else { continue };
-        if let Err(why) = confirm_reserved(c, &mut confirmed).await {
-            tracing::warn!(%why, "provisioner: could not check this node's leases");
-            channel = None;
-            which += 1;
+    }
+
+    async fn follow(&self, channel: Channel, progress: &mut Progress) -> Result<(), String> {
+        let mut client = SupplierServiceClient::new(channel);
+        let describe = |s: tonic::Status| decode_status(&s).to_string();
+        if let (Some(gateway), false) = (&self.gateway, progress.gateway_reported) {
+            let request = v1::ReportNodeAccessRequest {
+                request_id: format!("node-access-{}-{}", gateway.ssh_host, gateway.host_key.len() + gateway.ssh_port as usize),
+                access: Some(gateway.clone()),
+            };
+            client.report_node_access(request).await.map_err(describe)?;
+            progress.gateway_reported = true;
+            tracing::info!(host = %gateway.ssh_host, port = gateway.ssh_port, "ssh gateway published");
         }
+        let node = client.get_agent_node(v1::GetAgentNodeRequest {}).await.map_err(describe)?.into_inner();
+        let ready: BTreeSet<u64> = match &self.access {
+            Some(access) => access.sync(&node.leases).await,
+            None => node.leases.iter().map(|l| l.lease_id).collect(),
+        };
+        if !node.full_telemetry {
+            return Ok(()); // Class A: the supplier approves, nothing to confirm
+        }
+        let node_id = node.node.as_ref().map_or(0, |n| n.node_id);
+        let waiting: BTreeSet<u64> = node
+            .cards
+            .iter()
+            .filter(|c| c.status() == v1::CardStatus::Reserved && c.lease_id != 0)
+            .map(|c| c.lease_id)
+            .collect();
+        // Leases that moved on are forgotten, so the set stays as small as the node's leases.
+        progress.confirmed.retain(|lease| waiting.contains(lease));
+        let due: Vec<u64> = waiting.iter().filter(|l| ready.contains(l) && !progress.confirmed.contains(l)).copied().collect();
+        for lease in &due {
+            let request = v1::ConfirmProvisionedRequest { request_id: format!("provisioned-{lease}-{node_id}"), lease_id: *lease };
+            match client.confirm_provisioned(request).await {
+                Ok(reply) => {
+                    let state = reply.into_inner().state();
+                    tracing::info!(lease, ?state, "lease provisioned on this node");
+                    if let (Some(access), v1::LeaseState::Active) = (&self.access, state) {
+                        access.mark_active(*lease);
+                    }
+                    progress.confirmed.insert(*lease);
+                }
+                Err(status) => tracing::warn!(lease, error = %describe(status), "could not confirm provisioning"),
+            }
+        }
+        Ok(())
     }
 }
 
-/// Confirms every Class B lease that reserves cards of this node and is not confirmed yet.
-async fn confirm_reserved(channel: Channel, confirmed: &mut BTreeSet<u64>) -> Result<(), String> {
-    let mut client = SupplierServiceClient::new(channel);
-    let describe = |s: tonic::Status| decode_status(&s).to_string();
-    let node = client.get_agent_node(v1::GetAgentNodeRequest {}).await.map_err(describe)?.into_inner();
-    if !node.full_telemetry {
-        return Ok(());
-    }
-    let node_id = node.node.as_ref().map_or(0, |n| n.node_id);
-    let waiting: BTreeSet<u64> = node
-        .cards
-        .iter()
-        .filter(|c| c.status() == v1::CardStatus::Reserved && c.lease_id != 0)
-        .map(|c| c.lease_id)
-        .collect();
-    // Leases that moved on are forgotten, so the set stays as small as the node's leases.
-    confirmed.retain(|lease| waiting.contains(lease));
-    for lease in waiting.difference(&confirmed.clone()) {
-        let request = v1::ConfirmProvisionedRequest { request_id: format!("provisioned-{lease}-{node_id}"), lease_id: *lease };
-        match client.confirm_provisioned(request).await {
-            Ok(reply) => {
-                tracing::info!(lease, state = ?reply.into_inner().state(), "lease provisioned on this node");
-                confirmed.insert(*lease);
-            }
-            Err(status) => tracing::warn!(lease, error = %describe(status), "could not confirm provisioning"),
-        }
-    }
-    Ok(())
+#[derive(Default)]
+struct Progress {
+    confirmed: BTreeSet<u64>,
+    gateway_reported: bool,
 }

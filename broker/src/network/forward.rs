@@ -53,6 +53,7 @@ const READ_METHODS: &[&str] = &[
     "/suanli.v1.Broker/GetCluster",
     "/suanli.v1.Broker/ListCards",
     "/suanli.v1.Broker/GetLease",
+    "/suanli.v1.Broker/GetLeaseAccess",
     "/suanli.v1.Broker/ListLeases",
     "/suanli.v1.TaskService/GetTask",
     "/suanli.v1.TaskService/ListTasks",

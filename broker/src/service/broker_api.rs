@@ -373,6 +373,21 @@ impl Broker for BrokerApi {
             .await
     }
 
+    async fn get_lease_access(&self, request: Request<v1::GetLeaseRequest>) -> Result<Response<v1::LeaseAccess>, Status> {
+        self.shared
+            .observe("GetLeaseAccess", async {
+                let consistency = Consistency::of(&request);
+                let caller = self.shared.caller(&request)?;
+                let id = LeaseId(required_id("lease_id", request.get_ref().lease_id)?);
+                self.shared
+                    .read(consistency, |s| s.lease(id).filter(|l| may_see_lease(&caller, l)).map(|l| wire::lease_access(s, l)))
+                    .await?
+                    .map(Response::new)
+                    .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Lease, id)))
+            })
+            .await
+    }
+
     async fn list_leases(
         &self,
         request: Request<v1::ListLeasesRequest>,

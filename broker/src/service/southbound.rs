@@ -165,6 +165,24 @@ impl SupplierService for Icpcss {
             .await
     }
 
+    async fn report_node_access(
+        &self,
+        request: Request<v1::ReportNodeAccessRequest>,
+    ) -> Result<Response<v1::Node>, Status> {
+        self.shared
+            .observe("ReportNodeAccess", async {
+                let Caller::Agent(node) = self.shared.caller(&request)? else {
+                    return Err(to_status(&DomainError::PermissionDenied("agents only".into())));
+                };
+                let req = request.into_inner();
+                let wire = req.access.unwrap_or_default();
+                let access = suanli_types::NodeAccess::new(&wire.ssh_host, wire.ssh_port, &wire.host_key, &wire.login_prefix)
+                    .map_err(|e| to_status(&e))?;
+                node_reply(self.shared.propose(Caller::Agent(node), &req.request_id, Command::SetNodeAccess { node, access }).await?)
+            })
+            .await
+    }
+
     async fn list_assigned_leases(
         &self,
         request: Request<v1::ListAssignedLeasesRequest>,
@@ -190,14 +208,38 @@ impl SupplierService for Icpcss {
     }
 }
 
-/// What an agent needs to know about its own node.
+/// What an agent needs to know about its own node: its cards, and the live leases holding
+/// them with what it takes to admit their researcher.
 pub fn agent_node(s: &State, node: NodeId) -> Option<v1::AgentNode> {
     let n = s.node(node)?;
     let class = n.cluster.and_then(|c| s.cluster(c)).map(|c| c.class);
+    let cards: Vec<&crate::state::Card> = n.cards.iter().filter_map(|c| s.card(*c)).collect();
+    let mut leases: std::collections::BTreeMap<LeaseId, Vec<u32>> = std::collections::BTreeMap::new();
+    for card in &cards {
+        if let Some(lease) = card.lease {
+            leases.entry(lease).or_default().push(card.spec.index);
+        }
+    }
+    let leases = leases
+        .into_iter()
+        .filter_map(|(id, card_indexes)| {
+            let lease = s.lease(id).filter(|l| l.state.is_live())?;
+            let keys = s.account(lease.researcher).map(|a| a.ssh_keys.iter().map(|k| k.as_str().to_owned()).collect());
+            Some(v1::NodeLease {
+                lease_id: id.0,
+                state: suanli_proto::convert::lease_state_to_wire(lease.state),
+                researcher_id: lease.researcher.0,
+                card_indexes,
+                authorized_keys: keys.unwrap_or_default(),
+                paid_until_ms: lease.paid_until.map_or(0, |t| t.millis()),
+            })
+        })
+        .collect();
     Some(v1::AgentNode {
         node: Some(wire::node(n)),
-        cards: n.cards.iter().filter_map(|c| s.card(*c)).map(wire::card).collect(),
+        cards: cards.into_iter().map(wire::card).collect(),
         full_telemetry: class != Some(ClusterClass::A),
+        leases,
     })
 }
 

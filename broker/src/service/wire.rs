@@ -5,9 +5,9 @@ use suanli_proto::convert::{
     end_reason_to_wire, inventory_to_wire, lease_state_to_wire, listing_to_wire, money_to_wire,
 };
 use suanli_proto::v1;
-use suanli_types::{ClusterState, LeaseUnit};
+use suanli_types::{ClusterState, LeaseUnit, NodeId};
 
-use crate::state::{AppliedEvents, Card, ClusterSummary, Event, Lease, Node};
+use crate::state::{AppliedEvents, Card, ClusterSummary, Event, Lease, Node, State};
 
 pub fn card(c: &Card) -> v1::Card {
     v1::Card {
@@ -28,7 +28,38 @@ pub fn node(n: &Node) -> v1::Node {
         card_ids: n.cards.iter().map(|c| c.0).collect(),
         cluster_id: n.cluster.map_or(0, |c| c.0),
         enrolled_at_ms: n.enrolled_at.millis(),
+        access: n.access.as_ref().map(|a| v1::NodeAccess {
+            ssh_host: a.ssh_host.clone(),
+            ssh_port: u32::from(a.ssh_port),
+            host_key: a.host_key.as_str().to_owned(),
+            login_prefix: a.login_prefix.clone(),
+        }),
     }
+}
+
+/// How the lessee logs in: one entry per node holding the lease's cards whose agent runs a
+/// gateway, in node order.
+pub fn lease_access(s: &State, l: &Lease) -> v1::LeaseAccess {
+    let mut by_node: std::collections::BTreeMap<NodeId, Vec<u32>> = std::collections::BTreeMap::new();
+    for card in l.cards.iter().filter_map(|c| s.card(*c)) {
+        by_node.entry(card.node).or_default().push(card.spec.index);
+    }
+    let nodes = by_node
+        .into_iter()
+        .filter_map(|(node, card_indexes)| {
+            let access = s.node(node)?.access.as_ref()?;
+            Some(v1::NodeLogin {
+                node_id: node.0,
+                login: access.login(l.id),
+                ssh_host: access.ssh_host.clone(),
+                ssh_port: u32::from(access.ssh_port),
+                known_hosts_line: access.known_hosts_line(),
+                ssh_command: access.ssh_command(l.id),
+                card_indexes,
+            })
+        })
+        .collect();
+    v1::LeaseAccess { lease_id: l.id.0, state: lease_state_to_wire(l.state), nodes }
 }
 
 pub fn cluster(s: &ClusterSummary<'_>) -> v1::Cluster {

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use suanli_types::{
     AccountId, AccountKind, BillingMode, CardHealth, CardId, CardStatus, Caller, ClusterClass, ClusterId, EndReason, LeaseId, LeaseUnit,
-    Listing, NodeId, NodeInventory, RequestId, SecretHash, SshPublicKey, Timestamp,
+    Listing, NodeAccess, NodeId, NodeInventory, RequestId, SecretHash, SshPublicKey, Timestamp,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +38,8 @@ pub enum Command {
     EnrollAgent { token_hash: SecretHash, credential_hash: SecretHash, inventory: NodeInventory },
     /// The supplier or an operator withdraws a node's agent credential.
     RevokeAgent { node: NodeId },
+    /// The node's own agent reports its access gateway (validated by the service).
+    SetNodeAccess { node: NodeId, access: NodeAccess },
     /// System only: what the leader's health monitor concluded from telemetry and silence.
     SetCardHealth { changes: Vec<(CardId, CardHealth)> },
     PublishCluster { class: ClusterClass, nodes: Vec<NodeId>, listing: Listing },
@@ -90,6 +92,7 @@ impl Command {
             Command::IssueEnrollmentToken { .. } => "issue_enrollment_token",
             Command::EnrollAgent { .. } => "enroll_agent",
             Command::RevokeAgent { .. } => "revoke_agent",
+            Command::SetNodeAccess { .. } => "set_node_access",
             Command::SetCardHealth { .. } => "set_card_health",
             Command::PublishCluster { .. } => "publish_cluster",
             Command::ModifyCluster { .. } => "modify_cluster",

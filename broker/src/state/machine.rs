@@ -175,6 +175,7 @@ impl State {
                 self.enroll_agent(caller, token_hash, credential_hash, inventory, at, events)
             }
             Command::RevokeAgent { node } => self.revoke_agent(caller, *node, events),
+            Command::SetNodeAccess { node, access } => self.set_node_access(caller, *node, access),
             Command::SetCardHealth { changes } => self.set_card_health(caller, changes, events),
             Command::PublishCluster { class, nodes, listing } => {
                 let supplier = self.account_of_kind(caller, AccountKind::Supplier)?;

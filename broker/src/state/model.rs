@@ -28,6 +28,8 @@ pub struct Node {
     /// Hash of the credential the node's agent authenticates with; `None` when no agent is
     /// enrolled (a node enrolled by hand) or its agent was revoked.
     pub agent_credential: Option<SecretHash>,
+    /// Where researchers log in to this node's leases, as its agent last reported.
+    pub access: Option<suanli_types::NodeAccess>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -45,7 +45,7 @@ pub type StorageError = openraft::StorageError<NodeId>;
 
 /// The on-disk format this code reads and writes. Bumped on any incompatible change; a node
 /// refuses to open data of another version instead of misreading it.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 pub(crate) const CF_LOG: &str = "log";
 pub(crate) const CF_META: &str = "meta";

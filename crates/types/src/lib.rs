@@ -23,6 +23,6 @@ pub use error::{DomainError, EntityKind, ErrorCode, FieldError, Validator};
 pub use ids::{AccountId, CardId, ClusterId, CpcId, LeaseId, NodeId, RequestId};
 pub use lease::{EndReason, LeaseAction, LeaseState, LeaseUnit, SupplierEndReason};
 pub use money::{BillingMode, Currency, Money, PriceList};
-pub use node::{CardHealth, CardSpec, CardStatus, NodeInventory};
+pub use node::{CardHealth, CardSpec, CardStatus, NodeAccess, NodeInventory};
 pub use secret::SecretHash;
 pub use time::Timestamp;

@@ -208,3 +208,97 @@ mod tests {
         assert_eq!(fields, ["hostname", "vcpus", "cards[1].index", "cards[1].uuid"]);
     }
 }
+
+/// Where researchers reach a node's access gateway, as its agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAccess {
+    pub ssh_host: String,
+    pub ssh_port: u16,
+    /// The gateway's host key: what a researcher's `known_hosts` must hold.
+    pub host_key: crate::SshPublicKey,
+    /// A lease's login on this node is `<login_prefix><lease id>`.
+    pub login_prefix: String,
+}
+
+/// Longest login prefix: with a 20-digit lease ID it stays within Linux's 32-character names.
+pub const MAX_LOGIN_PREFIX: usize = 8;
+
+impl NodeAccess {
+    /// Checks every field; problems are reported together, by field.
+    pub fn new(ssh_host: &str, ssh_port: u32, host_key: &str, login_prefix: &str) -> Result<NodeAccess, DomainError> {
+        let mut v = Validator::new();
+        v.text("ssh_host", ssh_host, true, 253);
+        v.check(
+            ssh_host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b)),
+            "ssh_host",
+            "a host name or IP address",
+        );
+        v.check((1..=u32::from(u16::MAX)).contains(&ssh_port), "ssh_port", "between 1 and 65535");
+        let key = crate::SshPublicKey::parse(host_key);
+        if let Err(e) = &key {
+            v.check(false, "host_key", e.to_string());
+        }
+        let mut prefix = login_prefix.bytes();
+        v.check(
+            !login_prefix.is_empty()
+                && login_prefix.len() <= MAX_LOGIN_PREFIX
+                && prefix.next().is_some_and(|b| b.is_ascii_lowercase())
+                && prefix.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            "login_prefix",
+            format!("1 to {MAX_LOGIN_PREFIX} lowercase letters and digits, starting with a letter"),
+        );
+        v.finish()?;
+        let host_key = key?;
+        Ok(NodeAccess { ssh_host: ssh_host.to_owned(), ssh_port: ssh_port as u16, host_key, login_prefix: login_prefix.to_owned() })
+    }
+
+    pub fn login(&self, lease: crate::LeaseId) -> String {
+        format!("{}{}", self.login_prefix, lease.0)
+    }
+
+    /// The gateway as OpenSSH names it in `known_hosts`: `host`, or `[host]:port` off port 22.
+    pub fn known_hosts_name(&self) -> String {
+        if self.ssh_port == 22 {
+            self.ssh_host.clone()
+        } else {
+            format!("[{}]:{}", self.ssh_host, self.ssh_port)
+        }
+    }
+
+    /// A ready `known_hosts` line (the key without its comment).
+    pub fn known_hosts_line(&self) -> String {
+        let key: Vec<&str> = self.host_key.as_str().split_whitespace().take(2).collect();
+        format!("{} {}", self.known_hosts_name(), key.join(" "))
+    }
+
+    pub fn ssh_command(&self, lease: crate::LeaseId) -> String {
+        format!("ssh -p {} {}@{}", self.ssh_port, self.login(lease), self.ssh_host)
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    use super::*;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1xyz gateway@gpu-1";
+
+    #[test]
+    fn access_lines_are_ready_to_paste() {
+        let a = NodeAccess::new("gpu-1.example", 2222, KEY, "sl").unwrap();
+        assert_eq!(a.login(crate::LeaseId(42)), "sl42");
+        assert_eq!(a.known_hosts_line(), "[gpu-1.example]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1xyz");
+        assert_eq!(a.ssh_command(crate::LeaseId(42)), "ssh -p 2222 sl42@gpu-1.example");
+        assert_eq!(NodeAccess::new("10.0.0.7", 22, KEY, "sl").unwrap().known_hosts_name(), "10.0.0.7");
+    }
+
+    #[test]
+    fn every_bad_access_field_is_named() {
+        let Err(DomainError::Invalid(fields)) = NodeAccess::new("bad host!", 0, "ssh-dss AAAA", "9x") else {
+            panic!("must be refused")
+        };
+        let names: Vec<&str> = fields.iter().map(|f| f.field.as_str()).collect();
+        for field in ["ssh_host", "ssh_port", "host_key", "login_prefix"] {
+            assert!(names.contains(&field), "{field} not reported: {names:?}");
+        }
+    }
+}

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use suanli_types::error::EntityKind;
 use suanli_types::{
-    AccountId, AccountKind, CardHealth, CardId, CardStatus, Caller, DomainError, NodeId, NodeInventory, SecretHash,
-    Timestamp,
+    AccountId, AccountKind, CardHealth, CardId, CardStatus, Caller, DomainError, NodeAccess, NodeId, NodeInventory,
+    SecretHash, Timestamp,
 };
 
 use super::{require, rules, Outcome, Response, State};
@@ -34,6 +34,7 @@ impl State {
                 cluster: None,
                 enrolled_at: at,
                 agent_credential: None,
+                access: None,
             },
         );
         events.push(Event::NodeEnrolled { node, supplier, cards });
@@ -178,6 +179,16 @@ impl State {
             events.push(Event::AgentRevoked { node });
         }
         Ok(Response::Node(Box::new(self.nodes[&node].clone())))
+    }
+
+    /// The node's own agent says where its access gateway listens.
+    pub(super) fn set_node_access(&mut self, caller: &Caller, node: NodeId, access: &NodeAccess) -> Outcome {
+        let n = self.nodes.get_mut(&node).ok_or(DomainError::not_found(EntityKind::Node, node))?;
+        if !matches!(caller, Caller::Agent(own) if *own == node) {
+            return Err(DomainError::not_found(EntityKind::Node, node));
+        }
+        n.access = Some(access.clone());
+        Ok(Response::Node(Box::new(n.clone())))
     }
 
     pub(super) fn set_card_health(

@@ -1,0 +1,465 @@
+//! The node's SSH gateway (russh). It admits exactly the live, active lease whose login is
+//! asked for, with one of its researcher's registered public keys, and runs everything as the
+//! lease's Unix account: `exec` commands, shells (with a PTY when asked, resized with the
+//! window), the `sftp` subsystem through OpenSSH's `sftp-server` (so `scp` and `sftp` work), and
+//! local port forwarding to services on this node's loopback (Jupyter, TensorBoard, VNC).
+//!
+//! The host key is made once and kept in the state directory, so the `known_hosts` line the
+//! broker publishes stays valid across restarts. Only modern algorithms are offered.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::ssh_key::LineEnding;
+use russh::keys::{Algorithm, PrivateKey, PublicKey};
+use russh::server::{Auth, ChannelOpenHandle, Config, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Preferred};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::{Access, LiveLease};
+
+/// Environment variables a client may set (`SendEnv`); everything else is refused.
+const ACCEPTED_ENV: &[&str] = &["LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TERM", "TZ"];
+const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("host key {0}: {1}")]
+    HostKey(PathBuf, String),
+}
+
+/// The gateway's host key at `path`, made (Ed25519, mode 0600) on first use.
+pub fn host_key(path: &Path) -> Result<PrivateKey, GatewayError> {
+    let error = |e: &dyn std::fmt::Display| GatewayError::HostKey(path.to_owned(), e.to_string());
+    if path.exists() {
+        return PrivateKey::read_openssh_file(path).map_err(|e| error(&e));
+    }
+    let key = PrivateKey::random(&mut russh::keys::key::safe_rng(), Algorithm::Ed25519).map_err(|e| error(&e))?;
+    key.write_openssh_file(path, LineEnding::LF).map_err(|e| error(&e))?;
+    Ok(key)
+}
+
+/// The host key's public half as an OpenSSH line without a comment (for `known_hosts`).
+pub fn public_line(key: &PrivateKey) -> String {
+    let line = key.public_key().to_openssh().unwrap_or_default();
+    line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
+pub fn config(host_key: PrivateKey) -> Arc<Config> {
+    let preferred = Preferred {
+        kex: Cow::Borrowed(&[russh::kex::MLKEM768X25519_SHA256, russh::kex::CURVE25519, russh::kex::CURVE25519_PRE_RFC_8731]),
+        key: Cow::Borrowed(&[Algorithm::Ed25519]),
+        cipher: Cow::Borrowed(&[russh::cipher::CHACHA20_POLY1305, russh::cipher::AES_256_GCM]),
+        mac: Cow::Borrowed(&[russh::mac::HMAC_SHA512_ETM, russh::mac::HMAC_SHA256_ETM]),
+        compression: Cow::Borrowed(&[russh::compression::NONE]),
+        ..Preferred::default()
+    };
+    Arc::new(Config {
+        keys: vec![host_key],
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_millis(300),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        max_auth_attempts: 6,
+        // Idle shells are normal; dead peers are found by keepalives instead.
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        window_size: 8 * 1024 * 1024,
+        preferred,
+        nodelay: true,
+        ..Config::default()
+    })
+}
+
+/// Accepts connections until the process ends.
+pub async fn serve(listener: TcpListener, config: Arc<Config>, access: Arc<Access>) {
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "ssh gateway: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let connection = Connection::new(access.clone(), peer);
+        let config = config.clone();
+        tokio::spawn(async move {
+            match russh::server::run_stream(config, socket, connection).await {
+                Ok(session) => {
+                    if let Err(e) = session.await {
+                        tracing::debug!(%peer, error = %e, "ssh session ended");
+                    }
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "ssh handshake failed"),
+            }
+        });
+    }
+}
+
+struct PtyRequest {
+    term: String,
+    size: pty_process::Size,
+}
+
+/// One client connection.
+struct Connection {
+    access: Arc<Access>,
+    peer: SocketAddr,
+    lease: Option<Arc<LiveLease>>,
+    /// Opened session channels waiting for their request (exec, shell, subsystem).
+    channels: HashMap<ChannelId, Channel<Msg>>,
+    ptys: HashMap<ChannelId, PtyRequest>,
+    env: HashMap<ChannelId, Vec<(String, String)>>,
+    resizers: HashMap<ChannelId, mpsc::UnboundedSender<pty_process::Size>>,
+}
+
+enum Program {
+    Command(String),
+    Shell,
+    Sftp,
+}
+
+impl Connection {
+    fn new(access: Arc<Access>, peer: SocketAddr) -> Connection {
+        Connection {
+            access,
+            peer,
+            lease: None,
+            channels: HashMap::new(),
+            ptys: HashMap::new(),
+            env: HashMap::new(),
+            resizers: HashMap::new(),
+        }
+    }
+
+    /// The active lease `login` names, if `key` is one of its researcher's.
+    async fn admitted(&self, login: &str, key: &PublicKey) -> Option<Arc<LiveLease>> {
+        // Unknown logins and keys are refused without waiting for a refresh.
+        self.access.lease_for(login).filter(|lease| lease.authorizes(key))?;
+        self.access.active_lease_for(login).await.filter(|lease| lease.authorizes(key))
+    }
+
+    /// Starts `program` on the channel as the lease's user; answers the request.
+    fn start(&mut self, id: ChannelId, program: Program, session: &mut Session) -> Result<(), russh::Error> {
+        let still_live = self.lease.as_ref().and_then(|l| self.access.lease_for(&l.account.login)).filter(|l| l.active);
+        let (Some(lease), Some(channel)) = (still_live, self.channels.remove(&id)) else {
+            return session.channel_failure(id);
+        };
+        let mut env = self.env.remove(&id).unwrap_or_default();
+        let shell = self.access.config.shell.clone();
+        let (binary, args): (PathBuf, Vec<String>) = match &program {
+            Program::Command(command) => (shell, vec!["-c".into(), command.clone()]),
+            Program::Shell => (shell, vec!["-l".into()]),
+            Program::Sftp => (self.access.config.sftp_server.clone(), Vec::new()),
+        };
+        let pty = if matches!(program, Program::Sftp) { None } else { self.ptys.remove(&id) };
+        let started = match pty {
+            Some(pty) => {
+                env.push(("TERM".into(), pty.term.clone()));
+                let (resize, resizes) = mpsc::unbounded_channel();
+                self.resizers.insert(id, resize);
+                run_on_pty(channel, &binary, &args, &lease, &env, pty.size, resizes)
+            }
+            None => run_piped(channel, &binary, &args, &lease, &env),
+        };
+        match started {
+            Ok(()) => session.channel_success(id),
+            Err(e) => {
+                tracing::warn!(lease = lease.id, error = %e, "cannot start the session's program");
+                session.channel_failure(id)
+            }
+        }
+    }
+}
+
+impl Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        Ok(if self.admitted(user, offer.public_key).await.is_some() { Auth::Accept } else { Auth::reject() })
+    }
+
+    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        match self.admitted(user, key.public_key).await {
+            Some(lease) => {
+                tracing::info!(lease = lease.id, peer = %self.peer, "ssh login");
+                self.lease = Some(lease);
+                Ok(Auth::Accept)
+            }
+            None => {
+                tracing::info!(%user, peer = %self.peer, "ssh login refused");
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(lease) = &self.lease {
+            self.access.register_session(&lease.account.login, session.handle());
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.lease.is_none() {
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        }
+        self.channels.insert(channel.id(), channel);
+        reply.accept().await;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let term = if term.is_empty() || term.len() > 64 { "xterm".to_owned() } else { term.to_owned() };
+        let size = pty_process::Size::new(clamp(row_height, 24), clamp(col_width, 80));
+        self.ptys.insert(channel, PtyRequest { term, size });
+        session.channel_success(channel)
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(resize) = self.resizers.get(&channel) {
+            let _ = resize.send(pty_process::Size::new(clamp(row_height, 24), clamp(col_width, 80)));
+        }
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        variable_name: &str,
+        variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if ACCEPTED_ENV.contains(&variable_name) && variable_value.len() <= 256 {
+            self.env.entry(channel).or_default().push((variable_name.to_owned(), variable_value.to_owned()));
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+
+    async fn exec_request(&mut self, channel: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+        let command = String::from_utf8_lossy(data).into_owned();
+        self.start(channel, Program::Command(command), session)
+    }
+
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        self.start(channel, Program::Shell, session)
+    }
+
+    async fn subsystem_request(&mut self, channel: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
+        if name == "sftp" {
+            self.start(channel, Program::Sftp, session)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        self.ptys.remove(&channel);
+        self.env.remove(&channel);
+        self.resizers.remove(&channel);
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let target = loopback(host_to_connect).zip(u16::try_from(port_to_connect).ok());
+        let (Some(lease), Some((ip, port))) = (self.lease.clone(), target) else {
+            // Forwarding reaches this node's own services only, never the supplier's network.
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        };
+        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect((ip, port))).await {
+            Ok(Ok(mut tcp)) => {
+                reply.accept().await;
+                tracing::debug!(lease = lease.id, port, "port forwarding opened");
+                tokio::spawn(async move {
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                });
+            }
+            _ => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+        }
+        Ok(())
+    }
+}
+
+fn clamp(value: u32, default: u16) -> u16 {
+    match u16::try_from(value) {
+        Ok(0) | Err(_) => default,
+        Ok(v) => v.min(1000),
+    }
+}
+
+fn loopback(host: &str) -> Option<IpAddr> {
+    if host == "localhost" {
+        return Some(IpAddr::from([127, 0, 0, 1]));
+    }
+    host.trim_matches(['[', ']']).parse::<IpAddr>().ok().filter(IpAddr::is_loopback)
+}
+
+/// The environment of every program a session starts.
+fn session_env(lease: &LiveLease, extra: &[(String, String)], shell: &Path) -> Vec<(String, String)> {
+    let account = &lease.account;
+    let mut env = vec![
+        ("HOME".to_owned(), account.home.display().to_string()),
+        ("USER".to_owned(), account.login.clone()),
+        ("LOGNAME".to_owned(), account.login.clone()),
+        ("SHELL".to_owned(), shell.display().to_string()),
+        ("PATH".to_owned(), PATH.to_owned()),
+        ("CUDA_VISIBLE_DEVICES".to_owned(), lease.cuda_visible_devices()),
+        ("SUANLI_LEASE_ID".to_owned(), lease.id.to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    env
+}
+
+fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> u32 {
+    match status {
+        Ok(s) => s.code().map_or_else(|| 128 + s.signal().unwrap_or(0) as u32, |c| c as u32),
+        Err(_) => 255,
+    }
+}
+
+fn run_piped(
+    channel: Channel<Msg>,
+    binary: &Path,
+    args: &[String],
+    lease: &LiveLease,
+    extra_env: &[(String, String)],
+) -> std::io::Result<()> {
+    let account = &lease.account;
+    let mut child = tokio::process::Command::new(binary)
+        .args(args)
+        .env_clear()
+        .envs(session_env(lease, extra_env, binary))
+        .current_dir(&account.home)
+        .uid(account.uid)
+        .gid(account.gid)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(std::io::Error::other("the child's pipes are missing"));
+    };
+    tokio::spawn(async move {
+        let (mut read_half, write_half) = channel.split();
+        let input = tokio::spawn(async move {
+            let mut reader = read_half.make_reader();
+            let _ = tokio::io::copy(&mut reader, &mut stdin).await;
+            // Dropping stdin tells the program the client has sent everything (EOF).
+        });
+        let (mut out, mut err) = (write_half.make_writer(), write_half.make_writer_ext(Some(1)));
+        let _ = tokio::join!(tokio::io::copy(&mut stdout, &mut out), tokio::io::copy(&mut stderr, &mut err));
+        let code = exit_code(child.wait().await);
+        input.abort();
+        let _ = write_half.exit_status(code).await;
+        let _ = write_half.eof().await;
+        let _ = write_half.close().await;
+    });
+    Ok(())
+}
+
+fn run_on_pty(
+    channel: Channel<Msg>,
+    binary: &Path,
+    args: &[String],
+    lease: &LiveLease,
+    extra_env: &[(String, String)],
+    size: pty_process::Size,
+    mut resizes: mpsc::UnboundedReceiver<pty_process::Size>,
+) -> std::io::Result<()> {
+    let (pty, pts) = pty_process::open().map_err(std::io::Error::other)?;
+    pty.resize(size).map_err(std::io::Error::other)?;
+    let account = &lease.account;
+    let mut child = pty_process::Command::new(binary)
+        .args(args)
+        .env_clear()
+        .envs(session_env(lease, extra_env, binary))
+        .current_dir(&account.home)
+        .uid(account.uid)
+        .gid(account.gid)
+        .spawn(pts)
+        .map_err(std::io::Error::other)?;
+    let (mut pty_out, mut pty_in) = pty.into_split();
+    tokio::spawn(async move {
+        let (mut read_half, write_half) = channel.split();
+        let input = tokio::spawn(async move {
+            let mut reader = read_half.make_reader();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                tokio::select! {
+                    read = reader.read(&mut buf) => match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => if pty_in.write_all(&buf[..n]).await.is_err() { break },
+                    },
+                    Some(size) = resizes.recv() => { let _ = pty_in.resize(size); }
+                }
+            }
+        });
+        let mut out = write_half.make_writer();
+        let mut exited = tokio::spawn(async move { child.wait().await });
+        let copy = tokio::io::copy(&mut pty_out, &mut out);
+        tokio::pin!(copy);
+        // The session ends when its program exits, as with OpenSSH, even if a background
+        // process still holds the terminal; what the program wrote last is still sent.
+        let status = tokio::select! {
+            _ = &mut copy => (&mut exited).await,
+            status = &mut exited => {
+                let _ = tokio::time::timeout(Duration::from_millis(200), &mut copy).await;
+                status
+            }
+        };
+        let code = status.map_or(255, exit_code);
+        input.abort();
+        let _ = write_half.exit_status(code).await;
+        let _ = write_half.eof().await;
+        let _ = write_half.close().await;
+    });
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! Lease access on this node (SPEC §3; DESIGN flows 2–3): a Unix account per live lease, and
+//! the SSH gateway (`gateway.rs`) that admits exactly the lease's researcher to it.
+//!
+//! The broker is the source of truth: every poll of this node's state (`provisioner.rs`) is
+//! handed to [`Access::sync`], which provisions accounts for new leases, updates the keys the
+//! gateway accepts, and tears down leases that are no longer live — their sessions are cut,
+//! every process of their user is killed and the account and its home are removed.
+
+pub mod accounts;
+pub mod gateway;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use russh::keys::PublicKey;
+use suanli_proto::v1;
+use tokio::sync::{watch, Notify};
+
+pub use accounts::Account;
+
+use crate::runtime::lock;
+
+#[derive(Clone, Debug)]
+pub struct AccessConfig {
+    /// Lease homes go here, one directory per lease account.
+    pub home_root: PathBuf,
+    /// A lease's login is `<login_prefix><lease id>`.
+    pub login_prefix: String,
+    pub shell: PathBuf,
+    /// OpenSSH's SFTP server, run as the lease's user for `sftp` and `scp`.
+    pub sftp_server: PathBuf,
+}
+
+/// A live lease of this node, as the gateway admits it.
+#[derive(Clone, Debug)]
+pub struct LiveLease {
+    pub id: u64,
+    pub account: Account,
+    pub authorized_keys: Vec<PublicKey>,
+    /// This node's cards in the lease: `CUDA_VISIBLE_DEVICES`.
+    pub card_indexes: Vec<u32>,
+    /// Logins are admitted only once the lease is active.
+    pub active: bool,
+}
+
+impl LiveLease {
+    pub fn authorizes(&self, key: &PublicKey) -> bool {
+        self.authorized_keys.iter().any(|k| k.key_data() == key.key_data())
+    }
+
+    pub fn cuda_visible_devices(&self) -> String {
+        self.card_indexes.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+    }
+}
+
+pub struct Access {
+    pub config: AccessConfig,
+    leases: RwLock<BTreeMap<String, Arc<LiveLease>>>,
+    /// Open SSH sessions per login, to cut at lease end.
+    sessions: Mutex<BTreeMap<String, Vec<russh::server::Handle>>>,
+    /// Asks the provisioner to fetch the node's leases now rather than at its next tick.
+    pub refresh: Notify,
+    /// Counts completed syncs, so a login can wait for the one it asked for.
+    synced: watch::Sender<u64>,
+}
+
+/// How long a login waits for a fresh view of a lease the broker may just have activated.
+const REFRESH_WAIT: Duration = Duration::from_secs(3);
+
+impl Access {
+    pub fn new(config: AccessConfig) -> Arc<Access> {
+        Arc::new(Access {
+            config,
+            leases: RwLock::new(BTreeMap::new()),
+            sessions: Mutex::new(BTreeMap::new()),
+            refresh: Notify::new(),
+            synced: watch::channel(0).0,
+        })
+    }
+
+    /// The lease for `login` once it is active. A lease this node knows but has not yet seen
+    /// active may have been activated a moment ago (by this agent's confirmation or another
+    /// node's): ask for a fresh view and wait for it, briefly, before answering.
+    pub async fn active_lease_for(&self, login: &str) -> Option<Arc<LiveLease>> {
+        let lease = self.lease_for(login)?;
+        if lease.active {
+            return Some(lease);
+        }
+        let mut synced = self.synced.subscribe();
+        synced.mark_unchanged();
+        self.refresh.notify_one();
+        tokio::time::timeout(REFRESH_WAIT, synced.changed()).await.ok()?.ok()?;
+        self.lease_for(login).filter(|l| l.active)
+    }
+
+    /// The broker answered a confirmation with the lease active.
+    pub fn mark_active(&self, lease: u64) {
+        let login = self.login(lease);
+        let mut leases = self.leases.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = leases.get(&login).filter(|l| !l.active) {
+            let updated = LiveLease { active: true, ..LiveLease::clone(known) };
+            leases.insert(login, Arc::new(updated));
+        }
+    }
+
+    pub fn login(&self, lease: u64) -> String {
+        format!("{}{lease}", self.config.login_prefix)
+    }
+
+    pub fn lease_for(&self, login: &str) -> Option<Arc<LiveLease>> {
+        self.leases.read().unwrap_or_else(|p| p.into_inner()).get(login).cloned()
+    }
+
+    /// Remembers an authenticated session so that the lease's end can cut it.
+    pub fn register_session(&self, login: &str, handle: russh::server::Handle) {
+        lock(&self.sessions).entry(login.to_owned()).or_default().push(handle);
+    }
+
+    /// Brings this node's lease accounts in line with the broker's view of its live leases.
+    /// Returns the leases whose account is ready (what the provisioner may confirm).
+    pub async fn sync(&self, live: &[v1::NodeLease]) -> BTreeSet<u64> {
+        let mut ready = BTreeSet::new();
+        let mut wanted = BTreeSet::new();
+        for lease in live {
+            let login = self.login(lease.lease_id);
+            wanted.insert(login.clone());
+            let account = match accounts::ensure(&login, &self.config.home_root, &format!("suanli lease {}", lease.lease_id)).await {
+                Ok(account) => account,
+                Err(e) => {
+                    tracing::error!(lease = lease.lease_id, error = %e, "cannot provision the lease's account");
+                    continue;
+                }
+            };
+            let authorized_keys = lease
+                .authorized_keys
+                .iter()
+                .filter_map(|line| match PublicKey::from_openssh(line) {
+                    Ok(key) => Some(key),
+                    Err(e) => {
+                        tracing::warn!(lease = lease.lease_id, error = %e, "ignoring an unreadable SSH key");
+                        None
+                    }
+                })
+                .collect();
+            let entry = LiveLease {
+                id: lease.lease_id,
+                account,
+                authorized_keys,
+                card_indexes: lease.card_indexes.clone(),
+                active: lease.state() == v1::LeaseState::Active,
+            };
+            self.leases.write().unwrap_or_else(|p| p.into_inner()).insert(login, Arc::new(entry));
+            ready.insert(lease.lease_id);
+        }
+        let mut ended: BTreeSet<String> = {
+            let leases = self.leases.read().unwrap_or_else(|p| p.into_inner());
+            leases.keys().filter(|login| !wanted.contains(*login)).cloned().collect()
+        };
+        // Accounts left by a lease that ended while the agent was not running.
+        ended.extend(self.accounts_on_disk().into_iter().filter(|login| !wanted.contains(login)));
+        for login in ended {
+            self.end(&login).await;
+        }
+        self.synced.send_modify(|n| *n += 1);
+        ready
+    }
+
+    /// Logins that have a home under `home_root`: lease accounts this agent made.
+    fn accounts_on_disk(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.config.home_root) else { return Vec::new() };
+        entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| {
+                name.strip_prefix(&self.config.login_prefix)
+                    .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect()
+    }
+
+    /// The lease is over: no new logins, open sessions cut, every process killed, the
+    /// account and its home (the scratch space) removed.
+    async fn end(&self, login: &str) {
+        self.leases.write().unwrap_or_else(|p| p.into_inner()).remove(login);
+        let sessions = lock(&self.sessions).remove(login).unwrap_or_default();
+        for handle in sessions {
+            let cut = handle.disconnect(russh::Disconnect::ByApplication, "the lease has ended".into(), String::new());
+            // A session blocked on a full window may not take the message: killing its
+            // processes below ends it either way.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), cut).await;
+        }
+        match accounts::remove(login, &self.config.home_root.join(login)).await {
+            Ok(()) => tracing::info!(%login, "lease ended: sessions cut, processes killed, account removed"),
+            Err(e) => tracing::error!(%login, error = %e, "could not remove the lease's account"),
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! Real clients against the agent's SSH gateway: a broker, an agent with simulated GPUs and
+//! its gateway on loopback, researchers with keys made by `ssh-keygen`, and Debian's OpenSSH
+//! `ssh`, `scp` and `sftp`.
+//!
+//! The agent makes real Unix accounts for leases, so these tests need root (as CI runs); each
+//! run uses a login prefix of its own, and ended leases remove their accounts.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use suanli_proto::client::Client;
+use suanli_proto::convert::{cluster_class_to_wire, listing_to_wire};
+use suanli_proto::v1::{self, supplier_service_client::SupplierServiceClient, AccountKind};
+use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
+use suanli_testkit::fixtures::{self, register};
+use suanli_testkit::{eventually, workspace_binary, Service};
+use suanli_types::ClusterClass;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+const WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(100);
+
+struct Node {
+    broker: BrokerCluster,
+    dir: TempDir,
+    agent: Service,
+    cluster: u64,
+    prefix: String,
+}
+
+struct Researcher {
+    client: Client,
+    key: PathBuf,
+}
+
+/// A lease as its researcher reaches it.
+struct Login {
+    lease: u64,
+    login: String,
+    port: u16,
+    known_hosts: PathBuf,
+    key: PathBuf,
+    cards: Vec<u32>,
+}
+
+fn running_as_root() -> bool {
+    std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+impl Node {
+    /// A broker and one agent with two simulated cards, published as a Class B cluster.
+    async fn start() -> Node {
+        let binary = workspace_binary("suanli-broker", "suanli-broker").expect("broker binary");
+        let broker = BrokerCluster::start(&binary, 1, None).await.expect("broker");
+        let dir = TempDir::new().expect("temp dir");
+        let mut platform = broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+        let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
+        let channel = suanli_proto::client::channel(&format!("http://{}", broker.address(1).expect("address"))).await.expect("channel");
+        let mut icpcss = SupplierServiceClient::with_interceptor(channel, suanli_proto::client::bearer(Some(&supplier_token)).expect("token"));
+        let token = icpcss
+            .create_enrollment_token(v1::CreateEnrollmentTokenRequest { request_id: "t".into(), valid_seconds: 600 })
+            .await
+            .expect("token")
+            .into_inner()
+            .token;
+        // Logins of this run only: `t` and seven hex digits.
+        let prefix = format!("t{:07x}", rand_u32() & 0x0fff_ffff);
+        let args: Vec<String> = [
+            "run",
+            "--broker",
+            &broker.agent_endpoint(1).expect("agent port"),
+            "--broker-ca",
+            &broker.agent_ca_cert().display().to_string(),
+            "--state-dir",
+            &dir.path().join("agent").display().to_string(),
+            "--enrollment-token",
+            &token,
+            "--hostname",
+            "gpu-access",
+            "--source",
+            "simulated",
+            "--sim-model",
+            "A10",
+            "--sim-cards",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--ssh-listen",
+            "127.0.0.1:0",
+            "--home-root",
+            &dir.path().join("homes").display().to_string(),
+            "--login-prefix",
+            &prefix,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let agent = Service::start("agent", Path::new(env!("CARGO_BIN_EXE_suanli-agent")), &args, &[], dir.path(), WAIT)
+            .await
+            .expect("agent starts");
+        let node: u64 = agent.get("node").expect("node").parse().expect("node id");
+        let mut supplier = broker.client(1, &supplier_token).await.expect("supplier");
+        let cluster = supplier
+            .publish_cluster(v1::PublishClusterRequest {
+                request_id: "publish".into(),
+                class: cluster_class_to_wire(ClusterClass::B),
+                node_ids: vec![node],
+                listing: Some(listing_to_wire(&fixtures::listing(ClusterClass::B))),
+            })
+            .await
+            .expect("publish")
+            .into_inner()
+            .cluster_id;
+        Node { broker, dir, agent, cluster, prefix }
+    }
+
+    /// A researcher account with an Ed25519 key made by `ssh-keygen` and registered.
+    async fn researcher(&self, name: &str) -> Researcher {
+        let mut platform = self.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+        let (account, token) = register(&mut platform, AccountKind::Researcher, name).await.expect("researcher");
+        let key = self.new_key(name).await;
+        let mut client = self.broker.client(1, &token).await.expect("client");
+        let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+        client
+            .add_ssh_key(v1::AddSshKeyRequest { request_id: format!("key-{name}"), account_id: account, public_key: public })
+            .await
+            .expect("add key");
+        Researcher { client, key }
+    }
+
+    async fn new_key(&self, name: &str) -> PathBuf {
+        let key = self.dir.path().join(format!("{name}.key"));
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&key)
+            .output()
+            .await
+            .expect("ssh-keygen");
+        assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+        // ssh-keygen names the public half `<file>.pub`.
+        std::fs::rename(format!("{}.pub", key.display()), key.with_extension("pub")).expect("rename");
+        key
+    }
+
+    /// Leases one card and waits until the agent has provisioned it and it is active.
+    async fn lease(&self, researcher: &mut Researcher, tag: &str) -> Login {
+        let lease = researcher
+            .client
+            .request_lease(v1::RequestLeaseRequest {
+                request_id: format!("lease-{tag}"),
+                cluster_id: self.cluster,
+                node_ids: Vec::new(),
+                cards: 1,
+                billing_mode: v1::BillingMode::Hourly.into(),
+                periods: 1,
+            })
+            .await
+            .expect("lease")
+            .into_inner()
+            .lease_id;
+        let access = eventually(WAIT, POLL, || {
+            let mut client = researcher.client.clone();
+            async move {
+                let access = client.get_lease_access(v1::GetLeaseRequest { lease_id: lease }).await.ok()?.into_inner();
+                (access.state() == v1::LeaseState::Active && !access.nodes.is_empty()).then_some(access)
+            }
+        })
+        .await
+        .expect("the lease becomes active with access details");
+        let node = &access.nodes[0];
+        assert_eq!(node.login, format!("{}{lease}", self.prefix));
+        assert_eq!(node.ssh_command, format!("ssh -p {} {}@127.0.0.1", node.ssh_port, node.login));
+        let known_hosts = self.dir.path().join(format!("known_hosts-{tag}"));
+        std::fs::write(&known_hosts, format!("{}\n", node.known_hosts_line)).expect("known_hosts");
+        Login {
+            lease,
+            login: node.login.clone(),
+            port: node.ssh_port as u16,
+            known_hosts,
+            key: researcher.key.clone(),
+            cards: node.card_indexes.clone(),
+        }
+    }
+
+    async fn end(&self, researcher: &mut Researcher, login: &Login) {
+        researcher
+            .client
+            .end_lease(v1::EndLeaseRequest {
+                request_id: format!("end-{}", login.lease),
+                lease_id: login.lease,
+                reason: v1::EndReason::ByResearcher.into(),
+            })
+            .await
+            .expect("end lease");
+    }
+}
+
+impl Login {
+    /// OpenSSH options: only this key, the published host key checked strictly, no prompts.
+    fn options(&self, key: &Path) -> Vec<String> {
+        [
+            "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", &format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "-o", "IdentitiesOnly=yes",
+            "-o", "ConnectTimeout=10",
+            "-i", &key.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    fn ssh(&self, extra: &[&str], remote: &str) -> Command {
+        self.ssh_with_key(&self.key, extra, remote)
+    }
+
+    fn ssh_with_key(&self, key: &Path, extra: &[&str], remote: &str) -> Command {
+        let mut command = Command::new("ssh");
+        command
+            .args(self.options(key))
+            .args(["-p", &self.port.to_string()])
+            .args(extra)
+            .arg(format!("{}@127.0.0.1", self.login))
+            .arg(remote)
+            .kill_on_drop(true);
+        command
+    }
+
+    async fn run(&self, remote: &str) -> Output {
+        self.ssh(&[], remote).output().await.expect("ssh runs")
+    }
+
+    fn scp(&self) -> Command {
+        let mut command = Command::new("scp");
+        command.args(self.options(&self.key)).args(["-P", &self.port.to_string()]);
+        command
+    }
+
+    fn remote(&self, path: &str) -> String {
+        format!("{}@127.0.0.1:{path}", self.login)
+    }
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn said(out: &Output) -> String {
+    format!("status {:?}\nstdout: {}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn rand_u32() -> u32 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+async fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().await.expect("sha256sum");
+    text(&out).split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_scp_sftp_and_port_forwarding_run_as_the_lease_user() {
+    if !running_as_root() {
+        eprintln!("skipped: lease accounts need root");
+        return;
+    }
+    let node = Node::start().await;
+    let mut alice = node.researcher("alice").await;
+    let login = node.lease(&mut alice, "a").await;
+    assert_eq!(login.cards.len(), 1);
+
+    // A command runs as the lease's own user, in its home, with its card only.
+    let out = login.run("id -un; pwd; echo \"cuda=$CUDA_VISIBLE_DEVICES\"; echo oops >&2; exit 3").await;
+    assert_eq!(out.status.code(), Some(3), "{}", said(&out));
+    let lines: Vec<String> = text(&out).lines().map(str::to_owned).collect();
+    assert_eq!(lines[0], login.login, "{}", said(&out));
+    assert_eq!(lines[1], node.dir.path().join("homes").join(&login.login).display().to_string());
+    assert_eq!(lines[2], format!("cuda={}", login.cards[0]));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "oops", "stderr is its own stream");
+
+    // A terminal when asked for one.
+    let out = login.ssh(&["-tt"], "tty; echo term=$TERM").output().await.expect("ssh -tt");
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(text(&out).contains("/dev/pts/") && text(&out).contains("term="), "{}", said(&out));
+
+    // 100 MB up with scp (SFTP underneath), back down, same bytes.
+    let upload = node.dir.path().join("upload.bin");
+    let out = Command::new("head").args(["-c", "104857600", "/dev/urandom"]).output().await.expect("random data");
+    std::fs::write(&upload, &out.stdout).expect("write upload");
+    let out = login.scp().arg(&upload).arg(login.remote("data.bin")).output().await.expect("scp up");
+    assert!(out.status.success(), "{}", said(&out));
+    let download = node.dir.path().join("download.bin");
+    let out = login.scp().arg(login.remote("data.bin")).arg(&download).output().await.expect("scp down");
+    assert!(out.status.success(), "{}", said(&out));
+    assert_eq!(sha256(&upload).await, sha256(&download).await);
+    let owner = login.run("stat -c %U data.bin").await;
+    assert_eq!(text(&owner), login.login, "uploads belong to the lease's user");
+
+    // sftp in batch mode.
+    let batch = node.dir.path().join("batch");
+    std::fs::write(&batch, format!("put {}\nls -l\nrm data.bin\n", batch.display())).expect("batch");
+    let out = Command::new("sftp")
+        .args(login.options(&login.key))
+        .args(["-P", &login.port.to_string(), "-b"])
+        .arg(&batch)
+        .arg(format!("{}@127.0.0.1", login.login))
+        .output()
+        .await
+        .expect("sftp");
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(text(&out).contains("batch"), "{}", said(&out));
+
+    // Local forwarding to a service on the node's loopback (a Jupyter stands in).
+    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("service");
+    let service_port = service.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = service.accept().await {
+            let _ = socket.write_all(b"hello from the node\n").await;
+        }
+    });
+    let local = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("free port");
+    let local_port = local.local_addr().expect("addr").port();
+    drop(local);
+    let forward = format!("{local_port}:127.0.0.1:{service_port}");
+    let mut tunnel = login.ssh(&["-N", "-o", "ExitOnForwardFailure=yes", "-L", &forward], "").spawn().expect("ssh -L");
+    let greeting = eventually(WAIT, POLL, || async move {
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", local_port)).await.ok()?;
+        let mut got = String::new();
+        socket.read_to_string(&mut got).await.ok()?;
+        Some(got).filter(|g| !g.is_empty())
+    })
+    .await
+    .expect("the forwarded port answers");
+    assert_eq!(greeting, "hello from the node\n");
+    tunnel.kill().await.expect("stop the tunnel");
+    // Forwarding off the node is refused.
+    let out = login.ssh(&["-W", "10.255.255.1:80"], "").output().await.expect("ssh -W");
+    assert!(!out.status.success(), "forwarding beyond loopback must be refused: {}", said(&out));
+
+    // Someone else's key, and the right key for a login that is not a live lease: refused.
+    let stranger = node.new_key("stranger").await;
+    let out = login.ssh_with_key(&stranger, &[], "true").output().await.expect("ssh");
+    assert_eq!(out.status.code(), Some(255), "{}", said(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{}", said(&out));
+    let nobody = Login { login: format!("{}999", node.prefix), ..login_clone(&login) };
+    let out = nobody.run("true").await;
+    assert_eq!(out.status.code(), Some(255), "{}", said(&out));
+
+    node.end(&mut alice, &login).await;
+    drop(node.agent);
+}
+
+fn login_clone(l: &Login) -> Login {
+    Login {
+        lease: l.lease,
+        login: l.login.clone(),
+        port: l.port,
+        known_hosts: l.known_hosts.clone(),
+        key: l.key.clone(),
+        cards: l.cards.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_end_cuts_sessions_kills_every_process_and_removes_the_account() {
+    if !running_as_root() {
+        eprintln!("skipped: lease accounts need root");
+        return;
+    }
+    let node = Node::start().await;
+    let mut alice = node.researcher("alice").await;
+    let mut bob = node.researcher("bob").await;
+    let a = node.lease(&mut alice, "a").await;
+    let b = node.lease(&mut bob, "b").await;
+    assert_ne!(a.cards, b.cards, "two leases, two cards");
+
+    // One lease cannot read the other's files, nor log in as it with its own key.
+    let out = a.run("echo secret > mine.txt && chmod 644 mine.txt && echo written").await;
+    assert_eq!(text(&out), "written", "{}", said(&out));
+    let a_home = node.dir.path().join("homes").join(&a.login);
+    let out = b.run(&format!("cat {}/mine.txt", a_home.display())).await;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{}", said(&out));
+    let out = Login { login: a.login.clone(), ..login_clone(&b) }.run("true").await;
+    assert_eq!(out.status.code(), Some(255), "bob's key does not open alice's lease: {}", said(&out));
+
+    // An open session, and a process that double-forked out of its session.
+    let mut open = a.ssh(&[], "echo started; sleep 600").stdout(std::process::Stdio::piped()).spawn().expect("ssh");
+    let mut first_line = [0u8; 8];
+    open.stdout.as_mut().expect("stdout").read_exact(&mut first_line).await.expect("the session runs");
+    let out = a.run("setsid sh -c 'sleep 700 & sleep 800 &' > /dev/null 2>&1 < /dev/null; echo detached").await;
+    assert_eq!(text(&out), "detached", "{}", said(&out));
+    let count = |login: String| async move {
+        let out = Command::new("pgrep").args(["-c", "-u", &login, "sleep"]).output().await.expect("pgrep");
+        text(&out).parse::<u32>().unwrap_or(0)
+    };
+    assert_eq!(count(a.login.clone()).await, 3, "the session's sleep and both detached ones");
+
+    node.end(&mut alice, &a).await;
+    let status = tokio::time::timeout(WAIT, open.wait()).await.expect("the open session is cut").expect("ssh exits");
+    assert!(!status.success());
+    eventually(WAIT, POLL, || {
+        let login = a.login.clone();
+        async move {
+            let gone = Command::new("getent").args(["passwd", &login]).output().await.ok()?;
+            (!gone.status.success()).then_some(())
+        }
+    })
+    .await
+    .expect("the account is removed");
+    assert_eq!(count(a.login.clone()).await, 0, "no process of the lease survives");
+    assert!(!a_home.exists(), "its home (scratch) is wiped");
+    let out = a.run("true").await;
+    assert_eq!(out.status.code(), Some(255), "no login after the end: {}", said(&out));
+
+    // The other lease is untouched.
+    let out = b.run("id -un").await;
+    assert_eq!(text(&out), b.login, "{}", said(&out));
+    node.end(&mut bob, &b).await;
+}
