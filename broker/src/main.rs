@@ -15,6 +15,8 @@ use suanli_proto::convert::billing_mode_from_wire;
 use suanli_proto::v1;
 use tracing_subscriber::EnvFilter;
 
+mod lease_cli;
+
 /// The Suanli broker: the GPU marketplace's replicated source of truth (suppliers, clusters,
 /// cards, leases), served over gRPC.
 #[derive(Parser)]
@@ -44,9 +46,33 @@ enum Command {
     /// A 3-node cluster: start node 1 with `serve --bootstrap`, nodes 2 and 3 with `serve`,
     /// then `cluster add-learner 2 HOST:PORT`, `cluster promote 2`, and the same for 3.
     Cluster(ClusterArgs),
+    /// A researcher's leases: request cards, see how to log in, end.
+    Lease(lease_cli::LeaseArgs),
+    /// Register an SSH public key for an account (what the agents' gateways accept).
+    SshKey(lease_cli::SshKeyArgs),
+    /// Development: publish an agent's node as a Class B cluster of its own (`ops/run-local`).
+    #[command(hide = true)]
+    DevPublish(DevPublishArgs),
     /// Make a new agent CA (certificate and key) for a cluster; give both files to every node
     /// (`agent_ca_cert`, `agent_ca_key`). Refuses to overwrite.
     AgentCa(AgentCaArgs),
+}
+
+#[derive(Args)]
+struct DevPublishArgs {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// The supplier's account token.
+    #[arg(long)]
+    token: String,
+    #[arg(long)]
+    node: u64,
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    cards: u32,
+    #[arg(long)]
+    vram_gib: u32,
 }
 
 #[derive(Args)]
@@ -237,6 +263,14 @@ async fn main() -> anyhow::Result<()> {
         Command::EnrollmentToken(args) => enrollment_token(args).await,
         Command::Cluster(args) => cluster(args).await,
         Command::AgentCa(args) => agent_ca(args),
+        Command::Lease(args) => lease_cli::lease(args).await,
+        Command::SshKey(args) => lease_cli::ssh_key(args).await,
+        Command::DevPublish(args) => {
+            let channel = client::channel(&args.endpoint).await?;
+            let cluster = demo::publish_agent_node(channel, &args.token, args.node, &args.model, args.cards, args.vram_gib).await?;
+            println!("{cluster}");
+            Ok(())
+        }
     }
 }
 
@@ -409,7 +443,7 @@ async fn catalogue(args: CatalogueArgs) -> anyhow::Result<()> {
         max_price_minor: args.max_price_minor,
         ..Default::default()
     };
-    println!("{:<12} {:<5} {:<11} {:>5} {:>5} {:<10} {:<12} PRICES (per card)", "CPC", "CLASS", "MODEL", "IDLE", "CARDS", "REGION", "VENDOR");
+    println!("{:>4} {:<12} {:<5} {:<11} {:>5} {:>5} {:<10} {:<12} PRICES (per card)", "ID", "CPC", "CLASS", "MODEL", "IDLE", "CARDS", "REGION", "VENDOR");
     loop {
         let page = client.list_catalogue(request.clone()).await.map_err(|s| suanli_proto::decode_status(&s))?.into_inner();
         for c in &page.clusters {
@@ -424,8 +458,8 @@ async fn catalogue(args: CatalogueArgs) -> anyhow::Result<()> {
                 .collect();
             let class = if c.class == i32::from(v1::ClusterClass::A) { "A" } else { "B" };
             println!(
-                "{:<12} {:<5} {:<11} {:>5} {:>5} {:<10} {:<12} {}",
-                c.cpc_id, class, l.gpu_model, c.idle_cards, c.total_cards, l.region, l.vendor, prices.join(", ")
+                "{:>4} {:<12} {:<5} {:<11} {:>5} {:>5} {:<10} {:<12} {}",
+                c.cluster_id, c.cpc_id, class, l.gpu_model, c.idle_cards, c.total_cards, l.region, l.vendor, prices.join(", ")
             );
         }
         if page.next_page_after_cluster_id == 0 {
