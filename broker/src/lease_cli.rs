@@ -43,6 +43,8 @@ enum LeaseAction {
         #[arg(long)]
         known_hosts: Option<PathBuf>,
     },
+    /// Draw a new lease password (shown once; the previous one stops working).
+    Password { lease: u64 },
     /// End the lease now.
     End { lease: u64 },
 }
@@ -124,6 +126,14 @@ pub async fn lease(args: LeaseArgs) -> anyhow::Result<()> {
                 }
                 println!("host keys appended to {}", path.display());
             }
+        }
+        LeaseAction::Password { lease } => {
+            let reply = broker
+                .set_lease_password(v1::SetLeasePasswordRequest { request_id: request_id("password"), lease_id: lease })
+                .await
+                .map_err(api)?
+                .into_inner();
+            println!("lease {} password: {}", reply.lease_id, reply.password);
         }
         LeaseAction::End { lease } => {
             let ended = broker

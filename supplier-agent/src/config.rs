@@ -57,6 +57,9 @@ pub struct AgentArgs {
     /// Lease logins are `<prefix><lease id>`.
     #[arg(long, env = "SUANLI_AGENT_LOGIN_PREFIX")]
     pub login_prefix: Option<String>,
+    /// Failed SSH logins per source address per minute before it is refused outright.
+    #[arg(long, env = "SUANLI_AGENT_MAX_LOGIN_FAILURES")]
+    pub max_login_failures: Option<u32>,
     /// Also append every sample, as sent, to this JSON-lines file (audits and tests).
     #[arg(long, env = "SUANLI_AGENT_RECORD")]
     pub record: Option<PathBuf>,
@@ -107,6 +110,7 @@ struct FileAccess {
     login_prefix: Option<String>,
     shell: Option<PathBuf>,
     sftp_server: Option<PathBuf>,
+    max_login_failures: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -199,6 +203,7 @@ impl AgentConfig {
                 login_prefix: args.login_prefix.clone().or(access.login_prefix).unwrap_or_else(|| "sl".into()),
                 shell: access.shell.unwrap_or_else(|| PathBuf::from("/bin/bash")),
                 sftp_server: access.sftp_server.unwrap_or_else(|| PathBuf::from("/usr/lib/openssh/sftp-server")),
+                max_login_failures: args.max_login_failures.or(access.max_login_failures).unwrap_or(10).max(1),
             },
         };
         config.validate()?;

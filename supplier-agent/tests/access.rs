@@ -53,6 +53,11 @@ fn running_as_root() -> bool {
 impl Node {
     /// A broker and one agent with two simulated cards, published as a Class B cluster.
     async fn start() -> Node {
+        Node::start_with(&[]).await
+    }
+
+    /// As `start`, with more agent flags.
+    async fn start_with(agent_flags: &[&str]) -> Node {
         let binary = workspace_binary("suanli-broker", "suanli-broker").expect("broker binary");
         let broker = BrokerCluster::start(&binary, 1, None).await.expect("broker");
         let dir = TempDir::new().expect("temp dir");
@@ -96,6 +101,7 @@ impl Node {
             &prefix,
         ]
         .iter()
+        .chain(agent_flags)
         .map(|s| s.to_string())
         .collect();
         let agent = Service::start("agent", Path::new(env!("CARGO_BIN_EXE_suanli-agent")), &args, &[], dir.path(), WAIT)
@@ -228,6 +234,27 @@ impl Login {
             .arg(remote)
             .kill_on_drop(true);
         command
+    }
+
+    /// `ssh` with the password only (answered through `SSH_ASKPASS`), one prompt.
+    async fn run_with_password(&self, dir: &Path, password: &str, remote: &str) -> Output {
+        let askpass = dir.join("askpass.sh");
+        std::fs::write(&askpass, "#!/bin/sh\nprintf '%s\\n' \"$SUANLI_TEST_PASSWORD\"\n").expect("askpass");
+        std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        Command::new("ssh")
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", &format!("UserKnownHostsFile={}", self.known_hosts.display())])
+            .args(["-o", "PreferredAuthentications=password", "-o", "PubkeyAuthentication=no", "-o", "NumberOfPasswordPrompts=1"])
+            .args(["-p", &self.port.to_string()])
+            .arg(format!("{}@127.0.0.1", self.login))
+            .arg(remote)
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("SUANLI_TEST_PASSWORD", password)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("ssh runs")
     }
 
     async fn run(&self, remote: &str) -> Output {
@@ -421,4 +448,41 @@ async fn a_lease_end_cuts_sessions_kills_every_process_and_removes_the_account()
     let out = b.run("id -un").await;
     assert_eq!(text(&out), b.login, "{}", said(&out));
     node.end(&mut bob, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_password_logs_in_and_failed_logins_are_throttled() {
+    if !running_as_root() {
+        eprintln!("skipped: lease accounts need root");
+        return;
+    }
+    let node = Node::start_with(&["--max-login-failures", "3"]).await;
+    let mut alice = node.researcher("alice").await;
+    let login = node.lease(&mut alice, "a").await;
+    let set = |request_id: &str| v1::SetLeasePasswordRequest { request_id: request_id.into(), lease_id: login.lease };
+    let password = alice.client.set_lease_password(set("pw-1")).await.expect("password").into_inner().password;
+    assert_eq!(password.len(), 20);
+    // A retried request does not show a second password (nor change it).
+    let retried = alice.client.set_lease_password(set("pw-1")).await.expect("retry").into_inner();
+    assert!(retried.password.is_empty());
+    // Only the lessee may have one drawn.
+    let mut bob = node.researcher("bob").await;
+    let refused = bob.client.set_lease_password(set("pw-bob")).await.expect_err("not bob's lease");
+    assert_eq!(suanli_proto::decode_status(&refused).code, suanli_types::ErrorCode::NotFound);
+
+    let out = login.run_with_password(node.dir.path(), &password, "id -un").await;
+    assert_eq!(text(&out), login.login, "{}", said(&out));
+
+    // Three wrong passwords from this address, then even the right password and the right key
+    // are refused: the throttle does not tell a guesser when it guessed right.
+    for wrong in ["guess-1", "guess-2", "guess-3"] {
+        let out = login.run_with_password(node.dir.path(), wrong, "true").await;
+        assert_eq!(out.status.code(), Some(255), "{}", said(&out));
+    }
+    let out = login.run_with_password(node.dir.path(), &password, "true").await;
+    assert_eq!(out.status.code(), Some(255), "throttled: {}", said(&out));
+    let out = login.run("true").await;
+    assert_eq!(out.status.code(), Some(255), "throttled: {}", said(&out));
+    assert!(node.agent.log().contains("too many failures"), "{}", node.agent.log());
+    node.end(&mut alice, &login).await;
 }

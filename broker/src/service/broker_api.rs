@@ -388,6 +388,26 @@ impl Broker for BrokerApi {
             .await
     }
 
+    async fn set_lease_password(
+        &self,
+        request: Request<v1::SetLeasePasswordRequest>,
+    ) -> Result<Response<v1::LeasePassword>, Status> {
+        self.shared
+            .observe("SetLeasePassword", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let lease = LeaseId(required_id("lease_id", req.lease_id)?);
+                let password = random_secret(20);
+                let password_hash = SecretHash::of(&suanli_types::secret::lease_password_domain(lease), &password);
+                let applied = self.shared.propose(caller, &req.request_id, Command::SetLeasePassword { lease, password_hash }).await?;
+                let Applied::Lease(_) = applied else { return Err(unexpected(&applied)) };
+                // A retried request returns the first answer; its password was shown then.
+                let ours = self.shared.sm.read(|s| s.lease(lease).and_then(|l| l.password_hash).is_some_and(|h| h.matches(&password_hash)));
+                Ok(Response::new(v1::LeasePassword { lease_id: lease.0, password: if ours { password } else { String::new() } }))
+            })
+            .await
+    }
+
     async fn list_leases(
         &self,
         request: Request<v1::ListLeasesRequest>,

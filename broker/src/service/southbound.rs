@@ -232,6 +232,7 @@ pub fn agent_node(s: &State, node: NodeId) -> Option<v1::AgentNode> {
                 card_indexes,
                 authorized_keys: keys.unwrap_or_default(),
                 paid_until_ms: lease.paid_until.map_or(0, |t| t.millis()),
+                password_hash: lease.password_hash.map(|h| h.to_hex()).unwrap_or_default(),
             })
         })
         .collect();

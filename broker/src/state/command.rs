@@ -55,6 +55,8 @@ pub enum Command {
     /// Class B: the supplier's agent confirms the cards are provisioned.
     ActivateLease { lease: LeaseId },
     ExtendLease { lease: LeaseId, periods: u32 },
+    /// The lessee has a new lease password drawn (hashed by the service).
+    SetLeasePassword { lease: LeaseId, password_hash: SecretHash },
     EndLease { lease: LeaseId, reason: EndReason },
     /// System only: the reservation or paid term is over (checked against `Envelope::at`).
     ExpireLease { lease: LeaseId },
@@ -75,6 +77,7 @@ impl Command {
                 *token_hash = SecretHash([0; 32]);
                 *expires_at = Timestamp::from_millis(0);
             }
+            Command::SetLeasePassword { password_hash, .. } => *password_hash = SecretHash([0; 32]),
             Command::ApproveLease { code_hash, code_expires_at, .. } => {
                 *code_hash = SecretHash([0; 32]);
                 *code_expires_at = Timestamp::from_millis(0);
@@ -103,6 +106,7 @@ impl Command {
             Command::VerifyAuthCode { .. } => "verify_auth_code",
             Command::ActivateLease { .. } => "activate_lease",
             Command::ExtendLease { .. } => "extend_lease",
+            Command::SetLeasePassword { .. } => "set_lease_password",
             Command::EndLease { .. } => "end_lease",
             Command::ExpireLease { .. } => "expire_lease",
             Command::RetireBrokerNode { .. } => "retire_broker_node",

@@ -372,6 +372,15 @@ impl State {
                 events.push(Event::LeaseExtended { lease: *lease, periods: total_periods, paid_until });
                 Ok(Response::Lease(Box::new(l.clone())))
             }
+            Command::SetLeasePassword { lease, password_hash } => {
+                let l = self.lease_of_researcher(caller, *lease)?;
+                if !l.state.is_live() {
+                    return Err(DomainError::invalid("lease_id", "the lease is over: passwords are for live leases"));
+                }
+                let l = self.leases.get_mut(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
+                l.password_hash = Some(*password_hash);
+                Ok(Response::Lease(Box::new(l.clone())))
+            }
             Command::EndLease { lease, reason } => {
                 let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
                 let allowed = match (caller, reason) {
@@ -467,6 +476,7 @@ impl State {
             requested_at: at,
             reserved_until: at.plus_seconds(reservation),
             auth_code: None,
+            password_hash: None,
             activated_at: None,
             paid_until: None,
             ended_at: None,

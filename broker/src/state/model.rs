@@ -97,6 +97,9 @@ pub struct Lease {
     /// A lease not active by then is cancelled by the reaper.
     pub reserved_until: Timestamp,
     pub auth_code: Option<AuthCode>,
+    /// Hash of the lease password the researcher last had set (`lease_password_domain`); the
+    /// node agents check logins against it.
+    pub password_hash: Option<SecretHash>,
     pub activated_at: Option<Timestamp>,
     /// Set at activation: activation + periods × period length.
     pub paid_until: Option<Timestamp>,

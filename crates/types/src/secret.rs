@@ -33,6 +33,21 @@ impl SecretHash {
     }
 }
 
+/// Hash domain of lease passwords; the broker stores and the agents check `SecretHash::of`
+/// this domain. Lease passwords are drawn by the broker with 100 random bits.
+pub fn lease_password_domain(lease: crate::LeaseId) -> String {
+    format!("lease-password:{lease}")
+}
+
+impl SecretHash {
+    /// Parses the 64 hex digits of `to_hex`.
+    pub fn from_hex(hex_digits: &str) -> Option<SecretHash> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(hex_digits, &mut bytes).ok()?;
+        Some(SecretHash(bytes))
+    }
+}
+
 impl fmt::Debug for SecretHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Even the hash is kept out of logs in full: a prefix is enough to correlate.

@@ -1,5 +1,6 @@
 //! The node's SSH gateway (russh). It admits exactly the live, active lease whose login is
-//! asked for, with one of its researcher's registered public keys, and runs everything as the
+//! asked for, with one of its researcher's registered public keys or the lease password (failed
+//! logins throttled per source and per login, `throttle.rs`), and runs everything as the
 //! lease's Unix account: `exec` commands, shells (with a PTY when asked, resized with the
 //! window), the `sftp` subsystem through OpenSSH's `sftp-server` (so `scp` and `sftp` work), and
 //! local port forwarding to services on this node's loopback (Jupyter, TensorBoard, VNC).
@@ -13,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use russh::keys::ssh_key::LineEnding;
 use russh::keys::{Algorithm, PrivateKey, PublicKey};
@@ -24,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::{Access, LiveLease};
+use crate::runtime::lock;
 
 /// Environment variables a client may set (`SendEnv`); everything else is refused.
 const ACCEPTED_ENV: &[&str] = &["LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TERM", "TZ"];
@@ -63,7 +65,7 @@ pub fn config(host_key: PrivateKey) -> Arc<Config> {
     };
     Arc::new(Config {
         keys: vec![host_key],
-        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        methods: MethodSet::from(&[MethodKind::PublicKey, MethodKind::Password][..]),
         auth_rejection_time: Duration::from_millis(300),
         auth_rejection_time_initial: Some(Duration::ZERO),
         max_auth_attempts: 6,
@@ -140,11 +142,29 @@ impl Connection {
         }
     }
 
+    fn throttled(&self, login: &str) -> bool {
+        let blocked = lock(&self.access.throttle).blocked(Instant::now(), self.peer.ip(), login);
+        if blocked {
+            tracing::warn!(peer = %self.peer, %login, "ssh login refused: too many failures");
+        }
+        blocked
+    }
+
+    fn failed(&self, login: &str) {
+        lock(&self.access.throttle).failed(Instant::now(), self.peer.ip(), login);
+    }
+
+    fn accept(&mut self, lease: Arc<LiveLease>, how: &str) -> Auth {
+        tracing::info!(lease = lease.id, peer = %self.peer, how, "ssh login");
+        self.lease = Some(lease);
+        Auth::Accept
+    }
+
     /// The active lease `login` names, if `key` is one of its researcher's.
     async fn admitted(&self, login: &str, key: &PublicKey) -> Option<Arc<LiveLease>> {
         // Unknown logins and keys are refused without waiting for a refresh.
         self.access.lease_for(login).filter(|lease| lease.authorizes(key))?;
-        self.access.active_lease_for(login).await.filter(|lease| lease.authorizes(key))
+        self.access.lease_where(login, |lease| lease.active && lease.authorizes(key)).await
     }
 
     /// Starts `program` on the channel as the lease's user; answers the request.
@@ -183,20 +203,42 @@ impl Connection {
 impl Handler for Connection {
     type Error = russh::Error;
 
+    // Offers of keys a lease does not hold are refused without counting as failures: clients
+    // offer every key they have. A signed attempt that fails, and a wrong password, count.
     async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        if self.throttled(user) {
+            return Ok(Auth::reject());
+        }
         Ok(if self.admitted(user, offer.public_key).await.is_some() { Auth::Accept } else { Auth::reject() })
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        if self.throttled(user) {
+            return Ok(Auth::reject());
+        }
         match self.admitted(user, key.public_key).await {
-            Some(lease) => {
-                tracing::info!(lease = lease.id, peer = %self.peer, "ssh login");
-                self.lease = Some(lease);
-                Ok(Auth::Accept)
-            }
+            Some(lease) => Ok(self.accept(lease, "publickey")),
             None => {
+                self.failed(user);
                 tracing::info!(%user, peer = %self.peer, "ssh login refused");
                 Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        // Refused the same way whether throttled, unknown or wrong; password stays offered.
+        let refuse = Auth::Reject { proceed_with_methods: Some(MethodSet::from(&[MethodKind::PublicKey, MethodKind::Password][..])), partial_success: false };
+        if self.throttled(user) {
+            return Ok(refuse);
+        }
+        let admitted = self.access.lease_where(user, |lease| lease.active && lease.password_matches(password)).await;
+        match admitted {
+            Some(lease) => Ok(self.accept(lease, "password")),
+            None => {
+                self.failed(user);
+                tracing::info!(%user, peer = %self.peer, "ssh password login refused");
+                Ok(refuse)
             }
         }
     }

@@ -8,6 +8,7 @@
 
 pub mod accounts;
 pub mod gateway;
+pub mod throttle;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -31,6 +32,9 @@ pub struct AccessConfig {
     pub shell: PathBuf,
     /// OpenSSH's SFTP server, run as the lease's user for `sftp` and `scp`.
     pub sftp_server: PathBuf,
+    /// Failed logins per source address per minute before it is refused outright (a login
+    /// may fail three times as often, from all sources together).
+    pub max_login_failures: u32,
 }
 
 /// A live lease of this node, as the gateway admits it.
@@ -43,11 +47,19 @@ pub struct LiveLease {
     pub card_indexes: Vec<u32>,
     /// Logins are admitted only once the lease is active.
     pub active: bool,
+    /// The lease password's hash, once the researcher has had one drawn.
+    pub password_hash: Option<suanli_types::SecretHash>,
 }
 
 impl LiveLease {
     pub fn authorizes(&self, key: &PublicKey) -> bool {
         self.authorized_keys.iter().any(|k| k.key_data() == key.key_data())
+    }
+
+    /// Constant-time check of a password against the broker's hash.
+    pub fn password_matches(&self, candidate: &str) -> bool {
+        let domain = suanli_types::secret::lease_password_domain(suanli_types::LeaseId(self.id));
+        self.password_hash.is_some_and(|h| h.matches(&suanli_types::SecretHash::of(&domain, candidate)))
     }
 
     pub fn cuda_visible_devices(&self) -> String {
@@ -64,6 +76,7 @@ pub struct Access {
     pub refresh: Notify,
     /// Counts completed syncs, so a login can wait for the one it asked for.
     synced: watch::Sender<u64>,
+    pub throttle: Mutex<throttle::Throttle>,
 }
 
 /// How long a login waits for a fresh view of a lease the broker may just have activated.
@@ -72,27 +85,28 @@ const REFRESH_WAIT: Duration = Duration::from_secs(3);
 impl Access {
     pub fn new(config: AccessConfig) -> Arc<Access> {
         Arc::new(Access {
-            config,
             leases: RwLock::new(BTreeMap::new()),
             sessions: Mutex::new(BTreeMap::new()),
             refresh: Notify::new(),
             synced: watch::channel(0).0,
+            throttle: Mutex::new(throttle::Throttle::new(config.max_login_failures, Duration::from_secs(60))),
+            config,
         })
     }
 
-    /// The lease for `login` once it is active. A lease this node knows but has not yet seen
-    /// active may have been activated a moment ago (by this agent's confirmation or another
-    /// node's): ask for a fresh view and wait for it, briefly, before answering.
-    pub async fn active_lease_for(&self, login: &str) -> Option<Arc<LiveLease>> {
+    /// The lease for `login` if it passes `admits`. A lease this node knows may have changed
+    /// a moment ago (activated by this agent's confirmation or another node's, a new password):
+    /// when it does not pass, ask for a fresh view and wait for it, briefly, before answering.
+    pub async fn lease_where(&self, login: &str, admits: impl Fn(&LiveLease) -> bool) -> Option<Arc<LiveLease>> {
         let lease = self.lease_for(login)?;
-        if lease.active {
+        if admits(&lease) {
             return Some(lease);
         }
         let mut synced = self.synced.subscribe();
         synced.mark_unchanged();
         self.refresh.notify_one();
         tokio::time::timeout(REFRESH_WAIT, synced.changed()).await.ok()?.ok()?;
-        self.lease_for(login).filter(|l| l.active)
+        self.lease_for(login).filter(|l| admits(l))
     }
 
     /// The broker answered a confirmation with the lease active.
@@ -150,6 +164,7 @@ impl Access {
                 authorized_keys,
                 card_indexes: lease.card_indexes.clone(),
                 active: lease.state() == v1::LeaseState::Active,
+                password_hash: suanli_types::SecretHash::from_hex(&lease.password_hash),
             };
             self.leases.write().unwrap_or_else(|p| p.into_inner()).insert(login, Arc::new(entry));
             ready.insert(lease.lease_id);
