@@ -141,6 +141,10 @@ struct ServeArgs {
     agent_ca_cert: Option<PathBuf>,
     #[arg(long, env = "SUANLI_BROKER_AGENT_CA_KEY")]
     agent_ca_key: Option<PathBuf>,
+    /// The platform's SSH user CA key (OpenSSH format), the same on every node. Without it a
+    /// node makes its own as `<data-dir>/ssh-user-ca`.
+    #[arg(long, env = "SUANLI_BROKER_SSH_CA_KEY")]
+    ssh_ca_key: Option<PathBuf>,
     /// Token of the platform's own services (registers accounts). At least 16 characters.
     #[arg(long, env = "SUANLI_BROKER_PLATFORM_TOKEN", hide_env_values = true)]
     platform_token: Option<String>,
@@ -177,6 +181,7 @@ struct FileBroker {
     agent_listen: Option<SocketAddr>,
     agent_ca_cert: Option<PathBuf>,
     agent_ca_key: Option<PathBuf>,
+    ssh_ca_key: Option<PathBuf>,
     /// DNS names or IP addresses agents reach this node by (the agent port's certificate).
     #[serde(default)]
     agent_tls_names: Vec<String>,
@@ -307,6 +312,7 @@ fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         agent_listen,
         agent_ca,
         agent_tls_names: file.agent_tls_names,
+        ssh_ca_key: args.ssh_ca_key.or(file.ssh_ca_key),
         node_id: args.node_id.or(file.node_id).unwrap_or(1),
         data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/broker")),
         listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
@@ -378,6 +384,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         agent_listen: Some(args.agent_listen),
         agent_ca: AgentCaSource::DataDir,
         agent_tls_names: Vec::new(),
+        ssh_ca_key: None,
     })
     .await?;
     node.wait_for_leader(Duration::from_secs(10)).await?;

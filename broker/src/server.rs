@@ -63,6 +63,9 @@ pub struct NodeConfig {
     pub agent_ca: AgentCaSource,
     /// Names (DNS or IP) agents reach this node by, besides its listen and advertised addresses.
     pub agent_tls_names: Vec<String>,
+    /// The platform's SSH user CA key (OpenSSH format), the same on every node; `None`:
+    /// `<data_dir>/ssh-user-ca`, made on first start (single node only).
+    pub ssh_ca_key: Option<PathBuf>,
 }
 
 /// Where a node finds the agent CA.
@@ -149,8 +152,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     }
 
     let agent_ca = config.agent_ca.load(&config.data_dir)?.map(Arc::new);
+    let ssh_ca = match &config.ssh_ca_key {
+        Some(path) => suanli_pki::ssh::SshCa::load(path, false),
+        None => suanli_pki::ssh::SshCa::load(&config.data_dir.join("ssh-user-ca"), true),
+    }
+    .map_err(|e| ServeError::Config(format!("SSH user CA: {e}")))?;
     let metrics = Arc::new(Metrics::new());
-    let shared = Shared::new(raft.clone(), sm, &config.platform_token, metrics.clone(), agent_ca.clone());
+    let mut shared = Shared::new(raft.clone(), sm, &config.platform_token, metrics.clone(), agent_ca.clone());
+    shared.ssh_ca = Some(Arc::new(ssh_ca));
     let mut stop = Vec::new();
     let mut tasks = Vec::new();
     let telemetry = Telemetry::new(config.agent_silent_after);

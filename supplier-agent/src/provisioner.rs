@@ -77,7 +77,7 @@ impl Provisioner {
         }
         let node = client.get_agent_node(v1::GetAgentNodeRequest {}).await.map_err(describe)?.into_inner();
         let ready: BTreeSet<u64> = match &self.access {
-            Some(access) => access.sync(&node.leases).await,
+            Some(access) => access.sync(&node).await,
             None => node.leases.iter().map(|l| l.lease_id).collect(),
         };
         if !node.full_telemetry {

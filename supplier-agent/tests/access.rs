@@ -486,3 +486,97 @@ async fn the_lease_password_logs_in_and_failed_logins_are_throttled() {
     assert!(node.agent.log().contains("too many failures"), "{}", node.agent.log());
     node.end(&mut alice, &login).await;
 }
+
+/// Signs `<name>.pub` with `ca` through `ssh-keygen -s`; returns the certificate's path.
+async fn sign_with_ssh_keygen(ca: &Path, key: &Path, serial: u64, options: &[&str]) -> PathBuf {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(ca)
+        .args(["-I", "test", "-z", &serial.to_string()])
+        .args(options)
+        .arg(key.with_extension("pub"))
+        .output()
+        .await
+        .expect("ssh-keygen -s");
+    assert!(out.status.success(), "ssh-keygen -s: {}", said(&out));
+    let name = key.file_stem().and_then(|s| s.to_str()).expect("key name");
+    key.with_file_name(format!("{name}-cert.pub"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_certificates_log_in_and_every_other_kind_is_refused() {
+    if !running_as_root() {
+        eprintln!("skipped: lease accounts need root");
+        return;
+    }
+    let node = Node::start().await;
+    let mut alice = node.researcher("alice").await;
+    let login = node.lease(&mut alice, "a").await;
+    let with_certificate = |key: &Path, cert: &Path| {
+        let cert_option = format!("CertificateFile={}", cert.display());
+        let mut command = login.ssh_with_key(key, &["-o", &cert_option], "id -un");
+        async move { command.output().await.expect("ssh") }
+    };
+
+    // A key the broker does not know gets in only with a certificate; the broker issues one.
+    let carol = node.new_key("carol").await;
+    let out = login.ssh_with_key(&carol, &[], "true").output().await.expect("ssh");
+    assert_eq!(out.status.code(), Some(255), "an unregistered key alone: {}", said(&out));
+    let public_key = std::fs::read_to_string(carol.with_extension("pub")).expect("public key");
+    let issued = alice
+        .client
+        .issue_ssh_certificate(v1::IssueSshCertificateRequest { lease_id: login.lease, public_key: public_key.clone(), valid_seconds: 600 })
+        .await
+        .expect("certificate")
+        .into_inner();
+    assert_eq!(issued.principals, vec![login.login.clone()]);
+    let issued_path = node.dir.path().join("carol-issued-cert.pub");
+    std::fs::write(&issued_path, &issued.certificate).expect("write certificate");
+    let out = with_certificate(&carol, &issued_path).await;
+    assert_eq!(text(&out), login.login, "{}", said(&out));
+    // Someone else's lease cannot have one issued.
+    let mut bob = node.researcher("bob").await;
+    let refused = bob
+        .client
+        .issue_ssh_certificate(v1::IssueSshCertificateRequest { lease_id: login.lease, public_key, valid_seconds: 600 })
+        .await
+        .expect_err("not bob's lease");
+    assert_eq!(suanli_proto::decode_status(&refused).code, suanli_types::ErrorCode::NotFound);
+
+    // Certificates made with ssh-keygen -s by the platform's CA: only the right kind is admitted.
+    let ca = node.broker.ssh_ca_key();
+    let principal = login.login.as_str();
+    let good = node.new_key("good").await;
+    let cert = sign_with_ssh_keygen(&ca, &good, 1, &["-n", principal, "-V", "+10m"]).await;
+    let out = with_certificate(&good, &cert).await;
+    assert_eq!(text(&out), login.login, "{}", said(&out));
+    let other_ca = node.new_key("other-ca").await;
+    let cases: [(&str, &Path, &[&str]); 6] = [
+        ("expired", &ca, &["-n", principal, "-V", "20200101:20200102"]),
+        ("another-principal", &ca, &["-n", "someone-else", "-V", "+10m"]),
+        ("no-principals", &ca, &["-V", "+10m"]),
+        ("host-certificate", &ca, &["-h", "-n", principal, "-V", "+10m"]),
+        ("force-command", &ca, &["-n", principal, "-V", "+10m", "-O", "force-command=/bin/true"]),
+        ("another-ca", &other_ca, &["-n", principal, "-V", "+10m"]),
+    ];
+    for (i, (case, signer, options)) in cases.into_iter().enumerate() {
+        let key = node.new_key(case).await;
+        let cert = sign_with_ssh_keygen(signer, &key, 10 + i as u64, options).await;
+        let out = with_certificate(&key, &cert).await;
+        assert_eq!(out.status.code(), Some(255), "{case} must be refused: {}", said(&out));
+    }
+
+    // A revoked certificate stops working before it expires, once the agent has heard of it
+    // (its next look at the node's leases, every 2 s).
+    alice
+        .client
+        .revoke_ssh_certificate(v1::RevokeSshCertificateRequest { request_id: "revoke".into(), lease_id: login.lease, serial: issued.serial })
+        .await
+        .expect("revoke");
+    eventually(WAIT, POLL, || async { (with_certificate(&carol, &issued_path).await.status.code() == Some(255)).then_some(()) })
+        .await
+        .expect("the revoked certificate is refused");
+    let out = with_certificate(&good, &cert).await;
+    assert_eq!(text(&out), login.login, "other certificates still work: {}", said(&out));
+    node.end(&mut alice, &login).await;
+}

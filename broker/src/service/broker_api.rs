@@ -388,6 +388,80 @@ impl Broker for BrokerApi {
             .await
     }
 
+    async fn issue_ssh_certificate(
+        &self,
+        request: Request<v1::IssueSshCertificateRequest>,
+    ) -> Result<Response<v1::SshCertificate>, Status> {
+        self.shared
+            .observe("IssueSshCertificate", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let lease = LeaseId(required_id("lease_id", req.lease_id)?);
+                suanli_types::SshPublicKey::parse(&req.public_key).map_err(|e| to_status(&e))?;
+                let valid = match req.valid_seconds {
+                    0 => 8 * 3600,
+                    s if u64::from(s) > suanli_pki::ssh::MAX_CERTIFICATE_SECONDS => {
+                        return Err(invalid("valid_seconds", "at most 86400 (24 hours)"));
+                    }
+                    s => u64::from(s),
+                };
+                let ca = self.shared.ssh_ca.clone().ok_or_else(|| suanli_proto::error::status(suanli_types::ErrorCode::Internal, "this broker node holds no SSH user CA", &[]))?;
+                // Who may log in where, from a linearizable view of the lease.
+                let (principals, paid_until) = self
+                    .shared
+                    .read(Consistency::Linearizable, |s| {
+                        let l = s.lease(lease).filter(|l| matches!(caller, Caller::Account(id) if id == l.researcher))?;
+                        let mut logins: Vec<String> = wire::lease_access(s, l).nodes.into_iter().map(|n| n.login).collect();
+                        logins.sort();
+                        logins.dedup();
+                        Some((l.state, logins, l.paid_until))
+                    })
+                    .await?
+                    .map(|(state, logins, paid)| (state == suanli_types::LeaseState::Active).then_some((logins, paid)))
+                    .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Lease, lease)))?
+                    .ok_or_else(|| invalid("lease_id", "certificates are for active leases"))?;
+                if principals.is_empty() {
+                    return Err(invalid("lease_id", "no node of this lease runs an SSH gateway yet"));
+                }
+                let now_s = (now().millis() / 1000) as u64;
+                let valid_until = paid_until.map_or(now_s, |t| (t.millis() / 1000) as u64).min(now_s + valid);
+                let serial = rand::random::<u64>() >> 1;
+                let certificate = ca
+                    .sign_user(&suanli_pki::ssh::UserCertificate {
+                        public_key: &req.public_key,
+                        principals: &principals,
+                        key_id: &format!("lease-{lease}"),
+                        serial,
+                        now: now_s,
+                        valid_until,
+                    })
+                    .map_err(|e| invalid("public_key", &e.to_string()))?;
+                tracing::info!(%lease, serial, "ssh certificate issued");
+                Ok(Response::new(v1::SshCertificate {
+                    certificate,
+                    serial,
+                    principals,
+                    valid_before_ms: (valid_until * 1000) as i64,
+                }))
+            })
+            .await
+    }
+
+    async fn revoke_ssh_certificate(
+        &self,
+        request: Request<v1::RevokeSshCertificateRequest>,
+    ) -> Result<Response<v1::Lease>, Status> {
+        self.shared
+            .observe("RevokeSshCertificate", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let lease = LeaseId(required_id("lease_id", req.lease_id)?);
+                let command = Command::RevokeSshCertificate { lease, serial: req.serial };
+                lease_reply(self.shared.propose(caller, &req.request_id, command).await?)
+            })
+            .await
+    }
+
     async fn set_lease_password(
         &self,
         request: Request<v1::SetLeasePasswordRequest>,

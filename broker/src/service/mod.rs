@@ -41,6 +41,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Signs enrolled agents' client certificates; every node of a cluster holds the same one.
     pub agent_ca: Option<Arc<suanli_pki::Ca>>,
+    /// Signs researchers' SSH certificates for their leases' logins.
+    pub ssh_ca: Option<Arc<suanli_pki::ssh::SshCa>>,
 }
 
 impl Shared {
@@ -51,7 +53,7 @@ impl Shared {
         metrics: Arc<Metrics>,
         agent_ca: Option<Arc<suanli_pki::Ca>>,
     ) -> Self {
-        Shared { raft, sm, platform_token: SecretHash::of(TOKEN_DOMAIN, platform_token), metrics, agent_ca }
+        Shared { raft, sm, platform_token: SecretHash::of(TOKEN_DOMAIN, platform_token), metrics, agent_ca, ssh_ca: None }
     }
 
     /// Who sent this request: the agent whose key the transport established (mutual TLS on the

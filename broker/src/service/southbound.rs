@@ -132,7 +132,10 @@ impl SupplierService for Icpcss {
                 self.shared
                     .read(consistency, |s| agent_node(s, node))
                     .await?
-                    .map(Response::new)
+                    .map(|mut n| {
+                        n.ssh_user_ca = self.shared.ssh_ca.as_ref().map(|ca| ca.public_line()).unwrap_or_default();
+                        Response::new(n)
+                    })
                     .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Node, node)))
             })
             .await
@@ -233,6 +236,7 @@ pub fn agent_node(s: &State, node: NodeId) -> Option<v1::AgentNode> {
                 authorized_keys: keys.unwrap_or_default(),
                 paid_until_ms: lease.paid_until.map_or(0, |t| t.millis()),
                 password_hash: lease.password_hash.map(|h| h.to_hex()).unwrap_or_default(),
+                revoked_certificate_serials: lease.revoked_certificates.iter().copied().collect(),
             })
         })
         .collect();
@@ -241,6 +245,7 @@ pub fn agent_node(s: &State, node: NodeId) -> Option<v1::AgentNode> {
         cards: cards.into_iter().map(wire::card).collect(),
         full_telemetry: class != Some(ClusterClass::A),
         leases,
+        ssh_user_ca: String::new(),
     })
 }
 

@@ -57,6 +57,8 @@ pub enum Command {
     ExtendLease { lease: LeaseId, periods: u32 },
     /// The lessee has a new lease password drawn (hashed by the service).
     SetLeasePassword { lease: LeaseId, password_hash: SecretHash },
+    /// The lessee or the supplier withdraws one of the lease's SSH certificates.
+    RevokeSshCertificate { lease: LeaseId, serial: u64 },
     EndLease { lease: LeaseId, reason: EndReason },
     /// System only: the reservation or paid term is over (checked against `Envelope::at`).
     ExpireLease { lease: LeaseId },
@@ -107,6 +109,7 @@ impl Command {
             Command::ActivateLease { .. } => "activate_lease",
             Command::ExtendLease { .. } => "extend_lease",
             Command::SetLeasePassword { .. } => "set_lease_password",
+            Command::RevokeSshCertificate { .. } => "revoke_ssh_certificate",
             Command::EndLease { .. } => "end_lease",
             Command::ExpireLease { .. } => "expire_lease",
             Command::RetireBrokerNode { .. } => "retire_broker_node",

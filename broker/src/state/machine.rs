@@ -37,6 +37,8 @@ pub mod rules {
     pub const MAX_PERIODS_PER_REQUEST: u32 = 10_000;
     /// Largest encoded command the broker accepts.
     pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+    /// Revoked SSH certificates one lease may list (they are short-lived anyway).
+    pub const MAX_REVOKED_CERTIFICATES: usize = 256;
     /// An enrollment token lives at most this long.
     pub const ENROLLMENT_TOKEN_MAX_SECONDS: i64 = 7 * 24 * 3600;
 }
@@ -381,6 +383,18 @@ impl State {
                 l.password_hash = Some(*password_hash);
                 Ok(Response::Lease(Box::new(l.clone())))
             }
+            Command::RevokeSshCertificate { lease, serial } => {
+                let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
+                if !matches!(caller, Caller::Account(id) if *id == l.researcher || *id == l.supplier) {
+                    return Err(DomainError::not_found(EntityKind::Lease, lease));
+                }
+                if l.revoked_certificates.len() >= rules::MAX_REVOKED_CERTIFICATES {
+                    return Err(DomainError::invalid("serial", "too many revoked certificates on this lease"));
+                }
+                let l = self.leases.get_mut(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
+                l.revoked_certificates.insert(*serial);
+                Ok(Response::Lease(Box::new(l.clone())))
+            }
             Command::EndLease { lease, reason } => {
                 let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
                 let allowed = match (caller, reason) {
@@ -477,6 +491,7 @@ impl State {
             reserved_until: at.plus_seconds(reservation),
             auth_code: None,
             password_hash: None,
+            revoked_certificates: BTreeSet::new(),
             activated_at: None,
             paid_until: None,
             ended_at: None,

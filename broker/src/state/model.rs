@@ -100,6 +100,8 @@ pub struct Lease {
     /// Hash of the lease password the researcher last had set (`lease_password_domain`); the
     /// node agents check logins against it.
     pub password_hash: Option<SecretHash>,
+    /// SSH certificates for this lease withdrawn before their expiry.
+    pub revoked_certificates: std::collections::BTreeSet<u64>,
     pub activated_at: Option<Timestamp>,
     /// Set at activation: activation + periods × period length.
     pub paid_until: Option<Timestamp>,

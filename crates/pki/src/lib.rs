@@ -8,6 +8,8 @@
 //! connection. A certificate is therefore only a carrier; revoking the agent in the broker's
 //! state cuts it off at once, whatever the certificate's validity says.
 
+pub mod ssh;
+
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

@@ -15,6 +15,7 @@ use crate::{eventually, Service};
 pub const PLATFORM_TOKEN: &str = "test-platform-token-0123456789";
 const AGENT_CA_CERT: &str = "agent-ca.pem";
 const AGENT_CA_KEY: &str = "agent-ca.key";
+const SSH_CA_KEY: &str = "ssh-user-ca";
 
 struct Member {
     address: String,
@@ -54,6 +55,7 @@ impl BrokerCluster {
         let links = all_links;
         // One agent CA for every node, as an operator would give it.
         suanli_pki::Ca::load(&dir.path().join(AGENT_CA_CERT), &dir.path().join(AGENT_CA_KEY), true)?;
+        suanli_pki::ssh::SshCa::load(&dir.path().join(SSH_CA_KEY), true)?;
         let mut cluster = BrokerCluster {
             binary: binary.to_owned(),
             dir,
@@ -96,6 +98,8 @@ impl BrokerCluster {
             self.agent_ca_cert().display().to_string(),
             "--agent-ca-key".into(),
             self.dir.path().join(AGENT_CA_KEY).display().to_string(),
+            "--ssh-ca-key".into(),
+            self.ssh_ca_key().display().to_string(),
         ];
         if bootstrap {
             args.push("--bootstrap".into());
@@ -137,6 +141,12 @@ impl BrokerCluster {
     /// Node `id`'s agent port, as an agent's `--broker` endpoint (`https://…`).
     pub fn agent_endpoint(&self, id: u64) -> anyhow::Result<String> {
         Ok(format!("https://{}", self.members.get(&id).ok_or_else(|| anyhow!("no node {id}"))?.agents))
+    }
+
+    /// The platform's SSH user CA key every node signs researchers' certificates with (tests
+    /// also sign with it directly, through `ssh-keygen -s`).
+    pub fn ssh_ca_key(&self) -> PathBuf {
+        self.dir.path().join(SSH_CA_KEY)
     }
 
     /// The agent CA's certificate, as an agent's `--broker-ca`.

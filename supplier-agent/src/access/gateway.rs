@@ -1,6 +1,7 @@
 //! The node's SSH gateway (russh). It admits exactly the live, active lease whose login is
-//! asked for, with one of its researcher's registered public keys or the lease password (failed
-//! logins throttled per source and per login, `throttle.rs`), and runs everything as the
+//! asked for, with one of its researcher's registered public keys, an OpenSSH user certificate
+//! the platform's SSH CA signed for that login, or the lease password (failed logins throttled
+//! per source and per login, `throttle.rs`), and runs everything as the
 //! lease's Unix account: `exec` commands, shells (with a PTY when asked, resized with the
 //! window), the `sftp` subsystem through OpenSSH's `sftp-server` (so `scp` and `sftp` work), and
 //! local port forwarding to services on this node's loopback (Jupyter, TensorBoard, VNC).
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use russh::keys::ssh_key::LineEnding;
-use russh::keys::{Algorithm, PrivateKey, PublicKey};
+use russh::keys::{Algorithm, Certificate, PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Config, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Preferred};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -203,13 +204,13 @@ impl Connection {
 impl Handler for Connection {
     type Error = russh::Error;
 
-    // Offers of keys a lease does not hold are refused without counting as failures: clients
-    // offer every key they have. A signed attempt that fails, and a wrong password, count.
-    async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
-        if self.throttled(user) {
-            return Ok(Auth::reject());
-        }
-        Ok(if self.admitted(user, offer.public_key).await.is_some() { Auth::Accept } else { Auth::reject() })
+    // An offer carries only the key, also for a certificate (russh hands over the certificate's
+    // subject key), so every offer for a live lease's login is let through to the signed
+    // attempt, where the key or the certificate is checked. Keys cannot be guessed: only
+    // wrong passwords and refused certificates count as failures.
+    async fn auth_publickey_offered(&mut self, user: &str, _offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        let known = !self.throttled(user) && self.access.lease_for(user).is_some();
+        Ok(if known { Auth::Accept } else { Auth::reject() })
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
@@ -219,8 +220,32 @@ impl Handler for Connection {
         match self.admitted(user, key.public_key).await {
             Some(lease) => Ok(self.accept(lease, "publickey")),
             None => {
+                tracing::info!(%user, peer = %self.peer, "ssh key refused");
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_openssh_certificate(&mut self, user: &str, certificate: &Certificate) -> Result<Auth, Self::Error> {
+        if self.throttled(user) {
+            return Ok(Auth::reject());
+        }
+        let verdict = match self.access.user_ca() {
+            Some(ca) => check_certificate(certificate, &ca, user, unix_now()),
+            None => Err("no SSH user CA is known"),
+        };
+        let serial = certificate.serial();
+        let admitted = match verdict {
+            Ok(()) => self.access.lease_where(user, |l| l.active && !l.revoked_certificates.contains(&serial)).await,
+            Err(why) => {
+                tracing::info!(%user, peer = %self.peer, serial, why, "ssh certificate refused");
+                None
+            }
+        };
+        match admitted {
+            Some(lease) => Ok(self.accept(lease, "certificate")),
+            None => {
                 self.failed(user);
-                tracing::info!(%user, peer = %self.peer, "ssh login refused");
                 Ok(Auth::reject())
             }
         }
@@ -367,6 +392,39 @@ impl Handler for Connection {
         }
         Ok(())
     }
+}
+
+/// Critical options the gateway enforces; a certificate with any other is refused, since
+/// ignoring a restriction the CA meant to impose would widen access. None is enforced yet.
+const ENFORCED_CRITICAL_OPTIONS: &[&str] = &[];
+
+/// What russh leaves to us (it checks only the certificate's own signature and validity
+/// window): the signing CA, the certificate type, the principals and the critical options —
+/// and the window again, against our clock.
+fn check_certificate(cert: &Certificate, ca: &PublicKey, login: &str, now: u64) -> Result<(), &'static str> {
+    if cert.signature_key() != ca.key_data() {
+        return Err("not signed by the platform's SSH user CA");
+    }
+    if !cert.cert_type().is_user() {
+        return Err("not a user certificate");
+    }
+    if cert.valid_principals().is_empty() {
+        return Err("names no login (an empty list would mean any)");
+    }
+    if !cert.valid_principals().iter().any(|p| p == login) {
+        return Err("not valid for this login");
+    }
+    if cert.critical_options().keys().any(|option| !ENFORCED_CRITICAL_OPTIONS.contains(&option.as_str())) {
+        return Err("carries a critical option the gateway does not enforce");
+    }
+    if now < cert.valid_after() || now >= cert.valid_before() {
+        return Err("outside its validity window");
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn clamp(value: u32, default: u16) -> u16 {

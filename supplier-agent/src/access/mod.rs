@@ -49,6 +49,8 @@ pub struct LiveLease {
     pub active: bool,
     /// The lease password's hash, once the researcher has had one drawn.
     pub password_hash: Option<suanli_types::SecretHash>,
+    /// Serials of the lease's SSH certificates withdrawn before they expire.
+    pub revoked_certificates: BTreeSet<u64>,
 }
 
 impl LiveLease {
@@ -77,6 +79,8 @@ pub struct Access {
     /// Counts completed syncs, so a login can wait for the one it asked for.
     synced: watch::Sender<u64>,
     pub throttle: Mutex<throttle::Throttle>,
+    /// The platform's SSH user CA, as the broker last said.
+    user_ca: RwLock<Option<PublicKey>>,
 }
 
 /// How long a login waits for a fresh view of a lease the broker may just have activated.
@@ -89,6 +93,7 @@ impl Access {
             sessions: Mutex::new(BTreeMap::new()),
             refresh: Notify::new(),
             synced: watch::channel(0).0,
+            user_ca: RwLock::new(None),
             throttle: Mutex::new(throttle::Throttle::new(config.max_login_failures, Duration::from_secs(60))),
             config,
         })
@@ -123,6 +128,10 @@ impl Access {
         format!("{}{lease}", self.config.login_prefix)
     }
 
+    pub fn user_ca(&self) -> Option<PublicKey> {
+        self.user_ca.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn lease_for(&self, login: &str) -> Option<Arc<LiveLease>> {
         self.leases.read().unwrap_or_else(|p| p.into_inner()).get(login).cloned()
     }
@@ -134,7 +143,13 @@ impl Access {
 
     /// Brings this node's lease accounts in line with the broker's view of its live leases.
     /// Returns the leases whose account is ready (what the provisioner may confirm).
-    pub async fn sync(&self, live: &[v1::NodeLease]) -> BTreeSet<u64> {
+    pub async fn sync(&self, node: &v1::AgentNode) -> BTreeSet<u64> {
+        let ca = (!node.ssh_user_ca.is_empty()).then(|| PublicKey::from_openssh(&node.ssh_user_ca)).transpose();
+        match ca {
+            Ok(ca) => *self.user_ca.write().unwrap_or_else(|p| p.into_inner()) = ca,
+            Err(e) => tracing::error!(error = %e, "the broker's SSH user CA is unreadable; certificates are refused"),
+        }
+        let live = &node.leases;
         let mut ready = BTreeSet::new();
         let mut wanted = BTreeSet::new();
         for lease in live {
@@ -165,6 +180,7 @@ impl Access {
                 card_indexes: lease.card_indexes.clone(),
                 active: lease.state() == v1::LeaseState::Active,
                 password_hash: suanli_types::SecretHash::from_hex(&lease.password_hash),
+                revoked_certificates: lease.revoked_certificate_serials.iter().copied().collect(),
             };
             self.leases.write().unwrap_or_else(|p| p.into_inner()).insert(login, Arc::new(entry));
             ready.insert(lease.lease_id);
