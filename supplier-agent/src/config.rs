@@ -60,6 +60,9 @@ pub struct AgentArgs {
     /// Failed SSH logins per source address per minute before it is refused outright.
     #[arg(long, env = "SUANLI_AGENT_MAX_LOGIN_FAILURES")]
     pub max_login_failures: Option<u32>,
+    /// Where the cards' device nodes are (`/dev`); each lease may open its own cards' only.
+    #[arg(long, env = "SUANLI_AGENT_DEVICES_DIR")]
+    pub devices_dir: Option<PathBuf>,
     /// Also append every sample, as sent, to this JSON-lines file (audits and tests).
     #[arg(long, env = "SUANLI_AGENT_RECORD")]
     pub record: Option<PathBuf>,
@@ -111,6 +114,7 @@ struct FileAccess {
     shell: Option<PathBuf>,
     sftp_server: Option<PathBuf>,
     max_login_failures: Option<u32>,
+    devices_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -204,6 +208,7 @@ impl AgentConfig {
                 shell: access.shell.unwrap_or_else(|| PathBuf::from("/bin/bash")),
                 sftp_server: access.sftp_server.unwrap_or_else(|| PathBuf::from("/usr/lib/openssh/sftp-server")),
                 max_login_failures: args.max_login_failures.or(access.max_login_failures).unwrap_or(10).max(1),
+                devices_dir: args.devices_dir.clone().or(access.devices_dir).unwrap_or_else(|| PathBuf::from("/dev")),
             },
         };
         config.validate()?;

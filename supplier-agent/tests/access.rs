@@ -71,6 +71,14 @@ impl Node {
             .expect("token")
             .into_inner()
             .token;
+        // Stand-ins for the cards' device nodes (major 195, as the NVIDIA driver's).
+        let devices = dir.path().join("dev");
+        std::fs::create_dir_all(&devices).expect("dev");
+        for card in 0..2 {
+            let out = std::process::Command::new("mknod").arg(devices.join(format!("nvidia{card}"))).args(["c", "195", &card.to_string()]).output().expect("mknod");
+            assert!(out.status.success(), "mknod: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let devices = devices.display().to_string();
         // Logins of this run only: `t` and seven hex digits.
         let prefix = format!("t{:07x}", rand_u32() & 0x0fff_ffff);
         let args: Vec<String> = [
@@ -99,6 +107,8 @@ impl Node {
             &dir.path().join("homes").display().to_string(),
             "--login-prefix",
             &prefix,
+            "--devices-dir",
+            &devices,
         ]
         .iter()
         .chain(agent_flags)
@@ -414,6 +424,15 @@ async fn a_lease_end_cuts_sessions_kills_every_process_and_removes_the_account()
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{}", said(&out));
     let out = Login { login: a.login.clone(), ..login_clone(&b) }.run("true").await;
     assert_eq!(out.status.code(), Some(255), "bob's key does not open alice's lease: {}", said(&out));
+
+    // Each lease may open its own card's device node, and not the other's.
+    let dev = node.dir.path().join("dev");
+    for (lease, other) in [(&a, &b), (&b, &a)] {
+        let (own, theirs) = (dev.join(format!("nvidia{}", lease.cards[0])), dev.join(format!("nvidia{}", other.cards[0])));
+        let probe = format!("test -r {0} && test -w {0} && echo own; test -r {1} || test -w {1} || echo not-theirs", own.display(), theirs.display());
+        let out = lease.run(&probe).await;
+        assert_eq!(text(&out), "own\nnot-theirs", "{}", said(&out));
+    }
 
     // An open session, and a process that double-forked out of its session.
     let mut open = a.ssh(&[], "echo started; sleep 600").stdout(std::process::Stdio::piped()).spawn().expect("ssh");

@@ -7,6 +7,7 @@
 //! every process of their user is killed and the account and its home are removed.
 
 pub mod accounts;
+pub mod devices;
 pub mod gateway;
 pub mod throttle;
 
@@ -35,6 +36,8 @@ pub struct AccessConfig {
     /// Failed logins per source address per minute before it is refused outright (a login
     /// may fail three times as often, from all sources together).
     pub max_login_failures: u32,
+    /// Where the cards' device nodes (`nvidiaN`) are: `/dev`, or stand-ins in tests.
+    pub devices_dir: PathBuf,
 }
 
 /// A live lease of this node, as the gateway admits it.
@@ -193,6 +196,14 @@ impl Access {
         ended.extend(self.accounts_on_disk().into_iter().filter(|login| !wanted.contains(login)));
         for login in ended {
             self.end(&login).await;
+        }
+        // Each card's device node to the lease holding it, every other card's to root alone.
+        let owners: BTreeMap<u32, u32> = {
+            let leases = self.leases.read().unwrap_or_else(|p| p.into_inner());
+            leases.values().flat_map(|l| l.card_indexes.iter().map(|i| (*i, l.account.gid))).collect()
+        };
+        if let Err(e) = devices::apply(&self.config.devices_dir, &owners) {
+            tracing::error!(dir = %self.config.devices_dir.display(), error = %e, "cannot set the cards' device permissions");
         }
         self.synced.send_modify(|n| *n += 1);
         ready
