@@ -388,6 +388,23 @@ async fn ssh_scp_sftp_and_port_forwarding_run_as_the_lease_user() {
     let out = nobody.run("true").await;
     assert_eq!(out.status.code(), Some(255), "{}", said(&out));
 
+    // ssh-audit (installed by ops/install-build-deps) finds no weak algorithm on offer: no
+    // failure, and no warning but the post-quantum note on the Curve25519 exchanges kept for
+    // clients older than OpenSSH 9.9.
+    let tools = std::env::var("SUANLI_TOOLS").unwrap_or_else(|_| "/var/tmp/suanli-tools".into());
+    let audit = Command::new(format!("{tools}/venv/bin/ssh-audit"))
+        .args(["-n", "-p", &login.port.to_string(), "127.0.0.1"])
+        .output()
+        .await
+        .expect("ssh-audit is installed (ops/install-build-deps)");
+    let report = text(&audit);
+    assert!(report.contains("(kex) mlkem768x25519-sha256"), "ssh-audit:\n{report}");
+    let weak: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains("[fail]") || (l.contains("[warn]") && !l.contains("post-quantum")))
+        .collect();
+    assert!(weak.is_empty(), "weak algorithms on offer: {weak:?}\n{report}");
+
     node.end(&mut alice, &login).await;
     drop(node.agent);
 }

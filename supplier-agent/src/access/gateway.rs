@@ -57,7 +57,15 @@ pub fn public_line(key: &PrivateKey) -> String {
 
 pub fn config(host_key: PrivateKey) -> Arc<Config> {
     let preferred = Preferred {
-        kex: Cow::Borrowed(&[russh::kex::MLKEM768X25519_SHA256, russh::kex::CURVE25519, russh::kex::CURVE25519_PRE_RFC_8731]),
+        // Curve25519 stays for clients older than OpenSSH 9.9 (Debian 12 ships 9.2). The markers
+        // announce extension negotiation and strict key exchange (the Terrapin fix).
+        kex: Cow::Borrowed(&[
+            russh::kex::MLKEM768X25519_SHA256,
+            russh::kex::CURVE25519,
+            russh::kex::CURVE25519_PRE_RFC_8731,
+            russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+            russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+        ]),
         key: Cow::Borrowed(&[Algorithm::Ed25519]),
         cipher: Cow::Borrowed(&[russh::cipher::CHACHA20_POLY1305, russh::cipher::AES_256_GCM]),
         mac: Cow::Borrowed(&[russh::mac::HMAC_SHA512_ETM, russh::mac::HMAC_SHA256_ETM]),
