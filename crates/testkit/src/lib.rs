@@ -16,6 +16,7 @@ use tokio::process::{Child, Command};
 pub mod cluster;
 pub mod fixtures;
 pub mod link;
+pub mod sshd;
 
 pub const READY_PREFIX: &str = "SUANLI_READY";
 

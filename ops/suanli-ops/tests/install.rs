@@ -5,7 +5,6 @@
 //! `systemd-analyze verify`.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use suanli_ops::install::Layout;
@@ -13,69 +12,11 @@ use suanli_proto::client::bearer;
 use suanli_proto::v1::{self, supplier_service_client::SupplierServiceClient, AccountKind};
 use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
 use suanli_testkit::fixtures::register;
+use suanli_testkit::sshd::Sshd;
 use suanli_testkit::{eventually, workspace_binary};
 use tempfile::TempDir;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-
-struct Sshd {
-    _child: Child,
-    port: u16,
-    client_key: PathBuf,
-    host_public_key: String,
-}
-
-fn keygen(path: &Path) {
-    let status = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(path)
-        .status()
-        .expect("ssh-keygen");
-    assert!(status.success());
-}
-
-async fn free_port() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    listener.local_addr().expect("addr").port()
-}
-
-/// A real sshd on loopback accepting one key for the current user (root in CI).
-async fn sshd(dir: &Path) -> Sshd {
-    let host_key = dir.join("host_key");
-    let client_key = dir.join("client_key");
-    keygen(&host_key);
-    keygen(&client_key);
-    std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).expect("authorized_keys");
-    std::fs::create_dir_all("/run/sshd").expect("privilege separation directory");
-    let port = free_port().await;
-    let config = dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
-             PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\nUsePAM no\n",
-            host_key.display(),
-            dir.join("authorized_keys").display(),
-            dir.join("sshd.pid").display()
-        ),
-    )
-    .expect("sshd_config");
-    let child = Command::new("/usr/sbin/sshd")
-        .args(["-D", "-e", "-f"])
-        .arg(&config)
-        .stderr(std::fs::File::create(dir.join("sshd.log")).expect("log"))
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("sshd starts (openssh-server, installed by ops/install-build-deps)");
-    eventually(Duration::from_secs(10), Duration::from_millis(50), || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
-    })
-    .await
-    .expect("sshd listens");
-    let host_public_key = std::fs::read_to_string(dir.join("host_key.pub")).expect("host key");
-    Sshd { _child: child, port, client_key, host_public_key }
-}
 
 async fn ops(args: &[String]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_suanli-ops")).args(args).output().await.expect("suanli-ops runs");
@@ -111,7 +52,7 @@ fn running(pid_file: &Path) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_agent_over_ssh_enrolls_and_uninstall_removes_it() {
     let dir = TempDir::new().expect("temp dir");
-    let sshd = sshd(dir.path()).await;
+    let sshd = Sshd::start(dir.path()).await.expect("sshd");
     let broker_binary = workspace_binary("suanli-broker", "suanli-broker").expect("broker");
     let agent_binary = workspace_binary("suanli-agent", "suanli-agent").expect("agent");
     let broker = BrokerCluster::start(&broker_binary, 1, None).await.expect("broker");

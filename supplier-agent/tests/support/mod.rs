@@ -1,0 +1,310 @@
+//! The harness of the gateway tests and benchmark: a broker, an agent with simulated GPUs and
+//! its SSH gateway on loopback, researchers with keys made by `ssh-keygen`, leases as their
+//! researchers reach them. Shared as a module (`#[path]` in the benchmark).
+#![allow(dead_code)] // each user takes what it needs
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use suanli_proto::client::Client;
+use suanli_proto::convert::{cluster_class_to_wire, listing_to_wire};
+use suanli_proto::v1::{self, supplier_service_client::SupplierServiceClient, AccountKind};
+use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
+use suanli_testkit::fixtures::{self, register};
+use suanli_testkit::{eventually, workspace_binary, Service};
+use suanli_types::ClusterClass;
+use tempfile::TempDir;
+use tokio::process::Command;
+
+pub const WAIT: Duration = Duration::from_secs(30);
+pub const POLL: Duration = Duration::from_millis(100);
+
+pub struct Node {
+    pub broker: BrokerCluster,
+    pub dir: TempDir,
+    pub agent: Service,
+    pub cluster: u64,
+    pub prefix: String,
+}
+
+pub struct Researcher {
+    pub client: Client,
+    pub key: PathBuf,
+}
+
+/// A lease as its researcher reaches it.
+pub struct Login {
+    pub lease: u64,
+    pub login: String,
+    pub port: u16,
+    pub known_hosts: PathBuf,
+    pub key: PathBuf,
+    pub cards: Vec<u32>,
+}
+
+pub fn running_as_root() -> bool {
+    std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+impl Node {
+    /// A broker and one agent with two simulated cards, published as a Class B cluster.
+    pub async fn start() -> Node {
+        Node::start_with(&[]).await
+    }
+
+    /// As `start`, with more agent flags.
+    pub async fn start_with(agent_flags: &[&str]) -> Node {
+        let binary = workspace_binary("suanli-broker", "suanli-broker").expect("broker binary");
+        let broker = BrokerCluster::start(&binary, 1, None).await.expect("broker");
+        let dir = TempDir::new().expect("temp dir");
+        let mut platform = broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+        let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
+        let channel = suanli_proto::client::channel(&format!("http://{}", broker.address(1).expect("address"))).await.expect("channel");
+        let mut icpcss = SupplierServiceClient::with_interceptor(channel, suanli_proto::client::bearer(Some(&supplier_token)).expect("token"));
+        let token = icpcss
+            .create_enrollment_token(v1::CreateEnrollmentTokenRequest { request_id: "t".into(), valid_seconds: 600 })
+            .await
+            .expect("token")
+            .into_inner()
+            .token;
+        // Stand-ins for the cards' device nodes (major 195, as the NVIDIA driver's).
+        let devices = dir.path().join("dev");
+        std::fs::create_dir_all(&devices).expect("dev");
+        for card in 0..2 {
+            let out = std::process::Command::new("mknod").arg(devices.join(format!("nvidia{card}"))).args(["c", "195", &card.to_string()]).output().expect("mknod");
+            assert!(out.status.success(), "mknod: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let devices = devices.display().to_string();
+        // Logins of this run only: `t` and seven hex digits.
+        let prefix = format!("t{:07x}", rand_u32() & 0x0fff_ffff);
+        let args: Vec<String> = [
+            "run",
+            "--broker",
+            &broker.agent_endpoint(1).expect("agent port"),
+            "--broker-ca",
+            &broker.agent_ca_cert().display().to_string(),
+            "--state-dir",
+            &dir.path().join("agent").display().to_string(),
+            "--enrollment-token",
+            &token,
+            "--hostname",
+            "gpu-access",
+            "--source",
+            "simulated",
+            "--sim-model",
+            "A10",
+            "--sim-cards",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--ssh-listen",
+            "127.0.0.1:0",
+            "--home-root",
+            &dir.path().join("homes").display().to_string(),
+            "--login-prefix",
+            &prefix,
+            "--devices-dir",
+            &devices,
+        ]
+        .iter()
+        .chain(agent_flags)
+        .map(|s| s.to_string())
+        .collect();
+        let agent = Service::start("agent", Path::new(env!("CARGO_BIN_EXE_suanli-agent")), &args, &[], dir.path(), WAIT)
+            .await
+            .expect("agent starts");
+        let node: u64 = agent.get("node").expect("node").parse().expect("node id");
+        let mut supplier = broker.client(1, &supplier_token).await.expect("supplier");
+        let cluster = supplier
+            .publish_cluster(v1::PublishClusterRequest {
+                request_id: "publish".into(),
+                class: cluster_class_to_wire(ClusterClass::B),
+                node_ids: vec![node],
+                listing: Some(listing_to_wire(&fixtures::listing(ClusterClass::B))),
+            })
+            .await
+            .expect("publish")
+            .into_inner()
+            .cluster_id;
+        Node { broker, dir, agent, cluster, prefix }
+    }
+
+    /// A researcher account with an Ed25519 key made by `ssh-keygen` and registered.
+    pub async fn researcher(&self, name: &str) -> Researcher {
+        let mut platform = self.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+        let (account, token) = register(&mut platform, AccountKind::Researcher, name).await.expect("researcher");
+        let key = self.new_key(name).await;
+        let mut client = self.broker.client(1, &token).await.expect("client");
+        let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+        client
+            .add_ssh_key(v1::AddSshKeyRequest { request_id: format!("key-{name}"), account_id: account, public_key: public })
+            .await
+            .expect("add key");
+        Researcher { client, key }
+    }
+
+    pub async fn new_key(&self, name: &str) -> PathBuf {
+        let key = self.dir.path().join(format!("{name}.key"));
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&key)
+            .output()
+            .await
+            .expect("ssh-keygen");
+        assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+        // ssh-keygen names the public half `<file>.pub`.
+        std::fs::rename(format!("{}.pub", key.display()), key.with_extension("pub")).expect("rename");
+        key
+    }
+
+    /// Leases one card and waits until the agent has provisioned it and it is active.
+    pub async fn lease(&self, researcher: &mut Researcher, tag: &str) -> Login {
+        let lease = researcher
+            .client
+            .request_lease(v1::RequestLeaseRequest {
+                request_id: format!("lease-{tag}"),
+                cluster_id: self.cluster,
+                node_ids: Vec::new(),
+                cards: 1,
+                billing_mode: v1::BillingMode::Hourly.into(),
+                periods: 1,
+            })
+            .await
+            .expect("lease")
+            .into_inner()
+            .lease_id;
+        let access = eventually(WAIT, POLL, || {
+            let mut client = researcher.client.clone();
+            async move {
+                let access = client.get_lease_access(v1::GetLeaseRequest { lease_id: lease }).await.ok()?.into_inner();
+                (access.state() == v1::LeaseState::Active && !access.nodes.is_empty()).then_some(access)
+            }
+        })
+        .await
+        .expect("the lease becomes active with access details");
+        let node = &access.nodes[0];
+        assert_eq!(node.login, format!("{}{lease}", self.prefix));
+        assert_eq!(node.ssh_command, format!("ssh -p {} {}@127.0.0.1", node.ssh_port, node.login));
+        let known_hosts = self.dir.path().join(format!("known_hosts-{tag}"));
+        std::fs::write(&known_hosts, format!("{}\n", node.known_hosts_line)).expect("known_hosts");
+        Login {
+            lease,
+            login: node.login.clone(),
+            port: node.ssh_port as u16,
+            known_hosts,
+            key: researcher.key.clone(),
+            cards: node.card_indexes.clone(),
+        }
+    }
+
+    pub async fn end(&self, researcher: &mut Researcher, login: &Login) {
+        researcher
+            .client
+            .end_lease(v1::EndLeaseRequest {
+                request_id: format!("end-{}", login.lease),
+                lease_id: login.lease,
+                reason: v1::EndReason::ByResearcher.into(),
+            })
+            .await
+            .expect("end lease");
+    }
+}
+
+impl Login {
+    /// OpenSSH options: only this key, the published host key checked strictly, no prompts.
+    pub fn options(&self, key: &Path) -> Vec<String> {
+        [
+            "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", &format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "-o", "IdentitiesOnly=yes",
+            "-o", "ConnectTimeout=10",
+            "-i", &key.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    pub fn ssh(&self, extra: &[&str], remote: &str) -> Command {
+        self.ssh_with_key(&self.key, extra, remote)
+    }
+
+    pub fn ssh_with_key(&self, key: &Path, extra: &[&str], remote: &str) -> Command {
+        let mut command = Command::new("ssh");
+        command
+            .args(self.options(key))
+            .args(["-p", &self.port.to_string()])
+            .args(extra)
+            .arg(format!("{}@127.0.0.1", self.login))
+            .arg(remote)
+            .kill_on_drop(true);
+        command
+    }
+
+    /// `ssh` with the password only (answered through `SSH_ASKPASS`), one prompt.
+    pub async fn run_with_password(&self, dir: &Path, password: &str, remote: &str) -> Output {
+        let askpass = dir.join("askpass.sh");
+        std::fs::write(&askpass, "#!/bin/sh\nprintf '%s\\n' \"$SUANLI_TEST_PASSWORD\"\n").expect("askpass");
+        std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        Command::new("ssh")
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", &format!("UserKnownHostsFile={}", self.known_hosts.display())])
+            .args(["-o", "PreferredAuthentications=password", "-o", "PubkeyAuthentication=no", "-o", "NumberOfPasswordPrompts=1"])
+            .args(["-p", &self.port.to_string()])
+            .arg(format!("{}@127.0.0.1", self.login))
+            .arg(remote)
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("SUANLI_TEST_PASSWORD", password)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("ssh runs")
+    }
+
+    pub async fn run(&self, remote: &str) -> Output {
+        self.ssh(&[], remote).output().await.expect("ssh runs")
+    }
+
+    pub fn scp(&self) -> Command {
+        let mut command = Command::new("scp");
+        command.args(self.options(&self.key)).args(["-P", &self.port.to_string()]);
+        command
+    }
+
+    pub fn remote(&self, path: &str) -> String {
+        format!("{}@127.0.0.1:{path}", self.login)
+    }
+}
+
+pub fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+pub fn said(out: &Output) -> String {
+    format!("status {:?}\nstdout: {}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn rand_u32() -> u32 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+pub async fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().await.expect("sha256sum");
+    text(&out).split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+pub fn login_clone(l: &Login) -> Login {
+    Login {
+        lease: l.lease,
+        login: l.login.clone(),
+        port: l.port,
+        known_hosts: l.known_hosts.clone(),
+        key: l.key.clone(),
+        cards: l.cards.clone(),
+    }
+}
+
