@@ -115,6 +115,7 @@ struct FileAccess {
     sftp_server: Option<PathBuf>,
     max_login_failures: Option<u32>,
     devices_dir: Option<PathBuf>,
+    xvnc: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -209,6 +210,7 @@ impl AgentConfig {
                 sftp_server: access.sftp_server.unwrap_or_else(|| PathBuf::from("/usr/lib/openssh/sftp-server")),
                 max_login_failures: args.max_login_failures.or(access.max_login_failures).unwrap_or(10).max(1),
                 devices_dir: args.devices_dir.clone().or(access.devices_dir).unwrap_or_else(|| PathBuf::from("/dev")),
+                xvnc: access.xvnc.or_else(|| Some(PathBuf::from("/usr/bin/Xvnc"))).filter(|p| p.exists()),
             },
         };
         config.validate()?;

@@ -321,3 +321,75 @@ async fn platform_certificates_log_in_and_every_other_kind_is_refused() {
     assert_eq!(text(&out), login.login, "other certificates still work: {}", said(&out));
     node.end(&mut alice, &login).await;
 }
+
+/// An RFB 3.8 client up to the end of VNC authentication: the server's verdict (0: accepted).
+async fn rfb_authenticate(port: u16, password: &str) -> std::io::Result<u32> {
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut version = [0u8; 12];
+    socket.read_exact(&mut version).await?;
+    if !version.starts_with(b"RFB 003.") {
+        return Err(std::io::Error::other(format!("not RFB: {version:?}")));
+    }
+    socket.write_all(b"RFB 003.008\n").await?;
+    let count = socket.read_u8().await?;
+    let mut types = vec![0u8; usize::from(count)];
+    socket.read_exact(&mut types).await?;
+    if !types.contains(&2) {
+        return Err(std::io::Error::other(format!("no VNC authentication offered: {types:?}")));
+    }
+    socket.write_u8(2).await?;
+    let mut challenge = [0u8; 16];
+    socket.read_exact(&mut challenge).await?;
+    socket.write_all(&suanli_agent::access::vnc::challenge_response(password, &challenge)).await?;
+    socket.read_u32().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vnc_display_starts_on_demand_behind_the_gateway_and_checks_its_password() {
+    if !running_as_root() {
+        eprintln!("skipped: lease accounts need root");
+        return;
+    }
+    assert!(Path::new("/usr/bin/Xvnc").exists(), "TigerVNC's Xvnc is installed by ops/install-build-deps");
+    let node = Node::start().await;
+    let mut alice = node.researcher("alice").await;
+    let login = node.lease(&mut alice, "a").await;
+    let access = alice.client.get_lease_access(v1::GetLeaseRequest { lease_id: login.lease }).await.expect("access").into_inner();
+    let vnc_port = access.nodes[0].vnc_port as u16;
+    assert!(access.nodes[0].vnc_tunnel.contains(&format!("127.0.0.1:{vnc_port} {}@", login.login)), "{:?}", access.nodes[0]);
+
+    // The password reaches the researcher over SSH; only the lease's user can read it.
+    let out = login.run("stat -c %a ~/.vnc/password; cat ~/.vnc/password").await;
+    let lines: Vec<String> = text(&out).lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 2, "{}", said(&out));
+    assert_eq!(lines[0], "600");
+    let password = lines[1].clone();
+    assert_eq!(password.len(), 8);
+
+    let local = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("free port");
+    let local_port = local.local_addr().expect("addr").port();
+    drop(local);
+    let forward = format!("{local_port}:127.0.0.1:{vnc_port}");
+    let mut tunnel = login.ssh(&["-N", "-o", "ExitOnForwardFailure=yes", "-L", &forward], "").spawn().expect("ssh -L");
+    let verdict = eventually(WAIT, POLL, || {
+        let password = password.clone();
+        async move { rfb_authenticate(local_port, &password).await.ok() }
+    })
+    .await
+    .expect("Xvnc answers through the tunnel");
+    assert_eq!(verdict, 0, "the issued password is accepted");
+    let wrong = rfb_authenticate(local_port, "wrongpw1").await.expect("handshake");
+    assert_eq!(wrong, 1, "a wrong password is refused");
+    // The display is the lease's, and listens on loopback only.
+    let out = Command::new("pgrep").args(["-u", &login.login, "Xvnc"]).output().await.expect("pgrep");
+    assert!(out.status.success(), "Xvnc runs as the lease's user");
+    tunnel.kill().await.expect("stop the tunnel");
+
+    node.end(&mut alice, &login).await;
+    eventually(WAIT, POLL, || async {
+        let out = Command::new("pgrep").args(["-u", &login.login]).output().await.ok()?;
+        (!out.status.success()).then_some(())
+    })
+    .await
+    .expect("the display ends with the lease");
+}

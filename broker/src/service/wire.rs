@@ -48,7 +48,10 @@ pub fn lease_access(s: &State, l: &Lease) -> v1::LeaseAccess {
         .into_iter()
         .filter_map(|(node, card_indexes)| {
             let access = s.node(node)?.access.as_ref()?;
+            let vnc_port = suanli_types::node::vnc_port(&card_indexes).map_or(0, u32::from);
             Some(v1::NodeLogin {
+                vnc_tunnel: format!("ssh -p {} -N -L 5901:127.0.0.1:{vnc_port} {}@{}", access.ssh_port, access.login(l.id), access.ssh_host),
+                vnc_port,
                 node_id: node.0,
                 login: access.login(l.id),
                 ssh_host: access.ssh_host.clone(),

@@ -302,3 +302,13 @@ mod access_tests {
         }
     }
 }
+
+/// A lease's VNC display on a node: 10 plus its first card's index there, so leases sharing a
+/// node never share a display. The port is the display's RFB port, on the node's loopback.
+pub fn vnc_display(card_indexes: &[u32]) -> Option<u32> {
+    card_indexes.iter().min().map(|first| 10 + first)
+}
+
+pub fn vnc_port(card_indexes: &[u32]) -> Option<u16> {
+    vnc_display(card_indexes).and_then(|d| u16::try_from(5900 + d).ok())
+}

@@ -387,6 +387,12 @@ impl Handler for Connection {
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         };
+        // The lease's own VNC display starts on its first use.
+        if let Some(xvnc) = &self.access.config.xvnc {
+            if suanli_types::node::vnc_port(&lease.card_indexes) == Some(port) && ip.is_loopback() {
+                super::vnc::ensure_display(&lease, xvnc, port).await;
+            }
+        }
         match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect((ip, port))).await {
             Ok(Ok(mut tcp)) => {
                 reply.accept().await;

@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod devices;
 pub mod gateway;
 pub mod throttle;
+pub mod vnc;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ pub struct AccessConfig {
     pub max_login_failures: u32,
     /// Where the cards' device nodes (`nvidiaN`) are: `/dev`, or stand-ins in tests.
     pub devices_dir: PathBuf,
+    /// TigerVNC's `Xvnc`, where installed: leases get a VNC display on demand.
+    pub xvnc: Option<PathBuf>,
 }
 
 /// A live lease of this node, as the gateway admits it.
@@ -165,6 +168,11 @@ impl Access {
                     continue;
                 }
             };
+            if self.config.xvnc.is_some() {
+                if let Err(e) = vnc::provision(&account) {
+                    tracing::warn!(lease = lease.lease_id, error = %e, "cannot provision the lease's VNC password");
+                }
+            }
             let authorized_keys = lease
                 .authorized_keys
                 .iter()
