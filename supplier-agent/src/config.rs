@@ -116,6 +116,7 @@ struct FileAccess {
     max_login_failures: Option<u32>,
     devices_dir: Option<PathBuf>,
     xvnc: Option<PathBuf>,
+    cgroup_root: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -211,6 +212,7 @@ impl AgentConfig {
                 max_login_failures: args.max_login_failures.or(access.max_login_failures).unwrap_or(10).max(1),
                 devices_dir: args.devices_dir.clone().or(access.devices_dir).unwrap_or_else(|| PathBuf::from("/dev")),
                 xvnc: access.xvnc.or_else(|| Some(PathBuf::from("/usr/bin/Xvnc"))).filter(|p| p.exists()),
+                cgroup_root: access.cgroup_root.or_else(|| Some(PathBuf::from("/sys/fs/cgroup"))).filter(|p| p.is_dir()),
             },
         };
         config.validate()?;

@@ -36,6 +36,10 @@ async fn ssh_scp_sftp_and_port_forwarding_run_as_the_lease_user() {
     assert_eq!(lines[2], format!("cuda={}", login.cards[0]));
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "oops", "stderr is its own stream");
 
+    // Inside the lease's own control group.
+    let out = login.run("cat /proc/self/cgroup").await;
+    assert!(text(&out).contains(&format!("/suanli/{}", login.login)), "{}", said(&out));
+
     // A terminal when asked for one.
     let out = login.ssh(&["-tt"], "tty; echo term=$TERM").output().await.expect("ssh -tt");
     assert!(out.status.success(), "{}", said(&out));
@@ -182,6 +186,10 @@ async fn a_lease_end_cuts_sessions_kills_every_process_and_removes_the_account()
     .expect("the account is removed");
     assert_eq!(count(a.login.clone()).await, 0, "no process of the lease survives");
     assert!(!a_home.exists(), "its home (scratch) is wiped");
+    for hierarchy in ["pids", "freezer"] {
+        let group = Path::new("/sys/fs/cgroup").join(hierarchy).join("suanli").join(&a.login);
+        assert!(!group.exists(), "{} is removed", group.display());
+    }
     let out = a.run("true").await;
     assert_eq!(out.status.code(), Some(255), "no login after the end: {}", said(&out));
 

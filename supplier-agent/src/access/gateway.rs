@@ -184,11 +184,13 @@ impl Connection {
         };
         let mut env = self.env.remove(&id).unwrap_or_default();
         let shell = self.access.config.shell.clone();
+        env.push(("SHELL".into(), shell.display().to_string()));
         let (binary, args): (PathBuf, Vec<String>) = match &program {
             Program::Command(command) => (shell, vec!["-c".into(), command.clone()]),
             Program::Shell => (shell, vec!["-l".into()]),
             Program::Sftp => (self.access.config.sftp_server.clone(), Vec::new()),
         };
+        let (binary, args) = enter_cgroup(&lease, binary, args, &mut env);
         let pty = if matches!(program, Program::Sftp) { None } else { self.ptys.remove(&id) };
         let started = match pty {
             Some(pty) => {
@@ -455,14 +457,25 @@ fn loopback(host: &str) -> Option<IpAddr> {
     host.trim_matches(['[', ']']).parse::<IpAddr>().ok().filter(IpAddr::is_loopback)
 }
 
+/// Runs `binary` through the prologue that puts it in the lease's control groups first.
+fn enter_cgroup(lease: &LiveLease, binary: PathBuf, args: Vec<String>, env: &mut Vec<(String, String)>) -> (PathBuf, Vec<String>) {
+    if lease.cgroup_procs.is_empty() {
+        return (binary, args);
+    }
+    let procs: Vec<String> = lease.cgroup_procs.iter().map(|p| p.display().to_string()).collect();
+    env.push(("SUANLI_CGROUP_PROCS".into(), procs.join(" ")));
+    let mut wrapped = vec!["-c".to_owned(), super::cgroup::ENTER.to_owned(), binary.display().to_string()];
+    wrapped.extend(args);
+    (PathBuf::from("/bin/sh"), wrapped)
+}
+
 /// The environment of every program a session starts.
-fn session_env(lease: &LiveLease, extra: &[(String, String)], shell: &Path) -> Vec<(String, String)> {
+fn session_env(lease: &LiveLease, extra: &[(String, String)]) -> Vec<(String, String)> {
     let account = &lease.account;
     let mut env = vec![
         ("HOME".to_owned(), account.home.display().to_string()),
         ("USER".to_owned(), account.login.clone()),
         ("LOGNAME".to_owned(), account.login.clone()),
-        ("SHELL".to_owned(), shell.display().to_string()),
         ("PATH".to_owned(), PATH.to_owned()),
         ("CUDA_VISIBLE_DEVICES".to_owned(), lease.cuda_visible_devices()),
         ("SUANLI_LEASE_ID".to_owned(), lease.id.to_string()),
@@ -489,7 +502,7 @@ fn run_piped(
     let mut child = tokio::process::Command::new(binary)
         .args(args)
         .env_clear()
-        .envs(session_env(lease, extra_env, binary))
+        .envs(session_env(lease, extra_env))
         .current_dir(&account.home)
         .uid(account.uid)
         .gid(account.gid)
@@ -534,7 +547,7 @@ fn run_on_pty(
     let mut child = pty_process::Command::new(binary)
         .args(args)
         .env_clear()
-        .envs(session_env(lease, extra_env, binary))
+        .envs(session_env(lease, extra_env))
         .current_dir(&account.home)
         .uid(account.uid)
         .gid(account.gid)

@@ -7,6 +7,7 @@
 //! every process of their user is killed and the account and its home are removed.
 
 pub mod accounts;
+pub mod cgroup;
 pub mod devices;
 pub mod gateway;
 pub mod throttle;
@@ -41,6 +42,8 @@ pub struct AccessConfig {
     pub devices_dir: PathBuf,
     /// TigerVNC's `Xvnc`, where installed: leases get a VNC display on demand.
     pub xvnc: Option<PathBuf>,
+    /// Where the control-group hierarchies are mounted (`/sys/fs/cgroup`); `None`: no groups.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// A live lease of this node, as the gateway admits it.
@@ -57,6 +60,8 @@ pub struct LiveLease {
     pub password_hash: Option<suanli_types::SecretHash>,
     /// Serials of the lease's SSH certificates withdrawn before they expire.
     pub revoked_certificates: BTreeSet<u64>,
+    /// The `cgroup.procs` files of the lease's control groups, which its sessions enter.
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 impl LiveLease {
@@ -168,6 +173,13 @@ impl Access {
                     continue;
                 }
             };
+            let cgroup_procs = match self.config.cgroup_root.clone().map(cgroup::Cgroups::new) {
+                Some(groups) => groups.create(&login, account.uid, account.gid).unwrap_or_else(|e| {
+                    tracing::warn!(lease = lease.lease_id, error = %e, "no control group for the lease");
+                    Vec::new()
+                }),
+                None => Vec::new(),
+            };
             if self.config.xvnc.is_some() {
                 if let Err(e) = vnc::provision(&account) {
                     tracing::warn!(lease = lease.lease_id, error = %e, "cannot provision the lease's VNC password");
@@ -192,6 +204,7 @@ impl Access {
                 active: lease.state() == v1::LeaseState::Active,
                 password_hash: suanli_types::SecretHash::from_hex(&lease.password_hash),
                 revoked_certificates: lease.revoked_certificate_serials.iter().copied().collect(),
+                cgroup_procs,
             };
             self.leases.write().unwrap_or_else(|p| p.into_inner()).insert(login, Arc::new(entry));
             ready.insert(lease.lease_id);
@@ -239,6 +252,11 @@ impl Access {
             // A session blocked on a full window may not take the message: killing its
             // processes below ends it either way.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), cut).await;
+        }
+        if let Some(groups) = self.config.cgroup_root.clone().map(cgroup::Cgroups::new) {
+            if let Err(e) = groups.destroy(login).await {
+                tracing::warn!(%login, error = %e, "could not remove the lease's control group");
+            }
         }
         match accounts::remove(login, &self.config.home_root.join(login)).await {
             Ok(()) => tracing::info!(%login, "lease ended: sessions cut, processes killed, account removed"),

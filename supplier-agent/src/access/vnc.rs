@@ -89,6 +89,11 @@ pub async fn ensure_display(lease: &LiveLease, xvnc: &Path, port: u16) -> bool {
         return true;
     }
     let Some(display_number) = suanli_types::node::vnc_display(&lease.card_indexes) else { return false };
+    // The display is this lease's alone (it follows the lease's first card), and nothing
+    // listens on it: an X lock left by a display killed at an earlier lease's end is stale.
+    for stale in [format!("/tmp/.X{display_number}-lock"), format!("/tmp/.X11-unix/X{display_number}")] {
+        let _ = std::fs::remove_file(stale);
+    }
     let account = &lease.account;
     let started = tokio::process::Command::new(xvnc)
         .arg(format!(":{display_number}"))
