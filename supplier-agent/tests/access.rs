@@ -14,17 +14,11 @@ use suanli_testkit::eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-use support::{login_clone, running_as_root, said, sha256, text, Login, Node, POLL, WAIT};
+use support::{login_clone, one_lease, running_as_root, said, sha256, text, Login, Node, POLL, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_scp_sftp_and_port_forwarding_run_as_the_lease_user() {
-    if !running_as_root() {
-        eprintln!("skipped: lease accounts need root");
-        return;
-    }
-    let node = Node::start().await;
-    let mut alice = node.researcher("alice").await;
-    let login = node.lease(&mut alice, "a").await;
+    let Some((node, mut alice, login)) = one_lease(&[]).await else { return };
     assert_eq!(login.cards.len(), 1);
 
     // A command runs as the lease's own user, in its home, with its card only.
@@ -201,13 +195,7 @@ async fn a_lease_end_cuts_sessions_kills_every_process_and_removes_the_account()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lease_password_logs_in_and_failed_logins_are_throttled() {
-    if !running_as_root() {
-        eprintln!("skipped: lease accounts need root");
-        return;
-    }
-    let node = Node::start_with(&["--max-login-failures", "3"]).await;
-    let mut alice = node.researcher("alice").await;
-    let login = node.lease(&mut alice, "a").await;
+    let Some((node, mut alice, login)) = one_lease(&["--max-login-failures", "3"]).await else { return };
     let set = |request_id: &str| v1::SetLeasePasswordRequest { request_id: request_id.into(), lease_id: login.lease };
     let password = alice.client.set_lease_password(set("pw-1")).await.expect("password").into_inner().password;
     assert_eq!(password.len(), 20);
@@ -254,13 +242,7 @@ async fn sign_with_ssh_keygen(ca: &Path, key: &Path, serial: u64, options: &[&st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_certificates_log_in_and_every_other_kind_is_refused() {
-    if !running_as_root() {
-        eprintln!("skipped: lease accounts need root");
-        return;
-    }
-    let node = Node::start().await;
-    let mut alice = node.researcher("alice").await;
-    let login = node.lease(&mut alice, "a").await;
+    let Some((node, mut alice, login)) = one_lease(&[]).await else { return };
     let with_certificate = |key: &Path, cert: &Path| {
         let cert_option = format!("CertificateFile={}", cert.display());
         let mut command = login.ssh_with_key(key, &["-o", &cert_option], "id -un");
@@ -354,14 +336,8 @@ async fn rfb_authenticate(port: u16, password: &str) -> std::io::Result<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vnc_display_starts_on_demand_behind_the_gateway_and_checks_its_password() {
-    if !running_as_root() {
-        eprintln!("skipped: lease accounts need root");
-        return;
-    }
+    let Some((node, mut alice, login)) = one_lease(&[]).await else { return };
     assert!(Path::new("/usr/bin/Xvnc").exists(), "TigerVNC's Xvnc is installed by ops/install-build-deps");
-    let node = Node::start().await;
-    let mut alice = node.researcher("alice").await;
-    let login = node.lease(&mut alice, "a").await;
     let access = alice.client.get_lease_access(v1::GetLeaseRequest { lease_id: login.lease }).await.expect("access").into_inner();
     let vnc_port = access.nodes[0].vnc_port as u16;
     assert!(access.nodes[0].vnc_tunnel.contains(&format!("127.0.0.1:{vnc_port} {}@", login.login)), "{:?}", access.nodes[0]);

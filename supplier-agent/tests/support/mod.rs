@@ -43,6 +43,19 @@ pub struct Login {
     pub cards: Vec<u32>,
 }
 
+/// A node with one active lease for the researcher "alice"; `None` (saying why) where lease
+/// accounts cannot be made: they are Unix users, so the agent needs root.
+pub async fn one_lease(agent_flags: &[&str]) -> Option<(Node, Researcher, Login)> {
+    if !running_as_root() {
+        eprintln!("skipped: lease accounts need root");
+        return None;
+    }
+    let node = Node::start_with(agent_flags).await;
+    let mut alice = node.researcher("alice").await;
+    let login = node.lease(&mut alice, "a").await;
+    Some((node, alice, login))
+}
+
 pub fn running_as_root() -> bool {
     std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
