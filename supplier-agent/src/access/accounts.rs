@@ -20,6 +20,8 @@ pub enum AccountError {
     Io(PathBuf, std::io::Error),
     #[error("processes of {0} survived every kill")]
     Unkillable(String),
+    #[error("{0} exists but is not a lease account (its home is not under the lease homes)")]
+    NotOurs(String),
 }
 
 /// A provisioned lease account.
@@ -31,20 +33,25 @@ pub struct Account {
     pub home: PathBuf,
 }
 
-/// Creates the account (idempotent: an existing one is looked up and kept).
-pub async fn ensure(login: &str, home_root: &Path, comment: &str) -> Result<Account, AccountError> {
+/// Creates the account, or finds the one made earlier; says which (`true`: just made). An
+/// account of that name that this agent did not make (its home elsewhere) is never adopted.
+pub async fn ensure(login: &str, home_root: &Path, comment: &str) -> Result<(Account, bool), AccountError> {
     if let Some(account) = lookup(login).await? {
-        return Ok(account);
+        if account.home != home_root.join(login) {
+            return Err(AccountError::NotOurs(login.to_owned()));
+        }
+        return Ok((account, false));
     }
     std::fs::create_dir_all(home_root).map_err(|e| AccountError::Io(home_root.to_owned(), e))?;
     let home = home_root.join(login);
     run(Command::new("useradd").args(["--create-home", "--user-group", "--shell", "/bin/bash", "--comment", comment]).arg("--home-dir").arg(&home).arg(login)).await?;
     set_private(&home)?;
-    lookup(login).await?.ok_or_else(|| AccountError::Command {
+    let account = lookup(login).await?.ok_or_else(|| AccountError::Command {
         command: format!("useradd {login}"),
         status: "ok".into(),
         stderr: "the account does not exist afterwards".into(),
-    })
+    })?;
+    Ok((account, true))
 }
 
 /// Kills every process of the account (repeatedly, so children forked meanwhile die too),

@@ -166,8 +166,8 @@ impl Access {
         for lease in live {
             let login = self.login(lease.lease_id);
             wanted.insert(login.clone());
-            let account = match accounts::ensure(&login, &self.config.home_root, &format!("suanli lease {}", lease.lease_id)).await {
-                Ok(account) => account,
+            let (account, created) = match accounts::ensure(&login, &self.config.home_root, &format!("suanli lease {}", lease.lease_id)).await {
+                Ok(made) => made,
                 Err(e) => {
                     tracing::error!(lease = lease.lease_id, error = %e, "cannot provision the lease's account");
                     continue;
@@ -180,7 +180,9 @@ impl Access {
                 }),
                 None => Vec::new(),
             };
-            if self.config.xvnc.is_some() {
+            // Only into a home nobody has logged in to yet: once the lease's user can write
+            // there, root writes nothing more into it.
+            if created && self.config.xvnc.is_some() {
                 if let Err(e) = vnc::provision(&account) {
                     tracing::warn!(lease = lease.lease_id, error = %e, "cannot provision the lease's VNC password");
                 }

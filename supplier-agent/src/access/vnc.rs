@@ -59,13 +59,11 @@ fn vnc_dir(account: &Account) -> PathBuf {
 }
 
 /// Draws the lease's VNC password and writes it (plain, for the researcher, and in TigerVNC's
-/// format, for `Xvnc`) into `~/.vnc`, owned by the lease's user, mode 0600. Kept if present.
+/// format, for `Xvnc`) into `~/.vnc`, owned by the lease's user, mode 0600. Called on a home
+/// just made, before its user can log in; files are created new, never through a link.
 pub fn provision(account: &Account) -> std::io::Result<()> {
     let dir = vnc_dir(account);
-    if dir.join("passwd").exists() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     std::os::unix::fs::chown(&dir, Some(account.uid), Some(account.gid))?;
     const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
@@ -76,7 +74,7 @@ pub fn provision(account: &Account) -> std::io::Result<()> {
 }
 
 fn write_owned(path: &Path, contents: &[u8], account: &Account) -> std::io::Result<()> {
-    let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(path)?;
     file.write_all(contents)?;
     std::os::unix::fs::chown(path, Some(account.uid), Some(account.gid))
 }
