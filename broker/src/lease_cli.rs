@@ -12,8 +12,13 @@ use suanli_proto::v1;
 
 #[derive(Args)]
 pub struct LeaseArgs {
+    /// A broker's public port, or its TLS port (`https://HOST:50061`, with --ca-cert) to keep
+    /// the lease password off the wire in plain text.
     #[arg(long, env = "SUANLI_BROKER_ENDPOINT", default_value = "http://127.0.0.1:50051")]
     endpoint: String,
+    /// The platform CA's certificate, for an `https://` endpoint (`.dev/broker/agent-ca.pem`).
+    #[arg(long, env = "SUANLI_BROKER_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// The researcher's account token.
     #[arg(long, env = "SUANLI_TOKEN", hide_env_values = true)]
     token: String,
@@ -79,7 +84,8 @@ pub async fn ssh_key(args: SshKeyArgs) -> anyhow::Result<()> {
 }
 
 pub async fn lease(args: LeaseArgs) -> anyhow::Result<()> {
-    let mut broker = client::connect(&args.endpoint, Some(&args.token)).await?;
+    let ca = args.ca_cert.as_ref().map(std::fs::read_to_string).transpose().context("reading --ca-cert")?;
+    let mut broker = client::connect_checked(&args.endpoint, ca.as_deref(), Some(&args.token)).await?;
     let api = |s: tonic::Status| suanli_proto::decode_status(&s);
     match args.action {
         LeaseAction::Request { cluster, cards, billing_mode, periods } => {

@@ -57,7 +57,8 @@ pub struct NodeConfig {
     pub peer_overrides: BTreeMap<u64, String>,
     /// An enrolled agent not heard from for this long has its cards marked silent.
     pub agent_silent_after: Duration,
-    /// The agent port: mutual TLS, Icpcss and Irmds only. `None`: agents cannot connect here.
+    /// The TLS port: agents by mutual TLS (Icpcss, Irmds), and the public API for clients that
+    /// want it encrypted (bearer tokens). `None`: no TLS port, agents cannot connect here.
     pub agent_listen: Option<SocketAddr>,
     /// The agent CA every node of the cluster shares.
     pub agent_ca: AgentCaSource,
@@ -216,7 +217,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
                 .map_err(|e| ServeError::Config(format!("agent port TLS: {e}")))?
                 .layer(ForwardLayer::new(leader_router.clone()))
                 .add_service(SupplierServiceServer::new(Icpcss::new(shared.clone())))
-                .add_service(MonitoringServiceServer::new(Irmds::new(shared.clone(), telemetry.clone())));
+                .add_service(MonitoringServiceServer::new(Irmds::new(shared.clone(), telemetry.clone())))
+                // The public API too, for clients that want it encrypted (researchers fetching
+                // a lease password): bearer tokens, no client certificate.
+                .add_service(BrokerServer::new(BrokerApi::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
+                .add_service(TaskServiceServer::new(Itm::new(shared.clone())));
             let (stop_agents, stopped) = oneshot::channel::<()>();
             stop.push(stop_agents);
             tasks.push(tokio::spawn(async move {

@@ -63,6 +63,9 @@ pub struct AgentArgs {
     /// Where the cards' device nodes are (`/dev`); each lease may open its own cards' only.
     #[arg(long, env = "SUANLI_AGENT_DEVICES_DIR")]
     pub devices_dir: Option<PathBuf>,
+    /// What becomes of a lease's home at its end: `wipe` (default) or `keep`.
+    #[arg(long, env = "SUANLI_AGENT_SCRATCH_POLICY")]
+    pub scratch_policy: Option<crate::access::ScratchPolicy>,
     /// Also append every sample, as sent, to this JSON-lines file (audits and tests).
     #[arg(long, env = "SUANLI_AGENT_RECORD")]
     pub record: Option<PathBuf>,
@@ -117,6 +120,7 @@ struct FileAccess {
     devices_dir: Option<PathBuf>,
     xvnc: Option<PathBuf>,
     cgroup_root: Option<PathBuf>,
+    scratch_policy: Option<crate::access::ScratchPolicy>,
 }
 
 #[derive(Deserialize, Default)]
@@ -213,6 +217,7 @@ impl AgentConfig {
                 devices_dir: args.devices_dir.clone().or(access.devices_dir).unwrap_or_else(|| PathBuf::from("/dev")),
                 xvnc: access.xvnc.or_else(|| Some(PathBuf::from("/usr/bin/Xvnc"))).filter(|p| p.exists()),
                 cgroup_root: access.cgroup_root.or_else(|| Some(PathBuf::from("/sys/fs/cgroup"))).filter(|p| p.is_dir()),
+                scratch: args.scratch_policy.or(access.scratch_policy).unwrap_or(crate::access::ScratchPolicy::Wipe),
             },
         };
         config.validate()?;

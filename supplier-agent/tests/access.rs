@@ -195,9 +195,14 @@ async fn a_lease_end_cuts_sessions_kills_every_process_and_removes_the_account()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lease_password_logs_in_and_failed_logins_are_throttled() {
-    let Some((node, mut alice, login)) = one_lease(&["--max-login-failures", "3"]).await else { return };
+    let Some((node, mut alice, login)) = one_lease(&["--max-login-failures", "3", "--scratch-policy", "keep"]).await else { return };
     let set = |request_id: &str| v1::SetLeasePasswordRequest { request_id: request_id.into(), lease_id: login.lease };
-    let password = alice.client.set_lease_password(set("pw-1")).await.expect("password").into_inner().password;
+    // Over the broker's TLS port, so the password never crosses the wire in plain text.
+    let ca = std::fs::read_to_string(node.broker.agent_ca_cert()).expect("CA");
+    let tls_port = node.broker.agent_endpoint(1).expect("TLS port");
+    let mut encrypted = suanli_proto::client::connect_checked(&tls_port, Some(&ca), Some(&alice.token)).await.expect("TLS client");
+    let password = encrypted.set_lease_password(set("pw-1")).await.expect("password").into_inner().password;
+    assert!(suanli_proto::client::connect_checked(&tls_port, None, Some(&alice.token)).await.is_err(), "https needs the CA");
     assert_eq!(password.len(), 20);
     // A retried request does not show a second password (nor change it).
     let retried = alice.client.set_lease_password(set("pw-1")).await.expect("retry").into_inner();
@@ -221,7 +226,25 @@ async fn the_lease_password_logs_in_and_failed_logins_are_throttled() {
     let out = login.run("true").await;
     assert_eq!(out.status.code(), Some(255), "throttled: {}", said(&out));
     assert!(node.agent.log().contains("too many failures"), "{}", node.agent.log());
+
+    // This supplier keeps ended leases' homes: moved aside, root's alone.
+    let out = login.run("true").await;
+    assert_eq!(out.status.code(), Some(255), "still throttled");
     node.end(&mut alice, &login).await;
+    let homes = node.dir.path().join("homes");
+    let kept = eventually(WAIT, POLL, || {
+        let ended = homes.join(".ended");
+        let prefix = format!("{}-", login.login);
+        async move {
+            let entry = std::fs::read_dir(&ended).ok()?.filter_map(Result::ok).find(|e| e.file_name().to_string_lossy().starts_with(&prefix))?;
+            Some(entry.path())
+        }
+    })
+    .await
+    .expect("the home is kept");
+    assert!(!homes.join(&login.login).exists(), "and no longer the lease's");
+    let meta = std::fs::metadata(&kept).expect("kept home");
+    assert_eq!((std::os::unix::fs::MetadataExt::uid(&meta), std::os::unix::fs::MetadataExt::mode(&meta) & 0o777), (0, 0o700));
 }
 
 /// Signs `<name>.pub` with `ca` through `ssh-keygen -s`; returns the certificate's path.

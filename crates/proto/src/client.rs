@@ -27,6 +27,16 @@ pub async fn connect(endpoint: &str, token: Option<&str>) -> Result<Client, Clie
     with_token(channel(endpoint).await?, token)
 }
 
+/// As [`connect`]; an `https://` endpoint (a broker's TLS port) is checked against `ca_pem`.
+pub async fn connect_checked(endpoint: &str, ca_pem: Option<&str>, token: Option<&str>) -> Result<Client, ClientError> {
+    let tls = match (endpoint.starts_with("https://"), ca_pem) {
+        (false, _) => None,
+        (true, Some(ca)) => Some(ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca))),
+        (true, None) => return Err(ClientError::Endpoint(format!("{endpoint}: give the CA certificate to check it by"))),
+    };
+    with_token(channel_with(endpoint, tls).await?, token)
+}
+
 /// A connected channel to `endpoint` (`http://host:port`).
 pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
     channel_with(endpoint, None).await

@@ -55,12 +55,23 @@ pub async fn ensure(login: &str, home_root: &Path, comment: &str) -> Result<(Acc
 }
 
 /// Kills every process of the account (repeatedly, so children forked meanwhile die too),
-/// then deletes the account and its home. A missing account is not an error.
-pub async fn remove(login: &str, home: &Path) -> Result<(), AccountError> {
+/// then deletes the account, and its home — or, with `keep_in`, moves the home there (owned by
+/// root, 0700) for the supplier's retention. A missing account is not an error.
+pub async fn remove(login: &str, home: &Path, keep_in: Option<&Path>) -> Result<(), AccountError> {
     if lookup(login).await?.is_some() {
         kill_all(login).await?;
         // `userdel` refuses while the user has processes; the loop above made sure it has none.
-        run(Command::new("userdel").args(["--remove", login])).await?;
+        run(Command::new("userdel").arg(login)).await?;
+    }
+    if let (Some(dir), true) = (keep_in, home.exists()) {
+        let io = |e| AccountError::Io(dir.to_owned(), e);
+        std::fs::create_dir_all(dir).map_err(io)?;
+        set_private(dir)?;
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let kept = dir.join(format!("{login}-{stamp}"));
+        std::fs::rename(home, &kept).map_err(io)?;
+        std::os::unix::fs::chown(&kept, Some(0), Some(0)).map_err(io)?;
+        return set_private(&kept);
     }
     match std::fs::remove_dir_all(home) {
         Ok(()) => Ok(()),

@@ -44,6 +44,18 @@ pub struct AccessConfig {
     pub xvnc: Option<PathBuf>,
     /// Where the control-group hierarchies are mounted (`/sys/fs/cgroup`); `None`: no groups.
     pub cgroup_root: Option<PathBuf>,
+    /// The supplier's policy for a lease's home (its scratch) at the end.
+    pub scratch: ScratchPolicy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ScratchPolicy {
+    /// Deleted with the account.
+    Wipe,
+    /// Moved to `<home_root>/.ended/<login>-<time>`, root's alone, for the supplier to keep or
+    /// clear as its own retention rules say.
+    Keep,
 }
 
 /// A live lease of this node, as the gateway admits it.
@@ -260,7 +272,8 @@ impl Access {
                 tracing::warn!(%login, error = %e, "could not remove the lease's control group");
             }
         }
-        match accounts::remove(login, &self.config.home_root.join(login)).await {
+        let keep_in = (self.config.scratch == ScratchPolicy::Keep).then(|| self.config.home_root.join(".ended"));
+        match accounts::remove(login, &self.config.home_root.join(login), keep_in.as_deref()).await {
             Ok(()) => tracing::info!(%login, "lease ended: sessions cut, processes killed, account removed"),
             Err(e) => tracing::error!(%login, error = %e, "could not remove the lease's account"),
         }

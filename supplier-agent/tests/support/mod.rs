@@ -31,6 +31,7 @@ pub struct Node {
 pub struct Researcher {
     pub client: Client,
     pub key: PathBuf,
+    pub token: String,
 }
 
 /// A lease as its researcher reaches it.
@@ -154,7 +155,7 @@ impl Node {
             .add_ssh_key(v1::AddSshKeyRequest { request_id: format!("key-{name}"), account_id: account, public_key: public })
             .await
             .expect("add key");
-        Researcher { client, key }
+        Researcher { client, key, token }
     }
 
     pub async fn new_key(&self, name: &str) -> PathBuf {
