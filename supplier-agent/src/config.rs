@@ -256,13 +256,8 @@ impl AgentConfig {
         if self.simulated.cards == 0 || self.simulated.cards as usize > suanli_types::node::MAX_CARDS_PER_NODE {
             return bad("simulated.cards must be between 1 and 64");
         }
-        let prefix = &self.access.login_prefix;
-        if prefix.is_empty()
-            || prefix.len() > suanli_types::node::MAX_LOGIN_PREFIX
-            || !prefix.starts_with(|c: char| c.is_ascii_lowercase())
-            || !prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        {
-            return bad("login_prefix: 1 to 8 lowercase letters and digits, starting with a letter");
+        if !suanli_types::node::valid_login_prefix(&self.access.login_prefix) {
+            return Err(ConfigError::Invalid(format!("login_prefix: {}", suanli_types::node::LOGIN_PREFIX_RULE)));
         }
         if suanli_telemetry::models::find(&self.simulated.model).is_none() {
             let known: Vec<&str> = suanli_telemetry::models::MODELS.iter().map(|m| m.name).collect();

@@ -77,8 +77,7 @@ impl LeaderRouter {
     }
 
     fn proven_peer(&self, value: &http::HeaderValue) -> bool {
-        let mut bytes = [0u8; 32];
-        hex::decode_to_slice(value.as_bytes(), &mut bytes).is_ok() && SecretHash(bytes).matches(&self.peer_proof)
+        value.to_str().ok().and_then(SecretHash::from_hex).is_some_and(|h| h.matches(&self.peer_proof))
     }
 
     /// Sets the request's [`AgentKey`] from its TLS client certificate, or from a proven peer's

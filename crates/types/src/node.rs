@@ -222,6 +222,16 @@ pub struct NodeAccess {
 
 /// Longest login prefix: with a 20-digit lease ID it stays within Linux's 32-character names.
 pub const MAX_LOGIN_PREFIX: usize = 8;
+pub const LOGIN_PREFIX_RULE: &str = "1 to 8 lowercase letters and digits, starting with a letter";
+
+/// What a lease login's prefix may be (the broker checks what agents report, agents their
+/// configuration).
+pub fn valid_login_prefix(prefix: &str) -> bool {
+    let mut bytes = prefix.bytes();
+    prefix.len() <= MAX_LOGIN_PREFIX
+        && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
 
 impl NodeAccess {
     /// Checks every field; problems are reported together, by field.
@@ -238,15 +248,7 @@ impl NodeAccess {
         if let Err(e) = &key {
             v.check(false, "host_key", e.to_string());
         }
-        let mut prefix = login_prefix.bytes();
-        v.check(
-            !login_prefix.is_empty()
-                && login_prefix.len() <= MAX_LOGIN_PREFIX
-                && prefix.next().is_some_and(|b| b.is_ascii_lowercase())
-                && prefix.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
-            "login_prefix",
-            format!("1 to {MAX_LOGIN_PREFIX} lowercase letters and digits, starting with a letter"),
-        );
+        v.check(valid_login_prefix(login_prefix), "login_prefix", LOGIN_PREFIX_RULE);
         v.finish()?;
         let host_key = key?;
         Ok(NodeAccess { ssh_host: ssh_host.to_owned(), ssh_port: ssh_port as u16, host_key, login_prefix: login_prefix.to_owned() })

@@ -525,11 +525,16 @@ fn run_piped(
         let _ = tokio::join!(tokio::io::copy(&mut stdout, &mut out), tokio::io::copy(&mut stderr, &mut err));
         let code = exit_code(child.wait().await);
         input.abort();
-        let _ = write_half.exit_status(code).await;
-        let _ = write_half.eof().await;
-        let _ = write_half.close().await;
+        finish(&write_half, code).await;
     });
     Ok(())
+}
+
+/// Tells the client how the program ended, in the order OpenSSH does: status, EOF, close.
+async fn finish(channel: &russh::ChannelWriteHalf<Msg>, code: u32) {
+    let _ = channel.exit_status(code).await;
+    let _ = channel.eof().await;
+    let _ = channel.close().await;
 }
 
 fn run_on_pty(
@@ -584,9 +589,7 @@ fn run_on_pty(
         };
         let code = status.map_or(255, exit_code);
         input.abort();
-        let _ = write_half.exit_status(code).await;
-        let _ = write_half.eof().await;
-        let _ = write_half.close().await;
+        finish(&write_half, code).await;
     });
     Ok(())
 }
