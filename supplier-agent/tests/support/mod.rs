@@ -222,6 +222,18 @@ impl Node {
             })
             .await
             .expect("end lease");
+        // Wait for the agent to take the account down, so no test leaves a Unix user behind
+        // (the agent is killed when the test's `Node` goes).
+        let name = login.login.clone();
+        eventually(WAIT, POLL, || {
+            let name = name.clone();
+            async move {
+                let out = Command::new("getent").args(["passwd", &name]).output().await.ok()?;
+                (!out.status.success()).then_some(())
+            }
+        })
+        .await
+        .expect("the agent removes the ended lease's account");
     }
 }
 
