@@ -505,6 +505,35 @@ impl Broker for BrokerApi {
             .await
     }
 
+    async fn list_nodes(&self, request: Request<v1::ListNodesRequest>) -> Result<Response<v1::ListNodesResponse>, Status> {
+        self.shared
+            .observe("ListNodes", async {
+                let consistency = Consistency::of(&request);
+                let caller = self.shared.caller(&request)?;
+                let unclustered_only = request.get_ref().unclustered_only;
+                let owner = match caller {
+                    Caller::Account(id) => Some(id),
+                    Caller::Platform | Caller::Operator(_) => None,
+                    Caller::System | Caller::Agent(_) => {
+                        return Err(to_status(&DomainError::PermissionDenied("suppliers and the platform list nodes".into())))
+                    }
+                };
+                let reply = self
+                    .shared
+                    .read(consistency, |s| {
+                        let nodes: Vec<_> = s
+                            .nodes()
+                            .filter(|n| owner.is_none_or(|o| n.supplier == o) && (!unclustered_only || n.cluster.is_none()))
+                            .collect();
+                        let cards = nodes.iter().flat_map(|n| n.cards.iter().filter_map(|c| s.card(*c))).map(wire::card).collect();
+                        v1::ListNodesResponse { nodes: nodes.into_iter().map(wire::node).collect(), cards }
+                    })
+                    .await?;
+                Ok(Response::new(reply))
+            })
+            .await
+    }
+
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<v1::WatchRequest>) -> Result<Response<WatchStream>, Status> {

@@ -17,7 +17,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use rand::Rng;
 use suanli_proto::error::status;
 use suanli_proto::to_status;
-use suanli_types::{Caller, DomainError, ErrorCode, RequestId, SecretHash, Timestamp};
+use suanli_proto::client::ACTING_OPERATOR_HEADER;
+use suanli_types::{Caller, DomainError, ErrorCode, OperatorRole, RequestId, SecretHash, Timestamp};
 use tonic::{Request, Status};
 
 use crate::network::forward::AgentKey;
@@ -81,7 +82,17 @@ impl Shared {
             .ok_or_else(|| unauthenticated("malformed authorization header"))?;
         let hash = SecretHash::of(TOKEN_DOMAIN, token);
         if hash.matches(&self.platform_token) {
-            return Ok(Caller::Platform);
+            // The portal authenticates its operators and says which role one acts in; only the
+            // platform token may say so.
+            return match request.metadata().get(ACTING_OPERATOR_HEADER) {
+                None => Ok(Caller::Platform),
+                Some(role) => role
+                    .to_str()
+                    .ok()
+                    .and_then(OperatorRole::parse)
+                    .map(Caller::Operator)
+                    .ok_or_else(|| to_status(&DomainError::invalid(ACTING_OPERATOR_HEADER, "an operator role"))),
+            };
         }
         self.sm
             .read(|s| s.account_by_token(&hash).map(|a| Caller::Account(a.id)))

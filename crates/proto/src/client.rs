@@ -8,13 +8,23 @@ use tonic::service::Interceptor;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
+/// Metadata with which the platform token acts as an operator in one role (`dispatcher`, …):
+/// the portal authenticates operators itself and tells the broker which role one acts in.
+pub const ACTING_OPERATOR_HEADER: &str = "x-suanli-acting-operator";
+
 #[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+pub struct Bearer {
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    acting_operator: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
+        if let Some(value) = &self.token {
             request.metadata_mut().insert("authorization", value.clone());
+        }
+        if let Some(role) = &self.acting_operator {
+            request.metadata_mut().insert(ACTING_OPERATOR_HEADER, role.clone());
         }
         Ok(request)
     }
@@ -69,7 +79,14 @@ fn describe_chain(e: &dyn std::error::Error) -> String {
 /// `XClient::with_interceptor(channel, bearer(Some(token))?)`.
 pub fn bearer(token: Option<&str>) -> Result<Bearer, ClientError> {
     let value = token.map(|t| format!("Bearer {t}").parse().map_err(|_| ClientError::Token)).transpose()?;
-    Ok(Bearer(value))
+    Ok(Bearer { token: value, acting_operator: None })
+}
+
+/// A client with the platform token acting as an operator in `role` (e.g. `dispatcher`).
+pub fn as_operator(channel: Channel, platform_token: &str, role: &str) -> Result<Client, ClientError> {
+    let mut interceptor = bearer(Some(platform_token))?;
+    interceptor.acting_operator = Some(role.parse().map_err(|_| ClientError::Token)?);
+    Ok(BrokerClient::with_interceptor(channel, interceptor).max_decoding_message_size(64 * 1024 * 1024))
 }
 
 /// A client over an existing channel (channels are cheap to clone and multiplex calls).

@@ -31,8 +31,10 @@ impl fmt::Display for AccountKind {
     }
 }
 
-/// Operator roles of SPEC §1.
+/// Operator roles of SPEC §1. (Serialized by name in JSON, `system_administrator`; postcard
+/// in the Raft log encodes the variant index, which the rename does not touch.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OperatorRole {
     Dispatcher,
     Monitor,
@@ -42,6 +44,23 @@ pub enum OperatorRole {
 }
 
 impl OperatorRole {
+    pub const ALL: [OperatorRole; 5] =
+        [OperatorRole::Dispatcher, OperatorRole::Monitor, OperatorRole::Operator, OperatorRole::Auditor, OperatorRole::SystemAdministrator];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorRole::Dispatcher => "dispatcher",
+            OperatorRole::Monitor => "monitor",
+            OperatorRole::Operator => "operator",
+            OperatorRole::Auditor => "auditor",
+            OperatorRole::SystemAdministrator => "system_administrator",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OperatorRole> {
+        OperatorRole::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
     /// Roles that may intervene in the market: end someone's lease, delist a cluster, take a
     /// card out of service. Monitors and auditors only read.
     pub fn may_intervene(self) -> bool {

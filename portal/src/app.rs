@@ -1,0 +1,127 @@
+//! The router: pages, the REST API, its OpenAPI document, the audit middleware.
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use utoipa::OpenApi;
+
+use crate::api::{accounts, market, operator};
+use crate::error::ApiError;
+use crate::pages;
+use crate::state::AppState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Suanli portal API", version = "1", description = "Accounts, catalogue, leases, suppliers and operators. Errors: {\"error\": {\"code\", \"message\", \"fields\"}}; codes in portal/API.md. Authenticate with the session cookie (+ X-CSRF-Token on writes) or `Authorization: Bearer <API token>`."),
+    paths(
+        accounts::register, accounts::activate, accounts::login, accounts::login_totp, accounts::logout, accounts::refresh,
+        accounts::me, accounts::update_me, accounts::deregister, accounts::request_reset, accounts::confirm_reset,
+        accounts::begin_totp, accounts::confirm_totp, accounts::create_api_token, accounts::list_api_tokens, accounts::revoke_api_token,
+        accounts::add_ssh_key, accounts::list_ssh_keys,
+        market::catalogue, market::cluster_detail, market::telemetry, market::live,
+        market::request_lease, market::list_leases, market::get_lease, market::verify_code, market::lease_access, market::lease_password,
+        market::extend_lease, market::end_lease, market::spend,
+        market::enrollment_token, market::list_nodes, market::list_my_clusters, market::publish, market::modify, market::delist, market::approve,
+        market::set_card_status,
+        operator::list_reviews, operator::decide_review, operator::list_operators, operator::set_roles, operator::audit,
+    ),
+    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "supplier"), (name = "operator"))
+)]
+pub struct ApiDoc;
+
+async fn openapi_json() -> Response {
+    let doc = ApiDoc::openapi().to_json().unwrap_or_else(|_| "{}".into());
+    ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
+}
+
+async fn api_not_found() -> ApiError {
+    ApiError::not_found("endpoint")
+}
+
+async fn health() -> &'static str {
+    "ok"
+}
+
+/// The whole application. Requests larger than 8 MiB (a licence scan is at most 5 MiB, base64)
+/// are refused before a handler sees them.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/accounts", post(accounts::register))
+        .route("/activation", post(accounts::activate))
+        .route("/session", post(accounts::login).delete(accounts::logout))
+        .route("/session/totp", post(accounts::login_totp))
+        .route("/session/refresh", post(accounts::refresh))
+        .route("/password-reset", post(accounts::request_reset))
+        .route("/password-reset/confirm", post(accounts::confirm_reset))
+        .route("/me", get(accounts::me).patch(accounts::update_me).delete(accounts::deregister))
+        .route("/me/totp", post(accounts::begin_totp))
+        .route("/me/totp/confirm", post(accounts::confirm_totp))
+        .route("/me/api-tokens", get(accounts::list_api_tokens).post(accounts::create_api_token))
+        .route("/me/api-tokens/{id}", axum::routing::delete(accounts::revoke_api_token))
+        .route("/me/ssh-keys", get(accounts::list_ssh_keys).post(accounts::add_ssh_key))
+        .route("/me/spend", get(market::spend))
+        .route("/catalogue", get(market::catalogue))
+        .route("/clusters/{id}", get(market::cluster_detail))
+        .route("/clusters/{id}/telemetry", get(market::telemetry))
+        .route("/clusters/{id}/live", get(market::live))
+        .route("/leases", get(market::list_leases).post(market::request_lease))
+        .route("/leases/{id}", get(market::get_lease))
+        .route("/leases/{id}/verify", post(market::verify_code))
+        .route("/leases/{id}/access", get(market::lease_access))
+        .route("/leases/{id}/password", post(market::lease_password))
+        .route("/leases/{id}/extend", post(market::extend_lease))
+        .route("/leases/{id}/end", post(market::end_lease))
+        .route("/supplier/enrollment-tokens", post(market::enrollment_token))
+        .route("/supplier/nodes", get(market::list_nodes))
+        .route("/supplier/clusters", get(market::list_my_clusters).post(market::publish))
+        .route("/supplier/clusters/{id}/listing", put(market::modify))
+        .route("/supplier/clusters/{id}/delist", post(market::delist))
+        .route("/supplier/leases/{id}/approve", post(market::approve))
+        .route("/supplier/cards/{id}/status", put(market::set_card_status))
+        .route("/operator/reviews", get(operator::list_reviews))
+        .route("/operator/reviews/{user_id}", post(operator::decide_review))
+        .route("/operator/users", get(operator::list_operators))
+        .route("/operator/users/{user_id}/roles", put(operator::set_roles))
+        .route("/operator/audit", get(operator::audit))
+        .route("/openapi.json", get(openapi_json))
+        .fallback(api_not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::audit::record_writes));
+
+    Router::new()
+        .route("/", get(pages::market::catalogue_page))
+        .route("/clusters/{id}", get(pages::market::cluster_page))
+        .route("/leases", get(pages::market::leases_page))
+        .route("/leases/{id}", get(pages::market::lease_page))
+        .route("/login", get(pages::account::login_page))
+        .route("/register", get(pages::account::register_page))
+        .route("/activate", get(pages::account::activate_page))
+        .route("/reset", get(pages::account::reset_page))
+        .route("/me", get(pages::account::me_page))
+        .route("/supplier", get(pages::staff::supplier_page))
+        .route("/operator", get(pages::staff::operator_page))
+        .route("/lang/{lang}", get(pages::account::switch_lang))
+        .route("/terms", get(pages::account::terms_page))
+        .route("/privacy", get(pages::account::privacy_page))
+        .route("/static/app.js", get(pages::static_js))
+        .route("/static/app.css", get(pages::static_css))
+        .route("/healthz", get(health))
+        .nest("/api/v1", api)
+        .layer(DefaultBodyLimit::max(8 * 1024 * 1024))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(state)
+}
+
+/// Defence in depth for every response: no framing, no sniffing, scripts only from ourselves.
+async fn security_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+    );
+    response
+}

@@ -1,0 +1,236 @@
+//! Who is calling: a browser session (cookie + CSRF token) or a script's API token (bearer).
+//!
+//! Sessions are server-side rows keyed by the SHA-256 of a random token; the cookie is
+//! `HttpOnly`, `SameSite=Strict`, `Secure`, `__Host-` prefixed. Every state-changing request made
+//! with the cookie must echo the session's CSRF token in `X-CSRF-Token` (pages put it in a meta
+//! tag). API tokens carry no ambient authority, so they need no CSRF token.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, Method};
+use sqlx::Row;
+use subtle::ConstantTimeEq;
+
+use crate::crypto::{random_token, token_hash};
+use crate::db::{now_ms, opt_i64, opt_str};
+use crate::error::{ApiError, ApiResult, Code};
+use crate::i18n::Lang;
+use crate::model::{has_permission, AccountState, Permission, Role, UserId, UserKind};
+use crate::state::AppState;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Via {
+    Session { token_hash: String, csrf: String, mfa_ok: bool },
+    ApiToken,
+}
+
+/// An authenticated, active user.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub user: UserId,
+    pub kind: UserKind,
+    pub username: String,
+    pub lang: Lang,
+    pub roles: Vec<Role>,
+    pub broker_account: Option<u64>,
+    broker_token_enc: Option<String>,
+    pub via: Via,
+}
+
+impl Principal {
+    pub fn can(&self, p: Permission) -> bool {
+        self.kind == UserKind::Operator && has_permission(&self.roles, p)
+    }
+    pub fn require(&self, p: Permission) -> ApiResult<()> {
+        if self.can(p) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!("your roles do not include {p:?}")))
+        }
+    }
+    pub fn require_kind(&self, kind: UserKind) -> ApiResult<()> {
+        if self.kind == kind {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!("this is for {kind} accounts")))
+        }
+    }
+    pub fn csrf(&self) -> Option<&str> {
+        match &self.via {
+            Via::Session { csrf, .. } => Some(csrf),
+            Via::ApiToken => None,
+        }
+    }
+    /// The broker token this user acts with (researchers and suppliers).
+    pub fn broker_token(&self, state: &AppState) -> ApiResult<String> {
+        let sealed = self.broker_token_enc.as_deref().ok_or_else(|| ApiError::forbidden("this account has no marketplace account"))?;
+        Ok(state.keys.open(sealed)?)
+    }
+}
+
+/// Filled by the extractor so the audit middleware knows who acted.
+#[derive(Clone, Default)]
+pub struct AuditSlot(pub Arc<OnceLock<i64>>);
+
+pub fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        (k == name).then(|| v.to_owned())
+    })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+}
+
+pub fn source_address(parts_headers: &HeaderMap, peer: Option<std::net::SocketAddr>) -> String {
+    // Only the direct peer counts: a client-chosen X-Forwarded-For would let anyone dodge the
+    // per-address login throttle. Behind a proxy, configure it to connect from its own address.
+    let _ = parts_headers;
+    peer.map(|p| p.ip().to_string()).unwrap_or_else(|| "unknown".into())
+}
+
+const USER_COLUMNS: &str = "id, kind, username, lang, state, broker_account_id, broker_token_enc";
+
+async fn load_user(state: &AppState, id: i64) -> ApiResult<Option<(Principal, AccountState)>> {
+    let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1")).bind(id).fetch_optional(&state.db.pool).await?;
+    let Some(row) = row else { return Ok(None) };
+    let kind = UserKind::parse(&row.try_get::<String, _>("kind")?).ok_or_else(|| ApiError::internal("unknown user kind"))?;
+    let account_state = AccountState::parse(&row.try_get::<String, _>("state")?).ok_or_else(|| ApiError::internal("unknown account state"))?;
+    let roles = sqlx::query("SELECT role FROM roles WHERE user_id = $1").bind(id).fetch_all(&state.db.pool).await?;
+    let roles = roles.iter().filter_map(|r| r.try_get::<String, _>("role").ok().and_then(|s| Role::parse(&s))).collect();
+    Ok(Some((
+        Principal {
+            user: UserId(id),
+            kind,
+            username: row.try_get("username")?,
+            lang: Lang::parse(&row.try_get::<String, _>("lang")?).unwrap_or_default(),
+            roles,
+            broker_account: opt_i64(&row, "broker_account_id")?.map(|a| a as u64),
+            broker_token_enc: opt_str(&row, "broker_token_enc")?,
+            via: Via::ApiToken,
+        },
+        account_state,
+    )))
+}
+
+/// Resolves the caller from the request, without requiring one. Expired sessions are ignored.
+pub async fn resolve(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<Principal>> {
+    let now = now_ms();
+    if let Some(token) = bearer(headers) {
+        let row = sqlx::query("SELECT id, user_id FROM api_tokens WHERE token_hash = $1 AND revoked_ms IS NULL")
+            .bind(token_hash(token))
+            .fetch_optional(&state.db.pool)
+            .await?;
+        let Some(row) = row else { return Err(ApiError::broker(suanli_types::ErrorCode::Unauthenticated, "unknown or revoked API token")) };
+        let user: i64 = row.try_get("user_id")?;
+        sqlx::query("UPDATE api_tokens SET last_used_ms = $1 WHERE id = $2").bind(now).bind(row.try_get::<i64, _>("id")?).execute(&state.db.pool).await?;
+        return match load_user(state, user).await? {
+            Some((p, AccountState::Active)) => Ok(Some(p)),
+            _ => Err(ApiError::new(Code::AccountDisabled, "this token's account is not active")),
+        };
+    }
+    let Some(token) = cookie_value(headers, state.cookie_name()) else { return Ok(None) };
+    let hash = token_hash(&token);
+    let row = sqlx::query("SELECT user_id, csrf, mfa_ok, expires_ms, idle_until_ms FROM sessions WHERE token_hash = $1")
+        .bind(&hash)
+        .fetch_optional(&state.db.pool)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let (expires, idle_until): (i64, i64) = (row.try_get("expires_ms")?, row.try_get("idle_until_ms")?);
+    if now >= expires || now >= idle_until {
+        sqlx::query("DELETE FROM sessions WHERE token_hash = $1").bind(&hash).execute(&state.db.pool).await?;
+        return Ok(None);
+    }
+    // Sliding idle timeout, written at most once a minute per session.
+    let idle = state.settings.session_idle.as_millis() as i64;
+    if idle_until - now < idle - 60_000 {
+        sqlx::query("UPDATE sessions SET idle_until_ms = $1 WHERE token_hash = $2").bind(now + idle).bind(&hash).execute(&state.db.pool).await?;
+    }
+    let user: i64 = row.try_get("user_id")?;
+    match load_user(state, user).await? {
+        Some((mut p, AccountState::Active)) => {
+            p.via = Via::Session { token_hash: hash, csrf: row.try_get("csrf")?, mfa_ok: row.try_get::<i64, _>("mfa_ok")? == 1 };
+            Ok(Some(p))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Requires a logged-in, fully authenticated caller; checks CSRF on state-changing requests.
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let principal = resolve(state, &parts.headers).await?.ok_or_else(ApiError::unauthenticated)?;
+        if let Some(slot) = parts.extensions.get::<AuditSlot>() {
+            let _ = slot.0.set(principal.user.0);
+        }
+        if let Via::Session { csrf, mfa_ok, .. } = &principal.via {
+            if !mfa_ok {
+                return Err(ApiError::new(Code::MfaRequired, "enter your authenticator code to finish logging in"));
+            }
+            let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+            if !safe {
+                let sent = parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or("");
+                if !bool::from(sent.as_bytes().ct_eq(csrf.as_bytes())) {
+                    return Err(ApiError::new(Code::CsrfFailed, "missing or wrong X-CSRF-Token header"));
+                }
+            }
+        }
+        Ok(principal)
+    }
+}
+
+/// The caller if any (public pages and endpoints).
+pub struct MaybePrincipal(pub Option<Principal>);
+
+impl FromRequestParts<AppState> for MaybePrincipal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        // A bad bearer token on a public page is still an error worth telling; a stale cookie is not.
+        let p = resolve(state, &parts.headers).await?.filter(|p| !matches!(p.via, Via::Session { mfa_ok: false, .. }));
+        Ok(MaybePrincipal(p))
+    }
+}
+
+/// A new session for `user`: a fresh token every login (no session fixation). Returns the token.
+pub async fn create_session(state: &AppState, user: UserId, mfa_ok: bool) -> ApiResult<(String, String)> {
+    let token = random_token(32);
+    let csrf = random_token(24);
+    let now = now_ms();
+    sqlx::query("INSERT INTO sessions (token_hash, user_id, csrf, mfa_ok, created_ms, expires_ms, idle_until_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+        .bind(token_hash(&token))
+        .bind(user.0)
+        .bind(&csrf)
+        .bind(i64::from(mfa_ok))
+        .bind(now)
+        .bind(now + state.settings.session_ttl.as_millis() as i64)
+        .bind(now + state.settings.session_idle.as_millis() as i64)
+        .execute(&state.db.pool)
+        .await?;
+    Ok((token, csrf))
+}
+
+/// `Set-Cookie` for a session token; `None` clears it.
+pub fn session_cookie(state: &AppState, token: Option<&str>) -> String {
+    let secure = if state.settings.secure_cookies { "; Secure" } else { "" };
+    match token {
+        Some(t) => format!("{}={t}; Path=/; HttpOnly; SameSite=Strict{secure}; Max-Age={}", state.cookie_name(), state.settings.session_ttl.as_secs()),
+        None => format!("{}=; Path=/; HttpOnly; SameSite=Strict{secure}; Max-Age=0", state.cookie_name()),
+    }
+}
+
+/// The session row of a cookie, even one still waiting for its second factor.
+pub async fn pending_session(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<(String, UserId)>> {
+    let Some(token) = cookie_value(headers, state.cookie_name()) else { return Ok(None) };
+    let hash = token_hash(&token);
+    let row = sqlx::query("SELECT user_id, expires_ms FROM sessions WHERE token_hash = $1").bind(&hash).fetch_optional(&state.db.pool).await?;
+    Ok(match row {
+        Some(r) if r.try_get::<i64, _>("expires_ms")? > now_ms() => Some((hash, UserId(r.try_get("user_id")?))),
+        _ => None,
+    })
+}

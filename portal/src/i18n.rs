@@ -1,0 +1,318 @@
+//! Every user-facing string of the portal, in English and Chinese, in this one catalogue; and
+//! locale formatting of dates, numbers and money. The macro makes a missing translation a
+//! compile error: each entry must name both languages.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Lang {
+    #[default]
+    En,
+    Zh,
+}
+
+impl Lang {
+    pub fn parse(s: &str) -> Option<Lang> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "en" => Some(Lang::En),
+            "zh" => Some(Lang::Zh),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lang::En => "en",
+            Lang::Zh => "zh",
+        }
+    }
+    pub fn html_tag(self) -> &'static str {
+        match self {
+            Lang::En => "en",
+            Lang::Zh => "zh-CN",
+        }
+    }
+    /// The first of the browser's languages (`Accept-Language`) that the portal speaks.
+    pub fn from_accept_language(header: &str) -> Lang {
+        let mut best: Option<(f32, Lang)> = None;
+        for part in header.split(',') {
+            let mut pieces = part.trim().split(';');
+            let tag = pieces.next().unwrap_or("").trim().to_ascii_lowercase();
+            let q = pieces.find_map(|p| p.trim().strip_prefix("q=").and_then(|q| q.parse::<f32>().ok())).unwrap_or(1.0);
+            let lang = if tag.starts_with("zh") {
+                Lang::Zh
+            } else if tag.starts_with("en") {
+                Lang::En
+            } else {
+                continue;
+            };
+            if best.is_none_or(|(bq, _)| q > bq) {
+                best = Some((q, lang));
+            }
+        }
+        best.map_or(Lang::En, |(_, l)| l)
+    }
+}
+
+macro_rules! catalogue {
+    ($($key:ident => $en:literal, $zh:literal;)*) => {
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Msg { $($key,)* }
+        impl Msg {
+            pub const ALL: &'static [Msg] = &[$(Msg::$key,)*];
+            pub fn text(self, lang: Lang) -> &'static str {
+                match (self, lang) {
+                    $((Msg::$key, Lang::En) => $en, (Msg::$key, Lang::Zh) => $zh,)*
+                }
+            }
+        }
+    };
+}
+
+catalogue! {
+    Brand => "Suanli compute market", "算力共享平台";
+    Catalogue => "Catalogue", "资源目录";
+    MyLeases => "My leases", "我的租用";
+    Supplier => "Supplier", "供应商";
+    Operations => "Operations", "运营管理";
+    Account => "Account", "账户";
+    Login => "Log in", "登录";
+    Logout => "Log out", "退出";
+    Register => "Register", "注册";
+    Language => "中文", "English";
+    Username => "Username", "用户名";
+    UsernameOrEmail => "Username or email", "用户名或邮箱";
+    Email => "Email", "邮箱";
+    Phone => "Mobile number", "手机号";
+    Password => "Password", "密码";
+    PasswordConfirm => "Confirm password", "确认密码";
+    RealName => "Real name", "真实姓名";
+    IdNumber => "ID card number", "身份证号";
+    UserType => "Account type", "用户类型";
+    Personal => "Personal", "个人";
+    University => "University", "高校";
+    Institute => "Research institute", "科研院所";
+    Enterprise => "Enterprise", "企业";
+    Individual => "Individual", "个人";
+    OrgName => "Organisation name", "单位名称";
+    CreditCode => "Unified social credit code", "统一社会信用代码";
+    LegalRep => "Legal representative", "法定代表人";
+    RegisteredCapital => "Registered capital (CNY)", "注册资本（元）";
+    Address => "Address", "地址";
+    Affiliation => "Affiliation", "所属单位";
+    SettlementAccount => "Settlement account", "结算账户";
+    Licence => "Business licence (PDF or image)", "营业执照（PDF或图片）";
+    Agree => "I have read and agree to the", "我已阅读并同意";
+    Terms => "user agreement", "用户协议";
+    Privacy => "privacy policy", "隐私政策";
+    And => "and the", "和";
+    AsResearcher => "Researcher", "研究用户";
+    AsSupplier => "Supplier", "算力供应商";
+    RegisteredCheckMail => "Registered. We sent an activation link to your email.", "注册成功，激活链接已发送至您的邮箱。";
+    Activated => "Your account is active. You can log in now.", "账户已激活，现在可以登录。";
+    PendingReview => "Your email is confirmed. An operator reviews organisation accounts before they can log in.", "邮箱已验证。机构账户需经运营人员审核后方可登录。";
+    ActivationFailed => "This activation link is invalid or has expired.", "激活链接无效或已过期。";
+    TotpCode => "Authenticator code", "动态验证码";
+    Submit => "Submit", "提交";
+    Filter => "Filter", "筛选";
+    Reset => "Reset", "重置";
+    Class => "Class", "类别";
+    ClassA => "A — bare metal", "A类 — 裸金属";
+    ClassB => "B — virtualized", "B类 — 虚拟化";
+    Any => "Any", "不限";
+    GpuModel => "GPU model", "GPU型号";
+    Vram => "VRAM (GiB)", "显存 (GiB)";
+    Cards => "Cards", "卡数";
+    IdleCards => "Idle cards", "空闲卡数";
+    Memory => "Memory (GiB)", "内存 (GiB)";
+    Vcpus => "vCPUs", "虚拟核数";
+    Storage => "Local storage", "本地存储";
+    Price => "Price per card", "单卡价格";
+    MaxPrice => "Max price (CNY)", "最高价格（元）";
+    BillingMode => "Billing mode", "计费方式";
+    Hourly => "hourly", "按小时";
+    Daily => "daily", "按天";
+    Monthly => "monthly", "包月";
+    Yearly => "yearly", "包年";
+    Region => "Region", "地区";
+    Vendor => "Vendor", "厂商";
+    Status => "Status", "状态";
+    Listed => "listed", "已上架";
+    Delisted => "delisted", "已下架";
+    Sort => "Sort by", "排序";
+    Newest => "newest", "最新";
+    PriceLow => "price, low first", "价格从低到高";
+    PriceHigh => "price, high first", "价格从高到低";
+    MostIdle => "most idle cards", "空闲卡最多";
+    MostVram => "most VRAM", "显存最大";
+    NoResults => "No clusters match.", "没有符合条件的集群。";
+    Results => "clusters", "个集群";
+    Details => "Details", "详情";
+    Previous => "Previous", "上一页";
+    Next => "Next", "下一页";
+    UsageInstructions => "Usage instructions", "使用说明";
+    Telemetry => "Live monitoring", "实时监控";
+    GpuUtil => "GPU utilization (%)", "GPU利用率 (%)";
+    Temperature => "Temperature (°C)", "温度 (°C)";
+    Power => "Power (W)", "功率 (W)";
+    CpuUtil => "CPU utilization (%)", "CPU利用率 (%)";
+    Network => "Network (KiB/s)", "网络流量 (KiB/s)";
+    Latency => "Latency to platform (ms)", "平台延迟 (ms)";
+    Loss => "Packet loss (‰)", "丢包率 (‰)";
+    NotMonitored => "Class A clusters are not monitored during leases.", "A类集群租用期间不监控。";
+    CardList => "Cards", "GPU卡";
+    Idle => "idle", "空闲";
+    Reserved => "reserved", "预留";
+    Busy => "busy", "忙碌";
+    Offline => "offline", "离线";
+    Faulty => "faulty", "故障";
+    RequestLease => "Request a lease", "申请租用";
+    Periods => "Periods", "周期数";
+    Nodes => "Nodes", "节点";
+    LeaseRequested => "Lease requested.", "租用申请已提交。";
+    Lease => "Lease", "租用";
+    State => "State", "状态";
+    Amount => "Amount", "金额";
+    PaidUntil => "Paid until", "到期时间";
+    Requested => "Requested", "申请时间";
+    VerifyCode => "Verify authorization code", "验证授权码";
+    AuthCode => "Authorization code", "授权码";
+    Access => "Access", "访问方式";
+    SshCommand => "SSH command", "SSH命令";
+    KnownHosts => "known_hosts line", "known_hosts 条目";
+    VncTunnel => "VNC tunnel", "VNC隧道";
+    NewPassword => "Draw a new lease password", "生成新的租用密码";
+    EndLease => "End lease", "结束租用";
+    SshKeys => "SSH public keys", "SSH公钥";
+    AddKey => "Add key", "添加公钥";
+    Spend => "Committed spend", "累计消费";
+    Earnings => "Committed earnings", "累计收入";
+    EnrollmentToken => "New agent enrollment token", "生成节点注册令牌";
+    MyNodes => "Enrolled nodes", "已注册节点";
+    MyClusters => "My clusters", "我的集群";
+    Publish => "Publish a cluster", "发布集群";
+    Title => "Title", "标题";
+    Delist => "Delist", "下架";
+    Modify => "Modify", "修改";
+    LeaseRequests => "Lease requests", "租用申请";
+    Approve => "Approve", "批准";
+    Reviews => "Accounts waiting for review", "待审核账户";
+    Reject => "Reject", "拒绝";
+    Roles => "Roles", "角色";
+    AuditLog => "Audit log", "审计日志";
+    Actor => "Actor", "操作人";
+    Action => "Action", "操作";
+    Target => "Target", "对象";
+    Outcome => "Outcome", "结果";
+    Time => "Time", "时间";
+    Profile => "Profile", "个人资料";
+    Save => "Save", "保存";
+    EnableTotp => "Enable two-factor authentication", "启用双因素认证";
+    ApiTokens => "API tokens", "API令牌";
+    NewToken => "New token", "新建令牌";
+    Deregister => "Close my account", "注销账户";
+    DeregisterWarning => "Ends your live leases and erases your personal data. This cannot be undone.", "将结束您的所有租用并删除个人信息，且无法恢复。";
+    ForgotPassword => "Forgot password?", "忘记密码？";
+    ResetSent => "If the account exists, a reset link is on its way.", "如账户存在，重置链接已发送。";
+    SetPassword => "Set a new password", "设置新密码";
+    Required => "required", "必填";
+    None => "none", "无";
+    Error => "Something went wrong", "出错了";
+    MailActivateSubject => "Activate your Suanli account", "激活您的算力平台账户";
+    MailActivateBody => "Welcome to Suanli. Open this link within 24 hours to activate your account:", "欢迎使用算力平台。请在24小时内打开以下链接激活账户：";
+    MailResetSubject => "Reset your Suanli password", "重置您的算力平台密码";
+    MailResetBody => "Someone asked to reset your password. Open this link within 1 hour to set a new one; if it was not you, ignore this mail:", "有人申请重置您的密码。请在1小时内打开以下链接设置新密码；如非本人操作，请忽略本邮件：";
+    MailIgnore => "If you did not register, ignore this mail.", "如果您没有注册，请忽略本邮件。";
+}
+
+/// Formats minor units as money with two decimals and thousands separators: `¥42,500.00`.
+pub fn money(currency: &str, minor: i64, _lang: Lang) -> String {
+    let symbol = match currency {
+        "CNY" => "¥",
+        "USD" => "$",
+        "EUR" => "€",
+        _ => "",
+    };
+    let sign = if minor < 0 { "-" } else { "" };
+    let abs = minor.unsigned_abs();
+    let (units, cents) = (abs / 100, abs % 100);
+    let text = if symbol.is_empty() { format!("{sign}{} {currency}", group(units)) } else { format!("{sign}{symbol}{}", group(units)) };
+    if symbol.is_empty() {
+        text.replacen(' ', &format!(".{cents:02} "), 1)
+    } else {
+        format!("{text}.{cents:02}")
+    }
+}
+
+pub fn group(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A UTC time in the locale's order: `2026-12-01 09:30 UTC` / `2026年12月01日 09:30 (UTC)`.
+pub fn datetime(ms: i64, lang: Lang) -> String {
+    if ms <= 0 {
+        return "—".into();
+    }
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let (hh, mm) = (rem / 3600, rem % 3600 / 60);
+    match lang {
+        Lang::En => format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02} UTC"),
+        Lang::Zh => format!("{y:04}年{m:02}月{d:02}日 {hh:02}:{mm:02} (UTC)"),
+    }
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_message_has_both_languages_and_they_differ() {
+        for m in Msg::ALL {
+            assert!(!m.text(Lang::En).is_empty() && !m.text(Lang::Zh).is_empty(), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn formats() {
+        assert_eq!(money("CNY", 4_250_000, Lang::En), "¥42,500.00");
+        assert_eq!(money("CNY", 5, Lang::Zh), "¥0.05");
+        assert_eq!(money("CNY", -123_456_789, Lang::En), "-¥1,234,567.89");
+        assert_eq!(money("JPY", 100, Lang::En), "1.00 JPY");
+        assert_eq!(datetime(1_764_581_400_000, Lang::En), "2025-12-01 09:30 UTC");
+        assert_eq!(datetime(1_764_581_400_000, Lang::Zh), "2025年12月01日 09:30 (UTC)");
+        assert_eq!(datetime(951_782_400_000, Lang::En), "2000-02-29 00:00 UTC");
+    }
+
+    #[test]
+    fn accept_language() {
+        assert_eq!(Lang::from_accept_language("zh-CN,zh;q=0.9,en;q=0.8"), Lang::Zh);
+        assert_eq!(Lang::from_accept_language("en-US,en;q=0.9,zh;q=0.8"), Lang::En);
+        assert_eq!(Lang::from_accept_language("fr;q=1,zh;q=0.5"), Lang::Zh);
+        assert_eq!(Lang::from_accept_language(""), Lang::En);
+    }
+}

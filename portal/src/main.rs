@@ -1,0 +1,292 @@
+//! `suanli-portal`: serve the portal, create operators, rotate the data keys.
+//!
+//! Configuration: a TOML file (`--config`, table `[portal]`), overridden by `SUANLI_PORTAL_*`
+//! environment variables, overridden by flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+use sqlx::Row;
+use suanli_notify::{Mailer, SmtpConfig, SmtpSecurity};
+use suanli_portal::crypto::KeyFile;
+use suanli_portal::db::Db;
+use suanli_portal::demo::{self, Adopt};
+use suanli_portal::market::Market;
+use suanli_portal::model::Role;
+use suanli_portal::state::{AppState, Inner, Settings};
+use suanli_portal::{app, outbox};
+
+#[derive(Parser)]
+#[command(name = "suanli-portal", about = "Suanli web portal and REST API")]
+struct Cli {
+    /// TOML file with a [portal] table.
+    #[arg(long, global = true, env = "SUANLI_PORTAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// sqlite://path (default: ./.dev/portal/portal.db) or postgres://…
+    #[arg(long, global = true, env = "SUANLI_PORTAL_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Key file for personal data at rest (created on first start, mode 0600).
+    #[arg(long, global = true, env = "SUANLI_PORTAL_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Without a subcommand: serve the portal.
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an operator with roles; prints the generated password and TOTP secret.
+    CreateOperator {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        email: String,
+        /// Comma-separated: dispatcher, monitor, operator, auditor, system_administrator.
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+    },
+    /// Add a new data key, re-seal all personal data under it, and retire the old keys.
+    RotateKeys,
+    /// Print the current code of a base32 TOTP secret (for the demo operator and scripts).
+    Totp { secret: String },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long, env = "SUANLI_PORTAL_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// How users reach the portal (links in emails).
+    #[arg(long, env = "SUANLI_PORTAL_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// The broker's gRPC endpoint (http:// or https://).
+    #[arg(long, env = "SUANLI_PORTAL_BROKER")]
+    broker: Option<String>,
+    /// CA certificate to check an https:// broker endpoint against.
+    #[arg(long, env = "SUANLI_PORTAL_BROKER_CA")]
+    broker_ca: Option<PathBuf>,
+    #[arg(long, env = "SUANLI_PORTAL_PLATFORM_TOKEN", hide_env_values = true)]
+    platform_token: Option<String>,
+    /// SMTP relay host:port; without one, mail is written to the log.
+    #[arg(long, env = "SUANLI_PORTAL_SMTP")]
+    smtp: Option<String>,
+    #[arg(long, env = "SUANLI_PORTAL_SMTP_SECURITY")]
+    smtp_security: Option<SmtpSecurity>,
+    #[arg(long, env = "SUANLI_PORTAL_SMTP_FROM")]
+    smtp_from: Option<String>,
+    /// Cookies without `Secure` and `__Host-` (only for plain-HTTP hosts other than localhost).
+    #[arg(long, env = "SUANLI_PORTAL_INSECURE_COOKIES")]
+    insecure_cookies: bool,
+    /// Create the demo researcher, supplier and operator and print their logins.
+    #[arg(long)]
+    demo: bool,
+    /// Demo: the broker account (ID:TOKEN) the demo researcher uses.
+    #[arg(long)]
+    demo_researcher: Option<Adopt>,
+    /// Demo: the broker account (ID:TOKEN) the demo supplier uses.
+    #[arg(long)]
+    demo_supplier: Option<Adopt>,
+    #[arg(long, env = "SUANLI_PORTAL_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Deserialize, Default)]
+struct FileConfig {
+    #[serde(default)]
+    portal: PortalSection,
+}
+
+#[derive(Deserialize, Default)]
+struct PortalSection {
+    listen: Option<SocketAddr>,
+    public_url: Option<String>,
+    database_url: Option<String>,
+    key_file: Option<PathBuf>,
+    broker: Option<String>,
+    broker_ca: Option<PathBuf>,
+    platform_token: Option<String>,
+    smtp: Option<SmtpConfig>,
+    insecure_cookies: Option<bool>,
+}
+
+fn load_file(path: Option<&Path>) -> anyhow::Result<PortalSection> {
+    match path {
+        None => Ok(PortalSection::default()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            Ok(toml::from_str::<FileConfig>(&text).with_context(|| format!("parsing {}", p.display()))?.portal)
+        }
+    }
+}
+
+struct Storage {
+    db: Db,
+    keys: KeyFile,
+    key_path: PathBuf,
+}
+
+async fn open_storage(cli: &Cli, file: &PortalSection) -> anyhow::Result<Storage> {
+    let url = cli.database_url.clone().or(file.database_url.clone()).unwrap_or_else(|| "sqlite://.dev/portal/portal.db".into());
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if let Some(dir) = Path::new(path.split('?').next().unwrap_or(path)).parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    let db = Db::connect(&url).await.with_context(|| format!("opening the database {}", url.split('@').next_back().unwrap_or(&url)))?;
+    let key_path = cli.key_file.clone().or(file.key_file.clone()).unwrap_or_else(|| PathBuf::from(".dev/portal/keys.toml"));
+    let keys = KeyFile::load_or_create(&key_path)?;
+    Ok(Storage { db, keys, key_path })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let file = load_file(cli.config.as_deref())?;
+    match &cli.command {
+        Some(Command::Totp { secret }) => {
+            let raw = totp_rs::Secret::Encoded(secret.clone()).to_bytes().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            println!("{}", suanli_portal::api::accounts::totp_for(&raw).map_err(|e| anyhow::anyhow!(e.message))?.generate_current()?);
+            Ok(())
+        }
+        Some(Command::CreateOperator { username, email, roles }) => {
+            init_logging("warn");
+            let roles = roles.iter().map(|r| Role::parse(r.trim()).with_context(|| format!("unknown role {r}"))).collect::<anyhow::Result<Vec<_>>>()?;
+            let state = offline_state(open_storage(&cli, &file).await?)?;
+            let password = suanli_portal::crypto::random_token(12);
+            let setup = demo::create_operator(&state, username, email, &password, &roles).await.map_err(|e| anyhow::anyhow!("{}: {}", e.code.as_str(), e.message))?;
+            println!("operator {username} created\npassword: {password}\nTOTP secret: {}\n{}", setup.secret, setup.otpauth_url);
+            Ok(())
+        }
+        Some(Command::RotateKeys) => {
+            init_logging("warn");
+            rotate_keys(open_storage(&cli, &file).await?).await
+        }
+        None => serve(&cli, file).await,
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// State for commands that touch only the database (no broker calls are made).
+fn offline_state(s: Storage) -> anyhow::Result<AppState> {
+    let market = Market::new("http://127.0.0.1:1", None, "offline").map_err(anyhow::Error::msg)?;
+    Ok(AppState(Arc::new(Inner { db: s.db, keys: s.keys.ring()?, market, mailer: None, settings: Settings::default(), outbox_wake: Default::default() })))
+}
+
+async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
+    let args = &cli.serve;
+    init_logging(&args.log);
+    let s = open_storage(cli, &file).await?;
+    let listen = args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8080".parse().expect("literal address"));
+    let broker = args.broker.clone().or(file.broker.clone()).unwrap_or_else(|| "http://127.0.0.1:50051".into());
+    let platform_token = args.platform_token.clone().or(file.platform_token.clone()).context("set the broker's platform token: --platform-token or SUANLI_PORTAL_PLATFORM_TOKEN")?;
+    let ca = match args.broker_ca.clone().or(file.broker_ca.clone()) {
+        Some(p) => Some(std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    let market = Market::new(&broker, ca.as_deref(), &platform_token).map_err(anyhow::Error::msg)?;
+    let smtp = match (&args.smtp, file.smtp) {
+        (Some(hostport), _) => {
+            let (host, port) = hostport.rsplit_once(':').context("--smtp is host:port")?;
+            Some(SmtpConfig {
+                host: host.into(),
+                port: port.parse().context("--smtp port")?,
+                security: args.smtp_security.unwrap_or_default(),
+                username: std::env::var("SUANLI_PORTAL_SMTP_USERNAME").ok(),
+                password: std::env::var("SUANLI_PORTAL_SMTP_PASSWORD").ok(),
+                from: args.smtp_from.clone().unwrap_or_else(|| "Suanli <noreply@suanli.local>".into()),
+            })
+        }
+        (None, from_file) => from_file,
+    };
+    let mailer = smtp.as_ref().map(Mailer::new).transpose()?;
+    let public_url = args.public_url.clone().or(file.public_url).unwrap_or_else(|| format!("http://{listen}"));
+    if public_url.starts_with("http://") && !(public_url.contains("127.0.0.1") || public_url.contains("localhost")) && !args.insecure_cookies {
+        bail!("{public_url} is plain HTTP: browsers drop Secure cookies there; serve it over https, or pass --insecure-cookies");
+    }
+    let settings = Settings {
+        public_url: public_url.trim_end_matches('/').to_owned(),
+        secure_cookies: !(args.insecure_cookies || file.insecure_cookies.unwrap_or(false)),
+        mail_configured: mailer.is_some(),
+        ..Settings::default()
+    };
+    let state = AppState(Arc::new(Inner { db: s.db, keys: s.keys.ring()?, market: market.clone(), mailer, settings, outbox_wake: Default::default() }));
+    market.spawn_follower();
+    outbox::spawn_worker(state.clone());
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    if args.demo {
+        let mut lines = None;
+        for _ in 0..50 {
+            match demo::seed(&state, args.demo_researcher.clone(), args.demo_supplier.clone()).await {
+                Ok(l) => {
+                    lines = Some(l);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("demo accounts: {} (retrying)", e.message);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        for line in lines.context("could not create the demo accounts")? {
+            println!("{line}");
+        }
+    }
+    println!("SUANLI_READY http={addr}");
+    println!("Suanli portal on {}", state.settings.public_url);
+    let app = app::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}
+
+/// Re-seals every sealed column under a new key, then retires the keys nothing uses any more.
+async fn rotate_keys(mut s: Storage) -> anyhow::Result<()> {
+    let old = s.keys.ring()?;
+    let new_id = s.keys.add_key();
+    // Saved first: if re-sealing stops halfway, both keys are in the file and everything opens.
+    s.keys.save(&s.key_path)?;
+    let ring = s.keys.ring()?;
+    let columns: &[(&str, &str, &[&str])] = &[
+        ("users", "id", &["email_enc", "phone_enc", "real_name_enc", "profile_enc", "broker_token_enc", "totp_secret_enc"]),
+        ("licences", "user_id", &["data_enc"]),
+        ("auth_codes", "lease_id", &["code_enc"]),
+        ("outbox", "id", &["recipient_enc", "body_enc"]),
+    ];
+    let mut resealed = 0;
+    for (table, key, cols) in columns {
+        for col in *cols {
+            let rows = sqlx::query(&format!("SELECT {key} AS k, {col} AS v FROM {table} WHERE {col} IS NOT NULL AND {col} <> ''")).fetch_all(&s.db.pool).await?;
+            for r in rows {
+                let v: String = r.try_get("v")?;
+                if !ring.is_stale(&v) {
+                    continue;
+                }
+                let plain = old.open(&v)?;
+                let q = format!("UPDATE {table} SET {col} = $1 WHERE {key} = $2 AND {col} = $3");
+                let updated = if *table == "outbox" {
+                    sqlx::query(&q).bind(ring.seal(&plain)).bind(r.try_get::<String, _>("k")?).bind(&v).execute(&s.db.pool).await?
+                } else {
+                    sqlx::query(&q).bind(ring.seal(&plain)).bind(r.try_get::<i64, _>("k")?).bind(&v).execute(&s.db.pool).await?
+                };
+                resealed += updated.rows_affected();
+            }
+        }
+    }
+    s.keys.keys.retain(|id, _| *id == new_id);
+    s.keys.save(&s.key_path)?;
+    println!("re-sealed {resealed} values under key {new_id}; older keys retired");
+    Ok(())
+}

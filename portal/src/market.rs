@@ -1,0 +1,208 @@
+//! The portal's view of the marketplace: gRPC clients to the broker, and an in-memory copy of the
+//! catalogue kept current from the broker's event stream (`Watch`), so listing, filtering and
+//! sorting 10,000 clusters costs no broker round trip. The copy is only a cache: every write goes
+//! to the broker, and what a user just changed is fetched back at once (read your writes).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use suanli_proto::client::{bearer, with_token, Bearer, Client};
+use suanli_proto::convert::{cluster_class_from_wire, listing_from_wire};
+use suanli_proto::v1;
+use suanli_proto::v1::monitoring_service_client::MonitoringServiceClient;
+use suanli_proto::v1::supplier_service_client::SupplierServiceClient;
+use suanli_types::{CatalogueFacts, CatalogueFilter, ClusterClass, ClusterState, Listing};
+use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::error::{ApiError, ApiResult};
+
+/// One catalogue entry: the broker's record and its listing in domain form (for the filter).
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub cluster: v1::Cluster,
+    pub class: ClusterClass,
+    pub listing: Listing,
+}
+
+impl Entry {
+    fn from_wire(cluster: v1::Cluster) -> Option<Entry> {
+        let class = cluster_class_from_wire(cluster.class)?;
+        let listing = listing_from_wire(cluster.listing.clone()).ok()?;
+        Some(Entry { cluster, class, listing })
+    }
+    pub fn state(&self) -> ClusterState {
+        if self.cluster.delisted {
+            ClusterState::Delisted
+        } else {
+            ClusterState::Listed
+        }
+    }
+    pub fn matches(&self, filter: &CatalogueFilter) -> bool {
+        filter.matches(&CatalogueFacts { class: self.class, state: self.state(), listing: &self.listing, idle_cards: self.cluster.idle_cards })
+    }
+}
+
+#[derive(Default)]
+pub struct Catalogue {
+    pub index: u64,
+    pub clusters: BTreeMap<u64, Arc<Entry>>,
+    card_to_cluster: HashMap<u64, u64>,
+    pub synced: bool,
+}
+
+impl Catalogue {
+    fn upsert(&mut self, entry: Entry, cards: &[u64]) {
+        for c in cards {
+            self.card_to_cluster.insert(*c, entry.cluster.cluster_id);
+        }
+        self.clusters.insert(entry.cluster.cluster_id, Arc::new(entry));
+    }
+    /// Every entry, for the caller to filter and sort.
+    pub fn entries(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.clusters.values()
+    }
+}
+
+#[derive(Clone)]
+pub struct Market {
+    channel: Channel,
+    platform_token: String,
+    pub catalogue: Arc<RwLock<Catalogue>>,
+}
+
+pub type Monitoring = MonitoringServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Suppliers = SupplierServiceClient<InterceptedService<Channel, Bearer>>;
+
+impl Market {
+    /// Connects lazily: the portal starts (and serves its pages) while the broker is away.
+    pub fn new(endpoint: &str, ca_pem: Option<&str>, platform_token: &str) -> Result<Market, String> {
+        let mut target = Endpoint::from_shared(endpoint.to_owned()).map_err(|e| e.to_string())?.tcp_nodelay(true).connect_timeout(Duration::from_secs(5));
+        if let Some(ca) = ca_pem {
+            target = target.tls_config(ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca))).map_err(|e| e.to_string())?;
+        }
+        Ok(Market { channel: target.connect_lazy(), platform_token: platform_token.to_owned(), catalogue: Arc::default() })
+    }
+
+    pub fn platform(&self) -> ApiResult<Client> {
+        self.as_token(&self.platform_token)
+    }
+
+    pub fn as_token(&self, token: &str) -> ApiResult<Client> {
+        with_token(self.channel.clone(), Some(token)).map_err(ApiError::internal)
+    }
+
+    /// The platform acting as an operator in `role` (the portal checked the operator holds it).
+    pub fn as_operator(&self, role: suanli_types::OperatorRole) -> ApiResult<Client> {
+        suanli_proto::client::as_operator(self.channel.clone(), &self.platform_token, role.as_str()).map_err(ApiError::internal)
+    }
+
+    pub fn monitoring(&self) -> ApiResult<Monitoring> {
+        Ok(MonitoringServiceClient::with_interceptor(self.channel.clone(), bearer(Some(&self.platform_token)).map_err(ApiError::internal)?))
+    }
+
+    pub fn suppliers(&self, token: &str) -> ApiResult<Suppliers> {
+        Ok(SupplierServiceClient::with_interceptor(self.channel.clone(), bearer(Some(token)).map_err(ApiError::internal)?))
+    }
+
+    /// Fetches one cluster from the broker into the cache (after a write, or on an event).
+    pub async fn refresh_cluster(&self, cluster_id: u64) -> ApiResult<Option<Arc<Entry>>> {
+        let mut client = self.platform()?;
+        let cluster = match client.get_cluster(v1::GetClusterRequest { cluster_id }).await {
+            Ok(c) => c.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+            Err(s) => return Err(s.into()),
+        };
+        let cards = client.list_cards(v1::ListCardsRequest { cluster_id }).await?.into_inner().cards;
+        let card_ids: Vec<u64> = cards.iter().map(|c| c.card_id).collect();
+        let Some(entry) = Entry::from_wire(cluster) else { return Ok(None) };
+        let mut cat = self.catalogue.write().unwrap_or_else(|p| p.into_inner());
+        cat.upsert(entry, &card_ids);
+        Ok(cat.clusters.get(&cluster_id).cloned())
+    }
+
+    pub fn cached(&self, cluster_id: u64) -> Option<Arc<Entry>> {
+        self.catalogue.read().unwrap_or_else(|p| p.into_inner()).clusters.get(&cluster_id).cloned()
+    }
+
+    /// Follows the broker's event stream forever, reconnecting with backoff.
+    pub fn spawn_follower(&self) -> tokio::task::JoinHandle<()> {
+        let market = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match market.follow_once().await {
+                    Ok(()) => backoff = Duration::from_millis(200),
+                    Err(e) => {
+                        tracing::warn!("catalogue stream from the broker ended: {e}; reconnecting in {backoff:?}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        })
+    }
+
+    async fn follow_once(&self) -> Result<(), ApiError> {
+        let after_index = self.catalogue.read().unwrap_or_else(|p| p.into_inner()).index;
+        let mut stream = self.platform()?.watch(v1::WatchRequest { after_index }).await?.into_inner();
+        while let Some(message) = stream.next().await {
+            match message?.kind {
+                Some(v1::watch_response::Kind::Resync(r)) => self.apply_resync(r),
+                Some(v1::watch_response::Kind::Batch(b)) => self.apply_batch(b).await,
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_resync(&self, r: v1::Resync) {
+        let mut fresh = Catalogue { index: r.index, synced: true, ..Default::default() };
+        let mut node_to_cluster = HashMap::new();
+        for c in &r.clusters {
+            for n in &c.node_ids {
+                node_to_cluster.insert(*n, c.cluster_id);
+            }
+        }
+        let mut cards_by_cluster: HashMap<u64, Vec<u64>> = HashMap::new();
+        for card in &r.cards {
+            if let Some(cl) = node_to_cluster.get(&card.node_id) {
+                cards_by_cluster.entry(*cl).or_default().push(card.card_id);
+            }
+        }
+        for c in r.clusters {
+            let cards = cards_by_cluster.remove(&c.cluster_id).unwrap_or_default();
+            if let Some(entry) = Entry::from_wire(c) {
+                fresh.upsert(entry, &cards);
+            }
+        }
+        *self.catalogue.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+    }
+
+    async fn apply_batch(&self, b: v1::EventBatch) {
+        use v1::event::Kind;
+        let mut dirty = Vec::new();
+        {
+            let cat = self.catalogue.read().unwrap_or_else(|p| p.into_inner());
+            for e in &b.events {
+                match &e.kind {
+                    Some(Kind::ClusterPublished(c) | Kind::ClusterModified(c) | Kind::ClusterDelisted(c)) => dirty.push(c.cluster_id),
+                    Some(Kind::CardStatusChanged(c)) => dirty.extend(cat.card_to_cluster.get(&c.card_id)),
+                    _ => {}
+                }
+            }
+        }
+        dirty.sort_unstable();
+        dirty.dedup();
+        for id in dirty {
+            if let Err(e) = self.refresh_cluster(id).await {
+                tracing::warn!("refreshing cluster {id}: {}", e.message);
+            }
+        }
+        let mut cat = self.catalogue.write().unwrap_or_else(|p| p.into_inner());
+        cat.index = cat.index.max(b.index);
+        cat.synced = true;
+    }
+}

@@ -1,0 +1,326 @@
+//! Catalogue, cluster detail with monitoring charts, leases.
+
+use axum::extract::{OriginalUri, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use maud::{html, Markup};
+
+use super::{api_form, error_page, field, page, pre, select, svg_chart, Ctx};
+use crate::api::market::{
+    access_of, cluster_detail_of, lease_of, search_catalogue, spend_of, telemetry_of, CatalogueQuery, ClusterView, LeaseView, SortKey,
+};
+use crate::api::{ApiPath, ApiQuery};
+use crate::auth::MaybePrincipal;
+use crate::error::ApiError;
+use crate::i18n::{datetime, money, Msg};
+use crate::model::UserKind;
+use crate::state::AppState;
+
+fn mode_name(ctx: &Ctx, mode: &str) -> &'static str {
+    match mode {
+        "hourly" => ctx.t(Msg::Hourly),
+        "daily" => ctx.t(Msg::Daily),
+        "monthly" => ctx.t(Msg::Monthly),
+        "yearly" => ctx.t(Msg::Yearly),
+        _ => "—",
+    }
+}
+
+fn prices(ctx: &Ctx, c: &ClusterView) -> Markup {
+    html! {
+        ul.prices { @for p in &c.prices { li { (money(&c.currency, p.per_card_minor, ctx.lang)) " / " (mode_name(ctx, &p.billing_mode)) } } }
+    }
+}
+
+fn class_name(ctx: &Ctx, class: &str) -> &'static str {
+    if class == "A" {
+        ctx.t(Msg::ClassA)
+    } else {
+        ctx.t(Msg::ClassB)
+    }
+}
+
+pub async fn catalogue_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    viewer: MaybePrincipal,
+    ApiQuery(q): ApiQuery<CatalogueQuery>,
+) -> Response {
+    let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
+    let result = q.parse().map(|search| search_catalogue(&state, &search, ctx.viewer.as_ref()));
+    let v = |f: &Option<String>| f.clone().unwrap_or_default();
+    let any = ctx.t(Msg::Any);
+    let modes = [("", any), ("hourly", ctx.t(Msg::Hourly)), ("daily", ctx.t(Msg::Daily)), ("monthly", ctx.t(Msg::Monthly)), ("yearly", ctx.t(Msg::Yearly))];
+    let sorts: Vec<(&str, &str)> = SortKey::ALL
+        .iter()
+        .map(|(k, n)| {
+            (*n, match k {
+                SortKey::Newest => ctx.t(Msg::Newest),
+                SortKey::PriceLow => ctx.t(Msg::PriceLow),
+                SortKey::PriceHigh => ctx.t(Msg::PriceHigh),
+                SortKey::MostIdle => ctx.t(Msg::MostIdle),
+                SortKey::MostVram => ctx.t(Msg::MostVram),
+            })
+        })
+        .collect();
+    let filters = html! {
+        form.filters method="get" action="/" {
+            (select(ctx.t(Msg::Class), "class", &[("", any), ("A", ctx.t(Msg::ClassA)), ("B", ctx.t(Msg::ClassB))], &v(&q.class)))
+            (field(ctx.t(Msg::GpuModel), "gpu_model", "text", &v(&q.gpu_model), false))
+            (field(ctx.t(Msg::Vram), "min_vram_gib", "number", &v(&q.min_vram_gib), false))
+            (field(ctx.t(Msg::Cards), "min_cards", "number", &v(&q.min_cards), false))
+            (field(ctx.t(Msg::IdleCards), "min_idle_cards", "number", &v(&q.min_idle_cards), false))
+            (field(ctx.t(Msg::Memory), "min_memory_gib", "number", &v(&q.min_memory_gib), false))
+            (field(ctx.t(Msg::Vcpus), "min_vcpus", "number", &v(&q.min_vcpus), false))
+            (field(ctx.t(Msg::Storage), "min_storage_gb", "number", &v(&q.min_storage_gb), false))
+            (field(ctx.t(Msg::Region), "region", "text", &v(&q.region), false))
+            (field(ctx.t(Msg::Vendor), "vendor", "text", &v(&q.vendor), false))
+            (select(ctx.t(Msg::BillingMode), "billing_mode", &modes, &v(&q.billing_mode)))
+            (field(ctx.t(Msg::MaxPrice), "max_price_minor", "number", &v(&q.max_price_minor), false))
+            (select(ctx.t(Msg::Sort), "sort", &sorts, &v(&q.sort)))
+            button type="submit" { (ctx.t(Msg::Filter)) }
+            a href="/" { (ctx.t(Msg::Reset)) }
+        }
+    };
+    let body = match result {
+        Err(e) => html! { (filters) p.error { (e.message) } },
+        Ok(page_data) => {
+            let pages = page_data.total.div_ceil(page_data.page_size).max(1);
+            let link = |n: usize| {
+                let mut q2 = q.clone();
+                q2.page = Some(n.to_string());
+                format!("/?{}", serde_urlencoded_like(&q2))
+            };
+            html! {
+                (filters)
+                p.count { (page_data.total) " " (ctx.t(Msg::Results)) }
+                @if page_data.clusters.is_empty() { p { (ctx.t(Msg::NoResults)) } }
+                @else {
+                    table.catalogue {
+                        thead { tr {
+                            th { "CPcId" } th { (ctx.t(Msg::Title)) } th { (ctx.t(Msg::Class)) } th { (ctx.t(Msg::GpuModel)) }
+                            th { (ctx.t(Msg::Vram)) } th { (ctx.t(Msg::IdleCards)) " / " (ctx.t(Msg::Cards)) } th { (ctx.t(Msg::Memory)) }
+                            th { (ctx.t(Msg::Vcpus)) } th { (ctx.t(Msg::Region)) } th { (ctx.t(Msg::Vendor)) } th { (ctx.t(Msg::Price)) } th { (ctx.t(Msg::Status)) }
+                        } }
+                        tbody {
+                            @for c in &page_data.clusters {
+                                tr {
+                                    td { a href={ "/clusters/" (c.cluster_id) } { (c.cpc_id) } }
+                                    td { (c.title) } td { (class_name(&ctx, &c.class)) } td { (c.gpu_model) } td { (c.vram_gib) }
+                                    td { (c.idle_cards) " / " (c.total_cards) } td { (c.memory_gib) } td { (c.vcpus) } td { (c.region) } td { (c.vendor) }
+                                    td { (prices(&ctx, c)) }
+                                    td { @if c.delisted { (ctx.t(Msg::Delisted)) } @else { (ctx.t(Msg::Listed)) } }
+                                }
+                            }
+                        }
+                    }
+                    nav.pager {
+                        @if page_data.page > 1 { a href=(link(page_data.page - 1)) { (ctx.t(Msg::Previous)) } }
+                        span { (page_data.page) " / " (pages) }
+                        @if page_data.page < pages { a href=(link(page_data.page + 1)) { (ctx.t(Msg::Next)) } }
+                    }
+                }
+            }
+        }
+    };
+    page(&ctx, ctx.t(Msg::Catalogue), body)
+}
+
+/// The query string of a catalogue query (for pager links).
+fn serde_urlencoded_like(q: &CatalogueQuery) -> String {
+    let value = serde_json::to_value(q).unwrap_or_default();
+    let mut out = Vec::new();
+    if let Some(map) = value.as_object() {
+        for (k, v) in map {
+            if let Some(s) = v.as_str().filter(|s| !s.is_empty()) {
+                out.push(format!("{k}={}", super::urlencode(s)));
+            }
+        }
+    }
+    out.join("&")
+}
+
+pub async fn cluster_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal, ApiPath(id): ApiPath<u64>) -> Response {
+    let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
+    let detail = match cluster_detail_of(&state, id, ctx.viewer.as_ref()).await {
+        Ok(d) => d,
+        Err(e) => return error_page(&ctx, e),
+    };
+    let c = &detail.cluster;
+    let monitoring = if c.class == "B" {
+        match telemetry_of(&state, id, 60, ctx.viewer.as_ref()).await {
+            Ok(series) => {
+                let pick = |f: fn(&crate::api::market::TelemetryPoint) -> f64| series.points.iter().map(|p| (p.at_ms, f(p))).collect::<Vec<_>>();
+                html! {
+                    section.monitoring data-live={ "/api/v1/clusters/" (id) "/live" } {
+                        h2 { (ctx.t(Msg::Telemetry)) }
+                        div.charts {
+                            (svg_chart(ctx.t(Msg::GpuUtil), &pick(|p| p.gpu_utilization_pct), 100.0))
+                            (svg_chart(ctx.t(Msg::Temperature), &pick(|p| p.temperature_c), 90.0))
+                            (svg_chart(ctx.t(Msg::Power), &pick(|p| p.power_w), 100.0))
+                        }
+                        div.charts.live {
+                            @for (key, label, max) in [("cpu", ctx.t(Msg::CpuUtil), 100.0), ("net", ctx.t(Msg::Network), 100.0), ("rtt", ctx.t(Msg::Latency), 10.0), ("loss", ctx.t(Msg::Loss), 1.0), ("gpu", ctx.t(Msg::GpuUtil), 100.0), ("temp", ctx.t(Msg::Temperature), 90.0)] {
+                                figure.chart data-series=(key) data-max=(max) {
+                                    figcaption { (label) ": " strong { "—" } }
+                                    svg viewBox="0 0 360 120" preserveAspectRatio="none" { polyline points="" fill="none" stroke="currentColor" stroke-width="2" {} }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => html! { p.error { (e.message) } },
+        }
+    } else {
+        html! { p.note { (ctx.t(Msg::NotMonitored)) } }
+    };
+    let request = match &ctx.viewer {
+        Some(v) if v.kind == UserKind::Researcher && !c.delisted => {
+            let modes: Vec<(&str, &str)> = c.prices.iter().map(|p| (p.billing_mode.as_str(), mode_name(&ctx, &p.billing_mode))).collect();
+            let nodes = detail.cards.iter().map(|card| card.node_id).collect::<std::collections::BTreeSet<_>>();
+            html! {
+                section.request {
+                    h2 { (ctx.t(Msg::RequestLease)) }
+                    (api_form("/api/v1/leases", "POST", Some("/leases/{lease_id}"), None, ctx.t(Msg::RequestLease), html! {
+                        input type="hidden" name="cluster_id" value=(c.cluster_id) data-type="number";
+                        @if c.class == "A" {
+                            label { span { (ctx.t(Msg::Nodes)) } 
+                                @for n in &nodes { label.inline { input type="checkbox" name="node_ids" value=(n) data-type="number-list"; " node-" (n) } }
+                                small.problem data-for="node_ids" {}
+                            }
+                        } @else {
+                            (field(ctx.t(Msg::Cards), "cards", "number", "1", true))
+                        }
+                        (select(ctx.t(Msg::BillingMode), "billing_mode", &modes, ""))
+                        (field(ctx.t(Msg::Periods), "periods", "number", "1", true))
+                    }))
+                }
+            }
+        }
+        _ => html! {},
+    };
+    let body = html! {
+        dl.facts {
+            dt { "CPcId" } dd { (c.cpc_id) }
+            dt { (ctx.t(Msg::Class)) } dd { (class_name(&ctx, &c.class)) }
+            dt { (ctx.t(Msg::Status)) } dd { @if c.delisted { (ctx.t(Msg::Delisted)) } @else { (ctx.t(Msg::Listed)) } }
+            dt { (ctx.t(Msg::GpuModel)) } dd { (c.nodes) " × " (c.total_cards / c.nodes.max(1)) " × " (c.gpu_model) " (" (c.resource_type) ")" }
+            dt { (ctx.t(Msg::Vram)) } dd { (c.vram_gib) }
+            dt { (ctx.t(Msg::IdleCards)) } dd { (c.idle_cards) " / " (c.total_cards) }
+            dt { (ctx.t(Msg::Memory)) } dd { (c.memory_gib) }
+            dt { (ctx.t(Msg::Vcpus)) } dd { (c.vcpus) }
+            dt { (ctx.t(Msg::Storage)) } dd { (c.storage.data_disks) " × " (c.storage.data_disk_gb) " GB " (c.storage.medium) " + " (c.storage.system_disk_gb) " GB" }
+            dt { (ctx.t(Msg::Region)) } dd { (c.region) }
+            dt { (ctx.t(Msg::Vendor)) } dd { (c.vendor) }
+            dt { (ctx.t(Msg::Price)) } dd { (prices(&ctx, c)) }
+        }
+        @if !c.usage_instructions.is_empty() { h2 { (ctx.t(Msg::UsageInstructions)) } (pre(&c.usage_instructions)) }
+        (request)
+        (monitoring)
+        h2 { (ctx.t(Msg::CardList)) }
+        table { thead { tr { th { "#" } th { (ctx.t(Msg::GpuModel)) } th { "node" } th { (ctx.t(Msg::Status)) } th { "health" } } }
+            tbody { @for card in &detail.cards { tr { td { (card.index) } td { (card.model) } td { (card.node_id) } td.status { (status_name(&ctx, &card.status)) } td { (card.health) } } } } }
+    };
+    page(&ctx, &format!("{} — {}", c.cpc_id, c.title), body)
+}
+
+pub fn status_name(ctx: &Ctx, s: &str) -> &'static str {
+    match s {
+        "idle" => ctx.t(Msg::Idle),
+        "reserved" => ctx.t(Msg::Reserved),
+        "busy" => ctx.t(Msg::Busy),
+        "offline" => ctx.t(Msg::Offline),
+        "faulty" => ctx.t(Msg::Faulty),
+        _ => "?",
+    }
+}
+
+pub fn lease_table(ctx: &Ctx, leases: &[LeaseView]) -> Markup {
+    html! {
+        table.leases {
+            thead { tr { th { (ctx.t(Msg::Lease)) } th { "CPcId" } th { (ctx.t(Msg::State)) } th { (ctx.t(Msg::Cards)) } th { (ctx.t(Msg::BillingMode)) } th { (ctx.t(Msg::Amount)) } th { (ctx.t(Msg::Requested)) } th { (ctx.t(Msg::PaidUntil)) } th { (ctx.t(Msg::AuthCode)) } } }
+            tbody {
+                @for l in leases {
+                    tr data-lease=(l.lease_id) {
+                        td { a href={ "/leases/" (l.lease_id) } { "lease-" (l.lease_id) } }
+                        td { (l.cpc_id) } td.state { (l.state) } td { (l.card_ids.len()) }
+                        td { (l.periods) " × " (mode_name(ctx, &l.billing_mode)) }
+                        td { (money(&l.currency, l.amount_minor, ctx.lang)) }
+                        td { (datetime(l.requested_ms, ctx.lang)) } td { (datetime(l.paid_until_ms, ctx.lang)) }
+                        td { @if let Some(code) = &l.authorization_code { code.auth-code { (code) } } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub async fn leases_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal) -> Response {
+    let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
+    let Some(v) = ctx.viewer.clone() else { return error_page(&ctx, ApiError::unauthenticated()) };
+    if v.kind == UserKind::Operator {
+        return error_page(&ctx, ApiError::forbidden("operators see leases under Operations"));
+    }
+    let spend = match spend_of(&state, &v).await {
+        Ok(s) => s,
+        Err(e) => return error_page(&ctx, e),
+    };
+    let label = if v.kind == UserKind::Researcher { ctx.t(Msg::Spend) } else { ctx.t(Msg::Earnings) };
+    let body = html! {
+        p.spend { (label) ": " @for (cur, minor) in &spend.committed { strong { (money(cur, *minor, ctx.lang)) } " " } @if spend.committed.is_empty() { (money("CNY", 0, ctx.lang)) } }
+        (lease_table(&ctx, &spend.leases))
+        @if v.kind == UserKind::Supplier {
+            @for l in spend.leases.iter().filter(|l| l.state == "requested") {
+                (api_form(&format!("/api/v1/supplier/leases/{}/approve", l.lease_id), "POST", None, Some("authorization_code"), &format!("{} lease-{}", ctx.t(Msg::Approve), l.lease_id), html! {}))
+            }
+        }
+    };
+    let title = if v.kind == UserKind::Supplier { ctx.t(Msg::LeaseRequests) } else { ctx.t(Msg::MyLeases) };
+    page(&ctx, title, body)
+}
+
+pub async fn lease_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal, ApiPath(id): ApiPath<u64>) -> Response {
+    let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
+    let Some(v) = ctx.viewer.clone() else { return error_page(&ctx, ApiError::unauthenticated()) };
+    let lease = match lease_of(&state, &v, id).await {
+        Ok(l) => l,
+        Err(e) => return error_page(&ctx, e),
+    };
+    let researcher = v.kind == UserKind::Researcher;
+    let access = if lease.state == "active" && v.kind != UserKind::Operator { access_of(&state, &v, id).await.ok() } else { None };
+    let body = html! {
+        (lease_table(&ctx, std::slice::from_ref(&lease)))
+        @if researcher && lease.state == "approved" && lease.class == "A" {
+            h2 { (ctx.t(Msg::VerifyCode)) }
+            (api_form(&format!("/api/v1/leases/{id}/verify"), "POST", Some(&format!("/leases/{id}")), None, ctx.t(Msg::VerifyCode), html! {
+                (field(ctx.t(Msg::AuthCode), "authorization_code", "text", "", true))
+            }))
+        }
+        @if v.kind == UserKind::Supplier && lease.state == "requested" {
+            (api_form(&format!("/api/v1/supplier/leases/{id}/approve"), "POST", None, Some("authorization_code"), ctx.t(Msg::Approve), html! {}))
+        }
+        @if let Some(a) = &access {
+            section.access {
+                h2 { (ctx.t(Msg::Access)) }
+                @for n in &a.nodes {
+                    h3 { "node-" (n.node_id) " · " (n.login) " · CUDA_VISIBLE_DEVICES=" (n.card_indexes.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")) }
+                    p { (ctx.t(Msg::SshCommand)) } (pre(&n.ssh_command))
+                    p { (ctx.t(Msg::KnownHosts)) } (pre(&n.known_hosts_line))
+                    @if !n.vnc_tunnel.is_empty() { p { (ctx.t(Msg::VncTunnel)) } (pre(&n.vnc_tunnel)) }
+                }
+                @if a.nodes.is_empty() { p { (ctx.t(Msg::None)) } }
+                @if researcher {
+                    (api_form(&format!("/api/v1/leases/{id}/password"), "POST", None, Some("password"), ctx.t(Msg::NewPassword), html! {}))
+                }
+            }
+        }
+        @if lease.state == "active" || lease.state == "requested" || lease.state == "approved" {
+            @if v.kind != UserKind::Operator || v.can(crate::model::Permission::Intervene) {
+                (api_form(&format!("/api/v1/leases/{id}/end"), "POST", Some(&format!("/leases/{id}")), None, ctx.t(Msg::EndLease), html! {}))
+            }
+        }
+    };
+    page(&ctx, &format!("{} lease-{id}", ctx.t(Msg::Lease)), body)
+}
