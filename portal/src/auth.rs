@@ -184,6 +184,39 @@ impl FromRequestParts<AppState> for Principal {
     }
 }
 
+macro_rules! kind_extractor {
+    ($(#[$doc:meta])* $name:ident, $kind:expr) => {
+        $(#[$doc])*
+        pub struct $name(pub Principal);
+
+        impl FromRequestParts<AppState> for $name {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+                let p = Principal::from_request_parts(parts, state).await?;
+                p.require_kind($kind)?;
+                Ok($name(p))
+            }
+        }
+    };
+}
+
+kind_extractor!(
+    /// A researcher, checked before the request body is read (a wrong role is a 403, not a 400).
+    Researcher,
+    UserKind::Researcher
+);
+kind_extractor!(
+    /// A supplier, checked before the request body is read.
+    Supplier,
+    UserKind::Supplier
+);
+kind_extractor!(
+    /// Any operator; each handler checks the permission it needs.
+    Operator,
+    UserKind::Operator
+);
+
 /// The caller if any (public pages and endpoints).
 pub struct MaybePrincipal(pub Option<Principal>);
 

@@ -209,7 +209,10 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         (None, from_file) => from_file,
     };
     let mailer = smtp.as_ref().map(Mailer::new).transpose()?;
-    let public_url = args.public_url.clone().or(file.public_url).unwrap_or_else(|| format!("http://{listen}"));
+    // Bound first, so `--listen 127.0.0.1:0` yields a real port for the links in emails.
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    let public_url = args.public_url.clone().or(file.public_url).unwrap_or_else(|| format!("http://{addr}"));
     if public_url.starts_with("http://") && !(public_url.contains("127.0.0.1") || public_url.contains("localhost")) && !args.insecure_cookies {
         bail!("{public_url} is plain HTTP: browsers drop Secure cookies there; serve it over https, or pass --insecure-cookies");
     }
@@ -222,8 +225,6 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
     let state = AppState(Arc::new(Inner { db: s.db, keys: s.keys.ring()?, market: market.clone(), mailer, settings, outbox_wake: Default::default() }));
     market.spawn_follower();
     outbox::spawn_worker(state.clone());
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-    let addr = listener.local_addr()?;
     if args.demo {
         let mut lines = None;
         for _ in 0..50 {

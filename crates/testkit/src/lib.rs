@@ -16,7 +16,10 @@ use tokio::process::{Child, Command};
 pub mod cluster;
 pub mod fixtures;
 pub mod link;
+pub mod portal;
+pub mod smtp;
 pub mod sshd;
+pub mod webdriver;
 
 pub const READY_PREFIX: &str = "SUANLI_READY";
 

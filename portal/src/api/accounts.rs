@@ -417,12 +417,13 @@ pub struct SessionResponse {
     pub mfa_required: bool,
 }
 
-async fn throttled(state: &AppState, key: &str) -> ApiResult<bool> {
+/// Whether `key` has failed `limit` times within the throttle window.
+async fn throttled(state: &AppState, key: &str, limit: i64) -> ApiResult<bool> {
     let row = sqlx::query("SELECT failures, window_start_ms FROM login_throttle WHERE throttle_key = $1").bind(key).fetch_optional(&state.db.pool).await?;
     Ok(match row {
         Some(r) => {
             let window = state.settings.throttle_window.as_millis() as i64;
-            r.try_get::<i64, _>("failures")? >= state.settings.max_login_failures && now_ms() - r.try_get::<i64, _>("window_start_ms")? < window
+            r.try_get::<i64, _>("failures")? >= limit && now_ms() - r.try_get::<i64, _>("window_start_ms")? < window
         }
         None => false,
     })
@@ -483,7 +484,9 @@ pub async fn login(
     }
     let user_key = format!("login:{}", state.keys.lookup_hash("throttle", &login));
     let ip_key = format!("ip:{}", auth::source_address(&headers, Some(peer)));
-    if throttled(&state, &user_key).await? || throttled(&state, &ip_key).await? {
+    // One address may fail more often than one login: many people share a NAT.
+    let max = state.settings.max_login_failures;
+    if throttled(&state, &user_key, max).await? || throttled(&state, &ip_key, max * 10).await? {
         return Err(ApiError::new(Code::TooManyAttempts, "too many failed logins; wait 15 minutes"));
     }
     let row = sqlx::query("SELECT id, kind, username, password_hash, state, totp_secret_enc, totp_enabled FROM users WHERE username = $1 OR email_hash = $2")
@@ -540,7 +543,7 @@ pub async fn login_totp(State(state): State<AppState>, headers: HeaderMap, ApiJs
     let (hash, user) = pending_session(&state, &headers).await?.ok_or_else(ApiError::unauthenticated)?;
     let row = sqlx::query("SELECT username, kind, totp_secret_enc FROM users WHERE id = $1").bind(user.0).fetch_one(&state.db.pool).await?;
     let user_key = format!("totp:{}", user.0);
-    if throttled(&state, &user_key).await? {
+    if throttled(&state, &user_key, state.settings.max_login_failures).await? {
         return Err(ApiError::new(Code::TooManyAttempts, "too many wrong codes; wait 15 minutes"));
     }
     let secret = opt_str(&row, "totp_secret_enc")?.ok_or_else(|| ApiError::new(Code::MfaInvalid, "two-factor authentication is not set up"))?;
@@ -879,7 +882,7 @@ pub struct SshKeyInfo {
 }
 
 #[utoipa::path(post, path = "/api/v1/me/ssh-keys", request_body = NewSshKey, tag = "accounts", responses((status = 201, body = SshKeyInfo), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
-pub async fn add_ssh_key(State(state): State<AppState>, principal: Principal, ApiJson(req): ApiJson<NewSshKey>) -> ApiResult<Response> {
+pub async fn add_ssh_key(State(state): State<AppState>, auth::Researcher(principal): auth::Researcher, ApiJson(req): ApiJson<NewSshKey>) -> ApiResult<Response> {
     principal.require_kind(UserKind::Researcher)?;
     let account = principal.broker_account.ok_or_else(|| ApiError::forbidden("no marketplace account"))?;
     let key = req.public_key.trim().to_owned();

@@ -21,7 +21,7 @@ use tokio_stream::StreamExt;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{fresh_request_id, request_id, ApiJson, ApiPath, ApiQuery};
-use crate::auth::{MaybePrincipal, Principal};
+use crate::auth::{MaybePrincipal, Principal, Researcher, Supplier};
 use crate::db::now_ms;
 use crate::error::{ApiError, ApiResult, Problems};
 use crate::market::Entry;
@@ -631,7 +631,7 @@ pub struct LeaseRequest {
 
 #[utoipa::path(post, path = "/api/v1/leases", request_body = LeaseRequest, tag = "leases",
     responses((status = 201, body = LeaseView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn request_lease(State(state): State<AppState>, principal: Principal, ApiJson(req): ApiJson<LeaseRequest>) -> ApiResult<Response> {
+pub async fn request_lease(State(state): State<AppState>, Researcher(principal): Researcher, ApiJson(req): ApiJson<LeaseRequest>) -> ApiResult<Response> {
     principal.require_kind(UserKind::Researcher)?;
     let mut p = Problems::default();
     let mode = parse_billing_mode(&mut p, "billing_mode", &req.billing_mode);
@@ -718,7 +718,7 @@ pub struct VerifyRequest {
 
 #[utoipa::path(post, path = "/api/v1/leases/{id}/verify", params(("id" = u64, Path)), request_body = VerifyRequest, tag = "leases",
     responses((status = 200, body = LeaseView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn verify_code(State(state): State<AppState>, principal: Principal, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<VerifyRequest>) -> ApiResult<axum::Json<LeaseView>> {
+pub async fn verify_code(State(state): State<AppState>, Researcher(principal): Researcher, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<VerifyRequest>) -> ApiResult<axum::Json<LeaseView>> {
     principal.require_kind(UserKind::Researcher)?;
     let code = req.authorization_code.trim().to_ascii_uppercase();
     if code.is_empty() || code.len() > 64 {
@@ -793,7 +793,7 @@ pub struct PasswordView {
 
 #[utoipa::path(post, path = "/api/v1/leases/{id}/password", params(("id" = u64, Path)), tag = "leases",
     responses((status = 200, body = PasswordView), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn lease_password(State(state): State<AppState>, principal: Principal, ApiPath(id): ApiPath<u64>) -> ApiResult<axum::Json<PasswordView>> {
+pub async fn lease_password(State(state): State<AppState>, Researcher(principal): Researcher, ApiPath(id): ApiPath<u64>) -> ApiResult<axum::Json<PasswordView>> {
     principal.require_kind(UserKind::Researcher)?;
     let r = market_client(&state, &principal)?
         .set_lease_password(v1::SetLeasePasswordRequest { request_id: fresh_request_id("password"), lease_id: id })
@@ -809,7 +809,7 @@ pub struct ExtendRequest {
 
 #[utoipa::path(post, path = "/api/v1/leases/{id}/extend", params(("id" = u64, Path)), request_body = ExtendRequest, tag = "leases",
     responses((status = 200, body = LeaseView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn extend_lease(State(state): State<AppState>, principal: Principal, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<ExtendRequest>) -> ApiResult<axum::Json<LeaseView>> {
+pub async fn extend_lease(State(state): State<AppState>, Researcher(principal): Researcher, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<ExtendRequest>) -> ApiResult<axum::Json<LeaseView>> {
     principal.require_kind(UserKind::Researcher)?;
     if req.periods == 0 || req.periods > 1000 {
         return Err(ApiError::field("periods", "between 1 and 1000"));
@@ -899,7 +899,7 @@ pub struct EnrollmentToken {
 
 #[utoipa::path(post, path = "/api/v1/supplier/enrollment-tokens", request_body = EnrollmentRequest, tag = "supplier",
     responses((status = 201, body = EnrollmentToken), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
-pub async fn enrollment_token(State(state): State<AppState>, principal: Principal, ApiJson(req): ApiJson<EnrollmentRequest>) -> ApiResult<Response> {
+pub async fn enrollment_token(State(state): State<AppState>, Supplier(principal): Supplier, ApiJson(req): ApiJson<EnrollmentRequest>) -> ApiResult<Response> {
     principal.require_kind(UserKind::Supplier)?;
     let valid = req.valid_seconds.unwrap_or(86_400);
     if valid == 0 || valid > 7 * 86_400 {
@@ -952,7 +952,7 @@ pub async fn my_nodes(state: &AppState, p: &Principal) -> ApiResult<Vec<NodeView
 }
 
 #[utoipa::path(get, path = "/api/v1/supplier/nodes", tag = "supplier", responses((status = 200, body = [NodeView]), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
-pub async fn list_nodes(State(state): State<AppState>, principal: Principal) -> ApiResult<axum::Json<Vec<NodeView>>> {
+pub async fn list_nodes(State(state): State<AppState>, Supplier(principal): Supplier) -> ApiResult<axum::Json<Vec<NodeView>>> {
     Ok(axum::Json(my_nodes(&state, &principal).await?))
 }
 
@@ -965,7 +965,7 @@ pub fn my_clusters(state: &AppState, p: &Principal) -> ApiResult<Vec<ClusterView
 }
 
 #[utoipa::path(get, path = "/api/v1/supplier/clusters", tag = "supplier", responses((status = 200, body = [ClusterView]), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
-pub async fn list_my_clusters(State(state): State<AppState>, principal: Principal) -> ApiResult<axum::Json<Vec<ClusterView>>> {
+pub async fn list_my_clusters(State(state): State<AppState>, Supplier(principal): Supplier) -> ApiResult<axum::Json<Vec<ClusterView>>> {
     Ok(axum::Json(my_clusters(&state, &principal)?))
 }
 
@@ -1039,7 +1039,7 @@ pub struct PublishRequest {
 
 #[utoipa::path(post, path = "/api/v1/supplier/clusters", request_body = PublishRequest, tag = "supplier",
     responses((status = 201, body = ClusterView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn publish(State(state): State<AppState>, principal: Principal, ApiJson(req): ApiJson<PublishRequest>) -> ApiResult<Response> {
+pub async fn publish(State(state): State<AppState>, Supplier(principal): Supplier, ApiJson(req): ApiJson<PublishRequest>) -> ApiResult<Response> {
     principal.require_kind(UserKind::Supplier)?;
     let mut p = Problems::default();
     let class = match req.class.to_ascii_uppercase().as_str() {
@@ -1069,7 +1069,7 @@ pub async fn publish(State(state): State<AppState>, principal: Principal, ApiJso
 
 #[utoipa::path(put, path = "/api/v1/supplier/clusters/{id}/listing", params(("id" = u64, Path)), request_body = ListingInput, tag = "supplier",
     responses((status = 200, body = ClusterView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn modify(State(state): State<AppState>, principal: Principal, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<ListingInput>) -> ApiResult<axum::Json<ClusterView>> {
+pub async fn modify(State(state): State<AppState>, Supplier(principal): Supplier, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<ListingInput>) -> ApiResult<axum::Json<ClusterView>> {
     principal.require_kind(UserKind::Supplier)?;
     let mut p = Problems::default();
     let listing = listing_to_wire(&mut p, &req);
@@ -1107,7 +1107,7 @@ pub struct ApproveRequest {
 
 #[utoipa::path(post, path = "/api/v1/supplier/leases/{id}/approve", params(("id" = u64, Path)), request_body = ApproveRequest, tag = "supplier",
     responses((status = 200, body = LeaseView), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn approve(State(state): State<AppState>, principal: Principal, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<ApproveRequest>) -> ApiResult<axum::Json<LeaseView>> {
+pub async fn approve(State(state): State<AppState>, Supplier(principal): Supplier, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<ApproveRequest>) -> ApiResult<axum::Json<LeaseView>> {
     principal.require_kind(UserKind::Supplier)?;
     let r = market_client(&state, &principal)?
         .approve_lease(v1::ApproveLeaseRequest { request_id: fresh_request_id("approve"), lease_id: id, code_valid_seconds: req.code_valid_seconds.unwrap_or(0) })
@@ -1147,7 +1147,7 @@ pub struct CardStatusRequest {
 
 #[utoipa::path(put, path = "/api/v1/supplier/cards/{id}/status", params(("id" = u64, Path)), request_body = CardStatusRequest, tag = "supplier",
     responses((status = 200, body = CardView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn set_card_status(State(state): State<AppState>, principal: Principal, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<CardStatusRequest>) -> ApiResult<axum::Json<CardView>> {
+pub async fn set_card_status(State(state): State<AppState>, Supplier(principal): Supplier, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<CardStatusRequest>) -> ApiResult<axum::Json<CardView>> {
     principal.require_kind(UserKind::Supplier)?;
     let status = match req.status.as_str() {
         "idle" => v1::CardStatus::Idle,

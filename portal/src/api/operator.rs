@@ -8,7 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::accounts::open_market_account;
 use super::{ApiJson, ApiPath, ApiQuery};
-use crate::auth::Principal;
+use crate::auth::{Operator, Principal};
 use crate::db::{now_ms, opt_str};
 use crate::error::{ApiError, ApiResult, Code};
 use crate::model::{role_conflict, AccountState, Permission, Role, UserId, UserKind, UserType};
@@ -57,7 +57,7 @@ pub async fn reviews_of(state: &AppState, p: &Principal) -> ApiResult<Vec<Review
 
 #[utoipa::path(get, path = "/api/v1/operator/reviews", tag = "operator",
     responses((status = 200, body = [ReviewItem]), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
-pub async fn list_reviews(State(state): State<AppState>, principal: Principal) -> ApiResult<axum::Json<Vec<ReviewItem>>> {
+pub async fn list_reviews(State(state): State<AppState>, Operator(principal): Operator) -> ApiResult<axum::Json<Vec<ReviewItem>>> {
     Ok(axum::Json(reviews_of(&state, &principal).await?))
 }
 
@@ -77,7 +77,7 @@ pub struct ReviewOutcome {
     responses((status = 200, body = ReviewOutcome), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn decide_review(
     State(state): State<AppState>,
-    principal: Principal,
+    Operator(principal): Operator,
     ApiPath(user_id): ApiPath<String>,
     ApiJson(req): ApiJson<ReviewDecision>,
 ) -> ApiResult<axum::Json<ReviewOutcome>> {
@@ -108,7 +108,7 @@ pub struct UserSummary {
 
 #[utoipa::path(get, path = "/api/v1/operator/users", tag = "operator",
     responses((status = 200, body = [UserSummary]), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
-pub async fn list_operators(State(state): State<AppState>, principal: Principal) -> ApiResult<axum::Json<Vec<UserSummary>>> {
+pub async fn list_operators(State(state): State<AppState>, Operator(principal): Operator) -> ApiResult<axum::Json<Vec<UserSummary>>> {
     Ok(axum::Json(operators_of(&state, &principal).await?))
 }
 
@@ -169,7 +169,7 @@ pub async fn set_roles_of(state: &AppState, p: &Principal, target: i64, roles: &
 
 #[utoipa::path(put, path = "/api/v1/operator/users/{user_id}/roles", params(("user_id" = String, Path)), request_body = RolesRequest, tag = "operator",
     responses((status = 204), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn set_roles(State(state): State<AppState>, principal: Principal, ApiPath(user_id): ApiPath<String>, ApiJson(req): ApiJson<RolesRequest>) -> ApiResult<StatusCode> {
+pub async fn set_roles(State(state): State<AppState>, Operator(principal): Operator, ApiPath(user_id): ApiPath<String>, ApiJson(req): ApiJson<RolesRequest>) -> ApiResult<StatusCode> {
     let target: i64 = user_id.parse().map_err(|_| ApiError::not_found("operator"))?;
     set_roles_of(&state, &principal, target, &req.roles).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -233,6 +233,6 @@ pub async fn audit_of(state: &AppState, p: &Principal, q: &AuditQuery) -> ApiRes
 
 #[utoipa::path(get, path = "/api/v1/operator/audit", params(AuditQuery), tag = "operator",
     responses((status = 200, body = [AuditEntry]), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
-pub async fn audit(State(state): State<AppState>, principal: Principal, ApiQuery(q): ApiQuery<AuditQuery>) -> ApiResult<axum::Json<Vec<AuditEntry>>> {
+pub async fn audit(State(state): State<AppState>, Operator(principal): Operator, ApiQuery(q): ApiQuery<AuditQuery>) -> ApiResult<axum::Json<Vec<AuditEntry>>> {
     Ok(axum::Json(audit_of(&state, &principal, &q).await?))
 }

@@ -1,0 +1,67 @@
+//! The portal as a real process, against a broker given by endpoint.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::{workspace_binary, Service};
+
+pub struct PortalProcess {
+    pub service: Service,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+}
+
+pub struct PortalOptions<'a> {
+    pub broker: &'a str,
+    pub platform_token: &'a str,
+    pub database_url: &'a str,
+    pub smtp: Option<&'a str>,
+    pub extra: &'a [&'a str],
+}
+
+impl PortalProcess {
+    pub async fn start(dir: &Path, o: &PortalOptions<'_>) -> anyhow::Result<PortalProcess> {
+        let binary = workspace_binary("suanli-portal", "suanli-portal")?;
+        let mut args: Vec<String> = [
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            o.database_url,
+            "--broker",
+            o.broker,
+            "--platform-token",
+            o.platform_token,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push("--key-file".into());
+        args.push(dir.join("portal-keys.toml").display().to_string());
+        if let Some(smtp) = o.smtp {
+            args.push("--smtp".into());
+            args.push(smtp.into());
+        }
+        args.extend(o.extra.iter().map(|s| s.to_string()));
+        let service = Service::start("portal", &binary, &args, &[("SUANLI_PORTAL_LOG", "info,sqlx=warn")], dir, Duration::from_secs(60)).await?;
+        let url = format!("http://{}", service.get("http")?);
+        Ok(PortalProcess { service, url })
+    }
+}
+
+/// A database URL for a portal under test: SQLite in `dir`, or a fresh PostgreSQL database on
+/// the server in `SUANLI_TEST_POSTGRES_URL` (created here; the server must allow CREATE DATABASE).
+pub async fn database_url(dir: &Path, postgres: bool) -> anyhow::Result<Option<String>> {
+    if !postgres {
+        return Ok(Some(format!("sqlite://{}/portal.db", dir.display())));
+    }
+    let Ok(server) = std::env::var("SUANLI_TEST_POSTGRES_URL") else { return Ok(None) };
+    let name = format!("suanli_portal_test_{}", std::process::id() as u64 * 1000 + rand_suffix());
+    let status = tokio::process::Command::new("psql").args([&server, "-q", "-c", &format!("CREATE DATABASE {name}")]).status().await?;
+    anyhow::ensure!(status.success(), "psql could not create {name} on {server}");
+    let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b).to_owned();
+    Ok(Some(format!("{base}/{name}")))
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64 % 1000).unwrap_or(0)
+}

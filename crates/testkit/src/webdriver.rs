@@ -1,0 +1,161 @@
+//! Headless Chromium driven over the W3C WebDriver protocol (Debian `chromium` and
+//! `chromium-driver`), for browser end-to-end tests. A few JSON calls; no client library.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use base64::Engine;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const ELEMENT_KEY: &str = "element-6066-11e4-a5b9-c9a3e4ae3f2c";
+
+pub struct Browser {
+    _driver: Child,
+    http: reqwest::Client,
+    session: String,
+    base: String,
+}
+
+pub struct Element(String);
+
+impl Browser {
+    /// Starts chromedriver on a port it picks and opens a headless Chromium session.
+    pub async fn start() -> anyhow::Result<Browser> {
+        let mut driver = Command::new("chromedriver")
+            .arg("--port=0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting chromedriver (Debian chromium-driver; run ops/install-build-deps)")?;
+        let stdout = driver.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let port = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.split("started successfully on port ").nth(1) {
+                    return Ok(rest.trim_end_matches('.').trim().parse::<u16>()?);
+                }
+            }
+            bail!("chromedriver exited")
+        })
+        .await
+        .context("chromedriver did not start")??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000", "--lang=en-US"]
+        }}}});
+        let reply: Value = http.post(format!("{base}/session")).json(&caps).send().await?.json().await?;
+        let session = reply["value"]["sessionId"].as_str().ok_or_else(|| anyhow!("no session: {reply}"))?.to_owned();
+        Ok(Browser { _driver: driver, http, session, base })
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let mut req = self.http.request(method, url);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let reply: Value = req.send().await?.json().await?;
+        if let Some(err) = reply["value"].get("error") {
+            bail!("webdriver {path}: {err} {}", reply["value"]["message"]);
+        }
+        Ok(reply["value"].clone())
+    }
+
+    pub async fn goto(&self, url: &str) -> anyhow::Result<()> {
+        self.call(reqwest::Method::POST, "/url", Some(json!({ "url": url }))).await.map(drop)
+    }
+
+    pub async fn url(&self) -> anyhow::Result<String> {
+        Ok(self.call(reqwest::Method::GET, "/url", None).await?.as_str().unwrap_or_default().to_owned())
+    }
+
+    pub async fn find(&self, css: &str) -> anyhow::Result<Element> {
+        let v = self.call(reqwest::Method::POST, "/element", Some(json!({"using": "css selector", "value": css}))).await?;
+        Ok(Element(v[ELEMENT_KEY].as_str().ok_or_else(|| anyhow!("no element {css}"))?.to_owned()))
+    }
+
+    /// Waits for an element the page's script or a navigation brings.
+    pub async fn wait_for(&self, css: &str, timeout: Duration) -> anyhow::Result<Element> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.find(css).await {
+                Ok(e) => return Ok(e),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.context(format!("waiting for {css}"))),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Waits until the element's text is non-empty and returns it.
+    pub async fn wait_text(&self, css: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(e) = self.find(css).await {
+                let t = self.text(&e).await?;
+                if !t.trim().is_empty() {
+                    return Ok(t);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("{css} stayed empty for {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_url(&self, contains: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let u = self.url().await?;
+            if u.contains(contains) {
+                return Ok(u);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("still at {u}, waiting for {contains}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn type_into(&self, css: &str, text: &str) -> anyhow::Result<()> {
+        let e = self.find(css).await?;
+        self.call(reqwest::Method::POST, &format!("/element/{}/clear", e.0), Some(json!({}))).await?;
+        self.call(reqwest::Method::POST, &format!("/element/{}/value", e.0), Some(json!({ "text": text }))).await.map(drop)
+    }
+
+    pub async fn click(&self, css: &str) -> anyhow::Result<()> {
+        let e = self.find(css).await?;
+        self.call(reqwest::Method::POST, &format!("/element/{}/click", e.0), Some(json!({}))).await.map(drop)
+    }
+
+    pub async fn text(&self, e: &Element) -> anyhow::Result<String> {
+        Ok(self.call(reqwest::Method::GET, &format!("/element/{}/text", e.0), None).await?.as_str().unwrap_or_default().to_owned())
+    }
+
+    /// Chooses the `<option>` with `value` in the `<select>` at `css`.
+    pub async fn select(&self, css: &str, value: &str) -> anyhow::Result<()> {
+        self.click(&format!("{css} option[value=\"{value}\"]")).await
+    }
+
+    pub async fn execute(&self, script: &str, args: Value) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::POST, "/execute/sync", Some(json!({"script": script, "args": args}))).await
+    }
+
+    pub async fn screenshot(&self, path: &Path) -> anyhow::Result<()> {
+        let v = self.call(reqwest::Method::GET, "/screenshot", None).await?;
+        let png = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default())?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, png)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,183 @@
+//! What the portal's process tests share: a one-node broker, an SMTP server, a portal on SQLite
+//! or PostgreSQL, and an HTTP client that behaves like the portal's own script (cookie + CSRF).
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
+use suanli_testkit::portal::{database_url, PortalOptions, PortalProcess};
+use suanli_testkit::smtp::SmtpSink;
+use suanli_testkit::workspace_binary;
+
+pub struct World {
+    pub broker: BrokerCluster,
+    pub smtp: SmtpSink,
+    pub portal: PortalProcess,
+    pub dir: tempfile::TempDir,
+    db_url: String,
+}
+
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl World {
+    /// `None` when PostgreSQL is asked for and `SUANLI_TEST_POSTGRES_URL` is not set.
+    pub async fn start(backend: Backend) -> anyhow::Result<Option<World>> {
+        let dir = tempfile::TempDir::new()?;
+        let Some(db) = database_url(dir.path(), matches!(backend, Backend::Postgres)).await? else {
+            eprintln!("SUANLI_TEST_POSTGRES_URL is not set: skipping the PostgreSQL run");
+            return Ok(None);
+        };
+        let broker = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker")?, 1, None).await?;
+        broker.leader(Duration::from_secs(20)).await?;
+        let smtp = SmtpSink::start(dir.path()).await?;
+        let endpoint = format!("http://{}", broker.address(1)?);
+        let portal = PortalProcess::start(
+            dir.path(),
+            &PortalOptions { broker: &endpoint, platform_token: PLATFORM_TOKEN, database_url: &db, smtp: Some(&smtp.address), extra: &[] },
+        )
+        .await?;
+        Ok(Some(World { broker, smtp, portal, dir, db_url: db }))
+    }
+
+    /// Passes `result` through, printing what the services logged when it is an error.
+    pub fn explain<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        if result.is_err() {
+            eprintln!("--- portal log ---\n{}\n--- mail received ---\n{:#?}", self.portal.service.log(), self.smtp.messages());
+        }
+        result
+    }
+
+    pub fn database_url(&self) -> String {
+        self.db_url.clone()
+    }
+
+    pub fn client(&self) -> Api {
+        Api::new(&self.portal.url)
+    }
+
+    pub async fn platform(&self) -> anyhow::Result<suanli_proto::client::Client> {
+        self.broker.client(1, PLATFORM_TOKEN).await
+    }
+
+    /// Registers a personal researcher (or individual supplier), activates it from the mail
+    /// and logs in. Returns the logged-in client.
+    pub async fn person(&self, kind: &str, username: &str) -> anyhow::Result<Api> {
+        let api = self.client();
+        let email = format!("{username}@example.cn");
+        let (status, body) = api.post("/api/v1/accounts", registration(kind, username, &email)).await?;
+        anyhow::ensure!(status == StatusCode::CREATED, "registration of {username}: {status} {body}");
+        let token = activation_token(&self.smtp.wait_for(&email, Duration::from_secs(20)).await?.text)?;
+        let (status, body) = api.post("/api/v1/activation", json!({ "token": token })).await?;
+        anyhow::ensure!(status == StatusCode::OK && body["state"] == "active", "activation: {status} {body}");
+        api.login(username, PASSWORD).await?;
+        Ok(api)
+    }
+}
+
+pub const PASSWORD: &str = "correct-horse-42";
+
+/// A valid ID-card number from any 17 digits (the checksum of GB 11643).
+pub fn id_number(first17: &str) -> String {
+    let weights = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
+    let sum: u32 = first17.bytes().zip(weights).map(|(b, w)| u32::from(b - b'0') * w).sum();
+    format!("{first17}{}", ["1", "0", "X", "9", "8", "7", "6", "5", "4", "3", "2"][(sum % 11) as usize])
+}
+
+pub fn registration(kind: &str, username: &str, email: &str) -> Value {
+    let seq = username.bytes().map(u32::from).sum::<u32>() % 1000;
+    let mut body = json!({
+        "kind": kind,
+        "user_type": if kind == "supplier" { "individual" } else { "personal" },
+        "username": username,
+        "email": email,
+        "password": PASSWORD,
+        "password_confirm": PASSWORD,
+        "real_name": "张三",
+        "id_number": id_number(&format!("44030519900101{seq:03}")),
+        "agree_terms": true,
+        "lang": "en",
+    });
+    if kind == "supplier" {
+        body["phone"] = json!(format!("1380013{:04}", seq));
+        body["address"] = json!("深圳市南山区");
+        body["affiliation"] = json!("Shenzhen Lab");
+    }
+    body
+}
+
+/// The token of the activation or reset link in a mail.
+pub fn activation_token(text: &str) -> anyhow::Result<String> {
+    let start = text.find("token=").ok_or_else(|| anyhow::anyhow!("no link in {text}"))? + "token=".len();
+    Ok(text[start..].split_whitespace().next().unwrap_or_default().to_owned())
+}
+
+/// A portal client: keeps the session cookie and sends the CSRF token on writes, as the pages do.
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub csrf: std::sync::Mutex<Option<String>>,
+    pub bearer: Option<String>,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        let http = reqwest::Client::builder().cookie_store(true).build().expect("http client");
+        Api { http, base: base.to_owned(), csrf: Default::default(), bearer: None }
+    }
+
+    pub fn with_bearer(base: &str, token: &str) -> Api {
+        let mut api = Api::new(base);
+        api.bearer = Some(token.to_owned());
+        api
+    }
+
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Value)> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(csrf) = self.csrf.lock().expect("lock").clone() {
+            req = req.header("x-csrf-token", csrf);
+        }
+        if let Some(b) = &self.bearer {
+            req = req.bearer_auth(b);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let res = req.send().await?;
+        let status = res.status();
+        let text = res.text().await?;
+        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Ok((status, value))
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<(StatusCode, Value)> {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<(StatusCode, Value)> {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn login(&self, login: &str, password: &str) -> anyhow::Result<Value> {
+        let (status, body) = self.post("/api/v1/session", json!({ "login": login, "password": password })).await?;
+        anyhow::ensure!(status == StatusCode::OK, "login {login}: {status} {body}");
+        *self.csrf.lock().expect("lock") = body["csrf_token"].as_str().map(str::to_owned);
+        Ok(body)
+    }
+
+    /// The code of an error answer.
+    pub fn code(body: &Value) -> &str {
+        body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+/// The fields an error answer names, sorted.
+pub fn fields(body: &Value) -> Vec<String> {
+    let mut f: Vec<String> = body["error"]["fields"].as_array().into_iter().flatten().filter_map(|f| f["field"].as_str().map(str::to_owned)).collect();
+    f.sort();
+    f
+}
