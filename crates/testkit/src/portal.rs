@@ -65,3 +65,11 @@ pub async fn database_url(dir: &Path, postgres: bool) -> anyhow::Result<Option<S
 fn rand_suffix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64 % 1000).unwrap_or(0)
 }
+
+/// Drops a database `database_url` made (PostgreSQL only; forcing out the portal's connections).
+pub fn drop_database(url: &str) {
+    let (Ok(server), Some((_, name))) = (std::env::var("SUANLI_TEST_POSTGRES_URL"), url.rsplit_once('/')) else { return };
+    if url.starts_with("postgres") && name.starts_with("suanli_portal_test_") {
+        let _ = std::process::Command::new("psql").args([&server, "-q", "-c", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")]).status();
+    }
+}

@@ -80,6 +80,12 @@ impl World {
     }
 }
 
+impl Drop for World {
+    fn drop(&mut self) {
+        suanli_testkit::portal::drop_database(&self.db_url);
+    }
+}
+
 pub const PASSWORD: &str = "correct-horse-42";
 
 /// A valid ID-card number from any 17 digits (the checksum of GB 11643).
@@ -180,4 +186,83 @@ pub fn fields(body: &Value) -> Vec<String> {
     let mut f: Vec<String> = body["error"]["fields"].as_array().into_iter().flatten().filter_map(|f| f["field"].as_str().map(str::to_owned)).collect();
     f.sort();
     f
+}
+
+/// A supplier agent with simulated cards, enrolled with `token` (from the portal). With
+/// `gateway` (root only) it also runs its SSH gateway, so leases get SSH details.
+pub async fn start_agent(w: &World, token: &str, hostname: &str, model: &str, cards: u32, gateway: bool) -> anyhow::Result<suanli_testkit::Service> {
+    let dir = w.dir.path().join(hostname);
+    std::fs::create_dir_all(&dir)?;
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--broker".into(),
+        w.broker.agent_endpoint(1)?,
+        "--broker-ca".into(),
+        w.broker.agent_ca_cert().display().to_string(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+        "--enrollment-token".into(),
+        token.into(),
+        "--hostname".into(),
+        hostname.into(),
+        "--source".into(),
+        "simulated".into(),
+        "--sim-model".into(),
+        model.into(),
+        "--sim-cards".into(),
+        cards.to_string(),
+        "--metrics-listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    if gateway {
+        let devices = dir.join("dev");
+        std::fs::create_dir_all(&devices)?;
+        for card in 0..cards {
+            let out = std::process::Command::new("mknod").arg(devices.join(format!("nvidia{card}"))).args(["c", "195", &card.to_string()]).output()?;
+            anyhow::ensure!(out.status.success(), "mknod: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let prefix = format!("t{:07x}", std::process::id() & 0x0fff_ffff);
+        for (flag, value) in [
+            ("--ssh-listen", "127.0.0.1:0".to_owned()),
+            ("--home-root", dir.join("homes").display().to_string()),
+            ("--login-prefix", prefix),
+            ("--devices-dir", devices.display().to_string()),
+        ] {
+            args.push(flag.into());
+            args.push(value);
+        }
+    }
+    let binary = workspace_binary("suanli-agent", "suanli-agent")?;
+    suanli_testkit::Service::start(hostname, &binary, &args, &[], &dir, Duration::from_secs(60)).await
+}
+
+pub fn running_as_root() -> bool {
+    std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// A listing body for the portal's publish endpoint.
+pub fn listing(title: &str, model: &str, region: &str, class: &str) -> Value {
+    json!({
+        "title": title, "gpu_model": model, "vram_gib": 80, "memory_gib": 512, "vcpus": 64,
+        "vendor": "Inspur", "region": region,
+        "storage": {"data_disks": 2, "data_disk_gb": 3840, "system_disk_gb": 480, "medium": "nvme"},
+        "currency": "CNY",
+        "prices": [{"billing_mode": "hourly", "per_card_minor": 1200}, {"billing_mode": "monthly", "per_card_minor": 500000}],
+        "usage_instructions": if class == "A" { "SSH with the account shown after verifying the code." } else { "" },
+    })
+}
+
+/// Enrolls an agent through the portal and publishes its node as a cluster; returns the
+/// cluster ID and the agent process.
+pub async fn publish_node(w: &World, supplier: &Api, hostname: &str, class: &str, region: &str, gateway: bool) -> anyhow::Result<(u64, suanli_testkit::Service)> {
+    let (status, tok) = supplier.post("/api/v1/supplier/enrollment-tokens", json!({"valid_seconds": 600})).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "enrollment token: {status} {tok}");
+    let agent = start_agent(w, tok["token"].as_str().unwrap_or_default(), hostname, "A100 80GB", 4, gateway).await?;
+    let node: u64 = agent.get("node")?.parse()?;
+    let (status, nodes) = supplier.get("/api/v1/supplier/nodes").await?;
+    anyhow::ensure!(status == StatusCode::OK && nodes.as_array().into_iter().flatten().any(|n| n["node_id"] == node), "node {node} listed: {nodes}");
+    let body = json!({"class": class, "node_ids": [node], "listing": listing(&format!("4*A100 {hostname}"), "A100 80GB", region, class)});
+    let (status, cluster) = supplier.post("/api/v1/supplier/clusters", body).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "publish: {status} {cluster}");
+    Ok((cluster["cluster_id"].as_u64().unwrap_or_default(), agent))
 }
