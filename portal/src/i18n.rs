@@ -128,7 +128,7 @@ catalogue! {
     Vcpus => "vCPUs", "虚拟核数";
     Storage => "Local storage", "本地存储";
     Price => "Price per card", "单卡价格";
-    MaxPrice => "Max price (CNY)", "最高价格（元）";
+    MaxPrice => "Max price per card (fen)", "最高单卡价格（分）";
     BillingMode => "Billing mode", "计费方式";
     Hourly => "hourly", "按小时";
     Daily => "daily", "按天";
@@ -216,6 +216,12 @@ catalogue! {
     ResetSent => "If the account exists, a reset link is on its way.", "如账户存在，重置链接已发送。";
     SetPassword => "Set a new password", "设置新密码";
     Required => "required", "必填";
+    StateRequested => "requested", "待审批";
+    StateApproved => "approved", "已批准";
+    StateActive => "active", "使用中";
+    StateEnded => "ended", "已结束";
+    StateExpired => "expired", "已到期";
+    StateCancelled => "cancelled", "已取消";
     None => "none", "无";
     Error => "Something went wrong", "出错了";
     MailActivateSubject => "Activate your Suanli account", "激活您的算力平台账户";

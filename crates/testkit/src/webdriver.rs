@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-const ELEMENT_KEY: &str = "element-6066-11e4-a5b9-c9a3e4ae3f2c";
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 pub struct Browser {
     _driver: Child,
@@ -79,7 +79,7 @@ impl Browser {
 
     pub async fn find(&self, css: &str) -> anyhow::Result<Element> {
         let v = self.call(reqwest::Method::POST, "/element", Some(json!({"using": "css selector", "value": css}))).await?;
-        Ok(Element(v[ELEMENT_KEY].as_str().ok_or_else(|| anyhow!("no element {css}"))?.to_owned()))
+        Ok(Element(v[ELEMENT_KEY].as_str().ok_or_else(|| anyhow!("no element {css}: {v}"))?.to_owned()))
     }
 
     /// Waits for an element the page's script or a navigation brings.

@@ -237,6 +237,18 @@ pub fn status_name(ctx: &Ctx, s: &str) -> &'static str {
     }
 }
 
+fn lease_state_name(ctx: &Ctx, s: &str) -> &'static str {
+    match s {
+        "requested" => ctx.t(Msg::StateRequested),
+        "approved" => ctx.t(Msg::StateApproved),
+        "active" => ctx.t(Msg::StateActive),
+        "ended" => ctx.t(Msg::StateEnded),
+        "expired" => ctx.t(Msg::StateExpired),
+        "cancelled" => ctx.t(Msg::StateCancelled),
+        _ => "?",
+    }
+}
+
 pub fn lease_table(ctx: &Ctx, leases: &[LeaseView]) -> Markup {
     html! {
         table.leases {
@@ -245,7 +257,7 @@ pub fn lease_table(ctx: &Ctx, leases: &[LeaseView]) -> Markup {
                 @for l in leases {
                     tr data-lease=(l.lease_id) {
                         td { a href={ "/leases/" (l.lease_id) } { "lease-" (l.lease_id) } }
-                        td { (l.cpc_id) } td.state { (l.state) } td { (l.card_ids.len()) }
+                        td { (l.cpc_id) } td.state data-state=(l.state) { (lease_state_name(ctx, &l.state)) } td { (l.card_ids.len()) }
                         td { (l.periods) " × " (mode_name(ctx, &l.billing_mode)) }
                         td { (money(&l.currency, l.amount_minor, ctx.lang)) }
                         td { (datetime(l.requested_ms, ctx.lang)) } td { (datetime(l.paid_until_ms, ctx.lang)) }
