@@ -221,3 +221,19 @@ impl From<tonic::Status> for ApiError {
         suanli_proto::decode_status(&s).into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// API.md lists every code the portal can answer with, with the HTTP status it uses.
+    #[test]
+    fn every_code_is_documented_with_its_status() {
+        let doc = include_str!("../API.md");
+        let codes = ErrorCode::ALL.iter().map(|c| Code::Broker(*c)).chain(PORTAL_CODES.iter().map(|(c, _)| *c));
+        for code in codes {
+            let row = format!("| `{}` | {} |", code.as_str(), code.status().as_u16());
+            assert!(doc.contains(&row), "API.md lacks the row {row}");
+        }
+    }
+}

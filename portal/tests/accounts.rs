@@ -50,7 +50,6 @@ async fn accounts(backend: Backend) -> anyhow::Result<()> {
 }
 
 async fn scenario(w: &World) -> anyhow::Result<()> {
-    let w = w;
     let api = w.client();
 
     // Every problem of a bad registration comes back at once, field by field.

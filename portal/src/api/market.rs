@@ -87,7 +87,7 @@ fn medium_name(raw: i32) -> &'static str {
 pub fn cluster_view(e: &Entry) -> ClusterView {
     let c = &e.cluster;
     let l = c.listing.clone().unwrap_or_default();
-    let s = l.local_storage.clone().unwrap_or_default();
+    let s = l.local_storage.unwrap_or_default();
     ClusterView {
         cluster_id: c.cluster_id,
         cpc_id: c.cpc_id.clone(),

@@ -97,7 +97,7 @@ pub async fn register_page(headers: HeaderMap, OriginalUri(uri): OriginalUri, vi
 
 /// The link in the activation mail.
 pub async fn activate_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, ApiQuery(q): ApiQuery<NextQuery>) -> Response {
-    let ctx = Ctx::new(&headers, None, &uri.path().to_string());
+    let ctx = Ctx::new(&headers, None, uri.path());
     let outcome = activate_with_token(&state, q.token.as_deref().unwrap_or("")).await;
     let body = match outcome {
         Ok(AccountState::Active) => html! { p.ok #activated { (ctx.t(Msg::Activated)) } p { a href="/login" { (ctx.t(Msg::Login)) } } },
