@@ -17,11 +17,16 @@ pub struct PortalOptions<'a> {
     pub database_url: &'a str,
     pub smtp: Option<&'a str>,
     pub extra: &'a [&'a str],
+    /// Another build of the portal (a benchmark's release binary); default: this build's.
+    pub binary: Option<&'a Path>,
 }
 
 impl PortalProcess {
     pub async fn start(dir: &Path, o: &PortalOptions<'_>) -> anyhow::Result<PortalProcess> {
-        let binary = workspace_binary("suanli-portal", "suanli-portal")?;
+        let binary = match o.binary {
+            Some(b) => b.to_owned(),
+            None => workspace_binary("suanli-portal", "suanli-portal")?,
+        };
         let mut args: Vec<String> = [
             "--listen",
             "127.0.0.1:0",

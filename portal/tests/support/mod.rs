@@ -39,7 +39,7 @@ impl World {
         let endpoint = format!("http://{}", broker.address(1)?);
         let portal = PortalProcess::start(
             dir.path(),
-            &PortalOptions { broker: &endpoint, platform_token: PLATFORM_TOKEN, database_url: &db, smtp: Some(&smtp.address), extra: &[] },
+            &PortalOptions { broker: &endpoint, platform_token: PLATFORM_TOKEN, database_url: &db, smtp: Some(&smtp.address), extra: &[], binary: None },
         )
         .await?;
         Ok(Some(World { broker, smtp, portal, dir, db_url: db }))
