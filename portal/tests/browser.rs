@@ -26,6 +26,13 @@ async fn login(b: &Browser, url: &str, user: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The lease state shown on a lease page (the attribute, whatever the page's language).
+async fn lease_state(b: &Browser) -> anyhow::Result<String> {
+    b.wait_for("td.state", WAIT).await?;
+    let v = b.execute("return document.querySelector('td.state').dataset.state", serde_json::json!([])).await?;
+    Ok(v.as_str().unwrap_or_default().to_owned())
+}
+
 async fn logout(b: &Browser) -> anyhow::Result<()> {
     b.click("button[data-logout]").await?;
     b.wait_for("a[href='/login']", WAIT).await?;
@@ -36,7 +43,7 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     let url = &w.portal.url;
     let supplier = w.person("supplier", "shenzhen_gpu").await?;
     let (cluster, _agent) = publish_node(w, &supplier, "sz-bm-01", "A", "Shenzhen", running_as_root()).await?;
-    let (_, _other_agent) = publish_node(w, &supplier, "bj-vm-01", "B", "Beijing", false).await?;
+    let (class_b, _other_agent) = publish_node(w, &supplier, "bj-vm-01", "B", "Beijing", false).await?;
 
     // Register in the browser.
     b.goto(&format!("{url}/register")).await?;
@@ -87,7 +94,7 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     b.click("section.request button[type=submit]").await?;
     let lease_url = b.wait_url("/leases/", WAIT).await?;
     let lease: u64 = lease_url.rsplit('/').next().unwrap_or_default().parse()?;
-    assert_eq!(b.wait_text("td.state", WAIT).await?, "requested");
+    assert_eq!(lease_state(b).await?, "requested");
     logout(b).await?;
 
     // The supplier approves in its own session and reads the code off the page.
@@ -107,7 +114,7 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     b.type_into("input[name=authorization_code]", code.trim()).await?;
     b.click("form.api button[type=submit]").await?;
     suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { b.find("section.access").await.ok() }).await?;
-    assert_eq!(b.wait_text("td.state", WAIT).await?, "active");
+    assert_eq!(lease_state(b).await?, "active");
     let login_name = if running_as_root() {
         let ssh = b.wait_text("section.access pre", WAIT).await?;
         assert!(ssh.starts_with("ssh ") && ssh.contains("-p "), "{ssh}");
@@ -116,6 +123,15 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
         None
     };
     b.screenshot(&shots().join("lease-active.png")).await?;
+
+    // A Class B cluster's page plots the agent's live samples (server-sent events).
+    b.goto(&format!("{url}/clusters/{class_b}")).await?;
+    suanli_testkit::eventually(WAIT, Duration::from_millis(200), || async {
+        let v = b.execute("return document.querySelector('figure[data-series=cpu] strong').textContent", serde_json::json!([])).await.ok()?;
+        (v.as_str().is_some_and(|t| t != "—")).then_some(())
+    })
+    .await?;
+    b.screenshot(&shots().join("cluster-live.png")).await?;
 
     // Chinese throughout after the switch.
     b.goto(&format!("{url}/")).await?;
@@ -131,7 +147,7 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     // Ending the lease from its page removes the lease's Unix account on the node.
     b.goto(&format!("{url}/leases/{lease}")).await?;
     b.click("form.api[data-api$='/end'] button[type=submit]").await?;
-    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { (b.wait_text("td.state", WAIT).await.ok()? == "ended").then_some(()) }).await?;
+    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { (lease_state(b).await.ok()? == "ended").then_some(()) }).await?;
     if let Some(login) = login_name {
         suanli_testkit::eventually(Duration::from_secs(30), Duration::from_millis(200), || async {
             let out = tokio::process::Command::new("getent").args(["passwd", &login]).output().await.ok()?;

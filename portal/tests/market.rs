@@ -100,9 +100,27 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     let (_, spend) = alice.get("/api/v1/me/spend").await?;
     assert_eq!(spend["committed"]["CNY"].as_i64(), Some(2 * 2 * 1200 + 4 * 500_000), "{spend}");
 
+    // What suppliers write is shown escaped: a title cannot inject markup.
+    let mut hostile = support::listing("<script>alert(1)</script>", "A100 80GB", "Beijing", "B");
+    hostile["usage_instructions"] = json!("");
+    let (status, body) = supplier.send(reqwest::Method::PUT, &format!("/api/v1/supplier/clusters/{class_b}/listing"), Some(hostile)).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let html = reqwest::get(format!("{}/?region=Beijing", w.portal.url)).await?.text().await?;
+    assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;") && !html.contains("<script>alert"), "escaped in the page");
+
     // Delisting hides the cluster from researchers, not from its supplier.
     let (status, _) = alice.post(&format!("/api/v1/supplier/clusters/{class_b}/delist"), json!({})).await?;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = supplier.post(&format!("/api/v1/supplier/clusters/{class_a}/delist"), json!({})).await?;
+    assert_eq!((status, body["delisted"].as_bool()), (StatusCode::OK, Some(true)), "{body}");
+    let (_, lease) = alice.get(&format!("/api/v1/leases/{lease_a}")).await?;
+    assert_eq!(lease["state"], "active", "a delisted cluster takes no new lease but keeps its leases");
+    let (_, page) = alice.get("/api/v1/catalogue?class=A&include_delisted=true").await?;
+    assert_eq!(page["total"], 0, "researchers never see delisted clusters: {page}");
+    let (_, page) = supplier.get("/api/v1/catalogue?class=A&include_delisted=true").await?;
+    assert_eq!(ids(&page["clusters"], "cluster_id"), [class_a], "its supplier does: {page}");
+    let (status, body) = bob.post("/api/v1/leases", json!({"cluster_id": class_a, "node_ids": [node], "billing_mode": "monthly", "periods": 1})).await?;
+    assert_eq!((status, Api::code(&body)), (StatusCode::CONFLICT, "CLUSTER_DELISTED"), "{body}");
 
     // Deregistering leaves no live lease behind.
     let (status, _) = alice.send(reqwest::Method::DELETE, "/api/v1/me", Some(json!({"password": support::PASSWORD}))).await?;

@@ -139,20 +139,10 @@ impl Mailer {
                 tracing::debug!(id = %email.id, "email delivered to the relay");
                 Ok(())
             }
-            Err(e) => Err(NotifyError::Delivery { permanent: e.is_permanent(), message: describe(&e) }),
+            // lettre's errors say their cause in their own message.
+            Err(e) => Err(NotifyError::Delivery { permanent: e.is_permanent(), message: e.to_string() }),
         }
     }
-}
-
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

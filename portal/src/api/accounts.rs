@@ -110,6 +110,19 @@ fn text(p: &mut Problems, field: &str, value: &Option<String>, required: bool, m
     }
 }
 
+/// An optional field with a format rule: checked when given, a problem when missing but required.
+fn checked(p: &mut Problems, field: &str, raw: Option<&str>, required: bool, rule: fn(&str) -> Result<String, &'static str>) -> Option<String> {
+    match raw.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(raw) => p.check(field, rule(raw)),
+        None => {
+            if required {
+                p.add(field, "required");
+            }
+            None
+        }
+    }
+}
+
 fn licence_type(bytes: &[u8]) -> Option<&'static str> {
     if bytes.starts_with(b"%PDF-") {
         Some("application/pdf")
@@ -149,14 +162,7 @@ pub async fn register(State(state): State<AppState>, headers: HeaderMap, ApiJson
     }
     let username = p.check("username", identity::check_username(&req.username));
     let email = p.check("email", identity::check_email(&req.email));
-    let phone = match req.phone.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        Some(raw) => p.check("phone", identity::check_mobile(raw)),
-        None if req.kind == UserKind::Supplier => {
-            p.add("phone", "required for suppliers");
-            None
-        }
-        None => None,
-    };
+    let phone = checked(&mut p, "phone", req.phone.as_deref(), req.kind == UserKind::Supplier, identity::check_mobile);
     p.check("password", identity::check_password(&req.password));
     if req.password != req.password_confirm {
         p.add("password_confirm", "does not match the password");
@@ -167,23 +173,9 @@ pub async fn register(State(state): State<AppState>, headers: HeaderMap, ApiJson
     let org = req.user_type.is_organisation() || (req.kind == UserKind::Supplier && req.user_type == UserType::Enterprise);
     let needs_id = matches!(req.user_type, UserType::Personal | UserType::Individual);
     let real_name = text(&mut p, "real_name", &req.real_name, true, 64);
-    let id_number = match req.id_number.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        Some(raw) => p.check("id_number", identity::check_id_card(raw)),
-        None if needs_id => {
-            p.add("id_number", "required");
-            None
-        }
-        None => None,
-    };
+    let id_number = checked(&mut p, "id_number", req.id_number.as_deref(), needs_id, identity::check_id_card);
     let supplier_enterprise = req.kind == UserKind::Supplier && req.user_type == UserType::Enterprise;
-    let credit_code = match req.credit_code.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        Some(raw) => p.check("credit_code", identity::check_credit_code(raw)),
-        None if org => {
-            p.add("credit_code", "required");
-            None
-        }
-        None => None,
-    };
+    let credit_code = checked(&mut p, "credit_code", req.credit_code.as_deref(), org, identity::check_credit_code);
     let profile = Profile {
         org_name: text(&mut p, "org_name", &req.org_name, org, 128),
         credit_code,
@@ -883,7 +875,6 @@ pub struct SshKeyInfo {
 
 #[utoipa::path(post, path = "/api/v1/me/ssh-keys", request_body = NewSshKey, tag = "accounts", responses((status = 201, body = SshKeyInfo), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
 pub async fn add_ssh_key(State(state): State<AppState>, auth::Researcher(principal): auth::Researcher, ApiJson(req): ApiJson<NewSshKey>) -> ApiResult<Response> {
-    principal.require_kind(UserKind::Researcher)?;
     let account = principal.broker_account.ok_or_else(|| ApiError::forbidden("no marketplace account"))?;
     let key = req.public_key.trim().to_owned();
     if key.is_empty() || key.len() > 16 * 1024 {

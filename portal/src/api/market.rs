@@ -20,7 +20,7 @@ use suanli_types::{BillingMode, CatalogueFilter, ClusterClass, Currency, ErrorCo
 use tokio_stream::StreamExt;
 use utoipa::{IntoParams, ToSchema};
 
-use super::{fresh_request_id, request_id, ApiJson, ApiPath, ApiQuery};
+use super::{fresh_request_id, idempotency_key, request_id, ApiJson, ApiPath, ApiQuery};
 use crate::auth::{MaybePrincipal, Principal, Researcher, Supplier};
 use crate::db::now_ms;
 use crate::error::{ApiError, ApiResult, Problems};
@@ -632,7 +632,6 @@ pub struct LeaseRequest {
 #[utoipa::path(post, path = "/api/v1/leases", request_body = LeaseRequest, tag = "leases",
     responses((status = 201, body = LeaseView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn request_lease(State(state): State<AppState>, Researcher(principal): Researcher, ApiJson(req): ApiJson<LeaseRequest>) -> ApiResult<Response> {
-    principal.require_kind(UserKind::Researcher)?;
     let mut p = Problems::default();
     let mode = parse_billing_mode(&mut p, "billing_mode", &req.billing_mode);
     if req.periods == 0 || req.periods > 1000 {
@@ -640,10 +639,7 @@ pub async fn request_lease(State(state): State<AppState>, Researcher(principal):
     }
     p.finish()?;
     let mode = mode.ok_or_else(|| ApiError::field("billing_mode", "required"))?;
-    let request_id = match req.request_id.as_deref() {
-        Some(id) => request_id(&["lease", &principal.user.0.to_string(), id]),
-        None => fresh_request_id("lease"),
-    };
+    let request_id = idempotency_key("lease", principal.user, req.request_id.as_deref());
     let lease = market_client(&state, &principal)?
         .request_lease(v1::RequestLeaseRequest {
             request_id,
@@ -719,7 +715,6 @@ pub struct VerifyRequest {
 #[utoipa::path(post, path = "/api/v1/leases/{id}/verify", params(("id" = u64, Path)), request_body = VerifyRequest, tag = "leases",
     responses((status = 200, body = LeaseView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn verify_code(State(state): State<AppState>, Researcher(principal): Researcher, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<VerifyRequest>) -> ApiResult<axum::Json<LeaseView>> {
-    principal.require_kind(UserKind::Researcher)?;
     let code = req.authorization_code.trim().to_ascii_uppercase();
     if code.is_empty() || code.len() > 64 {
         return Err(ApiError::field("authorization_code", "the 16-character code from the supplier"));
@@ -794,7 +789,6 @@ pub struct PasswordView {
 #[utoipa::path(post, path = "/api/v1/leases/{id}/password", params(("id" = u64, Path)), tag = "leases",
     responses((status = 200, body = PasswordView), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn lease_password(State(state): State<AppState>, Researcher(principal): Researcher, ApiPath(id): ApiPath<u64>) -> ApiResult<axum::Json<PasswordView>> {
-    principal.require_kind(UserKind::Researcher)?;
     let r = market_client(&state, &principal)?
         .set_lease_password(v1::SetLeasePasswordRequest { request_id: fresh_request_id("password"), lease_id: id })
         .await?
@@ -810,7 +804,6 @@ pub struct ExtendRequest {
 #[utoipa::path(post, path = "/api/v1/leases/{id}/extend", params(("id" = u64, Path)), request_body = ExtendRequest, tag = "leases",
     responses((status = 200, body = LeaseView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn extend_lease(State(state): State<AppState>, Researcher(principal): Researcher, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<ExtendRequest>) -> ApiResult<axum::Json<LeaseView>> {
-    principal.require_kind(UserKind::Researcher)?;
     if req.periods == 0 || req.periods > 1000 {
         return Err(ApiError::field("periods", "between 1 and 1000"));
     }
@@ -900,7 +893,6 @@ pub struct EnrollmentToken {
 #[utoipa::path(post, path = "/api/v1/supplier/enrollment-tokens", request_body = EnrollmentRequest, tag = "supplier",
     responses((status = 201, body = EnrollmentToken), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
 pub async fn enrollment_token(State(state): State<AppState>, Supplier(principal): Supplier, ApiJson(req): ApiJson<EnrollmentRequest>) -> ApiResult<Response> {
-    principal.require_kind(UserKind::Supplier)?;
     let valid = req.valid_seconds.unwrap_or(86_400);
     if valid == 0 || valid > 7 * 86_400 {
         return Err(ApiError::field("valid_seconds", "between 1 and 604800"));
@@ -1040,7 +1032,6 @@ pub struct PublishRequest {
 #[utoipa::path(post, path = "/api/v1/supplier/clusters", request_body = PublishRequest, tag = "supplier",
     responses((status = 201, body = ClusterView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn publish(State(state): State<AppState>, Supplier(principal): Supplier, ApiJson(req): ApiJson<PublishRequest>) -> ApiResult<Response> {
-    principal.require_kind(UserKind::Supplier)?;
     let mut p = Problems::default();
     let class = match req.class.to_ascii_uppercase().as_str() {
         "A" => v1::ClusterClass::A,
@@ -1055,10 +1046,7 @@ pub async fn publish(State(state): State<AppState>, Supplier(principal): Supplie
     }
     let listing = listing_to_wire(&mut p, &req.listing);
     p.finish()?;
-    let request_id = match req.request_id.as_deref() {
-        Some(id) => request_id(&["publish", &principal.user.0.to_string(), id]),
-        None => fresh_request_id("publish"),
-    };
+    let request_id = idempotency_key("publish", principal.user, req.request_id.as_deref());
     let cluster = market_client(&state, &principal)?
         .publish_cluster(v1::PublishClusterRequest { request_id, class: class.into(), node_ids: req.node_ids, listing: Some(listing) })
         .await?
@@ -1070,7 +1058,6 @@ pub async fn publish(State(state): State<AppState>, Supplier(principal): Supplie
 #[utoipa::path(put, path = "/api/v1/supplier/clusters/{id}/listing", params(("id" = u64, Path)), request_body = ListingInput, tag = "supplier",
     responses((status = 200, body = ClusterView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn modify(State(state): State<AppState>, Supplier(principal): Supplier, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<ListingInput>) -> ApiResult<axum::Json<ClusterView>> {
-    principal.require_kind(UserKind::Supplier)?;
     let mut p = Problems::default();
     let listing = listing_to_wire(&mut p, &req);
     p.finish()?;
@@ -1108,7 +1095,6 @@ pub struct ApproveRequest {
 #[utoipa::path(post, path = "/api/v1/supplier/leases/{id}/approve", params(("id" = u64, Path)), request_body = ApproveRequest, tag = "supplier",
     responses((status = 200, body = LeaseView), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn approve(State(state): State<AppState>, Supplier(principal): Supplier, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<ApproveRequest>) -> ApiResult<axum::Json<LeaseView>> {
-    principal.require_kind(UserKind::Supplier)?;
     let r = market_client(&state, &principal)?
         .approve_lease(v1::ApproveLeaseRequest { request_id: fresh_request_id("approve"), lease_id: id, code_valid_seconds: req.code_valid_seconds.unwrap_or(0) })
         .await?
@@ -1148,7 +1134,6 @@ pub struct CardStatusRequest {
 #[utoipa::path(put, path = "/api/v1/supplier/cards/{id}/status", params(("id" = u64, Path)), request_body = CardStatusRequest, tag = "supplier",
     responses((status = 200, body = CardView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn set_card_status(State(state): State<AppState>, Supplier(principal): Supplier, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<CardStatusRequest>) -> ApiResult<axum::Json<CardView>> {
-    principal.require_kind(UserKind::Supplier)?;
     let status = match req.status.as_str() {
         "idle" => v1::CardStatus::Idle,
         "offline" => v1::CardStatus::Offline,

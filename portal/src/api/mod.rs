@@ -67,6 +67,15 @@ pub fn request_id(parts: &[&str]) -> String {
     id
 }
 
+/// The broker request ID of a user's action: derived from the client's idempotency key when
+/// it sent one (so its retry applies once), fresh otherwise.
+pub fn idempotency_key(prefix: &str, user: crate::model::UserId, client_key: Option<&str>) -> String {
+    match client_key {
+        Some(key) => request_id(&[prefix, &user.0.to_string(), key]),
+        None => fresh_request_id(prefix),
+    }
+}
+
 pub fn fresh_request_id(prefix: &str) -> String {
     format!("{prefix}-{}", crate::crypto::random_token(12).replace(['-', '_'], "x"))
 }
