@@ -45,10 +45,77 @@ impl Entry {
     }
 }
 
+/// The numbers of one entry, packed, in a vector ordered by cluster ID: a query scans these
+/// (a few hundred KB for 10,000 listings, cache-resident) and runs the full domain filter only
+/// on entries that pass. Sort keys come from here too.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts {
+    pub cluster_id: u64,
+    pub class: ClusterClass,
+    pub delisted: bool,
+    pub supplier: u64,
+    pub vram_gib: u32,
+    pub memory_gib: u32,
+    pub vcpus: u32,
+    pub idle_cards: u32,
+    pub total_cards: u32,
+    /// Hash of the region, lower-cased (regions match exactly, case-insensitively).
+    pub region: u64,
+    /// Price per card by billing mode (`BillingMode::ALL` order); `None` where not offered.
+    pub prices: [Option<i64>; 4],
+}
+
+pub fn region_key(region: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    region.trim().to_ascii_lowercase().hash(&mut h);
+    h.finish()
+}
+
+pub fn mode_slot(mode: suanli_types::BillingMode) -> usize {
+    suanli_types::BillingMode::ALL.iter().position(|m| *m == mode).unwrap_or(0)
+}
+
+impl Facts {
+    fn of(e: &Entry) -> Facts {
+        let mut prices = [None; 4];
+        for (mode, price) in &e.listing.prices.per_card {
+            prices[mode_slot(*mode)] = Some(*price);
+        }
+        Facts {
+            cluster_id: e.cluster.cluster_id,
+            class: e.class,
+            delisted: e.cluster.delisted,
+            supplier: e.cluster.supplier_id,
+            vram_gib: e.listing.vram_gib,
+            memory_gib: e.listing.memory_gib,
+            vcpus: e.listing.vcpus,
+            idle_cards: e.cluster.idle_cards,
+            total_cards: e.cluster.total_cards,
+            region: region_key(&e.listing.region),
+            prices,
+        }
+    }
+
+    /// Whether the entry can match `f`: a necessary condition, never sufficient on its own (the
+    /// text fields are left to `CatalogueFilter::matches`, which has the final word).
+    pub fn may_match(&self, f: &CatalogueFilter, region: Option<u64>) -> bool {
+        f.class.is_none_or(|c| c == self.class)
+            && f.min_vram_gib.is_none_or(|v| self.vram_gib >= v)
+            && f.min_memory_gib.is_none_or(|v| self.memory_gib >= v)
+            && f.min_vcpus.is_none_or(|v| self.vcpus >= v)
+            && f.min_idle_cards.is_none_or(|v| self.idle_cards >= v)
+            && region.is_none_or(|r| r == self.region)
+            && f.billing_mode.is_none_or(|m| self.prices[mode_slot(m)].is_some_and(|p| f.max_price_minor.is_none_or(|max| p <= max)))
+    }
+}
+
 #[derive(Default)]
 pub struct Catalogue {
     pub index: u64,
     pub clusters: BTreeMap<u64, Arc<Entry>>,
+    /// One `Facts` per entry of `clusters`, in the same (cluster ID) order.
+    pub facts: Vec<Facts>,
     card_to_cluster: HashMap<u64, u64>,
     pub synced: bool,
 }
@@ -57,6 +124,11 @@ impl Catalogue {
     fn upsert(&mut self, entry: Entry, cards: &[u64]) {
         for c in cards {
             self.card_to_cluster.insert(*c, entry.cluster.cluster_id);
+        }
+        let facts = Facts::of(&entry);
+        match self.facts.binary_search_by_key(&facts.cluster_id, |f| f.cluster_id) {
+            Ok(i) => self.facts[i] = facts,
+            Err(i) => self.facts.insert(i, facts),
         }
         self.clusters.insert(entry.cluster.cluster_id, Arc::new(entry));
     }

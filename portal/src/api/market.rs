@@ -286,23 +286,45 @@ pub fn search_catalogue(state: &AppState, search: &CatalogueSearch, viewer: Opti
     let cat = state.market.catalogue.read().unwrap_or_else(|p| p.into_inner());
     let sees_all = viewer.is_some_and(|v| v.can(Permission::ViewMarket));
     let own_account = viewer.filter(|v| v.kind == UserKind::Supplier).and_then(|v| v.broker_account);
-    let mut hits: Vec<&std::sync::Arc<Entry>> = cat
-        .entries()
-        .filter(|e| e.matches(&search.filter))
-        .filter(|e| !e.cluster.delisted || sees_all || Some(e.cluster.supplier_id) == own_account)
-        .filter(|e| search.min_cards.is_none_or(|m| e.cluster.total_cards >= m))
+    let f = &search.filter;
+    let region = f.region.as_deref().map(crate::market::region_key);
+    // Text filters need the entry itself (the region hash only narrows); without them the
+    // packed facts decide alone.
+    let needs_entry = f.gpu_model.is_some() || f.vendor.is_some() || f.currency.is_some() || f.min_storage_gb.is_some() || f.region.is_some();
+    let mut hits: Vec<&crate::market::Facts> = cat
+        .facts
+        .iter()
+        .filter(|x| x.may_match(f, region))
+        .filter(|x| !x.delisted || (f.include_delisted && (sees_all || Some(x.supplier) == own_account)))
+        .filter(|x| search.min_cards.is_none_or(|m| x.total_cards >= m))
+        .filter(|x| !needs_entry || cat.clusters.get(&x.cluster_id).is_some_and(|e| e.matches(f)))
         .collect();
-    let price = |e: &Entry| search.filter.billing_mode.and_then(|m| e.listing.prices.per_card.get(&m).copied()).unwrap_or(i64::MAX);
-    match search.sort {
-        SortKey::Newest => hits.sort_by_key(|e| std::cmp::Reverse((e.cluster.published_at_ms, e.cluster.cluster_id))),
-        SortKey::PriceLow => hits.sort_by_key(|e| (price(e), e.cluster.cluster_id)),
-        SortKey::PriceHigh => hits.sort_by_key(|e| (std::cmp::Reverse(price(e)), e.cluster.cluster_id)),
-        SortKey::MostIdle => hits.sort_by_key(|e| (std::cmp::Reverse(e.cluster.idle_cards), e.cluster.cluster_id)),
-        SortKey::MostVram => hits.sort_by_key(|e| (std::cmp::Reverse(e.listing.vram_gib), e.cluster.cluster_id)),
-    }
+    // Newest first is descending cluster ID (IDs are drawn in publication order): the scan
+    // order reversed, no sort. Other orders sort only what the page needs.
     let total = hits.len();
     let start = (search.page - 1).saturating_mul(search.page_size).min(total);
-    let clusters = hits[start..(start + search.page_size).min(total)].iter().map(|e| cluster_view(e)).collect();
+    let end = (start + search.page_size).min(total);
+    let slot = f.billing_mode.map(crate::market::mode_slot);
+    let price = |x: &crate::market::Facts| slot.and_then(|s| x.prices[s]).unwrap_or(i64::MAX);
+    let key = |x: &crate::market::Facts| -> (i64, u64) {
+        match search.sort {
+            SortKey::Newest => (0, u64::MAX - x.cluster_id),
+            SortKey::PriceLow => (price(x), x.cluster_id),
+            SortKey::PriceHigh => (-price(x), x.cluster_id),
+            SortKey::MostIdle => (-i64::from(x.idle_cards), x.cluster_id),
+            SortKey::MostVram => (-i64::from(x.vram_gib), x.cluster_id),
+        }
+    };
+    if search.sort == SortKey::Newest {
+        hits.reverse();
+    } else if end > 0 {
+        if end < total {
+            hits.select_nth_unstable_by_key(end - 1, |x| key(x));
+            hits.truncate(end);
+        }
+        hits.sort_unstable_by_key(|x| key(x));
+    }
+    let clusters = hits.get(start..end).unwrap_or_default().iter().filter_map(|x| cat.clusters.get(&x.cluster_id)).map(|e| cluster_view(e)).collect();
     CataloguePage { clusters, total, page: search.page, page_size: search.page_size, synced: cat.synced }
 }
 
