@@ -142,7 +142,9 @@ const MIGRATIONS: &[&[&str]] = &[&[
         last_error TEXT
     )",
     "CREATE INDEX outbox_due ON outbox (state, next_attempt_ms)",
-]];
+],
+// 2: the last TOTP step used per user (no replay of a code within its window).
+&["ALTER TABLE users ADD COLUMN totp_last_step BIGINT"]];
 
 impl Db {
     /// `sqlite://path` (created if missing) or `postgres://…`.

@@ -12,8 +12,14 @@ use sqlx::Row;
 use support::{activation_token, fields, registration, Api, Backend, World, PASSWORD};
 
 fn totp_now(secret_b32: &str) -> String {
+    totp_at(secret_b32, 0)
+}
+
+/// The code `steps` 30-second steps from now (the portal accepts one step of drift either way).
+fn totp_at(secret_b32: &str, steps: i64) -> String {
     let raw = totp_rs::Secret::Encoded(secret_b32.to_owned()).to_bytes().expect("base32 secret");
-    suanli_portal::api::accounts::totp_for(&raw).expect("totp").generate_current().expect("clock")
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    suanli_portal::api::accounts::totp_for(&raw).expect("totp").generate((now + 30 * steps) as u64)
 }
 
 /// Creates an operator with the CLI against the running portal's database; logs it in.
@@ -170,8 +176,14 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     let fresh = Api::new(&w.portal.url);
     let (status, body) = fresh.post("/api/v1/session", json!({"login": "li_si", "password": new_password})).await?;
     assert_eq!((status, body["mfa_required"].as_bool()), (StatusCode::OK, Some(true)), "{body}");
+    // The code that confirmed the factor is spent: the same one cannot log in (no replay).
     let (status, body) = fresh.post("/api/v1/session", json!({"login": "li_si", "password": new_password, "totp_code": totp_now(&secret)})).await?;
+    assert_eq!((status, Api::code(&body)), (StatusCode::UNAUTHORIZED, "MFA_INVALID"), "{body}");
+    let next = totp_at(&secret, 1);
+    let (status, body) = fresh.post("/api/v1/session", json!({"login": "li_si", "password": new_password, "totp_code": next})).await?;
     assert_eq!((status, body["mfa_required"].as_bool()), (StatusCode::OK, Some(false)), "{body}");
+    let (status, _) = Api::new(&w.portal.url).post("/api/v1/session", json!({"login": "li_si", "password": new_password, "totp_code": next})).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a used code is refused on another session too");
 
     // API tokens: bearer, no CSRF needed, revocable.
     let (status, tok) = api.post("/api/v1/me/api-tokens", json!({"name": "ci"})).await?;

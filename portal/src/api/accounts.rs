@@ -455,10 +455,24 @@ pub fn totp_for(secret: &[u8]) -> ApiResult<totp_rs::TOTP> {
     totp_rs::TOTP::new(totp_rs::Algorithm::SHA1, 6, 1, 30, secret.to_vec()).map_err(ApiError::internal)
 }
 
-pub fn check_totp(state: &AppState, sealed_secret: &str, code: &str) -> ApiResult<bool> {
+/// Checks a code against the user's secret, accepting the previous, current and next 30 s
+/// step (clock drift), and consumes it: a step once used, or any earlier one, never opens a
+/// session again (no replay within the code's window).
+pub async fn check_totp(state: &AppState, user: UserId, sealed_secret: &str, code: &str) -> ApiResult<bool> {
     let secret = base64::engine::general_purpose::STANDARD.decode(state.keys.open(sealed_secret)?).map_err(ApiError::internal)?;
     let code = code.trim();
-    Ok(code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()) && totp_for(&secret)?.check_current(code).unwrap_or(false))
+    if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(false);
+    }
+    let totp = totp_for(&secret)?;
+    let now_step = (now_ms() / 1000 / 30) as u64;
+    let Some(step) = [now_step.saturating_sub(1), now_step, now_step + 1].into_iter().find(|s| totp.generate(s * 30) == code) else { return Ok(false) };
+    let claimed = sqlx::query("UPDATE users SET totp_last_step = $1 WHERE id = $2 AND (totp_last_step IS NULL OR totp_last_step < $1)")
+        .bind(step as i64)
+        .bind(user.0)
+        .execute(&state.db.pool)
+        .await?;
+    Ok(claimed.rows_affected() == 1)
 }
 
 #[utoipa::path(post, path = "/api/v1/session", request_body = LoginRequest, tag = "accounts",
@@ -512,7 +526,7 @@ pub async fn login(
     let mut mfa_ok = !totp_on;
     if totp_on {
         if let (Some(code), Some(secret)) = (req.totp_code.as_deref(), opt_str(&row, "totp_secret_enc")?) {
-            if !check_totp(&state, &secret, code)? {
+            if !check_totp(&state, user, &secret, code).await? {
                 record_failure(&state, &user_key).await?;
                 return Err(ApiError::new(Code::MfaInvalid, "wrong authenticator code"));
             }
@@ -539,7 +553,7 @@ pub async fn login_totp(State(state): State<AppState>, headers: HeaderMap, ApiJs
         return Err(ApiError::new(Code::TooManyAttempts, "too many wrong codes; wait 15 minutes"));
     }
     let secret = opt_str(&row, "totp_secret_enc")?.ok_or_else(|| ApiError::new(Code::MfaInvalid, "two-factor authentication is not set up"))?;
-    if !check_totp(&state, &secret, &req.code)? {
+    if !check_totp(&state, user, &secret, &req.code).await? {
         record_failure(&state, &user_key).await?;
         return Err(ApiError::new(Code::MfaInvalid, "wrong authenticator code"));
     }
@@ -783,7 +797,7 @@ pub async fn begin_totp(State(state): State<AppState>, principal: Principal) -> 
 pub async fn confirm_totp(State(state): State<AppState>, principal: Principal, ApiJson(req): ApiJson<TotpRequest>) -> ApiResult<StatusCode> {
     let row = sqlx::query("SELECT totp_secret_enc FROM users WHERE id = $1").bind(principal.user.0).fetch_one(&state.db.pool).await?;
     let secret = opt_str(&row, "totp_secret_enc")?.ok_or_else(|| ApiError::field("code", "start with POST /api/v1/me/totp"))?;
-    if !check_totp(&state, &secret, &req.code)? {
+    if !check_totp(&state, principal.user, &secret, &req.code).await? {
         return Err(ApiError::new(Code::MfaInvalid, "wrong authenticator code"));
     }
     sqlx::query("UPDATE users SET totp_enabled = 1 WHERE id = $1").bind(principal.user.0).execute(&state.db.pool).await?;
