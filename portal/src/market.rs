@@ -132,6 +132,13 @@ impl Catalogue {
         }
         self.clusters.insert(entry.cluster.cluster_id, Arc::new(entry));
     }
+    /// Adds a cluster as the event stream would (tests build catalogues with it).
+    pub fn upsert_for_tests(&mut self, cluster: v1::Cluster) {
+        if let Some(entry) = Entry::from_wire(cluster) {
+            self.upsert(entry, &[]);
+        }
+    }
+
     /// Every entry, for the caller to filter and sort.
     pub fn entries(&self) -> impl Iterator<Item = &Arc<Entry>> {
         self.clusters.values()

@@ -286,6 +286,12 @@ pub fn search_catalogue(state: &AppState, search: &CatalogueSearch, viewer: Opti
     let cat = state.market.catalogue.read().unwrap_or_else(|p| p.into_inner());
     let sees_all = viewer.is_some_and(|v| v.can(Permission::ViewMarket));
     let own_account = viewer.filter(|v| v.kind == UserKind::Supplier).and_then(|v| v.broker_account);
+    search_in(&cat, search, sees_all, own_account)
+}
+
+/// The search itself, over a catalogue copy: `sees_all` (operators who view the market) and
+/// `own_account` (a supplier's) decide which delisted clusters `include_delisted` may show.
+pub fn search_in(cat: &crate::market::Catalogue, search: &CatalogueSearch, sees_all: bool, own_account: Option<u64>) -> CataloguePage {
     let f = &search.filter;
     let region = f.region.as_deref().map(crate::market::region_key);
     // Text filters need the entry itself (the region hash only narrows); without them the
@@ -1167,4 +1173,95 @@ pub async fn set_card_status(State(state): State<AppState>, Supplier(principal):
         .await?
         .into_inner();
     Ok(axum::Json(card_view(&card)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::market::{Catalogue, Entry};
+    use proptest::prelude::*;
+    use suanli_types::BillingMode;
+
+    const REGIONS: [&str; 3] = ["Shenzhen", "Beijing", "shenzhen-north"];
+
+    fn cluster(id: u64, class_b: bool, region: usize, vram: u32, idle: u32, hourly: Option<i64>, delisted: bool) -> v1::Cluster {
+        let mut prices = vec![v1::Price { mode: billing_mode_to_wire(BillingMode::Monthly), per_card_minor: 100_000 }];
+        if let Some(p) = hourly {
+            prices.push(v1::Price { mode: billing_mode_to_wire(BillingMode::Hourly), per_card_minor: p });
+        }
+        v1::Cluster {
+            cluster_id: id,
+            cpc_id: format!("CPC{id:08}"),
+            supplier_id: 1 + id % 2,
+            class: if class_b { v1::ClusterClass::B } else { v1::ClusterClass::A }.into(),
+            delisted,
+            listing: Some(v1::Listing {
+                title: format!("t{id}"),
+                gpu_model: "A100".into(),
+                vram_gib: vram,
+                memory_gib: 256,
+                vcpus: 32,
+                vendor: "v".into(),
+                region: REGIONS[region].into(),
+                local_storage: Some(v1::LocalStorage { data_disks: 1, data_disk_gb: 100, system_disk_gb: 100, medium: v1::DiskMedium::Ssd.into() }),
+                currency: "CNY".into(),
+                prices,
+                usage_instructions: if class_b { String::new() } else { "ssh".into() },
+            }),
+            total_cards: 8,
+            idle_cards: idle,
+            published_at_ms: id as i64,
+            ..Default::default()
+        }
+    }
+
+    /// The obvious algorithm: the domain filter on every entry, a full sort, then the window.
+    fn naive(cat: &Catalogue, s: &CatalogueSearch) -> Vec<u64> {
+        let mut hits: Vec<&Entry> = cat.clusters.values().map(|e| e.as_ref()).filter(|e| e.matches(&s.filter) && !e.cluster.delisted).collect();
+        let price = |e: &Entry| s.filter.billing_mode.and_then(|m| e.listing.prices.per_card.get(&m).copied()).unwrap_or(i64::MAX);
+        match s.sort {
+            SortKey::Newest => hits.sort_by_key(|e| std::cmp::Reverse(e.cluster.cluster_id)),
+            SortKey::PriceLow => hits.sort_by_key(|e| (price(e), e.cluster.cluster_id)),
+            SortKey::PriceHigh => hits.sort_by_key(|e| (std::cmp::Reverse(price(e)), e.cluster.cluster_id)),
+            SortKey::MostIdle => hits.sort_by_key(|e| (std::cmp::Reverse(e.cluster.idle_cards), e.cluster.cluster_id)),
+            SortKey::MostVram => hits.sort_by_key(|e| (std::cmp::Reverse(e.listing.vram_gib), e.cluster.cluster_id)),
+        }
+        hits.iter().skip((s.page - 1) * s.page_size).take(s.page_size).map(|e| e.cluster.cluster_id).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn packed_scan_and_window_sort_equal_the_obvious_search(
+            clusters in proptest::collection::vec((any::<bool>(), 0usize..3, prop_oneof![Just(24u32), Just(48), Just(80)], 0u32..9, proptest::option::of(100i64..2000), proptest::bool::weighted(0.1)), 0..60),
+            class in proptest::option::of(any::<bool>()),
+            region in proptest::option::of(0usize..3),
+            min_vram in proptest::option::of(prop_oneof![Just(48u32), Just(80)]),
+            hourly in any::<bool>(),
+            max_price in proptest::option::of(100i64..2000),
+            sort in 0usize..5,
+            page in 1usize..4,
+            page_size in 1usize..7,
+        ) {
+            let mut cat = Catalogue::default();
+            for (i, (b, r, vram, idle, price, delisted)) in clusters.into_iter().enumerate() {
+                cat.upsert_for_tests(cluster(i as u64 + 1, b, r, vram, idle, price, delisted));
+            }
+            let sort = SortKey::ALL[sort].1;
+            let needs_mode = matches!(sort, "price" | "-price") || max_price.is_some();
+            let q = CatalogueQuery {
+                class: class.map(|b| if b { "B" } else { "A" }.to_owned()),
+                region: region.map(|r| REGIONS[r].to_uppercase()),
+                min_vram_gib: min_vram.map(|v| v.to_string()),
+                billing_mode: (hourly || needs_mode).then(|| "hourly".to_owned()),
+                max_price_minor: max_price.map(|p| p.to_string()),
+                sort: Some(sort.to_owned()),
+                page: Some(page.to_string()),
+                page_size: Some(page_size.to_string()),
+                ..Default::default()
+            };
+            let search = q.parse().expect("valid query");
+            let got: Vec<u64> = search_in(&cat, &search, false, None).clusters.iter().map(|c| c.cluster_id).collect();
+            prop_assert_eq!(got, naive(&cat, &search));
+        }
+    }
 }
