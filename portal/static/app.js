@@ -41,7 +41,9 @@ async function formBody(form) {
     const v = el.value;
     if (el.name.startsWith("price.")) {
       if (v.trim() === "") continue;
-      const listing = body.listing ??= {};
+      // Prices (in yuan on the page, fen on the wire) belong to the listing: nested when
+      // publishing, the body itself when modifying (data-prices="top").
+      const listing = form.dataset.prices === "top" ? body : (body.listing ??= {});
       (listing.prices ??= []).push({ billing_mode: el.name.slice(6), per_card_minor: Math.round(Number(v) * 100) });
       continue;
     }
@@ -52,6 +54,7 @@ async function formBody(form) {
     else setPath(body, el.name, v);
   }
   if (body.listing && !body.listing.prices) body.listing.prices = [];
+  if (form.dataset.prices === "top" && !body.prices) body.prices = [];
   return body;
 }
 

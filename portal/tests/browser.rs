@@ -106,6 +106,14 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     b.screenshot(&shots().join("supplier-approved.png")).await?;
     b.goto(&format!("{url}/supplier")).await?;
     b.screenshot(&shots().join("supplier.png")).await?;
+    // The supplier modifies its Class B listing from the cluster page.
+    b.goto(&format!("{url}/clusters/{class_b}")).await?;
+    b.type_into("section.modify input[name=title]", "8*A100 renamed").await?;
+    b.type_into("section.modify input[name='price.hourly']", "9.50").await?;
+    b.click("section.modify button[type=submit]").await?;
+    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { b.wait_text("main h1", WAIT).await.ok().filter(|t| t.contains("renamed")) }).await?;
+    let prices = b.wait_text("dl.facts ul.prices", WAIT).await?;
+    assert!(prices.contains("¥9.50 / hourly"), "{prices}");
     logout(b).await?;
 
     // The researcher verifies the code and sees how to log in.

@@ -201,6 +201,41 @@ pub async fn cluster_page(State(state): State<AppState>, headers: HeaderMap, Ori
         }
         _ => html! {},
     };
+    let owner = ctx.viewer.as_ref().is_some_and(|v| v.kind == UserKind::Supplier && v.broker_account == Some(c.supplier_account));
+    let modify = if owner && !c.delisted {
+        let price_of = |mode: &str| c.prices.iter().find(|p| p.billing_mode == mode).map(|p| format!("{}.{:02}", p.per_card_minor / 100, p.per_card_minor % 100)).unwrap_or_default();
+        let t = |m| ctx.t(m);
+        html! {
+            section.modify {
+                h2 { (t(Msg::Modify)) }
+                form.api data-api={ "/api/v1/supplier/clusters/" (c.cluster_id) "/listing" } data-method="PUT" data-next={ "/clusters/" (c.cluster_id) } data-prices="top" {
+                    (field(t(Msg::Title), "title", "text", &c.title, true))
+                    (field(t(Msg::GpuModel), "gpu_model", "text", &c.gpu_model, true))
+                    (field(t(Msg::Vram), "vram_gib", "number", &c.vram_gib.to_string(), true))
+                    (field(t(Msg::Memory), "memory_gib", "number", &c.memory_gib.to_string(), true))
+                    (field(t(Msg::Vcpus), "vcpus", "number", &c.vcpus.to_string(), true))
+                    (field(t(Msg::Vendor), "vendor", "text", &c.vendor, true))
+                    (field(t(Msg::Region), "region", "text", &c.region, true))
+                    (field("data disks", "storage.data_disks", "number", &c.storage.data_disks.to_string(), true))
+                    (field("data disk GB", "storage.data_disk_gb", "number", &c.storage.data_disk_gb.to_string(), true))
+                    (field("system disk GB", "storage.system_disk_gb", "number", &c.storage.system_disk_gb.to_string(), true))
+                    (select("medium", "storage.medium", &[("nvme", "NVMe"), ("ssd", "SSD"), ("hdd", "HDD")], &c.storage.medium))
+                    input type="hidden" name="currency" value=(c.currency);
+                    @for (mode, label) in [("hourly", t(Msg::Hourly)), ("daily", t(Msg::Daily)), ("monthly", t(Msg::Monthly)), ("yearly", t(Msg::Yearly))] {
+                        (field(&format!("{} ({label}, {})", t(Msg::Price), c.currency), &format!("price.{mode}"), "text", &price_of(mode), false))
+                    }
+                    small.problem data-for="prices" {}
+                    @if c.class == "A" {
+                        label { span { (t(Msg::UsageInstructions)) } textarea name="usage_instructions" { (c.usage_instructions) } small.problem data-for="usage_instructions" {} }
+                    }
+                    p.form-error role="alert" {}
+                    button type="submit" { (t(Msg::Save)) }
+                }
+            }
+        }
+    } else {
+        html! {}
+    };
     let body = html! {
         dl.facts {
             dt { "CPcId" } dd { (c.cpc_id) }
@@ -218,6 +253,7 @@ pub async fn cluster_page(State(state): State<AppState>, headers: HeaderMap, Ori
         }
         @if !c.usage_instructions.is_empty() { h2 { (ctx.t(Msg::UsageInstructions)) } (pre(&c.usage_instructions)) }
         (request)
+        (modify)
         (monitoring)
         h2 { (ctx.t(Msg::CardList)) }
         table { thead { tr { th { "#" } th { (ctx.t(Msg::GpuModel)) } th { "node" } th { (ctx.t(Msg::Status)) } th { "health" } } }
