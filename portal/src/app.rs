@@ -7,7 +7,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use utoipa::OpenApi;
 
-use crate::api::{accounts, market, operator};
+use crate::api::{accounts, alerts, market, operator};
 use crate::error::ApiError;
 use crate::pages;
 use crate::state::AppState;
@@ -19,7 +19,7 @@ use crate::state::AppState;
         accounts::register, accounts::activate, accounts::login, accounts::login_totp, accounts::logout, accounts::refresh,
         accounts::me, accounts::update_me, accounts::deregister, accounts::request_reset, accounts::confirm_reset,
         accounts::begin_totp, accounts::confirm_totp, accounts::create_api_token, accounts::list_api_tokens, accounts::revoke_api_token,
-        accounts::add_ssh_key, accounts::list_ssh_keys,
+        accounts::add_ssh_key, accounts::list_ssh_keys, alerts::list, alerts::get_settings, alerts::put_settings,
         market::catalogue, market::cluster_detail, market::telemetry, market::live,
         market::request_lease, market::list_leases, market::get_lease, market::verify_code, market::lease_access, market::lease_password,
         market::extend_lease, market::end_lease, market::spend,
@@ -62,6 +62,8 @@ pub fn router(state: AppState) -> Router {
         .route("/me/api-tokens/{id}", axum::routing::delete(accounts::revoke_api_token))
         .route("/me/ssh-keys", get(accounts::list_ssh_keys).post(accounts::add_ssh_key))
         .route("/me/spend", get(market::spend))
+        .route("/me/alerts", get(alerts::list))
+        .route("/me/notifications", get(alerts::get_settings).put(alerts::put_settings))
         .route("/catalogue", get(market::catalogue))
         .route("/clusters/{id}", get(market::cluster_detail))
         .route("/clusters/{id}/telemetry", get(market::telemetry))
@@ -99,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         .route("/activate", get(pages::account::activate_page))
         .route("/reset", get(pages::account::reset_page))
         .route("/me", get(pages::account::me_page))
+        .route("/alerts", get(pages::account::alerts_page))
         .route("/supplier", get(pages::staff::supplier_page))
         .route("/operator", get(pages::staff::operator_page))
         .route("/lang/{lang}", get(pages::account::switch_lang))

@@ -144,7 +144,39 @@ const MIGRATIONS: &[&[&str]] = &[&[
     "CREATE INDEX outbox_due ON outbox (state, next_attempt_ms)",
 ],
 // 2: the last TOTP step used per user (no replay of a code within its window).
-&["ALTER TABLE users ADD COLUMN totp_last_step BIGINT"]];
+&["ALTER TABLE users ADD COLUMN totp_last_step BIGINT"],
+// 3: alerts, who receives them, how, and where the alert engine is in the broker's events.
+&[
+    "ALTER TABLE outbox ADD COLUMN user_id BIGINT",
+    "ALTER TABLE outbox ADD COLUMN alert_id BIGINT",
+    "CREATE INDEX outbox_by_user ON outbox (user_id, created_ms)",
+    "CREATE TABLE notify_prefs (
+        user_id BIGINT PRIMARY KEY,
+        email_on BIGINT NOT NULL,
+        sms_on BIGINT NOT NULL,
+        webhook_enc TEXT,
+        quiet_start_min BIGINT,
+        quiet_end_min BIGINT
+    )",
+    "CREATE TABLE alerts (
+        id BIGINT PRIMARY KEY,
+        condition_key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        state TEXT NOT NULL,
+        opened_ms BIGINT NOT NULL,
+        resolved_ms BIGINT,
+        detail TEXT NOT NULL
+    )",
+    "CREATE UNIQUE INDEX alerts_one_open ON alerts (condition_key) WHERE state = 'open'",
+    "CREATE INDEX alerts_by_key ON alerts (condition_key)",
+    "CREATE TABLE alert_recipients (
+        alert_id BIGINT NOT NULL,
+        user_id BIGINT NOT NULL,
+        PRIMARY KEY (alert_id, user_id)
+    )",
+    "CREATE TABLE event_cursor (name TEXT PRIMARY KEY, last_index BIGINT NOT NULL, since_ms BIGINT NOT NULL)",
+]];
 
 impl Db {
     /// `sqlite://path` (created if missing) or `postgres://…`.

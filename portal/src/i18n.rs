@@ -229,6 +229,24 @@ catalogue! {
     MailResetSubject => "Reset your Suanli password", "重置您的算力平台密码";
     MailResetBody => "Someone asked to reset your password. Open this link within 1 hour to set a new one; if it was not you, ignore this mail:", "有人申请重置您的密码。请在1小时内打开以下链接设置新密码；如非本人操作，请忽略本邮件：";
     MailIgnore => "If you did not register, ignore this mail.", "如果您没有注册，请忽略本邮件。";
+    AlertPrefix => "[Suanli] Alert", "[算力平台] 告警";
+    ResolvedPrefix => "[Suanli] Resolved", "[算力平台] 已恢复";
+    NoticePrefix => "[Suanli]", "[算力平台]";
+    ProblemLost => "fell off the bus", "掉卡";
+    ProblemOverheat => "is overheating", "温度过高";
+    ProblemXid => "reports XID errors", "出现XID错误";
+    ProblemSilent => "node offline: its agent stopped reporting", "节点离线：代理停止上报";
+    CardOn => "card", "号卡";
+    LeaseRequestedNotice => "a lease was requested; approve it in the portal", "有新的租用申请，请在平台上审批";
+    LeaseExpiringNotice => "lease ends soon", "租用即将到期";
+    Alerts => "Alerts", "告警";
+    NotificationSettings => "Notifications", "通知设置";
+    EmailOn => "Email", "邮件";
+    SmsOn => "SMS", "短信";
+    WebhookUrl => "Webhook URL", "Webhook 地址";
+    WebhookSecret => "Webhook secret", "Webhook 密钥";
+    QuietHours => "Quiet hours (UTC+8, HH:MM–HH:MM; SMS and webhooks wait)", "免打扰时段（北京时间 HH:MM–HH:MM，短信和Webhook延后）";
+    Delivery => "Delivery", "投递";
 }
 
 /// Formats minor units as money with two decimals and thousands separators: `¥42,500.00`.

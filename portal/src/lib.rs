@@ -11,6 +11,7 @@
 //! - `db` — the schema and one set of queries for SQLite and PostgreSQL; `outbox` — durable mail;
 //! - `audit` — the middleware that records every write; `i18n` — the message catalogue.
 
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod audit;

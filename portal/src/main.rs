@@ -18,8 +18,8 @@ use suanli_portal::db::Db;
 use suanli_portal::demo::{self, Adopt};
 use suanli_portal::market::Market;
 use suanli_portal::model::Role;
-use suanli_portal::state::{AppState, Inner, Settings};
-use suanli_portal::{app, outbox};
+use suanli_portal::state::{AppState, Inner, Notifiers, Settings};
+use suanli_portal::{alerts, app, outbox};
 
 #[derive(Parser)]
 #[command(name = "suanli-portal", about = "Suanli web portal and REST API")]
@@ -80,6 +80,10 @@ struct ServeArgs {
     smtp_security: Option<SmtpSecurity>,
     #[arg(long, env = "SUANLI_PORTAL_SMTP_FROM")]
     smtp_from: Option<String>,
+    /// A generic JSON SMS gateway (POST {"id","to","text"}; token in SUANLI_PORTAL_SMS_TOKEN).
+    /// Alibaba Cloud SMS is configured in [portal.sms].
+    #[arg(long, env = "SUANLI_PORTAL_SMS_JSON_URL")]
+    sms_json_url: Option<String>,
     /// Cookies without `Secure` and `__Host-` (only for plain-HTTP hosts other than localhost).
     #[arg(long, env = "SUANLI_PORTAL_INSECURE_COOKIES")]
     insecure_cookies: bool,
@@ -112,7 +116,32 @@ struct PortalSection {
     broker_ca: Option<PathBuf>,
     platform_token: Option<String>,
     smtp: Option<SmtpConfig>,
+    sms: Option<SmsSection>,
     insecure_cookies: Option<bool>,
+}
+
+/// `[portal.sms]`: `provider = "json"` with `url` (and `token`), or `provider = "aliyun"` with
+/// Alibaba Cloud's keys, sign name and template.
+#[derive(Deserialize)]
+struct SmsSection {
+    provider: String,
+    url: Option<String>,
+    token: Option<String>,
+    #[serde(flatten)]
+    aliyun: Option<suanli_notify::sms::AliyunConfig>,
+}
+
+fn sms_gateway(section: Option<SmsSection>, json_url: Option<&str>) -> anyhow::Result<Option<suanli_notify::sms::SmsGateway>> {
+    use suanli_notify::sms::{AliyunSms, JsonGateway, SmsGateway};
+    if let Some(url) = json_url {
+        return Ok(Some(SmsGateway::Json(JsonGateway::new(url, std::env::var("SUANLI_PORTAL_SMS_TOKEN").ok()))));
+    }
+    let Some(s) = section else { return Ok(None) };
+    Ok(Some(match s.provider.as_str() {
+        "json" => SmsGateway::Json(JsonGateway::new(&s.url.context("[portal.sms] url is required for the json provider")?, s.token)),
+        "aliyun" => SmsGateway::Aliyun(AliyunSms::new(s.aliyun.context("[portal.sms] needs access_key_id, access_key_secret, sign_name and template_code")?)),
+        other => bail!("[portal.sms] provider must be json or aliyun, not {other:?}"),
+    }))
 }
 
 fn load_file(path: Option<&Path>) -> anyhow::Result<PortalSection> {
@@ -179,7 +208,15 @@ fn init_logging(level: &str) {
 /// State for commands that touch only the database (no broker calls are made).
 fn offline_state(s: Storage) -> anyhow::Result<AppState> {
     let market = Market::new("http://127.0.0.1:1", None, "offline").map_err(anyhow::Error::msg)?;
-    Ok(AppState(Arc::new(Inner { db: s.db, keys: s.keys.ring()?, market, mailer: None, settings: Settings::default(), outbox_wake: Default::default() })))
+    Ok(AppState(Arc::new(Inner {
+        db: s.db,
+        keys: s.keys.ring()?,
+        market,
+        mailer: None,
+        notifiers: Default::default(),
+        settings: Settings::default(),
+        outbox_wake: Default::default(),
+    })))
 }
 
 async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
@@ -222,9 +259,11 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         mail_configured: mailer.is_some(),
         ..Settings::default()
     };
-    let state = AppState(Arc::new(Inner { db: s.db, keys: s.keys.ring()?, market: market.clone(), mailer, settings, outbox_wake: Default::default() }));
+    let notifiers = Notifiers { sms: sms_gateway(file.sms, args.sms_json_url.as_deref())?, ..Default::default() };
+    let state = AppState(Arc::new(Inner { db: s.db, keys: s.keys.ring()?, market: market.clone(), mailer, notifiers, settings, outbox_wake: Default::default() }));
     market.spawn_follower();
     outbox::spawn_worker(state.clone());
+    alerts::spawn(state.clone());
     if args.demo {
         let mut lines = None;
         for _ in 0..50 {

@@ -1,11 +1,14 @@
-//! The durable outbox: every email is recorded (recipient and body sealed, they are personal
-//! data) before anything is sent, then delivered by a worker that retries with backoff until the
-//! relay takes it or it expires. The row ID is the Message-ID, so a retry after a crash between
-//! "sent" and "marked sent" reaches the recipient as the same message.
+//! The durable outbox: every email, SMS and webhook delivery is recorded (recipient and body
+//! sealed, they are personal data) before anything is sent, then delivered by a worker that
+//! retries with backoff until the relay takes it or it expires. The row ID is the Message-ID (the
+//! SMS `OutId`, the webhook event ID), so a retry after a crash between "sent" and "marked sent"
+//! reaches the recipient as the same message.
 
 use std::time::Duration;
 
 use sqlx::Row;
+use suanli_notify::sms::{Sms, SmsProvider};
+use suanli_notify::webhook::WebhookEvent;
 use suanli_notify::Email;
 
 use crate::db::{new_id, now_ms};
@@ -15,25 +18,65 @@ use crate::state::AppState;
 /// How long a message is retried before it is given up.
 const EXPIRE_AFTER_MS: i64 = 24 * 3600 * 1000;
 
-pub async fn queue_email<'e, E>(state: &AppState, executor: E, to: &str, subject: &str, text: &str) -> ApiResult<String>
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    Email,
+    Sms,
+    Webhook,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Sms => "sms",
+            Channel::Webhook => "webhook",
+        }
+    }
+}
+
+/// One message to record. `recipient`: an address, a mobile number, or for webhooks the JSON
+/// `{"url", "secret"}`.
+pub struct Outgoing<'a> {
+    pub channel: Channel,
+    pub recipient: &'a str,
+    pub subject: &'a str,
+    pub body: &'a str,
+    pub user_id: Option<i64>,
+    pub alert_id: Option<i64>,
+    /// Not before (quiet hours, rate limits); `None`: now.
+    pub not_before_ms: Option<i64>,
+}
+
+pub async fn queue<'e, E>(state: &AppState, executor: E, m: &Outgoing<'_>) -> ApiResult<String>
 where
     E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
     let id = format!("m{:016x}", new_id());
     let now = now_ms();
     sqlx::query(
-        "INSERT INTO outbox (id, channel, recipient_enc, subject, body_enc, state, attempts, next_attempt_ms, created_ms)
-         VALUES ($1, 'email', $2, $3, $4, 'pending', 0, $5, $6)",
+        "INSERT INTO outbox (id, channel, recipient_enc, subject, body_enc, state, attempts, next_attempt_ms, created_ms, user_id, alert_id)
+         VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $7, $8, $9)",
     )
     .bind(&id)
-    .bind(state.keys.seal(to))
-    .bind(subject)
-    .bind(state.keys.seal(text))
+    .bind(m.channel.as_str())
+    .bind(state.keys.seal(m.recipient))
+    .bind(m.subject)
+    .bind(state.keys.seal(m.body))
+    .bind(m.not_before_ms.unwrap_or(now).max(now))
     .bind(now)
-    .bind(now)
+    .bind(m.user_id)
+    .bind(m.alert_id)
     .execute(executor)
     .await?;
     Ok(id)
+}
+
+pub async fn queue_email<'e, E>(state: &AppState, executor: E, to: &str, subject: &str, text: &str) -> ApiResult<String>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    queue(state, executor, &Outgoing { channel: Channel::Email, recipient: to, subject, body: text, user_id: None, alert_id: None, not_before_ms: None }).await
 }
 
 fn backoff(attempts: i64) -> Duration {
@@ -63,7 +106,7 @@ pub fn spawn_worker(state: AppState) -> tokio::task::JoinHandle<()> {
 pub async fn deliver_due(state: &AppState) -> ApiResult<usize> {
     let now = now_ms();
     let rows = sqlx::query(
-        "SELECT id, recipient_enc, subject, body_enc, attempts, created_ms FROM outbox
+        "SELECT id, channel, recipient_enc, subject, body_enc, attempts, created_ms FROM outbox
          WHERE state = 'pending' AND next_attempt_ms <= $1 ORDER BY next_attempt_ms LIMIT 20",
     )
     .bind(now)
@@ -73,19 +116,32 @@ pub async fn deliver_due(state: &AppState) -> ApiResult<usize> {
         let id: String = row.try_get("id")?;
         let attempts: i64 = row.try_get("attempts")?;
         let created: i64 = row.try_get("created_ms")?;
-        let email = Email {
-            id: id.clone(),
-            to: state.keys.open(&row.try_get::<String, _>("recipient_enc")?)?,
-            subject: row.try_get("subject")?,
-            text: state.keys.open(&row.try_get::<String, _>("body_enc")?)?,
-            html: None,
-        };
-        let outcome = match &state.mailer {
-            Some(mailer) => mailer.send(&email).await,
-            None => {
-                // No relay configured (the embedded default): the mail goes to the log instead.
-                tracing::info!(to = %email.to, subject = %email.subject, "mail (no SMTP relay configured):\n{}", email.text);
-                Ok(())
+        let recipient = state.keys.open(&row.try_get::<String, _>("recipient_enc")?)?;
+        let subject: String = row.try_get("subject")?;
+        let text = state.keys.open(&row.try_get::<String, _>("body_enc")?)?;
+        let outcome = match row.try_get::<String, _>("channel")?.as_str() {
+            "sms" => match &state.notifiers.sms {
+                Some(gateway) => {
+                    let params = std::collections::BTreeMap::from([("title".to_owned(), subject.clone())]);
+                    gateway.send(&Sms { id: id.clone(), to: recipient, text, params }).await
+                }
+                None => Err(suanli_notify::NotifyError::Config("no SMS gateway is configured".into())),
+            },
+            "webhook" => {
+                let target: serde_json::Value = serde_json::from_str(&recipient).unwrap_or_default();
+                let event = WebhookEvent { id: id.clone(), attempt: attempts as u32 + 1, body: text };
+                state.notifiers.webhooks.send(target["url"].as_str().unwrap_or_default(), target["secret"].as_str().unwrap_or_default(), &event).await
+            }
+            _ => {
+                let email = Email { id: id.clone(), to: recipient, subject, text, html: None };
+                match &state.mailer {
+                    Some(mailer) => mailer.send(&email).await,
+                    None => {
+                        // No relay configured (the embedded default): the mail goes to the log instead.
+                        tracing::info!(to = %email.to, subject = %email.subject, "mail (no SMTP relay configured):\n{}", email.text);
+                        Ok(())
+                    }
+                }
             }
         };
         match outcome {

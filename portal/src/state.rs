@@ -42,11 +42,19 @@ impl Default for Settings {
     }
 }
 
+/// The non-email channels.
+#[derive(Clone, Default)]
+pub struct Notifiers {
+    pub sms: Option<suanli_notify::sms::SmsGateway>,
+    pub webhooks: suanli_notify::webhook::WebhookSender,
+}
+
 pub struct Inner {
     pub db: Db,
     pub keys: KeyRing,
     pub market: Market,
     pub mailer: Option<Mailer>,
+    pub notifiers: Notifiers,
     pub settings: Settings,
     /// Wakes the outbox worker when a message is queued.
     pub outbox_wake: tokio::sync::Notify,

@@ -1,8 +1,12 @@
-//! Outgoing notifications. Today: email over SMTP (lettre). The caller owns durability: it records
+//! Outgoing notifications: email over SMTP (lettre), SMS through an HTTP gateway (`sms`), signed
+//! webhooks (`webhook`). The caller owns durability: it records
 //! a message before handing it here, and gives every message a stable ID so a retry after a crash
 //! between "sent" and "marked sent" reaches the recipient as the same message (same Message-ID).
 
 use std::time::Duration;
+
+pub mod sms;
+pub mod webhook;
 
 use lettre::message::header::ContentType;
 use lettre::message::{Mailbox, MultiPart, SinglePart};

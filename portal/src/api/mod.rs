@@ -2,6 +2,7 @@
 //! functions; every error is the one JSON format of `crate::error`.
 
 pub mod accounts;
+pub mod alerts;
 pub mod market;
 pub mod operator;
 

@@ -196,3 +196,35 @@ pub async fn privacy_page(headers: HeaderMap) -> Response {
         p { "身份证号仅以加密哈希保存，其他个人信息加密存储；注销账户时删除个人信息，法律和财务要求保留的记录除外。" }
     })
 }
+
+/// The alert history with each message's delivery, and the notification settings.
+pub async fn alerts_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal) -> Response {
+    let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
+    let Some(v) = ctx.viewer.clone() else { return error_page(&ctx, ApiError::unauthenticated()) };
+    let (alerts, settings) = match (crate::alerts::alerts_of(&state, v.user.0).await, crate::api::alerts::settings_of(&state, v.user.0).await) {
+        (Ok(a), Ok(s)) => (a, s),
+        (Err(e), _) | (_, Err(e)) => return error_page(&ctx, e),
+    };
+    let t = |m| ctx.t(m);
+    let body = html! {
+        table.alerts {
+            thead { tr { th { (t(Msg::Time)) } th { (t(Msg::Alerts)) } th { (t(Msg::State)) } th { (t(Msg::Delivery)) } } }
+            tbody { @for a in &alerts { tr data-alert-state=(a.state) {
+                td { (datetime(a.opened_ms, ctx.lang)) }
+                td { (a.subject) }
+                td { (a.state) @if let Some(r) = a.resolved_ms { " " (datetime(r, ctx.lang)) } }
+                td { @for d in &a.deliveries { span.delivery title=(d.last_error.clone().unwrap_or_default()) { (d.channel) ": " (d.state) " (" (d.attempts) ")" } " " } }
+            } } }
+        }
+        @if alerts.is_empty() { p { (t(Msg::None)) } }
+        h2 { (t(Msg::NotificationSettings)) }
+        (api_form("/api/v1/me/notifications", "PUT", Some("/alerts"), None, t(Msg::Save), html! {
+            label.inline { input type="checkbox" name="email" data-type="bool" checked[settings.email]; " " (t(Msg::EmailOn)) }
+            label.inline { input type="checkbox" name="sms" data-type="bool" checked[settings.sms]; " " (t(Msg::SmsOn)) }
+            (field(t(Msg::QuietHours), "quiet_hours", "text", &settings.quiet_hours, false))
+            (field(t(Msg::WebhookUrl), "webhook_url", "url", &settings.webhook_url, false))
+            (field(t(Msg::WebhookSecret), "webhook_secret", "password", "", false))
+        }))
+    };
+    page(&ctx, t(Msg::Alerts), body)
+}

@@ -69,6 +69,7 @@ pub fn page(ctx: &Ctx, title: &str, body: Markup) -> Response {
                                 UserKind::Supplier => { a href="/supplier" { (t(Msg::Supplier)) } a href="/leases" { (t(Msg::LeaseRequests)) } }
                                 UserKind::Operator => { a href="/operator" { (t(Msg::Operations)) } }
                             }
+                            a href="/alerts" { (t(Msg::Alerts)) }
                             a href="/me" { (t(Msg::Account)) " (" (v.username) ")" }
                             button.link type="button" data-logout="1" { (t(Msg::Logout)) }
                         } @else {

@@ -28,6 +28,11 @@ pub enum Backend {
 impl World {
     /// `None` when PostgreSQL is asked for and `SUANLI_TEST_POSTGRES_URL` is not set.
     pub async fn start(backend: Backend) -> anyhow::Result<Option<World>> {
+        World::start_with(backend, &[]).await
+    }
+
+    /// As `start`, with more portal flags (a `--config` file, say).
+    pub async fn start_with(backend: Backend, extra: &[String]) -> anyhow::Result<Option<World>> {
         let dir = tempfile::TempDir::new()?;
         let Some(db) = database_url(dir.path(), matches!(backend, Backend::Postgres)).await? else {
             eprintln!("SUANLI_TEST_POSTGRES_URL is not set: skipping the PostgreSQL run");
@@ -39,7 +44,7 @@ impl World {
         let endpoint = format!("http://{}", broker.address(1)?);
         let portal = PortalProcess::start(
             dir.path(),
-            &PortalOptions { broker: &endpoint, platform_token: PLATFORM_TOKEN, database_url: &db, smtp: Some(&smtp.address), extra: &[], binary: None },
+            &PortalOptions { broker: &endpoint, platform_token: PLATFORM_TOKEN, database_url: &db, smtp: Some(&smtp.address), extra: &extra.iter().map(String::as_str).collect::<Vec<_>>(), binary: None },
         )
         .await?;
         Ok(Some(World { broker, smtp, portal, dir, db_url: db }))

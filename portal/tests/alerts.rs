@@ -1,0 +1,145 @@
+//! Alerts end to end: a simulated card falls off the bus on a leased node → exactly one alert
+//! mail (through aiosmtpd) and one SMS (to a local receiver that speaks Alibaba Cloud's
+//! `SendSms` and checks its signature) reach the researcher holding the lease and the supplier;
+//! when the card is back, one resolve message each. The alert history shows each delivery.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::post;
+use reqwest::StatusCode;
+use serde_json::json;
+use support::{publish_node, Backend, World};
+
+const SECRET: &str = "test-aliyun-secret";
+const WAIT: Duration = Duration::from_secs(40);
+
+type Inbox = Arc<Mutex<Vec<BTreeMap<String, String>>>>;
+
+/// The carrier stand-in: refuses a request whose signature does not verify, as Aliyun would.
+async fn send_sms(State(inbox): State<Inbox>, axum::Form(mut form): axum::Form<BTreeMap<String, String>>) -> (StatusCode, String) {
+    let sent = form.remove("Signature").unwrap_or_default();
+    let expected = suanli_notify::sms::aliyun_signature("POST", &form, SECRET);
+    if sent != expected || form.get("Action").map(String::as_str) != Some("SendSms") {
+        return (StatusCode::BAD_REQUEST, json!({"Code": "SignatureDoesNotMatch", "Message": "bad signature"}).to_string());
+    }
+    inbox.lock().expect("lock").push(form);
+    (StatusCode::OK, json!({"Code": "OK", "Message": "OK", "BizId": "1", "RequestId": "r"}).to_string())
+}
+
+fn sms_to<'a>(inbox: &'a [BTreeMap<String, String>], phone: &str) -> Vec<&'a BTreeMap<String, String>> {
+    inbox.iter().filter(|m| m.get("PhoneNumbers").map(String::as_str) == Some(phone)).collect()
+}
+
+#[tokio::test]
+async fn a_card_fault_alerts_researcher_and_supplier_once_and_resolves_once() -> anyhow::Result<()> {
+    let inbox: Inbox = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let carrier = format!("http://{}/", listener.local_addr()?);
+    let app = axum::Router::new().route("/", post(send_sms)).with_state(inbox.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::TempDir::new()?;
+    let config = dir.path().join("portal.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[portal.sms]\nprovider = \"aliyun\"\nendpoint = \"{carrier}\"\naccess_key_id = \"test-key\"\naccess_key_secret = \"{SECRET}\"\nsign_name = \"算力平台\"\ntemplate_code = \"SMS_1\"\n"
+        ),
+    )?;
+    let Some(w) = World::start_with(Backend::Sqlite, &["--config".into(), config.display().to_string()]).await? else { return Ok(()) };
+    let result = scenario(&w, &inbox).await;
+    w.explain(result)
+}
+
+async fn scenario(w: &World, inbox: &Inbox) -> anyhow::Result<()> {
+    let supplier = w.person("supplier", "alert_supplier").await?;
+    let supplier_phone = support::registration("supplier", "alert_supplier", "x")["phone"].as_str().unwrap_or_default().to_owned();
+    let researcher = w.person("researcher", "alert_researcher").await?;
+    let researcher_phone = "13912345678";
+    let (status, body) = researcher.send(reqwest::Method::PATCH, "/api/v1/me", Some(json!({"phone": researcher_phone}))).await?;
+    anyhow::ensure!(status == StatusCode::OK, "{body}");
+    let (cluster, agent) = publish_node(w, &supplier, "alert-b", "B", "Shenzhen", false).await?;
+    let metrics = agent.get("metrics")?.to_owned();
+
+    let (status, lease) = researcher.post("/api/v1/leases", json!({"cluster_id": cluster, "cards": 2, "billing_mode": "hourly", "periods": 1})).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "{lease}");
+    let lease_id = lease["lease_id"].as_u64().unwrap_or_default();
+    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
+        let (_, l) = researcher.get(&format!("/api/v1/leases/{lease_id}")).await.ok()?;
+        (l["state"] == "active").then_some(())
+    })
+    .await?;
+    let (_, detail) = researcher.get(&format!("/api/v1/clusters/{cluster}")).await?;
+    let leased = lease["card_ids"][0].as_u64().unwrap_or_default();
+    let index = detail["cards"].as_array().into_iter().flatten().find(|c| c["card_id"] == leased).and_then(|c| c["index"].as_u64()).unwrap_or_default();
+
+    // The card falls off the bus.
+    let http = reqwest::Client::new();
+    let r = http.post(format!("http://{metrics}/simulated/cards/{index}/fault/fallen-off-bus")).send().await?;
+    anyhow::ensure!(r.status().is_success(), "inject: {}", r.status());
+    let alert_mail = |to: &'static str| async move {
+        suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
+            w.smtp.messages().into_iter().find(|m| m.to.iter().any(|t| t == to) && m.subject.starts_with("[Suanli] Alert"))
+        })
+        .await
+    };
+    let mail = alert_mail("alert_researcher@example.cn").await?;
+    assert!(mail.subject.contains(&format!("card {index} on alert-b")) && mail.subject.contains("fell off the bus"), "{}", mail.subject);
+    alert_mail("alert_supplier@example.cn").await?;
+    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
+        let box_ = inbox.lock().ok()?;
+        (sms_to(&box_, researcher_phone).len() == 1 && sms_to(&box_, &supplier_phone).len() == 1).then_some(())
+    })
+    .await?;
+
+    // The card is back: one resolve message to each, by mail and SMS.
+    let r = http.delete(format!("http://{metrics}/simulated/cards/{index}/fault")).send().await?;
+    anyhow::ensure!(r.status().is_success(), "clear: {}", r.status());
+    for to in ["alert_researcher@example.cn", "alert_supplier@example.cn"] {
+        suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
+            w.smtp.messages().into_iter().find(|m| m.to.iter().any(|t| t == to) && m.subject.starts_with("[Suanli] Resolved"))
+        })
+        .await?;
+    }
+    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
+        let box_ = inbox.lock().ok()?;
+        (sms_to(&box_, researcher_phone).len() == 2 && sms_to(&box_, &supplier_phone).len() == 2).then_some(())
+    })
+    .await?;
+
+    // The alert history says what was sent; it reads as delivered only once each deliver is marked.
+    let history = suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
+        let (_, h) = researcher.get("/api/v1/me/alerts").await.ok()?;
+        let a = h.as_array()?.first()?.clone();
+        (a["state"] == "resolved" && a["deliveries"].as_array()?.iter().all(|d| d["state"] == "sent")).then_some(h)
+    })
+    .await?;
+    assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
+    let channels: Vec<&str> = history[0]["deliveries"].as_array().into_iter().flatten().filter_map(|d| d["channel"].as_str()).collect();
+    assert_eq!(channels, ["email", "sms", "email", "sms"], "{history}");
+
+    // Exactly once: no second alert for the same fault, no duplicate resolve.
+    let mails = w.smtp.messages();
+    for to in ["alert_researcher@example.cn", "alert_supplier@example.cn"] {
+        let alerts = mails.iter().filter(|m| m.to.iter().any(|t| t == to) && m.subject.starts_with("[Suanli] Alert")).count();
+        let resolved = mails.iter().filter(|m| m.to.iter().any(|t| t == to) && m.subject.starts_with("[Suanli] Resolved")).count();
+        assert_eq!((alerts, resolved), (1, 1), "{to}");
+    }
+    let box_ = inbox.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
+    let ids: std::collections::BTreeSet<&str> = box_.iter().filter_map(|m| m.get("OutId").map(String::as_str)).collect();
+    assert_eq!(ids.len(), box_.len(), "every SMS has its own message ID");
+    let researcher_sms = sms_to(&box_, researcher_phone);
+    assert!(researcher_sms[1]["TemplateParam"].contains("Resolved"), "{:?}", researcher_sms[1]);
+
+    // Settings: SMS off and quiet hours are kept; a bad window is refused field by field.
+    let (status, body) = researcher.send(reqwest::Method::PUT, "/api/v1/me/notifications", Some(json!({"email": true, "sms": false, "quiet_hours": "25:00-07:00"}))).await?;
+    assert_eq!((status, support::fields(&body)), (StatusCode::BAD_REQUEST, vec!["quiet_hours".to_owned()]), "{body}");
+    let (status, body) = researcher.send(reqwest::Method::PUT, "/api/v1/me/notifications", Some(json!({"email": true, "sms": false, "quiet_hours": "22:00-07:30"}))).await?;
+    assert_eq!((status, body["sms"].as_bool(), body["quiet_hours"].as_str()), (StatusCode::OK, Some(false), Some("22:00-07:30")), "{body}");
+    Ok(())
+}
