@@ -187,7 +187,8 @@ async fn main() -> anyhow::Result<()> {
             init_logging("warn");
             let roles = roles.iter().map(|r| Role::parse(r.trim()).with_context(|| format!("unknown role {r}"))).collect::<anyhow::Result<Vec<_>>>()?;
             let state = offline_state(open_storage(&cli, &file).await?)?;
-            let password = suanli_portal::crypto::random_token(12);
+            // Letters and digits for certain (a random token alone may lack digits).
+            let password = format!("{}-{:04}", suanli_portal::crypto::random_token(12), rand_digits());
             let setup = demo::create_operator(&state, username, email, &password, &roles).await.map_err(|e| anyhow::anyhow!("{}: {}", e.code.as_str(), e.message))?;
             println!("operator {username} created\npassword: {password}\nTOTP secret: {}\n{}", setup.secret, setup.otpauth_url);
             Ok(())
@@ -198,6 +199,10 @@ async fn main() -> anyhow::Result<()> {
         }
         None => serve(&cli, file).await,
     }
+}
+
+fn rand_digits() -> u16 {
+    u16::from_le_bytes(suanli_portal::crypto::random_bytes::<2>()) % 10_000
 }
 
 fn init_logging(level: &str) {

@@ -15,6 +15,9 @@ use crate::db::{new_id, now_ms};
 use crate::error::ApiResult;
 use crate::state::AppState;
 
+/// How long a worker holds a message it is sending before another may try it.
+const CLAIM_MS: i64 = 15_000;
+
 /// How long a message is retried before it is given up.
 const EXPIRE_AFTER_MS: i64 = 24 * 3600 * 1000;
 
@@ -79,6 +82,11 @@ where
     queue(state, executor, &Outgoing { channel: Channel::Email, recipient: to, subject, body: text, user_id: None, alert_id: None, not_before_ms: None }).await
 }
 
+fn crash_after_send() -> bool {
+    static FAILPOINT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FAILPOINT.get_or_init(|| std::env::var("SUANLI_PORTAL_FAILPOINT").is_ok_and(|v| v == "crash-after-send"))
+}
+
 fn backoff(attempts: i64) -> Duration {
     Duration::from_secs(1u64 << attempts.clamp(0, 9) as u64).min(Duration::from_secs(600))
 }
@@ -106,7 +114,7 @@ pub fn spawn_worker(state: AppState) -> tokio::task::JoinHandle<()> {
 pub async fn deliver_due(state: &AppState) -> ApiResult<usize> {
     let now = now_ms();
     let rows = sqlx::query(
-        "SELECT id, channel, recipient_enc, subject, body_enc, attempts, created_ms FROM outbox
+        "SELECT id, channel, recipient_enc, subject, body_enc, attempts, created_ms, next_attempt_ms FROM outbox
          WHERE state = 'pending' AND next_attempt_ms <= $1 ORDER BY next_attempt_ms LIMIT 20",
     )
     .bind(now)
@@ -115,6 +123,17 @@ pub async fn deliver_due(state: &AppState) -> ApiResult<usize> {
     for row in &rows {
         let id: String = row.try_get("id")?;
         let attempts: i64 = row.try_get("attempts")?;
+        // Claim the row first, so two portals (replicas, or an old process not yet gone) never
+        // send it at the same time; a claim a crashed worker leaves behind lapses after CLAIM_MS.
+        let claimed = sqlx::query("UPDATE outbox SET next_attempt_ms = $1 WHERE id = $2 AND state = 'pending' AND next_attempt_ms = $3")
+            .bind(now + CLAIM_MS)
+            .bind(&id)
+            .bind(row.try_get::<i64, _>("next_attempt_ms")?)
+            .execute(&state.db.pool)
+            .await?;
+        if claimed.rows_affected() != 1 {
+            continue;
+        }
         let created: i64 = row.try_get("created_ms")?;
         let recipient = state.keys.open(&row.try_get::<String, _>("recipient_enc")?)?;
         let subject: String = row.try_get("subject")?;
@@ -145,8 +164,14 @@ pub async fn deliver_due(state: &AppState) -> ApiResult<usize> {
             }
         };
         match outcome {
+            Ok(()) if crash_after_send() => {
+                // Fail point for the redelivery test: the relay has the message, the outbox does
+                // not know yet — the crash a real process can have at exactly this line.
+                tracing::error!(%id, "SUANLI_PORTAL_FAILPOINT=crash-after-send: exiting before marking the message sent");
+                std::process::exit(86);
+            }
             Ok(()) => {
-                sqlx::query("UPDATE outbox SET state = 'sent', sent_ms = $1, attempts = $2, last_error = NULL WHERE id = $3")
+                sqlx::query("UPDATE outbox SET state = 'sent', sent_ms = $1, attempts = $2, last_error = NULL WHERE id = $3 AND state = 'pending'")
                     .bind(now_ms())
                     .bind(attempts + 1)
                     .bind(&id)
@@ -157,7 +182,7 @@ pub async fn deliver_due(state: &AppState) -> ApiResult<usize> {
                 let give_up = !e.is_retryable() || now - created > EXPIRE_AFTER_MS;
                 let next = now + backoff(attempts + 1).as_millis() as i64;
                 tracing::warn!(%id, attempts = attempts + 1, give_up, "mail not delivered: {e}");
-                sqlx::query("UPDATE outbox SET state = $1, attempts = $2, next_attempt_ms = $3, last_error = $4 WHERE id = $5")
+                sqlx::query("UPDATE outbox SET state = $1, attempts = $2, next_attempt_ms = $3, last_error = $4 WHERE id = $5 AND state = 'pending'")
                     .bind(if give_up { "failed" } else { "pending" })
                     .bind(attempts + 1)
                     .bind(next)

@@ -21,8 +21,19 @@ pub struct PortalOptions<'a> {
     pub binary: Option<&'a Path>,
 }
 
+impl<'a> PortalOptions<'a> {
+    pub fn new(broker: &'a str, platform_token: &'a str, database_url: &'a str) -> PortalOptions<'a> {
+        PortalOptions { broker, platform_token, database_url, smtp: None, extra: &[], binary: None }
+    }
+}
+
 impl PortalProcess {
     pub async fn start(dir: &Path, o: &PortalOptions<'_>) -> anyhow::Result<PortalProcess> {
+        Self::start_env(dir, o, &[]).await
+    }
+
+    /// As `start`, with more environment (fail points).
+    pub async fn start_env(dir: &Path, o: &PortalOptions<'_>, env: &[(&str, &str)]) -> anyhow::Result<PortalProcess> {
         let binary = match o.binary {
             Some(b) => b.to_owned(),
             None => workspace_binary("suanli-portal", "suanli-portal")?,
@@ -47,7 +58,9 @@ impl PortalProcess {
             args.push(smtp.into());
         }
         args.extend(o.extra.iter().map(|s| s.to_string()));
-        let service = Service::start("portal", &binary, &args, &[("SUANLI_PORTAL_LOG", "info,sqlx=warn")], dir, Duration::from_secs(60)).await?;
+        let mut all_env = vec![("SUANLI_PORTAL_LOG", "info,sqlx=warn")];
+        all_env.extend_from_slice(env);
+        let service = Service::start("portal", &binary, &args, &all_env, dir, Duration::from_secs(60)).await?;
         let url = format!("http://{}", service.get("http")?);
         Ok(PortalProcess { service, url })
     }
