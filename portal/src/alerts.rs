@@ -43,6 +43,7 @@ pub enum Subject {
     NodeSilent { host: String },
     LeaseRequested { lease: u64, cpc: String },
     LeaseExpiring { lease: u64, ends_ms: i64 },
+    LeaseIdle { lease: u64, minutes: u64 },
 }
 
 impl Subject {
@@ -54,6 +55,8 @@ impl Subject {
             (Subject::NodeSilent { host }, _) => format!("{host}: {}", t(Msg::ProblemSilent)),
             (Subject::LeaseRequested { lease, cpc }, _) => format!("lease-{lease} ({cpc}): {}", t(Msg::LeaseRequestedNotice)),
             (Subject::LeaseExpiring { lease, ends_ms }, _) => format!("lease-{lease}: {} ({})", t(Msg::LeaseExpiringNotice), datetime(*ends_ms, lang)),
+            (Subject::LeaseIdle { lease, minutes }, Lang::En) => format!("lease-{lease}: its cards have been idle for {minutes} min while it is paid for"),
+            (Subject::LeaseIdle { lease, minutes }, Lang::Zh) => format!("租用 lease-{lease} 的GPU已空闲 {minutes} 分钟（计费中）"),
         }
     }
 }
@@ -67,8 +70,24 @@ fn problem(health: v1::CardHealth) -> Option<Msg> {
     }
 }
 
-/// Follows the broker's events forever (reconnecting), and checks lease expiries every minute.
-pub fn spawn(state: AppState) {
+/// What operators tune (`[portal.alerts]`).
+#[derive(Clone, Copy, Debug, serde::Deserialize)]
+#[serde(default)]
+pub struct AlertSettings {
+    /// A paid lease whose cards all showed 0 % utilization this long is reported idle.
+    pub idle_lease_seconds: u64,
+    /// How often leases are checked for expiry and idleness.
+    pub check_seconds: u64,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        AlertSettings { idle_lease_seconds: 3600, check_seconds: 60 }
+    }
+}
+
+/// Follows the broker's events forever (reconnecting), and checks leases periodically.
+pub fn spawn(state: AppState, settings: AlertSettings) {
     let follower = state.clone();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(200);
@@ -84,11 +103,11 @@ pub fn spawn(state: AppState) {
         }
     });
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut tick = tokio::time::interval(Duration::from_secs(settings.check_seconds.max(1)));
         loop {
             tick.tick().await;
-            if let Err(e) = check_expiring(&state).await {
-                tracing::warn!("lease expiry check: {e}");
+            if let Err(e) = check_leases(&state, settings).await {
+                tracing::warn!("lease checks: {e}");
             }
         }
     });
@@ -180,14 +199,16 @@ async fn card_of(state: &AppState, card_id: u64) -> ApiResult<Option<(v1::Node, 
     Ok(all.nodes.into_iter().find(|n| n.node_id == card.node_id).map(|n| (n, card)))
 }
 
-async fn check_expiring(state: &AppState) -> ApiResult<()> {
+async fn check_leases(state: &AppState, settings: AlertSettings) -> ApiResult<()> {
     let leases = state.market.platform()?.list_leases(v1::ListLeasesRequest { live_only: true }).await?.into_inner().leases;
     let now = now_ms();
     let mut decisions = Vec::new();
     for l in leases.iter().filter(|l| l.state == v1::LeaseState::Active as i32 && l.paid_until_ms > now) {
         let left = l.paid_until_ms - now;
+        let term = l.paid_until_ms - l.activated_at_ms;
+        // A warning a whole term long says nothing: an hourly lease is not "ending within 24 h".
         for (window, name) in [(3_600_000, "1h"), (86_400_000, "24h")] {
-            if left <= window {
+            if left <= window && term > window {
                 decisions.push(Decision::Notice {
                     key: format!("lease-expiring-{name}:{}", l.lease_id),
                     kind: "lease_expiring",
@@ -197,8 +218,39 @@ async fn check_expiring(state: &AppState) -> ApiResult<()> {
                 break;
             }
         }
+        let idle_ms = settings.idle_lease_seconds as i64 * 1000;
+        if now - l.activated_at_ms >= idle_ms {
+            if let Some(idle) = lease_idle(state, l, now - idle_ms, settings.idle_lease_seconds).await? {
+                let key = format!("idle:{}", l.lease_id);
+                decisions.push(if idle {
+                    Decision::Open { key, kind: "lease_idle", subject: Subject::LeaseIdle { lease: l.lease_id, minutes: settings.idle_lease_seconds.div_ceil(60) }, accounts: BTreeSet::from([l.researcher_id]) }
+                } else {
+                    Decision::Resolve { key }
+                });
+            }
+        }
     }
     write(state, None, decisions).await
+}
+
+/// Whether every card of the lease showed 0 % utilization since `from_ms`; `None` when no
+/// sample says either way (a silent agent is its own alert).
+async fn lease_idle(state: &AppState, l: &v1::Lease, from_ms: i64, seconds: u64) -> ApiResult<Option<bool>> {
+    let mut samples = 0u64;
+    let mut utilization = 0u64;
+    for card in &l.card_ids {
+        let reply = state
+            .market
+            .monitoring()?
+            .query_telemetry(v1::QueryTelemetryRequest { scope: Some(v1::query_telemetry_request::Scope::CardId(*card)), from_ms, to_ms: 0, step_seconds: seconds.clamp(1, 3600) as u32 })
+            .await?
+            .into_inner();
+        for p in reply.cards.iter().flat_map(|c| &c.points) {
+            samples += u64::from(p.samples);
+            utilization += p.sum_gpu_utilization_pct;
+        }
+    }
+    Ok((samples > 0).then_some(utilization == 0))
 }
 
 async fn apply(state: &AppState, index: u64, decisions: Vec<Decision>) -> ApiResult<()> {

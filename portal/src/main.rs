@@ -117,6 +117,8 @@ struct PortalSection {
     platform_token: Option<String>,
     smtp: Option<SmtpConfig>,
     sms: Option<SmsSection>,
+    #[serde(default)]
+    alerts: suanli_portal::alerts::AlertSettings,
     insecure_cookies: Option<bool>,
 }
 
@@ -268,7 +270,7 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
     let state = AppState(Arc::new(Inner { db: s.db, keys: s.keys.ring()?, market: market.clone(), mailer, notifiers, settings, outbox_wake: Default::default() }));
     market.spawn_follower();
     outbox::spawn_worker(state.clone());
-    alerts::spawn(state.clone());
+    alerts::spawn(state.clone(), file.alerts);
     if args.demo {
         let mut lines = None;
         for _ in 0..50 {

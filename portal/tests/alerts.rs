@@ -48,7 +48,7 @@ async fn a_card_fault_alerts_researcher_and_supplier_once_and_resolves_once() ->
     std::fs::write(
         &config,
         format!(
-            "[portal.sms]\nprovider = \"aliyun\"\nendpoint = \"{carrier}\"\naccess_key_id = \"test-key\"\naccess_key_secret = \"{SECRET}\"\nsign_name = \"算力平台\"\ntemplate_code = \"SMS_1\"\n"
+            "[portal.sms]\nprovider = \"aliyun\"\nendpoint = \"{carrier}\"\naccess_key_id = \"test-key\"\naccess_key_secret = \"{SECRET}\"\nsign_name = \"算力平台\"\ntemplate_code = \"SMS_1\"\n[portal.alerts]\nidle_lease_seconds = 4\ncheck_seconds = 1\n"
         ),
     )?;
     let Some(w) = World::start_with(Backend::Sqlite, &["--config".into(), config.display().to_string()]).await? else { return Ok(()) };
@@ -75,11 +75,26 @@ async fn scenario(w: &World, inbox: &Inbox) -> anyhow::Result<()> {
     })
     .await?;
     let (_, detail) = researcher.get(&format!("/api/v1/clusters/{cluster}")).await?;
-    let leased = lease["card_ids"][0].as_u64().unwrap_or_default();
-    let index = detail["cards"].as_array().into_iter().flatten().find(|c| c["card_id"] == leased).and_then(|c| c["index"].as_u64()).unwrap_or_default();
+    let index_of = |card: &serde_json::Value| detail["cards"].as_array().into_iter().flatten().find(|c| c["card_id"] == *card).and_then(|c| c["index"].as_u64()).unwrap_or_default();
+    let indexes: Vec<u64> = lease["card_ids"].as_array().into_iter().flatten().map(index_of).collect();
+    let index = indexes[0];
+    // The researcher's job keeps the cards busy (an idle paid lease is an alert of its own).
+    let http = reqwest::Client::new();
+    let set_load = |percent: u32| {
+        let http = http.clone();
+        let metrics = metrics.clone();
+        let indexes = indexes.clone();
+        async move {
+            for i in indexes {
+                let r = http.put(format!("http://{metrics}/simulated/cards/{i}/load/{percent}")).send().await?;
+                anyhow::ensure!(r.status().is_success(), "load: {}", r.status());
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    set_load(60).await?;
 
     // The card falls off the bus.
-    let http = reqwest::Client::new();
     let r = http.post(format!("http://{metrics}/simulated/cards/{index}/fault/fallen-off-bus")).send().await?;
     anyhow::ensure!(r.status().is_success(), "inject: {}", r.status());
     let alert_mail = |to: &'static str| async move {
@@ -123,11 +138,26 @@ async fn scenario(w: &World, inbox: &Inbox) -> anyhow::Result<()> {
     let channels: Vec<&str> = history[0]["deliveries"].as_array().into_iter().flatten().filter_map(|d| d["channel"].as_str()).collect();
     assert_eq!(channels, ["email", "sms", "email", "sms"], "{history}");
 
+    // The cards go idle while paid for: an idle-lease alert to the researcher, resolved when the
+    // work resumes.
+    set_load(0).await?;
+    let idle_mail = |prefix: &'static str| async move {
+        suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
+            w.smtp.messages().into_iter().find(|m| m.to.iter().any(|t| t == "alert_researcher@example.cn") && m.subject.starts_with(prefix) && m.subject.contains("idle"))
+        })
+        .await
+    };
+    let idle = idle_mail("[Suanli] Alert").await?;
+    assert!(idle.subject.contains(&format!("lease-{lease_id}")), "{}", idle.subject);
+    set_load(60).await?;
+    idle_mail("[Suanli] Resolved").await?;
+
     // Exactly once: no second alert for the same fault, no duplicate resolve.
     let mails = w.smtp.messages();
     for to in ["alert_researcher@example.cn", "alert_supplier@example.cn"] {
-        let alerts = mails.iter().filter(|m| m.to.iter().any(|t| t == to) && m.subject.starts_with("[Suanli] Alert")).count();
-        let resolved = mails.iter().filter(|m| m.to.iter().any(|t| t == to) && m.subject.starts_with("[Suanli] Resolved")).count();
+        let about_card = |m: &&suanli_testkit::smtp::Mail| m.to.iter().any(|t| t == to) && m.subject.contains("fell off the bus");
+        let alerts = mails.iter().filter(about_card).filter(|m| m.subject.starts_with("[Suanli] Alert")).count();
+        let resolved = mails.iter().filter(about_card).filter(|m| m.subject.starts_with("[Suanli] Resolved")).count();
         assert_eq!((alerts, resolved), (1, 1), "{to}");
     }
     let box_ = inbox.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
@@ -135,6 +165,7 @@ async fn scenario(w: &World, inbox: &Inbox) -> anyhow::Result<()> {
     assert_eq!(ids.len(), box_.len(), "every SMS has its own message ID");
     let researcher_sms = sms_to(&box_, researcher_phone);
     assert!(researcher_sms[1]["TemplateParam"].contains("Resolved"), "{:?}", researcher_sms[1]);
+    assert_eq!(sms_to(&box_, &supplier_phone).len(), 2, "the idle lease concerns only the researcher");
 
     // Settings: SMS off and quiet hours are kept; a bad window is refused field by field.
     let (status, body) = researcher.send(reqwest::Method::PUT, "/api/v1/me/notifications", Some(json!({"email": true, "sms": false, "quiet_hours": "25:00-07:00"}))).await?;
