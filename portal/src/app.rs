@@ -16,7 +16,7 @@ use crate::state::AppState;
 #[openapi(
     info(title = "Suanli portal API", version = "1", description = "Accounts, catalogue, leases, suppliers and operators. Errors: {\"error\": {\"code\", \"message\", \"fields\"}}; codes in portal/API.md. Authenticate with the session cookie (+ X-CSRF-Token on writes) or `Authorization: Bearer <API token>`."),
     paths(
-        accounts::register, accounts::activate, accounts::login, accounts::login_totp, accounts::logout, accounts::refresh,
+        accounts::register, accounts::send_phone_code, accounts::activate, accounts::login, accounts::login_totp, accounts::logout, accounts::refresh,
         accounts::me, accounts::update_me, accounts::deregister, accounts::request_reset, accounts::confirm_reset,
         accounts::begin_totp, accounts::confirm_totp, accounts::create_api_token, accounts::list_api_tokens, accounts::revoke_api_token,
         accounts::add_ssh_key, accounts::list_ssh_keys, alerts::list, alerts::get_settings, alerts::put_settings,
@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/accounts", post(accounts::register))
         .route("/activation", post(accounts::activate))
+        .route("/phone-codes", post(accounts::send_phone_code))
         .route("/session", post(accounts::login).delete(accounts::logout))
         .route("/session/totp", post(accounts::login_totp))
         .route("/session/refresh", post(accounts::refresh))

@@ -176,7 +176,15 @@ const MIGRATIONS: &[&[&str]] = &[&[
         PRIMARY KEY (alert_id, user_id)
     )",
     "CREATE TABLE event_cursor (name TEXT PRIMARY KEY, last_index BIGINT NOT NULL, since_ms BIGINT NOT NULL)",
-]];
+],
+// 4: SMS verification codes for registration (keyed hashes only).
+&["CREATE TABLE phone_codes (
+    phone_hash TEXT PRIMARY KEY,
+    code_hash TEXT NOT NULL,
+    expires_ms BIGINT NOT NULL,
+    attempts BIGINT NOT NULL,
+    sent_ms BIGINT NOT NULL
+)"]];
 
 impl Db {
     /// `sqlite://path` (created if missing) or `postgres://…`.

@@ -247,6 +247,9 @@ catalogue! {
     WebhookSecret => "Webhook secret", "Webhook 密钥";
     QuietHours => "Quiet hours (UTC+8, HH:MM–HH:MM; SMS and webhooks wait)", "免打扰时段（北京时间 HH:MM–HH:MM，短信和Webhook延后）";
     Delivery => "Delivery", "投递";
+    PhoneCode => "SMS verification code", "短信验证码";
+    SendCode => "Send the code", "发送验证码";
+    SmsCodeText => "Suanli verification code (valid 10 minutes):", "算力平台验证码（10分钟内有效）：";
 }
 
 /// Formats minor units as money with two decimals and thousands separators: `¥42,500.00`.

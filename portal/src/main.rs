@@ -84,6 +84,9 @@ struct ServeArgs {
     /// Alibaba Cloud SMS is configured in [portal.sms].
     #[arg(long, env = "SUANLI_PORTAL_SMS_JSON_URL")]
     sms_json_url: Option<String>,
+    /// Registration with a mobile number needs the code sent to it by SMS (needs a gateway).
+    #[arg(long, env = "SUANLI_PORTAL_VERIFY_PHONES")]
+    verify_phones: bool,
     /// Cookies without `Secure` and `__Host-` (only for plain-HTTP hosts other than localhost).
     #[arg(long, env = "SUANLI_PORTAL_INSECURE_COOKIES")]
     insecure_cookies: bool,
@@ -120,6 +123,7 @@ struct PortalSection {
     #[serde(default)]
     alerts: suanli_portal::alerts::AlertSettings,
     insecure_cookies: Option<bool>,
+    verify_phones: Option<bool>,
 }
 
 /// `[portal.sms]`: `provider = "json"` with `url` (and `token`), or `provider = "aliyun"` with
@@ -267,6 +271,11 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         ..Settings::default()
     };
     let notifiers = Notifiers { sms: sms_gateway(file.sms, args.sms_json_url.as_deref())?, ..Default::default() };
+    let verify_phones = args.verify_phones || file.verify_phones.unwrap_or(false);
+    if verify_phones && notifiers.sms.is_none() {
+        bail!("verifying phones needs an SMS gateway: --sms-json-url or [portal.sms]");
+    }
+    let settings = Settings { verify_phones, ..settings };
     let state = AppState(Arc::new(Inner { db: s.db, keys: s.keys.ring()?, market: market.clone(), mailer, notifiers, settings, outbox_wake: Default::default() }));
     market.spawn_follower();
     outbox::spawn_worker(state.clone());

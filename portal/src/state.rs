@@ -26,6 +26,8 @@ pub struct Settings {
     pub throttle_window: Duration,
     /// Where activation and reset mail goes when no SMTP relay is configured: logged instead.
     pub mail_configured: bool,
+    /// Registration with a mobile number needs the code sent to it by SMS.
+    pub verify_phones: bool,
 }
 
 impl Default for Settings {
@@ -38,6 +40,7 @@ impl Default for Settings {
             max_login_failures: 5,
             throttle_window: Duration::from_secs(15 * 60),
             mail_configured: false,
+            verify_phones: false,
         }
     }
 }

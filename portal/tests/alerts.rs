@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::routing::post;
 use reqwest::StatusCode;
 use serde_json::json;
-use support::{publish_node, Backend, World};
+use support::{publish_node, Api, Backend, World};
 
 const SECRET: &str = "test-aliyun-secret";
 const WAIT: Duration = Duration::from_secs(40);
@@ -35,25 +35,64 @@ fn sms_to<'a>(inbox: &'a [BTreeMap<String, String>], phone: &str) -> Vec<&'a BTr
     inbox.iter().filter(|m| m.get("PhoneNumbers").map(String::as_str) == Some(phone)).collect()
 }
 
-#[tokio::test]
-async fn a_card_fault_alerts_researcher_and_supplier_once_and_resolves_once() -> anyhow::Result<()> {
+/// The carrier stand-in on a port of its own, and a portal configuration that uses it.
+async fn carrier(dir: &std::path::Path, more_toml: &str) -> anyhow::Result<(Inbox, std::path::PathBuf)> {
     let inbox: Inbox = Arc::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let carrier = format!("http://{}/", listener.local_addr()?);
+    let url = format!("http://{}/", listener.local_addr()?);
     let app = axum::Router::new().route("/", post(send_sms)).with_state(inbox.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
-
-    let dir = tempfile::TempDir::new()?;
-    let config = dir.path().join("portal.toml");
+    let config = dir.join("portal.toml");
     std::fs::write(
         &config,
         format!(
-            "[portal.sms]\nprovider = \"aliyun\"\nendpoint = \"{carrier}\"\naccess_key_id = \"test-key\"\naccess_key_secret = \"{SECRET}\"\nsign_name = \"算力平台\"\ntemplate_code = \"SMS_1\"\n[portal.alerts]\nidle_lease_seconds = 4\ncheck_seconds = 1\n"
+            "[portal]\n{more_toml}\n[portal.sms]\nprovider = \"aliyun\"\nendpoint = \"{url}\"\naccess_key_id = \"test-key\"\naccess_key_secret = \"{SECRET}\"\nsign_name = \"算力平台\"\ntemplate_code = \"SMS_1\"\n[portal.alerts]\nidle_lease_seconds = 4\ncheck_seconds = 1\n"
         ),
     )?;
+    Ok((inbox, config))
+}
+
+#[tokio::test]
+async fn a_card_fault_alerts_researcher_and_supplier_once_and_resolves_once() -> anyhow::Result<()> {
+    let dir = tempfile::TempDir::new()?;
+    let (inbox, config) = carrier(dir.path(), "").await?;
     let Some(w) = World::start_with(Backend::Sqlite, &["--config".into(), config.display().to_string()]).await? else { return Ok(()) };
     let result = scenario(&w, &inbox).await;
     w.explain(result)
+}
+
+/// Registration with a mobile number takes the code the carrier delivered to it.
+#[tokio::test]
+async fn registration_verifies_the_phone_by_sms() -> anyhow::Result<()> {
+    let dir = tempfile::TempDir::new()?;
+    let (inbox, config) = carrier(dir.path(), "verify_phones = true").await?;
+    let Some(w) = World::start_with(Backend::Sqlite, &["--config".into(), config.display().to_string()]).await? else { return Ok(()) };
+    let api = w.client();
+    let mut body = support::registration("supplier", "sms_supplier", "sms@example.cn");
+    let phone = body["phone"].as_str().unwrap_or_default().to_owned();
+    let (status, reply) = api.post("/api/v1/accounts", body.clone()).await?;
+    assert_eq!((status, support::fields(&reply)), (StatusCode::BAD_REQUEST, vec!["phone_code".to_owned()]), "{reply}");
+    let (status, reply) = api.post("/api/v1/phone-codes", json!({"phone": phone, "lang": "zh"})).await?;
+    assert_eq!(status, StatusCode::ACCEPTED, "{reply}");
+    let (status, reply) = api.post("/api/v1/phone-codes", json!({"phone": phone})).await?;
+    assert_eq!((status, Api::code(&reply)), (StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_ATTEMPTS"), "one code a minute: {reply}");
+    let sms = suanli_testkit::eventually(WAIT, Duration::from_millis(50), || async { inbox.lock().ok()?.iter().find(|m| m.get("PhoneNumbers") == Some(&phone)).cloned() }).await?;
+    let param: serde_json::Value = serde_json::from_str(&sms["TemplateParam"])?;
+    let title = param["title"].as_str().unwrap_or_default();
+    assert!(title.starts_with("算力平台验证码"), "in the requested language: {title}");
+    let code = title.split_whitespace().last().unwrap_or_default().to_owned();
+    assert_eq!(code.len(), 6);
+    body["phone_code"] = json!(if code == "000000" { "000001" } else { "000000" });
+    let (status, reply) = api.post("/api/v1/accounts", body.clone()).await?;
+    assert_eq!((status, support::fields(&reply)), (StatusCode::BAD_REQUEST, vec!["phone_code".to_owned()]), "{reply}");
+    body["phone_code"] = json!(code);
+    let (status, reply) = api.post("/api/v1/accounts", body.clone()).await?;
+    assert_eq!(status, StatusCode::CREATED, "{reply}");
+    body["username"] = json!("sms_supplier2");
+    body["email"] = json!("sms2@example.cn");
+    let (status, reply) = api.post("/api/v1/accounts", body).await?;
+    assert!(status == StatusCode::BAD_REQUEST || status == StatusCode::CONFLICT, "a code works once: {status} {reply}");
+    Ok(())
 }
 
 async fn scenario(w: &World, inbox: &Inbox) -> anyhow::Result<()> {

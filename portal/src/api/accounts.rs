@@ -39,6 +39,9 @@ pub struct RegisterRequest {
     pub email: String,
     #[serde(default)]
     pub phone: Option<String>,
+    /// The code `POST /api/v1/phone-codes` sent to `phone` (where the portal verifies phones).
+    #[serde(default)]
+    pub phone_code: Option<String>,
     pub password: String,
     pub password_confirm: String,
     #[serde(default)]
@@ -220,6 +223,9 @@ pub async fn register(State(state): State<AppState>, headers: HeaderMap, ApiJson
         None => None,
     };
     p.finish()?;
+    if let (true, Some(phone)) = (state.settings.verify_phones, &phone) {
+        take_phone_code(&state, phone, req.phone_code.as_deref().unwrap_or("")).await?;
+    }
     let (Some(username), Some(email)) = (username, email) else { return Err(ApiError::internal("validated fields missing")) };
     let lang = req.lang.unwrap_or_else(|| Lang::from_accept_language(headers.get(header::ACCEPT_LANGUAGE).and_then(|v| v.to_str().ok()).unwrap_or("")));
 
@@ -286,6 +292,72 @@ pub async fn register(State(state): State<AppState>, headers: HeaderMap, ApiJson
     tx.commit().await?;
     state.outbox_wake.notify_one();
     Ok((StatusCode::CREATED, axum::Json(RegisterResponse { user_id: id.to_string(), state: AccountState::PendingActivation })).into_response())
+}
+
+const PHONE_CODE_TTL_MS: i64 = 10 * 60 * 1000;
+
+/// Consumes the code sent to `phone`: right, unexpired, fewer than 5 wrong tries.
+async fn take_phone_code(state: &AppState, phone: &str, code: &str) -> ApiResult<()> {
+    let key = state.keys.lookup_hash("phone-code-to", phone);
+    let wrong = || ApiError::field("phone_code", "wrong or expired code; ask for a new one");
+    let row = sqlx::query("SELECT code_hash, expires_ms, attempts FROM phone_codes WHERE phone_hash = $1").bind(&key).fetch_optional(&state.db.pool).await?;
+    let Some(row) = row else { return Err(wrong()) };
+    if row.try_get::<i64, _>("expires_ms")? <= now_ms() || row.try_get::<i64, _>("attempts")? >= 5 {
+        return Err(wrong());
+    }
+    let expected: String = row.try_get("code_hash")?;
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(state.keys.lookup_hash("phone-code", code.trim()).as_bytes(), expected.as_bytes())) {
+        sqlx::query("UPDATE phone_codes SET attempts = attempts + 1 WHERE phone_hash = $1").bind(&key).execute(&state.db.pool).await?;
+        return Err(wrong());
+    }
+    let used = sqlx::query("DELETE FROM phone_codes WHERE phone_hash = $1 AND code_hash = $2").bind(&key).bind(&expected).execute(&state.db.pool).await?;
+    if used.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(wrong())
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct PhoneCodeRequest {
+    pub phone: String,
+    #[serde(default)]
+    pub lang: Option<Lang>,
+}
+
+/// Sends a 6-digit code by SMS to a mobile number about to be registered (one a minute).
+#[utoipa::path(post, path = "/api/v1/phone-codes", request_body = PhoneCodeRequest, tag = "accounts",
+    responses((status = 202), (status = 400, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody)))]
+pub async fn send_phone_code(State(state): State<AppState>, ApiJson(req): ApiJson<PhoneCodeRequest>) -> ApiResult<StatusCode> {
+    let phone = identity::check_mobile(&req.phone).map_err(|p| ApiError::field("phone", p))?;
+    if !state.settings.verify_phones {
+        return Err(ApiError::field("phone", "this portal does not verify phone numbers"));
+    }
+    let key = state.keys.lookup_hash("phone-code-to", &phone);
+    let now = now_ms();
+    let last = sqlx::query("SELECT sent_ms FROM phone_codes WHERE phone_hash = $1").bind(&key).fetch_optional(&state.db.pool).await?;
+    if let Some(r) = last {
+        if now - r.try_get::<i64, _>("sent_ms")? < 60_000 {
+            return Err(ApiError::new(Code::TooManyAttempts, "one code a minute"));
+        }
+    }
+    let code = format!("{:06}", u32::from_le_bytes(crate::crypto::random_bytes::<4>()) % 1_000_000);
+    let lang = req.lang.unwrap_or_default();
+    let text = format!("{} {code}", Msg::SmsCodeText.text(lang));
+    let mut tx = state.db.pool.begin().await?;
+    sqlx::query("DELETE FROM phone_codes WHERE phone_hash = $1").bind(&key).execute(&mut *tx).await?;
+    sqlx::query("INSERT INTO phone_codes (phone_hash, code_hash, expires_ms, attempts, sent_ms) VALUES ($1, $2, $3, 0, $4)")
+        .bind(&key)
+        .bind(state.keys.lookup_hash("phone-code", &code))
+        .bind(now + PHONE_CODE_TTL_MS)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    let m = outbox::Outgoing { channel: outbox::Channel::Sms, recipient: &phone, subject: &text, body: &text, user_id: None, alert_id: None, not_before_ms: None };
+    outbox::queue(&state, &mut *tx, &m).await?;
+    tx.commit().await?;
+    state.outbox_wake.notify_one();
+    Ok(StatusCode::ACCEPTED)
 }
 
 #[derive(Deserialize, ToSchema)]

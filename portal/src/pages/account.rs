@@ -45,7 +45,7 @@ pub async fn login_page(headers: HeaderMap, OriginalUri(uri): OriginalUri, viewe
     page(&ctx, ctx.t(Msg::Login), body)
 }
 
-pub async fn register_page(headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal, ApiQuery(q): ApiQuery<NextQuery>) -> Response {
+pub async fn register_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal, ApiQuery(q): ApiQuery<NextQuery>) -> Response {
     let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
     let supplier = q.kind.as_deref() == Some("supplier");
     let t = |m| ctx.t(m);
@@ -55,6 +55,12 @@ pub async fn register_page(headers: HeaderMap, OriginalUri(uri): OriginalUri, vi
         vec![("personal", t(Msg::Personal)), ("university", t(Msg::University)), ("institute", t(Msg::Institute)), ("enterprise", t(Msg::Enterprise))]
     };
     let body = html! {
+        @if state.settings.verify_phones {
+            (api_form("/api/v1/phone-codes", "POST", None, None, t(Msg::SendCode), html! {
+                input type="hidden" name="lang" value=(ctx.lang.as_str());
+                (field(t(Msg::Phone), "phone", "tel", "", true))
+            }))
+        }
         p.tabs {
             a href="/register" aria-current=[(!supplier).then_some("page")] { (t(Msg::AsResearcher)) }
             " · "
@@ -67,6 +73,7 @@ pub async fn register_page(headers: HeaderMap, OriginalUri(uri): OriginalUri, vi
             (field(t(Msg::Username), "username", "text", "", true))
             (field(t(Msg::Email), "email", "email", "", true))
             (field(t(Msg::Phone), "phone", "tel", "", supplier))
+            @if state.settings.verify_phones { (field(t(Msg::PhoneCode), "phone_code", "text", "", false)) }
             (field(t(Msg::Password), "password", "password", "", true))
             (field(t(Msg::PasswordConfirm), "password_confirm", "password", "", true))
             (field(t(Msg::RealName), "real_name", "text", "", true))
