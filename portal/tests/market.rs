@@ -139,7 +139,7 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
 async fn routes(w: &World, researcher: &Api, supplier: &Api) -> anyhow::Result<()> {
     let anon = w.client();
     let (_, doc) = anon.get("/api/v1/openapi.json").await?;
-    let public = ["/api/v1/accounts", "/api/v1/activation", "/api/v1/session", "/api/v1/session/totp", "/api/v1/password-reset", "/api/v1/password-reset/confirm", "/api/v1/catalogue"];
+    let public = ["/api/v1/accounts", "/api/v1/phone-codes", "/api/v1/activation", "/api/v1/session", "/api/v1/session/totp", "/api/v1/password-reset", "/api/v1/password-reset/confirm", "/api/v1/catalogue"];
     let researcher_only = ["post /api/v1/leases", "post /api/v1/leases/{id}/verify", "post /api/v1/leases/{id}/password", "post /api/v1/leases/{id}/extend", "post /api/v1/me/ssh-keys"];
     let mut checked = 0;
     for (path, ops) in doc["paths"].as_object().into_iter().flatten() {
