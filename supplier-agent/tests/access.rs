@@ -169,15 +169,20 @@ async fn a_lease_end_cuts_sessions_kills_every_process_and_removes_the_account()
     node.end(&mut alice, &a).await;
     let status = tokio::time::timeout(WAIT, open.wait()).await.expect("the open session is cut").expect("ssh exits");
     assert!(!status.success());
+    // The agent removes the account, its home and its control groups one after the other:
+    // wait until all of it is done, then look at each.
+    let groups = |login: &str| ["pids", "freezer"].map(|h| Path::new("/sys/fs/cgroup").join(h).join("suanli").join(login));
     eventually(WAIT, POLL, || {
         let login = a.login.clone();
+        let home = a_home.clone();
+        let groups = groups(&login);
         async move {
             let gone = Command::new("getent").args(["passwd", &login]).output().await.ok()?;
-            (!gone.status.success()).then_some(())
+            (!gone.status.success() && !home.exists() && groups.iter().all(|g| !g.exists())).then_some(())
         }
     })
     .await
-    .expect("the account is removed");
+    .expect("the account, its home and its control groups are removed");
     assert_eq!(count(a.login.clone()).await, 0, "no process of the lease survives");
     assert!(!a_home.exists(), "its home (scratch) is wiped");
     for hierarchy in ["pids", "freezer"] {
