@@ -178,6 +178,9 @@ struct FileBroker {
     events_retained: Option<u64>,
     /// An enrolled agent not heard from for this long has its cards marked silent.
     agent_silent_after_ms: Option<u64>,
+    /// Overheating and XID thresholds: `overheat_c`, `recover_c`, `xid_quiet_ms`.
+    #[serde(default)]
+    health: suanli_broker::telemetry::health::HealthRules,
     agent_listen: Option<SocketAddr>,
     agent_ca_cert: Option<PathBuf>,
     agent_ca_key: Option<PathBuf>,
@@ -324,6 +327,10 @@ fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         snapshot_every_entries: file.snapshot_every_entries.unwrap_or(10_000),
         events_retained: file.events_retained.unwrap_or(DEFAULT_EVENTS_RETAINED),
         agent_silent_after: Duration::from_millis(file.agent_silent_after_ms.unwrap_or(DEFAULT_AGENT_SILENT_AFTER_MS)),
+        health: {
+            file.health.check().map_err(anyhow::Error::msg)?;
+            file.health
+        },
         peer_overrides: file
             .peers
             .iter()
@@ -380,6 +387,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         snapshot_every_entries: 10_000,
         events_retained: DEFAULT_EVENTS_RETAINED,
         agent_silent_after: Duration::from_millis(DEFAULT_AGENT_SILENT_AFTER_MS),
+        health: Default::default(),
         peer_overrides: Default::default(),
         agent_listen: Some(args.agent_listen),
         agent_ca: AgentCaSource::DataDir,

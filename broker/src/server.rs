@@ -57,6 +57,8 @@ pub struct NodeConfig {
     pub peer_overrides: BTreeMap<u64, String>,
     /// An enrolled agent not heard from for this long has its cards marked silent.
     pub agent_silent_after: Duration,
+    /// Overheating and XID thresholds (`[broker.health]`).
+    pub health: crate::telemetry::health::HealthRules,
     /// The TLS port: agents by mutual TLS (Icpcss, Irmds), and the public API for clients that
     /// want it encrypted (bearer tokens). `None`: no TLS port, agents cannot connect here.
     pub agent_listen: Option<SocketAddr>,
@@ -163,7 +165,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     shared.ssh_ca = Some(Arc::new(ssh_ca));
     let mut stop = Vec::new();
     let mut tasks = Vec::new();
-    let telemetry = Telemetry::new(config.agent_silent_after);
+    let telemetry = Telemetry::new(config.agent_silent_after, config.health);
 
     let (stop_grpc, stopped) = oneshot::channel::<()>();
     stop.push(stop_grpc);

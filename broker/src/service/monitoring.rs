@@ -173,7 +173,7 @@ impl Irmds {
                 observation.temperature_c = 0;
                 observation.last_critical_xid_ms = None;
             }
-            self.telemetry.want_health(card, health::evaluate(previous, &observation));
+            self.telemetry.want_health(card, health::evaluate(previous, &observation, self.telemetry.rules()));
         }
         self.telemetry.heard_from(view.node);
         stored_through.max(self.telemetry.store().stored_through(view.node))

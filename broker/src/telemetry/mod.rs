@@ -37,6 +37,7 @@ pub struct Telemetry {
     desired: Mutex<HashMap<CardId, CardHealth>>,
     live: broadcast::Sender<Arc<v1::LiveSample>>,
     silent_after: Duration,
+    rules: health::HealthRules,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -45,7 +46,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Telemetry {
-    pub fn new(silent_after: Duration) -> Arc<Self> {
+    pub fn new(silent_after: Duration, rules: health::HealthRules) -> Arc<Self> {
         Arc::new(Telemetry {
             store: Mutex::new(TelemetryStore::new()),
             last_heard: Mutex::new(HashMap::new()),
@@ -53,7 +54,13 @@ impl Telemetry {
             desired: Mutex::new(HashMap::new()),
             live: broadcast::channel(LIVE_BUFFER).0,
             silent_after,
+            rules,
         })
+    }
+
+    /// The health thresholds in force.
+    pub fn rules(&self) -> &health::HealthRules {
+        &self.rules
     }
 
     pub fn store(&self) -> MutexGuard<'_, TelemetryStore> {
