@@ -142,6 +142,9 @@ impl Irmds {
                     if c.xid_events.iter().any(|x| health::is_critical_xid(*x)) {
                         self.telemetry.note_critical_xid(id, sample.at_ms);
                     }
+                    if c.present {
+                        self.telemetry.note_ecc_uncorrected(id, c.ecc_uncorrected, sample.at_ms);
+                    }
                     let observation = Observation {
                         present: c.present,
                         temperature_c: c.temperature_c,

@@ -7,7 +7,8 @@ use suanli_types::CardHealth;
 pub const OVERHEAT_C: u32 = 90;
 /// …and recovers below this one, so a card hovering at the threshold does not flap.
 pub const RECOVER_C: u32 = 85;
-/// A critical XID keeps a card faulty until this long passes without another.
+/// A critical XID (or a rise of the uncorrected-ECC counter) keeps a card faulty until this long
+/// passes without another.
 pub const XID_QUIET_MS: i64 = 10 * 60 * 1000;
 
 /// XIDs that mean the card cannot be trusted with work (NVIDIA's XID catalogue: double-bit

@@ -33,6 +33,8 @@ pub struct Telemetry {
     last_heard: Mutex<HashMap<NodeId, Instant>>,
     /// Critical XIDs by card: when each was last reported.
     last_critical_xid: Mutex<HashMap<CardId, i64>>,
+    /// Each card's uncorrected-ECC counter as last reported (a rise is as bad as XID 48).
+    ecc_uncorrected: Mutex<HashMap<CardId, u64>>,
     /// The health each card's latest samples imply, waiting for the monitor to commit it.
     desired: Mutex<HashMap<CardId, CardHealth>>,
     live: broadcast::Sender<Arc<v1::LiveSample>>,
@@ -51,6 +53,7 @@ impl Telemetry {
             store: Mutex::new(TelemetryStore::new()),
             last_heard: Mutex::new(HashMap::new()),
             last_critical_xid: Mutex::new(HashMap::new()),
+            ecc_uncorrected: Mutex::new(HashMap::new()),
             desired: Mutex::new(HashMap::new()),
             live: broadcast::channel(LIVE_BUFFER).0,
             silent_after,
@@ -75,6 +78,19 @@ impl Telemetry {
         let mut xids = lock(&self.last_critical_xid);
         let last = xids.entry(card).or_insert(at_ms);
         *last = (*last).max(at_ms);
+    }
+
+    /// Records a card's uncorrected-ECC counter; a rise since the last report counts as a
+    /// critical error at `at_ms` (the first report is only the baseline). Returns whether it rose.
+    pub fn note_ecc_uncorrected(&self, card: CardId, counter: u64, at_ms: i64) -> bool {
+        let rose = match lock(&self.ecc_uncorrected).insert(card, counter) {
+            Some(before) => counter > before,
+            None => false,
+        };
+        if rose {
+            self.note_critical_xid(card, at_ms);
+        }
+        rose
     }
 
     pub fn last_critical_xid(&self, card: CardId) -> Option<i64> {
@@ -159,4 +175,23 @@ fn pending_changes(shared: &Shared, telemetry: &Telemetry, leader_since: Instant
         desired.remove(&card);
     }
     changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rising_uncorrected_ecc_counter_is_a_critical_error() {
+        let t = Telemetry::new(Duration::from_secs(10), health::HealthRules::default());
+        let card = CardId(7);
+        assert!(!t.note_ecc_uncorrected(card, 3, 1_000), "the first report is the baseline");
+        assert_eq!(t.last_critical_xid(card), None);
+        assert!(!t.note_ecc_uncorrected(card, 3, 2_000));
+        assert!(t.note_ecc_uncorrected(card, 4, 3_000));
+        assert_eq!(t.last_critical_xid(card), Some(3_000));
+        // A reset counter (driver reload) is a new baseline, not an error.
+        assert!(!t.note_ecc_uncorrected(card, 0, 4_000));
+        assert_eq!(t.last_critical_xid(card), Some(3_000));
+    }
 }
