@@ -9,46 +9,7 @@ use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::Row;
-use support::{activation_token, fields, registration, Api, Backend, World, PASSWORD};
-
-fn totp_now(secret_b32: &str) -> String {
-    totp_at(secret_b32, 0)
-}
-
-/// The code `steps` 30-second steps from now (the portal accepts one step of drift either way).
-fn totp_at(secret_b32: &str, steps: i64) -> String {
-    let raw = totp_rs::Secret::Encoded(secret_b32.to_owned()).to_bytes().expect("base32 secret");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
-    suanli_portal::api::accounts::totp_for(&raw).expect("totp").generate((now + 30 * steps) as u64)
-}
-
-/// Creates an operator with the CLI against the running portal's database; logs it in.
-async fn operator(w: &World, db_url: &str, name: &str, roles: &str) -> anyhow::Result<(Api, String)> {
-    let binary = suanli_testkit::workspace_binary("suanli-portal", "suanli-portal")?;
-    let out = tokio::process::Command::new(binary)
-        .args(["--database-url", db_url, "--key-file"])
-        .arg(w.dir.path().join("portal-keys.toml"))
-        .args(["create-operator", "--username", name, "--email", &format!("{name}@suanli.test"), "--roles", roles])
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    anyhow::ensure!(out.status.success(), "create-operator: {stdout} {}", String::from_utf8_lossy(&out.stderr));
-    let grab = |label: &str| stdout.lines().find_map(|l| l.strip_prefix(label)).map(str::trim).map(str::to_owned).unwrap_or_default();
-    let (password, secret) = (grab("password:"), grab("TOTP secret:"));
-    let api = w.client();
-    let (status, body) = api.post("/api/v1/session", json!({"login": name, "password": password})).await?;
-    anyhow::ensure!(status == StatusCode::OK && body["mfa_required"] == true, "operator login must ask for TOTP: {status} {body}");
-    *api.csrf.lock().expect("lock") = body["csrf_token"].as_str().map(str::to_owned);
-    // Without the second factor the session opens nothing.
-    let (status, body) = api.get("/api/v1/me").await?;
-    anyhow::ensure!(status == StatusCode::UNAUTHORIZED && Api::code(&body) == "MFA_REQUIRED", "{status} {body}");
-    let (status, body) = api.post("/api/v1/session/totp", json!({"code": "000000"})).await?;
-    anyhow::ensure!(status == StatusCode::UNAUTHORIZED && Api::code(&body) == "MFA_INVALID" || totp_now(&secret) == "000000", "{status} {body}");
-    let (status, body) = api.post("/api/v1/session/totp", json!({"code": totp_now(&secret)})).await?;
-    anyhow::ensure!(status == StatusCode::OK, "totp: {status} {body}");
-    *api.csrf.lock().expect("lock") = body["csrf_token"].as_str().map(str::to_owned);
-    Ok((api, secret))
-}
+use support::{activation_token, fields, operator, registration, totp_at, totp_now, Api, Backend, World, PASSWORD};
 
 async fn accounts(backend: Backend) -> anyhow::Result<()> {
     let Some(w) = World::start(backend).await? else { return Ok(()) };

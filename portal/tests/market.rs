@@ -122,6 +122,21 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     let (status, body) = bob.post("/api/v1/leases", json!({"cluster_id": class_a, "node_ids": [node], "billing_mode": "monthly", "periods": 1})).await?;
     assert_eq!((status, Api::code(&body)), (StatusCode::CONFLICT, "CLUSTER_DELISTED"), "{body}");
 
+    // Operators: a dispatcher sees every lease and ends one (the broker checks the role the
+    // portal says it acts in); an auditor sees none.
+    let (dispatcher, _) = support::operator(w, &w.database_url(), "disp_li", "dispatcher").await?;
+    let (status, all) = dispatcher.get("/api/v1/leases").await?;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    let seen = ids(&all, "lease_id");
+    assert!(seen.contains(&lease_a) && seen.contains(&lease_b), "{all}");
+    let (status, ended) = dispatcher.post(&format!("/api/v1/leases/{lease_b}/end"), json!({})).await?;
+    assert_eq!((status, ended["state"].as_str(), ended["end_reason"].as_str()), (StatusCode::OK, Some("ended"), Some("by_operator")), "{ended}");
+    let (auditor, _) = support::operator(w, &w.database_url(), "aud_wang", "auditor").await?;
+    let (status, _) = auditor.get("/api/v1/leases").await?;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = auditor.post(&format!("/api/v1/leases/{lease_a}/end"), json!({})).await?;
+    assert_eq!(status, StatusCode::FORBIDDEN, "auditors read the log, nothing else");
+
     // Deregistering leaves no live lease behind.
     let (status, _) = alice.send(reqwest::Method::DELETE, "/api/v1/me", Some(json!({"password": support::PASSWORD}))).await?;
     assert_eq!(status, StatusCode::NO_CONTENT);
