@@ -325,9 +325,13 @@ async fn write(state: &AppState, index: Option<u64>, decisions: Vec<Decision>) -
     let now = now_ms();
     let mut queued = false;
     for d in decisions {
-        let planned = match d {
-            Decision::Open { key, kind, subject, accounts } | Decision::Notice { key, kind, subject, accounts } => {
-                let notice = kind == "lease_requested" || kind == "lease_expiring";
+        let opening = match d {
+            Decision::Open { key, kind, subject, accounts } => Ok((key, kind, subject, accounts, false)),
+            Decision::Notice { key, kind, subject, accounts } => Ok((key, kind, subject, accounts, true)),
+            Decision::Resolve { key } => Err(key),
+        };
+        let planned = match opening {
+            Ok((key, kind, subject, accounts, notice)) => {
                 let existing = sqlx::query(if notice { "SELECT id FROM alerts WHERE condition_key = $1" } else { "SELECT id FROM alerts WHERE condition_key = $1 AND state = 'open'" })
                     .bind(&key)
                     .fetch_optional(&mut *tx)
@@ -349,7 +353,7 @@ async fn write(state: &AppState, index: Option<u64>, decisions: Vec<Decision>) -
                     .await?;
                 Planned { alert: id, en, zh, accounts, prefix: if notice { Msg::NoticePrefix } else { Msg::AlertPrefix }, resolving: false }
             }
-            Decision::Resolve { key } => {
+            Err(key) => {
                 let row = sqlx::query("SELECT id, subject, detail FROM alerts WHERE condition_key = $1 AND state = 'open'").bind(&key).fetch_optional(&mut *tx).await?;
                 let Some(row) = row else { continue };
                 let id: i64 = row.try_get("id")?;

@@ -23,7 +23,7 @@ pub async fn record_writes(State(state): State<AppState>, mut request: Request, 
     request.extensions_mut().insert(slot.clone());
     let route = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "(unmatched)".into());
     let target = request.uri().path().to_owned();
-    let source = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()).unwrap_or_default();
+    let source = crate::auth::source_address(request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0));
     let response = next.run(request).await;
     let status = response.status();
     let outcome = if status.is_success() || status.is_redirection() { "ok".to_owned() } else { format!("refused {}", status.as_u16()) };

@@ -85,10 +85,9 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
-pub fn source_address(parts_headers: &HeaderMap, peer: Option<std::net::SocketAddr>) -> String {
-    // Only the direct peer counts: a client-chosen X-Forwarded-For would let anyone dodge the
-    // per-address login throttle. Behind a proxy, configure it to connect from its own address.
-    let _ = parts_headers;
+/// Where a request comes from. Only the direct peer counts: a client-chosen X-Forwarded-For
+/// would let anyone dodge the per-address login throttle or forge the audit log.
+pub fn source_address(peer: Option<std::net::SocketAddr>) -> String {
     peer.map(|p| p.ip().to_string()).unwrap_or_else(|| "unknown".into())
 }
 

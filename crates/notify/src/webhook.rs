@@ -10,16 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use subtle_free_eq::constant_time_eq;
+use subtle::ConstantTimeEq;
 
 use crate::NotifyError;
-
-mod subtle_free_eq {
-    /// Compares without an early exit, so timing does not say how much of a signature matched.
-    pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-    }
-}
 
 pub fn signature(secret: &str, timestamp: u64, body: &str) -> String {
     let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()) else { return String::new() };
@@ -30,7 +23,7 @@ pub fn signature(secret: &str, timestamp: u64, body: &str) -> String {
 /// What a receiver runs: the signature is right and the timestamp within `tolerance` of now.
 pub fn verify(secret: &str, timestamp: u64, body: &str, sent: &str, tolerance: Duration) -> bool {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    now.abs_diff(timestamp) <= tolerance.as_secs() && constant_time_eq(signature(secret, timestamp, body).as_bytes(), sent.as_bytes())
+    now.abs_diff(timestamp) <= tolerance.as_secs() && bool::from(signature(secret, timestamp, body).as_bytes().ct_eq(sent.as_bytes()))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -552,7 +552,6 @@ pub async fn check_totp(state: &AppState, user: UserId, sealed_secret: &str, cod
 pub async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     slot: Option<axum::Extension<auth::AuditSlot>>,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<Response> {
@@ -561,7 +560,7 @@ pub async fn login(
         return Err(ApiError::field("login", "give a username or email and a password"));
     }
     let user_key = format!("login:{}", state.keys.lookup_hash("throttle", &login));
-    let ip_key = format!("ip:{}", auth::source_address(&headers, Some(peer)));
+    let ip_key = format!("ip:{}", auth::source_address(Some(peer)));
     // One address may fail more often than one login: many people share a NAT.
     let max = state.settings.max_login_failures;
     if throttled(&state, &user_key, max).await? || throttled(&state, &ip_key, max * 10).await? {
@@ -1023,10 +1022,7 @@ pub async fn deregister(State(state): State<AppState>, principal: Principal, Api
                 .await?;
         }
         if principal.kind == UserKind::Supplier {
-            let mine: Vec<u64> = {
-                let cat = state.market.catalogue.read().unwrap_or_else(|p| p.into_inner());
-                cat.entries().filter(|e| Some(e.cluster.supplier_id) == principal.broker_account && !e.cluster.delisted).map(|e| e.cluster.cluster_id).collect()
-            };
+            let mine: Vec<u64> = super::market::my_clusters(&state, &principal)?.iter().filter(|c| !c.delisted).map(|c| c.cluster_id).collect();
             for cluster_id in mine {
                 client.delist_cluster(v1::DelistClusterRequest { request_id: request_id(&["deregister-cl", &cluster_id.to_string()]), cluster_id }).await?;
                 state.market.refresh_cluster(cluster_id).await?;

@@ -640,6 +640,13 @@ fn market_client(state: &AppState, p: &Principal) -> ApiResult<suanli_proto::cli
     state.market.as_token(&p.broker_token(state)?)
 }
 
+/// An operator who may intervene, acting on the broker in one of their intervening roles.
+fn intervening_client(state: &AppState, p: &Principal) -> ApiResult<suanli_proto::client::Client> {
+    p.require(Permission::Intervene)?;
+    let role = p.roles.iter().copied().find(|r| r.may_intervene()).ok_or_else(|| ApiError::forbidden("no intervening role"))?;
+    state.market.as_operator(role)
+}
+
 #[derive(Deserialize, ToSchema)]
 pub struct LeaseRequest {
     pub cluster_id: u64,
@@ -865,9 +872,7 @@ pub async fn end_lease(State(state): State<AppState>, principal: Principal, ApiP
             (market_client(&state, &principal)?, reason)
         }
         UserKind::Operator => {
-            principal.require(Permission::Intervene)?;
-            let role = principal.roles.iter().copied().find(|r| r.may_intervene()).ok_or_else(|| ApiError::forbidden("no intervening role"))?;
-            (state.market.as_operator(role)?, v1::EndReason::ByOperator)
+            (intervening_client(&state, &principal)?, v1::EndReason::ByOperator)
         }
     };
     let lease = client.end_lease(v1::EndLeaseRequest { request_id: fresh_request_id("end"), lease_id: id, reason: reason.into() }).await?.into_inner();
@@ -1102,9 +1107,7 @@ pub async fn delist(State(state): State<AppState>, principal: Principal, ApiPath
     let mut client = match principal.kind {
         UserKind::Supplier => market_client(&state, &principal)?,
         UserKind::Operator => {
-            principal.require(Permission::Intervene)?;
-            let role = principal.roles.iter().copied().find(|r| r.may_intervene()).ok_or_else(|| ApiError::forbidden("no intervening role"))?;
-            state.market.as_operator(role)?
+            intervening_client(&state, &principal)?
         }
         UserKind::Researcher => return Err(ApiError::forbidden("only the cluster's supplier or an operator delists it")),
     };
