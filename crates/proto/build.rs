@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files: Vec<PathBuf> = ["common", "broker", "icpcss", "itm", "irmds", "raft", "admin"]
+    let files: Vec<PathBuf> = ["common", "broker", "icpcss", "itm", "irmds", "raft", "admin", "jobs"]
         .iter()
         .map(|name| root.join(format!("suanli/v1/{name}.proto")))
         .collect();

@@ -69,7 +69,11 @@ impl Code {
                 | ErrorCode::ClusterBusy
                 | ErrorCode::InvalidTransition
                 | ErrorCode::AuthCodeExpired
-                | ErrorCode::NotYetDue => StatusCode::CONFLICT,
+                | ErrorCode::NotYetDue
+                | ErrorCode::JobTransition
+                | ErrorCode::StaleScheduler
+                | ErrorCode::PlacementRefused => StatusCode::CONFLICT,
+                ErrorCode::InsufficientFunds => StatusCode::PAYMENT_REQUIRED,
                 ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             },

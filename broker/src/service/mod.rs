@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod broker_api;
+pub mod jobs;
 pub mod metrics;
 pub mod monitoring;
 pub mod reaper;

@@ -1,4 +1,4 @@
-//! Expires leases whose reservation or paid term is over. Runs on every node but proposes only
+//! Expires leases whose reservation or paid term is over, and charges active leases' use. Runs on every node but proposes only
 //! while this node is the leader; the state machine re-checks the deadline, so a proposal from a
 //! deposed leader or a skewed clock is refused with `NOT_YET_DUE` and changes nothing.
 
@@ -9,6 +9,10 @@ use tracing::{debug, warn};
 
 use super::{now, Shared};
 use crate::state::Command;
+
+/// How often active leases are charged for their use: one log entry per this period for all
+/// of them (in chunks of the command's limit), not one per lease-second.
+pub const SETTLEMENT_EVERY_MS: u64 = 60_000;
 
 pub async fn run(shared: Shared, every: Duration) {
     let mut tick = tokio::time::interval(every);
@@ -28,6 +32,19 @@ pub async fn run(shared: Shared, every: Duration) {
                 Ok(_) => debug!(%lease, "expired"),
                 Err(status) => warn!(%lease, %status, "could not expire lease"),
             }
+        }
+        settle(&shared, at).await;
+    }
+}
+
+/// Charges every active lease not charged for a settlement period.
+async fn settle(shared: &Shared, at: suanli_types::Timestamp) {
+    let due = shared.sm.read(|s| s.due_for_settlement(at, SETTLEMENT_EVERY_MS));
+    for chunk in due.chunks(crate::state::machine::ledger::MAX_SETTLEMENTS_PER_COMMAND.min(4_000)) {
+        // A fresh ID per round: settling twice is harmless (the second charges the difference).
+        let request_id = format!("settle-{}-{}", at.millis(), chunk[0].0);
+        if let Err(status) = shared.propose(Caller::System, &request_id, Command::SettleLeases { leases: chunk.to_vec() }).await {
+            warn!(%status, leases = chunk.len(), "could not settle leases");
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use suanli_proto::convert::{
     account_kind_to_wire, billing_mode_to_wire, card_health_to_wire, card_spec_to_wire, card_status_to_wire, cluster_class_to_wire,
-    end_reason_to_wire, inventory_to_wire, lease_state_to_wire, listing_to_wire, money_to_wire,
+    end_reason_to_wire, inventory_to_wire, job_end_reason_to_wire, lease_state_to_wire, listing_to_wire, money_to_wire,
 };
 use suanli_proto::v1;
 use suanli_types::{ClusterState, LeaseUnit, NodeId};
@@ -177,6 +177,30 @@ pub fn event(e: &Event) -> v1::Event {
             from: card_health_to_wire(*from),
             to: card_health_to_wire(*to),
         }),
+        Event::JobStateChanged { job, owner, from, to, attempt, reason } => Kind::JobStateChanged(v1::JobStateChanged {
+            job_id: job.0,
+            owner_id: owner.0,
+            from: from.map_or("", |s| s.as_str()).into(),
+            to: to.as_str().into(),
+            attempt: *attempt,
+            reason: reason.as_ref().map(job_end_reason_to_wire),
+        }),
+        Event::JobStopRequested { job, attempt, reason } => Kind::JobStopRequested(v1::JobStopRequested {
+            job_id: job.0,
+            attempt: *attempt,
+            reason: Some(job_end_reason_to_wire(reason)),
+        }),
+        Event::SchedulerLeaseChanged { holder, epoch } => {
+            Kind::SchedulerLeaseChanged(v1::SchedulerLeaseChanged { holder: holder.clone(), epoch: *epoch })
+        }
+        Event::Ledger { transaction, kind, lease } => Kind::LedgerPosted(v1::LedgerPosted {
+            transaction_id: *transaction,
+            kind: kind.as_str().into(),
+            lease_id: lease.map_or(0, |l| l.0),
+        }),
+        Event::LeaseEvaluated { lease, supplier, score } => {
+            Kind::LeaseEvaluated(v1::LeaseEvaluated { lease_id: lease.0, supplier_id: supplier.0, score: *score })
+        }
     };
     v1::Event { kind: Some(kind) }
 }

@@ -4,8 +4,10 @@
 //! request ID (applied at most once per caller) and the time the leader accepted it, so that
 //! `apply` never reads a clock and every replica computes the same state.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
-use suanli_types::{
+use suanli_types::{JobEndReason, JobId, JobSpec, Money, 
     AccountId, AccountKind, BillingMode, CardHealth, CardId, CardStatus, Caller, ClusterClass, ClusterId, EndReason, LeaseId, LeaseUnit,
     Listing, NodeAccess, NodeId, NodeInventory, RequestId, SecretHash, SshPublicKey, Timestamp,
 };
@@ -64,6 +66,37 @@ pub enum Command {
     ExpireLease { lease: LeaseId },
     /// Platform only: a broker node was removed from the Raft group; its ID is never reused.
     RetireBrokerNode { node: u64 },
+
+    // ---- jobs ------------------------------------------------------------------------------
+    /// A researcher submits a job for its own leased cards.
+    SubmitJob { spec: JobSpec },
+    /// The owner (or an intervening operator) cancels a job; a running attempt is stopped.
+    CancelJob { job: JobId },
+    /// Platform (a scheduler replica): take or renew the leader lease. Granted when it is free,
+    /// expired or already `holder`'s.
+    AcquireSchedulerLease { holder: String, ttl_ms: u32 },
+    /// The acting scheduler commits a round's placements; each is checked on its own, so one
+    /// refused placement does not hold up the rest.
+    PlaceJobs { epoch: u64, placements: Vec<(JobId, Vec<CardId>)> },
+    /// The acting scheduler stops jobs holding cards: a placed attempt goes back to the queue at
+    /// once; a running one is asked to stop, except `NodeLost`, whose agent cannot answer.
+    StopJobs { epoch: u64, stops: Vec<(JobId, JobEndReason)> },
+    /// A placed node's agent started the attempt.
+    JobStarted { job: JobId, attempt: u32 },
+    /// The node's agent saw the attempt end; `outputs` are the content hashes it uploaded.
+    JobEnded { job: JobId, attempt: u32, reason: JobEndReason, outputs: BTreeMap<String, String> },
+    /// The running attempt uploaded a checkpoint; the next attempt resumes from it.
+    JobCheckpoint { job: JobId, attempt: u32, sha256: String },
+
+    // ---- money -----------------------------------------------------------------------------
+    /// Platform only: money paid in for a researcher (the payment service confirmed it).
+    Deposit { account: AccountId, amount: Money },
+    /// Platform or an intervening operator: how far below zero a researcher's available
+    /// balance may go.
+    GrantCredit { account: AccountId, limit: Money },
+    /// System only (the leader, periodically): charge these active leases' use up to
+    /// `Envelope::at`. Batched, so metering costs one log entry per round, not one per second.
+    SettleLeases { leases: Vec<LeaseId> },
 }
 
 impl Command {
@@ -113,6 +146,17 @@ impl Command {
             Command::EndLease { .. } => "end_lease",
             Command::ExpireLease { .. } => "expire_lease",
             Command::RetireBrokerNode { .. } => "retire_broker_node",
+            Command::SubmitJob { .. } => "submit_job",
+            Command::CancelJob { .. } => "cancel_job",
+            Command::AcquireSchedulerLease { .. } => "acquire_scheduler_lease",
+            Command::PlaceJobs { .. } => "place_jobs",
+            Command::StopJobs { .. } => "stop_jobs",
+            Command::JobStarted { .. } => "job_started",
+            Command::JobEnded { .. } => "job_ended",
+            Command::JobCheckpoint { .. } => "job_checkpoint",
+            Command::Deposit { .. } => "deposit",
+            Command::GrantCredit { .. } => "grant_credit",
+            Command::SettleLeases { .. } => "settle_leases",
         }
     }
 }

@@ -1,7 +1,7 @@
 //! What applying a command changed, as a stream clients can watch.
 
 use serde::{Deserialize, Serialize};
-use suanli_types::{
+use suanli_types::{JobEndReason, JobId, JobState, TransactionKind, 
     AccountId, AccountKind, CardHealth, CardId, CardStatus, ClusterId, CpcId, EndReason, LeaseId, LeaseState, NodeId, Timestamp,
 };
 
@@ -20,6 +20,12 @@ pub enum Event {
     LeaseStateChanged { lease: LeaseId, from: Option<LeaseState>, to: LeaseState, reason: Option<EndReason> },
     LeaseExtended { lease: LeaseId, periods: u32, paid_until: Timestamp },
     AuthCodeRejected { lease: LeaseId, attempts_left: u32 },
+    JobStateChanged { job: JobId, owner: AccountId, from: Option<JobState>, to: JobState, attempt: u32, reason: Option<JobEndReason> },
+    /// The platform asked a running attempt to stop; the node's agent acts on it.
+    JobStopRequested { job: JobId, attempt: u32, reason: JobEndReason },
+    SchedulerLeaseChanged { holder: String, epoch: u64 },
+    Ledger { transaction: u64, kind: TransactionKind, lease: Option<LeaseId> },
+    LeaseEvaluated { lease: LeaseId, supplier: AccountId, score: u32 },
 }
 
 /// The events of one applied log entry.

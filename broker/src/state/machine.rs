@@ -14,14 +14,16 @@ use suanli_types::error::EntityKind;
 use suanli_types::{
     AccountId, AccountKind, CardHealth, CardId, CardStatus, Caller, CatalogueFacts, CatalogueFilter, ClusterClass, ClusterId,
     ClusterState, CpcId, DomainError, EndReason, LeaseAction, LeaseId, LeaseState, LeaseUnit, Money, NodeId,
-    PageRequest, RequestId, SecretHash, Timestamp,
+    PageRequest, RequestId, SecretHash, Timestamp, Currency, JobId, LedgerAccount, Transaction, JobEndReason,
 };
 
 use super::command::{Command, Envelope};
 use super::event::Event;
-use super::model::{Account, AuthCode, Card, Cluster, EnrollmentToken, Lease, Node};
+use super::model::{Account, AuthCode, Card, Cluster, EnrollmentToken, Job, Lease, LeaseAccount, Node, SchedulerLease, ServiceEvaluation};
 
 mod agents;
+pub mod jobs;
+pub mod ledger;
 
 /// Limits that are part of the replicated rules (changing them is a format change).
 pub mod rules {
@@ -52,6 +54,11 @@ pub enum Response {
     Cluster(Box<Cluster>),
     Card(Box<Card>),
     Lease(Box<Lease>),
+    Job(Box<Job>),
+    /// One result per placement or stop, in order.
+    Placements(Vec<Result<(), DomainError>>),
+    SchedulerLease(SchedulerLease),
+    Transaction(Box<Transaction>),
 }
 
 pub type Outcome = Result<Response, DomainError>;
@@ -81,6 +88,20 @@ pub struct State {
     nodes_by_credential: BTreeMap<SecretHash, NodeId>,
     /// Raft node IDs of removed broker nodes: never admitted again.
     retired_broker_nodes: BTreeSet<u64>,
+    jobs: BTreeMap<JobId, Job>,
+    queued_jobs: BTreeSet<JobId>,
+    live_jobs_by_owner: BTreeMap<AccountId, BTreeSet<JobId>>,
+    /// Which live jobs' current attempts hold each card.
+    card_jobs: BTreeMap<CardId, BTreeSet<JobId>>,
+    scheduler_lease: SchedulerLease,
+    balances: BTreeMap<(LedgerAccount, Currency), i64>,
+    credit_limits: BTreeMap<(AccountId, Currency), i64>,
+    /// The ledger; a transaction's ID is its position plus one.
+    transactions: Vec<Transaction>,
+    transactions_by_holder: BTreeMap<AccountId, Vec<u64>>,
+    lease_accounts: BTreeMap<LeaseId, LeaseAccount>,
+    evaluations: BTreeMap<LeaseId, ServiceEvaluation>,
+    evaluations_by_supplier: BTreeMap<AccountId, Vec<LeaseId>>,
 }
 
 /// A cluster as the catalogue shows it.
@@ -178,7 +199,7 @@ impl State {
             }
             Command::RevokeAgent { node } => self.revoke_agent(caller, *node, events),
             Command::SetNodeAccess { node, access } => self.set_node_access(caller, *node, access),
-            Command::SetCardHealth { changes } => self.set_card_health(caller, changes, events),
+            Command::SetCardHealth { changes } => self.set_card_health(caller, changes, at, events),
             Command::PublishCluster { class, nodes, listing } => {
                 let supplier = self.account_of_kind(caller, AccountKind::Supplier)?;
                 listing.validate(*class)?;
@@ -366,6 +387,9 @@ impl State {
                     return Err(DomainError::invalid("periods", "the lease would run too long"));
                 };
                 let extra = l.billing_mode.period_seconds() * *periods as i64;
+                let (researcher, currency, added_minor) = (l.researcher, l.price_per_card.currency.clone(), amount - l.amount.minor);
+                self.check_funds(researcher, &currency, added_minor)?;
+                self.hold(*lease, researcher, &currency, added_minor, at, events);
                 let l = self.leases.get_mut(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
                 l.periods = total_periods;
                 l.amount.minor = amount;
@@ -422,6 +446,17 @@ impl State {
                 self.retired_broker_nodes.insert(*node);
                 Ok(Response::Empty)
             }
+            Command::SubmitJob { spec } => self.submit_job(caller, spec, at, events),
+            Command::CancelJob { job } => self.cancel_job(caller, *job, at, events),
+            Command::AcquireSchedulerLease { holder, ttl_ms } => self.acquire_scheduler_lease(caller, holder, *ttl_ms, at, events),
+            Command::PlaceJobs { epoch, placements } => self.place_jobs(caller, *epoch, placements, at, events),
+            Command::StopJobs { epoch, stops } => self.stop_jobs(caller, *epoch, stops, at, events),
+            Command::JobStarted { job, attempt } => self.job_started(caller, *job, *attempt, at, events),
+            Command::JobEnded { job, attempt, reason, outputs } => self.job_ended(caller, *job, *attempt, reason, outputs, at, events),
+            Command::JobCheckpoint { job, attempt, sha256 } => self.job_checkpoint(caller, *job, *attempt, sha256),
+            Command::Deposit { account, amount } => self.deposit(caller, *account, amount, at, events),
+            Command::GrantCredit { account, limit } => self.grant_credit(caller, *account, limit),
+            Command::SettleLeases { leases } => self.settle_leases(caller, leases, at, events),
             Command::ExpireLease { lease } => {
                 require(matches!(caller, Caller::System), "only the broker's reaper expires leases")?;
                 let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
@@ -473,6 +508,7 @@ impl State {
             ClusterClass::A => rules::RESERVATION_SECONDS_CLASS_A,
             ClusterClass::B => rules::RESERVATION_SECONDS_CLASS_B,
         };
+        self.check_funds(researcher, &currency, amount.minor)?;
         let id = LeaseId(self.next());
         let lease = Lease {
             id,
@@ -504,6 +540,7 @@ impl State {
         self.leases.insert(id, lease.clone());
         self.live_leases.insert(id, ());
         events.push(Event::LeaseStateChanged { lease: id, from: None, to: LeaseState::Requested, reason: None });
+        self.hold(id, researcher, &lease.price_per_card.currency, lease.amount.minor, at, events);
         Ok(Response::Lease(Box::new(lease)))
     }
 
@@ -582,6 +619,7 @@ impl State {
         for card in cards {
             self.set_card(card, CardStatus::Busy, Some(lease), events);
         }
+        self.open_lease_account(lease, at);
         Ok(Response::Lease(Box::new(self.leases[&lease].clone())))
     }
 
@@ -595,6 +633,10 @@ impl State {
         let cards = l.cards.clone();
         self.live_leases.remove(&lease);
         events.push(Event::LeaseStateChanged { lease, from: Some(from), to, reason: Some(reason) });
+        self.close_lease_account(lease, from == LeaseState::Active, at, events);
+        for card in &cards {
+            self.evict_jobs_from(*card, JobEndReason::LeaseEnded, at, events);
+        }
         for card in cards {
             let released = self.cards.get(&card).map_or(CardStatus::Idle, |c| c.health.idle_status());
             self.set_card(card, released, None, events);
@@ -835,7 +877,8 @@ impl State {
                 return Err(format!("credential index points at {node}, which holds another credential"));
             }
         }
-        Ok(())
+        self.check_job_invariants()?;
+        self.check_ledger_invariants()
     }
 }
 

@@ -9,7 +9,7 @@ pub mod model;
 pub use command::{Command, Envelope};
 pub use event::{AppliedEvents, Event};
 pub use machine::{rules, ClusterSummary, Outcome, Response, State};
-pub use model::{Account, AuthCode, Card, Cluster, EnrollmentToken, Lease, Node};
+pub use model::{Account, Attempt, AuthCode, Card, Cluster, EnrollmentToken, Job, Lease, LeaseAccount, Node, SchedulerLease, ServiceEvaluation};
 
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,9 @@
 //! The entities the broker keeps. Plain data: the rules live in `machine.rs`.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
-use suanli_types::{
+use suanli_types::{JobEndReason, JobId, JobSpec, JobState, 
     AccountId, AccountKind, BillingMode, CardHealth, CardId, CardSpec, CardStatus, ClusterClass, ClusterId, ClusterState, CpcId,
     EndReason, LeaseId, LeaseState, LeaseUnit, Listing, Money, NodeId, NodeInventory, SecretHash, SshPublicKey,
     Timestamp,
@@ -109,4 +111,99 @@ pub struct Lease {
     pub end_reason: Option<EndReason>,
     /// Class B: the nodes whose agents have confirmed provisioning so far.
     pub provisioned: std::collections::BTreeSet<NodeId>,
+}
+
+/// One try at running a job: where it was placed and how it ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1 for the first placement; every placement gets the next number, so an agent's report
+    /// about an attempt that was superseded is recognisable and refused.
+    pub number: u32,
+    pub cards: Vec<CardId>,
+    /// The lease each placed card belonged to at placement (same order as `cards`).
+    pub leases: Vec<LeaseId>,
+    pub placed_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub ended_at: Option<Timestamp>,
+    pub end_reason: Option<JobEndReason>,
+    /// What this attempt cost: the card-seconds it ran at each card's lease price, rounded
+    /// once per attempt, half up.
+    pub cost_minor: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub owner: AccountId,
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub submitted_at: Timestamp,
+    /// Attempts that failed because of the job itself (they count against `max_attempts`).
+    pub failures: u32,
+    /// Every placement, oldest first; the last is current while the job holds cards.
+    pub attempts: Vec<Attempt>,
+    /// Set when the platform wants a running attempt stopped (preemption, a card lost, the
+    /// lease ended, a cancel): the node's agent kills it and reports the end.
+    pub stop_requested: Option<JobEndReason>,
+    /// Content hash of the last checkpoint an attempt uploaded: the next attempt resumes it.
+    pub checkpoint: Option<String>,
+    /// Content hashes of the outputs the successful attempt uploaded, by name.
+    pub outputs: BTreeMap<String, String>,
+    pub ended_at: Option<Timestamp>,
+    pub end_reason: Option<JobEndReason>,
+    /// Card-milliseconds of service received so far (ended attempts): least-attained-service
+    /// scheduling orders by it.
+    pub attained_card_ms: u64,
+    /// Sum of the attempts' costs.
+    pub cost_minor: i64,
+}
+
+impl Job {
+    pub fn current(&self) -> Option<&Attempt> {
+        self.attempts.last().filter(|_| self.state.holds_cards())
+    }
+}
+
+/// The scheduler replica allowed to act, until `expires_at`. `epoch` grows with every change
+/// of holder: a command carrying an older epoch comes from a replica that lost the lease.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedulerLease {
+    pub holder: String,
+    pub epoch: u64,
+    pub expires_at: Timestamp,
+}
+
+/// A lease's money: the hold it took and how much of it has been charged.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAccount {
+    /// Total held from the researcher for this lease (request and extensions).
+    pub held_minor: i64,
+    /// Total charged so far (supplier earnings plus fee).
+    pub charged_minor: i64,
+    pub fee_minor: i64,
+    /// The instant up to which usage was charged.
+    pub settled_until: Option<Timestamp>,
+    /// Card-milliseconds cards of this lease spent unhealthy while it was active: not charged.
+    pub down_card_ms: u64,
+    /// Cards of this lease unhealthy right now, since when.
+    pub down_since: BTreeMap<CardId, Timestamp>,
+    /// Cards that dropped off at least once during the lease.
+    pub cards_dropped: BTreeSet<CardId>,
+    /// Card-milliseconds jobs ran on this lease's cards (ended attempts).
+    pub job_card_ms: u64,
+}
+
+/// SPEC §3: how a Class B lease went, computed when it ends (formula in ARCHITECTURE.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEvaluation {
+    pub lease: LeaseId,
+    pub supplier: AccountId,
+    /// Healthy card-time over all card-time of the active period, in basis points.
+    pub uptime_bps: u32,
+    pub cards_dropped: u32,
+    /// Card-time jobs ran over all card-time, in basis points.
+    pub utilization_bps: u32,
+    /// 0–100, from the three above.
+    pub score: u32,
+    pub at: Timestamp,
 }

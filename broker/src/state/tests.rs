@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use suanli_types::{
     AccountId, AccountKind, BillingMode, CardHealth, CardId, CardStatus, Caller, ClusterClass, ClusterId, DomainError, EndReason,
     ErrorCode, LeaseAction, LeaseId, LeaseState, LeaseUnit, Listing, NodeId, NodeInventory, OperatorRole, RequestId,
-    SecretHash, SupplierEndReason, Timestamp,
+    SecretHash, SupplierEndReason, Timestamp, Currency, Money, LedgerAccount, TransactionKind, JobEndReason, JobSpec, JobState, JobId,
 };
 
 use suanli_testkit::fixtures;
@@ -13,6 +13,8 @@ use suanli_testkit::fixtures;
 use super::*;
 
 const T0: i64 = 1_800_000_000_000;
+/// What each researcher of the test market has paid in: enough for a few leases, not for all.
+const FUNDS: i64 = 5_000_000;
 
 struct World {
     state: State,
@@ -115,6 +117,9 @@ fn market() -> Market {
     let class_a = w.cluster(supplier, ClusterClass::A, class_a_nodes.clone());
     let b_nodes = vec![w.node(supplier, 4), w.node(supplier, 4)];
     let class_b = w.cluster(supplier, ClusterClass::B, b_nodes);
+    for r in [researcher, other_researcher] {
+        w.ok(Caller::Platform, Command::Deposit { account: r, amount: Money::new(Currency::cny(), FUNDS) });
+    }
     Market { w, supplier, other_supplier, researcher, other_researcher, class_a, class_a_nodes, class_b }
 }
 
@@ -547,6 +552,12 @@ enum Op {
     Delist,
     Advance { seconds: i64 },
     Retry { back: usize },
+    Submit { mine: bool, cards: u32, shared: bool },
+    Place { job: usize, cards: Vec<usize> },
+    Start { job: usize },
+    EndJob { job: usize, reason: u8 },
+    CancelJob { job: usize, by_owner: bool },
+    Settle,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -565,6 +576,12 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Op::Delist),
         prop_oneof![Just(60i64), Just(3600), Just(rules::RESERVATION_SECONDS_CLASS_B), Just(86_400)].prop_map(|seconds| Op::Advance { seconds }),
         (0usize..10).prop_map(|back| Op::Retry { back }),
+        (any::<bool>(), 1u32..4, prop::bool::weighted(0.3)).prop_map(|(mine, cards, shared)| Op::Submit { mine, cards, shared }),
+        (0usize..8, prop::collection::vec(0usize..14, 1..4)).prop_map(|(job, cards)| Op::Place { job, cards }),
+        (0usize..8).prop_map(|job| Op::Start { job }),
+        (0usize..8, 0u8..4).prop_map(|(job, reason)| Op::EndJob { job, reason }),
+        (0usize..8, any::<bool>()).prop_map(|(job, by_owner)| Op::CancelJob { job, by_owner }),
+        Just(Op::Settle),
     ]
 }
 
@@ -641,6 +658,49 @@ proptest! {
                     m.w.envelope(Caller::System, Command::SetCardHealth { changes: vec![(card, health)] })
                 }
                 Op::Delist => m.w.envelope(Caller::Account(m.supplier), Command::DelistCluster { cluster: m.class_b }),
+                Op::Submit { mine, cards, shared } => {
+                    let mut spec = spec(if shared { 1 } else { cards });
+                    if shared {
+                        spec.kind = suanli_types::JobKind::Inference;
+                        spec.resources.shared = true;
+                    }
+                    m.w.envelope(researcher(mine), Command::SubmitJob { spec })
+                }
+                Op::Place { job, cards } => {
+                    let jobs: Vec<JobId> = m.w.state.jobs().map(|j| j.id).collect();
+                    let Some(job) = jobs.get(job % jobs.len().max(1)).copied() else { continue };
+                    let cards = cards.iter().map(|i| card_ids[i % card_ids.len()]).collect();
+                    let lease = m.w.envelope(Caller::Platform, Command::AcquireSchedulerLease { holder: "s".into(), ttl_ms: 60_000 });
+                    let _ = m.w.state.apply(&lease);
+                    let epoch = m.w.state.scheduler_lease().epoch;
+                    m.w.envelope(Caller::Platform, Command::PlaceJobs { epoch, placements: vec![(job, cards)] })
+                }
+                Op::Start { job } | Op::EndJob { job, .. } => {
+                    let jobs: Vec<&Job> = m.w.state.jobs().collect();
+                    let Some(j) = jobs.get(job % jobs.len().max(1)) else { continue };
+                    let attempt = j.attempts.last().map_or(1, |a| a.number);
+                    let node = j.attempts.last().and_then(|a| a.cards.first()).and_then(|c| m.w.state.card(*c)).map_or(NodeId(1), |c| c.node);
+                    let id = j.id;
+                    let command = match op {
+                        Op::EndJob { reason, .. } => {
+                            let reason = [JobEndReason::Completed, JobEndReason::ExitStatus(1), JobEndReason::Preempted, JobEndReason::StartFailed("x".into())][reason as usize % 4].clone();
+                            Command::JobEnded { job: id, attempt, reason, outputs: Default::default() }
+                        }
+                        _ => Command::JobStarted { job: id, attempt },
+                    };
+                    m.w.envelope(Caller::Agent(node), command)
+                }
+                Op::CancelJob { job, by_owner } => {
+                    let jobs: Vec<&Job> = m.w.state.jobs().collect();
+                    let Some(j) = jobs.get(job % jobs.len().max(1)) else { continue };
+                    let caller = if by_owner { Caller::Account(j.owner) } else { Caller::Account(m.supplier) };
+                    let id = j.id;
+                    m.w.envelope(caller, Command::CancelJob { job: id })
+                }
+                Op::Settle => {
+                    let leases = m.w.state.due_for_settlement(m.w.now, 0);
+                    m.w.envelope(Caller::System, Command::SettleLeases { leases })
+                }
             };
             let before = m.w.state.clone();
             let (outcome, _events) = m.w.state.apply(&envelope);
@@ -653,6 +713,15 @@ proptest! {
                     prop_assert_eq!(m.w.state.market(), before.market(), "refused {} ({}) changed the state", envelope.command.name(), e);
                 }
             }
+            // Every lease that is over has returned its whole hold: charged + credited + refunded.
+            for lease in m.w.state.leases().filter(|l| !l.state.is_live()) {
+                let Some(account) = m.w.state.lease_account(lease.id) else { continue };
+                let returned: i64 = m.w.state.transactions().iter()
+                    .filter(|t| t.lease == Some(lease.id) && matches!(t.kind, TransactionKind::Refund | TransactionKind::ServiceCredit))
+                    .map(|t| t.net_for(LedgerAccount::Available(lease.researcher)))
+                    .sum();
+                prop_assert_eq!(account.charged_minor + returned, account.held_minor, "{} did not settle its hold", lease.id);
+            }
             for lease in m.w.state.leases() {
                 let Some(old) = before.lease(lease.id) else { continue };
                 if old.state != lease.state {
@@ -661,5 +730,213 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+// ---- money ------------------------------------------------------------------------------------
+
+fn available(m: &Market, who: AccountId) -> i64 {
+    m.w.state.balance(LedgerAccount::Available(who), &Currency::cny())
+}
+
+fn charged_for(m: &Market, lease: LeaseId) -> i64 {
+    m.w.state
+        .transactions()
+        .iter()
+        .filter(|tx| tx.lease == Some(lease) && tx.kind == TransactionKind::Charge)
+        .map(|tx| -tx.net_for(LedgerAccount::Held(m.researcher)))
+        .sum()
+}
+
+#[test]
+fn a_lease_holds_its_price_charges_by_use_and_refunds_the_rest() {
+    let mut m = market();
+    let r = Caller::Account(m.researcher);
+    let l = m.w.lease(r.clone(), request_b(m.class_b, 3));
+    let price = fixtures::HOURLY_PRICE * 3 * 2;
+    assert_eq!(available(&m, m.researcher), FUNDS - price, "held at request");
+    assert_eq!(m.w.state.balance(LedgerAccount::Held(m.researcher), &Currency::cny()), price);
+    m.w.lease(Caller::Account(m.supplier), Command::ActivateLease { lease: l.id });
+
+    // 25 minutes of use, settled in two batches: the charge is that of 25 minutes, exactly.
+    m.w.advance(600);
+    m.w.ok(Caller::System, Command::SettleLeases { leases: vec![l.id] });
+    m.w.advance(900);
+    m.w.ok(Caller::System, Command::SettleLeases { leases: vec![l.id] });
+    let expected = (fixtures::HOURLY_PRICE * 3 * 1500 + 1800) / 3600; // half up
+    assert_eq!(charged_for(&m, l.id), expected);
+    let fee = (expected * 1000 + 5000) / 10_000;
+    assert_eq!(m.w.state.balance(LedgerAccount::Earnings(m.supplier), &Currency::cny()), expected - fee);
+    assert_eq!(m.w.state.balance(LedgerAccount::PlatformFees, &Currency::cny()), fee);
+
+    m.w.lease(r, Command::EndLease { lease: l.id, reason: EndReason::ByResearcher });
+    assert_eq!(available(&m, m.researcher), FUNDS - expected, "the unused hold came back");
+    assert_eq!(m.w.state.balance(LedgerAccount::Held(m.researcher), &Currency::cny()), 0);
+    m.w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn a_request_the_balance_cannot_cover_is_refused_and_changes_nothing() {
+    let mut m = market();
+    let poor = m.w.account(AccountKind::Researcher);
+    let before = m.w.state.market();
+    let refused = m.w.run(Caller::Account(poor), request_b(m.class_b, 1));
+    assert_eq!(code(refused), ErrorCode::InsufficientFunds);
+    assert_eq!(m.w.state.market(), before);
+    // Credit lets the balance go below zero, as far as granted.
+    m.w.ok(Caller::Operator(OperatorRole::Operator), Command::GrantCredit { account: poor, limit: Money::new(Currency::cny(), 10_000) });
+    m.w.lease(Caller::Account(poor), request_b(m.class_b, 1));
+    assert_eq!(available(&m, poor), -fixtures::HOURLY_PRICE * 2);
+    // Only the platform records deposits.
+    let forged = m.w.run(Caller::Account(poor), Command::Deposit { account: poor, amount: Money::new(Currency::cny(), 1) });
+    assert_eq!(code(forged), ErrorCode::PermissionDenied);
+    m.w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn a_dropped_card_is_not_charged_and_comes_back_as_a_service_credit() {
+    let mut m = market();
+    let r = Caller::Account(m.researcher);
+    let l = m.w.lease(r.clone(), request_b(m.class_b, 2));
+    m.w.lease(Caller::Account(m.supplier), Command::ActivateLease { lease: l.id });
+    m.w.advance(600);
+    m.w.ok(Caller::System, Command::SetCardHealth { changes: vec![(l.cards[0], CardHealth::Lost)] });
+    m.w.advance(1200);
+    m.w.ok(Caller::System, Command::SetCardHealth { changes: vec![(l.cards[0], CardHealth::Healthy)] });
+    m.w.advance(600);
+    m.w.lease(r, Command::EndLease { lease: l.id, reason: EndReason::ByResearcher });
+    // 2 cards × 2400 s, less 1200 s of one card.
+    let billable_card_s = 2 * 2400 - 1200;
+    let expected = (fixtures::HOURLY_PRICE * billable_card_s + 1800) / 3600;
+    assert_eq!(charged_for(&m, l.id), expected);
+    let credit: i64 = m.w.state.transactions().iter().filter(|t| t.kind == TransactionKind::ServiceCredit).map(|t| t.net_for(LedgerAccount::Available(m.researcher))).sum();
+    assert_eq!(credit, (fixtures::HOURLY_PRICE * 1200 + 1800) / 3600);
+    let eval = m.w.state.evaluation(l.id).expect("a Class B lease is evaluated");
+    assert_eq!((eval.cards_dropped, eval.uptime_bps), (1, 7_500));
+    assert_eq!(eval.score, 75 - 10);
+    assert_eq!(m.w.state.reliability(m.supplier), Some((65, 1)));
+    m.w.state.check_invariants().expect("invariants");
+}
+
+// ---- jobs -------------------------------------------------------------------------------------
+
+fn spec(cards: u32) -> JobSpec {
+    serde_json::from_value(serde_json::json!({
+        "name": "train", "kind": "training",
+        "resources": { "cards": cards },
+        "run": { "command": { "program": "/bin/true" } },
+    }))
+    .expect("spec")
+}
+
+fn submit(m: &mut Market, owner: AccountId, cards: u32) -> JobId {
+    match m.w.ok(Caller::Account(owner), Command::SubmitJob { spec: spec(cards) }) {
+        Response::Job(j) => j.id,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn epoch(m: &mut Market) -> u64 {
+    match m.w.ok(Caller::Platform, Command::AcquireSchedulerLease { holder: "s1".into(), ttl_ms: 5_000 }) {
+        Response::SchedulerLease(l) => l.epoch,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn place(m: &mut Market, epoch: u64, job: JobId, cards: Vec<CardId>) -> Result<(), DomainError> {
+    match m.w.ok(Caller::Platform, Command::PlaceJobs { epoch, placements: vec![(job, cards)] }) {
+        Response::Placements(mut r) => r.remove(0),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn active_b(m: &mut Market, owner: AccountId, cards: u32) -> Lease {
+    let l = m.w.lease(Caller::Account(owner), request_b(m.class_b, cards));
+    m.w.lease(Caller::Account(m.supplier), Command::ActivateLease { lease: l.id })
+}
+
+fn agent_of(m: &Market, card: CardId) -> Caller {
+    Caller::Agent(m.w.state.card(card).expect("card").node)
+}
+
+#[test]
+fn jobs_run_only_on_their_owners_active_cards_one_at_a_time() {
+    let mut m = market();
+    let (me, them) = (m.researcher, m.other_researcher);
+    let mine = active_b(&mut m, me, 2);
+    let theirs = active_b(&mut m, them, 1);
+    let e = epoch(&mut m);
+    let job = submit(&mut m, me, 1);
+    let second = submit(&mut m, me, 1);
+    assert_eq!(place(&mut m, e, job, theirs.cards.clone()).map_err(|e| e.code()), Err(ErrorCode::PlacementRefused));
+    assert_eq!(place(&mut m, e, job, mine.cards.clone()).map_err(|e| e.code()), Err(ErrorCode::PlacementRefused), "wrong count");
+    place(&mut m, e, job, vec![mine.cards[0]]).expect("placed");
+    assert_eq!(place(&mut m, e, second, vec![mine.cards[0]]).map_err(|e| e.code()), Err(ErrorCode::PlacementRefused), "card taken");
+    // A replica that lost the lease cannot place.
+    m.w.advance(10);
+    let stale = m.w.run(Caller::Platform, Command::PlaceJobs { epoch: e, placements: vec![(second, vec![mine.cards[1]])] });
+    assert_eq!(code(stale), ErrorCode::StaleScheduler);
+    m.w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn an_attempt_runs_ends_and_is_priced_and_a_superseded_report_is_refused() {
+    let mut m = market();
+    let me = m.researcher;
+    let lease = active_b(&mut m, me, 2);
+    let e = epoch(&mut m);
+    let job = submit(&mut m, me, 2);
+    place(&mut m, e, job, lease.cards.clone()).expect("placed");
+    let agent = agent_of(&m, lease.cards[0]);
+    m.w.ok(agent.clone(), Command::JobStarted { job, attempt: 1 });
+    m.w.advance(1800);
+    // The job's own failure: back to the queue, one failure counted.
+    m.w.ok(agent.clone(), Command::JobEnded { job, attempt: 1, reason: JobEndReason::ExitStatus(1), outputs: Default::default() });
+    let j = m.w.state.job(job).expect("job").clone();
+    assert_eq!((j.state, j.failures), (JobState::Queued, 1));
+    assert_eq!(j.cost_minor, fixtures::HOURLY_PRICE * 2 / 2, "two cards for half an hour");
+    assert_eq!(j.attained_card_ms, 2 * 1_800_000);
+    // A late report about attempt 1 changes nothing.
+    let late = m.w.run(agent.clone(), Command::JobStarted { job, attempt: 1 });
+    assert_eq!(code(late), ErrorCode::JobTransition);
+    let e = epoch(&mut m);
+    place(&mut m, e, job, lease.cards.clone()).expect("placed again");
+    m.w.ok(agent.clone(), Command::JobStarted { job, attempt: 2 });
+    m.w.ok(agent, Command::JobEnded { job, attempt: 2, reason: JobEndReason::Completed, outputs: Default::default() });
+    assert_eq!(m.w.state.job(job).expect("job").state, JobState::Succeeded);
+    assert!(m.w.state.card_jobs().is_empty());
+    m.w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn a_lost_card_stops_its_job_and_the_job_is_requeued_without_a_failure() {
+    let mut m = market();
+    let me = m.researcher;
+    let lease = active_b(&mut m, me, 2);
+    let e = epoch(&mut m);
+    let job = submit(&mut m, me, 2);
+    place(&mut m, e, job, lease.cards.clone()).expect("placed");
+    let agent = agent_of(&m, lease.cards[0]);
+    m.w.ok(agent.clone(), Command::JobStarted { job, attempt: 1 });
+    m.w.ok(Caller::System, Command::SetCardHealth { changes: vec![(lease.cards[1], CardHealth::XidError)] });
+    assert_eq!(m.w.state.job(job).expect("job").stop_requested, Some(JobEndReason::CardLost(lease.cards[1])));
+    // The agent kills it (the process dies of the signal); the platform's reason is recorded.
+    m.w.ok(agent, Command::JobEnded { job, attempt: 1, reason: JobEndReason::ExitStatus(137), outputs: Default::default() });
+    let j = m.w.state.job(job).expect("job");
+    assert_eq!((j.state, j.failures), (JobState::Queued, 0));
+    assert_eq!(j.attempts[0].end_reason, Some(JobEndReason::CardLost(lease.cards[1])));
+    m.w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn the_leader_lease_fences_a_second_scheduler_until_it_expires() {
+    let mut m = market();
+    let first = epoch(&mut m);
+    let other = m.w.run(Caller::Platform, Command::AcquireSchedulerLease { holder: "s2".into(), ttl_ms: 5_000 });
+    assert_eq!(code(other), ErrorCode::StaleScheduler);
+    m.w.advance(6);
+    match m.w.ok(Caller::Platform, Command::AcquireSchedulerLease { holder: "s2".into(), ttl_ms: 5_000 }) {
+        Response::SchedulerLease(l) => assert_eq!((l.holder.as_str(), l.epoch), ("s2", first + 1)),
+        other => panic!("{other:?}"),
     }
 }

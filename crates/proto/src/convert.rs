@@ -149,6 +149,10 @@ fn disk_medium_to_wire(medium: DiskMedium) -> i32 {
     .into()
 }
 
+pub fn money_from_wire(money: &v1::Money) -> Result<Money, FieldError> {
+    Ok(Money::new(suanli_types::Currency::parse(&money.currency)?, money.minor))
+}
+
 pub fn money_to_wire(money: &Money) -> v1::Money {
     v1::Money { currency: money.currency.as_str().to_owned(), minor: money.minor }
 }
@@ -350,5 +354,116 @@ mod tests {
         let err = listing_from_wire(Some(wire)).unwrap_err();
         let fields: Vec<_> = err.field_errors().iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["currency", "prices[0].mode", "local_storage.medium"]);
+    }
+}
+
+// ---- jobs ------------------------------------------------------------------------------------
+
+pub fn job_end_reason_to_wire(r: &suanli_types::JobEndReason) -> v1::JobEndReason {
+    use suanli_types::JobEndReason as R;
+    let mut w = v1::JobEndReason::default();
+    w.kind = match r {
+        R::Completed => "completed",
+        R::ExitStatus(s) => {
+            w.exit_status = *s;
+            "exit_status"
+        }
+        R::StartFailed(d) => {
+            w.detail = d.clone();
+            "start_failed"
+        }
+        R::Preempted => "preempted",
+        R::CardLost(c) => {
+            w.card_id = c.0;
+            "card_lost"
+        }
+        R::NodeLost(n) => {
+            w.node_id = n.0;
+            "node_lost"
+        }
+        R::LeaseEnded => "lease_ended",
+        R::CancelledByUser => "cancelled_by_user",
+        R::DeadlineMissed => "deadline_missed",
+        R::BudgetExhausted => "budget_exhausted",
+        R::Unplaceable(d) => {
+            w.detail = d.clone();
+            "unplaceable"
+        }
+    }
+    .to_owned();
+    w
+}
+
+/// `None` for an unknown kind; details longer than 1 KiB are cut (they are free text from an
+/// agent and travel through the log).
+pub fn job_end_reason_from_wire(w: &v1::JobEndReason) -> Option<suanli_types::JobEndReason> {
+    use suanli_types::JobEndReason as R;
+    let detail = || w.detail.chars().take(1024).collect::<String>();
+    Some(match w.kind.as_str() {
+        "completed" => R::Completed,
+        "exit_status" => R::ExitStatus(w.exit_status),
+        "start_failed" => R::StartFailed(detail()),
+        "preempted" => R::Preempted,
+        "card_lost" => R::CardLost(suanli_types::CardId(w.card_id)),
+        "node_lost" => R::NodeLost(suanli_types::NodeId(w.node_id)),
+        "lease_ended" => R::LeaseEnded,
+        "cancelled_by_user" => R::CancelledByUser,
+        "deadline_missed" => R::DeadlineMissed,
+        "budget_exhausted" => R::BudgetExhausted,
+        "unplaceable" => R::Unplaceable(detail()),
+        _ => return None,
+    })
+}
+
+pub fn ledger_account_to_wire(a: suanli_types::LedgerAccount) -> String {
+    use suanli_types::LedgerAccount as A;
+    match a {
+        A::Available(id) => format!("available:{}", id.0),
+        A::Held(id) => format!("held:{}", id.0),
+        A::Earnings(id) => format!("earnings:{}", id.0),
+        A::PlatformFees => "platform_fees".into(),
+        A::Funding => "funding".into(),
+    }
+}
+
+pub fn transaction_to_wire(tx: &suanli_types::Transaction) -> v1::LedgerTransaction {
+    v1::LedgerTransaction {
+        transaction_id: tx.id,
+        at_ms: tx.at.millis(),
+        kind: tx.kind.as_str().into(),
+        currency: tx.currency.as_str().into(),
+        lease_id: tx.lease.map_or(0, |l| l.0),
+        job_id: tx.job.map_or(0, |j| j.0),
+        entries: tx
+            .entries
+            .iter()
+            .map(|e| v1::LedgerEntry { account: ledger_account_to_wire(e.account), minor: e.minor })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod job_tests {
+    use super::*;
+    use suanli_types::JobEndReason as R;
+
+    #[test]
+    fn end_reasons_round_trip() {
+        for r in [
+            R::Completed,
+            R::ExitStatus(3),
+            R::StartFailed("no such program".into()),
+            R::Preempted,
+            R::CardLost(suanli_types::CardId(4)),
+            R::NodeLost(suanli_types::NodeId(5)),
+            R::LeaseEnded,
+            R::CancelledByUser,
+            R::DeadlineMissed,
+            R::BudgetExhausted,
+            R::Unplaceable("no A100".into()),
+        ] {
+            assert_eq!(job_end_reason_from_wire(&job_end_reason_to_wire(&r)), Some(r));
+        }
+        assert_eq!(job_end_reason_from_wire(&v1::JobEndReason { kind: "nope".into(), ..Default::default() }), None);
     }
 }

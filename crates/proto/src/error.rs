@@ -38,7 +38,11 @@ pub fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::ClusterBusy
         | ErrorCode::InvalidTransition
         | ErrorCode::AuthCodeExpired
-        | ErrorCode::NotYetDue => Code::FailedPrecondition,
+        | ErrorCode::NotYetDue
+        | ErrorCode::InsufficientFunds
+        | ErrorCode::JobTransition
+        | ErrorCode::StaleScheduler
+        | ErrorCode::PlacementRefused => Code::FailedPrecondition,
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::Internal => Code::Internal,
     }

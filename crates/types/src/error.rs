@@ -9,7 +9,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{AccountId, CardId, ClusterId, LeaseId, NodeId};
+use crate::ids::{AccountId, CardId, ClusterId, JobId, LeaseId, NodeId};
+use crate::job::JobState;
 use crate::lease::{LeaseAction, LeaseState};
 use crate::node::CardStatus;
 
@@ -94,6 +95,7 @@ pub enum EntityKind {
     Cluster,
     Lease,
     SshKey,
+    Job,
 }
 
 impl fmt::Display for EntityKind {
@@ -105,6 +107,7 @@ impl fmt::Display for EntityKind {
             EntityKind::Cluster => "cluster",
             EntityKind::Lease => "lease",
             EntityKind::SshKey => "ssh key",
+            EntityKind::Job => "job",
         };
         f.write_str(s)
     }
@@ -152,6 +155,14 @@ pub enum DomainError {
     BillingModeNotOffered(crate::money::BillingMode),
     #[error("the deadline has not passed yet")]
     NotYetDue,
+    #[error("{needed} minor units needed, {available} available (balance plus credit)")]
+    InsufficientFunds { needed: i64, available: i64 },
+    #[error("cannot {action} job {job} while it is {state}")]
+    JobTransition { job: JobId, state: JobState, action: String },
+    #[error("scheduler epoch {presented} is not the current leader lease ({current})")]
+    StaleScheduler { presented: u64, current: u64 },
+    #[error("placement refused: {0}")]
+    PlacementRefused(String),
 }
 
 fn join(errors: &[FieldError]) -> String {
@@ -181,6 +192,10 @@ pub enum ErrorCode {
     PayloadTooLarge,
     BillingModeNotOffered,
     NotYetDue,
+    InsufficientFunds,
+    JobTransition,
+    StaleScheduler,
+    PlacementRefused,
     /// Not a domain rule: the cluster could not commit the request (no leader, storage failure).
     /// The request may or may not have been applied; retry with the same request id.
     Unavailable,
@@ -209,6 +224,10 @@ impl ErrorCode {
         ErrorCode::PayloadTooLarge,
         ErrorCode::BillingModeNotOffered,
         ErrorCode::NotYetDue,
+        ErrorCode::InsufficientFunds,
+        ErrorCode::JobTransition,
+        ErrorCode::StaleScheduler,
+        ErrorCode::PlacementRefused,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
     ];
@@ -235,6 +254,10 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             ErrorCode::BillingModeNotOffered => "BILLING_MODE_NOT_OFFERED",
             ErrorCode::NotYetDue => "NOT_YET_DUE",
+            ErrorCode::InsufficientFunds => "INSUFFICIENT_FUNDS",
+            ErrorCode::JobTransition => "JOB_TRANSITION",
+            ErrorCode::StaleScheduler => "STALE_SCHEDULER",
+            ErrorCode::PlacementRefused => "PLACEMENT_REFUSED",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
         }
@@ -274,6 +297,10 @@ impl DomainError {
             DomainError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             DomainError::BillingModeNotOffered(_) => ErrorCode::BillingModeNotOffered,
             DomainError::NotYetDue => ErrorCode::NotYetDue,
+            DomainError::InsufficientFunds { .. } => ErrorCode::InsufficientFunds,
+            DomainError::JobTransition { .. } => ErrorCode::JobTransition,
+            DomainError::StaleScheduler { .. } => ErrorCode::StaleScheduler,
+            DomainError::PlacementRefused(_) => ErrorCode::PlacementRefused,
         }
     }
 

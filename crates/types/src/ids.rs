@@ -74,6 +74,11 @@ sequence_id!(
     LeaseId,
     "lease"
 );
+sequence_id!(
+    /// A job the scheduler places on a researcher's leased cards.
+    JobId,
+    "job"
+);
 
 /// The platform-assigned public identifier of a published cluster (SPEC §2: "CPcId").
 /// Derived from the cluster's sequence number so it is unique and stable for the cluster's life.

@@ -22,6 +22,15 @@ impl Timestamp {
         Timestamp(self.0.saturating_add(seconds.saturating_mul(1000)))
     }
 
+    pub fn plus_millis(self, ms: i64) -> Self {
+        Timestamp(self.0.saturating_add(ms))
+    }
+
+    /// Milliseconds from `earlier` to `self`, never negative.
+    pub fn millis_since(self, earlier: Timestamp) -> u64 {
+        (self.0.saturating_sub(earlier.0)).max(0) as u64
+    }
+
     /// Whole seconds from `earlier` to `self`, never negative.
     pub fn seconds_since(self, earlier: Timestamp) -> i64 {
         (self.0 - earlier.0).max(0) / 1000

@@ -95,7 +95,7 @@ impl State {
         let reinstalled = self.reinstalled_node(supplier, inventory);
         let node = match reinstalled {
             Some(node) => {
-                self.reenroll(node, inventory, events)?;
+                self.reenroll(node, inventory, at, events)?;
                 node
             }
             None => self.add_node(supplier, inventory, at, events),
@@ -130,7 +130,7 @@ impl State {
     /// Takes a reinstalled node's new inventory: cards keep their IDs by UUID, new cards are
     /// added, and cards that are gone stay on record as lost (past leases name them). Refused,
     /// changing nothing, if a card that is gone is held by a live lease.
-    fn reenroll(&mut self, node: NodeId, inventory: &NodeInventory, events: &mut Vec<Event>) -> Result<(), DomainError> {
+    fn reenroll(&mut self, node: NodeId, inventory: &NodeInventory, at: Timestamp, events: &mut Vec<Event>) -> Result<(), DomainError> {
         let old_cards = self.nodes.get(&node).map(|n| n.cards.clone()).unwrap_or_default();
         let by_uuid: BTreeMap<String, CardId> =
             old_cards.iter().filter_map(|id| self.cards.get(id).map(|c| (c.spec.uuid.clone(), *id))).collect();
@@ -154,7 +154,7 @@ impl State {
         }
         let gone: Vec<(CardId, CardHealth)> =
             by_uuid.iter().filter(|(uuid, _)| !kept.contains(uuid.as_str())).map(|(_, id)| (*id, CardHealth::Lost)).collect();
-        self.apply_health(&gone, events);
+        self.apply_health(&gone, at, events);
         if let Some(n) = self.nodes.get_mut(&node) {
             n.inventory = inventory.clone();
             n.cards = cards;
@@ -195,20 +195,21 @@ impl State {
         &mut self,
         caller: &Caller,
         changes: &[(CardId, CardHealth)],
+        at: Timestamp,
         events: &mut Vec<Event>,
     ) -> Outcome {
         require(matches!(caller, Caller::System), "card health is set by the broker's monitoring")?;
         if let Some((missing, _)) = changes.iter().find(|(card, _)| !self.cards.contains_key(card)) {
             return Err(DomainError::not_found(EntityKind::Card, missing));
         }
-        self.apply_health(changes, events);
+        self.apply_health(changes, at, events);
         Ok(Response::Empty)
     }
 
     /// Records each card's new health. A card without a lease follows it into the market or
     /// out of it: unhealthy → offline or faulty; healthy again → idle. A leased card keeps its
     /// lease: the fault is on record for the lessee.
-    fn apply_health(&mut self, changes: &[(CardId, CardHealth)], events: &mut Vec<Event>) {
+    fn apply_health(&mut self, changes: &[(CardId, CardHealth)], at: Timestamp, events: &mut Vec<Event>) {
         for &(card, to) in changes {
             let Some(c) = self.cards.get_mut(&card) else { continue };
             let from = c.health;
@@ -217,6 +218,8 @@ impl State {
             }
             c.health = to;
             events.push(Event::CardHealthChanged { card, from, to });
+            self.note_card_health(card, to, at, events);
+            let Some(c) = self.cards.get(&card) else { continue };
             let status = c.status;
             let outside_market = matches!(status, CardStatus::Offline | CardStatus::Faulty);
             if c.lease.is_none() && (status == CardStatus::Idle || outside_market) {

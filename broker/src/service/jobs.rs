@@ -1,0 +1,562 @@
+//! `JobService` and `BillingService`: jobs for researchers, scheduler replicas and agents;
+//! balances, the ledger and statements.
+
+use std::collections::BTreeMap;
+
+use suanli_proto::convert::{
+    billing_mode_to_wire, job_end_reason_from_wire, job_end_reason_to_wire, money_from_wire, money_to_wire, transaction_to_wire,
+};
+use suanli_proto::to_status;
+use suanli_proto::v1::{self, billing_service_server::BillingService, job_service_server::JobService};
+use suanli_types::error::EntityKind;
+use suanli_types::{
+    AccountId, CardHealth, CardId, Caller, Currency, DomainError, JobId, JobSpec, LeaseId, LeaseState, LedgerAccount, Month,
+    TransactionKind,
+};
+use tonic::{Request, Response, Status};
+
+use super::broker_api::unexpected;
+use super::{invalid, may_see_lease, now, Consistency, Shared};
+use crate::state::{Command, Job, Response as Applied, State};
+
+pub struct Jobs {
+    shared: Shared,
+}
+
+impl Jobs {
+    pub fn new(shared: Shared) -> Self {
+        Jobs { shared }
+    }
+}
+
+pub struct Billing {
+    shared: Shared,
+}
+
+impl Billing {
+    pub fn new(shared: Shared) -> Self {
+        Billing { shared }
+    }
+}
+
+pub fn job_to_wire(s: &State, j: &Job) -> v1::Job {
+    let node_of = |c: &CardId| s.card(*c).map_or(0, |c| c.node.0);
+    v1::Job {
+        job_id: j.id.0,
+        owner_id: j.owner.0,
+        name: j.spec.name.clone(),
+        kind: j.spec.kind.as_str().into(),
+        state: j.state.as_str().into(),
+        spec_json: serde_json::to_string(&j.spec).unwrap_or_default(),
+        submitted_at_ms: j.submitted_at.millis(),
+        failures: j.failures,
+        attempts: j
+            .attempts
+            .iter()
+            .map(|a| v1::JobAttempt {
+                number: a.number,
+                card_ids: a.cards.iter().map(|c| c.0).collect(),
+                lease_ids: a.leases.iter().map(|l| l.0).collect(),
+                node_ids: a.cards.iter().map(node_of).collect(),
+                card_indexes: a.cards.iter().map(|c| s.card(*c).map_or(0, |c| c.spec.index)).collect(),
+                placed_at_ms: a.placed_at.millis(),
+                started_at_ms: a.started_at.map_or(0, |t| t.millis()),
+                ended_at_ms: a.ended_at.map_or(0, |t| t.millis()),
+                end_reason: a.end_reason.as_ref().map(job_end_reason_to_wire),
+                cost_minor: a.cost_minor,
+            })
+            .collect(),
+        stop_requested: j.stop_requested.as_ref().map(job_end_reason_to_wire),
+        checkpoint_sha256: j.checkpoint.clone().unwrap_or_default(),
+        outputs: j.outputs.clone().into_iter().collect(),
+        ended_at_ms: j.ended_at.map_or(0, |t| t.millis()),
+        end_reason: j.end_reason.as_ref().map(job_end_reason_to_wire),
+        attained_card_ms: j.attained_card_ms,
+        cost_minor: j.cost_minor,
+    }
+}
+
+fn may_see_job(caller: &Caller, job: &Job) -> bool {
+    match caller {
+        Caller::Account(id) => *id == job.owner,
+        Caller::Platform | Caller::Operator(_) | Caller::System => true,
+        Caller::Agent(_) => false,
+    }
+}
+
+fn job_reply(shared: &Shared, applied: Applied) -> Result<Response<v1::Job>, Status> {
+    match applied {
+        Applied::Job(j) => Ok(Response::new(shared.sm.read(|s| job_to_wire(s, &j)))),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn batch_reply(applied: Applied) -> Result<Response<v1::BatchResult>, Status> {
+    match applied {
+        Applied::Placements(results) => Ok(Response::new(v1::BatchResult {
+            results: results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(()) => v1::ItemResult::default(),
+                    Err(e) => v1::ItemResult { code: e.code().as_str().into(), message: e.to_string() },
+                })
+                .collect(),
+        })),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn required_job(id: u64) -> Result<JobId, Status> {
+    if id == 0 {
+        return Err(invalid("job_id", "required"));
+    }
+    Ok(JobId(id))
+}
+
+fn end_reason(field: &str, reason: Option<&v1::JobEndReason>) -> Result<suanli_types::JobEndReason, Status> {
+    reason.and_then(job_end_reason_from_wire).ok_or_else(|| invalid(field, "a known end reason kind"))
+}
+
+fn agent_node(caller: &Caller) -> Result<suanli_types::NodeId, Status> {
+    match caller {
+        Caller::Agent(node) => Ok(*node),
+        _ => Err(to_status(&DomainError::PermissionDenied("only an enrolled agent, on the agent port".into()))),
+    }
+}
+
+fn require_platform(caller: &Caller) -> Result<(), Status> {
+    match caller {
+        Caller::Platform => Ok(()),
+        _ => Err(to_status(&DomainError::PermissionDenied("only the platform's scheduler".into()))),
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for Jobs {
+    async fn submit_job(&self, request: Request<v1::SubmitJobRequest>) -> Result<Response<v1::Job>, Status> {
+        self.shared
+            .observe("SubmitJob", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let spec: JobSpec = serde_json::from_str(&req.spec_json).map_err(|e| invalid("spec_json", &e.to_string()))?;
+                job_reply(&self.shared, self.shared.propose(caller, &req.request_id, Command::SubmitJob { spec }).await?)
+            })
+            .await
+    }
+
+    async fn cancel_job(&self, request: Request<v1::JobRef>) -> Result<Response<v1::Job>, Status> {
+        self.shared
+            .observe("CancelJob", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let job = required_job(req.job_id)?;
+                job_reply(&self.shared, self.shared.propose(caller, &req.request_id, Command::CancelJob { job }).await?)
+            })
+            .await
+    }
+
+    async fn get_job(&self, request: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
+        self.shared
+            .observe("GetJob", async {
+                let consistency = Consistency::of(&request);
+                let caller = self.shared.caller(&request)?;
+                let id = required_job(request.get_ref().job_id)?;
+                self.shared
+                    .read(consistency, |s| {
+                        s.job(id).filter(|j| may_see_job(&caller, j)).map(|j| job_to_wire(s, j))
+                    })
+                    .await?
+                    .map(Response::new)
+                    .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Job, id)))
+            })
+            .await
+    }
+
+    async fn list_jobs(&self, request: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        self.shared
+            .observe("ListJobs", async {
+                let consistency = Consistency::of(&request);
+                let caller = self.shared.caller(&request)?;
+                let live_only = request.get_ref().live_only;
+                let jobs = self
+                    .shared
+                    .read(consistency, |s| {
+                        let pick = |j: &&Job| may_see_job(&caller, j) && (!live_only || j.state.is_live());
+                        match caller {
+                            Caller::Account(owner) => s.jobs_of(owner).filter(pick).map(|j| job_to_wire(s, j)).collect(),
+                            _ => s.jobs().filter(pick).map(|j| job_to_wire(s, j)).collect(),
+                        }
+                    })
+                    .await?;
+                Ok(Response::new(v1::ListJobsResponse { jobs }))
+            })
+            .await
+    }
+
+    async fn acquire_scheduler_lease(
+        &self,
+        request: Request<v1::AcquireSchedulerLeaseRequest>,
+    ) -> Result<Response<v1::SchedulerLease>, Status> {
+        self.shared
+            .observe("AcquireSchedulerLease", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let command = Command::AcquireSchedulerLease { holder: req.holder, ttl_ms: req.ttl_ms };
+                match self.shared.propose(caller, &req.request_id, command).await? {
+                    Applied::SchedulerLease(l) => Ok(Response::new(v1::SchedulerLease {
+                        holder: l.holder,
+                        epoch: l.epoch,
+                        expires_at_ms: l.expires_at.millis(),
+                    })),
+                    other => Err(unexpected(&other)),
+                }
+            })
+            .await
+    }
+
+    async fn get_scheduling_view(
+        &self,
+        request: Request<v1::GetSchedulingViewRequest>,
+    ) -> Result<Response<v1::SchedulingView>, Status> {
+        self.shared
+            .observe("GetSchedulingView", async {
+                let consistency = Consistency::of(&request);
+                require_platform(&self.shared.caller(&request)?)?;
+                let view = self.shared.read(consistency, scheduling_view).await?;
+                Ok(Response::new(view))
+            })
+            .await
+    }
+
+    async fn place_jobs(&self, request: Request<v1::PlaceJobsRequest>) -> Result<Response<v1::BatchResult>, Status> {
+        self.shared
+            .observe("PlaceJobs", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let placements = req
+                    .placements
+                    .iter()
+                    .map(|p| Ok((required_job(p.job_id)?, p.card_ids.iter().map(|c| CardId(*c)).collect())))
+                    .collect::<Result<Vec<_>, Status>>()?;
+                batch_reply(self.shared.propose(caller, &req.request_id, Command::PlaceJobs { epoch: req.epoch, placements }).await?)
+            })
+            .await
+    }
+
+    async fn stop_jobs(&self, request: Request<v1::StopJobsRequest>) -> Result<Response<v1::BatchResult>, Status> {
+        self.shared
+            .observe("StopJobs", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let stops = req
+                    .stops
+                    .iter()
+                    .map(|s| Ok((required_job(s.job_id)?, end_reason("stops.reason", s.reason.as_ref())?)))
+                    .collect::<Result<Vec<_>, Status>>()?;
+                batch_reply(self.shared.propose(caller, &req.request_id, Command::StopJobs { epoch: req.epoch, stops }).await?)
+            })
+            .await
+    }
+
+    async fn list_node_jobs(
+        &self,
+        request: Request<v1::ListNodeJobsRequest>,
+    ) -> Result<Response<v1::ListNodeJobsResponse>, Status> {
+        self.shared
+            .observe("ListNodeJobs", async {
+                let consistency = Consistency::of(&request);
+                let node = agent_node(&self.shared.caller(&request)?)?;
+                let jobs = self.shared.read(consistency, |s| s.jobs_on_node(node).into_iter().map(|j| job_to_wire(s, j)).collect()).await?;
+                Ok(Response::new(v1::ListNodeJobsResponse { jobs }))
+            })
+            .await
+    }
+
+    async fn report_job_started(&self, request: Request<v1::ReportJobStartedRequest>) -> Result<Response<v1::Job>, Status> {
+        self.shared
+            .observe("ReportJobStarted", async {
+                let caller = self.shared.caller(&request)?;
+                agent_node(&caller)?;
+                let req = request.into_inner();
+                let command = Command::JobStarted { job: required_job(req.job_id)?, attempt: req.attempt };
+                job_reply(&self.shared, self.shared.propose(caller, &req.request_id, command).await?)
+            })
+            .await
+    }
+
+    async fn report_job_ended(&self, request: Request<v1::ReportJobEndedRequest>) -> Result<Response<v1::Job>, Status> {
+        self.shared
+            .observe("ReportJobEnded", async {
+                let caller = self.shared.caller(&request)?;
+                agent_node(&caller)?;
+                let req = request.into_inner();
+                let command = Command::JobEnded {
+                    job: required_job(req.job_id)?,
+                    attempt: req.attempt,
+                    reason: end_reason("reason", req.reason.as_ref())?,
+                    outputs: req.outputs.into_iter().collect::<BTreeMap<_, _>>(),
+                };
+                job_reply(&self.shared, self.shared.propose(caller, &req.request_id, command).await?)
+            })
+            .await
+    }
+
+    async fn report_job_checkpoint(
+        &self,
+        request: Request<v1::ReportJobCheckpointRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        self.shared
+            .observe("ReportJobCheckpoint", async {
+                let caller = self.shared.caller(&request)?;
+                agent_node(&caller)?;
+                let req = request.into_inner();
+                let command = Command::JobCheckpoint { job: required_job(req.job_id)?, attempt: req.attempt, sha256: req.sha256 };
+                job_reply(&self.shared, self.shared.propose(caller, &req.request_id, command).await?)
+            })
+            .await
+    }
+}
+
+/// Everything one scheduling round needs, read at one index.
+pub fn scheduling_view(s: &State) -> v1::SchedulingView {
+    let mut cards = Vec::new();
+    for lease in s.leases().filter(|l| l.state == LeaseState::Active) {
+        for card in lease.cards.iter().filter_map(|c| s.card(*c)) {
+            cards.push(v1::SchedulableCard {
+                card_id: card.id.0,
+                node_id: card.node.0,
+                model: card.spec.model.clone(),
+                vram_mib: card.spec.vram_mib,
+                lease_id: lease.id.0,
+                owner_id: lease.researcher.0,
+                healthy: card.health == CardHealth::Healthy,
+                paid_until_ms: lease.paid_until.map_or(0, |t| t.millis()),
+                price_per_card: Some(money_to_wire(&lease.price_per_card)),
+                billing_mode: billing_mode_to_wire(lease.billing_mode),
+            });
+        }
+    }
+    let silent: std::collections::BTreeSet<u64> =
+        s.cards().filter(|c| c.health == CardHealth::AgentSilent).map(|c| c.node.0).collect();
+    let lease = s.scheduler_lease();
+    v1::SchedulingView {
+        cards,
+        live_jobs: s.live_jobs().map(|j| job_to_wire(s, j)).collect(),
+        lease: Some(v1::SchedulerLease { holder: lease.holder.clone(), epoch: lease.epoch, expires_at_ms: lease.expires_at.millis() }),
+        now_ms: now().millis(),
+        silent_node_ids: silent.into_iter().collect(),
+    }
+}
+
+/// The account a billing read is about: 0 means the caller's own; anyone but the account
+/// itself needs the platform or an operator.
+fn billing_subject(caller: &Caller, account_id: u64) -> Result<AccountId, Status> {
+    match (caller, account_id) {
+        (Caller::Account(me), 0) => Ok(*me),
+        (Caller::Account(me), id) if me.0 == id => Ok(*me),
+        (Caller::Platform | Caller::Operator(_), id) if id != 0 => Ok(AccountId(id)),
+        (Caller::Platform | Caller::Operator(_), _) => Err(invalid("account_id", "required")),
+        _ => Err(to_status(&DomainError::not_found(EntityKind::Account, account_id))),
+    }
+}
+
+fn currency_or_cny(raw: &str) -> Result<Currency, Status> {
+    if raw.is_empty() {
+        return Ok(Currency::cny());
+    }
+    Currency::parse(raw).map_err(|e| to_status(&e.into()))
+}
+
+fn month(raw: &str) -> Result<Month, Status> {
+    Month::parse(raw).ok_or_else(|| invalid("month", "a month as YYYY-MM"))
+}
+
+fn balance_of(s: &State, account: AccountId, currency: &Currency) -> v1::Balance {
+    let (reliability_score, evaluations) = s.reliability(account).unwrap_or((0, 0));
+    v1::Balance {
+        account_id: account.0,
+        currency: currency.as_str().into(),
+        available_minor: s.balance(LedgerAccount::Available(account), currency),
+        held_minor: s.balance(LedgerAccount::Held(account), currency),
+        earnings_minor: s.balance(LedgerAccount::Earnings(account), currency),
+        credit_limit_minor: s.credit_limit(account, currency),
+        reliability_score,
+        evaluations: evaluations as u32,
+    }
+}
+
+/// A month's statement: opening and closing balances, totals by kind, a line per lease, and
+/// the cost of each job that ended in the month.
+pub fn statement(s: &State, account: AccountId, month: Month, currency: &Currency) -> v1::Statement {
+    let (start, _) = month.bounds();
+    let mine = [LedgerAccount::Available(account), LedgerAccount::Earnings(account)];
+    let opening: i64 = s
+        .transactions_of(account, None)
+        .into_iter()
+        .filter(|tx| tx.at < start && tx.currency == *currency)
+        .map(|tx| mine.iter().map(|a| tx.net_for(*a)).sum::<i64>())
+        .sum();
+    let mut st = v1::Statement { account_id: account.0, month: month.to_string(), currency: currency.as_str().into(), opening_minor: opening, ..Default::default() };
+    let mut lines: BTreeMap<LeaseId, v1::StatementLine> = BTreeMap::new();
+    for tx in s.transactions_of(account, Some(month)).into_iter().filter(|tx| tx.currency == *currency) {
+        let available = tx.net_for(LedgerAccount::Available(account));
+        let earned = tx.net_for(LedgerAccount::Earnings(account));
+        let line = tx.lease.map(|l| lines.entry(l).or_insert_with(|| v1::StatementLine { lease_id: l.0, ..Default::default() }));
+        match tx.kind {
+            TransactionKind::Deposit => st.deposits_minor += available,
+            TransactionKind::Charge if earned != 0 => {
+                st.earned_minor += earned;
+                if let Some(line) = line {
+                    line.charged_minor += earned;
+                    line.fee_minor += tx.net_for(LedgerAccount::PlatformFees);
+                }
+            }
+            TransactionKind::Charge => {
+                let charged = -tx.net_for(LedgerAccount::Held(account));
+                st.charged_minor += charged;
+                if let Some(line) = line {
+                    line.charged_minor += charged;
+                }
+            }
+            TransactionKind::Refund => {
+                st.refunded_minor += available;
+                if let Some(line) = line {
+                    line.refunded_minor += available;
+                }
+            }
+            TransactionKind::ServiceCredit => {
+                st.credited_minor += available;
+                if let Some(line) = line {
+                    line.credited_minor += available;
+                }
+            }
+            TransactionKind::Hold | TransactionKind::Payout => {}
+        }
+        st.closing_minor += available + earned;
+    }
+    st.closing_minor += opening;
+    st.leases = lines.into_values().collect();
+    let (start, end) = month.bounds();
+    st.jobs = s
+        .jobs_of(account)
+        .filter(|j| j.ended_at.is_some_and(|t| t >= start && t < end))
+        .map(|j| v1::JobCost {
+            job_id: j.id.0,
+            name: j.spec.name.clone(),
+            card_ms: j.attained_card_ms,
+            cost_minor: j.cost_minor,
+        })
+        .collect();
+    st
+}
+
+#[tonic::async_trait]
+impl BillingService for Billing {
+    async fn deposit(&self, request: Request<v1::DepositRequest>) -> Result<Response<v1::LedgerTransaction>, Status> {
+        self.shared
+            .observe("Deposit", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let amount = req.amount.as_ref().ok_or_else(|| invalid("amount", "required"))?;
+                let amount = money_from_wire(amount).map_err(|e| to_status(&e.into()))?;
+                let account = AccountId(req.account_id);
+                match self.shared.propose(caller, &req.request_id, Command::Deposit { account, amount }).await? {
+                    Applied::Transaction(tx) => Ok(Response::new(transaction_to_wire(&tx))),
+                    other => Err(unexpected(&other)),
+                }
+            })
+            .await
+    }
+
+    async fn grant_credit(&self, request: Request<v1::GrantCreditRequest>) -> Result<Response<v1::Balance>, Status> {
+        self.shared
+            .observe("GrantCredit", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let limit = req.limit.as_ref().ok_or_else(|| invalid("limit", "required"))?;
+                let limit = money_from_wire(limit).map_err(|e| to_status(&e.into()))?;
+                let account = AccountId(req.account_id);
+                let currency = limit.currency.clone();
+                self.shared.propose(caller, &req.request_id, Command::GrantCredit { account, limit }).await?;
+                Ok(Response::new(self.shared.sm.read(|s| balance_of(s, account, &currency))))
+            })
+            .await
+    }
+
+    async fn get_balance(&self, request: Request<v1::GetBalanceRequest>) -> Result<Response<v1::Balance>, Status> {
+        self.shared
+            .observe("GetBalance", async {
+                let consistency = Consistency::of(&request);
+                let caller = self.shared.caller(&request)?;
+                let account = billing_subject(&caller, request.get_ref().account_id)?;
+                let currency = currency_or_cny(&request.get_ref().currency)?;
+                Ok(Response::new(self.shared.read(consistency, |s| balance_of(s, account, &currency)).await?))
+            })
+            .await
+    }
+
+    async fn list_transactions(
+        &self,
+        request: Request<v1::ListTransactionsRequest>,
+    ) -> Result<Response<v1::ListTransactionsResponse>, Status> {
+        self.shared
+            .observe("ListTransactions", async {
+                let consistency = Consistency::of(&request);
+                let caller = self.shared.caller(&request)?;
+                let account = billing_subject(&caller, request.get_ref().account_id)?;
+                let month = match request.get_ref().month.as_str() {
+                    "" => None,
+                    raw => Some(month(raw)?),
+                };
+                let transactions = self
+                    .shared
+                    .read(consistency, |s| s.transactions_of(account, month).into_iter().map(transaction_to_wire).collect())
+                    .await?;
+                Ok(Response::new(v1::ListTransactionsResponse { transactions }))
+            })
+            .await
+    }
+
+    async fn get_statement(&self, request: Request<v1::GetStatementRequest>) -> Result<Response<v1::Statement>, Status> {
+        self.shared
+            .observe("GetStatement", async {
+                let consistency = Consistency::of(&request);
+                let caller = self.shared.caller(&request)?;
+                let req = request.get_ref();
+                let account = billing_subject(&caller, req.account_id)?;
+                let month = month(&req.month)?;
+                let currency = currency_or_cny(&req.currency)?;
+                Ok(Response::new(self.shared.read(consistency, |s| statement(s, account, month, &currency)).await?))
+            })
+            .await
+    }
+
+    async fn get_service_evaluation(
+        &self,
+        request: Request<v1::GetServiceEvaluationRequest>,
+    ) -> Result<Response<v1::ServiceEvaluation>, Status> {
+        self.shared
+            .observe("GetServiceEvaluation", async {
+                let consistency = Consistency::of(&request);
+                let caller = self.shared.caller(&request)?;
+                let lease = LeaseId(request.get_ref().lease_id);
+                self.shared
+                    .read(consistency, |s| {
+                        let visible = s.lease(lease).is_some_and(|l| may_see_lease(&caller, l));
+                        s.evaluation(lease).filter(|_| visible).map(|e| v1::ServiceEvaluation {
+                            lease_id: e.lease.0,
+                            supplier_id: e.supplier.0,
+                            uptime_bps: e.uptime_bps,
+                            cards_dropped: e.cards_dropped,
+                            utilization_bps: e.utilization_bps,
+                            score: e.score,
+                            at_ms: e.at.millis(),
+                        })
+                    })
+                    .await?
+                    .map(Response::new)
+                    .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Lease, lease)))
+            })
+            .await
+    }
+}
