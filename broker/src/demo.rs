@@ -118,6 +118,11 @@ pub async fn seed(channel: Channel, platform_token: &str) -> Result<DemoAccounts
     };
     let suppliers = vec![register(AccountKind::Supplier, 0).await?, register(AccountKind::Supplier, 1).await?];
     let researcher = register(AccountKind::Researcher, 2).await?;
+    // Leases are prepaid: the demo researcher starts with 100,000.00 CNY.
+    let amount = v1::Money { currency: "CNY".into(), minor: 10_000_000 };
+    platform
+        .deposit(v1::DepositRequest { request_id: "demo-funds".into(), account_id: researcher.0, amount: Some(amount) })
+        .await?;
 
     for (i, (owner, spec)) in CLUSTERS.iter().enumerate() {
         let mut supplier = with_token(channel.clone(), Some(&suppliers[*owner].1))?;

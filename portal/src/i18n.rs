@@ -187,6 +187,10 @@ catalogue! {
     AddKey => "Add key", "添加公钥";
     Spend => "Committed spend", "累计消费";
     Earnings => "Committed earnings", "累计收入";
+    Available => "Available balance", "可用余额";
+    Held => "Held for leases", "租用冻结";
+    EarnedLedger => "Earned (after platform fee)", "已结算收入（扣除平台费）";
+    Reliability => "Reliability score", "可靠性评分";
     EnrollmentToken => "New agent enrollment token", "生成节点注册令牌";
     MyNodes => "Enrolled nodes", "已注册节点";
     MyClusters => "My clusters", "我的集群";

@@ -74,6 +74,9 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     b.wait_for("#activated", WAIT).await?;
 
     login(b, url, "chen_liu").await?;
+    // Leases are prepaid: the payment service pays money in for the new account.
+    let spend = b.execute("return fetch('/api/v1/me/spend').then(r => r.json())", serde_json::json!([])).await?;
+    w.fund(spend["balance"]["account_id"].as_u64().unwrap_or_default(), "chen_liu").await?;
     // Filter the catalogue by class and region.
     b.select("form.filters select[name=class]", "A").await?;
     b.type_into("form.filters input[name=region]", "shenzhen").await?;

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::jobs::billing;
 use super::{auth_code_domain, invalid, may_see_lease, Consistency, now, random_secret, wire, Shared, TOKEN_DOMAIN};
 use crate::state::{Command, Response as Applied};
 
@@ -532,6 +533,36 @@ impl Broker for BrokerApi {
                 Ok(Response::new(reply))
             })
             .await
+    }
+
+    async fn deposit(&self, request: Request<v1::DepositRequest>) -> Result<Response<v1::LedgerTransaction>, Status> {
+        billing::deposit(&self.shared, request).await
+    }
+
+    async fn grant_credit(&self, request: Request<v1::GrantCreditRequest>) -> Result<Response<v1::Balance>, Status> {
+        billing::grant_credit(&self.shared, request).await
+    }
+
+    async fn get_balance(&self, request: Request<v1::GetBalanceRequest>) -> Result<Response<v1::Balance>, Status> {
+        billing::get_balance(&self.shared, request).await
+    }
+
+    async fn list_transactions(
+        &self,
+        request: Request<v1::ListTransactionsRequest>,
+    ) -> Result<Response<v1::ListTransactionsResponse>, Status> {
+        billing::list_transactions(&self.shared, request).await
+    }
+
+    async fn get_statement(&self, request: Request<v1::GetStatementRequest>) -> Result<Response<v1::Statement>, Status> {
+        billing::get_statement(&self.shared, request).await
+    }
+
+    async fn get_service_evaluation(
+        &self,
+        request: Request<v1::GetServiceEvaluationRequest>,
+    ) -> Result<Response<v1::ServiceEvaluation>, Status> {
+        billing::get_service_evaluation(&self.shared, request).await
     }
 
     type WatchStream = WatchStream;

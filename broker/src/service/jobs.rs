@@ -7,7 +7,7 @@ use suanli_proto::convert::{
     billing_mode_to_wire, job_end_reason_from_wire, job_end_reason_to_wire, money_from_wire, money_to_wire, transaction_to_wire,
 };
 use suanli_proto::to_status;
-use suanli_proto::v1::{self, billing_service_server::BillingService, job_service_server::JobService};
+use suanli_proto::v1::{self, job_service_server::JobService};
 use suanli_types::error::EntityKind;
 use suanli_types::{
     AccountId, CardHealth, CardId, Caller, Currency, DomainError, JobId, JobSpec, LeaseId, LeaseState, LedgerAccount, Month,
@@ -26,16 +26,6 @@ pub struct Jobs {
 impl Jobs {
     pub fn new(shared: Shared) -> Self {
         Jobs { shared }
-    }
-}
-
-pub struct Billing {
-    shared: Shared,
-}
-
-impl Billing {
-    pub fn new(shared: Shared) -> Self {
-        Billing { shared }
     }
 }
 
@@ -450,17 +440,19 @@ pub fn statement(s: &State, account: AccountId, month: Month, currency: &Currenc
     st
 }
 
-#[tonic::async_trait]
-impl BillingService for Billing {
-    async fn deposit(&self, request: Request<v1::DepositRequest>) -> Result<Response<v1::LedgerTransaction>, Status> {
-        self.shared
+/// The Broker service's money calls (`broker_api.rs` delegates here).
+pub mod billing {
+    use super::*;
+
+    pub async fn deposit(shared: &Shared, request: Request<v1::DepositRequest>) -> Result<Response<v1::LedgerTransaction>, Status> {
+        shared
             .observe("Deposit", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = shared.caller(&request)?;
                 let req = request.into_inner();
                 let amount = req.amount.as_ref().ok_or_else(|| invalid("amount", "required"))?;
                 let amount = money_from_wire(amount).map_err(|e| to_status(&e.into()))?;
                 let account = AccountId(req.account_id);
-                match self.shared.propose(caller, &req.request_id, Command::Deposit { account, amount }).await? {
+                match shared.propose(caller, &req.request_id, Command::Deposit { account, amount }).await? {
                     Applied::Transaction(tx) => Ok(Response::new(transaction_to_wire(&tx))),
                     other => Err(unexpected(&other)),
                 }
@@ -468,48 +460,45 @@ impl BillingService for Billing {
             .await
     }
 
-    async fn grant_credit(&self, request: Request<v1::GrantCreditRequest>) -> Result<Response<v1::Balance>, Status> {
-        self.shared
+    pub async fn grant_credit(shared: &Shared, request: Request<v1::GrantCreditRequest>) -> Result<Response<v1::Balance>, Status> {
+        shared
             .observe("GrantCredit", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = shared.caller(&request)?;
                 let req = request.into_inner();
                 let limit = req.limit.as_ref().ok_or_else(|| invalid("limit", "required"))?;
                 let limit = money_from_wire(limit).map_err(|e| to_status(&e.into()))?;
                 let account = AccountId(req.account_id);
                 let currency = limit.currency.clone();
-                self.shared.propose(caller, &req.request_id, Command::GrantCredit { account, limit }).await?;
-                Ok(Response::new(self.shared.sm.read(|s| balance_of(s, account, &currency))))
+                shared.propose(caller, &req.request_id, Command::GrantCredit { account, limit }).await?;
+                Ok(Response::new(shared.sm.read(|s| balance_of(s, account, &currency))))
             })
             .await
     }
 
-    async fn get_balance(&self, request: Request<v1::GetBalanceRequest>) -> Result<Response<v1::Balance>, Status> {
-        self.shared
+    pub async fn get_balance(shared: &Shared, request: Request<v1::GetBalanceRequest>) -> Result<Response<v1::Balance>, Status> {
+        shared
             .observe("GetBalance", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = shared.caller(&request)?;
                 let account = billing_subject(&caller, request.get_ref().account_id)?;
                 let currency = currency_or_cny(&request.get_ref().currency)?;
-                Ok(Response::new(self.shared.read(consistency, |s| balance_of(s, account, &currency)).await?))
+                Ok(Response::new(shared.read(consistency, |s| balance_of(s, account, &currency)).await?))
             })
             .await
     }
 
-    async fn list_transactions(
-        &self,
-        request: Request<v1::ListTransactionsRequest>,
+    pub async fn list_transactions(shared: &Shared, request: Request<v1::ListTransactionsRequest>,
     ) -> Result<Response<v1::ListTransactionsResponse>, Status> {
-        self.shared
+        shared
             .observe("ListTransactions", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = shared.caller(&request)?;
                 let account = billing_subject(&caller, request.get_ref().account_id)?;
                 let month = match request.get_ref().month.as_str() {
                     "" => None,
                     raw => Some(month(raw)?),
                 };
-                let transactions = self
-                    .shared
+                let transactions = shared
                     .read(consistency, |s| s.transactions_of(account, month).into_iter().map(transaction_to_wire).collect())
                     .await?;
                 Ok(Response::new(v1::ListTransactionsResponse { transactions }))
@@ -517,30 +506,28 @@ impl BillingService for Billing {
             .await
     }
 
-    async fn get_statement(&self, request: Request<v1::GetStatementRequest>) -> Result<Response<v1::Statement>, Status> {
-        self.shared
+    pub async fn get_statement(shared: &Shared, request: Request<v1::GetStatementRequest>) -> Result<Response<v1::Statement>, Status> {
+        shared
             .observe("GetStatement", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = shared.caller(&request)?;
                 let req = request.get_ref();
                 let account = billing_subject(&caller, req.account_id)?;
                 let month = month(&req.month)?;
                 let currency = currency_or_cny(&req.currency)?;
-                Ok(Response::new(self.shared.read(consistency, |s| statement(s, account, month, &currency)).await?))
+                Ok(Response::new(shared.read(consistency, |s| statement(s, account, month, &currency)).await?))
             })
             .await
     }
 
-    async fn get_service_evaluation(
-        &self,
-        request: Request<v1::GetServiceEvaluationRequest>,
+    pub async fn get_service_evaluation(shared: &Shared, request: Request<v1::GetServiceEvaluationRequest>,
     ) -> Result<Response<v1::ServiceEvaluation>, Status> {
-        self.shared
+        shared
             .observe("GetServiceEvaluation", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = shared.caller(&request)?;
                 let lease = LeaseId(request.get_ref().lease_id);
-                self.shared
+                shared
                     .read(consistency, |s| {
                         let visible = s.lease(lease).is_some_and(|l| may_see_lease(&caller, l));
                         s.evaluation(lease).filter(|_| visible).map(|e| v1::ServiceEvaluation {

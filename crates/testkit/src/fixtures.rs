@@ -55,13 +55,27 @@ pub fn inventory(tag: &str, cards: u32) -> NodeInventory {
     }
 }
 
-/// Registers an account with the platform token; returns its ID and API token.
+/// What [`register`] pays in for every researcher: 1,000,000.00 CNY, enough for any test lease.
+pub const RESEARCHER_FUNDS: i64 = 100_000_000;
+
+/// Registers an account with the platform token; returns its ID and API token. A researcher
+/// gets [`RESEARCHER_FUNDS`] deposited, since leases are prepaid.
 pub async fn register(platform: &mut Client, kind: AccountKind, request_id: &str) -> anyhow::Result<(u64, String)> {
     let r = platform
         .register_account(v1::RegisterAccountRequest { request_id: request_id.into(), kind: kind.into() })
         .await?
         .into_inner();
+    if kind == AccountKind::Researcher {
+        deposit(platform, r.account_id, RESEARCHER_FUNDS, &format!("{request_id}-funds")).await?;
+    }
     Ok((r.account_id, r.token))
+}
+
+/// Pays `minor` CNY fen in for a researcher, as the payment service would.
+pub async fn deposit(platform: &mut Client, account: u64, minor: i64, request_id: &str) -> anyhow::Result<()> {
+    let amount = v1::Money { currency: "CNY".into(), minor };
+    platform.deposit(v1::DepositRequest { request_id: request_id.into(), account_id: account, amount: Some(amount) }).await?;
+    Ok(())
 }
 
 /// Enrolls `nodes` servers of `cards_per_node` cards and publishes them as one cluster.

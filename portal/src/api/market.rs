@@ -882,10 +882,29 @@ pub async fn end_lease(State(state): State<AppState>, principal: Principal, ApiP
 
 #[derive(Serialize, ToSchema)]
 pub struct SpendView {
-    /// Sum of the amounts of leases that became active, per currency, in minor units. (The
-    /// per-second ledger arrives with the billing work; this is what was committed to.)
+    /// Sum of the amounts of leases that became active, per currency, in minor units: what
+    /// was committed to. What was actually charged is in the broker's ledger (`balance`).
     pub committed: BTreeMap<String, i64>,
+    pub balance: BalanceView,
     pub leases: Vec<LeaseView>,
+}
+
+/// The account's money in the broker's ledger, CNY minor units.
+#[derive(Serialize, ToSchema)]
+pub struct BalanceView {
+    /// The broker's ID of this account (deposits name it).
+    pub account_id: u64,
+    pub currency: String,
+    /// Prepaid money no lease holds (may be negative down to the credit limit).
+    pub available_minor: i64,
+    /// Held for live leases and not yet charged.
+    pub held_minor: i64,
+    /// Suppliers: earned, after the platform fee.
+    pub earnings_minor: i64,
+    pub credit_limit_minor: i64,
+    /// Suppliers: mean score (0–100) of the last evaluated Class B leases; 0 with none.
+    pub reliability_score: u32,
+    pub evaluations: u32,
 }
 
 pub async fn spend_of(state: &AppState, p: &Principal) -> ApiResult<SpendView> {
@@ -894,7 +913,18 @@ pub async fn spend_of(state: &AppState, p: &Principal) -> ApiResult<SpendView> {
     for l in leases.iter().filter(|l| l.activated_ms > 0) {
         *committed.entry(l.currency.clone()).or_insert(0) += l.amount_minor;
     }
-    Ok(SpendView { committed, leases })
+    let b = market_client(state, p)?.get_balance(v1::GetBalanceRequest { account_id: 0, currency: String::new() }).await?.into_inner();
+    let balance = BalanceView {
+        account_id: b.account_id,
+        currency: b.currency,
+        available_minor: b.available_minor,
+        held_minor: b.held_minor,
+        earnings_minor: b.earnings_minor,
+        credit_limit_minor: b.credit_limit_minor,
+        reliability_score: b.reliability_score,
+        evaluations: b.evaluations,
+    };
+    Ok(SpendView { committed, balance, leases })
 }
 
 #[utoipa::path(get, path = "/api/v1/me/spend", tag = "leases", responses((status = 200, body = SpendView), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]

@@ -318,6 +318,12 @@ pub async fn leases_page(State(state): State<AppState>, headers: HeaderMap, Orig
     let label = if v.kind == UserKind::Researcher { ctx.t(Msg::Spend) } else { ctx.t(Msg::Earnings) };
     let body = html! {
         p.spend { (label) ": " @for (cur, minor) in &spend.committed { strong { (money(cur, *minor, ctx.lang)) } " " } @if spend.committed.is_empty() { (money("CNY", 0, ctx.lang)) } }
+        @let b = &spend.balance;
+        @if v.kind == UserKind::Researcher {
+            p.balance { (ctx.t(Msg::Available)) ": " strong.available { (money(&b.currency, b.available_minor, ctx.lang)) } " · " (ctx.t(Msg::Held)) ": " strong.held { (money(&b.currency, b.held_minor, ctx.lang)) } }
+        } @else {
+            p.balance { (ctx.t(Msg::EarnedLedger)) ": " strong.earned { (money(&b.currency, b.earnings_minor, ctx.lang)) } @if b.evaluations > 0 { " · " (ctx.t(Msg::Reliability)) ": " strong { (b.reliability_score) } } }
+        }
         (lease_table(&ctx, &spend.leases))
         @if v.kind == UserKind::Supplier {
             @for l in spend.leases.iter().filter(|l| l.state == "requested") {

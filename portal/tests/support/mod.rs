@@ -81,7 +81,18 @@ impl World {
         let (status, body) = api.post("/api/v1/activation", json!({ "token": token })).await?;
         anyhow::ensure!(status == StatusCode::OK && body["state"] == "active", "activation: {status} {body}");
         api.login(username, PASSWORD).await?;
+        if kind == "researcher" {
+            let (status, spend) = api.get("/api/v1/me/spend").await?;
+            anyhow::ensure!(status == StatusCode::OK, "spend: {status} {spend}");
+            self.fund(spend["balance"]["account_id"].as_u64().unwrap_or_default(), username).await?;
+        }
         Ok(api)
+    }
+
+    /// Pays money in for a researcher's broker account, as the payment service would.
+    pub async fn fund(&self, broker_account: u64, tag: &str) -> anyhow::Result<()> {
+        let mut platform = self.platform().await?;
+        suanli_testkit::fixtures::deposit(&mut platform, broker_account, suanli_testkit::fixtures::RESEARCHER_FUNDS, &format!("fund-{tag}")).await
     }
 }
 
