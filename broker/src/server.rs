@@ -12,7 +12,7 @@ use suanli_proto::v1::{
     broker_server::BrokerServer, cluster_admin_server::ClusterAdminServer,
     monitoring_service_server::MonitoringServiceServer,
     raft_internal_server::RaftInternalServer, supplier_service_server::SupplierServiceServer,
-    task_service_server::TaskServiceServer, job_service_server::JobServiceServer, billing_service_server::BillingServiceServer,
+    task_service_server::TaskServiceServer, job_service_server::JobServiceServer,
 };
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -24,7 +24,7 @@ use crate::network::forward::{ForwardLayer, LeaderRouter};
 use crate::network::{Network, PeerAddresses, RaftService};
 use crate::service::admin::Admin;
 use crate::service::broker_api::BrokerApi;
-use crate::service::jobs::{Billing, Jobs};
+use crate::service::jobs::Jobs;
 use crate::service::metrics::Metrics;
 use crate::service::monitoring::Irmds;
 use crate::service::southbound::{Icpcss, Itm};
@@ -182,7 +182,6 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         .add_service(TaskServiceServer::new(Itm::new(shared.clone())))
         .add_service(MonitoringServiceServer::new(Irmds::new(shared.clone(), telemetry.clone())))
         .add_service(JobServiceServer::new(Jobs::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(BillingServiceServer::new(Billing::new(shared.clone())))
         .add_service(
             RaftInternalServer::new(RaftService::new(raft.clone()))
                 .max_decoding_message_size(256 * 1024 * 1024),
@@ -227,8 +226,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
                 // a lease password): bearer tokens, no client certificate.
                 .add_service(BrokerServer::new(BrokerApi::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
                 .add_service(TaskServiceServer::new(Itm::new(shared.clone())))
-                .add_service(JobServiceServer::new(Jobs::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
-                .add_service(BillingServiceServer::new(Billing::new(shared.clone())));
+                .add_service(JobServiceServer::new(Jobs::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES));
             let (stop_agents, stopped) = oneshot::channel::<()>();
             stop.push(stop_agents);
             tasks.push(tokio::spawn(async move {

@@ -23,6 +23,10 @@ pub struct AgentArgs {
     /// Where the agent keeps its key, certificate and node identity.
     #[arg(long, env = "SUANLI_AGENT_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// `suanli-job`, which runs built-in CV tasks on leased cards (not needed for jobs that
+    /// name their own program).
+    #[arg(long, env = "SUANLI_AGENT_JOB_BINARY")]
+    pub job_binary: Option<PathBuf>,
     /// One-time enrollment token from the supplier (only needed until the node is enrolled).
     #[arg(long, env = "SUANLI_AGENT_ENROLLMENT_TOKEN", hide_env_values = true)]
     pub enrollment_token: Option<String>,
@@ -93,6 +97,7 @@ struct FileAgent {
     broker: Option<Vec<String>>,
     broker_ca: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    job_binary: Option<PathBuf>,
     enrollment_token: Option<String>,
     metrics_listen: Option<SocketAddr>,
     hostname: Option<String>,
@@ -146,6 +151,7 @@ pub struct AgentConfig {
     pub brokers: Vec<String>,
     pub broker_ca: Option<PathBuf>,
     pub state_dir: PathBuf,
+    pub job_binary: Option<PathBuf>,
     pub enrollment_token: Option<String>,
     pub metrics_listen: SocketAddr,
     pub hostname: Option<String>,
@@ -187,6 +193,7 @@ impl AgentConfig {
             brokers,
             broker_ca: args.broker_ca.clone().or(file.broker_ca),
             state_dir: args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/agent")),
+            job_binary: args.job_binary.clone().or(file.job_binary),
             enrollment_token: args.enrollment_token.clone().or(file.enrollment_token),
             metrics_listen: args
                 .metrics_listen

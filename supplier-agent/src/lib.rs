@@ -9,6 +9,7 @@
 //! - [`outbox`]: sequence-numbered samples awaiting (and retained after) acknowledgement.
 //! - [`uplink`]: the telemetry stream to the broker, with reconnects and backpressure.
 //! - [`probe`]: network quality to the broker.
+//! - [`jobs`]: runs the job attempts the scheduler placed on this node's leased cards.
 //! - [`provisioner`]: follows this node's leases: provisions access, confirms Class B leases.
 //! - [`exporter`]: `/metrics` (DCGM names), `/healthz`, simulated-GPU controls.
 
@@ -19,6 +20,7 @@ pub mod host;
 pub mod identity;
 pub mod outbox;
 pub mod probe;
+pub mod jobs;
 pub mod provisioner;
 pub mod runtime;
 pub mod source;

@@ -7,7 +7,7 @@ use suanli_agent::config::{AgentArgs, AgentConfig};
 use suanli_agent::identity;
 use suanli_agent::runtime::{self, lock, Agent};
 use suanli_agent::source::Gpus;
-use suanli_agent::{access, exporter, host, inventory, probe, provisioner, uplink};
+use suanli_agent::{access, exporter, host, inventory, jobs, probe, provisioner, uplink};
 use suanli_proto::v1;
 use suanli_telemetry::GpuSource;
 
@@ -28,6 +28,8 @@ enum Command {
 
 /// How often the agent looks for Class B leases to provision on its node.
 const PROVISION_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How often the agent checks which job attempts it must start or stop.
+const JOB_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// How often network quality to the broker is measured.
 const PROBE_EVERY: Duration = Duration::from_secs(5);
 
@@ -103,6 +105,17 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         None => (None, None, None),
     };
+    if let Some(access) = access.clone() {
+        let runner = jobs::JobRunner {
+            brokers: config.brokers.clone(),
+            tls: identity.tls.clone(),
+            access,
+            node: suanli_types::NodeId(identity.node_id()),
+            state_dir: config.state_dir.clone(),
+            job_binary: config.job_binary.clone(),
+        };
+        tokio::spawn(runner.run(JOB_CHECK_EVERY));
+    }
     let provisioner = provisioner::Provisioner { brokers: config.brokers.clone(), tls: identity.tls.clone(), access, gateway };
     tokio::spawn(provisioner.run(PROVISION_CHECK_EVERY));
     let probed = agent.clone();

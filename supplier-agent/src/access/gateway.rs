@@ -458,7 +458,7 @@ fn loopback(host: &str) -> Option<IpAddr> {
 }
 
 /// Runs `binary` through the prologue that puts it in the lease's control groups first.
-fn enter_cgroup(lease: &LiveLease, binary: PathBuf, args: Vec<String>, env: &mut Vec<(String, String)>) -> (PathBuf, Vec<String>) {
+pub(crate) fn enter_cgroup(lease: &LiveLease, binary: PathBuf, args: Vec<String>, env: &mut Vec<(String, String)>) -> (PathBuf, Vec<String>) {
     if lease.cgroup_procs.is_empty() {
         return (binary, args);
     }
@@ -470,7 +470,7 @@ fn enter_cgroup(lease: &LiveLease, binary: PathBuf, args: Vec<String>, env: &mut
 }
 
 /// The environment of every program a session starts.
-fn session_env(lease: &LiveLease, extra: &[(String, String)]) -> Vec<(String, String)> {
+pub(crate) fn session_env(lease: &LiveLease, extra: &[(String, String)]) -> Vec<(String, String)> {
     let account = &lease.account;
     let mut env = vec![
         ("HOME".to_owned(), account.home.display().to_string()),

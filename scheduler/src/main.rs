@@ -1,0 +1,140 @@
+//! `suanli-scheduler`: run a scheduler replica, or check and submit a job spec.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+use suanli_scheduling::{build, PolicyConfig, PolicyKind};
+use suanli_scheduler::service::{Config, Scheduler};
+use tracing_subscriber::EnvFilter;
+
+/// The Suanli scheduler: places jobs on researchers' leased GPUs through the broker.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// TOML file with a `[scheduler]` table; flags and environment override it.
+    #[arg(long, env = "SUANLI_SCHEDULER_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Broker endpoints, comma-separated.
+    #[arg(long, env = "SUANLI_SCHEDULER_BROKER", value_delimiter = ',', global = true)]
+    broker: Vec<String>,
+    /// The platform token (the scheduler acts for the platform); with `submit`, the
+    /// researcher's API token.
+    #[arg(long, env = "SUANLI_SCHEDULER_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// This replica's name (unique among replicas); the hostname by default.
+    #[arg(long, env = "SUANLI_SCHEDULER_NAME")]
+    name: Option<String>,
+    /// fifo, las or heterogeneity.
+    #[arg(long, env = "SUANLI_SCHEDULER_POLICY")]
+    policy: Option<PolicyKind>,
+    #[arg(long, env = "SUANLI_SCHEDULER_ROUND_MS")]
+    round_ms: Option<u64>,
+    #[arg(long, env = "SUANLI_SCHEDULER_LEASE_TTL_MS")]
+    lease_ttl_ms: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a job spec (YAML or JSON) and list every problem.
+    Validate { spec: PathBuf },
+    /// Submit a job spec as the researcher whose token is given; prints the job.
+    Submit { spec: PathBuf },
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    scheduler: Option<FileScheduler>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileScheduler {
+    broker: Option<Vec<String>>,
+    name: Option<String>,
+    policy: Option<PolicyKind>,
+    round_ms: Option<u64>,
+    lease_ttl_ms: Option<u64>,
+    /// Policy tuning (LAS queue thresholds, heterogeneity throughput table).
+    policy_config: Option<PolicyConfig>,
+}
+
+fn read_spec(path: &PathBuf) -> anyhow::Result<suanli_types::JobSpec> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    suanli_scheduler::spec::parse(&text).map_err(|e| {
+        let lines: Vec<String> = e.field_errors().iter().map(|f| format!("  {}: {}", f.field, f.problem)).collect();
+        anyhow::anyhow!("{} is not a valid job spec:\n{}", path.display(), if lines.is_empty() { e.to_string() } else { lines.join("\n") })
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_env("SUANLI_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    let args = Args::parse();
+    let file: FileScheduler = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<File>(&text).with_context(|| format!("parsing {}", path.display()))?.scheduler.unwrap_or_default()
+        }
+        None => FileScheduler::default(),
+    };
+    let brokers = if args.broker.is_empty() { file.broker.clone().unwrap_or_default() } else { args.broker.clone() };
+    match &args.command {
+        Some(Command::Validate { spec }) => {
+            let spec = read_spec(spec)?;
+            println!("{}", serde_json::to_string_pretty(&spec)?);
+            Ok(())
+        }
+        Some(Command::Submit { spec }) => {
+            let spec = read_spec(spec)?;
+            let endpoint = brokers.first().context("--broker is required")?;
+            let token = args.token.as_deref().context("--token (the researcher's API token) is required")?;
+            let ch = suanli_proto::client::channel(endpoint).await?;
+            let mut jobs = suanli_proto::v1::job_service_client::JobServiceClient::with_interceptor(ch, suanli_proto::client::bearer(Some(token))?);
+            let request_id = format!("submit-{}-{}", spec.name, std::process::id());
+            let job = jobs
+                .submit_job(suanli_proto::v1::SubmitJobRequest { request_id, spec_json: serde_json::to_string(&spec)? })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", suanli_proto::decode_status(&s)))?
+                .into_inner();
+            println!("job-{} {}", job.job_id, job.state);
+            Ok(())
+        }
+        None => {
+            anyhow::ensure!(!brokers.is_empty(), "--broker is required");
+            let token = args.token.clone().context("--token (the platform token) is required")?;
+            let s = &args.serve;
+            let name = s.name.clone().or(file.name.clone()).unwrap_or_else(|| {
+                std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "scheduler".into())
+            });
+            let kind = s.policy.or(file.policy).unwrap_or(PolicyKind::Las);
+            let config = Config {
+                brokers,
+                platform_token: token,
+                name: name.clone(),
+                round: Duration::from_millis(s.round_ms.or(file.round_ms).unwrap_or(500)),
+                lease_ttl: Duration::from_millis(s.lease_ttl_ms.or(file.lease_ttl_ms).unwrap_or(5_000)),
+            };
+            anyhow::ensure!(config.lease_ttl > config.round * 2, "the lease must outlive two rounds, or the acting replica loses it between renewals");
+            let policy = build(kind, &file.policy_config.unwrap_or_default());
+            println!("SUANLI_READY scheduler={name} policy={}", kind.as_str());
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            tracing::info!(%name, policy = kind.as_str(), "scheduler replica running");
+            Scheduler::new(config, policy).run().await;
+            Ok(())
+        }
+    }
+}

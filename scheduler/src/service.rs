@@ -1,0 +1,174 @@
+//! The scheduling loop: take the leader lease, read the view, decide, commit.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use suanli_proto::client::{bearer, channel, Bearer};
+use suanli_proto::convert::job_end_reason_to_wire;
+use suanli_proto::decode_status;
+use suanli_proto::v1::{self, job_service_client::JobServiceClient};
+use suanli_scheduling::{Decision, Policy};
+use suanli_types::{CardId, ErrorCode, JobEndReason, JobId, Timestamp};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::view;
+
+pub type Jobs = JobServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Placements per `PlaceJobs` call: well inside the broker's 64 KiB command limit.
+pub const PLACEMENTS_PER_CALL: usize = 1_000;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Broker endpoints (`http://host:port`); any node will do, writes are forwarded.
+    pub brokers: Vec<String>,
+    pub platform_token: String,
+    /// This replica's name in the leader lease; unique per replica.
+    pub name: String,
+    pub round: Duration,
+    /// How long the lease lasts without renewal: a standby takes over this long after the
+    /// acting replica stops renewing.
+    pub lease_ttl: Duration,
+}
+
+/// What one round did, for logs and tests.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    pub acting: bool,
+    pub epoch: u64,
+    pub placed: usize,
+    pub refused: usize,
+    pub stopped: usize,
+}
+
+pub struct Scheduler {
+    config: Config,
+    policy: Box<dyn Policy>,
+    client: Option<Jobs>,
+    which: usize,
+    rounds: u64,
+}
+
+impl Scheduler {
+    pub fn new(config: Config, policy: Box<dyn Policy>) -> Self {
+        Scheduler { config, policy, client: None, which: 0, rounds: 0 }
+    }
+
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.config.round);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_acting = false;
+        loop {
+            tick.tick().await;
+            match self.round().await {
+                Ok(report) => {
+                    if report.acting != was_acting {
+                        tracing::info!(acting = report.acting, epoch = report.epoch, "scheduler role changed");
+                        was_acting = report.acting;
+                    }
+                    if report.placed + report.refused + report.stopped > 0 {
+                        tracing::info!(placed = report.placed, refused = report.refused, stopped = report.stopped, "round");
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(%why, "scheduling round failed");
+                    self.client = None;
+                    self.which += 1;
+                }
+            }
+        }
+    }
+
+    async fn connect(&mut self) -> Result<Jobs, String> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let endpoint = &self.config.brokers[self.which % self.config.brokers.len()];
+        let ch = channel(endpoint).await.map_err(|e| format!("{endpoint}: {e}"))?;
+        let auth = bearer(Some(&self.config.platform_token)).map_err(|e| e.to_string())?;
+        let client = JobServiceClient::with_interceptor(ch, auth).max_decoding_message_size(256 * 1024 * 1024);
+        self.client = Some(client.clone());
+        Ok(client)
+    }
+
+    /// One round. Standing by (another replica holds the lease) is not an error.
+    pub async fn round(&mut self) -> Result<RoundReport, String> {
+        let mut client = self.connect().await?;
+        self.rounds += 1;
+        let describe = |s: tonic::Status| decode_status(&s);
+        let lease = client
+            .acquire_scheduler_lease(v1::AcquireSchedulerLeaseRequest {
+                request_id: format!("{}-lease-{}-{}", self.config.name, std::process::id(), self.rounds),
+                holder: self.config.name.clone(),
+                ttl_ms: self.config.lease_ttl.as_millis() as u32,
+            })
+            .await;
+        let epoch = match lease {
+            Ok(l) => l.into_inner().epoch,
+            Err(s) => {
+                let e = describe(s);
+                if e.code == ErrorCode::StaleScheduler {
+                    return Ok(RoundReport::default());
+                }
+                return Err(e.to_string());
+            }
+        };
+        let view = client.get_scheduling_view(v1::GetSchedulingViewRequest {}).await.map_err(|s| describe(s).to_string())?.into_inner();
+        let round = view::round(&view);
+        for job in &round.unreadable {
+            tracing::warn!(%job, "job spec unreadable by this scheduler build; skipped");
+        }
+        let now = Timestamp::from_millis(view.now_ms);
+        let decisions = self.policy.decide(&round.snapshot, now);
+        let mut report = RoundReport { acting: true, epoch, ..Default::default() };
+
+        let mut stops: Vec<(JobId, JobEndReason)> = round.lost.clone();
+        let mut freeing: BTreeSet<CardId> = BTreeSet::new();
+        for d in &decisions {
+            if let Decision::Preempt { job } = d {
+                stops.push((*job, JobEndReason::Preempted));
+                if let Some(r) = round.snapshot.running.iter().find(|r| r.id == *job) {
+                    freeing.extend(r.cards.iter().copied());
+                }
+            }
+        }
+        // A placement onto cards being freed waits for the next round: the preempted jobs'
+        // agents must stop them first, and the broker would refuse it until then.
+        let placements: Vec<v1::Placement> = decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::Place { job, cards } if !cards.iter().any(|c| freeing.contains(c)) => {
+                    Some(v1::Placement { job_id: job.0, card_ids: cards.iter().map(|c| c.0).collect() })
+                }
+                _ => None,
+            })
+            .collect();
+        if !stops.is_empty() {
+            let request = v1::StopJobsRequest {
+                request_id: format!("{}-stop-{epoch}-{}-{}", self.config.name, std::process::id(), self.rounds),
+                epoch,
+                stops: stops.iter().map(|(j, r)| v1::JobStop { job_id: j.0, reason: Some(job_end_reason_to_wire(r)) }).collect(),
+            };
+            let results = client.stop_jobs(request).await.map_err(|s| describe(s).to_string())?.into_inner().results;
+            report.stopped = results.iter().filter(|r| r.code.is_empty()).count();
+        }
+        for (i, chunk) in placements.chunks(PLACEMENTS_PER_CALL).enumerate() {
+            let request = v1::PlaceJobsRequest {
+                request_id: format!("{}-place-{epoch}-{}-{}-{i}", self.config.name, std::process::id(), self.rounds),
+                epoch,
+                placements: chunk.to_vec(),
+            };
+            let results = client.place_jobs(request).await.map_err(|s| describe(s).to_string())?.into_inner().results;
+            for (p, r) in chunk.iter().zip(&results) {
+                if r.code.is_empty() {
+                    report.placed += 1;
+                } else {
+                    report.refused += 1;
+                    tracing::debug!(job = p.job_id, code = %r.code, message = %r.message, "placement refused");
+                }
+            }
+        }
+        Ok(report)
+    }
+}

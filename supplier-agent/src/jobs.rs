@@ -1,0 +1,312 @@
+//! Runs the job attempts the scheduler placed on this node's cards (DESIGN flow 4).
+//!
+//! Every half second the runner asks the broker which jobs hold this node's cards. A placed
+//! attempt it has not started is started as the lease's Unix account, inside the lease's
+//! control groups, with `CUDA_VISIBLE_DEVICES` naming exactly the placed cards of this node;
+//! its output goes to `job.log` in the attempt's directory under the lease's home. An attempt
+//! the platform asked to stop, or that is no longer current, is killed. When a process ends the
+//! runner reports it; a multi-node job's outcome is its rank-0 node's, and any other rank
+//! reports only a failure.
+//!
+//! A marker file per started attempt (in the agent's state directory) survives an agent
+//! restart: an attempt marked but not running here any more died with the previous agent, and
+//! is reported as `node_lost` (the platform's fault, so it does not count against the job),
+//! never started a second time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::chown;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use suanli_proto::convert::job_end_reason_to_wire;
+use suanli_proto::decode_status;
+use suanli_proto::v1::{self, job_service_client::JobServiceClient};
+use suanli_types::{JobEndReason, JobRun, JobSpec, NodeId};
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+
+use crate::access::gateway::{enter_cgroup, session_env};
+use crate::access::Access;
+use crate::identity::BrokerTls;
+
+pub struct JobRunner {
+    pub brokers: Vec<String>,
+    pub tls: BrokerTls,
+    pub access: Arc<Access>,
+    pub node: NodeId,
+    /// Where attempt markers are kept.
+    pub state_dir: PathBuf,
+    /// `suanli-job`, for built-in CV tasks; `None` where it is not installed.
+    pub job_binary: Option<PathBuf>,
+}
+
+type Key = (u64, u32);
+
+struct Running {
+    kill: Option<oneshot::Sender<()>>,
+}
+
+struct Ended {
+    key: Key,
+    rank: usize,
+    reason: JobEndReason,
+}
+
+impl JobRunner {
+    pub async fn run(self, every: Duration) {
+        let markers = self.state_dir.join("jobs");
+        if let Err(e) = std::fs::create_dir_all(&markers) {
+            tracing::error!(error = %e, dir = %markers.display(), "job runner: no state directory; jobs will not run");
+            return;
+        }
+        let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<Ended>();
+        let mut running: BTreeMap<Key, Running> = BTreeMap::new();
+        let mut to_report: Vec<Ended> = Vec::new();
+        let mut channel: Option<Channel> = None;
+        let mut which = 0usize;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some(ended) = ended_rx.recv() => {
+                    running.remove(&ended.key);
+                    to_report.push(ended);
+                }
+            }
+            while let Ok(ended) = ended_rx.try_recv() {
+                running.remove(&ended.key);
+                to_report.push(ended);
+            }
+            if channel.is_none() {
+                match self.tls.connect(&self.brokers[which % self.brokers.len()]).await {
+                    Ok(c) => channel = Some(c),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "job runner: broker unreachable");
+                        which += 1;
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = channel.clone() else { continue };
+            let mut client = JobServiceClient::new(c);
+            to_report = self.report(&mut client, std::mem::take(&mut to_report)).await;
+            let jobs = match client.list_node_jobs(v1::ListNodeJobsRequest {}).await {
+                Ok(r) => r.into_inner().jobs,
+                Err(status) => {
+                    tracing::warn!(error = %decode_status(&status), "job runner: could not list this node's jobs");
+                    channel = None;
+                    which += 1;
+                    continue;
+                }
+            };
+            self.follow(&mut client, &jobs, &mut running, &ended_tx).await;
+        }
+    }
+
+    /// Reports ended attempts; returns those that could not be reported yet.
+    async fn report(&self, client: &mut JobServiceClient<Channel>, ended: Vec<Ended>) -> Vec<Ended> {
+        let mut left = Vec::new();
+        for e in ended {
+            let (job, attempt) = e.key;
+            let marker = self.marker(e.key);
+            // A secondary rank that finished waits for rank 0 to speak for the job.
+            if e.rank > 0 && e.reason == JobEndReason::Completed {
+                let _ = std::fs::remove_file(&marker);
+                continue;
+            }
+            let request = v1::ReportJobEndedRequest {
+                request_id: format!("job-ended-{job}-{attempt}-{}", self.node.0),
+                job_id: job,
+                attempt,
+                reason: Some(job_end_reason_to_wire(&e.reason)),
+                outputs: Default::default(),
+            };
+            match client.report_job_ended(request).await {
+                Ok(_) => {
+                    tracing::info!(job, attempt, reason = %e.reason, "job attempt ended");
+                    let _ = std::fs::remove_file(&marker);
+                }
+                Err(status) => {
+                    let err = decode_status(&status);
+                    if err.code == suanli_types::ErrorCode::Unavailable {
+                        left.push(e);
+                    } else {
+                        // Superseded (another node reported, the job was requeued or cancelled).
+                        tracing::info!(job, attempt, error = %err, "job end not recorded");
+                        let _ = std::fs::remove_file(&marker);
+                    }
+                }
+            }
+        }
+        left
+    }
+
+    fn marker(&self, (job, attempt): Key) -> PathBuf {
+        self.state_dir.join("jobs").join(format!("{job}-{attempt}.started"))
+    }
+
+    async fn follow(
+        &self,
+        client: &mut JobServiceClient<Channel>,
+        jobs: &[v1::Job],
+        running: &mut BTreeMap<Key, Running>,
+        ended: &mpsc::UnboundedSender<Ended>,
+    ) {
+        let mut wanted: BTreeSet<Key> = BTreeSet::new();
+        for job in jobs {
+            let Some(attempt) = job.attempts.last() else { continue };
+            let key = (job.job_id, attempt.number);
+            if job.stop_requested.is_some() {
+                if let Some(r) = running.get_mut(&key) {
+                    if let Some(kill) = r.kill.take() {
+                        tracing::info!(job = job.job_id, attempt = attempt.number, "stopping job attempt as asked");
+                        let _ = kill.send(());
+                    }
+                }
+                wanted.insert(key);
+                continue;
+            }
+            wanted.insert(key);
+            if running.contains_key(&key) {
+                continue;
+            }
+            let marker = self.marker(key);
+            if marker.exists() {
+                // Started by an earlier incarnation of this agent, whose process is gone.
+                let _ = ended.send(Ended { key, rank: 0, reason: JobEndReason::NodeLost(self.node) });
+                running.insert(key, Running { kill: None });
+                continue;
+            }
+            match self.start(job, attempt, &marker, ended.clone()).await {
+                Ok(Some(r)) => {
+                    running.insert(key, r);
+                    let request = v1::ReportJobStartedRequest {
+                        request_id: format!("job-started-{}-{}-{}", job.job_id, attempt.number, self.node.0),
+                        job_id: job.job_id,
+                        attempt: attempt.number,
+                    };
+                    if let Err(status) = client.report_job_started(request).await {
+                        tracing::warn!(job = job.job_id, error = %decode_status(&status), "could not report the start");
+                    }
+                }
+                Ok(None) => {} // the lease's account is not ready yet: next round
+                Err(why) => {
+                    tracing::warn!(job = job.job_id, %why, "could not start job attempt");
+                    let _ = ended.send(Ended { key, rank: 0, reason: JobEndReason::StartFailed(why) });
+                    running.insert(key, Running { kill: None });
+                }
+            }
+        }
+        // Attempts this node no longer holds (requeued, cancelled, superseded) are killed.
+        for (key, r) in running.iter_mut() {
+            if !wanted.contains(key) {
+                if let Some(kill) = r.kill.take() {
+                    tracing::info!(job = key.0, attempt = key.1, "job attempt no longer placed here; killing it");
+                    let _ = kill.send(());
+                }
+            }
+        }
+    }
+
+    /// Starts this node's part of an attempt. `Ok(None)`: not possible yet (the lease's account
+    /// is still being provisioned).
+    async fn start(
+        &self,
+        job: &v1::Job,
+        attempt: &v1::JobAttempt,
+        marker: &std::path::Path,
+        ended: mpsc::UnboundedSender<Ended>,
+    ) -> Result<Option<Running>, String> {
+        let mine: Vec<usize> = (0..attempt.card_ids.len()).filter(|i| attempt.node_ids.get(*i) == Some(&self.node.0)).collect();
+        let Some(&first) = mine.first() else { return Err("no placed card on this node".into()) };
+        let nodes: Vec<u64> = attempt.node_ids.iter().fold(Vec::new(), |mut v, n| {
+            if !v.contains(n) {
+                v.push(*n);
+            }
+            v
+        });
+        let rank = nodes.iter().position(|n| *n == self.node.0).unwrap_or(0);
+        let lease_id = attempt.lease_ids.get(first).copied().unwrap_or(0);
+        let Some(lease) = self.access.lease_for(&self.access.login(lease_id)) else { return Ok(None) };
+        if !lease.active {
+            return Ok(None);
+        }
+        let spec: JobSpec = serde_json::from_str(&job.spec_json).map_err(|e| format!("unreadable spec: {e}"))?;
+        let (program, args, user_env) = match &spec.run {
+            JobRun::Command { program, args, env } => (PathBuf::from(program), args.clone(), env.clone()),
+            JobRun::Builtin { task, params } => {
+                let binary = self.job_binary.clone().ok_or("suanli-job is not installed on this node")?;
+                let params = serde_json::to_string(params).unwrap_or_default();
+                (binary, vec!["--task".into(), task.clone(), "--params-json".into(), params], BTreeMap::new())
+            }
+        };
+        if !spec.inputs.is_empty() {
+            return Err("this node has no artifact store configured for the job's inputs".into());
+        }
+        let account = &lease.account;
+        let dir = account.home.join(".suanli-jobs").join(format!("{}-{}", job.job_id, attempt.number));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for d in [dir.parent(), Some(dir.as_path())].into_iter().flatten() {
+            chown(d, Some(account.uid), Some(account.gid)).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let log = std::fs::File::create(dir.join("job.log")).map_err(|e| format!("job.log: {e}"))?;
+        chown(dir.join("job.log"), Some(account.uid), Some(account.gid)).map_err(|e| format!("job.log: {e}"))?;
+        let devices: Vec<String> = mine.iter().filter_map(|i| attempt.card_indexes.get(*i)).map(u32::to_string).collect();
+        let mut extra: Vec<(String, String)> = user_env.into_iter().collect();
+        extra.extend([
+            ("SUANLI_JOB_ID".to_owned(), job.job_id.to_string()),
+            ("SUANLI_JOB_ATTEMPT".to_owned(), attempt.number.to_string()),
+            ("SUANLI_JOB_DIR".to_owned(), dir.display().to_string()),
+            ("SUANLI_JOB_RANK".to_owned(), rank.to_string()),
+            ("SUANLI_JOB_NODES".to_owned(), nodes.len().to_string()),
+            ("SUANLI_NODE_ID".to_owned(), self.node.0.to_string()),
+            ("SUANLI_CHECKPOINT".to_owned(), job.checkpoint_sha256.clone()),
+        ]);
+        let mut env = session_env(&lease, &extra);
+        env.retain(|(k, _)| k != "CUDA_VISIBLE_DEVICES");
+        env.push(("CUDA_VISIBLE_DEVICES".to_owned(), devices.join(",")));
+        let (binary, args) = enter_cgroup(&lease, program, args, &mut env);
+        std::fs::write(marker, b"").map_err(|e| format!("{}: {e}", marker.display()))?;
+        let stderr = log.try_clone().map_err(|e| e.to_string())?;
+        let mut child = tokio::process::Command::new(&binary)
+            .args(&args)
+            .env_clear()
+            .envs(env)
+            .current_dir(&dir)
+            .uid(account.uid)
+            .gid(account.gid)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                let _ = std::fs::remove_file(marker);
+                format!("{}: {e}", binary.display())
+            })?;
+        tracing::info!(job = job.job_id, attempt = attempt.number, devices = %devices.join(","), "job attempt started");
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let key = (job.job_id, attempt.number);
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => status,
+                _ = kill_rx => {
+                    let _ = child.kill().await;
+                    child.wait().await
+                }
+            };
+            let reason = match status {
+                Ok(s) if s.success() => JobEndReason::Completed,
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    JobEndReason::ExitStatus(s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)))
+                }
+                Err(e) => JobEndReason::StartFailed(e.to_string()),
+            };
+            let _ = ended.send(Ended { key, rank, reason });
+        });
+        Ok(Some(Running { kill: Some(kill_tx) }))
+    }
+}
