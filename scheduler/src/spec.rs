@@ -4,11 +4,14 @@
 use suanli_types::{DomainError, FieldError, JobSpec};
 
 /// Parses and validates a spec; every problem is listed, each with its field.
+///
+/// The YAML is read as a plain document first and then mapped like JSON, so both spell the
+/// run's variant the same way (`run: {command: {...}}`) rather than as a YAML tag.
 pub fn parse(text: &str) -> Result<JobSpec, DomainError> {
-    let spec: JobSpec = serde_yaml::from_str(text).map_err(|e| {
-        let at = e.location().map(|l| format!(" (line {}, column {})", l.line(), l.column())).unwrap_or_default();
-        DomainError::Invalid(vec![FieldError::new("spec", format!("{e}{at}"))])
-    })?;
+    let document: serde_json::Value =
+        serde_yaml::from_str(text).map_err(|e| DomainError::Invalid(vec![FieldError::new("spec", e.to_string())]))?;
+    let spec: JobSpec =
+        serde_json::from_value(document).map_err(|e| DomainError::Invalid(vec![FieldError::new("spec", e.to_string())]))?;
     spec.validate()?;
     Ok(spec)
 }

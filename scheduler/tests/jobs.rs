@@ -176,6 +176,8 @@ async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
         return;
     }
     let dir = TempDir::new().expect("temp dir");
+    // The jobs run as the leases' Unix accounts: they must be able to reach the records.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     let broker = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker").expect("broker"), 1, None).await.expect("broker");
     let mut platform = broker.client(1, PLATFORM_TOKEN).await.expect("platform");
     let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
@@ -220,6 +222,9 @@ async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
     std::fs::create_dir_all(&record).expect("records dir");
     std::fs::set_permissions(&record, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).expect("chmod");
     let record = record.join("jobs.log");
+    // Jobs of both leases (two Unix accounts) append to it.
+    std::fs::write(&record, b"").expect("records file");
+    std::fs::set_permissions(&record, std::os::unix::fs::PermissionsExt::from_mode(0o666)).expect("chmod");
 
     let first = scheduler(&broker, dir.path(), "sched-a").await;
     let second = scheduler(&broker, dir.path(), "sched-b").await;
@@ -247,7 +252,12 @@ async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
     assert!(after.epoch > acting.epoch);
     drop(survivor);
 
-    assert!(done.iter().all(|j| j.state == "succeeded"), "{:?}", done.iter().filter(|j| j.state != "succeeded").collect::<Vec<_>>());
+    let unsuccessful: Vec<String> = done
+        .iter()
+        .filter(|j| j.state != "succeeded")
+        .map(|j| format!("job {} {} ({:?}) on nodes {:?}", j.job_id, j.state, j.end_reason, j.attempts.last().map(|a| &a.node_ids)))
+        .collect();
+    assert!(unsuccessful.is_empty(), "{unsuccessful:#?}\nrecords:\n{}", std::fs::read_to_string(&record).unwrap_or_default().lines().take(20).collect::<Vec<_>>().join("\n"));
 
     // The jobs' own records against the lease history.
     let recs = records(&record);
