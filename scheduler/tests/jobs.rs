@@ -164,7 +164,7 @@ fn spec(i: usize, record: &Path) -> serde_json::Value {
         "name": format!("job-{i}"), "kind": kind,
         "resources": { "cards": cards, "shared": shared },
         "run": { "command": { "program": "/bin/sh", "args": ["-c", script] } },
-        "preemptible": i % 2 == 0,
+        "preemptible": i.is_multiple_of(2),
         "expected_seconds": 1,
     })
 }

@@ -221,7 +221,7 @@ impl JobSpec {
             format!("between 1 and {}", limits::MAX_ATTEMPTS),
         );
         if let Some(s) = self.expected_seconds {
-            v.check(s >= 1 && s <= 365 * 86_400, "expected_seconds", "between 1 second and a year");
+            v.check((1..=365 * 86_400).contains(&s), "expected_seconds", "between 1 second and a year");
         }
         if let Some(auto) = &self.auto_lease {
             if let Some(region) = &auto.region {

@@ -278,6 +278,7 @@ impl State {
         Ok(Response::Job(Box::new(self.jobs[&id].clone())))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn job_ended(
         &mut self,
         caller: &Caller,
