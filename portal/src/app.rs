@@ -7,7 +7,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use utoipa::OpenApi;
 
-use crate::api::{accounts, alerts, market, operator};
+use crate::api::{accounts, alerts, jobs, market, operator};
 use crate::error::ApiError;
 use crate::pages;
 use crate::state::AppState;
@@ -22,12 +22,13 @@ use crate::state::AppState;
         accounts::add_ssh_key, accounts::list_ssh_keys, alerts::list, alerts::get_settings, alerts::put_settings,
         market::catalogue, market::cluster_detail, market::telemetry, market::live,
         market::request_lease, market::list_leases, market::get_lease, market::verify_code, market::lease_access, market::lease_password,
-        market::extend_lease, market::end_lease, market::spend,
+        market::extend_lease, market::end_lease, market::spend, jobs::statement,
+        jobs::submit, jobs::list, jobs::get, jobs::cancel,
         market::enrollment_token, market::list_nodes, market::list_my_clusters, market::publish, market::modify, market::delist, market::approve,
         market::set_card_status,
         operator::list_reviews, operator::decide_review, operator::list_operators, operator::set_roles, operator::audit,
     ),
-    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "supplier"), (name = "operator"))
+    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "supplier"), (name = "operator"))
 )]
 pub struct ApiDoc;
 
@@ -63,6 +64,10 @@ pub fn router(state: AppState) -> Router {
         .route("/me/api-tokens/{id}", axum::routing::delete(accounts::revoke_api_token))
         .route("/me/ssh-keys", get(accounts::list_ssh_keys).post(accounts::add_ssh_key))
         .route("/me/spend", get(market::spend))
+        .route("/me/statement", get(jobs::statement))
+        .route("/jobs", get(jobs::list).post(jobs::submit))
+        .route("/jobs/{id}", get(jobs::get))
+        .route("/jobs/{id}/cancel", post(jobs::cancel))
         .route("/me/alerts", get(alerts::list))
         .route("/me/notifications", get(alerts::get_settings).put(alerts::put_settings))
         .route("/catalogue", get(market::catalogue))
@@ -97,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         .route("/clusters/{id}", get(pages::market::cluster_page))
         .route("/leases", get(pages::market::leases_page))
         .route("/leases/{id}", get(pages::market::lease_page))
+        .route("/jobs", get(pages::market::jobs_page))
         .route("/login", get(pages::account::login_page))
         .route("/register", get(pages::account::register_page))
         .route("/activate", get(pages::account::activate_page))

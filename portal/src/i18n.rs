@@ -188,6 +188,13 @@ catalogue! {
     Spend => "Committed spend", "累计消费";
     Earnings => "Committed earnings", "累计收入";
     Available => "Available balance", "可用余额";
+    Jobs => "My jobs", "我的作业";
+    Job => "Job", "作业";
+    Kind => "Kind", "类型";
+    Attempts => "Attempts", "尝试次数";
+    CardSeconds => "Card-seconds", "卡秒";
+    Cost => "Cost", "费用";
+    SubmitJob => "Submit a job", "提交作业";
     Held => "Held for leases", "租用冻结";
     EarnedLedger => "Earned (after platform fee)", "已结算收入（扣除平台费）";
     Reliability => "Reliability score", "可靠性评分";

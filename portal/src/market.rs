@@ -173,6 +173,15 @@ impl Market {
         with_token(self.channel.clone(), Some(token)).map_err(ApiError::internal)
     }
 
+    /// The broker's job service as the user whose token this is.
+    pub fn jobs_as(
+        &self,
+        token: &str,
+    ) -> ApiResult<suanli_proto::v1::job_service_client::JobServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>>> {
+        let auth = bearer(Some(token)).map_err(ApiError::internal)?;
+        Ok(suanli_proto::v1::job_service_client::JobServiceClient::with_interceptor(self.channel.clone(), auth).max_decoding_message_size(64 * 1024 * 1024))
+    }
+
     /// The platform acting as an operator in `role` (the portal checked the operator holds it).
     pub fn as_operator(&self, role: suanli_types::OperatorRole) -> ApiResult<Client> {
         suanli_proto::client::as_operator(self.channel.clone(), &self.platform_token, role.as_str()).map_err(ApiError::internal)

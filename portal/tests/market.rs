@@ -137,6 +137,8 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     let (status, _) = auditor.post(&format!("/api/v1/leases/{lease_a}/end"), json!({})).await?;
     assert_eq!(status, StatusCode::FORBIDDEN, "auditors read the log, nothing else");
 
+    jobs(&alice, &bob).await?;
+
     // Deregistering leaves no live lease behind.
     let (status, _) = alice.send(reqwest::Method::DELETE, "/api/v1/me", Some(json!({"password": support::PASSWORD}))).await?;
     assert_eq!(status, StatusCode::NO_CONTENT);
@@ -149,13 +151,65 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     routes(w, &bob, &supplier).await
 }
 
+/// Jobs through the portal (no scheduler runs here, so they stay queued): every bad field
+/// listed, submit, list, cancel once, a stranger sees nothing; the month's statement.
+async fn jobs(alice: &Api, bob: &Api) -> anyhow::Result<()> {
+    let bad = json!({"spec": {"name": "", "kind": "training", "resources": {"cards": 0}, "run": {"command": {"program": "/bin/true"}}}});
+    let (status, body) = alice.post("/api/v1/jobs", bad).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let bad_fields = fields(&body);
+    assert!(bad_fields.contains(&"name".to_owned()) && bad_fields.contains(&"resources.cards".to_owned()), "{body}");
+    let (status, body) = alice.post("/api/v1/jobs", json!({"spec": {"name": "x", "kind": "painting"}})).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an unknown kind: {body}");
+    let spec = json!({"name": "resnet", "kind": "training", "resources": {"cards": 1}, "run": {"command": {"program": "/bin/true"}}});
+    let (status, job) = alice.post("/api/v1/jobs", json!({"spec": spec, "request_id": "first"})).await?;
+    assert_eq!((status, job["state"].as_str()), (StatusCode::CREATED, Some("queued")), "{job}");
+    let id = job["job_id"].as_u64().unwrap_or_default();
+    let (_, again) = alice.post("/api/v1/jobs", json!({"spec": spec, "request_id": "first"})).await?;
+    assert_eq!(again["job_id"].as_u64(), Some(id), "the same request id submits once");
+    let (_, list) = alice.get("/api/v1/jobs").await?;
+    assert_eq!(ids(&list, "job_id"), [id], "{list}");
+    let (status, _) = bob.get(&format!("/api/v1/jobs/{id}")).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "another researcher's job does not exist for bob");
+    let (status, _) = bob.post(&format!("/api/v1/jobs/{id}/cancel"), json!({})).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, cancelled) = alice.post(&format!("/api/v1/jobs/{id}/cancel"), json!({})).await?;
+    assert_eq!((status, cancelled["state"].as_str()), (StatusCode::OK, Some("cancelled")), "{cancelled}");
+    let (status, body) = alice.post(&format!("/api/v1/jobs/{}/cancel", id), json!({"again": true})).await?;
+    assert!(status == StatusCode::OK || Api::code(&body) == "JOB_TRANSITION", "a retried cancel is the same cancel or refused: {status} {body}");
+    // The statement of this month holds the lease charges and the job.
+    let month = {
+        let (_, me) = alice.get("/api/v1/me/spend").await?;
+        assert!(me["balance"]["held_minor"].as_i64().unwrap_or(-1) >= 0, "{me}");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+        suanli_types::Month::containing(suanli_types::Timestamp::from_millis(now)).to_string()
+    };
+    let (status, st) = alice.get(&format!("/api/v1/me/statement?month={month}")).await?;
+    assert_eq!(status, StatusCode::OK, "{st}");
+    assert_eq!(st["deposits_minor"].as_i64(), Some(suanli_testkit::fixtures::RESEARCHER_FUNDS), "{st}");
+    assert_eq!(ids(&st["jobs"], "job_id"), [id], "{st}");
+    let (status, body) = alice.get("/api/v1/me/statement?month=2026-13").await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    Ok(())
+}
+
 /// Every route of the OpenAPI document: anonymous callers get 401 where a login is needed,
 /// researchers 403 on supplier and operator routes, suppliers 403 on researcher and operator ones.
 async fn routes(w: &World, researcher: &Api, supplier: &Api) -> anyhow::Result<()> {
     let anon = w.client();
     let (_, doc) = anon.get("/api/v1/openapi.json").await?;
     let public = ["/api/v1/accounts", "/api/v1/phone-codes", "/api/v1/activation", "/api/v1/session", "/api/v1/session/totp", "/api/v1/password-reset", "/api/v1/password-reset/confirm", "/api/v1/catalogue"];
-    let researcher_only = ["post /api/v1/leases", "post /api/v1/leases/{id}/verify", "post /api/v1/leases/{id}/password", "post /api/v1/leases/{id}/extend", "post /api/v1/me/ssh-keys"];
+    let researcher_only = [
+        "post /api/v1/leases",
+        "post /api/v1/leases/{id}/verify",
+        "post /api/v1/leases/{id}/password",
+        "post /api/v1/leases/{id}/extend",
+        "post /api/v1/me/ssh-keys",
+        "post /api/v1/jobs",
+        "get /api/v1/jobs",
+        "get /api/v1/jobs/{id}",
+        "post /api/v1/jobs/{id}/cancel",
+    ];
     let mut checked = 0;
     for (path, ops) in doc["paths"].as_object().into_iter().flatten() {
         for (method, op) in ops.as_object().into_iter().flatten() {

@@ -42,6 +42,15 @@ struct ServeArgs {
     round_ms: Option<u64>,
     #[arg(long, env = "SUANLI_SCHEDULER_LEASE_TTL_MS")]
     lease_ttl_ms: Option<u64>,
+    /// Serve the artifact store (job inputs, outputs, checkpoints) on this address.
+    #[arg(long, env = "SUANLI_ARTIFACTS_LISTEN")]
+    artifacts_listen: Option<std::net::SocketAddr>,
+    /// The artifact store's directory (the embedded backend).
+    #[arg(long, env = "SUANLI_ARTIFACTS_DIR")]
+    artifacts_dir: Option<PathBuf>,
+    /// The bearer token agents and tools present to the artifact store.
+    #[arg(long, env = "SUANLI_ARTIFACTS_TOKEN", hide_env_values = true)]
+    artifacts_token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -66,6 +75,10 @@ struct FileScheduler {
     policy: Option<PolicyKind>,
     round_ms: Option<u64>,
     lease_ttl_ms: Option<u64>,
+    artifacts_listen: Option<std::net::SocketAddr>,
+    artifacts_dir: Option<PathBuf>,
+    /// Largest artifact accepted, in bytes (64 GiB by default).
+    artifacts_max_bytes: Option<u64>,
     /// Policy tuning (LAS queue thresholds, heterogeneity throughput table).
     policy_config: Option<PolicyConfig>,
 }
@@ -129,7 +142,22 @@ async fn main() -> anyhow::Result<()> {
             };
             anyhow::ensure!(config.lease_ttl > config.round * 2, "the lease must outlive two rounds, or the acting replica loses it between renewals");
             let policy = build(kind, &file.policy_config.unwrap_or_default());
-            println!("SUANLI_READY scheduler={name} policy={}", kind.as_str());
+            let mut artifacts = String::from("-");
+            if let Some(listen) = s.artifacts_listen.or(file.artifacts_listen) {
+                let dir = s.artifacts_dir.clone().or(file.artifacts_dir.clone()).context("--artifacts-dir is required with --artifacts-listen")?;
+                let token = s.artifacts_token.clone().context("--artifacts-token is required with --artifacts-listen")?;
+                anyhow::ensure!(token.len() >= 16, "the artifact token must be at least 16 characters");
+                let store = suanli_artifacts::LocalStore::open(&dir, file.artifacts_max_bytes.unwrap_or(64 << 30))?;
+                let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+                artifacts = listener.local_addr()?.to_string();
+                let app = suanli_artifacts::server::router(std::sync::Arc::new(store), &token);
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!(error = %e, "artifact store stopped");
+                    }
+                });
+            }
+            println!("SUANLI_READY scheduler={name} policy={} artifacts={artifacts}", kind.as_str());
             use std::io::Write;
             std::io::stdout().flush()?;
             tracing::info!(%name, policy = kind.as_str(), "scheduler replica running");

@@ -40,19 +40,27 @@ pub struct RoundReport {
     pub placed: usize,
     pub refused: usize,
     pub stopped: usize,
+    pub auto_leased: usize,
+    pub released: usize,
 }
 
 pub struct Scheduler {
     config: Config,
     policy: Box<dyn Policy>,
-    client: Option<Jobs>,
+    client: Option<(Jobs, suanli_proto::client::Client)>,
     which: usize,
     rounds: u64,
+    /// Jobs an auto-lease found nothing for, and when to look again: the market changes, but
+    /// not every round.
+    auto_lease_backoff: std::collections::BTreeMap<u64, std::time::Instant>,
 }
+
+/// How long to wait before retrying an auto-lease that found no cards.
+const AUTO_LEASE_RETRY: Duration = Duration::from_secs(10);
 
 impl Scheduler {
     pub fn new(config: Config, policy: Box<dyn Policy>) -> Self {
-        Scheduler { config, policy, client: None, which: 0, rounds: 0 }
+        Scheduler { config, policy, client: None, which: 0, rounds: 0, auto_lease_backoff: Default::default() }
     }
 
     pub async fn run(mut self) {
@@ -80,21 +88,22 @@ impl Scheduler {
         }
     }
 
-    async fn connect(&mut self) -> Result<Jobs, String> {
+    async fn connect(&mut self) -> Result<(Jobs, suanli_proto::client::Client), String> {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
         let endpoint = &self.config.brokers[self.which % self.config.brokers.len()];
         let ch = channel(endpoint).await.map_err(|e| format!("{endpoint}: {e}"))?;
         let auth = bearer(Some(&self.config.platform_token)).map_err(|e| e.to_string())?;
-        let client = JobServiceClient::with_interceptor(ch, auth).max_decoding_message_size(256 * 1024 * 1024);
-        self.client = Some(client.clone());
-        Ok(client)
+        let jobs = JobServiceClient::with_interceptor(ch.clone(), auth).max_decoding_message_size(256 * 1024 * 1024);
+        let broker = suanli_proto::client::with_token(ch, Some(&self.config.platform_token)).map_err(|e| e.to_string())?;
+        self.client = Some((jobs.clone(), broker.clone()));
+        Ok((jobs, broker))
     }
 
     /// One round. Standing by (another replica holds the lease) is not an error.
     pub async fn round(&mut self) -> Result<RoundReport, String> {
-        let mut client = self.connect().await?;
+        let (mut client, mut broker) = self.connect().await?;
         self.rounds += 1;
         let describe = |s: tonic::Status| decode_status(&s);
         let lease = client
@@ -123,7 +132,7 @@ impl Scheduler {
         let decisions = self.policy.decide(&round.snapshot, now);
         let mut report = RoundReport { acting: true, epoch, ..Default::default() };
 
-        let mut stops: Vec<(JobId, JobEndReason)> = round.lost.clone();
+        let mut stops: Vec<(JobId, JobEndReason)> = round.stops.clone();
         let mut freeing: BTreeSet<CardId> = BTreeSet::new();
         for d in &decisions {
             if let Decision::Preempt { job } = d {
@@ -153,6 +162,7 @@ impl Scheduler {
             let results = client.stop_jobs(request).await.map_err(|s| describe(s).to_string())?.into_inner().results;
             report.stopped = results.iter().filter(|r| r.code.is_empty()).count();
         }
+        self.auto_leases(&mut client, &mut broker, &view, &round, &placements, epoch, &mut report).await?;
         for (i, chunk) in placements.chunks(PLACEMENTS_PER_CALL).enumerate() {
             let request = v1::PlaceJobsRequest {
                 request_id: format!("{}-place-{epoch}-{}-{}-{i}", self.config.name, std::process::id(), self.rounds),
@@ -170,5 +180,64 @@ impl Scheduler {
             }
         }
         Ok(report)
+    }
+
+    /// Leases cards for queued jobs that opted in and could not be placed this round, and
+    /// releases the leases taken so once they are idle and their job is over.
+    #[allow(clippy::too_many_arguments)]
+    async fn auto_leases(
+        &mut self,
+        client: &mut Jobs,
+        broker: &mut suanli_proto::client::Client,
+        view: &v1::SchedulingView,
+        round: &view::Round,
+        placements: &[v1::Placement],
+        epoch: u64,
+        report: &mut RoundReport,
+    ) -> Result<(), String> {
+        let placed: BTreeSet<u64> = placements.iter().map(|p| p.job_id).collect();
+        let covered: BTreeSet<u64> = view.auto_leases.iter().map(|a| a.job_id).collect();
+        let now = std::time::Instant::now();
+        self.auto_lease_backoff.retain(|_, until| *until > now);
+        for job in &round.snapshot.queued {
+            let id = job.id.0;
+            if job.spec.auto_lease.is_none() || placed.contains(&id) || covered.contains(&id) || self.auto_lease_backoff.contains_key(&id) {
+                continue;
+            }
+            let request = v1::AutoLeaseRequest { request_id: format!("{}-auto-{id}-{epoch}-{}", self.config.name, self.rounds), epoch, job_id: id };
+            match client.auto_lease(request).await {
+                Ok(lease) => {
+                    let lease = lease.into_inner();
+                    tracing::info!(job = id, lease = lease.lease_id, cards = lease.card_ids.len(), "leased cards for a job");
+                    report.auto_leased += 1;
+                }
+                Err(status) => {
+                    let e = decode_status(&status);
+                    if e.code == ErrorCode::StaleScheduler {
+                        return Err(e.to_string());
+                    }
+                    tracing::info!(job = id, error = %e, "auto-lease found nothing yet");
+                    self.auto_lease_backoff.insert(id, now + AUTO_LEASE_RETRY);
+                }
+            }
+        }
+        let live: BTreeSet<u64> = view.live_jobs.iter().map(|j| j.job_id).collect();
+        for a in &view.auto_leases {
+            if a.state == v1::LeaseState::Active as i32 && a.idle && !live.contains(&a.job_id) {
+                let request = v1::EndLeaseRequest {
+                    request_id: format!("auto-release-{}", a.lease_id),
+                    lease_id: a.lease_id,
+                    reason: v1::EndReason::ByResearcher.into(),
+                };
+                match broker.end_lease(request).await {
+                    Ok(_) => {
+                        tracing::info!(lease = a.lease_id, job = a.job_id, "released an idle auto-lease");
+                        report.released += 1;
+                    }
+                    Err(status) => tracing::warn!(lease = a.lease_id, error = %decode_status(&status), "could not release an auto-lease"),
+                }
+            }
+        }
+        Ok(())
     }
 }

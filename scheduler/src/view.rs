@@ -1,18 +1,22 @@
 //! The broker's scheduling view → the policy library's snapshot.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use suanli_proto::convert::billing_mode_from_wire;
 use suanli_proto::v1;
 use suanli_scheduling::{is_sharing, CardView, QueuedJob, RunningJob, Snapshot};
-use suanli_types::{AccountId, CardId, JobEndReason, JobId, JobSpec, LeaseId, NodeId, Timestamp};
+use suanli_types::money::card_time_cost;
+use suanli_types::{AccountId, BillingMode, CardId, JobEndReason, JobId, JobSpec, LeaseId, NodeId, Timestamp};
 
 /// One round's input, and the stops the round must make whatever the policy says.
 #[derive(Debug, Default)]
 pub struct Round {
     pub snapshot: Snapshot,
-    /// Jobs holding cards of nodes whose agents went silent: no one will report their end.
-    pub lost: Vec<(JobId, JobEndReason)>,
+    /// Stops the round makes whatever the policy says: jobs holding cards of nodes whose
+    /// agents went silent (no one will report their end), jobs past their deadline before
+    /// they started, jobs whose cost reached their budget.
+    pub stops: Vec<(JobId, JobEndReason)>,
     /// Jobs whose spec the broker holds but this build cannot read (a newer format).
     pub unreadable: Vec<JobId>,
 }
@@ -20,6 +24,15 @@ pub struct Round {
 pub fn round(view: &v1::SchedulingView) -> Round {
     let now = Timestamp::from_millis(view.now_ms);
     let silent: BTreeSet<u64> = view.silent_node_ids.iter().copied().collect();
+    // Each card's lease price, to price running attempts against their budgets.
+    let price: BTreeMap<u64, (i64, i64)> = view
+        .cards
+        .iter()
+        .map(|c| {
+            let period = billing_mode_from_wire(c.billing_mode).map_or(0, BillingMode::period_seconds);
+            (c.card_id, (c.price_per_card.as_ref().map_or(0, |m| m.minor), period))
+        })
+        .collect();
     let mut out = Round::default();
     out.snapshot.cards = view
         .cards
@@ -42,7 +55,10 @@ pub fn round(view: &v1::SchedulingView) -> Round {
             continue;
         };
         let spec = Arc::new(spec);
+        let over_budget = |running_cost: i64| spec.budget_minor.is_some_and(|b| job.cost_minor.saturating_add(running_cost) >= b);
         match job.state.as_str() {
+            "queued" if spec.deadline.is_some_and(|d| now >= d) => out.stops.push((id, JobEndReason::DeadlineMissed)),
+            "queued" if over_budget(0) => out.stops.push((id, JobEndReason::BudgetExhausted)),
             "queued" => out.snapshot.queued.push(QueuedJob {
                 id,
                 owner: AccountId(job.owner_id),
@@ -52,12 +68,15 @@ pub fn round(view: &v1::SchedulingView) -> Round {
             }),
             "placed" | "running" => {
                 let Some(attempt) = job.attempts.last() else { continue };
-                if attempt.node_ids.iter().any(|n| silent.contains(n)) {
-                    let node = attempt.node_ids.iter().copied().find(|n| silent.contains(n)).unwrap_or_default();
-                    out.lost.push((id, JobEndReason::NodeLost(NodeId(node))));
-                }
                 let started = if attempt.started_at_ms > 0 { attempt.started_at_ms } else { attempt.placed_at_ms };
                 let started_at = Timestamp::from_millis(started);
+                let ran_ms = if attempt.started_at_ms > 0 { now.millis_since(started_at) } else { 0 };
+                let priced: Vec<(i64, i64)> = attempt.card_ids.iter().filter_map(|c| price.get(c).copied()).collect();
+                if let Some(node) = attempt.node_ids.iter().copied().find(|n| silent.contains(n)) {
+                    out.stops.push((id, JobEndReason::NodeLost(NodeId(node))));
+                } else if job.stop_requested.is_none() && over_budget(card_time_cost(&priced, ran_ms)) {
+                    out.stops.push((id, JobEndReason::BudgetExhausted));
+                }
                 let running_ms = now.millis_since(started_at) * attempt.card_ids.len() as u64;
                 out.snapshot.running.push(RunningJob {
                     id,

@@ -6,111 +6,19 @@
 //! scheduler is killed; the standby takes over. At the end the charges are recomputed from the
 //! lease records and compared with the ledger and the statement, to the fen.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use suanli_proto::client::Client;
-use suanli_proto::convert::{cluster_class_to_wire, listing_to_wire};
-use suanli_proto::v1::{self, job_service_client::JobServiceClient, supplier_service_client::SupplierServiceClient, AccountKind};
-use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
-use suanli_testkit::fixtures::{self, register};
-use suanli_testkit::{eventually, workspace_binary, Service};
-use suanli_types::ClusterClass;
-use tempfile::TempDir;
+use suanli_proto::v1;
+use suanli_testkit::cluster::PLATFORM_TOKEN;
+use suanli_testkit::fixtures;
+use support::{running_as_root, wait_done, World};
 
-const WAIT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(200);
 const JOBS: usize = 200;
 const CARDS_PER_NODE: u32 = 4;
-
-fn running_as_root() -> bool {
-    std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
-}
-
-struct Agent {
-    _service: Service,
-    node: u64,
-    prefix: String,
-}
-
-async fn start_agent(broker: &BrokerCluster, dir: &Path, supplier_token: &str, n: usize) -> Agent {
-    let channel = suanli_proto::client::channel(&format!("http://{}", broker.address(1).expect("address"))).await.expect("channel");
-    let mut icpcss = SupplierServiceClient::with_interceptor(channel, suanli_proto::client::bearer(Some(supplier_token)).expect("token"));
-    let token = icpcss
-        .create_enrollment_token(v1::CreateEnrollmentTokenRequest { request_id: format!("t{n}"), valid_seconds: 600 })
-        .await
-        .expect("token")
-        .into_inner()
-        .token;
-    let home = dir.join(format!("agent{n}"));
-    let devices = home.join("dev");
-    std::fs::create_dir_all(&devices).expect("dev");
-    for card in 0..CARDS_PER_NODE {
-        let out = std::process::Command::new("mknod").arg(devices.join(format!("nvidia{card}"))).args(["c", "195", &card.to_string()]).output().expect("mknod");
-        assert!(out.status.success(), "mknod: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    // Logins of this run and node only, so two agents on one machine never share a Unix user.
-    let prefix = format!("j{n}{:06x}", std::process::id() & 0xff_ffff);
-    let args: Vec<String> = [
-        "run",
-        "--broker",
-        &broker.agent_endpoint(1).expect("agent port"),
-        "--broker-ca",
-        &broker.agent_ca_cert().display().to_string(),
-        "--state-dir",
-        &home.join("state").display().to_string(),
-        "--enrollment-token",
-        &token,
-        "--hostname",
-        &format!("gpu-{n}"),
-        "--source",
-        "simulated",
-        "--sim-model",
-        "A100 80GB",
-        "--sim-cards",
-        &CARDS_PER_NODE.to_string(),
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--ssh-listen",
-        "127.0.0.1:0",
-        "--home-root",
-        &home.join("homes").display().to_string(),
-        "--login-prefix",
-        &prefix,
-        "--devices-dir",
-        &devices.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let binary = workspace_binary("suanli-agent", "suanli-agent").expect("agent binary");
-    let service = Service::start(&format!("agent{n}"), &binary, &args, &[], &home, WAIT).await.expect("agent starts");
-    let node = service.get("node").expect("node").parse().expect("node id");
-    Agent { _service: service, node, prefix }
-}
-
-async fn scheduler(broker: &BrokerCluster, dir: &Path, name: &str) -> Service {
-    let binary = workspace_binary("suanli-scheduler", "suanli-scheduler").expect("scheduler binary");
-    let args: Vec<String> = [
-        "--broker",
-        &format!("http://{}", broker.address(1).expect("address")),
-        "--token",
-        PLATFORM_TOKEN,
-        "--name",
-        name,
-        "--policy",
-        "las",
-        "--round-ms",
-        "200",
-        "--lease-ttl-ms",
-        "2000",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Service::start(name, &binary, &args, &[], dir, WAIT).await.expect("scheduler starts")
-}
 
 /// One line a job wrote: `<job> <attempt> <node> <user> <devices> <nanos> start|end`.
 #[derive(Debug)]
@@ -175,82 +83,25 @@ async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
         eprintln!("skipped: lease accounts are Unix users, so the agents need root");
         return;
     }
-    let dir = TempDir::new().expect("temp dir");
-    // The jobs run as the leases' Unix accounts: they must be able to reach the records.
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-    let broker = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker").expect("broker"), 1, None).await.expect("broker");
-    let mut platform = broker.client(1, PLATFORM_TOKEN).await.expect("platform");
-    let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
-    let agents = [start_agent(&broker, dir.path(), &supplier_token, 0).await, start_agent(&broker, dir.path(), &supplier_token, 1).await];
-    let mut supplier = broker.client(1, &supplier_token).await.expect("supplier client");
-    let cluster = supplier
-        .publish_cluster(v1::PublishClusterRequest {
-            request_id: "publish".into(),
-            class: cluster_class_to_wire(ClusterClass::B),
-            node_ids: agents.iter().map(|a| a.node).collect(),
-            listing: Some(listing_to_wire(&fixtures::listing(ClusterClass::B))),
-        })
-        .await
-        .expect("publish")
-        .into_inner()
-        .cluster_id;
-    let (researcher_id, researcher_token) = register(&mut platform, AccountKind::Researcher, "researcher").await.expect("researcher");
-    let mut researcher = broker.client(1, &researcher_token).await.expect("researcher client");
-
-    // Two leases of a whole node each; the agents provision them and the broker activates them.
-    let mut leases = Vec::new();
-    for tag in ["a", "b"] {
-        let lease = researcher
-            .request_lease(v1::RequestLeaseRequest {
-                request_id: format!("lease-{tag}"),
-                cluster_id: cluster,
-                node_ids: Vec::new(),
-                cards: CARDS_PER_NODE,
-                billing_mode: v1::BillingMode::Hourly.into(),
-                periods: 1,
-            })
-            .await
-            .expect("lease")
-            .into_inner();
-        leases.push(lease.lease_id);
-    }
-    for lease in &leases {
-        wait_active(&mut researcher, *lease).await;
-    }
-
-    let record = dir.path().join("records");
-    std::fs::create_dir_all(&record).expect("records dir");
-    std::fs::set_permissions(&record, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).expect("chmod");
-    let record = record.join("jobs.log");
-    // Jobs of both leases (two Unix accounts) append to it.
-    std::fs::write(&record, b"").expect("records file");
-    std::fs::set_permissions(&record, std::os::unix::fs::PermissionsExt::from_mode(0o666)).expect("chmod");
-
-    let first = scheduler(&broker, dir.path(), "sched-a").await;
-    let second = scheduler(&broker, dir.path(), "sched-b").await;
-    let channel = suanli_proto::client::channel(&format!("http://{}", broker.address(1).expect("address"))).await.expect("channel");
-    let mut jobs = JobServiceClient::with_interceptor(channel.clone(), suanli_proto::client::bearer(Some(&researcher_token)).expect("token"));
-    let mut ids = Vec::new();
+    let mut w = World::start(2, CARDS_PER_NODE, 2).await;
+    let (cluster, researcher_id, record) = (w.cluster, w.researcher_id, w.record.clone());
+    let mut researcher = w.researcher.clone();
+    let mut jobs = w.jobs(&w.researcher_token).await;
+    let mut platform_jobs = w.jobs(PLATFORM_TOKEN).await;
     for i in 0..JOBS {
-        let job = jobs
-            .submit_job(v1::SubmitJobRequest { request_id: format!("job-{i}"), spec_json: spec(i, &record).to_string() })
-            .await
-            .expect("submit")
-            .into_inner();
-        ids.push(job.job_id);
+        w.submit(&mut jobs, &i.to_string(), &spec(i, &record)).await;
     }
 
     // Kill whichever replica acts once a quarter of the jobs are done; the other takes over.
-    let mut platform_jobs = JobServiceClient::with_interceptor(channel, suanli_proto::client::bearer(Some(PLATFORM_TOKEN)).expect("token"));
-    wait_done(&mut jobs, JOBS / 4).await;
+    wait_done(&mut jobs, JOBS / 4, Duration::from_secs(240)).await;
     let acting = platform_jobs.get_scheduling_view(v1::GetSchedulingViewRequest {}).await.expect("view").into_inner().lease.expect("lease");
-    let (victim, survivor) = if acting.holder == "sched-a" { (first, second) } else { (second, first) };
-    victim.kill().await.expect("kill the acting scheduler");
-    let done = wait_done(&mut jobs, JOBS).await;
+    let victim = if acting.holder == "sched-0" { 0 } else { 1 };
+    w.schedulers[victim].take().expect("replica").kill().await.expect("kill the acting scheduler");
+    let (agents, leases) = (&w.agents, &w.leases);
+    let done = wait_done(&mut jobs, JOBS, Duration::from_secs(240)).await;
     let after = platform_jobs.get_scheduling_view(v1::GetSchedulingViewRequest {}).await.expect("view").into_inner().lease.expect("lease");
     assert_ne!(after.holder, acting.holder, "the standby took over");
     assert!(after.epoch > acting.epoch);
-    drop(survivor);
 
     let unsuccessful: Vec<String> = done
         .iter()
@@ -264,7 +115,7 @@ async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
     assert_eq!(recs.len(), JOBS, "every job ran once: {} records", recs.len());
     let lease_of_node: BTreeMap<u64, (u64, &str)> = {
         let mut m = BTreeMap::new();
-        for lease in &leases {
+        for lease in leases {
             let l = researcher.get_lease(v1::GetLeaseRequest { lease_id: *lease }).await.expect("lease").into_inner();
             assert_eq!(l.researcher_id, researcher_id);
             let cards = researcher.list_cards(v1::ListCardsRequest { cluster_id: cluster }).await.expect("cards").into_inner().cards;
@@ -301,7 +152,7 @@ async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
 
     // Money: end the leases, recompute each charge from the lease record, compare.
     let mut expected_total = 0;
-    for lease in &leases {
+    for lease in leases {
         let l = researcher
             .end_lease(v1::EndLeaseRequest { request_id: format!("end-{lease}"), lease_id: *lease, reason: v1::EndReason::ByResearcher.into() })
             .await
@@ -325,19 +176,8 @@ async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
         assert_eq!(charged as i128, expected, "{lease}: ledger charge vs the lease's own record");
         expected_total += expected as i64;
     }
-    let month = {
-        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
-        let days = secs / 86_400;
-        // Civil date from days since the epoch (the same rule the ledger uses).
-        let (z, era) = (days + 719_468, (days + 719_468).div_euclid(146_097));
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        let y = yoe + era * 400 + i64::from(m <= 2);
-        format!("{y:04}-{m:02}")
-    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let month = suanli_types::Month::containing(suanli_types::Timestamp::from_millis(now)).to_string();
     let statement = researcher
         .get_statement(v1::GetStatementRequest { account_id: 0, month: month.clone(), currency: String::new() })
         .await
@@ -350,30 +190,3 @@ async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
     assert_eq!((balance.available_minor, balance.held_minor), (fixtures::RESEARCHER_FUNDS - expected_total, 0));
 }
 
-async fn wait_active(researcher: &mut Client, lease: u64) {
-    eventually(WAIT, POLL, || {
-        let mut c = researcher.clone();
-        async move {
-            let l = c.get_lease(v1::GetLeaseRequest { lease_id: lease }).await.ok()?.into_inner();
-            (l.state() == v1::LeaseState::Active).then_some(())
-        }
-    })
-    .await
-    .expect("the lease becomes active");
-}
-
-type Jobs = JobServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>>;
-
-/// Waits until at least `n` jobs have ended; returns all jobs then.
-async fn wait_done(jobs: &mut Jobs, n: usize) -> Vec<v1::Job> {
-    eventually(Duration::from_secs(240), POLL, || {
-        let mut c = jobs.clone();
-        async move {
-            let all = c.list_jobs(v1::ListJobsRequest { live_only: false }).await.ok()?.into_inner().jobs;
-            let ended = all.iter().filter(|j| !matches!(j.state.as_str(), "queued" | "placed" | "running")).count();
-            (ended >= n).then_some(all)
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{n} jobs did not end: {e}"))
-}

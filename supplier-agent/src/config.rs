@@ -27,6 +27,12 @@ pub struct AgentArgs {
     /// name their own program).
     #[arg(long, env = "SUANLI_AGENT_JOB_BINARY")]
     pub job_binary: Option<PathBuf>,
+    /// The artifact store jobs' inputs, outputs and checkpoints go through (`http://host:port`).
+    #[arg(long, env = "SUANLI_AGENT_ARTIFACTS_URL")]
+    pub artifacts_url: Option<String>,
+    /// Its bearer token.
+    #[arg(long, env = "SUANLI_AGENT_ARTIFACTS_TOKEN", hide_env_values = true)]
+    pub artifacts_token: Option<String>,
     /// One-time enrollment token from the supplier (only needed until the node is enrolled).
     #[arg(long, env = "SUANLI_AGENT_ENROLLMENT_TOKEN", hide_env_values = true)]
     pub enrollment_token: Option<String>,
@@ -98,6 +104,8 @@ struct FileAgent {
     broker_ca: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     job_binary: Option<PathBuf>,
+    artifacts_url: Option<String>,
+    artifacts_token: Option<String>,
     enrollment_token: Option<String>,
     metrics_listen: Option<SocketAddr>,
     hostname: Option<String>,
@@ -152,6 +160,8 @@ pub struct AgentConfig {
     pub broker_ca: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub job_binary: Option<PathBuf>,
+    /// The artifact store's URL and token, when configured.
+    pub artifacts: Option<(String, String)>,
     pub enrollment_token: Option<String>,
     pub metrics_listen: SocketAddr,
     pub hostname: Option<String>,
@@ -194,6 +204,11 @@ impl AgentConfig {
             broker_ca: args.broker_ca.clone().or(file.broker_ca),
             state_dir: args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/agent")),
             job_binary: args.job_binary.clone().or(file.job_binary),
+            artifacts: match (args.artifacts_url.clone().or(file.artifacts_url), args.artifacts_token.clone().or(file.artifacts_token)) {
+                (Some(url), Some(token)) => Some((url, token)),
+                (None, None) => None,
+                _ => return Err(ConfigError::Invalid("the artifact store needs both its URL and its token".into())),
+            },
             enrollment_token: args.enrollment_token.clone().or(file.enrollment_token),
             metrics_listen: args
                 .metrics_listen

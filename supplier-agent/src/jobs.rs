@@ -8,6 +8,15 @@
 //! runner reports it; a multi-node job's outcome is its rank-0 node's, and any other rank
 //! reports only a failure.
 //!
+//! Data moves through the artifact store: inputs are downloaded into `in/` (verified against
+//! the spec's hashes) before the program starts; the job's latest checkpoint — the file
+//! `$SUANLI_CHECKPOINT_DIR/checkpoint`, which the job replaces atomically (write, rename) —
+//! is uploaded whenever it changes and recorded with the broker, and the next attempt, on any
+//! node, finds it at `$SUANLI_RESUME_FROM`; the outputs the spec names are uploaded from
+//! `out/` when rank 0 succeeds. Files the job wrote are read only if they are regular files
+//! owned by the lease's account (opened without following links), so a job cannot make the
+//! agent read someone else's file.
+//!
 //! A marker file per started attempt (in the agent's state directory) survives an agent
 //! restart: an attempt marked but not running here any more died with the previous agent, and
 //! is reported as `node_lost` (the platform's fault, so it does not count against the job),
@@ -26,6 +35,8 @@ use suanli_types::{JobEndReason, JobRun, JobSpec, NodeId};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
+use suanli_artifacts::ArtifactClient;
+
 use crate::access::gateway::{enter_cgroup, session_env};
 use crate::access::Access;
 use crate::identity::BrokerTls;
@@ -39,18 +50,38 @@ pub struct JobRunner {
     pub state_dir: PathBuf,
     /// `suanli-job`, for built-in CV tasks; `None` where it is not installed.
     pub job_binary: Option<PathBuf>,
+    /// Where job inputs, outputs and checkpoints go; `None`: jobs with inputs cannot start
+    /// and checkpoints stay on the node.
+    pub artifacts: Option<ArtifactClient>,
 }
 
 type Key = (u64, u32);
 
 struct Running {
     kill: Option<oneshot::Sender<()>>,
+    /// Rank 0 uploads checkpoints: where, as whom, and what was last uploaded.
+    checkpoint: Option<Checkpoint>,
+}
+
+struct Checkpoint {
+    file: PathBuf,
+    uid: u32,
+    last: Option<(std::time::SystemTime, u64)>,
+}
+
+/// Where an attempt's files are, for uploading its outputs.
+#[derive(Clone)]
+struct Outputs {
+    dir: PathBuf,
+    names: Vec<String>,
+    uid: u32,
 }
 
 struct Ended {
     key: Key,
     rank: usize,
     reason: JobEndReason,
+    outputs: Option<Outputs>,
 }
 
 impl JobRunner {
@@ -102,6 +133,7 @@ impl JobRunner {
                 }
             };
             self.follow(&mut client, &jobs, &mut running, &ended_tx).await;
+            self.sync_checkpoints(&mut client, &mut running).await;
         }
     }
 
@@ -116,12 +148,23 @@ impl JobRunner {
                 let _ = std::fs::remove_file(&marker);
                 continue;
             }
+            let mut outputs = std::collections::HashMap::new();
+            if let (JobEndReason::Completed, Some(out)) = (&e.reason, &e.outputs) {
+                match self.upload_outputs(out).await {
+                    Ok(uploaded) => outputs = uploaded,
+                    Err(why) => {
+                        tracing::warn!(job, attempt, %why, "could not upload outputs; will retry");
+                        left.push(e);
+                        continue;
+                    }
+                }
+            }
             let request = v1::ReportJobEndedRequest {
                 request_id: format!("job-ended-{job}-{attempt}-{}", self.node.0),
                 job_id: job,
                 attempt,
                 reason: Some(job_end_reason_to_wire(&e.reason)),
-                outputs: Default::default(),
+                outputs,
             };
             match client.report_job_ended(request).await {
                 Ok(_) => {
@@ -141,6 +184,86 @@ impl JobRunner {
             }
         }
         left
+    }
+
+    async fn upload_outputs(&self, out: &Outputs) -> Result<std::collections::HashMap<String, String>, String> {
+        let mut uploaded = std::collections::HashMap::new();
+        if out.names.is_empty() {
+            return Ok(uploaded);
+        }
+        let client = self.artifacts.as_ref().ok_or("no artifact store configured for the job's outputs")?;
+        for name in &out.names {
+            let path = out.dir.join(name);
+            // A declared output the job did not write is simply absent from the record.
+            let Some(staged) = self.stage(&path, out.uid)? else { continue };
+            let digest = client.upload_file(&staged).await.map_err(|e| e.to_string());
+            let _ = std::fs::remove_file(&staged);
+            uploaded.insert(name.clone(), digest?.to_hex());
+        }
+        Ok(uploaded)
+    }
+
+    /// Copies a file the job wrote into the agent's own staging area, if it is a regular file
+    /// of the lease's account (not followed through a link); `Ok(None)` if it does not exist.
+    fn stage(&self, path: &std::path::Path, uid: u32) -> Result<Option<PathBuf>, String> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let mut file = match std::fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let meta = file.metadata().map_err(|e| e.to_string())?;
+        if !meta.is_file() || meta.uid() != uid {
+            return Err(format!("{} is not a regular file of the lease's account", path.display()));
+        }
+        let staging = self.state_dir.join("staging");
+        std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
+        let staged = staging.join(format!("{:016x}", rand::random::<u64>()));
+        let mut copy = std::fs::File::create(&staged).map_err(|e| e.to_string())?;
+        std::io::copy(&mut file, &mut copy).map_err(|e| e.to_string())?;
+        Ok(Some(staged))
+    }
+
+    /// Uploads each running rank-0 attempt's checkpoint that changed since the last upload.
+    async fn sync_checkpoints(&self, client: &mut JobServiceClient<Channel>, running: &mut BTreeMap<Key, Running>) {
+        let Some(store) = &self.artifacts else { return };
+        for ((job, attempt), r) in running.iter_mut() {
+            let Some(cp) = r.checkpoint.as_mut() else { continue };
+            let Ok(meta) = std::fs::symlink_metadata(&cp.file) else { continue };
+            let stamp = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
+            if cp.last == Some(stamp) {
+                continue;
+            }
+            let staged = match self.stage(&cp.file, cp.uid) {
+                Ok(Some(p)) => p,
+                Ok(None) => continue,
+                Err(why) => {
+                    tracing::warn!(job, %why, "checkpoint not uploaded");
+                    cp.last = Some(stamp);
+                    continue;
+                }
+            };
+            let digest = store.upload_file(&staged).await;
+            let _ = std::fs::remove_file(&staged);
+            match digest {
+                Ok(digest) => {
+                    let request = v1::ReportJobCheckpointRequest {
+                        request_id: format!("ckpt-{job}-{attempt}-{}", &digest.to_hex()[..16]),
+                        job_id: *job,
+                        attempt: *attempt,
+                        sha256: digest.to_hex(),
+                    };
+                    match client.report_job_checkpoint(request).await {
+                        Ok(_) => {
+                            tracing::info!(job, attempt, %digest, "checkpoint saved");
+                            cp.last = Some(stamp);
+                        }
+                        Err(status) => tracing::warn!(job, error = %decode_status(&status), "checkpoint not recorded"),
+                    }
+                }
+                Err(e) => tracing::warn!(job, error = %e, "checkpoint upload failed"),
+            }
+        }
     }
 
     fn marker(&self, (job, attempt): Key) -> PathBuf {
@@ -175,8 +298,8 @@ impl JobRunner {
             let marker = self.marker(key);
             if marker.exists() {
                 // Started by an earlier incarnation of this agent, whose process is gone.
-                let _ = ended.send(Ended { key, rank: 0, reason: JobEndReason::NodeLost(self.node) });
-                running.insert(key, Running { kill: None });
+                let _ = ended.send(Ended { key, rank: 0, reason: JobEndReason::NodeLost(self.node), outputs: None });
+                running.insert(key, Running { kill: None, checkpoint: None });
                 continue;
             }
             match self.start(job, attempt, &marker, ended.clone()).await {
@@ -194,8 +317,8 @@ impl JobRunner {
                 Ok(None) => {} // the lease's account is not ready yet: next round
                 Err(why) => {
                     tracing::warn!(job = job.job_id, %why, "could not start job attempt");
-                    let _ = ended.send(Ended { key, rank: 0, reason: JobEndReason::StartFailed(why) });
-                    running.insert(key, Running { kill: None });
+                    let _ = ended.send(Ended { key, rank: 0, reason: JobEndReason::StartFailed(why), outputs: None });
+                    running.insert(key, Running { kill: None, checkpoint: None });
                 }
             }
         }
@@ -242,14 +365,28 @@ impl JobRunner {
                 (binary, vec!["--task".into(), task.clone(), "--params-json".into(), params], BTreeMap::new())
             }
         };
-        if !spec.inputs.is_empty() {
-            return Err("this node has no artifact store configured for the job's inputs".into());
-        }
         let account = &lease.account;
         let dir = account.home.join(".suanli-jobs").join(format!("{}-{}", job.job_id, attempt.number));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        for d in [dir.parent(), Some(dir.as_path())].into_iter().flatten() {
+        let (inputs, outputs, checkpoints) = (dir.join("in"), dir.join("out"), dir.join("checkpoint"));
+        for d in [&inputs, &outputs, &checkpoints] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        for d in [dir.parent(), Some(dir.as_path()), Some(inputs.as_path()), Some(outputs.as_path()), Some(checkpoints.as_path())].into_iter().flatten() {
             chown(d, Some(account.uid), Some(account.gid)).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        // Inputs and the checkpoint to resume from arrive verified before the program starts.
+        let mut fetch: Vec<(String, PathBuf)> = spec.inputs.iter().map(|i| (i.sha256.clone(), inputs.join(&i.name))).collect();
+        let resume = checkpoints.join("resume");
+        if !job.checkpoint_sha256.is_empty() {
+            fetch.push((job.checkpoint_sha256.clone(), resume.clone()));
+        }
+        if !fetch.is_empty() {
+            let store = self.artifacts.as_ref().ok_or("this node has no artifact store configured for the job's data")?;
+            for (sha, path) in &fetch {
+                let digest = sha.parse().map_err(|e: suanli_artifacts::StoreError| e.to_string())?;
+                store.download_to(digest, path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+                chown(path, Some(account.uid), Some(account.gid)).map_err(|e| e.to_string())?;
+            }
         }
         let log = std::fs::File::create(dir.join("job.log")).map_err(|e| format!("job.log: {e}"))?;
         chown(dir.join("job.log"), Some(account.uid), Some(account.gid)).map_err(|e| format!("job.log: {e}"))?;
@@ -262,8 +399,13 @@ impl JobRunner {
             ("SUANLI_JOB_RANK".to_owned(), rank.to_string()),
             ("SUANLI_JOB_NODES".to_owned(), nodes.len().to_string()),
             ("SUANLI_NODE_ID".to_owned(), self.node.0.to_string()),
-            ("SUANLI_CHECKPOINT".to_owned(), job.checkpoint_sha256.clone()),
+            ("SUANLI_INPUT_DIR".to_owned(), inputs.display().to_string()),
+            ("SUANLI_OUTPUT_DIR".to_owned(), outputs.display().to_string()),
+            ("SUANLI_CHECKPOINT_DIR".to_owned(), checkpoints.display().to_string()),
         ]);
+        if !job.checkpoint_sha256.is_empty() {
+            extra.push(("SUANLI_RESUME_FROM".to_owned(), resume.display().to_string()));
+        }
         let mut env = session_env(&lease, &extra);
         env.retain(|(k, _)| k != "CUDA_VISIBLE_DEVICES");
         env.push(("CUDA_VISIBLE_DEVICES".to_owned(), devices.join(",")));
@@ -289,6 +431,8 @@ impl JobRunner {
         tracing::info!(job = job.job_id, attempt = attempt.number, devices = %devices.join(","), "job attempt started");
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let key = (job.job_id, attempt.number);
+        let out = Outputs { dir: outputs, names: spec.outputs.clone(), uid: account.uid };
+        let checkpoint = (rank == 0).then(|| Checkpoint { file: checkpoints.join("checkpoint"), uid: account.uid, last: None });
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
@@ -305,8 +449,8 @@ impl JobRunner {
                 }
                 Err(e) => JobEndReason::StartFailed(e.to_string()),
             };
-            let _ = ended.send(Ended { key, rank, reason });
+            let _ = ended.send(Ended { key, rank, reason, outputs: Some(out) });
         });
-        Ok(Some(Running { kill: Some(kill_tx) }))
+        Ok(Some(Running { kill: Some(kill_tx), checkpoint }))
     }
 }

@@ -113,6 +113,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             node: suanli_types::NodeId(identity.node_id()),
             state_dir: config.state_dir.clone(),
             job_binary: config.job_binary.clone(),
+            artifacts: config.artifacts.as_ref().map(|(url, token)| suanli_artifacts::ArtifactClient::new(url, token)),
         };
         tokio::spawn(runner.run(JOB_CHECK_EVERY));
     }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use suanli_proto::convert::{
-    billing_mode_to_wire, job_end_reason_from_wire, job_end_reason_to_wire, money_from_wire, money_to_wire, transaction_to_wire,
+    billing_mode_to_wire, job_end_reason_from_wire, lease_state_to_wire, job_end_reason_to_wire, money_from_wire, money_to_wire, transaction_to_wire,
 };
 use suanli_proto::to_status;
 use suanli_proto::v1::{self, job_service_server::JobService};
@@ -248,6 +248,17 @@ impl JobService for Jobs {
             .await
     }
 
+    async fn auto_lease(&self, request: Request<v1::AutoLeaseRequest>) -> Result<Response<v1::Lease>, Status> {
+        self.shared
+            .observe("AutoLease", async {
+                let caller = self.shared.caller(&request)?;
+                let req = request.into_inner();
+                let command = Command::AutoLease { epoch: req.epoch, job: required_job(req.job_id)? };
+                super::broker_api::lease_reply(self.shared.propose(caller, &req.request_id, command).await?)
+            })
+            .await
+    }
+
     async fn list_node_jobs(
         &self,
         request: Request<v1::ListNodeJobsRequest>,
@@ -328,8 +339,22 @@ pub fn scheduling_view(s: &State) -> v1::SchedulingView {
     }
     let silent: std::collections::BTreeSet<u64> =
         s.cards().filter(|c| c.health == CardHealth::AgentSilent).map(|c| c.node.0).collect();
+    let auto_leases = s
+        .leases()
+        .filter(|l| l.state.is_live())
+        .filter_map(|l| {
+            let job = l.auto_for?;
+            Some(v1::AutoLeaseState {
+                lease_id: l.id.0,
+                job_id: job.0,
+                state: lease_state_to_wire(l.state),
+                idle: !l.cards.iter().any(|c| s.card_jobs().contains_key(c)),
+            })
+        })
+        .collect();
     let lease = s.scheduler_lease();
     v1::SchedulingView {
+        auto_leases,
         cards,
         live_jobs: s.live_jobs().map(|j| job_to_wire(s, j)).collect(),
         lease: Some(v1::SchedulerLease { holder: lease.holder.clone(), epoch: lease.epoch, expires_at_ms: lease.expires_at.millis() }),

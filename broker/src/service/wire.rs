@@ -106,6 +106,7 @@ pub fn lease(l: &Lease) -> v1::Lease {
         paid_until_ms: l.paid_until.map_or(0, |t| t.millis()),
         ended_at_ms: l.ended_at.map_or(0, |t| t.millis()),
         end_reason: l.end_reason.map_or(0, end_reason_to_wire),
+        auto_for_job_id: l.auto_for.map_or(0, |j| j.0),
         auth_code_attempts_left: l.auth_code.as_ref().map_or(0, |a| a.attempts_left),
     }
 }

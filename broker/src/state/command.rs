@@ -87,6 +87,9 @@ pub enum Command {
     JobEnded { job: JobId, attempt: u32, reason: JobEndReason, outputs: BTreeMap<String, String> },
     /// The running attempt uploaded a checkpoint; the next attempt resumes from it.
     JobCheckpoint { job: JobId, attempt: u32, sha256: String },
+    /// The acting scheduler leases cards for a queued job that opted in: the cheapest Class B
+    /// cards the job accepts, in its region, one period within its budget, as its owner.
+    AutoLease { epoch: u64, job: JobId },
 
     // ---- money -----------------------------------------------------------------------------
     /// Platform only: money paid in for a researcher (the payment service confirmed it).
@@ -154,6 +157,7 @@ impl Command {
             Command::JobStarted { .. } => "job_started",
             Command::JobEnded { .. } => "job_ended",
             Command::JobCheckpoint { .. } => "job_checkpoint",
+            Command::AutoLease { .. } => "auto_lease",
             Command::Deposit { .. } => "deposit",
             Command::GrantCredit { .. } => "grant_credit",
             Command::SettleLeases { .. } => "settle_leases",

@@ -304,7 +304,7 @@ impl State {
             }
             Command::RequestLease { cluster, unit, billing_mode, periods } => {
                 let researcher = self.account_of_kind(caller, AccountKind::Researcher)?;
-                self.request_lease(researcher, *cluster, unit, *billing_mode, *periods, at, events)
+                self.request_lease(researcher, *cluster, unit, *billing_mode, *periods, None, at, events)
             }
             Command::ApproveLease { lease, code_hash, code_expires_at } => {
                 let l = self.lease_of_supplier(caller, *lease)?;
@@ -425,6 +425,8 @@ impl State {
                     (Caller::Account(id), EndReason::ByResearcher) => *id == l.researcher,
                     (Caller::Account(id), EndReason::BySupplier(_)) => *id == l.supplier,
                     (Caller::Operator(role), EndReason::ByOperator) => role.may_intervene(),
+                    // The scheduler releases what it leased for a job, on the researcher's behalf.
+                    (Caller::Platform, EndReason::ByResearcher) => l.auto_for.is_some(),
                     _ => false,
                 };
                 if !allowed {
@@ -454,6 +456,7 @@ impl State {
             Command::JobStarted { job, attempt } => self.job_started(caller, *job, *attempt, at, events),
             Command::JobEnded { job, attempt, reason, outputs } => self.job_ended(caller, *job, *attempt, reason, outputs, at, events),
             Command::JobCheckpoint { job, attempt, sha256 } => self.job_checkpoint(caller, *job, *attempt, sha256),
+            Command::AutoLease { epoch, job } => self.auto_lease(caller, *epoch, *job, at, events),
             Command::Deposit { account, amount } => self.deposit(caller, *account, amount, at, events),
             Command::GrantCredit { account, limit } => self.grant_credit(caller, *account, limit),
             Command::SettleLeases { leases } => self.settle_leases(caller, leases, at, events),
@@ -482,6 +485,7 @@ impl State {
         unit: &LeaseUnit,
         billing_mode: suanli_types::BillingMode,
         periods: u32,
+        auto: Option<(JobId, Vec<CardId>)>,
         at: Timestamp,
         events: &mut Vec<Event>,
     ) -> Outcome {
@@ -500,7 +504,10 @@ impl State {
             ));
         }
         let price = cluster.listing.prices.price(billing_mode)?;
-        let cards = self.pick_cards(cluster, unit)?;
+        let (auto_for, cards) = match auto {
+            Some((job, cards)) => (Some(job), cards),
+            None => (None, self.pick_cards(cluster, unit)?),
+        };
         let count = cards.len() as u32;
         let amount = cluster.listing.prices.quote(billing_mode, count, periods)?;
         let (class, supplier, currency) = (cluster.class, cluster.supplier, cluster.listing.prices.currency.clone());
@@ -533,6 +540,7 @@ impl State {
             ended_at: None,
             end_reason: None,
             provisioned: BTreeSet::new(),
+            auto_for,
         };
         for card_id in &cards {
             self.set_card(*card_id, CardStatus::Reserved, Some(id), events);

@@ -111,6 +111,9 @@ pub struct Lease {
     pub end_reason: Option<EndReason>,
     /// Class B: the nodes whose agents have confirmed provisioning so far.
     pub provisioned: std::collections::BTreeSet<NodeId>,
+    /// Leased by the scheduler for this job (the researcher opted in with `auto_lease`); the
+    /// scheduler may end it once it is idle.
+    pub auto_for: Option<JobId>,
 }
 
 /// One try at running a job: where it was placed and how it ended.

@@ -940,3 +940,53 @@ fn the_leader_lease_fences_a_second_scheduler_until_it_expires() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn auto_lease_takes_the_cheapest_class_b_cards_within_budget_and_region() {
+    let mut m = market();
+    // A second Class B cluster, cheaper, in another region.
+    let nodes = vec![m.w.node(m.supplier, 2)];
+    let mut cheap = listing(ClusterClass::B);
+    cheap.region = "Shanghai".into();
+    cheap.prices.per_card.insert(BillingMode::Hourly, fixtures::HOURLY_PRICE / 2);
+    let shanghai = match m.w.ok(Caller::Account(m.supplier), Command::PublishCluster { class: ClusterClass::B, nodes, listing: cheap }) {
+        Response::Cluster(c) => c.id,
+        other => panic!("{other:?}"),
+    };
+    let me = m.researcher;
+    let auto_job = |m: &mut Market, region: Option<&str>, budget: i64| {
+        let mut s = spec(2);
+        s.budget_minor = Some(budget);
+        s.auto_lease = Some(suanli_types::AutoLease { region: region.map(str::to_owned), billing_mode: BillingMode::Hourly });
+        match m.w.ok(Caller::Account(me), Command::SubmitJob { spec: s }) {
+            Response::Job(j) => j.id,
+            other => panic!("{other:?}"),
+        }
+    };
+    let e = epoch(&mut m);
+    // Anywhere: the cheaper Shanghai cluster.
+    let anywhere = auto_job(&mut m, None, 10_000);
+    let l = m.w.lease(Caller::Platform, Command::AutoLease { epoch: e, job: anywhere });
+    assert_eq!((l.cluster, l.researcher, l.auto_for, l.cards.len()), (shanghai, me, Some(anywhere), 2));
+    // One auto lease per job.
+    let again = m.w.run(Caller::Platform, Command::AutoLease { epoch: e, job: anywhere });
+    assert_eq!(code(again), ErrorCode::AlreadyExists);
+    // In Beijing only: the Beijing Class B cluster, though dearer.
+    let beijing = auto_job(&mut m, Some("beijing"), 10_000);
+    let l = m.w.lease(Caller::Platform, Command::AutoLease { epoch: e, job: beijing });
+    assert_eq!(l.cluster, m.class_b);
+    // A budget below one period of two cards anywhere buys nothing, and changes nothing.
+    let poor = auto_job(&mut m, None, fixtures::HOURLY_PRICE - 1);
+    let before = m.w.state.market();
+    assert_eq!(code(m.w.run(Caller::Platform, Command::AutoLease { epoch: e, job: poor })), ErrorCode::PlacementRefused);
+    assert_eq!(m.w.state.market(), before);
+    // A job that did not opt in is not leased for; nor by anyone but the acting scheduler.
+    let plain = submit(&mut m, me, 1);
+    assert_eq!(code(m.w.run(Caller::Platform, Command::AutoLease { epoch: e, job: plain })), ErrorCode::InvalidArgument);
+    assert_eq!(code(m.w.run(Caller::Account(me), Command::AutoLease { epoch: e, job: poor })), ErrorCode::PermissionDenied);
+    // The platform may end what it leased for a job, and nothing else.
+    let mine = m.w.lease(Caller::Account(me), request_b(m.class_b, 1));
+    assert_eq!(code(m.w.run(Caller::Platform, Command::EndLease { lease: mine.id, reason: EndReason::ByResearcher })), ErrorCode::PermissionDenied);
+    m.w.lease(Caller::Platform, Command::EndLease { lease: l.id, reason: EndReason::ByResearcher });
+    m.w.state.check_invariants().expect("invariants");
+}

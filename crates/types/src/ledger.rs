@@ -134,6 +134,21 @@ impl Month {
         (y.len() == 4 && m.len() == 2 && (1..=12).contains(&month) && (1970..=9999).contains(&year)).then_some(Month { year, month })
     }
 
+    /// The UTC month `at` falls in.
+    pub fn containing(at: Timestamp) -> Month {
+        let days = at.millis().div_euclid(86_400_000);
+        // Howard Hinnant's civil_from_days.
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        Month { year: year as i32, month: month as u32 }
+    }
+
     /// `[start, end)` in milliseconds since the epoch, UTC.
     pub fn bounds(self) -> (Timestamp, Timestamp) {
         let next = if self.month == 12 { Month { year: self.year + 1, month: 1 } } else { Month { year: self.year, month: self.month + 1 } };
@@ -171,5 +186,11 @@ mod tests {
         assert_eq!((e.millis() - s.millis()) / 86_400_000, 29);
         assert!(Month::parse("2026-13").is_none());
         assert!(Month::parse("26-1").is_none());
+        for m in ["1970-01", "2024-02", "2026-12", "2027-01", "2100-03"] {
+            let month = Month::parse(m).unwrap();
+            let (start, end) = month.bounds();
+            assert_eq!(Month::containing(start), month);
+            assert_eq!(Month::containing(Timestamp::from_millis(end.millis() - 1)), month);
+        }
     }
 }

@@ -171,6 +171,22 @@ impl PriceList {
     }
 }
 
+/// A common denominator of every billing period in milliseconds (hour, day, 30 days,
+/// 365 days): lets the cost of time on cards of differently priced leases be one exact
+/// fraction, rounded once.
+const PERIOD_LCM_MS: i128 = 86_400_000 * 2_190;
+
+/// The cost of `ms` milliseconds on each of the given cards, each given as (price per card
+/// per period, period seconds): exact, rounded once, half up. A job's attempt is priced so.
+pub fn card_time_cost(cards: &[(i64, i64)], ms: u64) -> i64 {
+    let numerator: i128 = cards
+        .iter()
+        .filter(|(_, period_s)| *period_s > 0 && PERIOD_LCM_MS % (*period_s as i128 * 1000) == 0)
+        .map(|&(price, period_s)| price.max(0) as i128 * ms as i128 * (PERIOD_LCM_MS / (period_s as i128 * 1000)))
+        .sum();
+    i64::try_from(round_half_up(numerator, PERIOD_LCM_MS)).unwrap_or(i64::MAX)
+}
+
 /// `numerator / denominator` rounded half up, for a non-negative numerator and positive
 /// denominator.
 pub fn round_half_up(numerator: i128, denominator: i128) -> i128 {
@@ -207,6 +223,16 @@ mod tests {
             4_250_000
         );
         assert_eq!(prices.nano_minor_per_card_second(BillingMode::Monthly).unwrap(), 204_957_561);
+    }
+
+    #[test]
+    fn card_time_is_priced_over_one_denominator() {
+        // Half an hour on two hourly cards at 6.00 CNY: 6.00 CNY.
+        assert_eq!(card_time_cost(&[(600, 3_600), (600, 3_600)], 1_800_000), 600);
+        // A monthly card and an hourly card together, rounded once.
+        let month = BillingMode::Monthly.period_seconds();
+        let exact = 531_250.0 * 1_000.0 / (month as f64 * 1000.0) + 600.0 * 1_000.0 / 3_600_000.0;
+        assert_eq!(card_time_cost(&[(531_250, month), (600, 3_600)], 1_000), exact.round() as i64);
     }
 
     #[test]

@@ -335,6 +335,40 @@ pub async fn leases_page(State(state): State<AppState>, headers: HeaderMap, Orig
     page(&ctx, title, body)
 }
 
+/// A researcher's jobs and what each cost; a form to submit a spec (JSON).
+pub async fn jobs_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal) -> Response {
+    let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
+    let Some(v) = ctx.viewer.clone() else { return error_page(&ctx, ApiError::unauthenticated()) };
+    if v.kind != UserKind::Researcher {
+        return error_page(&ctx, ApiError::forbidden("jobs belong to researchers"));
+    }
+    let jobs = match crate::api::jobs::jobs_of(&state, &v, false).await {
+        Ok(j) => j,
+        Err(e) => return error_page(&ctx, e),
+    };
+    let example = r#"{"name": "resnet18", "kind": "training", "resources": {"cards": 1}, "run": {"command": {"program": "/usr/bin/python3", "args": ["train.py"]}}, "preemptible": true}"#;
+    let body = html! {
+        table.jobs {
+            thead { tr { th { (ctx.t(Msg::Job)) } th { (ctx.t(Msg::Title)) } th { (ctx.t(Msg::Kind)) } th { (ctx.t(Msg::State)) } th { (ctx.t(Msg::Attempts)) } th { (ctx.t(Msg::CardSeconds)) } th { (ctx.t(Msg::Cost)) } } }
+            tbody {
+                @for j in &jobs {
+                    tr data-job=(j.job_id) {
+                        td { "job-" (j.job_id) } td { (j.name) } td { (j.kind) }
+                        td.state data-state=(j.state) { (j.state) @if let Some(r) = &j.end_reason { " (" (r) ")" } }
+                        td { (j.attempts.len()) } td { (j.card_seconds) } td { (money("CNY", j.cost_minor, ctx.lang)) }
+                    }
+                }
+            }
+        }
+        h2 { (ctx.t(Msg::SubmitJob)) }
+        (api_form("/api/v1/jobs", "POST", Some("/jobs"), None, ctx.t(Msg::SubmitJob), html! {
+            label { "spec (JSON)" textarea name="spec" rows="6" cols="80" required { (example) } }
+            p.problem data-for="spec" {}
+        }))
+    };
+    page(&ctx, ctx.t(Msg::Jobs), body)
+}
+
 pub async fn lease_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal, ApiPath(id): ApiPath<u64>) -> Response {
     let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
     let Some(v) = ctx.viewer.clone() else { return error_page(&ctx, ApiError::unauthenticated()) };

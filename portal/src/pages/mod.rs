@@ -65,7 +65,7 @@ pub fn page(ctx: &Ctx, title: &str, body: Markup) -> Response {
                         a href="/" { (t(Msg::Catalogue)) }
                         @if let Some(v) = &ctx.viewer {
                             @match v.kind {
-                                UserKind::Researcher => { a href="/leases" { (t(Msg::MyLeases)) } }
+                                UserKind::Researcher => { a href="/leases" { (t(Msg::MyLeases)) } a href="/jobs" { (t(Msg::Jobs)) } }
                                 UserKind::Supplier => { a href="/supplier" { (t(Msg::Supplier)) } a href="/leases" { (t(Msg::LeaseRequests)) } }
                                 UserKind::Operator => { a href="/operator" { (t(Msg::Operations)) } }
                             }

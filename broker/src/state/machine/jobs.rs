@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use suanli_types::error::EntityKind;
 use suanli_types::job::limits;
 use suanli_types::{
-    AccountId, AccountKind, CardHealth, CardId, Caller, DomainError, JobEndReason, JobId, JobSpec, JobState,
+    AccountId, AccountKind, CardHealth, CardId, Caller, ClusterId, DomainError, JobEndReason, JobId, JobSpec, JobState,
     LeaseState, NodeId, Timestamp,
 };
 
@@ -218,6 +218,11 @@ impl State {
         for (id, reason) in stops {
             let result = match self.jobs.get(id).map(|j| j.state) {
                 None => Err(DomainError::not_found(EntityKind::Job, id)),
+                Some(JobState::Placed) if matches!(reason, JobEndReason::BudgetExhausted | JobEndReason::DeadlineMissed) => {
+                    self.end_attempt(*id, reason.clone(), at);
+                    self.finish_job(*id, JobState::Failed, reason.clone(), at, events);
+                    Ok(())
+                }
                 Some(JobState::Placed) => {
                     self.requeue_or_fail(*id, reason.clone(), at, events);
                     Ok(())
@@ -228,6 +233,14 @@ impl State {
                 }
                 Some(JobState::Running) => {
                     self.request_stop(*id, reason.clone(), events);
+                    Ok(())
+                }
+                // A queued job the scheduler gives up on: past its deadline, over its budget,
+                // or asking for cards no lease of its owner has.
+                Some(JobState::Queued)
+                    if matches!(reason, JobEndReason::DeadlineMissed | JobEndReason::BudgetExhausted | JobEndReason::Unplaceable(_)) =>
+                {
+                    self.finish_job(*id, JobState::Failed, reason.clone(), at, events);
                     Ok(())
                 }
                 Some(state) => Err(job_transition(*id, state, "stop")),
@@ -365,7 +378,7 @@ impl State {
             .filter_map(|l| self.leases.get(l))
             .map(|l| (l.price_per_card.minor, l.billing_mode.period_seconds()))
             .collect();
-        let cost = super::ledger::card_time_cost(&priced, ran_ms);
+        let cost = suanli_types::money::card_time_cost(&priced, ran_ms);
         for card in attempt.cards.clone() {
             if let Some(holders) = self.card_jobs.get_mut(&card) {
                 holders.remove(&id);
@@ -420,6 +433,69 @@ impl State {
                 _ => {}
             }
         }
+    }
+
+    /// Leases cards for a queued job that opted in (Class B only: Class A needs a supplier's
+    /// approval). Among listed Class B clusters in the job's region with enough idle cards the
+    /// job accepts (on one node if it wants one), the cheapest per card for the job's billing
+    /// mode whose one period for the job's cards fits the budget left; ties by cluster ID.
+    pub(super) fn auto_lease(&mut self, caller: &Caller, epoch: u64, id: JobId, at: Timestamp, events: &mut Vec<Event>) -> Outcome {
+        self.check_epoch(caller, epoch, at)?;
+        let job = self.jobs.get(&id).ok_or(DomainError::not_found(EntityKind::Job, id))?;
+        if job.state != JobState::Queued {
+            return Err(job_transition(id, job.state, "auto-lease for"));
+        }
+        let Some(auto) = job.spec.auto_lease.clone() else {
+            return Err(DomainError::invalid("job", format!("{id} did not opt in to auto_lease")));
+        };
+        if self.live_leases.keys().filter_map(|l| self.leases.get(l)).any(|l| l.auto_for == Some(id)) {
+            return Err(DomainError::AlreadyExists { kind: EntityKind::Lease, id: format!("auto lease of {id}") });
+        }
+        let (owner, spec) = (job.owner, job.spec.clone());
+        let need = spec.resources.cards as usize;
+        let budget_left = spec.budget_minor.unwrap_or(0).saturating_sub(job.cost_minor);
+        let mut best: Option<(i64, ClusterId, Vec<CardId>)> = None;
+        for cluster in self.clusters.values() {
+            let listed = cluster.state == suanli_types::ClusterState::Listed && cluster.class == suanli_types::ClusterClass::B;
+            let in_region = auto.region.as_ref().is_none_or(|r| cluster.listing.region.eq_ignore_ascii_case(r.trim()));
+            let Ok(price) = cluster.listing.prices.price(auto.billing_mode) else { continue };
+            if !listed || !in_region || price.saturating_mul(need as i64) > budget_left {
+                continue;
+            }
+            if best.as_ref().is_some_and(|(p, c, _)| (*p, *c) <= (price, cluster.id)) {
+                continue;
+            }
+            let idle_by_node: Vec<Vec<CardId>> = cluster
+                .nodes
+                .iter()
+                .filter_map(|n| self.nodes.get(n))
+                .map(|n| {
+                    n.cards
+                        .iter()
+                        .copied()
+                        .filter(|c| self.is_idle(*c) && self.cards.get(c).is_some_and(|c| spec.accepts_card(&c.spec.model, c.spec.vram_mib)))
+                        .collect()
+                })
+                .collect();
+            // The node that fits most tightly, else (when the job may span nodes) the fullest first.
+            let cards = match idle_by_node.iter().filter(|idle| idle.len() >= need).min_by_key(|idle| idle.len()) {
+                Some(idle) => idle[..need].to_vec(),
+                None if !spec.resources.single_node => {
+                    let mut nodes = idle_by_node.clone();
+                    nodes.sort_by_key(|idle| std::cmp::Reverse(idle.len()));
+                    nodes.into_iter().flatten().take(need).collect()
+                }
+                None => continue,
+            };
+            if cards.len() == need {
+                best = Some((price, cluster.id, cards));
+            }
+        }
+        let Some((_, cluster, cards)) = best else {
+            return Err(DomainError::PlacementRefused(format!("no Class B cluster offers {need} cards {id} accepts within its budget and region")));
+        };
+        let unit = suanli_types::LeaseUnit::Cards(need as u32);
+        self.request_lease(owner, cluster, &unit, auto.billing_mode, 1, Some((id, cards)), at, events)
     }
 
     // ---- reads -------------------------------------------------------------------------------

@@ -32,21 +32,6 @@ pub const MAX_SETTLEMENTS_PER_COMMAND: usize = 10_000;
 /// A supplier's reliability score is the mean of its last this many evaluations.
 pub const RELIABILITY_WINDOW: usize = 50;
 
-/// A common denominator of every billing period in milliseconds (hour, day, 30 days,
-/// 365 days): lets a job's cost over cards of differently priced leases be one exact fraction,
-/// rounded once.
-const PERIOD_LCM_MS: i128 = 86_400_000 * 2_190;
-
-/// The cost of `ms` milliseconds on each of the given cards, each given as (price per card
-/// per period, period seconds): exact, rounded once, half up.
-pub fn card_time_cost(cards: &[(i64, i64)], ms: u64) -> i64 {
-    let numerator: i128 = cards
-        .iter()
-        .map(|&(price, period_s)| price as i128 * ms as i128 * (PERIOD_LCM_MS / (period_s as i128 * 1000)))
-        .sum();
-    i64::try_from(round_half_up(numerator, PERIOD_LCM_MS)).unwrap_or(i64::MAX)
-}
-
 impl State {
     pub(super) fn deposit(&mut self, caller: &Caller, account: AccountId, amount: &Money, at: Timestamp, events: &mut Vec<Event>) -> Outcome {
         require(matches!(caller, Caller::Platform), "only the platform's payment service records deposits")?;

@@ -1,0 +1,101 @@
+//! The client agents and tools use: uploads name the hash they computed (the server checks
+//! it), downloads are hashed as they arrive and only moved into place when they match.
+
+use std::path::Path;
+
+use futures::StreamExt;
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::server::Stored;
+use crate::store::Digest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("artifact store unreachable: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("artifact store answered {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("{0}: the download hashes to {1}")]
+    ChecksumMismatch(Digest, Digest),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Clone)]
+pub struct ArtifactClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl ArtifactClient {
+    /// `base` is the server's root URL (`http://host:port`).
+    pub fn new(base: &str, token: &str) -> ArtifactClient {
+        ArtifactClient { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), http: reqwest::Client::new() }
+    }
+
+    /// Hashes the file, then streams it up; the server refuses it if what arrived differs.
+    pub async fn upload_file(&self, path: &Path) -> Result<Digest, ClientError> {
+        let digest = hash_file(path).await?;
+        let file = tokio::fs::File::open(path).await?;
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+        let response = self
+            .http
+            .put(format!("{}/v1/artifacts?sha256={digest}", self.base))
+            .bearer_auth(&self.token)
+            .body(body)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            return Err(ClientError::Refused { status: response.status().as_u16(), body: response.text().await.unwrap_or_default() });
+        }
+        let stored: Stored = response.json().await?;
+        if stored.sha256 != digest.to_hex() {
+            return Err(ClientError::Refused { status: 200, body: format!("stored as {}", stored.sha256) });
+        }
+        Ok(digest)
+    }
+
+    /// Streams the artifact to `dest`, verifying it; `dest` appears only if the bytes match.
+    pub async fn download_to(&self, digest: Digest, dest: &Path) -> Result<u64, ClientError> {
+        let response = self.http.get(format!("{}/v1/artifacts/{digest}", self.base)).bearer_auth(&self.token).send().await?;
+        if !response.status().is_success() {
+            return Err(ClientError::Refused { status: response.status().as_u16(), body: response.text().await.unwrap_or_default() });
+        }
+        let partial = dest.with_extension("partial");
+        let mut file = tokio::fs::File::create(&partial).await?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            file.write_all(&chunk).await?;
+        }
+        file.sync_all().await?;
+        let actual = Digest(hasher.finalize().into());
+        if actual != digest {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(ClientError::ChecksumMismatch(digest, actual));
+        }
+        tokio::fs::rename(&partial, dest).await?;
+        Ok(size)
+    }
+}
+
+pub async fn hash_file(path: &Path) -> Result<Digest, std::io::Error> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(Digest(hasher.finalize().into()))
+}

@@ -1,0 +1,52 @@
+//! The artifact store: job inputs, outputs and checkpoints, addressed by the SHA-256 of their
+//! bytes, so the same dataset is stored once and every download can be verified.
+//!
+//! - [`store`]: the backend trait and the local-directory backend (the embedded default).
+//!   A write is acknowledged only after the bytes are on disk (`fsync`, then an atomic rename
+//!   into place), so an acknowledged artifact is never lost to a crash.
+//! - [`server`]: HTTP with bearer authentication — `PUT /v1/artifacts[?sha256=…]` (the server
+//!   hashes what arrives and refuses a mismatch with the caller's hash), `GET`/`HEAD
+//!   /v1/artifacts/{sha256}` with single `Range: bytes=…` requests (206, 416).
+//! - [`client`]: streams uploads and downloads, hashing both ways.
+//!
+//! Errors on the wire are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
+
+pub mod client;
+pub mod server;
+pub mod store;
+
+pub use client::{ArtifactClient, ClientError};
+pub use store::{Digest, LocalStore, Store, StoreError};
+
+/// Stable error codes of the HTTP API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// 401: no or wrong bearer token.
+    Unauthenticated,
+    /// 404: no artifact with that hash.
+    NotFound,
+    /// 400: the path is not a lower-case hex SHA-256.
+    InvalidDigest,
+    /// 422: the bytes that arrived do not hash to the `sha256` the caller named.
+    ChecksumMismatch,
+    /// 416: the range is not within the artifact.
+    RangeNotSatisfiable,
+    /// 413: larger than the store accepts.
+    TooLarge,
+    /// 500: the store could not read or write.
+    Storage,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::InvalidDigest => "INVALID_DIGEST",
+            ErrorCode::ChecksumMismatch => "CHECKSUM_MISMATCH",
+            ErrorCode::RangeNotSatisfiable => "RANGE_NOT_SATISFIABLE",
+            ErrorCode::TooLarge => "TOO_LARGE",
+            ErrorCode::Storage => "STORAGE",
+        }
+    }
+}

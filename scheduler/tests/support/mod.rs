@@ -1,0 +1,269 @@
+//! The scheduler tests' world: a broker, scheduler replicas (the first also serves the
+//! artifact store), agents with simulated GPUs enrolled by one supplier and published as one
+//! Class B cluster, and a funded researcher holding one active lease per node.
+#![allow(dead_code)] // each test takes what it needs
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use suanli_proto::client::{Bearer, Client};
+use suanli_proto::convert::{cluster_class_to_wire, listing_to_wire};
+use suanli_proto::v1::{self, job_service_client::JobServiceClient, supplier_service_client::SupplierServiceClient, AccountKind};
+use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
+use suanli_testkit::fixtures::{self, register};
+use suanli_testkit::{eventually, workspace_binary, Service};
+use suanli_types::ClusterClass;
+use tempfile::TempDir;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const WAIT: Duration = Duration::from_secs(60);
+pub const POLL: Duration = Duration::from_millis(200);
+pub const ARTIFACT_TOKEN: &str = "artifact-token-of-the-tests";
+
+pub type Jobs = JobServiceClient<InterceptedService<Channel, Bearer>>;
+
+pub fn running_as_root() -> bool {
+    std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+pub struct Agent {
+    pub service: Service,
+    pub node: u64,
+    pub prefix: String,
+}
+
+pub struct World {
+    pub supplier: Client,
+    pub dir: TempDir,
+    pub broker: BrokerCluster,
+    pub schedulers: Vec<Option<Service>>,
+    pub artifacts: String,
+    pub agents: Vec<Agent>,
+    pub cluster: u64,
+    pub researcher_id: u64,
+    pub researcher_token: String,
+    pub researcher: Client,
+    pub leases: Vec<u64>,
+    /// A file every lease's account may append to, outside the system.
+    pub record: PathBuf,
+}
+
+impl World {
+    /// `nodes` agents of `cards` cards each published as one cluster, `replicas` schedulers,
+    /// one active lease per node.
+    pub async fn start(nodes: usize, cards: u32, replicas: usize) -> World {
+        let mut w = World::bare(nodes, cards, replicas).await;
+        let all: Vec<usize> = (0..nodes).collect();
+        w.cluster = w.publish(&all, fixtures::HOURLY_PRICE, "all").await;
+        for n in 0..nodes {
+            let lease = w.lease(w.cluster, cards, &n.to_string()).await;
+            w.leases.push(lease);
+        }
+        w
+    }
+
+    /// The processes and a funded researcher; nothing published or leased yet.
+    pub async fn bare(nodes: usize, cards: u32, replicas: usize) -> World {
+        let dir = TempDir::new().expect("temp dir");
+        // The jobs run as the leases' Unix accounts: they must be able to reach the records.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let broker = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker").expect("broker"), 1, None).await.expect("broker");
+        let mut schedulers = Vec::new();
+        for i in 0..replicas {
+            schedulers.push(Some(scheduler(&broker, dir.path(), &format!("sched-{i}"), i == 0).await));
+        }
+        let artifacts = format!("http://{}", schedulers[0].as_ref().expect("first").get("artifacts").expect("artifacts address"));
+        let mut platform = broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+        let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
+        let mut agents = Vec::new();
+        for n in 0..nodes {
+            agents.push(start_agent(&broker, dir.path(), &supplier_token, n, cards, &artifacts).await);
+        }
+        let supplier = broker.client(1, &supplier_token).await.expect("supplier client");
+        let (researcher_id, researcher_token) = register(&mut platform, AccountKind::Researcher, "researcher").await.expect("researcher");
+        let researcher = broker.client(1, &researcher_token).await.expect("researcher client");
+        let records = dir.path().join("records");
+        std::fs::create_dir_all(&records).expect("records dir");
+        std::fs::set_permissions(&records, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).expect("chmod");
+        let record = records.join("jobs.log");
+        std::fs::write(&record, b"").expect("records file");
+        std::fs::set_permissions(&record, std::os::unix::fs::PermissionsExt::from_mode(0o666)).expect("chmod");
+        World { supplier, dir, broker, schedulers, artifacts, agents, cluster: 0, researcher_id, researcher_token, researcher, leases: Vec::new(), record }
+    }
+
+    /// Publishes the agents at `nodes` (indexes) as one Class B cluster at `hourly` fen per
+    /// card-hour.
+    pub async fn publish(&mut self, nodes: &[usize], hourly: i64, tag: &str) -> u64 {
+        let mut listing = fixtures::listing(ClusterClass::B);
+        listing.prices.per_card.insert(suanli_types::BillingMode::Hourly, hourly);
+        self.supplier
+            .publish_cluster(v1::PublishClusterRequest {
+                request_id: format!("publish-{tag}"),
+                class: cluster_class_to_wire(ClusterClass::B),
+                node_ids: nodes.iter().map(|n| self.agents[*n].node).collect(),
+                listing: Some(listing_to_wire(&listing)),
+            })
+            .await
+            .expect("publish")
+            .into_inner()
+            .cluster_id
+    }
+
+    /// Leases `cards` cards of `cluster` for an hour and waits until the agents activated it.
+    pub async fn lease(&self, cluster: u64, cards: u32, tag: &str) -> u64 {
+        let mut researcher = self.researcher.clone();
+        let lease = researcher
+            .request_lease(v1::RequestLeaseRequest {
+                request_id: format!("lease-{tag}"),
+                cluster_id: cluster,
+                node_ids: Vec::new(),
+                cards,
+                billing_mode: v1::BillingMode::Hourly.into(),
+                periods: 1,
+            })
+            .await
+            .expect("lease")
+            .into_inner()
+            .lease_id;
+        self.wait_lease(lease, v1::LeaseState::Active).await;
+        lease
+    }
+
+    pub async fn wait_lease(&self, lease: u64, state: v1::LeaseState) -> v1::Lease {
+        eventually(WAIT, POLL, || {
+            let mut c = self.researcher.clone();
+            async move {
+                let l = c.get_lease(v1::GetLeaseRequest { lease_id: lease }).await.ok()?.into_inner();
+                (l.state() == state).then_some(l)
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("lease {lease} did not become {state:?}: {e}"))
+    }
+
+    pub async fn jobs(&self, token: &str) -> Jobs {
+        let channel = suanli_proto::client::channel(&format!("http://{}", self.broker.address(1).expect("address"))).await.expect("channel");
+        JobServiceClient::with_interceptor(channel, suanli_proto::client::bearer(Some(token)).expect("token"))
+    }
+
+    pub async fn submit(&self, jobs: &mut Jobs, tag: &str, spec: &serde_json::Value) -> v1::Job {
+        jobs.submit_job(v1::SubmitJobRequest { request_id: format!("job-{tag}"), spec_json: spec.to_string() })
+            .await
+            .expect("submit")
+            .into_inner()
+    }
+
+    /// What every process said, for a failing test to show.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for s in self.schedulers.iter().flatten().chain(self.agents.iter().map(|a| &a.service)) {
+            out.push_str(&format!("---- {} ----\n{}\n", s.name, s.log()));
+        }
+        out
+    }
+
+    pub fn agent_of(&self, node: u64) -> &Agent {
+        self.agents.iter().find(|a| a.node == node).expect("an agent of the world")
+    }
+}
+
+async fn start_agent(broker: &BrokerCluster, dir: &Path, supplier_token: &str, n: usize, cards: u32, artifacts: &str) -> Agent {
+    let channel = suanli_proto::client::channel(&format!("http://{}", broker.address(1).expect("address"))).await.expect("channel");
+    let mut icpcss = SupplierServiceClient::with_interceptor(channel, suanli_proto::client::bearer(Some(supplier_token)).expect("token"));
+    let token = icpcss
+        .create_enrollment_token(v1::CreateEnrollmentTokenRequest { request_id: format!("t{n}"), valid_seconds: 600 })
+        .await
+        .expect("token")
+        .into_inner()
+        .token;
+    let home = dir.join(format!("agent{n}"));
+    let devices = home.join("dev");
+    std::fs::create_dir_all(&devices).expect("dev");
+    for card in 0..cards {
+        let out = std::process::Command::new("mknod").arg(devices.join(format!("nvidia{card}"))).args(["c", "195", &card.to_string()]).output().expect("mknod");
+        assert!(out.status.success(), "mknod: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Logins of this run and node only, so two agents on one machine never share a Unix user.
+    let prefix = format!("j{n}{:06x}", std::process::id() & 0xff_ffff);
+    let args: Vec<String> = [
+        "run",
+        "--broker",
+        &broker.agent_endpoint(1).expect("agent port"),
+        "--broker-ca",
+        &broker.agent_ca_cert().display().to_string(),
+        "--state-dir",
+        &home.join("state").display().to_string(),
+        "--enrollment-token",
+        &token,
+        "--hostname",
+        &format!("gpu-{n}"),
+        "--source",
+        "simulated",
+        "--sim-model",
+        "A100 80GB",
+        "--sim-cards",
+        &cards.to_string(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--ssh-listen",
+        "127.0.0.1:0",
+        "--home-root",
+        &home.join("homes").display().to_string(),
+        "--login-prefix",
+        &prefix,
+        "--devices-dir",
+        &devices.display().to_string(),
+        "--artifacts-url",
+        artifacts,
+        "--artifacts-token",
+        ARTIFACT_TOKEN,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let binary = workspace_binary("suanli-agent", "suanli-agent").expect("agent binary");
+    let service = Service::start(&format!("agent{n}"), &binary, &args, &[], &home, WAIT).await.expect("agent starts");
+    let node = service.get("node").expect("node").parse().expect("node id");
+    Agent { service, node, prefix }
+}
+
+async fn scheduler(broker: &BrokerCluster, dir: &Path, name: &str, artifacts: bool) -> Service {
+    let binary = workspace_binary("suanli-scheduler", "suanli-scheduler").expect("scheduler binary");
+    let store = dir.join("artifacts").display().to_string();
+    let mut args: Vec<String> = [
+        "--broker",
+        &format!("http://{}", broker.address(1).expect("address")),
+        "--token",
+        PLATFORM_TOKEN,
+        "--name",
+        name,
+        "--policy",
+        "las",
+        "--round-ms",
+        "200",
+        "--lease-ttl-ms",
+        "2000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if artifacts {
+        args.extend(["--artifacts-listen", "127.0.0.1:0", "--artifacts-dir", &store, "--artifacts-token", ARTIFACT_TOKEN].map(String::from));
+    }
+    Service::start(name, &binary, &args, &[], dir, WAIT).await.expect("scheduler starts")
+}
+
+/// Waits until at least `n` jobs have ended; returns all jobs then.
+pub async fn wait_done(jobs: &mut Jobs, n: usize, within: Duration) -> Vec<v1::Job> {
+    eventually(within, POLL, || {
+        let mut c = jobs.clone();
+        async move {
+            let all = c.list_jobs(v1::ListJobsRequest { live_only: false }).await.ok()?.into_inner().jobs;
+            let ended = all.iter().filter(|j| !matches!(j.state.as_str(), "queued" | "placed" | "running")).count();
+            (ended >= n).then_some(all)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{n} jobs did not end: {e}"))
+}
