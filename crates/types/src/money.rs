@@ -71,8 +71,10 @@ impl fmt::Display for Money {
     }
 }
 
-/// How a researcher pays for a lease; the supplier chooses which modes it offers.
+/// How a researcher pays for a lease; the supplier chooses which modes it offers. (Named in
+/// JSON and job specs as `hourly` …; postcard in the Raft log encodes the variant index.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BillingMode {
     /// Pay as you go, per hour.
     Hourly,
