@@ -8,7 +8,9 @@
 //!
 //! Conditions: a card's health (off the bus, overheating, XID errors → the supplier and the
 //! researcher holding it), a node's agent going silent (grouped per node), a lease requested
-//! (the supplier must approve), a lease ending within 24 h and within 1 h (the researcher).
+//! (the supplier must approve), a lease ending within 24 h and within 1 h (the researcher), a
+//! job that finished or failed (its owner), and a researcher's available balance below the
+//! operator's threshold (open until a deposit or refund lifts it).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -44,6 +46,8 @@ pub enum Subject {
     LeaseRequested { lease: u64, cpc: String },
     LeaseExpiring { lease: u64, ends_ms: i64 },
     LeaseIdle { lease: u64, minutes: u64 },
+    JobEnded { job: u64, name: String, failed: bool, reason: String },
+    BalanceLow { available_minor: i64 },
 }
 
 impl Subject {
@@ -57,6 +61,9 @@ impl Subject {
             (Subject::LeaseExpiring { lease, ends_ms }, _) => format!("lease-{lease}: {} ({})", t(Msg::LeaseExpiringNotice), datetime(*ends_ms, lang)),
             (Subject::LeaseIdle { lease, minutes }, Lang::En) => format!("lease-{lease}: its cards have been idle for {minutes} min while it is paid for"),
             (Subject::LeaseIdle { lease, minutes }, Lang::Zh) => format!("租用 lease-{lease} 的GPU已空闲 {minutes} 分钟（计费中）"),
+            (Subject::JobEnded { job, name, failed: false, .. }, _) => format!("job-{job} ({name}): {}", t(Msg::JobSucceededNotice)),
+            (Subject::JobEnded { job, name, failed: true, reason }, _) => format!("job-{job} ({name}): {} ({reason})", t(Msg::JobFailedNotice)),
+            (Subject::BalanceLow { available_minor }, _) => format!("{}: {}", t(Msg::BalanceLowNotice), crate::i18n::money("CNY", *available_minor, lang)),
         }
     }
 }
@@ -78,11 +85,14 @@ pub struct AlertSettings {
     pub idle_lease_seconds: u64,
     /// How often leases are checked for expiry and idleness.
     pub check_seconds: u64,
+    /// A researcher's available balance below this (CNY fen) is reported, once, until a
+    /// deposit or refund lifts it again.
+    pub balance_low_minor: i64,
 }
 
 impl Default for AlertSettings {
     fn default() -> Self {
-        AlertSettings { idle_lease_seconds: 3600, check_seconds: 60 }
+        AlertSettings { idle_lease_seconds: 3600, check_seconds: 60, balance_low_minor: 10_000 }
     }
 }
 
@@ -92,7 +102,7 @@ pub fn spawn(state: AppState, settings: AlertSettings) {
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(200);
         loop {
-            match follow(&follower).await {
+            match follow(&follower, settings).await {
                 Ok(()) => backoff = Duration::from_millis(200),
                 Err(e) => {
                     tracing::warn!("alert engine: {e}; reconnecting in {backoff:?}");
@@ -126,7 +136,7 @@ async fn cursor(state: &AppState) -> ApiResult<(u64, i64)> {
     }
 }
 
-async fn follow(state: &AppState) -> ApiResult<()> {
+async fn follow(state: &AppState, settings: AlertSettings) -> ApiResult<()> {
     let (after, since) = cursor(state).await?;
     let mut stream = state.market.platform()?.watch(v1::WatchRequest { after_index: after }).await?.into_inner();
     while let Some(message) = stream.next().await {
@@ -138,7 +148,7 @@ async fn follow(state: &AppState) -> ApiResult<()> {
                 apply(state, r.index, Vec::new()).await?;
             }
             Some(v1::watch_response::Kind::Batch(b)) => {
-                let decisions = if b.at_ms >= since { decide(state, &b).await? } else { Vec::new() };
+                let decisions = if b.at_ms >= since { decide(state, &b, settings).await? } else { Vec::new() };
                 apply(state, b.index, decisions).await?;
             }
             None => {}
@@ -148,9 +158,11 @@ async fn follow(state: &AppState) -> ApiResult<()> {
 }
 
 /// Reads what the events need from the broker and decides; writes nothing.
-async fn decide(state: &AppState, b: &v1::EventBatch) -> ApiResult<Vec<Decision>> {
+async fn decide(state: &AppState, b: &v1::EventBatch, settings: AlertSettings) -> ApiResult<Vec<Decision>> {
     use v1::event::Kind;
     let mut out = Vec::new();
+    // One balance look-up per researcher per batch, however many entries moved it.
+    let mut balances_seen = BTreeSet::new();
     for e in &b.events {
         match &e.kind {
             Some(Kind::CardHealthChanged(c)) => {
@@ -185,6 +197,33 @@ async fn decide(state: &AppState, b: &v1::EventBatch) -> ApiResult<Vec<Decision>
                     kind: "lease_requested",
                     subject: Subject::LeaseRequested { lease: l.lease_id, cpc },
                     accounts: BTreeSet::from([lease.supplier_id]),
+                });
+            }
+            Some(Kind::JobStateChanged(j)) if j.to == "succeeded" || j.to == "failed" => {
+                let name = match state.market.jobs_platform()?.get_job(v1::GetJobRequest { job_id: j.job_id }).await {
+                    Ok(job) => job.into_inner().name,
+                    Err(_) => String::new(),
+                };
+                let failed = j.to == "failed";
+                out.push(Decision::Notice {
+                    key: format!("job-ended:{}", j.job_id),
+                    kind: if failed { "job_failed" } else { "job_finished" },
+                    subject: Subject::JobEnded { job: j.job_id, name, failed, reason: j.reason.as_ref().map(|r| r.kind.clone()).unwrap_or_default() },
+                    accounts: BTreeSet::from([j.owner_id]),
+                });
+            }
+            Some(Kind::LedgerPosted(t)) if t.account_id != 0 && balances_seen.insert(t.account_id) => {
+                let balance = state
+                    .market
+                    .platform()?
+                    .get_balance(v1::GetBalanceRequest { account_id: t.account_id, currency: String::new() })
+                    .await?
+                    .into_inner();
+                let key = format!("balance:{}", t.account_id);
+                out.push(if balance.available_minor < settings.balance_low_minor {
+                    Decision::Open { key, kind: "balance_low", subject: Subject::BalanceLow { available_minor: balance.available_minor }, accounts: BTreeSet::from([t.account_id]) }
+                } else {
+                    Decision::Resolve { key }
                 });
             }
             _ => {}

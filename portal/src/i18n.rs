@@ -250,6 +250,9 @@ catalogue! {
     CardOn => "card", "号卡";
     LeaseRequestedNotice => "a lease was requested; approve it in the portal", "有新的租用申请，请在平台上审批";
     LeaseExpiringNotice => "lease ends soon", "租用即将到期";
+    JobSucceededNotice => "job finished", "作业已完成";
+    JobFailedNotice => "job failed", "作业失败";
+    BalanceLowNotice => "available balance is low", "可用余额不足";
     Alerts => "Alerts", "告警";
     NotificationSettings => "Notifications", "通知设置";
     EmailOn => "Email", "邮件";

@@ -173,6 +173,13 @@ impl Market {
         with_token(self.channel.clone(), Some(token)).map_err(ApiError::internal)
     }
 
+    /// The broker's job service as the platform.
+    pub fn jobs_platform(
+        &self,
+    ) -> ApiResult<suanli_proto::v1::job_service_client::JobServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>>> {
+        self.jobs_as(&self.platform_token.clone())
+    }
+
     /// The broker's job service as the user whose token this is.
     pub fn jobs_as(
         &self,

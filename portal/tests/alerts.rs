@@ -37,6 +37,11 @@ fn sms_to<'a>(inbox: &'a [BTreeMap<String, String>], phone: &str) -> Vec<&'a BTr
 
 /// The carrier stand-in on a port of its own, and a portal configuration that uses it.
 async fn carrier(dir: &std::path::Path, more_toml: &str) -> anyhow::Result<(Inbox, std::path::PathBuf)> {
+    carrier_with(dir, more_toml, "").await
+}
+
+/// As [`carrier`], with more `[portal.alerts]` settings.
+async fn carrier_with(dir: &std::path::Path, more_toml: &str, alerts_toml: &str) -> anyhow::Result<(Inbox, std::path::PathBuf)> {
     let inbox: Inbox = Arc::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/", listener.local_addr()?);
@@ -46,7 +51,7 @@ async fn carrier(dir: &std::path::Path, more_toml: &str) -> anyhow::Result<(Inbo
     std::fs::write(
         &config,
         format!(
-            "[portal]\n{more_toml}\n[portal.sms]\nprovider = \"aliyun\"\nendpoint = \"{url}\"\naccess_key_id = \"test-key\"\naccess_key_secret = \"{SECRET}\"\nsign_name = \"算力平台\"\ntemplate_code = \"SMS_1\"\n[portal.alerts]\nidle_lease_seconds = 4\ncheck_seconds = 1\n"
+            "[portal]\n{more_toml}\n[portal.sms]\nprovider = \"aliyun\"\nendpoint = \"{url}\"\naccess_key_id = \"test-key\"\naccess_key_secret = \"{SECRET}\"\nsign_name = \"算力平台\"\ntemplate_code = \"SMS_1\"\n[portal.alerts]\nidle_lease_seconds = 4\ncheck_seconds = 1\n{alerts_toml}\n"
         ),
     )?;
     Ok((inbox, config))
@@ -59,6 +64,66 @@ async fn a_card_fault_alerts_researcher_and_supplier_once_and_resolves_once() ->
     let Some(w) = World::start_with(Backend::Sqlite, &["--config".into(), config.display().to_string()]).await? else { return Ok(()) };
     let result = scenario(&w, &inbox).await;
     w.explain(result)
+}
+
+/// A researcher hears when their balance runs low (and when a deposit lifts it), and when a
+/// job finishes or fails (a real scheduler runs them on the agent's leased card).
+#[tokio::test]
+async fn a_low_balance_and_finished_and_failed_jobs_reach_the_researcher() -> anyhow::Result<()> {
+    let dir = tempfile::TempDir::new()?;
+    // Below the whole deposit: the lease's hold takes the balance under it.
+    let threshold = format!("balance_low_minor = {}", suanli_testkit::fixtures::RESEARCHER_FUNDS);
+    let (_inbox, config) = carrier_with(dir.path(), "", &threshold).await?;
+    let Some(w) = World::start_with(Backend::Sqlite, &["--config".into(), config.display().to_string()]).await? else { return Ok(()) };
+    let result = jobs_and_balance(&w).await;
+    w.explain(result)
+}
+
+async fn jobs_and_balance(w: &World) -> anyhow::Result<()> {
+    let supplier = w.person("supplier", "jobs_supplier").await?;
+    let researcher = w.person("researcher", "jobs_researcher").await?;
+    let to = "jobs_researcher@example.cn";
+    let mail = |prefix: &'static str, about: &'static str| async move {
+        suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
+            w.smtp.messages().into_iter().find(|m| m.to.iter().any(|t| t == to) && m.subject.starts_with(prefix) && m.subject.contains(about))
+        })
+        .await
+    };
+    let (cluster, _agent) = publish_node(w, &supplier, "jobs-b", "B", "Shenzhen", support::running_as_root()).await?;
+    let (status, lease) = researcher.post("/api/v1/leases", json!({"cluster_id": cluster, "cards": 1, "billing_mode": "hourly", "periods": 1})).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "{lease}");
+    let low = mail("[Suanli] Alert", "available balance is low").await?;
+    assert!(low.text.contains("balance") || low.subject.contains("balance"), "{}", low.subject);
+    let (_, spend) = researcher.get("/api/v1/me/spend").await?;
+    w.fund(spend["balance"]["account_id"].as_u64().unwrap_or_default(), "top-up").await?;
+    mail("[Suanli] Resolved", "available balance is low").await?;
+
+    if !support::running_as_root() {
+        eprintln!("job alerts skipped: lease accounts need root");
+        return Ok(());
+    }
+    let lease_id = lease["lease_id"].as_u64().unwrap_or_default();
+    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
+        let (_, l) = researcher.get(&format!("/api/v1/leases/{lease_id}")).await.ok()?;
+        (l["state"] == "active").then_some(())
+    })
+    .await?;
+    let binary = suanli_testkit::workspace_binary("suanli-scheduler", "suanli-scheduler")?;
+    let args: Vec<String> = ["--broker", &format!("http://{}", w.broker.address(1)?), "--token", suanli_testkit::cluster::PLATFORM_TOKEN, "--name", "alerts", "--round-ms", "200"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let _scheduler = suanli_testkit::Service::start("scheduler", &binary, &args, &[], w.dir.path(), WAIT).await?;
+    let job = |name: &str, script: &str| json!({"spec": {"name": name, "kind": "training", "resources": {"cards": 1}, "max_attempts": 1, "run": {"command": {"program": "/bin/sh", "args": ["-c", script]}}}});
+    let (status, body) = researcher.post("/api/v1/jobs", job("good", "exit 0")).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "{body}");
+    let finished = mail("[Suanli]", "job finished").await?;
+    assert!(finished.subject.contains("(good)"), "{}", finished.subject);
+    let (status, body) = researcher.post("/api/v1/jobs", job("bad", "exit 3")).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "{body}");
+    let failed = mail("[Suanli]", "job failed").await?;
+    assert!(failed.subject.contains("(bad)") && failed.subject.contains("exit_status"), "{}", failed.subject);
+    Ok(())
 }
 
 /// Registration with a mobile number takes the code the carrier delivered to it.

@@ -194,10 +194,11 @@ pub fn event(e: &Event) -> v1::Event {
         Event::SchedulerLeaseChanged { holder, epoch } => {
             Kind::SchedulerLeaseChanged(v1::SchedulerLeaseChanged { holder: holder.clone(), epoch: *epoch })
         }
-        Event::Ledger { transaction, kind, lease } => Kind::LedgerPosted(v1::LedgerPosted {
+        Event::Ledger { transaction, kind, lease, account } => Kind::LedgerPosted(v1::LedgerPosted {
             transaction_id: *transaction,
             kind: kind.as_str().into(),
             lease_id: lease.map_or(0, |l| l.0),
+            account_id: account.map_or(0, |a| a.0),
         }),
         Event::LeaseEvaluated { lease, supplier, score } => {
             Kind::LeaseEvaluated(v1::LeaseEvaluated { lease_id: lease.0, supplier_id: supplier.0, score: *score })

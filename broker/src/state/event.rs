@@ -24,7 +24,8 @@ pub enum Event {
     /// The platform asked a running attempt to stop; the node's agent acts on it.
     JobStopRequested { job: JobId, attempt: u32, reason: JobEndReason },
     SchedulerLeaseChanged { holder: String, epoch: u64 },
-    Ledger { transaction: u64, kind: TransactionKind, lease: Option<LeaseId> },
+    /// `account`: the researcher whose balance moved, if any.
+    Ledger { transaction: u64, kind: TransactionKind, lease: Option<LeaseId>, account: Option<AccountId> },
     LeaseEvaluated { lease: LeaseId, supplier: AccountId, score: u32 },
 }
 

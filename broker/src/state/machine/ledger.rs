@@ -248,9 +248,13 @@ impl State {
                 }
             }
         }
+        let account = entries.iter().find_map(|e| match e.account {
+            LedgerAccount::Available(a) | LedgerAccount::Held(a) => Some(a),
+            _ => None,
+        });
         let tx = Transaction { id, at, kind, currency: currency.clone(), lease, job: None, entries };
         self.transactions.push(tx.clone());
-        events.push(Event::Ledger { transaction: id, kind, lease });
+        events.push(Event::Ledger { transaction: id, kind, lease, account });
         tx
     }
 
