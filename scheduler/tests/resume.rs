@@ -31,6 +31,7 @@ while [ "$step" -lt {STEPS} ]; do
   step=$((step + 1))
   echo "$step" > "$SUANLI_CHECKPOINT_DIR/checkpoint.tmp"
   mv "$SUANLI_CHECKPOINT_DIR/checkpoint.tmp" "$SUANLI_CHECKPOINT_DIR/checkpoint"
+  echo "{{\"step\": $step, \"of\": {STEPS}}}"
   sleep 0.15
 done
 echo "trained for $step steps" > "$SUANLI_OUTPUT_DIR/model.txt""#,
@@ -56,6 +57,18 @@ echo "trained for $step steps" > "$SUANLI_OUTPUT_DIR/model.txt""#,
     .await
     .unwrap_or_else(|e| panic!("the job runs and checkpoints: {e}\n{}", w.logs()));
     let first = running.attempts.last().expect("an attempt").clone();
+    // Its progress lines reach the broker while it runs.
+    let progress = suanli_testkit::eventually(Duration::from_secs(30), POLL, || {
+        let mut c = jobs.clone();
+        async move {
+            let j = c.get_job(v1::GetJobRequest { job_id: job }).await.ok()?.into_inner();
+            let p: serde_json::Value = serde_json::from_str(&j.progress_json).ok()?;
+            (p["of"] == STEPS).then_some(p)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("progress relayed: {e}\n{}", w.logs()));
+    assert!(progress["step"].as_u64().is_some_and(|s| s >= 1), "{progress}");
     let agent = w.agent_of(first.node_ids[0]);
     let metrics = agent.service.get("metrics").expect("metrics address");
     let fault = reqwest::Client::new()

@@ -17,6 +17,9 @@
 //! owned by the lease's account (opened without following links), so a job cannot make the
 //! agent read someone else's file.
 //!
+//! The last line of the attempt's output that is a JSON object (the JSON-lines progress of
+//! `suanli-job`: step, loss, metrics, ETA) is relayed to the broker every few seconds.
+//!
 //! A marker file per started attempt (in the agent's state directory) survives an agent
 //! restart: an attempt marked but not running here any more died with the previous agent, and
 //! is reported as `node_lost` (the platform's fault, so it does not count against the job),
@@ -67,7 +70,16 @@ struct Checkpoint {
     file: PathBuf,
     uid: u32,
     last: Option<(std::time::SystemTime, u64)>,
+    /// The attempt's `job.log`, and what of it was read for progress lines.
+    log: PathBuf,
+    log_read: u64,
+    progress: Option<String>,
+    progress_sent: Option<std::time::Instant>,
+    progress_reports: u64,
 }
+
+/// Progress is relayed at most this often per attempt (each relay is a replicated write).
+const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
 /// Where an attempt's files are, for uploading its outputs.
 #[derive(Clone)]
@@ -134,6 +146,7 @@ impl JobRunner {
             };
             self.follow(&mut client, &jobs, &mut running, &ended_tx).await;
             self.sync_checkpoints(&mut client, &mut running).await;
+            self.sync_progress(&mut client, &mut running).await;
         }
     }
 
@@ -222,6 +235,54 @@ impl JobRunner {
         let mut copy = std::fs::File::create(&staged).map_err(|e| e.to_string())?;
         std::io::copy(&mut file, &mut copy).map_err(|e| e.to_string())?;
         Ok(Some(staged))
+    }
+
+    /// Relays each running rank-0 attempt's latest JSON progress line (the last line of its
+    /// output that is a JSON object), at most every [`PROGRESS_EVERY`].
+    async fn sync_progress(&self, client: &mut JobServiceClient<Channel>, running: &mut BTreeMap<Key, Running>) {
+        use std::io::{Read, Seek};
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        for ((job, attempt), r) in running.iter_mut() {
+            let Some(cp) = r.checkpoint.as_mut() else { continue };
+            let Ok(mut file) = std::fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(&cp.log) else { continue };
+            let Ok(meta) = file.metadata() else { continue };
+            if !meta.is_file() || meta.uid() != cp.uid || meta.len() <= cp.log_read {
+                continue;
+            }
+            // Only whole lines, and at most the last 64 KiB of what is new.
+            let from = cp.log_read.max(meta.len().saturating_sub(64 * 1024));
+            let mut fresh = Vec::new();
+            if file.seek(std::io::SeekFrom::Start(from)).is_err() || file.take(meta.len() - from).read_to_end(&mut fresh).is_err() {
+                continue;
+            }
+            let Some(end) = fresh.iter().rposition(|b| *b == b'\n') else { continue };
+            cp.log_read = from + end as u64 + 1;
+            let latest = String::from_utf8_lossy(&fresh[..end])
+                .lines()
+                .rev()
+                .map(str::trim)
+                .find(|l| l.len() <= 1024 && serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(l).is_ok())
+                .map(str::to_owned);
+            if latest.is_some() {
+                cp.progress = latest;
+            }
+            let due = cp.progress_sent.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+            let (Some(progress), true) = (cp.progress.clone(), due) else { continue };
+            cp.progress_reports += 1;
+            let request = v1::ReportJobProgressRequest {
+                request_id: format!("prog-{job}-{attempt}-{}", cp.progress_reports),
+                job_id: *job,
+                attempt: *attempt,
+                progress_json: progress,
+            };
+            match client.report_job_progress(request).await {
+                Ok(_) => {
+                    cp.progress_sent = Some(std::time::Instant::now());
+                    cp.progress = None;
+                }
+                Err(status) => tracing::debug!(job, error = %decode_status(&status), "progress not relayed"),
+            }
+        }
     }
 
     /// Uploads each running rank-0 attempt's checkpoint that changed since the last upload.
@@ -432,7 +493,16 @@ impl JobRunner {
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let key = (job.job_id, attempt.number);
         let out = Outputs { dir: outputs, names: spec.outputs.clone(), uid: account.uid };
-        let checkpoint = (rank == 0).then(|| Checkpoint { file: checkpoints.join("checkpoint"), uid: account.uid, last: None });
+        let checkpoint = (rank == 0).then(|| Checkpoint {
+            file: checkpoints.join("checkpoint"),
+            uid: account.uid,
+            last: None,
+            log: dir.join("job.log"),
+            log_read: 0,
+            progress: None,
+            progress_sent: None,
+            progress_reports: 0,
+        });
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,

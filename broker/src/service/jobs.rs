@@ -63,6 +63,8 @@ pub fn job_to_wire(s: &State, j: &Job) -> v1::Job {
         end_reason: j.end_reason.as_ref().map(job_end_reason_to_wire),
         attained_card_ms: j.attained_card_ms,
         cost_minor: j.cost_minor,
+        progress_json: j.progress.as_ref().map(|(p, _)| p.clone()).unwrap_or_default(),
+        progress_at_ms: j.progress.as_ref().map_or(0, |(_, t)| t.millis()),
     }
 }
 
@@ -298,6 +300,22 @@ impl JobService for Jobs {
                     outputs: req.outputs.into_iter().collect::<BTreeMap<_, _>>(),
                 };
                 job_reply(&self.shared, self.shared.propose(caller, &req.request_id, command).await?)
+            })
+            .await
+    }
+
+    async fn report_job_progress(
+        &self,
+        request: Request<v1::ReportJobProgressRequest>,
+    ) -> Result<Response<v1::ReportJobProgressResponse>, Status> {
+        self.shared
+            .observe("ReportJobProgress", async {
+                let caller = self.shared.caller(&request)?;
+                agent_node(&caller)?;
+                let req = request.into_inner();
+                let command = Command::JobProgress { job: required_job(req.job_id)?, attempt: req.attempt, progress: req.progress_json };
+                self.shared.propose(caller, &req.request_id, command).await?;
+                Ok(Response::new(v1::ReportJobProgressResponse {}))
             })
             .await
     }

@@ -87,6 +87,9 @@ pub enum Command {
     JobEnded { job: JobId, attempt: u32, reason: JobEndReason, outputs: BTreeMap<String, String> },
     /// The running attempt uploaded a checkpoint; the next attempt resumes from it.
     JobCheckpoint { job: JobId, attempt: u32, sha256: String },
+    /// The running attempt's latest progress line (a JSON object the job printed), relayed by
+    /// its agent at most every few seconds.
+    JobProgress { job: JobId, attempt: u32, progress: String },
     /// The acting scheduler leases cards for a queued job that opted in: the cheapest Class B
     /// cards the job accepts, in its region, one period within its budget, as its owner.
     AutoLease { epoch: u64, job: JobId },
@@ -158,6 +161,7 @@ impl Command {
             Command::JobEnded { .. } => "job_ended",
             Command::JobCheckpoint { .. } => "job_checkpoint",
             Command::AutoLease { .. } => "auto_lease",
+            Command::JobProgress { .. } => "job_progress",
             Command::Deposit { .. } => "deposit",
             Command::GrantCredit { .. } => "grant_credit",
             Command::SettleLeases { .. } => "settle_leases",

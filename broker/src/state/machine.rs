@@ -457,6 +457,7 @@ impl State {
             Command::JobEnded { job, attempt, reason, outputs } => self.job_ended(caller, *job, *attempt, reason, outputs, at, events),
             Command::JobCheckpoint { job, attempt, sha256 } => self.job_checkpoint(caller, *job, *attempt, sha256),
             Command::AutoLease { epoch, job } => self.auto_lease(caller, *epoch, *job, at, events),
+            Command::JobProgress { job, attempt, progress } => self.job_progress(caller, *job, *attempt, progress, at),
             Command::Deposit { account, amount } => self.deposit(caller, *account, amount, at, events),
             Command::GrantCredit { account, limit } => self.grant_credit(caller, *account, limit),
             Command::SettleLeases { leases } => self.settle_leases(caller, leases, at, events),

@@ -159,6 +159,8 @@ pub struct Job {
     pub attained_card_ms: u64,
     /// Sum of the attempts' costs.
     pub cost_minor: i64,
+    /// The current attempt's latest progress line and when it was relayed.
+    pub progress: Option<(String, Timestamp)>,
 }
 
 impl Job {

@@ -59,6 +59,10 @@ pub struct JobView {
     /// The outputs the job left, by name: their SHA-256 in the artifact store.
     pub outputs: BTreeMap<String, String>,
     pub checkpoint_sha256: Option<String>,
+    /// The running attempt's latest progress line as the job printed it (step, loss, ETA …).
+    #[schema(value_type = Option<Object>)]
+    pub progress: Option<serde_json::Value>,
+    pub progress_ms: i64,
     #[schema(value_type = Object)]
     pub spec: serde_json::Value,
 }
@@ -94,6 +98,8 @@ fn view(j: &v1::Job) -> JobView {
         cost_minor: j.cost_minor,
         outputs: j.outputs.clone().into_iter().collect(),
         checkpoint_sha256: Some(j.checkpoint_sha256.clone()).filter(|s| !s.is_empty()),
+        progress: serde_json::from_str(&j.progress_json).ok(),
+        progress_ms: j.progress_at_ms,
         spec: serde_json::from_str(&j.spec_json).unwrap_or_default(),
     }
 }

@@ -21,6 +21,8 @@ use crate::state::model::{Attempt, Job, SchedulerLease};
 /// A scheduler lease lasts at most this long without renewal.
 pub const MAX_SCHEDULER_LEASE_MS: u32 = 60_000;
 pub const MAX_PLACEMENTS_PER_COMMAND: usize = 4_096;
+/// A relayed progress line, at most.
+pub const MAX_PROGRESS_BYTES: usize = 1024;
 /// Live jobs one researcher may have queued or running.
 pub const MAX_LIVE_JOBS_PER_OWNER: usize = 100_000;
 
@@ -48,6 +50,7 @@ impl State {
             end_reason: None,
             attained_card_ms: 0,
             cost_minor: 0,
+            progress: None,
         };
         self.jobs.insert(id, job);
         self.queued_jobs.insert(id);
@@ -282,6 +285,17 @@ impl State {
         Ok(Response::Job(Box::new(self.jobs[&id].clone())))
     }
 
+    pub(super) fn job_progress(&mut self, caller: &Caller, id: JobId, attempt: u32, progress: &str, at: Timestamp) -> Outcome {
+        self.reporting_attempt(caller, id, attempt, "report progress of")?;
+        if progress.len() > MAX_PROGRESS_BYTES || !progress.starts_with('{') {
+            return Err(DomainError::invalid("progress", format!("one JSON object of at most {MAX_PROGRESS_BYTES} bytes")));
+        }
+        if let Some(job) = self.jobs.get_mut(&id) {
+            job.progress = Some((progress.to_owned(), at));
+        }
+        Ok(Response::Empty)
+    }
+
     pub(super) fn job_checkpoint(&mut self, caller: &Caller, id: JobId, attempt: u32, sha256: &str) -> Outcome {
         self.reporting_attempt(caller, id, attempt, "checkpoint")?;
         check_sha256("sha256", sha256)?;
@@ -349,6 +363,7 @@ impl State {
         job.state = JobState::Queued;
         job.stop_requested = None;
         let owner = job.owner;
+        job.progress = None;
         self.queued_jobs.insert(id);
         events.push(Event::JobStateChanged { job: id, owner, from: Some(from), to: JobState::Queued, attempt, reason: Some(reason) });
     }
