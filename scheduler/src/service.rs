@@ -53,14 +53,21 @@ pub struct Scheduler {
     /// Jobs an auto-lease found nothing for, and when to look again: the market changes, but
     /// not every round.
     auto_lease_backoff: std::collections::BTreeMap<u64, std::time::Instant>,
+    /// When each node was first seen silent: its jobs are requeued only after
+    /// [`NODE_LOST_AFTER`], so a node that was merely slow to report does not end up running
+    /// an attempt while its replacement runs elsewhere.
+    silent_since: std::collections::BTreeMap<u64, std::time::Instant>,
 }
+
+/// How long a node must stay silent before its running jobs are given up on.
+pub const NODE_LOST_AFTER: Duration = Duration::from_secs(30);
 
 /// How long to wait before retrying an auto-lease that found no cards.
 const AUTO_LEASE_RETRY: Duration = Duration::from_secs(10);
 
 impl Scheduler {
     pub fn new(config: Config, policy: Box<dyn Policy>) -> Self {
-        Scheduler { config, policy, client: None, which: 0, rounds: 0, auto_lease_backoff: Default::default() }
+        Scheduler { config, policy, client: None, which: 0, rounds: 0, auto_lease_backoff: Default::default(), silent_since: Default::default() }
     }
 
     pub async fn run(mut self) {
@@ -132,7 +139,20 @@ impl Scheduler {
         let decisions = self.policy.decide(&round.snapshot, now);
         let mut report = RoundReport { acting: true, epoch, ..Default::default() };
 
-        let mut stops: Vec<(JobId, JobEndReason)> = round.stops.clone();
+        let now_instant = std::time::Instant::now();
+        self.silent_since.retain(|node, _| view.silent_node_ids.contains(node));
+        for node in &view.silent_node_ids {
+            self.silent_since.entry(*node).or_insert(now_instant);
+        }
+        let lost_long_enough = |node: &suanli_types::NodeId| {
+            self.silent_since.get(&node.0).is_some_and(|t| now_instant.duration_since(*t) >= NODE_LOST_AFTER)
+        };
+        let mut stops: Vec<(JobId, JobEndReason)> = round
+            .stops
+            .iter()
+            .filter(|(_, r)| !matches!(r, JobEndReason::NodeLost(n) if !lost_long_enough(n)))
+            .cloned()
+            .collect();
         let mut freeing: BTreeSet<CardId> = BTreeSet::new();
         for d in &decisions {
             if let Decision::Preempt { job } = d {

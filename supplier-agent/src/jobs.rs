@@ -62,8 +62,23 @@ type Key = (u64, u32);
 
 struct Running {
     kill: Option<oneshot::Sender<()>>,
+    /// This node's cards (CUDA ordinals) the process uses, until it has exited.
+    devices: Vec<u32>,
+    /// Whether it is a sharing (inference) job, which may share its card with others.
+    shared: bool,
     /// Rank 0 uploads checkpoints: where, as whom, and what was last uploaded.
     checkpoint: Option<Checkpoint>,
+}
+
+impl Running {
+    /// An attempt with no process here (it could not start, or died with an earlier agent).
+    fn done() -> Running {
+        Running { kill: None, devices: Vec::new(), shared: false, checkpoint: None }
+    }
+}
+
+fn is_shared(job: &v1::Job) -> bool {
+    serde_json::from_str::<JobSpec>(&job.spec_json).is_ok_and(|s| s.resources.shared)
 }
 
 struct Checkpoint {
@@ -338,7 +353,20 @@ impl JobRunner {
         running: &mut BTreeMap<Key, Running>,
         ended: &mpsc::UnboundedSender<Ended>,
     ) {
-        let mut wanted: BTreeSet<Key> = BTreeSet::new();
+        // Which attempts this node still holds; everything else running here is killed first,
+        // and a new attempt waits while a process of another attempt still has its cards: the
+        // broker may already have given them away (a requeue after this node looked silent),
+        // but two attempts never run on one card at once here.
+        let wanted: BTreeSet<Key> =
+            jobs.iter().filter_map(|j| j.attempts.last().map(|a| (j.job_id, a.number))).collect();
+        for (key, r) in running.iter_mut() {
+            if !wanted.contains(key) {
+                if let Some(kill) = r.kill.take() {
+                    tracing::info!(job = key.0, attempt = key.1, "job attempt no longer placed here; killing it");
+                    let _ = kill.send(());
+                }
+            }
+        }
         for job in jobs {
             let Some(attempt) = job.attempts.last() else { continue };
             let key = (job.job_id, attempt.number);
@@ -349,18 +377,24 @@ impl JobRunner {
                         let _ = kill.send(());
                     }
                 }
-                wanted.insert(key);
                 continue;
             }
-            wanted.insert(key);
             if running.contains_key(&key) {
                 continue;
+            }
+            let mine: BTreeSet<u32> = (0..attempt.card_ids.len())
+                .filter(|i| attempt.node_ids.get(*i) == Some(&self.node.0))
+                .filter_map(|i| attempt.card_indexes.get(i).copied())
+                .collect();
+            let shares = |r: &Running| r.devices.iter().any(|d| mine.contains(d)) && !(r.shared && is_shared(job));
+            if running.values().any(shares) {
+                continue; // the previous holder's process is still being stopped
             }
             let marker = self.marker(key);
             if marker.exists() {
                 // Started by an earlier incarnation of this agent, whose process is gone.
                 let _ = ended.send(Ended { key, rank: 0, reason: JobEndReason::NodeLost(self.node), outputs: None });
-                running.insert(key, Running { kill: None, checkpoint: None });
+                running.insert(key, Running::done());
                 continue;
             }
             match self.start(job, attempt, &marker, ended.clone()).await {
@@ -379,16 +413,7 @@ impl JobRunner {
                 Err(why) => {
                     tracing::warn!(job = job.job_id, %why, "could not start job attempt");
                     let _ = ended.send(Ended { key, rank: 0, reason: JobEndReason::StartFailed(why), outputs: None });
-                    running.insert(key, Running { kill: None, checkpoint: None });
-                }
-            }
-        }
-        // Attempts this node no longer holds (requeued, cancelled, superseded) are killed.
-        for (key, r) in running.iter_mut() {
-            if !wanted.contains(key) {
-                if let Some(kill) = r.kill.take() {
-                    tracing::info!(job = key.0, attempt = key.1, "job attempt no longer placed here; killing it");
-                    let _ = kill.send(());
+                    running.insert(key, Running::done());
                 }
             }
         }
@@ -521,6 +546,7 @@ impl JobRunner {
             };
             let _ = ended.send(Ended { key, rank, reason, outputs: Some(out) });
         });
-        Ok(Some(Running { kill: Some(kill_tx), checkpoint }))
+        let devices = mine.iter().filter_map(|i| attempt.card_indexes.get(*i).copied()).collect();
+        Ok(Some(Running { kill: Some(kill_tx), devices, shared: spec.resources.shared, checkpoint }))
     }
 }

@@ -168,6 +168,25 @@ impl World {
     }
 }
 
+impl Drop for World {
+    /// The leases' Unix accounts are real users of this machine: whatever the test left live,
+    /// the agents are stopped and this run's accounts (its login prefixes) removed.
+    fn drop(&mut self) {
+        for agent in &self.agents {
+            if let Some(pid) = agent.service.pid() {
+                let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+        }
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        for login in passwd.lines().filter_map(|l| l.split(':').next()) {
+            if self.agents.iter().any(|a| login.starts_with(&a.prefix)) {
+                let _ = std::process::Command::new("pkill").args(["-KILL", "-u", login]).status();
+                let _ = std::process::Command::new("userdel").args(["-f", login]).status();
+            }
+        }
+    }
+}
+
 async fn start_agent(broker: &BrokerCluster, dir: &Path, supplier_token: &str, n: usize, cards: u32, artifacts: &str) -> Agent {
     let channel = suanli_proto::client::channel(&format!("http://{}", broker.address(1).expect("address"))).await.expect("channel");
     let mut icpcss = SupplierServiceClient::with_interceptor(channel, suanli_proto::client::bearer(Some(supplier_token)).expect("token"));
