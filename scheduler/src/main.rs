@@ -94,7 +94,7 @@ fn read_spec(path: &PathBuf) -> anyhow::Result<suanli_types::JobSpec> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_env("SUANLI_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
     let args = Args::parse();
     let file: FileScheduler = match &args.config {
         Some(path) => {
