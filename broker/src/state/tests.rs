@@ -879,8 +879,8 @@ fn jobs_run_only_on_their_owners_active_cards_one_at_a_time() {
     m.w.state.check_invariants().expect("invariants");
 }
 
-#[test]
-fn an_attempt_runs_ends_and_is_priced_and_a_superseded_report_is_refused() {
+/// The researcher's two-card job, placed on its whole active lease and started by the agent.
+fn running_two_card_job() -> (Market, Lease, JobId, Caller) {
     let mut m = market();
     let me = m.researcher;
     let lease = active_b(&mut m, me, 2);
@@ -889,6 +889,12 @@ fn an_attempt_runs_ends_and_is_priced_and_a_superseded_report_is_refused() {
     place(&mut m, e, job, lease.cards.clone()).expect("placed");
     let agent = agent_of(&m, lease.cards[0]);
     m.w.ok(agent.clone(), Command::JobStarted { job, attempt: 1 });
+    (m, lease, job, agent)
+}
+
+#[test]
+fn an_attempt_runs_ends_and_is_priced_and_a_superseded_report_is_refused() {
+    let (mut m, lease, job, agent) = running_two_card_job();
     m.w.advance(1800);
     // The job's own failure: back to the queue, one failure counted.
     m.w.ok(agent.clone(), Command::JobEnded { job, attempt: 1, reason: JobEndReason::ExitStatus(1), outputs: Default::default() });
@@ -910,14 +916,7 @@ fn an_attempt_runs_ends_and_is_priced_and_a_superseded_report_is_refused() {
 
 #[test]
 fn a_lost_card_stops_its_job_and_the_job_is_requeued_without_a_failure() {
-    let mut m = market();
-    let me = m.researcher;
-    let lease = active_b(&mut m, me, 2);
-    let e = epoch(&mut m);
-    let job = submit(&mut m, me, 2);
-    place(&mut m, e, job, lease.cards.clone()).expect("placed");
-    let agent = agent_of(&m, lease.cards[0]);
-    m.w.ok(agent.clone(), Command::JobStarted { job, attempt: 1 });
+    let (mut m, lease, job, agent) = running_two_card_job();
     m.w.ok(Caller::System, Command::SetCardHealth { changes: vec![(lease.cards[1], CardHealth::XidError)] });
     assert_eq!(m.w.state.job(job).expect("job").stop_requested, Some(JobEndReason::CardLost(lease.cards[1])));
     // The agent kills it (the process dies of the signal); the platform's reason is recorded.
