@@ -5,3 +5,4 @@ pub mod device;
 pub mod models;
 pub mod optim;
 pub mod train;
+pub mod mtcnn;
