@@ -336,8 +336,7 @@ pub fn search<E: fmt::Display>(
 
     let (trials, best) = match strategy {
         Strategy::Random { .. } => {
-            let trials: Vec<TrialResult> =
-                (0u32..).zip(configs).map(|(id, params)| run(id, params, 0)).collect();
+            let trials: Vec<TrialResult> = (0u32..).zip(configs).map(|(id, params)| run(id, params, 0)).collect();
             let best = best_of(trials.iter());
             (trials, best)
         }

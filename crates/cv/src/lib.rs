@@ -14,6 +14,7 @@ pub mod intake;
 pub mod metrics;
 pub mod nms;
 pub mod preprocess;
+pub mod serve;
 #[cfg(feature = "torch")]
 pub mod torch;
 

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MetricsError {
@@ -42,7 +42,7 @@ pub struct ConfusionMatrix {
 }
 
 /// Precision, recall and F1 of one class (one-vs-rest), and its number of true samples.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ClassMetrics {
     pub class: usize,
     pub precision: f64,
@@ -52,7 +52,7 @@ pub struct ClassMetrics {
 }
 
 /// Everything a run reports, as JSON: `{"accuracy", "macro_f1", "per_class", "confusion"}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub accuracy: f64,
     pub macro_f1: f64,

@@ -68,6 +68,11 @@ impl Samples {
         Ok(Samples { names, images, labels, tensor })
     }
 
+    /// A set with nothing in it (an empty split).
+    pub fn empty() -> Self {
+        Samples { names: Vec::new(), images: Vec::new(), labels: Vec::new(), tensor: Tensor::zeros([0, 1, 1, 1], (Kind::Float, Device::Cpu)) }
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }

@@ -6,3 +6,5 @@ pub mod models;
 pub mod optim;
 pub mod train;
 pub mod mtcnn;
+pub mod classifier;
+pub mod jobs;

@@ -1,0 +1,180 @@
+//! `suanli-job` as the agent runs it: a real process, its JSON-lines progress, the files it
+//! writes, on real data (ops/setup-torch). Needs `--features torch` and SUANLI_CV_DATA.
+#![cfg(feature = "torch")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+fn data_dir() -> Option<PathBuf> {
+    let d = std::env::var_os("SUANLI_CV_DATA").map(PathBuf::from);
+    if d.is_none() {
+        eprintln!("SUANLI_CV_DATA is not set (ops/setup-torch writes the data); skipping");
+    }
+    d
+}
+
+struct Run {
+    code: i32,
+    events: Vec<Value>,
+    stderr: String,
+}
+
+impl Run {
+    fn done(&self) -> &Value {
+        let last = self.events.last().unwrap_or_else(|| panic!("no output; stderr: {}", self.stderr));
+        assert_eq!(last["event"], "done", "job failed: {last}\nstderr: {}", self.stderr);
+        &last["summary"]
+    }
+}
+
+/// Runs the binary with the agent's environment for a job directory.
+fn job(dir: &Path, task: &str, params: Value, extra_env: &[(&str, &Path)]) -> Run {
+    let params: serde_json::Map<String, Value> = params
+        .as_object()
+        .expect("object")
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(if let Value::String(s) = v { s.clone() } else { v.to_string() })))
+        .collect();
+    for d in ["in", "out", "checkpoint"] {
+        std::fs::create_dir_all(dir.join(d)).expect("mkdir");
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_suanli-job"));
+    cmd.args(["--task", task, "--params-json", &Value::Object(params).to_string()])
+        .env("SUANLI_INPUT_DIR", dir.join("in"))
+        .env("SUANLI_OUTPUT_DIR", dir.join("out"))
+        .env("SUANLI_CHECKPOINT_DIR", dir.join("checkpoint"))
+        .env_remove("SUANLI_RESUME_FROM");
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run suanli-job");
+    let events = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    Run { code: out.status.code().unwrap_or(-1), events, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+}
+
+fn train_params(root: &Path, epochs: u32) -> Value {
+    json!({
+        "data": root.join("digits/images"),
+        "split": {"train": 0.7, "val": 0.1, "test": 0.2, "method": "stratified", "seed": 5},
+        "training.model": {"arch": "small_cnn"},
+        "training.optimizer": {"kind": "adam", "lr": 0.002},
+        "training.schedule": {"kind": "cosine"},
+        "training.epochs": epochs,
+        "training.batch_size": 32,
+        "training.seed": 1,
+        "training.checkpoint_every_steps": 20,
+    })
+}
+
+#[test]
+fn train_then_infer_then_resume_through_the_binary() {
+    let Some(root) = data_dir() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("train");
+    let run = job(&dir, "train_classifier", train_params(&root, 8), &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let summary = run.done();
+    assert!(summary["accuracy"].as_f64().expect("accuracy") >= 0.95, "{summary}");
+    for kind in ["imported", "step", "epoch", "checkpoint"] {
+        assert!(run.events.iter().any(|e| e["event"] == kind), "no {kind} event");
+    }
+    let step = run.events.iter().find(|e| e["event"] == "step").expect("step");
+    for key in ["loss", "eta_s", "total_steps", "lr"] {
+        assert!(step.get(key).is_some(), "step event lacks {key}: {step}");
+    }
+    let model = dir.join("out");
+    for f in ["model.json", "model.safetensors", "metrics.json"] {
+        assert!(model.join(f).is_file(), "{f} missing");
+    }
+    let metrics: Value = serde_json::from_slice(&std::fs::read(model.join("metrics.json")).expect("metrics")).expect("json");
+    assert_eq!(metrics["confusion"].as_array().expect("confusion").len(), 10);
+    assert_eq!(metrics["per_class"].as_array().expect("per class").len(), 10);
+
+    // Batch inference with the trained model over one class folder: mostly that class.
+    let infer_dir = tmp.path().join("infer");
+    let run = job(&infer_dir, "infer", json!({"model": model, "input": root.join("digits/images/7"), "top_k": 2}), &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out: Value = serde_json::from_slice(&std::fs::read(infer_dir.join("out/predictions.json")).expect("predictions")).expect("json");
+    let predictions = out["predictions"].as_array().expect("array");
+    assert_eq!(predictions.len(), std::fs::read_dir(root.join("digits/images/7")).expect("dir").count());
+    let sevens = predictions.iter().filter(|p| p["class"] == "7").count();
+    assert!(sevens as f64 >= 0.95 * predictions.len() as f64, "{sevens} of {} called 7", predictions.len());
+    assert_eq!(predictions[0]["top"].as_array().expect("top").len(), 2);
+
+    // A rerun handed the checkpoint continues from it instead of starting over.
+    let ckpt = dir.join("checkpoint/checkpoint");
+    assert!(ckpt.is_file());
+    let rerun = job(&tmp.path().join("rerun"), "train_classifier", train_params(&root, 8), &[("SUANLI_RESUME_FROM", &ckpt)]);
+    let resumed = rerun.events.iter().find(|e| e["event"] == "resumed").expect("resumed event");
+    assert!(resumed["step"].as_u64().expect("step") > 0);
+    let steps_after: Vec<u64> = rerun.events.iter().filter(|e| e["event"] == "step").filter_map(|e| e["step"].as_u64()).collect();
+    assert!(steps_after.iter().all(|s| *s > resumed["step"].as_u64().unwrap_or(0)), "a resumed run repeats no step");
+    assert_eq!(rerun.done()["steps"], summary["steps"]);
+}
+
+#[test]
+fn an_invalid_spec_lists_every_problem_and_touches_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = job(
+        tmp.path(),
+        "train_classifier",
+        json!({
+            "data": "nowhere",
+            "split": {"train": 0.9, "val": 0.9, "test": 0.0},
+            "training.model": {"arch": "small_cnn", "width": 0},
+            "training.optimizer": {"kind": "sgd", "lr": -1.0},
+            "training.epochs": 0,
+            "training.batch_size": 32,
+        }),
+        &[],
+    );
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let last = run.events.last().expect("error line");
+    assert_eq!(last["event"], "error");
+    let message = last["message"].as_str().expect("message");
+    for field in ["split.", "training.model.width", "training.optimizer.lr", "training.epochs"] {
+        assert!(message.contains(field), "{field} not named in: {message}");
+    }
+    assert_eq!(std::fs::read_dir(tmp.path().join("out")).expect("out").count(), 0, "nothing written");
+
+    let unknown = job(tmp.path(), "train_classifier", json!({"data": "x", "training.epochs": 1, "colour": "blue"}), &[]);
+    assert_eq!(unknown.code, 2);
+    let no_task = job(tmp.path(), "paint", json!({}), &[]);
+    assert_eq!(no_task.code, 2);
+}
+
+#[test]
+fn pre_annotation_writes_coco_yolo_voc_with_confidences_and_a_review_list() {
+    let Some(root) = data_dir() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let photos = tmp.path().join("in/photos");
+    std::fs::create_dir_all(&photos).expect("mkdir");
+    let reference: Value = serde_json::from_slice(&std::fs::read(root.join("faces/reference.json")).expect("reference")).expect("json");
+    for name in reference.as_object().expect("map").keys() {
+        std::fs::copy(root.join("faces").join(name), photos.join(name)).expect("copy");
+    }
+    let run = job(
+        tmp.path(),
+        "pre_annotate",
+        json!({"input": "photos", "detector": {"kind": "mtcnn", "weights": root.join("mtcnn")}, "formats": ["coco", "yolo", "voc"], "review_below": 0.9999}),
+        &[],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let summary = run.done();
+    let expected_faces: usize = reference.as_object().expect("map").values().map(|v| v.as_array().map_or(0, Vec::len)).sum();
+    assert_eq!(summary["objects"].as_u64(), Some(expected_faces as u64));
+    let out = tmp.path().join("out");
+    let coco = suanli_cv::annotation::AnnotationSet::read_dir(suanli_cv::annotation::Format::Coco, &out.join("coco")).expect("coco");
+    assert_eq!(coco.images.len(), reference.as_object().expect("map").len());
+    for img in &coco.images {
+        let want = reference[&img.file_name].as_array().map_or(0, Vec::len);
+        assert_eq!(img.objects.len(), want, "{}", img.file_name);
+        assert!(img.objects.iter().all(|o| o.score.is_some_and(|s| s > 0.7)), "{}: confidences kept", img.file_name);
+    }
+    assert!(out.join("yolo/classes.txt").is_file() && out.join("voc/Annotations").is_dir());
+    let review: Vec<Value> = serde_json::from_slice(&std::fs::read(out.join("review.json")).expect("review")).expect("json");
+    let low: usize = coco.images.iter().flat_map(|i| &i.objects).filter(|o| o.score.unwrap_or(0.0) < 0.9999).count();
+    assert_eq!(review.len(), low, "exactly the boxes under the threshold are listed for review");
+}
