@@ -94,6 +94,40 @@ def torchscript(out):
                    "output": expected.flatten().tolist(), "output_shape": list(expected.shape)}, f)
 
 
+class ToyDetector(torch.nn.Module):
+    """A detector-shaped TorchScript module: N x 6 rows (x1, y1, x2, y2, score, class) in
+    input pixels, boxes relative to the input size and scores scaled by its mean brightness,
+    so the post-processing path (class filter, score threshold, per-class NMS) has overlapping
+    boxes of several classes to work on."""
+
+    def forward(self, x):
+        h, w = float(x.shape[2]), float(x.shape[3])
+        rel = torch.tensor([[0.10, 0.10, 0.50, 0.50], [0.12, 0.10, 0.52, 0.50], [0.60, 0.60, 0.90, 0.90],
+                            [0.60, 0.60, 0.90, 0.90], [0.00, 0.00, 0.20, 0.20], [0.55, 0.58, 0.88, 0.90]])
+        boxes = rel * torch.tensor([w, h, w, h])
+        scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.3, 0.65]) * (0.5 + x.mean())
+        classes = torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+        return torch.cat([boxes, scores.unsqueeze(1), classes.unsqueeze(1)], dim=1)
+
+
+def detector(out):
+    """The toy detector and torchvision's post-processing of its output on the astronaut."""
+    import skimage.data
+    import torchvision
+
+    folder = os.path.join(out, "torchscript")
+    scripted = torch.jit.script(ToyDetector())
+    scripted.save(os.path.join(folder, "toy_detector.pt"))
+    img = torch.from_numpy(skimage.data.astronaut().copy()).permute(2, 0, 1).float().div(255.0).unsqueeze(0)
+    rows = scripted(img)
+    min_score, iou, keep_classes = 0.5, 0.5, [0, 1]
+    mask = (rows[:, 4] >= min_score) & torch.isin(rows[:, 5].long(), torch.tensor(keep_classes))
+    kept = rows[mask]
+    order = torchvision.ops.batched_nms(kept[:, :4], kept[:, 4], kept[:, 5].long(), iou)
+    with open(os.path.join(folder, "toy_detector_expected.json"), "w") as f:
+        json.dump({"min_score": min_score, "iou": iou, "rows": kept[order].tolist()}, f)
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -101,3 +135,4 @@ if __name__ == "__main__":
     mtcnn_weights(out)
     faces(out)
     torchscript(out)
+    detector(out)

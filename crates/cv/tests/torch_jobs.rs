@@ -178,3 +178,79 @@ fn pre_annotation_writes_coco_yolo_voc_with_confidences_and_a_review_list() {
     let low: usize = coco.images.iter().flat_map(|i| &i.objects).filter(|o| o.score.unwrap_or(0.0) < 0.9999).count();
     assert_eq!(review.len(), low, "exactly the boxes under the threshold are listed for review");
 }
+
+#[test]
+fn successive_halving_over_real_training_reports_every_trial_and_the_best() {
+    let Some(root) = data_dir() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base = json!({
+        "data": root.join("digits/images"),
+        "split": {"train": 0.6, "val": 0.2, "test": 0.2, "method": "stratified", "seed": 2},
+        "augment": [{"op": "gaussian_noise", "std": 0.02}],
+        "training": {"model": {"arch": "small_cnn", "width": 8}, "optimizer": {"kind": "adam", "lr": 0.001}, "epochs": 1, "batch_size": 64},
+    });
+    let run = job(
+        tmp.path(),
+        "search_hyperparameters",
+        json!({
+            "base": base,
+            "space": {"lr": {"kind": "log_uniform", "min": 1e-4, "max": 3e-2}, "batch_size": [32, 64], "epochs": [3]},
+            "strategy": {"kind": "successive_halving", "trials": 3, "min_epochs": 1, "eta": 3},
+            "seed": 4,
+        }),
+        &[],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let trials: Vec<&Value> = run.events.iter().filter(|e| e["event"] == "trial").collect();
+    assert_eq!(trials.len(), 3 + 1, "three configurations at 1 epoch, the best of them at 3");
+    let report: Value = serde_json::from_slice(&std::fs::read(tmp.path().join("out/hpo.json")).expect("hpo.json")).expect("json");
+    let all = report["trials"].as_array().expect("trials");
+    assert_eq!(all.len(), 4);
+    let best = &report["best"];
+    assert_eq!(best["rung"], 1);
+    assert_eq!(best["params"]["epochs"], 3);
+    let best_rung0 = all.iter().filter(|t| t["rung"] == 0).max_by(|a, b| a["score"].as_f64().partial_cmp(&b["score"].as_f64()).expect("scores")).expect("rung 0");
+    assert_eq!(best["trial"], best_rung0["trial"], "the promoted configuration is rung 0's best");
+}
+
+#[test]
+fn a_torchscript_detector_is_post_processed_as_torchvision_does() {
+    let Some(root) = data_dir() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let photos = tmp.path().join("in/photos");
+    std::fs::create_dir_all(&photos).expect("mkdir");
+    std::fs::copy(root.join("faces/astronaut.png"), photos.join("astronaut.png")).expect("copy");
+    let expected: Value = serde_json::from_slice(&std::fs::read(root.join("torchscript/toy_detector_expected.json")).expect("expected")).expect("json");
+    let detector = json!({"kind": "torchscript", "model": root.join("torchscript/toy_detector.pt"), "classes": ["person", "helmet"],
+                          "post": {"min_score": expected["min_score"], "iou": expected["iou"]}});
+    let run = job(tmp.path(), "pre_annotate", json!({"input": "photos", "detector": detector, "review_below": 0.0}), &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let coco = suanli_cv::annotation::AnnotationSet::read_dir(suanli_cv::annotation::Format::Coco, &tmp.path().join("out/coco")).expect("coco");
+    let objects = &coco.images[0].objects;
+    let rows = expected["rows"].as_array().expect("rows");
+    assert_eq!(objects.len(), rows.len(), "{objects:?}");
+    for (o, r) in objects.iter().zip(rows) {
+        let r: Vec<f32> = r.as_array().expect("row").iter().map(|v| v.as_f64().expect("number") as f32).collect();
+        let suanli_cv::annotation::Shape::Box { x, y, w, h } = o.shape else { panic!("a box") };
+        for (got, want) in [x, y, x + w, y + h].iter().zip(&r[..4]) {
+            assert!((got - want).abs() < 1e-3, "{o:?} vs {r:?}");
+        }
+        assert!((o.score.expect("score") - r[4]).abs() < 1e-5, "{o:?} vs {r:?}");
+        assert_eq!(o.category, ["person", "helmet"][r[5] as usize]);
+    }
+
+    // The class filter: only helmets.
+    let tmp2 = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(tmp2.path().join("in/photos")).expect("mkdir");
+    std::fs::copy(root.join("faces/astronaut.png"), tmp2.path().join("in/photos/astronaut.png")).expect("copy");
+    let mut only = detector.clone();
+    only["post"]["keep"] = json!(["helmet"]);
+    let run = job(tmp2.path(), "pre_annotate", json!({"input": "photos", "detector": only}), &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let coco = suanli_cv::annotation::AnnotationSet::read_dir(suanli_cv::annotation::Format::Coco, &tmp2.path().join("out/coco")).expect("coco");
+    let helmets = rows.iter().filter(|r| r[5] == 1.0).count();
+    assert_eq!(coco.images[0].objects.len(), helmets);
+    assert!(coco.images[0].objects.iter().all(|o| o.category == "helmet"));
+    let bad = job(tmp2.path(), "pre_annotate", json!({"input": "photos", "detector": {"kind": "torchscript", "model": root.join("torchscript/toy_detector.pt"), "classes": ["person"], "post": {"keep": ["dog"]}}}), &[]);
+    assert_eq!(bad.code, 2, "an unknown class to keep is a spec error");
+}

@@ -241,10 +241,22 @@ async fn start_agent(broker: &BrokerCluster, dir: &Path, supplier_token: &str, n
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let mut args = args;
+    // The CV job binary, when this run built it (the `torch` feature; .ci/run sets this).
+    if let Some(job) = cv_job_binary() {
+        args.extend(["--job-binary".to_owned(), job.display().to_string()]);
+    }
     let binary = workspace_binary("suanli-agent", "suanli-agent").expect("agent binary");
     let service = Service::start(&format!("agent{n}"), &binary, &args, &[], &home, WAIT).await.expect("agent starts");
     let node = service.get("node").expect("node").parse().expect("node id");
     Agent { service, node, prefix }
+}
+
+/// `suanli-job` and the CV test data, when both were prepared (`SUANLI_JOB_BINARY`,
+/// `SUANLI_CV_DATA`; ops/setup-torch and the `torch` build make them).
+pub fn cv_job_binary() -> Option<PathBuf> {
+    let job = PathBuf::from(std::env::var_os("SUANLI_JOB_BINARY")?);
+    job.is_file().then_some(job)
 }
 
 async fn scheduler(broker: &BrokerCluster, dir: &Path, name: &str, artifacts: bool) -> Service {

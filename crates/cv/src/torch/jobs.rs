@@ -145,6 +145,17 @@ impl Task {
                 if a.formats.is_empty() {
                     errors.push("formats: at least one of coco, voc, yolo".into());
                 }
+                if let DetectorSpec::Torchscript { classes, post, .. } = &a.detector {
+                    if classes.is_empty() {
+                        errors.push("detector.classes: name the model's classes".into());
+                    }
+                    for k in post.keep.iter().flatten().filter(|k| !classes.contains(k)) {
+                        errors.push(format!("detector.post.keep: {k} is not one of the classes"));
+                    }
+                    if !(0.0..=1.0).contains(&post.iou) {
+                        errors.push("detector.post.iou: within 0..=1".into());
+                    }
+                }
             }
             Task::PrepareDataset(p) => errors.extend(p.split.validate().into_iter().map(|e| format!("split.{e}"))),
             _ => {}
@@ -522,6 +533,97 @@ pub enum DetectorSpec {
         #[serde(default)]
         config: MtcnnConfig,
     },
+    /// Any detector exported as TorchScript that maps a `1×3×H×W` image (RGB, 0..1) to
+    /// `N×6` rows `x1, y1, x2, y2, score, class` in input pixels; its rows are filtered by
+    /// score and class and then go through per-class NMS.
+    Torchscript {
+        model: PathBuf,
+        /// Names of the model's class ids, in order.
+        classes: Vec<String>,
+        #[serde(default)]
+        post: PostProcess,
+    },
+}
+
+/// Detection post-processing (SPEC §6): score threshold, class filter, per-class NMS.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostProcess {
+    pub min_score: f32,
+    pub iou: f32,
+    /// Keep only these classes (names); all when absent.
+    pub keep: Option<Vec<String>>,
+}
+
+impl Default for PostProcess {
+    fn default() -> Self {
+        PostProcess { min_score: 0.5, iou: 0.5, keep: None }
+    }
+}
+
+/// A loaded detector: boxes with scores and class names for an RGB image.
+pub enum Detector {
+    Mtcnn(Mtcnn),
+    Torchscript { module: tch::CModule, classes: Vec<String>, post: PostProcess, keep_ids: Option<Vec<u32>>, device: Device },
+}
+
+impl Detector {
+    pub fn load(spec: &DetectorSpec, env: &JobEnv, device: Device) -> Result<Self, JobError> {
+        Ok(match spec {
+            DetectorSpec::Mtcnn { weights, config } => Detector::Mtcnn(Mtcnn::load(&env.input(weights), device, config.clone()).map_err(JobError::failed)?),
+            DetectorSpec::Torchscript { model, classes, post } => {
+                let path = env.input(model);
+                let mut module = tch::CModule::load_on_device(&path, device).map_err(|e| JobError::Failed(format!("{}: {e}", path.display())))?;
+                module.set_eval();
+                let keep_ids = match &post.keep {
+                    None => None,
+                    Some(names) => Some(
+                        names
+                            .iter()
+                            .map(|n| classes.iter().position(|c| c == n).map(|i| i as u32).ok_or_else(|| JobError::Invalid(vec![format!("detector.post.keep: {n} is not one of the classes")])))
+                            .collect::<Result<Vec<_>, _>>()?,
+                    ),
+                };
+                Detector::Torchscript { module, classes: classes.clone(), post: post.clone(), keep_ids, device }
+            }
+        })
+    }
+
+    pub fn detect(&self, img: &crate::Image) -> Result<Vec<(crate::nms::Detection, String)>, JobError> {
+        match self {
+            Detector::Mtcnn(m) => Ok(m
+                .detect(img)
+                .map_err(JobError::failed)?
+                .into_iter()
+                .map(|f| (crate::nms::Detection { x1: f.x1, y1: f.y1, x2: f.x2, y2: f.y2, score: f.score, class: 0 }, "face".to_owned()))
+                .collect()),
+            Detector::Torchscript { module, classes, post, keep_ids, device } => {
+                let x = super::data::images_to_tensor([("image", img)]).map_err(JobError::failed)?.to_device(*device);
+                let rows = tch::no_grad(|| module.forward_ts(&[x])).map_err(JobError::failed)?.to_device(Device::Cpu).to_kind(tch::Kind::Float);
+                if rows.dim() != 2 || rows.size()[1] != 6 {
+                    return Err(JobError::Failed(format!("the detector answered {:?}; expected N×6 rows", rows.size())));
+                }
+                let flat: Vec<f32> = rows.flatten(0, -1).try_into().map_err(JobError::failed)?;
+                let mut dets = Vec::with_capacity(flat.len() / 6);
+                for r in flat.chunks_exact(6) {
+                    let class = r[5].round();
+                    if class < 0.0 || class as usize >= classes.len() {
+                        return Err(JobError::Failed(format!("the detector gave class id {class}; it has {} classes", classes.len())));
+                    }
+                    dets.push(crate::nms::Detection { x1: r[0], y1: r[1], x2: r[2], y2: r[3], score: r[4], class: class as u32 });
+                }
+                let kept = crate::nms::filter(&dets, post.min_score, keep_ids.as_deref());
+                Ok(crate::nms::batched_nms(&kept, post.iou).into_iter().map(|i| (kept[i], classes[kept[i].class as usize].clone())).collect())
+            }
+        }
+    }
+
+    fn categories(&self) -> Vec<String> {
+        match self {
+            Detector::Mtcnn(_) => vec!["face".into()],
+            Detector::Torchscript { classes, .. } => classes.clone(),
+        }
+    }
 }
 
 /// Model-assisted annotation: run a detector over a folder and write its boxes, with
@@ -561,22 +663,21 @@ pub struct ReviewItem {
 
 impl PreAnnotate {
     fn run(&self, env: &JobEnv, progress: &mut dyn FnMut(Value)) -> Result<Value, JobError> {
-        let DetectorSpec::Mtcnn { weights, config } = &self.detector;
-        let detector = Mtcnn::load(&env.input(weights), first_device(self.device)?, config.clone()).map_err(JobError::failed)?;
+        let detector = Detector::load(&self.detector, env, first_device(self.device)?)?;
         let report = import(&env.input(&self.input), false, progress)?;
-        let mut set = AnnotationSet { categories: vec!["face".into()], images: Vec::new() };
+        let mut set = AnnotationSet { categories: detector.categories(), images: Vec::new() };
         let mut review = Vec::new();
         for (n, img) in report.images.iter().enumerate() {
             let rgb = if img.image.channels == 3 { img.image.clone() } else { crate::Image::from_dynamic(&::image::DynamicImage::ImageRgb8(img.image.to_dynamic().to_rgb8())) };
-            let faces = detector.detect(&rgb).map_err(JobError::failed)?;
+            let found = detector.detect(&rgb)?;
             let (w, h) = (img.image.width as f32, img.image.height as f32);
-            let objects: Vec<Object> = faces
+            let objects: Vec<Object> = found
                 .iter()
-                .map(|f| {
+                .map(|(f, category)| {
                     // Detector boxes may overhang the photo; annotations stay inside it.
                     let (x1, y1) = (f.x1.clamp(0.0, w), f.y1.clamp(0.0, h));
                     let (x2, y2) = (f.x2.clamp(0.0, w), f.y2.clamp(0.0, h));
-                    Object { category: "face".into(), shape: Shape::Box { x: x1, y: y1, w: x2 - x1, h: y2 - y1 }, score: Some(f.score) }
+                    Object { category: category.clone(), shape: Shape::Box { x: x1, y: y1, w: x2 - x1, h: y2 - y1 }, score: Some(f.score) }
                 })
                 .collect();
             for (i, o) in objects.iter().enumerate() {
@@ -585,7 +686,7 @@ impl PreAnnotate {
                 }
             }
             set.images.push(AnnotatedImage { file_name: img.name.clone(), width: img.image.width, height: img.image.height, objects });
-            progress(json!({"event": "progress", "done": n + 1, "total": report.images.len(), "faces": faces.len()}));
+            progress(json!({"event": "progress", "done": n + 1, "total": report.images.len(), "objects": found.len()}));
         }
         let out = env.output(self.output.as_deref())?;
         for format in &self.formats {

@@ -195,13 +195,14 @@ impl Optimizer {
                     let _ = self.params[i].g_sub_(&(update * lr));
                 }
                 OptimizerSpec::Adam { beta1, beta2, eps, weight_decay, .. } => {
+                    // In place where libtorch allows it: this runs once per parameter per step.
                     let g = if weight_decay != 0.0 { &grad + weight_decay * &self.params[i] } else { grad };
-                    let _ = self.first[i].g_mul_scalar_(beta1).g_add_(&(&g * (1.0 - beta1)));
-                    let _ = self.second[i].g_mul_scalar_(beta2).g_add_(&(&g * &g * (1.0 - beta2)));
-                    let bias1 = 1.0 - beta1.powf(t);
-                    let bias2 = 1.0 - beta2.powf(t);
-                    let denom = (&self.second[i] / bias2).sqrt() + eps;
-                    let _ = self.params[i].g_sub_(&((&self.first[i] / &denom) * (lr / bias1)));
+                    let _ = self.first[i].lerp_(&g, 1.0 - beta1);
+                    let _ = self.second[i].g_mul_scalar_(beta2).addcmul_(&g, &(&g * (1.0 - beta2)));
+                    let mut denom = self.second[i].sqrt();
+                    let _ = denom.g_div_scalar_((1.0 - beta2.powf(t)).sqrt()).g_add_scalar_(eps);
+                    let step = lr / (1.0 - beta1.powf(t));
+                    let _ = self.params[i].addcdiv_(&(&self.first[i] * -step), &denom);
                 }
             }
         }

@@ -176,26 +176,17 @@ impl Trainer {
             .map(|(a, b)| (xs.narrow(0, a, b - a), ys.narrow(0, a, b - a)))
             .collect();
         let used = shards.len();
-        let losses: Vec<(f64, i64)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self.replicas[..used]
-                .iter_mut()
-                .zip(shards)
-                .map(|(replica, (x, y))| {
-                    scope.spawn(move || {
-                        let device = replica.vs.device();
-                        for p in replica.vs.trainable_variables() {
-                            let mut p = p;
-                            p.zero_grad();
-                        }
-                        let rows = x.size()[0];
-                        let loss = replica.net.forward_t(&x.to_device(device), true).cross_entropy_for_logits(&y.to_device(device));
-                        loss.backward();
-                        (loss.double_value(&[]), rows)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or((f64::NAN, 0))).collect()
-        });
+        let losses: Vec<(f64, i64)> = if used == 1 {
+            // One device: stay on this thread. libtorch's OpenMP pool belongs to the thread that
+            // calls it, so a fresh thread per step would build a new pool every step.
+            shards.into_iter().map(|(x, y)| replica_step(&mut self.replicas[0], x, y)).collect()
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> =
+                    self.replicas[..used].iter_mut().zip(shards).map(|(replica, (x, y))| scope.spawn(move || replica_step(replica, x, y))).collect();
+                handles.into_iter().map(|h| h.join().unwrap_or((f64::NAN, 0))).collect()
+            })
+        };
         if used > 1 {
             let _guard = tch::no_grad_guard();
             let master = self.replicas[0].vs.trainable_variables();
@@ -365,6 +356,18 @@ impl Trainer {
     pub fn shape(&self) -> [i64; 3] {
         self.shape
     }
+}
+
+/// Forward and backward of one shard on its replica: (mean loss, rows).
+fn replica_step(replica: &mut Replica, x: Tensor, y: Tensor) -> (f64, i64) {
+    let device = replica.vs.device();
+    for mut p in replica.vs.trainable_variables() {
+        p.zero_grad();
+    }
+    let rows = x.size()[0];
+    let loss = replica.net.forward_t(&x.to_device(device), true).cross_entropy_for_logits(&y.to_device(device));
+    loss.backward();
+    (loss.double_value(&[]), rows)
 }
 
 /// Runs `f` with libtorch's global generator seeded and no other thread drawing from it, so
