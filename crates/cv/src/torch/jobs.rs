@@ -563,14 +563,14 @@ impl Default for PostProcess {
 
 /// A loaded detector: boxes with scores and class names for an RGB image.
 pub enum Detector {
-    Mtcnn(Mtcnn),
+    Mtcnn(Box<Mtcnn>),
     Torchscript { module: tch::CModule, classes: Vec<String>, post: PostProcess, keep_ids: Option<Vec<u32>>, device: Device },
 }
 
 impl Detector {
     pub fn load(spec: &DetectorSpec, env: &JobEnv, device: Device) -> Result<Self, JobError> {
         Ok(match spec {
-            DetectorSpec::Mtcnn { weights, config } => Detector::Mtcnn(Mtcnn::load(&env.input(weights), device, config.clone()).map_err(JobError::failed)?),
+            DetectorSpec::Mtcnn { weights, config } => Detector::Mtcnn(Box::new(Mtcnn::load(&env.input(weights), device, config.clone()).map_err(JobError::failed)?)),
             DetectorSpec::Torchscript { model, classes, post } => {
                 let path = env.input(model);
                 let mut module = tch::CModule::load_on_device(&path, device).map_err(|e| JobError::Failed(format!("{}: {e}", path.display())))?;

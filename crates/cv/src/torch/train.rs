@@ -264,7 +264,7 @@ impl Trainer {
                 loss_n += 1;
                 last_loss = loss;
                 let done = self.step - start_step;
-                if done % 10 == 0 || self.step == total {
+                if done.is_multiple_of(10) || self.step == total {
                     let elapsed = started.elapsed().as_secs_f64();
                     let rate = done as f64 / elapsed.max(1e-9);
                     progress(Progress::Step {
@@ -280,7 +280,7 @@ impl Trainer {
                 let every = self.config.checkpoint_every_steps;
                 let epoch_end = (b as u64 + 1) == per_epoch;
                 if let Some(path) = checkpoint {
-                    if (every > 0 && self.step % every == 0) || (every == 0 && epoch_end) {
+                    if (every > 0 && self.step.is_multiple_of(every)) || (every == 0 && epoch_end) {
                         self.save_checkpoint(path)?;
                         progress(Progress::Checkpoint { step: self.step, path: path.display().to_string() });
                     }
