@@ -4,7 +4,11 @@
 //! Needs `--features torch` and SUANLI_CV_DATA.
 #![cfg(feature = "torch")]
 
+mod support;
+
 use std::path::{Path, PathBuf};
+
+use support::data_dir;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -13,18 +17,17 @@ use suanli_cv::torch::classifier::{Classifier, ModelCard, CARD_FILE, TORCHSCRIPT
 use suanli_cv::torch::jobs::ClassifierService;
 use tch::{Device, Tensor};
 
-fn data_dir() -> Option<PathBuf> {
-    let d = std::env::var_os("SUANLI_CV_DATA").map(PathBuf::from);
-    if d.is_none() {
-        eprintln!("SUANLI_CV_DATA is not set (ops/setup-torch writes the data); skipping");
-    }
-    d
-}
-
 /// A model directory around the exported TorchScript digits network.
 fn torchscript_model(root: &Path, dir: &Path) -> Classifier {
     std::fs::copy(root.join("torchscript/digits_conv.pt"), dir.join(TORCHSCRIPT_FILE)).expect("copy");
-    let card = ModelCard { model: None, classes: (0..10).map(|d| d.to_string()).collect(), input: [1, 8, 8], preprocess: vec![], dataset_version: None, test_metrics: None };
+    let card = ModelCard {
+        model: None,
+        classes: (0..10).map(|d| d.to_string()).collect(),
+        input: [1, 8, 8],
+        preprocess: vec![],
+        dataset_version: None,
+        test_metrics: None,
+    };
     std::fs::write(dir.join(CARD_FILE), serde_json::to_vec(&card).expect("json")).expect("card");
     Classifier::load(dir, Device::Cpu).expect("load TorchScript")
 }
@@ -54,7 +57,8 @@ async fn the_online_service_answers_what_the_model_answers() {
     let Some(root) = data_dir() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let direct = torchscript_model(&root, dir.path());
-    let digits: Vec<PathBuf> = (0..10).map(|d| std::fs::read_dir(root.join(format!("digits/images/{d}"))).expect("dir").next().expect("a file").expect("entry").path()).collect();
+    let digits: Vec<PathBuf> =
+        (0..10).map(|d| std::fs::read_dir(root.join(format!("digits/images/{d}"))).expect("dir").next().expect("a file").expect("entry").path()).collect();
     let images: Vec<_> = digits.iter().map(|p| load_file(p).expect("digit").image).collect();
     let named: Vec<(&str, &suanli_cv::Image)> = images.iter().map(|i| ("digit", i)).collect();
     let want = direct.classify(&named, 3).expect("classify");

@@ -2,18 +2,14 @@
 //! writes, on real data (ops/setup-torch). Needs `--features torch` and SUANLI_CV_DATA.
 #![cfg(feature = "torch")]
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
+
 use std::process::Command;
+use support::data_dir;
 
 use serde_json::{json, Value};
-
-fn data_dir() -> Option<PathBuf> {
-    let d = std::env::var_os("SUANLI_CV_DATA").map(PathBuf::from);
-    if d.is_none() {
-        eprintln!("SUANLI_CV_DATA is not set (ops/setup-torch writes the data); skipping");
-    }
-    d
-}
 
 struct Run {
     code: i32,
@@ -209,7 +205,8 @@ fn successive_halving_over_real_training_reports_every_trial_and_the_best() {
     let best = &report["best"];
     assert_eq!(best["rung"], 1);
     assert_eq!(best["params"]["epochs"], 3);
-    let best_rung0 = all.iter().filter(|t| t["rung"] == 0).max_by(|a, b| a["score"].as_f64().partial_cmp(&b["score"].as_f64()).expect("scores")).expect("rung 0");
+    let best_rung0 =
+        all.iter().filter(|t| t["rung"] == 0).max_by(|a, b| a["score"].as_f64().partial_cmp(&b["score"].as_f64()).expect("scores")).expect("rung 0");
     assert_eq!(best["trial"], best_rung0["trial"], "the promoted configuration is rung 0's best");
 }
 
@@ -251,6 +248,33 @@ fn a_torchscript_detector_is_post_processed_as_torchvision_does() {
     let helmets = rows.iter().filter(|r| r[5] == 1.0).count();
     assert_eq!(coco.images[0].objects.len(), helmets);
     assert!(coco.images[0].objects.iter().all(|o| o.category == "helmet"));
-    let bad = job(tmp2.path(), "pre_annotate", json!({"input": "photos", "detector": {"kind": "torchscript", "model": root.join("torchscript/toy_detector.pt"), "classes": ["person"], "post": {"keep": ["dog"]}}}), &[]);
+    let bad = job(
+        tmp2.path(),
+        "pre_annotate",
+        json!({"input": "photos", "detector": {"kind": "torchscript", "model": root.join("torchscript/toy_detector.pt"), "classes": ["person"], "post": {"keep": ["dog"]}}}),
+        &[],
+    );
     assert_eq!(bad.code, 2, "an unknown class to keep is a spec error");
+}
+
+#[test]
+fn a_dataset_archive_from_the_store_is_unpacked_versioned_and_split() {
+    let Some(root) = data_dir() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(tmp.path().join("in")).expect("mkdir");
+    let archive = tmp.path().join("in/digits.tgz");
+    let tar = Command::new("tar").arg("czf").arg(&archive).arg("-C").arg(root.join("digits")).arg("images").output().expect("tar");
+    assert!(tar.status.success(), "{}", String::from_utf8_lossy(&tar.stderr));
+    let params = json!({"name": "digits", "input": "digits.tgz", "split": {"train": 0.8, "val": 0.1, "test": 0.1, "method": "stratified", "seed": 9}});
+    let first = job(tmp.path(), "prepare_dataset", params.clone(), &[]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let summary = first.done();
+    assert_eq!(summary["version"], 1);
+    assert_eq!(summary["sizes"].as_array().expect("sizes").iter().filter_map(Value::as_u64).sum::<u64>(), 1797);
+    let split: Value = serde_json::from_slice(&std::fs::read(tmp.path().join("out/split.json")).expect("split")).expect("json");
+    assert!(split["train"][0]["name"].as_str().is_some_and(|n| !n.starts_with("images/")), "the archive's single folder is the root");
+    assert!(split["train"][0]["label"].as_str().is_some_and(|l| l.len() == 1), "labels are the digit folders");
+    // Unchanged data: no new version.
+    let again = job(tmp.path(), "prepare_dataset", params, &[]);
+    assert_eq!(again.done()["version"], 1);
 }

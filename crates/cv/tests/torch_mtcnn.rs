@@ -3,13 +3,15 @@
 //! finds nothing. Needs `--features torch` and SUANLI_CV_DATA.
 #![cfg(feature = "torch")]
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use serde::Deserialize;
 use suanli_cv::intake::load_file;
 use suanli_cv::nms::{iou, Detection};
 use suanli_cv::torch::mtcnn::{Mtcnn, MtcnnConfig};
+use support::data_dir;
 use tch::Device;
 
 #[derive(Deserialize)]
@@ -25,10 +27,7 @@ fn det(b: [f32; 4], score: f32) -> Detection {
 
 #[test]
 fn boxes_match_facenet_pytorch_on_every_image() {
-    let Some(root) = std::env::var_os("SUANLI_CV_DATA").map(PathBuf::from) else {
-        eprintln!("SUANLI_CV_DATA is not set (ops/setup-torch writes the data); skipping");
-        return;
-    };
+    let Some(root) = data_dir() else { return };
     let faces = root.join("faces");
     let reference: BTreeMap<String, Vec<Reference>> =
         serde_json::from_slice(&std::fs::read(faces.join("reference.json")).expect("reference.json")).expect("parse");

@@ -2,7 +2,9 @@
 //! checkpoint resume, and data-parallel gradients. Needs `--features torch` and SUANLI_CV_DATA.
 #![cfg(feature = "torch")]
 
-use std::path::PathBuf;
+mod support;
+
+use support::data_dir;
 
 use suanli_cv::dataset::{Dataset, SplitMethod, SplitSpec};
 use suanli_cv::intake::{import_dir, IntakeOptions};
@@ -11,16 +13,6 @@ use suanli_cv::torch::models::ModelSpec;
 use suanli_cv::torch::optim::{OptimizerSpec, Schedule};
 use suanli_cv::torch::train::{with_seed, TrainConfig, Trainer};
 use tch::{Device, Tensor};
-
-fn data_dir() -> Option<PathBuf> {
-    match std::env::var_os("SUANLI_CV_DATA") {
-        Some(d) => Some(PathBuf::from(d)),
-        None => {
-            eprintln!("SUANLI_CV_DATA is not set (ops/setup-torch writes the data); skipping");
-            None
-        }
-    }
-}
 
 /// (train, test) of the digits, split 80/20 stratified with a fixed seed.
 fn digits(root: &std::path::Path) -> (Samples, Samples) {

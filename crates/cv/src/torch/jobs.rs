@@ -186,7 +186,32 @@ fn default_split() -> SplitSpec {
     SplitSpec { train: 0.8, val: 0.1, test: 0.1, method: SplitMethod::Stratified, seed: 0 }
 }
 
-fn import(dir: &Path, labels: bool, progress: &mut dyn FnMut(Value)) -> Result<IntakeReport, JobError> {
+/// Imports a folder, or an archive of one (`.tar`, `.tar.gz`, `.tgz`: how a dataset arrives
+/// from the artifact store as a job input). An archive is unpacked into a temporary folder
+/// (entries escaping it are refused by `tar`); when it holds a single top-level folder, that
+/// folder is the root, so `tar czf digits.tgz digits/` and `tar czf digits.tgz -C digits .`
+/// give the same names and labels.
+fn import(path: &Path, labels: bool, progress: &mut dyn FnMut(Value)) -> Result<IntakeReport, JobError> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let gz = name.ends_with(".tar.gz") || name.ends_with(".tgz");
+    if !(path.is_file() && (gz || name.ends_with(".tar"))) {
+        return import_folder(path, labels, progress);
+    }
+    let fail = |e: std::io::Error| JobError::Failed(format!("{}: {e}", path.display()));
+    let scratch = tempfile::Builder::new().prefix("suanli-data-").tempdir().map_err(fail)?;
+    let file = std::fs::File::open(path).map_err(fail)?;
+    let reader: Box<dyn std::io::Read> = if gz { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
+    tar::Archive::new(reader).unpack(scratch.path()).map_err(fail)?;
+    let entries: Vec<PathBuf> = std::fs::read_dir(scratch.path()).map_err(fail)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let root = match entries.as_slice() {
+        [only] if only.is_dir() => only.clone(),
+        _ => scratch.path().to_owned(),
+    };
+    progress(json!({"event": "unpacked", "archive": name}));
+    import_folder(&root, labels, progress)
+}
+
+fn import_folder(dir: &Path, labels: bool, progress: &mut dyn FnMut(Value)) -> Result<IntakeReport, JobError> {
     let report = import_dir(dir, &IntakeOptions { labels_from_subdirs: labels, ..Default::default() }).map_err(|e| JobError::Failed(format!("{}: {e}", dir.display())))?;
     for r in &report.rejected {
         progress(json!({"event": "rejected", "name": r.name, "reason": r.reason, "kind": r.kind}));
@@ -261,7 +286,7 @@ impl ExtractFrames {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainClassifier {
-    /// A folder with one sub-folder of images per class.
+    /// A folder with one sub-folder of images per class, or a `.tar`/`.tar.gz` of one.
     pub data: PathBuf,
     #[serde(default = "default_split")]
     pub split: SplitSpec,

@@ -98,6 +98,8 @@ pub enum Progress {
 struct Replica {
     vs: nn::VarStore,
     net: Box<dyn ModuleT>,
+    /// The trainable variables, listed once (the var store locks and clones on every call).
+    params: Vec<Tensor>,
 }
 
 pub struct Trainer {
@@ -130,7 +132,8 @@ impl Trainer {
             for &device in devices {
                 let vs = nn::VarStore::new(device);
                 let net = config.model.build(&vs.root(), shape[0], shape[1], classes);
-                replicas.push(Replica { vs, net });
+                let params = vs.trainable_variables();
+                replicas.push(Replica { vs, net, params });
             }
         });
         let (first, rest) = replicas.split_at_mut(1);
@@ -189,12 +192,11 @@ impl Trainer {
         };
         if used > 1 {
             let _guard = tch::no_grad_guard();
-            let master = self.replicas[0].vs.trainable_variables();
-            let others: Vec<Vec<Tensor>> = self.replicas[1..used].iter().map(|r| r.vs.trainable_variables()).collect();
-            for (i, p) in master.iter().enumerate() {
+            let (master, others) = self.replicas.split_at(1);
+            for (i, p) in master[0].params.iter().enumerate() {
                 let mut sum = p.grad() * (losses[0].1 as f64 / n as f64);
-                for (r, vars) in others.iter().enumerate() {
-                    let g = vars[i].grad();
+                for (r, replica) in others[..used - 1].iter().enumerate() {
+                    let g = replica.params[i].grad();
                     if g.defined() {
                         sum += g.to_device(p.device()) * (losses[r + 1].1 as f64 / n as f64);
                     }
@@ -361,7 +363,7 @@ impl Trainer {
 /// Forward and backward of one shard on its replica: (mean loss, rows).
 fn replica_step(replica: &mut Replica, x: Tensor, y: Tensor) -> (f64, i64) {
     let device = replica.vs.device();
-    for mut p in replica.vs.trainable_variables() {
+    for p in &mut replica.params {
         p.zero_grad();
     }
     let rows = x.size()[0];
