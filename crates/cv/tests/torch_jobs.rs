@@ -278,3 +278,24 @@ fn a_dataset_archive_from_the_store_is_unpacked_versioned_and_split() {
     let again = job(tmp.path(), "prepare_dataset", params, &[]);
     assert_eq!(again.done()["version"], 1);
 }
+
+#[test]
+fn frames_from_a_video_become_images_the_pipeline_reads() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(tmp.path().join("in")).expect("mkdir");
+    let video = tmp.path().join("in/clip.avi");
+    let made = Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=10", "-t", "3", "-c:v", "mpeg4"])
+        .arg(&video)
+        .output()
+        .expect("ffmpeg (ops/install-build-deps installs it)");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let run = job(tmp.path(), "extract_frames", json!({"video": "clip.avi", "sampling": {"mode": "every_nth", "n": 5}, "output": "frames"}), &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.done()["frames"], 6, "30 frames, every 5th");
+    let report = suanli_cv::intake::import_dir(tmp.path().join("out/frames"), &Default::default()).expect("import");
+    assert_eq!(report.images.len(), 6);
+    assert!(report.images.iter().all(|i| (i.image.width, i.image.height) == (64, 48)));
+    let typo = job(tmp.path(), "extract_frames", json!({"video": "clip.avi", "sampling": {"mode": "every_nth", "n": 5}, "max_frame": 3}), &[]);
+    assert_eq!(typo.code, 2, "a misspelled field is refused");
+}

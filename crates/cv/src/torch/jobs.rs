@@ -19,7 +19,7 @@ use super::train::{Progress, TrainConfig, Trainer};
 use crate::annotation::{AnnotatedImage, AnnotationSet, Format, Object, Shape};
 use crate::dataset::{Dataset, Item, SplitMethod, SplitSpec};
 use crate::hpo::{SearchSpace, Strategy};
-use crate::intake::{import_dir, FrameOptions, IntakeOptions, IntakeReport, LoadedImage};
+use crate::intake::{import_dir, FrameOptions, FrameSampling, IntakeOptions, IntakeReport, LoadedImage};
 use crate::preprocess::{Pipeline, Registry, Step};
 
 #[derive(Debug, thiserror::Error)]
@@ -267,8 +267,9 @@ impl PrepareDataset {
 #[serde(deny_unknown_fields)]
 pub struct ExtractFrames {
     pub video: PathBuf,
-    #[serde(flatten)]
-    pub frames: FrameOptions,
+    pub sampling: FrameSampling,
+    #[serde(default)]
+    pub max_frames: Option<u32>,
     #[serde(default)]
     pub output: Option<PathBuf>,
 }
@@ -276,7 +277,8 @@ pub struct ExtractFrames {
 impl ExtractFrames {
     fn run(&self, env: &JobEnv) -> Result<Value, JobError> {
         let out = env.output(self.output.as_deref())?;
-        let frames = crate::intake::extract_frames(env.input(&self.video), &self.frames, &out).map_err(JobError::failed)?;
+        let options = FrameOptions { sampling: self.sampling.clone(), max_frames: self.max_frames };
+        let frames = crate::intake::extract_frames(env.input(&self.video), &options, &out).map_err(JobError::failed)?;
         Ok(json!({"frames": frames.len(), "output": out}))
     }
 }
