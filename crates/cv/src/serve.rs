@@ -120,7 +120,7 @@ impl Default for ServeConfig {
             max_wait_ms: 5,
             max_queue: 1024,
             max_body_bytes: 32 << 20,
-            limits: IntakeLimits { max_width: 8192, max_height: 8192, max_pixels: 32 << 20, max_file_bytes: 32 << 20 },
+            limits: IntakeLimits { max_width: 8192, max_height: 8192, max_pixels: 16 << 20, max_file_bytes: 32 << 20 },
         }
     }
 }
@@ -379,6 +379,9 @@ impl IntoResponse for ApiError {
 struct App {
     batcher: Arc<Batcher>,
     config: ServeConfig,
+    /// Decodes in flight at once: each holds a decoded image (up to `limits.max_pixels` × 12
+    /// bytes), so this and the queue bound the memory a burst of requests can take.
+    decodes: tokio::sync::Semaphore,
     model: Value,
     shutdown: watch::Receiver<bool>,
 }
@@ -396,6 +399,7 @@ impl App {
     /// Decodes off the async threads: a large PNG takes long enough to stall other requests.
     async fn decode(&self, bytes: Bytes) -> Result<Image, ApiError> {
         let limits = self.config.limits.clone();
+        let _permit = self.decodes.acquire().await.map_err(|_| shutting_down())?;
         let decoded = tokio::task::spawn_blocking(move || load_bytes("image", &bytes, &limits))
             .await
             // Only a panic escaping the decoder (or a runtime going down) gets here.
@@ -670,6 +674,9 @@ pub async fn serve(listener: tokio::net::TcpListener, predictor: Box<dyn BatchPr
     if config.max_body_bytes == 0 {
         return Err(ServeError::InvalidConfig("max_body_bytes must be at least 1".into()));
     }
+    if config.max_wait_ms > 10_000 {
+        return Err(ServeError::InvalidConfig("max_wait_ms: at most 10000".into()));
+    }
     let addr = listener.local_addr()?;
     let model = predictor.describe();
     let batcher = Arc::new(Batcher {
@@ -686,7 +693,8 @@ pub async fn serve(listener: tokio::net::TcpListener, predictor: Box<dyn BatchPr
         .map_err(ServeError::Thread)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let app = Arc::new(App { batcher: batcher.clone(), config, model, shutdown: shutdown_rx.clone() });
+    let decodes = tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()) * 2);
+    let app = Arc::new(App { batcher: batcher.clone(), config, decodes, model, shutdown: shutdown_rx.clone() });
     let routes = router(app);
     let mut signal = shutdown_rx;
     let task_batcher = batcher.clone();

@@ -299,3 +299,46 @@ fn frames_from_a_video_become_images_the_pipeline_reads() {
     let typo = job(tmp.path(), "extract_frames", json!({"video": "clip.avi", "sampling": {"mode": "every_nth", "n": 5}, "max_frame": 3}), &[]);
     assert_eq!(typo.code, 2, "a misspelled field is refused");
 }
+
+#[test]
+fn specs_that_would_fail_late_are_refused_up_front() {
+    let Some(root) = data_dir() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let digits = root.join("digits/images");
+    let train = |extra: Value| {
+        let mut p = json!({"data": digits, "training.model": {"arch": "small_cnn", "width": 4}, "training.optimizer": {"kind": "sgd", "lr": 0.1}, "training.epochs": 1, "training.batch_size": 64});
+        for (k, v) in extra.as_object().expect("object") {
+            p[k] = v.clone();
+        }
+        job(tmp.path(), "train_classifier", p, &[])
+    };
+    // An augmentation that changes the shape would crash the network at the first batch.
+    let run = train(json!({"augment": [{"op": "resize", "width": 4, "height": 4}]}));
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.events.last().expect("error")["message"].as_str().expect("message").contains("augment"));
+    // Nothing to train on, or a schedule that poisons the weights.
+    assert_eq!(train(json!({"split": {"train": 0.0, "val": 0.5, "test": 0.5}})).code, 2);
+    assert_eq!(train(json!({"training.schedule": {"kind": "cosine", "min_lr": 5.0}})).code, 2);
+    // An image pyramid that never ends.
+    let mtcnn = job(tmp.path(), "pre_annotate", json!({"input": "x", "detector": {"kind": "mtcnn", "weights": root.join("mtcnn"), "config": {"factor": 1.0}}}), &[]);
+    assert_eq!(mtcnn.code, 2);
+}
+
+#[test]
+fn links_in_a_dataset_archive_are_not_followed() {
+    let Some(root) = data_dir() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("src/set");
+    std::fs::create_dir_all(src.join("a")).expect("mkdir");
+    std::fs::copy(root.join("faces/astronaut.png"), src.join("a/ok.png")).expect("copy");
+    std::os::unix::fs::symlink("/etc", src.join("etc")).expect("symlink");
+    std::os::unix::fs::symlink(root.join("faces/coffee.png"), src.join("a/linked.png")).expect("symlink");
+    std::fs::create_dir_all(tmp.path().join("in")).expect("mkdir");
+    let tar = Command::new("tar").arg("cf").arg(tmp.path().join("in/set.tar")).arg("-C").arg(tmp.path().join("src")).arg("set").output().expect("tar");
+    assert!(tar.status.success());
+    let run = job(tmp.path(), "prepare_dataset", json!({"name": "s", "input": "set.tar", "split": {"train": 1.0, "val": 0.0, "test": 0.0, "method": "random"}}), &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let skipped = run.events.iter().find(|e| e["event"] == "skipped_entries").expect("links reported");
+    assert_eq!(skipped["count"], 2);
+    assert_eq!(run.done()["sizes"][0], 1, "only the regular file was imported");
+}

@@ -85,7 +85,14 @@ fn main() -> ExitCode {
         }
         (None, None) => Err(JobError::Invalid(vec!["give a subcommand (run, validate, device) or --task".into()])),
     };
-    let result = task.and_then(|t| t.run(&JobEnv::from_env(), &mut |v| print(&v)));
+    // libtorch errors inside tch's infallible calls are panics; they still end in an error line.
+    let result = task.and_then(|t| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.run(&JobEnv::from_env(), &mut |v| print(&v))))
+            .unwrap_or_else(|panic| {
+                let why = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                Err(JobError::Failed(format!("internal error: {why}")))
+            })
+    });
     match result {
         Ok(summary) => {
             print(&json!({"event": "done", "summary": summary}));

@@ -145,6 +145,17 @@ impl Task {
                 if a.formats.is_empty() {
                     errors.push("formats: at least one of coco, voc, yolo".into());
                 }
+                if let DetectorSpec::Mtcnn { config, .. } = &a.detector {
+                    if !(12.0..=10_000.0).contains(&config.min_face_size) {
+                        errors.push("detector.config.min_face_size: between 12 and 10000 pixels".into());
+                    }
+                    if !(0.1..=0.95).contains(&config.factor) {
+                        errors.push("detector.config.factor: between 0.1 and 0.95".into());
+                    }
+                    if config.thresholds.iter().any(|t| !(0.0..=1.0).contains(t)) {
+                        errors.push("detector.config.thresholds: each within 0..=1".into());
+                    }
+                }
                 if let DetectorSpec::Torchscript { classes, post, .. } = &a.detector {
                     if classes.is_empty() {
                         errors.push("detector.classes: name the model's classes".into());
@@ -158,6 +169,16 @@ impl Task {
                 }
             }
             Task::PrepareDataset(p) => errors.extend(p.split.validate().into_iter().map(|e| format!("split.{e}"))),
+            Task::ExtractFrames(f) => {
+                match f.sampling {
+                    FrameSampling::EveryNth { n: 0 } => errors.push("sampling.n: at least 1".into()),
+                    FrameSampling::Fps { fps } if !(fps > 0.0 && fps <= 240.0) => errors.push("sampling.fps: above 0, at most 240".into()),
+                    _ => {}
+                }
+                if f.max_frames.is_some_and(|m| m == 0 || m > 1_000_000) {
+                    errors.push("max_frames: between 1 and 1000000".into());
+                }
+            }
             _ => {}
         }
         if errors.is_empty() {
@@ -201,15 +222,41 @@ fn import(path: &Path, labels: bool, progress: &mut dyn FnMut(Value)) -> Result<
     let scratch = tempfile::Builder::new().prefix("suanli-data-").tempdir().map_err(fail)?;
     let file = std::fs::File::open(path).map_err(fail)?;
     let reader: Box<dyn std::io::Read> = if gz { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
-    tar::Archive::new(reader).unpack(scratch.path()).map_err(fail)?;
-    let entries: Vec<PathBuf> = std::fs::read_dir(scratch.path()).map_err(fail)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut archive = tar::Archive::new(reader);
+    let (mut bytes, mut count, mut skipped) = (0u64, 0u64, 0u64);
+    for entry in archive.entries().map_err(fail)? {
+        let mut entry = entry.map_err(fail)?;
+        // Only folders and regular files: a link could point the import at any file the
+        // lease's account can read.
+        match entry.header().entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Directory => {}
+            _ => {
+                skipped += 1;
+                continue;
+            }
+        }
+        count += 1;
+        bytes += entry.header().size().map_err(fail)?;
+        if count > ARCHIVE_MAX_ENTRIES || bytes > ARCHIVE_MAX_BYTES {
+            return Err(JobError::Failed(format!("{}: more than {ARCHIVE_MAX_ENTRIES} entries or {ARCHIVE_MAX_BYTES} bytes unpacked", path.display())));
+        }
+        entry.unpack_in(scratch.path()).map_err(fail)?;
+    }
+    if skipped > 0 {
+        progress(json!({"event": "skipped_entries", "archive": name, "count": skipped, "reason": "not a regular file or folder"}));
+    }
+    let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(scratch.path()).map_err(fail)?.filter_map(Result::ok).collect();
     let root = match entries.as_slice() {
-        [only] if only.is_dir() => only.clone(),
+        [only] if only.file_type().is_ok_and(|t| t.is_dir()) => only.path(),
         _ => scratch.path().to_owned(),
     };
     progress(json!({"event": "unpacked", "archive": name}));
     import_folder(&root, labels, progress)
 }
+
+/// What one archive may unpack to (a guard against decompression bombs in the temp folder).
+const ARCHIVE_MAX_BYTES: u64 = 64 << 30;
+const ARCHIVE_MAX_ENTRIES: u64 = 10_000_000;
 
 fn import_folder(dir: &Path, labels: bool, progress: &mut dyn FnMut(Value)) -> Result<IntakeReport, JobError> {
     let report = import_dir(dir, &IntakeOptions { labels_from_subdirs: labels, ..Default::default() }).map_err(|e| JobError::Failed(format!("{}: {e}", dir.display())))?;
@@ -323,6 +370,9 @@ impl TrainClassifier {
         if !(1..=64).contains(&self.replicas) {
             errors.push("replicas: between 1 and 64".into());
         }
+        if self.split.train.is_nan() || self.split.train <= 0.0 {
+            errors.push("split.train: must be above 0 to have anything to train on".into());
+        }
     }
 
     fn run(&self, env: &JobEnv, progress: &mut dyn FnMut(Value)) -> Result<Value, JobError> {
@@ -383,6 +433,9 @@ impl LabelledData {
         if classes.len() < 2 {
             return Err(JobError::Failed(format!("{}: needs at least two class folders, found {}", job.data.display(), classes.len())));
         }
+        if let Some(stray) = version.items.iter().find(|i| i.label.is_none()) {
+            return Err(JobError::Failed(format!("{}: {} is not in a class folder; a training set has one folder per class", job.data.display(), stray.name)));
+        }
         let by_name: HashMap<&str, &LoadedImage> = report.images.iter().map(|i| (i.name.as_str(), i)).collect();
         let index: HashMap<&str, i64> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i as i64)).collect();
         let samples = |items: &[Item]| -> Result<Samples, JobError> {
@@ -401,6 +454,20 @@ impl LabelledData {
         };
         let (train, val, test) = (samples(&split.train)?, samples(&split.val)?, samples(&split.test)?);
         drop(index);
+        if train.is_empty() {
+            return Err(JobError::Failed(format!("the split leaves no training images out of {}", version.items.len())));
+        }
+        // Augmentation must keep the shape the network is built for; find out now, not at
+        // some step of epoch 3.
+        let augment = Pipeline::build(&job.augment, &Registry::new()).map_err(JobError::failed)?;
+        let probe = augment.apply(train.images[0].clone(), &mut crate::preprocess::item_rng(0, 0)).map_err(|e| JobError::Failed(format!("augment: {e}")))?;
+        let shape = [i64::from(probe.channels), i64::from(probe.height), i64::from(probe.width)];
+        if shape != train.shape() {
+            return Err(JobError::Invalid(vec![format!(
+                "augment: turns {:?} images into {shape:?} (channels, height, width); augmentation must keep the shape (resize, crop and grayscale belong under preprocess)",
+                train.shape()
+            )]));
+        }
         Ok(LabelledData { classes, version: version.id.clone(), train, val, test })
     }
 }
@@ -541,7 +608,12 @@ impl Serve {
             let addr = listener.local_addr().map_err(JobError::failed)?;
             let server = crate::serve::serve(listener, Box::new(service), self.config.clone().unwrap_or_default()).await.map_err(JobError::failed)?;
             progress(json!({"event": "serving", "url": format!("http://{addr}/v1/predict")}));
-            let _ = tokio::signal::ctrl_c().await;
+            // SIGINT by hand, SIGTERM from the agent ending the job.
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(JobError::failed)?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
             let stats = server.stats();
             server.shutdown().await.map_err(JobError::failed)?;
             Ok(json!({"stats": stats}))
@@ -634,10 +706,14 @@ impl Detector {
                 let mut dets = Vec::with_capacity(flat.len() / 6);
                 for r in flat.chunks_exact(6) {
                     let class = r[5].round();
-                    if class < 0.0 || class as usize >= classes.len() {
+                    if !class.is_finite() || class < 0.0 || class as usize >= classes.len() {
                         return Err(JobError::Failed(format!("the detector gave class id {class}; it has {} classes", classes.len())));
                     }
-                    dets.push(crate::nms::Detection { x1: r[0], y1: r[1], x2: r[2], y2: r[3], score: r[4], class: class as u32 });
+                    // Rows that are not a box (not finite, no area) are dropped; corners ordered.
+                    if r[..5].iter().all(|v| v.is_finite()) && r[0] != r[2] && r[1] != r[3] {
+                        let score = r[4].clamp(0.0, 1.0);
+                        dets.push(crate::nms::Detection { x1: r[0].min(r[2]), y1: r[1].min(r[3]), x2: r[0].max(r[2]), y2: r[1].max(r[3]), score, class: class as u32 });
+                    }
                 }
                 let kept = crate::nms::filter(&dets, post.min_score, keep_ids.as_deref());
                 Ok(crate::nms::batched_nms(&kept, post.iou).into_iter().map(|i| (kept[i], classes[kept[i].class as usize].clone())).collect())

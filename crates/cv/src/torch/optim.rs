@@ -69,8 +69,8 @@ impl OptimizerSpec {
                 if !(0.0..1.0).contains(momentum) {
                     errors.push(format!("optimizer.momentum: in [0, 1), got {momentum}"));
                 }
-                if *weight_decay < 0.0 {
-                    errors.push("optimizer.weight_decay: not negative".into());
+                if !(weight_decay.is_finite() && *weight_decay >= 0.0) {
+                    errors.push("optimizer.weight_decay: a finite number, not negative".into());
                 }
                 if *nesterov && *momentum == 0.0 {
                     errors.push("optimizer.nesterov: needs momentum > 0".into());
@@ -82,11 +82,11 @@ impl OptimizerSpec {
                         errors.push(format!("optimizer.{name}: in [0, 1), got {b}"));
                     }
                 }
-                if *eps <= 0.0 {
-                    errors.push("optimizer.eps: positive".into());
+                if !(eps.is_finite() && *eps > 0.0) {
+                    errors.push("optimizer.eps: a finite positive number".into());
                 }
-                if *weight_decay < 0.0 {
-                    errors.push("optimizer.weight_decay: not negative".into());
+                if !(weight_decay.is_finite() && *weight_decay >= 0.0) {
+                    errors.push("optimizer.weight_decay: a finite number, not negative".into());
                 }
             }
         }
@@ -101,7 +101,8 @@ pub enum Schedule {
     Constant,
     /// Multiply by `gamma` every `every_epochs`.
     Step { every_epochs: u32, gamma: f64 },
-    /// Cosine from the base rate down to `min_lr` at the last epoch.
+    /// Cosine from the base rate towards `min_lr`, as PyTorch's `CosineAnnealingLR` with
+    /// `T_max = epochs`: epoch `e` gets `min_lr + (lr - min_lr)(1 + cos(π e / epochs)) / 2`.
     Cosine {
         #[serde(default)]
         min_lr: f64,
@@ -120,17 +121,19 @@ impl Schedule {
         }
     }
 
-    pub fn validate(&self, errors: &mut Vec<String>) {
+    pub fn validate(&self, base_lr: f64, errors: &mut Vec<String>) {
         match self {
             Schedule::Step { every_epochs, gamma } => {
                 if *every_epochs == 0 {
                     errors.push("schedule.every_epochs: at least 1".into());
                 }
-                if !(*gamma > 0.0 && *gamma <= 1.0) {
+                if !(gamma.is_finite() && *gamma > 0.0 && *gamma <= 1.0) {
                     errors.push(format!("schedule.gamma: in (0, 1], got {gamma}"));
                 }
             }
-            Schedule::Cosine { min_lr } if *min_lr < 0.0 => errors.push("schedule.min_lr: not negative".into()),
+            Schedule::Cosine { min_lr } if !(min_lr.is_finite() && *min_lr >= 0.0 && *min_lr <= base_lr) => {
+                errors.push(format!("schedule.min_lr: between 0 and the learning rate ({base_lr}), got {min_lr}"))
+            }
             _ => {}
         }
     }

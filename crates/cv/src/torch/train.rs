@@ -67,7 +67,7 @@ impl TrainConfig {
             errors.push(e);
         }
         self.optimizer.validate(&mut errors);
-        self.schedule.validate(&mut errors);
+        self.schedule.validate(self.optimizer.lr(), &mut errors);
         if !(1..=100_000).contains(&self.epochs) {
             errors.push(format!("epochs: between 1 and 100000, got {}", self.epochs));
         }
@@ -169,7 +169,7 @@ impl Trainer {
 
     /// Forward and backward of one batch on every replica; returns the batch's mean loss and
     /// leaves the averaged gradient in the first replica's parameters.
-    pub fn accumulate_gradients(&mut self, xs: &Tensor, ys: &Tensor) -> f64 {
+    pub fn accumulate_gradients(&mut self, xs: &Tensor, ys: &Tensor) -> Result<f64, TrainError> {
         let n = xs.size()[0];
         let parts = self.replicas.len() as i64;
         let chunk = (n + parts - 1) / parts;
@@ -187,8 +187,10 @@ impl Trainer {
             std::thread::scope(|scope| {
                 let handles: Vec<_> =
                     self.replicas[..used].iter_mut().zip(shards).map(|(replica, (x, y))| scope.spawn(move || replica_step(replica, x, y))).collect();
-                handles.into_iter().map(|h| h.join().unwrap_or((f64::NAN, 0))).collect()
-            })
+                // A replica that panicked (a device out of memory, say) fails the step: averaging
+                // without its share would silently train on part of the batch.
+                handles.into_iter().map(|h| h.join().map_err(|_| TrainError::Io("a data-parallel replica failed during its step".into()))).collect::<Result<Vec<_>, _>>()
+            })?
         };
         if used > 1 {
             let _guard = tch::no_grad_guard();
@@ -204,7 +206,7 @@ impl Trainer {
                 p.grad().copy_(&sum);
             }
         }
-        losses.iter().map(|(l, rows)| l * *rows as f64).sum::<f64>() / n as f64
+        Ok(losses.iter().map(|(l, rows)| l * *rows as f64).sum::<f64>() / n as f64)
     }
 
     /// Copies the first replica's weights and buffers to the others.
@@ -225,6 +227,9 @@ impl Trainer {
         checkpoint: Option<&Path>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<TrainOutcome, TrainError> {
+        if train.is_empty() {
+            return Err(TrainError::Invalid(vec!["the training split has no images".into()]));
+        }
         let per_epoch = self.steps_per_epoch(train.len());
         let total = per_epoch * u64::from(self.config.epochs);
         let started = Instant::now();
@@ -248,6 +253,9 @@ impl Trainer {
                 let (xs, ys) = match augment {
                     None => train.batch(idx),
                     Some(aug) => {
+                        // Draws of a batch depend on the seed and the step alone, so a resumed
+                        // run augments each batch as the uninterrupted run did.
+                        let mut rng = crate::preprocess::item_rng(self.config.seed, global);
                         let mut out = Vec::with_capacity(idx.len());
                         for &i in idx {
                             let name = &train.names[i as usize];
@@ -258,7 +266,7 @@ impl Trainer {
                         (xs, Tensor::from_slice(&idx.iter().map(|&i| train.labels[i as usize]).collect::<Vec<_>>()))
                     }
                 };
-                let loss = self.accumulate_gradients(&xs, &ys);
+                let loss = self.accumulate_gradients(&xs, &ys)?;
                 self.optimizer.step(lr);
                 self.broadcast()?;
                 self.step = global + 1;
