@@ -524,7 +524,9 @@ pub fn extract_frames_with(
 
     let ffmpeg = ffmpeg.as_ref();
     let mut cmd = Command::new(ffmpeg);
-    cmd.args(["-nostdin", "-hide_banner", "-loglevel", "error", "-i"])
+    // Local files only: a playlist or concat "video" could otherwise make ffmpeg read other
+    // files or URLs.
+    cmd.args(["-nostdin", "-hide_banner", "-loglevel", "error", "-protocol_whitelist", "file", "-i"])
         .arg(video)
         .args(["-map", "0:v:0", "-vf", &filter])
         // Keep each selected frame once, without ffmpeg duplicating or dropping frames to

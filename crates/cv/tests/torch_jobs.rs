@@ -342,3 +342,21 @@ fn links_in_a_dataset_archive_are_not_followed() {
     assert_eq!(skipped["count"], 2);
     assert_eq!(run.done()["sizes"][0], 1, "only the regular file was imported");
 }
+
+#[test]
+fn images_that_would_share_a_voc_or_yolo_file_are_caught_before_detection() {
+    let Some(root) = data_dir() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for d in ["a", "b"] {
+        std::fs::create_dir_all(tmp.path().join("in/photos").join(d)).expect("mkdir");
+        std::fs::copy(root.join(format!("faces/{}.png", if d == "a" { "astronaut" } else { "coffee" })), tmp.path().join("in/photos").join(d).join("1.png")).expect("copy");
+    }
+    let spec = |formats: Value| json!({"input": "photos", "detector": {"kind": "mtcnn", "weights": root.join("mtcnn")}, "formats": formats});
+    let clash = job(tmp.path(), "pre_annotate", spec(json!(["coco", "yolo"])), &[]);
+    assert_eq!(clash.code, 1);
+    let message = clash.events.last().expect("error")["message"].as_str().expect("message").to_owned();
+    assert!(message.contains("a/1.png") && message.contains("b/1.png"), "{message}");
+    assert!(!clash.events.iter().any(|e| e["event"] == "progress"), "nothing was detected first");
+    let coco = job(tmp.path(), "pre_annotate", spec(json!(["coco"])), &[]);
+    assert_eq!(coco.code, 0, "{}", coco.stderr);
+}

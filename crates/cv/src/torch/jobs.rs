@@ -768,6 +768,16 @@ impl PreAnnotate {
     fn run(&self, env: &JobEnv, progress: &mut dyn FnMut(Value)) -> Result<Value, JobError> {
         let detector = Detector::load(&self.detector, env, first_device(self.device)?)?;
         let report = import(&env.input(&self.input), false, progress)?;
+        // VOC and YOLO name each image's file by its stem: find clashes before detecting.
+        if self.formats.iter().any(|f| *f != Format::Coco) {
+            let mut seen: HashMap<String, &str> = HashMap::new();
+            for img in &report.images {
+                let stem = Path::new(&img.name).file_stem().and_then(|s| s.to_str()).unwrap_or(&img.name).to_owned();
+                if let Some(first) = seen.insert(stem.clone(), &img.name) {
+                    return Err(JobError::Failed(format!("{first} and {} would both be written as {stem}.* in VOC/YOLO; rename one or ask for COCO only", img.name)));
+                }
+            }
+        }
         let mut set = AnnotationSet { categories: detector.categories(), images: Vec::new() };
         let mut review = Vec::new();
         for (n, img) in report.images.iter().enumerate() {
