@@ -59,14 +59,7 @@ async fn main() -> anyhow::Result<()> {
         .cluster_id;
     let mut researcher = broker.client(1, &researcher_token).await?;
     let lease = researcher
-        .request_lease(v1::RequestLeaseRequest {
-            request_id: "lease".into(),
-            cluster_id: cluster,
-            node_ids: Vec::new(),
-            cards: (nodes * 8) as u32,
-            billing_mode: v1::BillingMode::Hourly.into(),
-            periods: 1,
-        })
+        .request_lease(suanli_testkit::fixtures::hourly_lease("lease", cluster, (nodes * 8) as u32))
         .await?
         .into_inner();
     supplier.activate_lease(v1::LeaseRef { request_id: "activate".into(), lease_id: lease.lease_id }).await?;

@@ -56,6 +56,19 @@ pub fn inventory(tag: &str, cards: u32) -> NodeInventory {
 }
 
 /// What [`register`] pays in for every researcher: 1,000,000.00 CNY, enough for any test lease.
+/// A request for `cards` cards of `cluster`, billed hourly for one period (the test worlds'
+/// usual lease).
+pub fn hourly_lease(request_id: impl Into<String>, cluster: u64, cards: u32) -> v1::RequestLeaseRequest {
+    v1::RequestLeaseRequest {
+        request_id: request_id.into(),
+        cluster_id: cluster,
+        node_ids: Vec::new(),
+        cards,
+        billing_mode: v1::BillingMode::Hourly.into(),
+        periods: 1,
+    }
+}
+
 pub const RESEARCHER_FUNDS: i64 = 100_000_000;
 
 /// Registers an account with the platform token; returns its ID and API token. A researcher

@@ -114,14 +114,7 @@ impl World {
     pub async fn lease(&self, cluster: u64, cards: u32, tag: &str) -> u64 {
         let mut researcher = self.researcher.clone();
         let lease = researcher
-            .request_lease(v1::RequestLeaseRequest {
-                request_id: format!("lease-{tag}"),
-                cluster_id: cluster,
-                node_ids: Vec::new(),
-                cards,
-                billing_mode: v1::BillingMode::Hourly.into(),
-                periods: 1,
-            })
+            .request_lease(fixtures::hourly_lease(format!("lease-{tag}"), cluster, cards))
             .await
             .expect("lease")
             .into_inner()

@@ -176,14 +176,7 @@ impl Node {
     pub async fn lease(&self, researcher: &mut Researcher, tag: &str) -> Login {
         let lease = researcher
             .client
-            .request_lease(v1::RequestLeaseRequest {
-                request_id: format!("lease-{tag}"),
-                cluster_id: self.cluster,
-                node_ids: Vec::new(),
-                cards: 1,
-                billing_mode: v1::BillingMode::Hourly.into(),
-                periods: 1,
-            })
+            .request_lease(suanli_testkit::fixtures::hourly_lease(format!("lease-{tag}"), self.cluster, 1))
             .await
             .expect("lease")
             .into_inner()

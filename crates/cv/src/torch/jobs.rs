@@ -383,8 +383,7 @@ impl TrainClassifier {
         if let Some(resume) = &env.resume_from {
             trainer.resume(resume, &mut emit).map_err(JobError::failed)?;
         }
-        let augment = Pipeline::build(&self.augment, &Registry::new()).map_err(JobError::failed)?;
-        let augment_fn = |img: &crate::Image, rng: &mut rand_chacha::ChaCha8Rng| augment.apply(img.clone(), rng).map_err(|e| e.to_string());
+        let augment_fn = |img: &crate::Image, rng: &mut rand_chacha::ChaCha8Rng| data.augment.apply(img.clone(), rng).map_err(|e| e.to_string());
         let outcome = trainer
             .fit(&data.train, Some(&data.val), (!self.augment.is_empty()).then_some(&augment_fn as _), env.checkpoint.as_deref(), &mut emit)
             .map_err(JobError::failed)?;
@@ -410,9 +409,11 @@ impl TrainClassifier {
     }
 }
 
-/// A class-per-folder image set, imported, versioned, split and preprocessed.
+/// A class-per-folder image set, imported, versioned, split and preprocessed, with the
+/// job's augmentation checked against it.
 pub struct LabelledData {
     pub classes: Vec<String>,
+    pub augment: Pipeline,
     pub version: String,
     pub train: Samples,
     pub val: Samples,
@@ -468,7 +469,7 @@ impl LabelledData {
                 train.shape()
             )]));
         }
-        Ok(LabelledData { classes, version: version.id.clone(), train, val, test })
+        Ok(LabelledData { classes, augment, version: version.id.clone(), train, val, test })
     }
 }
 
