@@ -8,13 +8,12 @@ mod support;
 use std::time::Duration;
 
 use suanli_proto::v1;
-use support::{running_as_root, World, POLL};
+use support::{World, POLL};
 use suanli_testkit::eventually;
 
 #[tokio::test]
 async fn the_cheapest_matching_cards_are_leased_for_a_job_and_released_after_it() {
-    if !running_as_root() {
-        eprintln!("skipped: lease accounts are Unix users, so the agents need root");
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
         return;
     }
     let mut w = World::bare(2, 2, 1).await;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use suanli_artifacts::{ArtifactClient, Digest};
-use support::{cv_job_binary, running_as_root, wait_done, World, ARTIFACT_TOKEN};
+use support::{cv_job_binary, wait_done, World, ARTIFACT_TOKEN};
 
 #[tokio::test]
 async fn a_builtin_training_job_runs_on_a_leased_card_and_its_model_lands_in_the_store() {
@@ -18,8 +18,7 @@ async fn a_builtin_training_job_runs_on_a_leased_card_and_its_model_lands_in_the
         eprintln!("skipped: SUANLI_JOB_BINARY and SUANLI_CV_DATA are not set (ops/setup-torch, the torch build)");
         return;
     };
-    if !running_as_root() {
-        eprintln!("skipped: lease accounts are Unix users, so the agents need root");
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
         return;
     }
     let w = World::start(1, 2, 1).await;

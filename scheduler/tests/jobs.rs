@@ -15,7 +15,7 @@ use std::time::Duration;
 use suanli_proto::v1;
 use suanli_testkit::cluster::PLATFORM_TOKEN;
 use suanli_testkit::fixtures;
-use support::{running_as_root, wait_done, World};
+use support::{wait_done, World};
 
 const JOBS: usize = 200;
 const CARDS_PER_NODE: u32 = 4;
@@ -79,8 +79,7 @@ fn spec(i: usize, record: &Path) -> serde_json::Value {
 
 #[tokio::test]
 async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
-    if !running_as_root() {
-        eprintln!("skipped: lease accounts are Unix users, so the agents need root");
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
         return;
     }
     let mut w = World::start(2, CARDS_PER_NODE, 2).await;

@@ -9,14 +9,13 @@ use std::time::Duration;
 
 use suanli_artifacts::{ArtifactClient, Digest};
 use suanli_proto::v1;
-use support::{running_as_root, wait_done, World, ARTIFACT_TOKEN, POLL};
+use support::{wait_done, World, ARTIFACT_TOKEN, POLL};
 
 const STEPS: u32 = 40;
 
 #[tokio::test]
 async fn a_job_on_a_card_that_falls_off_resumes_from_its_checkpoint_elsewhere() {
-    if !running_as_root() {
-        eprintln!("skipped: lease accounts are Unix users, so the agents need root");
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
         return;
     }
     let w = World::start(2, 1, 1).await;

@@ -76,6 +76,14 @@ pub struct AgentArgs {
     /// What becomes of a lease's home at its end: `wipe` (default) or `keep`.
     #[arg(long, env = "SUANLI_AGENT_SCRATCH_POLICY")]
     pub scratch_policy: Option<crate::access::ScratchPolicy>,
+    /// First and last UID of lease accounts (`FIRST-LAST`); several agents on one host need
+    /// disjoint ranges [default: 2000000-2999999]
+    #[arg(long, env = "SUANLI_AGENT_UID_RANGE")]
+    pub uid_range: Option<String>,
+    /// Seconds without any broker before this node stops its jobs (self-fencing; below the
+    /// scheduler's 30 s, so no attempt runs twice) [default: 20]
+    #[arg(long, env = "SUANLI_AGENT_FENCE_AFTER_S")]
+    pub fence_after_s: Option<u64>,
     /// Also append every sample, as sent, to this JSON-lines file (audits and tests).
     #[arg(long, env = "SUANLI_AGENT_RECORD")]
     pub record: Option<PathBuf>,
@@ -134,6 +142,22 @@ struct FileAccess {
     xvnc: Option<PathBuf>,
     cgroup_root: Option<PathBuf>,
     scratch_policy: Option<crate::access::ScratchPolicy>,
+    /// First and last UID of lease accounts, as "FIRST-LAST".
+    uid_range: Option<String>,
+    /// Each lease its own /tmp, /var/tmp, /dev/shm and IPC namespace (default true).
+    private_tmp: Option<bool>,
+    /// Fraction of the node's memory and CPU the leases share, by cards (default 0.9).
+    lease_fraction: Option<f64>,
+    /// Seconds past paid_until before a lease is ended here without the broker (default 30).
+    expiry_grace_s: Option<u64>,
+    /// New SSH connections per source address per minute (default 120).
+    connections_per_source: Option<u32>,
+    /// Largest checkpoint or output read from a lease (default 64 GiB).
+    max_job_file_bytes: Option<u64>,
+    /// Seconds one job transfer may take (default 1800).
+    job_transfer_deadline_s: Option<u64>,
+    /// Seconds without any broker before this node stops its jobs (default 20).
+    fence_after_s: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -178,6 +202,9 @@ pub struct AgentConfig {
     pub ssh_listen: Option<SocketAddr>,
     pub ssh_advertise: Option<String>,
     pub access: crate::access::AccessConfig,
+    pub job_files: crate::jobs::FileLimits,
+    /// Without any broker this long, the node stops its jobs.
+    pub fence_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,8 +267,26 @@ impl AgentConfig {
                 xvnc: access.xvnc.or_else(|| Some(PathBuf::from("/usr/bin/Xvnc"))).filter(|p| p.exists()),
                 cgroup_root: access.cgroup_root.or_else(|| Some(PathBuf::from("/sys/fs/cgroup"))).filter(|p| p.is_dir()),
                 scratch: args.scratch_policy.or(access.scratch_policy).unwrap_or(crate::access::ScratchPolicy::Wipe),
+                state_dir: PathBuf::new(), // set below, from the agent's own
+                uid_range: parse_uid_range(args.uid_range.as_deref().or(access.uid_range.as_deref()).unwrap_or("2000000-2999999"))?,
+                private_tmp: access.private_tmp.unwrap_or(true),
+                lease_fraction: access.lease_fraction.unwrap_or(0.9),
+                host_memory_bytes: 0,
+                host_cpus: 0,
+                expiry_grace: Duration::from_secs(access.expiry_grace_s.unwrap_or(30)),
+                connections_per_source: access.connections_per_source.unwrap_or(120),
             },
+            job_files: crate::jobs::FileLimits {
+                max_bytes: access.max_job_file_bytes.unwrap_or(crate::jobs::FileLimits::default().max_bytes),
+                deadline: access.job_transfer_deadline_s.map_or(crate::jobs::FileLimits::default().deadline, Duration::from_secs),
+            },
+            fence_after: Duration::from_secs(args.fence_after_s.or(access.fence_after_s).unwrap_or(20)),
         };
+        let mut config = config;
+        config.access.state_dir = config.state_dir.clone();
+        let host = crate::host::facts(None);
+        config.access.host_memory_bytes = u64::from(host.memory_gib) << 30;
+        config.access.host_cpus = host.vcpus;
         config.validate()?;
         Ok(config)
     }
@@ -278,6 +323,12 @@ impl AgentConfig {
         if self.simulated.cards == 0 || self.simulated.cards as usize > suanli_types::node::MAX_CARDS_PER_NODE {
             return bad("simulated.cards must be between 1 and 64");
         }
+        if !(0.0..=1.0).contains(&self.access.lease_fraction) || self.access.lease_fraction == 0.0 {
+            return bad("lease_fraction must be above 0.0 and at most 1.0");
+        }
+        if self.fence_after < Duration::from_secs(2) {
+            return bad("fence_after_s must be at least 2");
+        }
         if !suanli_types::node::valid_login_prefix(&self.access.login_prefix) {
             return Err(ConfigError::Invalid(format!("login_prefix: {}", suanli_types::node::LOGIN_PREFIX_RULE)));
         }
@@ -291,6 +342,17 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// "FIRST-LAST", both inclusive, above the host's own users.
+fn parse_uid_range(text: &str) -> Result<(u32, u32), ConfigError> {
+    let bad = || ConfigError::Invalid(format!("uid_range {text:?}: FIRST-LAST, with 100000 <= FIRST <= LAST < 4294967294"));
+    let (first, last) = text.split_once('-').ok_or_else(bad)?;
+    let (first, last): (u32, u32) = (first.trim().parse().map_err(|_| bad())?, last.trim().parse().map_err(|_| bad())?);
+    if first < 100_000 || first > last || last >= u32::MAX - 1 {
+        return Err(bad());
+    }
+    Ok((first, last))
 }
 
 fn load(path: &Path) -> Result<FileAgent, ConfigError> {

@@ -25,9 +25,8 @@
 //! is reported as `node_lost` (the platform's fault, so it does not count against the job),
 //! never started a second time.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::chown;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +39,8 @@ use tonic::transport::Channel;
 
 use suanli_artifacts::ArtifactClient;
 
-use crate::access::gateway::{enter_cgroup, session_env};
+use crate::access::gateway::session_env;
+use crate::access::lease_fs::{LeaseDir, LeaseFsError};
 use crate::access::Access;
 use crate::identity::BrokerTls;
 
@@ -56,6 +56,26 @@ pub struct JobRunner {
     /// Where job inputs, outputs and checkpoints go; `None`: jobs with inputs cannot start
     /// and checkpoints stay on the node.
     pub artifacts: Option<ArtifactClient>,
+    /// Caps on the agent's file work in a lease's directories.
+    pub files: FileLimits,
+    /// Without a broker answering this long, every attempt here is stopped (self-fencing):
+    /// the scheduler requeues a silent node's jobs elsewhere, and two copies must never run.
+    pub fence_after: Duration,
+}
+
+/// Bounds on what one attempt's files may cost the node's runner.
+#[derive(Clone, Copy, Debug)]
+pub struct FileLimits {
+    /// The largest checkpoint or output the agent reads from a lease's directory.
+    pub max_bytes: u64,
+    /// How long one transfer (an input down, a checkpoint or the outputs up) may take.
+    pub deadline: Duration,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        FileLimits { max_bytes: 64 << 30, deadline: Duration::from_secs(30 * 60) }
+    }
 }
 
 type Key = (u64, u32);
@@ -82,11 +102,12 @@ fn is_shared(job: &v1::Job) -> bool {
 }
 
 struct Checkpoint {
-    file: PathBuf,
-    uid: u32,
-    last: Option<(std::time::SystemTime, u64)>,
-    /// The attempt's `job.log`, and what of it was read for progress lines.
-    log: PathBuf,
+    /// The attempt's directory, opened without following links.
+    dir: Arc<LeaseDir>,
+    last: Option<(i64, i64, u64)>,
+    /// An upload in flight, and the file stamp it is of.
+    uploading: Option<(tokio::task::JoinHandle<Result<suanli_artifacts::Digest, String>>, (i64, i64, u64))>,
+    /// What of `job.log` was read for progress lines.
     log_read: u64,
     progress: Option<String>,
     progress_sent: Option<std::time::Instant>,
@@ -96,12 +117,14 @@ struct Checkpoint {
 /// Progress is relayed at most this often per attempt (each relay is a replicated write).
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
+const CHECKPOINT: &str = "checkpoint/checkpoint";
+const LOG: &str = "job.log";
+
 /// Where an attempt's files are, for uploading its outputs.
 #[derive(Clone)]
 struct Outputs {
-    dir: PathBuf,
+    dir: Arc<LeaseDir>,
     names: Vec<String>,
-    uid: u32,
 }
 
 struct Ended {
@@ -110,6 +133,10 @@ struct Ended {
     reason: JobEndReason,
     outputs: Option<Outputs>,
 }
+
+/// Uploads of finished attempts' outputs, each on its own task, so that a slow or hostile
+/// attempt never holds up the runner's loop.
+type Uploads = HashMap<Key, tokio::task::JoinHandle<Result<HashMap<String, String>, String>>>;
 
 impl JobRunner {
     pub async fn run(self, every: Duration) {
@@ -121,10 +148,12 @@ impl JobRunner {
         let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<Ended>();
         let mut running: BTreeMap<Key, Running> = BTreeMap::new();
         let mut to_report: Vec<Ended> = Vec::new();
+        let mut uploads: Uploads = HashMap::new();
         let mut channel: Option<Channel> = None;
         let mut which = 0usize;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_contact = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -136,6 +165,9 @@ impl JobRunner {
             while let Ok(ended) = ended_rx.try_recv() {
                 running.remove(&ended.key);
                 to_report.push(ended);
+            }
+            if last_contact.elapsed() > self.fence_after {
+                fence(&mut running, last_contact.elapsed());
             }
             if channel.is_none() {
                 match self.tls.connect(&self.brokers[which % self.brokers.len()]).await {
@@ -149,9 +181,12 @@ impl JobRunner {
             }
             let Some(c) = channel.clone() else { continue };
             let mut client = JobServiceClient::new(c);
-            to_report = self.report(&mut client, std::mem::take(&mut to_report)).await;
+            to_report = self.report(&mut client, std::mem::take(&mut to_report), &mut uploads).await;
             let jobs = match client.list_node_jobs(v1::ListNodeJobsRequest {}).await {
-                Ok(r) => r.into_inner().jobs,
+                Ok(r) => {
+                    last_contact = std::time::Instant::now();
+                    r.into_inner().jobs
+                }
                 Err(status) => {
                     tracing::warn!(error = %decode_status(&status), "job runner: could not list this node's jobs");
                     channel = None;
@@ -165,8 +200,9 @@ impl JobRunner {
         }
     }
 
-    /// Reports ended attempts; returns those that could not be reported yet.
-    async fn report(&self, client: &mut JobServiceClient<Channel>, ended: Vec<Ended>) -> Vec<Ended> {
+    /// Reports ended attempts; returns those that could not be reported yet (their outputs are
+    /// still uploading, or the broker did not answer).
+    async fn report(&self, client: &mut JobServiceClient<Channel>, ended: Vec<Ended>, uploads: &mut Uploads) -> Vec<Ended> {
         let mut left = Vec::new();
         for e in ended {
             let (job, attempt) = e.key;
@@ -176,11 +212,18 @@ impl JobRunner {
                 let _ = std::fs::remove_file(&marker);
                 continue;
             }
-            let mut outputs = std::collections::HashMap::new();
+            let mut outputs = HashMap::new();
             if let (JobEndReason::Completed, Some(out)) = (&e.reason, &e.outputs) {
-                match self.upload_outputs(out).await {
+                let upload = uploads.entry(e.key).or_insert_with(|| tokio::spawn(self.upload_outputs(out.clone())));
+                if !upload.is_finished() {
+                    left.push(e);
+                    continue;
+                }
+                let Some(upload) = uploads.remove(&e.key) else { continue };
+                match upload.await.map_err(|e| e.to_string()).and_then(|r| r) {
                     Ok(uploaded) => outputs = uploaded,
                     Err(why) => {
+                        // The next round starts a fresh upload.
                         tracing::warn!(job, attempt, %why, "could not upload outputs; will retry");
                         left.push(e);
                         continue;
@@ -214,60 +257,60 @@ impl JobRunner {
         left
     }
 
-    async fn upload_outputs(&self, out: &Outputs) -> Result<std::collections::HashMap<String, String>, String> {
-        let mut uploaded = std::collections::HashMap::new();
-        if out.names.is_empty() {
-            return Ok(uploaded);
+    /// Uploads the outputs the spec names, within the deadline. An output the job left as
+    /// something other than a regular file of its own (a link, a FIFO, too large) is refused
+    /// and, like one it never wrote, absent from the record.
+    fn upload_outputs(&self, out: Outputs) -> impl std::future::Future<Output = Result<HashMap<String, String>, String>> + Send + 'static {
+        let store = self.artifacts.clone();
+        let (staging, limits) = (self.staging_dir(), self.files);
+        async move {
+            let mut uploaded = HashMap::new();
+            if out.names.is_empty() {
+                return Ok(uploaded);
+            }
+            let store = store.ok_or("no artifact store configured for the job's outputs")?;
+            let work = async {
+                for name in &out.names {
+                    let rel = Path::new("out").join(name);
+                    match upload_from_lease(&store, out.dir.clone(), rel, &staging, limits).await {
+                        Ok(Some(digest)) => {
+                            uploaded.insert(name.clone(), digest.to_hex());
+                        }
+                        Ok(None) => {}
+                        Err(UploadError::Lease(why)) => tracing::warn!(%why, "output refused"),
+                        Err(UploadError::Transient(why)) => return Err(why),
+                    }
+                }
+                Ok(())
+            };
+            match tokio::time::timeout(limits.deadline, work).await {
+                Ok(Ok(())) => Ok(uploaded),
+                Ok(Err(why)) => Err(why),
+                Err(_) => Err(format!("outputs not uploaded within {:?}", limits.deadline)),
+            }
         }
-        let client = self.artifacts.as_ref().ok_or("no artifact store configured for the job's outputs")?;
-        for name in &out.names {
-            let path = out.dir.join(name);
-            // A declared output the job did not write is simply absent from the record.
-            let Some(staged) = self.stage(&path, out.uid)? else { continue };
-            let digest = client.upload_file(&staged).await.map_err(|e| e.to_string());
-            let _ = std::fs::remove_file(&staged);
-            uploaded.insert(name.clone(), digest?.to_hex());
-        }
-        Ok(uploaded)
     }
 
-    /// Copies a file the job wrote into the agent's own staging area, if it is a regular file
-    /// of the lease's account (not followed through a link); `Ok(None)` if it does not exist.
-    fn stage(&self, path: &std::path::Path, uid: u32) -> Result<Option<PathBuf>, String> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-        let mut file = match std::fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
-        let meta = file.metadata().map_err(|e| e.to_string())?;
-        if !meta.is_file() || meta.uid() != uid {
-            return Err(format!("{} is not a regular file of the lease's account", path.display()));
-        }
-        let staging = self.state_dir.join("staging");
-        std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
-        let staged = staging.join(format!("{:016x}", rand::random::<u64>()));
-        let mut copy = std::fs::File::create(&staged).map_err(|e| e.to_string())?;
-        std::io::copy(&mut file, &mut copy).map_err(|e| e.to_string())?;
-        Ok(Some(staged))
+    fn staging_dir(&self) -> PathBuf {
+        self.state_dir.join("staging")
     }
 
     /// Relays each running rank-0 attempt's latest JSON progress line (the last line of its
     /// output that is a JSON object), at most every [`PROGRESS_EVERY`].
     async fn sync_progress(&self, client: &mut JobServiceClient<Channel>, running: &mut BTreeMap<Key, Running>) {
         use std::io::{Read, Seek};
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         for ((job, attempt), r) in running.iter_mut() {
             let Some(cp) = r.checkpoint.as_mut() else { continue };
-            let Ok(mut file) = std::fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(&cp.log) else { continue };
-            let Ok(meta) = file.metadata() else { continue };
-            if !meta.is_file() || meta.uid() != cp.uid || meta.len() <= cp.log_read {
+            // The log may be any size; only its tail is read. A FIFO or a link is refused.
+            let Ok(Some((mut file, len))) = cp.dir.open_for_reading(Path::new(LOG), u64::MAX) else { continue };
+            let meta_len = len;
+            if meta_len <= cp.log_read {
                 continue;
             }
             // Only whole lines, and at most the last 64 KiB of what is new.
-            let from = cp.log_read.max(meta.len().saturating_sub(64 * 1024));
+            let from = cp.log_read.max(meta_len.saturating_sub(64 * 1024));
             let mut fresh = Vec::new();
-            if file.seek(std::io::SeekFrom::Start(from)).is_err() || file.take(meta.len() - from).read_to_end(&mut fresh).is_err() {
+            if file.seek(std::io::SeekFrom::Start(from)).is_err() || file.take(meta_len - from).read_to_end(&mut fresh).is_err() {
                 continue;
             }
             let Some(end) = fresh.iter().rposition(|b| *b == b'\n') else { continue };
@@ -300,45 +343,65 @@ impl JobRunner {
         }
     }
 
-    /// Uploads each running rank-0 attempt's checkpoint that changed since the last upload.
+    /// Uploads each running rank-0 attempt's checkpoint that changed since the last upload, on
+    /// a task of its own with a deadline, and records finished uploads with the broker.
     async fn sync_checkpoints(&self, client: &mut JobServiceClient<Channel>, running: &mut BTreeMap<Key, Running>) {
         let Some(store) = &self.artifacts else { return };
         for ((job, attempt), r) in running.iter_mut() {
             let Some(cp) = r.checkpoint.as_mut() else { continue };
-            let Ok(meta) = std::fs::symlink_metadata(&cp.file) else { continue };
-            let stamp = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
-            if cp.last == Some(stamp) {
+            if let Some((upload, stamp)) = cp.uploading.take() {
+                if !upload.is_finished() {
+                    cp.uploading = Some((upload, stamp));
+                    continue;
+                }
+                match upload.await.map_err(|e| e.to_string()).and_then(|r| r) {
+                    Ok(digest) => {
+                        let request = v1::ReportJobCheckpointRequest {
+                            request_id: format!("ckpt-{job}-{attempt}-{}", &digest.to_hex()[..16]),
+                            job_id: *job,
+                            attempt: *attempt,
+                            sha256: digest.to_hex(),
+                        };
+                        match client.report_job_checkpoint(request).await {
+                            Ok(_) => {
+                                tracing::info!(job, attempt, %digest, "checkpoint saved");
+                                cp.last = Some(stamp);
+                            }
+                            Err(status) => tracing::warn!(job, error = %decode_status(&status), "checkpoint not recorded"),
+                        }
+                    }
+                    Err(why) => {
+                        tracing::warn!(job, %why, "checkpoint not uploaded");
+                        cp.last = Some(stamp); // not again until it changes
+                    }
+                }
                 continue;
             }
-            let staged = match self.stage(&cp.file, cp.uid) {
-                Ok(Some(p)) => p,
+            let stamp = match cp.dir.stamp(Path::new(CHECKPOINT), self.files.max_bytes) {
+                Ok(Some(stamp)) => stamp,
                 Ok(None) => continue,
                 Err(why) => {
-                    tracing::warn!(job, %why, "checkpoint not uploaded");
-                    cp.last = Some(stamp);
+                    if cp.last.is_none() {
+                        tracing::warn!(job, %why, "checkpoint refused");
+                    }
+                    cp.last = Some((0, 0, 0));
                     continue;
                 }
             };
-            let digest = store.upload_file(&staged).await;
-            let _ = std::fs::remove_file(&staged);
-            match digest {
-                Ok(digest) => {
-                    let request = v1::ReportJobCheckpointRequest {
-                        request_id: format!("ckpt-{job}-{attempt}-{}", &digest.to_hex()[..16]),
-                        job_id: *job,
-                        attempt: *attempt,
-                        sha256: digest.to_hex(),
-                    };
-                    match client.report_job_checkpoint(request).await {
-                        Ok(_) => {
-                            tracing::info!(job, attempt, %digest, "checkpoint saved");
-                            cp.last = Some(stamp);
-                        }
-                        Err(status) => tracing::warn!(job, error = %decode_status(&status), "checkpoint not recorded"),
-                    }
-                }
-                Err(e) => tracing::warn!(job, error = %e, "checkpoint upload failed"),
+            if cp.last == Some(stamp) {
+                continue;
             }
+            let (store, dir, staging, limits) = (store.clone(), cp.dir.clone(), self.staging_dir(), self.files);
+            let upload = tokio::spawn(async move {
+                let work = upload_from_lease(&store, dir, PathBuf::from(CHECKPOINT), &staging, limits);
+                match tokio::time::timeout(limits.deadline, work).await {
+                    Ok(Ok(Some(digest))) => Ok(digest),
+                    Ok(Ok(None)) => Err("the checkpoint vanished".to_owned()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("not uploaded within {:?}", limits.deadline)),
+                }
+            });
+            cp.uploading = Some((upload, stamp));
         }
     }
 
@@ -392,7 +455,9 @@ impl JobRunner {
             }
             let marker = self.marker(key);
             if marker.exists() {
-                // Started by an earlier incarnation of this agent, whose process is gone.
+                // Started by an earlier incarnation of this agent: whatever of it survived that
+                // agent is killed before anything runs on its cards again.
+                kill_orphan(&marker);
                 let _ = ended.send(Ended { key, rank: 0, reason: JobEndReason::NodeLost(self.node), outputs: None });
                 running.insert(key, Running::done());
                 continue;
@@ -452,30 +517,29 @@ impl JobRunner {
             }
         };
         let account = &lease.account;
-        let dir = account.home.join(".suanli-jobs").join(format!("{}-{}", job.job_id, attempt.number));
+        // Everything below the lease's home is the lease's to change at any moment: it is
+        // reached through descriptors, never followed through a link (lease_fs.rs).
+        let lease_error = |e: LeaseFsError| e.to_string();
+        let home = LeaseDir::open_home(&account.home, account.uid, account.gid).map_err(lease_error)?;
+        let attempt_dir = Arc::new(home.make_dirs(&Path::new(".suanli-jobs").join(format!("{}-{}", job.job_id, attempt.number))).map_err(lease_error)?);
+        let dir = attempt_dir.path().to_owned();
+        let (input_dir, checkpoint_dir) = (attempt_dir.make_dirs(Path::new("in")).map_err(lease_error)?, attempt_dir.make_dirs(Path::new("checkpoint")).map_err(lease_error)?);
+        attempt_dir.make_dirs(Path::new("out")).map_err(lease_error)?;
         let (inputs, outputs, checkpoints) = (dir.join("in"), dir.join("out"), dir.join("checkpoint"));
-        for d in [&inputs, &outputs, &checkpoints] {
-            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-        }
-        for d in [dir.parent(), Some(dir.as_path()), Some(inputs.as_path()), Some(outputs.as_path()), Some(checkpoints.as_path())].into_iter().flatten() {
-            chown(d, Some(account.uid), Some(account.gid)).map_err(|e| format!("{}: {e}", d.display()))?;
-        }
         // Inputs and the checkpoint to resume from arrive verified before the program starts.
-        let mut fetch: Vec<(String, PathBuf)> = spec.inputs.iter().map(|i| (i.sha256.clone(), inputs.join(&i.name))).collect();
+        let mut fetch: Vec<(String, &LeaseDir, String)> = spec.inputs.iter().map(|i| (i.sha256.clone(), &input_dir, i.name.clone())).collect();
         let resume = checkpoints.join("resume");
         if !job.checkpoint_sha256.is_empty() {
-            fetch.push((job.checkpoint_sha256.clone(), resume.clone()));
+            fetch.push((job.checkpoint_sha256.clone(), &checkpoint_dir, "resume".to_owned()));
         }
         if !fetch.is_empty() {
             let store = self.artifacts.as_ref().ok_or("this node has no artifact store configured for the job's data")?;
-            for (sha, path) in &fetch {
+            for (sha, into, name) in &fetch {
                 let digest = sha.parse().map_err(|e: suanli_artifacts::StoreError| e.to_string())?;
-                store.download_to(digest, path).await.map_err(|e| format!("{}: {e}", path.display()))?;
-                chown(path, Some(account.uid), Some(account.gid)).map_err(|e| e.to_string())?;
+                download_into_lease(store, digest, into, name, self.files.deadline).await?;
             }
         }
-        let log = std::fs::File::create(dir.join("job.log")).map_err(|e| format!("job.log: {e}"))?;
-        chown(dir.join("job.log"), Some(account.uid), Some(account.gid)).map_err(|e| format!("job.log: {e}"))?;
+        let log = attempt_dir.create_file(LOG, 0o600).map_err(lease_error)?;
         let devices: Vec<String> = mine.iter().filter_map(|i| attempt.card_indexes.get(*i)).map(u32::to_string).collect();
         let mut extra: Vec<(String, String)> = user_env.into_iter().collect();
         extra.extend([
@@ -495,34 +559,29 @@ impl JobRunner {
         let mut env = session_env(&lease, &extra);
         env.retain(|(k, _)| k != "CUDA_VISIBLE_DEVICES");
         env.push(("CUDA_VISIBLE_DEVICES".to_owned(), devices.join(",")));
-        let (binary, args) = enter_cgroup(&lease, program, args, &mut env);
         std::fs::write(marker, b"").map_err(|e| format!("{}: {e}", marker.display()))?;
         let stderr = log.try_clone().map_err(|e| e.to_string())?;
-        let mut child = tokio::process::Command::new(&binary)
-            .args(&args)
-            .env_clear()
-            .envs(env)
-            .current_dir(&dir)
-            .uid(account.uid)
-            .gid(account.gid)
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                let _ = std::fs::remove_file(marker);
-                format!("{}: {e}", binary.display())
-            })?;
+        let mut command = tokio::process::Command::new(&program);
+        command.args(&args).env_clear().envs(env).current_dir(&dir).stdin(std::process::Stdio::null()).stdout(log).stderr(stderr).kill_on_drop(true);
+        // Its own process group, so stopping it stops what it forked.
+        command.process_group(0);
+        self.access.sandbox(&lease).apply(&mut command);
+        let mut child = command.spawn().map_err(|e| {
+            let _ = std::fs::remove_file(marker);
+            format!("{}: {e}", program.display())
+        })?;
+        if let Some(pid) = child.id() {
+            // Which process it was, for an agent restarted after a crash (`kill_orphan`).
+            let _ = std::fs::write(marker, format!("{pid} {}", start_time(pid).unwrap_or(0)));
+        }
         tracing::info!(job = job.job_id, attempt = attempt.number, devices = %devices.join(","), "job attempt started");
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let key = (job.job_id, attempt.number);
-        let out = Outputs { dir: outputs, names: spec.outputs.clone(), uid: account.uid };
+        let out = Outputs { dir: attempt_dir.clone(), names: spec.outputs.clone() };
         let checkpoint = (rank == 0).then(|| Checkpoint {
-            file: checkpoints.join("checkpoint"),
-            uid: account.uid,
+            dir: attempt_dir.clone(),
             last: None,
-            log: dir.join("job.log"),
+            uploading: None,
             log_read: 0,
             progress: None,
             progress_sent: None,
@@ -532,6 +591,9 @@ impl JobRunner {
             let status = tokio::select! {
                 status = child.wait() => status,
                 _ = kill_rx => {
+                    if let Some(group) = child.id().and_then(|pid| rustix::process::Pid::from_raw(pid as i32)) {
+                        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+                    }
                     let _ = child.kill().await;
                     child.wait().await
                 }
@@ -548,5 +610,103 @@ impl JobRunner {
         });
         let devices = mine.iter().filter_map(|i| attempt.card_indexes.get(*i).copied()).collect();
         Ok(Some(Running { kill: Some(kill_tx), devices, shared: spec.resources.shared, checkpoint }))
+    }
+}
+
+/// Stops every attempt on this node: no broker has answered for `silent`.
+fn fence(running: &mut BTreeMap<Key, Running>, silent: Duration) {
+    for (key, r) in running.iter_mut() {
+        if let Some(kill) = r.kill.take() {
+            tracing::warn!(job = key.0, attempt = key.1, ?silent, "no broker reachable: stopping the job attempt (self-fencing)");
+            let _ = kill.send(());
+        }
+    }
+}
+
+/// A process's start time (clock ticks since boot, `/proc/PID/stat` field 22): with the PID,
+/// it names one process, never a later one that reused the PID.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields count from the last ')'.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills the process group an earlier agent recorded in `marker`, if its leader is still that
+/// very process.
+fn kill_orphan(marker: &Path) {
+    let recorded = std::fs::read_to_string(marker).unwrap_or_default();
+    let mut fields = recorded.split_whitespace().map(|f| f.parse::<u64>().ok());
+    let (Some(Some(pid)), Some(Some(started))) = (fields.next(), fields.next()) else { return };
+    let Ok(pid32) = u32::try_from(pid) else { return };
+    if start_time(pid32) == Some(started) {
+        if let Some(group) = rustix::process::Pid::from_raw(pid32 as i32) {
+            tracing::warn!(pid, "killing a job attempt that outlived the previous agent");
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// Why an upload from a lease's directory did not happen: the lease's doing (final) or the
+/// store's or the network's (worth retrying).
+#[derive(Debug, thiserror::Error)]
+enum UploadError {
+    #[error("{0}")]
+    Lease(LeaseFsError),
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// Copies `rel` out of the lease's directory into the agent's staging area (on a blocking
+/// thread: the copy is capped, never follows a link, never opens a FIFO for reading), uploads
+/// the copy and removes it. `Ok(None)`: the lease has no such file.
+async fn upload_from_lease(
+    store: &ArtifactClient,
+    dir: Arc<LeaseDir>,
+    rel: PathBuf,
+    staging: &Path,
+    limits: FileLimits,
+) -> Result<Option<suanli_artifacts::Digest>, UploadError> {
+    std::fs::create_dir_all(staging).map_err(|e| UploadError::Transient(format!("{}: {e}", staging.display())))?;
+    let staged = staging.join(format!("{:016x}", rand::random::<u64>()));
+    let copy_to = staged.clone();
+    let copied = tokio::task::spawn_blocking(move || dir.copy_out(&rel, limits.max_bytes, &copy_to))
+        .await
+        .map_err(|e| UploadError::Transient(e.to_string()))?;
+    match copied {
+        Ok(true) => {}
+        Ok(false) => return Ok(None),
+        Err(LeaseFsError::Io(path, e)) if path.starts_with(staging) => return Err(UploadError::Transient(format!("{}: {e}", path.display()))),
+        Err(e) => return Err(UploadError::Lease(e)),
+    }
+    let digest = store.upload_file(&staged).await.map_err(|e| UploadError::Transient(e.to_string()));
+    let _ = std::fs::remove_file(&staged);
+    digest.map(Some)
+}
+
+/// Downloads an artifact into `name` in a lease's directory: written as `name.partial`, a file
+/// root creates (never opens) and hands to the lease, renamed into place once verified.
+async fn download_into_lease(
+    store: &ArtifactClient,
+    digest: suanli_artifacts::Digest,
+    into: &LeaseDir,
+    name: &str,
+    deadline: Duration,
+) -> Result<(), String> {
+    let partial = format!("{name}.partial");
+    let file = into.create_file(&partial, 0o600).map_err(|e| e.to_string())?;
+    let mut file = tokio::fs::File::from_std(file);
+    let fetched = tokio::time::timeout(deadline, store.download_into(digest, &mut file)).await;
+    let fetched = match fetched {
+        Ok(Ok(_)) => file.sync_all().await.map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("not downloaded within {deadline:?}")),
+    };
+    drop(file);
+    match fetched {
+        Ok(()) => into.rename(&partial, name).map_err(|e| e.to_string()),
+        Err(why) => {
+            let _ = into.remove_file(&partial);
+            Err(format!("{}: {why}", into.path().join(name).display()))
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! - [`source`]: the GPUs — NVML or simulated.
 //! - [`identity`]: one-time-token enrollment; mutual TLS with the node's key from then on.
 //! - [`access`]: per-lease Unix accounts and the SSH gateway that admits their researchers.
+//! - [`doctor`]: which protections between leases and the node are active here.
 //! - [`runtime`]: the sampler and the state the tasks share.
 //! - [`outbox`]: sequence-numbered samples awaiting (and retained after) acknowledgement.
 //! - [`uplink`]: the telemetry stream to the broker, with reconnects and backpressure.
@@ -15,6 +16,7 @@
 
 pub mod access;
 pub mod config;
+pub mod doctor;
 pub mod exporter;
 pub mod host;
 pub mod identity;

@@ -24,6 +24,9 @@ enum Command {
     Run(AgentArgs),
     /// Print the inventory this node would enroll with, as JSON, and exit.
     Inventory(AgentArgs),
+    /// Check which of the protections between leases and the node are active here; exits
+    /// non-zero when one is missing.
+    Doctor(AgentArgs),
 }
 
 /// How often the agent looks for Class B leases to provision on its node.
@@ -37,6 +40,16 @@ const PROBE_EVERY: Duration = Duration::from_secs(5);
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
+        Command::Doctor(args) => {
+            let config = AgentConfig::resolve(&args)?;
+            let report = suanli_agent::doctor::check(&config.access);
+            print!("{report}");
+            if report.healthy() {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         Command::Inventory(args) => {
             let config = AgentConfig::resolve(&args)?;
             let facts = host::facts(config.hostname.as_deref());
@@ -54,6 +67,10 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = AgentConfig::resolve(&args)?;
+    if config.ssh_listen.is_some() {
+        // Before anything is enrolled or made: a home root lease users cannot enter is refused.
+        access::accounts::check_home_root(&config.access.home_root).map_err(anyhow::Error::msg)?;
+    }
     let trust = identity::BrokerTls::new(&config.require_broker()?);
     let facts = host::facts(config.hostname.as_deref());
     let gpus = Gpus::open(&config, &facts.hostname)?;
@@ -99,7 +116,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 host_key: access::gateway::public_line(&host_key),
                 login_prefix: config.access.login_prefix.clone(),
             };
-            let access = access::Access::new(config.access.clone());
+            let access = access::Access::new(config.access.clone())?;
             tokio::spawn(access::gateway::serve(listener, access::gateway::config(host_key), access.clone()));
             (Some(access), Some(published), Some(ssh_addr))
         }
@@ -114,6 +131,8 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             state_dir: config.state_dir.clone(),
             job_binary: config.job_binary.clone(),
             artifacts: config.artifacts.as_ref().map(|(url, token)| suanli_artifacts::ArtifactClient::new(url, token)),
+            files: config.job_files,
+            fence_after: config.fence_after,
         };
         tokio::spawn(runner.run(JOB_CHECK_EVERY));
     }

@@ -44,6 +44,11 @@ impl Provisioner {
                     tick.tick().await;
                 }
             }
+            // Fail closed: a lease past its paid time ends here whether or not a broker answers.
+            if let Some(access) = &self.access {
+                let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+                access.expire(now_ms).await;
+            }
             if channel.is_none() {
                 match self.tls.connect(&self.brokers[which % self.brokers.len()]).await {
                     Ok(c) => channel = Some(c),

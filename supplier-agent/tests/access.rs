@@ -14,7 +14,7 @@ use suanli_testkit::eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-use support::{login_clone, one_lease, running_as_root, said, sha256, text, Login, Node, POLL, WAIT};
+use support::{login_clone, one_lease, said, sha256, text, Login, Node, POLL, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_scp_sftp_and_port_forwarding_run_as_the_lease_user() {
@@ -66,14 +66,16 @@ async fn ssh_scp_sftp_and_port_forwarding_run_as_the_lease_user() {
     assert!(out.status.success(), "{}", said(&out));
     assert!(text(&out).contains("batch"), "{}", said(&out));
 
-    // Local forwarding to a service on the node's loopback (a Jupyter stands in).
-    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("service");
-    let service_port = service.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = service.accept().await {
-            let _ = socket.write_all(b"hello from the node\n").await;
-        }
-    });
+    // Local forwarding to the lease's own service on the node's loopback (a Jupyter stands in,
+    // started over SSH as the lease's user; attacks.rs tries someone else's).
+    let free = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("free port");
+    let service_port = free.local_addr().expect("addr").port();
+    drop(free);
+    let serve = format!(
+        "nohup python3 -c 'import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((\"127.0.0.1\", {service_port})); s.listen(); [c.sendall(b\"hello from the node\\n\") or c.close() for c, _ in iter(s.accept, None)]' >/dev/null 2>&1 &"
+    );
+    let out = login.run(&serve).await;
+    assert!(out.status.success(), "{}", said(&out));
     let local = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("free port");
     let local_port = local.local_addr().expect("addr").port();
     drop(local);
@@ -125,8 +127,7 @@ async fn ssh_scp_sftp_and_port_forwarding_run_as_the_lease_user() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_end_cuts_sessions_kills_every_process_and_removes_the_account() {
-    if !running_as_root() {
-        eprintln!("skipped: lease accounts need root");
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
         return;
     }
     let node = Node::start().await;
@@ -254,10 +255,11 @@ async fn the_lease_password_logs_in_and_failed_logins_are_throttled() {
 
 /// Signs `<name>.pub` with `ca` through `ssh-keygen -s`; returns the certificate's path.
 async fn sign_with_ssh_keygen(ca: &Path, key: &Path, serial: u64, options: &[&str]) -> PathBuf {
+    // Callers name the key ID (`-I lease-<id>`, as the broker signs).
     let out = Command::new("ssh-keygen")
         .args(["-q", "-s"])
         .arg(ca)
-        .args(["-I", "test", "-z", &serial.to_string()])
+        .args(["-z", &serial.to_string()])
         .args(options)
         .arg(key.with_extension("pub"))
         .output()
@@ -306,17 +308,20 @@ async fn platform_certificates_log_in_and_every_other_kind_is_refused() {
     let ca = node.broker.ssh_ca_key();
     let principal = login.login.as_str();
     let good = node.new_key("good").await;
-    let cert = sign_with_ssh_keygen(&ca, &good, 1, &["-n", principal, "-V", "+10m"]).await;
+    let key_id = format!("lease-{}", login.lease);
+    let cert = sign_with_ssh_keygen(&ca, &good, 1, &["-I", &key_id, "-n", principal, "-V", "+10m"]).await;
     let out = with_certificate(&good, &cert).await;
     assert_eq!(text(&out), login.login, "{}", said(&out));
     let other_ca = node.new_key("other-ca").await;
-    let cases: [(&str, &Path, &[&str]); 6] = [
-        ("expired", &ca, &["-n", principal, "-V", "20200101:20200102"]),
-        ("another-principal", &ca, &["-n", "someone-else", "-V", "+10m"]),
-        ("no-principals", &ca, &["-V", "+10m"]),
-        ("host-certificate", &ca, &["-h", "-n", principal, "-V", "+10m"]),
-        ("force-command", &ca, &["-n", principal, "-V", "+10m", "-O", "force-command=/bin/true"]),
-        ("another-ca", &other_ca, &["-n", principal, "-V", "+10m"]),
+    let id = key_id.as_str();
+    let cases: [(&str, &Path, &[&str]); 7] = [
+        ("expired", &ca, &["-I", id, "-n", principal, "-V", "20200101:20200102"]),
+        ("another-principal", &ca, &["-I", id, "-n", "someone-else", "-V", "+10m"]),
+        ("no-principals", &ca, &["-I", id, "-V", "+10m"]),
+        ("host-certificate", &ca, &["-I", id, "-h", "-n", principal, "-V", "+10m"]),
+        ("force-command", &ca, &["-I", id, "-n", principal, "-V", "+10m", "-O", "force-command=/bin/true"]),
+        ("another-ca", &other_ca, &["-I", id, "-n", principal, "-V", "+10m"]),
+        ("another-lease", &ca, &["-I", "lease-0", "-n", principal, "-V", "+10m"]),
     ];
     for (i, (case, signer, options)) in cases.into_iter().enumerate() {
         let key = node.new_key(case).await;

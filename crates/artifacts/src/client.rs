@@ -59,12 +59,31 @@ impl ArtifactClient {
 
     /// Streams the artifact to `dest`, verifying it; `dest` appears only if the bytes match.
     pub async fn download_to(&self, digest: Digest, dest: &Path) -> Result<u64, ClientError> {
+        let partial = dest.with_extension("partial");
+        let mut file = tokio::fs::File::create(&partial).await?;
+        let written = self.download_into(digest, &mut file).await;
+        if written.is_ok() {
+            file.sync_all().await?;
+        }
+        match written {
+            Ok(size) => {
+                tokio::fs::rename(&partial, dest).await?;
+                Ok(size)
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&partial).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Streams the artifact into `out` (a file the caller opened, wherever it must live),
+    /// verifying it; on an error the caller discards what was written.
+    pub async fn download_into<W: tokio::io::AsyncWrite + Unpin>(&self, digest: Digest, out: &mut W) -> Result<u64, ClientError> {
         let response = self.http.get(format!("{}/v1/artifacts/{digest}", self.base)).bearer_auth(&self.token).send().await?;
         if !response.status().is_success() {
             return Err(ClientError::Refused { status: response.status().as_u16(), body: response.text().await.unwrap_or_default() });
         }
-        let partial = dest.with_extension("partial");
-        let mut file = tokio::fs::File::create(&partial).await?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let mut stream = response.bytes_stream();
@@ -72,15 +91,13 @@ impl ArtifactClient {
             let chunk = chunk?;
             hasher.update(&chunk);
             size += chunk.len() as u64;
-            file.write_all(&chunk).await?;
+            out.write_all(&chunk).await?;
         }
-        file.sync_all().await?;
+        out.flush().await?;
         let actual = Digest(hasher.finalize().into());
         if actual != digest {
-            let _ = tokio::fs::remove_file(&partial).await;
             return Err(ClientError::ChecksumMismatch(digest, actual));
         }
-        tokio::fs::rename(&partial, dest).await?;
         Ok(size)
     }
 }

@@ -181,3 +181,35 @@ mod tests {
         assert_eq!(pairs["metrics"], "127.0.0.1:6");
     }
 }
+
+/// A temporary directory other users may pass through (mode 0711: searchable, not listable),
+/// for lease homes below it: the agent refuses a home root its lease users cannot reach.
+pub fn reachable_temp_dir() -> anyhow::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::TempDir::new()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
+    Ok(dir)
+}
+
+/// Whether this process runs as root. Tests that need root call [`require_root`].
+pub fn running_as_root() -> bool {
+    rustix_free_euid() == 0
+}
+
+fn rustix_free_euid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)?.parse().ok()))
+        .unwrap_or(u32::MAX)
+}
+
+/// `true` where the test may go on as root; `false` (after saying why, in one line) where it
+/// must skip. Under `CI=true` a missing root is a failure, never a silent pass.
+pub fn require_root(what: &str) -> bool {
+    if running_as_root() {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{what} needs root, and CI=true: run the tests as root");
+    eprintln!("skipped: {what} needs root");
+    false
+}

@@ -222,14 +222,17 @@ pub struct NodeAccess {
 
 /// Longest login prefix: with a 20-digit lease ID it stays within Linux's 32-character names.
 pub const MAX_LOGIN_PREFIX: usize = 8;
-pub const LOGIN_PREFIX_RULE: &str = "1 to 8 lowercase letters and digits, starting with a letter";
+pub const LOGIN_PREFIX_RULE: &str = "1 to 8 lowercase letters and digits, starting and ending with a letter";
 
 /// What a lease login's prefix may be (the broker checks what agents report, agents their
-/// configuration).
+/// configuration). It ends with a letter so that a login names one lease across the whole
+/// platform: with prefixes "sl1" and "sl", lease 23 on one node and lease 123 on another would
+/// both be "sl123".
 pub fn valid_login_prefix(prefix: &str) -> bool {
     let mut bytes = prefix.bytes();
     prefix.len() <= MAX_LOGIN_PREFIX
         && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
+        && prefix.bytes().last().is_some_and(|b| b.is_ascii_lowercase())
         && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
@@ -291,6 +294,8 @@ mod access_tests {
         assert_eq!(a.known_hosts_line(), "[gpu-1.example]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1xyz");
         assert_eq!(a.ssh_command(crate::LeaseId(42)), "ssh -p 2222 sl42@gpu-1.example");
         assert_eq!(NodeAccess::new("10.0.0.7", 22, KEY, "sl").unwrap().known_hosts_name(), "10.0.0.7");
+        // A prefix ending in a digit would make logins ambiguous across nodes.
+        assert!(valid_login_prefix("gpu7x") && !valid_login_prefix("sl1") && !valid_login_prefix("7sl"));
     }
 
     #[test]

@@ -23,10 +23,6 @@ pub const ARTIFACT_TOKEN: &str = "artifact-token-of-the-tests";
 
 pub type Jobs = JobServiceClient<InterceptedService<Channel, Bearer>>;
 
-pub fn running_as_root() -> bool {
-    std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
-}
-
 pub struct Agent {
     pub service: Service,
     pub node: u64,
@@ -65,7 +61,7 @@ impl World {
 
     /// The processes and a funded researcher; nothing published or leased yet.
     pub async fn bare(nodes: usize, cards: u32, replicas: usize) -> World {
-        let dir = TempDir::new().expect("temp dir");
+        let dir = suanli_testkit::reachable_temp_dir().expect("temp dir");
         // The jobs run as the leases' Unix accounts: they must be able to reach the records.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         let broker = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker").expect("broker"), 1, None).await.expect("broker");
@@ -197,7 +193,7 @@ async fn start_agent(broker: &BrokerCluster, dir: &Path, supplier_token: &str, n
         assert!(out.status.success(), "mknod: {}", String::from_utf8_lossy(&out.stderr));
     }
     // Logins of this run and node only, so two agents on one machine never share a Unix user.
-    let prefix = format!("j{n}{:06x}", std::process::id() & 0xff_ffff);
+    let prefix = format!("j{n}{:05x}z", std::process::id() & 0xf_ffff);
     let args: Vec<String> = [
         "run",
         "--broker",

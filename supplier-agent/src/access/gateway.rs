@@ -90,6 +90,7 @@ pub fn config(host_key: PrivateKey) -> Arc<Config> {
 
 /// Accepts connections until the process ends.
 pub async fn serve(listener: TcpListener, config: Arc<Config>, access: Arc<Access>) {
+    let mut rate = super::throttle::ConnectionRate::new(access.config.connections_per_source);
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -99,6 +100,11 @@ pub async fn serve(listener: TcpListener, config: Arc<Config>, access: Arc<Acces
                 continue;
             }
         };
+        if !rate.admit(Instant::now(), peer.ip()) {
+            tracing::debug!(%peer, "ssh connection refused: too many from this source");
+            drop(socket);
+            continue;
+        }
         let _ = socket.set_nodelay(true);
         let connection = Connection::new(access.clone(), peer);
         let config = config.clone();
@@ -190,16 +196,16 @@ impl Connection {
             Program::Shell => (shell, vec!["-l".into()]),
             Program::Sftp => (self.access.config.sftp_server.clone(), Vec::new()),
         };
-        let (binary, args) = enter_cgroup(&lease, binary, args, &mut env);
+        let sandbox = self.access.sandbox(&lease);
         let pty = if matches!(program, Program::Sftp) { None } else { self.ptys.remove(&id) };
         let started = match pty {
             Some(pty) => {
                 env.push(("TERM".into(), pty.term.clone()));
                 let (resize, resizes) = mpsc::unbounded_channel();
                 self.resizers.insert(id, resize);
-                run_on_pty(channel, &binary, &args, &lease, &env, pty.size, resizes)
+                run_on_pty(channel, &binary, &args, &lease, &sandbox, &env, pty.size, resizes)
             }
-            None => run_piped(channel, &binary, &args, &lease, &env),
+            None => run_piped(channel, &binary, &args, &lease, &sandbox, &env),
         };
         match started {
             Ok(()) => session.channel_success(id),
@@ -216,17 +222,15 @@ impl Handler for Connection {
 
     // An offer carries only the key, also for a certificate (russh hands over the certificate's
     // subject key), so every offer for a live lease's login is let through to the signed
-    // attempt, where the key or the certificate is checked. Keys cannot be guessed: only
-    // wrong passwords and refused certificates count as failures.
+    // attempt, where the key or the certificate is checked. Keys and certificates cannot be
+    // guessed: they are never throttled (failed passwords from anywhere must not lock the
+    // lease's holder out), and only wrong passwords count as failures.
     async fn auth_publickey_offered(&mut self, user: &str, _offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
-        let known = !self.throttled(user) && self.access.lease_for(user).is_some();
+        let known = self.access.lease_for(user).is_some();
         Ok(if known { Auth::Accept } else { Auth::reject() })
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
-        if self.throttled(user) {
-            return Ok(Auth::reject());
-        }
         match self.admitted(user, key.public_key).await {
             Some(lease) => Ok(self.accept(lease, "publickey")),
             None => {
@@ -237,16 +241,19 @@ impl Handler for Connection {
     }
 
     async fn auth_openssh_certificate(&mut self, user: &str, certificate: &Certificate) -> Result<Auth, Self::Error> {
-        if self.throttled(user) {
-            return Ok(Auth::reject());
-        }
         let verdict = match self.access.user_ca() {
             Some(ca) => check_certificate(certificate, &ca, user, unix_now()),
             None => Err("no SSH user CA is known"),
         };
         let serial = certificate.serial();
         let admitted = match verdict {
-            Ok(()) => self.access.lease_where(user, |l| l.active && !l.revoked_certificates.contains(&serial)).await,
+            // Issued for this very lease (the broker signs `lease-<id>` as the key ID): a login
+            // alone could name another node's lease.
+            Ok(()) => {
+                self.access
+                    .lease_where(user, |l| l.active && certificate.key_id() == lease_key_id(l.id) && !l.revoked_certificates.contains(&serial))
+                    .await
+            }
             Err(why) => {
                 tracing::info!(%user, peer = %self.peer, serial, why, "ssh certificate refused");
                 None
@@ -255,7 +262,7 @@ impl Handler for Connection {
         match admitted {
             Some(lease) => Ok(self.accept(lease, "certificate")),
             None => {
-                self.failed(user);
+                tracing::info!(%user, peer = %self.peer, serial, "ssh certificate refused");
                 Ok(Auth::reject())
             }
         }
@@ -392,8 +399,16 @@ impl Handler for Connection {
         // The lease's own VNC display starts on its first use.
         if let Some(xvnc) = &self.access.config.xvnc {
             if suanli_types::node::vnc_port(&lease.card_indexes) == Some(port) && ip.is_loopback() {
-                super::vnc::ensure_display(&lease, xvnc, port).await;
+                super::vnc::ensure_display(&lease, &self.access.sandbox(&lease), xvnc, port).await;
             }
+        }
+        // Only to a listener of the lease's own user: never another lease's service, the
+        // supplier's, or a co-tenant's squatting on this lease's port.
+        let owners = super::listeners::owners(ip, port);
+        if owners.is_empty() || owners.iter().any(|uid| *uid != lease.account.uid) {
+            tracing::info!(lease = lease.id, port, ?owners, "port forwarding refused: not the lease's own listener");
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
         }
         match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect((ip, port))).await {
             Ok(Ok(mut tcp)) => {
@@ -439,6 +454,11 @@ fn check_certificate(cert: &Certificate, ca: &PublicKey, login: &str, now: u64) 
     Ok(())
 }
 
+/// The key ID the broker signs into a lease's certificates.
+pub fn lease_key_id(lease: u64) -> String {
+    format!("lease-{lease}")
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -455,18 +475,6 @@ fn loopback(host: &str) -> Option<IpAddr> {
         return Some(IpAddr::from([127, 0, 0, 1]));
     }
     host.trim_matches(['[', ']']).parse::<IpAddr>().ok().filter(IpAddr::is_loopback)
-}
-
-/// Runs `binary` through the prologue that puts it in the lease's control groups first.
-pub(crate) fn enter_cgroup(lease: &LiveLease, binary: PathBuf, args: Vec<String>, env: &mut Vec<(String, String)>) -> (PathBuf, Vec<String>) {
-    if lease.cgroup_procs.is_empty() {
-        return (binary, args);
-    }
-    let procs: Vec<String> = lease.cgroup_procs.iter().map(|p| p.display().to_string()).collect();
-    env.push(("SUANLI_CGROUP_PROCS".into(), procs.join(" ")));
-    let mut wrapped = vec!["-c".to_owned(), super::cgroup::ENTER.to_owned(), binary.display().to_string()];
-    wrapped.extend(args);
-    (PathBuf::from("/bin/sh"), wrapped)
 }
 
 /// The environment of every program a session starts.
@@ -496,20 +504,21 @@ fn run_piped(
     binary: &Path,
     args: &[String],
     lease: &LiveLease,
+    sandbox: &super::sandbox::Sandbox,
     extra_env: &[(String, String)],
 ) -> std::io::Result<()> {
     let account = &lease.account;
-    let mut child = tokio::process::Command::new(binary)
+    let mut command = tokio::process::Command::new(binary);
+    command
         .args(args)
         .env_clear()
         .envs(session_env(lease, extra_env))
         .current_dir(&account.home)
-        .uid(account.uid)
-        .gid(account.gid)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+        .stderr(std::process::Stdio::piped());
+    sandbox.apply(&mut command);
+    let mut child = command.spawn()?;
     let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         return Err(std::io::Error::other("the child's pipes are missing"));
@@ -542,6 +551,7 @@ fn run_on_pty(
     binary: &Path,
     args: &[String],
     lease: &LiveLease,
+    sandbox: &super::sandbox::Sandbox,
     extra_env: &[(String, String)],
     size: pty_process::Size,
     mut resizes: mpsc::UnboundedReceiver<pty_process::Size>,
@@ -549,15 +559,8 @@ fn run_on_pty(
     let (pty, pts) = pty_process::open().map_err(std::io::Error::other)?;
     pty.resize(size).map_err(std::io::Error::other)?;
     let account = &lease.account;
-    let mut child = pty_process::Command::new(binary)
-        .args(args)
-        .env_clear()
-        .envs(session_env(lease, extra_env))
-        .current_dir(&account.home)
-        .uid(account.uid)
-        .gid(account.gid)
-        .spawn(pts)
-        .map_err(std::io::Error::other)?;
+    let command = pty_process::Command::new(binary).args(args).env_clear().envs(session_env(lease, extra_env)).current_dir(&account.home);
+    let mut child = sandbox.apply_pty(command).spawn(pts).map_err(std::io::Error::other)?;
     let (mut pty_out, mut pty_in) = pty.into_split();
     tokio::spawn(async move {
         let (mut read_half, write_half) = channel.split();

@@ -5,11 +5,18 @@
 //! handed to [`Access::sync`], which provisions accounts for new leases, updates the keys the
 //! gateway accepts, and tears down leases that are no longer live — their sessions are cut,
 //! every process of their user is killed and the account and its home are removed.
+//!
+//! Fail closed: a lease past its `paid_until` (plus a short grace for the broker's own reaper)
+//! is ended here by [`Access::expire`] even when no broker answers, and not provisioned again.
 
 pub mod accounts;
 pub mod cgroup;
 pub mod devices;
 pub mod gateway;
+pub mod lease_fs;
+pub mod listeners;
+#[allow(unsafe_code)] // between fork and exec; see the module's documentation
+pub mod sandbox;
 pub mod throttle;
 pub mod vnc;
 
@@ -46,6 +53,32 @@ pub struct AccessConfig {
     pub cgroup_root: Option<PathBuf>,
     /// The supplier's policy for a lease's home (its scratch) at the end.
     pub scratch: ScratchPolicy,
+    /// The agent's state directory: its record of accounts, the leases' private `/tmp`s.
+    pub state_dir: PathBuf,
+    /// The UIDs this agent gives lease accounts (inclusive; disjoint from every other agent's
+    /// on the host and from the host's own users).
+    pub uid_range: (u32, u32),
+    /// Each lease its own `/tmp`, `/var/tmp`, `/dev/shm` and System V IPC (needs root's
+    /// `CAP_SYS_ADMIN`; off only where the node cannot make namespaces).
+    pub private_tmp: bool,
+    /// The fraction of the node's memory and CPU that leases share between them, each in
+    /// proportion to its cards; the rest stays the node's.
+    pub lease_fraction: f64,
+    /// The node's memory and CPUs, for the leases' limits.
+    pub host_memory_bytes: u64,
+    pub host_cpus: u32,
+    /// How long past `paid_until` a lease the broker still lists is ended here anyway.
+    pub expiry_grace: Duration,
+    /// New SSH connections one source address may open per minute.
+    pub connections_per_source: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("{0}")]
+    HomeRoot(String),
+    #[error(transparent)]
+    Accounts(#[from] accounts::AccountError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -74,6 +107,10 @@ pub struct LiveLease {
     pub revoked_certificates: BTreeSet<u64>,
     /// The `cgroup.procs` files of the lease's control groups, which its sessions enter.
     pub cgroup_procs: Vec<PathBuf>,
+    /// The lease's private temporary directories (`sandbox.rs`), where the node makes them.
+    pub private_tmp: Option<PathBuf>,
+    /// Paid up to here (Unix milliseconds); 0: unknown.
+    pub paid_until_ms: i64,
 }
 
 impl LiveLease {
@@ -94,6 +131,7 @@ impl LiveLease {
 
 pub struct Access {
     pub config: AccessConfig,
+    book: accounts::AccountBook,
     leases: RwLock<BTreeMap<String, Arc<LiveLease>>>,
     /// Open SSH sessions per login, to cut at lease end.
     sessions: Mutex<BTreeMap<String, Vec<russh::server::Handle>>>,
@@ -110,16 +148,47 @@ pub struct Access {
 const REFRESH_WAIT: Duration = Duration::from_secs(3);
 
 impl Access {
-    pub fn new(config: AccessConfig) -> Arc<Access> {
-        Arc::new(Access {
+    /// Refuses a home root lease users could not enter, and opens the record of accounts.
+    pub fn new(config: AccessConfig) -> Result<Arc<Access>, AccessError> {
+        accounts::check_home_root(&config.home_root).map_err(AccessError::HomeRoot)?;
+        let book = accounts::AccountBook::open(&config.state_dir, config.uid_range)?;
+        Ok(Arc::new(Access {
             leases: RwLock::new(BTreeMap::new()),
             sessions: Mutex::new(BTreeMap::new()),
             refresh: Notify::new(),
             synced: watch::channel(0).0,
             user_ca: RwLock::new(None),
             throttle: Mutex::new(throttle::Throttle::new(config.max_login_failures, Duration::from_secs(60))),
+            book,
             config,
-        })
+        }))
+    }
+
+    /// How every program of `lease` starts on this node.
+    pub fn sandbox(&self, lease: &LiveLease) -> sandbox::Sandbox {
+        sandbox::Sandbox::new(lease.account.uid, lease.account.gid, &lease.cgroup_procs, lease.private_tmp.as_deref())
+    }
+
+    fn private_root(&self, login: &str) -> PathBuf {
+        self.config.state_dir.join("lease-tmp").join(login)
+    }
+
+    fn expired(&self, paid_until_ms: i64, now_ms: i64) -> bool {
+        paid_until_ms > 0 && now_ms > paid_until_ms.saturating_add(self.config.expiry_grace.as_millis() as i64)
+    }
+
+    /// Ends, here and now, every lease past its `paid_until` (and grace), whether or not a
+    /// broker answers. Returns the leases ended.
+    pub async fn expire(&self, now_ms: i64) -> Vec<u64> {
+        let due: Vec<(String, u64)> = {
+            let leases = self.leases.read().unwrap_or_else(|p| p.into_inner());
+            leases.iter().filter(|(_, l)| self.expired(l.paid_until_ms, now_ms)).map(|(login, l)| (login.clone(), l.id)).collect()
+        };
+        for (login, lease) in &due {
+            tracing::warn!(lease, %login, "lease past its paid time: ended on this node");
+            self.end(login).await;
+        }
+        due.into_iter().map(|(_, id)| id).collect()
     }
 
     /// The lease for `login` if it passes `admits`. A lease this node knows may have changed
@@ -175,22 +244,43 @@ impl Access {
         let live = &node.leases;
         let mut ready = BTreeSet::new();
         let mut wanted = BTreeSet::new();
+        let now_ms = unix_millis();
+        let node_cards = node.cards.len().max(1) as f64;
         for lease in live {
             let login = self.login(lease.lease_id);
+            // Past its paid time, a lease the broker still lists stays ended here.
+            if self.expired(lease.paid_until_ms, now_ms) {
+                continue;
+            }
             wanted.insert(login.clone());
-            let (account, created) = match accounts::ensure(&login, &self.config.home_root, &format!("suanli lease {}", lease.lease_id)).await {
+            let (account, created) = match accounts::ensure(&self.book, &login, &self.config.home_root, &format!("suanli lease {}", lease.lease_id)).await {
                 Ok(made) => made,
                 Err(e) => {
                     tracing::error!(lease = lease.lease_id, error = %e, "cannot provision the lease's account");
                     continue;
                 }
             };
+            let share = self.config.lease_fraction * lease.card_indexes.len() as f64 / node_cards;
+            let limits = cgroup::Limits::share_of(share, self.config.host_memory_bytes, self.config.host_cpus);
             let cgroup_procs = match self.config.cgroup_root.clone().map(cgroup::Cgroups::new) {
-                Some(groups) => groups.create(&login, account.uid, account.gid).unwrap_or_else(|e| {
-                    tracing::warn!(lease = lease.lease_id, error = %e, "no control group for the lease");
-                    Vec::new()
-                }),
+                Some(groups) => match groups.create(&login, &limits) {
+                    Ok(procs) => procs,
+                    Err(e) => {
+                        tracing::error!(lease = lease.lease_id, error = %e, "no control group for the lease; not admitted");
+                        continue;
+                    }
+                },
                 None => Vec::new(),
+            };
+            let private_tmp = if self.config.private_tmp {
+                let root = self.private_root(&login);
+                if let Err(e) = sandbox::make_private_dirs(&root, account.uid, account.gid) {
+                    tracing::error!(lease = lease.lease_id, error = %e, "no private /tmp for the lease; not admitted");
+                    continue;
+                }
+                Some(root)
+            } else {
+                None
             };
             // Only into a home nobody has logged in to yet: once the lease's user can write
             // there, root writes nothing more into it.
@@ -219,6 +309,8 @@ impl Access {
                 password_hash: suanli_types::SecretHash::from_hex(&lease.password_hash),
                 revoked_certificates: lease.revoked_certificate_serials.iter().copied().collect(),
                 cgroup_procs,
+                private_tmp,
+                paid_until_ms: lease.paid_until_ms,
             };
             self.leases.write().unwrap_or_else(|p| p.into_inner()).insert(login, Arc::new(entry));
             ready.insert(lease.lease_id);
@@ -227,8 +319,9 @@ impl Access {
             let leases = self.leases.read().unwrap_or_else(|p| p.into_inner());
             leases.keys().filter(|login| !wanted.contains(*login)).cloned().collect()
         };
-        // Accounts left by a lease that ended while the agent was not running.
-        ended.extend(self.accounts_on_disk().into_iter().filter(|login| !wanted.contains(login)));
+        // Accounts left by a lease that ended while the agent was not running: only those this
+        // agent recorded making, never another agent's or the host's.
+        ended.extend(self.book.recorded().into_iter().filter(|login| !wanted.contains(login)));
         for login in ended {
             self.end(&login).await;
         }
@@ -242,18 +335,6 @@ impl Access {
         }
         self.synced.send_modify(|n| *n += 1);
         ready
-    }
-
-    /// Logins that have a home under `home_root`: lease accounts this agent made.
-    fn accounts_on_disk(&self) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(&self.config.home_root) else { return Vec::new() };
-        entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|name| {
-                name.strip_prefix(&self.config.login_prefix)
-                    .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
-            })
-            .collect()
     }
 
     /// The lease is over: no new logins, open sessions cut, every process killed, the
@@ -273,9 +354,21 @@ impl Access {
             }
         }
         let keep_in = (self.config.scratch == ScratchPolicy::Keep).then(|| self.config.home_root.join(".ended"));
-        match accounts::remove(login, &self.config.home_root.join(login), keep_in.as_deref()).await {
+        match accounts::remove(&self.book, login, &self.config.home_root.join(login), keep_in.as_deref()).await {
             Ok(()) => tracing::info!(%login, "lease ended: sessions cut, processes killed, account removed"),
             Err(e) => tracing::error!(%login, error = %e, "could not remove the lease's account"),
         }
+        // Its private /tmp, /var/tmp and /dev/shm go with it, whatever the scratch policy (its
+        // processes are dead, so nothing is mounted from there any more).
+        let private = self.private_root(login);
+        if let Err(e) = std::fs::remove_dir_all(&private) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(%login, error = %e, "could not remove the lease's private /tmp");
+            }
+        }
     }
+}
+
+fn unix_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

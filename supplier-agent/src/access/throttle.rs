@@ -1,6 +1,10 @@
-//! Failed-login throttling, per source address and per login: once either has failed too often
-//! within the window, every further attempt is refused — right credentials included, so a
-//! guesser learns nothing — until the window has passed.
+//! Failed-password throttling, per source address and per login: once either has failed too
+//! often within the window, every further password is refused — the right one included, so a
+//! guesser learns nothing — until the window has passed. Keys and certificates are never
+//! throttled (the gateway does not ask), so failed passwords cannot lock a lease's holder out.
+//!
+//! And [`ConnectionRate`]: new connections per source address, a token bucket, so one source
+//! cannot flood the gateway with handshakes.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -81,6 +85,37 @@ impl Throttle {
     }
 }
 
+/// New connections per source: a bucket of `per_minute` tokens, refilled continuously.
+pub struct ConnectionRate {
+    per_minute: u32,
+    buckets: HashMap<IpAddr, (Instant, f64)>,
+}
+
+impl ConnectionRate {
+    pub fn new(per_minute: u32) -> ConnectionRate {
+        ConnectionRate { per_minute: per_minute.max(1), buckets: HashMap::new() }
+    }
+
+    /// Whether a connection from `source` may proceed now (taking a token if so).
+    pub fn admit(&mut self, now: Instant, source: IpAddr) -> bool {
+        let capacity = f64::from(self.per_minute);
+        if self.buckets.len() > SWEEP_ABOVE {
+            // A full bucket says nothing a fresh one would not.
+            self.buckets.retain(|_, (at, tokens)| *tokens + now.duration_since(*at).as_secs_f64() * capacity / 60.0 < capacity);
+        }
+        let (at, tokens) = self.buckets.entry(source).or_insert((now, capacity));
+        let refilled = (*tokens + now.duration_since(*at).as_secs_f64() * capacity / 60.0).min(capacity);
+        *at = now;
+        if refilled >= 1.0 {
+            *tokens = refilled - 1.0;
+            true
+        } else {
+            *tokens = refilled;
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +147,16 @@ mod tests {
         }
         assert!(t.blocked(now, IpAddr::V4(std::net::Ipv4Addr::new(10, 2, 0, 1)), "sl9"));
         assert!(!t.blocked(now, IpAddr::V4(std::net::Ipv4Addr::new(10, 2, 0, 1)), "sl8"));
+    }
+
+    #[test]
+    fn connections_per_source_are_capped_and_refill() {
+        let mut rate = ConnectionRate::new(3);
+        let now = Instant::now();
+        assert!((0..3).all(|_| rate.admit(now, A)), "a burst up to the cap");
+        assert!(!rate.admit(now, A), "then refused");
+        assert!(rate.admit(now, B), "other sources are not affected");
+        assert!(rate.admit(now + Duration::from_secs(20), A), "a token back after a third of a minute");
+        assert!(!rate.admit(now + Duration::from_secs(20), A));
     }
 }

@@ -81,19 +81,20 @@ fn write_owned(path: &Path, contents: &[u8], account: &Account) -> std::io::Resu
 
 /// Makes sure the lease's display listens on `port`, starting `Xvnc` as the lease's user if
 /// it does not. Returns whether it listens.
-pub async fn ensure_display(lease: &LiveLease, xvnc: &Path, port: u16) -> bool {
-    let listening = || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() };
-    if listening().await {
+///
+/// Xvnc runs in the lease's sandbox: its X lock and socket land in the lease's private `/tmp`,
+/// and its listening port is the lease's user's, which is what the gateway forwards to. A port
+/// some other user holds is not this lease's display, and is left alone.
+pub async fn ensure_display(lease: &LiveLease, sandbox: &super::sandbox::Sandbox, xvnc: &Path, port: u16) -> bool {
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let listening = || !super::listeners::owners(loopback, port).is_empty();
+    if listening() {
         return true;
     }
     let Some(display_number) = suanli_types::node::vnc_display(&lease.card_indexes) else { return false };
-    // The display is this lease's alone (it follows the lease's first card), and nothing
-    // listens on it: an X lock left by a display killed at an earlier lease's end is stale.
-    for stale in [format!("/tmp/.X{display_number}-lock"), format!("/tmp/.X11-unix/X{display_number}")] {
-        let _ = std::fs::remove_file(stale);
-    }
     let account = &lease.account;
-    let started = tokio::process::Command::new(xvnc)
+    let mut command = tokio::process::Command::new(xvnc);
+    command
         .arg(format!(":{display_number}"))
         .args(["-localhost", "-interface", "127.0.0.1", "-rfbport", &port.to_string(), "-SecurityTypes", "VncAuth"])
         .arg("-rfbauth")
@@ -103,20 +104,19 @@ pub async fn ensure_display(lease: &LiveLease, xvnc: &Path, port: u16) -> bool {
         .env("HOME", &account.home)
         .env("USER", &account.login)
         .current_dir(&account.home)
-        .uid(account.uid)
-        .gid(account.gid)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(false)
-        .spawn();
+        .kill_on_drop(false);
+    sandbox.apply(&mut command);
+    let started = command.spawn();
     if let Err(e) = started {
         tracing::warn!(lease = lease.id, error = %e, "cannot start Xvnc");
         return false;
     }
     // Xvnc needs a moment to listen; it is this agent's own child, so wait for it, briefly.
     for _ in 0..50 {
-        if listening().await {
+        if listening() {
             tracing::info!(lease = lease.id, vnc_display = display_number, port, "VNC display started");
             return true;
         }

@@ -47,8 +47,7 @@ pub struct Login {
 /// A node with one active lease for the researcher "alice"; `None` (saying why) where lease
 /// accounts cannot be made: they are Unix users, so the agent needs root.
 pub async fn one_lease(agent_flags: &[&str]) -> Option<(Node, Researcher, Login)> {
-    if !running_as_root() {
-        eprintln!("skipped: lease accounts need root");
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
         return None;
     }
     let node = Node::start_with(agent_flags).await;
@@ -58,7 +57,7 @@ pub async fn one_lease(agent_flags: &[&str]) -> Option<(Node, Researcher, Login)
 }
 
 pub fn running_as_root() -> bool {
-    std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+    suanli_testkit::running_as_root()
 }
 
 impl Node {
@@ -71,7 +70,7 @@ impl Node {
     pub async fn start_with(agent_flags: &[&str]) -> Node {
         let binary = workspace_binary("suanli-broker", "suanli-broker").expect("broker binary");
         let broker = BrokerCluster::start(&binary, 1, None).await.expect("broker");
-        let dir = TempDir::new().expect("temp dir");
+        let dir = suanli_testkit::reachable_temp_dir().expect("temp dir");
         let mut platform = broker.client(1, PLATFORM_TOKEN).await.expect("platform");
         let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
         let channel = suanli_proto::client::channel(&format!("http://{}", broker.address(1).expect("address"))).await.expect("channel");
@@ -90,8 +89,8 @@ impl Node {
             assert!(out.status.success(), "mknod: {}", String::from_utf8_lossy(&out.stderr));
         }
         let devices = devices.display().to_string();
-        // Logins of this run only: `t` and seven hex digits.
-        let prefix = format!("t{:07x}", rand_u32() & 0x0fff_ffff);
+        // Logins of this run only: `t`, six hex digits and `z` (a prefix ends with a letter).
+        let prefix = format!("t{:06x}z", rand_u32() & 0x00ff_ffff);
         let args: Vec<String> = [
             "run",
             "--broker",

@@ -1,0 +1,139 @@
+//! How every program of a lease starts (its SSH sessions, SFTP, its jobs, its VNC display): in
+//! the forked child, while still root and before the program's first instruction,
+//!
+//! 1. into the lease's control groups (`cgroup.procs`, on every hierarchy), so nothing the
+//!    program forks is ever outside its limits — root does the move, which works on cgroup v2
+//!    too, where a process may not move itself out of the agent's group;
+//! 2. into a mount and an IPC namespace of its own: `/tmp`, `/var/tmp` and `/dev/shm` are the
+//!    lease's private directories bind-mounted over the shared ones (as systemd's
+//!    `PrivateTmp`), and System V IPC objects die with the namespace, so no lease reads what
+//!    another left there or leaves anything for the next renter;
+//! 3. then, and only then, the lease's user and group, with no supplementary groups.
+//!
+//! The closure runs between `fork` and `exec` in a multi-threaded process: it only makes raw
+//! system calls on values prepared beforehand (no allocation, no locks).
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::mount::{MountFlags, MountPropagationFlags};
+
+/// Where each private directory is mounted, and what it is called in the lease's own
+/// directory of them.
+pub const PRIVATE_DIRS: [(&str, &str); 3] = [("/tmp", "tmp"), ("/var/tmp", "var-tmp"), ("/dev/shm", "shm")];
+
+/// What a lease's child does before `exec`.
+#[derive(Clone, Debug)]
+pub struct Sandbox {
+    cgroup_procs: Vec<CString>,
+    /// (source, target) bind mounts; empty: the child shares the node's `/tmp`.
+    mounts: Vec<(CString, CString)>,
+    uid: u32,
+    gid: u32,
+}
+
+fn c_path(path: &Path) -> CString {
+    // Paths the agent made itself; none holds a NUL byte.
+    CString::new(path.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+impl Sandbox {
+    /// `private_root`: the lease's directory of private temporary directories (made by
+    /// [`make_private_dirs`]); `None` to share the node's.
+    pub fn new(uid: u32, gid: u32, cgroup_procs: &[PathBuf], private_root: Option<&Path>) -> Sandbox {
+        let mounts = private_root
+            .map(|root| {
+                PRIVATE_DIRS
+                    .iter()
+                    .filter(|(target, _)| Path::new(target).is_dir())
+                    .map(|(target, name)| (c_path(&root.join(name)), c_path(Path::new(target))))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Sandbox { cgroup_procs: cgroup_procs.iter().map(|p| c_path(p)).collect(), mounts, uid, gid }
+    }
+
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    /// Installs the steps on a command (its own `uid`/`gid` settings must stay unset: they
+    /// would drop root before the steps run).
+    pub fn apply(&self, command: &mut tokio::process::Command) {
+        let steps = self.clone();
+        // SAFETY: `enter` makes only raw system calls on data owned by the closure.
+        unsafe {
+            command.pre_exec(move || steps.enter());
+        }
+    }
+
+    /// As [`Sandbox::apply`], for a program on a terminal.
+    pub fn apply_pty(&self, command: pty_process::Command) -> pty_process::Command {
+        let steps = self.clone();
+        // SAFETY: as in `apply`.
+        unsafe { command.pre_exec(move || steps.enter()) }
+    }
+
+    fn enter(&self) -> std::io::Result<()> {
+        for procs in &self.cgroup_procs {
+            let fd = rustix::fs::open(procs.as_c_str(), OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+            // "0": the writing process itself, on both hierarchies.
+            rustix::io::write(&fd, b"0")?;
+        }
+        if !self.mounts.is_empty() {
+            // SAFETY: the child has one thread; nothing shares its file table or filesystem view.
+            unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS | rustix::thread::UnshareFlags::NEWIPC)? };
+            // Nothing mounted here may leak back into the node's namespace.
+            rustix::mount::mount_change(c"/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)?;
+            for (source, target) in &self.mounts {
+                rustix::mount::mount_bind(source.as_c_str(), target.as_c_str())?;
+                let flags = MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV;
+                rustix::mount::mount_remount(target.as_c_str(), flags, c"")?;
+            }
+        }
+        rustix::thread::set_thread_groups(&[])?;
+        let (uid, gid) = (rustix::fs::Uid::from_raw(self.uid), rustix::fs::Gid::from_raw(self.gid));
+        rustix::thread::set_thread_res_gid(gid, gid, gid)?;
+        rustix::thread::set_thread_res_uid(uid, uid, uid)?;
+        Ok(())
+    }
+}
+
+/// Makes the lease's private temporary directories under `root` (root's, 0755, in the agent's
+/// state directory, which the lease cannot rename or replace): each owned by the lease, 0700.
+pub fn make_private_dirs(root: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(root)?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))?;
+    for (_, name) in PRIVATE_DIRS {
+        let dir = root.join(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        // The parent is root's: the entry is the directory made here, never a lease's link.
+        let meta = std::fs::symlink_metadata(&dir)?;
+        if !meta.is_dir() {
+            return Err(std::io::Error::other(format!("{} is not a directory", dir.display())));
+        }
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Whether this process may make mount namespaces (root with `CAP_SYS_ADMIN`, not confined by
+/// a seccomp filter that forbids it): tried in a short-lived child.
+pub fn namespaces_available() -> bool {
+    let mut probe = std::process::Command::new("/bin/true");
+    // SAFETY: one raw system call in the single-threaded child.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut probe, || {
+            rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS | rustix::thread::UnshareFlags::NEWIPC).map_err(Into::into)
+        });
+    }
+    probe.status().is_ok_and(|s| s.success())
+}
