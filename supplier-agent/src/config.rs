@@ -80,6 +80,10 @@ pub struct AgentArgs {
     /// disjoint ranges [default: 2000000-2999999]
     #[arg(long, env = "SUANLI_AGENT_UID_RANGE")]
     pub uid_range: Option<String>,
+    /// Which of /tmp,/var/tmp,/dev/shm each lease gets privately, comma-separated
+    /// [default: all three]
+    #[arg(long, env = "SUANLI_AGENT_PRIVATE_DIRS")]
+    pub private_dirs: Option<String>,
     /// Seconds without any broker before this node stops its jobs (self-fencing; below the
     /// scheduler's 30 s, so no attempt runs twice) [default: 20]
     #[arg(long, env = "SUANLI_AGENT_FENCE_AFTER_S")]
@@ -144,8 +148,9 @@ struct FileAccess {
     scratch_policy: Option<crate::access::ScratchPolicy>,
     /// First and last UID of lease accounts, as "FIRST-LAST".
     uid_range: Option<String>,
-    /// Each lease its own /tmp, /var/tmp, /dev/shm and IPC namespace (default true).
-    private_tmp: Option<bool>,
+    /// Which of /tmp, /var/tmp and /dev/shm each lease gets privately, with its own IPC
+    /// namespace (default all three; [] switches it off).
+    private_dirs: Option<Vec<String>>,
     /// Fraction of the node's memory and CPU the leases share, by cards (default 0.9).
     lease_fraction: Option<f64>,
     /// Seconds past paid_until before a lease is ended here without the broker (default 30).
@@ -269,7 +274,12 @@ impl AgentConfig {
                 scratch: args.scratch_policy.or(access.scratch_policy).unwrap_or(crate::access::ScratchPolicy::Wipe),
                 state_dir: PathBuf::new(), // set below, from the agent's own
                 uid_range: parse_uid_range(args.uid_range.as_deref().or(access.uid_range.as_deref()).unwrap_or("2000000-2999999"))?,
-                private_tmp: access.private_tmp.unwrap_or(true),
+                private_dirs: args
+                    .private_dirs
+                    .as_deref()
+                    .map(|list| list.split(',').map(str::trim).filter(|d| !d.is_empty()).map(str::to_owned).collect())
+                    .or(access.private_dirs)
+                    .unwrap_or_else(|| crate::access::sandbox::PRIVATE_DIRS.iter().map(|(d, _)| (*d).to_owned()).collect()),
                 lease_fraction: access.lease_fraction.unwrap_or(0.9),
                 host_memory_bytes: 0,
                 host_cpus: 0,
@@ -325,6 +335,9 @@ impl AgentConfig {
         }
         if !(0.0..=1.0).contains(&self.access.lease_fraction) || self.access.lease_fraction == 0.0 {
             return bad("lease_fraction must be above 0.0 and at most 1.0");
+        }
+        if let Some(bad_dir) = self.access.private_dirs.iter().find(|d| !crate::access::sandbox::PRIVATE_DIRS.iter().any(|(t, _)| t == d)) {
+            return Err(ConfigError::Invalid(format!("private_dirs: {bad_dir:?} is not one of /tmp, /var/tmp, /dev/shm")));
         }
         if self.fence_after < Duration::from_secs(2) {
             return bad("fence_after_s must be at least 2");

@@ -59,15 +59,15 @@ pub fn check(config: &AccessConfig) -> Report {
     let root = rustix::process::geteuid().is_root();
     checks.push(verdict("root", root, "the agent runs as root (lease accounts, namespaces, groups)", "not root: no lease accounts can be made"));
     let namespaces = root && sandbox::namespaces_available();
-    if config.private_tmp {
+    if !config.private_dirs.is_empty() {
         checks.push(verdict(
             "private /tmp and IPC",
             namespaces,
-            "each lease gets its own mount and IPC namespace: private /tmp, /var/tmp, /dev/shm",
+            format!("each lease gets its own mount and IPC namespace: private {}", config.private_dirs.join(", ")),
             "cannot make mount/IPC namespaces (needs CAP_SYS_ADMIN, no seccomp filter against unshare)",
         ));
     } else {
-        checks.push(Check { name: "private /tmp and IPC", state: State::Missing, detail: "switched off (private_tmp = false): leases share /tmp".into() });
+        checks.push(Check { name: "private /tmp and IPC", state: State::Missing, detail: "switched off (private_dirs = []): leases share /tmp".into() });
     }
     match config.cgroup_root.clone().map(cgroup::Cgroups::new) {
         Some(groups) => {

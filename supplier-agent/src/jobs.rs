@@ -565,7 +565,7 @@ impl JobRunner {
         command.args(&args).env_clear().envs(env).current_dir(&dir).stdin(std::process::Stdio::null()).stdout(log).stderr(stderr).kill_on_drop(true);
         // Its own process group, so stopping it stops what it forked.
         command.process_group(0);
-        self.access.sandbox(&lease).apply(&mut command);
+        self.access.sandbox(&lease).map_err(|e| format!("the lease's sandbox: {e}"))?.apply(&mut command);
         let mut child = command.spawn().map_err(|e| {
             let _ = std::fs::remove_file(marker);
             format!("{}: {e}", program.display())

@@ -218,10 +218,11 @@ async fn leases_have_private_tmp_and_ipc_that_vanish_with_the_lease() {
     // Alice's next session sees her files; Bob's sees none of them, nor her IPC.
     let again = a.run(&format!("cat /tmp/{marker} /dev/shm/{marker} /var/tmp/{marker}")).await;
     assert_eq!(text(&again).lines().collect::<Vec<_>>(), ["secret", "shm", "var"], "{}", said(&again));
-    let out = b.run(&format!("ls /tmp/{marker} /dev/shm/{marker} /var/tmp/{marker} 2>&1; ipcs -m")).await;
+    let out = b.run(&format!("ls /tmp/{marker} /dev/shm/{marker} /var/tmp/{marker} 2>&1")).await;
     let seen = text(&out);
     assert_eq!(seen.matches("No such file").count(), 3, "bob sees none of alice's files: {seen}");
-    assert!(!seen.contains(&a.login), "nor her shared memory: {seen}");
+    let out = b.run("ipcs -m").await;
+    assert!(out.status.success() && !text(&out).contains(&a.login), "nor her shared memory: {}", said(&out));
     // The node's own /tmp never had them.
     for dir in ["/tmp", "/dev/shm", "/var/tmp"] {
         assert!(!Path::new(dir).join(&marker).exists(), "{dir} is the node's, untouched");
@@ -394,7 +395,9 @@ async fn the_agent_refuses_a_home_root_lease_users_cannot_reach() {
     if !suanli_testkit::require_root("the agent's lease homes") {
         return;
     }
-    let dir = tempfile::TempDir::new().expect("dir"); // 0700, as mktemp -d makes it
+    let dir = tempfile::TempDir::new().expect("dir");
+    // Private, as `mktemp -d` or /root make it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, "").expect("ca");
     let out = Command::new(env!("CARGO_BIN_EXE_suanli-agent"))
@@ -429,4 +432,23 @@ fn doctor_reports_every_protection_active_on_this_node() {
     for line in ["private /tmp and IPC", "control groups", "lease homes"] {
         assert!(report.lines().any(|l| l.starts_with("ok") && l.contains(line)), "{line} active:\n{report}");
     }
+}
+
+#[tokio::test]
+async fn a_lease_program_starts_as_its_user_in_a_private_tmp() {
+    if !suanli_testkit::require_root("starting programs as another user") {
+        return;
+    }
+    let dir = suanli_testkit::reachable_temp_dir().expect("dir");
+    let private = dir.path().join("private");
+    suanli_agent::access::sandbox::make_private_dirs(&private, LEASE_UID, LEASE_GID).expect("private dirs");
+    let sandbox = suanli_agent::access::sandbox::Sandbox::new(LEASE_UID, LEASE_GID, &[], Some((&private, &["/tmp".to_owned()]))).expect("sandbox");
+    let mut command = Command::new("/bin/sh");
+    command.args(["-c", "id -u; id -G; echo mine > /tmp/probe; ls /tmp"]).current_dir("/");
+    sandbox.apply(&mut command);
+    let out = command.output().await.expect("run");
+    assert!(out.status.success(), "{}", said(&out));
+    assert_eq!(text(&out).lines().collect::<Vec<_>>(), ["65534", "65534", "probe"], "{}", said(&out));
+    assert!(private.join("tmp").join("probe").exists(), "written to the private /tmp");
+    assert!(!Path::new("/tmp/probe").exists(), "not the node's");
 }

@@ -431,7 +431,9 @@ impl Broker for BrokerApi {
                     .sign_user(&suanli_pki::ssh::UserCertificate {
                         public_key: &req.public_key,
                         principals: &principals,
-                        key_id: &format!("lease-{lease}"),
+                        // The key ID names the lease (`lease-<id>`); gateways admit a certificate
+                        // only to the lease it names, not to whatever lease has the login.
+                        key_id: &lease.to_string(),
                         serial,
                         now: now_s,
                         valid_until,

@@ -183,10 +183,13 @@ mod tests {
 }
 
 /// A temporary directory other users may pass through (mode 0711: searchable, not listable),
-/// for lease homes below it: the agent refuses a home root its lease users cannot reach.
+/// for lease homes and whatever a lease's jobs must reach: the agent refuses a home root its
+/// lease users cannot reach. Under `/home`, not `/tmp` or `/var/tmp`: a lease sees a private
+/// `/tmp` and `/var/tmp` of its own, so paths below the node's would not lead there.
 pub fn reachable_temp_dir() -> anyhow::Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::TempDir::new()?;
+    std::fs::create_dir_all("/home")?;
+    let dir = tempfile::Builder::new().prefix("suanli-test-").tempdir_in("/home")?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
     Ok(dir)
 }
@@ -213,3 +216,4 @@ pub fn require_root(what: &str) -> bool {
     eprintln!("skipped: {what} needs root");
     false
 }
+

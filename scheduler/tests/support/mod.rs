@@ -234,6 +234,12 @@ async fn start_agent(broker: &BrokerCluster, dir: &Path, supplier_token: &str, n
     // The CV job binary, when this run built it (the `torch` feature; .ci/run sets this).
     if let Some(job) = cv_job_binary() {
         args.extend(["--job-binary".to_owned(), job.display().to_string()]);
+        // A test build's suanli-job (and its libtorch) may live under /var/tmp (CI's target
+        // directory, the torch venv), which a lease would see as its private one: leases keep
+        // a private /tmp and /dev/shm here, and share /var/tmp.
+        if job.starts_with("/var/tmp") {
+            args.extend(["--private-dirs".to_owned(), "/tmp,/dev/shm".to_owned()]);
+        }
     }
     let binary = workspace_binary("suanli-agent", "suanli-agent").expect("agent binary");
     let service = Service::start(&format!("agent{n}"), &binary, &args, &[], &home, WAIT).await.expect("agent starts");

@@ -196,7 +196,13 @@ impl Connection {
             Program::Shell => (shell, vec!["-l".into()]),
             Program::Sftp => (self.access.config.sftp_server.clone(), Vec::new()),
         };
-        let sandbox = self.access.sandbox(&lease);
+        let sandbox = match self.access.sandbox(&lease) {
+            Ok(sandbox) => sandbox,
+            Err(e) => {
+                tracing::warn!(lease = lease.id, error = %e, "cannot prepare the lease's sandbox");
+                return session.channel_failure(id);
+            }
+        };
         let pty = if matches!(program, Program::Sftp) { None } else { self.ptys.remove(&id) };
         let started = match pty {
             Some(pty) => {
@@ -399,7 +405,12 @@ impl Handler for Connection {
         // The lease's own VNC display starts on its first use.
         if let Some(xvnc) = &self.access.config.xvnc {
             if suanli_types::node::vnc_port(&lease.card_indexes) == Some(port) && ip.is_loopback() {
-                super::vnc::ensure_display(&lease, &self.access.sandbox(&lease), xvnc, port).await;
+                match self.access.sandbox(&lease) {
+                    Ok(sandbox) => {
+                        super::vnc::ensure_display(&lease, &sandbox, xvnc, port).await;
+                    }
+                    Err(e) => tracing::warn!(lease = lease.id, error = %e, "cannot prepare the lease's sandbox"),
+                }
             }
         }
         // Only to a listener of the lease's own user: never another lease's service, the
@@ -454,9 +465,9 @@ fn check_certificate(cert: &Certificate, ca: &PublicKey, login: &str, now: u64) 
     Ok(())
 }
 
-/// The key ID the broker signs into a lease's certificates.
+/// The key ID the broker signs into a lease's certificates: the lease's ID as it prints.
 pub fn lease_key_id(lease: u64) -> String {
-    format!("lease-{lease}")
+    suanli_types::LeaseId(lease).to_string()
 }
 
 fn unix_now() -> u64 {

@@ -58,9 +58,10 @@ pub struct AccessConfig {
     /// The UIDs this agent gives lease accounts (inclusive; disjoint from every other agent's
     /// on the host and from the host's own users).
     pub uid_range: (u32, u32),
-    /// Each lease its own `/tmp`, `/var/tmp`, `/dev/shm` and System V IPC (needs root's
-    /// `CAP_SYS_ADMIN`; off only where the node cannot make namespaces).
-    pub private_tmp: bool,
+    /// Which of `/tmp`, `/var/tmp` and `/dev/shm` each lease gets a private one of (in a mount
+    /// namespace of its own, with its own System V IPC; needs root's `CAP_SYS_ADMIN`). All
+    /// three unless configured otherwise; none switches the namespaces off.
+    pub private_dirs: Vec<String>,
     /// The fraction of the node's memory and CPU that leases share between them, each in
     /// proportion to its cards; the rest stays the node's.
     pub lease_fraction: f64,
@@ -165,8 +166,9 @@ impl Access {
     }
 
     /// How every program of `lease` starts on this node.
-    pub fn sandbox(&self, lease: &LiveLease) -> sandbox::Sandbox {
-        sandbox::Sandbox::new(lease.account.uid, lease.account.gid, &lease.cgroup_procs, lease.private_tmp.as_deref())
+    pub fn sandbox(&self, lease: &LiveLease) -> std::io::Result<sandbox::Sandbox> {
+        let private = lease.private_tmp.as_deref().map(|root| (root, self.config.private_dirs.as_slice()));
+        sandbox::Sandbox::new(lease.account.uid, lease.account.gid, &lease.cgroup_procs, private)
     }
 
     fn private_root(&self, login: &str) -> PathBuf {
@@ -272,7 +274,7 @@ impl Access {
                 },
                 None => Vec::new(),
             };
-            let private_tmp = if self.config.private_tmp {
+            let private_tmp = if !self.config.private_dirs.is_empty() {
                 let root = self.private_root(&login);
                 if let Err(e) = sandbox::make_private_dirs(&root, account.uid, account.gid) {
                     tracing::error!(lease = lease.lease_id, error = %e, "no private /tmp for the lease; not admitted");

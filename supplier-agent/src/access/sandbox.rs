@@ -13,7 +13,8 @@
 //! The closure runs between `fork` and `exec` in a multi-threaded process: it only makes raw
 //! system calls on values prepared beforehand (no allocation, no locks).
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -28,7 +29,9 @@ pub const PRIVATE_DIRS: [(&str, &str); 3] = [("/tmp", "tmp"), ("/var/tmp", "var-
 #[derive(Clone, Debug)]
 pub struct Sandbox {
     cgroup_procs: Vec<CString>,
-    /// (source, target) bind mounts; empty: the child shares the node's `/tmp`.
+    /// (source, target) bind mounts; empty: the child shares the node's `/tmp`. Every source
+    /// is opened before the first mount (once `/tmp` is covered, a source path below `/tmp`
+    /// would no longer lead where it did) and mounted through its descriptor.
     mounts: Vec<(CString, CString)>,
     uid: u32,
     gid: u32,
@@ -40,19 +43,22 @@ fn c_path(path: &Path) -> CString {
 }
 
 impl Sandbox {
-    /// `private_root`: the lease's directory of private temporary directories (made by
-    /// [`make_private_dirs`]); `None` to share the node's.
-    pub fn new(uid: u32, gid: u32, cgroup_procs: &[PathBuf], private_root: Option<&Path>) -> Sandbox {
-        let mounts = private_root
-            .map(|root| {
-                PRIVATE_DIRS
-                    .iter()
-                    .filter(|(target, _)| Path::new(target).is_dir())
-                    .map(|(target, name)| (c_path(&root.join(name)), c_path(Path::new(target))))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Sandbox { cgroup_procs: cgroup_procs.iter().map(|p| c_path(p)).collect(), mounts, uid, gid }
+    /// `private`: the lease's directory of private temporary directories (made by
+    /// [`make_private_dirs`]) and which of [`PRIVATE_DIRS`] to cover with them; `None` to
+    /// share the node's.
+    pub fn new(uid: u32, gid: u32, cgroup_procs: &[PathBuf], private: Option<(&Path, &[String])>) -> std::io::Result<Sandbox> {
+        let mut mounts = Vec::new();
+        if let Some((root, which)) = private {
+            let wanted = |target: &str| which.iter().any(|w| w == target) && Path::new(target).is_dir();
+            for (target, name) in PRIVATE_DIRS.iter().filter(|(target, _)| wanted(target)) {
+                let source = root.join(name);
+                if !source.is_dir() {
+                    return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{} is missing", source.display())));
+                }
+                mounts.push((c_path(&source), c_path(Path::new(target))));
+            }
+        }
+        Ok(Sandbox { cgroup_procs: cgroup_procs.iter().map(|p| c_path(p)).collect(), mounts, uid, gid })
     }
 
     pub fn uid(&self) -> u32 {
@@ -87,8 +93,16 @@ impl Sandbox {
             unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS | rustix::thread::UnshareFlags::NEWIPC)? };
             // Nothing mounted here may leak back into the node's namespace.
             rustix::mount::mount_change(c"/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)?;
-            for (source, target) in &self.mounts {
-                rustix::mount::mount_bind(source.as_c_str(), target.as_c_str())?;
+            // Sources first, all of them, in this namespace (a mount's source must be in the
+            // caller's namespace), then the mounts, each from its descriptor.
+            let mut sources: [Option<std::os::fd::OwnedFd>; PRIVATE_DIRS.len()] = Default::default();
+            for (slot, (source, _)) in sources.iter_mut().zip(&self.mounts) {
+                let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                *slot = Some(rustix::fs::open(source.as_c_str(), flags, Mode::empty())?);
+            }
+            for (fd, (_, target)) in sources.iter().flatten().zip(&self.mounts) {
+                let mut buf = [0u8; 32];
+                rustix::mount::mount_bind(fd_path(fd.as_raw_fd(), &mut buf), target.as_c_str())?;
                 let flags = MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV;
                 rustix::mount::mount_remount(target.as_c_str(), flags, c"")?;
             }
@@ -98,6 +112,38 @@ impl Sandbox {
         rustix::thread::set_thread_res_gid(gid, gid, gid)?;
         rustix::thread::set_thread_res_uid(uid, uid, uid)?;
         Ok(())
+    }
+}
+
+/// `/proc/self/fd/<fd>` in `buf`, without allocating (this runs between fork and exec).
+fn fd_path(fd: i32, buf: &mut [u8; 32]) -> &CStr {
+    const PREFIX: &[u8] = b"/proc/self/fd/";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
+    let (mut n, mut len) = (fd.unsigned_abs(), 0);
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[PREFIX.len() + i] = digits[len - 1 - i];
+    }
+    buf[PREFIX.len() + len] = 0;
+    CStr::from_bytes_until_nul(&buf[..]).unwrap_or(c"/")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn descriptor_paths_are_written_without_allocating() {
+        let mut buf = [0u8; 32];
+        assert_eq!(super::fd_path(0, &mut buf), c"/proc/self/fd/0");
+        assert_eq!(super::fd_path(1234, &mut buf), c"/proc/self/fd/1234");
+        assert_eq!(super::fd_path(i32::MAX, &mut buf), c"/proc/self/fd/2147483647");
     }
 }
 
