@@ -104,15 +104,19 @@ fn is_shared(job: &v1::Job) -> bool {
 struct Checkpoint {
     /// The attempt's directory, opened without following links.
     dir: Arc<LeaseDir>,
-    last: Option<(i64, i64, u64)>,
+    last: Option<Stamp>,
     /// An upload in flight, and the file stamp it is of.
-    uploading: Option<(tokio::task::JoinHandle<Result<suanli_artifacts::Digest, String>>, (i64, i64, u64))>,
+    uploading: Option<(CheckpointUpload, Stamp)>,
     /// What of `job.log` was read for progress lines.
     log_read: u64,
     progress: Option<String>,
     progress_sent: Option<std::time::Instant>,
     progress_reports: u64,
 }
+
+/// A file's modification time (seconds, nanoseconds) and size: whether it changed.
+type Stamp = (i64, i64, u64);
+type CheckpointUpload = tokio::task::JoinHandle<Result<suanli_artifacts::Digest, String>>;
 
 /// Progress is relayed at most this often per attempt (each relay is a replicated write).
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);

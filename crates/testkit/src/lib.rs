@@ -170,18 +170,6 @@ where
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn readiness_line_is_parsed() {
-        let pairs = parse_pairs(" grpc=127.0.0.1:5 metrics=127.0.0.1:6");
-        assert_eq!(pairs["grpc"], "127.0.0.1:5");
-        assert_eq!(pairs["metrics"], "127.0.0.1:6");
-    }
-}
-
 /// A temporary directory other users may pass through (mode 0711: searchable, not listable),
 /// for lease homes and whatever a lease's jobs must reach: the agent refuses a home root its
 /// lease users cannot reach. Under `/home`, not `/tmp` or `/var/tmp`: a lease sees a private
@@ -217,3 +205,14 @@ pub fn require_root(what: &str) -> bool {
     false
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_line_is_parsed() {
+        let pairs = parse_pairs(" grpc=127.0.0.1:5 metrics=127.0.0.1:6");
+        assert_eq!(pairs["grpc"], "127.0.0.1:5");
+        assert_eq!(pairs["metrics"], "127.0.0.1:6");
+    }
+}

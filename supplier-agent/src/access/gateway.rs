@@ -209,9 +209,10 @@ impl Connection {
                 env.push(("TERM".into(), pty.term.clone()));
                 let (resize, resizes) = mpsc::unbounded_channel();
                 self.resizers.insert(id, resize);
-                run_on_pty(channel, &binary, &args, &lease, &sandbox, &env, pty.size, resizes)
+                let launch = Launch { binary: &binary, args: &args, home: &lease.account.home, env: session_env(&lease, &env), sandbox: &sandbox };
+                run_on_pty(channel, launch, pty.size, resizes)
             }
-            None => run_piped(channel, &binary, &args, &lease, &sandbox, &env),
+            None => run_piped(channel, Launch { binary: &binary, args: &args, home: &lease.account.home, env: session_env(&lease, &env), sandbox: &sandbox }),
         };
         match started {
             Ok(()) => session.channel_success(id),
@@ -510,25 +511,26 @@ fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> u32 {
     }
 }
 
-fn run_piped(
-    channel: Channel<Msg>,
-    binary: &Path,
-    args: &[String],
-    lease: &LiveLease,
-    sandbox: &super::sandbox::Sandbox,
-    extra_env: &[(String, String)],
-) -> std::io::Result<()> {
-    let account = &lease.account;
-    let mut command = tokio::process::Command::new(binary);
+/// A session's program: what runs, where, with what environment, in which sandbox.
+struct Launch<'a> {
+    binary: &'a Path,
+    args: &'a [String],
+    home: &'a Path,
+    env: Vec<(String, String)>,
+    sandbox: &'a super::sandbox::Sandbox,
+}
+
+fn run_piped(channel: Channel<Msg>, launch: Launch<'_>) -> std::io::Result<()> {
+    let mut command = tokio::process::Command::new(launch.binary);
     command
-        .args(args)
+        .args(launch.args)
         .env_clear()
-        .envs(session_env(lease, extra_env))
-        .current_dir(&account.home)
+        .envs(launch.env)
+        .current_dir(launch.home)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    sandbox.apply(&mut command);
+    launch.sandbox.apply(&mut command);
     let mut child = command.spawn()?;
     let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
@@ -559,19 +561,14 @@ async fn finish(channel: &russh::ChannelWriteHalf<Msg>, code: u32) {
 
 fn run_on_pty(
     channel: Channel<Msg>,
-    binary: &Path,
-    args: &[String],
-    lease: &LiveLease,
-    sandbox: &super::sandbox::Sandbox,
-    extra_env: &[(String, String)],
+    launch: Launch<'_>,
     size: pty_process::Size,
     mut resizes: mpsc::UnboundedReceiver<pty_process::Size>,
 ) -> std::io::Result<()> {
     let (pty, pts) = pty_process::open().map_err(std::io::Error::other)?;
     pty.resize(size).map_err(std::io::Error::other)?;
-    let account = &lease.account;
-    let command = pty_process::Command::new(binary).args(args).env_clear().envs(session_env(lease, extra_env)).current_dir(&account.home);
-    let mut child = sandbox.apply_pty(command).spawn(pts).map_err(std::io::Error::other)?;
+    let command = pty_process::Command::new(launch.binary).args(launch.args).env_clear().envs(launch.env).current_dir(launch.home);
+    let mut child = launch.sandbox.apply_pty(command).spawn(pts).map_err(std::io::Error::other)?;
     let (mut pty_out, mut pty_in) = pty.into_split();
     tokio::spawn(async move {
         let (mut read_half, write_half) = channel.split();

@@ -136,17 +136,6 @@ fn fd_path(fd: i32, buf: &mut [u8; 32]) -> &CStr {
     CStr::from_bytes_until_nul(&buf[..]).unwrap_or(c"/")
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn descriptor_paths_are_written_without_allocating() {
-        let mut buf = [0u8; 32];
-        assert_eq!(super::fd_path(0, &mut buf), c"/proc/self/fd/0");
-        assert_eq!(super::fd_path(1234, &mut buf), c"/proc/self/fd/1234");
-        assert_eq!(super::fd_path(i32::MAX, &mut buf), c"/proc/self/fd/2147483647");
-    }
-}
-
 /// Makes the lease's private temporary directories under `root` (root's, 0755, in the agent's
 /// state directory, which the lease cannot rename or replace): each owned by the lease, 0700.
 pub fn make_private_dirs(root: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
@@ -182,4 +171,15 @@ pub fn namespaces_available() -> bool {
         });
     }
     probe.status().is_ok_and(|s| s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn descriptor_paths_are_written_without_allocating() {
+        let mut buf = [0u8; 32];
+        assert_eq!(super::fd_path(0, &mut buf), c"/proc/self/fd/0");
+        assert_eq!(super::fd_path(1234, &mut buf), c"/proc/self/fd/1234");
+        assert_eq!(super::fd_path(i32::MAX, &mut buf), c"/proc/self/fd/2147483647");
+    }
 }
