@@ -122,7 +122,6 @@ async fn ssh_scp_sftp_and_port_forwarding_run_as_the_lease_user() {
     assert!(weak.is_empty(), "weak algorithms on offer: {weak:?}\n{report}");
 
     node.end(&mut alice, &login).await;
-    drop(node.agent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -452,3 +452,117 @@ async fn a_lease_program_starts_as_its_user_in_a_private_tmp() {
     assert!(private.join("tmp").join("probe").exists(), "written to the private /tmp");
     assert!(!Path::new("/tmp/probe").exists(), "not the node's");
 }
+
+/// Removes what an `Access` made, whatever happens in the test.
+struct Recorded(PathBuf);
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        suanli_testkit::remove_recorded_lease_accounts(&self.0);
+    }
+}
+
+/// The agent's lease access on its own, as the provisioner drives it (no broker, no gateway).
+fn node_access(dir: &Path, cgroup_root: &str) -> (std::sync::Arc<suanli_agent::access::Access>, String) {
+    use suanli_agent::access::{Access, AccessConfig, ScratchPolicy};
+    std::fs::create_dir_all(dir.join("dev")).expect("dev");
+    let prefix = format!("x{:06x}z", rand_suffix());
+    let access = Access::new(AccessConfig {
+        home_root: dir.join("homes"),
+        login_prefix: prefix.clone(),
+        shell: "/bin/bash".into(),
+        sftp_server: "/usr/lib/openssh/sftp-server".into(),
+        max_login_failures: 10,
+        devices_dir: dir.join("dev"),
+        xvnc: None,
+        cgroup_root: Some(cgroup_root.into()),
+        scratch: ScratchPolicy::Wipe,
+        state_dir: dir.join("state"),
+        uid_range: (2_900_000, 2_999_999),
+        private_dirs: vec!["/tmp".into()],
+        lease_fraction: 0.9,
+        host_memory_bytes: 8 << 30,
+        host_cpus: 4,
+        expiry_grace: Duration::from_secs(30),
+        connections_per_source: 120,
+    })
+    .expect("access");
+    (access, prefix)
+}
+
+fn rand_suffix() -> u32 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    (nanos ^ std::process::id().rotate_left(12)) & 0xff_ffff
+}
+
+fn one_lease_node(lease: u64, paid_until_ms: i64) -> suanli_proto::v1::AgentNode {
+    use suanli_proto::v1;
+    v1::AgentNode {
+        cards: vec![v1::Card::default(), v1::Card::default()],
+        leases: vec![v1::NodeLease { lease_id: lease, state: v1::LeaseState::Active.into(), card_indexes: vec![0], paid_until_ms, ..Default::default() }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_past_its_paid_time_ends_on_the_node_without_any_broker() {
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return;
+    }
+    let dir = suanli_testkit::reachable_temp_dir().expect("dir");
+    let _cleanup = Recorded(dir.path().join("state"));
+    let (access, prefix) = node_access(dir.path(), "/sys/fs/cgroup");
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let node = one_lease_node(42, now_ms + 1_000);
+    let login = format!("{prefix}42");
+    assert!(access.sync(&node).await.contains(&42), "provisioned");
+    let exists = |login: String| async move { Command::new("getent").args(["passwd", &login]).output().await.expect("getent").status.success() };
+    assert!(exists(login.clone()).await);
+    // A session is running when the paid time runs out (a process of the lease's user).
+    let lease = access.lease_for(&login).expect("live");
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("600");
+    access.sandbox(&lease).expect("sandbox").apply(&mut sleeper);
+    let mut sleeper = sleeper.spawn().expect("a process of the lease");
+    // Reaped as soon as it dies, as the agent reaps its sessions (a zombie still counts as a
+    // process of the user, and userdel would refuse).
+    let sleeper = tokio::spawn(async move { sleeper.wait().await });
+    // Before the grace has passed nothing happens; after it, the lease ends here, no broker asked.
+    assert!(access.expire(now_ms + 5_000).await.is_empty());
+    assert_eq!(access.expire(now_ms + 60_000).await, vec![42]);
+    assert!(!exists(login.clone()).await, "the account is gone");
+    assert!(!dir.path().join("homes").join(&login).exists(), "and its home");
+    let status = tokio::time::timeout(WAIT, sleeper).await.expect("killed").expect("joined").expect("status");
+    assert!(!status.success(), "its process was killed");
+    // The broker, still listing it a moment later, does not bring it back.
+    assert!(!access.sync(&node).await.contains(&42));
+    assert!(!exists(login).await, "not provisioned again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_cgroup_v2_a_program_is_in_its_leases_group_before_its_first_instruction() {
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return;
+    }
+    // The unified hierarchy: /sys/fs/cgroup itself, or beside v1's on a hybrid host.
+    let v2 = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"].into_iter().find(|r| Path::new(r).join("cgroup.controllers").exists());
+    let Some(v2) = v2 else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI's machine has a cgroup v2 hierarchy");
+        eprintln!("skipped: no cgroup v2 hierarchy here");
+        return;
+    };
+    let dir = suanli_testkit::reachable_temp_dir().expect("dir");
+    let _cleanup = Recorded(dir.path().join("state"));
+    let (access, prefix) = node_access(dir.path(), v2);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    assert!(access.sync(&one_lease_node(7, now_ms + 3_600_000)).await.contains(&7));
+    let login = format!("{prefix}7");
+    let lease = access.lease_for(&login).expect("live");
+    // The program reads its own cgroup as its first act: it was moved before exec.
+    let mut command = Command::new("/bin/cat");
+    command.arg("/proc/self/cgroup");
+    access.sandbox(&lease).expect("sandbox").apply(&mut command);
+    let out = command.output().await.expect("cat");
+    assert!(text(&out).lines().any(|l| l == format!("0::/suanli/{login}")), "{}", said(&out));
+    let group = Path::new(v2).join("suanli").join(&login);
+    assert_eq!(std::fs::metadata(group.join("cgroup.procs")).expect("procs").uid(), 0, "the group's files stay root's");
+}

@@ -216,3 +216,27 @@ mod tests {
         assert_eq!(pairs["metrics"], "127.0.0.1:6");
     }
 }
+
+/// Removes every lease account an agent recorded making (`<state_dir>/accounts/*.account`):
+/// its processes killed, the user and group deleted, its control groups removed. For a test
+/// harness's `Drop`, so a failing test leaves no account, process or group behind.
+pub fn remove_recorded_lease_accounts(state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("accounts")) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(login) = name.strip_suffix(".account") else { continue };
+        for _ in 0..50 {
+            let alive = std::process::Command::new("pgrep").args(["-u", login]).output().is_ok_and(|o| o.status.success());
+            if !alive {
+                break;
+            }
+            let _ = std::process::Command::new("pkill").args(["-KILL", "-u", login]).status();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::process::Command::new("userdel").arg(login).output();
+        let roots = std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path()).chain([PathBuf::from("/sys/fs/cgroup")]);
+        for root in roots {
+            let _ = std::fs::remove_dir(root.join("suanli").join(login));
+        }
+    }
+}

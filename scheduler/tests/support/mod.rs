@@ -166,12 +166,9 @@ impl Drop for World {
                 let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
             }
         }
-        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-        for login in passwd.lines().filter_map(|l| l.split(':').next()) {
-            if self.agents.iter().any(|a| login.starts_with(&a.prefix)) {
-                let _ = std::process::Command::new("pkill").args(["-KILL", "-u", login]).status();
-                let _ = std::process::Command::new("userdel").args(["-f", login]).status();
-            }
+        // Each agent's record of the accounts it made (never a name pattern).
+        for n in 0..self.agents.len() {
+            suanli_testkit::remove_recorded_lease_accounts(&self.dir.path().join(format!("agent{n}")).join("state"));
         }
     }
 }

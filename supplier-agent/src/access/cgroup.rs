@@ -100,11 +100,15 @@ impl Cgroups {
     /// writes a session's process into before it becomes the lease's user.
     pub fn create(&self, login: &str, limits: &Limits) -> std::io::Result<Vec<PathBuf>> {
         if self.layout() == Some(Layout::Unified) {
-            // Controllers reach a group only if every ancestor delegates them.
-            let enable: String = V2_CONTROLLERS.iter().map(|c| format!("+{c} ")).collect();
-            let _ = std::fs::write(self.root.join("cgroup.subtree_control"), enable.trim());
+            // Controllers reach a group only if every ancestor delegates them; those this
+            // hierarchy lacks (bound to v1 on a hybrid host) stay off, and `doctor` says so.
+            let missing = self.missing_controllers();
+            let enable: Vec<String> = V2_CONTROLLERS.iter().filter(|c| !missing.contains(c)).map(|c| format!("+{c}")).collect();
             std::fs::create_dir_all(self.root.join(PARENT))?;
-            std::fs::write(self.root.join(PARENT).join("cgroup.subtree_control"), enable.trim())?;
+            if !enable.is_empty() {
+                let _ = std::fs::write(self.root.join("cgroup.subtree_control"), enable.join(" "));
+                std::fs::write(self.root.join(PARENT).join("cgroup.subtree_control"), enable.join(" "))?;
+            }
         }
         let mut procs = Vec::new();
         for dir in self.dirs(login) {

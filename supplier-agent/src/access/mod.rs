@@ -143,6 +143,9 @@ pub struct Access {
     pub throttle: Mutex<throttle::Throttle>,
     /// The platform's SSH user CA, as the broker last said.
     user_ca: RwLock<Option<PublicKey>>,
+    /// Leases ended here for want of payment, with the `paid_until_ms` they had: not
+    /// provisioned again unless the broker reports them paid for longer (an extension).
+    expired_here: Mutex<BTreeMap<u64, i64>>,
 }
 
 /// How long a login waits for a fresh view of a lease the broker may just have activated.
@@ -159,6 +162,7 @@ impl Access {
             refresh: Notify::new(),
             synced: watch::channel(0).0,
             user_ca: RwLock::new(None),
+            expired_here: Mutex::new(BTreeMap::new()),
             throttle: Mutex::new(throttle::Throttle::new(config.max_login_failures, Duration::from_secs(60))),
             book,
             config,
@@ -182,15 +186,16 @@ impl Access {
     /// Ends, here and now, every lease past its `paid_until` (and grace), whether or not a
     /// broker answers. Returns the leases ended.
     pub async fn expire(&self, now_ms: i64) -> Vec<u64> {
-        let due: Vec<(String, u64)> = {
+        let due: Vec<(String, u64, i64)> = {
             let leases = self.leases.read().unwrap_or_else(|p| p.into_inner());
-            leases.iter().filter(|(_, l)| self.expired(l.paid_until_ms, now_ms)).map(|(login, l)| (login.clone(), l.id)).collect()
+            leases.iter().filter(|(_, l)| self.expired(l.paid_until_ms, now_ms)).map(|(login, l)| (login.clone(), l.id, l.paid_until_ms)).collect()
         };
-        for (login, lease) in &due {
-            tracing::warn!(lease, %login, "lease past its paid time: ended on this node");
+        for (login, lease, paid_until_ms) in &due {
+            tracing::warn!(lease, %login, paid_until_ms, "lease past its paid time: ended on this node");
+            lock(&self.expired_here).insert(*lease, *paid_until_ms);
             self.end(login).await;
         }
-        due.into_iter().map(|(_, id)| id).collect()
+        due.into_iter().map(|(_, id, _)| id).collect()
     }
 
     /// The lease for `login` if it passes `admits`. A lease this node knows may have changed
@@ -248,10 +253,17 @@ impl Access {
         let mut wanted = BTreeSet::new();
         let now_ms = unix_millis();
         let node_cards = node.cards.len().max(1) as f64;
+        {
+            // Forget what the broker no longer lists; it has ended those too.
+            let listed: BTreeSet<u64> = live.iter().map(|l| l.lease_id).collect();
+            lock(&self.expired_here).retain(|lease, _| listed.contains(lease));
+        }
         for lease in live {
             let login = self.login(lease.lease_id);
-            // Past its paid time, a lease the broker still lists stays ended here.
-            if self.expired(lease.paid_until_ms, now_ms) {
+            // Past its paid time (or ended here for it, and not extended since), a lease the
+            // broker still lists stays ended here.
+            let ended_here = lock(&self.expired_here).get(&lease.lease_id).is_some_and(|paid| *paid >= lease.paid_until_ms);
+            if ended_here || self.expired(lease.paid_until_ms, now_ms) {
                 continue;
             }
             wanted.insert(login.clone());

@@ -60,6 +60,17 @@ pub fn running_as_root() -> bool {
     suanli_testkit::running_as_root()
 }
 
+impl Drop for Node {
+    /// Whatever the test left (it may have failed half-way): the agent stopped, then every
+    /// account it recorded making removed with its processes and groups.
+    fn drop(&mut self) {
+        if let Some(pid) = self.agent.pid() {
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        suanli_testkit::remove_recorded_lease_accounts(&self.dir.path().join("agent"));
+    }
+}
+
 impl Node {
     /// A broker and one agent with two simulated cards, published as a Class B cluster.
     pub async fn start() -> Node {
