@@ -383,8 +383,12 @@ async fn an_account_the_agent_did_not_make_is_never_removed() {
         }
     }
     let _cleanup = Userdel(lookalike.clone());
-    // A lease's end makes the agent tear down everything it no longer wants.
+    // A lease's end makes the agent tear down everything it no longer wants; a later lease
+    // made ready proves that teardown round has finished.
     node.end(&mut alice, &login).await;
+    let mut bob = node.researcher("bob").await;
+    let later = node.lease(&mut bob, "later").await;
+    node.end(&mut bob, &later).await;
     let out = Command::new("getent").args(["passwd", &lookalike]).output().await.expect("getent");
     assert!(out.status.success(), "the lookalike account is still there");
     assert!(home.is_dir(), "and its home");
