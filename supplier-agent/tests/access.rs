@@ -71,11 +71,7 @@ async fn ssh_scp_sftp_and_port_forwarding_run_as_the_lease_user() {
     let free = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("free port");
     let service_port = free.local_addr().expect("addr").port();
     drop(free);
-    let serve = format!(
-        "nohup python3 -c 'import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((\"127.0.0.1\", {service_port})); s.listen(); [c.sendall(b\"hello from the node\\n\") or c.close() for c, _ in iter(s.accept, None)]' >/dev/null 2>&1 &"
-    );
-    let out = login.run(&serve).await;
-    assert!(out.status.success(), "{}", said(&out));
+    support::serve_as_lease(&login, service_port, "hello from the node").await;
     let local = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("free port");
     let local_port = local.local_addr().expect("addr").port();
     drop(local);

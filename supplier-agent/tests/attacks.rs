@@ -356,14 +356,7 @@ async fn port_forwards_reach_only_the_leases_own_listeners() {
     let own = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("port");
     let own_port = own.local_addr().expect("addr").port();
     drop(own);
-    let serve = format!(
-        "nohup python3 -c 'import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((\"127.0.0.1\", {own_port})); s.listen(); [c.sendall(b\"hello from the lease\\n\") or c.close() for c, _ in iter(s.accept, None)]' >/dev/null 2>&1 &"
-    );
-    let out = login.run(&serve).await;
-    assert!(out.status.success(), "{}", said(&out));
-    eventually(WAIT, POLL, || async { suanli_agent::access::listeners::owners([127, 0, 0, 1].into(), own_port).first().copied() })
-        .await
-        .expect("the lease's service listens");
+    support::serve_as_lease(&login, own_port, "hello from the lease").await;
     assert_eq!(read_through_forward(&login, own_port).await, "hello from the lease\n");
     node.end(&mut alice, &login).await;
 }
@@ -569,4 +562,38 @@ async fn on_cgroup_v2_a_program_is_in_its_leases_group_before_its_first_instruct
     assert!(text(&out).lines().any(|l| l == format!("0::/suanli/{login}")), "{}", said(&out));
     let group = Path::new(v2).join("suanli").join(&login);
     assert_eq!(std::fs::metadata(group.join("cgroup.procs")).expect("procs").uid(), 0, "the group's files stay root's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_co_tenant_squatting_on_a_leases_vnc_port_is_never_reached() {
+    let Some((node, mut alice, a)) = one_lease(&[]).await else { return };
+    let mut bob = node.researcher("bob").await;
+    let b = node.lease(&mut bob, "b").await;
+    let access = alice.client.get_lease_access(suanli_proto::v1::GetLeaseRequest { lease_id: a.lease }).await.expect("access").into_inner();
+    let vnc_port = access.nodes[0].vnc_port as u16;
+    assert_ne!(vnc_port, 0, "alice's lease has a VNC port");
+    // Bob binds alice's VNC port before her display starts, hoping to catch her password.
+    support::serve_as_lease(&b, vnc_port, "RFB 003.008 bob-fake").await;
+    let got = read_through_forward(&a, vnc_port).await;
+    assert!(!got.contains("bob"), "alice's forward never reaches bob's listener: {got:?}");
+    node.end(&mut bob, &b).await;
+    node.end(&mut alice, &a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_uid_is_never_handed_to_the_next_lease() {
+    let Some((node, mut alice, a)) = one_lease(&[]).await else { return };
+    let uid_of = |login: &support::Login| {
+        let mut command = login.ssh(&[], "id -u");
+        async move { text(&command.output().await.expect("ssh")).parse::<u32>().expect("a uid") }
+    };
+    let first = uid_of(&a).await;
+    // Alice leaves a file where a UID-keyed permission could outlive her (her home is wiped;
+    // anything elsewhere would be found by the next holder of her UID).
+    node.end(&mut alice, &a).await;
+    let mut bob = node.researcher("bob").await;
+    let b = node.lease(&mut bob, "b").await;
+    let second = uid_of(&b).await;
+    assert!(second > first, "a new UID ({second}), never the freed {first}");
+    node.end(&mut bob, &b).await;
 }

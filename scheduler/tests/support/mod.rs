@@ -49,7 +49,12 @@ impl World {
     /// `nodes` agents of `cards` cards each published as one cluster, `replicas` schedulers,
     /// one active lease per node.
     pub async fn start(nodes: usize, cards: u32, replicas: usize) -> World {
-        let mut w = World::bare(nodes, cards, replicas).await;
+        World::start_with(nodes, cards, replicas, &[]).await
+    }
+
+    /// As `start`, with more flags for every agent.
+    pub async fn start_with(nodes: usize, cards: u32, replicas: usize, agent_flags: &[&str]) -> World {
+        let mut w = World::bare_with(nodes, cards, replicas, agent_flags).await;
         let all: Vec<usize> = (0..nodes).collect();
         w.cluster = w.publish(&all, fixtures::HOURLY_PRICE, "all").await;
         for n in 0..nodes {
@@ -61,6 +66,10 @@ impl World {
 
     /// The processes and a funded researcher; nothing published or leased yet.
     pub async fn bare(nodes: usize, cards: u32, replicas: usize) -> World {
+        World::bare_with(nodes, cards, replicas, &[]).await
+    }
+
+    async fn bare_with(nodes: usize, cards: u32, replicas: usize, agent_flags: &[&str]) -> World {
         let dir = suanli_testkit::reachable_temp_dir().expect("temp dir");
         // The jobs run as the leases' Unix accounts: they must be able to reach the records.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
@@ -74,7 +83,7 @@ impl World {
         let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
         let mut agents = Vec::new();
         for n in 0..nodes {
-            agents.push(start_agent(&broker, dir.path(), &supplier_token, n, cards, &artifacts).await);
+            agents.push(start_agent(&broker, dir.path(), &supplier_token, n, cards, &artifacts, agent_flags).await);
         }
         let supplier = broker.client(1, &supplier_token).await.expect("supplier client");
         let (researcher_id, researcher_token) = register(&mut platform, AccountKind::Researcher, "researcher").await.expect("researcher");
@@ -173,7 +182,7 @@ impl Drop for World {
     }
 }
 
-async fn start_agent(broker: &BrokerCluster, dir: &Path, supplier_token: &str, n: usize, cards: u32, artifacts: &str) -> Agent {
+async fn start_agent(broker: &BrokerCluster, dir: &Path, supplier_token: &str, n: usize, cards: u32, artifacts: &str, flags: &[&str]) -> Agent {
     let channel = suanli_proto::client::channel(&format!("http://{}", broker.address(1).expect("address"))).await.expect("channel");
     let mut icpcss = SupplierServiceClient::with_interceptor(channel, suanli_proto::client::bearer(Some(supplier_token)).expect("token"));
     let token = icpcss
@@ -238,6 +247,7 @@ async fn start_agent(broker: &BrokerCluster, dir: &Path, supplier_token: &str, n
             args.extend(["--private-dirs".to_owned(), "/tmp,/dev/shm".to_owned()]);
         }
     }
+    args.extend(flags.iter().map(|f| f.to_string()));
     let binary = workspace_binary("suanli-agent", "suanli-agent").expect("agent binary");
     let service = Service::start(&format!("agent{n}"), &binary, &args, &[], &home, WAIT).await.expect("agent starts");
     let node = service.get("node").expect("node").parse().expect("node id");

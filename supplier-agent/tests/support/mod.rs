@@ -337,3 +337,15 @@ pub fn login_clone(l: &Login) -> Login {
     }
 }
 
+/// Starts a one-line TCP service on the node's loopback `port`, as the lease's user (over
+/// SSH), and waits until it listens.
+pub async fn serve_as_lease(login: &Login, port: u16, greeting: &str) {
+    let serve = format!(
+        "nohup python3 -c 'import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((\"127.0.0.1\", {port})); s.listen(); [c.sendall(b\"{greeting}\\n\") or c.close() for c, _ in iter(s.accept, None)]' >/dev/null 2>&1 &"
+    );
+    let out = login.run(&serve).await;
+    assert!(out.status.success(), "{}", said(&out));
+    eventually(WAIT, POLL, || async { suanli_agent::access::listeners::owners([127, 0, 0, 1].into(), port).first().copied() })
+        .await
+        .expect("the service listens");
+}
