@@ -373,3 +373,46 @@ fn load(path: &Path) -> Result<FileAgent, ConfigError> {
     let parsed: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))?;
     Ok(parsed.agent.unwrap_or_default())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AgentArgs,
+    }
+
+    fn resolve(flags: &[&str]) -> Result<AgentConfig, ConfigError> {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/agent.example.toml");
+        let argv = ["suanli-agent", "--config", example].iter().chain(flags).copied();
+        AgentConfig::resolve(&Cli::parse_from(argv).args)
+    }
+
+    #[test]
+    fn the_example_configuration_is_accepted_whole() {
+        let config = resolve(&[]).expect("ops/agent.example.toml resolves");
+        assert_eq!(config.access.uid_range, (2_000_000, 2_999_999));
+        assert_eq!(config.access.private_dirs, ["/tmp", "/var/tmp", "/dev/shm"]);
+        assert_eq!(config.fence_after, Duration::from_secs(20));
+        assert_eq!(config.job_files.max_bytes, 64 << 30);
+    }
+
+    #[test]
+    fn bad_protection_settings_are_refused_with_the_field_named() {
+        for (flags, field) in [
+            (&["--uid-range", "1000-2000"][..], "uid_range"),
+            (&["--uid-range", "3000000-2000000"][..], "uid_range"),
+            (&["--private-dirs", "/etc"][..], "private_dirs"),
+            (&["--fence-after-s", "0"][..], "fence_after_s"),
+            (&["--login-prefix", "sl1"][..], "login_prefix"),
+        ] {
+            let err = resolve(flags).err().unwrap_or_else(|| panic!("{flags:?} must be refused"));
+            assert!(err.to_string().contains(field), "{flags:?}: {err}");
+        }
+        let off = resolve(&["--private-dirs", ""]).expect("an empty list turns private dirs off");
+        assert!(off.access.private_dirs.is_empty());
+    }
+}

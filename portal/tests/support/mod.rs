@@ -237,7 +237,7 @@ pub async fn start_agent(w: &World, token: &str, hostname: &str, model: &str, ca
             let out = std::process::Command::new("mknod").arg(devices.join(format!("nvidia{card}"))).args(["c", "195", &card.to_string()]).output()?;
             anyhow::ensure!(out.status.success(), "mknod: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let prefix = format!("t{:07x}", std::process::id() & 0x0fff_ffff);
+        let prefix = format!("t{:06x}z", std::process::id() & 0x00ff_ffff);
         for (flag, value) in [
             ("--ssh-listen", "127.0.0.1:0".to_owned()),
             ("--home-root", dir.join("homes").display().to_string()),
