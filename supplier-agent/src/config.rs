@@ -234,7 +234,8 @@ impl AgentConfig {
         let config = AgentConfig {
             brokers,
             broker_ca: args.broker_ca.clone().or(file.broker_ca),
-            state_dir: args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/agent")),
+            // Absolute: lease programs resolve paths under it after changing directory.
+            state_dir: absolute(args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/agent")))?,
             job_binary: args.job_binary.clone().or(file.job_binary),
             artifacts: match (args.artifacts_url.clone().or(file.artifacts_url), args.artifacts_token.clone().or(file.artifacts_token)) {
                 (Some(url), Some(token)) => Some((url, token)),
@@ -263,7 +264,7 @@ impl AgentConfig {
             ssh_listen: args.ssh_listen.or(access.ssh_listen),
             ssh_advertise: args.ssh_advertise.clone().or(access.ssh_advertise),
             access: crate::access::AccessConfig {
-                home_root: args.home_root.clone().or(access.home_root).unwrap_or_else(|| PathBuf::from("/home/suanli")),
+                home_root: absolute(args.home_root.clone().or(access.home_root).unwrap_or_else(|| PathBuf::from("/home/suanli")))?,
                 login_prefix: args.login_prefix.clone().or(access.login_prefix).unwrap_or_else(|| "sl".into()),
                 shell: access.shell.unwrap_or_else(|| PathBuf::from("/bin/bash")),
                 sftp_server: access.sftp_server.unwrap_or_else(|| PathBuf::from("/usr/lib/openssh/sftp-server")),
@@ -357,6 +358,10 @@ impl AgentConfig {
     }
 }
 
+fn absolute(path: PathBuf) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(&path).map_err(|e| ConfigError::Read(path, e))
+}
+
 /// "FIRST-LAST", both inclusive, above the host's own users.
 fn parse_uid_range(text: &str) -> Result<(u32, u32), ConfigError> {
     let bad = || ConfigError::Invalid(format!("uid_range {text:?}: FIRST-LAST, with 100000 <= FIRST <= LAST < 4294967294"));
@@ -387,7 +392,7 @@ mod tests {
 
     fn resolve(flags: &[&str]) -> Result<AgentConfig, ConfigError> {
         let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/agent.example.toml");
-        let argv = ["suanli-agent", "--config", example].iter().chain(flags).copied();
+        let argv = ["suanli-agent", "--config", example].into_iter().chain(flags.iter().copied());
         AgentConfig::resolve(&Cli::parse_from(argv).args)
     }
 

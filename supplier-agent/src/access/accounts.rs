@@ -138,6 +138,9 @@ pub async fn ensure(book: &AccountBook, login: &str, home_root: &Path, comment: 
     }
     std::fs::create_dir_all(home_root).map_err(|e| AccountError::Io(home_root.to_owned(), e))?;
     let home = home_root.join(login);
+    // A home left by an account that no longer exists (a crash between userdel and the
+    // removal, or a host account deleted by hand) is never handed to the new lease.
+    remove_home(&home, None)?;
     // A UID some other account holds (another agent's, the host's) is skipped, never shared.
     let mut attempts = 0;
     loop {
