@@ -205,18 +205,6 @@ pub fn require_root(what: &str) -> bool {
     false
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn readiness_line_is_parsed() {
-        let pairs = parse_pairs(" grpc=127.0.0.1:5 metrics=127.0.0.1:6");
-        assert_eq!(pairs["grpc"], "127.0.0.1:5");
-        assert_eq!(pairs["metrics"], "127.0.0.1:6");
-    }
-}
-
 /// Removes every lease account an agent recorded making (`<state_dir>/accounts/*.account`):
 /// its processes killed, the user and group deleted, its control groups removed. For a test
 /// harness's `Drop`, so a failing test leaves no account, process or group behind.
@@ -238,5 +226,17 @@ pub fn remove_recorded_lease_accounts(state_dir: &Path) {
         for root in roots {
             let _ = std::fs::remove_dir(root.join("suanli").join(login));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_line_is_parsed() {
+        let pairs = parse_pairs(" grpc=127.0.0.1:5 metrics=127.0.0.1:6");
+        assert_eq!(pairs["grpc"], "127.0.0.1:5");
+        assert_eq!(pairs["metrics"], "127.0.0.1:6");
     }
 }
