@@ -91,7 +91,8 @@ struct Running {
 }
 
 impl Running {
-    /// An attempt with no process here (it could not start, or died with an earlier agent).
+    /// An attempt with no process here (it could not start, it ended, or it died with an
+    /// earlier agent).
     fn done() -> Running {
         Running { kill: None, devices: Vec::new(), shared: false, checkpoint: None }
     }
@@ -162,12 +163,16 @@ impl JobRunner {
             tokio::select! {
                 _ = tick.tick() => {}
                 Some(ended) = ended_rx.recv() => {
-                    running.remove(&ended.key);
+                    // Its process is gone (its cards free), but the attempt stays known here
+                    // until the broker stops listing it: its end may still be uploading its
+                    // outputs or waiting for a broker, and must never look like an attempt of
+                    // an earlier agent, nor be started again.
+                    running.insert(ended.key, Running::done());
                     to_report.push(ended);
                 }
             }
             while let Ok(ended) = ended_rx.try_recv() {
-                running.remove(&ended.key);
+                running.insert(ended.key, Running::done());
                 to_report.push(ended);
             }
             if last_contact.elapsed() > self.fence_after {
@@ -434,6 +439,8 @@ impl JobRunner {
                 }
             }
         }
+        // Forgotten once over: no longer placed here and no process left.
+        running.retain(|key, r| wanted.contains(key) || r.kill.is_some() || !r.devices.is_empty());
         for job in jobs {
             let Some(attempt) = job.attempts.last() else { continue };
             let key = (job.job_id, attempt.number);

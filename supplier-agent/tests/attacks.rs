@@ -168,6 +168,21 @@ fn a_fifo_where_a_checkpoint_belongs_is_refused_without_blocking() {
 }
 
 #[test]
+fn a_device_node_where_a_checkpoint_belongs_is_never_opened() {
+    let Some(p) = Planted::new() else { return };
+    let checkpoints = p.lease_dir(".suanli-jobs/7-1/checkpoint");
+    // /dev/zero's numbers: read, it would flood the agent with zeros for ever.
+    let device = checkpoints.join("checkpoint");
+    let out = std::process::Command::new("mknod").arg(&device).args(["c", "1", "5"]).output().expect("mknod");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::os::unix::fs::chown(&device, Some(LEASE_UID), Some(LEASE_GID)).expect("chown");
+    let dir = p.home().make_dirs(Path::new(".suanli-jobs/7-1")).expect("attempt");
+    let staged = p.home.parent().expect("parent").join("staged");
+    assert!(refused(dir.copy_out(Path::new("checkpoint/checkpoint"), 1 << 20, &staged)).contains("not a regular file"));
+    assert!(!staged.exists());
+}
+
+#[test]
 fn a_huge_sparse_checkpoint_is_refused_by_the_size_cap() {
     let Some(p) = Planted::new() else { return };
     let checkpoints = p.lease_dir(".suanli-jobs/7-1/checkpoint");

@@ -22,6 +22,16 @@ pub struct Browser {
 
 pub struct Element(String);
 
+impl Drop for Browser {
+    /// chromedriver, Chromium and every helper process it forked (a test that fails half-way
+    /// never leaves a browser running): the whole process group, by a system call.
+    fn drop(&mut self) {
+        if let Some(group) = self._driver.id().and_then(|pid| rustix::process::Pid::from_raw(pid as i32)) {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+    }
+}
+
 impl Browser {
     /// Starts chromedriver on a port it picks and opens a headless Chromium session.
     pub async fn start() -> anyhow::Result<Browser> {
@@ -30,6 +40,8 @@ impl Browser {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
+            // A group of its own, with the Chromium it starts: dropping the browser ends them all.
+            .process_group(0)
             .spawn()
             .context("starting chromedriver (Debian chromium-driver; run ops/install-build-deps)")?;
         let stdout = driver.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;

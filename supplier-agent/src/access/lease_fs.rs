@@ -8,9 +8,10 @@
 //! - every component is opened with `O_NOFOLLOW` (a directory with `O_DIRECTORY` too), so a
 //!   link anywhere on the way fails the operation instead of redirecting it; `..` and absolute
 //!   names are refused before any system call;
-//! - files are opened `O_NONBLOCK` and checked with `fstat` on the descriptor before a byte is
-//!   read: only a regular file owned by the lease's user, with one link, below a size cap, is
-//!   read (a FIFO never blocks the agent, a hard link to someone else's file is refused);
+//! - files are first opened `O_PATH` (which opens nothing) and checked with `fstat`: only a
+//!   regular file owned by the lease's user, with one link, below a size cap, is then reopened
+//!   for reading through that handle (a FIFO never blocks the agent, a device is never opened,
+//!   a hard link to someone else's file is refused);
 //! - root changes ownership only of what it has just made itself (`mkdirat`, `O_CREAT |
 //!   O_EXCL`), through the descriptor (`fchown`), never by name;
 //! - renames and removals name one component in a pinned directory (`renameat`, `unlinkat`),
@@ -179,17 +180,23 @@ impl LeaseDir {
         }
         path.push(last);
         let parent = current.as_ref().map_or(self.fd.as_fd(), |fd| fd.as_fd());
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-        let fd = match rustix::fs::openat(parent, *last, flags, Mode::empty()) {
+        // First a handle that opens nothing (O_PATH): a FIFO, a device or a link is looked at,
+        // never opened, so no device's open has side effects and nothing blocks.
+        let probe = match rustix::fs::openat(parent, *last, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => return Ok(None),
             Err(e) => return Err(refused_link(&path, e)),
         };
-        let st = self.expect_owner(&fd, &path, false)?;
+        let st = self.expect_owner(&probe, &path, false)?;
         let size = st.st_size as u64;
         if size > cap {
             return Err(LeaseFsError::TooLarge { path, size, cap });
         }
+        // Then that very inode, reopened for reading through its handle (never by name again:
+        // the lease may have swapped the name meanwhile).
+        let reopen = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&probe));
+        let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+        let fd = rustix::fs::open(reopen.as_str(), flags, Mode::empty()).map_err(|e| io(&path, e))?;
         Ok(Some((File::from(fd), size)))
     }
 
