@@ -99,6 +99,12 @@ impl World {
 impl Drop for World {
     fn drop(&mut self) {
         suanli_testkit::portal::drop_database(&self.db_url);
+        // Lease accounts the test's agents recorded making (`start_agent`: `<dir>/<host>/state`),
+        // whatever the test left: the agents themselves are gone by now (their `Service`s are
+        // dropped before the world they were started in).
+        for host in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            suanli_testkit::remove_recorded_lease_accounts(&host.path().join("state"));
+        }
     }
 }
 
