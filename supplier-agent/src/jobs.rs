@@ -222,7 +222,8 @@ impl JobRunner {
                 continue;
             }
             let mut outputs = HashMap::new();
-            if let (JobEndReason::Completed, Some(out)) = (&e.reason, &e.outputs) {
+            // Outputs to upload (none named: reported at once, as before any upload existed).
+            if let (JobEndReason::Completed, Some(out)) = (&e.reason, e.outputs.as_ref().filter(|o| !o.names.is_empty())) {
                 let upload = uploads.entry(e.key).or_insert_with(|| tokio::spawn(self.upload_outputs(out.clone())));
                 if !upload.is_finished() {
                     left.push(e);
@@ -534,7 +535,8 @@ impl JobRunner {
         let home = LeaseDir::open_home(&account.home, account.uid, account.gid).map_err(lease_error)?;
         let attempt_dir = Arc::new(home.make_dirs(&Path::new(".suanli-jobs").join(format!("{}-{}", job.job_id, attempt.number))).map_err(lease_error)?);
         let dir = attempt_dir.path().to_owned();
-        let (input_dir, checkpoint_dir) = (attempt_dir.make_dirs(Path::new("in")).map_err(lease_error)?, attempt_dir.make_dirs(Path::new("checkpoint")).map_err(lease_error)?);
+        let input_dir = attempt_dir.make_dirs(Path::new("in")).map_err(lease_error)?;
+        let checkpoint_dir = attempt_dir.make_dirs(Path::new("checkpoint")).map_err(lease_error)?;
         attempt_dir.make_dirs(Path::new("out")).map_err(lease_error)?;
         let (inputs, outputs, checkpoints) = (dir.join("in"), dir.join("out"), dir.join("checkpoint"));
         // Inputs and the checkpoint to resume from arrive verified before the program starts.

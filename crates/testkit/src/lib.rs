@@ -184,14 +184,7 @@ pub fn reachable_temp_dir() -> anyhow::Result<tempfile::TempDir> {
 
 /// Whether this process runs as root. Tests that need root call [`require_root`].
 pub fn running_as_root() -> bool {
-    rustix_free_euid() == 0
-}
-
-fn rustix_free_euid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)?.parse().ok()))
-        .unwrap_or(u32::MAX)
+    rustix::process::geteuid().is_root()
 }
 
 /// `true` where the test may go on as root; `false` (after saying why, in one line) where it

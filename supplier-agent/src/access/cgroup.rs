@@ -131,11 +131,6 @@ impl Cgroups {
         Ok(procs)
     }
 
-    /// The processes in the lease's groups now.
-    pub fn members(&self, login: &str) -> Vec<i32> {
-        self.dirs(login).iter().flat_map(|d| members(d)).collect()
-    }
-
     /// Freezes the lease's groups, kills everything in them, and removes them.
     pub async fn destroy(&self, login: &str) -> std::io::Result<()> {
         let dirs: Vec<PathBuf> = self.dirs(login).into_iter().filter(|d| d.exists()).collect();

@@ -61,10 +61,6 @@ impl Sandbox {
         Ok(Sandbox { cgroup_procs: cgroup_procs.iter().map(|p| c_path(p)).collect(), mounts, uid, gid })
     }
 
-    pub fn uid(&self) -> u32 {
-        self.uid
-    }
-
     /// Installs the steps on a command (its own `uid`/`gid` settings must stay unset: they
     /// would drop root before the steps run).
     pub fn apply(&self, command: &mut tokio::process::Command) {
