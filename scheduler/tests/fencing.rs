@@ -58,3 +58,41 @@ async fn a_node_cut_off_from_every_broker_stops_its_jobs() {
     assert!(cut_off.elapsed() >= Duration::from_secs(FENCE_S - 1), "not before the fencing time: {:?}", cut_off.elapsed());
     assert!(w.logs().contains("self-fencing"), "{}", w.logs());
 }
+
+#[tokio::test]
+async fn a_job_does_not_outlive_its_crashed_agent() {
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return;
+    }
+    const FENCE_S: u64 = 3;
+    let w = World::start_with(1, 1, 1, &["--fence-after-s", &FENCE_S.to_string()]).await;
+    let mut jobs = w.jobs(&w.researcher_token).await;
+    let marker = format!("sleep 7{:05}", std::process::id() % 100_000);
+    let spec = serde_json::json!({
+        "name": "long", "kind": "training",
+        "resources": { "cards": 1 },
+        "run": { "command": { "program": "/bin/sh", "args": ["-c", format!("exec {marker}")] } },
+        "max_attempts": 1,
+    });
+    let job = w.submit(&mut jobs, "orphan", &spec).await.job_id;
+    suanli_testkit::eventually(Duration::from_secs(60), POLL, || {
+        let mut c = jobs.clone();
+        let marker = marker.clone();
+        async move {
+            let j = c.get_job(v1::GetJobRequest { job_id: job }).await.ok()?.into_inner();
+            (j.state == "running" && running(&marker)).then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the job runs: {e}\n{}", w.logs()));
+    // The agent dies at once (no shutdown code runs) and does not come back.
+    let agent = w.agents[0].service.pid().expect("the agent's pid");
+    let killed = std::process::Command::new("kill").args(["-KILL", &agent.to_string()]).status().expect("kill");
+    assert!(killed.success(), "kill -9 the agent");
+    let crashed = std::time::Instant::now();
+    suanli_testkit::eventually(Duration::from_secs(30), POLL, || async { (!running(&marker)).then_some(()) })
+        .await
+        .unwrap_or_else(|e| panic!("the job of a crashed agent stops: {e}\n{}", w.logs()));
+    assert!(crashed.elapsed() >= Duration::from_secs(FENCE_S - 1), "not before the fencing time: {:?}", crashed.elapsed());
+    assert!(w.logs().contains("fence guard"), "{}", w.logs());
+}

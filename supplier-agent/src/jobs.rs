@@ -578,14 +578,29 @@ impl JobRunner {
         command.args(&args).env_clear().envs(env).current_dir(&dir).stdin(std::process::Stdio::null()).stdout(log).stderr(stderr).kill_on_drop(true);
         // Its own process group, so stopping it stops what it forked.
         command.process_group(0);
-        self.access.sandbox(&lease).map_err(|e| format!("the lease's sandbox: {e}"))?.apply(&mut command);
+        let sandbox = self.access.sandbox(&lease).map_err(|e| format!("the lease's sandbox: {e}"))?;
+        sandbox.apply(&mut command);
         let mut child = command.spawn().map_err(|e| {
             let _ = std::fs::remove_file(marker);
             format!("{}: {e}", program.display())
         })?;
+        let mut guard = None;
         if let Some(pid) = child.id() {
             // Which process it was, for an agent restarted after a crash (`kill_orphan`).
-            let _ = std::fs::write(marker, format!("{pid} {}", start_time(pid).unwrap_or(0)));
+            let started = start_time(pid).unwrap_or(0);
+            let _ = std::fs::write(marker, format!("{pid} {started}"));
+            // And what stops it should this agent not come back (fence_guard.rs).
+            match crate::fence_guard::spawn(pid, started, self.fence_after, &sandbox.cgroup_procs()) {
+                Ok(g) => guard = Some(g),
+                Err(e) => {
+                    let _ = std::fs::remove_file(marker);
+                    if let Some(group) = rustix::process::Pid::from_raw(pid as i32) {
+                        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+                    }
+                    let _ = child.wait().await;
+                    return Err(format!("the job's fence guard: {e}"));
+                }
+            }
         }
         tracing::info!(job = job.job_id, attempt = attempt.number, devices = %devices.join(","), "job attempt started");
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
@@ -611,6 +626,11 @@ impl JobRunner {
                     child.wait().await
                 }
             };
+            if let Some(mut guard) = guard {
+                // The job has ended: the pipe's end tells the guard, which then finds no job.
+                drop(guard.stdin.take());
+                let _ = guard.wait().await;
+            }
             let reason = match status {
                 Ok(s) if s.success() => JobEndReason::Completed,
                 Ok(s) => {
@@ -638,7 +658,7 @@ fn fence(running: &mut BTreeMap<Key, Running>, silent: Duration) {
 
 /// A process's start time (clock ticks since boot, `/proc/PID/stat` field 22): with the PID,
 /// it names one process, never a later one that reused the PID.
-fn start_time(pid: u32) -> Option<u64> {
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields count from the last ')'.
     stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()

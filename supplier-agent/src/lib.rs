@@ -18,6 +18,7 @@ pub mod access;
 pub mod config;
 pub mod doctor;
 pub mod exporter;
+pub mod fence_guard;
 pub mod host;
 pub mod identity;
 pub mod outbox;

@@ -27,6 +27,20 @@ enum Command {
     /// Check which of the protections between leases and the node are active here; exits
     /// non-zero when one is missing.
     Doctor(AgentArgs),
+    /// Started by the agent beside each job attempt (fence_guard.rs): kills the attempt when
+    /// the agent has been gone for the fencing time.
+    #[command(hide = true)]
+    FenceGuard {
+        #[arg(long)]
+        pid: u32,
+        /// The job leader's start time (`/proc/PID/stat` field 22).
+        #[arg(long)]
+        started: u64,
+        #[arg(long)]
+        after_ms: u64,
+        #[arg(long)]
+        cgroup_procs: Vec<std::path::PathBuf>,
+    },
 }
 
 /// How often the agent looks for Class B leases to provision on its node.
@@ -49,6 +63,12 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 std::process::exit(1)
             }
+        }
+        Command::FenceGuard { pid, started, after_ms, cgroup_procs } => {
+            tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+            suanli_agent::fence_guard::main(pid, started, Duration::from_millis(after_ms), &cgroup_procs)
+                .with_context(|| format!("guarding job process {pid}"))?;
+            Ok(())
         }
         Command::Inventory(args) => {
             let config = AgentConfig::resolve(&args)?;

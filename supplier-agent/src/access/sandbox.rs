@@ -61,6 +61,11 @@ impl Sandbox {
         Ok(Sandbox { cgroup_procs: cgroup_procs.iter().map(|p| c_path(p)).collect(), mounts, uid, gid })
     }
 
+    /// The control groups' `cgroup.procs` files every process of the lease joins.
+    pub fn cgroup_procs(&self) -> Vec<&Path> {
+        self.cgroup_procs.iter().map(|p| Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()))).collect()
+    }
+
     /// Installs the steps on a command (its own `uid`/`gid` settings must stay unset: they
     /// would drop root before the steps run).
     pub fn apply(&self, command: &mut tokio::process::Command) {
