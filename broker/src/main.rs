@@ -44,7 +44,7 @@ enum Command {
     /// Administer the broker cluster: status, add a node, promote it to voter, remove one.
     ///
     /// A 3-node cluster: start node 1 with `serve --bootstrap`, nodes 2 and 3 with `serve`,
-    /// then `cluster add-learner 2 HOST:PORT`, `cluster promote 2`, and the same for 3.
+    /// then `cluster add-learner 2 PEER_HOST:PEER_PORT`, `cluster promote 2`, and the same for 3.
     Cluster(ClusterArgs),
     /// A researcher's leases: request cards, see how to log in, end.
     Lease(lease_cli::LeaseArgs),
@@ -103,7 +103,7 @@ enum ClusterAction {
     /// caught up.
     AddLearner {
         node_id: u64,
-        /// Its gRPC address as the other nodes reach it, HOST:PORT.
+        /// Its peer port (`--peer-listen`) as the other nodes reach it, HOST:PORT.
         address: String,
     },
     /// Make a learner a voter.
@@ -123,12 +123,20 @@ struct ServeArgs {
     /// Where the Raft log, snapshots and state live.
     #[arg(long, env = "SUANLI_BROKER_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// gRPC listen address (clients and other broker nodes).
+    /// gRPC listen address for clients (bearer tokens).
     #[arg(long, env = "SUANLI_BROKER_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Address other nodes use to reach this one, if not the listen address.
+    /// Address clients use to reach this node, if not the listen address.
     #[arg(long, env = "SUANLI_BROKER_ADVERTISE")]
     advertise: Option<String>,
+    /// The peer port: Raft and forwarded calls between broker nodes, mutual TLS with
+    /// certificates of the cluster CA (`--agent-ca-cert`/`--agent-ca-key`, the same on every
+    /// node). Needed by every node of a cluster of more than one.
+    #[arg(long, env = "SUANLI_BROKER_PEER_LISTEN")]
+    peer_listen: Option<SocketAddr>,
+    /// Address other nodes reach this node's peer port by, if not `--peer-listen`.
+    #[arg(long, env = "SUANLI_BROKER_PEER_ADVERTISE")]
+    peer_advertise: Option<String>,
     /// Prometheus /metrics listen address.
     #[arg(long, env = "SUANLI_BROKER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -170,6 +178,8 @@ struct FileBroker {
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     advertise: Option<String>,
+    peer_listen: Option<SocketAddr>,
+    peer_advertise: Option<String>,
     metrics_listen: Option<SocketAddr>,
     platform_token: Option<String>,
     bootstrap: Option<bool>,
@@ -291,10 +301,10 @@ fn agent_ca(args: AgentCaArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn agent_ca_source(cert: Option<PathBuf>, key: Option<PathBuf>, agent_listen: Option<SocketAddr>) -> anyhow::Result<AgentCaSource> {
+fn agent_ca_source(cert: Option<PathBuf>, key: Option<PathBuf>, needed: bool) -> anyhow::Result<AgentCaSource> {
     Ok(match (cert, key) {
         (Some(cert), Some(key)) => AgentCaSource::Files { cert, key },
-        (None, None) if agent_listen.is_some() => AgentCaSource::DataDir,
+        (None, None) if needed => AgentCaSource::DataDir,
         (None, None) => AgentCaSource::None,
         _ => bail!("give both agent_ca_cert and agent_ca_key, or neither"),
     })
@@ -310,8 +320,12 @@ fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         .or(file.platform_token)
         .context("set a platform token: --platform-token, SUANLI_BROKER_PLATFORM_TOKEN or [broker] platform_token")?;
     let agent_listen = args.agent_listen.or(file.agent_listen);
-    let agent_ca = agent_ca_source(args.agent_ca_cert.or(file.agent_ca_cert), args.agent_ca_key.or(file.agent_ca_key), agent_listen)?;
+    let peer_listen = args.peer_listen.or(file.peer_listen);
+    let needs_ca = agent_listen.is_some() || peer_listen.is_some();
+    let agent_ca = agent_ca_source(args.agent_ca_cert.or(file.agent_ca_cert), args.agent_ca_key.or(file.agent_ca_key), needs_ca)?;
     Ok(NodeConfig {
+        peer_listen,
+        peer_advertise: args.peer_advertise.or(file.peer_advertise),
         agent_listen,
         agent_ca,
         agent_tls_names: file.agent_tls_names,
@@ -365,7 +379,8 @@ fn announce_ready(node: &server::RunningNode) {
     use std::io::Write;
     let metrics = node.metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     let agents = node.agent_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-    println!("SUANLI_READY grpc={} agents={agents} metrics={metrics}", node.grpc_addr);
+    let peers = node.peer_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+    println!("SUANLI_READY grpc={} agents={agents} peers={peers} metrics={metrics}", node.grpc_addr);
     let _ = std::io::stdout().flush();
 }
 
@@ -380,6 +395,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         listen: args.listen,
         advertise: None,
+        peer_listen: None,
+        peer_advertise: None,
         metrics_listen: Some(args.metrics_listen),
         platform_token: DEV_PLATFORM_TOKEN.into(),
         bootstrap: true,

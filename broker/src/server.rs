@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::network::forward::{ForwardLayer, LeaderRouter};
-use crate::network::{Network, PeerAddresses, RaftService};
+use crate::network::forward::{ForwardLayer, LeaderRouter, Port};
+use crate::network::{Network, PeerAddresses, PeerTls, RaftService};
 use crate::service::admin::Admin;
 use crate::service::broker_api::BrokerApi;
 use crate::service::jobs::Jobs;
@@ -42,9 +42,18 @@ const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub struct NodeConfig {
     pub node_id: u64,
     pub data_dir: PathBuf,
+    /// The client port: the public API with bearer tokens.
     pub listen: SocketAddr,
-    /// Address other nodes and clients use to reach this one; defaults to `listen`.
+    /// Address clients reach this one by; defaults to `listen`. (A node without a peer port
+    /// also names itself by it in the Raft membership.)
     pub advertise: Option<String>,
+    /// The peer port: Raft and calls forwarded between nodes, mutual TLS with peer
+    /// certificates from the cluster CA (`agent_ca`). `None`: a single-node cluster, which
+    /// neither reaches nor is reached by peers.
+    pub peer_listen: Option<SocketAddr>,
+    /// Address other nodes reach this node's peer port by (its address in the Raft
+    /// membership); defaults to `peer_listen`.
+    pub peer_advertise: Option<String>,
     pub metrics_listen: Option<SocketAddr>,
     pub platform_token: String,
     /// Initialize a new cluster with this node as its only member on first start. Exactly one
@@ -114,6 +123,8 @@ pub struct RunningNode {
     pub grpc_addr: SocketAddr,
     /// The agent port (mutual TLS), where configured.
     pub agent_addr: Option<SocketAddr>,
+    /// The peer port (mutual TLS between nodes), where configured.
+    pub peer_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     stop: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -138,24 +149,39 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     }
     .validate()
     .map_err(|e| ServeError::Raft(e.to_string()))?;
+    let agent_ca = config.agent_ca.load(&config.data_dir)?.map(Arc::new);
+    let listener = TcpListener::bind(config.listen).await?;
+    let grpc_addr = listener.local_addr()?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| grpc_addr.to_string());
+    let peer_listener = match (config.peer_listen, &agent_ca) {
+        (None, _) => None,
+        (Some(_), None) => return Err(ServeError::Config("peer_listen needs the cluster CA (agent_ca_cert, agent_ca_key)".into())),
+        (Some(addr), Some(ca)) => {
+            let listener = TcpListener::bind(addr).await?;
+            let addr = listener.local_addr()?;
+            let peer_advertise = config.peer_advertise.clone().unwrap_or_else(|| addr.to_string());
+            let names = tls_names(&[addr, grpc_addr], &[&peer_advertise, &advertise], &config.agent_tls_names);
+            let tls = PeerTls::issue(ca, config.node_id, &names).map_err(|e| ServeError::Config(format!("peer certificate: {e}")))?;
+            Some((listener, addr, peer_advertise, tls))
+        }
+    };
+    let peer_tls = peer_listener.as_ref().map(|(_, _, _, tls)| tls.clone());
     let peers = PeerAddresses::new(config.peer_overrides.clone());
-    let raft = Raft::new(config.node_id, Arc::new(raft_config), Network::new(peers.clone()), log_store, sm.clone())
+    let network = Network::new(peers.clone(), peer_tls.clone());
+    let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log_store, sm.clone())
         .await
         .map_err(|e| ServeError::Raft(e.to_string()))?;
     let raft = Arc::new(raft);
 
-    let listener = TcpListener::bind(config.listen).await?;
-    let grpc_addr = listener.local_addr()?;
-    let advertise = config.advertise.clone().unwrap_or_else(|| grpc_addr.to_string());
-
     let initialized = raft.is_initialized().await.map_err(|e| ServeError::Raft(e.to_string()))?;
     if config.bootstrap && !initialized {
-        let members = BTreeMap::from([(config.node_id, BasicNode { addr: advertise.clone() })]);
+        // Peers reach a node at its peer port; a node without one names its client address.
+        let address = peer_listener.as_ref().map_or_else(|| advertise.clone(), |(_, _, a, _)| a.clone());
+        let members = BTreeMap::from([(config.node_id, BasicNode { addr: address.clone() })]);
         raft.initialize(members).await.map_err(|e| ServeError::Raft(e.to_string()))?;
-        info!(node = config.node_id, %advertise, "initialized a new single-node cluster");
+        info!(node = config.node_id, %address, "initialized a new single-node cluster");
     }
 
-    let agent_ca = config.agent_ca.load(&config.data_dir)?.map(Arc::new);
     let ssh_ca = match &config.ssh_ca_key {
         Some(path) => suanli_pki::ssh::SshCa::load(path, false),
         None => suanli_pki::ssh::SshCa::load(&config.data_dir.join("ssh-user-ca"), true),
@@ -170,9 +196,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
 
     let (stop_grpc, stopped) = oneshot::channel::<()>();
     stop.push(stop_grpc);
-    let leader_router = Arc::new(LeaderRouter::new(raft.clone(), peers, &config.platform_token));
+    let leader_router = Arc::new(LeaderRouter::new(raft.clone(), peers, peer_tls));
     let router = tonic::transport::Server::builder()
-        .layer(ForwardLayer::new(leader_router.clone()))
+        .layer(ForwardLayer::new(leader_router.clone(), Port::Client))
         .add_service(ClusterAdminServer::new(Admin::new(shared.clone())))
         .add_service(
             BrokerServer::new(BrokerApi::new(shared.clone()))
@@ -181,11 +207,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         .add_service(SupplierServiceServer::new(Icpcss::new(shared.clone())))
         .add_service(TaskServiceServer::new(Itm::new(shared.clone())))
         .add_service(MonitoringServiceServer::new(Irmds::new(shared.clone(), telemetry.clone())))
-        .add_service(JobServiceServer::new(Jobs::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(
-            RaftInternalServer::new(RaftService::new(raft.clone()))
-                .max_decoding_message_size(256 * 1024 * 1024),
-        );
+        .add_service(JobServiceServer::new(Jobs::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES));
     tasks.push(tokio::spawn(async move {
         // Without TCP_NODELAY a response's trailing frames wait for the client's delayed ACK:
         // ~40 ms added to a share of the calls.
@@ -195,20 +217,40 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         }
     }));
 
+    // The peer port: Raft, and every client service for calls other nodes forward here.
+    let peer_addr = match peer_listener {
+        None => None,
+        Some((listener, addr, _, tls)) => {
+            let peer_router = tonic::transport::Server::builder()
+                .tls_config(tls.server())
+                .map_err(|e| ServeError::Config(format!("peer port TLS: {e}")))?
+                .layer(ForwardLayer::new(leader_router.clone(), Port::Peer))
+                .add_service(RaftInternalServer::new(RaftService::new(raft.clone())).max_decoding_message_size(256 * 1024 * 1024))
+                .add_service(ClusterAdminServer::new(Admin::new(shared.clone())))
+                .add_service(BrokerServer::new(BrokerApi::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
+                .add_service(SupplierServiceServer::new(Icpcss::new(shared.clone())))
+                .add_service(TaskServiceServer::new(Itm::new(shared.clone())))
+                .add_service(MonitoringServiceServer::new(Irmds::new(shared.clone(), telemetry.clone())))
+                .add_service(JobServiceServer::new(Jobs::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES));
+            let (stop_peers, stopped) = oneshot::channel::<()>();
+            stop.push(stop_peers);
+            tasks.push(tokio::spawn(async move {
+                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                if let Err(e) = peer_router.serve_with_incoming_shutdown(incoming, async { stopped.await.ok(); }).await {
+                    tracing::error!(error = %e, "peer port failed");
+                }
+            }));
+            Some(addr)
+        }
+    };
+
     let agent_addr = match (config.agent_listen, &agent_ca) {
         (None, _) => None,
         (Some(_), None) => return Err(ServeError::Config("agent_listen needs an agent CA".into())),
         (Some(addr), Some(ca)) => {
             let listener = TcpListener::bind(addr).await?;
             let addr = listener.local_addr()?;
-            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
-            names.extend([grpc_addr.ip(), addr.ip()].iter().filter(|ip| !ip.is_unspecified()).map(|ip| ip.to_string()));
-            if let Some(host) = advertise.rsplit_once(':').map(|(host, _)| host.trim_matches(['[', ']'])) {
-                names.push(host.to_owned());
-            }
-            names.extend(config.agent_tls_names.iter().cloned());
-            names.sort();
-            names.dedup();
+            let names = tls_names(&[grpc_addr, addr], &[&advertise], &config.agent_tls_names);
             let server_cert = ca.server_certificate(&names).map_err(|e| ServeError::Config(format!("agent port certificate: {e}")))?;
             // Client certificates are optional at the handshake, so an agent can enroll before
             // it has one; every other call needs an enrolled key (`Shared::caller`).
@@ -219,7 +261,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
             let agent_router = tonic::transport::Server::builder()
                 .tls_config(tls)
                 .map_err(|e| ServeError::Config(format!("agent port TLS: {e}")))?
-                .layer(ForwardLayer::new(leader_router.clone()))
+                .layer(ForwardLayer::new(leader_router.clone(), Port::Agent))
                 .add_service(SupplierServiceServer::new(Icpcss::new(shared.clone())))
                 .add_service(MonitoringServiceServer::new(Irmds::new(shared.clone(), telemetry.clone())))
                 // The public API too, for clients that want it encrypted (researchers fetching
@@ -265,7 +307,23 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     tasks.push(tokio::spawn(reaper::run(shared.clone(), config.reaper_interval)));
     tasks.push(tokio::spawn(telemetry::monitor(shared.clone(), telemetry, HEALTH_TICK)));
     info!(node = config.node_id, grpc = %grpc_addr, agents = ?agent_addr, metrics = ?metrics_addr, "broker node serving");
-    Ok(RunningNode { shared, grpc_addr, agent_addr, metrics_addr, stop, tasks })
+    Ok(RunningNode { shared, grpc_addr, agent_addr, peer_addr, metrics_addr, stop, tasks })
+}
+
+/// The names a node's TLS certificate is valid for: loopback, the specific addresses it
+/// listens on, the hosts of the addresses it advertises, and the operator's `extra`.
+fn tls_names(listening: &[SocketAddr], advertised: &[&str], extra: &[String]) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    names.extend(listening.iter().map(|a| a.ip()).filter(|ip| !ip.is_unspecified()).map(|ip| ip.to_string()));
+    for address in advertised {
+        if let Some((host, _)) = address.rsplit_once(':') {
+            names.push(host.trim_matches(['[', ']']).to_owned());
+        }
+    }
+    names.extend(extra.iter().cloned());
+    names.sort();
+    names.dedup();
+    names
 }
 
 impl RunningNode {

@@ -6,39 +6,48 @@
 //!   the caller asks for a stale read (`x-suanli-read: stale`), served from local state.
 //! - `Watch` and Raft's own RPCs are always local.
 //!
-//! A forwarded call carries `x-suanli-forwarded`, and a node never forwards such a call again:
-//! if leadership moved meanwhile it answers `UNAVAILABLE` and the client retries with the same
-//! request ID.
+//! Calls are forwarded to the leader's **peer port** only (mutual TLS with peer certificates,
+//! `network::PeerTls`), so a caller's bearer token never crosses the network in the clear,
+//! and a node never forwards a call that reached it on its peer port: if leadership moved
+//! meanwhile it answers `UNAVAILABLE` and the client retries with the same request ID.
 //!
-//! This layer also establishes the **transport identity** of a call, [`AgentKey`]: the key in
-//! the client certificate of a mutual-TLS connection to the agent port. When it forwards such a
-//! call it passes the key on in `x-suanli-agent-key`, with a peer proof (derived from the
-//! platform token every node holds) as the value of `x-suanli-forwarded`; the receiving node
-//! believes the key only with a valid proof, and drops the header from anyone else.
+//! This layer also establishes the **transport identity** of a call ([`Port`]): on the agent
+//! port, [`AgentKey`], the key in the client certificate; on the peer port, that the caller is
+//! a broker node at all (anything else is refused before any service sees the call), and the
+//! agent key a forwarding node passes on in `x-suanli-agent-key`. That header, and
+//! `x-suanli-forwarded`, are removed from every call on the other ports: no client can claim
+//! them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tonic::body::Body;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use suanli_pki::{certificate_fingerprint, KeyFingerprint};
-use suanli_types::SecretHash;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use super::PeerAddresses;
+use super::{PeerAddresses, PeerTls};
 use crate::storage::Raft;
 
 pub const FORWARDED_HEADER: &str = "x-suanli-forwarded";
 pub const READ_HEADER: &str = "x-suanli-read";
 pub const AGENT_KEY_HEADER: &str = "x-suanli-agent-key";
-/// Hash domain of the proof one broker node gives another that it forwarded a call.
-const PEER_PROOF_DOMAIN: &str = "peer-forwarding";
+
+/// Which of a node's listeners a call arrived on: what its transport proves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// Clients (bearer tokens); plaintext on loopback.
+    Client,
+    /// Agents (their client certificate) and clients that want TLS.
+    Agent,
+    /// Other broker nodes only (their peer certificate): Raft and forwarded calls.
+    Peer,
+}
 
 /// The agent key a call was made with, as the transport established it (see the module
 /// documentation). Only this layer puts it in a request's extensions; clients cannot.
@@ -67,48 +76,57 @@ pub struct LeaderRouter {
     raft: Arc<Raft>,
     peers: PeerAddresses,
     channels: Mutex<HashMap<String, Channel>>,
-    peer_proof: SecretHash,
+    /// `None`: this node has no peer port and forwards nothing.
+    tls: Option<PeerTls>,
+}
+
+/// The leaf certificate a call's TLS client showed, if any (already verified against the CA).
+fn client_certificate<B>(request: &http::Request<B>) -> Option<Vec<u8>> {
+    let info = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
+    info.peer_certs()?.first().map(|leaf| leaf.as_ref().to_vec())
 }
 
 impl LeaderRouter {
-    pub fn new(raft: Arc<Raft>, peers: PeerAddresses, platform_token: &str) -> Self {
-        let peer_proof = SecretHash::of(PEER_PROOF_DOMAIN, platform_token);
-        LeaderRouter { raft, peers, channels: Mutex::new(HashMap::new()), peer_proof }
+    pub fn new(raft: Arc<Raft>, peers: PeerAddresses, tls: Option<PeerTls>) -> Self {
+        LeaderRouter { raft, peers, channels: Mutex::new(HashMap::new()), tls }
     }
 
-    fn proven_peer(&self, value: &http::HeaderValue) -> bool {
-        value.to_str().ok().and_then(SecretHash::from_hex).is_some_and(|h| h.matches(&self.peer_proof))
-    }
-
-    /// Sets the request's [`AgentKey`] from its TLS client certificate, or from a proven peer's
-    /// header; removes any header nobody proved.
-    fn establish_agent_key<B>(&self, request: &mut http::Request<B>) {
+    /// Establishes what the transport proves about `request` (see [`Port`]); `Err`: a caller
+    /// on the peer port that is no broker node.
+    fn establish_identity<B>(&self, port: Port, request: &mut http::Request<B>) -> Result<(), &'static str> {
         let claimed = request.headers_mut().remove(AGENT_KEY_HEADER);
-        let from_tls = request
-            .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|info| info.peer_certs())
-            .and_then(|certs| certs.first().and_then(|leaf| certificate_fingerprint(leaf).ok()));
-        let from_peer = || {
-            let proof = request.headers().get(FORWARDED_HEADER)?;
-            let mut key = [0u8; 32];
-            (self.proven_peer(proof) && hex::decode_to_slice(claimed?.as_bytes(), &mut key).is_ok())
-                .then_some(KeyFingerprint(key))
+        let key = match port {
+            Port::Client => {
+                request.headers_mut().remove(FORWARDED_HEADER);
+                None
+            }
+            Port::Agent => {
+                request.headers_mut().remove(FORWARDED_HEADER);
+                client_certificate(request).and_then(|leaf| certificate_fingerprint(&leaf).ok())
+            }
+            Port::Peer => {
+                if client_certificate(request).and_then(|leaf| suanli_pki::broker_peer_of(&leaf)).is_none() {
+                    return Err("the peer port serves broker nodes only (a peer certificate of the cluster CA)");
+                }
+                let mut key = [0u8; 32];
+                claimed.filter(|k| hex::decode_to_slice(k.as_bytes(), &mut key).is_ok()).map(|_| KeyFingerprint(key))
+            }
         };
-        if let Some(key) = from_tls.or_else(from_peer) {
+        if let Some(key) = key {
             request.extensions_mut().insert(AgentKey(key));
         }
+        Ok(())
     }
 
     /// Where `request` should be served: `None` here, `Some(channel)` on the leader.
-    fn route<B>(&self, request: &http::Request<B>) -> Option<Channel> {
+    fn route<B>(&self, port: Port, request: &http::Request<B>) -> Option<Channel> {
         let path = request.uri().path();
-        if path.starts_with("/suanli.v1.RaftInternal/")
-            || LOCAL_METHODS.contains(&path)
-            || request.headers().contains_key(FORWARDED_HEADER)
-        {
+        // Raft's own calls are served on the peer port only: anywhere else they are answered
+        // here (unimplemented), never passed on with this node's peer certificate.
+        if port == Port::Peer || path.starts_with("/suanli.v1.RaftInternal/") || LOCAL_METHODS.contains(&path) {
             return None;
         }
+        let tls = self.tls.as_ref()?;
         let stale = request.headers().get(READ_HEADER).is_some_and(|v| v.as_bytes() == b"stale");
         if stale && READ_METHODS.contains(&path) {
             return None;
@@ -123,8 +141,7 @@ impl LeaderRouter {
         if let Some(channel) = channels.get(&address) {
             return Some(channel.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}")).ok()?;
-        let channel = endpoint.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true).connect_lazy();
+        let channel = tls.channel(&address)?;
         channels.insert(address, channel.clone());
         Some(channel)
     }
@@ -133,11 +150,12 @@ impl LeaderRouter {
 #[derive(Clone)]
 pub struct ForwardLayer {
     router: Arc<LeaderRouter>,
+    port: Port,
 }
 
 impl ForwardLayer {
-    pub fn new(router: Arc<LeaderRouter>) -> Self {
-        ForwardLayer { router }
+    pub fn new(router: Arc<LeaderRouter>, port: Port) -> Self {
+        ForwardLayer { router, port }
     }
 }
 
@@ -145,7 +163,7 @@ impl<S> Layer<S> for ForwardLayer {
     type Service = Forward<S>;
 
     fn layer(&self, inner: S) -> Forward<S> {
-        Forward { inner, router: self.router.clone() }
+        Forward { inner, router: self.router.clone(), port: self.port }
     }
 }
 
@@ -153,6 +171,7 @@ impl<S> Layer<S> for ForwardLayer {
 pub struct Forward<S> {
     inner: S,
     router: Arc<LeaderRouter>,
+    port: Port,
 }
 
 impl<S> Service<http::Request<Body>> for Forward<S>
@@ -170,17 +189,17 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        self.router.establish_agent_key(&mut request);
-        match self.router.route(&request) {
+        if let Err(why) = self.router.establish_identity(self.port, &mut request) {
+            let refused = suanli_proto::error::status(suanli_types::ErrorCode::Unauthenticated, why, &[]);
+            return Box::pin(async move { Ok(refused.into_http()) });
+        }
+        match self.router.route(self.port, &request) {
             None => {
                 let local = self.inner.call(request);
                 Box::pin(async move { local.await.map_err(Into::into) })
             }
             Some(mut leader) => {
-                // Hex digits are always a valid header value.
-                if let Ok(proof) = http::HeaderValue::from_str(&self.router.peer_proof.to_hex()) {
-                    request.headers_mut().insert(FORWARDED_HEADER, proof);
-                }
+                request.headers_mut().insert(FORWARDED_HEADER, http::HeaderValue::from_static("1"));
                 let key = request.extensions().get::<AgentKey>().map(|AgentKey(k)| k.to_hex());
                 if let Some(Ok(key)) = key.map(|k| http::HeaderValue::from_str(&k)) {
                     request.headers_mut().insert(AGENT_KEY_HEADER, key);

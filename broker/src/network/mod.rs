@@ -1,4 +1,6 @@
-//! Raft's transport: openraft's RPCs carried over the `RaftInternal` gRPC service.
+//! Raft's transport: openraft's RPCs carried over the `RaftInternal` gRPC service, served
+//! only on the **peer port**, where both ends show a peer certificate of the cluster CA
+//! (mutual TLS, [`PeerTls`]); never on the client port.
 //!
 //! Payloads are openraft's own request and response types, postcard-encoded. Responses carry
 //! openraft's `Result` so a remote `RaftError` (e.g. a higher vote) reaches the caller as such,
@@ -20,7 +22,7 @@ use serde::Serialize;
 use suanli_proto::v1::raft_internal_client::RaftInternalClient;
 use suanli_proto::v1::raft_internal_server::RaftInternal;
 use suanli_proto::v1::RaftMessage;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::storage::{Raft, TypeConfig};
@@ -62,15 +64,51 @@ impl PeerAddresses {
     }
 }
 
-/// Creates one lazily connected channel per peer.
+/// This node's side of the mutual TLS between broker nodes: its peer certificate (issued by
+/// itself at start from the cluster CA every node holds, see `suanli_pki`) and the CA it
+/// checks its peers' certificates against.
+#[derive(Clone)]
+pub struct PeerTls {
+    identity: Identity,
+    ca: Certificate,
+}
+
+impl PeerTls {
+    /// A fresh peer certificate for node `node`, valid for `names`.
+    pub fn issue(ca: &suanli_pki::Ca, node: NodeId, names: &[String]) -> Result<PeerTls, suanli_pki::PkiError> {
+        let cert = ca.peer_certificate(node, names)?;
+        Ok(PeerTls { identity: Identity::from_pem(&cert.cert_pem, &cert.key_pem), ca: Certificate::from_pem(ca.cert_pem()) })
+    }
+
+    /// The peer port's: a client certificate of the CA is required at the handshake (that it
+    /// is a *peer* certificate is checked per call, `forward::Port::Peer`).
+    pub fn server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new().identity(self.identity.clone()).client_ca_root(self.ca.clone())
+    }
+
+    /// Dialing a peer: its certificate checked against the CA, this node's shown.
+    pub fn client(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new().ca_certificate(self.ca.clone()).identity(self.identity.clone())
+    }
+
+    /// A lazily connected channel to a peer's port at `address` (`HOST:PORT`).
+    pub fn channel(&self, address: &str) -> Option<Channel> {
+        let endpoint = Endpoint::from_shared(format!("https://{address}")).ok()?.tls_config(self.client()).ok()?;
+        Some(endpoint.connect_timeout(std::time::Duration::from_secs(1)).tcp_nodelay(true).connect_lazy())
+    }
+}
+
+/// Creates one lazily connected channel per peer; without [`PeerTls`] (a node with no peer
+/// port) no peer is reachable.
 #[derive(Clone, Default)]
 pub struct Network {
     peers: PeerAddresses,
+    tls: Option<PeerTls>,
 }
 
 impl Network {
-    pub fn new(peers: PeerAddresses) -> Self {
-        Network { peers }
+    pub fn new(peers: PeerAddresses, tls: Option<PeerTls>) -> Self {
+        Network { peers, tls }
     }
 }
 
@@ -78,9 +116,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.peers.of(target, node)))
-            .map(|e| e.connect_timeout(std::time::Duration::from_secs(1)).tcp_nodelay(true));
-        PeerClient { target, client: endpoint.ok().map(|e| RaftInternalClient::new(e.connect_lazy())) }
+        let channel = self.tls.as_ref().and_then(|tls| tls.channel(&self.peers.of(target, node)));
+        PeerClient { target, client: channel.map(RaftInternalClient::new) }
     }
 }
 
@@ -102,7 +139,10 @@ impl PeerClient {
         E: std::error::Error + DeserializeOwned,
     {
         let unreachable = |why: String| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(why)));
-        let client = self.client.clone().ok_or_else(|| unreachable(format!("bad address for node {}", self.target)))?;
+        let client = self
+            .client
+            .clone()
+            .ok_or_else(|| unreachable(format!("node {} has a bad address, or this node has no peer port", self.target)))?;
         let message = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = Request::new(message);
         request.set_timeout(option.hard_ttl());

@@ -21,8 +21,8 @@ impl Admin {
         Admin { shared }
     }
 
-    fn require_platform<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        match self.shared.caller(request)? {
+    async fn require_platform<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        match self.shared.caller(request).await? {
             Caller::Platform => Ok(()),
             _ => Err(to_status(&DomainError::PermissionDenied("cluster administration needs the platform token".into()))),
         }
@@ -54,12 +54,12 @@ fn raft_error(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl ClusterAdmin for Admin {
     async fn status(&self, request: Request<v1::StatusRequest>) -> Result<Response<v1::ClusterStatus>, Status> {
-        self.require_platform(&request)?;
+        self.require_platform(&request).await?;
         Ok(Response::new(self.status()))
     }
 
     async fn add_learner(&self, request: Request<v1::AddLearnerRequest>) -> Result<Response<v1::ClusterStatus>, Status> {
-        self.require_platform(&request)?;
+        self.require_platform(&request).await?;
         let req = request.into_inner();
         if req.node_id == 0 {
             return Err(invalid("node_id", "required"));
@@ -79,7 +79,7 @@ impl ClusterAdmin for Admin {
     }
 
     async fn promote(&self, request: Request<v1::NodeRef>) -> Result<Response<v1::ClusterStatus>, Status> {
-        self.require_platform(&request)?;
+        self.require_platform(&request).await?;
         let id = request.into_inner().node_id;
         self.shared
             .raft
@@ -90,7 +90,7 @@ impl ClusterAdmin for Admin {
     }
 
     async fn remove(&self, request: Request<v1::NodeRef>) -> Result<Response<v1::ClusterStatus>, Status> {
-        self.require_platform(&request)?;
+        self.require_platform(&request).await?;
         let id = request.into_inner().node_id;
         let voter = self.shared.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
         if voter {

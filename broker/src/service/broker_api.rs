@@ -77,7 +77,7 @@ impl Broker for BrokerApi {
     ) -> Result<Response<v1::RegisterAccountResponse>, Status> {
         self.shared
             .observe("RegisterAccount", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let kind = account_kind_from_wire(req.kind).ok_or_else(|| invalid("kind", "required"))?;
                 let token = format!("sl_{}", random_secret(40));
@@ -101,7 +101,7 @@ impl Broker for BrokerApi {
     ) -> Result<Response<v1::AddSshKeyResponse>, Status> {
         self.shared
             .observe("AddSshKey", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let account = AccountId(required_id("account_id", req.account_id)?);
                 let key = SshPublicKey::parse(&req.public_key).map_err(|e| to_status(&e))?;
@@ -114,7 +114,7 @@ impl Broker for BrokerApi {
     async fn enroll_node(&self, request: Request<v1::EnrollNodeRequest>) -> Result<Response<v1::Node>, Status> {
         self.shared
             .observe("EnrollNode", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let inventory = inventory_from_wire(req.inventory).map_err(|e| to_status(&e))?;
                 match self.shared.propose(caller, &req.request_id, Command::EnrollNode { inventory }).await? {
@@ -131,7 +131,7 @@ impl Broker for BrokerApi {
     ) -> Result<Response<v1::Cluster>, Status> {
         self.shared
             .observe("PublishCluster", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let class = cluster_class_from_wire(req.class);
                 let listing = listing_from_wire(req.listing);
@@ -157,7 +157,7 @@ impl Broker for BrokerApi {
     async fn modify_cluster(&self, request: Request<v1::ModifyClusterRequest>) -> Result<Response<v1::Cluster>, Status> {
         self.shared
             .observe("ModifyCluster", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let cluster = ClusterId(required_id("cluster_id", req.cluster_id)?);
                 let listing = listing_from_wire(req.listing).map_err(|e| to_status(&e))?;
@@ -171,7 +171,7 @@ impl Broker for BrokerApi {
     async fn delist_cluster(&self, request: Request<v1::DelistClusterRequest>) -> Result<Response<v1::Cluster>, Status> {
         self.shared
             .observe("DelistCluster", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let cluster = ClusterId(required_id("cluster_id", req.cluster_id)?);
                 let applied = self.shared.propose(caller, &req.request_id, Command::DelistCluster { cluster }).await?;
@@ -183,7 +183,7 @@ impl Broker for BrokerApi {
     async fn set_card_status(&self, request: Request<v1::SetCardStatusRequest>) -> Result<Response<v1::Card>, Status> {
         self.shared
             .observe("SetCardStatus", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 set_card_status(&self.shared, caller, &req.request_id, req.card_id, req.status).await
             })
@@ -196,7 +196,7 @@ impl Broker for BrokerApi {
     ) -> Result<Response<v1::ApproveLeaseResponse>, Status> {
         self.shared
             .observe("ApproveLease", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let lease = LeaseId(required_id("lease_id", req.lease_id)?);
                 let reserved_until = self
@@ -227,7 +227,7 @@ impl Broker for BrokerApi {
     async fn activate_lease(&self, request: Request<v1::LeaseRef>) -> Result<Response<v1::Lease>, Status> {
         self.shared
             .observe("ActivateLease", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let lease = LeaseId(required_id("lease_id", req.lease_id)?);
                 lease_reply(self.shared.propose(caller, &req.request_id, Command::ActivateLease { lease }).await?)
@@ -238,7 +238,7 @@ impl Broker for BrokerApi {
     async fn request_lease(&self, request: Request<v1::RequestLeaseRequest>) -> Result<Response<v1::Lease>, Status> {
         self.shared
             .observe("RequestLease", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let cluster = ClusterId(required_id("cluster_id", req.cluster_id)?);
                 let billing_mode =
@@ -260,7 +260,7 @@ impl Broker for BrokerApi {
     ) -> Result<Response<v1::Lease>, Status> {
         self.shared
             .observe("VerifyAuthCode", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let lease = LeaseId(required_id("lease_id", req.lease_id)?);
                 let code = req.authorization_code.trim().to_ascii_uppercase();
@@ -277,7 +277,7 @@ impl Broker for BrokerApi {
     async fn extend_lease(&self, request: Request<v1::ExtendLeaseRequest>) -> Result<Response<v1::Lease>, Status> {
         self.shared
             .observe("ExtendLease", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let lease = LeaseId(required_id("lease_id", req.lease_id)?);
                 let command = Command::ExtendLease { lease, periods: req.periods };
@@ -289,7 +289,7 @@ impl Broker for BrokerApi {
     async fn end_lease(&self, request: Request<v1::EndLeaseRequest>) -> Result<Response<v1::Lease>, Status> {
         self.shared
             .observe("EndLease", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let lease = LeaseId(required_id("lease_id", req.lease_id)?);
                 let reason = end_reason_from_wire(req.reason).ok_or_else(|| invalid("reason", "required"))?;
@@ -305,7 +305,7 @@ impl Broker for BrokerApi {
         self.shared
             .observe("ListCatalogue", async {
                 let consistency = Consistency::of(&request);
-                self.shared.caller(&request)?;
+                self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let filter = catalogue_filter_from_wire(&req).map_err(|e| to_status(&e))?;
                 let page = PageRequest {
@@ -332,7 +332,7 @@ impl Broker for BrokerApi {
         self.shared
             .observe("GetCluster", async {
                 let consistency = Consistency::of(&request);
-                self.shared.caller(&request)?;
+                self.shared.caller(&request).await?;
                 let id = ClusterId(required_id("cluster_id", request.get_ref().cluster_id)?);
                 self.shared
                     .read(consistency, |s| s.cluster(id).map(|c| wire::cluster(&s.summary(c))))
@@ -347,7 +347,7 @@ impl Broker for BrokerApi {
         self.shared
             .observe("ListCards", async {
                 let consistency = Consistency::of(&request);
-                self.shared.caller(&request)?;
+                self.shared.caller(&request).await?;
                 let id = ClusterId(required_id("cluster_id", request.get_ref().cluster_id)?);
                 let cards = self
                     .shared
@@ -363,7 +363,7 @@ impl Broker for BrokerApi {
         self.shared
             .observe("GetLease", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let id = LeaseId(required_id("lease_id", request.get_ref().lease_id)?);
                 self.shared
                     .read(consistency, |s| s.lease(id).filter(|l| may_see_lease(&caller, l)).map(wire::lease))
@@ -378,7 +378,7 @@ impl Broker for BrokerApi {
         self.shared
             .observe("GetLeaseAccess", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let id = LeaseId(required_id("lease_id", request.get_ref().lease_id)?);
                 self.shared
                     .read(consistency, |s| s.lease(id).filter(|l| may_see_lease(&caller, l)).map(|l| wire::lease_access(s, l)))
@@ -395,7 +395,7 @@ impl Broker for BrokerApi {
     ) -> Result<Response<v1::SshCertificate>, Status> {
         self.shared
             .observe("IssueSshCertificate", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let lease = LeaseId(required_id("lease_id", req.lease_id)?);
                 suanli_types::SshPublicKey::parse(&req.public_key).map_err(|e| to_status(&e))?;
@@ -456,7 +456,7 @@ impl Broker for BrokerApi {
     ) -> Result<Response<v1::Lease>, Status> {
         self.shared
             .observe("RevokeSshCertificate", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let lease = LeaseId(required_id("lease_id", req.lease_id)?);
                 let command = Command::RevokeSshCertificate { lease, serial: req.serial };
@@ -471,7 +471,7 @@ impl Broker for BrokerApi {
     ) -> Result<Response<v1::LeasePassword>, Status> {
         self.shared
             .observe("SetLeasePassword", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let lease = LeaseId(required_id("lease_id", req.lease_id)?);
                 let password = random_secret(20);
@@ -492,7 +492,7 @@ impl Broker for BrokerApi {
         self.shared
             .observe("ListLeases", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let live_only = request.get_ref().live_only;
                 let leases = self
                     .shared
@@ -512,12 +512,12 @@ impl Broker for BrokerApi {
         self.shared
             .observe("ListNodes", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let unclustered_only = request.get_ref().unclustered_only;
                 let owner = match caller {
                     Caller::Account(id) => Some(id),
                     Caller::Platform | Caller::Operator(_) => None,
-                    Caller::System | Caller::Agent(_) => {
+                    Caller::System | Caller::Agent(_) | Caller::Enrollee(_) => {
                         return Err(to_status(&DomainError::PermissionDenied("suppliers and the platform list nodes".into())))
                     }
                 };
@@ -570,7 +570,7 @@ impl Broker for BrokerApi {
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<v1::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let caller = self.shared.caller(&request)?;
+        let caller = self.shared.caller(&request).await?;
         if !matches!(caller, Caller::Platform | Caller::Operator(_)) {
             return Err(to_status(&DomainError::PermissionDenied("the event stream is for platform services".into())));
         }

@@ -72,7 +72,7 @@ fn may_see_job(caller: &Caller, job: &Job) -> bool {
     match caller {
         Caller::Account(id) => *id == job.owner,
         Caller::Platform | Caller::Operator(_) | Caller::System => true,
-        Caller::Agent(_) => false,
+        Caller::Agent(_) | Caller::Enrollee(_) => false,
     }
 }
 
@@ -128,7 +128,7 @@ impl JobService for Jobs {
     async fn submit_job(&self, request: Request<v1::SubmitJobRequest>) -> Result<Response<v1::Job>, Status> {
         self.shared
             .observe("SubmitJob", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let spec: JobSpec = serde_json::from_str(&req.spec_json).map_err(|e| invalid("spec_json", &e.to_string()))?;
                 job_reply(&self.shared, self.shared.propose(caller, &req.request_id, Command::SubmitJob { spec }).await?)
@@ -139,7 +139,7 @@ impl JobService for Jobs {
     async fn cancel_job(&self, request: Request<v1::JobRef>) -> Result<Response<v1::Job>, Status> {
         self.shared
             .observe("CancelJob", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let job = required_job(req.job_id)?;
                 job_reply(&self.shared, self.shared.propose(caller, &req.request_id, Command::CancelJob { job }).await?)
@@ -151,7 +151,7 @@ impl JobService for Jobs {
         self.shared
             .observe("GetJob", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let id = required_job(request.get_ref().job_id)?;
                 self.shared
                     .read(consistency, |s| {
@@ -168,7 +168,7 @@ impl JobService for Jobs {
         self.shared
             .observe("ListJobs", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let live_only = request.get_ref().live_only;
                 let jobs = self
                     .shared
@@ -191,7 +191,7 @@ impl JobService for Jobs {
     ) -> Result<Response<v1::SchedulerLease>, Status> {
         self.shared
             .observe("AcquireSchedulerLease", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let command = Command::AcquireSchedulerLease { holder: req.holder, ttl_ms: req.ttl_ms };
                 match self.shared.propose(caller, &req.request_id, command).await? {
@@ -213,7 +213,7 @@ impl JobService for Jobs {
         self.shared
             .observe("GetSchedulingView", async {
                 let consistency = Consistency::of(&request);
-                require_platform(&self.shared.caller(&request)?)?;
+                require_platform(&self.shared.caller(&request).await?)?;
                 let view = self.shared.read(consistency, scheduling_view).await?;
                 Ok(Response::new(view))
             })
@@ -223,7 +223,7 @@ impl JobService for Jobs {
     async fn place_jobs(&self, request: Request<v1::PlaceJobsRequest>) -> Result<Response<v1::BatchResult>, Status> {
         self.shared
             .observe("PlaceJobs", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let placements = req
                     .placements
@@ -238,7 +238,7 @@ impl JobService for Jobs {
     async fn stop_jobs(&self, request: Request<v1::StopJobsRequest>) -> Result<Response<v1::BatchResult>, Status> {
         self.shared
             .observe("StopJobs", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let stops = req
                     .stops
@@ -253,7 +253,7 @@ impl JobService for Jobs {
     async fn auto_lease(&self, request: Request<v1::AutoLeaseRequest>) -> Result<Response<v1::Lease>, Status> {
         self.shared
             .observe("AutoLease", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let command = Command::AutoLease { epoch: req.epoch, job: required_job(req.job_id)? };
                 super::broker_api::lease_reply(self.shared.propose(caller, &req.request_id, command).await?)
@@ -268,7 +268,7 @@ impl JobService for Jobs {
         self.shared
             .observe("ListNodeJobs", async {
                 let consistency = Consistency::of(&request);
-                let node = agent_node(&self.shared.caller(&request)?)?;
+                let node = agent_node(&self.shared.caller(&request).await?)?;
                 let jobs = self.shared.read(consistency, |s| s.jobs_on_node(node).into_iter().map(|j| job_to_wire(s, j)).collect()).await?;
                 Ok(Response::new(v1::ListNodeJobsResponse { jobs }))
             })
@@ -278,7 +278,7 @@ impl JobService for Jobs {
     async fn report_job_started(&self, request: Request<v1::ReportJobStartedRequest>) -> Result<Response<v1::Job>, Status> {
         self.shared
             .observe("ReportJobStarted", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 agent_node(&caller)?;
                 let req = request.into_inner();
                 let command = Command::JobStarted { job: required_job(req.job_id)?, attempt: req.attempt };
@@ -290,7 +290,7 @@ impl JobService for Jobs {
     async fn report_job_ended(&self, request: Request<v1::ReportJobEndedRequest>) -> Result<Response<v1::Job>, Status> {
         self.shared
             .observe("ReportJobEnded", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 agent_node(&caller)?;
                 let req = request.into_inner();
                 let command = Command::JobEnded {
@@ -310,7 +310,7 @@ impl JobService for Jobs {
     ) -> Result<Response<v1::ReportJobProgressResponse>, Status> {
         self.shared
             .observe("ReportJobProgress", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 agent_node(&caller)?;
                 let req = request.into_inner();
                 let command = Command::JobProgress { job: required_job(req.job_id)?, attempt: req.attempt, progress: req.progress_json };
@@ -326,7 +326,7 @@ impl JobService for Jobs {
     ) -> Result<Response<v1::Job>, Status> {
         self.shared
             .observe("ReportJobCheckpoint", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 agent_node(&caller)?;
                 let req = request.into_inner();
                 let command = Command::JobCheckpoint { job: required_job(req.job_id)?, attempt: req.attempt, sha256: req.sha256 };
@@ -490,7 +490,7 @@ pub mod billing {
     pub async fn deposit(shared: &Shared, request: Request<v1::DepositRequest>) -> Result<Response<v1::LedgerTransaction>, Status> {
         shared
             .observe("Deposit", async {
-                let caller = shared.caller(&request)?;
+                let caller = shared.caller(&request).await?;
                 let req = request.into_inner();
                 let amount = req.amount.as_ref().ok_or_else(|| invalid("amount", "required"))?;
                 let amount = money_from_wire(amount).map_err(|e| to_status(&e.into()))?;
@@ -506,7 +506,7 @@ pub mod billing {
     pub async fn grant_credit(shared: &Shared, request: Request<v1::GrantCreditRequest>) -> Result<Response<v1::Balance>, Status> {
         shared
             .observe("GrantCredit", async {
-                let caller = shared.caller(&request)?;
+                let caller = shared.caller(&request).await?;
                 let req = request.into_inner();
                 let limit = req.limit.as_ref().ok_or_else(|| invalid("limit", "required"))?;
                 let limit = money_from_wire(limit).map_err(|e| to_status(&e.into()))?;
@@ -522,7 +522,7 @@ pub mod billing {
         shared
             .observe("GetBalance", async {
                 let consistency = Consistency::of(&request);
-                let caller = shared.caller(&request)?;
+                let caller = shared.caller(&request).await?;
                 let account = billing_subject(&caller, request.get_ref().account_id)?;
                 let currency = currency_or_cny(&request.get_ref().currency)?;
                 Ok(Response::new(shared.read(consistency, |s| balance_of(s, account, &currency)).await?))
@@ -535,7 +535,7 @@ pub mod billing {
         shared
             .observe("ListTransactions", async {
                 let consistency = Consistency::of(&request);
-                let caller = shared.caller(&request)?;
+                let caller = shared.caller(&request).await?;
                 let account = billing_subject(&caller, request.get_ref().account_id)?;
                 let month = match request.get_ref().month.as_str() {
                     "" => None,
@@ -553,7 +553,7 @@ pub mod billing {
         shared
             .observe("GetStatement", async {
                 let consistency = Consistency::of(&request);
-                let caller = shared.caller(&request)?;
+                let caller = shared.caller(&request).await?;
                 let req = request.get_ref();
                 let account = billing_subject(&caller, req.account_id)?;
                 let month = month(&req.month)?;
@@ -568,7 +568,7 @@ pub mod billing {
         shared
             .observe("GetServiceEvaluation", async {
                 let consistency = Consistency::of(&request);
-                let caller = shared.caller(&request)?;
+                let caller = shared.caller(&request).await?;
                 let lease = LeaseId(request.get_ref().lease_id);
                 shared
                     .read(consistency, |s| {

@@ -60,15 +60,48 @@ impl Shared {
 
     /// Who sent this request: the agent whose key the transport established (mutual TLS on the
     /// agent port, see `network::forward`), else the `authorization: Bearer …` header's owner.
-    pub fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let unauthenticated = |why: &str| to_status(&DomainError::Unauthenticated(why.into()));
+    ///
+    /// A credential this node does not know may be one the cluster has just committed and this
+    /// node not yet applied: "unknown" is answered only after this node has confirmed it leads
+    /// and has applied everything committed ([`Shared::confirm_absent`]); until then the caller
+    /// hears `UNAVAILABLE` and retries. (The future holds no borrow of the request.)
+    pub fn caller<T>(&self, request: &Request<T>) -> impl Future<Output = Result<Caller, Status>> + Send + 'static {
+        let found = self.known_caller(request);
+        let shared = self.clone();
+        async move {
+            match found {
+                Ok(caller) => Ok(caller),
+                Err(Unknown::Agent(hash)) => {
+                    let find = move |s: &State| s.node_by_agent_credential(&hash).map(Caller::Agent);
+                    shared.confirm_absent(find, "this agent's key is not enrolled, or it was revoked").await
+                }
+                Err(Unknown::Token(hash)) => {
+                    let find = move |s: &State| s.account_by_token(&hash).map(|a| Caller::Account(a.id));
+                    shared.confirm_absent(find, "unknown or revoked token").await
+                }
+                Err(Unknown::Refused(status)) => Err(status),
+            }
+        }
+    }
+
+    /// `find` on this node's state; if it finds nothing, again once this node has confirmed
+    /// that it leads and has applied everything committed before now. Finding nothing then is
+    /// definitive: `UNAUTHENTICATED` with `why`.
+    pub async fn confirm_absent<T>(&self, find: impl Fn(&State) -> Option<T>, why: &str) -> Result<T, Status> {
+        if let Some(found) = self.sm.read(&find) {
+            return Ok(found);
+        }
+        self.raft.ensure_linearizable().await.map_err(|e| {
+            status(ErrorCode::Unavailable, format!("cannot confirm the credential on this node now ({e}); retry"), &[])
+        })?;
+        self.sm.read(&find).ok_or_else(|| to_status(&DomainError::Unauthenticated(why.into())))
+    }
+
+    fn known_caller<T>(&self, request: &Request<T>) -> Result<Caller, Unknown> {
+        let unauthenticated = |why: &str| Unknown::Refused(to_status(&DomainError::Unauthenticated(why.into())));
         if let Some(AgentKey(key)) = request.extensions().get::<AgentKey>() {
             let hash = southbound::agent_key_hash(key);
-            return self
-                .sm
-                .read(|s| s.node_by_agent_credential(&hash))
-                .map(Caller::Agent)
-                .ok_or_else(|| unauthenticated("this agent's key is not enrolled, or it was revoked"));
+            return self.sm.read(|s| s.node_by_agent_credential(&hash)).map(Caller::Agent).ok_or(Unknown::Agent(hash));
         }
         let header = request
             .metadata()
@@ -92,19 +125,17 @@ impl Shared {
                     .ok()
                     .and_then(OperatorRole::parse)
                     .map(Caller::Operator)
-                    .ok_or_else(|| to_status(&DomainError::invalid(ACTING_OPERATOR_HEADER, "an operator role"))),
+                    .ok_or_else(|| Unknown::Refused(to_status(&DomainError::invalid(ACTING_OPERATOR_HEADER, "an operator role")))),
             };
         }
-        self.sm
-            .read(|s| s.account_by_token(&hash).map(|a| Caller::Account(a.id)))
-            .ok_or_else(|| unauthenticated("unknown or revoked token"))
+        self.sm.read(|s| s.account_by_token(&hash).map(|a| Caller::Account(a.id))).ok_or(Unknown::Token(hash))
     }
 
     /// Commits a command through Raft and returns its outcome. A write is acknowledged only
     /// once it is committed and applied.
     pub async fn propose(&self, caller: Caller, request_id: &str, command: Command) -> Result<Response, Status> {
         let request_id = RequestId::parse(request_id).map_err(|e| to_status(&e.into()))?;
-        let envelope = Envelope { caller, request_id, at: now(), command };
+        let envelope = Envelope { caller, request_id, at: self.sm.proposal_time(now()), command };
         let size = postcard::to_allocvec(&envelope).map(|b| b.len()).unwrap_or(usize::MAX);
         if size > rules::MAX_COMMAND_BYTES {
             return Err(to_status(&DomainError::PayloadTooLarge { size, limit: rules::MAX_COMMAND_BYTES }));
@@ -140,6 +171,16 @@ impl Shared {
     }
 }
 
+/// Why [`Shared::known_caller`] found no caller in this node's state.
+enum Unknown {
+    /// No enrolled agent has this key here.
+    Agent(SecretHash),
+    /// No account has this token here.
+    Token(SecretHash),
+    /// The request is refused whatever the state (no or a malformed credential).
+    Refused(Status),
+}
+
 /// How fresh a read must be. Linearizable by default; `x-suanli-read: stale` asks for the
 /// local state of whichever node answers (see `network::forward`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,7 +209,7 @@ pub fn may_see_lease(caller: &Caller, lease: &crate::state::Lease) -> bool {
     match caller {
         Caller::Account(id) => *id == lease.researcher || *id == lease.supplier,
         Caller::Platform | Caller::Operator(_) | Caller::System => true,
-        Caller::Agent(_) => false,
+        Caller::Agent(_) | Caller::Enrollee(_) => false,
     }
 }
 

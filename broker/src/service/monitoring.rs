@@ -231,6 +231,7 @@ fn may_monitor(s: &State, caller: &Caller, node: NodeId) -> bool {
             s.cluster(cluster).is_some_and(|c| c.class == ClusterClass::B)
                 && s.leases_of(*id).any(|l| l.researcher == *id && l.cluster == cluster && l.state.is_live())
         }),
+        Caller::Enrollee(_) => false,
     }
 }
 
@@ -260,7 +261,7 @@ impl MonitoringService for Irmds {
         &self,
         request: Request<Streaming<v1::TelemetryBatch>>,
     ) -> Result<Response<AckStream>, Status> {
-        let Caller::Agent(node) = self.shared.caller(&request)? else {
+        let Caller::Agent(node) = self.shared.caller(&request).await? else {
             return Err(to_status(&DomainError::PermissionDenied("only enrolled agents stream telemetry".into())));
         };
         let view = self
@@ -314,7 +315,7 @@ impl MonitoringService for Irmds {
         self.shared
             .observe("QueryTelemetry", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let scope = match req.scope {
                     Some(v1::query_telemetry_request::Scope::CardId(id)) => Scope::Card(CardId(id)),
@@ -354,7 +355,7 @@ impl MonitoringService for Irmds {
         &self,
         request: Request<v1::SubscribeTelemetryRequest>,
     ) -> Result<Response<LiveStream>, Status> {
-        let caller = self.shared.caller(&request)?;
+        let caller = self.shared.caller(&request).await?;
         let scope = match request.get_ref().scope {
             Some(v1::subscribe_telemetry_request::Scope::NodeId(id)) => Scope::Node(NodeId(id)),
             Some(v1::subscribe_telemetry_request::Scope::ClusterId(id)) => Scope::Cluster(ClusterId(id)),

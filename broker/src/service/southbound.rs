@@ -51,7 +51,7 @@ impl SupplierService for Icpcss {
     ) -> Result<Response<v1::CreateEnrollmentTokenResponse>, Status> {
         self.shared
             .observe("CreateEnrollmentToken", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let valid = i64::from(req.valid_seconds);
                 if valid == 0 || valid > rules::ENROLLMENT_TOKEN_MAX_SECONDS {
@@ -85,12 +85,17 @@ impl SupplierService for Icpcss {
                     status(ErrorCode::Internal, "this broker node holds no agent CA ([broker] agent_ca_cert, agent_ca_key)", &[])
                 })?;
                 let inventory = inventory_from_wire(req.inventory).map_err(|e| to_status(&e))?;
+                // Only a token's holder writes to the log, in a request-ID space of its own: a
+                // stranger can neither append nor take IDs the broker or another holder uses.
+                let token_hash = SecretHash::of(ENROLLMENT_DOMAIN, &req.enrollment_token);
+                let issued = move |s: &crate::state::State| s.enrollment_token_issued(&token_hash).then_some(());
+                self.shared.confirm_absent(issued, "enrollment token unknown, already used or expired").await?;
                 let command = Command::EnrollAgent {
-                    token_hash: SecretHash::of(ENROLLMENT_DOMAIN, &req.enrollment_token),
+                    token_hash,
                     credential_hash: agent_key_hash(&key),
                     inventory,
                 };
-                let node = match self.shared.propose(Caller::System, &req.request_id, command).await? {
+                let node = match self.shared.propose(Caller::Enrollee(token_hash), &req.request_id, command).await? {
                     Applied::Node(n) => n,
                     other => return Err(unexpected(&other)),
                 };
@@ -111,7 +116,7 @@ impl SupplierService for Icpcss {
     async fn revoke_agent(&self, request: Request<v1::RevokeAgentRequest>) -> Result<Response<v1::Node>, Status> {
         self.shared
             .observe("RevokeAgent", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let node = NodeId(req.node_id);
                 node_reply(self.shared.propose(caller, &req.request_id, Command::RevokeAgent { node }).await?)
@@ -126,7 +131,7 @@ impl SupplierService for Icpcss {
         self.shared
             .observe("GetAgentNode", async {
                 let consistency = Consistency::of(&request);
-                let Caller::Agent(node) = self.shared.caller(&request)? else {
+                let Caller::Agent(node) = self.shared.caller(&request).await? else {
                     return Err(to_status(&DomainError::PermissionDenied("agents only".into())));
                 };
                 self.shared
@@ -147,7 +152,7 @@ impl SupplierService for Icpcss {
     ) -> Result<Response<v1::Card>, Status> {
         self.shared
             .observe("ReportCardStatus", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 set_card_status(&self.shared, caller, &req.request_id, req.card_id, req.status).await
             })
@@ -160,7 +165,7 @@ impl SupplierService for Icpcss {
     ) -> Result<Response<v1::Lease>, Status> {
         self.shared
             .observe("ConfirmProvisioned", async {
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let lease = LeaseId(req.lease_id);
                 lease_reply(self.shared.propose(caller, &req.request_id, Command::ActivateLease { lease }).await?)
@@ -174,7 +179,7 @@ impl SupplierService for Icpcss {
     ) -> Result<Response<v1::Node>, Status> {
         self.shared
             .observe("ReportNodeAccess", async {
-                let Caller::Agent(node) = self.shared.caller(&request)? else {
+                let Caller::Agent(node) = self.shared.caller(&request).await? else {
                     return Err(to_status(&DomainError::PermissionDenied("agents only".into())));
                 };
                 let req = request.into_inner();
@@ -193,7 +198,7 @@ impl SupplierService for Icpcss {
         self.shared
             .observe("ListAssignedLeases", async {
                 let consistency = Consistency::of(&request);
-                let Caller::Account(supplier) = self.shared.caller(&request)? else {
+                let Caller::Account(supplier) = self.shared.caller(&request).await? else {
                     return Err(to_status(&DomainError::PermissionDenied("supplier accounts only".into())));
                 };
                 let leases = self
@@ -270,7 +275,7 @@ impl TaskService for Itm {
         self.shared
             .observe("GetTask", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let id = LeaseId(request.get_ref().lease_id);
                 self.shared
                     .read(consistency, |s| s.lease(id).filter(|l| may_see_lease(&caller, l)).map(|l| task_of(s, l)))
@@ -285,7 +290,7 @@ impl TaskService for Itm {
         self.shared
             .observe("ListTasks", async {
                 let consistency = Consistency::of(&request);
-                let caller = self.shared.caller(&request)?;
+                let caller = self.shared.caller(&request).await?;
                 let live_only = request.get_ref().live_only;
                 let tasks = self
                     .shared

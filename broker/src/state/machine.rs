@@ -32,8 +32,11 @@ pub mod rules {
     /// A Class B lease waits this long for the agent to provision it.
     pub const RESERVATION_SECONDS_CLASS_B: i64 = 15 * 60;
     pub const AUTH_CODE_ATTEMPTS: u32 = 5;
-    /// How long a request ID is remembered for at-most-once application.
+    /// How long a request ID is remembered for at-most-once application...
     pub const REQUEST_ID_RETENTION_SECONDS: i64 = 24 * 3600;
+    /// ...and never fewer than this many of the latest requests, whatever the clock says: a
+    /// leader's clock that jumps a day ahead does not empty the at-most-once memory.
+    pub const REQUESTS_REMEMBERED_AT_LEAST: usize = 10_000;
     pub const MAX_SSH_KEYS_PER_ACCOUNT: usize = 32;
     pub const MAX_NODES_PER_CLUSTER: usize = 1024;
     pub const MAX_PERIODS_PER_REQUEST: u32 = 10_000;
@@ -120,7 +123,8 @@ impl State {
     /// Applies one command. Retrying the same request ID from the same caller returns the
     /// first outcome without applying anything; reusing it for a different command is refused.
     pub fn apply(&mut self, envelope: &Envelope) -> (Outcome, Vec<Event>) {
-        self.forget_old_requests(envelope.at);
+        let at = self.command_time(envelope.at);
+        self.forget_old_requests(at);
         let digest = digest(&envelope.command);
         let key = (envelope.caller.clone(), envelope.request_id.clone());
         if let Some(seen) = self.requests.get(&key) {
@@ -131,15 +135,23 @@ impl State {
             };
         }
         let mut events = Vec::new();
-        let outcome = self.dispatch(envelope, &mut events);
-        self.requests.insert(key.clone(), Remembered { digest, at: envelope.at, outcome: outcome.clone() });
-        self.requests_by_age.push_back((envelope.at, key.0, key.1));
+        let outcome = self.dispatch(envelope, at, &mut events);
+        self.requests.insert(key.clone(), Remembered { digest, at, outcome: outcome.clone() });
+        self.requests_by_age.push_back((at, key.0, key.1));
         (outcome, events)
+    }
+
+    /// The time a command proposed at `proposed` is applied at: never before the command
+    /// applied last, so the replicated clock never runs backwards, whichever node's clock
+    /// proposed it (a new leader's may be behind the old one's).
+    pub fn command_time(&self, proposed: Timestamp) -> Timestamp {
+        self.requests_by_age.back().map_or(proposed, |(last, _, _)| proposed.max(*last))
     }
 
     fn forget_old_requests(&mut self, now: Timestamp) {
         while let Some((at, _, _)) = self.requests_by_age.front() {
-            if now.seconds_since(*at) < rules::REQUEST_ID_RETENTION_SECONDS {
+            let few = self.requests_by_age.len() <= rules::REQUESTS_REMEMBERED_AT_LEAST;
+            if few || now.seconds_since(*at) < rules::REQUEST_ID_RETENTION_SECONDS {
                 break;
             }
             if let Some((_, caller, request)) = self.requests_by_age.pop_front() {
@@ -148,9 +160,8 @@ impl State {
         }
     }
 
-    fn dispatch(&mut self, env: &Envelope, events: &mut Vec<Event>) -> Outcome {
+    fn dispatch(&mut self, env: &Envelope, at: Timestamp, events: &mut Vec<Event>) -> Outcome {
         let caller = &env.caller;
-        let at = env.at;
         match &env.command {
             Command::RegisterAccount { kind, token_hash } => {
                 require(matches!(caller, Caller::Platform), "only the platform registers accounts")?;
@@ -732,6 +743,12 @@ impl State {
     }
 
     /// The node whose agent holds this credential.
+    /// Whether an enrollment token with this hash was issued (used or not): only its holder
+    /// may ask to enroll (and retry an enrollment) with it.
+    pub fn enrollment_token_issued(&self, token_hash: &SecretHash) -> bool {
+        self.enrollment_tokens.contains_key(token_hash)
+    }
+
     pub fn node_by_agent_credential(&self, credential_hash: &SecretHash) -> Option<NodeId> {
         self.nodes_by_credential.get(credential_hash).copied()
     }

@@ -313,12 +313,49 @@ fn retries_apply_at_most_once_and_reused_ids_conflict() {
     theirs.caller = Caller::Account(m.other_researcher);
     assert!(m.w.state.apply(&theirs).0.is_ok());
 
-    // Remembered for the retention window, then forgotten.
+    // Remembered for the retention window and the latest requests, then forgotten.
     m.w.advance(rules::REQUEST_ID_RETENTION_SECONDS + 1);
     let mut late = env.clone();
     late.at = m.w.now;
     late.command = request_b(m.class_b, 1);
+    fill_request_memory(&mut m.w);
     assert!(m.w.state.apply(&late).0.is_ok());
+}
+
+/// As many other requests as the at-most-once memory keeps at least.
+fn fill_request_memory(w: &mut World) {
+    for _ in 0..rules::REQUESTS_REMEMBERED_AT_LEAST {
+        let _ = w.run(Caller::System, Command::ExpireLease { lease: LeaseId(u64::MAX) });
+    }
+}
+
+#[test]
+fn a_clock_a_day_ahead_does_not_empty_the_at_most_once_memory() {
+    let mut m = market();
+    let env = m.w.envelope(Caller::Account(m.researcher), request_b(m.class_b, 1));
+    let first = m.w.state.apply(&env).0;
+    assert!(first.is_ok());
+    let leases = m.w.state.leases().count();
+    // The next command comes from a leader whose clock jumped past the retention window.
+    m.w.advance(rules::REQUEST_ID_RETENTION_SECONDS + 3600);
+    let _ = m.w.run(Caller::System, Command::ExpireLease { lease: LeaseId(u64::MAX) });
+    let mut retry = env.clone();
+    retry.at = m.w.now;
+    assert_eq!(m.w.state.apply(&retry).0, first, "the retry still gets the first answer");
+    assert_eq!(m.w.state.leases().count(), leases, "and leases nothing more");
+}
+
+#[test]
+fn command_time_never_runs_backwards() {
+    let mut m = market();
+    let l = m.w.lease(Caller::Account(m.researcher), request_b(m.class_b, 1));
+    let applied_at = m.w.now;
+    // A new leader whose clock is an hour behind proposes next.
+    assert_eq!(m.w.state.command_time(applied_at.plus_seconds(-3600)), applied_at);
+    let mut late = m.w.envelope(Caller::Account(m.researcher), Command::EndLease { lease: l.id, reason: EndReason::ByResearcher });
+    late.at = applied_at.plus_seconds(-3600);
+    let _ = m.w.state.apply(&late);
+    assert_eq!(m.w.state.command_time(Timestamp::from_millis(0)), applied_at, "its command counted as applied at the last time");
 }
 
 #[test]
@@ -433,12 +470,31 @@ fn snapshots_round_trip() {
 // ---- agents and card health --------------------------------------------------------------------
 
 fn enroll(w: &mut World, token: &str, credential: &str, inv: NodeInventory) -> Outcome {
-    let command = Command::EnrollAgent {
-        token_hash: SecretHash::of("enrollment-token", token),
-        credential_hash: SecretHash::of("api-token", credential),
-        inventory: inv,
+    let token_hash = SecretHash::of("enrollment-token", token);
+    let command = Command::EnrollAgent { token_hash, credential_hash: SecretHash::of("api-token", credential), inventory: inv };
+    w.run(Caller::Enrollee(token_hash), command)
+}
+
+#[test]
+fn an_enrollees_request_ids_are_its_own_and_its_token_only_its_own() {
+    let mut w = World::new();
+    let supplier = w.account(AccountKind::Supplier);
+    issue(&mut w, supplier, "mine", 600).expect("token");
+    let (mine, theirs) = (SecretHash::of("enrollment-token", "mine"), SecretHash::of("enrollment-token", "theirs"));
+    let request_id = RequestId::parse("expire-1-active").expect("id");
+    let enroll_with = |caller: Caller| Envelope {
+        caller,
+        request_id: request_id.clone(),
+        at: w.now,
+        command: Command::EnrollAgent { token_hash: mine, credential_hash: SecretHash::of("api-token", "c"), inventory: inventory(1) },
     };
-    w.run(Caller::System, command)
+    // Another token's holder (or anyone naming a hash it does not hold) cannot use this token.
+    let (stolen, ours) = (enroll_with(Caller::Enrollee(theirs)), enroll_with(Caller::Enrollee(mine)));
+    assert_eq!(w.state.apply(&stolen).0.unwrap_err().code(), ErrorCode::PermissionDenied);
+    assert!(w.state.apply(&ours).0.is_ok());
+    // The broker's own request with the same ID is still its own: applied, not a conflict.
+    let expire = Envelope { caller: Caller::System, request_id, at: w.now, command: Command::ExpireLease { lease: LeaseId(1) } };
+    assert_ne!(w.state.apply(&expire).0.unwrap_err(), DomainError::RequestIdConflict);
 }
 
 fn issue(w: &mut World, supplier: AccountId, token: &str, seconds: i64) -> Outcome {

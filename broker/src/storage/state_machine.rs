@@ -4,6 +4,7 @@
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -18,6 +19,7 @@ use super::{
     cf, index_key, io_err, key_index, LogId, NodeId, StorageError, StoreError, TypeConfig, CF_EVENTS, CF_META, CF_SNAPSHOT,
 };
 use crate::state::{AppliedEvents, Outcome, Response, State};
+use suanli_types::Timestamp;
 
 const KEY_SNAPSHOT: &[u8] = b"current";
 /// Events below this index were discarded (compaction, or a snapshot installed from a leader).
@@ -54,6 +56,43 @@ struct Inner {
     snapshots_built: AtomicU64,
     events_retained: AtomicU64,
     last_snapshot_bytes: AtomicU64,
+    clock: CommandClock,
+}
+
+/// How far a proposer's wall clock may run ahead of the cluster's command time (as this node
+/// has seen it advance, by its own monotonic clock) before the difference is refused.
+pub const MAX_CLOCK_STEP: Duration = Duration::from_secs(10);
+
+/// The command time of the last command this node applied while it was current (its time
+/// within [`MAX_CLOCK_STEP`] of this node's wall clock), and when, by the monotonic clock: the
+/// reference a proposal's time is checked against. Not replicated: each node keeps its own.
+#[derive(Default)]
+struct CommandClock(std::sync::Mutex<Option<(Timestamp, Instant)>>);
+
+impl CommandClock {
+    fn observe(&self, at: Timestamp) {
+        let wall = crate::service::now();
+        // A command replayed after a restart, or proposed by a clock far from this one, says
+        // nothing about how time moves here.
+        if wall.millis().abs_diff(at.millis()) <= MAX_CLOCK_STEP.as_millis() as u64 {
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, Instant::now()));
+        }
+    }
+
+    /// `wall`, or, when it is more than [`MAX_CLOCK_STEP`] ahead of where command time should
+    /// be by now, that bound instead (the jump is refused and logged).
+    fn bound(&self, wall: Timestamp) -> Timestamp {
+        let Some((at, seen)) = *self.0.lock().unwrap_or_else(|p| p.into_inner()) else { return wall };
+        let limit = at.plus_millis((seen.elapsed() + MAX_CLOCK_STEP).as_millis() as i64);
+        if wall > limit {
+            tracing::error!(
+                ahead_ms = wall.millis_since(limit),
+                "this node's wall clock jumped ahead of the cluster's command time; proposing at the bound instead"
+            );
+            return limit;
+        }
+        wall
+    }
 }
 
 /// Cheap to clone; all clones share one state.
@@ -88,8 +127,14 @@ impl StateMachineStore {
                 snapshots_built: AtomicU64::new(0),
                 events_retained: AtomicU64::new(DEFAULT_EVENTS_RETAINED),
                 last_snapshot_bytes: AtomicU64::new(0),
+                clock: CommandClock::default(),
             }),
         })
+    }
+
+    /// The time to propose a command at, given this node's wall clock: see [`CommandClock`].
+    pub fn proposal_time(&self, wall: Timestamp) -> Timestamp {
+        self.inner.clock.bound(wall)
     }
 
     /// Size of the last snapshot built or installed, in bytes.
@@ -227,10 +272,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         outcomes.push(Ok(Response::Empty));
                     }
                     EntryPayload::Normal(envelope) => {
+                        let at = applied.state.command_time(envelope.at);
                         let (outcome, events) = applied.state.apply(&envelope);
+                        self.inner.clock.observe(at);
                         outcomes.push(outcome);
                         if !events.is_empty() {
-                            let record = AppliedEvents { index: entry.log_id.index, at: envelope.at, events };
+                            let record = AppliedEvents { index: entry.log_id.index, at, events };
                             let bytes = postcard::to_allocvec(&record).map_err(|e| sm_write(e.into()))?;
                             batch.put_cf(events_cf, index_key(record.index), bytes);
                             published.push(Arc::new(record));

@@ -7,6 +7,11 @@
 //! holds the private key) and recognises the same key in the client certificate of every later
 //! connection. A certificate is therefore only a carrier; revoking the agent in the broker's
 //! state cuts it off at once, whatever the certificate's validity says.
+//!
+//! The same CA (the **cluster CA**) certifies the broker nodes to each other: at every start a
+//! node issues itself a **peer certificate** naming it `suanli:broker:<id>`, good for both ends
+//! of the mutual TLS between nodes (Raft, forwarded calls). A peer is recognised by that name
+//! in a certificate the CA signed; an agent's certificate (`suanli:node:<id>`) never passes.
 
 pub mod ssh;
 
@@ -126,14 +131,28 @@ impl Ca {
         let key = KeyPair::generate().map_err(|e| PkiError::Key(e.to_string()))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = name("suanli-broker");
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| match n.parse::<IpAddr>() {
-                Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => n.clone().try_into().map(SanType::DnsName).map_err(|_| PkiError::Certificate(format!("bad name {n:?}"))),
-            })
-            .collect::<Result<_, _>>()?;
+        params.subject_alt_names = san(names)?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, SERVER_VALIDITY);
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&key, &self.issuer).map_err(|e| PkiError::Certificate(e.to_string()))?;
+        Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// Broker node `node`'s peer certificate: server and client end of the mutual TLS between
+    /// nodes, valid for `names` (DNS names or IP addresses it is reached by) and naming the
+    /// node as `suanli:broker:<node>`.
+    pub fn peer_certificate(&self, node: u64, names: &[String]) -> Result<CertifiedKey, PkiError> {
+        let key = KeyPair::generate().map_err(|e| PkiError::Key(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&format!("suanli-broker node {node}"));
+        params.subject_alt_names = san(names)?;
+        let uri = format!("{PEER_URI_PREFIX}{node}").try_into().map_err(|_| PkiError::Certificate("peer URI".into()))?;
+        params.subject_alt_names.push(SanType::URI(uri));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.is_ca = IsCa::ExplicitNoCa;
         params.use_authority_key_identifier_extension = true;
@@ -160,6 +179,30 @@ impl Ca {
         let cert = params.signed_by(&csr.public_key, &self.issuer).map_err(|e| PkiError::Certificate(e.to_string()))?;
         Ok(cert.pem())
     }
+}
+
+/// How a peer certificate names its broker node.
+const PEER_URI_PREFIX: &str = "suanli:broker:";
+
+fn san(names: &[String]) -> Result<Vec<SanType>, PkiError> {
+    names
+        .iter()
+        .map(|n| match n.parse::<IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => n.clone().try_into().map(SanType::DnsName).map_err(|_| PkiError::Certificate(format!("bad name {n:?}"))),
+        })
+        .collect()
+}
+
+/// The broker node a DER certificate (a TLS peer's, already verified against the cluster CA)
+/// names as a peer certificate; `None` for any other certificate (an agent's).
+pub fn broker_peer_of(der: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let names = cert.subject_alternative_name().ok()??;
+    names.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(uri) => uri.strip_prefix(PEER_URI_PREFIX)?.parse().ok(),
+        _ => None,
+    })
 }
 
 fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, PkiError> {
@@ -283,6 +326,21 @@ mod tests {
         let (_, parsed) = x509_parser::parse_x509_certificate(&server_der).expect("parse");
         let (_, ca_parsed) = x509_parser::parse_x509_certificate(&ca_der).expect("parse ca");
         parsed.verify_signature(Some(ca_parsed.public_key())).expect("signed by the CA");
+    }
+
+    #[test]
+    fn a_peer_certificate_names_its_node_and_an_agent_certificate_never_passes_for_one() {
+        let ca = Ca::generate("test CA").expect("ca");
+        let peer = ca.peer_certificate(3, &["127.0.0.1".into()]).expect("peer cert");
+        let der = pem_der(&peer.cert_pem);
+        assert_eq!(broker_peer_of(&der), Some(3));
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).expect("parse");
+        let eku = parsed.extended_key_usage().expect("eku").expect("present").value;
+        assert!(eku.client_auth && eku.server_auth, "both ends of the peer TLS");
+        let agent = ca.sign_agent(&signing_request(&new_private_key().expect("key"), "gpu").expect("csr"), 3).expect("agent");
+        assert_eq!(broker_peer_of(&pem_der(&agent)), None);
+        let server = ca.server_certificate(&["127.0.0.1".into()]).expect("server");
+        assert_eq!(broker_peer_of(&pem_der(&server.cert_pem)), None);
     }
 
     fn pem_der(text: &str) -> Vec<u8> {

@@ -21,6 +21,8 @@ struct Member {
     address: String,
     /// The agent port (mutual TLS).
     agents: String,
+    /// The peer port (mutual TLS between nodes): Raft and forwarded calls.
+    peer: String,
     metrics: String,
     process: Option<Service>,
 }
@@ -63,7 +65,7 @@ impl BrokerCluster {
             members: BTreeMap::new(),
             links,
         };
-        cluster.spawn(1, "127.0.0.1:0", "127.0.0.1:0", true).await?;
+        cluster.spawn(1, ["127.0.0.1:0"; 3], true).await?;
         for id in 2..=n {
             cluster.join(id).await?;
         }
@@ -72,15 +74,16 @@ impl BrokerCluster {
 
     /// Starts a fresh node `id` and makes it a voter.
     pub async fn join(&mut self, id: u64) -> anyhow::Result<()> {
-        self.spawn(id, "127.0.0.1:0", "127.0.0.1:0", false).await?;
-        let address = self.address(id)?.to_owned();
+        self.spawn(id, ["127.0.0.1:0"; 3], false).await?;
+        let address = self.peer_address(id)?.to_owned();
         let mut admin = self.admin(self.any_live()?).await?;
         admin.add_learner(v1::AddLearnerRequest { node_id: id, address }).await.context("add learner")?;
         admin.promote(v1::NodeRef { node_id: id }).await.context("promote")?;
         Ok(())
     }
 
-    async fn spawn(&mut self, id: u64, listen: &str, agent_listen: &str, bootstrap: bool) -> anyhow::Result<()> {
+    /// `[client, agent, peer]` listen addresses.
+    async fn spawn(&mut self, id: u64, [listen, agent_listen, peer_listen]: [&str; 3], bootstrap: bool) -> anyhow::Result<()> {
         let data = self.dir.path().join(format!("node-{id}"));
         let mut args: Vec<String> = vec![
             "serve".into(),
@@ -94,6 +97,8 @@ impl BrokerCluster {
             data.display().to_string(),
             "--agent-listen".into(),
             agent_listen.into(),
+            "--peer-listen".into(),
+            peer_listen.into(),
             "--agent-ca-cert".into(),
             self.agent_ca_cert().display().to_string(),
             "--agent-ca-key".into(),
@@ -124,14 +129,21 @@ impl BrokerCluster {
         let address = service.get("grpc")?.to_owned();
         let metrics = service.get("metrics")?.to_owned();
         let agents = service.get("agents")?.to_owned();
-        let target = address.parse()?;
+        let peer = service.get("peers")?.to_owned();
+        // The links carry what nodes send each other: to the peer port.
+        let target = peer.parse()?;
         for ((_, to), link) in &self.links {
             if *to == id {
                 link.set_target(target);
             }
         }
-        self.members.insert(id, Member { address, agents, metrics, process: Some(service) });
+        self.members.insert(id, Member { address, agents, peer, metrics, process: Some(service) });
         Ok(())
+    }
+
+    /// Node `id`'s peer port, as other nodes reach it (directly, not through a link).
+    pub fn peer_address(&self, id: u64) -> anyhow::Result<&str> {
+        Ok(&self.members.get(&id).ok_or_else(|| anyhow!("no node {id}"))?.peer)
     }
 
     pub fn address(&self, id: u64) -> anyhow::Result<&str> {
@@ -152,6 +164,11 @@ impl BrokerCluster {
     /// The agent CA's certificate, as an agent's `--broker-ca`.
     pub fn agent_ca_cert(&self) -> PathBuf {
         self.dir.path().join(AGENT_CA_CERT)
+    }
+
+    /// The agent (and cluster) CA, certificate and key, as every node was given it.
+    pub fn cluster_ca(&self) -> anyhow::Result<suanli_pki::Ca> {
+        Ok(suanli_pki::Ca::load(&self.agent_ca_cert(), &self.dir.path().join(AGENT_CA_KEY), false)?)
     }
 
     pub fn metrics_address(&self, id: u64) -> anyhow::Result<&str> {
@@ -223,6 +240,11 @@ impl BrokerCluster {
         }
     }
 
+    /// Everything the links between nodes have carried so far.
+    pub fn captured_traffic(&self) -> Vec<u8> {
+        self.links.values().flat_map(|link| link.captured()).collect()
+    }
+
     /// Every link passes traffic again.
     pub fn heal(&self) {
         for link in self.links.values() {
@@ -241,9 +263,9 @@ impl BrokerCluster {
 
     /// Restarts a killed node on its old addresses with its old data.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
-        let address = self.address(id)?.to_owned();
-        let agents = self.members.get(&id).map(|m| m.agents.clone()).ok_or_else(|| anyhow!("no node {id}"))?;
-        self.spawn(id, &address, &agents, false).await
+        let member = self.members.get(&id).ok_or_else(|| anyhow!("no node {id}"))?;
+        let (address, agents, peer) = (member.address.clone(), member.agents.clone(), member.peer.clone());
+        self.spawn(id, [&address, &agents, &peer], false).await
     }
 
     /// Waits until every live node has applied everything the leader has logged now.

@@ -80,6 +80,10 @@ pub enum Caller {
     Account(AccountId),
     /// A supplier agent, authenticated as the node it runs on.
     Agent(NodeId),
+    /// The holder of an agent enrollment token, before its agent has a key, known by the
+    /// token's hash: its request IDs are its own, never the broker's (`System`'s) or another
+    /// holder's. (Appended last: encoded commands name variants by position.)
+    Enrollee(crate::SecretHash),
 }
 
 impl fmt::Display for Caller {
@@ -90,6 +94,7 @@ impl fmt::Display for Caller {
             Caller::Operator(role) => write!(f, "operator({role:?})"),
             Caller::Account(id) => write!(f, "{id}"),
             Caller::Agent(node) => write!(f, "agent({node})"),
+            Caller::Enrollee(_) => f.write_str("enrollee"),
         }
     }
 }

@@ -1,0 +1,162 @@
+//! Callers who may not, trying anyway against real broker processes: each test asserts the
+//! attempt was refused *and* nothing changed (no entry in the log from a stranger, no
+//! definitive answer from a node that cannot know).
+
+use std::path::Path;
+use std::time::Duration;
+
+use suanli_proto::decode_status;
+use suanli_proto::v1::{self, supplier_service_client::SupplierServiceClient, AccountKind};
+use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
+use suanli_testkit::fixtures::register;
+use suanli_types::ErrorCode;
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_suanli-broker"))
+}
+
+fn enrollment(token: &str, request_id: &str) -> v1::EnrollAgentRequest {
+    let key = suanli_pki::new_private_key().expect("key");
+    v1::EnrollAgentRequest {
+        request_id: request_id.to_owned(),
+        enrollment_token: token.to_owned(),
+        csr_pem: suanli_pki::signing_request(&key, "intruder").expect("csr"),
+        inventory: Some(suanli_proto::convert::inventory_to_wire(&suanli_testkit::fixtures::inventory("intruder", 1))),
+    }
+}
+
+#[tokio::test]
+async fn a_stranger_without_an_enrollment_token_writes_nothing_to_the_log() {
+    let cluster = BrokerCluster::start(binary(), 1, None).await.expect("cluster");
+    cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let before = cluster.status(1).await.expect("status").last_log_index;
+    let channel = suanli_proto::client::channel(&format!("http://{}", cluster.address(1).expect("address"))).await.expect("channel");
+    let mut stranger = SupplierServiceClient::new(channel);
+    // Made-up tokens, with the request IDs the broker's own reaper uses for lease 1.
+    for (n, request_id) in ["expire-1-active", "expire-1-pending", "settle-0-1", "health-1"].iter().enumerate() {
+        let refused = stranger.enroll_agent(enrollment(&format!("made-up-token-{n}"), request_id)).await;
+        let error = decode_status(&refused.expect_err("a made-up token is refused"));
+        assert_eq!(error.code, ErrorCode::Unauthenticated, "{error:?}");
+    }
+    let after = cluster.status(1).await.expect("status").last_log_index;
+    assert_eq!(after, before, "nothing a stranger sent reached the log");
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_the_leader_never_calls_a_new_token_unknown() {
+    let cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
+    let leader = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let cut = cluster.ids().into_iter().find(|id| *id != leader).expect("a follower");
+    cluster.partition(&[cut]);
+    // Once the cut-off node has lost its leader, a researcher registers through the others.
+    suanli_testkit::eventually(Duration::from_secs(20), Duration::from_millis(50), || async {
+        (cluster.status(cut).await.ok()?.leader_id == 0).then_some(())
+    })
+    .await
+    .expect("the cut-off node loses its leader");
+    let mut platform = cluster.client(leader, PLATFORM_TOKEN).await.expect("client");
+    let (_, token) = register(&mut platform, AccountKind::Researcher, "fresh").await.expect("register");
+    // The cut-off node has not applied the registration: it must not call the token unknown.
+    let mut researcher = cluster.client(cut, &token).await.expect("client");
+    for _ in 0..3 {
+        let answer = researcher.list_leases(v1::ListLeasesRequest { live_only: true }).await;
+        let error = decode_status(&answer.expect_err("the cut-off node cannot answer"));
+        assert_eq!(error.code, ErrorCode::Unavailable, "a retryable answer, not a definitive one: {error:?}");
+    }
+    // Healed, the same token works there.
+    cluster.heal();
+    suanli_testkit::eventually(Duration::from_secs(30), Duration::from_millis(100), || {
+        let mut r = researcher.clone();
+        async move { r.list_leases(v1::ListLeasesRequest { live_only: true }).await.ok() }
+    })
+    .await
+    .expect("the token is known once the node caught up");
+}
+
+/// A Raft vote for a made-up node with a term far ahead: what a stranger would send to depose
+/// the leader. (The payload never gets decoded where it is refused.)
+fn forged_vote() -> v1::RaftMessage {
+    v1::RaftMessage { format_version: 2, payload: vec![0xff; 32] }
+}
+
+/// The leader and its term, as every node reports them.
+async fn leadership(cluster: &BrokerCluster) -> Vec<(u64, u64)> {
+    let mut seen = Vec::new();
+    for id in cluster.ids() {
+        let s = cluster.status(id).await.expect("status");
+        seen.push((s.leader_id, s.term));
+    }
+    seen
+}
+
+#[tokio::test]
+async fn raft_is_not_spoken_on_the_client_port() {
+    let cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
+    cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let before = leadership(&cluster).await;
+    for id in cluster.ids() {
+        let channel = suanli_proto::client::channel(&format!("http://{}", cluster.address(id).expect("address"))).await.expect("channel");
+        let mut raft = v1::raft_internal_client::RaftInternalClient::new(channel);
+        for _ in 0..3 {
+            let refused = raft.vote(forged_vote()).await.expect_err("no Raft on the client port");
+            assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+            let refused = raft.append_entries(forged_vote()).await.expect_err("no Raft on the client port");
+            assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+        }
+    }
+    assert_eq!(leadership(&cluster).await, before, "the leader and its term are unchanged");
+}
+
+#[tokio::test]
+async fn the_peer_port_refuses_anyone_but_a_broker_node() {
+    let cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
+    let leader = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let before = leadership(&cluster).await;
+    let peer = format!("https://{}", cluster.peer_address(leader).expect("peer address"));
+    let ca = cluster.cluster_ca().expect("cluster CA");
+    let trust = tonic::transport::Certificate::from_pem(ca.cert_pem());
+    // No client certificate: the handshake itself fails.
+    let anonymous = tonic::transport::ClientTlsConfig::new().ca_certificate(trust.clone()).domain_name("127.0.0.1");
+    if let Ok(channel) = suanli_proto::client::channel_with(&peer, Some(anonymous)).await {
+        let refused = v1::raft_internal_client::RaftInternalClient::new(channel).vote(forged_vote()).await;
+        assert!(refused.is_err(), "a caller without a certificate is refused");
+    }
+    // An agent's certificate, from the very same CA: not a peer's.
+    let key = suanli_pki::new_private_key().expect("key");
+    let agent = ca.sign_agent(&suanli_pki::signing_request(&key, "gpu").expect("csr"), 1).expect("agent cert");
+    let as_agent = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(trust)
+        .identity(tonic::transport::Identity::from_pem(&agent, &key))
+        .domain_name("127.0.0.1");
+    let channel = suanli_proto::client::channel_with(&peer, Some(as_agent)).await.expect("TLS with an agent certificate");
+    let mut raft = v1::raft_internal_client::RaftInternalClient::new(channel.clone());
+    let refused = decode_status(&raft.vote(forged_vote()).await.expect_err("an agent is no peer"));
+    assert_eq!(refused.code, ErrorCode::Unauthenticated, "{refused:?}");
+    // Nor may it pass as a forwarding node to reach the API with a forged agent key.
+    let mut request = tonic::Request::new(v1::GetAgentNodeRequest {});
+    request.metadata_mut().insert("x-suanli-agent-key", "00".repeat(32).parse().expect("header"));
+    let refused = SupplierServiceClient::new(channel).get_agent_node(request).await.expect_err("refused");
+    assert_eq!(decode_status(&refused).code, ErrorCode::Unauthenticated);
+    assert_eq!(leadership(&cluster).await, before, "the leader and its term are unchanged");
+}
+
+#[tokio::test]
+async fn no_bearer_token_or_request_crosses_the_wire_between_nodes_in_the_clear() {
+    let cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
+    let leader = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).expect("a follower");
+    // Everything through a follower: forwarded to the leader, with its token.
+    let mut platform = cluster.client(follower, PLATFORM_TOKEN).await.expect("client");
+    let marker = format!("wiretap-marker-{}", std::process::id());
+    let (_, token) = register(&mut platform, AccountKind::Supplier, &marker).await.expect("register");
+    let mut supplier = cluster.client(follower, &token).await.expect("client");
+    let cluster_name = format!("{marker}-cluster");
+    suanli_testkit::fixtures::publish(&mut supplier, suanli_types::ClusterClass::B, 1, 1, &cluster_name).await.expect("publish");
+    cluster.converge(Duration::from_secs(10)).await.expect("converge");
+    let wire = cluster.captured_traffic();
+    assert!(wire.len() > 4096, "the nodes talked through the links: {} bytes", wire.len());
+    let contains = |needle: &[u8]| wire.windows(needle.len()).any(|w| w == needle);
+    for secret in [PLATFORM_TOKEN.as_bytes(), token.as_bytes(), marker.as_bytes()] {
+        assert!(!contains(secret), "{:?} crossed the wire in the clear", String::from_utf8_lossy(secret));
+    }
+}
