@@ -111,7 +111,7 @@ pub async fn seed(channel: Channel, platform_token: &str) -> Result<DemoAccounts
     let mut platform = with_token(channel.clone(), Some(platform_token))?;
     let mut register = async |kind: AccountKind, n: usize| -> Result<(u64, String), DemoError> {
         let r = platform
-            .register_account(v1::RegisterAccountRequest { request_id: format!("demo-account-{n}"), kind: kind.into() })
+            .register_account(v1::RegisterAccountRequest { request_id: format!("demo-account-{n}"), kind: kind.into(), token: String::new() })
             .await?
             .into_inner();
         Ok((r.account_id, r.token))

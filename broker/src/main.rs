@@ -191,6 +191,12 @@ struct FileBroker {
     /// Overheating and XID thresholds: `overheat_c`, `recover_c`, `xid_quiet_ms`.
     #[serde(default)]
     health: suanli_broker::telemetry::health::HealthRules,
+    /// The platform's services' own tokens, each with only the powers it needs.
+    #[serde(default)]
+    services: Vec<FileService>,
+    /// The largest single deposit, and all deposits over any 24 hours (minor units).
+    max_deposit_minor: Option<i64>,
+    max_deposits_per_day_minor: Option<i64>,
     agent_listen: Option<SocketAddr>,
     agent_ca_cert: Option<PathBuf>,
     agent_ca_key: Option<PathBuf>,
@@ -202,6 +208,17 @@ struct FileBroker {
     /// in the membership (NAT, sidecars, the test harness's fault-injecting links).
     #[serde(default)]
     peers: std::collections::BTreeMap<String, String>,
+}
+
+/// `[[broker.services]]`: `name`, `token_file` (a file holding the token, kept like a key:
+/// never the token itself in the configuration), and `powers` (accounts, deposits, operators,
+/// scheduling, read, admin).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    name: String,
+    token_file: PathBuf,
+    powers: Vec<suanli_broker::service::powers::Power>,
 }
 
 #[derive(Args)]
@@ -345,6 +362,30 @@ fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
             file.health.check().map_err(anyhow::Error::msg)?;
             file.health
         },
+        services: {
+            let mut tokens = Vec::new();
+            for s in &file.services {
+                let token = std::fs::read_to_string(&s.token_file)
+                    .with_context(|| format!("[[broker.services]] {}: reading {}", s.name, s.token_file.display()))?;
+                let token = token.trim();
+                if token.len() < 16 {
+                    bail!("[[broker.services]] {}: the token in {} must be at least 16 characters", s.name, s.token_file.display());
+                }
+                tokens.push(suanli_broker::service::powers::ServiceToken::new(&s.name, token, s.powers.clone()));
+            }
+            suanli_broker::service::powers::Services::new(tokens)
+        },
+        deposit_limits: {
+            let defaults = suanli_broker::service::DepositLimits::default();
+            let limits = suanli_broker::service::DepositLimits {
+                per_call_minor: file.max_deposit_minor.unwrap_or(defaults.per_call_minor),
+                per_day_minor: file.max_deposits_per_day_minor.unwrap_or(defaults.per_day_minor),
+            };
+            if limits.per_call_minor <= 0 || limits.per_day_minor < limits.per_call_minor {
+                bail!("[broker] max_deposit_minor must be positive and at most max_deposits_per_day_minor");
+            }
+            limits
+        },
         peer_overrides: file
             .peers
             .iter()
@@ -405,6 +446,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         events_retained: DEFAULT_EVENTS_RETAINED,
         agent_silent_after: Duration::from_millis(DEFAULT_AGENT_SILENT_AFTER_MS),
         health: Default::default(),
+        deposit_limits: Default::default(),
+        services: Default::default(),
         peer_overrides: Default::default(),
         agent_listen: Some(args.agent_listen),
         agent_ca: AgentCaSource::DataDir,

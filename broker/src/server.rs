@@ -69,6 +69,10 @@ pub struct NodeConfig {
     pub agent_silent_after: Duration,
     /// Overheating and XID thresholds (`[broker.health]`).
     pub health: crate::telemetry::health::HealthRules,
+    /// Caps on the money the platform may pay in.
+    pub deposit_limits: crate::service::DepositLimits,
+    /// The platform's services' own tokens and powers (`service::powers`).
+    pub services: crate::service::powers::Services,
     /// The TLS port: agents by mutual TLS (Icpcss, Irmds), and the public API for clients that
     /// want it encrypted (bearer tokens). `None`: no TLS port, agents cannot connect here.
     pub agent_listen: Option<SocketAddr>,
@@ -190,13 +194,15 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let metrics = Arc::new(Metrics::new());
     let mut shared = Shared::new(raft.clone(), sm, &config.platform_token, metrics.clone(), agent_ca.clone());
     shared.ssh_ca = Some(Arc::new(ssh_ca));
+    shared.deposit_limits = config.deposit_limits;
+    shared.services = config.services.clone();
     let mut stop = Vec::new();
     let mut tasks = Vec::new();
     let telemetry = Telemetry::new(config.agent_silent_after, config.health);
 
     let (stop_grpc, stopped) = oneshot::channel::<()>();
     stop.push(stop_grpc);
-    let leader_router = Arc::new(LeaderRouter::new(raft.clone(), peers, peer_tls));
+    let leader_router = Arc::new(LeaderRouter::new(raft.clone(), peers, peer_tls, config.services.clone()));
     let router = tonic::transport::Server::builder()
         .layer(ForwardLayer::new(leader_router.clone(), Port::Client))
         .add_service(ClusterAdminServer::new(Admin::new(shared.clone())))

@@ -160,3 +160,74 @@ async fn no_bearer_token_or_request_crosses_the_wire_between_nodes_in_the_clear(
         assert!(!contains(secret), "{:?} crossed the wire in the clear", String::from_utf8_lossy(secret));
     }
 }
+
+#[tokio::test]
+async fn deposits_are_capped_per_call_and_per_day_and_a_retry_still_gets_its_answer() {
+    let config = "[broker]\nmax_deposit_minor = 1000\nmax_deposits_per_day_minor = 2500\n";
+    let cluster = BrokerCluster::start(binary(), 1, Some(config)).await.expect("cluster");
+    cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let mut platform = cluster.client(1, PLATFORM_TOKEN).await.expect("client");
+    let account = platform
+        .register_account(v1::RegisterAccountRequest { request_id: "capped".into(), kind: AccountKind::Researcher.into(), token: String::new() })
+        .await
+        .expect("register")
+        .into_inner()
+        .account_id;
+    let deposit = |id: &str, minor: i64| v1::DepositRequest {
+        request_id: id.into(),
+        account_id: account,
+        amount: Some(v1::Money { currency: "CNY".into(), minor }),
+    };
+    let before = cluster.status(1).await.expect("status").last_log_index;
+    let refused = decode_status(&platform.deposit(deposit("too-much", 1001)).await.expect_err("over the per-call cap"));
+    assert_eq!(refused.code, ErrorCode::InvalidArgument, "{refused:?}");
+    assert_eq!(cluster.status(1).await.expect("status").last_log_index, before, "nothing proposed");
+    platform.deposit(deposit("d1", 1000)).await.expect("first");
+    platform.deposit(deposit("d2", 1000)).await.expect("second");
+    let refused = decode_status(&platform.deposit(deposit("d3", 1000)).await.expect_err("over the daily cap"));
+    assert_eq!(refused.code, ErrorCode::PermissionDenied, "{refused:?}");
+    // A retry of one that went through is answered as the first time.
+    platform.deposit(deposit("d2", 1000)).await.expect("a retry gets its first answer");
+}
+
+#[tokio::test]
+async fn a_service_token_does_only_what_its_service_needs() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let (scheduler, payments) = ("scheduler-service-token-0123", "payments-service-token-0123");
+    std::fs::write(dir.path().join("scheduler"), scheduler).expect("token file");
+    std::fs::write(dir.path().join("payments"), payments).expect("token file");
+    let config = format!(
+        "[broker]\n[[broker.services]]\nname = \"scheduler\"\ntoken_file = \"{}\"\npowers = [\"scheduling\", \"read\"]\n\
+         [[broker.services]]\nname = \"payments\"\ntoken_file = \"{}\"\npowers = [\"deposits\"]\n",
+        dir.path().join("scheduler").display(),
+        dir.path().join("payments").display()
+    );
+    let cluster = BrokerCluster::start(binary(), 1, Some(&config)).await.expect("cluster");
+    cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let mut platform = cluster.client(1, PLATFORM_TOKEN).await.expect("client");
+    let (researcher, _) = register(&mut platform, AccountKind::Researcher, "served").await.expect("register");
+    let balance = |c: &mut suanli_proto::client::Client| {
+        let mut c = c.clone();
+        async move { c.get_balance(v1::GetBalanceRequest { account_id: researcher, currency: "CNY".into() }).await.expect("balance").into_inner() }
+    };
+    let before = balance(&mut platform).await;
+    // The scheduler's token reads, but pays nothing in, registers no one, acts as no operator.
+    let mut as_scheduler = cluster.client(1, scheduler).await.expect("client");
+    as_scheduler.list_catalogue(v1::ListCatalogueRequest::default()).await.expect("the scheduler reads the market");
+    let deposit = v1::DepositRequest { request_id: "stolen".into(), account_id: researcher, amount: Some(v1::Money { currency: "CNY".into(), minor: 500 }) };
+    let refused = decode_status(&as_scheduler.deposit(deposit.clone()).await.expect_err("no deposits"));
+    assert_eq!(refused.code, ErrorCode::PermissionDenied, "{refused:?}");
+    let register_as = v1::RegisterAccountRequest { request_id: "sock-puppet".into(), kind: AccountKind::Supplier.into(), token: String::new() };
+    assert_eq!(decode_status(&as_scheduler.register_account(register_as).await.expect_err("no accounts")).code, ErrorCode::PermissionDenied);
+    let endpoint = format!("http://{}", cluster.address(1).expect("address"));
+    let channel = suanli_proto::client::channel(&endpoint).await.expect("channel");
+    let mut as_operator = suanli_proto::client::as_operator(channel, scheduler, "dispatcher").expect("client");
+    let end = v1::EndLeaseRequest { request_id: "x".into(), lease_id: 1, ..Default::default() };
+    assert_eq!(decode_status(&as_operator.end_lease(end).await.expect_err("no operator")).code, ErrorCode::PermissionDenied);
+    // The payment intake's token pays in, and does nothing else.
+    let mut as_payments = cluster.client(1, payments).await.expect("client");
+    assert_eq!(decode_status(&as_payments.list_leases(v1::ListLeasesRequest::default()).await.expect_err("no reads")).code, ErrorCode::PermissionDenied);
+    as_payments.deposit(deposit).await.expect("the payment intake pays in");
+    let after = balance(&mut platform).await;
+    assert_eq!(after.available_minor, before.available_minor + 500, "exactly the one deposit the payment intake made");
+}

@@ -196,7 +196,7 @@ async fn killing_the_leader_under_a_storm_loses_no_acknowledged_lease_and_double
     // the end of the history.
     let mut platform = cluster.client(cluster.live()[0], PLATFORM_TOKEN).await.expect("client");
     let sentinel = platform
-        .register_account(v1::RegisterAccountRequest { request_id: "sentinel".into(), kind: AccountKind::Researcher.into() })
+        .register_account(v1::RegisterAccountRequest { request_id: "sentinel".into(), kind: AccountKind::Researcher.into(), token: String::new() })
         .await
         .expect("sentinel")
         .into_inner()

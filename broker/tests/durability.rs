@@ -84,7 +84,7 @@ async fn every_acknowledged_write_was_synced_to_disk_first() {
     for i in 0..20 {
         let sent = now_micros();
         platform
-            .register_account(v1::RegisterAccountRequest { request_id: format!("a{i}"), kind: AccountKind::Researcher.into() })
+            .register_account(v1::RegisterAccountRequest { request_id: format!("a{i}"), kind: AccountKind::Researcher.into(), token: String::new() })
             .await
             .expect("register");
         windows.push((sent, now_micros()));

@@ -199,7 +199,7 @@ async fn bad_input_gets_the_documented_code_and_changes_nothing() {
     let mut stranger = connect(&broker, "sl_not-a-real-token").await;
     assert_eq!(code_of(stranger.list_leases(v1::ListLeasesRequest { live_only: false }).await), ErrorCode::Unauthenticated);
     // Only the platform registers accounts.
-    let r = a.researcher.register_account(v1::RegisterAccountRequest { request_id: "r".into(), kind: AccountKind::Supplier.into() }).await;
+    let r = a.researcher.register_account(v1::RegisterAccountRequest { request_id: "r".into(), kind: AccountKind::Supplier.into(), token: String::new() }).await;
     assert_eq!(code_of(r), ErrorCode::PermissionDenied);
 
     // A request ID reused for a different request.

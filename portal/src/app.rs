@@ -19,7 +19,7 @@ use crate::state::AppState;
         accounts::register, accounts::send_phone_code, accounts::activate, accounts::login, accounts::login_totp, accounts::logout, accounts::refresh,
         accounts::me, accounts::update_me, accounts::deregister, accounts::request_reset, accounts::confirm_reset,
         accounts::begin_totp, accounts::confirm_totp, accounts::create_api_token, accounts::list_api_tokens, accounts::revoke_api_token,
-        accounts::add_ssh_key, accounts::list_ssh_keys, alerts::list, alerts::get_settings, alerts::put_settings,
+        accounts::add_ssh_key, accounts::list_ssh_keys, accounts::remove_ssh_key, alerts::list, alerts::get_settings, alerts::put_settings,
         market::catalogue, market::cluster_detail, market::telemetry, market::live,
         market::request_lease, market::list_leases, market::get_lease, market::verify_code, market::lease_access, market::lease_password,
         market::extend_lease, market::end_lease, market::spend, jobs::statement,
@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/me/api-tokens", get(accounts::list_api_tokens).post(accounts::create_api_token))
         .route("/me/api-tokens/{id}", axum::routing::delete(accounts::revoke_api_token))
         .route("/me/ssh-keys", get(accounts::list_ssh_keys).post(accounts::add_ssh_key))
+        .route("/me/ssh-keys/{id}", axum::routing::delete(accounts::remove_ssh_key))
         .route("/me/spend", get(market::spend))
         .route("/me/statement", get(jobs::statement))
         .route("/jobs", get(jobs::list).post(jobs::submit))

@@ -23,7 +23,8 @@ pub async fn record_writes(State(state): State<AppState>, mut request: Request, 
     request.extensions_mut().insert(slot.clone());
     let route = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "(unmatched)".into());
     let target = request.uri().path().to_owned();
-    let source = crate::auth::source_address(request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0));
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let source = crate::auth::source_address(&state.settings.trusted_proxies, peer, request.headers());
     let response = next.run(request).await;
     let status = response.status();
     let outcome = if status.is_success() || status.is_redirection() { "ok".to_owned() } else { format!("refused {}", status.as_u16()) };

@@ -85,10 +85,18 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
-/// Where a request comes from. Only the direct peer counts: a client-chosen X-Forwarded-For
-/// would let anyone dodge the per-address login throttle or forge the audit log.
-pub fn source_address(peer: Option<std::net::SocketAddr>) -> String {
-    peer.map(|p| p.ip().to_string()).unwrap_or_else(|| "unknown".into())
+/// Where a request comes from: the direct peer, unless that peer is one of the operator's
+/// `trusted` reverse proxies; then the last address in `X-Forwarded-For` that is not itself a
+/// trusted proxy (the one the proxies saw). A client-chosen header from anyone else counts for
+/// nothing: it would let anyone dodge the per-address login throttle or forge the audit log.
+pub fn source_address(trusted: &[std::net::IpAddr], peer: Option<std::net::SocketAddr>, headers: &HeaderMap) -> String {
+    let Some(peer) = peer.map(|p| p.ip()) else { return "unknown".into() };
+    if !trusted.contains(&peer) {
+        return peer.to_string();
+    }
+    let forwarded = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+    let hops: Vec<std::net::IpAddr> = forwarded.filter_map(|h| h.trim().parse().ok()).collect();
+    hops.iter().rev().find(|ip| !trusted.contains(ip)).copied().unwrap_or(peer).to_string()
 }
 
 const USER_COLUMNS: &str = "id, kind, username, lang, state, broker_account_id, broker_token_enc";
@@ -119,11 +127,12 @@ async fn load_user(state: &AppState, id: i64) -> ApiResult<Option<(Principal, Ac
 pub async fn resolve(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<Principal>> {
     let now = now_ms();
     if let Some(token) = bearer(headers) {
-        let row = sqlx::query("SELECT id, user_id FROM api_tokens WHERE token_hash = $1 AND revoked_ms IS NULL")
+        let row = sqlx::query("SELECT id, user_id FROM api_tokens WHERE token_hash = $1 AND revoked_ms IS NULL AND expires_ms > $2")
             .bind(token_hash(token))
+            .bind(now)
             .fetch_optional(&state.db.pool)
             .await?;
-        let Some(row) = row else { return Err(ApiError::broker(suanli_types::ErrorCode::Unauthenticated, "unknown or revoked API token")) };
+        let Some(row) = row else { return Err(ApiError::broker(suanli_types::ErrorCode::Unauthenticated, "unknown, expired or revoked API token")) };
         let user: i64 = row.try_get("user_id")?;
         sqlx::query("UPDATE api_tokens SET last_used_ms = $1 WHERE id = $2").bind(now).bind(row.try_get::<i64, _>("id")?).execute(&state.db.pool).await?;
         return match load_user(state, user).await? {
@@ -265,4 +274,29 @@ pub async fn pending_session(state: &AppState, headers: &HeaderMap) -> ApiResult
         Some(r) if r.try_get::<i64, _>("expires_ms")? > now_ms() => Some((hash, UserId(r.try_get("user_id")?))),
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", value.parse().expect("header"));
+        headers
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_from_a_trusted_proxy_and_only_its_last_untrusted_hop() {
+        let proxy: std::net::IpAddr = "10.0.0.2".parse().expect("ip");
+        let peer = |ip: &str| Some(std::net::SocketAddr::new(ip.parse().expect("ip"), 40000));
+        // From anyone else the header is the client's own say-so: ignored.
+        assert_eq!(source_address(&[proxy], peer("203.0.113.9"), &forwarded("198.51.100.1")), "203.0.113.9");
+        assert_eq!(source_address(&[], peer("10.0.0.2"), &forwarded("198.51.100.1")), "10.0.0.2");
+        // Through the proxy: the address it saw, not what the client prepended.
+        assert_eq!(source_address(&[proxy], peer("10.0.0.2"), &forwarded("6.6.6.6, 198.51.100.1")), "198.51.100.1");
+        assert_eq!(source_address(&[proxy], peer("10.0.0.2"), &forwarded("198.51.100.1, 10.0.0.2")), "198.51.100.1");
+        assert_eq!(source_address(&[proxy], peer("10.0.0.2"), &forwarded("not an address")), "10.0.0.2");
+        assert_eq!(source_address(&[proxy], peer("10.0.0.2"), &HeaderMap::new()), "10.0.0.2");
+    }
 }

@@ -92,18 +92,20 @@ impl KeyFile {
         id
     }
 
-    /// Loads the key file, creating it (mode 0600) when it does not exist yet.
-    pub fn load_or_create(path: &Path) -> Result<KeyFile, CryptoError> {
-        let err = |e: std::io::Error| CryptoError::KeyFile(path.display().to_string(), e.to_string());
+    /// Loads the key file; `None` when it does not exist.
+    pub fn load(path: &Path) -> Result<Option<KeyFile>, CryptoError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| CryptoError::KeyFile(path.display().to_string(), e.to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let file = KeyFile::generate();
-                file.save(path)?;
-                Ok(file)
-            }
-            Err(e) => Err(err(e)),
+            Ok(text) => toml::from_str(&text).map(Some).map_err(|e| CryptoError::KeyFile(path.display().to_string(), e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CryptoError::KeyFile(path.display().to_string(), e.to_string())),
         }
+    }
+
+    /// Makes a new key file at `path` (mode 0600).
+    pub fn create(path: &Path) -> Result<KeyFile, CryptoError> {
+        let file = KeyFile::generate();
+        file.save(path)?;
+        Ok(file)
     }
 
     pub fn save(&self, path: &Path) -> Result<(), CryptoError> {

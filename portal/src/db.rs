@@ -184,7 +184,12 @@ const MIGRATIONS: &[&[&str]] = &[&[
     expires_ms BIGINT NOT NULL,
     attempts BIGINT NOT NULL,
     sent_ms BIGINT NOT NULL
-)"]];
+)"],
+// 5: API tokens expire (those made before: 90 days after they were made).
+&[
+    "ALTER TABLE api_tokens ADD COLUMN expires_ms BIGINT",
+    "UPDATE api_tokens SET expires_ms = created_ms + 7776000000 WHERE expires_ms IS NULL",
+]];
 
 impl Db {
     /// `sqlite://path` (created if missing) or `postgres://…`.

@@ -30,9 +30,13 @@ struct Cli {
     /// sqlite://path (default: ./.dev/portal/portal.db) or postgres://…
     #[arg(long, global = true, env = "SUANLI_PORTAL_DATABASE_URL")]
     database_url: Option<String>,
-    /// Key file for personal data at rest (created on first start, mode 0600).
+    /// Key file for personal data at rest (made, mode 0600, when the database is new).
     #[arg(long, global = true, env = "SUANLI_PORTAL_KEY_FILE")]
     key_file: Option<PathBuf>,
+    /// Make a new key file although the database holds accounts (their sealed personal data
+    /// becomes unreadable): only to start over.
+    #[arg(long, global = true)]
+    create_key_file: bool,
     /// Without a subcommand: serve the portal.
     #[command(flatten)]
     serve: ServeArgs,
@@ -87,6 +91,14 @@ struct ServeArgs {
     /// Registration with a mobile number needs the code sent to it by SMS (needs a gateway).
     #[arg(long, env = "SUANLI_PORTAL_VERIFY_PHONES")]
     verify_phones: bool,
+    /// Hosts (as written in webhook URLs) users' webhooks may reach although they are not
+    /// public addresses (an internal receiver on purpose). Comma-separated.
+    #[arg(long, env = "SUANLI_PORTAL_WEBHOOK_ALLOW", value_delimiter = ',')]
+    webhook_allow: Vec<String>,
+    /// Addresses of the reverse proxies in front of the portal: from them alone the client's
+    /// address is taken from `X-Forwarded-For` (login throttle, audit log). Comma-separated.
+    #[arg(long, env = "SUANLI_PORTAL_TRUSTED_PROXY", value_delimiter = ',')]
+    trusted_proxy: Vec<std::net::IpAddr>,
     /// Cookies without `Secure` and `__Host-` (only for plain-HTTP hosts other than localhost).
     #[arg(long, env = "SUANLI_PORTAL_INSECURE_COOKIES")]
     insecure_cookies: bool,
@@ -124,6 +136,10 @@ struct PortalSection {
     alerts: suanli_portal::alerts::AlertSettings,
     insecure_cookies: Option<bool>,
     verify_phones: Option<bool>,
+    #[serde(default)]
+    webhook_allow: Vec<String>,
+    #[serde(default)]
+    trusted_proxy: Vec<std::net::IpAddr>,
 }
 
 /// `[portal.sms]`: `provider = "json"` with `url` (and `token`), or `provider = "aliyun"` with
@@ -175,7 +191,22 @@ async fn open_storage(cli: &Cli, file: &PortalSection) -> anyhow::Result<Storage
     }
     let db = Db::connect(&url).await.with_context(|| format!("opening the database {}", url.split('@').next_back().unwrap_or(&url)))?;
     let key_path = cli.key_file.clone().or(file.key_file.clone()).unwrap_or_else(|| PathBuf::from(".dev/portal/keys.toml"));
-    let keys = KeyFile::load_or_create(&key_path)?;
+    let keys = match KeyFile::load(&key_path)? {
+        Some(keys) => keys,
+        None => {
+            // New keys only for a new database (or when asked): a mistyped path must not
+            // start a portal whose sealed personal data it can no longer read.
+            let users: i64 = sqlx::query("SELECT COUNT(*) AS n FROM users").fetch_one(&db.pool).await?.try_get("n")?;
+            if users > 0 && !cli.create_key_file {
+                bail!(
+                    "the key file {} does not exist, and the database already holds {users} accounts sealed with a key file: \
+                     give the right --key-file (or --create-key-file, which leaves their sealed personal data unreadable)",
+                    key_path.display()
+                );
+            }
+            KeyFile::create(&key_path)?
+        }
+    };
     Ok(Storage { db, keys, key_path })
 }
 
@@ -268,9 +299,14 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         public_url: public_url.trim_end_matches('/').to_owned(),
         secure_cookies: !(args.insecure_cookies || file.insecure_cookies.unwrap_or(false)),
         mail_configured: mailer.is_some(),
+        trusted_proxies: if args.trusted_proxy.is_empty() { file.trusted_proxy } else { args.trusted_proxy.clone() },
         ..Settings::default()
     };
-    let notifiers = Notifiers { sms: sms_gateway(file.sms, args.sms_json_url.as_deref())?, ..Default::default() };
+    let webhook_allow = if args.webhook_allow.is_empty() { file.webhook_allow } else { args.webhook_allow.clone() };
+    let notifiers = Notifiers {
+        sms: sms_gateway(file.sms, args.sms_json_url.as_deref())?,
+        webhooks: suanli_notify::webhook::WebhookSender::allowing(webhook_allow),
+    };
     let verify_phones = args.verify_phones || file.verify_phones.unwrap_or(false);
     if verify_phones && notifiers.sms.is_none() {
         bail!("verifying phones needs an SMS gateway: --sms-json-url or [portal.sms]");

@@ -194,8 +194,22 @@ impl Market {
         suanli_proto::client::as_operator(self.channel.clone(), &self.platform_token, role.as_str()).map_err(ApiError::internal)
     }
 
+    /// The broker's monitoring as the platform: for the portal's own work (alert rules), never
+    /// to show a user what the broker would not show them.
     pub fn monitoring(&self) -> ApiResult<Monitoring> {
         Ok(MonitoringServiceClient::with_interceptor(self.channel.clone(), bearer(Some(&self.platform_token)).map_err(ApiError::internal)?))
+    }
+
+    /// The broker's monitoring as `viewer` sees it: with their own market account's token, or
+    /// for an operator as the platform acting in a role that views the market, so the broker's
+    /// own rule decides what each may watch. Nobody watches anonymously.
+    pub fn monitoring_for(&self, state: &crate::state::AppState, viewer: Option<&crate::auth::Principal>) -> ApiResult<Monitoring> {
+        let viewer = viewer.ok_or_else(ApiError::unauthenticated)?;
+        let interceptor = match viewer.roles.iter().copied().find(|r| crate::model::permissions(*r).contains(&crate::model::Permission::ViewMarket)) {
+            Some(role) => suanli_proto::client::operator_bearer(&self.platform_token, role.as_str()),
+            None => bearer(Some(&viewer.broker_token(state)?)),
+        };
+        Ok(MonitoringServiceClient::with_interceptor(self.channel.clone(), interceptor.map_err(ApiError::internal)?))
     }
 
     pub fn suppliers(&self, token: &str) -> ApiResult<Suppliers> {

@@ -28,6 +28,8 @@ pub struct Settings {
     pub mail_configured: bool,
     /// Registration with a mobile number needs the code sent to it by SMS.
     pub verify_phones: bool,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (`auth::source_address`).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for Settings {
@@ -41,6 +43,7 @@ impl Default for Settings {
             throttle_window: Duration::from_secs(15 * 60),
             mail_configured: false,
             verify_phones: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -128,6 +128,21 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     api.login("li_si", new_password).await?;
 
+    // API tokens: bearer, no CSRF needed, revocable.
+    let (status, tok) = api.post("/api/v1/me/api-tokens", json!({"name": "ci"})).await?;
+    assert_eq!(status, StatusCode::CREATED, "{tok}");
+    let script = Api::with_bearer(&w.portal.url, tok["token"].as_str().unwrap_or_default());
+    let (status, me) = script.get("/api/v1/me").await?;
+    assert_eq!((status, me["username"].as_str()), (StatusCode::OK, Some("li_si")));
+    let (status, _) = script.post("/api/v1/me/ssh-keys", json!({"public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test"})).await?;
+    assert_eq!(status, StatusCode::CREATED, "a script writes without a CSRF token");
+    let (status, body) = script.post("/api/v1/me/ssh-keys", json!({"public_key": "ssh-ed25519 nope"})).await?;
+    assert_eq!((status, fields(&body)), (StatusCode::BAD_REQUEST, vec!["public_key".to_owned()]), "{body}");
+    let (status, _) = api.send(reqwest::Method::DELETE, &format!("/api/v1/me/api-tokens/{}", tok["id"].as_str().unwrap_or_default()), None).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = script.get("/api/v1/me").await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
     // Optional second factor for a researcher.
     let (status, setup) = api.post("/api/v1/me/totp", json!({})).await?;
     assert_eq!(status, StatusCode::OK, "{setup}");
@@ -145,21 +160,6 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     assert_eq!((status, body["mfa_required"].as_bool()), (StatusCode::OK, Some(false)), "{body}");
     let (status, _) = Api::new(&w.portal.url).post("/api/v1/session", json!({"login": "li_si", "password": new_password, "totp_code": next})).await?;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "a used code is refused on another session too");
-
-    // API tokens: bearer, no CSRF needed, revocable.
-    let (status, tok) = api.post("/api/v1/me/api-tokens", json!({"name": "ci"})).await?;
-    assert_eq!(status, StatusCode::CREATED, "{tok}");
-    let script = Api::with_bearer(&w.portal.url, tok["token"].as_str().unwrap_or_default());
-    let (status, me) = script.get("/api/v1/me").await?;
-    assert_eq!((status, me["username"].as_str()), (StatusCode::OK, Some("li_si")));
-    let (status, _) = script.post("/api/v1/me/ssh-keys", json!({"public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test"})).await?;
-    assert_eq!(status, StatusCode::CREATED, "a script writes without a CSRF token");
-    let (status, body) = script.post("/api/v1/me/ssh-keys", json!({"public_key": "ssh-ed25519 nope"})).await?;
-    assert_eq!((status, fields(&body)), (StatusCode::BAD_REQUEST, vec!["public_key".to_owned()]), "{body}");
-    let (status, _) = api.send(reqwest::Method::DELETE, &format!("/api/v1/me/api-tokens/{}", tok["id"].as_str().unwrap_or_default()), None).await?;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, _) = script.get("/api/v1/me").await?;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     // An organisation: licence required, then an operator's review.
     let mut org = registration("researcher", "pcl_lab", "lab@pcl.ac.cn");

@@ -117,6 +117,16 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { b.wait_text("main h1", WAIT).await.ok().filter(|t| t.contains("renamed")) }).await?;
     let prices = b.wait_text("dl.facts ul.prices", WAIT).await?;
     assert!(prices.contains("¥9.50 / hourly"), "{prices}");
+    // A Class B cluster's page plots the agent's live samples (server-sent events) for those
+    // the broker lets watch it: its supplier here (a researcher only while leasing it).
+    b.goto(&format!("{url}/clusters/{class_b}")).await?;
+    suanli_testkit::eventually(WAIT, Duration::from_millis(200), || async {
+        let v = b.execute("return document.querySelector('figure[data-series=cpu] strong').textContent", serde_json::json!([])).await.ok()?;
+        (v.as_str().is_some_and(|t| t != "—")).then_some(())
+    })
+    .await?;
+    b.screenshot(&shots().join("cluster-live.png")).await?;
+
     logout(b).await?;
 
     // The researcher verifies the code and sees how to log in.
@@ -134,15 +144,6 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
         None
     };
     b.screenshot(&shots().join("lease-active.png")).await?;
-
-    // A Class B cluster's page plots the agent's live samples (server-sent events).
-    b.goto(&format!("{url}/clusters/{class_b}")).await?;
-    suanli_testkit::eventually(WAIT, Duration::from_millis(200), || async {
-        let v = b.execute("return document.querySelector('figure[data-series=cpu] strong').textContent", serde_json::json!([])).await.ok()?;
-        (v.as_str().is_some_and(|t| t != "—")).then_some(())
-    })
-    .await?;
-    b.screenshot(&shots().join("cluster-live.png")).await?;
 
     // Chinese throughout after the switch.
     b.goto(&format!("{url}/")).await?;

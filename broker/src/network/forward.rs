@@ -78,6 +78,8 @@ pub struct LeaderRouter {
     channels: Mutex<HashMap<String, Channel>>,
     /// `None`: this node has no peer port and forwards nothing.
     tls: Option<PeerTls>,
+    /// Service tokens and their powers, checked before any call goes anywhere.
+    services: crate::service::powers::Services,
 }
 
 /// The leaf certificate a call's TLS client showed, if any (already verified against the CA).
@@ -87,8 +89,8 @@ fn client_certificate<B>(request: &http::Request<B>) -> Option<Vec<u8>> {
 }
 
 impl LeaderRouter {
-    pub fn new(raft: Arc<Raft>, peers: PeerAddresses, tls: Option<PeerTls>) -> Self {
-        LeaderRouter { raft, peers, channels: Mutex::new(HashMap::new()), tls }
+    pub fn new(raft: Arc<Raft>, peers: PeerAddresses, tls: Option<PeerTls>, services: crate::service::powers::Services) -> Self {
+        LeaderRouter { raft, peers, channels: Mutex::new(HashMap::new()), tls, services }
     }
 
     /// Establishes what the transport proves about `request` (see [`Port`]); `Err`: a caller
@@ -191,6 +193,10 @@ where
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         if let Err(why) = self.router.establish_identity(self.port, &mut request) {
             let refused = suanli_proto::error::status(suanli_types::ErrorCode::Unauthenticated, why, &[]);
+            return Box::pin(async move { Ok(refused.into_http()) });
+        }
+        if let Some(why) = self.router.services.refusal(&request) {
+            let refused = suanli_proto::error::status(suanli_types::ErrorCode::PermissionDenied, why, &[]);
             return Box::pin(async move { Ok(refused.into_http()) });
         }
         match self.router.route(self.port, &request) {

@@ -80,7 +80,13 @@ impl Broker for BrokerApi {
                 let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let kind = account_kind_from_wire(req.kind).ok_or_else(|| invalid("kind", "required"))?;
-                let token = format!("sl_{}", random_secret(40));
+                let token = if req.token.is_empty() {
+                    format!("sl_{}", random_secret(40))
+                } else if (32..=256).contains(&req.token.len()) && req.token.bytes().all(|b| b.is_ascii_graphic()) {
+                    req.token
+                } else {
+                    return Err(invalid("token", "32 to 256 printable ASCII characters, or empty"));
+                };
                 let token_hash = SecretHash::of(TOKEN_DOMAIN, &token);
                 let applied =
                     self.shared.propose(caller, &req.request_id, Command::RegisterAccount { kind, token_hash }).await?;
@@ -107,6 +113,38 @@ impl Broker for BrokerApi {
                 let key = SshPublicKey::parse(&req.public_key).map_err(|e| to_status(&e))?;
                 self.shared.propose(caller, &req.request_id, Command::AddSshKey { account, key }).await?;
                 Ok(Response::new(v1::AddSshKeyResponse {}))
+            })
+            .await
+    }
+
+    async fn remove_ssh_key(&self, request: Request<v1::RemoveSshKeyRequest>) -> Result<Response<v1::RemoveSshKeyResponse>, Status> {
+        self.shared
+            .observe("RemoveSshKey", async {
+                let caller = self.shared.caller(&request).await?;
+                let req = request.into_inner();
+                let account = AccountId(required_id("account_id", req.account_id)?);
+                let key = SshPublicKey::parse(&req.public_key).map_err(|e| to_status(&e))?;
+                self.shared.propose(caller, &req.request_id, Command::RemoveSshKey { account, key }).await?;
+                Ok(Response::new(v1::RemoveSshKeyResponse {}))
+            })
+            .await
+    }
+
+    async fn rotate_account_token(
+        &self,
+        request: Request<v1::RotateAccountTokenRequest>,
+    ) -> Result<Response<v1::RotateAccountTokenResponse>, Status> {
+        self.shared
+            .observe("RotateAccountToken", async {
+                let caller = self.shared.caller(&request).await?;
+                let req = request.into_inner();
+                let account = AccountId(required_id("account_id", req.account_id)?);
+                let token = format!("sl_{}", random_secret(40));
+                let token_hash = SecretHash::of(TOKEN_DOMAIN, &token);
+                self.shared.propose(caller, &req.request_id, Command::RotateAccountToken { account, token_hash }).await?;
+                // A retried request returns the first answer; its token was shown then.
+                let ours = self.shared.sm.read(|s| s.account(account).is_some_and(|a| a.token_hash.matches(&token_hash)));
+                Ok(Response::new(v1::RotateAccountTokenResponse { token: if ours { token } else { String::new() } }))
             })
             .await
     }

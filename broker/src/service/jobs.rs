@@ -495,12 +495,40 @@ pub mod billing {
                 let amount = req.amount.as_ref().ok_or_else(|| invalid("amount", "required"))?;
                 let amount = money_from_wire(amount).map_err(|e| to_status(&e.into()))?;
                 let account = AccountId(req.account_id);
-                match shared.propose(caller, &req.request_id, Command::Deposit { account, amount }).await? {
-                    Applied::Transaction(tx) => Ok(Response::new(transaction_to_wire(&tx))),
+                let limits = shared.deposit_limits;
+                if amount.minor > limits.per_call_minor {
+                    return Err(invalid("amount", &format!("at most {} minor units a deposit (max_deposit_minor)", limits.per_call_minor)));
+                }
+                // A retry of a deposit already made is answered below, whatever the day's total.
+                let retry = shared.sm.read(|s| s.remembers(&caller, &req.request_id));
+                let today = shared.sm.read(|s| deposited_since(s, super::now().plus_seconds(-24 * 3600)));
+                if !retry && today.saturating_add(amount.minor) > limits.per_day_minor {
+                    tracing::warn!(target: "audit", %caller, account = account.0, amount = amount.minor, today, "deposit refused: the daily cap");
+                    return Err(to_status(&DomainError::PermissionDenied(format!(
+                        "deposits today already total {today} minor units; the cap is {} a day (max_deposits_per_day_minor)",
+                        limits.per_day_minor
+                    ))));
+                }
+                match shared.propose(caller.clone(), &req.request_id, Command::Deposit { account, amount: amount.clone() }).await? {
+                    Applied::Transaction(tx) => {
+                        tracing::info!(target: "audit", %caller, account = account.0, amount = amount.minor, transaction = tx.id, "deposit");
+                        Ok(Response::new(transaction_to_wire(&tx)))
+                    }
                     other => Err(unexpected(&other)),
                 }
             })
             .await
+    }
+
+    /// Money paid in since `since`, all accounts together (minor units).
+    fn deposited_since(s: &crate::state::State, since: suanli_types::Timestamp) -> i64 {
+        s.transactions()
+            .iter()
+            .rev()
+            .take_while(|tx| tx.at >= since)
+            .filter(|tx| tx.kind == TransactionKind::Deposit)
+            .map(|tx| tx.entries.iter().map(|e| e.minor).filter(|m| *m > 0).sum::<i64>())
+            .sum()
     }
 
     pub async fn grant_credit(shared: &Shared, request: Request<v1::GrantCreditRequest>) -> Result<Response<v1::Balance>, Status> {

@@ -7,6 +7,7 @@ pub mod broker_api;
 pub mod jobs;
 pub mod metrics;
 pub mod monitoring;
+pub mod powers;
 pub mod reaper;
 pub mod southbound;
 pub mod wire;
@@ -45,6 +46,28 @@ pub struct Shared {
     pub agent_ca: Option<Arc<suanli_pki::Ca>>,
     /// Signs researchers' SSH certificates for their leases' logins.
     pub ssh_ca: Option<Arc<suanli_pki::ssh::SshCa>>,
+    /// How much money the platform may pay in, per call and per day.
+    pub deposit_limits: DepositLimits,
+    /// The platform's services' own tokens (`powers.rs`): each authenticates as the platform,
+    /// within its powers (checked in `network::forward`).
+    pub services: powers::Services,
+}
+
+/// Caps on deposits (`[broker] max_deposit_minor`, `max_deposits_per_day_minor`): the token
+/// that pays money in is a service's, and a stolen one mints at most this much.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DepositLimits {
+    pub per_call_minor: i64,
+    /// Over any 24 hours, all accounts together.
+    pub per_day_minor: i64,
+}
+
+impl Default for DepositLimits {
+    fn default() -> Self {
+        // 1 million CNY a call, 10 billion a day: wide bounds an operator narrows to what its
+        // payment service really takes in (ops/broker.example.toml).
+        DepositLimits { per_call_minor: 100_000_000, per_day_minor: 1_000_000_000_000 }
+    }
 }
 
 impl Shared {
@@ -55,7 +78,16 @@ impl Shared {
         metrics: Arc<Metrics>,
         agent_ca: Option<Arc<suanli_pki::Ca>>,
     ) -> Self {
-        Shared { raft, sm, platform_token: SecretHash::of(TOKEN_DOMAIN, platform_token), metrics, agent_ca, ssh_ca: None }
+        Shared {
+            raft,
+            sm,
+            platform_token: SecretHash::of(TOKEN_DOMAIN, platform_token),
+            metrics,
+            agent_ca,
+            ssh_ca: None,
+            deposit_limits: DepositLimits::default(),
+            services: powers::Services::default(),
+        }
     }
 
     /// Who sent this request: the agent whose key the transport established (mutual TLS on the
@@ -115,7 +147,7 @@ impl Shared {
             .filter(|t| !t.is_empty() && t.len() <= 256)
             .ok_or_else(|| unauthenticated("malformed authorization header"))?;
         let hash = SecretHash::of(TOKEN_DOMAIN, token);
-        if hash.matches(&self.platform_token) {
+        if hash.matches(&self.platform_token) || self.services.knows(&hash) {
             // The portal authenticates its operators and says which role one acts in; only the
             // platform token may say so.
             return match request.metadata().get(ACTING_OPERATOR_HEADER) {

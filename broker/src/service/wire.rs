@@ -139,6 +139,8 @@ pub fn event(e: &Event) -> v1::Event {
             Kind::AccountRegistered(v1::AccountRegistered { account_id: account.0, kind: account_kind_to_wire(*kind) })
         }
         Event::SshKeyAdded { account } => Kind::SshKeyAdded(v1::SshKeyAdded { account_id: account.0 }),
+        Event::SshKeyRemoved { account } => Kind::SshKeyRemoved(v1::SshKeyRemoved { account_id: account.0 }),
+        Event::AccountTokenRotated { account } => Kind::AccountTokenRotated(v1::AccountTokenRotated { account_id: account.0 }),
         Event::NodeEnrolled { node, supplier, cards } => Kind::NodeEnrolled(v1::NodeEnrolled {
             node_id: node.0,
             supplier_id: supplier.0,

@@ -34,7 +34,7 @@ pub enum Command {
     /// A supplier mints a one-time enrollment token for an agent (hashed by the service).
     IssueEnrollmentToken { token_hash: SecretHash, expires_at: Timestamp },
     /// An agent enrolls with a supplier's token; the token is its only authority (the caller
-    /// is `System`). `credential_hash` is the hash of a secret the agent drew itself, so a
+    /// is `Enrollee(token_hash)`; `System` in entries written before enrollees had one). `credential_hash` is the hash of a secret the agent drew itself, so a
     /// retried enrollment is the same command. A node of the same supplier that shares a card
     /// UUID or the hostname is a reinstall: it keeps its IDs and history.
     EnrollAgent { token_hash: SecretHash, credential_hash: SecretHash, inventory: NodeInventory },
@@ -103,6 +103,15 @@ pub enum Command {
     /// System only (the leader, periodically): charge these active leases' use up to
     /// `Envelope::at`. Batched, so metering costs one log entry per round, not one per second.
     SettleLeases { leases: Vec<LeaseId> },
+
+    // ---- appended: encoded commands name variants by position, so new ones go last --------
+    /// The account itself, or the platform on its behalf: a registered SSH key is withdrawn
+    /// (its leases' nodes stop accepting it at their next sync).
+    RemoveSshKey { account: AccountId, key: SshPublicKey },
+    /// The account itself, or the platform on its behalf (a deregistration, a leaked token):
+    /// the account's API token is replaced by the one hashed here and the old one stops working
+    /// at once.
+    RotateAccountToken { account: AccountId, token_hash: SecretHash },
 }
 
 impl Command {
@@ -113,7 +122,7 @@ impl Command {
     pub fn identity(&self) -> Command {
         let mut identity = self.clone();
         match &mut identity {
-            Command::RegisterAccount { token_hash, .. } => *token_hash = SecretHash([0; 32]),
+            Command::RegisterAccount { token_hash, .. } | Command::RotateAccountToken { token_hash, .. } => *token_hash = SecretHash([0; 32]),
             Command::IssueEnrollmentToken { token_hash, expires_at } => {
                 *token_hash = SecretHash([0; 32]);
                 *expires_at = Timestamp::from_millis(0);
@@ -165,6 +174,8 @@ impl Command {
             Command::Deposit { .. } => "deposit",
             Command::GrantCredit { .. } => "grant_credit",
             Command::SettleLeases { .. } => "settle_leases",
+            Command::RemoveSshKey { .. } => "remove_ssh_key",
+            Command::RotateAccountToken { .. } => "rotate_account_token",
         }
     }
 }

@@ -27,6 +27,9 @@ pub enum Event {
     /// `account`: the researcher whose balance moved, if any.
     Ledger { transaction: u64, kind: TransactionKind, lease: Option<LeaseId>, account: Option<AccountId> },
     LeaseEvaluated { lease: LeaseId, supplier: AccountId, score: u32 },
+    // Appended (events are stored and sent by position, like commands).
+    SshKeyRemoved { account: AccountId },
+    AccountTokenRotated { account: AccountId },
 }
 
 /// The events of one applied log entry.

@@ -141,6 +141,12 @@ impl State {
         (outcome, events)
     }
 
+    /// Whether a request with this ID from this caller is remembered (a retry gets its first
+    /// answer).
+    pub fn remembers(&self, caller: &Caller, request_id: &str) -> bool {
+        RequestId::parse(request_id).is_ok_and(|id| self.requests.contains_key(&(caller.clone(), id)))
+    }
+
     /// The time a command proposed at `proposed` is applied at: never before the command
     /// applied last, so the replicated clock never runs backwards, whichever node's clock
     /// proposed it (a new leader's may be behind the old one's).
@@ -194,6 +200,35 @@ impl State {
                 }
                 acc.ssh_keys.push(key.clone());
                 events.push(Event::SshKeyAdded { account: *account });
+                Ok(Response::Empty)
+            }
+            Command::RemoveSshKey { account, key } => {
+                require(
+                    matches!(caller, Caller::Platform) || *caller == Caller::Account(*account),
+                    "only the account itself removes its keys",
+                )?;
+                let acc = self.accounts.get_mut(account).ok_or(DomainError::not_found(EntityKind::Account, account))?;
+                let before = acc.ssh_keys.len();
+                acc.ssh_keys.retain(|k| k != key);
+                if acc.ssh_keys.len() == before {
+                    return Err(DomainError::not_found(EntityKind::SshKey, key.as_str()));
+                }
+                events.push(Event::SshKeyRemoved { account: *account });
+                Ok(Response::Empty)
+            }
+            Command::RotateAccountToken { account, token_hash } => {
+                require(
+                    matches!(caller, Caller::Platform) || *caller == Caller::Account(*account),
+                    "only the account itself, or the platform, replaces its token",
+                )?;
+                if self.accounts_by_token.contains_key(token_hash) {
+                    return Err(DomainError::AlreadyExists { kind: EntityKind::Account, id: "token".into() });
+                }
+                let acc = self.accounts.get_mut(account).ok_or(DomainError::not_found(EntityKind::Account, account))?;
+                let old = std::mem::replace(&mut acc.token_hash, *token_hash);
+                self.accounts_by_token.remove(&old);
+                self.accounts_by_token.insert(*token_hash, *account);
+                events.push(Event::AccountTokenRotated { account: *account });
                 Ok(Response::Empty)
             }
             Command::EnrollNode { inventory } => {

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use suanli_types::{
     AccountId, AccountKind, BillingMode, CardHealth, CardId, CardStatus, Caller, ClusterClass, ClusterId, DomainError, EndReason,
     ErrorCode, LeaseAction, LeaseId, LeaseState, LeaseUnit, Listing, NodeId, NodeInventory, OperatorRole, RequestId,
-    SecretHash, SupplierEndReason, Timestamp, Currency, Money, LedgerAccount, TransactionKind, JobEndReason, JobSpec, JobState, JobId,
+    SecretHash, SshPublicKey, SupplierEndReason, Timestamp, Currency, Money, LedgerAccount, TransactionKind, JobEndReason, JobSpec, JobState, JobId,
 };
 
 use suanli_testkit::fixtures;
@@ -1044,4 +1044,32 @@ fn auto_lease_takes_the_cheapest_class_b_cards_within_budget_and_region() {
     assert_eq!(code(m.w.run(Caller::Platform, Command::EndLease { lease: mine.id, reason: EndReason::ByResearcher })), ErrorCode::PermissionDenied);
     m.w.lease(Caller::Platform, Command::EndLease { lease: l.id, reason: EndReason::ByResearcher });
     m.w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn keys_are_removed_and_tokens_rotated_by_their_account_only() {
+    let mut w = World::new();
+    let me = w.account(AccountKind::Researcher);
+    let them = w.account(AccountKind::Researcher);
+    let key = SshPublicKey::parse("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl k").expect("key");
+    w.ok(Caller::Account(me), Command::AddSshKey { account: me, key: key.clone() });
+    let removal = Command::RemoveSshKey { account: me, key: key.clone() };
+    assert_eq!(w.run(Caller::Account(them), removal.clone()).unwrap_err().code(), ErrorCode::PermissionDenied);
+    assert_eq!(w.state.account(me).expect("me").ssh_keys.len(), 1, "a stranger removed nothing");
+    w.ok(Caller::Account(me), removal.clone());
+    assert!(w.state.account(me).expect("me").ssh_keys.is_empty());
+    assert_eq!(w.run(Caller::Account(me), removal).unwrap_err().code(), ErrorCode::NotFound);
+
+    let old = w.state.account(me).expect("me").token_hash;
+    let new = SecretHash::of("api-token", "rotated");
+    let rotation = Command::RotateAccountToken { account: me, token_hash: new };
+    assert_eq!(w.run(Caller::Account(them), rotation.clone()).unwrap_err().code(), ErrorCode::PermissionDenied);
+    assert_eq!(w.state.account_by_token(&old).map(|a| a.id), Some(me), "a stranger rotated nothing");
+    w.ok(Caller::Platform, rotation);
+    assert!(w.state.account_by_token(&old).is_none(), "the old token is dead");
+    assert_eq!(w.state.account_by_token(&new).map(|a| a.id), Some(me));
+    // Another account's token is never taken over.
+    let theirs = w.state.account(them).expect("them").token_hash;
+    let takeover = Command::RotateAccountToken { account: me, token_hash: theirs };
+    assert_eq!(w.run(Caller::Account(me), takeover).unwrap_err().code(), ErrorCode::AlreadyExists);
 }

@@ -84,9 +84,14 @@ pub fn bearer(token: Option<&str>) -> Result<Bearer, ClientError> {
 
 /// A client with the platform token acting as an operator in `role` (e.g. `dispatcher`).
 pub fn as_operator(channel: Channel, platform_token: &str, role: &str) -> Result<Client, ClientError> {
+    Ok(BrokerClient::with_interceptor(channel, operator_bearer(platform_token, role)?).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// The interceptor of the platform acting as an operator in `role`, for any generated client.
+pub fn operator_bearer(platform_token: &str, role: &str) -> Result<Bearer, ClientError> {
     let mut interceptor = bearer(Some(platform_token))?;
     interceptor.acting_operator = Some(role.parse().map_err(|_| ClientError::Token)?);
-    Ok(BrokerClient::with_interceptor(channel, interceptor).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(interceptor)
 }
 
 /// A client over an existing channel (channels are cheap to clone and multiplex calls).

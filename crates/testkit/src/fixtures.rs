@@ -75,7 +75,7 @@ pub const RESEARCHER_FUNDS: i64 = 100_000_000;
 /// gets [`RESEARCHER_FUNDS`] deposited, since leases are prepaid.
 pub async fn register(platform: &mut Client, kind: AccountKind, request_id: &str) -> anyhow::Result<(u64, String)> {
     let r = platform
-        .register_account(v1::RegisterAccountRequest { request_id: request_id.into(), kind: kind.into() })
+        .register_account(v1::RegisterAccountRequest { request_id: request_id.into(), kind: kind.into(), token: String::new() })
         .await?
         .into_inner();
     if kind == AccountKind::Researcher {

@@ -371,7 +371,8 @@ pub struct ActivationResponse {
 }
 
 /// Consumes a one-time email token of `purpose`, returning its user.
-async fn take_email_token(state: &AppState, token: &str, purpose: &str) -> ApiResult<UserId> {
+/// The user an unused, unexpired email token of `purpose` is for, without spending it.
+async fn valid_email_token(state: &AppState, token: &str, purpose: &str) -> ApiResult<UserId> {
     let row = sqlx::query("SELECT user_id, expires_ms, used_ms FROM email_tokens WHERE token_hash = $1 AND purpose = $2")
         .bind(token_hash(token))
         .bind(purpose)
@@ -382,6 +383,13 @@ async fn take_email_token(state: &AppState, token: &str, purpose: &str) -> ApiRe
     if opt_i64(&row, "used_ms")?.is_some() || row.try_get::<i64, _>("expires_ms")? <= now_ms() {
         return Err(invalid());
     }
+    Ok(UserId(row.try_get("user_id")?))
+}
+
+/// Spends an email token: the user it was for, if it was still good (only one caller wins).
+async fn take_email_token(state: &AppState, token: &str, purpose: &str) -> ApiResult<UserId> {
+    let user = valid_email_token(state, token, purpose).await?;
+    let invalid = || ApiError::new(Code::TokenInvalid, "this link is invalid, used or expired");
     let claimed = sqlx::query("UPDATE email_tokens SET used_ms = $1 WHERE token_hash = $2 AND used_ms IS NULL")
         .bind(now_ms())
         .bind(token_hash(token))
@@ -390,7 +398,7 @@ async fn take_email_token(state: &AppState, token: &str, purpose: &str) -> ApiRe
     if claimed.rows_affected() != 1 {
         return Err(invalid());
     }
-    Ok(UserId(row.try_get("user_id")?))
+    Ok(user)
 }
 
 #[utoipa::path(post, path = "/api/v1/activation", request_body = TokenRequest, tag = "accounts",
@@ -403,7 +411,9 @@ pub async fn activate_with_token(state: &AppState, token: &str) -> ApiResult<Acc
     if token.is_empty() || token.len() > 128 {
         return Err(ApiError::new(Code::TokenInvalid, "this link is invalid, used or expired"));
     }
-    let user = take_email_token(state, token, "activation").await?;
+    // The link is spent only once the account is open: a failure on the way (the broker
+    // unreachable) leaves it good for another try.
+    let user = valid_email_token(state, token, "activation").await?;
     let row = sqlx::query("SELECT kind, user_type, state FROM users WHERE id = $1").bind(user.0).fetch_one(&state.db.pool).await?;
     let kind = UserKind::parse(&row.try_get::<String, _>("kind")?).unwrap_or(UserKind::Researcher);
     let user_type = UserType::parse(&row.try_get::<String, _>("user_type")?).unwrap_or(UserType::Personal);
@@ -418,14 +428,18 @@ pub async fn activate_with_token(state: &AppState, token: &str) -> ApiResult<Acc
             .bind(user.0)
             .execute(&state.db.pool)
             .await?;
+        take_email_token(state, token, "activation").await?;
         return Ok(AccountState::PendingReview);
     }
     open_market_account(state, user, kind).await?;
+    take_email_token(state, token, "activation").await?;
     Ok(AccountState::Active)
 }
 
-/// Registers the user's account with the broker (idempotent: the request ID is the user's) and
-/// makes the portal account active.
+/// Registers the user's account with the broker and makes the portal account active. Safe to
+/// retry at any point: the request ID is the user's, and the account's broker token is drawn
+/// and kept (sealed) here before the broker is asked, so an answer lost on the way loses
+/// nothing.
 pub async fn open_market_account(state: &AppState, user: UserId, kind: UserKind) -> ApiResult<()> {
     let broker_kind = match kind {
         UserKind::Researcher => v1::AccountKind::Researcher,
@@ -435,28 +449,20 @@ pub async fn open_market_account(state: &AppState, user: UserId, kind: UserKind)
             return Ok(());
         }
     };
-    let reply = state
-        .market
-        .platform()?
-        .register_account(v1::RegisterAccountRequest { request_id: request_id(&["portal-user", &user.0.to_string()]), kind: broker_kind.into() })
-        .await?
-        .into_inner();
-    if reply.token.is_empty() {
-        // A retry after the first answer was lost: the broker shows a token only once. The first
-        // attempt's commit below either happened (then the account is active already) or not.
-        let done = sqlx::query("SELECT broker_token_enc FROM users WHERE id = $1").bind(user.0).fetch_one(&state.db.pool).await?;
-        if opt_str(&done, "broker_token_enc")?.is_none() {
-            return Err(ApiError::internal(format!("broker account {} exists without a token in the portal", reply.account_id)));
-        }
-    } else {
-        sqlx::query("UPDATE users SET state = 'active', activated_ms = $1, broker_account_id = $2, broker_token_enc = $3 WHERE id = $4")
-            .bind(now_ms())
-            .bind(reply.account_id as i64)
-            .bind(state.keys.seal(&reply.token))
-            .bind(user.0)
-            .execute(&state.db.pool)
-            .await?;
-    }
+    let drawn = state.keys.seal(&format!("sl_{}", crate::crypto::random_token(40)));
+    // The first try's token, if there was one; else this one (and only one try's wins).
+    sqlx::query("UPDATE users SET broker_token_enc = $1 WHERE id = $2 AND broker_token_enc IS NULL").bind(&drawn).bind(user.0).execute(&state.db.pool).await?;
+    let row = sqlx::query("SELECT broker_token_enc FROM users WHERE id = $1").bind(user.0).fetch_one(&state.db.pool).await?;
+    let sealed = opt_str(&row, "broker_token_enc")?.ok_or_else(|| ApiError::internal("the broker token was not kept"))?;
+    let token = state.keys.open(&sealed).map_err(ApiError::internal)?;
+    let request = v1::RegisterAccountRequest { request_id: request_id(&["portal-user", &user.0.to_string()]), kind: broker_kind.into(), token };
+    let reply = state.market.platform()?.register_account(request).await?.into_inner();
+    sqlx::query("UPDATE users SET state = 'active', activated_ms = $1, broker_account_id = $2 WHERE id = $3")
+        .bind(now_ms())
+        .bind(reply.account_id as i64)
+        .bind(user.0)
+        .execute(&state.db.pool)
+        .await?;
     Ok(())
 }
 
@@ -552,6 +558,7 @@ pub async fn check_totp(state: &AppState, user: UserId, sealed_secret: &str, cod
 pub async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     slot: Option<axum::Extension<auth::AuditSlot>>,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<Response> {
@@ -560,7 +567,7 @@ pub async fn login(
         return Err(ApiError::field("login", "give a username or email and a password"));
     }
     let user_key = format!("login:{}", state.keys.lookup_hash("throttle", &login));
-    let ip_key = format!("ip:{}", auth::source_address(Some(peer)));
+    let ip_key = format!("ip:{}", auth::source_address(&state.settings.trusted_proxies, Some(peer), &headers));
     // One address may fail more often than one login: many people share a NAT.
     let max = state.settings.max_login_failures;
     if throttled(&state, &user_key, max).await? || throttled(&state, &ip_key, max * 10).await? {
@@ -597,16 +604,30 @@ pub async fn login(
     let mut mfa_ok = !totp_on;
     if totp_on {
         if let (Some(code), Some(secret)) = (req.totp_code.as_deref(), opt_str(&row, "totp_secret_enc")?) {
-            if !check_totp(&state, user, &secret, code).await? {
-                record_failure(&state, &user_key).await?;
-                return Err(ApiError::new(Code::MfaInvalid, "wrong authenticator code"));
-            }
+            check_second_factor(&state, user, &secret, code).await?;
             mfa_ok = true;
         }
     }
     let (token, csrf) = create_session(&state, user, mfa_ok).await?;
     let body = SessionResponse { user_id: user.0.to_string(), username: row.try_get("username")?, kind, csrf_token: csrf, mfa_required: !mfa_ok };
     Ok(([(header::SET_COOKIE, session_cookie(&state, Some(&token)))], axum::Json(body)).into_response())
+}
+
+/// The second factor of a login, throttled on its own: wrong codes count per user whichever
+/// way they arrive (with the password, or on the half-open session), and only a right code
+/// clears them. A right password never does, or the password's holder could guess codes
+/// without end.
+async fn check_second_factor(state: &AppState, user: UserId, sealed_secret: &str, code: &str) -> ApiResult<()> {
+    let key = format!("totp:{}", user.0);
+    if throttled(state, &key, state.settings.max_login_failures).await? {
+        return Err(ApiError::new(Code::TooManyAttempts, "too many wrong codes; wait 15 minutes"));
+    }
+    if !check_totp(state, user, sealed_secret, code).await? {
+        record_failure(state, &key).await?;
+        return Err(ApiError::new(Code::MfaInvalid, "wrong authenticator code"));
+    }
+    sqlx::query("DELETE FROM login_throttle WHERE throttle_key = $1").bind(&key).execute(&state.db.pool).await?;
+    Ok(())
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -619,15 +640,8 @@ pub struct TotpRequest {
 pub async fn login_totp(State(state): State<AppState>, headers: HeaderMap, ApiJson(req): ApiJson<TotpRequest>) -> ApiResult<Response> {
     let (hash, user) = pending_session(&state, &headers).await?.ok_or_else(ApiError::unauthenticated)?;
     let row = sqlx::query("SELECT username, kind, totp_secret_enc FROM users WHERE id = $1").bind(user.0).fetch_one(&state.db.pool).await?;
-    let user_key = format!("totp:{}", user.0);
-    if throttled(&state, &user_key, state.settings.max_login_failures).await? {
-        return Err(ApiError::new(Code::TooManyAttempts, "too many wrong codes; wait 15 minutes"));
-    }
     let secret = opt_str(&row, "totp_secret_enc")?.ok_or_else(|| ApiError::new(Code::MfaInvalid, "two-factor authentication is not set up"))?;
-    if !check_totp(&state, user, &secret, &req.code).await? {
-        record_failure(&state, &user_key).await?;
-        return Err(ApiError::new(Code::MfaInvalid, "wrong authenticator code"));
-    }
+    check_second_factor(&state, user, &secret, &req.code).await?;
     // The half-open session is replaced by a new one: its token never becomes fully trusted.
     sqlx::query("DELETE FROM sessions WHERE token_hash = $1").bind(&hash).execute(&state.db.pool).await?;
     let (token, csrf) = create_session(&state, user, true).await?;
@@ -745,6 +759,7 @@ pub async fn update_me(State(state): State<AppState>, principal: Principal, ApiJ
             Via::ApiToken => String::new(),
         };
         sqlx::query("DELETE FROM sessions WHERE user_id = $1 AND token_hash <> $2").bind(principal.user.0).bind(keep).execute(&state.db.pool).await?;
+        revoke_api_tokens(&state, principal.user).await?;
     }
     if let Some(lang) = req.lang {
         sqlx::query("UPDATE users SET lang = $1 WHERE id = $2").bind(lang.as_str()).bind(principal.user.0).execute(&state.db.pool).await?;
@@ -832,7 +847,14 @@ pub async fn confirm_reset(State(state): State<AppState>, ApiJson(req): ApiJson<
     let hash = hash_password(req.password.clone()).await?;
     sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2").bind(hash).bind(user.0).execute(&state.db.pool).await?;
     sqlx::query("DELETE FROM sessions WHERE user_id = $1").bind(user.0).execute(&state.db.pool).await?;
+    revoke_api_tokens(&state, user).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A new password ends every API token too: whoever knew the old one may have made some.
+async fn revoke_api_tokens(state: &AppState, user: UserId) -> ApiResult<()> {
+    sqlx::query("UPDATE api_tokens SET revoked_ms = $1 WHERE user_id = $2 AND revoked_ms IS NULL").bind(now_ms()).bind(user.0).execute(&state.db.pool).await?;
+    Ok(())
 }
 
 #[derive(Serialize, ToSchema)]
@@ -878,13 +900,26 @@ pub async fn confirm_totp(State(state): State<AppState>, principal: Principal, A
 #[derive(Deserialize, ToSchema)]
 pub struct NewApiToken {
     pub name: String,
+    /// Days until the token stops working: 1 to 365 (default 90).
+    #[serde(default)]
+    pub expires_in_days: Option<i64>,
+    /// The authenticator code, when two-factor authentication is on: a stolen session cookie
+    /// alone does not mint a long-lived credential.
+    #[serde(default)]
+    pub totp_code: Option<String>,
 }
+
+/// How long an API token lives unless its maker says otherwise, and at most.
+const API_TOKEN_DEFAULT_DAYS: i64 = 90;
+const API_TOKEN_MAX_DAYS: i64 = 365;
+const DAY_MS: i64 = 24 * 3600 * 1000;
 
 #[derive(Serialize, ToSchema)]
 pub struct ApiTokenInfo {
     pub id: String,
     pub name: String,
     pub created_ms: i64,
+    pub expires_ms: i64,
     pub last_used_ms: Option<i64>,
     /// Only in the answer that created it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -893,28 +928,46 @@ pub struct ApiTokenInfo {
 
 #[utoipa::path(post, path = "/api/v1/me/api-tokens", request_body = NewApiToken, tag = "accounts", responses((status = 201, body = ApiTokenInfo), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody)))]
 pub async fn create_api_token(State(state): State<AppState>, principal: Principal, ApiJson(req): ApiJson<NewApiToken>) -> ApiResult<Response> {
+    // A token makes no tokens: each is made by a person, in a session.
+    if matches!(principal.via, Via::ApiToken) {
+        return Err(ApiError::forbidden("API tokens are made in a signed-in session, not with another token"));
+    }
     let mut p = Problems::default();
     let name = text(&mut p, "name", &Some(req.name), true, 64);
+    let days = req.expires_in_days.unwrap_or(API_TOKEN_DEFAULT_DAYS);
+    if !(1..=API_TOKEN_MAX_DAYS).contains(&days) {
+        p.add("expires_in_days", format!("between 1 and {API_TOKEN_MAX_DAYS}"));
+    }
     p.finish()?;
+    let row = sqlx::query("SELECT totp_enabled, totp_secret_enc FROM users WHERE id = $1").bind(principal.user.0).fetch_one(&state.db.pool).await?;
+    if row.try_get::<i64, _>("totp_enabled")? == 1 {
+        let (Some(code), Some(secret)) = (req.totp_code.as_deref(), opt_str(&row, "totp_secret_enc")?) else {
+            return Err(ApiError::field("totp_code", "the authenticator code is needed to make an API token"));
+        };
+        check_second_factor(&state, principal.user, &secret, code).await?;
+    }
     let token = format!("slp_{}", random_token(32));
     let id = new_id();
     let now = now_ms();
-    sqlx::query("INSERT INTO api_tokens (id, token_hash, user_id, name, created_ms) VALUES ($1, $2, $3, $4, $5)")
+    let expires_ms = now + days * DAY_MS;
+    sqlx::query("INSERT INTO api_tokens (id, token_hash, user_id, name, created_ms, expires_ms) VALUES ($1, $2, $3, $4, $5, $6)")
         .bind(id)
         .bind(token_hash(&token))
         .bind(principal.user.0)
         .bind(name.clone().unwrap_or_default())
         .bind(now)
+        .bind(expires_ms)
         .execute(&state.db.pool)
         .await?;
-    let info = ApiTokenInfo { id: id.to_string(), name: name.unwrap_or_default(), created_ms: now, last_used_ms: None, token: Some(token) };
+    let info = ApiTokenInfo { id: id.to_string(), name: name.unwrap_or_default(), created_ms: now, expires_ms, last_used_ms: None, token: Some(token) };
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/me/api-tokens", tag = "accounts", responses((status = 200, body = [ApiTokenInfo]), (status = 401, body = crate::error::ErrorBody)))]
 pub async fn list_api_tokens(State(state): State<AppState>, principal: Principal) -> ApiResult<axum::Json<Vec<ApiTokenInfo>>> {
-    let rows = sqlx::query("SELECT id, name, created_ms, last_used_ms FROM api_tokens WHERE user_id = $1 AND revoked_ms IS NULL ORDER BY created_ms")
+    let rows = sqlx::query("SELECT id, name, created_ms, expires_ms, last_used_ms FROM api_tokens WHERE user_id = $1 AND revoked_ms IS NULL AND expires_ms > $2 ORDER BY created_ms")
         .bind(principal.user.0)
+        .bind(now_ms())
         .fetch_all(&state.db.pool)
         .await?;
     let mut out = Vec::new();
@@ -923,6 +976,7 @@ pub async fn list_api_tokens(State(state): State<AppState>, principal: Principal
             id: r.try_get::<i64, _>("id")?.to_string(),
             name: r.try_get("name")?,
             created_ms: r.try_get("created_ms")?,
+            expires_ms: r.try_get("expires_ms")?,
             last_used_ms: opt_i64(&r, "last_used_ms")?,
             token: None,
         });
@@ -993,6 +1047,30 @@ pub async fn list_ssh_keys(State(state): State<AppState>, principal: Principal) 
     Ok(axum::Json(out))
 }
 
+#[utoipa::path(delete, path = "/api/v1/me/ssh-keys/{id}", params(("id" = String, Path)), tag = "accounts",
+    responses((status = 204), (status = 404, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody)))]
+pub async fn remove_ssh_key(State(state): State<AppState>, principal: Principal, ApiPath(id): ApiPath<String>) -> ApiResult<StatusCode> {
+    let id: i64 = id.parse().map_err(|_| ApiError::not_found("ssh key"))?;
+    let row = sqlx::query("SELECT public_key FROM ssh_keys WHERE id = $1 AND user_id = $2").bind(id).bind(principal.user.0).fetch_optional(&state.db.pool).await?;
+    let Some(row) = row else { return Err(ApiError::not_found("ssh key")) };
+    let account = principal.broker_account.ok_or_else(|| ApiError::forbidden("no marketplace account"))?;
+    let key: String = row.try_get("public_key")?;
+    // The broker first: the key stops opening leases there; a retry (same request ID) after a
+    // lost answer, or a key the broker no longer has, still ends with the key gone here.
+    let removed = state
+        .market
+        .platform()?
+        .remove_ssh_key(v1::RemoveSshKeyRequest { request_id: request_id(&["portal-key-removal", &id.to_string()]), account_id: account, public_key: key })
+        .await;
+    match removed {
+        Ok(_) => {}
+        Err(status) if suanli_proto::decode_status(&status).code == suanli_types::ErrorCode::NotFound => {}
+        Err(status) => return Err(status.into()),
+    }
+    sqlx::query("DELETE FROM ssh_keys WHERE id = $1 AND user_id = $2").bind(id).bind(principal.user.0).execute(&state.db.pool).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[derive(Deserialize, ToSchema)]
 pub struct DeregisterRequest {
     pub password: String,
@@ -1028,6 +1106,11 @@ pub async fn deregister(State(state): State<AppState>, principal: Principal, Api
                 state.market.refresh_cluster(cluster_id).await?;
             }
         }
+    }
+    // The market account's token stops working: it is replaced by one nobody keeps.
+    if let Some(account) = principal.broker_account {
+        let rotate = v1::RotateAccountTokenRequest { request_id: request_id(&["deregister-token", &account.to_string()]), account_id: account };
+        state.market.platform()?.rotate_account_token(rotate).await?;
     }
     let id = principal.user.0;
     let mut tx = state.db.pool.begin().await?;

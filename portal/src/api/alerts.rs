@@ -83,6 +83,9 @@ pub async fn put_settings(State(state): State<AppState>, principal: Principal, A
     } else {
         if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 2048 {
             p.add("webhook_url", "an http(s) URL");
+        } else if let Err(e) = state.notifiers.webhooks.destination(url).await {
+            // Checked again at every delivery (a name can be re-pointed); said here first.
+            p.add("webhook_url", e.to_string());
         }
         match req.webhook_secret.as_deref().map(str::trim) {
             Some(s) if s.len() >= 16 && s.len() <= 256 => Some(serde_json::json!({"url": url, "secret": s}).to_string()),

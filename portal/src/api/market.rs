@@ -442,7 +442,7 @@ pub async fn telemetry_of(state: &AppState, id: u64, minutes: u32, viewer: Optio
     let step = (minutes * 60 / 60).max(10);
     let reply = state
         .market
-        .monitoring()?
+        .monitoring_for(state, viewer)?
         .query_telemetry(v1::QueryTelemetryRequest {
             scope: Some(v1::query_telemetry_request::Scope::ClusterId(id)),
             from_ms: now - i64::from(minutes) * 60_000,
@@ -541,7 +541,7 @@ pub async fn live(State(state): State<AppState>, viewer: MaybePrincipal, ApiPath
     }
     let stream = state
         .market
-        .monitoring()?
+        .monitoring_for(&state, viewer.0.as_ref())?
         .subscribe_telemetry(v1::SubscribeTelemetryRequest { scope: Some(v1::subscribe_telemetry_request::Scope::ClusterId(id)) })
         .await?
         .into_inner();

@@ -23,13 +23,20 @@ pub struct NextQuery {
     pub back: Option<String>,
 }
 
-/// Only same-site paths are followed after login (no open redirect).
+/// Only same-site paths are followed after login (no open redirect). Browsers drop tabs and
+/// line breaks from a URL and read a backslash as `/`, so a tab or a backslash after the first
+/// `/` would leave the site: a path with any of them, or any control character or space, is not
+/// followed.
 fn safe_next(next: Option<&str>) -> String {
+    let same_site = |n: &str| {
+        n.starts_with('/') && !n.starts_with("//") && n.len() <= 2048 && n.chars().all(|c| !c.is_control() && !c.is_whitespace() && c != '\\')
+    };
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        Some(n) if same_site(n) => n.to_owned(),
         _ => "/".into(),
     }
 }
+
 
 pub async fn login_page(headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal, ApiQuery(q): ApiQuery<NextQuery>) -> Response {
     let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
@@ -234,4 +241,18 @@ pub async fn alerts_page(State(state): State<AppState>, headers: HeaderMap, Orig
         }))
     };
     page(&ctx, t(Msg::Alerts), body)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn next_leads_only_to_paths_of_this_site() {
+        for ok in ["/", "/leases/7", "/clusters?class=B", "/a/b/../c"] {
+            assert_eq!(super::safe_next(Some(ok)), ok);
+        }
+        for off in ["//evil.example", "/\\evil.example", "/\t/evil.example", "/\n/evil.example", "/\r//evil.example", "https://evil.example", "evil.example", " /x", "/\u{0}/x", "/ /evil"] {
+            assert_eq!(super::safe_next(Some(off)), "/", "{off:?}");
+        }
+        assert_eq!(super::safe_next(None), "/");
+    }
 }
