@@ -203,7 +203,22 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let (stop_grpc, stopped) = oneshot::channel::<()>();
     stop.push(stop_grpc);
     let leader_router = Arc::new(LeaderRouter::new(raft.clone(), peers, peer_tls, config.services.clone()));
-    let router = tonic::transport::Server::builder()
+    // Bearer tokens cross the client port: in the clear only on loopback (a local portal or
+    // scheduler, development); anywhere else it speaks TLS with a certificate of the cluster
+    // CA, which its clients check.
+    let mut client_port = tonic::transport::Server::builder();
+    if !grpc_addr.ip().is_loopback() {
+        let ca = agent_ca.as_ref().ok_or_else(|| {
+            ServeError::Config(format!(
+                "the client port {grpc_addr} is not on loopback, so it serves TLS: give the cluster CA (agent_ca_cert, agent_ca_key)"
+            ))
+        })?;
+        let names = tls_names(&[grpc_addr], &[&advertise], &config.agent_tls_names);
+        let cert = ca.server_certificate(&names).map_err(|e| ServeError::Config(format!("client port certificate: {e}")))?;
+        let tls = ServerTlsConfig::new().identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem));
+        client_port = client_port.tls_config(tls).map_err(|e| ServeError::Config(format!("client port TLS: {e}")))?;
+    }
+    let router = client_port
         .layer(ForwardLayer::new(leader_router.clone(), Port::Client))
         .add_service(ClusterAdminServer::new(Admin::new(shared.clone())))
         .add_service(

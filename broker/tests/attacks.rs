@@ -231,3 +231,35 @@ async fn a_service_token_does_only_what_its_service_needs() {
     let after = balance(&mut platform).await;
     assert_eq!(after.available_minor, before.available_minor + 500, "exactly the one deposit the payment intake made");
 }
+
+/// Starts one broker node with `--listen 0.0.0.0:0` and `extra` flags.
+async fn off_loopback(dir: &Path, extra: &[String]) -> anyhow::Result<suanli_testkit::Service> {
+    let mut args: Vec<String> = ["serve", "--bootstrap", "--node-id", "1", "--listen", "0.0.0.0:0", "--data-dir"].map(String::from).to_vec();
+    args.push(dir.join("data").display().to_string());
+    args.extend_from_slice(extra);
+    suanli_testkit::Service::start("broker", binary(), &args, &[("SUANLI_BROKER_PLATFORM_TOKEN", PLATFORM_TOKEN)], dir, Duration::from_secs(60)).await
+}
+
+#[tokio::test]
+async fn a_client_port_off_loopback_speaks_only_tls() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    // Without a CA to make its certificate with, it does not start at all.
+    off_loopback(dir.path(), &[]).await.err().expect("no TLS, no start");
+    let said = std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default();
+    assert!(said.contains("serves TLS"), "{said}");
+    let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+    let ca = suanli_pki::Ca::load(&cert, &key, true).expect("ca");
+    let extra = ["--agent-ca-cert".to_owned(), cert.display().to_string(), "--agent-ca-key".to_owned(), key.display().to_string()];
+    let node = off_loopback(dir.path(), &extra).await.expect("broker");
+    let port = node.get("grpc").expect("grpc").rsplit_once(':').expect("port").1.to_owned();
+    // Plain HTTP/2 with a bearer token gets nowhere.
+    if let Ok(channel) = suanli_proto::client::channel(&format!("http://127.0.0.1:{port}")).await {
+        let mut plain = suanli_proto::client::with_token(channel, Some(PLATFORM_TOKEN)).expect("client");
+        plain.list_catalogue(v1::ListCatalogueRequest::default()).await.expect_err("no plaintext");
+    }
+    // TLS, checked against the cluster CA, works.
+    let mut client = suanli_proto::client::connect_checked(&format!("https://127.0.0.1:{port}"), Some(ca.cert_pem()), Some(PLATFORM_TOKEN))
+        .await
+        .expect("TLS client");
+    client.list_catalogue(v1::ListCatalogueRequest::default()).await.expect("served over TLS");
+}

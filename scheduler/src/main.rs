@@ -20,6 +20,9 @@ struct Args {
     /// Broker endpoints, comma-separated.
     #[arg(long, env = "SUANLI_SCHEDULER_BROKER", value_delimiter = ',', global = true)]
     broker: Vec<String>,
+    /// The cluster CA's certificate (PEM) to check `https://` broker endpoints against.
+    #[arg(long, env = "SUANLI_SCHEDULER_BROKER_CA", global = true)]
+    broker_ca: Option<PathBuf>,
     /// The platform token (the scheduler acts for the platform); with `submit`, the
     /// researcher's API token.
     #[arg(long, env = "SUANLI_SCHEDULER_TOKEN", hide_env_values = true, global = true)]
@@ -71,6 +74,7 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct FileScheduler {
     broker: Option<Vec<String>>,
+    broker_ca: Option<PathBuf>,
     name: Option<String>,
     policy: Option<PolicyKind>,
     round_ms: Option<u64>,
@@ -104,6 +108,10 @@ async fn main() -> anyhow::Result<()> {
         None => FileScheduler::default(),
     };
     let brokers = if args.broker.is_empty() { file.broker.clone().unwrap_or_default() } else { args.broker.clone() };
+    let broker_ca = match args.broker_ca.clone().or(file.broker_ca.clone()) {
+        Some(path) => Some(std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?),
+        None => None,
+    };
     match &args.command {
         Some(Command::Validate { spec }) => {
             let spec = read_spec(spec)?;
@@ -114,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
             let spec = read_spec(spec)?;
             let endpoint = brokers.first().context("--broker is required")?;
             let token = args.token.as_deref().context("--token (the researcher's API token) is required")?;
-            let ch = suanli_proto::client::channel(endpoint).await?;
+            let ch = suanli_proto::client::channel_checked(endpoint, broker_ca.as_deref()).await?;
             let mut jobs = suanli_proto::v1::job_service_client::JobServiceClient::with_interceptor(ch, suanli_proto::client::bearer(Some(token))?);
             let request_id = format!("submit-{}-{}", spec.name, std::process::id());
             let job = jobs
@@ -135,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
             let kind = s.policy.or(file.policy).unwrap_or(PolicyKind::Las);
             let config = Config {
                 brokers,
+                broker_ca,
                 platform_token: token,
                 name: name.clone(),
                 round: Duration::from_millis(s.round_ms.or(file.round_ms).unwrap_or(500)),

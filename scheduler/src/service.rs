@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use suanli_proto::client::{bearer, channel, Bearer};
+use suanli_proto::client::{bearer, Bearer};
 use suanli_proto::convert::job_end_reason_to_wire;
 use suanli_proto::decode_status;
 use suanli_proto::v1::{self, job_service_client::JobServiceClient};
@@ -23,6 +23,8 @@ pub const PLACEMENTS_PER_CALL: usize = 1_000;
 pub struct Config {
     /// Broker endpoints (`http://host:port`); any node will do, writes are forwarded.
     pub brokers: Vec<String>,
+    /// The cluster CA (PEM) an `https://` broker endpoint is checked against.
+    pub broker_ca: Option<String>,
     pub platform_token: String,
     /// This replica's name in the leader lease; unique per replica.
     pub name: String,
@@ -100,7 +102,7 @@ impl Scheduler {
             return Ok(c.clone());
         }
         let endpoint = &self.config.brokers[self.which % self.config.brokers.len()];
-        let ch = channel(endpoint).await.map_err(|e| format!("{endpoint}: {e}"))?;
+        let ch = suanli_proto::client::channel_checked(endpoint, self.config.broker_ca.as_deref()).await.map_err(|e| format!("{endpoint}: {e}"))?;
         let auth = bearer(Some(&self.config.platform_token)).map_err(|e| e.to_string())?;
         let jobs = JobServiceClient::with_interceptor(ch.clone(), auth).max_decoding_message_size(256 * 1024 * 1024);
         let broker = suanli_proto::client::with_token(ch, Some(&self.config.platform_token)).map_err(|e| e.to_string())?;

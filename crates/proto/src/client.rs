@@ -39,12 +39,18 @@ pub async fn connect(endpoint: &str, token: Option<&str>) -> Result<Client, Clie
 
 /// As [`connect`]; an `https://` endpoint (a broker's TLS port) is checked against `ca_pem`.
 pub async fn connect_checked(endpoint: &str, ca_pem: Option<&str>, token: Option<&str>) -> Result<Client, ClientError> {
+    with_token(channel_checked(endpoint, ca_pem).await?, token)
+}
+
+/// A connected channel to `endpoint`; an `https://` endpoint (a broker's client port off
+/// loopback, or its agent port) is checked against `ca_pem`.
+pub async fn channel_checked(endpoint: &str, ca_pem: Option<&str>) -> Result<Channel, ClientError> {
     let tls = match (endpoint.starts_with("https://"), ca_pem) {
         (false, _) => None,
         (true, Some(ca)) => Some(ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca))),
         (true, None) => return Err(ClientError::Endpoint(format!("{endpoint}: give the CA certificate to check it by"))),
     };
-    with_token(channel_with(endpoint, tls).await?, token)
+    channel_with(endpoint, tls).await
 }
 
 /// A connected channel to `endpoint` (`http://host:port`).
