@@ -93,8 +93,17 @@ pub struct LocalStore {
 
 impl LocalStore {
     /// A store under `root` (created if missing) accepting artifacts up to `max_bytes`.
+    /// Uploads a crash cut short are swept: nothing in `tmp/` was ever acknowledged, and
+    /// nothing else writes there while the store is closed.
     pub fn open(root: &Path, max_bytes: u64) -> Result<LocalStore, StoreError> {
-        std::fs::create_dir_all(root.join("tmp"))?;
+        let tmp = root.join("tmp");
+        std::fs::create_dir_all(&tmp)?;
+        for entry in std::fs::read_dir(&tmp)? {
+            let path = entry?.path();
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not sweep an unfinished upload");
+            }
+        }
         Ok(LocalStore { root: root.to_path_buf(), max_bytes })
     }
 

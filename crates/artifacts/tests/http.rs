@@ -69,3 +69,17 @@ async fn upload_download_ranges_and_refusals() {
     assert!(err.to_string().contains("404"), "{err}");
     assert!(!dir.path().join("missing.bin").exists());
 }
+
+#[tokio::test]
+async fn an_upload_a_crash_cut_short_is_swept_when_the_store_opens_again() {
+    let dir = tempfile::tempdir().expect("dir");
+    let root = dir.path().join("store");
+    let store = LocalStore::open(&root, 1024).expect("store");
+    let kept = store.put(Box::new(&b"acknowledged"[..]), None).await.expect("put").0;
+    drop(store);
+    // What a crash mid-upload leaves: a partial file in tmp/.
+    std::fs::write(root.join("tmp").join("00000000deadbeef"), b"half an uplo").expect("partial");
+    let store = LocalStore::open(&root, 1024).expect("reopened");
+    assert_eq!(std::fs::read_dir(root.join("tmp")).expect("tmp").count(), 0, "the partial upload is gone");
+    assert_eq!(store.size(kept).await.expect("kept"), 12, "acknowledged artifacts stay");
+}
