@@ -194,6 +194,9 @@ struct FileBroker {
     /// The platform's services' own tokens, each with only the powers it needs.
     #[serde(default)]
     services: Vec<FileService>,
+    /// The key agents' artifact capabilities are signed with (hex, 32 bytes; the same file the
+    /// artifact store is given). Without it agents get no capabilities.
+    artifact_key_file: Option<PathBuf>,
     /// The largest single deposit, and all deposits over any 24 hours (minor units).
     max_deposit_minor: Option<i64>,
     max_deposits_per_day_minor: Option<i64>,
@@ -375,6 +378,10 @@ fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
             }
             suanli_broker::service::powers::Services::new(tokens)
         },
+        artifact_key: match &file.artifact_key_file {
+            Some(path) => Some(suanli_artifacts::CapabilityKey::load(path, false)?),
+            None => None,
+        },
         deposit_limits: {
             let defaults = suanli_broker::service::DepositLimits::default();
             let limits = suanli_broker::service::DepositLimits {
@@ -448,6 +455,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         health: Default::default(),
         deposit_limits: Default::default(),
         services: Default::default(),
+        artifact_key: None,
         peer_overrides: Default::default(),
         agent_listen: Some(args.agent_listen),
         agent_ca: AgentCaSource::DataDir,

@@ -73,6 +73,8 @@ pub struct NodeConfig {
     pub deposit_limits: crate::service::DepositLimits,
     /// The platform's services' own tokens and powers (`service::powers`).
     pub services: crate::service::powers::Services,
+    /// The key artifact capabilities are signed with, shared with the artifact store.
+    pub artifact_key: Option<suanli_artifacts::CapabilityKey>,
     /// The TLS port: agents by mutual TLS (Icpcss, Irmds), and the public API for clients that
     /// want it encrypted (bearer tokens). `None`: no TLS port, agents cannot connect here.
     pub agent_listen: Option<SocketAddr>,
@@ -196,6 +198,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     shared.ssh_ca = Some(Arc::new(ssh_ca));
     shared.deposit_limits = config.deposit_limits;
     shared.services = config.services.clone();
+    shared.artifact_key = config.artifact_key.clone();
     let mut stop = Vec::new();
     let mut tasks = Vec::new();
     let telemetry = Telemetry::new(config.agent_silent_after, config.health);

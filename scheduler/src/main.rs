@@ -51,9 +51,13 @@ struct ServeArgs {
     /// The artifact store's directory (the embedded backend).
     #[arg(long, env = "SUANLI_ARTIFACTS_DIR")]
     artifacts_dir: Option<PathBuf>,
-    /// The bearer token agents and tools present to the artifact store.
+    /// The artifact store's service token (the platform's tools).
     #[arg(long, env = "SUANLI_ARTIFACTS_TOKEN", hide_env_values = true)]
     artifacts_token: Option<String>,
+    /// The key the broker signs agents' artifact capabilities with (the broker's
+    /// `artifact_key_file`): with it, nodes reach their own jobs' artifacts and nothing else.
+    #[arg(long, env = "SUANLI_ARTIFACTS_KEY_FILE")]
+    artifacts_key_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -83,6 +87,9 @@ struct FileScheduler {
     artifacts_dir: Option<PathBuf>,
     /// Largest artifact accepted, in bytes (64 GiB by default).
     artifacts_max_bytes: Option<u64>,
+    artifacts_key_file: Option<PathBuf>,
+    /// Bytes each account's uploads (through capabilities) may take; none: no quota.
+    artifacts_quota_bytes: Option<u64>,
     /// Policy tuning (LAS queue thresholds, heterogeneity throughput table).
     policy_config: Option<PolicyConfig>,
 }
@@ -159,7 +166,18 @@ async fn main() -> anyhow::Result<()> {
                 let store = suanli_artifacts::LocalStore::open(&dir, file.artifacts_max_bytes.unwrap_or(64 << 30))?;
                 let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
                 artifacts = listener.local_addr()?.to_string();
-                let app = suanli_artifacts::server::router(std::sync::Arc::new(store), &token);
+                let capabilities = match s.artifacts_key_file.clone().or(file.artifacts_key_file.clone()) {
+                    Some(path) => Some(suanli_artifacts::CapabilityKey::load(&path, false)?),
+                    None => None,
+                };
+                // Who uploaded what through capabilities, and what each account's uploads may take.
+                let access = suanli_artifacts::server::Access {
+                    token,
+                    capabilities,
+                    owners_dir: Some(dir.join("accounts")),
+                    quota_bytes: file.artifacts_quota_bytes,
+                };
+                let app = suanli_artifacts::server::router_with(std::sync::Arc::new(store), access);
                 tokio::spawn(async move {
                     if let Err(e) = axum::serve(listener, app).await {
                         tracing::error!(error = %e, "artifact store stopped");

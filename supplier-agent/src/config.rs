@@ -30,7 +30,9 @@ pub struct AgentArgs {
     /// The artifact store jobs' inputs, outputs and checkpoints go through (`http://host:port`).
     #[arg(long, env = "SUANLI_AGENT_ARTIFACTS_URL")]
     pub artifacts_url: Option<String>,
-    /// Its bearer token.
+    /// A store-wide bearer token, only for stores that take no capabilities: the broker hands
+    /// each job attempt placed here a capability for its own artifacts, which is all a node
+    /// needs.
     #[arg(long, env = "SUANLI_AGENT_ARTIFACTS_TOKEN", hide_env_values = true)]
     pub artifacts_token: Option<String>,
     /// One-time enrollment token from the supplier (only needed until the node is enrolled).
@@ -189,8 +191,8 @@ pub struct AgentConfig {
     pub broker_ca: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub job_binary: Option<PathBuf>,
-    /// The artifact store's URL and token, when configured.
-    pub artifacts: Option<(String, String)>,
+    /// The artifact store's URL and, for stores without capabilities, a token.
+    pub artifacts: Option<(String, Option<String>)>,
     pub enrollment_token: Option<String>,
     pub metrics_listen: SocketAddr,
     pub hostname: Option<String>,
@@ -238,9 +240,9 @@ impl AgentConfig {
             state_dir: absolute(args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/agent")))?,
             job_binary: args.job_binary.clone().or(file.job_binary),
             artifacts: match (args.artifacts_url.clone().or(file.artifacts_url), args.artifacts_token.clone().or(file.artifacts_token)) {
-                (Some(url), Some(token)) => Some((url, token)),
+                (Some(url), token) => Some((url, token)),
                 (None, None) => None,
-                _ => return Err(ConfigError::Invalid("the artifact store needs both its URL and its token".into())),
+                (None, Some(_)) => return Err(ConfigError::Invalid("an artifact token without the store's URL".into())),
             },
             enrollment_token: args.enrollment_token.clone().or(file.enrollment_token),
             metrics_listen: args

@@ -55,12 +55,33 @@ pub struct JobRunner {
     pub job_binary: Option<PathBuf>,
     /// Where job inputs, outputs and checkpoints go; `None`: jobs with inputs cannot start
     /// and checkpoints stay on the node.
-    pub artifacts: Option<ArtifactClient>,
+    pub artifacts: Option<ArtifactStore>,
+    /// Each attempt's latest capability for the store, as the broker listed it (a finished
+    /// attempt's outputs are uploaded with the last one it had).
+    pub capabilities: std::sync::Mutex<BTreeMap<Key, String>>,
     /// Caps on the agent's file work in a lease's directories.
     pub files: FileLimits,
     /// Without a broker answering this long, every attempt here is stopped (self-fencing):
     /// the scheduler requeues a silent node's jobs elsewhere, and two copies must never run.
     pub fence_after: Duration,
+}
+
+/// The artifact store as this node reaches it: per attempt with the capability the broker
+/// issued for it (its own inputs and checkpoint, uploads charged to its owner), or with a
+/// store-wide token where the store takes no capabilities.
+#[derive(Clone, Debug)]
+pub struct ArtifactStore {
+    pub url: String,
+    pub token: Option<String>,
+}
+
+impl ArtifactStore {
+    fn client(&self, capability: Option<&str>) -> Option<ArtifactClient> {
+        match capability.filter(|c| !c.is_empty()) {
+            Some(capability) => Some(ArtifactClient::new(&self.url, capability)),
+            None => self.token.as_deref().map(|t| ArtifactClient::new(&self.url, t)),
+        }
+    }
 }
 
 /// Bounds on what one attempt's files may cost the node's runner.
@@ -78,7 +99,7 @@ impl Default for FileLimits {
     }
 }
 
-type Key = (u64, u32);
+pub type Key = (u64, u32);
 
 struct Running {
     kill: Option<oneshot::Sender<()>>,
@@ -224,7 +245,7 @@ impl JobRunner {
             let mut outputs = HashMap::new();
             // Outputs to upload (none named: reported at once, as before any upload existed).
             if let (JobEndReason::Completed, Some(out)) = (&e.reason, e.outputs.as_ref().filter(|o| !o.names.is_empty())) {
-                let upload = uploads.entry(e.key).or_insert_with(|| tokio::spawn(self.upload_outputs(out.clone())));
+                let upload = uploads.entry(e.key).or_insert_with(|| tokio::spawn(self.upload_outputs(e.key, out.clone())));
                 if !upload.is_finished() {
                     left.push(e);
                     continue;
@@ -270,8 +291,8 @@ impl JobRunner {
     /// Uploads the outputs the spec names, within the deadline. An output the job left as
     /// something other than a regular file of its own (a link, a FIFO, too large) is refused
     /// and, like one it never wrote, absent from the record.
-    fn upload_outputs(&self, out: Outputs) -> impl std::future::Future<Output = Result<HashMap<String, String>, String>> + Send + 'static {
-        let store = self.artifacts.clone();
+    fn upload_outputs(&self, key: Key, out: Outputs) -> impl std::future::Future<Output = Result<HashMap<String, String>, String>> + Send + 'static {
+        let store = self.store_for(key);
         let (staging, limits) = (self.staging_dir(), self.files);
         async move {
             let mut uploaded = HashMap::new();
@@ -299,6 +320,12 @@ impl JobRunner {
                 Err(_) => Err(format!("outputs not uploaded within {:?}", limits.deadline)),
             }
         }
+    }
+
+    /// The store as attempt `key` reaches it (its latest capability).
+    fn store_for(&self, key: Key) -> Option<ArtifactClient> {
+        let capability = self.capabilities.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        self.artifacts.as_ref()?.client(capability.as_deref())
     }
 
     fn staging_dir(&self) -> PathBuf {
@@ -356,9 +383,9 @@ impl JobRunner {
     /// Uploads each running rank-0 attempt's checkpoint that changed since the last upload, on
     /// a task of its own with a deadline, and records finished uploads with the broker.
     async fn sync_checkpoints(&self, client: &mut JobServiceClient<Channel>, running: &mut BTreeMap<Key, Running>) {
-        let Some(store) = &self.artifacts else { return };
         for ((job, attempt), r) in running.iter_mut() {
             let Some(cp) = r.checkpoint.as_mut() else { continue };
+            let Some(store) = self.store_for((*job, *attempt)) else { continue };
             if let Some((upload, stamp)) = cp.uploading.take() {
                 if !upload.is_finished() {
                     cp.uploading = Some((upload, stamp));
@@ -432,6 +459,17 @@ impl JobRunner {
         // but two attempts never run on one card at once here.
         let wanted: BTreeSet<Key> =
             jobs.iter().filter_map(|j| j.attempts.last().map(|a| (j.job_id, a.number))).collect();
+        {
+            // The latest capability of each attempt listed; those of attempts no longer listed
+            // stay while the attempt is known here (its outputs may still be uploading).
+            let mut capabilities = self.capabilities.lock().unwrap_or_else(|p| p.into_inner());
+            for job in jobs {
+                if let Some(a) = job.attempts.last().filter(|_| !job.artifact_capability.is_empty()) {
+                    capabilities.insert((job.job_id, a.number), job.artifact_capability.clone());
+                }
+            }
+            capabilities.retain(|key, _| wanted.contains(key) || running.contains_key(key));
+        }
         for (key, r) in running.iter_mut() {
             if !wanted.contains(key) {
                 if let Some(kill) = r.kill.take() {
@@ -546,10 +584,14 @@ impl JobRunner {
             fetch.push((job.checkpoint_sha256.clone(), &checkpoint_dir, "resume".to_owned()));
         }
         if !fetch.is_empty() {
-            let store = self.artifacts.as_ref().ok_or("this node has no artifact store configured for the job's data")?;
+            let store = self
+                .artifacts
+                .as_ref()
+                .and_then(|s| s.client(Some(&job.artifact_capability)))
+                .ok_or("this node has no artifact store configured for the job's data")?;
             for (sha, into, name) in &fetch {
                 let digest = sha.parse().map_err(|e: suanli_artifacts::StoreError| e.to_string())?;
-                download_into_lease(store, digest, into, name, self.files.deadline).await?;
+                download_into_lease(&store, digest, into, name, self.files.deadline).await?;
             }
         }
         let log = attempt_dir.create_file(LOG, 0o600).map_err(lease_error)?;

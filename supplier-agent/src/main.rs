@@ -150,7 +150,8 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             node: suanli_types::NodeId(identity.node_id()),
             state_dir: config.state_dir.clone(),
             job_binary: config.job_binary.clone(),
-            artifacts: config.artifacts.as_ref().map(|(url, token)| suanli_artifacts::ArtifactClient::new(url, token)),
+            artifacts: config.artifacts.clone().map(|(url, token)| jobs::ArtifactStore { url, token }),
+            capabilities: Default::default(),
             files: config.job_files,
             fence_after: config.fence_after,
         };

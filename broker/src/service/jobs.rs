@@ -65,7 +65,29 @@ pub fn job_to_wire(s: &State, j: &Job) -> v1::Job {
         cost_minor: j.cost_minor,
         progress_json: j.progress.as_ref().map(|(p, _)| p.clone()).unwrap_or_default(),
         progress_at_ms: j.progress.as_ref().map_or(0, |(_, t)| t.millis()),
+        artifact_capability: String::new(),
     }
+}
+
+/// How long a capability the broker issues to an agent for one attempt lasts: renewed with
+/// every listing, so this only bounds how long an attempt's outputs may still be uploaded
+/// after the broker stopped listing it.
+const CAPABILITY_LIFETIME_MS: i64 = 2 * 3600 * 1000;
+
+/// The capability for `node`'s part in `job`'s current attempt: its inputs and checkpoint to
+/// read, its outputs and checkpoints to write, charged to the job's owner.
+fn capability_for(key: &suanli_artifacts::CapabilityKey, job: &Job, node: suanli_types::NodeId, now: suanli_types::Timestamp) -> String {
+    let attempt = job.attempts.last().map_or(0, |a| a.number);
+    let mut read: Vec<String> = job.spec.inputs.iter().map(|i| i.sha256.clone()).collect();
+    read.extend(job.checkpoint.clone());
+    let grant = suanli_artifacts::Grant {
+        owner: job.owner.0,
+        scope: format!("job {} attempt {attempt} on node {}", job.id.0, node.0),
+        read,
+        write: true,
+        expires_ms: now.millis() + CAPABILITY_LIFETIME_MS,
+    };
+    key.sign(&grant)
 }
 
 fn may_see_job(caller: &Caller, job: &Job) -> bool {
@@ -269,7 +291,23 @@ impl JobService for Jobs {
             .observe("ListNodeJobs", async {
                 let consistency = Consistency::of(&request);
                 let node = agent_node(&self.shared.caller(&request).await?)?;
-                let jobs = self.shared.read(consistency, |s| s.jobs_on_node(node).into_iter().map(|j| job_to_wire(s, j)).collect()).await?;
+                let key = self.shared.artifact_key.clone();
+                let now = super::now();
+                let jobs = self
+                    .shared
+                    .read(consistency, |s| {
+                        s.jobs_on_node(node)
+                            .into_iter()
+                            .map(|j| {
+                                let mut wire = job_to_wire(s, j);
+                                if let Some(key) = &key {
+                                    wire.artifact_capability = capability_for(key, j, node, now);
+                                }
+                                wire
+                            })
+                            .collect()
+                    })
+                    .await?;
                 Ok(Response::new(v1::ListNodeJobsResponse { jobs }))
             })
             .await

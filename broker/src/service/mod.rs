@@ -51,6 +51,8 @@ pub struct Shared {
     /// The platform's services' own tokens (`powers.rs`): each authenticates as the platform,
     /// within its powers (checked in `network::forward`).
     pub services: powers::Services,
+    /// Signs the artifact store capabilities agents get with their jobs; `None`: none issued.
+    pub artifact_key: Option<suanli_artifacts::CapabilityKey>,
 }
 
 /// Caps on deposits (`[broker] max_deposit_minor`, `max_deposits_per_day_minor`): the token
@@ -87,6 +89,7 @@ impl Shared {
             ssh_ca: None,
             deposit_limits: DepositLimits::default(),
             services: powers::Services::default(),
+            artifact_key: None,
         }
     }
 

@@ -8,13 +8,17 @@
 //!   hashes what arrives and refuses a mismatch with the caller's hash), `GET`/`HEAD
 //!   /v1/artifacts/{sha256}` with single `Range: bytes=…` requests (206, 416).
 //! - [`client`]: streams uploads and downloads, hashing both ways.
+//! - [`capability`]: what one job attempt may read and write, signed by the broker; supplier
+//!   nodes hold capabilities, never the store-wide service token.
 //!
 //! Errors on the wire are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
 
+pub mod capability;
 pub mod client;
 pub mod server;
 pub mod store;
 
+pub use capability::{CapabilityKey, Grant};
 pub use client::{ArtifactClient, ClientError};
 pub use store::{Digest, LocalStore, Store, StoreError};
 
@@ -35,6 +39,10 @@ pub enum ErrorCode {
     TooLarge,
     /// 500: the store could not read or write.
     Storage,
+    /// 403: the capability does not cover this artifact or this upload.
+    Forbidden,
+    /// 403: the owner's artifacts already fill its quota.
+    QuotaExceeded,
 }
 
 impl ErrorCode {
@@ -47,6 +55,8 @@ impl ErrorCode {
             ErrorCode::RangeNotSatisfiable => "RANGE_NOT_SATISFIABLE",
             ErrorCode::TooLarge => "TOO_LARGE",
             ErrorCode::Storage => "STORAGE",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::QuotaExceeded => "QUOTA_EXCEEDED",
         }
     }
 }

@@ -13,18 +13,47 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio_util::io::{ReaderStream, StreamReader};
 
+use std::path::PathBuf;
+
+use crate::capability::{CapabilityKey, Grant};
 use crate::store::{Digest, Store, StoreError};
 use crate::ErrorCode;
 
 struct Shared {
     store: Arc<dyn Store>,
-    token: String,
+    access: Access,
+}
+
+/// Who may do what.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// The platform's services (the scheduler, tools): everything.
+    pub token: String,
+    /// Checks capabilities (`capability.rs`); `None`: only the service token is accepted.
+    pub capabilities: Option<CapabilityKey>,
+    /// Where the store records who uploaded what through a capability (`<dir>/owners/<owner>/
+    /// <sha256>` and `<dir>/digests/<sha256>/<owner>`): an artifact some account uploaded is
+    /// read through capabilities of that account only, whatever digests a job spec names.
+    pub owners_dir: Option<PathBuf>,
+    /// Bytes each owner's uploads may take, checked before each upload; `None`: no quota.
+    pub quota_bytes: Option<u64>,
+}
+
+/// Who a request comes from.
+enum Caller {
+    Service,
+    Holder(Grant),
 }
 
 /// The router: `PUT /v1/artifacts`, `GET`/`HEAD /v1/artifacts/{sha256}`, all behind
-/// `Authorization: Bearer <token>`.
+/// `Authorization: Bearer <token>`, the service token only.
 pub fn router(store: Arc<dyn Store>, token: &str) -> Router {
-    let shared = Arc::new(Shared { store, token: token.to_owned() });
+    router_with(store, Access { token: token.to_owned(), ..Access::default() })
+}
+
+/// As [`router`], with capabilities and quotas.
+pub fn router_with(store: Arc<dyn Store>, access: Access) -> Router {
+    let shared = Arc::new(Shared { store, access });
     Router::new()
         .route("/v1/artifacts", put(upload))
         .route("/v1/artifacts/{digest}", get(download).head(download))
@@ -52,6 +81,7 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response {
         ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::Storage => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Forbidden | ErrorCode::QuotaExceeded => StatusCode::FORBIDDEN,
     };
     (status, axum::Json(ErrorBody { code: code.as_str(), message: message.into() })).into_response()
 }
@@ -70,11 +100,77 @@ fn store_error(e: StoreError) -> Response {
     error(code, e.to_string())
 }
 
-/// The refusal to send when the bearer token is missing or wrong.
-fn unauthorized(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+/// Who the bearer token names: the service token, or a capability this store's key signed and
+/// that has not expired; anything else is refused.
+fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Caller, String> {
     let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
-    let ok: bool = presented.as_bytes().ct_eq(shared.token.as_bytes()).into();
-    (!ok || shared.token.is_empty()).then(|| error(ErrorCode::Unauthenticated, "send `Authorization: Bearer <artifact token>`"))
+    let service: bool = presented.as_bytes().ct_eq(shared.access.token.as_bytes()).into();
+    if service && !shared.access.token.is_empty() {
+        return Ok(Caller::Service);
+    }
+    if let (Some(key), true) = (&shared.access.capabilities, CapabilityKey::is_capability(presented)) {
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        return key.verify(presented, now_ms).map(Caller::Holder).map_err(|e| e.to_string());
+    }
+    Err("send `Authorization: Bearer <artifact token or capability>`".into())
+}
+
+/// The owners' record: `<dir>/owners/<owner>/<sha256>` for each artifact an owner uploaded.
+fn owned_path(dir: &std::path::Path, owner: u64, digest: Option<Digest>) -> PathBuf {
+    let owner_dir = dir.join("owners").join(owner.to_string());
+    match digest {
+        Some(d) => owner_dir.join(d.to_hex()),
+        None => owner_dir,
+    }
+}
+
+/// The reverse record: `<dir>/digests/<sha256>/<owner>`.
+fn owners_of_path(dir: &std::path::Path, digest: Digest) -> PathBuf {
+    dir.join("digests").join(digest.to_hex())
+}
+
+/// Records that `owner` uploaded `digest`, both ways, durably.
+async fn record_owner(dir: &std::path::Path, owner: u64, digest: Digest) -> std::io::Result<()> {
+    for (folder, file) in [(owned_path(dir, owner, None), digest.to_hex()), (owners_of_path(dir, digest), owner.to_string())] {
+        tokio::fs::create_dir_all(&folder).await?;
+        tokio::fs::File::create(folder.join(file)).await?.sync_all().await?;
+    }
+    Ok(())
+}
+
+/// Whether `owner` may read `digest` by its capability: it uploaded it, or no account did (an
+/// artifact the platform put there, reachable by whoever knows its hash).
+async fn owner_may_read(dir: &std::path::Path, owner: u64, digest: Digest) -> std::io::Result<bool> {
+    let owners = owners_of_path(dir, digest);
+    let mut entries = match tokio::fs::read_dir(&owners).await {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    let mut anyone = false;
+    while let Some(entry) = entries.next_entry().await? {
+        anyone = true;
+        if entry.file_name().to_str() == Some(owner.to_string().as_str()) {
+            return Ok(true);
+        }
+    }
+    Ok(!anyone)
+}
+
+/// Bytes of the artifacts `owner` uploaded.
+async fn usage(store: &dyn Store, dir: &std::path::Path, owner: u64) -> Result<u64, StoreError> {
+    let mut total = 0;
+    let mut entries = match tokio::fs::read_dir(owned_path(dir, owner, None)).await {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    while let Some(entry) = entries.next_entry().await? {
+        if let Some(digest) = entry.file_name().to_str().and_then(|n| n.parse::<Digest>().ok()) {
+            total += store.size(digest).await.unwrap_or(0);
+        }
+    }
+    Ok(total)
 }
 
 #[derive(Deserialize)]
@@ -83,16 +179,37 @@ struct UploadQuery {
 }
 
 async fn upload(State(shared): State<Arc<Shared>>, Query(q): Query<UploadQuery>, request: Request) -> Response {
-    if let Some(r) = unauthorized(&shared, request.headers()) {
-        return r;
-    }
+    let owner = match authenticate(&shared, request.headers()) {
+        Ok(Caller::Service) => None,
+        Ok(Caller::Holder(grant)) if grant.write => Some(grant.owner),
+        Ok(Caller::Holder(grant)) => return error(ErrorCode::Forbidden, format!("the capability for {} does not upload", grant.scope)),
+        Err(why) => return error(ErrorCode::Unauthenticated, why),
+    };
     let expected = match q.sha256.as_deref().map(str::parse::<Digest>).transpose() {
         Ok(e) => e,
         Err(e) => return store_error(e),
     };
+    // Quotas count what an owner uploaded (checked before each upload: one artifact at most
+    // goes past it).
+    if let (Some(owner), Some(dir), Some(limit)) = (owner, &shared.access.owners_dir, &shared.access.quota_bytes) {
+        match usage(shared.store.as_ref(), dir, owner).await {
+            Ok(used) if used >= *limit => {
+                return error(ErrorCode::QuotaExceeded, format!("account {owner}'s artifacts take {used} of its {limit} bytes"));
+            }
+            Ok(_) => {}
+            Err(e) => return store_error(e),
+        }
+    }
     let stream = request.into_body().into_data_stream().map_err(std::io::Error::other);
     match shared.store.put(Box::new(StreamReader::new(stream)), expected).await {
-        Ok((digest, size)) => (StatusCode::CREATED, axum::Json(Stored { sha256: digest.to_hex(), size })).into_response(),
+        Ok((digest, size)) => {
+            if let (Some(owner), Some(dir)) = (owner, &shared.access.owners_dir) {
+                if let Err(e) = record_owner(dir, owner, digest).await {
+                    return store_error(e.into());
+                }
+            }
+            (StatusCode::CREATED, axum::Json(Stored { sha256: digest.to_hex(), size })).into_response()
+        }
         Err(e) => store_error(e),
     }
 }
@@ -119,13 +236,26 @@ pub fn parse_range(raw: &str, size: u64) -> Option<(u64, u64)> {
 }
 
 async fn download(State(shared): State<Arc<Shared>>, method: Method, Path(raw): Path<String>, headers: HeaderMap) -> Response {
-    if let Some(r) = unauthorized(&shared, &headers) {
-        return r;
-    }
+    let caller = match authenticate(&shared, &headers) {
+        Ok(c) => c,
+        Err(why) => return error(ErrorCode::Unauthenticated, why),
+    };
     let digest: Digest = match raw.parse() {
         Ok(d) => d,
         Err(e) => return store_error(e),
     };
+    if let Caller::Holder(grant) = &caller {
+        let owned = match &shared.access.owners_dir {
+            Some(dir) => match owner_may_read(dir, grant.owner, digest).await {
+                Ok(ok) => ok,
+                Err(e) => return store_error(e.into()),
+            },
+            None => true,
+        };
+        if !grant.may_read(digest) || !owned {
+            return error(ErrorCode::Forbidden, format!("the capability for {} does not cover {digest}", grant.scope));
+        }
+    }
     let size = match shared.store.size(digest).await {
         Ok(s) => s,
         Err(e) => return store_error(e),

@@ -83,3 +83,61 @@ async fn an_upload_a_crash_cut_short_is_swept_when_the_store_opens_again() {
     assert_eq!(std::fs::read_dir(root.join("tmp")).expect("tmp").count(), 0, "the partial upload is gone");
     assert_eq!(store.size(kept).await.expect("kept"), 12, "acknowledged artifacts stay");
 }
+
+/// The code of a refusal, and its HTTP status.
+fn refusal(result: Result<impl std::fmt::Debug, suanli_artifacts::ClientError>) -> (u16, String) {
+    match result {
+        Err(suanli_artifacts::ClientError::Refused { status, body }) => {
+            let code = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["code"].as_str().map(str::to_owned)).unwrap_or(body);
+            (status, code)
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_capability_reaches_its_own_artifacts_only_within_its_owners_quota() {
+    use suanli_artifacts::{server::Access, CapabilityKey, Grant};
+    let dir = tempfile::tempdir().expect("dir");
+    let key = CapabilityKey::generate();
+    let store: Arc<dyn Store> = Arc::new(LocalStore::open(&dir.path().join("store"), 1 << 20).expect("store"));
+    let access = Access { token: TOKEN.into(), capabilities: Some(key.clone()), owners_dir: Some(dir.path().join("owners")), quota_bytes: Some(100) };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, server::router_with(store, access)).await });
+    let file = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).expect("write");
+        path
+    };
+    // Another tenant's artifact, put there by the platform.
+    let service = ArtifactClient::new(&base, TOKEN);
+    let theirs = service.upload_file(&file("theirs", b"another tenant's model")).await.expect("upload");
+    let mine_input = service.upload_file(&file("input", b"my dataset")).await.expect("upload");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let grant = Grant { owner: 7, scope: "job 1 attempt 1".into(), read: vec![mine_input.to_hex()], write: true, expires_ms: now + 60_000 };
+    let holder = ArtifactClient::new(&base, &key.sign(&grant));
+    holder.download_to(mine_input, &dir.path().join("got-input")).await.expect("its own input");
+    assert_eq!(refusal(holder.download_to(theirs, &dir.path().join("stolen")).await), (403, "FORBIDDEN".into()));
+    assert!(!dir.path().join("stolen").exists(), "nothing of the other tenant's arrived");
+    // Widened, expired or foreign capabilities are not capabilities.
+    let expired = ArtifactClient::new(&base, &key.sign(&Grant { expires_ms: now - 1, ..grant.clone() }));
+    assert_eq!(refusal(expired.download_to(mine_input, &dir.path().join("x")).await).0, 401);
+    let foreign = ArtifactClient::new(&base, &CapabilityKey::generate().sign(&Grant { read: vec![theirs.to_hex()], ..grant.clone() }));
+    assert_eq!(refusal(foreign.download_to(theirs, &dir.path().join("y")).await).0, 401);
+    let read_only = ArtifactClient::new(&base, &key.sign(&Grant { write: false, ..grant.clone() }));
+    assert_eq!(refusal(read_only.upload_file(&file("ro", b"not allowed")).await), (403, "FORBIDDEN".into()));
+    // Uploads count against the owner's 100 bytes: checked before each upload.
+    holder.upload_file(&file("out-1", &[1u8; 60])).await.expect("first output");
+    holder.upload_file(&file("out-2", &[2u8; 60])).await.expect("second output (60 < 100 before it)");
+    assert_eq!(refusal(holder.upload_file(&file("out-3", &[3u8; 10])).await), (403, "QUOTA_EXCEEDED".into()));
+    // The platform's own token is not held to a tenant's quota.
+    service.upload_file(&file("platform", &[4u8; 200])).await.expect("the service token");
+    // Another account's job naming this owner's output among its inputs gets a capability
+    // for that digest from the broker, and still cannot read it.
+    let output = suanli_artifacts::client::hash_file(&dir.path().join("out-1")).await.expect("hash");
+    let snoop = ArtifactClient::new(&base, &key.sign(&Grant { owner: 8, read: vec![output.to_hex()], ..grant.clone() }));
+    assert_eq!(refusal(snoop.download_to(output, &dir.path().join("snooped")).await), (403, "FORBIDDEN".into()));
+    let own = ArtifactClient::new(&base, &key.sign(&Grant { read: vec![output.to_hex()], ..grant.clone() }));
+    own.download_to(output, &dir.path().join("own-output")).await.expect("the owner's next attempt reads it");
+}

@@ -73,7 +73,12 @@ impl World {
         let dir = suanli_testkit::reachable_temp_dir().expect("temp dir");
         // The jobs run as the leases' Unix accounts: they must be able to reach the records.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-        let broker = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker").expect("broker"), 1, None).await.expect("broker");
+        // Agents hold no store-wide artifact token: the broker signs each attempt a capability
+        // with this key, which the store checks.
+        let key = dir.path().join("artifact-key");
+        suanli_artifacts::CapabilityKey::load(&key, true).expect("artifact key");
+        let config = format!("[broker]\nartifact_key_file = \"{}\"\n", key.display());
+        let broker = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker").expect("broker"), 1, Some(&config)).await.expect("broker");
         let mut schedulers = Vec::new();
         for i in 0..replicas {
             schedulers.push(Some(scheduler(&broker, dir.path(), &format!("sched-{i}"), i == 0).await));
@@ -230,8 +235,6 @@ async fn start_agent(broker: &BrokerCluster, dir: &Path, supplier_token: &str, n
         &devices.display().to_string(),
         "--artifacts-url",
         artifacts,
-        "--artifacts-token",
-        ARTIFACT_TOKEN,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -282,7 +285,8 @@ async fn scheduler(broker: &BrokerCluster, dir: &Path, name: &str, artifacts: bo
     .map(|s| s.to_string())
     .collect();
     if artifacts {
-        args.extend(["--artifacts-listen", "127.0.0.1:0", "--artifacts-dir", &store, "--artifacts-token", ARTIFACT_TOKEN].map(String::from));
+        let key = dir.join("artifact-key").display().to_string();
+        args.extend(["--artifacts-listen", "127.0.0.1:0", "--artifacts-dir", &store, "--artifacts-token", ARTIFACT_TOKEN, "--artifacts-key-file", &key].map(String::from));
     }
     Service::start(name, &binary, &args, &[], dir, WAIT).await.expect("scheduler starts")
 }
