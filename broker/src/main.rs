@@ -197,6 +197,9 @@ struct FileBroker {
     /// The key agents' artifact capabilities are signed with (hex, 32 bytes; the same file the
     /// artifact store is given). Without it agents get no capabilities.
     artifact_key_file: Option<PathBuf>,
+    /// The key the portal signs operator assertions with (hex, 32 bytes; the portal's
+    /// `operator_key_file`): with it an operator acts only with the portal's signed word.
+    operator_key_file: Option<PathBuf>,
     /// The largest single deposit, and all deposits over any 24 hours (minor units).
     max_deposit_minor: Option<i64>,
     max_deposits_per_day_minor: Option<i64>,
@@ -378,6 +381,10 @@ fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
             }
             suanli_broker::service::powers::Services::new(tokens)
         },
+        operator_key: match &file.operator_key_file {
+            Some(path) => Some(suanli_pki::assertion::OperatorKey::load(path, false)?),
+            None => None,
+        },
         artifact_key: match &file.artifact_key_file {
             Some(path) => Some(suanli_artifacts::CapabilityKey::load(path, false)?),
             None => None,
@@ -456,6 +463,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         deposit_limits: Default::default(),
         services: Default::default(),
         artifact_key: None,
+        operator_key: None,
         peer_overrides: Default::default(),
         agent_listen: Some(args.agent_listen),
         agent_ca: AgentCaSource::DataDir,

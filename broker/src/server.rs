@@ -75,6 +75,8 @@ pub struct NodeConfig {
     pub services: crate::service::powers::Services,
     /// The key artifact capabilities are signed with, shared with the artifact store.
     pub artifact_key: Option<suanli_artifacts::CapabilityKey>,
+    /// The key the portal signs operator assertions with; `None`: none required.
+    pub operator_key: Option<suanli_pki::assertion::OperatorKey>,
     /// The TLS port: agents by mutual TLS (Icpcss, Irmds), and the public API for clients that
     /// want it encrypted (bearer tokens). `None`: no TLS port, agents cannot connect here.
     pub agent_listen: Option<SocketAddr>,
@@ -199,6 +201,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     shared.deposit_limits = config.deposit_limits;
     shared.services = config.services.clone();
     shared.artifact_key = config.artifact_key.clone();
+    shared.operator_key = config.operator_key.clone();
     let mut stop = Vec::new();
     let mut tasks = Vec::new();
     let telemetry = Telemetry::new(config.agent_silent_after, config.health);

@@ -263,3 +263,42 @@ async fn a_client_port_off_loopback_speaks_only_tls() {
         .expect("TLS client");
     client.list_catalogue(v1::ListCatalogueRequest::default()).await.expect("served over TLS");
 }
+
+#[tokio::test]
+async fn an_operator_acts_only_with_the_portals_signed_word_and_within_the_role_rules() {
+    use suanli_pki::assertion::{OperatorAssertion, OperatorKey};
+    let dir = tempfile::TempDir::new().expect("dir");
+    let key_path = dir.path().join("operator-key");
+    let key = OperatorKey::load(&key_path, true).expect("key");
+    let config = format!("[broker]\noperator_key_file = \"{}\"\n", key_path.display());
+    let cluster = BrokerCluster::start(binary(), 1, Some(&config)).await.expect("cluster");
+    cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let endpoint = format!("http://{}", cluster.address(1).expect("address"));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let as_dispatcher = |assertion: Option<String>| {
+        let endpoint = endpoint.clone();
+        async move {
+            let channel = suanli_proto::client::channel(&endpoint).await.expect("channel");
+            let interceptor = suanli_proto::client::operator_bearer(PLATFORM_TOKEN, "dispatcher", assertion.as_deref()).expect("interceptor");
+            v1::broker_client::BrokerClient::with_interceptor(channel, interceptor).list_leases(v1::ListLeasesRequest::default()).await
+        }
+    };
+    let signed = |roles: &[&str], expires_ms: i64| {
+        key.sign(&OperatorAssertion { operator: 9, roles: roles.iter().map(|r| r.to_string()).collect(), acting: "dispatcher".into(), expires_ms })
+    };
+    // The platform token and a role name alone (a stolen token) act as no operator.
+    let refused = decode_status(&as_dispatcher(None).await.expect_err("no assertion"));
+    assert_eq!(refused.code, ErrorCode::PermissionDenied, "{refused:?}");
+    // A role not held, a pair of roles that exclude each other, an expired or a forged word.
+    let other_key = OperatorKey::generate().sign(&OperatorAssertion { operator: 9, roles: vec!["dispatcher".into()], acting: "dispatcher".into(), expires_ms: now + 60_000 });
+    for (why, assertion) in [
+        ("not held", signed(&["monitor"], now + 60_000)),
+        ("exclusive roles", signed(&["dispatcher", "system_administrator"], now + 60_000)),
+        ("expired", signed(&["dispatcher"], now - 1)),
+        ("another key", other_key),
+    ] {
+        let refused = decode_status(&as_dispatcher(Some(assertion)).await.expect_err(why));
+        assert_eq!(refused.code, ErrorCode::PermissionDenied, "{why}: {refused:?}");
+    }
+    as_dispatcher(Some(signed(&["dispatcher", "monitor"], now + 60_000))).await.expect("the portal's word for a dispatcher");
+}

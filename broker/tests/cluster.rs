@@ -180,6 +180,7 @@ async fn killing_the_leader_under_a_storm_loses_no_acknowledged_lease_and_double
     assert!(acked.len() >= 10, "the storm made progress: {} acknowledged of {}", acked.len(), history.len());
 
     // Every acknowledged lease is present on every node, with the cards it was granted.
+    let mut leases_made = 0;
     for id in cluster.ids() {
         let mut platform = cluster.client(id, PLATFORM_TOKEN).await.expect("client");
         let mut request = tonic::Request::new(v1::ListLeasesRequest { live_only: false });
@@ -190,7 +191,19 @@ async fn killing_the_leader_under_a_storm_loses_no_acknowledged_lease_and_double
             let stored = all.get(&lease.lease_id).unwrap_or_else(|| panic!("node {id} lost acknowledged {}", lease.lease_id));
             assert_eq!(stored.card_ids, lease.card_ids);
         }
+        leases_made = all.len();
     }
+    // At most one lease per request, and none for a request that was told a definitive no:
+    // every lease the market holds came from an acknowledged request or one whose outcome the
+    // client never learned.
+    let distinct: BTreeSet<u64> = acked.iter().map(|l| l.lease_id).collect();
+    assert_eq!(distinct.len(), acked.len(), "two requests acknowledged with one lease");
+    let unknown_outcomes = history.iter().filter(|(_, o)| matches!(o, Outcome::Unknown)).count();
+    assert!(
+        leases_made <= acked.len() + unknown_outcomes,
+        "{leases_made} leases from {} acknowledged and {unknown_outcomes} unknown requests: a refused request was committed",
+        acked.len()
+    );
 
     // The full event stream: no card ever held by two live leases at once. A last write marks
     // the end of the history.

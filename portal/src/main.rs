@@ -95,6 +95,10 @@ struct ServeArgs {
     /// public addresses (an internal receiver on purpose). Comma-separated.
     #[arg(long, env = "SUANLI_PORTAL_WEBHOOK_ALLOW", value_delimiter = ',')]
     webhook_allow: Vec<String>,
+    /// The key operator assertions are signed with (the broker's `operator_key_file`): the
+    /// broker then enforces operators' roles itself.
+    #[arg(long, env = "SUANLI_PORTAL_OPERATOR_KEY_FILE")]
+    operator_key_file: Option<PathBuf>,
     /// Addresses of the reverse proxies in front of the portal: from them alone the client's
     /// address is taken from `X-Forwarded-For` (login throttle, audit log). Comma-separated.
     #[arg(long, env = "SUANLI_PORTAL_TRUSTED_PROXY", value_delimiter = ',')]
@@ -138,6 +142,7 @@ struct PortalSection {
     verify_phones: Option<bool>,
     #[serde(default)]
     webhook_allow: Vec<String>,
+    operator_key_file: Option<PathBuf>,
     #[serde(default)]
     trusted_proxy: Vec<std::net::IpAddr>,
 }
@@ -272,7 +277,10 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         Some(p) => Some(std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
-    let market = Market::new(&broker, ca.as_deref(), &platform_token).map_err(anyhow::Error::msg)?;
+    let mut market = Market::new(&broker, ca.as_deref(), &platform_token).map_err(anyhow::Error::msg)?;
+    if let Some(path) = args.operator_key_file.clone().or(file.operator_key_file.clone()) {
+        market = market.with_operator_key(suanli_pki::assertion::OperatorKey::load(&path, false)?);
+    }
     let smtp = match (&args.smtp, file.smtp) {
         (Some(hostport), _) => {
             let (host, port) = hostport.rsplit_once(':').context("--smtp is host:port")?;

@@ -149,6 +149,9 @@ impl Catalogue {
 pub struct Market {
     channel: Channel,
     platform_token: String,
+    /// Signs the assertion of which operator acts, sent with every operator call (the broker
+    /// enforces the role rules with it); `None`: the broker asks for none.
+    operator_key: Option<suanli_pki::assertion::OperatorKey>,
     pub catalogue: Arc<RwLock<Catalogue>>,
 }
 
@@ -162,7 +165,27 @@ impl Market {
         if let Some(ca) = ca_pem {
             target = target.tls_config(ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca))).map_err(|e| e.to_string())?;
         }
-        Ok(Market { channel: target.connect_lazy(), platform_token: platform_token.to_owned(), catalogue: Arc::default() })
+        Ok(Market { channel: target.connect_lazy(), platform_token: platform_token.to_owned(), operator_key: None, catalogue: Arc::default() })
+    }
+
+    /// Operator calls carry an assertion signed with `key` (the broker's `operator_key_file`).
+    pub fn with_operator_key(mut self, key: suanli_pki::assertion::OperatorKey) -> Market {
+        self.operator_key = Some(key);
+        self
+    }
+
+    /// The platform acting for `operator` in `role`: the interceptor, with the signed
+    /// assertion of who acts and which roles they hold where a key is configured.
+    fn operator_interceptor(&self, operator: &crate::auth::Principal, role: suanli_types::OperatorRole) -> ApiResult<Bearer> {
+        let assertion = self.operator_key.as_ref().map(|key| {
+            key.sign(&suanli_pki::assertion::OperatorAssertion {
+                operator: operator.user.0 as u64,
+                roles: operator.roles.iter().map(|r| r.as_str().to_owned()).collect(),
+                acting: role.as_str().to_owned(),
+                expires_ms: crate::db::now_ms() + suanli_pki::assertion::ASSERTION_LIFETIME_MS,
+            })
+        });
+        suanli_proto::client::operator_bearer(&self.platform_token, role.as_str(), assertion.as_deref()).map_err(ApiError::internal)
     }
 
     pub fn platform(&self) -> ApiResult<Client> {
@@ -189,9 +212,11 @@ impl Market {
         Ok(suanli_proto::v1::job_service_client::JobServiceClient::with_interceptor(self.channel.clone(), auth).max_decoding_message_size(64 * 1024 * 1024))
     }
 
-    /// The platform acting as an operator in `role` (the portal checked the operator holds it).
-    pub fn as_operator(&self, role: suanli_types::OperatorRole) -> ApiResult<Client> {
-        suanli_proto::client::as_operator(self.channel.clone(), &self.platform_token, role.as_str()).map_err(ApiError::internal)
+    /// The platform acting for `operator` in `role` (the portal checked the operator holds it;
+    /// the broker checks again where it has the operator key).
+    pub fn as_operator(&self, operator: &crate::auth::Principal, role: suanli_types::OperatorRole) -> ApiResult<Client> {
+        let interceptor = self.operator_interceptor(operator, role)?;
+        Ok(suanli_proto::v1::broker_client::BrokerClient::with_interceptor(self.channel.clone(), interceptor).max_decoding_message_size(64 * 1024 * 1024))
     }
 
     /// The broker's monitoring as the platform: for the portal's own work (alert rules), never
@@ -206,10 +231,10 @@ impl Market {
     pub fn monitoring_for(&self, state: &crate::state::AppState, viewer: Option<&crate::auth::Principal>) -> ApiResult<Monitoring> {
         let viewer = viewer.ok_or_else(ApiError::unauthenticated)?;
         let interceptor = match viewer.roles.iter().copied().find(|r| crate::model::permissions(*r).contains(&crate::model::Permission::ViewMarket)) {
-            Some(role) => suanli_proto::client::operator_bearer(&self.platform_token, role.as_str()),
-            None => bearer(Some(&viewer.broker_token(state)?)),
+            Some(role) => self.operator_interceptor(viewer, role)?,
+            None => bearer(Some(&viewer.broker_token(state)?)).map_err(ApiError::internal)?,
         };
-        Ok(MonitoringServiceClient::with_interceptor(self.channel.clone(), interceptor.map_err(ApiError::internal)?))
+        Ok(MonitoringServiceClient::with_interceptor(self.channel.clone(), interceptor))
     }
 
     pub fn suppliers(&self, token: &str) -> ApiResult<Suppliers> {

@@ -95,20 +95,10 @@ pub fn permissions(role: Role) -> &'static [Permission] {
     }
 }
 
-/// Pairs no one may hold together: whoever controls the market (dispatcher, operator) does not
-/// maintain or modify the system (system administrator), and the auditor audits everyone else.
-pub const EXCLUSIVE_ROLES: &[(Role, Role)] = &[
-    (Role::SystemAdministrator, Role::Dispatcher),
-    (Role::SystemAdministrator, Role::Operator),
-    (Role::Auditor, Role::Dispatcher),
-    (Role::Auditor, Role::Monitor),
-    (Role::Auditor, Role::Operator),
-    (Role::Auditor, Role::SystemAdministrator),
-];
-
-/// The first mutually exclusive pair within `roles`, if any.
+/// The first mutually exclusive pair within `roles`, if any (`OperatorRole::EXCLUSIVE`, the
+/// rule the broker enforces too).
 pub fn role_conflict(roles: &[Role]) -> Option<(Role, Role)> {
-    EXCLUSIVE_ROLES.iter().copied().find(|(a, b)| roles.contains(a) && roles.contains(b))
+    Role::conflict(roles)
 }
 
 pub fn has_permission(roles: &[Role], permission: Permission) -> bool {

@@ -53,6 +53,9 @@ pub struct Shared {
     pub services: powers::Services,
     /// Signs the artifact store capabilities agents get with their jobs; `None`: none issued.
     pub artifact_key: Option<suanli_artifacts::CapabilityKey>,
+    /// Checks the portal's operator assertions; `None`: the platform token and a role name
+    /// suffice to act as an operator (a deployment without the portal's key).
+    pub operator_key: Option<suanli_pki::assertion::OperatorKey>,
 }
 
 /// Caps on deposits (`[broker] max_deposit_minor`, `max_deposits_per_day_minor`): the token
@@ -90,6 +93,7 @@ impl Shared {
             deposit_limits: DepositLimits::default(),
             services: powers::Services::default(),
             artifact_key: None,
+            operator_key: None,
         }
     }
 
@@ -155,15 +159,41 @@ impl Shared {
             // platform token may say so.
             return match request.metadata().get(ACTING_OPERATOR_HEADER) {
                 None => Ok(Caller::Platform),
-                Some(role) => role
-                    .to_str()
-                    .ok()
-                    .and_then(OperatorRole::parse)
-                    .map(Caller::Operator)
-                    .ok_or_else(|| Unknown::Refused(to_status(&DomainError::invalid(ACTING_OPERATOR_HEADER, "an operator role")))),
+                Some(role) => {
+                    let role = role
+                        .to_str()
+                        .ok()
+                        .and_then(OperatorRole::parse)
+                        .ok_or_else(|| Unknown::Refused(to_status(&DomainError::invalid(ACTING_OPERATOR_HEADER, "an operator role"))))?;
+                    self.check_operator(request, role).map_err(Unknown::Refused)?;
+                    Ok(Caller::Operator(role))
+                }
             };
         }
         self.sm.read(|s| s.account_by_token(&hash).map(|a| Caller::Account(a.id))).ok_or(Unknown::Token(hash))
+    }
+
+    /// With an operator key configured: the call carries the portal's signed assertion of which
+    /// operator acts, holding which roles, and the broker enforces the role rules itself (the
+    /// role acted in is held; no exclusive pair is held together).
+    fn check_operator<T>(&self, request: &Request<T>, role: OperatorRole) -> Result<(), Status> {
+        let Some(key) = &self.operator_key else { return Ok(()) };
+        let denied = |why: String| to_status(&DomainError::PermissionDenied(why));
+        let text = request
+            .metadata()
+            .get(suanli_proto::client::OPERATOR_ASSERTION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| denied("an operator acts with the portal's signed assertion (x-suanli-operator-assertion)".into()))?;
+        let assertion = key.verify(text, now().millis()).map_err(|e| denied(e.to_string()))?;
+        let held: Vec<OperatorRole> = assertion.roles.iter().filter_map(|r| OperatorRole::parse(r)).collect();
+        if assertion.acting != role.as_str() || !held.contains(&role) {
+            return Err(denied(format!("operator {} does not hold the role {}", assertion.operator, role.as_str())));
+        }
+        if let Some((a, b)) = OperatorRole::conflict(&held) {
+            return Err(denied(format!("operator {} holds {} and {}, which exclude each other", assertion.operator, a.as_str(), b.as_str())));
+        }
+        tracing::info!(target: "audit", operator = assertion.operator, role = role.as_str(), "operator call");
+        Ok(())
     }
 
     /// Commits a command through Raft and returns its outcome. A write is acknowledged only

@@ -13,6 +13,7 @@
 //! of the mutual TLS between nodes (Raft, forwarded calls). A peer is recognised by that name
 //! in a certificate the CA signed; an agent's certificate (`suanli:node:<id>`) never passes.
 
+pub mod assertion;
 pub mod ssh;
 
 use std::io::Write;

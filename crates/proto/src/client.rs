@@ -11,11 +11,15 @@ use tonic::{Request, Status};
 /// Metadata with which the platform token acts as an operator in one role (`dispatcher`, …):
 /// the portal authenticates operators itself and tells the broker which role one acts in.
 pub const ACTING_OPERATOR_HEADER: &str = "x-suanli-acting-operator";
+/// With [`ACTING_OPERATOR_HEADER`]: the portal's signed word for which operator acts, and
+/// with which roles (`suanli_pki::assertion`), where the broker asks for one.
+pub const OPERATOR_ASSERTION_HEADER: &str = "x-suanli-operator-assertion";
 
 #[derive(Clone)]
 pub struct Bearer {
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
     acting_operator: Option<MetadataValue<tonic::metadata::Ascii>>,
+    operator_assertion: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Interceptor for Bearer {
@@ -25,6 +29,9 @@ impl Interceptor for Bearer {
         }
         if let Some(role) = &self.acting_operator {
             request.metadata_mut().insert(ACTING_OPERATOR_HEADER, role.clone());
+        }
+        if let Some(assertion) = &self.operator_assertion {
+            request.metadata_mut().insert(OPERATOR_ASSERTION_HEADER, assertion.clone());
         }
         Ok(request)
     }
@@ -85,18 +92,20 @@ fn describe_chain(e: &dyn std::error::Error) -> String {
 /// `XClient::with_interceptor(channel, bearer(Some(token))?)`.
 pub fn bearer(token: Option<&str>) -> Result<Bearer, ClientError> {
     let value = token.map(|t| format!("Bearer {t}").parse().map_err(|_| ClientError::Token)).transpose()?;
-    Ok(Bearer { token: value, acting_operator: None })
+    Ok(Bearer { token: value, acting_operator: None, operator_assertion: None })
 }
 
 /// A client with the platform token acting as an operator in `role` (e.g. `dispatcher`).
 pub fn as_operator(channel: Channel, platform_token: &str, role: &str) -> Result<Client, ClientError> {
-    Ok(BrokerClient::with_interceptor(channel, operator_bearer(platform_token, role)?).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(BrokerClient::with_interceptor(channel, operator_bearer(platform_token, role, None)?).max_decoding_message_size(64 * 1024 * 1024))
 }
 
-/// The interceptor of the platform acting as an operator in `role`, for any generated client.
-pub fn operator_bearer(platform_token: &str, role: &str) -> Result<Bearer, ClientError> {
+/// The interceptor of the platform acting as an operator in `role` (with the portal's signed
+/// `assertion` of who, where the broker asks for one), for any generated client.
+pub fn operator_bearer(platform_token: &str, role: &str, assertion: Option<&str>) -> Result<Bearer, ClientError> {
     let mut interceptor = bearer(Some(platform_token))?;
     interceptor.acting_operator = Some(role.parse().map_err(|_| ClientError::Token)?);
+    interceptor.operator_assertion = assertion.map(|a| a.parse()).transpose().map_err(|_| ClientError::Token)?;
     Ok(interceptor)
 }
 

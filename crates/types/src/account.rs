@@ -61,6 +61,24 @@ impl OperatorRole {
         OperatorRole::ALL.into_iter().find(|r| r.as_str() == s)
     }
 
+    /// Pairs no one may hold together: whoever controls the market (dispatcher, operator) does
+    /// not maintain or modify the system (system administrator), and the auditor audits
+    /// everyone else. The portal refuses to grant them; the broker refuses an operator acting
+    /// while holding one.
+    pub const EXCLUSIVE: [(OperatorRole, OperatorRole); 6] = [
+        (OperatorRole::SystemAdministrator, OperatorRole::Dispatcher),
+        (OperatorRole::SystemAdministrator, OperatorRole::Operator),
+        (OperatorRole::Auditor, OperatorRole::Dispatcher),
+        (OperatorRole::Auditor, OperatorRole::Monitor),
+        (OperatorRole::Auditor, OperatorRole::Operator),
+        (OperatorRole::Auditor, OperatorRole::SystemAdministrator),
+    ];
+
+    /// The first mutually exclusive pair within `roles`, if any.
+    pub fn conflict(roles: &[OperatorRole]) -> Option<(OperatorRole, OperatorRole)> {
+        OperatorRole::EXCLUSIVE.iter().copied().find(|(a, b)| roles.contains(a) && roles.contains(b))
+    }
+
     /// Roles that may intervene in the market: end someone's lease, delist a cluster, take a
     /// card out of service. Monitors and auditors only read.
     pub fn may_intervene(self) -> bool {

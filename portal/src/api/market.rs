@@ -644,7 +644,7 @@ fn market_client(state: &AppState, p: &Principal) -> ApiResult<suanli_proto::cli
 fn intervening_client(state: &AppState, p: &Principal) -> ApiResult<suanli_proto::client::Client> {
     p.require(Permission::Intervene)?;
     let role = p.roles.iter().copied().find(|r| r.may_intervene()).ok_or_else(|| ApiError::forbidden("no intervening role"))?;
-    state.market.as_operator(role)
+    state.market.as_operator(p, role)
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -38,13 +38,20 @@ impl World {
             eprintln!("SUANLI_TEST_POSTGRES_URL is not set: skipping the PostgreSQL run");
             return Ok(None);
         };
-        let broker = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker")?, 1, None).await?;
+        // Operators act on the broker with the portal's signed assertion (the broker enforces
+        // their roles too).
+        let operator_key = dir.path().join("operator-key");
+        suanli_pki::assertion::OperatorKey::load(&operator_key, true)?;
+        let config = format!("[broker]\noperator_key_file = \"{}\"\n", operator_key.display());
+        let broker = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker")?, 1, Some(&config)).await?;
         broker.leader(Duration::from_secs(20)).await?;
         let smtp = SmtpSink::start(dir.path()).await?;
         let endpoint = format!("http://{}", broker.address(1)?);
+        let mut flags: Vec<String> = vec!["--operator-key-file".into(), operator_key.display().to_string()];
+        flags.extend(extra.iter().cloned());
         let portal = PortalProcess::start(
             dir.path(),
-            &PortalOptions { broker: &endpoint, platform_token: PLATFORM_TOKEN, database_url: &db, smtp: Some(&smtp.address), extra: &extra.iter().map(String::as_str).collect::<Vec<_>>(), binary: None },
+            &PortalOptions { broker: &endpoint, platform_token: PLATFORM_TOKEN, database_url: &db, smtp: Some(&smtp.address), extra: &flags.iter().map(String::as_str).collect::<Vec<_>>(), binary: None },
         )
         .await?;
         Ok(Some(World { broker, smtp, portal, dir, db_url: db }))
