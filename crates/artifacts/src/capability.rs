@@ -14,9 +14,8 @@
 use std::path::Path;
 
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
+use suanli_pki::shared_key::SharedKey;
 
 use crate::Digest;
 
@@ -53,56 +52,26 @@ pub enum CapabilityError {
     BadSignature,
     #[error("the capability expired")]
     Expired,
-    #[error("capability key {0}: {1}")]
-    Key(String, String),
 }
 
-/// The shared signing key (32 random bytes, hex in a file readable by its owner only).
-#[derive(Clone)]
-pub struct CapabilityKey([u8; 32]);
-
-impl std::fmt::Debug for CapabilityKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CapabilityKey(…)")
-    }
-}
+/// The key the broker and the store share (`suanli_pki::shared_key`).
+#[derive(Clone, Debug)]
+pub struct CapabilityKey(SharedKey);
 
 impl CapabilityKey {
     pub fn generate() -> CapabilityKey {
-        CapabilityKey(rand::random())
+        CapabilityKey(SharedKey::generate())
     }
 
     /// Reads the key at `path`; with `create`, makes one there first if the file is missing.
-    pub fn load(path: &Path, create: bool) -> Result<CapabilityKey, CapabilityError> {
-        let err = |e: &dyn std::fmt::Display| CapabilityError::Key(path.display().to_string(), e.to_string());
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let mut key = [0u8; 32];
-                hex::decode_to_slice(text.trim(), &mut key).map_err(|e| err(&e))?;
-                Ok(CapabilityKey(key))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let key = CapabilityKey::generate();
-                let mut file = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(path).map_err(|e| err(&e))?;
-                file.write_all(hex::encode(key.0).as_bytes()).and_then(|()| file.sync_all()).map_err(|e| err(&e))?;
-                Ok(key)
-            }
-            Err(e) => Err(err(&e)),
-        }
-    }
-
-    fn mac(&self, signed: &str) -> Vec<u8> {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-        mac.update(signed.as_bytes());
-        mac.finalize().into_bytes().to_vec()
+    pub fn load(path: &Path, create: bool) -> Result<CapabilityKey, suanli_pki::PkiError> {
+        SharedKey::load(path, create).map(CapabilityKey)
     }
 
     pub fn sign(&self, grant: &Grant) -> String {
         let payload = B64.encode(serde_json::to_vec(grant).unwrap_or_default());
         let signed = format!("{PREFIX}{payload}");
-        let mac = B64.encode(self.mac(&signed));
+        let mac = B64.encode(self.0.mac(signed.as_bytes()));
         format!("{signed}.{mac}")
     }
 
@@ -111,9 +80,9 @@ impl CapabilityKey {
         let (signed, mac) = token.rsplit_once('.').ok_or(CapabilityError::Malformed)?;
         let payload = signed.strip_prefix(PREFIX).ok_or(CapabilityError::Malformed)?;
         let mac = B64.decode(mac).map_err(|_| CapabilityError::Malformed)?;
-        let mut check = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-        check.update(signed.as_bytes());
-        check.verify_slice(&mac).map_err(|_| CapabilityError::BadSignature)?;
+        if !self.0.verify(signed.as_bytes(), &mac) {
+            return Err(CapabilityError::BadSignature);
+        }
         let grant: Grant = serde_json::from_slice(&B64.decode(payload).map_err(|_| CapabilityError::Malformed)?).map_err(|_| CapabilityError::Malformed)?;
         if grant.expires_ms <= now_ms {
             return Err(CapabilityError::Expired);
@@ -153,17 +122,5 @@ mod tests {
             assert!(key.verify(junk, 0).is_err(), "{junk:?}");
         }
         assert!(grant().may_read(Digest::of(b"in")) && !grant().may_read(Digest::of(b"out")));
-    }
-
-    #[test]
-    fn a_key_file_is_made_once_and_read_back() {
-        let dir = tempfile::tempdir().expect("dir");
-        let path = dir.path().join("artifact-key");
-        assert!(CapabilityKey::load(&path, false).is_err(), "missing and not asked to make one");
-        let made = CapabilityKey::load(&path, true).expect("made");
-        let read = CapabilityKey::load(&path, false).expect("read");
-        assert_eq!(read.verify(&made.sign(&grant()), 0), Ok(grant()));
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o600);
     }
 }

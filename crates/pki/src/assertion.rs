@@ -13,8 +13,8 @@
 
 use std::path::Path;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use crate::shared_key::SharedKey;
+use crate::PkiError;
 
 const PREFIX: &str = "op1";
 /// How long an assertion is good for: one call, with room for a retry.
@@ -40,53 +40,25 @@ pub enum AssertionError {
     BadSignature,
     #[error("the operator assertion expired")]
     Expired,
-    #[error("operator key {0}: {1}")]
-    Key(String, String),
 }
 
-/// The key portal and broker share (32 random bytes, hex, in a file readable by its owner).
-#[derive(Clone)]
-pub struct OperatorKey([u8; 32]);
-
-impl std::fmt::Debug for OperatorKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OperatorKey(…)")
-    }
-}
+/// The key portal and broker share.
+#[derive(Clone, Debug)]
+pub struct OperatorKey(SharedKey);
 
 impl OperatorKey {
     pub fn generate() -> OperatorKey {
-        OperatorKey(rand::random())
+        OperatorKey(SharedKey::generate())
     }
 
     /// Reads the key at `path`; with `create`, makes one there first if the file is missing.
-    pub fn load(path: &Path, create: bool) -> Result<OperatorKey, AssertionError> {
-        let err = |e: &dyn std::fmt::Display| AssertionError::Key(path.display().to_string(), e.to_string());
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let mut key = [0u8; 32];
-                hex::decode_to_slice(text.trim(), &mut key).map_err(|e| err(&e))?;
-                Ok(OperatorKey(key))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-                let key = OperatorKey::generate();
-                crate::write_private_file(path, &hex::encode(key.0)).map_err(|e| err(&e))?;
-                Ok(key)
-            }
-            Err(e) => Err(err(&e)),
-        }
-    }
-
-    /// HMAC-SHA-256 of `message`.
-    fn mac(&self, message: &str) -> [u8; 32] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-        mac.update(message.as_bytes());
-        mac.finalize().into_bytes().into()
+    pub fn load(path: &Path, create: bool) -> Result<OperatorKey, PkiError> {
+        SharedKey::load(path, create).map(OperatorKey)
     }
 
     pub fn sign(&self, a: &OperatorAssertion) -> String {
         let signed = format!("{PREFIX}.{}.{}.{}.{}", a.operator, a.roles.join(","), a.acting, a.expires_ms);
-        format!("{signed}.{}", hex::encode(self.mac(&signed)))
+        format!("{signed}.{}", hex::encode(self.0.mac(signed.as_bytes())))
     }
 
     /// What `text` asserts, if this key signed it and it has not expired at `now_ms`.
@@ -94,9 +66,7 @@ impl OperatorKey {
         let (signed, mac) = text.rsplit_once('.').ok_or(AssertionError::Malformed)?;
         let mut given = [0u8; 32];
         hex::decode_to_slice(mac, &mut given).map_err(|_| AssertionError::Malformed)?;
-        let expected = self.mac(signed);
-        // Constant time: every byte compared whatever the first difference.
-        if given.iter().zip(expected.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) != 0 {
+        if !self.0.verify(signed.as_bytes(), &given) {
             return Err(AssertionError::BadSignature);
         }
         let mut parts = signed.split('.');
@@ -141,13 +111,5 @@ mod tests {
         for junk in ["", "op1", "op1.1.a.a.1.zz", &format!("{text}.extra")] {
             assert!(key.verify(junk, 0).is_err(), "{junk:?}");
         }
-    }
-
-    #[test]
-    fn the_mac_is_standard_hmac_sha256() {
-        // A 32-byte key of 0x0b over "Hi There", as `openssl dgst -sha256 -mac HMAC -macopt
-        // hexkey:0b0b…` computes it: the broker and any other implementation agree.
-        let key = OperatorKey([0x0b; 32]);
-        assert_eq!(hex::encode(key.mac("Hi There")), "198a607eb44bfbc69903a0f1cf2bbdc5ba0aa3f3d9ae3c1c7a3b1696a0b68cf7");
     }
 }

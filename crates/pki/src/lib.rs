@@ -14,6 +14,7 @@
 //! in a certificate the CA signed; an agent's certificate (`suanli:node:<id>`) never passes.
 
 pub mod assertion;
+pub mod shared_key;
 pub mod ssh;
 
 use std::io::Write;
