@@ -8,9 +8,10 @@ pub mod client;
 pub mod convert;
 pub mod error;
 
+/// Generated from `proto/suanli/v1` and checked in (`tests/generated.rs` keeps it current).
 #[allow(clippy::all, clippy::unwrap_used)]
 pub mod v1 {
-    tonic::include_proto!("suanli.v1");
+    include!("gen/suanli.v1.rs");
 }
 
 pub use error::{decode_status, to_status, ApiError};
