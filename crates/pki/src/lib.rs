@@ -130,31 +130,28 @@ impl Ca {
 
     /// A TLS server certificate for a broker node, valid for `names` (DNS names or IP addresses).
     pub fn server_certificate(&self, names: &[String]) -> Result<CertifiedKey, PkiError> {
-        let key = KeyPair::generate().map_err(|e| PkiError::Key(e.to_string()))?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = name("suanli-broker");
-        params.subject_alt_names = san(names)?;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, SERVER_VALIDITY);
-        params.serial_number = Some(random_serial());
-        let cert = params.signed_by(&key, &self.issuer).map_err(|e| PkiError::Certificate(e.to_string()))?;
-        Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        self.node_certificate("suanli-broker", san(names)?, vec![ExtendedKeyUsagePurpose::ServerAuth])
     }
 
     /// Broker node `node`'s peer certificate: server and client end of the mutual TLS between
     /// nodes, valid for `names` (DNS names or IP addresses it is reached by) and naming the
     /// node as `suanli:broker:<node>`.
     pub fn peer_certificate(&self, node: u64, names: &[String]) -> Result<CertifiedKey, PkiError> {
+        let mut names = san(names)?;
+        let uri = format!("{PEER_URI_PREFIX}{node}").try_into().map_err(|_| PkiError::Certificate("peer URI".into()))?;
+        names.push(SanType::URI(uri));
+        let usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        self.node_certificate(&format!("suanli-broker node {node}"), names, usages)
+    }
+
+    /// A fresh key and a certificate for it, signed by this CA, for one of the broker's own
+    /// endpoints (valid [`SERVER_VALIDITY`], never a CA).
+    fn node_certificate(&self, common_name: &str, names: Vec<SanType>, usages: Vec<ExtendedKeyUsagePurpose>) -> Result<CertifiedKey, PkiError> {
         let key = KeyPair::generate().map_err(|e| PkiError::Key(e.to_string()))?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = name(&format!("suanli-broker node {node}"));
-        params.subject_alt_names = san(names)?;
-        let uri = format!("{PEER_URI_PREFIX}{node}").try_into().map_err(|_| PkiError::Certificate("peer URI".into()))?;
-        params.subject_alt_names.push(SanType::URI(uri));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.distinguished_name = name(common_name);
+        params.subject_alt_names = names;
+        params.extended_key_usages = usages;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.is_ca = IsCa::ExplicitNoCa;
         params.use_authority_key_identifier_extension = true;
