@@ -445,6 +445,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&args.data_dir)?;
     }
     let fresh = !args.data_dir.join("raft").exists();
+    std::fs::create_dir_all(&args.data_dir)?;
+    // Signs the artifact capabilities of jobs, as in production: the local scheduler's store
+    // checks them with the same file (`ops/run-local`), and the agents hold no store token.
+    let artifact_key = suanli_artifacts::CapabilityKey::load(&args.data_dir.join("artifact.key"), true)?;
     let node = server::start(NodeConfig {
         node_id: 1,
         data_dir: args.data_dir.clone(),
@@ -462,7 +466,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         health: Default::default(),
         deposit_limits: Default::default(),
         services: Default::default(),
-        artifact_key: None,
+        artifact_key: Some(artifact_key),
         operator_key: None,
         peer_overrides: Default::default(),
         agent_listen: Some(args.agent_listen),

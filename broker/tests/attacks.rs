@@ -59,7 +59,7 @@ async fn a_node_cut_off_from_the_leader_never_calls_a_new_token_unknown() {
     // The cut-off node has not applied the registration: it must not call the token unknown.
     let mut researcher = cluster.client(cut, &token).await.expect("client");
     for _ in 0..3 {
-        let answer = researcher.list_leases(v1::ListLeasesRequest { live_only: true }).await;
+        let answer = researcher.list_leases(v1::ListLeasesRequest { live_only: true, ..Default::default() }).await;
         let error = decode_status(&answer.expect_err("the cut-off node cannot answer"));
         assert_eq!(error.code, ErrorCode::Unavailable, "a retryable answer, not a definitive one: {error:?}");
     }
@@ -67,7 +67,7 @@ async fn a_node_cut_off_from_the_leader_never_calls_a_new_token_unknown() {
     cluster.heal();
     suanli_testkit::eventually(Duration::from_secs(30), Duration::from_millis(100), || {
         let mut r = researcher.clone();
-        async move { r.list_leases(v1::ListLeasesRequest { live_only: true }).await.ok() }
+        async move { r.list_leases(v1::ListLeasesRequest { live_only: true, ..Default::default() }).await.ok() }
     })
     .await
     .expect("the token is known once the node caught up");
@@ -301,4 +301,36 @@ async fn an_operator_acts_only_with_the_portals_signed_word_and_within_the_role_
         assert_eq!(refused.code, ErrorCode::PermissionDenied, "{why}: {refused:?}");
     }
     as_dispatcher(Some(signed(&["dispatcher", "monitor"], now + 60_000))).await.expect("the portal's word for a dispatcher");
+}
+
+#[tokio::test]
+async fn an_account_s_refused_commands_never_reach_the_log() {
+    let cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
+    let leader = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let mut platform = cluster.client(leader, PLATFORM_TOKEN).await.expect("client");
+    let (_, token) = register(&mut platform, AccountKind::Researcher, "mallory").await.expect("register");
+    let (victim, _) = register(&mut platform, AccountKind::Researcher, "victim").await.expect("register");
+    cluster.converge(Duration::from_secs(20)).await.expect("converged");
+    let before = cluster.status(leader).await.expect("status").last_log_index;
+    // Through a follower too: forwarded to the leader, refused there before proposing.
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).expect("a follower");
+    for node in [leader, follower] {
+        let mut mallory = cluster.client(node, &token).await.expect("client");
+        let channel = suanli_proto::client::channel(&format!("http://{}", cluster.address(node).expect("address"))).await.expect("channel");
+        let mut jobs = v1::job_service_client::JobServiceClient::with_interceptor(channel, suanli_proto::client::bearer(Some(&token)).expect("bearer"));
+        for n in 0..20 {
+            let id = |what: &str| format!("{what}-{node}-{n}");
+            let end = mallory.end_lease(v1::EndLeaseRequest { request_id: id("end"), lease_id: 4242 + n, reason: v1::EndReason::ByResearcher.into() }).await;
+            assert_eq!(decode_status(&end.expect_err("no such lease of hers")).code, ErrorCode::NotFound);
+            let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl x";
+            let add = mallory.add_ssh_key(v1::AddSshKeyRequest { request_id: id("key"), account_id: victim, public_key: key.into() }).await;
+            assert_eq!(decode_status(&add.expect_err("not her account")).code, ErrorCode::PermissionDenied);
+            let enroll = mallory.enroll_node(v1::EnrollNodeRequest { request_id: id("node"), inventory: None }).await;
+            assert!(enroll.is_err(), "a researcher enrolls no node");
+            let cancel = jobs.cancel_job(v1::JobRef { request_id: id("cancel"), job_id: 77 + n }).await;
+            assert_eq!(decode_status(&cancel.expect_err("no such job of hers")).code, ErrorCode::NotFound);
+        }
+    }
+    assert_eq!(cluster.status(leader).await.expect("status").last_log_index, before, "no refusal entered the log");
+    assert_eq!(cluster.leader(Duration::from_secs(5)).await.expect("leader"), leader, "the leader stayed");
 }

@@ -10,7 +10,7 @@ use suanli_proto::decode_status;
 use suanli_proto::v1::{self, AccountKind};
 use suanli_testkit::fixtures::{self, register};
 use suanli_types::ClusterClass;
-use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
+use suanli_testkit::cluster::{leases_as_applied, BrokerCluster, PLATFORM_TOKEN};
 use suanli_testkit::link::Fault;
 use suanli_types::ErrorCode;
 use tokio_stream::StreamExt;
@@ -69,7 +69,7 @@ async fn any_node_serves_writes_and_linearizable_reads() {
     // A stale read is served locally: it sees what that node applied.
     cluster.converge(Duration::from_secs(10)).await.expect("converge");
     let mut r = cluster.client(follower, &m.researcher_token).await.expect("client");
-    let mut request = tonic::Request::new(v1::ListLeasesRequest { live_only: true });
+    let mut request = tonic::Request::new(v1::ListLeasesRequest { live_only: true, ..Default::default() });
     request.metadata_mut().insert("x-suanli-read", "stale".parse().expect("header"));
     assert_eq!(r.list_leases(request).await.expect("stale read").into_inner().leases.len(), 3);
 }
@@ -182,11 +182,9 @@ async fn killing_the_leader_under_a_storm_loses_no_acknowledged_lease_and_double
     // Every acknowledged lease is present on every node, with the cards it was granted.
     let mut leases_made = 0;
     for id in cluster.ids() {
-        let mut platform = cluster.client(id, PLATFORM_TOKEN).await.expect("client");
-        let mut request = tonic::Request::new(v1::ListLeasesRequest { live_only: false });
-        request.metadata_mut().insert("x-suanli-read", "stale".parse().expect("header"));
+        let platform = cluster.client(id, PLATFORM_TOKEN).await.expect("client");
         let all: BTreeMap<u64, v1::Lease> =
-            platform.list_leases(request).await.expect("list").into_inner().leases.into_iter().map(|l| (l.lease_id, l)).collect();
+            leases_as_applied(&platform, false).await.expect("list").into_iter().map(|l| (l.lease_id, l)).collect();
         for lease in &acked {
             let stored = all.get(&lease.lease_id).unwrap_or_else(|| panic!("node {id} lost acknowledged {}", lease.lease_id));
             assert_eq!(stored.card_ids, lease.card_ids);
@@ -277,7 +275,7 @@ async fn a_restarted_node_catches_up_and_a_new_node_catches_up_from_a_snapshot()
     let status = cluster.status(4).await.expect("status");
     assert!(status.snapshot_index > 0, "node 4 installed a snapshot: {status:?}");
     let mut on_new = cluster.client(4, &m.researcher_token).await.expect("client");
-    let mut request = tonic::Request::new(v1::ListLeasesRequest { live_only: true });
+    let mut request = tonic::Request::new(v1::ListLeasesRequest { live_only: true, ..Default::default() });
     request.metadata_mut().insert("x-suanli-read", "stale".parse().expect("header"));
     assert_eq!(on_new.list_leases(request).await.expect("read").into_inner().leases.len(), 40);
 }
@@ -332,10 +330,8 @@ async fn a_removed_node_cannot_disturb_the_cluster_and_its_id_is_never_reused() 
 }
 
 async fn live_leases(cluster: &BrokerCluster, id: u64) -> BTreeSet<u64> {
-    let mut platform = cluster.client(id, PLATFORM_TOKEN).await.expect("client");
-    let mut request = tonic::Request::new(v1::ListLeasesRequest { live_only: false });
-    request.metadata_mut().insert("x-suanli-read", "stale".parse().expect("header"));
-    platform.list_leases(request).await.expect("list").into_inner().leases.into_iter().map(|l| l.lease_id).collect()
+    let platform = cluster.client(id, PLATFORM_TOKEN).await.expect("client");
+    leases_as_applied(&platform, false).await.expect("list").into_iter().map(|l| l.lease_id).collect()
 }
 
 #[tokio::test]

@@ -154,7 +154,7 @@ async fn bad_input_gets_the_documented_code_and_changes_nothing() {
     let broker = start(&dir.path().join("data"), dir.path()).await;
     let mut a = actors(&broker).await;
     let cluster = publish(&mut a.supplier, ClusterClass::B, 2, "b1").await;
-    let before = a.platform.list_leases(v1::ListLeasesRequest { live_only: false }).await.expect("list").into_inner();
+    let before = a.platform.list_leases(v1::ListLeasesRequest { live_only: false, ..Default::default() }).await.expect("list").into_inner();
 
     // Unknown cluster, missing billing mode, zero periods.
     assert_eq!(code_of(a.researcher.request_lease(lease_b(4242, 1, "x1")).await), ErrorCode::NotFound);
@@ -195,9 +195,9 @@ async fn bad_input_gets_the_documented_code_and_changes_nothing() {
 
     // Missing, malformed and unknown credentials.
     let mut anonymous = client::connect(&format!("http://{}", broker.get("grpc").expect("grpc")), None).await.expect("connect");
-    assert_eq!(code_of(anonymous.list_leases(v1::ListLeasesRequest { live_only: false }).await), ErrorCode::Unauthenticated);
+    assert_eq!(code_of(anonymous.list_leases(v1::ListLeasesRequest { live_only: false, ..Default::default() }).await), ErrorCode::Unauthenticated);
     let mut stranger = connect(&broker, "sl_not-a-real-token").await;
-    assert_eq!(code_of(stranger.list_leases(v1::ListLeasesRequest { live_only: false }).await), ErrorCode::Unauthenticated);
+    assert_eq!(code_of(stranger.list_leases(v1::ListLeasesRequest { live_only: false, ..Default::default() }).await), ErrorCode::Unauthenticated);
     // Only the platform registers accounts.
     let r = a.researcher.register_account(v1::RegisterAccountRequest { request_id: "r".into(), kind: AccountKind::Supplier.into(), token: String::new() }).await;
     assert_eq!(code_of(r), ErrorCode::PermissionDenied);
@@ -208,7 +208,7 @@ async fn bad_input_gets_the_documented_code_and_changes_nothing() {
     let bad_id = lease_b(cluster.cluster_id, 1, "has spaces");
     assert_eq!(code_of(a.researcher.request_lease(bad_id).await), ErrorCode::InvalidArgument);
 
-    let after = a.platform.list_leases(v1::ListLeasesRequest { live_only: false }).await.expect("list").into_inner();
+    let after = a.platform.list_leases(v1::ListLeasesRequest { live_only: false, ..Default::default() }).await.expect("list").into_inner();
     assert_eq!(after.leases.len(), before.leases.len() + 1, "only the one valid request created a lease");
 }
 

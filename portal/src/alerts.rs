@@ -141,7 +141,7 @@ async fn follow(state: &AppState, settings: AlertSettings) -> ApiResult<()> {
     let mut stream = state.market.platform()?.watch(v1::WatchRequest { after_index: after }).await?.into_inner();
     while let Some(message) = stream.next().await {
         match message?.kind {
-            Some(v1::watch_response::Kind::Resync(r)) => {
+            Some(v1::watch_response::Kind::Resync(r)) if !r.more => {
                 // Events in between were compacted away: conditions that changed meanwhile are
                 // missed; start again from here.
                 tracing::warn!(index = r.index, "alert engine resynced: events before it were compacted");
@@ -151,7 +151,8 @@ async fn follow(state: &AppState, settings: AlertSettings) -> ApiResult<()> {
                 let decisions = if b.at_ms >= since { decide(state, &b, settings).await? } else { Vec::new() };
                 apply(state, b.index, decisions).await?;
             }
-            None => {}
+            // The earlier parts of a resync: its last part carries the index to start from.
+            Some(v1::watch_response::Kind::Resync(_)) | None => {}
         }
     }
     Ok(())
@@ -233,13 +234,13 @@ async fn decide(state: &AppState, b: &v1::EventBatch, settings: AlertSettings) -
 }
 
 async fn card_of(state: &AppState, card_id: u64) -> ApiResult<Option<(v1::Node, v1::Card)>> {
-    let all = state.market.platform()?.list_nodes(v1::ListNodesRequest { unclustered_only: false }).await?.into_inner();
+    let all = suanli_proto::client::all_nodes(&state.market.platform()?, false).await?;
     let Some(card) = all.cards.into_iter().find(|c| c.card_id == card_id) else { return Ok(None) };
     Ok(all.nodes.into_iter().find(|n| n.node_id == card.node_id).map(|n| (n, card)))
 }
 
 async fn check_leases(state: &AppState, settings: AlertSettings) -> ApiResult<()> {
-    let leases = state.market.platform()?.list_leases(v1::ListLeasesRequest { live_only: true }).await?.into_inner().leases;
+    let leases = suanli_proto::client::all_leases(&state.market.platform()?, true).await?;
     let now = now_ms();
     let mut decisions = Vec::new();
     for l in leases.iter().filter(|l| l.state == v1::LeaseState::Active as i32 && l.paid_until_ms > now) {

@@ -282,9 +282,27 @@ impl Market {
     async fn follow_once(&self) -> Result<(), ApiError> {
         let after_index = self.catalogue.read().unwrap_or_else(|p| p.into_inner()).index;
         let mut stream = self.platform()?.watch(v1::WatchRequest { after_index }).await?.into_inner();
+        // A resync comes in parts; the state is replaced once the last has arrived.
+        let mut resync: Option<v1::Resync> = None;
         while let Some(message) = stream.next().await {
             match message?.kind {
-                Some(v1::watch_response::Kind::Resync(r)) => self.apply_resync(r),
+                Some(v1::watch_response::Kind::Resync(part)) => {
+                    let whole = match resync.take() {
+                        Some(mut so_far) if so_far.index == part.index => {
+                            so_far.clusters.extend(part.clusters);
+                            so_far.cards.extend(part.cards);
+                            so_far.leases.extend(part.leases);
+                            so_far.more = part.more;
+                            so_far
+                        }
+                        _ => part,
+                    };
+                    if whole.more {
+                        resync = Some(whole);
+                    } else {
+                        self.apply_resync(whole);
+                    }
+                }
                 Some(v1::watch_response::Kind::Batch(b)) => self.apply_batch(b).await,
                 None => {}
             }

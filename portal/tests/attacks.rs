@@ -217,9 +217,9 @@ async fn a_deregistered_accounts_market_token_stops_working() {
     let keys = suanli_portal::crypto::KeyFile::load(&w.dir.path().join("portal-keys.toml")).expect("keys").expect("key file");
     let token = keys.ring().expect("ring").open(&sealed).expect("open");
     let mut market = w.broker.client(1, &token).await.expect("client");
-    market.list_leases(suanli_proto::v1::ListLeasesRequest { live_only: false }).await.expect("the token works while the account lives");
+    market.list_leases(suanli_proto::v1::ListLeasesRequest { live_only: false, ..Default::default() }).await.expect("the token works while the account lives");
     let (status, body) = api.send(reqwest::Method::DELETE, "/api/v1/me", Some(json!({"password": PASSWORD}))).await.expect("deregister");
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
-    let refused = market.list_leases(suanli_proto::v1::ListLeasesRequest { live_only: false }).await.expect_err("revoked");
+    let refused = market.list_leases(suanli_proto::v1::ListLeasesRequest { live_only: false, ..Default::default() }).await.expect_err("revoked");
     assert_eq!(suanli_proto::decode_status(&refused).code, suanli_types::ErrorCode::Unauthenticated);
 }

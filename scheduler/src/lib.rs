@@ -7,6 +7,7 @@
 //! broker's scheduler lease, and every placement carries the lease's epoch, which the broker
 //! refuses once another replica has taken over (fencing).
 
+pub mod artifact_gc;
 pub mod service;
 pub mod spec;
 pub mod view;

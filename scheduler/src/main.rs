@@ -58,6 +58,12 @@ struct ServeArgs {
     /// `artifact_key_file`): with it, nodes reach their own jobs' artifacts and nothing else.
     #[arg(long, env = "SUANLI_ARTIFACTS_KEY_FILE")]
     artifacts_key_file: Option<PathBuf>,
+    /// The artifact store's TLS certificate (PEM, from the cluster CA agents trust); with
+    /// `--artifacts-tls-key` the store serves HTTPS. Required off loopback.
+    #[arg(long, env = "SUANLI_ARTIFACTS_TLS_CERT")]
+    artifacts_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "SUANLI_ARTIFACTS_TLS_KEY")]
+    artifacts_tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -90,6 +96,12 @@ struct FileScheduler {
     artifacts_key_file: Option<PathBuf>,
     /// Bytes each account's uploads (through capabilities) may take; none: no quota.
     artifacts_quota_bytes: Option<u64>,
+    artifacts_tls_cert: Option<PathBuf>,
+    artifacts_tls_key: Option<PathBuf>,
+    /// Seconds between garbage collections of the artifact store (3600 by default; 0: never).
+    artifacts_gc_every_s: Option<u64>,
+    /// Uploads younger than this many seconds are never collected (86400 by default).
+    artifacts_gc_grace_s: Option<u64>,
     /// Policy tuning (LAS queue thresholds, heterogeneity throughput table).
     policy_config: Option<PolicyConfig>,
 }
@@ -164,6 +176,16 @@ async fn main() -> anyhow::Result<()> {
                 let token = s.artifacts_token.clone().context("--artifacts-token is required with --artifacts-listen")?;
                 anyhow::ensure!(token.len() >= 16, "the artifact token must be at least 16 characters");
                 let store = suanli_artifacts::LocalStore::open(&dir, file.artifacts_max_bytes.unwrap_or(64 << 30))?;
+                let tls = match (s.artifacts_tls_cert.clone().or(file.artifacts_tls_cert.clone()), s.artifacts_tls_key.clone().or(file.artifacts_tls_key.clone())) {
+                    (Some(cert), Some(key)) => Some(suanli_artifacts::tls::load_server_config(&cert, &key)?),
+                    (None, None) => None,
+                    _ => anyhow::bail!("give both --artifacts-tls-cert and --artifacts-tls-key, or neither"),
+                };
+                // Capabilities are bearer credentials: they cross a network only inside TLS.
+                anyhow::ensure!(
+                    tls.is_some() || listen.ip().is_loopback(),
+                    "the artifact store serves off loopback ({listen}) only with TLS: --artifacts-tls-cert and --artifacts-tls-key"
+                );
                 let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
                 artifacts = listener.local_addr()?.to_string();
                 let capabilities = match s.artifacts_key_file.clone().or(file.artifacts_key_file.clone()) {
@@ -177,12 +199,35 @@ async fn main() -> anyhow::Result<()> {
                     owners_dir: Some(dir.join("accounts")),
                     quota_bytes: file.artifacts_quota_bytes,
                 };
-                let app = suanli_artifacts::server::router_with(std::sync::Arc::new(store), access);
-                tokio::spawn(async move {
-                    if let Err(e) = axum::serve(listener, app).await {
-                        tracing::error!(error = %e, "artifact store stopped");
+                let (app, collector) = suanli_artifacts::server::router_and_collector(std::sync::Arc::new(store), access);
+                let every = file.artifacts_gc_every_s.unwrap_or(3600);
+                if let (Some(collector), true) = (collector, every > 0) {
+                    let gc = suanli_scheduler::artifact_gc::GcConfig {
+                        brokers: config.brokers.clone(),
+                        broker_ca: config.broker_ca.clone(),
+                        platform_token: config.platform_token.clone(),
+                        every: Duration::from_secs(every),
+                        grace: Duration::from_secs(file.artifacts_gc_grace_s.unwrap_or(24 * 3600)),
+                    };
+                    tokio::spawn(suanli_scheduler::artifact_gc::run(collector, gc));
+                }
+                match tls {
+                    Some(config) => {
+                        let listener = suanli_artifacts::tls::TlsListener::new(listener, config)?;
+                        tokio::spawn(async move {
+                            if let Err(e) = axum::serve(listener, app).await {
+                                tracing::error!(error = %e, "artifact store stopped");
+                            }
+                        });
                     }
-                });
+                    None => {
+                        tokio::spawn(async move {
+                            if let Err(e) = axum::serve(listener, app).await {
+                                tracing::error!(error = %e, "artifact store stopped");
+                            }
+                        });
+                    }
+                }
             }
             println!("SUANLI_READY scheduler={name} policy={} artifacts={artifacts}", kind.as_str());
             use std::io::Write;

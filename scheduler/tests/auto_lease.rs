@@ -37,7 +37,7 @@ async fn the_cheapest_matching_cards_are_leased_for_a_job_and_released_after_it(
     let lease = eventually(Duration::from_secs(60), POLL, || {
         let mut c = researcher.clone();
         async move {
-            let leases = c.list_leases(v1::ListLeasesRequest { live_only: false }).await.ok()?.into_inner().leases;
+            let leases = c.list_leases(v1::ListLeasesRequest { live_only: false, ..Default::default() }).await.ok()?.into_inner().leases;
             leases.into_iter().find(|l| l.auto_for_job_id == job)
         }
     })

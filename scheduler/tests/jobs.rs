@@ -161,7 +161,7 @@ async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
         let price = l.price_per_card.expect("price").minor as i128;
         let expected = (price * l.card_ids.len() as i128 * used_ms + 1_800_000) / 3_600_000; // half up, hourly
         let txs = researcher
-            .list_transactions(v1::ListTransactionsRequest { account_id: 0, month: String::new() })
+            .list_transactions(v1::ListTransactionsRequest { account_id: 0, month: String::new(), ..Default::default() })
             .await
             .expect("transactions")
             .into_inner()

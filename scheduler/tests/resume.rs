@@ -105,3 +105,30 @@ echo "trained for $step steps" > "$SUANLI_OUTPUT_DIR/model.txt""#,
     store.download_to(sha.parse::<Digest>().expect("digest"), &back).await.expect("download the output");
     assert_eq!(std::fs::read_to_string(&back).expect("read"), format!("trained for {STEPS} steps\n"));
 }
+
+/// A job that checkpoints and dies at once: the agent saves the checkpoint it left before it
+/// reports the end, so a retry (or the researcher) has it, however short the run was.
+#[tokio::test]
+async fn the_checkpoint_a_job_leaves_as_it_dies_is_saved_before_its_end_is_reported() {
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return;
+    }
+    let w = World::start(1, 1, 1).await;
+    let mut jobs = w.jobs(&w.researcher_token).await;
+    let script = r#"echo "step 7" > "$SUANLI_CHECKPOINT_DIR/checkpoint"; exit 3"#;
+    let spec = serde_json::json!({
+        "name": "short-lived", "kind": "training",
+        "resources": { "cards": 1 },
+        "run": { "command": { "program": "/bin/sh", "args": ["-c", script] } },
+        "max_attempts": 1,
+    });
+    let job = w.submit(&mut jobs, "short-lived", &spec).await.job_id;
+    let done = wait_done(&mut jobs, 1, Duration::from_secs(60)).await;
+    let j = done.iter().find(|j| j.job_id == job).expect("the job");
+    assert_eq!(j.state, "failed", "{j:?}\n{}", w.logs());
+    assert!(!j.checkpoint_sha256.is_empty(), "the last checkpoint was saved: {j:?}\n{}", w.logs());
+    let store = ArtifactClient::new(&w.artifacts, ARTIFACT_TOKEN);
+    let back = w.dir.path().join("checkpoint");
+    store.download_to(j.checkpoint_sha256.parse::<Digest>().expect("digest"), &back).await.expect("download the checkpoint");
+    assert_eq!(std::fs::read_to_string(&back).expect("read"), "step 7\n");
+}

@@ -27,7 +27,8 @@ pub struct AgentArgs {
     /// name their own program).
     #[arg(long, env = "SUANLI_AGENT_JOB_BINARY")]
     pub job_binary: Option<PathBuf>,
-    /// The artifact store jobs' inputs, outputs and checkpoints go through (`http://host:port`).
+    /// The artifact store jobs' inputs, outputs and checkpoints go through (`https://host:port`,
+    /// its certificate from the cluster CA in `broker_ca`; `http://` only on loopback).
     #[arg(long, env = "SUANLI_AGENT_ARTIFACTS_URL")]
     pub artifacts_url: Option<String>,
     /// A store-wide bearer token, only for stores that take no capabilities: the broker hands
@@ -240,6 +241,11 @@ impl AgentConfig {
             state_dir: absolute(args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/agent")))?,
             job_binary: args.job_binary.clone().or(file.job_binary),
             artifacts: match (args.artifacts_url.clone().or(file.artifacts_url), args.artifacts_token.clone().or(file.artifacts_token)) {
+                (Some(url), _) if !artifact_url_is_safe(&url) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "artifacts_url {url:?}: capabilities travel only inside TLS (https://), or to a store on this host"
+                    )))
+                }
                 (Some(url), token) => Some((url, token)),
                 (None, None) => None,
                 (None, Some(_)) => return Err(ConfigError::Invalid("an artifact token without the store's URL".into())),
@@ -381,6 +387,21 @@ fn load(path: &Path) -> Result<FileAgent, ConfigError> {
     Ok(parsed.agent.unwrap_or_default())
 }
 
+
+/// `https://` anywhere, `http://` only to this host's loopback.
+fn artifact_url_is_safe(url: &str) -> bool {
+    if url.starts_with("https://") {
+        return true;
+    }
+    let Some(rest) = url.strip_prefix("http://") else { return false };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,5 +442,16 @@ mod tests {
         }
         let off = resolve(&["--private-dirs", ""]).expect("an empty list turns private dirs off");
         assert!(off.access.private_dirs.is_empty());
+    }
+
+    #[test]
+    fn capabilities_never_travel_in_plaintext_off_this_host() {
+        for url in ["http://store.example:8090", "http://10.0.0.5:8090", "ftp://x", "store:8090"] {
+            let err = resolve(&["--artifacts-url", url]).err().unwrap_or_else(|| panic!("{url} must be refused"));
+            assert!(err.to_string().contains("artifacts_url"), "{url}: {err}");
+        }
+        for url in ["https://store.example:8090", "http://127.0.0.1:8090", "http://localhost:8090", "http://[::1]:8090/"] {
+            resolve(&["--artifacts-url", url]).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
     }
 }

@@ -73,13 +73,18 @@ pub struct JobRunner {
 pub struct ArtifactStore {
     pub url: String,
     pub token: Option<String>,
+    /// The CA an `https://` store's certificate must come from (the cluster CA).
+    pub ca_pem: Option<String>,
 }
 
 impl ArtifactStore {
     fn client(&self, capability: Option<&str>) -> Option<ArtifactClient> {
-        match capability.filter(|c| !c.is_empty()) {
-            Some(capability) => Some(ArtifactClient::new(&self.url, capability)),
-            None => self.token.as_deref().map(|t| ArtifactClient::new(&self.url, t)),
+        let credential = capability.filter(|c| !c.is_empty()).or(self.token.as_deref())?;
+        match (&self.ca_pem, self.url.starts_with("https://")) {
+            (Some(ca), true) => ArtifactClient::with_ca(&self.url, credential, ca)
+                .map_err(|e| tracing::error!(error = %e, "the artifact store's CA is unusable"))
+                .ok(),
+            _ => Some(ArtifactClient::new(&self.url, credential)),
         }
     }
 }
@@ -117,6 +122,18 @@ impl Running {
     fn done() -> Running {
         Running { kill: None, devices: Vec::new(), shared: false, checkpoint: None }
     }
+
+    /// The attempt's process has ended: it keeps only its checkpoint, whose last version is
+    /// saved before the end is reported (what the next attempt resumes from).
+    fn ended(self) -> Running {
+        let checkpoint = self.checkpoint.map(|cp| Checkpoint { ending: Some(Ending::Pending), ..cp });
+        Running { checkpoint, ..Running::done() }
+    }
+
+    /// Whether the end can be reported: no last checkpoint is still to be saved.
+    fn end_reportable(&self) -> bool {
+        self.checkpoint.as_ref().is_none_or(|cp| cp.ending == Some(Ending::Saved))
+    }
 }
 
 fn is_shared(job: &v1::Job) -> bool {
@@ -134,6 +151,21 @@ struct Checkpoint {
     progress: Option<String>,
     progress_sent: Option<std::time::Instant>,
     progress_reports: u64,
+    /// Set once the process has ended: the checkpoint it left is saved once more, then the
+    /// end is reported.
+    ending: Option<Ending>,
+}
+
+/// The last checkpoint of an attempt whose process has ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Ending {
+    /// Not looked at since the end.
+    Pending,
+    /// One upload started after the end; its result settles it (a file still changing after
+    /// that is not chased: another process of the lease could change it forever).
+    Uploading,
+    /// Saved, unchanged, absent or refused: the end may be reported.
+    Saved,
 }
 
 /// A file's modification time (seconds, nanoseconds) and size: whether it changed.
@@ -183,18 +215,10 @@ impl JobRunner {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                Some(ended) = ended_rx.recv() => {
-                    // Its process is gone (its cards free), but the attempt stays known here
-                    // until the broker stops listing it: its end may still be uploading its
-                    // outputs or waiting for a broker, and must never look like an attempt of
-                    // an earlier agent, nor be started again.
-                    running.insert(ended.key, Running::done());
-                    to_report.push(ended);
-                }
+                Some(ended) = ended_rx.recv() => note_ended(&mut running, &mut to_report, ended),
             }
             while let Ok(ended) = ended_rx.try_recv() {
-                running.insert(ended.key, Running::done());
-                to_report.push(ended);
+                note_ended(&mut running, &mut to_report, ended);
             }
             if last_contact.elapsed() > self.fence_after {
                 fence(&mut running, last_contact.elapsed());
@@ -211,7 +235,7 @@ impl JobRunner {
             }
             let Some(c) = channel.clone() else { continue };
             let mut client = JobServiceClient::new(c);
-            to_report = self.report(&mut client, std::mem::take(&mut to_report), &mut uploads).await;
+            to_report = self.report(&mut client, std::mem::take(&mut to_report), &running, &mut uploads).await;
             let jobs = match client.list_node_jobs(v1::ListNodeJobsRequest {}).await {
                 Ok(r) => {
                     last_contact = std::time::Instant::now();
@@ -232,11 +256,15 @@ impl JobRunner {
 
     /// Reports ended attempts; returns those that could not be reported yet (their outputs are
     /// still uploading, or the broker did not answer).
-    async fn report(&self, client: &mut JobServiceClient<Channel>, ended: Vec<Ended>, uploads: &mut Uploads) -> Vec<Ended> {
+    async fn report(&self, client: &mut JobServiceClient<Channel>, ended: Vec<Ended>, running: &BTreeMap<Key, Running>, uploads: &mut Uploads) -> Vec<Ended> {
         let mut left = Vec::new();
         for e in ended {
             let (job, attempt) = e.key;
             let marker = self.marker(e.key);
+            if !running.get(&e.key).is_none_or(Running::end_reportable) {
+                left.push(e); // its last checkpoint is still being saved
+                continue;
+            }
             // A secondary rank that finished waits for rank 0 to speak for the job.
             if e.rank > 0 && e.reason == JobEndReason::Completed {
                 let _ = std::fs::remove_file(&marker);
@@ -385,7 +413,12 @@ impl JobRunner {
     async fn sync_checkpoints(&self, client: &mut JobServiceClient<Channel>, running: &mut BTreeMap<Key, Running>) {
         for ((job, attempt), r) in running.iter_mut() {
             let Some(cp) = r.checkpoint.as_mut() else { continue };
-            let Some(store) = self.store_for((*job, *attempt)) else { continue };
+            let Some(store) = self.store_for((*job, *attempt)) else {
+                if cp.ending.is_some() {
+                    cp.ending = Some(Ending::Saved); // nowhere to save it
+                }
+                continue;
+            };
             if let Some((upload, stamp)) = cp.uploading.take() {
                 if !upload.is_finished() {
                     cp.uploading = Some((upload, stamp));
@@ -412,21 +445,40 @@ impl JobRunner {
                         cp.last = Some(stamp); // not again until it changes
                     }
                 }
+                if cp.ending == Some(Ending::Uploading) {
+                    cp.ending = Some(Ending::Saved);
+                }
                 continue;
             }
+            if cp.ending.is_some_and(|e| e != Ending::Pending) {
+                continue; // ended, and its last version already handled
+            }
+            let settle = |cp: &mut Checkpoint| {
+                if cp.ending.is_some() {
+                    cp.ending = Some(Ending::Saved);
+                }
+            };
             let stamp = match cp.dir.stamp(Path::new(CHECKPOINT), self.files.max_bytes) {
                 Ok(Some(stamp)) => stamp,
-                Ok(None) => continue,
+                Ok(None) => {
+                    settle(cp);
+                    continue;
+                }
                 Err(why) => {
                     if cp.last.is_none() {
                         tracing::warn!(job, %why, "checkpoint refused");
                     }
                     cp.last = Some((0, 0, 0));
+                    settle(cp);
                     continue;
                 }
             };
             if cp.last == Some(stamp) {
+                settle(cp);
                 continue;
+            }
+            if cp.ending.is_some() {
+                cp.ending = Some(Ending::Uploading);
             }
             let (store, dir, staging, limits) = (store.clone(), cp.dir.clone(), self.staging_dir(), self.files);
             let upload = tokio::spawn(async move {
@@ -656,6 +708,7 @@ impl JobRunner {
             progress: None,
             progress_sent: None,
             progress_reports: 0,
+            ending: None,
         });
         tokio::spawn(async move {
             let status = tokio::select! {
@@ -686,6 +739,16 @@ impl JobRunner {
         let devices = mine.iter().filter_map(|i| attempt.card_indexes.get(*i).copied()).collect();
         Ok(Some(Running { kill: Some(kill_tx), devices, shared: spec.resources.shared, checkpoint }))
     }
+}
+
+/// An attempt's process has ended (or never started): its cards are free, but the attempt
+/// stays known here until the broker stops listing it: its end may still be saving its last
+/// checkpoint, uploading its outputs or waiting for a broker, and must never look like an
+/// attempt of an earlier agent, nor be started again.
+fn note_ended(running: &mut BTreeMap<Key, Running>, to_report: &mut Vec<Ended>, ended: Ended) {
+    let was = running.remove(&ended.key).map_or_else(Running::done, Running::ended);
+    running.insert(ended.key, was);
+    to_report.push(ended);
 }
 
 /// Stops every attempt on this node: no broker has answered for `silent`.

@@ -91,7 +91,8 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         // Before anything is enrolled or made: a home root lease users cannot enter is refused.
         access::accounts::check_home_root(&config.access.home_root).map_err(anyhow::Error::msg)?;
     }
-    let trust = identity::BrokerTls::new(&config.require_broker()?);
+    let cluster_ca_pem = config.require_broker()?;
+    let trust = identity::BrokerTls::new(&cluster_ca_pem);
     let facts = host::facts(config.hostname.as_deref());
     let gpus = Gpus::open(&config, &facts.hostname)?;
     let inventory = inventory(&facts, &gpus.cards());
@@ -150,7 +151,8 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             node: suanli_types::NodeId(identity.node_id()),
             state_dir: config.state_dir.clone(),
             job_binary: config.job_binary.clone(),
-            artifacts: config.artifacts.clone().map(|(url, token)| jobs::ArtifactStore { url, token }),
+            // An https:// store is trusted on the cluster CA's word only, as the broker is.
+            artifacts: config.artifacts.clone().map(|(url, token)| jobs::ArtifactStore { url, token, ca_pem: Some(cluster_ca_pem.clone()) }),
             capabilities: Default::default(),
             files: config.job_files,
             fence_after: config.fence_after,

@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::jobs::billing;
+use super::paging::Page;
 use super::{auth_code_domain, invalid, may_see_lease, Consistency, now, random_secret, wire, Shared, TOKEN_DOMAIN};
 use crate::state::{Command, Response as Applied};
 
@@ -531,17 +532,19 @@ impl Broker for BrokerApi {
             .observe("ListLeases", async {
                 let consistency = Consistency::of(&request);
                 let caller = self.shared.caller(&request).await?;
-                let live_only = request.get_ref().live_only;
-                let leases = self
+                let req = request.get_ref();
+                let (live_only, page) = (req.live_only, Page::from_wire(req.page_after_id, req.page_size)?);
+                let (leases, next_page_after_id) = self
                     .shared
                     .read(consistency, |s| {
-                        s.leases()
-                            .filter(|l| may_see_lease(&caller, l) && (!live_only || l.state.is_live()))
-                            .map(wire::lease)
-                            .collect()
+                        page.take(
+                            s.leases_after(page.after)
+                                .filter(|l| may_see_lease(&caller, l) && (!live_only || l.state.is_live()))
+                                .map(|l| (l.id.0, wire::lease(l))),
+                        )
                     })
                     .await?;
-                Ok(Response::new(v1::ListLeasesResponse { leases }))
+                Ok(Response::new(v1::ListLeasesResponse { leases, next_page_after_id }))
             })
             .await
     }
@@ -551,7 +554,8 @@ impl Broker for BrokerApi {
             .observe("ListNodes", async {
                 let consistency = Consistency::of(&request);
                 let caller = self.shared.caller(&request).await?;
-                let unclustered_only = request.get_ref().unclustered_only;
+                let req = request.get_ref();
+                let (unclustered_only, page) = (req.unclustered_only, Page::from_wire(req.page_after_id, req.page_size)?);
                 let owner = match caller {
                     Caller::Account(id) => Some(id),
                     Caller::Platform | Caller::Operator(_) => None,
@@ -562,12 +566,13 @@ impl Broker for BrokerApi {
                 let reply = self
                     .shared
                     .read(consistency, |s| {
-                        let nodes: Vec<_> = s
-                            .nodes()
-                            .filter(|n| owner.is_none_or(|o| n.supplier == o) && (!unclustered_only || n.cluster.is_none()))
-                            .collect();
+                        let (nodes, next_page_after_id) = page.take(
+                            s.nodes_after(page.after)
+                                .filter(|n| owner.is_none_or(|o| n.supplier == o) && (!unclustered_only || n.cluster.is_none()))
+                                .map(|n| (n.id.0, n)),
+                        );
                         let cards = nodes.iter().flat_map(|n| n.cards.iter().filter_map(|c| s.card(*c))).map(wire::card).collect();
-                        v1::ListNodesResponse { nodes: nodes.into_iter().map(wire::node).collect(), cards }
+                        v1::ListNodesResponse { nodes: nodes.into_iter().map(wire::node).collect(), cards, next_page_after_id }
                     })
                     .await?;
                 Ok(Response::new(reply))
@@ -634,6 +639,41 @@ pub(crate) async fn set_card_status(
     }
 }
 
+/// At most this many clusters, cards and leases in one part of a resync (each well under a
+/// kilobyte on the wire, so a part stays far below gRPC's message limit).
+const RESYNC_PART_ITEMS: usize = 1000;
+
+/// The state as of `index` for a watcher that starts over, in parts of bounded size: clusters,
+/// then cards, then live leases; every part but the last says more follow.
+fn resync_parts(s: &crate::state::State, index: u64) -> Vec<v1::Resync> {
+    let mut parts = vec![v1::Resync { index, ..Default::default() }];
+    let mut room = RESYNC_PART_ITEMS;
+    let mut next_part = |parts: &mut Vec<v1::Resync>| -> usize {
+        if room == 0 {
+            if let Some(last) = parts.last_mut() {
+                last.more = true;
+            }
+            parts.push(v1::Resync { index, ..Default::default() });
+            room = RESYNC_PART_ITEMS;
+        }
+        room -= 1;
+        parts.len() - 1
+    };
+    for c in s.clusters() {
+        let at = next_part(&mut parts);
+        parts[at].clusters.push(wire::cluster(&s.summary(c)));
+    }
+    for card in s.cards() {
+        let at = next_part(&mut parts);
+        parts[at].cards.push(wire::card(card));
+    }
+    for lease in s.leases().filter(|l| l.state.is_live()) {
+        let at = next_part(&mut parts);
+        parts[at].leases.push(wire::lease(lease));
+    }
+    parts
+}
+
 /// Feeds one watcher: a resync if its position is no longer kept, the backlog from the store,
 /// then live events, re-reading from the store whenever the live feed overflowed.
 async fn stream_events(shared: Shared, after: u64, tx: mpsc::Sender<Result<v1::WatchResponse, Status>>) {
@@ -641,16 +681,13 @@ async fn stream_events(shared: Shared, after: u64, tx: mpsc::Sender<Result<v1::W
     let mut cursor = after;
     let first_kept = shared.sm.first_event_index();
     if first_kept.is_some_and(|first| cursor + 1 < first) {
-        let (index, resync) = shared.sm.read_with_index(|s, index| {
-            let clusters = s.clusters().map(|c| wire::cluster(&s.summary(c))).collect();
-            let cards = s.cards().map(wire::card).collect();
-            let leases = s.leases().map(wire::lease).collect();
-            (index, v1::Resync { index, clusters, cards, leases })
-        });
+        let (index, parts) = shared.sm.read_with_index(|s, index| (index, resync_parts(s, index)));
         cursor = index;
-        let msg = v1::WatchResponse { kind: Some(v1::watch_response::Kind::Resync(resync)) };
-        if tx.send(Ok(msg)).await.is_err() {
-            return;
+        for part in parts {
+            let msg = v1::WatchResponse { kind: Some(v1::watch_response::Kind::Resync(part)) };
+            if tx.send(Ok(msg)).await.is_err() {
+                return;
+            }
         }
     }
     loop {

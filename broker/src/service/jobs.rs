@@ -16,6 +16,7 @@ use suanli_types::{
 use tonic::{Request, Response, Status};
 
 use super::broker_api::unexpected;
+use super::paging::Page;
 use super::{invalid, may_see_lease, now, Consistency, Shared};
 use crate::state::{Command, Job, Response as Applied, State};
 
@@ -191,18 +192,16 @@ impl JobService for Jobs {
             .observe("ListJobs", async {
                 let consistency = Consistency::of(&request);
                 let caller = self.shared.caller(&request).await?;
-                let live_only = request.get_ref().live_only;
-                let jobs = self
+                let req = request.get_ref();
+                let (live_only, page) = (req.live_only, Page::from_wire(req.page_after_id, req.page_size)?);
+                let (jobs, next_page_after_id) = self
                     .shared
                     .read(consistency, |s| {
                         let pick = |j: &&Job| may_see_job(&caller, j) && (!live_only || j.state.is_live());
-                        match caller {
-                            Caller::Account(owner) => s.jobs_of(owner).filter(pick).map(|j| job_to_wire(s, j)).collect(),
-                            _ => s.jobs().filter(pick).map(|j| job_to_wire(s, j)).collect(),
-                        }
+                        page.take(s.jobs_after(page.after).filter(pick).map(|j| (j.id.0, job_to_wire(s, j))))
                     })
                     .await?;
-                Ok(Response::new(v1::ListJobsResponse { jobs }))
+                Ok(Response::new(v1::ListJobsResponse { jobs, next_page_after_id }))
             })
             .await
     }
@@ -607,10 +606,13 @@ pub mod billing {
                     "" => None,
                     raw => Some(month(raw)?),
                 };
-                let transactions = shared
-                    .read(consistency, |s| s.transactions_of(account, month).into_iter().map(transaction_to_wire).collect())
+                let page = Page::from_wire(request.get_ref().page_after_id, request.get_ref().page_size)?;
+                let (transactions, next_page_after_id) = shared
+                    .read(consistency, |s| {
+                        page.take(s.transactions_of(account, month).into_iter().map(|tx| (tx.id, transaction_to_wire(tx))))
+                    })
                     .await?;
-                Ok(Response::new(v1::ListTransactionsResponse { transactions }))
+                Ok(Response::new(v1::ListTransactionsResponse { transactions, next_page_after_id }))
             })
             .await
     }

@@ -37,6 +37,8 @@ pub struct Metrics {
     snapshot_index: Gauge<u64, AtomicU64>,
     snapshot_bytes: Gauge<u64, AtomicU64>,
     committed_index: Gauge<u64, AtomicU64>,
+    /// Commands refused before they were proposed (`Shared::precheck`).
+    pub refused_before_proposal: Counter,
 }
 
 impl Default for Metrics {
@@ -59,6 +61,7 @@ impl Metrics {
             snapshot_index: Gauge::default(),
             snapshot_bytes: Gauge::default(),
             committed_index: Gauge::default(),
+            refused_before_proposal: Counter::default(),
         };
         // Metric handles share their values with their clones, so the registry holds clones.
         let registry = metrics.registry.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -72,6 +75,11 @@ impl Metrics {
         registry.register("raft_snapshot_index", "log index of the last snapshot", metrics.snapshot_index.clone());
         registry.register("raft_snapshot_bytes", "size of the last snapshot built or installed", metrics.snapshot_bytes.clone());
         registry.register("raft_committed_index", "last committed log index known to this node", metrics.committed_index.clone());
+        registry.register(
+            "refused_before_proposal",
+            "commands refused without entering the log: the caller may not send them, or they are malformed",
+            metrics.refused_before_proposal.clone(),
+        );
         metrics
     }
 

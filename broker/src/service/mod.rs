@@ -7,7 +7,9 @@ pub mod broker_api;
 pub mod jobs;
 pub mod metrics;
 pub mod monitoring;
+pub mod paging;
 pub mod powers;
+pub mod read_barrier;
 pub mod reaper;
 pub mod southbound;
 pub mod wire;
@@ -56,6 +58,9 @@ pub struct Shared {
     /// Checks the portal's operator assertions; `None`: the platform token and a role name
     /// suffice to act as an operator (a deployment without the portal's key).
     pub operator_key: Option<suanli_pki::assertion::OperatorKey>,
+    /// Linearizable reads share leadership rounds (a flood of reads, or of unknown tokens to
+    /// confirm, costs the cluster a round at a time, not one per request).
+    read_barrier: Arc<read_barrier::ReadBarrier>,
 }
 
 /// Caps on deposits (`[broker] max_deposit_minor`, `max_deposits_per_day_minor`): the token
@@ -94,6 +99,7 @@ impl Shared {
             services: powers::Services::default(),
             artifact_key: None,
             operator_key: None,
+            read_barrier: Arc::default(),
         }
     }
 
@@ -130,7 +136,7 @@ impl Shared {
         if let Some(found) = self.sm.read(&find) {
             return Ok(found);
         }
-        self.raft.ensure_linearizable().await.map_err(|e| {
+        self.linearizable().await.map_err(|e| {
             status(ErrorCode::Unavailable, format!("cannot confirm the credential on this node now ({e}); retry"), &[])
         })?;
         self.sm.read(&find).ok_or_else(|| to_status(&DomainError::Unauthenticated(why.into())))
@@ -205,22 +211,50 @@ impl Shared {
         if size > rules::MAX_COMMAND_BYTES {
             return Err(to_status(&DomainError::PayloadTooLarge { size, limit: rules::MAX_COMMAND_BYTES }));
         }
+        self.precheck(&envelope.caller, &envelope.request_id, &envelope.command).await?;
         match self.raft.client_write(envelope).await {
             Ok(written) => written.data.map_err(|e| to_status(&e)),
             Err(e) => Err(status(ErrorCode::Unavailable, format!("not committed: {e}"), &[])),
         }
     }
 
+    /// Refuses, without proposing it, a command its caller may not send or that is malformed
+    /// (`State::precheck`): nobody writes refusals into the log at will. A refusal from this
+    /// node's state is given only once it has applied everything committed before the call (a
+    /// retry of a committed request, or a command about something just created, is never
+    /// refused by a node that has not caught up).
+    async fn precheck(&self, caller: &Caller, request_id: &RequestId, command: &Command) -> Result<(), Status> {
+        if self.sm.read(|s| s.precheck(caller, request_id, command)).is_ok() {
+            return Ok(());
+        }
+        self.linearizable()
+            .await
+            .map_err(|e| status(ErrorCode::Unavailable, format!("cannot check the request on this node now ({e}); retry"), &[]))?;
+        self.sm.read(|s| s.precheck(caller, request_id, command)).map_err(|e| {
+            self.metrics.refused_before_proposal.inc();
+            to_status(&e)
+        })
+    }
+
     /// Runs `f` on the state. A linearizable read first makes sure this node is the leader and
     /// has applied everything committed before the call; a stale read uses what this node has.
     pub async fn read<T>(&self, consistency: Consistency, f: impl FnOnce(&State) -> T) -> Result<T, Status> {
         if consistency == Consistency::Linearizable {
-            self.raft
-                .ensure_linearizable()
-                .await
-                .map_err(|e| status(ErrorCode::Unavailable, format!("cannot confirm leadership: {e}"), &[]))?;
+            self.linearizable().await.map_err(|e| status(ErrorCode::Unavailable, format!("cannot confirm leadership: {e}"), &[]))?;
         }
         Ok(self.sm.read(f))
+    }
+
+    /// Returns once this node has confirmed, in a round that began after the call, that it
+    /// leads and has applied everything committed before it.
+    pub async fn linearizable(&self) -> Result<(), String> {
+        let raft = self.raft.clone();
+        self.read_barrier
+            .pass(move || {
+                let raft = raft.clone();
+                async move { raft.ensure_linearizable().await.map(|_| ()).map_err(|e| e.to_string()) }
+            })
+            .await
     }
 
     /// Times a handler and counts its outcome by code.

@@ -13,6 +13,7 @@ use suanli_types::{Caller, ClusterClass, DomainError, ErrorCode, LeaseId, NodeId
 use tonic::{Request, Response, Status};
 
 use super::broker_api::{lease_reply, set_card_status, unexpected};
+use super::paging::Page;
 use super::{invalid, may_see_lease, now, random_secret, wire, Consistency, Shared};
 use crate::state::{rules, Command, Lease, Response as Applied, State};
 
@@ -291,17 +292,19 @@ impl TaskService for Itm {
             .observe("ListTasks", async {
                 let consistency = Consistency::of(&request);
                 let caller = self.shared.caller(&request).await?;
-                let live_only = request.get_ref().live_only;
-                let tasks = self
+                let req = request.get_ref();
+                let (live_only, page) = (req.live_only, Page::from_wire(req.page_after_id, req.page_size)?);
+                let (tasks, next_page_after_id) = self
                     .shared
                     .read(consistency, |s| {
-                        s.leases()
-                            .filter(|l| may_see_lease(&caller, l) && (!live_only || l.state.is_live()))
-                            .map(|l| task_of(s, l))
-                            .collect()
+                        page.take(
+                            s.leases_after(page.after)
+                                .filter(|l| may_see_lease(&caller, l) && (!live_only || l.state.is_live()))
+                                .map(|l| (l.id.0, task_of(s, l))),
+                        )
                     })
                     .await?;
-                Ok(Response::new(v1::ListTasksResponse { tasks }))
+                Ok(Response::new(v1::ListTasksResponse { tasks, next_page_after_id }))
             })
             .await
     }

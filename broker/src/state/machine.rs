@@ -22,6 +22,7 @@ use super::event::Event;
 use super::model::{Account, AuthCode, Card, Cluster, EnrollmentToken, Job, Lease, LeaseAccount, Node, SchedulerLease, ServiceEvaluation};
 
 mod agents;
+mod authority;
 pub mod jobs;
 pub mod ledger;
 
@@ -44,6 +45,9 @@ pub mod rules {
     pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
     /// Revoked SSH certificates one lease may list (they are short-lived anyway).
     pub const MAX_REVOKED_CERTIFICATES: usize = 256;
+    /// Leases one researcher may have waiting (requested or approved, not yet active) at once:
+    /// requesting and abandoning leases costs the researcher nothing but grows the state.
+    pub const MAX_WAITING_LEASES_PER_RESEARCHER: usize = 64;
     /// An enrollment token lives at most this long.
     pub const ENROLLMENT_TOKEN_MAX_SECONDS: i64 = 7 * 24 * 3600;
 }
@@ -168,9 +172,11 @@ impl State {
 
     fn dispatch(&mut self, env: &Envelope, at: Timestamp, events: &mut Vec<Event>) -> Outcome {
         let caller = &env.caller;
+        // Who may send it is settled first, the same way the broker settles it before proposing
+        // (`authority.rs`); the arms below act for a caller already allowed.
+        self.authorize(caller, &env.command)?;
         match &env.command {
             Command::RegisterAccount { kind, token_hash } => {
-                require(matches!(caller, Caller::Platform), "only the platform registers accounts")?;
                 if self.accounts_by_token.contains_key(token_hash) {
                     return Err(DomainError::AlreadyExists { kind: EntityKind::Account, id: "token".into() });
                 }
@@ -184,10 +190,6 @@ impl State {
                 Ok(Response::Account(id))
             }
             Command::AddSshKey { account, key } => {
-                require(
-                    matches!(caller, Caller::Platform) || *caller == Caller::Account(*account),
-                    "only the account itself adds its keys",
-                )?;
                 let acc = self.accounts.get_mut(account).ok_or(DomainError::not_found(EntityKind::Account, account))?;
                 if acc.ssh_keys.contains(key) {
                     return Err(DomainError::AlreadyExists { kind: EntityKind::SshKey, id: key.as_str().into() });
@@ -203,10 +205,6 @@ impl State {
                 Ok(Response::Empty)
             }
             Command::RemoveSshKey { account, key } => {
-                require(
-                    matches!(caller, Caller::Platform) || *caller == Caller::Account(*account),
-                    "only the account itself removes its keys",
-                )?;
                 let acc = self.accounts.get_mut(account).ok_or(DomainError::not_found(EntityKind::Account, account))?;
                 let before = acc.ssh_keys.len();
                 acc.ssh_keys.retain(|k| k != key);
@@ -217,10 +215,6 @@ impl State {
                 Ok(Response::Empty)
             }
             Command::RotateAccountToken { account, token_hash } => {
-                require(
-                    matches!(caller, Caller::Platform) || *caller == Caller::Account(*account),
-                    "only the account itself, or the platform, replaces its token",
-                )?;
                 if self.accounts_by_token.contains_key(token_hash) {
                     return Err(DomainError::AlreadyExists { kind: EntityKind::Account, id: "token".into() });
                 }
@@ -233,7 +227,6 @@ impl State {
             }
             Command::EnrollNode { inventory } => {
                 let supplier = self.account_of_kind(caller, AccountKind::Supplier)?;
-                inventory.validate()?;
                 let node = self.add_node(supplier, inventory, at, events);
                 Ok(Response::Node(Box::new(self.nodes[&node].clone())))
             }
@@ -241,14 +234,13 @@ impl State {
                 self.issue_enrollment_token(caller, *token_hash, *expires_at, at)
             }
             Command::EnrollAgent { token_hash, credential_hash, inventory } => {
-                self.enroll_agent(caller, token_hash, credential_hash, inventory, at, events)
+                self.enroll_agent(token_hash, credential_hash, inventory, at, events)
             }
-            Command::RevokeAgent { node } => self.revoke_agent(caller, *node, events),
-            Command::SetNodeAccess { node, access } => self.set_node_access(caller, *node, access),
-            Command::SetCardHealth { changes } => self.set_card_health(caller, changes, at, events),
+            Command::RevokeAgent { node } => self.revoke_agent(*node, events),
+            Command::SetNodeAccess { node, access } => self.set_node_access(*node, access),
+            Command::SetCardHealth { changes } => self.set_card_health(changes, at, events),
             Command::PublishCluster { class, nodes, listing } => {
                 let supplier = self.account_of_kind(caller, AccountKind::Supplier)?;
-                listing.validate(*class)?;
                 if nodes.is_empty() || nodes.len() > rules::MAX_NODES_PER_CLUSTER {
                     return Err(DomainError::invalid(
                         "nodes",
@@ -294,8 +286,6 @@ impl State {
                 Ok(Response::Cluster(Box::new(cluster)))
             }
             Command::ModifyCluster { cluster, listing } => {
-                let c = self.owned_cluster(caller, *cluster, false)?;
-                listing.validate(c.class)?;
                 let c = self.clusters.get_mut(cluster).ok_or(DomainError::not_found(EntityKind::Cluster, cluster))?;
                 if c.state == ClusterState::Delisted {
                     return Err(DomainError::ClusterDelisted(*cluster));
@@ -307,7 +297,6 @@ impl State {
                 Ok(Response::Cluster(Box::new(c.clone())))
             }
             Command::DelistCluster { cluster } => {
-                self.owned_cluster(caller, *cluster, true)?;
                 let c = self.clusters.get_mut(cluster).ok_or(DomainError::not_found(EntityKind::Cluster, cluster))?;
                 if c.state == ClusterState::Delisted {
                     return Err(DomainError::ClusterDelisted(*cluster));
@@ -319,17 +308,6 @@ impl State {
             }
             Command::SetCardStatus { card, status } => {
                 let c = self.cards.get(card).ok_or(DomainError::not_found(EntityKind::Card, card))?;
-                let node = self.nodes.get(&c.node).ok_or(DomainError::not_found(EntityKind::Node, c.node))?;
-                let allowed = match caller {
-                    Caller::Account(id) => *id == node.supplier,
-                    Caller::Agent(n) => *n == node.id,
-                    Caller::Operator(role) => role.may_intervene(),
-                    _ => false,
-                };
-                require(allowed, "only the card's supplier, its agent or an operator sets its status")?;
-                if !status.settable_by_supplier() {
-                    return Err(DomainError::invalid("status", "reserved and busy are set by leases only"));
-                }
                 if c.lease.is_some() {
                     return Err(DomainError::CardUnavailable { card: *card, status: c.status });
                 }
@@ -401,12 +379,6 @@ impl State {
             }
             Command::ActivateLease { lease } => {
                 let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
-                let allowed = match caller {
-                    Caller::Account(id) => *id == l.supplier,
-                    Caller::Agent(node) => l.cards.iter().any(|c| self.cards.get(c).is_some_and(|c| c.node == *node)),
-                    _ => false,
-                };
-                require(allowed, "only the supplier or its agent confirms provisioning")?;
                 self.transition_check(l, LeaseAction::Activate)?;
                 // An agent speaks for its own node: the lease starts once every node holding
                 // its cards has provisioned them. The supplier speaks for all of them.
@@ -424,7 +396,6 @@ impl State {
             Command::ExtendLease { lease, periods } => {
                 let l = self.lease_of_researcher(caller, *lease)?;
                 self.transition_check(l, LeaseAction::Extend)?;
-                check_periods(*periods)?;
                 let added = l.price_per_card.minor as i128 * l.cards.len() as i128 * *periods as i128;
                 let amount = i64::try_from(l.amount.minor as i128 + added)
                     .map_err(|_| DomainError::invalid("periods", "the total price is out of range"))?;
@@ -455,9 +426,6 @@ impl State {
             }
             Command::RevokeSshCertificate { lease, serial } => {
                 let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
-                if !matches!(caller, Caller::Account(id) if *id == l.researcher || *id == l.supplier) {
-                    return Err(DomainError::not_found(EntityKind::Lease, lease));
-                }
                 if l.revoked_certificates.len() >= rules::MAX_REVOKED_CERTIFICATES {
                     return Err(DomainError::invalid("serial", "too many revoked certificates on this lease"));
                 }
@@ -467,48 +435,29 @@ impl State {
             }
             Command::EndLease { lease, reason } => {
                 let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
-                let allowed = match (caller, reason) {
-                    (Caller::Account(id), EndReason::ByResearcher) => *id == l.researcher,
-                    (Caller::Account(id), EndReason::BySupplier(_)) => *id == l.supplier,
-                    (Caller::Operator(role), EndReason::ByOperator) => role.may_intervene(),
-                    // The scheduler releases what it leased for a job, on the researcher's behalf.
-                    (Caller::Platform, EndReason::ByResearcher) => l.auto_for.is_some(),
-                    _ => false,
-                };
-                if !allowed {
-                    // A stranger learns nothing about someone else's lease.
-                    return Err(match caller {
-                        Caller::Account(id) if *id != l.researcher && *id != l.supplier => {
-                            DomainError::not_found(EntityKind::Lease, lease)
-                        }
-                        _ => DomainError::PermissionDenied(format!("{caller} may not end {lease} as {reason:?}")),
-                    });
-                }
                 self.transition_check(l, LeaseAction::End)?;
                 let to = if l.state == LeaseState::Active { LeaseState::Ended } else { LeaseState::Cancelled };
                 self.finish_lease(*lease, to, *reason, at, events);
                 Ok(Response::Lease(Box::new(self.leases[lease].clone())))
             }
             Command::RetireBrokerNode { node } => {
-                require(matches!(caller, Caller::Platform), "only the platform administers broker nodes")?;
                 self.retired_broker_nodes.insert(*node);
                 Ok(Response::Empty)
             }
             Command::SubmitJob { spec } => self.submit_job(caller, spec, at, events),
-            Command::CancelJob { job } => self.cancel_job(caller, *job, at, events),
-            Command::AcquireSchedulerLease { holder, ttl_ms } => self.acquire_scheduler_lease(caller, holder, *ttl_ms, at, events),
-            Command::PlaceJobs { epoch, placements } => self.place_jobs(caller, *epoch, placements, at, events),
-            Command::StopJobs { epoch, stops } => self.stop_jobs(caller, *epoch, stops, at, events),
+            Command::CancelJob { job } => self.cancel_job(*job, at, events),
+            Command::AcquireSchedulerLease { holder, ttl_ms } => self.acquire_scheduler_lease(holder, *ttl_ms, at, events),
+            Command::PlaceJobs { epoch, placements } => self.place_jobs(*epoch, placements, at, events),
+            Command::StopJobs { epoch, stops } => self.stop_jobs(*epoch, stops, at, events),
             Command::JobStarted { job, attempt } => self.job_started(caller, *job, *attempt, at, events),
             Command::JobEnded { job, attempt, reason, outputs } => self.job_ended(caller, *job, *attempt, reason, outputs, at, events),
             Command::JobCheckpoint { job, attempt, sha256 } => self.job_checkpoint(caller, *job, *attempt, sha256),
-            Command::AutoLease { epoch, job } => self.auto_lease(caller, *epoch, *job, at, events),
+            Command::AutoLease { epoch, job } => self.auto_lease(*epoch, *job, at, events),
             Command::JobProgress { job, attempt, progress } => self.job_progress(caller, *job, *attempt, progress, at),
-            Command::Deposit { account, amount } => self.deposit(caller, *account, amount, at, events),
-            Command::GrantCredit { account, limit } => self.grant_credit(caller, *account, limit),
-            Command::SettleLeases { leases } => self.settle_leases(caller, leases, at, events),
+            Command::Deposit { account, amount } => self.deposit(*account, amount, at, events),
+            Command::GrantCredit { account, limit } => self.grant_credit(*account, limit),
+            Command::SettleLeases { leases } => self.settle_leases(leases, at, events),
             Command::ExpireLease { lease } => {
-                require(matches!(caller, Caller::System), "only the broker's reaper expires leases")?;
                 let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
                 self.transition_check(l, LeaseAction::Expire)?;
                 let (due, to, reason) = match l.state {
@@ -537,6 +486,18 @@ impl State {
         events: &mut Vec<Event>,
     ) -> Outcome {
         check_periods(periods)?;
+        let waiting = self
+            .live_leases
+            .keys()
+            .filter_map(|id| self.leases.get(id))
+            .filter(|l| l.researcher == researcher && l.state != LeaseState::Active)
+            .count();
+        if waiting >= rules::MAX_WAITING_LEASES_PER_RESEARCHER {
+            return Err(DomainError::invalid(
+                "cluster_id",
+                format!("at most {} leases may wait for approval or provisioning at once", rules::MAX_WAITING_LEASES_PER_RESEARCHER),
+            ));
+        }
         let cluster = self.clusters.get(&cluster_id).ok_or(DomainError::not_found(EntityKind::Cluster, cluster_id))?;
         if cluster.state == ClusterState::Delisted {
             return Err(DomainError::ClusterDelisted(cluster_id));
@@ -814,6 +775,16 @@ impl State {
 
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
         self.leases.values()
+    }
+
+    /// Leases with IDs after `after`, in ID order (a page's start).
+    pub fn leases_after(&self, after: u64) -> impl Iterator<Item = &Lease> {
+        self.leases.range(LeaseId(after.saturating_add(1))..).map(|(_, l)| l)
+    }
+
+    /// Nodes with IDs after `after`, in ID order.
+    pub fn nodes_after(&self, after: u64) -> impl Iterator<Item = &Node> {
+        self.nodes.range(NodeId(after.saturating_add(1))..).map(|(_, n)| n)
     }
 
     pub fn cards(&self) -> impl Iterator<Item = &Card> {

@@ -759,8 +759,14 @@ proptest! {
                 }
             };
             let before = m.w.state.clone();
+            let early = m.w.state.precheck(&envelope.caller, &envelope.request_id, &envelope.command);
             let (outcome, _events) = m.w.state.apply(&envelope);
             history.push(envelope.clone());
+            // What the broker refuses before proposing is exactly what applying would refuse.
+            if let Err(refusal) = early {
+                prop_assert_eq!(&outcome, &Err(refusal), "precheck of {} disagrees with apply", envelope.command.name());
+                prop_assert_eq!(m.w.state.market(), before.market(), "a prechecked refusal changed the state");
+            }
             if let Err(violation) = m.w.state.check_invariants() {
                 panic!("after {}: {violation}", envelope.command.name());
             }
@@ -1072,4 +1078,47 @@ fn keys_are_removed_and_tokens_rotated_by_their_account_only() {
     let theirs = w.state.account(them).expect("them").token_hash;
     let takeover = Command::RotateAccountToken { account: me, token_hash: theirs };
     assert_eq!(w.run(Caller::Account(me), takeover).unwrap_err().code(), ErrorCode::AlreadyExists);
+}
+
+#[test]
+fn a_researcher_cannot_hold_more_than_the_cap_of_waiting_leases() {
+    let mut w = World::new();
+    let supplier = w.account(AccountKind::Supplier);
+    let researcher = w.account(AccountKind::Researcher);
+    let nodes = (0..3).map(|_| w.node(supplier, 32)).collect();
+    let cluster = w.cluster(supplier, ClusterClass::B, nodes);
+    w.ok(Caller::Platform, Command::Deposit { account: researcher, amount: Money::new(Currency::cny(), FUNDS) });
+    let r = Caller::Account(researcher);
+    let waiting: Vec<Lease> = (0..rules::MAX_WAITING_LEASES_PER_RESEARCHER).map(|_| w.lease(r.clone(), request_b(cluster, 1))).collect();
+    let before = w.state.clone();
+    assert_eq!(code(w.run(r.clone(), request_b(cluster, 1))), ErrorCode::InvalidArgument);
+    assert_eq!(w.state.leases().count(), before.leases().count(), "nothing was reserved");
+    // An active lease no longer waits: room for one more.
+    w.lease(Caller::Account(supplier), Command::ActivateLease { lease: waiting[0].id });
+    w.lease(r, request_b(cluster, 1));
+    w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn a_stranger_s_command_is_refused_before_proposal_but_a_remembered_retry_passes() {
+    let mut m = market();
+    let mine = m.w.lease(Caller::Account(m.researcher), request_b(m.class_b, 1));
+    let stranger = Caller::Account(m.other_researcher);
+    let end = Command::EndLease { lease: mine.id, reason: EndReason::ByResearcher };
+    let id = RequestId::parse("end-theirs").expect("id");
+    assert_eq!(
+        m.w.state.precheck(&stranger, &id, &end).expect_err("a stranger may not end it").code(),
+        ErrorCode::NotFound,
+        "strangers learn nothing of the lease"
+    );
+    let wrong_kind = Command::SubmitJob { spec: spec(1) };
+    assert_eq!(m.w.state.precheck(&Caller::Account(m.supplier), &id, &wrong_kind).expect_err("a supplier submits no jobs").code(), ErrorCode::WrongAccountKind);
+    assert_eq!(m.w.state.precheck(&stranger, &id, &Command::RetireBrokerNode { node: 2 }).expect_err("not the platform").code(), ErrorCode::PermissionDenied);
+    // The owner may; and once the owner's request is remembered, its retry passes whatever the
+    // state says now (the log answers it as the first time).
+    let owner = Caller::Account(m.researcher);
+    let env = Envelope { caller: owner.clone(), request_id: id.clone(), at: m.w.now, command: end.clone() };
+    m.w.state.precheck(&owner, &id, &end).expect("the owner may end it");
+    m.w.state.apply(&env).0.expect("ended");
+    m.w.state.precheck(&owner, &id, &end).expect("a retry of a remembered request passes");
 }

@@ -30,9 +30,18 @@ pub struct ArtifactClient {
 }
 
 impl ArtifactClient {
-    /// `base` is the server's root URL (`http://host:port`).
+    /// `base` is the server's root URL (`http://host:port`, or `https://` checked against the
+    /// system's roots).
     pub fn new(base: &str, token: &str) -> ArtifactClient {
         ArtifactClient { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), http: reqwest::Client::new() }
+    }
+
+    /// As [`ArtifactClient::new`], trusting only `ca_pem` (the cluster CA) for an `https://`
+    /// store: the bearer capability never goes to a server that CA did not certify.
+    pub fn with_ca(base: &str, token: &str, ca_pem: &str) -> Result<ArtifactClient, ClientError> {
+        let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes())?;
+        let http = reqwest::Client::builder().tls_built_in_root_certs(false).add_root_certificate(ca).build()?;
+        Ok(ArtifactClient { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), http })
     }
 
     /// Hashes the file, then streams it up; the server refuses it if what arrived differs.

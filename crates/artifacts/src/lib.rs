@@ -10,6 +10,11 @@
 //! - [`client`]: streams uploads and downloads, hashing both ways.
 //! - [`capability`]: what one job attempt may read and write, signed by the broker; supplier
 //!   nodes hold capabilities, never the store-wide service token.
+//! - [`server::Collector`]: garbage collection of what jobs uploaded and no job refers to any
+//!   more (superseded checkpoints, outputs of attempts that lost), after a grace period.
+//!
+//! - [`tls`]: the listener's TLS (a certificate from the cluster CA); the client checks it
+//!   against that CA ([`ArtifactClient::with_ca`]).
 //!
 //! Errors on the wire are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
 
@@ -17,10 +22,12 @@ pub mod capability;
 pub mod client;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use capability::{CapabilityKey, Grant};
 pub use client::{ArtifactClient, ClientError};
-pub use store::{Digest, LocalStore, Store, StoreError};
+pub use server::{Collected, Collector};
+pub use store::{Digest, Listed, LocalStore, Store, StoreError};
 
 /// Stable error codes of the HTTP API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,6 +22,9 @@ use crate::ErrorCode;
 struct Shared {
     store: Arc<dyn Store>,
     access: Access,
+    /// Uploads hold it shared from storing the bytes to recording their owner; the garbage
+    /// collector holds it alone while it deletes one artifact and its records.
+    sweep: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Who may do what.
@@ -53,11 +56,20 @@ pub fn router(store: Arc<dyn Store>, token: &str) -> Router {
 
 /// As [`router`], with capabilities and quotas.
 pub fn router_with(store: Arc<dyn Store>, access: Access) -> Router {
-    let shared = Arc::new(Shared { store, access });
-    Router::new()
+    router_and_collector(store, access).0
+}
+
+/// As [`router_with`], and the garbage collector of the same store (where the store records
+/// owners: what no owner uploaded is never collected).
+pub fn router_and_collector(store: Arc<dyn Store>, access: Access) -> (Router, Option<Collector>) {
+    let sweep = Arc::new(tokio::sync::RwLock::new(()));
+    let collector = access.owners_dir.clone().map(|owners_dir| Collector { store: store.clone(), owners_dir, sweep: sweep.clone() });
+    let shared = Arc::new(Shared { store, access, sweep });
+    let router = Router::new()
         .route("/v1/artifacts", put(upload))
         .route("/v1/artifacts/{digest}", get(download).head(download))
-        .with_state(shared)
+        .with_state(shared);
+    (router, collector)
 }
 
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
@@ -138,6 +150,92 @@ async fn record_owner(dir: &std::path::Path, owner: u64, digest: Digest) -> std:
     Ok(())
 }
 
+/// The platform's record: `<dir>/service/<sha256>` for each artifact the service token
+/// uploaded (never collected as garbage: the platform keeps what it put there).
+fn service_upload_path(dir: &std::path::Path, digest: Digest) -> PathBuf {
+    dir.join("service").join(digest.to_hex())
+}
+
+async fn record_service_upload(dir: &std::path::Path, digest: Digest) -> std::io::Result<()> {
+    let path = service_upload_path(dir, digest);
+    if let Some(folder) = path.parent() {
+        tokio::fs::create_dir_all(folder).await?;
+    }
+    tokio::fs::File::create(&path).await?.sync_all().await
+}
+
+/// Deletes artifacts no one needs any more: uploaded through capabilities (by jobs: outputs,
+/// checkpoints), referred to by no job, and stored longer ago than a grace period (an upload
+/// whose record is still on its way is young). What the platform's services uploaded, and what
+/// no owner's record names, is left alone.
+pub struct Collector {
+    store: Arc<dyn Store>,
+    owners_dir: PathBuf,
+    sweep: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// What one collection did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub deleted: u64,
+    pub freed_bytes: u64,
+    pub kept: u64,
+}
+
+impl Collector {
+    /// One collection: everything `referenced` names is kept, and so is anything stored at or
+    /// after `stored_before`.
+    pub async fn collect(&self, referenced: &std::collections::HashSet<Digest>, stored_before: std::time::SystemTime) -> Result<Collected, StoreError> {
+        let mut done = Collected::default();
+        for listed in self.store.list().await? {
+            let digest = listed.digest;
+            if referenced.contains(&digest) || listed.stored_at >= stored_before || !self.uploaded_by_owners_only(digest).await? {
+                done.kept += 1;
+                continue;
+            }
+            let _alone = self.sweep.write().await;
+            // Looked at again under the lock: an upload of the same bytes may have come.
+            if !self.uploaded_by_owners_only(digest).await? || !self.store.delete_if_stored_before(digest, stored_before).await? {
+                done.kept += 1;
+                continue;
+            }
+            self.forget_owners(digest).await?;
+            tracing::info!(%digest, size = listed.size, "artifact collected: no job refers to it");
+            done.deleted += 1;
+            done.freed_bytes += listed.size;
+        }
+        Ok(done)
+    }
+
+    /// Some account uploaded it, and the platform's services never did.
+    async fn uploaded_by_owners_only(&self, digest: Digest) -> std::io::Result<bool> {
+        if tokio::fs::try_exists(service_upload_path(&self.owners_dir, digest)).await? {
+            return Ok(false);
+        }
+        let mut owners = match tokio::fs::read_dir(owners_of_path(&self.owners_dir, digest)).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        Ok(owners.next_entry().await?.is_some())
+    }
+
+    /// Removes the owner records of a deleted artifact (their quotas no longer count it).
+    async fn forget_owners(&self, digest: Digest) -> std::io::Result<()> {
+        let by_digest = owners_of_path(&self.owners_dir, digest);
+        let mut owners = tokio::fs::read_dir(&by_digest).await?;
+        while let Some(owner) = owners.next_entry().await? {
+            if let Some(owner) = owner.file_name().to_str().and_then(|o| o.parse::<u64>().ok()) {
+                match tokio::fs::remove_file(owned_path(&self.owners_dir, owner, Some(digest))).await {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+        tokio::fs::remove_dir_all(&by_digest).await
+    }
+}
+
 /// Whether `owner` may read `digest` by its capability: it uploaded it, or no account did (an
 /// artifact the platform put there, reachable by whoever knows its hash).
 async fn owner_may_read(dir: &std::path::Path, owner: u64, digest: Digest) -> std::io::Result<bool> {
@@ -201,10 +299,15 @@ async fn upload(State(shared): State<Arc<Shared>>, Query(q): Query<UploadQuery>,
         }
     }
     let stream = request.into_body().into_data_stream().map_err(std::io::Error::other);
+    let _not_swept = shared.sweep.read().await;
     match shared.store.put(Box::new(StreamReader::new(stream)), expected).await {
         Ok((digest, size)) => {
-            if let (Some(owner), Some(dir)) = (owner, &shared.access.owners_dir) {
-                if let Err(e) = record_owner(dir, owner, digest).await {
+            if let Some(dir) = &shared.access.owners_dir {
+                let recorded = match owner {
+                    Some(owner) => record_owner(dir, owner, digest).await,
+                    None => record_service_upload(dir, digest).await,
+                };
+                if let Err(e) = recorded {
                     return store_error(e.into());
                 }
             }

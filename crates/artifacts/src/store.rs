@@ -4,6 +4,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::SystemTime;
 
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
@@ -84,6 +85,20 @@ pub trait Store: Send + Sync + 'static {
         start: u64,
         len: u64,
     ) -> Fut<'a, Opened>;
+    /// Every stored artifact, for garbage collection.
+    fn list<'a>(&'a self) -> Fut<'a, Vec<Listed>>;
+    /// Deletes an artifact unless it was (re)stored at or after `than`: an upload of the same
+    /// bytes meanwhile keeps it. Whether it was deleted.
+    fn delete_if_stored_before<'a>(&'a self, digest: Digest, than: SystemTime) -> Fut<'a, bool>;
+}
+
+/// An artifact as a listing shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub digest: Digest,
+    pub size: u64,
+    /// When its bytes were last stored (an upload of the same bytes stores them again).
+    pub stored_at: SystemTime,
 }
 
 pub struct LocalStore {
@@ -189,6 +204,50 @@ impl Store for LocalStore {
             let size = file.metadata().await?.len();
             file.seek(std::io::SeekFrom::Start(start.min(size))).await?;
             Ok(Opened { size, reader: Box::new(file.take(len)) })
+        })
+    }
+
+    fn list<'a>(&'a self) -> Fut<'a, Vec<Listed>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            let mut fans = tokio::fs::read_dir(&self.root).await?;
+            while let Some(fan) = fans.next_entry().await? {
+                // Only the 256 two-hex-digit fan-out directories hold artifacts (not `tmp/`).
+                let name = fan.file_name();
+                let Some(prefix) = name.to_str().filter(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit())) else { continue };
+                if !fan.file_type().await?.is_dir() {
+                    continue;
+                }
+                let mut files = tokio::fs::read_dir(fan.path()).await?;
+                while let Some(file) = files.next_entry().await? {
+                    let Some(digest) = file.file_name().to_str().and_then(|n| n.parse::<Digest>().ok()) else { continue };
+                    if !digest.to_hex().starts_with(prefix) {
+                        continue;
+                    }
+                    let meta = file.metadata().await?;
+                    if meta.is_file() {
+                        out.push(Listed { digest, size: meta.len(), stored_at: meta.modified()? });
+                    }
+                }
+            }
+            out.sort_by_key(|l| l.digest);
+            Ok(out)
+        })
+    }
+
+    fn delete_if_stored_before<'a>(&'a self, digest: Digest, than: SystemTime) -> Fut<'a, bool> {
+        Box::pin(async move {
+            let path = self.path(digest);
+            let meta = match tokio::fs::metadata(&path).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
+            if meta.modified()? >= than {
+                return Ok(false);
+            }
+            tokio::fs::remove_file(&path).await?;
+            Ok(true)
         })
     }
 }

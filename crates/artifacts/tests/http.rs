@@ -141,3 +141,94 @@ async fn a_capability_reaches_its_own_artifacts_only_within_its_owners_quota() {
     let own = ArtifactClient::new(&base, &key.sign(&Grant { read: vec![output.to_hex()], ..grant.clone() }));
     own.download_to(output, &dir.path().join("own-output")).await.expect("the owner's next attempt reads it");
 }
+
+/// Sets an artifact's stored time back, as if it had been uploaded `seconds` ago.
+fn age(store_root: &std::path::Path, digest: Digest, seconds: u64) {
+    let hex = digest.to_hex();
+    let file = std::fs::File::options().write(true).open(store_root.join(&hex[..2]).join(&hex)).expect("artifact file");
+    file.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(seconds)).expect("set mtime");
+}
+
+#[tokio::test]
+async fn garbage_collection_deletes_only_old_unreferenced_uploads_of_jobs_and_frees_their_quota() {
+    use std::collections::HashSet;
+    use suanli_artifacts::{server::Access, CapabilityKey, Grant};
+    let dir = tempfile::tempdir().expect("dir");
+    let key = CapabilityKey::generate();
+    let root = dir.path().join("store");
+    let store: Arc<dyn Store> = Arc::new(LocalStore::open(&root, 1 << 20).expect("store"));
+    let access = Access { token: TOKEN.into(), capabilities: Some(key.clone()), owners_dir: Some(dir.path().join("owners")), quota_bytes: Some(100) };
+    let (router, collector) = server::router_and_collector(store.clone(), access);
+    let collector = collector.expect("a collector where owners are recorded");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let file = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).expect("write");
+        path
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let grant = Grant { owner: 7, scope: "job 1 attempt 1".into(), read: Vec::new(), write: true, expires_ms: now + 60_000 };
+    let job = ArtifactClient::new(&base, &key.sign(&grant));
+    let service = ArtifactClient::new(&base, TOKEN);
+    let old_checkpoint = job.upload_file(&file("ckpt-1", &[1u8; 70])).await.expect("upload");
+    let latest_checkpoint = job.upload_file(&file("ckpt-2", &[2u8; 25])).await.expect("upload");
+    let fresh_output = job.upload_file(&file("out", &[3u8; 5])).await.expect("upload");
+    let platform_data = service.upload_file(&file("data", &[4u8; 50])).await.expect("upload");
+    for d in [old_checkpoint, latest_checkpoint, platform_data] {
+        age(&root, d, 2 * 86_400);
+    }
+    // The owner's quota is full (100 of 100 bytes).
+    assert_eq!(refusal(job.upload_file(&file("out-2", &[5u8; 10])).await), (403, "QUOTA_EXCEEDED".into()));
+    let before: Vec<_> = store.list().await.expect("list").into_iter().map(|l| l.digest).collect();
+    assert_eq!(before.len(), 4);
+
+    let referenced: HashSet<Digest> = [latest_checkpoint].into();
+    let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+    let done = collector.collect(&referenced, day_ago).await.expect("collect");
+    assert_eq!((done.deleted, done.freed_bytes, done.kept), (1, 70, 3), "{done:?}");
+    let after: HashSet<Digest> = store.list().await.expect("list").into_iter().map(|l| l.digest).collect();
+    assert_eq!(after, [latest_checkpoint, fresh_output, platform_data].into(), "only the superseded checkpoint went");
+    assert_eq!(refusal(service.download_to(old_checkpoint, &dir.path().join("gone")).await).0, 404);
+    // Its bytes no longer count against the owner's quota: uploads fit again.
+    job.upload_file(&file("out-2", &[5u8; 10])).await.expect("room freed by the collection");
+    // The same bytes uploaded again are stored again, and young: the next collection keeps them.
+    let again = job.upload_file(&file("ckpt-1-again", &[1u8; 70])).await.expect("upload");
+    assert_eq!(again, old_checkpoint);
+    let done = collector.collect(&referenced, day_ago).await.expect("collect");
+    assert_eq!(done.deleted, 0, "{done:?}");
+    service.download_to(again, &dir.path().join("back")).await.expect("stored again");
+}
+
+#[tokio::test]
+async fn over_tls_the_store_is_reached_only_by_clients_trusting_its_ca() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = suanli_pki::Ca::generate("artifacts test CA").expect("ca");
+    let cert = ca.server_certificate(&["127.0.0.1".into()]).expect("certificate");
+    let config = suanli_artifacts::tls::server_config(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes()).expect("tls config");
+    let store: Arc<dyn Store> = Arc::new(LocalStore::open(&dir.path().join("store"), 1 << 20).expect("store"));
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = tcp.local_addr().expect("addr");
+    let listener = suanli_artifacts::tls::TlsListener::new(tcp, config).expect("listener");
+    tokio::spawn(async move { axum::serve(listener, server::router(store, TOKEN)).await });
+    // A client that connects and never speaks TLS holds up no one: its handshake waits on a
+    // task of its own (10 s deadline), while the next client is served at once.
+    let _silent = tokio::net::TcpStream::connect(addr).await.expect("a silent connection");
+
+    let base = format!("https://{addr}");
+    let path = dir.path().join("model");
+    std::fs::write(&path, b"weights").expect("write");
+    let trusted = ArtifactClient::with_ca(&base, TOKEN, ca.cert_pem()).expect("client");
+    let served = tokio::time::timeout(std::time::Duration::from_secs(5), trusted.upload_file(&path)).await;
+    let digest = served.expect("not held up behind the silent connection").expect("upload over TLS");
+    trusted.download_to(digest, &dir.path().join("back")).await.expect("download over TLS");
+    assert_eq!(std::fs::read(dir.path().join("back")).expect("read"), b"weights");
+
+    // A client trusting another CA never sends its token; plain HTTP gets no answer.
+    let other = suanli_pki::Ca::generate("someone else").expect("ca");
+    let fooled = ArtifactClient::with_ca(&base, TOKEN, other.cert_pem()).expect("client");
+    assert!(matches!(fooled.upload_file(&path).await, Err(suanli_artifacts::ClientError::Http(_))), "a certificate of another CA is refused");
+    let plain = ArtifactClient::new(&format!("http://{addr}"), TOKEN);
+    assert!(plain.upload_file(&path).await.is_err(), "no plaintext on the TLS port");
+}

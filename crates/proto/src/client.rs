@@ -130,3 +130,71 @@ pub type AdminClient = ClusterAdminClient<InterceptedService<Channel, Bearer>>;
 pub async fn admin(endpoint: &str, token: &str) -> Result<AdminClient, ClientError> {
     Ok(ClusterAdminClient::with_interceptor(channel(endpoint).await?, bearer(Some(token))?))
 }
+
+/// A job-service client with the bearer token attached to every call.
+pub type JobsClient = crate::v1::job_service_client::JobServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// The page size the whole-list helpers ask for: the largest the broker serves.
+pub const LARGEST_PAGE: u32 = 500;
+
+/// Every page of a paged list: `page(after)` fetches the page after a cursor and returns its
+/// items and the next cursor (0: it was the last). A cursor that does not advance ends the walk
+/// instead of looping forever.
+pub async fn all_pages<T, Fut>(mut page: impl FnMut(u64) -> Fut) -> Result<Vec<T>, Status>
+where
+    Fut: std::future::Future<Output = Result<(Vec<T>, u64), Status>>,
+{
+    let (mut all, mut after) = (Vec::new(), 0);
+    loop {
+        let (items, next) = page(after).await?;
+        all.extend(items);
+        if next <= after {
+            return Ok(all);
+        }
+        after = next;
+    }
+}
+
+/// Every lease the caller may see (only the live ones with `live_only`), page by page.
+pub async fn all_leases(client: &Client, live_only: bool) -> Result<Vec<crate::v1::Lease>, Status> {
+    all_pages(|after| {
+        let mut c = client.clone();
+        async move {
+            let r = c.list_leases(crate::v1::ListLeasesRequest { live_only, page_after_id: after, page_size: LARGEST_PAGE }).await?;
+            let r = r.into_inner();
+            Ok((r.leases, r.next_page_after_id))
+        }
+    })
+    .await
+}
+
+/// Every node the caller may see, with their cards, page by page.
+pub async fn all_nodes(client: &Client, unclustered_only: bool) -> Result<crate::v1::ListNodesResponse, Status> {
+    let mut all = crate::v1::ListNodesResponse::default();
+    let mut c = client.clone();
+    loop {
+        let after = all.next_page_after_id;
+        let request = crate::v1::ListNodesRequest { unclustered_only, page_after_id: after, page_size: LARGEST_PAGE };
+        let r = c.list_nodes(request).await?.into_inner();
+        all.nodes.extend(r.nodes);
+        all.cards.extend(r.cards);
+        if r.next_page_after_id <= after {
+            all.next_page_after_id = 0;
+            return Ok(all);
+        }
+        all.next_page_after_id = r.next_page_after_id;
+    }
+}
+
+/// Every job the caller may see (only the live ones with `live_only`), page by page.
+pub async fn all_jobs(client: &JobsClient, live_only: bool) -> Result<Vec<crate::v1::Job>, Status> {
+    all_pages(|after| {
+        let mut c = client.clone();
+        async move {
+            let r = c.list_jobs(crate::v1::ListJobsRequest { live_only, page_after_id: after, page_size: LARGEST_PAGE }).await?;
+            let r = r.into_inner();
+            Ok((r.jobs, r.next_page_after_id))
+        }
+    })
+    .await
+}

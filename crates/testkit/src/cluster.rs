@@ -287,3 +287,19 @@ impl BrokerCluster {
         std::fs::read_to_string(self.dir.path().join(format!("broker-{id}.log"))).unwrap_or_default()
     }
 }
+
+/// Every lease (only the live ones with `live_only`) as the node behind `client` has applied
+/// them, without forwarding to the leader (a stale read), page by page.
+pub async fn leases_as_applied(client: &Client, live_only: bool) -> Result<Vec<v1::Lease>, tonic::Status> {
+    suanli_proto::client::all_pages(|after| {
+        let mut c = client.clone();
+        async move {
+            let page = v1::ListLeasesRequest { live_only, page_after_id: after, page_size: suanli_proto::client::LARGEST_PAGE };
+            let mut request = tonic::Request::new(page);
+            request.metadata_mut().insert("x-suanli-read", tonic::metadata::MetadataValue::from_static("stale"));
+            let r = c.list_leases(request).await?.into_inner();
+            Ok((r.leases, r.next_page_after_id))
+        }
+    })
+    .await
+}

@@ -91,7 +91,13 @@ impl PageRequest {
     pub const MAX_LIMIT: u32 = 500;
 
     pub fn effective_limit(&self) -> Result<usize, DomainError> {
-        match self.limit {
+        Self::limit_of(self.limit)
+    }
+
+    /// The page size a request asked for: 0 is the default; more than the maximum is refused
+    /// (never silently shortened: a client would take the short page for the last one).
+    pub fn limit_of(asked: u32) -> Result<usize, DomainError> {
+        match asked {
             0 => Ok(Self::DEFAULT_LIMIT as usize),
             n if n <= Self::MAX_LIMIT => Ok(n as usize),
             _ => Err(DomainError::invalid("page.limit", format!("at most {}", Self::MAX_LIMIT))),

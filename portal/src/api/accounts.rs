@@ -1092,7 +1092,7 @@ pub async fn deregister(State(state): State<AppState>, principal: Principal, Api
     if principal.broker_account.is_some() {
         let token = principal.broker_token(&state)?;
         let mut client = state.market.as_token(&token)?;
-        let leases = client.list_leases(v1::ListLeasesRequest { live_only: true }).await?.into_inner().leases;
+        let leases = suanli_proto::client::all_leases(&client, true).await?;
         for l in leases {
             let reason = if principal.kind == UserKind::Researcher { v1::EndReason::ByResearcher } else { v1::EndReason::SupplierMaintenance };
             client

@@ -142,7 +142,7 @@ pub async fn list(State(state): State<AppState>, Researcher(p): Researcher, ApiQ
 }
 
 pub async fn jobs_of(state: &AppState, p: &Principal, live_only: bool) -> ApiResult<Vec<JobView>> {
-    let jobs = jobs_client(state, p)?.list_jobs(v1::ListJobsRequest { live_only }).await?.into_inner().jobs;
+    let jobs = suanli_proto::client::all_jobs(&jobs_client(state, p)?, live_only).await?;
     Ok(jobs.iter().rev().map(view).collect())
 }
 

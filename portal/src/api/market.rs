@@ -692,7 +692,7 @@ pub async fn request_lease(State(state): State<AppState>, Researcher(principal):
 
 /// The caller's leases: a researcher's own, a supplier's on its clusters (with codes it issued).
 pub async fn my_leases(state: &AppState, p: &Principal) -> ApiResult<Vec<LeaseView>> {
-    let leases = market_client(state, p)?.list_leases(v1::ListLeasesRequest { live_only: false }).await?.into_inner().leases;
+    let leases = suanli_proto::client::all_leases(&market_client(state, p)?, false).await?;
     let mut views: Vec<LeaseView> = leases.iter().map(|l| lease_view(state, l)).collect();
     if p.kind == UserKind::Supplier {
         attach_codes(state, p, &mut views).await?;
@@ -716,7 +716,7 @@ async fn attach_codes(state: &AppState, p: &Principal, views: &mut [LeaseView]) 
 pub async fn list_leases(State(state): State<AppState>, principal: Principal) -> ApiResult<axum::Json<Vec<LeaseView>>> {
     if principal.kind == UserKind::Operator {
         principal.require(Permission::ViewMarket)?;
-        let leases = state.market.platform()?.list_leases(v1::ListLeasesRequest { live_only: false }).await?.into_inner().leases;
+        let leases = suanli_proto::client::all_leases(&state.market.platform()?, false).await?;
         return Ok(axum::Json(leases.iter().rev().map(|l| lease_view(&state, l)).collect()));
     }
     Ok(axum::Json(my_leases(&state, &principal).await?))
@@ -986,7 +986,7 @@ pub struct NodeView {
 
 pub async fn my_nodes(state: &AppState, p: &Principal) -> ApiResult<Vec<NodeView>> {
     p.require_kind(UserKind::Supplier)?;
-    let r = market_client(state, p)?.list_nodes(v1::ListNodesRequest { unclustered_only: false }).await?.into_inner();
+    let r = suanli_proto::client::all_nodes(&market_client(state, p)?, false).await?;
     Ok(r.nodes
         .iter()
         .map(|n| {

@@ -294,9 +294,9 @@ async fn scheduler(broker: &BrokerCluster, dir: &Path, name: &str, artifacts: bo
 /// Waits until at least `n` jobs have ended; returns all jobs then.
 pub async fn wait_done(jobs: &mut Jobs, n: usize, within: Duration) -> Vec<v1::Job> {
     eventually(within, POLL, || {
-        let mut c = jobs.clone();
+        let c = jobs.clone();
         async move {
-            let all = c.list_jobs(v1::ListJobsRequest { live_only: false }).await.ok()?.into_inner().jobs;
+            let all = suanli_proto::client::all_jobs(&c, false).await.ok()?;
             let ended = all.iter().filter(|j| !matches!(j.state.as_str(), "queued" | "placed" | "running")).count();
             (ended >= n).then_some(all)
         }

@@ -9,7 +9,7 @@ use suanli_types::{
     SecretHash, Timestamp,
 };
 
-use super::{require, rules, Outcome, Response, State};
+use super::{rules, Outcome, Response, State};
 use crate::state::event::Event;
 use crate::state::model::{Card, EnrollmentToken, Node};
 
@@ -74,16 +74,12 @@ impl State {
 
     pub(super) fn enroll_agent(
         &mut self,
-        caller: &Caller,
         token_hash: &SecretHash,
         credential_hash: &SecretHash,
         inventory: &NodeInventory,
         at: Timestamp,
         events: &mut Vec<Event>,
     ) -> Outcome {
-        // `System`: entries written before enrollees had request IDs of their own.
-        let holder = *caller == Caller::Enrollee(*token_hash);
-        require(holder || matches!(caller, Caller::System), "agents enroll through the enrollment API")?;
         let token = self
             .enrollment_tokens
             .get(token_hash)
@@ -164,19 +160,9 @@ impl State {
         Ok(())
     }
 
-    pub(super) fn revoke_agent(&mut self, caller: &Caller, node: NodeId, events: &mut Vec<Event>) -> Outcome {
-        let n = self.nodes.get(&node).ok_or(DomainError::not_found(EntityKind::Node, node))?;
-        let allowed = match caller {
-            Caller::Account(id) => *id == n.supplier,
-            Caller::Operator(role) => role.may_intervene(),
-            Caller::Platform => true,
-            _ => false,
-        };
-        if !allowed {
-            // Strangers are not told the node exists.
-            return Err(DomainError::not_found(EntityKind::Node, node));
-        }
-        if let Some(old) = self.nodes.get_mut(&node).and_then(|n| n.agent_credential.take()) {
+    pub(super) fn revoke_agent(&mut self, node: NodeId, events: &mut Vec<Event>) -> Outcome {
+        let n = self.nodes.get_mut(&node).ok_or(DomainError::not_found(EntityKind::Node, node))?;
+        if let Some(old) = n.agent_credential.take() {
             self.nodes_by_credential.remove(&old);
             events.push(Event::AgentRevoked { node });
         }
@@ -184,23 +170,18 @@ impl State {
     }
 
     /// The node's own agent says where its access gateway listens.
-    pub(super) fn set_node_access(&mut self, caller: &Caller, node: NodeId, access: &NodeAccess) -> Outcome {
+    pub(super) fn set_node_access(&mut self, node: NodeId, access: &NodeAccess) -> Outcome {
         let n = self.nodes.get_mut(&node).ok_or(DomainError::not_found(EntityKind::Node, node))?;
-        if !matches!(caller, Caller::Agent(own) if *own == node) {
-            return Err(DomainError::not_found(EntityKind::Node, node));
-        }
         n.access = Some(access.clone());
         Ok(Response::Node(Box::new(n.clone())))
     }
 
     pub(super) fn set_card_health(
         &mut self,
-        caller: &Caller,
         changes: &[(CardId, CardHealth)],
         at: Timestamp,
         events: &mut Vec<Event>,
     ) -> Outcome {
-        require(matches!(caller, Caller::System), "card health is set by the broker's monitoring")?;
         if let Some((missing, _)) = changes.iter().find(|(card, _)| !self.cards.contains_key(card)) {
             return Err(DomainError::not_found(EntityKind::Card, missing));
         }

@@ -14,7 +14,7 @@ use suanli_types::{
     LeaseState, NodeId, Timestamp,
 };
 
-use super::{require, Outcome, Response, State};
+use super::{Outcome, Response, State};
 use crate::state::event::Event;
 use crate::state::model::{Attempt, Job, SchedulerLease};
 
@@ -29,7 +29,6 @@ pub const MAX_LIVE_JOBS_PER_OWNER: usize = 100_000;
 impl State {
     pub(super) fn submit_job(&mut self, caller: &Caller, spec: &JobSpec, at: Timestamp, events: &mut Vec<Event>) -> Outcome {
         let owner = self.account_of_kind(caller, AccountKind::Researcher)?;
-        spec.validate()?;
         let live = self.live_jobs_by_owner.get(&owner).map_or(0, BTreeSet::len);
         if live >= MAX_LIVE_JOBS_PER_OWNER {
             return Err(DomainError::invalid("spec", format!("at most {MAX_LIVE_JOBS_PER_OWNER} live jobs per researcher")));
@@ -59,13 +58,8 @@ impl State {
         Ok(Response::Job(Box::new(self.jobs[&id].clone())))
     }
 
-    pub(super) fn cancel_job(&mut self, caller: &Caller, id: JobId, at: Timestamp, events: &mut Vec<Event>) -> Outcome {
+    pub(super) fn cancel_job(&mut self, id: JobId, at: Timestamp, events: &mut Vec<Event>) -> Outcome {
         let job = self.jobs.get(&id).ok_or(DomainError::not_found(EntityKind::Job, id))?;
-        match caller {
-            Caller::Account(a) if *a == job.owner => {}
-            Caller::Operator(role) if role.may_intervene() => {}
-            _ => return Err(DomainError::not_found(EntityKind::Job, id)),
-        }
         match job.state {
             JobState::Queued | JobState::Placed => {
                 self.end_attempt(id, JobEndReason::CancelledByUser, at);
@@ -79,13 +73,11 @@ impl State {
 
     pub(super) fn acquire_scheduler_lease(
         &mut self,
-        caller: &Caller,
         holder: &str,
         ttl_ms: u32,
         at: Timestamp,
         events: &mut Vec<Event>,
     ) -> Outcome {
-        require(matches!(caller, Caller::Platform), "only the platform's scheduler takes the leader lease")?;
         let valid_holder = !holder.is_empty() && holder.len() <= 128 && holder.chars().all(|c| c.is_ascii_graphic());
         if !valid_holder {
             return Err(DomainError::invalid("holder", "1 to 128 printable characters"));
@@ -107,8 +99,7 @@ impl State {
         Ok(Response::SchedulerLease(self.scheduler_lease.clone()))
     }
 
-    fn check_epoch(&self, caller: &Caller, epoch: u64, at: Timestamp) -> Result<(), DomainError> {
-        require(matches!(caller, Caller::Platform), "only the platform's scheduler places jobs")?;
+    fn check_epoch(&self, epoch: u64, at: Timestamp) -> Result<(), DomainError> {
         let lease = &self.scheduler_lease;
         if epoch != lease.epoch || at >= lease.expires_at {
             return Err(DomainError::StaleScheduler { presented: epoch, current: lease.epoch });
@@ -118,13 +109,12 @@ impl State {
 
     pub(super) fn place_jobs(
         &mut self,
-        caller: &Caller,
         epoch: u64,
         placements: &[(JobId, Vec<CardId>)],
         at: Timestamp,
         events: &mut Vec<Event>,
     ) -> Outcome {
-        self.check_epoch(caller, epoch, at)?;
+        self.check_epoch(epoch, at)?;
         if placements.len() > MAX_PLACEMENTS_PER_COMMAND {
             return Err(DomainError::invalid("placements", format!("at most {MAX_PLACEMENTS_PER_COMMAND} per call")));
         }
@@ -207,13 +197,12 @@ impl State {
 
     pub(super) fn stop_jobs(
         &mut self,
-        caller: &Caller,
         epoch: u64,
         stops: &[(JobId, JobEndReason)],
         at: Timestamp,
         events: &mut Vec<Event>,
     ) -> Outcome {
-        self.check_epoch(caller, epoch, at)?;
+        self.check_epoch(epoch, at)?;
         if stops.len() > MAX_PLACEMENTS_PER_COMMAND {
             return Err(DomainError::invalid("stops", format!("at most {MAX_PLACEMENTS_PER_COMMAND} per call")));
         }
@@ -254,7 +243,7 @@ impl State {
     }
 
     /// The agent of a node holding one of the attempt's cards, for the current attempt only.
-    fn reporting_attempt(&self, caller: &Caller, id: JobId, attempt: u32, action: &str) -> Result<&Job, DomainError> {
+    pub(super) fn reporting_attempt(&self, caller: &Caller, id: JobId, attempt: u32, action: &str) -> Result<&Job, DomainError> {
         let job = self.jobs.get(&id).ok_or(DomainError::not_found(EntityKind::Job, id))?;
         let Caller::Agent(node) = caller else {
             return Err(DomainError::PermissionDenied("only the agent of a placed node reports on a job".into()));
@@ -454,8 +443,8 @@ impl State {
     /// approval). Among listed Class B clusters in the job's region with enough idle cards the
     /// job accepts (on one node if it wants one), the cheapest per card for the job's billing
     /// mode whose one period for the job's cards fits the budget left; ties by cluster ID.
-    pub(super) fn auto_lease(&mut self, caller: &Caller, epoch: u64, id: JobId, at: Timestamp, events: &mut Vec<Event>) -> Outcome {
-        self.check_epoch(caller, epoch, at)?;
+    pub(super) fn auto_lease(&mut self, epoch: u64, id: JobId, at: Timestamp, events: &mut Vec<Event>) -> Outcome {
+        self.check_epoch(epoch, at)?;
         let job = self.jobs.get(&id).ok_or(DomainError::not_found(EntityKind::Job, id))?;
         if job.state != JobState::Queued {
             return Err(job_transition(id, job.state, "auto-lease for"));
@@ -525,6 +514,11 @@ impl State {
 
     pub fn jobs_of(&self, owner: AccountId) -> impl Iterator<Item = &Job> {
         self.jobs.values().filter(move |j| j.owner == owner)
+    }
+
+    /// Jobs with IDs after `after`, in ID order (a page's start).
+    pub fn jobs_after(&self, after: u64) -> impl Iterator<Item = &Job> {
+        self.jobs.range(JobId(after.saturating_add(1))..).map(|(_, j)| j)
     }
 
     /// Live jobs, oldest first: what a scheduler needs each round.

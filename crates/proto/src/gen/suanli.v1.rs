@@ -618,11 +618,20 @@ pub struct GetJobRequest {
 pub struct ListJobsRequest {
     #[prost(bool, tag = "1")]
     pub live_only: bool,
+    /// cursor: the last job_id of the previous page; 0 = from the start
+    #[prost(uint64, tag = "2")]
+    pub page_after_id: u64,
+    /// 0 = 50, at most 500
+    #[prost(uint32, tag = "3")]
+    pub page_size: u32,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListJobsResponse {
     #[prost(message, repeated, tag = "1")]
     pub jobs: ::prost::alloc::vec::Vec<Job>,
+    /// 0 when this is the last page
+    #[prost(uint64, tag = "2")]
+    pub next_page_after_id: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AcquireSchedulerLeaseRequest {
@@ -892,11 +901,20 @@ pub struct ListTransactionsRequest {
     /// "2026-12"; empty: all
     #[prost(string, tag = "2")]
     pub month: ::prost::alloc::string::String,
+    /// cursor: the last transaction_id of the previous page
+    #[prost(uint64, tag = "3")]
+    pub page_after_id: u64,
+    /// 0 = 50, at most 500
+    #[prost(uint32, tag = "4")]
+    pub page_size: u32,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListTransactionsResponse {
     #[prost(message, repeated, tag = "1")]
     pub transactions: ::prost::alloc::vec::Vec<LedgerTransaction>,
+    /// 0 when this is the last page
+    #[prost(uint64, tag = "2")]
+    pub next_page_after_id: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetStatementRequest {
@@ -2549,21 +2567,37 @@ pub struct NodeLogin {
     #[prost(string, tag = "9")]
     pub vnc_tunnel: ::prost::alloc::string::String,
 }
+/// Every list is paged by ID: pass the previous page's next_page_after_id until it is 0.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListLeasesRequest {
     #[prost(bool, tag = "1")]
     pub live_only: bool,
+    /// cursor: the last lease_id of the previous page; 0 = from the start
+    #[prost(uint64, tag = "2")]
+    pub page_after_id: u64,
+    /// 0 = 50, at most 500
+    #[prost(uint32, tag = "3")]
+    pub page_size: u32,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListLeasesResponse {
     #[prost(message, repeated, tag = "1")]
     pub leases: ::prost::alloc::vec::Vec<Lease>,
+    /// 0 when this is the last page
+    #[prost(uint64, tag = "2")]
+    pub next_page_after_id: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListNodesRequest {
     /// only nodes not yet in a cluster
     #[prost(bool, tag = "1")]
     pub unclustered_only: bool,
+    /// cursor: the last node_id of the previous page
+    #[prost(uint64, tag = "2")]
+    pub page_after_id: u64,
+    /// 0 = 50, at most 500
+    #[prost(uint32, tag = "3")]
+    pub page_size: u32,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListNodesResponse {
@@ -2572,6 +2606,9 @@ pub struct ListNodesResponse {
     /// every card of those nodes
     #[prost(message, repeated, tag = "2")]
     pub cards: ::prost::alloc::vec::Vec<Card>,
+    /// 0 when this is the last page
+    #[prost(uint64, tag = "3")]
+    pub next_page_after_id: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WatchRequest {
@@ -2607,7 +2644,9 @@ pub struct EventBatch {
     #[prost(message, repeated, tag = "3")]
     pub events: ::prost::alloc::vec::Vec<Event>,
 }
-/// The state as of `index`: start over from here, then continue with later batches.
+/// The state as of `index`: start over from here, then continue with later batches. Sent in
+/// parts of bounded size, all with the same index: apply the state once the part with
+/// `more = false` has arrived.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Resync {
     #[prost(uint64, tag = "1")]
@@ -2616,8 +2655,12 @@ pub struct Resync {
     pub clusters: ::prost::alloc::vec::Vec<Cluster>,
     #[prost(message, repeated, tag = "3")]
     pub cards: ::prost::alloc::vec::Vec<Card>,
+    /// the live leases
     #[prost(message, repeated, tag = "4")]
     pub leases: ::prost::alloc::vec::Vec<Lease>,
+    /// another part of this resync follows
+    #[prost(bool, tag = "5")]
+    pub more: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Event {
@@ -6413,11 +6456,20 @@ pub struct GetTaskRequest {
 pub struct ListTasksRequest {
     #[prost(bool, tag = "1")]
     pub live_only: bool,
+    /// cursor: the last task (lease) ID of the previous page
+    #[prost(uint64, tag = "2")]
+    pub page_after_id: u64,
+    /// 0 = 50, at most 500
+    #[prost(uint32, tag = "3")]
+    pub page_size: u32,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListTasksResponse {
     #[prost(message, repeated, tag = "1")]
     pub tasks: ::prost::alloc::vec::Vec<Task>,
+    /// 0 when this is the last page
+    #[prost(uint64, tag = "2")]
+    pub next_page_after_id: u64,
 }
 /// Generated client implementations.
 pub mod task_service_client {
