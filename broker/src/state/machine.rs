@@ -932,7 +932,7 @@ fn check_periods(periods: u32) -> Result<(), DomainError> {
     Ok(())
 }
 
-fn digest(command: &Command) -> [u8; 32] {
+pub(super) fn digest(command: &Command) -> [u8; 32] {
     // postcard of a closed enum is a canonical encoding of the command.
     let bytes = postcard::to_allocvec(&command.identity()).unwrap_or_default();
     Sha256::digest(&bytes).into()

@@ -12,4 +12,6 @@ pub use machine::{rules, ClusterSummary, Outcome, Response, State};
 pub use model::{Account, Attempt, AuthCode, Card, Cluster, EnrollmentToken, Job, Lease, LeaseAccount, Node, SchedulerLease, ServiceEvaluation};
 
 #[cfg(test)]
+mod golden_tests;
+#[cfg(test)]
 mod tests;
