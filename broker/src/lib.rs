@@ -6,8 +6,10 @@
 //! - [`service`]: the public gRPC services, authentication, metrics, the lease reaper.
 //! - [`telemetry`]: rolling windows of agent telemetry, card health, silent agents.
 //! - [`server`]: wiring one node together.
+//! - [`backup`]: backups of the replicated state and restores into a new cluster.
 //! - [`demo`]: demo listings for a local marketplace.
 
+pub mod backup;
 pub mod demo;
 pub mod network;
 pub mod server;

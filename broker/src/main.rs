@@ -56,6 +56,42 @@ enum Command {
     /// Make a new agent CA (certificate and key) for a cluster; give both files to every node
     /// (`agent_ca_cert`, `agent_ca_key`). Refuses to overwrite.
     AgentCa(AgentCaArgs),
+    /// Back up a running cluster's state into a new directory (manifest + state, checksummed):
+    /// everything committed before the call, taken from the leader without stopping anything.
+    Backup(BackupArgs),
+    /// Build a new node's data directory from a backup: the node (started with `serve`, no
+    /// `--bootstrap`) is the only voter of a restored cluster; add the others as learners.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// Nodes of the cluster (repeat, or comma-separated); the leader's answer is taken.
+    #[arg(long, env = "SUANLI_BROKER_ENDPOINT", value_delimiter = ',', default_value = "http://127.0.0.1:50051")]
+    endpoint: Vec<String>,
+    #[arg(long, env = "SUANLI_BROKER_PLATFORM_TOKEN", hide_env_values = true)]
+    platform_token: String,
+    /// The cluster CA, to check an `https://` endpoint.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// The new backup directory (missing or empty).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// A directory `suanli-broker backup` wrote.
+    #[arg(long)]
+    backup: PathBuf,
+    /// The new node's data directory (missing or empty).
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    node_id: u64,
+    /// Where the other nodes will reach this node's peer port (`--peer-listen`), HOST:PORT.
+    #[arg(long)]
+    peer_address: String,
 }
 
 #[derive(Args)]
@@ -305,6 +341,29 @@ async fn main() -> anyhow::Result<()> {
         Command::Cluster(args) => cluster(args).await,
         Command::AgentCa(args) => agent_ca(args),
         Command::Lease(args) => lease_cli::lease(args).await,
+        Command::Backup(args) => {
+            let ca = args.ca.as_deref().map(std::fs::read_to_string).transpose().context("reading --ca")?;
+            let manifest = suanli_broker::backup::take(&args.endpoint, &args.platform_token, ca.as_deref(), &args.out).await?;
+            println!(
+                "backup of log index {} ({} bytes, sha256 {}) in {}",
+                manifest.broker.last_applied_index,
+                manifest.broker.bytes,
+                manifest.broker.sha256,
+                args.out.display()
+            );
+            Ok(())
+        }
+        Command::Restore(args) => {
+            let manifest = suanli_broker::backup::restore(&args.backup, &args.data_dir, args.node_id, &args.peer_address)?;
+            println!(
+                "restored log index {} into {}: start it with `suanli-broker serve --node-id {} --data-dir {} --peer-listen …` (no --bootstrap)",
+                manifest.broker.last_applied_index,
+                args.data_dir.display(),
+                args.node_id,
+                args.data_dir.display()
+            );
+            Ok(())
+        }
         Command::SshKey(args) => lease_cli::ssh_key(args).await,
         Command::DevPublish(args) => {
             let channel = client::channel(&args.endpoint).await?;
@@ -444,7 +503,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     if args.fresh && args.data_dir.exists() {
         std::fs::remove_dir_all(&args.data_dir)?;
     }
-    let fresh = !args.data_dir.join("raft").exists();
+    let fresh = !server::raft_dir(&args.data_dir).exists();
     std::fs::create_dir_all(&args.data_dir)?;
     // Signs the artifact capabilities of jobs, as in production: the local scheduler's store
     // checks them with the same file (`ops/run-local`), and the agents hold no store token.

@@ -143,7 +143,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         return Err(ServeError::Config("platform_token must be at least 16 characters".into()));
     }
     std::fs::create_dir_all(&config.data_dir)?;
-    let (log_store, sm) = storage::open(&config.data_dir.join("raft"))?;
+    let (log_store, sm) = storage::open(&raft_dir(&config.data_dir))?;
     let log_for_metrics = log_store.clone();
     sm.set_events_retained(config.events_retained);
     let raft_config = openraft::Config {
@@ -389,4 +389,9 @@ impl RunningNode {
         }
         let _ = self.shared.raft.shutdown().await;
     }
+}
+
+/// Where a node keeps its Raft log and state machine, inside its data directory.
+pub fn raft_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("raft")
 }

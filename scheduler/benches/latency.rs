@@ -86,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
     let submit_secs = started.elapsed().as_secs_f64();
     anyhow::ensure!(submitted.iter().all(Result::is_ok), "a submission failed");
     let all = loop {
-        let list = client.clone().list_jobs(v1::ListJobsRequest { live_only: false, ..Default::default() }).await?.into_inner().jobs;
+        let list = suanli_proto::client::all_jobs(&client, false).await?;
         if list.iter().filter(|j| j.state == "placed").count() as u64 >= jobs {
             break list;
         }

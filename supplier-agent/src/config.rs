@@ -394,7 +394,10 @@ fn artifact_url_is_safe(url: &str) -> bool {
         return true;
     }
     let Some(rest) = url.strip_prefix("http://") else { return false };
-    let authority = rest.split('/').next().unwrap_or_default();
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return false; // `http://127.0.0.1@elsewhere/`: the host is what follows the `@`
+    }
     let host = match authority.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or_default(),
         None => authority.split(':').next().unwrap_or_default(),
@@ -446,7 +449,7 @@ mod tests {
 
     #[test]
     fn capabilities_never_travel_in_plaintext_off_this_host() {
-        for url in ["http://store.example:8090", "http://10.0.0.5:8090", "ftp://x", "store:8090"] {
+        for url in ["http://store.example:8090", "http://10.0.0.5:8090", "ftp://x", "store:8090", "http://[::1]@evil.example/", "http://127.0.0.1@evil.example:80"] {
             let err = resolve(&["--artifacts-url", url]).err().unwrap_or_else(|| panic!("{url} must be refused"));
             assert!(err.to_string().contains("artifacts_url"), "{url}: {err}");
         }

@@ -437,7 +437,19 @@ impl JobRunner {
                                 tracing::info!(job, attempt, %digest, "checkpoint saved");
                                 cp.last = Some(stamp);
                             }
-                            Err(status) => tracing::warn!(job, error = %decode_status(&status), "checkpoint not recorded"),
+                            Err(status) => {
+                                let error = decode_status(&status);
+                                tracing::warn!(job, %error, "checkpoint not recorded");
+                                if error.code == suanli_types::ErrorCode::Unavailable {
+                                    // Not recorded yet, not refused: uploaded and reported again
+                                    // next round (a dying attempt's end waits for it, as the
+                                    // end's own report would wait for the broker anyway).
+                                    if cp.ending == Some(Ending::Uploading) {
+                                        cp.ending = Some(Ending::Pending);
+                                    }
+                                    continue;
+                                }
+                            }
                         }
                     }
                     Err(why) => {

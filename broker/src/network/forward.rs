@@ -70,7 +70,8 @@ const READ_METHODS: &[&str] = &[
 ];
 
 /// Methods every node serves itself.
-const LOCAL_METHODS: &[&str] = &["/suanli.v1.Broker/Watch", "/suanli.v1.ClusterAdmin/Status"];
+/// (`ExportState` answers only on the leader, which can vouch that its state is current.)
+const LOCAL_METHODS: &[&str] = &["/suanli.v1.Broker/Watch", "/suanli.v1.ClusterAdmin/Status", "/suanli.v1.ClusterAdmin/ExportState"];
 
 pub struct LeaderRouter {
     raft: Arc<Raft>,

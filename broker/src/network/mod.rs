@@ -8,6 +8,7 @@
 
 pub mod forward;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
@@ -98,17 +99,32 @@ impl PeerTls {
     }
 }
 
-/// Creates one lazily connected channel per peer; without [`PeerTls`] (a node with no peer
-/// port) no peer is reachable.
+/// One lazily connected channel per peer address, kept: openraft asks for a client per
+/// replication stream and for every leadership check of a linearizable read, and a fresh
+/// channel each time would pay a TCP and mutual-TLS handshake per read (slower than the
+/// heartbeat interval the check waits for, in a debug build). Without [`PeerTls`] (a node with
+/// no peer port) no peer is reachable.
 #[derive(Clone, Default)]
 pub struct Network {
     peers: PeerAddresses,
     tls: Option<PeerTls>,
+    channels: Arc<std::sync::Mutex<HashMap<String, Channel>>>,
 }
 
 impl Network {
     pub fn new(peers: PeerAddresses, tls: Option<PeerTls>) -> Self {
-        Network { peers, tls }
+        Network { peers, tls, channels: Arc::default() }
+    }
+
+    fn channel(&self, address: String) -> Option<Channel> {
+        let tls = self.tls.as_ref()?;
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(channel) = channels.get(&address) {
+            return Some(channel.clone());
+        }
+        let channel = tls.channel(&address)?;
+        channels.insert(address, channel.clone());
+        Some(channel)
     }
 }
 
@@ -116,7 +132,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        let channel = self.tls.as_ref().and_then(|tls| tls.channel(&self.peers.of(target, node)));
+        let channel = self.channel(self.peers.of(target, node));
         PeerClient { target, client: channel.map(RaftInternalClient::new) }
     }
 }

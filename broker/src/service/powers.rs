@@ -43,7 +43,7 @@ fn power_of(path: &str) -> Option<Power> {
         ("Broker", "RegisterAccount" | "AddSshKey" | "RemoveSshKey" | "RotateAccountToken") => Power::Accounts,
         ("Broker", "Deposit" | "GrantCredit") => Power::Deposits,
         ("JobService", "AcquireSchedulerLease" | "GetSchedulingView" | "PlaceJobs" | "StopJobs" | "AutoLease") => Power::Scheduling,
-        ("ClusterAdmin", "AddLearner" | "Promote" | "Remove") => Power::Admin,
+        ("ClusterAdmin", "AddLearner" | "Promote" | "Remove" | "ExportState") => Power::Admin,
         ("ClusterAdmin", "Status") | ("Broker", "Watch") => Power::Read,
         ("Broker" | "JobService" | "TaskService", m) if m.starts_with("Get") || m.starts_with("List") => Power::Read,
         ("MonitoringService", "QueryTelemetry" | "SubscribeTelemetry") => Power::Read,

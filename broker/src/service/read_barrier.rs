@@ -16,26 +16,42 @@ pub struct ReadBarrier {
     begun: AtomicU64,
     /// The latest round that confirmed leadership.
     passed: AtomicU64,
+    /// The latest round that failed, and why.
+    failed: std::sync::Mutex<(u64, String)>,
 }
 
 impl ReadBarrier {
     /// Returns once a round begun after this call has passed (running `round` itself when no
-    /// later waiter has done so meanwhile); a failed round fails the waiter that ran it, and
-    /// the others try again.
-    pub async fn pass<F, Fut, E>(&self, round: F) -> Result<(), E>
+    /// later waiter has done so meanwhile). A failed round fails every waiter that arrived
+    /// before it began: while leadership cannot be confirmed, waiters are not answered one
+    /// round after another.
+    pub async fn pass<F, Fut>(&self, round: F) -> Result<(), String>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = Result<(), E>>,
+        Fut: Future<Output = Result<(), String>>,
     {
         let arrived_after = self.begun.load(Ordering::SeqCst);
         let _turn = self.turn.lock().await;
         if self.passed.load(Ordering::SeqCst) > arrived_after {
             return Ok(());
         }
+        {
+            let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if failed.0 > arrived_after {
+                return Err(failed.1.clone());
+            }
+        }
         let number = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
-        round().await?;
-        self.passed.fetch_max(number, Ordering::SeqCst);
-        Ok(())
+        match round().await {
+            Ok(()) => {
+                self.passed.fetch_max(number, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(why) => {
+                *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = (number, why.clone());
+                Err(why)
+            }
+        }
     }
 }
 
@@ -51,7 +67,7 @@ mod tests {
     /// When each round began and ended.
     type Rounds = Arc<Mutex<Vec<(Instant, Instant)>>>;
 
-    async fn timed_round(rounds: Rounds) -> Result<(), ()> {
+    async fn timed_round(rounds: Rounds) -> Result<(), String> {
         let began = Instant::now();
         tokio::time::sleep(Duration::from_millis(20)).await;
         rounds.lock().expect("rounds").push((began, Instant::now()));
@@ -94,9 +110,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_round_fails_its_reader_and_the_next_tries_again() {
-        let barrier = ReadBarrier::default();
-        assert_eq!(barrier.pass(|| async { Err::<(), _>("no quorum") }).await, Err("no quorum"));
-        assert_eq!(barrier.pass(|| async { Ok::<(), &str>(()) }).await, Ok(()));
+    async fn a_failed_round_fails_the_readers_that_waited_for_it_and_a_later_one_tries_again() {
+        let barrier = Arc::new(ReadBarrier::default());
+        let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failing = |rounds: Arc<std::sync::atomic::AtomicU64>| move || {
+            let rounds = rounds.clone();
+            async move {
+                rounds.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Err::<(), _>("no quorum".to_owned())
+            }
+        };
+        let readers: Vec<_> = (0..10)
+            .map(|_| {
+                let (barrier, round) = (barrier.clone(), failing(rounds.clone()));
+                tokio::spawn(async move { barrier.pass(round).await })
+            })
+            .collect();
+        for r in readers {
+            assert_eq!(r.await.expect("reader"), Err("no quorum".to_owned()));
+        }
+        assert!(rounds.load(Ordering::SeqCst) <= 2, "{} failing rounds for 10 readers", rounds.load(Ordering::SeqCst));
+        assert_eq!(barrier.pass(|| async { Ok(()) }).await, Ok(()), "a reader after the failure runs a round of its own");
     }
 }

@@ -50,6 +50,18 @@ impl LogStore {
         Ok(())
     }
 
+    /// A restored store: the log up to `log_id` is taken as purged (its effect is in the
+    /// restored snapshot), so the log goes on after it.
+    pub(super) fn mark_purged(&self, log_id: LogId) -> Result<(), StoreError> {
+        self.put_meta(KEY_PURGED, &log_id, true)
+    }
+
+    /// A restored store: `node` voted for itself in the term of the restored position, so its
+    /// first election is in a later term than any entry it holds.
+    pub(super) fn seed_vote(&self, term: u64, node: NodeId) -> Result<(), StoreError> {
+        self.put_meta(KEY_VOTE, &Vote::new(term, node), true)
+    }
+
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StoreError> {
         let log = cf(&self.db, CF_LOG)?;
         match self.db.iterator_cf(log, IteratorMode::End).next() {

@@ -66,6 +66,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("column family {0} missing")]
     MissingColumnFamily(&'static str),
+    #[error("{0} is not empty: a restore makes a new store, it never writes over one")]
+    NotEmpty(String),
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
 }
 
 /// Opens (or creates) the store at `path`: the log store and the state machine share one
@@ -82,6 +86,36 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     let log = LogStore::new(db.clone());
     let sm = StateMachineStore::open(db)?;
     Ok((log, sm))
+}
+
+/// Builds a new store at `path` (missing or empty) from an exported state
+/// ([`StateMachineStore::export`]), for node `node` reachable by its peers at `address`, the
+/// only voter of the restored cluster. Refuses data that does not decode or breaks the state's
+/// invariants, and any existing store. Returns the log position the state reflects.
+pub fn restore(path: &Path, exported: &[u8], node: NodeId, address: &str) -> Result<Option<LogId>, StoreError> {
+    let occupied = match std::fs::read_dir(path) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(StoreError::Io(path.display().to_string(), e)),
+    };
+    if occupied {
+        return Err(StoreError::NotEmpty(path.display().to_string()));
+    }
+    // A bad backup leaves no half-made store behind.
+    let made = (|| -> Result<Option<LogId>, StoreError> {
+        std::fs::create_dir_all(path).map_err(|e| StoreError::Io(path.display().to_string(), e))?;
+        let (log, sm) = open(path)?;
+        let position = sm.seed(exported, node, address)?;
+        if let Some(position) = position {
+            log.mark_purged(position)?;
+            log.seed_vote(position.leader_id.term, node)?;
+        }
+        Ok(position)
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_dir_all(path);
+    }
+    made
 }
 
 fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {

@@ -43,6 +43,14 @@ struct SnapshotPayload {
     state: State,
 }
 
+/// [`SnapshotPayload`] by reference: the same bytes, without copying the state.
+#[derive(Serialize)]
+struct SnapshotPayloadRef<'a> {
+    last_applied: &'a Option<LogId>,
+    membership: &'a Membership,
+    state: &'a State,
+}
+
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
@@ -135,6 +143,32 @@ impl StateMachineStore {
     /// The time to propose a command at, given this node's wall clock: see [`CommandClock`].
     pub fn proposal_time(&self, wall: Timestamp) -> Timestamp {
         self.inner.clock.bound(wall)
+    }
+
+    /// The current state as a snapshot holds it (what a backup keeps), and the log position it
+    /// reflects.
+    pub fn export(&self) -> Result<(Vec<u8>, Option<LogId>), StoreError> {
+        let applied = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
+        let payload = SnapshotPayloadRef { last_applied: &applied.last_applied, membership: &applied.membership, state: &applied.state };
+        Ok((postcard::to_allocvec(&payload)?, applied.last_applied))
+    }
+
+    /// Makes an exported state this (new, empty) store's snapshot, as the state of a cluster
+    /// whose only voter is `node` at `address`: started, the node elects itself and goes on
+    /// from the exported position; other nodes join it as learners. Returns that position.
+    pub(super) fn seed(&self, exported: &[u8], node: NodeId, address: &str) -> Result<Option<LogId>, StoreError> {
+        let payload: SnapshotPayload = postcard::from_bytes(exported)?;
+        payload.state.check_invariants().map_err(StoreError::Corrupt)?;
+        let voters = std::collections::BTreeSet::from([node]);
+        let nodes = std::collections::BTreeMap::from([(node, openraft::BasicNode { addr: address.to_owned() })]);
+        let membership = StoredMembership::new(payload.last_applied, openraft::Membership::new(vec![voters], nodes));
+        let seeded = SnapshotPayload { last_applied: payload.last_applied, membership: membership.clone(), state: payload.state };
+        let index = seeded.last_applied.map_or(0, |l| l.index);
+        let meta = SnapshotMeta { last_log_id: seeded.last_applied, last_membership: membership, snapshot_id: format!("restored-{index}") };
+        self.persist_snapshot(&StoredSnapshot { meta, data: postcard::to_allocvec(&seeded)? })?;
+        // No events before the restored position are kept: watchers from before it resync.
+        self.discard_events_below(index.saturating_add(1))?;
+        Ok(seeded.last_applied)
     }
 
     /// Size of the last snapshot built or installed, in bytes.

@@ -193,7 +193,12 @@ impl Collector {
                 done.kept += 1;
                 continue;
             }
-            let _alone = self.sweep.write().await;
+            // Never waits for uploads (a slow one would hold every other upload up behind the
+            // collector): while any upload is under way, this artifact is left for next time.
+            let Ok(_alone) = self.sweep.try_write() else {
+                done.kept += 1;
+                continue;
+            };
             // Looked at again under the lock: an upload of the same bytes may have come.
             if !self.uploaded_by_owners_only(digest).await? || !self.store.delete_if_stored_before(digest, stored_before).await? {
                 done.kept += 1;

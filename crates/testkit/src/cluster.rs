@@ -72,6 +72,58 @@ impl BrokerCluster {
         Ok(cluster)
     }
 
+    /// A new cluster from a backup (`suanli-broker restore`): node 1's data directory is built
+    /// from `backup` and the node started without `--bootstrap` (it is the restored cluster's
+    /// only voter); nodes 2..=n then join it as learners and are promoted. New directories,
+    /// new ports, nodes connected directly.
+    pub async fn restore(binary: &Path, backup: &Path, n: u64) -> anyhow::Result<BrokerCluster> {
+        let dir = TempDir::new()?;
+        suanli_pki::Ca::load(&dir.path().join(AGENT_CA_CERT), &dir.path().join(AGENT_CA_KEY), true)?;
+        suanli_pki::ssh::SshCa::load(&dir.path().join(SSH_CA_KEY), true)?;
+        let mut cluster = BrokerCluster { binary: binary.to_owned(), dir, config: String::new(), members: BTreeMap::new(), links: BTreeMap::new() };
+        // The restored node's peer address is in its membership before it starts: a fixed port.
+        let peer = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+        let data = cluster.dir.path().join("node-1");
+        let out = tokio::process::Command::new(binary)
+            .args(["restore", "--node-id", "1", "--peer-address", &peer])
+            .arg("--backup")
+            .arg(backup)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!("suanli-broker restore: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        cluster.spawn(1, ["127.0.0.1:0", "127.0.0.1:0", peer.as_str()], false).await?;
+        if let Err(e) = cluster.leader(Duration::from_secs(30)).await {
+            let log = cluster.log(1);
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            bail!("the restored node became no leader ({e}); its log ends:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        for id in 2..=n {
+            cluster.join(id).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Backs the running cluster up into `out` with `suanli-broker backup` (every node named;
+    /// the leader answers). Returns what the command printed. (Awaited, never blocking: the
+    /// links between the nodes run on this process's runtime.)
+    pub async fn backup(&self, out: &Path) -> anyhow::Result<String> {
+        let endpoints: Vec<String> = self.live().iter().filter_map(|id| self.address(*id).ok()).map(|a| format!("http://{a}")).collect();
+        let result = tokio::process::Command::new(&self.binary)
+            .args(["backup", "--endpoint", &endpoints.join(","), "--platform-token", PLATFORM_TOKEN])
+            .arg("--out")
+            .arg(out)
+            .output()
+            .await?;
+        if !result.status.success() {
+            bail!("suanli-broker backup: {}", String::from_utf8_lossy(&result.stderr));
+        }
+        Ok(String::from_utf8_lossy(&result.stdout).into_owned())
+    }
+
     /// Starts a fresh node `id` and makes it a voter.
     pub async fn join(&mut self, id: u64) -> anyhow::Result<()> {
         self.spawn(id, ["127.0.0.1:0"; 3], false).await?;

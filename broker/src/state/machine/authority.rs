@@ -5,7 +5,7 @@
 //! way: a refusal here is exactly the refusal applying the command would have given.
 
 use suanli_types::error::EntityKind;
-use suanli_types::{AccountKind, Caller, DomainError, EndReason, RequestId};
+use suanli_types::{AccountKind, Caller, DomainError, EndReason, LeaseAction, RequestId};
 
 use super::{check_periods, require, State};
 use crate::state::command::Command;
@@ -13,9 +13,10 @@ use crate::state::command::Command;
 impl State {
     /// Whether a command would be refused before it changed anything: `Err` with the refusal
     /// applying it would give. A retry of a request this state remembers passes (its first
-    /// answer comes from the log).
+    /// answer comes from the log); the same request ID with another command does not.
     pub fn precheck(&self, caller: &Caller, request_id: &RequestId, command: &Command) -> Result<(), DomainError> {
-        if self.requests.contains_key(&(caller.clone(), request_id.clone())) {
+        let remembered = self.requests.get(&(caller.clone(), request_id.clone()));
+        if remembered.is_some_and(|r| r.digest == super::digest(command)) {
             return Ok(());
         }
         self.authorize(caller, command)
@@ -93,7 +94,8 @@ impl State {
                 self.lease_of_researcher(caller, *lease).map(drop)
             }
             Command::ExtendLease { lease, periods } => {
-                self.lease_of_researcher(caller, *lease)?;
+                let l = self.lease_of_researcher(caller, *lease)?;
+                self.transition_check(l, LeaseAction::Extend)?;
                 check_periods(*periods)
             }
             Command::ActivateLease { lease } => {

@@ -7951,6 +7951,28 @@ pub mod raft_internal_server {
     }
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExportStateRequest {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StateChunk {
+    /// the broker's on-disk format the data is in (first chunk)
+    #[prost(uint32, tag = "1")]
+    pub store_format: u32,
+    /// the log index the state reflects (first chunk)
+    #[prost(uint64, tag = "2")]
+    pub last_applied_index: u64,
+    /// (first chunk)
+    #[prost(uint64, tag = "3")]
+    pub last_applied_term: u64,
+    /// (first chunk)
+    #[prost(uint64, tag = "4")]
+    pub total_bytes: u64,
+    /// of all the data, lower-case hex (first chunk)
+    #[prost(string, tag = "5")]
+    pub sha256: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "6")]
+    pub data: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StatusRequest {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ClusterMember {
@@ -8171,6 +8193,33 @@ pub mod cluster_admin_client {
                 .insert(GrpcMethod::new("suanli.v1.ClusterAdmin", "Remove"));
             self.inner.unary(req, path, codec).await
         }
+        /// A consistent copy of the replicated state, for a backup (`suanli-broker backup`):
+        /// everything committed before the call, streamed in chunks of at most 1 MiB. The first
+        /// chunk carries the description; `sha256` covers the whole data.
+        pub async fn export_state(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ExportStateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::StateChunk>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/suanli.v1.ClusterAdmin/ExportState",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("suanli.v1.ClusterAdmin", "ExportState"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -8205,6 +8254,22 @@ pub mod cluster_admin_server {
             &self,
             request: tonic::Request<super::NodeRef>,
         ) -> std::result::Result<tonic::Response<super::ClusterStatus>, tonic::Status>;
+        /// Server streaming response type for the ExportState method.
+        type ExportStateStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::StateChunk, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// A consistent copy of the replicated state, for a backup (`suanli-broker backup`):
+        /// everything committed before the call, streamed in chunks of at most 1 MiB. The first
+        /// chunk carries the description; `sha256` covers the whole data.
+        async fn export_state(
+            &self,
+            request: tonic::Request<super::ExportStateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::ExportStateStream>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct ClusterAdminServer<T> {
@@ -8454,6 +8519,52 @@ pub mod cluster_admin_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/suanli.v1.ClusterAdmin/ExportState" => {
+                    #[allow(non_camel_case_types)]
+                    struct ExportStateSvc<T: ClusterAdmin>(pub Arc<T>);
+                    impl<
+                        T: ClusterAdmin,
+                    > tonic::server::ServerStreamingService<super::ExportStateRequest>
+                    for ExportStateSvc<T> {
+                        type Response = super::StateChunk;
+                        type ResponseStream = T::ExportStateStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ExportStateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ClusterAdmin>::export_state(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ExportStateSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
