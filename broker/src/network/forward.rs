@@ -18,8 +18,7 @@
 //! `x-suanli-forwarded`, are removed from every call on the other ports: no client can claim
 //! them.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -76,7 +75,7 @@ const LOCAL_METHODS: &[&str] = &["/suanli.v1.Broker/Watch", "/suanli.v1.ClusterA
 pub struct LeaderRouter {
     raft: Arc<Raft>,
     peers: PeerAddresses,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: super::PeerChannels,
     /// `None`: this node has no peer port and forwards nothing.
     tls: Option<PeerTls>,
     /// Service tokens and their powers, checked before any call goes anywhere.
@@ -91,7 +90,7 @@ fn client_certificate<B>(request: &http::Request<B>) -> Option<Vec<u8>> {
 
 impl LeaderRouter {
     pub fn new(raft: Arc<Raft>, peers: PeerAddresses, tls: Option<PeerTls>, services: crate::service::powers::Services) -> Self {
-        LeaderRouter { raft, peers, channels: Mutex::new(HashMap::new()), tls, services }
+        LeaderRouter { raft, peers, channels: super::PeerChannels::default(), tls, services }
     }
 
     /// Establishes what the transport proves about `request` (see [`Port`]); `Err`: a caller
@@ -140,13 +139,7 @@ impl LeaderRouter {
             return None;
         }
         let address = self.peers.of(leader, metrics.membership_config.membership().get_node(&leader)?);
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(channel) = channels.get(&address) {
-            return Some(channel.clone());
-        }
-        let channel = tls.channel(&address)?;
-        channels.insert(address, channel.clone());
-        Some(channel)
+        self.channels.get(tls, address)
     }
 }
 

@@ -99,32 +99,41 @@ impl PeerTls {
     }
 }
 
-/// One lazily connected channel per peer address, kept: openraft asks for a client per
-/// replication stream and for every leadership check of a linearizable read, and a fresh
-/// channel each time would pay a TCP and mutual-TLS handshake per read (slower than the
-/// heartbeat interval the check waits for, in a debug build). Without [`PeerTls`] (a node with
-/// no peer port) no peer is reachable.
+/// Lazily connected channels to peers, one per address, kept (a channel reconnects by itself):
+/// openraft asks for a client per replication stream and for every leadership check of a
+/// linearizable read, and forwarding needs one per call; a fresh channel each time would pay a
+/// TCP and mutual-TLS handshake per read (slower than the heartbeat interval the check waits
+/// for, in a debug build).
 #[derive(Clone, Default)]
-pub struct Network {
-    peers: PeerAddresses,
-    tls: Option<PeerTls>,
-    channels: Arc<std::sync::Mutex<HashMap<String, Channel>>>,
-}
+pub struct PeerChannels(Arc<std::sync::Mutex<HashMap<String, Channel>>>);
 
-impl Network {
-    pub fn new(peers: PeerAddresses, tls: Option<PeerTls>) -> Self {
-        Network { peers, tls, channels: Arc::default() }
-    }
-
-    fn channel(&self, address: String) -> Option<Channel> {
-        let tls = self.tls.as_ref()?;
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+impl PeerChannels {
+    pub fn get(&self, tls: &PeerTls, address: String) -> Option<Channel> {
+        let mut channels = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(channel) = channels.get(&address) {
             return Some(channel.clone());
         }
         let channel = tls.channel(&address)?;
         channels.insert(address, channel.clone());
         Some(channel)
+    }
+}
+
+/// Raft's network; without [`PeerTls`] (a node with no peer port) no peer is reachable.
+#[derive(Clone, Default)]
+pub struct Network {
+    peers: PeerAddresses,
+    tls: Option<PeerTls>,
+    channels: PeerChannels,
+}
+
+impl Network {
+    pub fn new(peers: PeerAddresses, tls: Option<PeerTls>) -> Self {
+        Network { peers, tls, channels: PeerChannels::default() }
+    }
+
+    fn channel(&self, address: String) -> Option<Channel> {
+        self.channels.get(self.tls.as_ref()?, address)
     }
 }
 
