@@ -212,21 +212,8 @@ async fn main() -> anyhow::Result<()> {
                     tokio::spawn(suanli_scheduler::artifact_gc::run(collector, gc));
                 }
                 match tls {
-                    Some(config) => {
-                        let listener = suanli_artifacts::tls::TlsListener::new(listener, config)?;
-                        tokio::spawn(async move {
-                            if let Err(e) = axum::serve(listener, app).await {
-                                tracing::error!(error = %e, "artifact store stopped");
-                            }
-                        });
-                    }
-                    None => {
-                        tokio::spawn(async move {
-                            if let Err(e) = axum::serve(listener, app).await {
-                                tracing::error!(error = %e, "artifact store stopped");
-                            }
-                        });
-                    }
+                    Some(config) => spawn_store(suanli_artifacts::tls::TlsListener::new(listener, config)?, app),
+                    None => spawn_store(listener, app),
                 }
             }
             println!("SUANLI_READY scheduler={name} policy={} artifacts={artifacts}", kind.as_str());
@@ -237,4 +224,18 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Serves the artifact store for as long as the process runs (over TLS or not: the listener
+/// decides).
+fn spawn_store<L>(listener: L, app: axum::Router)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "artifact store stopped");
+        }
+    });
 }
