@@ -281,26 +281,49 @@ struct UploadQuery {
     sha256: Option<String>,
 }
 
+/// At most this much of a refused upload's body is read (and dropped) before the refusal is
+/// sent, so that a client still writing a small body reads the answer instead of a broken
+/// connection; a larger body's sender may see the connection closed instead.
+const REFUSED_BODY_DRAINED: usize = 1 << 20;
+
+/// Answers `response` to an upload refused before its body was read, after reading what the
+/// client sends of it (up to [`REFUSED_BODY_DRAINED`], for at most two seconds).
+async fn refused(request: Request, response: Response) -> Response {
+    let drain = async {
+        let mut body = request.into_body().into_data_stream();
+        let mut seen = 0usize;
+        while let Some(Ok(chunk)) = futures::StreamExt::next(&mut body).await {
+            seen += chunk.len();
+            if seen > REFUSED_BODY_DRAINED {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+    response
+}
+
 async fn upload(State(shared): State<Arc<Shared>>, Query(q): Query<UploadQuery>, request: Request) -> Response {
     let owner = match authenticate(&shared, request.headers()) {
         Ok(Caller::Service) => None,
         Ok(Caller::Holder(grant)) if grant.write => Some(grant.owner),
-        Ok(Caller::Holder(grant)) => return error(ErrorCode::Forbidden, format!("the capability for {} does not upload", grant.scope)),
-        Err(why) => return error(ErrorCode::Unauthenticated, why),
+        Ok(Caller::Holder(grant)) => return refused(request, error(ErrorCode::Forbidden, format!("the capability for {} does not upload", grant.scope))).await,
+        Err(why) => return refused(request, error(ErrorCode::Unauthenticated, why)).await,
     };
     let expected = match q.sha256.as_deref().map(str::parse::<Digest>).transpose() {
         Ok(e) => e,
-        Err(e) => return store_error(e),
+        Err(e) => return refused(request, store_error(e)).await,
     };
     // Quotas count what an owner uploaded (checked before each upload: one artifact at most
     // goes past it).
     if let (Some(owner), Some(dir), Some(limit)) = (owner, &shared.access.owners_dir, &shared.access.quota_bytes) {
         match usage(shared.store.as_ref(), dir, owner).await {
             Ok(used) if used >= *limit => {
-                return error(ErrorCode::QuotaExceeded, format!("account {owner}'s artifacts take {used} of its {limit} bytes"));
+                let why = format!("account {owner}'s artifacts take {used} of its {limit} bytes");
+                return refused(request, error(ErrorCode::QuotaExceeded, why)).await;
             }
             Ok(_) => {}
-            Err(e) => return store_error(e),
+            Err(e) => return refused(request, store_error(e)).await,
         }
     }
     let stream = request.into_body().into_data_stream().map_err(std::io::Error::other);
