@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
 
-use crate::storage::{self, StoreError, FORMAT_VERSION};
+use crate::storage::{self, StoreError, FORMAT_VERSION, OLDEST_READABLE_FORMAT};
 use suanli_proto::v1;
 
 /// The layout of a backup directory this code writes and reads.
@@ -55,7 +55,7 @@ pub enum BackupError {
     Manifest(String),
     #[error("backup format {found}; this broker reads format {BACKUP_FORMAT}")]
     BackupFormat { found: u32 },
-    #[error("the state was written in store format {found}; this broker restores format {FORMAT_VERSION}")]
+    #[error("the state was written in store format {found}; this broker restores formats {OLDEST_READABLE_FORMAT} to {FORMAT_VERSION}")]
     StoreFormat { found: u32 },
     #[error("{file} is damaged: {why}")]
     Damaged { file: PathBuf, why: String },
@@ -161,7 +161,7 @@ pub fn open(backup: &Path) -> Result<(Manifest, Vec<u8>), BackupError> {
     if sha256 != manifest.broker.sha256 {
         return Err(damaged(format!("its SHA-256 is {sha256}, the manifest says {}", manifest.broker.sha256)));
     }
-    if manifest.broker.store_format != FORMAT_VERSION {
+    if !(OLDEST_READABLE_FORMAT..=FORMAT_VERSION).contains(&manifest.broker.store_format) {
         return Err(BackupError::StoreFormat { found: manifest.broker.store_format });
     }
     Ok((manifest, data))
@@ -174,7 +174,7 @@ pub fn restore(backup: &Path, data_dir: &Path, node_id: u64, peer_address: &str)
     if std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some()) {
         return Err(BackupError::Store(StoreError::NotEmpty(data_dir.display().to_string())));
     }
-    if let Err(e) = storage::restore(&crate::server::raft_dir(data_dir), &data, node_id, peer_address) {
+    if let Err(e) = storage::restore(&crate::server::raft_dir(data_dir), &data, manifest.broker.store_format, node_id, peer_address) {
         let _ = std::fs::remove_dir_all(data_dir);
         return Err(e.into());
     }

@@ -220,6 +220,9 @@ struct FileBroker {
     platform_token: Option<String>,
     bootstrap: Option<bool>,
     reaper_interval_ms: Option<u64>,
+    /// Ended leases and jobs, and ledger lines, older than this leave the hot state for the
+    /// archive (default 30 days).
+    archive_after_s: Option<u64>,
     snapshot_every_entries: Option<u64>,
     events_retained: Option<u64>,
     /// An enrolled agent not heard from for this long has its cards marked silent.
@@ -324,6 +327,8 @@ struct CatalogueArgs {
 /// The development platform token: fine on loopback, refused nowhere, never for production.
 /// Ten missed one-second samples.
 const DEFAULT_AGENT_SILENT_AFTER_MS: u64 = 10_000;
+/// Ended leases and jobs leave the hot state after 30 days.
+const DEFAULT_ARCHIVE_AFTER_S: u64 = 30 * 24 * 3600;
 const DEV_PLATFORM_TOKEN: &str = "dev-platform-token-not-for-production";
 
 fn init_logging(filter: &str) {
@@ -420,6 +425,7 @@ fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
         platform_token,
         bootstrap: args.bootstrap || file.bootstrap.unwrap_or(false),
         reaper_interval: Duration::from_millis(file.reaper_interval_ms.unwrap_or(1000)),
+        archive_after: Duration::from_secs(file.archive_after_s.unwrap_or(DEFAULT_ARCHIVE_AFTER_S)),
         snapshot_every_entries: file.snapshot_every_entries.unwrap_or(10_000),
         events_retained: file.events_retained.unwrap_or(DEFAULT_EVENTS_RETAINED),
         agent_silent_after: Duration::from_millis(file.agent_silent_after_ms.unwrap_or(DEFAULT_AGENT_SILENT_AFTER_MS)),
@@ -519,6 +525,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         platform_token: DEV_PLATFORM_TOKEN.into(),
         bootstrap: true,
         reaper_interval: Duration::from_secs(1),
+        archive_after: Duration::from_secs(DEFAULT_ARCHIVE_AFTER_S),
         snapshot_every_entries: 10_000,
         events_retained: DEFAULT_EVENTS_RETAINED,
         agent_silent_after: Duration::from_millis(DEFAULT_AGENT_SILENT_AFTER_MS),

@@ -60,6 +60,9 @@ pub struct NodeConfig {
     /// node of a cluster is bootstrapped; the others are added with `cluster add-learner`.
     pub bootstrap: bool,
     pub reaper_interval: Duration,
+    /// Leases and jobs that ended this long ago, and ledger lines this old, leave the hot
+    /// state for the archive (`state::machine::archive`).
+    pub archive_after: Duration,
     pub snapshot_every_entries: u64,
     /// Log indexes of events kept behind each snapshot for `Watch` to resume from.
     pub events_retained: u64,
@@ -331,7 +334,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         None => None,
     };
 
-    tasks.push(tokio::spawn(reaper::run(shared.clone(), config.reaper_interval)));
+    tasks.push(tokio::spawn(reaper::run(shared.clone(), config.reaper_interval, config.archive_after)));
     tasks.push(tokio::spawn(telemetry::monitor(shared.clone(), telemetry, HEALTH_TICK)));
     info!(node = config.node_id, grpc = %grpc_addr, agents = ?agent_addr, metrics = ?metrics_addr, "broker node serving");
     Ok(RunningNode { shared, grpc_addr, agent_addr, peer_addr, metrics_addr, stop, tasks })

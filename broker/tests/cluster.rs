@@ -395,3 +395,62 @@ async fn a_one_way_partition_and_slow_links_do_not_stop_the_majority() {
     assert!(views.windows(2).all(|w| w[0] == w[1]), "nodes disagree: {views:?}");
     assert_eq!(views[0].len(), 5);
 }
+
+/// A read of this node's own state (no leader round), as a node that is behind would answer.
+fn local<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("x-suanli-read", "stale".parse().expect("header"));
+    request
+}
+
+#[tokio::test]
+async fn ended_leases_leave_the_hot_state_and_stay_readable_on_every_node_and_on_one_that_joins_later() {
+    // Everything that ended is archived at once; snapshots every 20 entries compact the log.
+    let config = "[broker]\nsnapshot_every_entries = 20\narchive_after_s = 0\n";
+    let mut cluster = BrokerCluster::start(binary(), 3, Some(config)).await.expect("cluster");
+    let leader = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let m = market(&cluster, leader, 64).await;
+    let mut researcher = cluster.client(leader, &m.researcher_token).await.expect("client");
+    let mut ended = Vec::new();
+    for i in 0..10 {
+        let lease = researcher.request_lease(lease_request(m.cluster.cluster_id, format!("a{i}"))).await.expect("lease").into_inner();
+        let reason = v1::EndReason::ByResearcher.into();
+        researcher.end_lease(v1::EndLeaseRequest { request_id: format!("end-a{i}"), lease_id: lease.lease_id, reason }).await.expect("end");
+        ended.push(lease.lease_id);
+    }
+    // The leader's reaper moves them out of the hot state: lists no longer show them.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let listed = researcher.list_leases(v1::ListLeasesRequest::default()).await.expect("list").into_inner().leases;
+        if !listed.iter().any(|l| ended.contains(&l.lease_id)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ended leases were not archived: {} still listed", listed.len());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Enough new entries for a snapshot past the archiving, and live leases that stay hot.
+    for i in 0..30 {
+        researcher.request_lease(lease_request(m.cluster.cluster_id, format!("b{i}"))).await.expect("lease");
+    }
+    cluster.converge(Duration::from_secs(30)).await.expect("converged");
+    cluster.join(4).await.expect("join");
+    cluster.converge(Duration::from_secs(30)).await.expect("node 4 caught up");
+    assert!(cluster.status(4).await.expect("status").snapshot_index > 0, "node 4 caught up from a snapshot");
+    for node in cluster.ids() {
+        let mut on = cluster.client(node, &m.researcher_token).await.expect("client");
+        for id in &ended {
+            let lease = on.get_lease(local(v1::GetLeaseRequest { lease_id: *id })).await;
+            let lease = lease.unwrap_or_else(|s| panic!("node {node}: lease {id} is not readable: {s}")).into_inner();
+            let over = [v1::LeaseState::Ended, v1::LeaseState::Cancelled].map(|s| s as i32);
+            assert!(over.contains(&lease.state), "node {node}: lease {id} is {}", lease.state);
+        }
+        let hot = on.list_leases(local(v1::ListLeasesRequest::default())).await.expect("list").into_inner().leases;
+        assert_eq!(hot.len(), 30, "node {node}: only the live leases are hot");
+    }
+    // The archive is the account's own, like the hot state.
+    let mut platform = cluster.client(leader, PLATFORM_TOKEN).await.expect("client");
+    let (_, stranger_token) = register(&mut platform, AccountKind::Researcher, "stranger").await.expect("stranger");
+    let mut stranger = cluster.client(leader, &stranger_token).await.expect("client");
+    let refused = stranger.get_lease(v1::GetLeaseRequest { lease_id: ended[0] }).await.expect_err("not theirs");
+    assert_eq!(decode_status(&refused).code, ErrorCode::NotFound);
+}

@@ -80,7 +80,7 @@ fn a_store_of_another_format_version_is_refused() {
     {
         let mut options = rocksdb::Options::default();
         options.create_missing_column_families(true);
-        let cfs = ["log", "meta", "snapshot", "events"];
+        let cfs = ["log", "meta", "snapshot", "events", "archive"];
         let db = rocksdb::DB::open_cf(&options, dir.path(), cfs).expect("raw open");
         let meta = db.cf_handle("meta").expect("meta");
         db.put_cf(meta, b"format_version", 99u32.to_be_bytes()).expect("put");

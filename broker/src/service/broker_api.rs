@@ -404,8 +404,11 @@ impl Broker for BrokerApi {
                 let consistency = Consistency::of(&request);
                 let caller = self.shared.caller(&request).await?;
                 let id = LeaseId(required_id("lease_id", request.get_ref().lease_id)?);
+                // Also what ended long ago: the archive keeps it.
                 self.shared
-                    .read(consistency, |s| s.lease(id).filter(|l| may_see_lease(&caller, l)).map(wire::lease))
+                    .read_with_archive(consistency, |s, archive| {
+                        Ok(super::archived::lease(s, archive, id)?.filter(|l| may_see_lease(&caller, l)).map(|l| wire::lease(&l)))
+                    })
                     .await?
                     .map(Response::new)
                     .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Lease, id)))

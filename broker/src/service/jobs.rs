@@ -17,7 +17,8 @@ use tonic::{Request, Response, Status};
 
 use super::broker_api::unexpected;
 use super::paging::Page;
-use super::{invalid, may_see_lease, now, Consistency, Shared};
+use super::{archived, invalid, may_see_lease, now, Consistency, Shared};
+use crate::storage::{Archive, StoreError};
 use crate::state::{Command, Job, Response as Applied, State};
 
 pub struct Jobs {
@@ -177,8 +178,8 @@ impl JobService for Jobs {
                 let caller = self.shared.caller(&request).await?;
                 let id = required_job(request.get_ref().job_id)?;
                 self.shared
-                    .read(consistency, |s| {
-                        s.job(id).filter(|j| may_see_job(&caller, j)).map(|j| job_to_wire(s, j))
+                    .read_with_archive(consistency, |s, archive| {
+                        Ok(super::archived::job(s, archive, id)?.filter(|j| may_see_job(&caller, j)).map(|j| job_to_wire(s, &j)))
                     })
                     .await?
                     .map(Response::new)
@@ -457,18 +458,19 @@ fn balance_of(s: &State, account: AccountId, currency: &Currency) -> v1::Balance
 
 /// A month's statement: opening and closing balances, totals by kind, a line per lease, and
 /// the cost of each job that ended in the month.
-pub fn statement(s: &State, account: AccountId, month: Month, currency: &Currency) -> v1::Statement {
+pub fn statement(s: &State, archive: &Archive, account: AccountId, month: Month, currency: &Currency) -> Result<v1::Statement, StoreError> {
     let (start, _) = month.bounds();
     let mine = [LedgerAccount::Available(account), LedgerAccount::Earnings(account)];
-    let opening: i64 = s
-        .transactions_of(account, None)
-        .into_iter()
+    let every_line = archived::transactions_of(s, archive, account, None)?;
+    let opening: i64 = every_line
+        .iter()
         .filter(|tx| tx.at < start && tx.currency == *currency)
         .map(|tx| mine.iter().map(|a| tx.net_for(*a)).sum::<i64>())
         .sum();
     let mut st = v1::Statement { account_id: account.0, month: month.to_string(), currency: currency.as_str().into(), opening_minor: opening, ..Default::default() };
     let mut lines: BTreeMap<LeaseId, v1::StatementLine> = BTreeMap::new();
-    for tx in s.transactions_of(account, Some(month)).into_iter().filter(|tx| tx.currency == *currency) {
+    let (start, end) = month.bounds();
+    for tx in every_line.iter().filter(|tx| tx.at >= start && tx.at < end && tx.currency == *currency) {
         let available = tx.net_for(LedgerAccount::Available(account));
         let earned = tx.net_for(LedgerAccount::Earnings(account));
         let line = tx.lease.map(|l| lines.entry(l).or_insert_with(|| v1::StatementLine { lease_id: l.0, ..Default::default() }));
@@ -506,9 +508,8 @@ pub fn statement(s: &State, account: AccountId, month: Month, currency: &Currenc
     }
     st.closing_minor += opening;
     st.leases = lines.into_values().collect();
-    let (start, end) = month.bounds();
-    st.jobs = s
-        .jobs_of(account)
+    st.jobs = archived::jobs_of(s, archive, account)?
+        .iter()
         .filter(|j| j.ended_at.is_some_and(|t| t >= start && t < end))
         .map(|j| v1::JobCost {
             job_id: j.id.0,
@@ -517,7 +518,7 @@ pub fn statement(s: &State, account: AccountId, month: Month, currency: &Currenc
             cost_minor: j.cost_minor,
         })
         .collect();
-    st
+    Ok(st)
 }
 
 /// The Broker service's money calls (`broker_api.rs` delegates here).
@@ -608,8 +609,9 @@ pub mod billing {
                 };
                 let page = Page::from_wire(request.get_ref().page_after_id, request.get_ref().page_size)?;
                 let (transactions, next_page_after_id) = shared
-                    .read(consistency, |s| {
-                        page.take(s.transactions_of(account, month).into_iter().map(|tx| (tx.id, transaction_to_wire(tx))))
+                    .read_with_archive(consistency, |s, archive| {
+                        let lines = archived::transactions_of(s, archive, account, month)?;
+                        Ok(page.take(lines.iter().map(|tx| (tx.id, transaction_to_wire(tx)))))
                     })
                     .await?;
                 Ok(Response::new(v1::ListTransactionsResponse { transactions, next_page_after_id }))
@@ -626,7 +628,7 @@ pub mod billing {
                 let account = billing_subject(&caller, req.account_id)?;
                 let month = month(&req.month)?;
                 let currency = currency_or_cny(&req.currency)?;
-                Ok(Response::new(shared.read(consistency, |s| statement(s, account, month, &currency)).await?))
+                Ok(Response::new(shared.read_with_archive(consistency, |s, archive| statement(s, archive, account, month, &currency)).await?))
             })
             .await
     }
@@ -639,9 +641,9 @@ pub mod billing {
                 let caller = shared.caller(&request).await?;
                 let lease = LeaseId(request.get_ref().lease_id);
                 shared
-                    .read(consistency, |s| {
-                        let visible = s.lease(lease).is_some_and(|l| may_see_lease(&caller, l));
-                        s.evaluation(lease).filter(|_| visible).map(|e| v1::ServiceEvaluation {
+                    .read_with_archive(consistency, |s, archive| {
+                        let visible = archived::lease(s, archive, lease)?.is_some_and(|l| may_see_lease(&caller, &l));
+                        Ok(archived::evaluation(s, archive, lease)?.filter(|_| visible).map(|e| v1::ServiceEvaluation {
                             lease_id: e.lease.0,
                             supplier_id: e.supplier.0,
                             uptime_bps: e.uptime_bps,
@@ -649,7 +651,7 @@ pub mod billing {
                             utilization_bps: e.utilization_bps,
                             score: e.score,
                             at_ms: e.at.millis(),
-                        })
+                        }))
                     })
                     .await?
                     .map(Response::new)

@@ -3,6 +3,7 @@
 //! calling and *when*, hashes secrets before they reach the log, and maps outcomes to statuses.
 
 pub mod admin;
+pub mod archived;
 pub mod broker_api;
 pub mod jobs;
 pub mod metrics;
@@ -243,6 +244,22 @@ impl Shared {
             self.linearizable().await.map_err(|e| status(ErrorCode::Unavailable, format!("cannot confirm leadership: {e}"), &[]))?;
         }
         Ok(self.sm.read(f))
+    }
+
+    /// [`Self::read`] of the hot state and the archive together, for reads that reach what
+    /// ended long ago (a lease or job by ID, statements).
+    pub async fn read_with_archive<T>(
+        &self,
+        consistency: Consistency,
+        f: impl FnOnce(&State, &crate::storage::Archive) -> Result<T, crate::storage::StoreError>,
+    ) -> Result<T, Status> {
+        if consistency == Consistency::Linearizable {
+            self.linearizable().await.map_err(|e| status(ErrorCode::Unavailable, format!("cannot confirm leadership: {e}"), &[]))?;
+        }
+        self.sm.read_with_archive(f).map_err(|e| {
+            tracing::error!(error = %e, "reading the archive failed");
+            status(ErrorCode::Internal, "the archive could not be read", &[])
+        })
     }
 
     /// Returns once this node has confirmed, in a round that began after the call, that it

@@ -1,4 +1,5 @@
-//! Expires leases whose reservation or paid term is over, and charges active leases' use. Runs on every node but proposes only
+//! Expires leases whose reservation or paid term is over, charges active leases' use, and moves
+//! what ended long ago to the archive. Runs on every node but proposes only
 //! while this node is the leader; the state machine re-checks the deadline, so a proposal from a
 //! deposed leader or a skewed clock is refused with `NOT_YET_DUE` and changes nothing.
 
@@ -14,7 +15,11 @@ use crate::state::Command;
 /// of them (in chunks of the command's limit), not one per lease-second.
 pub const SETTLEMENT_EVERY_MS: u64 = 60_000;
 
-pub async fn run(shared: Shared, every: Duration) {
+/// How often the leader looks for something to archive.
+pub const ARCHIVE_EVERY: Duration = Duration::from_secs(10);
+
+pub async fn run(shared: Shared, every: Duration, archive_after: Duration) {
+    let mut last_archive: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -34,6 +39,29 @@ pub async fn run(shared: Shared, every: Duration) {
             }
         }
         settle(&shared, at).await;
+        if last_archive.is_none_or(|t| t.elapsed() >= ARCHIVE_EVERY) {
+            last_archive = Some(tokio::time::Instant::now());
+            archive(&shared, at, archive_after).await;
+        }
+    }
+}
+
+/// Moves what ended more than `after` ago to the archive, a bounded command at a time.
+async fn archive(shared: &Shared, at: suanli_types::Timestamp, after: Duration) {
+    let ended_before = at.plus_millis(-(after.as_millis().min(i64::MAX as u128) as i64));
+    // Bounded: a backlog is worked off over a few rounds, never by one long loop.
+    for round in 0..16 {
+        if !shared.sm.read(|s| s.has_archivable(ended_before, at)) {
+            return;
+        }
+        let request_id = format!("archive-{}-{round}", at.millis());
+        match shared.propose(Caller::System, &request_id, Command::ArchiveEnded { ended_before }).await {
+            Ok(_) => debug!(round, "archived"),
+            Err(status) => {
+                warn!(%status, "could not archive");
+                return;
+            }
+        }
     }
 }
 

@@ -112,6 +112,9 @@ pub enum Command {
     /// the account's API token is replaced by the one hashed here and the old one stops working
     /// at once.
     RotateAccountToken { account: AccountId, token_hash: SecretHash },
+    /// System only (the leader, periodically, format 4): move what ended before `ended_before`
+    /// out of the hot state into the archive (`state::machine::archive`).
+    ArchiveEnded { ended_before: Timestamp },
 }
 
 impl Command {
@@ -176,6 +179,7 @@ impl Command {
             Command::SettleLeases { .. } => "settle_leases",
             Command::RemoveSshKey { .. } => "remove_ssh_key",
             Command::RotateAccountToken { .. } => "rotate_account_token",
+            Command::ArchiveEnded { .. } => "archive_ended",
         }
     }
 }

@@ -22,7 +22,9 @@ use super::event::Event;
 use super::model::{Account, AuthCode, Card, Cluster, EnrollmentToken, Job, Lease, LeaseAccount, Node, SchedulerLease, ServiceEvaluation};
 
 mod agents;
+pub mod archive;
 mod authority;
+pub mod format_v3;
 pub mod jobs;
 pub mod ledger;
 
@@ -50,6 +52,12 @@ pub mod rules {
     pub const MAX_WAITING_LEASES_PER_RESEARCHER: usize = 64;
     /// An enrollment token lives at most this long.
     pub const ENROLLMENT_TOKEN_MAX_SECONDS: i64 = 7 * 24 * 3600;
+    /// Records one `ArchiveEnded` command moves out of the hot state at most (a bounded
+    /// entry, a bounded pause of readers).
+    pub const MAX_ARCHIVED_PER_COMMAND: usize = 1000;
+    /// Ledger lines stay hot at least this long, whatever the configured retention: the daily
+    /// deposit cap sums the last day of the hot ledger.
+    pub const LEDGER_HOT_SECONDS: i64 = 2 * 24 * 3600;
 }
 
 /// What a successful command returns.
@@ -103,12 +111,19 @@ pub struct State {
     scheduler_lease: SchedulerLease,
     balances: BTreeMap<(LedgerAccount, Currency), i64>,
     credit_limits: BTreeMap<(AccountId, Currency), i64>,
-    /// The ledger; a transaction's ID is its position plus one.
+    /// The hot ledger; a transaction's ID is its position plus one plus `ledger_archived`.
     transactions: Vec<Transaction>,
     transactions_by_holder: BTreeMap<AccountId, Vec<u64>>,
     lease_accounts: BTreeMap<LeaseId, LeaseAccount>,
     evaluations: BTreeMap<LeaseId, ServiceEvaluation>,
     evaluations_by_supplier: BTreeMap<AccountId, Vec<LeaseId>>,
+    /// Ledger lines moved to the archive (format 4): the hot ledger's first line has this
+    /// ID plus one.
+    ledger_archived: u64,
+    /// Records the last commands moved out of the hot state, until the storage layer takes
+    /// them (`take_archived`); never part of a snapshot.
+    #[serde(skip)]
+    archived: Vec<archive::Archived>,
 }
 
 /// A cluster as the catalogue shows it.
@@ -457,6 +472,7 @@ impl State {
             Command::Deposit { account, amount } => self.deposit(*account, amount, at, events),
             Command::GrantCredit { account, limit } => self.grant_credit(*account, limit),
             Command::SettleLeases { leases } => self.settle_leases(leases, at, events),
+            Command::ArchiveEnded { ended_before } => self.archive_ended(*ended_before, at).map(|()| Response::Empty),
             Command::ExpireLease { lease } => {
                 let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
                 self.transition_check(l, LeaseAction::Expire)?;

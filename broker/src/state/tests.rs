@@ -20,6 +20,8 @@ struct World {
     state: State,
     now: Timestamp,
     seq: u64,
+    /// Every envelope applied, in order (the log, for tests that replay it into a store).
+    log: Vec<Envelope>,
 }
 
 struct Market {
@@ -47,7 +49,7 @@ fn inventory(cards: u32) -> NodeInventory {
 
 impl World {
     fn new() -> Self {
-        World { state: State::new(), now: Timestamp::from_millis(T0), seq: 0 }
+        World { state: State::new(), now: Timestamp::from_millis(T0), seq: 0, log: Vec::new() }
     }
 
     fn envelope(&mut self, caller: Caller, command: Command) -> Envelope {
@@ -58,7 +60,9 @@ impl World {
 
     fn run(&mut self, caller: Caller, command: Command) -> Outcome {
         let env = self.envelope(caller, command);
-        self.state.apply(&env).0
+        let outcome = self.state.apply(&env).0;
+        self.log.push(env);
+        outcome
     }
 
     fn ok(&mut self, caller: Caller, command: Command) -> Response {
@@ -1121,4 +1125,231 @@ fn a_stranger_s_command_is_refused_before_proposal_but_a_remembered_retry_passes
     m.w.state.precheck(&owner, &id, &end).expect("the owner may end it");
     m.w.state.apply(&env).0.expect("ended");
     m.w.state.precheck(&owner, &id, &end).expect("a retry of a remembered request passes");
+}
+
+// ---- the archive: what ended long ago leaves the hot state ------------------------------------
+
+const DAY: i64 = 24 * 3600;
+
+/// A market with history: a lease that ended, a job that ended, a lease still active with a
+/// job running on it, and three days gone by.
+struct History {
+    m: Market,
+    ended_lease: LeaseId,
+    ended_job: JobId,
+    live_lease: LeaseId,
+    running_job: JobId,
+}
+
+fn history() -> History {
+    let mut m = market();
+    let me = m.researcher;
+    let ended = active_b(&mut m, me, 1);
+    let e = epoch(&mut m);
+    let ended_job = submit(&mut m, me, 1);
+    place(&mut m, e, ended_job, vec![ended.cards[0]]).expect("placed");
+    let agent = agent_of(&m, ended.cards[0]);
+    m.w.ok(agent.clone(), Command::JobStarted { job: ended_job, attempt: 1 });
+    m.w.ok(agent, Command::JobEnded { job: ended_job, attempt: 1, reason: JobEndReason::Completed, outputs: Default::default() });
+    m.w.ok(Caller::Account(me), Command::EndLease { lease: ended.id, reason: EndReason::ByResearcher });
+    let live = active_b(&mut m, me, 1);
+    let e = epoch(&mut m);
+    let running_job = submit(&mut m, me, 1);
+    place(&mut m, e, running_job, vec![live.cards[0]]).expect("placed");
+    let agent = agent_of(&m, live.cards[0]);
+    m.w.ok(agent, Command::JobStarted { job: running_job, attempt: 1 });
+    m.w.advance(3 * DAY);
+    History { m, ended_lease: ended.id, ended_job, live_lease: live.id, running_job }
+}
+
+fn archive(w: &mut World, ended_before: Timestamp) -> Vec<Archived> {
+    w.ok(Caller::System, Command::ArchiveEnded { ended_before });
+    w.state.take_archived()
+}
+
+#[test]
+fn what_ended_before_the_cut_off_moves_to_the_archive_and_nothing_live_does() {
+    let mut h = history();
+    let before = h.m.w.state.clone();
+    let cut_off = h.m.w.now.plus_seconds(-DAY);
+    assert!(h.m.w.state.has_archivable(cut_off, h.m.w.now));
+    let archived = archive(&mut h.m.w, cut_off);
+    let s = &h.m.w.state;
+    assert!(s.lease(h.ended_lease).is_none() && s.job(h.ended_job).is_none(), "the ended lease and job left the hot state");
+    assert!(s.lease(h.live_lease).is_some() && s.job(h.running_job).is_some(), "live ones stay");
+    assert!(archived.iter().any(|r| matches!(r, Archived::Lease { lease, account: Some(_) } if lease.id == h.ended_lease)));
+    assert!(archived.iter().any(|r| matches!(r, Archived::Job(j) if j.id == h.ended_job)));
+    // Every ledger line (all older than two days) moved; balances did not change.
+    let lines = before.transactions().len() as u64;
+    assert_eq!(s.ledger_archived(), lines);
+    assert!(s.transactions().is_empty());
+    assert_eq!(archived.iter().filter(|r| matches!(r, Archived::Transaction { .. })).count() as u64, lines);
+    assert_eq!(s.balances(), before.balances());
+    s.check_invariants().expect("invariants after archiving");
+    assert!(!s.has_archivable(cut_off, h.m.w.now), "nothing left to archive");
+    // New ledger lines continue the IDs.
+    let me = h.m.researcher;
+    match h.m.w.ok(Caller::Platform, Command::Deposit { account: me, amount: Money::new(Currency::cny(), 100) }) {
+        Response::Transaction(tx) => assert_eq!(tx.id, lines + 1),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.m.w.state.transactions_of(me, None).iter().map(|t| t.id).collect::<Vec<_>>(), vec![lines + 1]);
+}
+
+#[test]
+fn recent_ledger_lines_and_what_ended_after_the_cut_off_stay_hot() {
+    let mut h = history();
+    // A cut-off before anything ended: nothing leaves.
+    let archived = archive(&mut h.m.w, Timestamp::from_millis(T0 - 1));
+    assert!(archived.is_empty(), "{archived:?}");
+    assert!(h.m.w.state.lease(h.ended_lease).is_some());
+    // A cut-off of now: the ended lease and job go, but ledger lines younger than the hot
+    // minimum stay, whatever the cut-off.
+    let me = h.m.researcher;
+    h.m.w.ok(Caller::Platform, Command::Deposit { account: me, amount: Money::new(Currency::cny(), 100) });
+    let now = h.m.w.now;
+    archive(&mut h.m.w, now);
+    assert!(h.m.w.state.lease(h.ended_lease).is_none());
+    let hot: Vec<_> = h.m.w.state.transactions().iter().map(|t| t.kind).collect();
+    assert_eq!(hot, vec![TransactionKind::Deposit], "the fresh deposit stays hot");
+}
+
+#[test]
+fn only_the_leaders_reaper_archives_and_never_ahead_of_its_own_time() {
+    let mut h = history();
+    let before = h.m.w.state.market();
+    let cut_off = h.m.w.now.plus_seconds(-DAY);
+    for caller in [Caller::Platform, Caller::Account(h.m.researcher), Caller::Operator(OperatorRole::Dispatcher)] {
+        let refused = h.m.w.run(caller, Command::ArchiveEnded { ended_before: cut_off });
+        assert_eq!(code(refused), ErrorCode::PermissionDenied);
+    }
+    let ahead = h.m.w.now.plus_seconds(1);
+    assert_eq!(code(h.m.w.run(Caller::System, Command::ArchiveEnded { ended_before: ahead })), ErrorCode::InvalidArgument);
+    assert_eq!(h.m.w.state.market(), before, "nothing changed");
+    assert!(h.m.w.state.take_archived().is_empty());
+}
+
+#[test]
+fn a_running_attempt_keeps_the_ended_lease_it_runs_on_hot() {
+    let mut h = history();
+    let me = h.m.researcher;
+    // The lease ends under the running job: the job waits for its agent to confirm the kill.
+    h.m.w.ok(Caller::Account(me), Command::EndLease { lease: h.live_lease, reason: EndReason::ByResearcher });
+    h.m.w.advance(3 * DAY);
+    let cut_off = h.m.w.now.plus_seconds(-DAY);
+    archive(&mut h.m.w, cut_off);
+    assert!(h.m.w.state.job(h.running_job).is_some_and(|j| j.state.is_live()));
+    assert!(h.m.w.state.lease(h.live_lease).is_some(), "named by a live attempt");
+    h.m.w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn one_command_archives_a_bounded_number_of_records() {
+    let mut m = market();
+    let me = m.researcher;
+    for _ in 0..(rules::MAX_ARCHIVED_PER_COMMAND / 2 + 1) {
+        m.w.ok(Caller::Platform, Command::Deposit { account: me, amount: Money::new(Currency::cny(), 1) });
+        m.w.ok(Caller::Platform, Command::Deposit { account: me, amount: Money::new(Currency::cny(), 1) });
+    }
+    m.w.advance(3 * DAY);
+    let cut_off = m.w.now;
+    assert_eq!(archive(&mut m.w, cut_off).len(), rules::MAX_ARCHIVED_PER_COMMAND);
+    assert!(m.w.state.has_archivable(cut_off, m.w.now), "the rest waits for the next command");
+    archive(&mut m.w, cut_off);
+    assert!(!m.w.state.has_archivable(cut_off, m.w.now));
+    m.w.state.check_invariants().expect("invariants");
+}
+
+/// The archive through the store: what an entry archived is written with it, read back by ID
+/// and in statements (exactly as before it moved), and carried by snapshots, exports and
+/// restores to nodes that never applied that entry.
+mod through_the_store {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use suanli_types::Month;
+
+    use super::*;
+    use crate::service::{archived, jobs::statement};
+    use crate::storage::{self, StateMachineStore, FORMAT_VERSION};
+
+    async fn store_with(log: &[Envelope], path: &std::path::Path) -> StateMachineStore {
+        let (_, mut sm) = storage::open(path).expect("open");
+        let entries: Vec<Entry<storage::TypeConfig>> = log
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1), payload: EntryPayload::Normal(e.clone()) })
+            .collect();
+        sm.apply(entries).await.expect("apply");
+        sm
+    }
+
+    /// What a researcher sees of the history: the ended lease and job by ID, every ledger line,
+    /// and the month's statement.
+    fn seen(sm: &StateMachineStore, h: &History) -> (Option<Lease>, Option<Job>, Vec<u64>, suanli_proto::v1::Statement) {
+        sm.read_with_archive(|s, a| {
+            let month = Month::containing(Timestamp::from_millis(T0));
+            Ok::<_, storage::StoreError>((
+                archived::lease(s, a, h.ended_lease)?.map(|l| l.into_owned()),
+                archived::job(s, a, h.ended_job)?.map(|j| j.into_owned()),
+                archived::transactions_of(s, a, h.m.researcher, None)?.iter().map(|t| t.id).collect(),
+                statement(s, a, h.m.researcher, month, &Currency::cny())?,
+            ))
+        })
+        .expect("read")
+    }
+
+    #[tokio::test]
+    async fn archived_records_read_as_they_did_hot_here_after_a_restart_and_wherever_snapshots_take_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = history();
+        let hot = store_with(&h.m.w.log, &dir.path().join("hot")).await;
+        let before = seen(&hot, &h);
+        assert!(before.0.is_some() && before.1.is_some() && !before.2.is_empty());
+        assert!(!before.3.leases.is_empty() && !before.3.jobs.is_empty(), "the statement has lines: {:?}", before.3);
+
+        let cut_off = h.m.w.now.plus_seconds(-DAY);
+        h.m.w.ok(Caller::System, Command::ArchiveEnded { ended_before: cut_off });
+        let path = dir.path().join("archived");
+        let mut sm = store_with(&h.m.w.log, &path).await;
+        sm.read(|s| assert!(s.lease(h.ended_lease).is_none() && s.transactions().is_empty(), "moved out of the hot state"));
+        assert_eq!(seen(&sm, &h), before, "read from the archive, exactly as before");
+
+        // A snapshot is the hot state; sent, it carries the archive to a node that never
+        // applied the entry that archived.
+        sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        let sent = sm.get_current_snapshot().await.expect("read").expect("a snapshot");
+        assert!(sent.snapshot.get_ref().len() as u64 > sm.last_snapshot_bytes(), "the archive travels after the hot state");
+        let (_, mut follower) = storage::open(&dir.path().join("follower")).expect("open");
+        follower.install_snapshot(&sent.meta, sent.snapshot).await.expect("install");
+        assert_eq!(seen(&follower, &h), before, "on the follower");
+
+        // A backup holds it too, and a restore from it.
+        let (exported, _) = sm.export().expect("export");
+        let restored_path = dir.path().join("restored");
+        storage::restore(&restored_path, &exported, FORMAT_VERSION, 1, "127.0.0.1:1").expect("restore");
+        let (_, restored) = storage::open(&restored_path).expect("open restored");
+        assert_eq!(seen(&restored, &h), before, "in a restored store");
+
+        // And after a restart, from the stored snapshot and the archive on disk.
+        drop(sm);
+        let (_, reopened) = storage::open(&path).expect("reopen");
+        assert_eq!(seen(&reopened, &h), before, "after a restart");
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_carrying_records_this_format_does_not_write_is_refused_and_installs_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let h = history();
+        let mut sm = store_with(&h.m.w.log, &dir.path().join("a")).await;
+        sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        let sent = sm.get_current_snapshot().await.expect("read").expect("a snapshot");
+        let mut data = sent.snapshot.into_inner();
+        let forged: Vec<(Vec<u8>, Vec<u8>)> = vec![(b"Zanything".to_vec(), b"value".to_vec())];
+        data.extend(postcard::to_allocvec(&forged).expect("encode"));
+        let (_, mut follower) = storage::open(&dir.path().join("b")).expect("open");
+        let refused = follower.install_snapshot(&sent.meta, Box::new(std::io::Cursor::new(data))).await;
+        assert!(refused.is_err());
+        follower.read(|s| assert_eq!(s, &State::new(), "nothing installed"));
+        assert!(follower.archive().lease(h.ended_lease).expect("read").is_none());
+    }
 }

@@ -5,13 +5,21 @@
 //! - `meta`: the vote, the committed log id, the last purged log id, the events purge mark and
 //!   `format_version`;
 //! - `snapshot`: the latest snapshot (meta + data);
-//! - `events`: the events of each applied entry, key = big-endian u64 index, for `Watch`.
+//! - `events`: the events of each applied entry, key = big-endian u64 index, for `Watch`;
+//! - `archive`: what left the hot state (ended leases, jobs, old ledger lines), by ID
+//!   (`archive.rs`).
 //!
 //! Durability: the vote and every appended batch are written with `sync = true` before openraft
 //! is told they are persisted, so an acknowledged write survives power loss, not only `kill -9`.
 //! The state machine lives in memory and is rebuilt on start from the latest snapshot plus the
-//! committed log; its events are written without sync because re-applying recreates them.
+//! committed log; its events and archive records are written without sync because
+//! re-applying recreates them (and the synced write of a snapshot that no longer holds them
+//! syncs RocksDB's write-ahead log up to it, them included).
+//!
+//! Formats: 4 (this code) added the archive; a format-3 store is migrated when opened
+//! ([`migrate_from_v3`]), a format-3 backup when restored.
 
+pub(crate) mod archive;
 mod log_store;
 mod state_machine;
 
@@ -21,6 +29,7 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 
+pub use archive::{Archive, ArchivedLease};
 pub use log_store::LogStore;
 pub use state_machine::{StateMachineStore, DEFAULT_EVENTS_RETAINED};
 
@@ -45,12 +54,15 @@ pub type StorageError = openraft::StorageError<NodeId>;
 
 /// The on-disk format this code reads and writes. Bumped on any incompatible change; a node
 /// refuses to open data of another version instead of misreading it.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
+/// The oldest format this code migrates from.
+pub const OLDEST_READABLE_FORMAT: u32 = 3;
 
 pub(crate) const CF_LOG: &str = "log";
 pub(crate) const CF_META: &str = "meta";
 pub(crate) const CF_SNAPSHOT: &str = "snapshot";
 pub(crate) const CF_EVENTS: &str = "events";
+pub(crate) const CF_ARCHIVE: &str = "archive";
 
 pub(crate) const KEY_FORMAT: &[u8] = b"format_version";
 
@@ -78,7 +90,7 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
-    let cfs = [CF_LOG, CF_META, CF_SNAPSHOT, CF_EVENTS]
+    let cfs = [CF_LOG, CF_META, CF_SNAPSHOT, CF_EVENTS, CF_ARCHIVE]
         .into_iter()
         .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
     let db = Arc::new(DB::open_cf_descriptors(&options, path, cfs)?);
@@ -88,11 +100,15 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     Ok((log, sm))
 }
 
-/// Builds a new store at `path` (missing or empty) from an exported state
-/// ([`StateMachineStore::export`]), for node `node` reachable by its peers at `address`, the
-/// only voter of the restored cluster. Refuses data that does not decode or breaks the state's
-/// invariants, and any existing store. Returns the log position the state reflects.
-pub fn restore(path: &Path, exported: &[u8], node: NodeId, address: &str) -> Result<Option<LogId>, StoreError> {
+/// Builds a new store at `path` (missing or empty) from a state exported by a broker of store
+/// format `format` ([`StateMachineStore::export`]), for node `node` reachable by its peers at
+/// `address`, the only voter of the restored cluster. Refuses data that does not decode or
+/// breaks the state's invariants, and any existing store. Returns the log position the state
+/// reflects.
+pub fn restore(path: &Path, exported: &[u8], format: u32, node: NodeId, address: &str) -> Result<Option<LogId>, StoreError> {
+    if !(OLDEST_READABLE_FORMAT..=FORMAT_VERSION).contains(&format) {
+        return Err(StoreError::FormatVersion { path: "the backup".into(), found: format });
+    }
     let occupied = match std::fs::read_dir(path) {
         Ok(mut entries) => entries.next().is_some(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
@@ -105,7 +121,7 @@ pub fn restore(path: &Path, exported: &[u8], node: NodeId, address: &str) -> Res
     let made = (|| -> Result<Option<LogId>, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| StoreError::Io(path.display().to_string(), e))?;
         let (log, sm) = open(path)?;
-        let position = sm.seed(exported, node, address)?;
+        let position = sm.seed(exported, format, node, address)?;
         if let Some(position) = position {
             log.mark_purged(position)?;
             log.seed_vote(position.leader_id.term, node)?;
@@ -123,8 +139,10 @@ fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
     match db.get_cf(meta, KEY_FORMAT)? {
         Some(bytes) => {
             let found = bytes.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX);
-            if found != FORMAT_VERSION {
-                return Err(StoreError::FormatVersion { path: path.display().to_string(), found });
+            match found {
+                FORMAT_VERSION => {}
+                3 => migrate_from_v3(db)?,
+                _ => return Err(StoreError::FormatVersion { path: path.display().to_string(), found }),
             }
         }
         None => {
@@ -133,6 +151,22 @@ fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
             db.put_cf_opt(meta, KEY_FORMAT, FORMAT_VERSION.to_be_bytes(), &sync)?;
         }
     }
+    Ok(())
+}
+
+/// Format 3 → 4: the snapshot's state gains `ledger_archived` (0: a format-3 broker archived
+/// nothing) and the store an empty archive. The log and the events read unchanged (commands
+/// and events only gained variants, appended). One synced write: a crash leaves format 3.
+fn migrate_from_v3(db: &DB) -> Result<(), StoreError> {
+    let mut batch = rocksdb::WriteBatch::default();
+    if let Some(bytes) = db.get_cf(cf(db, CF_SNAPSHOT)?, state_machine::KEY_SNAPSHOT)? {
+        batch.put_cf(cf(db, CF_SNAPSHOT)?, state_machine::KEY_SNAPSHOT, state_machine::stored_snapshot_v3_to_v4(&bytes)?);
+    }
+    batch.put_cf(cf(db, CF_META)?, KEY_FORMAT, FORMAT_VERSION.to_be_bytes());
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    db.write_opt(batch, &sync)?;
+    tracing::info!("store migrated from format 3 to {FORMAT_VERSION}");
     Ok(())
 }
 
@@ -156,3 +190,6 @@ pub(crate) fn index_key(index: u64) -> [u8; 8] {
 pub(crate) fn key_index(key: &[u8]) -> Option<u64> {
     key.try_into().ok().map(u64::from_be_bytes)
 }
+
+#[cfg(test)]
+mod migration_tests;

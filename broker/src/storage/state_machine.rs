@@ -1,5 +1,11 @@
-//! The state machine side of openraft: the in-memory [`State`], snapshots in RocksDB, and the
-//! event log that feeds `Watch`.
+//! The state machine side of openraft: the in-memory [`State`], snapshots in RocksDB, the
+//! event log that feeds `Watch`, and the archive of what left the hot state.
+//!
+//! A snapshot as stored is the hot state only ([`SnapshotPayload`]). As sent to a follower or
+//! exported for a backup, it is that payload followed by the archive in chunks of
+//! [`ARCHIVE_CHUNK`] key-value pairs ([`Transfer`]), read from a consistent view of the
+//! archive column family: the hot state is bounded by the archive's retention, and the
+//! archive is streamed from disk rather than held as one value.
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,13 +21,15 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use super::archive::{self, Archive};
 use super::{
     cf, index_key, io_err, key_index, LogId, NodeId, StorageError, StoreError, TypeConfig, CF_EVENTS, CF_META, CF_SNAPSHOT,
 };
+use crate::state::machine::format_v3::StateV3;
 use crate::state::{AppliedEvents, Outcome, Response, State};
 use suanli_types::Timestamp;
 
-const KEY_SNAPSHOT: &[u8] = b"current";
+pub(super) const KEY_SNAPSHOT: &[u8] = b"current";
 /// Events below this index were discarded (compaction, or a snapshot installed from a leader).
 const KEY_EVENTS_FLOOR: &[u8] = b"events_floor";
 /// By default, how many log indexes of events are kept behind the latest snapshot for watchers
@@ -41,6 +49,54 @@ struct SnapshotPayload {
     last_applied: Option<LogId>,
     membership: Membership,
     state: State,
+}
+
+/// [`SnapshotPayload`] as format 3 wrote it (read by the migration and by restores of
+/// format-3 backups).
+#[derive(Deserialize)]
+pub(super) struct SnapshotPayloadV3 {
+    last_applied: Option<LogId>,
+    membership: Membership,
+    state: StateV3,
+}
+
+impl From<SnapshotPayloadV3> for SnapshotPayload {
+    fn from(v3: SnapshotPayloadV3) -> Self {
+        SnapshotPayload { last_applied: v3.last_applied, membership: v3.membership, state: v3.state.into() }
+    }
+}
+
+/// Archive key-value pairs per chunk of a sent snapshot.
+pub const ARCHIVE_CHUNK: usize = 4096;
+
+/// A snapshot as sent or exported: the payload, then the archive's pairs in chunks.
+struct Transfer {
+    payload: SnapshotPayload,
+    /// The payload's bytes as they arrived (what the receiver stores as its snapshot).
+    payload_bytes: Vec<u8>,
+    archive: Vec<archive::Pairs>,
+}
+
+impl Transfer {
+    /// Decodes a snapshot sent or exported by a node of store format `format` (4, or 3:
+    /// without archive, migrated).
+    fn decode(bytes: &[u8], format: u32) -> Result<Transfer, StoreError> {
+        if format == 3 {
+            let payload: SnapshotPayload = postcard::from_bytes::<SnapshotPayloadV3>(bytes)?.into();
+            let payload_bytes = postcard::to_allocvec(&payload)?;
+            return Ok(Transfer { payload, payload_bytes, archive: Vec::new() });
+        }
+        let (payload, mut rest): (SnapshotPayload, &[u8]) = postcard::take_from_bytes(bytes)?;
+        let payload_bytes = bytes[..bytes.len() - rest.len()].to_vec();
+        let mut archive = Vec::new();
+        while !rest.is_empty() {
+            let (chunk, after): (archive::Pairs, &[u8]) = postcard::take_from_bytes(rest)?;
+            archive::validate(&chunk)?;
+            archive.push(chunk);
+            rest = after;
+        }
+        Ok(Transfer { payload, payload_bytes, archive })
+    }
 }
 
 /// [`SnapshotPayload`] by reference: the same bytes, without copying the state.
@@ -65,6 +121,7 @@ struct Inner {
     events_retained: AtomicU64,
     last_snapshot_bytes: AtomicU64,
     clock: CommandClock,
+    archive: Archive,
 }
 
 /// How far a proposer's wall clock may run ahead of the cluster's command time (as this node
@@ -129,13 +186,14 @@ impl StateMachineStore {
         let (events, _) = broadcast::channel(4096);
         Ok(StateMachineStore {
             inner: Arc::new(Inner {
-                db,
+                db: db.clone(),
                 applied: RwLock::new(applied),
                 events,
                 snapshots_built: AtomicU64::new(0),
                 events_retained: AtomicU64::new(DEFAULT_EVENTS_RETAINED),
                 last_snapshot_bytes: AtomicU64::new(0),
                 clock: CommandClock::default(),
+                archive: Archive::new(db.clone()),
             }),
         })
     }
@@ -145,20 +203,47 @@ impl StateMachineStore {
         self.inner.clock.bound(wall)
     }
 
-    /// The current state as a snapshot holds it (what a backup keeps), and the log position it
-    /// reflects.
+    /// The current state as a snapshot is sent (what a backup keeps: the hot state and the
+    /// archive), and the log position it reflects.
     pub fn export(&self) -> Result<(Vec<u8>, Option<LogId>), StoreError> {
-        let applied = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
-        let payload = SnapshotPayloadRef { last_applied: &applied.last_applied, membership: &applied.membership, state: &applied.state };
-        Ok((postcard::to_allocvec(&payload)?, applied.last_applied))
+        let (mut bytes, position) = {
+            let applied = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
+            let payload = SnapshotPayloadRef { last_applied: &applied.last_applied, membership: &applied.membership, state: &applied.state };
+            (postcard::to_allocvec(&payload)?, applied.last_applied)
+        };
+        self.append_archive(&mut bytes)?;
+        Ok((bytes, position))
+    }
+
+    /// Appends the archive, in chunks, to a snapshot's payload bytes.
+    fn append_archive(&self, bytes: &mut Vec<u8>) -> Result<(), StoreError> {
+        self.inner.archive.chunks(ARCHIVE_CHUNK, |chunk| {
+            postcard::to_io(&chunk, &mut *bytes)?;
+            Ok(())
+        })
+    }
+
+    /// What left the hot state, readable by ID.
+    pub fn archive(&self) -> &Archive {
+        &self.inner.archive
+    }
+
+    /// Runs `f` on the current state and the archive, together: no record is between the two
+    /// while `f` runs (applying writes the archive before it releases the state).
+    pub fn read_with_archive<T>(&self, f: impl FnOnce(&State, &Archive) -> T) -> T {
+        let applied = self.inner.applied.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&applied.state, &self.inner.archive)
     }
 
     /// Makes an exported state this (new, empty) store's snapshot, as the state of a cluster
     /// whose only voter is `node` at `address`: started, the node elects itself and goes on
     /// from the exported position; other nodes join it as learners. Returns that position.
-    pub(super) fn seed(&self, exported: &[u8], node: NodeId, address: &str) -> Result<Option<LogId>, StoreError> {
-        let payload: SnapshotPayload = postcard::from_bytes(exported)?;
+    pub(super) fn seed(&self, exported: &[u8], format: u32, node: NodeId, address: &str) -> Result<Option<LogId>, StoreError> {
+        let Transfer { payload, archive, .. } = Transfer::decode(exported, format)?;
         payload.state.check_invariants().map_err(StoreError::Corrupt)?;
+        for chunk in archive {
+            self.inner.archive.put_all(chunk)?;
+        }
         let voters = std::collections::BTreeSet::from([node]);
         let nodes = std::collections::BTreeMap::from([(node, openraft::BasicNode { addr: address.to_owned() })]);
         let membership = StoredMembership::new(payload.last_applied, openraft::Membership::new(vec![voters], nodes));
@@ -242,6 +327,13 @@ impl StateMachineStore {
     }
 }
 
+/// A stored snapshot as format 3 wrote it, re-encoded as format 4 (see `migrate_from_v3`).
+pub(super) fn stored_snapshot_v3_to_v4(bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let stored: StoredSnapshot = postcard::from_bytes(bytes)?;
+    let payload: SnapshotPayload = postcard::from_bytes::<SnapshotPayloadV3>(&stored.data)?.into();
+    Ok(postcard::to_allocvec(&StoredSnapshot { meta: stored.meta, data: postcard::to_allocvec(&payload)? })?)
+}
+
 fn read_stored_snapshot(db: &DB) -> Result<Option<StoredSnapshot>, StoreError> {
     match db.get_cf(cf(db, CF_SNAPSHOT)?, KEY_SNAPSHOT)? {
         Some(bytes) => Ok(Some(postcard::from_bytes(&bytes)?)),
@@ -267,6 +359,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             None => format!("0-0-{seq}"),
         };
         let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+        // Stored (and returned: openraft keeps only the meta of a built snapshot) without the
+        // archive, which `get_current_snapshot` appends when one is sent.
         let stored = StoredSnapshot { meta: meta.clone(), data };
         self.persist_snapshot(&stored).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         let retained = self.inner.events_retained.load(Ordering::Relaxed);
@@ -309,6 +403,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         let at = applied.state.command_time(envelope.at);
                         let (outcome, events) = applied.state.apply(&envelope);
                         self.inner.clock.observe(at);
+                        archive::write(&db, &mut batch, &applied.state.take_archived()).map_err(sm_write)?;
                         outcomes.push(outcome);
                         if !events.is_empty() {
                             let record = AppliedEvents { index: entry.log_id.index, at, events };
@@ -319,10 +414,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     }
                 }
             }
+            // Written before the state is released: a reader never finds a record neither hot
+            // nor archived. Stored before broadcast, so a watcher that reads the store after
+            // subscribing sees every event at least once.
+            db.write(batch).map_err(|e| sm_write(e.into()))?;
         }
-        // Stored before broadcast, so a watcher that reads the store after subscribing sees
-        // every event at least once.
-        db.write(batch).map_err(|e| sm_write(e.into()))?;
         for record in published {
             let _ = self.inner.events.send(record);
         }
@@ -344,11 +440,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let snapshot_err = |e: StoreError| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e);
-        let payload: SnapshotPayload = postcard::from_bytes(&data).map_err(|e| snapshot_err(e.into()))?;
+        let Transfer { payload, payload_bytes, archive } = Transfer::decode(&data, super::FORMAT_VERSION).map_err(snapshot_err)?;
+        drop(data);
         if let Err(violation) = payload.state.check_invariants() {
             return Err(snapshot_err(StoreError::Corrupt(violation)));
         }
-        self.persist_snapshot(&StoredSnapshot { meta: meta.clone(), data }).map_err(sm_write)?;
+        // The archive first: the state installed below may already count its records as gone.
+        for chunk in archive {
+            self.inner.archive.put_all(chunk).map_err(sm_write)?;
+        }
+        self.persist_snapshot(&StoredSnapshot { meta: meta.clone(), data: payload_bytes }).map_err(sm_write)?;
         // The events the snapshot covers never reached this node: watchers below it resync.
         if let Some(index) = meta.last_log_id.map(|l| l.index) {
             self.discard_events_below(index.saturating_add(1)).map_err(sm_write)?;
@@ -359,7 +460,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let stored = read_stored_snapshot(&self.inner.db).map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let read_err = |e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e);
+        let Some(stored) = read_stored_snapshot(&self.inner.db).map_err(read_err)? else { return Ok(None) };
+        let mut data = stored.data;
+        self.append_archive(&mut data).map_err(read_err)?;
+        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }

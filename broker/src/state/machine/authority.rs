@@ -159,6 +159,7 @@ impl State {
             Command::Deposit { .. } => require(platform, "only the platform's payment service records deposits"),
             Command::GrantCredit { .. } => require(platform || intervening, "only the platform or an operator grants credit"),
             Command::SettleLeases { .. } => require(system, "only the broker's leader settles leases"),
+            Command::ArchiveEnded { .. } => require(system, "only the broker's leader archives"),
         }
     }
 }

@@ -231,7 +231,7 @@ impl State {
         at: Timestamp,
         events: &mut Vec<Event>,
     ) -> Transaction {
-        let id = self.transactions.len() as u64 + 1;
+        let id = self.ledger_archived + self.transactions.len() as u64 + 1;
         let entries: Vec<Entry> = entries.into_iter().filter(|(_, m)| *m != 0).map(|(account, minor)| Entry { account, minor }).collect();
         for e in &entries {
             *self.balances.entry((e.account, currency.clone())).or_insert(0) += e.minor;
@@ -266,6 +266,7 @@ impl State {
         self.credit_limits.get(&(account, currency.clone())).copied().unwrap_or(0)
     }
 
+    /// The hot ledger: lines after the archived ones ([`State::ledger_archived`]).
     pub fn transactions(&self) -> &[Transaction] {
         &self.transactions
     }
@@ -277,7 +278,7 @@ impl State {
             .get(&holder)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.transactions.get((*id as usize).wrapping_sub(1)))
+            .filter_map(|id| self.transactions.get(id.wrapping_sub(self.ledger_archived + 1) as usize))
             .filter(|tx| bounds.is_none_or(|(start, end)| tx.at >= start && tx.at < end))
             .collect()
     }
