@@ -1,0 +1,282 @@
+//! The federated catalogue: each member announces a signed, versioned digest of its listings;
+//! every member merges what it receives into one catalogue tagged with each listing's origin
+//! and age.
+//!
+//! An announcement is the member's whole offer (versioned state, not a delta), so applying one
+//! is idempotent and order does not matter: the highest version wins. Gossip carries
+//! announcements; anti-entropy (a version vector sent to a peer, answered with every
+//! announcement newer than it) heals what gossip lost. A listing not refreshed for
+//! [`Freshness::stale_after`] is marked stale, after [`Freshness::hide_after`] hidden.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::membership::{signed_bytes, Membership};
+
+/// Most listings one announcement carries.
+pub const MAX_LISTINGS: usize = 10_000;
+
+/// One listing as the federation sees it: what a researcher searches by.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListingDigest {
+    /// The cluster's ID in its own member's broker.
+    pub cluster_id: u64,
+    /// "A" or "B" (SPEC's classes).
+    pub class: String,
+    pub title: String,
+    pub gpu_model: String,
+    pub vram_gib: u32,
+    pub region: String,
+    pub total_cards: u32,
+    pub free_cards: u32,
+    pub currency: String,
+    /// Price per card per billing period, by mode ("hourly", "daily", ...), in minor units.
+    pub prices: BTreeMap<String, i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// The announcing member's peer ID (base58).
+    pub member: String,
+    /// Grows with every announcement of the member (a re-announcement of the same offer too).
+    pub version: u64,
+    /// The member's clock when it announced (reported, not trusted for ordering).
+    pub issued_at_ms: i64,
+    pub listings: Vec<ListingDigest>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedAnnouncement {
+    pub announcement: Announcement,
+    pub signature: Vec<u8>,
+}
+
+impl SignedAnnouncement {
+    pub fn sign(announcement: Announcement, key: &Keypair) -> Result<SignedAnnouncement, Refused> {
+        let bytes = signed_bytes("announcement", &announcement).map_err(|_| Refused::Malformed)?;
+        let signature = key.sign(&bytes).map_err(|_| Refused::Malformed)?;
+        Ok(SignedAnnouncement { announcement, signature })
+    }
+}
+
+/// Why a received announcement was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("not from a member of the federation")]
+    NotAMember,
+    #[error("the signature is not the member's")]
+    BadSignature,
+    #[error("malformed")]
+    Malformed,
+    #[error("more than {MAX_LISTINGS} listings")]
+    TooLarge,
+}
+
+/// How old a member's latest announcement may be before its listings are marked stale, and
+/// then hidden.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Freshness {
+    pub stale_after: Duration,
+    pub hide_after: Duration,
+}
+
+impl Default for Freshness {
+    fn default() -> Self {
+        Freshness { stale_after: Duration::from_secs(30), hide_after: Duration::from_secs(120) }
+    }
+}
+
+/// A listing in the merged catalogue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FederatedListing {
+    pub origin: PeerId,
+    pub origin_name: String,
+    /// Since this member's offer was last confirmed (an announcement received).
+    pub age: Duration,
+    pub stale: bool,
+    pub listing: ListingDigest,
+}
+
+/// What applying an announcement did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Newer than what was known: it replaced it.
+    Newer,
+    /// Already known, or older (a replay): nothing changed.
+    Known,
+}
+
+struct Entry {
+    signed: SignedAnnouncement,
+    /// Local time it was received (milliseconds since an arbitrary origin the caller keeps).
+    received_ms: u64,
+}
+
+#[derive(Default)]
+pub struct Catalogue {
+    entries: BTreeMap<PeerId, Entry>,
+}
+
+impl Catalogue {
+    /// Checks and merges an announcement received at local time `now_ms`.
+    pub fn apply(&mut self, membership: &Membership, signed: SignedAnnouncement, now_ms: u64) -> Result<Applied, Refused> {
+        let member: PeerId = signed.announcement.member.parse().map_err(|_| Refused::Malformed)?;
+        let key = membership.key(&member).ok_or(Refused::NotAMember)?;
+        if signed.announcement.listings.len() > MAX_LISTINGS {
+            return Err(Refused::TooLarge);
+        }
+        let bytes = signed_bytes("announcement", &signed.announcement).map_err(|_| Refused::Malformed)?;
+        if !key.verify(&bytes, &signed.signature) {
+            return Err(Refused::BadSignature);
+        }
+        match self.entries.get(&member) {
+            Some(known) if known.signed.announcement.version >= signed.announcement.version => Ok(Applied::Known),
+            _ => {
+                self.entries.insert(member, Entry { signed, received_ms: now_ms });
+                Ok(Applied::Newer)
+            }
+        }
+    }
+
+    /// The latest version known of each member's offer.
+    pub fn versions(&self) -> BTreeMap<String, u64> {
+        self.entries.iter().map(|(peer, e)| (peer.to_base58(), e.signed.announcement.version)).collect()
+    }
+
+    /// Every announcement newer than what `theirs` knows (what anti-entropy sends back).
+    pub fn newer_than(&self, theirs: &BTreeMap<String, u64>) -> Vec<SignedAnnouncement> {
+        self.entries
+            .iter()
+            .filter(|(peer, e)| theirs.get(&peer.to_base58()).is_none_or(|v| *v < e.signed.announcement.version))
+            .map(|(_, e)| e.signed.clone())
+            .collect()
+    }
+
+    /// Drops the offers of peers no longer members.
+    pub fn retain_members(&mut self, membership: &Membership) {
+        self.entries.retain(|peer, _| membership.contains(peer));
+    }
+
+    /// The merged catalogue at local time `now_ms`: hidden offers left out, stale ones marked.
+    pub fn listings(&self, membership: &Membership, freshness: Freshness, now_ms: u64) -> Vec<FederatedListing> {
+        let mut out = Vec::new();
+        for (peer, e) in &self.entries {
+            let age = Duration::from_millis(now_ms.saturating_sub(e.received_ms));
+            if age >= freshness.hide_after {
+                continue;
+            }
+            let origin_name = membership.member(peer).map(|m| m.name.clone()).unwrap_or_default();
+            for listing in &e.signed.announcement.listings {
+                out.push(FederatedListing {
+                    origin: *peer,
+                    origin_name: origin_name.clone(),
+                    age,
+                    stale: age >= freshness.stale_after,
+                    listing: listing.clone(),
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::{sign, Member, MembershipDoc, SignedMembership};
+
+    fn listing(cluster_id: u64, free: u32) -> ListingDigest {
+        ListingDigest {
+            cluster_id,
+            class: "B".into(),
+            title: "8*H100".into(),
+            gpu_model: "H100".into(),
+            vram_gib: 80,
+            region: "cn-north".into(),
+            total_cards: 8,
+            free_cards: free,
+            currency: "CNY".into(),
+            prices: BTreeMap::from([("hourly".into(), 2_500)]),
+        }
+    }
+
+    fn federation(keys: &[&Keypair]) -> Membership {
+        let members = keys.iter().enumerate().map(|(i, k)| Member::new(&format!("m{i}"), &k.public(), vec![], "cn")).collect();
+        let doc = MembershipDoc { federation: "test".into(), version: 1, members };
+        let signatures = keys.iter().map(|k| sign(&doc, k).expect("sign")).collect();
+        Membership::genesis(SignedMembership { doc, signatures }).expect("genesis")
+    }
+
+    fn announce(key: &Keypair, version: u64, listings: Vec<ListingDigest>) -> SignedAnnouncement {
+        let a = Announcement { member: key.public().to_peer_id().to_base58(), version, issued_at_ms: 0, listings };
+        SignedAnnouncement::sign(a, key).expect("sign")
+    }
+
+    #[test]
+    fn the_newest_version_wins_and_a_replay_changes_nothing() {
+        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let m = federation(&[&a, &b]);
+        let mut c = Catalogue::default();
+        assert_eq!(c.apply(&m, announce(&a, 2, vec![listing(1, 3)]), 0), Ok(Applied::Newer));
+        assert_eq!(c.apply(&m, announce(&a, 1, vec![listing(1, 8)]), 10), Ok(Applied::Known), "an older version");
+        assert_eq!(c.apply(&m, announce(&a, 2, vec![listing(1, 3)]), 10), Ok(Applied::Known), "a replay");
+        let seen = c.listings(&m, Freshness::default(), 10);
+        assert_eq!(seen.len(), 1);
+        assert_eq!((seen[0].listing.free_cards, seen[0].origin_name.as_str()), (3, "m0"));
+    }
+
+    #[test]
+    fn forged_and_outsider_announcements_are_refused_and_change_nothing() {
+        let (a, b, outsider) = (Keypair::generate_ed25519(), Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let m = federation(&[&a, &b]);
+        let mut c = Catalogue::default();
+        c.apply(&m, announce(&a, 1, vec![listing(1, 3)]), 0).expect("a's own");
+        // B signs an announcement claiming to be A's.
+        let mut forged = announce(&b, 5, vec![listing(1, 0)]);
+        forged.announcement.member = a.public().to_peer_id().to_base58();
+        assert_eq!(c.apply(&m, forged, 1), Err(Refused::BadSignature));
+        // A's real announcement, altered on the way.
+        let mut altered = announce(&a, 6, vec![listing(1, 3)]);
+        altered.announcement.listings[0].free_cards = 8;
+        assert_eq!(c.apply(&m, altered, 1), Err(Refused::BadSignature));
+        assert_eq!(c.apply(&m, announce(&outsider, 1, vec![listing(9, 9)]), 1), Err(Refused::NotAMember));
+        let seen = c.listings(&m, Freshness::default(), 1);
+        assert_eq!(seen.iter().map(|l| (l.listing.cluster_id, l.listing.free_cards)).collect::<Vec<_>>(), vec![(1, 3)]);
+    }
+
+    #[test]
+    fn an_offer_not_confirmed_goes_stale_then_hidden_and_returns_when_announced_again() {
+        let a = Keypair::generate_ed25519();
+        let m = federation(&[&a]);
+        let mut c = Catalogue::default();
+        let f = Freshness { stale_after: Duration::from_secs(30), hide_after: Duration::from_secs(120) };
+        c.apply(&m, announce(&a, 1, vec![listing(1, 3)]), 0).expect("apply");
+        assert!(!c.listings(&m, f, 29_999)[0].stale);
+        assert!(c.listings(&m, f, 30_000)[0].stale);
+        assert!(c.listings(&m, f, 120_000).is_empty());
+        c.apply(&m, announce(&a, 2, vec![listing(1, 3)]), 130_000).expect("apply");
+        assert_eq!(c.listings(&m, f, 130_001).len(), 1, "back, once, not duplicated");
+    }
+
+    #[test]
+    fn anti_entropy_sends_exactly_what_the_other_side_lacks() {
+        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let m = federation(&[&a, &b]);
+        let mut c = Catalogue::default();
+        c.apply(&m, announce(&a, 3, vec![listing(1, 3)]), 0).expect("apply");
+        c.apply(&m, announce(&b, 1, vec![listing(2, 1)]), 0).expect("apply");
+        let theirs = BTreeMap::from([(a.public().to_peer_id().to_base58(), 3)]);
+        let sent = c.newer_than(&theirs);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].announcement.member, b.public().to_peer_id().to_base58());
+        let mut other = Catalogue::default();
+        for s in c.newer_than(&BTreeMap::new()) {
+            other.apply(&m, s, 0).expect("apply");
+        }
+        assert_eq!(other.versions(), c.versions());
+    }
+}

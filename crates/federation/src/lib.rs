@@ -1,0 +1,20 @@
+//! Federation of independent marketplaces (DESIGN.md, Scale): each member runs its own broker
+//! cluster and keeps its own suppliers, accounts and money; members share one catalogue over
+//! libp2p.
+//!
+//! - [`membership`]: who is in the federation, a versioned document signed by its members;
+//! - [`catalogue`]: each member's signed, versioned offer and the merged catalogue;
+//! - [`node`]: the libp2p node that carries both (members only, gossip checked before it is
+//!   relayed, anti-entropy so a lost message heals).
+//!
+//! This crate is the only one that knows libp2p.
+
+pub mod catalogue;
+pub mod membership;
+pub mod node;
+
+pub use catalogue::{FederatedListing, Freshness, ListingDigest};
+pub use libp2p::identity::Keypair;
+pub use libp2p::{Multiaddr, PeerId};
+pub use membership::{Member, Membership, MembershipDoc, SignedMembership};
+pub use node::{FederationNode, NodeConfig, NodeError};

@@ -1,0 +1,462 @@
+//! A member's node on the federation network: libp2p over TCP with Noise and Yamux, identify
+//! and ping, gossipsub for announcements and membership documents, request-response for
+//! anti-entropy.
+//!
+//! Only members connect: an allow list holding the membership's peer IDs refuses every other
+//! connection as it is established (after Noise proved the peer's key), in both directions,
+//! before any protocol runs. A gossip message is checked before it is forwarded (signature by
+//! the member it names, newer than what is known); one that fails is rejected, not relayed.
+//! Gossip alone may lose a message (a member that was not connected); every few seconds each
+//! node sends its version vector to its peers and gets back what it lacked.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::allow_block_list::{self, AllowedPeers};
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
+use libp2p::identity::Keypair;
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::catalogue::{Announcement, Applied, Catalogue, FederatedListing, Freshness, ListingDigest, SignedAnnouncement};
+use crate::membership::{Membership, MembershipError, SignedMembership, FORMAT};
+
+const CATALOGUE_TOPIC: &str = "suanli/catalogue/1";
+const MEMBERSHIP_TOPIC: &str = "suanli/membership/1";
+const ANTI_ENTROPY: StreamProtocol = StreamProtocol::new("/suanli/anti-entropy/1");
+/// Most announcements one anti-entropy answer carries (the rest follow in the next round).
+const MAX_PER_ANSWER: usize = 64;
+/// Largest gossip message accepted.
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// What travels in gossip, tagged with its format.
+#[derive(Serialize, Deserialize)]
+enum Gossip {
+    Announcement(SignedAnnouncement),
+    Membership(SignedMembership),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    format: u32,
+    gossip: Gossip,
+}
+
+/// Anti-entropy: "this is what I know", answered with what the asker lacks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VersionVector {
+    pub format: u32,
+    pub versions: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Missing {
+    pub announcements: Vec<SignedAnnouncement>,
+    /// The answerer's membership when it is newer than the asker's version.
+    pub membership: Option<SignedMembership>,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    members_only: allow_block_list::Behaviour<AllowedPeers>,
+    gossip: gossipsub::Behaviour,
+    anti_entropy: request_response::cbor::Behaviour<(VersionVector, u64), Missing>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub keypair: Keypair,
+    /// The federation's first membership document...
+    pub membership: SignedMembership,
+    /// ...and every change since, in order (each checked against the one before).
+    pub changes: Vec<SignedMembership>,
+    /// Where to listen, e.g. `/ip4/0.0.0.0/tcp/4001`.
+    pub listen: Multiaddr,
+    /// Members to dial at start (their addresses in the membership are dialled too).
+    pub dial: Vec<Multiaddr>,
+    pub anti_entropy_every: Duration,
+    pub freshness: Freshness,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error("this node's key is not a member of the federation")]
+    NotAMember,
+    #[error("network: {0}")]
+    Network(String),
+    #[error("the node has stopped")]
+    Stopped,
+}
+
+/// What the node has seen, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub announcements_applied: AtomicU64,
+    pub announcements_known: AtomicU64,
+    pub announcements_refused: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub anti_entropy_rounds: AtomicU64,
+}
+
+struct Shared {
+    membership: Membership,
+    catalogue: Catalogue,
+}
+
+enum Command {
+    Announce(Vec<ListingDigest>, oneshot::Sender<Result<SignedAnnouncement, NodeError>>),
+    Dial(Multiaddr),
+    Connected(oneshot::Sender<Vec<PeerId>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    ChangeMembership(SignedMembership, oneshot::Sender<Result<u64, MembershipError>>),
+}
+
+/// A running member node. Dropping every handle stops it.
+#[derive(Clone)]
+pub struct FederationNode {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Mutex<Shared>>,
+    counters: Arc<Counters>,
+    started: Instant,
+    freshness: Freshness,
+}
+
+impl FederationNode {
+    /// Starts the node on the current tokio runtime.
+    pub async fn start(config: NodeConfig) -> Result<FederationNode, NodeError> {
+        let mut membership = Membership::genesis(config.membership.clone())?;
+        for change in &config.changes {
+            membership = membership.accept(change.clone())?;
+        }
+        let peer_id = config.keypair.public().to_peer_id();
+        if !membership.contains(&peer_id) {
+            return Err(NodeError::NotAMember);
+        }
+        let mut swarm = build_swarm(&config.keypair, &membership)?;
+        swarm.listen_on(config.listen.clone()).map_err(|e| NodeError::Network(e.to_string()))?;
+        let dial: Vec<Multiaddr> = membership
+            .peers()
+            .filter(|p| **p != peer_id)
+            .filter_map(|p| membership.member(p))
+            .flat_map(|m| m.addresses.iter().filter_map(|a| a.parse().ok()))
+            .chain(config.dial.iter().cloned())
+            .collect();
+        for address in dial {
+            let _ = swarm.dial(address);
+        }
+        let shared = Arc::new(Mutex::new(Shared { membership, catalogue: Catalogue::default() }));
+        let counters = Arc::new(Counters::default());
+        let (commands, receiver) = mpsc::channel(64);
+        let started = Instant::now();
+        let node = FederationNode { peer_id, commands, shared: shared.clone(), counters: counters.clone(), started, freshness: config.freshness };
+        let driver = Driver { swarm, shared, counters, key: config.keypair, started, next_version: 0, announced: None };
+        tokio::spawn(driver.run(receiver, config.anti_entropy_every));
+        Ok(node)
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Announces this member's whole offer (replacing the previous one).
+    pub async fn announce(&self, listings: Vec<ListingDigest>) -> Result<SignedAnnouncement, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Announce(listings, tx)).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    pub async fn dial(&self, address: Multiaddr) -> Result<(), NodeError> {
+        self.commands.send(Command::Dial(address)).await.map_err(|_| NodeError::Stopped)
+    }
+
+    pub async fn connected(&self) -> Result<Vec<PeerId>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Connected(tx)).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::ListenAddrs(tx)).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Adopts (and gossips) a newer membership document signed by a quorum of the current
+    /// members; connections of peers it no longer lists are closed and their offers dropped.
+    pub async fn change_membership(&self, next: SignedMembership) -> Result<u64, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::ChangeMembership(next, tx)).await.map_err(|_| NodeError::Stopped)?;
+        Ok(rx.await.map_err(|_| NodeError::Stopped)??)
+    }
+
+    /// The merged catalogue now: every member's offer (this one's too), stale ones marked,
+    /// hidden ones left out.
+    pub fn catalogue(&self) -> Vec<FederatedListing> {
+        let now = self.started.elapsed().as_millis() as u64;
+        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared.catalogue.listings(&shared.membership, self.freshness, now)
+    }
+
+    pub fn membership_version(&self) -> u64 {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).membership.version()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}
+
+fn build_swarm(key: &Keypair, membership: &Membership) -> Result<Swarm<Behaviour>, NodeError> {
+    let network = |e: &dyn std::fmt::Display| NodeError::Network(e.to_string());
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| network(&e))?
+        .with_behaviour(|key| {
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(500))
+                .validation_mode(ValidationMode::Strict)
+                .validate_messages()
+                .max_transmit_size(MAX_MESSAGE_BYTES)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let gossip = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+            let anti_entropy =
+                request_response::cbor::Behaviour::new([(ANTI_ENTROPY, ProtocolSupport::Full)], request_response::Config::default());
+            let identify = identify::Behaviour::new(identify::Config::new("/suanli/federation/1".into(), key.public()));
+            Ok(Behaviour {
+                members_only: allow_block_list::Behaviour::default(),
+                gossip,
+                anti_entropy,
+                identify,
+                ping: ping::Behaviour::new(ping::Config::new()),
+            })
+        })
+        .map_err(|e| network(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    for peer in membership.peers() {
+        swarm.behaviour_mut().members_only.allow_peer(*peer);
+    }
+    for topic in [CATALOGUE_TOPIC, MEMBERSHIP_TOPIC] {
+        swarm.behaviour_mut().gossip.subscribe(&IdentTopic::new(topic)).map_err(|e| network(&e))?;
+    }
+    Ok(swarm)
+}
+
+struct Driver {
+    swarm: Swarm<Behaviour>,
+    shared: Arc<Mutex<Shared>>,
+    counters: Arc<Counters>,
+    key: Keypair,
+    started: Instant,
+    next_version: u64,
+    /// This member's latest announcement, re-sent on every anti-entropy round (it is what
+    /// keeps its offer fresh at the others).
+    announced: Option<Vec<ListingDigest>>,
+}
+
+impl Driver {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    None => return,
+                },
+                event = self.swarm.select_next_some() => self.event(event),
+                _ = tick.tick() => self.round(),
+            }
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Announce(listings, reply) => {
+                self.announced = Some(listings.clone());
+                let _ = reply.send(self.announce(listings));
+            }
+            Command::Dial(address) => {
+                let _ = self.swarm.dial(address);
+            }
+            Command::Connected(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::ChangeMembership(next, reply) => {
+                let adopted = self.adopt(next.clone());
+                if adopted.is_ok() {
+                    self.publish(Gossip::Membership(next));
+                }
+                let _ = reply.send(adopted);
+            }
+        }
+    }
+
+    fn announce(&mut self, listings: Vec<ListingDigest>) -> Result<SignedAnnouncement, NodeError> {
+        // Versions grow across restarts too: they start from the wall clock's milliseconds.
+        let wall_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.next_version = self.next_version.max(wall_ms).saturating_add(1);
+        let announcement = Announcement {
+            member: self.key.public().to_peer_id().to_base58(),
+            version: self.next_version,
+            issued_at_ms: wall_ms as i64,
+            listings,
+        };
+        let signed = SignedAnnouncement::sign(announcement, &self.key).map_err(|e| NodeError::Network(e.to_string()))?;
+        let now = self.now_ms();
+        {
+            let mut shared = self.shared();
+            let Shared { membership, catalogue } = &mut *shared;
+            catalogue.apply(membership, signed.clone(), now).map_err(|e| NodeError::Network(e.to_string()))?;
+        }
+        self.publish(Gossip::Announcement(signed.clone()));
+        Ok(signed)
+    }
+
+    fn publish(&mut self, gossip: Gossip) {
+        let topic = match gossip {
+            Gossip::Announcement(_) => CATALOGUE_TOPIC,
+            Gossip::Membership(_) => MEMBERSHIP_TOPIC,
+        };
+        let Ok(bytes) = postcard::to_allocvec(&Wire { format: FORMAT, gossip }) else { return };
+        // No peer yet is not an error: anti-entropy delivers it when one connects.
+        if let Err(e) = self.swarm.behaviour_mut().gossip.publish(IdentTopic::new(topic), bytes) {
+            tracing::debug!(error = %e, "gossip not sent now; anti-entropy will carry it");
+        }
+    }
+
+    fn adopt(&mut self, next: SignedMembership) -> Result<u64, MembershipError> {
+        let adopted = self.shared().membership.accept(next)?;
+        let version = adopted.version();
+        let gone: Vec<PeerId> = self.shared().membership.peers().filter(|p| !adopted.contains(p)).copied().collect();
+        for peer in adopted.peers() {
+            self.swarm.behaviour_mut().members_only.allow_peer(*peer);
+        }
+        for peer in &gone {
+            self.swarm.behaviour_mut().members_only.disallow_peer(*peer);
+        }
+        let mut shared = self.shared();
+        shared.catalogue.retain_members(&adopted);
+        shared.membership = adopted;
+        tracing::info!(version, left = gone.len(), "federation membership changed");
+        Ok(version)
+    }
+
+    /// Anti-entropy: ask every connected member for what this node lacks; re-announce this
+    /// member's offer so it stays fresh.
+    fn round(&mut self) {
+        self.counters.anti_entropy_rounds.fetch_add(1, Ordering::Relaxed);
+        if let Some(listings) = self.announced.clone() {
+            let _ = self.announce(listings);
+        }
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            self.ask(peer);
+        }
+    }
+
+    fn ask(&mut self, peer: PeerId) {
+        let (versions, membership) = {
+            let shared = self.shared();
+            (shared.catalogue.versions(), shared.membership.version())
+        };
+        self.swarm.behaviour_mut().anti_entropy.send_request(&peer, (VersionVector { format: FORMAT, versions }, membership));
+    }
+
+    fn receive(&mut self, signed: SignedAnnouncement) -> Result<Applied, crate::catalogue::Refused> {
+        let now = self.now_ms();
+        let mut shared = self.shared();
+        let Shared { membership, catalogue } = &mut *shared;
+        let result = catalogue.apply(membership, signed, now);
+        let counter = match result {
+            Ok(Applied::Newer) => &self.counters.announcements_applied,
+            Ok(Applied::Known) => &self.counters.announcements_known,
+            Err(_) => &self.counters.announcements_refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message { propagation_source, message_id, message })) => {
+                let acceptance = match postcard::from_bytes::<Wire>(&message.data) {
+                    Ok(Wire { format: FORMAT, gossip: Gossip::Announcement(signed) }) => match self.receive(signed) {
+                        Ok(Applied::Newer) => MessageAcceptance::Accept,
+                        Ok(Applied::Known) => MessageAcceptance::Ignore,
+                        Err(why) => {
+                            tracing::warn!(%propagation_source, %why, "announcement dropped");
+                            MessageAcceptance::Reject
+                        }
+                    },
+                    Ok(Wire { format: FORMAT, gossip: Gossip::Membership(next) }) => match self.adopt(next) {
+                        Ok(_) => MessageAcceptance::Accept,
+                        Err(MembershipError::NotNewer { .. }) => MessageAcceptance::Ignore,
+                        Err(why) => {
+                            tracing::warn!(%propagation_source, %why, "membership document dropped");
+                            MessageAcceptance::Reject
+                        }
+                    },
+                    _ => MessageAcceptance::Reject,
+                };
+                let _ = self.swarm.behaviour_mut().gossip.report_message_validation_result(&message_id, &propagation_source, acceptance);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::AntiEntropy(request_response::Event::Message { peer, message, .. })) => match message {
+                request_response::Message::Request { request: (theirs, their_membership), channel, .. } => {
+                    let answer = {
+                        let shared = self.shared();
+                        let mut announcements = shared.catalogue.newer_than(&theirs.versions);
+                        announcements.truncate(MAX_PER_ANSWER);
+                        let membership = (shared.membership.version() > their_membership).then(|| shared.membership.signed().clone());
+                        Missing { announcements, membership }
+                    };
+                    let _ = self.swarm.behaviour_mut().anti_entropy.send_response(channel, answer);
+                }
+                request_response::Message::Response { response, .. } => {
+                    if let Some(next) = response.membership {
+                        if let Err(why) = self.adopt(next) {
+                            tracing::debug!(%peer, %why, "membership from anti-entropy not adopted");
+                        }
+                    }
+                    for signed in response.announcements {
+                        if let Err(why) = self.receive(signed) {
+                            tracing::warn!(%peer, %why, "announcement from anti-entropy dropped");
+                        }
+                    }
+                }
+            },
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => self.ask(peer_id),
+            SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
+                if matches!(error, libp2p::swarm::ListenError::Denied { .. }) {
+                    self.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%send_back_addr, "a peer outside the federation was refused");
+                }
+            }
+            _ => {}
+        }
+    }
+}
