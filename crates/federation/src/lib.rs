@@ -13,6 +13,9 @@ pub mod catalogue;
 pub mod membership;
 pub mod node;
 
+#[cfg(test)]
+mod golden_tests;
+
 pub use catalogue::{FederatedListing, Freshness, ListingDigest};
 pub use libp2p::identity::Keypair;
 pub use libp2p::{Multiaddr, PeerId};

@@ -22,7 +22,7 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalogue::{Announcement, Applied, Catalogue, FederatedListing, Freshness, ListingDigest, SignedAnnouncement};
 use crate::membership::{Membership, MembershipError, SignedMembership, FORMAT};
@@ -37,15 +37,15 @@ const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// What travels in gossip, tagged with its format.
 #[derive(Serialize, Deserialize)]
-enum Gossip {
+pub(crate) enum Gossip {
     Announcement(SignedAnnouncement),
     Membership(SignedMembership),
 }
 
 #[derive(Serialize, Deserialize)]
-struct Wire {
-    format: u32,
-    gossip: Gossip,
+pub(crate) struct Wire {
+    pub(crate) format: u32,
+    pub(crate) gossip: Gossip,
 }
 
 /// Anti-entropy: "this is what I know", answered with what the asker lacks.
@@ -130,6 +130,7 @@ pub struct FederationNode {
     counters: Arc<Counters>,
     started: Instant,
     freshness: Freshness,
+    changes: watch::Receiver<u64>,
 }
 
 impl FederationNode {
@@ -159,8 +160,10 @@ impl FederationNode {
         let counters = Arc::new(Counters::default());
         let (commands, receiver) = mpsc::channel(64);
         let started = Instant::now();
-        let node = FederationNode { peer_id, commands, shared: shared.clone(), counters: counters.clone(), started, freshness: config.freshness };
-        let driver = Driver { swarm, shared, counters, key: config.keypair, started, next_version: 0, announced: None };
+        let (changed, changes) = watch::channel(0);
+        let node =
+            FederationNode { peer_id, commands, shared: shared.clone(), counters: counters.clone(), started, freshness: config.freshness, changes };
+        let driver = Driver { swarm, shared, counters, key: config.keypair, started, next_version: 0, announced: None, changed };
         tokio::spawn(driver.run(receiver, config.anti_entropy_every));
         Ok(node)
     }
@@ -215,6 +218,12 @@ impl FederationNode {
     pub fn counters(&self) -> &Counters {
         &self.counters
     }
+
+    /// A counter that grows whenever the catalogue takes a newer offer (to wait on instead of
+    /// polling).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
 }
 
 fn build_swarm(key: &Keypair, membership: &Membership) -> Result<Swarm<Behaviour>, NodeError> {
@@ -265,6 +274,7 @@ struct Driver {
     /// This member's latest announcement, re-sent on every anti-entropy round (it is what
     /// keeps its offer fresh at the others).
     announced: Option<Vec<ListingDigest>>,
+    changed: watch::Sender<u64>,
 }
 
 impl Driver {
@@ -392,6 +402,9 @@ impl Driver {
         let mut shared = self.shared();
         let Shared { membership, catalogue } = &mut *shared;
         let result = catalogue.apply(membership, signed, now);
+        if result == Ok(Applied::Newer) {
+            self.changed.send_modify(|generation| *generation += 1);
+        }
         let counter = match result {
             Ok(Applied::Newer) => &self.counters.announcements_applied,
             Ok(Applied::Known) => &self.counters.announcements_known,
