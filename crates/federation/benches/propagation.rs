@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use suanli_federation::membership::sign;
-use suanli_federation::{FederationNode, Freshness, Keypair, ListingDigest, Member, MembershipDoc, NodeConfig, SignedMembership};
+use suanli_federation::{FederationNode, Freshness, Keypair, ListingDigest, Member, MembershipChain, MembershipDoc, NodeConfig, SignedMembership};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -67,8 +67,7 @@ async fn propagation(members: usize, rounds: usize) -> Vec<Duration> {
     let genesis = SignedMembership { signatures: keys.iter().map(|k| sign(&doc, k).expect("sign")).collect(), doc };
     let config = |i: usize, dial| NodeConfig {
         keypair: keys[i].clone(),
-        membership: genesis.clone(),
-        changes: Vec::new(),
+        membership: MembershipChain { genesis: genesis.clone(), changes: Vec::new() },
         listen: "/ip4/127.0.0.1/tcp/0".parse().expect("address"),
         dial,
         // Rounds are rare here: what is measured is gossip.

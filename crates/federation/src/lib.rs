@@ -4,12 +4,14 @@
 //!
 //! - [`membership`]: who is in the federation, a versioned document signed by its members;
 //! - [`catalogue`]: each member's signed, versioned offer and the merged catalogue;
+//! - [`keyfile`]: a member's key on disk;
 //! - [`node`]: the libp2p node that carries both (members only, gossip checked before it is
 //!   relayed, anti-entropy so a lost message heals).
 //!
 //! This crate is the only one that knows libp2p.
 
 pub mod catalogue;
+pub mod keyfile;
 pub mod membership;
 pub mod node;
 
@@ -18,6 +20,7 @@ mod golden_tests;
 
 pub use catalogue::{FederatedListing, Freshness, ListingDigest};
 pub use libp2p::identity::Keypair;
+pub use libp2p::multiaddr::Error as MultiaddrError;
 pub use libp2p::{Multiaddr, PeerId};
-pub use membership::{Member, Membership, MembershipDoc, SignedMembership};
+pub use membership::{Member, Membership, MembershipChain, MembershipDoc, SignedMembership};
 pub use node::{FederationNode, NodeConfig, NodeError};

@@ -105,6 +105,26 @@ impl MembershipDoc {
     }
 }
 
+/// The federation's first document and every change since, in order: what a member's node is
+/// configured with (each change is checked against the one before).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipChain {
+    pub genesis: SignedMembership,
+    #[serde(default)]
+    pub changes: Vec<SignedMembership>,
+}
+
+impl MembershipChain {
+    /// The membership the chain ends at, every step verified.
+    pub fn verify(&self) -> Result<Membership, MembershipError> {
+        let mut membership = Membership::genesis(self.genesis.clone())?;
+        for change in &self.changes {
+            membership = membership.accept(change.clone())?;
+        }
+        Ok(membership)
+    }
+}
+
 /// Signs `doc` as `key` (one member's signature).
 pub fn sign(doc: &MembershipDoc, key: &Keypair) -> Result<(String, Vec<u8>), MembershipError> {
     let signature = key.sign(&doc.signed_bytes()?).map_err(|e| MembershipError::Encoding(e.to_string()))?;

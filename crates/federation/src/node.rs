@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalogue::{Announcement, Applied, Catalogue, FederatedListing, Freshness, ListingDigest, SignedAnnouncement};
-use crate::membership::{Membership, MembershipError, SignedMembership, FORMAT};
+use crate::membership::{Membership, MembershipChain, MembershipError, SignedMembership, FORMAT};
 
 const CATALOGUE_TOPIC: &str = "suanli/catalogue/1";
 const MEMBERSHIP_TOPIC: &str = "suanli/membership/1";
@@ -74,10 +74,8 @@ struct Behaviour {
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub keypair: Keypair,
-    /// The federation's first membership document...
-    pub membership: SignedMembership,
-    /// ...and every change since, in order (each checked against the one before).
-    pub changes: Vec<SignedMembership>,
+    /// The federation's first membership document and every change since.
+    pub membership: MembershipChain,
     /// Where to listen, e.g. `/ip4/0.0.0.0/tcp/4001`.
     pub listen: Multiaddr,
     /// Members to dial at start (their addresses in the membership are dialled too).
@@ -136,10 +134,7 @@ pub struct FederationNode {
 impl FederationNode {
     /// Starts the node on the current tokio runtime.
     pub async fn start(config: NodeConfig) -> Result<FederationNode, NodeError> {
-        let mut membership = Membership::genesis(config.membership.clone())?;
-        for change in &config.changes {
-            membership = membership.accept(change.clone())?;
-        }
+        let membership = config.membership.verify()?;
         let peer_id = config.keypair.public().to_peer_id();
         if !membership.contains(&peer_id) {
             return Err(NodeError::NotAMember);
@@ -209,6 +204,11 @@ impl FederationNode {
         let now = self.started.elapsed().as_millis() as u64;
         let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         shared.catalogue.listings(&shared.membership, self.freshness, now)
+    }
+
+    /// The membership this node holds now.
+    pub fn membership(&self) -> Membership {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).membership.clone()
     }
 
     pub fn membership_version(&self) -> u64 {

@@ -10,7 +10,9 @@ use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, tcp, yamux};
 use suanli_federation::membership::sign;
-use suanli_federation::{FederationNode, Freshness, Keypair, ListingDigest, Member, MembershipDoc, Multiaddr, NodeConfig, SignedMembership};
+use suanli_federation::{
+    FederationNode, Freshness, Keypair, ListingDigest, Member, MembershipChain, MembershipDoc, Multiaddr, NodeConfig, SignedMembership,
+};
 use tokio::time::Instant;
 
 const NAMES: [&str; 4] = ["city", "university", "cloud", "lab"];
@@ -42,8 +44,7 @@ async fn start(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness: Freshn
 async fn start_with(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness: Freshness, every: Duration) -> FederationNode {
     let config = NodeConfig {
         keypair: f.keys[i].clone(),
-        membership: f.genesis.clone(),
-        changes: Vec::new(),
+        membership: MembershipChain { genesis: f.genesis.clone(), changes: Vec::new() },
         listen: loopback(),
         dial,
         anti_entropy_every: every,

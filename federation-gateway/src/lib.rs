@@ -1,0 +1,67 @@
+//! A member's federation gateway (`suanli-federation serve`): it reads its own broker's
+//! catalogue (a service token with the `read` power), announces it to the federation
+//! (`suanli-federation`'s node), and serves the merged catalogue (every member's offers, with
+//! origin and age) to its portal and to the `suanli-federation catalogue` command.
+//!
+//! Listeners: the federation port (libp2p; members only, see `suanli_federation::node`) and
+//! the API port (HTTP, bearer token, constant-time compared; `/healthz` open).
+
+pub mod api;
+pub mod config;
+pub mod offer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use suanli_federation::{FederationNode, Multiaddr, NodeConfig};
+
+pub use config::GatewayConfig;
+
+/// A running gateway.
+pub struct Gateway {
+    pub node: FederationNode,
+    pub api: SocketAddr,
+    pub p2p: Vec<Multiaddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("federation: {0}")]
+    Node(#[from] suanli_federation::NodeError),
+    #[error("the API port: {0}")]
+    Listen(#[source] std::io::Error),
+}
+
+/// Starts the node, the announcing loop and the API on the current runtime.
+pub async fn start(config: GatewayConfig) -> Result<Gateway, GatewayError> {
+    let node = FederationNode::start(NodeConfig {
+        keypair: config.keypair.clone(),
+        membership: config.membership.clone(),
+        listen: config.listen.clone(),
+        dial: config.dial.clone(),
+        anti_entropy_every: config.anti_entropy_every,
+        freshness: config.freshness,
+    })
+    .await?;
+    let mut p2p = Vec::new();
+    for _ in 0..200 {
+        p2p = node.listen_addrs().await?;
+        if !p2p.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::spawn(offer::announce_loop(node.clone(), config.broker.clone(), config.announce_every));
+    let listener = tokio::net::TcpListener::bind(config.api_listen).await.map_err(GatewayError::Listen)?;
+    let api = listener.local_addr().map_err(GatewayError::Listen)?;
+    let router = api::router(api::ApiState { node: node.clone(), token: Arc::new(config.api_token.clone()) });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "the API stopped");
+        }
+    });
+    Ok(Gateway { node, api, p2p })
+}
