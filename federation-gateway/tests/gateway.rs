@@ -11,6 +11,7 @@ use suanli_federation_gateway::api::{CatalogueEntry, MembersView};
 use suanli_proto::v1::{self, AccountKind};
 use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
 use suanli_testkit::fixtures::{self, register};
+use suanli_testkit::portal::{PortalOptions, PortalProcess};
 use suanli_testkit::{eventually, workspace_binary, Service};
 use suanli_types::ClusterClass;
 use tempfile::TempDir;
@@ -111,11 +112,7 @@ async fn catalogue(member: &Member3, query: &str) -> Vec<CatalogueEntry> {
 #[tokio::test]
 async fn a_cluster_published_at_one_member_is_searchable_at_the_others_with_its_origin() {
     let f = federation().await;
-    let city = &f.members[0];
-    let mut platform = suanli_proto::client::connect(&format!("http://{}", city.broker_address), Some(PLATFORM_TOKEN)).await.expect("client");
-    let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
-    let mut supplier = suanli_proto::client::connect(&format!("http://{}", city.broker_address), Some(&supplier_token)).await.expect("client");
-    let cluster = fixtures::publish(&mut supplier, ClusterClass::B, 1, 4, "fed").await.expect("publish");
+    let (cluster, mut supplier) = publish_at_city(&f).await;
 
     let id = cluster.cluster_id;
     for member in &f.members[1..] {
@@ -207,4 +204,60 @@ async fn a_key_outside_the_federation_cannot_run_a_gateway_and_keys_are_never_ov
     assert!(!out.status.success() && why.contains("not a member"), "{why}");
     let again = tokio::process::Command::new(gateway_binary()).arg("keygen").arg("--out").arg(&outsider).output().await.expect("run");
     assert!(!again.status.success(), "keygen refuses an existing key file");
+}
+
+/// A supplier at "city" publishes a 4-card Class B cluster; returns it and the supplier's client.
+async fn publish_at_city(f: &Federation) -> (v1::Cluster, suanli_proto::client::Client) {
+    let city = &f.members[0];
+    let endpoint = format!("http://{}", city.broker_address);
+    let mut platform = suanli_proto::client::connect(&endpoint, Some(PLATFORM_TOKEN)).await.expect("client");
+    let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
+    let mut supplier = suanli_proto::client::connect(&endpoint, Some(&supplier_token)).await.expect("client");
+    (fixtures::publish(&mut supplier, ClusterClass::B, 1, 4, "fed").await.expect("publish"), supplier)
+}
+
+#[tokio::test]
+async fn a_members_portal_shows_the_other_members_offers_with_their_origin_and_the_members() {
+    let f = federation().await;
+    let (cluster, _supplier) = publish_at_city(&f).await;
+    let university = &f.members[1];
+    let database = suanli_testkit::portal::database_url(f.dir.path(), false).await.expect("database").expect("sqlite");
+    let broker = format!("http://{}", university.broker_address);
+    let gateway_api = api(university);
+    let extra = ["--federation-api", gateway_api.as_str(), "--federation-token", API_TOKEN];
+    let options = PortalOptions { extra: &extra, ..PortalOptions::new(&broker, PLATFORM_TOKEN, &database) };
+    let portal = PortalProcess::start(f.dir.path(), &options).await.expect("portal");
+    let http = reqwest::Client::new();
+    // Anonymous, like the local catalogue.
+    let url = format!("{}/api/v1/federation/catalogue", portal.url);
+    let id = cluster.cluster_id;
+    let entries: Vec<serde_json::Value> = eventually(Duration::from_secs(20), Duration::from_millis(100), || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let entries: Vec<serde_json::Value> = http.get(&url).send().await.ok()?.json().await.ok()?;
+            entries.iter().any(|e| e["origin"] == "city" && e["listing"]["cluster_id"] == id).then_some(entries)
+        }
+    })
+    .await
+    .expect("the portal shows city's offer");
+    assert!(entries.iter().all(|e| e["origin"] != "university"), "its own offers are the local catalogue's");
+    let only_cloud: Vec<serde_json::Value> = http.get(format!("{url}?origin=cloud")).send().await.expect("get").json().await.expect("json");
+    assert!(only_cloud.is_empty());
+    let members: serde_json::Value = http.get(format!("{}/api/v1/federation/members", portal.url)).send().await.expect("get").json().await.expect("json");
+    assert_eq!(members["members"].as_array().map(Vec::len), Some(3));
+    // The page: members and the offer, with its origin.
+    let html = http.get(format!("{}/federation", portal.url)).send().await.expect("get").text().await.expect("text");
+    assert!(html.contains("data-origin=\"city\"") && html.contains(&cluster.listing.as_ref().expect("listing").title), "{html}");
+}
+
+#[tokio::test]
+async fn a_portal_outside_any_federation_says_so() {
+    let f = federation().await;
+    let broker = format!("http://{}", f.members[0].broker_address);
+    let database = suanli_testkit::portal::database_url(f.dir.path(), false).await.expect("database").expect("sqlite");
+    let portal = PortalProcess::start(f.dir.path(), &PortalOptions::new(&broker, PLATFORM_TOKEN, &database)).await.expect("portal");
+    let response = reqwest::get(format!("{}/api/v1/federation/catalogue", portal.url)).await.expect("get");
+    assert_eq!(response.status(), 404);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "NOT_FOUND");
 }

@@ -7,7 +7,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use utoipa::OpenApi;
 
-use crate::api::{accounts, alerts, jobs, market, operator};
+use crate::api::{accounts, alerts, federation, jobs, market, operator};
 use crate::error::ApiError;
 use crate::pages;
 use crate::state::AppState;
@@ -27,6 +27,7 @@ use crate::state::AppState;
         market::enrollment_token, market::list_nodes, market::list_my_clusters, market::publish, market::modify, market::delist, market::approve,
         market::set_card_status,
         operator::list_reviews, operator::decide_review, operator::list_operators, operator::set_roles, operator::audit,
+        federation::catalogue, federation::members,
     ),
     tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "supplier"), (name = "operator"))
 )]
@@ -72,6 +73,8 @@ pub fn router(state: AppState) -> Router {
         .route("/me/alerts", get(alerts::list))
         .route("/me/notifications", get(alerts::get_settings).put(alerts::put_settings))
         .route("/catalogue", get(market::catalogue))
+        .route("/federation/catalogue", get(federation::catalogue))
+        .route("/federation/members", get(federation::members))
         .route("/clusters/{id}", get(market::cluster_detail))
         .route("/clusters/{id}/telemetry", get(market::telemetry))
         .route("/clusters/{id}/live", get(market::live))
@@ -114,6 +117,7 @@ pub fn router(state: AppState) -> Router {
         .route("/operator", get(pages::staff::operator_page))
         .route("/lang/{lang}", get(pages::account::switch_lang))
         .route("/terms", get(pages::account::terms_page))
+        .route("/federation", get(pages::market::federation_page))
         .route("/privacy", get(pages::account::privacy_page))
         .route("/static/app.js", get(pages::static_js))
         .route("/static/app.css", get(pages::static_css))

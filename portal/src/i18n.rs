@@ -104,6 +104,15 @@ catalogue! {
     Licence => "Business licence (PDF or image)", "营业执照（PDF或图片）";
     Agree => "I have read and agree to the", "我已阅读并同意";
     Terms => "user agreement", "用户协议";
+    Federation => "Federation", "联盟";
+    FederatedOffers => "Other marketplaces' offers", "联盟成员的算力";
+    FederationMembers => "Members", "成员";
+    Origin => "Marketplace", "所属平台";
+    ConnectedNow => "connected", "已连接";
+    NotConnected => "not connected", "未连接";
+    OfferAge => "Last offer", "最近报价";
+    ThisMember => "this marketplace", "本平台";
+    NoFederatedOffers => "No other marketplace offers cards right now.", "目前没有其他平台提供算力。";
     Privacy => "privacy policy", "隐私政策";
     And => "and the", "和";
     AsResearcher => "Researcher", "研究用户";

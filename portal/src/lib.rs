@@ -20,6 +20,7 @@ pub mod crypto;
 pub mod db;
 pub mod demo;
 pub mod error;
+pub mod federation;
 pub mod i18n;
 pub mod identity;
 pub mod market;

@@ -16,6 +16,7 @@ use suanli_notify::{Mailer, SmtpConfig, SmtpSecurity};
 use suanli_portal::crypto::KeyFile;
 use suanli_portal::db::Db;
 use suanli_portal::demo::{self, Adopt};
+use suanli_portal::federation::FederationLink;
 use suanli_portal::market::Market;
 use suanli_portal::model::Role;
 use suanli_portal::state::{AppState, Inner, Notifiers, Settings};
@@ -103,6 +104,13 @@ struct ServeArgs {
     /// address is taken from `X-Forwarded-For` (login throttle, audit log). Comma-separated.
     #[arg(long, env = "SUANLI_PORTAL_TRUSTED_PROXY", value_delimiter = ',')]
     trusted_proxy: Vec<std::net::IpAddr>,
+    /// This member's federation gateway API (`suanli-federation serve`), e.g.
+    /// http://127.0.0.1:4080: the portal then shows other members' offers and the members.
+    #[arg(long, env = "SUANLI_PORTAL_FEDERATION_API")]
+    federation_api: Option<String>,
+    /// The gateway API's bearer token.
+    #[arg(long, env = "SUANLI_PORTAL_FEDERATION_TOKEN", hide_env_values = true)]
+    federation_token: Option<String>,
     /// Cookies without `Secure` and `__Host-` (only for plain-HTTP hosts other than localhost).
     #[arg(long, env = "SUANLI_PORTAL_INSECURE_COOKIES")]
     insecure_cookies: bool,
@@ -145,6 +153,8 @@ struct PortalSection {
     operator_key_file: Option<PathBuf>,
     #[serde(default)]
     trusted_proxy: Vec<std::net::IpAddr>,
+    federation_api: Option<String>,
+    federation_token_file: Option<PathBuf>,
 }
 
 /// `[portal.sms]`: `provider = "json"` with `url` (and `token`), or `provider = "aliyun"` with
@@ -263,6 +273,7 @@ fn offline_state(s: Storage) -> anyhow::Result<AppState> {
         notifiers: Default::default(),
         settings: Settings::default(),
         outbox_wake: Default::default(),
+        federation: None,
     })))
 }
 
@@ -320,7 +331,25 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         bail!("verifying phones needs an SMS gateway: --sms-json-url or [portal.sms]");
     }
     let settings = Settings { verify_phones, ..settings };
-    let state = AppState(Arc::new(Inner { db: s.db, keys: s.keys.ring()?, market: market.clone(), mailer, notifiers, settings, outbox_wake: Default::default() }));
+    let federation = match (args.federation_api.clone().or(file.federation_api), &args.federation_token, &file.federation_token_file) {
+        (None, _, _) => None,
+        (Some(api), Some(token), _) => Some(FederationLink::new(&api, token).map_err(anyhow::Error::msg)?),
+        (Some(api), None, Some(path)) => {
+            let token = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+            Some(FederationLink::new(&api, token.trim()).map_err(anyhow::Error::msg)?)
+        }
+        (Some(_), None, None) => bail!("the federation gateway needs its token: --federation-token or federation_token_file"),
+    };
+    let state = AppState(Arc::new(Inner {
+        db: s.db,
+        keys: s.keys.ring()?,
+        market: market.clone(),
+        mailer,
+        notifiers,
+        settings,
+        outbox_wake: Default::default(),
+        federation,
+    }));
     market.spawn_follower();
     outbox::spawn_worker(state.clone());
     alerts::spawn(state.clone(), file.alerts);

@@ -64,6 +64,8 @@ pub struct Inner {
     pub settings: Settings,
     /// Wakes the outbox worker when a message is queued.
     pub outbox_wake: tokio::sync::Notify,
+    /// This member's federation gateway, when the marketplace is in a federation.
+    pub federation: Option<crate::federation::FederationLink>,
 }
 
 #[derive(Clone)]

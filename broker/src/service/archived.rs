@@ -1,53 +1,61 @@
 //! Reads that reach past the hot state into the archive (`storage::archive`): a record is read
 //! from the hot state when it is there, from the archive otherwise; ledger lines from the
-//! archive only up to what the state counts as archived.
-
-use std::borrow::Cow;
+//! archive only up to what the state counts as archived, leases and jobs only below the
+//! state's next ID (a snapshot may carry archive rows written after its own index).
+//!
+//! The state's lock is held only to copy what is hot; the archive is read after it is
+//! released (its rows are immutable and written before the state that no longer holds them
+//! is visible), so a long history never holds up applying the log.
 
 use suanli_types::{AccountId, JobId, LeaseId, Month, Transaction};
 
-use crate::state::{Job, Lease, ServiceEvaluation, State};
-use crate::storage::{Archive, StoreError};
+use crate::state::{Job, Lease, ServiceEvaluation};
+use crate::storage::{StateMachineStore, StoreError};
 
-pub fn lease<'a>(s: &'a State, archive: &Archive, id: LeaseId) -> Result<Option<Cow<'a, Lease>>, StoreError> {
-    match s.lease(id) {
-        Some(l) => Ok(Some(Cow::Borrowed(l))),
-        None => Ok(archive.lease(id)?.map(|a| Cow::Owned(a.lease))),
+pub fn lease(sm: &StateMachineStore, id: LeaseId) -> Result<Option<Lease>, StoreError> {
+    let (hot, next_id) = sm.read(|s| (s.lease(id).cloned(), s.next_id()));
+    match hot {
+        Some(l) => Ok(Some(l)),
+        None if id.0 < next_id => Ok(sm.archive().lease(id)?.map(|a| a.lease)),
+        None => Ok(None),
     }
 }
 
-pub fn job<'a>(s: &'a State, archive: &Archive, id: JobId) -> Result<Option<Cow<'a, Job>>, StoreError> {
-    match s.job(id) {
-        Some(j) => Ok(Some(Cow::Borrowed(j))),
-        None => Ok(archive.job(id)?.map(Cow::Owned)),
+pub fn job(sm: &StateMachineStore, id: JobId) -> Result<Option<Job>, StoreError> {
+    let (hot, next_id) = sm.read(|s| (s.job(id).cloned(), s.next_id()));
+    match hot {
+        Some(j) => Ok(Some(j)),
+        None if id.0 < next_id => sm.archive().job(id),
+        None => Ok(None),
     }
 }
 
-pub fn evaluation<'a>(s: &'a State, archive: &Archive, lease: LeaseId) -> Result<Option<Cow<'a, ServiceEvaluation>>, StoreError> {
-    match s.evaluation(lease) {
-        Some(e) => Ok(Some(Cow::Borrowed(e))),
-        None => Ok(archive.evaluation(lease)?.map(Cow::Owned)),
+pub fn evaluation(sm: &StateMachineStore, lease: LeaseId) -> Result<Option<ServiceEvaluation>, StoreError> {
+    let (hot, next_id) = sm.read(|s| (s.evaluation(lease).cloned(), s.next_id()));
+    match hot {
+        Some(e) => Ok(Some(e)),
+        None if lease.0 < next_id => sm.archive().evaluation(lease),
+        None => Ok(None),
     }
 }
 
-/// Every ledger line touching `holder`'s accounts, archived then hot, oldest first,
-/// optionally within a month.
-pub fn transactions_of<'a>(s: &'a State, archive: &Archive, holder: AccountId, month: Option<Month>) -> Result<Vec<Cow<'a, Transaction>>, StoreError> {
+/// The ledger lines touching `holder`'s accounts with IDs after `after`, archived then hot,
+/// oldest first, optionally within a month; at most `max` of the archived ones (the hot ones
+/// are bounded by the retention).
+pub fn transactions_of(sm: &StateMachineStore, holder: AccountId, month: Option<Month>, after: u64, max: usize) -> Result<Vec<Transaction>, StoreError> {
+    let (hot, archived) = sm.read(|s| (s.transactions_of(holder, month).into_iter().filter(|t| t.id > after).cloned().collect::<Vec<_>>(), s.ledger_archived()));
     let bounds = month.map(Month::bounds);
-    let mut lines: Vec<Cow<'a, Transaction>> = archive
-        .transactions_of(holder, s.ledger_archived())?
-        .into_iter()
-        .filter(|tx| bounds.is_none_or(|(start, end)| tx.at >= start && tx.at < end))
-        .map(Cow::Owned)
-        .collect();
-    lines.extend(s.transactions_of(holder, month).into_iter().map(Cow::Borrowed));
+    let in_month = |tx: &Transaction| bounds.is_none_or(|(start, end)| tx.at >= start && tx.at < end);
+    let mut lines = sm.archive().transactions_of(holder, after, archived, in_month, max)?;
+    lines.extend(hot);
     Ok(lines)
 }
 
-/// The owner's jobs, archived then hot.
-pub fn jobs_of<'a>(s: &'a State, archive: &Archive, owner: AccountId) -> Result<Vec<Cow<'a, Job>>, StoreError> {
-    let mut jobs: Vec<Cow<'a, Job>> = archive.jobs_of(owner)?.into_iter().filter(|j| s.job(j.id).is_none()).map(Cow::Owned).collect();
-    jobs.extend(s.jobs_of(owner).map(Cow::Borrowed));
+/// The owner's jobs, archived then hot, by ID.
+pub fn jobs_of(sm: &StateMachineStore, owner: AccountId) -> Result<Vec<Job>, StoreError> {
+    let (hot, next_id) = sm.read(|s| (s.jobs_of(owner).cloned().collect::<Vec<_>>(), s.next_id()));
+    let mut jobs: Vec<Job> = sm.archive().jobs_of(owner, next_id)?.into_iter().filter(|j| !hot.iter().any(|h| h.id == j.id)).collect();
+    jobs.extend(hot);
     jobs.sort_by_key(|j| j.id);
     Ok(jobs)
 }

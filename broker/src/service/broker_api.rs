@@ -406,8 +406,8 @@ impl Broker for BrokerApi {
                 let id = LeaseId(required_id("lease_id", request.get_ref().lease_id)?);
                 // Also what ended long ago: the archive keeps it.
                 self.shared
-                    .read_with_archive(consistency, |s, archive| {
-                        Ok(super::archived::lease(s, archive, id)?.filter(|l| may_see_lease(&caller, l)).map(|l| wire::lease(&l)))
+                    .read_with_archive(consistency, |sm| {
+                        Ok(super::archived::lease(sm, id)?.filter(|l| may_see_lease(&caller, l)).map(|l| wire::lease(&l)))
                     })
                     .await?
                     .map(Response::new)

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use super::broker_api::unexpected;
 use super::paging::Page;
 use super::{archived, invalid, may_see_lease, now, Consistency, Shared};
-use crate::storage::{Archive, StoreError};
+use crate::storage::{StateMachineStore, StoreError};
 use crate::state::{Command, Job, Response as Applied, State};
 
 pub struct Jobs {
@@ -178,8 +178,9 @@ impl JobService for Jobs {
                 let caller = self.shared.caller(&request).await?;
                 let id = required_job(request.get_ref().job_id)?;
                 self.shared
-                    .read_with_archive(consistency, |s, archive| {
-                        Ok(super::archived::job(s, archive, id)?.filter(|j| may_see_job(&caller, j)).map(|j| job_to_wire(s, &j)))
+                    .read_with_archive(consistency, |sm| {
+                        let job = super::archived::job(sm, id)?.filter(|j| may_see_job(&caller, j));
+                        Ok(job.map(|j| sm.read(|s| job_to_wire(s, &j))))
                     })
                     .await?
                     .map(Response::new)
@@ -458,10 +459,10 @@ fn balance_of(s: &State, account: AccountId, currency: &Currency) -> v1::Balance
 
 /// A month's statement: opening and closing balances, totals by kind, a line per lease, and
 /// the cost of each job that ended in the month.
-pub fn statement(s: &State, archive: &Archive, account: AccountId, month: Month, currency: &Currency) -> Result<v1::Statement, StoreError> {
+pub fn statement(sm: &StateMachineStore, account: AccountId, month: Month, currency: &Currency) -> Result<v1::Statement, StoreError> {
     let (start, _) = month.bounds();
     let mine = [LedgerAccount::Available(account), LedgerAccount::Earnings(account)];
-    let every_line = archived::transactions_of(s, archive, account, None)?;
+    let every_line = archived::transactions_of(sm, account, None, 0, usize::MAX)?;
     let opening: i64 = every_line
         .iter()
         .filter(|tx| tx.at < start && tx.currency == *currency)
@@ -508,7 +509,7 @@ pub fn statement(s: &State, archive: &Archive, account: AccountId, month: Month,
     }
     st.closing_minor += opening;
     st.leases = lines.into_values().collect();
-    st.jobs = archived::jobs_of(s, archive, account)?
+    st.jobs = archived::jobs_of(sm, account)?
         .iter()
         .filter(|j| j.ended_at.is_some_and(|t| t >= start && t < end))
         .map(|j| v1::JobCost {
@@ -609,8 +610,9 @@ pub mod billing {
                 };
                 let page = Page::from_wire(request.get_ref().page_after_id, request.get_ref().page_size)?;
                 let (transactions, next_page_after_id) = shared
-                    .read_with_archive(consistency, |s, archive| {
-                        let lines = archived::transactions_of(s, archive, account, month)?;
+                    .read_with_archive(consistency, |sm| {
+                        // One more than a page from the archive tells whether another page follows.
+                        let lines = archived::transactions_of(sm, account, month, page.after, page.limit() + 1)?;
                         Ok(page.take(lines.iter().map(|tx| (tx.id, transaction_to_wire(tx)))))
                     })
                     .await?;
@@ -628,7 +630,7 @@ pub mod billing {
                 let account = billing_subject(&caller, req.account_id)?;
                 let month = month(&req.month)?;
                 let currency = currency_or_cny(&req.currency)?;
-                Ok(Response::new(shared.read_with_archive(consistency, |s, archive| statement(s, archive, account, month, &currency)).await?))
+                Ok(Response::new(shared.read_with_archive(consistency, |sm| statement(sm, account, month, &currency)).await?))
             })
             .await
     }
@@ -641,9 +643,9 @@ pub mod billing {
                 let caller = shared.caller(&request).await?;
                 let lease = LeaseId(request.get_ref().lease_id);
                 shared
-                    .read_with_archive(consistency, |s, archive| {
-                        let visible = archived::lease(s, archive, lease)?.is_some_and(|l| may_see_lease(&caller, &l));
-                        Ok(archived::evaluation(s, archive, lease)?.filter(|_| visible).map(|e| v1::ServiceEvaluation {
+                    .read_with_archive(consistency, |sm| {
+                        let visible = archived::lease(sm, lease)?.is_some_and(|l| may_see_lease(&caller, &l));
+                        Ok(archived::evaluation(sm, lease)?.filter(|_| visible).map(|e| v1::ServiceEvaluation {
                             lease_id: e.lease.0,
                             supplier_id: e.supplier.0,
                             uptime_bps: e.uptime_bps,

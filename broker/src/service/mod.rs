@@ -248,15 +248,17 @@ impl Shared {
 
     /// [`Self::read`] of the hot state and the archive together, for reads that reach what
     /// ended long ago (a lease or job by ID, statements).
+    /// `f` gets the store and reads with `archived::*`, which hold the state's lock only to copy
+    /// what is hot.
     pub async fn read_with_archive<T>(
         &self,
         consistency: Consistency,
-        f: impl FnOnce(&State, &crate::storage::Archive) -> Result<T, crate::storage::StoreError>,
+        f: impl FnOnce(&crate::storage::StateMachineStore) -> Result<T, crate::storage::StoreError>,
     ) -> Result<T, Status> {
         if consistency == Consistency::Linearizable {
             self.linearizable().await.map_err(|e| status(ErrorCode::Unavailable, format!("cannot confirm leadership: {e}"), &[]))?;
         }
-        self.sm.read_with_archive(f).map_err(|e| {
+        f(&self.sm).map_err(|e| {
             tracing::error!(error = %e, "reading the archive failed");
             status(ErrorCode::Internal, "the archive could not be read", &[])
         })

@@ -20,6 +20,11 @@ impl Page {
         Ok(Page { after, limit })
     }
 
+    /// Most items on a page.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// The page out of `items`, given in increasing ID order (those not after the cursor are
     /// skipped), and the next page's cursor.
     pub fn take<T>(&self, items: impl IntoIterator<Item = (u64, T)>) -> (Vec<T>, u64) {

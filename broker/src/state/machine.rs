@@ -781,6 +781,11 @@ impl State {
         self.clusters.get(&id)
     }
 
+    /// The next ID the state will hand out: every lease, job and account has a lower one.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
     pub fn lease(&self, id: LeaseId) -> Option<&Lease> {
         self.leases.get(&id)
     }

@@ -1286,16 +1286,16 @@ mod through_the_store {
     /// What a researcher sees of the history: the ended lease and job by ID, every ledger line,
     /// and the month's statement.
     fn seen(sm: &StateMachineStore, h: &History) -> (Option<Lease>, Option<Job>, Vec<u64>, suanli_proto::v1::Statement) {
-        sm.read_with_archive(|s, a| {
-            let month = Month::containing(Timestamp::from_millis(T0));
-            Ok::<_, storage::StoreError>((
-                archived::lease(s, a, h.ended_lease)?.map(|l| l.into_owned()),
-                archived::job(s, a, h.ended_job)?.map(|j| j.into_owned()),
-                archived::transactions_of(s, a, h.m.researcher, None)?.iter().map(|t| t.id).collect(),
-                statement(s, a, h.m.researcher, month, &Currency::cny())?,
+        let month = Month::containing(Timestamp::from_millis(T0));
+        let read = || -> Result<_, storage::StoreError> {
+            Ok((
+                archived::lease(sm, h.ended_lease)?,
+                archived::job(sm, h.ended_job)?,
+                archived::transactions_of(sm, h.m.researcher, None, 0, usize::MAX)?.iter().map(|t| t.id).collect(),
+                statement(sm, h.m.researcher, month, &Currency::cny())?,
             ))
-        })
-        .expect("read")
+        };
+        read().expect("read")
     }
 
     #[tokio::test]
@@ -1313,14 +1313,28 @@ mod through_the_store {
         let mut sm = store_with(&h.m.w.log, &path).await;
         sm.read(|s| assert!(s.lease(h.ended_lease).is_none() && s.transactions().is_empty(), "moved out of the hot state"));
         assert_eq!(seen(&sm, &h), before, "read from the archive, exactly as before");
+        // Paged as ListTransactions pages it (two lines a page, across the archive's end).
+        let (mut paged, mut after) = (Vec::new(), 0);
+        loop {
+            let page = crate::service::paging::Page::from_wire(after, 2).expect("page");
+            let lines = archived::transactions_of(&sm, h.m.researcher, None, page.after, page.limit() + 1).expect("read");
+            let (ids, next) = page.take(lines.iter().map(|t| (t.id, t.id)));
+            paged.extend(ids);
+            if next == 0 {
+                break;
+            }
+            after = next;
+        }
+        assert_eq!(paged, before.2, "every line once, in order");
 
         // A snapshot is the hot state; sent, it carries the archive to a node that never
         // applied the entry that archived.
         sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
         let sent = sm.get_current_snapshot().await.expect("read").expect("a snapshot");
-        assert!(sent.snapshot.get_ref().len() as u64 > sm.last_snapshot_bytes(), "the archive travels after the hot state");
+        let bytes = sent.snapshot.into_bytes().expect("bytes");
+        assert!(bytes.len() as u64 > sm.last_snapshot_bytes(), "the archive travels after the hot state");
         let (_, mut follower) = storage::open(&dir.path().join("follower")).expect("open");
-        follower.install_snapshot(&sent.meta, sent.snapshot).await.expect("install");
+        follower.install_snapshot(&sent.meta, Box::new(storage::SnapshotData::new(bytes))).await.expect("install");
         assert_eq!(seen(&follower, &h), before, "on the follower");
 
         // A backup holds it too, and a restore from it.
@@ -1343,11 +1357,11 @@ mod through_the_store {
         let mut sm = store_with(&h.m.w.log, &dir.path().join("a")).await;
         sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
         let sent = sm.get_current_snapshot().await.expect("read").expect("a snapshot");
-        let mut data = sent.snapshot.into_inner();
+        let mut data = sent.snapshot.into_bytes().expect("bytes");
         let forged: Vec<(Vec<u8>, Vec<u8>)> = vec![(b"Zanything".to_vec(), b"value".to_vec())];
         data.extend(postcard::to_allocvec(&forged).expect("encode"));
         let (_, mut follower) = storage::open(&dir.path().join("b")).expect("open");
-        let refused = follower.install_snapshot(&sent.meta, Box::new(std::io::Cursor::new(data))).await;
+        let refused = follower.install_snapshot(&sent.meta, Box::new(storage::SnapshotData::new(data))).await;
         assert!(refused.is_err());
         follower.read(|s| assert_eq!(s, &State::new(), "nothing installed"));
         assert!(follower.archive().lease(h.ended_lease).expect("read").is_none());

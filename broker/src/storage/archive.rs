@@ -115,29 +115,54 @@ impl Archive {
         self.get(&key(EVALUATION, lease.0))
     }
 
-    /// The archived ledger lines touching `holder`'s accounts with IDs up to `up_to` (the
-    /// state's `ledger_archived`), oldest first.
-    pub fn transactions_of(&self, holder: AccountId, up_to: u64) -> Result<Vec<Transaction>, StoreError> {
-        self.indexed(HOLDER, holder, TRANSACTION, up_to)
+    /// The archived ledger lines touching `holder`'s accounts with IDs in `(after, up_to]`
+    /// (`up_to`: the state's `ledger_archived`) that `keep` accepts, oldest first, at most `max`.
+    pub fn transactions_of(
+        &self,
+        holder: AccountId,
+        after: u64,
+        up_to: u64,
+        keep: impl Fn(&Transaction) -> bool,
+        max: usize,
+    ) -> Result<Vec<Transaction>, StoreError> {
+        self.indexed(HOLDER, holder, TRANSACTION, after, up_to, keep, max)
     }
 
-    /// The owner's archived jobs, by ID.
-    pub fn jobs_of(&self, owner: AccountId) -> Result<Vec<Job>, StoreError> {
-        self.indexed(OWNER, owner, JOB, u64::MAX)
+    /// The owner's archived jobs with IDs below `below` (the state's next ID), by ID.
+    pub fn jobs_of(&self, owner: AccountId, below: u64) -> Result<Vec<Job>, StoreError> {
+        self.indexed(OWNER, owner, JOB, 0, below.saturating_sub(1), |_| true, usize::MAX)
     }
 
-    /// The records an account's index names, with IDs up to `up_to`, in ID order.
-    fn indexed<T: serde::de::DeserializeOwned>(&self, index: u8, account: AccountId, tag: u8, up_to: u64) -> Result<Vec<T>, StoreError> {
+    /// The records an account's index names with IDs in `(after, up_to]` that `keep` accepts,
+    /// in ID order, at most `max`.
+    #[allow(clippy::too_many_arguments)]
+    fn indexed<T: serde::de::DeserializeOwned>(
+        &self,
+        index: u8,
+        account: AccountId,
+        tag: u8,
+        after: u64,
+        up_to: u64,
+        keep: impl Fn(&T) -> bool,
+        max: usize,
+    ) -> Result<Vec<T>, StoreError> {
         let archive = cf(&self.db, CF_ARCHIVE)?;
         let prefix = index_key(index, account, 0);
+        let start = index_key(index, account, after.saturating_add(1));
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(archive, IteratorMode::From(&prefix, Direction::Forward)) {
+        for item in self.db.iterator_cf(archive, IteratorMode::From(&start, Direction::Forward)) {
+            if out.len() >= max {
+                break;
+            }
             let (k, _) = item?;
             let Some(id) = k.strip_prefix(&prefix[..9]).and_then(|id| id.try_into().ok()).map(u64::from_be_bytes) else { break };
             if id > up_to {
                 break;
             }
-            out.push(self.get(&key(tag, id))?.ok_or_else(|| StoreError::Corrupt(format!("archived record {}{id} missing", tag as char)))?);
+            let record: T = self.get(&key(tag, id))?.ok_or_else(|| StoreError::Corrupt(format!("archived record {}{id} missing", tag as char)))?;
+            if keep(&record) {
+                out.push(record);
+            }
         }
         Ok(out)
     }

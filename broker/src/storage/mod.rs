@@ -21,9 +21,9 @@
 
 pub(crate) mod archive;
 mod log_store;
+mod snapshot_data;
 mod state_machine;
 
-use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -31,6 +31,7 @@ use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 
 pub use archive::{Archive, ArchivedLease};
 pub use log_store::LogStore;
+pub use snapshot_data::SnapshotData;
 pub use state_machine::{StateMachineStore, DEFAULT_EVENTS_RETAINED};
 
 use crate::state::{Envelope, Outcome};
@@ -43,7 +44,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

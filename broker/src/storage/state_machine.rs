@@ -3,11 +3,11 @@
 //!
 //! A snapshot as stored is the hot state only ([`SnapshotPayload`]). As sent to a follower or
 //! exported for a backup, it is that payload followed by the archive in chunks of
-//! [`ARCHIVE_CHUNK`] key-value pairs ([`Transfer`]), read from a consistent view of the
-//! archive column family: the hot state is bounded by the archive's retention, and the
-//! archive is streamed from disk rather than held as one value.
+//! [`ARCHIVE_CHUNK`] key-value pairs ([`Transfer`]), read from a consistent view of the archive
+//! column family when the bytes are first read (`SnapshotData`): openraft's look at the current
+//! snapshot at every start reads no archive. While one is sent or received its bytes are in
+//! memory (the hot state is bounded by the archive's retention; the archive is not).
 
-use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::archive::{self, Archive};
+use super::snapshot_data::SnapshotData;
 use super::{
     cf, index_key, io_err, key_index, LogId, NodeId, StorageError, StoreError, TypeConfig, CF_EVENTS, CF_META, CF_SNAPSHOT,
 };
@@ -211,16 +212,8 @@ impl StateMachineStore {
             let payload = SnapshotPayloadRef { last_applied: &applied.last_applied, membership: &applied.membership, state: &applied.state };
             (postcard::to_allocvec(&payload)?, applied.last_applied)
         };
-        self.append_archive(&mut bytes)?;
+        super::snapshot_data::append_archive(&self.inner.archive, &mut bytes)?;
         Ok((bytes, position))
-    }
-
-    /// Appends the archive, in chunks, to a snapshot's payload bytes.
-    fn append_archive(&self, bytes: &mut Vec<u8>) -> Result<(), StoreError> {
-        self.inner.archive.chunks(ARCHIVE_CHUNK, |chunk| {
-            postcard::to_io(&chunk, &mut *bytes)?;
-            Ok(())
-        })
     }
 
     /// What left the hot state, readable by ID.
@@ -228,12 +221,6 @@ impl StateMachineStore {
         &self.inner.archive
     }
 
-    /// Runs `f` on the current state and the archive, together: no record is between the two
-    /// while `f` runs (applying writes the archive before it releases the state).
-    pub fn read_with_archive<T>(&self, f: impl FnOnce(&State, &Archive) -> T) -> T {
-        let applied = self.inner.applied.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&applied.state, &self.inner.archive)
-    }
 
     /// Makes an exported state this (new, empty) store's snapshot, as the state of a cluster
     /// whose only voter is `node` at `address`: started, the node elects itself and goes on
@@ -367,7 +354,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         if let Some(index) = last_applied.map(|l| l.index).filter(|i| *i > retained) {
             self.discard_events_below(index - retained).map_err(sm_write)?;
         }
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        Ok(Snapshot { meta, snapshot: Box::new(SnapshotData::new(stored.data)) })
     }
 }
 
@@ -429,17 +416,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
+        Ok(Box::new(SnapshotData::new(Vec::new())))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
         let snapshot_err = |e: StoreError| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e);
+        let data = snapshot.into_bytes().map_err(|e| snapshot_err(StoreError::Io("the received snapshot".into(), e)))?;
         let Transfer { payload, payload_bytes, archive } = Transfer::decode(&data, super::FORMAT_VERSION).map_err(snapshot_err)?;
         drop(data);
         if let Err(violation) = payload.state.check_invariants() {
@@ -462,8 +449,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let read_err = |e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e);
         let Some(stored) = read_stored_snapshot(&self.inner.db).map_err(read_err)? else { return Ok(None) };
-        let mut data = stored.data;
-        self.append_archive(&mut data).map_err(read_err)?;
-        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(data)) }))
+        // The archive follows the payload once the bytes are read (sent); openraft's look at
+        // the metadata at every start reads none of it.
+        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(SnapshotData::with_archive(stored.data, self.inner.archive.clone())) }))
     }
 }

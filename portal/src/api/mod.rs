@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod alerts;
+pub mod federation;
 pub mod jobs;
 pub mod market;
 pub mod operator;

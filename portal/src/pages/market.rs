@@ -412,3 +412,59 @@ pub async fn lease_page(State(state): State<AppState>, headers: HeaderMap, Origi
     };
     page(&ctx, &format!("{} lease-{id}", ctx.t(Msg::Lease)), body)
 }
+
+/// The federation: its members (connected, how old their latest offer is) and every other
+/// member's current offers with their origin, as this member's gateway sees them.
+pub async fn federation_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal) -> Response {
+    let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
+    let link = match crate::federation::link(&state) {
+        Ok(link) => link,
+        Err(e) => return error_page(&ctx, e),
+    };
+    let (members, offers) = match (link.members().await, link.catalogue(None).await) {
+        (Ok(m), Ok(o)) => (m, o),
+        (Err(e), _) | (_, Err(e)) => return error_page(&ctx, e),
+    };
+    let t = |m| ctx.t(m);
+    let seconds = |ms: u64| format!("{} s", ms / 1000);
+    let others: Vec<_> = offers.iter().filter(|o| members.members.iter().any(|m| m.name == o.origin && !m.is_self)).collect();
+    let body = html! {
+        h2 { (t(Msg::FederationMembers)) " · " (members.federation) " v" (members.version) }
+        table.federation-members {
+            thead { tr { th { (t(Msg::Origin)) } th { (t(Msg::Region)) } th { "" } th { (t(Msg::OfferAge)) } } }
+            tbody {
+                @for m in &members.members {
+                    tr {
+                        td { (m.name) @if m.is_self { " (" (t(Msg::ThisMember)) ")" } }
+                        td { (m.region) }
+                        td { @if m.is_self { "" } @else if m.connected { (t(Msg::ConnectedNow)) } @else { (t(Msg::NotConnected)) } }
+                        td { (m.offer_age_ms.map(seconds).unwrap_or_else(|| "—".into())) }
+                    }
+                }
+            }
+        }
+        h2 { (t(Msg::FederatedOffers)) }
+        @if others.is_empty() {
+            p { (t(Msg::NoFederatedOffers)) }
+        } @else {
+            table.federated-offers {
+                thead { tr { th { (t(Msg::Origin)) } th { "ID" } th { (t(Msg::Title)) } th { "GPU" } th { "VRAM" } th { (t(Msg::Region)) } th { (t(Msg::IdleCards)) } th { (t(Msg::Hourly)) } } }
+                tbody {
+                    @for o in &others {
+                        tr data-origin=(o.origin) {
+                            td { (o.origin) }
+                            td { (o.listing.cluster_id) }
+                            td { (o.listing.title) }
+                            td { (o.listing.gpu_model) }
+                            td { (o.listing.vram_gib) " GiB" }
+                            td { (o.listing.region) }
+                            td { (o.listing.free_cards) " / " (o.listing.total_cards) }
+                            td { (o.listing.prices.get("hourly").map(|p| money(&o.listing.currency, *p, ctx.lang)).unwrap_or_else(|| "—".into())) }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    page(&ctx, t(Msg::Federation), body)
+}

@@ -80,7 +80,7 @@ pub fn page(ctx: &Ctx, title: &str, body: Markup) -> Response {
                     }
                 }
                 main { h1 { (title) } (body) }
-                footer { a href="/terms" { (t(Msg::Terms)) } " · " a href="/privacy" { (t(Msg::Privacy)) } " · " a href="/api/v1/openapi.json" { "API" } }
+                footer { a href="/terms" { (t(Msg::Terms)) } " · " a href="/privacy" { (t(Msg::Privacy)) } " · " a href="/federation" { (t(Msg::Federation)) } " · " a href="/api/v1/openapi.json" { "API" } }
             }
         }
     };
