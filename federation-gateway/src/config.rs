@@ -77,6 +77,8 @@ struct FileFederation {
 pub struct GatewayConfig {
     pub keypair: Keypair,
     pub membership: MembershipChain,
+    /// Where the membership chain is read from, and kept as changes are adopted.
+    pub membership_file: PathBuf,
     pub listen: Multiaddr,
     pub dial: Vec<Multiaddr>,
     pub broker: BrokerAccess,
@@ -142,6 +144,9 @@ pub fn load(args: &ServeArgs) -> Result<GatewayConfig, ConfigError> {
     if endpoint.starts_with("https://") && ca_pem.is_none() {
         return Err(ConfigError::Invalid("broker_ca", "an https:// broker is checked against the cluster CA: give broker_ca".into()));
     }
+    if !endpoint.starts_with("https://") && !is_loopback_http(&endpoint) {
+        return Err(ConfigError::Invalid("broker", format!("{endpoint}: the read token travels in the clear over http://; use https:// off this host")));
+    }
     let api_token = match (&args.api_token, &file.api_token_file) {
         (Some(t), _) => t.clone(),
         (None, Some(path)) => read(path)?.trim().to_owned(),
@@ -161,16 +166,50 @@ pub fn load(args: &ServeArgs) -> Result<GatewayConfig, ConfigError> {
     if stale_after.is_zero() || hide_after <= stale_after {
         return Err(ConfigError::Invalid("hide_after_s", "longer than stale_after_s, which is at least 1".into()));
     }
+    let api_listen = args.api_listen.or(file.api_listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4080)));
+    if !api_listen.ip().is_loopback() {
+        return Err(ConfigError::Invalid("api_listen", format!("{api_listen}: the API serves plain HTTP with a bearer token; keep it on loopback (a TLS proxy in front for other hosts)")));
+    }
     Ok(GatewayConfig {
         keypair,
         membership,
+        membership_file,
         listen,
         dial,
         broker: BrokerAccess { endpoint, token, ca_pem },
-        api_listen: args.api_listen.or(file.api_listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4080))),
+        api_listen,
         api_token,
         announce_every: ms("announce_every_ms", file.announce_every_ms, 5000)?,
         anti_entropy_every: ms("anti_entropy_every_ms", file.anti_entropy_every_ms, 5000)?,
         freshness: Freshness { stale_after, hide_after },
     })
+}
+
+/// `http://127.0.0.1:…`, `http://[::1]:…` or `http://localhost:…`.
+fn is_loopback_http(endpoint: &str) -> bool {
+    let Some(rest) = endpoint.strip_prefix("http://") else { return false };
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_brokers_may_be_reached_in_the_clear() {
+        for ok in ["http://127.0.0.1:50051", "http://[::1]:50051", "http://localhost:50051/"] {
+            assert!(is_loopback_http(ok), "{ok}");
+        }
+        for refused in ["http://10.0.0.1:50051", "http://127.0.0.1@broker.example:50051", "http://broker.example:50051", "https://127.0.0.1:1"] {
+            assert!(!is_loopback_http(refused), "{refused}");
+        }
+    }
 }

@@ -19,6 +19,13 @@ use crate::membership::{signed_bytes, Membership};
 
 /// Most listings one announcement carries.
 pub const MAX_LISTINGS: usize = 10_000;
+/// Longest text field of a listing, in bytes.
+pub const MAX_TEXT: usize = 256;
+/// Most prices (billing modes) one listing states.
+pub const MAX_PRICES: usize = 16;
+/// How far a member's clock may be behind this one's before its announcement's age (by its
+/// own `issued_at_ms`) counts against it.
+pub const CLOCK_TOLERANCE_MS: i64 = 60_000;
 
 /// One listing as the federation sees it: what a researcher searches by.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +81,16 @@ pub enum Refused {
     Malformed,
     #[error("more than {MAX_LISTINGS} listings")]
     TooLarge,
+    #[error("a listing field is longer than {MAX_TEXT} bytes, or states more than {MAX_PRICES} prices")]
+    FieldTooLong,
+}
+
+impl ListingDigest {
+    fn check(&self) -> Result<(), Refused> {
+        let texts = [&self.class, &self.title, &self.gpu_model, &self.region, &self.currency];
+        let too_long = texts.iter().any(|t| t.len() > MAX_TEXT) || self.prices.len() > MAX_PRICES || self.prices.keys().any(|k| k.len() > MAX_TEXT);
+        if too_long { Err(Refused::FieldTooLong) } else { Ok(()) }
+    }
 }
 
 /// How old a member's latest announcement may be before its listings are marked stale, and
@@ -108,6 +125,9 @@ pub enum Applied {
     Newer,
     /// Already known, or older (a replay): nothing changed.
     Known,
+    /// Issued longer ago than an offer is shown (by the issuer's clock, with a tolerance): a
+    /// gone member's last word relayed late is not news. Not stored, not relayed.
+    Expired,
 }
 
 struct Entry {
@@ -122,16 +142,22 @@ pub struct Catalogue {
 }
 
 impl Catalogue {
-    /// Checks and merges an announcement received at local time `now_ms`.
-    pub fn apply(&mut self, membership: &Membership, signed: SignedAnnouncement, now_ms: u64) -> Result<Applied, Refused> {
+    /// Checks and merges an announcement received at local time `now_ms` (monotonic, for
+    /// ages) and wall-clock time `wall_ms`, keeping offers for `freshness`.
+    pub fn apply(&mut self, membership: &Membership, signed: SignedAnnouncement, now_ms: u64, wall_ms: i64, freshness: Freshness) -> Result<Applied, Refused> {
         let member: PeerId = signed.announcement.member.parse().map_err(|_| Refused::Malformed)?;
         let key = membership.key(&member).ok_or(Refused::NotAMember)?;
         if signed.announcement.listings.len() > MAX_LISTINGS {
             return Err(Refused::TooLarge);
         }
+        signed.announcement.listings.iter().try_for_each(ListingDigest::check)?;
         let bytes = signed_bytes("announcement", &signed.announcement).map_err(|_| Refused::Malformed)?;
         if !key.verify(&bytes, &signed.signature) {
             return Err(Refused::BadSignature);
+        }
+        let issued_ago = wall_ms.saturating_sub(signed.announcement.issued_at_ms);
+        if issued_ago > freshness.hide_after.as_millis() as i64 + CLOCK_TOLERANCE_MS {
+            return Ok(Applied::Expired);
         }
         match self.entries.get(&member) {
             Some(known) if known.signed.announcement.version >= signed.announcement.version => Ok(Applied::Known),
@@ -147,13 +173,30 @@ impl Catalogue {
         self.entries.iter().map(|(peer, e)| (peer.to_base58(), e.signed.announcement.version)).collect()
     }
 
-    /// Every announcement newer than what `theirs` knows (what anti-entropy sends back).
-    pub fn newer_than(&self, theirs: &BTreeMap<String, u64>) -> Vec<SignedAnnouncement> {
-        self.entries
-            .iter()
-            .filter(|(peer, e)| theirs.get(&peer.to_base58()).is_none_or(|v| *v < e.signed.announcement.version))
-            .map(|(_, e)| e.signed.clone())
-            .collect()
+    /// The announcements newer than what `theirs` knows (what anti-entropy sends back), not
+    /// hidden at local time `now_ms`, starting at the `start`-th member (callers rotate it, so
+    /// an answer that fills its budget does not always send the same ones), until about
+    /// `budget` encoded bytes.
+    pub fn newer_than(&self, theirs: &BTreeMap<String, u64>, now_ms: u64, freshness: Freshness, start: usize, budget: usize) -> Vec<SignedAnnouncement> {
+        let len = self.entries.len().max(1);
+        let mut out = Vec::new();
+        let mut used = 0;
+        for (peer, e) in self.entries.iter().cycle().skip(start % len).take(self.entries.len()) {
+            let wanted = theirs.get(&peer.to_base58()).is_none_or(|v| *v < e.signed.announcement.version);
+            let shown = now_ms.saturating_sub(e.received_ms) < freshness.hide_after.as_millis() as u64;
+            if !(wanted && shown) {
+                continue;
+            }
+            let size = postcard::experimental::serialized_size(&e.signed).unwrap_or(usize::MAX);
+            if used + size > budget && !out.is_empty() {
+                break;
+            }
+            if size <= budget {
+                used += size;
+                out.push(e.signed.clone());
+            }
+        }
+        out
     }
 
     /// Drops the offers of peers no longer members.
@@ -211,8 +254,12 @@ mod tests {
         Membership::genesis(SignedMembership { doc, signatures }).expect("genesis")
     }
 
+    /// The wall clock the tests' announcements are issued and received at.
+    const WALL: i64 = 1_800_000_000_000;
+    const F: Freshness = Freshness { stale_after: Duration::from_secs(30), hide_after: Duration::from_secs(120) };
+
     fn announce(key: &Keypair, version: u64, listings: Vec<ListingDigest>) -> SignedAnnouncement {
-        let a = Announcement { member: key.public().to_peer_id().to_base58(), version, issued_at_ms: 0, listings };
+        let a = Announcement { member: key.public().to_peer_id().to_base58(), version, issued_at_ms: WALL, listings };
         SignedAnnouncement::sign(a, key).expect("sign")
     }
 
@@ -221,9 +268,9 @@ mod tests {
         let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
         let m = federation(&[&a, &b]);
         let mut c = Catalogue::default();
-        assert_eq!(c.apply(&m, announce(&a, 2, vec![listing(1, 3)]), 0), Ok(Applied::Newer));
-        assert_eq!(c.apply(&m, announce(&a, 1, vec![listing(1, 8)]), 10), Ok(Applied::Known), "an older version");
-        assert_eq!(c.apply(&m, announce(&a, 2, vec![listing(1, 3)]), 10), Ok(Applied::Known), "a replay");
+        assert_eq!(c.apply(&m, announce(&a, 2, vec![listing(1, 3)]), 0, WALL, F), Ok(Applied::Newer));
+        assert_eq!(c.apply(&m, announce(&a, 1, vec![listing(1, 8)]), 10, WALL, F), Ok(Applied::Known), "an older version");
+        assert_eq!(c.apply(&m, announce(&a, 2, vec![listing(1, 3)]), 10, WALL, F), Ok(Applied::Known), "a replay");
         let seen = c.listings(&m, Freshness::default(), 10);
         assert_eq!(seen.len(), 1);
         assert_eq!((seen[0].listing.free_cards, seen[0].origin_name.as_str()), (3, "m0"));
@@ -234,16 +281,16 @@ mod tests {
         let (a, b, outsider) = (Keypair::generate_ed25519(), Keypair::generate_ed25519(), Keypair::generate_ed25519());
         let m = federation(&[&a, &b]);
         let mut c = Catalogue::default();
-        c.apply(&m, announce(&a, 1, vec![listing(1, 3)]), 0).expect("a's own");
+        c.apply(&m, announce(&a, 1, vec![listing(1, 3)]), 0, WALL, F).expect("a's own");
         // B signs an announcement claiming to be A's.
         let mut forged = announce(&b, 5, vec![listing(1, 0)]);
         forged.announcement.member = a.public().to_peer_id().to_base58();
-        assert_eq!(c.apply(&m, forged, 1), Err(Refused::BadSignature));
+        assert_eq!(c.apply(&m, forged, 1, WALL, F), Err(Refused::BadSignature));
         // A's real announcement, altered on the way.
         let mut altered = announce(&a, 6, vec![listing(1, 3)]);
         altered.announcement.listings[0].free_cards = 8;
-        assert_eq!(c.apply(&m, altered, 1), Err(Refused::BadSignature));
-        assert_eq!(c.apply(&m, announce(&outsider, 1, vec![listing(9, 9)]), 1), Err(Refused::NotAMember));
+        assert_eq!(c.apply(&m, altered, 1, WALL, F), Err(Refused::BadSignature));
+        assert_eq!(c.apply(&m, announce(&outsider, 1, vec![listing(9, 9)]), 1, WALL, F), Err(Refused::NotAMember));
         let seen = c.listings(&m, Freshness::default(), 1);
         assert_eq!(seen.iter().map(|l| (l.listing.cluster_id, l.listing.free_cards)).collect::<Vec<_>>(), vec![(1, 3)]);
     }
@@ -254,11 +301,11 @@ mod tests {
         let m = federation(&[&a]);
         let mut c = Catalogue::default();
         let f = Freshness { stale_after: Duration::from_secs(30), hide_after: Duration::from_secs(120) };
-        c.apply(&m, announce(&a, 1, vec![listing(1, 3)]), 0).expect("apply");
+        c.apply(&m, announce(&a, 1, vec![listing(1, 3)]), 0, WALL, f).expect("apply");
         assert!(!c.listings(&m, f, 29_999)[0].stale);
         assert!(c.listings(&m, f, 30_000)[0].stale);
         assert!(c.listings(&m, f, 120_000).is_empty());
-        c.apply(&m, announce(&a, 2, vec![listing(1, 3)]), 130_000).expect("apply");
+        c.apply(&m, announce(&a, 2, vec![listing(1, 3)]), 130_000, WALL, F).expect("apply");
         assert_eq!(c.listings(&m, f, 130_001).len(), 1, "back, once, not duplicated");
     }
 
@@ -267,16 +314,39 @@ mod tests {
         let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
         let m = federation(&[&a, &b]);
         let mut c = Catalogue::default();
-        c.apply(&m, announce(&a, 3, vec![listing(1, 3)]), 0).expect("apply");
-        c.apply(&m, announce(&b, 1, vec![listing(2, 1)]), 0).expect("apply");
+        c.apply(&m, announce(&a, 3, vec![listing(1, 3)]), 0, WALL, F).expect("apply");
+        c.apply(&m, announce(&b, 1, vec![listing(2, 1)]), 0, WALL, F).expect("apply");
         let theirs = BTreeMap::from([(a.public().to_peer_id().to_base58(), 3)]);
-        let sent = c.newer_than(&theirs);
+        let sent = c.newer_than(&theirs, 0, F, 0, usize::MAX);
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].announcement.member, b.public().to_peer_id().to_base58());
         let mut other = Catalogue::default();
-        for s in c.newer_than(&BTreeMap::new()) {
-            other.apply(&m, s, 0).expect("apply");
+        for s in c.newer_than(&BTreeMap::new(), 0, F, 0, usize::MAX) {
+            other.apply(&m, s, 0, WALL, F).expect("apply");
         }
         assert_eq!(other.versions(), c.versions());
+        // A budget for one sends one, and rotating the start sends the other.
+        let one = c.newer_than(&BTreeMap::new(), 0, F, 0, usize::MAX).iter().map(|s| postcard::experimental::serialized_size(s).expect("size")).max().expect("two");
+        let first = c.newer_than(&BTreeMap::new(), 0, F, 0, one + 1);
+        let second = c.newer_than(&BTreeMap::new(), 0, F, 1, one + 1);
+        assert_eq!((first.len(), second.len()), (1, 1));
+        assert_ne!(first[0].announcement.member, second[0].announcement.member);
+        // Hidden offers are not served.
+        assert!(c.newer_than(&BTreeMap::new(), 120_000, F, 0, usize::MAX).is_empty());
+    }
+
+    #[test]
+    fn an_offer_issued_long_ago_or_with_oversized_fields_is_not_taken() {
+        let a = Keypair::generate_ed25519();
+        let m = federation(&[&a]);
+        let mut c = Catalogue::default();
+        // A gone member's last announcement, relayed late: older than hide_after + tolerance.
+        let late = WALL + F.hide_after.as_millis() as i64 + CLOCK_TOLERANCE_MS + 1;
+        assert_eq!(c.apply(&m, announce(&a, 1, vec![listing(1, 3)]), 0, late, F), Ok(Applied::Expired));
+        assert!(c.listings(&m, F, 0).is_empty());
+        let mut long = listing(1, 3);
+        long.title = "x".repeat(MAX_TEXT + 1);
+        assert_eq!(c.apply(&m, announce(&a, 2, vec![long]), 0, WALL, F), Err(Refused::FieldTooLong));
+        assert!(c.versions().is_empty());
     }
 }

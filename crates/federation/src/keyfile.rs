@@ -24,8 +24,11 @@ pub fn create(path: &Path) -> Result<Keypair, KeyFileError> {
     let encoded = key.to_protobuf_encoding().map_err(|_| KeyFileError::Malformed(path.display().to_string()))?;
     let io = |e| KeyFileError::Io(path.display().to_string(), e);
     let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
-    writeln!(file, "{}", hex::encode(encoded)).map_err(io)?;
-    file.sync_all().map_err(io)?;
+    if let Err(e) = writeln!(file, "{}", hex::encode(encoded)).and_then(|()| file.sync_all()) {
+        // A half-written key would be refused by `load` and block `create` forever.
+        let _ = std::fs::remove_file(path);
+        return Err(io(e));
+    }
     Ok(key)
 }
 

@@ -2,8 +2,10 @@
 //! key, addresses, region), signed by them.
 //!
 //! The first version is valid only signed by every member it lists; every later version only
-//! signed by a quorum (more than half) of the members of the version it replaces. Joining and
-//! leaving are such changes. A member's identity is its libp2p key: its peer ID is derived
+//! as the next version (no gaps: a member that missed changes takes them one by one, each
+//! checked against the one before) and signed by a quorum (more than half) of the members of
+//! the version it replaces. Joining and leaving are such changes. Without gaps, members voted
+//! out long ago cannot sign a far-future version and take over a node that lagged behind. A member's identity is its libp2p key: its peer ID is derived
 //! from the public key the document lists, so no one can claim a member's name or ID without
 //! its private key.
 
@@ -64,6 +66,8 @@ pub enum MembershipError {
     NotEnoughSignatures { version: u64, valid: usize, needed: usize },
     #[error("membership version {found} does not follow version {current}")]
     NotNewer { current: u64, found: u64 },
+    #[error("membership version {found} skips versions after {current}: take them in order")]
+    Gap { current: u64, found: u64 },
     #[error("a membership document of federation {found:?}, not {expected:?}")]
     OtherFederation { expected: String, found: String },
     #[error("encoding: {0}")]
@@ -157,6 +161,9 @@ impl Membership {
         }
         if next.doc.version <= self.signed.doc.version {
             return Err(MembershipError::NotNewer { current: self.signed.doc.version, found: next.doc.version });
+        }
+        if next.doc.version != self.signed.doc.version + 1 {
+            return Err(MembershipError::Gap { current: self.signed.doc.version, found: next.doc.version });
         }
         let members = next.doc.validate()?;
         let needed = self.members.len() / 2 + 1;
@@ -255,6 +262,16 @@ mod tests {
         assert!(next.contains(&x.public().to_peer_id()));
         // Replayed or older versions are refused.
         assert!(matches!(next.accept(signed(joined, &[&a, &b, &c, &x])), Err(MembershipError::NotNewer { .. })));
+    }
+
+    #[test]
+    fn a_version_that_skips_ahead_is_refused_even_with_every_signature() {
+        let (a, b, c) = (Keypair::generate_ed25519(), Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let current = Membership::genesis(signed(doc(1, &[&a, &b, &c]), &[&a, &b, &c])).expect("genesis");
+        // A quorum of version 1 signing "version u64::MAX" (as members voted out later could).
+        let far = current.accept(signed(doc(u64::MAX, &[&a, &b]), &[&a, &b, &c]));
+        assert!(matches!(far, Err(MembershipError::Gap { current: 1, .. })));
+        assert!(current.accept(signed(doc(2, &[&a, &b]), &[&a, &b])).is_ok());
     }
 
     #[test]

@@ -30,8 +30,11 @@ use crate::membership::{Membership, MembershipChain, MembershipError, SignedMemb
 const CATALOGUE_TOPIC: &str = "suanli/catalogue/1";
 const MEMBERSHIP_TOPIC: &str = "suanli/membership/1";
 const ANTI_ENTROPY: StreamProtocol = StreamProtocol::new("/suanli/anti-entropy/1");
-/// Most announcements one anti-entropy answer carries (the rest follow in the next round).
-const MAX_PER_ANSWER: usize = 64;
+/// Encoded bytes of announcements one anti-entropy answer carries at most (the rest follow in
+/// the next rounds; libp2p's CBOR codec takes answers up to 10 MiB).
+const ANSWER_BUDGET: usize = 8 * 1024 * 1024;
+/// Membership changes one anti-entropy answer carries at most.
+const MAX_CHANGES_PER_ANSWER: usize = 64;
 /// Largest gossip message accepted.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -58,8 +61,9 @@ pub struct VersionVector {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Missing {
     pub announcements: Vec<SignedAnnouncement>,
-    /// The answerer's membership when it is newer than the asker's version.
-    pub membership: Option<SignedMembership>,
+    /// The membership changes after the asker's version, in order (it checks each against the
+    /// one before).
+    pub membership: Vec<SignedMembership>,
 }
 
 #[derive(NetworkBehaviour)]
@@ -80,6 +84,9 @@ pub struct NodeConfig {
     pub listen: Multiaddr,
     /// Members to dial at start (their addresses in the membership are dialled too).
     pub dial: Vec<Multiaddr>,
+    /// Where to keep the membership chain as changes are adopted (JSON), so a restart resumes
+    /// from the latest membership instead of the configured one.
+    pub persist_membership: Option<std::path::PathBuf>,
     pub anti_entropy_every: Duration,
     pub freshness: Freshness,
 }
@@ -94,6 +101,8 @@ pub enum NodeError {
     Network(String),
     #[error("the node has stopped")]
     Stopped,
+    #[error("the offer is {0} bytes encoded; a gossip message carries at most {MAX_MESSAGE_BYTES}")]
+    TooLarge(usize),
 }
 
 /// What the node has seen, for metrics and tests.
@@ -102,12 +111,15 @@ pub struct Counters {
     pub announcements_applied: AtomicU64,
     pub announcements_known: AtomicU64,
     pub announcements_refused: AtomicU64,
+    pub announcements_expired: AtomicU64,
     pub connections_refused: AtomicU64,
     pub anti_entropy_rounds: AtomicU64,
 }
 
 struct Shared {
     membership: Membership,
+    /// The membership's history, served to members that lag behind.
+    chain: MembershipChain,
     catalogue: Catalogue,
 }
 
@@ -151,14 +163,26 @@ impl FederationNode {
         for address in dial {
             let _ = swarm.dial(address);
         }
-        let shared = Arc::new(Mutex::new(Shared { membership, catalogue: Catalogue::default() }));
+        let shared = Arc::new(Mutex::new(Shared { membership, chain: config.membership.clone(), catalogue: Catalogue::default() }));
         let counters = Arc::new(Counters::default());
         let (commands, receiver) = mpsc::channel(64);
         let started = Instant::now();
         let (changed, changes) = watch::channel(0);
         let node =
             FederationNode { peer_id, commands, shared: shared.clone(), counters: counters.clone(), started, freshness: config.freshness, changes };
-        let driver = Driver { swarm, shared, counters, key: config.keypair, started, next_version: 0, announced: None, changed };
+        let driver = Driver {
+            swarm,
+            shared,
+            counters,
+            key: config.keypair,
+            started,
+            next_version: 0,
+            changed,
+            freshness: config.freshness,
+            persist: config.persist_membership,
+            answer_start: 0,
+            left: false,
+        };
         tokio::spawn(driver.run(receiver, config.anti_entropy_every));
         Ok(node)
     }
@@ -271,10 +295,13 @@ struct Driver {
     key: Keypair,
     started: Instant,
     next_version: u64,
-    /// This member's latest announcement, re-sent on every anti-entropy round (it is what
-    /// keeps its offer fresh at the others).
-    announced: Option<Vec<ListingDigest>>,
     changed: watch::Sender<u64>,
+    freshness: Freshness,
+    persist: Option<std::path::PathBuf>,
+    /// Rotates where anti-entropy answers start, so a full answer is not always the same.
+    answer_start: usize,
+    /// The membership no longer lists this node: it stops.
+    left: bool,
 }
 
 impl Driver {
@@ -290,6 +317,10 @@ impl Driver {
                 event = self.swarm.select_next_some() => self.event(event),
                 _ = tick.tick() => self.round(),
             }
+            if self.left {
+                tracing::error!("this member is no longer in the federation's membership: the node stops");
+                return;
+            }
         }
     }
 
@@ -304,7 +335,6 @@ impl Driver {
     fn command(&mut self, command: Command) {
         match command {
             Command::Announce(listings, reply) => {
-                self.announced = Some(listings.clone());
                 let _ = reply.send(self.announce(listings));
             }
             Command::Dial(address) => {
@@ -337,11 +367,15 @@ impl Driver {
             listings,
         };
         let signed = SignedAnnouncement::sign(announcement, &self.key).map_err(|e| NodeError::Network(e.to_string()))?;
-        let now = self.now_ms();
+        let size = postcard::experimental::serialized_size(&signed).unwrap_or(usize::MAX);
+        if size > MAX_MESSAGE_BYTES - 1024 {
+            return Err(NodeError::TooLarge(size));
+        }
+        let (now, freshness) = (self.now_ms(), self.freshness);
         {
             let mut shared = self.shared();
-            let Shared { membership, catalogue } = &mut *shared;
-            catalogue.apply(membership, signed.clone(), now).map_err(|e| NodeError::Network(e.to_string()))?;
+            let Shared { membership, catalogue, .. } = &mut *shared;
+            catalogue.apply(membership, signed.clone(), now, wall_ms as i64, freshness).map_err(|e| NodeError::Network(e.to_string()))?;
         }
         self.publish(Gossip::Announcement(signed.clone()));
         Ok(signed)
@@ -353,14 +387,18 @@ impl Driver {
             Gossip::Membership(_) => MEMBERSHIP_TOPIC,
         };
         let Ok(bytes) = postcard::to_allocvec(&Wire { format: FORMAT, gossip }) else { return };
-        // No peer yet is not an error: anti-entropy delivers it when one connects.
-        if let Err(e) = self.swarm.behaviour_mut().gossip.publish(IdentTopic::new(topic), bytes) {
-            tracing::debug!(error = %e, "gossip not sent now; anti-entropy will carry it");
+        match self.swarm.behaviour_mut().gossip.publish(IdentTopic::new(topic), bytes) {
+            Ok(_) => {}
+            // No peer yet is not an error: anti-entropy delivers it when one connects.
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate) => {
+                tracing::debug!("gossip not sent now; anti-entropy will carry it");
+            }
+            Err(e) => tracing::warn!(error = %e, "gossip not sent; anti-entropy will carry it"),
         }
     }
 
     fn adopt(&mut self, next: SignedMembership) -> Result<u64, MembershipError> {
-        let adopted = self.shared().membership.accept(next)?;
+        let adopted = self.shared().membership.accept(next.clone())?;
         let version = adopted.version();
         let gone: Vec<PeerId> = self.shared().membership.peers().filter(|p| !adopted.contains(p)).copied().collect();
         for peer in adopted.peers() {
@@ -369,20 +407,29 @@ impl Driver {
         for peer in &gone {
             self.swarm.behaviour_mut().members_only.disallow_peer(*peer);
         }
-        let mut shared = self.shared();
-        shared.catalogue.retain_members(&adopted);
-        shared.membership = adopted;
+        let me = self.key.public().to_peer_id();
+        self.left = !adopted.contains(&me);
+        let chain = {
+            let mut shared = self.shared();
+            shared.catalogue.retain_members(&adopted);
+            shared.membership = adopted;
+            shared.chain.changes.push(next);
+            shared.chain.clone()
+        };
+        if let Some(path) = &self.persist {
+            if let Err(e) = persist_chain(path, &chain) {
+                tracing::error!(error = %e, path = %path.display(), "could not keep the adopted membership; a restart would begin from the older one");
+            }
+        }
         tracing::info!(version, left = gone.len(), "federation membership changed");
         Ok(version)
     }
 
-    /// Anti-entropy: ask every connected member for what this node lacks; re-announce this
-    /// member's offer so it stays fresh.
+    /// Anti-entropy: ask every connected member for what this node lacks. (This member's offer
+    /// stays fresh only by its owner announcing it again: a gateway whose broker went silent
+    /// lets its offer go stale.)
     fn round(&mut self) {
         self.counters.anti_entropy_rounds.fetch_add(1, Ordering::Relaxed);
-        if let Some(listings) = self.announced.clone() {
-            let _ = self.announce(listings);
-        }
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in peers {
             self.ask(peer);
@@ -398,16 +445,17 @@ impl Driver {
     }
 
     fn receive(&mut self, signed: SignedAnnouncement) -> Result<Applied, crate::catalogue::Refused> {
-        let now = self.now_ms();
+        let (now, wall, freshness) = (self.now_ms(), wall_ms(), self.freshness);
         let mut shared = self.shared();
-        let Shared { membership, catalogue } = &mut *shared;
-        let result = catalogue.apply(membership, signed, now);
+        let Shared { membership, catalogue, .. } = &mut *shared;
+        let result = catalogue.apply(membership, signed, now, wall, freshness);
         if result == Ok(Applied::Newer) {
             self.changed.send_modify(|generation| *generation += 1);
         }
         let counter = match result {
             Ok(Applied::Newer) => &self.counters.announcements_applied,
             Ok(Applied::Known) => &self.counters.announcements_known,
+            Ok(Applied::Expired) => &self.counters.announcements_expired,
             Err(_) => &self.counters.announcements_refused,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -420,7 +468,7 @@ impl Driver {
                 let acceptance = match postcard::from_bytes::<Wire>(&message.data) {
                     Ok(Wire { format: FORMAT, gossip: Gossip::Announcement(signed) }) => match self.receive(signed) {
                         Ok(Applied::Newer) => MessageAcceptance::Accept,
-                        Ok(Applied::Known) => MessageAcceptance::Ignore,
+                        Ok(Applied::Known | Applied::Expired) => MessageAcceptance::Ignore,
                         Err(why) => {
                             tracing::warn!(%propagation_source, %why, "announcement dropped");
                             MessageAcceptance::Reject
@@ -429,6 +477,11 @@ impl Driver {
                     Ok(Wire { format: FORMAT, gossip: Gossip::Membership(next) }) => match self.adopt(next) {
                         Ok(_) => MessageAcceptance::Accept,
                         Err(MembershipError::NotNewer { .. }) => MessageAcceptance::Ignore,
+                        // This node missed changes: it asks for them in order.
+                        Err(MembershipError::Gap { .. }) => {
+                            self.ask(propagation_source);
+                            MessageAcceptance::Ignore
+                        }
                         Err(why) => {
                             tracing::warn!(%propagation_source, %why, "membership document dropped");
                             MessageAcceptance::Reject
@@ -440,19 +493,25 @@ impl Driver {
             }
             SwarmEvent::Behaviour(BehaviourEvent::AntiEntropy(request_response::Event::Message { peer, message, .. })) => match message {
                 request_response::Message::Request { request: (theirs, their_membership), channel, .. } => {
+                    self.answer_start = self.answer_start.wrapping_add(1);
+                    let (now, freshness, start) = (self.now_ms(), self.freshness, self.answer_start);
                     let answer = {
                         let shared = self.shared();
-                        let mut announcements = shared.catalogue.newer_than(&theirs.versions);
-                        announcements.truncate(MAX_PER_ANSWER);
-                        let membership = (shared.membership.version() > their_membership).then(|| shared.membership.signed().clone());
+                        let announcements = shared.catalogue.newer_than(&theirs.versions, now, freshness, start, ANSWER_BUDGET);
+                        let membership: Vec<SignedMembership> =
+                            shared.chain.changes.iter().filter(|c| c.doc.version > their_membership).take(MAX_CHANGES_PER_ANSWER).cloned().collect();
                         Missing { announcements, membership }
                     };
                     let _ = self.swarm.behaviour_mut().anti_entropy.send_response(channel, answer);
                 }
                 request_response::Message::Response { response, .. } => {
-                    if let Some(next) = response.membership {
-                        if let Err(why) = self.adopt(next) {
-                            tracing::debug!(%peer, %why, "membership from anti-entropy not adopted");
+                    for next in response.membership {
+                        match self.adopt(next) {
+                            Ok(_) | Err(MembershipError::NotNewer { .. }) => {}
+                            Err(why) => {
+                                tracing::warn!(%peer, %why, "membership change from anti-entropy not adopted");
+                                break;
+                            }
                         }
                     }
                     for signed in response.announcements {
@@ -472,4 +531,17 @@ impl Driver {
             _ => {}
         }
     }
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Writes the chain next to `path` and renames it into place (a crash leaves the old file).
+fn persist_chain(path: &std::path::Path, chain: &MembershipChain) -> std::io::Result<()> {
+    let partial = path.with_extension("partial");
+    let json = serde_json::to_vec_pretty(chain).map_err(std::io::Error::other)?;
+    std::fs::write(&partial, json)?;
+    std::fs::File::open(&partial)?.sync_all()?;
+    std::fs::rename(&partial, path)
 }

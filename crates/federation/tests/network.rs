@@ -42,7 +42,12 @@ async fn start(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness: Freshn
 }
 
 async fn start_with(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness: Freshness, every: Duration) -> FederationNode {
+    start_config(f, i, dial, freshness, every, None).await
+}
+
+async fn start_config(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness: Freshness, every: Duration, persist: Option<std::path::PathBuf>) -> FederationNode {
     let config = NodeConfig {
+        persist_membership: persist,
         keypair: f.keys[i].clone(),
         membership: MembershipChain { genesis: f.genesis.clone(), changes: Vec::new() },
         listen: loopback(),
@@ -215,4 +220,44 @@ async fn a_member_voted_out_is_disconnected_and_its_offer_dropped_everywhere() {
         })
         .await;
     }
+}
+
+/// Version `version` of the federation's document with `members` (indexes into its keys),
+/// signed by the keys at `signers`.
+fn change(f: &Federation, version: u64, members: &[usize], extra: Option<&Keypair>, signers: &[usize]) -> SignedMembership {
+    let mut doc = f.genesis.doc.clone();
+    doc.version = version;
+    doc.members = members.iter().map(|i| f.genesis.doc.members[*i].clone()).collect();
+    if let Some(k) = extra {
+        doc.members.push(Member::new("newcomer", &k.public(), vec![], "cn-south"));
+    }
+    let signatures = signers.iter().map(|i| sign(&doc, &f.keys[*i]).expect("sign")).collect();
+    SignedMembership { doc, signatures }
+}
+
+#[tokio::test]
+async fn a_member_that_missed_membership_changes_takes_them_in_order_and_keeps_them() {
+    let f = federation(3);
+    let a = start(&f, 0, vec![], Freshness::default()).await;
+    let b = start(&f, 1, vec![address(&a).await], Freshness::default()).await;
+    until(10, "b joined a", async || !a.connected().await.expect("running").is_empty()).await;
+    // While C is away: a newcomer joins (version 2) and leaves again (version 3).
+    let newcomer = Keypair::generate_ed25519();
+    a.change_membership(change(&f, 2, &[0, 1, 2], Some(&newcomer), &[0, 1])).await.expect("version 2");
+    // Version 3 needs a quorum of version 2's four members: three.
+    let short = change(&f, 3, &[0, 1, 2], None, &[0, 1]);
+    assert!(a.change_membership(short).await.is_err(), "two of four are not a quorum");
+    a.change_membership(change(&f, 3, &[0, 1, 2], None, &[0, 1, 2])).await.expect("version 3");
+    until(10, "b has version 3", async || b.membership_version() == 3).await;
+    // C starts from the first version only; it is given versions 2 and 3 by a peer, checks each
+    // against the one before, and keeps them.
+    let dir = std::env::temp_dir().join(format!("suanli-fed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kept = dir.join("membership.json");
+    let c = start_config(&f, 2, vec![address(&b).await], Freshness::default(), OFTEN, Some(kept.clone())).await;
+    until(10, "c took versions 2 and 3", async || c.membership_version() == 3).await;
+    let chain: MembershipChain = serde_json::from_str(&std::fs::read_to_string(&kept).expect("kept")).expect("json");
+    assert_eq!(chain.changes.iter().map(|c| c.doc.version).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(chain.verify().expect("a valid chain").version(), 3);
+    let _ = std::fs::remove_dir_all(&dir);
 }
