@@ -42,6 +42,7 @@ pub async fn start(config: GatewayConfig) -> Result<Gateway, GatewayError> {
         membership: config.membership.clone(),
         listen: config.listen.clone(),
         dial: config.dial.clone(),
+        transport: Default::default(),
         persist_membership: Some(config.membership_file.clone()),
         anti_entropy_every: config.anti_entropy_every,
         freshness: config.freshness,

@@ -70,6 +70,7 @@ async fn propagation(members: usize, rounds: usize) -> Vec<Duration> {
         membership: MembershipChain { genesis: genesis.clone(), changes: Vec::new() },
         listen: "/ip4/127.0.0.1/tcp/0".parse().expect("address"),
         dial,
+        transport: Default::default(),
         persist_membership: None,
         // Rounds are rare here: what is measured is gossip.
         anti_entropy_every: Duration::from_secs(3600),

@@ -23,4 +23,4 @@ pub use libp2p::identity::Keypair;
 pub use libp2p::multiaddr::Error as MultiaddrError;
 pub use libp2p::{Multiaddr, PeerId};
 pub use membership::{Member, Membership, MembershipChain, MembershipDoc, SignedMembership};
-pub use node::{FederationNode, NodeConfig, NodeError};
+pub use node::{FederationNode, NodeConfig, NodeError, TransportKind};

@@ -84,6 +84,7 @@ pub struct NodeConfig {
     pub listen: Multiaddr,
     /// Members to dial at start (their addresses in the membership are dialled too).
     pub dial: Vec<Multiaddr>,
+    pub transport: TransportKind,
     /// Where to keep the membership chain as changes are adopted (JSON), so a restart resumes
     /// from the latest membership instead of the configured one.
     pub persist_membership: Option<std::path::PathBuf>,
@@ -151,7 +152,7 @@ impl FederationNode {
         if !membership.contains(&peer_id) {
             return Err(NodeError::NotAMember);
         }
-        let mut swarm = build_swarm(&config.keypair, &membership)?;
+        let mut swarm = build_swarm(&config.keypair, &membership, config.transport)?;
         swarm.listen_on(config.listen.clone()).map_err(|e| NodeError::Network(e.to_string()))?;
         let dial: Vec<Multiaddr> = membership
             .peers()
@@ -250,35 +251,58 @@ impl FederationNode {
     }
 }
 
-fn build_swarm(key: &Keypair, membership: &Membership) -> Result<Swarm<Behaviour>, NodeError> {
+/// How members reach each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TransportKind {
+    /// TCP with Noise and Yamux: the network.
+    #[default]
+    Tcp,
+    /// libp2p's in-process memory transport with the same Noise and Yamux (`/memory/N`
+    /// addresses): the simulations run thousands of real nodes in one process with it.
+    Memory,
+}
+
+type BehaviourError = Box<dyn std::error::Error + Send + Sync>;
+
+fn behaviour(key: &Keypair) -> Result<Behaviour, BehaviourError> {
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_millis(500))
+        .validation_mode(ValidationMode::Strict)
+        .validate_messages()
+        .max_transmit_size(MAX_MESSAGE_BYTES)
+        .build()?;
+    let gossip = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+    let anti_entropy = request_response::cbor::Behaviour::new([(ANTI_ENTROPY, ProtocolSupport::Full)], request_response::Config::default());
+    let identify = identify::Behaviour::new(identify::Config::new("/suanli/federation/1".into(), key.public()));
+    Ok(Behaviour { members_only: allow_block_list::Behaviour::default(), gossip, anti_entropy, identify, ping: ping::Behaviour::new(ping::Config::new()) })
+}
+
+fn build_swarm(key: &Keypair, membership: &Membership, transport: TransportKind) -> Result<Swarm<Behaviour>, NodeError> {
     let network = |e: &dyn std::fmt::Display| NodeError::Network(e.to_string());
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
-        .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
-        .map_err(|e| network(&e))?
-        .with_behaviour(|key| {
-            let gossip_config = gossipsub::ConfigBuilder::default()
-                .heartbeat_interval(Duration::from_millis(500))
-                .validation_mode(ValidationMode::Strict)
-                .validate_messages()
-                .max_transmit_size(MAX_MESSAGE_BYTES)
-                .build()
-                .map_err(|e| e.to_string())?;
-            let gossip = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
-            let anti_entropy =
-                request_response::cbor::Behaviour::new([(ANTI_ENTROPY, ProtocolSupport::Full)], request_response::Config::default());
-            let identify = identify::Behaviour::new(identify::Config::new("/suanli/federation/1".into(), key.public()));
-            Ok(Behaviour {
-                members_only: allow_block_list::Behaviour::default(),
-                gossip,
-                anti_entropy,
-                identify,
-                ping: ping::Behaviour::new(ping::Config::new()),
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
+    let builder = libp2p::SwarmBuilder::with_existing_identity(key.clone()).with_tokio();
+    let mut swarm = match transport {
+        TransportKind::Tcp => builder
+            .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+            .map_err(|e| network(&e))?
+            .with_behaviour(behaviour)
+            .map_err(|e| network(&e))?
+            .with_swarm_config(idle)
+            .build(),
+        TransportKind::Memory => builder
+            .with_other_transport(|key| -> Result<_, BehaviourError> {
+                use libp2p::core::transport::{MemoryTransport, Transport as _};
+                Ok(MemoryTransport::default()
+                    .upgrade(libp2p::core::upgrade::Version::V1)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()))
             })
-        })
-        .map_err(|e| network(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+            .map_err(|e| network(&e))?
+            .with_behaviour(behaviour)
+            .map_err(|e| network(&e))?
+            .with_swarm_config(idle)
+            .build(),
+    };
     for peer in membership.peers() {
         swarm.behaviour_mut().members_only.allow_peer(*peer);
     }

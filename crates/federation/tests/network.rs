@@ -47,6 +47,7 @@ async fn start_with(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness: F
 
 async fn start_config(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness: Freshness, every: Duration, persist: Option<std::path::PathBuf>) -> FederationNode {
     let config = NodeConfig {
+        transport: Default::default(),
         persist_membership: persist,
         keypair: f.keys[i].clone(),
         membership: MembershipChain { genesis: f.genesis.clone(), changes: Vec::new() },

@@ -1,0 +1,208 @@
+//! `suanli-sim`: the project's own code at scales no machine here has.
+//!
+//! `suanli-sim federation --members 10,100,1000`: that many real federation nodes
+//! (`suanli_federation::FederationNode`: the same gossipsub, anti-entropy, signatures and
+//! membership checks as on the network) in one process over libp2p's memory transport (Noise
+//! and Yamux as over TCP), each dialling a few random others. One member after another
+//! announces a new offer; measured: the time until every member's catalogue shows it, and how
+//! many copies of each announcement a member received (gossip's redundancy). Prints a table,
+//! writes `federation-convergence.csv` and `.svg` (convergence time against members) to `--out`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use suanli_federation::membership::sign;
+use suanli_federation::{
+    FederationNode, Freshness, Keypair, ListingDigest, Member, MembershipChain, MembershipDoc, NodeConfig, SignedMembership, TransportKind,
+};
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Gossip and anti-entropy convergence with many members.
+    Federation {
+        #[arg(long, value_delimiter = ',', default_value = "10,100,300")]
+        members: Vec<usize>,
+        /// Members each new member dials.
+        #[arg(long, default_value_t = 3)]
+        degree: usize,
+        /// Announcements measured per size.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value = "simulations/results")]
+        out: PathBuf,
+    },
+}
+
+/// A small deterministic generator (the topology is the same on every run).
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+fn listing(marker: u32) -> ListingDigest {
+    ListingDigest {
+        cluster_id: 1,
+        class: "B".into(),
+        title: "8*H100".into(),
+        gpu_model: "H100".into(),
+        vram_gib: 80,
+        region: "cn-north".into(),
+        total_cards: 8,
+        free_cards: marker,
+        currency: "CNY".into(),
+        prices: BTreeMap::from([("hourly".into(), 2_500)]),
+    }
+}
+
+struct Outcome {
+    members: usize,
+    startup: Duration,
+    times: Vec<Duration>,
+    copies_per_member: f64,
+}
+
+async fn run(members: usize, degree: usize, rounds: usize) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let keys: Vec<Keypair> = (0..members).map(|_| Keypair::generate_ed25519()).collect();
+    let doc = MembershipDoc {
+        federation: "sim".into(),
+        version: 1,
+        members: keys.iter().enumerate().map(|(i, k)| Member::new(&format!("m{i}"), &k.public(), vec![], "sim")).collect(),
+    };
+    let signatures = keys.iter().map(|k| sign(&doc, k)).collect::<Result<_, _>>()?;
+    let chain = MembershipChain { genesis: SignedMembership { doc, signatures }, changes: vec![] };
+    let mut rng = Xorshift(0x5eed_0000_0000_0001 ^ members as u64);
+    let mut nodes: Vec<FederationNode> = Vec::with_capacity(members);
+    let mut addresses: Vec<suanli_federation::Multiaddr> = Vec::with_capacity(members);
+    for key in &keys {
+        let dial = (0..degree.min(nodes.len())).map(|_| addresses[rng.below(nodes.len())].clone()).collect();
+        let node = FederationNode::start(NodeConfig {
+            keypair: key.clone(),
+            membership: chain.clone(),
+            listen: "/memory/0".parse()?,
+            dial,
+            transport: TransportKind::Memory,
+            persist_membership: None,
+            anti_entropy_every: Duration::from_secs(2),
+            freshness: Freshness { stale_after: Duration::from_secs(600), hide_after: Duration::from_secs(1200) },
+        })
+        .await?;
+        let address = loop {
+            if let Some(a) = node.listen_addrs().await?.into_iter().next() {
+                break a;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        addresses.push(address);
+        nodes.push(node);
+    }
+    for node in &nodes {
+        while node.connected().await?.is_empty() {
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "a member never connected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // A few gossipsub heartbeats to form the meshes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let startup = started.elapsed();
+    let copies_before: u64 = nodes.iter().map(|n| n.counters().announcements_applied.load(Ordering::Relaxed) + n.counters().announcements_known.load(Ordering::Relaxed)).sum();
+    let mut times = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let origin = &nodes[(round * 7919) % members];
+        let marker = 1000 + round as u32;
+        let t = Instant::now();
+        origin.announce(vec![listing(marker)]).await?;
+        let origin_id = origin.peer_id();
+        let mut pending: Vec<&FederationNode> = nodes.iter().collect();
+        while !pending.is_empty() {
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "{} members never saw announcement {round}", pending.len());
+            pending.retain(|n| !n.catalogue().iter().any(|l| l.origin == origin_id && l.listing.free_cards == marker));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        times.push(t.elapsed());
+    }
+    let copies_after: u64 = nodes.iter().map(|n| n.counters().announcements_applied.load(Ordering::Relaxed) + n.counters().announcements_known.load(Ordering::Relaxed)).sum();
+    let copies_per_member = (copies_after - copies_before) as f64 / (members as f64 * rounds as f64);
+    Ok(Outcome { members, startup, times, copies_per_member })
+}
+
+fn svg(outcomes: &[Outcome]) -> String {
+    let (w, h, pad) = (640.0, 360.0, 50.0);
+    let max_members = outcomes.iter().map(|o| o.members).max().unwrap_or(1) as f64;
+    let max_ms = outcomes.iter().flat_map(|o| o.times.iter()).map(|t| t.as_secs_f64() * 1000.0).fold(1.0, f64::max);
+    let x = |m: usize| pad + (m as f64 / max_members) * (w - 2.0 * pad);
+    let y = |ms: f64| h - pad - (ms / max_ms) * (h - 2.0 * pad);
+    let mut out = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n");
+    out += &format!("<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n", h - pad, w - pad, h - pad);
+    out += &format!("<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n", h - pad);
+    out += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">members</text>\n", w / 2.0, h - 10.0);
+    out += &format!("<text x=\"12\" y=\"{}\" transform=\"rotate(-90 12 {})\" text-anchor=\"middle\">ms until every member has it (max of rounds)</text>\n", h / 2.0, h / 2.0);
+    out += &format!("<text x=\"{pad}\" y=\"{}\" text-anchor=\"end\">{max_ms:.0}</text>\n", pad + 4.0);
+    let points: Vec<String> = outcomes
+        .iter()
+        .map(|o| (o.members, o.times.iter().max().map_or(0.0, |t| t.as_secs_f64() * 1000.0)))
+        .map(|(m, ms)| format!("{:.1},{:.1}", x(m), y(ms)))
+        .collect();
+    out += &format!("<polyline fill=\"none\" stroke=\"steelblue\" stroke-width=\"2\" points=\"{}\"/>\n", points.join(" "));
+    for o in outcomes {
+        let ms = o.times.iter().max().map_or(0.0, |t| t.as_secs_f64() * 1000.0);
+        // Labels right of their point, but left of it in the right half (inside the picture).
+        let (dx, anchor) = if x(o.members) > w / 2.0 { (-6.0, "end") } else { (6.0, "start") };
+        out += &format!(
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"steelblue\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\">{} · {ms:.0} ms</text>\n",
+            x(o.members),
+            y(ms),
+            x(o.members) + dx,
+            y(ms) - 6.0,
+            o.members
+        );
+    }
+    out + "</svg>\n"
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Command::Federation { members, degree, rounds, out } => {
+            println!("| members | start + mesh | p50 until every member has it | max | announcements handled per member per change (after gossipsub drops duplicates) |");
+            println!("|---|---|---|---|---|");
+            let mut outcomes = Vec::new();
+            let mut csv = String::from("members,round,ms_to_every_member\n");
+            for n in members {
+                let mut o = run(n, degree, rounds).await.with_context(|| format!("{n} members"))?;
+                o.times.sort();
+                for (i, t) in o.times.iter().enumerate() {
+                    csv += &format!("{n},{i},{:.3}\n", t.as_secs_f64() * 1000.0);
+                }
+                println!(
+                    "| {n} | {:.1} s | {:.1} ms | {:.1} ms | {:.2} |",
+                    o.startup.as_secs_f64(),
+                    o.times[o.times.len() / 2].as_secs_f64() * 1000.0,
+                    o.times.last().map_or(0.0, |t| t.as_secs_f64() * 1000.0),
+                    o.copies_per_member
+                );
+                outcomes.push(o);
+            }
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("federation-convergence.csv"), csv)?;
+            std::fs::write(out.join("federation-convergence.svg"), svg(&outcomes))?;
+            Ok(())
+        }
+    }
+}
