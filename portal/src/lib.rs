@@ -16,6 +16,7 @@ pub mod api;
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod crypto;
 pub mod db;
 pub mod demo;

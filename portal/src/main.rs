@@ -61,6 +61,17 @@ enum Command {
     RotateKeys,
     /// Print the current code of a base32 TOTP secret (for the demo operator and scripts).
     Totp { secret: String },
+    /// Back up the database (--database-url) into a new directory: pg_dump or SQLite's
+    /// VACUUM INTO, with a checksummed manifest. The key file is not included: keep it apart.
+    Backup {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into an empty database (--database-url); checks it first.
+    Restore {
+        #[arg(long)]
+        backup: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -197,8 +208,12 @@ struct Storage {
     key_path: PathBuf,
 }
 
+fn database_url(cli: &Cli, file: &PortalSection) -> String {
+    cli.database_url.clone().or(file.database_url.clone()).unwrap_or_else(|| "sqlite://.dev/portal/portal.db".into())
+}
+
 async fn open_storage(cli: &Cli, file: &PortalSection) -> anyhow::Result<Storage> {
-    let url = cli.database_url.clone().or(file.database_url.clone()).unwrap_or_else(|| "sqlite://.dev/portal/portal.db".into());
+    let url = database_url(cli, file);
     if let Some(path) = url.strip_prefix("sqlite://") {
         if let Some(dir) = Path::new(path.split('?').next().unwrap_or(path)).parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
@@ -243,6 +258,20 @@ async fn main() -> anyhow::Result<()> {
             let password = format!("{}-{:04}", suanli_portal::crypto::random_token(12), rand_digits());
             let setup = demo::create_operator(&state, username, email, &password, &roles).await.map_err(|e| anyhow::anyhow!("{}: {}", e.code.as_str(), e.message))?;
             println!("operator {username} created\npassword: {password}\nTOTP secret: {}\n{}", setup.secret, setup.otpauth_url);
+            Ok(())
+        }
+        Some(Command::Backup { out }) => {
+            init_logging("warn");
+            let url = database_url(&cli, &file);
+            let m = suanli_portal::backup::take(&url, out).await?;
+            println!("backed up schema version {} ({} bytes, sha256 {}) to {}", m.schema_version, m.bytes, m.sha256, out.display());
+            Ok(())
+        }
+        Some(Command::Restore { backup }) => {
+            init_logging("warn");
+            let url = database_url(&cli, &file);
+            let m = suanli_portal::backup::restore(backup, &url).await?;
+            println!("restored schema version {} from {}", m.schema_version, backup.display());
             Ok(())
         }
         Some(Command::RotateKeys) => {
