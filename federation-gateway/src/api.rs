@@ -30,8 +30,17 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/catalogue", get(catalogue))
         .route("/v1/members", get(members))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(health))
         .with_state(state)
+}
+
+/// 200 while this member is in the federation's membership; 503 once a change left it out.
+async fn health(State(state): State<ApiState>) -> Response {
+    if state.node.is_member() {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "this member is not in the federation's membership").into_response()
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -163,8 +163,8 @@ pub fn load(args: &ServeArgs) -> Result<GatewayConfig, ConfigError> {
     };
     let stale_after = Duration::from_secs(file.stale_after_s.unwrap_or(30));
     let hide_after = Duration::from_secs(file.hide_after_s.unwrap_or(120));
-    if stale_after.is_zero() || hide_after <= stale_after {
-        return Err(ConfigError::Invalid("hide_after_s", "longer than stale_after_s, which is at least 1".into()));
+    if stale_after.is_zero() || hide_after <= stale_after || hide_after > Duration::from_secs(7 * 24 * 3600) {
+        return Err(ConfigError::Invalid("hide_after_s", "longer than stale_after_s (at least 1), at most a week".into()));
     }
     let api_listen = args.api_listen.or(file.api_listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4080)));
     if !api_listen.ip().is_loopback() {

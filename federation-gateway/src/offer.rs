@@ -72,8 +72,8 @@ pub async fn read(broker: &BrokerAccess) -> Result<Vec<ListingDigest>, String> {
 }
 
 /// Reads the broker and announces its offer every `every` (a change reaches the federation
-/// within one period; an unchanged offer is re-announced so it stays fresh). A broker that
-/// cannot be read leaves the last offer announced by the node's own rounds, and is logged.
+/// within one period; an unchanged offer is re-announced so it stays fresh). While the broker
+/// cannot be read nothing is announced (logged), so the others see this offer go stale.
 pub async fn announce_loop(node: FederationNode, broker: BrokerAccess, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -36,6 +36,9 @@ pub fn new_id() -> i64 {
 }
 
 /// Schema migrations, in order; each runs once, in a transaction, recorded in `portal_schema`.
+/// The schema version this portal writes: how many migrations it has.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
 const MIGRATIONS: &[&[&str]] = &[&[
     "CREATE TABLE users (
         id BIGINT PRIMARY KEY,

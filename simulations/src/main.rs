@@ -180,6 +180,8 @@ fn svg(outcomes: &[Outcome]) -> String {
 async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Federation { members, degree, rounds, out } => {
+            anyhow::ensure!(rounds >= 1 && degree >= 1, "--rounds and --degree are at least 1");
+            anyhow::ensure!(members.iter().all(|m| *m >= 2), "a federation has at least 2 members");
             println!("| members | start + mesh | p50 until every member has it | max | announcements handled per member per change (after gossipsub drops duplicates) |");
             println!("|---|---|---|---|---|");
             let mut outcomes = Vec::new();

@@ -156,7 +156,8 @@ impl Catalogue {
             return Err(Refused::BadSignature);
         }
         let issued_ago = wall_ms.saturating_sub(signed.announcement.issued_at_ms);
-        if issued_ago > freshness.hide_after.as_millis() as i64 + CLOCK_TOLERANCE_MS {
+        let shown_for = i64::try_from(freshness.hide_after.as_millis()).unwrap_or(i64::MAX);
+        if issued_ago > shown_for.saturating_add(CLOCK_TOLERANCE_MS) {
             return Ok(Applied::Expired);
         }
         match self.entries.get(&member) {
@@ -180,15 +181,15 @@ impl Catalogue {
     pub fn newer_than(&self, theirs: &BTreeMap<String, u64>, now_ms: u64, freshness: Freshness, start: usize, budget: usize) -> Vec<SignedAnnouncement> {
         let len = self.entries.len().max(1);
         let mut out = Vec::new();
-        let mut used = 0;
+        let mut used: usize = 0;
         for (peer, e) in self.entries.iter().cycle().skip(start % len).take(self.entries.len()) {
             let wanted = theirs.get(&peer.to_base58()).is_none_or(|v| *v < e.signed.announcement.version);
-            let shown = now_ms.saturating_sub(e.received_ms) < freshness.hide_after.as_millis() as u64;
+            let shown = u128::from(now_ms.saturating_sub(e.received_ms)) < freshness.hide_after.as_millis();
             if !(wanted && shown) {
                 continue;
             }
             let size = postcard::experimental::serialized_size(&e.signed).unwrap_or(usize::MAX);
-            if used + size > budget && !out.is_empty() {
+            if used.saturating_add(size) > budget && !out.is_empty() {
                 break;
             }
             if size <= budget {

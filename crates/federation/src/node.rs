@@ -30,11 +30,11 @@ use crate::membership::{Membership, MembershipChain, MembershipError, SignedMemb
 const CATALOGUE_TOPIC: &str = "suanli/catalogue/1";
 const MEMBERSHIP_TOPIC: &str = "suanli/membership/1";
 const ANTI_ENTROPY: StreamProtocol = StreamProtocol::new("/suanli/anti-entropy/1");
-/// Encoded bytes of announcements one anti-entropy answer carries at most (the rest follow in
-/// the next rounds; libp2p's CBOR codec takes answers up to 10 MiB).
-const ANSWER_BUDGET: usize = 8 * 1024 * 1024;
-/// Membership changes one anti-entropy answer carries at most.
-const MAX_CHANGES_PER_ANSWER: usize = 64;
+/// Bytes (postcard-encoded) of membership changes and announcements one anti-entropy answer
+/// carries at most; the rest follow in the next rounds. The answer travels in libp2p's CBOR
+/// codec, which takes at most 10 MiB and writes every field name (about 3× postcard for a
+/// listing): 2 MiB of postcard stays well inside it.
+const ANSWER_BUDGET: usize = 2 * 1024 * 1024;
 /// Largest gossip message accepted.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -182,7 +182,7 @@ impl FederationNode {
             freshness: config.freshness,
             persist: config.persist_membership,
             answer_start: 0,
-            left: false,
+            asked_for_gap: BTreeMap::new(),
         };
         tokio::spawn(driver.run(receiver, config.anti_entropy_every));
         Ok(node)
@@ -234,6 +234,12 @@ impl FederationNode {
     /// The membership this node holds now.
     pub fn membership(&self) -> Membership {
         self.shared.lock().unwrap_or_else(|p| p.into_inner()).membership.clone()
+    }
+
+    /// Whether the membership this node holds lists it (a member voted out is refused by the
+    /// others and should be looked at).
+    pub fn is_member(&self) -> bool {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).membership.contains(&self.peer_id)
     }
 
     pub fn membership_version(&self) -> u64 {
@@ -324,8 +330,9 @@ struct Driver {
     persist: Option<std::path::PathBuf>,
     /// Rotates where anti-entropy answers start, so a full answer is not always the same.
     answer_start: usize,
-    /// The membership no longer lists this node: it stops.
-    left: bool,
+    /// When each peer was last asked because its gossip showed this node behind (at most once
+    /// a second per peer, whatever unchecked gossip claims).
+    asked_for_gap: BTreeMap<PeerId, Instant>,
 }
 
 impl Driver {
@@ -340,10 +347,6 @@ impl Driver {
                 },
                 event = self.swarm.select_next_some() => self.event(event),
                 _ = tick.tick() => self.round(),
-            }
-            if self.left {
-                tracing::error!("this member is no longer in the federation's membership: the node stops");
-                return;
             }
         }
     }
@@ -431,19 +434,24 @@ impl Driver {
         for peer in &gone {
             self.swarm.behaviour_mut().members_only.disallow_peer(*peer);
         }
-        let me = self.key.public().to_peer_id();
-        self.left = !adopted.contains(&me);
-        let chain = {
-            let mut shared = self.shared();
-            shared.catalogue.retain_members(&adopted);
-            shared.membership = adopted;
-            shared.chain.changes.push(next);
-            shared.chain.clone()
-        };
+        if !adopted.contains(&self.key.public().to_peer_id()) {
+            // The others refuse this node's connections from now on; it keeps running (it may
+            // be listed again by a later version) and says so (`FederationNode::is_member`).
+            tracing::error!(version, "this member is not in the federation's membership any more");
+        }
+        // Kept on disk before it takes effect: what the node acts on, a restart resumes from.
+        let mut chain = self.shared().chain.clone();
+        chain.changes.push(next);
         if let Some(path) = &self.persist {
             if let Err(e) = persist_chain(path, &chain) {
                 tracing::error!(error = %e, path = %path.display(), "could not keep the adopted membership; a restart would begin from the older one");
             }
+        }
+        {
+            let mut shared = self.shared();
+            shared.catalogue.retain_members(&adopted);
+            shared.membership = adopted;
+            shared.chain = chain;
         }
         tracing::info!(version, left = gone.len(), "federation membership changed");
         Ok(version)
@@ -503,7 +511,11 @@ impl Driver {
                         Err(MembershipError::NotNewer { .. }) => MessageAcceptance::Ignore,
                         // This node missed changes: it asks for them in order.
                         Err(MembershipError::Gap { .. }) => {
-                            self.ask(propagation_source);
+                            let recently = self.asked_for_gap.get(&propagation_source).is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+                            if !recently {
+                                self.asked_for_gap.insert(propagation_source, Instant::now());
+                                self.ask(propagation_source);
+                            }
                             MessageAcceptance::Ignore
                         }
                         Err(why) => {
@@ -521,9 +533,20 @@ impl Driver {
                     let (now, freshness, start) = (self.now_ms(), self.freshness, self.answer_start);
                     let answer = {
                         let shared = self.shared();
-                        let announcements = shared.catalogue.newer_than(&theirs.versions, now, freshness, start, ANSWER_BUDGET);
-                        let membership: Vec<SignedMembership> =
-                            shared.chain.changes.iter().filter(|c| c.doc.version > their_membership).take(MAX_CHANGES_PER_ANSWER).cloned().collect();
+                        // Membership changes first (always at least one when the asker lacks
+                        // any), counted against the budget; announcements fill the rest.
+                        let mut used = 0usize;
+                        let mut membership: Vec<SignedMembership> = Vec::new();
+                        for change in shared.chain.changes.iter().filter(|c| c.doc.version > their_membership) {
+                            let size = postcard::experimental::serialized_size(change).unwrap_or(usize::MAX);
+                            if !membership.is_empty() && used.saturating_add(size) > ANSWER_BUDGET {
+                                break;
+                            }
+                            used = used.saturating_add(size);
+                            membership.push(change.clone());
+                        }
+                        let announcements =
+                            shared.catalogue.newer_than(&theirs.versions, now, freshness, start, ANSWER_BUDGET.saturating_sub(used));
                         Missing { announcements, membership }
                     };
                     let _ = self.swarm.behaviour_mut().anti_entropy.send_response(channel, answer);
@@ -563,9 +586,14 @@ fn wall_ms() -> i64 {
 
 /// Writes the chain next to `path` and renames it into place (a crash leaves the old file).
 fn persist_chain(path: &std::path::Path, chain: &MembershipChain) -> std::io::Result<()> {
-    let partial = path.with_extension("partial");
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let partial = path.with_file_name(format!("{name}.{}.partial", std::process::id()));
     let json = serde_json::to_vec_pretty(chain).map_err(std::io::Error::other)?;
     std::fs::write(&partial, json)?;
     std::fs::File::open(&partial)?.sync_all()?;
-    std::fs::rename(&partial, path)
+    std::fs::rename(&partial, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
