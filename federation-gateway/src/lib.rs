@@ -12,7 +12,6 @@ pub mod offer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use suanli_federation::{FederationNode, Multiaddr, NodeConfig};
 
@@ -48,14 +47,8 @@ pub async fn start(config: GatewayConfig) -> Result<Gateway, GatewayError> {
         freshness: config.freshness,
     })
     .await?;
-    let mut p2p = Vec::new();
-    for _ in 0..200 {
-        p2p = node.listen_addrs().await?;
-        if !p2p.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    node.listen_addr().await?;
+    let p2p = node.listen_addrs();
     tokio::spawn(offer::announce_loop(node.clone(), config.broker.clone(), config.announce_every));
     let listener = tokio::net::TcpListener::bind(config.api_listen).await.map_err(GatewayError::Listen)?;
     let api = listener.local_addr().map_err(GatewayError::Listen)?;

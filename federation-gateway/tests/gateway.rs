@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use suanli_federation::membership::sign;
-use suanli_federation::{keyfile, Keypair, Member, MembershipChain, MembershipDoc, SignedMembership};
+use suanli_federation::testing::founded;
+use suanli_federation::{keyfile, Keypair, MembershipChain};
 use suanli_federation_gateway::api::{CatalogueEntry, MembersView};
 use suanli_proto::v1::{self, AccountKind};
 use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
@@ -43,10 +43,8 @@ struct Federation {
 }
 
 fn membership(dir: &Path, keys: &[Keypair]) -> PathBuf {
-    let members = keys.iter().zip(NAMES).map(|(k, name)| Member::new(name, &k.public(), vec![], "cn-north")).collect();
-    let doc = MembershipDoc { federation: "test".into(), version: 1, members };
-    let signatures = keys.iter().map(|k| sign(&doc, k).expect("sign")).collect();
-    let chain = MembershipChain { genesis: SignedMembership { doc, signatures }, changes: vec![] };
+    let members: Vec<(&str, &Keypair)> = NAMES.into_iter().zip(keys).collect();
+    let chain = MembershipChain { genesis: founded("test", &members, "cn-north"), changes: vec![] };
     let path = dir.join("membership.json");
     std::fs::write(&path, serde_json::to_string_pretty(&chain).expect("json")).expect("write");
     path

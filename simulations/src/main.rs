@@ -8,17 +8,14 @@
 //! many copies of each announcement a member received (gossip's redundancy). Prints a table,
 //! writes `federation-convergence.csv` and `.svg` (convergence time against members) to `--out`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use suanli_federation::membership::sign;
-use suanli_federation::{
-    FederationNode, Freshness, Keypair, ListingDigest, Member, MembershipChain, MembershipDoc, NodeConfig, SignedMembership, TransportKind,
-};
+use suanli_federation::testing::{founded, listing};
+use suanli_federation::{FederationNode, Freshness, Keypair, MembershipChain, NodeConfig, TransportKind};
 
 #[derive(Parser)]
 struct Args {
@@ -55,21 +52,6 @@ impl Xorshift {
     }
 }
 
-fn listing(marker: u32) -> ListingDigest {
-    ListingDigest {
-        cluster_id: 1,
-        class: "B".into(),
-        title: "8*H100".into(),
-        gpu_model: "H100".into(),
-        vram_gib: 80,
-        region: "cn-north".into(),
-        total_cards: 8,
-        free_cards: marker,
-        currency: "CNY".into(),
-        prices: BTreeMap::from([("hourly".into(), 2_500)]),
-    }
-}
-
 struct Outcome {
     members: usize,
     startup: Duration,
@@ -80,13 +62,9 @@ struct Outcome {
 async fn run(members: usize, degree: usize, rounds: usize) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let keys: Vec<Keypair> = (0..members).map(|_| Keypair::generate_ed25519()).collect();
-    let doc = MembershipDoc {
-        federation: "sim".into(),
-        version: 1,
-        members: keys.iter().enumerate().map(|(i, k)| Member::new(&format!("m{i}"), &k.public(), vec![], "sim")).collect(),
-    };
-    let signatures = keys.iter().map(|k| sign(&doc, k)).collect::<Result<_, _>>()?;
-    let chain = MembershipChain { genesis: SignedMembership { doc, signatures }, changes: vec![] };
+    let names: Vec<String> = (0..members).map(|i| format!("m{i}")).collect();
+    let named: Vec<(&str, &Keypair)> = names.iter().map(String::as_str).zip(&keys).collect();
+    let chain = MembershipChain { genesis: founded("sim", &named, "sim"), changes: vec![] };
     let mut rng = Xorshift(0x5eed_0000_0000_0001 ^ members as u64);
     let mut nodes: Vec<FederationNode> = Vec::with_capacity(members);
     let mut addresses: Vec<suanli_federation::Multiaddr> = Vec::with_capacity(members);
@@ -103,12 +81,7 @@ async fn run(members: usize, degree: usize, rounds: usize) -> anyhow::Result<Out
             freshness: Freshness { stale_after: Duration::from_secs(600), hide_after: Duration::from_secs(1200) },
         })
         .await?;
-        let address = loop {
-            if let Some(a) = node.listen_addrs().await?.into_iter().next() {
-                break a;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        };
+        let address = node.listen_addr().await?;
         addresses.push(address);
         nodes.push(node);
     }
@@ -127,7 +100,7 @@ async fn run(members: usize, degree: usize, rounds: usize) -> anyhow::Result<Out
         let origin = &nodes[(round * 7919) % members];
         let marker = 1000 + round as u32;
         let t = Instant::now();
-        origin.announce(vec![listing(marker)]).await?;
+        origin.announce(vec![listing(1, marker)]).await?;
         let origin_id = origin.peer_id();
         let mut pending: Vec<&FederationNode> = nodes.iter().collect();
         while !pending.is_empty() {

@@ -9,34 +9,34 @@
 
 use suanli_types::{AccountId, JobId, LeaseId, Month, Transaction};
 
-use crate::state::{Job, Lease, ServiceEvaluation};
-use crate::storage::{StateMachineStore, StoreError};
+use crate::state::{Job, Lease, ServiceEvaluation, State};
+use crate::storage::{Archive, StateMachineStore, StoreError};
+
+/// The record with ID `id`: hot if the state holds it, else archived if the state has handed
+/// the ID out already.
+fn hot_else_archived<T>(
+    sm: &StateMachineStore,
+    id: u64,
+    hot: impl FnOnce(&State) -> Option<T>,
+    archived: impl FnOnce(&Archive) -> Result<Option<T>, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    match sm.read(|s| (hot(s), s.next_id())) {
+        (Some(record), _) => Ok(Some(record)),
+        (None, next_id) if id < next_id => archived(sm.archive()),
+        (None, _) => Ok(None),
+    }
+}
 
 pub fn lease(sm: &StateMachineStore, id: LeaseId) -> Result<Option<Lease>, StoreError> {
-    let (hot, next_id) = sm.read(|s| (s.lease(id).cloned(), s.next_id()));
-    match hot {
-        Some(l) => Ok(Some(l)),
-        None if id.0 < next_id => Ok(sm.archive().lease(id)?.map(|a| a.lease)),
-        None => Ok(None),
-    }
+    hot_else_archived(sm, id.0, |s| s.lease(id).cloned(), |a| Ok(a.lease(id)?.map(|a| a.lease)))
 }
 
 pub fn job(sm: &StateMachineStore, id: JobId) -> Result<Option<Job>, StoreError> {
-    let (hot, next_id) = sm.read(|s| (s.job(id).cloned(), s.next_id()));
-    match hot {
-        Some(j) => Ok(Some(j)),
-        None if id.0 < next_id => sm.archive().job(id),
-        None => Ok(None),
-    }
+    hot_else_archived(sm, id.0, |s| s.job(id).cloned(), |a| a.job(id))
 }
 
 pub fn evaluation(sm: &StateMachineStore, lease: LeaseId) -> Result<Option<ServiceEvaluation>, StoreError> {
-    let (hot, next_id) = sm.read(|s| (s.evaluation(lease).cloned(), s.next_id()));
-    match hot {
-        Some(e) => Ok(Some(e)),
-        None if lease.0 < next_id => sm.archive().evaluation(lease),
-        None => Ok(None),
-    }
+    hot_else_archived(sm, lease.0, |s| s.evaluation(lease).cloned(), |a| a.evaluation(lease))
 }
 
 /// The ledger lines touching `holder`'s accounts with IDs after `after`, archived then hot,

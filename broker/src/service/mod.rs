@@ -240,10 +240,17 @@ impl Shared {
     /// Runs `f` on the state. A linearizable read first makes sure this node is the leader and
     /// has applied everything committed before the call; a stale read uses what this node has.
     pub async fn read<T>(&self, consistency: Consistency, f: impl FnOnce(&State) -> T) -> Result<T, Status> {
+        self.barrier(consistency).await?;
+        Ok(self.sm.read(f))
+    }
+
+    /// For a linearizable read, waits until this node is known to lead and has applied what
+    /// was committed before the call; a stale read passes at once.
+    async fn barrier(&self, consistency: Consistency) -> Result<(), Status> {
         if consistency == Consistency::Linearizable {
             self.linearizable().await.map_err(|e| status(ErrorCode::Unavailable, format!("cannot confirm leadership: {e}"), &[]))?;
         }
-        Ok(self.sm.read(f))
+        Ok(())
     }
 
     /// [`Self::read`] of the hot state and the archive together, for reads that reach what
@@ -255,9 +262,7 @@ impl Shared {
         consistency: Consistency,
         f: impl FnOnce(&crate::storage::StateMachineStore) -> Result<T, crate::storage::StoreError>,
     ) -> Result<T, Status> {
-        if consistency == Consistency::Linearizable {
-            self.linearizable().await.map_err(|e| status(ErrorCode::Unavailable, format!("cannot confirm leadership: {e}"), &[]))?;
-        }
+        self.barrier(consistency).await?;
         f(&self.sm).map_err(|e| {
             tracing::error!(error = %e, "reading the archive failed");
             status(ErrorCode::Internal, "the archive could not be read", &[])

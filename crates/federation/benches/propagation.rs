@@ -5,30 +5,14 @@
 //!
 //! `cargo bench -p suanli-federation --bench propagation` (`ROUNDS=N` to change the 300 rounds).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use suanli_federation::membership::sign;
-use suanli_federation::{FederationNode, Freshness, Keypair, ListingDigest, Member, MembershipChain, MembershipDoc, NodeConfig, SignedMembership};
+use suanli_federation::testing::{founded, listing};
+use suanli_federation::{FederationNode, Freshness, Keypair, MembershipChain, NodeConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn listing(free: u32) -> ListingDigest {
-    ListingDigest {
-        cluster_id: 1,
-        class: "B".into(),
-        title: "8*H100".into(),
-        gpu_model: "H100".into(),
-        vram_gib: 80,
-        region: "cn-north".into(),
-        total_cards: 8,
-        free_cards: free,
-        currency: "CNY".into(),
-        prices: BTreeMap::from([("hourly".into(), 2_500)]),
-    }
 }
 
 async fn echo_round_trips(rounds: usize) -> Vec<Duration> {
@@ -59,12 +43,9 @@ async fn echo_round_trips(rounds: usize) -> Vec<Duration> {
 
 async fn propagation(members: usize, rounds: usize) -> Vec<Duration> {
     let keys: Vec<Keypair> = (0..members).map(|_| Keypair::generate_ed25519()).collect();
-    let doc = MembershipDoc {
-        federation: "bench".into(),
-        version: 1,
-        members: keys.iter().enumerate().map(|(i, k)| Member::new(&format!("m{i}"), &k.public(), vec![], "cn")).collect(),
-    };
-    let genesis = SignedMembership { signatures: keys.iter().map(|k| sign(&doc, k).expect("sign")).collect(), doc };
+    let names: Vec<String> = (0..members).map(|i| format!("m{i}")).collect();
+    let named: Vec<(&str, &Keypair)> = names.iter().map(String::as_str).zip(&keys).collect();
+    let genesis = founded("bench", &named, "cn");
     let config = |i: usize, dial| NodeConfig {
         keypair: keys[i].clone(),
         membership: MembershipChain { genesis: genesis.clone(), changes: Vec::new() },
@@ -77,12 +58,7 @@ async fn propagation(members: usize, rounds: usize) -> Vec<Duration> {
         freshness: Freshness::default(),
     };
     let announcer = FederationNode::start(config(0, vec![])).await.expect("start");
-    let address = loop {
-        if let Some(a) = announcer.listen_addrs().await.expect("running").into_iter().next() {
-            break a;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let address = announcer.listen_addr().await.expect("running");
     let mut others = Vec::new();
     for i in 1..members {
         others.push(FederationNode::start(config(i, vec![address.clone()])).await.expect("start"));
@@ -99,7 +75,7 @@ async fn propagation(members: usize, rounds: usize) -> Vec<Duration> {
             w.borrow_and_update();
         }
         let t = Instant::now();
-        announcer.announce(vec![listing(round)]).await.expect("announce");
+        announcer.announce(vec![listing(1, round)]).await.expect("announce");
         for (other, watcher) in others.iter().zip(&mut watchers) {
             while !other.catalogue().iter().any(|l| l.listing.free_cards == round && !l.stale) {
                 tokio::time::timeout(Duration::from_secs(10), watcher.changed()).await.expect("propagated within 10 s").expect("running");

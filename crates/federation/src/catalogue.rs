@@ -231,28 +231,12 @@ impl Catalogue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::{sign, Member, MembershipDoc, SignedMembership};
-
-    fn listing(cluster_id: u64, free: u32) -> ListingDigest {
-        ListingDigest {
-            cluster_id,
-            class: "B".into(),
-            title: "8*H100".into(),
-            gpu_model: "H100".into(),
-            vram_gib: 80,
-            region: "cn-north".into(),
-            total_cards: 8,
-            free_cards: free,
-            currency: "CNY".into(),
-            prices: BTreeMap::from([("hourly".into(), 2_500)]),
-        }
-    }
+    use crate::testing::{founded, listing};
 
     fn federation(keys: &[&Keypair]) -> Membership {
-        let members = keys.iter().enumerate().map(|(i, k)| Member::new(&format!("m{i}"), &k.public(), vec![], "cn")).collect();
-        let doc = MembershipDoc { federation: "test".into(), version: 1, members };
-        let signatures = keys.iter().map(|k| sign(&doc, k).expect("sign")).collect();
-        Membership::genesis(SignedMembership { doc, signatures }).expect("genesis")
+        let names: Vec<String> = (0..keys.len()).map(|i| format!("m{i}")).collect();
+        let named: Vec<(&str, &Keypair)> = names.iter().map(String::as_str).zip(keys.iter().copied()).collect();
+        Membership::genesis(founded("test", &named, "cn")).expect("genesis")
     }
 
     /// The wall clock the tests' announcements are issued and received at.

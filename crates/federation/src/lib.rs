@@ -15,6 +15,9 @@ pub mod keyfile;
 pub mod membership;
 pub mod node;
 
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
 #[cfg(test)]
 mod golden_tests;
 

@@ -128,7 +128,6 @@ enum Command {
     Announce(Vec<ListingDigest>, oneshot::Sender<Result<SignedAnnouncement, NodeError>>),
     Dial(Multiaddr),
     Connected(oneshot::Sender<Vec<PeerId>>),
-    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     ChangeMembership(SignedMembership, oneshot::Sender<Result<u64, MembershipError>>),
 }
 
@@ -142,6 +141,7 @@ pub struct FederationNode {
     started: Instant,
     freshness: Freshness,
     changes: watch::Receiver<u64>,
+    listening: watch::Receiver<Vec<Multiaddr>>,
 }
 
 impl FederationNode {
@@ -169,8 +169,17 @@ impl FederationNode {
         let (commands, receiver) = mpsc::channel(64);
         let started = Instant::now();
         let (changed, changes) = watch::channel(0);
-        let node =
-            FederationNode { peer_id, commands, shared: shared.clone(), counters: counters.clone(), started, freshness: config.freshness, changes };
+        let (listens, listening) = watch::channel(Vec::new());
+        let node = FederationNode {
+            peer_id,
+            commands,
+            shared: shared.clone(),
+            counters: counters.clone(),
+            started,
+            freshness: config.freshness,
+            changes,
+            listening,
+        };
         let driver = Driver {
             swarm,
             shared,
@@ -179,6 +188,7 @@ impl FederationNode {
             started,
             next_version: 0,
             changed,
+            listens,
             freshness: config.freshness,
             persist: config.persist_membership,
             answer_start: 0,
@@ -209,10 +219,16 @@ impl FederationNode {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
-    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::ListenAddrs(tx)).await.map_err(|_| NodeError::Stopped)?;
-        rx.await.map_err(|_| NodeError::Stopped)
+    /// Where this node listens now (empty until its listener is up).
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.listening.borrow().clone()
+    }
+
+    /// Where this node listens, once its listener is up.
+    pub async fn listen_addr(&self) -> Result<Multiaddr, NodeError> {
+        let mut listening = self.listening.clone();
+        let addresses = listening.wait_for(|a| !a.is_empty()).await.map_err(|_| NodeError::Stopped)?;
+        addresses.first().cloned().ok_or(NodeError::Stopped)
     }
 
     /// Adopts (and gossips) a newer membership document signed by a quorum of the current
@@ -326,6 +342,7 @@ struct Driver {
     started: Instant,
     next_version: u64,
     changed: watch::Sender<u64>,
+    listens: watch::Sender<Vec<Multiaddr>>,
     freshness: Freshness,
     persist: Option<std::path::PathBuf>,
     /// Rotates where anti-entropy answers start, so a full answer is not always the same.
@@ -369,9 +386,6 @@ impl Driver {
             }
             Command::Connected(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
-            }
-            Command::ListenAddrs(reply) => {
-                let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
             Command::ChangeMembership(next, reply) => {
                 let adopted = self.adopt(next.clone());
@@ -569,6 +583,8 @@ impl Driver {
                 }
             },
             SwarmEvent::ConnectionEstablished { peer_id, .. } => self.ask(peer_id),
+            SwarmEvent::NewListenAddr { address, .. } => self.listens.send_modify(|a| a.push(address)),
+            SwarmEvent::ExpiredListenAddr { address, .. } => self.listens.send_modify(|a| a.retain(|x| *x != address)),
             SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
                 if matches!(error, libp2p::swarm::ListenError::Denied { .. }) {
                     self.counters.connections_refused.fetch_add(1, Ordering::Relaxed);

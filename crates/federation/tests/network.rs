@@ -2,7 +2,6 @@
 //! gossip or, when gossip missed it, by anti-entropy; outsiders are refused at connection time;
 //! membership changes and disappearing members are seen by the rest.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -10,9 +9,8 @@ use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, tcp, yamux};
 use suanli_federation::membership::sign;
-use suanli_federation::{
-    FederationNode, Freshness, Keypair, ListingDigest, Member, MembershipChain, MembershipDoc, Multiaddr, NodeConfig, SignedMembership,
-};
+use suanli_federation::testing::{founded, listing};
+use suanli_federation::{FederationNode, Freshness, Keypair, Member, MembershipChain, Multiaddr, NodeConfig, SignedMembership};
 use tokio::time::Instant;
 
 const NAMES: [&str; 4] = ["city", "university", "cloud", "lab"];
@@ -24,10 +22,9 @@ struct Federation {
 
 fn federation(n: usize) -> Federation {
     let keys: Vec<Keypair> = (0..n).map(|_| Keypair::generate_ed25519()).collect();
-    let members = keys.iter().zip(NAMES).map(|(k, name)| Member::new(name, &k.public(), vec![], "cn-north")).collect();
-    let doc = MembershipDoc { federation: "test".into(), version: 1, members };
-    let signatures = keys.iter().map(|k| sign(&doc, k).expect("sign")).collect();
-    Federation { keys, genesis: SignedMembership { doc, signatures } }
+    let members: Vec<(&str, &Keypair)> = NAMES.into_iter().zip(&keys).collect();
+    let genesis = founded("test", &members, "cn-north");
+    Federation { keys, genesis }
 }
 
 fn loopback() -> Multiaddr {
@@ -60,14 +57,16 @@ async fn start_config(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness:
 }
 
 async fn address(node: &FederationNode) -> Multiaddr {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(a) = node.listen_addrs().await.expect("running").into_iter().next() {
-            return a;
-        }
-        assert!(Instant::now() < deadline, "the node never listened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(10), node.listen_addr()).await.expect("the node never listened").expect("running")
+}
+
+/// Members 0, 1 and 2, the latter two dialling the first.
+async fn three(f: &Federation) -> (FederationNode, FederationNode, FederationNode) {
+    let a = start(f, 0, vec![], Freshness::default()).await;
+    let at_a = address(&a).await;
+    let b = start(f, 1, vec![at_a.clone()], Freshness::default()).await;
+    let c = start(f, 2, vec![at_a], Freshness::default()).await;
+    (a, b, c)
 }
 
 /// Waits until `check` holds, or fails with `what` after `seconds`.
@@ -79,21 +78,6 @@ async fn until(seconds: u64, what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
-fn listing(cluster_id: u64, free: u32) -> ListingDigest {
-    ListingDigest {
-        cluster_id,
-        class: "B".into(),
-        title: "8*H100".into(),
-        gpu_model: "H100".into(),
-        vram_gib: 80,
-        region: "cn-north".into(),
-        total_cards: 8,
-        free_cards: free,
-        currency: "CNY".into(),
-        prices: BTreeMap::from([("hourly".into(), 2_500)]),
-    }
-}
-
 fn offers(node: &FederationNode, origin: &str) -> Vec<(u64, u32)> {
     node.catalogue().into_iter().filter(|l| l.origin_name == origin && !l.stale).map(|l| (l.listing.cluster_id, l.listing.free_cards)).collect()
 }
@@ -101,10 +85,7 @@ fn offers(node: &FederationNode, origin: &str) -> Vec<(u64, u32)> {
 #[tokio::test]
 async fn an_offer_announced_at_one_member_reaches_every_member() {
     let f = federation(3);
-    let a = start(&f, 0, vec![], Freshness::default()).await;
-    let at_a = address(&a).await;
-    let b = start(&f, 1, vec![at_a.clone()], Freshness::default()).await;
-    let c = start(&f, 2, vec![at_a], Freshness::default()).await;
+    let (a, b, c) = three(&f).await;
     until(10, "both joined a", async || a.connected().await.expect("running").len() == 2).await;
     a.announce(vec![listing(7, 3)]).await.expect("announce");
     for node in [&b, &c] {
@@ -198,10 +179,7 @@ async fn a_member_that_disappears_goes_stale_then_hidden_and_returns_once() {
 #[tokio::test]
 async fn a_member_voted_out_is_disconnected_and_its_offer_dropped_everywhere() {
     let f = federation(3);
-    let a = start(&f, 0, vec![], Freshness::default()).await;
-    let at_a = address(&a).await;
-    let b = start(&f, 1, vec![at_a.clone()], Freshness::default()).await;
-    let c = start(&f, 2, vec![at_a], Freshness::default()).await;
+    let (a, b, c) = three(&f).await;
     c.announce(vec![listing(9, 1)]).await.expect("announce");
     until(10, "a and b have c's offer", async || offers(&a, "cloud").len() == 1 && offers(&b, "cloud").len() == 1).await;
     // Version 2 without C, signed by A and B (two of three).
