@@ -1,12 +1,13 @@
 //! The gateway's configuration: a TOML file's `[federation]` table, environment variables and
 //! flags (flags win), loaded and checked by [`load`] (tests call it too).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use suanli_federation::{Freshness, Keypair, MembershipChain, Multiaddr};
+use suanli_federation::{Freshness, Keypair, MembershipChain, Multiaddr, PeerId};
 
 use crate::offer::BrokerAccess;
 
@@ -30,7 +31,8 @@ pub struct ServeArgs {
     /// This member's broker (`http://` on loopback, `https://` otherwise).
     #[arg(long, env = "SUANLI_FEDERATION_BROKER")]
     pub broker: Option<String>,
-    /// A broker service token with the `read` power.
+    /// A broker service token with the `read` power (and `federation`, for this member's
+    /// researchers to lease other members' cards).
     #[arg(long, env = "SUANLI_FEDERATION_BROKER_TOKEN", hide_env_values = true)]
     pub broker_token: Option<String>,
     /// The cluster CA (PEM) for an `https://` broker.
@@ -71,6 +73,21 @@ struct FileFederation {
     stale_after_s: Option<u64>,
     /// ...and hidden after this long (default 120).
     hide_after_s: Option<u64>,
+    /// Where the settlement journal is kept (default: the membership file's directory).
+    state_dir: Option<PathBuf>,
+    /// Members whose researchers may lease this member's cards, each through an account this
+    /// member's operator registered for it (and granted credit to) at its broker.
+    #[serde(default)]
+    partners: Vec<FilePartner>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePartner {
+    /// The member's name or peer ID in the membership.
+    member: String,
+    /// The token of its account at this member's broker.
+    account_token_file: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -87,6 +104,9 @@ pub struct GatewayConfig {
     pub announce_every: Duration,
     pub anti_entropy_every: Duration,
     pub freshness: Freshness,
+    pub state_dir: PathBuf,
+    /// Each partner member's account token at this member's broker.
+    pub partners: BTreeMap<PeerId, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +186,22 @@ pub fn load(args: &ServeArgs) -> Result<GatewayConfig, ConfigError> {
     if stale_after.is_zero() || hide_after <= stale_after || hide_after > Duration::from_secs(7 * 24 * 3600) {
         return Err(ConfigError::Invalid("hide_after_s", "longer than stale_after_s (at least 1), at most a week".into()));
     }
+    let state_dir = match file.state_dir {
+        Some(dir) => dir,
+        None => membership_file.parent().filter(|d| !d.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_owned),
+    };
+    let mut partners = BTreeMap::new();
+    for partner in file.partners {
+        let peer = verified
+            .peers()
+            .find(|p| p.to_base58() == partner.member || verified.member(p).is_some_and(|m| m.name == partner.member))
+            .copied()
+            .ok_or_else(|| ConfigError::Invalid("partners", format!("{}: not a member of the federation", partner.member)))?;
+        let token = read(&partner.account_token_file)?.trim().to_owned();
+        if token.is_empty() || partners.insert(peer, token).is_some() {
+            return Err(ConfigError::Invalid("partners", format!("{}: an empty token, or listed twice", partner.member)));
+        }
+    }
     let api_listen = args.api_listen.or(file.api_listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4080)));
     if !api_listen.ip().is_loopback() {
         return Err(ConfigError::Invalid("api_listen", format!("{api_listen}: the API serves plain HTTP with a bearer token; keep it on loopback (a TLS proxy in front for other hosts)")));
@@ -182,6 +218,8 @@ pub fn load(args: &ServeArgs) -> Result<GatewayConfig, ConfigError> {
         announce_every: ms("announce_every_ms", file.announce_every_ms, 5000)?,
         anti_entropy_every: ms("anti_entropy_every_ms", file.anti_entropy_every_ms, 5000)?,
         freshness: Freshness { stale_after, hide_after },
+        state_dir,
+        partners,
     })
 }
 

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use suanli_federation::membership::{sign, MembershipDoc, SignedMembership};
 use suanli_federation::{keyfile, Member, Multiaddr};
-use suanli_federation_gateway::api::CatalogueEntry;
+use suanli_federation_gateway::api::{CatalogueEntry, SettlementsView};
 use suanli_federation_gateway::config::{self, ServeArgs};
 use tracing_subscriber::EnvFilter;
 
@@ -65,6 +65,15 @@ enum Command {
         /// Only this member's listings.
         #[arg(long)]
         origin: Option<String>,
+    },
+    /// Who owes whom for leases across members, from the settlements both members signed (the
+    /// same report at both ends of every line).
+    Settlement {
+        /// The gateway's API, e.g. http://127.0.0.1:4080
+        #[arg(long, env = "SUANLI_FEDERATION_API")]
+        endpoint: String,
+        #[arg(long, env = "SUANLI_FEDERATION_API_TOKEN", hide_env_values = true)]
+        token: String,
     },
 }
 
@@ -119,6 +128,15 @@ async fn main() -> anyhow::Result<()> {
                     format!("{}/{}", l.free_cards, l.total_cards),
                     e.age_ms / 1000
                 );
+            }
+            Ok(())
+        }
+        Command::Settlement { endpoint, token } => {
+            let url = format!("{}/v1/settlements", endpoint.trim_end_matches('/'));
+            let view: SettlementsView = http_get_json(&url, &token).await?;
+            println!("{:<16} {:<16} {:<8} {:>16} {:>8}", "DEBTOR", "CREDITOR", "CURRENCY", "AMOUNT (MINOR)", "LEASES");
+            for row in view.report {
+                println!("{:<16} {:<16} {:<8} {:>16} {:>8}", row.debtor, row.creditor, row.currency, row.amount_minor, row.leases);
             }
             Ok(())
         }

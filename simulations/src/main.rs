@@ -79,6 +79,7 @@ async fn run(members: usize, degree: usize, rounds: usize) -> anyhow::Result<Out
             persist_membership: None,
             anti_entropy_every: Duration::from_secs(2),
             freshness: Freshness { stale_after: Duration::from_secs(600), hide_after: Duration::from_secs(1200) },
+            calls: None,
         })
         .await?;
         let address = node.listen_addr().await?;

@@ -29,11 +29,12 @@ use tonic::{Request, Response, Status};
 use crate::storage::{Raft, TypeConfig};
 
 /// Bumped when the encoding of Raft messages changes incompatibly. 3: log entries may carry
-/// `ArchiveEnded` (store format 4), which a format-3 node cannot decode. Nodes of different
+/// `ArchiveEnded` (store format 4), which a format-3 node cannot decode; 4: the remote-lease
+/// commands and outcomes (store format 5). Nodes of different
 /// wire formats refuse each other's messages outright, so during a node-by-node upgrade the
 /// majority of one version keeps the cluster going (never a leader whose entries its
 /// followers cannot read), and an upgraded node catches up once a majority runs the new one.
-pub const WIRE_FORMAT_VERSION: u32 = 3;
+pub const WIRE_FORMAT_VERSION: u32 = 4;
 
 type NodeId = u64;
 

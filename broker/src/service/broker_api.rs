@@ -613,6 +613,29 @@ impl Broker for BrokerApi {
         billing::get_service_evaluation(&self.shared, request).await
     }
 
+    async fn request_remote_lease(&self, request: Request<v1::RequestRemoteLeaseRequest>) -> Result<Response<v1::RemoteLease>, Status> {
+        super::remote_leases::request(&self.shared, request).await
+    }
+
+    async fn confirm_remote_lease(&self, request: Request<v1::ConfirmRemoteLeaseRequest>) -> Result<Response<v1::RemoteLease>, Status> {
+        super::remote_leases::confirm(&self.shared, request).await
+    }
+
+    async fn end_remote_lease(&self, request: Request<v1::EndRemoteLeaseRequest>) -> Result<Response<v1::RemoteLease>, Status> {
+        super::remote_leases::end(&self.shared, request).await
+    }
+
+    async fn get_remote_lease(&self, request: Request<v1::GetRemoteLeaseRequest>) -> Result<Response<v1::RemoteLease>, Status> {
+        super::remote_leases::get(&self.shared, request).await
+    }
+
+    async fn list_remote_leases(
+        &self,
+        request: Request<v1::ListRemoteLeasesRequest>,
+    ) -> Result<Response<v1::ListRemoteLeasesResponse>, Status> {
+        super::remote_leases::list(&self.shared, request).await
+    }
+
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<v1::WatchRequest>) -> Result<Response<WatchStream>, Status> {

@@ -450,6 +450,7 @@ fn balance_of(s: &State, account: AccountId, currency: &Currency) -> v1::Balance
         currency: currency.as_str().into(),
         available_minor: s.balance(LedgerAccount::Available(account), currency),
         held_minor: s.balance(LedgerAccount::Held(account), currency),
+        remote_held_minor: s.balance(LedgerAccount::RemoteHeld(account), currency),
         earnings_minor: s.balance(LedgerAccount::Earnings(account), currency),
         credit_limit_minor: s.credit_limit(account, currency),
         reliability_score,

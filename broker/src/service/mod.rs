@@ -12,6 +12,7 @@ pub mod paging;
 pub mod powers;
 pub mod read_barrier;
 pub mod reaper;
+pub mod remote_leases;
 pub mod southbound;
 pub mod wire;
 

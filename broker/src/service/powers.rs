@@ -33,6 +33,9 @@ pub enum Power {
     Read,
     /// Change the cluster's membership.
     Admin,
+    /// Lease other federation members' cards for this member's researchers, holding their
+    /// money (the federation gateway).
+    Federation,
 }
 
 /// The power a method needs when a service calls it; `None`: no service may call it (agents'
@@ -42,6 +45,7 @@ fn power_of(path: &str) -> Option<Power> {
     Some(match (service, method) {
         ("Broker", "RegisterAccount" | "AddSshKey" | "RemoveSshKey" | "RotateAccountToken") => Power::Accounts,
         ("Broker", "Deposit" | "GrantCredit") => Power::Deposits,
+        ("Broker", "RequestRemoteLease" | "ConfirmRemoteLease" | "EndRemoteLease") => Power::Federation,
         ("JobService", "AcquireSchedulerLease" | "GetSchedulingView" | "PlaceJobs" | "StopJobs" | "AutoLease") => Power::Scheduling,
         ("ClusterAdmin", "AddLearner" | "Promote" | "Remove" | "ExportState") => Power::Admin,
         ("ClusterAdmin", "Status") | ("Broker", "Watch") => Power::Read,

@@ -141,6 +141,11 @@ pub fn event(e: &Event) -> v1::Event {
         Event::SshKeyAdded { account } => Kind::SshKeyAdded(v1::SshKeyAdded { account_id: account.0 }),
         Event::SshKeyRemoved { account } => Kind::SshKeyRemoved(v1::SshKeyRemoved { account_id: account.0 }),
         Event::AccountTokenRotated { account } => Kind::AccountTokenRotated(v1::AccountTokenRotated { account_id: account.0 }),
+        Event::RemoteLeaseChanged { remote, researcher, state } => Kind::RemoteLeaseChanged(v1::RemoteLeaseChanged {
+            remote_lease_id: remote.0,
+            researcher_id: researcher.0,
+            state: remote_lease_state_to_wire(*state) as i32,
+        }),
         Event::NodeEnrolled { node, supplier, cards } => Kind::NodeEnrolled(v1::NodeEnrolled {
             node_id: node.0,
             supplier_id: supplier.0,
@@ -216,5 +221,33 @@ pub fn batch(applied: &AppliedEvents) -> v1::WatchResponse {
             at_ms: applied.at.millis(),
             events: applied.events.iter().map(event).collect(),
         })),
+    }
+}
+
+pub fn remote_lease(l: &crate::state::RemoteLease) -> v1::RemoteLease {
+    v1::RemoteLease {
+        remote_lease_id: l.id.0,
+        researcher_id: l.researcher.0,
+        member: l.member.clone(),
+        member_name: l.member_name.clone(),
+        remote_cluster_id: l.remote_cluster,
+        remote_lease_id_at_owner: l.remote_lease.unwrap_or(0),
+        cards: l.cards,
+        billing_mode: billing_mode_to_wire(l.billing_mode),
+        periods: l.periods,
+        price_per_card: Some(money_to_wire(&l.price_per_card)),
+        held: Some(money_to_wire(&l.held)),
+        state: remote_lease_state_to_wire(l.state) as i32,
+        requested_at_ms: l.requested_at.millis(),
+        ended_at_ms: l.ended_at.map_or(0, |t| t.millis()),
+        charged_minor: l.charged_minor,
+    }
+}
+
+pub fn remote_lease_state_to_wire(state: suanli_types::RemoteLeaseState) -> v1::RemoteLeaseState {
+    match state {
+        suanli_types::RemoteLeaseState::Requested => v1::RemoteLeaseState::Requested,
+        suanli_types::RemoteLeaseState::Active => v1::RemoteLeaseState::Active,
+        suanli_types::RemoteLeaseState::Ended => v1::RemoteLeaseState::Ended,
     }
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use suanli_types::{JobEndReason, JobId, JobSpec, Money, 
     AccountId, AccountKind, BillingMode, CardHealth, CardId, CardStatus, Caller, ClusterClass, ClusterId, EndReason, LeaseId, LeaseUnit,
-    Listing, NodeAccess, NodeId, NodeInventory, RequestId, SecretHash, SshPublicKey, Timestamp,
+    Listing, NodeAccess, NodeId, NodeInventory, RemoteLeaseId, RequestId, SecretHash, SshPublicKey, Timestamp,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +115,26 @@ pub enum Command {
     /// System only (the leader, periodically, format 4): move what ended before `ended_before`
     /// out of the hot state into the archive (`state::machine::archive`).
     ArchiveEnded { ended_before: Timestamp },
+    /// The platform's federation gateway (format 5), for a researcher it authenticated: hold
+    /// price × cards × periods of their money for a lease of another member's cards, before
+    /// asking that member. The request ID is the researcher's idempotency key, so a retried
+    /// request holds once and gets the same remote lease.
+    RequestRemoteLease {
+        researcher: AccountId,
+        member: String,
+        member_name: String,
+        remote_cluster: u64,
+        cards: u32,
+        billing_mode: BillingMode,
+        periods: u32,
+        price_per_card: Money,
+    },
+    /// The federation gateway: the owning member leased the cards as its lease `remote_lease`.
+    ConfirmRemoteLease { remote: RemoteLeaseId, remote_lease: u64 },
+    /// The federation gateway: the remote lease is over (the owner ended it, or refused the
+    /// request: nothing charged); `charged_minor` of the hold goes to the federation payable,
+    /// the rest back to the researcher.
+    EndRemoteLease { remote: RemoteLeaseId, charged_minor: i64 },
 }
 
 impl Command {
@@ -180,6 +200,9 @@ impl Command {
             Command::RemoveSshKey { .. } => "remove_ssh_key",
             Command::RotateAccountToken { .. } => "rotate_account_token",
             Command::ArchiveEnded { .. } => "archive_ended",
+            Command::RequestRemoteLease { .. } => "request_remote_lease",
+            Command::ConfirmRemoteLease { .. } => "confirm_remote_lease",
+            Command::EndRemoteLease { .. } => "end_remote_lease",
         }
     }
 }

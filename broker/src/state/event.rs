@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use suanli_types::{JobEndReason, JobId, JobState, TransactionKind, 
-    AccountId, AccountKind, CardHealth, CardId, CardStatus, ClusterId, CpcId, EndReason, LeaseId, LeaseState, NodeId, Timestamp,
+    AccountId, AccountKind, CardHealth, CardId, CardStatus, ClusterId, CpcId, EndReason, LeaseId, LeaseState, NodeId, RemoteLeaseId, RemoteLeaseState, Timestamp,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +30,8 @@ pub enum Event {
     // Appended (events are stored and sent by position, like commands).
     SshKeyRemoved { account: AccountId },
     AccountTokenRotated { account: AccountId },
+    /// A remote lease (format 5) was requested, confirmed by its owner, or ended.
+    RemoteLeaseChanged { remote: RemoteLeaseId, researcher: AccountId, state: RemoteLeaseState },
 }
 
 /// The events of one applied log entry.

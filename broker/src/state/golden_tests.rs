@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use suanli_types::{
     AccountId, AccountKind, BillingMode, CardHealth, CardId, CardStatus, Caller, ClusterClass, ClusterId, CpcId, Currency,
     EndReason, JobEndReason, JobId, JobSpec, JobState, LeaseId, LeaseState, LeaseUnit, Listing, Money, NodeAccess, NodeId,
-    NodeInventory, OperatorRole, RequestId, SecretHash, SshPublicKey, SupplierEndReason, Timestamp, TransactionKind,
+    NodeInventory, OperatorRole, RemoteLeaseId, RemoteLeaseState, RequestId, SecretHash, SshPublicKey, SupplierEndReason, Timestamp, TransactionKind,
 };
 
 use super::{AppliedEvents, Command, Envelope, Event, State};
@@ -105,9 +105,15 @@ fn command_kind(c: &Command) -> usize {
         Command::RemoveSshKey { .. } => 35,
         Command::RotateAccountToken { .. } => 36,
         Command::ArchiveEnded { .. } => 37,
+        Command::RequestRemoteLease { .. } => 38,
+        Command::ConfirmRemoteLease { .. } => 39,
+        Command::EndRemoteLease { .. } => 40,
     }
 }
-const COMMAND_KINDS: usize = 38;
+const COMMAND_KINDS: usize = 41;
+
+/// The ID the sample's remote lease gets (the next one after what the samples before it drew).
+const REMOTE_LEASE: RemoteLeaseId = RemoteLeaseId(9);
 
 fn event_kind(e: &Event) -> usize {
     match e {
@@ -131,9 +137,10 @@ fn event_kind(e: &Event) -> usize {
         Event::LeaseEvaluated { .. } => 17,
         Event::SshKeyRemoved { .. } => 18,
         Event::AccountTokenRotated { .. } => 19,
+        Event::RemoteLeaseChanged { .. } => 20,
     }
 }
-const EVENT_KINDS: usize = 20;
+const EVENT_KINDS: usize = 21;
 
 /// One envelope of every command, from the caller that would send it, in an order that lets
 /// many of them succeed (the state they leave is pinned too).
@@ -193,6 +200,19 @@ fn commands() -> Vec<Envelope> {
         (Caller::Platform, Command::RotateAccountToken { account: researcher, token_hash: hash("researcher, rotated") }),
         // The lease ended at 31 s and the job at 28 s: both move to the archive.
         (Caller::System, Command::ArchiveEnded { ended_before: at(37) }),
+        // Format 5: a lease of another member's cards, held, confirmed and ended.
+        (Caller::Platform, Command::RequestRemoteLease {
+            researcher,
+            member: "12D3KooWPjceQrSwdWXPyLLeABRXmuqt69Rg3sBYbU1Nft9HyQ6X".into(),
+            member_name: "university".into(),
+            remote_cluster: 4,
+            cards: 2,
+            billing_mode: BillingMode::Hourly,
+            periods: 3,
+            price_per_card: cny(1_250),
+        }),
+        (Caller::Platform, Command::ConfirmRemoteLease { remote: REMOTE_LEASE, remote_lease: 17 }),
+        (Caller::Platform, Command::EndRemoteLease { remote: REMOTE_LEASE, charged_minor: 2_501 }),
     ];
     list.into_iter()
         .enumerate()
@@ -229,6 +249,7 @@ fn events() -> Vec<Event> {
         Event::LeaseEvaluated { lease, supplier: AccountId(1), score: 97 },
         Event::SshKeyRemoved { account },
         Event::AccountTokenRotated { account },
+        Event::RemoteLeaseChanged { remote: REMOTE_LEASE, researcher: account, state: RemoteLeaseState::Active },
     ]
 }
 
@@ -357,26 +378,50 @@ fn fixture_lines(version: u32, file: &str) -> Vec<(String, Vec<u8>)> {
 
 /// Format 3's samples: the first of this format's.
 const FORMAT_3_SAMPLES: usize = 38;
+/// Format 4's samples: format 3's and `ArchiveEnded`.
+const FORMAT_4_SAMPLES: usize = 39;
 
-/// Format 3's log entries are this format's: the commands format 3 knew are the first ones.
-#[test]
-fn format_3_log_entries_read_as_the_same_commands() {
-    let pinned = fixture_lines(3, "commands.txt");
+/// An earlier format's log entries and events are this format's: the commands it knew are the
+/// first ones, its events the first events.
+fn earlier_log_entries_read_as_the_same_commands(version: u32, samples: usize) {
+    let pinned = fixture_lines(version, "commands.txt");
     let now = commands();
-    assert_eq!(pinned.len(), FORMAT_3_SAMPLES);
+    assert_eq!(pinned.len(), samples);
     for ((name, bytes), envelope) in pinned.iter().zip(&now) {
-        let read: Envelope = postcard::from_bytes(bytes).unwrap_or_else(|e| panic!("format 3 {name} no longer decodes: {e}"));
-        assert_eq!(&read, envelope, "format 3 {name}");
+        let read: Envelope = postcard::from_bytes(bytes).unwrap_or_else(|e| panic!("format {version} {name} no longer decodes: {e}"));
+        assert_eq!(&read, envelope, "format {version} {name}");
     }
-    for ((name, bytes), event) in fixture_lines(3, "events.txt").iter().zip(events()) {
+    for ((name, bytes), event) in fixture_lines(version, "events.txt").iter().zip(events()) {
         if name.starts_with("event-") {
-            assert_eq!(postcard::from_bytes::<Event>(bytes).expect("format 3 event decodes"), event, "{name}");
+            assert_eq!(postcard::from_bytes::<Event>(bytes).expect("an earlier event decodes"), event, "format {version} {name}");
         }
     }
 }
 
-/// Format 3's snapshot state, migrated, is the state this code reaches from format 3's log (no
-/// rule changed for the commands format 3 knew), and keeps every invariant.
+#[test]
+fn format_3_log_entries_read_as_the_same_commands() {
+    earlier_log_entries_read_as_the_same_commands(3, FORMAT_3_SAMPLES);
+}
+
+#[test]
+fn format_4_log_entries_read_as_the_same_commands() {
+    earlier_log_entries_read_as_the_same_commands(4, FORMAT_4_SAMPLES);
+}
+
+/// Format 4's snapshot state, migrated, is the state this code reaches from format 4's log, and
+/// keeps every invariant; format 4's bytes do not pass for this format's.
+#[test]
+fn a_format_4_state_migrates_to_the_state_this_code_replays() {
+    let (_, bytes) = fixture_lines(4, "state.txt").remove(0);
+    let v4: super::machine::format_v4::StateV4 = postcard::from_bytes(&bytes).expect("format 4 state decodes as StateV4");
+    let migrated = State::from(v4);
+    let (mut replayed, _) = replay(&commands()[..FORMAT_4_SAMPLES]);
+    replayed.take_archived();
+    assert_eq!(migrated, replayed);
+    migrated.check_invariants().expect("invariants");
+    assert!(postcard::from_bytes::<State>(&bytes).is_err(), "a format 4 state must not pass for format 5");
+}
+
 #[test]
 fn a_format_3_state_migrates_to_the_state_this_code_replays() {
     let (_, bytes) = fixture_lines(3, "state.txt").remove(0);
@@ -387,5 +432,5 @@ fn a_format_3_state_migrates_to_the_state_this_code_replays() {
     migrated.check_invariants().expect("invariants");
     assert_eq!(migrated.ledger_archived(), 0);
     // And format 3's bytes do not read as this format's state: the version check is needed.
-    assert!(postcard::from_bytes::<State>(&bytes).is_err(), "a format 3 state must not pass for format 4");
+    assert!(postcard::from_bytes::<State>(&bytes).is_err(), "a format 3 state must not pass for this format");
 }

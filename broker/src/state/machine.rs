@@ -14,19 +14,21 @@ use suanli_types::error::EntityKind;
 use suanli_types::{
     AccountId, AccountKind, CardHealth, CardId, CardStatus, Caller, CatalogueFacts, CatalogueFilter, ClusterClass, ClusterId,
     ClusterState, CpcId, DomainError, EndReason, LeaseAction, LeaseId, LeaseState, LeaseUnit, Money, NodeId,
-    PageRequest, RequestId, SecretHash, Timestamp, Currency, JobId, LedgerAccount, Transaction, JobEndReason,
+    PageRequest, RemoteLeaseId, RequestId, SecretHash, Timestamp, Currency, JobId, LedgerAccount, Transaction, JobEndReason,
 };
 
 use super::command::{Command, Envelope};
 use super::event::Event;
-use super::model::{Account, AuthCode, Card, Cluster, EnrollmentToken, Job, Lease, LeaseAccount, Node, SchedulerLease, ServiceEvaluation};
+use super::model::{Account, AuthCode, Card, Cluster, EnrollmentToken, Job, Lease, LeaseAccount, Node, RemoteLease, SchedulerLease, ServiceEvaluation};
 
 mod agents;
 pub mod archive;
 mod authority;
 pub mod format_v3;
+pub mod format_v4;
 pub mod jobs;
 pub mod ledger;
+mod remote;
 
 /// Limits that are part of the replicated rules (changing them is a format change).
 pub mod rules {
@@ -50,6 +52,8 @@ pub mod rules {
     /// Leases one researcher may have waiting (requested or approved, not yet active) at once:
     /// requesting and abandoning leases costs the researcher nothing but grows the state.
     pub const MAX_WAITING_LEASES_PER_RESEARCHER: usize = 64;
+    /// Leases of other members' cards one researcher may hold at once (format 5).
+    pub const MAX_LIVE_REMOTE_LEASES_PER_RESEARCHER: usize = 64;
     /// An enrollment token lives at most this long.
     pub const ENROLLMENT_TOKEN_MAX_SECONDS: i64 = 7 * 24 * 3600;
     /// Records one `ArchiveEnded` command moves out of the hot state at most (a bounded
@@ -74,6 +78,8 @@ pub enum Response {
     Placements(Vec<Result<(), DomainError>>),
     SchedulerLease(SchedulerLease),
     Transaction(Box<Transaction>),
+    // Appended (format 5): remembered outcomes name variants by position.
+    RemoteLease(Box<RemoteLease>),
 }
 
 pub type Outcome = Result<Response, DomainError>;
@@ -120,6 +126,9 @@ pub struct State {
     /// Ledger lines moved to the archive (format 4): the hot ledger's first line has this
     /// ID plus one.
     ledger_archived: u64,
+    /// Leases of other federation members' cards this member's researchers asked for (format
+    /// 5; appended last, so a format-4 state reads as this one with none).
+    remote_leases: BTreeMap<RemoteLeaseId, RemoteLease>,
     /// Records the last commands moved out of the hot state, until the storage layer takes
     /// them (`take_archived`); never part of a snapshot.
     #[serde(skip)]
@@ -473,6 +482,21 @@ impl State {
             Command::GrantCredit { account, limit } => self.grant_credit(*account, limit),
             Command::SettleLeases { leases } => self.settle_leases(leases, at, events),
             Command::ArchiveEnded { ended_before } => self.archive_ended(*ended_before, at).map(|()| Response::Empty),
+            Command::RequestRemoteLease { researcher, member, member_name, remote_cluster, cards, billing_mode, periods, price_per_card } => {
+                let request = remote::Request {
+                    researcher: *researcher,
+                    member,
+                    member_name,
+                    remote_cluster: *remote_cluster,
+                    cards: *cards,
+                    billing_mode: *billing_mode,
+                    periods: *periods,
+                    price_per_card,
+                };
+                self.request_remote_lease(request, at, events)
+            }
+            Command::ConfirmRemoteLease { remote, remote_lease } => self.confirm_remote_lease(*remote, *remote_lease, events),
+            Command::EndRemoteLease { remote, charged_minor } => self.end_remote_lease(*remote, *charged_minor, at, events),
             Command::ExpireLease { lease } => {
                 let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
                 self.transition_check(l, LeaseAction::Expire)?;
@@ -931,7 +955,8 @@ impl State {
             }
         }
         self.check_job_invariants()?;
-        self.check_ledger_invariants()
+        self.check_ledger_invariants()?;
+        self.check_remote_lease_invariants()
     }
 }
 

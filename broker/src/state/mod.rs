@@ -10,7 +10,7 @@ pub use command::{Command, Envelope};
 pub use event::{AppliedEvents, Event};
 pub use machine::archive::Archived;
 pub use machine::{rules, ClusterSummary, Outcome, Response, State};
-pub use model::{Account, Attempt, AuthCode, Card, Cluster, EnrollmentToken, Job, Lease, LeaseAccount, Node, SchedulerLease, ServiceEvaluation};
+pub use model::{Account, Attempt, AuthCode, Card, Cluster, EnrollmentToken, Job, Lease, LeaseAccount, Node, RemoteLease, SchedulerLease, ServiceEvaluation};
 
 #[cfg(test)]
 mod golden_tests;

@@ -212,3 +212,30 @@ pub struct ServiceEvaluation {
     pub score: u32,
     pub at: Timestamp,
 }
+
+/// A lease of another federation member's cards, as this (the requesting) member records it
+/// (format 5). This member holds its researcher's money; the owning member decides and keeps
+/// the lease itself in its own Raft group, and reports what it charged when the lease ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteLease {
+    pub id: suanli_types::RemoteLeaseId,
+    pub researcher: AccountId,
+    /// The owning member: its peer ID (base58) and its name in the federation's membership.
+    pub member: String,
+    pub member_name: String,
+    /// The owner's cluster, and the owner's lease once it leased the cards.
+    pub remote_cluster: u64,
+    pub remote_lease: Option<u64>,
+    pub cards: u32,
+    pub billing_mode: BillingMode,
+    pub periods: u32,
+    /// The owner's announced price per card per period, and what was held: price × cards ×
+    /// periods, exact.
+    pub price_per_card: Money,
+    pub held: Money,
+    pub state: suanli_types::RemoteLeaseState,
+    pub requested_at: Timestamp,
+    pub ended_at: Option<Timestamp>,
+    /// What the owner charged (at most `held`); the rest went back to the researcher.
+    pub charged_minor: i64,
+}

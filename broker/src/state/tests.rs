@@ -6,6 +6,7 @@ use suanli_types::{
     AccountId, AccountKind, BillingMode, CardHealth, CardId, CardStatus, Caller, ClusterClass, ClusterId, DomainError, EndReason,
     ErrorCode, LeaseAction, LeaseId, LeaseState, LeaseUnit, Listing, NodeId, NodeInventory, OperatorRole, RequestId,
     SecretHash, SshPublicKey, SupplierEndReason, Timestamp, Currency, Money, LedgerAccount, TransactionKind, JobEndReason, JobSpec, JobState, JobId,
+    RemoteLeaseState,
 };
 
 use suanli_testkit::fixtures;
@@ -1242,6 +1243,111 @@ fn a_running_attempt_keeps_the_ended_lease_it_runs_on_hot() {
     assert!(h.m.w.state.lease(h.live_lease).is_some(), "named by a live attempt");
     h.m.w.state.check_invariants().expect("invariants");
 }
+
+// ---- remote leases (format 5) ------------------------------------------------------------------
+
+fn request_remote(researcher: AccountId, cards: u32, price_minor: i64) -> Command {
+    Command::RequestRemoteLease {
+        researcher,
+        member: "12D3KooWPjceQrSwdWXPyLLeABRXmuqt69Rg3sBYbU1Nft9HyQ6X".into(),
+        member_name: "city".into(),
+        remote_cluster: 4,
+        cards,
+        billing_mode: BillingMode::Hourly,
+        periods: 2,
+        price_per_card: Money::new(Currency::cny(), price_minor),
+    }
+}
+
+fn remote(response: Response) -> model::RemoteLease {
+    match response {
+        Response::RemoteLease(l) => *l,
+        other => panic!("expected a remote lease, got {other:?}"),
+    }
+}
+
+/// The money and the remote leases: what a refused remote-lease command must leave as it was
+/// (the at-most-once memory does record the refusal).
+fn money_and_remote_leases(w: &World) -> (std::collections::BTreeMap<(LedgerAccount, Currency), i64>, usize, Vec<model::RemoteLease>, u64) {
+    let remote = w.state.remote_leases_after(0).cloned().collect();
+    (w.state.balances().clone(), w.state.transactions().len(), remote, w.state.next_id())
+}
+
+fn money_of(w: &World, researcher: AccountId) -> (i64, i64) {
+    let cny = Currency::cny();
+    (w.state.balance(LedgerAccount::Available(researcher), &cny), w.state.balance(LedgerAccount::RemoteHeld(researcher), &cny))
+}
+
+#[test]
+fn a_remote_lease_holds_the_researchers_money_until_the_owner_charges_for_it() {
+    let mut m = market();
+    let r = remote(m.w.ok(Caller::Platform, request_remote(m.researcher, 3, 1_000)));
+    assert_eq!((r.state, r.held.minor), (RemoteLeaseState::Requested, 6_000));
+    assert_eq!(money_of(&m.w, m.researcher), (FUNDS - 6_000, 6_000));
+    let r = remote(m.w.ok(Caller::Platform, Command::ConfirmRemoteLease { remote: r.id, remote_lease: 77 }));
+    assert_eq!((r.state, r.remote_lease), (RemoteLeaseState::Active, Some(77)));
+    // The same confirmation again changes nothing; another lease ID is refused.
+    m.w.ok(Caller::Platform, Command::ConfirmRemoteLease { remote: r.id, remote_lease: 77 });
+    assert_eq!(code(m.w.run(Caller::Platform, Command::ConfirmRemoteLease { remote: r.id, remote_lease: 78 })), ErrorCode::InvalidArgument);
+    let ended = remote(m.w.ok(Caller::Platform, Command::EndRemoteLease { remote: r.id, charged_minor: 2_501 }));
+    assert_eq!((ended.state, ended.charged_minor), (RemoteLeaseState::Ended, 2_501));
+    assert_eq!(money_of(&m.w, m.researcher), (FUNDS - 2_501, 0));
+    assert_eq!(m.w.state.balance(LedgerAccount::FederationPayable, &Currency::cny()), 2_501);
+    // Ended once: a second end (say, a settlement replayed) is refused and moves nothing.
+    assert_eq!(code(m.w.run(Caller::Platform, Command::EndRemoteLease { remote: r.id, charged_minor: 0 })), ErrorCode::InvalidArgument);
+    assert_eq!(money_of(&m.w, m.researcher), (FUNDS - 2_501, 0));
+    m.w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn a_refused_remote_lease_gives_the_whole_hold_back() {
+    let mut m = market();
+    let r = remote(m.w.ok(Caller::Platform, request_remote(m.researcher, 1, 1_000)));
+    m.w.ok(Caller::Platform, Command::EndRemoteLease { remote: r.id, charged_minor: 0 });
+    assert_eq!(money_of(&m.w, m.researcher), (FUNDS, 0));
+    assert_eq!(m.w.state.remote_lease(r.id).map(|l| (l.state, l.remote_lease)), Some((RemoteLeaseState::Ended, None)));
+    m.w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn only_the_platform_records_remote_leases_and_never_beyond_the_money_or_the_hold() {
+    let mut m = market();
+    let before = money_and_remote_leases(&m.w);
+    // A researcher, an operator, a supplier cannot hold money for a remote lease themselves.
+    for caller in [Caller::Account(m.researcher), Caller::Operator(OperatorRole::Dispatcher), Caller::Account(m.supplier), Caller::System] {
+        assert_eq!(code(m.w.run(caller.clone(), request_remote(m.researcher, 1, 1_000))), ErrorCode::PermissionDenied, "{caller}");
+    }
+    // More than the researcher has; a supplier's account; nonsense fields.
+    assert_eq!(code(m.w.run(Caller::Platform, request_remote(m.researcher, 1, FUNDS))), ErrorCode::InsufficientFunds);
+    assert_eq!(code(m.w.run(Caller::Platform, request_remote(m.supplier, 1, 1_000))), ErrorCode::WrongAccountKind);
+    assert_eq!(code(m.w.run(Caller::Platform, request_remote(m.researcher, 0, 1_000))), ErrorCode::InvalidArgument);
+    assert_eq!(code(m.w.run(Caller::Platform, request_remote(m.researcher, 1, -5))), ErrorCode::InvalidArgument);
+    let mut nameless = request_remote(m.researcher, 1, 1_000);
+    if let Command::RequestRemoteLease { member, .. } = &mut nameless {
+        *member = "x".repeat(200);
+    }
+    assert_eq!(code(m.w.run(Caller::Platform, nameless)), ErrorCode::InvalidArgument);
+    assert_eq!(money_and_remote_leases(&m.w), before, "nothing changed");
+    // Charging more than was held, or less than nothing, is refused.
+    let r = remote(m.w.ok(Caller::Platform, request_remote(m.researcher, 1, 1_000)));
+    let held = money_and_remote_leases(&m.w);
+    for charged in [2_001, -1] {
+        assert_eq!(code(m.w.run(Caller::Platform, Command::EndRemoteLease { remote: r.id, charged_minor: charged })), ErrorCode::InvalidArgument);
+    }
+    assert_eq!(code(m.w.run(Caller::Account(m.researcher), Command::EndRemoteLease { remote: r.id, charged_minor: 0 })), ErrorCode::PermissionDenied);
+    assert_eq!(money_and_remote_leases(&m.w), held, "nothing changed");
+}
+
+#[test]
+fn a_retried_remote_lease_request_holds_once_and_answers_the_same_lease() {
+    let mut m = market();
+    let env = m.w.envelope(Caller::Platform, request_remote(m.researcher, 1, 1_000));
+    let first = m.w.state.apply(&env).0.expect("held");
+    let again = m.w.state.apply(&env).0.expect("the first answer");
+    assert_eq!(first, again);
+    assert_eq!(money_of(&m.w, m.researcher), (FUNDS - 2_000, 2_000), "held once");
+}
+
 
 #[test]
 fn one_command_archives_a_bounded_number_of_records() {

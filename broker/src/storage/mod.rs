@@ -16,8 +16,8 @@
 //! re-applying recreates them (and the synced write of a snapshot that no longer holds them
 //! syncs RocksDB's write-ahead log up to it, them included).
 //!
-//! Formats: 4 (this code) added the archive; a format-3 store is migrated when opened
-//! ([`migrate_from_v3`]), a format-3 backup when restored.
+//! Formats: 4 added the archive, 5 (this code) remote leases; a format-3 or 4 store is
+//! migrated when opened ([`migrate`]), an older backup when restored.
 
 pub(crate) mod archive;
 mod log_store;
@@ -55,7 +55,7 @@ pub type StorageError = openraft::StorageError<NodeId>;
 
 /// The on-disk format this code reads and writes. Bumped on any incompatible change; a node
 /// refuses to open data of another version instead of misreading it.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest format this code migrates from.
 pub const OLDEST_READABLE_FORMAT: u32 = 3;
 
@@ -142,7 +142,7 @@ fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
             let found = bytes.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX);
             match found {
                 FORMAT_VERSION => {}
-                3 => migrate_from_v3(db)?,
+                3 | 4 => migrate(db, found)?,
                 _ => return Err(StoreError::FormatVersion { path: path.display().to_string(), found }),
             }
         }
@@ -155,19 +155,21 @@ fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Format 3 → 4: the snapshot's state gains `ledger_archived` (0: a format-3 broker archived
-/// nothing) and the store an empty archive. The log and the events read unchanged (commands
-/// and events only gained variants, appended). One synced write: a crash leaves format 3.
-fn migrate_from_v3(db: &DB) -> Result<(), StoreError> {
+/// Format 3 or 4 → this one. Format 4 gave the snapshot's state `ledger_archived` (0: a
+/// format-3 broker archived nothing) and the store an empty archive; format 5 gave the state
+/// `remote_leases` (none before). The log and the events read unchanged (commands, events,
+/// outcomes and ledger accounts only gained variants, appended). One synced write: a crash
+/// leaves the old format.
+fn migrate(db: &DB, found: u32) -> Result<(), StoreError> {
     let mut batch = rocksdb::WriteBatch::default();
     if let Some(bytes) = db.get_cf(cf(db, CF_SNAPSHOT)?, state_machine::KEY_SNAPSHOT)? {
-        batch.put_cf(cf(db, CF_SNAPSHOT)?, state_machine::KEY_SNAPSHOT, state_machine::stored_snapshot_v3_to_v4(&bytes)?);
+        batch.put_cf(cf(db, CF_SNAPSHOT)?, state_machine::KEY_SNAPSHOT, state_machine::stored_snapshot_to_current(&bytes, found)?);
     }
     batch.put_cf(cf(db, CF_META)?, KEY_FORMAT, FORMAT_VERSION.to_be_bytes());
     let mut sync = rocksdb::WriteOptions::default();
     sync.set_sync(true);
     db.write_opt(batch, &sync)?;
-    tracing::info!("store migrated from format 3 to {FORMAT_VERSION}");
+    tracing::info!("store migrated from format {found} to {FORMAT_VERSION}");
     Ok(())
 }
 

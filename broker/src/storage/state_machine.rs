@@ -27,6 +27,7 @@ use super::{
     cf, index_key, io_err, key_index, LogId, NodeId, StorageError, StoreError, TypeConfig, CF_EVENTS, CF_META, CF_SNAPSHOT,
 };
 use crate::state::machine::format_v3::StateV3;
+use crate::state::machine::format_v4::StateV4;
 use crate::state::{AppliedEvents, Outcome, Response, State};
 use suanli_types::Timestamp;
 
@@ -52,19 +53,33 @@ struct SnapshotPayload {
     state: State,
 }
 
-/// [`SnapshotPayload`] as format 3 wrote it (read by the migration and by restores of
-/// format-3 backups).
+/// [`SnapshotPayload`] as an earlier format wrote it, with that format's state (`StateV3`,
+/// `StateV4`): read by the migrations and by restores of older backups.
 #[derive(Deserialize)]
-pub(super) struct SnapshotPayloadV3 {
+pub(super) struct OlderSnapshotPayload<S> {
     last_applied: Option<LogId>,
     membership: Membership,
-    state: StateV3,
+    state: S,
 }
 
-impl From<SnapshotPayloadV3> for SnapshotPayload {
-    fn from(v3: SnapshotPayloadV3) -> Self {
-        SnapshotPayload { last_applied: v3.last_applied, membership: v3.membership, state: v3.state.into() }
+impl<S: Into<State>> From<OlderSnapshotPayload<S>> for SnapshotPayload {
+    fn from(old: OlderSnapshotPayload<S>) -> Self {
+        SnapshotPayload { last_applied: old.last_applied, membership: old.membership, state: old.state.into() }
     }
+}
+
+/// A snapshot payload of store format `format` (3 to the current one) as this format's, with
+/// the bytes that follow it (format 4 on: the archive's chunks).
+fn take_payload(bytes: &[u8], format: u32) -> Result<(SnapshotPayload, &[u8]), StoreError> {
+    Ok(match format {
+        // Format 3 sent nothing after the payload.
+        3 => (postcard::from_bytes::<OlderSnapshotPayload<StateV3>>(bytes)?.into(), &[]),
+        4 => {
+            let (old, rest) = postcard::take_from_bytes::<OlderSnapshotPayload<StateV4>>(bytes)?;
+            (old.into(), rest)
+        }
+        _ => postcard::take_from_bytes::<SnapshotPayload>(bytes)?,
+    })
 }
 
 /// Archive key-value pairs per chunk of a sent snapshot.
@@ -79,16 +94,15 @@ struct Transfer {
 }
 
 impl Transfer {
-    /// Decodes a snapshot sent or exported by a node of store format `format` (4, or 3:
-    /// without archive, migrated).
+    /// Decodes a snapshot sent or exported by a node of store format `format` (this one, or
+    /// an earlier one: migrated).
     fn decode(bytes: &[u8], format: u32) -> Result<Transfer, StoreError> {
-        if format == 3 {
-            let payload: SnapshotPayload = postcard::from_bytes::<SnapshotPayloadV3>(bytes)?.into();
-            let payload_bytes = postcard::to_allocvec(&payload)?;
-            return Ok(Transfer { payload, payload_bytes, archive: Vec::new() });
-        }
-        let (payload, mut rest): (SnapshotPayload, &[u8]) = postcard::take_from_bytes(bytes)?;
-        let payload_bytes = bytes[..bytes.len() - rest.len()].to_vec();
+        let (payload, mut rest) = take_payload(bytes, format)?;
+        let payload_bytes = if format == super::FORMAT_VERSION {
+            bytes[..bytes.len() - rest.len()].to_vec()
+        } else {
+            postcard::to_allocvec(&payload)?
+        };
         let mut archive = Vec::new();
         while !rest.is_empty() {
             let (chunk, after): (archive::Pairs, &[u8]) = postcard::take_from_bytes(rest)?;
@@ -314,10 +328,11 @@ impl StateMachineStore {
     }
 }
 
-/// A stored snapshot as format 3 wrote it, re-encoded as format 4 (see `migrate_from_v3`).
-pub(super) fn stored_snapshot_v3_to_v4(bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+/// A stored snapshot as store format `format` wrote it, re-encoded in this format (see
+/// `migrate`). The stored snapshot's envelope has not changed since format 3; its payload has.
+pub(super) fn stored_snapshot_to_current(bytes: &[u8], format: u32) -> Result<Vec<u8>, StoreError> {
     let stored: StoredSnapshot = postcard::from_bytes(bytes)?;
-    let payload: SnapshotPayload = postcard::from_bytes::<SnapshotPayloadV3>(&stored.data)?.into();
+    let (payload, _) = take_payload(&stored.data, format)?;
     Ok(postcard::to_allocvec(&StoredSnapshot { meta: stored.meta, data: postcard::to_allocvec(&payload)? })?)
 }
 

@@ -56,6 +56,7 @@ async fn propagation(members: usize, rounds: usize) -> Vec<Duration> {
         // Rounds are rare here: what is measured is gossip.
         anti_entropy_every: Duration::from_secs(3600),
         freshness: Freshness::default(),
+        calls: None,
     };
     let announcer = FederationNode::start(config(0, vec![])).await.expect("start");
     let address = announcer.listen_addr().await.expect("running");

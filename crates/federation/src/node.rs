@@ -1,6 +1,6 @@
 //! A member's node on the federation network: libp2p over TCP with Noise and Yamux, identify
 //! and ping, gossipsub for announcements and membership documents, request-response for
-//! anti-entropy.
+//! anti-entropy and for calls between members (`calls.rs`).
 //!
 //! Only members connect: an allow list holding the membership's peer IDs refuses every other
 //! connection as it is established (after Noise proved the peer's key), in both directions,
@@ -9,7 +9,7 @@
 //! Gossip alone may lose a message (a member that was not connected); every few seconds each
 //! node sends its version vector to its peers and gets back what it lacked.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,12 +24,19 @@ use libp2p::{identify, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtoco
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::calls::{Answer, Call, CallRequest, CALL_FORMAT};
 use crate::catalogue::{Announcement, Applied, Catalogue, FederatedListing, Freshness, ListingDigest, SignedAnnouncement};
 use crate::membership::{Membership, MembershipChain, MembershipError, SignedMembership, FORMAT};
 
 const CATALOGUE_TOPIC: &str = "suanli/catalogue/1";
 const MEMBERSHIP_TOPIC: &str = "suanli/membership/1";
 const ANTI_ENTROPY: StreamProtocol = StreamProtocol::new("/suanli/anti-entropy/1");
+const CALLS: StreamProtocol = StreamProtocol::new("/suanli/call/1");
+/// How long a call waits for the other member's answer (it decides in its own Raft group).
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// Calls from other members waiting for this member's gateway at once; more are refused
+/// (`UNAVAILABLE`, the caller retries).
+const CALLS_QUEUED: usize = 64;
 /// Bytes (postcard-encoded) of membership changes and announcements one anti-entropy answer
 /// carries at most; the rest follow in the next rounds. The answer travels in libp2p's CBOR
 /// codec, which takes at most 10 MiB and writes every field name (about 3× postcard for a
@@ -71,6 +78,7 @@ struct Behaviour {
     members_only: allow_block_list::Behaviour<AllowedPeers>,
     gossip: gossipsub::Behaviour,
     anti_entropy: request_response::cbor::Behaviour<(VersionVector, u64), Missing>,
+    calls: request_response::cbor::Behaviour<CallRequest, Answer>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -90,6 +98,18 @@ pub struct NodeConfig {
     pub persist_membership: Option<std::path::PathBuf>,
     pub anti_entropy_every: Duration,
     pub freshness: Freshness,
+    /// Where calls from other members go (the gateway answers them); `None`: every call is
+    /// refused.
+    pub calls: Option<mpsc::Sender<IncomingCall>>,
+}
+
+/// A call from another member, to be answered on `reply`.
+#[derive(Debug)]
+pub struct IncomingCall {
+    /// The calling member, as Noise proved it.
+    pub from: PeerId,
+    pub call: Call,
+    pub reply: oneshot::Sender<Answer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +124,12 @@ pub enum NodeError {
     Stopped,
     #[error("the offer is {0} bytes encoded; a gossip message carries at most {MAX_MESSAGE_BYTES}")]
     TooLarge(usize),
+    #[error("{0} is not a member of the federation")]
+    NotMember(PeerId),
+    /// The call did not reach the member or got no answer in time; it may have been applied
+    /// (calls carry idempotency keys: retry it).
+    #[error("the call to {peer} failed: {why}")]
+    Call { peer: PeerId, why: String },
 }
 
 /// What the node has seen, for metrics and tests.
@@ -115,6 +141,10 @@ pub struct Counters {
     pub announcements_expired: AtomicU64,
     pub connections_refused: AtomicU64,
     pub anti_entropy_rounds: AtomicU64,
+    pub calls_sent: AtomicU64,
+    pub calls_failed: AtomicU64,
+    pub calls_received: AtomicU64,
+    pub calls_refused: AtomicU64,
 }
 
 struct Shared {
@@ -129,6 +159,7 @@ enum Command {
     Dial(Multiaddr),
     Connected(oneshot::Sender<Vec<PeerId>>),
     ChangeMembership(SignedMembership, oneshot::Sender<Result<u64, MembershipError>>),
+    Call(PeerId, Call, oneshot::Sender<Result<Answer, NodeError>>),
 }
 
 /// A running member node. Dropping every handle stops it.
@@ -170,6 +201,7 @@ impl FederationNode {
         let started = Instant::now();
         let (changed, changes) = watch::channel(0);
         let (listens, listening) = watch::channel(Vec::new());
+        let (answers_tx, answers_rx) = mpsc::unbounded_channel();
         let node = FederationNode {
             peer_id,
             commands,
@@ -193,8 +225,11 @@ impl FederationNode {
             persist: config.persist_membership,
             answer_start: 0,
             asked_for_gap: BTreeMap::new(),
+            calls_to: config.calls,
+            calls_out: HashMap::new(),
+            answers: answers_tx,
         };
-        tokio::spawn(driver.run(receiver, config.anti_entropy_every));
+        tokio::spawn(driver.run(receiver, answers_rx, config.anti_entropy_every));
         Ok(node)
     }
 
@@ -237,6 +272,13 @@ impl FederationNode {
         let (tx, rx) = oneshot::channel();
         self.commands.send(Command::ChangeMembership(next, tx)).await.map_err(|_| NodeError::Stopped)?;
         Ok(rx.await.map_err(|_| NodeError::Stopped)??)
+    }
+
+    /// Calls member `to` and waits for its answer (at most `CALL_TIMEOUT`).
+    pub async fn call(&self, to: PeerId, call: Call) -> Result<Answer, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Call(to, call, tx)).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
     }
 
     /// The merged catalogue now: every member's offer (this one's too), stale ones marked,
@@ -295,8 +337,19 @@ fn behaviour(key: &Keypair) -> Result<Behaviour, BehaviourError> {
         .build()?;
     let gossip = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
     let anti_entropy = request_response::cbor::Behaviour::new([(ANTI_ENTROPY, ProtocolSupport::Full)], request_response::Config::default());
+    let calls = request_response::cbor::Behaviour::new(
+        [(CALLS, ProtocolSupport::Full)],
+        request_response::Config::default().with_request_timeout(CALL_TIMEOUT),
+    );
     let identify = identify::Behaviour::new(identify::Config::new("/suanli/federation/1".into(), key.public()));
-    Ok(Behaviour { members_only: allow_block_list::Behaviour::default(), gossip, anti_entropy, identify, ping: ping::Behaviour::new(ping::Config::new()) })
+    Ok(Behaviour {
+        members_only: allow_block_list::Behaviour::default(),
+        gossip,
+        anti_entropy,
+        calls,
+        identify,
+        ping: ping::Behaviour::new(ping::Config::new()),
+    })
 }
 
 fn build_swarm(key: &Keypair, membership: &Membership, transport: TransportKind) -> Result<Swarm<Behaviour>, NodeError> {
@@ -350,10 +403,20 @@ struct Driver {
     /// When each peer was last asked because its gossip showed this node behind (at most once
     /// a second per peer, whatever unchecked gossip claims).
     asked_for_gap: BTreeMap<PeerId, Instant>,
+    calls_to: Option<mpsc::Sender<IncomingCall>>,
+    /// Calls this node sent, waiting for their answers.
+    calls_out: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Answer, NodeError>>>,
+    /// Answers the gateway gave to calls from other members, to send back.
+    answers: mpsc::UnboundedSender<(request_response::ResponseChannel<Answer>, Answer)>,
 }
 
 impl Driver {
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, every: Duration) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut answers: mpsc::UnboundedReceiver<(request_response::ResponseChannel<Answer>, Answer)>,
+        every: Duration,
+    ) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -363,6 +426,9 @@ impl Driver {
                     None => return,
                 },
                 event = self.swarm.select_next_some() => self.event(event),
+                Some((channel, answer)) = answers.recv() => {
+                    let _ = self.swarm.behaviour_mut().calls.send_response(channel, answer);
+                }
                 _ = tick.tick() => self.round(),
             }
         }
@@ -394,6 +460,64 @@ impl Driver {
                 }
                 let _ = reply.send(adopted);
             }
+            Command::Call(peer, call, reply) => {
+                let addresses: Option<Vec<Multiaddr>> = self
+                    .shared()
+                    .membership
+                    .member(&peer)
+                    .map(|m| m.addresses.iter().filter_map(|a| a.parse().ok()).collect());
+                let Some(addresses) = addresses else {
+                    let _ = reply.send(Err(NodeError::NotMember(peer)));
+                    return;
+                };
+                // Not connected: request-response dials it at the addresses the membership lists.
+                for address in addresses {
+                    self.swarm.add_peer_address(peer, address);
+                }
+                self.counters.calls_sent.fetch_add(1, Ordering::Relaxed);
+                let id = self.swarm.behaviour_mut().calls.send_request(&peer, CallRequest { format: CALL_FORMAT, call });
+                self.calls_out.insert(id, reply);
+            }
+        }
+    }
+
+    /// A call from another member: handed to the gateway, whose answer goes back through
+    /// `answers`; refused at once when nobody takes calls, the call is malformed, or too many
+    /// wait.
+    fn incoming_call(&mut self, from: PeerId, request: CallRequest, channel: request_response::ResponseChannel<Answer>) {
+        self.counters.calls_received.fetch_add(1, Ordering::Relaxed);
+        let refuse = |code: &str, message: String| Answer::Refused { code: code.into(), message };
+        let refused = if request.format != CALL_FORMAT {
+            Some(refuse("INVALID_ARGUMENT", format!("call format {} received, this member speaks {CALL_FORMAT}", request.format)))
+        } else if !self.shared().membership.contains(&from) {
+            Some(refuse("PERMISSION_DENIED", "not a member of the federation".into()))
+        } else if let Err(why) = request.call.validate() {
+            Some(refuse("INVALID_ARGUMENT", why))
+        } else {
+            match &self.calls_to {
+                None => Some(refuse("UNIMPLEMENTED", "this member takes no calls".into())),
+                Some(to) => {
+                    let (reply, answer) = oneshot::channel();
+                    match to.try_send(IncomingCall { from, call: request.call, reply }) {
+                        Ok(()) => {
+                            let answers = self.answers.clone();
+                            tokio::spawn(async move {
+                                let answer = answer.await.unwrap_or_else(|_| Answer::Refused {
+                                    code: "UNAVAILABLE".into(),
+                                    message: "the member's gateway dropped the call".into(),
+                                });
+                                let _ = answers.send((channel, answer));
+                            });
+                            return;
+                        }
+                        Err(_) => Some(refuse("UNAVAILABLE", format!("more than {CALLS_QUEUED} calls are waiting; retry"))),
+                    }
+                }
+            }
+        };
+        if let Some(answer) = refused {
+            self.counters.calls_refused.fetch_add(1, Ordering::Relaxed);
+            let _ = self.swarm.behaviour_mut().calls.send_response(channel, answer);
         }
     }
 
@@ -581,6 +705,23 @@ impl Driver {
                         }
                     }
                 }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Calls(event)) => match event {
+                request_response::Event::Message { peer, message: request_response::Message::Request { request, channel, .. }, .. } => {
+                    self.incoming_call(peer, request, channel);
+                }
+                request_response::Event::Message { message: request_response::Message::Response { request_id, response }, .. } => {
+                    if let Some(reply) = self.calls_out.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+                request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                    self.counters.calls_failed.fetch_add(1, Ordering::Relaxed);
+                    if let Some(reply) = self.calls_out.remove(&request_id) {
+                        let _ = reply.send(Err(NodeError::Call { peer, why: error.to_string() }));
+                    }
+                }
+                _ => {}
             },
             SwarmEvent::ConnectionEstablished { peer_id, .. } => self.ask(peer_id),
             SwarmEvent::NewListenAddr { address, .. } => self.listens.send_modify(|a| a.push(address)),

@@ -10,7 +10,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, tcp, yamux};
 use suanli_federation::membership::sign;
 use suanli_federation::testing::{founded, listing};
-use suanli_federation::{FederationNode, Freshness, Keypair, Member, MembershipChain, Multiaddr, NodeConfig, SignedMembership};
+use suanli_federation::{Answer, Call, FederationNode, Freshness, IncomingCall, Keypair, Member, MembershipChain, Multiaddr, NodeConfig, NodeError, SignedMembership};
 use tokio::time::Instant;
 
 const NAMES: [&str; 4] = ["city", "university", "cloud", "lab"];
@@ -43,7 +43,11 @@ async fn start_with(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness: F
 }
 
 async fn start_config(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness: Freshness, every: Duration, persist: Option<std::path::PathBuf>) -> FederationNode {
-    let config = NodeConfig {
+    FederationNode::start(config(f, i, dial, freshness, every, persist)).await.expect("start")
+}
+
+fn config(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness: Freshness, every: Duration, persist: Option<std::path::PathBuf>) -> NodeConfig {
+    NodeConfig {
         transport: Default::default(),
         persist_membership: persist,
         keypair: f.keys[i].clone(),
@@ -52,8 +56,19 @@ async fn start_config(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness:
         dial,
         anti_entropy_every: every,
         freshness,
-    };
-    FederationNode::start(config).await.expect("start")
+        calls: None,
+    }
+}
+
+/// Member `i`, handing the calls it gets to the returned receiver.
+async fn start_answering(f: &Federation, i: usize, dial: Vec<Multiaddr>) -> (FederationNode, tokio::sync::mpsc::Receiver<IncomingCall>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let node = FederationNode::start(NodeConfig { calls: Some(tx), ..config(f, i, dial, Freshness::default(), OFTEN, None) }).await.expect("start");
+    (node, rx)
+}
+
+fn lease_call(key: &str) -> Call {
+    Call::Lease { key: key.into(), cluster_id: 7, cards: 1, billing_mode: "hourly".into(), periods: 1, price_per_card_minor: 100, currency: "CNY".into() }
 }
 
 async fn address(node: &FederationNode) -> Multiaddr {
@@ -239,4 +254,51 @@ async fn a_member_that_missed_membership_changes_takes_them_in_order_and_keeps_t
     assert_eq!(chain.changes.iter().map(|c| c.doc.version).collect::<Vec<_>>(), vec![2, 3]);
     assert_eq!(chain.verify().expect("a valid chain").version(), 3);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_call_reaches_the_member_it_names_with_the_callers_proven_identity_and_the_answer_comes_back() {
+    let f = federation(2);
+    let (a, mut calls) = start_answering(&f, 0, vec![]).await;
+    let b = start(&f, 1, vec![address(&a).await], Freshness::default()).await;
+    until(10, "b joined a", async || b.connected().await.expect("running").contains(&a.peer_id())).await;
+    let answering = tokio::spawn(async move {
+        let incoming = calls.recv().await.expect("a call");
+        let from = incoming.from;
+        let Call::Lease { key, .. } = incoming.call.clone() else { panic!("a lease call: {:?}", incoming.call) };
+        incoming.reply.send(Answer::Lease { lease_id: 42, state: format!("for {key}") }).expect("reply");
+        from
+    });
+    let answer = b.call(a.peer_id(), lease_call("rlease-1")).await.expect("answered");
+    assert_eq!(answer, Answer::Lease { lease_id: 42, state: "for rlease-1".into() });
+    assert_eq!(answering.await.expect("answered"), b.peer_id(), "the caller is who Noise proved, not what the call says");
+}
+
+#[tokio::test]
+async fn a_member_that_takes_no_calls_refuses_them_and_a_malformed_call_is_refused_before_its_gateway() {
+    let f = federation(3);
+    let a = start(&f, 0, vec![], Freshness::default()).await;
+    let (c, mut calls) = start_answering(&f, 2, vec![]).await;
+    let b = start(&f, 1, vec![address(&a).await, address(&c).await], Freshness::default()).await;
+    until(10, "b joined a and c", async || b.connected().await.expect("running").len() == 2).await;
+    let answer = b.call(a.peer_id(), lease_call("k")).await.expect("answered");
+    assert!(matches!(answer, Answer::Refused { ref code, .. } if code == "UNIMPLEMENTED"), "{answer:?}");
+    let answer = b.call(c.peer_id(), lease_call("")).await.expect("answered");
+    assert!(matches!(answer, Answer::Refused { ref code, .. } if code == "INVALID_ARGUMENT"), "{answer:?}");
+    assert!(calls.try_recv().is_err(), "the gateway never saw it");
+}
+
+#[tokio::test]
+async fn a_call_to_a_peer_outside_the_membership_is_never_sent_and_one_to_a_member_that_is_down_fails_clearly() {
+    let f = federation(3);
+    let a = start(&f, 0, vec![], Freshness::default()).await;
+    let stranger = Keypair::generate_ed25519().public().to_peer_id();
+    assert!(matches!(a.call(stranger, lease_call("k")).await, Err(NodeError::NotMember(p)) if p == stranger));
+    // Member 2 never started: the call ends with an error naming it, not a hang.
+    let absent = f.keys[2].public().to_peer_id();
+    match a.call(absent, lease_call("k")).await {
+        Err(NodeError::Call { peer, .. }) => assert_eq!(peer, absent),
+        other => panic!("a clear failure, got {other:?}"),
+    }
+    assert_eq!(a.counters().calls_failed.load(std::sync::atomic::Ordering::Relaxed), 1);
 }

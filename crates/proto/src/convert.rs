@@ -423,6 +423,8 @@ pub fn ledger_account_to_wire(a: suanli_types::LedgerAccount) -> String {
         A::Earnings(id) => format!("earnings:{}", id.0),
         A::PlatformFees => "platform_fees".into(),
         A::Funding => "funding".into(),
+        A::RemoteHeld(id) => format!("remote_held:{}", id.0),
+        A::FederationPayable => "federation_payable".into(),
     }
 }
 

@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+pub mod agent;
 pub mod cluster;
 pub mod fixtures;
 pub mod link;

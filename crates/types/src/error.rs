@@ -96,6 +96,8 @@ pub enum EntityKind {
     Lease,
     SshKey,
     Job,
+    /// Appended: a lease of another federation member's cards.
+    RemoteLease,
 }
 
 impl fmt::Display for EntityKind {
@@ -108,6 +110,7 @@ impl fmt::Display for EntityKind {
             EntityKind::Lease => "lease",
             EntityKind::SshKey => "ssh key",
             EntityKind::Job => "job",
+            EntityKind::RemoteLease => "remote lease",
         };
         f.write_str(s)
     }

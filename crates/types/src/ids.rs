@@ -79,6 +79,12 @@ sequence_id!(
     JobId,
     "job"
 );
+sequence_id!(
+    /// A lease of another federation member's cards, as the requesting member records it
+    /// (the owning member knows it by its own `LeaseId`).
+    RemoteLeaseId,
+    "rlease"
+);
 
 /// The platform-assigned public identifier of a published cluster (SPEC §2: "CPcId").
 /// Derived from the cluster's sequence number so it is unique and stable for the cluster's life.

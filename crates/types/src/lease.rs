@@ -190,3 +190,29 @@ mod tests {
         }
     }
 }
+
+/// A lease of another federation member's cards, as the requesting member sees it:
+/// `Requested` (the researcher's money held, the owner asked) → `Active` (the owner leased its
+/// cards) → `Ended` (the owner's charge taken from the hold, the rest returned). A request the
+/// owner refused ends with nothing charged and no remote lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RemoteLeaseState {
+    Requested,
+    Active,
+    Ended,
+}
+
+impl RemoteLeaseState {
+    /// A live remote lease holds the researcher's money.
+    pub fn is_live(self) -> bool {
+        !matches!(self, RemoteLeaseState::Ended)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemoteLeaseState::Requested => "requested",
+            RemoteLeaseState::Active => "active",
+            RemoteLeaseState::Ended => "ended",
+        }
+    }
+}

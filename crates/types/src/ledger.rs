@@ -29,14 +29,20 @@ pub enum LedgerAccount {
     PlatformFees,
     /// Money entering (deposits) or leaving (payouts) the platform.
     Funding,
+    // Appended (format 5): encoded ledger accounts name variants by position.
+    /// A researcher's money held for leases of other federation members' cards.
+    RemoteHeld(AccountId),
+    /// What this member owes other federation members for its researchers' use of their
+    /// cards, until it settles with them (the settlement report says with whom).
+    FederationPayable,
 }
 
 impl LedgerAccount {
     /// The person an account belongs to, if any.
     pub fn holder(self) -> Option<AccountId> {
         match self {
-            LedgerAccount::Available(a) | LedgerAccount::Held(a) | LedgerAccount::Earnings(a) => Some(a),
-            LedgerAccount::PlatformFees | LedgerAccount::Funding => None,
+            LedgerAccount::Available(a) | LedgerAccount::Held(a) | LedgerAccount::Earnings(a) | LedgerAccount::RemoteHeld(a) => Some(a),
+            LedgerAccount::PlatformFees | LedgerAccount::Funding | LedgerAccount::FederationPayable => None,
         }
     }
 }
@@ -49,6 +55,8 @@ impl fmt::Display for LedgerAccount {
             LedgerAccount::Earnings(a) => write!(f, "earnings:{a}"),
             LedgerAccount::PlatformFees => f.write_str("platform-fees"),
             LedgerAccount::Funding => f.write_str("funding"),
+            LedgerAccount::RemoteHeld(a) => write!(f, "remote-held:{a}"),
+            LedgerAccount::FederationPayable => f.write_str("federation-payable"),
         }
     }
 }

@@ -8,12 +8,10 @@ use std::process::Output;
 use std::time::Duration;
 
 use suanli_proto::client::Client;
-use suanli_proto::convert::{cluster_class_to_wire, listing_to_wire};
-use suanli_proto::v1::{self, supplier_service_client::SupplierServiceClient, AccountKind};
+use suanli_proto::v1::{self, AccountKind};
 use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
-use suanli_testkit::fixtures::{self, register};
+use suanli_testkit::fixtures::register;
 use suanli_testkit::{eventually, workspace_binary, Service};
-use suanli_types::ClusterClass;
 use tempfile::TempDir;
 use tokio::process::Command;
 
@@ -84,73 +82,10 @@ impl Node {
         let dir = suanli_testkit::reachable_temp_dir().expect("temp dir");
         let mut platform = broker.client(1, PLATFORM_TOKEN).await.expect("platform");
         let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
-        let channel = suanli_proto::client::channel(&format!("http://{}", broker.address(1).expect("address"))).await.expect("channel");
-        let mut icpcss = SupplierServiceClient::with_interceptor(channel, suanli_proto::client::bearer(Some(&supplier_token)).expect("token"));
-        let token = icpcss
-            .create_enrollment_token(v1::CreateEnrollmentTokenRequest { request_id: "t".into(), valid_seconds: 600 })
-            .await
-            .expect("token")
-            .into_inner()
-            .token;
-        // Stand-ins for the cards' device nodes (major 195, as the NVIDIA driver's).
-        let devices = dir.path().join("dev");
-        std::fs::create_dir_all(&devices).expect("dev");
-        for card in 0..2 {
-            let out = std::process::Command::new("mknod").arg(devices.join(format!("nvidia{card}"))).args(["c", "195", &card.to_string()]).output().expect("mknod");
-            assert!(out.status.success(), "mknod: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let devices = devices.display().to_string();
-        // Logins of this run only: `t`, six hex digits and `z` (a prefix ends with a letter).
-        let prefix = format!("t{:06x}z", rand_u32() & 0x00ff_ffff);
-        let args: Vec<String> = [
-            "run",
-            "--broker",
-            &broker.agent_endpoint(1).expect("agent port"),
-            "--broker-ca",
-            &broker.agent_ca_cert().display().to_string(),
-            "--state-dir",
-            &dir.path().join("agent").display().to_string(),
-            "--enrollment-token",
-            &token,
-            "--hostname",
-            "gpu-access",
-            "--source",
-            "simulated",
-            "--sim-model",
-            "A10",
-            "--sim-cards",
-            "2",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--ssh-listen",
-            "127.0.0.1:0",
-            "--home-root",
-            &dir.path().join("homes").display().to_string(),
-            "--login-prefix",
-            &prefix,
-            "--devices-dir",
-            &devices,
-        ]
-        .iter()
-        .chain(agent_flags)
-        .map(|s| s.to_string())
-        .collect();
-        let agent = Service::start("agent", Path::new(env!("CARGO_BIN_EXE_suanli-agent")), &args, &[], dir.path(), WAIT)
+        let simulated = suanli_testkit::agent::start(&broker, dir.path(), &supplier_token, Path::new(env!("CARGO_BIN_EXE_suanli-agent")), 2, agent_flags)
             .await
             .expect("agent starts");
-        let node: u64 = agent.get("node").expect("node").parse().expect("node id");
-        let mut supplier = broker.client(1, &supplier_token).await.expect("supplier");
-        let cluster = supplier
-            .publish_cluster(v1::PublishClusterRequest {
-                request_id: "publish".into(),
-                class: cluster_class_to_wire(ClusterClass::B),
-                node_ids: vec![node],
-                listing: Some(listing_to_wire(&fixtures::listing(ClusterClass::B))),
-            })
-            .await
-            .expect("publish")
-            .into_inner()
-            .cluster_id;
+        let (agent, cluster, prefix) = (simulated.agent, simulated.cluster, simulated.prefix);
         Node { broker, dir, agent, cluster, prefix }
     }
 
@@ -314,11 +249,6 @@ pub fn text(out: &Output) -> String {
 
 pub fn said(out: &Output) -> String {
     format!("status {:?}\nstdout: {}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn rand_u32() -> u32 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    nanos ^ std::process::id().rotate_left(16)
 }
 
 pub async fn sha256(path: &Path) -> String {

@@ -1,7 +1,7 @@
 //! The state as format 3 stored it, kept to read format-3 snapshots and backups: format 4 added
 //! the archive (`ledger_archived`, appended last). A format-3 state has archived nothing.
 //!
-//! Frozen: this definition changes never; the next format adds a `format_v4.rs` of its own.
+//! Frozen: this definition changes never (format 4 reads it too, `format_v4.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -43,6 +43,15 @@ pub struct StateV3 {
 
 impl From<StateV3> for State {
     fn from(v3: StateV3) -> State {
+        v3.into_state(0)
+    }
+}
+
+impl StateV3 {
+    /// This state with what later formats appended: `ledger_archived` (format 4; 0 for a
+    /// format-3 state) and no remote leases (format 5).
+    pub(super) fn into_state(self, ledger_archived: u64) -> State {
+        let v3 = self;
         State {
             accounts: v3.accounts,
             accounts_by_token: v3.accounts_by_token,
@@ -69,7 +78,8 @@ impl From<StateV3> for State {
             lease_accounts: v3.lease_accounts,
             evaluations: v3.evaluations,
             evaluations_by_supplier: v3.evaluations_by_supplier,
-            ledger_archived: 0,
+            ledger_archived,
+            remote_leases: BTreeMap::new(),
             archived: Vec::new(),
         }
     }

@@ -222,7 +222,7 @@ impl State {
         }
     }
 
-    fn post(
+    pub(super) fn post(
         &mut self,
         kind: TransactionKind,
         currency: &Currency,

@@ -823,6 +823,7 @@ pub struct ReportJobCheckpointRequest {
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LedgerEntry {
     /// available:<account> | held:<account> | earnings:<account> | platform_fees | funding
+    /// \| remote_held:<account> | federation_payable
     #[prost(string, tag = "1")]
     pub account: ::prost::alloc::string::String,
     #[prost(int64, tag = "2")]
@@ -892,6 +893,9 @@ pub struct Balance {
     pub reliability_score: u32,
     #[prost(uint32, tag = "8")]
     pub evaluations: u32,
+    /// Researchers: held for leases of other federation members' cards.
+    #[prost(int64, tag = "9")]
+    pub remote_held_minor: i64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListTransactionsRequest {
@@ -2246,6 +2250,108 @@ pub mod job_service_server {
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RemoteLease {
+    #[prost(uint64, tag = "1")]
+    pub remote_lease_id: u64,
+    #[prost(uint64, tag = "2")]
+    pub researcher_id: u64,
+    /// the owning member's peer ID
+    #[prost(string, tag = "3")]
+    pub member: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub member_name: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub remote_cluster_id: u64,
+    /// 0 until the owner leased the cards
+    #[prost(uint64, tag = "6")]
+    pub remote_lease_id_at_owner: u64,
+    #[prost(uint32, tag = "7")]
+    pub cards: u32,
+    #[prost(enumeration = "BillingMode", tag = "8")]
+    pub billing_mode: i32,
+    #[prost(uint32, tag = "9")]
+    pub periods: u32,
+    #[prost(message, optional, tag = "10")]
+    pub price_per_card: ::core::option::Option<Money>,
+    #[prost(message, optional, tag = "11")]
+    pub held: ::core::option::Option<Money>,
+    #[prost(enumeration = "RemoteLeaseState", tag = "12")]
+    pub state: i32,
+    #[prost(int64, tag = "13")]
+    pub requested_at_ms: i64,
+    /// 0 while live
+    #[prost(int64, tag = "14")]
+    pub ended_at_ms: i64,
+    #[prost(int64, tag = "15")]
+    pub charged_minor: i64,
+}
+/// request_id: the researcher's idempotency key; a retry holds once and answers the same lease.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RequestRemoteLeaseRequest {
+    #[prost(string, tag = "1")]
+    pub request_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub researcher_id: u64,
+    #[prost(string, tag = "3")]
+    pub member: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub member_name: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub remote_cluster_id: u64,
+    #[prost(uint32, tag = "6")]
+    pub cards: u32,
+    #[prost(enumeration = "BillingMode", tag = "7")]
+    pub billing_mode: i32,
+    #[prost(uint32, tag = "8")]
+    pub periods: u32,
+    #[prost(message, optional, tag = "9")]
+    pub price_per_card: ::core::option::Option<Money>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConfirmRemoteLeaseRequest {
+    #[prost(string, tag = "1")]
+    pub request_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub remote_lease_id: u64,
+    #[prost(uint64, tag = "3")]
+    pub remote_lease_id_at_owner: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EndRemoteLeaseRequest {
+    #[prost(string, tag = "1")]
+    pub request_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub remote_lease_id: u64,
+    #[prost(int64, tag = "3")]
+    pub charged_minor: i64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetRemoteLeaseRequest {
+    #[prost(uint64, tag = "1")]
+    pub remote_lease_id: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListRemoteLeasesRequest {
+    /// 0: the caller's own (platform and operators: everyone's)
+    #[prost(uint64, tag = "1")]
+    pub researcher_id: u64,
+    #[prost(bool, tag = "2")]
+    pub live_only: bool,
+    /// cursor: the last remote_lease_id of the previous page
+    #[prost(uint64, tag = "3")]
+    pub page_after_id: u64,
+    /// 0 = 50, at most 500
+    #[prost(uint32, tag = "4")]
+    pub page_size: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListRemoteLeasesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub remote_leases: ::prost::alloc::vec::Vec<RemoteLease>,
+    #[prost(uint64, tag = "2")]
+    pub next_page_after_id: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RegisterAccountRequest {
     #[prost(string, tag = "1")]
     pub request_id: ::prost::alloc::string::String,
@@ -2666,7 +2772,7 @@ pub struct Resync {
 pub struct Event {
     #[prost(
         oneof = "event::Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21"
     )]
     pub kind: ::core::option::Option<event::Kind>,
 }
@@ -2714,6 +2820,8 @@ pub mod event {
         SshKeyRemoved(super::SshKeyRemoved),
         #[prost(message, tag = "20")]
         AccountTokenRotated(super::AccountTokenRotated),
+        #[prost(message, tag = "21")]
+        RemoteLeaseChanged(super::RemoteLeaseChanged),
     }
 }
 /// Job states are the strings of jobs.proto's Job.state; `from` is empty for a new job.
@@ -2790,6 +2898,15 @@ pub struct SshKeyRemoved {
 pub struct AccountTokenRotated {
     #[prost(uint64, tag = "1")]
     pub account_id: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RemoteLeaseChanged {
+    #[prost(uint64, tag = "1")]
+    pub remote_lease_id: u64,
+    #[prost(uint64, tag = "2")]
+    pub researcher_id: u64,
+    #[prost(enumeration = "RemoteLeaseState", tag = "3")]
+    pub state: i32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NodeEnrolled {
@@ -2869,6 +2986,41 @@ pub struct CardHealthChanged {
     pub from: i32,
     #[prost(enumeration = "CardHealth", tag = "3")]
     pub to: i32,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RemoteLeaseState {
+    Unspecified = 0,
+    /// money held, the owning member asked
+    Requested = 1,
+    /// the owner leased its cards (remote_lease_id)
+    Active = 2,
+    /// charged_minor taken from the hold, the rest returned
+    Ended = 3,
+}
+impl RemoteLeaseState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "REMOTE_LEASE_STATE_UNSPECIFIED",
+            Self::Requested => "REMOTE_LEASE_STATE_REQUESTED",
+            Self::Active => "REMOTE_LEASE_STATE_ACTIVE",
+            Self::Ended => "REMOTE_LEASE_STATE_ENDED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "REMOTE_LEASE_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "REMOTE_LEASE_STATE_REQUESTED" => Some(Self::Requested),
+            "REMOTE_LEASE_STATE_ACTIVE" => Some(Self::Active),
+            "REMOTE_LEASE_STATE_ENDED" => Some(Self::Ended),
+            _ => None,
+        }
+    }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -3713,6 +3865,117 @@ pub mod broker_client {
             req.extensions_mut().insert(GrpcMethod::new("suanli.v1.Broker", "Watch"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// Leases of another federation member's cards (the owner keeps the lease; this member holds
+        /// its researcher's money). The federation gateway (service power `federation`) requests,
+        /// confirms and ends them; a researcher reads their own, the platform and operators any.
+        pub async fn request_remote_lease(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RequestRemoteLeaseRequest>,
+        ) -> std::result::Result<tonic::Response<super::RemoteLease>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/suanli.v1.Broker/RequestRemoteLease",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("suanli.v1.Broker", "RequestRemoteLease"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn confirm_remote_lease(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ConfirmRemoteLeaseRequest>,
+        ) -> std::result::Result<tonic::Response<super::RemoteLease>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/suanli.v1.Broker/ConfirmRemoteLease",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("suanli.v1.Broker", "ConfirmRemoteLease"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn end_remote_lease(
+            &mut self,
+            request: impl tonic::IntoRequest<super::EndRemoteLeaseRequest>,
+        ) -> std::result::Result<tonic::Response<super::RemoteLease>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/suanli.v1.Broker/EndRemoteLease",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("suanli.v1.Broker", "EndRemoteLease"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn get_remote_lease(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetRemoteLeaseRequest>,
+        ) -> std::result::Result<tonic::Response<super::RemoteLease>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/suanli.v1.Broker/GetRemoteLease",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("suanli.v1.Broker", "GetRemoteLease"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_remote_leases(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListRemoteLeasesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRemoteLeasesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/suanli.v1.Broker/ListRemoteLeases",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("suanli.v1.Broker", "ListRemoteLeases"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -3918,6 +4181,32 @@ pub mod broker_server {
             &self,
             request: tonic::Request<super::WatchRequest>,
         ) -> std::result::Result<tonic::Response<Self::WatchStream>, tonic::Status>;
+        /// Leases of another federation member's cards (the owner keeps the lease; this member holds
+        /// its researcher's money). The federation gateway (service power `federation`) requests,
+        /// confirms and ends them; a researcher reads their own, the platform and operators any.
+        async fn request_remote_lease(
+            &self,
+            request: tonic::Request<super::RequestRemoteLeaseRequest>,
+        ) -> std::result::Result<tonic::Response<super::RemoteLease>, tonic::Status>;
+        async fn confirm_remote_lease(
+            &self,
+            request: tonic::Request<super::ConfirmRemoteLeaseRequest>,
+        ) -> std::result::Result<tonic::Response<super::RemoteLease>, tonic::Status>;
+        async fn end_remote_lease(
+            &self,
+            request: tonic::Request<super::EndRemoteLeaseRequest>,
+        ) -> std::result::Result<tonic::Response<super::RemoteLease>, tonic::Status>;
+        async fn get_remote_lease(
+            &self,
+            request: tonic::Request<super::GetRemoteLeaseRequest>,
+        ) -> std::result::Result<tonic::Response<super::RemoteLease>, tonic::Status>;
+        async fn list_remote_leases(
+            &self,
+            request: tonic::Request<super::ListRemoteLeasesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRemoteLeasesResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct BrokerServer<T> {
@@ -5408,6 +5697,231 @@ pub mod broker_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/suanli.v1.Broker/RequestRemoteLease" => {
+                    #[allow(non_camel_case_types)]
+                    struct RequestRemoteLeaseSvc<T: Broker>(pub Arc<T>);
+                    impl<
+                        T: Broker,
+                    > tonic::server::UnaryService<super::RequestRemoteLeaseRequest>
+                    for RequestRemoteLeaseSvc<T> {
+                        type Response = super::RemoteLease;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RequestRemoteLeaseRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Broker>::request_remote_lease(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RequestRemoteLeaseSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/suanli.v1.Broker/ConfirmRemoteLease" => {
+                    #[allow(non_camel_case_types)]
+                    struct ConfirmRemoteLeaseSvc<T: Broker>(pub Arc<T>);
+                    impl<
+                        T: Broker,
+                    > tonic::server::UnaryService<super::ConfirmRemoteLeaseRequest>
+                    for ConfirmRemoteLeaseSvc<T> {
+                        type Response = super::RemoteLease;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ConfirmRemoteLeaseRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Broker>::confirm_remote_lease(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ConfirmRemoteLeaseSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/suanli.v1.Broker/EndRemoteLease" => {
+                    #[allow(non_camel_case_types)]
+                    struct EndRemoteLeaseSvc<T: Broker>(pub Arc<T>);
+                    impl<
+                        T: Broker,
+                    > tonic::server::UnaryService<super::EndRemoteLeaseRequest>
+                    for EndRemoteLeaseSvc<T> {
+                        type Response = super::RemoteLease;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::EndRemoteLeaseRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Broker>::end_remote_lease(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = EndRemoteLeaseSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/suanli.v1.Broker/GetRemoteLease" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetRemoteLeaseSvc<T: Broker>(pub Arc<T>);
+                    impl<
+                        T: Broker,
+                    > tonic::server::UnaryService<super::GetRemoteLeaseRequest>
+                    for GetRemoteLeaseSvc<T> {
+                        type Response = super::RemoteLease;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetRemoteLeaseRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Broker>::get_remote_lease(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetRemoteLeaseSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/suanli.v1.Broker/ListRemoteLeases" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListRemoteLeasesSvc<T: Broker>(pub Arc<T>);
+                    impl<
+                        T: Broker,
+                    > tonic::server::UnaryService<super::ListRemoteLeasesRequest>
+                    for ListRemoteLeasesSvc<T> {
+                        type Response = super::ListRemoteLeasesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListRemoteLeasesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Broker>::list_remote_leases(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListRemoteLeasesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

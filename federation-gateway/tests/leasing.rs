@@ -1,0 +1,280 @@
+//! Leasing across members, with real processes: three members (a broker and a gateway each),
+//! "city" owning a node (a real agent with simulated cards and its SSH gateway), "university"
+//! and "cloud" its partners. A researcher at cloud finds city's cards in the federated
+//! catalogue, leases one through cloud's gateway, logs in with the real OpenSSH client, ends
+//! the lease, and both members' ledgers and settlement reports agree. Lease accounts are Unix
+//! users, so these tests need root (and fail under CI=true without it).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use suanli_federation_gateway::api::{AccessView, RemoteLeaseView, SettlementsView};
+use suanli_proto::v1::{self, AccountKind};
+use suanli_testkit::cluster::PLATFORM_TOKEN;
+use suanli_testkit::fixtures::register;
+use suanli_testkit::{eventually, workspace_binary};
+use support::{catalogue, Federation, Member, API_TOKEN};
+
+const WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(100);
+/// What every researcher account (partner accounts too) has paid in when registered.
+const FUNDS: i64 = suanli_testkit::fixtures::RESEARCHER_FUNDS;
+/// City's price per card-hour (minor units).
+const HOURLY: i64 = 3_600_000;
+/// The credit city grants each partner member's account.
+const CREDIT: i64 = 50_000_000;
+
+struct Market {
+    f: Federation,
+    /// City's node, its cluster and the supplier's account there.
+    node: suanli_testkit::agent::SimulatedNode,
+    supplier: u64,
+    /// The partner accounts at city: university's and cloud's.
+    partners: [u64; 2],
+}
+
+impl Drop for Market {
+    fn drop(&mut self) {
+        if let Some(pid) = self.node.agent.pid() {
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        suanli_testkit::remove_recorded_lease_accounts(&self.f.dir.path().join("node/agent"));
+    }
+}
+
+/// The market, or `None` (saying why) where lease accounts cannot be made.
+async fn market() -> Option<Market> {
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return None;
+    }
+    let mut f = Federation::brokers().await;
+    let city = &f.members[0];
+    let mut platform = city.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+    let (supplier, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
+    let node_dir = f.dir.path().join("node");
+    std::fs::create_dir_all(&node_dir).expect("node dir");
+    let agent_binary = workspace_binary("suanli-agent", "suanli-agent").expect("agent binary");
+    let node = suanli_testkit::agent::start(&city.broker, &node_dir, &supplier_token, &agent_binary, 2, &[]).await.expect("agent");
+    // Dear enough that seconds of use cost money: one minor unit a card-millisecond.
+    let mut listing = suanli_testkit::fixtures::listing(suanli_types::ClusterClass::B);
+    listing.prices.per_card.insert(suanli_types::BillingMode::Hourly, HOURLY);
+    let mut supplier_client = city.broker.client(1, &supplier_token).await.expect("supplier");
+    supplier_client
+        .modify_cluster(v1::ModifyClusterRequest { request_id: "price".into(), cluster_id: node.cluster, listing: Some(suanli_proto::convert::listing_to_wire(&listing)) })
+        .await
+        .expect("price");
+    // City's operator opens an account for each partner member and grants it credit.
+    let mut partners = [0; 2];
+    let mut config = String::new();
+    for (i, partner) in ["university", "cloud"].into_iter().enumerate() {
+        let (account, token) = register(&mut platform, AccountKind::Researcher, &format!("partner-{partner}")).await.expect("partner");
+        platform
+            .grant_credit(v1::GrantCreditRequest { request_id: format!("credit-{partner}"), account_id: account, limit: Some(cny(CREDIT)) })
+            .await
+            .expect("credit");
+        let token_file = f.dir.path().join(format!("partner-{partner}.token"));
+        std::fs::write(&token_file, token).expect("token file");
+        config.push_str(&format!("[[federation.partners]]\nmember = \"{partner}\"\naccount_token_file = \"{}\"\n", token_file.display()));
+        partners[i] = account;
+    }
+    f.start_gateways(&[&config, "", ""]).await;
+    let market = Market { f, node, supplier, partners };
+    let cluster = market.node.cluster;
+    for member in &market.f.members[1..] {
+        eventually(WAIT, POLL, move || async move { catalogue(member, "?origin=city").await.into_iter().any(|e| e.listing.cluster_id == cluster).then_some(()) })
+            .await
+            .expect("city's cards are in the federated catalogue");
+    }
+    Some(market)
+}
+
+fn cny(minor: i64) -> v1::Money {
+    v1::Money { currency: "CNY".into(), minor }
+}
+
+/// A researcher at `member` with money paid in and an SSH key made by `ssh-keygen`.
+async fn researcher(member: &Member, dir: &Path, name: &str) -> (u64, PathBuf) {
+    let mut platform = member.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+    let (account, _) = register(&mut platform, AccountKind::Researcher, name).await.expect("researcher");
+    let key = dir.join(format!("{}-{name}", member.name));
+    let out = tokio::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"]).arg(&key).output().await.expect("ssh-keygen");
+    assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+    (account, key)
+}
+
+async fn post(member: &Member, path: &str, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new().post(format!("{}{path}", member.api())).bearer_auth(API_TOKEN).json(&body).send().await.expect("post");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn lease(member: &Member, researcher: u64, key: &str, cluster: u64, cards: u32) -> (u16, Value) {
+    let body = json!({"researcher_id": researcher, "key": key, "origin": "city", "cluster_id": cluster, "cards": cards, "billing_mode": "hourly", "periods": 1});
+    post(member, "/v1/remote-leases", body).await
+}
+
+async fn balance(member: &Member, account: u64) -> v1::Balance {
+    let mut platform = member.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+    platform.get_balance(v1::GetBalanceRequest { account_id: account, currency: "CNY".into() }).await.expect("balance").into_inner()
+}
+
+async fn settlements(member: &Member) -> SettlementsView {
+    reqwest::Client::new()
+        .get(format!("{}/v1/settlements", member.api()))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test]
+async fn a_researcher_at_one_member_leases_logs_into_and_pays_for_another_members_card() {
+    let Some(m) = market().await else { return };
+    let (city, cloud) = (&m.f.members[0], &m.f.members[2]);
+    let (alice, key) = researcher(cloud, m.f.dir.path(), "alice").await;
+
+    // Leased through cloud's gateway: cloud holds alice's money, city leases its card.
+    let (status, body) = lease(cloud, alice, "alice-1", m.node.cluster, 1).await;
+    assert_eq!(status, 200, "{body}");
+    let remote: RemoteLeaseView = serde_json::from_value(body).expect("a remote lease");
+    assert_eq!((remote.state.as_str(), remote.member.as_str(), remote.cards), ("active", "city", 1));
+    assert!(remote.owner_lease_id > 0 && remote.held_minor > 0);
+    let at_cloud = balance(cloud, alice).await;
+    assert_eq!((at_cloud.available_minor, at_cloud.remote_held_minor), (FUNDS - remote.held_minor, remote.held_minor));
+    // City's lease is the partner account's: cloud's researchers never hold city accounts.
+    let mut partner_view = city.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+    let owner_lease = partner_view.get_lease(v1::GetLeaseRequest { lease_id: remote.owner_lease_id }).await.expect("lease").into_inner();
+    assert_eq!((owner_lease.researcher_id, owner_lease.cluster_id), (m.partners[1], m.node.cluster));
+
+    // Logging in: the owner's gateway and a certificate for alice's key, once the agent has
+    // provisioned the lease.
+    let public_key = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+    let access: AccessView = eventually(WAIT, POLL, || {
+        let public_key = public_key.clone();
+        async move {
+            let (status, body) = post(cloud, &format!("/v1/remote-leases/{}/access", remote.id), json!({"researcher_id": alice, "public_key": public_key})).await;
+            let access: AccessView = (status == 200).then(|| serde_json::from_value(body).ok()).flatten()?;
+            (access.state == "active" && !access.nodes.is_empty()).then_some(access)
+        }
+    })
+    .await
+    .expect("the owner's lease becomes active with access details");
+    let node = &access.nodes[0];
+    let certificate = key.with_file_name(format!("{}-cert.pub", key.file_name().expect("name").to_string_lossy()));
+    std::fs::write(&certificate, &access.certificate).expect("certificate");
+    let known_hosts = m.f.dir.path().join("known_hosts");
+    std::fs::write(&known_hosts, format!("{}\n", node.known_hosts_line)).expect("known_hosts");
+    let out = tokio::process::Command::new("ssh")
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .arg("-o")
+        .arg(format!("CertificateFile={}", certificate.display()))
+        .arg("-i")
+        .arg(&key)
+        .args(["-p", &node.port.to_string(), &format!("{}@{}", node.login, node.host), "id -un; echo $CUDA_VISIBLE_DEVICES"])
+        .output()
+        .await
+        .expect("ssh");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ssh: {said}{}", String::from_utf8_lossy(&out.stderr));
+    let expected_cards = node.card_indexes.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    assert_eq!(said.lines().collect::<Vec<_>>(), vec![node.login.as_str(), expected_cards.as_str()]);
+
+    // Another researcher of cloud sees nothing of alice's lease and cannot log into it.
+    let (bob, _) = researcher(cloud, m.f.dir.path(), "bob").await;
+    let (status, _) = post(cloud, &format!("/v1/remote-leases/{}/access", remote.id), json!({"researcher_id": bob, "public_key": public_key})).await;
+    assert_eq!(status, 404);
+    let (status, _) = post(cloud, &format!("/v1/remote-leases/{}/end", remote.id), json!({"researcher_id": bob})).await;
+    assert_eq!(status, 404);
+
+    // Ending it: city charges its partner account, cloud takes the same from alice's hold and
+    // returns the rest; both keep the same settlement, signed by both.
+    let (status, body) = post(cloud, &format!("/v1/remote-leases/{}/end", remote.id), json!({"researcher_id": alice})).await;
+    assert_eq!(status, 200, "{body}");
+    let ended: RemoteLeaseView = serde_json::from_value(body).expect("ended");
+    assert_eq!(ended.state, "ended");
+    assert!(ended.charged_minor > 0 && ended.charged_minor <= ended.held_minor, "{ended:?}");
+    let at_cloud = balance(cloud, alice).await;
+    assert_eq!((at_cloud.available_minor, at_cloud.remote_held_minor), (FUNDS - ended.charged_minor, 0));
+    let partner = balance(city, m.partners[1]).await;
+    assert_eq!((partner.available_minor, partner.held_minor), (FUNDS - ended.charged_minor, 0), "city charged cloud's account the same");
+    assert!(balance(city, m.supplier).await.earnings_minor > 0, "city's supplier earned");
+    let at_city = eventually(WAIT, POLL, || async { Some(settlements(city).await).filter(|s| !s.records.is_empty()) }).await.expect("city got the countersignature");
+    let at_cloud = settlements(cloud).await;
+    assert_eq!(at_city.report, at_cloud.report, "both members' reports agree");
+    assert_eq!(at_city.records, at_cloud.records);
+    let row = &at_city.report[0];
+    assert_eq!((row.debtor.as_str(), row.creditor.as_str(), row.amount_minor, row.leases), ("cloud", "city", ended.charged_minor, 1));
+    // The CLI prints the same report.
+    let out = tokio::process::Command::new(support::gateway_binary())
+        .args(["settlement", "--endpoint", &cloud.api(), "--token", API_TOKEN])
+        .output()
+        .await
+        .expect("run");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && printed.contains("cloud") && printed.contains(&ended.charged_minor.to_string()), "{printed}");
+}
+
+#[tokio::test]
+async fn a_retried_request_applies_once_on_both_sides_and_a_refused_one_returns_the_money() {
+    let Some(m) = market().await else { return };
+    let (city, cloud) = (&m.f.members[0], &m.f.members[2]);
+    let (alice, _) = researcher(cloud, m.f.dir.path(), "alice").await;
+    let (status, first) = lease(cloud, alice, "same-key", m.node.cluster, 1).await;
+    assert_eq!(status, 200, "{first}");
+    for _ in 0..3 {
+        let (status, again) = lease(cloud, alice, "same-key", m.node.cluster, 1).await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["id"], first["id"], "the same remote lease");
+        assert_eq!(again["owner_lease_id"], first["owner_lease_id"], "the same lease at the owner");
+    }
+    let held = first["held_minor"].as_i64().expect("held");
+    assert_eq!(balance(cloud, alice).await.remote_held_minor, held, "held once");
+    let mut platform = city.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+    let leases = suanli_proto::client::all_leases(&platform, true).await.expect("leases");
+    assert_eq!(leases.iter().filter(|l| l.researcher_id == m.partners[1]).count(), 1, "one lease at city");
+
+    // More cards than city has: city refuses, nothing is held at cloud any more.
+    let (status, body) = lease(cloud, alice, "too-many", m.node.cluster, 5).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "REFUSED");
+    assert_eq!(balance(cloud, alice).await.remote_held_minor, held, "the refused request's hold went back");
+    // A cluster city does not announce: refused before anything is held.
+    let (status, _) = lease(cloud, alice, "nowhere", 999_999, 1).await;
+    assert_eq!(status, 400);
+    let _ = platform.get_balance(v1::GetBalanceRequest { account_id: m.partners[1], currency: "CNY".into() }).await.expect("balance");
+}
+
+#[tokio::test]
+async fn two_members_racing_for_the_owners_last_cards_never_both_win() {
+    let Some(m) = market().await else { return };
+    let (university, cloud) = (&m.f.members[1], &m.f.members[2]);
+    let (u, _) = researcher(university, m.f.dir.path(), "ursula").await;
+    let (c, _) = researcher(cloud, m.f.dir.path(), "carl").await;
+    const ROUNDS: usize = 100;
+    for round in 0..ROUNDS {
+        // Both ask for every card city has.
+        let key = format!("race-{round}");
+        let (a, b) = tokio::join!(lease(university, u, &key, m.node.cluster, 2), lease(cloud, c, &key, m.node.cluster, 2));
+        let winners: Vec<(&Member, u64, &Value)> =
+            [(university, u, &a), (cloud, c, &b)].into_iter().filter(|(_, _, (s, _))| *s == 200).map(|(m, r, (_, v))| (m, r, v)).collect();
+        assert_eq!(winners.len(), 1, "round {round}: exactly one wins: {a:?} {b:?}");
+        let losers = [&a, &b].into_iter().filter(|(s, _)| *s != 200).count();
+        assert_eq!(losers, 1);
+        // The winner gives the cards back at once.
+        let (member, researcher, won) = winners[0];
+        let id = won["id"].as_u64().expect("id");
+        let (status, body) = post(member, &format!("/v1/remote-leases/{id}/end"), json!({"researcher_id": researcher})).await;
+        assert_eq!(status, 200, "round {round}: {body}");
+    }
+    // No money stuck in holds on either side.
+    assert_eq!(balance(university, u).await.remote_held_minor, 0);
+    assert_eq!(balance(cloud, c).await.remote_held_minor, 0);
+}
