@@ -1,8 +1,8 @@
 //! Leasing across members, with real processes: three members (a broker and a gateway each),
 //! "city" owning a node (a real agent with simulated cards and its SSH gateway), "university"
-//! and "cloud" its partners. A researcher at cloud finds city's cards in the federated
-//! catalogue, leases one through cloud's gateway, logs in with the real OpenSSH client, ends
-//! the lease, and both members' ledgers and settlement reports agree. Lease accounts are Unix
+//! and "cloud" its partners. A researcher on cloud's portal finds city's cards in the
+//! federated catalogue, leases one, logs in with the real OpenSSH client, ends the lease, and
+//! both members' ledgers and settlement reports agree. Lease accounts are Unix
 //! users, so these tests need root (and fail under CI=true without it).
 
 mod support;
@@ -15,6 +15,7 @@ use suanli_federation_gateway::api::{AccessView, RemoteLeaseView, SettlementsVie
 use suanli_proto::v1::{self, AccountKind};
 use suanli_testkit::cluster::PLATFORM_TOKEN;
 use suanli_testkit::fixtures::register;
+use suanli_testkit::portal::{PortalOptions, PortalProcess};
 use suanli_testkit::{eventually, workspace_binary};
 use support::{catalogue, Federation, Member, API_TOKEN};
 
@@ -95,14 +96,18 @@ fn cny(minor: i64) -> v1::Money {
     v1::Money { currency: "CNY".into(), minor }
 }
 
-/// A researcher at `member` with money paid in and an SSH key made by `ssh-keygen`.
-async fn researcher(member: &Member, dir: &Path, name: &str) -> (u64, PathBuf) {
+/// A researcher account at `member` (with money paid in).
+async fn researcher(member: &Member, name: &str) -> u64 {
     let mut platform = member.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
-    let (account, _) = register(&mut platform, AccountKind::Researcher, name).await.expect("researcher");
-    let key = dir.join(format!("{}-{name}", member.name));
+    register(&mut platform, AccountKind::Researcher, name).await.expect("researcher").0
+}
+
+/// An SSH key made by `ssh-keygen` (the public half next to it, `.pub`).
+async fn new_key(dir: &Path, name: &str) -> PathBuf {
+    let key = dir.join(name);
     let out = tokio::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"]).arg(&key).output().await.expect("ssh-keygen");
     assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
-    (account, key)
+    key
 }
 
 async fn post(member: &Member, path: &str, body: Value) -> (u16, Value) {
@@ -133,42 +138,53 @@ async fn settlements(member: &Member) -> SettlementsView {
         .expect("json")
 }
 
-#[tokio::test]
-async fn a_researcher_at_one_member_leases_logs_into_and_pays_for_another_members_card() {
-    let Some(m) = market().await else { return };
-    let (city, cloud) = (&m.f.members[0], &m.f.members[2]);
-    let (alice, key) = researcher(cloud, m.f.dir.path(), "alice").await;
+/// Cloud's portal, its demo researcher adopting `researcher`'s broker account, linked to cloud's
+/// gateway; logged in (the session cookie and CSRF token kept).
+struct Portal {
+    _process: PortalProcess,
+    url: String,
+    http: reqwest::Client,
+    csrf: String,
+}
 
-    // Leased through cloud's gateway: cloud holds alice's money, city leases its card.
-    let (status, body) = lease(cloud, alice, "alice-1", m.node.cluster, 1).await;
-    assert_eq!(status, 200, "{body}");
-    let remote: RemoteLeaseView = serde_json::from_value(body).expect("a remote lease");
-    assert_eq!((remote.state.as_str(), remote.member.as_str(), remote.cards), ("active", "city", 1));
-    assert!(remote.owner_lease_id > 0 && remote.held_minor > 0);
-    let at_cloud = balance(cloud, alice).await;
-    assert_eq!((at_cloud.available_minor, at_cloud.remote_held_minor), (FUNDS - remote.held_minor, remote.held_minor));
-    // City's lease is the partner account's: cloud's researchers never hold city accounts.
-    let mut partner_view = city.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
-    let owner_lease = partner_view.get_lease(v1::GetLeaseRequest { lease_id: remote.owner_lease_id }).await.expect("lease").into_inner();
-    assert_eq!((owner_lease.researcher_id, owner_lease.cluster_id), (m.partners[1], m.node.cluster));
+impl Portal {
+    async fn start(f: &Federation, member: &Member, researcher: u64, token: &str) -> Portal {
+        let database = suanli_testkit::portal::database_url(f.dir.path(), false).await.expect("database").expect("sqlite");
+        let (broker, gateway_api, adopt) = (member.broker_endpoint(), member.api(), format!("{researcher}:{token}"));
+        let extra = ["--federation-api", gateway_api.as_str(), "--federation-token", API_TOKEN, "--demo", "--demo-researcher", adopt.as_str()];
+        let options = PortalOptions { extra: &extra, ..PortalOptions::new(&broker, PLATFORM_TOKEN, &database) };
+        let process = PortalProcess::start(f.dir.path(), &options).await.expect("portal");
+        let http = reqwest::Client::builder().cookie_store(true).build().expect("http");
+        let session: Value = http
+            .post(format!("{}/api/v1/session", process.url))
+            .json(&json!({"login": "demo-researcher", "password": suanli_portal::demo::DEMO_PASSWORD}))
+            .send()
+            .await
+            .expect("login")
+            .json()
+            .await
+            .expect("json");
+        let csrf = session["csrf_token"].as_str().expect("a CSRF token").to_owned();
+        Portal { url: process.url.clone(), _process: process, http, csrf }
+    }
 
-    // Logging in: the owner's gateway and a certificate for alice's key, once the agent has
-    // provisioned the lease.
-    let public_key = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
-    let access: AccessView = eventually(WAIT, POLL, || {
-        let public_key = public_key.clone();
-        async move {
-            let (status, body) = post(cloud, &format!("/v1/remote-leases/{}/access", remote.id), json!({"researcher_id": alice, "public_key": public_key})).await;
-            let access: AccessView = (status == 200).then(|| serde_json::from_value(body).ok()).flatten()?;
-            (access.state == "active" && !access.nodes.is_empty()).then_some(access)
-        }
-    })
-    .await
-    .expect("the owner's lease becomes active with access details");
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = self.http.post(format!("{}{path}", self.url)).header("x-csrf-token", &self.csrf).json(&body).send().await.expect("post");
+        (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn page(&self, path: &str) -> String {
+        self.http.get(format!("{}{path}", self.url)).send().await.expect("get").text().await.expect("text")
+    }
+}
+
+/// Logs into a node of a lease with `key` and its certificate; what `id -un` and
+/// `$CUDA_VISIBLE_DEVICES` say there.
+async fn log_in(dir: &Path, key: &Path, access: &AccessView) -> Vec<String> {
     let node = &access.nodes[0];
     let certificate = key.with_file_name(format!("{}-cert.pub", key.file_name().expect("name").to_string_lossy()));
     std::fs::write(&certificate, &access.certificate).expect("certificate");
-    let known_hosts = m.f.dir.path().join("known_hosts");
+    let known_hosts = dir.join("known_hosts");
     std::fs::write(&known_hosts, format!("{}\n", node.known_hosts_line)).expect("known_hosts");
     let out = tokio::process::Command::new("ssh")
         .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10"])
@@ -177,18 +193,64 @@ async fn a_researcher_at_one_member_leases_logs_into_and_pays_for_another_member
         .arg("-o")
         .arg(format!("CertificateFile={}", certificate.display()))
         .arg("-i")
-        .arg(&key)
+        .arg(key)
         .args(["-p", &node.port.to_string(), &format!("{}@{}", node.login, node.host), "id -un; echo $CUDA_VISIBLE_DEVICES"])
         .output()
         .await
         .expect("ssh");
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "ssh: {said}{}", String::from_utf8_lossy(&out.stderr));
-    let expected_cards = node.card_indexes.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    assert_eq!(said.lines().collect::<Vec<_>>(), vec![node.login.as_str(), expected_cards.as_str()]);
+    assert!(out.status.success(), "ssh: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
 
-    // Another researcher of cloud sees nothing of alice's lease and cannot log into it.
-    let (bob, _) = researcher(cloud, m.f.dir.path(), "bob").await;
+#[tokio::test]
+async fn a_researcher_on_one_members_portal_finds_leases_logs_into_and_pays_for_another_members_card() {
+    let Some(m) = market().await else { return };
+    let (city, cloud) = (&m.f.members[0], &m.f.members[2]);
+    let mut platform = cloud.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+    let (alice, alice_token) = register(&mut platform, AccountKind::Researcher, "alice").await.expect("alice");
+    let key = new_key(m.f.dir.path(), "alice").await;
+    let portal = Portal::start(&m.f, cloud, alice, &alice_token).await;
+
+    // Found on cloud's federation page, with its origin and a lease form.
+    let page = portal.page("/federation").await;
+    assert!(page.contains("data-origin=\"city\"") && page.contains("/api/v1/federation/leases"), "{page}");
+    // Leased from the portal: cloud holds alice's money, city leases its card.
+    let request = json!({"origin": "city", "cluster_id": m.node.cluster, "cards": 1, "billing_mode": "hourly", "periods": 1, "request_id": "alice-1"});
+    let (status, body) = portal.post("/api/v1/federation/leases", request.clone()).await;
+    assert_eq!(status, 201, "{body}");
+    let remote: RemoteLeaseView = serde_json::from_value(body).expect("a remote lease");
+    assert_eq!((remote.state.as_str(), remote.member.as_str(), remote.cards), ("active", "city", 1));
+    assert!(remote.owner_lease_id > 0 && remote.held_minor == HOURLY);
+    let (status, again) = portal.post("/api/v1/federation/leases", request).await;
+    assert_eq!((status, again["id"].as_u64()), (201, Some(remote.id)), "a retry is the same lease");
+    let at_cloud = balance(cloud, alice).await;
+    assert_eq!((at_cloud.available_minor, at_cloud.remote_held_minor), (FUNDS - remote.held_minor, remote.held_minor));
+    // City's lease is the partner account's: cloud's researchers never hold city accounts.
+    let mut city_platform = city.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+    let owner_lease = city_platform.get_lease(v1::GetLeaseRequest { lease_id: remote.owner_lease_id }).await.expect("lease").into_inner();
+    assert_eq!((owner_lease.researcher_id, owner_lease.cluster_id), (m.partners[1], m.node.cluster));
+
+    // Logging in: city's access gateway and a certificate for alice's key, once city's agent
+    // has provisioned the lease.
+    let public_key = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+    let access: AccessView = eventually(WAIT, POLL, || {
+        let (portal, public_key) = (&portal, public_key.clone());
+        async move {
+            let (status, body) = portal.post(&format!("/api/v1/federation/leases/{}/access", remote.id), json!({"public_key": public_key})).await;
+            let access: AccessView = (status == 200).then(|| serde_json::from_value(body).ok()).flatten()?;
+            (access.state == "active" && !access.nodes.is_empty()).then_some(access)
+        }
+    })
+    .await
+    .expect("the owner's lease becomes active with access details");
+    let said = log_in(m.f.dir.path(), &key, &access).await;
+    let cards = access.nodes[0].card_indexes.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    assert_eq!(said, vec![access.nodes[0].login.clone(), cards]);
+    let page = portal.page("/federation").await;
+    assert!(page.contains(&format!("data-remote-lease=\"{}\"", remote.id)) && page.contains(&format!("lease-{}", remote.owner_lease_id)), "{page}");
+
+    // Another researcher of cloud sees nothing of alice's lease and cannot log into it or end it.
+    let (bob, _) = register(&mut platform, AccountKind::Researcher, "bob").await.expect("bob");
     let (status, _) = post(cloud, &format!("/v1/remote-leases/{}/access", remote.id), json!({"researcher_id": bob, "public_key": public_key})).await;
     assert_eq!(status, 404);
     let (status, _) = post(cloud, &format!("/v1/remote-leases/{}/end", remote.id), json!({"researcher_id": bob})).await;
@@ -196,7 +258,7 @@ async fn a_researcher_at_one_member_leases_logs_into_and_pays_for_another_member
 
     // Ending it: city charges its partner account, cloud takes the same from alice's hold and
     // returns the rest; both keep the same settlement, signed by both.
-    let (status, body) = post(cloud, &format!("/v1/remote-leases/{}/end", remote.id), json!({"researcher_id": alice})).await;
+    let (status, body) = portal.post(&format!("/api/v1/federation/leases/{}/end", remote.id), json!({})).await;
     assert_eq!(status, 200, "{body}");
     let ended: RemoteLeaseView = serde_json::from_value(body).expect("ended");
     assert_eq!(ended.state, "ended");
@@ -226,7 +288,7 @@ async fn a_researcher_at_one_member_leases_logs_into_and_pays_for_another_member
 async fn a_retried_request_applies_once_on_both_sides_and_a_refused_one_returns_the_money() {
     let Some(m) = market().await else { return };
     let (city, cloud) = (&m.f.members[0], &m.f.members[2]);
-    let (alice, _) = researcher(cloud, m.f.dir.path(), "alice").await;
+    let alice = researcher(cloud, "alice").await;
     let (status, first) = lease(cloud, alice, "same-key", m.node.cluster, 1).await;
     assert_eq!(status, 200, "{first}");
     for _ in 0..3 {
@@ -256,8 +318,8 @@ async fn a_retried_request_applies_once_on_both_sides_and_a_refused_one_returns_
 async fn two_members_racing_for_the_owners_last_cards_never_both_win() {
     let Some(m) = market().await else { return };
     let (university, cloud) = (&m.f.members[1], &m.f.members[2]);
-    let (u, _) = researcher(university, m.f.dir.path(), "ursula").await;
-    let (c, _) = researcher(cloud, m.f.dir.path(), "carl").await;
+    let u = researcher(university, "ursula").await;
+    let c = researcher(cloud, "carl").await;
     const ROUNDS: usize = 100;
     for round in 0..ROUNDS {
         // Both ask for every card city has.

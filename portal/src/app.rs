@@ -27,7 +27,7 @@ use crate::state::AppState;
         market::enrollment_token, market::list_nodes, market::list_my_clusters, market::publish, market::modify, market::delist, market::approve,
         market::set_card_status,
         operator::list_reviews, operator::decide_review, operator::list_operators, operator::set_roles, operator::audit,
-        federation::catalogue, federation::members,
+        federation::catalogue, federation::members, federation::lease, federation::list, federation::access, federation::end,
     ),
     tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "supplier"), (name = "operator"))
 )]
@@ -75,6 +75,9 @@ pub fn router(state: AppState) -> Router {
         .route("/catalogue", get(market::catalogue))
         .route("/federation/catalogue", get(federation::catalogue))
         .route("/federation/members", get(federation::members))
+        .route("/federation/leases", get(federation::list).post(federation::lease))
+        .route("/federation/leases/{id}/access", post(federation::access))
+        .route("/federation/leases/{id}/end", post(federation::end))
         .route("/clusters/{id}", get(market::cluster_detail))
         .route("/clusters/{id}/telemetry", get(market::telemetry))
         .route("/clusters/{id}/live", get(market::live))

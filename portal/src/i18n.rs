@@ -113,6 +113,13 @@ catalogue! {
     OfferAge => "Last offer", "最近报价";
     ThisMember => "this marketplace", "本平台";
     NoFederatedOffers => "No other marketplace offers cards right now.", "目前没有其他平台提供算力。";
+    RemoteLeases => "Your leases at other marketplaces", "在其他平台的租用";
+    LeaseHere => "Lease", "租用";
+    OwnerLease => "Their lease", "对方租用号";
+    Charged => "Charged", "已扣费";
+    Unreachable => "unreachable", "暂时无法联系";
+    GetCertificate => "Certificate for my key", "为我的公钥签发证书";
+    PublicKey => "Public key", "公钥";
     Privacy => "privacy policy", "隐私政策";
     And => "and the", "和";
     AsResearcher => "Researcher", "研究用户";

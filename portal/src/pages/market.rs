@@ -428,6 +428,18 @@ pub async fn federation_page(State(state): State<AppState>, headers: HeaderMap, 
     let t = |m| ctx.t(m);
     let seconds = |ms: u64| format!("{} s", ms / 1000);
     let others: Vec<_> = offers.iter().filter(|o| members.members.iter().any(|m| m.name == o.origin && !m.is_self)).collect();
+    // A researcher leases other members' cards here and sees those leases.
+    let researcher = ctx.viewer.as_ref().filter(|v| v.kind == UserKind::Researcher).and_then(|v| v.broker_account);
+    let remote_leases = match researcher {
+        Some(account) => match link.remote_leases(account).await {
+            Ok(mut leases) => {
+                leases.reverse();
+                leases
+            }
+            Err(e) => return error_page(&ctx, e),
+        },
+        None => Vec::new(),
+    };
     let body = html! {
         h2 { (t(Msg::FederationMembers)) " · " (members.federation) " v" (members.version) }
         table.federation-members {
@@ -460,6 +472,44 @@ pub async fn federation_page(State(state): State<AppState>, headers: HeaderMap, 
                             td { (o.listing.region) }
                             td { (o.listing.free_cards) " / " (o.listing.total_cards) }
                             td { (o.listing.prices.get("hourly").map(|p| money(&o.listing.currency, *p, ctx.lang)).unwrap_or_else(|| "—".into())) }
+                            @if researcher.is_some() {
+                                td {
+                                    (api_form("/api/v1/federation/leases", "POST", Some("/federation"), None, t(Msg::LeaseHere), html! {
+                                        input type="hidden" name="origin" value=(o.origin);
+                                        input type="hidden" name="cluster_id" value=(o.listing.cluster_id) data-type="number";
+                                        input type="hidden" name="billing_mode" value="hourly";
+                                        (field(t(Msg::Cards), "cards", "number", "1", true))
+                                        (field(t(Msg::Periods), "periods", "number", "1", true))
+                                    }))
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if researcher.is_some() {
+            h2 { (t(Msg::RemoteLeases)) }
+            table.remote-leases {
+                thead { tr { th { "ID" } th { (t(Msg::Origin)) } th { (t(Msg::OwnerLease)) } th { (t(Msg::Cards)) } th { (t(Msg::State)) } th { (t(Msg::Held)) } th { (t(Msg::Charged)) } th { "" } } }
+                tbody {
+                    @for r in &remote_leases {
+                        tr data-remote-lease=(r.id) {
+                            td { "rlease-" (r.id) }
+                            td { (r.member) }
+                            td { @if r.owner_lease_id > 0 { "lease-" (r.owner_lease_id) } @else { "—" } }
+                            td { (r.cards) }
+                            td { (r.state) @if r.unreachable_for_ms.is_some() { " (" (t(Msg::Unreachable)) ")" } }
+                            td { (money(&r.currency, r.held_minor, ctx.lang)) }
+                            td { (money(&r.currency, r.charged_minor, ctx.lang)) }
+                            td {
+                                @if r.state == "active" {
+                                    (api_form(&format!("/api/v1/federation/leases/{}/access", r.id), "POST", None, Some("certificate"), t(Msg::GetCertificate), html! {
+                                        (field(t(Msg::PublicKey), "public_key", "text", "", true))
+                                    }))
+                                    (api_form(&format!("/api/v1/federation/leases/{}/end", r.id), "POST", Some("/federation"), None, t(Msg::EndLease), html! {}))
+                                }
+                            }
                         }
                     }
                 }
