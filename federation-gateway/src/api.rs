@@ -260,8 +260,8 @@ fn request_error(e: RequestError) -> Response {
 
 type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 
-fn body<T>(body: JsonBody<T>) -> Result<T, Response> {
-    body.map(|Json(b)| b).map_err(|e| error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", e.body_text()))
+fn body<T>(body: JsonBody<T>) -> Result<T, Box<Response>> {
+    body.map(|Json(b)| b).map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", e.body_text())))
 }
 
 async fn lease(State(state): State<ApiState>, headers: HeaderMap, request: JsonBody<LeaseRequest>) -> Response {
@@ -270,7 +270,7 @@ async fn lease(State(state): State<ApiState>, headers: HeaderMap, request: JsonB
     }
     let request = match body(request) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     match state.requester.lease(request).await {
         Ok(r) => Json(view(&r, &state.requester)).into_response(),
@@ -322,7 +322,7 @@ async fn access(State(state): State<ApiState>, headers: HeaderMap, Path(id): Pat
     }
     let request = match body(request) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     match state.requester.access(request.researcher_id, id, request.public_key).await {
         Ok(Answer::Access { lease_id, state, nodes, certificate, valid_before_ms }) => {
@@ -339,7 +339,7 @@ async fn end(State(state): State<ApiState>, headers: HeaderMap, Path(id): Path<u
     }
     let request = match body(request) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     match state.requester.end(request.researcher_id, id).await {
         Ok(r) => Json(view(&r, &state.requester)).into_response(),

@@ -64,27 +64,34 @@ pub fn billing_mode_of(name: &str) -> Option<v1::BillingMode> {
 }
 
 /// The broker's request ID for a call: the key is the caller's, so the same call retried (or
-/// delivered twice) is the same request; the partner account scopes it to that member.
+/// delivered twice) is the same request; the partner account scopes it to that member. A
+/// SHA-256 digest (stable across builds, at most 64 characters whatever the key).
 fn request_id(what: &str, key: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    // Keys are at most 4 KiB; request IDs at most 64 characters: a stable digest.
-    let digest = {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        h.finish()
-    };
-    let readable: String = key.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
-    format!("fed-{what}-{readable}-{digest:016x}")
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{what}\0{key}").as_bytes());
+    format!("fed-{what}-{}", hex::encode(&digest[..20]))
 }
+
+/// Calls answered at once; more wait for a slot, and one that waits too long is answered
+/// `UNAVAILABLE` (the caller retries with the same key).
+const CONCURRENT_CALLS: usize = 32;
+/// How long one call may take here (this member's broker decides in its own Raft group).
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl Owner {
     /// Answers calls until the node stops.
     pub async fn serve(self, mut calls: mpsc::Receiver<IncomingCall>) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CALLS));
         while let Some(incoming) = calls.recv().await {
+            // Waiting here leaves the node's bounded queue full, so it refuses what comes next.
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let owner = self.clone();
             tokio::spawn(async move {
-                let answer = owner.answer(incoming.from, incoming.call).await;
+                let answer = tokio::time::timeout(ANSWER_WITHIN, owner.answer(incoming.from, incoming.call))
+                    .await
+                    .unwrap_or_else(|_| refused("UNAVAILABLE", "this member's broker did not decide in time; retry"));
                 let _ = incoming.reply.send(answer);
+                drop(slot);
             });
         }
     }
@@ -104,16 +111,9 @@ impl Owner {
         match call {
             Call::Lease { key, cluster_id, cards, billing_mode, periods, price_per_card_minor, currency } => {
                 let Some(mode) = billing_mode_of(&billing_mode) else { return refused("INVALID_ARGUMENT", "billing_mode") };
-                // The requester held the price it saw announced: never lease dearer than that.
-                let cluster = match broker.get_cluster(v1::GetClusterRequest { cluster_id }).await {
-                    Ok(c) => c.into_inner(),
-                    Err(s) => return from_status(&s),
-                };
-                let listing = cluster.listing.unwrap_or_default();
-                let price = listing.prices.iter().find(|p| p.mode == mode as i32).map(|p| p.per_card_minor);
-                if listing.currency != currency || price.is_none_or(|p| p > price_per_card_minor) {
-                    return refused("FAILED_PRECONDITION", format!("the price is now {price:?} {} per card", listing.currency));
-                }
+                // Leased first, under the caller's key: every answer to this key, a refusal
+                // included, is the broker's remembered one, so a retry after a lost answer
+                // never gets a different verdict.
                 let request = v1::RequestLeaseRequest {
                     request_id: request_id("lease", &key),
                     cluster_id,
@@ -122,14 +122,25 @@ impl Owner {
                     billing_mode: mode as i32,
                     periods,
                 };
-                match broker.request_lease(request).await {
-                    Ok(l) => {
-                        let l = l.into_inner();
-                        tracing::info!(target: "audit", member = %from, key, lease = l.lease_id, "leased for a federation member");
-                        Answer::Lease { lease_id: l.lease_id, state: lease_state_name(l.state) }
+                let lease = match broker.request_lease(request).await {
+                    Ok(l) => l.into_inner(),
+                    Err(s) => return from_status(&s),
+                };
+                // The requester held the price it saw announced: never dearer than that. A lease
+                // made at a higher price is given back at once (nothing used, nothing charged),
+                // and every retry finds it given back.
+                let price = lease.price_per_card.clone().unwrap_or_default();
+                if price.currency != currency || price.minor > price_per_card_minor {
+                    let end = v1::EndLeaseRequest { request_id: request_id("too-dear", &key), lease_id: lease.lease_id, reason: v1::EndReason::ByResearcher as i32 };
+                    if let Err(s) = broker.end_lease(end).await {
+                        if suanli_proto::decode_status(&s).code != suanli_types::ErrorCode::InvalidTransition {
+                            return from_status(&s);
+                        }
                     }
-                    Err(s) => from_status(&s),
+                    return refused("FAILED_PRECONDITION", format!("the price is now {} {} per card", price.minor, price.currency));
                 }
+                tracing::info!(target: "audit", member = %from, key, lease = lease.lease_id, "leased for a federation member");
+                Answer::Lease { lease_id: lease.lease_id, state: lease_state_name(lease.state) }
             }
             Call::Access { lease_id, public_key, .. } => {
                 let access = match broker.get_lease_access(v1::GetLeaseRequest { lease_id }).await {

@@ -111,10 +111,13 @@ impl Requester {
             .find(|l| l.origin == owner && l.listing.cluster_id == request.cluster_id && !l.stale)
             .ok_or_else(|| RequestError::Invalid(format!("{owner_name} announces no cluster {} now", request.cluster_id)))?;
         let price = *listing.listing.prices.get(&request.billing_mode).ok_or_else(|| RequestError::Invalid(format!("{} is not offered", request.billing_mode)))?;
+        if request.key.is_empty() || request.key.len() > 256 {
+            return Err(RequestError::Invalid("key: 1 to 256 characters".into()));
+        }
         let mut broker = self.broker().await?;
         let remote = broker
             .request_remote_lease(v1::RequestRemoteLeaseRequest {
-                request_id: request.key.clone(),
+                request_id: researcher_request_id(request.researcher_id, &request.key),
                 researcher_id: request.researcher_id,
                 member: owner.to_base58(),
                 member_name: owner_name,
@@ -127,7 +130,17 @@ impl Requester {
             .await
             .map_err(|s| RequestError::broker(&s))?
             .into_inner();
-        self.ask_owner(&mut broker, remote).await
+        // A retry gets the first answer from the broker, which may be older than what happened
+        // since (confirmed, refused, ended): go on from the remote lease as it is now.
+        let now = broker
+            .get_remote_lease(v1::GetRemoteLeaseRequest { remote_lease_id: remote.remote_lease_id })
+            .await
+            .map_err(|s| RequestError::broker(&s))?
+            .into_inner();
+        if now.state == v1::RemoteLeaseState::Ended as i32 && now.remote_lease_id_at_owner == 0 {
+            return Err(RequestError::Refused { code: "REFUSED".into(), message: format!("the owner refused rlease-{}; ask again with a new key", now.remote_lease_id) });
+        }
+        self.ask_owner(&mut broker, now).await
     }
 
     /// Step 2 and 3 for a requested remote lease (again, when the owner did not answer).
@@ -147,20 +160,33 @@ impl Requester {
             currency: price.currency,
         };
         match self.call(remote.remote_lease_id, owner, call).await? {
-            Answer::Lease { lease_id, .. } => broker
-                .confirm_remote_lease(v1::ConfirmRemoteLeaseRequest {
-                    request_id: format!("confirm-{}", remote.remote_lease_id),
-                    remote_lease_id: remote.remote_lease_id,
-                    remote_lease_id_at_owner: lease_id,
-                })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| RequestError::broker(&s)),
+            Answer::Lease { lease_id, .. } => {
+                let confirmed = broker
+                    .confirm_remote_lease(v1::ConfirmRemoteLeaseRequest {
+                        request_id: format!("gw-confirm-{}", remote.remote_lease_id),
+                        remote_lease_id: remote.remote_lease_id,
+                        remote_lease_id_at_owner: lease_id,
+                    })
+                    .await;
+                match confirmed {
+                    Ok(r) => Ok(r.into_inner()),
+                    // Ended here meanwhile (refused on an earlier try): the owner's lease has
+                    // no one to pay for it; give it back.
+                    Err(s) if suanli_proto::decode_status(&s).code == suanli_types::ErrorCode::InvalidArgument => {
+                        let _ = self.node.call(owner, Call::End { key: key_of(&remote), lease_id }).await;
+                        Err(RequestError::broker(&s))
+                    }
+                    Err(s) => Err(RequestError::broker(&s)),
+                }
+            }
+            // The owner could not decide now: not a refusal; the reconciler asks again.
+            Answer::Refused { code, message } if code == "INTERNAL" => Err(RequestError::Unreachable(message)),
             Answer::Refused { code, message } => {
-                // Nothing was leased: the hold goes back whole.
+                // The owner decided (and remembers deciding so for this key): nothing was
+                // leased, the hold goes back whole.
                 broker
                     .end_remote_lease(v1::EndRemoteLeaseRequest {
-                        request_id: format!("refused-{}", remote.remote_lease_id),
+                        request_id: format!("gw-refused-{}", remote.remote_lease_id),
                         remote_lease_id: remote.remote_lease_id,
                         charged_minor: 0,
                     })
@@ -263,20 +289,22 @@ impl Requester {
             other => return Err(RequestError::Refused { code: "INTERNAL".into(), message: format!("an unexpected answer: {other:?}") }),
         };
         let countersigned = self.check_and_countersign(&remote, owner, settlement)?;
+        // Journalled before the money moves: a crash in between leaves the remote lease live,
+        // and the next round settles it again (the journal keeps one record per lease).
+        self.journal
+            .record(countersigned.clone(), &self.node.membership())
+            .map_err(|e| RequestError::Broker { code: "INTERNAL".into(), message: e.to_string() })?;
         let ended = self
             .broker()
             .await?
             .end_remote_lease(v1::EndRemoteLeaseRequest {
-                request_id: format!("settle-{}", remote.remote_lease_id),
+                request_id: format!("gw-settle-{}", remote.remote_lease_id),
                 remote_lease_id: remote.remote_lease_id,
                 charged_minor: countersigned.settlement.charged_minor,
             })
             .await
             .map_err(|s| RequestError::broker(&s))?
             .into_inner();
-        self.journal
-            .record(countersigned.clone(), &self.node.membership())
-            .map_err(|e| RequestError::Broker { code: "INTERNAL".into(), message: e.to_string() })?;
         self.deliver(owner, countersigned).await;
         Ok(ended)
     }
@@ -368,6 +396,15 @@ impl Requester {
     pub fn unreachable_for(&self, id: u64) -> Option<Duration> {
         self.unreachable.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|since| since.elapsed())
     }
+}
+
+/// This member's broker request ID for a researcher's idempotency key: scoped to the
+/// researcher (two researchers' keys never meet) and hashed, so no key a researcher picks can
+/// be one of the gateway's own request IDs (`gw-…`).
+fn researcher_request_id(researcher: u64, key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{researcher}\0{key}").as_bytes());
+    format!("rl-{}", hex::encode(&digest[..24]))
 }
 
 /// The key a remote lease is known by at its owner: its ID here (unique in this member).

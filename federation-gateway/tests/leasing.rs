@@ -299,19 +299,38 @@ async fn a_retried_request_applies_once_on_both_sides_and_a_refused_one_returns_
     }
     let held = first["held_minor"].as_i64().expect("held");
     assert_eq!(balance(cloud, alice).await.remote_held_minor, held, "held once");
-    let mut platform = city.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+    let platform = city.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
     let leases = suanli_proto::client::all_leases(&platform, true).await.expect("leases");
     assert_eq!(leases.iter().filter(|l| l.researcher_id == m.partners[1]).count(), 1, "one lease at city");
 
-    // More cards than city has: city refuses, nothing is held at cloud any more.
-    let (status, body) = lease(cloud, alice, "too-many", m.node.cluster, 5).await;
-    assert_eq!(status, 409, "{body}");
-    assert_eq!(body["code"], "REFUSED");
-    assert_eq!(balance(cloud, alice).await.remote_held_minor, held, "the refused request's hold went back");
+    // More cards than city has: city refuses, nothing is held at cloud any more, and asking
+    // again with the same key gets the same refusal (the owner remembers its verdict).
+    for _ in 0..2 {
+        let (status, body) = lease(cloud, alice, "too-many", m.node.cluster, 5).await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["code"], "REFUSED");
+        assert_eq!(balance(cloud, alice).await.remote_held_minor, held, "the refused request's hold went back");
+    }
     // A cluster city does not announce: refused before anything is held.
     let (status, _) = lease(cloud, alice, "nowhere", 999_999, 1).await;
     assert_eq!(status, 400);
-    let _ = platform.get_balance(v1::GetBalanceRequest { account_id: m.partners[1], currency: "CNY".into() }).await.expect("balance");
+    // City holds the partner account's money for the one lease it made, and nothing else.
+    let partner = balance(city, m.partners[1]).await;
+    assert_eq!((partner.held_minor, partner.available_minor), (HOURLY, FUNDS - HOURLY));
+
+    // Ended, then asked for again with the same key: the ended lease, no new one at city.
+    let id = first["id"].as_u64().expect("id");
+    let (status, body) = post(cloud, &format!("/v1/remote-leases/{id}/end"), json!({"researcher_id": alice})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, again) = lease(cloud, alice, "same-key", m.node.cluster, 1).await;
+    assert_eq!((status, again["id"].as_u64(), again["state"].as_str()), (200, Some(id), Some("ended")), "{again}");
+    let leases = suanli_proto::client::all_leases(&platform, false).await.expect("leases");
+    assert_eq!(leases.iter().filter(|l| l.researcher_id == m.partners[1]).count(), 1, "still one lease at city");
+    // Another researcher's same key is another request.
+    let bob = researcher(cloud, "bob").await;
+    let (status, theirs) = lease(cloud, bob, "same-key", m.node.cluster, 1).await;
+    assert_eq!(status, 200, "{theirs}");
+    assert_ne!(theirs["id"], first["id"]);
 }
 
 #[tokio::test]

@@ -1268,7 +1268,9 @@ fn remote(response: Response) -> model::RemoteLease {
 
 /// The money and the remote leases: what a refused remote-lease command must leave as it was
 /// (the at-most-once memory does record the refusal).
-fn money_and_remote_leases(w: &World) -> (std::collections::BTreeMap<(LedgerAccount, Currency), i64>, usize, Vec<model::RemoteLease>, u64) {
+type MoneyAndRemoteLeases = (std::collections::BTreeMap<(LedgerAccount, Currency), i64>, usize, Vec<model::RemoteLease>, u64);
+
+fn money_and_remote_leases(w: &World) -> MoneyAndRemoteLeases {
     let remote = w.state.remote_leases_after(0).cloned().collect();
     (w.state.balances().clone(), w.state.transactions().len(), remote, w.state.next_id())
 }

@@ -88,9 +88,9 @@ impl Federation {
     /// Every member's gateway, `extra[i]` added to member i's `[federation]` table; the later
     /// ones dial the first.
     pub async fn start_gateways(&mut self, extra: &[&str; 3]) {
-        for i in 0..self.members.len() {
+        for (i, extra) in extra.iter().enumerate() {
             let dial = (i > 0).then(|| self.members[0].gateway().get("p2p").expect("p2p").split(',').next().unwrap_or("").to_owned());
-            let gateway = self.start_gateway(i, extra[i], dial.as_deref()).await.expect("gateway");
+            let gateway = self.start_gateway(i, extra, dial.as_deref()).await.expect("gateway");
             self.members[i].gateway = Some(gateway);
         }
     }

@@ -243,7 +243,7 @@ impl State {
             }
         }
         let account = entries.iter().find_map(|e| match e.account {
-            LedgerAccount::Available(a) | LedgerAccount::Held(a) => Some(a),
+            LedgerAccount::Available(a) | LedgerAccount::Held(a) | LedgerAccount::RemoteHeld(a) => Some(a),
             _ => None,
         });
         let tx = Transaction { id, at, kind, currency: currency.clone(), lease, job: None, entries };

@@ -125,22 +125,26 @@ impl State {
             return Err(DomainError::invalid("charged_minor", format!("between 0 and what was held ({})", l.held.minor)));
         }
         let (researcher, held, currency) = (l.researcher, l.held.minor, l.held.currency.clone());
-        self.post(
-            TransactionKind::Charge,
-            &currency,
-            None,
-            vec![(LedgerAccount::RemoteHeld(researcher), -charged), (LedgerAccount::FederationPayable, charged)],
-            at,
-            events,
-        );
-        self.post(
-            TransactionKind::Refund,
-            &currency,
-            None,
-            vec![(LedgerAccount::RemoteHeld(researcher), -(held - charged)), (LedgerAccount::Available(researcher), held - charged)],
-            at,
-            events,
-        );
+        if charged > 0 {
+            self.post(
+                TransactionKind::Charge,
+                &currency,
+                None,
+                vec![(LedgerAccount::RemoteHeld(researcher), -charged), (LedgerAccount::FederationPayable, charged)],
+                at,
+                events,
+            );
+        }
+        if held > charged {
+            self.post(
+                TransactionKind::Refund,
+                &currency,
+                None,
+                vec![(LedgerAccount::RemoteHeld(researcher), -(held - charged)), (LedgerAccount::Available(researcher), held - charged)],
+                at,
+                events,
+            );
+        }
         let l = self.remote_leases.get_mut(&id).ok_or(DomainError::not_found(EntityKind::RemoteLease, id))?;
         l.state = RemoteLeaseState::Ended;
         l.ended_at = Some(at);
