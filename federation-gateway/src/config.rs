@@ -212,7 +212,7 @@ pub fn load(args: &ServeArgs) -> Result<GatewayConfig, ConfigError> {
         membership_file,
         listen,
         dial,
-        broker: BrokerAccess { endpoint, token, ca_pem },
+        broker: BrokerAccess::new(endpoint, token, ca_pem),
         api_listen,
         api_token,
         announce_every: ms("announce_every_ms", file.announce_every_ms, 5000)?,

@@ -1,6 +1,7 @@
 //! This member's offer: its broker's listed clusters, as the federation sees them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use suanli_federation::{FederationNode, ListingDigest};
@@ -10,10 +11,30 @@ use suanli_proto::v1;
 #[derive(Clone, Debug)]
 pub struct BrokerAccess {
     pub endpoint: String,
-    /// A service token with the `read` power.
+    /// A service token with the `read` power (and `federation`, to lease other members'
+    /// cards for this member's researchers).
     pub token: String,
     /// The cluster CA (PEM), for an `https://` endpoint.
     pub ca_pem: Option<String>,
+    /// One channel for every call (it reconnects by itself and multiplexes calls).
+    channel: Arc<tokio::sync::OnceCell<tonic::transport::Channel>>,
+}
+
+impl BrokerAccess {
+    pub fn new(endpoint: String, token: String, ca_pem: Option<String>) -> BrokerAccess {
+        BrokerAccess { endpoint, token, ca_pem, channel: Default::default() }
+    }
+
+    /// A client authenticated as `token` (this gateway's own when `None`), over the shared
+    /// channel.
+    pub async fn client(&self, token: Option<&str>) -> Result<suanli_proto::client::Client, suanli_proto::client::ClientError> {
+        let channel = self
+            .channel
+            .get_or_try_init(|| suanli_proto::client::channel_checked(&self.endpoint, self.ca_pem.as_deref()))
+            .await?
+            .clone();
+        suanli_proto::client::with_token(channel, Some(token.unwrap_or(&self.token)))
+    }
 }
 
 /// One listed cluster as a federation listing.
@@ -53,9 +74,7 @@ fn mode_name(mode: v1::BillingMode) -> &'static str {
 
 /// Every listed cluster of the broker, page by page.
 pub async fn read(broker: &BrokerAccess) -> Result<Vec<ListingDigest>, String> {
-    let client = suanli_proto::client::connect_checked(&broker.endpoint, broker.ca_pem.as_deref(), Some(&broker.token))
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = broker.client(None).await.map_err(|e| e.to_string())?;
     let clusters = suanli_proto::client::all_pages(|after| {
         let mut c = client.clone();
         async move {

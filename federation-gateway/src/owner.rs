@@ -98,9 +98,7 @@ impl Owner {
 
     async fn client(&self, from: PeerId) -> Result<suanli_proto::client::Client, Answer> {
         let token = self.partners.get(&from).ok_or_else(|| refused("PERMISSION_DENIED", "this member has no partner account here"))?;
-        suanli_proto::client::connect_checked(&self.broker.endpoint, self.broker.ca_pem.as_deref(), Some(token))
-            .await
-            .map_err(|e| refused("UNAVAILABLE", format!("the broker: {e}")))
+        self.broker.client(Some(token)).await.map_err(|e| refused("UNAVAILABLE", format!("the broker: {e}")))
     }
 
     pub async fn answer(&self, from: PeerId, call: Call) -> Answer {

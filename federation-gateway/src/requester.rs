@@ -82,9 +82,7 @@ pub struct LeaseRequest {
 
 impl Requester {
     async fn broker(&self) -> Result<suanli_proto::client::Client, RequestError> {
-        suanli_proto::client::connect_checked(&self.broker.endpoint, self.broker.ca_pem.as_deref(), Some(&self.broker.token))
-            .await
-            .map_err(|e| RequestError::Broker { code: "UNAVAILABLE".into(), message: e.to_string() })
+        self.broker.client(None).await.map_err(|e| RequestError::Broker { code: "UNAVAILABLE".into(), message: e.to_string() })
     }
 
     fn member(&self, origin: &str) -> Option<(PeerId, String)> {

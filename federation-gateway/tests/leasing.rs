@@ -35,6 +35,8 @@ struct Market {
     supplier: u64,
     /// The partner accounts at city: university's and cloud's.
     partners: [u64; 2],
+    /// City's gateway configuration (its partners), to start it again.
+    city_config: String,
 }
 
 impl Drop for Market {
@@ -82,7 +84,7 @@ async fn market() -> Option<Market> {
         partners[i] = account;
     }
     f.start_gateways(&[&config, "", ""]).await;
-    let market = Market { f, node, supplier, partners };
+    let market = Market { f, node, supplier, partners, city_config: config };
     let cluster = market.node.cluster;
     for member in &market.f.members[1..] {
         eventually(WAIT, POLL, move || async move { catalogue(member, "?origin=city").await.into_iter().any(|e| e.listing.cluster_id == cluster).then_some(()) })
@@ -124,6 +126,16 @@ async fn lease(member: &Member, researcher: u64, key: &str, cluster: u64, cards:
 async fn balance(member: &Member, account: u64) -> v1::Balance {
     let mut platform = member.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
     platform.get_balance(v1::GetBalanceRequest { account_id: account, currency: "CNY".into() }).await.expect("balance").into_inner()
+}
+
+async fn remote_leases(member: &Member, researcher: u64) -> Vec<RemoteLeaseView> {
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/remote-leases?researcher_id={researcher}", member.api()))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .expect("get");
+    response.json().await.expect("json")
 }
 
 async fn settlements(member: &Member) -> SettlementsView {
@@ -358,4 +370,45 @@ async fn two_members_racing_for_the_owners_last_cards_never_both_win() {
     // No money stuck in holds on either side.
     assert_eq!(balance(university, u).await.remote_held_minor, 0);
     assert_eq!(balance(cloud, c).await.remote_held_minor, 0);
+}
+
+#[tokio::test]
+async fn while_the_owner_is_away_its_leases_are_reported_unreachable_and_requests_resume_when_it_returns() {
+    let Some(mut m) = market().await else { return };
+    let cloud = &m.f.members[2];
+    let alice = researcher(cloud, "alice").await;
+    let (status, body) = lease(cloud, alice, "before", m.node.cluster, 1).await;
+    assert_eq!(status, 200, "{body}");
+    let active = body["id"].as_u64().expect("id");
+
+    // City's gateway goes away: the call in flight ends with a clear error, the money stays
+    // held for the request (it is not lost, nor charged), and the live lease is reported
+    // unreachable instead of vanishing.
+    m.f.members[0].gateway.take().expect("city's gateway").kill().await.expect("kill");
+    let cloud = &m.f.members[2];
+    let (status, body) = lease(cloud, alice, "while-away", m.node.cluster, 1).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "UNAVAILABLE");
+    let away = eventually(WAIT, POLL, || async {
+        let leases = remote_leases(cloud, alice).await;
+        (leases.len() == 2 && leases.iter().all(|l| l.unreachable_for_ms.is_some())).then_some(leases)
+    })
+    .await
+    .expect("both leases are reported unreachable");
+    let waiting = away.iter().find(|l| l.id != active).expect("the request made while away");
+    assert_eq!(waiting.state, "requested");
+    assert_eq!(balance(cloud, alice).await.remote_held_minor, 2 * HOURLY, "both holds kept");
+
+    // Back (same key and journal; it dials cloud): the waiting request is leased by the
+    // reconciler, nothing is reported unreachable any more, and city holds two leases.
+    let dial = cloud.gateway().get("p2p").expect("p2p").split(',').next().unwrap_or("").to_owned();
+    let gateway = m.f.start_gateway(0, &m.city_config, Some(&dial)).await.expect("city again");
+    m.f.members[0].gateway = Some(gateway);
+    let cloud = &m.f.members[2];
+    eventually(WAIT, POLL, || async { remote_leases(cloud, alice).await.iter().all(|l| l.state == "active" && l.unreachable_for_ms.is_none()).then_some(()) })
+        .await
+        .expect("the request made while away is leased once city is back");
+    let platform = m.f.members[0].broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+    let leases = suanli_proto::client::all_leases(&platform, true).await.expect("leases");
+    assert_eq!(leases.iter().filter(|l| l.researcher_id == m.partners[1]).count(), 2, "one lease each, none twice");
 }
