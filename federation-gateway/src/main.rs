@@ -66,6 +66,30 @@ enum Command {
         #[arg(long)]
         origin: Option<String>,
     },
+    /// Open the partner account of another member at this member's broker (a researcher
+    /// account, with the credit this member extends to that member) and write its token, 0600,
+    /// for `[[federation.partners]]`. Run again with the same member to retry safely.
+    Partner {
+        /// This member's broker (`http://` on loopback, `https://` with --broker-ca).
+        #[arg(long, env = "SUANLI_FEDERATION_BROKER")]
+        broker: String,
+        #[arg(long)]
+        broker_ca: Option<PathBuf>,
+        /// A token with the `accounts` and `deposits` powers (the platform token does).
+        #[arg(long, env = "SUANLI_PLATFORM_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The member's name in the membership.
+        #[arg(long)]
+        member: String,
+        /// The credit extended to it, in minor units of --currency.
+        #[arg(long)]
+        credit_minor: i64,
+        #[arg(long, default_value = "CNY")]
+        currency: String,
+        /// Where to write the partner account's token (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Who owes whom for leases across members, from the settlements both members signed (the
     /// same report at both ends of every line).
     Settlement {
@@ -129,6 +153,45 @@ async fn main() -> anyhow::Result<()> {
                     e.age_ms / 1000
                 );
             }
+            Ok(())
+        }
+        Command::Partner { broker, broker_ca, token, member, credit_minor, currency, out } => {
+            use std::io::Write;
+            let ca = broker_ca.map(std::fs::read_to_string).transpose()?;
+            let mut client = suanli_proto::client::connect_checked(&broker, ca.as_deref(), Some(&token)).await?;
+            // The token is chosen here and written first, so a retry (same member) registers
+            // the same account again, idempotently, and keeps the same token.
+            let mut file = std::fs::OpenOptions::new();
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+            let account_token = match std::fs::read_to_string(&out) {
+                Ok(existing) => existing.trim().to_owned(),
+                Err(_) => {
+                    let fresh = hex::encode(rand::random::<[u8; 32]>());
+                    let mut f = file.write(true).create_new(true).open(&out).with_context(|| out.display().to_string())?;
+                    writeln!(f, "{fresh}")?;
+                    f.sync_all()?;
+                    fresh
+                }
+            };
+            let registered = client
+                .register_account(suanli_proto::v1::RegisterAccountRequest {
+                    request_id: format!("partner-{member}"),
+                    kind: suanli_proto::v1::AccountKind::Researcher as i32,
+                    token: account_token,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("registering: {:?}", suanli_proto::decode_status(&s)))?
+                .into_inner();
+            client
+                .grant_credit(suanli_proto::v1::GrantCreditRequest {
+                    request_id: format!("partner-{member}-credit-{credit_minor}"),
+                    account_id: registered.account_id,
+                    limit: Some(suanli_proto::v1::Money { currency, minor: credit_minor }),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("granting credit: {:?}", suanli_proto::decode_status(&s)))?;
+            println!("[[federation.partners]]\nmember = \"{member}\"\naccount_token_file = \"{}\"\n# account acc-{}", out.display(), registered.account_id);
             Ok(())
         }
         Command::Settlement { endpoint, token } => {

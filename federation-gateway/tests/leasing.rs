@@ -21,7 +21,7 @@ use support::{catalogue, Federation, Member, API_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
-/// What every researcher account (partner accounts too) has paid in when registered.
+/// What every researcher account has paid in when registered (partner accounts run on credit).
 const FUNDS: i64 = suanli_testkit::fixtures::RESEARCHER_FUNDS;
 /// City's price per card-hour (minor units).
 const HOURLY: i64 = 3_600_000;
@@ -69,19 +69,23 @@ async fn market() -> Option<Market> {
         .modify_cluster(v1::ModifyClusterRequest { request_id: "price".into(), cluster_id: node.cluster, listing: Some(suanli_proto::convert::listing_to_wire(&listing)) })
         .await
         .expect("price");
-    // City's operator opens an account for each partner member and grants it credit.
+    // City's operator opens an account for each partner member with the credit it extends
+    // (`suanli-federation partner`), and names it in city's gateway configuration.
     let mut partners = [0; 2];
     let mut config = String::new();
     for (i, partner) in ["university", "cloud"].into_iter().enumerate() {
-        let (account, token) = register(&mut platform, AccountKind::Researcher, &format!("partner-{partner}")).await.expect("partner");
-        platform
-            .grant_credit(v1::GrantCreditRequest { request_id: format!("credit-{partner}"), account_id: account, limit: Some(cny(CREDIT)) })
-            .await
-            .expect("credit");
         let token_file = f.dir.path().join(format!("partner-{partner}.token"));
-        std::fs::write(&token_file, token).expect("token file");
-        config.push_str(&format!("[[federation.partners]]\nmember = \"{partner}\"\naccount_token_file = \"{}\"\n", token_file.display()));
-        partners[i] = account;
+        let out = tokio::process::Command::new(support::gateway_binary())
+            .args(["partner", "--broker", &city.broker_endpoint(), "--token", PLATFORM_TOKEN, "--member", partner])
+            .args(["--credit-minor", &CREDIT.to_string(), "--out"])
+            .arg(&token_file)
+            .output()
+            .await
+            .expect("run");
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{printed}{}", String::from_utf8_lossy(&out.stderr));
+        config.push_str(&printed);
+        partners[i] = printed.rsplit("acc-").next().and_then(|id| id.trim().parse().ok()).expect("the account's ID");
     }
     f.start_gateways(&[&config, "", ""]).await;
     let market = Market { f, node, supplier, partners, city_config: config };
@@ -278,7 +282,7 @@ async fn a_researcher_on_one_members_portal_finds_leases_logs_into_and_pays_for_
     let at_cloud = balance(cloud, alice).await;
     assert_eq!((at_cloud.available_minor, at_cloud.remote_held_minor), (FUNDS - ended.charged_minor, 0));
     let partner = balance(city, m.partners[1]).await;
-    assert_eq!((partner.available_minor, partner.held_minor), (FUNDS - ended.charged_minor, 0), "city charged cloud's account the same");
+    assert_eq!((partner.available_minor, partner.held_minor), (-ended.charged_minor, 0), "city charged cloud's account the same, on credit");
     assert!(balance(city, m.supplier).await.earnings_minor > 0, "city's supplier earned");
     let at_city = eventually(WAIT, POLL, || async { Some(settlements(city).await).filter(|s| !s.records.is_empty()) }).await.expect("city got the countersignature");
     let at_cloud = settlements(cloud).await;
@@ -328,7 +332,7 @@ async fn a_retried_request_applies_once_on_both_sides_and_a_refused_one_returns_
     assert_eq!(status, 400);
     // City holds the partner account's money for the one lease it made, and nothing else.
     let partner = balance(city, m.partners[1]).await;
-    assert_eq!((partner.held_minor, partner.available_minor), (HOURLY, FUNDS - HOURLY));
+    assert_eq!((partner.held_minor, partner.available_minor), (HOURLY, -HOURLY));
 
     // Ended, then asked for again with the same key: the ended lease, no new one at city.
     let id = first["id"].as_u64().expect("id");
