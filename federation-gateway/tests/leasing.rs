@@ -98,10 +98,6 @@ async fn market() -> Option<Market> {
     Some(market)
 }
 
-fn cny(minor: i64) -> v1::Money {
-    v1::Money { currency: "CNY".into(), minor }
-}
-
 /// A researcher account at `member` (with money paid in).
 async fn researcher(member: &Member, name: &str) -> u64 {
     let mut platform = member.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
