@@ -10,7 +10,8 @@
 //!   idempotency key), `GET /v1/remote-leases?researcher_id=N`, `POST
 //!   /v1/remote-leases/{id}/access` (`{"researcher_id", "public_key"}`: where to log in, with a
 //!   certificate for that key), `POST /v1/remote-leases/{id}/end` (`{"researcher_id"}`);
-//! - `GET /v1/settlements`: every settlement both members signed, and who owes whom.
+//! - `GET /v1/settlements`: every settlement both members signed, and who owes whom;
+//! - `GET /metrics`: Prometheus text (libp2p's and the federation node's), bearer token too.
 //!
 //! Errors: `401 {"code":"UNAUTHENTICATED"}`, `400 {"code":"INVALID_ARGUMENT","message":…}`,
 //! `404 NOT_FOUND`, `409 {"code":"REFUSED","owner_code":…}` (the owning member said no),
@@ -49,6 +50,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/remote-leases/{id}/access", post(access))
         .route("/v1/remote-leases/{id}/end", post(end))
         .route("/v1/settlements", get(settlements))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(health))
         .with_state(state)
 }
@@ -359,4 +361,11 @@ async fn settlements(State(state): State<ApiState>, headers: HeaderMap) -> Respo
     }
     let membership = state.node.membership();
     Json(SettlementsView { report: state.journal.report(&membership), records: state.journal.all() }).into_response()
+}
+
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Some(refused) = unauthorized(&state, &headers) {
+        return refused;
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.node.metrics_text()).into_response()
 }

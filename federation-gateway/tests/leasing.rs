@@ -7,13 +7,16 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use suanli_federation_gateway::api::{AccessView, RemoteLeaseView, SettlementsView};
 use suanli_proto::v1::{self, AccountKind};
-use suanli_testkit::cluster::PLATFORM_TOKEN;
+use suanli_testkit::cluster::{check_no_card_held_twice, PLATFORM_TOKEN};
 use suanli_testkit::fixtures::register;
 use suanli_testkit::portal::{PortalOptions, PortalProcess};
 use suanli_testkit::{eventually, workspace_binary};
@@ -69,8 +72,23 @@ async fn market() -> Option<Market> {
         .modify_cluster(v1::ModifyClusterRequest { request_id: "price".into(), cluster_id: node.cluster, listing: Some(suanli_proto::convert::listing_to_wire(&listing)) })
         .await
         .expect("price");
-    // City's operator opens an account for each partner member with the credit it extends
-    // (`suanli-federation partner`), and names it in city's gateway configuration.
+    let (config, partners) = partner_accounts(&f).await;
+    f.start_gateways(&[&config, "", ""]).await;
+    let market = Market { f, node, supplier, partners, city_config: config };
+    let cluster = market.node.cluster;
+    for member in &market.f.members[1..] {
+        eventually(WAIT, POLL, move || async move { catalogue(member, "?origin=city").await.into_iter().any(|e| e.listing.cluster_id == cluster).then_some(()) })
+            .await
+            .expect("city's cards are in the federated catalogue");
+    }
+    Some(market)
+}
+
+/// City's operator opens an account for each partner member (university, cloud) with the
+/// credit it extends (`suanli-federation partner`); returns the lines for city's gateway
+/// configuration and the two accounts.
+async fn partner_accounts(f: &Federation) -> (String, [u64; 2]) {
+    let city = &f.members[0];
     let mut partners = [0; 2];
     let mut config = String::new();
     for (i, partner) in ["university", "cloud"].into_iter().enumerate() {
@@ -87,15 +105,7 @@ async fn market() -> Option<Market> {
         config.push_str(&printed);
         partners[i] = printed.rsplit("acc-").next().and_then(|id| id.trim().parse().ok()).expect("the account's ID");
     }
-    f.start_gateways(&[&config, "", ""]).await;
-    let market = Market { f, node, supplier, partners, city_config: config };
-    let cluster = market.node.cluster;
-    for member in &market.f.members[1..] {
-        eventually(WAIT, POLL, move || async move { catalogue(member, "?origin=city").await.into_iter().any(|e| e.listing.cluster_id == cluster).then_some(()) })
-            .await
-            .expect("city's cards are in the federated catalogue");
-    }
-    Some(market)
+    (config, partners)
 }
 
 /// A researcher account at `member` (with money paid in).
@@ -223,7 +233,11 @@ async fn a_researcher_on_one_members_portal_finds_leases_logs_into_and_pays_for_
     let key = new_key(m.f.dir.path(), "alice").await;
     let portal = Portal::start(&m.f, cloud, alice, &alice_token).await;
 
-    // Found on cloud's federation page, with its origin and a lease form.
+    // Found in cloud's own catalogue search, with its origin, and on the federation page with a
+    // lease form.
+    let search = portal.page("/?gpu_model=l40s").await;
+    assert!(search.contains("data-origin=\"city\""), "{search}");
+    assert!(!portal.page("/?gpu_model=no-such-gpu").await.contains("data-origin=\"city\""), "the filters apply to other members' offers");
     let page = portal.page("/federation").await;
     assert!(page.contains("data-origin=\"city\"") && page.contains("/api/v1/federation/leases"), "{page}");
     // Leased from the portal: cloud holds alice's money, city leases its card.
@@ -411,4 +425,120 @@ async fn while_the_owner_is_away_its_leases_are_reported_unreachable_and_request
     let platform = m.f.members[0].broker.client(1, PLATFORM_TOKEN).await.expect("platform");
     let leases = suanli_proto::client::all_leases(&platform, true).await.expect("leases");
     assert_eq!(leases.iter().filter(|l| l.researcher_id == m.partners[1]).count(), 2, "one lease each, none twice");
+}
+
+/// One lease request of a racing researcher, and what became of it.
+#[derive(Debug)]
+enum Outcome {
+    Leased(u64),
+    Refused,
+    /// The owner did not answer (its broker was electing a leader): the remote lease waits for
+    /// the reconciler.
+    Waiting,
+}
+
+/// Requests and ends leases of city's cards through the gateway API at `api` as fast as it can
+/// until `stop`.
+async fn racer(api: String, researcher: u64, cluster: u64, tag: &'static str, stop: Arc<AtomicBool>) -> Vec<Outcome> {
+    let http = reqwest::Client::new();
+    let post = |path: String, body: Value| {
+        let request = http.post(format!("{api}{path}")).bearer_auth(API_TOKEN).json(&body);
+        async move {
+            let response = request.send().await.expect("post");
+            (response.status().as_u16(), response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let mut outcomes = Vec::new();
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let body = json!({"researcher_id": researcher, "key": format!("{tag}-{n}"), "origin": "city", "cluster_id": cluster, "cards": 1, "billing_mode": "hourly", "periods": 1});
+        let (status, body) = post("/v1/remote-leases".into(), body).await;
+        let outcome = match status {
+            200 => Outcome::Leased(body["id"].as_u64().expect("id")),
+            409 | 400 => Outcome::Refused,
+            _ => Outcome::Waiting,
+        };
+        if let Outcome::Leased(id) = outcome {
+            let _ = post(format!("/v1/remote-leases/{id}/end"), json!({"researcher_id": researcher})).await;
+        }
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+#[tokio::test]
+async fn killing_the_owners_leader_during_cross_member_leasing_holds_no_card_twice_and_loses_no_money() {
+    // City: a 3-node broker cluster with two cards (enrolled without agents: a lease waits for
+    // provisioning and its end cancels it); its gateway talks to a follower.
+    let mut f = Federation::brokers_of(&[3, 1, 1]).await;
+    let leader = f.members[0].broker.leader(WAIT).await.expect("a leader");
+    let follower = f.members[0].broker.ids().into_iter().find(|id| *id != leader).expect("a follower");
+    f.members[0].use_node(follower);
+    let city = &f.members[0];
+    let mut platform = city.broker.client(follower, PLATFORM_TOKEN).await.expect("platform");
+    let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
+    let mut supplier = city.broker.client(follower, &supplier_token).await.expect("supplier");
+    let cluster = suanli_testkit::fixtures::publish(&mut supplier, suanli_types::ClusterClass::B, 1, 2, "failover").await.expect("publish").cluster_id;
+    let (config, partners) = partner_accounts(&f).await;
+    f.start_gateways(&[&config, "", ""]).await;
+    for member in &f.members[1..] {
+        eventually(WAIT, POLL, move || async move { catalogue(member, "?origin=city").await.into_iter().any(|e| e.listing.cluster_id == cluster).then_some(()) })
+            .await
+            .expect("city's cards are in the federated catalogue");
+    }
+    let (u, c) = (researcher(&f.members[1], "ursula").await, researcher(&f.members[2], "carl").await);
+
+    // University's and cloud's researchers race for city's two cards while city's leader is
+    // killed and comes back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let racers = [
+        tokio::spawn(racer(f.members[1].api(), u, cluster, "u", stop.clone())),
+        tokio::spawn(racer(f.members[2].api(), c, cluster, "c", stop.clone())),
+    ];
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let city_broker = &mut f.members[0].broker;
+    let leader = city_broker.leader(WAIT).await.expect("leader");
+    city_broker.kill(leader).await.expect("kill -9");
+    let next = city_broker.leader(WAIT).await.expect("a new leader");
+    assert_ne!(next, leader);
+    city_broker.restart(leader).await.expect("restart");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let [a, b] = racers;
+    let (a, b) = (a.await.expect("racer"), b.await.expect("racer"));
+    let leased = a.iter().chain(&b).filter(|o| matches!(o, Outcome::Leased(_))).count();
+    assert!(leased >= 5, "the race made progress: {a:?} {b:?}");
+
+    // Whatever waited is settled by the reconcilers; then everything still live is ended.
+    for (member, researcher) in [(&f.members[1], u), (&f.members[2], c)] {
+        let settled = eventually(Duration::from_secs(60), POLL, || async {
+            let leases = remote_leases(member, researcher).await;
+            leases.iter().all(|l| l.state != "requested").then_some(leases)
+        })
+        .await
+        .expect("no remote lease waits once city answers again");
+        for l in settled.iter().filter(|l| l.state == "active") {
+            let (status, body) = post(member, &format!("/v1/remote-leases/{}/end", l.id), json!({"researcher_id": researcher})).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        assert_eq!(balance(member, researcher).await.remote_held_minor, 0, "no money left held at {}", member.name);
+        // Each remote lease the owner confirmed is one lease at city, for that member's
+        // partner account, never two.
+        let owner_leases: BTreeSet<u64> = settled.iter().map(|l| l.owner_lease_id).filter(|id| *id > 0).collect();
+        assert_eq!(owner_leases.len(), settled.iter().filter(|l| l.owner_lease_id > 0).count(), "an owner lease confirmed twice");
+    }
+    let city = &f.members[0];
+    city.broker.converge(WAIT).await.expect("converge");
+    let mut platform = city.broker.client(follower, PLATFORM_TOKEN).await.expect("platform");
+    let leases = suanli_testkit::cluster::leases_as_applied(&platform, false).await.expect("leases");
+    for (i, member) in [&f.members[1], &f.members[2]].into_iter().enumerate() {
+        let researcher = [u, c][i];
+        let confirmed: BTreeSet<u64> = remote_leases(member, researcher).await.iter().map(|l| l.owner_lease_id).filter(|id| *id > 0).collect();
+        let at_city: BTreeSet<u64> = leases.iter().filter(|l| l.researcher_id == partners[i]).map(|l| l.lease_id).collect();
+        assert_eq!(at_city, confirmed, "city's leases for {} are exactly those {} knows", member.name, member.name);
+    }
+    assert!(leases.iter().all(|l| l.ended_at_ms > 0), "nothing left live at city");
+    // The history checker: no card of city was ever held by two leases at once.
+    check_no_card_held_twice(&mut platform, "sentinel").await;
 }

@@ -57,6 +57,7 @@ struct Outcome {
     startup: Duration,
     times: Vec<Duration>,
     copies_per_member: f64,
+    messages_per_member_second: f64,
 }
 
 async fn run(members: usize, degree: usize, rounds: usize) -> anyhow::Result<Outcome> {
@@ -96,6 +97,8 @@ async fn run(members: usize, degree: usize, rounds: usize) -> anyhow::Result<Out
     tokio::time::sleep(Duration::from_secs(3)).await;
     let startup = started.elapsed();
     let copies_before: u64 = nodes.iter().map(|n| n.counters().announcements_applied.load(Ordering::Relaxed) + n.counters().announcements_known.load(Ordering::Relaxed)).sum();
+    let messages_before: u64 = nodes.iter().map(|n| n.counters().messages_received.load(Ordering::Relaxed)).sum();
+    let measured = Instant::now();
     let mut times = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let origin = &nodes[(round * 7919) % members];
@@ -113,7 +116,9 @@ async fn run(members: usize, degree: usize, rounds: usize) -> anyhow::Result<Out
     }
     let copies_after: u64 = nodes.iter().map(|n| n.counters().announcements_applied.load(Ordering::Relaxed) + n.counters().announcements_known.load(Ordering::Relaxed)).sum();
     let copies_per_member = (copies_after - copies_before) as f64 / (members as f64 * rounds as f64);
-    Ok(Outcome { members, startup, times, copies_per_member })
+    let messages_after: u64 = nodes.iter().map(|n| n.counters().messages_received.load(Ordering::Relaxed)).sum();
+    let messages_per_member_second = (messages_after - messages_before) as f64 / (members as f64 * measured.elapsed().as_secs_f64());
+    Ok(Outcome { members, startup, times, copies_per_member, messages_per_member_second })
 }
 
 fn svg(outcomes: &[Outcome]) -> String {
@@ -156,8 +161,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Federation { members, degree, rounds, out } => {
             anyhow::ensure!(rounds >= 1 && degree >= 1, "--rounds and --degree are at least 1");
             anyhow::ensure!(members.iter().all(|m| *m >= 2), "a federation has at least 2 members");
-            println!("| members | start + mesh | p50 until every member has it | max | announcements handled per member per change (after gossipsub drops duplicates) |");
-            println!("|---|---|---|---|---|");
+            println!("| members | start + mesh | p50 until every member has it | max | announcements handled per member per change (after gossipsub drops duplicates) | messages received per member per second |");
+            println!("|---|---|---|---|---|---|");
             let mut outcomes = Vec::new();
             let mut csv = String::from("members,round,ms_to_every_member\n");
             for n in members {
@@ -167,11 +172,12 @@ async fn main() -> anyhow::Result<()> {
                     csv += &format!("{n},{i},{:.3}\n", t.as_secs_f64() * 1000.0);
                 }
                 println!(
-                    "| {n} | {:.1} s | {:.1} ms | {:.1} ms | {:.2} |",
+                    "| {n} | {:.1} s | {:.1} ms | {:.1} ms | {:.2} | {:.1} |",
                     o.startup.as_secs_f64(),
                     o.times[o.times.len() / 2].as_secs_f64() * 1000.0,
                     o.times.last().map_or(0.0, |t| t.as_secs_f64() * 1000.0),
-                    o.copies_per_member
+                    o.copies_per_member,
+                    o.messages_per_member_second
                 );
                 outcomes.push(o);
             }

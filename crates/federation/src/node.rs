@@ -1,6 +1,8 @@
 //! A member's node on the federation network: libp2p over TCP with Noise and Yamux, identify
-//! and ping, gossipsub for announcements and membership documents, request-response for
-//! anti-entropy and for calls between members (`calls.rs`).
+//! and ping, Kademlia for finding members (a member needs one other's address; the rest it
+//! learns), gossipsub for announcements and membership documents, request-response for
+//! anti-entropy and for calls between members (`calls.rs`), and Prometheus metrics of all of it
+//! ([`FederationNode::metrics_text`]).
 //!
 //! Only members connect: an allow list holding the membership's peer IDs refuses every other
 //! connection as it is established (after Noise proved the peer's key), in both directions,
@@ -18,7 +20,10 @@ use futures::StreamExt;
 use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
+use libp2p::kad;
+use libp2p::metrics::{Metrics, Recorder, Registry};
 use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
 use serde::{Deserialize, Serialize};
@@ -32,6 +37,12 @@ const CATALOGUE_TOPIC: &str = "suanli/catalogue/1";
 const MEMBERSHIP_TOPIC: &str = "suanli/membership/1";
 const ANTI_ENTROPY: StreamProtocol = StreamProtocol::new("/suanli/anti-entropy/1");
 const CALLS: StreamProtocol = StreamProtocol::new("/suanli/call/1");
+const KADEMLIA: StreamProtocol = StreamProtocol::new("/suanli/kad/1");
+/// Members a node dials by itself once Kademlia found them (beyond, gossipsub's mesh and
+/// anti-entropy through the connected ones carry everything).
+const DIAL_DISCOVERED_UP_TO: usize = 16;
+/// Anti-entropy rounds between Kademlia bootstraps (a refresh of the routing table).
+const ROUNDS_PER_BOOTSTRAP: u64 = 30;
 /// How long a call waits for the other member's answer (it decides in its own Raft group).
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// Calls from other members waiting for this member's gateway at once; more are refused
@@ -79,6 +90,7 @@ struct Behaviour {
     gossip: gossipsub::Behaviour,
     anti_entropy: request_response::cbor::Behaviour<(VersionVector, u64), Missing>,
     calls: request_response::cbor::Behaviour<CallRequest, Answer>,
+    kademlia: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -145,9 +157,14 @@ pub struct Counters {
     pub calls_failed: AtomicU64,
     pub calls_received: AtomicU64,
     pub calls_refused: AtomicU64,
+    /// Gossip messages, anti-entropy questions and answers, and calls received (what a member
+    /// handles; identify, ping and Kademlia are not counted).
+    pub messages_received: AtomicU64,
 }
 
 struct Shared {
+    /// libp2p's metrics (swarm, gossipsub, identify, ping, Kademlia) in their registry.
+    registry: Registry,
     membership: Membership,
     /// The membership's history, served to members that lag behind.
     chain: MembershipChain,
@@ -195,7 +212,9 @@ impl FederationNode {
         for address in dial {
             let _ = swarm.dial(address);
         }
-        let shared = Arc::new(Mutex::new(Shared { membership, chain: config.membership.clone(), catalogue: Catalogue::default() }));
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let shared = Arc::new(Mutex::new(Shared { registry, membership, chain: config.membership.clone(), catalogue: Catalogue::default() }));
         let counters = Arc::new(Counters::default());
         let (commands, receiver) = mpsc::channel(64);
         let started = Instant::now();
@@ -226,6 +245,8 @@ impl FederationNode {
             answer_start: 0,
             asked_for_gap: BTreeMap::new(),
             calls_to: config.calls,
+            metrics,
+            rounds: 0,
             calls_out: HashMap::new(),
             answers: answers_tx,
         };
@@ -272,6 +293,48 @@ impl FederationNode {
         let (tx, rx) = oneshot::channel();
         self.commands.send(Command::ChangeMembership(next, tx)).await.map_err(|_| NodeError::Stopped)?;
         Ok(rx.await.map_err(|_| NodeError::Stopped)??)
+    }
+
+    /// The node's metrics in Prometheus' text format: libp2p's (connections, gossipsub, identify,
+    /// ping, Kademlia) and this node's (`suanli_federation_*`: announcements, calls, refused
+    /// connections, anti-entropy rounds, the catalogue).
+    pub fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        let listings = self.catalogue().len();
+        let members = {
+            let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut text, &shared.registry) {
+                tracing::warn!(error = %e, "encoding libp2p's metrics");
+            }
+            shared.membership.peers().count()
+        };
+        let c = &self.counters;
+        let counters = [
+            ("announcements_applied", "announcements that were newer than what was known", &c.announcements_applied),
+            ("announcements_known", "announcements already known (gossip and anti-entropy overlap)", &c.announcements_known),
+            ("announcements_refused", "announcements dropped: forged, replayed, not a member's", &c.announcements_refused),
+            ("announcements_expired", "announcements issued longer ago than offers are shown", &c.announcements_expired),
+            ("connections_refused", "connections of peers outside the membership refused", &c.connections_refused),
+            ("anti_entropy_rounds", "anti-entropy rounds", &c.anti_entropy_rounds),
+            ("calls_sent", "calls to other members", &c.calls_sent),
+            ("calls_failed", "calls that got no answer (unreachable, timed out)", &c.calls_failed),
+            ("calls_received", "calls from other members", &c.calls_received),
+            ("calls_refused", "calls refused before the gateway saw them", &c.calls_refused),
+            ("messages_received", "gossip messages, anti-entropy questions and answers, and calls received", &c.messages_received),
+        ];
+        for (name, help, value) in counters {
+            text.push_str(&format!(
+                "# HELP suanli_federation_{name} {help}.\n# TYPE suanli_federation_{name} counter\nsuanli_federation_{name}_total {}\n",
+                value.load(Ordering::Relaxed)
+            ));
+        }
+        text.push_str(&format!(
+            "# HELP suanli_federation_listings Listings in the merged catalogue (stale ones included).\n# TYPE suanli_federation_listings gauge\nsuanli_federation_listings {listings}\n"
+        ));
+        text.push_str(&format!(
+            "# HELP suanli_federation_members Members in the membership.\n# TYPE suanli_federation_members gauge\nsuanli_federation_members {members}\n"
+        ));
+        text
     }
 
     /// Calls member `to` and waits for its answer (at most `CALL_TIMEOUT`).
@@ -342,11 +405,16 @@ fn behaviour(key: &Keypair) -> Result<Behaviour, BehaviourError> {
         request_response::Config::default().with_request_timeout(CALL_TIMEOUT),
     );
     let identify = identify::Behaviour::new(identify::Config::new("/suanli/federation/1".into(), key.public()));
+    let peer_id = key.public().to_peer_id();
+    let mut kademlia = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad::Config::new(KADEMLIA));
+    // Members answer lookups whatever addresses they have confirmed (on loopback, none).
+    kademlia.set_mode(Some(kad::Mode::Server));
     Ok(Behaviour {
         members_only: allow_block_list::Behaviour::default(),
         gossip,
         anti_entropy,
         calls,
+        kademlia,
         identify,
         ping: ping::Behaviour::new(ping::Config::new()),
     })
@@ -408,6 +476,8 @@ struct Driver {
     calls_out: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Answer, NodeError>>>,
     /// Answers the gateway gave to calls from other members, to send back.
     answers: mpsc::UnboundedSender<(request_response::ResponseChannel<Answer>, Answer)>,
+    metrics: Metrics,
+    rounds: u64,
 }
 
 impl Driver {
@@ -600,9 +670,46 @@ impl Driver {
     /// lets its offer go stale.)
     fn round(&mut self) {
         self.counters.anti_entropy_rounds.fetch_add(1, Ordering::Relaxed);
+        self.rounds += 1;
+        if self.rounds.is_multiple_of(ROUNDS_PER_BOOTSTRAP) {
+            // Fails only with an empty routing table (no member met yet): nothing to refresh.
+            let _ = self.swarm.behaviour_mut().kademlia.bootstrap();
+        }
+        self.reconnect();
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in peers {
             self.ask(peer);
+        }
+    }
+
+    /// Dials members this node is not connected to (at the addresses the membership lists and
+    /// those Kademlia learned), while it has fewer than `DIAL_DISCOVERED_UP_TO` connections: a
+    /// member that was away or cut off is met again without anyone restarting.
+    fn reconnect(&mut self) {
+        let me = self.key.public().to_peer_id();
+        let connected = self.swarm.connected_peers().count();
+        // A member voted out dials nobody: the others refuse it.
+        if connected >= DIAL_DISCOVERED_UP_TO || !self.shared().membership.contains(&me) {
+            return;
+        }
+        let missing: Vec<(PeerId, Vec<Multiaddr>)> = {
+            let shared = self.shared();
+            shared
+                .membership
+                .peers()
+                .filter(|p| **p != me && !self.swarm.is_connected(p))
+                .map(|p| (*p, shared.membership.member(p).map(|m| m.addresses.iter().filter_map(|a| a.parse().ok()).collect()).unwrap_or_default()))
+                .take(DIAL_DISCOVERED_UP_TO - connected)
+                .collect()
+        };
+        for (peer, addresses) in missing {
+            let dial = DialOpts::peer_id(peer)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .addresses(addresses)
+                .extend_addresses_through_behaviour()
+                .build();
+            // No address known yet is not an error: Kademlia may learn one later.
+            let _ = self.swarm.dial(dial);
         }
     }
 
@@ -633,7 +740,49 @@ impl Driver {
     }
 
     fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.metrics.record(&event);
+        if let SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossip)) = &event {
+            self.metrics.record(gossip);
+        }
+        if matches!(
+            event,
+            SwarmEvent::Behaviour(
+                BehaviourEvent::Gossip(gossipsub::Event::Message { .. })
+                    | BehaviourEvent::AntiEntropy(request_response::Event::Message { .. })
+                    | BehaviourEvent::Calls(request_response::Event::Message { .. })
+            )
+        ) {
+            self.counters.messages_received.fetch_add(1, Ordering::Relaxed);
+        }
         match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => {
+                self.metrics.record(&event);
+                // A member's own listen addresses go into Kademlia, so others can find it.
+                if let identify::Event::Received { peer_id, info, .. } = event {
+                    if self.shared().membership.contains(&peer_id) {
+                        for address in info.listen_addrs {
+                            self.swarm.behaviour_mut().kademlia.add_address(&peer_id, address);
+                        }
+                        // Asks the member met whom it knows (and tells it of this one).
+                        let _ = self.swarm.behaviour_mut().kademlia.bootstrap();
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(event)) => self.metrics.record(&event),
+            SwarmEvent::Behaviour(BehaviourEvent::Kademlia(event)) => {
+                self.metrics.record(&event);
+                // A member found: connected to, while this node has few connections.
+                if let kad::Event::RoutingUpdated { peer, .. } = event {
+                    let connected = self.swarm.connected_peers().count();
+                    if peer != self.key.public().to_peer_id()
+                        && !self.swarm.is_connected(&peer)
+                        && connected < DIAL_DISCOVERED_UP_TO
+                        && self.shared().membership.contains(&peer)
+                    {
+                        let _ = self.swarm.dial(peer);
+                    }
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message { propagation_source, message_id, message })) => {
                 let acceptance = match postcard::from_bytes::<Wire>(&message.data) {
                     Ok(Wire { format: FORMAT, gossip: Gossip::Announcement(signed) }) => match self.receive(signed) {

@@ -355,3 +355,40 @@ pub async fn leases_as_applied(client: &Client, live_only: bool) -> Result<Vec<v
     })
     .await
 }
+
+/// The history checker of leasing under faults: replays the whole event stream of the cluster
+/// behind `platform` (a platform client) from the first entry and panics if a card was ever
+/// reserved for a lease while another lease held it. A last write (a researcher registered
+/// with request ID `sentinel_id`) marks the end of the history. Returns every lease that was
+/// granted cards.
+pub async fn check_no_card_held_twice(platform: &mut Client, sentinel_id: &str) -> std::collections::BTreeSet<u64> {
+    use tokio_stream::StreamExt;
+    let sentinel = platform
+        .register_account(v1::RegisterAccountRequest { request_id: sentinel_id.into(), kind: v1::AccountKind::Researcher.into(), token: String::new() })
+        .await
+        .expect("sentinel")
+        .into_inner()
+        .account_id;
+    let mut stream = platform.watch(v1::WatchRequest { after_index: 0 }).await.expect("watch").into_inner();
+    let mut holder: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut granted = std::collections::BTreeSet::new();
+    loop {
+        let item = stream.next().await.expect("the stream reaches the sentinel");
+        let Some(v1::watch_response::Kind::Batch(batch)) = item.expect("item").kind else { panic!("unexpected resync") };
+        for event in batch.events {
+            match event.kind {
+                Some(v1::event::Kind::CardStatusChanged(c)) if c.to == i32::from(v1::CardStatus::Reserved) => {
+                    if let Some(other) = holder.insert(c.card_id, c.lease_id) {
+                        panic!("card {} reserved for lease {} while lease {other} held it", c.card_id, c.lease_id);
+                    }
+                    granted.insert(c.lease_id);
+                }
+                Some(v1::event::Kind::CardStatusChanged(c)) if c.to == i32::from(v1::CardStatus::Idle) => {
+                    holder.remove(&c.card_id);
+                }
+                Some(v1::event::Kind::AccountRegistered(a)) if a.account_id == sentinel => return granted,
+                _ => {}
+            }
+        }
+    }
+}

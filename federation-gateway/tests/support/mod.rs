@@ -51,6 +51,11 @@ impl Member {
     pub fn broker_endpoint(&self) -> String {
         format!("http://{}", self.broker_address)
     }
+
+    /// The gateway (started after this) talks to node `id` of the member's broker cluster.
+    pub fn use_node(&mut self, id: u64) {
+        self.broker_address = self.broker.address(id).expect("address").to_owned();
+    }
 }
 
 pub struct Federation {
@@ -68,16 +73,22 @@ fn membership(dir: &Path, keys: &[Keypair]) -> PathBuf {
 }
 
 impl Federation {
-    /// The three members' keys, membership and brokers; no gateway yet.
+    /// The three members' keys, membership and brokers (one node each); no gateway yet.
     pub async fn brokers() -> Federation {
+        Federation::brokers_of(&[1, 1, 1]).await
+    }
+
+    /// As `brokers`, member i's broker a cluster of `nodes[i]` nodes; its gateway talks to
+    /// node 1 (see [`Member::use_node`]).
+    pub async fn brokers_of(nodes: &[u64; 3]) -> Federation {
         let dir = TempDir::new().expect("tempdir");
         let broker_binary = workspace_binary("suanli-broker", "suanli-broker").expect("broker binary");
         let mut keys = Vec::new();
         let mut members = Vec::new();
-        for name in NAMES {
+        for (name, n) in NAMES.into_iter().zip(nodes) {
             let key_file = dir.path().join(format!("{name}.key"));
             keys.push(keyfile::create(&key_file).expect("key"));
-            let broker = BrokerCluster::start(&broker_binary, 1, Some(&broker_config(dir.path()))).await.expect("broker");
+            let broker = BrokerCluster::start(&broker_binary, *n, Some(&broker_config(dir.path()))).await.expect("broker");
             let broker_address = broker.address(1).expect("address").to_owned();
             members.push(Member { name, broker, broker_address, key_file, gateway: None });
         }

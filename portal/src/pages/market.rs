@@ -49,6 +49,7 @@ pub async fn catalogue_page(
 ) -> Response {
     let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
     let result = q.parse().map(|search| search_catalogue(&state, &search, ctx.viewer.as_ref()));
+    let federated = federated_matches(&state, &q).await;
     let v = |f: &Option<String>| f.clone().unwrap_or_default();
     let any = ctx.t(Msg::Any);
     let modes = [("", any), ("hourly", ctx.t(Msg::Hourly)), ("daily", ctx.t(Msg::Daily)), ("monthly", ctx.t(Msg::Monthly)), ("yearly", ctx.t(Msg::Yearly))];
@@ -124,7 +125,49 @@ pub async fn catalogue_page(
             }
         }
     };
+    let body = html! {
+        (body)
+        @if !federated.is_empty() {
+            h2 { (ctx.t(Msg::FederatedOffers)) }
+            table.catalogue.federated {
+                thead { tr {
+                    th { (ctx.t(Msg::Origin)) } th { "ID" } th { (ctx.t(Msg::Title)) } th { (ctx.t(Msg::Class)) } th { (ctx.t(Msg::GpuModel)) }
+                    th { (ctx.t(Msg::Vram)) } th { (ctx.t(Msg::IdleCards)) " / " (ctx.t(Msg::Cards)) } th { (ctx.t(Msg::Region)) } th { (ctx.t(Msg::Hourly)) }
+                } }
+                tbody {
+                    @for o in &federated {
+                        tr data-origin=(o.origin) {
+                            td { a href="/federation" { (o.origin) } } td { (o.listing.cluster_id) } td { (o.listing.title) } td { (o.listing.class) }
+                            td { (o.listing.gpu_model) } td { (o.listing.vram_gib) } td { (o.listing.free_cards) " / " (o.listing.total_cards) }
+                            td { (o.listing.region) }
+                            td { (o.listing.prices.get("hourly").map(|p| money(&o.listing.currency, *p, ctx.lang)).unwrap_or_else(|| "—".into())) }
+                        }
+                    }
+                }
+            }
+        }
+    };
     page(&ctx, ctx.t(Msg::Catalogue), body)
+}
+
+/// Other members' current offers that pass the search's filters on what they announce (class,
+/// GPU model, VRAM, idle cards, region); none outside a federation or when its gateway does not
+/// answer (the local catalogue is shown regardless).
+async fn federated_matches(state: &AppState, q: &CatalogueQuery) -> Vec<crate::federation::FederatedEntry> {
+    let Ok(link) = crate::federation::link(state) else { return Vec::new() };
+    let (Ok(members), Ok(offers)) = (link.members().await, link.catalogue(None).await) else { return Vec::new() };
+    let me: Vec<&str> = members.members.iter().filter(|m| m.is_self).map(|m| m.name.as_str()).collect();
+    let number = |v: &Option<String>| v.as_deref().and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(0);
+    let text = |v: &Option<String>| v.as_deref().map(|v| v.trim().to_lowercase()).filter(|v| !v.is_empty());
+    let (class, model, region) = (text(&q.class), text(&q.gpu_model), text(&q.region));
+    offers
+        .into_iter()
+        .filter(|o| !me.contains(&o.origin.as_str()))
+        .filter(|o| class.as_ref().is_none_or(|c| o.listing.class.to_lowercase() == *c))
+        .filter(|o| model.as_ref().is_none_or(|m| o.listing.gpu_model.to_lowercase().contains(m.as_str())))
+        .filter(|o| region.as_ref().is_none_or(|r| o.listing.region.to_lowercase() == *r))
+        .filter(|o| o.listing.vram_gib >= number(&q.min_vram_gib) && o.listing.free_cards >= number(&q.min_idle_cards))
+        .collect()
 }
 
 /// The query string of a catalogue query (for pager links).
