@@ -157,6 +157,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Partner { broker, broker_ca, token, member, credit_minor, currency, out } => {
             use std::io::Write;
+            anyhow::ensure!(
+                !member.is_empty() && member.len() <= 64 && member.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+                "--member: the member's name, 1 to 64 letters, digits, '.', '_' or '-'"
+            );
             let ca = broker_ca.map(std::fs::read_to_string).transpose()?;
             let mut client = suanli_proto::client::connect_checked(&broker, ca.as_deref(), Some(&token)).await?;
             // The token is chosen here and written first, so a retry (same member) registers
@@ -165,7 +169,15 @@ async fn main() -> anyhow::Result<()> {
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
             let account_token = match std::fs::read_to_string(&out) {
-                Ok(existing) => existing.trim().to_owned(),
+                Ok(existing) => {
+                    #[cfg(unix)]
+                    {
+                        use std::os::unix::fs::PermissionsExt;
+                        let mode = std::fs::metadata(&out)?.permissions().mode();
+                        anyhow::ensure!(mode & 0o077 == 0, "{}: readable by others (mode {:o}); a token file is 0600", out.display(), mode & 0o777);
+                    }
+                    existing.trim().to_owned()
+                }
                 Err(_) => {
                     let fresh = hex::encode(rand::random::<[u8; 32]>());
                     let mut f = file.write(true).create_new(true).open(&out).with_context(|| out.display().to_string())?;
@@ -176,7 +188,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let registered = client
                 .register_account(suanli_proto::v1::RegisterAccountRequest {
-                    request_id: format!("partner-{member}"),
+                    request_id: format!("partner-{member}"),  // a retry within a day is the same registration
                     kind: suanli_proto::v1::AccountKind::Researcher as i32,
                     token: account_token,
                 })
@@ -185,7 +197,8 @@ async fn main() -> anyhow::Result<()> {
                 .into_inner();
             client
                 .grant_credit(suanli_proto::v1::GrantCreditRequest {
-                    request_id: format!("partner-{member}-credit-{credit_minor}"),
+                    // A credit line is set, not added: every run sets it anew.
+                    request_id: format!("credit-{}", hex::encode(rand::random::<[u8; 12]>())),
                     account_id: registered.account_id,
                     limit: Some(suanli_proto::v1::Money { currency, minor: credit_minor }),
                 })

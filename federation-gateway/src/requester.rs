@@ -292,6 +292,9 @@ impl Requester {
         self.journal
             .record(countersigned.clone(), &self.node.membership())
             .map_err(|e| RequestError::Broker { code: "INTERNAL".into(), message: e.to_string() })?;
+        // What is charged is what was journalled first (a settlement seen again after a crash
+        // is the same record; the owner never signs two amounts for one lease).
+        let countersigned = self.journal.get(&countersigned.settlement.owner, countersigned.settlement.owner_lease).unwrap_or(countersigned);
         let ended = self
             .broker()
             .await?

@@ -91,6 +91,11 @@ impl Journal {
         Ok(true)
     }
 
+    /// The record of the owner's lease `owner_lease`, if journalled.
+    pub fn get(&self, owner: &str, owner_lease: u64) -> Option<SignedSettlement> {
+        self.lock().get(&(owner.to_owned(), owner_lease)).cloned()
+    }
+
     pub fn all(&self) -> Vec<SignedSettlement> {
         self.lock().values().cloned().collect()
     }

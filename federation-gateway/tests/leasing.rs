@@ -440,7 +440,7 @@ enum Outcome {
 /// Requests and ends leases of city's cards through the gateway API at `api` as fast as it can
 /// until `stop`.
 async fn racer(api: String, researcher: u64, cluster: u64, tag: &'static str, stop: Arc<AtomicBool>) -> Vec<Outcome> {
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("http");
     let post = |path: String, body: Value| {
         let request = http.post(format!("{api}{path}")).bearer_auth(API_TOKEN).json(&body);
         async move {
@@ -457,7 +457,8 @@ async fn racer(api: String, researcher: u64, cluster: u64, tag: &'static str, st
         let outcome = match status {
             200 => Outcome::Leased(body["id"].as_u64().expect("id")),
             409 | 400 => Outcome::Refused,
-            _ => Outcome::Waiting,
+            503 => Outcome::Waiting,
+            other => panic!("{tag}-{n}: {other} {body}"),
         };
         if let Outcome::Leased(id) = outcome {
             let _ = post(format!("/v1/remote-leases/{id}/end"), json!({"researcher_id": researcher})).await;

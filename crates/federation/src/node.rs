@@ -38,11 +38,10 @@ const MEMBERSHIP_TOPIC: &str = "suanli/membership/1";
 const ANTI_ENTROPY: StreamProtocol = StreamProtocol::new("/suanli/anti-entropy/1");
 const CALLS: StreamProtocol = StreamProtocol::new("/suanli/call/1");
 const KADEMLIA: StreamProtocol = StreamProtocol::new("/suanli/kad/1");
-/// Members a node dials by itself once Kademlia found them (beyond, gossipsub's mesh and
-/// anti-entropy through the connected ones carry everything).
-const DIAL_DISCOVERED_UP_TO: usize = 16;
-/// Anti-entropy rounds between Kademlia bootstraps (a refresh of the routing table).
-const ROUNDS_PER_BOOTSTRAP: u64 = 30;
+/// A node dials members by itself (found by Kademlia, or met before) only while it has fewer
+/// connections than this, one per round: enough for gossip and anti-entropy to reach everyone,
+/// never a full mesh (Kademlia refreshes its routing table by itself).
+const DIAL_WHILE_FEWER_THAN: usize = 4;
 /// How long a call waits for the other member's answer (it decides in its own Raft group).
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// Calls from other members waiting for this member's gateway at once; more are refused
@@ -406,7 +405,10 @@ fn behaviour(key: &Keypair) -> Result<Behaviour, BehaviourError> {
     );
     let identify = identify::Behaviour::new(identify::Config::new("/suanli/federation/1".into(), key.public()));
     let peer_id = key.public().to_peer_id();
-    let mut kademlia = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad::Config::new(KADEMLIA));
+    let mut kad_config = kad::Config::new(KADEMLIA);
+    // Members find each other; nobody stores records in the federation's table.
+    kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
+    let mut kademlia = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
     // Members answer lookups whatever addresses they have confirmed (on loopback, none).
     kademlia.set_mode(Some(kad::Mode::Server));
     Ok(Behaviour {
@@ -671,10 +673,6 @@ impl Driver {
     fn round(&mut self) {
         self.counters.anti_entropy_rounds.fetch_add(1, Ordering::Relaxed);
         self.rounds += 1;
-        if self.rounds.is_multiple_of(ROUNDS_PER_BOOTSTRAP) {
-            // Fails only with an empty routing table (no member met yet): nothing to refresh.
-            let _ = self.swarm.behaviour_mut().kademlia.bootstrap();
-        }
         self.reconnect();
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in peers {
@@ -682,27 +680,28 @@ impl Driver {
         }
     }
 
-    /// Dials members this node is not connected to (at the addresses the membership lists and
-    /// those Kademlia learned), while it has fewer than `DIAL_DISCOVERED_UP_TO` connections: a
-    /// member that was away or cut off is met again without anyone restarting.
+    /// While this node has fewer than `DIAL_WHILE_FEWER_THAN` connections, dials one member it
+    /// is not connected to (at the addresses the membership lists and those Kademlia learned),
+    /// a different one each round: a member that was away or cut off is met again without a
+    /// restart, and no member is everyone's first choice.
     fn reconnect(&mut self) {
         let me = self.key.public().to_peer_id();
-        let connected = self.swarm.connected_peers().count();
         // A member voted out dials nobody: the others refuse it.
-        if connected >= DIAL_DISCOVERED_UP_TO || !self.shared().membership.contains(&me) {
+        if self.swarm.connected_peers().count() >= DIAL_WHILE_FEWER_THAN || !self.shared().membership.contains(&me) {
             return;
         }
-        let missing: Vec<(PeerId, Vec<Multiaddr>)> = {
+        let candidate = {
             let shared = self.shared();
-            shared
-                .membership
-                .peers()
-                .filter(|p| **p != me && !self.swarm.is_connected(p))
-                .map(|p| (*p, shared.membership.member(p).map(|m| m.addresses.iter().filter_map(|a| a.parse().ok()).collect()).unwrap_or_default()))
-                .take(DIAL_DISCOVERED_UP_TO - connected)
-                .collect()
+            let missing: Vec<&PeerId> = shared.membership.peers().filter(|p| **p != me && !self.swarm.is_connected(p)).collect();
+            // Rotates with the round and starts where this node's own ID points, so members
+            // spread their dials instead of all choosing the lowest peer IDs.
+            let start = (self.rounds as usize).wrapping_add(me.to_bytes().iter().map(|b| *b as usize).sum::<usize>());
+            missing.get(start % missing.len().max(1)).map(|p| {
+                let addresses: Vec<Multiaddr> = shared.membership.member(p).map(|m| m.addresses.iter().filter_map(|a| a.parse().ok()).collect()).unwrap_or_default();
+                (**p, addresses)
+            })
         };
-        for (peer, addresses) in missing {
+        if let Some((peer, addresses)) = candidate {
             let dial = DialOpts::peer_id(peer)
                 .condition(PeerCondition::DisconnectedAndNotDialing)
                 .addresses(addresses)
@@ -760,11 +759,10 @@ impl Driver {
                 // A member's own listen addresses go into Kademlia, so others can find it.
                 if let identify::Event::Received { peer_id, info, .. } = event {
                     if self.shared().membership.contains(&peer_id) {
+                        // Kademlia bootstraps by itself (throttled) when its table gains one.
                         for address in info.listen_addrs {
                             self.swarm.behaviour_mut().kademlia.add_address(&peer_id, address);
                         }
-                        // Asks the member met whom it knows (and tells it of this one).
-                        let _ = self.swarm.behaviour_mut().kademlia.bootstrap();
                     }
                 }
             }
@@ -776,7 +774,7 @@ impl Driver {
                     let connected = self.swarm.connected_peers().count();
                     if peer != self.key.public().to_peer_id()
                         && !self.swarm.is_connected(&peer)
-                        && connected < DIAL_DISCOVERED_UP_TO
+                        && connected < DIAL_WHILE_FEWER_THAN
                         && self.shared().membership.contains(&peer)
                     {
                         let _ = self.swarm.dial(peer);

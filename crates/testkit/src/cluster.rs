@@ -373,7 +373,10 @@ pub async fn check_no_card_held_twice(platform: &mut Client, sentinel_id: &str) 
     let mut holder: BTreeMap<u64, u64> = BTreeMap::new();
     let mut granted = std::collections::BTreeSet::new();
     loop {
-        let item = stream.next().await.expect("the stream reaches the sentinel");
+        let item = tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .expect("the event stream went silent before the sentinel")
+            .expect("the stream reaches the sentinel");
         let Some(v1::watch_response::Kind::Batch(batch)) = item.expect("item").kind else { panic!("unexpected resync") };
         for event in batch.events {
             match event.kind {

@@ -155,7 +155,7 @@ pub async fn catalogue_page(
 /// answer (the local catalogue is shown regardless).
 async fn federated_matches(state: &AppState, q: &CatalogueQuery) -> Vec<crate::federation::FederatedEntry> {
     let Ok(link) = crate::federation::link(state) else { return Vec::new() };
-    let (Ok(members), Ok(offers)) = (link.members().await, link.catalogue(None).await) else { return Vec::new() };
+    let (Ok(members), Ok(offers)) = tokio::join!(link.members(), link.catalogue(None)) else { return Vec::new() };
     let me: Vec<&str> = members.members.iter().filter(|m| m.is_self).map(|m| m.name.as_str()).collect();
     let number = |v: &Option<String>| v.as_deref().and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(0);
     let text = |v: &Option<String>| v.as_deref().map(|v| v.trim().to_lowercase()).filter(|v| !v.is_empty());
