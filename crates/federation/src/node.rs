@@ -1,6 +1,5 @@
 //! A member's node on the federation network: libp2p over TCP with Noise and Yamux, identify
-//! and ping, Kademlia for finding members (a member needs one other's address; the rest it
-//! learns), gossipsub for announcements and membership documents, request-response for
+//! and ping, gossipsub for announcements and membership documents, request-response for
 //! anti-entropy and for calls between members (`calls.rs`), and Prometheus metrics of all of it
 //! ([`FederationNode::metrics_text`]).
 //!
@@ -20,7 +19,6 @@ use futures::StreamExt;
 use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
-use libp2p::kad;
 use libp2p::metrics::{Metrics, Recorder, Registry};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -37,10 +35,9 @@ const CATALOGUE_TOPIC: &str = "suanli/catalogue/1";
 const MEMBERSHIP_TOPIC: &str = "suanli/membership/1";
 const ANTI_ENTROPY: StreamProtocol = StreamProtocol::new("/suanli/anti-entropy/1");
 const CALLS: StreamProtocol = StreamProtocol::new("/suanli/call/1");
-const KADEMLIA: StreamProtocol = StreamProtocol::new("/suanli/kad/1");
-/// A node dials members by itself (found by Kademlia, or met before) only while it has fewer
-/// connections than this, one per round: enough for gossip and anti-entropy to reach everyone,
-/// never a full mesh (Kademlia refreshes its routing table by itself).
+/// A node dials members by itself (at the addresses the membership lists) only while it has
+/// fewer connections than this, one per round: enough for gossip and anti-entropy to reach
+/// everyone, never a full mesh.
 const DIAL_WHILE_FEWER_THAN: usize = 4;
 /// How long a call waits for the other member's answer (it decides in its own Raft group).
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -89,7 +86,6 @@ struct Behaviour {
     gossip: gossipsub::Behaviour,
     anti_entropy: request_response::cbor::Behaviour<(VersionVector, u64), Missing>,
     calls: request_response::cbor::Behaviour<CallRequest, Answer>,
-    kademlia: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -157,12 +153,12 @@ pub struct Counters {
     pub calls_received: AtomicU64,
     pub calls_refused: AtomicU64,
     /// Gossip messages, anti-entropy questions and answers, and calls received (what a member
-    /// handles; identify, ping and Kademlia are not counted).
+    /// handles; identify and ping are not counted).
     pub messages_received: AtomicU64,
 }
 
 struct Shared {
-    /// libp2p's metrics (swarm, gossipsub, identify, ping, Kademlia) in their registry.
+    /// libp2p's metrics (swarm, gossipsub, identify, ping) in their registry.
     registry: Registry,
     membership: Membership,
     /// The membership's history, served to members that lag behind.
@@ -295,7 +291,7 @@ impl FederationNode {
     }
 
     /// The node's metrics in Prometheus' text format: libp2p's (connections, gossipsub, identify,
-    /// ping, Kademlia) and this node's (`suanli_federation_*`: announcements, calls, refused
+    /// ping) and this node's (`suanli_federation_*`: announcements, calls, refused
     /// connections, anti-entropy rounds, the catalogue).
     pub fn metrics_text(&self) -> String {
         let mut text = String::new();
@@ -404,19 +400,11 @@ fn behaviour(key: &Keypair) -> Result<Behaviour, BehaviourError> {
         request_response::Config::default().with_request_timeout(CALL_TIMEOUT),
     );
     let identify = identify::Behaviour::new(identify::Config::new("/suanli/federation/1".into(), key.public()));
-    let peer_id = key.public().to_peer_id();
-    let mut kad_config = kad::Config::new(KADEMLIA);
-    // Members find each other; nobody stores records in the federation's table.
-    kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
-    let mut kademlia = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
-    // Members answer lookups whatever addresses they have confirmed (on loopback, none).
-    kademlia.set_mode(Some(kad::Mode::Server));
     Ok(Behaviour {
         members_only: allow_block_list::Behaviour::default(),
         gossip,
         anti_entropy,
         calls,
-        kademlia,
         identify,
         ping: ping::Behaviour::new(ping::Config::new()),
     })
@@ -681,7 +669,7 @@ impl Driver {
     }
 
     /// While this node has fewer than `DIAL_WHILE_FEWER_THAN` connections, dials one member it
-    /// is not connected to (at the addresses the membership lists and those Kademlia learned),
+    /// is not connected to (at the addresses the membership lists),
     /// a different one each round: a member that was away or cut off is met again without a
     /// restart, and no member is everyone's first choice.
     fn reconnect(&mut self) {
@@ -707,7 +695,7 @@ impl Driver {
                 .addresses(addresses)
                 .extend_addresses_through_behaviour()
                 .build();
-            // No address known yet is not an error: Kademlia may learn one later.
+            // A member that lists no address is not an error: it dials in itself.
             let _ = self.swarm.dial(dial);
         }
     }
@@ -754,33 +742,8 @@ impl Driver {
             self.counters.messages_received.fetch_add(1, Ordering::Relaxed);
         }
         match event {
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => {
-                self.metrics.record(&event);
-                // A member's own listen addresses go into Kademlia, so others can find it.
-                if let identify::Event::Received { peer_id, info, .. } = event {
-                    if self.shared().membership.contains(&peer_id) {
-                        // Kademlia bootstraps by itself (throttled) when its table gains one.
-                        for address in info.listen_addrs {
-                            self.swarm.behaviour_mut().kademlia.add_address(&peer_id, address);
-                        }
-                    }
-                }
-            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => self.metrics.record(&event),
             SwarmEvent::Behaviour(BehaviourEvent::Ping(event)) => self.metrics.record(&event),
-            SwarmEvent::Behaviour(BehaviourEvent::Kademlia(event)) => {
-                self.metrics.record(&event);
-                // A member found: connected to, while this node has few connections.
-                if let kad::Event::RoutingUpdated { peer, .. } = event {
-                    let connected = self.swarm.connected_peers().count();
-                    if peer != self.key.public().to_peer_id()
-                        && !self.swarm.is_connected(&peer)
-                        && connected < DIAL_WHILE_FEWER_THAN
-                        && self.shared().membership.contains(&peer)
-                    {
-                        let _ = self.swarm.dial(peer);
-                    }
-                }
-            }
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message { propagation_source, message_id, message })) => {
                 let acceptance = match postcard::from_bytes::<Wire>(&message.data) {
                     Ok(Wire { format: FORMAT, gossip: Gossip::Announcement(signed) }) => match self.receive(signed) {

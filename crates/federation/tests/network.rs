@@ -304,24 +304,6 @@ async fn a_call_to_a_peer_outside_the_membership_is_never_sent_and_one_to_a_memb
 }
 
 #[tokio::test]
-async fn members_that_know_only_one_other_find_the_rest_through_kademlia_and_call_them_directly() {
-    let f = federation(3);
-    let a = start(&f, 0, vec![], Freshness::default()).await;
-    let at_a = address(&a).await;
-    let b = start(&f, 1, vec![at_a.clone()], Freshness::default()).await;
-    let (c, mut calls) = start_answering(&f, 2, vec![at_a]).await;
-    // Neither B nor C was told the other's address, and the membership lists none.
-    until(20, "b and c found each other", async || b.connected().await.expect("running").contains(&c.peer_id())).await;
-    let answering = tokio::spawn(async move {
-        let incoming = calls.recv().await.expect("a call");
-        incoming.reply.send(Answer::Countersigned).expect("reply");
-        incoming.from
-    });
-    assert_eq!(b.call(c.peer_id(), lease_call("k")).await.expect("answered"), Answer::Countersigned);
-    assert_eq!(answering.await.expect("answered"), b.peer_id());
-}
-
-#[tokio::test]
 async fn a_node_reports_libp2p_and_federation_metrics() {
     let f = federation(2);
     let (a, b) = {
