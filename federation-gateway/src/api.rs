@@ -262,17 +262,18 @@ fn request_error(e: RequestError) -> Response {
 
 type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 
-fn body<T>(body: JsonBody<T>) -> Result<T, Box<Response>> {
+/// The request's JSON body, once its bearer token is the API's.
+fn authorized<T>(state: &ApiState, headers: &HeaderMap, body: JsonBody<T>) -> Result<T, Box<Response>> {
+    if let Some(refused) = unauthorized(state, headers) {
+        return Err(Box::new(refused));
+    }
     body.map(|Json(b)| b).map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", e.body_text())))
 }
 
 async fn lease(State(state): State<ApiState>, headers: HeaderMap, request: JsonBody<LeaseRequest>) -> Response {
-    if let Some(refused) = unauthorized(&state, &headers) {
-        return refused;
-    }
-    let request = match body(request) {
+    let request = match authorized(&state, &headers, request) {
         Ok(r) => r,
-        Err(e) => return *e,
+        Err(refused) => return *refused,
     };
     match state.requester.lease(request).await {
         Ok(r) => Json(view(&r, &state.requester)).into_response(),
@@ -319,12 +320,9 @@ pub struct AccessView {
 }
 
 async fn access(State(state): State<ApiState>, headers: HeaderMap, Path(id): Path<u64>, request: JsonBody<AccessRequest>) -> Response {
-    if let Some(refused) = unauthorized(&state, &headers) {
-        return refused;
-    }
-    let request = match body(request) {
+    let request = match authorized(&state, &headers, request) {
         Ok(r) => r,
-        Err(e) => return *e,
+        Err(refused) => return *refused,
     };
     match state.requester.access(request.researcher_id, id, request.public_key).await {
         Ok(Answer::Access { lease_id, state, nodes, certificate, valid_before_ms }) => {
@@ -336,12 +334,9 @@ async fn access(State(state): State<ApiState>, headers: HeaderMap, Path(id): Pat
 }
 
 async fn end(State(state): State<ApiState>, headers: HeaderMap, Path(id): Path<u64>, request: JsonBody<ResearcherQuery>) -> Response {
-    if let Some(refused) = unauthorized(&state, &headers) {
-        return refused;
-    }
-    let request = match body(request) {
+    let request = match authorized(&state, &headers, request) {
         Ok(r) => r,
-        Err(e) => return *e,
+        Err(refused) => return *refused,
     };
     match state.requester.end(request.researcher_id, id).await {
         Ok(r) => Json(view(&r, &state.requester)).into_response(),

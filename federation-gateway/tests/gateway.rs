@@ -36,15 +36,7 @@ async fn a_cluster_published_at_one_member_is_searchable_at_the_others_with_its_
     }
 
     // The members page: everyone, connected, each offer's age.
-    let members: MembersView = reqwest::Client::new()
-        .get(format!("{}/v1/members", f.members[2].api()))
-        .bearer_auth(API_TOKEN)
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let members: MembersView = support::get(&f.members[2], "/v1/members").await;
     assert_eq!(members.members.len(), 3);
     assert!(members.members.iter().any(|m| m.name == "city" && m.connected && m.offer_age_ms.is_some()), "{members:?}");
 

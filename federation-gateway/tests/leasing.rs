@@ -139,25 +139,11 @@ async fn balance(member: &Member, account: u64) -> v1::Balance {
 }
 
 async fn remote_leases(member: &Member, researcher: u64) -> Vec<RemoteLeaseView> {
-    let response = reqwest::Client::new()
-        .get(format!("{}/v1/remote-leases?researcher_id={researcher}", member.api()))
-        .bearer_auth(API_TOKEN)
-        .send()
-        .await
-        .expect("get");
-    response.json().await.expect("json")
+    support::get(member, &format!("/v1/remote-leases?researcher_id={researcher}")).await
 }
 
 async fn settlements(member: &Member) -> SettlementsView {
-    reqwest::Client::new()
-        .get(format!("{}/v1/settlements", member.api()))
-        .bearer_auth(API_TOKEN)
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json")
+    support::get(member, "/v1/settlements").await
 }
 
 /// Cloud's portal, its demo researcher adopting `researcher`'s broker account, linked to cloud's

@@ -143,8 +143,13 @@ pub async fn federation() -> Federation {
     f
 }
 
-pub async fn catalogue(member: &Member, query: &str) -> Vec<CatalogueEntry> {
-    let response = reqwest::Client::new().get(format!("{}/v1/catalogue{query}", member.api())).bearer_auth(API_TOKEN).send().await.expect("get");
-    assert!(response.status().is_success(), "{}", response.status());
+/// `GET` a path of a member's gateway API with its token; the JSON answer (a success).
+pub async fn get<T: serde::de::DeserializeOwned>(member: &Member, path: &str) -> T {
+    let response = reqwest::Client::new().get(format!("{}{path}", member.api())).bearer_auth(API_TOKEN).send().await.expect("get");
+    assert!(response.status().is_success(), "GET {path}: {}", response.status());
     response.json().await.expect("json")
+}
+
+pub async fn catalogue(member: &Member, query: &str) -> Vec<CatalogueEntry> {
+    get(member, &format!("/v1/catalogue{query}")).await
 }
