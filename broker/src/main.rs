@@ -644,11 +644,22 @@ async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     .map_err(|s| suanli_proto::decode_status(&s))?
     .into_inner();
     println!(
-        "node {} sees leader {} in term {}; log {}, applied {}, snapshot {}",
-        status.node_id, status.leader_id, status.term, status.last_log_index, status.applied_index, status.snapshot_index
+        "node {} sees leader {} in term {}; log {}, applied {}, snapshot {}; runs store format {}, the cluster writes format {}",
+        status.node_id,
+        status.leader_id,
+        status.term,
+        status.last_log_index,
+        status.applied_index,
+        status.snapshot_index,
+        status.store_format,
+        status.cluster_format
     );
     for m in &status.members {
-        println!("  node {:<4} {:<22} {}", m.node_id, m.address, if m.voter { "voter" } else { "learner" });
+        let runs = match m.newest_store_format {
+            0 => "store format unknown (5 or older, or not heard)".to_owned(),
+            f => format!("runs store format {f}"),
+        };
+        println!("  node {:<4} {:<22} {:<8} {runs}", m.node_id, m.address, if m.voter { "voter" } else { "learner" });
     }
     Ok(())
 }

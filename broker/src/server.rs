@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::network::forward::{ForwardLayer, LeaderRouter, Port};
-use crate::network::{Network, PeerAddresses, PeerTls, RaftService};
+use crate::network::{Network, PeerAddresses, PeerFormats, PeerTls, RaftService};
 use crate::service::admin::Admin;
 use crate::service::broker_api::BrokerApi;
 use crate::service::jobs::Jobs;
@@ -178,7 +178,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     };
     let peer_tls = peer_listener.as_ref().map(|(_, _, _, tls)| tls.clone());
     let peers = PeerAddresses::new(config.peer_overrides.clone());
-    let network = Network::new(peers.clone(), peer_tls.clone());
+    let peer_formats = PeerFormats::default();
+    let network = Network::new(peers.clone(), peer_tls.clone(), sm.cluster_format_watch(), peer_formats.clone());
     let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log_store, sm.clone())
         .await
         .map_err(|e| ServeError::Raft(e.to_string()))?;
@@ -205,6 +206,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     shared.services = config.services.clone();
     shared.artifact_key = config.artifact_key.clone();
     shared.operator_key = config.operator_key.clone();
+    shared.peer_formats = peer_formats;
     let mut stop = Vec::new();
     let mut tasks = Vec::new();
     let telemetry = Telemetry::new(config.agent_silent_after, config.health);

@@ -76,7 +76,7 @@ async fn a_node_cut_off_from_the_leader_never_calls_a_new_token_unknown() {
 /// A Raft vote for a made-up node with a term far ahead: what a stranger would send to depose
 /// the leader. (The payload never gets decoded where it is refused.)
 fn forged_vote() -> v1::RaftMessage {
-    v1::RaftMessage { format_version: 2, payload: vec![0xff; 32] }
+    v1::RaftMessage { format_version: 2, payload: vec![0xff; 32], newest_store_format: 0 }
 }
 
 /// The leader and its term, as every node reports them.

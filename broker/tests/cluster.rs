@@ -1,47 +1,20 @@
 //! A 3-node cluster of real `suanli-broker` processes on loopback: replication, forwarding,
 //! failover under load with the history checked, catch-up, snapshots, removal.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use suanli_proto::decode_status;
 use suanli_proto::v1::{self, AccountKind};
-use suanli_testkit::fixtures::{self, register};
-use suanli_types::ClusterClass;
-use suanli_testkit::cluster::{check_no_card_held_twice, leases_as_applied, BrokerCluster, PLATFORM_TOKEN};
+use suanli_testkit::fixtures::register;
+use suanli_testkit::cluster::{leases_as_applied, BrokerCluster, PLATFORM_TOKEN};
+use suanli_testkit::storm::{lease_request, market, Storm};
 use suanli_testkit::link::Fault;
 use suanli_types::ErrorCode;
 
 fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_suanli-broker"))
-}
-
-struct Market {
-    researcher_token: String,
-    cluster: v1::Cluster,
-}
-
-/// A supplier with one Class B cluster of `cards` cards, and a researcher.
-async fn market(cluster: &BrokerCluster, via: u64, cards: u32) -> Market {
-    let mut platform = cluster.client(via, PLATFORM_TOKEN).await.expect("client");
-    let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
-    let (_, researcher_token) = register(&mut platform, AccountKind::Researcher, "researcher").await.expect("researcher");
-    let mut supplier = cluster.client(via, &supplier_token).await.expect("client");
-    let cluster = fixtures::publish(&mut supplier, ClusterClass::B, 1, cards, "b").await.expect("publish");
-    Market { researcher_token, cluster }
-}
-
-fn lease_request(cluster: u64, request_id: String) -> v1::RequestLeaseRequest {
-    v1::RequestLeaseRequest {
-        request_id,
-        cluster_id: cluster,
-        node_ids: vec![],
-        cards: 1,
-        billing_mode: v1::BillingMode::Hourly.into(),
-        periods: 1,
-    }
 }
 
 #[tokio::test]
@@ -73,91 +46,12 @@ async fn any_node_serves_writes_and_linearizable_reads() {
     assert_eq!(r.list_leases(request).await.expect("stale read").into_inner().leases.len(), 3);
 }
 
-#[derive(Debug, Clone)]
-enum Outcome {
-    Acked(Box<v1::Lease>),
-    Refused(ErrorCode),
-    Unknown,
-}
-
-/// Requests a lease, retrying with the same request ID while the cluster is unavailable; ends
-/// it again when granted, so the cards churn.
-async fn client_loop(
-    cluster: Arc<Vec<String>>,
-    token: String,
-    cluster_id: u64,
-    worker: usize,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    history: Arc<Mutex<Vec<(String, Outcome)>>>,
-) {
-    let mut n = 0;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        n += 1;
-        let request_id = format!("w{worker}-{n}");
-        let mut outcome = Outcome::Unknown;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut attempt = 0usize;
-        while Instant::now() < deadline {
-            attempt += 1;
-            let address = &cluster[(worker + attempt) % cluster.len()];
-            let Ok(mut client) = suanli_proto::client::connect(&format!("http://{address}"), Some(&token)).await else {
-                continue;
-            };
-            let mut request = tonic::Request::new(lease_request(cluster_id, request_id.clone()));
-            request.set_timeout(Duration::from_secs(2));
-            match client.request_lease(request).await {
-                Ok(lease) => {
-                    outcome = Outcome::Acked(Box::new(lease.into_inner()));
-                    break;
-                }
-                Err(status) => {
-                    let code = decode_status(&status).code;
-                    if code != ErrorCode::Unavailable && code != ErrorCode::Internal {
-                        outcome = Outcome::Refused(code);
-                        break;
-                    }
-                }
-            }
-        }
-        if let Outcome::Acked(lease) = &outcome {
-            // Free the card again (best effort; the checker does not rely on it).
-            let address = &cluster[worker % cluster.len()];
-            if let Ok(mut client) = suanli_proto::client::connect(&format!("http://{address}"), Some(&token)).await {
-                let _ = client
-                    .end_lease(v1::EndLeaseRequest {
-                        request_id: format!("end-{request_id}"),
-                        lease_id: lease.lease_id,
-                        reason: v1::EndReason::ByResearcher.into(),
-                    })
-                    .await;
-            }
-        }
-        history.lock().expect("history").push((request_id, outcome));
-    }
-}
-
 #[tokio::test]
 async fn killing_the_leader_under_a_storm_loses_no_acknowledged_lease_and_double_books_nothing() {
     let mut cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
     let first = cluster.leader(Duration::from_secs(20)).await.expect("leader");
     let m = market(&cluster, first, 6).await;
-    let addresses: Arc<Vec<String>> =
-        Arc::new(cluster.ids().iter().map(|id| cluster.address(*id).expect("address").to_owned()).collect());
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let history = Arc::new(Mutex::new(Vec::new()));
-    let workers: Vec<_> = (0..12)
-        .map(|w| {
-            tokio::spawn(client_loop(
-                addresses.clone(),
-                m.researcher_token.clone(),
-                m.cluster.cluster_id,
-                w,
-                stop.clone(),
-                history.clone(),
-            ))
-        })
-        .collect();
-
+    let storm = Storm::start(&cluster, &m, 12);
     let mut leaders = vec![first];
     for _round in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await; // let the storm run between kills
@@ -169,58 +63,11 @@ async fn killing_the_leader_under_a_storm_loses_no_acknowledged_lease_and_double
         cluster.restart(leader).await.expect("restart");
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for w in workers {
-        w.await.expect("worker");
-    }
+    let history = storm.stop().await;
     cluster.converge(Duration::from_secs(30)).await.expect("converge");
-    let history = history.lock().expect("history").clone();
-    let acked: Vec<&v1::Lease> = history.iter().filter_map(|(_, o)| if let Outcome::Acked(l) = o { Some(l.as_ref()) } else { None }).collect();
-    assert!(acked.len() >= 10, "the storm made progress: {} acknowledged of {}", acked.len(), history.len());
-
-    // Every acknowledged lease is present on every node, with the cards it was granted.
-    let mut leases_made = 0;
-    for id in cluster.ids() {
-        let platform = cluster.client(id, PLATFORM_TOKEN).await.expect("client");
-        let all: BTreeMap<u64, v1::Lease> =
-            leases_as_applied(&platform, false).await.expect("list").into_iter().map(|l| (l.lease_id, l)).collect();
-        for lease in &acked {
-            let stored = all.get(&lease.lease_id).unwrap_or_else(|| panic!("node {id} lost acknowledged {}", lease.lease_id));
-            assert_eq!(stored.card_ids, lease.card_ids);
-        }
-        leases_made = all.len();
-    }
-    // At most one lease per request, and none for a request that was told a definitive no:
-    // every lease the market holds came from an acknowledged request or one whose outcome the
-    // client never learned.
-    let distinct: BTreeSet<u64> = acked.iter().map(|l| l.lease_id).collect();
-    assert_eq!(distinct.len(), acked.len(), "two requests acknowledged with one lease");
-    let unknown_outcomes = history.iter().filter(|(_, o)| matches!(o, Outcome::Unknown)).count();
-    assert!(
-        leases_made <= acked.len() + unknown_outcomes,
-        "{leases_made} leases from {} acknowledged and {unknown_outcomes} unknown requests: a refused request was committed",
-        acked.len()
-    );
-
-    // The full event stream: no card ever held by two live leases at once.
-    let mut platform = cluster.client(cluster.live()[0], PLATFORM_TOKEN).await.expect("client");
-    let granted = check_no_card_held_twice(&mut platform, "sentinel").await;
-    for lease in &acked {
-        assert!(granted.contains(&lease.lease_id), "acknowledged {} missing from the event stream", lease.lease_id);
-    }
-    // Unknown outcomes may or may not have happened; they are never counted as absent.
-    let unknown = history.iter().filter(|(_, o)| matches!(o, Outcome::Unknown)).count();
-    let mut refused: BTreeMap<ErrorCode, usize> = BTreeMap::new();
-    for (_, o) in &history {
-        if let Outcome::Refused(code) = o {
-            *refused.entry(*code).or_default() += 1;
-        }
-    }
-    eprintln!(
-        "storm: {} requests, {} acknowledged, {unknown} unknown, refused {refused:?}, leaders {leaders:?}",
-        history.len(),
-        acked.len()
-    );
+    assert!(history.acked().len() >= 10, "the storm made progress: {}", history.summary());
+    history.check(&cluster).await;
+    eprintln!("storm: {}, leaders {leaders:?}", history.summary());
 }
 
 #[tokio::test]

@@ -5,6 +5,11 @@
 //! Payloads are openraft's own request and response types, postcard-encoded. Responses carry
 //! openraft's `Result` so a remote `RaftError` (e.g. a higher vote) reaches the caller as such,
 //! distinct from a transport failure (`Unreachable`), which openraft retries with backoff.
+//!
+//! Rolling upgrades: a node speaks the wire format of its cluster's format
+//! (`state::machine::upgrade`), so nodes of the format before keep reading it, answers every
+//! message in the format it came in, and says in each message which store format it runs
+//! ([`PeerFormats`]), from which the leader learns when it may raise the cluster format.
 
 pub mod forward;
 
@@ -26,30 +31,59 @@ use suanli_proto::v1::RaftMessage;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
-use crate::storage::{Raft, TypeConfig};
+use crate::storage::{ClusterFormatWatch, Raft, TypeConfig, FORMAT_VERSION};
 
 /// Bumped when the encoding of Raft messages changes incompatibly. 3: log entries may carry
 /// `ArchiveEnded` (store format 4), which a format-3 node cannot decode; 4: the remote-lease
-/// commands and outcomes (store format 5). Nodes of different
-/// wire formats refuse each other's messages outright, so during a node-by-node upgrade the
-/// majority of one version keeps the cluster going (never a leader whose entries its
-/// followers cannot read), and an upgraded node catches up once a majority runs the new one.
-pub const WIRE_FORMAT_VERSION: u32 = 4;
+/// commands and outcomes (store format 5); 5: `RaiseClusterFormat` and marked snapshots (store
+/// format 6).
+pub const WIRE_FORMAT_VERSION: u32 = 5;
+/// The oldest wire format this node reads and speaks: that of store format 5's nodes, spoken
+/// while its cluster is at store format 5. A node refuses any other outright.
+pub const OLDEST_WIRE_FORMAT: u32 = 4;
+
+/// The Raft wire format of a cluster at store format `cluster_format`.
+pub fn wire_format_of(cluster_format: u32) -> u32 {
+    if cluster_format >= FORMAT_VERSION {
+        WIRE_FORMAT_VERSION
+    } else {
+        OLDEST_WIRE_FORMAT
+    }
+}
 
 type NodeId = u64;
 
-fn encode<T: Serialize>(value: &T) -> Result<RaftMessage, postcard::Error> {
-    Ok(RaftMessage { format_version: WIRE_FORMAT_VERSION, payload: postcard::to_allocvec(value)? })
+fn encode<T: Serialize>(value: &T, wire_format: u32) -> Result<RaftMessage, postcard::Error> {
+    Ok(RaftMessage { format_version: wire_format, payload: postcard::to_allocvec(value)?, newest_store_format: FORMAT_VERSION })
 }
 
 fn decode<T: DeserializeOwned>(message: &RaftMessage) -> Result<T, String> {
-    if message.format_version != WIRE_FORMAT_VERSION {
+    if !(OLDEST_WIRE_FORMAT..=WIRE_FORMAT_VERSION).contains(&message.format_version) {
         return Err(format!(
-            "raft wire format {} received, this node speaks {WIRE_FORMAT_VERSION}",
+            "raft wire format {} received, this node speaks {OLDEST_WIRE_FORMAT} to {WIRE_FORMAT_VERSION}",
             message.format_version
         ));
     }
     postcard::from_bytes(&message.payload).map_err(|e| e.to_string())
+}
+
+/// What each peer last said of the newest store format it runs (`RaftMessage`'s
+/// `newest_store_format`), and when: the leader's evidence that every member can read a
+/// higher cluster format.
+#[derive(Clone, Default)]
+pub struct PeerFormats(Arc<std::sync::Mutex<HashMap<NodeId, (u32, std::time::Instant)>>>);
+
+impl PeerFormats {
+    fn record(&self, node: NodeId, newest_store_format: u32) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(node, (newest_store_format, std::time::Instant::now()));
+    }
+
+    /// What `node` said within the last `within` (0: a node of format 5 or older, which says
+    /// nothing); `None` when it said nothing that recently.
+    pub fn newest(&self, node: NodeId, within: std::time::Duration) -> Option<u32> {
+        let heard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        heard.get(&node).filter(|(_, at)| at.elapsed() <= within).map(|(format, _)| *format)
+    }
 }
 
 /// Where this node reaches its peers: the address in the Raft membership, unless the
@@ -125,16 +159,18 @@ impl PeerChannels {
 }
 
 /// Raft's network; without [`PeerTls`] (a node with no peer port) no peer is reachable.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Network {
     peers: PeerAddresses,
     tls: Option<PeerTls>,
     channels: PeerChannels,
+    cluster_format: ClusterFormatWatch,
+    peer_formats: PeerFormats,
 }
 
 impl Network {
-    pub fn new(peers: PeerAddresses, tls: Option<PeerTls>) -> Self {
-        Network { peers, tls, channels: PeerChannels::default() }
+    pub fn new(peers: PeerAddresses, tls: Option<PeerTls>, cluster_format: ClusterFormatWatch, peer_formats: PeerFormats) -> Self {
+        Network { peers, tls, channels: PeerChannels::default(), cluster_format, peer_formats }
     }
 
     fn channel(&self, address: String) -> Option<Channel> {
@@ -147,13 +183,20 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         let channel = self.channel(self.peers.of(target, node));
-        PeerClient { target, client: channel.map(RaftInternalClient::new) }
+        PeerClient {
+            target,
+            client: channel.map(RaftInternalClient::new),
+            cluster_format: self.cluster_format.clone(),
+            peer_formats: self.peer_formats.clone(),
+        }
     }
 }
 
 pub struct PeerClient {
     target: NodeId,
     client: Option<RaftInternalClient<Channel>>,
+    cluster_format: ClusterFormatWatch,
+    peer_formats: PeerFormats,
 }
 
 impl PeerClient {
@@ -173,10 +216,12 @@ impl PeerClient {
             .client
             .clone()
             .ok_or_else(|| unreachable(format!("node {} has a bad address, or this node has no peer port", self.target)))?;
-        let message = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let message =
+            encode(req, wire_format_of(self.cluster_format.get())).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = Request::new(message);
         request.set_timeout(option.hard_ttl());
         let response = send(client, request).await.map_err(|status| unreachable(status.to_string()))?;
+        self.peer_formats.record(self.target, response.get_ref().newest_store_format);
         let result: Result<Resp, E> =
             decode(response.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&std::io::Error::other(e))))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -221,24 +266,25 @@ impl RaftService {
     }
 }
 
-fn reply<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
-    encode(value).map(Response::new).map_err(|e| Status::internal(e.to_string()))
+/// The answer, in the wire format the request came in (a node of the format before reads it).
+fn reply<T: Serialize>(value: &T, request: &RaftMessage) -> Result<Response<RaftMessage>, Status> {
+    encode(value, request.format_version).map(Response::new).map_err(|e| Status::internal(e.to_string()))
 }
 
 #[tonic::async_trait]
 impl RaftInternal for RaftService {
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let req: AppendEntriesRequest<TypeConfig> = decode(request.get_ref()).map_err(Status::invalid_argument)?;
-        reply(&self.raft.append_entries(req).await)
+        reply(&self.raft.append_entries(req).await, request.get_ref())
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let req: VoteRequest<NodeId> = decode(request.get_ref()).map_err(Status::invalid_argument)?;
-        reply(&self.raft.vote(req).await)
+        reply(&self.raft.vote(req).await, request.get_ref())
     }
 
     async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let req: InstallSnapshotRequest<TypeConfig> = decode(request.get_ref()).map_err(Status::invalid_argument)?;
-        reply(&self.raft.install_snapshot(req).await)
+        reply(&self.raft.install_snapshot(req).await, request.get_ref())
     }
 }

@@ -41,8 +41,19 @@ impl Admin {
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             members: membership
                 .nodes()
-                .map(|(id, node)| v1::ClusterMember { node_id: *id, address: node.addr.clone(), voter: voters.contains(id) })
+                .map(|(id, node)| v1::ClusterMember {
+                    node_id: *id,
+                    address: node.addr.clone(),
+                    voter: voters.contains(id),
+                    newest_store_format: if *id == m.id {
+                        crate::storage::FORMAT_VERSION
+                    } else {
+                        self.shared.peer_formats.newest(*id, std::time::Duration::MAX).unwrap_or(0)
+                    },
+                })
                 .collect(),
+            store_format: crate::storage::FORMAT_VERSION,
+            cluster_format: self.shared.sm.read(|s| s.cluster_format()),
         }
     }
 }

@@ -60,6 +60,9 @@ pub struct Shared {
     /// Checks the portal's operator assertions; `None`: the platform token and a role name
     /// suffice to act as an operator (a deployment without the portal's key).
     pub operator_key: Option<suanli_pki::assertion::OperatorKey>,
+    /// What each peer said of the store format it runs (the leader raises the cluster format
+    /// from it, `reaper.rs`).
+    pub peer_formats: crate::network::PeerFormats,
     /// Linearizable reads share leadership rounds (a flood of reads, or of unknown tokens to
     /// confirm, costs the cluster a round at a time, not one per request).
     read_barrier: Arc<read_barrier::ReadBarrier>,
@@ -101,6 +104,7 @@ impl Shared {
             services: powers::Services::default(),
             artifact_key: None,
             operator_key: None,
+            peer_formats: crate::network::PeerFormats::default(),
             read_barrier: Arc::default(),
         }
     }

@@ -1,15 +1,17 @@
-//! Expires leases whose reservation or paid term is over, charges active leases' use, and moves
-//! what ended long ago to the archive. Runs on every node but proposes only
+//! Expires leases whose reservation or paid term is over, charges active leases' use, moves
+//! what ended long ago to the archive, and raises the cluster format once every member runs
+//! this store format (`state::machine::upgrade`). Runs on every node but proposes only
 //! while this node is the leader; the state machine re-checks the deadline, so a proposal from a
 //! deposed leader or a skewed clock is refused with `NOT_YET_DUE` and changes nothing.
 
 use std::time::Duration;
 
 use suanli_types::Caller;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{now, Shared};
 use crate::state::Command;
+use crate::storage::FORMAT_VERSION;
 
 /// How often active leases are charged for their use: one log entry per this period for all
 /// of them (in chunks of the command's limit), not one per lease-second.
@@ -39,6 +41,7 @@ pub async fn run(shared: Shared, every: Duration, archive_after: Duration) {
             }
         }
         settle(&shared, at).await;
+        raise_cluster_format(&shared).await;
         if last_archive.is_none_or(|t| t.elapsed() >= ARCHIVE_EVERY) {
             last_archive = Some(tokio::time::Instant::now());
             archive(&shared, at, archive_after).await;
@@ -62,6 +65,37 @@ async fn archive(shared: &Shared, at: suanli_types::Timestamp, after: Duration) 
                 return;
             }
         }
+    }
+}
+
+/// How recently every member must have said it runs this store format for the leader to raise
+/// the cluster format to it (members answer every heartbeat).
+const FORMAT_HEARD_WITHIN: Duration = Duration::from_secs(3);
+
+/// Raises the cluster format to this code's store format once every other member of the
+/// membership, voters and learners, has said lately that it runs it too. A member of the
+/// format before says nothing, and holds the cluster where it is.
+async fn raise_cluster_format(shared: &Shared) {
+    if shared.sm.read(|s| s.cluster_format()) >= FORMAT_VERSION {
+        return;
+    }
+    let (me, members): (u64, Vec<u64>) = {
+        let metrics = shared.raft.metrics().borrow().clone();
+        (metrics.id, metrics.membership_config.membership().nodes().map(|(id, _)| *id).collect())
+    };
+    let behind: Vec<u64> = members
+        .into_iter()
+        .filter(|id| *id != me)
+        .filter(|id| shared.peer_formats.newest(*id, FORMAT_HEARD_WITHIN).is_none_or(|f| f < FORMAT_VERSION))
+        .collect();
+    if !behind.is_empty() {
+        debug!(?behind, "members not yet known to run store format {FORMAT_VERSION}");
+        return;
+    }
+    let request_id = format!("raise-cluster-format-{FORMAT_VERSION}");
+    match shared.propose(Caller::System, &request_id, Command::RaiseClusterFormat { to: FORMAT_VERSION }).await {
+        Ok(_) => info!(format = FORMAT_VERSION, "every member runs store format {FORMAT_VERSION}: the cluster format is raised"),
+        Err(status) => warn!(%status, "could not raise the cluster format"),
     }
 }
 

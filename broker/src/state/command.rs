@@ -135,6 +135,13 @@ pub enum Command {
     /// request: nothing charged); `charged_minor` of the hold goes to the federation payable,
     /// the rest back to the researcher.
     EndRemoteLease { remote: RemoteLeaseId, charged_minor: i64 },
+    /// System only (the leader, format 6), once every node of the cluster has said it runs a
+    /// broker of store format `to` or later: from this entry on, the cluster writes format
+    /// `to` (`state::machine::upgrade`). Never lowers it.
+    ///
+    /// A command added by a later format is proposed only once the cluster format has reached
+    /// that format: the nodes still running the format before could not decode it.
+    RaiseClusterFormat { to: u32 },
 }
 
 impl Command {
@@ -203,6 +210,7 @@ impl Command {
             Command::RequestRemoteLease { .. } => "request_remote_lease",
             Command::ConfirmRemoteLease { .. } => "confirm_remote_lease",
             Command::EndRemoteLease { .. } => "end_remote_lease",
+            Command::RaiseClusterFormat { .. } => "raise_cluster_format",
         }
     }
 }

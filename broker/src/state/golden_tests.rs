@@ -108,9 +108,10 @@ fn command_kind(c: &Command) -> usize {
         Command::RequestRemoteLease { .. } => 38,
         Command::ConfirmRemoteLease { .. } => 39,
         Command::EndRemoteLease { .. } => 40,
+        Command::RaiseClusterFormat { .. } => 41,
     }
 }
-const COMMAND_KINDS: usize = 41;
+const COMMAND_KINDS: usize = 42;
 
 /// The ID the sample's remote lease gets (the next one after what the samples before it drew).
 const REMOTE_LEASE: RemoteLeaseId = RemoteLeaseId(9);
@@ -213,6 +214,8 @@ fn commands() -> Vec<Envelope> {
         }),
         (Caller::Platform, Command::ConfirmRemoteLease { remote: REMOTE_LEASE, remote_lease: 17 }),
         (Caller::Platform, Command::EndRemoteLease { remote: REMOTE_LEASE, charged_minor: 2_501 }),
+        // Format 6: every node runs format 6.
+        (Caller::System, Command::RaiseClusterFormat { to: 6 }),
     ];
     list.into_iter()
         .enumerate()
@@ -380,6 +383,8 @@ fn fixture_lines(version: u32, file: &str) -> Vec<(String, Vec<u8>)> {
 const FORMAT_3_SAMPLES: usize = 38;
 /// Format 4's samples: format 3's and `ArchiveEnded`.
 const FORMAT_4_SAMPLES: usize = 39;
+/// Format 5's samples: format 4's and the three remote-lease commands.
+const FORMAT_5_SAMPLES: usize = 42;
 
 /// An earlier format's log entries and events are this format's: the commands it knew are the
 /// first ones, its events the first events.
@@ -406,6 +411,50 @@ fn format_3_log_entries_read_as_the_same_commands() {
 #[test]
 fn format_4_log_entries_read_as_the_same_commands() {
     earlier_log_entries_read_as_the_same_commands(4, FORMAT_4_SAMPLES);
+}
+
+#[test]
+fn format_5_log_entries_read_as_the_same_commands() {
+    earlier_log_entries_read_as_the_same_commands(5, FORMAT_5_SAMPLES);
+}
+
+/// Format 5's snapshot state, migrated, is the state this code reaches from format 5's log (at
+/// cluster format 5), and encodes back to format 5's very bytes: what this code sends a node
+/// of format 5 during a rolling upgrade is what that node wrote itself.
+#[test]
+fn a_format_5_state_migrates_to_the_state_this_code_replays_and_encodes_back_to_format_5s_bytes() {
+    let (_, bytes) = fixture_lines(5, "state.txt").remove(0);
+    let v5: super::machine::format_v5::StateV5 = postcard::from_bytes(&bytes).expect("format 5 state decodes as StateV5");
+    let migrated = State::from(v5);
+    let (mut replayed, _) = replay(&commands()[..FORMAT_5_SAMPLES]);
+    replayed.take_archived();
+    assert_eq!(migrated, replayed);
+    assert_eq!(migrated.cluster_format(), 5, "a state format 5 wrote is at cluster format 5");
+    migrated.check_invariants().expect("invariants");
+    assert!(migrated.encode_as_format_5().expect("encode") == bytes, "format 5's state must encode back to its bytes");
+    assert!(postcard::from_bytes::<State>(&bytes).is_err(), "a format 5 state must not pass for format 6");
+}
+
+/// The cluster format only rises, and only the leader raises it.
+#[test]
+fn the_cluster_format_is_raised_by_the_leader_alone_and_never_lowered() {
+    let mut state = State::new();
+    assert_eq!(state.cluster_format(), 5, "every cluster starts at the first cluster format");
+    let raise = |caller: Caller, to: u32, id: &str| Envelope {
+        caller,
+        request_id: RequestId::parse(id).expect("id"),
+        at: Timestamp::from_millis(T0),
+        command: Command::RaiseClusterFormat { to },
+    };
+    for (n, caller) in [Caller::Platform, Caller::Account(AccountId(1))].into_iter().enumerate() {
+        let (outcome, _) = state.apply(&raise(caller, 6, &format!("not-the-leader-{n}")));
+        assert!(outcome.is_err(), "only the leader raises the cluster format");
+        assert_eq!(state.cluster_format(), 5, "nothing changed");
+    }
+    state.apply(&raise(Caller::System, 6, "raise-6")).0.expect("raised");
+    assert_eq!(state.cluster_format(), 6);
+    state.apply(&raise(Caller::System, 5, "lower-5")).0.expect("a no-op");
+    assert_eq!(state.cluster_format(), 6, "never lowered");
 }
 
 /// Format 4's snapshot state, migrated, is the state this code reaches from format 4's log, and

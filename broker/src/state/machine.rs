@@ -26,9 +26,11 @@ pub mod archive;
 mod authority;
 pub mod format_v3;
 pub mod format_v4;
+pub mod format_v5;
 pub mod jobs;
 pub mod ledger;
 mod remote;
+pub mod upgrade;
 
 /// Limits that are part of the replicated rules (changing them is a format change).
 pub mod rules {
@@ -129,6 +131,9 @@ pub struct State {
     /// Leases of other federation members' cards this member's researchers asked for (format
     /// 5; appended last, so a format-4 state reads as this one with none).
     remote_leases: BTreeMap<RemoteLeaseId, RemoteLease>,
+    /// The store format every node of the cluster reads (format 6; see `upgrade.rs`). Must
+    /// stay the last field: format 5's bytes are format 6's without it.
+    cluster_format: upgrade::ClusterFormat,
     /// Records the last commands moved out of the hot state, until the storage layer takes
     /// them (`take_archived`); never part of a snapshot.
     #[serde(skip)]
@@ -496,6 +501,7 @@ impl State {
                 self.request_remote_lease(request, at, events)
             }
             Command::ConfirmRemoteLease { remote, remote_lease } => self.confirm_remote_lease(*remote, *remote_lease, events),
+            Command::RaiseClusterFormat { to } => Ok(self.raise_cluster_format(*to)),
             Command::EndRemoteLease { remote, charged_minor } => self.end_remote_lease(*remote, *charged_minor, at, events),
             Command::ExpireLease { lease } => {
                 let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;

@@ -1,6 +1,8 @@
-//! Stores and backups as formats 3 and 4 wrote them, made from those formats' pinned states
-//! (`broker/formats/v3/state.txt`, `v4/state.txt`, with `v4/archive.txt` after a format-4
-//! export), open and restore under this code; other formats are refused untouched.
+//! Stores and backups as formats 3, 4 and 5 wrote them, made from those formats' pinned states
+//! (`broker/formats/v3/state.txt`, `v4/state.txt`, `v5/state.txt`, with the archive after a
+//! format-4 or 5 export), open and restore under this code; other formats are refused
+//! untouched. And the snapshots this code sends: format 5's bytes while its cluster is at
+//! format 5, marked ones after.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -10,6 +12,7 @@ use serde::Serialize;
 use super::*;
 use crate::state::machine::format_v3::StateV3;
 use crate::state::machine::format_v4::StateV4;
+use crate::state::machine::format_v5::StateV5;
 use crate::state::State;
 
 fn fixture(format: u32, file: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -31,6 +34,7 @@ fn old_state(format: u32) -> State {
     match format {
         3 => State::from(postcard::from_bytes::<StateV3>(&bytes).expect("format 3 state")),
         4 => State::from(postcard::from_bytes::<StateV4>(&bytes).expect("format 4 state")),
+        5 => State::from(postcard::from_bytes::<StateV5>(&bytes).expect("format 5 state")),
         _ => unreachable!("no fixture of format {format}"),
     }
 }
@@ -53,10 +57,10 @@ fn old_payload(format: u32) -> Vec<u8> {
     bytes
 }
 
-/// A format-4 export: the payload, then the archive in one chunk.
-fn v4_export() -> Vec<u8> {
-    let mut bytes = old_payload(4);
-    bytes.extend(postcard::to_allocvec(&fixture(4, "archive.txt")).expect("encode"));
+/// A format-4 or 5 export: the payload, then the archive in one chunk.
+fn old_export(format: u32) -> Vec<u8> {
+    let mut bytes = old_payload(format);
+    bytes.extend(postcard::to_allocvec(&fixture(format, "archive.txt")).expect("encode"));
     bytes
 }
 
@@ -112,6 +116,11 @@ fn a_format_4_store_is_migrated_when_opened_and_reads_as_format_4_left_it() {
 }
 
 #[test]
+fn a_format_5_store_is_migrated_when_opened_and_reads_as_format_5_left_it() {
+    an_old_store_is_migrated_when_opened_and_reads_as_it_was_left(5);
+}
+
+#[test]
 fn a_format_3_backup_restores_into_a_new_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("restored");
@@ -121,18 +130,75 @@ fn a_format_3_backup_restores_into_a_new_store() {
     sm.read(|s| assert_eq!(s, &old_state(3)));
 }
 
-/// A format-4 export is the payload followed by archive chunks: the payload's end is found by
-/// format 4's shape, and the archive lands in the store.
-#[test]
-fn a_format_4_backup_with_its_archive_restores_into_a_new_store() {
+/// A format-4 or 5 export is the payload followed by archive chunks: the payload's end is found
+/// by that format's shape, and the archive lands in the store.
+fn an_old_backup_with_its_archive_restores_into_a_new_store(format: u32) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("restored");
-    let position = restore(&path, &v4_export(), 4, 7, "127.0.0.1:7").expect("restore");
+    let position = restore(&path, &old_export(format), format, 7, "127.0.0.1:7").expect("restore");
     assert_eq!(position.map(|p| p.index), Some(LAST));
     let (_, sm) = open(&path).expect("open");
-    sm.read(|s| assert_eq!(s, &old_state(4)));
-    // The golden samples' lease 7 ended and was archived (`v4/archive.txt`, key `L` + 7).
+    sm.read(|s| assert_eq!(s, &old_state(format)));
+    // The golden samples' lease 7 ended and was archived (`archive.txt`, key `L` + 7).
     assert!(sm.archive().lease(suanli_types::LeaseId(7)).expect("read").is_some(), "the archive came along");
+}
+
+#[test]
+fn a_format_4_backup_with_its_archive_restores_into_a_new_store() {
+    an_old_backup_with_its_archive_restores_into_a_new_store(4);
+}
+
+#[test]
+fn a_format_5_backup_with_its_archive_restores_into_a_new_store() {
+    an_old_backup_with_its_archive_restores_into_a_new_store(5);
+}
+
+/// The format-5 state as this store holds it (format 6, its cluster at 5), and its stored
+/// snapshot payload.
+fn migrated_format_5_payload() -> (State, Vec<u8>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store");
+    old_store(&path, 5, 5);
+    let (_, sm) = open(&path).expect("migrated");
+    let state = sm.read(|s| s.clone());
+    drop(sm);
+    let db = DB::open_cf_for_read_only(&Options::default(), &path, [CF_LOG, CF_META, CF_SNAPSHOT, CF_EVENTS, CF_ARCHIVE], false).expect("open");
+    let stored = db.get_cf(cf(&db, CF_SNAPSHOT).expect("cf"), state_machine::KEY_SNAPSHOT).expect("get").expect("a snapshot");
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        #[allow(dead_code)]
+        meta: SnapshotMeta<NodeId, BasicNode>,
+        data: Vec<u8>,
+    }
+    (state, postcard::from_bytes::<Stored>(&stored).expect("stored snapshot").data)
+}
+
+/// While its cluster is at format 5, this code sends a node of format 5 the very bytes that
+/// node would have sent: format 5's payload, unmarked.
+#[test]
+fn a_snapshot_sent_while_the_cluster_is_at_format_5_is_format_5s_bytes() {
+    let (state, stored) = migrated_format_5_payload();
+    assert_eq!(state.cluster_format(), 5);
+    let sent = state_machine::transfer_payload(stored, 5).expect("format 5");
+    assert!(sent == old_payload(5), "a format-5 node reads exactly what it wrote");
+}
+
+/// Once raised, snapshots carry their format's mark, and one a node cannot read is refused:
+/// a node of format 5 would fail to decode it rather than misread it.
+#[test]
+fn a_snapshot_sent_at_format_6_is_marked_and_reads_back_as_the_same_state() {
+    let (state, stored) = migrated_format_5_payload();
+    let sent = state_machine::transfer_payload(stored.clone(), FORMAT_VERSION).expect("format 6");
+    assert!(sent.starts_with(b"SLTF") && sent[4..8] == FORMAT_VERSION.to_be_bytes(), "marked with its format");
+    assert!(postcard::from_bytes::<state_machine::OlderSnapshotPayload<StateV5>>(&sent).is_err(), "a format-5 node refuses it");
+    // Restored as a backup of this format, it is the same state; claimed as another, refused.
+    let dir = tempfile::tempdir().expect("tempdir");
+    restore(&dir.path().join("a"), &sent, FORMAT_VERSION, 7, "127.0.0.1:7").expect("restore");
+    let (_, sm) = open(&dir.path().join("a")).expect("open");
+    sm.read(|s| assert_eq!(s, &state));
+    assert!(matches!(restore(&dir.path().join("b"), &sent, 5, 7, "127.0.0.1:7"), Err(StoreError::Corrupt(_))));
+    assert!(matches!(restore(&dir.path().join("c"), &stored, FORMAT_VERSION, 7, "127.0.0.1:7"), Err(StoreError::Corrupt(_))), "unmarked");
+    assert!(!dir.path().join("b").exists() && !dir.path().join("c").exists(), "no half-made store");
 }
 
 #[test]

@@ -16,8 +16,10 @@
 //! re-applying recreates them (and the synced write of a snapshot that no longer holds them
 //! syncs RocksDB's write-ahead log up to it, them included).
 //!
-//! Formats: 4 added the archive, 5 (this code) remote leases; a format-3 or 4 store is
-//! migrated when opened ([`migrate`]), an older backup when restored.
+//! Formats: 4 added the archive, 5 remote leases, 6 (this code) the cluster format
+//! (`state::machine::upgrade`); a format-3, 4 or 5 store is migrated when opened ([`migrate`]),
+//! an older backup when restored. While its cluster is at format 5 this code sends format 5's
+//! snapshots (`state_machine::transfer_bytes`).
 
 pub(crate) mod archive;
 mod log_store;
@@ -32,7 +34,7 @@ use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 pub use archive::{Archive, ArchivedLease};
 pub use log_store::LogStore;
 pub use snapshot_data::SnapshotData;
-pub use state_machine::{StateMachineStore, DEFAULT_EVENTS_RETAINED};
+pub use state_machine::{ClusterFormatWatch, StateMachineStore, DEFAULT_EVENTS_RETAINED};
 
 use crate::state::{Envelope, Outcome};
 
@@ -55,7 +57,7 @@ pub type StorageError = openraft::StorageError<NodeId>;
 
 /// The on-disk format this code reads and writes. Bumped on any incompatible change; a node
 /// refuses to open data of another version instead of misreading it.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 /// The oldest format this code migrates from.
 pub const OLDEST_READABLE_FORMAT: u32 = 3;
 
@@ -142,7 +144,7 @@ fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
             let found = bytes.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX);
             match found {
                 FORMAT_VERSION => {}
-                3 | 4 => migrate(db, found)?,
+                3..=5 => migrate(db, found)?,
                 _ => return Err(StoreError::FormatVersion { path: path.display().to_string(), found }),
             }
         }
@@ -155,9 +157,10 @@ fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Format 3 or 4 → this one. Format 4 gave the snapshot's state `ledger_archived` (0: a
+/// Format 3, 4 or 5 → this one. Format 4 gave the snapshot's state `ledger_archived` (0: a
 /// format-3 broker archived nothing) and the store an empty archive; format 5 gave the state
-/// `remote_leases` (none before). The log and the events read unchanged (commands, events,
+/// `remote_leases` (none before); format 6 the cluster format (5 for what format 5 or older
+/// wrote: the cluster may still have nodes of format 5, and is raised when it has none). The log and the events read unchanged (commands, events,
 /// outcomes and ledger accounts only gained variants, appended). One synced write: a crash
 /// leaves the old format.
 fn migrate(db: &DB, found: u32) -> Result<(), StoreError> {

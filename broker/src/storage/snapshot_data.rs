@@ -1,6 +1,7 @@
-//! The bytes of a snapshot as openraft handles them: the hot state's payload, with the archive
-//! appended only when the bytes are first read or sought (to be sent). openraft asks for the
-//! current snapshot at every start for its metadata alone; that costs no archive read.
+//! The bytes of a snapshot as openraft handles them: the hot state's payload, put in the
+//! format the cluster reads and followed by the archive only when the bytes are first read or
+//! sought (to be sent). openraft asks for the current snapshot at every start for its metadata
+//! alone; that costs neither.
 
 use std::io::{self, Cursor, SeekFrom};
 use std::pin::Pin;
@@ -14,24 +15,29 @@ use super::StoreError;
 
 pub struct SnapshotData {
     bytes: Cursor<Vec<u8>>,
-    /// Appended, in chunks, before the first read or seek.
-    archive: Option<Archive>,
+    /// Before the first read or seek: the store format to send the payload in, and the archive
+    /// to append in chunks.
+    to_send: Option<(u32, Archive)>,
 }
 
 impl SnapshotData {
     /// Bytes as they are (a snapshot being received, or one complete already).
     pub fn new(bytes: Vec<u8>) -> SnapshotData {
-        SnapshotData { bytes: Cursor::new(bytes), archive: None }
+        SnapshotData { bytes: Cursor::new(bytes), to_send: None }
     }
 
-    /// A stored payload whose archive is appended when the bytes are first needed.
-    pub(crate) fn with_archive(payload: Vec<u8>, archive: Archive) -> SnapshotData {
-        SnapshotData { bytes: Cursor::new(payload), archive: Some(archive) }
+    /// A stored payload, sent in store format `format` and followed by its archive when the
+    /// bytes are first needed.
+    pub(crate) fn to_send(payload: Vec<u8>, format: u32, archive: Archive) -> SnapshotData {
+        SnapshotData { bytes: Cursor::new(payload), to_send: Some((format, archive)) }
     }
 
     fn complete(&mut self) -> io::Result<()> {
-        if let Some(archive) = self.archive.take() {
-            append_archive(&archive, self.bytes.get_mut()).map_err(io::Error::other)?;
+        if let Some((format, archive)) = self.to_send.take() {
+            let stored = std::mem::take(self.bytes.get_mut());
+            let mut bytes = super::state_machine::transfer_payload(stored, format).map_err(io::Error::other)?;
+            append_archive(&archive, &mut bytes).map_err(io::Error::other)?;
+            self.bytes = Cursor::new(bytes);
         }
         Ok(())
     }

@@ -8,7 +8,7 @@
 //! snapshot at every start reads no archive. While one is sent or received its bytes are in
 //! memory (the hot state is bounded by the archive's retention; the archive is not).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -25,9 +25,11 @@ use super::archive::{self, Archive};
 use super::snapshot_data::SnapshotData;
 use super::{
     cf, index_key, io_err, key_index, LogId, NodeId, StorageError, StoreError, TypeConfig, CF_EVENTS, CF_META, CF_SNAPSHOT,
+    FORMAT_VERSION, OLDEST_READABLE_FORMAT,
 };
 use crate::state::machine::format_v3::StateV3;
 use crate::state::machine::format_v4::StateV4;
+use crate::state::machine::format_v5::StateV5;
 use crate::state::{AppliedEvents, Outcome, Response, State};
 use suanli_types::Timestamp;
 
@@ -54,7 +56,8 @@ struct SnapshotPayload {
 }
 
 /// [`SnapshotPayload`] as an earlier format wrote it, with that format's state (`StateV3`,
-/// `StateV4`): read by the migrations and by restores of older backups.
+/// `StateV4`, `StateV5`): read by the migrations, by restores of older backups and from nodes
+/// of the format before during a rolling upgrade.
 #[derive(Deserialize)]
 pub(super) struct OlderSnapshotPayload<S> {
     last_applied: Option<LogId>,
@@ -78,12 +81,21 @@ fn take_payload(bytes: &[u8], format: u32) -> Result<(SnapshotPayload, &[u8]), S
             let (old, rest) = postcard::take_from_bytes::<OlderSnapshotPayload<StateV4>>(bytes)?;
             (old.into(), rest)
         }
+        5 => {
+            let (old, rest) = postcard::take_from_bytes::<OlderSnapshotPayload<StateV5>>(bytes)?;
+            (old.into(), rest)
+        }
         _ => postcard::take_from_bytes::<SnapshotPayload>(bytes)?,
     })
 }
 
 /// Archive key-value pairs per chunk of a sent snapshot.
 pub const ARCHIVE_CHUNK: usize = 4096;
+
+/// A snapshot sent or exported in format 6 or later begins with this mark and its store format
+/// (a big-endian u32), so a receiver knows which format it holds whichever node sent it. Format
+/// 5's and older begin with the payload, whose first byte (an `Option`'s tag) is 0 or 1.
+const TRANSFER_MARK: &[u8; 4] = b"SLTF";
 
 /// A snapshot as sent or exported: the payload, then the archive's pairs in chunks.
 struct Transfer {
@@ -94,11 +106,34 @@ struct Transfer {
 }
 
 impl Transfer {
-    /// Decodes a snapshot sent or exported by a node of store format `format` (this one, or
-    /// an earlier one: migrated).
+    /// Decodes a snapshot sent by a leader: marked with its format, or format 5's (a node of
+    /// format 5, or one of this format whose cluster is still at 5).
+    fn decode_sent(bytes: &[u8]) -> Result<Transfer, StoreError> {
+        match read_mark(bytes)? {
+            Some((format, rest)) => Transfer::decode(rest, format),
+            None => Transfer::decode(bytes, crate::state::machine::upgrade::FIRST_CLUSTER_FORMAT),
+        }
+    }
+
+    /// Decodes a backup's state, which its manifest says is of store format `format`.
+    fn decode_exported(bytes: &[u8], format: u32) -> Result<Transfer, StoreError> {
+        match read_mark(bytes)? {
+            Some((marked, rest)) if marked == format => Transfer::decode(rest, format),
+            Some((marked, _)) => Err(StoreError::Corrupt(format!("the backup says store format {format}; its data is format {marked}"))),
+            // Formats before 6 wrote no mark; 6 and later always do.
+            None if format <= crate::state::machine::upgrade::FIRST_CLUSTER_FORMAT => Transfer::decode(bytes, format),
+            None => Err(StoreError::Corrupt(format!("a format-{format} state without its format mark"))),
+        }
+    }
+
+    /// Decodes an unmarked snapshot of store format `format` (this one, or an earlier one:
+    /// migrated).
     fn decode(bytes: &[u8], format: u32) -> Result<Transfer, StoreError> {
+        if !(OLDEST_READABLE_FORMAT..=FORMAT_VERSION).contains(&format) {
+            return Err(StoreError::FormatVersion { path: "a snapshot".into(), found: format });
+        }
         let (payload, mut rest) = take_payload(bytes, format)?;
-        let payload_bytes = if format == super::FORMAT_VERSION {
+        let payload_bytes = if format == FORMAT_VERSION {
             bytes[..bytes.len() - rest.len()].to_vec()
         } else {
             postcard::to_allocvec(&payload)?
@@ -112,6 +147,36 @@ impl Transfer {
         }
         Ok(Transfer { payload, payload_bytes, archive })
     }
+}
+
+/// The format a marked transfer is in and what follows the mark; `None` for an unmarked one.
+fn read_mark(bytes: &[u8]) -> Result<Option<(u32, &[u8])>, StoreError> {
+    let Some(rest) = bytes.strip_prefix(TRANSFER_MARK.as_slice()) else { return Ok(None) };
+    let Some((format, rest)) = rest.split_first_chunk::<4>() else {
+        return Err(StoreError::Corrupt("a snapshot cut short in its format mark".into()));
+    };
+    Ok(Some((u32::from_be_bytes(*format), rest)))
+}
+
+/// A stored payload (this store format's) as a snapshot of store format `format` begins when
+/// sent: marked, or, for a cluster still at format 5, format 5's bytes (the state without its
+/// cluster format, `State::encode_as_format_5`).
+pub(super) fn transfer_payload(stored: Vec<u8>, format: u32) -> Result<Vec<u8>, StoreError> {
+    if format == FORMAT_VERSION {
+        let mut bytes = Vec::with_capacity(stored.len() + 8);
+        bytes.extend_from_slice(TRANSFER_MARK);
+        bytes.extend_from_slice(&format.to_be_bytes());
+        bytes.extend(stored);
+        return Ok(bytes);
+    }
+    if format != crate::state::machine::upgrade::FIRST_CLUSTER_FORMAT {
+        return Err(StoreError::FormatVersion { path: "a snapshot to send".into(), found: format });
+    }
+    let payload: SnapshotPayload = postcard::from_bytes(&stored)?;
+    // A struct's fields one after another, as a tuple's.
+    let mut bytes = postcard::to_allocvec(&(&payload.last_applied, &payload.membership))?;
+    bytes.extend(payload.state.encode_as_format_5()?);
+    Ok(bytes)
 }
 
 /// [`SnapshotPayload`] by reference: the same bytes, without copying the state.
@@ -137,6 +202,22 @@ struct Inner {
     last_snapshot_bytes: AtomicU64,
     clock: CommandClock,
     archive: Archive,
+    cluster_format: ClusterFormatWatch,
+}
+
+/// The cluster format of the state this node has applied (`State::cluster_format`), for its
+/// network layer: the format its snapshots are sent in and its Raft messages spoken in.
+#[derive(Clone, Debug)]
+pub struct ClusterFormatWatch(Arc<AtomicU32>);
+
+impl ClusterFormatWatch {
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn observe(&self, state: &State) {
+        self.0.store(state.cluster_format(), Ordering::Relaxed);
+    }
 }
 
 /// How far a proposer's wall clock may run ahead of the cluster's command time (as this node
@@ -199,6 +280,7 @@ impl StateMachineStore {
             applied = Applied { state: payload.state, last_applied: payload.last_applied, membership: payload.membership };
         }
         let (events, _) = broadcast::channel(4096);
+        let cluster_format = ClusterFormatWatch(Arc::new(AtomicU32::new(applied.state.cluster_format())));
         Ok(StateMachineStore {
             inner: Arc::new(Inner {
                 db: db.clone(),
@@ -209,6 +291,7 @@ impl StateMachineStore {
                 last_snapshot_bytes: AtomicU64::new(0),
                 clock: CommandClock::default(),
                 archive: Archive::new(db.clone()),
+                cluster_format,
             }),
         })
     }
@@ -219,12 +302,12 @@ impl StateMachineStore {
     }
 
     /// The current state as a snapshot is sent (what a backup keeps: the hot state and the
-    /// archive), and the log position it reflects.
+    /// archive), in this store format (marked), and the log position it reflects.
     pub fn export(&self) -> Result<(Vec<u8>, Option<LogId>), StoreError> {
         let (mut bytes, position) = {
             let applied = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
             let payload = SnapshotPayloadRef { last_applied: &applied.last_applied, membership: &applied.membership, state: &applied.state };
-            (postcard::to_allocvec(&payload)?, applied.last_applied)
+            (transfer_payload(postcard::to_allocvec(&payload)?, FORMAT_VERSION)?, applied.last_applied)
         };
         super::snapshot_data::append_archive(&self.inner.archive, &mut bytes)?;
         Ok((bytes, position))
@@ -235,12 +318,16 @@ impl StateMachineStore {
         &self.inner.archive
     }
 
+    /// The applied state's cluster format, kept current as entries apply.
+    pub fn cluster_format_watch(&self) -> ClusterFormatWatch {
+        self.inner.cluster_format.clone()
+    }
 
     /// Makes an exported state this (new, empty) store's snapshot, as the state of a cluster
     /// whose only voter is `node` at `address`: started, the node elects itself and goes on
     /// from the exported position; other nodes join it as learners. Returns that position.
     pub(super) fn seed(&self, exported: &[u8], format: u32, node: NodeId, address: &str) -> Result<Option<LogId>, StoreError> {
-        let Transfer { payload, archive, .. } = Transfer::decode(exported, format)?;
+        let Transfer { payload, archive, .. } = Transfer::decode_exported(exported, format)?;
         payload.state.check_invariants().map_err(StoreError::Corrupt)?;
         for chunk in archive {
             self.inner.archive.put_all(chunk)?;
@@ -404,6 +491,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Normal(envelope) => {
                         let at = applied.state.command_time(envelope.at);
                         let (outcome, events) = applied.state.apply(&envelope);
+                        self.inner.cluster_format.observe(&applied.state);
                         self.inner.clock.observe(at);
                         archive::write(&db, &mut batch, &applied.state.take_archived()).map_err(sm_write)?;
                         outcomes.push(outcome);
@@ -442,7 +530,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), StorageError> {
         let snapshot_err = |e: StoreError| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e);
         let data = snapshot.into_bytes().map_err(|e| snapshot_err(StoreError::Io("the received snapshot".into(), e)))?;
-        let Transfer { payload, payload_bytes, archive } = Transfer::decode(&data, super::FORMAT_VERSION).map_err(snapshot_err)?;
+        let Transfer { payload, payload_bytes, archive } = Transfer::decode_sent(&data).map_err(snapshot_err)?;
         drop(data);
         if let Err(violation) = payload.state.check_invariants() {
             return Err(snapshot_err(StoreError::Corrupt(violation)));
@@ -457,6 +545,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             self.discard_events_below(index.saturating_add(1)).map_err(sm_write)?;
         }
         let mut applied = self.inner.applied.write().unwrap_or_else(|p| p.into_inner());
+        self.inner.cluster_format.observe(&payload.state);
         *applied = Applied { state: payload.state, last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
         Ok(())
     }
@@ -464,8 +553,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let read_err = |e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e);
         let Some(stored) = read_stored_snapshot(&self.inner.db).map_err(read_err)? else { return Ok(None) };
-        // The archive follows the payload once the bytes are read (sent); openraft's look at
-        // the metadata at every start reads none of it.
-        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(SnapshotData::with_archive(stored.data, self.inner.archive.clone())) }))
+        // Sent in the format the cluster reads (a node of it may still be of format 5), the
+        // archive after the payload, once the bytes are read; openraft's look at the metadata
+        // at every start costs neither.
+        let format = self.inner.cluster_format.get();
+        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(SnapshotData::to_send(stored.data, format, self.inner.archive.clone())) }))
     }
 }

@@ -25,6 +25,25 @@ struct Member {
     peer: String,
     metrics: String,
     process: Option<Service>,
+    /// The broker this node runs, when not the cluster's (`upgrade`).
+    binary: Option<PathBuf>,
+}
+
+/// The broker of the release the rolling-upgrade test starts from, as
+/// `ops/build-previous-release` builds it (from the commit `ops/previous-release` names).
+pub fn previous_release_broker() -> anyhow::Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let named = std::fs::read_to_string(root.join("ops/previous-release"))?;
+    let commit = named
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.split_whitespace().next())
+        .ok_or_else(|| anyhow!("ops/previous-release names no commit"))?;
+    let binary = PathBuf::from(format!("/var/tmp/suanli-previous/{commit}/suanli-broker"));
+    if !binary.is_file() {
+        bail!("{} is missing: run ops/build-previous-release (.ci/run does)", binary.display());
+    }
+    Ok(binary)
 }
 
 pub struct BrokerCluster {
@@ -169,9 +188,10 @@ impl BrokerCluster {
         let config_path = self.dir.path().join(format!("node-{id}.toml"));
         std::fs::write(&config_path, config)?;
         args.extend(["--config".into(), config_path.display().to_string()]);
+        let own_binary = self.members.get(&id).and_then(|m| m.binary.clone());
         let service = Service::start(
             &format!("broker-{id}"),
-            &self.binary,
+            own_binary.as_deref().unwrap_or(&self.binary),
             &args,
             &[("SUANLI_BROKER_PLATFORM_TOKEN", PLATFORM_TOKEN), ("SUANLI_LOG", "info,openraft=info")],
             self.dir.path(),
@@ -189,7 +209,7 @@ impl BrokerCluster {
                 link.set_target(target);
             }
         }
-        self.members.insert(id, Member { address, agents, peer, metrics, process: Some(service) });
+        self.members.insert(id, Member { address, agents, peer, metrics, process: Some(service), binary: own_binary });
         Ok(())
     }
 
@@ -310,6 +330,25 @@ impl BrokerCluster {
         match member.process.take() {
             Some(process) => process.kill().await,
             None => bail!("node {id} is not running"),
+        }
+    }
+
+    /// Upgrades node `id` as an operator would: stops it (SIGINT, as systemd does), then
+    /// starts `binary` on the same addresses and data.
+    pub async fn upgrade(&mut self, id: u64, binary: &Path) -> anyhow::Result<()> {
+        self.stop(id).await?;
+        if let Some(member) = self.members.get_mut(&id) {
+            member.binary = Some(binary.to_owned());
+        }
+        self.restart(id).await
+    }
+
+    /// Stops node `id` as an operator would (SIGINT), if it runs; `restart` starts it again.
+    pub async fn stop(&mut self, id: u64) -> anyhow::Result<()> {
+        let member = self.members.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
+        match member.process.take() {
+            Some(process) => process.interrupt(Duration::from_secs(20)).await,
+            None => Ok(()),
         }
     }
 

@@ -20,6 +20,7 @@ pub mod link;
 pub mod portal;
 pub mod smtp;
 pub mod sshd;
+pub mod storm;
 pub mod webdriver;
 
 pub const READY_PREFIX: &str = "SUANLI_READY";

@@ -49,7 +49,7 @@ impl From<StateV3> for State {
 
 impl StateV3 {
     /// This state with what later formats appended: `ledger_archived` (format 4; 0 for a
-    /// format-3 state) and no remote leases (format 5).
+    /// format-3 state), no remote leases (format 5) and the first cluster format (format 6).
     pub(super) fn into_state(self, ledger_archived: u64) -> State {
         let v3 = self;
         State {
@@ -80,6 +80,7 @@ impl StateV3 {
             evaluations_by_supplier: v3.evaluations_by_supplier,
             ledger_archived,
             remote_leases: BTreeMap::new(),
+            cluster_format: Default::default(),
             archived: Vec::new(),
         }
     }

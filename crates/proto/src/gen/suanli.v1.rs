@@ -8032,10 +8032,15 @@ pub mod monitoring_service_server {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RaftMessage {
+    /// the Raft wire format the payload is in
     #[prost(uint32, tag = "1")]
     pub format_version: u32,
     #[prost(bytes = "vec", tag = "2")]
     pub payload: ::prost::alloc::vec::Vec<u8>,
+    /// The newest store format the sending node's broker runs (0: format 5 or older, which did
+    /// not say). The leader raises the cluster format once every member has said it runs it.
+    #[prost(uint32, tag = "3")]
+    pub newest_store_format: u32,
 }
 /// Generated client implementations.
 pub mod raft_internal_client {
@@ -8496,6 +8501,10 @@ pub struct ClusterMember {
     pub address: ::prost::alloc::string::String,
     #[prost(bool, tag = "3")]
     pub voter: bool,
+    /// The newest store format the member said it runs, as the answering leader last heard it
+    /// (0: not heard, or a broker of format 5 or older).
+    #[prost(uint32, tag = "4")]
+    pub newest_store_format: u32,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ClusterStatus {
@@ -8515,6 +8524,12 @@ pub struct ClusterStatus {
     pub snapshot_index: u64,
     #[prost(message, repeated, tag = "7")]
     pub members: ::prost::alloc::vec::Vec<ClusterMember>,
+    /// the newest store format the answering node runs
+    #[prost(uint32, tag = "8")]
+    pub store_format: u32,
+    /// the store format the cluster writes in: every member reads it
+    #[prost(uint32, tag = "9")]
+    pub cluster_format: u32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AddLearnerRequest {
