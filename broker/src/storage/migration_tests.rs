@@ -214,3 +214,17 @@ fn a_store_or_backup_of_a_format_this_code_does_not_read_is_refused_untouched() 
         assert!(!target.exists(), "no half-made store");
     }
 }
+
+/// A leader of format 5 sends its snapshot unmarked, in format 5: a node of this format
+/// installs it as format 5 left it, at cluster format 5.
+#[tokio::test]
+async fn a_snapshot_a_format_5_leader_sends_installs_here() {
+    use openraft::storage::RaftStateMachine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, mut sm) = open(&dir.path().join("follower")).expect("open");
+    let meta = SnapshotMeta { last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), LAST)), last_membership: membership(), snapshot_id: "2-37-0".into() };
+    sm.install_snapshot(&meta, Box::new(SnapshotData::new(old_export(5)))).await.expect("installed");
+    sm.read(|s| assert_eq!(s, &old_state(5)));
+    assert_eq!(sm.cluster_format_watch().get(), 5, "it speaks format 5 to its cluster");
+    assert!(sm.archive().lease(suanli_types::LeaseId(7)).expect("read").is_some(), "the archive came along");
+}
