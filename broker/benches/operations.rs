@@ -85,6 +85,26 @@ where
     Ok(())
 }
 
+/// Runs `call` until it succeeds, at most 50 times: every call here carries its request ID,
+/// so a retry after a lost answer or a leader change applies once.
+async fn retrying<T, F, Fut>(mut call: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Ok(value) => return Ok(value),
+            Err(e) if tries >= 50 => return Err(e),
+            Err(_) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Suppliers publishing `clusters` clusters of one node and 2 cards, and researchers
 /// requesting and ending `leases` leases across them: a market's history.
 async fn write_history(cluster: &BrokerCluster, clusters: usize, leases: usize) -> anyhow::Result<()> {
@@ -101,9 +121,13 @@ async fn write_history(cluster: &BrokerCluster, clusters: usize, leases: usize) 
     let ids = Arc::new(std::sync::Mutex::new(Vec::with_capacity(clusters)));
     let (s, published) = (suppliers.clone(), ids.clone());
     in_parallel(clusters, move |i| {
-        let (mut supplier, published) = (s[i % s.len()].clone(), published.clone());
+        let (supplier, published) = (s[i % s.len()].clone(), published.clone());
         async move {
-            let c = fixtures::publish(&mut supplier, ClusterClass::B, 1, 2, &format!("history-{i}")).await?;
+            let c = retrying(|| {
+                let mut supplier = supplier.clone();
+                async move { fixtures::publish(&mut supplier, ClusterClass::B, 1, 2, &format!("history-{i}")).await }
+            })
+            .await?;
             published.lock().expect("ids").push(c.cluster_id);
             Ok(())
         }
@@ -113,20 +137,24 @@ async fn write_history(cluster: &BrokerCluster, clusters: usize, leases: usize) 
     let ids = Arc::new(std::mem::take(&mut *ids.lock().expect("ids")));
     let started = Instant::now();
     in_parallel(leases, move |i| {
-        let (mut researcher, ids) = (researchers[i % researchers.len()].clone(), ids.clone());
+        let (researcher, ids) = (researchers[i % researchers.len()].clone(), ids.clone());
         async move {
-            let lease = researcher
-                .request_lease(storm::lease_request(ids[i % ids.len()], format!("history-{i}")))
-                .await?
-                .into_inner();
-            researcher
-                .end_lease(v1::EndLeaseRequest {
-                    request_id: format!("history-end-{i}"),
-                    lease_id: lease.lease_id,
-                    reason: v1::EndReason::ByResearcher.into(),
-                })
-                .await?;
-            Ok(())
+            let request = storm::lease_request(ids[i % ids.len()], format!("history-{i}"));
+            let lease = retrying(|| {
+                let (mut c, r) = (researcher.clone(), request.clone());
+                async move { Ok(c.request_lease(r).await?.into_inner()) }
+            })
+            .await?;
+            let end = v1::EndLeaseRequest {
+                request_id: format!("history-end-{i}"),
+                lease_id: lease.lease_id,
+                reason: v1::EndReason::ByResearcher.into(),
+            };
+            retrying(|| {
+                let (mut c, r) = (researcher.clone(), end.clone());
+                async move { Ok(c.end_lease(r).await.map(drop)?) }
+            })
+            .await
         }
     })
     .await?;

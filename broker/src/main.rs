@@ -488,10 +488,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         node.wait_for_leader(Duration::from_secs(30)).await?;
     }
     announce_ready(&node);
-    tokio::signal::ctrl_c().await?;
+    stop_requested().await?;
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (what systemd and Kubernetes send to stop a service).
+async fn stop_requested() -> std::io::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted,
+        _ = terminate.recv() => Ok(()),
+    }
 }
 
 /// The machine-readable line test harnesses and scripts wait for (`suanli-testkit`).

@@ -155,6 +155,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         election_timeout_min: 400,
         election_timeout_max: 800,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries),
+        // openraft's 200 ms default covers sending the last segment *and* installing the whole
+        // snapshot on the follower: with a large state (100,000 leases) the install alone takes
+        // longer, the send is retried from the start forever, and a node that fell behind the
+        // purged log never catches up (found by benches/operations.rs).
+        install_snapshot_timeout: 120_000,
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()
     }

@@ -58,6 +58,9 @@ impl Admin {
     }
 }
 
+/// How long adding a learner waits for it to catch up with the log.
+const LEARNER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Largest chunk of an exported state on the wire.
 const EXPORT_CHUNK_BYTES: usize = 1 << 20;
 
@@ -113,17 +116,32 @@ impl ClusterAdmin for Admin {
         if self.shared.sm.read(|s| s.broker_node_retired(req.node_id)) {
             return Err(invalid("node_id", "this ID belonged to a removed node; a wiped node rejoins under a new ID"));
         }
-        self.shared
-            .raft
-            .add_learner(req.node_id, BasicNode { addr: req.address }, true)
-            .await
-            .map_err(raft_error)?;
+        let _turn = self.shared.membership_turn.lock().await;
+        // Waits for the learner to catch up, for a while: one that never does (a broker older
+        // than the cluster format cannot read the log) is reported, not waited on forever.
+        let added = tokio::time::timeout(LEARNER_CATCH_UP, self.shared.raft.add_learner(req.node_id, BasicNode { addr: req.address }, true));
+        match added.await {
+            Ok(result) => result.map_err(raft_error)?,
+            Err(_) => {
+                let format = self.shared.sm.read(|s| s.cluster_format());
+                return Err(status(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "node {} was added as a learner but did not catch up within {}s; it must run a broker of store format {format} or later (`cluster remove` it otherwise)",
+                        req.node_id,
+                        LEARNER_CATCH_UP.as_secs()
+                    ),
+                    &[],
+                ));
+            }
+        };
         Ok(Response::new(self.status()))
     }
 
     async fn promote(&self, request: Request<v1::NodeRef>) -> Result<Response<v1::ClusterStatus>, Status> {
         self.require_platform(&request).await?;
         let id = request.into_inner().node_id;
+        let _turn = self.shared.membership_turn.lock().await;
         self.shared
             .raft
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
@@ -135,6 +153,7 @@ impl ClusterAdmin for Admin {
     async fn remove(&self, request: Request<v1::NodeRef>) -> Result<Response<v1::ClusterStatus>, Status> {
         self.require_platform(&request).await?;
         let id = request.into_inner().node_id;
+        let _turn = self.shared.membership_turn.lock().await;
         let voter = self.shared.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
         if voter {
             self.shared

@@ -63,6 +63,10 @@ pub struct Shared {
     /// What each peer said of the store format it runs (the leader raises the cluster format
     /// from it, `reaper.rs`).
     pub peer_formats: crate::network::PeerFormats,
+    /// Membership changes and the raise of the cluster format take turns: a node added
+    /// between the leader's check that every member runs its format and the raise could not
+    /// read what follows (`reaper.rs`, `admin.rs`).
+    pub membership_turn: Arc<tokio::sync::Mutex<()>>,
     /// Linearizable reads share leadership rounds (a flood of reads, or of unknown tokens to
     /// confirm, costs the cluster a round at a time, not one per request).
     read_barrier: Arc<read_barrier::ReadBarrier>,
@@ -105,6 +109,7 @@ impl Shared {
             artifact_key: None,
             operator_key: None,
             peer_formats: crate::network::PeerFormats::default(),
+            membership_turn: Arc::default(),
             read_barrier: Arc::default(),
         }
     }

@@ -79,6 +79,8 @@ async fn raise_cluster_format(shared: &Shared) {
     if shared.sm.read(|s| s.cluster_format()) >= FORMAT_VERSION {
         return;
     }
+    // No member joins between the check and the raise.
+    let _turn = shared.membership_turn.lock().await;
     let (me, members): (u64, Vec<u64>) = {
         let metrics = shared.raft.metrics().borrow().clone();
         (metrics.id, metrics.membership_config.membership().nodes().map(|(id, _)| *id).collect())

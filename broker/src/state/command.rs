@@ -139,8 +139,10 @@ pub enum Command {
     /// broker of store format `to` or later: from this entry on, the cluster writes format
     /// `to` (`state::machine::upgrade`). Never lowers it.
     ///
-    /// A command added by a later format is proposed only once the cluster format has reached
-    /// that format: the nodes still running the format before could not decode it.
+    /// Rule for the formats to come (none has added a command since): a command added by a
+    /// later format is proposed only once the cluster format has reached that format, since
+    /// nodes still running the format before could not decode it. This one is the exception:
+    /// the leader proposes it only after every member said it runs `to`.
     RaiseClusterFormat { to: u32 },
 }
 

@@ -179,7 +179,7 @@ fn migrated_format_5_payload() -> (State, Vec<u8>) {
 fn a_snapshot_sent_while_the_cluster_is_at_format_5_is_format_5s_bytes() {
     let (state, stored) = migrated_format_5_payload();
     assert_eq!(state.cluster_format(), 5);
-    let sent = state_machine::transfer_payload(stored, 5).expect("format 5");
+    let sent = state_machine::transfer_payload(&stored, 5).expect("format 5");
     assert!(sent == old_payload(5), "a format-5 node reads exactly what it wrote");
 }
 
@@ -188,7 +188,7 @@ fn a_snapshot_sent_while_the_cluster_is_at_format_5_is_format_5s_bytes() {
 #[test]
 fn a_snapshot_sent_at_format_6_is_marked_and_reads_back_as_the_same_state() {
     let (state, stored) = migrated_format_5_payload();
-    let sent = state_machine::transfer_payload(stored.clone(), FORMAT_VERSION).expect("format 6");
+    let sent = state_machine::transfer_payload(&stored, FORMAT_VERSION).expect("format 6");
     assert!(sent.starts_with(b"SLTF") && sent[4..8] == FORMAT_VERSION.to_be_bytes(), "marked with its format");
     assert!(postcard::from_bytes::<state_machine::OlderSnapshotPayload<StateV5>>(&sent).is_err(), "a format-5 node refuses it");
     // Restored as a backup of this format, it is the same state; claimed as another, refused.

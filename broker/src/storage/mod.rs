@@ -19,7 +19,7 @@
 //! Formats: 4 added the archive, 5 remote leases, 6 (this code) the cluster format
 //! (`state::machine::upgrade`); a format-3, 4 or 5 store is migrated when opened ([`migrate`]),
 //! an older backup when restored. While its cluster is at format 5 this code sends format 5's
-//! snapshots (`state_machine::transfer_bytes`).
+//! snapshots (`state_machine::transfer_payload`).
 
 pub(crate) mod archive;
 mod log_store;

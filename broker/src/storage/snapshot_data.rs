@@ -34,8 +34,7 @@ impl SnapshotData {
 
     fn complete(&mut self) -> io::Result<()> {
         if let Some((format, archive)) = self.to_send.take() {
-            let stored = std::mem::take(self.bytes.get_mut());
-            let mut bytes = super::state_machine::transfer_payload(stored, format).map_err(io::Error::other)?;
+            let mut bytes = super::state_machine::transfer_payload(self.bytes.get_ref(), format).map_err(io::Error::other)?;
             append_archive(&archive, &mut bytes).map_err(io::Error::other)?;
             self.bytes = Cursor::new(bytes);
         }

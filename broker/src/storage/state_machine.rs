@@ -161,18 +161,18 @@ fn read_mark(bytes: &[u8]) -> Result<Option<(u32, &[u8])>, StoreError> {
 /// A stored payload (this store format's) as a snapshot of store format `format` begins when
 /// sent: marked, or, for a cluster still at format 5, format 5's bytes (the state without its
 /// cluster format, `State::encode_as_format_5`).
-pub(super) fn transfer_payload(stored: Vec<u8>, format: u32) -> Result<Vec<u8>, StoreError> {
+pub(super) fn transfer_payload(stored: &[u8], format: u32) -> Result<Vec<u8>, StoreError> {
     if format == FORMAT_VERSION {
         let mut bytes = Vec::with_capacity(stored.len() + 8);
         bytes.extend_from_slice(TRANSFER_MARK);
         bytes.extend_from_slice(&format.to_be_bytes());
-        bytes.extend(stored);
+        bytes.extend_from_slice(stored);
         return Ok(bytes);
     }
     if format != crate::state::machine::upgrade::FIRST_CLUSTER_FORMAT {
         return Err(StoreError::FormatVersion { path: "a snapshot to send".into(), found: format });
     }
-    let payload: SnapshotPayload = postcard::from_bytes(&stored)?;
+    let payload: SnapshotPayload = postcard::from_bytes(stored)?;
     // A struct's fields one after another, as a tuple's.
     let mut bytes = postcard::to_allocvec(&(&payload.last_applied, &payload.membership))?;
     bytes.extend(payload.state.encode_as_format_5()?);
@@ -307,7 +307,7 @@ impl StateMachineStore {
         let (mut bytes, position) = {
             let applied = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
             let payload = SnapshotPayloadRef { last_applied: &applied.last_applied, membership: &applied.membership, state: &applied.state };
-            (transfer_payload(postcard::to_allocvec(&payload)?, FORMAT_VERSION)?, applied.last_applied)
+            (transfer_payload(&postcard::to_allocvec(&payload)?, FORMAT_VERSION)?, applied.last_applied)
         };
         super::snapshot_data::append_archive(&self.inner.archive, &mut bytes)?;
         Ok((bytes, position))
@@ -456,7 +456,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         if let Some(index) = last_applied.map(|l| l.index).filter(|i| *i > retained) {
             self.discard_events_below(index - retained).map_err(sm_write)?;
         }
-        Ok(Snapshot { meta, snapshot: Box::new(SnapshotData::new(stored.data)) })
+        let format = self.inner.cluster_format.get();
+        Ok(Snapshot { meta, snapshot: Box::new(SnapshotData::to_send(stored.data, format, self.inner.archive.clone())) })
     }
 }
 

@@ -2,8 +2,9 @@
 //! writes in (its log entries, the snapshots it sends) and speaks on the Raft wire.
 //!
 //! During a rolling upgrade, nodes of store format N-1 and N run side by side. Nodes of format N
-//! keep writing format N-1 (snapshots sent and backups in its encoding, log entries only of
-//! commands format N-1 knows, Raft messages in its wire format) until the leader, having heard
+//! keep writing format N-1 to their cluster (the snapshots they send in its encoding, log
+//! entries only of commands format N-1 knows, Raft messages in its wire format; their own data
+//! directory and their backups are format N) until the leader, having heard
 //! from every member that it runs format N or later, proposes `RaiseClusterFormat`. From that
 //! entry on the cluster is format N: its new commands may be proposed, and a node of format
 //! N-1 can no longer join (it could not read what follows). Every cluster starts at
