@@ -288,3 +288,42 @@ impl RaftInternal for RaftService {
         reply(&self.raft.install_snapshot(req).await, request.get_ref())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_wire_format_follows_the_cluster_format() {
+        assert_eq!(wire_format_of(5), OLDEST_WIRE_FORMAT, "a cluster at format 5 speaks format 5's wire");
+        assert_eq!(wire_format_of(FORMAT_VERSION), WIRE_FORMAT_VERSION);
+    }
+
+    #[test]
+    fn messages_of_the_previous_wire_format_and_this_one_are_read_and_others_refused() {
+        for format in [OLDEST_WIRE_FORMAT, WIRE_FORMAT_VERSION] {
+            let message = encode(&7u64, format).expect("encode");
+            assert_eq!(message.newest_store_format, FORMAT_VERSION, "every message says which format its sender runs");
+            assert_eq!(decode::<u64>(&message), Ok(7));
+        }
+        for format in [OLDEST_WIRE_FORMAT - 1, WIRE_FORMAT_VERSION + 1] {
+            let message = encode(&7u64, format).expect("encode");
+            assert!(decode::<u64>(&message).is_err(), "wire format {format} refused");
+        }
+    }
+
+    #[test]
+    fn a_peer_runs_a_format_only_as_it_last_said_and_only_while_it_says_so() {
+        let formats = PeerFormats::default();
+        let lately = Duration::from_secs(3);
+        assert_eq!(formats.newest(2, lately), None, "never heard: not known to run anything");
+        formats.record(2, FORMAT_VERSION);
+        assert_eq!(formats.newest(2, lately), Some(FORMAT_VERSION));
+        // Restarted with the previous release, whose messages say nothing.
+        formats.record(2, 0);
+        assert_eq!(formats.newest(2, lately), Some(0));
+        assert_eq!(formats.newest(3, lately), None, "another peer");
+    }
+}
