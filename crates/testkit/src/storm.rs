@@ -144,33 +144,18 @@ impl Client {
 
     async fn request(&self, id: String) -> Request {
         let started = Instant::now();
-        let deadline = started + Duration::from_secs(10);
-        let mut calls = 0usize;
-        let mut outcome = Outcome::Unknown;
-        while Instant::now() < deadline {
-            calls += 1;
-            let address = &self.addresses[(self.worker + calls) % self.addresses.len()];
-            let Ok(mut client) = suanli_proto::client::connect(&format!("http://{address}"), Some(&self.token)).await else {
-                tokio::time::sleep(RETRY_AFTER).await;
-                continue;
-            };
-            let mut call = tonic::Request::new(lease_request(self.cluster_id, id.clone()));
-            call.set_timeout(Duration::from_secs(2));
-            match client.request_lease(call).await {
-                Ok(lease) => {
-                    outcome = Outcome::Acked(Box::new(lease.into_inner()));
-                    break;
-                }
-                Err(status) => {
-                    let code = decode_status(&status).code;
-                    if code != ErrorCode::Unavailable && code != ErrorCode::Internal {
-                        outcome = Outcome::Refused(code);
-                        break;
-                    }
-                    tokio::time::sleep(RETRY_AFTER).await;
-                }
-            }
-        }
+        let cluster_id = self.cluster_id;
+        let (answer, calls) = self
+            .until_answered(|mut client| {
+                let call = lease_request(cluster_id, id.clone());
+                async move { client.request_lease(within_call_timeout(call)).await.map(|r| r.into_inner()) }
+            })
+            .await;
+        let outcome = match answer {
+            Some(Ok(lease)) => Outcome::Acked(Box::new(lease)),
+            Some(Err(code)) => Outcome::Refused(code),
+            None => Outcome::Unknown,
+        };
         Request { id, outcome, calls, took: started.elapsed() }
     }
 
@@ -178,28 +163,49 @@ impl Client {
     /// unavailable (a card left leased would shrink the market under the storm); the checks do
     /// not rely on it.
     async fn end(&self, request_id: &str, lease_id: u64) {
+        let call = v1::EndLeaseRequest { request_id: format!("end-{request_id}"), lease_id, reason: v1::EndReason::ByResearcher.into() };
+        self.until_answered(|mut client| {
+            let call = call.clone();
+            async move { client.end_lease(within_call_timeout(call)).await.map(drop) }
+        })
+        .await;
+    }
+
+    /// Calls `op` through the nodes in turn until it is answered or refused, retrying (after
+    /// [`RETRY_AFTER`]) while the cluster is unavailable, for up to 10 s. Returns the answer
+    /// (`None`: none in time) and how many calls it took.
+    async fn until_answered<T, F, Fut>(&self, mut op: F) -> (Option<Result<T, ErrorCode>>, usize)
+    where
+        F: FnMut(suanli_proto::client::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut calls = 0usize;
         while Instant::now() < deadline {
             calls += 1;
             let address = &self.addresses[(self.worker + calls) % self.addresses.len()];
-            let Ok(mut client) = suanli_proto::client::connect(&format!("http://{address}"), Some(&self.token)).await else {
-                tokio::time::sleep(RETRY_AFTER).await;
-                continue;
-            };
-            let mut call = tonic::Request::new(v1::EndLeaseRequest {
-                request_id: format!("end-{request_id}"),
-                lease_id,
-                reason: v1::EndReason::ByResearcher.into(),
-            });
-            call.set_timeout(Duration::from_secs(2));
-            match client.end_lease(call).await {
-                Ok(_) => return,
-                Err(status) if !matches!(decode_status(&status).code, ErrorCode::Unavailable | ErrorCode::Internal) => return,
-                Err(_) => tokio::time::sleep(RETRY_AFTER).await,
+            if let Ok(client) = suanli_proto::client::connect(&format!("http://{address}"), Some(&self.token)).await {
+                match op(client).await {
+                    Ok(answer) => return (Some(Ok(answer)), calls),
+                    Err(status) => {
+                        let code = decode_status(&status).code;
+                        if !matches!(code, ErrorCode::Unavailable | ErrorCode::Internal) {
+                            return (Some(Err(code)), calls);
+                        }
+                    }
+                }
             }
+            tokio::time::sleep(RETRY_AFTER).await;
         }
+        (None, calls)
     }
+}
+
+/// A call that gives up after 2 s (then retried through another node).
+fn within_call_timeout<T>(message: T) -> tonic::Request<T> {
+    let mut call = tonic::Request::new(message);
+    call.set_timeout(Duration::from_secs(2));
+    call
 }
 
 /// Every request of a storm.
