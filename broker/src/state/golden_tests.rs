@@ -423,16 +423,25 @@ fn format_5_log_entries_read_as_the_same_commands() {
 /// of format 5 during a rolling upgrade is what that node wrote itself.
 #[test]
 fn a_format_5_state_migrates_to_the_state_this_code_replays_and_encodes_back_to_format_5s_bytes() {
-    let (_, bytes) = fixture_lines(5, "state.txt").remove(0);
-    let v5: super::machine::format_v5::StateV5 = postcard::from_bytes(&bytes).expect("format 5 state decodes as StateV5");
-    let migrated = State::from(v5);
-    let (mut replayed, _) = replay(&commands()[..FORMAT_5_SAMPLES]);
+    let (migrated, bytes) = migrates_to_the_replayed_state::<super::machine::format_v5::StateV5>(5, FORMAT_5_SAMPLES);
+    assert_eq!(migrated.cluster_format(), 5, "a state format 5 wrote is at cluster format 5");
+    assert!(migrated.encode_as_format_5().expect("encode") == bytes, "format 5's state must encode back to its bytes");
+}
+
+/// An earlier format's pinned snapshot state, read as that format's `Old` state and migrated, is
+/// the state this code reaches by replaying that format's `samples` log entries, and keeps
+/// every invariant; its bytes do not pass for this format's state (the version check is
+/// needed). Returns the migrated state and the pinned bytes.
+fn migrates_to_the_replayed_state<Old: serde::de::DeserializeOwned + Into<State>>(format: u32, samples: usize) -> (State, Vec<u8>) {
+    let (_, bytes) = fixture_lines(format, "state.txt").remove(0);
+    let old: Old = postcard::from_bytes(&bytes).unwrap_or_else(|e| panic!("format {format} state decodes as that format's: {e}"));
+    let migrated: State = old.into();
+    let (mut replayed, _) = replay(&commands()[..samples]);
     replayed.take_archived();
     assert_eq!(migrated, replayed);
-    assert_eq!(migrated.cluster_format(), 5, "a state format 5 wrote is at cluster format 5");
     migrated.check_invariants().expect("invariants");
-    assert!(migrated.encode_as_format_5().expect("encode") == bytes, "format 5's state must encode back to its bytes");
-    assert!(postcard::from_bytes::<State>(&bytes).is_err(), "a format 5 state must not pass for format 6");
+    assert!(postcard::from_bytes::<State>(&bytes).is_err(), "a format {format} state must not pass for this format");
+    (migrated, bytes)
 }
 
 /// The cluster format only rises, and only the leader raises it.
@@ -461,25 +470,11 @@ fn the_cluster_format_is_raised_by_the_leader_alone_and_never_lowered() {
 /// keeps every invariant; format 4's bytes do not pass for this format's.
 #[test]
 fn a_format_4_state_migrates_to_the_state_this_code_replays() {
-    let (_, bytes) = fixture_lines(4, "state.txt").remove(0);
-    let v4: super::machine::format_v4::StateV4 = postcard::from_bytes(&bytes).expect("format 4 state decodes as StateV4");
-    let migrated = State::from(v4);
-    let (mut replayed, _) = replay(&commands()[..FORMAT_4_SAMPLES]);
-    replayed.take_archived();
-    assert_eq!(migrated, replayed);
-    migrated.check_invariants().expect("invariants");
-    assert!(postcard::from_bytes::<State>(&bytes).is_err(), "a format 4 state must not pass for format 5");
+    migrates_to_the_replayed_state::<super::machine::format_v4::StateV4>(4, FORMAT_4_SAMPLES);
 }
 
 #[test]
 fn a_format_3_state_migrates_to_the_state_this_code_replays() {
-    let (_, bytes) = fixture_lines(3, "state.txt").remove(0);
-    let v3: super::machine::format_v3::StateV3 = postcard::from_bytes(&bytes).expect("format 3 state decodes as StateV3");
-    let migrated = State::from(v3);
-    let (replayed, _) = replay(&commands()[..FORMAT_3_SAMPLES]);
-    assert_eq!(migrated, replayed);
-    migrated.check_invariants().expect("invariants");
+    let (migrated, _) = migrates_to_the_replayed_state::<super::machine::format_v3::StateV3>(3, FORMAT_3_SAMPLES);
     assert_eq!(migrated.ledger_archived(), 0);
-    // And format 3's bytes do not read as this format's state: the version check is needed.
-    assert!(postcard::from_bytes::<State>(&bytes).is_err(), "a format 3 state must not pass for this format");
 }
