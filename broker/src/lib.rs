@@ -10,6 +10,7 @@
 //! - [`demo`]: demo listings for a local marketplace.
 
 pub mod backup;
+pub mod config;
 pub mod demo;
 pub mod network;
 pub mod server;

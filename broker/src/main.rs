@@ -1,12 +1,11 @@
 //! `suanli-broker`: run a broker node, a local demo marketplace, or query one.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use serde::Deserialize;
 use suanli_broker::server::{self, AgentCaSource, NodeConfig};
 use suanli_broker::storage::DEFAULT_EVENTS_RETAINED;
 use suanli_broker::demo;
@@ -201,71 +200,6 @@ struct ServeArgs {
     log: String,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    broker: Option<FileBroker>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileBroker {
-    node_id: Option<u64>,
-    data_dir: Option<PathBuf>,
-    listen: Option<SocketAddr>,
-    advertise: Option<String>,
-    peer_listen: Option<SocketAddr>,
-    peer_advertise: Option<String>,
-    metrics_listen: Option<SocketAddr>,
-    platform_token: Option<String>,
-    bootstrap: Option<bool>,
-    reaper_interval_ms: Option<u64>,
-    /// Ended leases and jobs, and ledger lines, older than this leave the hot state for the
-    /// archive (default 30 days).
-    archive_after_s: Option<u64>,
-    snapshot_every_entries: Option<u64>,
-    events_retained: Option<u64>,
-    /// An enrolled agent not heard from for this long has its cards marked silent.
-    agent_silent_after_ms: Option<u64>,
-    /// Overheating and XID thresholds: `overheat_c`, `recover_c`, `xid_quiet_ms`.
-    #[serde(default)]
-    health: suanli_broker::telemetry::health::HealthRules,
-    /// The platform's services' own tokens, each with only the powers it needs.
-    #[serde(default)]
-    services: Vec<FileService>,
-    /// The key agents' artifact capabilities are signed with (hex, 32 bytes; the same file the
-    /// artifact store is given). Without it agents get no capabilities.
-    artifact_key_file: Option<PathBuf>,
-    /// The key the portal signs operator assertions with (hex, 32 bytes; the portal's
-    /// `operator_key_file`): with it an operator acts only with the portal's signed word.
-    operator_key_file: Option<PathBuf>,
-    /// The largest single deposit, and all deposits over any 24 hours (minor units).
-    max_deposit_minor: Option<i64>,
-    max_deposits_per_day_minor: Option<i64>,
-    agent_listen: Option<SocketAddr>,
-    agent_ca_cert: Option<PathBuf>,
-    agent_ca_key: Option<PathBuf>,
-    ssh_ca_key: Option<PathBuf>,
-    /// DNS names or IP addresses agents reach this node by (the agent port's certificate).
-    #[serde(default)]
-    agent_tls_names: Vec<String>,
-    /// Per-peer address overrides: node id → HOST:PORT this node dials instead of the address
-    /// in the membership (NAT, sidecars, the test harness's fault-injecting links).
-    #[serde(default)]
-    peers: std::collections::BTreeMap<String, String>,
-}
-
-/// `[[broker.services]]`: `name`, `token_file` (a file holding the token, kept like a key:
-/// never the token itself in the configuration), and `powers` (accounts, deposits, operators,
-/// scheduling, read, admin).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileService {
-    name: String,
-    token_file: PathBuf,
-    powers: Vec<suanli_broker::service::powers::Power>,
-}
-
 #[derive(Args)]
 struct DevArgs {
     #[arg(long, default_value = ".dev/broker")]
@@ -325,10 +259,6 @@ struct CatalogueArgs {
 }
 
 /// The development platform token: fine on loopback, refused nowhere, never for production.
-/// Ten missed one-second samples.
-const DEFAULT_AGENT_SILENT_AFTER_MS: u64 = 10_000;
-/// Ended leases and jobs leave the hot state after 30 days.
-const DEFAULT_ARCHIVE_AFTER_S: u64 = 30 * 24 * 3600;
 const DEV_PLATFORM_TOKEN: &str = "dev-platform-token-not-for-production";
 
 fn init_logging(filter: &str) {
@@ -388,100 +318,24 @@ fn agent_ca(args: AgentCaArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn agent_ca_source(cert: Option<PathBuf>, key: Option<PathBuf>, needed: bool) -> anyhow::Result<AgentCaSource> {
-    Ok(match (cert, key) {
-        (Some(cert), Some(key)) => AgentCaSource::Files { cert, key },
-        (None, None) if needed => AgentCaSource::DataDir,
-        (None, None) => AgentCaSource::None,
-        _ => bail!("give both agent_ca_cert and agent_ca_key, or neither"),
-    })
-}
-
-fn node_config(args: ServeArgs) -> anyhow::Result<NodeConfig> {
-    let file = match &args.config {
-        Some(path) => load_file(path)?,
-        None => FileBroker::default(),
-    };
-    let platform_token = args
-        .platform_token
-        .or(file.platform_token)
-        .context("set a platform token: --platform-token, SUANLI_BROKER_PLATFORM_TOKEN or [broker] platform_token")?;
-    let agent_listen = args.agent_listen.or(file.agent_listen);
-    let peer_listen = args.peer_listen.or(file.peer_listen);
-    let needs_ca = agent_listen.is_some() || peer_listen.is_some();
-    let agent_ca = agent_ca_source(args.agent_ca_cert.or(file.agent_ca_cert), args.agent_ca_key.or(file.agent_ca_key), needs_ca)?;
-    Ok(NodeConfig {
-        peer_listen,
-        peer_advertise: args.peer_advertise.or(file.peer_advertise),
-        agent_listen,
-        agent_ca,
-        agent_tls_names: file.agent_tls_names,
-        ssh_ca_key: args.ssh_ca_key.or(file.ssh_ca_key),
-        node_id: args.node_id.or(file.node_id).unwrap_or(1),
-        data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/broker")),
-        listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
-        advertise: args.advertise.or(file.advertise),
-        metrics_listen: args.metrics_listen.or(file.metrics_listen),
-        platform_token,
-        bootstrap: args.bootstrap || file.bootstrap.unwrap_or(false),
-        reaper_interval: Duration::from_millis(file.reaper_interval_ms.unwrap_or(1000)),
-        archive_after: Duration::from_secs(file.archive_after_s.unwrap_or(DEFAULT_ARCHIVE_AFTER_S)),
-        snapshot_every_entries: file.snapshot_every_entries.unwrap_or(10_000),
-        events_retained: file.events_retained.unwrap_or(DEFAULT_EVENTS_RETAINED),
-        agent_silent_after: Duration::from_millis(file.agent_silent_after_ms.unwrap_or(DEFAULT_AGENT_SILENT_AFTER_MS)),
-        health: {
-            file.health.check().map_err(anyhow::Error::msg)?;
-            file.health
-        },
-        services: {
-            let mut tokens = Vec::new();
-            for s in &file.services {
-                let token = std::fs::read_to_string(&s.token_file)
-                    .with_context(|| format!("[[broker.services]] {}: reading {}", s.name, s.token_file.display()))?;
-                let token = token.trim();
-                if token.len() < 16 {
-                    bail!("[[broker.services]] {}: the token in {} must be at least 16 characters", s.name, s.token_file.display());
-                }
-                tokens.push(suanli_broker::service::powers::ServiceToken::new(&s.name, token, s.powers.clone()));
-            }
-            suanli_broker::service::powers::Services::new(tokens)
-        },
-        operator_key: match &file.operator_key_file {
-            Some(path) => Some(suanli_pki::assertion::OperatorKey::load(path, false)?),
-            None => None,
-        },
-        artifact_key: match &file.artifact_key_file {
-            Some(path) => Some(suanli_artifacts::CapabilityKey::load(path, false)?),
-            None => None,
-        },
-        deposit_limits: {
-            let defaults = suanli_broker::service::DepositLimits::default();
-            let limits = suanli_broker::service::DepositLimits {
-                per_call_minor: file.max_deposit_minor.unwrap_or(defaults.per_call_minor),
-                per_day_minor: file.max_deposits_per_day_minor.unwrap_or(defaults.per_day_minor),
-            };
-            if limits.per_call_minor <= 0 || limits.per_day_minor < limits.per_call_minor {
-                bail!("[broker] max_deposit_minor must be positive and at most max_deposits_per_day_minor");
-            }
-            limits
-        },
-        peer_overrides: file
-            .peers
-            .iter()
-            .map(|(id, addr)| Ok((id.parse::<u64>().with_context(|| format!("[broker.peers] key {id:?} is not a node id"))?, addr.clone())))
-            .collect::<anyhow::Result<_>>()?,
-    })
-}
-
-fn load_file(path: &Path) -> anyhow::Result<FileBroker> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let parsed: FileConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    Ok(parsed.broker.unwrap_or_default())
-}
-
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log);
-    let config = node_config(args)?;
+    let overrides = suanli_broker::config::Overrides {
+        node_id: args.node_id,
+        data_dir: args.data_dir,
+        listen: args.listen,
+        advertise: args.advertise,
+        peer_listen: args.peer_listen,
+        peer_advertise: args.peer_advertise,
+        metrics_listen: args.metrics_listen,
+        agent_listen: args.agent_listen,
+        agent_ca_cert: args.agent_ca_cert,
+        agent_ca_key: args.agent_ca_key,
+        ssh_ca_key: args.ssh_ca_key,
+        platform_token: args.platform_token,
+        bootstrap: args.bootstrap,
+    };
+    let config = suanli_broker::config::node_config(args.config.as_deref(), overrides)?;
     let bootstrapped = config.bootstrap;
     let node = server::start(config).await?;
     if bootstrapped {
@@ -534,10 +388,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         platform_token: DEV_PLATFORM_TOKEN.into(),
         bootstrap: true,
         reaper_interval: Duration::from_secs(1),
-        archive_after: Duration::from_secs(DEFAULT_ARCHIVE_AFTER_S),
+        archive_after: Duration::from_secs(suanli_broker::config::DEFAULT_ARCHIVE_AFTER_S),
         snapshot_every_entries: 10_000,
         events_retained: DEFAULT_EVENTS_RETAINED,
-        agent_silent_after: Duration::from_millis(DEFAULT_AGENT_SILENT_AFTER_MS),
+        agent_silent_after: Duration::from_millis(suanli_broker::config::DEFAULT_AGENT_SILENT_AFTER_MS),
         health: Default::default(),
         deposit_limits: Default::default(),
         services: Default::default(),

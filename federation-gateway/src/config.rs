@@ -250,4 +250,13 @@ mod tests {
             assert!(!is_loopback_http(refused), "{refused}");
         }
     }
+
+    #[test]
+    fn the_shipped_example_has_only_keys_the_gateway_reads() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/federation.example.toml");
+        let file: FileConfig = toml::from_str(&std::fs::read_to_string(path).expect("ops/federation.example.toml")).expect("every key known");
+        let federation = file.federation.expect("a [federation] table");
+        assert_eq!(federation.partners.len(), 1);
+        assert!(federation.broker.is_some_and(|b| b.starts_with("https://")));
+    }
 }

@@ -182,6 +182,9 @@ pub async fn restore(backup: &Path, url: &str) -> Result<Manifest, BackupError> 
                     return Err(BackupError::NotEmpty(path.display().to_string()));
                 }
             }
+            if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(io(dir))?;
+            }
             let partial = PathBuf::from(format!("{}.restoring.{}", target.display(), std::process::id()));
             let placed = (|| {
                 std::fs::copy(&file, &partial).map_err(io(&partial))?;

@@ -39,7 +39,49 @@ pub fn new_id() -> i64 {
 /// The schema version this portal writes: how many migrations it has.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-const MIGRATIONS: &[&[&str]] = &[&[
+/// How a migration may be applied while portals of two releases share the database during a
+/// rolling upgrade (expand, then contract).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Adds only what older code ignores (tables, nullable columns, indexes, backfills): applied
+    /// by the first portal of the new release that starts, while older ones still serve.
+    Expand,
+    /// Takes away or tightens what older code uses (drops, renames, `NOT NULL`): applied only by
+    /// `suanli-portal migrate --contract`, and only once no portal of an older release runs.
+    /// From then on a portal that does not know this migration refuses to start.
+    Contract,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Migration {
+    pub phase: Phase,
+    pub statements: &'static [&'static str],
+}
+
+pub const fn expand(statements: &'static [&'static str]) -> Migration {
+    Migration { phase: Phase::Expand, statements }
+}
+
+pub const fn contract(statements: &'static [&'static str]) -> Migration {
+    Migration { phase: Phase::Contract, statements }
+}
+
+/// A portal that has not said it runs for this long is taken to be gone (it says so every
+/// [`INSTANCE_HEARTBEAT_MS`]).
+pub const INSTANCE_GONE_AFTER_MS: i64 = 60_000;
+pub const INSTANCE_HEARTBEAT_MS: u64 = 15_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("this database was contracted to schema version {floor}; this portal knows versions up to {knows}: run a newer portal")]
+    TooOld { floor: i64, knows: i64 },
+    #[error("a portal that knows schema versions only up to {knows} still runs (instance {id}, seen {ago_s} s ago): upgrade or stop it before contract migration {version}")]
+    OlderPortalRunning { id: String, knows: i64, ago_s: i64, version: i64 },
+}
+
+pub const MIGRATIONS: &[Migration] = &[expand(&[
     "CREATE TABLE users (
         id BIGINT PRIMARY KEY,
         kind TEXT NOT NULL,
@@ -145,11 +187,11 @@ const MIGRATIONS: &[&[&str]] = &[&[
         last_error TEXT
     )",
     "CREATE INDEX outbox_due ON outbox (state, next_attempt_ms)",
-],
+]),
 // 2: the last TOTP step used per user (no replay of a code within its window).
-&["ALTER TABLE users ADD COLUMN totp_last_step BIGINT"],
+expand(&["ALTER TABLE users ADD COLUMN totp_last_step BIGINT"]),
 // 3: alerts, who receives them, how, and where the alert engine is in the broker's events.
-&[
+expand(&[
     "ALTER TABLE outbox ADD COLUMN user_id BIGINT",
     "ALTER TABLE outbox ADD COLUMN alert_id BIGINT",
     "CREATE INDEX outbox_by_user ON outbox (user_id, created_ms)",
@@ -179,24 +221,33 @@ const MIGRATIONS: &[&[&str]] = &[&[
         PRIMARY KEY (alert_id, user_id)
     )",
     "CREATE TABLE event_cursor (name TEXT PRIMARY KEY, last_index BIGINT NOT NULL, since_ms BIGINT NOT NULL)",
-],
+]),
 // 4: SMS verification codes for registration (keyed hashes only).
-&["CREATE TABLE phone_codes (
+expand(&["CREATE TABLE phone_codes (
     phone_hash TEXT PRIMARY KEY,
     code_hash TEXT NOT NULL,
     expires_ms BIGINT NOT NULL,
     attempts BIGINT NOT NULL,
     sent_ms BIGINT NOT NULL
-)"],
+)"]),
 // 5: API tokens expire (those made before: 90 days after they were made).
-&[
+expand(&[
     "ALTER TABLE api_tokens ADD COLUMN expires_ms BIGINT",
     "UPDATE api_tokens SET expires_ms = created_ms + 7776000000 WHERE expires_ms IS NULL",
-]];
+    ]),
+// 6: which portals run against this database, and which schema each knows: a contract
+// migration waits until no portal of an older release is running.
+expand(&["CREATE TABLE portal_instances (
+    id TEXT PRIMARY KEY,
+    knows_version BIGINT NOT NULL,
+    started_ms BIGINT NOT NULL,
+    seen_ms BIGINT NOT NULL
+)"]),
+];
 
 impl Db {
     /// `sqlite://path` (created if missing) or `postgres://…`.
-    pub async fn connect(url: &str) -> Result<Db, sqlx::Error> {
+    pub async fn connect(url: &str) -> Result<Db, MigrateError> {
         sqlx::any::install_default_drivers();
         let (backend, url, max) = if url.starts_with("sqlite:") {
             let url = if url.contains('?') { url.to_owned() } else { format!("{url}?mode=rwc") };
@@ -214,17 +265,97 @@ impl Db {
         Ok(db)
     }
 
-    async fn migrate(&self) -> Result<(), sqlx::Error> {
+    async fn migrate(&self) -> Result<(), MigrateError> {
+        self.migrate_with(MIGRATIONS, false).await
+    }
+
+    /// Applies what `migrations` has beyond the database's version: every expand migration up
+    /// to the first contract one, and with `contract` the contract ones too (refused while a
+    /// portal of an older release runs). Refuses a database contracted beyond `migrations`.
+    pub async fn migrate_with(&self, migrations: &[Migration], contract: bool) -> Result<(), MigrateError> {
         sqlx::query("CREATE TABLE IF NOT EXISTS portal_schema (version BIGINT NOT NULL)").execute(&self.pool).await?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS portal_schema_floor (floor BIGINT NOT NULL)").execute(&self.pool).await?;
+        let knows = migrations.len() as i64;
+        let floor: i64 = sqlx::query("SELECT COALESCE(MAX(floor), 0) AS f FROM portal_schema_floor").fetch_one(&self.pool).await?.try_get("f")?;
+        if floor > knows {
+            return Err(MigrateError::TooOld { floor, knows });
+        }
         let done: i64 = sqlx::query("SELECT COUNT(*) AS n FROM portal_schema").fetch_one(&self.pool).await?.try_get("n")?;
-        for (i, statements) in MIGRATIONS.iter().enumerate().skip(done as usize) {
+        for (i, migration) in migrations.iter().enumerate().skip(done as usize) {
+            let version = i as i64 + 1;
+            if migration.phase == Phase::Contract {
+                if !contract {
+                    tracing::warn!(version, "contract migration pending: run `suanli-portal migrate --contract` once every portal runs this release");
+                    break;
+                }
+                self.no_older_portal_runs(version).await?;
+            }
             let mut tx = self.pool.begin().await?;
-            for statement in *statements {
+            for statement in migration.statements {
                 sqlx::query(statement).execute(&mut *tx).await?;
             }
-            sqlx::query("INSERT INTO portal_schema (version) VALUES ($1)").bind(i as i64 + 1).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO portal_schema (version) VALUES ($1)").bind(version).execute(&mut *tx).await?;
+            if migration.phase == Phase::Contract {
+                sqlx::query("INSERT INTO portal_schema_floor (floor) VALUES ($1)").bind(version).execute(&mut *tx).await?;
+            }
             tx.commit().await?;
         }
+        Ok(())
+    }
+
+    /// Refuses while a portal that does not know migration `version` said it runs within
+    /// [`INSTANCE_GONE_AFTER_MS`]. (Before schema 6 portals kept no such record: an operator
+    /// upgrading from such a release stops them first.)
+    async fn no_older_portal_runs(&self, version: i64) -> Result<(), MigrateError> {
+        let since = now_ms() - INSTANCE_GONE_AFTER_MS;
+        let row = sqlx::query("SELECT id, knows_version, seen_ms FROM portal_instances WHERE knows_version < $1 AND seen_ms >= $2 ORDER BY seen_ms DESC LIMIT 1")
+            .bind(version)
+            .bind(since)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => Err(MigrateError::OlderPortalRunning {
+                id: row.try_get("id")?,
+                knows: row.try_get("knows_version")?,
+                ago_s: (now_ms() - row.try_get::<i64, _>("seen_ms")?) / 1000,
+                version,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// How many migrations the database has applied.
+    pub async fn schema_version(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query("SELECT COUNT(*) AS n FROM portal_schema").fetch_one(&self.pool).await?.try_get("n")
+    }
+
+    /// Says that portal `id` runs and knows this release's schema (every
+    /// [`INSTANCE_HEARTBEAT_MS`] while it serves).
+    pub async fn heartbeat(&self, id: &str, knows_version: i64, started_ms: i64) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        let updated = sqlx::query("UPDATE portal_instances SET seen_ms = $1, knows_version = $2 WHERE id = $3")
+            .bind(now)
+            .bind(knows_version)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if updated.rows_affected() == 0 {
+            sqlx::query("INSERT INTO portal_instances (id, knows_version, started_ms, seen_ms) VALUES ($1, $2, $3, $4)")
+                .bind(id)
+                .bind(knows_version)
+                .bind(started_ms)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+        }
+        // Instances long gone are forgotten.
+        sqlx::query("DELETE FROM portal_instances WHERE seen_ms < $1").bind(now - 7 * 24 * 3_600_000).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// A portal stopping cleanly takes its record with it (no wait for a contract migration).
+    pub async fn forget_instance(&self, id: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM portal_instances WHERE id = $1").bind(id).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -246,4 +377,74 @@ pub fn opt_i64(row: &AnyRow, col: &str) -> Result<Option<i64>, sqlx::Error> {
 
 pub fn opt_str(row: &AnyRow, col: &str) -> Result<Option<String>, sqlx::Error> {
     row.try_get::<Option<String>, _>(col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This release's migrations, then a next release's: one expand, one contract.
+    fn next_release() -> Vec<Migration> {
+        let mut next = MIGRATIONS.to_vec();
+        next.push(expand(&["CREATE TABLE shiny (id BIGINT PRIMARY KEY, label TEXT)"]));
+        next.push(contract(&["DROP TABLE phone_codes"]));
+        next
+    }
+
+    async fn has_table(db: &Db, name: &str) -> bool {
+        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = $1").bind(name).fetch_one(&db.pool).await.expect("query").try_get("n").expect("n");
+        n == 1
+    }
+
+    async fn database() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::TempDir::new().expect("dir");
+        let db = Db::connect(&format!("sqlite://{}/portal.db", dir.path().display())).await.expect("db");
+        (dir, db)
+    }
+
+    #[tokio::test]
+    async fn a_new_release_expands_at_start_and_its_contract_waits_for_the_operator() {
+        let (_dir, db) = database().await;
+        assert_eq!(db.schema_version().await.expect("version"), SCHEMA_VERSION);
+        let next = next_release();
+        db.migrate_with(&next, false).await.expect("expand");
+        assert_eq!(db.schema_version().await.expect("version"), SCHEMA_VERSION + 1, "the expand applied, the contract not");
+        assert!(has_table(&db, "shiny").await && has_table(&db, "phone_codes").await);
+        // A portal of this (older) release still runs on the expanded database.
+        db.migrate_with(MIGRATIONS, false).await.expect("the older release starts on an expanded database");
+    }
+
+    #[tokio::test]
+    async fn a_contract_is_refused_while_an_older_portal_runs_and_changes_nothing() {
+        let (_dir, db) = database().await;
+        db.heartbeat("old-portal", SCHEMA_VERSION, now_ms()).await.expect("heartbeat");
+        let next = next_release();
+        let refused = db.migrate_with(&next, true).await.expect_err("an older portal runs");
+        assert!(matches!(refused, MigrateError::OlderPortalRunning { ref id, knows, .. } if id == "old-portal" && knows == SCHEMA_VERSION), "{refused}");
+        assert!(has_table(&db, "phone_codes").await, "nothing contracted");
+        assert_eq!(db.schema_version().await.expect("version"), SCHEMA_VERSION + 1);
+        // A portal of the new release does not hold it back; the old one stopping does not either.
+        db.heartbeat("new-portal", next.len() as i64, now_ms()).await.expect("heartbeat");
+        db.forget_instance("old-portal").await.expect("forget");
+        db.migrate_with(&next, true).await.expect("contract");
+        assert!(!has_table(&db, "phone_codes").await);
+        assert_eq!(db.schema_version().await.expect("version"), next.len() as i64);
+    }
+
+    #[tokio::test]
+    async fn an_older_portal_gone_quiet_no_longer_holds_a_contract_back() {
+        let (_dir, db) = database().await;
+        db.heartbeat("crashed", SCHEMA_VERSION, now_ms()).await.expect("heartbeat");
+        sqlx::query("UPDATE portal_instances SET seen_ms = $1").bind(now_ms() - INSTANCE_GONE_AFTER_MS - 1).execute(&db.pool).await.expect("age it");
+        db.migrate_with(&next_release(), true).await.expect("contract");
+    }
+
+    #[tokio::test]
+    async fn after_a_contract_an_older_portal_refuses_to_start() {
+        let (_dir, db) = database().await;
+        db.migrate_with(&next_release(), true).await.expect("contract");
+        let refused = db.migrate_with(MIGRATIONS, false).await.expect_err("too old");
+        assert!(matches!(refused, MigrateError::TooOld { floor, knows } if floor == SCHEMA_VERSION + 2 && knows == SCHEMA_VERSION), "{refused}");
+        assert!(refused.to_string().contains("run a newer portal"), "{refused}");
+    }
 }

@@ -72,6 +72,13 @@ enum Command {
         #[arg(long)]
         backup: PathBuf,
     },
+    /// Apply pending schema migrations. Expand migrations are applied by any portal that
+    /// starts; with --contract also the contract ones (drops, renames), refused while a portal
+    /// of an older release still runs against the database.
+    Migrate {
+        #[arg(long)]
+        contract: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -274,6 +281,16 @@ async fn main() -> anyhow::Result<()> {
             println!("restored schema version {} from {}", m.schema_version, backup.display());
             Ok(())
         }
+        Some(Command::Migrate { contract }) => {
+            init_logging("warn");
+            let url = database_url(&cli, &file);
+            let db = Db::connect(&url).await?;
+            if *contract {
+                db.migrate_with(suanli_portal::db::MIGRATIONS, true).await?;
+            }
+            println!("schema version {} applied", db.schema_version().await?);
+            Ok(())
+        }
         Some(Command::RotateKeys) => {
             init_logging("warn");
             rotate_keys(open_storage(&cli, &file).await?).await
@@ -382,6 +399,20 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
     market.spawn_follower();
     outbox::spawn_worker(state.clone());
     alerts::spawn(state.clone(), file.alerts);
+    // This portal says which schema it knows, so a contract migration waits for older ones.
+    let instance = suanli_portal::crypto::random_token(12);
+    let heartbeat = {
+        let (db, instance, started_ms) = (state.db.clone(), instance.clone(), suanli_portal::db::now_ms());
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = db.heartbeat(&instance, suanli_portal::db::SCHEMA_VERSION, started_ms).await {
+                    tracing::warn!(error = %e, "could not record that this portal runs");
+                }
+                tokio::time::sleep(Duration::from_millis(suanli_portal::db::INSTANCE_HEARTBEAT_MS)).await;
+            }
+        })
+    };
+    let db = state.db.clone();
     if args.demo {
         let mut lines = None;
         for _ in 0..50 {
@@ -403,11 +434,28 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
     println!("SUANLI_READY http={addr}");
     println!("Suanli portal on {}", state.settings.public_url);
     let app = app::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    axum::serve(listener, app).with_graceful_shutdown(stop_requested()).await?;
+    heartbeat.abort();
+    if let Err(e) = db.forget_instance(&instance).await {
+        tracing::warn!(error = %e, "could not remove this portal's record");
+    }
     Ok(())
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (what systemd and Kubernetes send to stop a service).
+async fn stop_requested() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
 }
 
 /// Re-seals every sealed column under a new key, then retires the keys nothing uses any more.

@@ -196,7 +196,7 @@ async fn main() -> anyhow::Result<()> {
                 let access = suanli_artifacts::server::Access {
                     token,
                     capabilities,
-                    owners_dir: Some(dir.join("accounts")),
+                    owners_dir: Some(dir.join(suanli_artifacts::backup::RECORDS_DIR)),
                     quota_bytes: file.artifacts_quota_bytes,
                 };
                 let (app, collector) = suanli_artifacts::server::router_and_collector(std::sync::Arc::new(store), access);

@@ -13,11 +13,18 @@
 //! - [`server::Collector`]: garbage collection of what jobs uploaded and no job refers to any
 //!   more (superseded checkpoints, outputs of attempts that lost), after a grace period.
 //!
+//! - [`backup`]: backups of a store's directory into a content-addressed pool shared by every
+//!   backup, with the records of who uploaded what; restores into a new store.
+//! - [`bucket`]: an S3-compatible bucket (off-site copies of backups), the one place that
+//!   knows S3 (`object_store`).
+//!
 //! - [`tls`]: the listener's TLS (a certificate from the cluster CA); the client checks it
 //!   against that CA ([`ArtifactClient::with_ca`]).
 //!
 //! Errors on the wire are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
 
+pub mod backup;
+pub mod bucket;
 pub mod capability;
 pub mod client;
 pub mod server;

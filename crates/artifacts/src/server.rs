@@ -142,7 +142,7 @@ fn owners_of_path(dir: &std::path::Path, digest: Digest) -> PathBuf {
 }
 
 /// Records that `owner` uploaded `digest`, both ways, durably.
-async fn record_owner(dir: &std::path::Path, owner: u64, digest: Digest) -> std::io::Result<()> {
+pub(crate) async fn record_owner(dir: &std::path::Path, owner: u64, digest: Digest) -> std::io::Result<()> {
     for (folder, file) in [(owned_path(dir, owner, None), digest.to_hex()), (owners_of_path(dir, digest), owner.to_string())] {
         tokio::fs::create_dir_all(&folder).await?;
         tokio::fs::File::create(folder.join(file)).await?.sync_all().await?;
@@ -156,7 +156,7 @@ fn service_upload_path(dir: &std::path::Path, digest: Digest) -> PathBuf {
     dir.join("service").join(digest.to_hex())
 }
 
-async fn record_service_upload(dir: &std::path::Path, digest: Digest) -> std::io::Result<()> {
+pub(crate) async fn record_service_upload(dir: &std::path::Path, digest: Digest) -> std::io::Result<()> {
     let path = service_upload_path(dir, digest);
     if let Some(folder) = path.parent() {
         tokio::fs::create_dir_all(folder).await?;

@@ -122,6 +122,15 @@ impl LocalStore {
         Ok(LocalStore { root: root.to_path_buf(), max_bytes })
     }
 
+    /// A view of a store another process serves, for reading (backups): unlike [`open`], it
+    /// leaves `tmp/` alone, where that process's uploads are on their way. Nothing is put
+    /// through it.
+    ///
+    /// [`open`]: LocalStore::open
+    pub fn reader(root: &Path) -> LocalStore {
+        LocalStore { root: root.to_path_buf(), max_bytes: 0 }
+    }
+
     fn path(&self, digest: Digest) -> PathBuf {
         let hex = digest.to_hex();
         self.root.join(&hex[..2]).join(hex)

@@ -319,3 +319,17 @@ async fn a_node_reports_libp2p_and_federation_metrics() {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn every_federation_series_the_dashboards_and_alerts_name_is_served() {
+    let f = federation(2);
+    let a = start(&f, 0, vec![], Freshness::default()).await;
+    let b = start(&f, 1, vec![address(&a).await], Freshness::default()).await;
+    until(10, "b joined a", async || a.connected().await.expect("running").len() == 1).await;
+    use suanli_testkit::observability::{exposed_series, missing, referenced_series};
+    let referenced = referenced_series();
+    assert!(referenced.iter().any(|n| n.starts_with("suanli_federation_")), "the assets name federation series");
+    let lacking = missing(&referenced, &["suanli_federation_"], &exposed_series(&b.metrics_text()));
+    assert!(lacking.is_empty(), "named in ops/grafana or ops/prometheus but not served: {lacking:?}");
+}
+

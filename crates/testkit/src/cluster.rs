@@ -105,24 +105,38 @@ impl BrokerCluster {
     /// only voter); nodes 2..=n then join it as learners and are promoted. New directories,
     /// new ports, nodes connected directly.
     pub async fn restore(binary: &Path, backup: &Path, n: u64) -> anyhow::Result<BrokerCluster> {
+        let (program, backup) = (binary.to_owned(), backup.to_owned());
+        BrokerCluster::restore_with(binary, n, |data: PathBuf, peer: String| async move {
+            let out = tokio::process::Command::new(program)
+                .args(["restore", "--node-id", "1", "--peer-address", &peer])
+                .arg("--backup")
+                .arg(backup)
+                .arg("--data-dir")
+                .arg(&data)
+                .output()
+                .await?;
+            if !out.status.success() {
+                bail!("suanli-broker restore: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// As [`BrokerCluster::restore`], with node 1's data directory built by `restore` (given
+    /// the directory and the node's peer address), e.g. by `suanli-ops backup restore`.
+    pub async fn restore_with<F, Fut>(binary: &Path, n: u64, restore: F) -> anyhow::Result<BrokerCluster>
+    where
+        F: FnOnce(PathBuf, String) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
         let dir = TempDir::new()?;
         suanli_pki::Ca::load(&dir.path().join(AGENT_CA_CERT), &dir.path().join(AGENT_CA_KEY), true)?;
         suanli_pki::ssh::SshCa::load(&dir.path().join(SSH_CA_KEY), true)?;
         let mut cluster = BrokerCluster { binary: binary.to_owned(), dir, config: String::new(), members: BTreeMap::new(), links: BTreeMap::new() };
         // The restored node's peer address is in its membership before it starts: a fixed port.
         let peer = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
-        let data = cluster.dir.path().join("node-1");
-        let out = tokio::process::Command::new(binary)
-            .args(["restore", "--node-id", "1", "--peer-address", &peer])
-            .arg("--backup")
-            .arg(backup)
-            .arg("--data-dir")
-            .arg(&data)
-            .output()
-            .await?;
-        if !out.status.success() {
-            bail!("suanli-broker restore: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        restore(cluster.dir.path().join("node-1"), peer.clone()).await?;
         cluster.spawn(1, ["127.0.0.1:0", "127.0.0.1:0", peer.as_str()], false).await?;
         if let Err(e) = cluster.leader(Duration::from_secs(30)).await {
             let log = cluster.log(1);

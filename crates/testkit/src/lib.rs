@@ -17,7 +17,9 @@ pub mod agent;
 pub mod cluster;
 pub mod fixtures;
 pub mod link;
+pub mod observability;
 pub mod portal;
+pub mod s3;
 pub mod smtp;
 pub mod sshd;
 pub mod storm;
@@ -64,8 +66,18 @@ impl Service {
             bail!("{name} exited before it was ready")
         })
         .await;
-        // Keep draining stdout so the service never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep draining stdout so the service never blocks on a full pipe, into the same log
+        // as stderr: services that log to stdout (the broker) are readable in a failure too.
+        let stdout_log = std::fs::OpenOptions::new().append(true).open(&stderr_log);
+        tokio::spawn(async move {
+            use std::io::Write as _;
+            let mut log = stdout_log.ok();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(file) = log.as_mut() {
+                    let _ = writeln!(file, "{line}");
+                }
+            }
+        });
         let ready = match ready {
             Ok(Ok(ready)) => ready,
             Ok(Err(e)) => bail!("{e}; its log:\n{}", tail(&stderr_log)),

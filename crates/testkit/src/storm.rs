@@ -99,6 +99,12 @@ impl Storm {
         self.history.lock().expect("history").iter().filter(|r| matches!(r.outcome, Outcome::Acked(_))).count()
     }
 
+    /// The leases acknowledged so far.
+    pub fn acked_leases(&self) -> Vec<v1::Lease> {
+        let history = self.history.lock().expect("history");
+        history.iter().filter_map(|r| if let Outcome::Acked(l) = &r.outcome { Some(l.as_ref().clone()) } else { None }).collect()
+    }
+
     /// Waits until `more` requests beyond `since` were acknowledged: the cluster serves writes.
     pub async fn progresses(&self, since: usize, more: usize, timeout: Duration) -> anyhow::Result<usize> {
         crate::eventually(timeout, Duration::from_millis(50), || async {

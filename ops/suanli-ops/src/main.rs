@@ -7,7 +7,7 @@ use suanli_ops::install::{self, Layout, Package, Supervision};
 use suanli_ops::remote::{Auth, HostKeyPolicy, Remote, Target};
 
 #[derive(Parser)]
-#[command(name = "suanli-ops", version, about = "Suanli operations: install the supplier agent on hosts over SSH")]
+#[command(name = "suanli-ops", version, about = "Suanli operations: install the supplier agent on hosts over SSH; back up and restore the platform")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,6 +20,74 @@ enum Command {
     InstallAgent(InstallArgs),
     /// Stop the agent on a host and remove what install-agent put there.
     UninstallAgent(UninstallArgs),
+    /// Backups of the whole platform: portal database, broker state and artifacts under one
+    /// manifest (see ops/backup.example.toml).
+    #[command(subcommand)]
+    Backup(BackupCommand),
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// Take a backup, verify it, copy it off-site, keep the newest `keep` (what a timer runs).
+    Run(ConfigArg),
+    /// Take a backup only.
+    Take(ConfigArg),
+    /// List the backups in the root (and off-site, with --offsite).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        offsite: bool,
+    },
+    /// Check every file and artifact of a backup against its manifest.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+        name: String,
+    },
+    /// Bring a backup back from off-site into a backup root (`--into`, default the
+    /// configured one), and verify it there.
+    Fetch {
+        #[command(flatten)]
+        config: ConfigArg,
+        name: String,
+        #[arg(long)]
+        into: Option<PathBuf>,
+    },
+    /// Restore a backup into new places: an empty portal database, a new data directory for
+    /// the broker's first node (start it without --bootstrap; add the others as learners) and
+    /// a new artifact store directory. Everything is checked before anything is written.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// A TOML file with a [backup] table.
+    #[arg(long, env = "SUANLI_BACKUP_CONFIG")]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The backup root.
+    #[arg(long)]
+    root: PathBuf,
+    /// The backup's name (`suanli-ops backup list`).
+    name: String,
+    #[arg(long)]
+    portal_database_url: String,
+    #[arg(long)]
+    broker_data_dir: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    broker_node_id: u64,
+    /// Where the broker's other nodes will reach this node's peer port, HOST:PORT.
+    #[arg(long)]
+    broker_peer_address: String,
+    #[arg(long)]
+    artifacts_dir: PathBuf,
+    /// Where suanli-broker and suanli-portal are (default: beside suanli-ops, then $PATH).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -114,8 +182,77 @@ fn layout(args: &LayoutArgs) -> Layout {
     Layout { prefix: args.prefix.clone(), config_dir: args.config_dir.clone(), state_dir: args.state_dir.clone() }
 }
 
+fn backup(command: BackupCommand) -> anyhow::Result<()> {
+    use suanli_ops::backup::{self, BackupConfig};
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let load = |c: &ConfigArg| BackupConfig::load(&c.config);
+    let offsite = |config: &BackupConfig| -> anyhow::Result<suanli_artifacts::bucket::Bucket> {
+        let bucket = config.offsite.as_ref().context("the configuration has no [backup.offsite]")?;
+        Ok(suanli_artifacts::bucket::Bucket::connect(bucket)?)
+    };
+    runtime.block_on(async {
+        match command {
+            BackupCommand::Run(c) => {
+                let report = backup::run_once(&load(&c)?).await?;
+                let m = &report.manifest;
+                println!(
+                    "backup {} verified: {} files, {} artifacts ({} bytes); {} objects sent off-site; pruned {:?}, {} pool artifacts swept",
+                    m.name,
+                    m.files.len(),
+                    m.artifacts,
+                    m.artifact_bytes,
+                    report.sent_offsite,
+                    report.pruned,
+                    report.pool_swept
+                );
+            }
+            BackupCommand::Take(c) => {
+                let m = backup::take(&load(&c)?).await?;
+                println!("backup {} taken: {} files, {} artifacts ({} bytes)", m.name, m.files.len(), m.artifacts, m.artifact_bytes);
+            }
+            BackupCommand::List { config, offsite: remote } => {
+                let config = load(&config)?;
+                let names = if remote { backup::list_offsite(&offsite(&config)?).await? } else { backup::list(&config.dir)? };
+                for name in names {
+                    println!("{name}");
+                }
+            }
+            BackupCommand::Verify { config, name } => {
+                let m = backup::verify(&load(&config)?.dir, &name).await?;
+                println!("backup {} is whole: {} files, {} artifacts", m.name, m.files.len(), m.artifacts);
+            }
+            BackupCommand::Fetch { config, name, into } => {
+                let config = load(&config)?;
+                let into = into.unwrap_or_else(|| config.dir.clone());
+                let m = backup::fetch_offsite(&offsite(&config)?, &name, &into).await?;
+                println!("backup {} fetched into {} and verified", m.name, into.display());
+            }
+            BackupCommand::Restore(a) => {
+                let target = backup::RestoreTarget {
+                    portal_database_url: a.portal_database_url,
+                    broker_data_dir: a.broker_data_dir.clone(),
+                    broker_node_id: a.broker_node_id,
+                    broker_peer_address: a.broker_peer_address,
+                    artifacts_dir: a.artifacts_dir.clone(),
+                    bin_dir: a.bin_dir,
+                };
+                let m = backup::restore(&a.root, &a.name, &target).await?;
+                println!(
+                    "restored backup {}: the portal database, broker node {} in {} (start it without --bootstrap, then add the others as learners), artifacts in {}",
+                    m.name,
+                    a.broker_node_id,
+                    a.broker_data_dir.display(),
+                    a.artifacts_dir.display()
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Backup(command) => backup(command)?,
         Command::InstallAgent(args) => {
             let binary = std::fs::read(&args.agent_binary).with_context(|| format!("reading {}", args.agent_binary.display()))?;
             let config = std::fs::read(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
