@@ -177,7 +177,14 @@ async fn upgrade(cluster: &mut BrokerCluster) -> anyhow::Result<()> {
     order.push(leader);
     for id in order {
         cluster.upgrade(id, this_broker()).await?;
-        cluster.converge(Duration::from_secs(120)).await?;
+        if let Err(e) = cluster.converge(Duration::from_secs(120)).await {
+            for node in cluster.ids() {
+                let log = cluster.log(node);
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("--- node {node}'s log, last lines ---\n{}", lines[lines.len().saturating_sub(40)..].join("\n"));
+            }
+            return Err(e.context(format!("after upgrading node {id}")));
+        }
     }
     suanli_testkit::eventually(Duration::from_secs(60), Duration::from_millis(100), || async {
         for id in cluster.live() {

@@ -22,6 +22,7 @@ use tokio_stream::StreamExt;
 use crate::db::{new_id, now_ms, opt_i64, opt_str};
 use crate::error::ApiResult;
 use crate::i18n::{datetime, Lang, Msg};
+use crate::model::{AccountState, Role, UserKind};
 use crate::outbox::{self, Channel, Outgoing};
 use crate::state::AppState;
 
@@ -36,7 +37,20 @@ pub enum Decision {
     Resolve { key: String },
     /// A one-off notice (nothing to resolve), sent once per key.
     Notice { key: String, kind: &'static str, subject: Subject, accounts: BTreeSet<u64> },
+    /// An alert for the platform's operators (every active operator with a role that watches
+    /// the platform: monitor, operator, system administrator), resolved by `Resolve`.
+    ForOperators { key: String, subject: Subject },
 }
+
+/// Who hears of an alert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Recipient {
+    Account(u64),
+    User(i64),
+}
+
+/// The roles whose holders receive the platform's operational alerts.
+pub const OPERATIONS_ROLES: [Role; 3] = [Role::Monitor, Role::Operator, Role::SystemAdministrator];
 
 /// The parts of a message, rendered per recipient's language.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +62,8 @@ pub enum Subject {
     LeaseIdle { lease: u64, minutes: u64 },
     JobEnded { job: u64, name: String, failed: bool, reason: String },
     BalanceLow { available_minor: i64 },
+    /// An alert from the platform's own monitoring (Prometheus' Alertmanager).
+    Operations { name: String, summary: String },
 }
 
 impl Subject {
@@ -64,6 +80,8 @@ impl Subject {
             (Subject::JobEnded { job, name, failed: false, .. }, _) => format!("job-{job} ({name}): {}", t(Msg::JobSucceededNotice)),
             (Subject::JobEnded { job, name, failed: true, reason }, _) => format!("job-{job} ({name}): {} ({reason})", t(Msg::JobFailedNotice)),
             (Subject::BalanceLow { available_minor }, _) => format!("{}: {}", t(Msg::BalanceLowNotice), crate::i18n::money("CNY", *available_minor, lang)),
+            (Subject::Operations { name, summary }, _) if summary.is_empty() => name.clone(),
+            (Subject::Operations { name, summary }, _) => format!("{name}: {summary}"),
         }
     }
 }
@@ -308,15 +326,20 @@ struct Person {
     quiet: Option<(i64, i64)>,
 }
 
-async fn person_of_account<'e, E>(state: &AppState, tx: E, account: u64) -> ApiResult<Option<Person>>
+/// The active user behind a recipient, with how they want to hear.
+async fn person_of<'e, E>(state: &AppState, tx: E, recipient: Recipient) -> ApiResult<Option<Person>>
 where
     E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
-    let row = sqlx::query(
+    let (column, id) = match recipient {
+        Recipient::Account(account) => ("u.broker_account_id", account as i64),
+        Recipient::User(user) => ("u.id", user),
+    };
+    let row = sqlx::query(&format!(
         "SELECT u.id, u.lang, u.email_enc, u.phone_enc, p.email_on, p.sms_on, p.webhook_enc, p.quiet_start_min, p.quiet_end_min
-         FROM users u LEFT JOIN notify_prefs p ON p.user_id = u.id WHERE u.broker_account_id = $1 AND u.state = 'active'",
-    )
-    .bind(account as i64)
+         FROM users u LEFT JOIN notify_prefs p ON p.user_id = u.id WHERE {column} = $1 AND u.state = 'active'"
+    ))
+    .bind(id)
     .fetch_optional(tx)
     .await?;
     let Some(r) = row else { return Ok(None) };
@@ -353,9 +376,28 @@ struct Planned {
     alert: i64,
     en: String,
     zh: String,
-    accounts: BTreeSet<u64>,
+    recipients: BTreeSet<Recipient>,
     prefix: Msg,
     resolving: bool,
+}
+
+/// The active operators who watch the platform.
+async fn operators(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> ApiResult<BTreeSet<Recipient>> {
+    let rows = sqlx::query("SELECT DISTINCT u.id FROM users u JOIN roles r ON r.user_id = u.id WHERE u.kind = $1 AND u.state = $2 AND r.role IN ($3, $4, $5)")
+        .bind(UserKind::Operator.as_str())
+        .bind(AccountState::Active.as_str())
+        .bind(OPERATIONS_ROLES[0].as_str())
+        .bind(OPERATIONS_ROLES[1].as_str())
+        .bind(OPERATIONS_ROLES[2].as_str())
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows.iter().map(|r| r.try_get("id").map(Recipient::User)).collect::<Result<_, _>>()?)
+}
+
+/// Records alerts that did not come from the broker's events (the platform's own monitoring),
+/// with their messages, in one transaction.
+pub async fn record(state: &AppState, decisions: Vec<Decision>) -> ApiResult<()> {
+    write(state, None, decisions).await
 }
 
 /// Records the alerts, their recipients and every message, and moves the cursor, in one
@@ -365,13 +407,15 @@ async fn write(state: &AppState, index: Option<u64>, decisions: Vec<Decision>) -
     let now = now_ms();
     let mut queued = false;
     for d in decisions {
+        let accounts = |accounts: BTreeSet<u64>| accounts.into_iter().map(Recipient::Account).collect::<BTreeSet<_>>();
         let opening = match d {
-            Decision::Open { key, kind, subject, accounts } => Ok((key, kind, subject, accounts, false)),
-            Decision::Notice { key, kind, subject, accounts } => Ok((key, kind, subject, accounts, true)),
+            Decision::Open { key, kind, subject, accounts: to } => Ok((key, kind, subject, accounts(to), false)),
+            Decision::Notice { key, kind, subject, accounts: to } => Ok((key, kind, subject, accounts(to), true)),
+            Decision::ForOperators { key, subject } => Ok((key, "operations", subject, operators(&mut tx).await?, false)),
             Decision::Resolve { key } => Err(key),
         };
         let planned = match opening {
-            Ok((key, kind, subject, accounts, notice)) => {
+            Ok((key, kind, subject, recipients, notice)) => {
                 let existing = sqlx::query(if notice { "SELECT id FROM alerts WHERE condition_key = $1" } else { "SELECT id FROM alerts WHERE condition_key = $1 AND state = 'open'" })
                     .bind(&key)
                     .fetch_optional(&mut *tx)
@@ -391,23 +435,25 @@ async fn write(state: &AppState, index: Option<u64>, decisions: Vec<Decision>) -
                     .bind(&zh)
                     .execute(&mut *tx)
                     .await?;
-                Planned { alert: id, en, zh, accounts, prefix: if notice { Msg::NoticePrefix } else { Msg::AlertPrefix }, resolving: false }
+                Planned { alert: id, en, zh, recipients, prefix: if notice { Msg::NoticePrefix } else { Msg::AlertPrefix }, resolving: false }
             }
             Err(key) => {
                 let row = sqlx::query("SELECT id, subject, detail FROM alerts WHERE condition_key = $1 AND state = 'open'").bind(&key).fetch_optional(&mut *tx).await?;
                 let Some(row) = row else { continue };
                 let id: i64 = row.try_get("id")?;
                 sqlx::query("UPDATE alerts SET state = 'resolved', resolved_ms = $1 WHERE id = $2").bind(now).bind(id).execute(&mut *tx).await?;
-                let recipients = sqlx::query("SELECT u.broker_account_id FROM alert_recipients r JOIN users u ON u.id = r.user_id WHERE r.alert_id = $1")
+                let recipients = sqlx::query("SELECT user_id FROM alert_recipients WHERE alert_id = $1")
                     .bind(id)
                     .fetch_all(&mut *tx)
-                    .await?;
-                let accounts = recipients.iter().filter_map(|r| opt_i64(r, "broker_account_id").ok().flatten()).map(|a| a as u64).collect();
-                Planned { alert: id, en: row.try_get("subject")?, zh: row.try_get("detail")?, accounts, prefix: Msg::ResolvedPrefix, resolving: true }
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get("user_id").map(Recipient::User))
+                    .collect::<Result<_, _>>()?;
+                Planned { alert: id, en: row.try_get("subject")?, zh: row.try_get("detail")?, recipients, prefix: Msg::ResolvedPrefix, resolving: true }
             }
         };
-        for account in &planned.accounts {
-            let Some(p) = person_of_account(state, &mut *tx, *account).await? else { continue };
+        for recipient in &planned.recipients {
+            let Some(p) = person_of(state, &mut *tx, *recipient).await? else { continue };
             if !planned.resolving {
                 sqlx::query("INSERT INTO alert_recipients (alert_id, user_id) VALUES ($1, $2)").bind(planned.alert).bind(p.user).execute(&mut *tx).await?;
             }

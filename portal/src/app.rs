@@ -7,7 +7,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use utoipa::OpenApi;
 
-use crate::api::{accounts, alerts, federation, jobs, market, operator};
+use crate::api::{accounts, alerts, federation, jobs, market, operations, operator};
 use crate::error::ApiError;
 use crate::pages;
 use crate::state::AppState;
@@ -26,7 +26,7 @@ use crate::state::AppState;
         jobs::submit, jobs::list, jobs::get, jobs::cancel,
         market::enrollment_token, market::list_nodes, market::list_my_clusters, market::publish, market::modify, market::delist, market::approve,
         market::set_card_status,
-        operator::list_reviews, operator::decide_review, operator::list_operators, operator::set_roles, operator::audit,
+        operator::list_reviews, operator::decide_review, operator::list_operators, operator::set_roles, operator::audit, operations::alertmanager,
         federation::catalogue, federation::members, federation::lease, federation::list, federation::access, federation::end,
     ),
     tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "supplier"), (name = "operator"))
@@ -100,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         .route("/operator/users", get(operator::list_operators))
         .route("/operator/users/{user_id}/roles", put(operator::set_roles))
         .route("/operator/audit", get(operator::audit))
+        .route("/operations/alertmanager", post(operations::alertmanager))
         .route("/openapi.json", get(openapi_json))
         .fallback(api_not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::audit::record_writes));

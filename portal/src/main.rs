@@ -129,6 +129,10 @@ struct ServeArgs {
     /// The gateway API's bearer token.
     #[arg(long, env = "SUANLI_PORTAL_FEDERATION_TOKEN", hide_env_values = true)]
     federation_token: Option<String>,
+    /// A file holding the bearer token Prometheus' Alertmanager posts operators' alerts with
+    /// (`POST /api/v1/operations/alertmanager`; at least 16 characters).
+    #[arg(long, env = "SUANLI_PORTAL_ALERTMANAGER_TOKEN_FILE")]
+    alertmanager_token_file: Option<PathBuf>,
     /// Cookies without `Secure` and `__Host-` (only for plain-HTTP hosts other than localhost).
     #[arg(long, env = "SUANLI_PORTAL_INSECURE_COOKIES")]
     insecure_cookies: bool,
@@ -173,6 +177,7 @@ struct PortalSection {
     trusted_proxy: Vec<std::net::IpAddr>,
     federation_api: Option<String>,
     federation_token_file: Option<PathBuf>,
+    alertmanager_token_file: Option<PathBuf>,
 }
 
 /// `[portal.sms]`: `provider = "json"` with `url` (and `token`), or `provider = "aliyun"` with
@@ -365,6 +370,16 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         secure_cookies: !(args.insecure_cookies || file.insecure_cookies.unwrap_or(false)),
         mail_configured: mailer.is_some(),
         trusted_proxies: if args.trusted_proxy.is_empty() { file.trusted_proxy } else { args.trusted_proxy.clone() },
+        alertmanager_token: match args.alertmanager_token_file.clone().or(file.alertmanager_token_file) {
+            Some(path) => {
+                let token = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned();
+                if token.len() < 16 {
+                    bail!("the Alertmanager token in {} must be at least 16 characters", path.display());
+                }
+                Some(token)
+            }
+            None => None,
+        },
         ..Settings::default()
     };
     let webhook_allow = if args.webhook_allow.is_empty() { file.webhook_allow } else { args.webhook_allow.clone() };

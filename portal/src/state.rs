@@ -30,6 +30,8 @@ pub struct Settings {
     pub verify_phones: bool,
     /// Reverse proxies whose `X-Forwarded-For` names the client (`auth::source_address`).
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// The bearer token Alertmanager posts operators' alerts with; `None`: no such endpoint.
+    pub alertmanager_token: Option<String>,
 }
 
 impl Default for Settings {
@@ -44,6 +46,7 @@ impl Default for Settings {
             mail_configured: false,
             verify_phones: false,
             trusted_proxies: Vec::new(),
+            alertmanager_token: None,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod alerts;
 pub mod federation;
 pub mod jobs;
 pub mod market;
+pub mod operations;
 pub mod operator;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
