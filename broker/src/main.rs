@@ -12,7 +12,6 @@ use suanli_broker::demo;
 use suanli_proto::client;
 use suanli_proto::convert::billing_mode_from_wire;
 use suanli_proto::v1;
-use tracing_subscriber::EnvFilter;
 
 mod lease_cli;
 
@@ -262,8 +261,7 @@ struct CatalogueArgs {
 const DEV_PLATFORM_TOKEN: &str = "dev-platform-token-not-for-production";
 
 fn init_logging(filter: &str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    suanli_observability::init_logging(filter, suanli_observability::LogTo::Stdout);
 }
 
 #[tokio::main]

@@ -15,7 +15,6 @@ use suanli_federation::membership::{sign, MembershipDoc, SignedMembership};
 use suanli_federation::{keyfile, Member, Multiaddr};
 use suanli_federation_gateway::api::{CatalogueEntry, SettlementsView};
 use suanli_federation_gateway::config::{self, ServeArgs};
-use tracing_subscriber::EnvFilter;
 
 /// Suanli's federation gateway: announces this member's catalogue to the federation and
 /// serves the merged one.
@@ -103,10 +102,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("SUANLI_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    suanli_observability::init_logging(&std::env::var("SUANLI_LOG").unwrap_or_else(|_| "info".into()), suanli_observability::LogTo::Stderr);
     match Args::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Keygen { out } => {

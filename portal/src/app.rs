@@ -129,7 +129,33 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/v1", api)
         .layer(DefaultBodyLimit::max(8 * 1024 * 1024))
         .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// Gives each request an ID (the caller's `x-request-id` when it is a safe one), runs it in a
+/// span that carries the ID into every log line, makes it the ID the broker's calls carry
+/// (`suanli_observability::scope`), and answers with it. Failed requests are logged at info,
+/// the rest at debug.
+async fn request_id(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use suanli_observability::{RequestId, REQUEST_ID_HEADER};
+    use tracing::Instrument;
+    let id = request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).and_then(RequestId::parse).unwrap_or_default();
+    let span = tracing::info_span!("request", request_id = id.as_str(), method = %request.method(), path = request.uri().path());
+    let started = std::time::Instant::now();
+    let mut response = suanli_observability::scope(id.clone(), next.run(request)).instrument(span.clone()).await;
+    let (status, elapsed_ms) = (response.status().as_u16(), started.elapsed().as_millis() as u64);
+    span.in_scope(|| {
+        if status >= 400 {
+            tracing::info!(status, elapsed_ms, "answered");
+        } else {
+            tracing::debug!(status, elapsed_ms, "answered");
+        }
+    });
+    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
 }
 
 /// Defence in depth for every response: no framing, no sniffing, scripts only from ourselves.

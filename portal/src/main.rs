@@ -309,8 +309,7 @@ fn rand_digits() -> u16 {
 }
 
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    suanli_observability::init_logging(level, suanli_observability::LogTo::Stderr);
 }
 
 /// State for commands that touch only the database (no broker calls are made).

@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use suanli_scheduling::{build, PolicyConfig, PolicyKind};
 use suanli_scheduler::service::{Config, Scheduler};
-use tracing_subscriber::EnvFilter;
 
 /// The Suanli scheduler: places jobs on researchers' leased GPUs through the broker.
 #[derive(Parser)]
@@ -116,8 +115,7 @@ fn read_spec(path: &PathBuf) -> anyhow::Result<suanli_types::JobSpec> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_env("SUANLI_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+    suanli_observability::init_logging(&std::env::var("SUANLI_LOG").unwrap_or_else(|_| "info".into()), suanli_observability::LogTo::Stderr);
     let args = Args::parse();
     let file: FileScheduler = match &args.config {
         Some(path) => {

@@ -65,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::FenceGuard { pid, started, after_ms, cgroup_procs } => {
-            tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+            suanli_observability::init_logging("info", suanli_observability::LogTo::Stderr);
             suanli_agent::fence_guard::main(pid, started, Duration::from_millis(after_ms), &cgroup_procs)
                 .with_context(|| format!("guarding job process {pid}"))?;
             Ok(())
@@ -82,10 +82,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    suanli_observability::init_logging(&args.log, suanli_observability::LogTo::Stderr);
     let config = AgentConfig::resolve(&args)?;
     if config.ssh_listen.is_some() {
         // Before anything is enrolled or made: a home root lease users cannot enter is refused.

@@ -21,7 +21,8 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
+use tracing::Instrument;
 use tonic::body::Body;
 use tonic::transport::Channel;
 use tower_layer::Layer;
@@ -184,7 +185,27 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        // Every log line of this call, here and on the leader it is forwarded to, carries the
+        // caller's request ID (`x-request-id`, which forwarding keeps).
+        let request_id = request
+            .headers()
+            .get(suanli_observability::REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(suanli_observability::RequestId::parse)
+            .map(|id| id.to_string());
+        let span = tracing::info_span!("call", method = request.uri().path(), request_id = request_id.as_deref());
+        self.route(request).instrument(span).boxed()
+    }
+}
+
+impl<S> Forward<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    fn route(&mut self, mut request: http::Request<Body>) -> BoxFuture<'static, Result<http::Response<Body>, BoxError>> {
         if let Err(why) = self.router.establish_identity(self.port, &mut request) {
             let refused = suanli_proto::error::status(suanli_types::ErrorCode::Unauthenticated, why, &[]);
             return Box::pin(async move { Ok(refused.into_http()) });

@@ -297,7 +297,13 @@ impl Shared {
         let result = f.await;
         let code = match &result {
             Ok(_) => "OK".to_owned(),
-            Err(status) => suanli_proto::decode_status(status).code.as_str().to_owned(),
+            Err(status) => {
+                let code = suanli_proto::decode_status(status).code.as_str().to_owned();
+                // In the call's span: with the caller's request ID, so the operator who has
+                // the ID of a failed request finds why here.
+                tracing::info!(method, code = code.as_str(), elapsed_ms = started.elapsed().as_millis() as u64, "call refused");
+                code
+            }
         };
         self.metrics.observe_request(method, code, started.elapsed());
         result

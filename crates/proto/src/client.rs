@@ -33,6 +33,11 @@ impl Interceptor for Bearer {
         if let Some(assertion) = &self.operator_assertion {
             request.metadata_mut().insert(OPERATOR_ASSERTION_HEADER, assertion.clone());
         }
+        // The request this call is made for (the portal's HTTP request), so the broker's log
+        // lines for it carry the same ID.
+        if let Some(id) = suanli_observability::current().and_then(|id| id.as_str().parse().ok()) {
+            request.metadata_mut().insert(suanli_observability::REQUEST_ID_HEADER, id);
+        }
         Ok(request)
     }
 }
