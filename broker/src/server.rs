@@ -205,6 +205,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     }
     .map_err(|e| ServeError::Config(format!("SSH user CA: {e}")))?;
     let metrics = Arc::new(Metrics::new());
+    if let Some(ca) = &agent_ca {
+        metrics.observe_certificate("cluster_ca", ca.cert_pem());
+    }
     let mut shared = Shared::new(raft.clone(), sm, &config.platform_token, metrics.clone(), agent_ca.clone());
     shared.ssh_ca = Some(Arc::new(ssh_ca));
     shared.deposit_limits = config.deposit_limits;
@@ -231,6 +234,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         })?;
         let names = tls_names(&[grpc_addr], &[&advertise], &config.agent_tls_names);
         let cert = ca.server_certificate(&names).map_err(|e| ServeError::Config(format!("client port certificate: {e}")))?;
+        metrics.observe_certificate("client_port", &cert.cert_pem);
         let tls = ServerTlsConfig::new().identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem));
         client_port = client_port.tls_config(tls).map_err(|e| ServeError::Config(format!("client port TLS: {e}")))?;
     }
@@ -258,6 +262,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let peer_addr = match peer_listener {
         None => None,
         Some((listener, addr, _, tls)) => {
+            metrics.observe_expiry("peer_port", tls.not_after);
             let peer_router = tonic::transport::Server::builder()
                 .tls_config(tls.server())
                 .map_err(|e| ServeError::Config(format!("peer port TLS: {e}")))?
@@ -289,6 +294,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
             let addr = listener.local_addr()?;
             let names = tls_names(&[grpc_addr, addr], &[&advertise], &config.agent_tls_names);
             let server_cert = ca.server_certificate(&names).map_err(|e| ServeError::Config(format!("agent port certificate: {e}")))?;
+            metrics.observe_certificate("agent_port", &server_cert.cert_pem);
             // Client certificates are optional at the handshake, so an agent can enroll before
             // it has one; every other call needs an enrolled key (`Shared::caller`).
             let tls = ServerTlsConfig::new()

@@ -1,6 +1,6 @@
 //! The router: pages, the REST API, its OpenAPI document, the audit middleware.
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -129,7 +129,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/v1", api)
         .layer(DefaultBodyLimit::max(8 * 1024 * 1024))
         .layer(axum::middleware::map_response(security_headers))
-        .layer(axum::middleware::from_fn(request_id))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), request_id))
         .with_state(state)
 }
 
@@ -137,14 +137,16 @@ pub fn router(state: AppState) -> Router {
 /// span that carries the ID into every log line, makes it the ID the broker's calls carry
 /// (`suanli_observability::scope`), and answers with it. Failed requests are logged at info,
 /// the rest at debug.
-async fn request_id(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn request_id(State(state): State<AppState>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use suanli_observability::{RequestId, REQUEST_ID_HEADER};
     use tracing::Instrument;
     let id = request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).and_then(RequestId::parse).unwrap_or_default();
     let span = tracing::info_span!("request", request_id = id.as_str(), method = %request.method(), path = request.uri().path());
     let started = std::time::Instant::now();
     let mut response = suanli_observability::scope(id.clone(), next.run(request)).instrument(span.clone()).await;
-    let (status, elapsed_ms) = (response.status().as_u16(), started.elapsed().as_millis() as u64);
+    let (status, elapsed) = (response.status().as_u16(), started.elapsed());
+    state.metrics.observe_request(status, elapsed);
+    let elapsed_ms = elapsed.as_millis() as u64;
     span.in_scope(|| {
         if status >= 400 {
             tracing::info!(status, elapsed_ms, "answered");

@@ -25,6 +25,7 @@ pub mod federation;
 pub mod i18n;
 pub mod identity;
 pub mod market;
+pub mod metrics;
 pub mod model;
 pub mod outbox;
 pub mod pages;

@@ -129,6 +129,10 @@ struct ServeArgs {
     /// The gateway API's bearer token.
     #[arg(long, env = "SUANLI_PORTAL_FEDERATION_TOKEN", hide_env_values = true)]
     federation_token: Option<String>,
+    /// Prometheus `/metrics` (HTTP requests, the outbox) on this address: loopback or a private
+    /// network, never the public port.
+    #[arg(long, env = "SUANLI_PORTAL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// A file holding the bearer token Prometheus' Alertmanager posts operators' alerts with
     /// (`POST /api/v1/operations/alertmanager`; at least 16 characters).
     #[arg(long, env = "SUANLI_PORTAL_ALERTMANAGER_TOKEN_FILE")]
@@ -178,6 +182,7 @@ struct PortalSection {
     federation_api: Option<String>,
     federation_token_file: Option<PathBuf>,
     alertmanager_token_file: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// `[portal.sms]`: `provider = "json"` with `url` (and `token`), or `provider = "aliyun"` with
@@ -324,6 +329,7 @@ fn offline_state(s: Storage) -> anyhow::Result<AppState> {
         settings: Settings::default(),
         outbox_wake: Default::default(),
         federation: None,
+        metrics: Default::default(),
     })))
 }
 
@@ -409,6 +415,7 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         settings,
         outbox_wake: Default::default(),
         federation,
+        metrics: Default::default(),
     }));
     market.spawn_follower();
     outbox::spawn_worker(state.clone());
@@ -445,7 +452,21 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
             println!("{line}");
         }
     }
-    println!("SUANLI_READY http={addr}");
+    let metrics_addr = match args.metrics_listen.or(file.metrics_listen) {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the metrics listener {listen}"))?;
+            let addr = listener.local_addr()?;
+            let metrics = suanli_portal::metrics::router(state.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, metrics).await {
+                    tracing::error!(error = %e, "the metrics listener failed");
+                }
+            });
+            addr.to_string()
+        }
+        None => "-".into(),
+    };
+    println!("SUANLI_READY http={addr} metrics={metrics_addr}");
     println!("Suanli portal on {}", state.settings.public_url);
     let app = app::router(state).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(stop_requested()).await?;

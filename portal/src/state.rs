@@ -69,6 +69,7 @@ pub struct Inner {
     pub outbox_wake: tokio::sync::Notify,
     /// This member's federation gateway, when the marketplace is in a federation.
     pub federation: Option<crate::federation::FederationLink>,
+    pub metrics: crate::metrics::PortalMetrics,
 }
 
 #[derive(Clone)]

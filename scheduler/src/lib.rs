@@ -8,6 +8,7 @@
 //! refuses once another replica has taken over (fencing).
 
 pub mod artifact_gc;
+pub mod metrics;
 pub mod service;
 pub mod spec;
 pub mod view;

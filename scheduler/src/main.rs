@@ -34,6 +34,9 @@ struct Args {
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// Prometheus `/metrics` (rounds, decisions, whether this replica acts) on this address.
+    #[arg(long, env = "SUANLI_SCHEDULER_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// This replica's name (unique among replicas); the hostname by default.
     #[arg(long, env = "SUANLI_SCHEDULER_NAME")]
     name: Option<String>,
@@ -101,6 +104,7 @@ struct FileScheduler {
     artifacts_gc_every_s: Option<u64>,
     /// Uploads younger than this many seconds are never collected (86400 by default).
     artifacts_gc_grace_s: Option<u64>,
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Policy tuning (LAS queue thresholds, heterogeneity throughput table).
     policy_config: Option<PolicyConfig>,
 }
@@ -210,30 +214,45 @@ async fn main() -> anyhow::Result<()> {
                     tokio::spawn(suanli_scheduler::artifact_gc::run(collector, gc));
                 }
                 match tls {
-                    Some(config) => spawn_store(suanli_artifacts::tls::TlsListener::new(listener, config)?, app),
-                    None => spawn_store(listener, app),
+                    Some(config) => spawn_listener(suanli_artifacts::tls::TlsListener::new(listener, config)?, app),
+                    None => spawn_listener(listener, app),
                 }
             }
-            println!("SUANLI_READY scheduler={name} policy={} artifacts={artifacts}", kind.as_str());
+            let scheduler = Scheduler::new(config, policy);
+            let mut metrics_addr = String::from("-");
+            if let Some(listen) = s.metrics_listen.or(file.metrics_listen) {
+                let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+                metrics_addr = listener.local_addr()?.to_string();
+                let metrics = scheduler.metrics();
+                let app = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let metrics = metrics.clone();
+                        async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render()) }
+                    }),
+                );
+                spawn_listener(listener, app);
+            }
+            println!("SUANLI_READY scheduler={name} policy={} artifacts={artifacts} metrics={metrics_addr}", kind.as_str());
             use std::io::Write;
             std::io::stdout().flush()?;
             tracing::info!(%name, policy = kind.as_str(), "scheduler replica running");
-            Scheduler::new(config, policy).run().await;
+            scheduler.run().await;
             Ok(())
         }
     }
 }
 
-/// Serves the artifact store for as long as the process runs (over TLS or not: the listener
-/// decides).
-fn spawn_store<L>(listener: L, app: axum::Router)
+/// Serves `app` (the artifact store, the metrics) for as long as the process runs (over TLS or
+/// not: the listener decides).
+fn spawn_listener<L>(listener: L, app: axum::Router)
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "artifact store stopped");
+            tracing::error!(error = %e, "a listener stopped");
         }
     });
 }

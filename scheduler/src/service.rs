@@ -59,6 +59,7 @@ pub struct Scheduler {
     /// [`NODE_LOST_AFTER`], so a node that was merely slow to report does not end up running
     /// an attempt while its replacement runs elsewhere.
     silent_since: std::collections::BTreeMap<u64, std::time::Instant>,
+    metrics: std::sync::Arc<crate::metrics::SchedulerMetrics>,
 }
 
 /// How long a node must stay silent before its running jobs are given up on.
@@ -69,7 +70,21 @@ const AUTO_LEASE_RETRY: Duration = Duration::from_secs(10);
 
 impl Scheduler {
     pub fn new(config: Config, policy: Box<dyn Policy>) -> Self {
-        Scheduler { config, policy, client: None, which: 0, rounds: 0, auto_lease_backoff: Default::default(), silent_since: Default::default() }
+        Scheduler {
+            config,
+            policy,
+            client: None,
+            which: 0,
+            rounds: 0,
+            auto_lease_backoff: Default::default(),
+            silent_since: Default::default(),
+            metrics: Default::default(),
+        }
+    }
+
+    /// What this replica's rounds report (`suanli_scheduler_*`), for its metrics listener.
+    pub fn metrics(&self) -> std::sync::Arc<crate::metrics::SchedulerMetrics> {
+        self.metrics.clone()
     }
 
     pub async fn run(mut self) {
@@ -78,7 +93,10 @@ impl Scheduler {
         let mut was_acting = false;
         loop {
             tick.tick().await;
-            match self.round().await {
+            let started = std::time::Instant::now();
+            let result = self.round().await;
+            self.metrics.observe_round(&result, started.elapsed());
+            match result {
                 Ok(report) => {
                     if report.acting != was_acting {
                         tracing::info!(acting = report.acting, epoch = report.epoch, "scheduler role changed");

@@ -111,13 +111,16 @@ impl PeerAddresses {
 pub struct PeerTls {
     identity: Identity,
     ca: Certificate,
+    /// When the peer certificate stops being valid (Unix seconds; 0 if unreadable).
+    pub not_after: i64,
 }
 
 impl PeerTls {
     /// A fresh peer certificate for node `node`, valid for `names`.
     pub fn issue(ca: &suanli_pki::Ca, node: NodeId, names: &[String]) -> Result<PeerTls, suanli_pki::PkiError> {
         let cert = ca.peer_certificate(node, names)?;
-        Ok(PeerTls { identity: Identity::from_pem(&cert.cert_pem, &cert.key_pem), ca: Certificate::from_pem(ca.cert_pem()) })
+        let not_after = suanli_pki::pem_certificate_not_after(&cert.cert_pem)?;
+        Ok(PeerTls { identity: Identity::from_pem(&cert.cert_pem, &cert.key_pem), ca: Certificate::from_pem(ca.cert_pem()), not_after })
     }
 
     /// The peer port's: a client certificate of the CA is required at the handshake (that it

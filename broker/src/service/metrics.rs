@@ -21,6 +21,12 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabel {
+    /// `cluster_ca`, `client_port`, `agent_port` or `peer_port`.
+    certificate: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabel {
     method: &'static str,
 }
@@ -39,6 +45,7 @@ pub struct Metrics {
     committed_index: Gauge<u64, AtomicU64>,
     /// Commands refused before they were proposed (`Shared::precheck`).
     pub refused_before_proposal: Counter,
+    certificate_expiry: Family<CertificateLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
 }
 
 impl Default for Metrics {
@@ -62,6 +69,7 @@ impl Metrics {
             snapshot_bytes: Gauge::default(),
             committed_index: Gauge::default(),
             refused_before_proposal: Counter::default(),
+            certificate_expiry: Family::default(),
         };
         // Metric handles share their values with their clones, so the registry holds clones.
         let registry = metrics.registry.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -80,7 +88,25 @@ impl Metrics {
             "commands refused without entering the log: the caller may not send them, or they are malformed",
             metrics.refused_before_proposal.clone(),
         );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "when each certificate this node serves or trusts stops being valid (Unix seconds)",
+            metrics.certificate_expiry.clone(),
+        );
         metrics
+    }
+
+    /// Records when `certificate` (PEM) expires; an unreadable one is left out (and logged).
+    pub fn observe_certificate(&self, certificate: &'static str, pem: &str) {
+        match suanli_pki::pem_certificate_not_after(pem) {
+            Ok(not_after) => self.observe_expiry(certificate, not_after),
+            Err(e) => tracing::warn!(certificate, error = %e, "cannot read a certificate's expiry"),
+        }
+    }
+
+    /// Records that `certificate` expires at `not_after` (Unix seconds).
+    pub fn observe_expiry(&self, certificate: &'static str, not_after: i64) {
+        self.certificate_expiry.get_or_create(&CertificateLabel { certificate }).set(not_after);
     }
 
     pub fn observe_request(&self, method: &'static str, code: String, elapsed: Duration) {

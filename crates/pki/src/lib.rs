@@ -230,6 +230,14 @@ pub fn pem_certificate_fingerprint(cert_pem: &str) -> Result<KeyFingerprint, Pki
     certificate_fingerprint(&pem.contents)
 }
 
+/// When a PEM certificate stops being valid, in seconds since the Unix epoch (what the
+/// services export, so an alert fires before a certificate runs out).
+pub fn pem_certificate_not_after(cert_pem: &str) -> Result<i64, PkiError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| PkiError::Certificate(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).map_err(|e| PkiError::Certificate(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 /// A new private key for an agent, PEM (PKCS#8, ECDSA P-256).
 pub fn new_private_key() -> Result<String, PkiError> {
     Ok(KeyPair::generate().map_err(|e| PkiError::Key(e.to_string()))?.serialize_pem())

@@ -1,6 +1,6 @@
 //! The Grafana dashboards (`ops/grafana/`) and the alerting rules (`ops/prometheus/alerts.yml`):
-//! well-formed, their PromQL parsed by Prometheus' own `promtool`, and every broker, agent and
-//! GPU series they name served by a running broker and agent. (The federation's series are
+//! well-formed, their PromQL parsed by Prometheus' own `promtool`, and every broker, agent, GPU,
+//! portal and scheduler series they name served by running ones. (The federation's series are
 //! checked in `crates/federation/tests/network.rs`.)
 
 use std::collections::BTreeSet;
@@ -10,6 +10,7 @@ use suanli_proto::v1::AccountKind;
 use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
 use suanli_testkit::fixtures::register;
 use suanli_testkit::observability::{dashboard_expressions, dashboards, exposed_series, missing, referenced_series};
+use suanli_testkit::portal::{PortalOptions, PortalProcess};
 use suanli_testkit::workspace_binary;
 
 #[test]
@@ -56,8 +57,12 @@ async fn scrape(address: &str) -> String {
     reqwest::get(format!("http://{address}/metrics")).await.expect("scrape").text().await.expect("text")
 }
 
+/// The prefixes of the series the services below serve (the federation's are checked in its
+/// own crate).
+const SERVED_HERE: &[&str] = &["suanli_broker_", "suanli_agent_", "suanli_gpu_", "DCGM_", "suanli_portal_", "suanli_scheduler_"];
+
 #[tokio::test]
-async fn every_broker_agent_and_gpu_series_the_assets_name_is_served() {
+async fn every_broker_agent_gpu_portal_and_scheduler_series_the_assets_name_is_served() {
     let cluster = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker").expect("broker"), 1, None).await.expect("cluster");
     cluster.leader(Duration::from_secs(20)).await.expect("leader");
     let mut platform = cluster.client(1, PLATFORM_TOKEN).await.expect("client");
@@ -66,22 +71,40 @@ async fn every_broker_agent_and_gpu_series_the_assets_name_is_served() {
     let agent = suanli_testkit::agent::start(&cluster, dir.path(), &supplier, &workspace_binary("suanli-agent", "suanli-agent").expect("agent"), 2, &[])
         .await
         .expect("agent");
-    let referenced = referenced_series();
-    // Some series appear with their first event (a request, a sample): wait until all are there.
-    let agent_metrics = agent.agent.get("metrics").expect("the agent's metrics address").to_owned();
-    let broker_metrics = cluster.metrics_address(1).expect("the broker's metrics address").to_owned();
-    let scraped = suanli_testkit::eventually(Duration::from_secs(20), Duration::from_millis(200), || async {
-        let mut exposed = exposed_series(&scrape(&broker_metrics).await);
-        exposed.extend(exposed_series(&scrape(&agent_metrics).await));
-        let lacking = missing(&referenced, &["suanli_broker_", "suanli_agent_", "suanli_gpu_", "DCGM_"], &exposed);
-        lacking.is_empty().then_some(())
-    })
-    .await;
-    if scraped.is_ok() {
-        return;
+    let broker = format!("http://{}", cluster.address(1).expect("address"));
+    let database = format!("sqlite://{}/portal.db", dir.path().display());
+    let portal = PortalProcess::start(dir.path(), &PortalOptions { extra: &["--metrics-listen", "127.0.0.1:0"], ..PortalOptions::new(&broker, PLATFORM_TOKEN, &database) })
+        .await
+        .expect("portal");
+    let scheduler = suanli_testkit::Service::start(
+        "scheduler",
+        &workspace_binary("suanli-scheduler", "suanli-scheduler").expect("scheduler"),
+        &["--broker", &broker, "--token", PLATFORM_TOKEN, "--name", "s1", "--round-ms", "100", "--lease-ttl-ms", "1000", "--metrics-listen", "127.0.0.1:0"].map(String::from),
+        &[],
+        dir.path(),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("scheduler");
+    // A page and an API call, so the portal's request series exist.
+    for path in ["/", "/api/v1/no-such-thing"] {
+        reqwest::get(format!("{}{path}", portal.url)).await.expect("portal answers");
     }
-    let mut exposed = exposed_series(&scrape(&broker_metrics).await);
-    exposed.extend(exposed_series(&scrape(&agent_metrics).await));
-    let lacking = missing(&referenced, &["suanli_broker_", "suanli_agent_", "suanli_gpu_", "DCGM_"], &exposed);
-    panic!("named in ops/grafana or ops/prometheus but not served: {lacking:?}");
+    let referenced = referenced_series();
+    let targets = [
+        cluster.metrics_address(1).expect("the broker's metrics address").to_owned(),
+        agent.agent.get("metrics").expect("the agent's metrics address").to_owned(),
+        portal.service.get("metrics").expect("the portal's metrics address").to_owned(),
+        scheduler.get("metrics").expect("the scheduler's metrics address").to_owned(),
+    ];
+    let lacking = || async {
+        let mut exposed = BTreeSet::new();
+        for target in &targets {
+            exposed.extend(exposed_series(&scrape(target).await));
+        }
+        missing(&referenced, SERVED_HERE, &exposed)
+    };
+    // Some series appear with their first event (a request, a sample, a round).
+    let served = suanli_testkit::eventually(Duration::from_secs(20), Duration::from_millis(200), || async { lacking().await.is_empty().then_some(()) }).await;
+    assert!(served.is_ok(), "named in ops/grafana or ops/prometheus but not served: {:?}", lacking().await);
 }
