@@ -53,30 +53,7 @@ impl Code {
 
     pub fn status(self) -> StatusCode {
         match self {
-            Code::Broker(c) => match c {
-                ErrorCode::InvalidArgument | ErrorCode::NodeNotInCluster | ErrorCode::BillingModeNotOffered => StatusCode::BAD_REQUEST,
-                ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::NotFound => StatusCode::NOT_FOUND,
-                ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
-                ErrorCode::PermissionDenied | ErrorCode::WrongAccountKind | ErrorCode::AuthCodeMismatch | ErrorCode::AuthCodeAttemptsExhausted => {
-                    StatusCode::FORBIDDEN
-                }
-                ErrorCode::AlreadyExists | ErrorCode::RequestIdConflict => StatusCode::CONFLICT,
-                ErrorCode::InsufficientCapacity
-                | ErrorCode::ClusterDelisted
-                | ErrorCode::CardUnavailable
-                | ErrorCode::NodeInUse
-                | ErrorCode::ClusterBusy
-                | ErrorCode::InvalidTransition
-                | ErrorCode::AuthCodeExpired
-                | ErrorCode::NotYetDue
-                | ErrorCode::JobTransition
-                | ErrorCode::StaleScheduler
-                | ErrorCode::PlacementRefused => StatusCode::CONFLICT,
-                ErrorCode::InsufficientFunds => StatusCode::PAYMENT_REQUIRED,
-                ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            },
+            Code::Broker(c) => StatusCode::from_u16(c.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             Code::CsrfFailed | Code::AccountNotActivated | Code::AccountPendingReview | Code::AccountDisabled | Code::RoleConflict => {
                 StatusCode::FORBIDDEN
             }

@@ -21,7 +21,9 @@
 //! - [`tls`]: the listener's TLS (a certificate from the cluster CA); the client checks it
 //!   against that CA ([`ArtifactClient::with_ca`]).
 //!
-//! Errors on the wire are `{"code": "...", "message": "..."}` with the codes of [`ErrorCode`].
+//! Errors on the wire are `{"error": {"code": "...", "message": "..."}}` (every Suanli HTTP
+//! service's shape) with the codes of [`ErrorCode`]; the client keeps the body as text, so it
+//! reads either shape (stores of the previous release answer `{"code", "message"}`).
 
 pub mod backup;
 pub mod bucket;

@@ -78,8 +78,15 @@ pub struct Stored {
     pub size: u64,
 }
 
+/// `{"error": {"code", "message"}}`: the shape of every Suanli HTTP service's errors (the
+/// portal's, the inference service's).
 #[derive(Serialize)]
 struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail {
     code: &'static str,
     message: String,
 }
@@ -95,7 +102,7 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response {
         ErrorCode::Storage => StatusCode::INTERNAL_SERVER_ERROR,
         ErrorCode::Forbidden | ErrorCode::QuotaExceeded => StatusCode::FORBIDDEN,
     };
-    (status, axum::Json(ErrorBody { code: code.as_str(), message: message.into() })).into_response()
+    (status, axum::Json(ErrorBody { error: ErrorDetail { code: code.as_str(), message: message.into() } })).into_response()
 }
 
 fn store_error(e: StoreError) -> Response {

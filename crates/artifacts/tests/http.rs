@@ -88,7 +88,7 @@ async fn an_upload_a_crash_cut_short_is_swept_when_the_store_opens_again() {
 fn refusal(result: Result<impl std::fmt::Debug, suanli_artifacts::ClientError>) -> (u16, String) {
     match result {
         Err(suanli_artifacts::ClientError::Refused { status, body }) => {
-            let code = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["code"].as_str().map(str::to_owned)).unwrap_or(body);
+            let code = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["error"]["code"].as_str().map(str::to_owned)).unwrap_or(body);
             (status, code)
         }
         other => panic!("expected a refusal, got {other:?}"),

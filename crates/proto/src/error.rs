@@ -15,40 +15,11 @@ use tonic_types::{ErrorDetails, StatusExt};
 pub const ERROR_DOMAIN: &str = "suanli.v1";
 pub const ERROR_METADATA_KEY: &str = "x-suanli-error";
 
-/// The gRPC status code for each stable error code. Chosen so that generic gRPC clients do the
-/// right thing: `UNAVAILABLE` is the only code worth retrying blindly (with the same request ID),
-/// `FAILED_PRECONDITION` means "the state is not right for this now".
+/// The gRPC status code for each stable error code (`ErrorCode::transport`, the one table).
 pub fn grpc_code(code: ErrorCode) -> Code {
-    match code {
-        ErrorCode::InvalidArgument
-        | ErrorCode::NodeNotInCluster
-        | ErrorCode::BillingModeNotOffered
-        | ErrorCode::PayloadTooLarge => Code::InvalidArgument,
-        ErrorCode::NotFound => Code::NotFound,
-        ErrorCode::Unauthenticated => Code::Unauthenticated,
-        ErrorCode::PermissionDenied
-        | ErrorCode::WrongAccountKind
-        | ErrorCode::AuthCodeMismatch
-        | ErrorCode::AuthCodeAttemptsExhausted => Code::PermissionDenied,
-        ErrorCode::AlreadyExists | ErrorCode::RequestIdConflict => Code::AlreadyExists,
-        ErrorCode::InsufficientCapacity => Code::ResourceExhausted,
-        ErrorCode::ClusterDelisted
-        | ErrorCode::CardUnavailable
-        | ErrorCode::NodeInUse
-        | ErrorCode::ClusterBusy
-        | ErrorCode::InvalidTransition
-        | ErrorCode::AuthCodeExpired
-        | ErrorCode::NotYetDue
-        | ErrorCode::InsufficientFunds
-        | ErrorCode::JobTransition
-        | ErrorCode::StaleScheduler
-        | ErrorCode::PlacementRefused => Code::FailedPrecondition,
-        ErrorCode::Unavailable => Code::Unavailable,
-        ErrorCode::Internal => Code::Internal,
-    }
+    Code::from_i32(code.grpc_status() as i32)
 }
 
-/// Builds the status for a code, a human message and the invalid fields.
 pub fn status(code: ErrorCode, message: impl Into<String>, fields: &[FieldError]) -> Status {
     let mut details = ErrorDetails::with_error_info(code.as_str(), ERROR_DOMAIN, HashMap::new());
     for f in fields {
@@ -110,10 +81,10 @@ mod tests {
     }
 
     #[test]
-    fn errors_md_documents_every_code_with_its_grpc_status() {
+    fn errors_md_documents_every_code_with_its_grpc_and_http_status() {
         let doc = include_str!("../../../proto/suanli/v1/errors.md");
         for code in ErrorCode::ALL {
-            let row = format!("| `{}` | `{:?}` |", code.as_str(), grpc_code(*code));
+            let row = format!("| `{}` | `{:?}` | {} |", code.as_str(), grpc_code(*code), code.http_status());
             assert!(doc.contains(&row), "errors.md lacks the row starting {row}");
         }
     }

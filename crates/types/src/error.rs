@@ -269,6 +269,52 @@ impl ErrorCode {
     pub fn parse(s: &str) -> Option<ErrorCode> {
         Self::ALL.iter().copied().find(|c| c.as_str() == s)
     }
+
+    /// The one table from each code to how gRPC and HTTP say it: the broker's gRPC statuses
+    /// (`suanli_proto::error`) and every HTTP service's answers (the portal) come from here, so
+    /// they never disagree. Chosen so that generic clients do the right thing: `UNAVAILABLE`
+    /// (503) is the only one worth retrying blindly (with the same request ID),
+    /// `FAILED_PRECONDITION` (409) means "the state is not right for this now".
+    pub const fn transport(self) -> (GrpcStatus, u16) {
+        use ErrorCode::*;
+        match self {
+            InvalidArgument | NodeNotInCluster | BillingModeNotOffered => (GrpcStatus::InvalidArgument, 400),
+            PayloadTooLarge => (GrpcStatus::InvalidArgument, 413),
+            NotFound => (GrpcStatus::NotFound, 404),
+            Unauthenticated => (GrpcStatus::Unauthenticated, 401),
+            PermissionDenied | WrongAccountKind | AuthCodeMismatch | AuthCodeAttemptsExhausted => (GrpcStatus::PermissionDenied, 403),
+            AlreadyExists | RequestIdConflict => (GrpcStatus::AlreadyExists, 409),
+            InsufficientCapacity => (GrpcStatus::ResourceExhausted, 409),
+            ClusterDelisted | CardUnavailable | NodeInUse | ClusterBusy | InvalidTransition | AuthCodeExpired | NotYetDue | JobTransition
+            | StaleScheduler | PlacementRefused => (GrpcStatus::FailedPrecondition, 409),
+            InsufficientFunds => (GrpcStatus::FailedPrecondition, 402),
+            Unavailable => (GrpcStatus::Unavailable, 503),
+            Internal => (GrpcStatus::Internal, 500),
+        }
+    }
+
+    pub const fn grpc_status(self) -> GrpcStatus {
+        self.transport().0
+    }
+
+    pub const fn http_status(self) -> u16 {
+        self.transport().1
+    }
+}
+
+/// The gRPC status codes the table above uses, with the numbers of the gRPC specification
+/// (so this crate needs no gRPC library).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpcStatus {
+    InvalidArgument = 3,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Internal = 13,
+    Unavailable = 14,
+    Unauthenticated = 16,
 }
 
 impl fmt::Display for ErrorCode {
