@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use suanli_proto::v1::{self, AccountKind};
+use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
 use suanli_testkit::fixtures::{self, register};
 use suanli_types::ClusterClass;
-use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
 use tonic::transport::{Channel, Endpoint};
 
 // ---- a minimal subset of etcd's v3 KV API, by field number --------------------------------
@@ -212,14 +212,7 @@ async fn market(cluster: &BrokerCluster) -> anyhow::Result<Market> {
 }
 
 fn lease_request(cluster_id: u64, request_id: String) -> v1::RequestLeaseRequest {
-    v1::RequestLeaseRequest {
-        request_id,
-        cluster_id,
-        node_ids: vec![],
-        cards: 1,
-        billing_mode: v1::BillingMode::Hourly.into(),
-        periods: 1,
-    }
+    v1::RequestLeaseRequest { request_id, cluster_id, node_ids: vec![], cards: 1, billing_mode: v1::BillingMode::Hourly.into(), periods: 1 }
 }
 
 async fn suanli_op(channel: Channel, token: Arc<String>, cluster_id: u64, client: usize, seq: u64, round: usize) -> bool {
@@ -284,27 +277,31 @@ async fn start_etcd() -> anyhow::Result<Etcd> {
     let binary = which("etcd").context("etcd not found: run ops/install-bench-deps")?;
     let dir = tempfile::TempDir::new()?;
     let ports: Vec<(u16, u16)> = (0..3).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
-    let initial = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let initial = ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect::<Vec<_>>().join(",");
     let mut children = Vec::new();
     let mut clients = Vec::new();
     for (i, (client, peer)) in ports.iter().enumerate() {
         let log = std::fs::File::create(dir.path().join(format!("etcd-{i}.log")))?;
         let child = tokio::process::Command::new(&binary)
             .args([
-                "--name", &format!("e{i}"),
-                "--data-dir", &dir.path().join(format!("e{i}")).display().to_string(),
-                "--listen-client-urls", &format!("http://127.0.0.1:{client}"),
-                "--advertise-client-urls", &format!("http://127.0.0.1:{client}"),
-                "--listen-peer-urls", &format!("http://127.0.0.1:{peer}"),
-                "--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}"),
-                "--initial-cluster", &initial,
-                "--initial-cluster-state", "new",
-                "--initial-cluster-token", "suanli-bench",
+                "--name",
+                &format!("e{i}"),
+                "--data-dir",
+                &dir.path().join(format!("e{i}")).display().to_string(),
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "suanli-bench",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -317,7 +314,10 @@ async fn start_etcd() -> anyhow::Result<Etcd> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(channel) = Endpoint::from_shared(format!("http://{}", clients[0]))?.connect().await {
-            let put = etcd::TxnRequest { compare: vec![], success: vec![etcd::RequestOp { request_put: Some(etcd::PutRequest { key: b"ready".to_vec(), value: vec![] }) }] };
+            let put = etcd::TxnRequest {
+                compare: vec![],
+                success: vec![etcd::RequestOp { request_put: Some(etcd::PutRequest { key: b"ready".to_vec(), value: vec![] }) }],
+            };
             if etcd_unary::<_, etcd::TxnResponse>(&channel, "/etcdserverpb.KV/Txn", put).await.is_ok() {
                 break;
             }
@@ -344,9 +344,7 @@ async fn etcd_op(channel: Channel, payload: Arc<Vec<u8>>, client: usize, seq: u6
         Ok(r) if r.succeeded => {}
         _ => return false,
     }
-    etcd_unary::<_, etcd::DeleteRangeResponse>(&channel, "/etcdserverpb.KV/DeleteRange", etcd::DeleteRangeRequest { key })
-        .await
-        .is_ok_and(|r| r.deleted == 1)
+    etcd_unary::<_, etcd::DeleteRangeResponse>(&channel, "/etcdserverpb.KV/DeleteRange", etcd::DeleteRangeRequest { key }).await.is_ok_and(|r| r.deleted == 1)
 }
 
 // ---- main -----------------------------------------------------------------------------------
@@ -409,7 +407,13 @@ async fn main() -> anyhow::Result<()> {
         let times = failovers(&mut cluster, &market, args.failovers).await?;
         let pct = |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0;
         println!();
-        println!("leader failover (kill -9 -> first successful write), {} kills: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms", times.len(), pct(0.5), pct(0.99), pct(1.0));
+        println!(
+            "leader failover (kill -9 -> first successful write), {} kills: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            times.len(),
+            pct(0.5),
+            pct(0.99),
+            pct(1.0)
+        );
     }
     Ok(())
 }

@@ -145,11 +145,7 @@ async fn write_history(cluster: &BrokerCluster, clusters: usize, leases: usize) 
                 async move { Ok(c.request_lease(r).await?.into_inner()) }
             })
             .await?;
-            let end = v1::EndLeaseRequest {
-                request_id: format!("history-end-{i}"),
-                lease_id: lease.lease_id,
-                reason: v1::EndReason::ByResearcher.into(),
-            };
+            let end = v1::EndLeaseRequest { request_id: format!("history-end-{i}"), lease_id: lease.lease_id, reason: v1::EndReason::ByResearcher.into() };
             retrying(|| {
                 let (mut c, r) = (researcher.clone(), end.clone());
                 async move { Ok(c.end_lease(r).await.map(drop)?) }

@@ -87,8 +87,7 @@ fn store_baseline(a: &Args) -> f64 {
     let mut store = TelemetryStore::new();
     let now = suanli_broker::service::now().millis();
     let reading = Some(Reading { gpu_utilization_pct: 50, memory_utilization_pct: 40, memory_used_mib: 1000, temperature_c: 60, power_draw_mw: 200_000 });
-    let cards: Vec<Vec<(CardId, Option<Reading>)>> =
-        (0..a.nodes).map(|n| (0..a.cards).map(|c| (CardId(n * 1000 + u64::from(c)), reading)).collect()).collect();
+    let cards: Vec<Vec<(CardId, Option<Reading>)>> = (0..a.nodes).map(|n| (0..a.cards).map(|c| (CardId(n * 1000 + u64::from(c)), reading)).collect()).collect();
     let started = Instant::now();
     let mut card_samples = 0u64;
     let mut seq = 0u64;
@@ -119,11 +118,8 @@ async fn main() -> anyhow::Result<()> {
     let anonymous = suanli_proto::client::channel_with(&agent_port, Some(tls())).await?;
     let mut identities = Vec::new();
     for n in 0..a.nodes {
-        let token = supplier
-            .create_enrollment_token(v1::CreateEnrollmentTokenRequest { request_id: format!("t-{n}"), valid_seconds: 600 })
-            .await?
-            .into_inner()
-            .token;
+        let token =
+            supplier.create_enrollment_token(v1::CreateEnrollmentTokenRequest { request_id: format!("t-{n}"), valid_seconds: 600 }).await?.into_inner().token;
         let key = suanli_pki::new_private_key()?;
         let enrolled = SupplierServiceClient::new(anonymous.clone())
             .enroll_agent(v1::EnrollAgentRequest {

@@ -163,7 +163,8 @@ pub fn node_config(path: Option<&Path>, args: Overrides) -> Result<NodeConfig, C
         services: {
             let mut tokens = Vec::new();
             for s in &file.services {
-                let token = std::fs::read_to_string(&s.token_file).map_err(|e| invalid(format!("[[broker.services]] {}: reading {}: {e}", s.name, s.token_file.display())))?;
+                let token = std::fs::read_to_string(&s.token_file)
+                    .map_err(|e| invalid(format!("[[broker.services]] {}: reading {}: {e}", s.name, s.token_file.display())))?;
                 let token = token.trim();
                 if token.len() < 16 {
                     return Err(invalid(format!("[[broker.services]] {}: the token in {} must be at least 16 characters", s.name, s.token_file.display())));
@@ -173,7 +174,9 @@ pub fn node_config(path: Option<&Path>, args: Overrides) -> Result<NodeConfig, C
             crate::service::powers::Services::new(tokens)
         },
         operator_key: match &file.operator_key_file {
-            Some(path) => Some(suanli_pki::assertion::OperatorKey::load(path, false).map_err(|e| invalid(format!("operator_key_file {}: {e}", path.display())))?),
+            Some(path) => {
+                Some(suanli_pki::assertion::OperatorKey::load(path, false).map_err(|e| invalid(format!("operator_key_file {}: {e}", path.display())))?)
+            }
             None => None,
         },
         artifact_key: match &file.artifact_key_file {
@@ -205,7 +208,6 @@ pub fn load_file(path: &Path) -> Result<FileBroker, ConfigError> {
     let parsed: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))?;
     Ok(parsed.broker.unwrap_or_default())
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -255,8 +257,8 @@ mod tests {
         let file = load_file(&path).expect("the ConfigMap's broker.toml");
         assert!(file.artifact_key_file.is_some() && file.agent_listen.is_some());
         // The pods give node ID, peer address and token on the command line and environment.
-        let config = node_config(Some(&path), Overrides { node_id: Some(2), platform_token: Some("a-platform-token-for-the-test".into()), ..Overrides::default() });
+        let config =
+            node_config(Some(&path), Overrides { node_id: Some(2), platform_token: Some("a-platform-token-for-the-test".into()), ..Overrides::default() });
         assert!(matches!(config, Err(ConfigError::Invalid(ref why)) if why.contains("operator_key_file")), "only the secret files are missing here");
     }
 }
-

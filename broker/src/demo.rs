@@ -45,10 +45,66 @@ struct DemoCluster<'a> {
 }
 
 const CLUSTERS: &[(usize, DemoCluster<'static>)] = &[
-    (0, DemoCluster { class: v1::ClusterClass::A, nodes: 2, cards_per_node: 8, model: "A100 80GB", vram_gib: 80, memory_gib: 1024, vcpus: 128, vendor: "Inspur", region: "Shenzhen", prices: &[(BillingMode::Monthly, 531_250), (BillingMode::Yearly, 5_737_500)] }),
-    (0, DemoCluster { class: v1::ClusterClass::B, nodes: 2, cards_per_node: 8, model: "RTX 4090", vram_gib: 24, memory_gib: 512, vcpus: 64, vendor: "Supermicro", region: "Hangzhou", prices: &[(BillingMode::Hourly, 250), (BillingMode::Daily, 5_400)] }),
-    (1, DemoCluster { class: v1::ClusterClass::B, nodes: 1, cards_per_node: 4, model: "L40S", vram_gib: 48, memory_gib: 512, vcpus: 96, vendor: "Lenovo", region: "Beijing", prices: &[(BillingMode::Hourly, 600), (BillingMode::Monthly, 300_000)] }),
-    (1, DemoCluster { class: v1::ClusterClass::A, nodes: 1, cards_per_node: 8, model: "H800", vram_gib: 80, memory_gib: 2048, vcpus: 192, vendor: "H3C", region: "Shanghai", prices: &[(BillingMode::Monthly, 1_250_000)] }),
+    (
+        0,
+        DemoCluster {
+            class: v1::ClusterClass::A,
+            nodes: 2,
+            cards_per_node: 8,
+            model: "A100 80GB",
+            vram_gib: 80,
+            memory_gib: 1024,
+            vcpus: 128,
+            vendor: "Inspur",
+            region: "Shenzhen",
+            prices: &[(BillingMode::Monthly, 531_250), (BillingMode::Yearly, 5_737_500)],
+        },
+    ),
+    (
+        0,
+        DemoCluster {
+            class: v1::ClusterClass::B,
+            nodes: 2,
+            cards_per_node: 8,
+            model: "RTX 4090",
+            vram_gib: 24,
+            memory_gib: 512,
+            vcpus: 64,
+            vendor: "Supermicro",
+            region: "Hangzhou",
+            prices: &[(BillingMode::Hourly, 250), (BillingMode::Daily, 5_400)],
+        },
+    ),
+    (
+        1,
+        DemoCluster {
+            class: v1::ClusterClass::B,
+            nodes: 1,
+            cards_per_node: 4,
+            model: "L40S",
+            vram_gib: 48,
+            memory_gib: 512,
+            vcpus: 96,
+            vendor: "Lenovo",
+            region: "Beijing",
+            prices: &[(BillingMode::Hourly, 600), (BillingMode::Monthly, 300_000)],
+        },
+    ),
+    (
+        1,
+        DemoCluster {
+            class: v1::ClusterClass::A,
+            nodes: 1,
+            cards_per_node: 8,
+            model: "H800",
+            vram_gib: 80,
+            memory_gib: 2048,
+            vcpus: 192,
+            vendor: "H3C",
+            region: "Shanghai",
+            prices: &[(BillingMode::Monthly, 1_250_000)],
+        },
+    ),
 ];
 
 fn listing(spec: &DemoCluster<'_>) -> Listing {
@@ -73,14 +129,7 @@ fn listing(spec: &DemoCluster<'_>) -> Listing {
 
 /// Publishes an agent's enrolled node as a Class B cluster of its own (`ops/run-local` does this
 /// for its simulated agents). Returns the cluster ID.
-pub async fn publish_agent_node(
-    channel: Channel,
-    supplier_token: &str,
-    node: u64,
-    model: &str,
-    cards: u32,
-    vram_gib: u32,
-) -> Result<u64, DemoError> {
+pub async fn publish_agent_node(channel: Channel, supplier_token: &str, node: u64, model: &str, cards: u32, vram_gib: u32) -> Result<u64, DemoError> {
     let mut supplier = with_token(channel, Some(supplier_token))?;
     let spec = DemoCluster {
         class: v1::ClusterClass::B,
@@ -120,9 +169,7 @@ pub async fn seed(channel: Channel, platform_token: &str) -> Result<DemoAccounts
     let researcher = register(AccountKind::Researcher, 2).await?;
     // Leases are prepaid: the demo researcher starts with 100,000.00 CNY.
     let amount = v1::Money { currency: "CNY".into(), minor: 10_000_000 };
-    platform
-        .deposit(v1::DepositRequest { request_id: "demo-funds".into(), account_id: researcher.0, amount: Some(amount) })
-        .await?;
+    platform.deposit(v1::DepositRequest { request_id: "demo-funds".into(), account_id: researcher.0, amount: Some(amount) }).await?;
 
     for (i, (owner, spec)) in CLUSTERS.iter().enumerate() {
         let mut supplier = with_token(channel.clone(), Some(&suppliers[*owner].1))?;
@@ -144,10 +191,7 @@ pub async fn seed(channel: Channel, platform_token: &str) -> Result<DemoAccounts
                     .collect(),
                 ..Default::default()
             };
-            let node = supplier
-                .enroll_node(v1::EnrollNodeRequest { request_id: format!("demo-node-{i}-{n}"), inventory: Some(inventory) })
-                .await?
-                .into_inner();
+            let node = supplier.enroll_node(v1::EnrollNodeRequest { request_id: format!("demo-node-{i}-{n}"), inventory: Some(inventory) }).await?.into_inner();
             node_ids.push(node.node_id);
         }
         let listing = listing(spec);

@@ -134,11 +134,8 @@ pub async fn lease(args: LeaseArgs) -> anyhow::Result<()> {
             }
         }
         LeaseAction::Password { lease } => {
-            let reply = broker
-                .set_lease_password(v1::SetLeasePasswordRequest { request_id: request_id("password"), lease_id: lease })
-                .await
-                .map_err(api)?
-                .into_inner();
+            let reply =
+                broker.set_lease_password(v1::SetLeasePasswordRequest { request_id: request_id("password"), lease_id: lease }).await.map_err(api)?.into_inner();
             println!("lease {} password: {}", reply.lease_id, reply.password);
         }
         LeaseAction::End { lease } => {

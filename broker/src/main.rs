@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use suanli_broker::demo;
 use suanli_broker::server::{self, AgentCaSource, NodeConfig};
 use suanli_broker::storage::DEFAULT_EVENTS_RETAINED;
-use suanli_broker::demo;
 use suanli_proto::client;
 use suanli_proto::convert::billing_mode_from_wire;
 use suanli_proto::v1;
@@ -481,7 +481,15 @@ async fn catalogue(args: CatalogueArgs) -> anyhow::Result<()> {
             let class = if c.class == i32::from(v1::ClusterClass::A) { "A" } else { "B" };
             println!(
                 "{:>4} {:<12} {:<5} {:<11} {:>5} {:>5} {:<10} {:<12} {}",
-                c.cluster_id, c.cpc_id, class, l.gpu_model, c.idle_cards, c.total_cards, l.region, l.vendor, prices.join(", ")
+                c.cluster_id,
+                c.cpc_id,
+                class,
+                l.gpu_model,
+                c.idle_cards,
+                c.total_cards,
+                l.region,
+                l.vendor,
+                prices.join(", ")
             );
         }
         if page.next_page_after_cluster_id == 0 {
@@ -496,9 +504,7 @@ async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     let mut admin = client::admin(&args.endpoint, &args.platform_token).await?;
     let status = match args.action {
         ClusterAction::Status => admin.status(v1::StatusRequest {}).await,
-        ClusterAction::AddLearner { node_id, address } => {
-            admin.add_learner(v1::AddLearnerRequest { node_id, address }).await
-        }
+        ClusterAction::AddLearner { node_id, address } => admin.add_learner(v1::AddLearnerRequest { node_id, address }).await,
         ClusterAction::Promote { node_id } => admin.promote(v1::NodeRef { node_id }).await,
         ClusterAction::Remove { node_id } => admin.remove(v1::NodeRef { node_id }).await,
     }

@@ -9,15 +9,14 @@ use std::time::Duration;
 
 use openraft::{BasicNode, SnapshotPolicy};
 use suanli_proto::v1::{
-    broker_server::BrokerServer, cluster_admin_server::ClusterAdminServer,
-    monitoring_service_server::MonitoringServiceServer,
-    raft_internal_server::RaftInternalServer, supplier_service_server::SupplierServiceServer,
-    task_service_server::TaskServiceServer, job_service_server::JobServiceServer,
+    broker_server::BrokerServer, cluster_admin_server::ClusterAdminServer, job_service_server::JobServiceServer,
+    monitoring_service_server::MonitoringServiceServer, raft_internal_server::RaftInternalServer, supplier_service_server::SupplierServiceServer,
+    task_service_server::TaskServiceServer,
 };
 use tokio::net::TcpListener;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::info;
 
 use crate::network::forward::{ForwardLayer, LeaderRouter, Port};
@@ -108,9 +107,7 @@ impl AgentCaSource {
     fn load(&self, data_dir: &std::path::Path) -> Result<Option<suanli_pki::Ca>, ServeError> {
         let loaded = match self {
             AgentCaSource::Files { cert, key } => suanli_pki::Ca::load(cert, key, false),
-            AgentCaSource::DataDir => {
-                suanli_pki::Ca::load(&data_dir.join("agent-ca.pem"), &data_dir.join("agent-ca.key"), true)
-            }
+            AgentCaSource::DataDir => suanli_pki::Ca::load(&data_dir.join("agent-ca.pem"), &data_dir.join("agent-ca.key"), true),
             AgentCaSource::None => return Ok(None),
         };
         loaded.map(Some).map_err(|e| ServeError::Config(format!("agent CA: {e}")))
@@ -185,9 +182,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let peers = PeerAddresses::new(config.peer_overrides.clone());
     let peer_formats = PeerFormats::default();
     let network = Network::new(peers.clone(), peer_tls.clone(), sm.cluster_format_watch(), peer_formats.clone());
-    let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log_store, sm.clone())
-        .await
-        .map_err(|e| ServeError::Raft(e.to_string()))?;
+    let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log_store, sm.clone()).await.map_err(|e| ServeError::Raft(e.to_string()))?;
     let raft = Arc::new(raft);
 
     let initialized = raft.is_initialized().await.map_err(|e| ServeError::Raft(e.to_string()))?;
@@ -228,9 +223,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let mut client_port = tonic::transport::Server::builder();
     if !grpc_addr.ip().is_loopback() {
         let ca = agent_ca.as_ref().ok_or_else(|| {
-            ServeError::Config(format!(
-                "the client port {grpc_addr} is not on loopback, so it serves TLS: give the cluster CA (agent_ca_cert, agent_ca_key)"
-            ))
+            ServeError::Config(format!("the client port {grpc_addr} is not on loopback, so it serves TLS: give the cluster CA (agent_ca_cert, agent_ca_key)"))
         })?;
         let names = tls_names(&[grpc_addr], &[&advertise], &config.agent_tls_names);
         let cert = ca.server_certificate(&names).map_err(|e| ServeError::Config(format!("client port certificate: {e}")))?;
@@ -241,10 +234,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let router = client_port
         .layer(ForwardLayer::new(leader_router.clone(), Port::Client))
         .add_service(ClusterAdminServer::new(Admin::new(shared.clone())))
-        .add_service(
-            BrokerServer::new(BrokerApi::new(shared.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        .add_service(BrokerServer::new(BrokerApi::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
         .add_service(SupplierServiceServer::new(Icpcss::new(shared.clone())))
         .add_service(TaskServiceServer::new(Itm::new(shared.clone())))
         .add_service(MonitoringServiceServer::new(Irmds::new(shared.clone(), telemetry.clone())))
@@ -253,7 +243,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
         // Without TCP_NODELAY a response's trailing frames wait for the client's delayed ACK:
         // ~40 ms added to a share of the calls.
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        if let Err(e) = router.serve_with_incoming_shutdown(incoming, async { stopped.await.ok(); }).await {
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, async {
+                stopped.await.ok();
+            })
+            .await
+        {
             tracing::error!(error = %e, "gRPC server failed");
         }
     }));
@@ -278,7 +273,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
             stop.push(stop_peers);
             tasks.push(tokio::spawn(async move {
                 let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                if let Err(e) = peer_router.serve_with_incoming_shutdown(incoming, async { stopped.await.ok(); }).await {
+                if let Err(e) = peer_router
+                    .serve_with_incoming_shutdown(incoming, async {
+                        stopped.await.ok();
+                    })
+                    .await
+                {
                     tracing::error!(error = %e, "peer port failed");
                 }
             }));
@@ -316,7 +316,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
             stop.push(stop_agents);
             tasks.push(tokio::spawn(async move {
                 let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                if let Err(e) = agent_router.serve_with_incoming_shutdown(incoming, async { stopped.await.ok(); }).await {
+                if let Err(e) = agent_router
+                    .serve_with_incoming_shutdown(incoming, async {
+                        stopped.await.ok();
+                    })
+                    .await
+                {
                     tracing::error!(error = %e, "agent port failed");
                 }
             }));
@@ -340,7 +345,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
                 }),
             );
             tasks.push(tokio::spawn(async move {
-                let _ = axum::serve(listener, app).with_graceful_shutdown(async { stopped.await.ok(); }).await;
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        stopped.await.ok();
+                    })
+                    .await;
             }));
             Some(addr)
         }

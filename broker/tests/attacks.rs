@@ -49,11 +49,9 @@ async fn a_node_cut_off_from_the_leader_never_calls_a_new_token_unknown() {
     let cut = cluster.ids().into_iter().find(|id| *id != leader).expect("a follower");
     cluster.partition(&[cut]);
     // Once the cut-off node has lost its leader, a researcher registers through the others.
-    suanli_testkit::eventually(Duration::from_secs(20), Duration::from_millis(50), || async {
-        (cluster.status(cut).await.ok()?.leader_id == 0).then_some(())
-    })
-    .await
-    .expect("the cut-off node loses its leader");
+    suanli_testkit::eventually(Duration::from_secs(20), Duration::from_millis(50), || async { (cluster.status(cut).await.ok()?.leader_id == 0).then_some(()) })
+        .await
+        .expect("the cut-off node loses its leader");
     let mut platform = cluster.client(leader, PLATFORM_TOKEN).await.expect("client");
     let (_, token) = register(&mut platform, AccountKind::Researcher, "fresh").await.expect("register");
     // The cut-off node has not applied the registration: it must not call the token unknown.
@@ -124,10 +122,8 @@ async fn the_peer_port_refuses_anyone_but_a_broker_node() {
     // An agent's certificate, from the very same CA: not a peer's.
     let key = suanli_pki::new_private_key().expect("key");
     let agent = ca.sign_agent(&suanli_pki::signing_request(&key, "gpu").expect("csr"), 1).expect("agent cert");
-    let as_agent = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(trust)
-        .identity(tonic::transport::Identity::from_pem(&agent, &key))
-        .domain_name("127.0.0.1");
+    let as_agent =
+        tonic::transport::ClientTlsConfig::new().ca_certificate(trust).identity(tonic::transport::Identity::from_pem(&agent, &key)).domain_name("127.0.0.1");
     let channel = suanli_proto::client::channel_with(&peer, Some(as_agent)).await.expect("TLS with an agent certificate");
     let mut raft = v1::raft_internal_client::RaftInternalClient::new(channel.clone());
     let refused = decode_status(&raft.vote(forged_vote()).await.expect_err("an agent is no peer"));
@@ -173,11 +169,8 @@ async fn deposits_are_capped_per_call_and_per_day_and_a_retry_still_gets_its_ans
         .expect("register")
         .into_inner()
         .account_id;
-    let deposit = |id: &str, minor: i64| v1::DepositRequest {
-        request_id: id.into(),
-        account_id: account,
-        amount: Some(v1::Money { currency: "CNY".into(), minor }),
-    };
+    let deposit =
+        |id: &str, minor: i64| v1::DepositRequest { request_id: id.into(), account_id: account, amount: Some(v1::Money { currency: "CNY".into(), minor }) };
     let before = cluster.status(1).await.expect("status").last_log_index;
     let refused = decode_status(&platform.deposit(deposit("too-much", 1001)).await.expect_err("over the per-call cap"));
     assert_eq!(refused.code, ErrorCode::InvalidArgument, "{refused:?}");
@@ -258,9 +251,8 @@ async fn a_client_port_off_loopback_speaks_only_tls() {
         plain.list_catalogue(v1::ListCatalogueRequest::default()).await.expect_err("no plaintext");
     }
     // TLS, checked against the cluster CA, works.
-    let mut client = suanli_proto::client::connect_checked(&format!("https://127.0.0.1:{port}"), Some(ca.cert_pem()), Some(PLATFORM_TOKEN))
-        .await
-        .expect("TLS client");
+    let mut client =
+        suanli_proto::client::connect_checked(&format!("https://127.0.0.1:{port}"), Some(ca.cert_pem()), Some(PLATFORM_TOKEN)).await.expect("TLS client");
     client.list_catalogue(v1::ListCatalogueRequest::default()).await.expect("served over TLS");
 }
 
@@ -290,7 +282,12 @@ async fn an_operator_acts_only_with_the_portals_signed_word_and_within_the_role_
     let refused = decode_status(&as_dispatcher(None).await.expect_err("no assertion"));
     assert_eq!(refused.code, ErrorCode::PermissionDenied, "{refused:?}");
     // A role not held, a pair of roles that exclude each other, an expired or a forged word.
-    let other_key = OperatorKey::generate().sign(&OperatorAssertion { operator: 9, roles: vec!["dispatcher".into()], acting: "dispatcher".into(), expires_ms: now + 60_000 });
+    let other_key = OperatorKey::generate().sign(&OperatorAssertion {
+        operator: 9,
+        roles: vec!["dispatcher".into()],
+        acting: "dispatcher".into(),
+        expires_ms: now + 60_000,
+    });
     for (why, assertion) in [
         ("not held", signed(&["monitor"], now + 60_000)),
         ("exclusive roles", signed(&["dispatcher", "system_administrator"], now + 60_000)),

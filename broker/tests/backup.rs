@@ -47,8 +47,7 @@ async fn a_cluster_restored_from_a_backup_holds_every_acknowledged_lease_balance
     let backups = tempfile::tempdir().expect("dir");
     let printed = cluster.backup(&backups.path().join("b1")).await.expect("backup");
     assert!(printed.contains("backup of log index"), "{printed}");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(backups.path().join("b1/manifest.json")).expect("manifest")).expect("json");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(backups.path().join("b1/manifest.json")).expect("manifest")).expect("json");
     assert_eq!(manifest["backup_format"], 1);
     let applied_then = manifest["broker"]["last_applied_index"].as_u64().expect("index");
     let leases_then: Vec<v1::Lease> = leases_as_applied(&platform, false).await.expect("leases");

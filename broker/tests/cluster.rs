@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use suanli_proto::decode_status;
 use suanli_proto::v1::{self, AccountKind};
-use suanli_testkit::fixtures::register;
 use suanli_testkit::cluster::{leases_as_applied, BrokerCluster, PLATFORM_TOKEN};
-use suanli_testkit::storm::{lease_request, market, Storm};
+use suanli_testkit::fixtures::register;
 use suanli_testkit::link::Fault;
+use suanli_testkit::storm::{lease_request, market, Storm};
 use suanli_types::ErrorCode;
 
 fn binary() -> &'static Path {
@@ -26,11 +26,7 @@ async fn any_node_serves_writes_and_linearizable_reads() {
     let m = market(&cluster, follower, 4).await;
     for id in cluster.ids() {
         let mut researcher = cluster.client(id, &m.researcher_token).await.expect("client");
-        let lease = researcher
-            .request_lease(lease_request(m.cluster.cluster_id, format!("via-{id}")))
-            .await
-            .expect("request through any node")
-            .into_inner();
+        let lease = researcher.request_lease(lease_request(m.cluster.cluster_id, format!("via-{id}"))).await.expect("request through any node").into_inner();
         // A linearizable read on every node sees the write just acknowledged.
         for reader in cluster.ids() {
             let mut r = cluster.client(reader, &m.researcher_token).await.expect("client");

@@ -53,22 +53,27 @@ async fn every_acknowledged_write_was_synced_to_disk_first() {
     let trace = dir.path().join("strace.log");
     let binary = env!("CARGO_BIN_EXE_suanli-broker");
     let args: Vec<String> = [
-        "-f", "-ttt", "-e", "trace=fsync,fdatasync", "-o", trace.to_str().expect("path"), binary,
-        "serve", "--bootstrap", "--node-id", "1", "--listen", "127.0.0.1:0", "--data-dir",
+        "-f",
+        "-ttt",
+        "-e",
+        "trace=fsync,fdatasync",
+        "-o",
+        trace.to_str().expect("path"),
+        binary,
+        "serve",
+        "--bootstrap",
+        "--node-id",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
         dir.path().join("data").to_str().expect("path"),
     ]
     .map(String::from)
     .to_vec();
-    let broker = Service::start(
-        "broker",
-        Path::new("strace"),
-        &args,
-        &[("SUANLI_BROKER_PLATFORM_TOKEN", PLATFORM_TOKEN)],
-        dir.path(),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("broker under strace");
+    let broker = Service::start("broker", Path::new("strace"), &args, &[("SUANLI_BROKER_PLATFORM_TOKEN", PLATFORM_TOKEN)], dir.path(), Duration::from_secs(60))
+        .await
+        .expect("broker under strace");
     // If anything below panics, the broker (strace's child) must not outlive the test.
     struct KillTracee(String);
     impl Drop for KillTracee {
@@ -77,9 +82,7 @@ async fn every_acknowledged_write_was_synced_to_disk_first() {
         }
     }
     let _guard = KillTracee(broker.pid().expect("pid").to_string());
-    let mut platform = suanli_proto::client::connect(&format!("http://{}", broker.get("grpc").expect("grpc")), Some(PLATFORM_TOKEN))
-        .await
-        .expect("connect");
+    let mut platform = suanli_proto::client::connect(&format!("http://{}", broker.get("grpc").expect("grpc")), Some(PLATFORM_TOKEN)).await.expect("connect");
     let mut windows = Vec::new();
     for i in 0..20 {
         let sent = now_micros();
@@ -97,10 +100,7 @@ async fn every_acknowledged_write_was_synced_to_disk_first() {
     let log = std::fs::read_to_string(&trace).expect("trace");
     let syncs = sync_completions(&log);
     for (i, (sent, acked)) in windows.iter().enumerate() {
-        assert!(
-            syncs.iter().any(|t| t >= sent && t <= acked),
-            "write {i} was acknowledged at {acked} with no fsync completed since it was sent at {sent}"
-        );
+        assert!(syncs.iter().any(|t| t >= sent && t <= acked), "write {i} was acknowledged at {acked} with no fsync completed since it was sent at {sent}");
     }
 }
 

@@ -67,14 +67,8 @@ struct Actors {
 async fn actors(service: &Service) -> Actors {
     let mut platform = connect(service, PLATFORM_TOKEN).await;
     let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "acc-supplier").await.expect("supplier");
-    let (researcher_id, researcher_token) =
-        register(&mut platform, AccountKind::Researcher, "acc-researcher").await.expect("researcher");
-    Actors {
-        platform,
-        supplier: connect(service, &supplier_token).await,
-        researcher: connect(service, &researcher_token).await,
-        researcher_id,
-    }
+    let (researcher_id, researcher_token) = register(&mut platform, AccountKind::Researcher, "acc-researcher").await.expect("researcher");
+    Actors { platform, supplier: connect(service, &supplier_token).await, researcher: connect(service, &researcher_token).await, researcher_id }
 }
 
 fn listing(class: ClusterClass) -> v1::Listing {
@@ -120,11 +114,7 @@ async fn acknowledged_writes_survive_kill_9_and_restart() {
     }
     acked[0] = a
         .researcher
-        .end_lease(v1::EndLeaseRequest {
-            request_id: "end-0".into(),
-            lease_id: acked[0].lease_id,
-            reason: v1::EndReason::ByResearcher.into(),
-        })
+        .end_lease(v1::EndLeaseRequest { request_id: "end-0".into(), lease_id: acked[0].lease_id, reason: v1::EndReason::ByResearcher.into() })
         .await
         .expect("end")
         .into_inner();
@@ -179,18 +169,12 @@ async fn bad_input_gets_the_documented_code_and_changes_nothing() {
     assert_eq!(err.code, ErrorCode::InvalidArgument);
     let fields: Vec<_> = err.fields.iter().map(|f| f.field.as_str()).collect();
     assert_eq!(fields, ["title", "prices.hourly"]);
-    assert_eq!(
-        status.metadata().get("x-suanli-error").and_then(|v| v.to_str().ok()),
-        Some("INVALID_ARGUMENT")
-    );
+    assert_eq!(status.metadata().get("x-suanli-error").and_then(|v| v.to_str().ok()), Some("INVALID_ARGUMENT"));
 
     // Oversized payload.
     let mut huge = listing(ClusterClass::B);
     huge.title = "x".repeat(100 * 1024);
-    let result = a
-        .supplier
-        .modify_cluster(v1::ModifyClusterRequest { request_id: "m2".into(), cluster_id: cluster.cluster_id, listing: Some(huge) })
-        .await;
+    let result = a.supplier.modify_cluster(v1::ModifyClusterRequest { request_id: "m2".into(), cluster_id: cluster.cluster_id, listing: Some(huge) }).await;
     assert_eq!(code_of(result), ErrorCode::PayloadTooLarge);
 
     // Missing, malformed and unknown credentials.
@@ -199,7 +183,8 @@ async fn bad_input_gets_the_documented_code_and_changes_nothing() {
     let mut stranger = connect(&broker, "sl_not-a-real-token").await;
     assert_eq!(code_of(stranger.list_leases(v1::ListLeasesRequest { live_only: false, ..Default::default() }).await), ErrorCode::Unauthenticated);
     // Only the platform registers accounts.
-    let r = a.researcher.register_account(v1::RegisterAccountRequest { request_id: "r".into(), kind: AccountKind::Supplier.into(), token: String::new() }).await;
+    let r =
+        a.researcher.register_account(v1::RegisterAccountRequest { request_id: "r".into(), kind: AccountKind::Supplier.into(), token: String::new() }).await;
     assert_eq!(code_of(r), ErrorCode::PermissionDenied);
 
     // A request ID reused for a different request.
@@ -270,7 +255,9 @@ async fn class_a_flow_over_grpc_and_the_watch_stream_resumes() {
         }
     }
     assert!(batches.windows(2).all(|w| w[0].index < w[1].index), "strictly increasing indexes");
-    let busy = batches.last().map(|b| b.events.iter().filter(|e| matches!(&e.kind, Some(v1::event::Kind::CardStatusChanged(c)) if c.to == i32::from(v1::CardStatus::Busy))).count());
+    let busy = batches
+        .last()
+        .map(|b| b.events.iter().filter(|e| matches!(&e.kind, Some(v1::event::Kind::CardStatusChanged(c)) if c.to == i32::from(v1::CardStatus::Busy))).count());
     assert_eq!(busy, Some(2));
 
     // Resume after the third batch: the stream continues exactly after it.
@@ -292,10 +279,7 @@ async fn class_a_flow_over_grpc_and_the_watch_stream_resumes() {
 async fn http_get(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("write");
     let mut body = String::new();
     stream.read_to_string(&mut body).await.expect("read");
     body
@@ -336,11 +320,8 @@ async fn a_watcher_behind_the_compacted_events_resyncs_from_a_snapshot() {
     assert_eq!(resync.clusters.len(), 1);
 
     // After the resync the stream goes on with new changes.
-    let more = a.researcher.end_lease(v1::EndLeaseRequest {
-        request_id: "end".into(),
-        lease_id: leases[0].lease_id,
-        reason: v1::EndReason::ByResearcher.into(),
-    });
+    let more =
+        a.researcher.end_lease(v1::EndLeaseRequest { request_id: "end".into(), lease_id: leases[0].lease_id, reason: v1::EndReason::ByResearcher.into() });
     more.await.expect("end");
     let next = loop {
         let item = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("no stall").expect("item").expect("ok");

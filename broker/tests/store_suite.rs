@@ -34,10 +34,7 @@ fn register(index: u64) -> Entry<TypeConfig> {
         caller: Caller::Platform,
         request_id: RequestId::parse(&format!("r{index}")).expect("id"),
         at: Timestamp::from_millis(1_000 * index as i64),
-        command: Command::RegisterAccount {
-            kind: AccountKind::Researcher,
-            token_hash: SecretHash::of("api-token", &format!("t{index}")),
-        },
+        command: Command::RegisterAccount { kind: AccountKind::Researcher, token_hash: SecretHash::of("api-token", &format!("t{index}")) },
     };
     Entry { log_id: log_id(1, index), payload: EntryPayload::Normal(envelope) }
 }

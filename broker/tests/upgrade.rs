@@ -58,10 +58,7 @@ async fn a_cluster_of_the_previous_release_upgraded_node_by_node_under_a_storm_l
     let followers: Vec<u64> = cluster.ids().into_iter().filter(|id| *id != old_leader).collect();
     for id in &followers {
         cluster.upgrade(*id, binary()).await.expect("upgrade a follower");
-        acked = storm
-            .progresses(acked, 10, progress)
-            .await
-            .unwrap_or_else(|e| panic!("a mixed cluster serves writes: {e}{}", logs(&cluster)));
+        acked = storm.progresses(acked, 10, progress).await.unwrap_or_else(|e| panic!("a mixed cluster serves writes: {e}{}", logs(&cluster)));
         let status = cluster.status(*id).await.expect("the upgraded node answers");
         assert_eq!(status.store_format, THIS_FORMAT);
         assert_eq!(status.cluster_format, PREVIOUS_FORMAT, "raised while a node runs the previous release");
@@ -72,7 +69,8 @@ async fn a_cluster_of_the_previous_release_upgraded_node_by_node_under_a_storm_l
     let new_leader = cluster.leader_among(&followers, Duration::from_secs(20)).await.expect("a leader");
     assert!(followers.contains(&new_leader), "a node of this build leads");
     cluster.restart(old_leader).await.expect("restart the old leader as it was");
-    acked = storm.progresses(acked, 10, progress).await.unwrap_or_else(|e| panic!("a node of this build leads one of the previous release: {e}{}", logs(&cluster)));
+    acked =
+        storm.progresses(acked, 10, progress).await.unwrap_or_else(|e| panic!("a node of this build leads one of the previous release: {e}{}", logs(&cluster)));
     cluster.converge(Duration::from_secs(30)).await.expect("the previous release's node keeps up with a new leader");
     for (id, format) in cluster_formats(&cluster).await {
         assert!(format == PREVIOUS_FORMAT || id == old_leader, "node {id} is at cluster format {format} before the last upgrade");

@@ -88,7 +88,13 @@ async fn main() {
         assert!(leased.status().is_success(), "{}", leased.text().await.unwrap_or_default());
         let id = leased.json::<serde_json::Value>().await.expect("json")["id"].as_u64().expect("id");
         request_times.push(t.elapsed());
-        let ended = http.post(format!("{api}/v1/remote-leases/{id}/end")).bearer_auth(API_TOKEN).json(&json!({"researcher_id": remote_researcher})).send().await.expect("end");
+        let ended = http
+            .post(format!("{api}/v1/remote-leases/{id}/end"))
+            .bearer_auth(API_TOKEN)
+            .json(&json!({"researcher_id": remote_researcher}))
+            .send()
+            .await
+            .expect("end");
         assert!(ended.status().is_success(), "{}", ended.text().await.unwrap_or_default());
         forwarded_times.push(t.elapsed());
     }

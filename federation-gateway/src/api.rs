@@ -27,9 +27,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 use suanli_federation::{Answer, FederationNode, ListingDigest};
 use suanli_proto::v1;
+use subtle::ConstantTimeEq;
 
 use crate::requester::{LeaseRequest, RequestError, Requester};
 use crate::settlements::{Journal, ReportRow};
@@ -121,7 +121,11 @@ fn unauthorized(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
-async fn catalogue(State(state): State<ApiState>, headers: HeaderMap, query: Result<Query<CatalogueQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+async fn catalogue(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<Query<CatalogueQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     if let Some(refused) = unauthorized(&state, &headers) {
         return refused;
     }
@@ -287,7 +291,11 @@ pub struct ResearcherQuery {
     pub researcher_id: u64,
 }
 
-async fn remote_leases(State(state): State<ApiState>, headers: HeaderMap, query: Result<Query<ResearcherQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+async fn remote_leases(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<Query<ResearcherQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     if let Some(refused) = unauthorized(&state, &headers) {
         return refused;
     }

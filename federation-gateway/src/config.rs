@@ -136,8 +136,7 @@ pub fn load(args: &ServeArgs) -> Result<GatewayConfig, ConfigError> {
     let key_file = args.key_file.clone().or(file.key_file).ok_or(ConfigError::Missing("key_file"))?;
     let keypair = suanli_federation::keyfile::load(&key_file)?;
     let membership_file = args.membership_file.clone().or(file.membership_file).ok_or(ConfigError::Missing("membership_file"))?;
-    let membership: MembershipChain =
-        serde_json::from_str(&read(&membership_file)?).map_err(|e| ConfigError::Invalid("membership_file", e.to_string()))?;
+    let membership: MembershipChain = serde_json::from_str(&read(&membership_file)?).map_err(|e| ConfigError::Invalid("membership_file", e.to_string()))?;
     let verified = membership.verify()?;
     if !verified.contains(&keypair.public().to_peer_id()) {
         return Err(ConfigError::Invalid("key_file", "this key is not a member of the federation".into()));
@@ -204,7 +203,10 @@ pub fn load(args: &ServeArgs) -> Result<GatewayConfig, ConfigError> {
     }
     let api_listen = args.api_listen.or(file.api_listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4080)));
     if !api_listen.ip().is_loopback() {
-        return Err(ConfigError::Invalid("api_listen", format!("{api_listen}: the API serves plain HTTP with a bearer token; keep it on loopback (a TLS proxy in front for other hosts)")));
+        return Err(ConfigError::Invalid(
+            "api_listen",
+            format!("{api_listen}: the API serves plain HTTP with a bearer token; keep it on loopback (a TLS proxy in front for other hosts)"),
+        ));
     }
     Ok(GatewayConfig {
         keypair,

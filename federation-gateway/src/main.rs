@@ -121,7 +121,10 @@ async fn main() -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&doc).with_context(|| doc.display().to_string())?;
             let mut signed = match serde_json::from_str::<SignedMembership>(&text) {
                 Ok(signed) => signed,
-                Err(_) => SignedMembership { doc: serde_json::from_str::<MembershipDoc>(&text).context("neither a document nor a signed one")?, signatures: Default::default() },
+                Err(_) => SignedMembership {
+                    doc: serde_json::from_str::<MembershipDoc>(&text).context("neither a document nor a signed one")?,
+                    signatures: Default::default(),
+                },
             };
             let (peer, signature) = sign(&signed.doc, &key)?;
             signed.signatures.insert(peer, signature);
@@ -184,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let registered = client
                 .register_account(suanli_proto::v1::RegisterAccountRequest {
-                    request_id: format!("partner-{member}"),  // a retry within a day is the same registration
+                    request_id: format!("partner-{member}"), // a retry within a day is the same registration
                     kind: suanli_proto::v1::AccountKind::Researcher as i32,
                     token: account_token,
                 })

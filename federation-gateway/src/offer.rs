@@ -28,11 +28,7 @@ impl BrokerAccess {
     /// A client authenticated as `token` (this gateway's own when `None`), over the shared
     /// channel.
     pub async fn client(&self, token: Option<&str>) -> Result<suanli_proto::client::Client, suanli_proto::client::ClientError> {
-        let channel = self
-            .channel
-            .get_or_try_init(|| suanli_proto::client::channel_checked(&self.endpoint, self.ca_pem.as_deref()))
-            .await?
-            .clone();
+        let channel = self.channel.get_or_try_init(|| suanli_proto::client::channel_checked(&self.endpoint, self.ca_pem.as_deref())).await?.clone();
         suanli_proto::client::with_token(channel, Some(token.unwrap_or(&self.token)))
     }
 }
@@ -40,11 +36,8 @@ impl BrokerAccess {
 /// One listed cluster as a federation listing.
 pub fn digest(cluster: &v1::Cluster) -> ListingDigest {
     let listing = cluster.listing.clone().unwrap_or_default();
-    let prices: BTreeMap<String, i64> = listing
-        .prices
-        .iter()
-        .filter_map(|p| v1::BillingMode::try_from(p.mode).ok().map(|m| (mode_name(m).to_owned(), p.per_card_minor)))
-        .collect();
+    let prices: BTreeMap<String, i64> =
+        listing.prices.iter().filter_map(|p| v1::BillingMode::try_from(p.mode).ok().map(|m| (mode_name(m).to_owned(), p.per_card_minor))).collect();
     ListingDigest {
         cluster_id: cluster.cluster_id,
         class: match v1::ClusterClass::try_from(cluster.class) {

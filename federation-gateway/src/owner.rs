@@ -41,16 +41,17 @@ fn from_status(status: &tonic::Status) -> Answer {
 }
 
 pub fn lease_state_name(raw: i32) -> String {
-    v1::LeaseState::try_from(raw).map_or("unspecified", |s| match s {
-        v1::LeaseState::Requested => "requested",
-        v1::LeaseState::Approved => "approved",
-        v1::LeaseState::Active => "active",
-        v1::LeaseState::Ended => "ended",
-        v1::LeaseState::Expired => "expired",
-        v1::LeaseState::Cancelled => "cancelled",
-        v1::LeaseState::Unspecified => "unspecified",
-    })
-    .to_owned()
+    v1::LeaseState::try_from(raw)
+        .map_or("unspecified", |s| match s {
+            v1::LeaseState::Requested => "requested",
+            v1::LeaseState::Approved => "approved",
+            v1::LeaseState::Active => "active",
+            v1::LeaseState::Ended => "ended",
+            v1::LeaseState::Expired => "expired",
+            v1::LeaseState::Cancelled => "cancelled",
+            v1::LeaseState::Unspecified => "unspecified",
+        })
+        .to_owned()
 }
 
 pub fn billing_mode_of(name: &str) -> Option<v1::BillingMode> {
@@ -112,14 +113,8 @@ impl Owner {
                 // Leased first, under the caller's key: every answer to this key, a refusal
                 // included, is the broker's remembered one, so a retry after a lost answer
                 // never gets a different verdict.
-                let request = v1::RequestLeaseRequest {
-                    request_id: request_id("lease", &key),
-                    cluster_id,
-                    node_ids: vec![],
-                    cards,
-                    billing_mode: mode as i32,
-                    periods,
-                };
+                let request =
+                    v1::RequestLeaseRequest { request_id: request_id("lease", &key), cluster_id, node_ids: vec![], cards, billing_mode: mode as i32, periods };
                 let lease = match broker.request_lease(request).await {
                     Ok(l) => l.into_inner(),
                     Err(s) => return from_status(&s),
@@ -129,7 +124,8 @@ impl Owner {
                 // and every retry finds it given back.
                 let price = lease.price_per_card.clone().unwrap_or_default();
                 if price.currency != currency || price.minor > price_per_card_minor {
-                    let end = v1::EndLeaseRequest { request_id: request_id("too-dear", &key), lease_id: lease.lease_id, reason: v1::EndReason::ByResearcher as i32 };
+                    let end =
+                        v1::EndLeaseRequest { request_id: request_id("too-dear", &key), lease_id: lease.lease_id, reason: v1::EndReason::ByResearcher as i32 };
                     if let Err(s) = broker.end_lease(end).await {
                         if suanli_proto::decode_status(&s).code != suanli_types::ErrorCode::InvalidTransition {
                             return from_status(&s);
@@ -145,13 +141,11 @@ impl Owner {
                     Ok(a) => a.into_inner(),
                     Err(s) => return from_status(&s),
                 };
-                let certificate = match broker
-                    .issue_ssh_certificate(v1::IssueSshCertificateRequest { lease_id, public_key, valid_seconds: CERTIFICATE_SECONDS })
-                    .await
-                {
-                    Ok(c) => c.into_inner(),
-                    Err(s) => return from_status(&s),
-                };
+                let certificate =
+                    match broker.issue_ssh_certificate(v1::IssueSshCertificateRequest { lease_id, public_key, valid_seconds: CERTIFICATE_SECONDS }).await {
+                        Ok(c) => c.into_inner(),
+                        Err(s) => return from_status(&s),
+                    };
                 Answer::Access {
                     lease_id,
                     state: lease_state_name(access.state),
@@ -234,18 +228,17 @@ async fn charged(broker: &suanli_proto::client::Client, account: u64, lease: u64
         let mut c = broker.clone();
         async move {
             let page = c
-                .list_transactions(v1::ListTransactionsRequest { account_id: 0, month: String::new(), page_after_id: after, page_size: suanli_proto::client::LARGEST_PAGE })
+                .list_transactions(v1::ListTransactionsRequest {
+                    account_id: 0,
+                    month: String::new(),
+                    page_after_id: after,
+                    page_size: suanli_proto::client::LARGEST_PAGE,
+                })
                 .await?
                 .into_inner();
             Ok((page.transactions, page.next_page_after_id))
         }
     })
     .await?;
-    Ok(transactions
-        .iter()
-        .filter(|t| t.lease_id == lease && t.kind == "charge")
-        .flat_map(|t| &t.entries)
-        .filter(|e| e.account == held)
-        .map(|e| -e.minor)
-        .sum())
+    Ok(transactions.iter().filter(|t| t.lease_id == lease && t.kind == "charge").flat_map(|t| &t.entries).filter(|e| e.account == held).map(|e| -e.minor).sum())
 }

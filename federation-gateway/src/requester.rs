@@ -87,10 +87,8 @@ impl Requester {
 
     fn member(&self, origin: &str) -> Option<(PeerId, String)> {
         let membership = self.node.membership();
-        let found = membership
-            .peers()
-            .filter_map(|p| membership.member(p).map(|m| (*p, m.name.clone())))
-            .find(|(p, name)| *name == origin || p.to_base58() == origin);
+        let found =
+            membership.peers().filter_map(|p| membership.member(p).map(|m| (*p, m.name.clone()))).find(|(p, name)| *name == origin || p.to_base58() == origin);
         found
     }
 
@@ -100,7 +98,8 @@ impl Requester {
         if owner == self.node.peer_id() {
             return Err(RequestError::Invalid("this member's own cards are leased directly".into()));
         }
-        let mode = crate::owner::billing_mode_of(&request.billing_mode).ok_or_else(|| RequestError::Invalid("billing_mode: hourly, daily, monthly or yearly".into()))?;
+        let mode = crate::owner::billing_mode_of(&request.billing_mode)
+            .ok_or_else(|| RequestError::Invalid("billing_mode: hourly, daily, monthly or yearly".into()))?;
         // The price held is the one the owner announces now (a stale offer is not leased).
         let listing = self
             .node
@@ -108,7 +107,8 @@ impl Requester {
             .into_iter()
             .find(|l| l.origin == owner && l.listing.cluster_id == request.cluster_id && !l.stale)
             .ok_or_else(|| RequestError::Invalid(format!("{owner_name} announces no cluster {} now", request.cluster_id)))?;
-        let price = *listing.listing.prices.get(&request.billing_mode).ok_or_else(|| RequestError::Invalid(format!("{} is not offered", request.billing_mode)))?;
+        let price =
+            *listing.listing.prices.get(&request.billing_mode).ok_or_else(|| RequestError::Invalid(format!("{} is not offered", request.billing_mode)))?;
         if request.key.is_empty() || request.key.len() > 256 {
             return Err(RequestError::Invalid("key: 1 to 256 characters".into()));
         }
@@ -136,7 +136,10 @@ impl Requester {
             .map_err(|s| RequestError::broker(&s))?
             .into_inner();
         if now.state == v1::RemoteLeaseState::Ended as i32 && now.remote_lease_id_at_owner == 0 {
-            return Err(RequestError::Refused { code: "REFUSED".into(), message: format!("the owner refused rlease-{}; ask again with a new key", now.remote_lease_id) });
+            return Err(RequestError::Refused {
+                code: "REFUSED".into(),
+                message: format!("the owner refused rlease-{}; ask again with a new key", now.remote_lease_id),
+            });
         }
         self.ask_owner(&mut broker, now).await
     }
@@ -220,13 +223,8 @@ impl Requester {
 
     /// The researcher's remote lease (refused as not found for anyone else's).
     pub async fn remote_lease(&self, researcher_id: u64, id: u64) -> Result<v1::RemoteLease, RequestError> {
-        let remote = self
-            .broker()
-            .await?
-            .get_remote_lease(v1::GetRemoteLeaseRequest { remote_lease_id: id })
-            .await
-            .map_err(|s| RequestError::broker(&s))?
-            .into_inner();
+        let remote =
+            self.broker().await?.get_remote_lease(v1::GetRemoteLeaseRequest { remote_lease_id: id }).await.map_err(|s| RequestError::broker(&s))?.into_inner();
         if remote.researcher_id != researcher_id {
             return Err(RequestError::NotFound);
         }
@@ -240,7 +238,12 @@ impl Requester {
             let mut c = broker.clone();
             async move {
                 let page = c
-                    .list_remote_leases(v1::ListRemoteLeasesRequest { researcher_id, live_only: false, page_after_id: after, page_size: suanli_proto::client::LARGEST_PAGE })
+                    .list_remote_leases(v1::ListRemoteLeasesRequest {
+                        researcher_id,
+                        live_only: false,
+                        page_after_id: after,
+                        page_size: suanli_proto::client::LARGEST_PAGE,
+                    })
                     .await?
                     .into_inner();
                 Ok((page.remote_leases, page.next_page_after_id))
@@ -327,9 +330,7 @@ impl Requester {
         if let Some(why) = mismatch {
             return Err(RequestError::Refused { code: "INVALID_ARGUMENT".into(), message: format!("the owner's settlement {why}") });
         }
-        settlement
-            .verify(&self.node.membership(), false)
-            .map_err(|e| RequestError::Refused { code: "INVALID_ARGUMENT".into(), message: e.to_string() })?;
+        settlement.verify(&self.node.membership(), false).map_err(|e| RequestError::Refused { code: "INVALID_ARGUMENT".into(), message: e.to_string() })?;
         settlement.countersign(&self.key).map_err(|e| RequestError::Invalid(e.to_string()))
     }
 
@@ -355,7 +356,12 @@ impl Requester {
             let mut c = broker.clone();
             async move {
                 let page = c
-                    .list_remote_leases(v1::ListRemoteLeasesRequest { researcher_id: 0, live_only: true, page_after_id: after, page_size: suanli_proto::client::LARGEST_PAGE })
+                    .list_remote_leases(v1::ListRemoteLeasesRequest {
+                        researcher_id: 0,
+                        live_only: true,
+                        page_after_id: after,
+                        page_size: suanli_proto::client::LARGEST_PAGE,
+                    })
                     .await?
                     .into_inner();
                 Ok((page.remote_leases, page.next_page_after_id))

@@ -102,9 +102,7 @@ impl Journal {
 
     /// Who owes whom: one row per (requester, owner, currency), from every record.
     pub fn report(&self, membership: &Membership) -> Vec<ReportRow> {
-        let name = |peer: &str| {
-            peer.parse().ok().and_then(|p| membership.member(&p).map(|m| m.name.clone())).unwrap_or_else(|| peer.to_owned())
-        };
+        let name = |peer: &str| peer.parse().ok().and_then(|p| membership.member(&p).map(|m| m.name.clone())).unwrap_or_else(|| peer.to_owned());
         let mut rows: BTreeMap<(String, String, String), ReportRow> = BTreeMap::new();
         for s in self.lock().values().map(|s| &s.settlement) {
             let row = rows.entry((s.requester.clone(), s.owner.clone(), s.currency.clone())).or_insert_with(|| ReportRow {

@@ -10,9 +10,9 @@ use suanli_federation::keyfile;
 use suanli_federation_gateway::api::MembersView;
 use suanli_proto::v1::{self, AccountKind};
 use suanli_testkit::cluster::PLATFORM_TOKEN;
+use suanli_testkit::eventually;
 use suanli_testkit::fixtures::{self, register};
 use suanli_testkit::portal::{PortalOptions, PortalProcess};
-use suanli_testkit::eventually;
 use suanli_types::ClusterClass;
 use support::{catalogue, federation, gateway_binary, Federation, API_TOKEN, GATEWAY_TOKEN};
 
@@ -52,9 +52,13 @@ async fn a_cluster_published_at_one_member_is_searchable_at_the_others_with_its_
     // Delisted at the origin: gone everywhere.
     supplier.delist_cluster(v1::DelistClusterRequest { request_id: "delist".into(), cluster_id: cluster.cluster_id }).await.expect("delist");
     for member in &f.members[1..] {
-        eventually(Duration::from_secs(20), Duration::from_millis(100), move || async move { catalogue(member, "?origin=city").await.is_empty().then_some(()) })
-            .await
-            .expect("the delisting reached the member");
+        eventually(
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            move || async move { catalogue(member, "?origin=city").await.is_empty().then_some(()) },
+        )
+        .await
+        .expect("the delisting reached the member");
     }
     drop(f.dir);
 }

@@ -69,7 +69,11 @@ async fn market() -> Option<Market> {
     listing.prices.per_card.insert(suanli_types::BillingMode::Hourly, HOURLY);
     let mut supplier_client = city.broker.client(1, &supplier_token).await.expect("supplier");
     supplier_client
-        .modify_cluster(v1::ModifyClusterRequest { request_id: "price".into(), cluster_id: node.cluster, listing: Some(suanli_proto::convert::listing_to_wire(&listing)) })
+        .modify_cluster(v1::ModifyClusterRequest {
+            request_id: "price".into(),
+            cluster_id: node.cluster,
+            listing: Some(suanli_proto::convert::listing_to_wire(&listing)),
+        })
         .await
         .expect("price");
     let (config, partners) = partner_accounts(&f).await;
@@ -77,9 +81,13 @@ async fn market() -> Option<Market> {
     let market = Market { f, node, supplier, partners, city_config: config };
     let cluster = market.node.cluster;
     for member in &market.f.members[1..] {
-        eventually(WAIT, POLL, move || async move { catalogue(member, "?origin=city").await.into_iter().any(|e| e.listing.cluster_id == cluster).then_some(()) })
-            .await
-            .expect("city's cards are in the federated catalogue");
+        eventually(
+            WAIT,
+            POLL,
+            move || async move { catalogue(member, "?origin=city").await.into_iter().any(|e| e.listing.cluster_id == cluster).then_some(()) },
+        )
+        .await
+        .expect("city's cards are in the federated catalogue");
     }
     Some(market)
 }
@@ -117,7 +125,8 @@ async fn researcher(member: &Member, name: &str) -> u64 {
 /// An SSH key made by `ssh-keygen` (the public half next to it, `.pub`).
 async fn new_key(dir: &Path, name: &str) -> PathBuf {
     let key = dir.join(name);
-    let out = tokio::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"]).arg(&key).output().await.expect("ssh-keygen");
+    let out =
+        tokio::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"]).arg(&key).output().await.expect("ssh-keygen");
     assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
     key
 }
@@ -129,7 +138,8 @@ async fn post(member: &Member, path: &str, body: Value) -> (u16, Value) {
 }
 
 async fn lease(member: &Member, researcher: u64, key: &str, cluster: u64, cards: u32) -> (u16, Value) {
-    let body = json!({"researcher_id": researcher, "key": key, "origin": "city", "cluster_id": cluster, "cards": cards, "billing_mode": "hourly", "periods": 1});
+    let body =
+        json!({"researcher_id": researcher, "key": key, "origin": "city", "cluster_id": cluster, "cards": cards, "billing_mode": "hourly", "periods": 1});
     post(member, "/v1/remote-leases", body).await
 }
 
@@ -280,7 +290,8 @@ async fn a_researcher_on_one_members_portal_finds_leases_logs_into_and_pays_for_
     let partner = balance(city, m.partners[1]).await;
     assert_eq!((partner.available_minor, partner.held_minor), (-ended.charged_minor, 0), "city charged cloud's account the same, on credit");
     assert!(balance(city, m.supplier).await.earnings_minor > 0, "city's supplier earned");
-    let at_city = eventually(WAIT, POLL, || async { Some(settlements(city).await).filter(|s| !s.records.is_empty()) }).await.expect("city got the countersignature");
+    let at_city =
+        eventually(WAIT, POLL, || async { Some(settlements(city).await).filter(|s| !s.records.is_empty()) }).await.expect("city got the countersignature");
     let at_cloud = settlements(cloud).await;
     assert_eq!(at_city.report, at_cloud.report, "both members' reports agree");
     assert_eq!(at_city.records, at_cloud.records);
@@ -470,19 +481,21 @@ async fn killing_the_owners_leader_during_cross_member_leasing_holds_no_card_twi
     let (config, partners) = partner_accounts(&f).await;
     f.start_gateways(&[&config, "", ""]).await;
     for member in &f.members[1..] {
-        eventually(WAIT, POLL, move || async move { catalogue(member, "?origin=city").await.into_iter().any(|e| e.listing.cluster_id == cluster).then_some(()) })
-            .await
-            .expect("city's cards are in the federated catalogue");
+        eventually(
+            WAIT,
+            POLL,
+            move || async move { catalogue(member, "?origin=city").await.into_iter().any(|e| e.listing.cluster_id == cluster).then_some(()) },
+        )
+        .await
+        .expect("city's cards are in the federated catalogue");
     }
     let (u, c) = (researcher(&f.members[1], "ursula").await, researcher(&f.members[2], "carl").await);
 
     // University's and cloud's researchers race for city's two cards while city's leader is
     // killed and comes back.
     let stop = Arc::new(AtomicBool::new(false));
-    let racers = [
-        tokio::spawn(racer(f.members[1].api(), u, cluster, "u", stop.clone())),
-        tokio::spawn(racer(f.members[2].api(), c, cluster, "c", stop.clone())),
-    ];
+    let racers =
+        [tokio::spawn(racer(f.members[1].api(), u, cluster, "u", stop.clone())), tokio::spawn(racer(f.members[2].api(), c, cluster, "c", stop.clone()))];
     tokio::time::sleep(Duration::from_millis(800)).await;
     let city_broker = &mut f.members[0].broker;
     let leader = city_broker.leader(WAIT).await.expect("leader");

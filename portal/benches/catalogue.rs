@@ -82,7 +82,10 @@ async fn main() -> anyhow::Result<()> {
                 let class = if i % 3 == 0 { ClusterClass::A } else { ClusterClass::B };
                 let (model, vram) = MODELS[(i % 5) as usize];
                 let node = client
-                    .enroll_node(v1::EnrollNodeRequest { request_id: format!("n{i}"), inventory: Some(inventory_to_wire(&inventory(&format!("bench-{i}"), 1 + (i % 8) as u32))) })
+                    .enroll_node(v1::EnrollNodeRequest {
+                        request_id: format!("n{i}"),
+                        inventory: Some(inventory_to_wire(&inventory(&format!("bench-{i}"), 1 + (i % 8) as u32))),
+                    })
                     .await?
                     .into_inner();
                 let mut l = listing_to_wire(&listing(class));
@@ -94,7 +97,12 @@ async fn main() -> anyhow::Result<()> {
                     p.per_card_minor += (i % 97) as i64 * 10;
                 }
                 client
-                    .publish_cluster(v1::PublishClusterRequest { request_id: format!("c{i}"), class: cluster_class_to_wire(class), node_ids: vec![node.node_id], listing: Some(l) })
+                    .publish_cluster(v1::PublishClusterRequest {
+                        request_id: format!("c{i}"),
+                        class: cluster_class_to_wire(class),
+                        node_ids: vec![node.node_id],
+                        listing: Some(l),
+                    })
                     .await?;
                 Ok::<_, tonic::Status>(())
             }
@@ -111,7 +119,14 @@ async fn main() -> anyhow::Result<()> {
     let endpoint = format!("http://{}", broker.address(1)?);
     let portal = PortalProcess::start(
         dir.path(),
-        &PortalOptions { broker: &endpoint, platform_token: PLATFORM_TOKEN, database_url: &db, smtp: None, extra: &["--log", "warn"], binary: portal_bin.as_deref() },
+        &PortalOptions {
+            broker: &endpoint,
+            platform_token: PLATFORM_TOKEN,
+            database_url: &db,
+            smtp: None,
+            extra: &["--log", "warn"],
+            binary: portal_bin.as_deref(),
+        },
     )
     .await?;
     let http = reqwest::Client::new();
@@ -121,7 +136,11 @@ async fn main() -> anyhow::Result<()> {
         (v["total"].as_u64() == Some(published as u64)).then_some(())
     })
     .await?;
-    println!("portal caught up with the broker's {published} clusters in {:.1} s (portal binary: {})", synced.elapsed().as_secs_f64(), portal_bin.map_or("this build".into(), |p| p.display().to_string()));
+    println!(
+        "portal caught up with the broker's {published} clusters in {:.1} s (portal binary: {})",
+        synced.elapsed().as_secs_f64(),
+        portal_bin.map_or("this build".into(), |p| p.display().to_string())
+    );
 
     let cases = [
         ("baseline: GET /healthz", "/healthz".to_owned()),

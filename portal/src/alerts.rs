@@ -33,13 +33,28 @@ const PER_HOUR_LIMIT: i64 = 30;
 /// What happened, as the engine decided before writing anything.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    Open { key: String, kind: &'static str, subject: Subject, accounts: BTreeSet<u64> },
-    Resolve { key: String },
+    Open {
+        key: String,
+        kind: &'static str,
+        subject: Subject,
+        accounts: BTreeSet<u64>,
+    },
+    Resolve {
+        key: String,
+    },
     /// A one-off notice (nothing to resolve), sent once per key.
-    Notice { key: String, kind: &'static str, subject: Subject, accounts: BTreeSet<u64> },
+    Notice {
+        key: String,
+        kind: &'static str,
+        subject: Subject,
+        accounts: BTreeSet<u64>,
+    },
     /// An alert for the platform's operators (every active operator with a role that watches
     /// the platform: monitor, operator, system administrator), resolved by `Resolve`.
-    ForOperators { key: String, subject: Subject },
+    ForOperators {
+        key: String,
+        subject: Subject,
+    },
 }
 
 /// Who hears of an alert.
@@ -55,15 +70,40 @@ pub const OPERATIONS_ROLES: [Role; 3] = [Role::Monitor, Role::Operator, Role::Sy
 /// The parts of a message, rendered per recipient's language.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Subject {
-    Card { host: String, index: u32, problem: Msg },
-    NodeSilent { host: String },
-    LeaseRequested { lease: u64, cpc: String },
-    LeaseExpiring { lease: u64, ends_ms: i64 },
-    LeaseIdle { lease: u64, minutes: u64 },
-    JobEnded { job: u64, name: String, failed: bool, reason: String },
-    BalanceLow { available_minor: i64 },
+    Card {
+        host: String,
+        index: u32,
+        problem: Msg,
+    },
+    NodeSilent {
+        host: String,
+    },
+    LeaseRequested {
+        lease: u64,
+        cpc: String,
+    },
+    LeaseExpiring {
+        lease: u64,
+        ends_ms: i64,
+    },
+    LeaseIdle {
+        lease: u64,
+        minutes: u64,
+    },
+    JobEnded {
+        job: u64,
+        name: String,
+        failed: bool,
+        reason: String,
+    },
+    BalanceLow {
+        available_minor: i64,
+    },
     /// An alert from the platform's own monitoring (Prometheus' Alertmanager).
-    Operations { name: String, summary: String },
+    Operations {
+        name: String,
+        summary: String,
+    },
 }
 
 impl Subject {
@@ -199,7 +239,12 @@ async fn decide(state: &AppState, b: &v1::EventBatch, settings: AlertSettings) -
                 if to == v1::CardHealth::AgentSilent {
                     out.push(Decision::Open { key: format!("node:{}", node.node_id), kind: "node_offline", subject: Subject::NodeSilent { host }, accounts });
                 } else if let Some(problem) = problem(to) {
-                    out.push(Decision::Open { key: format!("card:{}", c.card_id), kind: "card_health", subject: Subject::Card { host, index, problem }, accounts });
+                    out.push(Decision::Open {
+                        key: format!("card:{}", c.card_id),
+                        kind: "card_health",
+                        subject: Subject::Card { host, index, problem },
+                        accounts,
+                    });
                 } else if to == v1::CardHealth::Healthy {
                     let key = if from == v1::CardHealth::AgentSilent { format!("node:{}", node.node_id) } else { format!("card:{}", c.card_id) };
                     out.push(Decision::Resolve { key });
@@ -232,15 +277,16 @@ async fn decide(state: &AppState, b: &v1::EventBatch, settings: AlertSettings) -
                 });
             }
             Some(Kind::LedgerPosted(t)) if t.account_id != 0 && balances_seen.insert(t.account_id) => {
-                let balance = state
-                    .market
-                    .platform()?
-                    .get_balance(v1::GetBalanceRequest { account_id: t.account_id, currency: String::new() })
-                    .await?
-                    .into_inner();
+                let balance =
+                    state.market.platform()?.get_balance(v1::GetBalanceRequest { account_id: t.account_id, currency: String::new() }).await?.into_inner();
                 let key = format!("balance:{}", t.account_id);
                 out.push(if balance.available_minor < settings.balance_low_minor {
-                    Decision::Open { key, kind: "balance_low", subject: Subject::BalanceLow { available_minor: balance.available_minor }, accounts: BTreeSet::from([t.account_id]) }
+                    Decision::Open {
+                        key,
+                        kind: "balance_low",
+                        subject: Subject::BalanceLow { available_minor: balance.available_minor },
+                        accounts: BTreeSet::from([t.account_id]),
+                    }
                 } else {
                     Decision::Resolve { key }
                 });
@@ -281,7 +327,12 @@ async fn check_leases(state: &AppState, settings: AlertSettings) -> ApiResult<()
             if let Some(idle) = lease_idle(state, l, now - idle_ms, settings.idle_lease_seconds).await? {
                 let key = format!("idle:{}", l.lease_id);
                 decisions.push(if idle {
-                    Decision::Open { key, kind: "lease_idle", subject: Subject::LeaseIdle { lease: l.lease_id, minutes: settings.idle_lease_seconds.div_ceil(60) }, accounts: BTreeSet::from([l.researcher_id]) }
+                    Decision::Open {
+                        key,
+                        kind: "lease_idle",
+                        subject: Subject::LeaseIdle { lease: l.lease_id, minutes: settings.idle_lease_seconds.div_ceil(60) },
+                        accounts: BTreeSet::from([l.researcher_id]),
+                    }
                 } else {
                     Decision::Resolve { key }
                 });
@@ -300,7 +351,12 @@ async fn lease_idle(state: &AppState, l: &v1::Lease, from_ms: i64, seconds: u64)
         let reply = state
             .market
             .monitoring()?
-            .query_telemetry(v1::QueryTelemetryRequest { scope: Some(v1::query_telemetry_request::Scope::CardId(*card)), from_ms, to_ms: 0, step_seconds: seconds.clamp(1, 3600) as u32 })
+            .query_telemetry(v1::QueryTelemetryRequest {
+                scope: Some(v1::query_telemetry_request::Scope::CardId(*card)),
+                from_ms,
+                to_ms: 0,
+                step_seconds: seconds.clamp(1, 3600) as u32,
+            })
             .await?
             .into_inner();
         for p in reply.cards.iter().flat_map(|c| &c.points) {
@@ -416,10 +472,14 @@ async fn write(state: &AppState, index: Option<u64>, decisions: Vec<Decision>) -
         };
         let planned = match opening {
             Ok((key, kind, subject, recipients, notice)) => {
-                let existing = sqlx::query(if notice { "SELECT id FROM alerts WHERE condition_key = $1" } else { "SELECT id FROM alerts WHERE condition_key = $1 AND state = 'open'" })
-                    .bind(&key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                let existing = sqlx::query(if notice {
+                    "SELECT id FROM alerts WHERE condition_key = $1"
+                } else {
+                    "SELECT id FROM alerts WHERE condition_key = $1 AND state = 'open'"
+                })
+                .bind(&key)
+                .fetch_optional(&mut *tx)
+                .await?;
                 if existing.is_some() {
                     continue; // one open alert per condition; one notice per key
                 }
@@ -438,7 +498,10 @@ async fn write(state: &AppState, index: Option<u64>, decisions: Vec<Decision>) -
                 Planned { alert: id, en, zh, recipients, prefix: if notice { Msg::NoticePrefix } else { Msg::AlertPrefix }, resolving: false }
             }
             Err(key) => {
-                let row = sqlx::query("SELECT id, subject, detail FROM alerts WHERE condition_key = $1 AND state = 'open'").bind(&key).fetch_optional(&mut *tx).await?;
+                let row = sqlx::query("SELECT id, subject, detail FROM alerts WHERE condition_key = $1 AND state = 'open'")
+                    .bind(&key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
                 let Some(row) = row else { continue };
                 let id: i64 = row.try_get("id")?;
                 sqlx::query("UPDATE alerts SET state = 'resolved', resolved_ms = $1 WHERE id = $2").bind(now).bind(id).execute(&mut *tx).await?;
@@ -477,11 +540,20 @@ async fn write(state: &AppState, index: Option<u64>, decisions: Vec<Decision>) -
                 plan.push((Channel::Sms, phone.clone(), title.clone(), quiet));
             }
             if let Some(hook) = &p.webhook {
-                let event = serde_json::json!({"alert_id": planned.alert.to_string(), "state": if planned.resolving { "resolved" } else { "open" }, "title": title});
+                let event =
+                    serde_json::json!({"alert_id": planned.alert.to_string(), "state": if planned.resolving { "resolved" } else { "open" }, "title": title});
                 plan.push((Channel::Webhook, hook.clone(), event.to_string(), quiet));
             }
             for (channel, recipient, body, not_before_ms) in plan {
-                let m = Outgoing { channel, recipient: &recipient, subject: &title, body: &body, user_id: Some(p.user), alert_id: Some(planned.alert), not_before_ms };
+                let m = Outgoing {
+                    channel,
+                    recipient: &recipient,
+                    subject: &title,
+                    body: &body,
+                    user_id: Some(p.user),
+                    alert_id: Some(planned.alert),
+                    not_before_ms,
+                };
                 outbox::queue(state, &mut *tx, &m).await?;
                 queued = true;
             }
@@ -532,22 +604,23 @@ pub async fn alerts_of(state: &AppState, user: i64) -> ApiResult<Vec<AlertView>>
     let mut out = Vec::new();
     for r in rows {
         let id: i64 = r.try_get("id")?;
-        let deliveries = sqlx::query("SELECT channel, state, attempts, sent_ms, last_error FROM outbox WHERE alert_id = $1 AND user_id = $2 ORDER BY created_ms")
-            .bind(id)
-            .bind(user)
-            .fetch_all(&state.db.pool)
-            .await?
-            .iter()
-            .map(|d| {
-                Ok(DeliveryView {
-                    channel: d.try_get("channel")?,
-                    state: d.try_get("state")?,
-                    attempts: d.try_get("attempts")?,
-                    sent_ms: opt_i64(d, "sent_ms")?,
-                    last_error: opt_str(d, "last_error")?,
+        let deliveries =
+            sqlx::query("SELECT channel, state, attempts, sent_ms, last_error FROM outbox WHERE alert_id = $1 AND user_id = $2 ORDER BY created_ms")
+                .bind(id)
+                .bind(user)
+                .fetch_all(&state.db.pool)
+                .await?
+                .iter()
+                .map(|d| {
+                    Ok(DeliveryView {
+                        channel: d.try_get("channel")?,
+                        state: d.try_get("state")?,
+                        attempts: d.try_get("attempts")?,
+                        sent_ms: opt_i64(d, "sent_ms")?,
+                        last_error: opt_str(d, "last_error")?,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
         out.push(AlertView {
             alert_id: id.to_string(),
             kind: r.try_get("kind")?,

@@ -29,19 +29,17 @@ pub async fn record_writes(State(state): State<AppState>, mut request: Request, 
     let status = response.status();
     let outcome = if status.is_success() || status.is_redirection() { "ok".to_owned() } else { format!("refused {}", status.as_u16()) };
     let actor = slot.0.get().copied();
-    let written = sqlx::query(
-        "INSERT INTO audit_log (id, at_ms, actor_id, action, target, outcome, detail, source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(new_id())
-    .bind(now_ms())
-    .bind(actor)
-    .bind(format!("{method} {route}"))
-    .bind(target)
-    .bind(outcome)
-    .bind("")
-    .bind(source)
-    .execute(&state.db.pool)
-    .await;
+    let written = sqlx::query("INSERT INTO audit_log (id, at_ms, actor_id, action, target, outcome, detail, source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+        .bind(new_id())
+        .bind(now_ms())
+        .bind(actor)
+        .bind(format!("{method} {route}"))
+        .bind(target)
+        .bind(outcome)
+        .bind("")
+        .bind(source)
+        .execute(&state.db.pool)
+        .await;
     if let Err(e) = written {
         // The action already happened; losing its record is logged loudly rather than hidden.
         tracing::error!("audit record not written: {e}");

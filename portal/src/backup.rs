@@ -67,7 +67,11 @@ fn sqlite_path(url: &str) -> Option<Result<PathBuf, BackupError>> {
 }
 
 fn backend(url: &str) -> &'static str {
-    if url.starts_with("sqlite:") { "sqlite" } else { "postgres" }
+    if url.starts_with("sqlite:") {
+        "sqlite"
+    } else {
+        "postgres"
+    }
 }
 
 /// Size and SHA-256 of a file, read in pieces (a dump may be larger than memory).
@@ -157,7 +161,12 @@ pub fn open(backup: &Path) -> Result<(Manifest, PathBuf), BackupError> {
     let file = backup.join(&manifest.file);
     let (bytes, sha256) = sha256_of(&file)?;
     if bytes != manifest.bytes || sha256 != manifest.sha256 {
-        return Err(BackupError::Damaged(format!("{} is {bytes} bytes with SHA-256 {sha256}; the manifest says {} and {}", file.display(), manifest.bytes, manifest.sha256)));
+        return Err(BackupError::Damaged(format!(
+            "{} is {bytes} bytes with SHA-256 {sha256}; the manifest says {} and {}",
+            file.display(),
+            manifest.bytes,
+            manifest.sha256
+        )));
     }
     Ok((manifest, file))
 }
@@ -256,6 +265,9 @@ mod tests {
         std::fs::remove_file(dir.path().join("target.db-wal")).expect("remove");
         restore(&backup, &format!("sqlite://{}", target.display())).await.expect("restore");
         assert!(target.exists());
-        assert!(std::fs::read_dir(dir.path()).expect("dir").all(|e| !e.expect("entry").file_name().to_string_lossy().contains("restoring")), "no partial file left");
+        assert!(
+            std::fs::read_dir(dir.path()).expect("dir").all(|e| !e.expect("entry").file_name().to_string_lossy().contains("restoring")),
+            "no partial file left"
+        );
     }
 }

@@ -77,11 +77,7 @@ pub fn token_hash(token: &str) -> String {
 impl KeyFile {
     pub fn generate() -> KeyFile {
         let id = format!("k{}", hex::encode(random_bytes::<4>()));
-        KeyFile {
-            keys: BTreeMap::from([(id.clone(), B64.encode(random_bytes::<32>()))]),
-            current: id,
-            lookup_key: B64.encode(random_bytes::<32>()),
-        }
+        KeyFile { keys: BTreeMap::from([(id.clone(), B64.encode(random_bytes::<32>()))]), current: id, lookup_key: B64.encode(random_bytes::<32>()) }
     }
 
     /// Adds a fresh key and makes it current; the old keys still open what they sealed.

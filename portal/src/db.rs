@@ -81,8 +81,9 @@ pub enum MigrateError {
     OlderPortalRunning { id: String, knows: i64, ago_s: i64, version: i64 },
 }
 
-pub const MIGRATIONS: &[Migration] = &[expand(&[
-    "CREATE TABLE users (
+pub const MIGRATIONS: &[Migration] = &[
+    expand(&[
+        "CREATE TABLE users (
         id BIGINT PRIMARY KEY,
         kind TEXT NOT NULL,
         user_type TEXT NOT NULL,
@@ -106,14 +107,14 @@ pub const MIGRATIONS: &[Migration] = &[expand(&[
         activated_ms BIGINT,
         deregistered_ms BIGINT
     )",
-    "CREATE TABLE email_tokens (
+        "CREATE TABLE email_tokens (
         token_hash TEXT PRIMARY KEY,
         user_id BIGINT NOT NULL,
         purpose TEXT NOT NULL,
         expires_ms BIGINT NOT NULL,
         used_ms BIGINT
     )",
-    "CREATE TABLE sessions (
+        "CREATE TABLE sessions (
         token_hash TEXT PRIMARY KEY,
         user_id BIGINT NOT NULL,
         csrf TEXT NOT NULL,
@@ -122,8 +123,8 @@ pub const MIGRATIONS: &[Migration] = &[expand(&[
         expires_ms BIGINT NOT NULL,
         idle_until_ms BIGINT NOT NULL
     )",
-    "CREATE INDEX sessions_by_user ON sessions (user_id)",
-    "CREATE TABLE api_tokens (
+        "CREATE INDEX sessions_by_user ON sessions (user_id)",
+        "CREATE TABLE api_tokens (
         id BIGINT PRIMARY KEY,
         token_hash TEXT NOT NULL UNIQUE,
         user_id BIGINT NOT NULL,
@@ -132,14 +133,14 @@ pub const MIGRATIONS: &[Migration] = &[expand(&[
         last_used_ms BIGINT,
         revoked_ms BIGINT
     )",
-    "CREATE TABLE roles (
+        "CREATE TABLE roles (
         user_id BIGINT NOT NULL,
         role TEXT NOT NULL,
         granted_by BIGINT,
         granted_ms BIGINT NOT NULL,
         PRIMARY KEY (user_id, role)
     )",
-    "CREATE TABLE audit_log (
+        "CREATE TABLE audit_log (
         id BIGINT PRIMARY KEY,
         at_ms BIGINT NOT NULL,
         actor_id BIGINT,
@@ -149,31 +150,31 @@ pub const MIGRATIONS: &[Migration] = &[expand(&[
         detail TEXT NOT NULL,
         source TEXT NOT NULL
     )",
-    "CREATE INDEX audit_by_time ON audit_log (at_ms)",
-    "CREATE TABLE login_throttle (
+        "CREATE INDEX audit_by_time ON audit_log (at_ms)",
+        "CREATE TABLE login_throttle (
         throttle_key TEXT PRIMARY KEY,
         failures BIGINT NOT NULL,
         window_start_ms BIGINT NOT NULL
     )",
-    "CREATE TABLE licences (
+        "CREATE TABLE licences (
         user_id BIGINT PRIMARY KEY,
         filename TEXT NOT NULL,
         content_type TEXT NOT NULL,
         data_enc TEXT NOT NULL
     )",
-    "CREATE TABLE ssh_keys (
+        "CREATE TABLE ssh_keys (
         id BIGINT PRIMARY KEY,
         user_id BIGINT NOT NULL,
         public_key TEXT NOT NULL,
         added_ms BIGINT NOT NULL
     )",
-    "CREATE TABLE auth_codes (
+        "CREATE TABLE auth_codes (
         lease_id BIGINT PRIMARY KEY,
         supplier_user_id BIGINT NOT NULL,
         code_enc TEXT NOT NULL,
         created_ms BIGINT NOT NULL
     )",
-    "CREATE TABLE outbox (
+        "CREATE TABLE outbox (
         id TEXT PRIMARY KEY,
         channel TEXT NOT NULL,
         recipient_enc TEXT NOT NULL,
@@ -186,16 +187,16 @@ pub const MIGRATIONS: &[Migration] = &[expand(&[
         sent_ms BIGINT,
         last_error TEXT
     )",
-    "CREATE INDEX outbox_due ON outbox (state, next_attempt_ms)",
-]),
-// 2: the last TOTP step used per user (no replay of a code within its window).
-expand(&["ALTER TABLE users ADD COLUMN totp_last_step BIGINT"]),
-// 3: alerts, who receives them, how, and where the alert engine is in the broker's events.
-expand(&[
-    "ALTER TABLE outbox ADD COLUMN user_id BIGINT",
-    "ALTER TABLE outbox ADD COLUMN alert_id BIGINT",
-    "CREATE INDEX outbox_by_user ON outbox (user_id, created_ms)",
-    "CREATE TABLE notify_prefs (
+        "CREATE INDEX outbox_due ON outbox (state, next_attempt_ms)",
+    ]),
+    // 2: the last TOTP step used per user (no replay of a code within its window).
+    expand(&["ALTER TABLE users ADD COLUMN totp_last_step BIGINT"]),
+    // 3: alerts, who receives them, how, and where the alert engine is in the broker's events.
+    expand(&[
+        "ALTER TABLE outbox ADD COLUMN user_id BIGINT",
+        "ALTER TABLE outbox ADD COLUMN alert_id BIGINT",
+        "CREATE INDEX outbox_by_user ON outbox (user_id, created_ms)",
+        "CREATE TABLE notify_prefs (
         user_id BIGINT PRIMARY KEY,
         email_on BIGINT NOT NULL,
         sms_on BIGINT NOT NULL,
@@ -203,7 +204,7 @@ expand(&[
         quiet_start_min BIGINT,
         quiet_end_min BIGINT
     )",
-    "CREATE TABLE alerts (
+        "CREATE TABLE alerts (
         id BIGINT PRIMARY KEY,
         condition_key TEXT NOT NULL,
         kind TEXT NOT NULL,
@@ -213,31 +214,28 @@ expand(&[
         resolved_ms BIGINT,
         detail TEXT NOT NULL
     )",
-    "CREATE UNIQUE INDEX alerts_one_open ON alerts (condition_key) WHERE state = 'open'",
-    "CREATE INDEX alerts_by_key ON alerts (condition_key)",
-    "CREATE TABLE alert_recipients (
+        "CREATE UNIQUE INDEX alerts_one_open ON alerts (condition_key) WHERE state = 'open'",
+        "CREATE INDEX alerts_by_key ON alerts (condition_key)",
+        "CREATE TABLE alert_recipients (
         alert_id BIGINT NOT NULL,
         user_id BIGINT NOT NULL,
         PRIMARY KEY (alert_id, user_id)
     )",
-    "CREATE TABLE event_cursor (name TEXT PRIMARY KEY, last_index BIGINT NOT NULL, since_ms BIGINT NOT NULL)",
-]),
-// 4: SMS verification codes for registration (keyed hashes only).
-expand(&["CREATE TABLE phone_codes (
+        "CREATE TABLE event_cursor (name TEXT PRIMARY KEY, last_index BIGINT NOT NULL, since_ms BIGINT NOT NULL)",
+    ]),
+    // 4: SMS verification codes for registration (keyed hashes only).
+    expand(&["CREATE TABLE phone_codes (
     phone_hash TEXT PRIMARY KEY,
     code_hash TEXT NOT NULL,
     expires_ms BIGINT NOT NULL,
     attempts BIGINT NOT NULL,
     sent_ms BIGINT NOT NULL
 )"]),
-// 5: API tokens expire (those made before: 90 days after they were made).
-expand(&[
-    "ALTER TABLE api_tokens ADD COLUMN expires_ms BIGINT",
-    "UPDATE api_tokens SET expires_ms = created_ms + 7776000000 WHERE expires_ms IS NULL",
-    ]),
-// 6: which portals run against this database, and which schema each knows: a contract
-// migration waits until no portal of an older release is running.
-expand(&["CREATE TABLE portal_instances (
+    // 5: API tokens expire (those made before: 90 days after they were made).
+    expand(&["ALTER TABLE api_tokens ADD COLUMN expires_ms BIGINT", "UPDATE api_tokens SET expires_ms = created_ms + 7776000000 WHERE expires_ms IS NULL"]),
+    // 6: which portals run against this database, and which schema each knows: a contract
+    // migration waits until no portal of an older release is running.
+    expand(&["CREATE TABLE portal_instances (
     id TEXT PRIMARY KEY,
     knows_version BIGINT NOT NULL,
     started_ms BIGINT NOT NULL,
@@ -308,11 +306,12 @@ impl Db {
     /// upgrading from such a release stops them first.)
     async fn no_older_portal_runs(&self, version: i64) -> Result<(), MigrateError> {
         let since = now_ms() - INSTANCE_GONE_AFTER_MS;
-        let row = sqlx::query("SELECT id, knows_version, seen_ms FROM portal_instances WHERE knows_version < $1 AND seen_ms >= $2 ORDER BY seen_ms DESC LIMIT 1")
-            .bind(version)
-            .bind(since)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT id, knows_version, seen_ms FROM portal_instances WHERE knows_version < $1 AND seen_ms >= $2 ORDER BY seen_ms DESC LIMIT 1")
+                .bind(version)
+                .bind(since)
+                .fetch_optional(&self.pool)
+                .await?;
         match row {
             Some(row) => Err(MigrateError::OlderPortalRunning {
                 id: row.try_get("id")?,
@@ -362,9 +361,7 @@ impl Db {
     /// Whether an error is a unique-constraint violation (a duplicate username or email).
     pub fn is_unique_violation(e: &sqlx::Error) -> bool {
         match e {
-            sqlx::Error::Database(d) => {
-                d.is_unique_violation() || d.message().contains("UNIQUE constraint failed") || d.code().as_deref() == Some("23505")
-            }
+            sqlx::Error::Database(d) => d.is_unique_violation() || d.message().contains("UNIQUE constraint failed") || d.code().as_deref() == Some("23505"),
             _ => false,
         }
     }
@@ -392,7 +389,13 @@ mod tests {
     }
 
     async fn has_table(db: &Db, name: &str) -> bool {
-        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = $1").bind(name).fetch_one(&db.pool).await.expect("query").try_get("n").expect("n");
+        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = $1")
+            .bind(name)
+            .fetch_one(&db.pool)
+            .await
+            .expect("query")
+            .try_get("n")
+            .expect("n");
         n == 1
     }
 

@@ -61,7 +61,12 @@ pub async fn create_operator(state: &AppState, username: &str, email: &str, pass
     let user = NewUser { kind: UserKind::Operator, user_type: UserType::Staff, username, email, password, real_name: username };
     let (id, setup) = insert_active(state, &user, true).await?.ok_or_else(|| ApiError::conflict_field("username", "exists"))?;
     for role in roles {
-        sqlx::query("INSERT INTO roles (user_id, role, granted_ms) VALUES ($1, $2, $3)").bind(id.0).bind(role.as_str()).bind(now_ms()).execute(&state.db.pool).await?;
+        sqlx::query("INSERT INTO roles (user_id, role, granted_ms) VALUES ($1, $2, $3)")
+            .bind(id.0)
+            .bind(role.as_str())
+            .bind(now_ms())
+            .execute(&state.db.pool)
+            .await?;
     }
     setup.ok_or_else(|| ApiError::internal("operator without a second factor"))
 }
@@ -110,7 +115,8 @@ pub async fn seed(state: &AppState, researcher: Option<Adopt>, supplier: Option<
     let row = sqlx::query("SELECT totp_secret_enc FROM users WHERE username = 'demo-operator'").fetch_optional(&state.db.pool).await?;
     let secret = match row {
         Some(r) => {
-            let raw = base64::engine::general_purpose::STANDARD.decode(state.keys.open(&r.try_get::<String, _>("totp_secret_enc")?)?).map_err(ApiError::internal)?;
+            let raw =
+                base64::engine::general_purpose::STANDARD.decode(state.keys.open(&r.try_get::<String, _>("totp_secret_enc")?)?).map_err(ApiError::internal)?;
             match totp_rs::Secret::Raw(raw).to_encoded() {
                 totp_rs::Secret::Encoded(s) => s,
                 totp_rs::Secret::Raw(_) => String::new(),

@@ -54,9 +54,7 @@ impl Code {
     pub fn status(self) -> StatusCode {
         match self {
             Code::Broker(c) => StatusCode::from_u16(c.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            Code::CsrfFailed | Code::AccountNotActivated | Code::AccountPendingReview | Code::AccountDisabled | Code::RoleConflict => {
-                StatusCode::FORBIDDEN
-            }
+            Code::CsrfFailed | Code::AccountNotActivated | Code::AccountPendingReview | Code::AccountDisabled | Code::RoleConflict => StatusCode::FORBIDDEN,
             Code::MfaRequired | Code::MfaInvalid => StatusCode::UNAUTHORIZED,
             Code::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
             Code::TokenInvalid => StatusCode::BAD_REQUEST,

@@ -273,7 +273,8 @@ async fn main() -> anyhow::Result<()> {
             let state = offline_state(open_storage(&cli, &file).await?)?;
             // Letters and digits for certain (a random token alone may lack digits).
             let password = format!("{}-{:04}", suanli_portal::crypto::random_token(12), rand_digits());
-            let setup = demo::create_operator(&state, username, email, &password, &roles).await.map_err(|e| anyhow::anyhow!("{}: {}", e.code.as_str(), e.message))?;
+            let setup =
+                demo::create_operator(&state, username, email, &password, &roles).await.map_err(|e| anyhow::anyhow!("{}: {}", e.code.as_str(), e.message))?;
             println!("operator {username} created\npassword: {password}\nTOTP secret: {}\n{}", setup.secret, setup.otpauth_url);
             Ok(())
         }
@@ -339,7 +340,11 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
     let s = open_storage(cli, &file).await?;
     let listen = args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8080".parse().expect("literal address"));
     let broker = args.broker.clone().or(file.broker.clone()).unwrap_or_else(|| "http://127.0.0.1:50051".into());
-    let platform_token = args.platform_token.clone().or(file.platform_token.clone()).context("set the broker's platform token: --platform-token or SUANLI_PORTAL_PLATFORM_TOKEN")?;
+    let platform_token = args
+        .platform_token
+        .clone()
+        .or(file.platform_token.clone())
+        .context("set the broker's platform token: --platform-token or SUANLI_PORTAL_PLATFORM_TOKEN")?;
     let ca = match args.broker_ca.clone().or(file.broker_ca.clone()) {
         Some(p) => Some(std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
@@ -388,10 +393,8 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         ..Settings::default()
     };
     let webhook_allow = if args.webhook_allow.is_empty() { file.webhook_allow } else { args.webhook_allow.clone() };
-    let notifiers = Notifiers {
-        sms: sms_gateway(file.sms, args.sms_json_url.as_deref())?,
-        webhooks: suanli_notify::webhook::WebhookSender::allowing(webhook_allow),
-    };
+    let notifiers =
+        Notifiers { sms: sms_gateway(file.sms, args.sms_json_url.as_deref())?, webhooks: suanli_notify::webhook::WebhookSender::allowing(webhook_allow) };
     let verify_phones = args.verify_phones || file.verify_phones.unwrap_or(false);
     if verify_phones && notifiers.sms.is_none() {
         bail!("verifying phones needs an SMS gateway: --sms-json-url or [portal.sms]");
@@ -509,7 +512,8 @@ async fn rotate_keys(mut s: Storage) -> anyhow::Result<()> {
     let mut resealed = 0;
     for (table, key, cols) in columns {
         for col in *cols {
-            let rows = sqlx::query(&format!("SELECT {key} AS k, {col} AS v FROM {table} WHERE {col} IS NOT NULL AND {col} <> ''")).fetch_all(&s.db.pool).await?;
+            let rows =
+                sqlx::query(&format!("SELECT {key} AS k, {col} AS v FROM {table} WHERE {col} IS NOT NULL AND {col} <> ''")).fetch_all(&s.db.pool).await?;
             for r in rows {
                 let v: String = r.try_get("v")?;
                 if !ring.is_stale(&v) {

@@ -199,7 +199,11 @@ impl Market {
     /// The broker's job service as the platform.
     pub fn jobs_platform(
         &self,
-    ) -> ApiResult<suanli_proto::v1::job_service_client::JobServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>>> {
+    ) -> ApiResult<
+        suanli_proto::v1::job_service_client::JobServiceClient<
+            tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>,
+        >,
+    > {
         self.jobs_as(&self.platform_token.clone())
     }
 
@@ -207,7 +211,11 @@ impl Market {
     pub fn jobs_as(
         &self,
         token: &str,
-    ) -> ApiResult<suanli_proto::v1::job_service_client::JobServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>>> {
+    ) -> ApiResult<
+        suanli_proto::v1::job_service_client::JobServiceClient<
+            tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>,
+        >,
+    > {
         let auth = bearer(Some(token)).map_err(ApiError::internal)?;
         Ok(suanli_proto::v1::job_service_client::JobServiceClient::with_interceptor(self.channel.clone(), auth).max_decoding_message_size(64 * 1024 * 1024))
     }

@@ -87,10 +87,10 @@ pub enum Permission {
 pub fn permissions(role: Role) -> &'static [Permission] {
     use Permission::*;
     match role {
-            Role::Dispatcher => &[ViewMarket, Intervene],
-            Role::Monitor => &[ViewMarket],
-            Role::Operator => &[ViewMarket, Intervene, ReviewAccounts],
-            Role::Auditor => &[ReadAudit],
+        Role::Dispatcher => &[ViewMarket, Intervene],
+        Role::Monitor => &[ViewMarket],
+        Role::Operator => &[ViewMarket, Intervene, ReviewAccounts],
+        Role::Auditor => &[ReadAudit],
         Role::SystemAdministrator => &[ManageRoles],
     }
 }

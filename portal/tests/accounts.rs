@@ -54,11 +54,7 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     assert_eq!((status, Api::code(&body)), (StatusCode::BAD_REQUEST, "TOKEN_INVALID"), "a link works once: {body}");
 
     // The session cookie has every protective attribute.
-    let raw = reqwest::Client::new()
-        .post(format!("{}/api/v1/session", w.portal.url))
-        .json(&json!({"login": email, "password": PASSWORD}))
-        .send()
-        .await?;
+    let raw = reqwest::Client::new().post(format!("{}/api/v1/session", w.portal.url)).json(&json!({"login": email, "password": PASSWORD})).send().await?;
     let cookie = raw.headers().get("set-cookie").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     for attr in ["__Host-suanli=", "HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
         assert!(cookie.contains(attr), "{attr} missing from {cookie}");
@@ -85,7 +81,8 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     // Personal data is not in the database in the clear; the ID number not at all.
     let db = suanli_portal::db::Db::connect(&w.database_url()).await?;
     let row = sqlx::query("SELECT email_enc, real_name_enc, id_number_hash, profile_enc FROM users WHERE username = 'li_si'").fetch_one(&db.pool).await?;
-    let stored: Vec<String> = ["email_enc", "real_name_enc", "id_number_hash", "profile_enc"].iter().map(|c| row.try_get::<String, _>(*c).unwrap_or_default()).collect();
+    let stored: Vec<String> =
+        ["email_enc", "real_name_enc", "id_number_hash", "profile_enc"].iter().map(|c| row.try_get::<String, _>(*c).unwrap_or_default()).collect();
     let id_number = registration("researcher", "li_si", email)["id_number"].as_str().unwrap_or_default().to_owned();
     for s in &stored {
         assert!(!s.contains("li.si") && !s.contains("张三") && !s.contains(&id_number), "plaintext at rest: {s}");
@@ -120,7 +117,9 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     // In the language the user chose above.
     let reset = support_wait_subject(w, email, "重置您的算力平台密码").await?;
     let new_password = "new-horse-battery-7";
-    let (status, body) = api.post("/api/v1/password-reset/confirm", json!({"token": activation_token(&reset.text)?, "password": new_password, "password_confirm": new_password})).await?;
+    let (status, body) = api
+        .post("/api/v1/password-reset/confirm", json!({"token": activation_token(&reset.text)?, "password": new_password, "password_confirm": new_password}))
+        .await?;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     let (status, _) = second.get("/api/v1/me").await?;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "a reset ends every session");
@@ -134,7 +133,9 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     let script = Api::with_bearer(&w.portal.url, tok["token"].as_str().unwrap_or_default());
     let (status, me) = script.get("/api/v1/me").await?;
     assert_eq!((status, me["username"].as_str()), (StatusCode::OK, Some("li_si")));
-    let (status, _) = script.post("/api/v1/me/ssh-keys", json!({"public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test"})).await?;
+    let (status, _) = script
+        .post("/api/v1/me/ssh-keys", json!({"public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test"}))
+        .await?;
     assert_eq!(status, StatusCode::CREATED, "a script writes without a CSRF token");
     let (status, body) = script.post("/api/v1/me/ssh-keys", json!({"public_key": "ssh-ed25519 nope"})).await?;
     assert_eq!((status, fields(&body)), (StatusCode::BAD_REQUEST, vec!["public_key".to_owned()]), "{body}");
@@ -166,7 +167,11 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     org["user_type"] = json!("institute");
     org.as_object_mut().map(|o| o.remove("id_number"));
     let (status, body) = api.post("/api/v1/accounts", org.clone()).await?;
-    assert_eq!((status, fields(&body)), (StatusCode::BAD_REQUEST, vec!["credit_code".to_owned(), "licence_base64".to_owned(), "org_name".to_owned()]), "{body}");
+    assert_eq!(
+        (status, fields(&body)),
+        (StatusCode::BAD_REQUEST, vec!["credit_code".to_owned(), "licence_base64".to_owned(), "org_name".to_owned()]),
+        "{body}"
+    );
     org["org_name"] = json!("鹏城实验室");
     org["credit_code"] = json!("91350100M000100Y43");
     org["licence_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(b"%PDF-1.4\n% licence scan\n"));
@@ -197,9 +202,12 @@ async fn scenario(w: &World) -> anyhow::Result<()> {
     let (status, users) = admin.get("/api/v1/operator/users").await?;
     assert_eq!(status, StatusCode::OK);
     let op_id = users.as_array().into_iter().flatten().find(|u| u["username"] == "ops_zhao").and_then(|u| u["user_id"].as_str()).unwrap_or_default().to_owned();
-    let (status, body) = admin.send(reqwest::Method::PUT, &format!("/api/v1/operator/users/{op_id}/roles"), Some(json!({"roles": ["operator", "system_administrator"]}))).await?;
+    let (status, body) = admin
+        .send(reqwest::Method::PUT, &format!("/api/v1/operator/users/{op_id}/roles"), Some(json!({"roles": ["operator", "system_administrator"]})))
+        .await?;
     assert_eq!((status, Api::code(&body)), (StatusCode::FORBIDDEN, "ROLE_CONFLICT"), "{body}");
-    let (status, _) = admin.send(reqwest::Method::PUT, &format!("/api/v1/operator/users/{op_id}/roles"), Some(json!({"roles": ["operator", "monitor"]}))).await?;
+    let (status, _) =
+        admin.send(reqwest::Method::PUT, &format!("/api/v1/operator/users/{op_id}/roles"), Some(json!({"roles": ["operator", "monitor"]}))).await?;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let binary = suanli_testkit::workspace_binary("suanli-portal", "suanli-portal")?;
     let refused = tokio::process::Command::new(binary)

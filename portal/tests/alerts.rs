@@ -109,10 +109,11 @@ async fn jobs_and_balance(w: &World) -> anyhow::Result<()> {
     })
     .await?;
     let binary = suanli_testkit::workspace_binary("suanli-scheduler", "suanli-scheduler")?;
-    let args: Vec<String> = ["--broker", &format!("http://{}", w.broker.address(1)?), "--token", suanli_testkit::cluster::PLATFORM_TOKEN, "--name", "alerts", "--round-ms", "200"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> =
+        ["--broker", &format!("http://{}", w.broker.address(1)?), "--token", suanli_testkit::cluster::PLATFORM_TOKEN, "--name", "alerts", "--round-ms", "200"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     let _scheduler = suanli_testkit::Service::start("scheduler", &binary, &args, &[], w.dir.path(), WAIT).await?;
     let job = |name: &str, script: &str| json!({"spec": {"name": name, "kind": "training", "resources": {"cards": 1}, "max_attempts": 1, "run": {"command": {"program": "/bin/sh", "args": ["-c", script]}}}});
     let (status, body) = researcher.post("/api/v1/jobs", job("good", "exit 0")).await?;
@@ -141,7 +142,10 @@ async fn registration_verifies_the_phone_by_sms() -> anyhow::Result<()> {
     assert_eq!(status, StatusCode::ACCEPTED, "{reply}");
     let (status, reply) = api.post("/api/v1/phone-codes", json!({"phone": phone})).await?;
     assert_eq!((status, Api::code(&reply)), (StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_ATTEMPTS"), "one code a minute: {reply}");
-    let sms = suanli_testkit::eventually(WAIT, Duration::from_millis(50), || async { inbox.lock().ok()?.iter().find(|m| m.get("PhoneNumbers") == Some(&phone)).cloned() }).await?;
+    let sms = suanli_testkit::eventually(WAIT, Duration::from_millis(50), || async {
+        inbox.lock().ok()?.iter().find(|m| m.get("PhoneNumbers") == Some(&phone)).cloned()
+    })
+    .await?;
     let param: serde_json::Value = serde_json::from_str(&sms["TemplateParam"])?;
     let title = param["title"].as_str().unwrap_or_default();
     assert!(title.starts_with("算力平台验证码"), "in the requested language: {title}");
@@ -179,7 +183,9 @@ async fn scenario(w: &World, inbox: &Inbox) -> anyhow::Result<()> {
     })
     .await?;
     let (_, detail) = researcher.get(&format!("/api/v1/clusters/{cluster}")).await?;
-    let index_of = |card: &serde_json::Value| detail["cards"].as_array().into_iter().flatten().find(|c| c["card_id"] == *card).and_then(|c| c["index"].as_u64()).unwrap_or_default();
+    let index_of = |card: &serde_json::Value| {
+        detail["cards"].as_array().into_iter().flatten().find(|c| c["card_id"] == *card).and_then(|c| c["index"].as_u64()).unwrap_or_default()
+    };
     let indexes: Vec<u64> = lease["card_ids"].as_array().into_iter().flatten().map(index_of).collect();
     let index = indexes[0];
     // The researcher's job keeps the cards busy (an idle paid lease is an alert of its own).
@@ -247,7 +253,10 @@ async fn scenario(w: &World, inbox: &Inbox) -> anyhow::Result<()> {
     set_load(0).await?;
     let idle_mail = |prefix: &'static str| async move {
         suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
-            w.smtp.messages().into_iter().find(|m| m.to.iter().any(|t| t == "alert_researcher@example.cn") && m.subject.starts_with(prefix) && m.subject.contains("idle"))
+            w.smtp
+                .messages()
+                .into_iter()
+                .find(|m| m.to.iter().any(|t| t == "alert_researcher@example.cn") && m.subject.starts_with(prefix) && m.subject.contains("idle"))
         })
         .await
     };
@@ -272,9 +281,11 @@ async fn scenario(w: &World, inbox: &Inbox) -> anyhow::Result<()> {
     assert_eq!(sms_to(&box_, &supplier_phone).len(), 2, "the idle lease concerns only the researcher");
 
     // Settings: SMS off and quiet hours are kept; a bad window is refused field by field.
-    let (status, body) = researcher.send(reqwest::Method::PUT, "/api/v1/me/notifications", Some(json!({"email": true, "sms": false, "quiet_hours": "25:00-07:00"}))).await?;
+    let (status, body) =
+        researcher.send(reqwest::Method::PUT, "/api/v1/me/notifications", Some(json!({"email": true, "sms": false, "quiet_hours": "25:00-07:00"}))).await?;
     assert_eq!((status, support::fields(&body)), (StatusCode::BAD_REQUEST, vec!["quiet_hours".to_owned()]), "{body}");
-    let (status, body) = researcher.send(reqwest::Method::PUT, "/api/v1/me/notifications", Some(json!({"email": true, "sms": false, "quiet_hours": "22:00-07:30"}))).await?;
+    let (status, body) =
+        researcher.send(reqwest::Method::PUT, "/api/v1/me/notifications", Some(json!({"email": true, "sms": false, "quiet_hours": "22:00-07:30"}))).await?;
     assert_eq!((status, body["sms"].as_bool(), body["quiet_hours"].as_str()), (StatusCode::OK, Some(false), Some("22:00-07:30")), "{body}");
     Ok(())
 }

@@ -114,7 +114,8 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     b.type_into("section.modify input[name=title]", "8*A100 renamed").await?;
     b.type_into("section.modify input[name='price.hourly']", "9.50").await?;
     b.click("section.modify button[type=submit]").await?;
-    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { b.wait_text("main h1", WAIT).await.ok().filter(|t| t.contains("renamed")) }).await?;
+    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { b.wait_text("main h1", WAIT).await.ok().filter(|t| t.contains("renamed")) })
+        .await?;
     let prices = b.wait_text("dl.facts ul.prices", WAIT).await?;
     assert!(prices.contains("¥9.50 / hourly"), "{prices}");
     // A Class B cluster's page plots the agent's live samples (server-sent events) for those

@@ -198,7 +198,18 @@ async fn jobs(alice: &Api, bob: &Api) -> anyhow::Result<()> {
 async fn routes(w: &World, researcher: &Api, supplier: &Api) -> anyhow::Result<()> {
     let anon = w.client();
     let (_, doc) = anon.get("/api/v1/openapi.json").await?;
-    let public = ["/api/v1/accounts", "/api/v1/phone-codes", "/api/v1/activation", "/api/v1/session", "/api/v1/session/totp", "/api/v1/password-reset", "/api/v1/password-reset/confirm", "/api/v1/catalogue", "/api/v1/federation/catalogue", "/api/v1/federation/members"];
+    let public = [
+        "/api/v1/accounts",
+        "/api/v1/phone-codes",
+        "/api/v1/activation",
+        "/api/v1/session",
+        "/api/v1/session/totp",
+        "/api/v1/password-reset",
+        "/api/v1/password-reset/confirm",
+        "/api/v1/catalogue",
+        "/api/v1/federation/catalogue",
+        "/api/v1/federation/members",
+    ];
     let researcher_only = [
         "post /api/v1/leases",
         "post /api/v1/leases/{id}/verify",

@@ -102,8 +102,14 @@ async fn scenario(w: &World, dir: &std::path::Path, token_file: &std::path::Path
     }
 
     post_alert(&am, None).await?;
-    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { (mails_about(w, "ops_wang@suanli.test", "[Suanli] Alert") == 1).then_some(()) }).await?;
-    let mail = w.smtp.messages().into_iter().find(|m| m.to.iter().any(|t| t == "ops_wang@suanli.test") && m.subject.starts_with("[Suanli] Alert")).expect("the alert mail");
+    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { (mails_about(w, "ops_wang@suanli.test", "[Suanli] Alert") == 1).then_some(()) })
+        .await?;
+    let mail = w
+        .smtp
+        .messages()
+        .into_iter()
+        .find(|m| m.to.iter().any(|t| t == "ops_wang@suanli.test") && m.subject.starts_with("[Suanli] Alert"))
+        .expect("the alert mail");
     anyhow::ensure!(mail.subject.contains("SuanliBrokerNodeDown: Broker node b2:9464 is down"), "{}", mail.subject);
     // Alertmanager sends the group again (a second alert of the group): still one alert.
     post_alert(&am, None).await?;
@@ -114,7 +120,8 @@ async fn scenario(w: &World, dir: &std::path::Path, token_file: &std::path::Path
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     let ends = time_rfc3339(now);
     post_alert(&am, Some(&ends)).await?;
-    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { (mails_about(w, "ops_wang@suanli.test", "[Suanli] Resolved") == 1).then_some(()) }).await?;
+    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { (mails_about(w, "ops_wang@suanli.test", "[Suanli] Resolved") == 1).then_some(()) })
+        .await?;
     anyhow::ensure!(mails_about(w, "ops_wang@suanli.test", "[Suanli] Alert") == 1, "one alert mail, however often it was sent");
     // The auditor (who does not watch the platform) and the researcher heard nothing.
     for other in ["ops_audit@suanli.test", "res_zhou@example.cn"] {

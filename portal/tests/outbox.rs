@@ -58,7 +58,10 @@ async fn scenario(w: &mut World) -> anyhow::Result<()> {
     std::mem::replace(&mut w.portal, placeholder).service.kill().await?;
     w.portal = PortalProcess::start(&dir, &PortalOptions { smtp: Some(&w.smtp.address), ..PortalOptions::new(&endpoint, PLATFORM_TOKEN, &db_url) }).await?;
     let mail = w.smtp.wait_for("zhou.ba@example.cn", WAIT).await?;
-    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { (outbox_row("first").await?.try_get::<String, _>("state").ok()? == "sent").then_some(()) }).await?;
+    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
+        (outbox_row("first").await?.try_get::<String, _>("state").ok()? == "sent").then_some(())
+    })
+    .await?;
     assert_eq!(w.smtp.messages().iter().filter(|m| m.to.iter().any(|t| t == "zhou.ba@example.cn")).count(), 1, "delivered once");
     assert!(mail.message_id.starts_with("<m"));
 
@@ -66,14 +69,22 @@ async fn scenario(w: &mut World) -> anyhow::Result<()> {
     //    restart, with the same Message-ID, so the recipient's mail system sees one message.
     let old = std::mem::replace(
         &mut w.portal,
-        PortalProcess::start_env(&dir, &PortalOptions { smtp: Some(&w.smtp.address), ..PortalOptions::new(&endpoint, PLATFORM_TOKEN, &db_url) }, &[("SUANLI_PORTAL_FAILPOINT", "crash-after-send")]).await?,
+        PortalProcess::start_env(
+            &dir,
+            &PortalOptions { smtp: Some(&w.smtp.address), ..PortalOptions::new(&endpoint, PLATFORM_TOKEN, &db_url) },
+            &[("SUANLI_PORTAL_FAILPOINT", "crash-after-send")],
+        )
+        .await?,
     );
     old.service.kill().await?;
     let api = w.client();
     let (status, body) = api.post("/api/v1/accounts", registration("researcher", "wu_jiu", "wu.jiu@example.cn")).await?;
     anyhow::ensure!(status == reqwest::StatusCode::CREATED, "{body}");
     let first = w.smtp.wait_for("wu.jiu@example.cn", WAIT).await?;
-    let crashed = std::mem::replace(&mut w.portal, PortalProcess::start(&dir, &PortalOptions { smtp: Some(&w.smtp.address), ..PortalOptions::new(&endpoint, PLATFORM_TOKEN, &db_url) }).await?);
+    let crashed = std::mem::replace(
+        &mut w.portal,
+        PortalProcess::start(&dir, &PortalOptions { smtp: Some(&w.smtp.address), ..PortalOptions::new(&endpoint, PLATFORM_TOKEN, &db_url) }).await?,
+    );
     crashed.service.wait(WAIT).await.ok();
     let again = suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
         let copies: Vec<_> = w.smtp.messages().into_iter().filter(|m| m.to.iter().any(|t| t == "wu.jiu@example.cn")).collect();
@@ -82,6 +93,9 @@ async fn scenario(w: &mut World) -> anyhow::Result<()> {
     .await?;
     assert_eq!(again.message_id, first.message_id, "the redelivery is the same message");
     assert_eq!(again.text, first.text);
-    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { (outbox_row("second").await?.try_get::<String, _>("state").ok()? == "sent").then_some(()) }).await?;
+    suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
+        (outbox_row("second").await?.try_get::<String, _>("state").ok()? == "sent").then_some(())
+    })
+    .await?;
     Ok(())
 }

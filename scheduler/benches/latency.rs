@@ -58,17 +58,15 @@ async fn main() -> anyhow::Result<()> {
         .into_inner()
         .cluster_id;
     let mut researcher = broker.client(1, &researcher_token).await?;
-    let lease = researcher
-        .request_lease(suanli_testkit::fixtures::hourly_lease("lease", cluster, (nodes * 8) as u32))
-        .await?
-        .into_inner();
+    let lease = researcher.request_lease(suanli_testkit::fixtures::hourly_lease("lease", cluster, (nodes * 8) as u32)).await?.into_inner();
     supplier.activate_lease(v1::LeaseRef { request_id: "activate".into(), lease_id: lease.lease_id }).await?;
 
     let dir = tempfile::tempdir()?;
-    let args: Vec<String> = ["--broker", &endpoint, "--token", PLATFORM_TOKEN, "--name", "bench", "--policy", "las", "--round-ms", &round_ms.to_string(), "--lease-ttl-ms", "5000"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> =
+        ["--broker", &endpoint, "--token", PLATFORM_TOKEN, "--name", "bench", "--policy", "las", "--round-ms", &round_ms.to_string(), "--lease-ttl-ms", "5000"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     let _scheduler = Service::start("scheduler", Path::new(env!("CARGO_BIN_EXE_suanli-scheduler")), &args, &[], dir.path(), Duration::from_secs(20)).await?;
 
     let channel = suanli_proto::client::channel(&endpoint).await?;

@@ -86,12 +86,8 @@ mod tests {
             "inputs": [{ "name": "data.tar", "sha256": digest(1) }],
             "run": { "command": { "program": "/bin/true", "args": [] } },
         });
-        let job = v1::Job {
-            spec_json: spec.to_string(),
-            outputs: [("model".to_owned(), digest(2))].into(),
-            checkpoint_sha256: digest(3),
-            ..Default::default()
-        };
+        let job =
+            v1::Job { spec_json: spec.to_string(), outputs: [("model".to_owned(), digest(2))].into(), checkpoint_sha256: digest(3), ..Default::default() };
         let refs = referenced_by(&[job]);
         let want: HashSet<Digest> = [1u8, 2, 3].iter().map(|b| Digest([*b; 32])).collect();
         assert_eq!(refs, want);
@@ -99,7 +95,8 @@ mod tests {
 
     #[test]
     fn junk_in_a_job_is_no_reference_and_no_panic() {
-        let job = v1::Job { spec_json: "{".into(), outputs: [("x".to_owned(), "nope".to_owned())].into(), checkpoint_sha256: "ZZ".into(), ..Default::default() };
+        let job =
+            v1::Job { spec_json: "{".into(), outputs: [("x".to_owned(), "nope".to_owned())].into(), checkpoint_sha256: "ZZ".into(), ..Default::default() };
         assert!(referenced_by(&[job]).is_empty());
     }
 }

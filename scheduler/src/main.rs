@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
-use suanli_scheduling::{build, PolicyConfig, PolicyKind};
 use suanli_scheduler::service::{Config, Scheduler};
+use suanli_scheduling::{build, PolicyConfig, PolicyKind};
 
 /// The Suanli scheduler: places jobs on researchers' leased GPUs through the broker.
 #[derive(Parser)]
@@ -158,9 +158,11 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(!brokers.is_empty(), "--broker is required");
             let token = args.token.clone().context("--token (the platform token) is required")?;
             let s = &args.serve;
-            let name = s.name.clone().or(file.name.clone()).unwrap_or_else(|| {
-                std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "scheduler".into())
-            });
+            let name = s
+                .name
+                .clone()
+                .or(file.name.clone())
+                .unwrap_or_else(|| std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "scheduler".into()));
             let kind = s.policy.or(file.policy).unwrap_or(PolicyKind::Las);
             let config = Config {
                 brokers,
@@ -178,11 +180,12 @@ async fn main() -> anyhow::Result<()> {
                 let token = s.artifacts_token.clone().context("--artifacts-token is required with --artifacts-listen")?;
                 anyhow::ensure!(token.len() >= 16, "the artifact token must be at least 16 characters");
                 let store = suanli_artifacts::LocalStore::open(&dir, file.artifacts_max_bytes.unwrap_or(64 << 30))?;
-                let tls = match (s.artifacts_tls_cert.clone().or(file.artifacts_tls_cert.clone()), s.artifacts_tls_key.clone().or(file.artifacts_tls_key.clone())) {
-                    (Some(cert), Some(key)) => Some(suanli_artifacts::tls::load_server_config(&cert, &key)?),
-                    (None, None) => None,
-                    _ => anyhow::bail!("give both --artifacts-tls-cert and --artifacts-tls-key, or neither"),
-                };
+                let tls =
+                    match (s.artifacts_tls_cert.clone().or(file.artifacts_tls_cert.clone()), s.artifacts_tls_key.clone().or(file.artifacts_tls_key.clone())) {
+                        (Some(cert), Some(key)) => Some(suanli_artifacts::tls::load_server_config(&cert, &key)?),
+                        (None, None) => None,
+                        _ => anyhow::bail!("give both --artifacts-tls-cert and --artifacts-tls-key, or neither"),
+                    };
                 // Capabilities are bearer credentials: they cross a network only inside TLS.
                 anyhow::ensure!(
                     tls.is_some() || listen.ip().is_loopback(),

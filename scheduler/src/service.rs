@@ -164,15 +164,9 @@ impl Scheduler {
         for node in &view.silent_node_ids {
             self.silent_since.entry(*node).or_insert(now_instant);
         }
-        let lost_long_enough = |node: &suanli_types::NodeId| {
-            self.silent_since.get(&node.0).is_some_and(|t| now_instant.duration_since(*t) >= NODE_LOST_AFTER)
-        };
-        let mut stops: Vec<(JobId, JobEndReason)> = round
-            .stops
-            .iter()
-            .filter(|(_, r)| !matches!(r, JobEndReason::NodeLost(n) if !lost_long_enough(n)))
-            .cloned()
-            .collect();
+        let lost_long_enough = |node: &suanli_types::NodeId| self.silent_since.get(&node.0).is_some_and(|t| now_instant.duration_since(*t) >= NODE_LOST_AFTER);
+        let mut stops: Vec<(JobId, JobEndReason)> =
+            round.stops.iter().filter(|(_, r)| !matches!(r, JobEndReason::NodeLost(n) if !lost_long_enough(n))).cloned().collect();
         let mut freeing: BTreeSet<CardId> = BTreeSet::new();
         for d in &decisions {
             if let Decision::Preempt { job } = d {

@@ -8,10 +8,8 @@ use suanli_types::{DomainError, FieldError, JobSpec};
 /// The YAML is read as a plain document first and then mapped like JSON, so both spell the
 /// run's variant the same way (`run: {command: {...}}`) rather than as a YAML tag.
 pub fn parse(text: &str) -> Result<JobSpec, DomainError> {
-    let document: serde_json::Value =
-        serde_yaml::from_str(text).map_err(|e| DomainError::Invalid(vec![FieldError::new("spec", e.to_string())]))?;
-    let spec: JobSpec =
-        serde_json::from_value(document).map_err(|e| DomainError::Invalid(vec![FieldError::new("spec", e.to_string())]))?;
+    let document: serde_json::Value = serde_yaml::from_str(text).map_err(|e| DomainError::Invalid(vec![FieldError::new("spec", e.to_string())]))?;
+    let spec: JobSpec = serde_json::from_value(document).map_err(|e| DomainError::Invalid(vec![FieldError::new("spec", e.to_string())]))?;
     spec.validate()?;
     Ok(spec)
 }

@@ -8,8 +8,8 @@ mod support;
 use std::time::Duration;
 
 use suanli_proto::v1;
-use support::{World, POLL};
 use suanli_testkit::eventually;
+use support::{World, POLL};
 
 #[tokio::test]
 async fn the_cheapest_matching_cards_are_leased_for_a_job_and_released_after_it() {

@@ -107,7 +107,11 @@ async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
         .filter(|j| j.state != "succeeded")
         .map(|j| format!("job {} {} ({:?}) on nodes {:?}", j.job_id, j.state, j.end_reason, j.attempts.last().map(|a| &a.node_ids)))
         .collect();
-    assert!(unsuccessful.is_empty(), "{unsuccessful:#?}\nrecords:\n{}", std::fs::read_to_string(&record).unwrap_or_default().lines().take(20).collect::<Vec<_>>().join("\n"));
+    assert!(
+        unsuccessful.is_empty(),
+        "{unsuccessful:#?}\nrecords:\n{}",
+        std::fs::read_to_string(&record).unwrap_or_default().lines().take(20).collect::<Vec<_>>().join("\n")
+    );
 
     // The jobs' own records against the lease history.
     let recs = records(&record);
@@ -140,12 +144,7 @@ async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
         for pair in runs.windows(2) {
             let (a, b) = (pair[0], pair[1]);
             let overlap = a.end.unwrap_or(u128::MAX) > b.start;
-            assert!(
-                !overlap || (shared.contains(&a.job) && shared.contains(&b.job)),
-                "jobs {} and {} shared card {device} of node {node}",
-                a.job,
-                b.job
-            );
+            assert!(!overlap || (shared.contains(&a.job) && shared.contains(&b.job)), "jobs {} and {} shared card {device} of node {node}", a.job, b.job);
         }
     }
 
@@ -188,4 +187,3 @@ async fn two_hundred_jobs_run_only_on_leased_cards_and_are_charged_exactly() {
     let balance = researcher.get_balance(v1::GetBalanceRequest { account_id: 0, currency: String::new() }).await.expect("balance").into_inner();
     assert_eq!((balance.available_minor, balance.held_minor), (fixtures::RESEARCHER_FUNDS - expected_total, 0));
 }
-

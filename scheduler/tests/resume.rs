@@ -88,11 +88,8 @@ echo "trained for $step steps" > "$SUANLI_OUTPUT_DIR/model.txt""#,
     assert_eq!(attempts[0].end_reason.as_ref().map(|r| r.kind.as_str()), Some("card_lost"));
 
     // The job's own record: the second attempt started from where the first had got to.
-    let lines: Vec<Vec<u32>> = std::fs::read_to_string(&w.record)
-        .expect("record")
-        .lines()
-        .map(|l| l.split_whitespace().map(|f| f.parse().expect("number")).collect())
-        .collect();
+    let lines: Vec<Vec<u32>> =
+        std::fs::read_to_string(&w.record).expect("record").lines().map(|l| l.split_whitespace().map(|f| f.parse().expect("number")).collect()).collect();
     assert_eq!(lines.len(), attempts.len(), "one start per attempt: {lines:?}");
     assert_eq!(lines[0][2], 0, "the first attempt started from scratch");
     let resumed_at = lines.last().expect("last start")[2];

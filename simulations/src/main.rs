@@ -96,7 +96,8 @@ async fn run(members: usize, degree: usize, rounds: usize) -> anyhow::Result<Out
     // A few gossipsub heartbeats to form the meshes.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let startup = started.elapsed();
-    let copies_before: u64 = nodes.iter().map(|n| n.counters().announcements_applied.load(Ordering::Relaxed) + n.counters().announcements_known.load(Ordering::Relaxed)).sum();
+    let copies_before: u64 =
+        nodes.iter().map(|n| n.counters().announcements_applied.load(Ordering::Relaxed) + n.counters().announcements_known.load(Ordering::Relaxed)).sum();
     let messages_before: u64 = nodes.iter().map(|n| n.counters().messages_received.load(Ordering::Relaxed)).sum();
     let measured = Instant::now();
     let mut times = Vec::with_capacity(rounds);
@@ -114,7 +115,8 @@ async fn run(members: usize, degree: usize, rounds: usize) -> anyhow::Result<Out
         }
         times.push(t.elapsed());
     }
-    let copies_after: u64 = nodes.iter().map(|n| n.counters().announcements_applied.load(Ordering::Relaxed) + n.counters().announcements_known.load(Ordering::Relaxed)).sum();
+    let copies_after: u64 =
+        nodes.iter().map(|n| n.counters().announcements_applied.load(Ordering::Relaxed) + n.counters().announcements_known.load(Ordering::Relaxed)).sum();
     let copies_per_member = (copies_after - copies_before) as f64 / (members as f64 * rounds as f64);
     let messages_after: u64 = nodes.iter().map(|n| n.counters().messages_received.load(Ordering::Relaxed)).sum();
     let messages_per_member_second = (messages_after - messages_before) as f64 / (members as f64 * measured.elapsed().as_secs_f64());
@@ -131,7 +133,11 @@ fn svg(outcomes: &[Outcome]) -> String {
     out += &format!("<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n", h - pad, w - pad, h - pad);
     out += &format!("<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n", h - pad);
     out += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">members</text>\n", w / 2.0, h - 10.0);
-    out += &format!("<text x=\"12\" y=\"{}\" transform=\"rotate(-90 12 {})\" text-anchor=\"middle\">ms until every member has it (max of rounds)</text>\n", h / 2.0, h / 2.0);
+    out += &format!(
+        "<text x=\"12\" y=\"{}\" transform=\"rotate(-90 12 {})\" text-anchor=\"middle\">ms until every member has it (max of rounds)</text>\n",
+        h / 2.0,
+        h / 2.0
+    );
     out += &format!("<text x=\"{pad}\" y=\"{}\" text-anchor=\"end\">{max_ms:.0}</text>\n", pad + 4.0);
     let points: Vec<String> = outcomes
         .iter()

@@ -53,14 +53,21 @@ struct Target {
 impl Target {
     fn options(&self) -> Vec<String> {
         [
-            "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", &format!("UserKnownHostsFile={}", self.known_hosts.display()),
-            "-o", "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            &format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "-o",
+            "IdentitiesOnly=yes",
             // The same key exchange and cipher on both sides (both offer them).
-            "-o", "Ciphers=chacha20-poly1305@openssh.com",
-            "-o", "KexAlgorithms=curve25519-sha256",
-            "-i", &self.key.display().to_string(),
+            "-o",
+            "Ciphers=chacha20-poly1305@openssh.com",
+            "-o",
+            "KexAlgorithms=curve25519-sha256",
+            "-i",
+            &self.key.display().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -69,13 +76,8 @@ impl Target {
 
     async fn login(&self) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        let out = Command::new("ssh")
-            .args(self.options())
-            .args(["-p", &self.port.to_string()])
-            .arg(format!("{}@127.0.0.1", self.user))
-            .arg("true")
-            .output()
-            .await?;
+        let out =
+            Command::new("ssh").args(self.options()).args(["-p", &self.port.to_string()]).arg(format!("{}@127.0.0.1", self.user)).arg("true").output().await?;
         if !out.status.success() {
             bail!("{}: ssh failed: {}", self.name, said(&out));
         }
@@ -169,13 +171,7 @@ async fn main() -> anyhow::Result<()> {
         ms(base.login_median) / ms(ours.login_median)
     );
     println!("{:<28} {:>8.1}MiB/s {:>8.1}MiB/s {:>8.2}", "scp upload", mib_s(base.up), mib_s(ours.up), mib_s(ours.up) / mib_s(base.up));
-    println!(
-        "{:<28} {:>8.1}MiB/s {:>8.1}MiB/s {:>8.2}",
-        "scp download",
-        mib_s(base.down),
-        mib_s(ours.down),
-        mib_s(ours.down) / mib_s(base.down)
-    );
+    println!("{:<28} {:>8.1}MiB/s {:>8.1}MiB/s {:>8.2}", "scp download", mib_s(base.down), mib_s(ours.down), mib_s(ours.down) / mib_s(base.down));
     println!("ratios: gateway/sshd throughput (higher is better; target >= 0.8), sshd/gateway login time");
     node.end(&mut researcher, &login).await;
     Ok(())

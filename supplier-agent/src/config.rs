@@ -251,10 +251,7 @@ impl AgentConfig {
                 (None, Some(_)) => return Err(ConfigError::Invalid("an artifact token without the store's URL".into())),
             },
             enrollment_token: args.enrollment_token.clone().or(file.enrollment_token),
-            metrics_listen: args
-                .metrics_listen
-                .or(file.metrics_listen)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9400))),
+            metrics_listen: args.metrics_listen.or(file.metrics_listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9400))),
             hostname: args.hostname.clone().or(file.hostname),
             sample_interval: Duration::from_millis(args.sample_interval_ms.or(file.sample_interval_ms).unwrap_or(1000)),
             retain_samples: file.retain_samples.unwrap_or(600),
@@ -319,9 +316,10 @@ impl AgentConfig {
         if let Some(plain) = self.brokers.iter().find(|b| !b.starts_with("https://")) {
             return Err(ConfigError::Invalid(format!("broker endpoint {plain:?}: agents talk to the broker's agent port over TLS (https://HOST:PORT)")));
         }
-        let ca = self.broker_ca.as_ref().ok_or_else(|| {
-            ConfigError::Invalid("give the agent CA's certificate: --broker-ca, SUANLI_AGENT_BROKER_CA or [agent] broker_ca".into())
-        })?;
+        let ca = self
+            .broker_ca
+            .as_ref()
+            .ok_or_else(|| ConfigError::Invalid("give the agent CA's certificate: --broker-ca, SUANLI_AGENT_BROKER_CA or [agent] broker_ca".into()))?;
         std::fs::read_to_string(ca).map_err(|e| ConfigError::Read(ca.clone(), e))
     }
 
@@ -356,11 +354,7 @@ impl AgentConfig {
         }
         if suanli_telemetry::models::find(&self.simulated.model).is_none() {
             let known: Vec<&str> = suanli_telemetry::models::MODELS.iter().map(|m| m.name).collect();
-            return Err(ConfigError::Invalid(format!(
-                "unknown simulated model {:?}; known: {}",
-                self.simulated.model,
-                known.join(", ")
-            )));
+            return Err(ConfigError::Invalid(format!("unknown simulated model {:?}; known: {}", self.simulated.model, known.join(", "))));
         }
         Ok(())
     }
@@ -386,7 +380,6 @@ fn load(path: &Path) -> Result<FileAgent, ConfigError> {
     let parsed: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))?;
     Ok(parsed.agent.unwrap_or_default())
 }
-
 
 /// `https://` anywhere, `http://` only to this host's loopback.
 fn artifact_url_is_safe(url: &str) -> bool {
@@ -449,7 +442,9 @@ mod tests {
 
     #[test]
     fn capabilities_never_travel_in_plaintext_off_this_host() {
-        for url in ["http://store.example:8090", "http://10.0.0.5:8090", "ftp://x", "store:8090", "http://[::1]@evil.example/", "http://127.0.0.1@evil.example:80"] {
+        for url in
+            ["http://store.example:8090", "http://10.0.0.5:8090", "ftp://x", "store:8090", "http://[::1]@evil.example/", "http://127.0.0.1@evil.example:80"]
+        {
             let err = resolve(&["--artifacts-url", url]).err().unwrap_or_else(|| panic!("{url} must be refused"));
             assert!(err.to_string().contains("artifacts_url"), "{url}: {err}");
         }

@@ -100,7 +100,11 @@ pub fn check(config: &AccessConfig) -> Report {
     // keep other root programs on the node from doing so.
     for (name, label) in [("fs.protected_symlinks", "protected symlinks"), ("fs.protected_hardlinks", "protected hardlinks")] {
         let on = sysctl(name).as_deref() == Some("1");
-        checks.push(Check { name: label, state: State::Note, detail: format!("{name} = {}", sysctl(name).unwrap_or_else(|| "unknown".into())) + if on { "" } else { " (recommended: 1)" } });
+        checks.push(Check {
+            name: label,
+            state: State::Note,
+            detail: format!("{name} = {}", sysctl(name).unwrap_or_else(|| "unknown".into())) + if on { "" } else { " (recommended: 1)" },
+        });
     }
     checks.push(Check {
         name: "user database",

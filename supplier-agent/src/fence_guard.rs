@@ -156,12 +156,8 @@ mod tests {
     fn bytes_from_the_agent_are_not_its_going_away() {
         use std::io::Write;
         // A job that ends by itself with status 3 once its stdin says so.
-        let mut job = std::process::Command::new("sh")
-            .args(["-c", "read line; exit 3"])
-            .stdin(std::process::Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .expect("sh");
+        let mut job =
+            std::process::Command::new("sh").args(["-c", "read line; exit 3"]).stdin(std::process::Stdio::piped()).process_group(0).spawn().expect("sh");
         let started = crate::jobs::start_time(job.id()).expect("start time");
         let (mut read, mut write) = std::io::pipe().expect("pipe");
         let id = job.id();

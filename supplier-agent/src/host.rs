@@ -17,15 +17,11 @@ pub struct HostFacts {
 
 pub fn facts(hostname_override: Option<&str>) -> HostFacts {
     let cpuinfo = read("/proc/cpuinfo");
-    let cpu_model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_owned()))
-        .unwrap_or_default();
+    let cpu_model =
+        cpuinfo.lines().find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_owned())).unwrap_or_default();
     let vcpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count().max(1) as u32;
     let memory = meminfo(&read("/proc/meminfo"));
-    let hostname = hostname_override
-        .map(str::to_owned)
-        .unwrap_or_else(|| read("/proc/sys/kernel/hostname").trim().to_owned());
+    let hostname = hostname_override.map(str::to_owned).unwrap_or_else(|| read("/proc/sys/kernel/hostname").trim().to_owned());
     HostFacts {
         hostname,
         cpu_model,
@@ -41,10 +37,7 @@ fn read(path: &str) -> String {
 }
 
 fn os_release(text: &str) -> String {
-    text.lines()
-        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
-        .map(|v| v.trim_matches('"').to_owned())
-        .unwrap_or_else(|| "Linux".into())
+    text.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=")).map(|v| v.trim_matches('"').to_owned()).unwrap_or_else(|| "Linux".into())
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -126,9 +119,7 @@ impl NodeSampler {
     pub fn sample(&mut self) -> NodeReading {
         let cpu = cpu_times(&read("/proc/stat"));
         let cpu_utilization_permille = match (self.previous_cpu, cpu) {
-            (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
-                ((busy1.saturating_sub(busy0)) * 1000 / (total1 - total0)).min(1000) as u32
-            }
+            (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => ((busy1.saturating_sub(busy0)) * 1000 / (total1 - total0)).min(1000) as u32,
             _ => 0,
         };
         self.previous_cpu = cpu;

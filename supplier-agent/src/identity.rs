@@ -92,13 +92,7 @@ impl Identity {
 
 /// Returns the node's identity, enrolling with `token` if the state directory holds no
 /// certificate yet (or holds one the broker no longer accepts and a token is given).
-pub async fn establish(
-    endpoint: &str,
-    trust: &BrokerTls,
-    state_dir: &Path,
-    token: Option<&str>,
-    inventory: &NodeInventory,
-) -> Result<Identity, IdentityError> {
+pub async fn establish(endpoint: &str, trust: &BrokerTls, state_dir: &Path, token: Option<&str>, inventory: &NodeInventory) -> Result<Identity, IdentityError> {
     let state_error = |e| IdentityError::State(state_dir.to_owned(), e);
     std::fs::create_dir_all(state_dir).map_err(state_error)?;
     if let (Some(key), Some(cert)) = (read_file(&state_dir.join(KEY))?, read_file(&state_dir.join(CERTIFICATE))?) {

@@ -81,9 +81,9 @@ impl ArtifactStore {
     fn client(&self, capability: Option<&str>) -> Option<ArtifactClient> {
         let credential = capability.filter(|c| !c.is_empty()).or(self.token.as_deref())?;
         match (&self.ca_pem, self.url.starts_with("https://")) {
-            (Some(ca), true) => ArtifactClient::with_ca(&self.url, credential, ca)
-                .map_err(|e| tracing::error!(error = %e, "the artifact store's CA is unusable"))
-                .ok(),
+            (Some(ca), true) => {
+                ArtifactClient::with_ca(&self.url, credential, ca).map_err(|e| tracing::error!(error = %e, "the artifact store's CA is unusable")).ok()
+            }
             _ => Some(ArtifactClient::new(&self.url, credential)),
         }
     }
@@ -521,8 +521,7 @@ impl JobRunner {
         // and a new attempt waits while a process of another attempt still has its cards: the
         // broker may already have given them away (a requeue after this node looked silent),
         // but two attempts never run on one card at once here.
-        let wanted: BTreeSet<Key> =
-            jobs.iter().filter_map(|j| j.attempts.last().map(|a| (j.job_id, a.number))).collect();
+        let wanted: BTreeSet<Key> = jobs.iter().filter_map(|j| j.attempts.last().map(|a| (j.job_id, a.number))).collect();
         {
             // The latest capability of each attempt listed; those of attempts no longer listed
             // stay while the attempt is known here (its outputs may still be uploading).
@@ -819,9 +818,8 @@ async fn upload_from_lease(
     std::fs::create_dir_all(staging).map_err(|e| UploadError::Transient(format!("{}: {e}", staging.display())))?;
     let staged = staging.join(format!("{:016x}", rand::random::<u64>()));
     let copy_to = staged.clone();
-    let copied = tokio::task::spawn_blocking(move || dir.copy_out(&rel, limits.max_bytes, &copy_to))
-        .await
-        .map_err(|e| UploadError::Transient(e.to_string()))?;
+    let copied =
+        tokio::task::spawn_blocking(move || dir.copy_out(&rel, limits.max_bytes, &copy_to)).await.map_err(|e| UploadError::Transient(e.to_string()))?;
     match copied {
         Ok(true) => {}
         Ok(false) => return Ok(None),
@@ -835,13 +833,7 @@ async fn upload_from_lease(
 
 /// Downloads an artifact into `name` in a lease's directory: written as `name.partial`, a file
 /// root creates (never opens) and hands to the lease, renamed into place once verified.
-async fn download_into_lease(
-    store: &ArtifactClient,
-    digest: suanli_artifacts::Digest,
-    into: &LeaseDir,
-    name: &str,
-    deadline: Duration,
-) -> Result<(), String> {
+async fn download_into_lease(store: &ArtifactClient, digest: suanli_artifacts::Digest, into: &LeaseDir, name: &str, deadline: Duration) -> Result<(), String> {
     let partial = format!("{name}.partial");
     let file = into.create_file(&partial, 0o600).map_err(|e| e.to_string())?;
     let mut file = tokio::fs::File::from_std(file);

@@ -97,21 +97,13 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let identity = enroll(&config, &trust, &inventory).await?;
     let record = match &config.record {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("opening {}", path.display()))?,
-        ),
+        Some(path) => Some(std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))?),
         None => None,
     };
     let agent = Arc::new(Agent::new(facts.hostname.clone(), identity.node_id(), gpus, config.retain_samples, record));
     agent.full_telemetry.store(identity.node.full_telemetry, std::sync::atomic::Ordering::Relaxed);
 
-    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
-        .await
-        .with_context(|| format!("binding {}", config.metrics_listen))?;
+    let listener = tokio::net::TcpListener::bind(config.metrics_listen).await.with_context(|| format!("binding {}", config.metrics_listen))?;
     let metrics_addr = listener.local_addr()?;
     let app = exporter::router(agent.clone());
     tokio::spawn(async move {
@@ -128,7 +120,11 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             let host_key = access::gateway::host_key(&config.state_dir.join("ssh_host_ed25519_key"))?;
             let published = v1::NodeAccess {
                 ssh_host: config.ssh_advertise.clone().unwrap_or_else(|| {
-                    if ssh_addr.ip().is_unspecified() { facts.hostname.clone() } else { ssh_addr.ip().to_string() }
+                    if ssh_addr.ip().is_unspecified() {
+                        facts.hostname.clone()
+                    } else {
+                        ssh_addr.ip().to_string()
+                    }
                 }),
                 ssh_port: u32::from(ssh_addr.port()),
                 host_key: access::gateway::public_line(&host_key),
@@ -180,11 +176,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
 /// Establishes the node's identity with the first broker that answers, retrying while the
 /// brokers are unreachable (an agent may start before them).
-async fn enroll(
-    config: &AgentConfig,
-    trust: &identity::BrokerTls,
-    inventory: &suanli_types::NodeInventory,
-) -> anyhow::Result<identity::Identity> {
+async fn enroll(config: &AgentConfig, trust: &identity::BrokerTls, inventory: &suanli_types::NodeInventory) -> anyhow::Result<identity::Identity> {
     let mut backoff = Duration::from_millis(200);
     let mut attempt = 0usize;
     loop {

@@ -29,15 +29,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(retain: usize) -> Self {
-        Outbox {
-            samples: VecDeque::with_capacity(retain),
-            retain,
-            next_seq: 1,
-            sent_through: 0,
-            acked_through: 0,
-            dropped_unacked: 0,
-            connected_before: false,
-        }
+        Outbox { samples: VecDeque::with_capacity(retain), retain, next_seq: 1, sent_through: 0, acked_through: 0, dropped_unacked: 0, connected_before: false }
     }
 
     /// Assigns the next sequence number to `sample` and keeps it.
@@ -79,8 +71,7 @@ impl Outbox {
 
     /// The next batch to send (at most `max` samples), marked as sent.
     pub fn next_batch(&mut self, max: usize) -> Vec<v1::NodeSample> {
-        let batch: Vec<v1::NodeSample> =
-            self.samples.iter().filter(|s| s.seq > self.sent_through).take(max).cloned().collect();
+        let batch: Vec<v1::NodeSample> = self.samples.iter().filter(|s| s.seq > self.sent_through).take(max).cloned().collect();
         if let Some(last) = batch.last() {
             self.sent_through = last.seq;
         }

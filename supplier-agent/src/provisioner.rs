@@ -89,12 +89,7 @@ impl Provisioner {
             return Ok(()); // Class A: the supplier approves, nothing to confirm
         }
         let node_id = node.node.as_ref().map_or(0, |n| n.node_id);
-        let waiting: BTreeSet<u64> = node
-            .cards
-            .iter()
-            .filter(|c| c.status() == v1::CardStatus::Reserved && c.lease_id != 0)
-            .map(|c| c.lease_id)
-            .collect();
+        let waiting: BTreeSet<u64> = node.cards.iter().filter(|c| c.status() == v1::CardStatus::Reserved && c.lease_id != 0).map(|c| c.lease_id).collect();
         // Leases that moved on are forgotten, so the set stays as small as the node's leases.
         progress.confirmed.retain(|lease| waiting.contains(lease));
         let due: Vec<u64> = waiting.iter().filter(|l| ready.contains(l) && !progress.confirmed.contains(l)).copied().collect();

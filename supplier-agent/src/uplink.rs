@@ -40,12 +40,7 @@ pub async fn run(agent: Arc<Agent>, brokers: Vec<String>, tls: BrokerTls, max_ba
 }
 
 /// One connection: runs until the stream breaks.
-async fn stream_once(
-    agent: &Agent,
-    endpoint: &str,
-    tls: &BrokerTls,
-    max_batch: usize,
-) -> Result<std::convert::Infallible, String> {
+async fn stream_once(agent: &Agent, endpoint: &str, tls: &BrokerTls, max_batch: usize) -> Result<std::convert::Infallible, String> {
     let channel = tls.connect(endpoint).await.map_err(|e| e.to_string())?;
     let mut client = MonitoringServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<v1::TelemetryBatch>(IN_FLIGHT_BATCHES);

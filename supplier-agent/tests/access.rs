@@ -111,10 +111,7 @@ async fn ssh_scp_sftp_and_port_forwarding_run_as_the_lease_user() {
         .expect("ssh-audit is installed (ops/install-build-deps)");
     let report = text(&audit);
     assert!(report.contains("(kex) mlkem768x25519-sha256"), "ssh-audit:\n{report}");
-    let weak: Vec<&str> = report
-        .lines()
-        .filter(|l| l.contains("[fail]") || (l.contains("[warn]") && !l.contains("post-quantum")))
-        .collect();
+    let weak: Vec<&str> = report.lines().filter(|l| l.contains("[fail]") || (l.contains("[warn]") && !l.contains("post-quantum"))).collect();
     assert!(weak.is_empty(), "weak algorithms on offer: {weak:?}\n{report}");
 
     node.end(&mut alice, &login).await;

@@ -246,9 +246,7 @@ async fn leases_have_private_tmp_and_ipc_that_vanish_with_the_lease() {
     assert!(private.join("tmp").join(&marker).exists(), "alice's /tmp is her private folder");
     node.end(&mut alice, &a).await;
     // Removed right after the account (its processes dead, nothing mounted from it).
-    suanli_testkit::eventually(support::WAIT, support::POLL, || async { (!private.exists()).then_some(()) })
-        .await
-        .expect("and it goes with her lease");
+    suanli_testkit::eventually(support::WAIT, support::POLL, || async { (!private.exists()).then_some(()) }).await.expect("and it goes with her lease");
     node.end(&mut bob, &b).await;
 }
 
@@ -271,7 +269,8 @@ async fn a_session_runs_inside_its_leases_memory_and_cpu_limits() {
         (std::fs::read_to_string(root.join("memory/suanli").join(&login.login).join("memory.limit_in_bytes")).expect("limit"), quota)
     };
     // One card of two: at most 90 % of half the node.
-    let total_kib: u64 = std::fs::read_to_string("/proc/meminfo").expect("meminfo").lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).expect("MemTotal");
+    let total_kib: u64 =
+        std::fs::read_to_string("/proc/meminfo").expect("meminfo").lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).expect("MemTotal");
     let limit: u64 = memory.trim().parse().expect("a number, not max");
     assert!(limit <= total_kib * 1024 / 2, "memory limit {limit} within half of the node's {total_kib} KiB");
     let quota: i64 = cpu.split_whitespace().next().expect("quota").parse().expect("a number, not max");

@@ -7,18 +7,18 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::os::unix::fs::PermissionsExt;
 use suanli_proto::client::{bearer, Client};
 use suanli_proto::convert::{cluster_class_to_wire, listing_to_wire};
-use suanli_proto::v1::{self, monitoring_service_client::MonitoringServiceClient, supplier_service_client::SupplierServiceClient};
 use suanli_proto::decode_status;
+use suanli_proto::v1::AccountKind;
+use suanli_proto::v1::{self, monitoring_service_client::MonitoringServiceClient, supplier_service_client::SupplierServiceClient};
 use suanli_testkit::cluster::BrokerCluster;
 use suanli_testkit::fixtures::{self, register};
 use suanli_testkit::{eventually, workspace_binary, Service};
-use suanli_proto::v1::AccountKind;
 use suanli_types::{ClusterClass, ErrorCode};
 use tempfile::TempDir;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-use std::os::unix::fs::PermissionsExt;
 
 const SILENT_AFTER_MS: u64 = 2_000;
 const WAIT: Duration = Duration::from_secs(30);
@@ -78,12 +78,18 @@ impl Fleet {
         self.broker.client(1, &self.supplier_token).await.expect("supplier client")
     }
 
-    async fn supplier_service(&self, token: Option<&str>) -> SupplierServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>> {
+    async fn supplier_service(
+        &self,
+        token: Option<&str>,
+    ) -> SupplierServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>> {
         let channel = suanli_proto::client::channel(&self.endpoint()).await.expect("channel");
         SupplierServiceClient::with_interceptor(channel, bearer(token).expect("token"))
     }
 
-    async fn monitoring(&self, token: Option<&str>) -> MonitoringServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>> {
+    async fn monitoring(
+        &self,
+        token: Option<&str>,
+    ) -> MonitoringServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, suanli_proto::client::Bearer>> {
         let channel = suanli_proto::client::channel(&self.endpoint()).await.expect("channel");
         MonitoringServiceClient::with_interceptor(channel, bearer(token).expect("token"))
     }
@@ -136,9 +142,7 @@ impl Fleet {
         if let Some(token) = token {
             args.extend(["--enrollment-token".into(), token.into()]);
         }
-        Service::start(name, Path::new(env!("CARGO_BIN_EXE_suanli-agent")), &args, &[], self.dir.path(), WAIT)
-            .await
-            .expect("agent starts")
+        Service::start(name, Path::new(env!("CARGO_BIN_EXE_suanli-agent")), &args, &[], self.dir.path(), WAIT).await.expect("agent starts")
     }
 
     /// Publishes the agents' nodes as one Class B cluster; returns its ID.
@@ -466,9 +470,7 @@ async fn telemetry_aggregates_equal_what_the_agents_sent_and_bad_samples_are_ref
     let mut supplier = fleet.monitoring(Some(&fleet.supplier_token)).await;
     // The live subscription sees samples of the cluster's nodes.
     let mut live = supplier
-        .subscribe_telemetry(v1::SubscribeTelemetryRequest {
-            scope: Some(v1::subscribe_telemetry_request::Scope::ClusterId(cluster)),
-        })
+        .subscribe_telemetry(v1::SubscribeTelemetryRequest { scope: Some(v1::subscribe_telemetry_request::Scope::ClusterId(cluster)) })
         .await
         .expect("subscribe")
         .into_inner();
@@ -496,10 +498,7 @@ async fn telemetry_aggregates_equal_what_the_agents_sent_and_bad_samples_are_ref
 }
 
 fn health_of(cards: &[v1::Card], node: u64, index: u32) -> (v1::CardStatus, v1::CardHealth) {
-    let card = cards
-        .iter()
-        .find(|c| c.node_id == node && c.spec.as_ref().is_some_and(|s| s.index == index))
-        .expect("card");
+    let card = cards.iter().find(|c| c.node_id == node && c.spec.as_ref().is_some_and(|s| s.index == index)).expect("card");
     (card.status(), card.health())
 }
 

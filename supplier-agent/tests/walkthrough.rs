@@ -57,11 +57,7 @@ fn place_checkout(into: &Path) -> PathBuf {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned();
     let checkout = into.join("suanli");
     std::fs::create_dir_all(&checkout).expect("checkout dir");
-    let copy = format!(
-        "tar -C {} --exclude=./.git --exclude=./.dev -cf - . | tar -C {} -xpf -",
-        shell_quote(&source),
-        shell_quote(&checkout)
-    );
+    let copy = format!("tar -C {} --exclude=./.git --exclude=./.dev -cf - . | tar -C {} -xpf -", shell_quote(&source), shell_quote(&checkout));
     let out = std::process::Command::new("sh").args(["-c", &copy]).output().expect("tar");
     assert!(out.status.success(), "copying the checkout: {}", String::from_utf8_lossy(&out.stderr));
     checkout

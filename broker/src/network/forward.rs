@@ -22,11 +22,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::{BoxFuture, FutureExt};
-use tracing::Instrument;
 use tonic::body::Body;
 use tonic::transport::Channel;
 use tower_layer::Layer;
 use tower_service::Service;
+use tracing::Instrument;
 
 use suanli_pki::{certificate_fingerprint, KeyFingerprint};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -234,12 +234,9 @@ where
                         Ok(response) => Ok(response),
                         // The leader is unreachable: say so the way every other unavailability
                         // is said, so clients retry with the same request ID.
-                        Err(e) => Ok(suanli_proto::error::status(
-                            suanli_types::ErrorCode::Unavailable,
-                            format!("cannot reach the leader: {e}"),
-                            &[],
-                        )
-                        .into_http()),
+                        Err(e) => {
+                            Ok(suanli_proto::error::status(suanli_types::ErrorCode::Unavailable, format!("cannot reach the leader: {e}"), &[]).into_http())
+                        }
                     }
                 })
             }

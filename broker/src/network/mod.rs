@@ -18,10 +18,7 @@ use std::sync::Arc;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
-};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -59,10 +56,7 @@ fn encode<T: Serialize>(value: &T, wire_format: u32) -> Result<RaftMessage, post
 
 fn decode<T: DeserializeOwned>(message: &RaftMessage) -> Result<T, String> {
     if !(OLDEST_WIRE_FORMAT..=WIRE_FORMAT_VERSION).contains(&message.format_version) {
-        return Err(format!(
-            "raft wire format {} received, this node speaks {OLDEST_WIRE_FORMAT} to {WIRE_FORMAT_VERSION}",
-            message.format_version
-        ));
+        return Err(format!("raft wire format {} received, this node speaks {OLDEST_WIRE_FORMAT} to {WIRE_FORMAT_VERSION}", message.format_version));
     }
     postcard::from_bytes(&message.payload).map_err(|e| e.to_string())
 }
@@ -215,18 +209,13 @@ impl PeerClient {
         E: std::error::Error + DeserializeOwned,
     {
         let unreachable = |why: String| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(why)));
-        let client = self
-            .client
-            .clone()
-            .ok_or_else(|| unreachable(format!("node {} has a bad address, or this node has no peer port", self.target)))?;
-        let message =
-            encode(req, wire_format_of(self.cluster_format.get())).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let client = self.client.clone().ok_or_else(|| unreachable(format!("node {} has a bad address, or this node has no peer port", self.target)))?;
+        let message = encode(req, wire_format_of(self.cluster_format.get())).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = Request::new(message);
         request.set_timeout(option.hard_ttl());
         let response = send(client, request).await.map_err(|status| unreachable(status.to_string()))?;
         self.peer_formats.record(self.target, response.get_ref().newest_store_format);
-        let result: Result<Resp, E> =
-            decode(response.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&std::io::Error::other(e))))?;
+        let result: Result<Resp, E> = decode(response.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&std::io::Error::other(e))))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -244,16 +233,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>> {
         self.call(&rpc, &option, async |mut c, r| c.install_snapshot(r).await).await
     }
 
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<NodeId>,
-        option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(&rpc, &option, async |mut c, r| c.vote(r).await).await
     }
 }

@@ -84,9 +84,10 @@ impl ClusterAdmin for Admin {
         self.require_platform(&request).await?;
         // Everything committed before the call is in it: only a leader that has just confirmed
         // its leadership and applied all it committed exports.
-        self.shared.linearizable().await.map_err(|e| {
-            status(ErrorCode::Unavailable, format!("this node cannot vouch its state is current ({e}); ask the leader"), &[])
-        })?;
+        self.shared
+            .linearizable()
+            .await
+            .map_err(|e| status(ErrorCode::Unavailable, format!("this node cannot vouch its state is current ({e}); ask the leader"), &[]))?;
         let (data, position) = self.shared.sm.export().map_err(|e| status(ErrorCode::Internal, e.to_string(), &[]))?;
         let header = v1::StateChunk {
             store_format: crate::storage::FORMAT_VERSION,
@@ -97,10 +98,8 @@ impl ClusterAdmin for Admin {
             data: Vec::new(),
         };
         tracing::info!(target: "audit", index = header.last_applied_index, bytes = header.total_bytes, "state exported for a backup");
-        let chunks: Vec<Result<v1::StateChunk, Status>> = std::iter::once(header)
-            .chain(data.chunks(EXPORT_CHUNK_BYTES).map(|c| v1::StateChunk { data: c.to_vec(), ..Default::default() }))
-            .map(Ok)
-            .collect();
+        let chunks: Vec<Result<v1::StateChunk, Status>> =
+            std::iter::once(header).chain(data.chunks(EXPORT_CHUNK_BYTES).map(|c| v1::StateChunk { data: c.to_vec(), ..Default::default() })).map(Ok).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
@@ -142,11 +141,7 @@ impl ClusterAdmin for Admin {
         self.require_platform(&request).await?;
         let id = request.into_inner().node_id;
         let _turn = self.shared.membership_turn.lock().await;
-        self.shared
-            .raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-            .map_err(raft_error)?;
+        self.shared.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(raft_error)?;
         Ok(Response::new(self.status()))
     }
 
@@ -156,21 +151,11 @@ impl ClusterAdmin for Admin {
         let _turn = self.shared.membership_turn.lock().await;
         let voter = self.shared.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
         if voter {
-            self.shared
-                .raft
-                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-                .await
-                .map_err(raft_error)?;
+            self.shared.raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await.map_err(raft_error)?;
         } else {
-            self.shared
-                .raft
-                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-                .await
-                .map_err(raft_error)?;
+            self.shared.raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await.map_err(raft_error)?;
         }
-        self.shared
-            .propose(Caller::Platform, &format!("retire-broker-node-{id}"), Command::RetireBrokerNode { node: id })
-            .await?;
+        self.shared.propose(Caller::Platform, &format!("retire-broker-node-{id}"), Command::RetireBrokerNode { node: id }).await?;
         Ok(Response::new(self.status()))
     }
 }

@@ -43,7 +43,8 @@ pub fn evaluation(sm: &StateMachineStore, lease: LeaseId) -> Result<Option<Servi
 /// oldest first, optionally within a month; at most `max` of the archived ones (the hot ones
 /// are bounded by the retention).
 pub fn transactions_of(sm: &StateMachineStore, holder: AccountId, month: Option<Month>, after: u64, max: usize) -> Result<Vec<Transaction>, StoreError> {
-    let (hot, archived) = sm.read(|s| (s.transactions_of(holder, month).into_iter().filter(|t| t.id > after).cloned().collect::<Vec<_>>(), s.ledger_archived()));
+    let (hot, archived) =
+        sm.read(|s| (s.transactions_of(holder, month).into_iter().filter(|t| t.id > after).cloned().collect::<Vec<_>>(), s.ledger_archived()));
     let bounds = month.map(Month::bounds);
     let in_month = |tx: &Transaction| bounds.is_none_or(|(start, end)| tx.at >= start && tx.at < end);
     let mut lines = sm.archive().transactions_of(holder, after, archived, in_month, max)?;

@@ -4,16 +4,13 @@ use std::pin::Pin;
 
 use futures::Stream;
 use suanli_proto::convert::{
-    account_kind_from_wire, billing_mode_from_wire, card_status_from_wire, catalogue_filter_from_wire,
-    cluster_class_from_wire, end_reason_from_wire, inventory_from_wire, listing_from_wire,
+    account_kind_from_wire, billing_mode_from_wire, card_status_from_wire, catalogue_filter_from_wire, cluster_class_from_wire, end_reason_from_wire,
+    inventory_from_wire, listing_from_wire,
 };
 use suanli_proto::to_status;
 use suanli_proto::v1::{self, broker_server::Broker};
 use suanli_types::error::EntityKind;
-use suanli_types::{
-    AccountId, Caller, CardId, ClusterId, DomainError, LeaseId, LeaseUnit, NodeId, PageRequest, SecretHash,
-    SshPublicKey,
-};
+use suanli_types::{AccountId, Caller, CardId, ClusterId, DomainError, LeaseId, LeaseUnit, NodeId, PageRequest, SecretHash, SshPublicKey};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::jobs::billing;
 use super::paging::Page;
-use super::{auth_code_domain, invalid, may_see_lease, Consistency, now, random_secret, wire, Shared, TOKEN_DOMAIN};
+use super::{auth_code_domain, invalid, may_see_lease, now, random_secret, wire, Consistency, Shared, TOKEN_DOMAIN};
 use crate::state::{Command, Response as Applied};
 
 pub struct BrokerApi {
@@ -72,10 +69,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchResponse, Status>> 
 
 #[tonic::async_trait]
 impl Broker for BrokerApi {
-    async fn register_account(
-        &self,
-        request: Request<v1::RegisterAccountRequest>,
-    ) -> Result<Response<v1::RegisterAccountResponse>, Status> {
+    async fn register_account(&self, request: Request<v1::RegisterAccountRequest>) -> Result<Response<v1::RegisterAccountResponse>, Status> {
         self.shared
             .observe("RegisterAccount", async {
                 let caller = self.shared.caller(&request).await?;
@@ -89,23 +83,16 @@ impl Broker for BrokerApi {
                     return Err(invalid("token", "32 to 256 printable ASCII characters, or empty"));
                 };
                 let token_hash = SecretHash::of(TOKEN_DOMAIN, &token);
-                let applied =
-                    self.shared.propose(caller, &req.request_id, Command::RegisterAccount { kind, token_hash }).await?;
+                let applied = self.shared.propose(caller, &req.request_id, Command::RegisterAccount { kind, token_hash }).await?;
                 let Applied::Account(id) = applied else { return Err(unexpected(&applied)) };
                 // A retried request returns the first answer; its token was shown then.
                 let ours = self.shared.sm.read(|s| s.account(id).is_some_and(|a| a.token_hash.matches(&token_hash)));
-                Ok(Response::new(v1::RegisterAccountResponse {
-                    account_id: id.0,
-                    token: if ours { token } else { String::new() },
-                }))
+                Ok(Response::new(v1::RegisterAccountResponse { account_id: id.0, token: if ours { token } else { String::new() } }))
             })
             .await
     }
 
-    async fn add_ssh_key(
-        &self,
-        request: Request<v1::AddSshKeyRequest>,
-    ) -> Result<Response<v1::AddSshKeyResponse>, Status> {
+    async fn add_ssh_key(&self, request: Request<v1::AddSshKeyRequest>) -> Result<Response<v1::AddSshKeyResponse>, Status> {
         self.shared
             .observe("AddSshKey", async {
                 let caller = self.shared.caller(&request).await?;
@@ -131,10 +118,7 @@ impl Broker for BrokerApi {
             .await
     }
 
-    async fn rotate_account_token(
-        &self,
-        request: Request<v1::RotateAccountTokenRequest>,
-    ) -> Result<Response<v1::RotateAccountTokenResponse>, Status> {
+    async fn rotate_account_token(&self, request: Request<v1::RotateAccountTokenRequest>) -> Result<Response<v1::RotateAccountTokenResponse>, Status> {
         self.shared
             .observe("RotateAccountToken", async {
                 let caller = self.shared.caller(&request).await?;
@@ -164,10 +148,7 @@ impl Broker for BrokerApi {
             .await
     }
 
-    async fn publish_cluster(
-        &self,
-        request: Request<v1::PublishClusterRequest>,
-    ) -> Result<Response<v1::Cluster>, Status> {
+    async fn publish_cluster(&self, request: Request<v1::PublishClusterRequest>) -> Result<Response<v1::Cluster>, Status> {
         self.shared
             .observe("PublishCluster", async {
                 let caller = self.shared.caller(&request).await?;
@@ -186,8 +167,7 @@ impl Broker for BrokerApi {
                     (_, Err(e)) => return Err(to_status(&e)),
                 };
                 let nodes = req.node_ids.into_iter().map(NodeId).collect();
-                let applied =
-                    self.shared.propose(caller, &req.request_id, Command::PublishCluster { class, nodes, listing }).await?;
+                let applied = self.shared.propose(caller, &req.request_id, Command::PublishCluster { class, nodes, listing }).await?;
                 self.cluster_reply(applied)
             })
             .await
@@ -200,8 +180,7 @@ impl Broker for BrokerApi {
                 let req = request.into_inner();
                 let cluster = ClusterId(required_id("cluster_id", req.cluster_id)?);
                 let listing = listing_from_wire(req.listing).map_err(|e| to_status(&e))?;
-                let applied =
-                    self.shared.propose(caller, &req.request_id, Command::ModifyCluster { cluster, listing }).await?;
+                let applied = self.shared.propose(caller, &req.request_id, Command::ModifyCluster { cluster, listing }).await?;
                 self.cluster_reply(applied)
             })
             .await
@@ -229,10 +208,7 @@ impl Broker for BrokerApi {
             .await
     }
 
-    async fn approve_lease(
-        &self,
-        request: Request<v1::ApproveLeaseRequest>,
-    ) -> Result<Response<v1::ApproveLeaseResponse>, Status> {
+    async fn approve_lease(&self, request: Request<v1::ApproveLeaseRequest>) -> Result<Response<v1::ApproveLeaseResponse>, Status> {
         self.shared
             .observe("ApproveLease", async {
                 let caller = self.shared.caller(&request).await?;
@@ -249,16 +225,10 @@ impl Broker for BrokerApi {
                 };
                 let code = random_secret(16);
                 let code_hash = SecretHash::of(&auth_code_domain(lease), &code);
-                let applied = self
-                    .shared
-                    .propose(caller, &req.request_id, Command::ApproveLease { lease, code_hash, code_expires_at })
-                    .await?;
+                let applied = self.shared.propose(caller, &req.request_id, Command::ApproveLease { lease, code_hash, code_expires_at }).await?;
                 let Applied::Lease(l) = applied else { return Err(unexpected(&applied)) };
                 let ours = l.auth_code.as_ref().is_some_and(|a| a.hash.matches(&code_hash));
-                Ok(Response::new(v1::ApproveLeaseResponse {
-                    lease: Some(wire::lease(&l)),
-                    authorization_code: if ours { code } else { String::new() },
-                }))
+                Ok(Response::new(v1::ApproveLeaseResponse { lease: Some(wire::lease(&l)), authorization_code: if ours { code } else { String::new() } }))
             })
             .await
     }
@@ -280,8 +250,7 @@ impl Broker for BrokerApi {
                 let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let cluster = ClusterId(required_id("cluster_id", req.cluster_id)?);
-                let billing_mode =
-                    billing_mode_from_wire(req.billing_mode).ok_or_else(|| invalid("billing_mode", "required"))?;
+                let billing_mode = billing_mode_from_wire(req.billing_mode).ok_or_else(|| invalid("billing_mode", "required"))?;
                 let unit = match (req.node_ids.is_empty(), req.cards) {
                     (false, 0) => LeaseUnit::Nodes(req.node_ids.into_iter().map(NodeId).collect()),
                     (true, n) if n > 0 => LeaseUnit::Cards(n),
@@ -293,10 +262,7 @@ impl Broker for BrokerApi {
             .await
     }
 
-    async fn verify_auth_code(
-        &self,
-        request: Request<v1::VerifyAuthCodeRequest>,
-    ) -> Result<Response<v1::Lease>, Status> {
+    async fn verify_auth_code(&self, request: Request<v1::VerifyAuthCodeRequest>) -> Result<Response<v1::Lease>, Status> {
         self.shared
             .observe("VerifyAuthCode", async {
                 let caller = self.shared.caller(&request).await?;
@@ -337,32 +303,20 @@ impl Broker for BrokerApi {
             .await
     }
 
-    async fn list_catalogue(
-        &self,
-        request: Request<v1::ListCatalogueRequest>,
-    ) -> Result<Response<v1::ListCatalogueResponse>, Status> {
+    async fn list_catalogue(&self, request: Request<v1::ListCatalogueRequest>) -> Result<Response<v1::ListCatalogueResponse>, Status> {
         self.shared
             .observe("ListCatalogue", async {
                 let consistency = Consistency::of(&request);
                 self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let filter = catalogue_filter_from_wire(&req).map_err(|e| to_status(&e))?;
-                let page = PageRequest {
-                    after: (req.page_after_cluster_id > 0).then_some(ClusterId(req.page_after_cluster_id)),
-                    limit: req.page_size,
-                };
+                let page = PageRequest { after: (req.page_after_cluster_id > 0).then_some(ClusterId(req.page_after_cluster_id)), limit: req.page_size };
                 let (clusters, next) = self
                     .shared
-                    .read(consistency, |s| {
-                        s.catalogue(&filter, &page)
-                            .map(|(page, next)| (page.iter().map(wire::cluster).collect::<Vec<_>>(), next))
-                    })
+                    .read(consistency, |s| s.catalogue(&filter, &page).map(|(page, next)| (page.iter().map(wire::cluster).collect::<Vec<_>>(), next)))
                     .await?
                     .map_err(|e| to_status(&e))?;
-                Ok(Response::new(v1::ListCatalogueResponse {
-                    clusters,
-                    next_page_after_cluster_id: next.map_or(0, |c| c.0),
-                }))
+                Ok(Response::new(v1::ListCatalogueResponse { clusters, next_page_after_cluster_id: next.map_or(0, |c| c.0) }))
             })
             .await
     }
@@ -406,9 +360,7 @@ impl Broker for BrokerApi {
                 let id = LeaseId(required_id("lease_id", request.get_ref().lease_id)?);
                 // Also what ended long ago: the archive keeps it.
                 self.shared
-                    .read_with_archive(consistency, |sm| {
-                        Ok(super::archived::lease(sm, id)?.filter(|l| may_see_lease(&caller, l)).map(|l| wire::lease(&l)))
-                    })
+                    .read_with_archive(consistency, |sm| Ok(super::archived::lease(sm, id)?.filter(|l| may_see_lease(&caller, l)).map(|l| wire::lease(&l))))
                     .await?
                     .map(Response::new)
                     .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Lease, id)))
@@ -431,10 +383,7 @@ impl Broker for BrokerApi {
             .await
     }
 
-    async fn issue_ssh_certificate(
-        &self,
-        request: Request<v1::IssueSshCertificateRequest>,
-    ) -> Result<Response<v1::SshCertificate>, Status> {
+    async fn issue_ssh_certificate(&self, request: Request<v1::IssueSshCertificateRequest>) -> Result<Response<v1::SshCertificate>, Status> {
         self.shared
             .observe("IssueSshCertificate", async {
                 let caller = self.shared.caller(&request).await?;
@@ -448,7 +397,11 @@ impl Broker for BrokerApi {
                     }
                     s => u64::from(s),
                 };
-                let ca = self.shared.ssh_ca.clone().ok_or_else(|| suanli_proto::error::status(suanli_types::ErrorCode::Internal, "this broker node holds no SSH user CA", &[]))?;
+                let ca = self
+                    .shared
+                    .ssh_ca
+                    .clone()
+                    .ok_or_else(|| suanli_proto::error::status(suanli_types::ErrorCode::Internal, "this broker node holds no SSH user CA", &[]))?;
                 // Who may log in where, from a linearizable view of the lease.
                 let (principals, paid_until) = self
                     .shared
@@ -482,20 +435,12 @@ impl Broker for BrokerApi {
                     })
                     .map_err(|e| invalid("public_key", &e.to_string()))?;
                 tracing::info!(%lease, serial, "ssh certificate issued");
-                Ok(Response::new(v1::SshCertificate {
-                    certificate,
-                    serial,
-                    principals,
-                    valid_before_ms: (valid_until * 1000) as i64,
-                }))
+                Ok(Response::new(v1::SshCertificate { certificate, serial, principals, valid_before_ms: (valid_until * 1000) as i64 }))
             })
             .await
     }
 
-    async fn revoke_ssh_certificate(
-        &self,
-        request: Request<v1::RevokeSshCertificateRequest>,
-    ) -> Result<Response<v1::Lease>, Status> {
+    async fn revoke_ssh_certificate(&self, request: Request<v1::RevokeSshCertificateRequest>) -> Result<Response<v1::Lease>, Status> {
         self.shared
             .observe("RevokeSshCertificate", async {
                 let caller = self.shared.caller(&request).await?;
@@ -507,10 +452,7 @@ impl Broker for BrokerApi {
             .await
     }
 
-    async fn set_lease_password(
-        &self,
-        request: Request<v1::SetLeasePasswordRequest>,
-    ) -> Result<Response<v1::LeasePassword>, Status> {
+    async fn set_lease_password(&self, request: Request<v1::SetLeasePasswordRequest>) -> Result<Response<v1::LeasePassword>, Status> {
         self.shared
             .observe("SetLeasePassword", async {
                 let caller = self.shared.caller(&request).await?;
@@ -527,10 +469,7 @@ impl Broker for BrokerApi {
             .await
     }
 
-    async fn list_leases(
-        &self,
-        request: Request<v1::ListLeasesRequest>,
-    ) -> Result<Response<v1::ListLeasesResponse>, Status> {
+    async fn list_leases(&self, request: Request<v1::ListLeasesRequest>) -> Result<Response<v1::ListLeasesResponse>, Status> {
         self.shared
             .observe("ListLeases", async {
                 let consistency = Consistency::of(&request);
@@ -595,10 +534,7 @@ impl Broker for BrokerApi {
         billing::get_balance(&self.shared, request).await
     }
 
-    async fn list_transactions(
-        &self,
-        request: Request<v1::ListTransactionsRequest>,
-    ) -> Result<Response<v1::ListTransactionsResponse>, Status> {
+    async fn list_transactions(&self, request: Request<v1::ListTransactionsRequest>) -> Result<Response<v1::ListTransactionsResponse>, Status> {
         billing::list_transactions(&self.shared, request).await
     }
 
@@ -606,10 +542,7 @@ impl Broker for BrokerApi {
         billing::get_statement(&self.shared, request).await
     }
 
-    async fn get_service_evaluation(
-        &self,
-        request: Request<v1::GetServiceEvaluationRequest>,
-    ) -> Result<Response<v1::ServiceEvaluation>, Status> {
+    async fn get_service_evaluation(&self, request: Request<v1::GetServiceEvaluationRequest>) -> Result<Response<v1::ServiceEvaluation>, Status> {
         billing::get_service_evaluation(&self.shared, request).await
     }
 
@@ -629,10 +562,7 @@ impl Broker for BrokerApi {
         super::remote_leases::get(&self.shared, request).await
     }
 
-    async fn list_remote_leases(
-        &self,
-        request: Request<v1::ListRemoteLeasesRequest>,
-    ) -> Result<Response<v1::ListRemoteLeasesResponse>, Status> {
+    async fn list_remote_leases(&self, request: Request<v1::ListRemoteLeasesRequest>) -> Result<Response<v1::ListRemoteLeasesResponse>, Status> {
         super::remote_leases::list(&self.shared, request).await
     }
 
@@ -650,13 +580,7 @@ impl Broker for BrokerApi {
     }
 }
 
-pub(crate) async fn set_card_status(
-    shared: &Shared,
-    caller: Caller,
-    request_id: &str,
-    card: u64,
-    status: i32,
-) -> Result<Response<v1::Card>, Status> {
+pub(crate) async fn set_card_status(shared: &Shared, caller: Caller, request_id: &str, card: u64, status: i32) -> Result<Response<v1::Card>, Status> {
     let card = CardId(required_id("card_id", card)?);
     let status = card_status_from_wire(status).ok_or_else(|| invalid("status", "required"))?;
     match shared.propose(caller, request_id, Command::SetCardStatus { card, status }).await? {

@@ -4,22 +4,19 @@
 use std::collections::BTreeMap;
 
 use suanli_proto::convert::{
-    billing_mode_to_wire, job_end_reason_from_wire, lease_state_to_wire, job_end_reason_to_wire, money_from_wire, money_to_wire, transaction_to_wire,
+    billing_mode_to_wire, job_end_reason_from_wire, job_end_reason_to_wire, lease_state_to_wire, money_from_wire, money_to_wire, transaction_to_wire,
 };
 use suanli_proto::to_status;
 use suanli_proto::v1::{self, job_service_server::JobService};
 use suanli_types::error::EntityKind;
-use suanli_types::{
-    AccountId, CardHealth, CardId, Caller, Currency, DomainError, JobId, JobSpec, LeaseId, LeaseState, LedgerAccount, Month,
-    TransactionKind,
-};
+use suanli_types::{AccountId, Caller, CardHealth, CardId, Currency, DomainError, JobId, JobSpec, LeaseId, LeaseState, LedgerAccount, Month, TransactionKind};
 use tonic::{Request, Response, Status};
 
 use super::broker_api::unexpected;
 use super::paging::Page;
 use super::{archived, invalid, may_see_lease, now, Consistency, Shared};
-use crate::storage::{StateMachineStore, StoreError};
 use crate::state::{Command, Job, Response as Applied, State};
+use crate::storage::{StateMachineStore, StoreError};
 
 pub struct Jobs {
     shared: Shared,
@@ -208,31 +205,23 @@ impl JobService for Jobs {
             .await
     }
 
-    async fn acquire_scheduler_lease(
-        &self,
-        request: Request<v1::AcquireSchedulerLeaseRequest>,
-    ) -> Result<Response<v1::SchedulerLease>, Status> {
+    async fn acquire_scheduler_lease(&self, request: Request<v1::AcquireSchedulerLeaseRequest>) -> Result<Response<v1::SchedulerLease>, Status> {
         self.shared
             .observe("AcquireSchedulerLease", async {
                 let caller = self.shared.caller(&request).await?;
                 let req = request.into_inner();
                 let command = Command::AcquireSchedulerLease { holder: req.holder, ttl_ms: req.ttl_ms };
                 match self.shared.propose(caller, &req.request_id, command).await? {
-                    Applied::SchedulerLease(l) => Ok(Response::new(v1::SchedulerLease {
-                        holder: l.holder,
-                        epoch: l.epoch,
-                        expires_at_ms: l.expires_at.millis(),
-                    })),
+                    Applied::SchedulerLease(l) => {
+                        Ok(Response::new(v1::SchedulerLease { holder: l.holder, epoch: l.epoch, expires_at_ms: l.expires_at.millis() }))
+                    }
                     other => Err(unexpected(&other)),
                 }
             })
             .await
     }
 
-    async fn get_scheduling_view(
-        &self,
-        request: Request<v1::GetSchedulingViewRequest>,
-    ) -> Result<Response<v1::SchedulingView>, Status> {
+    async fn get_scheduling_view(&self, request: Request<v1::GetSchedulingViewRequest>) -> Result<Response<v1::SchedulingView>, Status> {
         self.shared
             .observe("GetSchedulingView", async {
                 let consistency = Consistency::of(&request);
@@ -284,10 +273,7 @@ impl JobService for Jobs {
             .await
     }
 
-    async fn list_node_jobs(
-        &self,
-        request: Request<v1::ListNodeJobsRequest>,
-    ) -> Result<Response<v1::ListNodeJobsResponse>, Status> {
+    async fn list_node_jobs(&self, request: Request<v1::ListNodeJobsRequest>) -> Result<Response<v1::ListNodeJobsResponse>, Status> {
         self.shared
             .observe("ListNodeJobs", async {
                 let consistency = Consistency::of(&request);
@@ -343,10 +329,7 @@ impl JobService for Jobs {
             .await
     }
 
-    async fn report_job_progress(
-        &self,
-        request: Request<v1::ReportJobProgressRequest>,
-    ) -> Result<Response<v1::ReportJobProgressResponse>, Status> {
+    async fn report_job_progress(&self, request: Request<v1::ReportJobProgressRequest>) -> Result<Response<v1::ReportJobProgressResponse>, Status> {
         self.shared
             .observe("ReportJobProgress", async {
                 let caller = self.shared.caller(&request).await?;
@@ -359,10 +342,7 @@ impl JobService for Jobs {
             .await
     }
 
-    async fn report_job_checkpoint(
-        &self,
-        request: Request<v1::ReportJobCheckpointRequest>,
-    ) -> Result<Response<v1::Job>, Status> {
+    async fn report_job_checkpoint(&self, request: Request<v1::ReportJobCheckpointRequest>) -> Result<Response<v1::Job>, Status> {
         self.shared
             .observe("ReportJobCheckpoint", async {
                 let caller = self.shared.caller(&request).await?;
@@ -394,8 +374,7 @@ pub fn scheduling_view(s: &State) -> v1::SchedulingView {
             });
         }
     }
-    let silent: std::collections::BTreeSet<u64> =
-        s.cards().filter(|c| c.health == CardHealth::AgentSilent).map(|c| c.node.0).collect();
+    let silent: std::collections::BTreeSet<u64> = s.cards().filter(|c| c.health == CardHealth::AgentSilent).map(|c| c.node.0).collect();
     let auto_leases = s
         .leases()
         .filter(|l| l.state.is_live())
@@ -464,12 +443,10 @@ pub fn statement(sm: &StateMachineStore, account: AccountId, month: Month, curre
     let (start, _) = month.bounds();
     let mine = [LedgerAccount::Available(account), LedgerAccount::Earnings(account)];
     let every_line = archived::transactions_of(sm, account, None, 0, usize::MAX)?;
-    let opening: i64 = every_line
-        .iter()
-        .filter(|tx| tx.at < start && tx.currency == *currency)
-        .map(|tx| mine.iter().map(|a| tx.net_for(*a)).sum::<i64>())
-        .sum();
-    let mut st = v1::Statement { account_id: account.0, month: month.to_string(), currency: currency.as_str().into(), opening_minor: opening, ..Default::default() };
+    let opening: i64 =
+        every_line.iter().filter(|tx| tx.at < start && tx.currency == *currency).map(|tx| mine.iter().map(|a| tx.net_for(*a)).sum::<i64>()).sum();
+    let mut st =
+        v1::Statement { account_id: account.0, month: month.to_string(), currency: currency.as_str().into(), opening_minor: opening, ..Default::default() };
     let mut lines: BTreeMap<LeaseId, v1::StatementLine> = BTreeMap::new();
     let (start, end) = month.bounds();
     for tx in every_line.iter().filter(|tx| tx.at >= start && tx.at < end && tx.currency == *currency) {
@@ -513,12 +490,7 @@ pub fn statement(sm: &StateMachineStore, account: AccountId, month: Month, curre
     st.jobs = archived::jobs_of(sm, account)?
         .iter()
         .filter(|j| j.ended_at.is_some_and(|t| t >= start && t < end))
-        .map(|j| v1::JobCost {
-            job_id: j.id.0,
-            name: j.spec.name.clone(),
-            card_ms: j.attained_card_ms,
-            cost_minor: j.cost_minor,
-        })
+        .map(|j| v1::JobCost { job_id: j.id.0, name: j.spec.name.clone(), card_ms: j.attained_card_ms, cost_minor: j.cost_minor })
         .collect();
     Ok(st)
 }
@@ -598,8 +570,7 @@ pub mod billing {
             .await
     }
 
-    pub async fn list_transactions(shared: &Shared, request: Request<v1::ListTransactionsRequest>,
-    ) -> Result<Response<v1::ListTransactionsResponse>, Status> {
+    pub async fn list_transactions(shared: &Shared, request: Request<v1::ListTransactionsRequest>) -> Result<Response<v1::ListTransactionsResponse>, Status> {
         shared
             .observe("ListTransactions", async {
                 let consistency = Consistency::of(&request);
@@ -636,8 +607,7 @@ pub mod billing {
             .await
     }
 
-    pub async fn get_service_evaluation(shared: &Shared, request: Request<v1::GetServiceEvaluationRequest>,
-    ) -> Result<Response<v1::ServiceEvaluation>, Status> {
+    pub async fn get_service_evaluation(shared: &Shared, request: Request<v1::GetServiceEvaluationRequest>) -> Result<Response<v1::ServiceEvaluation>, Status> {
         shared
             .observe("GetServiceEvaluation", async {
                 let consistency = Consistency::of(&request);

@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
+use suanli_proto::client::ACTING_OPERATOR_HEADER;
 use suanli_proto::error::status;
 use suanli_proto::to_status;
-use suanli_proto::client::ACTING_OPERATOR_HEADER;
 use suanli_types::{Caller, DomainError, ErrorCode, OperatorRole, RequestId, SecretHash, Timestamp};
 use tonic::{Request, Status};
 
@@ -90,13 +90,7 @@ impl Default for DepositLimits {
 }
 
 impl Shared {
-    pub fn new(
-        raft: Arc<Raft>,
-        sm: StateMachineStore,
-        platform_token: &str,
-        metrics: Arc<Metrics>,
-        agent_ca: Option<Arc<suanli_pki::Ca>>,
-    ) -> Self {
+    pub fn new(raft: Arc<Raft>, sm: StateMachineStore, platform_token: &str, metrics: Arc<Metrics>, agent_ca: Option<Arc<suanli_pki::Ca>>) -> Self {
         Shared {
             raft,
             sm,
@@ -147,9 +141,7 @@ impl Shared {
         if let Some(found) = self.sm.read(&find) {
             return Ok(found);
         }
-        self.linearizable().await.map_err(|e| {
-            status(ErrorCode::Unavailable, format!("cannot confirm the credential on this node now ({e}); retry"), &[])
-        })?;
+        self.linearizable().await.map_err(|e| status(ErrorCode::Unavailable, format!("cannot confirm the credential on this node now ({e}); retry"), &[]))?;
         self.sm.read(&find).ok_or_else(|| to_status(&DomainError::Unauthenticated(why.into())))
     }
 
@@ -159,10 +151,7 @@ impl Shared {
             let hash = southbound::agent_key_hash(key);
             return self.sm.read(|s| s.node_by_agent_credential(&hash)).map(Caller::Agent).ok_or(Unknown::Agent(hash));
         }
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| unauthenticated("send `authorization: Bearer <token>`"))?;
+        let header = request.metadata().get("authorization").ok_or_else(|| unauthenticated("send `authorization: Bearer <token>`"))?;
         let token = header
             .to_str()
             .ok()
@@ -238,9 +227,7 @@ impl Shared {
         if self.sm.read(|s| s.precheck(caller, request_id, command)).is_ok() {
             return Ok(());
         }
-        self.linearizable()
-            .await
-            .map_err(|e| status(ErrorCode::Unavailable, format!("cannot check the request on this node now ({e}); retry"), &[]))?;
+        self.linearizable().await.map_err(|e| status(ErrorCode::Unavailable, format!("cannot check the request on this node now ({e}); retry"), &[]))?;
         self.sm.read(|s| s.precheck(caller, request_id, command)).map_err(|e| {
             self.metrics.refused_before_proposal.inc();
             to_status(&e)
@@ -330,10 +317,7 @@ pub enum Consistency {
 
 impl Consistency {
     pub fn of<T>(request: &Request<T>) -> Consistency {
-        let stale = request
-            .metadata()
-            .get(crate::network::forward::READ_HEADER)
-            .is_some_and(|v| v.as_bytes() == b"stale");
+        let stale = request.metadata().get(crate::network::forward::READ_HEADER).is_some_and(|v| v.as_bytes() == b"stale");
         if stale {
             Consistency::Stale
         } else {

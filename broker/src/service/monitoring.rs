@@ -9,7 +9,7 @@ use futures::{Stream, StreamExt};
 use suanli_proto::to_status;
 use suanli_proto::v1::{self, monitoring_service_server::MonitoringService};
 use suanli_types::error::EntityKind;
-use suanli_types::{CardId, Caller, ClusterClass, ClusterId, DomainError, FieldError, NodeId};
+use suanli_types::{Caller, CardId, ClusterClass, ClusterId, DomainError, FieldError, NodeId};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -54,12 +54,7 @@ struct NodeView {
 fn node_view(s: &State, node: NodeId) -> Option<NodeView> {
     let n = s.node(node)?;
     let class = n.cluster.and_then(|c| s.cluster(c)).map(|c| c.class);
-    let cards = n
-        .cards
-        .iter()
-        .filter_map(|id| s.card(*id))
-        .map(|c| (c.spec.index, c.id, c.spec.vram_mib, c.health))
-        .collect();
+    let cards = n.cards.iter().filter_map(|id| s.card(*id)).map(|c| (c.spec.index, c.id, c.spec.vram_mib, c.health)).collect();
     Some(NodeView { node, cards, full_telemetry: class != Some(ClusterClass::A) })
 }
 
@@ -145,12 +140,7 @@ impl Irmds {
                     if c.present {
                         self.telemetry.note_ecc_uncorrected(id, c.ecc_uncorrected, sample.at_ms);
                     }
-                    let observation = Observation {
-                        present: c.present,
-                        temperature_c: c.temperature_c,
-                        last_critical_xid_ms: None,
-                        at_ms: sample.at_ms,
-                    };
+                    let observation = Observation { present: c.present, temperature_c: c.temperature_c, last_critical_xid_ms: None, at_ms: sample.at_ms };
                     match latest.iter_mut().find(|(card, _)| *card == id) {
                         Some(slot) => slot.1 = observation,
                         None => latest.push((id, observation)),
@@ -193,9 +183,7 @@ impl Irmds {
                 return Ok(vec![(c.node, card)]);
             }
             Scope::Node(node) => vec![node],
-            Scope::Cluster(cluster) => {
-                s.cluster(cluster).ok_or(DomainError::not_found(EntityKind::Cluster, cluster))?.nodes.clone()
-            }
+            Scope::Cluster(cluster) => s.cluster(cluster).ok_or(DomainError::not_found(EntityKind::Cluster, cluster))?.nodes.clone(),
         };
         let mut cards = Vec::new();
         for node in nodes {
@@ -257,26 +245,16 @@ impl MonitoringService for Irmds {
     type StreamTelemetryStream = AckStream;
     type SubscribeTelemetryStream = LiveStream;
 
-    async fn stream_telemetry(
-        &self,
-        request: Request<Streaming<v1::TelemetryBatch>>,
-    ) -> Result<Response<AckStream>, Status> {
+    async fn stream_telemetry(&self, request: Request<Streaming<v1::TelemetryBatch>>) -> Result<Response<AckStream>, Status> {
         let Caller::Agent(node) = self.shared.caller(&request).await? else {
             return Err(to_status(&DomainError::PermissionDenied("only enrolled agents stream telemetry".into())));
         };
-        let view = self
-            .shared
-            .sm
-            .read(|s| node_view(s, node))
-            .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Node, node)))?;
+        let view = self.shared.sm.read(|s| node_view(s, node)).ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Node, node)))?;
         let mut batches = request.into_inner();
         // One ack in flight per batch: a full channel stops reading the agent's stream, and
         // HTTP/2 flow control pushes back to the agent.
         let (tx, rx) = mpsc::channel(4);
-        let first = v1::TelemetryAck {
-            stored_through_seq: self.telemetry.store().stored_through(node),
-            full_telemetry: view.full_telemetry,
-        };
+        let first = v1::TelemetryAck { stored_through_seq: self.telemetry.store().stored_through(node), full_telemetry: view.full_telemetry };
         let ingest = Irmds { shared: self.shared.clone(), telemetry: self.telemetry.clone() };
         tokio::spawn(async move {
             if tx.send(Ok(first)).await.is_err() {
@@ -296,9 +274,7 @@ impl MonitoringService for Irmds {
                     view = fresh;
                 }
                 let outcome = validate_batch(&view, &batch, now().millis()).map(|()| ingest.ingest(&view, &batch));
-                let reply = outcome
-                    .map(|seq| v1::TelemetryAck { stored_through_seq: seq, full_telemetry: view.full_telemetry })
-                    .map_err(|e| to_status(&e));
+                let reply = outcome.map(|seq| v1::TelemetryAck { stored_through_seq: seq, full_telemetry: view.full_telemetry }).map_err(|e| to_status(&e));
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
                     return;
@@ -308,10 +284,7 @@ impl MonitoringService for Irmds {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn query_telemetry(
-        &self,
-        request: Request<v1::QueryTelemetryRequest>,
-    ) -> Result<Response<v1::QueryTelemetryResponse>, Status> {
+    async fn query_telemetry(&self, request: Request<v1::QueryTelemetryRequest>) -> Result<Response<v1::QueryTelemetryResponse>, Status> {
         self.shared
             .observe("QueryTelemetry", async {
                 let consistency = Consistency::of(&request);
@@ -331,44 +304,27 @@ impl MonitoringService for Irmds {
                 if (to_ms - req.from_ms) / step_ms > MAX_QUERY_POINTS {
                     return Err(super::invalid("step_seconds", "at most 10000 steps per query; use a larger step"));
                 }
-                let cards = self
-                    .shared
-                    .read(consistency, |s| self.scoped_cards(s, &caller, scope))
-                    .await?
-                    .map_err(|e| to_status(&e))?;
+                let cards = self.shared.read(consistency, |s| self.scoped_cards(s, &caller, scope)).await?.map_err(|e| to_status(&e))?;
                 let (step, series) = self.telemetry.store().query(&cards, req.from_ms, to_ms, step_ms);
                 let cards = cards
                     .iter()
                     .zip(series)
-                    .map(|((node, card), buckets)| v1::CardSeries {
-                        card_id: card.0,
-                        node_id: node.0,
-                        points: buckets.iter().map(point).collect(),
-                    })
+                    .map(|((node, card), buckets)| v1::CardSeries { card_id: card.0, node_id: node.0, points: buckets.iter().map(point).collect() })
                     .collect();
                 Ok(Response::new(v1::QueryTelemetryResponse { step_seconds: (step / 1000) as u32, cards }))
             })
             .await
     }
 
-    async fn subscribe_telemetry(
-        &self,
-        request: Request<v1::SubscribeTelemetryRequest>,
-    ) -> Result<Response<LiveStream>, Status> {
+    async fn subscribe_telemetry(&self, request: Request<v1::SubscribeTelemetryRequest>) -> Result<Response<LiveStream>, Status> {
         let caller = self.shared.caller(&request).await?;
         let scope = match request.get_ref().scope {
             Some(v1::subscribe_telemetry_request::Scope::NodeId(id)) => Scope::Node(NodeId(id)),
             Some(v1::subscribe_telemetry_request::Scope::ClusterId(id)) => Scope::Cluster(ClusterId(id)),
             None => return Err(super::invalid("scope", "name a node or cluster")),
         };
-        let nodes: Vec<NodeId> = self
-            .shared
-            .sm
-            .read(|s| self.scoped_cards(s, &caller, scope))
-            .map_err(|e| to_status(&e))?
-            .into_iter()
-            .map(|(node, _)| node)
-            .collect();
+        let nodes: Vec<NodeId> =
+            self.shared.sm.read(|s| self.scoped_cards(s, &caller, scope)).map_err(|e| to_status(&e))?.into_iter().map(|(node, _)| node).collect();
         let mut live = self.telemetry.subscribe();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {

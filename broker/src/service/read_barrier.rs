@@ -94,10 +94,7 @@ mod tests {
         let rounds = rounds.lock().expect("rounds").clone();
         assert!(rounds.len() <= 2, "{} rounds for 100 concurrent reads", rounds.len());
         for (arrived, answered) in served {
-            assert!(
-                rounds.iter().any(|(began, ended)| *began >= arrived && *ended <= answered),
-                "a read was answered without a round begun after it arrived"
-            );
+            assert!(rounds.iter().any(|(began, ended)| *began >= arrived && *ended <= answered), "a read was answered without a round begun after it arrived");
         }
     }
 
@@ -113,12 +110,14 @@ mod tests {
     async fn a_failed_round_fails_the_readers_that_waited_for_it_and_a_later_one_tries_again() {
         let barrier = Arc::new(ReadBarrier::default());
         let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let failing = |rounds: Arc<std::sync::atomic::AtomicU64>| move || {
-            let rounds = rounds.clone();
-            async move {
-                rounds.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                Err::<(), _>("no quorum".to_owned())
+        let failing = |rounds: Arc<std::sync::atomic::AtomicU64>| {
+            move || {
+                let rounds = rounds.clone();
+                async move {
+                    rounds.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Err::<(), _>("no quorum".to_owned())
+                }
             }
         };
         let readers: Vec<_> = (0..10)

@@ -4,10 +4,7 @@
 use suanli_proto::convert::inventory_from_wire;
 use suanli_proto::error::status;
 use suanli_proto::to_status;
-use suanli_proto::v1::{
-    self, supplier_service_server::SupplierService,
-    task_service_server::TaskService,
-};
+use suanli_proto::v1::{self, supplier_service_server::SupplierService, task_service_server::TaskService};
 use suanli_types::error::EntityKind;
 use suanli_types::{Caller, ClusterClass, DomainError, ErrorCode, LeaseId, NodeId, SecretHash};
 use tonic::{Request, Response, Status};
@@ -46,10 +43,7 @@ impl Icpcss {
 
 #[tonic::async_trait]
 impl SupplierService for Icpcss {
-    async fn create_enrollment_token(
-        &self,
-        request: Request<v1::CreateEnrollmentTokenRequest>,
-    ) -> Result<Response<v1::CreateEnrollmentTokenResponse>, Status> {
+    async fn create_enrollment_token(&self, request: Request<v1::CreateEnrollmentTokenRequest>) -> Result<Response<v1::CreateEnrollmentTokenResponse>, Status> {
         self.shared
             .observe("CreateEnrollmentToken", async {
                 let caller = self.shared.caller(&request).await?;
@@ -62,18 +56,13 @@ impl SupplierService for Icpcss {
                 let token = format!("SLE-{}", random_secret(32));
                 let token_hash = SecretHash::of(ENROLLMENT_DOMAIN, &token);
                 let expires_at = now().plus_seconds(valid);
-                self.shared
-                    .propose(caller, &req.request_id, Command::IssueEnrollmentToken { token_hash, expires_at })
-                    .await?;
+                self.shared.propose(caller, &req.request_id, Command::IssueEnrollmentToken { token_hash, expires_at }).await?;
                 Ok(Response::new(v1::CreateEnrollmentTokenResponse { token, expires_at_ms: expires_at.millis() }))
             })
             .await
     }
 
-    async fn enroll_agent(
-        &self,
-        request: Request<v1::EnrollAgentRequest>,
-    ) -> Result<Response<v1::EnrollAgentResponse>, Status> {
+    async fn enroll_agent(&self, request: Request<v1::EnrollAgentRequest>) -> Result<Response<v1::EnrollAgentResponse>, Status> {
         self.shared
             .observe("EnrollAgent", async {
                 let req = request.into_inner();
@@ -82,34 +71,27 @@ impl SupplierService for Icpcss {
                 }
                 let key = suanli_pki::csr_fingerprint(&req.csr_pem)
                     .map_err(|e| invalid("csr_pem", &format!("a PKCS#10 signing request (PEM) for the agent's key: {e}")))?;
-                let ca = self.shared.agent_ca.as_ref().ok_or_else(|| {
-                    status(ErrorCode::Internal, "this broker node holds no agent CA ([broker] agent_ca_cert, agent_ca_key)", &[])
-                })?;
+                let ca = self
+                    .shared
+                    .agent_ca
+                    .as_ref()
+                    .ok_or_else(|| status(ErrorCode::Internal, "this broker node holds no agent CA ([broker] agent_ca_cert, agent_ca_key)", &[]))?;
                 let inventory = inventory_from_wire(req.inventory).map_err(|e| to_status(&e))?;
                 // Only a token's holder writes to the log, in a request-ID space of its own: a
                 // stranger can neither append nor take IDs the broker or another holder uses.
                 let token_hash = SecretHash::of(ENROLLMENT_DOMAIN, &req.enrollment_token);
                 let issued = move |s: &crate::state::State| s.enrollment_token_issued(&token_hash).then_some(());
                 self.shared.confirm_absent(issued, "enrollment token unknown, already used or expired").await?;
-                let command = Command::EnrollAgent {
-                    token_hash,
-                    credential_hash: agent_key_hash(&key),
-                    inventory,
-                };
+                let command = Command::EnrollAgent { token_hash, credential_hash: agent_key_hash(&key), inventory };
                 let node = match self.shared.propose(Caller::Enrollee(token_hash), &req.request_id, command).await? {
                     Applied::Node(n) => n,
                     other => return Err(unexpected(&other)),
                 };
                 // Signed after the commit, which named the node. A retried enrollment gets a
                 // new certificate for the same key: the key is what the broker recognises.
-                let certificate_pem = ca
-                    .sign_agent(&req.csr_pem, node.id.0)
-                    .map_err(|e| status(ErrorCode::Internal, format!("signing the agent certificate: {e}"), &[]))?;
-                Ok(Response::new(v1::EnrollAgentResponse {
-                    node: Some(wire::node(&node)),
-                    certificate_pem,
-                    ca_certificate_pem: ca.cert_pem().to_owned(),
-                }))
+                let certificate_pem =
+                    ca.sign_agent(&req.csr_pem, node.id.0).map_err(|e| status(ErrorCode::Internal, format!("signing the agent certificate: {e}"), &[]))?;
+                Ok(Response::new(v1::EnrollAgentResponse { node: Some(wire::node(&node)), certificate_pem, ca_certificate_pem: ca.cert_pem().to_owned() }))
             })
             .await
     }
@@ -125,10 +107,7 @@ impl SupplierService for Icpcss {
             .await
     }
 
-    async fn get_agent_node(
-        &self,
-        request: Request<v1::GetAgentNodeRequest>,
-    ) -> Result<Response<v1::AgentNode>, Status> {
+    async fn get_agent_node(&self, request: Request<v1::GetAgentNodeRequest>) -> Result<Response<v1::AgentNode>, Status> {
         self.shared
             .observe("GetAgentNode", async {
                 let consistency = Consistency::of(&request);
@@ -147,10 +126,7 @@ impl SupplierService for Icpcss {
             .await
     }
 
-    async fn report_card_status(
-        &self,
-        request: Request<v1::ReportCardStatusRequest>,
-    ) -> Result<Response<v1::Card>, Status> {
+    async fn report_card_status(&self, request: Request<v1::ReportCardStatusRequest>) -> Result<Response<v1::Card>, Status> {
         self.shared
             .observe("ReportCardStatus", async {
                 let caller = self.shared.caller(&request).await?;
@@ -160,10 +136,7 @@ impl SupplierService for Icpcss {
             .await
     }
 
-    async fn confirm_provisioned(
-        &self,
-        request: Request<v1::ConfirmProvisionedRequest>,
-    ) -> Result<Response<v1::Lease>, Status> {
+    async fn confirm_provisioned(&self, request: Request<v1::ConfirmProvisionedRequest>) -> Result<Response<v1::Lease>, Status> {
         self.shared
             .observe("ConfirmProvisioned", async {
                 let caller = self.shared.caller(&request).await?;
@@ -174,10 +147,7 @@ impl SupplierService for Icpcss {
             .await
     }
 
-    async fn report_node_access(
-        &self,
-        request: Request<v1::ReportNodeAccessRequest>,
-    ) -> Result<Response<v1::Node>, Status> {
+    async fn report_node_access(&self, request: Request<v1::ReportNodeAccessRequest>) -> Result<Response<v1::Node>, Status> {
         self.shared
             .observe("ReportNodeAccess", async {
                 let Caller::Agent(node) = self.shared.caller(&request).await? else {
@@ -185,17 +155,13 @@ impl SupplierService for Icpcss {
                 };
                 let req = request.into_inner();
                 let wire = req.access.unwrap_or_default();
-                let access = suanli_types::NodeAccess::new(&wire.ssh_host, wire.ssh_port, &wire.host_key, &wire.login_prefix)
-                    .map_err(|e| to_status(&e))?;
+                let access = suanli_types::NodeAccess::new(&wire.ssh_host, wire.ssh_port, &wire.host_key, &wire.login_prefix).map_err(|e| to_status(&e))?;
                 node_reply(self.shared.propose(Caller::Agent(node), &req.request_id, Command::SetNodeAccess { node, access }).await?)
             })
             .await
     }
 
-    async fn list_assigned_leases(
-        &self,
-        request: Request<v1::ListAssignedLeasesRequest>,
-    ) -> Result<Response<v1::ListAssignedLeasesResponse>, Status> {
+    async fn list_assigned_leases(&self, request: Request<v1::ListAssignedLeasesRequest>) -> Result<Response<v1::ListAssignedLeasesResponse>, Status> {
         self.shared
             .observe("ListAssignedLeases", async {
                 let consistency = Consistency::of(&request);
@@ -204,12 +170,7 @@ impl SupplierService for Icpcss {
                 };
                 let leases = self
                     .shared
-                    .read(consistency, |s| {
-                        s.leases_of(supplier)
-                            .filter(|l| l.supplier == supplier && l.state.is_live())
-                            .map(wire::lease)
-                            .collect()
-                    })
+                    .read(consistency, |s| s.leases_of(supplier).filter(|l| l.supplier == supplier && l.state.is_live()).map(wire::lease).collect())
                     .await?;
                 Ok(Response::new(v1::ListAssignedLeasesResponse { leases }))
             })

@@ -1,8 +1,8 @@
 //! Broker model → wire messages. (Types owned by `suanli-types` convert in `suanli-proto`.)
 
 use suanli_proto::convert::{
-    account_kind_to_wire, billing_mode_to_wire, card_health_to_wire, card_spec_to_wire, card_status_to_wire, cluster_class_to_wire,
-    end_reason_to_wire, inventory_to_wire, job_end_reason_to_wire, lease_state_to_wire, listing_to_wire, money_to_wire,
+    account_kind_to_wire, billing_mode_to_wire, card_health_to_wire, card_spec_to_wire, card_status_to_wire, cluster_class_to_wire, end_reason_to_wire,
+    inventory_to_wire, job_end_reason_to_wire, lease_state_to_wire, listing_to_wire, money_to_wire,
 };
 use suanli_proto::v1;
 use suanli_types::{ClusterState, LeaseUnit, NodeId};
@@ -146,11 +146,9 @@ pub fn event(e: &Event) -> v1::Event {
             researcher_id: researcher.0,
             state: remote_lease_state_to_wire(*state) as i32,
         }),
-        Event::NodeEnrolled { node, supplier, cards } => Kind::NodeEnrolled(v1::NodeEnrolled {
-            node_id: node.0,
-            supplier_id: supplier.0,
-            card_ids: cards.iter().map(|c| c.0).collect(),
-        }),
+        Event::NodeEnrolled { node, supplier, cards } => {
+            Kind::NodeEnrolled(v1::NodeEnrolled { node_id: node.0, supplier_id: supplier.0, card_ids: cards.iter().map(|c| c.0).collect() })
+        }
         Event::ClusterPublished { cluster, cpc } => Kind::ClusterPublished(changed(cluster.0, cpc.as_str().into(), 1)),
         Event::ClusterModified { cluster, revision } => Kind::ClusterModified(changed(cluster.0, String::new(), *revision)),
         Event::ClusterDelisted { cluster } => Kind::ClusterDelisted(changed(cluster.0, String::new(), 0)),
@@ -166,25 +164,17 @@ pub fn event(e: &Event) -> v1::Event {
             to: lease_state_to_wire(*to),
             reason: reason.map_or(0, end_reason_to_wire),
         }),
-        Event::LeaseExtended { lease, periods, paid_until } => Kind::LeaseExtended(v1::LeaseExtended {
-            lease_id: lease.0,
-            periods: *periods,
-            paid_until_ms: paid_until.millis(),
-        }),
-        Event::AuthCodeRejected { lease, attempts_left } => {
-            Kind::AuthCodeRejected(v1::AuthCodeRejected { lease_id: lease.0, attempts_left: *attempts_left })
+        Event::LeaseExtended { lease, periods, paid_until } => {
+            Kind::LeaseExtended(v1::LeaseExtended { lease_id: lease.0, periods: *periods, paid_until_ms: paid_until.millis() })
         }
-        Event::AgentEnrolled { node, supplier, reenrolled } => Kind::AgentEnrolled(v1::AgentEnrolled {
-            node_id: node.0,
-            supplier_id: supplier.0,
-            reenrolled: *reenrolled,
-        }),
+        Event::AuthCodeRejected { lease, attempts_left } => Kind::AuthCodeRejected(v1::AuthCodeRejected { lease_id: lease.0, attempts_left: *attempts_left }),
+        Event::AgentEnrolled { node, supplier, reenrolled } => {
+            Kind::AgentEnrolled(v1::AgentEnrolled { node_id: node.0, supplier_id: supplier.0, reenrolled: *reenrolled })
+        }
         Event::AgentRevoked { node } => Kind::AgentRevoked(v1::AgentRevoked { node_id: node.0 }),
-        Event::CardHealthChanged { card, from, to } => Kind::CardHealthChanged(v1::CardHealthChanged {
-            card_id: card.0,
-            from: card_health_to_wire(*from),
-            to: card_health_to_wire(*to),
-        }),
+        Event::CardHealthChanged { card, from, to } => {
+            Kind::CardHealthChanged(v1::CardHealthChanged { card_id: card.0, from: card_health_to_wire(*from), to: card_health_to_wire(*to) })
+        }
         Event::JobStateChanged { job, owner, from, to, attempt, reason } => Kind::JobStateChanged(v1::JobStateChanged {
             job_id: job.0,
             owner_id: owner.0,
@@ -193,14 +183,10 @@ pub fn event(e: &Event) -> v1::Event {
             attempt: *attempt,
             reason: reason.as_ref().map(job_end_reason_to_wire),
         }),
-        Event::JobStopRequested { job, attempt, reason } => Kind::JobStopRequested(v1::JobStopRequested {
-            job_id: job.0,
-            attempt: *attempt,
-            reason: Some(job_end_reason_to_wire(reason)),
-        }),
-        Event::SchedulerLeaseChanged { holder, epoch } => {
-            Kind::SchedulerLeaseChanged(v1::SchedulerLeaseChanged { holder: holder.clone(), epoch: *epoch })
+        Event::JobStopRequested { job, attempt, reason } => {
+            Kind::JobStopRequested(v1::JobStopRequested { job_id: job.0, attempt: *attempt, reason: Some(job_end_reason_to_wire(reason)) })
         }
+        Event::SchedulerLeaseChanged { holder, epoch } => Kind::SchedulerLeaseChanged(v1::SchedulerLeaseChanged { holder: holder.clone(), epoch: *epoch }),
         Event::Ledger { transaction, kind, lease, account } => Kind::LedgerPosted(v1::LedgerPosted {
             transaction_id: *transaction,
             kind: kind.as_str().into(),

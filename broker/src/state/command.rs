@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use suanli_types::{JobEndReason, JobId, JobSpec, Money, 
-    AccountId, AccountKind, BillingMode, CardHealth, CardId, CardStatus, Caller, ClusterClass, ClusterId, EndReason, LeaseId, LeaseUnit,
-    Listing, NodeAccess, NodeId, NodeInventory, RemoteLeaseId, RequestId, SecretHash, SshPublicKey, Timestamp,
+use suanli_types::{
+    AccountId, AccountKind, BillingMode, Caller, CardHealth, CardId, CardStatus, ClusterClass, ClusterId, EndReason, JobEndReason, JobId, JobSpec, LeaseId,
+    LeaseUnit, Listing, Money, NodeAccess, NodeId, NodeInventory, RemoteLeaseId, RequestId, SecretHash, SshPublicKey, Timestamp,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,95 +26,207 @@ pub struct Envelope {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Platform only. `token_hash` is the hash of the API token the service handed out.
-    RegisterAccount { kind: AccountKind, token_hash: SecretHash },
+    RegisterAccount {
+        kind: AccountKind,
+        token_hash: SecretHash,
+    },
     /// The account itself, or the platform on its behalf.
-    AddSshKey { account: AccountId, key: SshPublicKey },
+    AddSshKey {
+        account: AccountId,
+        key: SshPublicKey,
+    },
     /// A supplier enrolls a server it owns.
-    EnrollNode { inventory: NodeInventory },
+    EnrollNode {
+        inventory: NodeInventory,
+    },
     /// A supplier mints a one-time enrollment token for an agent (hashed by the service).
-    IssueEnrollmentToken { token_hash: SecretHash, expires_at: Timestamp },
+    IssueEnrollmentToken {
+        token_hash: SecretHash,
+        expires_at: Timestamp,
+    },
     /// An agent enrolls with a supplier's token; the token is its only authority (the caller
     /// is `Enrollee(token_hash)`; `System` in entries written before enrollees had one). `credential_hash` is the hash of a secret the agent drew itself, so a
     /// retried enrollment is the same command. A node of the same supplier that shares a card
     /// UUID or the hostname is a reinstall: it keeps its IDs and history.
-    EnrollAgent { token_hash: SecretHash, credential_hash: SecretHash, inventory: NodeInventory },
+    EnrollAgent {
+        token_hash: SecretHash,
+        credential_hash: SecretHash,
+        inventory: NodeInventory,
+    },
     /// The supplier or an operator withdraws a node's agent credential.
-    RevokeAgent { node: NodeId },
+    RevokeAgent {
+        node: NodeId,
+    },
     /// The node's own agent reports its access gateway (validated by the service).
-    SetNodeAccess { node: NodeId, access: NodeAccess },
+    SetNodeAccess {
+        node: NodeId,
+        access: NodeAccess,
+    },
     /// System only: what the leader's health monitor concluded from telemetry and silence.
-    SetCardHealth { changes: Vec<(CardId, CardHealth)> },
-    PublishCluster { class: ClusterClass, nodes: Vec<NodeId>, listing: Listing },
-    ModifyCluster { cluster: ClusterId, listing: Listing },
-    DelistCluster { cluster: ClusterId },
-    SetCardStatus { card: CardId, status: CardStatus },
-    RequestLease { cluster: ClusterId, unit: LeaseUnit, billing_mode: BillingMode, periods: u32 },
+    SetCardHealth {
+        changes: Vec<(CardId, CardHealth)>,
+    },
+    PublishCluster {
+        class: ClusterClass,
+        nodes: Vec<NodeId>,
+        listing: Listing,
+    },
+    ModifyCluster {
+        cluster: ClusterId,
+        listing: Listing,
+    },
+    DelistCluster {
+        cluster: ClusterId,
+    },
+    SetCardStatus {
+        card: CardId,
+        status: CardStatus,
+    },
+    RequestLease {
+        cluster: ClusterId,
+        unit: LeaseUnit,
+        billing_mode: BillingMode,
+        periods: u32,
+    },
     /// Class A: the supplier approves and issues an authorization code (hashed here), valid
     /// until `code_expires_at`.
-    ApproveLease { lease: LeaseId, code_hash: SecretHash, code_expires_at: Timestamp },
+    ApproveLease {
+        lease: LeaseId,
+        code_hash: SecretHash,
+        code_expires_at: Timestamp,
+    },
     /// Class A: the lessee presents a code (hashed by the service).
-    VerifyAuthCode { lease: LeaseId, candidate_hash: SecretHash },
+    VerifyAuthCode {
+        lease: LeaseId,
+        candidate_hash: SecretHash,
+    },
     /// Class B: the supplier's agent confirms the cards are provisioned.
-    ActivateLease { lease: LeaseId },
-    ExtendLease { lease: LeaseId, periods: u32 },
+    ActivateLease {
+        lease: LeaseId,
+    },
+    ExtendLease {
+        lease: LeaseId,
+        periods: u32,
+    },
     /// The lessee has a new lease password drawn (hashed by the service).
-    SetLeasePassword { lease: LeaseId, password_hash: SecretHash },
+    SetLeasePassword {
+        lease: LeaseId,
+        password_hash: SecretHash,
+    },
     /// The lessee or the supplier withdraws one of the lease's SSH certificates.
-    RevokeSshCertificate { lease: LeaseId, serial: u64 },
-    EndLease { lease: LeaseId, reason: EndReason },
+    RevokeSshCertificate {
+        lease: LeaseId,
+        serial: u64,
+    },
+    EndLease {
+        lease: LeaseId,
+        reason: EndReason,
+    },
     /// System only: the reservation or paid term is over (checked against `Envelope::at`).
-    ExpireLease { lease: LeaseId },
+    ExpireLease {
+        lease: LeaseId,
+    },
     /// Platform only: a broker node was removed from the Raft group; its ID is never reused.
-    RetireBrokerNode { node: u64 },
+    RetireBrokerNode {
+        node: u64,
+    },
 
     // ---- jobs ------------------------------------------------------------------------------
     /// A researcher submits a job for its own leased cards.
-    SubmitJob { spec: JobSpec },
+    SubmitJob {
+        spec: JobSpec,
+    },
     /// The owner (or an intervening operator) cancels a job; a running attempt is stopped.
-    CancelJob { job: JobId },
+    CancelJob {
+        job: JobId,
+    },
     /// Platform (a scheduler replica): take or renew the leader lease. Granted when it is free,
     /// expired or already `holder`'s.
-    AcquireSchedulerLease { holder: String, ttl_ms: u32 },
+    AcquireSchedulerLease {
+        holder: String,
+        ttl_ms: u32,
+    },
     /// The acting scheduler commits a round's placements; each is checked on its own, so one
     /// refused placement does not hold up the rest.
-    PlaceJobs { epoch: u64, placements: Vec<(JobId, Vec<CardId>)> },
+    PlaceJobs {
+        epoch: u64,
+        placements: Vec<(JobId, Vec<CardId>)>,
+    },
     /// The acting scheduler stops jobs holding cards: a placed attempt goes back to the queue at
     /// once; a running one is asked to stop, except `NodeLost`, whose agent cannot answer.
-    StopJobs { epoch: u64, stops: Vec<(JobId, JobEndReason)> },
+    StopJobs {
+        epoch: u64,
+        stops: Vec<(JobId, JobEndReason)>,
+    },
     /// A placed node's agent started the attempt.
-    JobStarted { job: JobId, attempt: u32 },
+    JobStarted {
+        job: JobId,
+        attempt: u32,
+    },
     /// The node's agent saw the attempt end; `outputs` are the content hashes it uploaded.
-    JobEnded { job: JobId, attempt: u32, reason: JobEndReason, outputs: BTreeMap<String, String> },
+    JobEnded {
+        job: JobId,
+        attempt: u32,
+        reason: JobEndReason,
+        outputs: BTreeMap<String, String>,
+    },
     /// The running attempt uploaded a checkpoint; the next attempt resumes from it.
-    JobCheckpoint { job: JobId, attempt: u32, sha256: String },
+    JobCheckpoint {
+        job: JobId,
+        attempt: u32,
+        sha256: String,
+    },
     /// The running attempt's latest progress line (a JSON object the job printed), relayed by
     /// its agent at most every few seconds.
-    JobProgress { job: JobId, attempt: u32, progress: String },
+    JobProgress {
+        job: JobId,
+        attempt: u32,
+        progress: String,
+    },
     /// The acting scheduler leases cards for a queued job that opted in: the cheapest Class B
     /// cards the job accepts, in its region, one period within its budget, as its owner.
-    AutoLease { epoch: u64, job: JobId },
+    AutoLease {
+        epoch: u64,
+        job: JobId,
+    },
 
     // ---- money -----------------------------------------------------------------------------
     /// Platform only: money paid in for a researcher (the payment service confirmed it).
-    Deposit { account: AccountId, amount: Money },
+    Deposit {
+        account: AccountId,
+        amount: Money,
+    },
     /// Platform or an intervening operator: how far below zero a researcher's available
     /// balance may go.
-    GrantCredit { account: AccountId, limit: Money },
+    GrantCredit {
+        account: AccountId,
+        limit: Money,
+    },
     /// System only (the leader, periodically): charge these active leases' use up to
     /// `Envelope::at`. Batched, so metering costs one log entry per round, not one per second.
-    SettleLeases { leases: Vec<LeaseId> },
+    SettleLeases {
+        leases: Vec<LeaseId>,
+    },
 
     // ---- appended: encoded commands name variants by position, so new ones go last --------
     /// The account itself, or the platform on its behalf: a registered SSH key is withdrawn
     /// (its leases' nodes stop accepting it at their next sync).
-    RemoveSshKey { account: AccountId, key: SshPublicKey },
+    RemoveSshKey {
+        account: AccountId,
+        key: SshPublicKey,
+    },
     /// The account itself, or the platform on its behalf (a deregistration, a leaked token):
     /// the account's API token is replaced by the one hashed here and the old one stops working
     /// at once.
-    RotateAccountToken { account: AccountId, token_hash: SecretHash },
+    RotateAccountToken {
+        account: AccountId,
+        token_hash: SecretHash,
+    },
     /// System only (the leader, periodically, format 4): move what ended before `ended_before`
     /// out of the hot state into the archive (`state::machine::archive`).
-    ArchiveEnded { ended_before: Timestamp },
+    ArchiveEnded {
+        ended_before: Timestamp,
+    },
     /// The platform's federation gateway (format 5), for a researcher it authenticated: hold
     /// price × cards × periods of their money for a lease of another member's cards, before
     /// asking that member. The request ID is the researcher's idempotency key, so a retried
@@ -130,11 +242,17 @@ pub enum Command {
         price_per_card: Money,
     },
     /// The federation gateway: the owning member leased the cards as its lease `remote_lease`.
-    ConfirmRemoteLease { remote: RemoteLeaseId, remote_lease: u64 },
+    ConfirmRemoteLease {
+        remote: RemoteLeaseId,
+        remote_lease: u64,
+    },
     /// The federation gateway: the remote lease is over (the owner ended it, or refused the
     /// request: nothing charged); `charged_minor` of the hold goes to the federation payable,
     /// the rest back to the researcher.
-    EndRemoteLease { remote: RemoteLeaseId, charged_minor: i64 },
+    EndRemoteLease {
+        remote: RemoteLeaseId,
+        charged_minor: i64,
+    },
     /// System only (the leader, format 6), once every node of the cluster has said it runs a
     /// broker of store format `to` or later: from this entry on, the cluster writes format
     /// `to` (`state::machine::upgrade`). Never lowers it.
@@ -143,7 +261,9 @@ pub enum Command {
     /// later format is proposed only once the cluster format has reached that format, since
     /// nodes still running the format before could not decode it. This one is the exception:
     /// the leader proposes it only after every member said it runs `to`.
-    RaiseClusterFormat { to: u32 },
+    RaiseClusterFormat {
+        to: u32,
+    },
 }
 
 impl Command {

@@ -16,9 +16,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use suanli_types::{
-    AccountId, AccountKind, BillingMode, CardHealth, CardId, CardStatus, Caller, ClusterClass, ClusterId, CpcId, Currency,
-    EndReason, JobEndReason, JobId, JobSpec, JobState, LeaseId, LeaseState, LeaseUnit, Listing, Money, NodeAccess, NodeId,
-    NodeInventory, OperatorRole, RemoteLeaseId, RemoteLeaseState, RequestId, SecretHash, SshPublicKey, SupplierEndReason, Timestamp, TransactionKind,
+    AccountId, AccountKind, BillingMode, Caller, CardHealth, CardId, CardStatus, ClusterClass, ClusterId, CpcId, Currency, EndReason, JobEndReason, JobId,
+    JobSpec, JobState, LeaseId, LeaseState, LeaseUnit, Listing, Money, NodeAccess, NodeId, NodeInventory, OperatorRole, RemoteLeaseId, RemoteLeaseState,
+    RequestId, SecretHash, SshPublicKey, SupplierEndReason, Timestamp, TransactionKind,
 };
 
 use super::{AppliedEvents, Command, Envelope, Event, State};
@@ -158,10 +158,13 @@ fn commands() -> Vec<Envelope> {
         (Caller::Account(supplier), Command::EnrollNode { inventory: inventory() }),
         (Caller::Account(supplier), Command::IssueEnrollmentToken { token_hash: hash("enroll"), expires_at: at(3600) }),
         (Caller::Enrollee(hash("enroll")), Command::EnrollAgent { token_hash: hash("enroll"), credential_hash: hash("agent"), inventory: inventory() }),
-        (Caller::Agent(agent_node), Command::SetNodeAccess {
-            node: agent_node,
-            access: NodeAccess { ssh_host: "gpu.example".into(), ssh_port: 2201, host_key: key.clone(), login_prefix: "sla".into() },
-        }),
+        (
+            Caller::Agent(agent_node),
+            Command::SetNodeAccess {
+                node: agent_node,
+                access: NodeAccess { ssh_host: "gpu.example".into(), ssh_port: 2201, host_key: key.clone(), login_prefix: "sla".into() },
+            },
+        ),
         (Caller::Account(supplier), Command::PublishCluster { class: ClusterClass::B, nodes: vec![node], listing: listing() }),
         (Caller::Account(supplier), Command::ModifyCluster { cluster, listing: listing() }),
         (Caller::Platform, Command::Deposit { account: researcher, amount: cny(5_000_000) }),
@@ -181,12 +184,10 @@ fn commands() -> Vec<Envelope> {
         (Caller::Agent(node), Command::JobProgress { job, attempt: 1, progress: r#"{"step":3}"#.into() }),
         (Caller::Agent(node), Command::JobCheckpoint { job, attempt: 1, sha256: "02".repeat(32) }),
         (Caller::Platform, Command::StopJobs { epoch: 1, stops: vec![(job, JobEndReason::Preempted)] }),
-        (Caller::Agent(node), Command::JobEnded {
-            job,
-            attempt: 1,
-            reason: JobEndReason::ExitStatus(137),
-            outputs: BTreeMap::from([("model.bin".to_owned(), "03".repeat(32))]),
-        }),
+        (
+            Caller::Agent(node),
+            Command::JobEnded { job, attempt: 1, reason: JobEndReason::ExitStatus(137), outputs: BTreeMap::from([("model.bin".to_owned(), "03".repeat(32))]) },
+        ),
         (Caller::Platform, Command::AutoLease { epoch: 1, job }),
         (Caller::Account(researcher), Command::CancelJob { job }),
         (Caller::System, Command::SetCardHealth { changes: vec![(CardId(5), CardHealth::Overheating)] }),
@@ -202,16 +203,19 @@ fn commands() -> Vec<Envelope> {
         // The lease ended at 31 s and the job at 28 s: both move to the archive.
         (Caller::System, Command::ArchiveEnded { ended_before: at(37) }),
         // Format 5: a lease of another member's cards, held, confirmed and ended.
-        (Caller::Platform, Command::RequestRemoteLease {
-            researcher,
-            member: "12D3KooWPjceQrSwdWXPyLLeABRXmuqt69Rg3sBYbU1Nft9HyQ6X".into(),
-            member_name: "university".into(),
-            remote_cluster: 4,
-            cards: 2,
-            billing_mode: BillingMode::Hourly,
-            periods: 3,
-            price_per_card: cny(1_250),
-        }),
+        (
+            Caller::Platform,
+            Command::RequestRemoteLease {
+                researcher,
+                member: "12D3KooWPjceQrSwdWXPyLLeABRXmuqt69Rg3sBYbU1Nft9HyQ6X".into(),
+                member_name: "university".into(),
+                remote_cluster: 4,
+                cards: 2,
+                billing_mode: BillingMode::Hourly,
+                periods: 3,
+                price_per_card: cny(1_250),
+            },
+        ),
         (Caller::Platform, Command::ConfirmRemoteLease { remote: REMOTE_LEASE, remote_lease: 17 }),
         (Caller::Platform, Command::EndRemoteLease { remote: REMOTE_LEASE, charged_minor: 2_501 }),
         // Format 6: every node runs format 6.
@@ -219,12 +223,7 @@ fn commands() -> Vec<Envelope> {
     ];
     list.into_iter()
         .enumerate()
-        .map(|(i, (caller, command))| Envelope {
-            caller,
-            request_id: RequestId::parse(&format!("golden-{i}")).expect("id"),
-            at: at(i as i64),
-            command,
-        })
+        .map(|(i, (caller, command))| Envelope { caller, request_id: RequestId::parse(&format!("golden-{i}")).expect("id"), at: at(i as i64), command })
         .collect()
 }
 
@@ -245,7 +244,14 @@ fn events() -> Vec<Event> {
         Event::LeaseStateChanged { lease, from: Some(LeaseState::Requested), to: LeaseState::Ended, reason: Some(EndReason::ByOperator) },
         Event::LeaseExtended { lease, periods: 3, paid_until: Timestamp::from_millis(T0) },
         Event::AuthCodeRejected { lease, attempts_left: 4 },
-        Event::JobStateChanged { job, owner: account, from: Some(JobState::Running), to: JobState::Failed, attempt: 1, reason: Some(JobEndReason::CardLost(CardId(5))) },
+        Event::JobStateChanged {
+            job,
+            owner: account,
+            from: Some(JobState::Running),
+            to: JobState::Failed,
+            attempt: 1,
+            reason: Some(JobEndReason::CardLost(CardId(5))),
+        },
         Event::JobStopRequested { job, attempt: 1, reason: JobEndReason::StartFailed("no such program".into()) },
         Event::SchedulerLeaseChanged { holder: "scheduler-1".into(), epoch: 2 },
         Event::Ledger { transaction: 9, kind: TransactionKind::Charge, lease: Some(lease), account: Some(account) },
@@ -292,7 +298,8 @@ fn compare(file: &str, now: &str, what_changed: &str) {
         std::fs::write(&path, now).expect("write fixture");
         return;
     }
-    let pinned = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (SUANLI_REGENERATE=1 writes it, for a new format version only)", path.display()));
+    let pinned =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (SUANLI_REGENERATE=1 writes it, for a new format version only)", path.display()));
     for (n, (was, is)) in pinned.lines().zip(now.lines()).enumerate() {
         assert_eq!(was, is, "{}:{}: {what_changed}", path.display(), n + 1);
     }
@@ -349,7 +356,15 @@ fn replay(envelopes: &[Envelope]) -> (State, String) {
     let mut outcomes = String::new();
     for envelope in envelopes {
         let (outcome, _) = state.apply(envelope);
-        let _ = writeln!(outcomes, "{} {}", envelope.command.name(), match &outcome { Ok(_) => "ok".to_owned(), Err(e) => format!("{:?}", e.code()) });
+        let _ = writeln!(
+            outcomes,
+            "{} {}",
+            envelope.command.name(),
+            match &outcome {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => format!("{:?}", e.code()),
+            }
+        );
     }
     (state, outcomes)
 }
@@ -363,11 +378,8 @@ fn replaying_the_pinned_log_reaches_the_pinned_state() {
     // What it archived, as the archive column family stores it (key, then value).
     let archived = state.take_archived();
     assert!(archived.len() >= 2, "the sample archives the lease and the job: {archived:?}");
-    let pairs: String = archived
-        .iter()
-        .flat_map(|r| crate::storage::archive::encode(r).expect("encode"))
-        .map(|(k, v)| format!("{} {}\n", hex(&k), hex(&v)))
-        .collect();
+    let pairs: String =
+        archived.iter().flat_map(|r| crate::storage::archive::encode(r).expect("encode")).map(|(k, v)| format!("{} {}\n", hex(&k), hex(&v))).collect();
     compare("archive.txt", &pairs, FORMAT_CHANGED);
 }
 

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use suanli_types::error::EntityKind;
 use suanli_types::{
-    AccountId, AccountKind, CardHealth, CardId, CardStatus, Caller, CatalogueFacts, CatalogueFilter, ClusterClass, ClusterId,
-    ClusterState, CpcId, DomainError, EndReason, LeaseAction, LeaseId, LeaseState, LeaseUnit, Money, NodeId,
-    PageRequest, RemoteLeaseId, RequestId, SecretHash, Timestamp, Currency, JobId, LedgerAccount, Transaction, JobEndReason,
+    AccountId, AccountKind, Caller, CardHealth, CardId, CardStatus, CatalogueFacts, CatalogueFilter, ClusterClass, ClusterId, ClusterState, CpcId, Currency,
+    DomainError, EndReason, JobEndReason, JobId, LeaseAction, LeaseId, LeaseState, LeaseUnit, LedgerAccount, Money, NodeId, PageRequest, RemoteLeaseId,
+    RequestId, SecretHash, Timestamp, Transaction,
 };
 
 use super::command::{Command, Envelope};
@@ -161,11 +161,7 @@ impl State {
         let digest = digest(&envelope.command);
         let key = (envelope.caller.clone(), envelope.request_id.clone());
         if let Some(seen) = self.requests.get(&key) {
-            return if seen.digest == digest {
-                (seen.outcome.clone(), Vec::new())
-            } else {
-                (Err(DomainError::RequestIdConflict), Vec::new())
-            };
+            return if seen.digest == digest { (seen.outcome.clone(), Vec::new()) } else { (Err(DomainError::RequestIdConflict), Vec::new()) };
         }
         let mut events = Vec::new();
         let outcome = self.dispatch(envelope, at, &mut events);
@@ -210,10 +206,7 @@ impl State {
                     return Err(DomainError::AlreadyExists { kind: EntityKind::Account, id: "token".into() });
                 }
                 let id = AccountId(self.next());
-                self.accounts.insert(
-                    id,
-                    Account { id, kind: *kind, token_hash: *token_hash, ssh_keys: Vec::new(), registered_at: at },
-                );
+                self.accounts.insert(id, Account { id, kind: *kind, token_hash: *token_hash, ssh_keys: Vec::new(), registered_at: at });
                 self.accounts_by_token.insert(*token_hash, id);
                 events.push(Event::AccountRegistered { account: id, kind: *kind });
                 Ok(Response::Account(id))
@@ -224,10 +217,7 @@ impl State {
                     return Err(DomainError::AlreadyExists { kind: EntityKind::SshKey, id: key.as_str().into() });
                 }
                 if acc.ssh_keys.len() >= rules::MAX_SSH_KEYS_PER_ACCOUNT {
-                    return Err(DomainError::invalid(
-                        "ssh_public_key",
-                        format!("at most {} keys per account", rules::MAX_SSH_KEYS_PER_ACCOUNT),
-                    ));
+                    return Err(DomainError::invalid("ssh_public_key", format!("at most {} keys per account", rules::MAX_SSH_KEYS_PER_ACCOUNT)));
                 }
                 acc.ssh_keys.push(key.clone());
                 events.push(Event::SshKeyAdded { account: *account });
@@ -259,22 +249,15 @@ impl State {
                 let node = self.add_node(supplier, inventory, at, events);
                 Ok(Response::Node(Box::new(self.nodes[&node].clone())))
             }
-            Command::IssueEnrollmentToken { token_hash, expires_at } => {
-                self.issue_enrollment_token(caller, *token_hash, *expires_at, at)
-            }
-            Command::EnrollAgent { token_hash, credential_hash, inventory } => {
-                self.enroll_agent(token_hash, credential_hash, inventory, at, events)
-            }
+            Command::IssueEnrollmentToken { token_hash, expires_at } => self.issue_enrollment_token(caller, *token_hash, *expires_at, at),
+            Command::EnrollAgent { token_hash, credential_hash, inventory } => self.enroll_agent(token_hash, credential_hash, inventory, at, events),
             Command::RevokeAgent { node } => self.revoke_agent(*node, events),
             Command::SetNodeAccess { node, access } => self.set_node_access(*node, access),
             Command::SetCardHealth { changes } => self.set_card_health(changes, at, events),
             Command::PublishCluster { class, nodes, listing } => {
                 let supplier = self.account_of_kind(caller, AccountKind::Supplier)?;
                 if nodes.is_empty() || nodes.len() > rules::MAX_NODES_PER_CLUSTER {
-                    return Err(DomainError::invalid(
-                        "nodes",
-                        format!("between 1 and {} enrolled nodes", rules::MAX_NODES_PER_CLUSTER),
-                    ));
+                    return Err(DomainError::invalid("nodes", format!("between 1 and {} enrolled nodes", rules::MAX_NODES_PER_CLUSTER)));
                 }
                 let mut seen = std::collections::BTreeSet::new();
                 for node_id in nodes {
@@ -341,10 +324,7 @@ impl State {
                     return Err(DomainError::CardUnavailable { card: *card, status: c.status });
                 }
                 if *status == CardStatus::Idle && c.health != CardHealth::Healthy {
-                    return Err(DomainError::invalid(
-                        "status",
-                        format!("the card is {}; it returns to idle when monitoring sees it healthy", c.health),
-                    ));
+                    return Err(DomainError::invalid("status", format!("the card is {}; it returns to idle when monitoring sees it healthy", c.health)));
                 }
                 let from = c.status;
                 if from != *status {
@@ -363,18 +343,11 @@ impl State {
                 let l = self.lease_of_supplier(caller, *lease)?;
                 self.transition_check(l, LeaseAction::Approve)?;
                 if *code_expires_at <= at || *code_expires_at > l.reserved_until {
-                    return Err(DomainError::invalid(
-                        "code_expires_at",
-                        "must be in the future and within the lease's reservation",
-                    ));
+                    return Err(DomainError::invalid("code_expires_at", "must be in the future and within the lease's reservation"));
                 }
                 let from = l.state;
                 let l = self.leases.get_mut(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
-                l.auth_code = Some(AuthCode {
-                    hash: *code_hash,
-                    expires_at: *code_expires_at,
-                    attempts_left: rules::AUTH_CODE_ATTEMPTS,
-                });
+                l.auth_code = Some(AuthCode { hash: *code_hash, expires_at: *code_expires_at, attempts_left: rules::AUTH_CODE_ATTEMPTS });
                 l.state = LeaseState::Approved;
                 if from != LeaseState::Approved {
                     events.push(Event::LeaseStateChanged { lease: *lease, from: Some(from), to: l.state, reason: None });
@@ -396,9 +369,7 @@ impl State {
                         self.finish_lease(*lease, LeaseState::Cancelled, EndReason::AuthCodeAttemptsExhausted, at, events);
                         return Err(DomainError::AuthCodeAttemptsExhausted);
                     }
-                    if let Some(AuthCode { attempts_left: left, .. }) =
-                        self.leases.get_mut(lease).and_then(|l| l.auth_code.as_mut())
-                    {
+                    if let Some(AuthCode { attempts_left: left, .. }) = self.leases.get_mut(lease).and_then(|l| l.auth_code.as_mut()) {
                         *left = attempts_left;
                     }
                     events.push(Event::AuthCodeRejected { lease: *lease, attempts_left });
@@ -412,8 +383,7 @@ impl State {
                 // An agent speaks for its own node: the lease starts once every node holding
                 // its cards has provisioned them. The supplier speaks for all of them.
                 if let Caller::Agent(node) = caller {
-                    let nodes: BTreeSet<NodeId> =
-                        l.cards.iter().filter_map(|c| self.cards.get(c)).map(|c| c.node).collect();
+                    let nodes: BTreeSet<NodeId> = l.cards.iter().filter_map(|c| self.cards.get(c)).map(|c| c.node).collect();
                     let l = self.leases.get_mut(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;
                     l.provisioned.insert(*node);
                     if !nodes.is_subset(&l.provisioned) {
@@ -426,8 +396,7 @@ impl State {
                 let l = self.lease_of_researcher(caller, *lease)?;
                 self.transition_check(l, LeaseAction::Extend)?;
                 let added = l.price_per_card.minor as i128 * l.cards.len() as i128 * *periods as i128;
-                let amount = i64::try_from(l.amount.minor as i128 + added)
-                    .map_err(|_| DomainError::invalid("periods", "the total price is out of range"))?;
+                let amount = i64::try_from(l.amount.minor as i128 + added).map_err(|_| DomainError::invalid("periods", "the total price is out of range"))?;
                 let total_periods = l.periods.checked_add(*periods).filter(|p| *p <= rules::MAX_PERIODS_PER_REQUEST * 10);
                 let Some(total_periods) = total_periods else {
                     return Err(DomainError::invalid("periods", "the lease would run too long"));
@@ -532,12 +501,8 @@ impl State {
         events: &mut Vec<Event>,
     ) -> Outcome {
         check_periods(periods)?;
-        let waiting = self
-            .live_leases
-            .keys()
-            .filter_map(|id| self.leases.get(id))
-            .filter(|l| l.researcher == researcher && l.state != LeaseState::Active)
-            .count();
+        let waiting =
+            self.live_leases.keys().filter_map(|id| self.leases.get(id)).filter(|l| l.researcher == researcher && l.state != LeaseState::Active).count();
         if waiting >= rules::MAX_WAITING_LEASES_PER_RESEARCHER {
             return Err(DomainError::invalid(
                 "cluster_id",
@@ -648,11 +613,7 @@ impl State {
                     .collect();
                 let available: usize = idle_by_node.iter().map(Vec::len).sum();
                 if available < n {
-                    return Err(DomainError::InsufficientCapacity {
-                        cluster: cluster.id,
-                        requested: n as u32,
-                        available: available as u32,
-                    });
+                    return Err(DomainError::InsufficientCapacity { cluster: cluster.id, requested: n as u32, available: available as u32 });
                 }
                 if let Some(best) = idle_by_node.iter().filter(|idle| idle.len() >= n).min_by_key(|idle| idle.len()) {
                     return Ok(best[..n].to_vec());
@@ -756,9 +717,7 @@ impl State {
         let l = self.leases.get(&id).ok_or(DomainError::not_found(EntityKind::Lease, id))?;
         match caller {
             Caller::Account(acc) if *acc == l.supplier => Ok(l),
-            Caller::Account(acc) if *acc == l.researcher => {
-                Err(DomainError::PermissionDenied("only the supplier may do this".into()))
-            }
+            Caller::Account(acc) if *acc == l.researcher => Err(DomainError::PermissionDenied("only the supplier may do this".into())),
             _ => Err(DomainError::not_found(EntityKind::Lease, id)),
         }
     }
@@ -767,9 +726,7 @@ impl State {
         let l = self.leases.get(&id).ok_or(DomainError::not_found(EntityKind::Lease, id))?;
         match caller {
             Caller::Account(acc) if *acc == l.researcher => Ok(l),
-            Caller::Account(acc) if *acc == l.supplier => {
-                Err(DomainError::PermissionDenied("only the lessee may do this".into()))
-            }
+            Caller::Account(acc) if *acc == l.supplier => Err(DomainError::PermissionDenied("only the lessee may do this".into())),
             _ => Err(DomainError::not_found(EntityKind::Lease, id)),
         }
     }
@@ -848,12 +805,7 @@ impl State {
 
     pub fn cards_of_cluster(&self, id: ClusterId) -> Vec<&Card> {
         let Some(cluster) = self.clusters.get(&id) else { return Vec::new() };
-        cluster
-            .nodes
-            .iter()
-            .filter_map(|n| self.nodes.get(n))
-            .flat_map(|n| n.cards.iter().filter_map(|c| self.cards.get(c)))
-            .collect()
+        cluster.nodes.iter().filter_map(|n| self.nodes.get(n)).flat_map(|n| n.cards.iter().filter_map(|c| self.cards.get(c))).collect()
     }
 
     pub fn summary<'a>(&'a self, cluster: &'a Cluster) -> ClusterSummary<'a> {
@@ -867,11 +819,7 @@ impl State {
 
     /// One page of the catalogue, ordered by cluster ID; the second value is the cursor for the
     /// next page, if there is one.
-    pub fn catalogue(
-        &self,
-        filter: &CatalogueFilter,
-        page: &PageRequest,
-    ) -> Result<(Vec<ClusterSummary<'_>>, Option<ClusterId>), DomainError> {
+    pub fn catalogue(&self, filter: &CatalogueFilter, page: &PageRequest) -> Result<(Vec<ClusterSummary<'_>>, Option<ClusterId>), DomainError> {
         filter.validate()?;
         let limit = page.effective_limit()?;
         let start = page.after.map(|a| ClusterId(a.0.saturating_add(1))).unwrap_or(ClusterId(0));
@@ -879,12 +827,7 @@ impl State {
         let mut more = false;
         for cluster in self.clusters.range(start..).map(|(_, c)| c) {
             let summary = self.summary(cluster);
-            let facts = CatalogueFacts {
-                class: cluster.class,
-                state: cluster.state,
-                listing: &cluster.listing,
-                idle_cards: summary.idle_cards,
-            };
+            let facts = CatalogueFacts { class: cluster.class, state: cluster.state, listing: &cluster.listing, idle_cards: summary.idle_cards };
             if !filter.matches(&facts) {
                 continue;
             }
@@ -976,10 +919,7 @@ fn require(ok: bool, why: &str) -> Result<(), DomainError> {
 
 fn check_periods(periods: u32) -> Result<(), DomainError> {
     if periods == 0 || periods > rules::MAX_PERIODS_PER_REQUEST {
-        return Err(DomainError::invalid(
-            "periods",
-            format!("between 1 and {} billing periods", rules::MAX_PERIODS_PER_REQUEST),
-        ));
+        return Err(DomainError::invalid("periods", format!("between 1 and {} billing periods", rules::MAX_PERIODS_PER_REQUEST)));
     }
     Ok(())
 }

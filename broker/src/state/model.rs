@@ -3,10 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use suanli_types::{JobEndReason, JobId, JobSpec, JobState, 
-    AccountId, AccountKind, BillingMode, CardHealth, CardId, CardSpec, CardStatus, ClusterClass, ClusterId, ClusterState, CpcId,
-    EndReason, LeaseId, LeaseState, LeaseUnit, Listing, Money, NodeId, NodeInventory, SecretHash, SshPublicKey,
-    Timestamp,
+use suanli_types::{
+    AccountId, AccountKind, BillingMode, CardHealth, CardId, CardSpec, CardStatus, ClusterClass, ClusterId, ClusterState, CpcId, EndReason, JobEndReason,
+    JobId, JobSpec, JobState, LeaseId, LeaseState, LeaseUnit, Listing, Money, NodeId, NodeInventory, SecretHash, SshPublicKey, Timestamp,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,10 +3,9 @@
 
 use proptest::prelude::*;
 use suanli_types::{
-    AccountId, AccountKind, BillingMode, CardHealth, CardId, CardStatus, Caller, ClusterClass, ClusterId, DomainError, EndReason,
-    ErrorCode, LeaseAction, LeaseId, LeaseState, LeaseUnit, Listing, NodeId, NodeInventory, OperatorRole, RequestId,
-    SecretHash, SshPublicKey, SupplierEndReason, Timestamp, Currency, Money, LedgerAccount, TransactionKind, JobEndReason, JobSpec, JobState, JobId,
-    RemoteLeaseState,
+    AccountId, AccountKind, BillingMode, Caller, CardHealth, CardId, CardStatus, ClusterClass, ClusterId, Currency, DomainError, EndReason, ErrorCode,
+    JobEndReason, JobId, JobSpec, JobState, LeaseAction, LeaseId, LeaseState, LeaseUnit, LedgerAccount, Listing, Money, NodeId, NodeInventory, OperatorRole,
+    RemoteLeaseState, RequestId, SecretHash, SshPublicKey, SupplierEndReason, Timestamp, TransactionKind,
 };
 
 use suanli_testkit::fixtures;
@@ -195,11 +194,7 @@ fn exhausting_code_attempts_cancels_the_lease_and_frees_the_cards() {
     let mut m = market();
     let r = Caller::Account(m.researcher);
     let l = m.w.lease(r.clone(), request_a(m.class_a, vec![m.class_a_nodes[1]]));
-    let approve = Command::ApproveLease {
-        lease: l.id,
-        code_hash: code_hash(l.id, "RIGHT"),
-        code_expires_at: m.w.now.plus_seconds(60),
-    };
+    let approve = Command::ApproveLease { lease: l.id, code_hash: code_hash(l.id, "RIGHT"), code_expires_at: m.w.now.plus_seconds(60) };
     m.w.ok(Caller::Account(m.supplier), approve);
     for left in (1..rules::AUTH_CODE_ATTEMPTS).rev() {
         let wrong = Command::VerifyAuthCode { lease: l.id, candidate_hash: code_hash(l.id, "WRONG") };
@@ -218,8 +213,7 @@ fn an_expired_code_is_refused_and_costs_nothing() {
     let mut m = market();
     let r = Caller::Account(m.researcher);
     let l = m.w.lease(r.clone(), request_a(m.class_a, vec![m.class_a_nodes[0]]));
-    let approve =
-        Command::ApproveLease { lease: l.id, code_hash: code_hash(l.id, "C"), code_expires_at: m.w.now.plus_seconds(60) };
+    let approve = Command::ApproveLease { lease: l.id, code_hash: code_hash(l.id, "C"), code_expires_at: m.w.now.plus_seconds(60) };
     m.w.ok(Caller::Account(m.supplier), approve);
     m.w.advance(61);
     let before = m.w.state.market();
@@ -234,8 +228,7 @@ fn strangers_cannot_approve_verify_extend_or_end() {
     let r = Caller::Account(m.researcher);
     let l = m.w.lease(r.clone(), request_a(m.class_a, vec![m.class_a_nodes[0]]));
     let before = m.w.state.market();
-    let approve =
-        |lease| Command::ApproveLease { lease, code_hash: code_hash(lease, "X"), code_expires_at: Timestamp(T0 + 1000) };
+    let approve = |lease| Command::ApproveLease { lease, code_hash: code_hash(lease, "X"), code_expires_at: Timestamp(T0 + 1000) };
     let verify = |lease| Command::VerifyAuthCode { lease, candidate_hash: code_hash(lease, "X") };
     let cases: Vec<(Caller, Command, ErrorCode)> = vec![
         (Caller::Account(m.other_supplier), approve(l.id), ErrorCode::NotFound),
@@ -280,10 +273,7 @@ fn a_card_is_never_leased_twice() {
     let err = m.w.run(r2.clone(), request_a(m.class_a, vec![m.class_a_nodes[0], m.class_a_nodes[1]]));
     assert_eq!(code(err), ErrorCode::CardUnavailable);
     m.w.lease(r.clone(), request_b(m.class_b, 5));
-    assert_eq!(
-        m.w.run(r2.clone(), request_b(m.class_b, 4)),
-        Err(DomainError::InsufficientCapacity { cluster: m.class_b, requested: 4, available: 3 })
-    );
+    assert_eq!(m.w.run(r2.clone(), request_b(m.class_b, 4)), Err(DomainError::InsufficientCapacity { cluster: m.class_b, requested: 4, available: 3 }));
     m.w.lease(r2, request_b(m.class_b, 3));
     m.w.state.check_invariants().expect("invariants");
 }
@@ -292,10 +282,7 @@ fn a_card_is_never_leased_twice() {
 fn delisted_clusters_take_no_new_lease() {
     let mut m = market();
     m.w.ok(Caller::Account(m.supplier), Command::DelistCluster { cluster: m.class_b });
-    assert_eq!(
-        m.w.run(Caller::Account(m.researcher), request_b(m.class_b, 1)),
-        Err(DomainError::ClusterDelisted(m.class_b))
-    );
+    assert_eq!(m.w.run(Caller::Account(m.researcher), request_b(m.class_b, 1)), Err(DomainError::ClusterDelisted(m.class_b)));
 }
 
 #[test]
@@ -372,11 +359,7 @@ fn a_retry_is_recognised_though_the_service_minted_a_new_secret_for_it() {
         Command::ApproveLease { lease: l.id, code_hash: code_hash(l.id, "FIRST"), code_expires_at: m.w.now.plus_seconds(60) },
     );
     let (first, _) = m.w.state.apply(&approve);
-    approve.command = Command::ApproveLease {
-        lease: l.id,
-        code_hash: code_hash(l.id, "SECOND"),
-        code_expires_at: m.w.now.plus_seconds(90),
-    };
+    approve.command = Command::ApproveLease { lease: l.id, code_hash: code_hash(l.id, "SECOND"), code_expires_at: m.w.now.plus_seconds(90) };
     let (again, events) = m.w.state.apply(&approve);
     assert_eq!(again, first, "the retry returns the first answer");
     assert!(events.is_empty());
@@ -401,19 +384,9 @@ fn bad_input_is_refused_field_by_field_and_changes_nothing() {
     let fields: Vec<_> = err.field_errors().iter().map(|f| f.field.as_str()).collect();
     assert_eq!(fields, ["title", "prices.daily", "usage_instructions"]);
     assert_eq!(code(m.w.run(r.clone(), request_b(ClusterId(999), 1))), ErrorCode::NotFound);
-    let zero_periods = Command::RequestLease {
-        cluster: m.class_b,
-        unit: LeaseUnit::Cards(1),
-        billing_mode: BillingMode::Hourly,
-        periods: 0,
-    };
+    let zero_periods = Command::RequestLease { cluster: m.class_b, unit: LeaseUnit::Cards(1), billing_mode: BillingMode::Hourly, periods: 0 };
     assert_eq!(code(m.w.run(r.clone(), zero_periods)), ErrorCode::InvalidArgument);
-    let yearly = Command::RequestLease {
-        cluster: m.class_b,
-        unit: LeaseUnit::Cards(1),
-        billing_mode: BillingMode::Yearly,
-        periods: 1,
-    };
+    let yearly = Command::RequestLease { cluster: m.class_b, unit: LeaseUnit::Cards(1), billing_mode: BillingMode::Yearly, periods: 1 };
     assert_eq!(m.w.run(r.clone(), yearly), Err(DomainError::BillingModeNotOffered(BillingMode::Yearly)));
     assert_eq!(code(m.w.run(r.clone(), request_a(m.class_b, vec![m.class_a_nodes[0]]))), ErrorCode::InvalidArgument);
     assert_eq!(code(m.w.run(r.clone(), request_a(m.class_a, vec![NodeId(4242)]))), ErrorCode::NodeNotInCluster);
@@ -457,7 +430,10 @@ fn card_status_is_the_suppliers_but_not_while_leased() {
     assert_eq!(code(m.w.run(s.clone(), Command::SetCardStatus { card: leased, status: CardStatus::Offline })), ErrorCode::CardUnavailable);
     assert_eq!(code(m.w.run(s.clone(), Command::SetCardStatus { card: leased, status: CardStatus::Busy })), ErrorCode::InvalidArgument);
     let free = m.w.state.cards_of_cluster(m.class_b).iter().find(|c| c.lease.is_none()).map(|c| c.id).expect("free card");
-    assert_eq!(code(m.w.run(Caller::Account(m.other_supplier), Command::SetCardStatus { card: free, status: CardStatus::Faulty })), ErrorCode::PermissionDenied);
+    assert_eq!(
+        code(m.w.run(Caller::Account(m.other_supplier), Command::SetCardStatus { card: free, status: CardStatus::Faulty })),
+        ErrorCode::PermissionDenied
+    );
     m.w.ok(s, Command::SetCardStatus { card: free, status: CardStatus::Faulty });
     let idle = m.w.state.summary(m.w.state.cluster(m.class_b).expect("cluster")).idle_cards;
     assert_eq!(idle, 6, "8 cards, one reserved, one faulty");
@@ -503,10 +479,7 @@ fn an_enrollees_request_ids_are_its_own_and_its_token_only_its_own() {
 }
 
 fn issue(w: &mut World, supplier: AccountId, token: &str, seconds: i64) -> Outcome {
-    let command = Command::IssueEnrollmentToken {
-        token_hash: SecretHash::of("enrollment-token", token),
-        expires_at: w.now.plus_seconds(seconds),
-    };
+    let command = Command::IssueEnrollmentToken { token_hash: SecretHash::of("enrollment-token", token), expires_at: w.now.plus_seconds(seconds) };
     w.run(Caller::Account(supplier), command)
 }
 
@@ -578,8 +551,7 @@ fn health_takes_idle_cards_out_of_the_market_and_leaves_leases_alone() {
 fn a_class_b_lease_starts_when_every_node_holding_its_cards_has_provisioned() {
     let mut m = market();
     let lease = m.w.lease(Caller::Account(m.researcher), request_b(m.class_b, 6));
-    let nodes: std::collections::BTreeSet<NodeId> =
-        lease.cards.iter().map(|c| m.w.state.card(*c).expect("card").node).collect();
+    let nodes: std::collections::BTreeSet<NodeId> = lease.cards.iter().map(|c| m.w.state.card(*c).expect("card").node).collect();
     assert_eq!(nodes.len(), 2, "six cards span both nodes");
     let mut nodes = nodes.into_iter();
     let (first, second) = (nodes.next().expect("node"), nodes.next().expect("node"));
@@ -876,7 +848,8 @@ fn a_dropped_card_is_not_charged_and_comes_back_as_a_service_credit() {
     let billable_card_s = 2 * 2400 - 1200;
     let expected = (fixtures::HOURLY_PRICE * billable_card_s + 1800) / 3600;
     assert_eq!(charged_for(&m, l.id), expected);
-    let credit: i64 = m.w.state.transactions().iter().filter(|t| t.kind == TransactionKind::ServiceCredit).map(|t| t.net_for(LedgerAccount::Available(m.researcher))).sum();
+    let credit: i64 =
+        m.w.state.transactions().iter().filter(|t| t.kind == TransactionKind::ServiceCredit).map(|t| t.net_for(LedgerAccount::Available(m.researcher))).sum();
     assert_eq!(credit, (fixtures::HOURLY_PRICE * 1200 + 1800) / 3600);
     let eval = m.w.state.evaluation(l.id).expect("a Class B lease is evaluated");
     assert_eq!((eval.cards_dropped, eval.uptime_bps), (1, 7_500));
@@ -1349,7 +1322,6 @@ fn a_retried_remote_lease_request_holds_once_and_answers_the_same_lease() {
     assert_eq!(first, again);
     assert_eq!(money_of(&m.w, m.researcher), (FUNDS - 2_000, 2_000), "held once");
 }
-
 
 #[test]
 fn one_command_archives_a_bounded_number_of_records() {

@@ -61,10 +61,7 @@ pub(crate) fn encode(record: &Archived) -> Result<Pairs, StoreError> {
             let value = ArchivedLease { lease: lease.clone(), account: account.clone() };
             vec![(key(LEASE, lease.id.0).to_vec(), postcard::to_allocvec(&value)?)]
         }
-        Archived::Job(job) => vec![
-            (key(JOB, job.id.0).to_vec(), postcard::to_allocvec(job)?),
-            (index_key(OWNER, job.owner, job.id.0).to_vec(), Vec::new()),
-        ],
+        Archived::Job(job) => vec![(key(JOB, job.id.0).to_vec(), postcard::to_allocvec(job)?), (index_key(OWNER, job.owner, job.id.0).to_vec(), Vec::new())],
         Archived::Transaction { transaction, holders } => {
             let mut pairs = vec![(key(TRANSACTION, transaction.id).to_vec(), postcard::to_allocvec(transaction)?)];
             pairs.extend(holders.iter().map(|h| (index_key(HOLDER, *h, transaction.id).to_vec(), Vec::new())));

@@ -95,10 +95,7 @@ impl LogStore {
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(&mut self, range: RB) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
         let start = match range.start_bound() {
             Bound::Included(s) => *s,
             Bound::Excluded(s) => s.saturating_add(1),
@@ -146,8 +143,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        let committed: Option<Option<LogId>> =
-            self.get_meta(KEY_COMMITTED).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
+        let committed: Option<Option<LogId>> = self.get_meta(KEY_COMMITTED).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
         Ok(committed.flatten())
     }
 
@@ -188,8 +184,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record the purge mark first: if we crash in between, the extra entries are harmless.
         self.put_meta(KEY_PURGED, &log_id, true).map_err(write)?;
         let log = cf(&self.db, CF_LOG).map_err(write)?;
-        self.db
-            .delete_range_cf(log, index_key(0), index_key(log_id.index.saturating_add(1)))
-            .map_err(|e| write(e.into()))
+        self.db.delete_range_cf(log, index_key(0), index_key(log_id.index.saturating_add(1))).map_err(|e| write(e.into()))
     }
 }

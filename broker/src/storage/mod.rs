@@ -93,9 +93,7 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
-    let cfs = [CF_LOG, CF_META, CF_SNAPSHOT, CF_EVENTS, CF_ARCHIVE]
-        .into_iter()
-        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let cfs = [CF_LOG, CF_META, CF_SNAPSHOT, CF_EVENTS, CF_ARCHIVE].into_iter().map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
     let db = Arc::new(DB::open_cf_descriptors(&options, path, cfs)?);
     check_format(&db, path)?;
     let log = LogStore::new(db.clone());
@@ -181,11 +179,7 @@ pub(crate) fn cf<'a>(db: &'a DB, name: &'static str) -> Result<&'a rocksdb::Colu
 }
 
 /// A storage failure as openraft reports it: what was being read or written, and why.
-pub(crate) fn io_err(
-    subject: openraft::ErrorSubject<NodeId>,
-    verb: openraft::ErrorVerb,
-    e: impl std::error::Error + 'static,
-) -> StorageError {
+pub(crate) fn io_err(subject: openraft::ErrorSubject<NodeId>, verb: openraft::ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
     openraft::StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
 }
 

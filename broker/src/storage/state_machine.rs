@@ -13,10 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{
-    Entry, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
-    StoredMembership,
-};
+use openraft::{Entry, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StoredMembership};
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -24,8 +21,8 @@ use tokio::sync::broadcast;
 use super::archive::{self, Archive};
 use super::snapshot_data::SnapshotData;
 use super::{
-    cf, index_key, io_err, key_index, LogId, NodeId, StorageError, StoreError, TypeConfig, CF_EVENTS, CF_META, CF_SNAPSHOT,
-    FORMAT_VERSION, OLDEST_READABLE_FORMAT,
+    cf, index_key, io_err, key_index, LogId, NodeId, StorageError, StoreError, TypeConfig, CF_EVENTS, CF_META, CF_SNAPSHOT, FORMAT_VERSION,
+    OLDEST_READABLE_FORMAT,
 };
 use crate::state::machine::format_v3::StateV3;
 use crate::state::machine::format_v4::StateV4;
@@ -133,11 +130,7 @@ impl Transfer {
             return Err(StoreError::FormatVersion { path: "a snapshot".into(), found: format });
         }
         let (payload, mut rest) = take_payload(bytes, format)?;
-        let payload_bytes = if format == FORMAT_VERSION {
-            bytes[..bytes.len() - rest.len()].to_vec()
-        } else {
-            postcard::to_allocvec(&payload)?
-        };
+        let payload_bytes = if format == FORMAT_VERSION { bytes[..bytes.len() - rest.len()].to_vec() } else { postcard::to_allocvec(&payload)? };
         let mut archive = Vec::new();
         while !rest.is_empty() {
             let (chunk, after): (archive::Pairs, &[u8]) = postcard::take_from_bytes(rest)?;
@@ -434,11 +427,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let (data, last_applied, membership) = {
             let applied = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
-            let payload = SnapshotPayload {
-                last_applied: applied.last_applied,
-                membership: applied.membership.clone(),
-                state: applied.state.clone(),
-            };
+            let payload = SnapshotPayload { last_applied: applied.last_applied, membership: applied.membership.clone(), state: applied.state.clone() };
             let data = postcard::to_allocvec(&payload).map_err(|e| sm_read(e.into()))?;
             (data, applied.last_applied, applied.membership.clone())
         };
@@ -524,11 +513,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(Box::new(SnapshotData::new(Vec::new())))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<SnapshotData>,
-    ) -> Result<(), StorageError> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, openraft::BasicNode>, snapshot: Box<SnapshotData>) -> Result<(), StorageError> {
         let snapshot_err = |e: StoreError| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e);
         let data = snapshot.into_bytes().map_err(|e| snapshot_err(StoreError::Io("the received snapshot".into(), e)))?;
         let Transfer { payload, payload_bytes, archive } = Transfer::decode_sent(&data).map_err(snapshot_err)?;

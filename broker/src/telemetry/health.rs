@@ -66,11 +66,7 @@ pub fn evaluate(previous: CardHealth, observation: &Observation, rules: &HealthR
     if observation.last_critical_xid_ms.is_some_and(|at| observation.at_ms - at < rules.xid_quiet_ms) {
         return CardHealth::XidError;
     }
-    let hot = if previous == CardHealth::Overheating {
-        observation.temperature_c >= rules.recover_c
-    } else {
-        observation.temperature_c >= rules.overheat_c
-    };
+    let hot = if previous == CardHealth::Overheating { observation.temperature_c >= rules.recover_c } else { observation.temperature_c >= rules.overheat_c };
     if hot {
         CardHealth::Overheating
     } else {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use suanli_proto::v1;
-use suanli_types::{CardHealth, CardId, Caller, NodeId};
+use suanli_types::{Caller, CardHealth, CardId, NodeId};
 use tokio::sync::broadcast;
 use tracing::{debug, warn};
 

@@ -18,11 +18,7 @@ pub struct Tier {
 }
 
 /// Two minutes of raw samples, three hours of minutes, a day and an hour of ten minutes.
-pub const TIERS: [Tier; 3] = [
-    Tier { width_ms: 1_000, capacity: 120 },
-    Tier { width_ms: 60_000, capacity: 180 },
-    Tier { width_ms: 600_000, capacity: 150 },
-];
+pub const TIERS: [Tier; 3] = [Tier { width_ms: 1_000, capacity: 120 }, Tier { width_ms: 60_000, capacity: 180 }, Tier { width_ms: 600_000, capacity: 150 }];
 
 /// One card's reading; `None` in a sample means the card has fallen off the bus.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -109,9 +105,7 @@ impl CardSeries {
     /// nothing), falling back to the coarsest.
     fn tier_for(&self, from_ms: i64) -> usize {
         (0..TIERS.len())
-            .find(|&i| {
-                self.tiers[i].len() < TIERS[i].capacity || self.tiers[i].front().is_some_and(|b| b.start_ms <= from_ms)
-            })
+            .find(|&i| self.tiers[i].len() < TIERS[i].capacity || self.tiers[i].front().is_some_and(|b| b.start_ms <= from_ms))
             .unwrap_or(TIERS.len() - 1)
     }
 }
@@ -248,7 +242,7 @@ mod tests {
     fn old_ranges_come_from_coarser_tiers() {
         let mut store = TelemetryStore::new();
         let base = 1_700_000_400_000; // a whole number of ten-minute buckets
-        // Two hours at one sample per second: the raw tier keeps two minutes only.
+                                      // Two hours at one sample per second: the raw tier keeps two minutes only.
         for i in 0..7_200i64 {
             store.add(NodeId(1), i as u64 + 1, base + i * 1_000, &[(CardId(1), reading(10, 50))]);
         }

@@ -49,13 +49,7 @@ impl ArtifactClient {
         let digest = hash_file(path).await?;
         let file = tokio::fs::File::open(path).await?;
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
-        let response = self
-            .http
-            .put(format!("{}/v1/artifacts?sha256={digest}", self.base))
-            .bearer_auth(&self.token)
-            .body(body)
-            .send()
-            .await?;
+        let response = self.http.put(format!("{}/v1/artifacts?sha256={digest}", self.base)).bearer_auth(&self.token).body(body).send().await?;
         if !response.status().is_success() {
             return Err(ClientError::Refused { status: response.status().as_u16(), body: response.text().await.unwrap_or_default() });
         }

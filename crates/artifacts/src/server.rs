@@ -65,10 +65,7 @@ pub fn router_and_collector(store: Arc<dyn Store>, access: Access) -> (Router, O
     let sweep = Arc::new(tokio::sync::RwLock::new(()));
     let collector = access.owners_dir.clone().map(|owners_dir| Collector { store: store.clone(), owners_dir, sweep: sweep.clone() });
     let shared = Arc::new(Shared { store, access, sweep });
-    let router = Router::new()
-        .route("/v1/artifacts", put(upload))
-        .route("/v1/artifacts/{digest}", get(download).head(download))
-        .with_state(shared);
+    let router = Router::new().route("/v1/artifacts", put(upload)).route("/v1/artifacts/{digest}", get(download).head(download)).with_state(shared);
     (router, collector)
 }
 

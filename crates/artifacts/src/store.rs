@@ -71,20 +71,11 @@ pub type Fut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<
 pub trait Store: Send + Sync + 'static {
     /// Stores what `body` yields; returns its digest and size. With `expected`, refuses
     /// (storing nothing) bytes that hash to something else.
-    fn put<'a>(
-        &'a self,
-        body: Box<dyn AsyncRead + Send + Unpin + 'a>,
-        expected: Option<Digest>,
-    ) -> Fut<'a, (Digest, u64)>;
+    fn put<'a>(&'a self, body: Box<dyn AsyncRead + Send + Unpin + 'a>, expected: Option<Digest>) -> Fut<'a, (Digest, u64)>;
     /// Size of an artifact, if stored.
     fn size<'a>(&'a self, digest: Digest) -> Fut<'a, u64>;
     /// Bytes `[start, start + len)` of an artifact (`len` within its size).
-    fn open<'a>(
-        &'a self,
-        digest: Digest,
-        start: u64,
-        len: u64,
-    ) -> Fut<'a, Opened>;
+    fn open<'a>(&'a self, digest: Digest, start: u64, len: u64) -> Fut<'a, Opened>;
     /// Every stored artifact, for garbage collection.
     fn list<'a>(&'a self) -> Fut<'a, Vec<Listed>>;
     /// Deletes an artifact unless it was (re)stored at or after `than`: an upload of the same
@@ -180,11 +171,7 @@ impl LocalStore {
 }
 
 impl Store for LocalStore {
-    fn put<'a>(
-        &'a self,
-        body: Box<dyn AsyncRead + Send + Unpin + 'a>,
-        expected: Option<Digest>,
-    ) -> Fut<'a, (Digest, u64)> {
+    fn put<'a>(&'a self, body: Box<dyn AsyncRead + Send + Unpin + 'a>, expected: Option<Digest>) -> Fut<'a, (Digest, u64)> {
         Box::pin(self.put_inner(body, expected))
     }
 
@@ -198,12 +185,7 @@ impl Store for LocalStore {
         })
     }
 
-    fn open<'a>(
-        &'a self,
-        digest: Digest,
-        start: u64,
-        len: u64,
-    ) -> Fut<'a, Opened> {
+    fn open<'a>(&'a self, digest: Digest, start: u64, len: u64) -> Fut<'a, Opened> {
         Box::pin(async move {
             let mut file = match tokio::fs::File::open(self.path(digest)).await {
                 Ok(f) => f,

@@ -80,7 +80,14 @@ fn main() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     trainer.save_weights(&dir.path().join(WEIGHTS_FILE)).expect("weights");
-    let card = ModelCard { model: Some(cfg.model.clone()), classes: (0..10).map(|d| d.to_string()).collect(), input: train.shape(), preprocess: vec![], dataset_version: None, test_metrics: None };
+    let card = ModelCard {
+        model: Some(cfg.model.clone()),
+        classes: (0..10).map(|d| d.to_string()).collect(),
+        input: train.shape(),
+        preprocess: vec![],
+        dataset_version: None,
+        test_metrics: None,
+    };
     std::fs::write(dir.path().join(CARD_FILE), serde_json::to_vec(&card).expect("json")).expect("card");
     let model = Classifier::load(dir.path(), Device::Cpu).expect("load");
     let (xs, _) = test.all();

@@ -164,15 +164,7 @@ impl Dataset {
     pub fn create(name: impl Into<String>, items: Vec<Item>) -> Result<Dataset, DatasetError> {
         let items = canonical_items(items)?;
         let changes = Changes { added: items.iter().map(|i| i.name.clone()).collect(), ..Changes::default() };
-        let first = DatasetVersion {
-            number: 1,
-            id: items_id(&items),
-            parent: None,
-            items,
-            changes,
-            created_unix_ms: now_ms(),
-            note: "created".to_owned(),
-        };
+        let first = DatasetVersion { number: 1, id: items_id(&items), parent: None, items, changes, created_unix_ms: now_ms(), note: "created".to_owned() };
         Ok(Dataset { name: name.into(), versions: vec![first] })
     }
 
@@ -527,13 +519,11 @@ fn stratified_counts(sizes: &[usize], ratios: &[f64; 3]) -> Vec<[usize; 3]> {
         while left > 0 {
             // Only splits with a fractional quota may round up (else the count would be 1
             // over), and each at most once.
-            let best = (0..3)
-                .filter(|&k| !used.contains(&k) && quotas[i][k] - quotas[i][k].floor() > 1e-9)
-                .max_by(|&a, &b| {
-                    let deficit = |k: usize| targets[k] as i64 - assigned[k] as i64;
-                    let frac = |k: usize| quotas[i][k] - quotas[i][k].floor();
-                    deficit(a).cmp(&deficit(b)).then(frac(a).total_cmp(&frac(b))).then(b.cmp(&a))
-                });
+            let best = (0..3).filter(|&k| !used.contains(&k) && quotas[i][k] - quotas[i][k].floor() > 1e-9).max_by(|&a, &b| {
+                let deficit = |k: usize| targets[k] as i64 - assigned[k] as i64;
+                let frac = |k: usize| quotas[i][k] - quotas[i][k].floor();
+                deficit(a).cmp(&deficit(b)).then(frac(a).total_cmp(&frac(b))).then(b.cmp(&a))
+            });
             // Leftover = sum of fractional parts, so there are always enough candidates; a
             // float edge case falls back to train.
             let k = best.unwrap_or(0);

@@ -48,10 +48,18 @@ const SHOWN_FAILURES: usize = 5;
 pub enum Range {
     /// `exp(uniform(ln min, ln max))`: equal mass per decade, the usual choice for learning
     /// rates, whose useful values span orders of magnitude.
-    LogUniform { min: f64, max: f64 },
-    Uniform { min: f64, max: f64 },
+    LogUniform {
+        min: f64,
+        max: f64,
+    },
+    Uniform {
+        min: f64,
+        max: f64,
+    },
     /// One of `values`, each equally likely (repeat a value to weight it).
-    Choice { values: Vec<f64> },
+    Choice {
+        values: Vec<f64>,
+    },
 }
 
 /// What [`search`] samples from.
@@ -184,10 +192,7 @@ impl Range {
                     }
                 }
                 if min.is_finite() && max.is_finite() && min >= max {
-                    errors.push(FieldError::new(
-                        format!("{path}.max"),
-                        format!("must be greater than min ({min}); use choice for a fixed value"),
-                    ));
+                    errors.push(FieldError::new(format!("{path}.max"), format!("must be greater than min ({min}); use choice for a fixed value")));
                 }
             }
             Range::Choice { values } => {
@@ -196,10 +201,7 @@ impl Range {
                 }
                 for (i, v) in values.iter().enumerate() {
                     if !v.is_finite() || *v <= 0.0 {
-                        errors.push(FieldError::new(
-                            format!("{path}.values[{i}]"),
-                            "must be a finite number greater than 0",
-                        ));
+                        errors.push(FieldError::new(format!("{path}.values[{i}]"), "must be a finite number greater than 0"));
                     }
                 }
             }
@@ -275,10 +277,7 @@ impl Strategy {
                 // With an empty `epochs` list the space reports its own error; nothing to
                 // compare against here.
                 if *min_epochs > max {
-                    errors.push(FieldError::new(
-                        "min_epochs",
-                        format!("must be at most the largest epochs choice ({max}), got {min_epochs}"),
-                    ));
+                    errors.push(FieldError::new("min_epochs", format!("must be at most the largest epochs choice ({max}), got {min_epochs}")));
                 }
             }
         }
@@ -378,25 +377,13 @@ pub fn search<E: fmt::Display>(
 
     match best {
         Some(best) => Ok(SearchReport { best, trials, strategy: strategy.clone() }),
-        None => Err(SearchError::AllFailed(
-            trials.iter().map(|t| format!("trial {}: {}", t.trial, error_message(&t.metrics))).collect(),
-        )),
+        None => Err(SearchError::AllFailed(trials.iter().map(|t| format!("trial {}: {}", t.trial, error_message(&t.metrics))).collect())),
     }
 }
 
-fn evaluate<E: fmt::Display>(
-    objective: &mut impl FnMut(u32, &Params) -> Result<Objective, E>,
-    trial: u32,
-    params: Params,
-    rung: u32,
-) -> TrialResult {
-    let failed = |params: Params, message: String| TrialResult {
-        trial,
-        params,
-        rung,
-        score: f64::NEG_INFINITY,
-        metrics: serde_json::json!({ "error": message }),
-    };
+fn evaluate<E: fmt::Display>(objective: &mut impl FnMut(u32, &Params) -> Result<Objective, E>, trial: u32, params: Params, rung: u32) -> TrialResult {
+    let failed =
+        |params: Params, message: String| TrialResult { trial, params, rung, score: f64::NEG_INFINITY, metrics: serde_json::json!({ "error": message }) };
     match objective(trial, &params) {
         Ok(Objective { score, metrics }) if score.is_finite() => TrialResult { trial, params, rung, score, metrics },
         Ok(Objective { score, .. }) => failed(params, format!("objective returned a non-finite score ({score})")),

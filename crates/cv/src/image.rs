@@ -19,21 +19,11 @@ impl Image {
     }
 
     pub fn from_rgb8(rgb: &::image::RgbImage) -> Self {
-        Image {
-            width: rgb.width(),
-            height: rgb.height(),
-            channels: 3,
-            data: rgb.as_raw().iter().map(|&b| f32::from(b) / 255.0).collect(),
-        }
+        Image { width: rgb.width(), height: rgb.height(), channels: 3, data: rgb.as_raw().iter().map(|&b| f32::from(b) / 255.0).collect() }
     }
 
     pub fn from_luma8(gray: &::image::GrayImage) -> Self {
-        Image {
-            width: gray.width(),
-            height: gray.height(),
-            channels: 1,
-            data: gray.as_raw().iter().map(|&b| f32::from(b) / 255.0).collect(),
-        }
+        Image { width: gray.width(), height: gray.height(), channels: 1, data: gray.as_raw().iter().map(|&b| f32::from(b) / 255.0).collect() }
     }
 
     /// Decoded pixels of any format `image` reads, as RGB (or grayscale when the file is).
@@ -48,12 +38,8 @@ impl Image {
     pub fn to_dynamic(&self) -> ::image::DynamicImage {
         let bytes: Vec<u8> = self.data.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
         match self.channels {
-            1 => ::image::DynamicImage::ImageLuma8(
-                ::image::GrayImage::from_raw(self.width, self.height, bytes).expect("buffer size matches dimensions"),
-            ),
-            _ => ::image::DynamicImage::ImageRgb8(
-                ::image::RgbImage::from_raw(self.width, self.height, bytes).expect("buffer size matches dimensions"),
-            ),
+            1 => ::image::DynamicImage::ImageLuma8(::image::GrayImage::from_raw(self.width, self.height, bytes).expect("buffer size matches dimensions")),
+            _ => ::image::DynamicImage::ImageRgb8(::image::RgbImage::from_raw(self.width, self.height, bytes).expect("buffer size matches dimensions")),
         }
     }
 

@@ -211,10 +211,7 @@ fn read_limited(path: &Path, name: &str, limits: &IntakeLimits) -> Result<Vec<u8
     let io = |source| IntakeError::Io { path: path.to_path_buf(), source };
     let len = std::fs::metadata(path).map_err(io)?.len();
     if len > limits.max_file_bytes {
-        return Err(IntakeError::TooLarge {
-            name: name.to_owned(),
-            detail: format!("{len} bytes, the limit is {}", limits.max_file_bytes),
-        });
+        return Err(IntakeError::TooLarge { name: name.to_owned(), detail: format!("{len} bytes, the limit is {}", limits.max_file_bytes) });
     }
     std::fs::read(path).map_err(io)
 }
@@ -240,10 +237,7 @@ fn decode(name: &str, format: ImageFormat, bytes: &[u8], limits: &IntakeLimits) 
     if width > limits.max_width || height > limits.max_height || pixels > limits.max_pixels {
         return Err(IntakeError::TooLarge {
             name: name.to_owned(),
-            detail: format!(
-                "{width}x{height} pixels, the limits are {}x{} and {} pixels",
-                limits.max_width, limits.max_height, limits.max_pixels
-            ),
+            detail: format!("{width}x{height} pixels, the limits are {}x{} and {} pixels", limits.max_width, limits.max_height, limits.max_pixels),
         });
     }
     // Camera JPEGs are stored sideways with an EXIF orientation tag; training on them as
@@ -412,11 +406,9 @@ fn walk(dir: &Path, prefix: String, files: &mut Vec<(String, PathBuf)>, rejected
         // metadata() follows symlinks: a link to an image imports the image. Linked
         // directories are not entered: a link to an ancestor would recurse forever.
         match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_dir() && is_link => rejected.push(Rejected {
-                name,
-                reason: "symbolic link to a directory, not followed".to_owned(),
-                kind: RejectKind::Io,
-            }),
+            Ok(meta) if meta.is_dir() && is_link => {
+                rejected.push(Rejected { name, reason: "symbolic link to a directory, not followed".to_owned(), kind: RejectKind::Io })
+            }
             Ok(meta) if meta.is_dir() => walk(&path, name, files, rejected),
             Ok(meta) if meta.is_file() => files.push((name, path)),
             Ok(_) => {}
@@ -505,9 +497,7 @@ pub fn extract_frames_with(
     let filter = match options.sampling {
         FrameSampling::EveryNth { n: 0 } => return Err(IntakeError::InvalidOptions("every_nth.n must be >= 1".into())),
         FrameSampling::EveryNth { n } => format!("select=not(mod(n\\,{n}))"),
-        FrameSampling::Fps { fps } if !(fps.is_finite() && fps > 0.0) => {
-            return Err(IntakeError::InvalidOptions(format!("fps must be > 0, got {fps}")))
-        }
+        FrameSampling::Fps { fps } if !(fps.is_finite() && fps > 0.0) => return Err(IntakeError::InvalidOptions(format!("fps must be > 0, got {fps}"))),
         FrameSampling::Fps { fps } => format!("fps={fps}"),
     };
     if options.max_frames == Some(0) {

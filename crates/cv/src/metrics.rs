@@ -75,10 +75,7 @@ impl ConfusionMatrix {
     }
 
     /// A matrix of `(truth, predicted)` pairs; fails on the first label out of range.
-    pub fn from_pairs(
-        num_classes: usize,
-        pairs: impl IntoIterator<Item = (usize, usize)>,
-    ) -> Result<Self, MetricsError> {
+    pub fn from_pairs(num_classes: usize, pairs: impl IntoIterator<Item = (usize, usize)>) -> Result<Self, MetricsError> {
         let mut matrix = Self::new(num_classes);
         for (truth, predicted) in pairs {
             matrix.add(truth, predicted)?;
@@ -156,12 +153,7 @@ impl ConfusionMatrix {
     }
 
     pub fn report(&self) -> Report {
-        Report {
-            accuracy: self.accuracy(),
-            macro_f1: self.macro_f1(),
-            per_class: self.per_class(),
-            confusion: self.rows(),
-        }
+        Report { accuracy: self.accuracy(), macro_f1: self.macro_f1(), per_class: self.per_class(), confusion: self.rows() }
     }
 }
 
@@ -175,13 +167,7 @@ impl ConfusionMatrix {
 impl fmt::Display for ConfusionMatrix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const CORNER: &str = "true\\pred";
-        let cell = self
-            .counts
-            .iter()
-            .map(|c| c.to_string().len())
-            .chain([self.num_classes.saturating_sub(1).to_string().len()])
-            .max()
-            .unwrap_or(1);
+        let cell = self.counts.iter().map(|c| c.to_string().len()).chain([self.num_classes.saturating_sub(1).to_string().len()]).max().unwrap_or(1);
         write!(f, "{CORNER}")?;
         for p in 0..self.num_classes {
             write!(f, " {p:>cell$}")?;

@@ -69,20 +69,39 @@ pub enum Step {
         #[serde(default)]
         filter: Filter,
     },
-    CenterCrop { width: u32, height: u32 },
-    Crop { x: u32, y: u32, width: u32, height: u32 },
+    CenterCrop {
+        width: u32,
+        height: u32,
+    },
+    Crop {
+        x: u32,
+        y: u32,
+        width: u32,
+        height: u32,
+    },
     /// A `width`x`height` window at a uniformly random position.
-    RandomCrop { width: u32, height: u32 },
+    RandomCrop {
+        width: u32,
+        height: u32,
+    },
     /// Mirrors left-right with probability `p`.
-    FlipHorizontal { p: f32 },
+    FlipHorizontal {
+        p: f32,
+    },
     /// Mirrors top-bottom with probability `p`.
-    FlipVertical { p: f32 },
+    FlipVertical {
+        p: f32,
+    },
     /// Multiples of 90 are exact and lossless, and 90/270 swap width and height; any other
     /// angle rotates about the centre within the same canvas (bilinear, corners filled 0).
-    Rotate { degrees: f32 },
+    Rotate {
+        degrees: f32,
+    },
     /// Rotates by an angle drawn uniformly from `-max_degrees..=max_degrees`, always within the
     /// same canvas (so every output of a pipeline has the same size).
-    RandomRotate { max_degrees: f32 },
+    RandomRotate {
+        max_degrees: f32,
+    },
     /// RGB to luma, 0.299 R + 0.587 G + 0.114 B. With `keep_channels` the result keeps 3
     /// (equal) channels, for models that expect RGB input.
     Grayscale {
@@ -90,14 +109,27 @@ pub enum Step {
         keep_channels: bool,
     },
     /// `(v - mean[c]) / std[c]`, one value per channel (or one for all).
-    Normalize { mean: Vec<f32>, std: Vec<f32> },
+    Normalize {
+        mean: Vec<f32>,
+        std: Vec<f32>,
+    },
     /// `(v - 0.5) * contrast + 0.5 + brightness`, clamped to 0..1. Identity: 0 and 1.
-    BrightnessContrast { brightness: f32, contrast: f32 },
+    BrightnessContrast {
+        brightness: f32,
+        contrast: f32,
+    },
     /// [`Step::BrightnessContrast`] with each drawn uniformly from its `[min, max]`.
-    RandomBrightnessContrast { brightness: [f32; 2], contrast: [f32; 2] },
+    RandomBrightnessContrast {
+        brightness: [f32; 2],
+        contrast: [f32; 2],
+    },
     /// Adds normal noise of standard deviation `std` to every sample, clamped to 0..1.
-    GaussianNoise { std: f32 },
-    Denoise { method: DenoiseMethod },
+    GaussianNoise {
+        std: f32,
+    },
+    Denoise {
+        method: DenoiseMethod,
+    },
     /// A step registered in the [`Registry`] under `name`, configured by `params`.
     Custom {
         name: String,
@@ -432,13 +464,7 @@ fn check_image(img: &Image) -> Result<(), PreprocessError> {
     }
     let expected = img.width as usize * img.height as usize * img.channels as usize;
     if img.data.len() != expected {
-        return Err(PreprocessError::BadImage(format!(
-            "{} samples for {}x{}x{}, expected {expected}",
-            img.data.len(),
-            img.width,
-            img.height,
-            img.channels
-        )));
+        return Err(PreprocessError::BadImage(format!("{} samples for {}x{}x{}, expected {expected}", img.data.len(), img.width, img.height, img.channels)));
     }
     Ok(())
 }
@@ -556,10 +582,7 @@ fn check_output(op: &'static str, width: u64, height: u64) -> Result<(), Preproc
 
 /// The `width`x`height` window with top-left corner `(x, y)`; an error unless it lies inside.
 pub fn crop(img: &Image, x: u32, y: u32, width: u32, height: u32) -> Result<Image, PreprocessError> {
-    let fits = width > 0
-        && height > 0
-        && u64::from(x) + u64::from(width) <= u64::from(img.width)
-        && u64::from(y) + u64::from(height) <= u64::from(img.height);
+    let fits = width > 0 && height > 0 && u64::from(x) + u64::from(width) <= u64::from(img.width) && u64::from(y) + u64::from(height) <= u64::from(img.height);
     if !fits {
         return Err(out_of_bounds("crop", x, y, width, height, img));
     }

@@ -479,11 +479,7 @@ async fn predict_batch_inner(app: &Arc<App>, body: Result<Bytes, axum::extract::
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "EMPTY_BATCH", "\"images\" is empty"));
     }
     if request.images.len() > max {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "TOO_MANY_IMAGES",
-            format!("{} images, at most {max} per request", request.images.len()),
-        ));
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "TOO_MANY_IMAGES", format!("{} images, at most {max} per request", request.images.len())));
     }
     let n = request.images.len();
     // Decode all images concurrently; each failure is reported by its index.

@@ -5,13 +5,11 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use suanli_cv::annotation::{
-    coco, voc, yolo, AnnotatedImage, AnnotationError, AnnotationSet, Format, Location, Object, Problem, Shape,
-    ShapeKind, Unrepresentable,
+    coco, voc, yolo, AnnotatedImage, AnnotationError, AnnotationSet, Format, Location, Object, Problem, Shape, ShapeKind, Unrepresentable,
 };
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/annotation").join(name))
-        .expect("fixture exists")
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/annotation").join(name)).expect("fixture exists")
 }
 
 fn bbox(category: &str, x: f32, y: f32, w: f32, h: f32) -> Object {
@@ -58,20 +56,13 @@ fn boxes_and_polygons() -> AnnotationSet {
 /// [`boxes_and_polygons`] plus a keypoint object (COCO only).
 fn with_points() -> AnnotationSet {
     let mut set = boxes_and_polygons();
-    set.images[1].objects.push(Object {
-        category: "person".into(),
-        shape: Shape::Points { points: vec![(1.0, 2.0), (30.5, 15.25)] },
-        score: Some(0.5),
-    });
+    set.images[1].objects.push(Object { category: "person".into(), shape: Shape::Points { points: vec![(1.0, 2.0), (30.5, 15.25)] }, score: Some(0.5) });
     set
 }
 
 /// Asserts `actual` equals `expected` with coordinates within `tolerance` pixels.
 fn assert_close(actual: &AnnotatedImage, expected: &AnnotatedImage, tolerance: f32) {
-    assert_eq!(
-        (&actual.file_name, actual.width, actual.height),
-        (&expected.file_name, expected.width, expected.height)
-    );
+    assert_eq!((&actual.file_name, actual.width, actual.height), (&expected.file_name, expected.width, expected.height));
     assert_eq!(actual.objects.len(), expected.objects.len(), "{actual:?}");
     for (a, e) in actual.objects.iter().zip(&expected.objects) {
         assert_eq!(a.category, e.category);
@@ -79,9 +70,7 @@ fn assert_close(actual: &AnnotatedImage, expected: &AnnotatedImage, tolerance: f
         let coords = |s: &Shape| -> Vec<f32> {
             match s {
                 Shape::Box { x, y, w, h } => vec![*x, *y, *w, *h],
-                Shape::Polygon { points } | Shape::Points { points } => {
-                    points.iter().flat_map(|&(x, y)| [x, y]).collect()
-                }
+                Shape::Polygon { points } | Shape::Points { points } => points.iter().flat_map(|&(x, y)| [x, y]).collect(),
             }
         };
         assert_eq!(a.shape.kind(), e.shape.kind());
@@ -137,10 +126,7 @@ fn voc_uses_one_based_inclusive_corners_and_writes_a_bndbox_for_polygons() {
     let set = boxes_and_polygons();
     let xml = voc::write(&set.images[0]).expect("write");
     // The whole 640x480 image: pixels 1..=640, 1..=480.
-    assert!(
-        xml.contains("<xmin>1</xmin>\n      <ymin>1</ymin>\n      <xmax>640</xmax>\n      <ymax>480</ymax>"),
-        "{xml}"
-    );
+    assert!(xml.contains("<xmin>1</xmin>\n      <ymin>1</ymin>\n      <xmax>640</xmax>\n      <ymax>480</ymax>"), "{xml}");
     assert!(xml.contains("<score>0.875</score>"));
     assert!(xml.contains("<polygon>\n      <x1>100</x1>\n      <y1>100</y1>"));
     assert!(xml.contains("<xmin>91</xmin>\n      <ymin>101</ymin>\n      <xmax>200.5</xmax>"), "{xml}");
@@ -150,13 +136,7 @@ fn voc_uses_one_based_inclusive_corners_and_writes_a_bndbox_for_polygons() {
 fn voc_refuses_keypoints() {
     let set = with_points();
     let error = voc::write(&set.images[1]).expect_err("keypoints");
-    assert!(
-        matches!(
-            error,
-            AnnotationError::Unsupported { format: Format::Voc, what: Unrepresentable::Shape(ShapeKind::Points), .. }
-        ),
-        "{error:?}"
-    );
+    assert!(matches!(error, AnnotationError::Unsupported { format: Format::Voc, what: Unrepresentable::Shape(ShapeKind::Points), .. }), "{error:?}");
     assert_eq!(location(&error), &Location::Object { image: "b.png".into(), index: 0 });
 }
 
@@ -186,13 +166,9 @@ fn yolo_refuses_keypoints_and_scored_polygons() {
     let set = with_points();
     let error = yolo::write(&set.images[1], &set.categories).expect_err("keypoints");
     assert!(matches!(error, AnnotationError::Unsupported { what: Unrepresentable::Shape(ShapeKind::Points), .. }));
-    let scored_polygon =
-        image("p.jpg", 10, 10, vec![scored(polygon("cat", &[(1.0, 1.0), (5.0, 1.0), (3.0, 4.0)]), 0.5)]);
+    let scored_polygon = image("p.jpg", 10, 10, vec![scored(polygon("cat", &[(1.0, 1.0), (5.0, 1.0), (3.0, 4.0)]), 0.5)]);
     let error = yolo::write(&scored_polygon, &set.categories).expect_err("scored polygon");
-    assert!(matches!(
-        error,
-        AnnotationError::Unsupported { format: Format::Yolo, what: Unrepresentable::PolygonScore, .. }
-    ));
+    assert!(matches!(error, AnnotationError::Unsupported { format: Format::Yolo, what: Unrepresentable::PolygonScore, .. }));
     assert_eq!(location(&error), &Location::Object { image: "p.jpg".into(), index: 0 });
 }
 
@@ -200,12 +176,7 @@ fn yolo_refuses_keypoints_and_scored_polygons() {
 fn coco_to_yolo_to_coco_preserves_boxes() {
     let set = AnnotationSet {
         categories: categories(),
-        images: vec![image(
-            "x.jpg",
-            1000,
-            750,
-            vec![bbox("dog", 100.0, 200.0, 300.0, 150.0), scored(bbox("cat", 1.5, 2.5, 10.0, 20.0), 0.25)],
-        )],
+        images: vec![image("x.jpg", 1000, 750, vec![bbox("dog", 100.0, 200.0, 300.0, 150.0), scored(bbox("cat", 1.5, 2.5, 10.0, 20.0), 0.25)])],
     };
     let from_coco = coco::read(&coco::write(&set).expect("write coco")).expect("read coco");
     let mut via_yolo = from_coco.clone();
@@ -240,9 +211,7 @@ fn dir_layouts_round_trip() {
     assert_eq!(std::fs::read_to_string(yolo_dir.join("labels/b.txt")).expect("empty label"), "");
     std::fs::create_dir_all(yolo_dir.join("images")).expect("images dir");
     for image in &set.images {
-        ::image::RgbImage::new(image.width, image.height)
-            .save(yolo_dir.join("images").join(&image.file_name))
-            .expect("png/jpg");
+        ::image::RgbImage::new(image.width, image.height).save(yolo_dir.join("images").join(&image.file_name)).expect("png/jpg");
     }
     let yolo = AnnotationSet::read_dir(Format::Yolo, &yolo_dir).expect("read yolo");
     assert_eq!(yolo.categories, set.categories);
@@ -265,10 +234,7 @@ fn yolo_dir_label_without_image_is_an_error_naming_the_file() {
 #[test]
 fn dir_layouts_refuse_colliding_stems() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let set = AnnotationSet {
-        categories: categories(),
-        images: vec![image("a.jpg", 10, 10, vec![]), image("a.png", 10, 10, vec![])],
-    };
+    let set = AnnotationSet { categories: categories(), images: vec![image("a.jpg", 10, 10, vec![]), image("a.png", 10, 10, vec![])] };
     let error = set.write_dir(Format::Voc, dir.path()).expect_err("same stem");
     assert!(matches!(error, AnnotationError::Duplicate { .. }), "{error:?}");
 }
@@ -326,11 +292,7 @@ fn reads_a_real_looking_voc_file() {
     assert_eq!((image.file_name.as_str(), image.width, image.height), ("000005.jpg", 500, 375));
     assert_eq!(
         image.objects,
-        vec![
-            bbox("chair", 262.0, 210.0, 62.0, 129.0),
-            bbox("dining table", 0.0, 0.0, 500.0, 375.0),
-            scored(bbox("R&D bottle", 4.5, 236.0, 42.0, 87.0), 0.75),
-        ]
+        vec![bbox("chair", 262.0, 210.0, 62.0, 129.0), bbox("dining table", 0.0, 0.0, 500.0, 375.0), scored(bbox("R&D bottle", 4.5, 236.0, 42.0, 87.0), 0.75),]
     );
     let xml = voc::write(&image).expect("write");
     assert!(xml.contains("<name>R&amp;D bottle</name>"));
@@ -377,10 +339,7 @@ fn coco_negative_width_and_box_outside_image() {
     assert_eq!(location(&error), &Location::JsonPath("annotations[0].bbox".into()));
 
     let error = coco_with(r#"{"image_id": 7, "category_id": 1, "bbox": [90, 10, 20, 4]}"#).expect_err("outside");
-    assert!(matches!(
-        error,
-        AnnotationError::Invalid { problem: Problem::OutsideImage { width: 100, height: 50 }, .. }
-    ));
+    assert!(matches!(error, AnnotationError::Invalid { problem: Problem::OutsideImage { width: 100, height: 50 }, .. }));
 }
 
 #[test]
@@ -388,20 +347,15 @@ fn coco_bad_shapes() {
     let error = coco_with(r#"{"image_id": 7, "category_id": 1, "bbox": [1, 2, 3]}"#).expect_err("3 values");
     assert!(matches!(error, AnnotationError::FieldCount { found: 3, .. }), "{error:?}");
 
-    let error =
-        coco_with(r#"{"image_id": 7, "category_id": 1, "segmentation": [[1, 1, 5, 5]]}"#).expect_err("2 points");
+    let error = coco_with(r#"{"image_id": 7, "category_id": 1, "segmentation": [[1, 1, 5, 5]]}"#).expect_err("2 points");
     assert!(matches!(error, AnnotationError::Invalid { problem: Problem::TooFewPoints { found: 2, min: 3, .. }, .. }));
     assert_eq!(location(&error), &Location::JsonPath("annotations[0].segmentation[0]".into()));
 
-    let error =
-        coco_with(r#"{"image_id": 7, "category_id": 1, "segmentation": [[1, 1, 5, "x", 3, 3]]}"#).expect_err("nan");
+    let error = coco_with(r#"{"image_id": 7, "category_id": 1, "segmentation": [[1, 1, 5, "x", 3, 3]]}"#).expect_err("nan");
     assert!(matches!(error, AnnotationError::NotANumber { .. }), "{error:?}");
     assert_eq!(location(&error), &Location::JsonPath("annotations[0].segmentation[0][3]".into()));
 
-    let error = coco_with(
-        r#"{"image_id": 7, "category_id": 1, "iscrowd": 1, "segmentation": {"counts": [1, 2], "size": [50, 100]}}"#,
-    )
-    .expect_err("rle");
+    let error = coco_with(r#"{"image_id": 7, "category_id": 1, "iscrowd": 1, "segmentation": {"counts": [1, 2], "size": [50, 100]}}"#).expect_err("rle");
     assert!(matches!(error, AnnotationError::Unsupported { format: Format::Coco, what: Unrepresentable::RleMask, .. }));
 
     let error = coco_with(r#"{"image_id": 7, "category_id": 1}"#).expect_err("no geometry");
@@ -426,8 +380,7 @@ fn writers_validate_the_model() {
 
     let mut set = boxes_and_polygons();
     set.images[0].objects[0].category = "horse".into();
-    for error in [coco::write(&set).expect_err("coco"), yolo::write(&set.images[0], &set.categories).expect_err("yolo")]
-    {
+    for error in [coco::write(&set).expect_err("coco"), yolo::write(&set.images[0], &set.categories).expect_err("yolo")] {
         assert!(matches!(error, AnnotationError::UnknownCategory { .. }), "{error:?}");
     }
 
@@ -472,10 +425,7 @@ fn yolo_class_id_out_of_range() {
 #[test]
 fn yolo_coordinates_above_one() {
     let error = yolo_read("0 0.5 0.5 0.1 0.1\n0 1.5 0.5 0.1 0.1").expect_err("> 1");
-    assert!(
-        matches!(error, AnnotationError::Invalid { problem: Problem::NormalizedOutOfRange { .. }, .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, AnnotationError::Invalid { problem: Problem::NormalizedOutOfRange { .. }, .. }), "{error:?}");
     assert_eq!(location(&error), &Location::Line(2));
     // In range one by one, but the box sticks out of the image.
     let error = yolo_read("0 0.95 0.5 0.3 0.1").expect_err("overhang");
@@ -517,9 +467,7 @@ fn voc_non_numeric_xmin() {
 
 #[test]
 fn voc_xmax_below_xmin() {
-    let doc = voc_doc(
-        "<object><name>cat</name><bndbox><xmin>50</xmin><ymin>1</ymin><xmax>20</xmax><ymax>2</ymax></bndbox></object>",
-    );
+    let doc = voc_doc("<object><name>cat</name><bndbox><xmin>50</xmin><ymin>1</ymin><xmax>20</xmax><ymax>2</ymax></bndbox></object>");
     let error = voc::read(doc.as_bytes()).expect_err("xmax < xmin");
     assert!(matches!(error, AnnotationError::Invalid { problem: Problem::NegativeSize { .. }, .. }), "{error:?}");
     assert_eq!(location(&error), &Location::Element { path: "annotation/object[1]/bndbox".into(), line: 4 });
@@ -535,10 +483,7 @@ fn voc_malformed_xml_and_missing_size() {
     let error = voc::read(b"<annotation><filename>a.jpg</filename></annotation>").expect_err("no size");
     assert!(matches!(error, AnnotationError::Missing { ref what, .. } if what == "<size>"), "{error:?}");
 
-    let error = voc::read(
-        b"<annotation><filename>a.jpg</filename><size><width>0</width><height>5</height></size></annotation>",
-    )
-    .expect_err("empty");
+    let error = voc::read(b"<annotation><filename>a.jpg</filename><size><width>0</width><height>5</height></size></annotation>").expect_err("empty");
     assert!(matches!(error, AnnotationError::Invalid { problem: Problem::EmptyImage { .. }, .. }), "{error:?}");
 
     let error = voc::read(b"<annotation><filename>a.jpg</filename>").expect_err("unclosed");
@@ -549,10 +494,7 @@ fn voc_malformed_xml_and_missing_size() {
 fn voc_polygon_with_too_few_points() {
     let doc = voc_doc("<object><name>cat</name><polygon><x1>1</x1><y1>1</y1><x2>5</x2><y2>5</y2></polygon></object>");
     let error = voc::read(doc.as_bytes()).expect_err("2 points");
-    assert!(
-        matches!(error, AnnotationError::Invalid { problem: Problem::TooFewPoints { found: 2, .. }, .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, AnnotationError::Invalid { problem: Problem::TooFewPoints { found: 2, .. }, .. }), "{error:?}");
     assert_eq!(location(&error), &Location::Element { path: "annotation/object[1]/polygon".into(), line: 4 });
 }
 
@@ -560,8 +502,7 @@ fn voc_polygon_with_too_few_points() {
 fn read_dir_errors_name_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir_all(dir.path().join("Annotations")).expect("dir");
-    std::fs::write(dir.path().join("Annotations/bad.xml"), voc_doc("<object><name>cat</name></object>"))
-        .expect("write");
+    std::fs::write(dir.path().join("Annotations/bad.xml"), voc_doc("<object><name>cat</name></object>")).expect("write");
     let error = AnnotationSet::read_dir(Format::Voc, dir.path()).expect_err("bad");
     let at = error.location().expect("location");
     assert!(at.file.as_deref().is_some_and(|f| f.ends_with("Annotations/bad.xml")));

@@ -3,9 +3,7 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use suanli_cv::dataset::{
-    items_id, split, Changes, Dataset, DatasetError, Item, LabelFilter, Query, SplitMethod, SplitSpec, MANIFEST,
-};
+use suanli_cv::dataset::{items_id, split, Changes, Dataset, DatasetError, Item, LabelFilter, Query, SplitMethod, SplitSpec, MANIFEST};
 
 fn sha(n: u64) -> String {
     use sha2::Digest;
@@ -33,10 +31,7 @@ fn versions_record_their_changes() {
     assert_eq!(v1.changes.added, ["a.png", "b.png"]);
 
     // Edit: relabel a, change b's content, delete nothing, add c.
-    let v2 = ds
-        .commit(vec![item("a.png", 1, Some("cat")), item("b.png", 22, Some("cat")), item("c.png", 3, None)], "relabel")
-        .expect("commit")
-        .clone();
+    let v2 = ds.commit(vec![item("a.png", 1, Some("cat")), item("b.png", 22, Some("cat")), item("c.png", 3, None)], "relabel").expect("commit").clone();
     assert_eq!((v2.number, v2.parent, v2.note.as_str()), (2, Some(1), "relabel"));
     assert_eq!(v2.changes, Changes { added: vec!["c.png".into()], removed: vec![], modified: vec!["a.png".into(), "b.png".into()] });
 
@@ -92,11 +87,8 @@ fn bad_items_are_refused() {
 
 #[test]
 fn query_by_label_and_prefix() {
-    let ds = Dataset::create(
-        "d",
-        vec![item("cats/1", 1, Some("cat")), item("cats/2", 2, Some("cat")), item("dogs/1", 3, Some("dog")), item("misc", 4, None)],
-    )
-    .expect("create");
+    let ds = Dataset::create("d", vec![item("cats/1", 1, Some("cat")), item("cats/2", 2, Some("cat")), item("dogs/1", 3, Some("dog")), item("misc", 4, None)])
+        .expect("create");
     let v = ds.latest();
     let found = |q: &Query| v.query(q).iter().map(|i| i.name.clone()).collect::<Vec<_>>();
     assert_eq!(found(&Query::label("cat")), ["cats/1", "cats/2"]);
@@ -190,7 +182,21 @@ fn random_split_sizes_and_reproducibility() {
 #[test]
 fn stratified_split_keeps_proportions() {
     // Imbalanced: 60 a, 30 b, 10 c.
-    let items: Vec<Item> = (0..100).map(|i| item(&format!("i{i:03}"), i, Some(if i < 60 { "a" } else if i < 90 { "b" } else { "c" }))).collect();
+    let items: Vec<Item> = (0..100)
+        .map(|i| {
+            item(
+                &format!("i{i:03}"),
+                i,
+                Some(if i < 60 {
+                    "a"
+                } else if i < 90 {
+                    "b"
+                } else {
+                    "c"
+                }),
+            )
+        })
+        .collect();
     let s = split(&items, &spec(0.8, 0.1, 0.1, SplitMethod::Stratified, 3)).expect("split");
     let count = |part: &[Item], label: &str| part.iter().filter(|i| i.label.as_deref() == Some(label)).count();
     assert_eq!([count(&s.train, "a"), count(&s.val, "a"), count(&s.test, "a")], [48, 6, 6]);

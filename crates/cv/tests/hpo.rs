@@ -7,9 +7,7 @@ use std::convert::Infallible;
 
 use proptest::prelude::*;
 use serde_json::json;
-use suanli_cv::hpo::{
-    sample, search, validate, Objective, Params, Range, SearchError, SearchReport, SearchSpace, Strategy, TrialResult,
-};
+use suanli_cv::hpo::{sample, search, validate, Objective, Params, Range, SearchError, SearchReport, SearchSpace, Strategy, TrialResult};
 
 fn space(lr: Range, batch_size: Vec<usize>, epochs: Vec<u32>) -> SearchSpace {
     SearchSpace { lr, batch_size, epochs }
@@ -99,19 +97,16 @@ fn specs_deserialize_strictly_with_eta_defaulting_to_3() {
     }))
     .unwrap();
     assert_eq!(s.lr, Range::LogUniform { min: 1e-4, max: 1e-1 });
-    let st: Strategy =
-        serde_json::from_value(json!({ "kind": "successive_halving", "trials": 27, "min_epochs": 1 })).unwrap();
+    let st: Strategy = serde_json::from_value(json!({ "kind": "successive_halving", "trials": 27, "min_epochs": 1 })).unwrap();
     assert_eq!(st, sh(27, 1, 3));
     let st: Strategy = serde_json::from_value(json!({ "kind": "random", "trials": 5 })).unwrap();
     assert_eq!(st, Strategy::Random { trials: 5 });
     let c: Range = serde_json::from_value(json!({ "kind": "choice", "values": [0.1] })).unwrap();
     assert_eq!(c, Range::Choice { values: vec![0.1] });
 
-    for bad in [
-        json!({ "kind": "random", "trials": 5, "eta": 3 }),
-        json!({ "kind": "grid", "trials": 5 }),
-        json!({ "kind": "successive_halving", "trials": 5 }),
-    ] {
+    for bad in
+        [json!({ "kind": "random", "trials": 5, "eta": 3 }), json!({ "kind": "grid", "trials": 5 }), json!({ "kind": "successive_halving", "trials": 5 })]
+    {
         assert!(serde_json::from_value::<Strategy>(bad.clone()).is_err(), "{bad}");
     }
     let typo = json!({ "lr": { "kind": "uniform", "min": 0.1, "max": 0.2 }, "batch_size": [1], "epoch": [1] });
@@ -163,8 +158,7 @@ fn a_seeds_trials_are_pinned() {
 }
 
 // lr 1.7483645200678057, 1.0928751909904912, 1.3718115086150517 (as bits, for exactness).
-const PINNED: &[(u64, usize, u32)] =
-    &[(4610552752973732078, 2, 1), (4607600691475554148, 3, 1), (4608856908971668217, 5, 1)];
+const PINNED: &[(u64, usize, u32)] = &[(4610552752973732078, 2, 1), (4607600691475554148, 3, 1), (4608856908971668217, 5, 1)];
 
 #[test]
 fn choices_are_all_reachable_and_uniform_ranges_stay_in_bounds() {
@@ -237,10 +231,7 @@ fn random_search_picks_the_argmax() {
 
 #[test]
 fn ties_go_to_the_lower_trial_id() {
-    let report = search(&default_space(), &Strategy::Random { trials: 6 }, 1, |id, _: &Params| {
-        ok(if id == 2 || id == 4 { 1.0 } else { 0.0 })
-    })
-    .unwrap();
+    let report = search(&default_space(), &Strategy::Random { trials: 6 }, 1, |id, _: &Params| ok(if id == 2 || id == 4 { 1.0 } else { 0.0 })).unwrap();
     assert_eq!(report.best.trial, 2);
 }
 
@@ -287,10 +278,7 @@ fn successive_halving_runs_9_3_1_at_1_3_9_epochs() {
     // Rungs run in order, and each one's budget is what the objective saw.
     let budgets: Vec<(u32, u32)> = report.trials.iter().map(|t| (t.rung, t.params.epochs)).collect();
     assert_eq!(budgets, [[(0, 1)].repeat(9), [(1, 3)].repeat(3), vec![(2, 9)]].concat());
-    assert_eq!(
-        calls.iter().map(|c| c.0).collect::<Vec<_>>(),
-        report.trials.iter().map(|t| t.trial).collect::<Vec<_>>()
-    );
+    assert_eq!(calls.iter().map(|c| c.0).collect::<Vec<_>>(), report.trials.iter().map(|t| t.trial).collect::<Vec<_>>());
 
     // The top third goes on each time, judged by that rung's scores.
     let (r0, r1, r2) = (rung(&report, 0), rung(&report, 1), rung(&report, 2));
@@ -313,9 +301,7 @@ fn successive_halving_keeps_the_truly_best_when_scores_are_noise_free() {
     let rung_sizes: Vec<usize> = (0..4).map(|r| rung(&report, r).len()).collect();
     assert_eq!(rung_sizes, [27, 9, 3, 1]);
     let sampled = sample(&s, 9, 27).unwrap();
-    let truly_best = (0u32..27)
-        .max_by(|a, b| quality(&sampled[*a as usize]).total_cmp(&quality(&sampled[*b as usize])).then(b.cmp(a)))
-        .unwrap();
+    let truly_best = (0u32..27).max_by(|a, b| quality(&sampled[*a as usize]).total_cmp(&quality(&sampled[*b as usize])).then(b.cmp(a))).unwrap();
     assert_eq!(report.best.trial, truly_best);
     assert_eq!(report.best.params.epochs, 27);
     // Survivors of each rung are its top third by hidden quality.
@@ -330,8 +316,7 @@ fn successive_halving_rounds_up_caps_the_budget_and_stops_at_it() {
     // stops with two configs left.
     let s = space(Range::LogUniform { min: 1e-4, max: 1e-1 }, vec![32], vec![4, 9]);
     let report = search(&s, &sh(10, 2, 3), 3, |id, p: &Params| ok(noisy(id, p))).unwrap();
-    let shape: Vec<(usize, u32)> =
-        (0..3).map(|r| (rung(&report, r).len(), rung(&report, r)[0].params.epochs)).collect();
+    let shape: Vec<(usize, u32)> = (0..3).map(|r| (rung(&report, r).len(), rung(&report, r)[0].params.epochs)).collect();
     assert_eq!(shape, [(10, 2), (4, 6), (2, 9)]);
     assert!(rung(&report, 3).is_empty());
     let top = rung(&report, 2);
@@ -348,10 +333,7 @@ fn successive_halving_rounds_up_caps_the_budget_and_stops_at_it() {
 fn the_best_comes_from_the_highest_rung_even_if_a_lower_one_scored_more() {
     // Scores fall with epochs, so rung 0's scores are the highest overall; the best must
     // still be the last rung's.
-    let report = search(&default_space(), &sh(9, 1, 3), 2, |id, p: &Params| {
-        ok(100.0 - f64::from(p.epochs) * 10.0 + f64::from(id))
-    })
-    .unwrap();
+    let report = search(&default_space(), &sh(9, 1, 3), 2, |id, p: &Params| ok(100.0 - f64::from(p.epochs) * 10.0 + f64::from(id))).unwrap();
     assert_eq!(report.best.rung, 2);
     assert_eq!(report.best.params.epochs, 9);
     assert_eq!(report.best.trial, 8, "highest id scores best at every rung");
@@ -395,14 +377,20 @@ fn failed_configs_are_not_promoted() {
     assert_eq!(report.best.params.epochs, 9);
 
     // If a whole later rung fails, the best stays the lower rung's.
-    let report = search(&default_space(), &sh(9, 1, 3), 6, |id, p: &Params| {
-        if p.epochs > 1 {
-            Err("killed")
-        } else {
-            Ok(Objective { score: f64::from(id), metrics: json!({}) })
-        }
-    })
-    .unwrap();
+    let report =
+        search(
+            &default_space(),
+            &sh(9, 1, 3),
+            6,
+            |id, p: &Params| {
+                if p.epochs > 1 {
+                    Err("killed")
+                } else {
+                    Ok(Objective { score: f64::from(id), metrics: json!({}) })
+                }
+            },
+        )
+        .unwrap();
     assert_eq!(report.trials.len(), 12, "9 at rung 0, 3 failing at rung 1, nothing after");
     assert_eq!((report.best.rung, report.best.trial), (0, 8));
 }
@@ -458,10 +446,7 @@ fn the_report_round_trips_through_json_with_failures_as_null() {
     assert!(back.trials[0].is_failed());
     let close = |a: f64, b: f64| a == b || (a - b).abs() <= 1e-15 * a.abs();
     for (a, b) in std::iter::once((&back.best, &report.best)).chain(back.trials.iter().zip(&report.trials)) {
-        assert_eq!(
-            (a.trial, a.rung, a.params.batch_size, a.params.epochs),
-            (b.trial, b.rung, b.params.batch_size, b.params.epochs)
-        );
+        assert_eq!((a.trial, a.rung, a.params.batch_size, a.params.epochs), (b.trial, b.rung, b.params.batch_size, b.params.epochs));
         assert!(close(a.params.lr, b.params.lr) && close(a.score, b.score), "{a:?} vs {b:?}");
         assert_eq!(a.metrics, b.metrics);
     }

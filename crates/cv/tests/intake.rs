@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use suanli_cv::intake::{
-    extract_frames, extract_frames_with, import_dir, load_bytes, load_file, FrameOptions, FrameSampling, ImageFormat,
-    IntakeError, IntakeLimits, IntakeOptions, RejectKind,
+    extract_frames, extract_frames_with, import_dir, load_bytes, load_file, FrameOptions, FrameSampling, ImageFormat, IntakeError, IntakeLimits, IntakeOptions,
+    RejectKind,
 };
 
 fn gradient(w: u32, h: u32, seed: u8) -> image::RgbImage {
@@ -27,7 +27,8 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 /// A 1x1 GIF89a (intake does not accept GIF).
-const GIF: &[u8] = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;";
+const GIF: &[u8] =
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;";
 
 fn png_with_flipped_idat(png: &[u8]) -> Vec<u8> {
     let mut bad = png.to_vec();
@@ -158,10 +159,7 @@ fn import_keeps_the_good_rejects_the_bad_and_stores_duplicates_once() {
     assert_eq!(names, ["cats/one.jpg", "cats/two.png", "dogs/deeper/four.png", "dogs/three.tif", "loose.png"]);
     let labels: Vec<Option<&str>> = report.images.iter().map(|i| i.label.as_deref()).collect();
     assert_eq!(labels, [Some("cats"), Some("cats"), Some("dogs"), Some("dogs"), None]);
-    assert_eq!(
-        report.duplicates,
-        [("dogs/copy_of_two.png".to_owned(), "cats/two.png".to_owned()), ("zzz/again.png".to_owned(), "cats/two.png".to_owned())]
-    );
+    assert_eq!(report.duplicates, [("dogs/copy_of_two.png".to_owned(), "cats/two.png".to_owned()), ("zzz/again.png".to_owned(), "cats/two.png".to_owned())]);
     let rejected: Vec<(&str, RejectKind)> = report.rejected.iter().map(|r| (r.name.as_str(), r.kind)).collect();
     assert_eq!(
         rejected,
@@ -228,15 +226,10 @@ fn frames_from_video_every_nth_and_capped() {
     let again = extract_frames(&video, &FrameOptions { sampling: FrameSampling::EveryNth { n: 5 }, max_frames: None }, &out);
     assert!(matches!(again, Err(IntakeError::OutputNotEmpty(_))), "{again:?}");
 
-    let capped = extract_frames(
-        &video,
-        &FrameOptions { sampling: FrameSampling::Fps { fps: 5.0 }, max_frames: Some(3) },
-        dir.path().join("capped"),
-    )
-    .expect("frames");
+    let capped =
+        extract_frames(&video, &FrameOptions { sampling: FrameSampling::Fps { fps: 5.0 }, max_frames: Some(3) }, dir.path().join("capped")).expect("frames");
     assert_eq!(capped.len(), 3);
-    let all = extract_frames(&video, &FrameOptions { sampling: FrameSampling::Fps { fps: 2.0 }, max_frames: None }, dir.path().join("fps"))
-        .expect("frames");
+    let all = extract_frames(&video, &FrameOptions { sampling: FrameSampling::Fps { fps: 2.0 }, max_frames: None }, dir.path().join("fps")).expect("frames");
     assert!((4..=5).contains(&all.len()), "2 s at 2 fps: {}", all.len());
 }
 

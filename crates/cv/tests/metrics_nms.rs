@@ -97,8 +97,7 @@ fn overlap_equal_to_the_threshold_is_kept() {
 fn ties_keep_the_lower_index_and_nan_scores_are_dropped() {
     let a = det(0.0, 0.0, 10.0, 10.0, 0.5, 0);
     assert_eq!(nms(&[a, a, a], 0.5, IouMode::Union), vec![0]);
-    let disjoint =
-        [det(0.0, 0.0, 1.0, 1.0, 0.5, 0), det(5.0, 5.0, 6.0, 6.0, 0.5, 0), det(9.0, 9.0, 10.0, 10.0, 0.7, 0)];
+    let disjoint = [det(0.0, 0.0, 1.0, 1.0, 0.5, 0), det(5.0, 5.0, 6.0, 6.0, 0.5, 0), det(9.0, 9.0, 10.0, 10.0, 0.7, 0)];
     assert_eq!(nms(&disjoint, 0.5, IouMode::Union), vec![2, 0, 1]);
     let nan = [det(0.0, 0.0, 1.0, 1.0, f32::NAN, 0), det(0.0, 0.0, 1.0, 1.0, 0.1, 0)];
     assert_eq!(nms(&nan, 0.5, IouMode::Union), vec![1]);
@@ -122,13 +121,7 @@ fn detections() -> impl Strategy<Value = Vec<Detection>> {
 }
 
 /// The properties of greedy NMS, for the plain and the per-class variant.
-fn check_nms(
-    dets: &[Detection],
-    keep: &[usize],
-    threshold: f32,
-    mode: IouMode,
-    per_class: bool,
-) -> Result<(), TestCaseError> {
+fn check_nms(dets: &[Detection], keep: &[usize], threshold: f32, mode: IouMode, per_class: bool) -> Result<(), TestCaseError> {
     let competes = |a: &Detection, b: &Detection| !per_class || a.class == b.class;
     let rank = |i: usize| (std::cmp::Reverse(ordered(dets[i].score)), i);
     prop_assert!(keep.windows(2).all(|w| rank(w[0]) < rank(w[1])), "sorted by score, then index: {keep:?}");
@@ -140,11 +133,7 @@ fn check_nms(
         }
     }
     for dropped in (0..dets.len()).filter(|i| !keep.contains(i)) {
-        let by = keep.iter().find(|&&k| {
-            rank(k) < rank(dropped)
-                && competes(&dets[k], &dets[dropped])
-                && overlap(&dets[k], &dets[dropped], mode) > threshold
-        });
+        let by = keep.iter().find(|&&k| rank(k) < rank(dropped) && competes(&dets[k], &dets[dropped]) && overlap(&dets[k], &dets[dropped], mode) > threshold);
         prop_assert!(by.is_some(), "{dropped} dropped without a higher-ranked kept box over the threshold");
     }
     Ok(())
@@ -173,10 +162,7 @@ proptest! {
 /// ```
 fn worked_example() -> ConfusionMatrix {
     let counts = [[3, 1, 1], [0, 2, 0], [1, 1, 2]];
-    let pairs = counts
-        .iter()
-        .enumerate()
-        .flat_map(|(t, row)| row.iter().enumerate().flat_map(move |(p, &n)| std::iter::repeat_n((t, p), n)));
+    let pairs = counts.iter().enumerate().flat_map(|(t, row)| row.iter().enumerate().flat_map(move |(p, &n)| std::iter::repeat_n((t, p), n)));
     ConfusionMatrix::from_pairs(3, pairs).expect("labels in range")
 }
 
@@ -208,10 +194,7 @@ fn empty_classes_score_zero() {
     // Class 2 never occurs; class 1 is predicted but never true.
     let m = ConfusionMatrix::from_pairs(3, [(0, 0), (0, 1), (0, 0)]).expect("in range");
     let per_class = m.per_class();
-    assert_eq!(
-        (per_class[2].precision, per_class[2].recall, per_class[2].f1, per_class[2].support),
-        (0.0, 0.0, 0.0, 0)
-    );
+    assert_eq!((per_class[2].precision, per_class[2].recall, per_class[2].f1, per_class[2].support), (0.0, 0.0, 0.0, 0));
     assert_eq!((per_class[1].precision, per_class[1].recall, per_class[1].f1), (0.0, 0.0, 0.0));
     assert!(close(per_class[0].f1, 0.8)); // P 1, R 2/3
     assert!(close(m.macro_f1(), 0.8 / 3.0), "all classes count");

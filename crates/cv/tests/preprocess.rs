@@ -4,9 +4,7 @@
 use proptest::prelude::*;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use suanli_cv::preprocess::{
-    self, CustomStep, DenoiseMethod, Filter, Pipeline, PipelineSpec, PreprocessError, Registry, Step,
-};
+use suanli_cv::preprocess::{self, CustomStep, DenoiseMethod, Filter, Pipeline, PipelineSpec, PreprocessError, Registry, Step};
 use suanli_cv::Image;
 
 /// A 1-channel image from rows.
@@ -306,8 +304,8 @@ fn registry() -> Registry {
 #[test]
 fn custom_steps_are_registered_and_resolved_at_build() {
     let registry = registry();
-    let steps: Vec<Step> = serde_json::from_str(r#"[{"op": "custom", "name": "add_constant", "params": {"add": 0.25}}, {"op": "flip_horizontal", "p": 1}]"#)
-        .expect("parses");
+    let steps: Vec<Step> =
+        serde_json::from_str(r#"[{"op": "custom", "name": "add_constant", "params": {"add": 0.25}}, {"op": "flip_horizontal", "p": 1}]"#).expect("parses");
     let pipeline = Pipeline::build(&steps, &registry).expect("builds");
     assert!(!pipeline.is_random());
     let out = pipeline.apply(gray(&[&[0.0, 0.5]]), &mut ChaCha8Rng::seed_from_u64(0)).expect("applies");

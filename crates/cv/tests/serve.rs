@@ -349,14 +349,7 @@ async fn batch_endpoint_reports_bad_images_by_index() {
     let addr = server.local_addr();
     let client = reqwest::Client::new();
     let b64 = |bytes: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(bytes);
-    let images = json!([
-        b64(image_bytes(0)),
-        b64(image_bytes(1)),
-        "%%% not base64 %%%",
-        b64(b"plain text".to_vec()),
-        b64(image_bytes(4)),
-        "",
-    ]);
+    let images = json!([b64(image_bytes(0)), b64(image_bytes(1)), "%%% not base64 %%%", b64(b"plain text".to_vec()), b64(image_bytes(4)), "",]);
     let resp = client.post(url(addr, "/v1/predict/batch")).json(&json!({ "images": images })).send().await.expect("send");
     assert_eq!(resp.status().as_u16(), 200);
     let body: Value = resp.json().await.expect("json");
@@ -369,12 +362,8 @@ async fn batch_endpoint_reports_bad_images_by_index() {
     for i in [2, 3, 5] {
         assert!(results[i].is_null(), "{body}");
     }
-    let errors: Vec<(u64, &str)> = body["errors"]
-        .as_array()
-        .expect("errors")
-        .iter()
-        .map(|e| (e["index"].as_u64().unwrap_or(99), e["code"].as_str().unwrap_or("")))
-        .collect();
+    let errors: Vec<(u64, &str)> =
+        body["errors"].as_array().expect("errors").iter().map(|e| (e["index"].as_u64().unwrap_or(99), e["code"].as_str().unwrap_or(""))).collect();
     assert_eq!(errors, vec![(2, "BAD_BASE64"), (3, "BAD_IMAGE"), (5, "EMPTY_BODY")]);
 
     // Whole-request problems.

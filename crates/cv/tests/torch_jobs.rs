@@ -320,7 +320,8 @@ fn specs_that_would_fail_late_are_refused_up_front() {
     assert_eq!(train(json!({"split": {"train": 0.0, "val": 0.5, "test": 0.5}})).code, 2);
     assert_eq!(train(json!({"training.schedule": {"kind": "cosine", "min_lr": 5.0}})).code, 2);
     // An image pyramid that never ends.
-    let mtcnn = job(tmp.path(), "pre_annotate", json!({"input": "x", "detector": {"kind": "mtcnn", "weights": root.join("mtcnn"), "config": {"factor": 1.0}}}), &[]);
+    let mtcnn =
+        job(tmp.path(), "pre_annotate", json!({"input": "x", "detector": {"kind": "mtcnn", "weights": root.join("mtcnn"), "config": {"factor": 1.0}}}), &[]);
     assert_eq!(mtcnn.code, 2);
 }
 
@@ -336,7 +337,8 @@ fn links_in_a_dataset_archive_are_not_followed() {
     std::fs::create_dir_all(tmp.path().join("in")).expect("mkdir");
     let tar = Command::new("tar").arg("cf").arg(tmp.path().join("in/set.tar")).arg("-C").arg(tmp.path().join("src")).arg("set").output().expect("tar");
     assert!(tar.status.success());
-    let run = job(tmp.path(), "prepare_dataset", json!({"name": "s", "input": "set.tar", "split": {"train": 1.0, "val": 0.0, "test": 0.0, "method": "random"}}), &[]);
+    let run =
+        job(tmp.path(), "prepare_dataset", json!({"name": "s", "input": "set.tar", "split": {"train": 1.0, "val": 0.0, "test": 0.0, "method": "random"}}), &[]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let skipped = run.events.iter().find(|e| e["event"] == "skipped_entries").expect("links reported");
     assert_eq!(skipped["count"], 2);
@@ -349,7 +351,8 @@ fn images_that_would_share_a_voc_or_yolo_file_are_caught_before_detection() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for d in ["a", "b"] {
         std::fs::create_dir_all(tmp.path().join("in/photos").join(d)).expect("mkdir");
-        std::fs::copy(root.join(format!("faces/{}.png", if d == "a" { "astronaut" } else { "coffee" })), tmp.path().join("in/photos").join(d).join("1.png")).expect("copy");
+        std::fs::copy(root.join(format!("faces/{}.png", if d == "a" { "astronaut" } else { "coffee" })), tmp.path().join("in/photos").join(d).join("1.png"))
+            .expect("copy");
     }
     let spec = |formats: Value| json!({"input": "photos", "detector": {"kind": "mtcnn", "weights": root.join("mtcnn")}, "formats": formats});
     let clash = job(tmp.path(), "pre_annotate", spec(json!(["coco", "yolo"])), &[]);

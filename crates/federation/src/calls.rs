@@ -31,13 +31,33 @@ pub enum Call {
     /// Lease `cards` cards of the owner's `cluster_id` for `periods` periods of `billing_mode`
     /// (`hourly`, `daily`, …) at the announced price, which the caller already holds from its
     /// researcher; refused if the owner's price is now higher.
-    Lease { key: String, cluster_id: u64, cards: u32, billing_mode: String, periods: u32, price_per_card_minor: i64, currency: String },
+    Lease {
+        key: String,
+        cluster_id: u64,
+        cards: u32,
+        billing_mode: String,
+        periods: u32,
+        price_per_card_minor: i64,
+        currency: String,
+    },
     /// How to log into the lease, and a certificate for `public_key` (OpenSSH) valid for it.
-    Access { key: String, lease_id: u64, public_key: String },
-    Status { key: String, lease_id: u64 },
-    End { key: String, lease_id: u64 },
+    Access {
+        key: String,
+        lease_id: u64,
+        public_key: String,
+    },
+    Status {
+        key: String,
+        lease_id: u64,
+    },
+    End {
+        key: String,
+        lease_id: u64,
+    },
     /// The caller's signature on the settlement of a lease the owner signed.
-    Countersign { settlement: SignedSettlement },
+    Countersign {
+        settlement: SignedSettlement,
+    },
 }
 
 impl Call {
@@ -69,14 +89,30 @@ pub struct AccessNode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Answer {
     /// The owner's lease and its state (`requested`, `active`, `ended`, …).
-    Lease { lease_id: u64, state: String },
-    Access { lease_id: u64, state: String, nodes: Vec<AccessNode>, certificate: String, valid_before_ms: i64 },
+    Lease {
+        lease_id: u64,
+        state: String,
+    },
+    Access {
+        lease_id: u64,
+        state: String,
+        nodes: Vec<AccessNode>,
+        certificate: String,
+        valid_before_ms: i64,
+    },
     /// After `End`, and for a finished lease on `Status`: the settlement the owner signed.
-    Status { lease_id: u64, state: String, settlement: Option<SignedSettlement> },
+    Status {
+        lease_id: u64,
+        state: String,
+        settlement: Option<SignedSettlement>,
+    },
     Countersigned,
     /// The owner did not do it: `code` is a broker error code (`NOT_FOUND`,
     /// `INSUFFICIENT_FUNDS`, …) or `UNAVAILABLE` when the owner could not decide now (retry).
-    Refused { code: String, message: String },
+    Refused {
+        code: String,
+        message: String,
+    },
 }
 
 /// What a finished cross-member lease cost, as both members record it: the owner signs it

@@ -89,7 +89,11 @@ impl ListingDigest {
     fn check(&self) -> Result<(), Refused> {
         let texts = [&self.class, &self.title, &self.gpu_model, &self.region, &self.currency];
         let too_long = texts.iter().any(|t| t.len() > MAX_TEXT) || self.prices.len() > MAX_PRICES || self.prices.keys().any(|k| k.len() > MAX_TEXT);
-        if too_long { Err(Refused::FieldTooLong) } else { Ok(()) }
+        if too_long {
+            Err(Refused::FieldTooLong)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -311,7 +315,8 @@ mod tests {
         }
         assert_eq!(other.versions(), c.versions());
         // A budget for one sends one, and rotating the start sends the other.
-        let one = c.newer_than(&BTreeMap::new(), 0, F, 0, usize::MAX).iter().map(|s| postcard::experimental::serialized_size(s).expect("size")).max().expect("two");
+        let one =
+            c.newer_than(&BTreeMap::new(), 0, F, 0, usize::MAX).iter().map(|s| postcard::experimental::serialized_size(s).expect("size")).max().expect("two");
         let first = c.newer_than(&BTreeMap::new(), 0, F, 0, one + 1);
         let second = c.newer_than(&BTreeMap::new(), 0, F, 1, one + 1);
         assert_eq!((first.len(), second.len()), (1, 1));

@@ -209,9 +209,7 @@ fn valid_signatures(signed: &SignedMembership, signers: &BTreeMap<PeerId, (usize
     Ok(signed
         .signatures
         .iter()
-        .filter(|(peer, signature)| {
-            peer.parse::<PeerId>().ok().and_then(|p| signers.get(&p)).is_some_and(|(_, key)| key.verify(&bytes, signature))
-        })
+        .filter(|(peer, signature)| peer.parse::<PeerId>().ok().and_then(|p| signers.get(&p)).is_some_and(|(_, key)| key.verify(&bytes, signature)))
         .count())
 }
 
@@ -228,11 +226,8 @@ mod tests {
     use super::*;
 
     fn doc(version: u64, keys: &[&Keypair]) -> MembershipDoc {
-        let members = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| Member::new(&format!("m{i}"), &k.public(), vec!["/ip4/127.0.0.1/tcp/1".into()], "cn-north"))
-            .collect();
+        let members =
+            keys.iter().enumerate().map(|(i, k)| Member::new(&format!("m{i}"), &k.public(), vec!["/ip4/127.0.0.1/tcp/1".into()], "cn-north")).collect();
         MembershipDoc { federation: "test".into(), version, members }
     }
 

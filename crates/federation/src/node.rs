@@ -216,16 +216,8 @@ impl FederationNode {
         let (changed, changes) = watch::channel(0);
         let (listens, listening) = watch::channel(Vec::new());
         let (answers_tx, answers_rx) = mpsc::unbounded_channel();
-        let node = FederationNode {
-            peer_id,
-            commands,
-            shared: shared.clone(),
-            counters: counters.clone(),
-            started,
-            freshness: config.freshness,
-            changes,
-            listening,
-        };
+        let node =
+            FederationNode { peer_id, commands, shared: shared.clone(), counters: counters.clone(), started, freshness: config.freshness, changes, listening };
         let driver = Driver {
             swarm,
             shared,
@@ -395,10 +387,8 @@ fn behaviour(key: &Keypair) -> Result<Behaviour, BehaviourError> {
         .build()?;
     let gossip = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
     let anti_entropy = request_response::cbor::Behaviour::new([(ANTI_ENTROPY, ProtocolSupport::Full)], request_response::Config::default());
-    let calls = request_response::cbor::Behaviour::new(
-        [(CALLS, ProtocolSupport::Full)],
-        request_response::Config::default().with_request_timeout(CALL_TIMEOUT),
-    );
+    let calls =
+        request_response::cbor::Behaviour::new([(CALLS, ProtocolSupport::Full)], request_response::Config::default().with_request_timeout(CALL_TIMEOUT));
     let identify = identify::Behaviour::new(identify::Config::new("/suanli/federation/1".into(), key.public()));
     Ok(Behaviour {
         members_only: allow_block_list::Behaviour::default(),
@@ -521,11 +511,8 @@ impl Driver {
                 let _ = reply.send(adopted);
             }
             Command::Call(peer, call, reply) => {
-                let addresses: Option<Vec<Multiaddr>> = self
-                    .shared()
-                    .membership
-                    .member(&peer)
-                    .map(|m| m.addresses.iter().filter_map(|a| a.parse().ok()).collect());
+                let addresses: Option<Vec<Multiaddr>> =
+                    self.shared().membership.member(&peer).map(|m| m.addresses.iter().filter_map(|a| a.parse().ok()).collect());
                 let Some(addresses) = addresses else {
                     let _ = reply.send(Err(NodeError::NotMember(peer)));
                     return;
@@ -585,12 +572,8 @@ impl Driver {
         // Versions grow across restarts too: they start from the wall clock's milliseconds.
         let wall_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         self.next_version = self.next_version.max(wall_ms).saturating_add(1);
-        let announcement = Announcement {
-            member: self.key.public().to_peer_id().to_base58(),
-            version: self.next_version,
-            issued_at_ms: wall_ms as i64,
-            listings,
-        };
+        let announcement =
+            Announcement { member: self.key.public().to_peer_id().to_base58(), version: self.next_version, issued_at_ms: wall_ms as i64, listings };
         let signed = SignedAnnouncement::sign(announcement, &self.key).map_err(|e| NodeError::Network(e.to_string()))?;
         let size = postcard::experimental::serialized_size(&signed).unwrap_or(usize::MAX);
         if size > MAX_MESSAGE_BYTES - 1024 {
@@ -685,16 +668,14 @@ impl Driver {
             // spread their dials instead of all choosing the lowest peer IDs.
             let start = (self.rounds as usize).wrapping_add(me.to_bytes().iter().map(|b| *b as usize).sum::<usize>());
             missing.get(start % missing.len().max(1)).map(|p| {
-                let addresses: Vec<Multiaddr> = shared.membership.member(p).map(|m| m.addresses.iter().filter_map(|a| a.parse().ok()).collect()).unwrap_or_default();
+                let addresses: Vec<Multiaddr> =
+                    shared.membership.member(p).map(|m| m.addresses.iter().filter_map(|a| a.parse().ok()).collect()).unwrap_or_default();
                 (**p, addresses)
             })
         };
         if let Some((peer, addresses)) = candidate {
-            let dial = DialOpts::peer_id(peer)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .addresses(addresses)
-                .extend_addresses_through_behaviour()
-                .build();
+            let dial =
+                DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).addresses(addresses).extend_addresses_through_behaviour().build();
             // A member that lists no address is not an error: it dials in itself.
             let _ = self.swarm.dial(dial);
         }
@@ -793,8 +774,7 @@ impl Driver {
                             used = used.saturating_add(size);
                             membership.push(change.clone());
                         }
-                        let announcements =
-                            shared.catalogue.newer_than(&theirs.versions, now, freshness, start, ANSWER_BUDGET.saturating_sub(used));
+                        let announcements = shared.catalogue.newer_than(&theirs.versions, now, freshness, start, ANSWER_BUDGET.saturating_sub(used));
                         Missing { announcements, membership }
                     };
                     let _ = self.swarm.behaviour_mut().anti_entropy.send_response(channel, answer);

@@ -10,7 +10,9 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, tcp, yamux};
 use suanli_federation::membership::sign;
 use suanli_federation::testing::{founded, listing};
-use suanli_federation::{Answer, Call, FederationNode, Freshness, IncomingCall, Keypair, Member, MembershipChain, Multiaddr, NodeConfig, NodeError, SignedMembership};
+use suanli_federation::{
+    Answer, Call, FederationNode, Freshness, IncomingCall, Keypair, Member, MembershipChain, Multiaddr, NodeConfig, NodeError, SignedMembership,
+};
 use tokio::time::Instant;
 
 const NAMES: [&str; 4] = ["city", "university", "cloud", "lab"];
@@ -42,7 +44,14 @@ async fn start_with(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness: F
     start_config(f, i, dial, freshness, every, None).await
 }
 
-async fn start_config(f: &Federation, i: usize, dial: Vec<Multiaddr>, freshness: Freshness, every: Duration, persist: Option<std::path::PathBuf>) -> FederationNode {
+async fn start_config(
+    f: &Federation,
+    i: usize,
+    dial: Vec<Multiaddr>,
+    freshness: Freshness,
+    every: Duration,
+    persist: Option<std::path::PathBuf>,
+) -> FederationNode {
     FederationNode::start(config(f, i, dial, freshness, every, persist)).await.expect("start")
 }
 
@@ -146,7 +155,13 @@ async fn a_peer_outside_the_membership_is_refused_at_connection_and_injects_noth
         .with_tokio()
         .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
         .expect("tcp")
-        .with_behaviour(|key| gossipsub::Behaviour::<gossipsub::IdentityTransform, gossipsub::AllowAllSubscriptionFilter>::new(MessageAuthenticity::Signed(key.clone()), gossipsub::Config::default()).expect("gossip"))
+        .with_behaviour(|key| {
+            gossipsub::Behaviour::<gossipsub::IdentityTransform, gossipsub::AllowAllSubscriptionFilter>::new(
+                MessageAuthenticity::Signed(key.clone()),
+                gossipsub::Config::default(),
+            )
+            .expect("gossip")
+        })
         .expect("behaviour")
         .build();
     let topic = IdentTopic::new("suanli/catalogue/1");
@@ -332,4 +347,3 @@ async fn every_federation_series_the_dashboards_and_alerts_name_is_served() {
     let lacking = missing(&referenced, &["suanli_federation_"], &exposed_series(&b.metrics_text()));
     assert!(lacking.is_empty(), "named in ops/grafana or ops/prometheus but not served: {lacking:?}");
 }
-

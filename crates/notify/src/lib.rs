@@ -98,9 +98,7 @@ impl Mailer {
         let from: Mailbox = config.from.parse().map_err(|e: lettre::address::AddressError| NotifyError::Address(config.from.clone(), e.to_string()))?;
         let domain = from.email.domain().to_owned();
         let tls = |host: &str| TlsParameters::new(host.to_owned()).map_err(|e| NotifyError::Config(e.to_string()));
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.host)
-            .port(config.port)
-            .timeout(Some(Duration::from_secs(30)));
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.host).port(config.port).timeout(Some(Duration::from_secs(30)));
         builder = match config.security {
             SmtpSecurity::None => builder.tls(Tls::None),
             SmtpSecurity::StartTls => builder.tls(Tls::Required(tls(&config.host)?)),
@@ -119,19 +117,13 @@ impl Mailer {
 
     pub fn build(&self, email: &Email) -> Result<Message, NotifyError> {
         let to: Mailbox = email.to.parse().map_err(|e: lettre::address::AddressError| NotifyError::Address(email.to.clone(), e.to_string()))?;
-        let builder = Message::builder()
-            .from(self.from.clone())
-            .to(to)
-            .subject(email.subject.clone())
-            .message_id(Some(self.message_id(&email.id)));
+        let builder = Message::builder().from(self.from.clone()).to(to).subject(email.subject.clone()).message_id(Some(self.message_id(&email.id)));
         let text = SinglePart::builder().header(ContentType::TEXT_PLAIN).body(email.text.clone());
         let message = match &email.html {
             None => builder.singlepart(text),
-            Some(html) => builder.multipart(
-                MultiPart::alternative()
-                    .singlepart(text)
-                    .singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(html.clone())),
-            ),
+            Some(html) => {
+                builder.multipart(MultiPart::alternative().singlepart(text).singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(html.clone())))
+            }
         };
         message.map_err(|e| NotifyError::Message(e.to_string()))
     }
@@ -187,7 +179,8 @@ mod tests {
     #[tokio::test]
     async fn non_ascii_subjects_are_encoded() {
         let m = mailer();
-        let email = Email { id: "zh".into(), to: "a@b.test".into(), subject: "激活您的账户".into(), text: "你好".into(), html: Some("<p>你好</p>".into()) };
+        let email =
+            Email { id: "zh".into(), to: "a@b.test".into(), subject: "激活您的账户".into(), text: "你好".into(), html: Some("<p>你好</p>".into()) };
         let raw = String::from_utf8(m.build(&email).expect("build").formatted()).expect("utf8");
         assert!(raw.contains("Subject: =?utf-8?"), "{raw}");
         assert!(raw.contains("multipart/alternative"));

@@ -168,7 +168,8 @@ impl SmsProvider for AliyunSms {
         let status = res.status();
         let body = res.text().await.unwrap_or_default();
         outcome(status, &body)?;
-        let reply: AliyunReply = serde_json::from_str(&body).map_err(|e| NotifyError::Delivery { message: format!("unreadable reply {body:?}: {e}"), permanent: false })?;
+        let reply: AliyunReply =
+            serde_json::from_str(&body).map_err(|e| NotifyError::Delivery { message: format!("unreadable reply {body:?}: {e}"), permanent: false })?;
         match reply.code.as_str() {
             "OK" => Ok(()),
             // Flow control and throttling pass; everything else (bad number, template) will not.

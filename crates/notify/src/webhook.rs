@@ -162,9 +162,27 @@ mod tests {
     fn only_public_unicast_addresses_take_deliveries() {
         let public = ["93.184.215.14", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1"];
         let refused = [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
-            "224.0.0.1", "255.255.255.255", "192.0.2.1", "198.18.0.1", "240.0.0.1", "::1", "::", "fd00::1",
-            "fe80::1", "ff02::1", "2001:db8::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "64:ff9b::7f00:1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "192.0.2.1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "ff02::1",
+            "2001:db8::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::7f00:1",
         ];
         for ip in public {
             assert!(is_public(ip.parse().expect("ip")), "{ip} is public");
@@ -205,7 +223,9 @@ mod tests {
     async fn a_webhook_to_loopback_or_a_name_for_it_is_refused_and_never_connected() {
         let (address, hits) = receiver(200, None).await;
         let sender = WebhookSender::default();
-        for url in [format!("http://{address}/hook"), format!("http://localhost:{}/hook", address.port()), format!("http://[::ffff:127.0.0.1]:{}/", address.port())] {
+        for url in
+            [format!("http://{address}/hook"), format!("http://localhost:{}/hook", address.port()), format!("http://[::ffff:127.0.0.1]:{}/", address.port())]
+        {
             let refused = sender.send(&url, "secret-secret-16", &event()).await;
             assert!(matches!(refused, Err(NotifyError::Delivery { permanent: true, .. })), "{url}: {refused:?}");
         }

@@ -105,7 +105,9 @@ mod tests {
         assert_eq!(OperatorKey::generate().verify(&text, 0), Err(AssertionError::BadSignature));
         // Claiming another role, or more time, breaks the signature.
         let (_, mac) = text.rsplit_once('.').expect("mac");
-        for forged in [format!("op1.42.dispatcher,monitor,system_administrator.dispatcher.5000.{mac}"), format!("op1.42.dispatcher,monitor.dispatcher.9999999.{mac}")] {
+        for forged in
+            [format!("op1.42.dispatcher,monitor,system_administrator.dispatcher.5000.{mac}"), format!("op1.42.dispatcher,monitor.dispatcher.9999999.{mac}")]
+        {
             assert_eq!(key.verify(&forged, 0), Err(AssertionError::BadSignature), "{forged}");
         }
         for junk in ["", "op1", "op1.1.a.a.1.zz", &format!("{text}.extra")] {

@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -248,10 +248,7 @@ pub fn signing_request(key_pem: &str, hostname: &str) -> Result<String, PkiError
     let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::Key(e.to_string()))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = name(hostname);
-    params
-        .serialize_request(&key)
-        .and_then(|csr| csr.pem())
-        .map_err(|e| PkiError::Csr(e.to_string()))
+    params.serialize_request(&key).and_then(|csr| csr.pem()).map_err(|e| PkiError::Csr(e.to_string()))
 }
 
 /// Writes a secret file readable by its owner only, durably.

@@ -72,9 +72,7 @@ pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
 
 /// A connected channel to `endpoint`, over TLS with `tls` where given (`https://host:port`).
 pub async fn channel_with(endpoint: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, ClientError> {
-    let mut target = Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| ClientError::Endpoint(e.to_string()))?
-        .tcp_nodelay(true);
+    let mut target = Endpoint::from_shared(endpoint.to_owned()).map_err(|e| ClientError::Endpoint(e.to_string()))?.tcp_nodelay(true);
     if let Some(tls) = tls {
         target = target.tls_config(tls).map_err(|e| ClientError::Endpoint(e.to_string()))?;
     }

@@ -6,9 +6,8 @@ use std::collections::BTreeMap;
 
 use suanli_types::cluster::DiskMedium;
 use suanli_types::{
-    AccountKind, BillingMode, CardHealth, CardSpec, CardStatus, CatalogueFilter, ClusterClass, Currency, DomainError, EndReason,
-    FieldError, LeaseState, Listing, LocalStorage, Money, NodeInventory, PriceList, ResourceType,
-    SupplierEndReason, Validator,
+    AccountKind, BillingMode, CardHealth, CardSpec, CardStatus, CatalogueFilter, ClusterClass, Currency, DomainError, EndReason, FieldError, LeaseState,
+    Listing, LocalStorage, Money, NodeInventory, PriceList, ResourceType, SupplierEndReason, Validator,
 };
 
 use crate::v1;
@@ -187,12 +186,7 @@ pub fn listing_from_wire(wire: Option<v1::Listing>) -> Result<Listing, DomainErr
         vcpus: w.vcpus,
         vendor: w.vendor,
         region: w.region,
-        local_storage: LocalStorage {
-            data_disks: storage.data_disks,
-            data_disk_gb: storage.data_disk_gb,
-            system_disk_gb: storage.system_disk_gb,
-            medium,
-        },
+        local_storage: LocalStorage { data_disks: storage.data_disks, data_disk_gb: storage.data_disk_gb, system_disk_gb: storage.system_disk_gb, medium },
         prices: PriceList { currency, per_card },
         usage_instructions: w.usage_instructions,
     })
@@ -214,12 +208,7 @@ pub fn listing_to_wire(l: &Listing) -> v1::Listing {
             medium: disk_medium_to_wire(l.local_storage.medium),
         }),
         currency: l.prices.currency.as_str().to_owned(),
-        prices: l
-            .prices
-            .per_card
-            .iter()
-            .map(|(mode, price)| v1::Price { mode: billing_mode_to_wire(*mode), per_card_minor: *price })
-            .collect(),
+        prices: l.prices.per_card.iter().map(|(mode, price)| v1::Price { mode: billing_mode_to_wire(*mode), per_card_minor: *price }).collect(),
         usage_instructions: l.usage_instructions.clone(),
     }
 }
@@ -296,8 +285,7 @@ pub fn catalogue_filter_from_wire(w: &v1::ListCatalogueRequest) -> Result<Catalo
     let text = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
     let nonzero = |n: u32| (n > 0).then_some(n);
     let class = if w.class == 0 { None } else { required("class", cluster_class_from_wire(w.class), &mut v) };
-    let billing_mode =
-        if w.billing_mode == 0 { None } else { required("billing_mode", billing_mode_from_wire(w.billing_mode), &mut v) };
+    let billing_mode = if w.billing_mode == 0 { None } else { required("billing_mode", billing_mode_from_wire(w.billing_mode), &mut v) };
     let currency = if w.currency.is_empty() { None } else { Currency::parse(&w.currency).map_err(|e| v.push(e)).ok() };
     v.finish()?;
     let filter = CatalogueFilter {
@@ -346,11 +334,7 @@ mod tests {
 
     #[test]
     fn unreadable_listing_names_every_field() {
-        let wire = v1::Listing {
-            currency: "yuan".into(),
-            prices: vec![v1::Price { mode: 0, per_card_minor: 1 }],
-            ..Default::default()
-        };
+        let wire = v1::Listing { currency: "yuan".into(), prices: vec![v1::Price { mode: 0, per_card_minor: 1 }], ..Default::default() };
         let err = listing_from_wire(Some(wire)).unwrap_err();
         let fields: Vec<_> = err.field_errors().iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["currency", "prices[0].mode", "local_storage.medium"]);
@@ -436,11 +420,7 @@ pub fn transaction_to_wire(tx: &suanli_types::Transaction) -> v1::LedgerTransact
         currency: tx.currency.as_str().into(),
         lease_id: tx.lease.map_or(0, |l| l.0),
         job_id: tx.job.map_or(0, |j| j.0),
-        entries: tx
-            .entries
-            .iter()
-            .map(|e| v1::LedgerEntry { account: ledger_account_to_wire(e.account), minor: e.minor })
-            .collect(),
+        entries: tx.entries.iter().map(|e| v1::LedgerEntry { account: ledger_account_to_wire(e.account), minor: e.minor }).collect(),
     }
 }
 

@@ -49,15 +49,12 @@ pub struct ApiError {
 /// transport failure) map to `UNAVAILABLE` or `INTERNAL` by their gRPC code.
 pub fn decode_status(status: &Status) -> ApiError {
     let details = status.get_error_details();
-    let code = details
-        .error_info()
-        .as_ref()
-        .filter(|info| info.domain == ERROR_DOMAIN)
-        .and_then(|info| ErrorCode::parse(&info.reason))
-        .unwrap_or(match status.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => ErrorCode::Unavailable,
-            _ => ErrorCode::Internal,
-        });
+    let code = details.error_info().as_ref().filter(|info| info.domain == ERROR_DOMAIN).and_then(|info| ErrorCode::parse(&info.reason)).unwrap_or(match status
+        .code()
+    {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    });
     let fields = details
         .bad_request()
         .as_ref()

@@ -22,13 +22,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use suanli_scheduling::{
-    build, is_sharing, CardView, Decision, PolicyConfig, PolicyKind, QueuedJob, RunningJob,
-    Snapshot, ThroughputTable,
-};
-use suanli_types::{
-    AccountId, CardId, JobId, JobKind, JobRun, JobSpec, LeaseId, NodeId, Resources, Timestamp,
-};
+use suanli_scheduling::{build, is_sharing, CardView, Decision, PolicyConfig, PolicyKind, QueuedJob, RunningJob, Snapshot, ThroughputTable};
+use suanli_types::{AccountId, CardId, JobId, JobKind, JobRun, JobSpec, LeaseId, NodeId, Resources, Timestamp};
 
 const NODES: u64 = 1_250;
 const CARDS_PER_NODE: u64 = 8;
@@ -37,11 +32,7 @@ const JOBS: u64 = 50_000;
 const FINISHED: usize = 100;
 const RUNS: usize = 9;
 const HOUR_MS: i64 = 3_600_000;
-const MODELS: [(&str, u64); 3] = [
-    ("NVIDIA A100-SXM4-80GB", 81_920),
-    ("NVIDIA H100 80GB HBM3", 81_920),
-    ("NVIDIA L40S", 46_068),
-];
+const MODELS: [(&str, u64); 3] = [("NVIDIA A100-SXM4-80GB", 81_920), ("NVIDIA H100 80GB HBM3", 81_920), ("NVIDIA L40S", 46_068)];
 const WISHES: [&str; 3] = ["A100", "H100", "L40S"];
 const TYPES: usize = 10;
 
@@ -71,17 +62,9 @@ fn cluster(rng: &mut Rng) -> Vec<CardView> {
     for node in 0..NODES {
         let (model, vram) = MODELS[rng.below(3) as usize];
         let owner = 1 + rng.below(OWNERS);
-        let second = if rng.chance(20) {
-            1 + rng.below(OWNERS)
-        } else {
-            owner
-        };
+        let second = if rng.chance(20) { 1 + rng.below(OWNERS) } else { owner };
         for i in 0..CARDS_PER_NODE {
-            let owner = if i < CARDS_PER_NODE / 2 {
-                owner
-            } else {
-                second
-            };
+            let owner = if i < CARDS_PER_NODE / 2 { owner } else { second };
             cards.push(CardView {
                 id: CardId(node * CARDS_PER_NODE + i + 1),
                 node: NodeId(node + 1),
@@ -107,18 +90,10 @@ fn jobs(rng: &mut Rng) -> Vec<QueuedJob> {
                 70..80 => (8, false),
                 _ => (1, true),
             };
-            let gpu_models = if rng.chance(33) {
-                vec![WISHES[rng.below(3) as usize].to_owned()]
-            } else {
-                vec![]
-            };
+            let gpu_models = if rng.chance(33) { vec![WISHES[rng.below(3) as usize].to_owned()] } else { vec![] };
             let spec = JobSpec {
                 name: format!("type-{}", rng.below(TYPES as u64)),
-                kind: if shared {
-                    JobKind::Inference
-                } else {
-                    JobKind::Training
-                },
+                kind: if shared { JobKind::Inference } else { JobKind::Training },
                 resources: Resources {
                     cards,
                     gpu_models,
@@ -128,10 +103,7 @@ fn jobs(rng: &mut Rng) -> Vec<QueuedJob> {
                 },
                 inputs: vec![],
                 outputs: vec![],
-                run: JobRun::Builtin {
-                    task: "train_classifier".into(),
-                    params: BTreeMap::new(),
-                },
+                run: JobRun::Builtin { task: "train_classifier".into(), params: BTreeMap::new() },
                 priority: if rng.chance(10) { 1 } else { 0 },
                 preemptible: rng.chance(60),
                 deadline: None,
@@ -145,11 +117,7 @@ fn jobs(rng: &mut Rng) -> Vec<QueuedJob> {
                 owner: AccountId(1 + rng.below(OWNERS)),
                 spec: Arc::new(spec),
                 submitted_at: Timestamp(rng.below(HOUR_MS as u64) as i64),
-                attained_gpu_ms: if rng.chance(60) {
-                    0
-                } else {
-                    rng.below(20 * HOUR_MS as u64)
-                },
+                attained_gpu_ms: if rng.chance(60) { 0 } else { rng.below(20 * HOUR_MS as u64) },
             }
         })
         .collect()
@@ -160,12 +128,7 @@ fn table(rng: &mut Rng) -> ThroughputTable {
     for ty in 0..TYPES {
         for (model, _) in MODELS {
             for cards in [1, 2, 4, 8] {
-                t.insert(
-                    format!("type-{ty}"),
-                    cards,
-                    model,
-                    (1 + rng.below(100)) as f64 * f64::from(cards),
-                );
+                t.insert(format!("type-{ty}"), cards, model, (1 + rng.below(100)) as f64 * f64::from(cards));
             }
         }
     }
@@ -173,18 +136,9 @@ fn table(rng: &mut Rng) -> ThroughputTable {
 }
 
 /// Carries out `decisions` and lets one hour pass.
-fn apply(
-    snapshot: &mut Snapshot,
-    decisions: &[Decision],
-    all: &BTreeMap<JobId, QueuedJob>,
-    now: Timestamp,
-) {
+fn apply(snapshot: &mut Snapshot, decisions: &[Decision], all: &BTreeMap<JobId, QueuedJob>, now: Timestamp) {
     let mut placed = HashSet::new();
-    let attained: BTreeMap<JobId, u64> = snapshot
-        .queued
-        .iter()
-        .map(|q| (q.id, q.attained_gpu_ms))
-        .collect();
+    let attained: BTreeMap<JobId, u64> = snapshot.queued.iter().map(|q| (q.id, q.attained_gpu_ms)).collect();
     for d in decisions {
         match d {
             Decision::Preempt { job } => {
@@ -235,12 +189,7 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
 /// The baseline: FIFO by scanning every card for every job.
 fn naive_fifo(snapshot: &Snapshot) -> usize {
     let mut busy: Vec<bool> = vec![false; snapshot.cards.len()];
-    let index: BTreeMap<CardId, usize> = snapshot
-        .cards
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.id, i))
-        .collect();
+    let index: BTreeMap<CardId, usize> = snapshot.cards.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
     for r in &snapshot.running {
         for c in &r.cards {
             if let Some(&i) = index.get(c) {
@@ -256,20 +205,12 @@ fn naive_fifo(snapshot: &Snapshot) -> usize {
         let mut per_node: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
         let mut any: Vec<usize> = Vec::new();
         for (i, c) in snapshot.cards.iter().enumerate() {
-            if c.owner == job.owner
-                && c.usable
-                && !busy[i]
-                && job.spec.accepts_card(&c.model, c.vram_mib)
-            {
+            if c.owner == job.owner && c.usable && !busy[i] && job.spec.accepts_card(&c.model, c.vram_mib) {
                 any.push(i);
                 per_node.entry(c.node).or_default().push(i);
             }
         }
-        let chosen = if job.spec.resources.single_node {
-            per_node.into_values().find(|v| v.len() >= k)
-        } else {
-            (any.len() >= k).then_some(any)
-        };
+        let chosen = if job.spec.resources.single_node { per_node.into_values().find(|v| v.len() >= k) } else { (any.len() >= k).then_some(any) };
         if let Some(cards) = chosen {
             for &i in &cards[..k] {
                 busy[i] = true;
@@ -281,10 +222,7 @@ fn naive_fifo(snapshot: &Snapshot) -> usize {
 }
 
 fn count(decisions: &[Decision]) -> (usize, usize) {
-    let places = decisions
-        .iter()
-        .filter(|d| matches!(d, Decision::Place { .. }))
-        .count();
+    let places = decisions.iter().filter(|d| matches!(d, Decision::Place { .. })).count();
     (places, decisions.len() - places)
 }
 
@@ -293,43 +231,17 @@ fn main() {
     let cards = cluster(&mut rng);
     let queue = jobs(&mut rng);
     let all: BTreeMap<JobId, QueuedJob> = queue.iter().map(|q| (q.id, q.clone())).collect();
-    let config = PolicyConfig {
-        throughput: table(&mut rng),
-        ..PolicyConfig::default()
-    };
+    let config = PolicyConfig { throughput: table(&mut rng), ..PolicyConfig::default() };
     let start = Timestamp(HOUR_MS);
-    let empty = Snapshot {
-        cards: cards.clone(),
-        queued: queue,
-        running: vec![],
-    };
+    let empty = Snapshot { cards: cards.clone(), queued: queue, running: vec![] };
 
-    println!(
-        "{} cards on {} nodes, {} owners, {} queued jobs; median of {RUNS} runs (naive: 1 run)\n",
-        cards.len(),
-        NODES,
-        OWNERS,
-        empty.queued.len()
-    );
+    println!("{} cards on {} nodes, {} owners, {} queued jobs; median of {RUNS} runs (naive: 1 run)\n", cards.len(), NODES, OWNERS, empty.queued.len());
     println!("| scenario | policy | places | preempts | elapsed ms | decisions/s | × naive |");
     println!("|----------|--------|-------:|---------:|-----------:|------------:|--------:|");
-    let row = |scenario: &str,
-               policy: &str,
-               places: usize,
-               preempts: usize,
-               elapsed: Duration,
-               naive_rate: f64| {
+    let row = |scenario: &str, policy: &str, places: usize, preempts: usize, elapsed: Duration, naive_rate: f64| {
         let rate = (places + preempts) as f64 / elapsed.as_secs_f64();
-        let ratio = if naive_rate > 0.0 {
-            format!("{:.0}", rate / naive_rate)
-        } else {
-            "—".into()
-        };
-        println!(
-            "| {scenario} | {policy} | {places} | {preempts} | {:.2} | {:.0} | {ratio} |",
-            elapsed.as_secs_f64() * 1e3,
-            rate
-        );
+        let ratio = if naive_rate > 0.0 { format!("{:.0}", rate / naive_rate) } else { "—".into() };
+        println!("| {scenario} | {policy} | {places} | {preempts} | {:.2} | {:.0} | {ratio} |", elapsed.as_secs_f64() * 1e3, rate);
         rate
     };
 
@@ -352,34 +264,13 @@ fn main() {
     }
     let steady_now = Timestamp(start.millis() + 3 * HOUR_MS);
 
-    for (scenario, snapshots, now) in [
-        (
-            "empty",
-            vec![empty.clone(), empty.clone(), empty.clone()],
-            start,
-        ),
-        ("steady", steady, steady_now),
-    ] {
+    for (scenario, snapshots, now) in [("empty", vec![empty.clone(), empty.clone(), empty.clone()], start), ("steady", steady, steady_now)] {
         let (naive_time, naive_places) = time(1, || naive_fifo(&snapshots[0]));
-        let naive_rate = row(
-            scenario,
-            "naive FIFO (baseline)",
-            naive_places,
-            0,
-            naive_time,
-            0.0,
-        );
+        let naive_rate = row(scenario, "naive FIFO (baseline)", naive_places, 0, naive_time, 0.0);
         for (kind, snapshot) in PolicyKind::ALL.into_iter().zip(&snapshots) {
             let (elapsed, decisions) = time(RUNS, || build(kind, &config).decide(snapshot, now));
             let (places, preempts) = count(&decisions);
-            row(
-                scenario,
-                kind.as_str(),
-                places,
-                preempts,
-                elapsed,
-                naive_rate,
-            );
+            row(scenario, kind.as_str(), places, preempts, elapsed, naive_rate);
         }
     }
     println!("\nsteady: the baseline runs on FIFO's steady snapshot; each policy on its own.");

@@ -80,8 +80,7 @@ impl CardSlot {
 
     /// `Some(n)`: hosts `n` sharing jobs and has room for one more.
     fn open_share(&self) -> Option<u32> {
-        (self.whole == 0 && self.sharing > 0 && self.sharing < MAX_JOBS_PER_SHARED_CARD)
-            .then_some(self.sharing)
+        (self.whole == 0 && self.sharing > 0 && self.sharing < MAX_JOBS_PER_SHARED_CARD).then_some(self.sharing)
     }
 }
 
@@ -137,11 +136,7 @@ impl Pool {
             previous = Some((c.model.as_str(), m));
             model_of_card.push(m);
         }
-        let mut classes: Vec<(u32, u64)> = cards
-            .iter()
-            .zip(&model_of_card)
-            .map(|(c, &m)| (m, c.vram_mib))
-            .collect();
+        let mut classes: Vec<(u32, u64)> = cards.iter().zip(&model_of_card).map(|(c, &m)| (m, c.vram_mib)).collect();
         classes.sort_unstable();
         classes.dedup();
         let mut nodes: Vec<NodeId> = cards.iter().map(|c| c.node).collect();
@@ -167,13 +162,7 @@ impl Pool {
             let node = nodes.binary_search(&c.node).unwrap_or(0) as u32;
             let cell = pool.cell(node, class as usize);
             pool.node_capacity[cell] += 1;
-            pool.cards.push(CardSlot {
-                id: c.id,
-                node,
-                class,
-                whole: 0,
-                sharing: 0,
-            });
+            pool.cards.push(CardSlot { id: c.id, node, class, whole: 0, sharing: 0 });
         }
         pool
     }
@@ -204,9 +193,7 @@ impl Pool {
             return id;
         }
         let mut set = ClassSet {
-            member: (0..self.class_model.len() as u32)
-                .map(|c| classes.contains(&c))
-                .collect(),
+            member: (0..self.class_model.len() as u32).map(|c| classes.contains(&c)).collect(),
             classes: classes.clone(),
             free_on_node: vec![0; self.node_count],
             nodes_by_free: BTreeSet::new(),
@@ -215,14 +202,8 @@ impl Pool {
             capacity_max_node: 0,
         };
         for i in 0..self.node_count {
-            let free: u32 = classes
-                .iter()
-                .map(|&c| self.node_free[self.cell(i as u32, c as usize)].len() as u32)
-                .sum();
-            let capacity: u32 = classes
-                .iter()
-                .map(|&c| self.node_capacity[self.cell(i as u32, c as usize)])
-                .sum();
+            let free: u32 = classes.iter().map(|&c| self.node_free[self.cell(i as u32, c as usize)].len() as u32).sum();
+            let capacity: u32 = classes.iter().map(|&c| self.node_capacity[self.cell(i as u32, c as usize)]).sum();
             set.free_on_node[i] = free;
             if free > 0 {
                 set.nodes_by_free.insert((free, i as u32));
@@ -264,13 +245,7 @@ impl Pool {
 
     fn set_free(&mut self, slot: Slot, node: u32, class: usize, free: bool) {
         let cell = self.cell(node, class);
-        let Pool {
-            node_free,
-            sets,
-            sets_with_class,
-            free_total,
-            ..
-        } = self;
+        let Pool { node_free, sets, sets_with_class, free_total, .. } = self;
         let node_free = &mut node_free[cell];
         if free {
             node_free.insert(slot);
@@ -299,22 +274,12 @@ impl Pool {
     }
 
     fn hold(&mut self, slot: Slot, sharing: bool) {
-        self.update(slot, |c| {
-            if sharing {
-                c.sharing += 1
-            } else {
-                c.whole += 1
-            }
-        });
+        self.update(slot, |c| if sharing { c.sharing += 1 } else { c.whole += 1 });
     }
 
     fn release(&mut self, slot: Slot, sharing: bool) {
         self.update(slot, |c| {
-            let count = if sharing {
-                &mut c.sharing
-            } else {
-                &mut c.whole
-            };
+            let count = if sharing { &mut c.sharing } else { &mut c.whole };
             *count = count.saturating_sub(1);
         });
     }
@@ -335,19 +300,9 @@ impl Pool {
     fn could_fit(&self, d: &Demand, sid: SetId) -> bool {
         let set = &self.sets[sid];
         if d.sharing {
-            set.free_total > 0
-                || set
-                    .classes
-                    .iter()
-                    .any(|&c| !self.open_shared[c as usize].is_empty())
+            set.free_total > 0 || set.classes.iter().any(|&c| !self.open_shared[c as usize].is_empty())
         } else {
-            d.cards > 0
-                && set.free_total >= d.cards
-                && (!d.single_node
-                    || set
-                        .nodes_by_free
-                        .last()
-                        .is_some_and(|&(free, _)| free >= d.cards))
+            d.cards > 0 && set.free_total >= d.cards && (!d.single_node || set.nodes_by_free.last().is_some_and(|&(free, _)| free >= d.cards))
         }
     }
 
@@ -385,10 +340,7 @@ impl Pool {
                 return None;
             }
         }
-        let mut slots: Vec<Slot> = plan
-            .into_iter()
-            .flat_map(|(node, take)| self.cards_on_node(sid, node, take))
-            .collect();
+        let mut slots: Vec<Slot> = plan.into_iter().flat_map(|(node, take)| self.cards_on_node(sid, node, take)).collect();
         slots.sort_unstable();
         Some(slots)
     }
@@ -399,11 +351,7 @@ impl Pool {
         let free = |c: u32| &self.node_free[self.cell(node, c as usize)];
         let mut classes = self.sets[sid].classes.clone();
         classes.sort_by_key(|&c| (Reverse(free(c).len()), c));
-        classes
-            .iter()
-            .flat_map(|&c| free(c).iter().copied())
-            .take(take as usize)
-            .collect()
+        classes.iter().flat_map(|&c| free(c).iter().copied()).take(take as usize).collect()
     }
 
     /// A card for a sharing job: the fullest shared card with room (lowest id among equals),
@@ -411,11 +359,7 @@ impl Pool {
     /// whole nodes for training.
     fn pick_shared(&self, sid: SetId) -> Option<Slot> {
         let set = &self.sets[sid];
-        let open = set
-            .classes
-            .iter()
-            .filter_map(|&c| self.open_shared[c as usize].first())
-            .min();
+        let open = set.classes.iter().filter_map(|&c| self.open_shared[c as usize].first()).min();
         match open {
             Some(&(_, slot)) => Some(slot),
             None => self.pick_whole(sid, 1, true)?.first().copied(),
@@ -525,13 +469,7 @@ impl<'s> Round<'s> {
     /// Queued and running jobs grouped by their owner's pool, in owner order. Jobs of owners
     /// without a usable card are left out: nothing can be decided for them.
     pub fn work_by_pool(&self, snapshot: &'s Snapshot) -> Vec<Work<'s>> {
-        let mut work: Vec<Work<'s>> = (0..self.pools.len())
-            .map(|pool| Work {
-                pool,
-                queued: Vec::new(),
-                running: Vec::new(),
-            })
-            .collect();
+        let mut work: Vec<Work<'s>> = (0..self.pools.len()).map(|pool| Work { pool, queued: Vec::new(), running: Vec::new() }).collect();
         for job in &snapshot.queued {
             if let Some(&pool) = self.pool_of_owner.get(&job.owner) {
                 work[pool].queued.push(job);
@@ -586,13 +524,7 @@ impl<'s> Round<'s> {
                 set
             }
         }?;
-        Some(Demand {
-            pool,
-            set,
-            cards: r.cards,
-            single_node: r.single_node,
-            sharing: is_sharing(spec),
-        })
+        Some(Demand { pool, set, cards: r.cards, single_node: r.single_node, sharing: is_sharing(spec) })
     }
 
     /// Whether `d` fits on an empty pool (else it would wait forever and must not block).
@@ -601,9 +533,7 @@ impl<'s> Round<'s> {
         if d.sharing {
             set.capacity_total > 0
         } else {
-            d.cards > 0
-                && set.capacity_total >= d.cards
-                && (!d.single_node || set.capacity_max_node >= d.cards)
+            d.cards > 0 && set.capacity_total >= d.cards && (!d.single_node || set.capacity_max_node >= d.cards)
         }
     }
 
@@ -613,27 +543,16 @@ impl<'s> Round<'s> {
         let pool = &mut self.pools[d.pool];
         let mut by_model: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         for &c in &pool.sets[d.set].classes {
-            by_model
-                .entry(pool.class_model[c as usize])
-                .or_default()
-                .push(c);
+            by_model.entry(pool.class_model[c as usize]).or_default().push(c);
         }
-        let ids: Vec<(u32, SetId)> = by_model
-            .into_iter()
-            .map(|(m, classes)| (m, pool.class_set(classes)))
-            .collect();
-        ids.into_iter()
-            .map(|(m, set)| (pool.models[m as usize].as_str(), set))
-            .collect()
+        let ids: Vec<(u32, SetId)> = by_model.into_iter().map(|(m, classes)| (m, pool.class_set(classes))).collect();
+        ids.into_iter().map(|(m, set)| (pool.models[m as usize].as_str(), set)).collect()
     }
 
     /// The set of every class in `sets` (of `pool`).
     pub fn union(&mut self, pool: PoolId, sets: &[SetId]) -> SetId {
         let p = &mut self.pools[pool];
-        let classes: BTreeSet<u32> = sets
-            .iter()
-            .flat_map(|&s| p.sets[s].classes.iter().copied())
-            .collect();
+        let classes: BTreeSet<u32> = sets.iter().flat_map(|&s| p.sets[s].classes.iter().copied()).collect();
         p.class_set(classes.into_iter().collect())
     }
 
@@ -706,12 +625,7 @@ impl<'s> Round<'s> {
             let mut preempted: Vec<usize> = Vec::new();
             for &i in &released {
                 // `cards` is sorted (slot order is id order).
-                if victims[i]
-                    .job
-                    .cards
-                    .iter()
-                    .any(|c| cards.binary_search(c).is_ok())
-                {
+                if victims[i].job.cards.iter().any(|c| cards.binary_search(c).is_ok()) {
                     preempted.push(i);
                 } else {
                     // Not needed after all: its cards are untouched, so it keeps them.
@@ -719,9 +633,7 @@ impl<'s> Round<'s> {
                 }
             }
             for &i in &preempted {
-                self.decisions.push(Decision::Preempt {
-                    job: victims[i].job.id,
-                });
+                self.decisions.push(Decision::Preempt { job: victims[i].job.id });
             }
             self.decisions.push(Decision::Place { job, cards });
             let mut index = 0;
@@ -738,11 +650,7 @@ impl<'s> Round<'s> {
     fn holds_card_of(&self, job: &RunningJob, pool: PoolId, set: SetId) -> bool {
         let p = &self.pools[pool];
         let member = &p.sets[set].member;
-        job.cards.iter().any(|card| {
-            self.card_at.get(card).is_some_and(|&(at, slot)| {
-                at == pool && member[p.cards[slot as usize].class as usize]
-            })
-        })
+        job.cards.iter().any(|card| self.card_at.get(card).is_some_and(|&(at, slot)| at == pool && member[p.cards[slot as usize].class as usize]))
     }
 
     fn hold_running(&mut self, job: &RunningJob) {
@@ -768,27 +676,17 @@ impl<'s> Round<'s> {
             assert_eq!(free, pool.free_total);
             for set in &pool.sets {
                 for n in 0..pool.node_count {
-                    let f: u32 = set
-                        .classes
-                        .iter()
-                        .map(|&c| pool.node_free[pool.cell(n as u32, c as usize)].len() as u32)
-                        .sum();
+                    let f: u32 = set.classes.iter().map(|&c| pool.node_free[pool.cell(n as u32, c as usize)].len() as u32).sum();
                     assert_eq!(f, set.free_on_node[n]);
                     assert_eq!(f > 0, set.nodes_by_free.contains(&(f, n as u32)));
                 }
-                assert_eq!(
-                    set.nodes_by_free.len(),
-                    set.free_on_node.iter().filter(|&&f| f > 0).count()
-                );
+                assert_eq!(set.nodes_by_free.len(), set.free_on_node.iter().filter(|&&f| f > 0).count());
             }
             let open: usize = pool.open_shared.iter().map(BTreeSet::len).sum();
             assert_eq!(open as u32, pool.open_shared_total);
             for (slot, c) in pool.cards.iter().enumerate() {
                 assert_eq!(self.card_at.get(&c.id).map(|&(_, s)| s), Some(slot as Slot));
-                assert_eq!(
-                    c.is_free(),
-                    pool.node_free[pool.cell(c.node, c.class as usize)].contains(&(slot as Slot))
-                );
+                assert_eq!(c.is_free(), pool.node_free[pool.cell(c.node, c.class as usize)].contains(&(slot as Slot)));
             }
         }
     }
@@ -801,38 +699,17 @@ mod tests {
     use super::*;
 
     fn card(id: u64, node: u64, model: &str) -> CardView {
-        CardView {
-            id: CardId(id),
-            node: NodeId(node),
-            model: model.into(),
-            vram_mib: 80_000,
-            lease: LeaseId(1),
-            owner: AccountId(1),
-            usable: true,
-        }
+        CardView { id: CardId(id), node: NodeId(node), model: model.into(), vram_mib: 80_000, lease: LeaseId(1), owner: AccountId(1), usable: true }
     }
 
     fn spec(cards: u32, single_node: bool, shared: bool) -> JobSpec {
         JobSpec {
             name: "t".into(),
-            kind: if shared {
-                JobKind::Inference
-            } else {
-                JobKind::Training
-            },
-            resources: Resources {
-                cards,
-                gpu_models: vec![],
-                min_vram_mib: 0,
-                single_node,
-                shared,
-            },
+            kind: if shared { JobKind::Inference } else { JobKind::Training },
+            resources: Resources { cards, gpu_models: vec![], min_vram_mib: 0, single_node, shared },
             inputs: vec![],
             outputs: vec![],
-            run: JobRun::Builtin {
-                task: "x".into(),
-                params: BTreeMap::new(),
-            },
+            run: JobRun::Builtin { task: "x".into(), params: BTreeMap::new() },
             priority: 0,
             preemptible: false,
             deadline: None,
@@ -848,11 +725,7 @@ mod tests {
         let mut cards = vec![card(10, 1, "A100")];
         cards.extend((20..23).map(|i| card(i, 2, "A100")));
         cards.extend((30..34).map(|i| card(i, 3, "A100")));
-        Snapshot {
-            cards,
-            queued: vec![],
-            running: vec![],
-        }
+        Snapshot { cards, queued: vec![], running: vec![] }
     }
 
     #[test]
@@ -863,20 +736,12 @@ mod tests {
         let d = round.demand(0, &one).expect("accepts A100");
         assert!(round.place(JobId(1), &d, &[d.set]));
         // Best fit: the one-card node.
-        assert_eq!(
-            round.decisions[0],
-            Decision::Place {
-                job: JobId(1),
-                cards: vec![CardId(10)]
-            }
-        );
+        assert_eq!(round.decisions[0], Decision::Place { job: JobId(1), cards: vec![CardId(10)] });
         round.check_index();
         let seven = spec(7, false, false);
         let d = round.demand(0, &seven).expect("accepts A100");
         assert!(round.place(JobId(2), &d, &[d.set]));
-        let Decision::Place { cards, .. } = &round.decisions[1] else {
-            panic!("a placement")
-        };
+        let Decision::Place { cards, .. } = &round.decisions[1] else { panic!("a placement") };
         assert_eq!(cards.len(), 7);
         round.check_index();
         assert_eq!(round.free_cards(0), 0);

@@ -28,11 +28,7 @@ pub struct Fifo;
 
 impl Fifo {
     fn serve<'s>(round: &mut Round<'s>, work: Work<'s>) {
-        let Work {
-            pool,
-            queued,
-            running,
-        } = work;
+        let Work { pool, queued, running } = work;
         if !round.has_room(pool) {
             return;
         }
@@ -42,13 +38,8 @@ impl Fifo {
         let entries: Vec<Entry> = queued.iter().map(|&job| Entry::of(job, now)).collect();
         // A heap rather than a sort: in a busy cluster the pool fills (or its head blocks)
         // after a few jobs, and only then does the rest of the queue matter.
-        let mut heap: BinaryHeap<Reverse<(Key, usize)>> = entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| Reverse((e.key, i)))
-            .collect();
-        let mut soonest_release: Option<Timestamp> =
-            running.iter().filter_map(|r| r.expected_end).min();
+        let mut heap: BinaryHeap<Reverse<(Key, usize)>> = entries.iter().enumerate().map(|(i, e)| Reverse((e.key, i))).collect();
+        let mut soonest_release: Option<Timestamp> = running.iter().filter_map(|r| r.expected_end).min();
         let mut blocked = false;
         while let Some(Reverse((_, i))) = heap.pop() {
             if !round.has_room(pool) {
@@ -74,11 +65,8 @@ impl Fifo {
             return;
         };
         // Backfill: only jobs known to end by `until` are candidates; filter, then sort.
-        let mut candidates: Vec<(Key, usize)> = heap
-            .into_iter()
-            .map(|Reverse(entry)| entry)
-            .filter(|&(_, i)| entries[i].expected_end.is_some_and(|end| end <= until))
-            .collect();
+        let mut candidates: Vec<(Key, usize)> =
+            heap.into_iter().map(|Reverse(entry)| entry).filter(|&(_, i)| entries[i].expected_end.is_some_and(|end| end <= until)).collect();
         candidates.sort_unstable();
         for (_, i) in candidates {
             if !round.has_room(pool) {

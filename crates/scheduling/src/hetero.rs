@@ -64,9 +64,7 @@ pub struct HeterogeneityConfig {
 
 impl Default for HeterogeneityConfig {
     fn default() -> Self {
-        HeterogeneityConfig {
-            min_relative_speed: 0.25,
-        }
+        HeterogeneityConfig { min_relative_speed: 0.25 }
     }
 }
 
@@ -97,43 +95,20 @@ struct Choices {
 
 impl Heterogeneity {
     pub fn new(las: &LasConfig, config: &HeterogeneityConfig, table: ThroughputTable) -> Self {
-        let min_relative_speed = if config.min_relative_speed.is_finite() {
-            config.min_relative_speed.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        Heterogeneity {
-            order: ServiceOrder::new(las),
-            min_relative_speed,
-            table,
-        }
+        let min_relative_speed = if config.min_relative_speed.is_finite() { config.min_relative_speed.clamp(0.0, 1.0) } else { 0.0 };
+        Heterogeneity { order: ServiceOrder::new(las), min_relative_speed, table }
     }
 
     /// The models `d` may use, with the job's speed on each (see the module documentation).
     fn choices(&self, round: &mut Round<'_>, key: &str, d: &Demand) -> Choices {
         let models = round.models_of(d);
-        let known: Vec<Option<f64>> = models
-            .iter()
-            .map(|(m, _)| self.table.speed(key, d.cards, m))
-            .collect();
-        let slowest = known
-            .iter()
-            .flatten()
-            .copied()
-            .fold(f64::INFINITY, f64::min);
+        let known: Vec<Option<f64>> = models.iter().map(|(m, _)| self.table.speed(key, d.cards, m)).collect();
+        let slowest = known.iter().flatten().copied().fold(f64::INFINITY, f64::min);
         let mut options: Vec<ModelChoice> = models
             .iter()
             .zip(&known)
             .enumerate()
-            .map(|(model, ((_, set), speed))| ModelChoice {
-                model,
-                set: *set,
-                speed: if slowest.is_finite() {
-                    speed.unwrap_or(slowest)
-                } else {
-                    1.0
-                },
-            })
+            .map(|(model, ((_, set), speed))| ModelChoice { model, set: *set, speed: if slowest.is_finite() { speed.unwrap_or(slowest) } else { 1.0 } })
             .collect();
         if options.iter().any(|o| o.speed > 0.0) {
             options.retain(|o| o.speed > 0.0);
@@ -143,11 +118,7 @@ impl Heterogeneity {
         let best = options.iter().map(|o| o.speed).fold(0.0, f64::max);
         let fast_enough = |o: &ModelChoice| o.speed >= self.min_relative_speed * best;
         if !options.iter().all(fast_enough) {
-            let fast: Vec<SetId> = options
-                .iter()
-                .filter(|o| fast_enough(o))
-                .map(|o| o.set)
-                .collect();
+            let fast: Vec<SetId> = options.iter().filter(|o| fast_enough(o)).map(|o| o.set).collect();
             let union = round.union(d.pool, &fast);
             if round.fits_ever(&Demand { set: union, ..*d }) {
                 options.retain(fast_enough);
@@ -159,33 +130,16 @@ impl Heterogeneity {
             [only] => *only,
             _ => round.union(d.pool, &sets),
         };
-        Choices {
-            models: options,
-            anywhere,
-        }
+        Choices { models: options, anywhere }
     }
 
-    fn cached<'s, 'c>(
-        &self,
-        cache: &'c mut ChoiceCache<'s>,
-        round: &mut Round<'s>,
-        job: &'s QueuedJob,
-        d: &Demand,
-    ) -> &'c Choices {
+    fn cached<'s, 'c>(&self, cache: &'c mut ChoiceCache<'s>, round: &mut Round<'s>, job: &'s QueuedJob, d: &Demand) -> &'c Choices {
         let key = type_key(&job.spec);
-        cache
-            .entry((key, d.pool, d.set, d.cards, d.single_node, d.sharing))
-            .or_insert_with(|| self.choices(round, key, d))
+        cache.entry((key, d.pool, d.set, d.cards, d.single_node, d.sharing)).or_insert_with(|| self.choices(round, key, d))
     }
 
     /// Step 2 of the module documentation; returns the jobs it placed.
-    fn place_window<'s>(
-        &self,
-        cache: &mut ChoiceCache<'s>,
-        round: &mut Round<'s>,
-        pool: usize,
-        ranked: &[Ranked<'s>],
-    ) -> BTreeSet<JobId> {
+    fn place_window<'s>(&self, cache: &mut ChoiceCache<'s>, round: &mut Round<'s>, pool: usize, ranked: &[Ranked<'s>]) -> BTreeSet<JobId> {
         let mut budget = round.free_cards(pool);
         let mut window: Vec<(usize, Demand)> = Vec::new();
         for (rank, r) in ranked.iter().enumerate() {
@@ -209,17 +163,8 @@ impl Heterogeneity {
         for &(rank, d) in &window {
             let options = &self.cached(cache, round, ranked[rank].job, &d).models;
             for (i, o) in options.iter().enumerate() {
-                let best_other = options
-                    .iter()
-                    .enumerate()
-                    .filter(|&(j, _)| j != i)
-                    .map(|(_, other)| other.speed)
-                    .fold(0.0_f64, f64::max);
-                let advantage = if best_other > 0.0 {
-                    o.speed / best_other
-                } else {
-                    f64::INFINITY
-                };
+                let best_other = options.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, other)| other.speed).fold(0.0_f64, f64::max);
+                let advantage = if best_other > 0.0 { o.speed / best_other } else { f64::INFINITY };
                 pairs.push((advantage, rank, o.model, o.set));
             }
         }
@@ -255,12 +200,7 @@ impl Heterogeneity {
     fn decide_in<'s>(&self, snapshot: &'s Snapshot, now: Timestamp) -> Vec<Decision> {
         let mut round = Round::new(snapshot, now);
         let mut cache = ChoiceCache::default();
-        for Work {
-            pool,
-            queued,
-            running,
-        } in round.work_by_pool(snapshot)
-        {
+        for Work { pool, queued, running } in round.work_by_pool(snapshot) {
             let mut victims = self.order.victims(&running, now);
             if victims.is_empty() && !round.has_room(pool) {
                 continue;
@@ -275,14 +215,7 @@ impl Heterogeneity {
                 }
                 sets
             };
-            self.order.serve(
-                &mut round,
-                pool,
-                &ranked,
-                &mut victims,
-                |id| placed.contains(&id),
-                fastest_first,
-            );
+            self.order.serve(&mut round, pool, &ranked, &mut victims, |id| placed.contains(&id), fastest_first);
         }
         round.finish()
     }

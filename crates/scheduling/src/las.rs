@@ -41,10 +41,7 @@ impl Default for LasConfig {
     fn default() -> Self {
         const GPU_HOUR_MS: u64 = 3_600_000;
         // One Gavel-sized round (6 minutes) of guaranteed progress per attempt.
-        LasConfig {
-            thresholds_gpu_ms: vec![GPU_HOUR_MS, 10 * GPU_HOUR_MS],
-            min_run_ms: 360_000,
-        }
+        LasConfig { thresholds_gpu_ms: vec![GPU_HOUR_MS, 10 * GPU_HOUR_MS], min_run_ms: 360_000 }
     }
 }
 
@@ -67,10 +64,7 @@ impl ServiceOrder {
         let mut thresholds = config.thresholds_gpu_ms.clone();
         thresholds.sort_unstable();
         thresholds.dedup();
-        ServiceOrder {
-            thresholds,
-            min_run_ms: config.min_run_ms,
-        }
+        ServiceOrder { thresholds, min_run_ms: config.min_run_ms }
     }
 
     pub fn queue(&self, attained_gpu_ms: u64) -> usize {
@@ -85,10 +79,7 @@ impl ServiceOrder {
             .iter()
             .map(|&job| {
                 let queue = self.queue(job.attained_gpu_ms);
-                (
-                    (queue, Reverse(job.spec.priority), job.submitted_at, job.id),
-                    Ranked { job, queue },
-                )
+                ((queue, Reverse(job.spec.priority), job.submitted_at, job.id), Ranked { job, queue })
             })
             .collect();
         keyed.sort_unstable_by_key(|(key, _)| *key);
@@ -99,23 +90,10 @@ impl ServiceOrder {
     pub fn victims<'s>(&self, running: &[&'s RunningJob], now: Timestamp) -> Vec<Victim<'s>> {
         let mut victims: Vec<Victim<'s>> = running
             .iter()
-            .filter(|j| {
-                j.preemptible
-                    && j.started_at.millis().saturating_add(self.min_run_ms as i64) <= now.millis()
-            })
-            .map(|&job| Victim {
-                job,
-                rank: self.queue(job.attained_gpu_ms),
-            })
+            .filter(|j| j.preemptible && j.started_at.millis().saturating_add(self.min_run_ms as i64) <= now.millis())
+            .map(|&job| Victim { job, rank: self.queue(job.attained_gpu_ms) })
             .collect();
-        victims.sort_unstable_by_key(|v| {
-            (
-                Reverse(v.rank),
-                v.job.priority,
-                Reverse(v.job.started_at),
-                Reverse(v.job.id),
-            )
-        });
+        victims.sort_unstable_by_key(|v| (Reverse(v.rank), v.job.priority, Reverse(v.job.started_at), Reverse(v.job.id)));
         victims
     }
 
@@ -208,9 +186,7 @@ pub struct Las {
 
 impl Las {
     pub fn new(config: &LasConfig) -> Self {
-        Las {
-            order: ServiceOrder::new(config),
-        }
+        Las { order: ServiceOrder::new(config) }
     }
 }
 
@@ -221,25 +197,13 @@ impl Policy for Las {
 
     fn decide(&mut self, snapshot: &Snapshot, now: Timestamp) -> Vec<Decision> {
         let mut round = Round::new(snapshot, now);
-        for Work {
-            pool,
-            queued,
-            running,
-        } in round.work_by_pool(snapshot)
-        {
+        for Work { pool, queued, running } in round.work_by_pool(snapshot) {
             let mut victims = self.order.victims(&running, now);
             if victims.is_empty() && !round.has_room(pool) {
                 continue;
             }
             let ranked = self.order.rank(&queued);
-            self.order.serve(
-                &mut round,
-                pool,
-                &ranked,
-                &mut victims,
-                |_| false,
-                |_, _, d| vec![d.set],
-            );
+            self.order.serve(&mut round, pool, &ranked, &mut victims, |_| false, |_, _, d| vec![d.set]);
         }
         round.finish()
     }

@@ -56,10 +56,7 @@ impl FromStr for PolicyKind {
     type Err = UnknownPolicy;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        PolicyKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| UnknownPolicy(s.to_owned()))
+        PolicyKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| UnknownPolicy(s.to_owned()))
     }
 }
 
@@ -79,11 +76,7 @@ pub fn build(kind: PolicyKind, config: &PolicyConfig) -> Box<dyn Policy> {
     match kind {
         PolicyKind::Fifo => Box::new(Fifo),
         PolicyKind::Las => Box::new(Las::new(&config.las)),
-        PolicyKind::Heterogeneity => Box::new(Heterogeneity::new(
-            &config.las,
-            &config.heterogeneity,
-            config.throughput.clone(),
-        )),
+        PolicyKind::Heterogeneity => Box::new(Heterogeneity::new(&config.las, &config.heterogeneity, config.throughput.clone())),
     }
 }
 

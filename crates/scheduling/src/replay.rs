@@ -18,9 +18,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use suanli_types::job::limits::MAX_ATTEMPTS;
-use suanli_types::{
-    AccountId, CardId, JobId, JobKind, JobRun, JobSpec, LeaseId, NodeId, Resources, Timestamp,
-};
+use suanli_types::{AccountId, CardId, JobId, JobKind, JobRun, JobSpec, LeaseId, NodeId, Resources, Timestamp};
 
 use crate::model::{CardView, Decision, QueuedJob, RunningJob, Snapshot};
 use crate::policy::Policy;
@@ -34,11 +32,7 @@ pub enum ReplayError {
     #[error("throughput key {0:?} is not of the form \"('job type', cards)\"")]
     ThroughputKey(String),
     #[error("{policy} broke an invariant in round {round}: {violation}")]
-    Invariant {
-        policy: &'static str,
-        round: u64,
-        violation: Violation,
-    },
+    Invariant { policy: &'static str, round: u64, violation: Violation },
     #[error("{policy} did not finish the workload within {rounds} rounds")]
     Stalled { policy: &'static str, rounds: u64 },
 }
@@ -63,32 +57,21 @@ pub fn parse_gavel_trace(text: &str) -> Result<Vec<TraceJob>, ReplayError> {
         if line.trim().is_empty() {
             continue;
         }
-        let err = |reason: String| ReplayError::Trace {
-            line: line_no,
-            reason,
-        };
+        let err = |reason: String| ReplayError::Trace { line: line_no, reason };
         let fields: Vec<&str> = line.split('\t').collect();
         if fields.len() < 7 {
-            return Err(err(format!(
-                "expected 7 tab-separated columns, got {}",
-                fields.len()
-            )));
+            return Err(err(format!("expected 7 tab-separated columns, got {}", fields.len())));
         }
         let n = fields.len();
         let number = |col: usize, what: &str| -> Result<f64, ReplayError> {
             let raw = fields[col].trim();
-            raw.parse::<f64>()
-                .ok()
-                .filter(|v| v.is_finite() && *v >= 0.0)
-                .ok_or_else(|| err(format!("{what}: {raw:?} is not a non-negative number")))
+            raw.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| err(format!("{what}: {raw:?} is not a non-negative number")))
         };
         let total_steps = number(n - 3, "total_steps")?;
         let arrival_s = number(n - 2, "arrival_time")?;
         let scale = number(n - 1, "scale_factor")?;
         if scale < 1.0 || scale.fract() != 0.0 || scale > f64::from(u32::MAX) {
-            return Err(err(format!(
-                "scale_factor {scale} is not a whole number of GPUs"
-            )));
+            return Err(err(format!("scale_factor {scale} is not a whole number of GPUs")));
         }
         jobs.push(TraceJob {
             job_type: fields[0].trim().to_owned(),
@@ -126,8 +109,7 @@ impl GavelThroughputs {
                 continue;
             }
             for (key, entries) in jobs {
-                let (job_type, cards) =
-                    parse_gavel_key(key).ok_or_else(|| ReplayError::ThroughputKey(key.clone()))?;
+                let (job_type, cards) = parse_gavel_key(key).ok_or_else(|| ReplayError::ThroughputKey(key.clone()))?;
                 if let Some(GavelEntry::Alone(speed)) = entries.get("null") {
                     table.insert(job_type, cards, worker.as_str(), *speed);
                 }
@@ -163,12 +145,7 @@ pub struct GpuGroup {
 pub fn gavel_cluster() -> Vec<GpuGroup> {
     [("k80", 12_288), ("p100", 16_384), ("v100", 16_384)]
         .into_iter()
-        .map(|(model, vram_mib)| GpuGroup {
-            model: model.into(),
-            nodes: 3,
-            cards_per_node: 4,
-            vram_mib,
-        })
+        .map(|(model, vram_mib)| GpuGroup { model: model.into(), nodes: 3, cards_per_node: 4, vram_mib })
         .collect()
 }
 
@@ -182,11 +159,7 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig {
-            round_s: 360,
-            restart_penalty_s: 30,
-            max_rounds: 1_000_000,
-        }
+        SimConfig { round_s: 360, restart_penalty_s: 30, max_rounds: 1_000_000 }
     }
 }
 
@@ -212,31 +185,17 @@ pub struct Workload {
 
 /// Turns trace jobs into a workload for a cluster with `models`, with arrival times
 /// multiplied by `time_scale` (below 1 compresses the trace, raising the load).
-pub fn workload(
-    trace: &[TraceJob],
-    table: &ThroughputTable,
-    models: &[&str],
-    time_scale: f64,
-) -> Workload {
+pub fn workload(trace: &[TraceJob], table: &ThroughputTable, models: &[&str], time_scale: f64) -> Workload {
     let mut jobs = Vec::new();
     let mut skipped = 0;
     for t in trace {
-        let speeds: Vec<(&str, f64)> = models
-            .iter()
-            .filter_map(|&m| {
-                table
-                    .exact(&t.job_type, t.scale_factor, m)
-                    .filter(|&s| s > 0.0)
-                    .map(|s| (m, s))
-            })
-            .collect();
+        let speeds: Vec<(&str, f64)> =
+            models.iter().filter_map(|&m| table.exact(&t.job_type, t.scale_factor, m).filter(|&s| s > 0.0).map(|s| (m, s))).collect();
         let Some(slowest) = speeds.iter().map(|&(_, s)| s).min_by(f64::total_cmp) else {
             skipped += 1;
             continue;
         };
-        let expected = (t.total_steps as f64 / slowest)
-            .ceil()
-            .clamp(1.0, 365.0 * 86_400.0) as u64;
+        let expected = (t.total_steps as f64 / slowest).ceil().clamp(1.0, 365.0 * 86_400.0) as u64;
         let spec = JobSpec {
             name: t.job_type.clone(),
             kind: JobKind::Training,
@@ -249,11 +208,7 @@ pub fn workload(
             },
             inputs: vec![],
             outputs: vec![],
-            run: JobRun::Command {
-                program: "/bin/sh".into(),
-                args: vec!["-c".into(), t.command.clone()],
-                env: BTreeMap::new(),
-            },
+            run: JobRun::Command { program: "/bin/sh".into(), args: vec!["-c".into(), t.command.clone()], env: BTreeMap::new() },
             priority: 0,
             preemptible: true,
             deadline: None,
@@ -361,12 +316,7 @@ pub fn simulate(
             .iter()
             .map(|c| {
                 let model = model_of.get(c).copied().unwrap_or("");
-                (
-                    model,
-                    table
-                        .exact(&jobs[j].job_type, jobs[j].cards, model)
-                        .unwrap_or(0.0),
-                )
+                (model, table.exact(&jobs[j].job_type, jobs[j].cards, model).unwrap_or(0.0))
             })
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .unwrap_or(("", 0.0))
@@ -374,8 +324,7 @@ pub fn simulate(
     let round_ms = config.round_s as i64 * 1000;
     let penalty_ms = config.restart_penalty_s as i64 * 1000;
     let (mut queued, mut running) = (BTreeSet::<usize>::new(), BTreeSet::<usize>::new());
-    let (mut arrived, mut now, mut rounds, mut placements, mut preemptions) =
-        (0, 0_i64, 0_u64, 0_u64, 0_u64);
+    let (mut arrived, mut now, mut rounds, mut placements, mut preemptions) = (0, 0_i64, 0_u64, 0_u64, 0_u64);
     loop {
         while arrived < jobs.len() && jobs[arrived].arrival_ms <= now {
             queued.insert(arrived);
@@ -388,10 +337,7 @@ pub fn simulate(
             continue;
         }
         if rounds >= config.max_rounds {
-            return Err(ReplayError::Stalled {
-                policy: policy.name(),
-                rounds,
-            });
+            return Err(ReplayError::Stalled { policy: policy.name(), rounds });
         }
         let snapshot = Snapshot {
             cards: cards.clone(),
@@ -427,11 +373,7 @@ pub fn simulate(
                 .collect(),
         };
         let decisions = policy.decide(&snapshot, Timestamp(now));
-        check_decisions(&snapshot, &decisions).map_err(|violation| ReplayError::Invariant {
-            policy: policy.name(),
-            round: rounds,
-            violation,
-        })?;
+        check_decisions(&snapshot, &decisions).map_err(|violation| ReplayError::Invariant { policy: policy.name(), round: rounds, violation })?;
         for decision in decisions {
             match decision {
                 Decision::Preempt { job } => {
@@ -447,11 +389,7 @@ pub fn simulate(
                     queued.remove(&j);
                     running.insert(j);
                     let penalty = if state[j].preempted { penalty_ms } else { 0 };
-                    state[j].run = Some(Run {
-                        cards,
-                        started_ms: now,
-                        penalty_ms: penalty,
-                    });
+                    state[j].run = Some(Run { cards, started_ms: now, penalty_ms: penalty });
                     state[j].starts += 1;
                     placements += 1;
                 }
@@ -492,11 +430,7 @@ pub fn simulate(
         .map(|(j, s)| JobOutcome {
             jct_s: (s.finished_ms.unwrap_or(now) - j.arrival_ms) as f64 / 1000.0,
             starts: s.starts,
-            seconds_by_model: s
-                .ms_by_model
-                .iter()
-                .map(|(m, &ms)| (m.clone(), (ms / 1000) as u64))
-                .collect(),
+            seconds_by_model: s.ms_by_model.iter().map(|(m, &ms)| (m.clone(), (ms / 1000) as u64)).collect(),
         })
         .collect();
     let mut jct: Vec<f64> = outcomes.iter().map(|o| o.jct_s).collect();
@@ -508,12 +442,7 @@ pub fn simulate(
         outcomes,
         avg_jct_s: jct.iter().sum::<f64>() / n,
         median_jct_s: jct.get(jct.len() / 2).copied().unwrap_or(0.0),
-        makespan_s: state
-            .iter()
-            .filter_map(|s| s.finished_ms)
-            .max()
-            .unwrap_or(0) as f64
-            / 1000.0,
+        makespan_s: state.iter().filter_map(|s| s.finished_ms).max().unwrap_or(0) as f64 / 1000.0,
         rounds,
         placements,
         preemptions,
@@ -526,15 +455,9 @@ mod tests {
 
     #[test]
     fn gavel_keys_keep_parentheses_and_spaces_in_job_types() {
-        assert_eq!(
-            parse_gavel_key("('ResNet-18 (batch size 64)', 2)"),
-            Some(("ResNet-18 (batch size 64)", 2))
-        );
+        assert_eq!(parse_gavel_key("('ResNet-18 (batch size 64)', 2)"), Some(("ResNet-18 (batch size 64)", 2)));
         assert_eq!(parse_gavel_key("('A3C', 1)"), Some(("A3C", 1)));
-        assert_eq!(
-            parse_gavel_key("(\"Bob's model, v2\", 8)"),
-            Some(("Bob's model, v2", 8))
-        );
+        assert_eq!(parse_gavel_key("(\"Bob's model, v2\", 8)"), Some(("Bob's model, v2", 8)));
         assert_eq!(parse_gavel_key("('A3C', 0)"), None);
         assert_eq!(parse_gavel_key("A3C, 1"), None);
         assert_eq!(parse_gavel_key("null"), None);
@@ -547,10 +470,7 @@ mod tests {
         let jobs = parse_gavel_trace(text).expect("valid trace");
         assert_eq!(jobs.len(), 2);
         assert_eq!(jobs[0].job_type, "ResNet-18 (batch size 32)");
-        assert_eq!(
-            (jobs[0].total_steps, jobs[0].arrival_s, jobs[0].scale_factor),
-            (1_104_675, 6.0, 1)
-        );
+        assert_eq!((jobs[0].total_steps, jobs[0].arrival_s, jobs[0].scale_factor), (1_104_675, 6.0, 1));
         assert_eq!(jobs[1].command, "a\tb");
         assert_eq!(jobs[1].scale_factor, 4);
         assert!(parse_gavel_trace("x\t1\t2\n").is_err());
@@ -563,15 +483,9 @@ mod tests {
         let mut jobs = BTreeMap::new();
         jobs.insert(
             "('A3C', 1)".to_owned(),
-            BTreeMap::from([
-                ("null".to_owned(), GavelEntry::Alone(7.0)),
-                ("x".to_owned(), GavelEntry::Paired(vec![1.0, 2.0])),
-            ]),
+            BTreeMap::from([("null".to_owned(), GavelEntry::Alone(7.0)), ("x".to_owned(), GavelEntry::Paired(vec![1.0, 2.0]))]),
         );
-        let g = GavelThroughputs(BTreeMap::from([
-            ("v100".to_owned(), jobs.clone()),
-            ("k80".to_owned(), jobs),
-        ]));
+        let g = GavelThroughputs(BTreeMap::from([("v100".to_owned(), jobs.clone()), ("k80".to_owned(), jobs)]));
         let t = g.table(&["v100"]).expect("keys parse");
         assert_eq!(t.exact("A3C", 1, "v100"), Some(7.0));
         assert_eq!(t.exact("A3C", 1, "k80"), None);

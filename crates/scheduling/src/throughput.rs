@@ -22,20 +22,9 @@ impl ThroughputTable {
 
     /// Records a measurement. Negative or non-finite speeds are ignored (a policy must not be
     /// steered by garbage); zero is kept and means "does not run there".
-    pub fn insert(
-        &mut self,
-        type_key: impl Into<String>,
-        cards: u32,
-        model: impl Into<String>,
-        steps_per_s: f64,
-    ) {
+    pub fn insert(&mut self, type_key: impl Into<String>, cards: u32, model: impl Into<String>, steps_per_s: f64) {
         if steps_per_s.is_finite() && steps_per_s >= 0.0 {
-            self.by_type
-                .entry(type_key.into())
-                .or_default()
-                .entry(cards)
-                .or_default()
-                .insert(model.into(), steps_per_s);
+            self.by_type.entry(type_key.into()).or_default().entry(cards).or_default().insert(model.into(), steps_per_s);
         }
     }
 

@@ -49,12 +49,7 @@ pub fn check_decisions(snapshot: &Snapshot, decisions: &[Decision]) -> Result<()
     for c in &snapshot.cards {
         *card_count.entry(c.id).or_default() += 1;
     }
-    let cards: BTreeMap<CardId, &CardView> = snapshot
-        .cards
-        .iter()
-        .filter(|c| c.usable && card_count[&c.id] == 1)
-        .map(|c| (c.id, c))
-        .collect();
+    let cards: BTreeMap<CardId, &CardView> = snapshot.cards.iter().filter(|c| c.usable && card_count[&c.id] == 1).map(|c| (c.id, c)).collect();
     let mut queued: BTreeMap<JobId, _> = snapshot.queued.iter().map(|j| (j.id, j)).collect();
     let mut running: BTreeMap<JobId, _> = snapshot.running.iter().map(|j| (j.id, j)).collect();
     let mut holders: BTreeMap<CardId, Holders> = BTreeMap::new();
@@ -79,11 +74,7 @@ pub fn check_decisions(snapshot: &Snapshot, decisions: &[Decision]) -> Result<()
                 }
                 for card in &r.cards {
                     if let Some(h) = holders.get_mut(card) {
-                        let count = if r.shared {
-                            &mut h.sharing
-                        } else {
-                            &mut h.whole
-                        };
+                        let count = if r.shared { &mut h.sharing } else { &mut h.whole };
                         *count = count.saturating_sub(1);
                     }
                 }
@@ -93,11 +84,7 @@ pub fn check_decisions(snapshot: &Snapshot, decisions: &[Decision]) -> Result<()
                 let q = queued.remove(job).ok_or(Violation::NotQueued(*job))?;
                 let wanted = q.spec.resources.cards;
                 if placed.len() != wanted as usize {
-                    return Err(Violation::WrongCardCount {
-                        job: *job,
-                        wanted,
-                        got: placed.len(),
-                    });
+                    return Err(Violation::WrongCardCount { job: *job, wanted, got: placed.len() });
                 }
                 let sharing = is_sharing(&q.spec);
                 let mut seen = BTreeSet::new();
@@ -106,9 +93,7 @@ pub fn check_decisions(snapshot: &Snapshot, decisions: &[Decision]) -> Result<()
                     if !seen.insert(card) {
                         return Err(Violation::DuplicateCard { job: *job, card });
                     }
-                    let c = cards
-                        .get(&card)
-                        .ok_or(Violation::CardNotUsable { job: *job, card })?;
+                    let c = cards.get(&card).ok_or(Violation::CardNotUsable { job: *job, card })?;
                     if c.owner != q.owner {
                         return Err(Violation::ForeignCard { job: *job, card });
                     }
@@ -117,11 +102,7 @@ pub fn check_decisions(snapshot: &Snapshot, decisions: &[Decision]) -> Result<()
                     }
                     nodes.insert(c.node);
                     let h = holders.entry(card).or_default();
-                    let free = if sharing {
-                        h.whole == 0 && h.sharing < MAX_JOBS_PER_SHARED_CARD
-                    } else {
-                        h.whole == 0 && h.sharing == 0
-                    };
+                    let free = if sharing { h.whole == 0 && h.sharing < MAX_JOBS_PER_SHARED_CARD } else { h.whole == 0 && h.sharing == 0 };
                     if !free {
                         return Err(Violation::CardTaken { job: *job, card });
                     }

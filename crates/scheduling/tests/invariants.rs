@@ -10,8 +10,7 @@ use std::sync::Arc;
 use common::HOUR_MS;
 use proptest::prelude::*;
 use suanli_scheduling::{
-    build, check_decisions, is_sharing, CardView, Decision, LasConfig, PolicyConfig, PolicyKind,
-    QueuedJob, RunningJob, Snapshot, ThroughputTable,
+    build, check_decisions, is_sharing, CardView, Decision, LasConfig, PolicyConfig, PolicyKind, QueuedJob, RunningJob, Snapshot, ThroughputTable,
 };
 use suanli_types::job::limits::MAX_JOBS_PER_SHARED_CARD;
 use suanli_types::{AccountId, CardId, JobId, JobKind, LeaseId, NodeId, Timestamp};
@@ -37,43 +36,18 @@ fn arb_card() -> impl Strategy<Value = CardArgs> {
         2 => Just(Host::Whole),
         2 => (1..=MAX_JOBS_PER_SHARED_CARD).prop_map(Host::Sharing),
     ];
-    (
-        1u64..=3,
-        0..MODELS.len(),
-        any::<bool>(),
-        prop::bool::weighted(0.9),
-        host,
-    )
+    (1u64..=3, 0..MODELS.len(), any::<bool>(), prop::bool::weighted(0.9), host)
 }
 
 /// Attributes of a running job: (gang size, preemptible, priority, age ms, attained h, expected end offset s)
 type RunArgs = (usize, bool, i32, i64, u64, Option<i64>);
 
 fn arb_run() -> impl Strategy<Value = RunArgs> {
-    (
-        1usize..=3,
-        any::<bool>(),
-        -1i32..=1,
-        0i64..2 * HOUR_MS as i64,
-        0u64..30,
-        prop::option::of(-600i64..20_000),
-    )
+    (1usize..=3, any::<bool>(), -1i32..=1, 0i64..2 * HOUR_MS as i64, 0u64..30, prop::option::of(-600i64..20_000))
 }
 
 /// (owner, cards, model mask, min vram, single node, shared, priority, expected s, attained h, name, submitted)
-type JobArgs = (
-    u64,
-    u32,
-    u8,
-    bool,
-    bool,
-    bool,
-    i32,
-    Option<u64>,
-    u64,
-    usize,
-    i64,
-);
+type JobArgs = (u64, u32, u8, bool, bool, bool, i32, Option<u64>, u64, usize, i64);
 
 fn arb_job() -> impl Strategy<Value = JobArgs> {
     (
@@ -161,71 +135,38 @@ fn build_snapshot(nodes: Vec<Vec<CardArgs>>, runs: Vec<RunArgs>, jobs: Vec<JobAr
     let queued = jobs
         .into_iter()
         .enumerate()
-        .map(
-            |(
-                i,
-                (
-                    owner,
-                    n,
-                    mask,
-                    min_vram,
-                    single,
-                    shared,
-                    priority,
-                    expected,
-                    attained,
-                    name,
-                    submitted,
-                ),
-            )| {
-                let mut spec = common::spec(NAMES[name], if shared { 1 } else { n });
-                if shared {
-                    spec.kind = JobKind::Inference;
-                    spec.resources.shared = true;
-                }
-                spec.resources.single_node = single;
-                spec.resources.gpu_models = ["a100", "H100", "l4"]
-                    .iter()
-                    .enumerate()
-                    .filter(|(b, _)| mask & (1 << b) != 0)
-                    .map(|(_, m)| m.to_string())
-                    .collect();
-                spec.resources.min_vram_mib = if min_vram { 40_000 } else { 0 };
-                spec.priority = priority;
-                spec.preemptible = true;
-                spec.expected_seconds = expected;
-                QueuedJob {
-                    id: JobId(i as u64 + 1),
-                    owner: AccountId(owner),
-                    spec: Arc::new(spec),
-                    submitted_at: Timestamp(submitted),
-                    attained_gpu_ms: attained * HOUR_MS,
-                }
-            },
-        )
+        .map(|(i, (owner, n, mask, min_vram, single, shared, priority, expected, attained, name, submitted))| {
+            let mut spec = common::spec(NAMES[name], if shared { 1 } else { n });
+            if shared {
+                spec.kind = JobKind::Inference;
+                spec.resources.shared = true;
+            }
+            spec.resources.single_node = single;
+            spec.resources.gpu_models = ["a100", "H100", "l4"].iter().enumerate().filter(|(b, _)| mask & (1 << b) != 0).map(|(_, m)| m.to_string()).collect();
+            spec.resources.min_vram_mib = if min_vram { 40_000 } else { 0 };
+            spec.priority = priority;
+            spec.preemptible = true;
+            spec.expected_seconds = expected;
+            QueuedJob {
+                id: JobId(i as u64 + 1),
+                owner: AccountId(owner),
+                spec: Arc::new(spec),
+                submitted_at: Timestamp(submitted),
+                attained_gpu_ms: attained * HOUR_MS,
+            }
+        })
         .collect();
-    Snapshot {
-        cards,
-        queued,
-        running,
-    }
+    Snapshot { cards, queued, running }
 }
 
 fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
-    (
-        prop::collection::vec(prop::collection::vec(arb_card(), 1..=4), 1..=6),
-        prop::collection::vec(arb_run(), 1..=12),
-        prop::collection::vec(arb_job(), 0..=24),
-    )
+    (prop::collection::vec(prop::collection::vec(arb_card(), 1..=4), 1..=6), prop::collection::vec(arb_run(), 1..=12), prop::collection::vec(arb_job(), 0..=24))
         .prop_map(|(nodes, runs, jobs)| build_snapshot(nodes, runs, jobs))
 }
 
 /// Speeds of each name on each model; `None`: not measured, 0: does not run there.
 fn arb_speeds() -> impl Strategy<Value = Vec<Option<f64>>> {
-    prop::collection::vec(
-        prop::option::of(prop_oneof![1 => Just(0.0), 6 => 0.1f64..100.0]),
-        9,
-    )
+    prop::collection::vec(prop::option::of(prop_oneof![1 => Just(0.0), 6 => 0.1f64..100.0]), 9)
 }
 
 fn table(speeds: &[Option<f64>], keep_zeros: bool) -> ThroughputTable {
@@ -241,55 +182,26 @@ fn table(speeds: &[Option<f64>], keep_zeros: bool) -> ThroughputTable {
 }
 
 fn config(table: ThroughputTable) -> PolicyConfig {
-    PolicyConfig {
-        las: LasConfig::default(),
-        throughput: table,
-        ..PolicyConfig::default()
-    }
+    PolicyConfig { las: LasConfig::default(), throughput: table, ..PolicyConfig::default() }
 }
 
 /// The jobs left waiting that would fit on the cards left free, ignoring preemption.
 fn waiting_that_fit(snapshot: &Snapshot, decisions: &[Decision]) -> Vec<JobId> {
     let mut whole: BTreeMap<CardId, u32> = BTreeMap::new();
     let mut sharing: BTreeMap<CardId, u32> = BTreeMap::new();
-    let preempted: BTreeSet<JobId> = decisions
-        .iter()
-        .filter_map(|d| {
-            if let Decision::Preempt { job } = d {
-                Some(*job)
-            } else {
-                None
-            }
-        })
-        .collect();
-    for r in snapshot
-        .running
-        .iter()
-        .filter(|r| !preempted.contains(&r.id))
-    {
+    let preempted: BTreeSet<JobId> = decisions.iter().filter_map(|d| if let Decision::Preempt { job } = d { Some(*job) } else { None }).collect();
+    for r in snapshot.running.iter().filter(|r| !preempted.contains(&r.id)) {
         for c in &r.cards {
-            *(if r.shared { &mut sharing } else { &mut whole })
-                .entry(*c)
-                .or_default() += 1;
+            *(if r.shared { &mut sharing } else { &mut whole }).entry(*c).or_default() += 1;
         }
     }
     let mut placed = BTreeSet::new();
     for d in decisions {
         if let Decision::Place { job, cards } = d {
             placed.insert(*job);
-            let sharing_job = snapshot
-                .queued
-                .iter()
-                .find(|q| q.id == *job)
-                .is_some_and(|q| is_sharing(&q.spec));
+            let sharing_job = snapshot.queued.iter().find(|q| q.id == *job).is_some_and(|q| is_sharing(&q.spec));
             for c in cards {
-                *(if sharing_job {
-                    &mut sharing
-                } else {
-                    &mut whole
-                })
-                .entry(*c)
-                .or_default() += 1;
+                *(if sharing_job { &mut sharing } else { &mut whole }).entry(*c).or_default() += 1;
             }
         }
     }

@@ -53,7 +53,12 @@ const FAMILIES: &[Family] = &[
     Family { name: "DCGM_FI_DEV_GPU_TEMP", kind: "gauge", help: "GPU temperature (in C).", value: |r| Some(f64::from(r.sample.temperature_c)) },
     Family { name: "DCGM_FI_DEV_POWER_USAGE", kind: "gauge", help: "Power draw (in W).", value: |r| Some(f64::from(r.sample.power_draw_mw) / 1000.0) },
     Family { name: "DCGM_FI_DEV_GPU_UTIL", kind: "gauge", help: "GPU utilization (in %).", value: |r| Some(f64::from(r.sample.gpu_utilization_pct)) },
-    Family { name: "DCGM_FI_DEV_MEM_COPY_UTIL", kind: "gauge", help: "Memory utilization (in %).", value: |r| Some(f64::from(r.sample.memory_utilization_pct)) },
+    Family {
+        name: "DCGM_FI_DEV_MEM_COPY_UTIL",
+        kind: "gauge",
+        help: "Memory utilization (in %).",
+        value: |r| Some(f64::from(r.sample.memory_utilization_pct)),
+    },
     Family { name: XID_ERRORS, kind: "gauge", help: "Value of the last XID error encountered.", value: |r| Some(f64::from(r.last_xid)) },
     Family {
         name: "DCGM_FI_DEV_FB_FREE",
@@ -86,12 +91,7 @@ const FAMILIES: &[Family] = &[
         help: "The rate of data received over the PCIe bus - including both protocol headers and data payloads - in bytes per second.",
         value: |r| Some(f64::from(r.sample.pcie_rx_kbps) * 1024.0),
     },
-    Family {
-        name: "DCGM_FI_DEV_FAN_SPEED",
-        kind: "gauge",
-        help: "Fan speed for the device in percent 0-100.",
-        value: |r| r.sample.fan_pct.map(f64::from),
-    },
+    Family { name: "DCGM_FI_DEV_FAN_SPEED", kind: "gauge", help: "Fan speed for the device in percent 0-100.", value: |r| r.sample.fan_pct.map(f64::from) },
 ];
 
 const PRESENT: (&str, &str) = ("suanli_gpu_present", "1 if the card answers the driver, 0 if it has fallen off the bus.");

@@ -11,11 +11,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor};
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::event::EventSet;
-use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::{Device, Nvml};
 
 use crate::{CardError, CardInfo, CardSample, GpuSource};
@@ -56,10 +56,7 @@ impl NvmlSource {
         })?;
         let nvml: &'static Nvml = Box::leak(Box::new(nvml));
         let driver_version = nvml.sys_driver_version().unwrap_or_default();
-        let cuda_version = nvml
-            .sys_cuda_driver_version()
-            .map(|v| format!("{}.{}", v / 1000, (v % 1000) / 10))
-            .unwrap_or_default();
+        let cuda_version = nvml.sys_cuda_driver_version().map(|v| format!("{}.{}", v / 1000, (v % 1000) / 10)).unwrap_or_default();
         let count = nvml.device_count().map_err(|e| NvmlOpenError::Init(e.to_string()))?;
         let mut xid_events = nvml.create_event_set().ok();
         let mut cards = Vec::with_capacity(count as usize);
@@ -136,8 +133,7 @@ impl NvmlSource {
             memory_clock_mhz: optional(index, device.clock_info(Clock::Memory))?.unwrap_or(0),
             fan_pct: optional(index, device.fan_speed(0))?,
             ecc_corrected: optional(index, device.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile))?.unwrap_or(0),
-            ecc_uncorrected: optional(index, device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile))?
-                .unwrap_or(0),
+            ecc_uncorrected: optional(index, device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile))?.unwrap_or(0),
             xid_events,
             pcie_rx_kbps: optional(index, device.pcie_throughput(PcieUtilCounter::Receive))?.unwrap_or(0),
             pcie_tx_kbps: optional(index, device.pcie_throughput(PcieUtilCounter::Send))?.unwrap_or(0),
@@ -149,9 +145,7 @@ impl NvmlSource {
 /// the set for the others. `None` only if registering broke the set.
 fn watch_xids(device: &Device<'static>, set: EventSet<'static>) -> Option<EventSet<'static>> {
     match device.supported_event_types() {
-        Ok(types) if types.contains(EventTypes::CRITICAL_XID_ERROR) => {
-            device.register_events(EventTypes::CRITICAL_XID_ERROR, set).ok()
-        }
+        Ok(types) if types.contains(EventTypes::CRITICAL_XID_ERROR) => device.register_events(EventTypes::CRITICAL_XID_ERROR, set).ok(),
         _ => Some(set),
     }
 }
@@ -169,12 +163,7 @@ fn card_error(index: u32, e: NvmlError) -> CardError {
 fn optional<T>(index: u32, reading: Result<T, NvmlError>) -> Result<Option<T>, CardError> {
     match reading {
         Ok(value) => Ok(Some(value)),
-        Err(
-            NvmlError::NotSupported
-            | NvmlError::VgpuEccNotSupported
-            | NvmlError::FailedToLoadSymbol(_)
-            | NvmlError::InvalidArg,
-        ) => Ok(None),
+        Err(NvmlError::NotSupported | NvmlError::VgpuEccNotSupported | NvmlError::FailedToLoadSymbol(_) | NvmlError::InvalidArg) => Ok(None),
         Err(e) => Err(card_error(index, e)),
     }
 }
@@ -186,11 +175,6 @@ impl GpuSource for NvmlSource {
 
     fn sample(&mut self, at_ms: i64) -> Vec<Result<CardSample, CardError>> {
         let mut xids = self.drain_xids();
-        self.cards
-            .iter()
-            .map(|card| {
-                self.read(card.index, at_ms, xids.remove(&card.index).unwrap_or_default())
-            })
-            .collect()
+        self.cards.iter().map(|card| self.read(card.index, at_ms, xids.remove(&card.index).unwrap_or_default())).collect()
     }
 }

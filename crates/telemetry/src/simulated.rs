@@ -121,8 +121,7 @@ impl GpuSource for SimulatedSource {
                 card.utilization = relax(card.utilization, target, dt_s, UTILIZATION_TIME_CONSTANT_S).clamp(0.0, 1.0);
                 let throttled = card.temperature_c >= m.slowdown_temp_c as f64;
                 let clock_factor = if throttled { 0.6 } else { 1.0 };
-                let power_w = m.idle_power_w as f64
-                    + (m.power_limit_w - m.idle_power_w) as f64 * card.utilization.powf(0.9) * clock_factor;
+                let power_w = m.idle_power_w as f64 + (m.power_limit_w - m.idle_power_w) as f64 * card.utilization.powf(0.9) * clock_factor;
                 let cooling = if card.fault == Some(Fault::Overheat) { COOLING_FAILURE_C } else { 0.0 };
                 let steady_c = AMBIENT_C + HEATING_C_PER_W * power_w + cooling * (0.3 + card.utilization);
                 card.temperature_c = relax(card.temperature_c, steady_c, dt_s, THERMAL_TIME_CONSTANT_S);

@@ -198,7 +198,6 @@ fn a_failed_reading_makes_only_that_card_unreadable() {
     }
     std::fs::write(&script, TWO_CARDS).expect("script");
     assert!(source.sample(2_000)[0].is_ok(), "and reads again once the driver answers");
-
 }
 
 #[test]

@@ -21,12 +21,7 @@ struct Verdict {
 
 /// Runs `promtool check metrics` with `exposition` on stdin.
 fn promtool(exposition: &str) -> Verdict {
-    let spawned = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
+    let spawned = Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) if e.kind() == ErrorKind::NotFound => panic!(
@@ -77,7 +72,9 @@ fn node_exposition() -> String {
 fn the_dcgm_exposition_of_simulated_cards_passes_promtool() {
     let exposition = node_exposition();
     // The node as a Grafana dashboard would see it.
-    assert!(exposition.contains("suanli_gpu_present{gpu=\"3\"") && exposition.lines().any(|l| l.starts_with("suanli_gpu_present{gpu=\"3\"") && l.ends_with(" 0")));
+    assert!(
+        exposition.contains("suanli_gpu_present{gpu=\"3\"") && exposition.lines().any(|l| l.starts_with("suanli_gpu_present{gpu=\"3\"") && l.ends_with(" 0"))
+    );
     assert!(!exposition.lines().any(|l| l.starts_with("DCGM_") && l.contains("gpu=\"3\"")), "a lost card has no DCGM values:\n{exposition}");
     assert!(exposition.lines().any(|l| l.starts_with("DCGM_FI_DEV_XID_ERRORS{gpu=\"2\"") && l.ends_with(",err_code=\"94\"} 94")), "{exposition}");
     assert!(exposition.contains("DCGM_FI_DEV_FAN_SPEED{gpu=\"0\"") && exposition.contains("Hostname=\"node-1 \\\"rack 4\\\\b\\\"\""));

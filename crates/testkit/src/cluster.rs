@@ -79,13 +79,7 @@ impl BrokerCluster {
         // One agent CA for every node, as an operator would give it.
         suanli_pki::Ca::load(&dir.path().join(AGENT_CA_CERT), &dir.path().join(AGENT_CA_KEY), true)?;
         suanli_pki::ssh::SshCa::load(&dir.path().join(SSH_CA_KEY), true)?;
-        let mut cluster = BrokerCluster {
-            binary: binary.to_owned(),
-            dir,
-            config: config.unwrap_or("").to_owned(),
-            members: BTreeMap::new(),
-            links,
-        };
+        let mut cluster = BrokerCluster { binary: binary.to_owned(), dir, config: config.unwrap_or("").to_owned(), members: BTreeMap::new(), links };
         cluster.spawn(1, ["127.0.0.1:0"; 3], true).await?;
         // A new cluster raises its format in the leader's first rounds: a log entry that would
         // otherwise land at an unknown time in a test (a previous release's broker says 0).

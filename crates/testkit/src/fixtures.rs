@@ -7,9 +7,7 @@ use suanli_proto::client::Client;
 use suanli_proto::convert::{cluster_class_to_wire, inventory_to_wire, listing_to_wire};
 use suanli_proto::v1::{self, AccountKind};
 use suanli_types::cluster::DiskMedium;
-use suanli_types::{
-    BillingMode, CardSpec, ClusterClass, Currency, Listing, LocalStorage, NodeInventory, PriceList, ResourceType,
-};
+use suanli_types::{BillingMode, CardSpec, ClusterClass, Currency, Listing, LocalStorage, NodeInventory, PriceList, ResourceType};
 
 /// Per card: 6.00 CNY an hour, 3,000.00 CNY a month.
 pub const HOURLY_PRICE: i64 = 600;
@@ -27,10 +25,7 @@ pub fn listing(class: ClusterClass) -> Listing {
         vendor: "Lenovo".into(),
         region: "Beijing".into(),
         local_storage: LocalStorage { data_disks: 1, data_disk_gb: 3840, system_disk_gb: 480, medium: DiskMedium::Ssd },
-        prices: PriceList {
-            currency: Currency::cny(),
-            per_card: BTreeMap::from([(BillingMode::Hourly, HOURLY_PRICE), (BillingMode::Monthly, MONTHLY_PRICE)]),
-        },
+        prices: PriceList { currency: Currency::cny(), per_card: BTreeMap::from([(BillingMode::Hourly, HOURLY_PRICE), (BillingMode::Monthly, MONTHLY_PRICE)]) },
         usage_instructions: if class == ClusterClass::A { "SSH in with the account shown on the lease.".into() } else { String::new() },
     }
 }
@@ -43,13 +38,7 @@ pub fn inventory(tag: &str, cards: u32) -> NodeInventory {
         vcpus: 96,
         memory_gib: 512,
         cards: (0..cards)
-            .map(|i| CardSpec {
-                index: i,
-                uuid: format!("GPU-{tag}-{i}"),
-                model: "L40S".into(),
-                vram_mib: 48 * 1024,
-                ..Default::default()
-            })
+            .map(|i| CardSpec { index: i, uuid: format!("GPU-{tag}-{i}"), model: "L40S".into(), vram_mib: 48 * 1024, ..Default::default() })
             .collect(),
         ..Default::default()
     }
@@ -74,10 +63,8 @@ pub const RESEARCHER_FUNDS: i64 = 100_000_000;
 /// Registers an account with the platform token; returns its ID and API token. A researcher
 /// gets [`RESEARCHER_FUNDS`] deposited, since leases are prepaid.
 pub async fn register(platform: &mut Client, kind: AccountKind, request_id: &str) -> anyhow::Result<(u64, String)> {
-    let r = platform
-        .register_account(v1::RegisterAccountRequest { request_id: request_id.into(), kind: kind.into(), token: String::new() })
-        .await?
-        .into_inner();
+    let r =
+        platform.register_account(v1::RegisterAccountRequest { request_id: request_id.into(), kind: kind.into(), token: String::new() }).await?.into_inner();
     if kind == AccountKind::Researcher {
         deposit(platform, r.account_id, RESEARCHER_FUNDS, &format!("{request_id}-funds")).await?;
     }
@@ -92,20 +79,11 @@ pub async fn deposit(platform: &mut Client, account: u64, minor: i64, request_id
 }
 
 /// Enrolls `nodes` servers of `cards_per_node` cards and publishes them as one cluster.
-pub async fn publish(
-    supplier: &mut Client,
-    class: ClusterClass,
-    nodes: u32,
-    cards_per_node: u32,
-    tag: &str,
-) -> anyhow::Result<v1::Cluster> {
+pub async fn publish(supplier: &mut Client, class: ClusterClass, nodes: u32, cards_per_node: u32, tag: &str) -> anyhow::Result<v1::Cluster> {
     let mut node_ids = Vec::new();
     for n in 0..nodes {
         let inventory = inventory_to_wire(&inventory(&format!("{tag}-{n}"), cards_per_node));
-        let node = supplier
-            .enroll_node(v1::EnrollNodeRequest { request_id: format!("node-{tag}-{n}"), inventory: Some(inventory) })
-            .await?
-            .into_inner();
+        let node = supplier.enroll_node(v1::EnrollNodeRequest { request_id: format!("node-{tag}-{n}"), inventory: Some(inventory) }).await?.into_inner();
         node_ids.push(node.node_id);
     }
     Ok(supplier

@@ -39,14 +39,7 @@ pub struct Service {
 impl Service {
     /// Starts `binary` with `args` and waits up to `timeout` for its readiness line. Stderr
     /// goes to `log_dir/<name>.log` so a failing test can show what the service said.
-    pub async fn start(
-        name: &str,
-        binary: &Path,
-        args: &[String],
-        env: &[(&str, &str)],
-        log_dir: &Path,
-        timeout: Duration,
-    ) -> anyhow::Result<Service> {
+    pub async fn start(name: &str, binary: &Path, args: &[String], env: &[(&str, &str)], log_dir: &Path, timeout: Duration) -> anyhow::Result<Service> {
         let stderr_log = log_dir.join(format!("{name}.log"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log)?;
         let mut command = Command::new(binary);
@@ -131,10 +124,7 @@ impl Service {
 }
 
 fn parse_pairs(rest: &str) -> BTreeMap<String, String> {
-    rest.split_whitespace()
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+    rest.split_whitespace().filter_map(|pair| pair.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
 fn tail(path: &Path) -> String {

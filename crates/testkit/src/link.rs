@@ -96,12 +96,7 @@ async fn accept_loop(listener: TcpListener, target: Arc<Mutex<Option<SocketAddr>
 }
 
 /// Copies bytes one way until either side closes or the link is dropped.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut fault: watch::Receiver<Fault>,
-    captured: Capture,
-) {
+async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, mut fault: watch::Receiver<Fault>, captured: Capture) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = tokio::select! {

@@ -60,12 +60,7 @@ pub fn referenced_series() -> BTreeSet<String> {
 
 /// The series names a Prometheus text exposition holds (`name{…} value` or `name value`).
 pub fn exposed_series(exposition: &str) -> BTreeSet<String> {
-    exposition
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .map(str::to_owned)
-        .collect()
+    exposition.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).filter_map(|l| l.split(['{', ' ']).next()).map(str::to_owned).collect()
 }
 
 /// Names of `referenced` with one of `prefixes` that `exposed` lacks.

@@ -38,19 +38,10 @@ impl PortalProcess {
             Some(b) => b.to_owned(),
             None => workspace_binary("suanli-portal", "suanli-portal")?,
         };
-        let mut args: Vec<String> = [
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            o.database_url,
-            "--broker",
-            o.broker,
-            "--platform-token",
-            o.platform_token,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--database-url", o.database_url, "--broker", o.broker, "--platform-token", o.platform_token]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         args.push("--key-file".into());
         args.push(dir.join("portal-keys.toml").display().to_string());
         if let Some(smtp) = o.smtp {

@@ -75,11 +75,7 @@ impl SmtpSink {
     }
 
     pub fn messages(&self) -> Vec<Mail> {
-        std::fs::read_to_string(&self.inbox)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        std::fs::read_to_string(&self.inbox).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// The first message to `to` (waiting for it to arrive: another process sends it).

@@ -62,9 +62,11 @@ impl Sshd {
             .kill_on_drop(true)
             .spawn()
             .context("starting sshd (openssh-server, installed by ops/install-build-deps)")?;
-        eventually(Duration::from_secs(10), Duration::from_millis(50), || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
-        })
+        eventually(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || async move { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ()) },
+        )
         .await
         .context("sshd listens")?;
         let host_public_key = std::fs::read_to_string(dir.join("host_key.pub"))?;

@@ -33,14 +33,7 @@ pub async fn market(cluster: &BrokerCluster, via: u64, cards: u32) -> Market {
 
 /// One card of `cluster` for one hour.
 pub fn lease_request(cluster: u64, request_id: String) -> v1::RequestLeaseRequest {
-    v1::RequestLeaseRequest {
-        request_id,
-        cluster_id: cluster,
-        node_ids: vec![],
-        cards: 1,
-        billing_mode: v1::BillingMode::Hourly.into(),
-        periods: 1,
-    }
+    v1::RequestLeaseRequest { request_id, cluster_id: cluster, node_ids: vec![], cards: 1, billing_mode: v1::BillingMode::Hourly.into(), periods: 1 }
 }
 
 /// What a client learned of one lease request.
@@ -76,18 +69,12 @@ impl Storm {
     /// `workers` clients leasing one card at a time from the market's cluster, through every
     /// live node of `cluster` in turn.
     pub fn start(cluster: &BrokerCluster, market: &Market, workers: usize) -> Storm {
-        let addresses: Arc<Vec<String>> =
-            Arc::new(cluster.ids().iter().filter_map(|id| cluster.address(*id).ok()).map(str::to_owned).collect());
+        let addresses: Arc<Vec<String>> = Arc::new(cluster.ids().iter().filter_map(|id| cluster.address(*id).ok()).map(str::to_owned).collect());
         let stop = Arc::new(AtomicBool::new(false));
         let history = Arc::new(Mutex::new(Vec::new()));
         let workers = (0..workers)
             .map(|w| {
-                let client = Client {
-                    addresses: addresses.clone(),
-                    token: market.researcher_token.clone(),
-                    cluster_id: market.cluster.cluster_id,
-                    worker: w,
-                };
+                let client = Client { addresses: addresses.clone(), token: market.researcher_token.clone(), cluster_id: market.cluster.cluster_id, worker: w };
                 tokio::spawn(client.run(stop.clone(), history.clone()))
             })
             .collect();
@@ -245,8 +232,7 @@ impl History {
 
     /// The `q`-quantile (0 to 1) of the time acknowledged requests took, retries included.
     pub fn latency_quantile(&self, q: f64) -> Duration {
-        let mut took: Vec<Duration> =
-            self.requests.iter().filter(|r| matches!(r.outcome, Outcome::Acked(_))).map(|r| r.took).collect();
+        let mut took: Vec<Duration> = self.requests.iter().filter(|r| matches!(r.outcome, Outcome::Acked(_))).map(|r| r.took).collect();
         took.sort();
         if took.is_empty() {
             return Duration::ZERO;
@@ -277,8 +263,7 @@ impl History {
         let mut leases_made = 0;
         for id in cluster.live() {
             let platform = cluster.client(id, PLATFORM_TOKEN).await.expect("client");
-            let all: BTreeMap<u64, v1::Lease> =
-                leases_as_applied(&platform, false).await.expect("list").into_iter().map(|l| (l.lease_id, l)).collect();
+            let all: BTreeMap<u64, v1::Lease> = leases_as_applied(&platform, false).await.expect("list").into_iter().map(|l| (l.lease_id, l)).collect();
             for lease in &acked {
                 let stored = all.get(&lease.lease_id).unwrap_or_else(|| panic!("node {id} lost acknowledged {}", lease.lease_id));
                 assert_eq!(stored.card_ids, lease.card_ids);

@@ -19,9 +19,7 @@ fn rules() -> BTreeMap<String, Rule> {
     let text = std::fs::read_to_string(workspace().join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
     let section = text.split("## Dependency rules").nth(1).expect("a Dependency rules section");
     let section = section.split("\n## ").next().unwrap_or(section);
-    let list = |cell: &str| -> BTreeSet<String> {
-        cell.split(',').map(str::trim).filter(|s| !s.is_empty() && *s != "—").map(str::to_owned).collect()
-    };
+    let list = |cell: &str| -> BTreeSet<String> { cell.split(',').map(str::trim).filter(|s| !s.is_empty() && *s != "—").map(str::to_owned).collect() };
     let mut rules = BTreeMap::new();
     for line in section.lines().filter(|l| l.starts_with("| `")) {
         let cells: Vec<&str> = line.trim_matches('|').split('|').collect();
@@ -91,10 +89,7 @@ fn each_external_stack_is_used_by_the_one_crate_that_owns_it() {
 
 #[test]
 fn anyhow_appears_only_in_binaries_and_the_test_harness() {
-    let offenders: Vec<String> = members()
-        .into_iter()
-        .filter(|m| m.dependencies.contains("anyhow") && !m.has_binary && m.name != "suanli-testkit")
-        .map(|m| m.name)
-        .collect();
+    let offenders: Vec<String> =
+        members().into_iter().filter(|m| m.dependencies.contains("anyhow") && !m.has_binary && m.name != "suanli-testkit").map(|m| m.name).collect();
     assert!(offenders.is_empty(), "libraries return typed errors (thiserror), not anyhow: {offenders:?}");
 }

@@ -118,14 +118,8 @@ impl fmt::Display for Caller {
 }
 
 /// Key algorithms accepted for researchers' SSH keys.
-pub const SSH_KEY_ALGORITHMS: &[&str] = &[
-    "ssh-ed25519",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "ssh-rsa",
-    "sk-ssh-ed25519@openssh.com",
-];
+pub const SSH_KEY_ALGORITHMS: &[&str] =
+    &["ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa", "sk-ssh-ed25519@openssh.com"];
 
 /// An OpenSSH public key line: `algorithm base64-blob [comment]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,11 +138,7 @@ impl SshPublicKey {
             "ssh_public_key",
             format!("unsupported key type {algorithm:?}; use one of {}", SSH_KEY_ALGORITHMS.join(", ")),
         );
-        v.check(
-            blob.len() >= 16 && blob.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b)),
-            "ssh_public_key",
-            "the key data is not base64",
-        );
+        v.check(blob.len() >= 16 && blob.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b)), "ssh_public_key", "the key data is not base64");
         v.finish()?;
         Ok(SshPublicKey(line.to_owned()))
     }

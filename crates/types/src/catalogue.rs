@@ -56,9 +56,7 @@ impl CatalogueFilter {
 
     pub fn matches(&self, c: &CatalogueFacts<'_>) -> bool {
         let l = c.listing;
-        let contains = |hay: &str, needle: &Option<String>| {
-            needle.as_ref().is_none_or(|n| hay.to_lowercase().contains(&n.to_lowercase()))
-        };
+        let contains = |hay: &str, needle: &Option<String>| needle.as_ref().is_none_or(|n| hay.to_lowercase().contains(&n.to_lowercase()));
         let at_least = |have: u64, want: Option<u64>| want.is_none_or(|w| have >= w);
         (self.include_delisted || c.state == ClusterState::Listed)
             && self.class.is_none_or(|class| class == c.class)
@@ -132,22 +130,8 @@ mod tests {
             (CatalogueFilter { region: Some("Shen".into()), ..Default::default() }, false),
             (CatalogueFilter { min_storage_gb: Some(8000), ..Default::default() }, false),
             (CatalogueFilter { billing_mode: Some(BillingMode::Hourly), ..Default::default() }, false),
-            (
-                CatalogueFilter {
-                    billing_mode: Some(BillingMode::Monthly),
-                    max_price_minor: Some(531_250),
-                    ..Default::default()
-                },
-                true,
-            ),
-            (
-                CatalogueFilter {
-                    billing_mode: Some(BillingMode::Monthly),
-                    max_price_minor: Some(531_249),
-                    ..Default::default()
-                },
-                false,
-            ),
+            (CatalogueFilter { billing_mode: Some(BillingMode::Monthly), max_price_minor: Some(531_250), ..Default::default() }, true),
+            (CatalogueFilter { billing_mode: Some(BillingMode::Monthly), max_price_minor: Some(531_249), ..Default::default() }, false),
         ];
         for (filter, want) in cases {
             assert_eq!(filter.matches(&f), want, "{filter:?}");

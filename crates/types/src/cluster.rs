@@ -110,11 +110,7 @@ impl Listing {
         v.check(self.vcpus > 0, "vcpus", "must be positive");
         v.text("vendor", &self.vendor, true, 64);
         v.text("region", &self.region, true, 64);
-        v.check(
-            self.local_storage.system_disk_gb > 0,
-            "local_storage.system_disk_gb",
-            "must be positive",
-        );
+        v.check(self.local_storage.system_disk_gb > 0, "local_storage.system_disk_gb", "must be positive");
         v.check(
             (self.local_storage.data_disks == 0) == (self.local_storage.data_disk_gb == 0),
             "local_storage.data_disk_gb",
@@ -151,10 +147,7 @@ pub(crate) mod tests {
             vendor: "Inspur".into(),
             region: "Shenzhen".into(),
             local_storage: LocalStorage { data_disks: 2, data_disk_gb: 3840, system_disk_gb: 480, medium: DiskMedium::Nvme },
-            prices: PriceList {
-                currency: Currency::cny(),
-                per_card: BTreeMap::from([(BillingMode::Monthly, 531_250)]),
-            },
+            prices: PriceList { currency: Currency::cny(), per_card: BTreeMap::from([(BillingMode::Monthly, 531_250)]) },
             usage_instructions: "SSH as the account shown after verification.".into(),
         }
     }

@@ -285,8 +285,8 @@ impl ErrorCode {
             PermissionDenied | WrongAccountKind | AuthCodeMismatch | AuthCodeAttemptsExhausted => (GrpcStatus::PermissionDenied, 403),
             AlreadyExists | RequestIdConflict => (GrpcStatus::AlreadyExists, 409),
             InsufficientCapacity => (GrpcStatus::ResourceExhausted, 409),
-            ClusterDelisted | CardUnavailable | NodeInUse | ClusterBusy | InvalidTransition | AuthCodeExpired | NotYetDue | JobTransition
-            | StaleScheduler | PlacementRefused => (GrpcStatus::FailedPrecondition, 409),
+            ClusterDelisted | CardUnavailable | NodeInUse | ClusterBusy | InvalidTransition | AuthCodeExpired | NotYetDue | JobTransition | StaleScheduler
+            | PlacementRefused => (GrpcStatus::FailedPrecondition, 409),
             InsufficientFunds => (GrpcStatus::FailedPrecondition, 402),
             Unavailable => (GrpcStatus::Unavailable, 503),
             Internal => (GrpcStatus::Internal, 500),

@@ -120,19 +120,10 @@ impl RequestId {
             return Err(FieldError::new("request_id", "must not be empty"));
         }
         if raw.len() > Self::MAX_LEN {
-            return Err(FieldError::new(
-                "request_id",
-                format!("at most {} bytes, got {}", Self::MAX_LEN, raw.len()),
-            ));
+            return Err(FieldError::new("request_id", format!("at most {} bytes, got {}", Self::MAX_LEN, raw.len())));
         }
-        if !raw
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-        {
-            return Err(FieldError::new(
-                "request_id",
-                "only ASCII letters, digits and - _ . : are allowed",
-            ));
+        if !raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')) {
+            return Err(FieldError::new("request_id", "only ASCII letters, digits and - _ . : are allowed"));
         }
         Ok(RequestId(raw.to_owned()))
     }

@@ -148,11 +148,7 @@ fn default_attempts() -> u32 {
 }
 
 fn safe_name(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.len() <= 128
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    !s.is_empty() && s != "." && s != ".." && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 impl JobSpec {
@@ -215,11 +211,7 @@ impl JobSpec {
         if let Some(budget) = self.budget_minor {
             v.check(budget > 0, "budget_minor", "must be positive");
         }
-        v.check(
-            (1..=limits::MAX_ATTEMPTS).contains(&self.max_attempts),
-            "max_attempts",
-            format!("between 1 and {}", limits::MAX_ATTEMPTS),
-        );
+        v.check((1..=limits::MAX_ATTEMPTS).contains(&self.max_attempts), "max_attempts", format!("between 1 and {}", limits::MAX_ATTEMPTS));
         if let Some(s) = self.expected_seconds {
             v.check((1..=365 * 86_400).contains(&s), "expected_seconds", "between 1 second and a year");
         }
@@ -262,8 +254,7 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub const ALL: [JobState; 6] =
-        [JobState::Queued, JobState::Placed, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+    pub const ALL: [JobState; 6] = [JobState::Queued, JobState::Placed, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
 
     pub fn is_live(self) -> bool {
         matches!(self, JobState::Queued | JobState::Placed | JobState::Running)

@@ -40,14 +40,8 @@ pub enum LeaseState {
 }
 
 impl LeaseState {
-    pub const ALL: [LeaseState; 6] = [
-        LeaseState::Requested,
-        LeaseState::Approved,
-        LeaseState::Active,
-        LeaseState::Ended,
-        LeaseState::Expired,
-        LeaseState::Cancelled,
-    ];
+    pub const ALL: [LeaseState; 6] =
+        [LeaseState::Requested, LeaseState::Approved, LeaseState::Active, LeaseState::Ended, LeaseState::Expired, LeaseState::Cancelled];
 
     /// A live lease holds its cards.
     pub fn is_live(self) -> bool {
@@ -104,14 +98,8 @@ pub enum LeaseAction {
 }
 
 impl LeaseAction {
-    pub const ALL: [LeaseAction; 6] = [
-        LeaseAction::Approve,
-        LeaseAction::Verify,
-        LeaseAction::Activate,
-        LeaseAction::Extend,
-        LeaseAction::End,
-        LeaseAction::Expire,
-    ];
+    pub const ALL: [LeaseAction; 6] =
+        [LeaseAction::Approve, LeaseAction::Verify, LeaseAction::Activate, LeaseAction::Extend, LeaseAction::End, LeaseAction::Expire];
 
     pub fn as_str(self) -> &'static str {
         match self {

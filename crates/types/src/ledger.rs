@@ -160,7 +160,10 @@ impl Month {
     /// `[start, end)` in milliseconds since the epoch, UTC.
     pub fn bounds(self) -> (Timestamp, Timestamp) {
         let next = if self.month == 12 { Month { year: self.year + 1, month: 1 } } else { Month { year: self.year, month: self.month + 1 } };
-        (Timestamp::from_millis(days_from_civil(self.year, self.month, 1) * 86_400_000), Timestamp::from_millis(days_from_civil(next.year, next.month, 1) * 86_400_000))
+        (
+            Timestamp::from_millis(days_from_civil(self.year, self.month, 1) * 86_400_000),
+            Timestamp::from_millis(days_from_civil(next.year, next.month, 1) * 86_400_000),
+        )
     }
 }
 

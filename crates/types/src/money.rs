@@ -86,8 +86,7 @@ pub enum BillingMode {
 }
 
 impl BillingMode {
-    pub const ALL: [BillingMode; 4] =
-        [BillingMode::Hourly, BillingMode::Daily, BillingMode::Monthly, BillingMode::Yearly];
+    pub const ALL: [BillingMode; 4] = [BillingMode::Hourly, BillingMode::Daily, BillingMode::Monthly, BillingMode::Yearly];
 
     pub const fn period_seconds(self) -> i64 {
         match self {
@@ -108,9 +107,10 @@ impl BillingMode {
     }
 
     pub fn parse(raw: &str) -> Result<Self, FieldError> {
-        Self::ALL.into_iter().find(|m| m.as_str() == raw).ok_or_else(|| {
-            FieldError::new("billing_mode", format!("expected hourly, daily, monthly or yearly, got {raw:?}"))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str() == raw)
+            .ok_or_else(|| FieldError::new("billing_mode", format!("expected hourly, daily, monthly or yearly, got {raw:?}")))
     }
 }
 
@@ -151,8 +151,7 @@ impl PriceList {
     pub fn quote(&self, mode: BillingMode, cards: u32, periods: u32) -> Result<Money, DomainError> {
         let price = self.price(mode)? as i128;
         let total = price * cards as i128 * periods as i128;
-        let minor = i64::try_from(total)
-            .map_err(|_| DomainError::invalid("periods", "the total price is out of range"))?;
+        let minor = i64::try_from(total).map_err(|_| DomainError::invalid("periods", "the total price is out of range"))?;
         Ok(Money::new(self.currency.clone(), minor))
     }
 
@@ -161,8 +160,7 @@ impl PriceList {
         let price = self.price(mode)? as i128;
         let numerator = price * cards as i128 * seconds.max(0) as i128;
         let minor = round_half_up(numerator, mode.period_seconds() as i128);
-        let minor = i64::try_from(minor)
-            .map_err(|_| DomainError::invalid("seconds", "the charge is out of range"))?;
+        let minor = i64::try_from(minor).map_err(|_| DomainError::invalid("seconds", "the charge is out of range"))?;
         Ok(Money::new(self.currency.clone(), minor))
     }
 
@@ -220,10 +218,7 @@ mod tests {
         // Three card-seconds on one line: 0.6149… fen → 1 fen; rounding per second would give 0.
         assert_eq!(prices.charge_for_seconds(BillingMode::Monthly, 3, 1).unwrap().minor, 1);
         // A whole month charged by the second equals the monthly price exactly.
-        assert_eq!(
-            prices.charge_for_seconds(BillingMode::Monthly, 8, BillingMode::Monthly.period_seconds()).unwrap().minor,
-            4_250_000
-        );
+        assert_eq!(prices.charge_for_seconds(BillingMode::Monthly, 8, BillingMode::Monthly.period_seconds()).unwrap().minor, 4_250_000);
         assert_eq!(prices.nano_minor_per_card_second(BillingMode::Monthly).unwrap(), 204_957_561);
     }
 
@@ -252,10 +247,7 @@ mod tests {
         assert!(monthly(MAX_PRICE_MINOR + 1).validate().is_err());
         let empty = PriceList { currency: Currency::cny(), per_card: BTreeMap::new() };
         assert!(empty.validate().is_err());
-        assert!(matches!(
-            monthly(1).price(BillingMode::Hourly),
-            Err(DomainError::BillingModeNotOffered(BillingMode::Hourly))
-        ));
+        assert!(matches!(monthly(1).price(BillingMode::Hourly), Err(DomainError::BillingModeNotOffered(BillingMode::Hourly))));
     }
 
     #[test]

@@ -42,8 +42,7 @@ pub enum CardStatus {
 }
 
 impl CardStatus {
-    pub const ALL: [CardStatus; 5] =
-        [CardStatus::Idle, CardStatus::Reserved, CardStatus::Busy, CardStatus::Offline, CardStatus::Faulty];
+    pub const ALL: [CardStatus; 5] = [CardStatus::Idle, CardStatus::Reserved, CardStatus::Busy, CardStatus::Offline, CardStatus::Faulty];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -86,8 +85,7 @@ pub enum CardHealth {
 }
 
 impl CardHealth {
-    pub const ALL: [CardHealth; 5] =
-        [CardHealth::Healthy, CardHealth::Lost, CardHealth::Overheating, CardHealth::XidError, CardHealth::AgentSilent];
+    pub const ALL: [CardHealth; 5] = [CardHealth::Healthy, CardHealth::Lost, CardHealth::Overheating, CardHealth::XidError, CardHealth::AgentSilent];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -137,22 +135,14 @@ impl NodeInventory {
     pub fn validate(&self) -> Result<(), DomainError> {
         let mut v = Validator::new();
         v.text("hostname", &self.hostname, true, 253);
-        v.check(
-            self.hostname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'),
-            "hostname",
-            "letters, digits, '-' and '.' only",
-        );
+        v.check(self.hostname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'), "hostname", "letters, digits, '-' and '.' only");
         v.text("cpu_model", &self.cpu_model, false, 128);
         v.text("os", &self.os, false, 128);
         v.text("driver_version", &self.driver_version, false, 32);
         v.text("cuda_version", &self.cuda_version, false, 32);
         v.check(self.vcpus > 0, "vcpus", "must be positive");
         v.check(self.memory_gib > 0, "memory_gib", "must be positive");
-        v.check(
-            self.cards.len() <= MAX_CARDS_PER_NODE,
-            "cards",
-            format!("at most {MAX_CARDS_PER_NODE} cards per node"),
-        );
+        v.check(self.cards.len() <= MAX_CARDS_PER_NODE, "cards", format!("at most {MAX_CARDS_PER_NODE} cards per node"));
         let mut indexes = BTreeSet::new();
         let mut uuids = BTreeSet::new();
         for (i, card) in self.cards.iter().enumerate() {
@@ -178,15 +168,7 @@ mod tests {
             cpu_model: "AMD EPYC 7763".into(),
             vcpus: 128,
             memory_gib: 1024,
-            cards: (0..2)
-                .map(|i| CardSpec {
-                    index: i,
-                    uuid: format!("GPU-{i}"),
-                    model: "A100 80GB".into(),
-                    vram_mib: 81920,
-                    ..Default::default()
-                })
-                .collect(),
+            cards: (0..2).map(|i| CardSpec { index: i, uuid: format!("GPU-{i}"), model: "A100 80GB".into(), vram_mib: 81920, ..Default::default() }).collect(),
             ..Default::default()
         }
     }
@@ -241,11 +223,7 @@ impl NodeAccess {
     pub fn new(ssh_host: &str, ssh_port: u32, host_key: &str, login_prefix: &str) -> Result<NodeAccess, DomainError> {
         let mut v = Validator::new();
         v.text("ssh_host", ssh_host, true, 253);
-        v.check(
-            ssh_host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b)),
-            "ssh_host",
-            "a host name or IP address",
-        );
+        v.check(ssh_host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b)), "ssh_host", "a host name or IP address");
         v.check((1..=u32::from(u16::MAX)).contains(&ssh_port), "ssh_port", "between 1 and 65535");
         let key = crate::SshPublicKey::parse(host_key);
         if let Err(e) = &key {
@@ -300,9 +278,7 @@ mod access_tests {
 
     #[test]
     fn every_bad_access_field_is_named() {
-        let Err(DomainError::Invalid(fields)) = NodeAccess::new("bad host!", 0, "ssh-dss AAAA", "9x") else {
-            panic!("must be refused")
-        };
+        let Err(DomainError::Invalid(fields)) = NodeAccess::new("bad host!", 0, "ssh-dss AAAA", "9x") else { panic!("must be refused") };
         let names: Vec<&str> = fields.iter().map(|f| f.field.as_str()).collect();
         for field in ["ssh_host", "ssh_port", "host_key", "login_prefix"] {
             assert!(names.contains(&field), "{field} not reported: {names:?}");

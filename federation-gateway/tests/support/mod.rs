@@ -112,7 +112,10 @@ impl Federation {
         let state_dir = self.dir.path().join(format!("{}-state", member.name));
         std::fs::create_dir_all(&state_dir)?;
         let config = self.dir.path().join(format!("{}.toml", member.name));
-        std::fs::write(&config, format!("[federation]\nannounce_every_ms = 300\nanti_entropy_every_ms = 300\nstate_dir = \"{}\"\n{extra}", state_dir.display()))?;
+        std::fs::write(
+            &config,
+            format!("[federation]\nannounce_every_ms = 300\nanti_entropy_every_ms = 300\nstate_dir = \"{}\"\n{extra}", state_dir.display()),
+        )?;
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--config".into(),

@@ -303,7 +303,13 @@ async fn take_locked(config: &BackupConfig) -> Result<PlatformManifest, BackupEr
 }
 
 async fn take_parts(config: &BackupConfig, out: &Path) -> Result<(u64, u64), BackupError> {
-    run(Command::new(program(config.bin_dir.as_deref(), "suanli-portal")).arg("--database-url").arg(&config.portal.database_url).arg("backup").arg("--out").arg(out.join("portal"))).await?;
+    run(Command::new(program(config.bin_dir.as_deref(), "suanli-portal"))
+        .arg("--database-url")
+        .arg(&config.portal.database_url)
+        .arg("backup")
+        .arg("--out")
+        .arg(out.join("portal")))
+    .await?;
     let mut broker = Command::new(program(config.bin_dir.as_deref(), "suanli-broker"));
     broker.arg("backup").arg("--endpoint").arg(config.broker.endpoints.join(",")).arg("--out").arg(out.join("broker"));
     if let Some(ca) = &config.broker.ca {
@@ -409,7 +415,13 @@ pub async fn restore(root: &Path, name: &str, target: &RestoreTarget) -> Result<
     }
     let dir = root.join(name);
     let bin_dir = target.bin_dir.as_deref();
-    run(Command::new(program(bin_dir, "suanli-portal")).arg("--database-url").arg(&target.portal_database_url).arg("restore").arg("--backup").arg(dir.join("portal"))).await?;
+    run(Command::new(program(bin_dir, "suanli-portal"))
+        .arg("--database-url")
+        .arg(&target.portal_database_url)
+        .arg("restore")
+        .arg("--backup")
+        .arg(dir.join("portal")))
+    .await?;
     run(Command::new(program(bin_dir, "suanli-broker"))
         .arg("restore")
         .arg("--backup")
@@ -509,12 +521,7 @@ async fn prune_offsite(bucket: &Bucket, kept: &[String], kept_artifacts: &[Artif
 /// Backups that have a manifest off-site, oldest first.
 pub async fn list_offsite(bucket: &Bucket) -> Result<Vec<String>, BackupError> {
     let keys = bucket.list("").await?;
-    let mut names: Vec<String> = keys
-        .iter()
-        .filter_map(|k| k.strip_suffix(&format!("/{MANIFEST}")))
-        .filter(|n| is_backup_name(n))
-        .map(str::to_owned)
-        .collect();
+    let mut names: Vec<String> = keys.iter().filter_map(|k| k.strip_suffix(&format!("/{MANIFEST}"))).filter(|n| is_backup_name(n)).map(str::to_owned).collect();
     names.sort();
     Ok(names)
 }

@@ -152,11 +152,11 @@ fn wait_for_enrollment(remote: &Remote, layout: &Layout, how: Supervision, timeo
 
 /// Stops the agent however it runs (nothing if it does not).
 pub fn stop(remote: &Remote, layout: &Layout) -> Result<(), RemoteError> {
-    remote.run("if test -d /run/systemd/system && systemctl is-enabled suanli-agent.service >/dev/null 2>&1; then systemctl disable --now suanli-agent.service; fi")?;
+    remote.run(
+        "if test -d /run/systemd/system && systemctl is-enabled suanli-agent.service >/dev/null 2>&1; then systemctl disable --now suanli-agent.service; fi",
+    )?;
     let pid_file = quote(&layout.pid_file());
-    remote.run(&format!(
-        "if test -s {pid_file}; then kill -TERM -- -$(cat {pid_file}) 2>/dev/null || true; rm -f {pid_file}; fi"
-    ))?;
+    remote.run(&format!("if test -s {pid_file}; then kill -TERM -- -$(cat {pid_file}) 2>/dev/null || true; rm -f {pid_file}; fi"))?;
     Ok(())
 }
 

@@ -122,10 +122,7 @@ impl Remote {
 
 fn verify_host_key(session: &Session, target: &Target<'_>) -> Result<(), RemoteError> {
     let (key, key_type) = session.host_key().ok_or(RemoteError::Auth("no host key offered".into()))?;
-    let fingerprint = session
-        .host_key_hash(HashType::Sha256)
-        .map(|h| format!("SHA256:{}", base64(h)))
-        .unwrap_or_else(|| "an unknown key".into());
+    let fingerprint = session.host_key_hash(HashType::Sha256).map(|h| format!("SHA256:{}", base64(h))).unwrap_or_else(|| "an unknown key".into());
     let mut known = session.known_hosts()?;
     if target.known_hosts.exists() {
         known.read_file(target.known_hosts, KnownHostFileKind::OpenSSH)?;
@@ -144,17 +141,9 @@ fn verify_host_key(session: &Session, target: &Target<'_>) -> Result<(), RemoteE
             }
             record(&mut known)
         }
-        CheckResult::Mismatch => Err(RemoteError::HostKeyMismatch {
-            host: name,
-            fingerprint,
-            known_hosts: target.known_hosts.to_owned(),
-        }),
+        CheckResult::Mismatch => Err(RemoteError::HostKeyMismatch { host: name, fingerprint, known_hosts: target.known_hosts.to_owned() }),
         CheckResult::NotFound if target.policy.accept_new => record(&mut known),
-        CheckResult::NotFound | CheckResult::Failure => Err(RemoteError::UnknownHost {
-            host: name,
-            fingerprint,
-            known_hosts: target.known_hosts.to_owned(),
-        }),
+        CheckResult::NotFound | CheckResult::Failure => Err(RemoteError::UnknownHost { host: name, fingerprint, known_hosts: target.known_hosts.to_owned() }),
     }
 }
 

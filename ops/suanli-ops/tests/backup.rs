@@ -41,10 +41,7 @@ fn config(root: &Path, cluster: &BrokerCluster, database: &str, artifacts: &Path
         endpoints = endpoints.join(", "),
     );
     if let Some(s3) = s3 {
-        text.push_str(&format!(
-            "[backup.offsite]\nendpoint = {:?}\nbucket = {BUCKET:?}\naccess_key_id = {ACCESS_KEY_ID:?}\nprefix = \"drill\"\n",
-            s3.endpoint
-        ));
+        text.push_str(&format!("[backup.offsite]\nendpoint = {:?}\nbucket = {BUCKET:?}\naccess_key_id = {ACCESS_KEY_ID:?}\nprefix = \"drill\"\n", s3.endpoint));
     }
     text
 }
@@ -214,8 +211,12 @@ async fn a_platform_backed_up_under_load_and_copied_off_site_comes_back_whole_af
 
     // Every lease acknowledged before the backup began, on every node, with its cards.
     for id in restored.ids() {
-        let now: BTreeMap<u64, v1::Lease> =
-            leases_as_applied(&restored.client(id, PLATFORM_TOKEN).await.expect("client"), false).await.expect("leases").into_iter().map(|l| (l.lease_id, l)).collect();
+        let now: BTreeMap<u64, v1::Lease> = leases_as_applied(&restored.client(id, PLATFORM_TOKEN).await.expect("client"), false)
+            .await
+            .expect("leases")
+            .into_iter()
+            .map(|l| (l.lease_id, l))
+            .collect();
         for lease in &leases_before {
             let kept = now.get(&lease.lease_id).unwrap_or_else(|| panic!("node {id} lacks acknowledged lease {}", lease.lease_id));
             assert_eq!(kept.card_ids, lease.card_ids);
@@ -335,7 +336,8 @@ async fn a_backup_with_one_changed_byte_a_swapped_part_or_a_lost_artifact_is_ref
     let later = String::from_utf8_lossy(&other.stdout).lines().last().expect("a later backup").to_owned();
     assert_ne!(later, taken.name);
     std::fs::remove_dir_all(swapped.join(&taken.name).join("portal")).expect("rm");
-    let status = std::process::Command::new("cp").arg("-a").arg(swapped.join(&later).join("portal")).arg(swapped.join(&taken.name).join("portal")).status().expect("cp");
+    let status =
+        std::process::Command::new("cp").arg("-a").arg(swapped.join(&later).join("portal")).arg(swapped.join(&taken.name).join("portal")).status().expect("cp");
     assert!(status.success());
     let (out, target) = taken.restore_into(&swapped, "target-swapped").await;
     assert!(!out.status.success() && said(&out).contains("portal/"), "{}", said(&out));

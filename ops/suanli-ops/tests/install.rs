@@ -120,9 +120,7 @@ async fn install_agent_over_ssh_enrolls_and_uninstall_removes_it() {
         assert!(node.is_err());
         let read = |file: &str| std::fs::read_to_string(state.join(file)).expect(file);
         let ca = std::fs::read_to_string(broker.agent_ca_cert()).expect("CA");
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .identity(Identity::from_pem(read("agent.crt"), read("agent.key")));
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).identity(Identity::from_pem(read("agent.crt"), read("agent.key")));
         let channel = suanli_proto::client::channel_with(&agent_port, Some(tls)).await.expect("agent channel");
         let mut agent = SupplierServiceClient::new(channel);
         agent.get_agent_node(v1::GetAgentNodeRequest {}).await.expect("the installed agent is enrolled").into_inner().cards
@@ -130,10 +128,9 @@ async fn install_agent_over_ssh_enrolls_and_uninstall_removes_it() {
     assert_eq!(cards.len(), 2);
 
     // A changed host key is refused, whatever else is said.
-    let tampered = std::fs::read_to_string(&known_hosts).expect("known hosts").replace(
-        sshd.host_public_key.split_whitespace().nth(1).expect("key"),
-        "AAAAC3NzaC1lZDI1NTE5AAAAIJ4vlHoyuREVhSjE4/X8VvGRZXPi3bm6x/vqpUGCN+Lo",
-    );
+    let tampered = std::fs::read_to_string(&known_hosts)
+        .expect("known hosts")
+        .replace(sshd.host_public_key.split_whitespace().nth(1).expect("key"), "AAAAC3NzaC1lZDI1NTE5AAAAIJ4vlHoyuREVhSjE4/X8VvGRZXPi3bm6x/vqpUGCN+Lo");
     std::fs::write(&known_hosts, tampered).expect("tamper");
     let (ok, said) = ops(&install).await;
     assert!(!ok && said.contains("HOST KEY MISMATCH"), "{said}");

@@ -6,11 +6,8 @@ use std::path::{Path, PathBuf};
 
 fn manifests() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kubernetes");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("ops/kubernetes")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(&dir).expect("ops/kubernetes").map(|e| e.expect("entry").path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
     files.sort();
     assert!(files.len() >= 5, "{files:?}");
     files

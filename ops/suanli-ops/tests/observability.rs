@@ -24,7 +24,10 @@ fn every_dashboard_is_well_formed() {
         assert!(d["title"].as_str().is_some_and(|t| !t.is_empty()), "{name}: title");
         assert!(d["schemaVersion"].as_u64().is_some(), "{name}: schemaVersion");
         let variables = d["templating"]["list"].as_array().unwrap_or_else(|| panic!("{name}: templating"));
-        assert!(variables.iter().any(|v| v["name"] == "datasource" && v["type"] == "datasource"), "{name}: a datasource variable, so the dashboard imports anywhere");
+        assert!(
+            variables.iter().any(|v| v["name"] == "datasource" && v["type"] == "datasource"),
+            "{name}: a datasource variable, so the dashboard imports anywhere"
+        );
         let mut ids = BTreeSet::new();
         for panel in d["panels"].as_array().unwrap_or_else(|| panic!("{name}: panels")) {
             let title = panel["title"].as_str().unwrap_or("?");
@@ -49,7 +52,8 @@ fn every_dashboard_query_parses_as_promql() {
     }
     let path = dir.path().join("dashboards.rules.yml");
     std::fs::write(&path, &rules).expect("write");
-    let out = std::process::Command::new("promtool").args(["check", "rules"]).arg(&path).output().expect("promtool (ops/install-build-deps installs prometheus)");
+    let out =
+        std::process::Command::new("promtool").args(["check", "rules"]).arg(&path).output().expect("promtool (ops/install-build-deps installs prometheus)");
     assert!(out.status.success(), "{}{}\n{rules}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
@@ -73,13 +77,17 @@ async fn every_broker_agent_gpu_portal_and_scheduler_series_the_assets_name_is_s
         .expect("agent");
     let broker = format!("http://{}", cluster.address(1).expect("address"));
     let database = format!("sqlite://{}/portal.db", dir.path().display());
-    let portal = PortalProcess::start(dir.path(), &PortalOptions { extra: &["--metrics-listen", "127.0.0.1:0"], ..PortalOptions::new(&broker, PLATFORM_TOKEN, &database) })
-        .await
-        .expect("portal");
+    let portal = PortalProcess::start(
+        dir.path(),
+        &PortalOptions { extra: &["--metrics-listen", "127.0.0.1:0"], ..PortalOptions::new(&broker, PLATFORM_TOKEN, &database) },
+    )
+    .await
+    .expect("portal");
     let scheduler = suanli_testkit::Service::start(
         "scheduler",
         &workspace_binary("suanli-scheduler", "suanli-scheduler").expect("scheduler"),
-        &["--broker", &broker, "--token", PLATFORM_TOKEN, "--name", "s1", "--round-ms", "100", "--lease-ttl-ms", "1000", "--metrics-listen", "127.0.0.1:0"].map(String::from),
+        &["--broker", &broker, "--token", PLATFORM_TOKEN, "--name", "s1", "--round-ms", "100", "--lease-ttl-ms", "1000", "--metrics-listen", "127.0.0.1:0"]
+            .map(String::from),
         &[],
         dir.path(),
         Duration::from_secs(30),

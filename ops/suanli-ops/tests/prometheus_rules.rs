@@ -37,9 +37,11 @@ fn the_alerting_rules_pass_their_promtool_unit_tests() {
 
 #[test]
 fn the_alertmanager_configuration_passes_amtool_check() {
-    let out = Command::new("amtool").args(["check-config", "alertmanager.yml"]).current_dir(rules_dir()).output().unwrap_or_else(|e| {
-        panic!("amtool could not be started ({e}); ops/install-build-deps installs Debian's prometheus-alertmanager, which ships it")
-    });
+    let out = Command::new("amtool")
+        .args(["check-config", "alertmanager.yml"])
+        .current_dir(rules_dir())
+        .output()
+        .unwrap_or_else(|e| panic!("amtool could not be started ({e}); ops/install-build-deps installs Debian's prometheus-alertmanager, which ships it"));
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && said.contains("SUCCESS"), "amtool check-config:\n{said}");
 }

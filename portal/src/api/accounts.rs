@@ -353,7 +353,8 @@ pub async fn send_phone_code(State(state): State<AppState>, ApiJson(req): ApiJso
         .bind(now)
         .execute(&mut *tx)
         .await?;
-    let m = outbox::Outgoing { channel: outbox::Channel::Sms, recipient: &phone, subject: &text, body: &text, user_id: None, alert_id: None, not_before_ms: None };
+    let m =
+        outbox::Outgoing { channel: outbox::Channel::Sms, recipient: &phone, subject: &text, body: &text, user_id: None, alert_id: None, not_before_ms: None };
     outbox::queue(&state, &mut *tx, &m).await?;
     tx.commit().await?;
     state.outbox_wake.notify_one();
@@ -514,7 +515,11 @@ async fn record_failure(state: &AppState, key: &str) -> ApiResult<()> {
     .execute(&state.db.pool)
     .await?;
     if updated.rows_affected() == 0 {
-        let inserted = sqlx::query("INSERT INTO login_throttle (throttle_key, failures, window_start_ms) VALUES ($1, 1, $2)").bind(key).bind(now).execute(&state.db.pool).await;
+        let inserted = sqlx::query("INSERT INTO login_throttle (throttle_key, failures, window_start_ms) VALUES ($1, 1, $2)")
+            .bind(key)
+            .bind(now)
+            .execute(&state.db.pool)
+            .await;
         if let Err(e) = inserted {
             if !crate::db::Db::is_unique_violation(&e) {
                 return Err(e.into());
@@ -663,7 +668,8 @@ pub async fn refresh(State(state): State<AppState>, principal: Principal) -> Api
     let Via::Session { token_hash, .. } = &principal.via else { return Err(ApiError::field("authorization", "API tokens do not refresh; sessions do")) };
     sqlx::query("DELETE FROM sessions WHERE token_hash = $1").bind(token_hash).execute(&state.db.pool).await?;
     let (token, csrf) = create_session(&state, principal.user, true).await?;
-    let body = SessionResponse { user_id: principal.user.0.to_string(), username: principal.username, kind: principal.kind, csrf_token: csrf, mfa_required: false };
+    let body =
+        SessionResponse { user_id: principal.user.0.to_string(), username: principal.username, kind: principal.kind, csrf_token: csrf, mfa_required: false };
     Ok(([(header::SET_COOKIE, session_cookie(&state, Some(&token)))], axum::Json(body)).into_response())
 }
 
@@ -1013,7 +1019,11 @@ pub struct SshKeyInfo {
 }
 
 #[utoipa::path(post, path = "/api/v1/me/ssh-keys", request_body = NewSshKey, tag = "accounts", responses((status = 201, body = SshKeyInfo), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
-pub async fn add_ssh_key(State(state): State<AppState>, auth::Researcher(principal): auth::Researcher, ApiJson(req): ApiJson<NewSshKey>) -> ApiResult<Response> {
+pub async fn add_ssh_key(
+    State(state): State<AppState>,
+    auth::Researcher(principal): auth::Researcher,
+    ApiJson(req): ApiJson<NewSshKey>,
+) -> ApiResult<Response> {
     let account = principal.broker_account.ok_or_else(|| ApiError::forbidden("no marketplace account"))?;
     let key = req.public_key.trim().to_owned();
     if key.is_empty() || key.len() > 16 * 1024 {
@@ -1033,13 +1043,22 @@ pub async fn add_ssh_key(State(state): State<AppState>, auth::Researcher(princip
             e
         })?;
     let now = now_ms();
-    sqlx::query("INSERT INTO ssh_keys (id, user_id, public_key, added_ms) VALUES ($1, $2, $3, $4)").bind(id).bind(principal.user.0).bind(&key).bind(now).execute(&state.db.pool).await?;
+    sqlx::query("INSERT INTO ssh_keys (id, user_id, public_key, added_ms) VALUES ($1, $2, $3, $4)")
+        .bind(id)
+        .bind(principal.user.0)
+        .bind(&key)
+        .bind(now)
+        .execute(&state.db.pool)
+        .await?;
     Ok((StatusCode::CREATED, axum::Json(SshKeyInfo { id: id.to_string(), public_key: key, added_ms: now })).into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/me/ssh-keys", tag = "accounts", responses((status = 200, body = [SshKeyInfo]), (status = 401, body = crate::error::ErrorBody)))]
 pub async fn list_ssh_keys(State(state): State<AppState>, principal: Principal) -> ApiResult<axum::Json<Vec<SshKeyInfo>>> {
-    let rows = sqlx::query("SELECT id, public_key, added_ms FROM ssh_keys WHERE user_id = $1 ORDER BY added_ms").bind(principal.user.0).fetch_all(&state.db.pool).await?;
+    let rows = sqlx::query("SELECT id, public_key, added_ms FROM ssh_keys WHERE user_id = $1 ORDER BY added_ms")
+        .bind(principal.user.0)
+        .fetch_all(&state.db.pool)
+        .await?;
     let mut out = Vec::new();
     for r in rows {
         out.push(SshKeyInfo { id: r.try_get::<i64, _>("id")?.to_string(), public_key: r.try_get("public_key")?, added_ms: r.try_get("added_ms")? });
@@ -1051,7 +1070,8 @@ pub async fn list_ssh_keys(State(state): State<AppState>, principal: Principal) 
     responses((status = 204), (status = 404, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody)))]
 pub async fn remove_ssh_key(State(state): State<AppState>, principal: Principal, ApiPath(id): ApiPath<String>) -> ApiResult<StatusCode> {
     let id: i64 = id.parse().map_err(|_| ApiError::not_found("ssh key"))?;
-    let row = sqlx::query("SELECT public_key FROM ssh_keys WHERE id = $1 AND user_id = $2").bind(id).bind(principal.user.0).fetch_optional(&state.db.pool).await?;
+    let row =
+        sqlx::query("SELECT public_key FROM ssh_keys WHERE id = $1 AND user_id = $2").bind(id).bind(principal.user.0).fetch_optional(&state.db.pool).await?;
     let Some(row) = row else { return Err(ApiError::not_found("ssh key")) };
     let account = principal.broker_account.ok_or_else(|| ApiError::forbidden("no marketplace account"))?;
     let key: String = row.try_get("public_key")?;
@@ -1096,7 +1116,11 @@ pub async fn deregister(State(state): State<AppState>, principal: Principal, Api
         for l in leases {
             let reason = if principal.kind == UserKind::Researcher { v1::EndReason::ByResearcher } else { v1::EndReason::SupplierMaintenance };
             client
-                .end_lease(v1::EndLeaseRequest { request_id: request_id(&["deregister", &l.lease_id.to_string()]), lease_id: l.lease_id, reason: reason.into() })
+                .end_lease(v1::EndLeaseRequest {
+                    request_id: request_id(&["deregister", &l.lease_id.to_string()]),
+                    lease_id: l.lease_id,
+                    reason: reason.into(),
+                })
                 .await?;
         }
         if principal.kind == UserKind::Supplier {

@@ -43,7 +43,10 @@ fn show(min: i64) -> String {
 }
 
 pub async fn settings_of(state: &AppState, user: i64) -> ApiResult<NotificationSettings> {
-    let row = sqlx::query("SELECT email_on, sms_on, webhook_enc, quiet_start_min, quiet_end_min FROM notify_prefs WHERE user_id = $1").bind(user).fetch_optional(&state.db.pool).await?;
+    let row = sqlx::query("SELECT email_on, sms_on, webhook_enc, quiet_start_min, quiet_end_min FROM notify_prefs WHERE user_id = $1")
+        .bind(user)
+        .fetch_optional(&state.db.pool)
+        .await?;
     let Some(r) = row else { return Ok(NotificationSettings { email: true, sms: true, ..Default::default() }) };
     let webhook: Option<serde_json::Value> = opt_str(&r, "webhook_enc")?.map(|s| state.keys.open(&s)).transpose()?.and_then(|s| serde_json::from_str(&s).ok());
     Ok(NotificationSettings {
@@ -65,7 +68,11 @@ pub async fn get_settings(State(state): State<AppState>, principal: Principal) -
 
 #[utoipa::path(put, path = "/api/v1/me/notifications", request_body = NotificationSettings, tag = "accounts",
     responses((status = 200, body = NotificationSettings), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody)))]
-pub async fn put_settings(State(state): State<AppState>, principal: Principal, ApiJson(req): ApiJson<NotificationSettings>) -> ApiResult<axum::Json<NotificationSettings>> {
+pub async fn put_settings(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiJson(req): ApiJson<NotificationSettings>,
+) -> ApiResult<axum::Json<NotificationSettings>> {
     let mut p = Problems::default();
     let quiet = match req.quiet_hours.trim() {
         "" => None,

@@ -97,7 +97,12 @@ pub struct RemoteAccessRequest {
 
 #[utoipa::path(post, path = "/api/v1/federation/leases/{id}/access", params(("id" = u64, Path)), request_body = RemoteAccessRequest, tag = "leases",
     responses((status = 200, body = RemoteAccessView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
-pub async fn access(State(state): State<AppState>, Researcher(principal): Researcher, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<RemoteAccessRequest>) -> ApiResult<axum::Json<RemoteAccessView>> {
+pub async fn access(
+    State(state): State<AppState>,
+    Researcher(principal): Researcher,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<RemoteAccessRequest>,
+) -> ApiResult<axum::Json<RemoteAccessView>> {
     let key = req.public_key.trim();
     if key.is_empty() || key.len() > 4096 || suanli_types::SshPublicKey::parse(key).is_err() {
         return Err(ApiError::field("public_key", "an OpenSSH public key line"));

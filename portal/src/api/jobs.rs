@@ -234,10 +234,6 @@ pub async fn statement(State(state): State<AppState>, p: Principal, ApiQuery(q):
                 credited_minor: l.credited_minor,
             })
             .collect(),
-        jobs: s
-            .jobs
-            .into_iter()
-            .map(|j| JobCostView { job_id: j.job_id, name: j.name, card_seconds: j.card_ms / 1000, cost_minor: j.cost_minor })
-            .collect(),
+        jobs: s.jobs.into_iter().map(|j| JobCostView { job_id: j.job_id, name: j.name, card_seconds: j.card_ms / 1000, cost_minor: j.cost_minor }).collect(),
     }))
 }

@@ -534,7 +534,11 @@ pub struct LiveSample {
 /// Server-sent events, one `sample` event per node sample of the cluster (Class B).
 #[utoipa::path(get, path = "/api/v1/clusters/{id}/live", params(("id" = u64, Path)), tag = "market",
     responses((status = 200, description = "text/event-stream of LiveSample"), (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn live(State(state): State<AppState>, viewer: MaybePrincipal, ApiPath(id): ApiPath<u64>) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+pub async fn live(
+    State(state): State<AppState>,
+    viewer: MaybePrincipal,
+    ApiPath(id): ApiPath<u64>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let entry = visible_cluster(&state, id, viewer.0.as_ref()).await?;
     if entry.class != ClusterClass::B {
         return Err(ApiError::broker(ErrorCode::InvalidArgument, "Class A clusters are not monitored (SPEC §2)"));
@@ -630,7 +634,8 @@ pub fn lease_view(state: &AppState, l: &v1::Lease) -> LeaseView {
         activated_ms: l.activated_at_ms,
         paid_until_ms: l.paid_until_ms,
         ended_ms: l.ended_at_ms,
-        end_reason: v1::EndReason::try_from(l.end_reason).map_or("unspecified".into(), |r| r.as_str_name().trim_start_matches("END_REASON_").to_ascii_lowercase()),
+        end_reason: v1::EndReason::try_from(l.end_reason)
+            .map_or("unspecified".into(), |r| r.as_str_name().trim_start_matches("END_REASON_").to_ascii_lowercase()),
         auth_code_attempts_left: l.auth_code_attempts_left,
         authorization_code: None,
     }
@@ -749,7 +754,12 @@ pub struct VerifyRequest {
 
 #[utoipa::path(post, path = "/api/v1/leases/{id}/verify", params(("id" = u64, Path)), request_body = VerifyRequest, tag = "leases",
     responses((status = 200, body = LeaseView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn verify_code(State(state): State<AppState>, Researcher(principal): Researcher, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<VerifyRequest>) -> ApiResult<axum::Json<LeaseView>> {
+pub async fn verify_code(
+    State(state): State<AppState>,
+    Researcher(principal): Researcher,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<VerifyRequest>,
+) -> ApiResult<axum::Json<LeaseView>> {
     let code = req.authorization_code.trim().to_ascii_uppercase();
     if code.is_empty() || code.len() > 64 {
         return Err(ApiError::field("authorization_code", "the 16-character code from the supplier"));
@@ -823,7 +833,11 @@ pub struct PasswordView {
 
 #[utoipa::path(post, path = "/api/v1/leases/{id}/password", params(("id" = u64, Path)), tag = "leases",
     responses((status = 200, body = PasswordView), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn lease_password(State(state): State<AppState>, Researcher(principal): Researcher, ApiPath(id): ApiPath<u64>) -> ApiResult<axum::Json<PasswordView>> {
+pub async fn lease_password(
+    State(state): State<AppState>,
+    Researcher(principal): Researcher,
+    ApiPath(id): ApiPath<u64>,
+) -> ApiResult<axum::Json<PasswordView>> {
     let r = market_client(&state, &principal)?
         .set_lease_password(v1::SetLeasePasswordRequest { request_id: fresh_request_id("password"), lease_id: id })
         .await?
@@ -838,7 +852,12 @@ pub struct ExtendRequest {
 
 #[utoipa::path(post, path = "/api/v1/leases/{id}/extend", params(("id" = u64, Path)), request_body = ExtendRequest, tag = "leases",
     responses((status = 200, body = LeaseView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn extend_lease(State(state): State<AppState>, Researcher(principal): Researcher, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<ExtendRequest>) -> ApiResult<axum::Json<LeaseView>> {
+pub async fn extend_lease(
+    State(state): State<AppState>,
+    Researcher(principal): Researcher,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<ExtendRequest>,
+) -> ApiResult<axum::Json<LeaseView>> {
     if req.periods == 0 || req.periods > 1000 {
         return Err(ApiError::field("periods", "between 1 and 1000"));
     }
@@ -858,7 +877,12 @@ pub struct EndRequest {
 
 #[utoipa::path(post, path = "/api/v1/leases/{id}/end", params(("id" = u64, Path)), request_body = EndRequest, tag = "leases",
     responses((status = 200, body = LeaseView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn end_lease(State(state): State<AppState>, principal: Principal, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<EndRequest>) -> ApiResult<axum::Json<LeaseView>> {
+pub async fn end_lease(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<EndRequest>,
+) -> ApiResult<axum::Json<LeaseView>> {
     let (mut client, reason) = match principal.kind {
         UserKind::Researcher => (market_client(&state, &principal)?, v1::EndReason::ByResearcher),
         UserKind::Supplier => {
@@ -871,9 +895,7 @@ pub async fn end_lease(State(state): State<AppState>, principal: Principal, ApiP
             };
             (market_client(&state, &principal)?, reason)
         }
-        UserKind::Operator => {
-            (intervening_client(&state, &principal)?, v1::EndReason::ByOperator)
-        }
+        UserKind::Operator => (intervening_client(&state, &principal)?, v1::EndReason::ByOperator),
     };
     let lease = client.end_lease(v1::EndLeaseRequest { request_id: fresh_request_id("end"), lease_id: id, reason: reason.into() }).await?.into_inner();
     state.market.refresh_cluster(lease.cluster_id).await?;
@@ -1120,7 +1142,12 @@ pub async fn publish(State(state): State<AppState>, Supplier(principal): Supplie
 
 #[utoipa::path(put, path = "/api/v1/supplier/clusters/{id}/listing", params(("id" = u64, Path)), request_body = ListingInput, tag = "supplier",
     responses((status = 200, body = ClusterView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn modify(State(state): State<AppState>, Supplier(principal): Supplier, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<ListingInput>) -> ApiResult<axum::Json<ClusterView>> {
+pub async fn modify(
+    State(state): State<AppState>,
+    Supplier(principal): Supplier,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<ListingInput>,
+) -> ApiResult<axum::Json<ClusterView>> {
     let mut p = Problems::default();
     let listing = listing_to_wire(&mut p, &req);
     p.finish()?;
@@ -1136,9 +1163,7 @@ pub async fn modify(State(state): State<AppState>, Supplier(principal): Supplier
 pub async fn delist(State(state): State<AppState>, principal: Principal, ApiPath(id): ApiPath<u64>) -> ApiResult<axum::Json<ClusterView>> {
     let mut client = match principal.kind {
         UserKind::Supplier => market_client(&state, &principal)?,
-        UserKind::Operator => {
-            intervening_client(&state, &principal)?
-        }
+        UserKind::Operator => intervening_client(&state, &principal)?,
         UserKind::Researcher => return Err(ApiError::forbidden("only the cluster's supplier or an operator delists it")),
     };
     client.delist_cluster(v1::DelistClusterRequest { request_id: request_id(&["delist", &id.to_string()]), cluster_id: id }).await?;
@@ -1155,9 +1180,18 @@ pub struct ApproveRequest {
 
 #[utoipa::path(post, path = "/api/v1/supplier/leases/{id}/approve", params(("id" = u64, Path)), request_body = ApproveRequest, tag = "supplier",
     responses((status = 200, body = LeaseView), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn approve(State(state): State<AppState>, Supplier(principal): Supplier, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<ApproveRequest>) -> ApiResult<axum::Json<LeaseView>> {
+pub async fn approve(
+    State(state): State<AppState>,
+    Supplier(principal): Supplier,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<ApproveRequest>,
+) -> ApiResult<axum::Json<LeaseView>> {
     let r = market_client(&state, &principal)?
-        .approve_lease(v1::ApproveLeaseRequest { request_id: fresh_request_id("approve"), lease_id: id, code_valid_seconds: req.code_valid_seconds.unwrap_or(0) })
+        .approve_lease(v1::ApproveLeaseRequest {
+            request_id: fresh_request_id("approve"),
+            lease_id: id,
+            code_valid_seconds: req.code_valid_seconds.unwrap_or(0),
+        })
         .await?
         .into_inner();
     let lease = r.lease.ok_or_else(|| ApiError::internal("approval without a lease"))?;
@@ -1194,7 +1228,12 @@ pub struct CardStatusRequest {
 
 #[utoipa::path(put, path = "/api/v1/supplier/cards/{id}/status", params(("id" = u64, Path)), request_body = CardStatusRequest, tag = "supplier",
     responses((status = 200, body = CardView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn set_card_status(State(state): State<AppState>, Supplier(principal): Supplier, ApiPath(id): ApiPath<u64>, ApiJson(req): ApiJson<CardStatusRequest>) -> ApiResult<axum::Json<CardView>> {
+pub async fn set_card_status(
+    State(state): State<AppState>,
+    Supplier(principal): Supplier,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<CardStatusRequest>,
+) -> ApiResult<axum::Json<CardView>> {
     let status = match req.status.as_str() {
         "idle" => v1::CardStatus::Idle,
         "offline" => v1::CardStatus::Offline,

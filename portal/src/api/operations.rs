@@ -103,7 +103,11 @@ fn decide(n: &AlertmanagerNotification) -> ApiResult<(Vec<Decision>, AlertsRecei
 #[utoipa::path(post, path = "/api/v1/operations/alertmanager", tag = "operator", request_body = AlertmanagerNotification,
     responses((status = 200, body = AlertsReceived), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
         (status = 404, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody)))]
-pub async fn alertmanager(State(state): State<AppState>, headers: HeaderMap, ApiJson(n): ApiJson<AlertmanagerNotification>) -> ApiResult<axum::Json<AlertsReceived>> {
+pub async fn alertmanager(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(n): ApiJson<AlertmanagerNotification>,
+) -> ApiResult<axum::Json<AlertsReceived>> {
     authorized(&state, &headers)?;
     let (decisions, received) = decide(&n)?;
     alerts::record(&state, decisions).await?;
@@ -125,13 +129,19 @@ mod tests {
 
     #[test]
     fn firing_opens_and_resolved_closes_one_condition_per_fingerprint() {
-        let n = AlertmanagerNotification { version: "4".into(), alerts: vec![alert("firing", "SuanliBrokerNodeDown", "AB12"), alert("resolved", "SuanliBrokerNodeDown", "ab12")] };
+        let n = AlertmanagerNotification {
+            version: "4".into(),
+            alerts: vec![alert("firing", "SuanliBrokerNodeDown", "AB12"), alert("resolved", "SuanliBrokerNodeDown", "ab12")],
+        };
         let (decisions, received) = decide(&n).expect("valid");
         assert_eq!(received, AlertsReceived { firing: 1, resolved: 1 });
         assert_eq!(
             decisions,
             vec![
-                Decision::ForOperators { key: "ops:ab12".into(), subject: Subject::Operations { name: "SuanliBrokerNodeDown".into(), summary: "broker-2 is down".into() } },
+                Decision::ForOperators {
+                    key: "ops:ab12".into(),
+                    subject: Subject::Operations { name: "SuanliBrokerNodeDown".into(), summary: "broker-2 is down".into() }
+                },
                 Decision::Resolve { key: "ops:ab12".into() },
             ]
         );

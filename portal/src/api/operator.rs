@@ -169,7 +169,12 @@ pub async fn set_roles_of(state: &AppState, p: &Principal, target: i64, roles: &
 
 #[utoipa::path(put, path = "/api/v1/operator/users/{user_id}/roles", params(("user_id" = String, Path)), request_body = RolesRequest, tag = "operator",
     responses((status = 204), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn set_roles(State(state): State<AppState>, Operator(principal): Operator, ApiPath(user_id): ApiPath<String>, ApiJson(req): ApiJson<RolesRequest>) -> ApiResult<StatusCode> {
+pub async fn set_roles(
+    State(state): State<AppState>,
+    Operator(principal): Operator,
+    ApiPath(user_id): ApiPath<String>,
+    ApiJson(req): ApiJson<RolesRequest>,
+) -> ApiResult<StatusCode> {
     let target: i64 = user_id.parse().map_err(|_| ApiError::not_found("operator"))?;
     set_roles_of(&state, &principal, target, &req.roles).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -28,15 +28,13 @@ pub struct NextQuery {
 /// `/` would leave the site: a path with any of them, or any control character or space, is not
 /// followed.
 fn safe_next(next: Option<&str>) -> String {
-    let same_site = |n: &str| {
-        n.starts_with('/') && !n.starts_with("//") && n.len() <= 2048 && n.chars().all(|c| !c.is_control() && !c.is_whitespace() && c != '\\')
-    };
+    let same_site =
+        |n: &str| n.starts_with('/') && !n.starts_with("//") && n.len() <= 2048 && n.chars().all(|c| !c.is_control() && !c.is_whitespace() && c != '\\');
     match next {
         Some(n) if same_site(n) => n.to_owned(),
         _ => "/".into(),
     }
 }
-
 
 pub async fn login_page(headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal, ApiQuery(q): ApiQuery<NextQuery>) -> Response {
     let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
@@ -52,7 +50,13 @@ pub async fn login_page(headers: HeaderMap, OriginalUri(uri): OriginalUri, viewe
     page(&ctx, ctx.t(Msg::Login), body)
 }
 
-pub async fn register_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal, ApiQuery(q): ApiQuery<NextQuery>) -> Response {
+pub async fn register_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    viewer: MaybePrincipal,
+    ApiQuery(q): ApiQuery<NextQuery>,
+) -> Response {
     let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
     let supplier = q.kind.as_deref() == Some("supplier");
     let t = |m| ctx.t(m);
@@ -197,18 +201,26 @@ pub async fn switch_lang(ApiPath(lang): ApiPath<String>, ApiQuery(q): ApiQuery<N
 
 pub async fn terms_page(headers: HeaderMap) -> Response {
     let ctx = Ctx::new(&headers, None, "/terms");
-    page(&ctx, ctx.t(Msg::Terms), html! {
-        p { "Suanli connects researchers with GPU suppliers. Researchers pay for the cards they lease for the term they choose; suppliers keep their machines available as listed; operators may end leases that break the law or these terms." }
-        p { "算力平台连接研究用户与GPU供应商。研究用户按所选周期为租用的GPU卡付费；供应商按发布信息保证资源可用；运营方可终止违反法律或本协议的租用。" }
-    })
+    page(
+        &ctx,
+        ctx.t(Msg::Terms),
+        html! {
+            p { "Suanli connects researchers with GPU suppliers. Researchers pay for the cards they lease for the term they choose; suppliers keep their machines available as listed; operators may end leases that break the law or these terms." }
+            p { "算力平台连接研究用户与GPU供应商。研究用户按所选周期为租用的GPU卡付费；供应商按发布信息保证资源可用；运营方可终止违反法律或本协议的租用。" }
+        },
+    )
 }
 
 pub async fn privacy_page(headers: HeaderMap) -> Response {
     let ctx = Ctx::new(&headers, None, "/privacy");
-    page(&ctx, ctx.t(Msg::Privacy), html! {
-        p { "We keep identity card numbers only as keyed hashes, encrypt other personal data at rest, and erase it when you close your account, except the records that law and accounting require." }
-        p { "身份证号仅以加密哈希保存，其他个人信息加密存储；注销账户时删除个人信息，法律和财务要求保留的记录除外。" }
-    })
+    page(
+        &ctx,
+        ctx.t(Msg::Privacy),
+        html! {
+            p { "We keep identity card numbers only as keyed hashes, encrypt other personal data at rest, and erase it when you close your account, except the records that law and accounting require." }
+            p { "身份证号仅以加密哈希保存，其他个人信息加密存储；注销账户时删除个人信息，法律和财务要求保留的记录除外。" }
+        },
+    )
 }
 
 /// The alert history with each message's delivery, and the notification settings.
@@ -250,7 +262,18 @@ mod tests {
         for ok in ["/", "/leases/7", "/clusters?class=B", "/a/b/../c"] {
             assert_eq!(super::safe_next(Some(ok)), ok);
         }
-        for off in ["//evil.example", "/\\evil.example", "/\t/evil.example", "/\n/evil.example", "/\r//evil.example", "https://evil.example", "evil.example", " /x", "/\u{0}/x", "/ /evil"] {
+        for off in [
+            "//evil.example",
+            "/\\evil.example",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/\r//evil.example",
+            "https://evil.example",
+            "evil.example",
+            " /x",
+            "/\u{0}/x",
+            "/ /evil",
+        ] {
             assert_eq!(super::safe_next(Some(off)), "/", "{off:?}");
         }
         assert_eq!(super::safe_next(None), "/");

@@ -6,9 +6,7 @@ use axum::response::Response;
 use maud::{html, Markup};
 
 use super::{api_form, error_page, field, page, pre, select, svg_chart, Ctx};
-use crate::api::market::{
-    access_of, cluster_detail_of, lease_of, search_catalogue, spend_of, telemetry_of, CatalogueQuery, ClusterView, LeaseView, SortKey,
-};
+use crate::api::market::{access_of, cluster_detail_of, lease_of, search_catalogue, spend_of, telemetry_of, CatalogueQuery, ClusterView, LeaseView, SortKey};
 use crate::api::{ApiPath, ApiQuery};
 use crate::auth::MaybePrincipal;
 use crate::error::ApiError;
@@ -56,13 +54,16 @@ pub async fn catalogue_page(
     let sorts: Vec<(&str, &str)> = SortKey::ALL
         .iter()
         .map(|(k, n)| {
-            (*n, match k {
-                SortKey::Newest => ctx.t(Msg::Newest),
-                SortKey::PriceLow => ctx.t(Msg::PriceLow),
-                SortKey::PriceHigh => ctx.t(Msg::PriceHigh),
-                SortKey::MostIdle => ctx.t(Msg::MostIdle),
-                SortKey::MostVram => ctx.t(Msg::MostVram),
-            })
+            (
+                *n,
+                match k {
+                    SortKey::Newest => ctx.t(Msg::Newest),
+                    SortKey::PriceLow => ctx.t(Msg::PriceLow),
+                    SortKey::PriceHigh => ctx.t(Msg::PriceHigh),
+                    SortKey::MostIdle => ctx.t(Msg::MostIdle),
+                    SortKey::MostVram => ctx.t(Msg::MostVram),
+                },
+            )
         })
         .collect();
     let filters = html! {
@@ -184,7 +185,13 @@ fn serde_urlencoded_like(q: &CatalogueQuery) -> String {
     out.join("&")
 }
 
-pub async fn cluster_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal, ApiPath(id): ApiPath<u64>) -> Response {
+pub async fn cluster_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    viewer: MaybePrincipal,
+    ApiPath(id): ApiPath<u64>,
+) -> Response {
     let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
     let detail = match cluster_detail_of(&state, id, ctx.viewer.as_ref()).await {
         Ok(d) => d,
@@ -229,7 +236,7 @@ pub async fn cluster_page(State(state): State<AppState>, headers: HeaderMap, Ori
                     (api_form("/api/v1/leases", "POST", Some("/leases/{lease_id}"), None, ctx.t(Msg::RequestLease), html! {
                         input type="hidden" name="cluster_id" value=(c.cluster_id) data-type="number";
                         @if c.class == "A" {
-                            label { span { (ctx.t(Msg::Nodes)) } 
+                            label { span { (ctx.t(Msg::Nodes)) }
                                 @for n in &nodes { label.inline { input type="checkbox" name="node_ids" value=(n) data-type="number-list"; " node-" (n) } }
                                 small.problem data-for="node_ids" {}
                             }
@@ -246,7 +253,9 @@ pub async fn cluster_page(State(state): State<AppState>, headers: HeaderMap, Ori
     };
     let owner = ctx.viewer.as_ref().is_some_and(|v| v.kind == UserKind::Supplier && v.broker_account == Some(c.supplier_account));
     let modify = if owner && !c.delisted {
-        let price_of = |mode: &str| c.prices.iter().find(|p| p.billing_mode == mode).map(|p| format!("{}.{:02}", p.per_card_minor / 100, p.per_card_minor % 100)).unwrap_or_default();
+        let price_of = |mode: &str| {
+            c.prices.iter().find(|p| p.billing_mode == mode).map(|p| format!("{}.{:02}", p.per_card_minor / 100, p.per_card_minor % 100)).unwrap_or_default()
+        };
         let t = |m| ctx.t(m);
         html! {
             section.modify {
@@ -412,7 +421,13 @@ pub async fn jobs_page(State(state): State<AppState>, headers: HeaderMap, Origin
     page(&ctx, ctx.t(Msg::Jobs), body)
 }
 
-pub async fn lease_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal, ApiPath(id): ApiPath<u64>) -> Response {
+pub async fn lease_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    viewer: MaybePrincipal,
+    ApiPath(id): ApiPath<u64>,
+) -> Response {
     let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
     let Some(v) = ctx.viewer.clone() else { return error_page(&ctx, ApiError::unauthenticated()) };
     let lease = match lease_of(&state, &v, id).await {

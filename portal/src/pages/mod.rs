@@ -167,10 +167,7 @@ pub fn svg_chart(title: &str, points: &[(i64, f64)], max_hint: f64) -> Markup {
     let (w, h) = (360.0, 120.0);
     let max = points.iter().map(|p| p.1).fold(max_hint, f64::max).max(1.0);
     let (x0, x1) = (points.first().map_or(0, |p| p.0), points.last().map_or(1, |p| p.0).max(points.first().map_or(0, |p| p.0) + 1));
-    let coords: Vec<String> = points
-        .iter()
-        .map(|(x, y)| format!("{:.1},{:.1}", (*x - x0) as f64 / (x1 - x0) as f64 * w, h - y / max * (h - 10.0)))
-        .collect();
+    let coords: Vec<String> = points.iter().map(|(x, y)| format!("{:.1},{:.1}", (*x - x0) as f64 / (x1 - x0) as f64 * w, h - y / max * (h - 10.0))).collect();
     let last = points.last().map(|p| format!("{:.1}", p.1)).unwrap_or_else(|| "—".into());
     html! {
         figure.chart {

@@ -85,7 +85,13 @@ pub async fn supplier_page(State(state): State<AppState>, headers: HeaderMap, Or
     page(&ctx, t(Msg::Supplier), body)
 }
 
-pub async fn operator_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal, ApiQuery(q): ApiQuery<AuditQuery>) -> Response {
+pub async fn operator_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    viewer: MaybePrincipal,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> Response {
     let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
     let Some(v) = ctx.viewer.clone() else { return error_page(&ctx, ApiError::unauthenticated()) };
     if v.kind != UserKind::Operator {

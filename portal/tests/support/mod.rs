@@ -51,7 +51,14 @@ impl World {
         flags.extend(extra.iter().cloned());
         let portal = PortalProcess::start(
             dir.path(),
-            &PortalOptions { broker: &endpoint, platform_token: PLATFORM_TOKEN, database_url: &db, smtp: Some(&smtp.address), extra: &flags.iter().map(String::as_str).collect::<Vec<_>>(), binary: None },
+            &PortalOptions {
+                broker: &endpoint,
+                platform_token: PLATFORM_TOKEN,
+                database_url: &db,
+                smtp: Some(&smtp.address),
+                extra: &flags.iter().map(String::as_str).collect::<Vec<_>>(),
+                binary: None,
+            },
         )
         .await?;
         Ok(Some(World { broker, smtp, portal, dir, db_url: db }))
@@ -283,7 +290,14 @@ pub fn listing(title: &str, model: &str, region: &str, class: &str) -> Value {
 
 /// Enrolls an agent through the portal and publishes its node as a cluster; returns the
 /// cluster ID and the agent process.
-pub async fn publish_node(w: &World, supplier: &Api, hostname: &str, class: &str, region: &str, gateway: bool) -> anyhow::Result<(u64, suanli_testkit::Service)> {
+pub async fn publish_node(
+    w: &World,
+    supplier: &Api,
+    hostname: &str,
+    class: &str,
+    region: &str,
+    gateway: bool,
+) -> anyhow::Result<(u64, suanli_testkit::Service)> {
     let (status, tok) = supplier.post("/api/v1/supplier/enrollment-tokens", json!({"valid_seconds": 600})).await?;
     anyhow::ensure!(status == StatusCode::CREATED, "enrollment token: {status} {tok}");
     let agent = start_agent(w, tok["token"].as_str().unwrap_or_default(), hostname, "A100 80GB", 4, gateway).await?;
@@ -334,4 +348,3 @@ pub async fn operator(w: &World, db_url: &str, name: &str, roles: &str) -> anyho
     *api.csrf.lock().expect("lock") = body["csrf_token"].as_str().map(str::to_owned);
     Ok((api, secret))
 }
-

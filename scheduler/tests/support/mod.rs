@@ -123,12 +123,7 @@ impl World {
     /// Leases `cards` cards of `cluster` for an hour and waits until the agents activated it.
     pub async fn lease(&self, cluster: u64, cards: u32, tag: &str) -> u64 {
         let mut researcher = self.researcher.clone();
-        let lease = researcher
-            .request_lease(fixtures::hourly_lease(format!("lease-{tag}"), cluster, cards))
-            .await
-            .expect("lease")
-            .into_inner()
-            .lease_id;
+        let lease = researcher.request_lease(fixtures::hourly_lease(format!("lease-{tag}"), cluster, cards)).await.expect("lease").into_inner().lease_id;
         self.wait_lease(lease, v1::LeaseState::Active).await;
         lease
     }
@@ -151,10 +146,7 @@ impl World {
     }
 
     pub async fn submit(&self, jobs: &mut Jobs, tag: &str, spec: &serde_json::Value) -> v1::Job {
-        jobs.submit_job(v1::SubmitJobRequest { request_id: format!("job-{tag}"), spec_json: spec.to_string() })
-            .await
-            .expect("submit")
-            .into_inner()
+        jobs.submit_job(v1::SubmitJobRequest { request_id: format!("job-{tag}"), spec_json: spec.to_string() }).await.expect("submit").into_inner()
     }
 
     /// What every process said, for a failing test to show.
@@ -286,7 +278,10 @@ async fn scheduler(broker: &BrokerCluster, dir: &Path, name: &str, artifacts: bo
     .collect();
     if artifacts {
         let key = dir.join("artifact-key").display().to_string();
-        args.extend(["--artifacts-listen", "127.0.0.1:0", "--artifacts-dir", &store, "--artifacts-token", ARTIFACT_TOKEN, "--artifacts-key-file", &key].map(String::from));
+        args.extend(
+            ["--artifacts-listen", "127.0.0.1:0", "--artifacts-dir", &store, "--artifacts-token", ARTIFACT_TOKEN, "--artifacts-key-file", &key]
+                .map(String::from),
+        );
     }
     Service::start(name, &binary, &args, &[], dir, WAIT).await.expect("scheduler starts")
 }

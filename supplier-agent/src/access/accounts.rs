@@ -52,7 +52,11 @@ impl AccountBook {
     /// Logins this agent created and has not yet removed.
     pub fn recorded(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
-        entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.ends_with(".account")).map(|n| n.trim_end_matches(".account").to_owned()).collect()
+        entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".account"))
+            .map(|n| n.trim_end_matches(".account").to_owned())
+            .collect()
     }
 
     pub fn is_recorded(&self, login: &str) -> bool {
@@ -211,11 +215,7 @@ fn remove_home(home: &Path, keep_in: Option<&Path>) -> Result<(), AccountError> 
 /// killed, so each round can only leave the children forked before it.
 pub async fn kill_all(login: &str) -> Result<(), AccountError> {
     for _ in 0..50 {
-        let alive = Command::new("pgrep")
-            .args(["-u", login])
-            .output()
-            .await
-            .map_err(|e| AccountError::Spawn("pgrep".into(), e))?;
+        let alive = Command::new("pgrep").args(["-u", login]).output().await.map_err(|e| AccountError::Spawn("pgrep".into(), e))?;
         if !alive.status.success() {
             return Ok(());
         }
@@ -227,11 +227,7 @@ pub async fn kill_all(login: &str) -> Result<(), AccountError> {
 
 /// The account's IDs and home, from the system's user database.
 pub async fn lookup(login: &str) -> Result<Option<Account>, AccountError> {
-    let out = Command::new("getent")
-        .args(["passwd", login])
-        .output()
-        .await
-        .map_err(|e| AccountError::Spawn("getent".into(), e))?;
+    let out = Command::new("getent").args(["passwd", login]).output().await.map_err(|e| AccountError::Spawn("getent".into(), e))?;
     if !out.status.success() {
         return Ok(None);
     }
@@ -241,12 +237,9 @@ pub async fn lookup(login: &str) -> Result<Option<Account>, AccountError> {
 fn parse_passwd(line: &str) -> Option<Account> {
     let fields: Vec<&str> = line.trim().split(':').collect();
     match fields.as_slice() {
-        [login, _, uid, gid, _, home, ..] => Some(Account {
-            login: (*login).to_owned(),
-            uid: uid.parse().ok()?,
-            gid: gid.parse().ok()?,
-            home: PathBuf::from(home),
-        }),
+        [login, _, uid, gid, _, home, ..] => {
+            Some(Account { login: (*login).to_owned(), uid: uid.parse().ok()?, gid: gid.parse().ok()?, home: PathBuf::from(home) })
+        }
         _ => None,
     }
 }
@@ -262,11 +255,7 @@ async fn run(command: &mut Command) -> Result<(), AccountError> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(AccountError::Command {
-            command: name,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
+        Err(AccountError::Command { command: name, status: out.status.to_string(), stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() })
     }
 }
 

@@ -74,12 +74,7 @@ impl Cgroups {
     fn dirs(&self, login: &str) -> Vec<PathBuf> {
         match self.layout() {
             Some(Layout::Unified) => vec![self.root.join(PARENT).join(login)],
-            Some(Layout::V1) => V1_HIERARCHIES
-                .iter()
-                .map(|h| self.root.join(h))
-                .filter(|h| h.is_dir())
-                .map(|h| h.join(PARENT).join(login))
-                .collect(),
+            Some(Layout::V1) => V1_HIERARCHIES.iter().map(|h| self.root.join(h)).filter(|h| h.is_dir()).map(|h| h.join(PARENT).join(login)).collect(),
             None => Vec::new(),
         }
     }

@@ -146,15 +146,7 @@ enum Program {
 
 impl Connection {
     fn new(access: Arc<Access>, peer: SocketAddr) -> Connection {
-        Connection {
-            access,
-            peer,
-            lease: None,
-            channels: HashMap::new(),
-            ptys: HashMap::new(),
-            env: HashMap::new(),
-            resizers: HashMap::new(),
-        }
+        Connection { access, peer, lease: None, channels: HashMap::new(), ptys: HashMap::new(), env: HashMap::new(), resizers: HashMap::new() }
     }
 
     fn throttled(&self, login: &str) -> bool {
@@ -257,9 +249,7 @@ impl Handler for Connection {
             // Issued for this very lease (the broker signs `lease-<id>` as the key ID): a login
             // alone could name another node's lease.
             Ok(()) => {
-                self.access
-                    .lease_where(user, |l| l.active && certificate.key_id() == lease_key_id(l.id) && !l.revoked_certificates.contains(&serial))
-                    .await
+                self.access.lease_where(user, |l| l.active && certificate.key_id() == lease_key_id(l.id) && !l.revoked_certificates.contains(&serial)).await
             }
             Err(why) => {
                 tracing::info!(%user, peer = %self.peer, serial, why, "ssh certificate refused");
@@ -299,12 +289,7 @@ impl Handler for Connection {
         Ok(())
     }
 
-    async fn channel_open_session(
-        &mut self,
-        channel: Channel<Msg>,
-        reply: ChannelOpenHandle,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn channel_open_session(&mut self, channel: Channel<Msg>, reply: ChannelOpenHandle, _session: &mut Session) -> Result<(), Self::Error> {
         if self.lease.is_none() {
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
@@ -347,13 +332,7 @@ impl Handler for Connection {
         Ok(())
     }
 
-    async fn env_request(
-        &mut self,
-        channel: ChannelId,
-        variable_name: &str,
-        variable_value: &str,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn env_request(&mut self, channel: ChannelId, variable_name: &str, variable_value: &str, session: &mut Session) -> Result<(), Self::Error> {
         if ACCEPTED_ENV.contains(&variable_name) && variable_value.len() <= 256 {
             self.env.entry(channel).or_default().push((variable_name.to_owned(), variable_value.to_owned()));
             session.channel_success(channel)
@@ -532,8 +511,7 @@ fn run_piped(channel: Channel<Msg>, launch: Launch<'_>) -> std::io::Result<()> {
         .stderr(std::process::Stdio::piped());
     launch.sandbox.apply(&mut command);
     let mut child = command.spawn()?;
-    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
+    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
         return Err(std::io::Error::other("the child's pipes are missing"));
     };
     tokio::spawn(async move {

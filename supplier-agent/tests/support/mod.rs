@@ -96,21 +96,13 @@ impl Node {
         let key = self.new_key(name).await;
         let mut client = self.broker.client(1, &token).await.expect("client");
         let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
-        client
-            .add_ssh_key(v1::AddSshKeyRequest { request_id: format!("key-{name}"), account_id: account, public_key: public })
-            .await
-            .expect("add key");
+        client.add_ssh_key(v1::AddSshKeyRequest { request_id: format!("key-{name}"), account_id: account, public_key: public }).await.expect("add key");
         Researcher { client, key, token }
     }
 
     pub async fn new_key(&self, name: &str) -> PathBuf {
         let key = self.dir.path().join(format!("{name}.key"));
-        let out = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-            .arg(&key)
-            .output()
-            .await
-            .expect("ssh-keygen");
+        let out = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"]).arg(&key).output().await.expect("ssh-keygen");
         assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
         // ssh-keygen names the public half `<file>.pub`.
         std::fs::rename(format!("{}.pub", key.display()), key.with_extension("pub")).expect("rename");
@@ -140,24 +132,13 @@ impl Node {
         assert_eq!(node.ssh_command, format!("ssh -p {} {}@127.0.0.1", node.ssh_port, node.login));
         let known_hosts = self.dir.path().join(format!("known_hosts-{tag}"));
         std::fs::write(&known_hosts, format!("{}\n", node.known_hosts_line)).expect("known_hosts");
-        Login {
-            lease,
-            login: node.login.clone(),
-            port: node.ssh_port as u16,
-            known_hosts,
-            key: researcher.key.clone(),
-            cards: node.card_indexes.clone(),
-        }
+        Login { lease, login: node.login.clone(), port: node.ssh_port as u16, known_hosts, key: researcher.key.clone(), cards: node.card_indexes.clone() }
     }
 
     pub async fn end(&self, researcher: &mut Researcher, login: &Login) {
         researcher
             .client
-            .end_lease(v1::EndLeaseRequest {
-                request_id: format!("end-{}", login.lease),
-                lease_id: login.lease,
-                reason: v1::EndReason::ByResearcher.into(),
-            })
+            .end_lease(v1::EndLeaseRequest { request_id: format!("end-{}", login.lease), lease_id: login.lease, reason: v1::EndReason::ByResearcher.into() })
             .await
             .expect("end lease");
         // Wait for the agent to take the account down, so no test leaves a Unix user behind
@@ -179,12 +160,18 @@ impl Login {
     /// OpenSSH options: only this key, the published host key checked strictly, no prompts.
     pub fn options(&self, key: &Path) -> Vec<String> {
         [
-            "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", &format!("UserKnownHostsFile={}", self.known_hosts.display()),
-            "-o", "IdentitiesOnly=yes",
-            "-o", "ConnectTimeout=10",
-            "-i", &key.display().to_string(),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            &format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-i",
+            &key.display().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -257,14 +244,7 @@ pub async fn sha256(path: &Path) -> String {
 }
 
 pub fn login_clone(l: &Login) -> Login {
-    Login {
-        lease: l.lease,
-        login: l.login.clone(),
-        port: l.port,
-        known_hosts: l.known_hosts.clone(),
-        key: l.key.clone(),
-        cards: l.cards.clone(),
-    }
+    Login { lease: l.lease, login: l.login.clone(), port: l.port, known_hosts: l.known_hosts.clone(), key: l.key.clone(), cards: l.cards.clone() }
 }
 
 /// Starts a one-line TCP service on the node's loopback `port`, as the lease's user (over

@@ -4,10 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use suanli_types::error::EntityKind;
-use suanli_types::{
-    AccountId, AccountKind, CardHealth, CardId, CardStatus, Caller, DomainError, NodeAccess, NodeId, NodeInventory,
-    SecretHash, Timestamp,
-};
+use suanli_types::{AccountId, AccountKind, Caller, CardHealth, CardId, CardStatus, DomainError, NodeAccess, NodeId, NodeInventory, SecretHash, Timestamp};
 
 use super::{rules, Outcome, Response, State};
 use crate::state::event::Event;
@@ -15,13 +12,7 @@ use crate::state::model::{Card, EnrollmentToken, Node};
 
 impl State {
     /// Adds a new node and its cards, all idle and healthy.
-    pub(super) fn add_node(
-        &mut self,
-        supplier: AccountId,
-        inventory: &NodeInventory,
-        at: Timestamp,
-        events: &mut Vec<Event>,
-    ) -> NodeId {
+    pub(super) fn add_node(&mut self, supplier: AccountId, inventory: &NodeInventory, at: Timestamp, events: &mut Vec<Event>) -> NodeId {
         let node = NodeId(self.next());
         let cards: Vec<CardId> = inventory.cards.iter().map(|spec| self.add_card(node, spec.clone())).collect();
         self.nodes.insert(
@@ -48,19 +39,10 @@ impl State {
         id
     }
 
-    pub(super) fn issue_enrollment_token(
-        &mut self,
-        caller: &Caller,
-        token_hash: SecretHash,
-        expires_at: Timestamp,
-        at: Timestamp,
-    ) -> Outcome {
+    pub(super) fn issue_enrollment_token(&mut self, caller: &Caller, token_hash: SecretHash, expires_at: Timestamp, at: Timestamp) -> Outcome {
         let supplier = self.account_of_kind(caller, AccountKind::Supplier)?;
         if expires_at <= at || expires_at.seconds_since(at) > rules::ENROLLMENT_TOKEN_MAX_SECONDS {
-            return Err(DomainError::invalid(
-                "valid_seconds",
-                format!("between 1 and {} seconds", rules::ENROLLMENT_TOKEN_MAX_SECONDS),
-            ));
+            return Err(DomainError::invalid("valid_seconds", format!("between 1 and {} seconds", rules::ENROLLMENT_TOKEN_MAX_SECONDS)));
         }
         if self.enrollment_tokens.contains_key(&token_hash) {
             return Err(DomainError::AlreadyExists { kind: EntityKind::Node, id: "enrollment token".into() });
@@ -130,8 +112,7 @@ impl State {
     /// changing nothing, if a card that is gone is held by a live lease.
     fn reenroll(&mut self, node: NodeId, inventory: &NodeInventory, at: Timestamp, events: &mut Vec<Event>) -> Result<(), DomainError> {
         let old_cards = self.nodes.get(&node).map(|n| n.cards.clone()).unwrap_or_default();
-        let by_uuid: BTreeMap<String, CardId> =
-            old_cards.iter().filter_map(|id| self.cards.get(id).map(|c| (c.spec.uuid.clone(), *id))).collect();
+        let by_uuid: BTreeMap<String, CardId> = old_cards.iter().filter_map(|id| self.cards.get(id).map(|c| (c.spec.uuid.clone(), *id))).collect();
         let kept: BTreeSet<&str> = inventory.cards.iter().map(|c| c.uuid.as_str()).collect();
         for (uuid, id) in &by_uuid {
             if let Some(c) = self.cards.get(id).filter(|c| c.lease.is_some() && !kept.contains(uuid.as_str())) {
@@ -150,8 +131,7 @@ impl State {
                 None => cards.push(self.add_card(node, spec.clone())),
             }
         }
-        let gone: Vec<(CardId, CardHealth)> =
-            by_uuid.iter().filter(|(uuid, _)| !kept.contains(uuid.as_str())).map(|(_, id)| (*id, CardHealth::Lost)).collect();
+        let gone: Vec<(CardId, CardHealth)> = by_uuid.iter().filter(|(uuid, _)| !kept.contains(uuid.as_str())).map(|(_, id)| (*id, CardHealth::Lost)).collect();
         self.apply_health(&gone, at, events);
         if let Some(n) = self.nodes.get_mut(&node) {
             n.inventory = inventory.clone();
@@ -176,12 +156,7 @@ impl State {
         Ok(Response::Node(Box::new(n.clone())))
     }
 
-    pub(super) fn set_card_health(
-        &mut self,
-        changes: &[(CardId, CardHealth)],
-        at: Timestamp,
-        events: &mut Vec<Event>,
-    ) -> Outcome {
+    pub(super) fn set_card_health(&mut self, changes: &[(CardId, CardHealth)], at: Timestamp, events: &mut Vec<Event>) -> Outcome {
         if let Some((missing, _)) = changes.iter().find(|(card, _)| !self.cards.contains_key(card)) {
             return Err(DomainError::not_found(EntityKind::Card, missing));
         }
@@ -206,11 +181,7 @@ impl State {
             let status = c.status;
             let outside_market = matches!(status, CardStatus::Offline | CardStatus::Faulty);
             if c.lease.is_none() && (status == CardStatus::Idle || outside_market) {
-                let next = if to == CardHealth::Healthy && from != CardHealth::Healthy && outside_market {
-                    CardStatus::Idle
-                } else {
-                    to.idle_status()
-                };
+                let next = if to == CardHealth::Healthy && from != CardHealth::Healthy && outside_market { CardStatus::Idle } else { to.idle_status() };
                 self.set_card(card, next, None, events);
             }
         }

@@ -30,10 +30,16 @@ use crate::state::model::{Job, Lease, LeaseAccount, ServiceEvaluation};
 /// format: see `storage::archive`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Archived {
-    Lease { lease: Lease, account: Option<LeaseAccount> },
+    Lease {
+        lease: Lease,
+        account: Option<LeaseAccount>,
+    },
     Job(Job),
     /// A ledger line and the accounts whose statements list it.
-    Transaction { transaction: Transaction, holders: Vec<AccountId> },
+    Transaction {
+        transaction: Transaction,
+        holders: Vec<AccountId>,
+    },
     Evaluation(ServiceEvaluation),
 }
 

@@ -30,35 +30,36 @@ impl State {
         let intervening = matches!(caller, Caller::Operator(role) if role.may_intervene());
         match command {
             Command::RegisterAccount { .. } => require(platform, "only the platform registers accounts"),
-            Command::AddSshKey { account, .. } => {
-                require(platform || *caller == Caller::Account(*account), "only the account itself adds its keys")
+            Command::AddSshKey { account, .. } => require(platform || *caller == Caller::Account(*account), "only the account itself adds its keys"),
+            Command::RemoveSshKey { account, .. } => require(platform || *caller == Caller::Account(*account), "only the account itself removes its keys"),
+            Command::RotateAccountToken { account, .. } => {
+                require(platform || *caller == Caller::Account(*account), "only the account itself, or the platform, replaces its token")
             }
-            Command::RemoveSshKey { account, .. } => {
-                require(platform || *caller == Caller::Account(*account), "only the account itself removes its keys")
-            }
-            Command::RotateAccountToken { account, .. } => require(
-                platform || *caller == Caller::Account(*account),
-                "only the account itself, or the platform, replaces its token",
-            ),
             Command::EnrollNode { inventory } => {
                 self.account_of_kind(caller, AccountKind::Supplier)?;
                 inventory.validate()
             }
             Command::IssueEnrollmentToken { .. } => self.account_of_kind(caller, AccountKind::Supplier).map(drop),
             // `System`: entries written before enrollees had request IDs of their own.
-            Command::EnrollAgent { token_hash, .. } => {
-                require(*caller == Caller::Enrollee(*token_hash) || system, "agents enroll through the enrollment API")
-            }
+            Command::EnrollAgent { token_hash, .. } => require(*caller == Caller::Enrollee(*token_hash) || system, "agents enroll through the enrollment API"),
             Command::RevokeAgent { node } => {
                 let n = self.nodes.get(node).ok_or(DomainError::not_found(EntityKind::Node, node))?;
                 let allowed = platform || intervening || *caller == Caller::Account(n.supplier);
                 // Strangers are not told the node exists.
-                if allowed { Ok(()) } else { Err(DomainError::not_found(EntityKind::Node, node)) }
+                if allowed {
+                    Ok(())
+                } else {
+                    Err(DomainError::not_found(EntityKind::Node, node))
+                }
             }
             Command::SetNodeAccess { node, .. } => {
                 // The node's own agent says where its access gateway listens.
                 let known = self.nodes.contains_key(node);
-                if known && *caller == Caller::Agent(*node) { Ok(()) } else { Err(DomainError::not_found(EntityKind::Node, node)) }
+                if known && *caller == Caller::Agent(*node) {
+                    Ok(())
+                } else {
+                    Err(DomainError::not_found(EntityKind::Node, node))
+                }
             }
             Command::SetCardHealth { .. } => require(system, "card health is set by the broker's monitoring"),
             Command::PublishCluster { class, listing, .. } => {
@@ -90,9 +91,7 @@ impl State {
                 check_periods(*periods)
             }
             Command::ApproveLease { lease, .. } => self.lease_of_supplier(caller, *lease).map(drop),
-            Command::VerifyAuthCode { lease, .. } | Command::SetLeasePassword { lease, .. } => {
-                self.lease_of_researcher(caller, *lease).map(drop)
-            }
+            Command::VerifyAuthCode { lease, .. } | Command::SetLeasePassword { lease, .. } => self.lease_of_researcher(caller, *lease).map(drop),
             Command::ExtendLease { lease, periods } => {
                 let l = self.lease_of_researcher(caller, *lease)?;
                 self.transition_check(l, LeaseAction::Extend)?;
@@ -147,15 +146,11 @@ impl State {
                 }
             }
             Command::AcquireSchedulerLease { .. } => require(platform, "only the platform's scheduler takes the leader lease"),
-            Command::PlaceJobs { .. } | Command::StopJobs { .. } | Command::AutoLease { .. } => {
-                require(platform, "only the platform's scheduler places jobs")
-            }
+            Command::PlaceJobs { .. } | Command::StopJobs { .. } | Command::AutoLease { .. } => require(platform, "only the platform's scheduler places jobs"),
             Command::JobStarted { job, attempt } => self.reporting_attempt(caller, *job, *attempt, "start").map(drop),
             Command::JobEnded { job, attempt, .. } => self.reporting_attempt(caller, *job, *attempt, "end").map(drop),
             Command::JobCheckpoint { job, attempt, .. } => self.reporting_attempt(caller, *job, *attempt, "checkpoint").map(drop),
-            Command::JobProgress { job, attempt, .. } => {
-                self.reporting_attempt(caller, *job, *attempt, "report progress of").map(drop)
-            }
+            Command::JobProgress { job, attempt, .. } => self.reporting_attempt(caller, *job, *attempt, "report progress of").map(drop),
             Command::Deposit { .. } => require(platform, "only the platform's payment service records deposits"),
             Command::GrantCredit { .. } => require(platform || intervening, "only the platform or an operator grants credit"),
             Command::SettleLeases { .. } => require(system, "only the broker's leader settles leases"),

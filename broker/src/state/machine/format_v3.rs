@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::Deserialize;
-use suanli_types::{AccountId, CardId, Caller, ClusterId, Currency, JobId, LedgerAccount, LeaseId, NodeId, RequestId, SecretHash, Timestamp, Transaction};
+use suanli_types::{AccountId, Caller, CardId, ClusterId, Currency, JobId, LeaseId, LedgerAccount, NodeId, RequestId, SecretHash, Timestamp, Transaction};
 
 use super::{Remembered, State};
 use crate::state::model::{Account, Card, Cluster, EnrollmentToken, Job, Lease, LeaseAccount, Node, SchedulerLease, ServiceEvaluation};

@@ -11,8 +11,8 @@ use serde::Deserialize;
 use suanli_types::RemoteLeaseId;
 
 use super::format_v4::StateV4;
-use crate::state::model::RemoteLease;
 use super::State;
+use crate::state::model::RemoteLease;
 
 /// [`State`] in format 5: format 4's fields, then `remote_leases`.
 #[derive(Deserialize)]

@@ -10,8 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use suanli_types::error::EntityKind;
 use suanli_types::job::limits;
 use suanli_types::{
-    AccountId, AccountKind, CardHealth, CardId, Caller, ClusterId, DomainError, JobEndReason, JobId, JobSpec, JobState,
-    LeaseState, NodeId, Timestamp,
+    AccountId, AccountKind, Caller, CardHealth, CardId, ClusterId, DomainError, JobEndReason, JobId, JobSpec, JobState, LeaseState, NodeId, Timestamp,
 };
 
 use super::{Outcome, Response, State};
@@ -71,13 +70,7 @@ impl State {
         Ok(Response::Job(Box::new(self.jobs[&id].clone())))
     }
 
-    pub(super) fn acquire_scheduler_lease(
-        &mut self,
-        holder: &str,
-        ttl_ms: u32,
-        at: Timestamp,
-        events: &mut Vec<Event>,
-    ) -> Outcome {
+    pub(super) fn acquire_scheduler_lease(&mut self, holder: &str, ttl_ms: u32, at: Timestamp, events: &mut Vec<Event>) -> Outcome {
         let valid_holder = !holder.is_empty() && holder.len() <= 128 && holder.chars().all(|c| c.is_ascii_graphic());
         if !valid_holder {
             return Err(DomainError::invalid("holder", "1 to 128 printable characters"));
@@ -94,8 +87,7 @@ impl State {
         if epoch != current.epoch {
             events.push(Event::SchedulerLeaseChanged { holder: holder.to_owned(), epoch });
         }
-        self.scheduler_lease =
-            SchedulerLease { holder: holder.to_owned(), epoch, expires_at: at.plus_millis(i64::from(ttl_ms)) };
+        self.scheduler_lease = SchedulerLease { holder: holder.to_owned(), epoch, expires_at: at.plus_millis(i64::from(ttl_ms)) };
         Ok(Response::SchedulerLease(self.scheduler_lease.clone()))
     }
 
@@ -107,13 +99,7 @@ impl State {
         Ok(())
     }
 
-    pub(super) fn place_jobs(
-        &mut self,
-        epoch: u64,
-        placements: &[(JobId, Vec<CardId>)],
-        at: Timestamp,
-        events: &mut Vec<Event>,
-    ) -> Outcome {
+    pub(super) fn place_jobs(&mut self, epoch: u64, placements: &[(JobId, Vec<CardId>)], at: Timestamp, events: &mut Vec<Event>) -> Outcome {
         self.check_epoch(epoch, at)?;
         if placements.len() > MAX_PLACEMENTS_PER_COMMAND {
             return Err(DomainError::invalid("placements", format!("at most {MAX_PLACEMENTS_PER_COMMAND} per call")));
@@ -184,24 +170,11 @@ impl State {
             job.state = JobState::Placed;
             job.stop_requested = None;
         }
-        events.push(Event::JobStateChanged {
-            job: id,
-            owner,
-            from: Some(JobState::Queued),
-            to: JobState::Placed,
-            attempt: number,
-            reason: None,
-        });
+        events.push(Event::JobStateChanged { job: id, owner, from: Some(JobState::Queued), to: JobState::Placed, attempt: number, reason: None });
         Ok(())
     }
 
-    pub(super) fn stop_jobs(
-        &mut self,
-        epoch: u64,
-        stops: &[(JobId, JobEndReason)],
-        at: Timestamp,
-        events: &mut Vec<Event>,
-    ) -> Outcome {
+    pub(super) fn stop_jobs(&mut self, epoch: u64, stops: &[(JobId, JobEndReason)], at: Timestamp, events: &mut Vec<Event>) -> Outcome {
         self.check_epoch(epoch, at)?;
         if stops.len() > MAX_PLACEMENTS_PER_COMMAND {
             return Err(DomainError::invalid("stops", format!("at most {MAX_PLACEMENTS_PER_COMMAND} per call")));
@@ -229,9 +202,7 @@ impl State {
                 }
                 // A queued job the scheduler gives up on: past its deadline, over its budget,
                 // or asking for cards no lease of its owner has.
-                Some(JobState::Queued)
-                    if matches!(reason, JobEndReason::DeadlineMissed | JobEndReason::BudgetExhausted | JobEndReason::Unplaceable(_)) =>
-                {
+                Some(JobState::Queued) if matches!(reason, JobEndReason::DeadlineMissed | JobEndReason::BudgetExhausted | JobEndReason::Unplaceable(_)) => {
                     self.finish_job(*id, JobState::Failed, reason.clone(), at, events);
                     Ok(())
                 }
@@ -376,12 +347,8 @@ impl State {
         }
         let Some(attempt) = job.attempts.last() else { return };
         let ran_ms = attempt.started_at.map_or(0, |s| at.millis_since(s));
-        let priced: Vec<(i64, i64)> = attempt
-            .leases
-            .iter()
-            .filter_map(|l| self.leases.get(l))
-            .map(|l| (l.price_per_card.minor, l.billing_mode.period_seconds()))
-            .collect();
+        let priced: Vec<(i64, i64)> =
+            attempt.leases.iter().filter_map(|l| self.leases.get(l)).map(|l| (l.price_per_card.minor, l.billing_mode.period_seconds())).collect();
         let cost = suanli_types::money::card_time_cost(&priced, ran_ms);
         for card in attempt.cards.clone() {
             if let Some(holders) = self.card_jobs.get_mut(&card) {

@@ -17,8 +17,8 @@ use suanli_types::error::EntityKind;
 use suanli_types::ledger::PLATFORM_FEE_BPS;
 use suanli_types::money::round_half_up;
 use suanli_types::{
-    AccountId, AccountKind, CardHealth, CardId, ClusterClass, Currency, DomainError, Entry, JobEndReason, LeaseId,
-    LeaseState, LedgerAccount, Money, Month, Timestamp, Transaction, TransactionKind,
+    AccountId, AccountKind, CardHealth, CardId, ClusterClass, Currency, DomainError, Entry, JobEndReason, LeaseId, LeaseState, LedgerAccount, Money, Month,
+    Timestamp, Transaction, TransactionKind,
 };
 
 use super::{Outcome, Response, State};
@@ -66,8 +66,8 @@ impl State {
 
     /// Refuses a hold the researcher's balance and credit cannot cover; changes nothing.
     pub(super) fn check_funds(&self, researcher: AccountId, currency: &Currency, needed: i64) -> Result<(), DomainError> {
-        let available = self.balance(LedgerAccount::Available(researcher), currency)
-            + self.credit_limits.get(&(researcher, currency.clone())).copied().unwrap_or(0);
+        let available =
+            self.balance(LedgerAccount::Available(researcher), currency) + self.credit_limits.get(&(researcher, currency.clone())).copied().unwrap_or(0);
         if needed > available {
             return Err(DomainError::InsufficientFunds { needed, available: available.max(0) });
         }
@@ -212,8 +212,7 @@ impl State {
     /// The lease became active: metering starts, and cards already unhealthy are not charged.
     pub(super) fn open_lease_account(&mut self, lease: LeaseId, at: Timestamp) {
         let Some(l) = self.leases.get(&lease) else { return };
-        let down: Vec<CardId> =
-            l.cards.iter().copied().filter(|c| self.cards.get(c).is_some_and(|c| c.health != CardHealth::Healthy)).collect();
+        let down: Vec<CardId> = l.cards.iter().copied().filter(|c| self.cards.get(c).is_some_and(|c| c.health != CardHealth::Healthy)).collect();
         let account = self.lease_accounts.entry(lease).or_default();
         account.settled_until = Some(at);
         for card in down {
@@ -292,9 +291,7 @@ impl State {
         self.live_leases
             .keys()
             .filter(|id| self.leases.get(id).is_some_and(|l| l.state == LeaseState::Active))
-            .filter(|id| {
-                self.lease_accounts.get(id).and_then(|a| a.settled_until).is_none_or(|s| now.millis_since(s) >= min_age_ms)
-            })
+            .filter(|id| self.lease_accounts.get(id).and_then(|a| a.settled_until).is_none_or(|s| now.millis_since(s) >= min_age_ms))
             .copied()
             .collect()
     }
@@ -307,8 +304,7 @@ impl State {
     /// its first evaluated lease.
     pub fn reliability(&self, supplier: AccountId) -> Option<(u32, usize)> {
         let leases = self.evaluations_by_supplier.get(&supplier)?;
-        let recent: Vec<u32> =
-            leases.iter().rev().take(RELIABILITY_WINDOW).filter_map(|l| self.evaluations.get(l)).map(|e| e.score).collect();
+        let recent: Vec<u32> = leases.iter().rev().take(RELIABILITY_WINDOW).filter_map(|l| self.evaluations.get(l)).map(|e| e.score).collect();
         if recent.is_empty() {
             return None;
         }

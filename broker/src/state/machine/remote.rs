@@ -8,9 +8,7 @@
 //! federation gateway sends these commands (a service token with the `federation` power).
 
 use suanli_types::error::EntityKind;
-use suanli_types::{
-    AccountId, BillingMode, DomainError, LedgerAccount, Money, RemoteLeaseId, RemoteLeaseState, Timestamp, TransactionKind,
-};
+use suanli_types::{AccountId, BillingMode, DomainError, LedgerAccount, Money, RemoteLeaseId, RemoteLeaseState, Timestamp, TransactionKind};
 
 use super::{check_periods, rules, Outcome, Response, State};
 use crate::state::event::Event;

@@ -23,10 +23,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{
-    check_image_size, AnnotatedImage, AnnotationError, AnnotationSet, DuplicateKind, Format, Location, Object, Result,
-    Shape, Unrepresentable, Where,
-};
+use super::{check_image_size, AnnotatedImage, AnnotationError, AnnotationSet, DuplicateKind, Format, Location, Object, Result, Shape, Unrepresentable, Where};
 
 #[derive(Serialize, Deserialize)]
 struct CocoFile<Segmentation> {
@@ -94,11 +91,7 @@ pub fn read(bytes: &[u8]) -> Result<AnnotationSet> {
             return Err(duplicate(format!("categories[{i}].id"), DuplicateKind::CategoryId, category.id));
         }
         if set.category_index(&category.name).is_some() {
-            return Err(AnnotationError::Duplicate {
-                at: at(format!("categories[{i}].name")),
-                kind: DuplicateKind::CategoryName,
-                id: category.name.clone(),
-            });
+            return Err(AnnotationError::Duplicate { at: at(format!("categories[{i}].name")), kind: DuplicateKind::CategoryName, id: category.name.clone() });
         }
         set.categories.push(category.name.clone());
     }
@@ -108,37 +101,23 @@ pub fn read(bytes: &[u8]) -> Result<AnnotationSet> {
         if image_of_id.insert(image.id, i).is_some() {
             return Err(duplicate(format!("images[{i}].id"), DuplicateKind::ImageId, image.id));
         }
-        check_image_size(image.width, image.height)
-            .map_err(|problem| AnnotationError::invalid(at(format!("images[{i}]")), problem))?;
-        set.images.push(AnnotatedImage {
-            file_name: image.file_name.clone(),
-            width: image.width,
-            height: image.height,
-            objects: Vec::new(),
-        });
+        check_image_size(image.width, image.height).map_err(|problem| AnnotationError::invalid(at(format!("images[{i}]")), problem))?;
+        set.images.push(AnnotatedImage { file_name: image.file_name.clone(), width: image.width, height: image.height, objects: Vec::new() });
     }
 
     for (i, annotation) in file.annotations.iter().enumerate() {
         let path = format!("annotations[{i}]");
-        let image_index = *image_of_id.get(&annotation.image_id).ok_or_else(|| AnnotationError::UnknownImage {
-            at: at(format!("{path}.image_id")),
-            image_id: annotation.image_id,
-        })?;
+        let image_index = *image_of_id
+            .get(&annotation.image_id)
+            .ok_or_else(|| AnnotationError::UnknownImage { at: at(format!("{path}.image_id")), image_id: annotation.image_id })?;
         let category = match category_of_id.get(&annotation.category_id) {
             Some(&index) => set.categories[index].clone(),
-            None => {
-                return Err(AnnotationError::UnknownCategory {
-                    at: at(format!("{path}.category_id")),
-                    category: format!("id {}", annotation.category_id),
-                })
-            }
+            None => return Err(AnnotationError::UnknownCategory { at: at(format!("{path}.category_id")), category: format!("id {}", annotation.category_id) }),
         };
         let image = &mut set.images[image_index];
         for (field, shape) in shapes(annotation, &path)? {
             let object = Object { category: category.clone(), shape, score: annotation.score };
-            object
-                .validate(image.width, image.height)
-                .map_err(|problem| AnnotationError::invalid(at(format!("{path}.{field}")), problem))?;
+            object.validate(image.width, image.height).map_err(|problem| AnnotationError::invalid(at(format!("{path}.{field}")), problem))?;
             image.objects.push(object);
         }
     }
@@ -161,25 +140,15 @@ fn shapes(annotation: &CocoAnnotation<Value>, path: &str) -> Result<Vec<(String,
                     let here = format!("{path}.segmentation[{p}]");
                     let coords = polygon
                         .as_array()
-                        .ok_or_else(|| AnnotationError::Syntax {
-                            at: at(here.clone()),
-                            message: "a polygon must be an array of numbers".into(),
-                        })?
+                        .ok_or_else(|| AnnotationError::Syntax { at: at(here.clone()), message: "a polygon must be an array of numbers".into() })?
                         .iter()
                         .enumerate()
                         .map(|(k, v)| {
-                            v.as_f64().map(|v| v as f32).ok_or_else(|| AnnotationError::NotANumber {
-                                at: at(format!("{here}[{k}]")),
-                                value: v.to_string(),
-                            })
+                            v.as_f64().map(|v| v as f32).ok_or_else(|| AnnotationError::NotANumber { at: at(format!("{here}[{k}]")), value: v.to_string() })
                         })
                         .collect::<Result<Vec<f32>>>()?;
                     if coords.len() % 2 != 0 {
-                        return Err(AnnotationError::FieldCount {
-                            at: at(here),
-                            expected: "an even number of polygon coordinates",
-                            found: coords.len(),
-                        });
+                        return Err(AnnotationError::FieldCount { at: at(here), expected: "an even number of polygon coordinates", found: coords.len() });
                     }
                     let points = coords.chunks_exact(2).map(|c| (c[0], c[1])).collect();
                     Ok((format!("segmentation[{p}]"), Shape::Polygon { points }))
@@ -187,18 +156,11 @@ fn shapes(annotation: &CocoAnnotation<Value>, path: &str) -> Result<Vec<(String,
                 .collect();
         }
         Some(Value::Object(_)) => {
-            return Err(AnnotationError::Unsupported {
-                format: Format::Coco,
-                at: at(format!("{path}.segmentation")),
-                what: Unrepresentable::RleMask,
-            })
+            return Err(AnnotationError::Unsupported { format: Format::Coco, at: at(format!("{path}.segmentation")), what: Unrepresentable::RleMask })
         }
         Some(Value::Array(_) | Value::Null) | None => {}
         Some(other) => {
-            return Err(AnnotationError::Syntax {
-                at: at(format!("{path}.segmentation")),
-                message: format!("expected polygons or an RLE mask, found {other}"),
-            })
+            return Err(AnnotationError::Syntax { at: at(format!("{path}.segmentation")), message: format!("expected polygons or an RLE mask, found {other}") })
         }
     }
     if let Some(keypoints) = annotation.keypoints.as_deref().filter(|k| !k.is_empty()) {
@@ -216,15 +178,8 @@ fn shapes(annotation: &CocoAnnotation<Value>, path: &str) -> Result<Vec<(String,
     }
     match annotation.bbox.as_deref() {
         Some(&[x, y, w, h]) => Ok(vec![("bbox".into(), Shape::Box { x, y, w, h })]),
-        Some(other) => Err(AnnotationError::FieldCount {
-            at: at(format!("{path}.bbox")),
-            expected: "4 values [x, y, width, height]",
-            found: other.len(),
-        }),
-        None => Err(AnnotationError::Missing {
-            at: at(path.to_owned()),
-            what: "bbox (and no polygon segmentation or labelled keypoints)".into(),
-        }),
+        Some(other) => Err(AnnotationError::FieldCount { at: at(format!("{path}.bbox")), expected: "4 values [x, y, width, height]", found: other.len() }),
+        None => Err(AnnotationError::Missing { at: at(path.to_owned()), what: "bbox (and no polygon segmentation or labelled keypoints)".into() }),
     }
 }
 
@@ -235,12 +190,7 @@ pub fn write(set: &AnnotationSet) -> Result<Vec<u8>> {
     let mut images = Vec::with_capacity(set.images.len());
     let mut annotations = Vec::new();
     for (image, image_id) in set.images.iter().zip(1..) {
-        images.push(CocoImage {
-            id: image_id,
-            file_name: image.file_name.clone(),
-            width: image.width,
-            height: image.height,
-        });
+        images.push(CocoImage { id: image_id, file_name: image.file_name.clone(), width: image.width, height: image.height });
         for object in &image.objects {
             // Validated above: the category is listed and the shape has points.
             let category_id = set.category_index(&object.category).map_or(0, |i| i as u64 + 1);

@@ -114,10 +114,7 @@ impl Shape {
     /// Checks the shape against an image of `width × height` pixels.
     pub fn validate(&self, width: u32, height: u32) -> Result<(), Problem> {
         let (wf, hf) = (width as f32, height as f32);
-        let inside = |x: f32, y: f32| {
-            (-EDGE_TOLERANCE_PX..=wf + EDGE_TOLERANCE_PX).contains(&x)
-                && (-EDGE_TOLERANCE_PX..=hf + EDGE_TOLERANCE_PX).contains(&y)
-        };
+        let inside = |x: f32, y: f32| (-EDGE_TOLERANCE_PX..=wf + EDGE_TOLERANCE_PX).contains(&x) && (-EDGE_TOLERANCE_PX..=hf + EDGE_TOLERANCE_PX).contains(&y);
         let outside = Problem::OutsideImage { width, height };
         match self {
             Shape::Box { x, y, w, h } => {
@@ -183,16 +180,12 @@ impl AnnotatedImage {
     /// Checks size and objects; with `categories`, also that every object's category is listed.
     /// Errors point at the object (by image name and index), for writers to report.
     pub fn validate(&self, categories: Option<&[String]>) -> Result<()> {
-        check_image_size(self.width, self.height)
-            .map_err(|problem| AnnotationError::invalid(Location::Image(self.file_name.clone()), problem))?;
+        check_image_size(self.width, self.height).map_err(|problem| AnnotationError::invalid(Location::Image(self.file_name.clone()), problem))?;
         for (index, object) in self.objects.iter().enumerate() {
             let at = || Location::Object { image: self.file_name.clone(), index };
             if let Some(categories) = categories {
                 if !categories.contains(&object.category) {
-                    return Err(AnnotationError::UnknownCategory {
-                        at: at().into(),
-                        category: object.category.clone(),
-                    });
+                    return Err(AnnotationError::UnknownCategory { at: at().into(), category: object.category.clone() });
                 }
             }
             object.validate(self.width, self.height).map_err(|problem| AnnotationError::invalid(at(), problem))?;
@@ -239,11 +232,7 @@ impl AnnotationSet {
         let mut seen = HashMap::new();
         for (index, name) in self.categories.iter().enumerate() {
             if seen.insert(name.as_str(), index).is_some() {
-                return Err(AnnotationError::Duplicate {
-                    at: Location::Category(index).into(),
-                    kind: DuplicateKind::CategoryName,
-                    id: name.clone(),
-                });
+                return Err(AnnotationError::Duplicate { at: Location::Category(index).into(), kind: DuplicateKind::CategoryName, id: name.clone() });
             }
         }
         self.images.iter().try_for_each(|image| image.validate(Some(&self.categories)))
@@ -282,8 +271,7 @@ impl AnnotationSet {
                 for path in list_files(&dir.join(VOC_DIR), |p| p.extension().is_some_and(|e| e == "xml"))? {
                     images.push(voc::read(&read_file(&path)?).map_err(|e| e.in_file(&path))?);
                 }
-                let mut categories: Vec<String> =
-                    images.iter().flat_map(|i| i.objects.iter().map(|o| o.category.clone())).collect();
+                let mut categories: Vec<String> = images.iter().flat_map(|i| i.objects.iter().map(|o| o.category.clone())).collect();
                 categories.sort();
                 categories.dedup();
                 Ok(AnnotationSet { categories, images })
@@ -320,31 +308,18 @@ fn read_yolo_dir(dir: &Path) -> Result<AnnotationSet> {
     let categories = yolo::read_classes(&read_text(&classes_path)?);
     let labels_dir = dir.join(YOLO_LABELS);
     let images_dir = dir.join(YOLO_IMAGES);
-    let image_paths = if images_dir.is_dir() {
-        list_files(&images_dir, |p| ::image::ImageFormat::from_path(p).is_ok())?
-    } else {
-        Vec::new()
-    };
+    let image_paths = if images_dir.is_dir() { list_files(&images_dir, |p| ::image::ImageFormat::from_path(p).is_ok())? } else { Vec::new() };
     let mut images = Vec::new();
     let mut stems = HashSet::new();
     for path in image_paths {
         let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let stem = file_stem(&file_name).to_owned();
         if !stems.insert(stem.clone()) {
-            return Err(AnnotationError::Duplicate {
-                at: Where { file: Some(path), location: Location::File },
-                kind: DuplicateKind::FileStem,
-                id: stem,
-            });
+            return Err(AnnotationError::Duplicate { at: Where { file: Some(path), location: Location::File }, kind: DuplicateKind::FileStem, id: stem });
         }
-        let (width, height) = ::image::image_dimensions(&path)
-            .map_err(|source| AnnotationError::ImageHeader { path: path.clone(), source })?;
+        let (width, height) = ::image::image_dimensions(&path).map_err(|source| AnnotationError::ImageHeader { path: path.clone(), source })?;
         let label = labels_dir.join(format!("{stem}.txt"));
-        let objects = if label.is_file() {
-            yolo::read(&read_text(&label)?, width, height, &categories).map_err(|e| e.in_file(&label))?
-        } else {
-            Vec::new()
-        };
+        let objects = if label.is_file() { yolo::read(&read_text(&label)?, width, height, &categories).map_err(|e| e.in_file(&label))? } else { Vec::new() };
         images.push(AnnotatedImage { file_name, width, height, objects });
     }
     if labels_dir.is_dir() {
@@ -380,10 +355,8 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 fn read_text(path: &Path) -> Result<String> {
-    String::from_utf8(read_file(path)?).map_err(|e| AnnotationError::Syntax {
-        at: Where { file: Some(path.to_path_buf()), location: Location::File },
-        message: format!("not UTF-8 ({e})"),
-    })
+    String::from_utf8(read_file(path)?)
+        .map_err(|e| AnnotationError::Syntax { at: Where { file: Some(path.to_path_buf()), location: Location::File }, message: format!("not UTF-8 ({e})") })
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {

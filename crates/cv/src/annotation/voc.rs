@@ -35,10 +35,7 @@ use quick_xml::escape::{escape, resolve_predefined_entity};
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
-use super::{
-    check_image_size, AnnotatedImage, AnnotationError, Format, Location, Object, Result, Shape, ShapeKind,
-    Unrepresentable, Where,
-};
+use super::{check_image_size, AnnotatedImage, AnnotationError, Format, Location, Object, Result, Shape, ShapeKind, Unrepresentable, Where};
 
 /// A parsed element: just what VOC needs (no attributes, no mixed content).
 struct Element {
@@ -135,15 +132,9 @@ fn read_object(object: At<'_>, width: u32, height: u32) -> Result<Object> {
     let (shape, at) = match polygon {
         Some(found) => found,
         None => object.required("bndbox", |bndbox| {
-            let [xmin, ymin, xmax, ymax] =
-                ["xmin", "ymin", "xmax", "ymax"].map(|name| bndbox.number_child::<f64>(name));
+            let [xmin, ymin, xmax, ymax] = ["xmin", "ymin", "xmax", "ymax"].map(|name| bndbox.number_child::<f64>(name));
             let (xmin, ymin, xmax, ymax) = (xmin?, ymin?, xmax?, ymax?);
-            let shape = Shape::Box {
-                x: (xmin - 1.0) as f32,
-                y: (ymin - 1.0) as f32,
-                w: (xmax - xmin + 1.0) as f32,
-                h: (ymax - ymin + 1.0) as f32,
-            };
+            let shape = Shape::Box { x: (xmin - 1.0) as f32, y: (ymin - 1.0) as f32, w: (xmax - xmin + 1.0) as f32, h: (ymax - ymin + 1.0) as f32 };
             Ok((shape, bndbox.here()))
         })?,
     };
@@ -154,16 +145,14 @@ fn read_object(object: At<'_>, width: u32, height: u32) -> Result<Object> {
 
 /// Parses the document into a tree of elements, tracking the line of each start tag.
 fn parse(bytes: &[u8]) -> Result<Element> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| AnnotationError::Syntax { at: Location::File.into(), message: format!("not UTF-8 ({e})") })?;
+    let text = std::str::from_utf8(bytes).map_err(|e| AnnotationError::Syntax { at: Location::File.into(), message: format!("not UTF-8 ({e})") })?;
     // Offsets of the line breaks, so that a byte offset's line is a binary search.
     let breaks: Vec<usize> = text.bytes().enumerate().filter(|&(_, b)| b == b'\n').map(|(i, _)| i).collect();
     let line_at = |offset: u64| {
         let offset = usize::try_from(offset).unwrap_or(usize::MAX);
         breaks.partition_point(|&b| b < offset) + 1
     };
-    let syntax =
-        |offset: u64, message: String| AnnotationError::Syntax { at: Location::Line(line_at(offset)).into(), message };
+    let syntax = |offset: u64, message: String| AnnotationError::Syntax { at: Location::Line(line_at(offset)).into(), message };
     let mut reader = Reader::from_str(text);
     let mut stack: Vec<Element> = Vec::new();
     let mut root = None;
@@ -178,12 +167,7 @@ fn parse(bytes: &[u8]) -> Result<Element> {
     loop {
         let offset = reader.buffer_position();
         let event = reader.read_event().map_err(|e| syntax(reader.error_position(), e.to_string()))?;
-        let new = |name: &str| Element {
-            name: name.to_owned(),
-            text: String::new(),
-            children: Vec::new(),
-            line: line_at(offset),
-        };
+        let new = |name: &str| Element { name: name.to_owned(), text: String::new(), children: Vec::new(), line: line_at(offset) };
         match event {
             Event::Start(start) => stack.push(new(start.local_name().as_ref())),
             Event::Empty(start) => attach(new(start.local_name().as_ref()), &mut stack, offset)?,
@@ -198,9 +182,7 @@ fn parse(bytes: &[u8]) -> Result<Element> {
             Event::GeneralRef(r) => {
                 let resolved = match r.resolve_char_ref() {
                     Ok(Some(c)) => c.to_string(),
-                    Ok(None) => resolve_predefined_entity(&r)
-                        .ok_or_else(|| syntax(offset, format!("unknown entity &{};", &*r)))?
-                        .to_owned(),
+                    Ok(None) => resolve_predefined_entity(&r).ok_or_else(|| syntax(offset, format!("unknown entity &{};", &*r)))?.to_owned(),
                     Err(e) => return Err(syntax(offset, e.to_string())),
                 };
                 push_text(&mut stack, &resolved);

@@ -20,9 +20,7 @@
 
 use std::fmt::Write as _;
 
-use super::{
-    AnnotatedImage, AnnotationError, Format, Location, Object, Problem, Result, Shape, ShapeKind, Unrepresentable,
-};
+use super::{AnnotatedImage, AnnotationError, Format, Location, Object, Problem, Result, Shape, ShapeKind, Unrepresentable};
 
 /// How far outside `0..=1` a normalized value read may be: other converters round.
 pub const NORMALIZED_TOLERANCE: f32 = 1e-4;
@@ -36,20 +34,14 @@ pub fn read(text: &str, width: u32, height: u32, categories: &[String]) -> Resul
         let at = || Location::Line(number + 1);
         let mut tokens = line.split_whitespace();
         let Some(class) = tokens.next() else { continue };
-        let category = class
-            .parse::<usize>()
-            .map_err(|_| AnnotationError::NotANumber { at: at().into(), value: class.to_owned() })
-            .and_then(|id| {
-                categories.get(id).ok_or_else(|| AnnotationError::UnknownCategory {
-                    at: at().into(),
-                    category: format!("id {id} (the class list has {})", categories.len()),
-                })
-            })?;
-        let values = tokens
-            .map(|t| t.parse::<f32>().map_err(|_| AnnotationError::NotANumber { at: at().into(), value: t.to_owned() }))
-            .collect::<Result<Vec<f32>>>()?;
-        if let Some(&value) = values.iter().find(|v| !(-NORMALIZED_TOLERANCE..=1.0 + NORMALIZED_TOLERANCE).contains(*v))
-        {
+        let category = class.parse::<usize>().map_err(|_| AnnotationError::NotANumber { at: at().into(), value: class.to_owned() }).and_then(|id| {
+            categories
+                .get(id)
+                .ok_or_else(|| AnnotationError::UnknownCategory { at: at().into(), category: format!("id {id} (the class list has {})", categories.len()) })
+        })?;
+        let values =
+            tokens.map(|t| t.parse::<f32>().map_err(|_| AnnotationError::NotANumber { at: at().into(), value: t.to_owned() })).collect::<Result<Vec<f32>>>()?;
+        if let Some(&value) = values.iter().find(|v| !(-NORMALIZED_TOLERANCE..=1.0 + NORMALIZED_TOLERANCE).contains(*v)) {
             return Err(AnnotationError::invalid(at(), Problem::NormalizedOutOfRange { value }));
         }
         let pixel_x = |v: f32| (f64::from(v) * wf) as f32;
@@ -67,8 +59,7 @@ pub fn read(text: &str, width: u32, height: u32, categories: &[String]) -> Resul
             _ => {
                 return Err(AnnotationError::FieldCount {
                     at: at().into(),
-                    expected:
-                        "5 or 6 values (class cx cy w h [conf]) or an odd count ≥ 7 (class x1 y1 x2 y2 x3 y3 ...)",
+                    expected: "5 or 6 values (class cx cy w h [conf]) or an odd count ≥ 7 (class x1 y1 x2 y2 x3 y3 ...)",
                     found: values.len() + 1,
                 })
             }
@@ -90,11 +81,8 @@ pub fn write(image: &AnnotatedImage, categories: &[String]) -> Result<String> {
     let norm_y = |y: f32| (f64::from(y) / hf).clamp(0.0, 1.0);
     let mut out = String::new();
     for (index, object) in image.objects.iter().enumerate() {
-        let unsupported = |what| AnnotationError::Unsupported {
-            format: Format::Yolo,
-            at: Location::Object { image: image.file_name.clone(), index }.into(),
-            what,
-        };
+        let unsupported =
+            |what| AnnotationError::Unsupported { format: Format::Yolo, at: Location::Object { image: image.file_name.clone(), index }.into(), what };
         let class = categories.iter().position(|c| *c == object.category).unwrap_or_default();
         // Writing to a String cannot fail.
         let _ = write!(out, "{class}");
@@ -135,10 +123,7 @@ pub fn write_classes(categories: &[String]) -> Result<String> {
     let mut out = String::new();
     for (index, name) in categories.iter().enumerate() {
         if name.is_empty() || name.trim() != name || name.contains(['\n', '\r']) {
-            return Err(AnnotationError::invalid(
-                Location::Category(index),
-                Problem::BadCategoryName { name: name.clone() },
-            ));
+            return Err(AnnotationError::invalid(Location::Category(index), Problem::BadCategoryName { name: name.clone() }));
         }
         out.push_str(name);
         out.push('\n');

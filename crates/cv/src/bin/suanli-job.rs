@@ -87,11 +87,10 @@ fn main() -> ExitCode {
     };
     // libtorch errors inside tch's infallible calls are panics; they still end in an error line.
     let result = task.and_then(|t| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.run(&JobEnv::from_env(), &mut |v| print(&v))))
-            .unwrap_or_else(|panic| {
-                let why = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-                Err(JobError::Failed(format!("internal error: {why}")))
-            })
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.run(&JobEnv::from_env(), &mut |v| print(&v)))).unwrap_or_else(|panic| {
+            let why = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            Err(JobError::Failed(format!("internal error: {why}")))
+        })
     });
     match result {
         Ok(summary) => {

@@ -26,11 +26,15 @@ pub enum DevicePreference {
 /// How loading the CUDA backend went (once per process).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum CudaBackend {
-    Loaded { devices: usize },
+    Loaded {
+        devices: usize,
+    },
     /// The library loaded but no device is visible (`CUDA_VISIBLE_DEVICES`, no driver).
     NoDevice,
     /// `libtorch_cuda.so` is absent or one of its CUDA libraries is missing.
-    Unavailable { reason: String },
+    Unavailable {
+        reason: String,
+    },
 }
 
 static BACKEND: OnceLock<CudaBackend> = OnceLock::new();

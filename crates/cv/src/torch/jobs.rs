@@ -259,7 +259,8 @@ const ARCHIVE_MAX_BYTES: u64 = 64 << 30;
 const ARCHIVE_MAX_ENTRIES: u64 = 10_000_000;
 
 fn import_folder(dir: &Path, labels: bool, progress: &mut dyn FnMut(Value)) -> Result<IntakeReport, JobError> {
-    let report = import_dir(dir, &IntakeOptions { labels_from_subdirs: labels, ..Default::default() }).map_err(|e| JobError::Failed(format!("{}: {e}", dir.display())))?;
+    let report = import_dir(dir, &IntakeOptions { labels_from_subdirs: labels, ..Default::default() })
+        .map_err(|e| JobError::Failed(format!("{}: {e}", dir.display())))?;
     for r in &report.rejected {
         progress(json!({"event": "rejected", "name": r.name, "reason": r.reason, "kind": r.kind}));
     }
@@ -670,7 +671,9 @@ pub enum Detector {
 impl Detector {
     pub fn load(spec: &DetectorSpec, env: &JobEnv, device: Device) -> Result<Self, JobError> {
         Ok(match spec {
-            DetectorSpec::Mtcnn { weights, config } => Detector::Mtcnn(Box::new(Mtcnn::load(&env.input(weights), device, config.clone()).map_err(JobError::failed)?)),
+            DetectorSpec::Mtcnn { weights, config } => {
+                Detector::Mtcnn(Box::new(Mtcnn::load(&env.input(weights), device, config.clone()).map_err(JobError::failed)?))
+            }
             DetectorSpec::Torchscript { model, classes, post } => {
                 let path = env.input(model);
                 let mut module = tch::CModule::load_on_device(&path, device).map_err(|e| JobError::Failed(format!("{}: {e}", path.display())))?;
@@ -680,7 +683,13 @@ impl Detector {
                     Some(names) => Some(
                         names
                             .iter()
-                            .map(|n| classes.iter().position(|c| c == n).map(|i| i as u32).ok_or_else(|| JobError::Invalid(vec![format!("detector.post.keep: {n} is not one of the classes")])))
+                            .map(|n| {
+                                classes
+                                    .iter()
+                                    .position(|c| c == n)
+                                    .map(|i| i as u32)
+                                    .ok_or_else(|| JobError::Invalid(vec![format!("detector.post.keep: {n} is not one of the classes")]))
+                            })
                             .collect::<Result<Vec<_>, _>>()?,
                     ),
                 };
@@ -713,7 +722,14 @@ impl Detector {
                     // Rows that are not a box (not finite, no area) are dropped; corners ordered.
                     if r[..5].iter().all(|v| v.is_finite()) && r[0] != r[2] && r[1] != r[3] {
                         let score = r[4].clamp(0.0, 1.0);
-                        dets.push(crate::nms::Detection { x1: r[0].min(r[2]), y1: r[1].min(r[3]), x2: r[0].max(r[2]), y2: r[1].max(r[3]), score, class: class as u32 });
+                        dets.push(crate::nms::Detection {
+                            x1: r[0].min(r[2]),
+                            y1: r[1].min(r[3]),
+                            x2: r[0].max(r[2]),
+                            y2: r[1].max(r[3]),
+                            score,
+                            class: class as u32,
+                        });
                     }
                 }
                 let kept = crate::nms::filter(&dets, post.min_score, keep_ids.as_deref());
@@ -775,14 +791,21 @@ impl PreAnnotate {
             for img in &report.images {
                 let stem = Path::new(&img.name).file_stem().and_then(|s| s.to_str()).unwrap_or(&img.name).to_owned();
                 if let Some(first) = seen.insert(stem.clone(), &img.name) {
-                    return Err(JobError::Failed(format!("{first} and {} would both be written as {stem}.* in VOC/YOLO; rename one or ask for COCO only", img.name)));
+                    return Err(JobError::Failed(format!(
+                        "{first} and {} would both be written as {stem}.* in VOC/YOLO; rename one or ask for COCO only",
+                        img.name
+                    )));
                 }
             }
         }
         let mut set = AnnotationSet { categories: detector.categories(), images: Vec::new() };
         let mut review = Vec::new();
         for (n, img) in report.images.iter().enumerate() {
-            let rgb = if img.image.channels == 3 { img.image.clone() } else { crate::Image::from_dynamic(&::image::DynamicImage::ImageRgb8(img.image.to_dynamic().to_rgb8())) };
+            let rgb = if img.image.channels == 3 {
+                img.image.clone()
+            } else {
+                crate::Image::from_dynamic(&::image::DynamicImage::ImageRgb8(img.image.to_dynamic().to_rgb8()))
+            };
             let found = detector.detect(&rgb)?;
             let (w, h) = (img.image.width as f32, img.image.height as f32);
             let objects: Vec<Object> = found
@@ -796,7 +819,12 @@ impl PreAnnotate {
                 .collect();
             for (i, o) in objects.iter().enumerate() {
                 if o.score.unwrap_or(0.0) < self.review_below {
-                    review.push(ReviewItem { file_name: img.name.clone(), object: Some(i), score: o.score, reason: format!("confidence below {}", self.review_below) });
+                    review.push(ReviewItem {
+                        file_name: img.name.clone(),
+                        object: Some(i),
+                        score: o.score,
+                        reason: format!("confidence below {}", self.review_below),
+                    });
                 }
             }
             set.images.push(AnnotatedImage { file_name: img.name.clone(), width: img.image.width, height: img.image.height, objects });

@@ -103,10 +103,7 @@ fn rnet(vs: &nn::VarStore) -> (nn::Sequential, Vec<nn::Linear>) {
         .add_fn(flatten_hwc)
         .add(nn::linear(&p / "dense4", 576, 128, Default::default()))
         .add(prelu(&p / "prelu4", 128));
-    let heads = vec![
-        nn::linear(&p / "dense5_1", 128, 2, Default::default()),
-        nn::linear(&p / "dense5_2", 128, 4, Default::default()),
-    ];
+    let heads = vec![nn::linear(&p / "dense5_1", 128, 2, Default::default()), nn::linear(&p / "dense5_2", 128, 4, Default::default())];
     (body, heads)
 }
 
@@ -223,7 +220,12 @@ impl Mtcnn {
                 if p >= self.config.thresholds[0] {
                     let (yy, xx) = ((i / fw as usize) as f32, (i % fw as usize) as f32);
                     here.push(Cand {
-                        b: [((2.0 * xx + 1.0) / scale32).floor(), ((2.0 * yy + 1.0) / scale32).floor(), ((2.0 * xx + 12.0) / scale32).floor(), ((2.0 * yy + 12.0) / scale32).floor()],
+                        b: [
+                            ((2.0 * xx + 1.0) / scale32).floor(),
+                            ((2.0 * yy + 1.0) / scale32).floor(),
+                            ((2.0 * xx + 12.0) / scale32).floor(),
+                            ((2.0 * yy + 12.0) / scale32).floor(),
+                        ],
                         score: p,
                         reg: [reg[i], reg[plane + i], reg[2 * plane + i], reg[3 * plane + i]],
                     });
@@ -276,10 +278,8 @@ impl Mtcnn {
             }
             // The last round counts overlap against the smaller box, with inclusive pixel
             // areas (+1), as the original MATLAB code and facenet-pytorch's numpy NMS do.
-            let dets: Vec<Detection> = passed
-                .iter()
-                .map(|(c, _)| Detection { x1: c.b[0], y1: c.b[1], x2: c.b[2] + 1.0, y2: c.b[3] + 1.0, score: c.score, class: 0 })
-                .collect();
+            let dets: Vec<Detection> =
+                passed.iter().map(|(c, _)| Detection { x1: c.b[0], y1: c.b[1], x2: c.b[2] + 1.0, y2: c.b[3] + 1.0, score: c.score, class: 0 }).collect();
             for i in nms(&dets, 0.7, IouMode::Min) {
                 let (c, landmarks) = passed[i];
                 faces.push(Face { x1: c.b[0], y1: c.b[1], x2: c.b[2], y2: c.b[3], score: c.score, landmarks });

@@ -189,7 +189,10 @@ impl Trainer {
                     self.replicas[..used].iter_mut().zip(shards).map(|(replica, (x, y))| scope.spawn(move || replica_step(replica, x, y))).collect();
                 // A replica that panicked (a device out of memory, say) fails the step: averaging
                 // without its share would silently train on part of the batch.
-                handles.into_iter().map(|h| h.join().map_err(|_| TrainError::Io("a data-parallel replica failed during its step".into()))).collect::<Result<Vec<_>, _>>()
+                handles
+                    .into_iter()
+                    .map(|h| h.join().map_err(|_| TrainError::Io("a data-parallel replica failed during its step".into())))
+                    .collect::<Result<Vec<_>, _>>()
             })?
         };
         if used > 1 {
@@ -321,12 +324,8 @@ impl Trainer {
     /// stands (`meta.step`). Written to a temporary name and renamed, so a reader (the agent
     /// uploads it when it changes) never sees half a checkpoint.
     pub fn save_checkpoint(&self, path: &Path) -> Result<(), TrainError> {
-        let mut named: Vec<(String, Tensor)> = self.replicas[0]
-            .vs
-            .variables()
-            .into_iter()
-            .map(|(k, v)| (format!("model.{k}"), v.to_device(Device::Cpu)))
-            .collect();
+        let mut named: Vec<(String, Tensor)> =
+            self.replicas[0].vs.variables().into_iter().map(|(k, v)| (format!("model.{k}"), v.to_device(Device::Cpu))).collect();
         named.extend(self.optimizer.state());
         named.push(("meta.step".into(), Tensor::from_slice(&[self.step as i64])));
         named.sort_by(|a, b| a.0.cmp(&b.0));

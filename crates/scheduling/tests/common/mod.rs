@@ -5,29 +5,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use suanli_scheduling::{CardView, Decision, QueuedJob, RunningJob};
-use suanli_types::{
-    AccountId, CardId, JobId, JobKind, JobRun, JobSpec, LeaseId, NodeId, Resources, Timestamp,
-};
+use suanli_types::{AccountId, CardId, JobId, JobKind, JobRun, JobSpec, LeaseId, NodeId, Resources, Timestamp};
 
 pub const HOUR_MS: u64 = 3_600_000;
 
 pub fn card(id: u64, node: u64, owner: u64, model: &str) -> CardView {
-    CardView {
-        id: CardId(id),
-        node: NodeId(node),
-        model: model.into(),
-        vram_mib: 81_920,
-        lease: LeaseId(owner),
-        owner: AccountId(owner),
-        usable: true,
-    }
+    CardView { id: CardId(id), node: NodeId(node), model: model.into(), vram_mib: 81_920, lease: LeaseId(owner), owner: AccountId(owner), usable: true }
 }
 
 /// `count` cards of `model` on `node`, ids `first..`.
 pub fn node(node: u64, owner: u64, model: &str, first: u64, count: u64) -> Vec<CardView> {
-    (first..first + count)
-        .map(|id| card(id, node, owner, model))
-        .collect()
+    (first..first + count).map(|id| card(id, node, owner, model)).collect()
 }
 
 /// A training job on `cards` cards of any model.
@@ -35,19 +23,10 @@ pub fn spec(name: &str, cards: u32) -> JobSpec {
     JobSpec {
         name: name.into(),
         kind: JobKind::Training,
-        resources: Resources {
-            cards,
-            gpu_models: vec![],
-            min_vram_mib: 0,
-            single_node: false,
-            shared: false,
-        },
+        resources: Resources { cards, gpu_models: vec![], min_vram_mib: 0, single_node: false, shared: false },
         inputs: vec![],
         outputs: vec![],
-        run: JobRun::Builtin {
-            task: "train_classifier".into(),
-            params: BTreeMap::new(),
-        },
+        run: JobRun::Builtin { task: "train_classifier".into(), params: BTreeMap::new() },
         priority: 0,
         preemptible: false,
         deadline: None,
@@ -67,13 +46,7 @@ pub fn sharing_spec(name: &str) -> JobSpec {
 }
 
 pub fn queued(id: u64, owner: u64, spec: JobSpec, submitted_ms: i64) -> QueuedJob {
-    QueuedJob {
-        id: JobId(id),
-        owner: AccountId(owner),
-        spec: Arc::new(spec),
-        submitted_at: Timestamp(submitted_ms),
-        attained_gpu_ms: 0,
-    }
+    QueuedJob { id: JobId(id), owner: AccountId(owner), spec: Arc::new(spec), submitted_at: Timestamp(submitted_ms), attained_gpu_ms: 0 }
 }
 
 pub fn running(id: u64, owner: u64, cards: &[u64]) -> RunningJob {
@@ -91,10 +64,7 @@ pub fn running(id: u64, owner: u64, cards: &[u64]) -> RunningJob {
 }
 
 pub fn sharing(id: u64, owner: u64, card: u64) -> RunningJob {
-    RunningJob {
-        shared: true,
-        ..running(id, owner, &[card])
-    }
+    RunningJob { shared: true, ..running(id, owner, &[card]) }
 }
 
 /// Placements by job (card ids as numbers).
