@@ -9,8 +9,21 @@
 //! Conditions: a card's health (off the bus, overheating, XID errors → the supplier and the
 //! researcher holding it), a node's agent going silent (grouped per node), a lease requested
 //! (the supplier must approve), a lease ending within 24 h and within 1 h (the researcher), a
-//! job that finished or failed (its owner), and a researcher's available balance below the
-//! operator's threshold (open until a deposit or refund lifts it).
+//! job that finished or failed (its owner), a researcher's available balance below the
+//! operator's threshold (open until a deposit or refund lifts it), a paid lease whose cards all
+//! showed 0 % utilization for `[portal.alerts] idle_lease_seconds` (default an hour; leases
+//! checked every `check_seconds`), and the platform's own alerts from Alertmanager (for the
+//! operators who watch the platform, `api/operations.rs`).
+//!
+//! The cursor (`event_cursor`) starts, on first start, at the events from then on. Before
+//! writing, the engine asks the broker what it needs (which node and lease a card belongs to,
+//! who holds the lease). One open alert per condition is a partial unique index on
+//! `alerts(condition_key) WHERE state = 'open'`. Each message is rendered in its recipient's
+//! language; email, SMS (a mobile number and an SMS gateway) and a signed webhook per the
+//! person's settings; quiet hours (UTC+8) hold back SMS and webhooks, not mail; more than 30
+//! messages an hour to one person wait for the next hour. The outbox (`outbox.rs`) claims a
+//! message for 15 s before sending (replicas never send one twice at once), records every
+//! attempt's error and retries with backoff for 24 h.
 
 use std::collections::BTreeSet;
 use std::time::Duration;

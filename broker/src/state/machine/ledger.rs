@@ -10,6 +10,25 @@
 //! sum of a lease's charge lines is exactly the rounded charge of its whole use. When the lease
 //! ends, whatever is left of the hold goes back: the part that paid for time a card had dropped
 //! off as a service credit, the rest as a refund.
+//!
+//! The rules, all here:
+//! - **Accounts** (vocabulary in `crates/types/src/ledger.rs`): `available:<researcher>`,
+//!   `held:<researcher>`, `earnings:<supplier>`, `platform_fees`, `funding`, and for leases of
+//!   other federation members' cards `remote_held:<researcher>` and `federation_payable`; every
+//!   transaction sums to zero; money is integer minor units.
+//! - **Prepaid.** A request (or extension) the balance plus granted credit cannot cover is
+//!   `INSUFFICIENT_FUNDS` and changes nothing.
+//! - **Metered** per healthy card-millisecond: the leader's reaper proposes one `SettleLeases` a
+//!   minute for all active leases; charge = price × healthy card-ms / period, rounded half up
+//!   once, posted as the difference from what was charged. The platform fee (10 %) is computed
+//!   the same cumulative way; earnings go to the supplier.
+//! - **Class B evaluation** at lease end: uptime = healthy card-time / card-time (bps); cards
+//!   dropped; utilization = card-time jobs ran / card-time. Score = uptime % − 10 × cards
+//!   dropped, within 0–100; a supplier's reliability is the mean of its last 50 scores.
+//! - **Per-job cost**: each attempt's card-ms at each card's lease price, rounded once per
+//!   attempt (over a common denominator of all billing periods).
+//! - **Statements** (`GetStatement`, per UTC month): opening, deposits, charged, refunded,
+//!   credited, earned, closing, a line per lease and the cost of each job that ended in it.
 
 use std::collections::BTreeMap;
 
