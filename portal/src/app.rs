@@ -29,7 +29,7 @@ use crate::state::AppState;
         operator::list_reviews, operator::decide_review, operator::list_operators, operator::set_roles, operator::audit, operations::alertmanager,
         federation::catalogue, federation::members, federation::lease, federation::list, federation::access, federation::end,
     ),
-    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "supplier"), (name = "operator"))
+    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "supplier"), (name = "operator"), (name = "operations"))
 )]
 pub struct ApiDoc;
 

@@ -77,6 +77,8 @@ pub enum MigrateError {
     Database(#[from] sqlx::Error),
     #[error("this database was contracted to schema version {floor}; this portal knows versions up to {knows}: run a newer portal")]
     TooOld { floor: i64, knows: i64 },
+    #[error("contract migration {version} is pending and this portal's migrations go past it: run `suanli-portal migrate --contract` once no portal older than it runs, then start this one")]
+    ContractPending { version: i64 },
     #[error("a portal that knows schema versions only up to {knows} still runs (instance {id}, seen {ago_s} s ago): upgrade or stop it before contract migration {version}")]
     OlderPortalRunning { id: String, knows: i64, ago_s: i64, version: i64 },
 }
@@ -283,12 +285,26 @@ impl Db {
             let version = i as i64 + 1;
             if migration.phase == Phase::Contract {
                 if !contract {
+                    // Later migrations cannot be applied past it, and this code needs them.
+                    if knows > version {
+                        return Err(MigrateError::ContractPending { version });
+                    }
                     tracing::warn!(version, "contract migration pending: run `suanli-portal migrate --contract` once every portal runs this release");
                     break;
                 }
                 self.no_older_portal_runs(version).await?;
             }
             let mut tx = self.pool.begin().await?;
+            // Portals starting together take turns (PostgreSQL; SQLite serialises writers), and
+            // one that waited finds the migration applied.
+            if self.backend == Backend::Postgres {
+                sqlx::query("SELECT pg_advisory_xact_lock(7316001)").execute(&mut *tx).await?;
+            }
+            let applied: i64 = sqlx::query("SELECT COUNT(*) AS n FROM portal_schema").fetch_one(&mut *tx).await?.try_get("n")?;
+            if applied >= version {
+                tx.rollback().await?;
+                continue;
+            }
             for statement in migration.statements {
                 sqlx::query(statement).execute(&mut *tx).await?;
             }
@@ -449,5 +465,18 @@ mod tests {
         let refused = db.migrate_with(MIGRATIONS, false).await.expect_err("too old");
         assert!(matches!(refused, MigrateError::TooOld { floor, knows } if floor == SCHEMA_VERSION + 2 && knows == SCHEMA_VERSION), "{refused}");
         assert!(refused.to_string().contains("run a newer portal"), "{refused}");
+    }
+
+    #[tokio::test]
+    async fn a_release_whose_migrations_go_past_a_pending_contract_refuses_to_start() {
+        let (_dir, db) = database().await;
+        let mut later = MIGRATIONS.to_vec();
+        later.push(contract(&["DROP TABLE phone_codes"]));
+        later.push(expand(&["CREATE TABLE shiny (id BIGINT PRIMARY KEY)"]));
+        let refused = db.migrate_with(&later, false).await.expect_err("the contract is pending");
+        assert!(matches!(refused, MigrateError::ContractPending { version } if version == SCHEMA_VERSION + 1), "{refused}");
+        assert!(!has_table(&db, "shiny").await && has_table(&db, "phone_codes").await, "nothing applied out of order");
+        db.migrate_with(&later, true).await.expect("contract, then the rest");
+        assert!(has_table(&db, "shiny").await && !has_table(&db, "phone_codes").await);
     }
 }

@@ -53,11 +53,13 @@ async fn alertmanager(dir: &std::path::Path, portal: &str, token_file: &std::pat
     Ok(Alertmanager { _child: child, url })
 }
 
-/// What Prometheus would send Alertmanager: the alert, firing, or resolved at `ends`.
-async fn post_alert(am: &Alertmanager, ends: Option<&str>) -> anyhow::Result<()> {
+/// What Prometheus would send Alertmanager: the alert, active since `starts` (Prometheus sends
+/// the same `startsAt` with every repeat and with the resolve), firing, or resolved at `ends`.
+async fn post_alert(am: &Alertmanager, starts: &str, ends: Option<&str>) -> anyhow::Result<()> {
     let mut alert = json!({
         "labels": {"alertname": "SuanliBrokerNodeDown", "severity": "page", "instance": "b2:9464", "job": "suanli-broker"},
         "annotations": {"summary": "Broker node b2:9464 is down"},
+        "startsAt": starts,
     });
     if let Some(ends) = ends {
         alert["endsAt"] = json!(ends);
@@ -89,7 +91,7 @@ async fn scenario(w: &World, dir: &std::path::Path, token_file: &std::path::Path
 
     // Nobody without the token gets through, and nothing is recorded.
     let endpoint = format!("{}/api/v1/operations/alertmanager", w.portal.url);
-    let forged = json!({"version": "4", "status": "firing", "alerts": [{"status": "firing", "labels": {"alertname": "SuanliBrokerNodeDown"}, "annotations": {}, "fingerprint": "0123abcd"}]});
+    let forged = json!({"version": "4", "status": "firing", "alerts": [{"status": "firing", "labels": {"alertname": "SuanliBrokerNodeDown"}, "annotations": {}, "fingerprint": "0123abcd", "startsAt": "2026-12-03T08:00:00Z"}]});
     let http = reqwest::Client::new();
     for auth in [None, Some("Bearer not-the-token-at-all-sorry"), Some(TOKEN)] {
         // Only `Bearer <token>` counts, not the bare token.
@@ -101,7 +103,8 @@ async fn scenario(w: &World, dir: &std::path::Path, token_file: &std::path::Path
         anyhow::ensure!(r.status() == StatusCode::UNAUTHORIZED, "{auth:?}: {}", r.status());
     }
 
-    post_alert(&am, None).await?;
+    let starts = time_rfc3339(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() - 60);
+    post_alert(&am, &starts, None).await?;
     suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { (mails_about(w, "ops_wang@suanli.test", "[Suanli] Alert") == 1).then_some(()) })
         .await?;
     let mail = w
@@ -112,14 +115,14 @@ async fn scenario(w: &World, dir: &std::path::Path, token_file: &std::path::Path
         .expect("the alert mail");
     anyhow::ensure!(mail.subject.contains("SuanliBrokerNodeDown: Broker node b2:9464 is down"), "{}", mail.subject);
     // Alertmanager sends the group again (a second alert of the group): still one alert.
-    post_alert(&am, None).await?;
+    post_alert(&am, &starts, None).await?;
     let direct = http.post(&endpoint).header("authorization", format!("Bearer {TOKEN}")).json(&json!({"version": "4", "alerts": []})).send().await?;
     anyhow::ensure!(direct.status() == StatusCode::OK, "an empty notification is fine: {}", direct.status());
 
     // Resolved: one resolve mail to the same operator.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     let ends = time_rfc3339(now);
-    post_alert(&am, Some(&ends)).await?;
+    post_alert(&am, &starts, Some(&ends)).await?;
     suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async { (mails_about(w, "ops_wang@suanli.test", "[Suanli] Resolved") == 1).then_some(()) })
         .await?;
     anyhow::ensure!(mails_about(w, "ops_wang@suanli.test", "[Suanli] Alert") == 1, "one alert mail, however often it was sent");

@@ -63,8 +63,9 @@ impl SchedulerMetrics {
             Err(_) => "failed",
         };
         self.rounds.get_or_create(&Outcome { outcome }).inc();
+        // A replica that cannot reach the broker schedules nothing, whatever lease it held.
+        self.acting.set(i64::from(matches!(result, Ok(report) if report.acting)));
         if let Ok(report) = result {
-            self.acting.set(i64::from(report.acting));
             for (decision, n) in [
                 ("placed", report.placed),
                 ("refused", report.refused),

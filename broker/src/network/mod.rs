@@ -105,7 +105,7 @@ impl PeerAddresses {
 pub struct PeerTls {
     identity: Identity,
     ca: Certificate,
-    /// When the peer certificate stops being valid (Unix seconds; 0 if unreadable).
+    /// When the peer certificate stops being valid (Unix seconds).
     pub not_after: i64,
 }
 

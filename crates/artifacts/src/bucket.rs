@@ -116,6 +116,11 @@ impl Bucket {
         Ok(written)
     }
 
+    /// A small object's bytes (a manifest).
+    pub async fn get_bytes(&self, key: &str) -> Result<Vec<u8>, BucketError> {
+        Ok(self.store.get(&self.key(key)?).await?.bytes().await?.to_vec())
+    }
+
     /// Size of `key`, or `None` if there is no such object.
     pub async fn size(&self, key: &str) -> Result<Option<u64>, BucketError> {
         match self.store.head(&self.key(key)?).await {

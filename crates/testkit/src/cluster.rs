@@ -34,6 +34,11 @@ struct Member {
 /// The broker of the release the rolling-upgrade test starts from, as
 /// `ops/build-previous-release` builds it (from the commit `ops/previous-release` names).
 pub fn previous_release_broker() -> anyhow::Result<PathBuf> {
+    previous_release_binary("suanli-broker")
+}
+
+/// A binary (`suanli-broker`, `suanli-portal`) of the release named in `ops/previous-release`.
+pub fn previous_release_binary(name: &str) -> anyhow::Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let named = std::fs::read_to_string(root.join("ops/previous-release"))?;
     let commit = named
@@ -41,7 +46,7 @@ pub fn previous_release_broker() -> anyhow::Result<PathBuf> {
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.split_whitespace().next())
         .ok_or_else(|| anyhow!("ops/previous-release names no commit"))?;
-    let binary = PathBuf::from(format!("/var/tmp/suanli-previous/{commit}/suanli-broker"));
+    let binary = PathBuf::from(format!("/var/tmp/suanli-previous/{commit}/{name}"));
     if !binary.is_file() {
         bail!("{} is missing: run ops/build-previous-release (.ci/run does)", binary.display());
     }

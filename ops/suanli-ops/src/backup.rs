@@ -57,6 +57,10 @@ pub struct BackupConfig {
     pub artifacts: ArtifactsSource,
     #[serde(default)]
     pub offsite: Option<BucketConfig>,
+    /// Where a successful run writes its Prometheus metrics (node_exporter's textfile
+    /// collector: `--collector.textfile.directory`), so an alert fires when backups stop.
+    #[serde(default)]
+    pub metrics_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -209,17 +213,27 @@ async fn run(command: &mut Command) -> Result<(), BackupError> {
     Err(BackupError::Tool { program, status: out.status.to_string(), stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() })
 }
 
-/// Holds the backup root for one run: two runs at once would sweep each other's pool.
+/// Holds the backup root: exclusively for what writes or deletes there (take, run, fetch), so
+/// two runs never sweep each other's pool; shared for what reads a backup (verify, restore), so
+/// a scheduled run never prunes the backup being restored under it.
 pub struct RootLock {
     _file: std::fs::File,
 }
 
 impl RootLock {
     pub fn take(root: &Path) -> Result<RootLock, BackupError> {
+        RootLock::lock(root, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+    }
+
+    pub fn shared(root: &Path) -> Result<RootLock, BackupError> {
+        RootLock::lock(root, rustix::fs::FlockOperation::NonBlockingLockShared)
+    }
+
+    fn lock(root: &Path, how: rustix::fs::FlockOperation) -> Result<RootLock, BackupError> {
         std::fs::create_dir_all(root).map_err(io(root))?;
         let path = root.join(".lock");
         let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| BackupError::Busy(root.to_owned()))?;
+        rustix::fs::flock(&file, how).map_err(|_| BackupError::Busy(root.to_owned()))?;
         Ok(RootLock { _file: file })
     }
 }
@@ -323,8 +337,22 @@ async fn take_parts(config: &BackupConfig, out: &Path) -> Result<(u64, u64), Bac
 }
 
 /// Reads a backup's manifest and checks every file it names (size and SHA-256), that no file
-/// was added, and every artifact in the pool.
+/// was added, and every artifact in the pool (re-hashed).
 pub async fn verify(root: &Path, name: &str) -> Result<PlatformManifest, BackupError> {
+    let _lock = RootLock::shared(root)?;
+    verify_unlocked(root, name, Depth::Artifacts).await
+}
+
+/// How far a verification goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Depth {
+    /// The backup's own files only: its artifacts were hashed on their way into the pool.
+    Files,
+    /// And every artifact in the pool, re-hashed (bit rot, a damaged copy).
+    Artifacts,
+}
+
+async fn verify_unlocked(root: &Path, name: &str, depth: Depth) -> Result<PlatformManifest, BackupError> {
     let dir = root.join(name);
     let manifest = read_manifest(&dir)?;
     if manifest.name != name {
@@ -349,8 +377,10 @@ pub async fn verify(root: &Path, name: &str) -> Result<PlatformManifest, BackupE
     if let Some(extra) = found.iter().find(|f| !manifest.files.iter().any(|e| e.path == f.path)) {
         return Err(BackupError::Damaged(format!("{} is not part of this backup", extra.path)));
     }
-    let artifacts = read_artifacts_manifest(&dir)?;
-    artifacts::verify(&artifacts, &LocalStore::reader(&root.join(POOL))).await?;
+    if depth == Depth::Artifacts {
+        let artifacts = read_artifacts_manifest(&dir)?;
+        artifacts::verify(&artifacts, &LocalStore::reader(&root.join(POOL))).await?;
+    }
     Ok(manifest)
 }
 
@@ -407,7 +437,8 @@ pub struct RestoreTarget {
 /// Restores backup `name` of `root`: checks everything first, then the portal database (which
 /// refuses a database with tables before writing), the broker's first node, and the artifacts.
 pub async fn restore(root: &Path, name: &str, target: &RestoreTarget) -> Result<PlatformManifest, BackupError> {
-    let manifest = verify(root, name).await?;
+    let _lock = RootLock::shared(root)?;
+    let manifest = verify_unlocked(root, name, Depth::Artifacts).await?;
     for dir in [&target.broker_data_dir, &target.artifacts_dir] {
         if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
             return Err(BackupError::NotEmpty(dir.clone()));
@@ -460,7 +491,8 @@ pub async fn run_once(config: &BackupConfig) -> Result<RunReport, BackupError> {
         }
     }
     let manifest = take_locked(config).await?;
-    verify(&config.dir, &manifest.name).await?;
+    // Its artifacts were hashed on their way into the pool; `backup verify` re-hashes them all.
+    verify_unlocked(&config.dir, &manifest.name, Depth::Files).await?;
     let bucket = config.offsite.as_ref().map(Bucket::connect).transpose()?;
     let mut sent_offsite = 0;
     if let Some(bucket) = &bucket {
@@ -474,17 +506,44 @@ pub async fn run_once(config: &BackupConfig) -> Result<RunReport, BackupError> {
     let kept_artifacts = kept.iter().map(|n| read_artifacts_manifest(&config.dir.join(n))).collect::<Result<Vec<_>, _>>()?;
     let pool_swept = artifacts::sweep_pool(&LocalStore::open(&config.dir.join(POOL), u64::MAX)?, &kept_artifacts).await?;
     if let Some(bucket) = &bucket {
-        prune_offsite(bucket, kept, &kept_artifacts).await?;
+        prune_offsite(bucket, config.keep).await?;
+    }
+    if let Some(path) = &config.metrics_file {
+        write_metrics(path, &manifest)?;
     }
     Ok(RunReport { manifest, pruned: old.to_vec(), pool_swept, sent_offsite })
+}
+
+/// The textfile a successful run leaves for node_exporter (written beside, then renamed).
+fn write_metrics(path: &Path, m: &PlatformManifest) -> Result<(), BackupError> {
+    let file_bytes: u64 = m.files.iter().map(|f| f.bytes).sum();
+    let text = format!(
+        "# HELP suanli_backup_last_success_timestamp_seconds When the last backup run finished (verified, copied off-site, pruned).\n\
+         # TYPE suanli_backup_last_success_timestamp_seconds gauge\n\
+         suanli_backup_last_success_timestamp_seconds {}\n\
+         # HELP suanli_backup_last_duration_seconds How long the last backup took.\n\
+         # TYPE suanli_backup_last_duration_seconds gauge\n\
+         suanli_backup_last_duration_seconds {}\n\
+         # HELP suanli_backup_last_bytes The last backup's files and artifacts.\n\
+         # TYPE suanli_backup_last_bytes gauge\n\
+         suanli_backup_last_bytes {}\n",
+        m.finished_at_ms / 1000,
+        (m.finished_at_ms - m.began_at_ms) as f64 / 1000.0,
+        file_bytes + m.artifact_bytes,
+    );
+    let partial = PathBuf::from(format!("{}.partial", path.display()));
+    std::fs::write(&partial, text).map_err(io(&partial))?;
+    std::fs::rename(&partial, path).map_err(io(path))
 }
 
 fn pool_key(sha256: &str) -> String {
     format!("{POOL}/{sha256}")
 }
 
-fn pool_file(root: &Path, sha256: &str) -> PathBuf {
-    root.join(POOL).join(&sha256[..2.min(sha256.len())]).join(sha256)
+fn pool_file(root: &Path, sha256: &str) -> Result<PathBuf, BackupError> {
+    let digest: suanli_artifacts::Digest = sha256.parse()?;
+    let hex = digest.to_hex();
+    Ok(root.join(POOL).join(&hex[..2]).join(hex))
 }
 
 /// Sends a verified backup off-site: pool artifacts it needs that are not there yet, its
@@ -494,7 +553,7 @@ pub async fn send_offsite(bucket: &Bucket, root: &Path, manifest: &PlatformManif
     let mut sent = 0;
     for artifact in read_artifacts_manifest(&dir)?.artifacts {
         if bucket.size(&pool_key(&artifact.sha256)).await? != Some(artifact.bytes) {
-            bucket.put_file(&pool_key(&artifact.sha256), &pool_file(root, &artifact.sha256)).await?;
+            bucket.put_file(&pool_key(&artifact.sha256), &pool_file(root, &artifact.sha256)?).await?;
             sent += 1;
         }
     }
@@ -506,14 +565,33 @@ pub async fn send_offsite(bucket: &Bucket, root: &Path, manifest: &PlatformManif
     Ok(sent + 1)
 }
 
-async fn prune_offsite(bucket: &Bucket, kept: &[String], kept_artifacts: &[ArtifactsManifest]) -> Result<(), BackupError> {
-    let needed: BTreeSet<String> = kept_artifacts.iter().flat_map(|m| m.artifacts.iter().map(|a| pool_key(&a.sha256))).collect();
-    for key in bucket.list("").await? {
-        let top = key.split('/').next().unwrap_or_default();
-        let stale = if top == POOL { !needed.contains(&key) } else { is_backup_name(top) && !kept.iter().any(|k| k == top) };
-        if stale {
-            bucket.delete(&key).await?;
-        }
+/// Keeps the newest `keep` finished backups off-site — counted there, whatever the local root
+/// holds (a lost or new local volume must not cost the off-site copies) — and the pool objects
+/// they need. A stale backup goes manifest first (no longer a finished backup, its leftovers
+/// are stale however the pruning ends); pool objects go last.
+async fn prune_offsite(bucket: &Bucket, keep: usize) -> Result<(), BackupError> {
+    let finished = list_offsite(bucket).await?;
+    let kept: BTreeSet<&str> = finished.iter().rev().take(keep).map(String::as_str).collect();
+    let mut needed = BTreeSet::new();
+    for name in &kept {
+        let text = bucket.get_bytes(&format!("{name}/{ARTIFACTS_MANIFEST}")).await?;
+        let manifest: ArtifactsManifest =
+            serde_json::from_slice(&text).map_err(|e| BackupError::Damaged(format!("{name}/{ARTIFACTS_MANIFEST} off-site: {e}")))?;
+        needed.extend(manifest.artifacts.into_iter().map(|a| pool_key(&a.sha256)));
+    }
+    // Only backups older than the oldest kept one are stale: a newer one without a manifest may
+    // be on its way from another run.
+    let oldest_kept = kept.iter().next().copied().unwrap_or_default();
+    let keys = bucket.list("").await?;
+    let stale_backup = |top: &str| is_backup_name(top) && !kept.contains(top) && top < oldest_kept;
+    for key in keys.iter().filter(|k| k.ends_with(&format!("/{MANIFEST}")) && stale_backup(k.split('/').next().unwrap_or_default())) {
+        bucket.delete(key).await?;
+    }
+    for key in keys.iter().filter(|k| stale_backup(k.split('/').next().unwrap_or_default())) {
+        bucket.delete(key).await?;
+    }
+    for key in keys.iter().filter(|k| k.split('/').next() == Some(POOL) && !needed.contains(*k)) {
+        bucket.delete(key).await?;
     }
     Ok(())
 }
@@ -546,7 +624,7 @@ pub async fn fetch_offsite(bucket: &Bucket, name: &str, into: &Path) -> Result<P
     }
     let _ = std::fs::remove_dir_all(&staging);
     fetched?;
-    verify(into, name).await
+    verify_unlocked(into, name, Depth::Artifacts).await
 }
 
 /// The files of backup `name` into `into/name`, its artifacts into the pool, and its manifest
@@ -558,7 +636,11 @@ async fn fetch_files(bucket: &Bucket, name: &str, into: &Path, staging: &Path) -
     let manifest = read_manifest(staging)?;
     for file in &manifest.files {
         let relative = Path::new(&file.path);
-        if relative.is_absolute() || relative.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+        if file.path.is_empty()
+            || file.path == MANIFEST
+            || relative.is_absolute()
+            || relative.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
             return Err(BackupError::Damaged(format!("{:?} is not a path inside the backup", file.path)));
         }
         let path = dir.join(relative);

@@ -36,8 +36,9 @@ fn bin_dir() -> PathBuf {
 fn config(root: &Path, cluster: &BrokerCluster, database: &str, artifacts: &Path, s3: Option<&S3Server>, keep: usize) -> String {
     let endpoints: Vec<String> = cluster.live().iter().map(|id| format!("\"http://{}\"", cluster.address(*id).expect("address"))).collect();
     let mut text = format!(
-        "[backup]\ndir = {root:?}\nkeep = {keep}\nbin_dir = {bin:?}\n[backup.broker]\nendpoints = [{endpoints}]\n[backup.portal]\ndatabase_url = {database:?}\n[backup.artifacts]\ndir = {artifacts:?}\n",
+        "[backup]\ndir = {root:?}\nkeep = {keep}\nbin_dir = {bin:?}\nmetrics_file = {metrics:?}\n[backup.broker]\nendpoints = [{endpoints}]\n[backup.portal]\ndatabase_url = {database:?}\n[backup.artifacts]\ndir = {artifacts:?}\n",
         bin = bin_dir(),
+        metrics = root.with_extension("prom"),
         endpoints = endpoints.join(", "),
     );
     if let Some(s3) = s3 {
@@ -161,11 +162,25 @@ async fn a_platform_backed_up_under_load_and_copied_off_site_comes_back_whole_af
     history.check(&cluster).await;
     assert!(leases_before.len() >= 20, "{}", history.summary());
 
+    // The run left its metrics for node_exporter: the last success, just now.
+    let metrics = std::fs::read_to_string(root.with_extension("prom")).expect("metrics file");
+    assert!(metrics.contains("suanli_backup_last_success_timestamp_seconds "), "{metrics}");
     // Retention: the newest two, here and off-site; the first went from both.
     let listed = suanli_ops(&["backup", "list", "--config", &config_arg]).await;
     assert_eq!(String::from_utf8_lossy(&listed.stdout).lines().collect::<Vec<_>>(), names[1..].to_vec(), "{}", said(&listed));
     let offsite = suanli_ops(&["backup", "list", "--offsite", "--config", &config_arg]).await;
     assert_eq!(String::from_utf8_lossy(&offsite.stdout).lines().collect::<Vec<_>>(), names[1..].to_vec(), "{}", said(&offsite));
+
+    // A new, empty local root (a replaced volume) costs the off-site copies nothing: off-site
+    // keeps its own newest two.
+    let fresh_root = dir.path().join("backups-on-a-new-volume");
+    let fresh_config = dir.path().join("backup-fresh.toml");
+    std::fs::write(&fresh_config, std::fs::read_to_string(&config_path).expect("config").replace(&format!("dir = {root:?}"), &format!("dir = {fresh_root:?}")))
+        .expect("config");
+    let fresh = suanli_ops(&["backup", "run", "--config", &fresh_config.display().to_string()]).await;
+    assert!(fresh.status.success(), "{}", said(&fresh));
+    let offsite = suanli_ops(&["backup", "list", "--offsite", "--config", &config_arg]).await;
+    assert_eq!(String::from_utf8_lossy(&offsite.stdout).lines().collect::<Vec<_>>(), vec![names[2].clone(), backup_name(&fresh)], "{}", said(&offsite));
 
     // Everything here is lost: the cluster, the database, the artifact store, the local backups.
     drop(cluster);

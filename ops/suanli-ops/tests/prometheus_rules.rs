@@ -45,3 +45,20 @@ fn the_alertmanager_configuration_passes_amtool_check() {
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && said.contains("SUCCESS"), "amtool check-config:\n{said}");
 }
+
+#[test]
+fn pages_reach_on_call_without_the_portal_and_the_watchdog_reaches_the_dead_mans_switch() {
+    for (labels, receivers) in [
+        (&["severity=page", "alertname=SuanliPortalDown"][..], "on-call-mail,suanli-portal"),
+        (&["severity=ticket", "alertname=SuanliPortalOutboxBacklog"][..], "suanli-portal"),
+        (&["severity=none", "alertname=SuanliWatchdog"][..], "dead-mans-switch"),
+    ] {
+        let out = Command::new("amtool")
+            .args(["config", "routes", "test", "--config.file=alertmanager.yml"])
+            .args(labels)
+            .current_dir(rules_dir())
+            .output()
+            .unwrap_or_else(|e| panic!("amtool could not be started ({e}); ops/install-build-deps installs it"));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), receivers, "{labels:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}

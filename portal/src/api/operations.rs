@@ -2,16 +2,19 @@
 //! through the channels researchers and suppliers are alerted by (SPEC 000 §7.4.2) — mail,
 //! SMS, webhooks, quiet hours, the per-hour limit. Prometheus' Alertmanager posts its webhook
 //! here (`ops/prometheus/alertmanager.yml`) with the bearer token the portal was given
-//! (`alertmanager_token_file`); without one configured the endpoint does not exist.
+//! (`alertmanager_token_file`); without one configured every call is refused.
 //!
-//! Each alert is one condition (`ops:<fingerprint>`): firing opens it once however often
-//! Alertmanager repeats itself, resolved closes it with one message to the same people.
+//! Each incident is one condition (`ops:<fingerprint>:<startsAt>`): firing opens it once however
+//! often Alertmanager repeats itself (and however many Alertmanager replicas post it: one open
+//! alert per condition is a unique index), resolved closes it with one message to the same
+//! people.
 
 use std::collections::BTreeMap;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
@@ -40,8 +43,12 @@ pub struct AlertmanagerAlert {
     /// `summary`, if any, goes into the message.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
-    /// Alertmanager's identity of the alert (hex).
+    /// Alertmanager's identity of the alert (hex): the same for every incident of one label set.
     pub fingerprint: String,
+    /// When this incident began (RFC 3339): with the fingerprint, it names the incident, so a
+    /// resolve that never arrived does not silence the next one.
+    #[serde(rename = "startsAt")]
+    pub starts_at: String,
 }
 
 #[derive(Serialize, ToSchema, Debug, PartialEq, Eq)]
@@ -50,10 +57,25 @@ pub struct AlertsReceived {
     pub resolved: usize,
 }
 
+/// Alertmanager, as its bearer token proves; checked before the body is read.
+pub struct AlertmanagerCaller;
+
+impl axum::extract::FromRequestParts<AppState> for AlertmanagerCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Self, ApiError> {
+        authorized(state, &parts.headers)?;
+        Ok(AlertmanagerCaller)
+    }
+}
+
 fn authorized(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
-    let Some(expected) = &state.settings.alertmanager_token else { return Err(ApiError::not_found("no such endpoint")) };
+    // Not configured: nobody gets in (and nobody learns whether it is configured).
+    let Some(expected) = &state.settings.alertmanager_token else { return Err(ApiError::unauthenticated()) };
     let presented = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
-    if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
+    // Hashes of equal length: the comparison says nothing about the token's length either.
+    let digest = |t: &str| sha2::Sha256::digest(t.as_bytes());
+    if bool::from(digest(presented).as_slice().ct_eq(digest(expected).as_slice())) {
         Ok(())
     } else {
         Err(ApiError::unauthenticated())
@@ -77,7 +99,12 @@ fn decide(n: &AlertmanagerNotification) -> ApiResult<(Vec<Decision>, AlertsRecei
             problems.add(&format!("alerts[{i}].fingerprint"), "Alertmanager's hex fingerprint");
             continue;
         }
-        let key = format!("ops:{}", fingerprint.to_ascii_lowercase());
+        let starts_at = alert.starts_at.trim();
+        if starts_at.is_empty() || starts_at.len() > 40 || !starts_at.bytes().all(|b| b.is_ascii_digit() || b"-:.TZ+".contains(&b)) {
+            problems.add(&format!("alerts[{i}].startsAt"), "an RFC 3339 time");
+            continue;
+        }
+        let key = format!("ops:{}:{starts_at}", fingerprint.to_ascii_lowercase());
         let name = alert.labels.get("alertname").map(|n| n.trim()).unwrap_or_default();
         if name.is_empty() || name.chars().count() > 200 {
             problems.add(&format!("alerts[{i}].labels.alertname"), "the alert's name, 1 to 200 characters");
@@ -100,15 +127,14 @@ fn decide(n: &AlertmanagerNotification) -> ApiResult<(Vec<Decision>, AlertsRecei
     Ok((decisions, received))
 }
 
-#[utoipa::path(post, path = "/api/v1/operations/alertmanager", tag = "operator", request_body = AlertmanagerNotification,
+#[utoipa::path(post, path = "/api/v1/operations/alertmanager", tag = "operations", request_body = AlertmanagerNotification,
     responses((status = 200, body = AlertsReceived), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
-        (status = 404, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody)))]
+        (status = 413, body = crate::error::ErrorBody)))]
 pub async fn alertmanager(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _caller: AlertmanagerCaller,
     ApiJson(n): ApiJson<AlertmanagerNotification>,
 ) -> ApiResult<axum::Json<AlertsReceived>> {
-    authorized(&state, &headers)?;
     let (decisions, received) = decide(&n)?;
     alerts::record(&state, decisions).await?;
     Ok(axum::Json(received))
@@ -124,6 +150,7 @@ mod tests {
             labels: [("alertname".to_owned(), name.to_owned())].into(),
             annotations: [("summary".to_owned(), "broker-2 is down".to_owned())].into(),
             fingerprint: fingerprint.into(),
+            starts_at: "2026-12-03T08:00:00Z".into(),
         }
     }
 
@@ -139,10 +166,10 @@ mod tests {
             decisions,
             vec![
                 Decision::ForOperators {
-                    key: "ops:ab12".into(),
+                    key: "ops:ab12:2026-12-03T08:00:00Z".into(),
                     subject: Subject::Operations { name: "SuanliBrokerNodeDown".into(), summary: "broker-2 is down".into() }
                 },
-                Decision::Resolve { key: "ops:ab12".into() },
+                Decision::Resolve { key: "ops:ab12:2026-12-03T08:00:00Z".into() },
             ]
         );
     }

@@ -33,6 +33,11 @@ impl World {
 
     /// As `start`, with more portal flags (a `--config` file, say).
     pub async fn start_with(backend: Backend, extra: &[String]) -> anyhow::Result<Option<World>> {
+        World::start_binary(backend, extra, None).await
+    }
+
+    /// As `start_with`, running another build of the portal (the previous release's).
+    pub async fn start_binary(backend: Backend, extra: &[String], binary: Option<&std::path::Path>) -> anyhow::Result<Option<World>> {
         let dir = tempfile::TempDir::new()?;
         let Some(db) = database_url(dir.path(), matches!(backend, Backend::Postgres)).await? else {
             eprintln!("SUANLI_TEST_POSTGRES_URL is not set: skipping the PostgreSQL run");
@@ -57,7 +62,7 @@ impl World {
                 database_url: &db,
                 smtp: Some(&smtp.address),
                 extra: &flags.iter().map(String::as_str).collect::<Vec<_>>(),
-                binary: None,
+                binary,
             },
         )
         .await?;
