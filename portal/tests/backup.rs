@@ -2,22 +2,10 @@
 //! restored database holds every row the backed-up one held; a damaged backup, a non-empty
 //! target and a used backup directory are refused, and nothing is written.
 
-use std::path::Path;
-
 use sqlx::any::AnyPoolOptions;
 use sqlx::Row;
+use suanli_testkit::portal::command as portal;
 use suanli_testkit::portal::database_url;
-use suanli_testkit::workspace_binary;
-
-async fn portal(url: &str, keys: &Path, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(workspace_binary("suanli-portal", "suanli-portal").expect("portal binary"))
-        .args(["--database-url", url, "--key-file"])
-        .arg(keys)
-        .args(args)
-        .output()
-        .await
-        .expect("run the portal")
-}
 
 /// Every table's name and row count.
 async fn contents(url: &str) -> Vec<(String, i64)> {

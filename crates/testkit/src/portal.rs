@@ -82,3 +82,15 @@ pub fn drop_database(url: &str) {
         let _ = std::process::Command::new("psql").args([&server, "-q", "-c", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")]).status();
     }
 }
+
+/// Runs a `suanli-portal` command (`backup`, `create-operator`, …) on the database at `url`
+/// with the key file `keys`, as an operator would; panics if it cannot be started.
+pub async fn command(url: &str, keys: &Path, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(workspace_binary("suanli-portal", "suanli-portal").expect("portal binary"))
+        .args(["--database-url", url, "--key-file"])
+        .arg(keys)
+        .args(args)
+        .output()
+        .await
+        .expect("run the portal")
+}

@@ -696,3 +696,51 @@ mod tests {
         assert!(BackupConfig::parse(&base.replace("keep = 1", "keep = 1\nkep = 2")).is_err(), "an unknown key is a typo, refused");
     }
 }
+
+/// Backups are read years after they were written: format 1's manifests, as written then, must
+/// read the same forever (`ops/suanli-ops/formats/`). A change that breaks these tests needs a
+/// new `backup_format` and a reader for the old one.
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("formats").join(name)).expect("fixture")
+    }
+
+    #[test]
+    fn a_format_1_platform_manifest_reads_as_written() {
+        let text = fixture("platform-manifest-v1.json");
+        let manifest: PlatformManifest = serde_json::from_str(&text).expect("format 1 reads");
+        assert_eq!(manifest.name, "20261203T080000Z");
+        assert_eq!(manifest.parts, vec![Part::Portal, Part::Broker, Part::Artifacts]);
+        assert_eq!(manifest.files.len(), 5);
+        let written: serde_json::Value = serde_json::to_value(&manifest).expect("json");
+        assert_eq!(
+            written,
+            serde_json::from_str::<serde_json::Value>(&text).expect("json"),
+            "written as format 1 was: bump PLATFORM_BACKUP_FORMAT and keep a reader for 1"
+        );
+    }
+
+    #[test]
+    fn a_format_1_artifacts_manifest_reads_as_written() {
+        let text = fixture("artifacts-manifest-v1.json");
+        let manifest: ArtifactsManifest = serde_json::from_str(&text).expect("format 1 reads");
+        assert_eq!((manifest.artifacts.len(), manifest.owners.len(), manifest.total_bytes()), (2, 1, 1024));
+        let written: serde_json::Value = serde_json::to_value(&manifest).expect("json");
+        assert_eq!(
+            written,
+            serde_json::from_str::<serde_json::Value>(&text).expect("json"),
+            "written as format 1 was: bump ARTIFACTS_BACKUP_FORMAT and keep a reader for 1"
+        );
+    }
+
+    #[test]
+    fn a_manifest_of_a_later_format_is_refused_by_its_number() {
+        let dir = tempfile::tempdir().expect("dir");
+        let later = fixture("platform-manifest-v1.json").replace("\"backup_format\": 1", "\"backup_format\": 2");
+        std::fs::write(dir.path().join(MANIFEST), later).expect("write");
+        assert!(matches!(read_manifest(dir.path()), Err(BackupError::Format(2))));
+    }
+}

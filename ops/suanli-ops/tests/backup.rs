@@ -12,6 +12,7 @@ use std::time::Duration;
 use suanli_artifacts::{Digest, LocalStore, Store};
 use suanli_proto::v1;
 use suanli_testkit::cluster::{leases_as_applied, BrokerCluster, PLATFORM_TOKEN};
+use suanli_testkit::portal::command as portal;
 use suanli_testkit::portal::{database_url, drop_database};
 use suanli_testkit::s3::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 use suanli_testkit::storm::{self, Storm};
@@ -59,16 +60,6 @@ async fn suanli_ops(args: &[&str]) -> std::process::Output {
 
 fn said(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-async fn portal(url: &str, keys: &Path, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(workspace_binary("suanli-portal", "suanli-portal").expect("portal binary"))
-        .args(["--database-url", url, "--key-file"])
-        .arg(keys)
-        .args(args)
-        .output()
-        .await
-        .expect("run the portal")
 }
 
 async fn create_operator(url: &str, keys: &Path, name: &str) {
