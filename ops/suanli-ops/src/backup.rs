@@ -277,13 +277,15 @@ fn write_json_synced(path: &Path, value: &impl Serialize) -> Result<(), BackupEr
 /// Takes a backup of the running platform into a new directory of the root.
 pub async fn take(config: &BackupConfig) -> Result<PlatformManifest, BackupError> {
     let _lock = RootLock::take(&config.dir)?;
-    take_locked(config).await
+    take_locked(config, &BTreeSet::new()).await
 }
 
-async fn take_locked(config: &BackupConfig) -> Result<PlatformManifest, BackupError> {
+/// Takes a backup under a name neither the root nor `taken` (the names off-site, where another
+/// root may have sent one in the same second) holds.
+async fn take_locked(config: &BackupConfig, taken: &BTreeSet<String>) -> Result<PlatformManifest, BackupError> {
     let began_at_ms = now_ms();
     let mut name = backup_name(began_at_ms);
-    while config.dir.join(&name).exists() {
+    while config.dir.join(&name).exists() || taken.contains(&name) {
         // Two backups in one second: the second waits for the next name.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         name = backup_name(now_ms());
@@ -490,10 +492,14 @@ pub async fn run_once(config: &BackupConfig) -> Result<RunReport, BackupError> {
             std::fs::remove_dir_all(config.dir.join(&name)).map_err(io(&config.dir.join(&name)))?;
         }
     }
-    let manifest = take_locked(config).await?;
+    let bucket = config.offsite.as_ref().map(Bucket::connect).transpose()?;
+    let mut taken = BTreeSet::new();
+    if let Some(bucket) = &bucket {
+        taken.extend(bucket.list("").await?.iter().filter_map(|k| k.split('/').next()).filter(|t| is_backup_name(t)).map(str::to_owned));
+    }
+    let manifest = take_locked(config, &taken).await?;
     // Its artifacts were hashed on their way into the pool; `backup verify` re-hashes them all.
     verify_unlocked(&config.dir, &manifest.name, Depth::Files).await?;
-    let bucket = config.offsite.as_ref().map(Bucket::connect).transpose()?;
     let mut sent_offsite = 0;
     if let Some(bucket) = &bucket {
         sent_offsite = send_offsite(bucket, &config.dir, &manifest).await?;
