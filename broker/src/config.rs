@@ -40,7 +40,9 @@ pub struct Overrides {
     pub agent_listen: Option<SocketAddr>,
     pub agent_ca_cert: Option<PathBuf>,
     pub agent_ca_key: Option<PathBuf>,
+    pub agent_ca_also_trusted: Option<PathBuf>,
     pub ssh_ca_key: Option<PathBuf>,
+    pub ssh_ca_also_trusted: Option<PathBuf>,
     pub platform_token: Option<String>,
     pub bootstrap: bool,
 }
@@ -89,7 +91,13 @@ pub struct FileBroker {
     pub agent_listen: Option<SocketAddr>,
     pub agent_ca_cert: Option<PathBuf>,
     pub agent_ca_key: Option<PathBuf>,
+    /// Further CA certificates (PEM) whose certificates the agent and peer ports accept, while
+    /// the cluster CA is rotated (ops/README.md, "Rotating the cluster CA").
+    pub agent_ca_also_trusted: Option<PathBuf>,
     pub ssh_ca_key: Option<PathBuf>,
+    /// Further SSH user CA public keys (OpenSSH lines) whose certificates agents admit, while the
+    /// SSH user CA is rotated.
+    pub ssh_ca_also_trusted: Option<PathBuf>,
     /// DNS names or IP addresses agents reach this node by (the agent port's certificate).
     #[serde(default)]
     pub agent_tls_names: Vec<String>,
@@ -142,8 +150,10 @@ pub fn node_config(path: Option<&Path>, args: Overrides) -> Result<NodeConfig, C
         peer_advertise: args.peer_advertise.or(file.peer_advertise),
         agent_listen,
         agent_ca,
+        agent_ca_also_trusted: args.agent_ca_also_trusted.or(file.agent_ca_also_trusted),
         agent_tls_names: file.agent_tls_names,
         ssh_ca_key: args.ssh_ca_key.or(file.ssh_ca_key),
+        ssh_ca_also_trusted: args.ssh_ca_also_trusted.or(file.ssh_ca_also_trusted),
         node_id: args.node_id.or(file.node_id).unwrap_or(1),
         data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/broker")),
         listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),

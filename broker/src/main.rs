@@ -30,7 +30,7 @@ enum Command {
     ///
     /// Settings come from, in rising order: built-in defaults, the TOML file given with
     /// --config (section [broker]), SUANLI_BROKER_* environment variables, flags.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a local single-node marketplace with demo suppliers, clusters and a researcher
     /// account, on embedded defaults (data under ./.dev/broker). Prints the tokens to use.
     Dev(DevArgs),
@@ -183,10 +183,18 @@ struct ServeArgs {
     agent_ca_cert: Option<PathBuf>,
     #[arg(long, env = "SUANLI_BROKER_AGENT_CA_KEY")]
     agent_ca_key: Option<PathBuf>,
+    /// Further CA certificates (PEM) whose certificates the agent and peer ports accept, while
+    /// the cluster CA is rotated (ops/README.md).
+    #[arg(long, env = "SUANLI_BROKER_AGENT_CA_ALSO_TRUSTED")]
+    agent_ca_also_trusted: Option<PathBuf>,
     /// The platform's SSH user CA key (OpenSSH format), the same on every node. Without it a
     /// node makes its own as `<data-dir>/ssh-user-ca`.
     #[arg(long, env = "SUANLI_BROKER_SSH_CA_KEY")]
     ssh_ca_key: Option<PathBuf>,
+    /// Further SSH user CA public keys (OpenSSH lines) agents admit certificates of, while the
+    /// SSH user CA is rotated.
+    #[arg(long, env = "SUANLI_BROKER_SSH_CA_ALSO_TRUSTED")]
+    ssh_ca_also_trusted: Option<PathBuf>,
     /// Token of the platform's own services (registers accounts). At least 16 characters.
     #[arg(long, env = "SUANLI_BROKER_PLATFORM_TOKEN", hide_env_values = true)]
     platform_token: Option<String>,
@@ -267,7 +275,7 @@ fn init_logging(filter: &str) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Dev(args) => dev(args).await,
         Command::Catalogue(args) => catalogue(args).await,
         Command::EnrollmentToken(args) => enrollment_token(args).await,
@@ -329,7 +337,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         agent_listen: args.agent_listen,
         agent_ca_cert: args.agent_ca_cert,
         agent_ca_key: args.agent_ca_key,
+        agent_ca_also_trusted: args.agent_ca_also_trusted,
         ssh_ca_key: args.ssh_ca_key,
+        ssh_ca_also_trusted: args.ssh_ca_also_trusted,
         platform_token: args.platform_token,
         bootstrap: args.bootstrap,
     };
@@ -398,8 +408,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         peer_overrides: Default::default(),
         agent_listen: Some(args.agent_listen),
         agent_ca: AgentCaSource::DataDir,
+        agent_ca_also_trusted: None,
         agent_tls_names: Vec::new(),
         ssh_ca_key: None,
+        ssh_ca_also_trusted: None,
     })
     .await?;
     node.wait_for_leader(Duration::from_secs(10)).await?;

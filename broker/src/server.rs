@@ -84,11 +84,17 @@ pub struct NodeConfig {
     pub agent_listen: Option<SocketAddr>,
     /// The agent CA every node of the cluster shares.
     pub agent_ca: AgentCaSource,
+    /// Further CAs (a PEM bundle) the agent and peer ports accept certificates of, while the
+    /// cluster CA is rotated.
+    pub agent_ca_also_trusted: Option<PathBuf>,
     /// Names (DNS or IP) agents reach this node by, besides its listen and advertised addresses.
     pub agent_tls_names: Vec<String>,
     /// The platform's SSH user CA key (OpenSSH format), the same on every node; `None`:
     /// `<data_dir>/ssh-user-ca`, made on first start (single node only).
     pub ssh_ca_key: Option<PathBuf>,
+    /// Further SSH user CA public keys (OpenSSH lines, one per line) agents admit certificates
+    /// of, while the SSH user CA is rotated.
+    pub ssh_ca_also_trusted: Option<PathBuf>,
 }
 
 /// Where a node finds the agent CA.
@@ -162,7 +168,15 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     }
     .validate()
     .map_err(|e| ServeError::Raft(e.to_string()))?;
-    let agent_ca = config.agent_ca.load(&config.data_dir)?.map(Arc::new);
+    let agent_ca = match (config.agent_ca.load(&config.data_dir)?, &config.agent_ca_also_trusted) {
+        (Some(ca), Some(bundle)) => {
+            let pem = std::fs::read_to_string(bundle).map_err(|e| ServeError::Config(format!("agent_ca_also_trusted {}: {e}", bundle.display())))?;
+            Some(ca.also_trusting(&pem).map_err(|e| ServeError::Config(format!("agent_ca_also_trusted {}: {e}", bundle.display())))?)
+        }
+        (None, Some(_)) => return Err(ServeError::Config("agent_ca_also_trusted needs the cluster CA (agent_ca_cert, agent_ca_key)".into())),
+        (ca, None) => ca,
+    }
+    .map(Arc::new);
     let listener = TcpListener::bind(config.listen).await?;
     let grpc_addr = listener.local_addr()?;
     let advertise = config.advertise.clone().unwrap_or_else(|| grpc_addr.to_string());
@@ -205,6 +219,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     }
     let mut shared = Shared::new(raft.clone(), sm, &config.platform_token, metrics.clone(), agent_ca.clone());
     shared.ssh_ca = Some(Arc::new(ssh_ca));
+    shared.ssh_cas_also_trusted = match &config.ssh_ca_also_trusted {
+        Some(path) => suanli_pki::ssh::public_lines(path).map_err(|e| ServeError::Config(format!("ssh_ca_also_trusted: {e}")))?,
+        None => Vec::new(),
+    };
     shared.deposit_limits = config.deposit_limits;
     shared.services = config.services.clone();
     shared.artifact_key = config.artifact_key.clone();
@@ -299,7 +317,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
             // it has one; every other call needs an enrolled key (`Shared::caller`).
             let tls = ServerTlsConfig::new()
                 .identity(Identity::from_pem(&server_cert.cert_pem, &server_cert.key_pem))
-                .client_ca_root(Certificate::from_pem(ca.cert_pem()))
+                .client_ca_root(Certificate::from_pem(ca.trust_pem()))
                 .client_auth_optional(true);
             let agent_router = tonic::transport::Server::builder()
                 .tls_config(tls)

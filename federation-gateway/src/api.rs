@@ -11,12 +11,14 @@
 //!   /v1/remote-leases/{id}/access` (`{"researcher_id", "public_key"}`: where to log in, with a
 //!   certificate for that key), `POST /v1/remote-leases/{id}/end` (`{"researcher_id"}`);
 //! - `GET /v1/settlements`: every settlement both members signed, and who owes whom;
-//! - `GET /metrics`: Prometheus text (libp2p's and the federation node's), bearer token too.
+//! - `GET /metrics`: Prometheus text (libp2p's, the federation node's and the gateway's own
+//!   settling backlog, `suanli_gateway_*`), bearer token too.
 //!
-//! Errors: `401 {"code":"UNAUTHENTICATED"}`, `400 {"code":"INVALID_ARGUMENT","message":…}`,
-//! `404 NOT_FOUND`, `409 {"code":"REFUSED","owner_code":…}` (the owning member said no),
-//! `503 UNAVAILABLE` (the owner did not answer: retry with the same key), and this member's
-//! broker's own codes.
+//! Errors are `{"error": {"code", "message"}}`, as every Suanli HTTP service's: `401
+//! UNAUTHENTICATED`, `400 INVALID_ARGUMENT`, `404 NOT_FOUND`, `409 REFUSED` with the owning
+//! member's own code as `owner_code` (it said no), `503 UNAVAILABLE` (the owner did not answer:
+//! retry with the same key), and this member's broker's own codes. (Gateways before 0.1 of
+//! this shape sent the detail's fields at the top level; portals read both.)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -101,14 +103,24 @@ pub struct MembersView {
     pub members: Vec<MemberView>,
 }
 
+/// `{"error": {"code", "message"}}`: the shape of every Suanli HTTP service's errors (the
+/// portal's, the artifact store's, the inference service's). A refusal by the owning member
+/// adds its own code as `owner_code`.
 #[derive(Serialize)]
 struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail {
     code: &'static str,
     message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner_code: Option<String>,
 }
 
 fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
-    (status, Json(ErrorBody { code, message: message.into() })).into_response()
+    (status, Json(ErrorBody { error: ErrorDetail { code, message: message.into(), owner_code: None } })).into_response()
 }
 
 /// The refusal to send when the request does not carry the API token.
@@ -239,13 +251,7 @@ fn request_error(e: RequestError) -> Response {
         RequestError::NotFound => error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such remote lease"),
         RequestError::Unreachable(m) => error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", m),
         RequestError::Refused { code, message } => {
-            #[derive(Serialize)]
-            struct Refusal {
-                code: &'static str,
-                owner_code: String,
-                message: String,
-            }
-            (StatusCode::CONFLICT, Json(Refusal { code: "REFUSED", owner_code: code, message })).into_response()
+            (StatusCode::CONFLICT, Json(ErrorBody { error: ErrorDetail { code: "REFUSED", message, owner_code: Some(code) } })).into_response()
         }
         RequestError::Broker { code, message } => {
             let status = match code.as_str() {
@@ -370,5 +376,7 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response 
     if let Some(refused) = unauthorized(&state, &headers) {
         return refused;
     }
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.node.metrics_text()).into_response()
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let text = state.node.metrics_text() + &state.requester.backlog(now_ms).metrics_text();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -403,6 +403,66 @@ impl Requester {
     pub fn unreachable_for(&self, id: u64) -> Option<Duration> {
         self.unreachable.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|since| since.elapsed())
     }
+
+    /// How far this member's settling lags, at `now_ms` (Unix milliseconds): for `/metrics`.
+    pub fn backlog(&self, now_ms: i64) -> Backlog {
+        let me = self.node.peer_id().to_base58();
+        let delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut backlog = undelivered(&self.journal.all(), &delivered, &me, now_ms);
+        let unreachable = self.unreachable.lock().unwrap_or_else(|p| p.into_inner());
+        backlog.owner_unreachable = unreachable.len();
+        backlog.longest_unreachable = unreachable.values().map(|since| since.elapsed()).max().unwrap_or_default();
+        backlog
+    }
+}
+
+/// What settling has not finished: countersignatures owners have not confirmed taking (their
+/// journals lack the record, so the two members' reports disagree), and remote leases whose
+/// owner does not answer (the researcher's hold waits).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub undelivered: usize,
+    /// Since the oldest undelivered settlement's lease ended.
+    pub oldest_undelivered: Duration,
+    pub owner_unreachable: usize,
+    pub longest_unreachable: Duration,
+}
+
+impl Backlog {
+    /// Prometheus' text format (`suanli_gateway_*`: the gateway's own series, beside the
+    /// federation node's `suanli_federation_*`).
+    pub fn metrics_text(&self) -> String {
+        let gauge = |name: &str, help: &str, value: String| {
+            format!("# HELP suanli_gateway_{name} {help}.\n# TYPE suanli_gateway_{name} gauge\nsuanli_gateway_{name} {value}\n")
+        };
+        [
+            gauge("settlements_undelivered", "Settlements this member countersigned that their owner has not confirmed taking", self.undelivered.to_string()),
+            gauge(
+                "settlement_undelivered_oldest_seconds",
+                "Seconds since the lease of the oldest undelivered settlement ended (0: none)",
+                format!("{:.3}", self.oldest_undelivered.as_secs_f64()),
+            ),
+            gauge("remote_leases_owner_unreachable", "Remote leases whose owning member does not answer", self.owner_unreachable.to_string()),
+            gauge(
+                "remote_lease_unreachable_longest_seconds",
+                "Seconds the longest-unanswered remote lease's owner has not answered (0: none)",
+                format!("{:.3}", self.longest_unreachable.as_secs_f64()),
+            ),
+        ]
+        .concat()
+    }
+}
+
+/// The settlements `me` countersigned as requester that are not in `delivered`.
+fn undelivered(journal: &[SignedSettlement], delivered: &std::collections::BTreeSet<(String, u64)>, me: &str, now_ms: i64) -> Backlog {
+    let waiting: Vec<&SignedSettlement> =
+        journal.iter().filter(|s| s.settlement.requester == me && !delivered.contains(&(s.settlement.owner.clone(), s.settlement.owner_lease))).collect();
+    let oldest_end = waiting.iter().map(|s| s.settlement.ended_at_ms).min();
+    Backlog {
+        undelivered: waiting.len(),
+        oldest_undelivered: oldest_end.map_or(Duration::ZERO, |end| Duration::from_millis(now_ms.saturating_sub(end).max(0) as u64)),
+        ..Backlog::default()
+    }
 }
 
 /// This member's broker request ID for a researcher's idempotency key: scoped to the
@@ -426,5 +486,46 @@ fn mode_name(raw: i32) -> &'static str {
         Ok(v1::BillingMode::Monthly) => "monthly",
         Ok(v1::BillingMode::Yearly) => "yearly",
         _ => "unspecified",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use suanli_federation::calls::Settlement;
+
+    fn settled(owner: &str, requester: &str, lease: u64, ended_at_ms: i64) -> SignedSettlement {
+        let settlement = Settlement {
+            federation: "f".into(),
+            owner: owner.into(),
+            owner_lease: lease,
+            requester: requester.into(),
+            requester_key: format!("rlease-{lease}"),
+            cluster_id: 1,
+            currency: "CNY".into(),
+            charged_minor: 100,
+            ended_at_ms,
+        };
+        SignedSettlement { settlement, owner_signature: vec![1], requester_signature: vec![2] }
+    }
+
+    #[test]
+    fn the_backlog_counts_this_members_undelivered_countersignatures_and_the_oldest_age() {
+        let journal = [settled("city", "me", 1, 10_000), settled("city", "me", 2, 40_000), settled("city", "other", 3, 0), settled("me", "city", 4, 0)];
+        let delivered = [("city".to_owned(), 1)].into_iter().collect();
+        let backlog = undelivered(&journal, &delivered, "me", 100_000);
+        assert_eq!(backlog.undelivered, 1, "lease 2 only: 1 was delivered, 3 and 4 are not this member's to deliver");
+        assert_eq!(backlog.oldest_undelivered, Duration::from_secs(60));
+        let text = backlog.metrics_text();
+        assert!(text.contains("suanli_gateway_settlements_undelivered 1\n"), "{text}");
+        assert!(text.contains("suanli_gateway_settlement_undelivered_oldest_seconds 60.000\n"), "{text}");
+    }
+
+    #[test]
+    fn nothing_waiting_reads_zero_not_the_age_of_the_journal() {
+        let journal = [settled("city", "me", 1, 10_000)];
+        let delivered = [("city".to_owned(), 1)].into_iter().collect();
+        assert_eq!(undelivered(&journal, &delivered, "me", 100_000), Backlog::default());
+        assert!(Backlog::default().metrics_text().contains("suanli_gateway_settlement_undelivered_oldest_seconds 0.000\n"));
     }
 }

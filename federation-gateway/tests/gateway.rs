@@ -76,7 +76,7 @@ async fn the_gateway_api_answers_only_its_token_and_names_bad_queries() {
         let response = request.send().await.expect("get");
         assert_eq!(response.status(), 401, "{token:?}");
         let body: serde_json::Value = response.json().await.expect("json");
-        assert_eq!(body["code"], "UNAUTHENTICATED");
+        assert_eq!(body["error"]["code"], "UNAUTHENTICATED");
     }
     let response = client.get(format!("{url}?nonsense=1")).bearer_auth(API_TOKEN).send().await.expect("get");
     assert_eq!(response.status(), 400);

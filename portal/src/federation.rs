@@ -104,14 +104,30 @@ pub struct RemoteAccessView {
     pub valid_before_ms: i64,
 }
 
-/// The gateway's error body.
+/// The gateway's error: `{"error": {…}}` as every Suanli HTTP service's, or the same fields at
+/// the top level as earlier gateways sent them (a member may upgrade its portal first).
 #[derive(Deserialize)]
+#[serde(untagged)]
+enum GatewayErrorBody {
+    Nested { error: GatewayError },
+    Flat(GatewayError),
+}
+
+#[derive(Deserialize, Debug, PartialEq)]
 struct GatewayError {
     code: String,
     #[serde(default)]
     message: String,
     #[serde(default)]
     owner_code: Option<String>,
+}
+
+impl GatewayErrorBody {
+    fn detail(self) -> GatewayError {
+        match self {
+            GatewayErrorBody::Nested { error } | GatewayErrorBody::Flat(error) => error,
+        }
+    }
 }
 
 /// This member's gateway.
@@ -160,8 +176,8 @@ impl FederationLink {
             return response.json().await.map_err(|e| ApiError::unavailable(format!("the federation gateway's answer: {e}")));
         }
         let status = response.status();
-        let e: GatewayError = response.json().await.map_err(|_| ApiError::unavailable(format!("the federation gateway answered {status}")))?;
-        Err(gateway_error(e))
+        let e: GatewayErrorBody = response.json().await.map_err(|_| ApiError::unavailable(format!("the federation gateway answered {status}")))?;
+        Err(gateway_error(e.detail()))
     }
 
     /// Leases another member's cards for `researcher` (this member's broker account).
@@ -207,5 +223,22 @@ fn gateway_error(e: GatewayError) -> ApiError {
         Some(suanli_types::ErrorCode::InvalidArgument) => ApiError::field("request", e.message),
         Some(code) => ApiError::broker(code, e.message),
         None => ApiError::unavailable(format!("{}: {}", e.code, e.message)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gateways_errors_are_read_in_the_shared_shape_and_in_the_earlier_flat_one() {
+        let expected = GatewayError { code: "REFUSED".into(), message: "no".into(), owner_code: Some("INSUFFICIENT_CAPACITY".into()) };
+        for body in [
+            r#"{"error":{"code":"REFUSED","message":"no","owner_code":"INSUFFICIENT_CAPACITY"}}"#,
+            r#"{"code":"REFUSED","message":"no","owner_code":"INSUFFICIENT_CAPACITY"}"#,
+        ] {
+            let read: GatewayErrorBody = serde_json::from_str(body).expect(body);
+            assert_eq!(read.detail(), expected, "{body}");
+        }
     }
 }

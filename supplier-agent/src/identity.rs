@@ -6,8 +6,14 @@
 //! that crashes after the broker enrolled it but before it heard the answer retries the very
 //! same request and gets the same answer, instead of burning the token. The certificate the
 //! broker signs is stored as `agent.crt`, then the key becomes `agent.key`.
+//!
+//! The certificate is renewed for the same key (the node's identity does not change) while the
+//! agent runs: when a third of its validity is left, and when the broker names another CA as
+//! the one that signs now (`AgentNode.ca_certificate_pem`: the cluster CA was rotated). The CA
+//! that signed the stored certificate is kept beside it as `agent-ca.pem`.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use suanli_pki::{csr_fingerprint, new_private_key, signing_request, write_private_file};
 use suanli_proto::client::{channel_with, ClientError};
@@ -22,6 +28,8 @@ pub type Supplier = SupplierServiceClient<Channel>;
 const KEY: &str = "agent.key";
 const PENDING_KEY: &str = "agent.key.pending";
 const CERTIFICATE: &str = "agent.crt";
+/// The CA that signed `agent.crt`, as the broker said when it signed.
+const SIGNED_BY: &str = "agent-ca.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -50,12 +58,13 @@ impl IdentityError {
     }
 }
 
-/// How the agent reaches the brokers: TLS checked against the agent CA and, once enrolled, the
-/// node's client certificate.
+/// How the agent reaches the brokers: TLS checked against the cluster CA (a bundle of CAs
+/// while it is rotated) and, once enrolled, the node's client certificate, which every clone
+/// shares: a renewal reaches every task's next connection.
 #[derive(Clone)]
 pub struct BrokerTls {
     ca: Certificate,
-    client: Option<tonic::transport::Identity>,
+    client: Option<Arc<RwLock<tonic::transport::Identity>>>,
 }
 
 impl BrokerTls {
@@ -64,16 +73,68 @@ impl BrokerTls {
     }
 
     fn with_client(&self, cert_pem: &str, key_pem: &str) -> BrokerTls {
-        BrokerTls { ca: self.ca.clone(), client: Some(tonic::transport::Identity::from_pem(cert_pem, key_pem)) }
+        let identity = tonic::transport::Identity::from_pem(cert_pem, key_pem);
+        BrokerTls { ca: self.ca.clone(), client: Some(Arc::new(RwLock::new(identity))) }
     }
 
     /// A channel to a broker's agent port (`https://host:port`).
     pub async fn connect(&self, endpoint: &str) -> Result<Channel, ClientError> {
         let mut config = ClientTlsConfig::new().ca_certificate(self.ca.clone());
         if let Some(client) = &self.client {
-            config = config.identity(client.clone());
+            config = config.identity(client.read().unwrap_or_else(|p| p.into_inner()).clone());
         }
         channel_with(endpoint, Some(config)).await
+    }
+}
+
+/// Renews the node's certificate (see the module's documentation) when it is due, given what
+/// the broker just said about the node; `Ok(true)` when it did. Connections made after it use
+/// the new certificate.
+pub async fn renew_if_due(tls: &BrokerTls, state_dir: &Path, channel: Channel, node: &v1::AgentNode) -> Result<bool, IdentityError> {
+    let Some(client) = &tls.client else { return Ok(false) };
+    let (Some(key), Some(cert)) = (read_file(&state_dir.join(KEY))?, read_file(&state_dir.join(CERTIFICATE))?) else { return Ok(false) };
+    let signed_by = read_file(&state_dir.join(SIGNED_BY))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let Some(why) = renewal_due(&cert, signed_by.as_deref(), &node.ca_certificate_pem, now)? else { return Ok(false) };
+    let csr_pem = signing_request(&key, "suanli-agent")?;
+    let renewed = SupplierServiceClient::new(channel)
+        .renew_agent_certificate(v1::RenewAgentCertificateRequest { csr_pem })
+        .await
+        .map_err(|status| {
+            let e = decode_status(&status);
+            IdentityError::Broker(format!("renewing the certificate: {}: {}", e.code.as_str(), e.message))
+        })?
+        .into_inner();
+    if suanli_pki::pem_certificate_fingerprint(&renewed.certificate_pem)? != suanli_pki::pem_certificate_fingerprint(&cert)? {
+        return Err(IdentityError::Broker("the renewed certificate is for another key".into()));
+    }
+    // The new certificate replaces the old in one rename; its CA is written first, so a crash
+    // in between renews once more at most.
+    let pending = state_dir.join(format!("{CERTIFICATE}.pending"));
+    write_private_file(&state_dir.join(SIGNED_BY), &renewed.ca_certificate_pem)?;
+    write_private_file(&pending, &renewed.certificate_pem)?;
+    std::fs::rename(&pending, state_dir.join(CERTIFICATE)).map_err(|e| IdentityError::State(state_dir.to_owned(), e))?;
+    *client.write().unwrap_or_else(|p| p.into_inner()) = tonic::transport::Identity::from_pem(&renewed.certificate_pem, &key);
+    tracing::info!(why, "renewed this node's certificate");
+    Ok(true)
+}
+
+/// Why the certificate `cert_pem` (signed by `signed_by`, where known) should be renewed at
+/// `now` (Unix seconds), given the CA the broker signs with now (`current_ca`, empty from
+/// brokers that do not say); `None` while it is good.
+fn renewal_due(cert_pem: &str, signed_by: Option<&str>, current_ca: &str, now: i64) -> Result<Option<&'static str>, IdentityError> {
+    let third = suanli_pki::AGENT_CERTIFICATE_VALIDITY.as_secs() as i64 / 3;
+    if suanli_pki::pem_certificate_not_after(cert_pem)? - now < third {
+        return Ok(Some("a third of its validity is left"));
+    }
+    if current_ca.trim().is_empty() {
+        return Ok(None);
+    }
+    let current = suanli_pki::pem_certificate_fingerprint(current_ca)?;
+    match signed_by.map(suanli_pki::pem_certificate_fingerprint).transpose()? {
+        Some(ca) if ca == current => Ok(None),
+        Some(_) => Ok(Some("the cluster CA was rotated")),
+        None => Ok(Some("the CA that signed it is not recorded")),
     }
 }
 
@@ -133,6 +194,7 @@ pub async fn establish(endpoint: &str, trust: &BrokerTls, state_dir: &Path, toke
             IdentityError::Enrollment(format!("{}: {}", e.code.as_str(), e.message))
         })?
         .into_inner();
+    write_private_file(&state_dir.join(SIGNED_BY), &enrolled.ca_certificate_pem)?;
     write_private_file(&state_dir.join(CERTIFICATE), &enrolled.certificate_pem)?;
     std::fs::rename(&pending, state_dir.join(KEY)).map_err(state_error)?;
     let tls = trust.with_client(&enrolled.certificate_pem, &key);
@@ -162,5 +224,32 @@ fn read_file(path: &Path) -> Result<Option<String>, IdentityError> {
         Ok(text) => Ok(Some(text).filter(|s| !s.trim().is_empty())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(IdentityError::State(path.to_owned(), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed(ca: &suanli_pki::Ca) -> String {
+        let key = suanli_pki::new_private_key().expect("key");
+        ca.sign_agent(&signing_request(&key, "gpu-1").expect("csr"), 3).expect("sign")
+    }
+
+    #[test]
+    fn a_certificate_is_renewed_when_the_ca_changed_or_a_third_of_its_life_is_left() {
+        let old = suanli_pki::Ca::generate("old").expect("old");
+        let new = suanli_pki::Ca::generate("new").expect("new");
+        let cert = signed(&old);
+        let expires = suanli_pki::pem_certificate_not_after(&cert).expect("not after");
+        let now = expires - suanli_pki::AGENT_CERTIFICATE_VALIDITY.as_secs() as i64 + 60;
+        let due = |signed_by: Option<&str>, current: &str, now| renewal_due(&cert, signed_by, current, now).expect("readable");
+        assert_eq!(due(Some(old.cert_pem()), old.cert_pem(), now), None, "fresh, and signed by the CA that signs now");
+        assert_eq!(due(Some(old.cert_pem()), "", now), None, "a broker that does not say which CA signs");
+        assert_eq!(due(Some(old.cert_pem()), new.cert_pem(), now), Some("the cluster CA was rotated"));
+        assert_eq!(due(None, old.cert_pem(), now), Some("the CA that signed it is not recorded"));
+        let late = expires - suanli_pki::AGENT_CERTIFICATE_VALIDITY.as_secs() as i64 / 3 + 1;
+        assert_eq!(due(Some(old.cert_pem()), old.cert_pem(), late), Some("a third of its validity is left"));
+        assert!(renewal_due("garbage", None, "", now).is_err());
     }
 }

@@ -152,7 +152,8 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         };
         tokio::spawn(runner.run(JOB_CHECK_EVERY));
     }
-    let provisioner = provisioner::Provisioner { brokers: config.brokers.clone(), tls: identity.tls.clone(), access, gateway };
+    let provisioner =
+        provisioner::Provisioner { brokers: config.brokers.clone(), tls: identity.tls.clone(), access, gateway, state_dir: config.state_dir.clone() };
     tokio::spawn(provisioner.run(PROVISION_CHECK_EVERY));
     let probed = agent.clone();
     let target = config.brokers[0].trim_start_matches("http://").trim_start_matches("https://").to_owned();

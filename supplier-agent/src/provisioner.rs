@@ -25,6 +25,8 @@ pub struct Provisioner {
     pub access: Option<Arc<Access>>,
     /// What to publish about the gateway.
     pub gateway: Option<v1::NodeAccess>,
+    /// Where the node's key and certificate live (renewals write there).
+    pub state_dir: std::path::PathBuf,
 }
 
 impl Provisioner {
@@ -69,7 +71,7 @@ impl Provisioner {
     }
 
     async fn follow(&self, channel: Channel, progress: &mut Progress) -> Result<(), String> {
-        let mut client = SupplierServiceClient::new(channel);
+        let mut client = SupplierServiceClient::new(channel.clone());
         let describe = |s: tonic::Status| decode_status(&s).to_string();
         if let (Some(gateway), false) = (&self.gateway, progress.gateway_reported) {
             let request = v1::ReportNodeAccessRequest {
@@ -81,6 +83,10 @@ impl Provisioner {
             tracing::info!(host = %gateway.ssh_host, port = gateway.ssh_port, "ssh gateway published");
         }
         let node = client.get_agent_node(v1::GetAgentNodeRequest {}).await.map_err(describe)?.into_inner();
+        // A failed renewal is tried again on the next round; the current certificate stays.
+        if let Err(e) = crate::identity::renew_if_due(&self.tls, &self.state_dir, channel.clone(), &node).await {
+            tracing::warn!(error = %e, "could not renew this node's certificate");
+        }
         let ready: BTreeSet<u64> = match &self.access {
             Some(access) => access.sync(&node).await,
             None => node.leases.iter().map(|l| l.lease_id).collect(),
@@ -94,11 +100,20 @@ impl Provisioner {
         progress.confirmed.retain(|lease| waiting.contains(lease));
         let due: Vec<u64> = waiting.iter().filter(|l| ready.contains(l) && !progress.confirmed.contains(l)).copied().collect();
         for lease in &due {
-            let request = v1::ConfirmProvisionedRequest { request_id: format!("provisioned-{lease}-{node_id}"), lease_id: *lease };
+            // The request that made the lease, as the broker remembers it: in this log line and
+            // sent back with the confirmation, so one ID follows the lease portal → broker →
+            // agent → broker.
+            let request_id = node.leases.iter().find(|l| l.lease_id == *lease).map(|l| l.request_id.as_str()).filter(|id| !id.is_empty());
+            let mut request = tonic::Request::new(v1::ConfirmProvisionedRequest { request_id: format!("provisioned-{lease}-{node_id}"), lease_id: *lease });
+            if let Some(id) = request_id.and_then(suanli_observability::RequestId::parse) {
+                if let Ok(value) = id.as_str().parse() {
+                    request.metadata_mut().insert(suanli_observability::REQUEST_ID_HEADER, value);
+                }
+            }
             match client.confirm_provisioned(request).await {
                 Ok(reply) => {
                     let state = reply.into_inner().state();
-                    tracing::info!(lease, ?state, "lease provisioned on this node");
+                    tracing::info!(lease, ?state, request_id, "lease provisioned on this node");
                     if let (Some(access), v1::LeaseState::Active) = (&self.access, state) {
                         access.mark_active(*lease);
                     }

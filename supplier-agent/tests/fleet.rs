@@ -114,12 +114,22 @@ impl Fleet {
 
     /// An agent with two simulated L40S cards sampling five times a second.
     async fn agent(&self, name: &str, token: Option<&str>, seed: u64) -> Service {
+        self.agent_with_ca(name, token, seed, &self.broker.agent_ca_cert()).await
+    }
+
+    /// As [`Fleet::agent`], enrolling with `token` and trusting the CAs in `trust` (a bundle
+    /// while the cluster CA is rotated).
+    async fn agent_trusting(&self, name: &str, token: &str, trust: &Path) -> Service {
+        self.agent_with_ca(name, Some(token), 1, trust).await
+    }
+
+    async fn agent_with_ca(&self, name: &str, token: Option<&str>, seed: u64, trust: &Path) -> Service {
         let mut args: Vec<String> = vec![
             "run".into(),
             "--broker".into(),
             self.all_endpoints(),
             "--broker-ca".into(),
-            self.broker.agent_ca_cert().display().to_string(),
+            trust.display().to_string(),
             "--state-dir".into(),
             self.state_dir(name).display().to_string(),
             "--hostname".into(),
@@ -571,19 +581,18 @@ async fn class_b_leases_start_once_every_agent_has_provisioned() {
     let (_, researcher_token) = register(&mut platform, AccountKind::Researcher, "researcher").await.expect("researcher");
     let mut researcher = fleet.broker.client(leader, &researcher_token).await.expect("researcher client");
 
-    // Four cards: both nodes' cards. Nobody but the agents acts.
-    let lease = researcher
-        .request_lease(v1::RequestLeaseRequest {
-            request_id: "lease".into(),
-            cluster_id: cluster,
-            node_ids: Vec::new(),
-            cards: 4,
-            billing_mode: v1::BillingMode::Hourly.into(),
-            periods: 1,
-        })
-        .await
-        .expect("lease")
-        .into_inner();
+    // Four cards: both nodes' cards. Nobody but the agents acts. The request carries an ID
+    // (as the portal sends one) that the agents' log lines about the lease carry too.
+    let mut request = tonic::Request::new(v1::RequestLeaseRequest {
+        request_id: "lease".into(),
+        cluster_id: cluster,
+        node_ids: Vec::new(),
+        cards: 4,
+        billing_mode: v1::BillingMode::Hourly.into(),
+        periods: 1,
+    });
+    request.metadata_mut().insert(suanli_observability::REQUEST_ID_HEADER, "trace-lease-7f3a".parse().expect("header"));
+    let lease = researcher.request_lease(request).await.expect("lease").into_inner();
     let active = eventually(WAIT, POLL, || {
         let mut researcher = researcher.clone();
         async move {
@@ -596,4 +605,109 @@ async fn class_b_leases_start_once_every_agent_has_provisioned() {
     assert_eq!(active.card_ids.len(), 4);
     let cards = fleet.cards(cluster).await;
     assert!(cards.iter().all(|c| c.status() == v1::CardStatus::Busy && c.lease_id == lease.lease_id), "{cards:?}");
+    for agent in &agents {
+        let log = agent.log();
+        assert!(log.lines().any(|l| l.contains("lease provisioned on this node") && l.contains("trace-lease-7f3a")), "the request's ID in:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_renews_its_certificate_for_its_own_key_only() {
+    let fleet = Fleet::start().await;
+    let token = fleet.enrollment_token(1).await;
+    let agent = fleet.agent("gpu-a", Some(&token), 1).await;
+    let node = node_of(&agent);
+    let (cert, key) = agent_files(&fleet, "gpu-a");
+    let mut as_agent = fleet.as_agent("gpu-a").await;
+    let said = as_agent.get_agent_node(v1::GetAgentNodeRequest {}).await.expect("whoami").into_inner();
+    let ca = std::fs::read_to_string(fleet.broker.agent_ca_cert()).expect("CA");
+    assert_eq!(said.ca_certificate_pem, ca, "the broker names the CA that signs now");
+    assert_eq!(std::fs::read_to_string(fleet.state_dir("gpu-a").join("agent-ca.pem")).expect("recorded"), ca, "the agent recorded who signed");
+
+    // Its own key: a new certificate for the same key and node, which authenticates.
+    let own = suanli_pki::signing_request(&key, "gpu-a").expect("csr");
+    let renewed = as_agent.renew_agent_certificate(v1::RenewAgentCertificateRequest { csr_pem: own.clone() }).await.expect("renew").into_inner();
+    assert_ne!(renewed.certificate_pem, cert);
+    assert_eq!(suanli_pki::pem_certificate_fingerprint(&renewed.certificate_pem).unwrap(), suanli_pki::pem_certificate_fingerprint(&cert).unwrap());
+    let channel = fleet.agent_channel(Some(&(renewed.certificate_pem.clone(), key.clone()))).await.expect("channel");
+    let whoami = SupplierServiceClient::new(channel).get_agent_node(v1::GetAgentNodeRequest {}).await.expect("the renewed certificate works");
+    assert_eq!(whoami.into_inner().node.expect("node").node_id, node);
+
+    // Another key (a thief's, or a switch the broker would not see): refused, named.
+    let other = suanli_pki::signing_request(&suanli_pki::new_private_key().expect("key"), "gpu-a").expect("csr");
+    let refused = as_agent.renew_agent_certificate(v1::RenewAgentCertificateRequest { csr_pem: other }).await.expect_err("another key");
+    let e = decode_status(&refused);
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.fields.iter().any(|f| f.field == "csr_pem"), "{:?}", e.fields);
+    // No certificate, or a supplier's token on the public port: refused before anything is signed.
+    let mut anonymous = SupplierServiceClient::new(fleet.agent_channel(None).await.expect("channel"));
+    let refused = anonymous.renew_agent_certificate(v1::RenewAgentCertificateRequest { csr_pem: own.clone() }).await.expect_err("anonymous");
+    assert_eq!(decode_status(&refused).code, ErrorCode::Unauthenticated);
+    let mut supplier = fleet.supplier_service(Some(&fleet.supplier_token)).await;
+    let refused = supplier.renew_agent_certificate(v1::RenewAgentCertificateRequest { csr_pem: own.clone() }).await.expect_err("a supplier");
+    assert_eq!(decode_status(&refused).code, ErrorCode::PermissionDenied);
+
+    // Revoked: its key renews nothing, whatever certificate it shows.
+    supplier.revoke_agent(v1::RevokeAgentRequest { request_id: "revoke".into(), node_id: node }).await.expect("revoke");
+    let refused = as_agent.renew_agent_certificate(v1::RenewAgentCertificateRequest { csr_pem: own }).await.expect_err("revoked");
+    assert_eq!(decode_status(&refused).code, ErrorCode::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_ca_rotates_under_a_running_agent_without_re_enrolling_or_a_gap_in_telemetry() {
+    let mut fleet = Fleet::with_brokers(3, 60_000).await;
+    let old = fleet.broker.cluster_ca().expect("the CA");
+    let new = suanli_pki::Ca::generate("Suanli cluster CA 2").expect("a new CA");
+    let dir = fleet.dir.path().to_owned();
+    let (old_pem, new_pem, bundle) = (dir.join("old-ca.pem"), dir.join("new-ca.pem"), dir.join("agent-trust.pem"));
+    std::fs::write(&old_pem, old.cert_pem()).expect("write");
+    std::fs::write(&new_pem, new.cert_pem()).expect("write");
+    // 1. The agent trusts both CAs (its --broker-ca file is a bundle), and so does every node.
+    std::fs::write(&bundle, format!("{}{}", old.cert_pem(), new.cert_pem())).expect("write");
+    let token = fleet.enrollment_token(0).await;
+    let agent = fleet.agent_trusting("gpu-1", &token, &bundle).await;
+    let node = node_of(&agent);
+    let cluster = fleet.publish(&[node]).await;
+    let card_index = card_indexes(&fleet, cluster).await;
+    let config = "[broker]\nagent_silent_after_ms = 60000\n";
+    fleet.broker.set_config(&format!("{config}agent_ca_also_trusted = {:?}\n", new_pem.display().to_string()));
+    fleet.broker.rolling_restart(WAIT).await.expect("every node trusts the new CA");
+
+    // 2. The new CA signs; the old is only trusted. The agent notices and renews, same node.
+    std::fs::write(fleet.broker.agent_ca_cert(), new.cert_pem()).expect("write");
+    std::fs::write(fleet.broker.agent_ca_key(), new.key_pem()).expect("write");
+    fleet.broker.set_config(&format!("{config}agent_ca_also_trusted = {:?}\n", old_pem.display().to_string()));
+    fleet.broker.rolling_restart(WAIT).await.expect("the new CA signs");
+    let renewed = eventually(WAIT, POLL, || async {
+        let signed_by = std::fs::read_to_string(fleet.state_dir("gpu-1").join("agent-ca.pem")).ok()?;
+        (signed_by == new.cert_pem()).then(|| agent_files(&fleet, "gpu-1"))
+    })
+    .await
+    .expect("the agent renewed its certificate under the new CA");
+    let chain = suanli_pki::Ca::from_pem(new.cert_pem(), new.key_pem()).expect("new CA");
+    assert!(verifies(&renewed.0, chain.cert_pem()), "the renewed certificate chains to the new CA");
+
+    // 3. The old CA is dropped: the agent carries on with its renewed certificate (the same
+    // node; telemetry before, during and after the rotation all arrived, none twice), and a
+    // certificate of the old CA no longer gets through the handshake.
+    fleet.broker.set_config(config);
+    fleet.broker.rolling_restart(WAIT).await.expect("the old CA is dropped");
+    let after = next_step(suanli_agent::runtime::now_ms());
+    broker_matches_record(&fleet, "gpu-1", node, &card_index, after).await;
+    assert_eq!(node_of(&agent), node);
+    let old_cert = old.sign_agent(&suanli_pki::signing_request(&renewed.1, "gpu-1").expect("csr"), node).expect("cert");
+    let handshake = async {
+        let channel = fleet.agent_channel(Some(&(old_cert, renewed.1.clone()))).await?;
+        SupplierServiceClient::new(channel).get_agent_node(v1::GetAgentNodeRequest {}).await.map_err(|s| s.to_string())
+    };
+    assert!(handshake.await.is_err(), "a certificate of the dropped CA must not authenticate");
+}
+
+/// Whether `cert_pem` is signed by the CA certificate `ca_pem` (checked by OpenSSL, a third party).
+fn verifies(cert_pem: &str, ca_pem: &str) -> bool {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write");
+    std::fs::write(dir.path().join("leaf.pem"), cert_pem).expect("write");
+    let out = std::process::Command::new("openssl").args(["verify", "-CAfile", "ca.pem", "leaf.pem"]).current_dir(dir.path()).output().expect("openssl");
+    out.status.success()
 }

@@ -188,14 +188,15 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         // Every log line of this call, here and on the leader it is forwarded to, carries the
         // caller's request ID (`x-request-id`, which forwarding keeps).
-        let request_id = request
-            .headers()
-            .get(suanli_observability::REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(suanli_observability::RequestId::parse)
-            .map(|id| id.to_string());
-        let span = tracing::info_span!("call", method = request.uri().path(), request_id = request_id.as_deref());
-        self.route(request).instrument(span).boxed()
+        // The handler also finds it as the task's (`suanli_observability::current`).
+        let request_id =
+            request.headers().get(suanli_observability::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).and_then(suanli_observability::RequestId::parse);
+        let span = tracing::info_span!("call", method = request.uri().path(), request_id = request_id.as_ref().map(|id| id.as_str()));
+        let call = self.route(request).instrument(span);
+        match request_id {
+            Some(id) => suanli_observability::scope(id, call).boxed(),
+            None => call.boxed(),
+        }
     }
 }
 

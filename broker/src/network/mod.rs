@@ -114,7 +114,7 @@ impl PeerTls {
     pub fn issue(ca: &suanli_pki::Ca, node: NodeId, names: &[String]) -> Result<PeerTls, suanli_pki::PkiError> {
         let cert = ca.peer_certificate(node, names)?;
         let not_after = suanli_pki::pem_certificate_not_after(&cert.cert_pem)?;
-        Ok(PeerTls { identity: Identity::from_pem(&cert.cert_pem, &cert.key_pem), ca: Certificate::from_pem(ca.cert_pem()), not_after })
+        Ok(PeerTls { identity: Identity::from_pem(&cert.cert_pem, &cert.key_pem), ca: Certificate::from_pem(ca.trust_pem()), not_after })
     }
 
     /// The peer port's: a client certificate of the CA is required at the handshake (that it

@@ -50,6 +50,11 @@ pub struct Shared {
     pub agent_ca: Option<Arc<suanli_pki::Ca>>,
     /// Signs researchers' SSH certificates for their leases' logins.
     pub ssh_ca: Option<Arc<suanli_pki::ssh::SshCa>>,
+    /// Further SSH user CA keys agents admit certificates of (OpenSSH lines), while the SSH
+    /// user CA is rotated.
+    pub ssh_cas_also_trusted: Vec<String>,
+    /// The request ID of the latest call that changed each recent lease here (agents log it).
+    pub lease_requests: Arc<std::sync::Mutex<RecentRequests>>,
     /// How much money the platform may pay in, per call and per day.
     pub deposit_limits: DepositLimits,
     /// The platform's services' own tokens (`powers.rs`): each authenticates as the platform,
@@ -98,6 +103,8 @@ impl Shared {
             metrics,
             agent_ca,
             ssh_ca: None,
+            ssh_cas_also_trusted: Vec::new(),
+            lease_requests: Default::default(),
             deposit_limits: DepositLimits::default(),
             services: powers::Services::default(),
             artifact_key: None,
@@ -206,6 +213,8 @@ impl Shared {
     /// once it is committed and applied.
     pub async fn propose(&self, caller: Caller, request_id: &str, command: Command) -> Result<Response, Status> {
         let request_id = RequestId::parse(request_id).map_err(|e| to_status(&e.into()))?;
+        let cluster_format = self.sm.read(|s| s.cluster_format());
+        command.may_propose_at(cluster_format).map_err(|why| status(ErrorCode::Unavailable, why, &[]))?;
         let envelope = Envelope { caller, request_id, at: self.sm.proposal_time(now()), command };
         let size = postcard::to_allocvec(&envelope).map(|b| b.len()).unwrap_or(usize::MAX);
         if size > rules::MAX_COMMAND_BYTES {
@@ -213,7 +222,12 @@ impl Shared {
         }
         self.precheck(&envelope.caller, &envelope.request_id, &envelope.command).await?;
         match self.raft.client_write(envelope).await {
-            Ok(written) => written.data.map_err(|e| to_status(&e)),
+            Ok(written) => {
+                if let (Ok(Response::Lease(lease)), Some(id)) = (&written.data, suanli_observability::current()) {
+                    self.lease_requests.lock().unwrap_or_else(|p| p.into_inner()).record(lease.id.0, id.to_string());
+                }
+                written.data.map_err(|e| to_status(&e))
+            }
             Err(e) => Err(status(ErrorCode::Unavailable, format!("not committed: {e}"), &[])),
         }
     }
@@ -353,4 +367,51 @@ const BASE32: &[u8; 32] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
 pub fn random_secret(len: usize) -> String {
     let mut rng = rand::rng();
     (0..len).map(|_| BASE32[rng.random_range(0..32)] as char).collect()
+}
+
+/// The request IDs of the latest calls that changed recent leases, in this node's memory only
+/// (a few thousand; the oldest forgotten first): what lets an agent's log line about a lease
+/// name the portal request that caused it. Logs, not state: a failover forgets them.
+#[derive(Default)]
+pub struct RecentRequests {
+    by_lease: std::collections::HashMap<u64, String>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl RecentRequests {
+    const KEPT: usize = 4096;
+
+    pub fn record(&mut self, lease: u64, request_id: String) {
+        if self.by_lease.insert(lease, request_id).is_none() {
+            self.order.push_back(lease);
+            while self.order.len() > Self::KEPT {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.by_lease.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    pub fn of(&self, lease: u64) -> Option<&str> {
+        self.by_lease.get(&lease).map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod recent_requests_tests {
+    use super::RecentRequests;
+
+    #[test]
+    fn the_latest_request_per_lease_is_kept_and_the_oldest_leases_forgotten() {
+        let mut recent = RecentRequests::default();
+        recent.record(1, "a".into());
+        recent.record(1, "b".into());
+        assert_eq!(recent.of(1), Some("b"));
+        for lease in 2..=RecentRequests::KEPT as u64 + 1 {
+            recent.record(lease, format!("r{lease}"));
+        }
+        assert_eq!(recent.of(1), None, "the oldest lease is forgotten");
+        assert_eq!(recent.of(2), Some("r2"));
+        assert_eq!(recent.by_lease.len(), RecentRequests::KEPT);
+    }
 }

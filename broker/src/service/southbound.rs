@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use super::broker_api::{lease_reply, set_card_status, unexpected};
 use super::paging::Page;
 use super::{invalid, may_see_lease, now, random_secret, wire, Consistency, Shared};
+use crate::network::forward::AgentKey;
 use crate::state::{rules, Command, Lease, Response as Applied, State};
 
 /// Hash domain of agent enrollment tokens.
@@ -119,9 +120,44 @@ impl SupplierService for Icpcss {
                     .await?
                     .map(|mut n| {
                         n.ssh_user_ca = self.shared.ssh_ca.as_ref().map(|ca| ca.public_line()).unwrap_or_default();
+                        n.ssh_user_cas_also_trusted = self.shared.ssh_cas_also_trusted.clone();
+                        n.ca_certificate_pem = self.shared.agent_ca.as_ref().map(|ca| ca.cert_pem().to_owned()).unwrap_or_default();
+                        let recent = self.shared.lease_requests.lock().unwrap_or_else(|p| p.into_inner());
+                        for lease in &mut n.leases {
+                            lease.request_id = recent.of(lease.lease_id).unwrap_or_default().to_owned();
+                        }
+                        drop(recent);
                         Response::new(n)
                     })
                     .ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Node, node)))
+            })
+            .await
+    }
+
+    async fn renew_agent_certificate(&self, request: Request<v1::RenewAgentCertificateRequest>) -> Result<Response<v1::RenewAgentCertificateResponse>, Status> {
+        self.shared
+            .observe("RenewAgentCertificate", async {
+                // The key the caller proved it holds at the handshake (or a peer vouched for).
+                let presented = request.extensions().get::<AgentKey>().map(|AgentKey(key)| *key);
+                let Caller::Agent(node) = self.shared.caller(&request).await? else {
+                    return Err(to_status(&DomainError::PermissionDenied("agents only, with their certificate".into())));
+                };
+                let presented = presented.ok_or_else(|| to_status(&DomainError::PermissionDenied("agents only, with their certificate".into())))?;
+                let req = request.into_inner();
+                let requested = suanli_pki::csr_fingerprint(&req.csr_pem)
+                    .map_err(|e| invalid("csr_pem", &format!("a PKCS#10 signing request (PEM) for the agent's key: {e}")))?;
+                if requested != presented {
+                    return Err(invalid("csr_pem", "must be for the key this call was made with: a node with a new key enrolls again"));
+                }
+                let ca = self
+                    .shared
+                    .agent_ca
+                    .as_ref()
+                    .ok_or_else(|| status(ErrorCode::Internal, "this broker node holds no agent CA ([broker] agent_ca_cert, agent_ca_key)", &[]))?;
+                let certificate_pem =
+                    ca.sign_agent(&req.csr_pem, node.0).map_err(|e| status(ErrorCode::Internal, format!("signing the agent certificate: {e}"), &[]))?;
+                tracing::info!(node = node.0, "renewed an agent certificate");
+                Ok(Response::new(v1::RenewAgentCertificateResponse { certificate_pem, ca_certificate_pem: ca.cert_pem().to_owned() }))
             })
             .await
     }
@@ -204,6 +240,8 @@ pub fn agent_node(s: &State, node: NodeId) -> Option<v1::AgentNode> {
                 paid_until_ms: lease.paid_until.map_or(0, |t| t.millis()),
                 password_hash: lease.password_hash.map(|h| h.to_hex()).unwrap_or_default(),
                 revoked_certificate_serials: lease.revoked_certificates.iter().copied().collect(),
+                // Filled in by the handler, from this node's memory (not the state).
+                request_id: String::new(),
             })
         })
         .collect();
@@ -212,7 +250,10 @@ pub fn agent_node(s: &State, node: NodeId) -> Option<v1::AgentNode> {
         cards: cards.into_iter().map(wire::card).collect(),
         full_telemetry: class != Some(ClusterClass::A),
         leases,
+        // The rest is the node's configuration, filled in by the handler.
         ssh_user_ca: String::new(),
+        ca_certificate_pem: String::new(),
+        ssh_user_cas_also_trusted: Vec::new(),
     })
 }
 

@@ -267,6 +267,71 @@ pub enum Command {
 }
 
 impl Command {
+    /// The store format that added this command. The rule for the formats to come is here, in
+    /// code: a cluster below that format is never sent the command (`Shared::propose` refuses
+    /// it), since nodes still running the format before could not decode it. A new variant
+    /// must be named here with the format that adds it.
+    pub fn introduced_in(&self) -> u32 {
+        use crate::state::machine::upgrade::FIRST_CLUSTER_FORMAT;
+        use Command::*;
+        match self {
+            // Formats 3 to 5: every node a cluster can hold reads them (clusters start at 5).
+            RegisterAccount { .. }
+            | AddSshKey { .. }
+            | EnrollNode { .. }
+            | IssueEnrollmentToken { .. }
+            | EnrollAgent { .. }
+            | RevokeAgent { .. }
+            | SetNodeAccess { .. }
+            | SetCardHealth { .. }
+            | PublishCluster { .. }
+            | ModifyCluster { .. }
+            | DelistCluster { .. }
+            | SetCardStatus { .. }
+            | RequestLease { .. }
+            | ApproveLease { .. }
+            | VerifyAuthCode { .. }
+            | ActivateLease { .. }
+            | ExtendLease { .. }
+            | SetLeasePassword { .. }
+            | RevokeSshCertificate { .. }
+            | EndLease { .. }
+            | ExpireLease { .. }
+            | RetireBrokerNode { .. }
+            | SubmitJob { .. }
+            | CancelJob { .. }
+            | AcquireSchedulerLease { .. }
+            | PlaceJobs { .. }
+            | StopJobs { .. }
+            | JobStarted { .. }
+            | JobEnded { .. }
+            | JobCheckpoint { .. }
+            | JobProgress { .. }
+            | AutoLease { .. }
+            | Deposit { .. }
+            | GrantCredit { .. }
+            | SettleLeases { .. }
+            | RemoveSshKey { .. }
+            | RotateAccountToken { .. }
+            | ArchiveEnded { .. }
+            | RequestRemoteLease { .. }
+            | ConfirmRemoteLease { .. }
+            | EndRemoteLease { .. } => FIRST_CLUSTER_FORMAT,
+            RaiseClusterFormat { .. } => 6,
+        }
+    }
+
+    /// Whether a cluster at `cluster_format` may be sent this command: `Err` with what it
+    /// waits for. `RaiseClusterFormat` is the one exception: the leader proposes it, below its
+    /// own format, only once every member said it runs that format.
+    pub fn may_propose_at(&self, cluster_format: u32) -> Result<(), String> {
+        let needs = self.introduced_in();
+        if needs <= cluster_format || matches!(self, Command::RaiseClusterFormat { .. }) {
+            return Ok(());
+        }
+        Err(format!("this request needs store format {needs}; the cluster is at {cluster_format} until every node runs the new version (a rolling upgrade in progress): retry then"))
+    }
+
     /// What identifies a request for at-most-once application: the command without the
     /// values the service mints for it (a new token or authorization code, an expiry computed
     /// from the clock). A client retrying "register me" or "approve lease 7" after a lost
@@ -334,5 +399,26 @@ impl Command {
             Command::EndRemoteLease { .. } => "end_remote_lease",
             Command::RaiseClusterFormat { .. } => "raise_cluster_format",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::machine::upgrade::FIRST_CLUSTER_FORMAT;
+    use crate::storage::FORMAT_VERSION;
+
+    #[test]
+    fn a_command_is_sent_only_to_a_cluster_that_reads_it_but_the_raise_of_the_format_itself() {
+        let old = Command::RevokeAgent { node: suanli_types::NodeId(1) };
+        assert_eq!(old.introduced_in(), FIRST_CLUSTER_FORMAT);
+        assert!(old.may_propose_at(FIRST_CLUSTER_FORMAT).is_ok());
+        // A cluster below what a command needs is refused it, retryably, with what it waits for.
+        let refused = old.may_propose_at(FIRST_CLUSTER_FORMAT - 1).expect_err("below its format");
+        assert!(refused.contains(&format!("needs store format {FIRST_CLUSTER_FORMAT}")), "{refused}");
+        let raise = Command::RaiseClusterFormat { to: FORMAT_VERSION };
+        assert_eq!(raise.introduced_in(), 6);
+        assert!(raise.may_propose_at(FIRST_CLUSTER_FORMAT).is_ok(), "the leader raises a cluster below its own format");
+        assert!(raise.introduced_in() <= FORMAT_VERSION, "no command comes from a format this code does not write");
     }
 }

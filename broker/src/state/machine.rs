@@ -46,7 +46,7 @@ pub mod rules {
     pub const REQUESTS_REMEMBERED_AT_LEAST: usize = 10_000;
     pub const MAX_SSH_KEYS_PER_ACCOUNT: usize = 32;
     pub const MAX_NODES_PER_CLUSTER: usize = 1024;
-    pub const MAX_PERIODS_PER_REQUEST: u32 = 10_000;
+    pub const MAX_PERIODS_PER_REQUEST: u32 = suanli_types::lease::MAX_PERIODS_PER_REQUEST;
     /// Largest encoded command the broker accepts.
     pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
     /// Revoked SSH certificates one lease may list (they are short-lived anyway).
@@ -918,10 +918,7 @@ fn require(ok: bool, why: &str) -> Result<(), DomainError> {
 }
 
 fn check_periods(periods: u32) -> Result<(), DomainError> {
-    if periods == 0 || periods > rules::MAX_PERIODS_PER_REQUEST {
-        return Err(DomainError::invalid("periods", format!("between 1 and {} billing periods", rules::MAX_PERIODS_PER_REQUEST)));
-    }
-    Ok(())
+    suanli_types::lease::check_periods(periods)
 }
 
 pub(super) fn digest(command: &Command) -> [u8; 32] {

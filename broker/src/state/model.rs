@@ -197,7 +197,7 @@ pub struct LeaseAccount {
     pub job_card_ms: u64,
 }
 
-/// SPEC §3: how a Class B lease went, computed when it ends (formula in ARCHITECTURE.md).
+/// SPEC §3: how a Class B lease went, computed when it ends (formula in `machine/ledger.rs`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceEvaluation {
     pub lease: LeaseId,

@@ -36,11 +36,15 @@ impl ArtifactClient {
         ArtifactClient { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), http: reqwest::Client::new() }
     }
 
-    /// As [`ArtifactClient::new`], trusting only `ca_pem` (the cluster CA) for an `https://`
-    /// store: the bearer capability never goes to a server that CA did not certify.
+    /// As [`ArtifactClient::new`], trusting only `ca_pem` (the cluster CA, or every CA of a
+    /// bundle while it is rotated) for an `https://` store: the bearer capability never goes to
+    /// a server those CAs did not certify.
     pub fn with_ca(base: &str, token: &str, ca_pem: &str) -> Result<ArtifactClient, ClientError> {
-        let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes())?;
-        let http = reqwest::Client::builder().tls_built_in_root_certs(false).add_root_certificate(ca).build()?;
+        let mut builder = reqwest::Client::builder().tls_built_in_root_certs(false);
+        for ca in reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes())? {
+            builder = builder.add_root_certificate(ca);
+        }
+        let http = builder.build()?;
         Ok(ArtifactClient { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), http })
     }
 

@@ -85,6 +85,9 @@ pub struct Ca {
     cert_pem: String,
     key_pem: String,
     issuer: Issuer<'static, KeyPair>,
+    /// Every CA whose certificates are accepted (PEM): this one first, then those
+    /// [`Ca::also_trusting`] added while the cluster CA is rotated.
+    trust_pem: String,
 }
 
 impl Ca {
@@ -99,13 +102,49 @@ impl Ca {
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key).map_err(|e| PkiError::Certificate(e.to_string()))?;
         let key_pem = key.serialize_pem();
-        Ok(Ca { cert_pem: cert.pem(), key_pem, issuer: Issuer::new(params, key) })
+        let cert_pem = cert.pem();
+        Ok(Ca { trust_pem: cert_pem.clone(), cert_pem, key_pem, issuer: Issuer::new(params, key) })
     }
 
+    /// The CA of `cert_pem`, signing with `key_pem`, which must be that certificate's key (a
+    /// mismatched pair would sign certificates nobody can chain).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, PkiError> {
+        use rcgen::PublicKeyData;
         let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::Key(e.to_string()))?;
+        if KeyFingerprint::of(key.der_bytes()) != pem_certificate_fingerprint(cert_pem)? {
+            return Err(PkiError::Key("the CA key does not belong to the CA certificate".into()));
+        }
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| PkiError::Certificate(e.to_string()))?;
-        Ok(Ca { cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned(), issuer })
+        Ok(Ca { cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned(), issuer, trust_pem: cert_pem.to_owned() })
+    }
+
+    /// This CA, also accepting certificates of the CAs in `bundle_pem` (one or more PEM
+    /// certificates): how the cluster CA is rotated without cutting anyone off. First every
+    /// node trusts the new CA beside the old; then the new one signs and the old is only
+    /// trusted, while agents renew their certificates; then the old is dropped (ops/README.md).
+    pub fn also_trusting(mut self, bundle_pem: &str) -> Result<Ca, PkiError> {
+        let mut found = 0;
+        for pem in x509_parser::pem::Pem::iter_from_buffer(bundle_pem.as_bytes()) {
+            let pem = pem.map_err(|e| PkiError::Certificate(format!("the trusted CA bundle: {e}")))?;
+            let cert = pem.parse_x509().map_err(|e| PkiError::Certificate(format!("the trusted CA bundle: {e}")))?;
+            if !cert.is_ca() {
+                return Err(PkiError::Certificate(format!("the trusted CA bundle holds {}, which is not a CA", cert.subject())));
+            }
+            found += 1;
+        }
+        if found == 0 {
+            return Err(PkiError::Certificate("the trusted CA bundle holds no certificate".into()));
+        }
+        if !self.trust_pem.ends_with('\n') {
+            self.trust_pem.push('\n');
+        }
+        self.trust_pem.push_str(bundle_pem);
+        Ok(self)
+    }
+
+    /// Every CA accepted (PEM): what the mutual-TLS ports check client certificates against.
+    pub fn trust_pem(&self) -> &str {
+        &self.trust_pem
     }
 
     /// Reads `cert` and `key`; with `create`, makes a new CA there first if neither exists.
@@ -282,6 +321,24 @@ fn random_serial() -> SerialNumber {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rotating_ca_trusts_the_previous_one_and_refuses_a_bundle_that_is_no_ca() {
+        let old = Ca::generate("old").expect("old");
+        let new = Ca::from_pem(Ca::generate("new").expect("new").cert_pem(), &Ca::generate("x").expect("x").key_pem);
+        assert!(new.is_err(), "a certificate with another CA's key is refused");
+        let new = Ca::generate("new").expect("new");
+        assert_eq!(new.trust_pem(), new.cert_pem(), "alone, a CA trusts itself only");
+        let rotating = Ca::from_pem(new.cert_pem(), new.key_pem()).expect("load").also_trusting(old.cert_pem()).expect("trusting the old");
+        let trusted: Vec<_> = x509_parser::pem::Pem::iter_from_buffer(rotating.trust_pem().as_bytes()).map(|p| p.expect("pem").contents).collect();
+        assert_eq!(trusted.len(), 2);
+        let keys: Vec<_> = trusted.iter().map(|der| certificate_fingerprint(der).expect("fp")).collect();
+        assert_eq!(keys, [pem_certificate_fingerprint(new.cert_pem()).unwrap(), pem_certificate_fingerprint(old.cert_pem()).unwrap()]);
+        // A leaf (a node's server certificate) is no CA; nor is nothing.
+        let leaf = old.server_certificate(&["localhost".into()]).expect("leaf");
+        assert!(Ca::from_pem(new.cert_pem(), new.key_pem()).unwrap().also_trusting(&leaf.cert_pem).is_err());
+        assert!(Ca::from_pem(new.cert_pem(), new.key_pem()).unwrap().also_trusting("not pem").is_err());
+    }
 
     #[test]
     fn a_signed_agent_certificate_carries_the_requested_key_only() {

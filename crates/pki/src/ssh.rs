@@ -32,6 +32,20 @@ pub struct UserCertificate<'a> {
     pub valid_until: u64,
 }
 
+/// The SSH public keys in the file at `path`, one OpenSSH line each (blank lines and `#`
+/// comments skipped): further user CAs whose certificates are admitted while the SSH user CA
+/// is rotated. Each is read back as a key, so a typo is refused here, not at a login.
+pub fn public_lines(path: &Path) -> Result<Vec<String>, PkiError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PkiError::Io(path.to_owned(), e))?;
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate().map(|(n, l)| (n + 1, l.trim())).filter(|(_, l)| !l.is_empty() && !l.starts_with('#')) {
+        let key = ssh_key::PublicKey::from_openssh(line).map_err(|e| PkiError::Key(format!("{}:{n}: {e}", path.display())))?;
+        let line = key.to_openssh().map_err(|e| PkiError::Key(e.to_string()))?;
+        keys.push(line.split_whitespace().take(2).collect::<Vec<_>>().join(" "));
+    }
+    Ok(keys)
+}
+
 impl SshCa {
     /// Reads the CA key (OpenSSH format) at `path`; with `create`, makes an Ed25519 one
     /// (mode 0600) first if there is none.

@@ -260,6 +260,28 @@ impl BrokerCluster {
         self.dir.path().join(AGENT_CA_CERT)
     }
 
+    /// The agent CA's key, beside [`BrokerCluster::agent_ca_cert`] (a test rotating the CA
+    /// writes a new pair there and restarts the nodes).
+    pub fn agent_ca_key(&self) -> PathBuf {
+        self.dir.path().join(AGENT_CA_KEY)
+    }
+
+    /// Replaces the TOML every node is given from its next start on (`restart`, `upgrade`).
+    pub fn set_config(&mut self, config: &str) {
+        config.clone_into(&mut self.config);
+    }
+
+    /// Restarts every node in turn (highest ID first, as an operator rolls a StatefulSet),
+    /// each once the cluster has a leader and every live node has caught up.
+    pub async fn rolling_restart(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        for id in self.ids().into_iter().rev() {
+            self.converge(timeout).await?;
+            self.stop(id).await?;
+            self.restart(id).await?;
+        }
+        self.converge(timeout).await.map(drop)
+    }
+
     /// The agent (and cluster) CA, certificate and key, as every node was given it.
     pub fn cluster_ca(&self) -> anyhow::Result<suanli_pki::Ca> {
         Ok(suanli_pki::Ca::load(&self.agent_ca_cert(), &self.dir.path().join(AGENT_CA_KEY), false)?)

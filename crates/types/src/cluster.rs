@@ -10,9 +10,13 @@ use crate::money::PriceList;
 /// Class A: bare-metal servers, leased whole, reached by SSH or VNC, approved by the supplier
 /// with an authorization code. Class B: virtualized servers shared by several users, leased by
 /// the card, activated automatically when the agent has provisioned them.
+/// (Named `A`/`B` in JSON, `a`/`b` accepted; postcard in the Raft log encodes the variant
+/// index, so the names are free to read more spellings.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ClusterClass {
+    #[serde(alias = "a")]
     A,
+    #[serde(alias = "b")]
     B,
 }
 
@@ -53,11 +57,39 @@ pub enum ClusterState {
     Delisted,
 }
 
+/// (Named `nvme`, `ssd`, `hdd` in JSON, and read as `Nvme`, `Ssd`, `Hdd` too, which JSON
+/// written before said; postcard in the Raft log encodes the variant index.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DiskMedium {
+    #[serde(alias = "Nvme")]
     Nvme,
+    #[serde(alias = "Ssd")]
     Ssd,
+    #[serde(alias = "Hdd")]
     Hdd,
+}
+
+impl DiskMedium {
+    pub const ALL: [DiskMedium; 3] = [DiskMedium::Nvme, DiskMedium::Ssd, DiskMedium::Hdd];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskMedium::Nvme => "nvme",
+            DiskMedium::Ssd => "ssd",
+            DiskMedium::Hdd => "hdd",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        Self::ALL.into_iter().find(|m| m.as_str() == raw).ok_or_else(|| FieldError::new("medium", format!("expected nvme, ssd or hdd, got {raw:?}")))
+    }
+}
+
+impl fmt::Display for DiskMedium {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Local storage per node, e.g. "2*3.84TB SSD data + 480GB system".
@@ -150,6 +182,22 @@ pub(crate) mod tests {
             prices: PriceList { currency: Currency::cny(), per_card: BTreeMap::from([(BillingMode::Monthly, 531_250)]) },
             usage_instructions: "SSH as the account shown after verification.".into(),
         }
+    }
+
+    #[test]
+    fn classes_and_media_have_one_name_each_in_json_and_in_text() {
+        for class in [ClusterClass::A, ClusterClass::B] {
+            assert_eq!(serde_json::to_value(class).unwrap(), class.as_str());
+            assert_eq!(ClusterClass::parse(class.as_str()).unwrap(), class);
+            assert_eq!(serde_json::from_value::<ClusterClass>(class.as_str().to_lowercase().into()).unwrap(), class);
+        }
+        for medium in DiskMedium::ALL {
+            assert_eq!(serde_json::to_value(medium).unwrap(), medium.as_str());
+            assert_eq!(DiskMedium::parse(medium.as_str()).unwrap(), medium);
+        }
+        assert!(DiskMedium::parse("tape").is_err());
+        assert_eq!(serde_json::from_value::<DiskMedium>("Ssd".into()).unwrap(), DiskMedium::Ssd, "JSON written before still reads");
+        assert!(serde_json::from_value::<ClusterClass>("C".into()).is_err());
     }
 
     #[test]

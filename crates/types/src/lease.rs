@@ -5,6 +5,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterClass;
+use crate::error::DomainError;
 use crate::ids::NodeId;
 
 /// How much of a cluster a lease takes (SPEC §2): a Class A lease takes whole servers, a
@@ -13,6 +14,18 @@ use crate::ids::NodeId;
 pub enum LeaseUnit {
     Nodes(Vec<NodeId>),
     Cards(u32),
+}
+
+/// Most billing periods one request (a lease, an extension, a remote lease) may buy.
+pub const MAX_PERIODS_PER_REQUEST: u32 = 10_000;
+
+/// The billing periods a request asks for: 1 to [`MAX_PERIODS_PER_REQUEST`]. The broker's rule,
+/// which the portal's forms check with before sending.
+pub fn check_periods(periods: u32) -> Result<(), DomainError> {
+    if periods == 0 || periods > MAX_PERIODS_PER_REQUEST {
+        return Err(DomainError::invalid("periods", format!("between 1 and {MAX_PERIODS_PER_REQUEST} billing periods")));
+    }
+    Ok(())
 }
 
 impl LeaseUnit {

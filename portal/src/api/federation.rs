@@ -64,12 +64,10 @@ pub async fn lease(State(state): State<AppState>, Researcher(principal): Researc
     if req.cards == 0 || req.cards > 1024 {
         p.add("cards", "between 1 and 1024");
     }
-    if req.periods == 0 || req.periods > 1000 {
-        p.add("periods", "between 1 and 1000");
+    if let Err(e) = suanli_types::lease::check_periods(req.periods) {
+        p.0.extend(e.field_errors().iter().cloned());
     }
-    if !["hourly", "daily", "monthly", "yearly"].contains(&req.billing_mode.as_str()) {
-        p.add("billing_mode", "hourly, daily, monthly or yearly");
-    }
+    crate::api::market::parse_billing_mode(&mut p, "billing_mode", &req.billing_mode);
     p.finish()?;
     let key = idempotency_key("rlease", principal.user, req.request_id.as_deref());
     let body = serde_json::json!({

@@ -14,9 +14,11 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use suanli_proto::convert::{billing_mode_from_wire, billing_mode_to_wire, card_status_from_wire, lease_state_from_wire};
+use suanli_proto::convert::{
+    self, billing_mode_from_wire, billing_mode_to_wire, card_status_from_wire, cluster_class_from_wire, cluster_class_to_wire, lease_state_from_wire,
+};
 use suanli_proto::v1;
-use suanli_types::{BillingMode, CatalogueFilter, ClusterClass, Currency, ErrorCode};
+use suanli_types::{BillingMode, CatalogueFilter, ClusterClass, Currency, DiskMedium, ErrorCode, Listing, LocalStorage, PriceList, ResourceType};
 use tokio_stream::StreamExt;
 use utoipa::{IntoParams, ToSchema};
 
@@ -31,10 +33,27 @@ use crate::state::AppState;
 // ---------------------------------------------------------------------------------------------
 // Views
 
+/// The OpenAPI schema of a domain enum: a string, one of `values`.
+fn one_of(values: impl IntoIterator<Item = &'static str>) -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String).enum_values(Some(values)).build()
+}
+
+fn billing_mode_schema() -> utoipa::openapi::Object {
+    one_of(BillingMode::ALL.map(BillingMode::as_str))
+}
+
+fn medium_schema() -> utoipa::openapi::Object {
+    one_of(DiskMedium::ALL.map(DiskMedium::as_str))
+}
+
+fn class_schema() -> utoipa::openapi::Object {
+    one_of([ClusterClass::A, ClusterClass::B].map(ClusterClass::as_str))
+}
+
 #[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct PriceView {
-    /// hourly, daily, monthly or yearly
-    pub billing_mode: String,
+    #[schema(schema_with = billing_mode_schema)]
+    pub billing_mode: BillingMode,
     /// Per card per period, in the currency's minor unit (fen).
     pub per_card_minor: i64,
 }
@@ -44,8 +63,8 @@ pub struct StorageView {
     pub data_disks: u32,
     pub data_disk_gb: u32,
     pub system_disk_gb: u32,
-    /// nvme, ssd or hdd
-    pub medium: String,
+    #[schema(schema_with = medium_schema)]
+    pub medium: DiskMedium,
 }
 
 #[derive(Clone, Serialize, ToSchema)]
@@ -53,7 +72,8 @@ pub struct ClusterView {
     pub cluster_id: u64,
     pub cpc_id: String,
     /// A (bare metal) or B (virtualized)
-    pub class: String,
+    #[schema(schema_with = class_schema)]
+    pub class: ClusterClass,
     pub supplier_account: u64,
     pub title: String,
     pub resource_type: String,
@@ -75,27 +95,14 @@ pub struct ClusterView {
     pub modified_ms: i64,
 }
 
-fn medium_name(raw: i32) -> &'static str {
-    match v1::DiskMedium::try_from(raw).unwrap_or(v1::DiskMedium::Unspecified) {
-        v1::DiskMedium::Nvme => "nvme",
-        v1::DiskMedium::Ssd => "ssd",
-        v1::DiskMedium::Hdd => "hdd",
-        v1::DiskMedium::Unspecified => "unspecified",
-    }
-}
-
 pub fn cluster_view(e: &Entry) -> ClusterView {
     let c = &e.cluster;
     let l = c.listing.clone().unwrap_or_default();
-    let s = l.local_storage.unwrap_or_default();
+    let s = &e.listing.local_storage;
     ClusterView {
         cluster_id: c.cluster_id,
         cpc_id: c.cpc_id.clone(),
-        class: match e.class {
-            ClusterClass::A => "A",
-            ClusterClass::B => "B",
-        }
-        .into(),
+        class: e.class,
         supplier_account: c.supplier_id,
         title: l.title,
         resource_type: "GPU".into(),
@@ -108,9 +115,9 @@ pub fn cluster_view(e: &Entry) -> ClusterView {
         vcpus: l.vcpus,
         vendor: l.vendor,
         region: l.region,
-        storage: StorageView { data_disks: s.data_disks, data_disk_gb: s.data_disk_gb, system_disk_gb: s.system_disk_gb, medium: medium_name(s.medium).into() },
+        storage: StorageView { data_disks: s.data_disks, data_disk_gb: s.data_disk_gb, system_disk_gb: s.system_disk_gb, medium: s.medium },
         currency: l.currency,
-        prices: e.listing.prices.per_card.iter().map(|(m, p)| PriceView { billing_mode: m.as_str().into(), per_card_minor: *p }).collect(),
+        prices: e.listing.prices.per_card.iter().map(|(m, p)| PriceView { billing_mode: *m, per_card_minor: *p }).collect(),
         usage_instructions: l.usage_instructions,
         delisted: c.delisted,
         published_ms: c.published_at_ms,
@@ -208,15 +215,7 @@ pub fn parse_billing_mode(p: &mut Problems, field: &str, raw: &str) -> Option<Bi
 impl CatalogueQuery {
     pub fn parse(&self) -> ApiResult<CatalogueSearch> {
         let mut p = Problems::default();
-        let class = match nonempty(&self.class).map(str::to_ascii_uppercase).as_deref() {
-            None => None,
-            Some("A") => Some(ClusterClass::A),
-            Some("B") => Some(ClusterClass::B),
-            Some(_) => {
-                p.add("class", "A or B");
-                None
-            }
-        };
+        let class = nonempty(&self.class).and_then(|c| ClusterClass::parse(c).map_err(|_| p.add("class", "A or B")).ok());
         let billing_mode = nonempty(&self.billing_mode).and_then(|m| parse_billing_mode(&mut p, "billing_mode", m));
         let max_price_minor = number::<i64>(&mut p, "max_price_minor", &self.max_price_minor);
         let currency = nonempty(&self.currency).and_then(|c| match Currency::parse(c) {
@@ -587,12 +586,14 @@ pub struct LeaseView {
     pub lease_id: u64,
     pub cluster_id: u64,
     pub cpc_id: String,
-    pub class: String,
+    #[schema(schema_with = class_schema)]
+    pub class: ClusterClass,
     pub researcher_account: u64,
     pub supplier_account: u64,
     pub node_ids: Vec<u64>,
     pub card_ids: Vec<u64>,
-    pub billing_mode: String,
+    #[schema(schema_with = billing_mode_schema)]
+    pub billing_mode: BillingMode,
     pub periods: u32,
     pub currency: String,
     pub price_per_card_minor: i64,
@@ -618,12 +619,14 @@ pub fn lease_view(state: &AppState, l: &v1::Lease) -> LeaseView {
         lease_id: l.lease_id,
         cluster_id: l.cluster_id,
         cpc_id: state.market.cached(l.cluster_id).map(|e| e.cluster.cpc_id.clone()).unwrap_or_default(),
-        class: if l.class == v1::ClusterClass::A as i32 { "A" } else { "B" }.into(),
+        // The broker names both for every lease it sends; a reader of a broken one gets the
+        // defaults rather than no page.
+        class: cluster_class_from_wire(l.class).unwrap_or(ClusterClass::B),
         researcher_account: l.researcher_id,
         supplier_account: l.supplier_id,
         node_ids: l.node_ids.clone(),
         card_ids: l.card_ids.clone(),
-        billing_mode: billing_mode_from_wire(l.billing_mode).map_or("unspecified", |m| m.as_str()).into(),
+        billing_mode: billing_mode_from_wire(l.billing_mode).unwrap_or(BillingMode::Hourly),
         periods: l.periods,
         currency: price.currency,
         price_per_card_minor: price.minor,
@@ -674,8 +677,8 @@ pub struct LeaseRequest {
 pub async fn request_lease(State(state): State<AppState>, Researcher(principal): Researcher, ApiJson(req): ApiJson<LeaseRequest>) -> ApiResult<Response> {
     let mut p = Problems::default();
     let mode = parse_billing_mode(&mut p, "billing_mode", &req.billing_mode);
-    if req.periods == 0 || req.periods > 1000 {
-        p.add("periods", "between 1 and 1000");
+    if let Err(e) = suanli_types::lease::check_periods(req.periods) {
+        p.0.extend(e.field_errors().iter().cloned());
     }
     p.finish()?;
     let mode = mode.ok_or_else(|| ApiError::field("billing_mode", "required"))?;
@@ -858,9 +861,7 @@ pub async fn extend_lease(
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<ExtendRequest>,
 ) -> ApiResult<axum::Json<LeaseView>> {
-    if req.periods == 0 || req.periods > 1000 {
-        return Err(ApiError::field("periods", "between 1 and 1000"));
-    }
+    suanli_types::lease::check_periods(req.periods).map_err(|e| ApiError::invalid(e.field_errors().to_vec()))?;
     let lease = market_client(&state, &principal)?
         .extend_lease(v1::ExtendLeaseRequest { request_id: fresh_request_id("extend"), lease_id: id, periods: req.periods })
         .await?
@@ -1065,49 +1066,48 @@ pub struct ListingInput {
     pub usage_instructions: String,
 }
 
-fn listing_to_wire(p: &mut Problems, l: &ListingInput) -> v1::Listing {
-    let medium = match l.storage.medium.as_str() {
-        "nvme" => v1::DiskMedium::Nvme,
-        "ssd" => v1::DiskMedium::Ssd,
-        "hdd" => v1::DiskMedium::Hdd,
-        _ => {
-            p.add("storage.medium", "nvme, ssd or hdd");
-            v1::DiskMedium::Unspecified
+/// The supplier's listing in domain form, checked by the listing's own rules
+/// (`Listing::validate` in crates/types, the same the broker applies) so a form shows every
+/// problem at once; `None` when something could not be read (each problem recorded in `p`).
+fn listing_of(p: &mut Problems, l: &ListingInput, class: Option<ClusterClass>) -> Option<Listing> {
+    let currency = Currency::parse(&l.currency).map_err(|e| p.add("currency", e.problem)).ok();
+    let mut per_card = BTreeMap::new();
+    for (i, price) in l.prices.iter().enumerate() {
+        if per_card.insert(price.billing_mode, price.per_card_minor).is_some() {
+            p.add(&format!("prices[{i}].billing_mode"), format!("{} is priced twice", price.billing_mode));
         }
-    };
-    let prices = l
-        .prices
-        .iter()
-        .enumerate()
-        .filter_map(|(i, price)| {
-            parse_billing_mode(p, &format!("prices[{i}].billing_mode"), &price.billing_mode)
-                .map(|m| v1::Price { mode: billing_mode_to_wire(m), per_card_minor: price.per_card_minor })
-        })
-        .collect();
-    v1::Listing {
+    }
+    let listing = Listing {
         title: l.title.clone(),
+        resource_type: ResourceType::Gpu,
         gpu_model: l.gpu_model.clone(),
         vram_gib: l.vram_gib,
         memory_gib: l.memory_gib,
         vcpus: l.vcpus,
         vendor: l.vendor.clone(),
         region: l.region.clone(),
-        local_storage: Some(v1::LocalStorage {
+        local_storage: LocalStorage {
             data_disks: l.storage.data_disks,
             data_disk_gb: l.storage.data_disk_gb,
             system_disk_gb: l.storage.system_disk_gb,
-            medium: medium.into(),
-        }),
-        currency: l.currency.clone(),
-        prices,
+            medium: l.storage.medium,
+        },
+        prices: PriceList { currency: currency?, per_card },
         usage_instructions: l.usage_instructions.clone(),
+    };
+    if let Some(class) = class {
+        if let Err(e) = listing.validate(class) {
+            p.0.extend(e.field_errors().iter().cloned());
+        }
     }
+    Some(listing)
 }
 
 #[derive(Deserialize, ToSchema)]
 pub struct PublishRequest {
     /// A or B
-    pub class: String,
+    #[schema(schema_with = class_schema)]
+    pub class: ClusterClass,
     pub node_ids: Vec<u64>,
     pub listing: ListingInput,
     #[serde(default)]
@@ -1118,22 +1118,20 @@ pub struct PublishRequest {
     responses((status = 201, body = ClusterView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn publish(State(state): State<AppState>, Supplier(principal): Supplier, ApiJson(req): ApiJson<PublishRequest>) -> ApiResult<Response> {
     let mut p = Problems::default();
-    let class = match req.class.to_ascii_uppercase().as_str() {
-        "A" => v1::ClusterClass::A,
-        "B" => v1::ClusterClass::B,
-        _ => {
-            p.add("class", "A or B");
-            v1::ClusterClass::Unspecified
-        }
-    };
     if req.node_ids.is_empty() {
         p.add("node_ids", "choose at least one enrolled node");
     }
-    let listing = listing_to_wire(&mut p, &req.listing);
+    let listing = listing_of(&mut p, &req.listing, Some(req.class));
     p.finish()?;
+    let listing = listing.ok_or_else(|| ApiError::field("listing", "unreadable"))?;
     let request_id = idempotency_key("publish", principal.user, req.request_id.as_deref());
     let cluster = market_client(&state, &principal)?
-        .publish_cluster(v1::PublishClusterRequest { request_id, class: class.into(), node_ids: req.node_ids, listing: Some(listing) })
+        .publish_cluster(v1::PublishClusterRequest {
+            request_id,
+            class: cluster_class_to_wire(req.class),
+            node_ids: req.node_ids,
+            listing: Some(convert::listing_to_wire(&listing)),
+        })
         .await?
         .into_inner();
     let entry = state.market.refresh_cluster(cluster.cluster_id).await?.ok_or_else(|| ApiError::internal("published cluster vanished"))?;
@@ -1149,10 +1147,13 @@ pub async fn modify(
     ApiJson(req): ApiJson<ListingInput>,
 ) -> ApiResult<axum::Json<ClusterView>> {
     let mut p = Problems::default();
-    let listing = listing_to_wire(&mut p, &req);
+    // The class decides some rules; a cluster this portal has not seen yet is checked by the
+    // broker alone.
+    let listing = listing_of(&mut p, &req, state.market.cached(id).map(|e| e.class));
     p.finish()?;
+    let listing = listing.ok_or_else(|| ApiError::field("listing", "unreadable"))?;
     market_client(&state, &principal)?
-        .modify_cluster(v1::ModifyClusterRequest { request_id: fresh_request_id("modify"), cluster_id: id, listing: Some(listing) })
+        .modify_cluster(v1::ModifyClusterRequest { request_id: fresh_request_id("modify"), cluster_id: id, listing: Some(convert::listing_to_wire(&listing)) })
         .await?;
     let entry = state.market.refresh_cluster(id).await?.ok_or_else(|| ApiError::not_found(format!("cluster {id}")))?;
     Ok(axum::Json(cluster_view(&entry)))

@@ -13,28 +13,27 @@ use crate::error::ApiError;
 use crate::i18n::{datetime, money, Msg};
 use crate::model::UserKind;
 use crate::state::AppState;
+use suanli_types::{BillingMode, ClusterClass};
 
-fn mode_name(ctx: &Ctx, mode: &str) -> &'static str {
+fn mode_name(ctx: &Ctx, mode: BillingMode) -> &'static str {
     match mode {
-        "hourly" => ctx.t(Msg::Hourly),
-        "daily" => ctx.t(Msg::Daily),
-        "monthly" => ctx.t(Msg::Monthly),
-        "yearly" => ctx.t(Msg::Yearly),
-        _ => "—",
+        BillingMode::Hourly => ctx.t(Msg::Hourly),
+        BillingMode::Daily => ctx.t(Msg::Daily),
+        BillingMode::Monthly => ctx.t(Msg::Monthly),
+        BillingMode::Yearly => ctx.t(Msg::Yearly),
     }
 }
 
 fn prices(ctx: &Ctx, c: &ClusterView) -> Markup {
     html! {
-        ul.prices { @for p in &c.prices { li { (money(&c.currency, p.per_card_minor, ctx.lang)) " / " (mode_name(ctx, &p.billing_mode)) } } }
+        ul.prices { @for p in &c.prices { li { (money(&c.currency, p.per_card_minor, ctx.lang)) " / " (mode_name(ctx, p.billing_mode)) } } }
     }
 }
 
-fn class_name(ctx: &Ctx, class: &str) -> &'static str {
-    if class == "A" {
-        ctx.t(Msg::ClassA)
-    } else {
-        ctx.t(Msg::ClassB)
+fn class_name(ctx: &Ctx, class: ClusterClass) -> &'static str {
+    match class {
+        ClusterClass::A => ctx.t(Msg::ClassA),
+        ClusterClass::B => ctx.t(Msg::ClassB),
     }
 }
 
@@ -109,7 +108,7 @@ pub async fn catalogue_page(
                             @for c in &page_data.clusters {
                                 tr {
                                     td { a href={ "/clusters/" (c.cluster_id) } { (c.cpc_id) } }
-                                    td { (c.title) } td { (class_name(&ctx, &c.class)) } td { (c.gpu_model) } td { (c.vram_gib) }
+                                    td { (c.title) } td { (class_name(&ctx, c.class)) } td { (c.gpu_model) } td { (c.vram_gib) }
                                     td { (c.idle_cards) " / " (c.total_cards) } td { (c.memory_gib) } td { (c.vcpus) } td { (c.region) } td { (c.vendor) }
                                     td { (prices(&ctx, c)) }
                                     td { @if c.delisted { (ctx.t(Msg::Delisted)) } @else { (ctx.t(Msg::Listed)) } }
@@ -198,7 +197,7 @@ pub async fn cluster_page(
         Err(e) => return error_page(&ctx, e),
     };
     let c = &detail.cluster;
-    let monitoring = if c.class == "B" {
+    let monitoring = if c.class == ClusterClass::B {
         match telemetry_of(&state, id, 60, ctx.viewer.as_ref()).await {
             Ok(series) => {
                 let pick = |f: fn(&crate::api::market::TelemetryPoint) -> f64| series.points.iter().map(|p| (p.at_ms, f(p))).collect::<Vec<_>>();
@@ -228,14 +227,14 @@ pub async fn cluster_page(
     };
     let request = match &ctx.viewer {
         Some(v) if v.kind == UserKind::Researcher && !c.delisted => {
-            let modes: Vec<(&str, &str)> = c.prices.iter().map(|p| (p.billing_mode.as_str(), mode_name(&ctx, &p.billing_mode))).collect();
+            let modes: Vec<(&str, &str)> = c.prices.iter().map(|p| (p.billing_mode.as_str(), mode_name(&ctx, p.billing_mode))).collect();
             let nodes = detail.cards.iter().map(|card| card.node_id).collect::<std::collections::BTreeSet<_>>();
             html! {
                 section.request {
                     h2 { (ctx.t(Msg::RequestLease)) }
                     (api_form("/api/v1/leases", "POST", Some("/leases/{lease_id}"), None, ctx.t(Msg::RequestLease), html! {
                         input type="hidden" name="cluster_id" value=(c.cluster_id) data-type="number";
-                        @if c.class == "A" {
+                        @if c.class == ClusterClass::A {
                             label { span { (ctx.t(Msg::Nodes)) }
                                 @for n in &nodes { label.inline { input type="checkbox" name="node_ids" value=(n) data-type="number-list"; " node-" (n) } }
                                 small.problem data-for="node_ids" {}
@@ -253,7 +252,7 @@ pub async fn cluster_page(
     };
     let owner = ctx.viewer.as_ref().is_some_and(|v| v.kind == UserKind::Supplier && v.broker_account == Some(c.supplier_account));
     let modify = if owner && !c.delisted {
-        let price_of = |mode: &str| {
+        let price_of = |mode: BillingMode| {
             c.prices.iter().find(|p| p.billing_mode == mode).map(|p| format!("{}.{:02}", p.per_card_minor / 100, p.per_card_minor % 100)).unwrap_or_default()
         };
         let t = |m| ctx.t(m);
@@ -271,13 +270,13 @@ pub async fn cluster_page(
                     (field("data disks", "storage.data_disks", "number", &c.storage.data_disks.to_string(), true))
                     (field("data disk GB", "storage.data_disk_gb", "number", &c.storage.data_disk_gb.to_string(), true))
                     (field("system disk GB", "storage.system_disk_gb", "number", &c.storage.system_disk_gb.to_string(), true))
-                    (select("medium", "storage.medium", &[("nvme", "NVMe"), ("ssd", "SSD"), ("hdd", "HDD")], &c.storage.medium))
+                    (select("medium", "storage.medium", &[("nvme", "NVMe"), ("ssd", "SSD"), ("hdd", "HDD")], c.storage.medium.as_str()))
                     input type="hidden" name="currency" value=(c.currency);
-                    @for (mode, label) in [("hourly", t(Msg::Hourly)), ("daily", t(Msg::Daily)), ("monthly", t(Msg::Monthly)), ("yearly", t(Msg::Yearly))] {
-                        (field(&format!("{} ({label}, {})", t(Msg::Price), c.currency), &format!("price.{mode}"), "text", &price_of(mode), false))
+                    @for mode in BillingMode::ALL {
+                        (field(&format!("{} ({}, {})", t(Msg::Price), mode_name(&ctx, mode), c.currency), &format!("price.{mode}"), "text", &price_of(mode), false))
                     }
                     small.problem data-for="prices" {}
-                    @if c.class == "A" {
+                    @if c.class == ClusterClass::A {
                         label { span { (t(Msg::UsageInstructions)) } textarea name="usage_instructions" { (c.usage_instructions) } small.problem data-for="usage_instructions" {} }
                     }
                     p.form-error role="alert" {}
@@ -291,7 +290,7 @@ pub async fn cluster_page(
     let body = html! {
         dl.facts {
             dt { "CPcId" } dd { (c.cpc_id) }
-            dt { (ctx.t(Msg::Class)) } dd { (class_name(&ctx, &c.class)) }
+            dt { (ctx.t(Msg::Class)) } dd { (class_name(&ctx, c.class)) }
             dt { (ctx.t(Msg::Status)) } dd { @if c.delisted { (ctx.t(Msg::Delisted)) } @else { (ctx.t(Msg::Listed)) } }
             dt { (ctx.t(Msg::GpuModel)) } dd { (c.nodes) " × " (c.total_cards / c.nodes.max(1)) " × " (c.gpu_model) " (" (c.resource_type) ")" }
             dt { (ctx.t(Msg::Vram)) } dd { (c.vram_gib) }
@@ -346,7 +345,7 @@ pub fn lease_table(ctx: &Ctx, leases: &[LeaseView]) -> Markup {
                     tr data-lease=(l.lease_id) {
                         td { a href={ "/leases/" (l.lease_id) } { "lease-" (l.lease_id) } }
                         td { (l.cpc_id) } td.state data-state=(l.state) { (lease_state_name(ctx, &l.state)) } td { (l.card_ids.len()) }
-                        td { (l.periods) " × " (mode_name(ctx, &l.billing_mode)) }
+                        td { (l.periods) " × " (mode_name(ctx, l.billing_mode)) }
                         td { (money(&l.currency, l.amount_minor, ctx.lang)) }
                         td { (datetime(l.requested_ms, ctx.lang)) } td { (datetime(l.paid_until_ms, ctx.lang)) }
                         td { @if let Some(code) = &l.authorization_code { code.auth-code { (code) } } }
@@ -438,7 +437,7 @@ pub async fn lease_page(
     let access = if lease.state == "active" && v.kind != UserKind::Operator { access_of(&state, &v, id).await.ok() } else { None };
     let body = html! {
         (lease_table(&ctx, std::slice::from_ref(&lease)))
-        @if researcher && lease.state == "approved" && lease.class == "A" {
+        @if researcher && lease.state == "approved" && lease.class == ClusterClass::A {
             h2 { (ctx.t(Msg::VerifyCode)) }
             (api_form(&format!("/api/v1/leases/{id}/verify"), "POST", Some(&format!("/leases/{id}")), None, ctx.t(Msg::VerifyCode), html! {
                 (field(ctx.t(Msg::AuthCode), "authorization_code", "text", "", true))

@@ -240,10 +240,7 @@ impl Handler for Connection {
     }
 
     async fn auth_openssh_certificate(&mut self, user: &str, certificate: &Certificate) -> Result<Auth, Self::Error> {
-        let verdict = match self.access.user_ca() {
-            Some(ca) => check_certificate(certificate, &ca, user, unix_now()),
-            None => Err("no SSH user CA is known"),
-        };
+        let verdict = check_certificate(certificate, &self.access.user_cas(), user, unix_now());
         let serial = certificate.serial();
         let admitted = match verdict {
             // Issued for this very lease (the broker signs `lease-<id>` as the key ID): a login
@@ -423,8 +420,13 @@ const ENFORCED_CRITICAL_OPTIONS: &[&str] = &[];
 /// What russh leaves to us (it checks only the certificate's own signature and validity
 /// window): the signing CA, the certificate type, the principals and the critical options —
 /// and the window again, against our clock.
-fn check_certificate(cert: &Certificate, ca: &PublicKey, login: &str, now: u64) -> Result<(), &'static str> {
-    if cert.signature_key() != ca.key_data() {
+/// Whether `cert` admits `login` at `now`: signed by one of the platform's SSH user CAs `cas`
+/// (the one that signs now, and any still trusted while it is rotated).
+fn check_certificate(cert: &Certificate, cas: &[PublicKey], login: &str, now: u64) -> Result<(), &'static str> {
+    if cas.is_empty() {
+        return Err("no SSH user CA is known");
+    }
+    if !cas.iter().any(|ca| cert.signature_key() == ca.key_data()) {
         return Err("not signed by the platform's SSH user CA");
     }
     if !cert.cert_type().is_user() {
@@ -581,4 +583,38 @@ fn run_on_pty(
         finish(&write_half, code).await;
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use suanli_pki::ssh::{SshCa, UserCertificate};
+
+    /// A fresh SSH user CA, and a certificate it signs for `login`, valid now.
+    fn signed(dir: &std::path::Path, name: &str, login: &str, now: u64) -> (SshCa, Certificate) {
+        let ca = SshCa::load(&dir.join(name), true).expect("ca");
+        let subject = SshCa::load(&dir.join(format!("{name}-subject")), true).expect("subject").public_line();
+        let principals = [login.to_owned()];
+        let request = UserCertificate { public_key: &subject, principals: &principals, key_id: "lease-1", serial: 7, now, valid_until: now + 600 };
+        let line = ca.sign_user(&request).expect("sign");
+        (ca, Certificate::from_openssh(&line).expect("certificate"))
+    }
+
+    #[test]
+    fn while_the_user_ca_rotates_certificates_of_either_ca_are_admitted_and_of_no_other() {
+        let dir = tempfile::tempdir().expect("dir");
+        let now = unix_now();
+        let (old, by_old) = signed(dir.path(), "old", "l1", now);
+        let (new, by_new) = signed(dir.path(), "new", "l1", now);
+        let (_, by_stranger) = signed(dir.path(), "stranger", "l1", now);
+        let key = |ca: &SshCa| PublicKey::from_openssh(&ca.public_line()).expect("key");
+        let rotating = [key(&new), key(&old)];
+        assert_eq!(check_certificate(&by_old, &rotating, "l1", now), Ok(()));
+        assert_eq!(check_certificate(&by_new, &rotating, "l1", now), Ok(()));
+        assert_eq!(check_certificate(&by_stranger, &rotating, "l1", now), Err("not signed by the platform's SSH user CA"));
+        // Once the old CA is dropped, its certificates stop working; with none known, none do.
+        assert_eq!(check_certificate(&by_old, &[key(&new)], "l1", now), Err("not signed by the platform's SSH user CA"));
+        assert_eq!(check_certificate(&by_new, &[], "l1", now), Err("no SSH user CA is known"));
+        assert_eq!(check_certificate(&by_new, &rotating, "l2", now), Err("not valid for this login"));
+    }
 }

@@ -141,8 +141,9 @@ pub struct Access {
     /// Counts completed syncs, so a login can wait for the one it asked for.
     synced: watch::Sender<u64>,
     pub throttle: Mutex<throttle::Throttle>,
-    /// The platform's SSH user CA, as the broker last said.
-    user_ca: RwLock<Option<PublicKey>>,
+    /// The platform's SSH user CAs, as the broker last said: the one that signs now, and any
+    /// it still trusts while rotating to a new one.
+    user_cas: RwLock<Vec<PublicKey>>,
     /// Leases ended here for want of payment, with the `paid_until_ms` they had: not
     /// provisioned again unless the broker reports them paid for longer (an extension).
     expired_here: Mutex<BTreeMap<u64, i64>>,
@@ -161,7 +162,7 @@ impl Access {
             sessions: Mutex::new(BTreeMap::new()),
             refresh: Notify::new(),
             synced: watch::channel(0).0,
-            user_ca: RwLock::new(None),
+            user_cas: RwLock::new(Vec::new()),
             expired_here: Mutex::new(BTreeMap::new()),
             throttle: Mutex::new(throttle::Throttle::new(config.max_login_failures, Duration::from_secs(60))),
             book,
@@ -227,8 +228,8 @@ impl Access {
         format!("{}{lease}", self.config.login_prefix)
     }
 
-    pub fn user_ca(&self) -> Option<PublicKey> {
-        self.user_ca.read().unwrap_or_else(|p| p.into_inner()).clone()
+    pub fn user_cas(&self) -> Vec<PublicKey> {
+        self.user_cas.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn lease_for(&self, login: &str) -> Option<Arc<LiveLease>> {
@@ -243,10 +244,13 @@ impl Access {
     /// Brings this node's lease accounts in line with the broker's view of its live leases.
     /// Returns the leases whose account is ready (what the provisioner may confirm).
     pub async fn sync(&self, node: &v1::AgentNode) -> BTreeSet<u64> {
-        let ca = (!node.ssh_user_ca.is_empty()).then(|| PublicKey::from_openssh(&node.ssh_user_ca)).transpose();
-        match ca {
-            Ok(ca) => *self.user_ca.write().unwrap_or_else(|p| p.into_inner()) = ca,
-            Err(e) => tracing::error!(error = %e, "the broker's SSH user CA is unreadable; certificates are refused"),
+        let lines = std::iter::once(&node.ssh_user_ca).chain(&node.ssh_user_cas_also_trusted).filter(|l| !l.is_empty());
+        match lines.map(|l| PublicKey::from_openssh(l)).collect::<Result<Vec<_>, _>>() {
+            Ok(cas) => *self.user_cas.write().unwrap_or_else(|p| p.into_inner()) = cas,
+            Err(e) => {
+                tracing::error!(error = %e, "the broker's SSH user CAs are unreadable; certificates are refused");
+                self.user_cas.write().unwrap_or_else(|p| p.into_inner()).clear();
+            }
         }
         let live = &node.leases;
         let mut ready = BTreeSet::new();
@@ -298,6 +302,10 @@ impl Access {
             };
             // Only into a home nobody has logged in to yet: once the lease's user can write
             // there, root writes nothing more into it.
+            if created {
+                let request_id = Some(lease.request_id.as_str()).filter(|id| !id.is_empty());
+                tracing::info!(lease = lease.lease_id, %login, request_id, "lease account made");
+            }
             if created && self.config.xvnc.is_some() {
                 if let Err(e) = vnc::provision(&account) {
                     tracing::warn!(lease = lease.lease_id, error = %e, "cannot provision the lease's VNC password");

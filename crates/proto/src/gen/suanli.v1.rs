@@ -5967,6 +5967,20 @@ pub mod broker_server {
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewAgentCertificateRequest {
+    /// PKCS#10 signing request (PEM) for the key the agent authenticated this call with.
+    #[prost(string, tag = "1")]
+    pub csr_pem: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewAgentCertificateResponse {
+    #[prost(string, tag = "1")]
+    pub certificate_pem: ::prost::alloc::string::String,
+    /// The CA that signed it (PEM).
+    #[prost(string, tag = "2")]
+    pub ca_certificate_pem: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportNodeAccessRequest {
     #[prost(string, tag = "1")]
     pub request_id: ::prost::alloc::string::String,
@@ -6060,6 +6074,16 @@ pub struct AgentNode {
     /// login are admitted like the researcher's own keys.
     #[prost(string, tag = "5")]
     pub ssh_user_ca: ::prost::alloc::string::String,
+    /// The cluster CA that signs agent certificates now (PEM): an agent whose certificate another
+    /// CA signed renews it (RenewAgentCertificate). Empty from brokers before this field.
+    #[prost(string, tag = "6")]
+    pub ca_certificate_pem: ::prost::alloc::string::String,
+    /// Further SSH user CA keys whose certificates are admitted too, while the platform rotates
+    /// its SSH user CA (OpenSSH public key lines).
+    #[prost(string, repeated, tag = "7")]
+    pub ssh_user_cas_also_trusted: ::prost::alloc::vec::Vec<
+        ::prost::alloc::string::String,
+    >,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NodeLease {
@@ -6083,6 +6107,11 @@ pub struct NodeLease {
     /// Serials of this lease's SSH certificates withdrawn before they expire.
     #[prost(uint64, repeated, tag = "8")]
     pub revoked_certificate_serials: ::prost::alloc::vec::Vec<u64>,
+    /// The `x-request-id` of the latest call that changed this lease, where the answering broker
+    /// node still remembers it: for following one request across the services' logs (the agent
+    /// logs it and sends it back with its own calls about the lease). Best effort, never state.
+    #[prost(string, tag = "9")]
+    pub request_id: ::prost::alloc::string::String,
 }
 /// Generated client implementations.
 pub mod supplier_service_client {
@@ -6372,6 +6401,36 @@ pub mod supplier_service_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// The calling agent (authenticated by its current certificate) gets a new certificate for
+        /// the same key, signed by the CA that signs now: before its certificate expires, and after
+        /// the cluster CA was rotated (AgentNode.ca_certificate_pem names the CA that signs now).
+        /// Nothing is written: the key, not the certificate, is the node's identity.
+        pub async fn renew_agent_certificate(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RenewAgentCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RenewAgentCertificateResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/suanli.v1.SupplierService/RenewAgentCertificate",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("suanli.v1.SupplierService", "RenewAgentCertificate"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -6438,6 +6497,17 @@ pub mod supplier_service_server {
             &self,
             request: tonic::Request<super::ReportNodeAccessRequest>,
         ) -> std::result::Result<tonic::Response<super::Node>, tonic::Status>;
+        /// The calling agent (authenticated by its current certificate) gets a new certificate for
+        /// the same key, signed by the CA that signs now: before its certificate expires, and after
+        /// the cluster CA was rotated (AgentNode.ca_certificate_pem names the CA that signs now).
+        /// Nothing is written: the key, not the certificate, is the node's identity.
+        async fn renew_agent_certificate(
+            &self,
+            request: tonic::Request<super::RenewAgentCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RenewAgentCertificateResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct SupplierServiceServer<T> {
@@ -6872,6 +6942,55 @@ pub mod supplier_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReportNodeAccessSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/suanli.v1.SupplierService/RenewAgentCertificate" => {
+                    #[allow(non_camel_case_types)]
+                    struct RenewAgentCertificateSvc<T: SupplierService>(pub Arc<T>);
+                    impl<
+                        T: SupplierService,
+                    > tonic::server::UnaryService<super::RenewAgentCertificateRequest>
+                    for RenewAgentCertificateSvc<T> {
+                        type Response = super::RenewAgentCertificateResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RenewAgentCertificateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SupplierService>::renew_agent_certificate(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RenewAgentCertificateSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
