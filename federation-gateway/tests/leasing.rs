@@ -18,6 +18,7 @@ use suanli_federation_gateway::api::{AccessView, RemoteLeaseView, SettlementsVie
 use suanli_proto::v1::{self, AccountKind};
 use suanli_testkit::cluster::{check_no_card_held_twice, PLATFORM_TOKEN};
 use suanli_testkit::fixtures::register;
+use suanli_testkit::observability::{exposed_series, missing, referenced_series};
 use suanli_testkit::portal::{PortalOptions, PortalProcess};
 use suanli_testkit::{eventually, workspace_binary};
 use support::{catalogue, Federation, Member, API_TOKEN};
@@ -152,6 +153,13 @@ async fn remote_leases(member: &Member, researcher: u64) -> Vec<RemoteLeaseView>
     support::get(member, &format!("/v1/remote-leases?researcher_id={researcher}")).await
 }
 
+/// The gateway's Prometheus text.
+async fn metrics(member: &Member) -> String {
+    let response = reqwest::Client::new().get(format!("{}/metrics", member.api())).bearer_auth(API_TOKEN).send().await.expect("metrics");
+    assert!(response.status().is_success(), "GET /metrics: {}", response.status());
+    response.text().await.expect("text")
+}
+
 async fn settlements(member: &Member) -> SettlementsView {
     support::get(member, "/v1/settlements").await
 }
@@ -172,17 +180,8 @@ impl Portal {
         let extra = ["--federation-api", gateway_api.as_str(), "--federation-token", API_TOKEN, "--demo", "--demo-researcher", adopt.as_str()];
         let options = PortalOptions { extra: &extra, ..PortalOptions::new(&broker, PLATFORM_TOKEN, &database) };
         let process = PortalProcess::start(f.dir.path(), &options).await.expect("portal");
-        let http = reqwest::Client::builder().cookie_store(true).build().expect("http");
-        let session: Value = http
-            .post(format!("{}/api/v1/session", process.url))
-            .json(&json!({"login": "demo-researcher", "password": suanli_portal::demo::DEMO_PASSWORD}))
-            .send()
-            .await
-            .expect("login")
-            .json()
-            .await
-            .expect("json");
-        let csrf = session["csrf_token"].as_str().expect("a CSRF token").to_owned();
+        let suanli_testkit::portal::Session { http, csrf } =
+            suanli_testkit::portal::log_in(&process.url, "demo-researcher", suanli_portal::demo::DEMO_PASSWORD).await.expect("signed in");
         Portal { url: process.url.clone(), _process: process, http, csrf }
     }
 
@@ -297,6 +296,9 @@ async fn a_researcher_on_one_members_portal_finds_leases_logs_into_and_pays_for_
     assert_eq!(at_city.records, at_cloud.records);
     let row = &at_city.report[0];
     assert_eq!((row.debtor.as_str(), row.creditor.as_str(), row.amount_minor, row.leases), ("cloud", "city", ended.charged_minor, 1));
+    // City took the countersignature: nothing waits at cloud.
+    let text = metrics(cloud).await;
+    assert!(text.contains("suanli_gateway_settlements_undelivered 0\n"), "{text}");
     // The CLI prints the same report.
     let out = tokio::process::Command::new(support::gateway_binary())
         .args(["settlement", "--endpoint", &cloud.api(), "--token", API_TOKEN])
@@ -331,7 +333,8 @@ async fn a_retried_request_applies_once_on_both_sides_and_a_refused_one_returns_
     for _ in 0..2 {
         let (status, body) = lease(cloud, alice, "too-many", m.node.cluster, 5).await;
         assert_eq!(status, 409, "{body}");
-        assert_eq!(body["code"], "REFUSED");
+        assert_eq!(body["error"]["code"], "REFUSED");
+        assert!(body["error"]["owner_code"].as_str().is_some_and(|c| !c.is_empty()), "the owner's own code: {body}");
         assert_eq!(balance(cloud, alice).await.remote_held_minor, held, "the refused request's hold went back");
     }
     // A cluster city does not announce: refused before anything is held.
@@ -399,7 +402,7 @@ async fn while_the_owner_is_away_its_leases_are_reported_unreachable_and_request
     let cloud = &m.f.members[2];
     let (status, body) = lease(cloud, alice, "while-away", m.node.cluster, 1).await;
     assert_eq!(status, 503, "{body}");
-    assert_eq!(body["code"], "UNAVAILABLE");
+    assert_eq!(body["error"]["code"], "UNAVAILABLE");
     let away = eventually(WAIT, POLL, || async {
         let leases = remote_leases(cloud, alice).await;
         (leases.len() == 2 && leases.iter().all(|l| l.unreachable_for_ms.is_some())).then_some(leases)
@@ -407,6 +410,14 @@ async fn while_the_owner_is_away_its_leases_are_reported_unreachable_and_request
     .await
     .expect("both leases are reported unreachable");
     let waiting = away.iter().find(|l| l.id != active).expect("the request made while away");
+    // The operator sees it too: the gauge the SuanliFederationOwnerUnreachable alert reads (and
+    // every `suanli_gateway_*` series the dashboards and alerts name is served).
+    let text = metrics(cloud).await;
+    assert!(text.contains("suanli_gateway_remote_leases_owner_unreachable 2\n"), "{text}");
+    let referenced = referenced_series();
+    assert!(referenced.iter().any(|n| n.starts_with("suanli_gateway_")), "the alerts name the gateway's series");
+    let lacking = missing(&referenced, &["suanli_gateway_"], &exposed_series(&text));
+    assert!(lacking.is_empty(), "named in ops/grafana or ops/prometheus but not served: {lacking:?}");
     assert_eq!(waiting.state, "requested");
     assert_eq!(balance(cloud, alice).await.remote_held_minor, 2 * HOURLY, "both holds kept");
 
@@ -419,6 +430,7 @@ async fn while_the_owner_is_away_its_leases_are_reported_unreachable_and_request
     eventually(WAIT, POLL, || async { remote_leases(cloud, alice).await.iter().all(|l| l.state == "active" && l.unreachable_for_ms.is_none()).then_some(()) })
         .await
         .expect("the request made while away is leased once city is back");
+    assert!(metrics(cloud).await.contains("suanli_gateway_remote_leases_owner_unreachable 0\n"));
     let platform = m.f.members[0].broker.client(1, PLATFORM_TOKEN).await.expect("platform");
     let leases = suanli_proto::client::all_leases(&platform, true).await.expect("leases");
     assert_eq!(leases.iter().filter(|l| l.researcher_id == m.partners[1]).count(), 2, "one lease each, none twice");

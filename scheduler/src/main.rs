@@ -93,6 +93,10 @@ struct FileScheduler {
     lease_ttl_ms: Option<u64>,
     artifacts_listen: Option<std::net::SocketAddr>,
     artifacts_dir: Option<PathBuf>,
+    /// `[scheduler.artifacts_bucket]`: keep the artifacts' bytes in an S3-compatible bucket
+    /// (`endpoint`, `bucket`, `region`, `access_key_id`, `secret_access_key_env`, `prefix`)
+    /// instead of `artifacts_dir`, which then keeps only who uploaded what.
+    artifacts_bucket: Option<suanli_artifacts::BucketConfig>,
     /// Largest artifact accepted, in bytes (64 GiB by default).
     artifacts_max_bytes: Option<u64>,
     artifacts_key_file: Option<PathBuf>,
@@ -179,7 +183,11 @@ async fn main() -> anyhow::Result<()> {
                 let dir = s.artifacts_dir.clone().or(file.artifacts_dir.clone()).context("--artifacts-dir is required with --artifacts-listen")?;
                 let token = s.artifacts_token.clone().context("--artifacts-token is required with --artifacts-listen")?;
                 anyhow::ensure!(token.len() >= 16, "the artifact token must be at least 16 characters");
-                let store = suanli_artifacts::LocalStore::open(&dir, file.artifacts_max_bytes.unwrap_or(64 << 30))?;
+                let max_bytes = file.artifacts_max_bytes.unwrap_or(64 << 30);
+                let store: std::sync::Arc<dyn suanli_artifacts::Store> = match &file.artifacts_bucket {
+                    Some(bucket) => std::sync::Arc::new(suanli_artifacts::BucketStore::new(suanli_artifacts::Bucket::connect(bucket)?, max_bytes)),
+                    None => std::sync::Arc::new(suanli_artifacts::LocalStore::open(&dir, max_bytes)?),
+                };
                 let tls =
                     match (s.artifacts_tls_cert.clone().or(file.artifacts_tls_cert.clone()), s.artifacts_tls_key.clone().or(file.artifacts_tls_key.clone())) {
                         (Some(cert), Some(key)) => Some(suanli_artifacts::tls::load_server_config(&cert, &key)?),
@@ -204,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
                     owners_dir: Some(dir.join(suanli_artifacts::backup::RECORDS_DIR)),
                     quota_bytes: file.artifacts_quota_bytes,
                 };
-                let (app, collector) = suanli_artifacts::server::router_and_collector(std::sync::Arc::new(store), access);
+                let (app, collector) = suanli_artifacts::server::router_and_collector(store, access);
                 let every = file.artifacts_gc_every_s.unwrap_or(3600);
                 if let (Some(collector), true) = (collector, every > 0) {
                     let gc = suanli_scheduler::artifact_gc::GcConfig {

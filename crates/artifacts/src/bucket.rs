@@ -151,3 +151,161 @@ impl Bucket {
         }
     }
 }
+
+/// The artifact store in a bucket: `<prefix>/artifacts/ab/<sha256>`, as [`LocalStore`] keeps
+/// `root/ab/<sha256>` on one machine. Several scheduler replicas can serve the same bucket.
+///
+/// An upload whose digest is named up front goes straight to its final key, and the S3 upload
+/// (one PUT, or a multipart upload for large ones) is completed only once the bytes hash to
+/// that digest: the object appears whole and right, or not at all, and an object already there
+/// (the same bytes) is never disturbed by a failed one. Without a digest the bytes go to
+/// `artifacts/tmp/<random>`, are hashed on the way and copied into place (S3 copies up to
+/// 5 GiB in one request: name the digest for anything larger).
+///
+/// [`LocalStore`]: crate::LocalStore
+pub struct BucketStore {
+    bucket: Bucket,
+    max_bytes: u64,
+}
+
+const ARTIFACTS: &str = "artifacts";
+/// Bytes per part of a multipart upload (S3 wants at least 5 MiB but for the last); anything
+/// smaller goes up in one PUT.
+const PART_BYTES: usize = 8 << 20;
+
+fn storage(e: impl std::error::Error + Send + Sync + 'static) -> crate::StoreError {
+    crate::StoreError::Io(std::io::Error::other(e))
+}
+
+impl BucketStore {
+    /// Artifacts up to `max_bytes` in `bucket`.
+    pub fn new(bucket: Bucket, max_bytes: u64) -> BucketStore {
+        BucketStore { bucket, max_bytes }
+    }
+
+    fn key_of(&self, digest: crate::Digest) -> Result<Key, crate::StoreError> {
+        let hex = digest.to_hex();
+        self.bucket.key(&format!("{ARTIFACTS}/{}/{hex}", &hex[..2])).map_err(storage)
+    }
+
+    async fn put_inner(
+        &self,
+        mut body: Box<dyn tokio::io::AsyncRead + Send + Unpin + '_>,
+        expected: Option<crate::Digest>,
+    ) -> Result<(crate::Digest, u64), crate::StoreError> {
+        let target = match expected {
+            Some(digest) => self.key_of(digest)?,
+            None => self.bucket.key(&format!("{ARTIFACTS}/tmp/{:016x}", rand::random::<u64>())).map_err(storage)?,
+        };
+        let mut writer = object_store::buffered::BufWriter::with_capacity(self.bucket.store.clone(), target.clone(), PART_BYTES);
+        let sent = async {
+            let (actual, size) = crate::store::copy_hashing(&mut *body, &mut writer, self.max_bytes).await?;
+            match expected.filter(|e| *e != actual) {
+                Some(expected) => Err(crate::StoreError::ChecksumMismatch { expected, actual }),
+                None => Ok((actual, size)),
+            }
+        }
+        .await;
+        let (actual, size) = match sent {
+            Ok(done) => done,
+            Err(e) => {
+                // Never completed: nothing appears, and an earlier object at that key stays.
+                if let Err(abort) = writer.abort().await {
+                    tracing::warn!(error = %abort, key = %target, "could not abort an unfinished upload (the bucket's lifecycle rules remove it)");
+                }
+                return Err(e);
+            }
+        };
+        writer.shutdown().await?;
+        if expected.is_none() {
+            let dest = self.key_of(actual)?;
+            self.bucket.store.copy(&target, &dest).await.map_err(storage)?;
+            if let Err(e) = self.bucket.store.delete(&target).await {
+                tracing::warn!(error = %e, key = %target, "could not delete a finished upload's temporary object");
+            }
+        }
+        Ok((actual, size))
+    }
+}
+
+impl crate::Store for BucketStore {
+    fn put<'a>(
+        &'a self,
+        body: Box<dyn tokio::io::AsyncRead + Send + Unpin + 'a>,
+        expected: Option<crate::Digest>,
+    ) -> crate::store::Fut<'a, (crate::Digest, u64)> {
+        Box::pin(self.put_inner(body, expected))
+    }
+
+    fn size<'a>(&'a self, digest: crate::Digest) -> crate::store::Fut<'a, u64> {
+        Box::pin(async move {
+            match self.bucket.store.head(&self.key_of(digest)?).await {
+                Ok(meta) => Ok(meta.size),
+                Err(object_store::Error::NotFound { .. }) => Err(crate::StoreError::NotFound(digest)),
+                Err(e) => Err(storage(e)),
+            }
+        })
+    }
+
+    fn open<'a>(&'a self, digest: crate::Digest, start: u64, len: u64) -> crate::store::Fut<'a, crate::store::Opened> {
+        Box::pin(async move {
+            let key = self.key_of(digest)?;
+            let not_found = |e: object_store::Error| match e {
+                object_store::Error::NotFound { .. } => crate::StoreError::NotFound(digest),
+                e => storage(e),
+            };
+            if len == 0 {
+                let size = self.bucket.store.head(&key).await.map_err(not_found)?.size;
+                return Ok(crate::store::Opened { size, reader: Box::new(tokio::io::empty()) });
+            }
+            let options = object_store::GetOptions { range: Some(object_store::GetRange::Bounded(start..start + len)), ..Default::default() };
+            let got = self.bucket.store.get_opts(&key, options).await.map_err(not_found)?;
+            let size = got.meta.size;
+            let stream = got.into_stream().map(|chunk| chunk.map_err(std::io::Error::other));
+            Ok(crate::store::Opened { size, reader: Box::new(tokio_util::io::StreamReader::new(Box::pin(stream))) })
+        })
+    }
+
+    fn list<'a>(&'a self) -> crate::store::Fut<'a, Vec<crate::store::Listed>> {
+        Box::pin(async move {
+            let under = self.bucket.key(ARTIFACTS).map_err(storage)?;
+            let mut out = Vec::new();
+            let mut listing = self.bucket.store.list(Some(&under));
+            while let Some(meta) = listing.next().await {
+                let meta = meta.map_err(storage)?;
+                // `…/artifacts/ab/<sha256>` only: not the uploads on their way (`tmp/`).
+                let mut parts = meta.location.parts().map(|p| p.as_ref().to_owned()).collect::<Vec<_>>().into_iter().rev();
+                let (Some(name), Some(fan)) = (parts.next(), parts.next()) else { continue };
+                let Ok(digest) = name.parse::<crate::Digest>() else { continue };
+                if !name.starts_with(&fan) {
+                    continue;
+                }
+                out.push(crate::store::Listed { digest, size: meta.size, stored_at: meta.last_modified.into() });
+            }
+            out.sort_by_key(|l| l.digest);
+            Ok(out)
+        })
+    }
+
+    fn delete_if_stored_before<'a>(&'a self, digest: crate::Digest, than: std::time::SystemTime) -> crate::store::Fut<'a, bool> {
+        Box::pin(async move {
+            let key = self.key_of(digest)?;
+            let stored_at: std::time::SystemTime = match self.bucket.store.head(&key).await {
+                Ok(meta) => meta.last_modified.into(),
+                Err(object_store::Error::NotFound { .. }) => return Ok(false),
+                Err(e) => return Err(storage(e)),
+            };
+            if stored_at >= than {
+                return Ok(false);
+            }
+            // S3 has no conditional delete. The collector holds the store's sweep lock, so no
+            // upload through this replica lands in between; an upload of the same bytes through
+            // another replica could, so replicas sharing a bucket collect on one of them only
+            // (`artifacts_gc_every_s = 0` on the others).
+            match self.bucket.store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+                Err(e) => Err(storage(e)),
+            }
+        })
+    }
+}

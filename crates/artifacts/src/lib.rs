@@ -33,6 +33,7 @@ pub mod server;
 pub mod store;
 pub mod tls;
 
+pub use bucket::{Bucket, BucketConfig, BucketStore};
 pub use capability::{CapabilityKey, Grant};
 pub use client::{ArtifactClient, ClientError};
 pub use server::{Collected, Collector};

@@ -131,22 +131,7 @@ impl LocalStore {
         let tmp = self.root.join("tmp").join(format!("{:016x}", rand::random::<u64>()));
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
-            let mut hasher = Sha256::new();
-            let mut size = 0u64;
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                let n = body.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                size += n as u64;
-                if size > self.max_bytes {
-                    return Err(StoreError::TooLarge { limit: self.max_bytes });
-                }
-                hasher.update(&buf[..n]);
-                file.write_all(&buf[..n]).await?;
-            }
-            let actual = Digest(hasher.finalize().into());
+            let (actual, size) = copy_hashing(&mut *body, &mut file, self.max_bytes).await?;
             if let Some(expected) = expected.filter(|e| *e != actual) {
                 return Err(StoreError::ChecksumMismatch { expected, actual });
             }
@@ -168,6 +153,31 @@ impl LocalStore {
         }
         result
     }
+}
+
+/// Copies `body` into `sink`, hashing the bytes on the way: their digest and size. More than
+/// `max_bytes` is refused (what was written so far is the caller's to discard).
+pub(crate) async fn copy_hashing<W: tokio::io::AsyncWrite + Unpin>(
+    body: &mut (dyn AsyncRead + Send + Unpin + '_),
+    sink: &mut W,
+    max_bytes: u64,
+) -> Result<(Digest, u64), StoreError> {
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = body.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        if size > max_bytes {
+            return Err(StoreError::TooLarge { limit: max_bytes });
+        }
+        hasher.update(&buf[..n]);
+        sink.write_all(&buf[..n]).await?;
+    }
+    Ok((Digest(hasher.finalize().into()), size))
 }
 
 impl Store for LocalStore {

@@ -94,3 +94,21 @@ pub async fn command(url: &str, keys: &Path, args: &[&str]) -> std::process::Out
         .await
         .expect("run the portal")
 }
+
+/// A signed-in browser-like session at a portal: its cookie kept, and the CSRF token its
+/// writes send as `x-csrf-token`.
+pub struct Session {
+    pub http: reqwest::Client,
+    pub csrf: String,
+}
+
+/// Signs `login` in at the portal at `url` with `password` (no TOTP: researchers and
+/// suppliers, the demo accounts).
+pub async fn log_in(url: &str, login: &str, password: &str) -> anyhow::Result<Session> {
+    let http = reqwest::Client::builder().cookie_store(true).build()?;
+    let response = http.post(format!("{url}/api/v1/session")).json(&serde_json::json!({"login": login, "password": password})).send().await?;
+    let status = response.status();
+    let session: serde_json::Value = response.json().await?;
+    let csrf = session["csrf_token"].as_str().ok_or_else(|| anyhow::anyhow!("signing {login} in: {status} {session}"))?.to_owned();
+    Ok(Session { http, csrf })
+}

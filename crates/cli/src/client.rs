@@ -1,0 +1,102 @@
+//! The portal's REST API with an API token. Every call the CLI makes is one of the portal's
+//! documented operations (`/api/v1/openapi.json`); errors come back as the portal sent them
+//! (`{"error": {"code", "message", "fields"}}`).
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the portal at {0}: {1}")]
+    Transport(String, #[source] reqwest::Error),
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error("the portal answered {status} with something that is not its JSON: {body}")]
+    Unreadable { status: u16, body: String },
+}
+
+/// What the portal said when it refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub fields: Vec<(String, String)>,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)?;
+        // The portal's message often names the problems already; the rest, one per line.
+        for (field, problem) in self.fields.iter().filter(|(field, problem)| !self.message.contains(&format!("{field}: {problem}"))) {
+            write!(f, "\n  {field}: {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    fields: Vec<FieldProblem>,
+}
+
+#[derive(Deserialize)]
+struct FieldProblem {
+    field: String,
+    problem: String,
+}
+
+pub struct Portal {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Portal {
+    pub fn new(base: &str, token: &str) -> Portal {
+        let http = reqwest::Client::builder().user_agent(concat!("suanli/", env!("CARGO_PKG_VERSION"))).build().unwrap_or_default();
+        Portal { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), http }
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str, query: &[(&str, String)]) -> Result<T, ClientError> {
+        self.send(self.http.get(self.url(path)).query(query)).await
+    }
+
+    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> Result<T, ClientError> {
+        self.send(self.http.post(self.url(path)).json(body)).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let response = request.bearer_auth(&self.token).send().await.map_err(|e| ClientError::Transport(self.base.clone(), e))?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.map_err(|e| ClientError::Transport(self.base.clone(), e))?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&bytes)
+                .map_err(|_| ClientError::Unreadable { status, body: String::from_utf8_lossy(&bytes).chars().take(200).collect() });
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(ErrorBody { error }) => Err(ClientError::Refused(Refusal {
+                status,
+                code: error.code,
+                message: error.message,
+                fields: error.fields.into_iter().map(|f| (f.field, f.problem)).collect(),
+            })),
+            Err(_) => Err(ClientError::Unreadable { status, body: String::from_utf8_lossy(&bytes).chars().take(200).collect() }),
+        }
+    }
+}

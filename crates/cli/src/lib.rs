@@ -1,0 +1,8 @@
+//! `suanli`, the researcher's command line, over the portal's REST API with an API token:
+//! log in once, search the catalogue with a typed query language, lease, submit and follow
+//! jobs. Everything it calls is an operation of the portal's OpenAPI document.
+
+pub mod client;
+pub mod config;
+pub mod query;
+pub mod table;

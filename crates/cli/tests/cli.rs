@@ -1,0 +1,165 @@
+//! The `suanli` binary against a running marketplace: a broker, a portal whose demo researcher
+//! adopts a funded broker account, and a supplier's two clusters. The researcher makes an API
+//! token in the portal, logs the CLI in, searches, leases (a retry leases once), lists and ends
+//! the lease; bad queries, a bad token and a clear-text portal elsewhere are refused.
+
+use std::path::Path;
+use std::process::Output;
+
+use serde_json::{json, Value};
+use suanli_proto::v1::AccountKind;
+use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
+use suanli_testkit::fixtures::{deposit, publish, register, RESEARCHER_FUNDS};
+use suanli_testkit::portal::{database_url, log_in, PortalOptions, PortalProcess, Session};
+use suanli_testkit::workspace_binary;
+use suanli_types::ClusterClass;
+
+struct Market {
+    _broker: BrokerCluster,
+    _portal: PortalProcess,
+    url: String,
+    /// The demo researcher's fresh API token.
+    token: String,
+    /// The Class B cluster (4 cards of one node) and the Class A one.
+    class_b: u64,
+    class_a: u64,
+    dir: tempfile::TempDir,
+}
+
+async fn market() -> Market {
+    let dir = tempfile::tempdir().expect("dir");
+    let broker = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker").expect("broker"), 1, None).await.expect("broker");
+    let mut platform = broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+    let (researcher, researcher_token) = register(&mut platform, AccountKind::Researcher, "researcher").await.expect("researcher");
+    deposit(&mut platform, researcher, RESEARCHER_FUNDS, "funds").await.expect("deposit");
+    let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
+    let mut supplier = broker.client(1, &supplier_token).await.expect("supplier");
+    let class_b = publish(&mut supplier, ClusterClass::B, 1, 4, "b").await.expect("class B").cluster_id;
+    let class_a = publish(&mut supplier, ClusterClass::A, 1, 8, "a").await.expect("class A").cluster_id;
+
+    let database = database_url(dir.path(), false).await.expect("database").expect("sqlite");
+    let broker_url = format!("http://{}", broker.address(1).expect("address"));
+    let adopt = format!("{researcher}:{researcher_token}");
+    let extra = ["--demo", "--demo-researcher", adopt.as_str()];
+    let options = PortalOptions { extra: &extra, ..PortalOptions::new(&broker_url, PLATFORM_TOKEN, &database) };
+    let portal = PortalProcess::start(dir.path(), &options).await.expect("portal");
+    // The token is made in a signed-in session, as on the account page.
+    let Session { http, csrf } = log_in(&portal.url, "demo-researcher", suanli_portal::demo::DEMO_PASSWORD).await.expect("signed in");
+    let made: Value = http
+        .post(format!("{}/api/v1/me/api-tokens", portal.url))
+        .header("x-csrf-token", csrf)
+        .json(&json!({"name": "cli", "expires_in_days": 7}))
+        .send()
+        .await
+        .expect("token")
+        .json()
+        .await
+        .expect("json");
+    let token = made["token"].as_str().unwrap_or_else(|| panic!("no token in {made}")).to_owned();
+    // The catalogue copy follows the broker's events: wait until both clusters are in it.
+    let url = portal.url.clone();
+    suanli_testkit::eventually(std::time::Duration::from_secs(20), std::time::Duration::from_millis(100), || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let page: Value = http.get(format!("{url}/api/v1/catalogue")).send().await.ok()?.json().await.ok()?;
+            (page["total"].as_u64() >= Some(2)).then_some(())
+        }
+    })
+    .await
+    .expect("the portal sees both clusters");
+    Market { _broker: broker, _portal: portal, url, token, class_b, class_a, dir }
+}
+
+/// Runs `suanli` with its configuration in the market's directory.
+fn suanli(m: &Market, args: &[&str], env: &[(&str, &str)]) -> Output {
+    run(&m.dir.path().join("config"), args, env)
+}
+
+fn run(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let binary = workspace_binary("suanli-cli", "suanli").expect("suanli");
+    let mut command = std::process::Command::new(binary);
+    command.args(args).env("SUANLI_CONFIG_DIR", config).env_remove("SUANLI_TOKEN");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("suanli runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "suanli failed:\n{}\n{}", stdout(&out), stderr(&out));
+    stdout(&out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_researcher_logs_in_searches_leases_once_and_ends_the_lease_from_the_terminal() {
+    let m = market().await;
+    let said = ok(suanli(&m, &["login", "--portal", &m.url], &[("SUANLI_TOKEN", &m.token)]));
+    assert!(said.contains("logged in as demo-researcher"), "{said}");
+    let config = m.dir.path().join("config/config.toml");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&config).expect("config").permissions().mode() & 0o777, 0o600, "the token is the user's alone");
+    assert!(ok(suanli(&m, &["whoami"], &[])).contains("demo-researcher"));
+
+    // A typed query: Class B only, priced under 10 yuan an hour; both, then neither.
+    let b_only = ok(suanli(&m, &["search", "class=B vram>=24 price<10 mode=hourly", "--sort", "price"], &[]));
+    // The clusters' rows: an ID, then the class (not the header, nor the "1 of 1" line).
+    let ids = |table: &str| -> Vec<String> {
+        table
+            .lines()
+            .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+                [id, "A" | "B", ..] => Some(id.to_owned()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(ids(&b_only), vec![m.class_b.to_string()], "{b_only}");
+    let both = ok(suanli(&m, &["search", ""], &[]));
+    assert_eq!(ids(&both).len(), 2, "{both}");
+    assert!(ids(&ok(suanli(&m, &["search", "price<0.01"], &[]))).is_empty());
+    let json: Value = serde_json::from_str(&ok(suanli(&m, &["search", "class=a", "--json"], &[]))).expect("JSON");
+    assert_eq!(json["clusters"][0]["cluster_id"], m.class_a);
+
+    // A mistake is shown where it is, and nothing is asked of the portal.
+    let wrong = suanli(&m, &["search", "gpu=A100 vram=80"], &[]);
+    assert!(!wrong.status.success());
+    let message = stderr(&wrong);
+    assert!(message.contains("column 14") && message.contains("              ^"), "{message}");
+
+    // A lease, retried with the same key: one lease, the same answer.
+    let key = "cli-lease-1";
+    let args = ["lease", "create", &m.class_b.to_string(), "--cards", "2", "--mode", "hourly", "--periods", "1", "--request-id", key];
+    let first: Value = serde_json::from_str(&ok(suanli(&m, &args, &[]))).expect("lease JSON");
+    let again: Value = serde_json::from_str(&ok(suanli(&m, &args, &[]))).expect("lease JSON");
+    assert_eq!(first["lease_id"], again["lease_id"]);
+    let id = first["lease_id"].as_u64().expect("lease id").to_string();
+    let listed = ok(suanli(&m, &["lease", "ls"], &[]));
+    assert_eq!(listed.lines().filter(|l| l.split_whitespace().next() == Some(id.as_str())).count(), 1, "{listed}");
+    // Refusals come back as the portal said them, fields named.
+    let refused = suanli(&m, &["lease", "create", &m.class_b.to_string(), "--cards", "2", "--periods", "0"], &[]);
+    assert!(!refused.status.success() && stderr(&refused).contains("periods"), "{}", stderr(&refused));
+    let ended: Value = serde_json::from_str(&ok(suanli(&m, &["lease", "end", &id], &[]))).expect("ended");
+    assert!(matches!(ended["state"].as_str(), Some("ended" | "cancelled")), "{ended}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_is_not_stored_and_a_token_never_crosses_a_network_in_the_clear() {
+    let m = market().await;
+    let config = m.dir.path().join("config");
+    let refused = suanli(&m, &["login", "--portal", &m.url], &[("SUANLI_TOKEN", "slp_not-a-token")]);
+    assert!(!refused.status.success() && stderr(&refused).contains("UNAUTHENTICATED"), "{}", stderr(&refused));
+    assert!(!config.join("config.toml").exists(), "nothing stored");
+    let clear = run(&config, &["login", "--portal", "http://portal.example"], &[("SUANLI_TOKEN", &m.token)]);
+    assert!(!clear.status.success() && stderr(&clear).contains("https://"), "{}", stderr(&clear));
+    assert!(!config.join("config.toml").exists());
+    // Not logged in: said so, with what to do.
+    let out = suanli(&m, &["lease", "ls"], &[]);
+    assert!(!out.status.success() && stderr(&out).contains("suanli login"), "{}", stderr(&out));
+}
