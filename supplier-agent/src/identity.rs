@@ -108,15 +108,23 @@ pub async fn renew_if_due(tls: &BrokerTls, state_dir: &Path, channel: Channel, n
     if suanli_pki::pem_certificate_fingerprint(&renewed.certificate_pem)? != suanli_pki::pem_certificate_fingerprint(&cert)? {
         return Err(IdentityError::Broker("the renewed certificate is for another key".into()));
     }
-    // The new certificate replaces the old in one rename; its CA is written first, so a crash
-    // in between renews once more at most.
-    let pending = state_dir.join(format!("{CERTIFICATE}.pending"));
-    write_private_file(&state_dir.join(SIGNED_BY), &renewed.ca_certificate_pem)?;
-    write_private_file(&pending, &renewed.certificate_pem)?;
-    std::fs::rename(&pending, state_dir.join(CERTIFICATE)).map_err(|e| IdentityError::State(state_dir.to_owned(), e))?;
+    // The certificate first, then the record of its CA, each replaced whole by a rename: a
+    // crash in between leaves the new certificate with the old record, which renews once more;
+    // never an old certificate recorded as the new CA's (it would not be renewed in time).
+    replace_file(state_dir, CERTIFICATE, &renewed.certificate_pem)?;
+    replace_file(state_dir, SIGNED_BY, &renewed.ca_certificate_pem)?;
     *client.write().unwrap_or_else(|p| p.into_inner()) = tonic::transport::Identity::from_pem(&renewed.certificate_pem, &key);
     tracing::info!(why, "renewed this node's certificate");
     Ok(true)
+}
+
+/// Replaces `state_dir/name` with `contents` (mode 0600) in one rename, durably.
+fn replace_file(state_dir: &Path, name: &str, contents: &str) -> Result<(), IdentityError> {
+    let pending = state_dir.join(format!("{name}.pending"));
+    write_private_file(&pending, contents)?;
+    let state_error = |e| IdentityError::State(state_dir.to_owned(), e);
+    std::fs::rename(&pending, state_dir.join(name)).map_err(state_error)?;
+    std::fs::File::open(state_dir).and_then(|dir| dir.sync_all()).map_err(state_error)
 }
 
 /// Why the certificate `cert_pem` (signed by `signed_by`, where known) should be renewed at
@@ -131,7 +139,8 @@ fn renewal_due(cert_pem: &str, signed_by: Option<&str>, current_ca: &str, now: i
         return Ok(None);
     }
     let current = suanli_pki::pem_certificate_fingerprint(current_ca)?;
-    match signed_by.map(suanli_pki::pem_certificate_fingerprint).transpose()? {
+    // An unreadable record (a torn write) counts as none: renewing is always safe.
+    match signed_by.and_then(|pem| suanli_pki::pem_certificate_fingerprint(pem).ok()) {
         Some(ca) if ca == current => Ok(None),
         Some(_) => Ok(Some("the cluster CA was rotated")),
         None => Ok(Some("the CA that signed it is not recorded")),
@@ -248,6 +257,7 @@ mod tests {
         assert_eq!(due(Some(old.cert_pem()), "", now), None, "a broker that does not say which CA signs");
         assert_eq!(due(Some(old.cert_pem()), new.cert_pem(), now), Some("the cluster CA was rotated"));
         assert_eq!(due(None, old.cert_pem(), now), Some("the CA that signed it is not recorded"));
+        assert_eq!(due(Some("-----BEGIN CERT"), old.cert_pem(), now), Some("the CA that signed it is not recorded"), "a torn record renews");
         let late = expires - suanli_pki::AGENT_CERTIFICATE_VALIDITY.as_secs() as i64 / 3 + 1;
         assert_eq!(due(Some(old.cert_pem()), old.cert_pem(), late), Some("a third of its validity is left"));
         assert!(renewal_due("garbage", None, "", now).is_err());

@@ -78,9 +78,15 @@ impl Provisioner {
                 request_id: format!("node-access-{}-{}", gateway.ssh_host, gateway.host_key.len() + gateway.ssh_port as usize),
                 access: Some(gateway.clone()),
             };
-            client.report_node_access(request).await.map_err(describe)?;
-            progress.gateway_reported = true;
-            tracing::info!(host = %gateway.ssh_host, port = gateway.ssh_port, "ssh gateway published");
+            // Tried again next round on failure; the node's leases and certificate are followed
+            // meanwhile (a refused publication must not stop them).
+            match client.report_node_access(request).await {
+                Ok(_) => {
+                    progress.gateway_reported = true;
+                    tracing::info!(host = %gateway.ssh_host, port = gateway.ssh_port, "ssh gateway published");
+                }
+                Err(status) => tracing::warn!(error = %describe(status), "could not publish the ssh gateway"),
+            }
         }
         let node = client.get_agent_node(v1::GetAgentNodeRequest {}).await.map_err(describe)?.into_inner();
         // A failed renewal is tried again on the next round; the current certificate stays.

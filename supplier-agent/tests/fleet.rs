@@ -701,6 +701,10 @@ async fn the_cluster_ca_rotates_under_a_running_agent_without_re_enrolling_or_a_
         SupplierServiceClient::new(channel).get_agent_node(v1::GetAgentNodeRequest {}).await.map_err(|s| s.to_string())
     };
     assert!(handshake.await.is_err(), "a certificate of the dropped CA must not authenticate");
+    // The same channel with the renewed certificate gets through: the refusal above was the CA's.
+    let channel = fleet.agent_channel(Some(&renewed)).await.expect("channel");
+    let whoami = SupplierServiceClient::new(channel).get_agent_node(v1::GetAgentNodeRequest {}).await.expect("the renewed certificate works");
+    assert_eq!(whoami.into_inner().node.expect("node").node_id, node);
 }
 
 /// Whether `cert_pem` is signed by the CA certificate `ca_pem` (checked by OpenSSL, a third party).

@@ -219,10 +219,12 @@ impl BucketStore {
         writer.shutdown().await?;
         if expected.is_none() {
             let dest = self.key_of(actual)?;
-            self.bucket.store.copy(&target, &dest).await.map_err(storage)?;
+            let copied = self.bucket.store.copy(&target, &dest).await.map_err(storage);
+            // The temporary object goes whether or not the copy worked.
             if let Err(e) = self.bucket.store.delete(&target).await {
-                tracing::warn!(error = %e, key = %target, "could not delete a finished upload's temporary object");
+                tracing::warn!(error = %e, key = %target, "could not delete an upload's temporary object");
             }
+            copied?;
         }
         Ok((actual, size))
     }
@@ -254,11 +256,13 @@ impl crate::Store for BucketStore {
                 object_store::Error::NotFound { .. } => crate::StoreError::NotFound(digest),
                 e => storage(e),
             };
-            if len == 0 {
-                let size = self.bucket.store.head(&key).await.map_err(not_found)?.size;
+            // As the local store: a range past the end reads nothing, and a length past it what is there.
+            let size = self.bucket.store.head(&key).await.map_err(not_found)?.size;
+            let end = start.saturating_add(len).min(size);
+            if start >= end {
                 return Ok(crate::store::Opened { size, reader: Box::new(tokio::io::empty()) });
             }
-            let options = object_store::GetOptions { range: Some(object_store::GetRange::Bounded(start..start + len)), ..Default::default() };
+            let options = object_store::GetOptions { range: Some(object_store::GetRange::Bounded(start..end)), ..Default::default() };
             let got = self.bucket.store.get_opts(&key, options).await.map_err(not_found)?;
             let size = got.meta.size;
             let stream = got.into_stream().map(|chunk| chunk.map_err(std::io::Error::other));
@@ -277,7 +281,7 @@ impl crate::Store for BucketStore {
                 let mut parts = meta.location.parts().map(|p| p.as_ref().to_owned()).collect::<Vec<_>>().into_iter().rev();
                 let (Some(name), Some(fan)) = (parts.next(), parts.next()) else { continue };
                 let Ok(digest) = name.parse::<crate::Digest>() else { continue };
-                if !name.starts_with(&fan) {
+                if fan.len() != 2 || !name.starts_with(&fan) {
                     continue;
                 }
                 out.push(crate::store::Listed { digest, size: meta.size, stored_at: meta.last_modified.into() });

@@ -55,6 +55,18 @@ async fn contract(store: &dyn Store) {
     let refused = store.put(Box::new(&small[..]), Some(digest)).await.expect_err("wrong bytes");
     assert!(matches!(refused, StoreError::ChecksumMismatch { .. }), "{refused}");
     assert_eq!(read_all(store, digest, 0, big.len() as u64).await, big, "the artifact already there is untouched");
+    // The same, in more bytes than one part of a multipart upload: aborted, never completed.
+    let mut wrong_big = big.clone();
+    wrong_big[12_345_678] ^= 1;
+    let refused = store.put(Box::new(&wrong_big[..]), Some(digest)).await.expect_err("wrong bytes, multipart");
+    assert!(matches!(refused, StoreError::ChecksumMismatch { .. }), "{refused}");
+    assert_eq!(read_all(store, digest, 0, big.len() as u64).await, big, "the artifact already there is untouched");
+    let refused = store.put(Box::new(&wrong_big[..]), Some(Digest::of(b"a new name"))).await.expect_err("wrong bytes, new name");
+    assert!(matches!(refused, StoreError::ChecksumMismatch { .. }), "{refused}");
+    assert!(matches!(store.size(Digest::of(b"a new name")).await, Err(StoreError::NotFound(_))));
+    // Ranges as the local store reads them: past the end nothing, across the end what is there.
+    assert_eq!(read_all(store, digest, big.len() as u64 + 10, 5).await, Vec::<u8>::new());
+    assert_eq!(read_all(store, digest, big.len() as u64 - 3, 100).await, &big[big.len() - 3..]);
     let other = b"never stored".to_vec();
     let refused = store.put(Box::new(&other[..]), Some(Digest::of(b"something else"))).await.expect_err("wrong bytes");
     assert!(matches!(refused, StoreError::ChecksumMismatch { .. }), "{refused}");

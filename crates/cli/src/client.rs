@@ -65,7 +65,14 @@ pub struct Portal {
 
 impl Portal {
     pub fn new(base: &str, token: &str) -> Portal {
-        let http = reqwest::Client::builder().user_agent(concat!("suanli/", env!("CARGO_PKG_VERSION"))).build().unwrap_or_default();
+        // No proxy (it would see a loopback portal's token in the clear) and no redirects (the
+        // token would follow one); a builder that cannot be made is a broken TLS setup.
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("suanli/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("an HTTP client");
         Portal { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), http }
     }
 

@@ -147,7 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn login(dir: &std::path::Path, portal: &str) -> anyhow::Result<()> {
-    if !(portal.starts_with("https://") || portal.starts_with("http://127.0.0.1") || portal.starts_with("http://localhost")) {
+    if !token_may_go_to(portal) {
         bail!("{portal}: the portal is reached over https:// (plain http only on this machine): the token must not cross a network in the clear");
     }
     let token = match std::env::var("SUANLI_TOKEN") {
@@ -309,11 +309,48 @@ async fn follow_job(portal: &Portal, id: u64) -> anyhow::Result<()> {
     }
 }
 
+/// Whether an API token may be sent to `portal`: over https, or in the clear to this machine's
+/// loopback only (the host itself, parsed: `http://localhost.example` is not loopback).
+fn token_may_go_to(portal: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(portal) else { return false };
+    let host = url.host_str().unwrap_or("");
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => !host.is_empty(),
+        "http" => loopback,
+        _ => false,
+    }
+}
+
 /// A JSON value as a table cell: strings without their quotes, absent as `-`.
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_may_go_to;
+
+    #[test]
+    fn a_token_goes_over_https_or_to_this_machine_only() {
+        for ok in ["https://portal.example", "https://10.0.0.5:8443", "http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080"] {
+            assert!(token_may_go_to(ok), "{ok}");
+        }
+        for refused in [
+            "http://portal.example",
+            "http://localhost.evil.example",
+            "http://127.0.0.1.evil.example",
+            "http://10.0.0.5",
+            "ftp://127.0.0.1",
+            "portal.example",
+            "",
+        ] {
+            assert!(!token_may_go_to(refused), "{refused}");
+        }
     }
 }

@@ -156,8 +156,10 @@ async fn a_bad_token_is_not_stored_and_a_token_never_crosses_a_network_in_the_cl
     let refused = suanli(&m, &["login", "--portal", &m.url], &[("SUANLI_TOKEN", "slp_not-a-token")]);
     assert!(!refused.status.success() && stderr(&refused).contains("UNAUTHENTICATED"), "{}", stderr(&refused));
     assert!(!config.join("config.toml").exists(), "nothing stored");
-    let clear = run(&config, &["login", "--portal", "http://portal.example"], &[("SUANLI_TOKEN", &m.token)]);
-    assert!(!clear.status.success() && stderr(&clear).contains("https://"), "{}", stderr(&clear));
+    for clear_text in ["http://portal.example", "http://localhost.evil.example"] {
+        let clear = run(&config, &["login", "--portal", clear_text], &[("SUANLI_TOKEN", &m.token)]);
+        assert!(!clear.status.success() && stderr(&clear).contains("https://"), "{clear_text}: {}", stderr(&clear));
+    }
     assert!(!config.join("config.toml").exists());
     // Not logged in: said so, with what to do.
     let out = suanli(&m, &["lease", "ls"], &[]);

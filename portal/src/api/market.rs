@@ -1070,7 +1070,9 @@ pub struct ListingInput {
 /// (`Listing::validate` in crates/types, the same the broker applies) so a form shows every
 /// problem at once; `None` when something could not be read (each problem recorded in `p`).
 fn listing_of(p: &mut Problems, l: &ListingInput, class: Option<ClusterClass>) -> Option<Listing> {
+    // A bad currency is one problem among the others: the rules run with a stand-in.
     let currency = Currency::parse(&l.currency).map_err(|e| p.add("currency", e.problem)).ok();
+    let readable = currency.is_some();
     let mut per_card = BTreeMap::new();
     for (i, price) in l.prices.iter().enumerate() {
         if per_card.insert(price.billing_mode, price.per_card_minor).is_some() {
@@ -1092,7 +1094,7 @@ fn listing_of(p: &mut Problems, l: &ListingInput, class: Option<ClusterClass>) -
             system_disk_gb: l.storage.system_disk_gb,
             medium: l.storage.medium,
         },
-        prices: PriceList { currency: currency?, per_card },
+        prices: PriceList { currency: currency.unwrap_or_else(Currency::cny), per_card },
         usage_instructions: l.usage_instructions.clone(),
     };
     if let Some(class) = class {
@@ -1100,7 +1102,7 @@ fn listing_of(p: &mut Problems, l: &ListingInput, class: Option<ClusterClass>) -
             p.0.extend(e.field_errors().iter().cloned());
         }
     }
-    Some(listing)
+    readable.then_some(listing)
 }
 
 #[derive(Deserialize, ToSchema)]
