@@ -21,9 +21,9 @@ use crate::state::AppState;
         accounts::begin_totp, accounts::confirm_totp, accounts::create_api_token, accounts::list_api_tokens, accounts::revoke_api_token,
         accounts::add_ssh_key, accounts::list_ssh_keys, accounts::remove_ssh_key, alerts::list, alerts::get_settings, alerts::put_settings,
         market::catalogue, market::cluster_detail, market::telemetry, market::live,
-        market::request_lease, market::list_leases, market::get_lease, market::verify_code, market::lease_access, market::lease_password,
+        market::request_lease, market::list_leases, market::get_lease, market::verify_code, market::lease_access, market::lease_password, market::ssh_certificate,
         market::extend_lease, market::end_lease, market::spend, jobs::statement,
-        jobs::submit, jobs::list, jobs::get, jobs::cancel,
+        jobs::submit, jobs::list, jobs::get, jobs::cancel, jobs::log, jobs::curves, jobs::output,
         market::enrollment_token, market::list_nodes, market::list_my_clusters, market::publish, market::modify, market::delist, market::approve,
         market::set_card_status,
         operator::list_reviews, operator::decide_review, operator::list_operators, operator::set_roles, operator::audit, operations::alertmanager,
@@ -70,6 +70,9 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs", get(jobs::list).post(jobs::submit))
         .route("/jobs/{id}", get(jobs::get))
         .route("/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/jobs/{id}/log", get(jobs::log))
+        .route("/jobs/{id}/curves", get(jobs::curves))
+        .route("/jobs/{id}/outputs/{name}", get(jobs::output))
         .route("/me/alerts", get(alerts::list))
         .route("/me/notifications", get(alerts::get_settings).put(alerts::put_settings))
         .route("/catalogue", get(market::catalogue))
@@ -86,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .route("/leases/{id}/verify", post(market::verify_code))
         .route("/leases/{id}/access", get(market::lease_access))
         .route("/leases/{id}/password", post(market::lease_password))
+        .route("/leases/{id}/ssh-certificate", post(market::ssh_certificate))
         .route("/leases/{id}/extend", post(market::extend_lease))
         .route("/leases/{id}/end", post(market::end_lease))
         .route("/supplier/enrollment-tokens", post(market::enrollment_token))
@@ -111,6 +115,7 @@ pub fn router(state: AppState) -> Router {
         .route("/leases", get(pages::market::leases_page))
         .route("/leases/{id}", get(pages::market::lease_page))
         .route("/jobs", get(pages::market::jobs_page))
+        .route("/jobs/{id}", get(pages::market::job_page))
         .route("/login", get(pages::account::login_page))
         .route("/register", get(pages::account::register_page))
         .route("/activate", get(pages::account::activate_page))

@@ -211,6 +211,10 @@ catalogue! {
     CardSeconds => "Card-seconds", "卡秒";
     Cost => "Cost", "费用";
     SubmitJob => "Submit a job", "提交作业";
+    Output => "Output", "输出";
+    Curves => "Curves", "曲线";
+    Outputs => "Files it left", "产出文件";
+    Cancel => "Cancel", "取消";
     Held => "Held for leases", "租用冻结";
     EarnedLedger => "Earned (after platform fee)", "已结算收入（扣除平台费）";
     Reliability => "Reliability score", "可靠性评分";

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use sqlx::Row;
 use suanli_notify::{Mailer, SmtpConfig, SmtpSecurity};
+use suanli_portal::artifacts::ArtifactStoreLink;
 use suanli_portal::crypto::KeyFile;
 use suanli_portal::db::Db;
 use suanli_portal::demo::{self, Adopt};
@@ -129,6 +130,13 @@ struct ServeArgs {
     /// The gateway API's bearer token.
     #[arg(long, env = "SUANLI_PORTAL_FEDERATION_TOKEN", hide_env_values = true)]
     federation_token: Option<String>,
+    /// The artifact store (the scheduler's `--artifacts-listen`), for researchers to download
+    /// their jobs' outputs: https://, or http:// on this machine.
+    #[arg(long, env = "SUANLI_PORTAL_ARTIFACTS_URL")]
+    artifacts_url: Option<String>,
+    /// The CA (PEM) an https:// artifact store's certificate comes from: the cluster CA.
+    #[arg(long, env = "SUANLI_PORTAL_ARTIFACTS_CA_FILE")]
+    artifacts_ca_file: Option<PathBuf>,
     /// Prometheus `/metrics` (HTTP requests, the outbox) on this address: loopback or a private
     /// network, never the public port.
     #[arg(long, env = "SUANLI_PORTAL_METRICS_LISTEN")]
@@ -181,6 +189,8 @@ struct PortalSection {
     trusted_proxy: Vec<std::net::IpAddr>,
     federation_api: Option<String>,
     federation_token_file: Option<PathBuf>,
+    artifacts_url: Option<String>,
+    artifacts_ca_file: Option<PathBuf>,
     alertmanager_token_file: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
 }
@@ -330,6 +340,7 @@ fn offline_state(s: Storage) -> anyhow::Result<AppState> {
         settings: Settings::default(),
         outbox_wake: Default::default(),
         federation: None,
+        artifacts: None,
         metrics: Default::default(),
     })))
 }
@@ -409,6 +420,16 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         }
         (Some(_), None, None) => bail!("the federation gateway needs its token: --federation-token or federation_token_file"),
     };
+    let artifacts = match args.artifacts_url.clone().or(file.artifacts_url) {
+        None => None,
+        Some(url) => {
+            let ca = match args.artifacts_ca_file.clone().or(file.artifacts_ca_file) {
+                Some(path) => Some(std::fs::read_to_string(&path).with_context(|| path.display().to_string())?),
+                None => None,
+            };
+            Some(ArtifactStoreLink::new(&url, ca).map_err(anyhow::Error::msg)?)
+        }
+    };
     let state = AppState(Arc::new(Inner {
         db: s.db,
         keys: s.keys.ring()?,
@@ -418,6 +439,7 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         settings,
         outbox_wake: Default::default(),
         federation,
+        artifacts,
         metrics: Default::default(),
     }));
     market.spawn_follower();

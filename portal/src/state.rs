@@ -69,6 +69,8 @@ pub struct Inner {
     pub outbox_wake: tokio::sync::Notify,
     /// This member's federation gateway, when the marketplace is in a federation.
     pub federation: Option<crate::federation::FederationLink>,
+    /// The artifact store, where jobs' outputs are downloaded from (`--artifacts-url`).
+    pub artifacts: Option<crate::artifacts::ArtifactStoreLink>,
     pub metrics: crate::metrics::PortalMetrics,
 }
 

@@ -102,12 +102,17 @@ async function submit(form, ev) {
   }
 }
 
+// Draws `values` in a figure's polyline: from 0 to data-max (or the largest value), or, with
+// data-range="auto" (a job's curves), from the smallest value to the largest.
 function plot(fig, values) {
-  const max = Math.max(Number(fig.dataset.max) || 1, ...values);
+  const auto = fig.dataset.range === "auto";
+  const max = auto ? Math.max(...values) : Math.max(Number(fig.dataset.max) || 1, ...values);
+  const min = auto ? Math.min(...values) : 0;
+  const span = max - min || 1;
   const n = values.length;
-  const pts = values.map((v, i) => `${((i / Math.max(n - 1, 1)) * 360).toFixed(1)},${(120 - (v / max) * 110).toFixed(1)}`);
+  const pts = values.map((v, i) => `${((i / Math.max(n - 1, 1)) * 360).toFixed(1)},${(115 - ((v - min) / span) * 110).toFixed(1)}`);
   fig.querySelector("polyline").setAttribute("points", pts.join(" "));
-  fig.querySelector("strong").textContent = n ? values[n - 1].toFixed(1) : "—";
+  fig.querySelector("strong").textContent = n ? values[n - 1].toFixed(Number(fig.dataset.digits) || 1) : "—";
 }
 
 function live(section) {
@@ -134,6 +139,50 @@ function live(section) {
   });
 }
 
+// A job's output: read from where the last read got to, waiting for more while it runs.
+async function followLog(pre) {
+  let from = 0;
+  let attempt = 0;
+  for (;;) {
+    const wait = pre.dataset.live === "true" ? 10000 : 0;
+    const q = `from=${from}&wait_ms=${wait}` + (attempt ? `&attempt=${attempt}` : "");
+    const res = await fetch(`${pre.dataset.jobLog}?${q}`, { credentials: "same-origin", headers: { Accept: "application/json" } });
+    if (!res.ok) { pre.dataset.error = String(res.status); return; }
+    const piece = await res.json();
+    if (piece.from > from) pre.append(`[… ${piece.from - from} bytes no longer held]\n`);
+    pre.append(piece.text);
+    if (piece.text) pre.scrollTop = pre.scrollHeight;
+    attempt = piece.attempt;
+    from = piece.next;
+    if (piece.ended) { pre.dataset.ended = "true"; return; }
+    if (!piece.text && wait === 0) return;
+  }
+}
+
+// A job's curves, redrawn while it runs.
+async function followCurves(section, live) {
+  do {
+    const res = await fetch(section.dataset.curves, { credentials: "same-origin", headers: { Accept: "application/json" } });
+    if (!res.ok) return;
+    const curves = await res.json();
+    for (const [name, points] of Object.entries(curves.series)) {
+      let fig = [...section.querySelectorAll("figure[data-curve]")].find((f) => f.dataset.curve === name);
+      if (!fig) {
+        fig = document.createElement("figure");
+        fig.className = "chart";
+        fig.dataset.curve = name;
+        fig.dataset.range = "auto";
+        fig.dataset.digits = "4";
+        fig.innerHTML = '<figcaption><span></span>: <strong></strong></figcaption><svg viewBox="0 0 360 120" preserveAspectRatio="none" role="img"><polyline points="" fill="none" stroke="currentColor" stroke-width="2"></polyline></svg>';
+        fig.querySelector("span").textContent = name;
+        section.append(fig);
+      }
+      plot(fig, points.map((p) => p[1]));
+    }
+    if (live) await new Promise((r) => setTimeout(r, 5000));
+  } while (live && !document.querySelector("pre[data-job-log]")?.dataset.ended);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("form.api").forEach((f) => f.addEventListener("submit", (ev) => submit(f, ev).catch((e) => (f.querySelector(".form-error").textContent = String(e)))));
   document.querySelectorAll("[data-logout]").forEach((b) =>
@@ -143,4 +192,6 @@ document.addEventListener("DOMContentLoaded", () => {
     })
   );
   document.querySelectorAll("section[data-live]").forEach(live);
+  document.querySelectorAll("pre[data-job-log]").forEach((p) => followLog(p).catch((e) => (p.dataset.error = String(e))));
+  document.querySelectorAll("section[data-curves]").forEach((s) => followCurves(s, document.querySelector("pre[data-job-log]")?.dataset.live === "true"));
 });

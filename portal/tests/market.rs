@@ -220,11 +220,15 @@ async fn routes(w: &World, researcher: &Api, supplier: &Api) -> anyhow::Result<(
         "get /api/v1/jobs",
         "get /api/v1/jobs/{id}",
         "post /api/v1/jobs/{id}/cancel",
+        "get /api/v1/jobs/{id}/log",
+        "get /api/v1/jobs/{id}/curves",
+        "get /api/v1/jobs/{id}/outputs/{name}",
+        "post /api/v1/leases/{id}/ssh-certificate",
     ];
     let mut checked = 0;
     for (path, ops) in doc["paths"].as_object().into_iter().flatten() {
         for (method, op) in ops.as_object().into_iter().flatten() {
-            let concrete = path.replace("{id}", "1").replace("{user_id}", "1");
+            let concrete = path.replace("{id}", "1").replace("{user_id}", "1").replace("{name}", "model.bin");
             let m: reqwest::Method = method.to_uppercase().parse()?;
             let tag = op["tags"][0].as_str().unwrap_or_default();
             let key = format!("{method} {path}");

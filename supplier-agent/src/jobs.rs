@@ -18,7 +18,10 @@
 //! agent read someone else's file.
 //!
 //! The last line of the attempt's output that is a JSON object (the JSON-lines progress of
-//! `suanli-job`: step, loss, metrics, ETA) is relayed to the broker every few seconds.
+//! `suanli-job`: step, loss, metrics, ETA) is relayed to the broker every few seconds, and the
+//! output itself is sent to the broker's leader as it grows (`AppendJobLog`, from where the
+//! leader asks, its last 4 MiB at most), for the researcher to watch; what the process wrote
+//! before it ended is sent before its end is reported.
 //!
 //! A marker file per started attempt (in the agent's state directory) survives an agent
 //! restart: an attempt marked but not running here any more died with the previous agent, and
@@ -130,9 +133,9 @@ impl Running {
         Running { checkpoint, ..Running::done() }
     }
 
-    /// Whether the end can be reported: no last checkpoint is still to be saved.
+    /// Whether the end can be reported: no last checkpoint or output is still to be sent.
     fn end_reportable(&self) -> bool {
-        self.checkpoint.as_ref().is_none_or(|cp| cp.ending == Some(Ending::Saved))
+        self.checkpoint.as_ref().is_none_or(|cp| cp.ending == Some(Ending::Saved) && cp.log.done)
     }
 }
 
@@ -151,10 +154,33 @@ struct Checkpoint {
     progress: Option<String>,
     progress_sent: Option<std::time::Instant>,
     progress_reports: u64,
+    log: LogShipping,
     /// Set once the process has ended: the checkpoint it left is saved once more, then the
     /// end is reported.
     ending: Option<Ending>,
 }
+
+/// How much of an attempt's `job.log` the broker's leader has.
+#[derive(Default)]
+struct LogShipping {
+    /// Where the leader asked the next append to begin.
+    shipped: u64,
+    /// The log's length when the process ended: sent up to there, the end may be reported.
+    until: Option<u64>,
+    /// Nothing more will be sent (all of it was, or the broker will not take it).
+    done: bool,
+    /// Appends that found no broker since the process ended.
+    failures: u32,
+}
+
+/// The most of an attempt's output the leader keeps (`job_logs.rs` in the broker): a log
+/// further behind than this is sent from its last this many bytes.
+const LOG_WINDOW: u64 = 4 << 20;
+/// The most one append sends.
+const LOG_CHUNK: u64 = 1 << 20;
+/// After the process has ended, rounds without a broker before its output is given up (the
+/// end is reported without it; the file stays in the lease's home).
+const LOG_GIVE_UP_AFTER: u32 = 20;
 
 /// The last checkpoint of an attempt whose process has ended.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -251,6 +277,7 @@ impl JobRunner {
             self.follow(&mut client, &jobs, &mut running, &ended_tx).await;
             self.sync_checkpoints(&mut client, &mut running).await;
             self.sync_progress(&mut client, &mut running).await;
+            sync_logs(&mut client, &mut running).await;
         }
     }
 
@@ -407,7 +434,56 @@ impl JobRunner {
             }
         }
     }
+}
 
+/// Sends each rank-0 attempt's new output to the broker's leader, one append per attempt a
+/// round, from where the leader asks. After the process has ended, the output up to the
+/// length it had then is sent before the end is reported (`Running::end_reportable`). The
+/// file is read as the lease's account left it: a link or a FIFO is refused
+/// (`LeaseDir::open_for_reading`), and a log that grows faster than it is sent is sent from
+/// its last [`LOG_WINDOW`] bytes.
+async fn sync_logs(client: &mut JobServiceClient<Channel>, running: &mut BTreeMap<Key, Running>) {
+    use std::io::{Read, Seek};
+    for ((job, attempt), r) in running.iter_mut() {
+        let Some(cp) = r.checkpoint.as_mut() else { continue };
+        let ended = cp.ending.is_some();
+        let log = &mut cp.log;
+        if log.done {
+            continue;
+        }
+        let Ok(Some((mut file, len))) = cp.dir.open_for_reading(Path::new(LOG), u64::MAX) else {
+            log.done = ended; // nothing (more) to send
+            continue;
+        };
+        let until = if ended { (*log.until.get_or_insert(len)).min(len) } else { len };
+        let from = log.shipped.max(until.saturating_sub(LOG_WINDOW));
+        if from >= until {
+            log.done = ended;
+            continue;
+        }
+        let mut data = Vec::new();
+        if file.seek(std::io::SeekFrom::Start(from)).is_err() || file.take((until - from).min(LOG_CHUNK)).read_to_end(&mut data).is_err() {
+            log.done = ended;
+            continue;
+        }
+        let request = v1::AppendJobLogRequest { job_id: *job, attempt: *attempt, offset: from, data, start_here: from > log.shipped };
+        match client.append_job_log(request).await {
+            Ok(reply) => log.shipped = reply.into_inner().next_offset,
+            Err(status) => {
+                let err = decode_status(&status);
+                log.failures += u32::from(ended);
+                // Refused (the attempt is over, or a broker that takes no output): it stays on
+                // the node. Unreachable: tried again next round, for a while once it has ended.
+                if err.code != suanli_types::ErrorCode::Unavailable || log.failures > LOG_GIVE_UP_AFTER {
+                    tracing::debug!(job, attempt, error = %err, "output not sent to the broker");
+                    log.done = true;
+                }
+            }
+        }
+    }
+}
+
+impl JobRunner {
     /// Uploads each running rank-0 attempt's checkpoint that changed since the last upload, on
     /// a task of its own with a deadline, and records finished uploads with the broker.
     async fn sync_checkpoints(&self, client: &mut JobServiceClient<Channel>, running: &mut BTreeMap<Key, Running>) {
@@ -719,6 +795,7 @@ impl JobRunner {
             progress: None,
             progress_sent: None,
             progress_reports: 0,
+            log: LogShipping::default(),
             ending: None,
         });
         tokio::spawn(async move {

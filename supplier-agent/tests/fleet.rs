@@ -18,7 +18,6 @@ use suanli_testkit::fixtures::{self, register};
 use suanli_testkit::{eventually, workspace_binary, Service};
 use suanli_types::{ClusterClass, ErrorCode};
 use tempfile::TempDir;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 const SILENT_AFTER_MS: u64 = 2_000;
 const WAIT: Duration = Duration::from_secs(30);
@@ -60,13 +59,8 @@ impl Fleet {
     /// A TLS channel to a live node's agent port, presenting `client` (certificate and key PEM)
     /// or no certificate at all.
     async fn agent_channel(&self, client: Option<&(String, String)>) -> Result<tonic::transport::Channel, String> {
-        let ca = std::fs::read_to_string(self.broker.agent_ca_cert()).expect("CA");
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
-        if let Some((cert, key)) = client {
-            tls = tls.identity(Identity::from_pem(cert, key));
-        }
-        let endpoint = self.broker.agent_endpoint(self.broker.live()[0]).expect("agent port");
-        suanli_proto::client::channel_with(&endpoint, Some(tls)).await.map_err(|e| e.to_string())
+        let identity = client.map(|(cert, key)| (cert.as_str(), key.as_str()));
+        self.broker.agent_channel(self.broker.live()[0], identity).await.map_err(|e| e.to_string())
     }
 
     /// The agent port's Icpcss as the agent `name` (its key and certificate from its state).

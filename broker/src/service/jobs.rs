@@ -13,6 +13,7 @@ use suanli_types::{AccountId, Caller, CardHealth, CardId, Currency, DomainError,
 use tonic::{Request, Response, Status};
 
 use super::broker_api::unexpected;
+use super::job_logs;
 use super::paging::Page;
 use super::{archived, invalid, may_see_lease, now, Consistency, Shared};
 use crate::state::{Command, Job, Response as Applied, State};
@@ -88,6 +89,15 @@ fn capability_for(key: &suanli_artifacts::CapabilityKey, job: &Job, node: suanli
     };
     key.sign(&grant)
 }
+
+/// How long a capability for a job's outputs lasts: long enough to start every download (a
+/// download begun in time finishes).
+const OUTPUTS_GRANT_LIFETIME_MS: i64 = 10 * 60 * 1000;
+
+/// The longest a `ReadJobLog` waits for more output.
+const MAX_LOG_WAIT_MS: u32 = 30_000;
+/// How often a waiting `ReadJobLog` looks again whether its attempt has ended.
+const LOG_RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn may_see_job(caller: &Caller, job: &Job) -> bool {
     match caller {
@@ -338,6 +348,123 @@ impl JobService for Jobs {
                 let command = Command::JobProgress { job: required_job(req.job_id)?, attempt: req.attempt, progress: req.progress_json };
                 self.shared.propose(caller, &req.request_id, command).await?;
                 Ok(Response::new(v1::ReportJobProgressResponse {}))
+            })
+            .await
+    }
+
+    async fn append_job_log(&self, request: Request<v1::AppendJobLogRequest>) -> Result<Response<v1::AppendJobLogResponse>, Status> {
+        self.shared
+            .observe("AppendJobLog", async {
+                let node = agent_node(&self.shared.caller(&request).await?)?;
+                let req = request.into_inner();
+                let job = required_job(req.job_id)?;
+                if req.data.len() > job_logs::MAX_CHUNK {
+                    return Err(to_status(&DomainError::PayloadTooLarge { size: req.data.len(), limit: job_logs::MAX_CHUNK }));
+                }
+                // This call reaches the leader (`network::forward`), whose state is current.
+                let runs_here = self.shared.sm.read(|s| {
+                    let attempt = s.job(job).and_then(|j| j.attempts.last()).filter(|a| a.number == req.attempt && a.ended_at.is_none());
+                    attempt.is_some_and(|a| a.cards.iter().any(|c| s.card(*c).is_some_and(|c| c.node == node)))
+                });
+                if !runs_here {
+                    return Err(to_status(&DomainError::PermissionDenied(format!("attempt {} of job {} is not running on this node", req.attempt, job.0))));
+                }
+                let append = job_logs::Append { offset: req.offset, data: &req.data, start_here: req.start_here };
+                let next_offset = self.shared.job_logs.append((job, req.attempt), append);
+                self.shared.metrics.job_log_bytes.set(self.shared.job_logs.held_bytes() as i64);
+                Ok(Response::new(v1::AppendJobLogResponse { next_offset }))
+            })
+            .await
+    }
+
+    async fn read_job_log(&self, request: Request<v1::ReadJobLogRequest>) -> Result<Response<v1::ReadJobLogResponse>, Status> {
+        self.shared
+            .observe("ReadJobLog", async {
+                let caller = self.shared.caller(&request).await?;
+                let req = request.into_inner();
+                let id = required_job(req.job_id)?;
+                let max = match req.max_bytes as usize {
+                    0 => job_logs::MAX_CHUNK,
+                    n => n.min(job_logs::MAX_READ),
+                };
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(u64::from(req.wait_ms.min(MAX_LOG_WAIT_MS)));
+                let mut changes = self.shared.job_logs.subscribe();
+                loop {
+                    // Read on the leader (`network::forward`): the state the agents' appends were checked against.
+                    let job = self.shared.read_with_archive(Consistency::Stale, |sm| archived::job(sm, id)).await?;
+                    let job = job.filter(|j| may_see_job(&caller, j)).ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Job, id)))?;
+                    let number = if req.attempt == 0 { job.attempts.last().map_or(0, |a| a.number) } else { req.attempt };
+                    let Some(attempt) = job.attempts.iter().find(|a| a.number == number) else {
+                        if req.attempt != 0 {
+                            return Err(invalid("attempt", &format!("job {} has no attempt {}", id.0, req.attempt)));
+                        }
+                        // Not placed yet: nothing to show, and more may come unless the job is over.
+                        let over = !job.state.is_live();
+                        let empty = v1::ReadJobLogResponse {
+                            from_offset: req.from_offset,
+                            next_offset: req.from_offset,
+                            retained_from: req.from_offset,
+                            ended: over,
+                            ..Default::default()
+                        };
+                        if over || tokio::time::Instant::now() >= deadline {
+                            return Ok(Response::new(empty));
+                        }
+                        let _ = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + LOG_RECHECK), changes.changed()).await;
+                        continue;
+                    };
+                    // The agent sends the rest of the output before it reports the end.
+                    let attempt_ended = attempt.ended_at.is_some() || !job.state.is_live();
+                    let chunk = self.shared.job_logs.read((id, number), req.from_offset, max).unwrap_or(job_logs::Chunk {
+                        from: req.from_offset,
+                        next: req.from_offset,
+                        retained_from: req.from_offset,
+                        end: req.from_offset,
+                        data: Vec::new(),
+                    });
+                    let ended = attempt_ended && chunk.next >= chunk.end;
+                    if !chunk.data.is_empty() || ended || tokio::time::Instant::now() >= deadline {
+                        return Ok(Response::new(v1::ReadJobLogResponse {
+                            attempt: number,
+                            from_offset: chunk.from,
+                            data: chunk.data,
+                            next_offset: chunk.next,
+                            retained_from: chunk.retained_from,
+                            ended,
+                        }));
+                    }
+                    // More output, or (checked again after a while) the attempt's end.
+                    let _ = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + LOG_RECHECK), changes.changed()).await;
+                }
+            })
+            .await
+    }
+
+    async fn grant_job_outputs(&self, request: Request<v1::GetJobRequest>) -> Result<Response<v1::JobOutputsGrant>, Status> {
+        self.shared
+            .observe("GrantJobOutputs", async {
+                let consistency = Consistency::of(&request);
+                let caller = self.shared.caller(&request).await?;
+                let id = required_job(request.get_ref().job_id)?;
+                let job = self.shared.read_with_archive(consistency, |sm| archived::job(sm, id)).await?;
+                // The owner's alone: operators see jobs, not what they made.
+                let job = job.filter(|j| caller == Caller::Account(j.owner)).ok_or_else(|| to_status(&DomainError::not_found(EntityKind::Job, id)))?;
+                let key = self.shared.artifact_key.as_ref().ok_or_else(|| {
+                    suanli_proto::error::status(suanli_types::ErrorCode::Internal, "this broker node signs no artifact store capabilities", &[])
+                })?;
+                let expires_ms = now().millis() + OUTPUTS_GRANT_LIFETIME_MS;
+                let grant = suanli_artifacts::Grant {
+                    owner: job.owner.0,
+                    scope: format!("outputs of job {} for its owner", job.id.0),
+                    read: job.outputs.values().cloned().collect(),
+                    write: false,
+                    expires_ms,
+                };
+                Ok(Response::new(v1::JobOutputsGrant {
+                    capability: key.sign(&grant),
+                    expires_at_ms: expires_ms,
+                    outputs: job.outputs.clone().into_iter().collect(),
+                }))
             })
             .await
     }

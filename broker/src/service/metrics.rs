@@ -45,6 +45,8 @@ pub struct Metrics {
     committed_index: Gauge<u64, AtomicU64>,
     /// Commands refused before they were proposed (`Shared::precheck`).
     pub refused_before_proposal: Counter,
+    /// Bytes of running jobs' output this node holds (`job_logs.rs`; the leader's).
+    pub job_log_bytes: Gauge<i64, std::sync::atomic::AtomicI64>,
     certificate_expiry: Family<CertificateLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
 }
 
@@ -69,6 +71,7 @@ impl Metrics {
             snapshot_bytes: Gauge::default(),
             committed_index: Gauge::default(),
             refused_before_proposal: Counter::default(),
+            job_log_bytes: Gauge::default(),
             certificate_expiry: Family::default(),
         };
         // Metric handles share their values with their clones, so the registry holds clones.
@@ -88,6 +91,7 @@ impl Metrics {
             "commands refused without entering the log: the caller may not send them, or they are malformed",
             metrics.refused_before_proposal.clone(),
         );
+        registry.register("job_log_bytes", "bytes of job attempts' output held in memory for researchers to watch", metrics.job_log_bytes.clone());
         registry.register(
             "certificate_expiry_timestamp_seconds",
             "when each certificate this node serves or trusts stops being valid (Unix seconds)",

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod archived;
 pub mod broker_api;
+pub mod job_logs;
 pub mod jobs;
 pub mod metrics;
 pub mod monitoring;
@@ -53,6 +54,8 @@ pub struct Shared {
     /// Further SSH user CA keys agents admit certificates of (OpenSSH lines), while the SSH
     /// user CA is rotated.
     pub ssh_cas_also_trusted: Vec<String>,
+    /// Running jobs' output, as their agents send it (held by the leader, in memory).
+    pub job_logs: Arc<job_logs::JobLogs>,
     /// The request ID of the latest call that changed each recent lease here (agents log it).
     pub lease_requests: Arc<std::sync::Mutex<RecentRequests>>,
     /// How much money the platform may pay in, per call and per day.
@@ -104,6 +107,7 @@ impl Shared {
             agent_ca,
             ssh_ca: None,
             ssh_cas_also_trusted: Vec::new(),
+            job_logs: Arc::default(),
             lease_requests: Default::default(),
             deposit_limits: DepositLimits::default(),
             services: powers::Services::default(),

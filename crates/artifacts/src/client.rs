@@ -64,6 +64,46 @@ impl ArtifactClient {
         Ok(digest)
     }
 
+    /// The artifact's size (as the store announced it) and its bytes as they arrive, for
+    /// passing on (the portal streams jobs' outputs to their owners). The last piece is held
+    /// back until the whole artifact has hashed to `digest`: a wrong one ends in
+    /// [`ClientError::ChecksumMismatch`] before the receiver has every byte.
+    pub async fn download_stream(
+        &self,
+        digest: Digest,
+    ) -> Result<(Option<u64>, impl futures::Stream<Item = Result<axum::body::Bytes, ClientError>> + Send + 'static), ClientError> {
+        let response = self.http.get(format!("{}/v1/artifacts/{digest}", self.base)).bearer_auth(&self.token).send().await?;
+        if !response.status().is_success() {
+            return Err(ClientError::Refused { status: response.status().as_u16(), body: response.text().await.unwrap_or_default() });
+        }
+        let length = response.content_length();
+        let start = (response.bytes_stream(), Sha256::new(), None::<axum::body::Bytes>, false);
+        let stream = futures::stream::unfold(start, move |(mut chunks, mut hasher, mut held, over)| async move {
+            if over {
+                return None;
+            }
+            loop {
+                match chunks.next().await {
+                    Some(Ok(chunk)) => {
+                        hasher.update(&chunk);
+                        if let Some(previous) = held.replace(chunk) {
+                            return Some((Ok(previous), (chunks, hasher, held, false)));
+                        }
+                    }
+                    Some(Err(e)) => return Some((Err(ClientError::from(e)), (chunks, hasher, None, true))),
+                    None => {
+                        let actual = Digest(hasher.clone().finalize().into());
+                        if actual != digest {
+                            return Some((Err(ClientError::ChecksumMismatch(digest, actual)), (chunks, hasher, None, true)));
+                        }
+                        return held.take().map(|last| (Ok(last), (chunks, hasher, None, true)));
+                    }
+                }
+            }
+        });
+        Ok((length, stream))
+    }
+
     /// Streams the artifact to `dest`, verifying it; `dest` appears only if the bytes match.
     pub async fn download_to(&self, digest: Digest, dest: &Path) -> Result<u64, ClientError> {
         let partial = dest.with_extension("partial");

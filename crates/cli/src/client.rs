@@ -15,6 +15,10 @@ pub enum ClientError {
     Refused(Refusal),
     #[error("the portal answered {status} with something that is not its JSON: {body}")]
     Unreadable { status: u16, body: String },
+    #[error("{path}: {source}")]
+    File { path: String, source: std::io::Error },
+    #[error("{path} arrived as {actual}, not {expected} as the job recorded: not kept")]
+    ChecksumMismatch { path: String, expected: String, actual: String },
 }
 
 /// What the portal said when it refused.
@@ -84,12 +88,50 @@ impl Portal {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
 
+    /// Streams `path`'s bytes into `dest`, which appears (by rename) only once they hash to
+    /// `sha256`; returns their size.
+    pub async fn download(&self, path: &str, dest: &std::path::Path, sha256: &str) -> Result<u64, ClientError> {
+        use sha2::Digest as _;
+        use tokio::io::AsyncWriteExt;
+        let file_error = |source| ClientError::File { path: dest.display().to_string(), source };
+        let mut response = self.http.get(self.url(path)).bearer_auth(&self.token).send().await.map_err(|e| ClientError::Transport(self.base.clone(), e))?;
+        if !response.status().is_success() {
+            return self.answer::<serde_json::Value>(response).await.map(|_| 0);
+        }
+        let partial = dest.with_extension("partial");
+        let mut file = tokio::fs::File::create(&partial).await.map_err(file_error)?;
+        let (mut hasher, mut size) = (sha2::Sha256::new(), 0u64);
+        let received = async {
+            while let Some(chunk) = response.chunk().await.map_err(|e| ClientError::Transport(self.base.clone(), e))? {
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                file.write_all(&chunk).await.map_err(file_error)?;
+            }
+            file.sync_all().await.map_err(file_error)?;
+            let actual = hex::encode(hasher.finalize());
+            if actual != sha256 {
+                return Err(ClientError::ChecksumMismatch { path: dest.display().to_string(), expected: sha256.to_owned(), actual });
+            }
+            tokio::fs::rename(&partial, dest).await.map_err(file_error)
+        }
+        .await;
+        if received.is_err() {
+            let _ = tokio::fs::remove_file(&partial).await;
+        }
+        received.map(|()| size)
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
     async fn send<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, ClientError> {
         let response = request.bearer_auth(&self.token).send().await.map_err(|e| ClientError::Transport(self.base.clone(), e))?;
+        self.answer(response).await
+    }
+
+    /// The portal's JSON answer, or its refusal.
+    async fn answer<T: DeserializeOwned>(&self, response: reqwest::Response) -> Result<T, ClientError> {
         let status = response.status().as_u16();
         let bytes = response.bytes().await.map_err(|e| ClientError::Transport(self.base.clone(), e))?;
         if (200..300).contains(&status) {

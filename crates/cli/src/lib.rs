@@ -1,8 +1,10 @@
 //! `suanli`, the researcher's command line, over the portal's REST API with an API token:
-//! log in once, search the catalogue with a typed query language, lease, submit and follow
-//! jobs. Everything it calls is an operation of the portal's OpenAPI document.
+//! log in once, search the catalogue with a typed query language, lease, submit jobs and watch
+//! their output, log in to a lease's nodes with OpenSSH (`ssh`, `vnc`). Everything it calls is
+//! an operation of the portal's OpenAPI document.
 
 pub mod client;
 pub mod config;
 pub mod query;
+pub mod ssh;
 pub mod table;

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use suanli_cli::client::Portal;
-use suanli_cli::{config, query, table};
+use suanli_cli::{config, query, ssh, table};
 
 #[derive(Parser)]
 #[command(name = "suanli", version, about = "The Suanli marketplace from a terminal: search, lease, run jobs.", after_help = EXAMPLES)]
@@ -21,7 +21,11 @@ const EXAMPLES: &str = "Examples:
   suanli login --portal https://portal.example      (paste an API token from your account page)
   suanli search 'gpu=A100 vram>=80 price<2.5 region=shenzhen class=B' --sort price
   suanli lease create 12 --cards 2 --mode hourly --periods 4
-  suanli job submit train.yaml --follow";
+  suanli job submit train.yaml --follow             (its output as it runs)
+  suanli job logs 42 --follow
+  suanli job pull 42 --dir out                       (the files it left, checked by SHA-256)
+  suanli ssh 7 -- nvidia-smi                         (a certificate for the CLI's own key)
+  suanli vnc 7 --local-port 5901";
 
 #[derive(Subcommand)]
 enum Command {
@@ -52,9 +56,30 @@ enum Command {
     /// Leases: list, show, create, extend, end.
     #[command(subcommand)]
     Lease(LeaseCommand),
-    /// Jobs: list, show, submit (YAML or JSON), cancel.
+    /// Jobs: list, show, submit (YAML or JSON), follow, cancel.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Log in to a lease's node with OpenSSH: a certificate for the CLI's own key, the node's
+    /// host key checked; arguments after `--` go to ssh (a command to run).
+    Ssh {
+        lease: u64,
+        /// The node (its ID); the lease's first by default.
+        #[arg(long)]
+        node: Option<u64>,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Print the shell's completion script: `suanli completions bash > ~/.local/share/bash-completion/completions/suanli`.
+    Completions { shell: clap_complete::Shell },
+    /// Forward a local port to the node's VNC desktop through SSH (until interrupted), then
+    /// point a VNC viewer at 127.0.0.1:PORT.
+    Vnc {
+        lease: u64,
+        #[arg(long)]
+        node: Option<u64>,
+        #[arg(long, default_value_t = 5901)]
+        local_port: u16,
+    },
 }
 
 #[derive(Subcommand)]
@@ -107,7 +132,7 @@ enum JobCommand {
     /// Submit a job spec (YAML or JSON, as `suanli-scheduler validate` documents it).
     Submit {
         file: PathBuf,
-        /// Print its progress until it ends; the exit status says whether it succeeded.
+        /// Print its state and output until it ends; the exit status says whether it succeeded.
         #[arg(long)]
         follow: bool,
         #[arg(long)]
@@ -115,6 +140,28 @@ enum JobCommand {
     },
     Cancel {
         id: u64,
+    },
+    /// Download the files a job left (its outputs) into a folder, each checked against the
+    /// SHA-256 the job recorded.
+    Pull {
+        id: u64,
+        /// Only this output.
+        #[arg(long)]
+        output: Option<String>,
+        /// Where to put them (created if missing).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// A job's output (what it printed, stdout and stderr together).
+    Logs {
+        id: u64,
+        /// Keep printing as it runs, through every attempt, until the job ends; the exit
+        /// status says whether it succeeded.
+        #[arg(long, short)]
+        follow: bool,
+        /// The attempt (1, 2, …); the latest by default.
+        #[arg(long)]
+        attempt: Option<u32>,
     },
 }
 
@@ -127,6 +174,10 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "suanli", &mut std::io::stdout());
+        return Ok(());
+    }
     let dir = config::dir()?;
     if let Command::Login { portal } = &cli.command {
         return login(&dir, portal).await;
@@ -134,7 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let login = config::load(&dir)?;
     let portal = Portal::new(&login.portal, &login.token);
     match cli.command {
-        Command::Login { .. } => unreachable!("handled above"),
+        Command::Login { .. } | Command::Completions { .. } => unreachable!("handled above"),
         Command::Whoami => {
             let me: Value = portal.get("/api/v1/me", &[]).await?;
             println!("{} ({}, {})", text(&me["username"]), text(&me["kind"]), text(&me["market_account"]));
@@ -142,6 +193,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Search { query, sort, page, json } => search(&portal, &query, sort, page, json).await?,
         Command::Lease(command) => lease(&portal, command).await?,
         Command::Job(command) => job(&portal, command).await?,
+        Command::Ssh { lease, node, args } => ssh(&portal, &dir, lease, node, Forward::Command(args)).await?,
+        Command::Vnc { lease, node, local_port } => ssh(&portal, &dir, lease, node, Forward::Vnc(local_port)).await?,
     }
     Ok(())
 }
@@ -271,6 +324,9 @@ async fn job(portal: &Portal, command: JobCommand) -> anyhow::Result<()> {
         JobCommand::Cancel { id } => {
             println!("{}", serde_json::to_string_pretty(&portal.post::<Value>(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).await?)?)
         }
+        JobCommand::Pull { id, output, dir } => pull(portal, id, output.as_deref(), &dir).await?,
+        JobCommand::Logs { id, follow: true, attempt } => return follow_job(portal, id, attempt).await,
+        JobCommand::Logs { id, follow: false, attempt } => return print_log(portal, id, attempt).await,
         JobCommand::Submit { file, follow, request_id } => {
             let text_spec = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             // YAML is a superset of JSON: one parser reads both.
@@ -279,33 +335,147 @@ async fn job(portal: &Portal, command: JobCommand) -> anyhow::Result<()> {
             let id = job["job_id"].as_u64().context("the portal's answer names no job")?;
             println!("job {id} submitted");
             if follow {
-                return follow_job(portal, id).await;
+                return follow_job(portal, id, None).await;
             }
         }
     }
     Ok(())
 }
 
-/// Prints a job's state and progress as they change, until it ends; an error unless it
-/// succeeded.
-async fn follow_job(portal: &Portal, id: u64) -> anyhow::Result<()> {
-    let mut last = (String::new(), Value::Null);
+/// Downloads a job's outputs (or the one named) into `dir`.
+async fn pull(portal: &Portal, id: u64, only: Option<&str>, dir: &std::path::Path) -> anyhow::Result<()> {
+    let job: Value = portal.get(&format!("/api/v1/jobs/{id}"), &[]).await?;
+    let outputs: std::collections::BTreeMap<String, String> = serde_json::from_value(job["outputs"].clone()).context("the job's outputs")?;
+    if let Some(name) = only.filter(|n| !outputs.contains_key(*n)) {
+        bail!("job {id} left no output {name:?} (it left: {})", outputs.keys().cloned().collect::<Vec<_>>().join(", "));
+    }
+    if outputs.is_empty() {
+        bail!("job {id} left no outputs (it is {})", text(&job["state"]));
+    }
+    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    for (name, sha) in outputs.iter().filter(|(n, _)| only.is_none_or(|o| o == n.as_str())) {
+        // A name is a plain file name: nothing the portal says writes outside `dir`.
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') || name.is_empty() {
+            bail!("output {name:?}: not a plain file name, not written");
+        }
+        let dest = dir.join(name);
+        let size = portal.download(&format!("/api/v1/jobs/{id}/outputs/{}", percent_encode(name)), &dest, sha).await?;
+        println!("{}  {size} bytes  sha256:{sha}", dest.display());
+    }
+    Ok(())
+}
+
+/// `text` for a URL path segment: unreserved characters as they are, everything else %XX.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+enum Forward {
+    Command(Vec<String>),
+    Vnc(u16),
+}
+
+/// Runs `ssh` to the lease's node with a fresh certificate; its exit status is ours.
+async fn ssh(portal: &Portal, dir: &std::path::Path, lease: u64, node: Option<u64>, forward: Forward) -> anyhow::Result<()> {
+    let access: ssh::Access = portal.get(&format!("/api/v1/leases/{lease}/access"), &[]).await?;
+    let node = access.node(node)?;
+    let files = ssh::Files::in_dir(dir);
+    let public_key = files.public_key()?;
+    let issued: Value = portal.post(&format!("/api/v1/leases/{lease}/ssh-certificate"), &json!({ "public_key": public_key })).await?;
+    files.save_certificate(issued["certificate"].as_str().context("the portal's answer holds no certificate")?)?;
+    files.trust_host(node)?;
+    let extra = match forward {
+        Forward::Command(args) => args,
+        Forward::Vnc(local_port) => {
+            eprintln!("VNC of lease {lease} at 127.0.0.1:{local_port}; Ctrl-C ends it");
+            ssh::vnc_forward(lease, node, local_port)?
+        }
+    };
+    let program = std::env::var_os("SUANLI_SSH").unwrap_or_else(|| "ssh".into());
+    let status =
+        std::process::Command::new(&program).args(files.ssh_args(node, &extra)).status().with_context(|| format!("running {}", program.to_string_lossy()))?;
+    std::process::exit(status.code().unwrap_or(255));
+}
+
+/// One read of a job's output (`GET /api/v1/jobs/{id}/log`).
+#[derive(serde::Deserialize)]
+struct LogPiece {
+    attempt: u32,
+    from: u64,
+    next: u64,
+    ended: bool,
+    text: String,
+}
+
+/// How long one read waits for more output while following.
+const FOLLOW_WAIT_MS: u32 = 5_000;
+
+async fn read_log(portal: &Portal, id: u64, attempt: u32, from: u64, wait_ms: u32) -> anyhow::Result<LogPiece> {
+    let mut query = vec![("from", from.to_string()), ("wait_ms", wait_ms.to_string())];
+    if attempt > 0 {
+        query.push(("attempt", attempt.to_string()));
+    }
+    Ok(portal.get(&format!("/api/v1/jobs/{id}/log"), &query).await?)
+}
+
+/// Prints what the platform holds of an attempt's output.
+async fn print_log(portal: &Portal, id: u64, attempt: Option<u32>) -> anyhow::Result<()> {
+    let (mut attempt, mut from) = (attempt.unwrap_or(0), 0);
     loop {
+        let piece = read_log(portal, id, attempt, from, 0).await?;
+        if piece.from > from {
+            eprintln!("[{} earlier bytes are no longer held; the whole output is job.log in the lease's home]", piece.from);
+        }
+        print!("{}", piece.text);
+        if piece.next == piece.from {
+            return Ok(());
+        }
+        (attempt, from) = (piece.attempt, piece.next);
+    }
+}
+
+/// Prints a job's state changes and its output as it runs, through every attempt, until it
+/// ends; an error unless it succeeded.
+async fn follow_job(portal: &Portal, id: u64, first_attempt: Option<u32>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let (mut attempt, mut from, mut state, mut announced) = (first_attempt.unwrap_or(0), 0u64, String::new(), 0u32);
+    loop {
+        let piece = read_log(portal, id, attempt, from, FOLLOW_WAIT_MS).await?;
+        if piece.attempt > 0 && piece.attempt != announced {
+            eprintln!("[job {id}, attempt {}]", piece.attempt);
+            announced = piece.attempt;
+        }
+        if piece.from > from {
+            eprintln!("[{} bytes skipped: no longer held]", piece.from - from);
+        }
+        print!("{}", piece.text);
+        std::io::stdout().flush()?;
+        (attempt, from) = (piece.attempt, piece.next);
+        if !piece.text.is_empty() && !piece.ended {
+            continue;
+        }
         let job: Value = portal.get(&format!("/api/v1/jobs/{id}"), &[]).await?;
-        let state = text(&job["state"]);
-        if state != last.0 {
-            println!("job {id}: {state}");
+        let now = text(&job["state"]);
+        if now != state {
+            eprintln!("[job {id}: {now}]");
+            state = now;
         }
-        if job["progress"] != last.1 && !job["progress"].is_null() {
-            println!("  {}", job["progress"]);
-        }
+        let latest = job["attempts"].as_array().and_then(|a| a.last()).and_then(|a| a["number"].as_u64()).unwrap_or(0) as u32;
+        let finished = piece.ended || latest == 0;
         match state.as_str() {
-            "succeeded" => return Ok(()),
-            "failed" | "cancelled" => bail!("job {id} {state}: {}", text(&job["end_reason"])),
+            "succeeded" if finished => return Ok(()),
+            "failed" | "cancelled" if finished => bail!("job {id} {state}: {}", text(&job["end_reason"])),
+            _ if piece.ended && latest > attempt && first_attempt.is_none() => (attempt, from) = (latest, 0),
+            _ if piece.ended && first_attempt.is_some() => return Ok(()), // the attempt asked for is over
+            // The attempt is over and the next not placed yet: its output cannot be waited for.
+            _ if piece.ended => tokio::time::sleep(Duration::from_secs(1)).await,
             _ => {}
         }
-        last = (state, job["progress"].clone());
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -6,11 +6,11 @@
 use std::path::Path;
 use std::process::Output;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use suanli_proto::v1::AccountKind;
 use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
 use suanli_testkit::fixtures::{deposit, publish, register, RESEARCHER_FUNDS};
-use suanli_testkit::portal::{database_url, log_in, PortalOptions, PortalProcess, Session};
+use suanli_testkit::portal::{researcher_portal, PortalProcess};
 use suanli_testkit::workspace_binary;
 use suanli_types::ClusterClass;
 
@@ -37,25 +37,11 @@ async fn market() -> Market {
     let class_b = publish(&mut supplier, ClusterClass::B, 1, 4, "b").await.expect("class B").cluster_id;
     let class_a = publish(&mut supplier, ClusterClass::A, 1, 8, "a").await.expect("class A").cluster_id;
 
-    let database = database_url(dir.path(), false).await.expect("database").expect("sqlite");
     let broker_url = format!("http://{}", broker.address(1).expect("address"));
-    let adopt = format!("{researcher}:{researcher_token}");
-    let extra = ["--demo", "--demo-researcher", adopt.as_str()];
-    let options = PortalOptions { extra: &extra, ..PortalOptions::new(&broker_url, PLATFORM_TOKEN, &database) };
-    let portal = PortalProcess::start(dir.path(), &options).await.expect("portal");
-    // The token is made in a signed-in session, as on the account page.
-    let Session { http, csrf } = log_in(&portal.url, "demo-researcher", suanli_portal::demo::DEMO_PASSWORD).await.expect("signed in");
-    let made: Value = http
-        .post(format!("{}/api/v1/me/api-tokens", portal.url))
-        .header("x-csrf-token", csrf)
-        .json(&json!({"name": "cli", "expires_in_days": 7}))
-        .send()
+    let (portal, token) = researcher_portal(dir.path(), &broker_url, PLATFORM_TOKEN, (researcher, &researcher_token), suanli_portal::demo::DEMO_PASSWORD, &[])
         .await
-        .expect("token")
-        .json()
-        .await
-        .expect("json");
-    let token = made["token"].as_str().unwrap_or_else(|| panic!("no token in {made}")).to_owned();
+        .expect("portal and API token");
+    let http = reqwest::Client::new();
     // The catalogue copy follows the broker's events: wait until both clusters are in it.
     let url = portal.url.clone();
     suanli_testkit::eventually(std::time::Duration::from_secs(20), std::time::Duration::from_millis(100), || {
@@ -164,4 +150,15 @@ async fn a_bad_token_is_not_stored_and_a_token_never_crosses_a_network_in_the_cl
     // Not logged in: said so, with what to do.
     let out = suanli(&m, &["lease", "ls"], &[]);
     assert!(!out.status.success() && stderr(&out).contains("suanli login"), "{}", stderr(&out));
+}
+
+#[test]
+fn shells_complete_every_command_without_a_login() {
+    let dir = tempfile::tempdir().expect("dir");
+    let script = ok(run(&dir.path().join("config"), &["completions", "bash"], &[]));
+    for word in ["search", "lease", "job", "logs", "ssh", "vnc", "--follow"] {
+        assert!(script.contains(word), "{word} is completed");
+    }
+    let wrong = run(&dir.path().join("config"), &["completions", "cmd.exe"], &[]);
+    assert!(!wrong.status.success() && stderr(&wrong).contains("invalid value"), "{}", stderr(&wrong));
 }

@@ -249,6 +249,18 @@ impl BrokerCluster {
         Ok(format!("https://{}", self.members.get(&id).ok_or_else(|| anyhow!("no node {id}"))?.agents))
     }
 
+    /// A TLS channel to node `id`'s agent port presenting `identity` (an agent's certificate
+    /// and key, PEM, as it keeps them in its state directory), or no client certificate.
+    pub async fn agent_channel(&self, id: u64, identity: Option<(&str, &str)>) -> anyhow::Result<tonic::transport::Channel> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let ca = std::fs::read_to_string(self.agent_ca_cert()).context("the agent CA")?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        suanli_proto::client::channel_with(&self.agent_endpoint(id)?, Some(tls)).await.map_err(|e| anyhow!("agent port: {e}"))
+    }
+
     /// The platform's SSH user CA key every node signs researchers' certificates with (tests
     /// also sign with it directly, through `ssh-keygen -s`).
     pub fn ssh_ca_key(&self) -> PathBuf {

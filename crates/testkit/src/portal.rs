@@ -112,3 +112,34 @@ pub async fn log_in(url: &str, login: &str, password: &str) -> anyhow::Result<Se
     let csrf = session["csrf_token"].as_str().ok_or_else(|| anyhow::anyhow!("signing {login} in: {status} {session}"))?.to_owned();
     Ok(Session { http, csrf })
 }
+
+/// A portal (SQLite in `dir`) in demo mode whose demo researcher is the broker account
+/// `researcher` (`--demo-researcher ID:TOKEN`), and an API token made for it in a signed-in
+/// session, as on the account page: what a researcher's `suanli login` takes. `more` are
+/// further flags for the portal.
+pub async fn researcher_portal(
+    dir: &Path,
+    broker_url: &str,
+    platform_token: &str,
+    researcher: (u64, &str),
+    demo_password: &str,
+    more: &[&str],
+) -> anyhow::Result<(PortalProcess, String)> {
+    let database = database_url(dir, false).await?.ok_or_else(|| anyhow::anyhow!("no SQLite database"))?;
+    let adopt = format!("{}:{}", researcher.0, researcher.1);
+    let mut extra = vec!["--demo", "--demo-researcher", adopt.as_str()];
+    extra.extend_from_slice(more);
+    let options = PortalOptions { extra: &extra, ..PortalOptions::new(broker_url, platform_token, &database) };
+    let portal = PortalProcess::start(dir, &options).await?;
+    let Session { http, csrf } = log_in(&portal.url, "demo-researcher", demo_password).await?;
+    let made: serde_json::Value = http
+        .post(format!("{}/api/v1/me/api-tokens", portal.url))
+        .header("x-csrf-token", csrf)
+        .json(&serde_json::json!({"name": "cli", "expires_in_days": 7}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = made["token"].as_str().ok_or_else(|| anyhow::anyhow!("no token in {made}"))?.to_owned();
+    Ok((portal, token))
+}

@@ -827,6 +827,39 @@ pub async fn lease_access(State(state): State<AppState>, principal: Principal, A
     Ok(axum::Json(access_of(&state, &principal, id).await?))
 }
 
+#[derive(Deserialize, ToSchema)]
+pub struct SshCertificateRequest {
+    /// An OpenSSH public key line (`ssh-ed25519 AAAA… comment`): the key the certificate is for.
+    pub public_key: String,
+    /// How long it is valid; absent: 8 hours. Never past the paid term, nor 24 hours.
+    pub valid_seconds: Option<u32>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SshCertificateView {
+    /// Save beside the private key as `<key>-cert.pub` (or pass `-o CertificateFile=`).
+    pub certificate: String,
+    pub serial: u64,
+    /// The lease's logins it admits.
+    pub principals: Vec<String>,
+    pub valid_before_ms: i64,
+}
+
+/// A short-lived OpenSSH user certificate for the lessee's key, signed by the platform's SSH
+/// user CA, for the lease's logins (what `suanli ssh` uses).
+#[utoipa::path(post, path = "/api/v1/leases/{id}/ssh-certificate", params(("id" = u64, Path)), tag = "leases", request_body = SshCertificateRequest,
+    responses((status = 200, body = SshCertificateView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+pub async fn ssh_certificate(
+    State(state): State<AppState>,
+    Researcher(principal): Researcher,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<SshCertificateRequest>,
+) -> ApiResult<axum::Json<SshCertificateView>> {
+    let issue = v1::IssueSshCertificateRequest { lease_id: id, public_key: req.public_key, valid_seconds: req.valid_seconds.unwrap_or(0) };
+    let c = market_client(&state, &principal)?.issue_ssh_certificate(issue).await?.into_inner();
+    Ok(axum::Json(SshCertificateView { certificate: c.certificate, serial: c.serial, principals: c.principals, valid_before_ms: c.valid_before_ms }))
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct PasswordView {
     pub lease_id: u64,

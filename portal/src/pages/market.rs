@@ -404,7 +404,7 @@ pub async fn jobs_page(State(state): State<AppState>, headers: HeaderMap, Origin
             tbody {
                 @for j in &jobs {
                     tr data-job=(j.job_id) {
-                        td { "job-" (j.job_id) } td { (j.name) } td { (j.kind) }
+                        td { a href={ "/jobs/" (j.job_id) } { "job-" (j.job_id) } } td { (j.name) } td { (j.kind) }
                         td.state data-state=(j.state) { (j.state) @if let Some(r) = &j.end_reason { " (" (r) ")" } }
                         td { (j.attempts.len()) } td { (j.card_seconds) } td { (money("CNY", j.cost_minor, ctx.lang)) }
                     }
@@ -418,6 +418,59 @@ pub async fn jobs_page(State(state): State<AppState>, headers: HeaderMap, Origin
         }))
     };
     page(&ctx, ctx.t(Msg::Jobs), body)
+}
+
+/// One job: its state, attempts, the files it left, its curves and its output, followed live
+/// (`app.js` reads `/api/v1/jobs/{id}/log` from where it got to and redraws the curves).
+pub async fn job_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    viewer: MaybePrincipal,
+    ApiPath(id): ApiPath<u64>,
+) -> Response {
+    let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
+    let Some(v) = ctx.viewer.clone() else { return error_page(&ctx, ApiError::unauthenticated()) };
+    if v.kind != UserKind::Researcher {
+        return error_page(&ctx, ApiError::forbidden("jobs belong to researchers"));
+    }
+    let job = match crate::api::jobs::job_of(&state, &v, id).await {
+        Ok(j) => j,
+        Err(e) => return error_page(&ctx, e),
+    };
+    let curves = crate::api::jobs::curves_for(&state, &v, id, None).await.unwrap_or_default();
+    let live = matches!(job.state.as_str(), "queued" | "placed" | "running");
+    let body = html! {
+        p { (ctx.t(Msg::State)) ": " span.state data-state=(job.state) { (job.state) } @if let Some(r) = &job.end_reason { " (" (r) ")" }
+            " · " (ctx.t(Msg::CardSeconds)) ": " (job.card_seconds) " · " (ctx.t(Msg::Cost)) ": " (money("CNY", job.cost_minor, ctx.lang)) }
+        @if live {
+            (api_form(&format!("/api/v1/jobs/{id}/cancel"), "POST", Some(&format!("/jobs/{id}")), None, ctx.t(Msg::Cancel), html! {}))
+        }
+        table.attempts {
+            thead { tr { th { "#" } th { "nodes" } th { (ctx.t(Msg::State)) } th { (ctx.t(Msg::Cost)) } } }
+            tbody {
+                @for a in &job.attempts {
+                    tr { td { (a.number) } td { (format!("{:?}", a.node_ids)) } td { (a.end_reason.as_deref().unwrap_or(if a.started_ms > 0 { "running" } else { "placed" })) } td { (money("CNY", a.cost_minor, ctx.lang)) } }
+                }
+            }
+        }
+        @if !job.outputs.is_empty() {
+            h2 { (ctx.t(Msg::Outputs)) }
+            ul.outputs { @for (name, sha) in &job.outputs { li { a href={ "/api/v1/jobs/" (id) "/outputs/" (name) } download=(name) { (name) } " sha256:" code { (sha) } } } }
+        }
+        h2 { (ctx.t(Msg::Curves)) }
+        section.curves data-curves={ "/api/v1/jobs/" (id) "/curves" } {
+            @for (name, points) in &curves.series {
+                figure.chart data-curve=(name) data-range="auto" data-digits="4" {
+                    figcaption { (name) ": " strong { (points.last().map(|p| format!("{:.4}", p[1])).unwrap_or_default()) } }
+                    svg viewBox="0 0 360 120" preserveAspectRatio="none" role="img" aria-label=(name) { polyline points="" fill="none" stroke="currentColor" stroke-width="2" {} }
+                }
+            }
+        }
+        h2 { (ctx.t(Msg::Output)) }
+        pre.job-log data-job-log={ "/api/v1/jobs/" (id) "/log" } data-live=(live) {}
+    };
+    page(&ctx, &format!("{} job-{id} · {}", ctx.t(Msg::Job), job.name), body)
 }
 
 pub async fn lease_page(

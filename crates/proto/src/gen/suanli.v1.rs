@@ -810,6 +810,80 @@ pub struct ReportJobProgressRequest {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportJobProgressResponse {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AppendJobLogRequest {
+    #[prost(uint64, tag = "1")]
+    pub job_id: u64,
+    #[prost(uint32, tag = "2")]
+    pub attempt: u32,
+    /// Where `data` begins in the attempt's output. Sending again what was already appended
+    /// changes nothing (a retry); a gap (bytes the agent skipped) is recorded as such.
+    #[prost(uint64, tag = "3")]
+    pub offset: u64,
+    /// at most 1 MiB
+    #[prost(bytes = "vec", tag = "4")]
+    pub data: ::prost::alloc::vec::Vec<u8>,
+    /// The agent sends nothing before `offset` (it is more than the leader keeps): hold the
+    /// attempt's output from here on, dropping what was held if it does not join up.
+    #[prost(bool, tag = "5")]
+    pub start_here: bool,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AppendJobLogResponse {
+    /// Where the next append should begin: the end of what this broker holds, or where it
+    /// wants the agent to start again (it holds nothing of the attempt).
+    #[prost(uint64, tag = "1")]
+    pub next_offset: u64,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct JobOutputsGrant {
+    /// the artifact store's bearer credential
+    #[prost(string, tag = "1")]
+    pub capability: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub expires_at_ms: i64,
+    /// name → SHA-256, as on the job
+    #[prost(map = "string, string", tag = "3")]
+    pub outputs: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReadJobLogRequest {
+    #[prost(uint64, tag = "1")]
+    pub job_id: u64,
+    /// 0: the latest attempt
+    #[prost(uint32, tag = "2")]
+    pub attempt: u32,
+    #[prost(uint64, tag = "3")]
+    pub from_offset: u64,
+    /// 0: 1 MiB; more than 2 MiB is read as 2 MiB
+    #[prost(uint32, tag = "4")]
+    pub max_bytes: u32,
+    /// more than 30000 is read as 30000
+    #[prost(uint32, tag = "5")]
+    pub wait_ms: u32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReadJobLogResponse {
+    #[prost(uint32, tag = "1")]
+    pub attempt: u32,
+    /// Where `data` begins: `from_offset`, or later when the bytes there are no longer held.
+    #[prost(uint64, tag = "2")]
+    pub from_offset: u64,
+    #[prost(bytes = "vec", tag = "3")]
+    pub data: ::prost::alloc::vec::Vec<u8>,
+    #[prost(uint64, tag = "4")]
+    pub next_offset: u64,
+    /// The first byte still held; bytes before it are only in the lease's `job.log`.
+    #[prost(uint64, tag = "5")]
+    pub retained_from: u64,
+    /// The attempt has ended, its agent has sent everything it will send, and `data` reaches
+    /// the end of it.
+    #[prost(bool, tag = "6")]
+    pub ended: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportJobCheckpointRequest {
     #[prost(string, tag = "1")]
     pub request_id: ::prost::alloc::string::String,
@@ -1414,6 +1488,85 @@ pub mod job_service_client {
                 .insert(GrpcMethod::new("suanli.v1.JobService", "ReportJobProgress"));
             self.inner.unary(req, path, codec).await
         }
+        /// The running rank-0 attempt's output (`job.log`), appended as it grows. Kept in the
+        /// leader's memory only, the most recent 4 MiB of each attempt: after a leader change the
+        /// agent sends again what the new leader asks for (`next_offset`), from the file it keeps.
+        pub async fn append_job_log(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AppendJobLogRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AppendJobLogResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/suanli.v1.JobService/AppendJobLog",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("suanli.v1.JobService", "AppendJobLog"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Owner, platform or operators: an attempt's output from a byte offset, waiting up to
+        /// `wait_ms` for bytes past it (a long poll, for following a running job).
+        pub async fn read_job_log(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReadJobLogRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReadJobLogResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/suanli.v1.JobService/ReadJobLog",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("suanli.v1.JobService", "ReadJobLog"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Owner: a short-lived, read-only artifact store capability for the outputs the job left
+        /// (what the portal downloads them with). Nothing is proposed.
+        pub async fn grant_job_outputs(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetJobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::JobOutputsGrant>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/suanli.v1.JobService/GrantJobOutputs",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("suanli.v1.JobService", "GrantJobOutputs"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1502,6 +1655,31 @@ pub mod job_service_server {
             tonic::Response<super::ReportJobProgressResponse>,
             tonic::Status,
         >;
+        /// The running rank-0 attempt's output (`job.log`), appended as it grows. Kept in the
+        /// leader's memory only, the most recent 4 MiB of each attempt: after a leader change the
+        /// agent sends again what the new leader asks for (`next_offset`), from the file it keeps.
+        async fn append_job_log(
+            &self,
+            request: tonic::Request<super::AppendJobLogRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AppendJobLogResponse>,
+            tonic::Status,
+        >;
+        /// Owner, platform or operators: an attempt's output from a byte offset, waiting up to
+        /// `wait_ms` for bytes past it (a long poll, for following a running job).
+        async fn read_job_log(
+            &self,
+            request: tonic::Request<super::ReadJobLogRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReadJobLogResponse>,
+            tonic::Status,
+        >;
+        /// Owner: a short-lived, read-only artifact store capability for the outputs the job left
+        /// (what the portal downloads them with). Nothing is proposed.
+        async fn grant_job_outputs(
+            &self,
+            request: tonic::Request<super::GetJobRequest>,
+        ) -> std::result::Result<tonic::Response<super::JobOutputsGrant>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct JobServiceServer<T> {
@@ -2194,6 +2372,139 @@ pub mod job_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReportJobProgressSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/suanli.v1.JobService/AppendJobLog" => {
+                    #[allow(non_camel_case_types)]
+                    struct AppendJobLogSvc<T: JobService>(pub Arc<T>);
+                    impl<
+                        T: JobService,
+                    > tonic::server::UnaryService<super::AppendJobLogRequest>
+                    for AppendJobLogSvc<T> {
+                        type Response = super::AppendJobLogResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AppendJobLogRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as JobService>::append_job_log(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AppendJobLogSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/suanli.v1.JobService/ReadJobLog" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReadJobLogSvc<T: JobService>(pub Arc<T>);
+                    impl<
+                        T: JobService,
+                    > tonic::server::UnaryService<super::ReadJobLogRequest>
+                    for ReadJobLogSvc<T> {
+                        type Response = super::ReadJobLogResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReadJobLogRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as JobService>::read_job_log(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReadJobLogSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/suanli.v1.JobService/GrantJobOutputs" => {
+                    #[allow(non_camel_case_types)]
+                    struct GrantJobOutputsSvc<T: JobService>(pub Arc<T>);
+                    impl<T: JobService> tonic::server::UnaryService<super::GetJobRequest>
+                    for GrantJobOutputsSvc<T> {
+                        type Response = super::JobOutputsGrant;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetJobRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as JobService>::grant_job_outputs(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GrantJobOutputsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

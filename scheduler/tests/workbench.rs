@@ -1,0 +1,275 @@
+//! The researcher's workbench against a running marketplace (broker, scheduler, agents with
+//! simulated GPUs, the portal) and the `suanli` binary:
+//! - jobs you can watch: a job's output reaches the researcher while it runs, through the
+//!   broker (`ReadJobLog`), the portal (`/api/v1/jobs/{id}/log`, `/curves`) and `suanli job
+//!   logs --follow`; it is whole once the job has ended; nobody else reads or writes it;
+//! - `suanli ssh`: the real OpenSSH client on a lease's node with a certificate for the CLI's
+//!   own key and the node's host key checked.
+
+mod support;
+
+use std::process::Stdio;
+
+use suanli_proto::v1::{self, job_service_client::JobServiceClient, AccountKind};
+use suanli_testkit::cluster::PLATFORM_TOKEN;
+use suanli_testkit::fixtures::register;
+use suanli_testkit::portal::{researcher_portal, PortalProcess};
+use suanli_testkit::workspace_binary;
+use suanli_types::ErrorCode;
+use support::{wait_done, Jobs, World, WAIT};
+use tokio::io::AsyncBufReadExt;
+
+/// What the gated job prints before the gate opens, and after.
+fn before_gate() -> String {
+    "loading data\n{\"event\": \"step\", \"step\": 1, \"loss\": 2.5}\nwaiting for the gate\n".to_owned()
+}
+
+fn after_gate() -> String {
+    let mut text = "{\"event\": \"step\", \"step\": 2, \"loss\": 1.25}\n".to_owned();
+    for i in 0..2000 {
+        text.push_str(&format!("line {i} of what the job prints 步骤\n"));
+    }
+    text.push_str("{\"event\": \"epoch\", \"epoch\": 1, \"val_accuracy\": 0.875}\n");
+    text
+}
+
+/// A job that prints [`before_gate`], waits until the file `gate` exists, then prints
+/// [`after_gate`] (partly on standard error) and succeeds.
+fn gated_job(gate: &std::path::Path) -> serde_json::Value {
+    let script = format!(
+        r#"echo "loading data"
+echo '{{"event": "step", "step": 1, "loss": 2.5}}'
+echo "waiting for the gate"
+while [ ! -e {gate} ]; do sleep 0.1; done
+echo '{{"event": "step", "step": 2, "loss": 1.25}}' >&2
+i=0
+while [ $i -lt 2000 ]; do echo "line $i of what the job prints 步骤"; i=$((i + 1)); done
+echo '{{"event": "epoch", "epoch": 1, "val_accuracy": 0.875}}'
+echo "weights of the watched job" > "$SUANLI_OUTPUT_DIR/model.txt""#,
+        gate = gate.display()
+    );
+    serde_json::json!({
+        "name": "watched", "kind": "training",
+        "resources": { "cards": 1 },
+        "run": { "command": { "program": "/bin/sh", "args": ["-c", script] } },
+        "outputs": ["model.txt"],
+        "max_attempts": 1,
+    })
+}
+
+fn read(job: u64, from: u64, wait_ms: u32) -> v1::ReadJobLogRequest {
+    v1::ReadJobLogRequest { job_id: job, attempt: 0, from_offset: from, max_bytes: 0, wait_ms }
+}
+
+/// Reads the job's output on from `start` + what `text` holds until `done` says it has enough
+/// (or the attempt ended).
+async fn read_until(jobs: &mut Jobs, job: u64, start: u64, mut text: Vec<u8>, done: impl Fn(&str, bool) -> bool) -> (Vec<u8>, bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let at = start + text.len() as u64;
+        let piece = jobs.read_job_log(read(job, at, 2_000)).await.expect("read the log").into_inner();
+        assert_eq!(piece.from_offset, at, "nothing of it was dropped");
+        text.extend_from_slice(&piece.data);
+        if done(&String::from_utf8_lossy(&text), piece.ended) || piece.ended {
+            return (text, piece.ended);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the output did not come: {}", String::from_utf8_lossy(&text));
+    }
+}
+
+/// The world's researcher at a portal that reaches the artifact store, with an API token, and
+/// `suanli` logged in there with it (its configuration in the world's `cli` folder).
+async fn workbench(w: &World) -> (PortalProcess, String, impl Fn() -> tokio::process::Command) {
+    let broker_url = format!("http://{}", w.broker.address(1).expect("address"));
+    let researcher = (w.researcher_id, w.researcher_token.as_str());
+    let more = ["--artifacts-url", w.artifacts.as_str()];
+    let (portal, token) =
+        researcher_portal(w.dir.path(), &broker_url, PLATFORM_TOKEN, researcher, suanli_portal::demo::DEMO_PASSWORD, &more).await.expect("portal");
+    let (config, for_cli) = (w.dir.path().join("cli"), token.clone());
+    let suanli = move || {
+        let mut c = tokio::process::Command::new(workspace_binary("suanli-cli", "suanli").expect("suanli"));
+        c.env("SUANLI_CONFIG_DIR", &config).env("SUANLI_TOKEN", &for_cli).kill_on_drop(true);
+        c
+    };
+    let login = suanli().args(["login", "--portal", &portal.url]).output().await.expect("login");
+    assert!(login.status.success(), "{}", String::from_utf8_lossy(&login.stderr));
+    (portal, token, suanli)
+}
+
+#[tokio::test]
+async fn a_jobs_output_is_watched_live_from_the_terminal_and_is_whole_when_it_ends() {
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return;
+    }
+    let w = World::start(2, 1, 1).await;
+    let mut jobs = w.jobs(&w.researcher_token).await;
+    let gate = w.record.with_file_name("gate");
+    let job = w.submit(&mut jobs, "watched", &gated_job(&gate)).await.job_id;
+
+    // The researcher's terminal follows it from the start, through the portal.
+    let (portal, token, suanli) = workbench(&w).await;
+    let mut follow = suanli().args(["job", "logs", &job.to_string(), "--follow"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("follow");
+    let mut lines = tokio::io::BufReader::new(follow.stdout.take().expect("stdout")).lines();
+    let mut seen = String::new();
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("a line") {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line == "waiting for the gate" {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the terminal saw the job's first lines: {seen:?}\n{}", w.logs()));
+    assert_eq!(seen, before_gate(), "the terminal shows the output as the job wrote it, while it runs");
+
+    // The broker has it too, and the job is still running: this is the live output.
+    let (held, ended) = read_until(&mut jobs, job, 0, Vec::new(), |t, _| t.contains("waiting for the gate")).await;
+    assert!(!ended, "the job waits for the gate");
+    assert_eq!(held, before_gate().into_bytes());
+    let running = jobs.get_job(v1::GetJobRequest { job_id: job }).await.expect("job").into_inner();
+    assert_eq!(running.state, "running");
+
+    // Nobody else reads it, and nobody but the node running it writes it; nothing changes.
+    let mut platform = w.broker.client(1, PLATFORM_TOKEN).await.expect("platform");
+    let (_, other_token) = register(&mut platform, AccountKind::Researcher, "another-researcher").await.expect("another researcher");
+    let refused = w.jobs(&other_token).await.read_job_log(read(job, 0, 0)).await.expect_err("another researcher reads it");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    let forged =
+        v1::AppendJobLogRequest { job_id: job, attempt: 1, offset: held.len() as u64, data: b"forged by the researcher\n".to_vec(), start_here: false };
+    let refused = jobs.append_job_log(forged.clone()).await.expect_err("the researcher writes it");
+    assert_eq!(suanli_proto::decode_status(&refused).code, ErrorCode::PermissionDenied, "{refused:?}");
+    let node = running.attempts[0].node_ids[0];
+    let other = w.agents.iter().position(|a| a.node != node).expect("the other node");
+    let state = w.dir.path().join(format!("agent{other}")).join("state");
+    let (cert, key) = (std::fs::read_to_string(state.join("agent.crt")).expect("cert"), std::fs::read_to_string(state.join("agent.key")).expect("key"));
+    let mut as_other_agent = JobServiceClient::new(w.broker.agent_channel(1, Some((&cert, &key))).await.expect("agent channel"));
+    let refused = as_other_agent.append_job_log(forged).await.expect_err("another node's agent writes it");
+    assert_eq!(suanli_proto::decode_status(&refused).code, ErrorCode::PermissionDenied, "{refused:?}");
+    let unchanged = jobs.read_job_log(read(job, 0, 0)).await.expect("read").into_inner();
+    assert_eq!(unchanged.data, held, "nothing was added");
+
+    // The gate opens: the terminal prints the rest and exits as the job succeeded.
+    std::fs::write(&gate, b"open").expect("open the gate");
+    let rest = tokio::time::timeout(WAIT, async {
+        let mut rest = String::new();
+        while let Some(line) = lines.next_line().await.expect("a line") {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        rest
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the terminal saw the job end\n{}", w.logs()));
+    let status = follow.wait().await.expect("suanli exits");
+    assert!(status.success(), "the job succeeded, so does its follower");
+    let whole = format!("{}{}", before_gate(), after_gate());
+    assert_eq!(format!("{seen}{rest}"), whole, "the terminal showed every byte once, in order");
+    let (held, ended) = read_until(&mut jobs, job, 0, held, |_, ended| ended).await;
+    assert!(ended);
+    assert_eq!(String::from_utf8(held).expect("UTF-8"), whole, "the platform holds all of it");
+    assert_eq!(wait_done(&mut jobs, 1, WAIT).await[0].state, "succeeded");
+
+    // Read again afterwards, without following; and its curves.
+    let again = suanli().args(["job", "logs", &job.to_string()]).output().await.expect("logs");
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(String::from_utf8_lossy(&again.stdout), whole);
+    let curves: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/api/v1/jobs/{job}/curves", portal.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("curves")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(curves["series"]["loss"], serde_json::json!([[1.0, 2.5], [2.0, 1.25]]), "{curves}");
+    assert_eq!(curves["series"]["val_accuracy"], serde_json::json!([[2.0, 0.875]]), "{curves}");
+
+    // Models out: the file the job left, checked against the hash it was recorded with.
+    let pulled = w.dir.path().join("pulled");
+    let pull = suanli().args(["job", "pull", &job.to_string(), "--dir", &pulled.display().to_string()]).output().await.expect("pull");
+    assert!(pull.status.success(), "{}", String::from_utf8_lossy(&pull.stderr));
+    assert_eq!(std::fs::read_to_string(pulled.join("model.txt")).expect("model"), "weights of the watched job\n");
+
+    // A stored copy that changed on disk never reaches the researcher's folder.
+    let done = jobs.get_job(v1::GetJobRequest { job_id: job }).await.expect("job").into_inner();
+    let sha = done.outputs.get("model.txt").expect("recorded");
+    let stored = w.dir.path().join("artifacts").join(&sha[..2]).join(sha);
+    let mut bytes = std::fs::read(&stored).expect("the stored copy");
+    bytes[0] ^= 0x20;
+    std::fs::write(&stored, &bytes).expect("change it");
+    let again = w.dir.path().join("pulled-again");
+    let pull = suanli().args(["job", "pull", &job.to_string(), "--dir", &again.display().to_string()]).output().await.expect("pull");
+    assert!(!pull.status.success(), "a changed artifact is refused");
+    let left: Vec<_> = std::fs::read_dir(&again).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "nothing kept: {left:?}");
+
+    // Another researcher gets no capability for these outputs.
+    let refused = w.jobs(&other_token).await.grant_job_outputs(v1::GetJobRequest { job_id: job }).await.expect_err("another researcher's grant");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+}
+
+#[tokio::test]
+async fn output_faster_than_it_can_be_sent_keeps_its_last_bytes_in_order() {
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return;
+    }
+    let w = World::start(1, 1, 1).await;
+    let mut jobs = w.jobs(&w.researcher_token).await;
+    // About 10 MiB at once: more than the 4 MiB the broker keeps of an attempt.
+    let script = r#"i=0; while [ $i -lt 40 ]; do head -c 262144 /dev/zero | tr '\0' 'x'; echo " block $i"; i=$((i + 1)); done; echo "the end""#;
+    let spec = serde_json::json!({
+        "name": "chatty", "kind": "training",
+        "resources": { "cards": 1 },
+        "run": { "command": { "program": "/bin/sh", "args": ["-c", script] } },
+        "max_attempts": 1,
+    });
+    let job = w.submit(&mut jobs, "chatty", &spec).await.job_id;
+    assert_eq!(wait_done(&mut jobs, 1, WAIT).await[0].state, "succeeded");
+    let first = jobs.read_job_log(read(job, 0, 0)).await.expect("read").into_inner();
+    assert!(first.from_offset > 0 && first.from_offset == first.retained_from, "the start is no longer held: {}", first.from_offset);
+    let (tail, ended) = read_until(&mut jobs, job, first.from_offset, Vec::new(), |_, ended| ended).await;
+    assert!(ended);
+    let whole_len = 40 * 262_144 + 10 * " block N\n".len() + 30 * " block NN\n".len() + "the end\n".len();
+    assert_eq!(first.from_offset as usize + tail.len(), whole_len, "held up to the very end");
+    assert!(tail.len() <= 4 << 20, "at most 4 MiB held: {}", tail.len());
+    let text = String::from_utf8(tail).expect("text");
+    assert!(text.ends_with(" block 39\nthe end\n"), "{}", &text[text.len() - 40..]);
+    let blocks: Vec<u32> = text.lines().filter_map(|l| l.rsplit_once(" block ")).map(|(_, n)| n.parse().expect("block")).collect();
+    assert!(blocks.windows(2).all(|w| w[1] == w[0] + 1), "every block once, in order: {blocks:?}");
+}
+
+#[tokio::test]
+async fn suanli_ssh_runs_a_command_on_the_leases_node_with_a_certificate_and_a_checked_host_key() {
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return;
+    }
+    let w = World::start(1, 1, 1).await;
+    let (_portal, _token, suanli) = workbench(&w).await;
+    let config = w.dir.path().join("cli");
+    let lease = w.leases[0].to_string();
+    let ran = suanli().args(["ssh", &lease, "--", "id", "-un"]).output().await.expect("suanli ssh");
+    assert!(ran.status.success(), "{}\n{}", String::from_utf8_lossy(&ran.stderr), w.logs());
+    let login = String::from_utf8_lossy(&ran.stdout).trim().to_owned();
+    assert!(login.starts_with(&w.agents[0].prefix), "ran as the lease's account: {login:?}");
+    let known_hosts = config.join("ssh/known_hosts");
+    assert_eq!(std::fs::read_to_string(&known_hosts).expect("known_hosts").lines().count(), 1, "the node's host key, once");
+    let certificate = std::fs::read_to_string(config.join("ssh/id_ed25519-cert.pub")).expect("certificate");
+    assert!(certificate.starts_with("ssh-ed25519-cert-v01@openssh.com "), "{certificate}");
+
+    // The exit status is the command's; the key is kept, the host line not doubled.
+    let key = std::fs::read(config.join("ssh/id_ed25519")).expect("key");
+    let failed = suanli().args(["ssh", &lease, "--", "exit", "3"]).output().await.expect("suanli ssh");
+    assert_eq!(failed.status.code(), Some(3), "{}", String::from_utf8_lossy(&failed.stderr));
+    assert_eq!(std::fs::read(config.join("ssh/id_ed25519")).expect("key"), key, "the same key");
+    assert_eq!(std::fs::read_to_string(&known_hosts).expect("known_hosts").lines().count(), 1);
+
+    // A lease that is not the researcher's (here: none): refused by the portal before ssh runs.
+    let before = std::fs::read_to_string(&known_hosts).expect("known_hosts");
+    let absent = suanli().args(["ssh", "999999", "--", "true"]).output().await.expect("suanli ssh");
+    assert!(!absent.status.success());
+    assert!(String::from_utf8_lossy(&absent.stderr).contains("NOT_FOUND"), "{}", String::from_utf8_lossy(&absent.stderr));
+    assert_eq!(std::fs::read_to_string(&known_hosts).expect("known_hosts"), before, "nothing written for it");
+}
