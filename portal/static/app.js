@@ -106,8 +106,10 @@ async function submit(form, ev) {
 // data-range="auto" (a job's curves), from the smallest value to the largest.
 function plot(fig, values) {
   const auto = fig.dataset.range === "auto";
-  const max = auto ? Math.max(...values) : Math.max(Number(fig.dataset.max) || 1, ...values);
-  const min = auto ? Math.min(...values) : 0;
+  // Folded, not spread: a long run's curve has more points than a call takes arguments.
+  const top = values.reduce((a, b) => Math.max(a, b), -Infinity);
+  const max = auto ? top : Math.max(Number(fig.dataset.max) || 1, top);
+  const min = auto ? values.reduce((a, b) => Math.min(a, b), Infinity) : 0;
   const span = max - min || 1;
   const n = values.length;
   const pts = values.map((v, i) => `${((i / Math.max(n - 1, 1)) * 360).toFixed(1)},${(115 - ((v - min) / span) * 110).toFixed(1)}`);
@@ -139,23 +141,44 @@ function live(section) {
   });
 }
 
-// A job's output: read from where the last read got to, waiting for more while it runs.
+// A job's output: read from where the last read got to, waiting for more while it runs, and
+// on into the job's next attempt; a portal briefly away is asked again.
+const pause = (ms) => new Promise((r) => setTimeout(r, ms));
 async function followLog(pre) {
+  const jobUrl = pre.dataset.jobLog.replace(/\/log$/, "");
+  const get = async (url) => {
+    for (let tries = 0; ; tries++) {
+      const res = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      if (res.ok) return res.json();
+      if (res.status < 500 || tries >= 30) throw new Error(String(res.status));
+      await pause(2000);
+    }
+  };
   let from = 0;
   let attempt = 0;
   for (;;) {
     const wait = pre.dataset.live === "true" ? 10000 : 0;
-    const q = `from=${from}&wait_ms=${wait}` + (attempt ? `&attempt=${attempt}` : "");
-    const res = await fetch(`${pre.dataset.jobLog}?${q}`, { credentials: "same-origin", headers: { Accept: "application/json" } });
-    if (!res.ok) { pre.dataset.error = String(res.status); return; }
-    const piece = await res.json();
+    const piece = await get(`${pre.dataset.jobLog}?from=${from}&wait_ms=${wait}` + (attempt ? `&attempt=${attempt}` : ""));
     if (piece.from > from) pre.append(`[… ${piece.from - from} bytes no longer held]\n`);
     pre.append(piece.text);
     if (piece.text) pre.scrollTop = pre.scrollHeight;
     attempt = piece.attempt;
     from = piece.next;
-    if (piece.ended) { pre.dataset.ended = "true"; return; }
-    if (!piece.text && wait === 0) return;
+    if (piece.text && !piece.ended) continue;
+    if (wait === 0 && (piece.ended || !piece.text)) { pre.dataset.ended = "true"; return; }
+    if (!piece.ended) continue;
+    const job = await get(jobUrl);
+    const latest = job.attempts.length ? job.attempts[job.attempts.length - 1].number : 0;
+    if (latest > attempt) {
+      pre.append(`[attempt ${latest}]\n`);
+      attempt = latest;
+      from = 0;
+    } else if (["succeeded", "failed", "cancelled"].includes(job.state)) {
+      pre.dataset.ended = "true";
+      return;
+    } else {
+      await pause(2000); // the next attempt is not placed yet
+    }
   }
 }
 

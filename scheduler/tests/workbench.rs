@@ -33,8 +33,9 @@ fn after_gate() -> String {
     text
 }
 
-/// A job that prints [`before_gate`], waits until the file `gate` exists, then prints
-/// [`after_gate`] (partly on standard error) and succeeds.
+/// A job of two nodes (one card each) that prints [`before_gate`], waits until the file
+/// `gate` exists, then prints [`after_gate`] (partly on standard error) and succeeds. Rank 0
+/// (the node of its first card) speaks for its output.
 fn gated_job(gate: &std::path::Path) -> serde_json::Value {
     let script = format!(
         r#"echo "loading data"
@@ -50,7 +51,7 @@ echo "weights of the watched job" > "$SUANLI_OUTPUT_DIR/model.txt""#,
     );
     serde_json::json!({
         "name": "watched", "kind": "training",
-        "resources": { "cards": 1 },
+        "resources": { "cards": 2 },
         "run": { "command": { "program": "/bin/sh", "args": ["-c", script] } },
         "outputs": ["model.txt"],
         "max_attempts": 1,
@@ -140,12 +141,14 @@ async fn a_jobs_output_is_watched_live_from_the_terminal_and_is_whole_when_it_en
         v1::AppendJobLogRequest { job_id: job, attempt: 1, offset: held.len() as u64, data: b"forged by the researcher\n".to_vec(), start_here: false };
     let refused = jobs.append_job_log(forged.clone()).await.expect_err("the researcher writes it");
     assert_eq!(suanli_proto::decode_status(&refused).code, ErrorCode::PermissionDenied, "{refused:?}");
-    let node = running.attempts[0].node_ids[0];
-    let other = w.agents.iter().position(|a| a.node != node).expect("the other node");
+    // The other node runs the job too (rank 1), but only rank 0's agent writes its output.
+    let (node, rank_one) = (running.attempts[0].node_ids[0], running.attempts[0].node_ids[1]);
+    assert_ne!(node, rank_one, "a job of two nodes: {:?}", running.attempts[0]);
+    let other = w.agents.iter().position(|a| a.node == rank_one).expect("rank 1's agent");
     let state = w.dir.path().join(format!("agent{other}")).join("state");
     let (cert, key) = (std::fs::read_to_string(state.join("agent.crt")).expect("cert"), std::fs::read_to_string(state.join("agent.key")).expect("key"));
     let mut as_other_agent = JobServiceClient::new(w.broker.agent_channel(1, Some((&cert, &key))).await.expect("agent channel"));
-    let refused = as_other_agent.append_job_log(forged).await.expect_err("another node's agent writes it");
+    let refused = as_other_agent.append_job_log(forged).await.expect_err("rank 1's agent writes it");
     assert_eq!(suanli_proto::decode_status(&refused).code, ErrorCode::PermissionDenied, "{refused:?}");
     let unchanged = jobs.read_job_log(read(job, 0, 0)).await.expect("read").into_inner();
     assert_eq!(unchanged.data, held, "nothing was added");
@@ -256,7 +259,7 @@ async fn suanli_ssh_runs_a_command_on_the_leases_node_with_a_certificate_and_a_c
     assert!(login.starts_with(&w.agents[0].prefix), "ran as the lease's account: {login:?}");
     let known_hosts = config.join("ssh/known_hosts");
     assert_eq!(std::fs::read_to_string(&known_hosts).expect("known_hosts").lines().count(), 1, "the node's host key, once");
-    let certificate = std::fs::read_to_string(config.join("ssh/id_ed25519-cert.pub")).expect("certificate");
+    let certificate = std::fs::read_to_string(config.join(format!("ssh/lease-{lease}-cert.pub"))).expect("certificate");
     assert!(certificate.starts_with("ssh-ed25519-cert-v01@openssh.com "), "{certificate}");
 
     // The exit status is the command's; the key is kept, the host line not doubled.

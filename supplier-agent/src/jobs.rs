@@ -169,8 +169,8 @@ struct LogShipping {
     until: Option<u64>,
     /// Nothing more will be sent (all of it was, or the broker will not take it).
     done: bool,
-    /// Appends that found no broker since the process ended.
-    failures: u32,
+    /// Rounds since the process ended: the output is given up after [`LOG_GIVE_UP_AFTER`].
+    rounds_since_end: u32,
 }
 
 /// The most of an attempt's output the leader keeps (`job_logs.rs` in the broker): a log
@@ -178,9 +178,10 @@ struct LogShipping {
 const LOG_WINDOW: u64 = 4 << 20;
 /// The most one append sends.
 const LOG_CHUNK: u64 = 1 << 20;
-/// After the process has ended, rounds without a broker before its output is given up (the
-/// end is reported without it; the file stays in the lease's home).
-const LOG_GIVE_UP_AFTER: u32 = 20;
+/// After the process has ended, the rounds its output may take to send (4 MiB in 1 MiB appends,
+/// a leader change, a broker away for a while) before it is given up: the end is reported
+/// without the rest, which stays in the lease's home.
+const LOG_GIVE_UP_AFTER: u32 = 40;
 
 /// The last checkpoint of an attempt whose process has ended.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -457,7 +458,10 @@ async fn sync_logs(client: &mut JobServiceClient<Channel>, running: &mut BTreeMa
         };
         let until = if ended { (*log.until.get_or_insert(len)).min(len) } else { len };
         let from = log.shipped.max(until.saturating_sub(LOG_WINDOW));
-        if from >= until {
+        if ended {
+            log.rounds_since_end += 1;
+        }
+        if from >= until || log.rounds_since_end > LOG_GIVE_UP_AFTER {
             log.done = ended;
             continue;
         }
@@ -466,21 +470,45 @@ async fn sync_logs(client: &mut JobServiceClient<Channel>, running: &mut BTreeMa
             log.done = ended;
             continue;
         }
+        // While the process runs, a character it is halfway through writing waits for the rest.
+        if !ended {
+            data.truncate(without_cut_character(&data));
+            if data.is_empty() {
+                continue;
+            }
+        }
         let request = v1::AppendJobLogRequest { job_id: *job, attempt: *attempt, offset: from, data, start_here: from > log.shipped };
         match client.append_job_log(request).await {
             Ok(reply) => log.shipped = reply.into_inner().next_offset,
-            Err(status) => {
-                let err = decode_status(&status);
-                log.failures += u32::from(ended);
-                // Refused (the attempt is over, or a broker that takes no output): it stays on
-                // the node. Unreachable: tried again next round, for a while once it has ended.
-                if err.code != suanli_types::ErrorCode::Unavailable || log.failures > LOG_GIVE_UP_AFTER {
-                    tracing::debug!(job, attempt, error = %err, "output not sent to the broker");
-                    log.done = true;
-                }
+            // Not this node's to send (the attempt is over or not rank 0 here), or a broker that
+            // takes no output: it stays in the lease's home. Anything else: tried next round.
+            Err(status) if status.code() == tonic::Code::Unimplemented || decode_status(&status).code == suanli_types::ErrorCode::PermissionDenied => {
+                tracing::debug!(job, attempt, error = %decode_status(&status), "output not sent to the broker");
+                log.done = true;
             }
+            Err(status) => tracing::debug!(job, attempt, error = %decode_status(&status), "output not sent to the broker yet"),
         }
     }
+}
+
+/// How much of `data` (output that may go on) to send now: all of it but a UTF-8 sequence cut
+/// off at its end. Bytes that are not UTF-8 at all are sent as they are.
+fn without_cut_character(data: &[u8]) -> usize {
+    let len = data.len();
+    for back in 1..=len.min(3) {
+        let byte = data[len - back];
+        if byte & 0xC0 == 0x80 {
+            continue; // a continuation byte: its lead is further back
+        }
+        let needs = match byte {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => 1,
+        };
+        return if back < needs { len - back } else { len };
+    }
+    len
 }
 
 impl JobRunner {
@@ -927,5 +955,22 @@ async fn download_into_lease(store: &ArtifactClient, digest: suanli_artifacts::D
             let _ = into.remove_file(&partial);
             Err(format!("{}: {why}", into.path().join(name).display()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_cut_character;
+
+    #[test]
+    fn a_character_cut_at_the_end_waits_and_everything_else_goes() {
+        let text = "loss 步".as_bytes(); // 步 is three bytes
+        assert_eq!(without_cut_character(text), text.len());
+        assert_eq!(without_cut_character(&text[..text.len() - 1]), 5, "two of three bytes wait");
+        assert_eq!(without_cut_character(&text[..text.len() - 2]), 5, "one of three bytes waits");
+        assert_eq!(without_cut_character(b""), 0);
+        assert_eq!(without_cut_character(&[0xff, 0xfe]), 2, "not UTF-8: sent as it is");
+        assert_eq!(without_cut_character("😀".as_bytes()), 4);
+        assert_eq!(without_cut_character(&"😀".as_bytes()[..3]), 0);
     }
 }

@@ -23,6 +23,9 @@ pub const ATTEMPT_BYTES: usize = 4 << 20;
 pub const TOTAL_BYTES: usize = 256 << 20;
 /// The largest append an agent sends, and the largest read.
 pub const MAX_CHUNK: usize = 1 << 20;
+/// No attempt's output reaches this offset (2^62 bytes); an append past it is refused, so
+/// offsets never overflow.
+pub const MAX_OFFSET: u64 = 1 << 62;
 /// The largest read a caller may ask for (within gRPC's 4 MiB message).
 pub const MAX_READ: usize = 2 << 20;
 
@@ -144,14 +147,26 @@ impl JobLogs {
     }
 
     /// Up to `max` bytes of the attempt's output from `from` (or from the first byte held, if
-    /// later). `None`: nothing of the attempt is held.
+    /// later). Past the end of what is held, nothing, and `next` stays `from`: a reader ahead
+    /// of a new leader (which holds the attempt's output only from where the agent sent it
+    /// again) waits for the output to reach it, and never gets a byte twice. `None`: nothing of
+    /// the attempt is held.
     pub fn read(&self, key: AttemptKey, from: u64, max: usize) -> Option<Chunk> {
         let inner = self.lock();
         let b = inner.buffers.get(&key)?;
-        let begin = from.clamp(b.start, b.end());
-        let skip = (begin - b.start) as usize;
-        let data: Vec<u8> = b.bytes.range(skip..).take(max).copied().collect();
-        Some(Chunk { from: begin, next: begin + data.len() as u64, data, retained_from: b.start, end: b.end() })
+        let (start, end) = (b.start, b.end());
+        if from > end {
+            return Some(Chunk { from, data: Vec::new(), next: from, retained_from: start, end });
+        }
+        let begin = from.max(start);
+        let skip = (begin - start) as usize;
+        let (front, back) = b.bytes.as_slices();
+        let (front, back) = if skip < front.len() { (&front[skip..], back) } else { (&[][..], &back[skip - front.len()..]) };
+        let (take_front, take_back) = (front.len().min(max), back.len().min(max - front.len().min(max)));
+        let mut data = Vec::with_capacity(take_front + take_back);
+        data.extend_from_slice(&front[..take_front]);
+        data.extend_from_slice(&back[..take_back]);
+        Some(Chunk { from: begin, next: begin + data.len() as u64, data, retained_from: start, end })
     }
 
     /// How many bytes are held in all (a gauge).
@@ -229,7 +244,24 @@ mod tests {
         let c = logs.read(KEY, 6, 3).expect("held");
         assert_eq!((c.from, c.data.as_slice(), c.next), (6, &b"wor"[..], 9));
         let c = logs.read(KEY, 99, 3).expect("held");
-        assert_eq!((c.from, c.data.len(), c.next), (11, 0, 11), "past the end: nothing yet");
+        assert_eq!((c.from, c.data.len(), c.next), (99, 0, 99), "past the end: nothing yet, and no step back");
+    }
+
+    #[test]
+    fn a_reader_ahead_of_a_new_leader_waits_and_never_gets_a_byte_twice() {
+        let logs = JobLogs::with_limits(4, 100);
+        append(&logs, 0, b"0123");
+        append(&logs, 4, b"4567"); // the buffer wraps inside its VecDeque
+        let c = logs.read(KEY, 5, 10).expect("held");
+        assert_eq!((c.from, c.data.as_slice(), c.next, c.retained_from), (5, &b"567"[..], 8, 4));
+        // A new leader holds only what the agent sent again, from 20 on; the reader was at 30.
+        let fresh = JobLogs::default();
+        fresh.append(KEY, Append { offset: 20, data: b"0123456789", start_here: true });
+        let c = fresh.read(KEY, 30, 10).expect("held");
+        assert_eq!((c.from, c.data.len(), c.next), (30, 0, 30), "nothing until the output passes 30");
+        fresh.append(KEY, Append { offset: 30, data: b"abc", start_here: false });
+        let c = fresh.read(KEY, 30, 10).expect("held");
+        assert_eq!((c.from, c.data.as_slice()), (30, &b"abc"[..]));
     }
 
     #[tokio::test]

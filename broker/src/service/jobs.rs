@@ -361,13 +361,21 @@ impl JobService for Jobs {
                 if req.data.len() > job_logs::MAX_CHUNK {
                     return Err(to_status(&DomainError::PayloadTooLarge { size: req.data.len(), limit: job_logs::MAX_CHUNK }));
                 }
-                // This call reaches the leader (`network::forward`), whose state is current.
-                let runs_here = self.shared.sm.read(|s| {
+                if req.offset.checked_add(req.data.len() as u64).is_none_or(|end| end > job_logs::MAX_OFFSET) {
+                    return Err(invalid("offset", "beyond any output an attempt writes"));
+                }
+                // This call reaches the leader (`network::forward`), whose state is current. Only
+                // rank 0 (the node of the attempt's first card) speaks for the job's output: a
+                // multi-node attempt may span other suppliers' nodes.
+                let rank_zero = self.shared.sm.read(|s| {
                     let attempt = s.job(job).and_then(|j| j.attempts.last()).filter(|a| a.number == req.attempt && a.ended_at.is_none());
-                    attempt.is_some_and(|a| a.cards.iter().any(|c| s.card(*c).is_some_and(|c| c.node == node)))
+                    attempt.and_then(|a| a.cards.first()).and_then(|c| s.card(*c)).is_some_and(|c| c.node == node)
                 });
-                if !runs_here {
-                    return Err(to_status(&DomainError::PermissionDenied(format!("attempt {} of job {} is not running on this node", req.attempt, job.0))));
+                if !rank_zero {
+                    return Err(to_status(&DomainError::PermissionDenied(format!(
+                        "attempt {} of job {} is not running with rank 0 on this node",
+                        req.attempt, job.0
+                    ))));
                 }
                 let append = job_logs::Append { offset: req.offset, data: &req.data, start_here: req.start_here };
                 let next_offset = self.shared.job_logs.append((job, req.attempt), append);

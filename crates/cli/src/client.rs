@@ -98,8 +98,11 @@ impl Portal {
         if !response.status().is_success() {
             return self.answer::<serde_json::Value>(response).await.map(|_| 0);
         }
-        let partial = dest.with_extension("partial");
-        let mut file = tokio::fs::File::create(&partial).await.map_err(file_error)?;
+        // A name of its own (never another output's, nor a file already there: create_new
+        // follows no link either).
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let partial = dest.with_file_name(format!(".{name}.{}.partial", std::process::id()));
+        let mut file = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&partial).await.map_err(file_error)?;
         let (mut hasher, mut size) = (sha2::Sha256::new(), 0u64);
         let received = async {
             while let Some(chunk) = response.chunk().await.map_err(|e| ClientError::Transport(self.base.clone(), e))? {

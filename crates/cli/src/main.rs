@@ -384,7 +384,7 @@ enum Forward {
 async fn ssh(portal: &Portal, dir: &std::path::Path, lease: u64, node: Option<u64>, forward: Forward) -> anyhow::Result<()> {
     let access: ssh::Access = portal.get(&format!("/api/v1/leases/{lease}/access"), &[]).await?;
     let node = access.node(node)?;
-    let files = ssh::Files::in_dir(dir);
+    let files = ssh::Files::in_dir(dir, lease);
     let public_key = files.public_key()?;
     let issued: Value = portal.post(&format!("/api/v1/leases/{lease}/ssh-certificate"), &json!({ "public_key": public_key })).await?;
     files.save_certificate(issued["certificate"].as_str().context("the portal's answer holds no certificate")?)?;
@@ -444,8 +444,15 @@ async fn print_log(portal: &Portal, id: u64, attempt: Option<u32>) -> anyhow::Re
 async fn follow_job(portal: &Portal, id: u64, first_attempt: Option<u32>) -> anyhow::Result<()> {
     use std::io::Write;
     let (mut attempt, mut from, mut state, mut announced) = (first_attempt.unwrap_or(0), 0u64, String::new(), 0u32);
+    let mut transient = Transient::default();
     loop {
-        let piece = read_log(portal, id, attempt, from, FOLLOW_WAIT_MS).await?;
+        let piece = match read_log(portal, id, attempt, from, FOLLOW_WAIT_MS).await {
+            Ok(piece) => piece,
+            Err(e) => {
+                transient.wait_or_fail(e).await?;
+                continue;
+            }
+        };
         if piece.attempt > 0 && piece.attempt != announced {
             eprintln!("[job {id}, attempt {}]", piece.attempt);
             announced = piece.attempt;
@@ -459,23 +466,58 @@ async fn follow_job(portal: &Portal, id: u64, first_attempt: Option<u32>) -> any
         if !piece.text.is_empty() && !piece.ended {
             continue;
         }
-        let job: Value = portal.get(&format!("/api/v1/jobs/{id}"), &[]).await?;
+        let job: Value = match portal.get(&format!("/api/v1/jobs/{id}"), &[]).await {
+            Ok(job) => job,
+            Err(e) => {
+                transient.wait_or_fail(e.into()).await?;
+                continue;
+            }
+        };
+        transient = Transient::default();
         let now = text(&job["state"]);
         if now != state {
             eprintln!("[job {id}: {now}]");
             state = now;
         }
         let latest = job["attempts"].as_array().and_then(|a| a.last()).and_then(|a| a["number"].as_u64()).unwrap_or(0) as u32;
+        // A later attempt's output first (the job may already have ended with it).
+        if piece.ended && latest > attempt && first_attempt.is_none() {
+            (attempt, from) = (latest, 0);
+            continue;
+        }
         let finished = piece.ended || latest == 0;
         match state.as_str() {
             "succeeded" if finished => return Ok(()),
             "failed" | "cancelled" if finished => bail!("job {id} {state}: {}", text(&job["end_reason"])),
-            _ if piece.ended && latest > attempt && first_attempt.is_none() => (attempt, from) = (latest, 0),
             _ if piece.ended && first_attempt.is_some() => return Ok(()), // the attempt asked for is over
             // The attempt is over and the next not placed yet: its output cannot be waited for.
             _ if piece.ended => tokio::time::sleep(Duration::from_secs(1)).await,
             _ => {}
         }
+    }
+}
+
+/// Following outlives a portal or broker that is briefly away (a restart, a leader election):
+/// an unavailable answer or a broken connection is tried again, a second later, for a minute.
+#[derive(Default)]
+struct Transient {
+    tries: u32,
+}
+
+impl Transient {
+    async fn wait_or_fail(&mut self, e: anyhow::Error) -> anyhow::Result<()> {
+        let passing = match e.downcast_ref::<suanli_cli::client::ClientError>() {
+            Some(suanli_cli::client::ClientError::Transport(..)) => true,
+            Some(suanli_cli::client::ClientError::Refused(r)) => r.status >= 500,
+            _ => false,
+        };
+        self.tries += 1;
+        if !passing || self.tries > 60 {
+            return Err(e);
+        }
+        eprintln!("[{e:#}; trying again]");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(())
     }
 }
 

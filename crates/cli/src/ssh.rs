@@ -2,8 +2,10 @@
 //!
 //! The CLI keeps a key of its own (`ssh/id_ed25519` in its configuration folder, made with
 //! `ssh-keygen` on first use), has the platform sign a short-lived certificate for it for the
-//! lease's logins, and writes the node's host key line into a `known_hosts` of its own: `ssh`
-//! then checks the node strictly and offers nothing but that key and certificate.
+//! lease's logins (one file per lease), and pins the node's host key in a `known_hosts` of its
+//! own under the name `suanli-node-<id>` (`HostKeyAlias`): `ssh` then checks that node against
+//! the key the platform recorded for that node, whatever host name the node's supplier gave,
+//! and offers nothing but that key and certificate.
 
 use std::path::{Path, PathBuf};
 
@@ -69,9 +71,10 @@ pub struct Files {
 }
 
 impl Files {
-    pub fn in_dir(config_dir: &Path) -> Files {
+    /// The files for a login to `lease`'s nodes.
+    pub fn in_dir(config_dir: &Path, lease: u64) -> Files {
         let dir = config_dir.join("ssh");
-        Files { key: dir.join("id_ed25519"), certificate: dir.join("id_ed25519-cert.pub"), known_hosts: dir.join("known_hosts") }
+        Files { key: dir.join("id_ed25519"), certificate: dir.join(format!("lease-{lease}-cert.pub")), known_hosts: dir.join("known_hosts") }
     }
 
     /// The public key line, making the key pair first if there is none.
@@ -97,17 +100,20 @@ impl Files {
         std::fs::write(&self.certificate, format!("{}\n", certificate.trim())).map_err(io(format!("writing {}", self.certificate.display())))
     }
 
-    /// Adds the node's host key line unless it is there already.
+    /// Pins the node's host key (the key of the platform's line, under the node's alias),
+    /// replacing what was pinned for that node before.
     pub fn trust_host(&self, node: &NodeLogin) -> Result<(), SshError> {
         let line = node.known_hosts_line.trim();
-        if line.is_empty() || line.contains('\n') {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(kind), Some(key), false) = (fields.get(1), fields.get(2), line.contains('\n')) else {
             return Err(SshError::NoHostKey(node.node_id));
-        }
+        };
+        let alias = host_alias(node);
+        let pinned = format!("{alias} {kind} {key}");
         let known = std::fs::read_to_string(&self.known_hosts).unwrap_or_default();
-        if known.lines().any(|l| l.trim() == line) {
-            return Ok(());
-        }
-        std::fs::write(&self.known_hosts, format!("{known}{line}\n")).map_err(io(format!("writing {}", self.known_hosts.display())))
+        let mut lines: Vec<&str> = known.lines().filter(|l| l.split_whitespace().next() != Some(alias.as_str())).collect();
+        lines.push(&pinned);
+        std::fs::write(&self.known_hosts, format!("{}\n", lines.join("\n"))).map_err(io(format!("writing {}", self.known_hosts.display())))
     }
 
     /// The `ssh` arguments that reach `node` with this key and certificate only, checking its
@@ -125,15 +131,24 @@ impl Files {
             option("UserKnownHostsFile", &self.known_hosts),
             "-o".into(),
             "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            format!("HostKeyAlias={}", host_alias(node)),
             "-p".into(),
             node.ssh_port.to_string(),
             "-l".into(),
             node.login.clone(),
+            // The host is never read as an option, whatever the supplier named it.
+            "--".into(),
             node.ssh_host.clone(),
         ];
         args.extend(extra.iter().cloned());
         args
     }
+}
+
+/// The name a node's host key is pinned under: its ID, not the host name its supplier gave.
+fn host_alias(node: &NodeLogin) -> String {
+    format!("suanli-node-{}", node.node_id)
 }
 
 /// `ssh` arguments that forward `local_port` on this machine to the node's VNC server.
@@ -171,25 +186,32 @@ mod tests {
     }
 
     #[test]
-    fn the_host_key_is_written_once_and_a_forged_multi_line_one_is_refused() {
+    fn the_host_key_is_pinned_per_node_and_replaced_not_added() {
         let dir = tempfile::tempdir().expect("dir");
         let files = Files { key: dir.path().join("k"), certificate: dir.path().join("k-cert.pub"), known_hosts: dir.path().join("known_hosts") };
         files.trust_host(&node(3)).expect("trusted");
         files.trust_host(&node(3)).expect("again");
-        assert_eq!(std::fs::read_to_string(&files.known_hosts).expect("read").lines().count(), 1);
-        let forged = NodeLogin { known_hosts_line: "a ssh-ed25519 AAAA\n* ssh-ed25519 BBBB".into(), ..node(4) };
-        assert!(matches!(files.trust_host(&forged), Err(SshError::NoHostKey(4))));
-        assert_eq!(std::fs::read_to_string(&files.known_hosts).expect("read").lines().count(), 1, "nothing added");
+        files.trust_host(&node(4)).expect("another node");
+        let rekeyed = NodeLogin { known_hosts_line: "[gpu-1.example]:2222 ssh-ed25519 AAAANEW".into(), ..node(3) };
+        files.trust_host(&rekeyed).expect("re-keyed");
+        let known = std::fs::read_to_string(&files.known_hosts).expect("read");
+        assert_eq!(known, "suanli-node-4 ssh-ed25519 AAAAC3Nza\nsuanli-node-3 ssh-ed25519 AAAANEW\n");
+        for forged in ["a ssh-ed25519 AAAA\n* ssh-ed25519 BBBB", "", "onlyahost"] {
+            let bad = NodeLogin { known_hosts_line: forged.into(), ..node(5) };
+            assert!(matches!(files.trust_host(&bad), Err(SshError::NoHostKey(5))), "{forged:?}");
+        }
+        assert_eq!(std::fs::read_to_string(&files.known_hosts).expect("read"), known, "nothing changed");
     }
 
     #[test]
     fn ssh_is_told_to_check_the_host_and_offer_only_this_key() {
-        let files = Files::in_dir(Path::new("/c"));
+        let files = Files::in_dir(Path::new("/c"), 7);
         let args = files.ssh_args(&node(3), &["nvidia-smi".to_owned()]);
         let joined = args.join(" ");
         assert!(joined.contains("-o StrictHostKeyChecking=yes") && joined.contains("-o IdentitiesOnly=yes"), "{joined}");
-        assert!(joined.contains("-o UserKnownHostsFile=/c/ssh/known_hosts") && joined.contains("-o CertificateFile=/c/ssh/id_ed25519-cert.pub"), "{joined}");
-        assert!(joined.ends_with("-p 2222 -l l7 gpu-1.example nvidia-smi"), "{joined}");
+        assert!(joined.contains("-o UserKnownHostsFile=/c/ssh/known_hosts") && joined.contains("-o CertificateFile=/c/ssh/lease-7-cert.pub"), "{joined}");
+        assert!(joined.contains("-o HostKeyAlias=suanli-node-3"), "{joined}");
+        assert!(joined.ends_with("-p 2222 -l l7 -- gpu-1.example nvidia-smi"), "{joined}");
         assert!(vnc_forward(7, &node(3), 5901).is_err(), "no VNC on the node");
         let vnc = NodeLogin { vnc_port: 5900, ..node(3) };
         assert_eq!(vnc_forward(7, &vnc, 5901).expect("forward").join(" "), "-N -L 127.0.0.1:5901:127.0.0.1:5900");
