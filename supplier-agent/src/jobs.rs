@@ -491,6 +491,13 @@ async fn sync_logs(client: &mut JobServiceClient<Channel>, running: &mut BTreeMa
     }
 }
 
+/// The port a multi-node attempt's processes meet on at rank 0: one of 2,000 from 29500 (the
+/// port `torchrun` defaults to), by job and attempt, so that a retry does not find its
+/// predecessor's socket and two jobs meeting on one node rarely share one.
+fn rendezvous_port(job: u64, attempt: u32) -> u16 {
+    29_500 + (job.wrapping_mul(7).wrapping_add(u64::from(attempt)) % 2_000) as u16
+}
+
 /// How much of `data` (output that may go on) to send now: all of it but a UTF-8 sequence cut
 /// off at its end. Bytes that are not UTF-8 at all are sent as they are.
 fn without_cut_character(data: &[u8]) -> usize {
@@ -775,6 +782,16 @@ impl JobRunner {
             ("SUANLI_OUTPUT_DIR".to_owned(), outputs.display().to_string()),
             ("SUANLI_CHECKPOINT_DIR".to_owned(), checkpoints.display().to_string()),
         ]);
+        // The rendezvous `torchrun` (and torch.distributed's env:// init) expects: the attempt's
+        // nodes meet at rank 0's host, on a port of this job and attempt.
+        let master = if attempt.rendezvous_host.is_empty() { "127.0.0.1".to_owned() } else { attempt.rendezvous_host.clone() };
+        extra.extend([
+            ("MASTER_ADDR".to_owned(), master),
+            ("MASTER_PORT".to_owned(), rendezvous_port(job.job_id, attempt.number).to_string()),
+            ("NNODES".to_owned(), nodes.len().to_string()),
+            ("NODE_RANK".to_owned(), rank.to_string()),
+            ("NPROC_PER_NODE".to_owned(), mine.len().max(1).to_string()),
+        ]);
         if !job.checkpoint_sha256.is_empty() {
             extra.push(("SUANLI_RESUME_FROM".to_owned(), resume.display().to_string()));
         }
@@ -960,7 +977,16 @@ async fn download_into_lease(store: &ArtifactClient, digest: suanli_artifacts::D
 
 #[cfg(test)]
 mod tests {
-    use super::without_cut_character;
+    use super::{rendezvous_port, without_cut_character};
+
+    #[test]
+    fn each_attempt_meets_on_a_port_of_its_own_in_the_range() {
+        assert_ne!(rendezvous_port(12, 1), rendezvous_port(12, 2), "a retry does not meet its predecessor");
+        assert_ne!(rendezvous_port(12, 1), rendezvous_port(13, 1));
+        for job in [0, 1, u64::MAX] {
+            assert!((29_500..31_500).contains(&rendezvous_port(job, u32::MAX)));
+        }
+    }
 
     #[test]
     fn a_character_cut_at_the_end_waits_and_everything_else_goes() {

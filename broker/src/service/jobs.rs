@@ -49,6 +49,14 @@ pub fn job_to_wire(s: &State, j: &Job) -> v1::Job {
                 lease_ids: a.leases.iter().map(|l| l.0).collect(),
                 node_ids: a.cards.iter().map(node_of).collect(),
                 card_indexes: a.cards.iter().map(|c| s.card(*c).map_or(0, |c| c.spec.index)).collect(),
+                rendezvous_host: a
+                    .cards
+                    .first()
+                    .and_then(|c| s.card(*c))
+                    .and_then(|c| s.node(c.node))
+                    .and_then(|n| n.access.as_ref())
+                    .map(|access| access.ssh_host.clone())
+                    .unwrap_or_default(),
                 placed_at_ms: a.placed_at.millis(),
                 started_at_ms: a.started_at.map_or(0, |t| t.millis()),
                 ended_at_ms: a.ended_at.map_or(0, |t| t.millis()),

@@ -542,6 +542,10 @@ pub struct JobAttempt {
     /// each card's index on its node (CUDA ordinal), same order
     #[prost(uint32, repeated, tag = "10")]
     pub card_indexes: ::prost::alloc::vec::Vec<u32>,
+    /// Where a multi-node attempt's processes meet: the host of its rank 0 (the node of its first
+    /// card) as that node's supplier gave it; agents pass it on as MASTER_ADDR.
+    #[prost(string, tag = "11")]
+    pub rendezvous_host: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Job {

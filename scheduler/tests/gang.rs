@@ -1,0 +1,119 @@
+//! A job across two nodes on an existing engine: each process gets the rendezvous `torchrun`
+//! expects (MASTER_ADDR: rank 0's host, MASTER_PORT, NNODES, NODE_RANK, NPROC_PER_NODE), and a
+//! PyTorch DistributedDataParallel run on CPU (gloo) from the project's venv trains to the same
+//! weights and loss as one process on the whole data.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use suanli_proto::v1;
+use support::{wait_done, World};
+
+/// Full-batch linear regression; each rank takes every `world`-th row (equal shards, so the
+/// averaged gradients are the whole batch's). Prints the final loss on all the data and the
+/// weights as one JSON line.
+const TRAIN: &str = r#"
+import json, os
+import torch, torch.distributed as dist
+nodes, per_node, node_rank = int(os.environ["NNODES"]), int(os.environ["NPROC_PER_NODE"]), int(os.environ["NODE_RANK"])
+world, rank = nodes * per_node, node_rank * per_node
+dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", rank=rank, world_size=world)
+torch.manual_seed(0)
+x = torch.arange(64, dtype=torch.float64).reshape(32, 2) / 32
+y = x @ torch.tensor([[2.0], [-1.0]], dtype=torch.float64) + 0.5
+model = torch.nn.Linear(2, 1).double()
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+xs, ys = x[rank::world], y[rank::world]
+for step in range(100):
+    opt.zero_grad()
+    loss = ((ddp(xs) - ys) ** 2).mean()
+    loss.backward()
+    opt.step()
+with torch.no_grad():
+    full = ((model(x) - y) ** 2).mean().item()
+print(json.dumps({"world": world, "rank": rank, "loss": full, "weights": model.weight.flatten().tolist() + model.bias.tolist()}))
+dist.destroy_process_group()
+"#;
+
+/// The project's PyTorch (ops/setup-torch; .ci/run sets `SUANLI_TORCH_VENV`) as a lease's
+/// account can run it: the system's interpreter of the venv's version with the venv's packages
+/// on its path (the venv's own interpreter may link into a home other accounts cannot enter,
+/// as pyenv's under /root does).
+fn python() -> Option<(PathBuf, PathBuf)> {
+    let venv = PathBuf::from(std::env::var_os("SUANLI_TORCH_VENV")?);
+    let config = std::fs::read_to_string(venv.join("pyvenv.cfg")).ok()?;
+    let version = config.lines().find_map(|l| l.strip_prefix("version").map(|v| v.trim_start_matches([' ', '=']).trim().to_owned()))?;
+    let minor = version.splitn(3, '.').take(2).collect::<Vec<_>>().join(".");
+    let (interpreter, packages) = (PathBuf::from(format!("/usr/bin/python{minor}")), venv.join(format!("lib/python{minor}/site-packages")));
+    (interpreter.is_file() && packages.is_dir()).then_some((interpreter, packages))
+}
+
+fn last_json(text: &str) -> serde_json::Value {
+    text.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).unwrap_or_else(|| panic!("no JSON line in {text:?}"))
+}
+
+#[tokio::test]
+async fn a_two_node_ddp_job_meets_at_rank_zero_and_trains_as_one_process_would() {
+    let Some((python, packages)) = python() else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "SUANLI_TORCH_VENV must name the project's venv, and the system must have its Python version, under CI=true (.ci/run sets it)"
+        );
+        eprintln!("skipped: SUANLI_TORCH_VENV is not set (ops/setup-torch) or /usr/bin has no interpreter of its version");
+        return;
+    };
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return;
+    }
+    let w = World::start(2, 1, 1).await;
+    let script = w.record.with_file_name("ddp.py");
+    std::fs::write(&script, TRAIN).expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
+
+    // The same run as one process on the whole data, outside the platform.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port();
+    let alone = std::process::Command::new(&python)
+        .arg(&script)
+        .envs([("NNODES", "1"), ("NPROC_PER_NODE", "1"), ("NODE_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")])
+        .env("PYTHONPATH", &packages)
+        .env("MASTER_PORT", port.to_string())
+        .output()
+        .expect("python");
+    assert!(alone.status.success(), "{}", String::from_utf8_lossy(&alone.stderr));
+    let alone = last_json(&String::from_utf8_lossy(&alone.stdout));
+
+    let mut jobs = w.jobs(&w.researcher_token).await;
+    let spec = serde_json::json!({
+        "name": "ddp", "kind": "training",
+        "resources": { "cards": 2 },
+        "run": { "command": {
+            "program": python.display().to_string(),
+            "args": [script.display().to_string()],
+            "env": { "PYTHONPATH": packages.display().to_string() },
+        } },
+        "max_attempts": 1,
+    });
+    let job = w.submit(&mut jobs, "ddp", &spec).await.job_id;
+    let done = wait_done(&mut jobs, 1, Duration::from_secs(180)).await;
+    let j = &done[0];
+    assert_eq!(j.state, "succeeded", "{j:?}\n{}", w.logs());
+    let attempt = &j.attempts[0];
+    assert_ne!(attempt.node_ids[0], attempt.node_ids[1], "the job ran on two nodes: {attempt:?}");
+    assert!(!attempt.rendezvous_host.is_empty(), "the broker names rank 0's host");
+
+    let log = jobs.read_job_log(v1::ReadJobLogRequest { job_id: job, attempt: 0, from_offset: 0, max_bytes: 0, wait_ms: 0 }).await.expect("log").into_inner();
+    let together = last_json(&String::from_utf8_lossy(&log.data));
+    assert_eq!(together["world"], 2, "two processes met: {together}");
+    assert_eq!(together["rank"], 0, "rank 0 speaks for the job");
+    let close = |a: &serde_json::Value, b: &serde_json::Value| {
+        let (a, b) = (a.as_f64().expect("number"), b.as_f64().expect("number"));
+        (a - b).abs() <= 1e-9 * b.abs().max(1.0)
+    };
+    assert!(alone["loss"].as_f64().is_some_and(|l| l < 0.1), "the reference run learns: {alone}");
+    assert!(close(&together["loss"], &alone["loss"]), "DDP {together} against one process {alone}");
+    let (ws, wa) = (together["weights"].as_array().expect("weights"), alone["weights"].as_array().expect("weights"));
+    assert!(ws.len() == 3 && ws.iter().zip(wa).all(|(a, b)| close(a, b)), "DDP {together} against one process {alone}");
+}
