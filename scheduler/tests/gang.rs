@@ -117,3 +117,52 @@ async fn a_two_node_ddp_job_meets_at_rank_zero_and_trains_as_one_process_would()
     let (ws, wa) = (together["weights"].as_array().expect("weights"), alone["weights"].as_array().expect("weights"));
     assert!(ws.len() == 3 && ws.iter().zip(wa).all(|(a, b)| close(a, b)), "DDP {together} against one process {alone}");
 }
+
+/// One process of the gang fails: the whole attempt ends with it (rank 0 is stopped, not left
+/// waiting at a rendezvous that will never complete), and the job fails with its status.
+#[tokio::test]
+async fn when_one_node_of_a_gang_fails_the_whole_attempt_stops() {
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return;
+    }
+    let w = World::start(2, 1, 1).await;
+    let mut jobs = w.jobs(&w.researcher_token).await;
+    // Rank 0 records that it runs and would go on for ten minutes; rank 1 fails once rank 0 runs.
+    let record = w.record.display().to_string();
+    let script = format!(
+        r#"if [ "$NODE_RANK" = 1 ]; then until grep -q "rank 0 started" {record}; do sleep 0.1; done; exit 7; fi
+echo "rank 0 started" >> {record}; sleep 600; echo "rank 0 finished" >> {record}"#
+    );
+    let spec = serde_json::json!({
+        "name": "gang", "kind": "training",
+        "resources": { "cards": 2 },
+        "run": { "command": { "program": "/bin/sh", "args": ["-c", script] } },
+        "max_attempts": 1,
+    });
+    w.submit(&mut jobs, "gang", &spec).await;
+    let done = wait_done(&mut jobs, 1, Duration::from_secs(120)).await;
+    let j = &done[0];
+    assert_eq!(j.state, "failed", "{j:?}\n{}", w.logs());
+    let reason = j.end_reason.as_ref().expect("a reason");
+    assert_eq!((reason.kind.as_str(), reason.exit_status), ("exit_status", 7), "{j:?}");
+    // Rank 0 is stopped with the attempt: it never gets to finish.
+    let recorded = std::fs::read_to_string(&w.record).expect("record");
+    assert!(!recorded.contains("rank 0 finished"), "{recorded}");
+    assert!(recorded.contains("rank 0 started"), "{recorded}");
+    let users = leases_users(&w.agent_of(j.attempts[0].node_ids[0]).prefix);
+    assert!(!users.is_empty(), "rank 0's node has its lease's account");
+    let stopped = suanli_testkit::eventually(Duration::from_secs(30), Duration::from_millis(200), || {
+        let users = users.clone();
+        // pgrep: 1 when no process matches.
+        async move { (std::process::Command::new("pgrep").args(["-u", users.as_str(), "sleep"]).status().ok()?.code() == Some(1)).then_some(()) }
+    })
+    .await;
+    assert!(stopped.is_ok(), "rank 0's process was stopped with the attempt\n{}", w.logs());
+}
+
+/// The Unix accounts an agent made for leases (their logins start with its prefix), comma-separated for `pgrep -u`.
+fn leases_users(prefix: &str) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let users: Vec<&str> = passwd.lines().filter_map(|l| l.split(':').next()).filter(|u| u.starts_with(prefix)).collect();
+    users.join(",")
+}

@@ -209,6 +209,16 @@ async fn a_jobs_output_is_watched_live_from_the_terminal_and_is_whole_when_it_en
     let left: Vec<_> = std::fs::read_dir(&again).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "nothing kept: {left:?}");
 
+    // Again, with a change, followed from the terminal (the gate is open now).
+    let again = suanli().args(["job", "resubmit", &job.to_string(), "--set", "name=watched-again", "--follow"]).output().await.expect("resubmit");
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(said.starts_with("job ") && said.contains(&format!("(job {job} with 1 change)\n")), "{said}");
+    assert!(said.ends_with(&whole), "the second run's output, whole: {said}");
+    let resubmitted = jobs.list_jobs(v1::ListJobsRequest::default()).await.expect("jobs").into_inner().jobs;
+    let second = resubmitted.iter().find(|j| j.name == "watched-again").expect("the resubmitted job");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&second.spec_json).expect("spec")["resources"]["cards"], 2, "the rest of the spec is the first run's");
+
     // Another researcher gets no capability for these outputs.
     let refused = w.jobs(&other_token).await.grant_job_outputs(v1::GetJobRequest { job_id: job }).await.expect_err("another researcher's grant");
     assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");

@@ -141,6 +141,15 @@ enum JobCommand {
     Cancel {
         id: u64,
     },
+    /// Submit a job again with its spec, changed by `--set path=value` (dotted paths into the
+    /// spec; values read as JSON where they are JSON, else as text).
+    Resubmit {
+        id: u64,
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        set: Vec<String>,
+        #[arg(long)]
+        follow: bool,
+    },
     /// Download the files a job left (its outputs) into a folder, each checked against the
     /// SHA-256 the job recorded.
     Pull {
@@ -324,6 +333,19 @@ async fn job(portal: &Portal, command: JobCommand) -> anyhow::Result<()> {
         JobCommand::Cancel { id } => {
             println!("{}", serde_json::to_string_pretty(&portal.post::<Value>(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).await?)?)
         }
+        JobCommand::Resubmit { id, set, follow } => {
+            let job: Value = portal.get(&format!("/api/v1/jobs/{id}"), &[]).await?;
+            let mut spec = job["spec"].clone();
+            for change in &set {
+                apply_change(&mut spec, change)?;
+            }
+            let made: Value = portal.post("/api/v1/jobs", &json!({ "spec": spec })).await?;
+            let new_id = made["job_id"].as_u64().context("the portal's answer names no job")?;
+            println!("job {new_id} submitted (job {id} with {} change{})", set.len(), if set.len() == 1 { "" } else { "s" });
+            if follow {
+                return follow_job(portal, new_id, None).await;
+            }
+        }
         JobCommand::Pull { id, output, dir } => pull(portal, id, output.as_deref(), &dir).await?,
         JobCommand::Logs { id, follow: true, attempt } => return follow_job(portal, id, attempt).await,
         JobCommand::Logs { id, follow: false, attempt } => return print_log(portal, id, attempt).await,
@@ -339,6 +361,25 @@ async fn job(portal: &Portal, command: JobCommand) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Applies `path=value` to a job spec: `resources.cards=2`, `name=run-2`,
+/// `run.command.args=["train.py","--lr","0.01"]`; a path's missing objects are made.
+fn apply_change(spec: &mut Value, change: &str) -> anyhow::Result<()> {
+    let (path, raw) = change.split_once('=').with_context(|| format!("--set {change}: PATH=VALUE"))?;
+    let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
+    let keys: Vec<&str> = path.split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        bail!("--set {change}: an empty name in {path:?}");
+    }
+    let mut at = spec;
+    for key in &keys[..keys.len() - 1] {
+        let Some(object) = at.as_object_mut() else { bail!("--set {change}: {key:?} is inside something that is not an object") };
+        at = object.entry(key.to_string()).or_insert_with(|| json!({}));
+    }
+    let Some(object) = at.as_object_mut() else { bail!("--set {change}: the place of {path:?} is not an object") };
+    object.insert(keys[keys.len() - 1].to_owned(), value);
     Ok(())
 }
 
@@ -546,7 +587,26 @@ fn text(v: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::token_may_go_to;
+    use super::{apply_change, token_may_go_to};
+    use serde_json::json;
+
+    #[test]
+    fn a_resubmission_changes_what_it_names_and_nothing_else() {
+        let mut spec = json!({"name": "a", "resources": {"cards": 1}, "run": {"command": {"program": "p"}}});
+        apply_change(&mut spec, "resources.cards=2").expect("cards");
+        apply_change(&mut spec, "name=run-2").expect("name");
+        apply_change(&mut spec, r#"run.command.args=["x","--lr","0.1"]"#).expect("args");
+        apply_change(&mut spec, "resources.gpu_models=[\"A100\"]").expect("models");
+        assert_eq!(
+            spec,
+            json!({"name": "run-2", "resources": {"cards": 2, "gpu_models": ["A100"]}, "run": {"command": {"program": "p", "args": ["x", "--lr", "0.1"]}}})
+        );
+        for wrong in ["cards", "resources..cards=1", "name.first=x"] {
+            let before = spec.clone();
+            assert!(apply_change(&mut spec, wrong).is_err(), "{wrong}");
+            assert_eq!(spec, before, "{wrong} changed nothing");
+        }
+    }
 
     #[test]
     fn a_token_goes_over_https_or_to_this_machine_only() {
