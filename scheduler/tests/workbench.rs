@@ -190,6 +190,14 @@ async fn a_jobs_output_is_watched_live_from_the_terminal_and_is_whole_when_it_en
     assert_eq!(curves["series"]["loss"], serde_json::json!([[1.0, 2.5], [2.0, 1.25]]), "{curves}");
     assert_eq!(curves["series"]["val_accuracy"], serde_json::json!([[2.0, 0.875]]), "{curves}");
 
+    // The job's page in a signed-in browser session: its output followed, its files linked.
+    let session = suanli_testkit::portal::log_in(&portal.url, "demo-researcher", suanli_portal::demo::DEMO_PASSWORD).await.expect("signed in");
+    let page = session.http.get(format!("{}/jobs/{job}", portal.url)).send().await.expect("job page");
+    assert_eq!(page.status(), reqwest::StatusCode::OK);
+    let html = page.text().await.expect("html");
+    assert!(html.contains(&format!("data-job-log=\"/api/v1/jobs/{job}/log\"")), "{html}");
+    assert!(html.contains(&format!("href=\"/api/v1/jobs/{job}/outputs/model.txt\"")) && html.contains("data-curve=\"loss\""), "{html}");
+
     // Models out: the file the job left, checked against the hash it was recorded with.
     let pulled = w.dir.path().join("pulled");
     let pull = suanli().args(["job", "pull", &job.to_string(), "--dir", &pulled.display().to_string()]).output().await.expect("pull");

@@ -389,10 +389,10 @@ pub async fn leases_page(State(state): State<AppState>, headers: HeaderMap, Orig
 /// A researcher's jobs and what each cost; a form to submit a spec (JSON).
 pub async fn jobs_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal) -> Response {
     let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
-    let Some(v) = ctx.viewer.clone() else { return error_page(&ctx, ApiError::unauthenticated()) };
-    if v.kind != UserKind::Researcher {
-        return error_page(&ctx, ApiError::forbidden("jobs belong to researchers"));
-    }
+    let v = match job_owner(&ctx) {
+        Ok(v) => v,
+        Err(e) => return error_page(&ctx, e),
+    };
     let jobs = match crate::api::jobs::jobs_of(&state, &v, false).await {
         Ok(j) => j,
         Err(e) => return error_page(&ctx, e),
@@ -420,6 +420,15 @@ pub async fn jobs_page(State(state): State<AppState>, headers: HeaderMap, Origin
     page(&ctx, ctx.t(Msg::Jobs), body)
 }
 
+/// The signed-in researcher, or why jobs are not for this viewer.
+fn job_owner(ctx: &Ctx) -> Result<crate::auth::Principal, ApiError> {
+    let v = ctx.viewer.clone().ok_or_else(ApiError::unauthenticated)?;
+    if v.kind != UserKind::Researcher {
+        return Err(ApiError::forbidden("jobs belong to researchers"));
+    }
+    Ok(v)
+}
+
 /// One job: its state, attempts, the files it left, its curves and its output, followed live
 /// (`app.js` reads `/api/v1/jobs/{id}/log` from where it got to and redraws the curves).
 pub async fn job_page(
@@ -430,10 +439,10 @@ pub async fn job_page(
     ApiPath(id): ApiPath<u64>,
 ) -> Response {
     let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
-    let Some(v) = ctx.viewer.clone() else { return error_page(&ctx, ApiError::unauthenticated()) };
-    if v.kind != UserKind::Researcher {
-        return error_page(&ctx, ApiError::forbidden("jobs belong to researchers"));
-    }
+    let v = match job_owner(&ctx) {
+        Ok(v) => v,
+        Err(e) => return error_page(&ctx, e),
+    };
     let job = match crate::api::jobs::job_of(&state, &v, id).await {
         Ok(j) => j,
         Err(e) => return error_page(&ctx, e),
