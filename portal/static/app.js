@@ -182,28 +182,32 @@ async function followLog(pre) {
   }
 }
 
-// A job's curves, redrawn while it runs.
+// A job's curves, redrawn while it runs, and once more after its output has ended.
 async function followCurves(section, live) {
-  do {
+  for (;;) {
+    // Read before the fetch: the fetch after the output's end draws its last points.
+    const over = !live || document.querySelector("pre[data-job-log]")?.dataset.ended === "true";
     const res = await fetch(section.dataset.curves, { credentials: "same-origin", headers: { Accept: "application/json" } });
-    if (!res.ok) return;
-    const curves = await res.json();
-    for (const [name, points] of Object.entries(curves.series)) {
-      let fig = [...section.querySelectorAll("figure[data-curve]")].find((f) => f.dataset.curve === name);
-      if (!fig) {
-        fig = document.createElement("figure");
-        fig.className = "chart";
-        fig.dataset.curve = name;
-        fig.dataset.range = "auto";
-        fig.dataset.digits = "4";
-        fig.innerHTML = '<figcaption><span></span>: <strong></strong></figcaption><svg viewBox="0 0 360 120" preserveAspectRatio="none" role="img"><polyline points="" fill="none" stroke="currentColor" stroke-width="2"></polyline></svg>';
-        fig.querySelector("span").textContent = name;
-        section.append(fig);
+    if (res.ok) {
+      const curves = await res.json();
+      for (const [name, points] of Object.entries(curves.series)) {
+        let fig = [...section.querySelectorAll("figure[data-curve]")].find((f) => f.dataset.curve === name);
+        if (!fig) {
+          fig = document.createElement("figure");
+          fig.className = "chart";
+          fig.dataset.curve = name;
+          fig.dataset.range = "auto";
+          fig.dataset.digits = "4";
+          fig.innerHTML = '<figcaption><span></span>: <strong></strong></figcaption><svg viewBox="0 0 360 120" preserveAspectRatio="none" role="img"><polyline points="" fill="none" stroke="currentColor" stroke-width="2"></polyline></svg>';
+          fig.querySelector("span").textContent = name;
+          section.append(fig);
+        }
+        plot(fig, points.map((p) => p[1]));
       }
-      plot(fig, points.map((p) => p[1]));
     }
-    if (live) await new Promise((r) => setTimeout(r, 5000));
-  } while (live && !document.querySelector("pre[data-job-log]")?.dataset.ended);
+    if (over) return;
+    await pause(5000);
+  }
 }
 
 document.addEventListener("DOMContentLoaded", () => {

@@ -33,10 +33,10 @@ fn after_gate() -> String {
     text
 }
 
-/// A job of two nodes (one card each) that prints [`before_gate`], waits until the file
+/// A job of `cards` cards (on as many nodes, one card each) that prints [`before_gate`], waits until the file
 /// `gate` exists, then prints [`after_gate`] (partly on standard error) and succeeds. Rank 0
 /// (the node of its first card) speaks for its output.
-fn gated_job(gate: &std::path::Path) -> serde_json::Value {
+fn gated_job(gate: &std::path::Path, cards: u32) -> serde_json::Value {
     let script = format!(
         r#"echo "loading data"
 echo '{{"event": "step", "step": 1, "loss": 2.5}}'
@@ -51,7 +51,7 @@ echo "weights of the watched job" > "$SUANLI_OUTPUT_DIR/model.txt""#,
     );
     serde_json::json!({
         "name": "watched", "kind": "training",
-        "resources": { "cards": 2 },
+        "resources": { "cards": cards },
         "run": { "command": { "program": "/bin/sh", "args": ["-c", script] } },
         "outputs": ["model.txt"],
         "max_attempts": 1,
@@ -105,7 +105,7 @@ async fn a_jobs_output_is_watched_live_from_the_terminal_and_is_whole_when_it_en
     let w = World::start(2, 1, 1).await;
     let mut jobs = w.jobs(&w.researcher_token).await;
     let gate = w.record.with_file_name("gate");
-    let job = w.submit(&mut jobs, "watched", &gated_job(&gate)).await.job_id;
+    let job = w.submit(&mut jobs, "watched", &gated_job(&gate, 2)).await.job_id;
 
     // The researcher's terminal follows it from the start, through the portal.
     let (portal, token, suanli) = workbench(&w).await;
@@ -293,4 +293,55 @@ async fn suanli_ssh_runs_a_command_on_the_leases_node_with_a_certificate_and_a_c
     assert!(!absent.status.success());
     assert!(String::from_utf8_lossy(&absent.stderr).contains("NOT_FOUND"), "{}", String::from_utf8_lossy(&absent.stderr));
     assert_eq!(std::fs::read_to_string(&known_hosts).expect("known_hosts"), before, "nothing written for it");
+}
+
+/// The job page in headless Chromium: the output appears while the job runs, then the rest,
+/// whole; the curves are drawn as the job reports them.
+#[tokio::test]
+async fn the_job_page_follows_a_running_job_in_the_browser() {
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return;
+    }
+    let w = World::start(1, 1, 1).await;
+    let mut jobs = w.jobs(&w.researcher_token).await;
+    let gate = w.record.with_file_name("page-gate");
+    let job = w.submit(&mut jobs, "watched-in-a-browser", &gated_job(&gate, 1)).await.job_id;
+    let (portal, _token, _suanli) = workbench(&w).await;
+    let browser = suanli_testkit::webdriver::Browser::start().await.expect("chromium (ops/install-build-deps)");
+    browser.goto(&format!("{}/login", portal.url)).await.expect("login page");
+    browser.type_into("input[name=login]", "demo-researcher").await.expect("login");
+    browser.type_into("input[name=password]", suanli_portal::demo::DEMO_PASSWORD).await.expect("password");
+    browser.click("form.api button[type=submit]").await.expect("submit");
+    browser.wait_for("button[data-logout]", WAIT).await.expect("signed in");
+    browser.goto(&format!("{}/jobs/{job}", portal.url)).await.expect("the job page");
+
+    let shown = || async { browser.execute("return document.querySelector('pre[data-job-log]').textContent", serde_json::json!([])).await.ok() };
+    let until = |want: String| {
+        let shown = &shown;
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                let text = shown().await.and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                if text.contains(&want) || tokio::time::Instant::now() >= deadline {
+                    return text;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let first = until("waiting for the gate".to_owned()).await;
+    assert_eq!(first, before_gate(), "the page shows the output while the job runs\n{}", w.logs());
+    assert_eq!(jobs.get_job(v1::GetJobRequest { job_id: job }).await.expect("job").into_inner().state, "running");
+
+    std::fs::write(&gate, b"open").expect("open the gate");
+    let whole = format!("{}{}", before_gate(), after_gate());
+    let last_line = "val_accuracy\": 0.875}";
+    let all = until(last_line.to_owned()).await;
+    assert_eq!(all, whole, "every byte once, in order");
+    browser.wait_for("figure[data-curve=\"val_accuracy\"]", WAIT).await.expect("the accuracy curve is drawn");
+    let points = browser
+        .execute("return document.querySelector('figure[data-curve=\"loss\"] polyline').getAttribute('points')", serde_json::json!([]))
+        .await
+        .expect("the loss curve");
+    assert_eq!(points.as_str().map(|p| p.split_whitespace().count()), Some(2), "two loss points: {points}");
 }
