@@ -171,6 +171,12 @@ async fn jobs(alice: &Api, bob: &Api) -> anyhow::Result<()> {
     assert_eq!(ids(&list, "job_id"), [id], "{list}");
     let (status, _) = bob.get(&format!("/api/v1/jobs/{id}")).await?;
     assert_eq!(status, StatusCode::NOT_FOUND, "another researcher's job does not exist for bob");
+    // The form's text may be YAML; a text that is neither YAML nor JSON is named as the problem.
+    let yaml = "name: from-yaml\nkind: training\nresources:\n  cards: 1\nrun:\n  command:\n    program: /bin/true\n";
+    let (status, from_yaml) = bob.post("/api/v1/jobs", json!({"spec": yaml, "request_id": "yaml"})).await?;
+    assert_eq!((status, from_yaml["name"].as_str()), (StatusCode::CREATED, Some("from-yaml")), "{from_yaml}");
+    let (status, body) = bob.post("/api/v1/jobs", json!({"spec": "name: [unclosed", "request_id": "broken"})).await?;
+    assert_eq!((status, fields(&body)), (StatusCode::BAD_REQUEST, vec!["spec".to_owned()]), "{body}");
     let (status, _) = bob.post(&format!("/api/v1/jobs/{id}/cancel"), json!({})).await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, cancelled) = alice.post(&format!("/api/v1/jobs/{id}/cancel"), json!({})).await?;

@@ -149,6 +149,9 @@ enum JobCommand {
         set: Vec<String>,
         #[arg(long)]
         follow: bool,
+        /// Idempotency key: running the same resubmission again submits once.
+        #[arg(long)]
+        request_id: Option<String>,
     },
     /// Download the files a job left (its outputs) into a folder, each checked against the
     /// SHA-256 the job recorded.
@@ -333,13 +336,13 @@ async fn job(portal: &Portal, command: JobCommand) -> anyhow::Result<()> {
         JobCommand::Cancel { id } => {
             println!("{}", serde_json::to_string_pretty(&portal.post::<Value>(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).await?)?)
         }
-        JobCommand::Resubmit { id, set, follow } => {
+        JobCommand::Resubmit { id, set, follow, request_id } => {
             let job: Value = portal.get(&format!("/api/v1/jobs/{id}"), &[]).await?;
             let mut spec = job["spec"].clone();
             for change in &set {
                 apply_change(&mut spec, change)?;
             }
-            let made: Value = portal.post("/api/v1/jobs", &json!({ "spec": spec })).await?;
+            let made: Value = portal.post("/api/v1/jobs", &json!({ "spec": spec, "request_id": request_id })).await?;
             let new_id = made["job_id"].as_u64().context("the portal's answer names no job")?;
             println!("job {new_id} submitted (job {id} with {} change{})", set.len(), if set.len() == 1 { "" } else { "s" });
             if follow {

@@ -108,7 +108,8 @@ fn view(j: &v1::Job) -> JobView {
 
 #[derive(Deserialize, ToSchema)]
 pub struct SubmitRequest {
-    /// The job spec, as `suanli-scheduler validate` documents it (name, kind, resources, run, …).
+    /// The job spec, as `suanli-scheduler validate` documents it (name, kind, resources, run, …):
+    /// the object, or its text in YAML or JSON.
     #[schema(value_type = Object)]
     pub spec: serde_json::Value,
     /// Idempotency key: a retry with the same key submits once.
@@ -118,9 +119,12 @@ pub struct SubmitRequest {
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", request_body = SubmitRequest,
     responses((status = 201, body = JobView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
 pub async fn submit(State(state): State<AppState>, Researcher(p): Researcher, ApiJson(req): ApiJson<SubmitRequest>) -> ApiResult<Response> {
-    // A form sends the spec as JSON text; scripts send the object itself.
+    // A form sends the spec as YAML or JSON text (YAML is a superset of JSON: one parser reads
+    // both); scripts send the object itself.
     let spec = match req.spec {
-        serde_json::Value::String(text) => serde_json::from_str(&text).map_err(|e| ApiError::field("spec", format!("not JSON: {e}")))?,
+        serde_json::Value::String(text) => {
+            serde_yaml::from_str::<serde_json::Value>(&text).map_err(|e| ApiError::field("spec", format!("neither YAML nor JSON: {e}")))?
+        }
         other => other,
     };
     if !spec.is_object() {

@@ -413,7 +413,7 @@ pub async fn jobs_page(State(state): State<AppState>, headers: HeaderMap, Origin
         }
         h2 { (ctx.t(Msg::SubmitJob)) }
         (api_form("/api/v1/jobs", "POST", Some("/jobs"), None, ctx.t(Msg::SubmitJob), html! {
-            label { "spec (JSON)" textarea name="spec" rows="6" cols="80" required { (example) } }
+            label { "spec (YAML or JSON)" textarea name="spec" rows="8" cols="80" required { (example) } }
             p.problem data-for="spec" {}
         }))
     };
