@@ -28,10 +28,7 @@ impl ArtifactStoreLink {
     }
 
     pub fn client(&self, capability: &str) -> Result<ArtifactClient, String> {
-        match (&self.ca_pem, self.url.starts_with("https://")) {
-            (Some(ca), true) => ArtifactClient::with_ca(&self.url, capability, ca).map_err(|e| e.to_string()),
-            _ => Ok(ArtifactClient::new(&self.url, capability)),
-        }
+        ArtifactClient::for_store(&self.url, capability, self.ca_pem.as_deref()).map_err(|e| e.to_string())
     }
 }
 

@@ -83,12 +83,9 @@ pub struct ArtifactStore {
 impl ArtifactStore {
     fn client(&self, capability: Option<&str>) -> Option<ArtifactClient> {
         let credential = capability.filter(|c| !c.is_empty()).or(self.token.as_deref())?;
-        match (&self.ca_pem, self.url.starts_with("https://")) {
-            (Some(ca), true) => {
-                ArtifactClient::with_ca(&self.url, credential, ca).map_err(|e| tracing::error!(error = %e, "the artifact store's CA is unusable")).ok()
-            }
-            _ => Some(ArtifactClient::new(&self.url, credential)),
-        }
+        ArtifactClient::for_store(&self.url, credential, self.ca_pem.as_deref())
+            .map_err(|e| tracing::error!(error = %e, "the artifact store's CA is unusable"))
+            .ok()
     }
 }
 

@@ -48,6 +48,16 @@ impl ArtifactClient {
         Ok(ArtifactClient { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), http })
     }
 
+    /// The client for a store at `base` as a deployment names it: an `https://` store checked
+    /// against `ca_pem` when one is given ([`ArtifactClient::with_ca`]), else as
+    /// [`ArtifactClient::new`].
+    pub fn for_store(base: &str, credential: &str, ca_pem: Option<&str>) -> Result<ArtifactClient, ClientError> {
+        match ca_pem {
+            Some(ca) if base.starts_with("https://") => ArtifactClient::with_ca(base, credential, ca),
+            _ => Ok(ArtifactClient::new(base, credential)),
+        }
+    }
+
     /// Hashes the file, then streams it up; the server refuses it if what arrived differs.
     pub async fn upload_file(&self, path: &Path) -> Result<Digest, ClientError> {
         let digest = hash_file(path).await?;

@@ -398,25 +398,17 @@ async fn pull(portal: &Portal, id: u64, only: Option<&str>, dir: &std::path::Pat
     }
     std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     for (name, sha) in outputs.iter().filter(|(n, _)| only.is_none_or(|o| o == n.as_str())) {
-        // A name is a plain file name: nothing the portal says writes outside `dir`.
-        if name.contains('/') || name.contains('\\') || name.starts_with('.') || name.is_empty() {
+        // Output names are the job spec's (letters, digits, '.', '_', '-'): anything else the
+        // portal says is refused, so nothing lands outside `dir` and the name needs no escaping.
+        let plain = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !plain || name.is_empty() || name.starts_with('.') {
             bail!("output {name:?}: not a plain file name, not written");
         }
         let dest = dir.join(name);
-        let size = portal.download(&format!("/api/v1/jobs/{id}/outputs/{}", percent_encode(name)), &dest, sha).await?;
+        let size = portal.download(&format!("/api/v1/jobs/{id}/outputs/{name}"), &dest, sha).await?;
         println!("{}  {size} bytes  sha256:{sha}", dest.display());
     }
     Ok(())
-}
-
-/// `text` for a URL path segment: unreserved characters as they are, everything else %XX.
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 enum Forward {
