@@ -7,7 +7,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use utoipa::OpenApi;
 
-use crate::api::{accounts, alerts, federation, jobs, market, operations, operator};
+use crate::api::{accounts, alerts, datasets, federation, jobs, market, models, operations, operator};
 use crate::error::ApiError;
 use crate::pages;
 use crate::state::AppState;
@@ -24,12 +24,16 @@ use crate::state::AppState;
         market::request_lease, market::list_leases, market::get_lease, market::verify_code, market::lease_access, market::lease_password, market::ssh_certificate,
         market::extend_lease, market::end_lease, market::spend, jobs::statement,
         jobs::submit, jobs::list, jobs::get, jobs::cancel, jobs::log, jobs::curves, jobs::output,
+        datasets::storage, datasets::create_upload, datasets::head_upload, datasets::get_upload, datasets::patch_upload, datasets::delete_upload,
+        datasets::create, datasets::list, datasets::get, datasets::delete, datasets::get_version, datasets::create_version, datasets::archive, datasets::file,
+        datasets::share, datasets::unshare,
+        models::register, models::list, models::get, models::promote, models::download, models::compare,
         market::enrollment_token, market::list_nodes, market::list_my_clusters, market::publish, market::modify, market::delist, market::approve,
         market::set_card_status,
         operator::list_reviews, operator::decide_review, operator::list_operators, operator::set_roles, operator::audit, operations::alertmanager,
         federation::catalogue, federation::members, federation::lease, federation::list, federation::access, federation::end,
     ),
-    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "supplier"), (name = "operator"), (name = "operations"))
+    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "datasets"), (name = "models"), (name = "supplier"), (name = "operator"), (name = "operations"))
 )]
 pub struct ApiDoc;
 
@@ -73,6 +77,29 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/log", get(jobs::log))
         .route("/jobs/{id}/curves", get(jobs::curves))
         .route("/jobs/{id}/outputs/{name}", get(jobs::output))
+        .route("/me/storage", get(datasets::storage))
+        .route("/uploads", post(datasets::create_upload))
+        .route(
+            "/uploads/{id}",
+            get(datasets::get_upload)
+                .head(datasets::head_upload)
+                .patch(datasets::patch_upload)
+                .delete(datasets::delete_upload)
+                // A PATCH streams to disk whatever its size: the 8 MiB limit is for bodies read into memory.
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/datasets", get(datasets::list).post(datasets::create))
+        .route("/datasets/{id}", get(datasets::get).delete(datasets::delete))
+        .route("/datasets/{id}/versions", post(datasets::create_version))
+        .route("/datasets/{id}/versions/{version}", get(datasets::get_version))
+        .route("/datasets/{id}/versions/{version}/archive", get(datasets::archive))
+        .route("/datasets/{id}/versions/{version}/files/{*name}", get(datasets::file))
+        .route("/datasets/{id}/shares/{username}", put(datasets::share).delete(datasets::unshare))
+        .route("/models", get(models::list).post(models::register))
+        .route("/models/{name}", get(models::get))
+        .route("/models/{name}/promote", post(models::promote))
+        .route("/models/{name}/versions/{version}/download", get(models::download))
+        .route("/models/{name}/compare", get(models::compare))
         .route("/me/alerts", get(alerts::list))
         .route("/me/notifications", get(alerts::get_settings).put(alerts::put_settings))
         .route("/catalogue", get(market::catalogue))

@@ -243,6 +243,75 @@ pub const MIGRATIONS: &[Migration] = &[
     started_ms BIGINT NOT NULL,
     seen_ms BIGINT NOT NULL
 )"]),
+    // 7: datasets (versions of files by content, shares), resumable uploads, the model registry.
+    expand(&[
+        "CREATE TABLE datasets (
+    id BIGINT PRIMARY KEY,
+    owner BIGINT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    latest_version BIGINT NOT NULL,
+    UNIQUE (owner, name)
+)",
+        "CREATE TABLE dataset_versions (
+    dataset_id BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    message TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    items BIGINT NOT NULL,
+    bytes BIGINT NOT NULL,
+    report TEXT NOT NULL,
+    request_id TEXT,
+    PRIMARY KEY (dataset_id, version),
+    UNIQUE (dataset_id, request_id)
+)",
+        "CREATE TABLE dataset_files (
+    dataset_id BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    name TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    label TEXT,
+    width BIGINT NOT NULL,
+    height BIGINT NOT NULL,
+    objects TEXT,
+    PRIMARY KEY (dataset_id, version, name)
+)",
+        "CREATE TABLE dataset_shares (dataset_id BIGINT NOT NULL, user_id BIGINT NOT NULL, PRIMARY KEY (dataset_id, user_id))",
+        "CREATE TABLE uploads (
+    id TEXT PRIMARY KEY,
+    owner BIGINT NOT NULL,
+    filename TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    length BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    complete BIGINT NOT NULL
+)",
+        "CREATE TABLE job_datasets (job_id BIGINT NOT NULL, input TEXT NOT NULL, dataset_id BIGINT NOT NULL, version BIGINT NOT NULL, PRIMARY KEY (job_id, input))",
+        "CREATE TABLE models (
+    id BIGINT PRIMARY KEY,
+    owner BIGINT NOT NULL,
+    name TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    serving BIGINT,
+    UNIQUE (owner, name)
+)",
+        "CREATE TABLE model_versions (
+    model_id BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    job_id BIGINT NOT NULL,
+    job_name TEXT NOT NULL,
+    output TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    dataset TEXT,
+    lineage TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    card TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    PRIMARY KEY (model_id, version)
+)",
+    ]),
 ];
 
 impl Db {

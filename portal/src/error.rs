@@ -27,6 +27,10 @@ pub enum Code {
     TokenInvalid,
     RoleConflict,
     PayloadTooLarge,
+    QuotaExceeded,
+    UploadOffsetMismatch,
+    UploadIncomplete,
+    ChecksumMismatch,
 }
 
 /// The portal's own codes with their HTTP status, for the documentation test.
@@ -41,6 +45,10 @@ pub const PORTAL_CODES: &[(Code, &str)] = &[
     (Code::TokenInvalid, "TOKEN_INVALID"),
     (Code::RoleConflict, "ROLE_CONFLICT"),
     (Code::PayloadTooLarge, "PAYLOAD_TOO_LARGE"),
+    (Code::QuotaExceeded, "QUOTA_EXCEEDED"),
+    (Code::UploadOffsetMismatch, "UPLOAD_OFFSET_MISMATCH"),
+    (Code::UploadIncomplete, "UPLOAD_INCOMPLETE"),
+    (Code::ChecksumMismatch, "CHECKSUM_MISMATCH"),
 ];
 
 impl Code {
@@ -58,7 +66,10 @@ impl Code {
             Code::MfaRequired | Code::MfaInvalid => StatusCode::UNAUTHORIZED,
             Code::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
             Code::TokenInvalid => StatusCode::BAD_REQUEST,
-            Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::PayloadTooLarge | Code::QuotaExceeded => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::UploadOffsetMismatch | Code::UploadIncomplete => StatusCode::CONFLICT,
+            // tus' checksum extension answers a mismatch with 460.
+            Code::ChecksumMismatch => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
         }
     }
 }

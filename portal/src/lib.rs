@@ -9,6 +9,7 @@
 //! - `crypto` — sealing personal data, keyed hashes, token hashes; `identity` — ID/credit-code rules;
 //! - `market` — broker clients and the catalogue cache fed by the broker's event stream;
 //! - `db` — the schema and one set of queries for SQLite and PostgreSQL; `outbox` — durable mail;
+//! - `datasets` — uploads, dataset versions by content, archives (`api::datasets`, `api::models`);
 //! - `audit` — the middleware that records every write; `i18n` — the message catalogue.
 
 pub mod alerts;
@@ -19,6 +20,7 @@ pub mod audit;
 pub mod auth;
 pub mod backup;
 pub mod crypto;
+pub mod datasets;
 pub mod db;
 pub mod demo;
 pub mod error;

@@ -15,6 +15,7 @@ use sqlx::Row;
 use suanli_notify::{Mailer, SmtpConfig, SmtpSecurity};
 use suanli_portal::artifacts::ArtifactStoreLink;
 use suanli_portal::crypto::KeyFile;
+use suanli_portal::datasets::DatasetStore;
 use suanli_portal::db::Db;
 use suanli_portal::demo::{self, Adopt};
 use suanli_portal::federation::FederationLink;
@@ -137,6 +138,14 @@ struct ServeArgs {
     /// The CA (PEM) an https:// artifact store's certificate comes from: the cluster CA.
     #[arg(long, env = "SUANLI_PORTAL_ARTIFACTS_CA_FILE")]
     artifacts_ca_file: Option<PathBuf>,
+    /// Where datasets' files (each content once) and unfinished uploads are kept; default
+    /// `.dev/portal/datasets`. With `[portal.datasets_bucket]` the files go to an S3 bucket and
+    /// only uploads under way stay here.
+    #[arg(long, env = "SUANLI_PORTAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Bytes each account's datasets and unfinished uploads may take (default 20 GiB).
+    #[arg(long, env = "SUANLI_PORTAL_DATASET_QUOTA_BYTES")]
+    dataset_quota_bytes: Option<u64>,
     /// Prometheus `/metrics` (HTTP requests, the outbox) on this address: loopback or a private
     /// network, never the public port.
     #[arg(long, env = "SUANLI_PORTAL_METRICS_LISTEN")]
@@ -193,6 +202,11 @@ struct PortalSection {
     artifacts_ca_file: Option<PathBuf>,
     alertmanager_token_file: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    dataset_quota_bytes: Option<u64>,
+    /// `[portal.datasets_bucket]`: datasets' files in an S3-compatible bucket (`endpoint`,
+    /// `bucket`, `region`, `access_key_id`, `secret_access_key_env`, `prefix`).
+    datasets_bucket: Option<suanli_artifacts::BucketConfig>,
 }
 
 /// `[portal.sms]`: `provider = "json"` with `url` (and `token`), or `provider = "aliyun"` with
@@ -341,6 +355,7 @@ fn offline_state(s: Storage) -> anyhow::Result<AppState> {
         outbox_wake: Default::default(),
         federation: None,
         artifacts: None,
+        datasets: None,
         metrics: Default::default(),
     })))
 }
@@ -430,6 +445,16 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
             Some(ArtifactStoreLink::new(&url, ca).map_err(anyhow::Error::msg)?)
         }
     };
+    let quota = args.dataset_quota_bytes.or(file.dataset_quota_bytes).unwrap_or(suanli_portal::datasets::DEFAULT_QUOTA_BYTES);
+    let data_dir = args.data_dir.clone().or(file.data_dir.clone()).unwrap_or_else(|| PathBuf::from(".dev/portal/datasets"));
+    let datasets = match &file.datasets_bucket {
+        Some(bucket) => {
+            let blobs = suanli_artifacts::BucketStore::new(suanli_artifacts::Bucket::connect(bucket)?, suanli_portal::datasets::DEFAULT_MAX_UPLOAD_BYTES);
+            DatasetStore::new(Arc::new(blobs), &data_dir.join("uploads"), quota, suanli_portal::datasets::DEFAULT_MAX_UPLOAD_BYTES)
+                .with_context(|| format!("the dataset staging folder under {}", data_dir.display()))?
+        }
+        None => DatasetStore::local(&data_dir, quota).with_context(|| format!("the dataset store in {}", data_dir.display()))?,
+    };
     let state = AppState(Arc::new(Inner {
         db: s.db,
         keys: s.keys.ring()?,
@@ -440,6 +465,7 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         outbox_wake: Default::default(),
         federation,
         artifacts,
+        datasets: Some(Arc::new(datasets)),
         metrics: Default::default(),
     }));
     market.spawn_follower();

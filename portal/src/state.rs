@@ -71,6 +71,8 @@ pub struct Inner {
     pub federation: Option<crate::federation::FederationLink>,
     /// The artifact store, where jobs' outputs are downloaded from (`--artifacts-url`).
     pub artifacts: Option<crate::artifacts::ArtifactStoreLink>,
+    /// Where datasets' files and uploads are kept (`--data-dir`, or a bucket).
+    pub datasets: Option<Arc<crate::datasets::DatasetStore>>,
     pub metrics: crate::metrics::PortalMetrics,
 }
 

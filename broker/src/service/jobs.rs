@@ -9,7 +9,9 @@ use suanli_proto::convert::{
 use suanli_proto::to_status;
 use suanli_proto::v1::{self, job_service_server::JobService};
 use suanli_types::error::EntityKind;
-use suanli_types::{AccountId, Caller, CardHealth, CardId, Currency, DomainError, JobId, JobSpec, LeaseId, LeaseState, LedgerAccount, Month, TransactionKind};
+use suanli_types::{
+    AccountId, AccountKind, Caller, CardHealth, CardId, Currency, DomainError, JobId, JobSpec, LeaseId, LeaseState, LedgerAccount, Month, TransactionKind,
+};
 use tonic::{Request, Response, Status};
 
 use super::broker_api::unexpected;
@@ -101,6 +103,9 @@ fn capability_for(key: &suanli_artifacts::CapabilityKey, job: &Job, node: suanli
 /// How long a capability for a job's outputs lasts: long enough to start every download (a
 /// download begun in time finishes).
 const OUTPUTS_GRANT_LIFETIME_MS: i64 = 10 * 60 * 1000;
+
+/// How long an upload-only capability lasts: long enough to start the upload it was asked for.
+const UPLOAD_GRANT_LIFETIME_MS: i64 = 10 * 60 * 1000;
 
 /// The longest a `ReadJobLog` waits for more output.
 const MAX_LOG_WAIT_MS: u32 = 30_000;
@@ -481,6 +486,35 @@ impl JobService for Jobs {
                     expires_at_ms: expires_ms,
                     outputs: job.outputs.clone().into_iter().collect(),
                 }))
+            })
+            .await
+    }
+
+    async fn grant_artifact_upload(&self, request: Request<v1::GrantArtifactUploadRequest>) -> Result<Response<v1::ArtifactUploadGrant>, Status> {
+        self.shared
+            .observe("GrantArtifactUpload", async {
+                let consistency = Consistency::of(&request);
+                let caller = self.shared.caller(&request).await?;
+                let purpose = request.into_inner().purpose;
+                if purpose.len() > 128 || purpose.chars().any(char::is_control) {
+                    return Err(invalid("purpose", "at most 128 bytes, no control characters"));
+                }
+                let researcher = self
+                    .shared
+                    .read(consistency, |sm| match &caller {
+                        Caller::Account(id) => sm.account(*id).filter(|a| a.kind == AccountKind::Researcher).map(|a| a.id),
+                        _ => None,
+                    })
+                    .await?
+                    .ok_or_else(|| to_status(&DomainError::PermissionDenied("only a researcher's account uploads artifacts".into())))?;
+                let key = self.shared.artifact_key.as_ref().ok_or_else(|| {
+                    suanli_proto::error::status(suanli_types::ErrorCode::Internal, "this broker node signs no artifact store capabilities", &[])
+                })?;
+                let expires_ms = now().millis() + UPLOAD_GRANT_LIFETIME_MS;
+                let scope =
+                    if purpose.is_empty() { format!("uploads of account {}", researcher.0) } else { format!("uploads of account {}: {purpose}", researcher.0) };
+                let grant = suanli_artifacts::Grant { owner: researcher.0, scope, read: Vec::new(), write: true, expires_ms };
+                Ok(Response::new(v1::ArtifactUploadGrant { capability: key.sign(&grant), expires_at_ms: expires_ms }))
             })
             .await
     }

@@ -216,7 +216,52 @@ fn read_limited(path: &Path, name: &str, limits: &IntakeLimits) -> Result<Vec<u8
     std::fs::read(path).map_err(io)
 }
 
+/// What [`inspect_bytes`] found: a file that decodes whole, without keeping its pixels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inspected {
+    pub sha256: String,
+    pub format: ImageFormat,
+    /// After the EXIF orientation is applied.
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Checks a file as [`load_bytes`] does (format, limits, every byte decodes) and keeps only
+/// its hash and size: how a dataset service accepts uploads without the cost of `f32` pixels.
+pub fn inspect_bytes(name: impl Into<String>, bytes: &[u8], limits: &IntakeLimits) -> Result<Inspected, IntakeError> {
+    let name = name.into();
+    if bytes.is_empty() {
+        return Err(IntakeError::Empty { name });
+    }
+    let Some(format) = ImageFormat::detect(bytes) else {
+        return Err(IntakeError::UnsupportedFormat { name, detail: describe_signature(bytes) });
+    };
+    let image = decode_dynamic(&name, format, bytes, limits)?;
+    Ok(Inspected { sha256: hex::encode(Sha256::digest(bytes)), format, width: image.width(), height: image.height() })
+}
+
+/// A PNG of the picture in `bytes` at most `edge` pixels on either side (for browsing a
+/// dataset), checked against `limits` like any intake.
+pub fn thumbnail_png(bytes: &[u8], edge: u32, limits: &IntakeLimits) -> Result<Vec<u8>, IntakeError> {
+    let name = "thumbnail";
+    let Some(format) = ImageFormat::detect(bytes) else {
+        return Err(IntakeError::UnsupportedFormat { name: name.into(), detail: describe_signature(bytes) });
+    };
+    let image = decode_dynamic(name, format, bytes, limits)?;
+    let mut out = Cursor::new(Vec::new());
+    image.thumbnail(edge, edge).write_to(&mut out, ::image::ImageFormat::Png).map_err(|e| IntakeError::Corrupt {
+        name: name.into(),
+        format,
+        reason: format!("could not be written as a PNG: {e}"),
+    })?;
+    Ok(out.into_inner())
+}
+
 fn decode(name: &str, format: ImageFormat, bytes: &[u8], limits: &IntakeLimits) -> Result<Image, IntakeError> {
+    decode_dynamic(name, format, bytes, limits).map(to_image)
+}
+
+fn decode_dynamic(name: &str, format: ImageFormat, bytes: &[u8], limits: &IntakeLimits) -> Result<DynamicImage, IntakeError> {
     let corrupt = |reason: String| IntakeError::Corrupt { name: name.to_owned(), format, reason };
     if format == ImageFormat::Jpeg {
         jpeg_structure(bytes).map_err(corrupt)?;
@@ -245,7 +290,7 @@ fn decode(name: &str, format: ImageFormat, bytes: &[u8], limits: &IntakeLimits) 
     let orientation = decoder.orientation().unwrap_or(::image::metadata::Orientation::NoTransforms);
     let mut dynamic = DynamicImage::from_decoder(decoder).map_err(from_image_error)?;
     dynamic.apply_orientation(orientation);
-    Ok(to_image(dynamic))
+    Ok(dynamic)
 }
 
 /// Grayscale files (8 or 16 bit, with or without alpha) stay one channel, everything else

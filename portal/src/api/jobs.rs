@@ -127,12 +127,47 @@ pub async fn submit(State(state): State<AppState>, Researcher(p): Researcher, Ap
         }
         other => other,
     };
+    let mut spec = spec;
     if !spec.is_object() {
         return Err(ApiError::field("spec", "a job spec object"));
     }
+    let datasets = datasets_to_artifacts(&state, &p, &mut spec).await?;
     let request_id = idempotency_key("job", p.user, req.request_id.as_deref());
     let job = jobs_client(&state, &p)?.submit_job(v1::SubmitJobRequest { request_id, spec_json: spec.to_string() }).await?.into_inner();
+    super::datasets::record_job_inputs(&state, job.job_id, &datasets).await?;
     Ok((StatusCode::CREATED, axum::Json(view(&job))).into_response())
+}
+
+/// Inputs that name a dataset version (`{"name": "digits.tar", "dataset": "digits@2"}`) become
+/// the version's archive in the artifact store (`{"name", "sha256"}`), as the broker's spec
+/// has it. Returns `(input name, dataset, version)` for each, for the lineage of what the job
+/// makes.
+async fn datasets_to_artifacts(state: &AppState, p: &Principal, spec: &mut serde_json::Value) -> ApiResult<Vec<(String, i64, i64)>> {
+    let mut used = Vec::new();
+    let Some(inputs) = spec.get_mut("inputs").and_then(|i| i.as_array_mut()) else {
+        return Ok(used);
+    };
+    for (i, input) in inputs.iter_mut().enumerate() {
+        let Some(object) = input.as_object_mut() else { continue };
+        let Some(reference) = object.remove("dataset") else { continue };
+        let field = format!("inputs[{i}].dataset");
+        let reference = reference.as_str().ok_or_else(|| ApiError::field(&field, "NAME, NAME@VERSION or OWNER/NAME@VERSION"))?;
+        let reference = crate::datasets::DatasetRef::parse(reference).map_err(|why| ApiError::field(&field, why))?;
+        let name = object.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_owned();
+        if !name.ends_with(".tar") {
+            return Err(ApiError::field(&format!("inputs[{i}].name"), "a dataset arrives as a tar archive: a name ending in .tar"));
+        }
+        if object.contains_key("sha256") {
+            return Err(ApiError::field(&field, "an input is a dataset or an artifact (sha256), not both"));
+        }
+        let (dataset, version) = super::datasets::resolve(state, p, &reference)
+            .await
+            .map_err(|e| ApiError { fields: vec![suanli_types::FieldError::new(&field, e.message.clone())], ..e })?;
+        let sha256 = super::datasets::stage_for_job(state, p, &dataset, version).await?;
+        object.insert("sha256".into(), serde_json::Value::String(sha256));
+        used.push((name, dataset.id(), version));
+    }
+    Ok(used)
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -176,7 +211,13 @@ pub async fn cancel(State(state): State<AppState>, Researcher(p): Researcher, Ap
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/outputs/{name}", tag = "jobs", params(("id" = u64, Path), ("name" = String, Path)),
     responses((status = 200, description = "the output's bytes", content_type = "application/octet-stream"), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn output(State(state): State<AppState>, Researcher(p): Researcher, ApiPath((id, name)): ApiPath<(u64, String)>) -> ApiResult<Response> {
-    let grant = jobs_client(&state, &p)?.grant_job_outputs(v1::GetJobRequest { job_id: id }).await?.into_inner();
+    output_of(&state, &p, id, &name).await
+}
+
+/// Streams job `id`'s output `name` to its owner `p` (the model registry's downloads too).
+pub async fn output_of(state: &AppState, p: &Principal, id: u64, name: &str) -> ApiResult<Response> {
+    let name = name.to_owned();
+    let grant = jobs_client(state, p)?.grant_job_outputs(v1::GetJobRequest { job_id: id }).await?.into_inner();
     let sha = grant.outputs.get(&name).ok_or_else(|| ApiError::not_found(format!("job {id} left no output {name:?}")))?;
     let store = state.artifacts.as_ref().ok_or_else(|| ApiError::new(Code::Broker(ErrorCode::Unavailable), "this portal reaches no artifact store"))?;
     let digest: suanli_artifacts::Digest = sha.parse().map_err(|_| ApiError::internal(format!("job {id}'s output {name:?} has no valid hash")))?;

@@ -3,9 +3,11 @@
 
 pub mod accounts;
 pub mod alerts;
+pub mod datasets;
 pub mod federation;
 pub mod jobs;
 pub mod market;
+pub mod models;
 pub mod operations;
 pub mod operator;
 

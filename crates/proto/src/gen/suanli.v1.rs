@@ -852,6 +852,20 @@ pub struct JobOutputsGrant {
         ::prost::alloc::string::String,
     >,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GrantArtifactUploadRequest {
+    /// for the store's logs ("dataset 12 version 3"), ≤ 128 bytes
+    #[prost(string, tag = "1")]
+    pub purpose: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ArtifactUploadGrant {
+    /// the artifact store's bearer credential: upload only
+    #[prost(string, tag = "1")]
+    pub capability: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub expires_at_ms: i64,
+}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReadJobLogRequest {
     #[prost(uint64, tag = "1")]
@@ -1571,6 +1585,33 @@ pub mod job_service_client {
                 .insert(GrpcMethod::new("suanli.v1.JobService", "GrantJobOutputs"));
             self.inner.unary(req, path, codec).await
         }
+        /// Researcher: a short-lived artifact store capability that uploads only, charged to the
+        /// caller's account (the portal puts a dataset version a job reads there with it). It reads
+        /// nothing; the store's per-account quota bounds it. Nothing is proposed.
+        pub async fn grant_artifact_upload(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GrantArtifactUploadRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ArtifactUploadGrant>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/suanli.v1.JobService/GrantArtifactUpload",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("suanli.v1.JobService", "GrantArtifactUpload"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1684,6 +1725,16 @@ pub mod job_service_server {
             &self,
             request: tonic::Request<super::GetJobRequest>,
         ) -> std::result::Result<tonic::Response<super::JobOutputsGrant>, tonic::Status>;
+        /// Researcher: a short-lived artifact store capability that uploads only, charged to the
+        /// caller's account (the portal puts a dataset version a job reads there with it). It reads
+        /// nothing; the store's per-account quota bounds it. Nothing is proposed.
+        async fn grant_artifact_upload(
+            &self,
+            request: tonic::Request<super::GrantArtifactUploadRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ArtifactUploadGrant>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct JobServiceServer<T> {
@@ -2509,6 +2560,52 @@ pub mod job_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GrantJobOutputsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/suanli.v1.JobService/GrantArtifactUpload" => {
+                    #[allow(non_camel_case_types)]
+                    struct GrantArtifactUploadSvc<T: JobService>(pub Arc<T>);
+                    impl<
+                        T: JobService,
+                    > tonic::server::UnaryService<super::GrantArtifactUploadRequest>
+                    for GrantArtifactUploadSvc<T> {
+                        type Response = super::ArtifactUploadGrant;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GrantArtifactUploadRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as JobService>::grant_artifact_upload(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GrantArtifactUploadSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

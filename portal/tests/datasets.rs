@@ -1,0 +1,336 @@
+//! Datasets through the portal's REST API against a real portal process (SQLite and
+//! PostgreSQL): resumable tus uploads (one cut mid-body), imports that name every bad file,
+//! hashes and quotas refused before anything is kept, shares, archives, and strangers.
+
+mod support;
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use support::{Api, Backend, World};
+
+fn png(width: u32, height: u32, shade: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([shade, (x * 7) as u8, (y * 5) as u8]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(img).write_to(&mut out, image::ImageFormat::Png).expect("png");
+    out.into_inner()
+}
+
+fn tar_of(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, bytes) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, name, bytes.as_slice()).expect("append");
+    }
+    b.into_inner().expect("tar")
+}
+
+/// Two classes of 6 pictures, and one picture cut in half.
+fn folder() -> Vec<(String, Vec<u8>)> {
+    let mut entries = Vec::new();
+    for i in 0..6u8 {
+        entries.push((format!("red/{i}.png"), png(40, 30, 200 + i)));
+        entries.push((format!("blue/{i}.png"), png(40, 30, 10 + i)));
+    }
+    let mut cut = png(64, 64, 99);
+    cut.truncate(cut.len() / 2);
+    entries.push(("blue/cut.png".into(), cut));
+    entries
+}
+
+fn sha_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// A researcher's API token, for plain `reqwest` calls with tus headers.
+async fn token(api: &Api) -> anyhow::Result<String> {
+    let (status, made) = api.post("/api/v1/me/api-tokens", json!({"name": "datasets", "expires_in_days": 1})).await?;
+    anyhow::ensure!(status == StatusCode::CREATED || status == StatusCode::OK, "token: {status} {made}");
+    Ok(made["token"].as_str().unwrap_or_default().to_owned())
+}
+
+struct Tus {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Tus {
+    fn new(w: &World, token: &str) -> Tus {
+        Tus { http: reqwest::Client::new(), base: w.portal.url.clone(), token: token.to_owned() }
+    }
+
+    async fn create(&self, filename: &str, length: u64, sha256: &str) -> anyhow::Result<(StatusCode, Value, Option<String>)> {
+        let res = self
+            .http
+            .post(format!("{}/api/v1/uploads", self.base))
+            .bearer_auth(&self.token)
+            .header("tus-resumable", "1.0.0")
+            .header("upload-length", length.to_string())
+            .header("upload-metadata", format!("filename {},sha256 {}", b64(filename), b64(sha256)))
+            .send()
+            .await?;
+        let status = res.status();
+        let location = res.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        Ok((status, body, location))
+    }
+
+    async fn offset(&self, location: &str) -> anyhow::Result<(StatusCode, u64)> {
+        let res = self.http.head(format!("{}{location}", self.base)).bearer_auth(&self.token).header("tus-resumable", "1.0.0").send().await?;
+        let offset = res.headers().get("upload-offset").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok((res.status(), offset))
+    }
+
+    async fn patch(&self, location: &str, offset: u64, body: reqwest::Body) -> anyhow::Result<(StatusCode, Value)> {
+        let res = self
+            .http
+            .patch(format!("{}{location}", self.base))
+            .bearer_auth(&self.token)
+            .header("tus-resumable", "1.0.0")
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", offset.to_string())
+            .body(body)
+            .send()
+            .await?;
+        let status = res.status();
+        let text = res.text().await.unwrap_or_default();
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    /// The whole file in one PATCH; the upload's ID.
+    async fn upload(&self, filename: &str, bytes: &[u8]) -> anyhow::Result<String> {
+        let (status, body, location) = self.create(filename, bytes.len() as u64, &sha_hex(bytes)).await?;
+        anyhow::ensure!(status == StatusCode::CREATED, "create: {status} {body}");
+        let location = location.unwrap_or_default();
+        let (status, body) = self.patch(&location, 0, bytes.to_vec().into()).await?;
+        anyhow::ensure!(status == StatusCode::NO_CONTENT, "patch: {status} {body}");
+        Ok(location.rsplit('/').next().unwrap_or_default().to_owned())
+    }
+}
+
+async fn new_dataset(api: &Api, name: &str) -> anyhow::Result<u64> {
+    let (status, made) = api.post("/api/v1/datasets", json!({"name": name, "description": "test pictures"})).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "create dataset: {status} {made}");
+    Ok(made["dataset_id"].as_u64().unwrap_or_default())
+}
+
+async fn storage_used(api: &Api) -> anyhow::Result<u64> {
+    let (status, s) = api.get("/api/v1/me/storage").await?;
+    anyhow::ensure!(status == StatusCode::OK, "storage: {status} {s}");
+    Ok(s["used_bytes"].as_u64().unwrap_or(u64::MAX))
+}
+
+/// An upload cut off mid-body keeps what arrived; `HEAD` says where to go on; the rest
+/// completes it; the import names the bad picture and takes the rest, by class folder.
+async fn resumed_upload_imports_a_folder(w: &World) -> anyhow::Result<()> {
+    let alice = w.person("researcher", "alice").await?;
+    let tus = Tus::new(w, &token(&alice).await?);
+    let id = new_dataset(&alice, "colours").await?;
+    let archive = tar_of(&folder());
+    let (status, body, location) = tus.create("colours.tar", archive.len() as u64, &sha_hex(&archive)).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "create: {status} {body}");
+    let location = location.ok_or_else(|| anyhow::anyhow!("no Location"))?;
+
+    // The first third arrives; then a PATCH whose connection breaks part way.
+    let third = archive.len() / 3;
+    let (status, _) = tus.patch(&location, 0, archive[..third].to_vec().into()).await?;
+    anyhow::ensure!(status == StatusCode::NO_CONTENT, "first PATCH: {status}");
+    let sent = archive[third..2 * third].to_vec();
+    let broken = futures::stream::iter(vec![Ok::<_, std::io::Error>(sent), Err(std::io::Error::other("the line went dead"))]);
+    let _ = tus.patch(&location, third as u64, reqwest::Body::wrap_stream(broken)).await;
+    let (status, offset) = tus.offset(&location).await?;
+    anyhow::ensure!(status == StatusCode::OK && (third as u64..=2 * third as u64).contains(&offset), "after the cut: {status}, offset {offset}");
+
+    // A PATCH at a stale offset changes nothing.
+    if offset > 0 {
+        let (status, body) = tus.patch(&location, offset - 1, vec![0u8; 10].into()).await?;
+        anyhow::ensure!(status == StatusCode::CONFLICT && Api::code(&body) == "UPLOAD_OFFSET_MISMATCH", "stale offset: {status} {body}");
+        anyhow::ensure!(tus.offset(&location).await?.1 == offset, "a refused PATCH moved the offset");
+    }
+    let (status, body) = tus.patch(&location, offset, archive[offset as usize..].to_vec().into()).await?;
+    anyhow::ensure!(status == StatusCode::NO_CONTENT, "resumed PATCH: {status} {body}");
+    let upload = location.rsplit('/').next().unwrap_or_default();
+
+    let (status, v) = alice.post(&format!("/api/v1/datasets/{id}/versions"), json!({"uploads": [upload], "message": "first pictures"})).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "version: {status} {v}");
+    anyhow::ensure!(v["version"] == 1 && v["items"] == 12, "version 1 with 12 pictures: {v}");
+    anyhow::ensure!(v["labels"]["red"] == 6 && v["labels"]["blue"] == 6, "labels: {}", v["labels"]);
+    let rejected = v["rejected"].as_array().cloned().unwrap_or_default();
+    anyhow::ensure!(
+        rejected.len() == 1
+            && rejected[0]["name"] == "blue/cut.png"
+            && rejected[0]["kind"] == "corrupt"
+            && !rejected[0]["reason"].as_str().unwrap_or_default().is_empty(),
+        "the cut picture, named with its reason: {rejected:?}"
+    );
+    // The upload is used up.
+    let (status, _) = tus.offset(&location).await?;
+    anyhow::ensure!(status == StatusCode::NOT_FOUND, "a used upload is gone: {status}");
+
+    // The archive gives back exactly the files listed, byte for byte.
+    let (status, listed) = alice.get(&format!("/api/v1/datasets/{id}/versions/1")).await?;
+    anyhow::ensure!(status == StatusCode::OK, "version: {status} {listed}");
+    let want: std::collections::BTreeMap<String, String> = listed["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| (f["name"].as_str().unwrap_or_default().to_owned(), f["sha256"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let tar_bytes = tus.http.get(format!("{}/api/v1/datasets/{id}/versions/1/archive", w.portal.url)).bearer_auth(&tus.token).send().await?.bytes().await?;
+    let mut got = std::collections::BTreeMap::new();
+    let mut reader = tar::Archive::new(std::io::Cursor::new(tar_bytes.to_vec()));
+    for entry in reader.entries()? {
+        let mut entry = entry?;
+        let name = entry.path()?.display().to_string();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut bytes)?;
+        got.insert(name, sha_hex(&bytes));
+    }
+    anyhow::ensure!(got == want, "archive {got:?} against the list {want:?}");
+    let expected: std::collections::BTreeMap<String, String> =
+        folder().iter().filter(|(n, _)| n != "blue/cut.png").map(|(n, b)| (n.clone(), sha_hex(b))).collect();
+    anyhow::ensure!(want == expected, "what was pushed is what is listed");
+
+    // A thumbnail is a small PNG.
+    let thumb = tus.http.get(format!("{}/api/v1/datasets/{id}/versions/1/files/red/0.png?thumbnail=16", w.portal.url)).bearer_auth(&tus.token).send().await?;
+    anyhow::ensure!(thumb.status() == StatusCode::OK, "thumbnail: {}", thumb.status());
+    let thumb = image::load_from_memory(&thumb.bytes().await?)?;
+    anyhow::ensure!(thumb.width() <= 16 && thumb.height() <= 16, "thumbnail {}x{}", thumb.width(), thumb.height());
+
+    // Version 2 removes a picture and adds one; the changes are recorded; the same upload
+    // content again makes no version.
+    let extra = Tus::upload(&tus, "red/new.png", &png(8, 8, 250)).await?;
+    let (status, v2) = alice.post(&format!("/api/v1/datasets/{id}/versions"), json!({"uploads": [extra], "remove": ["blue/0.png"], "message": "swap"})).await?;
+    anyhow::ensure!(status == StatusCode::CREATED && v2["version"] == 2 && v2["items"] == 12, "version 2: {status} {v2}");
+    anyhow::ensure!(v2["changes"]["added"] == json!(["red/new.png"]) && v2["changes"]["removed"] == json!(["blue/0.png"]), "changes: {}", v2["changes"]);
+    let again = Tus::upload(&tus, "red/new.png", &png(8, 8, 250)).await?;
+    let (status, same) = alice.post(&format!("/api/v1/datasets/{id}/versions"), json!({"uploads": [again]})).await?;
+    anyhow::ensure!(status == StatusCode::OK && same["version"] == 2, "unchanged content: {status} {same}");
+    Ok(())
+}
+
+/// Bytes that do not hash to what the upload announced are refused at the end, and nothing of
+/// them stays: not the upload, not its bytes, not the quota it held.
+async fn a_wrong_hash_is_refused_and_leaves_nothing(w: &World) -> anyhow::Result<()> {
+    let carol = w.person("researcher", "carol").await?;
+    let tus = Tus::new(w, &token(&carol).await?);
+    let bytes = png(20, 20, 5);
+    let (status, body, location) = tus.create("liar.png", bytes.len() as u64, &sha_hex(b"something else")).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "create: {status} {body}");
+    let location = location.unwrap_or_default();
+    anyhow::ensure!(storage_used(&carol).await? == bytes.len() as u64, "an upload under way counts against the quota");
+    let (status, body) = tus.patch(&location, 0, bytes.into()).await?;
+    anyhow::ensure!(status.as_u16() == 460 && Api::code(&body) == "CHECKSUM_MISMATCH", "mismatch: {status} {body}");
+    let (status, _) = tus.offset(&location).await?;
+    anyhow::ensure!(status == StatusCode::NOT_FOUND, "the upload is gone: {status}");
+    anyhow::ensure!(storage_used(&carol).await? == 0, "nothing is held");
+    let staged = w.dir.path().join("portal-datasets").join("uploads").join(location.rsplit('/').next().unwrap_or_default());
+    anyhow::ensure!(!staged.exists(), "{} is left behind", staged.display());
+    Ok(())
+}
+
+/// Other researchers see nothing of a dataset or an upload (NOT_FOUND, as for what does not
+/// exist); a share lets one read it, never write it; unsharing takes it away again.
+async fn strangers_and_shares(w: &World) -> anyhow::Result<()> {
+    let dave = w.person("researcher", "dave").await?;
+    let erin = w.person("researcher", "erin").await?;
+    let dave_tus = Tus::new(w, &token(&dave).await?);
+    let erin_tus = Tus::new(w, &token(&erin).await?);
+    let id = new_dataset(&dave, "private").await?;
+    let upload = dave_tus.upload("pic.png", &png(10, 10, 1)).await?;
+    let (status, v) = dave.post(&format!("/api/v1/datasets/{id}/versions"), json!({"uploads": [upload]})).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "dave's version: {status} {v}");
+
+    for path in [format!("/api/v1/datasets/{id}"), format!("/api/v1/datasets/{id}/versions/1"), format!("/api/v1/datasets/{id}/versions/1/files/pic.png")] {
+        let (status, body) = erin.get(&path).await?;
+        anyhow::ensure!(status == StatusCode::NOT_FOUND, "erin reads {path}: {status} {body}");
+    }
+    let (status, list) = erin.get("/api/v1/datasets").await?;
+    anyhow::ensure!(status == StatusCode::OK && list.as_array().is_some_and(Vec::is_empty), "erin's list: {list}");
+    // Erin's own upload cannot go into dave's dataset, and dave's uploads are not hers.
+    let hers = erin_tus.upload("x.png", &png(6, 6, 2)).await?;
+    let (status, body) = erin.post(&format!("/api/v1/datasets/{id}/versions"), json!({"uploads": [hers]})).await?;
+    anyhow::ensure!(status == StatusCode::NOT_FOUND, "erin writes dave's dataset: {status} {body}");
+    let daves_pending = dave_tus.create("y.png", 10, &sha_hex(b"0123456789")).await?.2.unwrap_or_default();
+    let (status, _) = erin_tus.patch(&daves_pending, 0, b"0123456789".to_vec().into()).await?;
+    anyhow::ensure!(status == StatusCode::NOT_FOUND, "erin writes dave's upload: {status}");
+    anyhow::ensure!(dave_tus.offset(&daves_pending).await?.1 == 0, "dave's upload changed");
+
+    let (status, _) = dave.send(reqwest::Method::PUT, &format!("/api/v1/datasets/{id}/shares/erin"), None).await?;
+    anyhow::ensure!(status == StatusCode::NO_CONTENT, "share: {status}");
+    let (status, seen) = erin.get(&format!("/api/v1/datasets/{id}")).await?;
+    anyhow::ensure!(status == StatusCode::OK && seen["owner"] == "dave" && seen["mine"] == false, "shared: {status} {seen}");
+    let (status, body) = erin.post(&format!("/api/v1/datasets/{id}/versions"), json!({"uploads": [hers]})).await?;
+    anyhow::ensure!(status == StatusCode::FORBIDDEN, "a share does not write: {status} {body}");
+    let (status, v) = dave.get(&format!("/api/v1/datasets/{id}")).await?;
+    anyhow::ensure!(status == StatusCode::OK && v["latest_version"] == 1, "nothing changed: {v}");
+
+    let (status, _) = dave.send(reqwest::Method::DELETE, &format!("/api/v1/datasets/{id}/shares/erin"), None).await?;
+    anyhow::ensure!(status == StatusCode::NO_CONTENT, "unshare: {status}");
+    let (status, _) = erin.get(&format!("/api/v1/datasets/{id}")).await?;
+    anyhow::ensure!(status == StatusCode::NOT_FOUND, "after unsharing: {status}");
+    Ok(())
+}
+
+async fn run(backend: Backend, scenario: for<'a> fn(&'a World) -> futures::future::BoxFuture<'a, anyhow::Result<()>>) -> anyhow::Result<()> {
+    let Some(w) = World::start(backend).await? else { return Ok(()) };
+    w.explain(tokio::time::timeout(Duration::from_secs(240), scenario(&w)).await.map_err(|_| anyhow::anyhow!("timed out")).and_then(|r| r))
+}
+
+#[tokio::test]
+async fn resumed_upload_imports_a_folder_on_sqlite() -> anyhow::Result<()> {
+    run(Backend::Sqlite, |w| Box::pin(resumed_upload_imports_a_folder(w))).await
+}
+
+#[tokio::test]
+async fn resumed_upload_imports_a_folder_on_postgres() -> anyhow::Result<()> {
+    run(Backend::Postgres, |w| Box::pin(resumed_upload_imports_a_folder(w))).await
+}
+
+#[tokio::test]
+async fn a_wrong_hash_is_refused_and_leaves_nothing_on_sqlite() -> anyhow::Result<()> {
+    run(Backend::Sqlite, |w| Box::pin(a_wrong_hash_is_refused_and_leaves_nothing(w))).await
+}
+
+#[tokio::test]
+async fn strangers_see_nothing_and_shares_only_read_on_postgres() -> anyhow::Result<()> {
+    run(Backend::Postgres, |w| Box::pin(strangers_and_shares(w))).await
+}
+
+#[tokio::test]
+async fn strangers_see_nothing_and_shares_only_read_on_sqlite() -> anyhow::Result<()> {
+    run(Backend::Sqlite, |w| Box::pin(strangers_and_shares(w))).await
+}
+
+/// Quotas are checked when an upload is created: the bytes are never sent.
+#[tokio::test]
+async fn a_quota_overrun_is_refused_before_the_bytes_are_sent() -> anyhow::Result<()> {
+    let Some(w) = World::start_with(Backend::Sqlite, &["--dataset-quota-bytes".into(), "5000".into()]).await? else { return Ok(()) };
+    let result = async {
+        let frank = w.person("researcher", "frank").await?;
+        let tus = Tus::new(&w, &token(&frank).await?);
+        let (status, body, location) = tus.create("big.tar", 5001, &sha_hex(b"x")).await?;
+        anyhow::ensure!(
+            status == StatusCode::PAYLOAD_TOO_LARGE && Api::code(&body) == "QUOTA_EXCEEDED" && location.is_none(),
+            "over the quota: {status} {body}"
+        );
+        anyhow::ensure!(storage_used(&frank).await? == 0, "nothing held");
+        let (status, body, _) = tus.create("fits.tar", 4000, &sha_hex(b"x")).await?;
+        anyhow::ensure!(status == StatusCode::CREATED, "within the quota: {status} {body}");
+        let (status, body, _) = tus.create("second.tar", 1001, &sha_hex(b"x")).await?;
+        anyhow::ensure!(status == StatusCode::PAYLOAD_TOO_LARGE, "an upload under way counts: {status} {body}");
+        Ok(())
+    }
+    .await;
+    w.explain(result)
+}
