@@ -7,11 +7,14 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use suanli_cli::client::Portal;
-use suanli_cli::{config, query, ssh, table};
+use suanli_cli::client::{segment, Portal};
+use suanli_cli::data::{self, DataError, DatasetName, DatasetView, VersionView};
+use suanli_cli::models::{self, Comparison, ModelSummary, ModelVersionView, ModelView};
+use suanli_cli::upload::{ResumeBook, StderrProgress, Tus};
+use suanli_cli::{config, pack, query, ssh, table};
 
 #[derive(Parser)]
-#[command(name = "suanli", version, about = "The Suanli marketplace from a terminal: search, lease, run jobs.", after_help = EXAMPLES)]
+#[command(name = "suanli", version, about = "The Suanli marketplace from a terminal: search, lease, run jobs, keep datasets and models.", after_help = EXAMPLES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,7 +28,16 @@ const EXAMPLES: &str = "Examples:
   suanli job logs 42 --follow
   suanli job pull 42 --dir out                       (the files it left, checked by SHA-256)
   suanli ssh 7 -- nvidia-smi                         (a certificate for the CLI's own key)
-  suanli vnc 7 --local-port 5901";
+  suanli vnc 7 --local-port 5901
+  suanli data push ./digits --to digits --create -m 'first cut'   (a folder per class: its labels)
+  suanli data push more/ extra.tar.gz --to digits    (run it again after an interruption: it resumes)
+  suanli data ls digits                              (its versions)
+  suanli data pull digits@2 --dir data/digits        (alice/digits@2 for one shared with you)
+  suanli data share digits alice
+  suanli model register digits-cls --job 42 --card MODEL.md
+  suanli model pull digits-cls -o model.safetensors  (the serving version, checked by SHA-256)
+  suanli model compare digits-cls 1 2
+  suanli model promote digits-cls 2";
 
 #[derive(Subcommand)]
 enum Command {
@@ -59,6 +71,15 @@ enum Command {
     /// Jobs: list, show, submit (YAML or JSON), follow, cancel.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Datasets: list, create, push (folders, images, tar archives), pull, share.
+    ///
+    /// A DATASET is named by its numeric ID, its name (yours first, then one shared with you)
+    /// or OWNER/NAME.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Models: versions registered from jobs' outputs; list, register, pull, promote, compare.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Log in to a lease's node with OpenSSH: a certificate for the CLI's own key, the node's
     /// host key checked; arguments after `--` go to ssh (a command to run).
     Ssh {
@@ -177,6 +198,103 @@ enum JobCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Your datasets and those shared with you; with DATASET, its versions.
+    Ls {
+        dataset: Option<String>,
+        /// The portal's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an empty dataset of yours (versions come with `data push`).
+    Create {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Send folders, images or tar archives as a new version of a dataset.
+    ///
+    /// A folder is packed into a tar of its regular files (symbolic links are skipped, and said
+    /// so); its subfolders are the labels unless --no-labels. An interrupted push, run again,
+    /// resumes its uploads. Files the portal rejects are listed; the rest is the new version.
+    Push {
+        /// Folders, images, or .tar/.tar.gz/.tgz archives (sent as they are).
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// The dataset: an ID, a name or OWNER/NAME.
+        #[arg(long, value_name = "DATASET")]
+        to: String,
+        /// What changed, for the version's history.
+        #[arg(long, short)]
+        message: Option<String>,
+        /// Import no labels from the folders' names.
+        #[arg(long)]
+        no_labels: bool,
+        /// Make the dataset (a name of yours) if it does not exist.
+        #[arg(long)]
+        create: bool,
+    },
+    /// Download a version (DATASET@VERSION; the latest by default) into a folder.
+    ///
+    /// Each file is checked against the SHA-256 the version lists; files already there and
+    /// right are kept.
+    Pull {
+        #[arg(value_name = "DATASET[@VERSION]")]
+        dataset: String,
+        /// Where to put it (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Let another user read one of your datasets.
+    Share { dataset: String, username: String },
+    /// Stop sharing one of your datasets with a user.
+    Unshare { dataset: String, username: String },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Your models; with NAME, its versions (`*`: serving).
+    Ls {
+        name: Option<String>,
+        /// The portal's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register a succeeded job's output as the model's next version (the model is made on
+    /// first use).
+    Register {
+        name: String,
+        #[arg(long, value_name = "ID")]
+        job: u64,
+        /// The job's output to take; may be left out when the job left exactly one.
+        #[arg(long)]
+        output: Option<String>,
+        /// A Markdown file describing the version (its model card).
+        #[arg(long, value_name = "FILE.md")]
+        card: Option<PathBuf>,
+    },
+    /// Download a version (NAME@VERSION; else the serving one, else the latest), checked by SHA-256.
+    Pull {
+        #[arg(value_name = "NAME[@VERSION]")]
+        model: String,
+        /// The file to write; the output's own name by default.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// Make a version the serving one (an older one: a rollback).
+    Promote { name: String, version: u32 },
+    /// Two versions' metrics side by side, with B − A.
+    Compare {
+        name: String,
+        a: u32,
+        b: u32,
+        /// The portal's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[tokio::main]
 async fn main() {
     if let Err(e) = run(Cli::parse()).await {
@@ -205,6 +323,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Search { query, sort, page, json } => search(&portal, &query, sort, page, json).await?,
         Command::Lease(command) => lease(&portal, command).await?,
         Command::Job(command) => job(&portal, command).await?,
+        Command::Data(command) => dataset(&portal, &dir, command).await?,
+        Command::Model(command) => model(&portal, command).await?,
         Command::Ssh { lease, node, args } => ssh(&portal, &dir, lease, node, Forward::Command(args)).await?,
         Command::Vnc { lease, node, local_port } => ssh(&portal, &dir, lease, node, Forward::Vnc(local_port)).await?,
     }
@@ -408,6 +528,291 @@ async fn pull(portal: &Portal, id: u64, only: Option<&str>, dir: &std::path::Pat
         let size = portal.download(&format!("/api/v1/jobs/{id}/outputs/{name}"), &dest, sha).await?;
         println!("{}  {size} bytes  sha256:{sha}", dest.display());
     }
+    Ok(())
+}
+
+async fn dataset(portal: &Portal, dir: &std::path::Path, command: DataCommand) -> anyhow::Result<()> {
+    match command {
+        DataCommand::Ls { dataset: None, json: json_out } => list_datasets(portal, json_out).await?,
+        DataCommand::Ls { dataset: Some(wanted), json: json_out } => list_versions(portal, &data::parse_dataset_name(&wanted)?, json_out).await?,
+        DataCommand::Create { name, description } => {
+            let made = create_dataset(portal, &name, description.as_deref()).await?;
+            println!("dataset {} ({}) created", made.name, made.dataset_id);
+        }
+        DataCommand::Push { paths, to, message, no_labels, create } => {
+            let target = data::parse_dataset_name(&to)?;
+            let dataset = push_target(portal, &target, create).await?;
+            let labels = if no_labels { "none" } else { "folders" };
+            let version = push(portal, dir, &dataset, &paths, message.as_deref(), labels).await?;
+            print_version(&dataset, &version);
+        }
+        DataCommand::Pull { dataset: wanted, dir: into } => {
+            let (name, version) = data::parse_dataset(&wanted)?;
+            let found = data::find(portal, &name).await?;
+            let (view, done) = data::pull(portal, found.dataset_id, version.unwrap_or(0), &into).await?;
+            println!(
+                "{}/{}@{} in {}: {} files written ({}), {} already there",
+                found.owner,
+                found.name,
+                view.summary.version,
+                into.display(),
+                done.written,
+                table::size(done.bytes),
+                done.present
+            );
+        }
+        DataCommand::Share { dataset: wanted, username } => {
+            let found = data::find(portal, &data::parse_dataset_name(&wanted)?).await?;
+            let path = format!("/api/v1/datasets/{}/shares/{}", found.dataset_id, segment(&username));
+            portal.no_content(reqwest::Method::PUT, &path).await?;
+            println!("{} is shared with {username}", found.name);
+        }
+        DataCommand::Unshare { dataset: wanted, username } => {
+            let found = data::find(portal, &data::parse_dataset_name(&wanted)?).await?;
+            let path = format!("/api/v1/datasets/{}/shares/{}", found.dataset_id, segment(&username));
+            portal.no_content(reqwest::Method::DELETE, &path).await?;
+            println!("{} is no longer shared with {username}", found.name);
+        }
+    }
+    Ok(())
+}
+
+async fn list_datasets(portal: &Portal, json_out: bool) -> anyhow::Result<()> {
+    let listed: Value = portal.get("/api/v1/datasets", &[]).await?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&listed)?);
+        return Ok(());
+    }
+    let datasets: Vec<DatasetView> = serde_json::from_value(listed).context("the portal's list of datasets")?;
+    let rows: Vec<Vec<String>> = datasets
+        .iter()
+        .map(|d| {
+            let latest = if d.latest_version == 0 { "-".to_owned() } else { d.latest_version.to_string() };
+            let shared = match (d.mine, d.shared_with.is_empty()) {
+                (false, _) => "with you".to_owned(),
+                (true, true) => "-".to_owned(),
+                (true, false) => d.shared_with.join(","),
+            };
+            vec![d.dataset_id.to_string(), d.name.clone(), d.owner.clone(), latest, shared]
+        })
+        .collect();
+    print!("{}", table::render(&["ID", "NAME", "OWNER", "LATEST", "SHARED"], &rows));
+    Ok(())
+}
+
+async fn list_versions(portal: &Portal, wanted: &DatasetName, json_out: bool) -> anyhow::Result<()> {
+    let found = data::find(portal, wanted).await?;
+    let detail: Value = portal.get(&format!("/api/v1/datasets/{}", found.dataset_id), &[]).await?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&detail)?);
+        return Ok(());
+    }
+    let detail: data::DatasetDetail = serde_json::from_value(detail).context("the portal's dataset")?;
+    let about = detail.dataset.description.as_deref().filter(|d| !d.is_empty()).map(|d| format!(": {d}")).unwrap_or_default();
+    println!("{}/{} ({}){about}", detail.dataset.owner, detail.dataset.name, detail.dataset.dataset_id);
+    let rows: Vec<Vec<String>> = detail
+        .versions
+        .iter()
+        .map(|v| {
+            vec![
+                v.version.to_string(),
+                v.items.to_string(),
+                table::size(v.bytes),
+                format!("+{} -{} ~{}", v.added, v.removed, v.modified),
+                table::date(v.created_ms),
+                v.message.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!("{}", table::render(&["VERSION", "ITEMS", "SIZE", "CHANGES", "CREATED", "MESSAGE"], &rows));
+    Ok(())
+}
+
+async fn create_dataset(portal: &Portal, name: &str, description: Option<&str>) -> anyhow::Result<DatasetView> {
+    Ok(portal.post("/api/v1/datasets", &json!({"name": name, "description": description.unwrap_or_default()})).await?)
+}
+
+/// The dataset a push goes to; with `create`, a name of the caller's that does not exist yet is
+/// made.
+async fn push_target(portal: &Portal, target: &DatasetName, create: bool) -> anyhow::Result<DatasetView> {
+    match data::find(portal, target).await {
+        Ok(found) => Ok(found),
+        Err(DataError::NotFound(_)) if create => {
+            let DatasetName::Name(name) = target else { bail!("--create makes a dataset of yours by its name, not {target}") };
+            let made = create_dataset(portal, name, None).await?;
+            eprintln!("dataset {} ({}) created", made.name, made.dataset_id);
+            Ok(made)
+        }
+        Err(DataError::NotFound(_)) => bail!("no dataset {target} of yours or shared with you (--create makes it)"),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Uploads each path (packing folders), then makes them a version of `dataset`.
+async fn push(
+    portal: &Portal,
+    dir: &std::path::Path,
+    dataset: &DatasetView,
+    paths: &[PathBuf],
+    message: Option<&str>,
+    labels: &str,
+) -> anyhow::Result<VersionView> {
+    let mut book = ResumeBook::open(dir)?;
+    let tus = Tus::new(portal);
+    let (mut uploads, mut keys) = (Vec::new(), Vec::new());
+    for path in paths {
+        // One at a time: a folder's temporary tar is gone before the next is packed.
+        let item = pack::prepare(path)?;
+        for skipped in &item.skipped {
+            eprintln!("warning: {} skipped: {}", skipped.path.display(), skipped.reason);
+        }
+        let key = ResumeBook::key(&item.sha256, item.size);
+        if keys.contains(&key) {
+            eprintln!("warning: {} holds the same bytes as a path before it: sent once", path.display());
+            continue;
+        }
+        uploads.push(tus.upload(&item, &mut book, &mut StderrProgress::default()).await?);
+        keys.push(key);
+    }
+    let mut body = json!({"uploads": uploads, "labels": labels});
+    if let Some(message) = message {
+        body["message"] = json!(message);
+    }
+    let version: VersionView = portal.post(&format!("/api/v1/datasets/{}/versions", dataset.dataset_id), &body).await?;
+    // The uploads are used up: nothing is left to resume.
+    for key in &keys {
+        book.remove(key)?;
+    }
+    Ok(version)
+}
+
+fn print_version(dataset: &DatasetView, version: &VersionView) {
+    let v = &version.summary;
+    println!(
+        "{}/{}@{}: {} items, {} (+{} added, -{} removed, ~{} modified; {} duplicates, {} annotations)",
+        dataset.owner,
+        dataset.name,
+        v.version,
+        v.items,
+        table::size(v.bytes),
+        v.added,
+        v.removed,
+        v.modified,
+        version.duplicates,
+        version.annotations
+    );
+    if !version.labels.is_empty() {
+        // `""` counts the files without a class label.
+        let labels: Vec<String> = version.labels.iter().map(|(label, n)| format!("{} {n}", if label.is_empty() { "(none)" } else { label })).collect();
+        println!("labels: {}", labels.join(", "));
+    }
+    if !version.rejected.is_empty() {
+        println!("rejected: {} file{} (not in the version)", version.rejected.len(), if version.rejected.len() == 1 { "" } else { "s" });
+        let rows: Vec<Vec<String>> =
+            version.rejected.iter().map(|r| vec![format!("  {}", r.name), r.kind.clone().unwrap_or_else(|| "-".into()), r.reason.clone()]).collect();
+        print!("{}", table::render(&["  FILE", "KIND", "REASON"], &rows));
+    }
+}
+
+async fn model(portal: &Portal, command: ModelCommand) -> anyhow::Result<()> {
+    match command {
+        ModelCommand::Ls { name: None, json: json_out } => {
+            let listed: Value = portal.get("/api/v1/models", &[]).await?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&listed)?);
+                return Ok(());
+            }
+            let models: Vec<ModelSummary> = serde_json::from_value(listed).context("the portal's list of models")?;
+            let rows: Vec<Vec<String>> = models
+                .iter()
+                .map(|m| vec![m.name.clone(), m.versions.to_string(), m.serving.map_or_else(|| "-".into(), |v| v.to_string()), table::date(m.created_ms)])
+                .collect();
+            print!("{}", table::render(&["NAME", "VERSIONS", "SERVING", "CREATED"], &rows));
+        }
+        ModelCommand::Ls { name: Some(name), json: json_out } => {
+            let view: Value = portal.get(&format!("/api/v1/models/{}", segment(&name)), &[]).await?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+                return Ok(());
+            }
+            print_model(&serde_json::from_value(view).context("the portal's model")?);
+        }
+        ModelCommand::Register { name, job, output, card } => {
+            let card = card.map(|path| std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))).transpose()?;
+            let mut body = json!({"name": name, "job_id": job});
+            if let Some(output) = output {
+                body["output"] = json!(output);
+            }
+            if let Some(card) = card {
+                body["card"] = json!(card);
+            }
+            let made: ModelVersionView = portal.post("/api/v1/models", &body).await?;
+            println!(
+                "{}@{}: job {} ({}), {} sha256:{}",
+                made.model,
+                made.version,
+                made.job_id,
+                made.job_name.as_deref().unwrap_or("-"),
+                made.output,
+                made.sha256
+            );
+        }
+        ModelCommand::Pull { model: wanted, file } => pull_model(portal, &wanted, file).await?,
+        ModelCommand::Promote { name, version } => {
+            let view: ModelView = portal.post(&format!("/api/v1/models/{}/promote", segment(&name)), &json!({"version": version})).await?;
+            println!("{}: version {} is serving", view.name, view.serving.map_or_else(|| "-".into(), |v| v.to_string()));
+        }
+        ModelCommand::Compare { name, a, b, json: json_out } => {
+            let compared: Value = portal.get(&format!("/api/v1/models/{}/compare", segment(&name)), &[("a", a.to_string()), ("b", b.to_string())]).await?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&compared)?);
+                return Ok(());
+            }
+            print_comparison(&serde_json::from_value(compared).context("the portal's comparison")?);
+        }
+    }
+    Ok(())
+}
+
+fn print_model(view: &ModelView) {
+    let rows: Vec<Vec<String>> = view
+        .versions
+        .iter()
+        .map(|v| {
+            let serving = if view.serving == Some(v.version) { "*" } else { "" };
+            vec![
+                format!("{}{serving}", v.version),
+                v.job_id.to_string(),
+                v.output.clone(),
+                v.dataset.clone().unwrap_or_else(|| "-".into()),
+                models::metrics_line(&v.metrics),
+                table::date(v.created_ms),
+            ]
+        })
+        .collect();
+    print!("{}", table::render(&["VERSION", "JOB", "OUTPUT", "DATASET", "METRICS", "CREATED"], &rows));
+}
+
+fn print_comparison(compared: &Comparison) {
+    let number = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v}"));
+    let rows: Vec<Vec<String>> =
+        compared.metrics.iter().map(|m| vec![m.metric.clone(), number(m.a), number(m.b), m.delta.map_or_else(|| "-".into(), |d| format!("{d:+}"))]).collect();
+    let (a, b) = (format!("A (v{})", compared.a.version), format!("B (v{})", compared.b.version));
+    print!("{}", table::render(&["METRIC", &a, &b, "DELTA"], &rows));
+}
+
+/// Downloads a model's version, checked against the SHA-256 it was registered with.
+async fn pull_model(portal: &Portal, wanted: &str, file: Option<PathBuf>) -> anyhow::Result<()> {
+    let (name, version) = data::split_version(wanted)?;
+    let view: ModelView = portal.get(&format!("/api/v1/models/{}", segment(name)), &[]).await?;
+    let chosen = view.pick(version)?;
+    if chosen.sha256.is_empty() {
+        bail!("{name}@{}: the portal lists no SHA-256 for it, so it could not be checked", chosen.version);
+    }
+    let dest = file.unwrap_or_else(|| PathBuf::from(models::default_file_name(chosen)));
+    let path = format!("/api/v1/models/{}/versions/{}/download", segment(name), chosen.version);
+    let size = portal.download(&path, &dest, &chosen.sha256).await?;
+    println!("{name}@{} → {}  {}  sha256:{}", chosen.version, dest.display(), table::size(size), chosen.sha256);
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The `suanli` binary against a running marketplace: a broker, a portal whose demo researcher
 //! adopts a funded broker account, and a supplier's two clusters. The researcher makes an API
 //! token in the portal, logs the CLI in, searches, leases (a retry leases once), lists and ends
-//! the lease; bad queries, a bad token and a clear-text portal elsewhere are refused.
+//! the lease; bad queries, a bad token and a clear-text portal elsewhere are refused. A folder is
+//! pushed as a dataset's version and pulled back, every file checked.
 
 use std::path::Path;
 use std::process::Output;
@@ -152,11 +153,67 @@ async fn a_bad_token_is_not_stored_and_a_token_never_crosses_a_network_in_the_cl
     assert!(!out.status.success() && stderr(&out).contains("suanli login"), "{}", stderr(&out));
 }
 
+/// An 8×8 picture of its own colour.
+fn png(shade: u8) -> Vec<u8> {
+    let picture = image::RgbImage::from_pixel(8, 8, image::Rgb([shade, 128, 255 - shade]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    picture.write_to(&mut out, image::ImageFormat::Png).expect("png");
+    out.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_is_pushed_as_a_dataset_version_and_pulled_back_file_by_file() {
+    let m = market().await;
+    ok(suanli(&m, &["login", "--portal", &m.url], &[("SUANLI_TOKEN", &m.token)]));
+    let folder = m.dir.path().join("digits");
+    let mut pictures = Vec::new();
+    for (label, shades) in [("cats", 0..3u8), ("dogs", 10..13u8)] {
+        std::fs::create_dir_all(folder.join(label)).expect("folder");
+        for shade in shades {
+            let name = format!("{label}/{shade}.png");
+            std::fs::write(folder.join(&name), png(shade)).expect("picture");
+            pictures.push(name);
+        }
+    }
+    std::fs::write(folder.join("cats/broken.png"), b"not a picture").expect("broken");
+    std::os::unix::fs::symlink("/etc/passwd", folder.join("cats/passwd.png")).expect("symlink");
+
+    let folder_arg = folder.display().to_string();
+    let pushed = suanli(&m, &["data", "push", &folder_arg, "--to", "digits", "--create", "-m", "first"], &[]);
+    let said = ok(pushed.clone());
+    assert!(stderr(&pushed).contains("passwd.png skipped: a symbolic link"), "{}", stderr(&pushed));
+    assert!(said.contains("digits@1: 6 items"), "{said}");
+    assert!(said.contains("cats 3") && said.contains("dogs 3"), "labels from the folders: {said}");
+    assert!(said.contains("rejected: 1 file") && said.contains("cats/broken.png"), "{said}");
+    // The version used the upload up: nothing is left to resume.
+    let book: Value = serde_json::from_slice(&std::fs::read(m.dir.path().join("config/uploads.json")).expect("the resume file")).expect("JSON");
+    assert_eq!(book["uploads"], serde_json::json!({}), "{book}");
+
+    let listed = ok(suanli(&m, &["data", "ls"], &[]));
+    assert!(listed.lines().any(|l| l.split_whitespace().nth(1) == Some("digits")), "{listed}");
+    let versions = ok(suanli(&m, &["data", "ls", "digits"], &[]));
+    assert!(versions.lines().any(|l| l.starts_with("1 ") && l.contains("first")), "{versions}");
+
+    let out = m.dir.path().join("pulled");
+    let out_arg = out.display().to_string();
+    let pulled = ok(suanli(&m, &["data", "pull", "digits@1", "--dir", &out_arg], &[]));
+    assert!(pulled.contains("6 files written"), "{pulled}");
+    for name in &pictures {
+        assert_eq!(std::fs::read(out.join(name)).expect(name), std::fs::read(folder.join(name)).expect(name), "{name}");
+    }
+    assert!(!out.join("cats/broken.png").exists() && !out.join("cats/passwd.png").exists());
+    let again = ok(suanli(&m, &["data", "pull", "digits", "--dir", &out_arg], &[]));
+    assert!(again.contains("0 files written") && again.contains("6 already there"), "{again}");
+
+    let unknown = suanli(&m, &["data", "pull", "nothing-here", "--dir", &out_arg], &[]);
+    assert!(!unknown.status.success() && stderr(&unknown).contains("no dataset nothing-here"), "{}", stderr(&unknown));
+}
+
 #[test]
 fn shells_complete_every_command_without_a_login() {
     let dir = tempfile::tempdir().expect("dir");
     let script = ok(run(&dir.path().join("config"), &["completions", "bash"], &[]));
-    for word in ["search", "lease", "job", "logs", "ssh", "vnc", "--follow"] {
+    for word in ["search", "lease", "job", "logs", "ssh", "vnc", "--follow", "data", "push", "model", "promote"] {
         assert!(script.contains(word), "{word} is completed");
     }
     let wrong = run(&dir.path().join("config"), &["completions", "cmd.exe"], &[]);
