@@ -334,3 +334,34 @@ async fn a_quota_overrun_is_refused_before_the_bytes_are_sent() -> anyhow::Resul
     .await;
     w.explain(result)
 }
+
+/// The same day with the datasets' files in a real S3-compatible server (SeaweedFS): what is
+/// pushed there comes back byte for byte, and nothing of it stays on the portal's disk.
+#[tokio::test]
+async fn datasets_kept_in_an_s3_bucket_come_back_whole() -> anyhow::Result<()> {
+    use suanli_testkit::s3::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+    let s3_dir = tempfile::TempDir::new()?;
+    let s3 = S3Server::start(s3_dir.path()).await?;
+    s3.create_bucket("datasets").await?;
+    let config = s3_dir.path().join("portal.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[portal.datasets_bucket]\nendpoint = \"{}\"\nbucket = \"datasets\"\naccess_key_id = \"{ACCESS_KEY_ID}\"\nprefix = \"suanli/datasets/\"\n",
+            s3.endpoint
+        ),
+    )?;
+    // The portal reads the bucket's secret from its environment, which it inherits.
+    std::env::set_var("SUANLI_S3_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY);
+    let Some(w) = World::start_with(Backend::Sqlite, &["--config".into(), config.display().to_string()]).await? else { return Ok(()) };
+    let result = resumed_upload_imports_a_folder(&w).await;
+    let result = result.and_then(|()| {
+        let local = w.dir.path().join("portal-datasets").join("blobs");
+        anyhow::ensure!(!local.exists() || std::fs::read_dir(&local)?.next().is_none(), "files were kept on the portal's disk at {}", local.display());
+        Ok(())
+    });
+    if result.is_err() {
+        eprintln!("--- S3 server ---\n{}", s3.log());
+    }
+    w.explain(result)
+}

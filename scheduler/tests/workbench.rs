@@ -345,3 +345,115 @@ async fn the_job_page_follows_a_running_job_in_the_browser() {
         .expect("the loss curve");
     assert_eq!(points.as_str().map(|p| p.split_whitespace().count()), Some(2), "two loss points: {points}");
 }
+
+/// A researcher's whole day from the terminal, on real pictures: push a folder (a corrupt file
+/// in it is named with its reason; the rest imports), train a classifier on the dataset
+/// version through `job submit --follow`, see its output and its accuracy curve, register the
+/// model it made with its lineage, pull it (checked against its SHA-256) and promote it.
+#[tokio::test]
+async fn a_researchers_day_push_train_follow_pull_promote() {
+    let (Some(_), Some(data)) = (support::cv_job_binary(), std::env::var_os("SUANLI_CV_DATA").map(std::path::PathBuf::from)) else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "SUANLI_JOB_BINARY and SUANLI_CV_DATA must be set under CI=true (.ci/run sets them)");
+        eprintln!("skipped: SUANLI_JOB_BINARY and SUANLI_CV_DATA are not set (ops/setup-torch, the torch build)");
+        return;
+    };
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return;
+    }
+    let w = World::start(1, 2, 1).await;
+    let (portal, token, suanli) = workbench(&w).await;
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+
+    // The digits of the CV test data, with one picture cut in half among them.
+    let folder = w.dir.path().join("digits");
+    copy_tree(&data.join("digits/images"), &folder);
+    let whole = std::fs::read(folder.join("3").join(first_file(&folder.join("3")))).expect("a picture");
+    std::fs::write(folder.join("3/cut.png"), &whole[..whole.len() / 2]).expect("cut");
+    let pushed =
+        suanli().args(["data", "push", &folder.display().to_string(), "--to", "digits", "--create", "-m", "the UCI digits"]).output().await.expect("push");
+    let said = text(&pushed);
+    assert!(pushed.status.success(), "{said}");
+    assert!(said.contains("3/cut.png"), "the cut picture is named: {said}");
+    let listed = suanli().args(["data", "ls", "digits", "--json"]).output().await.expect("ls");
+    assert!(listed.status.success(), "{}", text(&listed));
+
+    // Train on version 1 through the job spec's dataset input, following it to the end.
+    let spec = w.dir.path().join("train.yaml");
+    std::fs::write(
+        &spec,
+        r#"name: digits-from-dataset
+kind: training
+resources: { cards: 1 }
+inputs:
+  - { name: digits.tar, dataset: "digits@1" }
+run:
+  builtin:
+    task: train_classifier
+    params:
+      data: digits.tar
+      training.model: '{"arch": "small_cnn", "width": 16}'
+      training.optimizer: '{"kind": "adam", "lr": 0.003}'
+      training.epochs: "4"
+      training.batch_size: "64"
+outputs: [model.safetensors, model.json, metrics.json]
+max_attempts: 1
+"#,
+    )
+    .expect("spec");
+    let trained = tokio::time::timeout(std::time::Duration::from_secs(420), suanli().args(["job", "submit", &spec.display().to_string(), "--follow"]).output())
+        .await
+        .expect("the job ends in time")
+        .expect("submit");
+    let said = text(&trained);
+    assert!(trained.status.success(), "{said}\n{}", w.logs());
+    assert!(said.contains("\"event\":\"epoch\"") || said.contains("\"event\": \"epoch\""), "the job's output was followed: {said}");
+    let job: u64 = said.split("job ").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok()).expect("the job's ID");
+
+    let http = reqwest::Client::new();
+    let curves: serde_json::Value =
+        http.get(format!("{}/api/v1/jobs/{job}/curves", portal.url)).bearer_auth(&token).send().await.expect("curves").json().await.expect("json");
+    let accuracy = curves["series"]["val_accuracy"].as_array().cloned().unwrap_or_default();
+    assert_eq!(accuracy.len(), 4, "one accuracy point per epoch: {curves}");
+
+    // The model, with where it came from.
+    let registered =
+        suanli().args(["model", "register", "digits-cls", "--job", &job.to_string(), "--output", "model.safetensors"]).output().await.expect("register");
+    assert!(registered.status.success(), "{}", text(&registered));
+    let model: serde_json::Value =
+        http.get(format!("{}/api/v1/models/digits-cls", portal.url)).bearer_auth(&token).send().await.expect("model").json().await.expect("json");
+    let v1 = &model["versions"][0];
+    assert_eq!(v1["dataset"], "demo-researcher/digits@1", "{model}");
+    assert_eq!(v1["job_id"], job, "{model}");
+    let accuracy = v1["metrics"]["accuracy"].as_f64().unwrap_or_default();
+    assert!(accuracy > 0.8, "the classifier learned the digits: {model}");
+
+    let pulled = w.dir.path().join("digits.safetensors");
+    let pull = suanli().args(["model", "pull", "digits-cls", "-o", &pulled.display().to_string()]).output().await.expect("pull");
+    assert!(pull.status.success(), "{}", text(&pull));
+    let bytes = std::fs::read(&pulled).expect("the model file");
+    assert_eq!(suanli_artifacts::Digest::of(&bytes).to_hex(), v1["sha256"].as_str().unwrap_or_default(), "the bytes the job left");
+
+    let promoted = suanli().args(["model", "promote", "digits-cls", "1"]).output().await.expect("promote");
+    assert!(promoted.status.success(), "{}", text(&promoted));
+    let models: serde_json::Value =
+        http.get(format!("{}/api/v1/models", portal.url)).bearer_auth(&token).send().await.expect("models").json().await.expect("json");
+    assert_eq!(models[0]["serving"], 1, "{models}");
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("folder");
+    for entry in std::fs::read_dir(from).expect("read").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+fn first_file(dir: &std::path::Path) -> std::ffi::OsString {
+    let mut names: Vec<_> = std::fs::read_dir(dir).expect("read").flatten().map(|e| e.file_name()).collect();
+    names.sort();
+    names.remove(0)
+}
