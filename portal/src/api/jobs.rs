@@ -214,6 +214,30 @@ pub async fn output(State(state): State<AppState>, Researcher(p): Researcher, Ap
     output_of(&state, &p, id, &name).await
 }
 
+/// Job `id`'s output `name`, whole in memory when it is at most `limit` bytes (a metrics
+/// file); `None` when the job left no such output.
+pub async fn small_output(state: &AppState, p: &Principal, id: u64, name: &str, limit: u64) -> ApiResult<Option<Vec<u8>>> {
+    let grant = jobs_client(state, p)?.grant_job_outputs(v1::GetJobRequest { job_id: id }).await?.into_inner();
+    let Some(sha) = grant.outputs.get(name) else { return Ok(None) };
+    let store = state.artifacts.as_ref().ok_or_else(|| ApiError::new(Code::Broker(ErrorCode::Unavailable), "this portal reaches no artifact store"))?;
+    let digest: suanli_artifacts::Digest = sha.parse().map_err(|_| ApiError::internal(format!("job {id}'s output {name:?} has no valid hash")))?;
+    let client = store.client(&grant.capability).map_err(ApiError::internal)?;
+    let unavailable = |e: suanli_artifacts::ClientError| ApiError::new(Code::Broker(ErrorCode::Unavailable), format!("the artifact store: {e}"));
+    let (length, chunks) = client.download_stream(digest).await.map_err(unavailable)?;
+    let mut chunks = Box::pin(chunks);
+    if length.is_some_and(|n| n > limit) {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        bytes.extend_from_slice(&chunk.map_err(unavailable)?);
+        if bytes.len() as u64 > limit {
+            return Ok(None);
+        }
+    }
+    Ok(Some(bytes))
+}
+
 /// Streams job `id`'s output `name` to its owner `p` (the model registry's downloads too).
 pub async fn output_of(state: &AppState, p: &Principal, id: u64, name: &str) -> ApiResult<Response> {
     let name = name.to_owned();

@@ -69,6 +69,9 @@ pub struct RegisterModel {
     pub card: String,
 }
 
+/// The output a job's metrics are read from, when it left one.
+const METRICS_OUTPUT: &str = "metrics.json";
+
 fn check_model_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) || name.starts_with('.') {
         return Err("1 to 64 letters, digits, '.', '_' or '-', not starting with '.'".into());
@@ -118,7 +121,8 @@ async fn versions_of(state: &AppState, model: i64, name: &str) -> ApiResult<Vec<
         .collect()
 }
 
-async fn model_view(state: &AppState, p: &Principal, name: &str) -> ApiResult<ModelView> {
+/// One of `p`'s models with every version (`GET /models/{name}`; its page reads it too).
+pub async fn model_view(state: &AppState, p: &Principal, name: &str) -> ApiResult<ModelView> {
     let (id, serving) = model_id(state, p, name).await?;
     Ok(ModelView { name: name.to_owned(), serving: serving.map(|v| v as u32), versions: versions_of(state, id, name).await? })
 }
@@ -162,7 +166,13 @@ pub async fn register(State(state): State<AppState>, Researcher(p): Researcher, 
         "inputs": job.spec.get("inputs"),
         "platform": env!("CARGO_PKG_VERSION"),
     });
-    let metrics = metrics_of(job.progress.as_ref());
+    // A `metrics.json` the job left (what `train_classifier` writes) says it best; otherwise
+    // the last progress line that reached the broker.
+    let metrics = match super::jobs::small_output(&state, &p, job.job_id, METRICS_OUTPUT, 1 << 20).await? {
+        Some(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes).map(|v| metrics_of(Some(&v))).unwrap_or_default(),
+        None => BTreeMap::new(),
+    };
+    let metrics = if metrics.is_empty() { metrics_of(job.progress.as_ref()) } else { metrics };
 
     let mut tx = state.db.pool.begin().await?;
     let existing = sqlx::query("SELECT id FROM models WHERE owner = $1 AND name = $2").bind(p.user.0).bind(&req.name).fetch_optional(&mut *tx).await?;
@@ -216,14 +226,18 @@ pub async fn register(State(state): State<AppState>, Researcher(p): Researcher, 
 #[utoipa::path(get, path = "/api/v1/models", tag = "models",
     responses((status = 200, body = [ModelSummary]), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)))]
 pub async fn list(State(state): State<AppState>, Researcher(p): Researcher) -> ApiResult<axum::Json<Vec<ModelSummary>>> {
+    Ok(axum::Json(models_of(&state, &p).await?))
+}
+
+/// `p`'s models by name (`GET /models`; the models page reads it too).
+pub async fn models_of(state: &AppState, p: &Principal) -> ApiResult<Vec<ModelSummary>> {
     let rows = sqlx::query(
         "SELECT m.id, m.name, m.serving, m.created_ms, (SELECT COUNT(*) FROM model_versions v WHERE v.model_id = m.id) AS versions FROM models m WHERE m.owner = $1 ORDER BY m.name",
     )
     .bind(p.user.0)
     .fetch_all(&state.db.pool)
     .await?;
-    let models = rows
-        .iter()
+    rows.iter()
         .map(|r| {
             Ok(ModelSummary {
                 model_id: r.try_get::<i64, _>("id")? as u64,
@@ -233,8 +247,7 @@ pub async fn list(State(state): State<AppState>, Researcher(p): Researcher) -> A
                 created_ms: r.try_get("created_ms")?,
             })
         })
-        .collect::<ApiResult<Vec<_>>>()?;
-    Ok(axum::Json(models))
+        .collect()
 }
 
 #[utoipa::path(get, path = "/api/v1/models/{name}", tag = "models", params(("name" = String, Path)),
