@@ -556,10 +556,31 @@ async fn version_summaries(state: &AppState, dataset: i64) -> ApiResult<Vec<Vers
 #[utoipa::path(get, path = "/api/v1/datasets/{id}", tag = "datasets", params(("id" = u64, Path)),
     responses((status = 200, body = DatasetView), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn get(State(state): State<AppState>, Researcher(p): Researcher, ApiPath(id): ApiPath<u64>) -> ApiResult<axum::Json<DatasetView>> {
-    let d = readable(&state, &p, id).await?;
-    let mut view = dataset_view(&state, &p, &d).await?;
-    view.versions = Some(version_summaries(&state, d.id).await?);
-    Ok(axum::Json(view))
+    Ok(axum::Json(dataset_of(&state, &p, id).await?))
+}
+
+/// A dataset `p` may read, with its versions (`GET /datasets/{id}`; its page reads it too).
+pub async fn dataset_of(state: &AppState, p: &Principal, id: u64) -> ApiResult<DatasetView> {
+    let d = readable(state, p, id).await?;
+    let mut view = dataset_view(state, p, &d).await?;
+    view.versions = Some(version_summaries(state, d.id).await?);
+    Ok(view)
+}
+
+/// How many files each listed dataset's latest version holds (none yet: not in the map).
+pub async fn latest_items(state: &AppState, datasets: &[DatasetView]) -> ApiResult<BTreeMap<u64, u64>> {
+    let mut out = BTreeMap::new();
+    for d in datasets.iter().filter(|d| d.latest_version > 0) {
+        let row = sqlx::query("SELECT items FROM dataset_versions WHERE dataset_id = $1 AND version = $2")
+            .bind(d.dataset_id as i64)
+            .bind(i64::from(d.latest_version))
+            .fetch_optional(&state.db.pool)
+            .await?;
+        if let Some(row) = row {
+            out.insert(d.dataset_id, row.try_get::<i64, _>("items")? as u64);
+        }
+    }
+    Ok(out)
 }
 
 #[utoipa::path(delete, path = "/api/v1/datasets/{id}", tag = "datasets", params(("id" = u64, Path)),
@@ -637,9 +658,14 @@ pub async fn get_version(
     Researcher(p): Researcher,
     ApiPath((id, version)): ApiPath<(u64, u32)>,
 ) -> ApiResult<axum::Json<VersionView>> {
-    let d = readable(&state, &p, id).await?;
+    Ok(axum::Json(version_of(&state, &p, id, version).await?))
+}
+
+/// A version of a dataset `p` may read, with its files (`0`: the latest).
+pub async fn version_of(state: &AppState, p: &Principal, id: u64, version: u32) -> ApiResult<VersionView> {
+    let d = readable(state, p, id).await?;
     let v = pick_version(&d, version)?;
-    Ok(axum::Json(version_view(&state, &d, v, true).await?))
+    version_view(state, &d, v, true).await
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -763,16 +789,46 @@ pub async fn create_version(
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
+/// How many pictures an import stores at once: the store is a network hop away (S3), and
+/// one at a time leaves the decoder waiting on round trips.
+const STORES_IN_FLIGHT: usize = 16;
+
 async fn import(store: &DatasetStore, upload: &UploadRow, labels: LabelSource) -> ApiResult<datasets::Imported> {
     let path = store.staged(&upload.id).ok_or_else(|| ApiError::not_found("upload"))?;
     let blobs = Arc::clone(store.blobs());
     let filename = upload.filename.clone();
-    let runtime = tokio::runtime::Handle::current();
+    // The decoder (a blocking thread) hands each new picture to a task that stores up to
+    // STORES_IN_FLIGHT of them at a time; the first failure stops the import.
+    let (to_store, mut pending) = tokio::sync::mpsc::channel::<(Vec<u8>, Digest)>(2 * STORES_IN_FLIGHT);
+    let storing = tokio::spawn(async move {
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                next = pending.recv(), if in_flight.len() < STORES_IN_FLIGHT => match next {
+                    Some((bytes, digest)) => {
+                        let blobs = Arc::clone(&blobs);
+                        in_flight.push(async move { datasets::keep_blob(blobs.as_ref(), bytes, digest).await });
+                    }
+                    None => break,
+                },
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => done?,
+            }
+        }
+        while let Some(done) = in_flight.next().await {
+            done?;
+        }
+        Ok::<(), StoreError>(())
+    });
     let imported = tokio::task::spawn_blocking(move || {
-        datasets::import_upload(&path, &filename, labels, &mut |bytes, digest| runtime.block_on(datasets::keep_blob(blobs.as_ref(), bytes, digest)))
+        datasets::import_upload(&path, &filename, labels, &mut |bytes, digest| {
+            to_store.blocking_send((bytes, digest)).map_err(|_| StoreError::Io(std::io::Error::other("the store stopped taking pictures")))
+        })
     })
     .await
     .map_err(ApiError::internal)?;
+    let stored = storing.await.map_err(ApiError::internal)?;
+    // The store's own error explains a stop better than the channel closing does.
+    stored.map_err(store_error)?;
     imported.map_err(|e| match e {
         StoreError::Io(e) if e.to_string().starts_with("the archive does not read") => ApiError::field("uploads", format!("{}: {e}", upload.filename)),
         StoreError::TooLarge { limit } => ApiError::field("uploads", format!("{}: more than {limit} files", upload.filename)),
