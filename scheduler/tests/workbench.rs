@@ -352,11 +352,7 @@ async fn the_job_page_follows_a_running_job_in_the_browser() {
 /// model it made with its lineage, pull it (checked against its SHA-256) and promote it.
 #[tokio::test]
 async fn a_researchers_day_push_train_follow_pull_promote() {
-    let (Some(_), Some(data)) = (support::cv_job_binary(), std::env::var_os("SUANLI_CV_DATA").map(std::path::PathBuf::from)) else {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "SUANLI_JOB_BINARY and SUANLI_CV_DATA must be set under CI=true (.ci/run sets them)");
-        eprintln!("skipped: SUANLI_JOB_BINARY and SUANLI_CV_DATA are not set (ops/setup-torch, the torch build)");
-        return;
-    };
+    let Some(data) = support::cv_data() else { return };
     if !suanli_testkit::require_root("lease accounts (Unix users)") {
         return;
     }

@@ -256,6 +256,17 @@ pub fn cv_job_binary() -> Option<PathBuf> {
     job.is_file().then_some(job)
 }
 
+/// The CV test data when `suanli-job` and the data were both prepared; `None` (the test is
+/// skipped, saying why) where they were not, and a failure under CI=true, which prepares them.
+pub fn cv_data() -> Option<PathBuf> {
+    let (Some(_), Some(data)) = (cv_job_binary(), std::env::var_os("SUANLI_CV_DATA").map(PathBuf::from)) else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "SUANLI_JOB_BINARY and SUANLI_CV_DATA must be set under CI=true (.ci/run sets them)");
+        eprintln!("skipped: SUANLI_JOB_BINARY and SUANLI_CV_DATA are not set (ops/setup-torch, the torch build)");
+        return None;
+    };
+    Some(data)
+}
+
 async fn scheduler(broker: &BrokerCluster, dir: &Path, name: &str, artifacts: bool) -> Service {
     let binary = workspace_binary("suanli-scheduler", "suanli-scheduler").expect("scheduler binary");
     let store = dir.join("artifacts").display().to_string();
