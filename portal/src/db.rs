@@ -35,6 +35,12 @@ pub fn new_id() -> i64 {
     (rand::random::<u64>() >> 1).max(1) as i64
 }
 
+/// A random positive row ID below 2^53, for IDs the API hands out: JavaScript (and tools
+/// that read JSON numbers as doubles) holds integers exactly only that far.
+pub fn new_public_id() -> i64 {
+    (rand::random::<u64>() >> 11).max(1) as i64
+}
+
 /// Schema migrations, in order; each runs once, in a transaction, recorded in `portal_schema`.
 /// The schema version this portal writes: how many migrations it has.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -4,6 +4,11 @@
 
 const csrf = () => document.querySelector('meta[name="csrf-token"]')?.content || "";
 
+// The portal's own row IDs (a dataset's, say) are random 63-bit numbers: more than a JavaScript
+// number holds exactly. An integer too large to be exact is kept as its digits.
+const parseJson = (text) =>
+  JSON.parse(text, (_, v, context) => (typeof v === "number" && !Number.isSafeInteger(v) && /^-?\d+$/.test(context?.source || "") ? context.source : v));
+
 function setPath(obj, path, value) {
   const keys = path.split(".");
   let o = obj;
@@ -73,14 +78,16 @@ async function submit(form, ev) {
   form.querySelector(".form-error").textContent = "";
   const method = form.dataset.method || "POST";
   const body = await formBody(form);
-  const res = await fetch(form.dataset.api, {
+  // `{field}` in the address comes from the form (a share names its user in the path).
+  const api = form.dataset.api.replace(/\{(\w+)\}/g, (_, k) => encodeURIComponent(body[k] ?? ""));
+  const res = await fetch(api, {
     method,
     credentials: "same-origin",
     headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf(), Accept: "application/json" },
     body: JSON.stringify(body),
   });
   const text = await res.text();
-  const data = text ? JSON.parse(text) : {};
+  const data = text ? parseJson(text) : {};
   if (!res.ok) return showProblems(form, data.error || { message: res.statusText });
   if (data.mfa_required) {
     form.querySelector(".form-error").textContent = "2FA";
@@ -210,6 +217,455 @@ async function followCurves(section, live) {
   }
 }
 
+// ---- Dataset uploads: tus 1.0.0 from the browser ----
+// Each chosen file is hashed (SHA-256 of the whole file), created as an upload and sent in
+// 1 MiB PATCHes with XMLHttpRequest, so progress shows and Pause aborts the piece under way (the
+// portal keeps what arrived). Resume, and any PATCH that fails, asks the portal (HEAD) where the
+// upload got to and goes on from there. Each upload's address is kept in localStorage under the
+// file's name, size, time and hash: choosing the same file after a reload resumes it. Once every
+// file is complete, one POST makes the new version from all of them.
+// Each file's row says where it is for people and for tests: data-state (queued, hashing,
+// uploading, paused, done, failed; skipped: an empty file), data-offset (bytes the portal has),
+// data-length, data-upload (its address) and data-resumed-from (where this page's first PATCH
+// of it started).
+
+const CHUNK = 1 << 20;
+const PARALLEL = 3;
+
+class PortalError extends Error {
+  constructor(code, message, status) {
+    super(`${code}: ${message}`);
+    this.code = code;
+    this.status = status;
+  }
+}
+
+function errorFrom(status, statusText, text) {
+  let error = null;
+  try { error = parseJson(text).error; } catch (_) { /* not the portal's JSON */ }
+  return new PortalError(error?.code || `HTTP_${status}`, error?.message || statusText || text || "no answer", status);
+}
+
+async function portalError(res) {
+  return errorFrom(res.status, res.statusText, await res.text().catch(() => ""));
+}
+
+function base64Utf8(text) {
+  let bin = "";
+  for (const b of new TextEncoder().encode(text)) bin += String.fromCharCode(b);
+  return btoa(bin);
+}
+
+async function sha256Hex(blob) {
+  const digest = await crypto.subtle.digest("SHA-256", await blob.arrayBuffer());
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// The names files are sent under: the path inside what was chosen, without the one top-level
+// folder every chosen file shares (`digits/zero/a.png` → `zero/a.png`, class `zero`); a file
+// chosen on its own keeps its name.
+function uploadNames(paths) {
+  const tops = new Set(paths.map((p) => (p.includes("/") ? p.split("/")[0] : "")));
+  const [top] = tops;
+  const common = tops.size === 1 && top ? top : null;
+  return paths.map((p) => (common ? p.slice(common.length + 1) : p));
+}
+
+// Files and folders dropped: every file under them, with its path. The entries are taken at
+// once (the drop's items are gone after the event).
+function droppedFiles(dataTransfer) {
+  const entries = [...dataTransfer.items].map((i) => i.webkitGetAsEntry && i.webkitGetAsEntry()).filter(Boolean);
+  const plain = [...dataTransfer.files].map((f) => ({ file: f, path: f.name }));
+  if (!entries.length) return Promise.resolve(plain);
+  const out = [];
+  const walk = async (entry) => {
+    if (entry.isFile) {
+      const file = await new Promise((ok, fail) => entry.file(ok, fail));
+      out.push({ file, path: entry.fullPath.replace(/^\/+/, "") });
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {
+        const batch = await new Promise((ok, fail) => reader.readEntries(ok, fail));
+        if (!batch.length) break;
+        for (const e of batch) await walk(e);
+      }
+    }
+  };
+  return (async () => {
+    for (const e of entries) await walk(e);
+    return out;
+  })();
+}
+
+const uploadKey = (item) => "suanli-upload:" + JSON.stringify([item.name, item.file.size, item.file.lastModified, item.sha256]);
+
+// Bytes of an upload the portal has (tus HEAD).
+async function uploadOffset(url) {
+  const res = await fetch(url, { method: "HEAD", credentials: "same-origin", cache: "no-store", headers: { "Tus-Resumable": "1.0.0" } });
+  if (!res.ok) throw new PortalError(res.status === 404 ? "NOT_FOUND" : `HTTP_${res.status}`, `upload ${url}`, res.status);
+  const at = res.headers.get("Upload-Offset");
+  if (at === null) throw new PortalError("PROTOCOL", "no Upload-Offset in the answer", res.status);
+  return Number(at);
+}
+
+async function createUpload(item) {
+  const res = await fetch("/api/v1/uploads", {
+    method: "POST",
+    credentials: "same-origin",
+    headers: {
+      "Tus-Resumable": "1.0.0",
+      "Upload-Length": String(item.file.size),
+      "Upload-Metadata": `filename ${base64Utf8(item.name)},sha256 ${btoa(item.sha256)}`,
+      "X-CSRF-Token": csrf(),
+      Accept: "application/json",
+    },
+  });
+  if (res.status !== 201) throw await portalError(res);
+  return res.headers.get("Location") || `/api/v1/uploads/${(await res.json()).upload_id}`;
+}
+
+// One PATCH of up to CHUNK bytes from `offset`; the offset the portal answers with.
+function patchUpload(item, offset, onProgress) {
+  const end = Math.min(offset + CHUNK, item.file.size);
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    item.xhr = xhr;
+    xhr.open("PATCH", item.url);
+    xhr.setRequestHeader("Tus-Resumable", "1.0.0");
+    xhr.setRequestHeader("Content-Type", "application/offset+octet-stream");
+    xhr.setRequestHeader("Upload-Offset", String(offset));
+    xhr.setRequestHeader("X-CSRF-Token", csrf());
+    xhr.upload.onprogress = (e) => onProgress(offset + e.loaded);
+    xhr.onload = () => {
+      item.xhr = null;
+      const at = xhr.getResponseHeader("Upload-Offset");
+      if (xhr.status === 204 && at !== null) resolve(Number(at));
+      else reject(errorFrom(xhr.status, xhr.statusText, xhr.responseText));
+    };
+    xhr.onerror = xhr.onabort = xhr.ontimeout = () => {
+      item.xhr = null;
+      reject(new Error("the PATCH did not finish"));
+    };
+    xhr.send(item.file.slice(offset, end));
+  });
+}
+
+function uploader(section) {
+  const messages = JSON.parse(section.dataset.messages || "{}");
+  const say = (k) => messages[k] || k;
+  const tbody = section.querySelector("table.upload-files tbody");
+  const problem = section.querySelector(".form-error");
+  const result = section.querySelector("output.upload-result");
+  const button = (name) => section.querySelector(`button[data-upload="${name}"]`);
+  const inputs = [...section.querySelectorAll("input[type=file]")];
+  let chosen = [];
+  let running = false;
+  let paused = false;
+  let wake = [];
+
+  const controls = () => {
+    button("start").disabled = running;
+    button("pause").disabled = !running || paused;
+    button("resume").disabled = !paused;
+    inputs.forEach((i) => (i.disabled = running));
+  };
+
+  // Shows what the portal has; `sent` also counts the bytes of the PATCH under way.
+  const show = (item, sent = item.offset) => {
+    const r = item.row;
+    r.dataset.offset = item.offset;
+    r.dataset.sent = sent;
+    const bar = r.querySelector("progress");
+    bar.max = item.file.size;
+    bar.value = sent;
+    r.querySelector(".bytes").textContent = `${sent} / ${item.file.size} (${item.file.size ? Math.floor((sent / item.file.size) * 100) : 100}%)`;
+  };
+  const set = (item, state, error) => {
+    item.state = state;
+    item.row.dataset.state = state;
+    item.row.querySelector(".state").textContent = error ? `${say(state)} — ${error}` : say(state);
+    if (error) item.row.dataset.error = error;
+    else delete item.row.dataset.error;
+  };
+
+  function choose(list) {
+    if (running) return;
+    if (chosen.length === 0) tbody.replaceChildren();
+    result.replaceChildren();
+    problem.textContent = "";
+    const known = new Set(chosen.map((c) => c.path));
+    for (const { file, path } of list) {
+      if (known.has(path)) continue;
+      known.add(path);
+      const row = document.createElement("tr");
+      row.className = "upload-file";
+      row.innerHTML = '<td class="name"></td><td class="size"></td><td class="state"></td><td><progress value="0"></progress> <span class="bytes"></span></td>';
+      tbody.append(row);
+      chosen.push({ file, path, row, offset: 0, url: null });
+    }
+    const names = uploadNames(chosen.map((c) => c.path));
+    chosen.forEach((item, i) => {
+      if (item.name !== names[i]) {
+        // Another name is another upload.
+        item.name = names[i];
+        item.url = null;
+        item.offset = 0;
+        // The portal takes no empty upload (and would reject an empty picture anyway).
+        if (item.file.size === 0) set(item, "skipped", say("empty"));
+        else set(item, "queued");
+      }
+      item.row.dataset.name = item.name;
+      item.row.dataset.length = item.file.size;
+      item.row.querySelector(".name").textContent = item.name;
+      item.row.querySelector(".size").textContent = String(item.file.size);
+      show(item);
+    });
+  }
+
+  async function untilResumed(item) {
+    while (paused) {
+      set(item, "paused");
+      await new Promise((r) => wake.push(r));
+    }
+  }
+
+  async function send(item) {
+    try {
+      set(item, "hashing");
+      item.sha256 ??= await sha256Hex(item.file);
+      await untilResumed(item);
+      set(item, "uploading");
+      const key = uploadKey(item);
+      item.url ??= localStorage.getItem(key);
+      let ask = Boolean(item.url);
+      if (!ask) {
+        item.url = await createUpload(item);
+        item.offset = 0;
+        localStorage.setItem(key, item.url);
+      }
+      item.row.dataset.upload = item.url;
+      let failures = 0;
+      for (;;) {
+        await untilResumed(item);
+        set(item, "uploading");
+        try {
+          if (ask) {
+            item.offset = await uploadOffset(item.url);
+            ask = false;
+            show(item);
+          }
+          if (item.row.dataset.resumedFrom === undefined) item.row.dataset.resumedFrom = item.offset;
+          if (item.offset >= item.file.size) break;
+          item.offset = await patchUpload(item, item.offset, (sent) => show(item, sent));
+          failures = 0;
+          show(item);
+        } catch (e) {
+          // The portal refused outright (a wrong hash, an upload gone, a quota): no retry.
+          if (e instanceof PortalError && e.status !== 409 && e.status < 500) throw e;
+          ask = true;
+          if (!paused) {
+            failures += 1;
+            if (failures > 8) throw e;
+            await pause(Math.min(250 * 2 ** failures, 8000));
+          }
+        }
+      }
+      set(item, "done");
+    } catch (e) {
+      if (e instanceof PortalError && (e.status === 404 || e.status === 460) && item.sha256) {
+        // Gone (used, or deleted for a wrong hash): forget it; a missing one starts over once.
+        localStorage.removeItem(uploadKey(item));
+        item.url = null;
+        item.offset = 0;
+        if (e.status === 404 && !item.restarted) {
+          item.restarted = true;
+          return send(item);
+        }
+      }
+      set(item, "failed", e.message || String(e));
+    }
+  }
+
+  function showVersion(v, created) {
+    result.replaceChildren();
+    result.dataset.version = v.version;
+    result.dataset.items = v.items;
+    result.dataset.rejected = (v.rejected || []).length;
+    const head = document.createElement("p");
+    head.textContent = created
+      ? `${say("new_version")} v${v.version}: ${v.items} ${say("items")} · ${say("added")} ${v.added} · ${say("removed")} ${v.removed} · ${say("modified")} ${v.modified} · ${say("duplicates")} ${v.duplicates}`
+      : `${say("nothing_changed")} v${v.version}`;
+    result.append(head);
+    if (v.rejected && v.rejected.length) {
+      const title = document.createElement("p");
+      title.textContent = `${say("rejected")}: ${v.rejected.length}`;
+      const list = document.createElement("ul");
+      list.className = "rejected";
+      for (const r of v.rejected) {
+        const li = document.createElement("li");
+        li.dataset.name = r.name;
+        li.dataset.kind = r.kind;
+        const name = document.createElement("strong");
+        name.textContent = r.name;
+        // Reasons tend to start with the name already.
+        li.append(name, ` — ${r.reason.startsWith(`${r.name}: `) ? r.reason.slice(r.name.length + 2) : r.reason}`);
+        list.append(li);
+      }
+      result.append(title, list);
+    }
+    result.classList.add("shown");
+  }
+
+  // The page's versions, labels, pictures and rejected files, read again.
+  async function refresh() {
+    const res = await fetch(location.pathname, { credentials: "same-origin", headers: { Accept: "text/html" } });
+    if (!res.ok) return;
+    const fresh = new DOMParser().parseFromString(await res.text(), "text/html");
+    let previous = null;
+    for (const n of fresh.querySelectorAll("[data-refresh]")) {
+      const node = document.importNode(n, true);
+      const old = document.querySelector(`[data-refresh="${n.dataset.refresh}"]`);
+      if (old) old.replaceWith(node);
+      else if (previous) previous.after(node);
+      else continue;
+      previous = node;
+    }
+  }
+
+  async function commit(sent) {
+    result.textContent = say("committing");
+    const uploads = sent.map((c) => c.url.split("/").pop());
+    // The same uploads make the same request: a retry gets the version the first try made.
+    const requestId = "web-" + (await sha256Hex(new Blob([uploads.slice().sort().join(",")]))).slice(0, 40);
+    const body = {
+      uploads,
+      message: section.querySelector("[name=message]").value,
+      labels: section.querySelector("[name=labels_from_folders]").checked ? "folders" : "none",
+      request_id: requestId,
+    };
+    const res = await fetch(`/api/v1/datasets/${section.dataset.dataset}/versions`, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", Accept: "application/json", "X-CSRF-Token": csrf() },
+      body: JSON.stringify(body),
+    });
+    if (!res.ok) {
+      result.textContent = "";
+      problem.textContent = (await portalError(res)).message;
+      return;
+    }
+    const version = parseJson(await res.text());
+    for (const c of sent) localStorage.removeItem(uploadKey(c));
+    chosen = [];
+    inputs.forEach((i) => (i.value = ""));
+    showVersion(version, res.status === 201);
+    await refresh();
+  }
+
+  async function start() {
+    if (running) return;
+    problem.textContent = "";
+    const sending = chosen.filter((c) => c.state !== "skipped");
+    if (!sending.length) {
+      problem.textContent = say("choose_first");
+      return;
+    }
+    const most = Number(section.dataset.maxFiles) || Infinity;
+    if (sending.length > most) {
+      problem.textContent = `${say("too_many")} ${sending.length} / ${most}`;
+      return;
+    }
+    running = true;
+    paused = false;
+    controls();
+    try {
+      const todo = sending.filter((c) => c.state !== "done");
+      let next = 0;
+      const worker = async () => {
+        while (next < todo.length) await send(todo[next++]);
+      };
+      await Promise.all(Array.from({ length: Math.min(PARALLEL, todo.length) }, worker));
+    } finally {
+      running = false;
+      paused = false;
+      controls();
+    }
+    if (sending.every((c) => c.state === "done")) await commit(sending);
+    else problem.textContent = say("some_failed");
+  }
+
+  function stop() {
+    if (!running || paused) return;
+    paused = true;
+    for (const c of chosen) {
+      if (c.xhr) c.xhr.abort();
+      if (c.state === "uploading") set(c, "paused");
+    }
+    controls();
+  }
+
+  function go() {
+    if (!paused) return;
+    paused = false;
+    const waiting = wake;
+    wake = [];
+    waiting.forEach((r) => r());
+    controls();
+  }
+
+  for (const input of inputs) {
+    input.addEventListener("change", () => choose([...input.files].map((f) => ({ file: f, path: f.webkitRelativePath || f.name }))));
+  }
+  const zone = section.querySelector(".dropzone");
+  zone.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    if (running) return;
+    droppedFiles(e.dataTransfer).then(choose).catch((err) => (problem.textContent = String(err)));
+  });
+  const fail = (e) => (problem.textContent = e.message || String(e));
+  button("start").addEventListener("click", () => start().catch(fail));
+  button("pause").addEventListener("click", stop);
+  button("resume").addEventListener("click", go);
+  controls();
+}
+
+// Two versions of a model side by side (GET …/compare?a=&b=).
+async function compare(form, ev) {
+  ev.preventDefault();
+  const problem = form.querySelector(".form-error");
+  problem.textContent = "";
+  const table = form.querySelector("table.comparison");
+  const query = new URLSearchParams({ a: form.querySelector("[name=a]").value, b: form.querySelector("[name=b]").value });
+  const res = await fetch(`${form.dataset.api}?${query}`, { credentials: "same-origin", headers: { Accept: "application/json" } });
+  if (!res.ok) {
+    problem.textContent = (await portalError(res)).message;
+    return;
+  }
+  const c = await res.json();
+  table.querySelector("th.a").textContent = `v${c.a.version}`;
+  table.querySelector("th.b").textContent = `v${c.b.version}`;
+  const number = (x) => (x === null || x === undefined ? "—" : String(Number(x.toFixed(6))));
+  const rows = c.metrics.map((m) => {
+    const tr = document.createElement("tr");
+    tr.dataset.metric = m.metric;
+    const delta = m.delta === null || m.delta === undefined ? "—" : (m.delta > 0 ? "+" : "") + number(m.delta);
+    for (const text of [m.metric, number(m.a), number(m.b), delta]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.append(td);
+    }
+    return tr;
+  });
+  table.querySelector("tbody").replaceChildren(...rows);
+  table.classList.remove("hidden");
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("form.api").forEach((f) => f.addEventListener("submit", (ev) => submit(f, ev).catch((e) => (f.querySelector(".form-error").textContent = String(e)))));
   document.querySelectorAll("[data-logout]").forEach((b) =>
@@ -221,4 +677,6 @@ document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("section[data-live]").forEach(live);
   document.querySelectorAll("pre[data-job-log]").forEach((p) => followLog(p).catch((e) => (p.dataset.error = String(e))));
   document.querySelectorAll("section[data-curves]").forEach((s) => followCurves(s, document.querySelector("pre[data-job-log]")?.dataset.live === "true"));
+  document.querySelectorAll("section.upload[data-dataset]").forEach(uploader);
+  document.querySelectorAll("form.compare").forEach((f) => f.addEventListener("submit", (ev) => compare(f, ev).catch((e) => (f.querySelector(".form-error").textContent = String(e)))));
 });

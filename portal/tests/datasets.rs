@@ -215,7 +215,9 @@ async fn resumed_upload_imports_a_folder(w: &World) -> anyhow::Result<()> {
     anyhow::ensure!(v2["changes"]["added"] == json!(["red/new.png"]) && v2["changes"]["removed"] == json!(["blue/0.png"]), "changes: {}", v2["changes"]);
     let again = Tus::upload(&tus, "red/new.png", &png(8, 8, 250)).await?;
     let (status, same) = alice.post(&format!("/api/v1/datasets/{id}/versions"), json!({"uploads": [again]})).await?;
-    anyhow::ensure!(status == StatusCode::OK && same["version"] == 2, "unchanged content: {status} {same}");
+    anyhow::ensure!(status == StatusCode::OK && same["version"] == 2 && same["added"] == 0 && same["modified"] == 0, "unchanged content: {status} {same}");
+    // IDs the API hands out stay within what JavaScript holds exactly.
+    anyhow::ensure!(id < (1 << 53), "dataset ID {id} is past 2^53");
     Ok(())
 }
 

@@ -161,6 +161,19 @@ impl Browser {
         self.call(reqwest::Method::POST, "/execute/sync", Some(json!({"script": script, "args": args}))).await
     }
 
+    /// Chromium's network emulation (a chromedriver extension): every request of the session
+    /// sends and receives at most `bytes_per_second`, so a test can act while an upload is under
+    /// way; `None` lifts the limit.
+    pub async fn throttle(&self, bytes_per_second: Option<u64>) -> anyhow::Result<()> {
+        match bytes_per_second {
+            Some(rate) => {
+                let conditions = json!({"network_conditions": {"offline": false, "latency": 0, "download_throughput": rate, "upload_throughput": rate}});
+                self.call(reqwest::Method::POST, "/chromium/network_conditions", Some(conditions)).await.map(drop)
+            }
+            None => self.call(reqwest::Method::DELETE, "/chromium/network_conditions", None).await.map(drop),
+        }
+    }
+
     pub async fn screenshot(&self, path: &Path) -> anyhow::Result<()> {
         let v = self.call(reqwest::Method::GET, "/screenshot", None).await?;
         let png = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default())?;

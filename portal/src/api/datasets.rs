@@ -24,7 +24,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::{ApiJson, ApiPath, ApiQuery};
 use crate::auth::{Principal, Researcher};
 use crate::datasets::{self, check_name, DatasetRef, DatasetStore, FileEntry, LabelSource};
-use crate::db::{new_id, now_ms, opt_str};
+use crate::db::{new_public_id, now_ms, opt_str};
 use crate::error::{ApiError, ApiResult, Code};
 use crate::model::UserId;
 use crate::state::AppState;
@@ -34,6 +34,9 @@ const TUS_VERSION: &str = "1.0.0";
 const UPLOAD_LIFETIME_MS: i64 = 7 * 86_400_000;
 /// Names listed per kind of change in a version's answer (the counts are exact).
 const CHANGES_LISTED: usize = 1_000;
+/// Uploads one new version may name (the page's uploader sends each picture as an upload, so
+/// it checks this before sending anything; larger folders go as an archive).
+pub const UPLOADS_PER_VERSION: usize = 1_000;
 
 fn store(state: &AppState) -> ApiResult<&DatasetStore> {
     state.datasets.as_deref().ok_or_else(|| ApiError::new(Code::Broker(suanli_types::ErrorCode::Unavailable), "this portal keeps no datasets"))
@@ -492,7 +495,7 @@ pub async fn create(State(state): State<AppState>, Researcher(p): Researcher, Ap
     if !problems.is_empty() {
         return Err(ApiError::invalid(problems));
     }
-    let id = new_id();
+    let id = new_public_id();
     let inserted = sqlx::query("INSERT INTO datasets (id, owner, name, description, created_ms, latest_version) VALUES ($1, $2, $3, $4, $5, 0)")
         .bind(id)
         .bind(p.user.0)
@@ -700,8 +703,8 @@ pub async fn create_version(
     if req.uploads.is_empty() && req.remove.is_empty() {
         problems.push(suanli_types::FieldError::new("uploads", "name at least one upload, or files to remove"));
     }
-    if req.uploads.len() > 1_000 {
-        problems.push(suanli_types::FieldError::new("uploads", "at most 1000 uploads a version"));
+    if req.uploads.len() > UPLOADS_PER_VERSION {
+        problems.push(suanli_types::FieldError::new("uploads", format!("at most {UPLOADS_PER_VERSION} uploads a version")));
     }
     if req.message.chars().count() > 2000 {
         problems.push(suanli_types::FieldError::new("message", "at most 2000 characters"));
@@ -774,9 +777,9 @@ pub async fn create_version(
         for upload in &uploads {
             forget_upload(&state, store, &upload.id).await?;
         }
+        // The answer is about this request: nothing was added, removed or changed.
         let mut view = version_view(&state, &d, d.latest, false).await?;
-        view.report.rejected = report.rejected;
-        view.report.duplicates = report.duplicates;
+        view.report = VersionReport { rejected: report.rejected, duplicates: report.duplicates, annotations: report.annotations, ..VersionReport::default() };
         return Ok((StatusCode::OK, axum::Json(view)).into_response());
     }
     let files: Vec<FileEntry> = next.into_values().collect();

@@ -17,7 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiJson, ApiPath, ApiQuery};
 use crate::auth::{Principal, Researcher};
-use crate::db::{new_id, now_ms, opt_i64, opt_str};
+use crate::db::{new_public_id, now_ms, opt_i64, opt_str};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
@@ -179,7 +179,7 @@ pub async fn register(State(state): State<AppState>, Researcher(p): Researcher, 
     let model = match existing {
         Some(row) => row.try_get::<i64, _>("id")?,
         None => {
-            let id = new_id();
+            let id = new_public_id();
             sqlx::query("INSERT INTO models (id, owner, name, created_ms) VALUES ($1, $2, $3, $4)")
                 .bind(id)
                 .bind(p.user.0)

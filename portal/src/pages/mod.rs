@@ -4,6 +4,7 @@
 //! shows each field's problem beside the field.
 
 pub mod account;
+pub mod data;
 pub mod market;
 pub mod staff;
 
@@ -65,7 +66,10 @@ pub fn page(ctx: &Ctx, title: &str, body: Markup) -> Response {
                         a href="/" { (t(Msg::Catalogue)) }
                         @if let Some(v) = &ctx.viewer {
                             @match v.kind {
-                                UserKind::Researcher => { a href="/leases" { (t(Msg::MyLeases)) } a href="/jobs" { (t(Msg::Jobs)) } }
+                                UserKind::Researcher => {
+                                    a href="/leases" { (t(Msg::MyLeases)) } a href="/jobs" { (t(Msg::Jobs)) }
+                                    a href="/datasets" { (t(Msg::Datasets)) } a href="/models" { (t(Msg::Models)) }
+                                }
                                 UserKind::Supplier => { a href="/supplier" { (t(Msg::Supplier)) } a href="/leases" { (t(Msg::LeaseRequests)) } }
                                 UserKind::Operator => { a href="/operator" { (t(Msg::Operations)) } }
                             }
