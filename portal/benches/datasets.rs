@@ -109,7 +109,14 @@ async fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let out = suanli(args).output()?;
         let seconds = started.elapsed().as_secs_f64();
-        anyhow::ensure!(out.status.success(), "suanli {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        anyhow::ensure!(
+            out.status.success(),
+            "suanli {args:?}: {}{}\n--- portal ---\n{}\n--- S3 server ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            portal.service.log(),
+            s3.log()
+        );
         Ok(seconds)
     };
     run(&["login", "--portal", &portal.url])?;

@@ -25,7 +25,7 @@ use crate::state::AppState;
         market::extend_lease, market::end_lease, market::spend, jobs::statement,
         jobs::submit, jobs::list, jobs::get, jobs::cancel, jobs::log, jobs::curves, jobs::output,
         datasets::storage, datasets::create_upload, datasets::head_upload, datasets::get_upload, datasets::patch_upload, datasets::delete_upload,
-        datasets::create, datasets::list, datasets::get, datasets::delete, datasets::get_version, datasets::create_version, datasets::archive, datasets::file,
+        datasets::create, datasets::list, datasets::get, datasets::delete, datasets::get_version, datasets::create_version, datasets::archive, datasets::split, datasets::file,
         datasets::share, datasets::unshare,
         models::register, models::list, models::get, models::promote, models::download, models::compare,
         market::enrollment_token, market::list_nodes, market::list_my_clusters, market::publish, market::modify, market::delist, market::approve,
@@ -93,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .route("/datasets/{id}/versions", post(datasets::create_version))
         .route("/datasets/{id}/versions/{version}", get(datasets::get_version))
         .route("/datasets/{id}/versions/{version}/archive", get(datasets::archive))
+        .route("/datasets/{id}/versions/{version}/split", get(datasets::split))
         .route("/datasets/{id}/versions/{version}/files/{*name}", get(datasets::file))
         .route("/datasets/{id}/shares/{username}", put(datasets::share).delete(datasets::unshare))
         .route("/models", get(models::list).post(models::register))

@@ -216,6 +216,16 @@ async fn resumed_upload_imports_a_folder(w: &World) -> anyhow::Result<()> {
     let again = Tus::upload(&tus, "red/new.png", &png(8, 8, 250)).await?;
     let (status, same) = alice.post(&format!("/api/v1/datasets/{id}/versions"), json!({"uploads": [again]})).await?;
     anyhow::ensure!(status == StatusCode::OK && same["version"] == 2 && same["added"] == 0 && same["modified"] == 0, "unchanged content: {status} {same}");
+    // A split is the same every time it is asked for, covers every file once, and keeps
+    // each label's share when stratified.
+    let path = format!("/api/v1/datasets/{id}/versions/2/split?train=0.5&val=0.25&test=0.25&method=stratified&seed=7");
+    let (status, one) = alice.get(&path).await?;
+    let (_, two) = alice.get(&path).await?;
+    anyhow::ensure!(status == StatusCode::OK && one == two, "split: {status} {one}");
+    let parts: Vec<usize> = ["train", "val", "test"].iter().map(|k| one[k].as_array().map_or(0, Vec::len)).collect();
+    anyhow::ensure!(parts.iter().sum::<usize>() == 12 && parts[0] == 6, "split sizes {parts:?}: {one}");
+    let (status, bad) = alice.get(&format!("/api/v1/datasets/{id}/versions/2/split?train=0.9&val=0.9&test=0")).await?;
+    anyhow::ensure!(status == StatusCode::BAD_REQUEST, "ratios past 1: {status} {bad}");
     // IDs the API hands out stay within what JavaScript holds exactly.
     anyhow::ensure!(id < (1 << 53), "dataset ID {id} is past 2^53");
     Ok(())

@@ -70,6 +70,9 @@ impl S3Server {
             .arg("server")
             .arg(format!("-dir={}", data.display()))
             .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3", "-s3.port.iceberg=0", "-s3.port.lance=0"])
+            // Each bucket is a collection that grows 7 volumes at a time; the default of 8
+            // volumes in all leaves a second bucket no room to grow past its first.
+            .args(["-volume.max=200", "-master.volumeSizeLimitMB=1024"])
             .arg(format!("-master.port={master}"))
             .arg(format!("-volume.port={volume}"))
             .arg(format!("-filer.port={filer}"))

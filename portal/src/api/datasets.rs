@@ -947,6 +947,68 @@ pub fn write_version<W: std::io::Write>(
 }
 
 #[derive(Deserialize, IntoParams)]
+pub struct SplitQuery {
+    /// Shares of the version for training, validation and test (summing to 1); 0.8/0.1/0.1
+    /// when left out.
+    pub train: Option<f32>,
+    pub val: Option<f32>,
+    pub test: Option<f32>,
+    /// `random`, or `stratified` (every label keeps its share in each part; needs labels).
+    pub method: Option<String>,
+    /// The same seed and version always give the same split.
+    pub seed: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SplitView {
+    pub version: u32,
+    pub seed: u64,
+    pub method: String,
+    /// File names, each list in name order.
+    pub train: Vec<String>,
+    pub val: Vec<String>,
+    pub test: Vec<String>,
+}
+
+/// A reproducible train/validation/test split of a version (`suanli_cv::dataset::split`: the
+/// same files, ratios and seed always give the same parts, whatever order they came in).
+#[utoipa::path(get, path = "/api/v1/datasets/{id}/versions/{version}/split", tag = "datasets",
+    params(("id" = u64, Path), ("version" = u32, Path, description = "0: the latest"), SplitQuery),
+    responses((status = 200, body = SplitView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+        (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn split(
+    State(state): State<AppState>,
+    Researcher(p): Researcher,
+    ApiPath((id, version)): ApiPath<(u64, u32)>,
+    ApiQuery(q): ApiQuery<SplitQuery>,
+) -> ApiResult<axum::Json<SplitView>> {
+    use suanli_cv::dataset::{Item, SplitMethod, SplitSpec};
+    let method = match q.method.as_deref().unwrap_or("random") {
+        "random" => SplitMethod::Random,
+        "stratified" => SplitMethod::Stratified,
+        other => return Err(ApiError::field("method", format!("random or stratified, not {other:?}"))),
+    };
+    let spec = SplitSpec { train: q.train.unwrap_or(0.8), val: q.val.unwrap_or(0.1), test: q.test.unwrap_or(0.1), method, seed: q.seed.unwrap_or(0) };
+    let problems: Vec<suanli_types::FieldError> = spec.validate().into_iter().map(|e| suanli_types::FieldError::new(&e.path, e.message.clone())).collect();
+    if !problems.is_empty() {
+        return Err(ApiError::invalid(problems));
+    }
+    let d = readable(&state, &p, id).await?;
+    let v = pick_version(&d, version)?;
+    let items: Vec<Item> = files_of(&state, d.id, v).await?.into_iter().map(|f| Item { name: f.name, sha256: f.sha256, label: f.label }).collect();
+    let parts = suanli_cv::dataset::split(&items, &spec).map_err(|e| ApiError::field("method", e.to_string()))?;
+    let names = |items: Vec<Item>| items.into_iter().map(|i| i.name).collect();
+    Ok(axum::Json(SplitView {
+        version: v as u32,
+        seed: spec.seed,
+        method: q.method.unwrap_or_else(|| "random".into()),
+        train: names(parts.train),
+        val: names(parts.val),
+        test: names(parts.test),
+    }))
+}
+
+#[derive(Deserialize, IntoParams)]
 pub struct FileQuery {
     /// A PNG no larger than this many pixels on either side (16 to 512), instead of the file.
     pub thumbnail: Option<u32>,
