@@ -46,6 +46,9 @@ async fn fuzz_as(w: &World, who: &str, token: &str) -> anyhow::Result<()> {
         .args(["--header", &format!("Authorization: Bearer {token}")])
         // Closing the account or the session would end the run's own credentials.
         .args(["--exclude-method", "DELETE", "--exclude-path", "/api/v1/me"])
+        // tus' `application/offset+octet-stream` has no serializer in schemathesis; the PATCH
+        // is attacked by portal/tests/datasets.rs (offsets, sizes, hashes, strangers).
+        .args(["--exclude-name", "PATCH /api/v1/uploads/{id}"])
         .output()
         .await?;
     let report = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
