@@ -37,6 +37,10 @@ pub struct DatasetStore {
     /// Uploads with a `PATCH` under way: a second one at the same time is refused, so two
     /// writers never interleave their bytes in one file.
     patching: Mutex<HashSet<String>>,
+    /// Held from an upload's quota check to its record.
+    pub quota_lock: tokio::sync::Mutex<()>,
+    /// Thumbnails decoded at once.
+    pub thumbnails: tokio::sync::Semaphore,
 }
 
 /// The defaults: 20 GiB an account, 64 GiB an upload.
@@ -44,6 +48,10 @@ pub const DEFAULT_QUOTA_BYTES: u64 = 20 << 30;
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 64 << 30;
 /// One file inside an archive is read into memory to be checked: at most this large.
 const MAX_FILE_BYTES: u64 = 256 << 20;
+/// Thumbnails decoded at the same time (each may take a large picture's pixels).
+const THUMBNAILS_AT_ONCE: usize = 4;
+/// The largest picture a thumbnail is made of (64 M pixels, 192 MiB as RGB).
+pub const THUMBNAIL_MAX_PIXELS: u64 = 64 << 20;
 /// A version holds at most this many files.
 pub const MAX_ITEMS: usize = 2_000_000;
 
@@ -52,7 +60,15 @@ impl DatasetStore {
     /// across restarts).
     pub fn new(blobs: Arc<dyn Store>, staging: &Path, quota_bytes: u64, max_upload_bytes: u64) -> std::io::Result<DatasetStore> {
         std::fs::create_dir_all(staging)?;
-        Ok(DatasetStore { blobs, staging: staging.to_owned(), quota_bytes, max_upload_bytes, patching: Mutex::new(HashSet::new()) })
+        Ok(DatasetStore {
+            blobs,
+            staging: staging.to_owned(),
+            quota_bytes,
+            max_upload_bytes,
+            patching: Mutex::new(HashSet::new()),
+            quota_lock: tokio::sync::Mutex::new(()),
+            thumbnails: tokio::sync::Semaphore::new(THUMBNAILS_AT_ONCE),
+        })
     }
 
     /// The embedded default: blobs and staging under one folder.
@@ -142,7 +158,9 @@ pub struct FileEntry {
 #[derive(Debug, Default)]
 pub struct Imported {
     pub files: Vec<FileEntry>,
+    /// The first rejections (`ImportLimits::rejections_listed`); `rejected_count` counts all.
     pub rejected: Vec<Rejected>,
+    pub rejected_count: u64,
     /// `(name, name of the first file with the same bytes)`: kept once.
     pub duplicates: Vec<(String, String)>,
     /// Objects attached to images from annotation files.
@@ -184,36 +202,87 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What an import may take: bytes of accepted pictures (the account's quota left), entries
+/// read, and rejections listed one by one (the rest are counted).
+#[derive(Clone, Copy, Debug)]
+pub struct ImportLimits {
+    pub bytes: u64,
+    pub entries: usize,
+    pub rejections_listed: usize,
+}
+
+impl ImportLimits {
+    pub fn with_bytes(bytes: u64) -> ImportLimits {
+        ImportLimits { bytes, entries: MAX_ITEMS, rejections_listed: 1_000 }
+    }
+}
+
+/// Why an import stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("the archive does not read: {0}")]
+    Unreadable(std::io::Error),
+    #[error("more than {0} entries")]
+    TooManyEntries(usize),
+    #[error("the pictures take more than the {0} bytes left of the quota")]
+    OverQuota(u64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Reads an upload (`path`, staged whole and checked) into images and annotations. Runs on a
 /// blocking thread: decoding is CPU work. Images go to the store through `keep` as they are
-/// found (each content once); every bad file becomes a `Rejected` with its reason.
+/// found (each content once); every bad file becomes a `Rejected` with its reason. An archive
+/// is read as it streams (twice: once for its names, once for its files), so no more than one
+/// file is in memory at a time.
 pub fn import_upload(
     path: &Path,
     filename: &str,
     labels: LabelSource,
+    limits: ImportLimits,
     keep: &mut dyn FnMut(Vec<u8>, Digest) -> Result<(), StoreError>,
-) -> Result<Imported, StoreError> {
-    let mut files = Vec::new();
+) -> Result<Imported, ImportError> {
+    let mut importer = Importer { labels, limits, out: Imported::default(), seen: HashMap::new(), notes: Vec::new(), accepted_bytes: 0, keep };
     match UploadKind::of(filename) {
         UploadKind::Image => {
-            let bytes = std::fs::read(path)?;
-            // The name it was uploaded under, folders included (`red/new.png` is a `red`).
-            files.push((filename.to_owned(), bytes));
+            let size = std::fs::metadata(path).map_err(StoreError::from)?.len();
+            if size > MAX_FILE_BYTES {
+                importer.reject(filename.to_owned(), format!("{size} bytes; one file may have at most {MAX_FILE_BYTES}"), RejectKind::TooLarge);
+            } else {
+                // The name it was uploaded under, folders included (`red/new.png` is a `red`).
+                importer.take(filename.to_owned(), std::fs::read(path).map_err(StoreError::from)?)?;
+            }
         }
         UploadKind::Tar { gzip } => {
-            let file = std::fs::File::open(path)?;
-            let reader: Box<dyn Read> = if gzip { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
-            return import_tar(reader, labels, keep);
+            let open = || -> Result<tar::Archive<Box<dyn Read>>, ImportError> {
+                let file = std::fs::File::open(path).map_err(StoreError::from)?;
+                let reader: Box<dyn Read> = if gzip { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
+                Ok(tar::Archive::new(reader))
+            };
+            // A folder packed with its own name (`tar cf d.tar digits/`) reads like one packed
+            // from inside it (`tar cf d.tar -C digits .`).
+            let prefix = common_folder(&entry_names(open()?, limits.entries)?);
+            importer.take_tar(open()?, prefix.as_deref())?;
         }
     }
-    let mut out = Imported::default();
-    let mut seen = HashMap::new();
-    let mut notes = Vec::new();
-    for (name, bytes) in files {
-        take_file(name, bytes, labels, &mut seen, &mut out, &mut notes, keep)?;
-    }
+    let Importer { mut out, notes, .. } = importer;
     attach_annotations(&mut out, notes);
     Ok(out)
+}
+
+/// The names of an archive's regular files (its first pass).
+fn entry_names(mut archive: tar::Archive<Box<dyn Read>>, limit: usize) -> Result<Vec<String>, ImportError> {
+    let mut names = Vec::new();
+    for (n, entry) in archive.entries().map_err(ImportError::Unreadable)?.enumerate() {
+        if n >= limit {
+            return Err(ImportError::TooManyEntries(limit));
+        }
+        let entry = entry.map_err(ImportError::Unreadable)?;
+        if matches!(entry.header().entry_type(), tar::EntryType::Regular | tar::EntryType::Continuous) {
+            names.push(String::from_utf8_lossy(&entry.path_bytes()).trim_start_matches("./").to_owned());
+        }
+    }
+    Ok(names)
 }
 
 fn base_name(name: &str) -> &str {
@@ -226,62 +295,101 @@ struct LabelFile {
     bytes: Vec<u8>,
 }
 
-fn import_tar(reader: Box<dyn Read>, labels: LabelSource, keep: &mut dyn FnMut(Vec<u8>, Digest) -> Result<(), StoreError>) -> Result<Imported, StoreError> {
-    let mut archive = tar::Archive::new(reader);
-    let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut out = Imported::default();
-    let unreadable = |e: std::io::Error| StoreError::Io(std::io::Error::new(e.kind(), format!("the archive does not read: {e}")));
-    for entry in archive.entries().map_err(unreadable)? {
-        let mut entry = entry.map_err(unreadable)?;
-        let raw_name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let name = raw_name.trim_start_matches("./").to_owned();
-        match entry.header().entry_type() {
-            tar::EntryType::Regular | tar::EntryType::Continuous => {}
-            tar::EntryType::Directory => continue,
-            other => {
-                out.rejected.push(Rejected {
-                    name,
-                    reason: format!("not a regular file ({other:?}): links are not followed"),
-                    kind: RejectKind::UnsupportedFormat,
-                });
-                continue;
-            }
-        }
-        if let Err(why) = check_name(&name) {
-            out.rejected.push(Rejected { name, reason: format!("refused name: {why}"), kind: RejectKind::Io });
-            continue;
-        }
-        let size = entry.header().size().map_err(unreadable)?;
-        if size > MAX_FILE_BYTES {
-            out.rejected.push(Rejected { name, reason: format!("{size} bytes; one file may have at most {MAX_FILE_BYTES}"), kind: RejectKind::TooLarge });
-            continue;
-        }
-        let mut bytes = Vec::with_capacity(size as usize);
-        entry.read_to_end(&mut bytes).map_err(unreadable)?;
-        entries.push((name, bytes));
-        if entries.len() > MAX_ITEMS {
-            return Err(StoreError::TooLarge { limit: MAX_ITEMS as u64 });
-        }
-    }
-    // A folder packed with its own name (`tar cf d.tar digits/`) reads like one packed from
-    // inside it (`tar cf d.tar -C digits .`).
-    let prefix = common_folder(entries.iter().map(|(n, _)| n.as_str()));
-    let mut seen = HashMap::new();
-    let mut notes = Vec::new();
-    for (name, bytes) in entries {
-        let name = match &prefix {
-            Some(p) => name[p.len() + 1..].to_owned(),
-            None => name,
-        };
-        take_file(name, bytes, labels, &mut seen, &mut out, &mut notes, keep)?;
-    }
-    attach_annotations(&mut out, notes);
-    Ok(out)
+/// Annotation files are small; one larger than this is refused rather than held.
+const MAX_LABEL_FILE_BYTES: u64 = 64 << 20;
+
+struct Importer<'k> {
+    labels: LabelSource,
+    limits: ImportLimits,
+    out: Imported,
+    /// SHA-256 → the first name it came under.
+    seen: HashMap<String, String>,
+    notes: Vec<LabelFile>,
+    accepted_bytes: u64,
+    keep: &'k mut dyn FnMut(Vec<u8>, Digest) -> Result<(), StoreError>,
 }
 
-/// The one top-level folder every name is under, if there is one (and it is not also a class
-/// folder among others).
-fn common_folder<'a>(names: impl Iterator<Item = &'a str>) -> Option<String> {
+impl Importer<'_> {
+    fn reject(&mut self, name: String, reason: String, kind: RejectKind) {
+        self.out.rejected_count += 1;
+        if self.out.rejected.len() < self.limits.rejections_listed {
+            self.out.rejected.push(Rejected { name, reason, kind });
+        }
+    }
+
+    fn take_tar(&mut self, mut archive: tar::Archive<Box<dyn Read>>, prefix: Option<&str>) -> Result<(), ImportError> {
+        for (n, entry) in archive.entries().map_err(ImportError::Unreadable)?.enumerate() {
+            if n >= self.limits.entries {
+                return Err(ImportError::TooManyEntries(self.limits.entries));
+            }
+            let mut entry = entry.map_err(ImportError::Unreadable)?;
+            let raw_name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let mut name = raw_name.trim_start_matches("./").to_owned();
+            match entry.header().entry_type() {
+                tar::EntryType::Regular | tar::EntryType::Continuous => {}
+                tar::EntryType::Directory => continue,
+                other => {
+                    self.reject(name, format!("not a regular file ({other:?}): links are not followed"), RejectKind::UnsupportedFormat);
+                    continue;
+                }
+            }
+            if let Some(rest) = prefix.and_then(|p| name.strip_prefix(p)).and_then(|rest| rest.strip_prefix('/')) {
+                name = rest.to_owned();
+            }
+            if let Err(why) = check_name(&name) {
+                self.reject(name, format!("refused name: {why}"), RejectKind::Io);
+                continue;
+            }
+            let size = entry.header().size().map_err(ImportError::Unreadable)?;
+            let limit = if is_annotation_file(&name) { MAX_LABEL_FILE_BYTES } else { MAX_FILE_BYTES };
+            if size > limit {
+                self.reject(name, format!("{size} bytes; one such file may have at most {limit}"), RejectKind::TooLarge);
+                continue;
+            }
+            let mut bytes = Vec::with_capacity(size as usize);
+            entry.read_to_end(&mut bytes).map_err(ImportError::Unreadable)?;
+            self.take(name, bytes)?;
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, name: String, bytes: Vec<u8>) -> Result<(), ImportError> {
+        if is_annotation_file(&name) {
+            self.notes.push(LabelFile { name, bytes });
+            return Ok(());
+        }
+        let limits = IntakeLimits { max_file_bytes: MAX_FILE_BYTES, ..IntakeLimits::default() };
+        let image = match suanli_cv::intake::inspect_bytes(name.clone(), &bytes, &limits) {
+            Ok(image) => image,
+            Err(e) => {
+                self.reject(name, e.to_string(), e.kind());
+                return Ok(());
+            }
+        };
+        if let Some(first) = self.seen.get(&image.sha256) {
+            self.out.duplicates.push((name, first.clone()));
+            return Ok(());
+        }
+        let size = bytes.len() as u64;
+        self.accepted_bytes += size;
+        if self.accepted_bytes > self.limits.bytes {
+            return Err(ImportError::OverQuota(self.limits.bytes));
+        }
+        self.seen.insert(image.sha256.clone(), name.clone());
+        let digest: Digest = image.sha256.parse()?;
+        (self.keep)(bytes, digest)?;
+        let label = match self.labels {
+            LabelSource::Folders => name.split_once('/').map(|(folder, _)| folder.to_owned()),
+            LabelSource::None => None,
+        };
+        self.out.files.push(FileEntry { name, sha256: image.sha256, size, label, width: image.width, height: image.height, objects: Vec::new() });
+        Ok(())
+    }
+}
+
+/// The one top-level folder every name is under, when the names below it still have folders
+/// of their own (`digits/zero/a.png`): a lone class folder (`cats/a.png`) is a label, kept.
+fn common_folder(names: &[String]) -> Option<String> {
     let mut common: Option<&str> = None;
     for name in names {
         let (first, _) = name.split_once('/')?;
@@ -291,49 +399,13 @@ fn common_folder<'a>(names: impl Iterator<Item = &'a str>) -> Option<String> {
             Some(_) => return None,
         }
     }
-    common.map(str::to_owned)
+    let folder = common?;
+    names.iter().any(|n| n[folder.len() + 1..].contains('/')).then(|| folder.to_owned())
 }
 
 fn is_annotation_file(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     lower.ends_with(".json") || lower.ends_with(".xml") || lower.ends_with(".txt") || lower.ends_with(".names")
-}
-
-fn take_file(
-    name: String,
-    bytes: Vec<u8>,
-    labels: LabelSource,
-    seen: &mut HashMap<String, String>,
-    out: &mut Imported,
-    notes: &mut Vec<LabelFile>,
-    keep: &mut dyn FnMut(Vec<u8>, Digest) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
-    if is_annotation_file(&name) {
-        notes.push(LabelFile { name, bytes });
-        return Ok(());
-    }
-    let limits = IntakeLimits { max_file_bytes: MAX_FILE_BYTES, ..IntakeLimits::default() };
-    let image = match suanli_cv::intake::inspect_bytes(name.clone(), &bytes, &limits) {
-        Ok(image) => image,
-        Err(e) => {
-            out.rejected.push(Rejected { name, reason: e.to_string(), kind: e.kind() });
-            return Ok(());
-        }
-    };
-    if let Some(first) = seen.get(&image.sha256) {
-        out.duplicates.push((name, first.clone()));
-        return Ok(());
-    }
-    seen.insert(image.sha256.clone(), name.clone());
-    let digest: Digest = image.sha256.parse()?;
-    let size = bytes.len() as u64;
-    keep(bytes, digest)?;
-    let label = match labels {
-        LabelSource::Folders => name.split_once('/').map(|(folder, _)| folder.to_owned()),
-        LabelSource::None => None,
-    };
-    out.files.push(FileEntry { name, sha256: image.sha256, size, label, width: image.width, height: image.height, objects: Vec::new() });
-    Ok(())
 }
 
 /// Reads COCO (`*.json`), Pascal VOC (`*.xml`) and YOLO (`*.txt` beside `classes.txt` or
@@ -353,7 +425,10 @@ fn attach_annotations(out: &mut Imported, notes: Vec<LabelFile>) {
         .find(|n| base_name(&n.name) == "classes.txt" || n.name.ends_with(".names"))
         .map(|n| annotation::yolo::read_classes(&String::from_utf8_lossy(&n.bytes)))
         .unwrap_or_default();
-    let reject = |out: &mut Imported, name: &str, reason: String| out.rejected.push(Rejected { name: name.to_owned(), reason, kind: RejectKind::Corrupt });
+    let reject = |out: &mut Imported, name: &str, reason: String| {
+        out.rejected_count += 1;
+        out.rejected.push(Rejected { name: name.to_owned(), reason, kind: RejectKind::Corrupt });
+    };
     for note in notes {
         let lower = note.name.to_ascii_lowercase();
         let base = base_name(&note.name);
@@ -527,7 +602,7 @@ mod tests {
         let path = dir.path().join("up.tar");
         std::fs::write(&path, tar_of(entries)).expect("write");
         let mut kept = Vec::new();
-        let imported = import_upload(&path, "up.tar", labels, &mut |_, d| {
+        let imported = import_upload(&path, "up.tar", labels, ImportLimits::with_bytes(u64::MAX), &mut |_, d| {
             kept.push(d);
             Ok(())
         })
@@ -543,6 +618,32 @@ mod tests {
         assert_eq!(names, [("zero/a.png", Some("zero")), ("one/b.png", Some("one"))]);
         assert_eq!((imported.files[0].width, imported.files[0].height), (4, 3));
         assert_eq!(kept.len(), 2);
+    }
+
+    #[test]
+    fn a_lone_class_folder_stays_a_label() {
+        let (a, b) = (png(4, 3, 10), png(4, 3, 200));
+        let (imported, _) = import(&[("cats/a.png", &a), ("cats/b.png", &b)], LabelSource::Folders);
+        let names: Vec<(&str, Option<&str>)> = imported.files.iter().map(|f| (f.name.as_str(), f.label.as_deref())).collect();
+        assert_eq!(names, [("cats/a.png", Some("cats")), ("cats/b.png", Some("cats"))]);
+    }
+
+    #[test]
+    fn an_import_stops_at_the_quota_left_and_lists_only_the_first_rejections() {
+        let (a, b) = (png(8, 8, 1), png(8, 8, 2));
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("up.tar");
+        std::fs::write(&path, tar_of(&[("x/a.png", &a), ("y/b.png", &b)])).expect("write");
+        let over = import_upload(&path, "up.tar", LabelSource::Folders, ImportLimits::with_bytes(a.len() as u64 + 1), &mut |_, _| Ok(()));
+        assert!(matches!(over, Err(ImportError::OverQuota(_))), "{over:?}");
+        let junk: Vec<(String, Vec<u8>)> = (0..5).map(|i| (format!("j/{i}.bin"), vec![1u8; 3])).collect();
+        let entries: Vec<(&str, &[u8])> = junk.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+        std::fs::write(&path, tar_of(&entries)).expect("write");
+        let limits = ImportLimits { rejections_listed: 2, ..ImportLimits::with_bytes(u64::MAX) };
+        let imported = import_upload(&path, "up.tar", LabelSource::Folders, limits, &mut |_, _| Ok(())).expect("import");
+        assert_eq!((imported.rejected.len(), imported.rejected_count), (2, 5));
+        let limits = ImportLimits { entries: 3, ..ImportLimits::with_bytes(u64::MAX) };
+        assert!(matches!(import_upload(&path, "up.tar", LabelSource::Folders, limits, &mut |_, _| Ok(())), Err(ImportError::TooManyEntries(3))));
     }
 
     #[test]
@@ -578,7 +679,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("l.tar");
         std::fs::write(&path, bytes).expect("write");
-        let imported = import_upload(&path, "l.tar", LabelSource::None, &mut |_, _| panic!("nothing is kept")).expect("import");
+        let imported =
+            import_upload(&path, "l.tar", LabelSource::None, ImportLimits::with_bytes(u64::MAX), &mut |_, _| panic!("nothing is kept")).expect("import");
         assert!(imported.files.is_empty());
         assert_eq!(imported.rejected[0].name, "evil.png");
         for bad in ["../x.png", "/abs.png", "a//b.png", "a/./b.png", ""] {

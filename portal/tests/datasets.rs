@@ -337,10 +337,28 @@ async fn a_quota_overrun_is_refused_before_the_bytes_are_sent() -> anyhow::Resul
             "over the quota: {status} {body}"
         );
         anyhow::ensure!(storage_used(&frank).await? == 0, "nothing held");
-        let (status, body, _) = tus.create("fits.tar", 4000, &sha_hex(b"x")).await?;
+        let (status, body, fits) = tus.create("fits.tar", 4000, &sha_hex(b"x")).await?;
         anyhow::ensure!(status == StatusCode::CREATED, "within the quota: {status} {body}");
         let (status, body, _) = tus.create("second.tar", 1001, &sha_hex(b"x")).await?;
         anyhow::ensure!(status == StatusCode::PAYLOAD_TOO_LARGE, "an upload under way counts: {status} {body}");
+        let (status, _) = frank.send(reqwest::Method::DELETE, &fits.unwrap_or_default(), None).await?;
+        anyhow::ensure!(status == StatusCode::NO_CONTENT, "delete the waiting upload: {status}");
+
+        // A small archive that unpacks to more than the quota: refused when it is imported,
+        // and no version is made.
+        let mut tiff = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(image::RgbImage::new(64, 64)).write_to(&mut tiff, image::ImageFormat::Tiff)?;
+        let tar = tar_of(&[("black/a.tiff".into(), tiff.into_inner())]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut gz, &tar)?;
+        let packed = gz.finish()?;
+        anyhow::ensure!(packed.len() < 2000, "the archive is small: {} bytes", packed.len());
+        let id = new_dataset(&frank, "bomb").await?;
+        let upload = tus.upload("bomb.tgz", &packed).await?;
+        let (status, body) = frank.post(&format!("/api/v1/datasets/{id}/versions"), json!({"uploads": [upload]})).await?;
+        anyhow::ensure!(status == StatusCode::PAYLOAD_TOO_LARGE && Api::code(&body) == "QUOTA_EXCEEDED", "unpacked past the quota: {status} {body}");
+        let (_, d) = frank.get(&format!("/api/v1/datasets/{id}")).await?;
+        anyhow::ensure!(d["latest_version"] == 0, "no version was made: {d}");
         Ok(())
     }
     .await;

@@ -13,6 +13,8 @@ use suanli_cli::models::{self, Comparison, ModelSummary, ModelVersionView, Model
 use suanli_cli::upload::{ResumeBook, StderrProgress, Tus};
 use suanli_cli::{config, pack, query, ssh, table};
 
+mod supplier;
+
 #[derive(Parser)]
 #[command(name = "suanli", version, about = "The Suanli marketplace from a terminal: search, lease, run jobs, keep datasets and models.", after_help = EXAMPLES)]
 struct Cli {
@@ -37,7 +39,9 @@ const EXAMPLES: &str = "Examples:
   suanli model register digits-cls --job 42 --card MODEL.md
   suanli model pull digits-cls -o model.safetensors  (the serving version, checked by SHA-256)
   suanli model compare digits-cls 1 2
-  suanli model promote digits-cls 2";
+  suanli model promote digits-cls 2
+  suanli node enroll-token                           (suppliers: for a new node's agent)
+  suanli cluster publish cluster.toml                (suppliers: see `suanli cluster publish --help`)";
 
 #[derive(Subcommand)]
 enum Command {
@@ -80,6 +84,12 @@ enum Command {
     /// Models: versions registered from jobs' outputs; list, register, pull, promote, compare.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Suppliers: enrollment tokens for new nodes, your enrolled nodes.
+    #[command(subcommand)]
+    Node(supplier::NodeCommand),
+    /// Suppliers: publish enrolled nodes as a cluster from a TOML file, list your clusters.
+    #[command(subcommand)]
+    Cluster(supplier::ClusterCommand),
     /// Log in to a lease's node with OpenSSH: a certificate for the CLI's own key, the node's
     /// host key checked; arguments after `--` go to ssh (a command to run).
     Ssh {
@@ -325,6 +335,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Job(command) => job(&portal, command).await?,
         Command::Data(command) => dataset(&portal, &dir, command).await?,
         Command::Model(command) => model(&portal, command).await?,
+        Command::Node(command) => supplier::node(&portal, command).await?,
+        Command::Cluster(command) => supplier::cluster(&portal, command).await?,
         Command::Ssh { lease, node, args } => ssh(&portal, &dir, lease, node, Forward::Command(args)).await?,
         Command::Vnc { lease, node, local_port } => ssh(&portal, &dir, lease, node, Forward::Vnc(local_port)).await?,
     }

@@ -33,13 +33,16 @@ async fn market() -> Market {
     let mut platform = broker.client(1, PLATFORM_TOKEN).await.expect("platform");
     let (researcher, researcher_token) = register(&mut platform, AccountKind::Researcher, "researcher").await.expect("researcher");
     deposit(&mut platform, researcher, RESEARCHER_FUNDS, "funds").await.expect("deposit");
-    let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
+    let (supplier_id, supplier_token) = register(&mut platform, AccountKind::Supplier, "supplier").await.expect("supplier");
     let mut supplier = broker.client(1, &supplier_token).await.expect("supplier");
     let class_b = publish(&mut supplier, ClusterClass::B, 1, 4, "b").await.expect("class B").cluster_id;
     let class_a = publish(&mut supplier, ClusterClass::A, 1, 8, "a").await.expect("class A").cluster_id;
 
     let broker_url = format!("http://{}", broker.address(1).expect("address"));
-    let (portal, token) = researcher_portal(dir.path(), &broker_url, PLATFORM_TOKEN, (researcher, &researcher_token), suanli_portal::demo::DEMO_PASSWORD, &[])
+    // The supplier signs in to the portal as its demo supplier.
+    let adopt_supplier = format!("{supplier_id}:{supplier_token}");
+    let more = ["--demo-supplier", adopt_supplier.as_str()];
+    let (portal, token) = researcher_portal(dir.path(), &broker_url, PLATFORM_TOKEN, (researcher, &researcher_token), suanli_portal::demo::DEMO_PASSWORD, &more)
         .await
         .expect("portal and API token");
     let http = reqwest::Client::new();
@@ -218,4 +221,67 @@ fn shells_complete_every_command_without_a_login() {
     }
     let wrong = run(&dir.path().join("config"), &["completions", "cmd.exe"], &[]);
     assert!(!wrong.status.success() && stderr(&wrong).contains("invalid value"), "{}", stderr(&wrong));
+}
+
+/// A supplier's terminal: an enrollment token for a new node, the clusters it published, and
+/// a cluster file naming a node it does not have, refused with the portal's own error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supplier_makes_an_enrollment_token_and_publishes_from_a_toml_file() {
+    let m = market().await;
+    let session = suanli_testkit::portal::log_in(&m.url, "demo-supplier", suanli_portal::demo::DEMO_PASSWORD).await.expect("supplier signs in");
+    let made: Value = session
+        .http
+        .post(format!("{}/api/v1/me/api-tokens", m.url))
+        .header("x-csrf-token", &session.csrf)
+        .json(&serde_json::json!({"name": "cli", "expires_in_days": 1}))
+        .send()
+        .await
+        .expect("token")
+        .json()
+        .await
+        .expect("json");
+    let token = made["token"].as_str().expect("a token").to_owned();
+    let config = m.dir.path().join("supplier-config");
+    ok(run(&config, &["login", "--portal", &m.url], &[("SUANLI_TOKEN", &token)]));
+
+    let enroll = ok(run(&config, &["node", "enroll-token", "--valid-seconds", "600"], &[]));
+    assert!(enroll.trim().len() >= 16, "an enrollment token: {enroll:?}");
+    let clusters = ok(run(&config, &["cluster", "ls"], &[]));
+    for id in [m.class_a, m.class_b] {
+        assert!(clusters.contains(&id.to_string()), "cluster {id} in {clusters}");
+    }
+
+    let file = m.dir.path().join("cluster.toml");
+    std::fs::write(
+        &file,
+        r#"class = "B"
+node_ids = [999999]
+[listing]
+title = "A100 in Shenzhen"
+gpu_model = "NVIDIA A100-SXM4-80GB"
+vram_gib = 80
+memory_gib = 512
+vcpus = 64
+vendor = "Inspur"
+region = "Shenzhen"
+currency = "CNY"
+[listing.storage]
+data_disks = 1
+data_disk_gb = 1000
+system_disk_gb = 200
+medium = "nvme"
+[[listing.prices]]
+billing_mode = "hourly"
+per_card_minor = 1200
+"#,
+    )
+    .expect("file");
+    let refused = run(&config, &["cluster", "publish", &file.display().to_string()], &[]);
+    assert!(!refused.status.success(), "a node it does not have: {}", stdout(&refused));
+    assert!(stderr(&refused).contains("NOT_FOUND") || stderr(&refused).contains("NODE"), "the portal's error: {}", stderr(&refused));
+    // A researcher's token is not a supplier's.
+    ok(suanli(&m, &["login", "--portal", &m.url], &[("SUANLI_TOKEN", &m.token)]));
+    let wrong = suanli(&m, &["node", "enroll-token"], &[]);
+    assert!(!wrong.status.success(), "a researcher made an enrollment token: {}", stdout(&wrong));
+    assert!(stderr(&wrong).contains("PERMISSION_DENIED") || stderr(&wrong).contains("WRONG_ACCOUNT_KIND"), "{}", stderr(&wrong));
 }

@@ -209,6 +209,9 @@ pub async fn create_upload(State(state): State<AppState>, Researcher(p): Researc
         return Err(ApiError::new(Code::PayloadTooLarge, format!("{length} bytes; one upload may have at most {}", store.max_upload_bytes)));
     }
     sweep_stale_uploads(&state, store).await?;
+    // Checked and recorded under one lock, so uploads created at the same time cannot all
+    // pass the same check (one portal; replicas each hold their own).
+    let _quota = store.quota_lock.lock().await;
     let used = storage_used(&state, p.user).await?;
     if used.saturating_add(length) > store.quota_bytes {
         return Err(ApiError::new(
@@ -288,7 +291,8 @@ pub async fn patch_upload(State(state): State<AppState>, Researcher(p): Research
         return Err(ApiError::new(Code::UploadOffsetMismatch, format!("the upload has {offset} of {} bytes; this PATCH starts at {claimed}", upload.length)));
     }
     let path = store.staged(&upload.id).ok_or_else(|| ApiError::not_found("upload"))?;
-    let mut file = tokio::fs::OpenOptions::new().append(true).open(&path).await.map_err(ApiError::internal)?;
+    // Created if a crash lost the empty file made with the upload (its offset reads as 0).
+    let mut file = tokio::fs::OpenOptions::new().append(true).create(true).open(&path).await.map_err(ApiError::internal)?;
     let mut body = request.into_body().into_data_stream();
     let mut written = offset;
     let mut cut_short = None;
@@ -319,17 +323,25 @@ pub async fn patch_upload(State(state): State<AppState>, Researcher(p): Research
         return Ok((StatusCode::NO_CONTENT, tus_headers(written, upload.length)).into_response());
     }
     if written == upload.length {
-        let actual = datasets::hash_file(&path).await.map_err(ApiError::internal)?;
-        if actual != upload.sha256 {
-            forget_upload(&state, store, &upload.id).await?;
-            return Err(ApiError::new(
-                Code::ChecksumMismatch,
-                format!("{} arrived as SHA-256 {actual}, not {} as announced: the upload is deleted", upload.filename, upload.sha256),
-            ));
-        }
-        sqlx::query("UPDATE uploads SET complete = 1 WHERE id = $1").bind(&upload.id).execute(&state.db.pool).await?;
+        finish(&state, store, &upload).await?;
     }
     Ok((StatusCode::NO_CONTENT, tus_headers(written, upload.length)).into_response())
+}
+
+/// An upload whose every byte arrived: it is complete if they hash to what it announced, and
+/// deleted (nothing kept) if not. The caller holds its PATCH guard.
+async fn finish(state: &AppState, store: &DatasetStore, upload: &UploadRow) -> ApiResult<()> {
+    let path = store.staged(&upload.id).ok_or_else(|| ApiError::not_found("upload"))?;
+    let actual = datasets::hash_file(&path).await.map_err(ApiError::internal)?;
+    if actual != upload.sha256 {
+        forget_upload(state, store, &upload.id).await?;
+        return Err(ApiError::new(
+            Code::ChecksumMismatch,
+            format!("{} arrived as SHA-256 {actual}, not {} as announced: the upload is deleted", upload.filename, upload.sha256),
+        ));
+    }
+    sqlx::query("UPDATE uploads SET complete = 1 WHERE id = $1").bind(&upload.id).execute(&state.db.pool).await?;
+    Ok(())
 }
 
 // ---- datasets ----
@@ -372,6 +384,9 @@ pub struct VersionReport {
     pub modified: u64,
     #[schema(value_type = Vec<Object>)]
     pub rejected: Vec<Rejected>,
+    /// Every file refused (the list holds the first thousand).
+    #[serde(default)]
+    pub rejected_count: u64,
     pub duplicates: u64,
     pub annotations: u64,
 }
@@ -591,10 +606,12 @@ pub async fn latest_items(state: &AppState, datasets: &[DatasetView]) -> ApiResu
 pub async fn delete(State(state): State<AppState>, Researcher(p): Researcher, ApiPath(id): ApiPath<u64>) -> ApiResult<Response> {
     let d = owned(&state, &p, id).await?;
     let mut tx = state.db.pool.begin().await?;
+    // The dataset's row first: a version being committed meanwhile waits on it, then finds
+    // the dataset gone (its UPDATE moves nothing), rather than leaving rows behind.
+    sqlx::query("DELETE FROM datasets WHERE id = $1").bind(d.id).execute(&mut *tx).await?;
     for table in ["dataset_files", "dataset_versions", "dataset_shares"] {
         sqlx::query(&format!("DELETE FROM {table} WHERE dataset_id = $1")).bind(d.id).execute(&mut *tx).await?;
     }
-    sqlx::query("DELETE FROM datasets WHERE id = $1").bind(d.id).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -729,10 +746,17 @@ pub async fn create_version(
     }
     let mut uploads = Vec::new();
     for upload_id in &req.uploads {
-        let upload = upload_of(&state, &p, upload_id).await?;
+        let mut upload = upload_of(&state, &p, upload_id).await?;
         if !upload.complete {
             let offset = staged_len(store, upload_id).await?;
-            return Err(ApiError::new(Code::UploadIncomplete, format!("upload {upload_id} has {offset} of its {} bytes", upload.length)));
+            if offset != upload.length {
+                return Err(ApiError::new(Code::UploadIncomplete, format!("upload {upload_id} has {offset} of its {} bytes", upload.length)));
+            }
+            // Every byte arrived but the PATCH that brought the last ones ended before it
+            // was checked (a client gone, a restart): check it now.
+            let _writing = store.begin_patch(&upload.id).ok_or_else(|| ApiError::new(Code::UploadOffsetMismatch, "a PATCH is writing this upload"))?;
+            finish(&state, store, &upload).await?;
+            upload.complete = true;
         }
         uploads.push(upload);
     }
@@ -745,11 +769,18 @@ pub async fn create_version(
             return Err(ApiError::field("remove", format!("{name:?} is not in version {}", d.latest)));
         }
     }
+    // What the pictures may take: the quota, less what the account keeps besides these
+    // uploads (whose lengths counted while they waited; an archive may unpack to more).
+    let waiting: u64 = uploads.iter().map(|u| u.length).sum();
+    let mut budget = store.quota_bytes.saturating_sub(storage_used(&state, p.user).await?.saturating_sub(waiting));
     for upload in &uploads {
-        let imported = import(store, upload, req.labels).await?;
+        let imported = import(store, upload, req.labels, budget).await?;
+        budget = budget.saturating_sub(imported.files.iter().map(|f| f.size).sum());
         report.duplicates += imported.duplicates.len() as u64;
         report.annotations += imported.annotations;
+        report.rejected_count += imported.rejected_count;
         report.rejected.extend(imported.rejected);
+        report.rejected.truncate(CHANGES_LISTED);
         for file in imported.files {
             next.insert(file.name.clone(), file);
         }
@@ -796,7 +827,7 @@ pub async fn create_version(
 /// one at a time leaves the decoder waiting on round trips.
 const STORES_IN_FLIGHT: usize = 16;
 
-async fn import(store: &DatasetStore, upload: &UploadRow, labels: LabelSource) -> ApiResult<datasets::Imported> {
+async fn import(store: &DatasetStore, upload: &UploadRow, labels: LabelSource, budget: u64) -> ApiResult<datasets::Imported> {
     let path = store.staged(&upload.id).ok_or_else(|| ApiError::not_found("upload"))?;
     let blobs = Arc::clone(store.blobs());
     let filename = upload.filename.clone();
@@ -823,7 +854,7 @@ async fn import(store: &DatasetStore, upload: &UploadRow, labels: LabelSource) -
         Ok::<(), StoreError>(())
     });
     let imported = tokio::task::spawn_blocking(move || {
-        datasets::import_upload(&path, &filename, labels, &mut |bytes, digest| {
+        datasets::import_upload(&path, &filename, labels, datasets::ImportLimits::with_bytes(budget), &mut |bytes, digest| {
             to_store.blocking_send((bytes, digest)).map_err(|_| StoreError::Io(std::io::Error::other("the store stopped taking pictures")))
         })
     })
@@ -833,9 +864,12 @@ async fn import(store: &DatasetStore, upload: &UploadRow, labels: LabelSource) -
     // The store's own error explains a stop better than the channel closing does.
     stored.map_err(store_error)?;
     imported.map_err(|e| match e {
-        StoreError::Io(e) if e.to_string().starts_with("the archive does not read") => ApiError::field("uploads", format!("{}: {e}", upload.filename)),
-        StoreError::TooLarge { limit } => ApiError::field("uploads", format!("{}: more than {limit} files", upload.filename)),
-        other => store_error(other),
+        datasets::ImportError::Unreadable(e) => ApiError::field("uploads", format!("{}: the archive does not read: {e}", upload.filename)),
+        datasets::ImportError::TooManyEntries(limit) => ApiError::field("uploads", format!("{}: more than {limit} entries", upload.filename)),
+        datasets::ImportError::OverQuota(left) => {
+            ApiError::new(Code::QuotaExceeded, format!("{}: its pictures take more than the {left} bytes left of your quota", upload.filename))
+        }
+        datasets::ImportError::Store(e) => store_error(e),
     })
 }
 
@@ -1050,13 +1084,21 @@ pub async fn file(
     if !(16..=512).contains(&edge) {
         return Err(ApiError::field("thumbnail", "16 to 512 pixels"));
     }
+    // A few at a time: each holds a whole picture's pixels while it is shrunk.
+    let _turn = store.thumbnails.acquire().await.map_err(ApiError::internal)?;
     let mut bytes = Vec::with_capacity(size as usize);
     let mut reader = opened.reader;
     tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut bytes).await.map_err(ApiError::internal)?;
-    let png = tokio::task::spawn_blocking(move || suanli_cv::intake::thumbnail_png(&bytes, edge, &suanli_cv::intake::IntakeLimits::default()))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    let limits = suanli_cv::intake::IntakeLimits { max_pixels: datasets::THUMBNAIL_MAX_PIXELS, ..suanli_cv::intake::IntakeLimits::default() };
+    let png =
+        tokio::task::spawn_blocking(move || suanli_cv::intake::thumbnail_png(&bytes, edge, &limits)).await.map_err(ApiError::internal)?.map_err(
+            |e| match e {
+                suanli_cv::intake::IntakeError::TooLarge { detail, .. } => {
+                    ApiError::field("thumbnail", format!("too large to make a thumbnail of ({detail}): fetch the file itself"))
+                }
+                other => ApiError::internal(other),
+            },
+        )?;
     Ok((
         [(header::CONTENT_TYPE, HeaderValue::from_static("image/png")), (header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400, immutable"))],
         png,
@@ -1102,16 +1144,24 @@ pub async fn unshare(State(state): State<AppState>, Researcher(p): Researcher, A
 /// The version a job input names (`digits@2`, `bob/digits`, `12@3`), if `p` may read it.
 pub async fn resolve(state: &AppState, p: &Principal, reference: &DatasetRef) -> ApiResult<(DatasetRow, i64)> {
     let visible = datasets_of(state, p).await?;
-    let found = visible
-        .iter()
-        .find(|d| {
-            (d.name == reference.name || d.dataset_id.to_string() == reference.name)
-                && match &reference.owner {
-                    Some(owner) => &d.owner == owner,
-                    None => true,
-                }
-        })
-        .ok_or_else(|| ApiError::not_found(format!("dataset {}", reference.name)))?;
+    let named = |d: &&DatasetView| {
+        (d.name == reference.name || d.dataset_id.to_string() == reference.name)
+            && match &reference.owner {
+                Some(owner) => &d.owner == owner,
+                None => true,
+            }
+    };
+    // One's own dataset of that name; else the one shared under it, if only one is.
+    let candidates: Vec<&DatasetView> = visible.iter().filter(named).collect();
+    let found = match (candidates.iter().find(|d| d.mine), candidates.as_slice()) {
+        (Some(mine), _) => *mine,
+        (None, [only]) => *only,
+        (None, []) => return Err(ApiError::not_found(format!("dataset {}", reference.name))),
+        (None, several) => {
+            let owners: Vec<String> = several.iter().map(|d| format!("{}/{}", d.owner, d.name)).collect();
+            return Err(ApiError::field("dataset", format!("{} names several datasets shared with you: write one of {}", reference.name, owners.join(", "))));
+        }
+    };
     let d = readable(state, p, found.dataset_id).await?;
     let v = pick_version(&d, reference.version.unwrap_or(0))?;
     Ok((d, v))

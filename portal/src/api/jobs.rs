@@ -138,6 +138,9 @@ pub async fn submit(State(state): State<AppState>, Researcher(p): Researcher, Ap
     Ok((StatusCode::CREATED, axum::Json(view(&job))).into_response())
 }
 
+/// Dataset inputs one job may name.
+const MAX_DATASET_INPUTS: usize = 8;
+
 /// Inputs that name a dataset version (`{"name": "digits.tar", "dataset": "digits@2"}`) become
 /// the version's archive in the artifact store (`{"name", "sha256"}`), as the broker's spec
 /// has it. Returns `(input name, dataset, version)` for each, for the lineage of what the job
@@ -147,6 +150,10 @@ async fn datasets_to_artifacts(state: &AppState, p: &Principal, spec: &mut serde
     let Some(inputs) = spec.get_mut("inputs").and_then(|i| i.as_array_mut()) else {
         return Ok(used);
     };
+    let named = inputs.iter().filter(|i| i.get("dataset").is_some()).count();
+    if named > MAX_DATASET_INPUTS {
+        return Err(ApiError::field("inputs", format!("at most {MAX_DATASET_INPUTS} dataset inputs a job (each is archived and stored for it)")));
+    }
     for (i, input) in inputs.iter_mut().enumerate() {
         let Some(object) = input.as_object_mut() else { continue };
         let Some(reference) = object.remove("dataset") else { continue };

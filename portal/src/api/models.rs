@@ -180,13 +180,22 @@ pub async fn register(State(state): State<AppState>, Researcher(p): Researcher, 
         Some(row) => row.try_get::<i64, _>("id")?,
         None => {
             let id = new_public_id();
-            sqlx::query("INSERT INTO models (id, owner, name, created_ms) VALUES ($1, $2, $3, $4)")
+            let made = sqlx::query("INSERT INTO models (id, owner, name, created_ms) VALUES ($1, $2, $3, $4)")
                 .bind(id)
                 .bind(p.user.0)
                 .bind(&req.name)
                 .bind(now_ms())
                 .execute(&mut *tx)
-                .await?;
+                .await;
+            match made {
+                Err(e) if crate::db::Db::is_unique_violation(&e) => {
+                    return Err(ApiError::broker(
+                        suanli_types::ErrorCode::AlreadyExists,
+                        format!("{} was registered by another request meanwhile: try again", req.name),
+                    ))
+                }
+                other => other?,
+            };
             id
         }
     };
