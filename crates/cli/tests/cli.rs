@@ -42,9 +42,10 @@ async fn market() -> Market {
     // The supplier signs in to the portal as its demo supplier.
     let adopt_supplier = format!("{supplier_id}:{supplier_token}");
     let more = ["--demo-supplier", adopt_supplier.as_str()];
-    let (portal, token) = researcher_portal(dir.path(), &broker_url, PLATFORM_TOKEN, (researcher, &researcher_token), suanli_portal::demo::DEMO_PASSWORD, &more)
-        .await
-        .expect("portal and API token");
+    let (portal, token) =
+        researcher_portal(dir.path(), &broker_url, PLATFORM_TOKEN, (researcher, &researcher_token), suanli_portal::demo::DEMO_PASSWORD, &more)
+            .await
+            .expect("portal and API token");
     let http = reqwest::Client::new();
     // The catalogue copy follows the broker's events: wait until both clusters are in it.
     let url = portal.url.clone();
