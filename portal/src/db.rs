@@ -318,6 +318,8 @@ pub const MIGRATIONS: &[Migration] = &[
     PRIMARY KEY (model_id, version)
 )",
     ]),
+    // 8: what the quota and the dataset list look up by account.
+    expand(&["CREATE INDEX uploads_by_owner ON uploads (owner)", "CREATE INDEX dataset_shares_by_user ON dataset_shares (user_id)"]),
 ];
 
 impl Db {

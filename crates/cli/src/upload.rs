@@ -277,6 +277,17 @@ pub enum ResumeError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not what suanli writes there ({source}); it only lists uploads to resume, so it may be deleted")]
     Unreadable { path: PathBuf, source: serde_json::Error },
+    #[error(
+        "{path} was written by a newer suanli (format {found}, this one reads up to {RESUME_FORMAT}); it only lists uploads to resume, so it may be deleted"
+    )]
+    Newer { path: PathBuf, found: u32 },
+}
+
+/// The resume file's layout; a file without the field is format 1 (the first).
+pub const RESUME_FORMAT: u32 = 1;
+
+fn first_format() -> u32 {
+    1
 }
 
 /// An upload begun and not yet made into a dataset version.
@@ -290,8 +301,10 @@ pub struct ResumeEntry {
     pub filename: String,
 }
 
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct ResumeFile {
+    #[serde(default = "first_format")]
+    format: u32,
     /// By [`ResumeBook::key`].
     uploads: BTreeMap<String, ResumeEntry>,
 }
@@ -308,7 +321,13 @@ impl ResumeBook {
     pub fn open(config_dir: &Path) -> Result<ResumeBook, ResumeError> {
         let path = config_dir.join("uploads.json");
         let uploads = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<ResumeFile>(&bytes).map_err(|source| ResumeError::Unreadable { path: path.clone(), source })?.uploads,
+            Ok(bytes) => {
+                let file = serde_json::from_slice::<ResumeFile>(&bytes).map_err(|source| ResumeError::Unreadable { path: path.clone(), source })?;
+                if file.format > RESUME_FORMAT {
+                    return Err(ResumeError::Newer { path, found: file.format });
+                }
+                file.uploads
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => return Err(ResumeError::Io { path, source }),
         };
@@ -344,7 +363,7 @@ impl ResumeBook {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let partial = self.path.with_extension("json.partial");
-        let text = serde_json::to_vec_pretty(&ResumeFile { uploads: self.uploads.clone() }).map_err(|e| io(&self.path)(e.into()))?;
+        let text = serde_json::to_vec_pretty(&ResumeFile { format: RESUME_FORMAT, uploads: self.uploads.clone() }).map_err(|e| io(&self.path)(e.into()))?;
         let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&partial).map_err(io(&partial))?;
         file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io(&partial))?;
         file.write_all(&text).map_err(io(&partial))?;

@@ -246,3 +246,22 @@ fn metadata_names_the_file_and_its_hash_in_base64() {
     let pairs: Vec<(String, String)> = value.split(',').map(|p| p.split_once(' ').expect("key value")).map(|(k, v)| (k.to_owned(), decode(v))).collect();
     assert_eq!(pairs, [("filename".to_owned(), "cats & dogs.tar".to_owned()), ("sha256".to_owned(), "abc123".to_owned())]);
 }
+
+/// The resume file is a format kept across versions of the CLI: format 1 as written, a file
+/// from before the field existed, and a newer one refused with a clear error.
+#[test]
+fn the_resume_file_keeps_its_format() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut book = ResumeBook::open(dir.path()).expect("open");
+    let entry = ResumeEntry { portal: "https://portal.example".into(), upload_id: "0123456789abcdef0123456789abcdef".into(), filename: "digits.tar".into() };
+    book.insert(&ResumeBook::key(&"ab".repeat(32), 42), entry.clone()).expect("insert");
+    let golden = format!(
+        "{{\n  \"format\": 1,\n  \"uploads\": {{\n    \"{}-42\": {{\n      \"portal\": \"https://portal.example\",\n      \"upload_id\": \"0123456789abcdef0123456789abcdef\",\n      \"filename\": \"digits.tar\"\n    }}\n  }}\n}}",
+        "ab".repeat(32)
+    );
+    assert_eq!(std::fs::read_to_string(dir.path().join("uploads.json")).expect("read"), golden);
+    std::fs::write(dir.path().join("uploads.json"), golden.replace("\"format\": 1,\n  ", "")).expect("write");
+    assert_eq!(ResumeBook::open(dir.path()).expect("no format field").get(&ResumeBook::key(&"ab".repeat(32), 42)), Some(&entry));
+    std::fs::write(dir.path().join("uploads.json"), golden.replace("\"format\": 1", "\"format\": 2")).expect("write");
+    assert!(matches!(ResumeBook::open(dir.path()), Err(ResumeError::Newer { found: 2, .. })));
+}
