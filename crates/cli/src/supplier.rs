@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 use suanli_cli::client::Portal;
 use suanli_cli::table;
 
+use crate::text;
+
 #[derive(Subcommand)]
 pub enum NodeCommand {
     /// A one-time token a new node's agent enrolls with (`suanli-agent run --enrollment-token`).
@@ -58,14 +60,6 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
 }
 
 pub async fn node(portal: &Portal, command: NodeCommand) -> anyhow::Result<()> {
