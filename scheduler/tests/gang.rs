@@ -68,7 +68,11 @@ async fn a_two_node_ddp_job_meets_at_rank_zero_and_trains_as_one_process_would()
     if !suanli_testkit::require_root("lease accounts (Unix users)") {
         return;
     }
-    let w = World::start(2, 1, 1).await;
+    // Both agents run on this one host, where each one's firewall would take the other's lease
+    // process for another tenant of its node (which it refuses): separate hosts are what tell
+    // the lease's nodes apart (the firewall is tested in supplier-agent/tests/rendezvous_firewall.rs
+    // and below, on one node).
+    let w = World::start_with(2, 1, 1, &["--rendezvous-firewall", "off"]).await;
     let script = w.record.with_file_name("ddp.py");
     std::fs::write(&script, TRAIN).expect("script");
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
@@ -165,4 +169,65 @@ fn leases_users(prefix: &str) -> String {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let users: Vec<&str> = passwd.lines().filter_map(|l| l.split(':').next()).filter(|u| u.starts_with(prefix)).collect();
     users.join(",")
+}
+
+/// While a job runs, its rendezvous port (`MASTER_PORT`) answers the lease's own user and
+/// refuses another user of the node; when it ends, the rule is gone.
+#[tokio::test]
+async fn a_running_jobs_rendezvous_port_refuses_another_user_of_the_node() {
+    if !suanli_testkit::require_root("lease accounts (Unix users) and nftables rules") {
+        return;
+    }
+    let w = World::start(1, 1, 1).await;
+    let mut jobs = w.jobs(&w.researcher_token).await;
+    let (record, gate) = (w.record.display().to_string(), w.record.with_file_name("rendezvous-gate"));
+    // What torch's store does at rank 0: listen on MASTER_PORT on every address.
+    let script = format!(
+        r#"import os, socket, time
+s = socket.socket()
+s.bind(("0.0.0.0", int(os.environ["MASTER_PORT"])))
+s.listen(16)
+with open("{record}", "a") as f:
+    f.write("listening %s %d\n" % (os.environ["MASTER_PORT"], os.getuid()))
+while not os.path.exists("{gate}"):
+    time.sleep(0.1)
+"#,
+        gate = gate.display()
+    );
+    let spec = serde_json::json!({
+        "name": "store", "kind": "training",
+        "resources": { "cards": 1 },
+        "run": { "command": { "program": "/usr/bin/python3", "args": ["-c", script] } },
+        "max_attempts": 1,
+    });
+    let job = w.submit(&mut jobs, "store", &spec).await.job_id;
+    let listening = suanli_testkit::eventually(Duration::from_secs(60), Duration::from_millis(100), || {
+        let record = w.record.clone();
+        async move {
+            let text = std::fs::read_to_string(record).ok()?;
+            let line = text.lines().find(|l| l.starts_with("listening "))?.to_owned();
+            let mut words = line.split_whitespace().skip(1).map(str::parse::<u32>);
+            Some((u16::try_from(words.next()?.ok()?).ok()?, words.next()?.ok()?))
+        }
+    })
+    .await;
+    let (port, lease_uid) = listening.unwrap_or_else(|e| panic!("the job did not listen: {e}\n{}", w.logs()));
+
+    assert!(!suanli_testkit::connects_as(65_534, "127.0.0.1", port), "another user of the node is refused");
+    assert!(suanli_testkit::connects_as(lease_uid, "127.0.0.1", port), "the lease's own user gets through");
+
+    std::fs::write(&gate, b"open").expect("open the gate");
+    let done = wait_done(&mut jobs, 1, Duration::from_secs(60)).await;
+    assert_eq!(done[0].state, "succeeded", "{:?}\n{}", done[0], w.logs());
+    let node = done[0].attempts[0].node_ids[0];
+    let rule = format!("dport {port}");
+    let gone = suanli_testkit::eventually(Duration::from_secs(30), Duration::from_millis(100), || {
+        let rule = rule.clone();
+        async move {
+            let listed = std::process::Command::new("nft").args(["list", "table", "inet", &format!("suanli_agent_{node}")]).output().ok()?;
+            (listed.status.success() && !String::from_utf8_lossy(&listed.stdout).contains(&rule)).then_some(())
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "the ended job's rule is removed from the agent's table (job {job})");
 }

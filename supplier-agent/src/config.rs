@@ -91,6 +91,10 @@ pub struct AgentArgs {
     /// scheduler's 30 s, so no attempt runs twice) [default: 20]
     #[arg(long, env = "SUANLI_AGENT_FENCE_AFTER_S")]
     pub fence_after_s: Option<u64>,
+    /// How a job's rendezvous port (MASTER_PORT) is kept to the lease's own processes:
+    /// nftables rules, or off [default: nftables]
+    #[arg(long, env = "SUANLI_AGENT_RENDEZVOUS_FIREWALL")]
+    pub rendezvous_firewall: Option<crate::access::firewall::FirewallKind>,
     /// Also append every sample, as sent, to this JSON-lines file (audits and tests).
     #[arg(long, env = "SUANLI_AGENT_RECORD")]
     pub record: Option<PathBuf>,
@@ -166,6 +170,8 @@ struct FileAccess {
     job_transfer_deadline_s: Option<u64>,
     /// Seconds without any broker before this node stops its jobs (default 20).
     fence_after_s: Option<u64>,
+    /// "nftables" (default) or "off": whether only the lease reaches its jobs' rendezvous port.
+    rendezvous_firewall: Option<crate::access::firewall::FirewallKind>,
 }
 
 #[derive(Deserialize, Default)]
@@ -291,6 +297,7 @@ impl AgentConfig {
                 host_cpus: 0,
                 expiry_grace: Duration::from_secs(access.expiry_grace_s.unwrap_or(30)),
                 connections_per_source: access.connections_per_source.unwrap_or(120),
+                rendezvous_firewall: args.rendezvous_firewall.or(access.rendezvous_firewall).unwrap_or(crate::access::firewall::FirewallKind::Nftables),
             },
             job_files: crate::jobs::FileLimits {
                 max_bytes: access.max_job_file_bytes.unwrap_or(crate::jobs::FileLimits::default().max_bytes),
@@ -422,6 +429,10 @@ mod tests {
         assert_eq!(config.access.private_dirs, ["/tmp", "/var/tmp", "/dev/shm"]);
         assert_eq!(config.fence_after, Duration::from_secs(20));
         assert_eq!(config.job_files.max_bytes, 64 << 30);
+        assert_eq!(config.access.rendezvous_firewall, crate::access::firewall::FirewallKind::Nftables);
+        let off = resolve(&["--rendezvous-firewall", "off"]).expect("the firewall can be switched off by flag");
+        assert_eq!(off.access.rendezvous_firewall, crate::access::firewall::FirewallKind::Off);
+        assert!(Cli::try_parse_from(["suanli-agent", "--rendezvous-firewall", "iptables"]).is_err(), "an unknown firewall is refused");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use crate::access::firewall::FirewallKind;
 use crate::access::{accounts, cgroup, sandbox, AccessConfig};
 
 #[derive(Debug, PartialEq, Eq)]
@@ -110,6 +111,27 @@ pub fn check(config: &AccessConfig) -> Report {
         name: "user database",
         state: State::Note,
         detail: "lease accounts are written to /etc/passwd by useradd (an NSS source of the agent's own is not implemented yet)".into(),
+    });
+    checks.push(match config.rendezvous_firewall {
+        FirewallKind::Off => Check {
+            name: "rendezvous firewall",
+            state: State::Missing,
+            detail: "switched off (rendezvous_firewall = \"off\"): a job's MASTER_PORT is open to whoever reaches the node".into(),
+        },
+        FirewallKind::Nftables => {
+            let listed = std::process::Command::new("nft").args(["list", "tables"]).output();
+            let usable = listed.as_ref().is_ok_and(|o| o.status.success());
+            let why = match listed {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+                Err(e) => format!("nft: {e}"),
+            };
+            verdict(
+                "rendezvous firewall",
+                usable,
+                "nftables keeps each job's MASTER_PORT to its lease's nodes and user",
+                format!("nftables unusable ({why}): job attempts will not start"),
+            )
+        }
     });
     checks.push(Check {
         name: "loopback forwards",

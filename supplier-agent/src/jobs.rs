@@ -42,6 +42,7 @@ use tonic::transport::Channel;
 
 use suanli_artifacts::ArtifactClient;
 
+use crate::access::firewall::{self, FirewallKind, Opening, RendezvousFirewall};
 use crate::access::gateway::session_env;
 use crate::access::lease_fs::{LeaseDir, LeaseFsError};
 use crate::access::Access;
@@ -67,6 +68,8 @@ pub struct JobRunner {
     /// Without a broker answering this long, every attempt here is stopped (self-fencing):
     /// the scheduler requeues a silent node's jobs elsewhere, and two copies must never run.
     pub fence_after: Duration,
+    /// Keeps each attempt's rendezvous port to the lease's own processes while it runs.
+    pub firewall: Arc<RendezvousFirewall>,
 }
 
 /// The artifact store as this node reaches it: per attempt with the capability the broker
@@ -200,6 +203,8 @@ type CheckpointUpload = tokio::task::JoinHandle<Result<suanli_artifacts::Digest,
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
 const CHECKPOINT: &str = "checkpoint/checkpoint";
+/// The file in the state directory naming the agent's nftables table.
+pub const RENDEZVOUS_TABLE_FILE: &str = "rendezvous.table";
 const LOG: &str = "job.log";
 
 /// Where an attempt's files are, for uploading its outputs.
@@ -226,6 +231,14 @@ impl JobRunner {
         if let Err(e) = std::fs::create_dir_all(&markers) {
             tracing::error!(error = %e, dir = %markers.display(), "job runner: no state directory; jobs will not run");
             return;
+        }
+        // Rules an earlier agent left are for attempts that died with it. The table's name is
+        // kept beside the markers, for whoever cleans up after this agent (test harnesses).
+        if self.firewall.kind() == FirewallKind::Nftables {
+            let _ = std::fs::write(self.state_dir.join(RENDEZVOUS_TABLE_FILE), self.firewall.table());
+        }
+        if let Err(e) = self.firewall.reset().await {
+            tracing::error!(error = %e, "the rendezvous firewall is unusable: job attempts will not start");
         }
         let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<Ended>();
         let mut running: BTreeMap<Key, Running> = BTreeMap::new();
@@ -738,6 +751,7 @@ impl JobRunner {
             }
         };
         let account = &lease.account;
+        let key = (job.job_id, attempt.number);
         // Everything below the lease's home is the lease's to change at any moment: it is
         // reached through descriptors, never followed through a link (lease_fs.rs).
         let lease_error = |e: LeaseFsError| e.to_string();
@@ -795,18 +809,41 @@ impl JobRunner {
         let mut env = session_env(&lease, &extra);
         env.retain(|(k, _)| k != "CUDA_VISIBLE_DEVICES");
         env.push(("CUDA_VISIBLE_DEVICES".to_owned(), devices.join(",")));
-        std::fs::write(marker, b"").map_err(|e| format!("{}: {e}", marker.display()))?;
-        let stderr = log.try_clone().map_err(|e| e.to_string())?;
+        if self.firewall.kind() == FirewallKind::Nftables {
+            let opening = self.rendezvous_opening(attempt, &nodes, rank, account.uid, job.job_id).await?;
+            self.firewall.open(key, opening).await.map_err(|e| e.to_string())?;
+        }
+        // The attempt did not start after all: its rules go.
+        let not_started = |why: String| {
+            let firewall = self.firewall.clone();
+            async move {
+                firewall.close(key).await;
+                why
+            }
+        };
+        if let Err(e) = std::fs::write(marker, b"") {
+            return Err(not_started(format!("{}: {e}", marker.display())).await);
+        }
+        let stderr = match log.try_clone() {
+            Ok(f) => f,
+            Err(e) => return Err(not_started(e.to_string()).await),
+        };
         let mut command = tokio::process::Command::new(&program);
         command.args(&args).env_clear().envs(env).current_dir(&dir).stdin(std::process::Stdio::null()).stdout(log).stderr(stderr).kill_on_drop(true);
         // Its own process group, so stopping it stops what it forked.
         command.process_group(0);
-        let sandbox = self.access.sandbox(&lease).map_err(|e| format!("the lease's sandbox: {e}"))?;
+        let sandbox = match self.access.sandbox(&lease) {
+            Ok(s) => s,
+            Err(e) => return Err(not_started(format!("the lease's sandbox: {e}")).await),
+        };
         sandbox.apply(&mut command);
-        let mut child = command.spawn().map_err(|e| {
-            let _ = std::fs::remove_file(marker);
-            format!("{}: {e}", program.display())
-        })?;
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_file(marker);
+                return Err(not_started(format!("{}: {e}", program.display())).await);
+            }
+        };
         let mut guard = None;
         if let Some(pid) = child.id() {
             // Which process it was, for an agent restarted after a crash (`kill_orphan`).
@@ -821,13 +858,12 @@ impl JobRunner {
                         let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
                     }
                     let _ = child.wait().await;
-                    return Err(format!("the job's fence guard: {e}"));
+                    return Err(not_started(format!("the job's fence guard: {e}")).await);
                 }
             }
         }
         tracing::info!(job = job.job_id, attempt = attempt.number, devices = %devices.join(","), "job attempt started");
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
-        let key = (job.job_id, attempt.number);
         let out = Outputs { dir: attempt_dir.clone(), names: spec.outputs.clone() };
         let checkpoint = (rank == 0).then(|| Checkpoint {
             dir: attempt_dir.clone(),
@@ -840,6 +876,7 @@ impl JobRunner {
             log: LogShipping::default(),
             ending: None,
         });
+        let firewall = self.firewall.clone();
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
@@ -864,10 +901,32 @@ impl JobRunner {
                 }
                 Err(e) => JobEndReason::StartFailed(e.to_string()),
             };
+            firewall.close(key).await;
             let _ = ended.send(Ended { key, rank, reason, outputs: Some(out) });
         });
         let devices = mine.iter().filter_map(|i| attempt.card_indexes.get(*i).copied()).collect();
         Ok(Some(Running { kill: Some(kill_tx), devices, shared: spec.resources.shared, checkpoint }))
+    }
+}
+
+impl JobRunner {
+    /// What this node opens for an attempt's rendezvous port: on rank 0, to the attempt's
+    /// other nodes; elsewhere, towards rank 0; locally, to the lease's user only.
+    async fn rendezvous_opening(&self, attempt: &v1::JobAttempt, nodes: &[u64], rank: usize, uid: u32, job: u64) -> Result<Opening, String> {
+        let port = rendezvous_port(job, attempt.number);
+        if rank > 0 {
+            let master = if attempt.rendezvous_host.is_empty() { "127.0.0.1" } else { attempt.rendezvous_host.as_str() };
+            let master = firewall::resolve(master).await.map_err(|e| e.to_string())?;
+            return Ok(Opening { port, uid, master, peers: Vec::new() });
+        }
+        if nodes.len() > 1 && attempt.node_hosts.len() != nodes.len() {
+            return Err("the broker did not name the hosts of the attempt's nodes (an older broker): the rendezvous port cannot be kept to them".into());
+        }
+        let mut peers = Vec::new();
+        for host in attempt.node_hosts.iter().skip(1) {
+            peers.extend(firewall::resolve(host).await.map_err(|e| e.to_string())?);
+        }
+        Ok(Opening { port, uid, master: Vec::new(), peers })
     }
 }
 

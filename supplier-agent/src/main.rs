@@ -136,6 +136,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         None => (None, None, None),
     };
+    let firewall = Arc::new(access::firewall::RendezvousFirewall::new(config.access.rendezvous_firewall, identity.node_id()));
     if let Some(access) = access.clone() {
         let runner = jobs::JobRunner {
             brokers: config.brokers.clone(),
@@ -149,7 +150,11 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             capabilities: Default::default(),
             files: config.job_files,
             fence_after: config.fence_after,
+            firewall: firewall.clone(),
         };
+        if config.access.rendezvous_firewall == access::firewall::FirewallKind::Off {
+            tracing::warn!("the rendezvous firewall is off: a job's MASTER_PORT is open to whoever reaches this node");
+        }
         tokio::spawn(runner.run(JOB_CHECK_EVERY));
     }
     let provisioner =
@@ -172,6 +177,12 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     tracing::info!(node = identity.node_id(), metrics = %metrics_addr, cards = agent.cards.len(), "agent running");
     shutdown_signal().await;
     tracing::info!("shutting down");
+    // The jobs stop with the agent: their rendezvous rules go too.
+    if config.access.rendezvous_firewall == access::firewall::FirewallKind::Nftables {
+        if let Err(e) = firewall.remove_table().await {
+            tracing::warn!(error = %e, "could not remove the rendezvous rules");
+        }
+    }
     Ok(())
 }
 

@@ -498,6 +498,7 @@ fn node_access(dir: &Path, cgroup_root: &str) -> (std::sync::Arc<suanli_agent::a
         host_cpus: 4,
         expiry_grace: Duration::from_secs(30),
         connections_per_source: 120,
+        rendezvous_firewall: suanli_agent::access::firewall::FirewallKind::Off,
     })
     .expect("access");
     (access, prefix)

@@ -10,7 +10,8 @@ use suanli_proto::to_status;
 use suanli_proto::v1::{self, job_service_server::JobService};
 use suanli_types::error::EntityKind;
 use suanli_types::{
-    AccountId, AccountKind, Caller, CardHealth, CardId, Currency, DomainError, JobId, JobSpec, LeaseId, LeaseState, LedgerAccount, Month, TransactionKind,
+    AccountId, AccountKind, Caller, CardHealth, CardId, Currency, DomainError, JobId, JobSpec, LeaseId, LeaseState, LedgerAccount, Month, NodeId,
+    TransactionKind,
 };
 use tonic::{Request, Response, Status};
 
@@ -31,8 +32,21 @@ impl Jobs {
     }
 }
 
+/// The nodes of an attempt in rank order: the order each first holds one of its cards.
+fn ranked_nodes(nodes: impl Iterator<Item = u64>) -> Vec<u64> {
+    let mut ranked = Vec::new();
+    for node in nodes {
+        if !ranked.contains(&node) {
+            ranked.push(node);
+        }
+    }
+    ranked
+}
+
 pub fn job_to_wire(s: &State, j: &Job) -> v1::Job {
     let node_of = |c: &CardId| s.card(*c).map_or(0, |c| c.node.0);
+    // As the node's supplier gave its host (what its SSH gateway is reached at).
+    let host_of = |node: u64| s.node(NodeId(node)).and_then(|n| n.access.as_ref()).map(|access| access.ssh_host.clone()).unwrap_or_default();
     v1::Job {
         job_id: j.id.0,
         owner_id: j.owner.0,
@@ -51,14 +65,8 @@ pub fn job_to_wire(s: &State, j: &Job) -> v1::Job {
                 lease_ids: a.leases.iter().map(|l| l.0).collect(),
                 node_ids: a.cards.iter().map(node_of).collect(),
                 card_indexes: a.cards.iter().map(|c| s.card(*c).map_or(0, |c| c.spec.index)).collect(),
-                rendezvous_host: a
-                    .cards
-                    .first()
-                    .and_then(|c| s.card(*c))
-                    .and_then(|c| s.node(c.node))
-                    .and_then(|n| n.access.as_ref())
-                    .map(|access| access.ssh_host.clone())
-                    .unwrap_or_default(),
+                rendezvous_host: a.cards.first().map(|c| host_of(node_of(c))).unwrap_or_default(),
+                node_hosts: ranked_nodes(a.cards.iter().map(node_of)).into_iter().map(host_of).collect(),
                 placed_at_ms: a.placed_at.millis(),
                 started_at_ms: a.started_at.map_or(0, |t| t.millis()),
                 ended_at_ms: a.ended_at.map_or(0, |t| t.millis()),

@@ -202,10 +202,27 @@ pub fn require_root(what: &str) -> bool {
     false
 }
 
+/// Whether a process running as `uid` (no account needed) can open a TCP connection to
+/// `ip:port` on this host, with bash's `/dev/tcp` (a reset or a timeout is a refusal).
+pub fn connects_as(uid: u32, ip: &str, port: u16) -> bool {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new("timeout")
+        .args(["10", "bash", "-c", &format!("exec 3<>/dev/tcp/{ip}/{port}")])
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Removes every lease account an agent recorded making (`<state_dir>/accounts/*.account`):
 /// its processes killed, the user and group deleted, its control groups removed. For a test
 /// harness's `Drop`, so a failing test leaves no account, process or group behind.
 pub fn remove_recorded_lease_accounts(state_dir: &Path) {
+    // And the nftables table of its jobs' rendezvous rules, which would otherwise outlive it
+    // (a later agent of another node ID on this host would not reset it).
+    if let Ok(table) = std::fs::read_to_string(state_dir.join("rendezvous.table")) {
+        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", table.trim()]).output();
+    }
     let Ok(entries) = std::fs::read_dir(state_dir.join("accounts")) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();

@@ -12,6 +12,7 @@
 pub mod accounts;
 pub mod cgroup;
 pub mod devices;
+pub mod firewall;
 pub mod gateway;
 pub mod lease_fs;
 pub mod listeners;
@@ -72,6 +73,9 @@ pub struct AccessConfig {
     pub expiry_grace: Duration,
     /// New SSH connections one source address may open per minute.
     pub connections_per_source: u32,
+    /// How a job attempt's rendezvous port is kept to the lease's own processes
+    /// (`firewall.rs`).
+    pub rendezvous_firewall: firewall::FirewallKind,
 }
 
 #[derive(Debug, thiserror::Error)]

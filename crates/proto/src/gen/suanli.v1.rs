@@ -546,6 +546,11 @@ pub struct JobAttempt {
     /// card) as that node's supplier gave it; agents pass it on as MASTER_ADDR.
     #[prost(string, tag = "11")]
     pub rendezvous_host: ::prost::alloc::string::String,
+    /// The host of each node of the attempt in rank order (the order nodes first appear in
+    /// `node_ids`), as each node's supplier gave it: rank 0's agent lets only these reach the
+    /// rendezvous port. Empty from a broker older than this field.
+    #[prost(string, repeated, tag = "12")]
+    pub node_hosts: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Job {
