@@ -343,7 +343,7 @@ catalogue! {
     Duplicates => "Duplicates", "重复文件";
     Rejected => "Rejected", "被拒绝";
     MyModels => "My models", "我的模型";
-    NoModels => "No models yet. Register a succeeded job's output as a model (suanli model register, or POST /api/v1/models); its versions appear here.", "还没有模型。将成功作业的输出注册为模型（suanli model register 或 POST /api/v1/models）后，其版本会显示在这里。";
+    NoModels => "No models yet. Register a succeeded job's output as a model (on the job's page, suanli model register, or POST /api/v1/models); its versions appear here.", "还没有模型。将成功作业的输出注册为模型（在作业页面、suanli model register 或 POST /api/v1/models）后，其版本会显示在这里。";
     Serving => "Serving", "服务中";
     Metrics => "Metrics", "指标";
     ModelCard => "Model card", "模型卡片";
@@ -352,6 +352,10 @@ catalogue! {
     Metric => "Metric", "指标";
     Delta => "Change", "变化";
     Download => "Download", "下载";
+    RegisterModel => "Register as a model", "注册为模型";
+    ModelName => "Model name", "模型名称";
+    ModelFile => "The file that is the model", "模型文件";
+    DatasetInputs => "Datasets a spec may name as inputs ({name: data.tar, dataset: NAME@VERSION})", "作业规格可引用为输入的数据集（{name: data.tar, dataset: 名称@版本}）";
 }
 
 /// Formats minor units as money with two decimals and thousands separators: `¥42,500.00`.

@@ -189,6 +189,24 @@ async function followLog(pre) {
   }
 }
 
+// The page's `data-refresh` blocks, read again and replaced (a block the page lacks goes after
+// the one before it); the forms among them work as the page's own.
+async function refresh() {
+  const res = await fetch(location.pathname, { credentials: "same-origin", headers: { Accept: "text/html" } });
+  if (!res.ok) return;
+  const fresh = new DOMParser().parseFromString(await res.text(), "text/html");
+  let previous = null;
+  for (const n of fresh.querySelectorAll("[data-refresh]")) {
+    const node = document.importNode(n, true);
+    const old = document.querySelector(`[data-refresh="${n.dataset.refresh}"]`);
+    if (old) old.replaceWith(node);
+    else if (previous) previous.after(node);
+    else continue;
+    previous = node;
+    node.querySelectorAll("form.api").forEach(bindForm);
+  }
+}
+
 // A job's curves, redrawn while it runs, and once more after its output has ended.
 async function followCurves(section, live) {
   for (;;) {
@@ -516,22 +534,6 @@ function uploader(section) {
     result.classList.add("shown");
   }
 
-  // The page's versions, labels, pictures and rejected files, read again.
-  async function refresh() {
-    const res = await fetch(location.pathname, { credentials: "same-origin", headers: { Accept: "text/html" } });
-    if (!res.ok) return;
-    const fresh = new DOMParser().parseFromString(await res.text(), "text/html");
-    let previous = null;
-    for (const n of fresh.querySelectorAll("[data-refresh]")) {
-      const node = document.importNode(n, true);
-      const old = document.querySelector(`[data-refresh="${n.dataset.refresh}"]`);
-      if (old) old.replaceWith(node);
-      else if (previous) previous.after(node);
-      else continue;
-      previous = node;
-    }
-  }
-
   async function commit(sent) {
     result.textContent = say("committing");
     const uploads = sent.map((c) => c.url.split("/").pop());
@@ -559,6 +561,7 @@ function uploader(section) {
     chosen = [];
     inputs.forEach((i) => (i.value = ""));
     showVersion(version, res.status === 201);
+    // The page's versions, labels, pictures and rejected files, read again.
     await refresh();
   }
 
@@ -666,8 +669,12 @@ async function compare(form, ev) {
   table.classList.remove("hidden");
 }
 
+function bindForm(f) {
+  f.addEventListener("submit", (ev) => submit(f, ev).catch((e) => (f.querySelector(".form-error").textContent = String(e))));
+}
+
 document.addEventListener("DOMContentLoaded", () => {
-  document.querySelectorAll("form.api").forEach((f) => f.addEventListener("submit", (ev) => submit(f, ev).catch((e) => (f.querySelector(".form-error").textContent = String(e)))));
+  document.querySelectorAll("form.api").forEach(bindForm);
   document.querySelectorAll("[data-logout]").forEach((b) =>
     b.addEventListener("click", async () => {
       await fetch("/api/v1/session", { method: "DELETE", credentials: "same-origin", headers: { "X-CSRF-Token": csrf() } });
@@ -675,7 +682,12 @@ document.addEventListener("DOMContentLoaded", () => {
     })
   );
   document.querySelectorAll("section[data-live]").forEach(live);
-  document.querySelectorAll("pre[data-job-log]").forEach((p) => followLog(p).catch((e) => (p.dataset.error = String(e))));
+  // Once a running job's output has ended, its state, attempts and files are read again.
+  document.querySelectorAll("pre[data-job-log]").forEach((p) =>
+    followLog(p)
+      .then(() => (p.dataset.live === "true" ? refresh() : undefined))
+      .catch((e) => (p.dataset.error = String(e)))
+  );
   document.querySelectorAll("section[data-curves]").forEach((s) => followCurves(s, document.querySelector("pre[data-job-log]")?.dataset.live === "true"));
   document.querySelectorAll("section.upload[data-dataset]").forEach(uploader);
   document.querySelectorAll("form.compare").forEach((f) => f.addEventListener("submit", (ev) => compare(f, ev).catch((e) => (f.querySelector(".form-error").textContent = String(e)))));

@@ -107,6 +107,7 @@ async fn a_two_node_ddp_job_meets_at_rank_zero_and_trains_as_one_process_would()
     let attempt = &j.attempts[0];
     assert_ne!(attempt.node_ids[0], attempt.node_ids[1], "the job ran on two nodes: {attempt:?}");
     assert!(!attempt.rendezvous_host.is_empty(), "the broker names rank 0's host");
+    assert_eq!(attempt.node_hosts.len(), 2, "and every node's, in rank order: {attempt:?}");
 
     let log = jobs.read_job_log(v1::ReadJobLogRequest { job_id: job, attempt: 0, from_offset: 0, max_bytes: 0, wait_ms: 0 }).await.expect("log").into_inner();
     let together = last_json(&String::from_utf8_lossy(&log.data));

@@ -4,7 +4,10 @@
 //!   broker (`ReadJobLog`), the portal (`/api/v1/jobs/{id}/log`, `/curves`) and `suanli job
 //!   logs --follow`; it is whole once the job has ended; nobody else reads or writes it;
 //! - `suanli ssh`: the real OpenSSH client on a lease's node with a certificate for the CLI's
-//!   own key and the node's host key checked.
+//!   own key and the node's host key checked;
+//! - a researcher's day on real pictures (data in, a classifier trained and followed, the model
+//!   registered, pulled and promoted) from the terminal, and the same through the portal's
+//!   pages in headless Chromium.
 
 mod support;
 
@@ -307,12 +310,7 @@ async fn the_job_page_follows_a_running_job_in_the_browser() {
     let gate = w.record.with_file_name("page-gate");
     let job = w.submit(&mut jobs, "watched-in-a-browser", &gated_job(&gate, 1)).await.job_id;
     let (portal, _token, _suanli) = workbench(&w).await;
-    let browser = suanli_testkit::webdriver::Browser::start().await.expect("chromium (ops/install-build-deps)");
-    browser.goto(&format!("{}/login", portal.url)).await.expect("login page");
-    browser.type_into("input[name=login]", "demo-researcher").await.expect("login");
-    browser.type_into("input[name=password]", suanli_portal::demo::DEMO_PASSWORD).await.expect("password");
-    browser.click("form.api button[type=submit]").await.expect("submit");
-    browser.wait_for("button[data-logout]", WAIT).await.expect("signed in");
+    let browser = signed_in_browser(&portal.url).await;
     browser.goto(&format!("{}/jobs/{job}", portal.url)).await.expect("the job page");
 
     let shown = || async { browser.execute("return document.querySelector('pre[data-job-log]').textContent", serde_json::json!([])).await.ok() };
@@ -346,6 +344,40 @@ async fn the_job_page_follows_a_running_job_in_the_browser() {
     assert_eq!(points.as_str().map(|p| p.split_whitespace().count()), Some(2), "two loss points: {points}");
 }
 
+/// Headless Chromium, signed in at the portal as the world's researcher.
+async fn signed_in_browser(portal: &str) -> suanli_testkit::webdriver::Browser {
+    let browser = suanli_testkit::webdriver::Browser::start().await.expect("chromium (ops/install-build-deps)");
+    browser.goto(&format!("{portal}/login")).await.expect("login page");
+    browser.type_into("input[name=login]", "demo-researcher").await.expect("login");
+    browser.type_into("input[name=password]", suanli_portal::demo::DEMO_PASSWORD).await.expect("password");
+    browser.click("form.api button[type=submit]").await.expect("submit");
+    browser.wait_for("button[data-logout]", WAIT).await.expect("signed in");
+    browser
+}
+
+/// The day's job: a small classifier trained for four epochs on version 1 of the researcher's
+/// `digits` dataset (given to the job as `digits.tar`).
+const DIGITS_SPEC: &str = r#"name: digits-from-dataset
+kind: training
+resources: { cards: 1 }
+inputs:
+  - { name: digits.tar, dataset: "digits@1" }
+run:
+  builtin:
+    task: train_classifier
+    params:
+      data: digits.tar
+      training.model: '{"arch": "small_cnn", "width": 16}'
+      training.optimizer: '{"kind": "adam", "lr": 0.003}'
+      training.epochs: "4"
+      training.batch_size: "64"
+outputs: [model.safetensors, model.json, metrics.json]
+max_attempts: 1
+"#;
+
+/// How long the day's training may take.
+const TRAINING: std::time::Duration = std::time::Duration::from_secs(420);
+
 /// A researcher's whole day from the terminal, on real pictures: push a folder (a corrupt file
 /// in it is named with its reason; the rest imports), train a classifier on the dataset
 /// version through `job submit --follow`, see its output and its accuracy curve, register the
@@ -375,28 +407,8 @@ async fn a_researchers_day_push_train_follow_pull_promote() {
 
     // Train on version 1 through the job spec's dataset input, following it to the end.
     let spec = w.dir.path().join("train.yaml");
-    std::fs::write(
-        &spec,
-        r#"name: digits-from-dataset
-kind: training
-resources: { cards: 1 }
-inputs:
-  - { name: digits.tar, dataset: "digits@1" }
-run:
-  builtin:
-    task: train_classifier
-    params:
-      data: digits.tar
-      training.model: '{"arch": "small_cnn", "width": 16}'
-      training.optimizer: '{"kind": "adam", "lr": 0.003}'
-      training.epochs: "4"
-      training.batch_size: "64"
-outputs: [model.safetensors, model.json, metrics.json]
-max_attempts: 1
-"#,
-    )
-    .expect("spec");
-    let trained = tokio::time::timeout(std::time::Duration::from_secs(420), suanli().args(["job", "submit", &spec.display().to_string(), "--follow"]).output())
+    std::fs::write(&spec, DIGITS_SPEC).expect("spec");
+    let trained = tokio::time::timeout(TRAINING, suanli().args(["job", "submit", &spec.display().to_string(), "--follow"]).output())
         .await
         .expect("the job ends in time")
         .expect("submit");
@@ -434,6 +446,168 @@ max_attempts: 1
     let models: serde_json::Value =
         http.get(format!("{}/api/v1/models", portal.url)).bearer_auth(&token).send().await.expect("models").json().await.expect("json");
     assert_eq!(models[0]["serving"], 1, "{models}");
+}
+
+/// The same day in headless Chromium, through the portal's pages alone: the digits go up as
+/// an archive through the dataset page's uploader (the cut picture in it is named with its
+/// reason), the job goes in through the jobs page's form and is followed on its page (its
+/// output, its accuracy curve, then its state and its files), the model is registered from the
+/// job's page, the model's page says where it came from and what it scored, its download is
+/// the bytes the job left, and its promote button makes it serve.
+#[tokio::test]
+async fn a_researchers_day_in_the_browser() {
+    let Some(data) = support::cv_data() else { return };
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return;
+    }
+    let w = World::start(1, 2, 1).await;
+    let (portal, token, _suanli) = workbench(&w).await;
+    let url = portal.url.as_str();
+
+    // The digits with one picture cut in half among them, packed as a .tar: more files than
+    // the page sends one by one.
+    let folder = w.dir.path().join("to-upload").join("digits");
+    copy_tree(&data.join("digits/images"), &folder);
+    let whole = std::fs::read(folder.join("3").join(first_file(&folder.join("3")))).expect("a picture");
+    std::fs::write(folder.join("3/cut.png"), &whole[..whole.len() / 2]).expect("cut");
+    let pictures = count_files(&folder);
+    let archive = w.dir.path().join("digits.tar");
+    let packed = std::process::Command::new("tar").arg("-cf").arg(&archive).arg("-C").arg(w.dir.path().join("to-upload")).arg("digits").status().expect("tar");
+    assert!(packed.success(), "tar: {packed}");
+
+    let b = signed_in_browser(url).await;
+    let text_of = |script: &'static str| {
+        let b = &b;
+        async move { b.execute(script, serde_json::json!([])).await.ok().and_then(|v| v.as_str().map(str::to_owned)) }
+    };
+
+    // A dataset, made on the datasets page; the archive chosen in its page's uploader.
+    b.goto(&format!("{url}/datasets")).await.expect("the datasets page");
+    b.type_into("form.api input[name=name]", "digits").await.expect("name");
+    b.type_into("form.api textarea[name=description]", "the UCI digits").await.expect("description");
+    b.click("form.api button[type=submit]").await.expect("create");
+    b.wait_url("/datasets/", WAIT).await.expect("the dataset's page");
+    b.wait_for("section.upload", WAIT).await.expect("the uploader");
+    b.type_into("section.upload input[name=files]", &archive.display().to_string()).await.expect("choose the archive");
+    b.type_into("section.upload input[name=message]", "the UCI digits").await.expect("message");
+    b.click("button[data-upload=start]").await.expect("upload");
+    if let Err(e) = b.wait_for("output.upload-result[data-version]", 2 * WAIT).await {
+        let problem = text_of("return document.querySelector('section.upload .form-error').textContent").await;
+        let rows = text_of("return [...document.querySelectorAll('tr.upload-file')].map(r => r.dataset.name + ' ' + r.dataset.state + ' ' + (r.dataset.error || '')).join('\\n')").await;
+        panic!("no version from the upload: {e:#}; {problem:?}; rows {rows:?}\n{}", w.logs());
+    }
+    let said = b
+        .execute(
+            "const o = document.querySelector('output.upload-result'); return {version: Number(o.dataset.version), items: Number(o.dataset.items), \
+             rejected: [...o.querySelectorAll('li[data-name]')].map(li => [li.dataset.name, li.textContent])}",
+            serde_json::json!([]),
+        )
+        .await
+        .expect("what the upload made");
+    let items = said["items"].as_u64().unwrap_or_default() as usize;
+    assert!(said["version"] == 1 && items < pictures && items >= pictures * 9 / 10, "version 1 with the good pictures of {pictures}: {said}");
+    let rejected = said["rejected"].as_array().cloned().unwrap_or_default();
+    assert!(
+        rejected.len() == 1 && rejected[0][0] == "3/cut.png" && rejected[0][1].as_str().is_some_and(|t| t.len() > "3/cut.png — ".len()),
+        "the cut picture with its reason: {rejected:?}"
+    );
+    // The page's own sections, read again: the rejected file with its reason, ten labels.
+    let reason = b.wait_text("table.rejected tr[data-name='3/cut.png'] td.reason", WAIT).await.expect("the cut picture's reason on the page");
+    assert!(!reason.trim().is_empty(), "{reason}");
+    let labels = b.execute("return document.querySelectorAll('table.labels tr[data-label]').length", serde_json::json!([])).await.expect("labels");
+    assert_eq!(labels, 10, "a label for each digit");
+
+    // The job, submitted with the jobs page's form, which names the version it may use.
+    b.goto(&format!("{url}/jobs")).await.expect("the jobs page");
+    b.wait_for("ul.dataset-refs li[data-dataset-ref='digits@1']", WAIT).await.expect("the form names digits@1");
+    let form = "form.api[data-api='/api/v1/jobs']";
+    b.type_into(&format!("{form} textarea[name=spec]"), DIGITS_SPEC).await.expect("the spec");
+    b.click(&format!("{form} button[type=submit]")).await.expect("submit");
+    let at = match b.wait_url("/jobs/", WAIT).await {
+        Ok(at) => at,
+        Err(e) => panic!("{e:#}: {:?}", text_of("return document.querySelector('form.api .form-error').textContent").await),
+    };
+    let job: u64 = at.rsplit('/').next().and_then(|id| id.parse().ok()).unwrap_or_else(|| panic!("a job's page: {at}"));
+
+    // Its page: the output as the job writes it, the accuracy curve, then its state and files.
+    let log = "return document.querySelector('pre[data-job-log]').textContent";
+    let epochs = suanli_testkit::eventually(TRAINING, std::time::Duration::from_millis(250), || async {
+        text_of(log).await.filter(|t| t.contains("\"event\":\"epoch\"") || t.contains("\"event\": \"epoch\""))
+    })
+    .await;
+    assert!(epochs.is_ok(), "the page shows the job's output: {:?}\n{}", text_of(log).await, w.logs());
+    let state = suanli_testkit::eventually(TRAINING, std::time::Duration::from_millis(250), || async {
+        text_of("return document.querySelector('span.state').dataset.state").await.filter(|s| !["queued", "placed", "running"].contains(&s.as_str()))
+    })
+    .await;
+    assert_eq!(state.ok().as_deref(), Some("succeeded"), "the page shows the job ended: {:?}\n{}", text_of(log).await, w.logs());
+    b.wait_for("figure[data-curve=\"val_accuracy\"]", WAIT).await.expect("the accuracy curve is drawn");
+    let points = suanli_testkit::eventually(WAIT, std::time::Duration::from_millis(250), || async {
+        let points = text_of("return document.querySelector('figure[data-curve=\"val_accuracy\"] polyline').getAttribute('points')").await?;
+        (points.split_whitespace().count() == 4).then_some(())
+    })
+    .await;
+    assert!(points.is_ok(), "one accuracy point per epoch: {:?}", text_of("return document.querySelector('section.curves').innerHTML").await);
+    for name in ["model.safetensors", "model.json", "metrics.json"] {
+        b.find(&format!("section.outputs li[data-output='{name}'] a[href='/api/v1/jobs/{job}/outputs/{name}'][download]"))
+            .await
+            .expect("a download link for each output");
+    }
+
+    // The model, registered from the job's page.
+    let register = "section.outputs form.api[data-api='/api/v1/models']";
+    b.type_into(&format!("{register} input[name=name]"), "digits-cls").await.expect("the model's name");
+    b.select(&format!("{register} select[name=output]"), "model.safetensors").await.expect("the model's file");
+    b.click(&format!("{register} button[type=submit]")).await.expect("register");
+    if let Err(e) = b.wait_url("/models/digits-cls", WAIT).await {
+        panic!("{e:#}: {:?}", text_of("return document.querySelector('section.outputs .form-error').textContent").await);
+    }
+
+    // Its page: where it came from, what it scored.
+    let row = "table.model-versions tr[data-version='1']";
+    let dataset = b.wait_text(&format!("{row} td.dataset"), WAIT).await.expect("the dataset");
+    assert_eq!(dataset.trim(), "demo-researcher/digits@1");
+    b.find(&format!("{row} td.job[data-job='{job}'] a[href='/jobs/{job}']")).await.expect("the job it came from");
+    let accuracy = b.wait_text(&format!("{row} li[data-metric=accuracy]"), WAIT).await.expect("its accuracy");
+    let accuracy: f64 = accuracy.rsplit(':').next().and_then(|a| a.trim().parse().ok()).unwrap_or_else(|| panic!("accuracy: {accuracy}"));
+    assert!(accuracy > 0.8, "the classifier learned the digits: {accuracy}");
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let (http, token) = (&http, &token);
+        async move { http.get(format!("{url}{path}")).bearer_auth(token).send().await.expect(&path).json::<serde_json::Value>().await.expect("json") }
+    };
+    let model = get("/api/v1/models/digits-cls".into()).await;
+    let v1 = &model["versions"][0];
+    assert!(v1["job_id"] == job && v1["metrics"]["accuracy"].as_f64() == Some(accuracy), "{model}");
+    let done = get(format!("/api/v1/jobs/{job}")).await;
+    assert_eq!(v1["sha256"], done["outputs"]["model.safetensors"], "the version is the file the job left: {done}");
+
+    // The page's download link gives those bytes.
+    let fetched = b
+        .execute(
+            "return fetch(document.querySelector(arguments[0]).href, {credentials: 'same-origin'}).then(async (r) => { \
+             const bytes = await r.arrayBuffer(); const digest = await crypto.subtle.digest('SHA-256', bytes); \
+             return {status: r.status, length: bytes.byteLength, sha256: Array.from(new Uint8Array(digest), (x) => x.toString(16).padStart(2, '0')).join('')}; })",
+            serde_json::json!([format!("{row} a[download]")]),
+        )
+        .await
+        .expect("the download");
+    assert!(fetched["status"] == 200 && fetched["length"].as_u64() > Some(0), "{fetched}");
+    assert_eq!(fetched["sha256"], v1["sha256"], "the page's download is the version's bytes");
+
+    // Promoted with its button; the API says it serves.
+    b.click(&format!("{row} form.api[data-api='/api/v1/models/digits-cls/promote'] button[type=submit]")).await.expect("promote");
+    let serving = suanli_testkit::eventually(WAIT, std::time::Duration::from_millis(100), || async {
+        text_of("return document.querySelector('table.model-versions tr[data-serving=true]')?.dataset.version || null").await.filter(|v| v == "1")
+    })
+    .await;
+    assert!(serving.is_ok(), "the page shows v1 serving");
+    let models = get("/api/v1/models".into()).await;
+    assert_eq!(models[0]["serving"], 1, "{models}");
+}
+
+fn count_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).expect("read").flatten().map(|e| if e.file_type().expect("type").is_dir() { count_files(&e.path()) } else { 1 }).sum()
 }
 
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) {

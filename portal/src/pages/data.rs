@@ -337,8 +337,8 @@ pub async fn model_page(
         html! {
             tr data-version=(mv.version) data-serving=(serving) {
                 td { "v" (mv.version) }
-                td { a href={ "/jobs/" (mv.job_id) } { "job-" (mv.job_id) } " · " (mv.job_name) br; small { (mv.output) } }
-                td { (mv.dataset.as_deref().unwrap_or("—")) }
+                td.job data-job=(mv.job_id) { a href={ "/jobs/" (mv.job_id) } { "job-" (mv.job_id) } " · " (mv.job_name) br; small { (mv.output) } }
+                td.dataset { (mv.dataset.as_deref().unwrap_or("—")) }
                 td { ul.metrics { @for (k, value) in &mv.metrics { li data-metric=(k) { (k) ": " (value) } } } }
                 td { (datetime(mv.created_ms, ctx.lang)) }
                 td {

@@ -386,7 +386,8 @@ pub async fn leases_page(State(state): State<AppState>, headers: HeaderMap, Orig
     page(&ctx, title, body)
 }
 
-/// A researcher's jobs and what each cost; a form to submit a spec (JSON).
+/// A researcher's jobs and what each cost; a form to submit a spec (YAML or JSON), which goes
+/// to the new job's page, with the dataset versions a spec may name as inputs.
 pub async fn jobs_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal) -> Response {
     let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
     let v = match job_owner(&ctx) {
@@ -395,6 +396,12 @@ pub async fn jobs_page(State(state): State<AppState>, headers: HeaderMap, Origin
     };
     let jobs = match crate::api::jobs::jobs_of(&state, &v, false).await {
         Ok(j) => j,
+        Err(e) => return error_page(&ctx, e),
+    };
+    // The datasets a spec may name as inputs, at their latest versions (`NAME@VERSION`, or
+    // `OWNER/NAME@VERSION` for one shared with the researcher).
+    let datasets = match crate::api::datasets::datasets_of(&state, &v).await {
+        Ok(d) => d,
         Err(e) => return error_page(&ctx, e),
     };
     let example = r#"{"name": "resnet18", "kind": "training", "resources": {"cards": 1}, "run": {"command": {"program": "/usr/bin/python3", "args": ["train.py"]}}, "preemptible": true}"#;
@@ -412,10 +419,19 @@ pub async fn jobs_page(State(state): State<AppState>, headers: HeaderMap, Origin
             }
         }
         h2 { (ctx.t(Msg::SubmitJob)) }
-        (api_form("/api/v1/jobs", "POST", Some("/jobs"), None, ctx.t(Msg::SubmitJob), html! {
+        (api_form("/api/v1/jobs", "POST", Some("/jobs/{job_id}"), None, ctx.t(Msg::SubmitJob), html! {
             label { "spec (YAML or JSON)" textarea name="spec" rows="8" cols="80" required { (example) } }
             p.problem data-for="spec" {}
         }))
+        @if datasets.iter().any(|d| d.latest_version > 0) {
+            p { (ctx.t(Msg::DatasetInputs)) }
+            ul.dataset-refs {
+                @for d in datasets.iter().filter(|d| d.latest_version > 0) {
+                    @let reference = if d.mine { format!("{}@{}", d.name, d.latest_version) } else { format!("{}/{}@{}", d.owner, d.name, d.latest_version) };
+                    li data-dataset-ref=(reference) { code { (reference) } @if !d.description.is_empty() { " — " (d.description) } }
+                }
+            }
+        }
     };
     page(&ctx, ctx.t(Msg::Jobs), body)
 }
@@ -429,8 +445,9 @@ fn job_owner(ctx: &Ctx) -> Result<crate::auth::Principal, ApiError> {
     Ok(v)
 }
 
-/// One job: its state, attempts, the files it left, its curves and its output, followed live
-/// (`app.js` reads `/api/v1/jobs/{id}/log` from where it got to and redraws the curves).
+/// One job: its state, attempts, the files it left (once it succeeded, one of them registers as
+/// a model), its curves and its output, followed live (`app.js` reads `/api/v1/jobs/{id}/log`
+/// from where it got to and redraws the curves, then reads the page again when it ends).
 pub async fn job_page(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -449,13 +466,26 @@ pub async fn job_page(
     };
     let curves = crate::api::jobs::curves_for(&state, &v, id, None).await.unwrap_or_default();
     let live = matches!(job.state.as_str(), "queued" | "placed" | "running");
+    // The first output that looks like weights is offered as the model.
+    let model_file = job
+        .outputs
+        .keys()
+        .find(|n| [".safetensors", ".pt", ".pth", ".onnx", ".bin"].iter().any(|ext| n.ends_with(ext)))
+        .or_else(|| job.outputs.keys().next())
+        .cloned()
+        .unwrap_or_default();
+    let output_names: Vec<(&str, &str)> = job.outputs.keys().map(|n| (n.as_str(), n.as_str())).collect();
+    // What changes when the job ends is in `data-refresh` blocks: `app.js` reads the page again
+    // once the output has ended and replaces them.
     let body = html! {
-        p { (ctx.t(Msg::State)) ": " span.state data-state=(job.state) { (job.state) } @if let Some(r) = &job.end_reason { " (" (r) ")" }
-            " · " (ctx.t(Msg::CardSeconds)) ": " (job.card_seconds) " · " (ctx.t(Msg::Cost)) ": " (money("CNY", job.cost_minor, ctx.lang)) }
-        @if live {
-            (api_form(&format!("/api/v1/jobs/{id}/cancel"), "POST", Some(&format!("/jobs/{id}")), None, ctx.t(Msg::Cancel), html! {}))
+        div.job-state data-refresh="job-state" {
+            p { (ctx.t(Msg::State)) ": " span.state data-state=(job.state) { (job.state) } @if let Some(r) = &job.end_reason { " (" (r) ")" }
+                " · " (ctx.t(Msg::CardSeconds)) ": " (job.card_seconds) " · " (ctx.t(Msg::Cost)) ": " (money("CNY", job.cost_minor, ctx.lang)) }
+            @if live {
+                (api_form(&format!("/api/v1/jobs/{id}/cancel"), "POST", Some(&format!("/jobs/{id}")), None, ctx.t(Msg::Cancel), html! {}))
+            }
         }
-        table.attempts {
+        table.attempts data-refresh="attempts" {
             thead { tr { th { "#" } th { "nodes" } th { (ctx.t(Msg::State)) } th { (ctx.t(Msg::Cost)) } } }
             tbody {
                 @for a in &job.attempts {
@@ -463,9 +493,22 @@ pub async fn job_page(
                 }
             }
         }
-        @if !job.outputs.is_empty() {
-            h2 { (ctx.t(Msg::Outputs)) }
-            ul.outputs { @for (name, sha) in &job.outputs { li { a href={ "/api/v1/jobs/" (id) "/outputs/" (name) } download=(name) { (name) } " sha256:" code { (sha) } } } }
+        section.outputs data-refresh="outputs" {
+            @if !job.outputs.is_empty() {
+                h2 { (ctx.t(Msg::Outputs)) }
+                ul.outputs { @for (name, sha) in &job.outputs { li data-output=(name) { a href={ "/api/v1/jobs/" (id) "/outputs/" (name) } download=(name) { (name) } " sha256:" code { (sha) } } } }
+                @if job.state == "succeeded" {
+                    div.register-model {
+                        h3 { (ctx.t(Msg::RegisterModel)) }
+                        (api_form("/api/v1/models", "POST", Some("/models/{model}"), None, ctx.t(Msg::RegisterModel), html! {
+                            input type="hidden" name="job_id" value=(id) data-type="number";
+                            (field(ctx.t(Msg::ModelName), "name", "text", "", true))
+                            (select(ctx.t(Msg::ModelFile), "output", &output_names, &model_file))
+                            label { span { (ctx.t(Msg::ModelCard)) } textarea name="card" rows="3" {} small.problem data-for="card" {} }
+                        }))
+                    }
+                }
+            }
         }
         h2 { (ctx.t(Msg::Curves)) }
         section.curves data-curves={ "/api/v1/jobs/" (id) "/curves" } {
