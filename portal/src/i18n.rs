@@ -355,6 +355,7 @@ catalogue! {
     RegisterModel => "Register as a model", "注册为模型";
     ModelName => "Model name", "模型名称";
     ModelFile => "The file that is the model", "模型文件";
+    ResubmitWithChanges => "Resubmit with changes", "修改后重新提交";
     DatasetInputs => "Datasets a spec may name as inputs ({name: data.tar, dataset: NAME@VERSION})", "作业规格可引用为输入的数据集（{name: data.tar, dataset: 名称@版本}）";
 }
 

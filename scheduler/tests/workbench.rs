@@ -342,6 +342,29 @@ async fn the_job_page_follows_a_running_job_in_the_browser() {
         .await
         .expect("the loss curve");
     assert_eq!(points.as_str().map(|p| p.split_whitespace().count()), Some(2), "two loss points: {points}");
+
+    // Resubmit with a change: the page holds the spec; the new job is the changed one.
+    browser.click("details.resubmit summary").await.expect("open the resubmit form");
+    let edited = browser
+        .execute(
+            "const t = document.querySelector('details.resubmit textarea[name=spec]'); const spec = JSON.parse(t.value); spec.name = 'watched-again'; t.value = JSON.stringify(spec); return spec.run;",
+            serde_json::json!([]),
+        )
+        .await
+        .expect("edit the spec");
+    assert_eq!(edited["command"]["program"], "/bin/sh", "the form holds the job's own spec: {edited}");
+    browser.click("details.resubmit button[type=submit]").await.expect("resubmit");
+    let this_page = format!("/jobs/{job}");
+    let url = suanli_testkit::eventually(WAIT, std::time::Duration::from_millis(100), || {
+        let (browser, this_page) = (&browser, &this_page);
+        async move { browser.url().await.ok().filter(|u| u.contains("/jobs/") && !u.ends_with(this_page.as_str())) }
+    })
+    .await
+    .expect("the new job's page");
+    let again: u64 = url.rsplit('/').next().and_then(|id| id.parse().ok()).unwrap_or_else(|| panic!("a job's page: {url}"));
+    assert_ne!(again, job, "a new job");
+    let resubmitted = jobs.get_job(v1::GetJobRequest { job_id: again }).await.expect("job").into_inner();
+    assert_eq!(resubmitted.name, "watched-again", "with the change");
 }
 
 /// Headless Chromium, signed in at the portal as the world's researcher.

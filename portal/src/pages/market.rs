@@ -521,6 +521,15 @@ pub async fn job_page(
         }
         h2 { (ctx.t(Msg::Output)) }
         pre.job-log data-job-log={ "/api/v1/jobs/" (id) "/log" } data-live=(live) {}
+        // The spec as the platform kept it (dataset inputs already resolved to their archives),
+        // to change and submit as a new job.
+        details.resubmit {
+            summary { (ctx.t(Msg::ResubmitWithChanges)) }
+            (api_form("/api/v1/jobs", "POST", Some("/jobs/{job_id}"), None, ctx.t(Msg::ResubmitWithChanges), html! {
+                label { "spec (YAML or JSON)" textarea name="spec" rows="14" cols="80" required { (serde_json::to_string_pretty(&job.spec).unwrap_or_default()) } }
+                p.problem data-for="spec" {}
+            }))
+        }
     };
     page(&ctx, &format!("{} job-{id} · {}", ctx.t(Msg::Job), job.name), body)
 }
