@@ -103,13 +103,13 @@ async fn a_two_node_ddp_job_meets_at_rank_zero_and_trains_as_one_process_would()
     let job = w.submit(&mut jobs, "ddp", &spec).await.job_id;
     let done = wait_done(&mut jobs, 1, Duration::from_secs(180)).await;
     let j = &done[0];
-    assert_eq!(j.state, "succeeded", "{j:?}\n{}", w.logs());
+    let log = jobs.read_job_log(v1::ReadJobLogRequest { job_id: job, attempt: 0, from_offset: 0, max_bytes: 0, wait_ms: 0 }).await.expect("log").into_inner();
+    assert_eq!(j.state, "succeeded", "{j:?}\n{}\n{}", String::from_utf8_lossy(&log.data), w.logs());
     let attempt = &j.attempts[0];
     assert_ne!(attempt.node_ids[0], attempt.node_ids[1], "the job ran on two nodes: {attempt:?}");
     assert!(!attempt.rendezvous_host.is_empty(), "the broker names rank 0's host");
     assert_eq!(attempt.node_hosts.len(), 2, "and every node's, in rank order: {attempt:?}");
 
-    let log = jobs.read_job_log(v1::ReadJobLogRequest { job_id: job, attempt: 0, from_offset: 0, max_bytes: 0, wait_ms: 0 }).await.expect("log").into_inner();
     let together = last_json(&String::from_utf8_lossy(&log.data));
     assert_eq!(together["world"], 2, "two processes met: {together}");
     assert_eq!(together["rank"], 0, "rank 0 speaks for the job");
@@ -220,12 +220,12 @@ while not os.path.exists("{gate}"):
     std::fs::write(&gate, b"open").expect("open the gate");
     let done = wait_done(&mut jobs, 1, Duration::from_secs(60)).await;
     assert_eq!(done[0].state, "succeeded", "{:?}\n{}", done[0], w.logs());
-    let node = done[0].attempts[0].node_ids[0];
+    let table = std::fs::read_to_string(w.dir.path().join("agent0/state/rendezvous.table")).expect("the agent names its table");
     let rule = format!("dport {port}");
     let gone = suanli_testkit::eventually(Duration::from_secs(30), Duration::from_millis(100), || {
-        let rule = rule.clone();
+        let (rule, table) = (rule.clone(), table.clone());
         async move {
-            let listed = std::process::Command::new("nft").args(["list", "table", "inet", &format!("suanli_agent_{node}")]).output().ok()?;
+            let listed = std::process::Command::new("nft").args(["list", "table", "inet", table.trim()]).output().ok()?;
             (listed.status.success() && !String::from_utf8_lossy(&listed.stdout).contains(&rule)).then_some(())
         }
     })

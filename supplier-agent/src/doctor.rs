@@ -4,7 +4,10 @@
 
 use std::fmt;
 
-use crate::access::firewall::FirewallKind;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use crate::access::firewall::{self, FirewallKind, Opening};
 use crate::access::{accounts, cgroup, sandbox, AccessConfig};
 
 #[derive(Debug, PartialEq, Eq)]
@@ -119,12 +122,12 @@ pub fn check(config: &AccessConfig) -> Report {
             detail: "switched off (rendezvous_firewall = \"off\"): a job's MASTER_PORT is open to whoever reaches the node".into(),
         },
         FirewallKind::Nftables => {
-            let listed = std::process::Command::new("nft").args(["list", "tables"]).output();
-            let usable = listed.as_ref().is_ok_and(|o| o.status.success());
-            let why = match listed {
-                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
-                Err(e) => format!("nft: {e}"),
-            };
+            // The rules a rank 0 with one peer needs, checked by the kernel's nftables without
+            // being committed (`nft -c`): `iif`, `skuid` and `reject` must all load.
+            let sample = BTreeMap::from([((1, 1), Opening { port: 29_500, uid: 65_534, peers: Some(vec![IpAddr::from([192, 0, 2, 1])]) })]);
+            let checked = check_ruleset(&firewall::ruleset("suanli_doctor_check", &sample));
+            let usable = checked.is_ok();
+            let why = checked.err().unwrap_or_default();
             verdict(
                 "rendezvous firewall",
                 usable,
@@ -139,4 +142,25 @@ pub fn check(config: &AccessConfig) -> Report {
         detail: "the gateway forwards only to listeners owned by the lease's own user".into(),
     });
     Report(checks)
+}
+
+/// Whether nftables would take `script` (`nft -c -f -`: checked, never committed).
+fn check_ruleset(script: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .args(["-c", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
 }

@@ -232,8 +232,12 @@ impl JobRunner {
             tracing::error!(error = %e, dir = %markers.display(), "job runner: no state directory; jobs will not run");
             return;
         }
-        // Rules an earlier agent left are for attempts that died with it. The table's name is
+        // What an earlier agent started is killed before the rules that kept its rendezvous
+        // port go (each is still reported as lost once a broker answers). The table's name is
         // kept beside the markers, for whoever cleans up after this agent (test harnesses).
+        for marker in std::fs::read_dir(&markers).into_iter().flatten().flatten() {
+            kill_orphan(&marker.path());
+        }
         if self.firewall.kind() == FirewallKind::Nftables {
             let _ = std::fs::write(self.state_dir.join(RENDEZVOUS_TABLE_FILE), self.firewall.table());
         }
@@ -664,6 +668,13 @@ impl JobRunner {
         }
         // Forgotten once over: no longer placed here and no process left.
         running.retain(|key, r| wanted.contains(key) || r.kill.is_some() || !r.devices.is_empty());
+        // An attempt's rendezvous rules last as long as the broker lists it here.
+        for key in self.firewall.opened().await {
+            if !running.contains_key(&key) {
+                self.firewall.close(key).await;
+            }
+        }
+        self.firewall.retry().await;
         for job in jobs {
             let Some(attempt) = job.attempts.last() else { continue };
             let key = (job.job_id, attempt.number);
@@ -752,6 +763,12 @@ impl JobRunner {
         };
         let account = &lease.account;
         let key = (job.job_id, attempt.number);
+        // The port is kept to the lease before anything of the attempt happens here (its inputs
+        // may take a while; rank 0 may already trust this node), until the attempt is over.
+        if self.firewall.kind() == FirewallKind::Nftables {
+            let opening = self.rendezvous_opening(attempt, &nodes, rank, account.uid, job.job_id).await?;
+            self.firewall.open(key, opening).await.map_err(|e| e.to_string())?;
+        }
         // Everything below the lease's home is the lease's to change at any moment: it is
         // reached through descriptors, never followed through a link (lease_fs.rs).
         let lease_error = |e: LeaseFsError| e.to_string();
@@ -809,41 +826,18 @@ impl JobRunner {
         let mut env = session_env(&lease, &extra);
         env.retain(|(k, _)| k != "CUDA_VISIBLE_DEVICES");
         env.push(("CUDA_VISIBLE_DEVICES".to_owned(), devices.join(",")));
-        if self.firewall.kind() == FirewallKind::Nftables {
-            let opening = self.rendezvous_opening(attempt, &nodes, rank, account.uid, job.job_id).await?;
-            self.firewall.open(key, opening).await.map_err(|e| e.to_string())?;
-        }
-        // The attempt did not start after all: its rules go.
-        let not_started = |why: String| {
-            let firewall = self.firewall.clone();
-            async move {
-                firewall.close(key).await;
-                why
-            }
-        };
-        if let Err(e) = std::fs::write(marker, b"") {
-            return Err(not_started(format!("{}: {e}", marker.display())).await);
-        }
-        let stderr = match log.try_clone() {
-            Ok(f) => f,
-            Err(e) => return Err(not_started(e.to_string()).await),
-        };
+        std::fs::write(marker, b"").map_err(|e| format!("{}: {e}", marker.display()))?;
+        let stderr = log.try_clone().map_err(|e| e.to_string())?;
         let mut command = tokio::process::Command::new(&program);
         command.args(&args).env_clear().envs(env).current_dir(&dir).stdin(std::process::Stdio::null()).stdout(log).stderr(stderr).kill_on_drop(true);
         // Its own process group, so stopping it stops what it forked.
         command.process_group(0);
-        let sandbox = match self.access.sandbox(&lease) {
-            Ok(s) => s,
-            Err(e) => return Err(not_started(format!("the lease's sandbox: {e}")).await),
-        };
+        let sandbox = self.access.sandbox(&lease).map_err(|e| format!("the lease's sandbox: {e}"))?;
         sandbox.apply(&mut command);
-        let mut child = match command.spawn() {
-            Ok(child) => child,
-            Err(e) => {
-                let _ = std::fs::remove_file(marker);
-                return Err(not_started(format!("{}: {e}", program.display())).await);
-            }
-        };
+        let mut child = command.spawn().map_err(|e| {
+            let _ = std::fs::remove_file(marker);
+            format!("{}: {e}", program.display())
+        })?;
         let mut guard = None;
         if let Some(pid) = child.id() {
             // Which process it was, for an agent restarted after a crash (`kill_orphan`).
@@ -858,7 +852,7 @@ impl JobRunner {
                         let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
                     }
                     let _ = child.wait().await;
-                    return Err(not_started(format!("the job's fence guard: {e}")).await);
+                    return Err(format!("the job's fence guard: {e}"));
                 }
             }
         }
@@ -876,7 +870,6 @@ impl JobRunner {
             log: LogShipping::default(),
             ending: None,
         });
-        let firewall = self.firewall.clone();
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
@@ -901,7 +894,6 @@ impl JobRunner {
                 }
                 Err(e) => JobEndReason::StartFailed(e.to_string()),
             };
-            firewall.close(key).await;
             let _ = ended.send(Ended { key, rank, reason, outputs: Some(out) });
         });
         let devices = mine.iter().filter_map(|i| attempt.card_indexes.get(*i).copied()).collect();
@@ -910,14 +902,12 @@ impl JobRunner {
 }
 
 impl JobRunner {
-    /// What this node opens for an attempt's rendezvous port: on rank 0, to the attempt's
-    /// other nodes; elsewhere, towards rank 0; locally, to the lease's user only.
+    /// What this node opens for an attempt's rendezvous port: locally, to the lease's user
+    /// only; on rank 0, from outside, to the attempt's other nodes only.
     async fn rendezvous_opening(&self, attempt: &v1::JobAttempt, nodes: &[u64], rank: usize, uid: u32, job: u64) -> Result<Opening, String> {
         let port = rendezvous_port(job, attempt.number);
         if rank > 0 {
-            let master = if attempt.rendezvous_host.is_empty() { "127.0.0.1" } else { attempt.rendezvous_host.as_str() };
-            let master = firewall::resolve(master).await.map_err(|e| e.to_string())?;
-            return Ok(Opening { port, uid, master, peers: Vec::new() });
+            return Ok(Opening { port, uid, peers: None });
         }
         if nodes.len() > 1 && attempt.node_hosts.len() != nodes.len() {
             return Err("the broker did not name the hosts of the attempt's nodes (an older broker): the rendezvous port cannot be kept to them".into());
@@ -926,7 +916,7 @@ impl JobRunner {
         for host in attempt.node_hosts.iter().skip(1) {
             peers.extend(firewall::resolve(host).await.map_err(|e| e.to_string())?);
         }
-        Ok(Opening { port, uid, master: Vec::new(), peers })
+        Ok(Opening { port, uid, peers: Some(peers) })
     }
 }
 

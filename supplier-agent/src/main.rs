@@ -136,7 +136,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         None => (None, None, None),
     };
-    let firewall = Arc::new(access::firewall::RendezvousFirewall::new(config.access.rendezvous_firewall, identity.node_id()));
+    let firewall = Arc::new(access::firewall::RendezvousFirewall::new(config.access.rendezvous_firewall, identity.node_id(), &config.state_dir));
     if let Some(access) = access.clone() {
         let runner = jobs::JobRunner {
             brokers: config.brokers.clone(),
@@ -177,12 +177,8 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     tracing::info!(node = identity.node_id(), metrics = %metrics_addr, cards = agent.cards.len(), "agent running");
     shutdown_signal().await;
     tracing::info!("shutting down");
-    // The jobs stop with the agent: their rendezvous rules go too.
-    if config.access.rendezvous_firewall == access::firewall::FirewallKind::Nftables {
-        if let Err(e) = firewall.remove_table().await {
-            tracing::warn!(error = %e, "could not remove the rendezvous rules");
-        }
-    }
+    // The rendezvous rules stay (what the jobs forked may outlive this process): the next agent
+    // kills what is left of them, then empties its table.
     Ok(())
 }
 
