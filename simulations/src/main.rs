@@ -7,6 +7,9 @@
 //! announces a new offer; measured: the time until every member's catalogue shows it, and how
 //! many copies of each announcement a member received (gossip's redundancy). Prints a table,
 //! writes `federation-convergence.csv` and `.svg` (convergence time against members) to `--out`.
+//!
+//! `suanli-sim trace --format pollux --input …`: a GPU-cluster trace through the real
+//! scheduling policies (`suanli_sim::run`); see `simulations/README.md`.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -16,6 +19,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use suanli_federation::testing::{founded, listing};
 use suanli_federation::{FederationNode, Freshness, Keypair, MembershipChain, NodeConfig, TransportKind};
+use suanli_scheduling::{LasConfig, PolicyKind};
+use suanli_sim::engine::EngineConfig;
+use suanli_sim::run::{Format, TraceArgs};
+use suanli_sim::synthetic::SyntheticConfig;
 
 #[derive(Parser)]
 struct Args {
@@ -38,6 +45,115 @@ enum Command {
         #[arg(long, default_value = "simulations/results")]
         out: PathBuf,
     },
+    /// A GPU-cluster trace through the real scheduling policies, round by round.
+    Trace(Box<TraceCli>),
+}
+
+#[derive(clap::Args)]
+struct TraceCli {
+    /// pollux (also Sia workloads), philly, gavel, tiresias, alibaba (openb pods) or synthetic.
+    #[arg(long)]
+    format: Format,
+    /// Trace files or directories of them; each file is one independent run.
+    #[arg(long, value_delimiter = ',')]
+    input: Vec<PathBuf>,
+    /// Policies to compare: fifo, las, heterogeneity.
+    #[arg(long, value_delimiter = ',', default_value = "las")]
+    policy: Vec<PolicyKind>,
+    /// NODESxGPUS:MODEL[,…], or gavel (12 K80 + 12 P100 + 12 V100).
+    #[arg(long, default_value = "16x4:v100")]
+    cluster: String,
+    /// An Alibaba openb node list (openb_node_list_gpu_node.csv): the cluster instead of --cluster.
+    #[arg(long)]
+    nodes: Option<PathBuf>,
+    #[arg(long, default_value_t = 60)]
+    round_s: u64,
+    /// Delay before a job's first attempt progresses (Pollux's simulator: 30 s on every allocation).
+    #[arg(long, default_value_t = 0)]
+    first_start_delay_s: u64,
+    /// Delay before an attempt after a preemption progresses (checkpoint reload).
+    #[arg(long, default_value_t = 30)]
+    restart_delay_s: u64,
+    /// LAS queue thresholds in GPU-seconds (2 queues: one threshold). Default: the crate's.
+    #[arg(long, value_delimiter = ',')]
+    las_thresholds_gpu_s: Option<Vec<u64>>,
+    /// LAS: an attempt younger than this is not preempted. Default: the crate's.
+    #[arg(long)]
+    las_min_run_s: Option<u64>,
+    /// Pollux: the Sia throughput profiles directory (sia/throughput_profiles).
+    #[arg(long)]
+    profiles: Option<PathBuf>,
+    /// Gavel: simulation_throughputs.json.
+    #[arg(long)]
+    throughputs: Option<PathBuf>,
+    /// Philly: virtual clusters to keep (all if none).
+    #[arg(long, value_delimiter = ',')]
+    philly_cluster: Vec<String>,
+    /// Only the first N jobs of each input.
+    #[arg(long)]
+    max_jobs: Option<usize>,
+    /// Multiplies submission times (below 1 raises the load).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Synthetic: jobs per seed.
+    #[arg(long, default_value_t = 1000)]
+    jobs: usize,
+    /// Synthetic: mean arrivals per hour (Poisson).
+    #[arg(long, default_value_t = 20.0)]
+    jobs_per_hour: f64,
+    /// Synthetic: longest run time, seconds.
+    #[arg(long, default_value_t = 7.0 * 86_400.0)]
+    max_duration_s: f64,
+    /// Synthetic: one independent run per seed.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    seeds: Vec<u64>,
+    /// Pollux: a published summary.json to compare with job by job.
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    #[arg(long, default_value = "simulations/results")]
+    out: PathBuf,
+    /// Prefix of the output files.
+    #[arg(long, default_value = "trace")]
+    name: String,
+}
+
+impl TraceCli {
+    fn into_args(self) -> TraceArgs {
+        let default = LasConfig::default();
+        let max_gpus = parse_max_gpus(&self.cluster);
+        TraceArgs {
+            format: self.format,
+            inputs: self.input,
+            policies: self.policy,
+            cluster: self.cluster,
+            nodes: self.nodes,
+            engine: EngineConfig {
+                round_s: self.round_s,
+                first_start_delay_s: self.first_start_delay_s,
+                restart_delay_s: self.restart_delay_s,
+                ..EngineConfig::default()
+            },
+            las: LasConfig {
+                thresholds_gpu_ms: self.las_thresholds_gpu_s.map_or(default.thresholds_gpu_ms, |t| t.iter().map(|s| s * 1000).collect()),
+                min_run_ms: self.las_min_run_s.map_or(default.min_run_ms, |s| s * 1000),
+            },
+            profiles: self.profiles,
+            throughputs: self.throughputs,
+            philly_clusters: self.philly_cluster,
+            max_jobs: self.max_jobs,
+            time_scale: self.time_scale,
+            synthetic: SyntheticConfig { jobs: self.jobs, jobs_per_hour: self.jobs_per_hour, max_gpus, max_duration_s: self.max_duration_s, seed: 0 },
+            seeds: self.seeds,
+            compare: self.compare,
+            out: self.out,
+            name: self.name,
+        }
+    }
+}
+
+/// The most cards of the cluster (the synthetic mix leaves out larger jobs).
+fn parse_max_gpus(cluster: &str) -> u32 {
+    suanli_sim::run::parse_cluster(cluster).map_or(u32::MAX, |groups| groups.iter().map(|g| g.nodes * g.cards_per_node).sum())
 }
 
 /// A small deterministic generator (the topology is the same on every run).
@@ -164,6 +280,11 @@ fn svg(outcomes: &[Outcome]) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
+        Command::Trace(cli) => {
+            let report = suanli_sim::run::trace(&cli.into_args())?;
+            print!("{report}");
+            Ok(())
+        }
         Command::Federation { members, degree, rounds, out } => {
             anyhow::ensure!(rounds >= 1 && degree >= 1, "--rounds and --degree are at least 1");
             anyhow::ensure!(members.iter().all(|m| *m >= 2), "a federation has at least 2 members");

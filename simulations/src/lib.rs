@@ -1,0 +1,12 @@
+//! `suanli-sim`'s library: trace loaders, a round-based discrete-event engine that drives
+//! `suanli-scheduling`'s real policies, and the metrics the scheduling literature reports.
+//!
+//! The binary (`src/main.rs`) only parses arguments and calls [`run::trace`]; the tests in
+//! `tests/` drive the same code.
+
+pub mod engine;
+pub mod metrics;
+pub mod rng;
+pub mod run;
+pub mod synthetic;
+pub mod trace;
