@@ -10,6 +10,12 @@
 //! (`first_start_delay_s` for the first, `restart_delay_s` after a preemption: checkpoint
 //! reload, container start) during which it holds its cards without progressing.
 //!
+//! A round with no job queued skips the snapshot and the policy: every policy of
+//! `crates/scheduling` serves only pools with queued jobs (`Round::work_by_pool`) and preempts
+//! only to place one, so it would decide nothing. The round still counts and its jobs still
+//! progress, so results are the same bytes (checked on the Pollux and Gavel runs' per-job
+//! CSVs); only `decision_ns` has fewer entries. The snapshot's cards are built once.
+//!
 //! How fast a job progresses is its [`Work`]: wall seconds at its fixed gang size (the
 //! trace's own duration, or a duration model's), or steps at a per-model throughput from a
 //! [`ThroughputTable`], a gang running at its slowest card's pace.
@@ -89,6 +95,20 @@ pub struct JobRecord {
     pub restarts: u32,
     /// Card-milliseconds held, start delays included (a sharing job: its share of its card).
     pub gpu_ms: u64,
+    /// Its JCT alone on the cluster: the first start delay plus its work on its gang of the
+    /// fastest model it accepts, with no queueing, no waiting for a round and no restarts
+    /// (finish-time fairness's denominator).
+    pub isolated_ms: i64,
+}
+
+/// The cluster at one round, after the round's decisions were carried out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sample {
+    pub t_ms: i64,
+    /// Cards held by running jobs (a sharing job counts its share of its card).
+    pub busy_cards: f64,
+    /// Jobs waiting.
+    pub queued: u32,
 }
 
 /// A finished run.
@@ -103,6 +123,8 @@ pub struct RunResult {
     pub cards_by_model: BTreeMap<String, u32>,
     /// Wall-clock nanoseconds of each `decide` call: the only non-deterministic output.
     pub decision_ns: Vec<u64>,
+    /// One sample per round, and a zero sample where the cluster fell idle.
+    pub timeline: Vec<Sample>,
 }
 
 const OWNER: AccountId = AccountId(1);
@@ -192,6 +214,7 @@ pub fn run(policy: &mut dyn Policy, cluster: &[GpuGroup], jobs: &[Job], table: &
     let models: BTreeSet<&str> = cards.iter().map(|c| c.model.as_str()).collect();
     let mut specs = Vec::with_capacity(jobs.len());
     let mut state = Vec::with_capacity(jobs.len());
+    let mut isolated_ms = Vec::with_capacity(jobs.len());
     for j in jobs {
         let (work, unit) = match j.work {
             Work::Seconds(s) => (s, "seconds"),
@@ -201,9 +224,11 @@ pub fn run(policy: &mut dyn Policy, cluster: &[GpuGroup], jobs: &[Job], table: &
             return Err(EngineError::Unrunnable { name: j.name.clone(), reason: format!("{work} {unit} of work") });
         }
         let slowest = models.iter().map(|m| rate_on(j, m)).filter(|&r| r > 0.0).min_by(f64::total_cmp);
-        let Some(slowest) = slowest else {
+        let fastest = models.iter().map(|m| rate_on(j, m)).filter(|&r| r > 0.0).max_by(f64::total_cmp);
+        let (Some(slowest), Some(fastest)) = (slowest, fastest) else {
             return Err(EngineError::Unrunnable { name: j.name.clone(), reason: "no card model of the cluster runs it".into() });
         };
+        isolated_ms.push(config.first_start_delay_s as i64 * 1000 + (work / fastest).ceil() as i64);
         specs.push(Arc::new(spec(j, Some(work / slowest / 1000.0))));
         state.push(State { left: work, attained_gpu_ms: 0, attempt: None, starts: 0, first_start_ms: None, end_ms: None, models: BTreeSet::new(), gpu_ms: 0 });
     }
@@ -212,7 +237,9 @@ pub fn run(policy: &mut dyn Policy, cluster: &[GpuGroup], jobs: &[Job], table: &
     let (mut queued, mut running) = (BTreeSet::<usize>::new(), BTreeSet::<usize>::new());
     let (mut arrived, mut now, mut rounds, mut placements, mut preemptions) = (0, 0_i64, 0_u64, 0_u64, 0_u64);
     let mut decision_ns = Vec::new();
+    let mut timeline = Vec::new();
     let mut finished = 0;
+    let mut snapshot = Snapshot { cards: cards.clone(), queued: Vec::new(), running: Vec::new() };
     loop {
         while arrived < jobs.len() && submit_ms[arrived] <= now {
             queued.insert(arrived);
@@ -220,82 +247,91 @@ pub fn run(policy: &mut dyn Policy, cluster: &[GpuGroup], jobs: &[Job], table: &
         }
         if queued.is_empty() && running.is_empty() {
             let Some(&next) = submit_ms.get(arrived) else { break };
-            now = (next.max(0) + round_ms - 1) / round_ms * round_ms;
+            let next = (next.max(0) + round_ms - 1) / round_ms * round_ms;
+            if rounds > 0 && next > now {
+                // Idle from here until the round before the next arrival's.
+                timeline.push(Sample { t_ms: now, busy_cards: 0.0, queued: 0 });
+                if next - round_ms > now {
+                    timeline.push(Sample { t_ms: next - round_ms, busy_cards: 0.0, queued: 0 });
+                }
+            }
+            now = next;
             continue;
         }
         if rounds >= config.max_rounds {
             return Err(EngineError::Stalled { policy: policy.name(), rounds, left: jobs.len() - finished });
         }
-        let snapshot = Snapshot {
-            cards: cards.clone(),
-            queued: queued
-                .iter()
-                .map(|&j| QueuedJob {
+        // Nothing queued: every policy decides nothing (see the module's docs).
+        if !queued.is_empty() {
+            snapshot.queued.clear();
+            snapshot.queued.extend(queued.iter().map(|&j| QueuedJob {
+                id: JobId(j as u64),
+                owner: OWNER,
+                spec: specs[j].clone(),
+                submitted_at: Timestamp(submit_ms[j]),
+                attained_gpu_ms: state[j].attained_gpu_ms,
+            }));
+            snapshot.running.clear();
+            snapshot.running.extend(running.iter().filter_map(|&j| {
+                let s = &state[j];
+                let a = s.attempt.as_ref()?;
+                Some(RunningJob {
                     id: JobId(j as u64),
                     owner: OWNER,
-                    spec: specs[j].clone(),
-                    submitted_at: Timestamp(submit_ms[j]),
-                    attained_gpu_ms: state[j].attained_gpu_ms,
+                    cards: a.cards.clone(),
+                    shared: is_sharing(&specs[j]),
+                    preemptible: true,
+                    priority: 0,
+                    started_at: Timestamp(a.started_ms),
+                    // The simulator knows the truth.
+                    expected_end: (a.rate > 0.0).then(|| Timestamp(now + a.delay_ms + (s.left / a.rate).ceil() as i64)),
+                    attained_gpu_ms: s.attained_gpu_ms,
                 })
-                .collect(),
-            running: running
-                .iter()
-                .filter_map(|&j| {
-                    let s = &state[j];
-                    let a = s.attempt.as_ref()?;
-                    Some(RunningJob {
-                        id: JobId(j as u64),
-                        owner: OWNER,
-                        cards: a.cards.clone(),
-                        shared: is_sharing(&specs[j]),
-                        preemptible: true,
-                        priority: 0,
-                        started_at: Timestamp(a.started_ms),
-                        // The simulator knows the truth.
-                        expected_end: (a.rate > 0.0).then(|| Timestamp(now + a.delay_ms + (s.left / a.rate).ceil() as i64)),
-                        attained_gpu_ms: s.attained_gpu_ms,
-                    })
-                })
-                .collect(),
-        };
-        let t = Instant::now();
-        let decisions = policy.decide(&snapshot, Timestamp(now));
-        decision_ns.push(t.elapsed().as_nanos() as u64);
-        check_decisions(&snapshot, &decisions).map_err(|violation| EngineError::Invariant { policy: policy.name(), round: rounds, violation })?;
-        for decision in decisions {
-            match decision {
-                Decision::Preempt { job } => {
-                    let j = job.0 as usize;
-                    running.remove(&j);
-                    queued.insert(j);
-                    state[j].attempt = None;
-                    preemptions += 1;
-                }
-                Decision::Place { job, cards } => {
-                    let j = job.0 as usize;
-                    queued.remove(&j);
-                    running.insert(j);
-                    let s = &mut state[j];
-                    let delay_s = if s.starts == 0 { config.first_start_delay_s } else { config.restart_delay_s };
-                    let rate = cards.iter().map(|c| rate_on(&jobs[j], model_of.get(c).copied().unwrap_or(""))).fold(f64::INFINITY, f64::min);
-                    let rate = if rate.is_finite() { rate } else { 0.0 };
-                    if let Some((_, model)) =
-                        cards.iter().map(|c| model_of.get(c).copied().unwrap_or("")).map(|m| (rate_on(&jobs[j], m), m)).min_by(|a, b| a.0.total_cmp(&b.0))
-                    {
-                        s.models.insert(model.to_owned());
+            }));
+            let t = Instant::now();
+            let decisions = policy.decide(&snapshot, Timestamp(now));
+            decision_ns.push(t.elapsed().as_nanos() as u64);
+            check_decisions(&snapshot, &decisions).map_err(|violation| EngineError::Invariant { policy: policy.name(), round: rounds, violation })?;
+            for decision in decisions {
+                match decision {
+                    Decision::Preempt { job } => {
+                        let j = job.0 as usize;
+                        running.remove(&j);
+                        queued.insert(j);
+                        state[j].attempt = None;
+                        preemptions += 1;
                     }
-                    s.attempt = Some(Attempt { cards, started_ms: now, delay_ms: delay_s as i64 * 1000, rate });
-                    s.starts += 1;
-                    s.first_start_ms.get_or_insert(now);
-                    placements += 1;
+                    Decision::Place { job, cards } => {
+                        let j = job.0 as usize;
+                        queued.remove(&j);
+                        running.insert(j);
+                        let s = &mut state[j];
+                        let delay_s = if s.starts == 0 { config.first_start_delay_s } else { config.restart_delay_s };
+                        let rate = cards.iter().map(|c| rate_on(&jobs[j], model_of.get(c).copied().unwrap_or(""))).fold(f64::INFINITY, f64::min);
+                        let rate = if rate.is_finite() { rate } else { 0.0 };
+                        if let Some((_, model)) =
+                            cards.iter().map(|c| model_of.get(c).copied().unwrap_or("")).map(|m| (rate_on(&jobs[j], m), m)).min_by(|a, b| a.0.total_cmp(&b.0))
+                        {
+                            s.models.insert(model.to_owned());
+                        }
+                        s.attempt = Some(Attempt { cards, started_ms: now, delay_ms: delay_s as i64 * 1000, rate });
+                        s.starts += 1;
+                        s.first_start_ms.get_or_insert(now);
+                        placements += 1;
+                    }
                 }
             }
         }
         let mut done = Vec::new();
+        let mut busy_cards = 0.0;
         for &j in &running {
             let s = &mut state[j];
             let Some(a) = s.attempt.as_mut() else { continue };
             let width = a.cards.len() as u64;
+            busy_cards += match jobs[j].share_milli {
+                Some(milli) if width == 1 => f64::from(milli.min(1000)) / 1000.0,
+                _ => width as f64,
+            };
             let delay = a.delay_ms.min(round_ms);
             a.delay_ms -= delay;
             let budget = round_ms - delay;
@@ -315,6 +351,7 @@ pub fn run(policy: &mut dyn Policy, cluster: &[GpuGroup], jobs: &[Job], table: &
                 _ => width * used as u64,
             };
         }
+        timeline.push(Sample { t_ms: now, busy_cards, queued: queued.len() as u32 });
         for j in done {
             running.remove(&j);
             state[j].attempt = None;
@@ -327,7 +364,8 @@ pub fn run(policy: &mut dyn Policy, cluster: &[GpuGroup], jobs: &[Job], table: &
         .into_iter()
         .zip(&submit_ms)
         .zip(jobs)
-        .map(|((s, &submit_ms), j)| JobRecord {
+        .zip(isolated_ms)
+        .map(|(((s, &submit_ms), j), isolated_ms)| JobRecord {
             submit_ms,
             first_start_ms: s.first_start_ms.unwrap_or(submit_ms),
             end_ms: s.end_ms.unwrap_or(submit_ms),
@@ -335,9 +373,10 @@ pub fn run(policy: &mut dyn Policy, cluster: &[GpuGroup], jobs: &[Job], table: &
             models: s.models,
             restarts: s.starts.saturating_sub(1),
             gpu_ms: s.gpu_ms,
+            isolated_ms,
         })
         .collect();
-    Ok(RunResult { policy: policy.name(), records, rounds, placements, preemptions, cards_by_model, decision_ns })
+    Ok(RunResult { policy: policy.name(), records, rounds, placements, preemptions, cards_by_model, decision_ns, timeline })
 }
 
 #[cfg(test)]
@@ -366,8 +405,14 @@ mod tests {
         let ends: Vec<(i64, i64, i64)> = r.records.iter().map(|x| (x.submit_ms, x.first_start_ms, x.end_ms)).collect();
         assert_eq!(ends, vec![(0, 0, 120_000), (10_000, 60_000, 130_000)]);
         assert_eq!(r.records[0].gpu_ms, 2 * 120_000);
+        // Alone: the start delay and the work, no wait for a round (b: 30 + 40 s).
+        assert_eq!((r.records[0].isolated_ms, r.records[1].isolated_ms), (120_000, 70_000));
+        // Rounds at 0, 60 and 120 s: a holds 2 cards, then a and b 4, then b 2.
+        let samples: Vec<(i64, f64, u32)> = r.timeline.iter().map(|s| (s.t_ms, s.busy_cards, s.queued)).collect();
+        assert_eq!(samples, vec![(0, 2.0, 0), (60_000, 4.0, 0), (120_000, 2.0, 0)]);
         assert_eq!((r.rounds, r.placements, r.preemptions), (3, 2, 0));
-        assert_eq!(r.decision_ns.len(), 3);
+        // At 120 s nothing is queued: the policy is not called.
+        assert_eq!(r.decision_ns.len(), 2);
     }
 
     /// Steps at the table's speed: 600 steps at 10/s on a v100 take 60 s, at 2/s on a k80 300 s

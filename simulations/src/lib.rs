@@ -6,6 +6,7 @@
 
 pub mod engine;
 pub mod metrics;
+pub mod plot;
 pub mod rng;
 pub mod run;
 pub mod synthetic;

@@ -10,6 +10,11 @@
 //! * **Queueing delay** = first start − submission.
 //! * **GPU utilisation** = card-time held by jobs (start delays included) / (cards ×
 //!   makespan), overall and by card model.
+//! * **Finish-time fairness** (Themis, NSDI '20): ρ = JCT with the cluster shared /
+//!   JCT alone, where "alone" is the job's first start delay plus its work on its gang of the
+//!   fastest model it accepts, with no queueing, no wait for a round and no restarts
+//!   (`JobRecord::isolated_ms`; floored at 1 ms). ρ ≤ 1 is fair; reported per job and as
+//!   mean, max (Themis' objective) and the fraction of jobs with ρ > 1.5.
 //! * **Decision time** = wall-clock time of one `decide` call, per round (mean, p99, max);
 //!   the only measured, hence non-deterministic, output: printed and written to
 //!   `timing.csv`, never to `summary.csv`.
@@ -17,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::engine::{Job, RunResult};
+use crate::engine::{Job, JobRecord, RunResult};
 
 /// The nearest-rank percentile of `sorted` (ascending); 0 when empty.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -56,6 +61,15 @@ pub struct Summary {
     pub rounds: u64,
     pub placements: u64,
     pub preemptions: u64,
+    pub ftf_mean: f64,
+    pub ftf_max: f64,
+    /// Fraction of jobs with ρ > 1.5.
+    pub ftf_over_1_5: f64,
+}
+
+/// A job's finish-time fairness ρ = JCT / isolated JCT.
+pub fn ftf(r: &JobRecord) -> f64 {
+    (r.end_ms - r.submit_ms) as f64 / r.isolated_ms.max(1) as f64
 }
 
 pub fn summarize(jobs: &[Job], run: &RunResult) -> Summary {
@@ -86,6 +100,7 @@ pub fn summarize(jobs: &[Job], run: &RunResult) -> Summary {
             *busy_by_model.entry(m.as_str()).or_default() += r.gpu_ms as f64 / n;
         }
     }
+    let rho: Vec<f64> = run.records.iter().map(ftf).collect();
     let utilisation_by_model =
         run.cards_by_model.iter().map(|(m, &c)| (m.clone(), busy_by_model.get(m.as_str()).copied().unwrap_or(0.0) / (f64::from(c.max(1)) * span_ms))).collect();
     Summary {
@@ -106,16 +121,19 @@ pub fn summarize(jobs: &[Job], run: &RunResult) -> Summary {
         rounds: run.rounds,
         placements: run.placements,
         preemptions: run.preemptions,
+        ftf_mean: mean(&rho),
+        ftf_max: rho.iter().copied().fold(0.0, f64::max),
+        ftf_over_1_5: if rho.is_empty() { 0.0 } else { rho.iter().filter(|&&r| r > 1.5).count() as f64 / rho.len() as f64 },
     }
 }
 
-pub const SUMMARY_HEADER: &str = "trace,policy,seed,jobs,workloads,avg_jct_pooled_s,avg_jct_workload_means_s,p50_jct_s,p95_jct_s,p99_jct_s,makespan_s,avg_queueing_s,p95_queueing_s,gpu_utilisation,gpu_utilisation_by_model,restarts,rounds,placements,preemptions\n";
+pub const SUMMARY_HEADER: &str = "trace,policy,seed,jobs,workloads,avg_jct_pooled_s,avg_jct_workload_means_s,p50_jct_s,p95_jct_s,p99_jct_s,makespan_s,avg_queueing_s,p95_queueing_s,gpu_utilisation,gpu_utilisation_by_model,restarts,rounds,placements,preemptions,ftf_mean,ftf_max,ftf_over_1_5\n";
 
 /// One `summary.csv` row (after [`SUMMARY_HEADER`]); deterministic.
 pub fn summary_row(trace: &str, seed: &str, s: &Summary) -> String {
     let by_model: Vec<String> = s.utilisation_by_model.iter().map(|(m, u)| format!("{m}={u:.4}")).collect();
     format!(
-        "{trace},{},{seed},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.4},{},{},{},{},{}\n",
+        "{trace},{},{seed},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.4},{},{},{},{},{},{:.4},{:.4},{:.4}\n",
         s.policy,
         s.jobs,
         s.workloads,
@@ -132,19 +150,22 @@ pub fn summary_row(trace: &str, seed: &str, s: &Summary) -> String {
         s.restarts,
         s.rounds,
         s.placements,
-        s.preemptions
+        s.preemptions,
+        s.ftf_mean,
+        s.ftf_max,
+        s.ftf_over_1_5
     )
 }
 
 /// The per-job CSV: one row per job in the workload's order; deterministic.
 pub fn jobs_csv(jobs: &[Job], run: &RunResult) -> String {
-    let mut out = String::from("name,workload,type,submit_s,first_start_s,end_s,jct_s,queueing_s,gpus,models,restarts,gpu_s\n");
+    let mut out = String::from("name,workload,type,submit_s,first_start_s,end_s,jct_s,queueing_s,gpus,models,restarts,gpu_s,isolated_s,ftf\n");
     for (job, r) in jobs.iter().zip(&run.records) {
         let ms = |v: i64| v as f64 / 1000.0;
         let models: Vec<&str> = r.models.iter().map(String::as_str).collect();
         let _ = writeln!(
             out,
-            "{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{:.3}",
+            "{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{:.3},{:.3},{:.4}",
             job.name,
             job.workload,
             job.type_key.replace(',', ";"),
@@ -156,7 +177,9 @@ pub fn jobs_csv(jobs: &[Job], run: &RunResult) -> String {
             r.gpus,
             models.join(";"),
             r.restarts,
-            r.gpu_ms as f64 / 1000.0
+            r.gpu_ms as f64 / 1000.0,
+            ms(r.isolated_ms),
+            ftf(r)
         );
     }
     out
@@ -209,6 +232,7 @@ mod tests {
             models: BTreeSet::from(["v100".to_owned()]),
             restarts: 0,
             gpu_ms: (end - start) as u64 * 1000 * u64::from(gpus),
+            isolated_ms: (end - start) * 1000,
         }
     }
 
@@ -242,6 +266,7 @@ mod tests {
             preemptions: 0,
             cards_by_model: BTreeMap::from([("v100".to_owned(), 2)]),
             decision_ns: vec![1000, 3000],
+            timeline: vec![],
         };
         let s = summarize(&jobs, &run);
         // JCTs 10, 30, 60: pooled (10 + 30 + 60) / 3; per workload a = 20, b = 60 → 40.
@@ -256,6 +281,15 @@ mod tests {
         assert!((s.utilisation_by_model["v100"] - 130.0 / 160.0).abs() < 1e-9);
         assert_eq!(decision_times_us(&run), (2.0, 3.0, 3.0));
         let csv = jobs_csv(&jobs, &run);
-        assert_eq!(csv.lines().nth(3), Some("j3,b,t,20.000,30.000,80.000,60.000,10.000,2,v100,0,100.000"));
+        assert_eq!(csv.lines().nth(3), Some("j3,b,t,20.000,30.000,80.000,60.000,10.000,2,v100,0,100.000,50.000,1.2000"));
+        // Finish-time fairness: alone, each job runs exactly its service time (10, 20, 50 s);
+        // ρ = 10/10, 30/20, 60/50 = 1, 1.5, 1.2: mean 3.7/3, max 1.5, none above 1.5.
+        assert!((s.ftf_mean - 3.7 / 3.0).abs() < 1e-9);
+        assert_eq!((s.ftf_max, s.ftf_over_1_5), (1.5, 0.0));
+        let mut slow = run.clone();
+        slow.records[1].end_ms = 40_000;
+        let s = summarize(&jobs, &slow);
+        // j2 now ρ = 40/20 = 2: 1 job of 3 above 1.5.
+        assert_eq!((s.ftf_max, s.ftf_over_1_5), (2.0, 1.0 / 3.0));
     }
 }

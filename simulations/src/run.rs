@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use suanli_scheduling::replay::{gavel_cluster, GpuGroup};
 use suanli_scheduling::{build, LasConfig, PolicyConfig, PolicyKind, ThroughputTable};
 
-use crate::engine::{self, EngineConfig, EngineError, Job, RunResult};
+use crate::engine::{self, EngineConfig, EngineError, Job, RunResult, Sample};
 use crate::metrics::{self, Summary};
+use crate::plot::{self, Panel, Series};
 use crate::synthetic::{self, SyntheticConfig};
 use crate::trace::{self, alibaba, gavel, philly, pollux, tiresias, TraceError};
 
@@ -217,6 +218,7 @@ fn overall(runs: &[(String, Vec<Job>, RunResult)]) -> Summary {
         preemptions: runs.iter().map(|r| r.2.preemptions).sum(),
         cards_by_model: first.cards_by_model.clone(),
         decision_ns: vec![],
+        timeline: vec![],
     };
     let mut s = metrics::summarize(&jobs, &merged);
     let each: Vec<Summary> = runs.iter().map(|(_, j, r)| metrics::summarize(j, r)).collect();
@@ -278,12 +280,13 @@ pub fn published(path: &Path) -> Result<BTreeMap<String, BTreeMap<String, f64>>,
 }
 
 /// Runs, writes `<out>/<name>.summary.csv`, `<name>.<policy>.jobs.csv`,
-/// `<name>.timing.csv` (and `<name>.<policy>.compare.csv`), and returns a report to print.
+/// `<name>.timing.csv`, `<name>.jct-cdf.svg`, `<name>.timeline.svg` (and
+/// `<name>.<policy>.compare.csv`), and returns a report to print.
 pub fn trace(args: &TraceArgs) -> Result<String, SimError> {
     let outcomes = simulate(args)?;
     std::fs::create_dir_all(&args.out).map_err(|source| SimError::Write { file: args.out.display().to_string(), source })?;
     let mut summary = String::from(metrics::SUMMARY_HEADER);
-    let mut timing = String::from("policy,workload,rounds,decision_mean_us,decision_p99_us,decision_max_us\n");
+    let mut timing = String::from("policy,workload,rounds,decided_rounds,decision_mean_us,decision_p99_us,decision_max_us\n");
     let mut report = String::new();
     let _ = writeln!(report, "| policy | jobs | avg JCT (pooled) s | avg JCT (mean of workload means) s | p50 | p95 | p99 | avg queueing s | makespan s | GPU util | restarts | decision mean / p99 µs |");
     let _ = writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -298,7 +301,7 @@ pub fn trace(args: &TraceArgs) -> Result<String, SimError> {
             let s = metrics::summarize(jobs, result);
             summary += &metrics::summary_row(&format!("{}/{name}", args.name), &seed(name), &s);
             let (mean, p99, max) = metrics::decision_times_us(result);
-            let _ = writeln!(timing, "{},{name},{},{mean:.1},{p99:.1},{max:.1}", o.policy, result.rounds);
+            let _ = writeln!(timing, "{},{name},{},{},{mean:.1},{p99:.1},{max:.1}", o.policy, result.rounds, result.decision_ns.len());
             let csv = metrics::jobs_csv(jobs, result);
             jobs_csv += if i == 0 { &csv } else { csv.split_once('\n').map_or("", |(_, rows)| rows) };
             all_ns.extend_from_slice(&result.decision_ns);
@@ -313,6 +316,7 @@ pub fn trace(args: &TraceArgs) -> Result<String, SimError> {
             preemptions: 0,
             cards_by_model: BTreeMap::new(),
             decision_ns: all_ns,
+            timeline: vec![],
         });
         let s = &o.overall;
         let _ = writeln!(
@@ -345,7 +349,57 @@ pub fn trace(args: &TraceArgs) -> Result<String, SimError> {
     }
     write(&args.out.join(format!("{}.summary.csv", args.name)), &summary)?;
     write(&args.out.join(format!("{}.timing.csv", args.name)), &timing)?;
+    let (cdf, timeline) = plots(&args.name, &outcomes);
+    write(&args.out.join(format!("{}.jct-cdf.svg", args.name)), &cdf)?;
+    write(&args.out.join(format!("{}.timeline.svg", args.name)), &timeline)?;
     Ok(report)
+}
+
+/// Points per line in the plots.
+const PLOT_POINTS: usize = 600;
+
+/// `<name>.jct-cdf.svg` (every job of every run, per policy, log x) and `<name>.timeline.svg`
+/// (GPU utilisation and queue length over time, per policy, of the first run: the runs of a
+/// trace are separate experiments); deterministic.
+pub fn plots(name: &str, outcomes: &[PolicyOutcome]) -> (String, String) {
+    let cdf: Vec<Series> = outcomes
+        .iter()
+        .map(|o| {
+            let jct: Vec<f64> = o.runs.iter().flat_map(|(_, _, r)| r.records.iter()).map(|r| ((r.end_ms - r.submit_ms) as f64 / 1000.0).max(1.0)).collect();
+            Series { label: format!("{} (avg {:.0} s)", o.policy, o.overall.avg_jct_pooled), points: plot::cdf(&jct, PLOT_POINTS) }
+        })
+        .collect();
+    let title = format!("{name}: JCT CDF ({} jobs per policy)", outcomes.first().map_or(0, |o| o.overall.jobs));
+    let cdf_svg =
+        plot::svg(&[Panel { title: &title, x_label: "JCT, s (log scale)", y_label: "fraction of jobs", x_log: true, y_range: Some((0.0, 1.0)), series: &cdf }]);
+    let first = outcomes.first().and_then(|o| o.runs.first());
+    let run_name = first.map_or("", |r| r.0.as_str());
+    let cards = first.map_or(1, |r| r.2.cards_by_model.values().sum::<u32>().max(1));
+    let series = |f: &dyn Fn(&Sample) -> f64| -> Vec<Series> {
+        outcomes
+            .iter()
+            .filter_map(|o| o.runs.first().map(|r| (o.policy, &r.2)))
+            .map(|(policy, r)| {
+                let points: Vec<(f64, f64)> = r.timeline.iter().map(|s| (s.t_ms as f64 / 3_600_000.0, f(s))).collect();
+                Series { label: policy.to_string(), points: plot::downsample(&points, PLOT_POINTS) }
+            })
+            .collect()
+    };
+    let utilisation = series(&|s| s.busy_cards / f64::from(cards));
+    let queue = series(&|s| f64::from(s.queued));
+    let (t1, t2) = (format!("{name} ({run_name}): GPU utilisation, {cards} cards"), format!("{name} ({run_name}): jobs queued"));
+    let timeline_svg = plot::svg(&[
+        Panel {
+            title: &t1,
+            x_label: "hours since the trace's start",
+            y_label: "cards held / cards",
+            x_log: false,
+            y_range: Some((0.0, 1.0)),
+            series: &utilisation,
+        },
+        Panel { title: &t2, x_label: "hours since the trace's start", y_label: "jobs waiting", x_log: false, y_range: None, series: &queue },
+    ]);
+    (cdf_svg, timeline_svg)
 }
 
 /// Ours against the published JCTs, job by job; writes `<name>.<policy>.compare.csv`.

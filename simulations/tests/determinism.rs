@@ -55,7 +55,7 @@ fn same_trace_same_bytes_and_pinned_per_job_results() {
     let (a, b) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
     run::trace(&args(Format::Tiresias, a.path())).expect("first run");
     run::trace(&args(Format::Tiresias, b.path())).expect("second run");
-    for file in ["tiny.summary.csv", "tiny.las.jobs.csv", "tiny.fifo.jobs.csv"] {
+    for file in ["tiny.summary.csv", "tiny.las.jobs.csv", "tiny.fifo.jobs.csv", "tiny.jct-cdf.svg", "tiny.timeline.svg"] {
         assert_eq!(read(&a.path().join(file)), read(&b.path().join(file)), "{file} differs between two runs");
     }
     for policy in ["las", "fifo"] {
