@@ -1,9 +1,11 @@
 //! `suanli-sim`'s library: trace loaders, a round-based discrete-event engine that drives
 //! `suanli-scheduling`'s real policies, and the metrics the scheduling literature reports.
 //!
-//! The binary (`src/main.rs`) only parses arguments and calls [`run::trace`]; the tests in
-//! `tests/` drive the same code.
+//! The binary (`src/main.rs`) only parses arguments and calls [`run::trace`],
+//! [`compare::compare_to`] or [`compare::max_rate_to`]; the tests in `tests/` drive the same
+//! code.
 
+pub mod compare;
 pub mod engine;
 pub mod metrics;
 pub mod plot;

@@ -10,6 +10,11 @@
 //!
 //! `suanli-sim trace --format pollux --input …`: a GPU-cluster trace through the real
 //! scheduling policies (`suanli_sim::run`); see `simulations/README.md`.
+//!
+//! `suanli-sim compare --policy fifo,las,heterogeneity --seeds 1,2,3`: every policy on every
+//! trace of the README (`suanli_sim::compare::settings()`, also `trace --preset NAME`), one
+//! table. `suanli-sim max-rate --cluster 8x8:v100`: the highest synthetic job rate the cluster
+//! sustains per policy (definition in `suanli_sim::compare::probe`).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -47,13 +52,62 @@ enum Command {
     },
     /// A GPU-cluster trace through the real scheduling policies, round by round.
     Trace(Box<TraceCli>),
+    /// Every policy on every trace of simulations/README.md: one table (mean ± std over seeds).
+    Compare {
+        /// The traces directory (../shared/traces).
+        #[arg(long, default_value = "../shared/traces")]
+        traces: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "fifo,las,heterogeneity")]
+        policy: Vec<PolicyKind>,
+        /// Seeds of the seeded (synthetic) traces; a fixed trace runs once.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        seeds: Vec<u64>,
+        /// Only these traces (by name: pollux-1.0, gavel-ed69ec-300, philly-ed69ec, tiresias-60, synthetic).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        #[arg(long, default_value = "simulations/results/compare")]
+        out: PathBuf,
+    },
+    /// The highest synthetic job rate (jobs/hour) the cluster sustains, per policy: average
+    /// queueing below --max-avg-queueing-s and a queue that does not grow over the arrivals.
+    MaxRate {
+        /// NODESxGPUS:MODEL[,…].
+        #[arg(long, default_value = "8x8:v100")]
+        cluster: String,
+        #[arg(long, value_delimiter = ',', default_value = "fifo,las")]
+        policy: Vec<PolicyKind>,
+        /// Synthetic jobs per probe and seed.
+        #[arg(long, default_value_t = 1000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 7.0 * 86_400.0)]
+        max_duration_s: f64,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        seeds: Vec<u64>,
+        #[arg(long, default_value_t = 3600.0)]
+        max_avg_queueing_s: f64,
+        /// Stop bisecting when the bracket is narrower than this fraction of the rate.
+        #[arg(long, default_value_t = 0.02)]
+        precision: f64,
+        #[arg(long, default_value_t = 60)]
+        round_s: u64,
+        #[arg(long, default_value = "simulations/results/max-rate")]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
 struct TraceCli {
     /// pollux (also Sia workloads), philly, gavel, tiresias, alibaba (openb pods) or synthetic.
-    #[arg(long)]
-    format: Format,
+    #[arg(long, required_unless_present = "preset")]
+    format: Option<Format>,
+    /// One of the README's traces with its settings (`compare::settings()`: pollux-1.0,
+    /// gavel-ed69ec-300, philly-ed69ec, tiresias-60, synthetic), files under --traces; only
+    /// --policy, --seeds, --compare, --out (and --name) are then taken from the command line.
+    #[arg(long, conflicts_with_all = ["format", "input", "cluster", "nodes", "round_s", "first_start_delay_s", "restart_delay_s", "las_thresholds_gpu_s", "las_min_run_s", "profiles", "throughputs", "philly_cluster", "max_jobs", "jobs", "jobs_per_hour", "max_duration_s", "time_scale"])]
+    preset: Option<String>,
+    /// With --preset: the traces directory.
+    #[arg(long, default_value = "../shared/traces")]
+    traces: PathBuf,
     /// Trace files or directories of them; each file is one independent run.
     #[arg(long, value_delimiter = ',')]
     input: Vec<PathBuf>,
@@ -118,11 +172,25 @@ struct TraceCli {
 }
 
 impl TraceCli {
-    fn into_args(self) -> TraceArgs {
+    fn into_args(self) -> anyhow::Result<TraceArgs> {
+        if let Some(preset) = &self.preset {
+            let settings = suanli_sim::compare::settings();
+            let setting = settings
+                .iter()
+                .find(|s| s.name == preset)
+                .with_context(|| format!("--preset: unknown trace {preset:?} (one of: {})", settings.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")))?;
+            let mut args = setting.args(&self.traces, &self.policy, &self.seeds, &self.out);
+            args.compare = self.compare;
+            if self.name != "trace" {
+                args.name = self.name;
+            }
+            return Ok(args);
+        }
+        let format = self.format.context("--format or --preset is needed")?;
         let default = LasConfig::default();
         let max_gpus = parse_max_gpus(&self.cluster);
-        TraceArgs {
-            format: self.format,
+        Ok(TraceArgs {
+            format,
             inputs: self.input,
             policies: self.policy,
             cluster: self.cluster,
@@ -147,7 +215,7 @@ impl TraceCli {
             compare: self.compare,
             out: self.out,
             name: self.name,
-        }
+        })
     }
 }
 
@@ -281,8 +349,38 @@ fn svg(outcomes: &[Outcome]) -> String {
 async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Trace(cli) => {
-            let report = suanli_sim::run::trace(&cli.into_args())?;
+            let report = suanli_sim::run::trace(&cli.into_args()?)?;
             print!("{report}");
+            Ok(())
+        }
+        Command::Compare { traces, policy, seeds, only, out } => {
+            let mut settings = suanli_sim::compare::settings();
+            if !only.is_empty() {
+                anyhow::ensure!(
+                    only.iter().all(|o| settings.iter().any(|s| s.name == o)),
+                    "--only: unknown trace (one of: {})",
+                    settings.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                );
+                settings.retain(|s| only.iter().any(|o| o == s.name));
+            }
+            print!("{}", suanli_sim::compare::compare_to(&settings, &traces, &policy, &seeds, &out)?);
+            Ok(())
+        }
+        Command::MaxRate { cluster, policy, jobs, max_duration_s, seeds, max_avg_queueing_s, precision, round_s, out } => {
+            anyhow::ensure!(!seeds.is_empty() && jobs >= 2 && precision > 0.0, "--seeds, --jobs ≥ 2 and --precision > 0 are needed");
+            let args = suanli_sim::compare::MaxRateArgs {
+                cluster,
+                policies: policy,
+                engine: EngineConfig { round_s, ..EngineConfig::default() },
+                las: LasConfig::default(),
+                jobs,
+                max_duration_s,
+                seeds,
+                max_avg_queueing_s,
+                precision,
+                out,
+            };
+            print!("{}", suanli_sim::compare::max_rate_to(&args)?);
             Ok(())
         }
         Command::Federation { members, degree, rounds, out } => {
