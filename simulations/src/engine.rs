@@ -24,10 +24,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use suanli_scheduling::replay::GpuGroup;
-use suanli_scheduling::{check_decisions, is_sharing, CardView, Decision, Policy, QueuedJob, RunningJob, Snapshot, ThroughputTable, Violation};
+use suanli_scheduling::replay::{cluster_cards, GpuGroup, SIMULATED_OWNER};
+use suanli_scheduling::{check_decisions, is_sharing, Decision, Policy, QueuedJob, RunningJob, Snapshot, ThroughputTable, Violation};
 use suanli_types::job::limits::MAX_ATTEMPTS;
-use suanli_types::{AccountId, CardId, JobId, JobKind, JobRun, JobSpec, LeaseId, NodeId, Resources, Timestamp};
+use suanli_types::{AccountId, CardId, JobId, JobKind, JobRun, JobSpec, Resources, Timestamp};
 
 /// How much a job has to do.
 #[derive(Clone, Debug, PartialEq)]
@@ -127,30 +127,7 @@ pub struct RunResult {
     pub timeline: Vec<Sample>,
 }
 
-const OWNER: AccountId = AccountId(1);
-
-/// The cards of `cluster`, node by node, all leased by one account.
-pub fn cards(cluster: &[GpuGroup]) -> Vec<CardView> {
-    let mut cards = Vec::new();
-    let mut node = 0;
-    for group in cluster {
-        for _ in 0..group.nodes {
-            node += 1;
-            for _ in 0..group.cards_per_node {
-                cards.push(CardView {
-                    id: CardId(cards.len() as u64 + 1),
-                    node: NodeId(node),
-                    model: group.model.clone(),
-                    vram_mib: group.vram_mib,
-                    lease: LeaseId(1),
-                    owner: OWNER,
-                    usable: true,
-                });
-            }
-        }
-    }
-    cards
-}
+const OWNER: AccountId = SIMULATED_OWNER;
 
 /// The spec a researcher would submit for `job`: preemptible training on `gpus` cards,
 /// with `expected_seconds` (FIFO's backfill reads it) from `estimate_s`.
@@ -195,7 +172,7 @@ struct State {
 
 /// Replays `jobs` (sorted by submission time) on `cluster` under `policy`.
 pub fn run(policy: &mut dyn Policy, cluster: &[GpuGroup], jobs: &[Job], table: &ThroughputTable, config: &EngineConfig) -> Result<RunResult, EngineError> {
-    let cards = cards(cluster);
+    let cards = cluster_cards(cluster);
     let model_of: BTreeMap<CardId, &str> = cards.iter().map(|c| (c.id, c.model.as_str())).collect();
     let mut cards_by_model = BTreeMap::new();
     for c in &cards {

@@ -269,15 +269,12 @@ struct JobState {
     ms_by_model: BTreeMap<String, i64>,
 }
 
-/// Replays `workload` on `cluster` under `policy`; see the module documentation.
-pub fn simulate(
-    policy: &mut dyn Policy,
-    cluster: &[GpuGroup],
-    workload: &Workload,
-    table: &ThroughputTable,
-    config: &SimConfig,
-) -> Result<SimReport, ReplayError> {
-    const OWNER: AccountId = AccountId(1);
+/// The owner of every card of a simulated cluster (one account leases them all).
+pub const SIMULATED_OWNER: AccountId = AccountId(1);
+
+/// The cards of `cluster`, node by node (IDs from 1), all leased by [`SIMULATED_OWNER`] in one
+/// lease.
+pub fn cluster_cards(cluster: &[GpuGroup]) -> Vec<CardView> {
     let mut cards = Vec::new();
     let mut node = 0;
     for group in cluster {
@@ -290,12 +287,24 @@ pub fn simulate(
                     model: group.model.clone(),
                     vram_mib: group.vram_mib,
                     lease: LeaseId(1),
-                    owner: OWNER,
+                    owner: SIMULATED_OWNER,
                     usable: true,
                 });
             }
         }
     }
+    cards
+}
+
+/// Replays `workload` on `cluster` under `policy`; see the module documentation.
+pub fn simulate(
+    policy: &mut dyn Policy,
+    cluster: &[GpuGroup],
+    workload: &Workload,
+    table: &ThroughputTable,
+    config: &SimConfig,
+) -> Result<SimReport, ReplayError> {
+    let cards = cluster_cards(cluster);
     let model_of: BTreeMap<CardId, &str> = cards.iter().map(|c| (c.id, c.model.as_str())).collect();
     let jobs = &workload.jobs;
     let mut state: Vec<JobState> = jobs
@@ -345,7 +354,7 @@ pub fn simulate(
                 .iter()
                 .map(|&j| QueuedJob {
                     id: JobId(j as u64),
-                    owner: OWNER,
+                    owner: SIMULATED_OWNER,
                     spec: jobs[j].spec.clone(),
                     submitted_at: Timestamp(jobs[j].arrival_ms),
                     attained_gpu_ms: state[j].attained_gpu_ms,
@@ -360,7 +369,7 @@ pub fn simulate(
                     let left_ms = run.penalty_ms as f64 + s.remaining_steps / v * 1000.0;
                     Some(RunningJob {
                         id: JobId(j as u64),
-                        owner: OWNER,
+                        owner: SIMULATED_OWNER,
                         cards: run.cards.clone(),
                         shared: false,
                         preemptible: true,
