@@ -7,13 +7,14 @@
 //! A job runs only on its owner's cards, so cards are split into one `Pool` per owner.
 //! Inside a pool, cards fall into a few *classes* (same model, same memory); a job accepts a
 //! set of classes, and such a set is indexed on first use by the number of free cards it has
-//! on every node, in a `BTreeSet<(free, node)>`. That answers "smallest node with ≥ k free
-//! acceptable cards" and "nodes with the most free acceptable cards" in O(log nodes), so a
-//! decision costs O(k · sets · log nodes), not O(cards). Every card whose state changes
-//! updates the few sets that contain its class.
+//! on every node, ordered by `(free, node)` (one bitmap over nodes per free count,
+//! [`NodesByFree`]). That answers "smallest node with ≥ k free acceptable cards" and "nodes
+//! with the most free acceptable cards" by a walk over a few counts and nodes / 64 words, so a
+//! decision does not look at every card. Every card whose state changes updates the few sets
+//! that contain its class, each in O(1).
 //!
-//! Iteration is only ever over sorted structures (vectors sorted by id, `BTree*`); the hash
-//! maps are lookups only, so decisions never depend on hashing.
+//! Iteration is only ever over sorted structures (vectors sorted by id, bitmaps in node order,
+//! `BTree*`); the hash maps are lookups only, so decisions never depend on hashing.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -90,10 +91,83 @@ struct ClassSet {
     member: Vec<bool>,
     free_on_node: Vec<u32>,
     /// `(free, node)` for every node with a free card of the set.
-    nodes_by_free: BTreeSet<(u32, u32)>,
+    nodes_by_free: NodesByFree,
     free_total: u32,
     capacity_total: u32,
     capacity_max_node: u32,
+}
+
+/// The ordered set of `(free, node)` pairs of a [`ClassSet`], as one bitmap over nodes per
+/// free count: a node holds a handful of cards, so there are few counts, and moving a node
+/// between counts (every card taken or given back) is two bit flips instead of two B-tree
+/// updates. Queries walk counts, then words, in the order a `BTreeSet<(free, node)>` would.
+struct NodesByFree {
+    /// Per free count: a bit per node, and how many bits are set.
+    buckets: Vec<(Vec<u64>, u32)>,
+    words: usize,
+    len: usize,
+}
+
+impl NodesByFree {
+    fn new(nodes: usize) -> NodesByFree {
+        NodesByFree { buckets: Vec::new(), words: nodes.div_ceil(64), len: 0 }
+    }
+
+    fn contains(&self, free: u32, node: u32) -> bool {
+        self.buckets.get(free as usize).is_some_and(|(bits, _)| bits[node as usize / 64] & (1 << (node % 64)) != 0)
+    }
+
+    fn insert(&mut self, free: u32, node: u32) {
+        if self.contains(free, node) {
+            return;
+        }
+        while self.buckets.len() <= free as usize {
+            self.buckets.push((vec![0; self.words], 0));
+        }
+        let (bits, count) = &mut self.buckets[free as usize];
+        bits[node as usize / 64] |= 1 << (node % 64);
+        *count += 1;
+        self.len += 1;
+    }
+
+    fn remove(&mut self, free: u32, node: u32) {
+        if !self.contains(free, node) {
+            return;
+        }
+        let (bits, count) = &mut self.buckets[free as usize];
+        bits[node as usize / 64] &= !(1 << (node % 64));
+        *count -= 1;
+        self.len -= 1;
+    }
+
+    /// The smallest pair with at least `k` free: the lowest node of the lowest such count.
+    fn first_at_least(&self, k: u32) -> Option<(u32, u32)> {
+        let (free, (bits, _)) = self.buckets.iter().enumerate().skip(k as usize).find(|(_, (_, count))| *count > 0)?;
+        let (w, word) = bits.iter().enumerate().find(|(_, &word)| word != 0)?;
+        Some((free as u32, (w * 64) as u32 + word.trailing_zeros()))
+    }
+
+    /// The largest pair.
+    fn last(&self) -> Option<(u32, u32)> {
+        self.iter_rev().next()
+    }
+
+    /// Every pair, largest first.
+    fn iter_rev(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.buckets.iter().enumerate().rev().filter(|(_, (_, count))| *count > 0).flat_map(|(free, (bits, _))| {
+            bits.iter().enumerate().rev().flat_map(move |(w, &word)| {
+                let mut rest = word;
+                std::iter::from_fn(move || {
+                    if rest == 0 {
+                        return None;
+                    }
+                    let bit = 63 - rest.leading_zeros();
+                    rest &= !(1 << bit);
+                    Some((free as u32, (w * 64) as u32 + bit))
+                })
+            })
+        })
+    }
 }
 
 /// One owner's usable cards.
@@ -105,8 +179,10 @@ struct Pool {
     class_vram: Vec<u64>,
     /// Per (node, class), at [`Pool::cell`]: the free cards, and the count of all cards.
     /// Flat rather than per node: building a pool every round should not allocate per node.
+    /// A cell's free slots are a sorted `Vec` (a node holds a handful of cards of a class):
+    /// cheaper to build, update and drop than a `BTreeSet`, and iterated in the same order.
     node_count: usize,
-    node_free: Vec<BTreeSet<Slot>>,
+    node_free: Vec<Vec<Slot>>,
     node_capacity: Vec<u32>,
     cards: Vec<CardSlot>,
     sets: Vec<ClassSet>,
@@ -124,6 +200,9 @@ impl Pool {
         // on the same node with the same model, so each card's model index is looked up only
         // when it differs from the previous card's.
         let mut models: Vec<&str> = cards.iter().map(|c| c.model.as_str()).collect();
+        // Neighbours nearly always share a model: dropping repeats first leaves a handful
+        // of names to sort instead of one per card.
+        models.dedup();
         models.sort_unstable();
         models.dedup();
         let mut model_of_card: Vec<u32> = Vec::with_capacity(cards.len());
@@ -137,9 +216,11 @@ impl Pool {
             model_of_card.push(m);
         }
         let mut classes: Vec<(u32, u64)> = cards.iter().zip(&model_of_card).map(|(c, &m)| (m, c.vram_mib)).collect();
+        classes.dedup();
         classes.sort_unstable();
         classes.dedup();
         let mut nodes: Vec<NodeId> = cards.iter().map(|c| c.node).collect();
+        nodes.dedup();
         nodes.sort_unstable();
         nodes.dedup();
         let mut pool = Pool {
@@ -147,7 +228,7 @@ impl Pool {
             class_model: classes.iter().map(|c| c.0).collect(),
             class_vram: classes.iter().map(|c| c.1).collect(),
             node_count: nodes.len(),
-            node_free: vec![BTreeSet::new(); nodes.len() * classes.len()],
+            node_free: vec![Vec::new(); nodes.len() * classes.len()],
             node_capacity: vec![0; nodes.len() * classes.len()],
             cards: Vec::with_capacity(cards.len()),
             sets: Vec::new(),
@@ -178,7 +259,8 @@ impl Pool {
             let (node, class) = (c.node, c.class as usize);
             if c.is_free() {
                 let cell = self.cell(node, class);
-                self.node_free[cell].insert(slot);
+                // Slots come in ascending order, so pushing keeps the cell sorted.
+                self.node_free[cell].push(slot);
                 self.free_total += 1;
             } else if let Some(n) = c.open_share() {
                 self.open_shared[class].insert((Reverse(n), slot));
@@ -196,7 +278,7 @@ impl Pool {
             member: (0..self.class_model.len() as u32).map(|c| classes.contains(&c)).collect(),
             classes: classes.clone(),
             free_on_node: vec![0; self.node_count],
-            nodes_by_free: BTreeSet::new(),
+            nodes_by_free: NodesByFree::new(self.node_count),
             free_total: 0,
             capacity_total: 0,
             capacity_max_node: 0,
@@ -206,7 +288,7 @@ impl Pool {
             let capacity: u32 = classes.iter().map(|&c| self.node_capacity[self.cell(i as u32, c as usize)]).sum();
             set.free_on_node[i] = free;
             if free > 0 {
-                set.nodes_by_free.insert((free, i as u32));
+                set.nodes_by_free.insert(free, i as u32);
             }
             set.free_total += free;
             set.capacity_total += capacity;
@@ -248,10 +330,14 @@ impl Pool {
         let Pool { node_free, sets, sets_with_class, free_total, .. } = self;
         let node_free = &mut node_free[cell];
         if free {
-            node_free.insert(slot);
+            if let Err(at) = node_free.binary_search(&slot) {
+                node_free.insert(at, slot);
+            }
             *free_total += 1;
         } else {
-            node_free.remove(&slot);
+            if let Ok(at) = node_free.binary_search(&slot) {
+                node_free.remove(at);
+            }
             *free_total -= 1;
         }
         for &sid in &sets_with_class[class] {
@@ -259,10 +345,10 @@ impl Pool {
             let old = set.free_on_node[node as usize];
             let new = if free { old + 1 } else { old - 1 };
             if old > 0 {
-                set.nodes_by_free.remove(&(old, node));
+                set.nodes_by_free.remove(old, node);
             }
             if new > 0 {
-                set.nodes_by_free.insert((new, node));
+                set.nodes_by_free.insert(new, node);
             }
             set.free_on_node[node as usize] = new;
             if free {
@@ -302,7 +388,7 @@ impl Pool {
         if d.sharing {
             set.free_total > 0 || set.classes.iter().any(|&c| !self.open_shared[c as usize].is_empty())
         } else {
-            d.cards > 0 && set.free_total >= d.cards && (!d.single_node || set.nodes_by_free.last().is_some_and(|&(free, _)| free >= d.cards))
+            d.cards > 0 && set.free_total >= d.cards && (!d.single_node || set.nodes_by_free.last().is_some_and(|(free, _)| free >= d.cards))
         }
     }
 
@@ -318,17 +404,17 @@ impl Pool {
             return None;
         }
         let mut plan: Vec<(u32, u32)> = Vec::new();
-        if let Some(&(_, node)) = set.nodes_by_free.range((k, 0)..).next() {
+        if let Some((_, node)) = set.nodes_by_free.first_at_least(k) {
             plan.push((node, k));
         } else if single_node {
             return None;
         } else {
             let mut need = k;
-            for &(free, node) in set.nodes_by_free.iter().rev() {
+            for (free, node) in set.nodes_by_free.iter_rev() {
                 if free >= need {
                     // Every node chosen so far sorts above (free, node), so the best fit for
                     // the remainder, which sorts at or below it, is a node not yet chosen.
-                    let &(_, best) = set.nodes_by_free.range((need, 0)..).next()?;
+                    let (_, best) = set.nodes_by_free.first_at_least(need)?;
                     plan.push((best, need));
                     need = 0;
                     break;
@@ -367,6 +453,46 @@ impl Pool {
     }
 }
 
+/// Where each usable card sits: `(pool, slot)` by card id. Card ids are handed out in
+/// sequence, so they are usually dense: then a vector indexed by `id - first` (no hashing,
+/// and built with no rehashing); otherwise a hash map.
+enum CardIndex {
+    Dense { base: u64, at: Vec<Option<(u32, Slot)>> },
+    Sparse(FastMap<CardId, (PoolId, Slot)>),
+}
+
+impl CardIndex {
+    /// For `len` distinct cards whose ids run from `first` to `last`.
+    fn new(first: Option<CardId>, last: Option<CardId>, len: usize) -> CardIndex {
+        match (first, last) {
+            (Some(first), Some(last)) if last.0 - first.0 <= 2 * len as u64 + 64 => {
+                CardIndex::Dense { base: first.0, at: vec![None; (last.0 - first.0 + 1) as usize] }
+            }
+            (None, _) | (_, None) => CardIndex::Dense { base: 0, at: Vec::new() },
+            _ => CardIndex::Sparse(FastMap::with_capacity_and_hasher(len, Default::default())),
+        }
+    }
+
+    fn insert(&mut self, id: CardId, pool: PoolId, slot: Slot) {
+        match self {
+            CardIndex::Dense { base, at } => at[(id.0 - *base) as usize] = Some((pool as u32, slot)),
+            CardIndex::Sparse(map) => {
+                map.insert(id, (pool, slot));
+            }
+        }
+    }
+
+    fn get(&self, id: CardId) -> Option<(PoolId, Slot)> {
+        match self {
+            CardIndex::Dense { base, at } => {
+                let i = usize::try_from(id.0.checked_sub(*base)?).ok()?;
+                at.get(i).copied().flatten().map(|(pool, slot)| (pool as PoolId, slot))
+            }
+            CardIndex::Sparse(map) => map.get(&id).copied(),
+        }
+    }
+}
+
 /// What a queued job needs from its owner's pool this round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Demand {
@@ -398,7 +524,7 @@ pub(crate) struct Round<'s> {
     pub now: Timestamp,
     pools: Vec<Pool>,
     pool_of_owner: FastMap<AccountId, PoolId>,
-    card_at: FastMap<CardId, (PoolId, Slot)>,
+    card_at: CardIndex,
     /// Accepted class set per (pool, model wishes, memory wish): `accepts_card` looks at
     /// nothing else, and jobs overwhelmingly repeat a few wishes.
     accepted: FastMap<(PoolId, &'s [String], u64), Option<SetId>>,
@@ -422,6 +548,7 @@ impl<'s> Round<'s> {
             }
             i = j;
         }
+        let card_at = CardIndex::new(cards.first().map(|c| c.id), cards.last().map(|c| c.id), cards.len());
         let mut by_owner: BTreeMap<AccountId, Vec<&CardView>> = BTreeMap::new();
         for c in cards {
             by_owner.entry(c.owner).or_default().push(c);
@@ -430,7 +557,7 @@ impl<'s> Round<'s> {
             now,
             pools: Vec::with_capacity(by_owner.len()),
             pool_of_owner: FastMap::default(),
-            card_at: FastMap::with_capacity_and_hasher(snapshot.cards.len(), Default::default()),
+            card_at,
             accepted: FastMap::default(),
             decisions: Vec::new(),
         };
@@ -438,7 +565,7 @@ impl<'s> Round<'s> {
             let id = round.pools.len();
             let pool = Pool::build(&cards);
             for (slot, c) in pool.cards.iter().enumerate() {
-                round.card_at.insert(c.id, (id, slot as Slot));
+                round.card_at.insert(c.id, id, slot as Slot);
             }
             round.pools.push(pool);
             round.pool_of_owner.insert(owner, id);
@@ -446,7 +573,7 @@ impl<'s> Round<'s> {
         // Holders first, index after: the index is built from the final card states.
         for job in &snapshot.running {
             for card in &job.cards {
-                if let Some(&(pool, slot)) = round.card_at.get(card) {
+                if let Some((pool, slot)) = round.card_at.get(*card) {
                     let c = &mut round.pools[pool].cards[slot as usize];
                     if job.shared {
                         c.sharing += 1;
@@ -650,12 +777,12 @@ impl<'s> Round<'s> {
     fn holds_card_of(&self, job: &RunningJob, pool: PoolId, set: SetId) -> bool {
         let p = &self.pools[pool];
         let member = &p.sets[set].member;
-        job.cards.iter().any(|card| self.card_at.get(card).is_some_and(|&(at, slot)| at == pool && member[p.cards[slot as usize].class as usize]))
+        job.cards.iter().any(|card| self.card_at.get(*card).is_some_and(|(at, slot)| at == pool && member[p.cards[slot as usize].class as usize]))
     }
 
     fn hold_running(&mut self, job: &RunningJob) {
         for card in &job.cards {
-            if let Some(&(pool, slot)) = self.card_at.get(card) {
+            if let Some((pool, slot)) = self.card_at.get(*card) {
                 self.pools[pool].hold(slot, job.shared);
             }
         }
@@ -663,7 +790,7 @@ impl<'s> Round<'s> {
 
     fn release_running(&mut self, job: &RunningJob) {
         for card in &job.cards {
-            if let Some(&(pool, slot)) = self.card_at.get(card) {
+            if let Some((pool, slot)) = self.card_at.get(*card) {
                 self.pools[pool].release(slot, job.shared);
             }
         }
@@ -678,15 +805,15 @@ impl<'s> Round<'s> {
                 for n in 0..pool.node_count {
                     let f: u32 = set.classes.iter().map(|&c| pool.node_free[pool.cell(n as u32, c as usize)].len() as u32).sum();
                     assert_eq!(f, set.free_on_node[n]);
-                    assert_eq!(f > 0, set.nodes_by_free.contains(&(f, n as u32)));
+                    assert_eq!(f > 0, set.nodes_by_free.contains(f, n as u32));
                 }
-                assert_eq!(set.nodes_by_free.len(), set.free_on_node.iter().filter(|&&f| f > 0).count());
+                assert_eq!(set.nodes_by_free.len, set.free_on_node.iter().filter(|&&f| f > 0).count());
             }
             let open: usize = pool.open_shared.iter().map(BTreeSet::len).sum();
             assert_eq!(open as u32, pool.open_shared_total);
             for (slot, c) in pool.cards.iter().enumerate() {
-                assert_eq!(self.card_at.get(&c.id).map(|&(_, s)| s), Some(slot as Slot));
-                assert_eq!(c.is_free(), pool.node_free[pool.cell(c.node, c.class as usize)].contains(&(slot as Slot)));
+                assert_eq!(self.card_at.get(c.id).map(|(_, s)| s), Some(slot as Slot));
+                assert_eq!(c.is_free(), pool.node_free[pool.cell(c.node, c.class as usize)].binary_search(&(slot as Slot)).is_ok());
             }
         }
     }
