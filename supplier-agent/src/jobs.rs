@@ -107,7 +107,8 @@ impl Default for FileLimits {
     }
 }
 
-pub type Key = (u64, u32);
+/// One attempt: (job, attempt number).
+pub use crate::access::firewall::Key;
 
 struct Running {
     kill: Option<oneshot::Sender<()>>,
