@@ -7,7 +7,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use utoipa::OpenApi;
 
-use crate::api::{accounts, alerts, datasets, federation, jobs, market, models, operations, operator};
+use crate::api::{accounts, alerts, datasets, federation, image_search, jobs, market, models, operations, operator};
 use crate::error::ApiError;
 use crate::pages;
 use crate::state::AppState;
@@ -28,12 +28,13 @@ use crate::state::AppState;
         datasets::create, datasets::list, datasets::get, datasets::delete, datasets::get_version, datasets::create_version, datasets::archive, datasets::split, datasets::file,
         datasets::share, datasets::unshare,
         models::register, models::list, models::get, models::promote, models::download, models::compare,
+        image_search::list, image_search::add_dataset, image_search::rebuild, image_search::image, image_search::remove_image, image_search::search, image_search::similar, image_search::rebuild_global,
         market::enrollment_token, market::list_nodes, market::list_my_clusters, market::publish, market::modify, market::delist, market::approve,
         market::set_card_status,
         operator::list_reviews, operator::decide_review, operator::list_operators, operator::set_roles, operator::audit, operations::alertmanager,
         federation::catalogue, federation::members, federation::lease, federation::list, federation::access, federation::end,
     ),
-    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "datasets"), (name = "models"), (name = "supplier"), (name = "operator"), (name = "operations"))
+    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "datasets"), (name = "models"), (name = "image search"), (name = "supplier"), (name = "operator"), (name = "operations"))
 )]
 pub struct ApiDoc;
 
@@ -101,6 +102,12 @@ pub fn router(state: AppState) -> Router {
         .route("/models/{name}/promote", post(models::promote))
         .route("/models/{name}/versions/{version}/download", get(models::download))
         .route("/models/{name}/compare", get(models::compare))
+        .route("/image-libraries", get(image_search::list))
+        .route("/image-libraries/{library}/datasets", post(image_search::add_dataset))
+        .route("/image-libraries/{library}/rebuild", post(image_search::rebuild))
+        .route("/image-libraries/{library}/images/{sha256}", get(image_search::image).delete(image_search::remove_image))
+        .route("/image-search", post(image_search::search))
+        .route("/image-search/similar", post(image_search::similar))
         .route("/me/alerts", get(alerts::list))
         .route("/me/notifications", get(alerts::get_settings).put(alerts::put_settings))
         .route("/catalogue", get(market::catalogue))
@@ -132,6 +139,7 @@ pub fn router(state: AppState) -> Router {
         .route("/operator/users", get(operator::list_operators))
         .route("/operator/users/{user_id}/roles", put(operator::set_roles))
         .route("/operator/audit", get(operator::audit))
+        .route("/operator/image-libraries/global/rebuild", post(image_search::rebuild_global))
         .route("/operations/alertmanager", post(operations::alertmanager))
         .route("/openapi.json", get(openapi_json))
         .fallback(api_not_found)
@@ -148,6 +156,7 @@ pub fn router(state: AppState) -> Router {
         .route("/datasets/{id}", get(pages::data::dataset_page))
         .route("/models", get(pages::data::models_page))
         .route("/models/{name}", get(pages::data::model_page))
+        .route("/search", get(pages::data::image_search_page))
         .route("/login", get(pages::account::login_page))
         .route("/register", get(pages::account::register_page))
         .route("/activate", get(pages::account::activate_page))

@@ -320,6 +320,37 @@ pub const MIGRATIONS: &[Migration] = &[
     ]),
     // 8: what the quota and the dataset list look up by account.
     expand(&["CREATE INDEX uploads_by_owner ON uploads (owner)", "CREATE INDEX dataset_shares_by_user ON dataset_shares (user_id)"]),
+    // 9: image search (`image_search.rs`): each researcher's library and the global one (owner
+    // 0), and the images in them by content, with where each came from and whether it is indexed
+    // (0 waiting, 1 in the index, -1 failed with `error`).
+    expand(&[
+        "CREATE TABLE image_libraries (
+    id BIGINT PRIMARY KEY,
+    owner BIGINT NOT NULL,
+    name TEXT NOT NULL,
+    model TEXT,
+    state TEXT NOT NULL,
+    error TEXT,
+    updated_ms BIGINT NOT NULL,
+    UNIQUE (owner, name)
+)",
+        "CREATE TABLE library_images (
+    library_id BIGINT NOT NULL,
+    item_key BIGINT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    name TEXT NOT NULL,
+    dataset_id BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    label TEXT,
+    added_by BIGINT NOT NULL,
+    indexed BIGINT NOT NULL,
+    error TEXT,
+    PRIMARY KEY (library_id, item_key),
+    UNIQUE (library_id, sha256)
+)",
+        "CREATE INDEX library_images_waiting ON library_images (library_id, indexed)",
+    ]),
 ];
 
 impl Db {

@@ -31,6 +31,7 @@ pub enum Code {
     UploadOffsetMismatch,
     UploadIncomplete,
     ChecksumMismatch,
+    BadImage,
 }
 
 /// The portal's own codes with their HTTP status, for the documentation test.
@@ -49,6 +50,7 @@ pub const PORTAL_CODES: &[(Code, &str)] = &[
     (Code::UploadOffsetMismatch, "UPLOAD_OFFSET_MISMATCH"),
     (Code::UploadIncomplete, "UPLOAD_INCOMPLETE"),
     (Code::ChecksumMismatch, "CHECKSUM_MISMATCH"),
+    (Code::BadImage, "BAD_IMAGE"),
 ];
 
 impl Code {
@@ -65,7 +67,7 @@ impl Code {
             Code::CsrfFailed | Code::AccountNotActivated | Code::AccountPendingReview | Code::AccountDisabled | Code::RoleConflict => StatusCode::FORBIDDEN,
             Code::MfaRequired | Code::MfaInvalid => StatusCode::UNAUTHORIZED,
             Code::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
-            Code::TokenInvalid => StatusCode::BAD_REQUEST,
+            Code::TokenInvalid | Code::BadImage => StatusCode::BAD_REQUEST,
             Code::PayloadTooLarge | Code::QuotaExceeded => StatusCode::PAYLOAD_TOO_LARGE,
             Code::UploadOffsetMismatch | Code::UploadIncomplete => StatusCode::CONFLICT,
             // tus' checksum extension answers a mismatch with 460.

@@ -10,6 +10,7 @@
 //! - `market` — broker clients and the catalogue cache fed by the broker's event stream;
 //! - `db` — the schema and one set of queries for SQLite and PostgreSQL; `outbox` — durable mail;
 //! - `datasets` — uploads, dataset versions by content, archives (`api::datasets`, `api::models`);
+//! - `image_search` — image libraries, their vector indexes and the indexer (`api::image_search`);
 //! - `audit` — the middleware that records every write; `i18n` — the message catalogue.
 
 pub mod alerts;
@@ -27,6 +28,7 @@ pub mod error;
 pub mod federation;
 pub mod i18n;
 pub mod identity;
+pub mod image_search;
 pub mod market;
 pub mod metrics;
 pub mod model;

@@ -146,6 +146,13 @@ struct ServeArgs {
     /// Bytes each account's datasets and unfinished uploads may take (default 20 GiB).
     #[arg(long, env = "SUANLI_PORTAL_DATASET_QUOTA_BYTES")]
     dataset_quota_bytes: Option<u64>,
+    /// The image embedder for similar-image search: a `suanli-job serve` in `embed` mode
+    /// (e.g. http://127.0.0.1:8501). Without one, image search answers 503.
+    #[arg(long, env = "SUANLI_PORTAL_IMAGE_EMBEDDER_URL")]
+    image_embedder_url: Option<String>,
+    /// A file holding the embedder's bearer token (its `SUANLI_SERVE_TOKEN`).
+    #[arg(long, env = "SUANLI_PORTAL_IMAGE_EMBEDDER_TOKEN_FILE")]
+    image_embedder_token_file: Option<PathBuf>,
     /// Prometheus `/metrics` (HTTP requests, the outbox) on this address: loopback or a private
     /// network, never the public port.
     #[arg(long, env = "SUANLI_PORTAL_METRICS_LISTEN")]
@@ -204,6 +211,8 @@ struct PortalSection {
     metrics_listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     dataset_quota_bytes: Option<u64>,
+    image_embedder_url: Option<String>,
+    image_embedder_token_file: Option<PathBuf>,
     /// `[portal.datasets_bucket]`: datasets' files in an S3-compatible bucket (`endpoint`,
     /// `bucket`, `region`, `access_key_id`, `secret_access_key_env`, `prefix`).
     datasets_bucket: Option<suanli_artifacts::BucketConfig>,
@@ -356,6 +365,7 @@ fn offline_state(s: Storage) -> anyhow::Result<AppState> {
         federation: None,
         artifacts: None,
         datasets: None,
+        image_search: None,
         metrics: Default::default(),
     })))
 }
@@ -455,6 +465,35 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         }
         None => DatasetStore::local(&data_dir, quota).with_context(|| format!("the dataset store in {}", data_dir.display()))?,
     };
+    let image_search = match args.image_embedder_url.clone().or(file.image_embedder_url) {
+        Some(url) => {
+            let dir = data_dir.join("search");
+            let token = match args.image_embedder_token_file.clone().or(file.image_embedder_token_file) {
+                Some(path) => {
+                    let token = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned();
+                    if token.is_empty() {
+                        bail!("{} is empty: it should hold the embedder's token", path.display());
+                    }
+                    Some(token)
+                }
+                None => None,
+            };
+            let parsed = reqwest::Url::parse(&url).with_context(|| format!("--image-embedder-url {url:?}"))?;
+            let host = parsed.host_str().unwrap_or_default();
+            let loopback = host == "localhost" || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            // Pictures and the token cross the network only encrypted; off this machine the
+            // embedder must also check who calls it.
+            match (parsed.scheme(), loopback, token.is_some()) {
+                ("http", true, _) | ("https", _, true) => {}
+                ("https", _, false) => bail!("the image embedder at {url} is off this machine: give its token (--image-embedder-token-file)"),
+                _ => bail!("--image-embedder-url {url}: https://, or http:// to this machine only"),
+            }
+            Some(Arc::new(
+                suanli_portal::image_search::ImageSearch::new(dir.clone(), &url, token).with_context(|| format!("the image indexes in {}", dir.display()))?,
+            ))
+        }
+        None => None,
+    };
     let state = AppState(Arc::new(Inner {
         db: s.db,
         keys: s.keys.ring()?,
@@ -466,10 +505,12 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         federation,
         artifacts,
         datasets: Some(Arc::new(datasets)),
+        image_search,
         metrics: Default::default(),
     }));
     market.spawn_follower();
     outbox::spawn_worker(state.clone());
+    suanli_portal::image_search::spawn_indexer(state.clone());
     alerts::spawn(state.clone(), file.alerts);
     // This portal says which schema it knows, so a contract migration waits for older ones.
     let instance = suanli_portal::crypto::random_token(12);

@@ -73,6 +73,8 @@ pub struct Inner {
     pub artifacts: Option<crate::artifacts::ArtifactStoreLink>,
     /// Where datasets' files and uploads are kept (`--data-dir`, or a bucket).
     pub datasets: Option<Arc<crate::datasets::DatasetStore>>,
+    /// Similar-image search, when an embedder is configured (`--image-embedder-url`).
+    pub image_search: Option<Arc<crate::image_search::ImageSearch>>,
     pub metrics: crate::metrics::PortalMetrics,
 }
 

@@ -692,3 +692,97 @@ document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("section.upload[data-dataset]").forEach(uploader);
   document.querySelectorAll("form.compare").forEach((f) => f.addEventListener("submit", (ev) => compare(f, ev).catch((e) => (f.querySelector(".form-error").textContent = String(e)))));
 });
+
+// Similar-image search (pages/data.rs, image_search_page): the chosen picture is drawn on a
+// canvas, a drag over it selects the part to search by, and what is sent is that part,
+// re-encoded as PNG in the browser; the original never leaves the machine uncropped.
+function imageSearch(section) {
+  const form = section.querySelector("form.query");
+  const canvas = section.querySelector("canvas.crop");
+  const ctx = canvas.getContext("2d");
+  let picture = null;
+  let crop = null;
+  const draw = () => {
+    ctx.drawImage(picture, 0, 0, canvas.width, canvas.height);
+    if (!crop) return;
+    ctx.strokeStyle = "#e4572e";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(crop.x, crop.y, crop.w, crop.h);
+  };
+  form.elements.image.addEventListener("change", async () => {
+    const file = form.elements.image.files[0];
+    if (!file) return;
+    picture = await createImageBitmap(file);
+    const scale = Math.min(1, 480 / picture.width);
+    canvas.width = Math.round(picture.width * scale);
+    canvas.height = Math.round(picture.height * scale);
+    canvas.hidden = false;
+    crop = null;
+    draw();
+  });
+  let start = null;
+  canvas.addEventListener("pointerdown", (e) => { start = { x: e.offsetX, y: e.offsetY }; crop = null; });
+  canvas.addEventListener("pointermove", (e) => {
+    if (!start) return;
+    crop = { x: Math.min(start.x, e.offsetX), y: Math.min(start.y, e.offsetY), w: Math.abs(e.offsetX - start.x), h: Math.abs(e.offsetY - start.y) };
+    draw();
+  });
+  canvas.addEventListener("pointerup", () => { start = null; if (crop && (crop.w < 8 || crop.h < 8)) { crop = null; draw(); } });
+  const query = () => {
+    const p = new URLSearchParams({ library: form.elements.library.value, top: form.elements.top.value || "20" });
+    if (form.elements.dataset.value) p.set("dataset", form.elements.dataset.value);
+    if (form.elements.label.value.trim()) p.set("label", form.elements.label.value.trim());
+    return p;
+  };
+  const show = async (res) => {
+    const data = parseJson(await res.text());
+    const error = form.querySelector(".form-error");
+    if (!res.ok) { error.textContent = `${data.error?.code}: ${data.error?.message}`; return; }
+    error.textContent = "";
+    section.querySelector("p.took").textContent = `${data.results.length} · ${data.took_ms.toFixed(0)} ms`;
+    const list = section.querySelector("ol.results");
+    list.replaceChildren(...data.results.map((hit) => {
+      const li = document.createElement("li");
+      li.dataset.sha256 = hit.sha256;
+      li.dataset.library = hit.library;
+      const img = document.createElement("img");
+      img.src = `${hit.url}?thumbnail=160`;
+      img.alt = hit.name;
+      const caption = document.createElement("span");
+      caption.textContent = `${hit.score.toFixed(3)} · ${hit.library} · ${hit.dataset ?? ""} ${hit.name}${hit.label ? ` [${hit.label}]` : ""}`;
+      const more = document.createElement("button");
+      more.type = "button";
+      more.textContent = section.dataset.more;
+      more.addEventListener("click", async () => {
+        const body = { from: hit.library, sha256: hit.sha256, ...Object.fromEntries(query()) };
+        if (body.top) body.top = Number(body.top);
+        if (body.dataset) body.dataset = Number(body.dataset);
+        await show(await fetch("/api/v1/image-search/similar", {
+          method: "POST", credentials: "same-origin",
+          headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf(), Accept: "application/json" },
+          body: JSON.stringify(body),
+        }));
+      });
+      li.append(img, caption, more);
+      return li;
+    }));
+  };
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if (!picture) return;
+    const s = picture.width / canvas.width;
+    const area = crop ? { x: crop.x * s, y: crop.y * s, w: crop.w * s, h: crop.h * s } : { x: 0, y: 0, w: picture.width, h: picture.height };
+    // At most 1024 pixels on the longer side: the embedder looks at far fewer, and a full-size
+    // photo re-encoded as PNG could pass the 16 MiB a query may be.
+    const shrink = Math.min(1, 1024 / Math.max(area.w, area.h));
+    const out = new OffscreenCanvas(Math.max(1, Math.round(area.w * shrink)), Math.max(1, Math.round(area.h * shrink)));
+    out.getContext("2d").drawImage(picture, area.x, area.y, area.w, area.h, 0, 0, out.width, out.height);
+    const blob = await out.convertToBlob({ type: "image/png" });
+    await show(await fetch(`/api/v1/image-search?${query()}`, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/octet-stream", "X-CSRF-Token": csrf(), Accept: "application/json" },
+      body: blob,
+    }));
+  });
+}
+document.addEventListener("DOMContentLoaded", () => document.querySelectorAll("section[data-image-search]").forEach(imageSearch));

@@ -7,26 +7,14 @@ mod support;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use support::{Api, Backend, World};
+use serde_json::json;
+use support::{new_dataset, sha_hex, tar_of, token, Api, Backend, Tus, World};
 
 fn png(width: u32, height: u32, shade: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([shade, (x * 7) as u8, (y * 5) as u8]));
     let mut out = std::io::Cursor::new(Vec::new());
     image::DynamicImage::ImageRgb8(img).write_to(&mut out, image::ImageFormat::Png).expect("png");
     out.into_inner()
-}
-
-fn tar_of(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, bytes) in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(bytes.len() as u64);
-        h.set_mode(0o644);
-        b.append_data(&mut h, name, bytes.as_slice()).expect("append");
-    }
-    b.into_inner().expect("tar")
 }
 
 /// Two classes of 6 pictures, and one picture cut in half.
@@ -40,88 +28,6 @@ fn folder() -> Vec<(String, Vec<u8>)> {
     cut.truncate(cut.len() / 2);
     entries.push(("blue/cut.png".into(), cut));
     entries
-}
-
-fn sha_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-fn b64(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-/// A researcher's API token, for plain `reqwest` calls with tus headers.
-async fn token(api: &Api) -> anyhow::Result<String> {
-    let (status, made) = api.post("/api/v1/me/api-tokens", json!({"name": "datasets", "expires_in_days": 1})).await?;
-    anyhow::ensure!(status == StatusCode::CREATED || status == StatusCode::OK, "token: {status} {made}");
-    Ok(made["token"].as_str().unwrap_or_default().to_owned())
-}
-
-struct Tus {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Tus {
-    fn new(w: &World, token: &str) -> Tus {
-        Tus { http: reqwest::Client::new(), base: w.portal.url.clone(), token: token.to_owned() }
-    }
-
-    async fn create(&self, filename: &str, length: u64, sha256: &str) -> anyhow::Result<(StatusCode, Value, Option<String>)> {
-        let res = self
-            .http
-            .post(format!("{}/api/v1/uploads", self.base))
-            .bearer_auth(&self.token)
-            .header("tus-resumable", "1.0.0")
-            .header("upload-length", length.to_string())
-            .header("upload-metadata", format!("filename {},sha256 {}", b64(filename), b64(sha256)))
-            .send()
-            .await?;
-        let status = res.status();
-        let location = res.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let body: Value = res.json().await.unwrap_or(Value::Null);
-        Ok((status, body, location))
-    }
-
-    async fn offset(&self, location: &str) -> anyhow::Result<(StatusCode, u64)> {
-        let res = self.http.head(format!("{}{location}", self.base)).bearer_auth(&self.token).header("tus-resumable", "1.0.0").send().await?;
-        let offset = res.headers().get("upload-offset").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
-        Ok((res.status(), offset))
-    }
-
-    async fn patch(&self, location: &str, offset: u64, body: reqwest::Body) -> anyhow::Result<(StatusCode, Value)> {
-        let res = self
-            .http
-            .patch(format!("{}{location}", self.base))
-            .bearer_auth(&self.token)
-            .header("tus-resumable", "1.0.0")
-            .header("content-type", "application/offset+octet-stream")
-            .header("upload-offset", offset.to_string())
-            .body(body)
-            .send()
-            .await?;
-        let status = res.status();
-        let text = res.text().await.unwrap_or_default();
-        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
-    }
-
-    /// The whole file in one PATCH; the upload's ID.
-    async fn upload(&self, filename: &str, bytes: &[u8]) -> anyhow::Result<String> {
-        let (status, body, location) = self.create(filename, bytes.len() as u64, &sha_hex(bytes)).await?;
-        anyhow::ensure!(status == StatusCode::CREATED, "create: {status} {body}");
-        let location = location.unwrap_or_default();
-        let (status, body) = self.patch(&location, 0, bytes.to_vec().into()).await?;
-        anyhow::ensure!(status == StatusCode::NO_CONTENT, "patch: {status} {body}");
-        Ok(location.rsplit('/').next().unwrap_or_default().to_owned())
-    }
-}
-
-async fn new_dataset(api: &Api, name: &str) -> anyhow::Result<u64> {
-    let (status, made) = api.post("/api/v1/datasets", json!({"name": name, "description": "test pictures"})).await?;
-    anyhow::ensure!(status == StatusCode::CREATED, "create dataset: {status} {made}");
-    Ok(made["dataset_id"].as_u64().unwrap_or_default())
 }
 
 async fn storage_used(api: &Api) -> anyhow::Result<u64> {

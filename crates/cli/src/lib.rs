@@ -7,6 +7,7 @@
 pub mod client;
 pub mod config;
 pub mod data;
+pub mod images;
 pub mod models;
 pub mod pack;
 pub mod query;

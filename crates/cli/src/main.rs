@@ -11,7 +11,7 @@ use suanli_cli::client::{segment, Portal};
 use suanli_cli::data::{self, DataError, DatasetName, DatasetView, VersionView};
 use suanli_cli::models::{self, Comparison, ModelSummary, ModelVersionView, ModelView};
 use suanli_cli::upload::{ResumeBook, StderrProgress, Tus};
-use suanli_cli::{config, pack, query, ssh, table};
+use suanli_cli::{config, images, pack, query, ssh, table};
 
 mod supplier;
 
@@ -84,6 +84,27 @@ enum Command {
     /// Models: versions registered from jobs' outputs; list, register, pull, promote, compare.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Similar pictures in your image library and the global one: `suanli search-images
+    /// QUERY.jpg --library mine --top 20`.
+    SearchImages {
+        /// A JPEG, PNG or TIFF file.
+        query: std::path::PathBuf,
+        /// mine, global or all.
+        #[arg(long, default_value = "all")]
+        library: String,
+        #[arg(long, default_value_t = 20)]
+        top: u32,
+        /// Only pictures from this dataset (ID, name or OWNER/NAME).
+        #[arg(long)]
+        dataset: Option<String>,
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Image libraries for `search-images`: status, add a dataset version, remove a picture, rebuild.
+    #[command(subcommand)]
+    Library(LibraryCommand),
     /// Suppliers: enrollment tokens for new nodes, your enrolled nodes.
     #[command(subcommand)]
     Node(supplier::NodeCommand),
@@ -111,6 +132,31 @@ enum Command {
         #[arg(long, default_value_t = 5901)]
         local_port: u16,
     },
+}
+
+#[derive(Subcommand)]
+enum LibraryCommand {
+    /// Your library and the global one, with what is indexed, waiting and failed.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a dataset's pictures (a version: DATASET@N; the latest by default) to a library;
+    /// they are indexed in the background.
+    Add {
+        dataset: String,
+        /// mine or global (global: everyone sees the pictures; only your own datasets).
+        #[arg(long, default_value = "mine")]
+        library: String,
+    },
+    /// Remove a picture (by its SHA-256) from a library.
+    Rm {
+        sha256: String,
+        #[arg(long, default_value = "mine")]
+        library: String,
+    },
+    /// Index your library again with the embedder's current model.
+    Rebuild,
 }
 
 #[derive(Subcommand)]
@@ -335,6 +381,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Job(command) => job(&portal, command).await?,
         Command::Data(command) => dataset(&portal, &dir, command).await?,
         Command::Model(command) => model(&portal, command).await?,
+        Command::SearchImages { query, library, top, dataset, label, json } => search_images(&portal, &query, &library, top, dataset, label, json).await?,
+        Command::Library(command) => image_library(&portal, command).await?,
         Command::Node(command) => supplier::node(&portal, command).await?,
         Command::Cluster(command) => supplier::cluster(&portal, command).await?,
         Command::Ssh { lease, node, args } => ssh(&portal, &dir, lease, node, Forward::Command(args)).await?,
@@ -995,6 +1043,70 @@ fn text(v: &Value) -> String {
         Value::Null => "-".into(),
         other => other.to_string(),
     }
+}
+
+async fn search_images(
+    portal: &Portal,
+    file: &std::path::Path,
+    library: &str,
+    top: u32,
+    dataset: Option<String>,
+    label: Option<String>,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    images::check_library(library, true).map_err(anyhow::Error::msg)?;
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut query = vec![("library", library.to_owned()), ("top", top.to_string())];
+    if let Some(wanted) = dataset {
+        query.push(("dataset", data::find(portal, &data::parse_dataset_name(&wanted)?).await?.dataset_id.to_string()));
+    }
+    if let Some(label) = label {
+        query.push(("label", label));
+    }
+    let request = portal.request(reqwest::Method::POST, "/api/v1/image-search").query(&query).header("Content-Type", "application/octet-stream").body(bytes);
+    let answer: serde_json::Value = portal.send(request).await?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let results: images::Results = serde_json::from_value(answer)?;
+    print!("{}", images::results_table(&results));
+    for s in &results.skipped {
+        eprintln!("{} not searched: {}", s.library, s.reason);
+    }
+    eprintln!("{} results in {:.0} ms (model {})", results.results.len(), results.took_ms, results.model);
+    Ok(())
+}
+
+async fn image_library(portal: &Portal, command: LibraryCommand) -> anyhow::Result<()> {
+    match command {
+        LibraryCommand::Status { json: json_out } => {
+            let libraries: serde_json::Value = portal.get("/api/v1/image-libraries", &[]).await?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&libraries)?);
+            } else {
+                print!("{}", images::libraries_table(&serde_json::from_value::<Vec<images::Library>>(libraries)?));
+            }
+        }
+        LibraryCommand::Add { dataset, library } => {
+            images::check_library(&library, false).map_err(anyhow::Error::msg)?;
+            let (name, version) = data::parse_dataset(&dataset)?;
+            let found = data::find(portal, &name).await?;
+            let path = format!("/api/v1/image-libraries/{library}/datasets");
+            let added: serde_json::Value = portal.post(&path, &json!({"dataset": found.dataset_id, "version": version.unwrap_or(0)})).await?;
+            println!("{} pictures added to {library} (indexed in the background), {} already there", added["added"], added["already_present"]);
+        }
+        LibraryCommand::Rm { sha256, library } => {
+            images::check_library(&library, false).map_err(anyhow::Error::msg)?;
+            portal.no_content(reqwest::Method::DELETE, &format!("/api/v1/image-libraries/{library}/images/{}", segment(&sha256))).await?;
+            println!("{sha256} removed from {library}");
+        }
+        LibraryCommand::Rebuild => {
+            let view: images::Library = portal.post("/api/v1/image-libraries/mine/rebuild", &json!({})).await?;
+            println!("{} pictures will be indexed again", view.images);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

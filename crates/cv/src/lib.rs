@@ -8,6 +8,7 @@
 
 pub mod annotation;
 pub mod dataset;
+pub mod embeddings;
 pub mod hpo;
 pub mod image;
 pub mod intake;

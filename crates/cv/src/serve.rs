@@ -36,6 +36,7 @@
 //!
 //! | HTTP | Code              | When |
 //! |------|-------------------|------|
+//! | 401  | `UNAUTHENTICATED` | the service has a token ([`ServeConfig::bearer_token`]) and the request did not send it |
 //! | 400  | `EMPTY_BODY`      | `/v1/predict` with no bytes; an empty image in a batch or stream |
 //! | 400  | `BAD_IMAGE`       | not JPEG/PNG/TIFF, or corrupt; the message is the decoder's reason |
 //! | 400  | `BAD_BASE64`      | a batch entry that is not valid base64 (per index) |
@@ -81,6 +82,7 @@ use futures::stream::FuturesOrdered;
 use futures::{SinkExt as _, StreamExt as _};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, watch};
 
 use crate::image::Image;
@@ -111,6 +113,11 @@ pub struct ServeConfig {
     /// Decoding bounds. Tighter than intake's defaults: a service decodes many images at once
     /// and holds `max_queue` of them, at 12 bytes a pixel.
     pub limits: IntakeLimits,
+    /// When set, every endpoint but `/v1/health` needs `Authorization: Bearer <this>` (401
+    /// `UNAUTHENTICATED` otherwise, before the body is read). Not part of a spec: the `serve`
+    /// task takes it from `SUANLI_SERVE_TOKEN`, so it never lands in a job's recorded spec.
+    #[serde(skip)]
+    pub bearer_token: Option<String>,
 }
 
 impl Default for ServeConfig {
@@ -121,6 +128,7 @@ impl Default for ServeConfig {
             max_queue: 1024,
             max_body_bytes: 32 << 20,
             limits: IntakeLimits { max_width: 8192, max_height: 8192, max_pixels: 16 << 20, max_file_bytes: 32 << 20 },
+            bearer_token: None,
         }
     }
 }
@@ -611,16 +619,26 @@ async fn run_stream(app: AppState, socket: WebSocket) {
 /// All endpoints over one shared [`App`]; the body limit also covers the batch endpoint's JSON.
 fn router(app: AppState) -> Router {
     let body_limit = app.config.max_body_bytes;
-    Router::new()
+    let mut routes = Router::new()
         .route("/v1/predict", post(predict))
         .route("/v1/predict/batch", post(predict_batch))
         .route("/v1/stream", get(stream))
         .route("/v1/model", get(model))
-        .route("/v1/stats", get(stats))
-        .route("/v1/health", get(health))
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(app)
+        .route("/v1/stats", get(stats));
+    if let Some(token) = &app.config.bearer_token {
+        let expected: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        routes = routes.route_layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+            // Compared as digests: equal-length values, so the comparison's time says nothing
+            // about how much of a guess was right.
+            let sent = request.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+            let given: Option<[u8; 32]> = sent.map(|s| Sha256::digest(s.as_bytes()).into());
+            if given != Some(expected) {
+                return ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", "send Authorization: Bearer <the service's token>").into_response();
+            }
+            next.run(request).await
+        }));
+    }
+    routes.route("/v1/health", get(health)).fallback(not_found).layer(DefaultBodyLimit::max(body_limit)).with_state(app)
 }
 
 /// A running service. Dropping it starts a graceful shutdown in the background.

@@ -536,3 +536,26 @@ async fn shutdown_finishes_in_flight_work_and_closes_streams() {
     assert_eq!((status, &body["result"]), (200, &expected(7)));
     stopping.await.expect("task").expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_a_call_without_it_is_refused_before_anything_is_predicted() {
+    let server = start(Box::new(ColorPredictor), ServeConfig { bearer_token: Some("s3cret-token".into()), ..config(4, 1, 16) }).await;
+    let client = reqwest::Client::new();
+    for auth in [None, Some("Bearer wrong"), Some("s3cret-token"), Some("Bearer s3cret-toke"), Some("Bearer s3cret-token2")] {
+        let mut request = client.post(url(server.local_addr(), "/v1/predict")).body(image_bytes(1));
+        if let Some(a) = auth {
+            request = request.header("authorization", a);
+        }
+        let response = request.send().await.expect("post");
+        assert_eq!(response.status().as_u16(), 401, "{auth:?}");
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(error_code(&body), "UNAUTHENTICATED");
+    }
+    assert_eq!(server.stats().images, 0, "nothing predicted");
+    let health = client.get(url(server.local_addr(), "/v1/health")).send().await.expect("health");
+    assert_eq!(health.status().as_u16(), 200, "health needs no token");
+    let ok = client.post(url(server.local_addr(), "/v1/predict")).bearer_auth("s3cret-token").body(image_bytes(1)).send().await.expect("post");
+    assert_eq!(ok.status().as_u16(), 200);
+    let body: Value = ok.json().await.expect("json");
+    assert_eq!(body["result"], expected(1));
+}

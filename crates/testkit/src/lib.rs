@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 
 pub mod agent;
 pub mod cluster;
+pub mod embedder;
 pub mod fixtures;
 pub mod link;
 pub mod observability;
@@ -40,6 +41,20 @@ impl Service {
     /// Starts `binary` with `args` and waits up to `timeout` for its readiness line. Stderr
     /// goes to `log_dir/<name>.log` so a failing test can show what the service said.
     pub async fn start(name: &str, binary: &Path, args: &[String], env: &[(&str, &str)], log_dir: &Path, timeout: Duration) -> anyhow::Result<Service> {
+        Service::start_until(name, binary, args, env, log_dir, timeout, |line| line.strip_prefix(READY_PREFIX).map(parse_pairs)).await
+    }
+
+    /// As [`Service::start`], for a program with a readiness line of its own: `ready` turns
+    /// the first stdout line it accepts into the pairs [`Service::get`] answers.
+    pub async fn start_until(
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+        timeout: Duration,
+        ready: impl Fn(&str) -> Option<BTreeMap<String, String>>,
+    ) -> anyhow::Result<Service> {
         let stderr_log = log_dir.join(format!("{name}.log"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log)?;
         let mut command = Command::new(binary);
@@ -52,8 +67,8 @@ impl Service {
         let mut lines = BufReader::new(stdout).lines();
         let ready = tokio::time::timeout(timeout, async {
             while let Some(line) = lines.next_line().await? {
-                if let Some(rest) = line.strip_prefix(READY_PREFIX) {
-                    return Ok(parse_pairs(rest));
+                if let Some(pairs) = ready(&line) {
+                    return Ok(pairs);
                 }
             }
             bail!("{name} exited before it was ready")

@@ -440,7 +440,7 @@ fn dataset_row(row: &sqlx::any::AnyRow) -> Result<DatasetRow, sqlx::Error> {
 }
 
 /// The dataset if `p` may read it (its owner, or shared with them); `NOT_FOUND` otherwise.
-async fn readable(state: &AppState, p: &Principal, id: u64) -> ApiResult<DatasetRow> {
+pub(crate) async fn readable(state: &AppState, p: &Principal, id: u64) -> ApiResult<DatasetRow> {
     let sql = format!(
         "SELECT {DATASET_COLUMNS} FROM datasets d JOIN users u ON u.id = d.owner WHERE d.id = $1 AND (d.owner = $2 OR EXISTS (SELECT 1 FROM dataset_shares s WHERE s.dataset_id = d.id AND s.user_id = $2))"
     );
@@ -449,7 +449,7 @@ async fn readable(state: &AppState, p: &Principal, id: u64) -> ApiResult<Dataset
 }
 
 /// As [`readable`], and `p` owns it.
-async fn owned(state: &AppState, p: &Principal, id: u64) -> ApiResult<DatasetRow> {
+pub(crate) async fn owned(state: &AppState, p: &Principal, id: u64) -> ApiResult<DatasetRow> {
     let d = readable(state, p, id).await?;
     if d.owner != p.user.0 {
         return Err(ApiError::forbidden(format!("dataset {id} is {}'s: shared with you to read only", d.owner_name)));
@@ -616,7 +616,7 @@ pub async fn delete(State(state): State<AppState>, Researcher(p): Researcher, Ap
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn files_of(state: &AppState, dataset: i64, version: i64) -> ApiResult<Vec<FileEntry>> {
+pub(crate) async fn files_of(state: &AppState, dataset: i64, version: i64) -> ApiResult<Vec<FileEntry>> {
     let rows = sqlx::query("SELECT name, sha256, size, label, width, height, objects FROM dataset_files WHERE dataset_id = $1 AND version = $2 ORDER BY name")
         .bind(dataset)
         .bind(version)
@@ -642,7 +642,7 @@ async fn files_of(state: &AppState, dataset: i64, version: i64) -> ApiResult<Vec
 }
 
 /// `0` names the latest version; a version that does not exist is `NOT_FOUND`.
-fn pick_version(d: &DatasetRow, version: u32) -> ApiResult<i64> {
+pub(crate) fn pick_version(d: &DatasetRow, version: u32) -> ApiResult<i64> {
     let v = if version == 0 { d.latest } else { i64::from(version) };
     if v == 0 || v > d.latest {
         return Err(ApiError::not_found(format!("version {version} of dataset {}", d.name)));
@@ -1068,10 +1068,16 @@ pub async fn file(
         .fetch_optional(&state.db.pool)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("{name:?} in version {v} of {}", d.name)))?;
-    let digest: Digest = row.try_get::<String, _>("sha256")?.parse().map_err(ApiError::internal)?;
-    let size = row.try_get::<i64, _>("size")? as u64;
+    let sha256: String = row.try_get("sha256")?;
+    blob_response(store, &sha256, row.try_get::<i64, _>("size")? as u64, q.thumbnail).await
+}
+
+/// A stored picture's bytes as a response, or a PNG thumbnail of it `edge` pixels on its
+/// longer side (the dataset browser and image search results show them).
+pub(crate) async fn blob_response(store: &DatasetStore, sha256: &str, size: u64, thumbnail: Option<u32>) -> ApiResult<Response> {
+    let digest: Digest = sha256.parse().map_err(ApiError::internal)?;
     let opened = store.blobs().open(digest, 0, size).await.map_err(store_error)?;
-    let Some(edge) = q.thumbnail else {
+    let Some(edge) = thumbnail else {
         return Ok((
             [
                 (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),

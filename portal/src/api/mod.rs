@@ -5,6 +5,7 @@ pub mod accounts;
 pub mod alerts;
 pub mod datasets;
 pub mod federation;
+pub mod image_search;
 pub mod jobs;
 pub mod market;
 pub mod models;

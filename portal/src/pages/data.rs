@@ -10,6 +10,7 @@ use maud::{html, Markup};
 
 use super::{api_form, error_page, field, page, urlencode, Ctx};
 use crate::api::datasets::{dataset_of, datasets_of, latest_items, version_of, VersionView, UPLOADS_PER_VERSION};
+use crate::api::image_search::libraries_of;
 use crate::api::models::{model_view, models_of, ModelVersionView};
 use crate::api::ApiPath;
 use crate::auth::{MaybePrincipal, Principal};
@@ -392,4 +393,81 @@ pub async fn model_page(
         }
     };
     page(&ctx, &format!("{} · {}", t(Msg::Models), model.name), body)
+}
+
+/// Similar-image search: the query picture (cropped in the browser by dragging over it), the
+/// libraries to search and filters, results with "more like this", and each library's indexing
+/// status with the form that adds a dataset version to it. The search itself runs in
+/// `static/app.js` (`imageSearch`) against `POST /api/v1/image-search`.
+pub async fn image_search_page(State(state): State<AppState>, headers: HeaderMap, OriginalUri(uri): OriginalUri, viewer: MaybePrincipal) -> Response {
+    let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
+    let v = match researcher(&ctx) {
+        Ok(v) => v,
+        Err(e) => return error_page(&ctx, e),
+    };
+    let (libraries, datasets) = match (libraries_of(&state, &v).await, datasets_of(&state, &v).await) {
+        (Ok(l), Ok(d)) => (l, d),
+        (Err(e), _) | (_, Err(e)) => return error_page(&ctx, e),
+    };
+    let t = |m| ctx.t(m);
+    let available = state.image_search.is_some();
+    let body = html! {
+        @if !available { p.error { (t(Msg::NoEmbedder)) } }
+        section.image-search data-image-search="1" data-more=(t(Msg::MoreLikeThis)) {
+            form.query {
+                label { span { (t(Msg::QueryImage)) } input type="file" name="image" accept="image/jpeg,image/png"; }
+                p.hint { (t(Msg::CropHint)) }
+                canvas.crop hidden {}
+                label { span { (t(Msg::Library)) }
+                    select name="library" {
+                        option value="all" selected { (t(Msg::LibraryAll)) }
+                        option value="mine" { (t(Msg::LibraryMine)) }
+                        option value="global" { (t(Msg::LibraryGlobal)) }
+                    }
+                }
+                label { span { (t(Msg::Dataset)) }
+                    select name="dataset" {
+                        option value="" { "—" }
+                        @for d in &datasets { option value=(d.dataset_id) { (d.owner) "/" (d.name) } }
+                    }
+                }
+                label { span { (t(Msg::Label)) } input type="text" name="label"; }
+                label { span { (t(Msg::Top)) } input type="number" name="top" value="20" min="1" max="100"; }
+                p.form-error role="alert" {}
+                button type="submit" disabled[!available] { (t(Msg::SearchImages)) }
+            }
+            p.took {}
+            ol.results {}
+        }
+        section.libraries data-refresh="libraries" {
+            h2 { (t(Msg::Libraries)) }
+            table.libraries {
+                thead { tr { th { (t(Msg::Library)) } th { (t(Msg::State)) } th { (t(Msg::Indexed)) } th { (t(Msg::Waiting)) } th { (t(Msg::Failed)) } th { (t(Msg::Model)) } } }
+                tbody {
+                    @for l in &libraries {
+                        tr data-library=(l.library) data-state=(l.state) {
+                            td { (l.library) }
+                            td.state { (l.state) @if let Some(e) = &l.error { br; small.error { (e) } } }
+                            td.indexed { (l.indexed) " / " (l.images) }
+                            td { (l.waiting) }
+                            td { (l.failed) }
+                            td { code { (l.model.as_deref().unwrap_or("—")) } }
+                        }
+                    }
+                }
+            }
+            @for (library, label) in [("mine", t(Msg::AddToMyLibrary)), ("global", t(Msg::ContributeToGlobal))] {
+                (api_form(&format!("/api/v1/image-libraries/{library}/datasets"), "POST", None, Some("added,already_present"), label, html! {
+                    label { span { (t(Msg::Dataset)) }
+                        select name="dataset" data-type="number" required {
+                            @for d in &datasets { option value=(d.dataset_id) { (d.owner) "/" (d.name) } }
+                        }
+                        small.problem data-for="dataset" {}
+                    }
+                    (field(t(Msg::VersionZeroLatest), "version", "number", "0", false))
+                }))
+            }
+        }
+    };
+    page(&ctx, t(Msg::ImageSearch), body)
 }

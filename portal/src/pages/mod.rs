@@ -69,6 +69,7 @@ pub fn page(ctx: &Ctx, title: &str, body: Markup) -> Response {
                                 UserKind::Researcher => {
                                     a href="/leases" { (t(Msg::MyLeases)) } a href="/jobs" { (t(Msg::Jobs)) }
                                     a href="/datasets" { (t(Msg::Datasets)) } a href="/models" { (t(Msg::Models)) }
+                                    a href="/search" { (t(Msg::ImageSearch)) }
                                 }
                                 UserKind::Supplier => { a href="/supplier" { (t(Msg::Supplier)) } a href="/leases" { (t(Msg::LeaseRequests)) } }
                                 UserKind::Operator => { a href="/operator" { (t(Msg::Operations)) } }

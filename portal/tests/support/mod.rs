@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use suanli_testkit::cluster::{BrokerCluster, PLATFORM_TOKEN};
@@ -108,6 +110,13 @@ impl World {
         Ok(api)
     }
 
+    /// Logs an existing user in again (after the portal restarted, say).
+    pub async fn person_again(&self, username: &str) -> anyhow::Result<Api> {
+        let api = self.client();
+        api.login(username, PASSWORD).await?;
+        Ok(api)
+    }
+
     /// Pays money in for a researcher's broker account, as the payment service would.
     pub async fn fund(&self, broker_account: u64, tag: &str) -> anyhow::Result<()> {
         let mut platform = self.platform().await?;
@@ -200,6 +209,18 @@ impl Api {
         let text = res.text().await?;
         let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
         Ok((status, value))
+    }
+
+    /// POSTs raw bytes (a picture) rather than JSON.
+    pub async fn post_bytes(&self, path: &str, bytes: Vec<u8>) -> anyhow::Result<(StatusCode, Value)> {
+        let mut req = self.http.post(format!("{}{path}", self.base)).header("content-type", "application/octet-stream").body(bytes);
+        if let Some(csrf) = self.csrf.lock().expect("lock").clone() {
+            req = req.header("x-csrf-token", csrf);
+        }
+        let res = req.send().await?;
+        let status = res.status();
+        let text = res.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<(StatusCode, Value)> {
@@ -352,4 +373,99 @@ pub async fn operator(w: &World, db_url: &str, name: &str, roles: &str) -> anyho
     anyhow::ensure!(status == reqwest::StatusCode::OK, "totp: {status} {body}");
     *api.csrf.lock().expect("lock") = body["csrf_token"].as_str().map(str::to_owned);
     Ok((api, secret))
+}
+
+// ---- datasets: the tus client, archives, hashes ----
+
+pub fn tar_of(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, bytes) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, name, bytes.as_slice()).expect("append");
+    }
+    b.into_inner().expect("tar")
+}
+
+pub fn sha_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// A researcher's API token, for plain `reqwest` calls with tus headers.
+pub async fn token(api: &Api) -> anyhow::Result<String> {
+    let (status, made) = api.post("/api/v1/me/api-tokens", json!({"name": "datasets", "expires_in_days": 1})).await?;
+    anyhow::ensure!(status == StatusCode::CREATED || status == StatusCode::OK, "token: {status} {made}");
+    Ok(made["token"].as_str().unwrap_or_default().to_owned())
+}
+
+pub struct Tus {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub token: String,
+}
+
+impl Tus {
+    pub fn new(w: &World, token: &str) -> Tus {
+        Tus { http: reqwest::Client::new(), base: w.portal.url.clone(), token: token.to_owned() }
+    }
+
+    pub async fn create(&self, filename: &str, length: u64, sha256: &str) -> anyhow::Result<(StatusCode, Value, Option<String>)> {
+        let res = self
+            .http
+            .post(format!("{}/api/v1/uploads", self.base))
+            .bearer_auth(&self.token)
+            .header("tus-resumable", "1.0.0")
+            .header("upload-length", length.to_string())
+            .header("upload-metadata", format!("filename {},sha256 {}", b64(filename), b64(sha256)))
+            .send()
+            .await?;
+        let status = res.status();
+        let location = res.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        Ok((status, body, location))
+    }
+
+    pub async fn offset(&self, location: &str) -> anyhow::Result<(StatusCode, u64)> {
+        let res = self.http.head(format!("{}{location}", self.base)).bearer_auth(&self.token).header("tus-resumable", "1.0.0").send().await?;
+        let offset = res.headers().get("upload-offset").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok((res.status(), offset))
+    }
+
+    pub async fn patch(&self, location: &str, offset: u64, body: reqwest::Body) -> anyhow::Result<(StatusCode, Value)> {
+        let res = self
+            .http
+            .patch(format!("{}{location}", self.base))
+            .bearer_auth(&self.token)
+            .header("tus-resumable", "1.0.0")
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", offset.to_string())
+            .body(body)
+            .send()
+            .await?;
+        let status = res.status();
+        let text = res.text().await.unwrap_or_default();
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    /// The whole file in one PATCH; the upload's ID.
+    pub async fn upload(&self, filename: &str, bytes: &[u8]) -> anyhow::Result<String> {
+        let (status, body, location) = self.create(filename, bytes.len() as u64, &sha_hex(bytes)).await?;
+        anyhow::ensure!(status == StatusCode::CREATED, "create: {status} {body}");
+        let location = location.unwrap_or_default();
+        let (status, body) = self.patch(&location, 0, bytes.to_vec().into()).await?;
+        anyhow::ensure!(status == StatusCode::NO_CONTENT, "patch: {status} {body}");
+        Ok(location.rsplit('/').next().unwrap_or_default().to_owned())
+    }
+}
+
+pub async fn new_dataset(api: &Api, name: &str) -> anyhow::Result<u64> {
+    let (status, made) = api.post("/api/v1/datasets", json!({"name": name, "description": "test pictures"})).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "create dataset: {status} {made}");
+    Ok(made["dataset_id"].as_u64().unwrap_or_default())
 }

@@ -5,6 +5,7 @@
 //!   suanli-job --task train_classifier --params-json '{"data":"digits","training.epochs":"5",…}'
 //!   suanli-job validate spec.json            # check a spec without touching data
 //!   suanli-job device                        # which device a job would get, and why
+//!   suanli-job backbone DIR                  # an untrained ResNet-18 model directory (image search's embedder before a trained one exists)
 //!
 //! Exit codes: 0 done, 2 the spec is invalid (nothing was read or written), 1 it failed.
 
@@ -36,9 +37,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    Run { spec: PathBuf },
-    Validate { spec: PathBuf },
+    Run {
+        spec: PathBuf,
+    },
+    Validate {
+        spec: PathBuf,
+    },
     Device,
+    /// Writes a model directory with a seeded, untrained backbone (`embed::write_untrained_backbone`):
+    /// enough for near-duplicate image search; search by meaning needs trained weights.
+    Backbone {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        width: i64,
+        /// Pictures are resized to SIDE×SIDE.
+        #[arg(long, default_value_t = 128)]
+        side: i64,
+        #[arg(long, default_value_t = 7)]
+        seed: i64,
+    },
 }
 
 fn print(value: &Value) {
@@ -67,6 +84,26 @@ fn main() -> ExitCode {
         (Some(Command::Device), _) => {
             print(&json!({"cuda": format!("{:?}", device::cuda_backend()), "threads": tch::get_num_threads()}));
             return ExitCode::SUCCESS;
+        }
+        (Some(Command::Backbone { dir, width, side, seed }), _) => {
+            let spec = suanli_cv::torch::models::ModelSpec::ResNet18 { width: *width };
+            let written = spec.validate().map_err(|e| e.to_string()).and_then(|()| {
+                if !(32..=1024).contains(side) {
+                    return Err("--side: between 32 and 1024".to_owned());
+                }
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                suanli_cv::torch::embed::write_untrained_backbone(dir, &spec, [3, *side, *side], *seed).map_err(|e| e.to_string())
+            });
+            return match written {
+                Ok(()) => {
+                    print(&json!({"event": "done", "summary": {"model": dir}}));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    print(&json!({"event": "error", "invalid_spec": true, "message": e}));
+                    ExitCode::from(2)
+                }
+            };
         }
         (Some(Command::Run { spec }), _) => read_spec(spec),
         (Some(Command::Validate { spec }), _) => match read_spec(spec) {

@@ -9,7 +9,7 @@ use tch::nn::{self, ModuleT};
 use tch::{CModule, Device, Kind, Tensor};
 
 use super::data::images_to_tensor;
-use super::models::ModelSpec;
+use super::models::{ModelSpec, Network as OurNetwork};
 use crate::image::Image;
 use crate::metrics::Report;
 use crate::preprocess::{Pipeline, Registry, Step};
@@ -55,7 +55,7 @@ pub enum ModelError {
 }
 
 enum Network {
-    Ours { _vs: nn::VarStore, net: Box<dyn ModuleT> },
+    Ours { _vs: nn::VarStore, net: OurNetwork },
     Script(CModule),
 }
 
@@ -118,6 +118,22 @@ impl Classifier {
             Network::Ours { net, .. } => net.forward_t(&xs, false),
             Network::Script(m) => m.forward_ts(&[xs])?,
         })
+    }
+
+    /// The representation before the last layer for an `N×C×H×W` batch, `N×D`: our networks'
+    /// pooled features; for a TorchScript module, its output (export a backbone whose last
+    /// layer is the identity to search by its features).
+    pub fn features(&self, xs: &Tensor) -> Result<Tensor, ModelError> {
+        let _guard = tch::no_grad_guard();
+        let xs = xs.to_device(self.device);
+        let out = match &self.network {
+            Network::Ours { net, .. } => xs.apply_t(&net.features, false),
+            Network::Script(m) => m.forward_ts(&[xs])?,
+        };
+        if out.dim() != 2 {
+            return Err(ModelError::Shape(format!("features of shape {:?}, expected [batch, dimension]", out.size())));
+        }
+        Ok(out)
     }
 
     /// Preprocesses and stacks images into the batch the network expects.

@@ -14,6 +14,7 @@ use tch::Device;
 use super::classifier::{Classifier, ModelCard, CARD_FILE, WEIGHTS_FILE};
 use super::data::Samples;
 use super::device::{self, DevicePreference};
+use super::embed::Embedder;
 use super::mtcnn::{Mtcnn, MtcnnConfig};
 use super::train::{Progress, TrainConfig, Trainer};
 use crate::annotation::{AnnotatedImage, AnnotationSet, Format, Object, Shape};
@@ -48,6 +49,7 @@ pub enum Task {
     Infer(Infer),
     Serve(Serve),
     PreAnnotate(PreAnnotate),
+    Embed(Embed),
 }
 
 /// Where the agent put things (or the current directory).
@@ -137,7 +139,9 @@ impl Task {
                     errors.push("base.split.val: the search scores trials on the validation split; give it a share".into());
                 }
             }
-            Task::Infer(i) if i.batch_size == 0 || i.batch_size > 4096 => errors.push("batch_size: between 1 and 4096".into()),
+            Task::Infer(Infer { batch_size, .. }) | Task::Embed(Embed { batch_size, .. }) if *batch_size == 0 || *batch_size > 4096 => {
+                errors.push("batch_size: between 1 and 4096".into())
+            }
             Task::PreAnnotate(a) => {
                 if !(0.0..=1.0).contains(&a.review_below) {
                     errors.push("review_below: within 0..=1".into());
@@ -199,6 +203,7 @@ impl Task {
             Task::Infer(t) => t.run(env, progress),
             Task::Serve(t) => t.run(env, progress),
             Task::PreAnnotate(t) => t.run(env, progress),
+            Task::Embed(t) => t.run(env, progress),
         }
     }
 }
@@ -561,6 +566,45 @@ impl Infer {
     }
 }
 
+// ---- embed ----
+
+/// Feature vectors for similar-image search, in the format of [`crate::embeddings`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Embed {
+    /// A model directory; its features before the last layer are the vectors ([`Embedder`]).
+    pub model: PathBuf,
+    /// A folder of images (searched recursively), or a `.tar`/`.tar.gz` of one.
+    pub input: PathBuf,
+    #[serde(default = "sixty_four")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub device: DevicePreference,
+    #[serde(default)]
+    pub output: Option<PathBuf>,
+}
+
+impl Embed {
+    fn run(&self, env: &JobEnv, progress: &mut dyn FnMut(Value)) -> Result<Value, JobError> {
+        let embedder = Embedder::load(&env.input(&self.model), first_device(self.device)?).map_err(JobError::failed)?;
+        let report = import(&env.input(&self.input), false, progress)?;
+        let started = std::time::Instant::now();
+        let mut vectors = Vec::with_capacity(report.images.len());
+        for chunk in report.images.chunks(self.batch_size) {
+            let batch: Vec<(&str, &crate::Image)> = chunk.iter().map(|i| (i.name.as_str(), &i.image)).collect();
+            vectors.extend(embedder.embed(&batch).map_err(JobError::failed)?);
+            progress(json!({"event": "progress", "done": vectors.len(), "total": report.images.len()}));
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let items = report.images.iter().map(|i| crate::embeddings::EmbeddedItem { name: i.name.clone(), sha256: i.sha256.clone() }).collect();
+        let out = env.output(self.output.as_deref())?;
+        crate::embeddings::write(&out, embedder.version(), embedder.dim() as u32, items, &vectors).map_err(JobError::failed)?;
+        write_json(&out.join("rejected.json"), &report.rejected)?;
+        Ok(json!({"images": vectors.len(), "rejected": report.rejected.len(), "model": embedder.version(), "dim": embedder.dim(),
+                  "images_per_s": vectors.len() as f64 / seconds.max(1e-9), "output": out}))
+    }
+}
+
 // ---- serve ----
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -575,6 +619,18 @@ pub struct Serve {
     pub device: DevicePreference,
     #[serde(default)]
     pub config: Option<crate::serve::ServeConfig>,
+    /// `classify` (the default) answers classes; `embed` answers search vectors
+    /// (`{"model": version, "vector": [...]}`), the service image search embeds queries with.
+    #[serde(default)]
+    pub mode: ServeMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServeMode {
+    #[default]
+    Classify,
+    Embed,
 }
 
 fn default_listen() -> String {
@@ -600,15 +656,43 @@ impl crate::serve::BatchPredictor for ClassifierService {
     }
 }
 
+/// An embedder answering the inference service's batches with search vectors.
+pub struct EmbedderService {
+    pub embedder: Embedder,
+}
+
+impl crate::serve::BatchPredictor for EmbedderService {
+    fn predict_batch(&mut self, images: Vec<crate::Image>) -> Result<Vec<Value>, String> {
+        let names: Vec<String> = (0..images.len()).map(|i| format!("request image {i}")).collect();
+        let batch: Vec<(&str, &crate::Image)> = names.iter().map(String::as_str).zip(images.iter()).collect();
+        let vectors = self.embedder.embed(&batch).map_err(|e| e.to_string())?;
+        Ok(vectors.into_iter().map(|v| json!({"model": self.embedder.version(), "vector": v})).collect())
+    }
+
+    fn describe(&self) -> Value {
+        json!({"mode": "embed", "model": self.embedder.version(), "dim": self.embedder.dim(), "device": format!("{:?}", self.embedder.device())})
+    }
+}
+
 impl Serve {
     fn run(&self, env: &JobEnv, progress: &mut dyn FnMut(Value)) -> Result<Value, JobError> {
-        let model = Classifier::load(&env.input(&self.model), first_device(self.device)?).map_err(JobError::failed)?;
-        let service = ClassifierService { model, top_k: self.top_k.unwrap_or(3) };
+        let device = first_device(self.device)?;
+        let service: Box<dyn crate::serve::BatchPredictor> = match self.mode {
+            ServeMode::Classify => {
+                let model = Classifier::load(&env.input(&self.model), device).map_err(JobError::failed)?;
+                Box::new(ClassifierService { model, top_k: self.top_k.unwrap_or(3) })
+            }
+            ServeMode::Embed => Box::new(EmbedderService { embedder: Embedder::load(&env.input(&self.model), device).map_err(JobError::failed)? }),
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(JobError::failed)?;
         runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind(&self.listen).await.map_err(|e| JobError::Failed(format!("{}: {e}", self.listen)))?;
             let addr = listener.local_addr().map_err(JobError::failed)?;
-            let server = crate::serve::serve(listener, Box::new(service), self.config.clone().unwrap_or_default()).await.map_err(JobError::failed)?;
+            let config = crate::serve::ServeConfig {
+                bearer_token: std::env::var("SUANLI_SERVE_TOKEN").ok().filter(|t| !t.is_empty()),
+                ..self.config.clone().unwrap_or_default()
+            };
+            let server = crate::serve::serve(listener, service, config).await.map_err(JobError::failed)?;
             progress(json!({"event": "serving", "url": format!("http://{addr}/v1/predict")}));
             // SIGINT by hand, SIGTERM from the agent ending the job.
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(JobError::failed)?;

@@ -3,6 +3,7 @@
 pub mod classifier;
 pub mod data;
 pub mod device;
+pub mod embed;
 pub mod jobs;
 pub mod models;
 pub mod mtcnn;

@@ -42,15 +42,47 @@ impl ModelSpec {
     }
 
     /// Builds the network under `p` for `channels`×`size`×`size` inputs and `classes` outputs.
-    pub fn build(&self, p: &nn::Path, channels: i64, size: i64, classes: i64) -> Box<dyn ModuleT> {
-        match *self {
-            ModelSpec::SmallCnn { width } => Box::new(small_cnn(p, channels, width, classes)),
-            ModelSpec::ResNet18 { width } => Box::new(resnet18(p, channels, size, width, classes)),
+    pub fn build(&self, p: &nn::Path, channels: i64, size: i64, classes: i64) -> Network {
+        let (features, feature_dim) = match *self {
+            ModelSpec::SmallCnn { width } => (small_cnn_features(p, channels, width), SMALL_CNN_HIDDEN),
+            ModelSpec::ResNet18 { width } => (resnet18_features(p, channels, size, width), 8 * width),
+        };
+        let head_name = match self {
+            ModelSpec::SmallCnn { .. } => "fc2",
+            ModelSpec::ResNet18 { .. } => "fc",
+        };
+        let head = nn::linear(p / head_name, feature_dim, classes, Default::default());
+        Network { features, head, feature_dim }
+    }
+
+    /// A short name for model versions (`resnet18w32`).
+    pub fn tag(&self) -> String {
+        match self {
+            ModelSpec::SmallCnn { width } => format!("small_cnn_w{width}"),
+            ModelSpec::ResNet18 { width } => format!("resnet18w{width}"),
         }
     }
 }
 
-fn small_cnn(p: &nn::Path, channels: i64, width: i64, classes: i64) -> nn::SequentialT {
+/// A network split where image search needs it: `features` is everything up to the last layer
+/// (the pooled representation similar-image search indexes), `head` the classifier on top. The
+/// variable names are those of the whole network, so checkpoints load either way.
+#[derive(Debug)]
+pub struct Network {
+    pub features: nn::SequentialT,
+    pub head: nn::Linear,
+    pub feature_dim: i64,
+}
+
+impl ModuleT for Network {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        xs.apply_t(&self.features, train).apply(&self.head)
+    }
+}
+
+const SMALL_CNN_HIDDEN: i64 = 128;
+
+fn small_cnn_features(p: &nn::Path, channels: i64, width: i64) -> nn::SequentialT {
     let pad = nn::ConvConfig { padding: 1, ..Default::default() };
     nn::seq_t()
         .add(nn::conv2d(p / "conv1", channels, width, 3, pad))
@@ -60,9 +92,8 @@ fn small_cnn(p: &nn::Path, channels: i64, width: i64, classes: i64) -> nn::Seque
         // Inputs larger than 8×8 are pooled to the 4×4 grid the hidden layer expects.
         .add_fn(|x| if x.size()[2] == 4 && x.size()[3] == 4 { x.shallow_clone() } else { x.adaptive_avg_pool2d([4, 4]) })
         .add_fn(|x| x.flatten(1, -1))
-        .add(nn::linear(p / "fc1", 2 * width * 16, 128, Default::default()))
+        .add(nn::linear(p / "fc1", 2 * width * 16, SMALL_CNN_HIDDEN, Default::default()))
         .add_fn(|x| x.relu())
-        .add(nn::linear(p / "fc2", 128, classes, Default::default()))
 }
 
 fn conv_bn(p: &nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::SequentialT {
@@ -84,7 +115,7 @@ fn basic_block(p: &nn::Path, cin: i64, cout: i64, stride: i64) -> impl ModuleT {
     })
 }
 
-fn resnet18(p: &nn::Path, channels: i64, size: i64, width: i64, classes: i64) -> nn::SequentialT {
+fn resnet18_features(p: &nn::Path, channels: i64, size: i64, width: i64) -> nn::SequentialT {
     let small = size < 64;
     let mut net = if small {
         nn::seq_t().add(conv_bn(&(p / "stem"), channels, width, 3, 1)).add_fn(|x| x.relu())
@@ -100,7 +131,7 @@ fn resnet18(p: &nn::Path, channels: i64, size: i64, width: i64, classes: i64) ->
             cin = cout;
         }
     }
-    net.add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)).add(nn::linear(p / "fc", cin, classes, Default::default()))
+    net.add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
 }
 
 /// Parameters in a network (for logs and the model card).

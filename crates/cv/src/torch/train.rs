@@ -131,7 +131,7 @@ impl Trainer {
         with_seed(config.seed, || {
             for &device in devices {
                 let vs = nn::VarStore::new(device);
-                let net = config.model.build(&vs.root(), shape[0], shape[1], classes);
+                let net = Box::new(config.model.build(&vs.root(), shape[0], shape[1], classes));
                 let params = vs.trainable_variables();
                 replicas.push(Replica { vs, net, params });
             }
