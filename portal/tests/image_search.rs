@@ -366,3 +366,91 @@ async fn a_picture_from_a_withdrawn_share_is_no_longer_shown() -> anyhow::Result
     .await;
     s.world.explain(result)
 }
+
+/// Two photos side by side in one picture: searching by all of it or by its right half.
+fn side_by_side(left: &[u8], right: &[u8]) -> Vec<u8> {
+    let (l, r) = (image::load_from_memory(left).expect("left").to_rgb8(), image::load_from_memory(right).expect("right").to_rgb8());
+    let (l, r) = (
+        image::imageops::resize(&l, 256, 256, image::imageops::FilterType::Triangle),
+        image::imageops::resize(&r, 256, 256, image::imageops::FilterType::Triangle),
+    );
+    let mut both = image::RgbImage::new(512, 256);
+    image::imageops::replace(&mut both, &l, 0, 0);
+    image::imageops::replace(&mut both, &r, 256, 0);
+    let mut out = Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(both).write_to(&mut out, image::ImageFormat::Png).expect("png");
+    out.into_inner()
+}
+
+/// The first result's `data-sha256` once the results list changed from `before`.
+async fn first_result(b: &suanli_testkit::webdriver::Browser, before: &str) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = b
+            .execute("const li = document.querySelector('ol.results li'); return li ? li.dataset.sha256 + '|' + document.querySelector('ol.results').children.length + '|' + document.querySelector('p.took').textContent : '';", json!([]))
+            .await?;
+        let now = now.as_str().unwrap_or_default().to_owned();
+        if !now.is_empty() && now != before {
+            return Ok(now);
+        }
+        let error = b.execute("return document.querySelector('section.image-search .form-error').textContent", json!([])).await?;
+        anyhow::ensure!(error.as_str().unwrap_or_default().is_empty(), "the page says: {error}");
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no results on the page");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_researcher_searches_by_a_cropped_picture_and_more_like_this_in_the_browser() -> anyhow::Result<()> {
+    let Some(s) = setup(Backend::Sqlite).await? else { return Ok(()) };
+    let result = async {
+        let alice = s.world.person("researcher", "alice").await?;
+        index_photos(&s, &alice, "photos", "mine").await?;
+        let dir = tempfile::tempdir()?;
+        let query = dir.path().join("rocket-and-camera.png");
+        std::fs::write(&query, side_by_side(&photo_bytes(&s.photos, "rocket"), &photo_bytes(&s.photos, "camera")))?;
+        let (rocket, camera) = (sha_hex(&photo_bytes(&s.photos, "rocket")), sha_hex(&photo_bytes(&s.photos, "camera")));
+
+        let b = suanli_testkit::webdriver::Browser::start().await?;
+        let url = &s.world.portal.url;
+        b.goto(&format!("{url}/login")).await?;
+        b.type_into("input[name=login]", "alice").await?;
+        b.type_into("input[name=password]", support::PASSWORD).await?;
+        b.click("form.api button[type=submit]").await?;
+        b.wait_for("button[data-logout]", Duration::from_secs(30)).await?;
+        b.goto(&format!("{url}/search")).await?;
+        // The library's status: indexed, with its model.
+        b.wait_for("tr[data-library=mine][data-state=done]", Duration::from_secs(30)).await?;
+        let indexed = b.wait_text("tr[data-library=mine] td.indexed", Duration::from_secs(5)).await?;
+        anyhow::ensure!(indexed == format!("{0} / {0}", PHOTOS.len()), "indexed: {indexed}");
+
+        // The whole picture, then only its right half, dragged out on the canvas.
+        b.type_into("section.image-search input[name=image]", &query.display().to_string()).await?;
+        b.wait_for("canvas.crop:not([hidden])", Duration::from_secs(10)).await?;
+        b.select("section.image-search select[name=library]", "mine").await?;
+        b.click("section.image-search form.query button[type=submit]").await?;
+        let whole = first_result(&b, "").await?;
+        anyhow::ensure!(whole.starts_with(&rocket) || whole.starts_with(&camera), "the whole picture finds one of its two photos: {whole}");
+        b.execute(
+            "const c = document.querySelector('canvas.crop'); const r = c.getBoundingClientRect();
+             const at = (type, fx, fy) => c.dispatchEvent(new PointerEvent(type, {bubbles: true, clientX: r.left + r.width * fx, clientY: r.top + r.height * fy}));
+             at('pointerdown', 0.52, 0.02); at('pointermove', 0.8, 0.5); at('pointermove', 0.98, 0.98); at('pointerup', 0.98, 0.98);",
+            json!([]),
+        )
+        .await?;
+        b.click("section.image-search form.query button[type=submit]").await?;
+        let cropped = first_result(&b, &whole).await?;
+        anyhow::ensure!(cropped.starts_with(&camera), "the right half is the camera man: {cropped}");
+        b.screenshot(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("portal-screenshots/image-search.png")).await?;
+
+        // More like this, from the first result: the camera man himself comes first, scored 1.
+        b.click("ol.results li:first-child button").await?;
+        let similar = first_result(&b, &cropped).await?;
+        anyhow::ensure!(similar.starts_with(&camera), "{similar}");
+        let score = b.wait_text("ol.results li:first-child span", Duration::from_secs(5)).await?;
+        anyhow::ensure!(score.starts_with("1.000") || score.starts_with("0.99"), "{score}");
+        Ok(())
+    }
+    .await;
+    s.world.explain(result)
+}
