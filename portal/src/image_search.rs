@@ -285,7 +285,7 @@ impl ImageSearch {
         }
         let index = tokio::task::spawn_blocking(move || LibraryIndex::open(&folder)).await.map_err(ApiError::internal)?.map_err(ApiError::internal)?;
         let index = Arc::new(RwLock::new(index));
-        reconcile(state, library, &index).await?;
+        requeue(state, library, Some(&index)).await?;
         open.insert(library, index.clone());
         Ok(Some(index))
     }
@@ -328,16 +328,11 @@ impl ImageSearch {
     }
 }
 
-/// Makes the index agree with SQL after a crash between the two: rows marked indexed whose
-/// key the index lacks (vectors added after its last save) are queued again. The other way
-/// round cannot happen: a key goes into the index before its row is marked, and out of the
-/// index before its row is deleted.
-async fn reconcile(state: &AppState, library: i64, index: &Arc<RwLock<LibraryIndex>>) -> ApiResult<()> {
-    requeue(state, library, Some(index)).await
-}
-
-/// Queues again the rows of `library` marked indexed whose key `index` lacks (all of them
-/// without an index), and wakes the library if any were.
+/// Makes the index agree with SQL after a crash between the two: queues again the rows of
+/// `library` marked indexed whose key `index` lacks (vectors added after its last save; all of
+/// them without an index), and wakes the library if any were. The other way round cannot
+/// happen: a key goes into the index before its row is marked, and out of the index before its
+/// row is deleted.
 async fn requeue(state: &AppState, library: i64, index: Option<&Arc<RwLock<LibraryIndex>>>) -> ApiResult<()> {
     let rows = sqlx::query("SELECT item_key FROM library_images WHERE library_id = $1 AND indexed = 1").bind(library).fetch_all(&state.db.pool).await?;
     let mut missing = Vec::new();

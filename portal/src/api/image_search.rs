@@ -373,17 +373,18 @@ fn check_query(q: &SearchQuery) -> ApiResult<usize> {
     Ok(top as usize)
 }
 
-/// The best `q.top` images of the libraries `q` names for `vector`, best first.
+/// The best `top` images of the libraries `q` names for `vector`, best first (`q` checked,
+/// `top` its count, by [`check_query`] before the picture was embedded).
 async fn search_with(
     state: &AppState,
     p: &Principal,
-    model: &ModelVersion,
-    vector: &[f32],
+    (model, vector): (ModelVersion, Vec<f32>),
     q: &SearchQuery,
+    top: usize,
     started: std::time::Instant,
 ) -> ApiResult<SearchResults> {
+    let (model, vector) = (&model, vector.as_slice());
     let search = engine(state)?;
-    let top = check_query(q)?;
     let mut hits: Vec<(LibraryName, i64, u64, f32)> = Vec::new();
     let mut skipped = Vec::new();
     for &name in q.library.libraries() {
@@ -467,12 +468,12 @@ async fn search_with(
 /// browser if the user wished).
 pub async fn search_by_bytes(state: &AppState, p: &Principal, bytes: Vec<u8>, q: &SearchQuery) -> ApiResult<SearchResults> {
     let started = std::time::Instant::now();
-    check_query(q)?;
+    let top = check_query(q)?;
     if bytes.is_empty() {
         return Err(ApiError::new(Code::BadImage, "send the query image as the request body"));
     }
-    let (model, vector) = engine(state)?.embed(bytes).await?;
-    search_with(state, p, &model, &vector, q, started).await
+    let embedded = engine(state)?.embed(bytes).await?;
+    search_with(state, p, embedded, q, top, started).await
 }
 
 #[utoipa::path(post, path = "/api/v1/image-search", tag = "image search", params(SearchQuery),
@@ -509,7 +510,7 @@ pub struct SimilarTo {
 pub async fn search_similar(state: &AppState, p: &Principal, req: &SimilarTo) -> ApiResult<SearchResults> {
     let started = std::time::Instant::now();
     let query = SearchQuery { library: req.library, top: req.top, dataset: req.dataset, label: req.label.clone() };
-    check_query(&query)?;
+    let top = check_query(&query)?;
     let name = library_name(&req.from)?;
     let id = library_id(state, p.user.0, name).await?;
     let row = image_in(state, id, &req.sha256, (name == LibraryName::Mine).then_some(p.user.0)).await?;
@@ -520,8 +521,8 @@ pub async fn search_similar(state: &AppState, p: &Principal, req: &SimilarTo) ->
         ));
     }
     let bytes = read_image(state, &req.sha256, row.size).await?;
-    let (model, vector) = engine(state)?.embed(bytes).await?;
-    search_with(state, p, &model, &vector, &query, started).await
+    let embedded = engine(state)?.embed(bytes).await?;
+    search_with(state, p, embedded, &query, top, started).await
 }
 
 #[utoipa::path(post, path = "/api/v1/image-search/similar", tag = "image search", request_body = SimilarTo,
