@@ -1,5 +1,6 @@
 //! `suanli-sim compare`: every policy on every trace of `simulations/README.md`, one table; and
-//! `suanli-sim max-rate`: the highest synthetic job rate a cluster sustains under a policy.
+//! `suanli-sim max-rate`: the highest job rate a cluster sustains under a policy (synthetic
+//! jobs, or jobs drawn from one of the traces with its cluster: `--mix pollux-1.0`).
 //!
 //! The trace set and each trace's settings live in one place, [`settings`]; `compare --only
 //! NAME` reruns one of them (the README's `trace` commands spell out the same settings).
@@ -7,10 +8,11 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use suanli_scheduling::{LasConfig, PolicyKind};
+use suanli_scheduling::{LasConfig, PolicyKind, ThroughputTable};
 
-use crate::engine::{EngineConfig, RunResult};
+use crate::engine::{EngineConfig, Job, RunResult};
 use crate::metrics;
+use crate::rng::SplitMix64;
 use crate::run::{self, Format, SimError, TraceArgs};
 use crate::synthetic::{self, SyntheticConfig};
 
@@ -223,11 +225,52 @@ pub struct MaxRateArgs {
     pub jobs: usize,
     pub max_duration_s: f64,
     pub seeds: Vec<u64>,
+    /// Draw the jobs from a trace's jobs instead of the synthetic mix.
+    pub mix: Option<JobMix>,
     /// Sustained only if the average queueing delay stays below this.
     pub max_avg_queueing_s: f64,
     /// Bisection stops when the bracket is narrower than this fraction of its lower end.
     pub precision: f64,
     pub out: PathBuf,
+}
+
+/// A trace's jobs as a mix to draw from: sizes, types, accepted models and work as the trace
+/// has them (a Gavel job's steps with the throughput table that turns them into time).
+#[derive(Clone, Debug)]
+pub struct JobMix {
+    pub name: String,
+    pub pool: Vec<Job>,
+    pub table: ThroughputTable,
+}
+
+impl JobMix {
+    /// Every job of every run of `setting`'s trace (files under `traces`), and the cluster,
+    /// engine and LAS settings it runs with: `(mix, cluster, engine, las)`.
+    pub fn of(setting: &Setting, traces: &Path) -> Result<(JobMix, String, EngineConfig, LasConfig), SimError> {
+        let args = setting.args(traces, &[], &[1], Path::new("."));
+        let cluster = run::parse_cluster(&args.cluster)?;
+        let models: Vec<&str> = cluster.iter().map(|g| g.model.as_str()).collect();
+        let (runs, table) = run::load(&args, &models)?;
+        let pool: Vec<Job> = runs.into_iter().flat_map(|(_, jobs)| jobs).collect();
+        if pool.is_empty() {
+            return Err(SimError::Usage(format!("{}: no jobs to draw from", setting.name)));
+        }
+        Ok((JobMix { name: setting.name.to_owned(), pool, table }, args.cluster, args.engine, args.las))
+    }
+
+    /// `jobs` jobs drawn uniformly (with replacement) from the pool, arriving as a Poisson
+    /// process at `jobs_per_hour`.
+    pub fn draw(&self, jobs: usize, jobs_per_hour: f64, seed: u64) -> Vec<Job> {
+        let mut rng = SplitMix64::new(seed ^ 0x6d69_785f_6d69_7800);
+        let mut t = 0.0;
+        (0..jobs)
+            .map(|i| {
+                t += rng.exponential(3600.0 / jobs_per_hour.max(1e-9));
+                let picked = &self.pool[(rng.next_u64() % self.pool.len() as u64) as usize];
+                Job { name: format!("{}-{i}", self.name), workload: format!("seed-{seed}"), submit_s: t.round(), ..picked.clone() }
+            })
+            .collect()
+    }
 }
 
 /// One probed rate.
@@ -280,11 +323,14 @@ fn mean_queued(r: &RunResult, from_ms: i64, to_ms: i64) -> f64 {
 pub fn probe(args: &MaxRateArgs, policy: PolicyKind, jobs_per_hour: f64) -> Result<Probe, SimError> {
     let cluster = run::parse_cluster(&args.cluster)?;
     let max_gpus = cluster.iter().map(|g| g.nodes * g.cards_per_node).sum();
-    let config = suanli_scheduling::PolicyConfig { las: args.las.clone(), ..suanli_scheduling::PolicyConfig::default() };
-    let table = suanli_scheduling::ThroughputTable::new();
+    let table = args.mix.as_ref().map_or_else(ThroughputTable::new, |m| m.table.clone());
+    let config = suanli_scheduling::PolicyConfig { las: args.las.clone(), throughput: table.clone(), ..suanli_scheduling::PolicyConfig::default() };
     let mut worst: Option<Probe> = None;
     for &seed in &args.seeds {
-        let jobs = synthetic::generate(&SyntheticConfig { jobs: args.jobs, jobs_per_hour, max_gpus, max_duration_s: args.max_duration_s, seed });
+        let jobs = match &args.mix {
+            Some(mix) => mix.draw(args.jobs, jobs_per_hour, seed),
+            None => synthetic::generate(&SyntheticConfig { jobs: args.jobs, jobs_per_hour, max_gpus, max_duration_s: args.max_duration_s, seed }),
+        };
         let mut p = suanli_scheduling::build(policy, &config);
         let result = crate::engine::run(p.as_mut(), &cluster, &jobs, &table, &args.engine)?;
         let s = metrics::summarize(&jobs, &result);

@@ -6,7 +6,10 @@
 //! and Yamux as over TCP), each dialling a few random others. One member after another
 //! announces a new offer; measured: the time until every member's catalogue shows it, and how
 //! many copies of each announcement a member received (gossip's redundancy). Prints a table,
-//! writes `federation-convergence.csv` and `.svg` (convergence time against members) to `--out`.
+//! writes `federation-convergence.csv`, `.svg` and `.png` (convergence time against members) to `--out`.
+//!
+//! `suanli-sim market --days 365 --members 3`: the market over months on the broker's own
+//! state machine (`suanli_sim::market`).
 //!
 //! `suanli-sim trace --format pollux --input …`: a GPU-cluster trace through the real
 //! scheduling policies (`suanli_sim::run`); see `simulations/README.md`.
@@ -17,13 +20,9 @@
 //! sustains per policy (definition in `suanli_sim::compare::probe`).
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use suanli_federation::testing::{founded, listing};
-use suanli_federation::{FederationNode, Freshness, Keypair, MembershipChain, NodeConfig, TransportKind};
 use suanli_scheduling::{LasConfig, PolicyKind};
 use suanli_sim::engine::EngineConfig;
 use suanli_sim::run::{Format, TraceArgs};
@@ -52,6 +51,9 @@ enum Command {
     },
     /// A GPU-cluster trace through the real scheduling policies, round by round.
     Trace(Box<TraceCli>),
+    /// The market over months on the broker's own state machine: suppliers joining and
+    /// leaving, card faults, leases within budgets, auto-leasing jobs, billing, federation.
+    Market(Box<MarketCli>),
     /// Every policy on every trace of simulations/README.md: one table (mean ± std over seeds).
     Compare {
         /// The traces directory (../shared/traces).
@@ -90,9 +92,104 @@ enum Command {
         precision: f64,
         #[arg(long, default_value_t = 60)]
         round_s: u64,
+        /// Draw the jobs from one of the README's traces instead (pollux-1.0, gavel-ed69ec-300,
+        /// philly-ed69ec, tiresias-60), on that trace's cluster with its rounds, delays and LAS
+        /// settings (--cluster and --round-s are then ignored); files under --traces.
+        #[arg(long)]
+        mix: Option<String>,
+        #[arg(long, default_value = "../shared/traces")]
+        traces: PathBuf,
         #[arg(long, default_value = "simulations/results/max-rate")]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct MarketCli {
+    /// One independent run per seed.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    seeds: Vec<u64>,
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+    /// Federation members (each its own broker state, its own suppliers and researchers).
+    #[arg(long, default_value_t = 1)]
+    members: u32,
+    /// Suppliers per member on day 0.
+    #[arg(long, default_value_t = 60)]
+    suppliers: u32,
+    #[arg(long, default_value_t = 0.3)]
+    supplier_joins_per_day: f64,
+    /// Mean days a supplier stays (0: forever).
+    #[arg(long, default_value_t = 240.0)]
+    supplier_stay_days: f64,
+    #[arg(long, default_value_t = 4)]
+    max_nodes_per_supplier: u32,
+    #[arg(long, default_value_t = 8)]
+    cards_per_node: u32,
+    /// Researchers per member.
+    #[arg(long, default_value_t = 400)]
+    researchers: u32,
+    /// Lease demands per member per day.
+    #[arg(long, default_value_t = 160.0)]
+    demands_per_day: f64,
+    #[arg(long, default_value_t = 6.0)]
+    median_lease_hours: f64,
+    #[arg(long, default_value_t = 0.3)]
+    auto_lease_share: f64,
+    /// Paid in for each researcher every 30 days, CNY.
+    #[arg(long, default_value_t = 20_000)]
+    monthly_budget_cny: i64,
+    #[arg(long, default_value_t = 120.0)]
+    card_mtbf_days: f64,
+    #[arg(long, default_value_t = 24.0)]
+    repair_hours: f64,
+    #[arg(long, default_value_t = 12.0)]
+    patience_hours: f64,
+    #[arg(long, default_value_t = 30)]
+    retry_minutes: u32,
+    #[arg(long, default_value_t = 0.3)]
+    early_end_share: f64,
+    #[arg(long, default_value_t = 7)]
+    reprice_every_days: u32,
+    /// How often each member announces its offers.
+    #[arg(long, default_value_t = 5)]
+    announce_every_s: u64,
+    /// Measure gossip delays on this many real federation nodes (libp2p, in memory) first and
+    /// draw the members' delays from them (0: announcements arrive at once).
+    #[arg(long, default_value_t = 0)]
+    gossip_nodes: usize,
+    #[arg(long, default_value = "simulations/results/market")]
+    out: PathBuf,
+    #[arg(long, default_value = "market")]
+    name: String,
+}
+
+impl MarketCli {
+    fn config(&self) -> suanli_sim::market::MarketConfig {
+        suanli_sim::market::MarketConfig {
+            seed: self.seeds.first().copied().unwrap_or(1),
+            days: self.days,
+            members: self.members,
+            suppliers: self.suppliers,
+            supplier_joins_per_day: self.supplier_joins_per_day,
+            supplier_stay_days: self.supplier_stay_days,
+            max_nodes_per_supplier: self.max_nodes_per_supplier,
+            cards_per_node: self.cards_per_node,
+            researchers: self.researchers,
+            demands_per_day: self.demands_per_day,
+            median_lease_hours: self.median_lease_hours,
+            auto_lease_share: self.auto_lease_share,
+            monthly_budget_minor: self.monthly_budget_cny.saturating_mul(100),
+            card_mtbf_days: self.card_mtbf_days,
+            repair_hours: self.repair_hours,
+            patience_hours: self.patience_hours,
+            retry_minutes: self.retry_minutes,
+            early_end_share: self.early_end_share,
+            reprice_every_days: self.reprice_every_days,
+            announce_every_s: self.announce_every_s,
+            gossip_delays_ms: Vec::new(),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -224,132 +321,23 @@ fn parse_max_gpus(cluster: &str) -> u32 {
     suanli_sim::run::parse_cluster(cluster).map_or(u32::MAX, |groups| groups.iter().map(|g| g.nodes * g.cards_per_node).sum())
 }
 
-/// A small deterministic generator (the topology is the same on every run).
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
-}
-
-struct Outcome {
-    members: usize,
-    startup: Duration,
-    times: Vec<Duration>,
-    copies_per_member: f64,
-    messages_per_member_second: f64,
-}
-
-async fn run(members: usize, degree: usize, rounds: usize) -> anyhow::Result<Outcome> {
-    let started = Instant::now();
-    let keys: Vec<Keypair> = (0..members).map(|_| Keypair::generate_ed25519()).collect();
-    let names: Vec<String> = (0..members).map(|i| format!("m{i}")).collect();
-    let named: Vec<(&str, &Keypair)> = names.iter().map(String::as_str).zip(&keys).collect();
-    let chain = MembershipChain { genesis: founded("sim", &named, "sim"), changes: vec![] };
-    let mut rng = Xorshift(0x5eed_0000_0000_0001 ^ members as u64);
-    let mut nodes: Vec<FederationNode> = Vec::with_capacity(members);
-    let mut addresses: Vec<suanli_federation::Multiaddr> = Vec::with_capacity(members);
-    for key in &keys {
-        let dial = (0..degree.min(nodes.len())).map(|_| addresses[rng.below(nodes.len())].clone()).collect();
-        let node = FederationNode::start(NodeConfig {
-            keypair: key.clone(),
-            membership: chain.clone(),
-            listen: "/memory/0".parse()?,
-            dial,
-            transport: TransportKind::Memory,
-            persist_membership: None,
-            anti_entropy_every: Duration::from_secs(2),
-            freshness: Freshness { stale_after: Duration::from_secs(600), hide_after: Duration::from_secs(1200) },
-            calls: None,
-        })
-        .await?;
-        let address = node.listen_addr().await?;
-        addresses.push(address);
-        nodes.push(node);
-    }
-    for node in &nodes {
-        while node.connected().await?.is_empty() {
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "a member never connected");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    // A few gossipsub heartbeats to form the meshes.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let startup = started.elapsed();
-    let copies_before: u64 =
-        nodes.iter().map(|n| n.counters().announcements_applied.load(Ordering::Relaxed) + n.counters().announcements_known.load(Ordering::Relaxed)).sum();
-    let messages_before: u64 = nodes.iter().map(|n| n.counters().messages_received.load(Ordering::Relaxed)).sum();
-    let measured = Instant::now();
-    let mut times = Vec::with_capacity(rounds);
-    for round in 0..rounds {
-        let origin = &nodes[(round * 7919) % members];
-        let marker = 1000 + round as u32;
-        let t = Instant::now();
-        origin.announce(vec![listing(1, marker)]).await?;
-        let origin_id = origin.peer_id();
-        let mut pending: Vec<&FederationNode> = nodes.iter().collect();
-        while !pending.is_empty() {
-            anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "{} members never saw announcement {round}", pending.len());
-            pending.retain(|n| !n.catalogue().iter().any(|l| l.origin == origin_id && l.listing.free_cards == marker));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        times.push(t.elapsed());
-    }
-    let copies_after: u64 =
-        nodes.iter().map(|n| n.counters().announcements_applied.load(Ordering::Relaxed) + n.counters().announcements_known.load(Ordering::Relaxed)).sum();
-    let copies_per_member = (copies_after - copies_before) as f64 / (members as f64 * rounds as f64);
-    let messages_after: u64 = nodes.iter().map(|n| n.counters().messages_received.load(Ordering::Relaxed)).sum();
-    let messages_per_member_second = (messages_after - messages_before) as f64 / (members as f64 * measured.elapsed().as_secs_f64());
-    Ok(Outcome { members, startup, times, copies_per_member, messages_per_member_second })
-}
-
-fn svg(outcomes: &[Outcome]) -> String {
-    let (w, h, pad) = (640.0, 360.0, 50.0);
-    let max_members = outcomes.iter().map(|o| o.members).max().unwrap_or(1) as f64;
-    let max_ms = outcomes.iter().flat_map(|o| o.times.iter()).map(|t| t.as_secs_f64() * 1000.0).fold(1.0, f64::max);
-    let x = |m: usize| pad + (m as f64 / max_members) * (w - 2.0 * pad);
-    let y = |ms: f64| h - pad - (ms / max_ms) * (h - 2.0 * pad);
-    let mut out = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n");
-    out += &format!("<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n", h - pad, w - pad, h - pad);
-    out += &format!("<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n", h - pad);
-    out += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">members</text>\n", w / 2.0, h - 10.0);
-    out += &format!(
-        "<text x=\"12\" y=\"{}\" transform=\"rotate(-90 12 {})\" text-anchor=\"middle\">ms until every member has it (max of rounds)</text>\n",
-        h / 2.0,
-        h / 2.0
-    );
-    out += &format!("<text x=\"{pad}\" y=\"{}\" text-anchor=\"end\">{max_ms:.0}</text>\n", pad + 4.0);
-    let points: Vec<String> = outcomes
-        .iter()
-        .map(|o| (o.members, o.times.iter().max().map_or(0.0, |t| t.as_secs_f64() * 1000.0)))
-        .map(|(m, ms)| format!("{:.1},{:.1}", x(m), y(ms)))
-        .collect();
-    out += &format!("<polyline fill=\"none\" stroke=\"steelblue\" stroke-width=\"2\" points=\"{}\"/>\n", points.join(" "));
-    for o in outcomes {
-        let ms = o.times.iter().max().map_or(0.0, |t| t.as_secs_f64() * 1000.0);
-        // Labels right of their point, but left of it in the right half (inside the picture).
-        let (dx, anchor) = if x(o.members) > w / 2.0 { (-6.0, "end") } else { (6.0, "start") };
-        out += &format!(
-            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"steelblue\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\">{} · {ms:.0} ms</text>\n",
-            x(o.members),
-            y(ms),
-            x(o.members) + dx,
-            y(ms) - 6.0,
-            o.members
-        );
-    }
-    out + "</svg>\n"
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Trace(cli) => {
             let report = suanli_sim::run::trace(&cli.into_args()?)?;
+            print!("{report}");
+            Ok(())
+        }
+        Command::Market(cli) => {
+            let mut config = cli.config();
+            if cli.gossip_nodes >= 2 {
+                let measured = suanli_sim::gossip::measure(cli.gossip_nodes, 3, 5).await.context("measuring gossip")?;
+                config.gossip_delays_ms = measured.arrivals.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+                println!("gossip delays measured on {} real members: {} arrivals", cli.gossip_nodes, config.gossip_delays_ms.len());
+            }
+            config.validate().map_err(anyhow::Error::msg).context("market settings")?;
+            let report = suanli_sim::market::run_seeds_to(&config, &cli.seeds, &cli.out, &cli.name).map_err(anyhow::Error::msg)?;
             print!("{report}");
             Ok(())
         }
@@ -366,13 +354,26 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", suanli_sim::compare::compare_to(&settings, &traces, &policy, &seeds, &out)?);
             Ok(())
         }
-        Command::MaxRate { cluster, policy, jobs, max_duration_s, seeds, max_avg_queueing_s, precision, round_s, out } => {
+        Command::MaxRate { cluster, policy, jobs, max_duration_s, seeds, max_avg_queueing_s, precision, round_s, mix, traces, out } => {
             anyhow::ensure!(!seeds.is_empty() && jobs >= 2 && precision > 0.0, "--seeds, --jobs ≥ 2 and --precision > 0 are needed");
+            let (mix, cluster, engine, las) = match mix {
+                None => (None, cluster, EngineConfig { round_s, ..EngineConfig::default() }, LasConfig::default()),
+                Some(name) => {
+                    let settings = suanli_sim::compare::settings();
+                    let setting = settings
+                        .iter()
+                        .find(|s| s.name == name && s.synthetic.is_none())
+                        .with_context(|| format!("--mix: unknown trace {name:?} (one of: pollux-1.0, gavel-ed69ec-300, philly-ed69ec, tiresias-60)"))?;
+                    let (mix, cluster, engine, las) = suanli_sim::compare::JobMix::of(setting, &traces)?;
+                    (Some(mix), cluster, engine, las)
+                }
+            };
             let args = suanli_sim::compare::MaxRateArgs {
                 cluster,
                 policies: policy,
-                engine: EngineConfig { round_s, ..EngineConfig::default() },
-                las: LasConfig::default(),
+                engine,
+                las,
+                mix,
                 jobs,
                 max_duration_s,
                 seeds,
@@ -391,7 +392,7 @@ async fn main() -> anyhow::Result<()> {
             let mut outcomes = Vec::new();
             let mut csv = String::from("members,round,ms_to_every_member\n");
             for n in members {
-                let mut o = run(n, degree, rounds).await.with_context(|| format!("{n} members"))?;
+                let mut o = suanli_sim::gossip::measure(n, degree, rounds).await.with_context(|| format!("{n} members"))?;
                 o.times.sort();
                 for (i, t) in o.times.iter().enumerate() {
                     csv += &format!("{n},{i},{:.3}\n", t.as_secs_f64() * 1000.0);
@@ -408,7 +409,9 @@ async fn main() -> anyhow::Result<()> {
             }
             std::fs::create_dir_all(&out)?;
             std::fs::write(out.join("federation-convergence.csv"), csv)?;
-            std::fs::write(out.join("federation-convergence.svg"), svg(&outcomes))?;
+            let (svg, png) = suanli_sim::gossip::plots(&outcomes);
+            std::fs::write(out.join("federation-convergence.svg"), svg)?;
+            std::fs::write(out.join("federation-convergence.png"), png)?;
             Ok(())
         }
     }

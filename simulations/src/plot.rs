@@ -1,7 +1,9 @@
-//! Hand-written SVG line charts (no plotting crate): the JCT CDF and the utilisation and
-//! queue-length timelines of `suanli-sim trace`, in the spirit of the federation plot.
+//! Line charts, as hand-written SVG and as PNG (tiny-skia and a bitmap font; no plotting
+//! crate, no system font): the JCT CDF and the utilisation and queue-length timelines of
+//! `suanli-sim trace`, the market's timeline, the federation's convergence.
 //!
-//! Every number is printed with fixed decimals, so the same data gives the same bytes.
+//! Every number is printed with fixed decimals and every pixel drawn the same way, so the
+//! same data gives the same bytes.
 
 use std::fmt::Write as _;
 
@@ -100,43 +102,88 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// Where a panel's data lands: its axes' ranges and the plotting area, shared by the SVG and
+/// PNG renderings so both draw the same picture.
+struct Frame {
+    x_log: bool,
+    x_lo: f64,
+    x_hi: f64,
+    y_lo: f64,
+    y_hi: f64,
+    /// Plotting area: x0..x1 left to right, y0 (bottom) to y1 (top).
+    x0: f64,
+    x1: f64,
+    y0: f64,
+    y1: f64,
+    top: f64,
+}
+
+impl Frame {
+    fn new(p: &Panel, top: f64) -> Frame {
+        let keep = |x: f64| !p.x_log || x > 0.0;
+        let xs = p.series.iter().flat_map(|s| s.points.iter()).map(|q| q.0).filter(|&x| keep(x));
+        let (mut x_lo, mut x_hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+        if !x_lo.is_finite() {
+            (x_lo, x_hi) = if p.x_log { (1.0, 10.0) } else { (0.0, 1.0) };
+        }
+        if p.x_log {
+            (x_lo, x_hi) = (10f64.powf(x_lo.log10().floor()), 10f64.powf(x_hi.log10().ceil()));
+        } else {
+            // Linear axes start at 0 (time since the trace's start).
+            x_lo = x_lo.min(0.0);
+        }
+        if x_hi <= x_lo {
+            x_hi = if p.x_log { x_lo * 10.0 } else { x_lo + 1.0 };
+        }
+        let (y_lo, y_hi) = p.y_range.unwrap_or_else(|| {
+            let max = p.series.iter().flat_map(|s| s.points.iter()).map(|q| q.1).fold(0.0, f64::max);
+            let t = ticks(0.0, if max > 0.0 { max } else { 1.0 }, false);
+            let step = if t.len() > 1 { t[1] - t[0] } else { 1.0 };
+            (0.0, ((max / step).ceil() * step).max(step))
+        });
+        Frame { x_log: p.x_log, x_lo, x_hi, y_lo, y_hi, x0: LEFT, x1: WIDTH - RIGHT, y0: top + PANEL_HEIGHT - BOTTOM, y1: top + TOP, top }
+    }
+
+    fn sx(&self, x: f64) -> f64 {
+        let f = if self.x_log { (x.log10() - self.x_lo.log10()) / (self.x_hi.log10() - self.x_lo.log10()) } else { (x - self.x_lo) / (self.x_hi - self.x_lo) };
+        self.x0 + f * (self.x1 - self.x0)
+    }
+
+    fn sy(&self, y: f64) -> f64 {
+        self.y0 - (y - self.y_lo) / (self.y_hi - self.y_lo) * (self.y0 - self.y1)
+    }
+
+    fn x_ticks(&self) -> Vec<f64> {
+        ticks(self.x_lo, self.x_hi, self.x_log)
+    }
+
+    fn y_ticks(&self) -> Vec<f64> {
+        ticks(self.y_lo, self.y_hi, false)
+    }
+
+    /// A series' points in picture coordinates (a log axis drops x ≤ 0; y is clamped to the axis).
+    fn points(&self, s: &Series) -> Vec<(f64, f64)> {
+        s.points.iter().filter(|q| !self.x_log || q.0 > 0.0).map(|&(x, y)| (self.sx(x), self.sy(y.clamp(self.y_lo, self.y_hi)))).collect()
+    }
+
+    /// The legend's row for series `i`: its y.
+    fn legend_y(&self, i: usize) -> f64 {
+        self.y1 + 8.0 + 16.0 * i as f64
+    }
+}
+
 fn panel(out: &mut String, p: &Panel, top: f64) {
-    let keep = |x: f64| !p.x_log || x > 0.0;
-    let xs = p.series.iter().flat_map(|s| s.points.iter()).map(|q| q.0).filter(|&x| keep(x));
-    let (mut x_lo, mut x_hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
-    if !x_lo.is_finite() {
-        (x_lo, x_hi) = if p.x_log { (1.0, 10.0) } else { (0.0, 1.0) };
-    }
-    if p.x_log {
-        (x_lo, x_hi) = (10f64.powf(x_lo.log10().floor()), 10f64.powf(x_hi.log10().ceil()));
-    } else {
-        // Linear axes start at 0 (time since the trace's start).
-        x_lo = x_lo.min(0.0);
-    }
-    if x_hi <= x_lo {
-        x_hi = if p.x_log { x_lo * 10.0 } else { x_lo + 1.0 };
-    }
-    let (y_lo, y_hi) = p.y_range.unwrap_or_else(|| {
-        let max = p.series.iter().flat_map(|s| s.points.iter()).map(|q| q.1).fold(0.0, f64::max);
-        let t = ticks(0.0, if max > 0.0 { max } else { 1.0 }, false);
-        let step = if t.len() > 1 { t[1] - t[0] } else { 1.0 };
-        (0.0, ((max / step).ceil() * step).max(step))
-    });
-    let (x0, x1, y0, y1) = (LEFT, WIDTH - RIGHT, top + PANEL_HEIGHT - BOTTOM, top + TOP);
-    let sx = |x: f64| {
-        let f = if p.x_log { (x.log10() - x_lo.log10()) / (x_hi.log10() - x_lo.log10()) } else { (x - x_lo) / (x_hi - x_lo) };
-        x0 + f * (x1 - x0)
-    };
-    let sy = |y: f64| y0 - (y - y_lo) / (y_hi - y_lo) * (y0 - y1);
+    let f = Frame::new(p, top);
+    let (x0, x1, y0, y1) = (f.x0, f.x1, f.y0, f.y1);
     let _ = writeln!(out, "<g class=\"panel\">");
-    let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-weight=\"bold\">{}</text>", (x0 + x1) / 2.0, top + 18.0, esc(p.title));
-    for t in ticks(x_lo, x_hi, p.x_log) {
-        let x = sx(t);
+    let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-weight=\"bold\">{}</text>", (x0 + x1) / 2.0, f.top + 18.0, esc(p.title));
+    for t in f.x_ticks() {
+        let x = f.sx(t);
         let _ = writeln!(out, "<line x1=\"{x:.1}\" y1=\"{y1:.1}\" x2=\"{x:.1}\" y2=\"{y0:.1}\" stroke=\"#e0e0e0\"/>");
         let _ = writeln!(out, "<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", y0 + 16.0, label(t));
     }
-    for t in ticks(y_lo, y_hi, false) {
-        let y = sy(t);
+    for t in f.y_ticks() {
+        let y = f.sy(t);
         let _ = writeln!(out, "<line x1=\"{x0:.1}\" y1=\"{y:.1}\" x2=\"{x1:.1}\" y2=\"{y:.1}\" stroke=\"#e0e0e0\"/>");
         let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>", x0 - 6.0, y + 4.0, label(t));
     }
@@ -147,9 +194,9 @@ fn panel(out: &mut String, p: &Panel, top: f64) {
     let _ = writeln!(out, "<text x=\"16\" y=\"{ym:.1}\" transform=\"rotate(-90 16 {ym:.1})\" text-anchor=\"middle\">{}</text>", esc(p.y_label));
     for (i, s) in p.series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let pts: Vec<String> = s.points.iter().filter(|q| keep(q.0)).map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y.clamp(y_lo, y_hi)))).collect();
+        let pts: Vec<String> = f.points(s).iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
         let _ = writeln!(out, "<polyline class=\"series\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{}\"/>", pts.join(" "));
-        let ly = y1 + 8.0 + 16.0 * i as f64;
+        let ly = f.legend_y(i);
         let _ = writeln!(
             out,
             "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{colour}\" stroke-width=\"3\"/><text class=\"legend\" x=\"{:.1}\" y=\"{:.1}\">{}</text>",
@@ -172,6 +219,161 @@ pub fn svg(panels: &[Panel]) -> String {
         panel(&mut out, p, PANEL_HEIGHT * i as f64);
     }
     out + "</svg>\n"
+}
+
+/// The same panels as [`svg`], drawn into a PNG at twice the size (lines anti-aliased by
+/// tiny-skia, text in the public-domain 8×8 font of `font8x8`): no system font is read, so the
+/// same data gives the same bytes on every machine.
+pub fn png(panels: &[Panel]) -> Vec<u8> {
+    let height = PANEL_HEIGHT * panels.len().max(1) as f64;
+    let mut r = raster::Raster::new(WIDTH, height);
+    for (i, p) in panels.iter().enumerate() {
+        let f = Frame::new(p, PANEL_HEIGHT * i as f64);
+        let (x0, x1, y0, y1) = (f.x0, f.x1, f.y0, f.y1);
+        let grey = raster::rgb("#e0e0e0");
+        let black = raster::rgb("#000000");
+        r.text((x0 + x1) / 2.0, f.top + 18.0, raster::Anchor::Middle, true, p.title);
+        for t in f.x_ticks() {
+            let x = f.sx(t);
+            r.line(&[(x, y1), (x, y0)], grey, 1.0);
+            r.text(x, y0 + 16.0, raster::Anchor::Middle, false, &label(t));
+        }
+        for t in f.y_ticks() {
+            let y = f.sy(t);
+            r.line(&[(x0, y), (x1, y)], grey, 1.0);
+            r.text(x0 - 6.0, y + 4.0, raster::Anchor::End, false, &label(t));
+        }
+        r.line(&[(x0, y0), (x1, y0)], black, 1.0);
+        r.line(&[(x0, y1), (x0, y0)], black, 1.0);
+        r.text((x0 + x1) / 2.0, y0 + 34.0, raster::Anchor::Middle, false, p.x_label);
+        r.vertical_text(16.0, (y0 + y1) / 2.0, p.y_label);
+        for (i, s) in p.series.iter().enumerate() {
+            let colour = raster::rgb(COLOURS[i % COLOURS.len()]);
+            r.line(&f.points(s), colour, 1.5);
+            let ly = f.legend_y(i);
+            r.line(&[(x1 + 12.0, ly), (x1 + 32.0, ly)], colour, 3.0);
+            r.text(x1 + 38.0, ly + 4.0, raster::Anchor::Start, false, &s.label);
+        }
+    }
+    r.encode()
+}
+
+/// Drawing into pixels: lines with tiny-skia, text from an 8×8 bitmap font.
+mod raster {
+    use tiny_skia::{Color, Paint, PathBuilder, Pixmap, Rect, Stroke, Transform};
+
+    /// Pixels per picture unit.
+    const SCALE: f32 = 2.0;
+    /// A glyph is 8 × 8 font pixels; one font pixel is this many picture units.
+    const GLYPH_UNIT: f64 = 1.0;
+    const ADVANCE: f64 = 8.0 * GLYPH_UNIT;
+    /// Rows of the glyph above the baseline.
+    const ASCENT: f64 = 7.0 * GLYPH_UNIT;
+
+    pub enum Anchor {
+        Start,
+        Middle,
+        End,
+    }
+
+    /// `#rrggbb` as a colour (black for anything else).
+    pub fn rgb(hex: &str) -> Color {
+        let channel = |i: usize| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
+        Color::from_rgba8(channel(1), channel(3), channel(5), 255)
+    }
+
+    pub struct Raster {
+        pixmap: Pixmap,
+    }
+
+    impl Raster {
+        pub fn new(width: f64, height: f64) -> Raster {
+            let (w, h) = ((width as f32 * SCALE).ceil() as u32, (height as f32 * SCALE).ceil() as u32);
+            let mut pixmap = Pixmap::new(w.max(1), h.max(1)).expect("a picture of positive size");
+            pixmap.fill(Color::WHITE);
+            Raster { pixmap }
+        }
+
+        /// A polyline through `points` (picture units).
+        pub fn line(&mut self, points: &[(f64, f64)], colour: Color, width: f64) {
+            let mut path = PathBuilder::new();
+            for (i, (x, y)) in points.iter().enumerate() {
+                let (x, y) = (*x as f32 * SCALE, *y as f32 * SCALE);
+                if i == 0 {
+                    path.move_to(x, y);
+                } else {
+                    path.line_to(x, y);
+                }
+            }
+            if points.len() == 1 {
+                let (x, y) = points[0];
+                path.line_to(x as f32 * SCALE + 0.01, y as f32 * SCALE);
+            }
+            let Some(path) = path.finish() else { return };
+            let mut paint = Paint::default();
+            paint.set_color(colour);
+            paint.anti_alias = true;
+            let stroke = Stroke { width: width as f32 * SCALE, ..Stroke::default() };
+            self.pixmap.stroke_path(&path, &paint, &stroke, Transform::identity(), None);
+        }
+
+        fn font_pixel(&mut self, x: f64, y: f64) {
+            let mut paint = Paint::default();
+            paint.set_color(Color::BLACK);
+            let size = (GLYPH_UNIT as f32) * SCALE;
+            if let Some(rect) = Rect::from_xywh(x as f32 * SCALE, y as f32 * SCALE, size, size) {
+                self.pixmap.fill_rect(rect, &paint, Transform::identity(), None);
+            }
+        }
+
+        fn glyph(c: char) -> [u8; 8] {
+            use font8x8::UnicodeFonts;
+            font8x8::BASIC_FONTS.get(c).or_else(|| font8x8::LATIN_FONTS.get(c)).unwrap_or_else(|| font8x8::BASIC_FONTS.get('?').unwrap_or([0; 8]))
+        }
+
+        /// Text on the baseline `y`, placed by `anchor` at `x`; bold draws it twice, one unit apart.
+        pub fn text(&mut self, x: f64, y: f64, anchor: Anchor, bold: bool, text: &str) {
+            let width = text.chars().count() as f64 * ADVANCE;
+            let left = match anchor {
+                Anchor::Start => x,
+                Anchor::Middle => x - width / 2.0,
+                Anchor::End => x - width,
+            };
+            for (i, c) in text.chars().enumerate() {
+                for (row, bits) in Self::glyph(c).iter().enumerate() {
+                    for col in 0..8 {
+                        if bits & (1 << col) != 0 {
+                            let (px, py) = (left + i as f64 * ADVANCE + col as f64 * GLYPH_UNIT, y - ASCENT + row as f64 * GLYPH_UNIT);
+                            self.font_pixel(px, py);
+                            if bold {
+                                self.font_pixel(px + GLYPH_UNIT / 2.0, py);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Text turned a quarter left (reading upwards), centred on (x, y), its baseline at x.
+        pub fn vertical_text(&mut self, x: f64, y: f64, text: &str) {
+            let bottom = y + text.chars().count() as f64 * ADVANCE / 2.0;
+            for (i, c) in text.chars().enumerate() {
+                for (row, bits) in Self::glyph(c).iter().enumerate() {
+                    for col in 0..8 {
+                        if bits & (1 << col) != 0 {
+                            let px = x - ASCENT + row as f64 * GLYPH_UNIT;
+                            let py = bottom - i as f64 * ADVANCE - (col as f64 + 1.0) * GLYPH_UNIT;
+                            self.font_pixel(px, py);
+                        }
+                    }
+                }
+            }
+        }
+
+        pub fn encode(&self) -> Vec<u8> {
+            self.pixmap.encode_png().expect("PNG encoding into memory")
+        }
+    }
 }
 
 #[cfg(test)]
@@ -216,6 +418,23 @@ mod tests {
             Panel { title: "queue", x_label: "h", y_label: "jobs", x_log: false, y_range: None, series: &both[..1] },
         ]);
         assert_eq!(doc, again);
+    }
+
+    #[test]
+    fn png_draws_the_same_picture_the_same_way() {
+        let a = series("fifo", &[(0.0, 0.0), (10.0, 4.0), (20.0, 1.0)]);
+        fn panels(s: &[Series]) -> Panel<'_> {
+            Panel { title: "queue", x_label: "h", y_label: "jobs", x_log: false, y_range: None, series: s }
+        }
+        let one = [a.clone()];
+        let png = png(&[panels(&one)]);
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        // IHDR: width and height at twice the SVG's size.
+        let be = |i: usize| u32::from_be_bytes([png[i], png[i + 1], png[i + 2], png[i + 3]]);
+        assert_eq!((be(16), be(20)), (2 * WIDTH as u32, 2 * PANEL_HEIGHT as u32));
+        assert_eq!(png, super::png(&[panels(&one)]), "same data, same bytes");
+        let other = [series("fifo", &[(0.0, 0.0), (10.0, 2.0), (20.0, 1.0)])];
+        assert_ne!(png, super::png(&[panels(&other)]), "another line, another picture");
     }
 
     #[test]

@@ -257,7 +257,11 @@ pub fn simulate(args: &TraceArgs) -> Result<Vec<PolicyOutcome>, SimError> {
 }
 
 fn write(path: &Path, text: &str) -> Result<(), SimError> {
-    std::fs::write(path, text).map_err(|source| SimError::Write { file: path.display().to_string(), source })
+    write_bytes(path, text.as_bytes())
+}
+
+fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(), SimError> {
+    std::fs::write(path, bytes).map_err(|source| SimError::Write { file: path.display().to_string(), source })
 }
 
 /// Published per-job JCTs of a Pollux `summary.json`: workload → job → seconds.
@@ -349,19 +353,29 @@ pub fn trace(args: &TraceArgs) -> Result<String, SimError> {
     }
     write(&args.out.join(format!("{}.summary.csv", args.name)), &summary)?;
     write(&args.out.join(format!("{}.timing.csv", args.name)), &timing)?;
-    let (cdf, timeline) = plots(&args.name, &outcomes);
-    write(&args.out.join(format!("{}.jct-cdf.svg", args.name)), &cdf)?;
-    write(&args.out.join(format!("{}.timeline.svg", args.name)), &timeline)?;
+    let plots = plots(&args.name, &outcomes);
+    write(&args.out.join(format!("{}.jct-cdf.svg", args.name)), &plots.cdf_svg)?;
+    write(&args.out.join(format!("{}.timeline.svg", args.name)), &plots.timeline_svg)?;
+    write_bytes(&args.out.join(format!("{}.jct-cdf.png", args.name)), &plots.cdf_png)?;
+    write_bytes(&args.out.join(format!("{}.timeline.png", args.name)), &plots.timeline_png)?;
     Ok(report)
 }
 
 /// Points per line in the plots.
 const PLOT_POINTS: usize = 600;
 
-/// `<name>.jct-cdf.svg` (every job of every run, per policy, log x) and `<name>.timeline.svg`
+/// A trace run's pictures, each as SVG and PNG.
+pub struct Plots {
+    pub cdf_svg: String,
+    pub cdf_png: Vec<u8>,
+    pub timeline_svg: String,
+    pub timeline_png: Vec<u8>,
+}
+
+/// `<name>.jct-cdf.*` (every job of every run, per policy, log x) and `<name>.timeline.*`
 /// (GPU utilisation and queue length over time, per policy, of the first run: the runs of a
 /// trace are separate experiments); deterministic.
-pub fn plots(name: &str, outcomes: &[PolicyOutcome]) -> (String, String) {
+pub fn plots(name: &str, outcomes: &[PolicyOutcome]) -> Plots {
     let cdf: Vec<Series> = outcomes
         .iter()
         .map(|o| {
@@ -370,8 +384,7 @@ pub fn plots(name: &str, outcomes: &[PolicyOutcome]) -> (String, String) {
         })
         .collect();
     let title = format!("{name}: JCT CDF ({} jobs per policy)", outcomes.first().map_or(0, |o| o.overall.jobs));
-    let cdf_svg =
-        plot::svg(&[Panel { title: &title, x_label: "JCT, s (log scale)", y_label: "fraction of jobs", x_log: true, y_range: Some((0.0, 1.0)), series: &cdf }]);
+    let cdf_panel = [Panel { title: &title, x_label: "JCT, s (log scale)", y_label: "fraction of jobs", x_log: true, y_range: Some((0.0, 1.0)), series: &cdf }];
     let first = outcomes.first().and_then(|o| o.runs.first());
     let run_name = first.map_or("", |r| r.0.as_str());
     let cards = first.map_or(1, |r| r.2.cards_by_model.values().sum::<u32>().max(1));
@@ -388,7 +401,7 @@ pub fn plots(name: &str, outcomes: &[PolicyOutcome]) -> (String, String) {
     let utilisation = series(&|s| s.busy_cards / f64::from(cards));
     let queue = series(&|s| f64::from(s.queued));
     let (t1, t2) = (format!("{name} ({run_name}): GPU utilisation, {cards} cards"), format!("{name} ({run_name}): jobs queued"));
-    let timeline_svg = plot::svg(&[
+    let timeline = [
         Panel {
             title: &t1,
             x_label: "hours since the trace's start",
@@ -398,8 +411,8 @@ pub fn plots(name: &str, outcomes: &[PolicyOutcome]) -> (String, String) {
             series: &utilisation,
         },
         Panel { title: &t2, x_label: "hours since the trace's start", y_label: "jobs waiting", x_log: false, y_range: None, series: &queue },
-    ]);
-    (cdf_svg, timeline_svg)
+    ];
+    Plots { cdf_svg: plot::svg(&cdf_panel), cdf_png: plot::png(&cdf_panel), timeline_svg: plot::svg(&timeline), timeline_png: plot::png(&timeline) }
 }
 
 /// Ours against the published JCTs, job by job; writes `<name>.<policy>.compare.csv`.

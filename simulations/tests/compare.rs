@@ -76,6 +76,7 @@ fn max_rate_on_a_small_cluster() {
         jobs: 200,
         max_duration_s: 4.0 * 3600.0,
         seeds: vec![1, 2],
+        mix: None,
         max_avg_queueing_s: 3600.0,
         precision: 0.05,
         out: out.to_owned(),
@@ -94,4 +95,40 @@ fn max_rate_on_a_small_cluster() {
         assert!(!compare::probe(&args(a.path()), policy, rate * 4.0).expect("probe").sustained);
         assert!(compare::probe(&args(a.path()), policy, rate / 10.0).expect("probe").sustained);
     }
+}
+
+#[test]
+fn max_rate_draws_from_a_traces_job_mix() {
+    // The tiny trace's 10 jobs (gangs of 1 to 8 on 2 × 4 GPUs) as the mix.
+    let tiny = Setting { las: Some((&[600], 0)), ..Setting::new("tiny", Format::Tiresias, &["tiny.csv"], "2x4:v100") };
+    let (mix, cluster, engine, las) = compare::JobMix::of(&tiny, &data()).expect("the mix");
+    assert_eq!((mix.pool.len(), cluster.as_str(), engine.round_s), (10, "2x4:v100", 60));
+    let drawn = mix.draw(500, 10.0, 3);
+    assert_eq!(drawn, mix.draw(500, 10.0, 3), "same seed, same jobs");
+    assert_ne!(drawn, mix.draw(500, 10.0, 4));
+    // Every drawn job is one of the pool's, at a new time.
+    for job in &drawn {
+        assert!(mix.pool.iter().any(|p| p.gpus == job.gpus && p.work == job.work && p.type_key == job.type_key), "{job:?}");
+    }
+    let hours = drawn.last().map_or(0.0, |j| j.submit_s) / 3600.0;
+    assert!((hours - 50.0).abs() < 8.0, "{hours}");
+    let out = tempfile::tempdir().expect("tempdir");
+    let args = MaxRateArgs {
+        cluster,
+        policies: vec![PolicyKind::Las],
+        engine,
+        las,
+        jobs: 200,
+        max_duration_s: 0.0,
+        seeds: vec![1],
+        mix: Some(mix),
+        max_avg_queueing_s: 3600.0,
+        precision: 0.05,
+        out: out.path().to_owned(),
+    };
+    let (rate, probes) = compare::max_rate(&args, PolicyKind::Las).expect("search");
+    assert!(rate > 0.0 && probes.iter().any(|p| !p.sustained), "{probes:?}");
+    // The offered load at the answer is what the mix's work says: below 1, and near it for LAS.
+    let at = probes.iter().find(|p| p.jobs_per_hour == rate).expect("the answer was probed");
+    assert!(at.offered_load < 1.0, "{at:?}");
 }

@@ -402,7 +402,7 @@ impl Command {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
     use crate::state::machine::upgrade::FIRST_CLUSTER_FORMAT;

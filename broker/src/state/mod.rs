@@ -12,7 +12,7 @@ pub use machine::archive::Archived;
 pub use machine::{rules, ClusterSummary, Outcome, Response, State};
 pub use model::{Account, Attempt, AuthCode, Card, Cluster, EnrollmentToken, Job, Lease, LeaseAccount, Node, RemoteLease, SchedulerLease, ServiceEvaluation};
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod golden_tests;
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod tests;
