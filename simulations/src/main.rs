@@ -130,7 +130,7 @@ struct MarketCli {
     #[arg(long, default_value_t = 400)]
     researchers: u32,
     /// Lease demands per member per day.
-    #[arg(long, default_value_t = 160.0)]
+    #[arg(long, default_value_t = 600.0)]
     demands_per_day: f64,
     #[arg(long, default_value_t = 6.0)]
     median_lease_hours: f64,
@@ -151,6 +151,9 @@ struct MarketCli {
     early_end_share: f64,
     #[arg(long, default_value_t = 7)]
     reprice_every_days: u32,
+    /// Members never lease each other's cards (the same market without federation).
+    #[arg(long)]
+    isolated: bool,
     /// How often each member announces its offers.
     #[arg(long, default_value_t = 5)]
     announce_every_s: u64,
@@ -186,6 +189,7 @@ impl MarketCli {
             retry_minutes: self.retry_minutes,
             early_end_share: self.early_end_share,
             reprice_every_days: self.reprice_every_days,
+            federated: !self.isolated,
             announce_every_s: self.announce_every_s,
             gossip_delays_ms: Vec::new(),
         }
@@ -334,7 +338,16 @@ async fn main() -> anyhow::Result<()> {
             if cli.gossip_nodes >= 2 {
                 let measured = suanli_sim::gossip::measure(cli.gossip_nodes, 3, 5).await.context("measuring gossip")?;
                 config.gossip_delays_ms = measured.arrivals.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-                println!("gossip delays measured on {} real members: {} arrivals", cli.gossip_nodes, config.gossip_delays_ms.len());
+                let mut sorted = config.gossip_delays_ms.clone();
+                sorted.sort_by(f64::total_cmp);
+                println!(
+                    "gossip delays measured on {} real members: {} arrivals, {:.1} / {:.1} / {:.1} ms min / median / max",
+                    cli.gossip_nodes,
+                    sorted.len(),
+                    sorted.first().copied().unwrap_or(0.0),
+                    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
+                    sorted.last().copied().unwrap_or(0.0)
+                );
             }
             config.validate().map_err(anyhow::Error::msg).context("market settings")?;
             let report = suanli_sim::market::run_seeds_to(&config, &cli.seeds, &cli.out, &cli.name).map_err(anyhow::Error::msg)?;

@@ -77,7 +77,10 @@ pub struct MarketConfig {
     /// Every so many days each supplier re-prices: +5 % above 80 % of its cards leased, −5 %
     /// below 30 % (never below half its starting price); 0 never.
     pub reprice_every_days: u32,
-    /// Federation: members announce their offers this often...
+    /// Federation: members lease each other's cards (false: the same members, each alone, to
+    /// see what federation changes).
+    pub federated: bool,
+    /// Members announce their offers this often...
     pub announce_every_s: u64,
     /// ...and an announcement reaches another member after one of these delays (ms), drawn
     /// per announcement and member; empty means at once.
@@ -96,7 +99,7 @@ impl Default for MarketConfig {
             max_nodes_per_supplier: 4,
             cards_per_node: 8,
             researchers: 400,
-            demands_per_day: 160.0,
+            demands_per_day: 600.0,
             median_lease_hours: 6.0,
             auto_lease_share: 0.3,
             monthly_budget_minor: 2_000_000,
@@ -106,6 +109,7 @@ impl Default for MarketConfig {
             retry_minutes: 30,
             early_end_share: 0.3,
             reprice_every_days: 7,
+            federated: true,
             announce_every_s: 5,
             gossip_delays_ms: Vec::new(),
         }
@@ -184,7 +188,7 @@ pub struct Summary {
     pub remote_stale: u64,
     pub card_faults: u64,
     /// Leases that had a card fault while active (service credit), and auto-leased jobs a
-    /// fault interrupted.
+    /// fault interrupted (mid-run, or between the lease and the job's start).
     pub leases_with_fault: u64,
     pub jobs_interrupted: u64,
     pub ended_early: u64,
@@ -477,7 +481,7 @@ impl Market<'_> {
                     self.members[i].partners[other] = Some(partner);
                 }
             }
-            if c.members > 1 {
+            if c.members > 1 && c.federated {
                 self.schedule(self.now, Event::Announce { member: i });
             }
             self.next_demand(i);
@@ -665,6 +669,7 @@ impl Market<'_> {
                         if let Some(tag) = self.tags.get_mut(&(member, lease)) {
                             tag.had_fault = true;
                         }
+                        self.interrupt_job(member, lease, card)?;
                     }
                     let repair = self.rng.exponential(self.config.repair_hours * HOUR_MS as f64) as i64;
                     self.schedule(self.now + repair.max(1), Event::CardRepaired { member, card });
@@ -832,7 +837,7 @@ impl Market<'_> {
     /// price from the researcher (`RequestRemoteLease`), the owner leases its cards to the home
     /// member's partner account, the home member records the owner's lease.
     fn try_remote(&mut self, d: &Demand, mode: BillingMode, periods: u32) -> Result<Try, String> {
-        if self.members.len() < 2 {
+        if self.members.len() < 2 || !self.config.federated {
             return Ok(Try::NoCards);
         }
         let mut best: Option<(i64, usize, ClusterId)> = None;
@@ -1036,7 +1041,15 @@ impl Market<'_> {
                 Response::Placements(r) => r.into_iter().next().ok_or("no placement answer")?,
                 other => return Err(format!("PlaceJobs answered {other:?}")),
             };
-            placed.map_err(|e| format!("placing {job} on its own auto lease: {e}"))?;
+            if placed.is_err() {
+                // A card of the lease faulted before the job could start on it: as after a
+                // fault mid-run, the job is cancelled and the lease given back.
+                self.summary.jobs_interrupted += 1;
+                let owner = self.members[member].state.job(job).map(|j| j.owner).ok_or("a job without an owner")?;
+                self.must(member, Caller::Account(owner), Command::CancelJob { job })?;
+                self.must(member, Caller::Platform, Command::EndLease { lease, reason: EndReason::ByResearcher })?;
+                return self.lease_over(member, lease);
+            }
             let node = self.members[member].state.card(l.cards[0]).map(|c| c.node).ok_or("a card without a node")?;
             self.must(member, Caller::Agent(node), Command::JobStarted { job, attempt: 1 })?;
             let done = (self.now + (hours * HOUR_MS as f64) as i64).min(paid_until);
@@ -1051,20 +1064,33 @@ impl Market<'_> {
         Ok(())
     }
 
-    fn job_done(&mut self, member: usize, lease: LeaseId, job: JobId, node: NodeId) -> Result<(), String> {
-        let ended = Command::JobEnded { job, attempt: 1, reason: JobEndReason::Completed, outputs: BTreeMap::new() };
-        if self.apply(member, Caller::Agent(node), ended).is_err() {
-            // A card fault took the attempt off its cards (the job went back to the queue):
-            // the researcher's job is interrupted; the simulation does not retry it.
-            self.summary.jobs_interrupted += 1;
-            let owner = self.members[member].state.job(job).map(|j| j.owner);
-            if let Some(owner) = owner {
-                let live = self.members[member].state.job(job).is_some_and(|j| j.state.is_live());
-                if live {
-                    self.must(member, Caller::Account(owner), Command::CancelJob { job })?;
-                }
-            }
+    /// A card of an auto-leased job's lease faulted: the broker asked the running attempt to
+    /// stop, and its agent reports it ended (`CardLost`). The simulation does not retry such a
+    /// job: it is cancelled and the scheduler gives its lease back.
+    fn interrupt_job(&mut self, member: usize, lease: LeaseId, card: CardId) -> Result<(), String> {
+        let Some((job, _)) = self.tags.get(&(member, lease)).and_then(|t| t.job) else { return Ok(()) };
+        let Some(j) = self.members[member].state.job(job) else { return Ok(()) };
+        if j.state != suanli_types::JobState::Running {
+            return Ok(());
         }
+        let (owner, attempt) = (j.owner, j.attempts.last().map_or(1, |a| a.number));
+        let node = self.members[member].state.card(card).map(|c| c.node).ok_or("a card without a node")?;
+        self.must(member, Caller::Agent(node), Command::JobEnded { job, attempt, reason: JobEndReason::CardLost(card), outputs: BTreeMap::new() })?;
+        self.summary.jobs_interrupted += 1;
+        if self.members[member].state.job(job).is_some_and(|j| j.state.is_live()) {
+            self.must(member, Caller::Account(owner), Command::CancelJob { job })?;
+        }
+        self.must(member, Caller::Platform, Command::EndLease { lease, reason: EndReason::ByResearcher })?;
+        self.lease_over(member, lease)
+    }
+
+    fn job_done(&mut self, member: usize, lease: LeaseId, job: JobId, node: NodeId) -> Result<(), String> {
+        let running = self.members[member].state.job(job).is_some_and(|j| j.state == suanli_types::JobState::Running);
+        if !running {
+            // Interrupted by a card fault before (`interrupt_job`): nothing left to do.
+            return Ok(());
+        }
+        self.must(member, Caller::Agent(node), Command::JobEnded { job, attempt: 1, reason: JobEndReason::Completed, outputs: BTreeMap::new() })?;
         let live = self.members[member].state.lease(lease).is_some_and(|l| l.state.is_live());
         if live {
             self.must(member, Caller::Platform, Command::EndLease { lease, reason: EndReason::ByResearcher })?;

@@ -62,7 +62,7 @@ fn every_fen_a_researcher_spent_is_a_suppliers_earning_or_the_platforms_fee() {
 fn card_faults_are_paid_back_as_service_credits() {
     let r = run(&small());
     let s = &r.summary;
-    assert!(s.card_faults > 10 && s.leases_with_fault > 0, "{s:?}");
+    assert!(s.card_faults > 10 && s.leases_with_fault > 0 && s.jobs_interrupted > 0, "{s:?}");
     assert!(s.service_credits_minor > 0, "a lease whose card dropped got money back: {s:?}");
     let scored = r.suppliers.iter().filter(|x| x.reliability.is_some_and(|(score, _)| score < 100)).count();
     assert!(scored > 0, "a supplier whose card dropped scores below 100");
@@ -113,6 +113,10 @@ fn federation_members_lease_each_others_cards_and_owe_what_the_owners_charged() 
     assert_eq!(spent, s.charged_minor - s.partners_charged_minor, "{s:?}");
     assert_eq!(s.supplier_earnings_minor + s.platform_fees_minor, s.charged_minor - s.federation_payable_minor);
     assert_eq!(market::csvs(&r), market::csvs(&run(&config)), "the federation's market is deterministic too");
+    // The same members alone: nothing remote, more demand unmet.
+    let alone = run(&MarketConfig { federated: false, ..config });
+    assert_eq!((alone.summary.leased_remote, alone.summary.federation_payable_minor), (0, 0));
+    assert!(alone.summary.gave_up > s.gave_up, "federation serves demand a member alone cannot: {} vs {}", alone.summary.gave_up, s.gave_up);
 }
 
 #[test]
