@@ -159,8 +159,12 @@ struct MarketCli {
     announce_every_s: u64,
     /// Measure gossip delays on this many real federation nodes (libp2p, in memory) first and
     /// draw the members' delays from them (0: announcements arrive at once).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "gossip_delays")]
     gossip_nodes: usize,
+    /// Draw the gossip delays from a file a run with --gossip-nodes wrote
+    /// (`<name>.gossip-delays.csv`), to repeat that run byte for byte.
+    #[arg(long)]
+    gossip_delays: Option<PathBuf>,
     #[arg(long, default_value = "simulations/results/market")]
     out: PathBuf,
     #[arg(long, default_value = "market")]
@@ -335,9 +339,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Market(cli) => {
             let mut config = cli.config();
+            if let Some(path) = &cli.gossip_delays {
+                let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+                config.gossip_delays_ms = suanli_sim::market::parse_delays(&text).map_err(anyhow::Error::msg).with_context(|| format!("{}", path.display()))?;
+            }
             if cli.gossip_nodes >= 2 {
                 let measured = suanli_sim::gossip::measure(cli.gossip_nodes, 3, 5).await.context("measuring gossip")?;
-                config.gossip_delays_ms = measured.arrivals.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+                config.gossip_delays_ms = measured.arrivals.iter().map(|d| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0).collect();
+                std::fs::create_dir_all(&cli.out)?;
+                let file = cli.out.join(format!("{}.gossip-delays.csv", cli.name));
+                std::fs::write(&file, suanli_sim::market::delays_csv(&config.gossip_delays_ms))?;
                 let mut sorted = config.gossip_delays_ms.clone();
                 sorted.sort_by(f64::total_cmp);
                 println!(

@@ -1333,6 +1333,28 @@ fn auto_job_spec(cards: u32, min_vram_gib: u32, budget_minor: i64, hours: f64, m
     serde_json::from_value(value).expect("a valid job spec")
 }
 
+/// Gossip delays as a one-column CSV (`ms`), as `market --gossip-nodes` writes them.
+pub fn delays_csv(delays_ms: &[f64]) -> String {
+    let mut out = String::from("ms\n");
+    for d in delays_ms {
+        let _ = writeln!(out, "{d:.3}");
+    }
+    out
+}
+
+/// Reads [`delays_csv`]'s format back; a bad line is refused with its number.
+pub fn parse_delays(text: &str) -> Result<Vec<f64>, String> {
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, "ms")) => {}
+        _ => return Err("line 1: expected the header `ms`".into()),
+    }
+    lines
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| l.trim().parse::<f64>().ok().filter(|d| d.is_finite() && *d >= 0.0).ok_or_else(|| format!("line {}: {l:?} is not a delay in ms", i + 1)))
+        .collect()
+}
+
 /// The deterministic outputs as CSV text: (summary, suppliers, researchers, timeline).
 pub fn csvs(run: &MarketRun) -> (String, String, String, String) {
     let s = &run.summary;

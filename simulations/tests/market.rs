@@ -167,3 +167,11 @@ fn a_run_writes_its_tables_and_pictures() {
     let png = std::fs::read(dir.path().join("m.timeline.png")).expect("png");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }
+
+#[test]
+fn gossip_delays_round_trip_through_their_file_and_bad_lines_are_refused() {
+    let delays = vec![0.5, 6.625, 40.0];
+    assert_eq!(market::parse_delays(&market::delays_csv(&delays)), Ok(delays));
+    assert!(market::parse_delays("ms\n1.0\n-2\n").unwrap_err().starts_with("line 3:"));
+    assert!(market::parse_delays("delay\n1.0\n").unwrap_err().starts_with("line 1:"));
+}
