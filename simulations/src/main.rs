@@ -343,6 +343,7 @@ async fn main() -> anyhow::Result<()> {
                 let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
                 config.gossip_delays_ms = suanli_sim::market::parse_delays(&text).map_err(anyhow::Error::msg).with_context(|| format!("{}", path.display()))?;
             }
+            anyhow::ensure!(cli.gossip_nodes != 1, "--gossip-nodes: a federation has at least 2 members");
             if cli.gossip_nodes >= 2 {
                 let measured = suanli_sim::gossip::measure(cli.gossip_nodes, 3, 5).await.context("measuring gossip")?;
                 config.gossip_delays_ms = measured.arrivals.iter().map(|d| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0).collect();

@@ -149,6 +149,18 @@ impl MarketConfig {
         if self.monthly_budget_minor <= 0 || self.monthly_budget_minor > MAX_DEPOSIT_MINOR {
             return Err("monthly_budget_minor must be positive and at most one deposit".into());
         }
+        let limits = [
+            ("cards_per_node", f64::from(self.cards_per_node), 64.0),
+            ("max_nodes_per_supplier", f64::from(self.max_nodes_per_supplier), 1024.0),
+            ("members", f64::from(self.members), 64.0),
+            ("days", f64::from(self.days), 36_500.0),
+        ];
+        if let Some((name, _, max)) = limits.iter().find(|(_, v, max)| v > max) {
+            return Err(format!("{name} is at most {max}"));
+        }
+        if self.suppliers == 0 && self.supplier_joins_per_day == 0.0 {
+            return Err("suppliers and supplier_joins_per_day are both 0: a market without cards".into());
+        }
         if self.gossip_delays_ms.iter().any(|d| !(d.is_finite() && *d >= 0.0)) {
             return Err("gossip delays must be finite and not negative".into());
         }
@@ -165,6 +177,8 @@ pub struct MarketRun {
     pub timeline: Vec<HourRow>,
     /// Wall-clock nanoseconds per applied command, by command name (measured, not deterministic).
     pub apply_ns: BTreeMap<&'static str, Vec<u64>>,
+    /// The broker's refusals counted in `Summary::refused_other`, by error code.
+    pub refusals: BTreeMap<ErrorCode, u64>,
     pub wall_s: f64,
 }
 
@@ -183,6 +197,9 @@ pub struct Summary {
     pub gave_up: u64,
     /// Requests the researcher's balance could not cover.
     pub refused_funds: u64,
+    /// Requests a broker refused for one of its limits (waiting leases, remote leases per
+    /// researcher): the demand retried.
+    pub refused_other: u64,
     /// Remote requests that failed on a stale announcement: the owner's cards had gone, or its
     /// price had risen (that lease given back at once).
     pub remote_stale: u64,
@@ -357,6 +374,8 @@ struct Market<'a> {
     config: &'a MarketConfig,
     rng: SplitMix64,
     now: i64,
+    /// The run ends here: events at or after it are not handled.
+    end: i64,
     seq: u64,
     events: BinaryHeap<Reverse<(i64, u64, usize)>>,
     slots: Vec<Option<Event>>,
@@ -371,16 +390,19 @@ struct Market<'a> {
     prices: Vec<(u32, i64)>,
     timeline: Vec<HourRow>,
     apply_ns: BTreeMap<&'static str, Vec<u64>>,
+    refusals: BTreeMap<ErrorCode, u64>,
 }
 
 /// Runs the market: the outputs, or the first rule a member's state broke.
 pub fn run(config: &MarketConfig) -> Result<MarketRun, String> {
     config.validate()?;
     let started = Instant::now();
+    let end = EPOCH_MS + i64::from(config.days) * DAY_MS;
     let mut m = Market {
         config,
         rng: SplitMix64::new(config.seed),
         now: EPOCH_MS,
+        end,
         seq: 0,
         events: BinaryHeap::new(),
         slots: Vec::new(),
@@ -393,11 +415,11 @@ pub fn run(config: &MarketConfig) -> Result<MarketRun, String> {
         prices: Vec::new(),
         timeline: Vec::new(),
         apply_ns: BTreeMap::new(),
+        refusals: BTreeMap::new(),
     };
     m.start()?;
-    let end = EPOCH_MS + i64::from(config.days) * DAY_MS;
     while let Some(Reverse((at, _, slot))) = m.events.pop() {
-        if at > end {
+        if at >= end {
             break;
         }
         m.now = at;
@@ -514,25 +536,39 @@ impl Market<'_> {
         }
     }
 
+    /// The instant an exponential wait with this mean (ms) after now ends: at least 1 ms
+    /// later, and never past the run's end by more than a day (a wait past the end is never
+    /// handled; capping it keeps huge means from overflowing the clock).
+    fn after_exponential(&mut self, mean_ms: f64) -> i64 {
+        let wait = self.rng.exponential(mean_ms);
+        let horizon = (self.end - self.now + DAY_MS) as f64;
+        self.now + (wait.min(horizon) as i64).max(1)
+    }
+
     fn next_supplier_join(&mut self, member: usize) {
         if self.config.supplier_joins_per_day > 0.0 {
-            let wait = self.rng.exponential(DAY_MS as f64 / self.config.supplier_joins_per_day) as i64;
-            self.schedule(self.now + wait.max(1), Event::SupplierJoins { member });
+            let at = self.after_exponential(DAY_MS as f64 / self.config.supplier_joins_per_day);
+            self.schedule(at, Event::SupplierJoins { member });
         }
     }
 
     fn next_demand(&mut self, member: usize) {
         if self.config.demands_per_day > 0.0 {
-            let wait = self.rng.exponential(DAY_MS as f64 / self.config.demands_per_day) as i64;
-            let demand = self.draw_demand(member, self.now + wait.max(1));
+            let at = self.after_exponential(DAY_MS as f64 / self.config.demands_per_day);
+            let demand = self.draw_demand(member, at);
             self.schedule(demand.submitted_ms, Event::Demand(Box::new(demand)));
         }
     }
 
+    /// The next fault among all cards (a Poisson process at cards / MTBF); with no cards yet,
+    /// a look again in an hour.
     fn next_card_fault(&mut self) {
-        let cards = self.all_cards.len().max(1) as f64;
-        let wait = self.rng.exponential(self.config.card_mtbf_days * DAY_MS as f64 / cards) as i64;
-        self.schedule(self.now + wait.max(1), Event::CardFault);
+        if self.all_cards.is_empty() {
+            self.schedule(self.now + HOUR_MS, Event::CardFault);
+            return;
+        }
+        let at = self.after_exponential(self.config.card_mtbf_days * DAY_MS as f64 / self.all_cards.len() as f64);
+        self.schedule(at, Event::CardFault);
     }
 
     fn draw_demand(&mut self, member: usize, at: i64) -> Demand {
@@ -540,15 +576,17 @@ impl Market<'_> {
         let researcher = (self.rng.next_u64() % u64::from(c.researchers)) as usize;
         // Philly-like sizes: mostly one card, some 2, 4 and 8.
         let u = self.rng.unit();
-        let cards = if u < 0.55 {
+        let cards: u32 = if u < 0.55 {
             1
         } else if u < 0.75 {
             2
         } else if u < 0.9 {
             4
         } else {
-            8.min(c.cards_per_node * c.max_nodes_per_supplier)
+            8
         };
+        // Never more than the largest cluster a supplier can list.
+        let cards = cards.min(c.cards_per_node.saturating_mul(c.max_nodes_per_supplier));
         let auto = self.rng.unit() < c.auto_lease_share;
         let hours = (c.median_lease_hours * (1.2 * self.rng.normal()).exp()).clamp(0.25, if auto { 24.0 } else { 90.0 * 24.0 });
         let model = self.pick_model();
@@ -639,8 +677,8 @@ impl Market<'_> {
         });
         self.summary.suppliers_joined += 1;
         if self.config.supplier_stay_days > 0.0 {
-            let stay = self.rng.exponential(self.config.supplier_stay_days * DAY_MS as f64) as i64;
-            self.schedule(self.now + stay.max(1), Event::SupplierLeaves { member, supplier: index });
+            let at = self.after_exponential(self.config.supplier_stay_days * DAY_MS as f64);
+            self.schedule(at, Event::SupplierLeaves { member, supplier: index });
         }
         Ok(())
     }
@@ -659,6 +697,7 @@ impl Market<'_> {
                 self.members[member].suppliers[supplier].left_ms = Some(self.now);
                 self.summary.suppliers_left += 1;
             }
+            Event::CardFault if self.all_cards.is_empty() => self.next_card_fault(),
             Event::CardFault => {
                 let (member, card) = self.all_cards[(self.rng.next_u64() % self.all_cards.len() as u64) as usize];
                 let healthy = self.members[member].state.card(card).is_some_and(|c| c.health == CardHealth::Healthy);
@@ -671,8 +710,8 @@ impl Market<'_> {
                         }
                         self.interrupt_job(member, lease, card)?;
                     }
-                    let repair = self.rng.exponential(self.config.repair_hours * HOUR_MS as f64) as i64;
-                    self.schedule(self.now + repair.max(1), Event::CardRepaired { member, card });
+                    let at = self.after_exponential(self.config.repair_hours * HOUR_MS as f64);
+                    self.schedule(at, Event::CardRepaired { member, card });
                 }
                 self.next_card_fault();
             }
@@ -827,7 +866,11 @@ impl Market<'_> {
                     self.summary.refused_funds += 1;
                     Ok(Try::Refused)
                 }
-                Err(e) => Err(format!("a lease of cards the catalogue showed idle was refused: {e}")),
+                Err(e) => {
+                    // A broker limit (waiting leases per researcher, …): the demand tries again.
+                    self.refused_other(&e);
+                    Ok(Try::NoCards)
+                }
             };
         }
         self.try_remote(d, mode, periods)
@@ -875,9 +918,14 @@ impl Market<'_> {
                 self.summary.refused_funds += 1;
                 return Ok(Try::Refused);
             }
-            Err(e) => return Err(format!("RequestRemoteLease refused: {e}")),
+            Err(e) => {
+                // A broker limit (remote leases per researcher): the demand tries again.
+                self.refused_other(&e);
+                return Ok(Try::NoCards);
+            }
         };
         let partner = self.members[owner].partners[d.member].expect("a partner account");
+        self.top_up_partner(owner, d.member, price * i64::from(d.cards) * i64::from(periods))?;
         let command = Command::RequestLease { cluster, unit: LeaseUnit::Cards(d.cards), billing_mode: mode, periods };
         match self.apply(owner, Caller::Account(partner), command) {
             Ok(Response::Lease(l)) if l.price_per_card.minor > price => {
@@ -896,15 +944,35 @@ impl Market<'_> {
             Ok(other) => Err(format!("RequestLease answered {other:?}")),
             Err(e) => {
                 // The announcement was stale (the cards went, the cluster was delisted or
-                // re-priced): nothing was charged; the hold goes back.
-                if e.code() == ErrorCode::InsufficientFunds {
-                    return Err(format!("member {owner}: the partner account of member {} ran dry", d.member));
-                }
+                // re-priced), or a limit of the owner's: nothing was charged; the hold goes back.
                 self.must(d.member, Caller::Platform, Command::EndRemoteLease { remote, charged_minor: 0 })?;
-                self.summary.remote_stale += 1;
+                match e.code() {
+                    ErrorCode::CardUnavailable | ErrorCode::ClusterDelisted | ErrorCode::NotFound => self.summary.remote_stale += 1,
+                    _ => self.refused_other(&e),
+                }
                 Ok(Try::NoCards)
             }
         }
+    }
+
+    /// Counts a request a broker refused for a reason other than funds or capacity (one of its
+    /// per-researcher limits): the demand tries again later.
+    fn refused_other(&mut self, e: &DomainError) {
+        self.summary.refused_other += 1;
+        *self.refusals.entry(e.code()).or_default() += 1;
+    }
+
+    /// The home member's partner account at `owner` is paid in before its balance could not
+    /// cover `needed`, as the members' agreement says (here: whatever the researchers lease).
+    fn top_up_partner(&mut self, owner: usize, home: usize, needed: i64) -> Result<(), String> {
+        let Some(partner) = self.members[owner].partners[home] else { return Ok(()) };
+        let cny = Currency::cny();
+        while self.members[owner].state.balance(LedgerAccount::Available(partner), &cny) < needed {
+            let amount = Money::new(cny.clone(), MAX_DEPOSIT_MINOR / 10);
+            self.members[owner].partner_deposits[home] += amount.minor;
+            self.must(owner, Caller::Platform, Command::Deposit { account: partner, amount })?;
+        }
+        Ok(())
     }
 
     /// What `home` knows of `owner`'s offers now: its latest announcement that has arrived.
@@ -990,7 +1058,10 @@ impl Market<'_> {
                 Ok(Try::Refused)
             }
             Err(e) if e.code() == ErrorCode::PlacementRefused => Ok(Try::NoCards),
-            Err(e) => Err(format!("AutoLease refused: {e}")),
+            Err(e) => {
+                self.refused_other(&e);
+                Ok(Try::NoCards)
+            }
         }
     }
 
@@ -1007,7 +1078,8 @@ impl Market<'_> {
         mode: BillingMode,
     ) {
         let day = ((self.now - EPOCH_MS) / DAY_MS) as u32;
-        self.prices.push((day, price / hours_priced(mode)));
+        // What an hour of the term costs: a day's price over 24 hours, a month's over 720.
+        self.prices.push((day, price / (mode.period_seconds() / 3_600)));
         let r = &mut self.members[d.member].researchers[d.researcher];
         r.leases += 1;
         if remote.is_some() {
@@ -1159,13 +1231,6 @@ impl Market<'_> {
                     self.must(member, Caller::Platform, Command::Deposit { account, amount: budget.clone() })?;
                     self.members[member].researchers[r].deposited += budget.minor;
                 }
-                // The partner accounts are paid in as the members' agreements say: here, enough.
-                for other in 0..self.members.len() {
-                    let Some(partner) = self.members[member].partners[other] else { continue };
-                    let amount = Money::new(Currency::cny(), MAX_DEPOSIT_MINOR / 10);
-                    self.members[member].partner_deposits[other] += amount.minor;
-                    self.must(member, Caller::Platform, Command::Deposit { account: partner, amount })?;
-                }
             }
             if day > 0 {
                 let ended_before = now.plus_millis(-DAY_MS);
@@ -1297,7 +1362,7 @@ impl Market<'_> {
         let last: Vec<_> = self.prices.iter().copied().filter(|p| p.0 >= last_from).collect();
         self.summary.price_first_month = mean(&first);
         self.summary.price_last_month = mean(&last);
-        MarketRun { summary: self.summary, suppliers, researchers, timeline: self.timeline, apply_ns: self.apply_ns, wall_s }
+        MarketRun { summary: self.summary, suppliers, researchers, timeline: self.timeline, apply_ns: self.apply_ns, refusals: self.refusals, wall_s }
     }
 }
 
@@ -1359,11 +1424,11 @@ pub fn parse_delays(text: &str) -> Result<Vec<f64>, String> {
 pub fn csvs(run: &MarketRun) -> (String, String, String, String) {
     let s = &run.summary;
     let mut summary = String::from(
-        "days,members,suppliers_joined,suppliers_left,cards_at_end,demands,leased_local,leased_remote,leased_auto,gave_up,refused_funds,remote_stale,card_faults,leases_with_fault,jobs_interrupted,ended_early,charged_minor,supplier_earnings_minor,platform_fees_minor,service_credits_minor,refunds_minor,federation_payable_minor,partners_charged_minor,remote_open_charged_minor,mean_utilisation,mean_wait_s,p95_wait_s,mean_price_per_card_hour,price_first_month,price_last_month,commands_applied,commands_refused,records_archived,invariant_checks\n",
+        "days,members,suppliers_joined,suppliers_left,cards_at_end,demands,leased_local,leased_remote,leased_auto,gave_up,refused_funds,refused_other,remote_stale,card_faults,leases_with_fault,jobs_interrupted,ended_early,charged_minor,supplier_earnings_minor,platform_fees_minor,service_credits_minor,refunds_minor,federation_payable_minor,partners_charged_minor,remote_open_charged_minor,mean_utilisation,mean_wait_s,p95_wait_s,mean_price_per_card_hour,price_first_month,price_last_month,commands_applied,commands_refused,records_archived,invariant_checks\n",
     );
     let _ = writeln!(
         summary,
-        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.1},{:.1},{:.1},{:.1},{:.1},{},{},{},{}",
+        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.1},{:.1},{:.1},{:.1},{:.1},{},{},{},{}",
         s.days,
         s.members,
         s.suppliers_joined,
@@ -1375,6 +1440,7 @@ pub fn csvs(run: &MarketRun) -> (String, String, String, String) {
         s.leased_auto,
         s.gave_up,
         s.refused_funds,
+        s.refused_other,
         s.remote_stale,
         s.card_faults,
         s.leases_with_fault,
@@ -1445,6 +1511,7 @@ pub fn run_seeds_to(config: &MarketConfig, seeds: &[u64], out: &std::path::Path,
         "| seed | demands | leased (local · remote · auto) | gave up | refused: funds | card faults | utilisation | mean wait | charged | supplier earnings | price/card-h first → last month | wall |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     let mut wall = 0.0;
+    let mut notes = String::new();
     for (i, seed) in seeds.iter().enumerate() {
         let run = run(&MarketConfig { seed: *seed, ..config.clone() })?;
         let (summary, suppliers, researchers, timeline) = csvs(&run);
@@ -1485,6 +1552,9 @@ pub fn run_seeds_to(config: &MarketConfig, seeds: &[u64], out: &std::path::Path,
             run.wall_s
         );
         wall += run.wall_s;
+        for (code, n) in &run.refusals {
+            let _ = writeln!(notes, "seed {seed}: {n} requests refused by a broker limit ({code:?}), retried");
+        }
         for (k, v) in run.apply_ns {
             apply_ns.entry(k).or_default().extend(v);
         }
@@ -1499,6 +1569,7 @@ pub fn run_seeds_to(config: &MarketConfig, seeds: &[u64], out: &std::path::Path,
     }
     write(format!("{name}.timing.csv"), timing.as_bytes())?;
     let _ = writeln!(report, "\n{} seed(s) in {wall:.1} s; apply time per command in {name}.timing.csv", seeds.len());
+    report += &notes;
     Ok(report)
 }
 

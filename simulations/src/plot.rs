@@ -221,12 +221,17 @@ pub fn svg(panels: &[Panel]) -> String {
     out + "</svg>\n"
 }
 
+/// Extra width of a PNG for its legend (8-unit glyphs: 28 characters fit).
+const PNG_EXTRA_LEGEND: f64 = 90.0;
+
 /// The same panels as [`svg`], drawn into a PNG at twice the size (lines anti-aliased by
 /// tiny-skia, text in the public-domain 8×8 font of `font8x8`): no system font is read, so the
-/// same data gives the same bytes on every machine.
+/// same data gives the same bytes on the same target (floating point and SIMD may differ
+/// across architectures).
 pub fn png(panels: &[Panel]) -> Vec<u8> {
     let height = PANEL_HEIGHT * panels.len().max(1) as f64;
-    let mut r = raster::Raster::new(WIDTH, height);
+    // The bitmap font is wider than the SVG's: more room right of the plot for the legend.
+    let mut r = raster::Raster::new(WIDTH + PNG_EXTRA_LEGEND, height);
     for (i, p) in panels.iter().enumerate() {
         let f = Frame::new(p, PANEL_HEIGHT * i as f64);
         let (x0, x1, y0, y1) = (f.x0, f.x1, f.y0, f.y1);
@@ -429,9 +434,9 @@ mod tests {
         let one = [a.clone()];
         let png = png(&[panels(&one)]);
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-        // IHDR: width and height at twice the SVG's size.
+        // IHDR: width (with room for the legend) and height at twice the SVG's size.
         let be = |i: usize| u32::from_be_bytes([png[i], png[i + 1], png[i + 2], png[i + 3]]);
-        assert_eq!((be(16), be(20)), (2 * WIDTH as u32, 2 * PANEL_HEIGHT as u32));
+        assert_eq!((be(16), be(20)), (2 * (WIDTH + PNG_EXTRA_LEGEND) as u32, 2 * PANEL_HEIGHT as u32));
         assert_eq!(png, super::png(&[panels(&one)]), "same data, same bytes");
         let other = [series("fifo", &[(0.0, 0.0), (10.0, 2.0), (20.0, 1.0)])];
         assert_ne!(png, super::png(&[panels(&other)]), "another line, another picture");

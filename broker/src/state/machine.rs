@@ -860,7 +860,7 @@ impl State {
     }
 
     /// The state without the request-ID memory, for comparing what a command changed.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "server"))]
     pub(crate) fn market(&self) -> State {
         State { requests: BTreeMap::new(), requests_by_age: VecDeque::new(), ..self.clone() }
     }
