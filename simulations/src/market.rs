@@ -947,7 +947,9 @@ impl Market<'_> {
                 // re-priced), or a limit of the owner's: nothing was charged; the hold goes back.
                 self.must(d.member, Caller::Platform, Command::EndRemoteLease { remote, charged_minor: 0 })?;
                 match e.code() {
-                    ErrorCode::CardUnavailable | ErrorCode::ClusterDelisted | ErrorCode::NotFound => self.summary.remote_stale += 1,
+                    ErrorCode::InsufficientCapacity | ErrorCode::CardUnavailable | ErrorCode::ClusterDelisted | ErrorCode::NotFound => {
+                        self.summary.remote_stale += 1
+                    }
                     _ => self.refused_other(&e),
                 }
                 Ok(Try::NoCards)
