@@ -1355,7 +1355,7 @@ impl Market<'_> {
         self.waits_s.sort_by(f64::total_cmp);
         if !self.waits_s.is_empty() {
             self.summary.mean_wait_s = self.waits_s.iter().sum::<f64>() / self.waits_s.len() as f64;
-            self.summary.p95_wait_s = self.waits_s[((self.waits_s.len() as f64 * 0.95).ceil() as usize).clamp(1, self.waits_s.len()) - 1];
+            self.summary.p95_wait_s = crate::metrics::percentile(&self.waits_s, 95.0);
         }
         let mean = |v: &[(u32, i64)]| if v.is_empty() { 0.0 } else { v.iter().map(|p| p.1 as f64).sum::<f64>() / v.len() as f64 };
         self.summary.mean_price_per_card_hour = mean(&self.prices);
@@ -1563,11 +1563,12 @@ pub fn run_seeds_to(config: &MarketConfig, seeds: &[u64], out: &std::path::Path,
     }
     write(format!("{name}.summary.csv"), summary_csv.as_bytes())?;
     let mut timing = String::from("command,count,mean_us,p50_us,p99_us,max_us\n");
-    for (command, mut ns) in apply_ns {
-        ns.sort_unstable();
-        let at = |q: f64| ns[((ns.len() as f64 * q).ceil() as usize).clamp(1, ns.len()) - 1] as f64 / 1000.0;
-        let mean = ns.iter().sum::<u64>() as f64 / ns.len() as f64 / 1000.0;
-        let _ = writeln!(timing, "{command},{},{mean:.2},{:.2},{:.2},{:.2}", ns.len(), at(0.5), at(0.99), at(1.0));
+    for (command, ns) in apply_ns {
+        let mut us: Vec<f64> = ns.iter().map(|n| *n as f64 / 1000.0).collect();
+        us.sort_by(f64::total_cmp);
+        let mean = us.iter().sum::<f64>() / us.len() as f64;
+        let at = |p: f64| crate::metrics::percentile(&us, p);
+        let _ = writeln!(timing, "{command},{},{mean:.2},{:.2},{:.2},{:.2}", us.len(), at(50.0), at(99.0), at(100.0));
     }
     write(format!("{name}.timing.csv"), timing.as_bytes())?;
     let _ = writeln!(report, "\n{} seed(s) in {wall:.1} s; apply time per command in {name}.timing.csv", seeds.len());
