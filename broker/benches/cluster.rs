@@ -7,7 +7,9 @@
 //! Clients spread over the three members; followers forward to the leader in both systems.
 //!
 //! Flags: `--clients 1,16,256`, `--seconds 10`, `--failovers 20`, `--no-etcd`, `--leader-only`
-//! (Suanli clients call the leader directly, as a leader-aware client would).
+//! (Suanli clients call the leader directly, as a leader-aware client would), `--also-timing
+//! HEARTBEAT,MIN,MAX` (the failovers once more on a cluster with these Raft timeouts in ms, the
+//! baseline for a change of them: `100,400,800` were the timeouts before 2026-12-06).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -72,6 +74,20 @@ mod etcd {
         #[prost(bool, tag = "2")]
         pub succeeded: bool,
     }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StatusRequest {}
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResponseHeader {
+        #[prost(uint64, tag = "2")]
+        pub member_id: u64,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StatusResponse {
+        #[prost(message, optional, tag = "1")]
+        pub header: Option<ResponseHeader>,
+        #[prost(uint64, tag = "4")]
+        pub leader: u64,
+    }
 }
 
 async fn etcd_unary<Req, Resp>(channel: &Channel, path: &'static str, request: Req) -> Result<Resp, tonic::Status>
@@ -94,10 +110,13 @@ struct Args {
     etcd: bool,
     /// Suanli clients talk to the leader only (a leader-aware client), no forwarding hop.
     leader_only: bool,
+    /// Raft timeouts (heartbeat, election min, max) of a second cluster whose failovers are
+    /// measured too.
+    also_timing: Option<[u64; 3]>,
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args { clients: vec![1, 16, 256], seconds: 10, failovers: 20, etcd: true, leader_only: false };
+    let mut a = Args { clients: vec![1, 16, 256], seconds: 10, failovers: 20, etcd: true, leader_only: false, also_timing: None };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -106,6 +125,10 @@ fn args() -> anyhow::Result<Args> {
             "--failovers" => a.failovers = it.next().context("--failovers N")?.parse()?,
             "--no-etcd" => a.etcd = false,
             "--leader-only" => a.leader_only = true,
+            "--also-timing" => {
+                let ms: Vec<u64> = it.next().context("--also-timing HEARTBEAT,MIN,MAX")?.split(',').map(str::parse).collect::<Result<_, _>>()?;
+                a.also_timing = Some(ms.try_into().map_err(|_| anyhow::anyhow!("--also-timing takes three numbers"))?);
+            }
             "--bench" => {}
             other => bail!("unknown argument {other}"),
         }
@@ -226,6 +249,30 @@ async fn suanli_op(channel: Channel, token: Arc<String>, cluster_id: u64, client
     c.end_lease(end).await.is_ok()
 }
 
+/// How long after `killed` the first write succeeds, trying `attempt(k)` for k = 1, 2, …
+/// back to back (each attempt bounded by its own 500 ms timeout, as a client would).
+async fn first_write_after<F, Fut>(killed: Instant, mut attempt: F) -> anyhow::Result<Duration>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for k in 1.. {
+        if tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(k)).await.unwrap_or(false) {
+            return Ok(killed.elapsed());
+        }
+        if killed.elapsed() > Duration::from_secs(30) {
+            bail!("no write succeeded within 30 s of the kill");
+        }
+    }
+    unreachable!("the loop above only ends by returning")
+}
+
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+
+fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
+}
+
 /// kill -9 the leader, time until a write succeeds through a surviving node, restart, repeat.
 async fn failovers(cluster: &mut BrokerCluster, market: &Market, kills: usize) -> anyhow::Result<Vec<Duration>> {
     let mut times = Vec::new();
@@ -238,23 +285,45 @@ async fn failovers(cluster: &mut BrokerCluster, market: &Market, kills: usize) -
         }
         cluster.kill(leader).await?;
         let killed = Instant::now();
-        let mut attempt = 0usize;
-        loop {
-            attempt += 1;
-            let n = clients.len();
-            let client = &mut clients[attempt % n];
-            let mut request = tonic::Request::new(lease_request(market.cluster_id, format!("failover-{k}")));
-            request.set_timeout(Duration::from_millis(500));
-            if client.request_lease(request).await.is_ok() {
-                times.push(killed.elapsed());
-                break;
-            }
-            if killed.elapsed() > Duration::from_secs(30) {
-                bail!("no write succeeded within 30 s of killing node {leader}");
-            }
-        }
+        let took = first_write_after(killed, |attempt| {
+            let mut client = clients[attempt % clients.len()].clone();
+            let request = lease_request(market.cluster_id, format!("failover-{k}"));
+            async move { client.request_lease(request).await.is_ok() }
+        })
+        .await
+        .with_context(|| format!("killing broker node {leader}"))?;
+        times.push(took);
         cluster.restart(leader).await?;
         cluster.converge(Duration::from_secs(30)).await?;
+    }
+    times.sort();
+    Ok(times)
+}
+
+/// The same for etcd: kill -9 its leader, time until a put succeeds through a survivor.
+async fn etcd_failovers(etcd: &mut Etcd, kills: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut times = Vec::new();
+    for k in 0..kills {
+        let leader = etcd.leader(Duration::from_secs(30)).await?;
+        let mut survivors = Vec::new();
+        for (i, address) in etcd.clients.iter().enumerate().filter(|(i, _)| *i != leader) {
+            survivors.push((i, Endpoint::from_shared(format!("http://{address}"))?.tcp_nodelay(true).connect().await?));
+        }
+        etcd.kill(leader).await?;
+        let killed = Instant::now();
+        let took = first_write_after(killed, |attempt| {
+            let channel = survivors[attempt % survivors.len()].1.clone();
+            let put = etcd::TxnRequest {
+                compare: vec![],
+                success: vec![etcd::RequestOp { request_put: Some(etcd::PutRequest { key: format!("failover-{k}").into_bytes(), value: vec![] }) }],
+            };
+            async move { etcd_unary::<_, etcd::TxnResponse>(&channel, "/etcdserverpb.KV/Txn", put).await.is_ok() }
+        })
+        .await
+        .with_context(|| format!("killing etcd member {leader}"))?;
+        times.push(took);
+        etcd.spawn(leader)?;
+        etcd.converge(Duration::from_secs(30)).await?;
     }
     times.sort();
     Ok(times)
@@ -263,71 +332,123 @@ async fn failovers(cluster: &mut BrokerCluster, market: &Market, kills: usize) -
 // ---- etcd -----------------------------------------------------------------------------------
 
 struct Etcd {
-    /// Killed on drop (`kill_on_drop`).
-    _children: Vec<tokio::process::Child>,
+    binary: PathBuf,
+    /// Each member's command line; its process while it runs (killed on drop: `kill_on_drop`).
+    members: Vec<(Vec<String>, Option<tokio::process::Child>)>,
     clients: Vec<String>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-async fn start_etcd() -> anyhow::Result<Etcd> {
-    let binary = which("etcd").context("etcd not found: run ops/install-bench-deps")?;
-    let dir = tempfile::TempDir::new()?;
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
-    let initial = ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect::<Vec<_>>().join(",");
-    let mut children = Vec::new();
-    let mut clients = Vec::new();
-    for (i, (client, peer)) in ports.iter().enumerate() {
-        let log = std::fs::File::create(dir.path().join(format!("etcd-{i}.log")))?;
-        let child = tokio::process::Command::new(&binary)
-            .args([
-                "--name",
-                &format!("e{i}"),
-                "--data-dir",
-                &dir.path().join(format!("e{i}")).display().to_string(),
-                "--listen-client-urls",
-                &format!("http://127.0.0.1:{client}"),
-                "--advertise-client-urls",
-                &format!("http://127.0.0.1:{client}"),
-                "--listen-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-                "--initial-cluster",
-                &initial,
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                "suanli-bench",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()?;
-        children.push(child);
-        clients.push(format!("127.0.0.1:{client}"));
+impl Etcd {
+    async fn start() -> anyhow::Result<Etcd> {
+        let binary = which("etcd").context("etcd not found: run ops/install-bench-deps")?;
+        let dir = tempfile::TempDir::new()?;
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
+        let initial = ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect::<Vec<_>>().join(",");
+        let mut etcd = Etcd { binary, members: Vec::new(), clients: Vec::new(), dir };
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let args = [
+                "--name".to_owned(),
+                format!("e{i}"),
+                "--data-dir".to_owned(),
+                etcd.dir.path().join(format!("e{i}")).display().to_string(),
+                "--listen-client-urls".to_owned(),
+                format!("http://127.0.0.1:{client}"),
+                "--advertise-client-urls".to_owned(),
+                format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls".to_owned(),
+                format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls".to_owned(),
+                format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster".to_owned(),
+                initial.clone(),
+                // A member restarted after a kill finds its data directory and ignores these.
+                "--initial-cluster-state".to_owned(),
+                "new".to_owned(),
+                "--initial-cluster-token".to_owned(),
+                "suanli-bench".to_owned(),
+            ];
+            etcd.members.push((args.to_vec(), None));
+            etcd.clients.push(format!("127.0.0.1:{client}"));
+            etcd.spawn(i)?;
+        }
+        etcd.converge(Duration::from_secs(30)).await?;
+        Ok(etcd)
     }
-    // Ready when a write commits (needs a leader).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(channel) = Endpoint::from_shared(format!("http://{}", clients[0]))?.connect().await {
-            let put = etcd::TxnRequest {
-                compare: vec![],
-                success: vec![etcd::RequestOp { request_put: Some(etcd::PutRequest { key: b"ready".to_vec(), value: vec![] }) }],
-            };
-            if etcd_unary::<_, etcd::TxnResponse>(&channel, "/etcdserverpb.KV/Txn", put).await.is_ok() {
-                break;
+
+    /// Starts member `i` (again), logging to its own file.
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("etcd-{i}.log")))?;
+        let child =
+            tokio::process::Command::new(&self.binary).args(&self.members[i].0).stdout(Stdio::null()).stderr(Stdio::from(log)).kill_on_drop(true).spawn()?;
+        self.members[i].1 = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9` of member `i`.
+    async fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.members[i].1.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Each member's view: its own ID and the leader it follows.
+    async fn status(&self, i: usize) -> anyhow::Result<(u64, u64)> {
+        let channel = Endpoint::from_shared(format!("http://{}", self.clients[i]))?.connect().await?;
+        let status: etcd::StatusResponse = etcd_unary(&channel, "/etcdserverpb.Maintenance/Status", etcd::StatusRequest {}).await?;
+        Ok((status.header.map_or(0, |h| h.member_id), status.leader))
+    }
+
+    /// The index of the member every running member names as leader.
+    async fn leader(&self, timeout: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut views = Vec::new();
+            for i in (0..self.members.len()).filter(|i| self.members[*i].1.is_some()) {
+                views.push((i, self.status(i).await.ok()));
+            }
+            let leaders: std::collections::BTreeSet<u64> = views.iter().filter_map(|(_, v)| v.map(|(_, leader)| leader)).collect();
+            let all_answered = views.iter().all(|(_, v)| v.is_some());
+            if let (true, 1, Some(leader)) = (all_answered, leaders.len(), leaders.first()) {
+                if let Some((i, _)) = views.iter().find(|(_, v)| v.is_some_and(|(me, _)| me == *leader)) {
+                    return Ok(*i);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("etcd members did not agree on a leader; logs in {}", self.dir.path().display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every member runs, agrees on the leader, and a write through each commits.
+    async fn converge(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        self.leader(timeout).await?;
+        for address in &self.clients {
+            loop {
+                let put = etcd::TxnRequest {
+                    compare: vec![],
+                    success: vec![etcd::RequestOp { request_put: Some(etcd::PutRequest { key: b"ready".to_vec(), value: vec![] }) }],
+                };
+                if let Ok(channel) = Endpoint::from_shared(format!("http://{address}"))?.connect().await {
+                    if etcd_unary::<_, etcd::TxnResponse>(&channel, "/etcdserverpb.KV/Txn", put).await.is_ok() {
+                        break;
+                    }
+                }
+                if Instant::now() > deadline {
+                    bail!("etcd did not become ready; logs in {}", self.dir.path().display());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        if Instant::now() > deadline {
-            bail!("etcd did not become ready; logs in {}", dir.path().display());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(())
     }
-    Ok(Etcd { _children: children, clients, _dir: dir })
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -375,7 +496,7 @@ async fn main() -> anyhow::Result<()> {
     let payload_len = prost::Message::encoded_len(&lease_request(market.cluster_id, "r0-c000-0000000".into()));
     let payload = Arc::new(vec![b'x'; payload_len]);
 
-    let etcd = if args.etcd { Some(start_etcd().await?) } else { None };
+    let mut etcd = if args.etcd { Some(Etcd::start().await?) } else { None };
     let etcd_channels = match &etcd {
         Some(e) => Some(channels(&e.clients).await?),
         None => None,
@@ -401,19 +522,31 @@ async fn main() -> anyhow::Result<()> {
     for (clients, ratio) in ratios {
         println!("throughput ratio suanli/etcd at {clients:>3} clients: {ratio:.2}");
     }
-    drop(etcd);
 
     if args.failovers > 0 {
-        let times = failovers(&mut cluster, &market, args.failovers).await?;
-        let pct = |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0;
         println!();
-        println!(
-            "leader failover (kill -9 -> first successful write), {} kills: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-            times.len(),
-            pct(0.5),
-            pct(0.99),
-            pct(1.0)
-        );
+        println!("leader failover (kill -9 -> first successful write through a survivor), {} kills:", args.failovers);
+        println!();
+        println!("| system | p50 ms | p99 ms | max ms |");
+        println!("|--------|-------:|-------:|-------:|");
+        let ours = failovers(&mut cluster, &market, args.failovers).await?;
+        let theirs = match etcd.as_mut() {
+            Some(etcd) => Some(etcd_failovers(etcd, args.failovers).await?),
+            None => None,
+        };
+        let mut rows = vec![("suanli".to_owned(), Some(ours)), ("etcd".to_owned(), theirs)];
+        if let Some([heartbeat, min, max]) = args.also_timing {
+            let config = format!("[broker]\nsnapshot_every_entries = 100000\nraft_heartbeat_ms = {heartbeat}\nraft_election_timeout_ms = [{min}, {max}]\n");
+            let mut other = BrokerCluster::start_with(binary, 3, Some(&config), false).await?;
+            let other_market = market(&other).await?;
+            rows.push((format!("suanli, Raft {heartbeat} ms / {min}–{max} ms"), Some(failovers(&mut other, &other_market, args.failovers).await?)));
+        }
+        for (name, times) in rows {
+            if let Some(t) = times {
+                println!("| {name:<6} | {:>6.0} | {:>6.0} | {:>6.0} |", percentile_ms(&t, 0.5), percentile_ms(&t, 0.99), percentile_ms(&t, 1.0));
+            }
+        }
     }
+    drop(etcd);
     Ok(())
 }

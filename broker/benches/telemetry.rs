@@ -52,14 +52,8 @@ fn args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<u64> = rest.split_whitespace().filter_map(|f| f.parse().ok()).collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the state char.
-    let ticks = fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
-    ticks as f64 / 100.0
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    suanli_testkit::process::cpu_seconds(pid).with_context(|| format!("reading /proc/{pid}/stat"))
 }
 
 fn sample(seq: u64, at_ms: i64, cards: u32) -> v1::NodeSample {
@@ -136,7 +130,8 @@ async fn main() -> anyhow::Result<()> {
     let acked = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(a.seconds);
     let pid = cluster.pid(1).context("broker pid")?;
-    let cpu_before = cpu_seconds(pid);
+    let cpu_before = cpu_seconds(pid)?;
+    let load_cpu_before = cpu_seconds(std::process::id())?;
     let started = Instant::now();
     let mut streams = Vec::new();
     for identity in identities {
@@ -176,7 +171,11 @@ async fn main() -> anyhow::Result<()> {
         s.await??;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid) - cpu_before;
+    let cpu = cpu_seconds(pid)? - cpu_before;
+    let load_cpu = cpu_seconds(std::process::id())? - load_cpu_before;
+    // A reading no process could produce means the reading, not the broker, is off.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    anyhow::ensure!(cpu > 0.0 && cpu <= elapsed * cores + 0.05, "broker CPU reading {cpu:.2} s over {elapsed:.1} s wall on {cores} cores cannot be right");
     let total = acked.load(Ordering::Relaxed) as f64;
     let rate = total / elapsed;
     let per_cpu = total / cpu.max(0.01);
@@ -186,7 +185,7 @@ async fn main() -> anyhow::Result<()> {
     println!("{:<44} {:>14.0}", "end to end (gRPC, validated, stored, acked)", rate);
     println!("{:<44} {:>14.0}", "end to end per broker CPU-second", per_cpu);
     println!("{:<44} {:>14.0}", "baseline: TelemetryStore::add alone, 1 core", baseline);
-    println!("broker CPU {cpu:.1} s over {elapsed:.1} s wall");
+    println!("broker CPU {cpu:.1} s, load generator CPU {load_cpu:.1} s, over {elapsed:.1} s wall on {cores} cores");
     println!("ratio end-to-end per CPU-second / store baseline: {:.3}", per_cpu / baseline);
     println!(
         "cores needed for 100,000 cards at 1 Hz: {:.2} (target per core met: {})",

@@ -73,6 +73,10 @@ pub struct FileBroker {
     pub events_retained: Option<u64>,
     /// An enrolled agent not heard from for this long has its cards marked silent.
     pub agent_silent_after_ms: Option<u64>,
+    /// Raft heartbeat interval (default 50 ms).
+    pub raft_heartbeat_ms: Option<u64>,
+    /// Raft election timeout bounds `[min, max]` (default `[150, 300]`); see `RaftTiming`.
+    pub raft_election_timeout_ms: Option<[u64; 2]>,
     /// Overheating and XID thresholds: `overheat_c`, `recover_c`, `xid_quiet_ms`.
     #[serde(default)]
     pub health: crate::telemetry::health::HealthRules,
@@ -166,6 +170,15 @@ pub fn node_config(path: Option<&Path>, args: Overrides) -> Result<NodeConfig, C
         snapshot_every_entries: file.snapshot_every_entries.unwrap_or(10_000),
         events_retained: file.events_retained.unwrap_or(DEFAULT_EVENTS_RETAINED),
         agent_silent_after: Duration::from_millis(file.agent_silent_after_ms.unwrap_or(DEFAULT_AGENT_SILENT_AFTER_MS)),
+        raft_timing: {
+            let defaults = crate::server::RaftTiming::default();
+            let timing = crate::server::RaftTiming {
+                heartbeat_ms: file.raft_heartbeat_ms.unwrap_or(defaults.heartbeat_ms),
+                election_timeout_ms: file.raft_election_timeout_ms.unwrap_or(defaults.election_timeout_ms),
+            };
+            timing.check().map_err(invalid)?;
+            timing
+        },
         health: {
             file.health.check().map_err(invalid)?;
             file.health
@@ -235,6 +248,22 @@ mod tests {
         assert_eq!(config.listen, "0.0.0.0:50051".parse().expect("address"));
         assert!(matches!(config.agent_ca, AgentCaSource::Files { .. }));
         assert_eq!(config.archive_after, Duration::from_secs(2_592_000));
+        assert_eq!(config.raft_timing, crate::server::RaftTiming { heartbeat_ms: 50, election_timeout_ms: [150, 300] });
+    }
+
+    #[test]
+    fn raft_timeouts_that_would_elect_between_heartbeats_are_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("broker.toml");
+        let token = || Overrides { platform_token: Some("a-platform-token-for-the-test".into()), ..Overrides::default() };
+        for bad in ["raft_heartbeat_ms = 200\nraft_election_timeout_ms = [150, 300]", "raft_election_timeout_ms = [300, 300]", "raft_heartbeat_ms = 0"] {
+            std::fs::write(&path, format!("[broker]\n{bad}\n")).expect("write");
+            let Err(refused) = node_config(Some(&path), token()) else { panic!("{bad} is refused") };
+            assert!(refused.to_string().contains("raft timing"), "{bad}: {refused}");
+        }
+        std::fs::write(&path, "[broker]\nraft_heartbeat_ms = 100\nraft_election_timeout_ms = [400, 800]\n").expect("write");
+        let config = node_config(Some(&path), token()).expect("etcd-like timing");
+        assert_eq!(config.raft_timing.election_timeout_ms, [400, 800]);
     }
 
     #[test]

@@ -400,6 +400,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         snapshot_every_entries: 10_000,
         events_retained: DEFAULT_EVENTS_RETAINED,
         agent_silent_after: Duration::from_millis(suanli_broker::config::DEFAULT_AGENT_SILENT_AFTER_MS),
+        raft_timing: Default::default(),
         health: Default::default(),
         deposit_limits: Default::default(),
         services: Default::default(),

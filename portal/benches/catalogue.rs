@@ -1,11 +1,16 @@
-//! Catalogue page and API under `wrk` at 100 connections with 10,000 listings.
+//! Catalogue page and API under `wrk` at 100 connections with 10,000 listings, anonymous and
+//! signed in.
 //!
-//! Starts a broker, publishes 10,000 clusters through its API, starts the portal, waits until
-//! its catalogue copy holds all of them, then runs wrk against `/healthz` (the baseline: the HTTP
-//! stack alone, same process, same run) and the catalogue endpoints. Prints a table with
-//! requests/s, p50 and p99, and each row's throughput as a ratio of the baseline.
+//! Starts a broker, publishes 10,000 clusters through its API, starts the portal (on the
+//! PostgreSQL in `SUANLI_TEST_POSTGRES_URL` where set, else SQLite), waits until its catalogue
+//! copy holds all of them, then runs wrk against `/healthz` (the baseline: the HTTP stack
+//! alone, same process, same run) and the catalogue endpoints. Then signs the demo researcher
+//! in `--sessions` times (default 1,000) and runs wrk on the pages a signed-in researcher
+//! opens, each request carrying one of those sessions' cookies at random (a session lookup per
+//! request). Prints a table with requests/s, p50 and p99, and each row's throughput as a ratio
+//! of the baseline.
 //!
-//! `cargo bench -p suanli-portal --bench catalogue -- --listings 10000 --seconds 10`
+//! `cargo bench -p suanli-portal --bench catalogue -- --listings 10000 --seconds 10 --sessions 1000`
 //! The broker is only the data source here: `SUANLI_BENCH_BROKER` may point at a debug build.
 
 use std::path::PathBuf;
@@ -49,8 +54,13 @@ fn millis(text: &str) -> f64 {
     num.parse::<f64>().unwrap_or(f64::NAN) * scale
 }
 
-async fn wrk(url: &str, seconds: u64) -> anyhow::Result<Wrk> {
-    let out = tokio::process::Command::new("wrk").args(["-t2", "-c100", &format!("-d{seconds}s"), "--latency", url]).output().await?;
+async fn wrk(url: &str, seconds: u64, script: Option<&std::path::Path>) -> anyhow::Result<Wrk> {
+    let mut command = tokio::process::Command::new("wrk");
+    command.args(["-t2", "-c100", &format!("-d{seconds}s"), "--latency"]);
+    if let Some(script) = script {
+        command.arg("-s").arg(script);
+    }
+    let out = command.arg(url).output().await?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     anyhow::ensure!(out.status.success(), "wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     let line = |prefix: &str| text.lines().find(|l| l.trim_start().starts_with(prefix)).map(str::trim).unwrap_or("").to_owned();
@@ -115,7 +125,11 @@ async fn main() -> anyhow::Result<()> {
 
     let dir = tempfile::TempDir::new()?;
     let portal_bin = std::env::var("SUANLI_BENCH_PORTAL").ok().map(PathBuf::from);
-    let db = format!("sqlite://{}/portal.db", dir.path().display());
+    let db = match suanli_testkit::portal::database_url(dir.path(), true).await? {
+        Some(url) => url,
+        None => suanli_testkit::portal::database_url(dir.path(), false).await?.unwrap_or_default(),
+    };
+    let database = if db.starts_with("postgres") { "PostgreSQL" } else { "SQLite" };
     let endpoint = format!("http://{}", broker.address(1)?);
     let portal = PortalProcess::start(
         dir.path(),
@@ -124,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
             platform_token: PLATFORM_TOKEN,
             database_url: &db,
             smtp: None,
-            extra: &["--log", "warn"],
+            extra: &["--log", "warn", "--demo"],
             binary: portal_bin.as_deref(),
         },
     )
@@ -154,9 +168,71 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---:|---:|---:|---:|---:|");
     let mut baseline = None;
     for (name, path) in cases {
-        let r = wrk(&format!("{}{path}", portal.url), seconds).await?;
+        let r = wrk(&format!("{}{path}", portal.url), seconds, None).await?;
         let base = *baseline.get_or_insert(r.rps);
         println!("| {name} | {:.0} | {:.2} | {:.2} | {} | {:.2} |", r.rps, r.p50_ms, r.p99_ms, r.non_2xx, r.rps / base);
     }
+
+    let sessions = arg("--sessions", 1000);
+    if sessions > 0 {
+        let started = Instant::now();
+        let cookies = sign_in(&portal.url, sessions as usize).await?;
+        let script = dir.path().join("sessions.lua");
+        std::fs::write(&script, session_script(&cookies))?;
+        println!();
+        println!("signed the demo researcher in {sessions} times in {:.1} s ({database})", started.elapsed().as_secs_f64());
+        println!();
+        println!("| request, signed in ({sessions} sessions at random; {listings} listings) | req/s | p50 ms | p99 ms | non-2xx | × baseline |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        let signed_in = [
+            ("page: catalogue HTML, first page", "/"),
+            ("page: catalogue HTML, filtered", "/?class=B&region=Shenzhen&billing_mode=hourly&sort=price"),
+            ("page: my account", "/me"),
+            ("page: my leases", "/leases"),
+            ("API: GET /api/v1/me", "/api/v1/me"),
+            ("API: my leases", "/api/v1/leases"),
+        ];
+        let base = baseline.unwrap_or(f64::NAN);
+        for (name, path) in signed_in {
+            let r = wrk(&format!("{}{path}", portal.url), seconds, Some(&script)).await?;
+            println!("| {name} | {:.0} | {:.2} | {:.2} | {} | {:.2} |", r.rps, r.p50_ms, r.p99_ms, r.non_2xx, r.rps / base);
+        }
+    }
+    drop(portal);
+    suanli_testkit::portal::drop_database(&db);
     Ok(())
+}
+
+/// Signs the demo researcher in `n` times, 8 at once; each sign-in's session cookie
+/// (`name=value`).
+async fn sign_in(portal: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    let http = reqwest::Client::new();
+    let login = serde_json::json!({"login": "demo-researcher", "password": suanli_portal::demo::DEMO_PASSWORD});
+    stream::iter(0..n)
+        .map(|_| {
+            let (http, login) = (http.clone(), login.clone());
+            async move {
+                let response = http.post(format!("{portal}/api/v1/session")).json(&login).send().await?;
+                let status = response.status();
+                let cookie = response.headers().get(reqwest::header::SET_COOKIE).and_then(|v| v.to_str().ok()).and_then(|v| v.split(';').next());
+                match cookie {
+                    Some(cookie) if status.is_success() => Ok(cookie.to_owned()),
+                    _ => anyhow::bail!("signing in: {status} {}", response.text().await.unwrap_or_default()),
+                }
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<anyhow::Result<String>>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// A wrk script that sends each request with one of `cookies` at random.
+fn session_script(cookies: &[String]) -> String {
+    let list: Vec<String> = cookies.iter().map(|c| format!("{c:?}")).collect();
+    format!(
+        "local cookies = {{ {} }}\nrequest = function()\n  return wrk.format(nil, nil, {{ [\"Cookie\"] = cookies[math.random(#cookies)] }})\nend\n",
+        list.join(", ")
+    )
 }

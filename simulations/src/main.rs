@@ -11,6 +11,10 @@
 //! `suanli-sim market --days 365 --members 3`: the market over months on the broker's own
 //! state machine (`suanli_sim::market`).
 //!
+//! `suanli-sim scale --factors 0.1,1,10`: the broker's state machine holding 1× (100,000
+//! cards, 10,000 clusters, 50,000 live jobs, 100,000 archived leases), 10×, … that market;
+//! what each operation, the snapshot and memory cost at each size (`suanli_sim::scale`).
+//!
 //! `suanli-sim trace --format pollux --input …`: a GPU-cluster trace through the real
 //! scheduling policies (`suanli_sim::run`); see `simulations/README.md`.
 //!
@@ -54,6 +58,26 @@ enum Command {
     /// The market over months on the broker's own state machine: suppliers joining and
     /// leaving, card faults, leases within budgets, auto-leasing jobs, billing, federation.
     Market(Box<MarketCli>),
+    /// The broker's state at 1×, 10×, … a large market: what operations, snapshots and memory
+    /// cost at each size. Each size runs in a fresh process of this binary.
+    Scale {
+        #[arg(long, value_delimiter = ',', default_value = "0.1,1,10")]
+        factors: Vec<f64>,
+        /// Operations timed per measure.
+        #[arg(long, default_value_t = 2000)]
+        samples: usize,
+        /// Measure one size here and print only its CSV line (what the parent runs).
+        #[arg(long, hide = true)]
+        row_only: bool,
+        /// With --row-only: write the snapshot here.
+        #[arg(long, hide = true)]
+        snapshot_to: Option<PathBuf>,
+        /// Install this snapshot, print milliseconds and resident bytes added (what the parent runs).
+        #[arg(long, hide = true)]
+        install: Option<PathBuf>,
+        #[arg(long, default_value = "simulations/results/scale")]
+        out: PathBuf,
+    },
     /// Every policy on every trace of simulations/README.md: one table (mean ± std over seeds).
     Compare {
         /// The traces directory (../shared/traces).
@@ -364,6 +388,47 @@ async fn main() -> anyhow::Result<()> {
             config.validate().map_err(anyhow::Error::msg).context("market settings")?;
             let report = suanli_sim::market::run_seeds_to(&config, &cli.seeds, &cli.out, &cli.name).map_err(anyhow::Error::msg)?;
             print!("{report}");
+            Ok(())
+        }
+        Command::Scale { factors, samples, row_only, snapshot_to, install, out } => {
+            if let Some(path) = install {
+                let (ms, rss) = suanli_sim::scale::install(&std::fs::read(&path)?).map_err(anyhow::Error::msg)?;
+                print!("{ms:.3},{rss}");
+                return Ok(());
+            }
+            anyhow::ensure!(!factors.is_empty() && factors.iter().all(|f| *f > 0.0) && samples >= 1, "--factors above 0 and --samples ≥ 1");
+            if row_only {
+                let config = suanli_sim::scale::ScaleConfig { factor: factors[0], samples, ..Default::default() };
+                let (row, snapshot) = suanli_sim::scale::measure(&config).map_err(anyhow::Error::msg)?;
+                if let Some(path) = snapshot_to {
+                    std::fs::write(path, snapshot)?;
+                }
+                print!("{}", suanli_sim::scale::csv(&[row]).lines().nth(1).unwrap_or_default());
+                return Ok(());
+            }
+            let dir = tempfile::TempDir::new()?;
+            let snapshot = dir.path().join("snapshot");
+            let this = std::env::current_exe()?;
+            let child = |args: &[&str]| -> anyhow::Result<String> {
+                let out = std::process::Command::new(&this).args(args).output()?;
+                anyhow::ensure!(out.status.success(), "suanli-sim {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            };
+            let mut rows = Vec::new();
+            for factor in factors {
+                let path = snapshot.display().to_string();
+                let line = child(&["scale", "--row-only", "--factors", &factor.to_string(), "--samples", &samples.to_string(), "--snapshot-to", &path])?;
+                let mut row = suanli_sim::scale::ScaleRow::from_csv_line(&line).map_err(anyhow::Error::msg)?;
+                // The install again, in a process that holds nothing else.
+                let installed = child(&["scale", "--install", &path])?;
+                let (ms, rss) = installed.split_once(',').context("an install line")?;
+                (row.snapshot_decode_ms, row.rss_bytes) = (ms.parse()?, rss.parse()?);
+                eprintln!("{factor}×: built in {:.1} s", row.build_s);
+                rows.push(row);
+            }
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("scale.csv"), suanli_sim::scale::csv(&rows))?;
+            print!("{}", suanli_sim::scale::table(&rows));
             Ok(())
         }
         Command::Compare { traces, policy, seeds, only, out } => {

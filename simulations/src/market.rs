@@ -608,28 +608,6 @@ impl Market<'_> {
         MODELS.len() - 1
     }
 
-    fn prices(base_hour: i64) -> PriceList {
-        let modes = [BillingMode::Hourly, BillingMode::Daily, BillingMode::Monthly];
-        PriceList { currency: Currency::cny(), per_card: modes.into_iter().map(|m| (m, base_hour * hours_priced(m))).collect() }
-    }
-
-    fn listing(model: usize, price_hour: i64, region: &str) -> Listing {
-        let (name, vram, _, _) = MODELS[model];
-        Listing {
-            title: format!("{name} servers"),
-            resource_type: ResourceType::Gpu,
-            gpu_model: name.into(),
-            vram_gib: vram,
-            memory_gib: 512,
-            vcpus: 64,
-            vendor: "Inspur".into(),
-            region: region.into(),
-            local_storage: LocalStorage { data_disks: 1, data_disk_gb: 3840, system_disk_gb: 480, medium: DiskMedium::Ssd },
-            prices: Self::prices(price_hour),
-            usage_instructions: String::new(),
-        }
-    }
-
     fn join_supplier(&mut self, member: usize) -> Result<(), String> {
         let account = self.register(member, AccountKind::Supplier)?;
         let index = self.members[member].suppliers.len();
@@ -659,7 +637,7 @@ impl Market<'_> {
             }
         }
         let region = self.members[member].name.clone();
-        let command = Command::PublishCluster { class: ClusterClass::B, nodes: node_ids, listing: Self::listing(model, price, &region) };
+        let command = Command::PublishCluster { class: ClusterClass::B, nodes: node_ids, listing: listing(model, price, &region) };
         let cluster = match self.must(member, Caller::Account(account), command)? {
             Response::Cluster(c) => c.id,
             other => return Err(format!("PublishCluster answered {other:?}")),
@@ -1274,7 +1252,7 @@ impl Market<'_> {
             };
             if new != price {
                 let region = self.members[member].name.clone();
-                self.must(member, Caller::Account(account), Command::ModifyCluster { cluster, listing: Self::listing(model, new, &region) })?;
+                self.must(member, Caller::Account(account), Command::ModifyCluster { cluster, listing: listing(model, new, &region) })?;
                 self.members[member].suppliers[s].price = new;
             }
         }
@@ -1383,6 +1361,30 @@ enum Try {
     Leased,
     Refused,
     NoCards,
+}
+
+/// One price per billing mode: a day priced as 20 hours, a month as 500 (`hours_priced`).
+pub(crate) fn prices(base_hour: i64) -> PriceList {
+    let modes = [BillingMode::Hourly, BillingMode::Daily, BillingMode::Monthly];
+    PriceList { currency: Currency::cny(), per_card: modes.into_iter().map(|m| (m, base_hour * hours_priced(m))).collect() }
+}
+
+/// A Class B listing of `MODELS[model]` servers at `price_hour` per card-hour.
+pub(crate) fn listing(model: usize, price_hour: i64, region: &str) -> Listing {
+    let (name, vram, _, _) = MODELS[model];
+    Listing {
+        title: format!("{name} servers"),
+        resource_type: ResourceType::Gpu,
+        gpu_model: name.into(),
+        vram_gib: vram,
+        memory_gib: 512,
+        vcpus: 64,
+        vendor: "Inspur".into(),
+        region: region.into(),
+        local_storage: LocalStorage { data_disks: 1, data_disk_gb: 3840, system_disk_gb: 480, medium: DiskMedium::Ssd },
+        prices: prices(price_hour),
+        usage_instructions: String::new(),
+    }
 }
 
 /// A training job that leases its own cards: the budget covers one period of them at the

@@ -27,6 +27,7 @@ mod authority;
 pub mod format_v3;
 pub mod format_v4;
 pub mod format_v5;
+pub mod index;
 pub mod jobs;
 pub mod ledger;
 mod remote;
@@ -138,6 +139,9 @@ pub struct State {
     /// them (`take_archived`); never part of a snapshot.
     #[serde(skip)]
     archived: Vec<archive::Archived>,
+    /// Derived from the fields above (`index.rs`); never part of a snapshot.
+    #[serde(skip)]
+    index: index::Indexes,
 }
 
 /// A cluster as the catalogue shows it.
@@ -156,6 +160,7 @@ impl State {
     /// Applies one command. Retrying the same request ID from the same caller returns the
     /// first outcome without applying anything; reusing it for a different command is refused.
     pub fn apply(&mut self, envelope: &Envelope) -> (Outcome, Vec<Event>) {
+        self.ensure_indexes();
         let at = self.command_time(envelope.at);
         self.forget_old_requests(at);
         let digest = digest(&envelope.command);
@@ -294,10 +299,13 @@ impl State {
                     }
                 }
                 self.clusters.insert(id, cluster.clone());
+                self.recount_cluster(id);
+                self.reindex_offers(id, &[]);
                 events.push(Event::ClusterPublished { cluster: id, cpc: cluster.cpc.clone() });
                 Ok(Response::Cluster(Box::new(cluster)))
             }
             Command::ModifyCluster { cluster, listing } => {
+                let before = self.offers_before(*cluster);
                 let c = self.clusters.get_mut(cluster).ok_or(DomainError::not_found(EntityKind::Cluster, cluster))?;
                 if c.state == ClusterState::Delisted {
                     return Err(DomainError::ClusterDelisted(*cluster));
@@ -306,9 +314,12 @@ impl State {
                 c.modified_at = at;
                 c.revision += 1;
                 events.push(Event::ClusterModified { cluster: *cluster, revision: c.revision });
-                Ok(Response::Cluster(Box::new(c.clone())))
+                let modified = c.clone();
+                self.reindex_offers(*cluster, &before);
+                Ok(Response::Cluster(Box::new(modified)))
             }
             Command::DelistCluster { cluster } => {
+                let before = self.offers_before(*cluster);
                 let c = self.clusters.get_mut(cluster).ok_or(DomainError::not_found(EntityKind::Cluster, cluster))?;
                 if c.state == ClusterState::Delisted {
                     return Err(DomainError::ClusterDelisted(*cluster));
@@ -316,7 +327,9 @@ impl State {
                 c.state = ClusterState::Delisted;
                 c.modified_at = at;
                 events.push(Event::ClusterDelisted { cluster: *cluster });
-                Ok(Response::Cluster(Box::new(c.clone())))
+                let delisted = c.clone();
+                self.reindex_offers(*cluster, &before);
+                Ok(Response::Cluster(Box::new(delisted)))
             }
             Command::SetCardStatus { card, status } => {
                 let c = self.cards.get(card).ok_or(DomainError::not_found(EntityKind::Card, card))?;
@@ -326,13 +339,7 @@ impl State {
                 if *status == CardStatus::Idle && c.health != CardHealth::Healthy {
                     return Err(DomainError::invalid("status", format!("the card is {}; it returns to idle when monitoring sees it healthy", c.health)));
                 }
-                let from = c.status;
-                if from != *status {
-                    if let Some(c) = self.cards.get_mut(card) {
-                        c.status = *status;
-                    }
-                    events.push(Event::CardStatusChanged { card: *card, from, to: *status, lease: None });
-                }
+                self.set_card(*card, *status, None, events);
                 Ok(Response::Card(Box::new(self.cards[card].clone())))
             }
             Command::RequestLease { cluster, unit, billing_mode, periods } => {
@@ -501,9 +508,7 @@ impl State {
         events: &mut Vec<Event>,
     ) -> Outcome {
         check_periods(periods)?;
-        let waiting =
-            self.live_leases.keys().filter_map(|id| self.leases.get(id)).filter(|l| l.researcher == researcher && l.state != LeaseState::Active).count();
-        if waiting >= rules::MAX_WAITING_LEASES_PER_RESEARCHER {
+        if self.waiting_leases(researcher) >= rules::MAX_WAITING_LEASES_PER_RESEARCHER {
             return Err(DomainError::invalid(
                 "cluster_id",
                 format!("at most {} leases may wait for approval or provisioning at once", rules::MAX_WAITING_LEASES_PER_RESEARCHER),
@@ -566,6 +571,7 @@ impl State {
         }
         self.leases.insert(id, lease.clone());
         self.live_leases.insert(id, ());
+        self.note_lease_requested(researcher, id, auto_for);
         events.push(Event::LeaseStateChanged { lease: id, from: None, to: LeaseState::Requested, reason: None });
         self.hold(id, researcher, &lease.price_per_card.currency, lease.amount.minor, at, events);
         Ok(Response::Lease(Box::new(lease)))
@@ -637,7 +643,10 @@ impl State {
         l.auth_code = None;
         l.activated_at = Some(at);
         l.paid_until = Some(at.plus_seconds(l.billing_mode.period_seconds() * l.periods as i64));
-        let cards = l.cards.clone();
+        let (cards, researcher) = (l.cards.clone(), l.researcher);
+        if from != LeaseState::Active {
+            self.note_lease_activated(researcher);
+        }
         events.push(Event::LeaseStateChanged { lease, from: Some(from), to: LeaseState::Active, reason: None });
         for card in cards {
             self.set_card(card, CardStatus::Busy, Some(lease), events);
@@ -653,8 +662,10 @@ impl State {
         l.ended_at = Some(at);
         l.end_reason = Some(reason);
         l.auth_code = None;
-        let cards = l.cards.clone();
-        self.live_leases.remove(&lease);
+        let (cards, researcher, auto_for) = (l.cards.clone(), l.researcher, l.auto_for);
+        if self.live_leases.remove(&lease).is_some() {
+            self.note_lease_ended(researcher, from, auto_for);
+        }
         events.push(Event::LeaseStateChanged { lease, from: Some(from), to, reason: Some(reason) });
         self.close_lease_account(lease, from == LeaseState::Active, at, events);
         for card in &cards {
@@ -667,6 +678,7 @@ impl State {
     }
 
     fn set_card(&mut self, card: CardId, to: CardStatus, lease: Option<LeaseId>, events: &mut Vec<Event>) {
+        let was_idle = self.is_idle(card);
         if let Some(c) = self.cards.get_mut(&card) {
             let from = c.status;
             c.status = to;
@@ -675,6 +687,7 @@ impl State {
                 events.push(Event::CardStatusChanged { card, from, to, lease });
             }
         }
+        self.note_idle_change(card, was_idle, self.is_idle(card));
     }
 
     fn transition_check(&self, l: &Lease, action: LeaseAction) -> Result<(), DomainError> {
@@ -809,12 +822,8 @@ impl State {
     }
 
     pub fn summary<'a>(&'a self, cluster: &'a Cluster) -> ClusterSummary<'a> {
-        let cards = self.cards_of_cluster(cluster.id);
-        ClusterSummary {
-            cluster,
-            total_cards: cards.len() as u32,
-            idle_cards: cards.iter().filter(|c| c.status == CardStatus::Idle && c.lease.is_none()).count() as u32,
-        }
+        let counts = self.card_counts(cluster.id);
+        ClusterSummary { cluster, total_cards: counts.total, idle_cards: counts.idle }
     }
 
     /// One page of the catalogue, ordered by cluster ID; the second value is the cursor for the
@@ -826,9 +835,14 @@ impl State {
         let mut out = Vec::with_capacity(limit.min(64));
         let mut more = false;
         for cluster in self.clusters.range(start..).map(|(_, c)| c) {
+            // The listing first (as if every card were idle): most clusters fail a search
+            // there, without their card counts being looked up.
+            let facts = |idle_cards| CatalogueFacts { class: cluster.class, state: cluster.state, listing: &cluster.listing, idle_cards };
+            if !filter.matches(&facts(u32::MAX)) {
+                continue;
+            }
             let summary = self.summary(cluster);
-            let facts = CatalogueFacts { class: cluster.class, state: cluster.state, listing: &cluster.listing, idle_cards: summary.idle_cards };
-            if !filter.matches(&facts) {
+            if !filter.matches(&facts(summary.idle_cards)) {
                 continue;
             }
             if out.len() == limit {
@@ -903,6 +917,7 @@ impl State {
                 return Err(format!("credential index points at {node}, which holds another credential"));
             }
         }
+        self.check_index_invariants()?;
         self.check_job_invariants()?;
         self.check_ledger_invariants()?;
         self.check_remote_lease_invariants()

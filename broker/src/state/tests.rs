@@ -3,9 +3,9 @@
 
 use proptest::prelude::*;
 use suanli_types::{
-    AccountId, AccountKind, BillingMode, Caller, CardHealth, CardId, CardStatus, ClusterClass, ClusterId, Currency, DomainError, EndReason, ErrorCode,
-    JobEndReason, JobId, JobSpec, JobState, LeaseAction, LeaseId, LeaseState, LeaseUnit, LedgerAccount, Listing, Money, NodeId, NodeInventory, OperatorRole,
-    RemoteLeaseState, RequestId, SecretHash, SshPublicKey, SupplierEndReason, Timestamp, TransactionKind,
+    AccountId, AccountKind, BillingMode, Caller, CardHealth, CardId, CardStatus, CatalogueFilter, ClusterClass, ClusterId, Currency, DomainError, EndReason,
+    ErrorCode, JobEndReason, JobId, JobSpec, JobState, LeaseAction, LeaseId, LeaseState, LeaseUnit, LedgerAccount, Listing, Money, NodeId, NodeInventory,
+    OperatorRole, PageRequest, RemoteLeaseState, RequestId, SecretHash, SshPublicKey, SupplierEndReason, Timestamp, TransactionKind,
 };
 
 use suanli_testkit::fixtures;
@@ -583,6 +583,7 @@ enum Op {
     SetCard { card: usize, status: CardStatus },
     Health { card: usize, health: CardHealth },
     Delist,
+    Reprice { hourly: i64 },
     Advance { seconds: i64 },
     Retry { back: usize },
     Submit { mine: bool, cards: u32, shared: bool },
@@ -607,6 +608,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0usize..14, status).prop_map(|(card, status)| Op::SetCard { card, status }),
         (0usize..14, prop::sample::select(CardHealth::ALL.to_vec())).prop_map(|(card, health)| Op::Health { card, health }),
         Just(Op::Delist),
+        (1i64..1_000).prop_map(|hourly| Op::Reprice { hourly }),
         prop_oneof![Just(60i64), Just(3600), Just(rules::RESERVATION_SECONDS_CLASS_B), Just(86_400)].prop_map(|seconds| Op::Advance { seconds }),
         (0usize..10).prop_map(|back| Op::Retry { back }),
         (any::<bool>(), 1u32..4, prop::bool::weighted(0.3)).prop_map(|(mine, cards, shared)| Op::Submit { mine, cards, shared }),
@@ -691,6 +693,11 @@ proptest! {
                     m.w.envelope(Caller::System, Command::SetCardHealth { changes: vec![(card, health)] })
                 }
                 Op::Delist => m.w.envelope(Caller::Account(m.supplier), Command::DelistCluster { cluster: m.class_b }),
+                Op::Reprice { hourly } => {
+                    let mut listing = listing(ClusterClass::B);
+                    listing.prices.per_card.insert(BillingMode::Hourly, hourly);
+                    m.w.envelope(Caller::Account(m.supplier), Command::ModifyCluster { cluster: m.class_b, listing })
+                }
                 Op::Submit { mine, cards, shared } => {
                     let mut spec = spec(if shared { 1 } else { cards });
                     if shared {
@@ -1028,6 +1035,61 @@ fn auto_lease_takes_the_cheapest_class_b_cards_within_budget_and_region() {
     assert_eq!(code(m.w.run(Caller::Platform, Command::EndLease { lease: mine.id, reason: EndReason::ByResearcher })), ErrorCode::PermissionDenied);
     m.w.lease(Caller::Platform, Command::EndLease { lease: l.id, reason: EndReason::ByResearcher });
     m.w.state.check_invariants().expect("invariants");
+}
+
+#[test]
+fn auto_lease_follows_re_pricing_and_delisting() {
+    let mut m = market();
+    let nodes = vec![m.w.node(m.supplier, 2)];
+    let mut dear = listing(ClusterClass::B);
+    dear.prices.per_card.insert(BillingMode::Hourly, fixtures::HOURLY_PRICE * 2);
+    let second = match m.w.ok(Caller::Account(m.supplier), Command::PublishCluster { class: ClusterClass::B, nodes, listing: dear.clone() }) {
+        Response::Cluster(c) => c.id,
+        other => panic!("{other:?}"),
+    };
+    let me = m.researcher;
+    let e = epoch(&mut m);
+    let mut auto_lease = |m: &mut Market| {
+        let mut s = spec(1);
+        s.budget_minor = Some(10_000);
+        s.auto_lease = Some(suanli_types::AutoLease { region: None, billing_mode: BillingMode::Hourly });
+        let job = match m.w.ok(Caller::Account(me), Command::SubmitJob { spec: s }) {
+            Response::Job(j) => j.id,
+            other => panic!("{other:?}"),
+        };
+        let l = m.w.lease(Caller::Platform, Command::AutoLease { epoch: e, job });
+        m.w.lease(Caller::Platform, Command::EndLease { lease: l.id, reason: EndReason::ByResearcher });
+        l.cluster
+    };
+    assert_eq!(auto_lease(&mut m), m.class_b, "the cheaper cluster");
+    // Re-priced below the first: now the second.
+    dear.prices.per_card.insert(BillingMode::Hourly, fixtures::HOURLY_PRICE / 2);
+    m.w.ok(Caller::Account(m.supplier), Command::ModifyCluster { cluster: second, listing: dear });
+    assert_eq!(auto_lease(&mut m), second);
+    // Delisted: the first again.
+    m.w.ok(Caller::Account(m.supplier), Command::DelistCluster { cluster: second });
+    assert_eq!(auto_lease(&mut m), m.class_b);
+    m.w.state.check_invariants().expect("invariants, indexes included");
+}
+
+#[test]
+fn a_decoded_state_answers_by_scanning_until_its_indexes_are_rebuilt() {
+    let mut m = market();
+    let lease = m.w.lease(Caller::Account(m.researcher), request_b(m.class_b, 2));
+    let summaries = |s: &State| {
+        let (page, _) = s.catalogue(&CatalogueFilter::default(), &PageRequest::default()).expect("catalogue");
+        page.iter().map(|c| (c.cluster.id, c.total_cards, c.idle_cards)).collect::<Vec<_>>()
+    };
+    let bytes = postcard::to_allocvec(&m.w.state).expect("serialize");
+    let mut back: State = postcard::from_bytes(&bytes).expect("deserialize");
+    assert_eq!(summaries(&back), summaries(&m.w.state), "unbuilt: counted card by card");
+    assert!(summaries(&back).iter().any(|(id, total, idle)| *id == m.class_b && idle + 2 == *total));
+    // The next command builds them first, then keeps them.
+    let envelope = m.w.envelope(Caller::Account(m.researcher), Command::EndLease { lease: lease.id, reason: EndReason::ByResearcher });
+    assert!(back.apply(&envelope).0.is_ok());
+    assert!(m.w.state.apply(&envelope).0.is_ok());
+    assert_eq!(summaries(&back), summaries(&m.w.state));
+    back.check_invariants().expect("indexes match a rebuild");
 }
 
 #[test]

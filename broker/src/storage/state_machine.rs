@@ -269,7 +269,8 @@ impl StateMachineStore {
     pub(super) fn open(db: Arc<DB>) -> Result<Self, StoreError> {
         let mut applied = Applied { state: State::new(), last_applied: None, membership: Membership::default() };
         if let Some(stored) = read_stored_snapshot(&db)? {
-            let payload: SnapshotPayload = postcard::from_bytes(&stored.data)?;
+            let mut payload: SnapshotPayload = postcard::from_bytes(&stored.data)?;
+            payload.state.rebuild_indexes();
             applied = Applied { state: payload.state, last_applied: payload.last_applied, membership: payload.membership };
         }
         let (events, _) = broadcast::channel(4096);
@@ -516,8 +517,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, openraft::BasicNode>, snapshot: Box<SnapshotData>) -> Result<(), StorageError> {
         let snapshot_err = |e: StoreError| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e);
         let data = snapshot.into_bytes().map_err(|e| snapshot_err(StoreError::Io("the received snapshot".into(), e)))?;
-        let Transfer { payload, payload_bytes, archive } = Transfer::decode_sent(&data).map_err(snapshot_err)?;
+        let Transfer { mut payload, payload_bytes, archive } = Transfer::decode_sent(&data).map_err(snapshot_err)?;
         drop(data);
+        // Before any reader sees it (and before the check, which then checks them too).
+        payload.state.rebuild_indexes();
         if let Err(violation) = payload.state.check_invariants() {
             return Err(snapshot_err(StoreError::Corrupt(violation)));
         }

@@ -20,6 +20,7 @@ pub mod fixtures;
 pub mod link;
 pub mod observability;
 pub mod portal;
+pub mod process;
 pub mod s3;
 pub mod smtp;
 pub mod sshd;

@@ -133,9 +133,14 @@ impl State {
         }
         let gone: Vec<(CardId, CardHealth)> = by_uuid.iter().filter(|(uuid, _)| !kept.contains(uuid.as_str())).map(|(_, id)| (*id, CardHealth::Lost)).collect();
         self.apply_health(&gone, at, events);
+        let mut cluster = None;
         if let Some(n) = self.nodes.get_mut(&node) {
             n.inventory = inventory.clone();
             n.cards = cards;
+            cluster = n.cluster;
+        }
+        if let Some(cluster) = cluster {
+            self.recount_cluster(cluster);
         }
         Ok(())
     }

@@ -82,6 +82,7 @@ impl StateV3 {
             remote_leases: BTreeMap::new(),
             cluster_format: Default::default(),
             archived: Vec::new(),
+            index: Default::default(),
         }
     }
 }

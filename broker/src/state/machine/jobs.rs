@@ -419,21 +419,22 @@ impl State {
         let Some(auto) = job.spec.auto_lease.clone() else {
             return Err(DomainError::invalid("job", format!("{id} did not opt in to auto_lease")));
         };
-        if self.live_leases.keys().filter_map(|l| self.leases.get(l)).any(|l| l.auto_for == Some(id)) {
+        if self.auto_lease_of(id).is_some() {
             return Err(DomainError::AlreadyExists { kind: EntityKind::Lease, id: format!("auto lease of {id}") });
         }
         let (owner, spec) = (job.owner, job.spec.clone());
         let need = spec.resources.cards as usize;
         let budget_left = spec.budget_minor.unwrap_or(0).saturating_sub(job.cost_minor);
+        // Cheapest first (ties by ID): the first that fits is the best.
         let mut best: Option<(i64, ClusterId, Vec<CardId>)> = None;
-        for cluster in self.clusters.values() {
-            let listed = cluster.state == suanli_types::ClusterState::Listed && cluster.class == suanli_types::ClusterClass::B;
-            let in_region = auto.region.as_ref().is_none_or(|r| cluster.listing.region.eq_ignore_ascii_case(r.trim()));
-            let Ok(price) = cluster.listing.prices.price(auto.billing_mode) else { continue };
-            if !listed || !in_region || price.saturating_mul(need as i64) > budget_left {
-                continue;
+        for (price, cluster_id) in self.class_b_offers(auto.billing_mode) {
+            if price.saturating_mul(need as i64) > budget_left {
+                break;
             }
-            if best.as_ref().is_some_and(|(p, c, _)| (*p, *c) <= (price, cluster.id)) {
+            let Some(cluster) = self.clusters.get(&cluster_id) else { continue };
+            let in_region = auto.region.as_ref().is_none_or(|r| cluster.listing.region.eq_ignore_ascii_case(r.trim()));
+            // Too few idle cards of any kind: not worth looking at each card.
+            if !in_region || (self.card_counts(cluster_id).idle as usize) < need {
                 continue;
             }
             let idle_by_node: Vec<Vec<CardId>> = cluster
@@ -459,7 +460,8 @@ impl State {
                 None => continue,
             };
             if cards.len() == need {
-                best = Some((price, cluster.id, cards));
+                best = Some((price, cluster_id, cards));
+                break;
             }
         }
         let Some((_, cluster, cards)) = best else {
