@@ -244,7 +244,7 @@ async fn class_a_flow_over_grpc_and_the_watch_stream_resumes() {
     assert_eq!(active.state, i32::from(LeaseState::Active));
 
     // Watch from the start: every change, in log order, ending with the cards going busy.
-    let mut stream = a.platform.watch(v1::WatchRequest { after_index: 0 }).await.expect("watch").into_inner();
+    let mut stream = a.platform.watch(v1::WatchRequest { after_index: 0, resync: false }).await.expect("watch").into_inner();
     let mut batches = Vec::new();
     while let Some(item) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("no stall") {
         let Some(v1::watch_response::Kind::Batch(batch)) = item.expect("item").kind else { panic!("unexpected resync") };
@@ -262,13 +262,21 @@ async fn class_a_flow_over_grpc_and_the_watch_stream_resumes() {
 
     // Resume after the third batch: the stream continues exactly after it.
     let resume_at = batches[2].index;
-    let mut resumed = a.platform.watch(v1::WatchRequest { after_index: resume_at }).await.expect("watch").into_inner();
+    let mut resumed = a.platform.watch(v1::WatchRequest { after_index: resume_at, resync: false }).await.expect("watch").into_inner();
     let first = resumed.next().await.expect("an item").expect("ok");
     let Some(v1::watch_response::Kind::Batch(first)) = first.kind else { panic!("unexpected resync") };
     assert_eq!(first.index, batches[3].index);
 
+    // A watcher with nothing cached asks for the state at once instead of its history.
+    let mut fresh = a.platform.watch(v1::WatchRequest { after_index: 0, resync: true }).await.expect("watch").into_inner();
+    let first = fresh.next().await.expect("an item").expect("ok");
+    let Some(v1::watch_response::Kind::Resync(state)) = first.kind else { panic!("expected a resync, got {first:?}") };
+    assert!(state.index >= batches.last().map_or(0, |b| b.index), "as of the last change");
+    assert!(state.leases.iter().any(|l| l.lease_id == lease.lease_id && l.state == i32::from(LeaseState::Active)));
+    assert_eq!(state.cards.iter().filter(|c| c.status == i32::from(v1::CardStatus::Busy)).count(), 2);
+
     // Researchers may not watch the whole market.
-    assert_eq!(code_of(a.researcher.watch(v1::WatchRequest { after_index: 0 }).await), ErrorCode::PermissionDenied);
+    assert_eq!(code_of(a.researcher.watch(v1::WatchRequest { after_index: 0, resync: false }).await), ErrorCode::PermissionDenied);
 
     // Metrics are exposed and count what happened.
     let metrics = http_get(broker.get("metrics").expect("metrics"), "/metrics").await;
@@ -312,7 +320,7 @@ async fn a_watcher_behind_the_compacted_events_resyncs_from_a_snapshot() {
     .await
     .expect("a snapshot was built");
 
-    let mut stream = a.platform.watch(v1::WatchRequest { after_index: 0 }).await.expect("watch").into_inner();
+    let mut stream = a.platform.watch(v1::WatchRequest { after_index: 0, resync: false }).await.expect("watch").into_inner();
     let first = stream.next().await.expect("an item").expect("ok");
     let Some(v1::watch_response::Kind::Resync(resync)) = first.kind else { panic!("expected a resync, got {first:?}") };
     assert_eq!(resync.leases.len(), leases.len(), "the resync carries the whole current state");

@@ -209,7 +209,7 @@ async fn cursor(state: &AppState) -> ApiResult<(u64, i64)> {
 
 async fn follow(state: &AppState, settings: AlertSettings) -> ApiResult<()> {
     let (after, since) = cursor(state).await?;
-    let mut stream = state.market.platform()?.watch(v1::WatchRequest { after_index: after }).await?.into_inner();
+    let mut stream = state.market.platform()?.watch(v1::WatchRequest { after_index: after, resync: false }).await?.into_inner();
     while let Some(message) = stream.next().await {
         match message?.kind {
             Some(v1::watch_response::Kind::Resync(r)) if !r.more => {

@@ -288,8 +288,13 @@ impl Market {
     }
 
     async fn follow_once(&self) -> Result<(), ApiError> {
-        let after_index = self.catalogue.read().unwrap_or_else(|p| p.into_inner()).index;
-        let mut stream = self.platform()?.watch(v1::WatchRequest { after_index }).await?.into_inner();
+        let (after_index, synced) = {
+            let cat = self.catalogue.read().unwrap_or_else(|p| p.into_inner());
+            (cat.index, cat.synced)
+        };
+        // Nothing cached yet: one bulk copy of the market instead of replaying its history
+        // (a fetch per cluster an event touched). A broker older than the field replays.
+        let mut stream = self.platform()?.watch(v1::WatchRequest { after_index, resync: !synced }).await?.into_inner();
         // A resync comes in parts; the state is replaced once the last has arrived.
         let mut resync: Option<v1::Resync> = None;
         while let Some(message) = stream.next().await {

@@ -573,9 +573,9 @@ impl Broker for BrokerApi {
         if !matches!(caller, Caller::Platform | Caller::Operator(_)) {
             return Err(to_status(&DomainError::PermissionDenied("the event stream is for platform services".into())));
         }
-        let after = request.get_ref().after_index;
+        let (after, resync) = (request.get_ref().after_index, request.get_ref().resync);
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(stream_events(self.shared.clone(), after, tx));
+        tokio::spawn(stream_events(self.shared.clone(), after, resync, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -624,13 +624,14 @@ fn resync_parts(s: &crate::state::State, index: u64) -> Vec<v1::Resync> {
     parts
 }
 
-/// Feeds one watcher: a resync if its position is no longer kept, the backlog from the store,
-/// then live events, re-reading from the store whenever the live feed overflowed.
-async fn stream_events(shared: Shared, after: u64, tx: mpsc::Sender<Result<v1::WatchResponse, Status>>) {
+/// Feeds one watcher: a resync if it asked for one or its position is no longer kept, the
+/// backlog from the store, then live events, re-reading from the store whenever the live feed
+/// overflowed.
+async fn stream_events(shared: Shared, after: u64, resync: bool, tx: mpsc::Sender<Result<v1::WatchResponse, Status>>) {
     let mut live = shared.sm.subscribe();
     let mut cursor = after;
     let first_kept = shared.sm.first_event_index();
-    if first_kept.is_some_and(|first| cursor + 1 < first) {
+    if resync || first_kept.is_some_and(|first| cursor + 1 < first) {
         let (index, parts) = shared.sm.read_with_index(|s, index| (index, resync_parts(s, index)));
         cursor = index;
         for part in parts {

@@ -464,7 +464,7 @@ pub async fn check_no_card_held_twice(platform: &mut Client, sentinel_id: &str) 
         .expect("sentinel")
         .into_inner()
         .account_id;
-    let mut stream = platform.watch(v1::WatchRequest { after_index: 0 }).await.expect("watch").into_inner();
+    let mut stream = platform.watch(v1::WatchRequest { after_index: 0, resync: false }).await.expect("watch").into_inner();
     let mut holder: BTreeMap<u64, u64> = BTreeMap::new();
     let mut granted = std::collections::BTreeSet::new();
     loop {

@@ -3141,6 +3141,10 @@ pub struct WatchRequest {
     /// Only the platform token and operators may watch: the stream covers the whole market.
     #[prost(uint64, tag = "1")]
     pub after_index: u64,
+    /// Start with a Resync whatever after_index says: for a watcher with nothing cached, one
+    /// bulk copy of the state instead of replaying every event and fetching what each touched.
+    #[prost(bool, tag = "2")]
+    pub resync: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct WatchResponse {
