@@ -5,6 +5,8 @@
 //! Each operation is two replicated writes: Suanli `RequestLease` (1 card) + `EndLease`;
 //! etcd a conditional create (`Txn`: create_revision == 0 → put) + `DeleteRange` of its own key.
 //! Clients spread over the three members; followers forward to the leader in both systems.
+//! Suanli's clients act as one researcher per 32 clients on four 512-card clusters, so that
+//! neither a researcher's cap on waiting leases nor the cards run out at 1,024 clients.
 //!
 //! Flags: `--clients 1,16,256`, `--seconds 10`, `--failovers 20`, `--no-etcd`, `--leader-only`
 //! (Suanli clients call the leader directly, as a leader-aware client would), `--also-timing
@@ -219,27 +221,44 @@ async fn channels(addresses: &[String]) -> anyhow::Result<Vec<Channel>> {
 // ---- Suanli ---------------------------------------------------------------------------------
 
 struct Market {
-    researcher_token: String,
-    cluster_id: u64,
+    /// Researchers' tokens: client `c` acts as researcher `c % len`.
+    researcher_tokens: Vec<String>,
+    /// Clusters: client `c` leases from cluster `c % len`.
+    cluster_ids: Vec<u64>,
 }
 
-/// A supplier with one Class B cluster of 8 nodes × 64 cards, and a researcher.
-async fn market(cluster: &BrokerCluster) -> anyhow::Result<Market> {
+/// Clients per researcher: below the broker's cap on one researcher's waiting leases (a
+/// Class B lease waits for its agent, and no agent runs here), so 1,024 clients are refused
+/// nothing a real crowd of researchers would not be.
+const CLIENTS_PER_RESEARCHER: usize = 32;
+
+/// A supplier with four Class B clusters of 8 nodes × 64 cards (2,048 cards: every client of
+/// the largest run can hold a lease at once, each cluster as large as before), and
+/// `researchers` researchers.
+async fn market(cluster: &BrokerCluster, researchers: usize) -> anyhow::Result<Market> {
     let leader = cluster.leader(Duration::from_secs(20)).await?;
     let mut platform = cluster.client(leader, PLATFORM_TOKEN).await?;
     let (_, supplier_token) = register(&mut platform, AccountKind::Supplier, "bench-supplier").await?;
-    let (_, researcher_token) = register(&mut platform, AccountKind::Researcher, "bench-researcher").await?;
+    let mut researcher_tokens = Vec::new();
+    for r in 0..researchers.max(1) {
+        researcher_tokens.push(register(&mut platform, AccountKind::Researcher, &format!("bench-researcher-{r}")).await?.1);
+    }
     let mut supplier = cluster.client(leader, &supplier_token).await?;
-    let cluster_id = fixtures::publish(&mut supplier, ClusterClass::B, 8, 64, "bench").await?.cluster_id;
-    Ok(Market { researcher_token, cluster_id })
+    let mut cluster_ids = Vec::new();
+    for c in 0..4 {
+        cluster_ids.push(fixtures::publish(&mut supplier, ClusterClass::B, 8, 64, &format!("bench-{c}")).await?.cluster_id);
+    }
+    Ok(Market { researcher_tokens, cluster_ids })
 }
 
 fn lease_request(cluster_id: u64, request_id: String) -> v1::RequestLeaseRequest {
     v1::RequestLeaseRequest { request_id, cluster_id, node_ids: vec![], cards: 1, billing_mode: v1::BillingMode::Hourly.into(), periods: 1 }
 }
 
-async fn suanli_op(channel: Channel, token: Arc<String>, cluster_id: u64, client: usize, seq: u64, round: usize) -> bool {
-    let Ok(mut c) = suanli_proto::client::with_token(channel, Some(&token)) else { return false };
+async fn suanli_op(channel: Channel, market: Arc<Market>, client: usize, seq: u64, round: usize) -> bool {
+    let token = &market.researcher_tokens[client % market.researcher_tokens.len()];
+    let cluster_id = market.cluster_ids[client % market.cluster_ids.len()];
+    let Ok(mut c) = suanli_proto::client::with_token(channel, Some(token)) else { return false };
     let Ok(lease) = c.request_lease(lease_request(cluster_id, format!("r{round}-c{client}-{seq}"))).await else { return false };
     let end = v1::EndLeaseRequest {
         request_id: format!("e{round}-c{client}-{seq}"),
@@ -281,13 +300,13 @@ async fn failovers(cluster: &mut BrokerCluster, market: &Market, kills: usize) -
         let survivors: Vec<u64> = cluster.live().into_iter().filter(|id| *id != leader).collect();
         let mut clients = Vec::new();
         for id in &survivors {
-            clients.push(cluster.client(*id, &market.researcher_token).await?);
+            clients.push(cluster.client(*id, &market.researcher_tokens[0]).await?);
         }
         cluster.kill(leader).await?;
         let killed = Instant::now();
         let took = first_write_after(killed, |attempt| {
             let mut client = clients[attempt % clients.len()].clone();
-            let request = lease_request(market.cluster_id, format!("failover-{k}"));
+            let request = lease_request(market.cluster_ids[0], format!("failover-{k}"));
             async move { client.request_lease(request).await.is_ok() }
         })
         .await
@@ -485,15 +504,15 @@ async fn main() -> anyhow::Result<()> {
     let args = args()?;
     let binary = Path::new(env!("CARGO_BIN_EXE_suanli-broker"));
     let mut cluster = BrokerCluster::start_with(binary, 3, Some("[broker]\nsnapshot_every_entries = 100000\n"), false).await?;
-    let market = market(&cluster).await?;
+    let researchers = args.clients.iter().max().copied().unwrap_or(1).div_ceil(CLIENTS_PER_RESEARCHER);
+    let market = Arc::new(market(&cluster, researchers).await?);
     let mut addresses: Vec<String> = cluster.ids().iter().map(|id| cluster.address(*id).map(str::to_owned)).collect::<anyhow::Result<_>>()?;
     if args.leader_only {
         addresses = vec![cluster.address(cluster.leader(Duration::from_secs(20)).await?)?.to_owned()];
     }
     let suanli_channels = channels(&addresses).await?;
-    let token = Arc::new(market.researcher_token.clone());
     // The etcd value is as large as Suanli's encoded lease request.
-    let payload_len = prost::Message::encoded_len(&lease_request(market.cluster_id, "r0-c000-0000000".into()));
+    let payload_len = prost::Message::encoded_len(&lease_request(market.cluster_ids[0], "r0-c000-0000000".into()));
     let payload = Arc::new(vec![b'x'; payload_len]);
 
     let mut etcd = if args.etcd { Some(Etcd::start().await?) } else { None };
@@ -508,8 +527,8 @@ async fn main() -> anyhow::Result<()> {
     println!("|--------|--------:|----------:|---------:|---------:|-------:|");
     let mut ratios = Vec::new();
     for (round, clients) in args.clients.iter().copied().enumerate() {
-        let (t, id) = (token.clone(), market.cluster_id);
-        let ours = drive(&suanli_channels, clients, args.seconds, move |ch, c, seq| suanli_op(ch, t.clone(), id, c, seq, round)).await;
+        let m = market.clone();
+        let ours = drive(&suanli_channels, clients, args.seconds, move |ch, c, seq| suanli_op(ch, m.clone(), c, seq, round)).await;
         println!("{}", row("suanli", clients, &ours));
         if let Some(channels) = &etcd_channels {
             let p = payload.clone();
@@ -538,7 +557,7 @@ async fn main() -> anyhow::Result<()> {
         if let Some([heartbeat, min, max]) = args.also_timing {
             let config = format!("[broker]\nsnapshot_every_entries = 100000\nraft_heartbeat_ms = {heartbeat}\nraft_election_timeout_ms = [{min}, {max}]\n");
             let mut other = BrokerCluster::start_with(binary, 3, Some(&config), false).await?;
-            let other_market = market(&other).await?;
+            let other_market = crate::market(&other, 1).await?;
             rows.push((format!("suanli, Raft {heartbeat} ms / {min}–{max} ms"), Some(failovers(&mut other, &other_market, args.failovers).await?)));
         }
         for (name, times) in rows {

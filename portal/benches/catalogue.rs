@@ -131,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let database = if db.starts_with("postgres") { "PostgreSQL" } else { "SQLite" };
     let endpoint = format!("http://{}", broker.address(1)?);
+    let starting = Instant::now();
     let portal = PortalProcess::start(
         dir.path(),
         &PortalOptions {
@@ -151,7 +152,8 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     println!(
-        "portal caught up with the broker's {published} clusters in {:.1} s (portal binary: {})",
+        "portal started and caught up with the broker's {published} clusters in {:.1} s, {:.1} s of it after it was ready (portal binary: {})",
+        starting.elapsed().as_secs_f64(),
         synced.elapsed().as_secs_f64(),
         portal_bin.map_or("this build".into(), |p| p.display().to_string())
     );

@@ -1049,7 +1049,7 @@ fn auto_lease_follows_re_pricing_and_delisting() {
     };
     let me = m.researcher;
     let e = epoch(&mut m);
-    let mut auto_lease = |m: &mut Market| {
+    let auto_lease = |m: &mut Market| {
         let mut s = spec(1);
         s.budget_minor = Some(10_000);
         s.auto_lease = Some(suanli_types::AutoLease { region: None, billing_mode: BillingMode::Hourly });
