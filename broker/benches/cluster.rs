@@ -300,7 +300,8 @@ async fn failovers(cluster: &mut BrokerCluster, market: &Market, kills: usize) -
         let survivors: Vec<u64> = cluster.live().into_iter().filter(|id| *id != leader).collect();
         let mut clients = Vec::new();
         for id in &survivors {
-            clients.push(cluster.client(*id, &market.researcher_tokens[0]).await?);
+            // A researcher per kill in turn: each kill leaves a lease waiting (no agent runs).
+            clients.push(cluster.client(*id, &market.researcher_tokens[k % market.researcher_tokens.len()]).await?);
         }
         cluster.kill(leader).await?;
         let killed = Instant::now();
@@ -504,7 +505,7 @@ async fn main() -> anyhow::Result<()> {
     let args = args()?;
     let binary = Path::new(env!("CARGO_BIN_EXE_suanli-broker"));
     let mut cluster = BrokerCluster::start_with(binary, 3, Some("[broker]\nsnapshot_every_entries = 100000\n"), false).await?;
-    let researchers = args.clients.iter().max().copied().unwrap_or(1).div_ceil(CLIENTS_PER_RESEARCHER);
+    let researchers = args.clients.iter().copied().chain([args.failovers]).max().unwrap_or(1).div_ceil(CLIENTS_PER_RESEARCHER);
     let market = Arc::new(market(&cluster, researchers).await?);
     let mut addresses: Vec<String> = cluster.ids().iter().map(|id| cluster.address(*id).map(str::to_owned)).collect::<anyhow::Result<_>>()?;
     if args.leader_only {
@@ -557,7 +558,7 @@ async fn main() -> anyhow::Result<()> {
         if let Some([heartbeat, min, max]) = args.also_timing {
             let config = format!("[broker]\nsnapshot_every_entries = 100000\nraft_heartbeat_ms = {heartbeat}\nraft_election_timeout_ms = [{min}, {max}]\n");
             let mut other = BrokerCluster::start_with(binary, 3, Some(&config), false).await?;
-            let other_market = crate::market(&other, 1).await?;
+            let other_market = crate::market(&other, args.failovers.div_ceil(CLIENTS_PER_RESEARCHER)).await?;
             rows.push((format!("suanli, Raft {heartbeat} ms / {min}–{max} ms"), Some(failovers(&mut other, &other_market, args.failovers).await?)));
         }
         for (name, times) in rows {

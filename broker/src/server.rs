@@ -41,7 +41,7 @@ const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// out the leader's lease (`election_timeout_ms[1]`) and then its own random election timeout
 /// (between the two bounds) before it stands for election, so a leader's death costs about
 /// `max + min..max` milliseconds of writes; a leader that stays silent that long on a busy
-/// machine is replaced while alive. The defaults put failover under half a second on a LAN
+/// machine is replaced while alive. The defaults put failover at about half a second on a LAN
 /// (etcd's own defaults: heartbeat 100 ms, election 1,000 ms).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RaftTiming {

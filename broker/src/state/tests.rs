@@ -519,6 +519,22 @@ fn enrollment_tokens_work_once_before_they_expire_and_reinstalls_keep_the_node()
 }
 
 #[test]
+fn a_card_gone_at_a_reinstall_counts_nowhere_whatever_its_health() {
+    let mut w = World::new();
+    let supplier = w.account(AccountKind::Supplier);
+    issue(&mut w, supplier, "t1", 600).expect("token");
+    let Response::Node(node) = enroll(&mut w, "t1", "cred-1", inventory(2)).expect("enrolled") else { panic!() };
+    let cluster = w.cluster(supplier, ClusterClass::B, vec![node.id]);
+    issue(&mut w, supplier, "t2", 600).expect("token");
+    enroll(&mut w, "t2", "cred-2", inventory(1)).expect("reinstalled without its second card");
+    // The monitor later reports the gone card healthy: it is idle on record, in no cluster.
+    w.ok(Caller::System, Command::SetCardHealth { changes: vec![(node.cards[1], CardHealth::Healthy)] });
+    let counts = w.state.card_counts(cluster);
+    assert_eq!((counts.total, counts.idle), (1, 1));
+    w.state.check_invariants().expect("card counts match a recount");
+}
+
+#[test]
 fn health_takes_idle_cards_out_of_the_market_and_leaves_leases_alone() {
     let mut m = market();
     let lease = m.w.lease(Caller::Account(m.researcher), request_b(m.class_b, 1));

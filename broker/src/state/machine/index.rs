@@ -162,7 +162,10 @@ impl State {
         if !self.index.built || was_idle == is_idle {
             return;
         }
-        let Some(cluster) = self.cards.get(&card).and_then(|c| self.nodes.get(&c.node)).and_then(|n| n.cluster) else { return };
+        let Some(node) = self.cards.get(&card).and_then(|c| self.nodes.get(&c.node)) else { return };
+        // A card gone at a reinstall keeps its node but left its card list: it counts nowhere,
+        // whatever its health later says.
+        let Some(cluster) = node.cluster.filter(|_| node.cards.contains(&card)) else { return };
         if let Some(counts) = self.index.cards_by_cluster.get_mut(&cluster) {
             counts.idle = if is_idle { counts.idle + 1 } else { counts.idle.saturating_sub(1) };
         }
