@@ -303,9 +303,12 @@ async fn failovers(cluster: &mut BrokerCluster, market: &Market, kills: usize) -
             // A researcher per kill in turn: each kill leaves a lease waiting (no agent runs).
             clients.push(cluster.client(*id, &market.researcher_tokens[k % market.researcher_tokens.len()]).await?);
         }
+        let term_before = cluster.status(leader).await?.term;
         cluster.kill(leader).await?;
         let killed = Instant::now();
+        let attempts = std::sync::atomic::AtomicUsize::new(0);
         let took = first_write_after(killed, |attempt| {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut client = clients[attempt % clients.len()].clone();
             let request = lease_request(market.cluster_ids[0], format!("failover-{k}"));
             async move { client.request_lease(request).await.is_ok() }
@@ -313,6 +316,16 @@ async fn failovers(cluster: &mut BrokerCluster, market: &Market, kills: usize) -
         .await
         .with_context(|| format!("killing broker node {leader}"))?;
         times.push(took);
+        // Per kill, for the slow ones' cause: more than one term passed = a split vote or a
+        // lost election.
+        let status = cluster.status(survivors[0]).await?;
+        eprintln!(
+            "kill {k}: node {leader} killed, node {} leads after {} term(s), first write after {} ms and {} attempts",
+            status.leader_id,
+            status.term - term_before,
+            took.as_millis(),
+            attempts.into_inner()
+        );
         cluster.restart(leader).await?;
         cluster.converge(Duration::from_secs(30)).await?;
     }
@@ -547,8 +560,8 @@ async fn main() -> anyhow::Result<()> {
         println!();
         println!("leader failover (kill -9 -> first successful write through a survivor), {} kills:", args.failovers);
         println!();
-        println!("| system | p50 ms | p99 ms | max ms |");
-        println!("|--------|-------:|-------:|-------:|");
+        println!("| system | p50 ms | p90 ms | p99 ms | max ms | over 1 s |");
+        println!("|--------|-------:|-------:|-------:|-------:|---------:|");
         let ours = failovers(&mut cluster, &market, args.failovers).await?;
         let theirs = match etcd.as_mut() {
             Some(etcd) => Some(etcd_failovers(etcd, args.failovers).await?),
@@ -563,7 +576,17 @@ async fn main() -> anyhow::Result<()> {
         }
         for (name, times) in rows {
             if let Some(t) = times {
-                println!("| {name:<6} | {:>6.0} | {:>6.0} | {:>6.0} |", percentile_ms(&t, 0.5), percentile_ms(&t, 0.99), percentile_ms(&t, 1.0));
+                let slow = t.iter().filter(|d| **d > Duration::from_secs(1)).count();
+                println!(
+                    "| {name:<6} | {:>6.0} | {:>6.0} | {:>6.0} | {:>6.0} | {slow} of {} |",
+                    percentile_ms(&t, 0.5),
+                    percentile_ms(&t, 0.9),
+                    percentile_ms(&t, 0.99),
+                    percentile_ms(&t, 1.0),
+                    t.len()
+                );
+                let all: Vec<String> = t.iter().map(|d| format!("{}", d.as_millis())).collect();
+                eprintln!("{name} failovers, ms, sorted: {}", all.join(" "));
             }
         }
     }

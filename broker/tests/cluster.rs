@@ -267,3 +267,32 @@ async fn ended_leases_leave_the_hot_state_and_stay_readable_on_every_node_and_on
     let refused = stranger.get_lease(v1::GetLeaseRequest { lease_id: ended[0] }).await.expect_err("not theirs");
     assert_eq!(decode_status(&refused).code, ErrorCode::NotFound);
 }
+
+/// Requests that arrive together share log entries (one disk sync per node for the lot), and
+/// each still gets its own answer; a retry of one gets that answer again.
+#[tokio::test]
+async fn requests_arriving_together_share_log_entries_and_each_gets_its_own_answer() {
+    const TOGETHER: usize = 200;
+    let cluster = BrokerCluster::start(binary(), 3, None).await.expect("cluster");
+    let leader = cluster.leader(Duration::from_secs(20)).await.expect("leader");
+    let platform = cluster.client(leader, PLATFORM_TOKEN).await.expect("client");
+    let register = |i: usize| {
+        let mut platform = platform.clone();
+        async move {
+            let request = v1::RegisterAccountRequest { request_id: format!("together-{i}"), kind: AccountKind::Supplier.into(), token: String::new() };
+            platform.register_account(request).await.map(|r| r.into_inner().account_id)
+        }
+    };
+    let before = cluster.status(leader).await.expect("status").last_log_index;
+    let answers: Vec<u64> = futures::future::join_all((0..TOGETHER).map(register)).await.into_iter().map(|r| r.expect("registered")).collect();
+    let entries = cluster.status(leader).await.expect("status").last_log_index - before;
+    assert_eq!(answers.iter().collect::<BTreeSet<_>>().len(), TOGETHER, "one account each");
+    assert!(entries <= (TOGETHER / 2) as u64, "{TOGETHER} requests arriving together took {entries} log entries");
+    // Retried, each gets its first answer, and nothing more is registered.
+    for i in [0, TOGETHER / 2, TOGETHER - 1] {
+        assert_eq!(register(i).await.expect("retry"), answers[i]);
+    }
+    cluster.converge(Duration::from_secs(10)).await.expect("converge");
+    let metrics = cluster.metrics(leader).await.expect("metrics");
+    assert!(metrics.contains("suanli_broker_requests_per_entry_count"), "{metrics}");
+}

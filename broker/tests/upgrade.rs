@@ -18,7 +18,7 @@ fn binary() -> &'static Path {
 const NO_SNAPSHOTS: &str = "[broker]\nsnapshot_every_entries = 100000000\n";
 
 /// The store format of this build (the answering node's, in its status).
-const THIS_FORMAT: u32 = 6;
+const THIS_FORMAT: u32 = 7;
 const PREVIOUS_FORMAT: u32 = 5;
 
 /// The end of every node's log, for a failure's message.

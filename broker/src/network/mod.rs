@@ -33,19 +33,16 @@ use crate::storage::{ClusterFormatWatch, Raft, TypeConfig, FORMAT_VERSION};
 /// Bumped when the encoding of Raft messages changes incompatibly. 3: log entries may carry
 /// `ArchiveEnded` (store format 4), which a format-3 node cannot decode; 4: the remote-lease
 /// commands and outcomes (store format 5); 5: `RaiseClusterFormat` and marked snapshots (store
-/// format 6).
-pub const WIRE_FORMAT_VERSION: u32 = 5;
+/// format 6); 6: `Batch` entries and outcomes (store format 7).
+pub const WIRE_FORMAT_VERSION: u32 = 6;
 /// The oldest wire format this node reads and speaks: that of store format 5's nodes, spoken
 /// while its cluster is at store format 5. A node refuses any other outright.
 pub const OLDEST_WIRE_FORMAT: u32 = 4;
 
-/// The Raft wire format of a cluster at store format `cluster_format`.
+/// The Raft wire format of a cluster at store format `cluster_format`: each store format from
+/// 5 on speaks the wire format one below its number.
 pub fn wire_format_of(cluster_format: u32) -> u32 {
-    if cluster_format >= FORMAT_VERSION {
-        WIRE_FORMAT_VERSION
-    } else {
-        OLDEST_WIRE_FORMAT
-    }
+    cluster_format.clamp(crate::state::machine::upgrade::FIRST_CLUSTER_FORMAT, FORMAT_VERSION) - 1
 }
 
 type NodeId = u64;
@@ -285,6 +282,7 @@ mod tests {
     #[test]
     fn the_wire_format_follows_the_cluster_format() {
         assert_eq!(wire_format_of(5), OLDEST_WIRE_FORMAT, "a cluster at format 5 speaks format 5's wire");
+        assert_eq!(wire_format_of(6), 5, "a cluster at format 6 speaks format 6's wire");
         assert_eq!(wire_format_of(FORMAT_VERSION), WIRE_FORMAT_VERSION);
     }
 

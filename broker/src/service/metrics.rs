@@ -45,6 +45,8 @@ pub struct Metrics {
     committed_index: Gauge<u64, AtomicU64>,
     /// Commands refused before they were proposed (`Shared::precheck`).
     pub refused_before_proposal: Counter,
+    /// Requests per log entry this node proposed (`batcher.rs`).
+    pub requests_per_entry: Histogram,
     /// Bytes of running jobs' output this node holds (`job_logs.rs`; the leader's).
     pub job_log_bytes: Gauge<i64, std::sync::atomic::AtomicI64>,
     certificate_expiry: Family<CertificateLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
@@ -71,6 +73,7 @@ impl Metrics {
             snapshot_bytes: Gauge::default(),
             committed_index: Gauge::default(),
             refused_before_proposal: Counter::default(),
+            requests_per_entry: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
             job_log_bytes: Gauge::default(),
             certificate_expiry: Family::default(),
         };
@@ -90,6 +93,11 @@ impl Metrics {
             "refused_before_proposal",
             "commands refused without entering the log: the caller may not send them, or they are malformed",
             metrics.refused_before_proposal.clone(),
+        );
+        registry.register(
+            "requests_per_entry",
+            "requests each log entry this node proposed carried (more than one: they arrived together and were batched)",
+            metrics.requests_per_entry.clone(),
         );
         registry.register("job_log_bytes", "bytes of job attempts' output held in memory for researchers to watch", metrics.job_log_bytes.clone());
         registry.register(

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod archived;
+pub mod batcher;
 pub mod broker_api;
 pub mod job_logs;
 pub mod jobs;
@@ -78,6 +79,8 @@ pub struct Shared {
     /// Linearizable reads share leadership rounds (a flood of reads, or of unknown tokens to
     /// confirm, costs the cluster a round at a time, not one per request).
     read_barrier: Arc<read_barrier::ReadBarrier>,
+    /// Proposes what arrives together as one log entry (group commit).
+    batcher: Arc<batcher::Batcher>,
 }
 
 /// Caps on deposits (`[broker] max_deposit_minor`, `max_deposits_per_day_minor`): the token
@@ -100,6 +103,7 @@ impl Default for DepositLimits {
 impl Shared {
     pub fn new(raft: Arc<Raft>, sm: StateMachineStore, platform_token: &str, metrics: Arc<Metrics>, agent_ca: Option<Arc<suanli_pki::Ca>>) -> Self {
         Shared {
+            batcher: Arc::new(batcher::Batcher::new(raft.clone(), sm.clone(), metrics.clone())),
             raft,
             sm,
             platform_token: SecretHash::of(TOKEN_DOMAIN, platform_token),
@@ -225,12 +229,12 @@ impl Shared {
             return Err(to_status(&DomainError::PayloadTooLarge { size, limit: rules::MAX_COMMAND_BYTES }));
         }
         self.precheck(&envelope.caller, &envelope.request_id, &envelope.command).await?;
-        match self.raft.client_write(envelope).await {
-            Ok(written) => {
-                if let (Ok(Response::Lease(lease)), Some(id)) = (&written.data, suanli_observability::current()) {
+        match self.batcher.write(envelope, size).await {
+            Ok(outcome) => {
+                if let (Ok(Response::Lease(lease)), Some(id)) = (&outcome, suanli_observability::current()) {
                     self.lease_requests.lock().unwrap_or_else(|p| p.into_inner()).record(lease.id.0, id.to_string());
                 }
-                written.data.map_err(|e| to_status(&e))
+                outcome.map_err(|e| to_status(&e))
             }
             Err(e) => Err(status(ErrorCode::Unavailable, format!("not committed: {e}"), &[])),
         }

@@ -257,12 +257,20 @@ pub enum Command {
     /// broker of store format `to` or later: from this entry on, the cluster writes format
     /// `to` (`state::machine::upgrade`). Never lowers it.
     ///
-    /// Rule for the formats to come (none has added a command since): a command added by a
+    /// Rule for the formats to come (format 7 added `Batch`): a command added by a
     /// later format is proposed only once the cluster format has reached that format, since
     /// nodes still running the format before could not decode it. This one is the exception:
     /// the leader proposes it only after every member said it runs `to`.
     RaiseClusterFormat {
         to: u32,
+    },
+    /// System only (the leader's proposer, format 7): requests that arrived together, in one log
+    /// entry and so one disk sync per node (`service::batcher`). Each is applied in order
+    /// exactly as if it were an entry of its own (its own caller, request ID, at-most-once
+    /// memory and time) and answered with its own outcome; the batch itself is remembered by no
+    /// one and nests no batch.
+    Batch {
+        envelopes: Vec<Envelope>,
     },
 }
 
@@ -318,6 +326,7 @@ impl Command {
             | ConfirmRemoteLease { .. }
             | EndRemoteLease { .. } => FIRST_CLUSTER_FORMAT,
             RaiseClusterFormat { .. } => 6,
+            Batch { .. } => 7,
         }
     }
 
@@ -398,6 +407,7 @@ impl Command {
             Command::ConfirmRemoteLease { .. } => "confirm_remote_lease",
             Command::EndRemoteLease { .. } => "end_remote_lease",
             Command::RaiseClusterFormat { .. } => "raise_cluster_format",
+            Command::Batch { .. } => "batch",
         }
     }
 }

@@ -109,9 +109,10 @@ fn command_kind(c: &Command) -> usize {
         Command::ConfirmRemoteLease { .. } => 39,
         Command::EndRemoteLease { .. } => 40,
         Command::RaiseClusterFormat { .. } => 41,
+        Command::Batch { .. } => 42,
     }
 }
-const COMMAND_KINDS: usize = 42;
+const COMMAND_KINDS: usize = 43;
 
 /// The ID the sample's remote lease gets (the next one after what the samples before it drew).
 const REMOTE_LEASE: RemoteLeaseId = RemoteLeaseId(9);
@@ -220,6 +221,27 @@ fn commands() -> Vec<Envelope> {
         (Caller::Platform, Command::EndRemoteLease { remote: REMOTE_LEASE, charged_minor: 2_501 }),
         // Format 6: every node runs format 6.
         (Caller::System, Command::RaiseClusterFormat { to: 6 }),
+        // Format 7: two requests that arrived together, one of them a retry of an earlier
+        // request (answered from memory), in one entry.
+        (
+            Caller::System,
+            Command::Batch {
+                envelopes: vec![
+                    Envelope {
+                        caller: Caller::Platform,
+                        request_id: RequestId::parse("golden-batched").expect("id"),
+                        at: at(43),
+                        command: Command::GrantCredit { account: researcher, limit: cny(20_000) },
+                    },
+                    Envelope {
+                        caller: Caller::Platform,
+                        request_id: RequestId::parse("golden-8").expect("id"),
+                        at: at(43),
+                        command: Command::Deposit { account: researcher, amount: cny(5_000_000) },
+                    },
+                ],
+            },
+        ),
     ];
     list.into_iter()
         .enumerate()
@@ -397,6 +419,8 @@ const FORMAT_3_SAMPLES: usize = 38;
 const FORMAT_4_SAMPLES: usize = 39;
 /// Format 5's samples: format 4's and the three remote-lease commands.
 const FORMAT_5_SAMPLES: usize = 42;
+/// Format 6's samples: format 5's and `RaiseClusterFormat`.
+const FORMAT_6_SAMPLES: usize = 43;
 
 /// An earlier format's log entries and events are this format's: the commands it knew are the
 /// first ones, its events the first events.
@@ -428,6 +452,26 @@ fn format_4_log_entries_read_as_the_same_commands() {
 #[test]
 fn format_5_log_entries_read_as_the_same_commands() {
     earlier_log_entries_read_as_the_same_commands(5, FORMAT_5_SAMPLES);
+}
+
+#[test]
+fn format_6_log_entries_read_as_the_same_commands() {
+    earlier_log_entries_read_as_the_same_commands(6, FORMAT_6_SAMPLES);
+}
+
+/// Format 7 added a command and changed no stored type: format 6's snapshot state is this
+/// format's state, byte for byte, and the state this code replays from format 6's log.
+#[test]
+fn a_format_6_state_is_this_formats_state_byte_for_byte() {
+    let (_, bytes) = fixture_lines(6, "state.txt").remove(0);
+    let state: State = postcard::from_bytes(&bytes).expect("format 6's state decodes as this format's");
+    let (mut replayed, _) = replay(&commands()[..FORMAT_6_SAMPLES]);
+    replayed.take_archived();
+    assert_eq!(state, replayed);
+    assert!(postcard::to_allocvec(&state).expect("encode") == bytes, "and encodes back to format 6's bytes");
+    for file in ["archive.txt", "events.txt"] {
+        assert_eq!(fixture_lines(6, file), fixture_lines(FORMAT_VERSION, file), "format 6's {file} is this format's");
+    }
 }
 
 /// Format 5's snapshot state, migrated, is the state this code reaches from format 5's log (at

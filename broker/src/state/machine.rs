@@ -83,6 +83,8 @@ pub enum Response {
     Transaction(Box<Transaction>),
     // Appended (format 5): remembered outcomes name variants by position.
     RemoteLease(Box<RemoteLease>),
+    /// A `Batch`'s outcomes, one per request in it, in order (format 7; never remembered).
+    Batch(Vec<Outcome>),
 }
 
 pub type Outcome = Result<Response, DomainError>;
@@ -161,6 +163,9 @@ impl State {
     /// first outcome without applying anything; reusing it for a different command is refused.
     pub fn apply(&mut self, envelope: &Envelope) -> (Outcome, Vec<Event>) {
         self.ensure_indexes();
+        if let Command::Batch { envelopes } = &envelope.command {
+            return self.apply_batch(&envelope.caller, envelopes);
+        }
         let at = self.command_time(envelope.at);
         self.forget_old_requests(at);
         let digest = digest(&envelope.command);
@@ -173,6 +178,29 @@ impl State {
         self.requests.insert(key.clone(), Remembered { digest, at, outcome: outcome.clone() });
         self.requests_by_age.push_back((at, key.0, key.1));
         (outcome, events)
+    }
+
+    /// A batch's requests, each applied as an entry of its own would be. The batch leaves no
+    /// trace of its own: its request ID is the proposer's, and the requests in it are what is
+    /// remembered, so a client's retry finds its first answer whether it came in a batch or not.
+    fn apply_batch(&mut self, caller: &Caller, envelopes: &[Envelope]) -> (Outcome, Vec<Event>) {
+        let batch = Command::Batch { envelopes: Vec::new() };
+        if let Err(refused) = self.authorize(caller, &batch) {
+            return (Err(refused), Vec::new());
+        }
+        let mut events = Vec::new();
+        let outcomes = envelopes
+            .iter()
+            .map(|inner| {
+                if matches!(inner.command, Command::Batch { .. }) {
+                    return Err(DomainError::invalid("command", "a batch holds no batch"));
+                }
+                let (outcome, inner_events) = self.apply(inner);
+                events.extend(inner_events);
+                outcome
+            })
+            .collect();
+        (Ok(Response::Batch(outcomes)), events)
     }
 
     /// Whether a request with this ID from this caller is remembered (a retry gets its first
@@ -478,6 +506,8 @@ impl State {
             }
             Command::ConfirmRemoteLease { remote, remote_lease } => self.confirm_remote_lease(*remote, *remote_lease, events),
             Command::RaiseClusterFormat { to } => Ok(self.raise_cluster_format(*to)),
+            // `apply` takes a batch apart before it gets here.
+            Command::Batch { .. } => Err(DomainError::invalid("command", "a batch holds no batch")),
             Command::EndRemoteLease { remote, charged_minor } => self.end_remote_lease(*remote, *charged_minor, at, events),
             Command::ExpireLease { lease } => {
                 let l = self.leases.get(lease).ok_or(DomainError::not_found(EntityKind::Lease, lease))?;

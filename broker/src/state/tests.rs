@@ -1525,3 +1525,80 @@ mod through_the_store {
         assert!(follower.archive().lease(h.ended_lease).expect("read").is_none());
     }
 }
+
+// ---- batches: requests that arrived together, in one entry ------------------------------------
+
+/// Two researchers' lease requests, one refused (more cards than the cluster has), and a retry
+/// of the first: what the proposer would batch.
+fn requests_arriving_together(m: &mut Market) -> Vec<Envelope> {
+    let first = m.w.envelope(Caller::Account(m.researcher), request_b(m.class_b, 2));
+    let refused = m.w.envelope(Caller::Account(m.other_researcher), request_b(m.class_b, 99));
+    let second = m.w.envelope(Caller::Account(m.other_researcher), request_b(m.class_b, 3));
+    vec![first.clone(), refused, second, first]
+}
+
+#[test]
+fn a_batch_applies_each_request_as_its_own_entry_would() {
+    let mut one_by_one = market();
+    let mut batched = State::clone(&one_by_one.w.state);
+    let envelopes = requests_arriving_together(&mut one_by_one);
+    let (mut outcomes, mut events) = (Vec::new(), Vec::new());
+    for envelope in &envelopes {
+        let (outcome, more) = one_by_one.w.state.apply(envelope);
+        outcomes.push(outcome);
+        events.extend(more);
+    }
+    let batch = Envelope {
+        caller: Caller::System,
+        request_id: RequestId::parse("batch").expect("id"),
+        at: one_by_one.w.now,
+        command: Command::Batch { envelopes: envelopes.clone() },
+    };
+    let (outcome, batch_events) = batched.apply(&batch);
+    assert_eq!(outcome, Ok(Response::Batch(outcomes.clone())));
+    assert_eq!(batch_events, events);
+    assert_eq!(batched, one_by_one.w.state, "the same state either way");
+    assert_eq!(postcard::to_allocvec(&batched).expect("encode"), postcard::to_allocvec(&one_by_one.w.state).expect("encode"));
+    batched.check_invariants().expect("invariants");
+    assert!(outcomes[0].is_ok() && outcomes[2].is_ok(), "{outcomes:?}");
+    assert_eq!(outcomes[1].as_ref().map(drop).unwrap_err().code(), ErrorCode::InsufficientCapacity);
+    assert_eq!(outcomes[3], outcomes[0], "the retry in the batch gets the first answer");
+    // A retry of a batched request, alone, later: its first answer, nothing applied again.
+    let before = batched.clone();
+    assert_eq!(batched.apply(&envelopes[2]).0, outcomes[2]);
+    assert_eq!(batched, before);
+    // The batch itself is remembered by no one: the same batch again is answered request by
+    // request from their memories, and changes nothing.
+    assert_eq!(batched.apply(&batch).0, Ok(Response::Batch(outcomes)));
+    assert_eq!(batched, before);
+}
+
+#[test]
+fn only_the_leader_batches_and_a_batch_holds_no_batch() {
+    let mut m = market();
+    let envelopes = requests_arriving_together(&mut m);
+    let before = m.w.state.clone();
+    for caller in [Caller::Platform, Caller::Account(m.researcher), Caller::Operator(OperatorRole::Dispatcher)] {
+        let forged =
+            Envelope { caller, request_id: RequestId::parse("forged").expect("id"), at: m.w.now, command: Command::Batch { envelopes: envelopes.clone() } };
+        let (outcome, events) = m.w.state.apply(&forged);
+        assert_eq!(outcome.map(drop).unwrap_err().code(), ErrorCode::PermissionDenied);
+        assert!(events.is_empty());
+        assert_eq!(m.w.state, before, "nothing applied");
+    }
+    let inner = Envelope { caller: Caller::System, request_id: RequestId::parse("inner").expect("id"), at: m.w.now, command: Command::Batch { envelopes } };
+    let nested = Envelope {
+        caller: Caller::System,
+        request_id: RequestId::parse("outer").expect("id"),
+        at: m.w.now,
+        command: Command::Batch { envelopes: vec![inner] },
+    };
+    match m.w.state.apply(&nested).0 {
+        Ok(Response::Batch(outcomes)) => {
+            assert_eq!(outcomes.len(), 1);
+            assert_eq!(outcomes[0].as_ref().map(drop).unwrap_err().code(), ErrorCode::InvalidArgument);
+        }
+        other => panic!("expected the batch's outcomes, got {other:?}"),
+    }
+    assert_eq!(m.w.state, before, "the nested batch's requests were never applied");
+}

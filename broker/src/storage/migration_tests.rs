@@ -1,8 +1,8 @@
-//! Stores and backups as formats 3, 4 and 5 wrote them, made from those formats' pinned states
-//! (`broker/formats/v3/state.txt`, `v4/state.txt`, `v5/state.txt`, with the archive after a
-//! format-4 or 5 export), open and restore under this code; other formats are refused
-//! untouched. And the snapshots this code sends: format 5's bytes while its cluster is at
-//! format 5, marked ones after.
+//! Stores and backups as formats 3 to 6 wrote them, made from those formats' pinned states
+//! (`broker/formats/v3/state.txt` to `v6/state.txt`, with the archive after a format-4, 5 or 6
+//! export), open and restore under this code; other formats are refused untouched. And the
+//! snapshots this code sends: format 5's bytes while its cluster is at format 5, marked ones
+//! after (marked 6 while it is at 6).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -35,6 +35,8 @@ fn old_state(format: u32) -> State {
         3 => State::from(postcard::from_bytes::<StateV3>(&bytes).expect("format 3 state")),
         4 => State::from(postcard::from_bytes::<StateV4>(&bytes).expect("format 4 state")),
         5 => State::from(postcard::from_bytes::<StateV5>(&bytes).expect("format 5 state")),
+        // Format 7 changed no stored type.
+        6 => postcard::from_bytes::<State>(&bytes).expect("format 6 state"),
         _ => unreachable!("no fixture of format {format}"),
     }
 }
@@ -121,6 +123,52 @@ fn a_format_5_store_is_migrated_when_opened_and_reads_as_format_5_left_it() {
 }
 
 #[test]
+fn a_format_6_store_is_migrated_when_opened_and_reads_as_format_6_left_it() {
+    an_old_store_is_migrated_when_opened_and_reads_as_it_was_left(6);
+}
+
+/// What a format-6 node sends or exports: its format's mark, then the payload and the archive.
+fn format_6_transfer() -> Vec<u8> {
+    let mut bytes = b"SLTF".to_vec();
+    bytes.extend(6u32.to_be_bytes());
+    bytes.extend(old_export(6));
+    bytes
+}
+
+#[test]
+fn a_format_6_backup_with_its_archive_restores_into_a_new_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("restored");
+    let position = restore(&path, &format_6_transfer(), 6, 7, "127.0.0.1:7").expect("restore");
+    assert_eq!(position.map(|p| p.index), Some(LAST));
+    let (_, sm) = open(&path).expect("open");
+    sm.read(|s| assert_eq!(s, &old_state(6)));
+    assert!(sm.archive().lease(suanli_types::LeaseId(7)).expect("read").is_some(), "the archive came along");
+}
+
+/// While its cluster is at format 6 (a rolling upgrade from format 6), this code sends a node
+/// of format 6 what that node would have sent: marked 6, then the same payload bytes.
+#[test]
+fn a_snapshot_sent_while_the_cluster_is_at_format_6_is_format_6s_bytes() {
+    let stored = old_payload(6);
+    let sent = state_machine::transfer_payload(&stored, 6).expect("format 6");
+    assert!(sent.starts_with(b"SLTF") && sent[4..8] == 6u32.to_be_bytes() && sent[8..] == stored[..]);
+}
+
+/// A leader of format 6 sends its snapshot marked 6: a node of this format installs it.
+#[tokio::test]
+async fn a_snapshot_a_format_6_leader_sends_installs_here() {
+    use openraft::storage::RaftStateMachine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, mut sm) = open(&dir.path().join("follower")).expect("open");
+    let meta = SnapshotMeta { last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), LAST)), last_membership: membership(), snapshot_id: "2-37-0".into() };
+    sm.install_snapshot(&meta, Box::new(SnapshotData::new(format_6_transfer()))).await.expect("installed");
+    sm.read(|s| assert_eq!(s, &old_state(6)));
+    assert_eq!(sm.cluster_format_watch().get(), 6, "the format-6 state's cluster is at format 6");
+    assert!(sm.archive().lease(suanli_types::LeaseId(7)).expect("read").is_some(), "the archive came along");
+}
+
+#[test]
 fn a_format_3_backup_restores_into_a_new_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("restored");
@@ -186,9 +234,9 @@ fn a_snapshot_sent_while_the_cluster_is_at_format_5_is_format_5s_bytes() {
 /// Once raised, snapshots carry their format's mark, and one a node cannot read is refused:
 /// a node of format 5 would fail to decode it rather than misread it.
 #[test]
-fn a_snapshot_sent_at_format_6_is_marked_and_reads_back_as_the_same_state() {
+fn a_snapshot_sent_at_this_format_is_marked_and_reads_back_as_the_same_state() {
     let (state, stored) = migrated_format_5_payload();
-    let sent = state_machine::transfer_payload(&stored, FORMAT_VERSION).expect("format 6");
+    let sent = state_machine::transfer_payload(&stored, FORMAT_VERSION).expect("this format");
     assert!(sent.starts_with(b"SLTF") && sent[4..8] == FORMAT_VERSION.to_be_bytes(), "marked with its format");
     assert!(postcard::from_bytes::<state_machine::OlderSnapshotPayload<StateV5>>(&sent).is_err(), "a format-5 node refuses it");
     // Restored as a backup of this format, it is the same state; claimed as another, refused.

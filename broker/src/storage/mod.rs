@@ -57,7 +57,7 @@ pub type StorageError = openraft::StorageError<NodeId>;
 
 /// The on-disk format this code reads and writes. Bumped on any incompatible change; a node
 /// refuses to open data of another version instead of misreading it.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 /// The oldest format this code migrates from.
 pub const OLDEST_READABLE_FORMAT: u32 = 3;
 
@@ -142,7 +142,7 @@ fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
             let found = bytes.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX);
             match found {
                 FORMAT_VERSION => {}
-                3..=5 => migrate(db, found)?,
+                3..=6 => migrate(db, found)?,
                 _ => return Err(StoreError::FormatVersion { path: path.display().to_string(), found }),
             }
         }
@@ -155,12 +155,13 @@ fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Format 3, 4 or 5 → this one. Format 4 gave the snapshot's state `ledger_archived` (0: a
+/// Format 3, 4, 5 or 6 → this one. Format 4 gave the snapshot's state `ledger_archived` (0: a
 /// format-3 broker archived nothing) and the store an empty archive; format 5 gave the state
 /// `remote_leases` (none before); format 6 the cluster format (5 for what format 5 or older
-/// wrote: the cluster may still have nodes of format 5, and is raised when it has none). The log and the events read unchanged (commands, events,
-/// outcomes and ledger accounts only gained variants, appended). One synced write: a crash
-/// leaves the old format.
+/// wrote: the cluster may still have nodes of format 5, and is raised when it has none); format
+/// 7 only the `Batch` command and its outcome (a format-6 state is a format-7 state byte for
+/// byte). The log and the events read unchanged (commands, events, outcomes and ledger accounts
+/// only gained variants, appended). One synced write: a crash leaves the old format.
 fn migrate(db: &DB, found: u32) -> Result<(), StoreError> {
     let mut batch = rocksdb::WriteBatch::default();
     if let Some(bytes) = db.get_cf(cf(db, CF_SNAPSHOT)?, state_machine::KEY_SNAPSHOT)? {

@@ -93,6 +93,8 @@ pub const ARCHIVE_CHUNK: usize = 4096;
 /// (a big-endian u32), so a receiver knows which format it holds whichever node sent it. Format
 /// 5's and older begin with the payload, whose first byte (an `Option`'s tag) is 0 or 1.
 const TRANSFER_MARK: &[u8; 4] = b"SLTF";
+/// The first store format whose snapshots carry [`TRANSFER_MARK`].
+const FIRST_MARKED_FORMAT: u32 = 6;
 
 /// A snapshot as sent or exported: the payload, then the archive's pairs in chunks.
 struct Transfer {
@@ -155,7 +157,8 @@ fn read_mark(bytes: &[u8]) -> Result<Option<(u32, &[u8])>, StoreError> {
 /// sent: marked, or, for a cluster still at format 5, format 5's bytes (the state without its
 /// cluster format, `State::encode_as_format_5`).
 pub(super) fn transfer_payload(stored: &[u8], format: u32) -> Result<Vec<u8>, StoreError> {
-    if format == FORMAT_VERSION {
+    // Format 7 changed no stored type (it added a command): a format-6 state has the same bytes.
+    if (FIRST_MARKED_FORMAT..=FORMAT_VERSION).contains(&format) {
         let mut bytes = Vec::with_capacity(stored.len() + 8);
         bytes.extend_from_slice(TRANSFER_MARK);
         bytes.extend_from_slice(&format.to_be_bytes());

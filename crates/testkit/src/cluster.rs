@@ -303,6 +303,17 @@ impl BrokerCluster {
         Ok(&self.members.get(&id).ok_or_else(|| anyhow!("no node {id}"))?.metrics)
     }
 
+    /// Node `id`'s Prometheus exposition text.
+    pub async fn metrics(&self, id: u64) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = self.metrics_address(id)?;
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        Ok(text)
+    }
+
     /// The OS process ID of a live node (benchmarks read its CPU time).
     pub fn pid(&self, id: u64) -> Option<u32> {
         self.members.get(&id)?.process.as_ref()?.pid()

@@ -156,6 +156,7 @@ impl State {
             Command::SettleLeases { .. } => require(system, "only the broker's leader settles leases"),
             Command::ArchiveEnded { .. } => require(system, "only the broker's leader archives"),
             Command::RaiseClusterFormat { .. } => require(system, "only the broker's leader raises the cluster format"),
+            Command::Batch { .. } => require(system, "only the broker's leader batches requests"),
             Command::RequestRemoteLease { member, member_name, cards, periods, price_per_card, .. } => {
                 require(platform, "only the platform's federation gateway leases other members' cards")?;
                 super::remote::validate(member, member_name, *cards, *periods, price_per_card)
