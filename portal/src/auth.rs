@@ -99,24 +99,36 @@ pub fn source_address(trusted: &[std::net::IpAddr], peer: Option<std::net::Socke
     hops.iter().rev().find(|ip| !trusted.contains(ip)).copied().unwrap_or(peer).to_string()
 }
 
-const USER_COLUMNS: &str = "id, kind, username, lang, state, broker_account_id, broker_token_enc";
+/// The user's columns and one of their roles (NULL for none): the rows of one user, as the
+/// credential queries below join them, so a request costs one round trip to the database.
+const USER_AND_ROLE_COLUMNS: &str = "u.id, u.kind, u.username, u.lang, u.state, u.broker_account_id, u.broker_token_enc, r.role";
+const JOIN_USER_AND_ROLES: &str = "JOIN users u ON u.id = c.user_id LEFT JOIN roles r ON r.user_id = u.id";
 
-async fn load_user(state: &AppState, id: i64) -> ApiResult<Option<(Principal, AccountState)>> {
-    let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1")).bind(id).fetch_optional(&state.db.pool).await?;
-    let Some(row) = row else { return Ok(None) };
+/// How often a credential's "last used" time is written: at most once a minute, so that a busy
+/// client does not turn every read into a write.
+const LAST_USED_RESOLUTION_MS: i64 = 60_000;
+
+/// The user a credential belongs to, from the rows of [`JOIN_USER_AND_ROLES`] (one per role,
+/// or one with no role).
+fn user_of(rows: &[sqlx::any::AnyRow]) -> ApiResult<Option<(Principal, AccountState)>> {
+    let Some(row) = rows.first() else { return Ok(None) };
     let kind = UserKind::parse(&row.try_get::<String, _>("kind")?).ok_or_else(|| ApiError::internal("unknown user kind"))?;
     let account_state = AccountState::parse(&row.try_get::<String, _>("state")?).ok_or_else(|| ApiError::internal("unknown account state"))?;
-    let roles = sqlx::query("SELECT role FROM roles WHERE user_id = $1").bind(id).fetch_all(&state.db.pool).await?;
-    let roles = roles.iter().filter_map(|r| r.try_get::<String, _>("role").ok().and_then(|s| Role::parse(&s))).collect();
+    let mut roles = Vec::new();
+    for r in rows {
+        if let Some(role) = opt_str(r, "role")?.as_deref().and_then(Role::parse) {
+            roles.push(role);
+        }
+    }
     Ok(Some((
         Principal {
-            user: UserId(id),
+            user: UserId(row.try_get("id")?),
             kind,
             username: row.try_get("username")?,
             lang: Lang::parse(&row.try_get::<String, _>("lang")?).unwrap_or_default(),
             roles,
-            broker_account: opt_i64(&row, "broker_account_id")?.map(|a| a as u64),
-            broker_token_enc: opt_str(&row, "broker_token_enc")?,
+            broker_account: opt_i64(row, "broker_account_id")?.map(|a| a as u64),
+            broker_token_enc: opt_str(row, "broker_token_enc")?,
             via: Via::ApiToken,
         },
         account_state,
@@ -124,29 +136,40 @@ async fn load_user(state: &AppState, id: i64) -> ApiResult<Option<(Principal, Ac
 }
 
 /// Resolves the caller from the request, without requiring one. Expired sessions are ignored.
+/// One query per request reads the credential, its user and the user's roles together.
 pub async fn resolve(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<Principal>> {
     let now = now_ms();
     if let Some(token) = bearer(headers) {
-        let row = sqlx::query("SELECT id, user_id FROM api_tokens WHERE token_hash = $1 AND revoked_ms IS NULL AND expires_ms > $2")
-            .bind(token_hash(token))
-            .bind(now)
-            .fetch_optional(&state.db.pool)
-            .await?;
-        let Some(row) = row else { return Err(ApiError::broker(suanli_types::ErrorCode::Unauthenticated, "unknown, expired or revoked API token")) };
-        let user: i64 = row.try_get("user_id")?;
-        sqlx::query("UPDATE api_tokens SET last_used_ms = $1 WHERE id = $2").bind(now).bind(row.try_get::<i64, _>("id")?).execute(&state.db.pool).await?;
-        return match load_user(state, user).await? {
+        let rows = sqlx::query(&format!(
+            "SELECT c.id AS token_id, c.last_used_ms, {USER_AND_ROLE_COLUMNS} FROM api_tokens c {JOIN_USER_AND_ROLES} \
+             WHERE c.token_hash = $1 AND c.revoked_ms IS NULL AND c.expires_ms > $2"
+        ))
+        .bind(token_hash(token))
+        .bind(now)
+        .fetch_all(&state.db.pool)
+        .await?;
+        let Some(first) = rows.first() else { return Err(ApiError::broker(suanli_types::ErrorCode::Unauthenticated, "unknown, expired or revoked API token")) };
+        if opt_i64(first, "last_used_ms")?.is_none_or(|last| now - last >= LAST_USED_RESOLUTION_MS) {
+            sqlx::query("UPDATE api_tokens SET last_used_ms = $1 WHERE id = $2")
+                .bind(now)
+                .bind(first.try_get::<i64, _>("token_id")?)
+                .execute(&state.db.pool)
+                .await?;
+        }
+        return match user_of(&rows)? {
             Some((p, AccountState::Active)) => Ok(Some(p)),
             _ => Err(ApiError::new(Code::AccountDisabled, "this token's account is not active")),
         };
     }
     let Some(token) = cookie_value(headers, state.cookie_name()) else { return Ok(None) };
     let hash = token_hash(&token);
-    let row = sqlx::query("SELECT user_id, csrf, mfa_ok, expires_ms, idle_until_ms FROM sessions WHERE token_hash = $1")
-        .bind(&hash)
-        .fetch_optional(&state.db.pool)
-        .await?;
-    let Some(row) = row else { return Ok(None) };
+    let rows = sqlx::query(&format!(
+        "SELECT c.csrf, c.mfa_ok, c.expires_ms, c.idle_until_ms, {USER_AND_ROLE_COLUMNS} FROM sessions c {JOIN_USER_AND_ROLES} WHERE c.token_hash = $1"
+    ))
+    .bind(&hash)
+    .fetch_all(&state.db.pool)
+    .await?;
+    let Some(row) = rows.first() else { return Ok(None) };
     let (expires, idle_until): (i64, i64) = (row.try_get("expires_ms")?, row.try_get("idle_until_ms")?);
     if now >= expires || now >= idle_until {
         sqlx::query("DELETE FROM sessions WHERE token_hash = $1").bind(&hash).execute(&state.db.pool).await?;
@@ -154,13 +177,13 @@ pub async fn resolve(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<
     }
     // Sliding idle timeout, written at most once a minute per session.
     let idle = state.settings.session_idle.as_millis() as i64;
-    if idle_until - now < idle - 60_000 {
+    if idle_until - now < idle - LAST_USED_RESOLUTION_MS {
         sqlx::query("UPDATE sessions SET idle_until_ms = $1 WHERE token_hash = $2").bind(now + idle).bind(&hash).execute(&state.db.pool).await?;
     }
-    let user: i64 = row.try_get("user_id")?;
-    match load_user(state, user).await? {
+    let (csrf, mfa_ok) = (row.try_get("csrf")?, row.try_get::<i64, _>("mfa_ok")? == 1);
+    match user_of(&rows)? {
         Some((mut p, AccountState::Active)) => {
-            p.via = Via::Session { token_hash: hash, csrf: row.try_get("csrf")?, mfa_ok: row.try_get::<i64, _>("mfa_ok")? == 1 };
+            p.via = Via::Session { token_hash: hash, csrf, mfa_ok };
             Ok(Some(p))
         }
         _ => Ok(None),

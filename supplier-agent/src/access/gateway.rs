@@ -21,7 +21,7 @@ use russh::keys::ssh_key::LineEnding;
 use russh::keys::{Algorithm, Certificate, PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Config, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Preferred};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -31,6 +31,11 @@ use crate::runtime::lock;
 /// Environment variables a client may set (`SendEnv`); everything else is refused.
 const ACCEPTED_ENV: &[&str] = &["LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TERM", "TZ"];
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// How much of a program's output (or a forwarded connection's bytes) one read takes before it
+/// is handed to the channel: a pipe holds 64 KiB, and each read becomes SSH packets of up to
+/// the client's maximum (32 KiB for OpenSSH). `tokio::io::copy`'s 8 KiB reads made four times
+/// as many packets, each with its own encryption and write.
+const COPY_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -404,7 +409,7 @@ impl Handler for Connection {
                 tracing::debug!(lease = lease.id, port, "port forwarding opened");
                 tokio::spawn(async move {
                     let mut stream = channel.into_stream();
-                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                    let _ = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, COPY_CHUNK, COPY_CHUNK).await;
                 });
             }
             _ => reply.reject(ChannelOpenFailure::ConnectFailed).await,
@@ -513,7 +518,7 @@ fn run_piped(channel: Channel<Msg>, launch: Launch<'_>) -> std::io::Result<()> {
         .stderr(std::process::Stdio::piped());
     launch.sandbox.apply(&mut command);
     let mut child = command.spawn()?;
-    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
+    let (Some(mut stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
         return Err(std::io::Error::other("the child's pipes are missing"));
     };
     tokio::spawn(async move {
@@ -524,7 +529,8 @@ fn run_piped(channel: Channel<Msg>, launch: Launch<'_>) -> std::io::Result<()> {
             // Dropping stdin tells the program the client has sent everything (EOF).
         });
         let (mut out, mut err) = (write_half.make_writer(), write_half.make_writer_ext(Some(1)));
-        let _ = tokio::join!(tokio::io::copy(&mut stdout, &mut out), tokio::io::copy(&mut stderr, &mut err));
+        let (mut stdout, mut stderr) = (BufReader::with_capacity(COPY_CHUNK, stdout), BufReader::with_capacity(COPY_CHUNK, stderr));
+        let _ = tokio::join!(tokio::io::copy_buf(&mut stdout, &mut out), tokio::io::copy_buf(&mut stderr, &mut err));
         let code = exit_code(child.wait().await);
         input.abort();
         finish(&write_half, code).await;
@@ -549,7 +555,7 @@ fn run_on_pty(
     pty.resize(size).map_err(std::io::Error::other)?;
     let command = pty_process::Command::new(launch.binary).args(launch.args).env_clear().envs(launch.env).current_dir(launch.home);
     let mut child = launch.sandbox.apply_pty(command).spawn(pts).map_err(std::io::Error::other)?;
-    let (mut pty_out, mut pty_in) = pty.into_split();
+    let (pty_out, mut pty_in) = pty.into_split();
     tokio::spawn(async move {
         let (mut read_half, write_half) = channel.split();
         let input = tokio::spawn(async move {
@@ -567,7 +573,8 @@ fn run_on_pty(
         });
         let mut out = write_half.make_writer();
         let mut exited = tokio::spawn(async move { child.wait().await });
-        let copy = tokio::io::copy(&mut pty_out, &mut out);
+        let mut pty_out = BufReader::with_capacity(COPY_CHUNK, pty_out);
+        let copy = tokio::io::copy_buf(&mut pty_out, &mut out);
         tokio::pin!(copy);
         // The session ends when its program exits, as with OpenSSH, even if a background
         // process still holds the terminal; what the program wrote last is still sent.
