@@ -259,13 +259,28 @@ async fn suanli_op(channel: Channel, market: Arc<Market>, client: usize, seq: u6
     let token = &market.researcher_tokens[client % market.researcher_tokens.len()];
     let cluster_id = market.cluster_ids[client % market.cluster_ids.len()];
     let Ok(mut c) = suanli_proto::client::with_token(channel, Some(token)) else { return false };
-    let Ok(lease) = c.request_lease(lease_request(cluster_id, format!("r{round}-c{client}-{seq}"))).await else { return false };
+    let lease = match c.request_lease(lease_request(cluster_id, format!("r{round}-c{client}-{seq}"))).await {
+        Ok(lease) => lease,
+        Err(status) => return said_why(&status),
+    };
     let end = v1::EndLeaseRequest {
         request_id: format!("e{round}-c{client}-{seq}"),
         lease_id: lease.into_inner().lease_id,
         reason: v1::EndReason::ByResearcher.into(),
     };
-    c.end_lease(end).await.is_ok()
+    match c.end_lease(end).await {
+        Ok(_) => true,
+        Err(status) => said_why(&status),
+    }
+}
+
+/// Prints why an operation failed, for the first few failures of the process; `false`.
+fn said_why(status: &tonic::Status) -> bool {
+    static SAID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if SAID.fetch_add(1, Ordering::Relaxed) < 5 {
+        eprintln!("suanli op failed: {:?} {}", status.code(), status.message());
+    }
+    false
 }
 
 /// How long after `killed` the first write succeeds, trying `attempt(k)` for k = 1, 2, …

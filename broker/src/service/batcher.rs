@@ -30,8 +30,6 @@ pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// appended on the leader (openraft takes one append at a time), and whatever arrives during
 /// both is the batch after.
 pub const BATCHES_IN_FLIGHT: usize = 2;
-/// The store format that reads `Command::Batch`.
-const BATCH_FORMAT: u32 = 7;
 
 /// Why a request was not committed (openraft's error, as text: the caller answers
 /// `UNAVAILABLE` with it).
@@ -117,7 +115,8 @@ impl Proposer {
     /// Proposes `batch` (one entry, or one each below format 7) and answers every request in
     /// it.
     async fn commit(&self, batch: Vec<Pending>) {
-        if batch.len() == 1 || self.sm.read(|s| s.cluster_format()) < BATCH_FORMAT {
+        let cluster_format = self.sm.read(|s| s.cluster_format());
+        if batch.len() == 1 || (Command::Batch { envelopes: Vec::new() }).may_propose_at(cluster_format).is_err() {
             let alone = batch.into_iter().map(|p| async move {
                 self.metrics.requests_per_entry.observe(1.0);
                 let written = self.raft.client_write(p.envelope).await;

@@ -31,10 +31,10 @@ use crate::runtime::lock;
 /// Environment variables a client may set (`SendEnv`); everything else is refused.
 const ACCEPTED_ENV: &[&str] = &["LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TERM", "TZ"];
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-/// How much of a program's output (or a forwarded connection's bytes) one read takes before it
-/// is handed to the channel: a pipe holds 64 KiB, and each read becomes SSH packets of up to
-/// the client's maximum (32 KiB for OpenSSH). `tokio::io::copy`'s 8 KiB reads made four times
-/// as many packets, each with its own encryption and write.
+/// How much one read takes before it is passed on: a program's output (a pipe holds 64 KiB) to
+/// the channel, where each read becomes SSH packets of up to the client's maximum (32 KiB for
+/// OpenSSH), and the client's data (packets of up to 32 KiB) to the program's input.
+/// `tokio::io::copy`'s 8 KiB reads made four times as many packets and pipe writes.
 const COPY_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -524,8 +524,8 @@ fn run_piped(channel: Channel<Msg>, launch: Launch<'_>) -> std::io::Result<()> {
     tokio::spawn(async move {
         let (mut read_half, write_half) = channel.split();
         let input = tokio::spawn(async move {
-            let mut reader = read_half.make_reader();
-            let _ = tokio::io::copy(&mut reader, &mut stdin).await;
+            let mut reader = BufReader::with_capacity(COPY_CHUNK, read_half.make_reader());
+            let _ = tokio::io::copy_buf(&mut reader, &mut stdin).await;
             // Dropping stdin tells the program the client has sent everything (EOF).
         });
         let (mut out, mut err) = (write_half.make_writer(), write_half.make_writer_ext(Some(1)));
