@@ -333,7 +333,7 @@ impl State {
                 Ok(Response::Cluster(Box::new(cluster)))
             }
             Command::ModifyCluster { cluster, listing } => {
-                let before = self.offers_before(*cluster);
+                let before = self.offered(*cluster);
                 let c = self.clusters.get_mut(cluster).ok_or(DomainError::not_found(EntityKind::Cluster, cluster))?;
                 if c.state == ClusterState::Delisted {
                     return Err(DomainError::ClusterDelisted(*cluster));
@@ -347,7 +347,7 @@ impl State {
                 Ok(Response::Cluster(Box::new(modified)))
             }
             Command::DelistCluster { cluster } => {
-                let before = self.offers_before(*cluster);
+                let before = self.offered(*cluster);
                 let c = self.clusters.get_mut(cluster).ok_or(DomainError::not_found(EntityKind::Cluster, cluster))?;
                 if c.state == ClusterState::Delisted {
                     return Err(DomainError::ClusterDelisted(*cluster));

@@ -92,8 +92,8 @@ impl State {
     }
 
     /// What the cluster offers auto-leasing: each billing mode's price, if it is a listed
-    /// Class B cluster.
-    fn offered(&self, cluster: ClusterId) -> Vec<(BillingMode, i64)> {
+    /// Class B cluster ([`Self::reindex_offers`] needs it from before a cluster changes).
+    pub(super) fn offered(&self, cluster: ClusterId) -> Vec<(BillingMode, i64)> {
         match self.clusters.get(&cluster) {
             Some(c) if c.class == ClusterClass::B && c.state == ClusterState::Listed => c.listing.prices.per_card.iter().map(|(m, p)| (*m, *p)).collect(),
             _ => Vec::new(),
@@ -124,11 +124,6 @@ impl State {
         for (mode, price) in self.offered(cluster) {
             self.index.offers.entry(mode).or_default().insert((price, cluster));
         }
-    }
-
-    /// What [`Self::reindex_offers`] needs to know before a cluster changes.
-    pub(super) fn offers_before(&self, cluster: ClusterId) -> Vec<(BillingMode, i64)> {
-        self.offered(cluster)
     }
 
     /// Leases of `researcher` waiting for approval or provisioning.
