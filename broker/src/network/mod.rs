@@ -16,7 +16,7 @@ pub mod forward;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
 use openraft::BasicNode;
@@ -193,10 +193,27 @@ pub struct PeerClient {
     peer_formats: PeerFormats,
 }
 
+/// The most bytes of entries one AppendEntries carries when it carries more than one entry.
+/// openraft sends up to 300 entries a call and gives each call one heartbeat interval (50 ms by
+/// default) before it retries the same range; entries of batched requests (up to
+/// `batcher::MAX_BATCH_BYTES` each) would make a lagging follower's catch-up calls too big to
+/// finish in time, over and over. A bigger call is refused here with how many entries fit, and
+/// openraft sends fewer.
+pub const MAX_APPEND_BYTES: usize = 512 * 1024;
+
+/// How many of `entries` entries encoded in `bytes` one AppendEntries may carry, when that is
+/// fewer than all of them (a single entry always goes, whatever its size).
+pub fn entries_that_fit(entries: usize, bytes: usize) -> Option<u64> {
+    (entries > 1 && bytes > MAX_APPEND_BYTES).then(|| ((entries as u128 * MAX_APPEND_BYTES as u128 / bytes as u128) as u64).max(1))
+}
+
 impl PeerClient {
+    /// Sends `req`; `entries` is how many log entries it carries (AppendEntries only), to split
+    /// a call that is too big ([`MAX_APPEND_BYTES`]).
     async fn call<Req, Resp, E>(
         &mut self,
         req: &Req,
+        entries: usize,
         option: &RPCOption,
         send: impl AsyncFnOnce(RaftInternalClient<Channel>, Request<RaftMessage>) -> Result<Response<RaftMessage>, Status>,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
@@ -208,6 +225,9 @@ impl PeerClient {
         let unreachable = |why: String| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(why)));
         let client = self.client.clone().ok_or_else(|| unreachable(format!("node {} has a bad address, or this node has no peer port", self.target)))?;
         let message = encode(req, wire_format_of(self.cluster_format.get())).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if let Some(fit) = entries_that_fit(entries, message.payload.len()) {
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+        }
         let mut request = Request::new(message);
         request.set_timeout(option.hard_ttl());
         let response = send(client, request).await.map_err(|status| unreachable(status.to_string()))?;
@@ -223,7 +243,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(&rpc, &option, async |mut c, r| c.append_entries(r).await).await
+        let entries = rpc.entries.len();
+        self.call(&rpc, entries, &option, async |mut c, r| c.append_entries(r).await).await
     }
 
     async fn install_snapshot(
@@ -231,11 +252,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>> {
-        self.call(&rpc, &option, async |mut c, r| c.install_snapshot(r).await).await
+        self.call(&rpc, 0, &option, async |mut c, r| c.install_snapshot(r).await).await
     }
 
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(&rpc, &option, async |mut c, r| c.vote(r).await).await
+        self.call(&rpc, 0, &option, async |mut c, r| c.vote(r).await).await
     }
 }
 
@@ -278,6 +299,15 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn an_append_too_big_for_one_call_is_split_by_what_fits_and_one_entry_always_goes() {
+        assert_eq!(entries_that_fit(300, MAX_APPEND_BYTES), None, "at the budget: sent");
+        assert_eq!(entries_that_fit(300, 30 * MAX_APPEND_BYTES), Some(10));
+        assert_eq!(entries_that_fit(300, 3000 * MAX_APPEND_BYTES), Some(1), "at least one entry a call");
+        assert_eq!(entries_that_fit(1, 100 * MAX_APPEND_BYTES), None, "a single entry goes whatever its size");
+        assert_eq!(entries_that_fit(0, 0), None);
+    }
 
     #[test]
     fn the_wire_format_follows_the_cluster_format() {

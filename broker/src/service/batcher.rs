@@ -24,8 +24,9 @@ use crate::storage::{Raft, StateMachineStore};
 /// How many requests one entry carries at most.
 pub const MAX_BATCH_REQUESTS: usize = 256;
 /// How many encoded bytes of requests one entry carries at most (each request is at most
-/// `rules::MAX_COMMAND_BYTES`; a batch always takes at least one).
-pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// `rules::MAX_COMMAND_BYTES`; a batch always takes at least one): no more than one
+/// AppendEntries call carries (`network::MAX_APPEND_BYTES`).
+pub const MAX_BATCH_BYTES: usize = crate::network::MAX_APPEND_BYTES;
 /// Entries proposed and not yet applied at once. Two: while one is replicated, the next is
 /// appended on the leader (openraft takes one append at a time), and whatever arrives during
 /// both is the batch after.
@@ -114,7 +115,13 @@ impl Proposer {
 
     /// Proposes `batch` (one entry, or one each below format 7) and answers every request in
     /// it.
-    async fn commit(&self, batch: Vec<Pending>) {
+    async fn commit(&self, mut batch: Vec<Pending>) {
+        // A caller that gave up waiting is not answered, and its request not proposed: nothing
+        // was applied, so its retry (same request ID) applies it then.
+        batch.retain(|p| !p.answer.is_closed());
+        if batch.is_empty() {
+            return;
+        }
         let cluster_format = self.sm.read(|s| s.cluster_format());
         if batch.len() == 1 || (Command::Batch { envelopes: Vec::new() }).may_propose_at(cluster_format).is_err() {
             let alone = batch.into_iter().map(|p| async move {
