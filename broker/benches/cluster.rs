@@ -319,6 +319,9 @@ async fn failovers(cluster: &mut BrokerCluster, market: &Market, kills: usize) -
             clients.push(cluster.client(*id, &market.researcher_tokens[k % market.researcher_tokens.len()]).await?);
         }
         let term_before = cluster.status(leader).await?.term;
+        // Where each survivor's log stands, to show a slow kill's elections (with
+        // `SUANLI_LOG=info,openraft=info` the brokers log their votes).
+        let logged: Vec<usize> = survivors.iter().map(|id| cluster.log(*id).len()).collect();
         cluster.kill(leader).await?;
         let killed = Instant::now();
         let attempts = std::sync::atomic::AtomicUsize::new(0);
@@ -341,6 +344,15 @@ async fn failovers(cluster: &mut BrokerCluster, market: &Market, kills: usize) -
             took.as_millis(),
             attempts.into_inner()
         );
+        if took > Duration::from_secs(1) {
+            for (id, from) in survivors.iter().zip(logged) {
+                let log = cluster.log(*id);
+                let election = log.get(from..).unwrap_or_default().lines().filter(|l| ["vote", "elect", "leader", "greater"].iter().any(|w| l.contains(w)));
+                for line in election {
+                    eprintln!("  node {id}: {line}");
+                }
+            }
+        }
         cluster.restart(leader).await?;
         cluster.converge(Duration::from_secs(30)).await?;
     }
