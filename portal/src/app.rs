@@ -7,7 +7,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use utoipa::OpenApi;
 
-use crate::api::{accounts, alerts, datasets, federation, image_search, jobs, market, models, operations, operator};
+use crate::api::{accounts, alerts, annotation, datasets, federation, image_search, jobs, market, models, operations, operator};
 use crate::error::ApiError;
 use crate::pages;
 use crate::state::AppState;
@@ -28,13 +28,16 @@ use crate::state::AppState;
         datasets::create, datasets::list, datasets::get, datasets::delete, datasets::get_version, datasets::create_version, datasets::archive, datasets::split, datasets::file,
         datasets::share, datasets::unshare,
         models::register, models::list, models::get, models::promote, models::download, models::compare,
+        annotation::create, annotation::list, annotation::get, annotation::set_member, annotation::remove_member, annotation::join, annotation::next,
+        annotation::assign, annotation::my_slots, annotation::get_slot, annotation::save, annotation::submit, annotation::release, annotation::image_file,
+        annotation::conflicts, annotation::decide, annotation::dashboard, annotation::export, annotation::export_version,
         image_search::list, image_search::add_dataset, image_search::rebuild, image_search::image, image_search::remove_image, image_search::search, image_search::similar, image_search::rebuild_global,
         market::enrollment_token, market::list_nodes, market::list_my_clusters, market::publish, market::modify, market::delist, market::approve,
         market::set_card_status,
         operator::list_reviews, operator::decide_review, operator::list_operators, operator::set_roles, operator::audit, operations::alertmanager,
         federation::catalogue, federation::members, federation::lease, federation::list, federation::access, federation::end,
     ),
-    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "datasets"), (name = "models"), (name = "image search"), (name = "supplier"), (name = "operator"), (name = "operations"))
+    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "datasets"), (name = "models"), (name = "image search"), (name = "annotation"), (name = "supplier"), (name = "operator"), (name = "operations"))
 )]
 pub struct ApiDoc;
 
@@ -102,6 +105,23 @@ pub fn router(state: AppState) -> Router {
         .route("/models/{name}/promote", post(models::promote))
         .route("/models/{name}/versions/{version}/download", get(models::download))
         .route("/models/{name}/compare", get(models::compare))
+        .route("/annotation-projects", get(annotation::list).post(annotation::create))
+        .route("/annotation-projects/{id}", get(annotation::get))
+        .route("/annotation-projects/{id}/members/{username}", put(annotation::set_member).delete(annotation::remove_member))
+        .route("/annotation-projects/{id}/join", post(annotation::join))
+        .route("/annotation-projects/{id}/next", post(annotation::next))
+        .route("/annotation-projects/{id}/my-slots", get(annotation::my_slots))
+        .route("/annotation-projects/{id}/tasks/{task}/slots/{slot}", get(annotation::get_slot))
+        .route("/annotation-projects/{id}/tasks/{task}/slots/{slot}/assign", post(annotation::assign))
+        .route("/annotation-projects/{id}/tasks/{task}/slots/{slot}/images/{image_no}", put(annotation::save))
+        .route("/annotation-projects/{id}/tasks/{task}/slots/{slot}/submit", post(annotation::submit))
+        .route("/annotation-projects/{id}/tasks/{task}/slots/{slot}/release", post(annotation::release))
+        .route("/annotation-projects/{id}/images/{image_no}/file", get(annotation::image_file))
+        .route("/annotation-projects/{id}/images/{image_no}/decisions", post(annotation::decide))
+        .route("/annotation-projects/{id}/conflicts", get(annotation::conflicts))
+        .route("/annotation-projects/{id}/dashboard", get(annotation::dashboard))
+        .route("/annotation-projects/{id}/export", get(annotation::export))
+        .route("/annotation-projects/{id}/export-version", post(annotation::export_version))
         .route("/image-libraries", get(image_search::list))
         .route("/image-libraries/{library}/datasets", post(image_search::add_dataset))
         .route("/image-libraries/{library}/rebuild", post(image_search::rebuild))
@@ -157,6 +177,9 @@ pub fn router(state: AppState) -> Router {
         .route("/models", get(pages::data::models_page))
         .route("/models/{name}", get(pages::data::model_page))
         .route("/search", get(pages::data::image_search_page))
+        .route("/annotation", get(pages::annotate::projects_page))
+        .route("/annotation/{id}", get(pages::annotate::project_page))
+        .route("/annotation/{id}/tasks/{task}/slots/{slot}", get(pages::annotate::tool_page))
         .route("/login", get(pages::account::login_page))
         .route("/register", get(pages::account::register_page))
         .route("/activate", get(pages::account::activate_page))
@@ -171,6 +194,7 @@ pub fn router(state: AppState) -> Router {
         .route("/privacy", get(pages::account::privacy_page))
         .route("/static/app.js", get(pages::static_js))
         .route("/static/app.css", get(pages::static_css))
+        .route("/static/annotate.js", get(pages::annotate::static_annotate_js))
         .route("/healthz", get(health))
         .nest("/api/v1", api)
         .layer(DefaultBodyLimit::max(8 * 1024 * 1024))

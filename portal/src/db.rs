@@ -351,6 +351,112 @@ pub const MIGRATIONS: &[Migration] = &[
 )",
         "CREATE INDEX library_images_waiting ON library_images (library_id, indexed)",
     ]),
+    // 10: crowdsourced annotation (`annotation.rs`): projects over a dataset version, their
+    // members, tasks of overlapping slots, each annotator's work by revision and time, what
+    // comparing a complete image found, reviewers' decisions. Scores are parts per million.
+    expand(&[
+        "CREATE TABLE annotation_projects (
+    id BIGINT PRIMARY KEY,
+    owner BIGINT NOT NULL,
+    name TEXT NOT NULL,
+    dataset_id BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    label_schema TEXT NOT NULL,
+    task_size BIGINT NOT NULL,
+    overlap BIGINT NOT NULL,
+    lease_ms BIGINT NOT NULL,
+    open_call BIGINT NOT NULL,
+    images BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    UNIQUE (owner, name)
+)",
+        "CREATE TABLE annotation_members (
+    project_id BIGINT NOT NULL,
+    user_id BIGINT NOT NULL,
+    role TEXT NOT NULL,
+    joined_ms BIGINT NOT NULL,
+    PRIMARY KEY (project_id, user_id)
+)",
+        "CREATE INDEX annotation_members_by_user ON annotation_members (user_id)",
+        "CREATE TABLE annotation_images (
+    project_id BIGINT NOT NULL,
+    image_no BIGINT NOT NULL,
+    name TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    width BIGINT NOT NULL,
+    height BIGINT NOT NULL,
+    honeypot BIGINT NOT NULL,
+    gold TEXT,
+    pre TEXT,
+    PRIMARY KEY (project_id, image_no)
+)",
+        "CREATE TABLE annotation_tasks (project_id BIGINT NOT NULL, task_no BIGINT NOT NULL, images TEXT NOT NULL, image_count BIGINT NOT NULL, PRIMARY KEY (project_id, task_no))",
+        "CREATE TABLE annotation_slots (
+    project_id BIGINT NOT NULL,
+    task_no BIGINT NOT NULL,
+    slot BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    annotator BIGINT,
+    lease_until BIGINT,
+    assigned_ms BIGINT,
+    submitted_ms BIGINT,
+    generation BIGINT NOT NULL,
+    PRIMARY KEY (project_id, task_no, slot)
+)",
+        "CREATE UNIQUE INDEX annotation_slots_one_per_task ON annotation_slots (project_id, task_no, annotator)",
+        "CREATE INDEX annotation_slots_by_state ON annotation_slots (project_id, state, task_no)",
+        "CREATE INDEX annotation_slots_by_annotator ON annotation_slots (project_id, annotator)",
+        "CREATE TABLE annotation_work (
+    project_id BIGINT NOT NULL,
+    task_no BIGINT NOT NULL,
+    slot BIGINT NOT NULL,
+    image_no BIGINT NOT NULL,
+    annotator BIGINT NOT NULL,
+    shapes TEXT NOT NULL,
+    revision BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (project_id, task_no, slot, annotator, image_no)
+)",
+        "CREATE TABLE annotation_time (
+    project_id BIGINT NOT NULL,
+    annotator BIGINT NOT NULL,
+    task_no BIGINT NOT NULL,
+    slot BIGINT NOT NULL,
+    active_ms BIGINT NOT NULL,
+    last_save_ms BIGINT NOT NULL,
+    PRIMARY KEY (project_id, annotator, task_no, slot)
+)",
+        "CREATE TABLE annotation_results (
+    project_id BIGINT NOT NULL,
+    image_no BIGINT NOT NULL,
+    task_no BIGINT NOT NULL,
+    agreement_ppm BIGINT,
+    conflicts BIGINT NOT NULL,
+    undecided BIGINT NOT NULL,
+    shapes TEXT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (project_id, image_no)
+)",
+        "CREATE TABLE annotation_labels (project_id BIGINT NOT NULL, image_no BIGINT NOT NULL, label TEXT NOT NULL, shapes BIGINT NOT NULL, PRIMARY KEY (project_id, image_no, label))",
+        "CREATE TABLE annotation_scores (
+    project_id BIGINT NOT NULL,
+    annotator BIGINT NOT NULL,
+    image_no BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    f1_ppm BIGINT NOT NULL,
+    PRIMARY KEY (project_id, annotator, image_no, kind)
+)",
+        "CREATE TABLE annotation_decisions (
+    project_id BIGINT NOT NULL,
+    image_no BIGINT NOT NULL,
+    conflict_key TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    reviewer BIGINT NOT NULL,
+    decided_ms BIGINT NOT NULL,
+    PRIMARY KEY (project_id, image_no, conflict_key)
+)",
+    ]),
 ];
 
 impl Db {

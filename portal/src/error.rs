@@ -32,6 +32,8 @@ pub enum Code {
     UploadIncomplete,
     ChecksumMismatch,
     BadImage,
+    TaskNotHeld,
+    StaleRevision,
 }
 
 /// The portal's own codes with their HTTP status, for the documentation test.
@@ -51,6 +53,8 @@ pub const PORTAL_CODES: &[(Code, &str)] = &[
     (Code::UploadIncomplete, "UPLOAD_INCOMPLETE"),
     (Code::ChecksumMismatch, "CHECKSUM_MISMATCH"),
     (Code::BadImage, "BAD_IMAGE"),
+    (Code::TaskNotHeld, "TASK_NOT_HELD"),
+    (Code::StaleRevision, "STALE_REVISION"),
 ];
 
 impl Code {
@@ -69,7 +73,7 @@ impl Code {
             Code::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
             Code::TokenInvalid | Code::BadImage => StatusCode::BAD_REQUEST,
             Code::PayloadTooLarge | Code::QuotaExceeded => StatusCode::PAYLOAD_TOO_LARGE,
-            Code::UploadOffsetMismatch | Code::UploadIncomplete => StatusCode::CONFLICT,
+            Code::UploadOffsetMismatch | Code::UploadIncomplete | Code::TaskNotHeld | Code::StaleRevision => StatusCode::CONFLICT,
             // tus' checksum extension answers a mismatch with 460.
             Code::ChecksumMismatch => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
         }

@@ -14,6 +14,7 @@
 //! - `audit` — the middleware that records every write; `i18n` — the message catalogue.
 
 pub mod alerts;
+pub mod annotation;
 pub mod api;
 pub mod app;
 pub mod artifacts;

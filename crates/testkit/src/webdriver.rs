@@ -174,6 +174,48 @@ impl Browser {
         }
     }
 
+    /// A mouse gesture at viewport points (CSS pixels): press at the first, move through the
+    /// rest, release at the last — a drag; one point is a click. Real pointer events, as a
+    /// hand on a mouse makes them.
+    pub async fn mouse_path(&self, points: &[(f64, f64)]) -> anyhow::Result<()> {
+        let (first, rest) = points.split_first().ok_or_else(|| anyhow!("no points"))?;
+        let at = |(x, y): &(f64, f64), duration: u64| json!({"type": "pointerMove", "duration": duration, "x": x.round() as i64, "y": y.round() as i64, "origin": "viewport"});
+        let mut steps = vec![at(first, 0), json!({"type": "pointerDown", "button": 0})];
+        steps.extend(rest.iter().map(|p| at(p, 60)));
+        steps.push(json!({"type": "pointerUp", "button": 0}));
+        self.perform(json!([{"type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"}, "actions": steps}])).await
+    }
+
+    /// Types `keys` as key presses to whatever has focus: characters as themselves, WebDriver's
+    /// key code points for the rest ([`key`]).
+    pub async fn keys(&self, keys: &str) -> anyhow::Result<()> {
+        let steps: Vec<Value> =
+            keys.chars().flat_map(|c| [json!({"type": "keyDown", "value": c.to_string()}), json!({"type": "keyUp", "value": c.to_string()})]).collect();
+        self.perform(json!([{"type": "key", "id": "keyboard", "actions": steps}])).await
+    }
+
+    /// `key` pressed while `modifiers` ([`key`] code points) are held: Ctrl+Z, Ctrl+Shift+Z.
+    pub async fn chord(&self, modifiers: &[char], key: char) -> anyhow::Result<()> {
+        let press = |kind: &str, c: char| json!({"type": kind, "value": c.to_string()});
+        let mut steps: Vec<Value> = modifiers.iter().map(|m| press("keyDown", *m)).collect();
+        steps.extend([press("keyDown", key), press("keyUp", key)]);
+        steps.extend(modifiers.iter().rev().map(|m| press("keyUp", *m)));
+        self.perform(json!([{"type": "key", "id": "keyboard", "actions": steps}])).await
+    }
+
+    async fn perform(&self, actions: Value) -> anyhow::Result<()> {
+        self.call(reqwest::Method::POST, "/actions", Some(json!({ "actions": actions }))).await?;
+        self.call(reqwest::Method::DELETE, "/actions", None).await.map(drop)
+    }
+
+    /// Closes the current tab, as a person would, after opening a blank one to go on in.
+    pub async fn close_tab(&self) -> anyhow::Result<()> {
+        let fresh = self.call(reqwest::Method::POST, "/window/new", Some(json!({"type": "tab"}))).await?;
+        let handle = fresh["handle"].as_str().ok_or_else(|| anyhow!("no new tab: {fresh}"))?.to_owned();
+        self.call(reqwest::Method::DELETE, "/window", None).await?;
+        self.call(reqwest::Method::POST, "/window", Some(json!({ "handle": handle }))).await.map(drop)
+    }
+
     pub async fn screenshot(&self, path: &Path) -> anyhow::Result<()> {
         let v = self.call(reqwest::Method::GET, "/screenshot", None).await?;
         let png = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default())?;
@@ -183,4 +225,15 @@ impl Browser {
         std::fs::write(path, png)?;
         Ok(())
     }
+}
+
+/// WebDriver's code points for keys without a character.
+pub mod key {
+    pub const ENTER: char = '\u{E007}';
+    pub const ESCAPE: char = '\u{E00C}';
+    pub const SHIFT: char = '\u{E008}';
+    pub const CONTROL: char = '\u{E009}';
+    pub const DELETE: char = '\u{E017}';
+    pub const ARROW_LEFT: char = '\u{E012}';
+    pub const ARROW_RIGHT: char = '\u{E014}';
 }

@@ -6,7 +6,7 @@
 //! only the owner writes (new versions, shares, deletion). Anyone else gets `NOT_FOUND`, never
 //! a hint that it exists. An upload is its creator's alone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -38,7 +38,7 @@ const CHANGES_LISTED: usize = 1_000;
 /// it checks this before sending anything; larger folders go as an archive).
 pub const UPLOADS_PER_VERSION: usize = 1_000;
 
-fn store(state: &AppState) -> ApiResult<&DatasetStore> {
+pub(crate) fn store(state: &AppState) -> ApiResult<&DatasetStore> {
     state.datasets.as_deref().ok_or_else(|| ApiError::new(Code::Broker(suanli_types::ErrorCode::Unavailable), "this portal keeps no datasets"))
 }
 
@@ -823,6 +823,50 @@ pub async fn create_version(
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
+/// Commits `files` as the dataset's next version (an annotation project's reviewed labels on
+/// its version's images): `201` with the version, or `200` with the one a retry's
+/// `request_id` made already.
+pub(crate) async fn commit_files(state: &AppState, d: &DatasetRow, files: &[FileEntry], message: String, request_id: Option<String>) -> ApiResult<Response> {
+    if request_id.as_ref().is_some_and(|key| key.is_empty() || key.len() > 128) {
+        return Err(ApiError::field("request_id", "1 to 128 characters"));
+    }
+    if message.chars().count() > 2000 {
+        return Err(ApiError::field("message", "at most 2000 characters"));
+    }
+    if let Some(key) = &request_id {
+        let done = sqlx::query("SELECT version FROM dataset_versions WHERE dataset_id = $1 AND request_id = $2")
+            .bind(d.id)
+            .bind(key)
+            .fetch_optional(&state.db.pool)
+            .await?;
+        if let Some(row) = done {
+            return Ok((StatusCode::OK, axum::Json(version_view(state, d, row.try_get("version")?, false).await?)).into_response());
+        }
+    }
+    let base = if d.latest > 0 { files_of(state, d.id, d.latest).await? } else { Vec::new() };
+    let old: BTreeMap<&str, &FileEntry> = base.iter().map(|f| (f.name.as_str(), f)).collect();
+    let mut report = VersionReport::default();
+    for file in files {
+        match old.get(file.name.as_str()) {
+            None => report.changes.added.push(file.name.clone()),
+            Some(before) if *before != file => report.changes.modified.push(file.name.clone()),
+            Some(_) => {}
+        }
+    }
+    let names: HashSet<&str> = files.iter().map(|f| f.name.as_str()).collect();
+    report.changes.removed = old.keys().filter(|n| !names.contains(**n)).map(|n| (*n).to_owned()).collect();
+    (report.added, report.removed, report.modified) =
+        (report.changes.added.len() as u64, report.changes.removed.len() as u64, report.changes.modified.len() as u64);
+    for list in [&mut report.changes.added, &mut report.changes.removed, &mut report.changes.modified] {
+        list.truncate(CHANGES_LISTED);
+    }
+    let req = CreateVersion { uploads: Vec::new(), remove: Vec::new(), message, labels: LabelSource::None, request_id };
+    let version = commit(state, d, files, &report, &req).await?;
+    let mut view = version_view(state, d, version, false).await?;
+    view.report = report;
+    Ok((StatusCode::CREATED, axum::Json(view)).into_response())
+}
+
 /// How many pictures an import stores at once: the store is a network hop away (S3), and
 /// one at a time leaves the decoder waiting on round trips.
 const STORES_IN_FLIGHT: usize = 16;
@@ -1112,7 +1156,7 @@ pub(crate) async fn blob_response(store: &DatasetStore, sha256: &str, size: u64,
         .into_response())
 }
 
-async fn user_named(state: &AppState, username: &str) -> ApiResult<i64> {
+pub(crate) async fn user_named(state: &AppState, username: &str) -> ApiResult<i64> {
     let row = sqlx::query("SELECT id FROM users WHERE username = $1 AND kind = 'researcher' AND state = 'active'")
         .bind(username)
         .fetch_optional(&state.db.pool)

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod alerts;
+pub mod annotation;
 pub mod datasets;
 pub mod federation;
 pub mod image_search;

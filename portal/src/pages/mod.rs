@@ -4,6 +4,7 @@
 //! shows each field's problem beside the field.
 
 pub mod account;
+pub mod annotate;
 pub mod data;
 pub mod market;
 pub mod staff;
@@ -69,7 +70,7 @@ pub fn page(ctx: &Ctx, title: &str, body: Markup) -> Response {
                                 UserKind::Researcher => {
                                     a href="/leases" { (t(Msg::MyLeases)) } a href="/jobs" { (t(Msg::Jobs)) }
                                     a href="/datasets" { (t(Msg::Datasets)) } a href="/models" { (t(Msg::Models)) }
-                                    a href="/search" { (t(Msg::ImageSearch)) }
+                                    a href="/search" { (t(Msg::ImageSearch)) } a href="/annotation" { (t(Msg::Annotation)) }
                                 }
                                 UserKind::Supplier => { a href="/supplier" { (t(Msg::Supplier)) } a href="/leases" { (t(Msg::LeaseRequests)) } }
                                 UserKind::Operator => { a href="/operator" { (t(Msg::Operations)) } }

@@ -1,0 +1,673 @@
+// Suanli annotation tool: draw, move and resize boxes, polygons and points over a task's
+// images, with labels, attributes, zoom and pan, undo/redo, pre-annotations to accept or fix,
+// and autosave (a change is on the server within about a second; leaving the page sends what
+// is pending with `keepalive`). Plain JavaScript on a <canvas>, no build step.
+"use strict";
+
+(() => {
+  const root = document.getElementById("annotator");
+  if (!root) return;
+  const csrf = () => document.querySelector('meta[name="csrf-token"]')?.content || "";
+  const project = Number(root.dataset.project), task = Number(root.dataset.task), slot = Number(root.dataset.slot);
+  const schema = JSON.parse(root.dataset.schema);
+  const base = `/api/v1/annotation-projects/${project}`;
+  const slotPath = `${base}/tasks/${task}/slots/${slot}`;
+  const canvas = root.querySelector("canvas");
+  const ctx = canvas.getContext("2d");
+  const statusEl = root.querySelector(".save-state");
+  const nameEl = root.querySelector(".image-name");
+  const listEl = root.querySelector("ul.shapes");
+  const attrsEl = root.querySelector(".attributes");
+  const colour = Object.fromEntries(schema.classes.map((c) => [c.name, c.colour]));
+  const SAVE_AFTER_MS = 700, HANDLE = 6, CLOSE_PX = 8;
+
+  // Everything the page holds, by image.
+  let images = [];
+  let current = 0;
+  let tool = "box";
+  let label = schema.classes[0].name;
+  let selected = null; // a shape's id
+  let draft = null; // a shape being drawn
+  let drag = null; // {kind: "move"|"handle"|"pan", …}
+  let view = { s: 1, ox: 0, oy: 0 };
+  let lost = false;
+  let lastActivity = 0, activeSince = Date.now(), activeMs = 0;
+  let shapeSeq = 0;
+
+  const img = () => images[current];
+  const newId = () => `s${Date.now().toString(36)}${(shapeSeq++).toString(36)}`;
+  const round = (v) => Math.round(v * 100) / 100;
+  const clone = (v) => JSON.parse(JSON.stringify(v));
+
+  function setStatus(text, kind) {
+    statusEl.textContent = text;
+    statusEl.dataset.state = kind;
+  }
+
+  // ---- time worked: counted while there was input in the last 30 s ----
+  function touch() {
+    const now = Date.now();
+    if (now - lastActivity < 30000) activeMs += now - Math.max(lastActivity, activeSince);
+    lastActivity = now;
+  }
+
+  // ---- the server ----
+  async function api(method, path, body, keepalive) {
+    const r = await fetch(path, {
+      method,
+      credentials: "same-origin",
+      keepalive: !!keepalive,
+      headers: { "Content-Type": "application/json", Accept: "application/json", "X-CSRF-Token": csrf() },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await r.text();
+    const json = text ? JSON.parse(text) : null;
+    if (!r.ok) throw Object.assign(new Error(json?.error?.message || r.statusText), { status: r.status, code: json?.error?.code, body: json });
+    return json;
+  }
+
+  async function load() {
+    const slotView = await api("GET", slotPath);
+    images = slotView.images.map((i) => ({
+      ...i,
+      shapes: i.revision > 0 ? i.shapes : i.pre.map((p) => ({ ...p, id: newId() })),
+      dirty: i.revision === 0 && i.pre.length > 0,
+      undo: [],
+      redo: [],
+      bitmap: null,
+      saving: null,
+    }));
+    if (slotView.state !== "held") lock("this task is submitted: read only");
+    await show(0);
+    root.dataset.ready = "1";
+    performance.mark("annotator-ready");
+  }
+
+  function lock(why) {
+    lost = true;
+    setStatus(why, "lost");
+    root.querySelectorAll("button[data-action='submit']").forEach((b) => (b.disabled = true));
+  }
+
+  // Saves every changed image; at most one save per image in flight, its revision chained.
+  async function saveImage(i, keepalive) {
+    const im = images[i];
+    if (!im.dirty || lost) return;
+    if (im.saving) return im.saving.then(() => saveImage(i, keepalive));
+    im.dirty = false;
+    touch();
+    const shapes = clone(im.shapes);
+    const worked = activeMs;
+    activeMs = 0;
+    setStatus("saving…", "saving");
+    im.saving = api("PUT", `${slotPath}/images/${im.image_no}`, { shapes, revision: im.revision, active_ms: worked }, keepalive)
+      .then((r) => {
+        im.revision = r.revision;
+        if (!images.some((x) => x.dirty)) setStatus("saved", "saved");
+      })
+      .catch((e) => {
+        if (e.code === "TASK_NOT_HELD") lock("this task is no longer yours (its lease ran out)");
+        else if (e.code === "STALE_REVISION") lock("saved from another tab meanwhile: reload the page");
+        else {
+          im.dirty = true;
+          setStatus(`not saved: ${e.message}`, "error");
+        }
+      })
+      .finally(() => (im.saving = null));
+    return im.saving;
+  }
+
+  let saveTimer = null;
+  function changed() {
+    img().dirty = true;
+    setStatus("unsaved", "dirty");
+    clearTimeout(saveTimer);
+    saveTimer = setTimeout(() => images.forEach((_, i) => saveImage(i)), SAVE_AFTER_MS);
+  }
+  const flush = () => images.forEach((_, i) => saveImage(i, true));
+  window.addEventListener("pagehide", flush);
+  document.addEventListener("visibilitychange", () => document.visibilityState === "hidden" && flush());
+
+  // ---- undo / redo: snapshots of the image's shapes ----
+  function record() {
+    img().undo.push(clone(img().shapes));
+    if (img().undo.length > 200) img().undo.shift();
+    img().redo = [];
+  }
+  function undo() {
+    const im = img();
+    if (!im.undo.length) return;
+    im.redo.push(clone(im.shapes));
+    im.shapes = im.undo.pop();
+    selected = null;
+    changed();
+    redraw();
+  }
+  function redoIt() {
+    const im = img();
+    if (!im.redo.length) return;
+    im.undo.push(clone(im.shapes));
+    im.shapes = im.redo.pop();
+    selected = null;
+    changed();
+    redraw();
+  }
+
+  // ---- geometry ----
+  const toImage = (sx, sy) => [(sx - view.ox) / view.s, (sy - view.oy) / view.s];
+  const toCanvas = (x, y) => [x * view.s + view.ox, y * view.s + view.oy];
+  const clampX = (x) => Math.min(Math.max(x, 0), img().width);
+  const clampY = (y) => Math.min(Math.max(y, 0), img().height);
+  function eventPoint(e) {
+    const r = canvas.getBoundingClientRect();
+    return [e.clientX - r.left, e.clientY - r.top];
+  }
+  function vertices(s) {
+    if (s.type === "box") return [[s.x, s.y], [s.x + s.w, s.y], [s.x + s.w, s.y + s.h], [s.x, s.y + s.h]];
+    return s.points;
+  }
+  function inside(s, x, y) {
+    if (s.type === "box") return x >= s.x && x <= s.x + s.w && y >= s.y && y <= s.y + s.h;
+    if (s.type === "polygon") {
+      let hit = false;
+      for (let i = 0, j = s.points.length - 1; i < s.points.length; j = i++) {
+        const [xi, yi] = s.points[i], [xj, yj] = s.points[j];
+        if (yi > y !== yj > y && x < ((xj - xi) * (y - yi)) / (yj - yi) + xi) hit = !hit;
+      }
+      return hit;
+    }
+    return s.points.some(([px, py]) => Math.hypot(px - x, py - y) * view.s < HANDLE * 1.5);
+  }
+  function handleAt(s, sx, sy) {
+    const vs = vertices(s);
+    for (let i = 0; i < vs.length; i++) {
+      const [cx, cy] = toCanvas(vs[i][0], vs[i][1]);
+      if (Math.abs(cx - sx) <= HANDLE && Math.abs(cy - sy) <= HANDLE) return i;
+    }
+    return -1;
+  }
+  function normalizeBox(s) {
+    if (s.w < 0) { s.x += s.w; s.w = -s.w; }
+    if (s.h < 0) { s.y += s.h; s.h = -s.h; }
+    s.x = round(s.x); s.y = round(s.y); s.w = round(s.w); s.h = round(s.h);
+  }
+
+  // ---- drawing ----
+  // The canvas on whole CSS pixels: its pixels are then the screen's (crisp), and a pointer
+  // at a whole viewport pixel is a whole canvas pixel.
+  function align() {
+    canvas.style.transform = "none";
+    const r = canvas.getBoundingClientRect();
+    canvas.style.transform = `translate(${-(r.left - Math.floor(r.left))}px, ${-(r.top - Math.floor(r.top))}px)`;
+  }
+  window.addEventListener("resize", align);
+
+  function fit() {
+    align();
+    const im = img();
+    const s = Math.min(1, canvas.width / im.width, canvas.height / im.height);
+    view = { s, ox: Math.floor((canvas.width - im.width * s) / 2), oy: Math.floor((canvas.height - im.height * s) / 2) };
+  }
+  function path(s) {
+    ctx.beginPath();
+    const vs = vertices(s);
+    vs.forEach(([x, y], i) => {
+      const [cx, cy] = toCanvas(x, y);
+      i ? ctx.lineTo(cx, cy) : ctx.moveTo(cx, cy);
+    });
+    if (s.type !== "polyline") ctx.closePath();
+  }
+  function drawShape(s, isSelected) {
+    const c = colour[s.label] || "#ffffff";
+    ctx.save();
+    ctx.strokeStyle = c;
+    ctx.fillStyle = c + "33";
+    ctx.lineWidth = isSelected ? 3 : 2;
+    ctx.setLineDash(s.score !== undefined ? [6, 4] : []);
+    if (s.type === "points") {
+      for (const [x, y] of s.points) {
+        const [cx, cy] = toCanvas(x, y);
+        ctx.beginPath();
+        ctx.arc(cx, cy, 4, 0, Math.PI * 2);
+        ctx.fillStyle = c;
+        ctx.fill();
+      }
+    } else {
+      path(s);
+      if (s.type !== "polyline") ctx.fill();
+      ctx.stroke();
+    }
+    if (isSelected) {
+      ctx.setLineDash([]);
+      ctx.fillStyle = "#ffffff";
+      for (const [x, y] of vertices(s)) {
+        const [cx, cy] = toCanvas(x, y);
+        ctx.fillRect(cx - HANDLE / 2, cy - HANDLE / 2, HANDLE, HANDLE);
+        ctx.strokeRect(cx - HANDLE / 2, cy - HANDLE / 2, HANDLE, HANDLE);
+      }
+    }
+    ctx.restore();
+  }
+  function redraw() {
+    const im = img();
+    ctx.fillStyle = "#222";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    if (im.bitmap) ctx.drawImage(im.bitmap, view.ox, view.oy, im.width * view.s, im.height * view.s);
+    for (const s of im.shapes) drawShape(s, s.id === selected);
+    if (draft) {
+      drawShape(draft, true);
+      if (draft.type === "polygon" && draft.cursor) {
+        const last = draft.points[draft.points.length - 1];
+        ctx.beginPath();
+        ctx.moveTo(...toCanvas(last[0], last[1]));
+        ctx.lineTo(...toCanvas(draft.cursor[0], draft.cursor[1]));
+        ctx.strokeStyle = colour[draft.label];
+        ctx.stroke();
+      }
+    }
+    renderList();
+  }
+  function renderList() {
+    listEl.replaceChildren(
+      ...img().shapes.map((s) => {
+        const li = document.createElement("li");
+        li.dataset.shape = s.id;
+        li.className = s.id === selected ? "selected" : "";
+        li.textContent = `${s.label} · ${s.type}${s.score !== undefined ? ` · pre ${s.score.toFixed(2)}` : ""}`;
+        li.addEventListener("click", () => { selected = s.id; redraw(); renderAttributes(); });
+        return li;
+      }),
+    );
+    root.dataset.shapes = String(img().shapes.length);
+  }
+  function renderAttributes() {
+    const s = img().shapes.find((x) => x.id === selected);
+    attrsEl.replaceChildren();
+    if (!s) return;
+    const cls = schema.classes.find((c) => c.name === s.label);
+    for (const a of cls?.attributes || []) {
+      const row = document.createElement("label");
+      row.append(Object.assign(document.createElement("span"), { textContent: a.name }));
+      let input;
+      if (a.kind === "select") {
+        input = document.createElement("select");
+        input.append(new Option("—", ""), ...a.values.map((v) => new Option(v, v, false, s.attributes?.[a.name] === v)));
+      } else {
+        input = document.createElement("input");
+        input.type = a.kind === "checkbox" ? "checkbox" : a.kind === "number" ? "number" : "text";
+        if (a.kind === "checkbox") input.checked = !!s.attributes?.[a.name];
+        else input.value = s.attributes?.[a.name] ?? "";
+      }
+      input.name = a.name;
+      input.addEventListener("change", () => {
+        record();
+        const value = a.kind === "checkbox" ? input.checked : a.kind === "number" ? Number(input.value) : input.value;
+        s.attributes = { ...(s.attributes || {}) };
+        if (value === "" || (a.kind === "checkbox" && !value)) delete s.attributes[a.name];
+        else s.attributes[a.name] = value;
+        if (!Object.keys(s.attributes).length) delete s.attributes;
+        changed();
+      });
+      row.append(input);
+      attrsEl.append(row);
+    }
+  }
+
+  async function show(i) {
+    draft = null;
+    selected = null;
+    current = i;
+    const im = img();
+    nameEl.textContent = `${i + 1} / ${images.length} · ${im.name}`;
+    root.dataset.image = String(im.image_no);
+    fit();
+    if (!im.bitmap) {
+      const el = new Image();
+      el.src = `${base}/images/${im.image_no}/file`;
+      await el.decode().catch(() => setStatus(`image ${im.name} did not load`, "error"));
+      im.bitmap = el;
+    }
+    redraw();
+    renderAttributes();
+  }
+
+  // ---- editing ----
+  function finishDraft() {
+    if (!draft) return;
+    const d = draft;
+    draft = null;
+    delete d.cursor;
+    const ok = (d.type === "polygon" && d.points.length >= 3) || (d.type === "points" && d.points.length >= 1) || d.type === "box";
+    if (ok) {
+      record();
+      img().shapes.push(d);
+      selected = d.id;
+      changed();
+    }
+    redraw();
+    renderAttributes();
+  }
+  function removeSelected() {
+    if (!selected) return;
+    record();
+    img().shapes = img().shapes.filter((s) => s.id !== selected);
+    selected = null;
+    changed();
+    redraw();
+    renderAttributes();
+  }
+  function setLabel(name) {
+    label = name;
+    root.querySelectorAll("[data-label]").forEach((b) => b.classList.toggle("active", b.dataset.label === name));
+    const s = img()?.shapes.find((x) => x.id === selected);
+    if (s && s.label !== name) {
+      record();
+      s.label = name;
+      delete s.score;
+      delete s.attributes;
+      changed();
+      redraw();
+      renderAttributes();
+    }
+  }
+  function setTool(name) {
+    finishDraft();
+    tool = name;
+    root.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("active", b.dataset.tool === name));
+  }
+  // A pre-annotation the annotator keeps becomes theirs (its score goes).
+  function accept(all) {
+    const targets = img().shapes.filter((s) => s.score !== undefined && (all || s.id === selected));
+    if (!targets.length) return;
+    record();
+    targets.forEach((s) => delete s.score);
+    changed();
+    redraw();
+  }
+  // The previous image's shapes, copied (new IDs), where they fit this image.
+  function copyPrevious() {
+    if (current === 0) return;
+    const prev = images[current - 1], im = img();
+    const fits = (s) => vertices(s).every(([x, y]) => x >= 0 && y >= 0 && x <= im.width && y <= im.height);
+    const copies = prev.shapes.filter(fits).map((s) => ({ ...clone(s), id: newId() }));
+    if (!copies.length) return;
+    record();
+    im.shapes.push(...copies);
+    changed();
+    redraw();
+  }
+
+  canvas.addEventListener("contextmenu", (e) => e.preventDefault());
+  canvas.addEventListener("pointerdown", (e) => {
+    if (lost) return;
+    touch();
+    canvas.setPointerCapture(e.pointerId);
+    const [sx, sy] = eventPoint(e);
+    const [x, y] = toImage(sx, sy);
+    if (e.button === 1 || e.button === 2 || e.shiftKey) {
+      drag = { kind: "pan", sx, sy, ox: view.ox, oy: view.oy };
+      return;
+    }
+    if (tool === "select") {
+      const s0 = img().shapes.find((s) => s.id === selected);
+      const h = s0 ? handleAt(s0, sx, sy) : -1;
+      if (s0 && h >= 0) {
+        record();
+        drag = { kind: "handle", shape: s0, index: h };
+        return;
+      }
+      const hit = [...img().shapes].reverse().find((s) => inside(s, x, y));
+      selected = hit ? hit.id : null;
+      if (hit) {
+        record();
+        drag = { kind: "move", shape: hit, from: [x, y], original: clone(hit), moved: false };
+      }
+      redraw();
+      renderAttributes();
+      return;
+    }
+    const [cx, cy] = [clampX(x), clampY(y)];
+    if (tool === "box") {
+      draft = { id: newId(), label, type: "box", x: cx, y: cy, w: 0, h: 0 };
+      drag = { kind: "draw", from: [cx, cy] };
+    } else if (tool === "polygon") {
+      if (!draft) draft = { id: newId(), label, type: "polygon", points: [] };
+      const first = draft.points[0];
+      if (first && draft.points.length >= 3) {
+        const [fx, fy] = toCanvas(first[0], first[1]);
+        if (Math.hypot(fx - sx, fy - sy) <= CLOSE_PX) return finishDraft();
+      }
+      draft.points.push([round(cx), round(cy)]);
+    } else if (tool === "points") {
+      if (!draft) draft = { id: newId(), label, type: "points", points: [] };
+      draft.points.push([round(cx), round(cy)]);
+    }
+    redraw();
+  });
+  canvas.addEventListener("pointermove", (e) => {
+    const [sx, sy] = eventPoint(e);
+    const [x, y] = toImage(sx, sy);
+    if (draft && draft.type === "polygon") draft.cursor = [clampX(x), clampY(y)];
+    if (!drag) {
+      if (draft) redraw();
+      return;
+    }
+    touch();
+    if (drag.kind === "pan") {
+      view.ox = drag.ox + sx - drag.sx;
+      view.oy = drag.oy + sy - drag.sy;
+    } else if (drag.kind === "draw") {
+      draft.x = Math.min(drag.from[0], clampX(x));
+      draft.y = Math.min(drag.from[1], clampY(y));
+      draft.w = Math.abs(clampX(x) - drag.from[0]);
+      draft.h = Math.abs(clampY(y) - drag.from[1]);
+    } else if (drag.kind === "move") {
+      const s = drag.shape, o = drag.original, im = img();
+      let dx = x - drag.from[0], dy = y - drag.from[1];
+      const [bx0, by0, bx1, by1] = vertices(o).reduce((b, [px, py]) => [Math.min(b[0], px), Math.min(b[1], py), Math.max(b[2], px), Math.max(b[3], py)], [Infinity, Infinity, -Infinity, -Infinity]);
+      dx = Math.min(Math.max(dx, -bx0), im.width - bx1);
+      dy = Math.min(Math.max(dy, -by0), im.height - by1);
+      if (s.type === "box") { s.x = round(o.x + dx); s.y = round(o.y + dy); }
+      else s.points = o.points.map(([px, py]) => [round(px + dx), round(py + dy)]);
+      drag.moved = true;
+    } else if (drag.kind === "handle") {
+      const s = drag.shape, [cx, cy] = [round(clampX(x)), round(clampY(y))];
+      if (s.type === "box") {
+        const corners = vertices(s);
+        const opposite = corners[(drag.index + 2) % 4];
+        s.x = Math.min(opposite[0], cx); s.y = Math.min(opposite[1], cy);
+        s.w = Math.abs(cx - opposite[0]); s.h = Math.abs(cy - opposite[1]);
+        // The corner under the cursor now (it may have crossed the opposite one).
+        const [left, top] = [cx < opposite[0], cy < opposite[1]];
+        drag.index = top ? (left ? 0 : 1) : left ? 3 : 2;
+      } else s.points[drag.index] = [cx, cy];
+      drag.moved = true;
+    }
+    redraw();
+  });
+  canvas.addEventListener("pointerup", () => {
+    if (!drag) return;
+    const d = drag;
+    drag = null;
+    if (d.kind === "draw") {
+      normalizeBox(draft);
+      if (draft.w * view.s < 3 || draft.h * view.s < 3) draft = null;
+      else finishDraft();
+    } else if (d.kind === "move" || d.kind === "handle") {
+      if (d.kind === "handle" || d.moved) {
+        if (d.shape.type === "box") normalizeBox(d.shape);
+        delete d.shape.score;
+        changed();
+      } else img().undo.pop();
+    }
+    redraw();
+  });
+  canvas.addEventListener("dblclick", () => draft && finishDraft());
+  canvas.addEventListener("wheel", (e) => {
+    e.preventDefault();
+    const [sx, sy] = eventPoint(e);
+    zoomAt(sx, sy, e.deltaY < 0 ? 1.25 : 0.8);
+  }, { passive: false });
+  function zoomAt(sx, sy, factor) {
+    const [x, y] = toImage(sx, sy);
+    view.s = Math.min(Math.max(view.s * factor, 0.02), 32);
+    view.ox = sx - x * view.s;
+    view.oy = sy - y * view.s;
+    redraw();
+  }
+
+  async function go(delta) {
+    const next = current + delta;
+    if (next < 0 || next >= images.length) return;
+    finishDraft();
+    saveImage(current);
+    await show(next);
+  }
+
+  async function submitTask() {
+    finishDraft();
+    clearTimeout(saveTimer);
+    await Promise.all(images.map((_, i) => saveImage(i)));
+    if (images.some((x) => x.dirty) || lost) return;
+    try {
+      await api("POST", `${slotPath}/submit`);
+      setStatus("submitted", "submitted");
+      lock("submitted");
+      root.dataset.submitted = "1";
+    } catch (e) {
+      setStatus(`not submitted: ${e.message}`, "error");
+    }
+  }
+
+  const keys = {
+    b: () => setTool("box"), p: () => setTool("polygon"), k: () => setTool("points"), v: () => setTool("select"),
+    Enter: finishDraft, Escape: () => { draft = null; redraw(); }, Delete: removeSelected, Backspace: removeSelected,
+    n: () => go(1), ArrowRight: () => go(1), ArrowLeft: () => go(-1), c: copyPrevious,
+    a: () => accept(true), f: () => { fit(); redraw(); }, "+": () => zoomAt(canvas.width / 2, canvas.height / 2, 1.25), "-": () => zoomAt(canvas.width / 2, canvas.height / 2, 0.8),
+  };
+  document.addEventListener("keydown", (e) => {
+    if (e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement) return;
+    touch();
+    if ((e.ctrlKey || e.metaKey) && e.key.toLowerCase() === "z") { e.preventDefault(); return e.shiftKey ? redoIt() : undo(); }
+    if ((e.ctrlKey || e.metaKey) && e.key.toLowerCase() === "y") { e.preventDefault(); return redoIt(); }
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    const digit = Number(e.key);
+    if (digit >= 1 && digit <= schema.classes.length) return setLabel(schema.classes[digit - 1].name);
+    const action = keys[e.key];
+    if (action) { e.preventDefault(); action(); }
+  });
+  root.addEventListener("click", (e) => {
+    const b = e.target.closest("button");
+    if (!b) return;
+    if (b.dataset.tool) setTool(b.dataset.tool);
+    else if (b.dataset.label) setLabel(b.dataset.label);
+    else ({ undo, redo: redoIt, prev: () => go(-1), next: () => go(1), copy: copyPrevious, accept: () => accept(true), fit: () => { fit(); redraw(); }, submit: submitTask, delete: removeSelected })[b.dataset.action]?.();
+  });
+
+  // For tests and scripts: where an image point is on the screen (viewport pixels).
+  window.suanliAnnotator = {
+    toViewport(x, y) {
+      const r = canvas.getBoundingClientRect();
+      const [cx, cy] = toCanvas(x, y);
+      return [r.left + cx, r.top + cy];
+    },
+  };
+
+  setTool("box");
+  setLabel(label);
+  load().catch((e) => setStatus(`could not load the task: ${e.message}`, "error"));
+})();
+
+// "Annotate the next task": takes a slot and opens the tool on it.
+(() => {
+  const button = document.querySelector("[data-next-task]");
+  if (!button) return;
+  const csrf = () => document.querySelector('meta[name="csrf-token"]')?.content || "";
+  button.addEventListener("click", async () => {
+    const project = button.dataset.nextTask;
+    const problem = button.parentElement.querySelector(".form-error");
+    const r = await fetch(`/api/v1/annotation-projects/${project}/next`, { method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": csrf(), Accept: "application/json" } });
+    const body = await r.json();
+    if (r.ok) location.href = `/annotation/${project}/tasks/${body.task}/slots/${body.slot}`;
+    else problem.textContent = r.status === 404 ? problem.dataset.nothingLeft : body.error?.message || r.statusText;
+  });
+})();
+
+// The reviewer's conflicts: each drawn over its image, each member shape with "accept", the
+// object with "reject".
+(() => {
+  const root = document.getElementById("review");
+  if (!root) return;
+  const csrf = () => document.querySelector('meta[name="csrf-token"]')?.content || "";
+  const base = `/api/v1/annotation-projects/${root.dataset.project}`;
+  const list = root.querySelector(".conflicts");
+  const palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"];
+
+  function draw(canvas, image, bitmap, shapes) {
+    const s = Math.min(1, 360 / image.width);
+    canvas.width = Math.round(image.width * s);
+    canvas.height = Math.round(image.height * s);
+    const ctx = canvas.getContext("2d");
+    if (bitmap) ctx.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    shapes.forEach((shape, i) => {
+      ctx.strokeStyle = palette[i % palette.length];
+      ctx.lineWidth = 2;
+      ctx.beginPath();
+      if (shape.type === "box") ctx.rect(shape.x * s, shape.y * s, shape.w * s, shape.h * s);
+      else {
+        shape.points.forEach(([x, y], k) => (k ? ctx.lineTo(x * s, y * s) : ctx.moveTo(x * s, y * s)));
+        if (shape.type === "polygon") ctx.closePath();
+      }
+      ctx.stroke();
+    });
+  }
+
+  async function decide(image, key, decision) {
+    const r = await fetch(`${base}/images/${image}/decisions`, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", Accept: "application/json", "X-CSRF-Token": csrf() },
+      body: JSON.stringify({ key, decision }),
+    });
+    if (!r.ok) throw new Error((await r.json()).error?.message || r.statusText);
+    await load();
+  }
+
+  async function load() {
+    const r = await fetch(`${base}/conflicts`, { credentials: "same-origin", headers: { Accept: "application/json" } });
+    const images = r.ok ? await r.json() : [];
+    list.replaceChildren();
+    if (!images.length) list.append(Object.assign(document.createElement("p"), { className: "none", textContent: root.dataset.none }));
+    for (const image of images) {
+      const bitmap = new Image();
+      bitmap.src = `${base}/images/${image.image_no}/file`;
+      await bitmap.decode().catch(() => {});
+      for (const c of image.conflicts.filter((x) => !x.decision)) {
+        const item = document.createElement("article");
+        item.className = "conflict";
+        item.dataset.key = c.key;
+        item.dataset.image = image.image_no;
+        const canvas = document.createElement("canvas");
+        draw(canvas, image, bitmap, c.shapes.map((m) => m.shape));
+        const why = [c.missing.length ? `${root.dataset.missing} ${c.missing.join(", ")}` : "", c.labels_differ ? root.dataset.labelsDiffer : ""].filter(Boolean).join(" · ");
+        item.append(Object.assign(document.createElement("h3"), { textContent: `${image.name}: ${why}` }), canvas);
+        const problem = Object.assign(document.createElement("p"), { className: "form-error" });
+        const act = (decision) => decide(image.image_no, c.key, decision).catch((e) => (problem.textContent = e.message));
+        c.shapes.forEach((m, i) => {
+          const b = Object.assign(document.createElement("button"), { type: "button", textContent: `${root.dataset.accept} ${m.annotator}: ${m.shape.label} (${m.shape.type})` });
+          b.style.borderColor = palette[i % palette.length];
+          b.dataset.accept = m.annotator;
+          b.addEventListener("click", () => act({ decision: "accept", annotator: m.annotator, shape: m.shape.id }));
+          item.append(b);
+        });
+        const reject = Object.assign(document.createElement("button"), { type: "button", textContent: root.dataset.reject });
+        reject.dataset.reject = "1";
+        reject.addEventListener("click", () => act({ decision: "reject" }));
+        item.append(reject, problem);
+        list.append(item);
+      }
+    }
+    root.dataset.loaded = String(Date.now());
+  }
+  load();
+})();

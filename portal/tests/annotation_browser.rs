@@ -1,0 +1,248 @@
+//! The annotation tool in headless Chromium on real photos (the CV test data's cat and coffee
+//! cup): three annotators each take the one task (three-way overlap) from the project page and
+//! draw with mouse and keyboard — a box and a polygon on the cat, a box on the cup; one undoes
+//! and redoes; one closes the tab right after drawing and finds the work saved when they come
+//! back; one draws an extra box, which is the one conflict; the reviewer accepts it in the page;
+//! the COCO export opens in pycocotools and holds exactly what was drawn, to the pixel (the
+//! polygon rasterized by pycocotools itself).
+//! Needs SUANLI_CV_DATA and SUANLI_TORCH_VENV (with pycocotools; `.ci/run` sets both).
+//! Screenshots are saved under `target/tmp/portal-screenshots/`.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use suanli_testkit::webdriver::{key, Browser};
+use support::{new_dataset, tar_of, token, Api, Backend, Tus, World, PASSWORD};
+
+const WAIT: Duration = Duration::from_secs(30);
+const CAT_BOX: (f64, f64, f64, f64) = (100.0, 60.0, 200.0, 180.0);
+const EAR: [(f64, f64); 4] = [(150.0, 70.0), (190.0, 62.0), (200.0, 110.0), (160.0, 118.0)];
+const CUP_BOX: (f64, f64, f64, f64) = (200.0, 100.0, 200.0, 200.0);
+const EXTRA_BOX: (f64, f64, f64, f64) = (20.0, 20.0, 60.0, 60.0);
+
+fn shots() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("portal-screenshots")
+}
+
+fn need(var: &str) -> Option<PathBuf> {
+    let value = std::env::var_os(var).map(PathBuf::from);
+    assert!(value.is_some() || std::env::var("CI").as_deref() != Ok("true"), "{var} must be set under CI=true");
+    value
+}
+
+async fn login(b: &Browser, url: &str, user: &str) -> anyhow::Result<()> {
+    b.goto(&format!("{url}/login")).await?;
+    b.type_into("input[name=login]", user).await?;
+    b.type_into("input[name=password]", PASSWORD).await?;
+    b.click("form.api button[type=submit]").await?;
+    b.wait_for("button[data-logout]", WAIT).await?;
+    Ok(())
+}
+
+/// Where image point `(x, y)` is in the viewport, as the tool shows it now.
+async fn at(b: &Browser, x: f64, y: f64) -> anyhow::Result<(f64, f64)> {
+    let v = b.execute("return window.suanliAnnotator.toViewport(arguments[0], arguments[1]);", json!([x, y])).await?;
+    Ok((v[0].as_f64().unwrap_or_default(), v[1].as_f64().unwrap_or_default()))
+}
+
+async fn draw_box(b: &Browser, (x, y, w, h): (f64, f64, f64, f64)) -> anyhow::Result<()> {
+    b.keys("b").await?;
+    let (from, mid, to) = (at(b, x, y).await?, at(b, x + w / 2.0, y + h / 2.0).await?, at(b, x + w, y + h).await?);
+    b.mouse_path(&[from, mid, to]).await
+}
+
+async fn draw_polygon(b: &Browser, points: &[(f64, f64)]) -> anyhow::Result<()> {
+    b.keys("p").await?;
+    for &(x, y) in points {
+        b.mouse_path(&[at(b, x, y).await?]).await?;
+    }
+    b.keys(&key::ENTER.to_string()).await
+}
+
+async fn attribute(b: &Browser, name: &str) -> anyhow::Result<String> {
+    Ok(b.execute("return document.getElementById('annotator').dataset[arguments[0]] || '';", json!([name])).await?.as_str().unwrap_or_default().to_owned())
+}
+
+async fn wait_attribute(b: &Browser, name: &str, want: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = attribute(b, name).await?;
+        if now == want {
+            return Ok(());
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "#annotator data-{name} is {now:?}, waiting for {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn save_state(b: &Browser) -> anyhow::Result<String> {
+    Ok(b.execute("return document.querySelector('#annotator .save-state').dataset.state;", json!([])).await?.as_str().unwrap_or_default().to_owned())
+}
+
+/// Opens the tool on the annotator's task from the project page.
+async fn open_task(b: &Browser, url: &str, project: u64, first_time: bool) -> anyhow::Result<()> {
+    b.goto(&format!("{url}/annotation/{project}")).await?;
+    if first_time {
+        b.wait_for("button[data-next-task]", WAIT).await?;
+        b.click("button[data-next-task]").await?;
+    } else {
+        b.wait_for(".my-tasks a[href*='/tasks/']", WAIT).await?;
+        b.click(".my-tasks a[href*='/tasks/']").await?;
+    }
+    b.wait_url("/tasks/", WAIT).await?;
+    wait_attribute(b, "ready", "1").await
+}
+
+/// One annotator's session. `close_mid_task`: closes the tab right after the cat is drawn and
+/// comes back. `extra`: draws the extra box on the cup's image. `undo`: draws a stray box and
+/// undoes, redoes and undoes it again with the keyboard.
+async fn annotate(url: &str, project: u64, who: &str, close_mid_task: bool, extra: bool, undo: bool) -> anyhow::Result<()> {
+    let b = Browser::start().await?;
+    let result = async {
+        login(&b, url, who).await?;
+        open_task(&b, url, project, true).await?;
+        b.keys("1").await?;
+        draw_box(&b, CAT_BOX).await?;
+        draw_polygon(&b, &EAR).await?;
+        wait_attribute(&b, "shapes", "2").await?;
+        if undo {
+            draw_box(&b, (10.0, 10.0, 30.0, 30.0)).await?;
+            wait_attribute(&b, "shapes", "3").await?;
+            b.chord(&[key::CONTROL], 'z').await?;
+            wait_attribute(&b, "shapes", "2").await?;
+            b.chord(&[key::CONTROL, key::SHIFT], 'z').await?;
+            wait_attribute(&b, "shapes", "3").await?;
+            b.chord(&[key::CONTROL], 'z').await?;
+            wait_attribute(&b, "shapes", "2").await?;
+        }
+        if close_mid_task {
+            // Straight away: what is on screen is saved as the page goes.
+            b.close_tab().await?;
+            open_task(&b, url, project, false).await?;
+            wait_attribute(&b, "shapes", "2").await?;
+        }
+        let first = attribute(&b, "image").await?;
+        b.keys(&key::ARROW_RIGHT.to_string()).await?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while attribute(&b, "image").await? == first {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the next image never showed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        b.keys("2").await?;
+        draw_box(&b, CUP_BOX).await?;
+        if extra {
+            draw_box(&b, EXTRA_BOX).await?;
+        }
+        wait_attribute(&b, "shapes", if extra { "2" } else { "1" }).await?;
+        b.screenshot(&shots().join(format!("annotate-{who}.png"))).await?;
+        b.click("button[data-action='submit']").await?;
+        wait_attribute(&b, "submitted", "1").await?;
+        anyhow::ensure!(save_state(&b).await? == "lost" || save_state(&b).await? == "submitted", "submitted and read-only");
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        let _ = b.screenshot(&shots().join(format!("annotate-{who}-failed.png"))).await;
+    }
+    result
+}
+
+async fn dataset_of_photos(w: &World, owner: &Api, data: &std::path::Path) -> anyhow::Result<u64> {
+    let mut entries = Vec::new();
+    for name in ["chelsea.png", "coffee.png"] {
+        entries.push((name.to_owned(), std::fs::read(data.join("faces").join(name))?));
+    }
+    let id = new_dataset(owner, "photos").await?;
+    let upload = Tus::new(w, &token(owner).await?).upload("photos.tar", &tar_of(&entries)).await?;
+    let (status, body) = owner.post(&format!("/api/v1/datasets/{id}/versions"), json!({"uploads": [upload], "labels": "none"})).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "version: {status} {body}");
+    Ok(id)
+}
+
+#[tokio::test]
+async fn three_annotators_and_a_reviewer_in_chromium() -> anyhow::Result<()> {
+    let (Some(data), Some(venv)) = (need("SUANLI_CV_DATA"), need("SUANLI_TORCH_VENV")) else {
+        eprintln!("SUANLI_CV_DATA or SUANLI_TORCH_VENV is not set: skipping");
+        return Ok(());
+    };
+    let Some(w) = World::start(Backend::Sqlite).await? else { return Ok(()) };
+    let result = async {
+        let owner = w.person("researcher", "olga").await?;
+        for name in ["ann", "bob", "cid", "rita"] {
+            w.person("researcher", name).await?;
+        }
+        let d = dataset_of_photos(&w, &owner, &data).await?;
+        let schema = json!({"classes": [{"name": "cat", "colour": "#e6194b"}, {"name": "cup", "colour": "#4363d8"}], "kinds": ["box", "polygon"]});
+        let (status, p) =
+            owner.post("/api/v1/annotation-projects", json!({"name": "photos", "dataset": d, "schema": schema, "task_size": 2, "overlap": 3})).await?;
+        anyhow::ensure!(status == StatusCode::CREATED, "project: {status} {p}");
+        let project = p["id"].as_u64().unwrap_or_default();
+        for (name, role) in [("ann", "annotator"), ("bob", "annotator"), ("cid", "annotator"), ("rita", "reviewer")] {
+            let (status, body) =
+                owner.send(reqwest::Method::PUT, &format!("/api/v1/annotation-projects/{project}/members/{name}"), Some(json!({"role": role}))).await?;
+            anyhow::ensure!(status == StatusCode::NO_CONTENT, "invite {name}: {status} {body}");
+        }
+        let url = w.portal.url.clone();
+        annotate(&url, project, "ann", false, false, true).await?;
+        annotate(&url, project, "bob", true, false, false).await?;
+        annotate(&url, project, "cid", false, true, false).await?;
+
+        // The reviewer settles the one conflict in the page.
+        let b = Browser::start().await?;
+        login(&b, &url, "rita").await?;
+        b.goto(&format!("{url}/annotation/{project}")).await?;
+        b.wait_for("#review article.conflict button[data-accept='cid']", WAIT).await?;
+        let conflicts = b.execute("return document.querySelectorAll('#review article.conflict').length;", json!([])).await?;
+        anyhow::ensure!(conflicts == 1, "one conflict: {conflicts}");
+        b.screenshot(&shots().join("annotate-review.png")).await?;
+        b.click("#review article.conflict button[data-accept='cid']").await?;
+        b.wait_for("#review p.none", WAIT).await?;
+
+        let (status, coco) = owner.get(&format!("/api/v1/annotation-projects/{project}/export?format=coco")).await?;
+        anyhow::ensure!(status == StatusCode::OK, "export: {status} {coco}");
+        check_with_pycocotools(&venv, &w, &coco)
+    }
+    .await;
+    w.explain(result)
+}
+
+/// pycocotools reads the export: each photo's objects are exactly what was drawn (boxes and
+/// the polygon's vertices to the pixel; masks of the boxes their whole area).
+fn check_with_pycocotools(venv: &std::path::Path, w: &World, coco: &Value) -> anyhow::Result<()> {
+    let file = w.dir.path().join("export.json");
+    std::fs::write(&file, serde_json::to_vec(coco)?)?;
+    let expected = json!({
+        "chelsea.png": [["cat", [CAT_BOX.0, CAT_BOX.1, CAT_BOX.2, CAT_BOX.3], null], ["cat", null, EAR.iter().flat_map(|&(x, y)| [x, y]).collect::<Vec<_>>()]],
+        "coffee.png": [["cup", [CUP_BOX.0, CUP_BOX.1, CUP_BOX.2, CUP_BOX.3], null], ["cup", [EXTRA_BOX.0, EXTRA_BOX.1, EXTRA_BOX.2, EXTRA_BOX.3], null]],
+    });
+    let script = r#"
+import json, sys
+from pycocotools.coco import COCO
+coco = COCO(sys.argv[1])
+expected = json.loads(sys.argv[2])
+names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+seen = {}
+for img in coco.loadImgs(coco.getImgIds()):
+    found = []
+    for a in coco.loadAnns(coco.getAnnIds(imgIds=img["id"])):
+        seg = a.get("segmentation")
+        if seg:
+            found.append([names[a["category_id"]], None, [round(v, 2) for v in seg[0]]])
+            mask = coco.annToMask(a)
+            assert mask.shape == (img["height"], img["width"]) and mask.sum() > 0, "the polygon's mask"
+        else:
+            found.append([names[a["category_id"]], [round(v, 2) for v in a["bbox"]], None])
+            assert abs(a["area"] - a["bbox"][2] * a["bbox"][3]) < 1e-6, "a box's area"
+    seen[img["file_name"]] = sorted(found, key=json.dumps)
+want = {k: sorted(v, key=json.dumps) for k, v in expected.items()}
+assert seen == want, f"export {seen} != drawn {want}"
+print("pycocotools agrees")
+"#;
+    let out = std::process::Command::new(venv.join("bin").join("python")).arg("-c").arg(script).arg(&file).arg(expected.to_string()).output()?;
+    anyhow::ensure!(out.status.success(), "pycocotools: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
