@@ -261,11 +261,13 @@ pub async fn held_slot(db: &Db, project: i64, task_no: i64, slot_no: i64, user: 
 }
 
 /// Tries to take `candidate` for `user` until `lease_until`; false when another request took
-/// it first, or `user` already holds a slot of the same task.
+/// it first, its holder saved or submitted meanwhile (it is no longer free at `now`), or `user`
+/// already holds a slot of the same task.
 async fn take(db: &Db, project: i64, candidate: &Slot, user: i64, now: i64, lease_until: i64) -> ApiResult<bool> {
     let taken = sqlx::query(
         "UPDATE annotation_slots SET state = 'held', annotator = $1, lease_until = $2, assigned_ms = $3, generation = generation + 1
-         WHERE project_id = $4 AND task_no = $5 AND slot = $6 AND generation = $7",
+         WHERE project_id = $4 AND task_no = $5 AND slot = $6 AND generation = $7
+           AND (state = 'open' OR (state = 'held' AND lease_until <= $3))",
     )
     .bind(user)
     .bind(lease_until)
@@ -331,16 +333,22 @@ pub async fn push(db: &Db, project: &Project, task_no: i64, slot_no: i64, user: 
     slot(db, project.id, task_no, slot_no).await
 }
 
-/// Extends the lease of a slot `user` holds.
+/// Extends the lease of a slot `user` holds; `TASK_NOT_HELD` when it is no longer theirs (it
+/// went to someone else after its lease ran out). Once renewed nobody else can take it, so
+/// what the holder writes next is theirs to write.
 pub async fn renew(db: &Db, project: &Project, s: &Slot, user: i64) -> ApiResult<()> {
-    sqlx::query("UPDATE annotation_slots SET lease_until = $1 WHERE project_id = $2 AND task_no = $3 AND slot = $4 AND annotator = $5 AND state = 'held'")
-        .bind(now_ms() + project.lease_ms)
-        .bind(project.id)
-        .bind(s.task as i64)
-        .bind(s.slot as i64)
-        .bind(user)
-        .execute(&db.pool)
-        .await?;
+    let renewed =
+        sqlx::query("UPDATE annotation_slots SET lease_until = $1 WHERE project_id = $2 AND task_no = $3 AND slot = $4 AND annotator = $5 AND state = 'held'")
+            .bind(now_ms() + project.lease_ms)
+            .bind(project.id)
+            .bind(s.task as i64)
+            .bind(s.slot as i64)
+            .bind(user)
+            .execute(&db.pool)
+            .await?;
+    if renewed.rows_affected() != 1 {
+        return Err(ApiError::new(Code::TaskNotHeld, format!("slot {} of task {} is no longer yours", s.slot, s.task)));
+    }
     Ok(())
 }
 
@@ -385,6 +393,7 @@ pub async fn saved_work(db: &Db, project: i64, s: &Slot, user: i64) -> ApiResult
 /// Saves `shapes` as the next revision after `base` (0: the first save). A save that finds
 /// its own shapes already stored at `base + 1` is a retry and gets the same answer.
 pub async fn save(db: &Db, project: i64, s: &Slot, user: i64, image_no: i64, shapes: &[Annotation], base: i64) -> ApiResult<i64> {
+    let next = base.checked_add(1).ok_or_else(|| ApiError::field("revision", "no image has that many revisions"))?;
     let json = serde_json::to_string(shapes).map_err(ApiError::internal)?;
     let now = now_ms();
     let applied = if base == 0 {
@@ -424,11 +433,11 @@ pub async fn save(db: &Db, project: i64, s: &Slot, user: i64, image_no: i64, sha
             == 1
     };
     if applied {
-        return Ok(base + 1);
+        return Ok(next);
     }
     let current = saved_work(db, project, s, user).await?.remove(&image_no);
     match current {
-        Some(c) if c.revision == base + 1 && c.shapes == shapes => Ok(c.revision),
+        Some(c) if c.revision == next && c.shapes == shapes => Ok(c.revision),
         Some(c) => Err(ApiError::new(Code::StaleRevision, format!("this image was saved meanwhile (revision {}); load it again before saving", c.revision))),
         None => Err(ApiError::new(Code::StaleRevision, "this image has not been saved yet: save it with revision 0")),
     }
@@ -472,7 +481,7 @@ pub async fn add_time(db: &Db, project: i64, s: &Slot, user: i64, active_ms: i64
 /// task's images. Submitting again is a no-op.
 pub async fn submit(db: &Db, project: &Project, s: &Slot, user: i64) -> ApiResult<()> {
     let done = sqlx::query(
-        "UPDATE annotation_slots SET state = 'submitted', submitted_ms = $1, lease_until = NULL
+        "UPDATE annotation_slots SET state = 'submitted', submitted_ms = $1, lease_until = NULL, generation = generation + 1
          WHERE project_id = $2 AND task_no = $3 AND slot = $4 AND annotator = $5 AND state = 'held'",
     )
     .bind(now_ms())

@@ -406,3 +406,130 @@ async fn strangers_and_annotators_stay_in_their_lane_on_sqlite() -> anyhow::Resu
 async fn strangers_and_annotators_stay_in_their_lane_on_postgres() -> anyhow::Result<()> {
     run(Backend::Postgres, |w| Box::pin(strangers_and_annotators_stay_in_their_lane(w))).await
 }
+
+/// An open call lets any researcher join and pull; the owner pushes a slot to a named
+/// annotator; the version's own (model) objects show as pre-annotations (never with honeypots,
+/// which would be the images without any); VOC and YOLO exports hold the reviewed shapes.
+async fn open_calls_pushes_pre_annotations_and_exports(w: &World) -> anyhow::Result<()> {
+    let owner = w.person("researcher", "olga").await?;
+    let mut entries: Vec<(String, Vec<u8>)> = (0..3u8).map(|i| (format!("img{i}.png"), png(120, 80, i * 40))).collect();
+    let coco = json!({
+        "images": [{"id": 1, "file_name": "img0.png", "width": 120, "height": 80}, {"id": 2, "file_name": "img1.png", "width": 120, "height": 80}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 30]},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [20, 20, 30, 30], "score": 0.9},
+            {"id": 3, "image_id": 2, "category_id": 2, "bbox": [60, 10, 20, 20], "score": 0.4}
+        ],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "horse"}]
+    });
+    entries.push(("annotations.json".into(), serde_json::to_vec(&coco)?));
+    let d = new_dataset(&owner, "pets").await?;
+    let upload = Tus::new(w, &token(&owner).await?).upload("pets.tar", &tar_of(&entries)).await?;
+    let (status, body) = owner.post(&format!("/api/v1/datasets/{d}/versions"), json!({"uploads": [upload], "labels": "none"})).await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "version: {status} {body}");
+    let refused = json!({"name": "pets", "dataset": d, "schema": serde_json::from_str::<Value>(SCHEMA)?, "task_size": 1, "overlap": 1,
+        "pre_annotations": true, "honeypots": ["img0.png"], "honeypots_per_task": 1});
+    let (status, body) = owner.post("/api/v1/annotation-projects", refused).await?;
+    anyhow::ensure!(
+        status == StatusCode::BAD_REQUEST && support::fields(&body) == ["pre_annotations"],
+        "pre-annotations would give honeypots away: {status} {body}"
+    );
+    let p = project(
+        &owner,
+        json!({"name": "pets", "dataset": d, "schema": serde_json::from_str::<Value>(SCHEMA)?, "task_size": 1, "overlap": 1, "open_call": true, "pre_annotations": true}),
+    )
+    .await?;
+    let id = p["id"].as_u64().unwrap_or_default();
+    anyhow::ensure!(p["tasks"] == 3, "a task an image: {p}");
+
+    let eve = w.person("researcher", "eve").await?;
+    let (_, list) = eve.get("/api/v1/annotation-projects").await?;
+    anyhow::ensure!(list[0]["id"] == id && list[0]["role"] == Value::Null, "an open call is listed: {list}");
+    let (status, body) = pull(&eve, id).await?;
+    anyhow::ensure!(status == StatusCode::FORBIDDEN, "pulling before joining: {status} {body}");
+    let (status, joined) = eve.post(&format!("/api/v1/annotation-projects/{id}/join"), json!({})).await?;
+    anyhow::ensure!(status == StatusCode::OK && joined["role"] == "annotator", "join: {status} {joined}");
+
+    // The owner pushes the task of img2 to eve's colleague; eve pulls the other.
+    let zed = w.person("researcher", "zed").await?;
+    invite(&owner, id, "zed", "annotator").await?;
+    let (status, body) = owner.post(&format!("/api/v1/annotation-projects/{id}/tasks/1/slots/0/assign"), json!({"username": "zed"})).await?;
+    anyhow::ensure!(status == StatusCode::NO_CONTENT, "push: {status} {body}");
+    let (status, body) = owner.post(&format!("/api/v1/annotation-projects/{id}/tasks/1/slots/0/assign"), json!({"username": "eve"})).await?;
+    anyhow::ensure!(status == StatusCode::CONFLICT, "a held slot is not pushed again: {status} {body}");
+    let (status, body) = eve.post(&format!("/api/v1/annotation-projects/{id}/tasks/0/slots/0/assign"), json!({"username": "eve"})).await?;
+    anyhow::ensure!(status == StatusCode::FORBIDDEN, "an annotator does not push: {status} {body}");
+    let (status, body) = owner.post(&format!("/api/v1/annotation-projects/{id}/tasks/2/slots/0/assign"), json!({"username": "eve"})).await?;
+    anyhow::ensure!(status == StatusCode::NO_CONTENT, "push to eve: {status} {body}");
+    let (_, zeds) = pull(&zed, id).await?;
+    anyhow::ensure!(zeds["task"] == 1, "zed's pull returns the pushed slot: {zeds}");
+    let (_, eves) = pull(&eve, id).await?;
+    anyhow::ensure!(eves["task"] == 2, "and eve's hers: {eves}");
+
+    // Pre-annotations: img1's cat (the horse is not a class of the schema).
+    let all: Vec<Value> = [&eves, &zeds].iter().flat_map(|s| s["images"].as_array().cloned().unwrap_or_default()).collect();
+    let img1 = all.iter().find(|i| i["name"] == "img1.png").cloned().unwrap_or_default();
+    anyhow::ensure!(
+        img1["pre"].as_array().map(Vec::len) == Some(1) && img1["pre"][0]["label"] == "cat" && img1["pre"][0]["score"] == 0.9,
+        "img1's pre-annotation: {img1}"
+    );
+
+    // Each accepts what they see (the cat without its score), draws on img2, and submits.
+    for (api, slot) in [(&eve, &eves), (&zed, &zeds)] {
+        for image in slot["images"].as_array().cloned().unwrap_or_default() {
+            let shapes = match image["name"].as_str() {
+                Some("img1.png") => json!([{"id": "c", "label": "cat", "type": "box", "x": 20, "y": 20, "w": 30, "h": 30}]),
+                Some("img2.png") => json!([{"id": "d", "label": "dog", "type": "polygon", "points": [[70, 40], [110, 40], [110, 75]]}]),
+                _ => json!([cat_box("h", 10.0)]),
+            };
+            let (status, body) = save(api, id, slot, image["image_no"].as_u64().unwrap_or_default(), shapes, 0).await?;
+            anyhow::ensure!(status == StatusCode::OK, "save: {status} {body}");
+        }
+        let (status, body) = api.post(&format!("{}/submit", slot_path(id, slot)), json!({})).await?;
+        anyhow::ensure!(status == StatusCode::NO_CONTENT, "submit: {status} {body}");
+    }
+
+    let (status, body) = owner.get(&format!("/api/v1/annotation-projects/{id}/export?format=yolo")).await?;
+    anyhow::ensure!(status == StatusCode::CONFLICT, "a task nobody took: no export but a partial one: {status} {body}");
+    let files = tar_files(&owner, &format!("/api/v1/annotation-projects/{id}/export?format=yolo&partial=true")).await?;
+    anyhow::ensure!(files.get("classes.txt").map(String::as_str) == Some("cat\ndog\n"), "classes: {files:?}");
+    let line: Vec<f64> = files.get("labels/img1.txt").map(|l| l.split_whitespace().filter_map(|v| v.parse().ok()).collect()).unwrap_or_default();
+    let want = [0.0, 35.0 / 120.0, 35.0 / 80.0, 30.0 / 120.0, 30.0 / 80.0];
+    anyhow::ensure!(line.len() == 5 && line.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "img1's cat in YOLO: {line:?}");
+    anyhow::ensure!(
+        files.get("labels/img2.txt").is_some_and(|l| l.starts_with("1 ")) && !files.contains_key("labels/img0.txt"),
+        "img2's dog; img0, whose task nobody took, left out: {files:?}"
+    );
+    let voc = tar_files(&owner, &format!("/api/v1/annotation-projects/{id}/export?format=voc&partial=true")).await?;
+    anyhow::ensure!(
+        voc.get("Annotations/img1.xml").is_some_and(|x| x.contains("<name>cat</name>") && x.contains("<xmin>21</xmin>") && x.contains("<xmax>50</xmax>")),
+        "VOC: {voc:?}"
+    );
+    Ok(())
+}
+
+/// A tar the API answers with, as name → text.
+async fn tar_files(api: &Api, path: &str) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let bytes = api.get_bytes(path).await?;
+    let mut out = std::collections::BTreeMap::new();
+    for entry in tar::Archive::new(bytes.as_slice()).entries()? {
+        let mut entry = entry?;
+        if entry.header().entry_type().is_file() {
+            let name = entry.path()?.to_string_lossy().trim_start_matches("./").to_owned();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text)?;
+            out.insert(name, text);
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn open_calls_pushes_pre_annotations_and_exports_on_sqlite() -> anyhow::Result<()> {
+    run(Backend::Sqlite, |w| Box::pin(open_calls_pushes_pre_annotations_and_exports(w))).await
+}
+
+#[tokio::test]
+async fn open_calls_pushes_pre_annotations_and_exports_on_postgres() -> anyhow::Result<()> {
+    run(Backend::Postgres, |w| Box::pin(open_calls_pushes_pre_annotations_and_exports(w))).await
+}

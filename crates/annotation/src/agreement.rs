@@ -16,6 +16,8 @@ use crate::schema::Annotation;
 
 /// Shapes at least this alike are the same object (IoU for regions).
 pub const MATCH_THRESHOLD: f64 = 0.5;
+/// How much more alike two shapes of one label rank when matching (see [`compare_image`]).
+pub const SAME_LABEL_BONUS: f64 = 0.1;
 /// The most annotators compared on one image (a cluster's annotators are a bit set).
 pub const MAX_ANNOTATORS: usize = 64;
 
@@ -81,14 +83,17 @@ pub fn compare_image(width: u32, height: u32, works: &[Work<'_>]) -> ImageAgreem
         works.iter().enumerate().flat_map(|(w, work)| work.shapes.iter().enumerate().map(move |(s, a)| (w, s, a))).collect();
     let compared = Compared::new(width, height, shapes.iter().map(|(_, _, a)| &a.geometry));
 
-    // Every cross-annotator pair alike enough, most alike first.
+    // Every cross-annotator pair alike enough, most alike first; a pair that agrees on the label
+    // ranks as if [`SAME_LABEL_BONUS`] more alike, so a cat matches the other cat before the dog
+    // drawn over it.
     let mut pairs = Vec::new();
     for i in 0..shapes.len() {
         for j in i + 1..shapes.len() {
             if shapes[i].0 != shapes[j].0 {
                 let similarity = compared.similarity(i, j);
                 if similarity >= MATCH_THRESHOLD {
-                    pairs.push((similarity, i, j));
+                    let bonus = if shapes[i].2.label == shapes[j].2.label { SAME_LABEL_BONUS } else { 0.0 };
+                    pairs.push((similarity + bonus, i, j));
                 }
             }
         }
@@ -253,7 +258,12 @@ impl<'a> Compared<'a> {
             if let (Geometry::Box { .. }, Geometry::Box { .. }) = (a, b) {
                 return a.similarity(b, self.width, self.height);
             }
-            let cover = |k: usize| self.coverage[k].clone().or_else(|| self.geometry[k].coverage(self.width, self.height));
+            // A box beside a polygon or mask is rasterized here (boxes are not cached: two boxes
+            // compare in closed form above).
+            let cover = |k: usize| match &self.coverage[k] {
+                Some(rle) => Some(std::borrow::Cow::Borrowed(rle)),
+                None => self.geometry[k].coverage(self.width, self.height).map(std::borrow::Cow::Owned),
+            };
             return match (cover(i), cover(j)) {
                 (Some(x), Some(y)) => x.iou(&y),
                 _ => 0.0,
@@ -317,6 +327,15 @@ mod tests {
         // The exact match pairs up; the near duplicate is left alone, missing annotator 2.
         assert!(agreement.clusters.iter().any(|c| c.members == vec![(0, 0), (1, 0)] && c.conflict.is_none()));
         assert!(agreement.clusters.iter().any(|c| c.members == vec![(0, 1)] && c.conflict.as_ref().is_some_and(|d| d.missing == vec![2])));
+    }
+
+    #[test]
+    fn a_shape_matches_its_own_label_before_a_closer_other_one() {
+        // B drew a dog exactly over A's cat and a cat slightly off it: the cats pair up.
+        let a = [boxed("a1", "cat", 10.0, 10.0, 50.0, 50.0)];
+        let b = [boxed("b1", "dog", 10.0, 10.0, 50.0, 50.0), boxed("b2", "cat", 12.0, 10.0, 50.0, 50.0)];
+        let agreement = compare_image(200, 200, &[Work { annotator: 1, shapes: &a }, Work { annotator: 2, shapes: &b }]);
+        assert!(agreement.clusters.iter().any(|c| c.members == vec![(0, 0), (1, 1)] && c.conflict.is_none()), "{agreement:?}");
     }
 
     #[test]

@@ -14,8 +14,8 @@ use crate::rle::{Rle, RleError};
 /// image, so only rounding can put a point past the edge.
 pub const EDGE_TOLERANCE_PX: f32 = 0.5;
 /// The most vertices of one polygon, polyline or point set (a polygon's self-intersection check
-/// is quadratic in them).
-pub const MAX_VERTICES: usize = 4_000;
+/// is quadratic in them: 2,000 vertices are 2 million segment pairs).
+pub const MAX_VERTICES: usize = 2_000;
 
 /// One drawn shape, in image pixels.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -18,6 +18,8 @@ pub struct PlanRequest {
 
 pub const MAX_TASK_SIZE: usize = 1_000;
 pub const MAX_OVERLAP: usize = 10;
+/// Honeypots in one task: a few keep annotators honest; more only slow the work.
+pub const MAX_HONEYPOTS_PER_TASK: usize = 10;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -31,6 +33,8 @@ pub enum PlanError {
     UnknownHoneypot(usize),
     #[error("{per_task} honeypots per task, but only {known} images have known labels")]
     TooFewHoneypots { per_task: usize, known: usize },
+    #[error("at most {MAX_HONEYPOTS_PER_TASK} honeypots a task, and no more than its other images")]
+    TooManyHoneypots,
 }
 
 /// The tasks, each the image indexes it holds in the order they are shown.
@@ -46,6 +50,9 @@ pub fn plan_tasks(request: &PlanRequest) -> Result<Vec<Vec<usize>>, PlanError> {
     gold.dedup();
     if let Some(&bad) = gold.iter().find(|&&i| i >= request.images) {
         return Err(PlanError::UnknownHoneypot(bad));
+    }
+    if request.honeypots_per_task > MAX_HONEYPOTS_PER_TASK.min(request.task_size) {
+        return Err(PlanError::TooManyHoneypots);
     }
     if request.honeypots_per_task > gold.len() {
         return Err(PlanError::TooFewHoneypots { per_task: request.honeypots_per_task, known: gold.len() });
@@ -116,5 +123,7 @@ mod tests {
             Err(PlanError::TooFewHoneypots { per_task: 2, known: 1 })
         );
         assert_eq!(plan_tasks(&PlanRequest { honeypots: vec![0], ..request(1, 2) }), Err(PlanError::NoImages));
+        assert_eq!(plan_tasks(&PlanRequest { honeypots: (0..20).collect(), honeypots_per_task: 3, ..request(40, 2) }), Err(PlanError::TooManyHoneypots));
+        assert_eq!(plan_tasks(&PlanRequest { honeypots: (0..20).collect(), honeypots_per_task: 11, ..request(40, 100) }), Err(PlanError::TooManyHoneypots));
     }
 }

@@ -12,6 +12,9 @@ use crate::geometry::{Geometry, Problem, ShapeKind};
 pub const MAX_CLASSES: usize = 500;
 /// The most shapes one annotator saves on one image.
 pub const MAX_SHAPES_PER_IMAGE: usize = 2_000;
+/// The most vertices of all of one save's shapes together (each polygon's check is quadratic
+/// in its own: this bounds what one save may cost).
+pub const MAX_VERTICES_PER_IMAGE: usize = 20_000;
 
 /// The labels of a project.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -129,6 +132,8 @@ pub enum SchemaError {
     Attribute { name: String, attribute: String, why: &'static str },
     #[error("a schema allows at least one shape kind, each once")]
     Kinds,
+    #[error("masks cannot be drawn in the tool yet: allow boxes, polygons, polylines or points")]
+    MasksNotYet,
 }
 
 /// Why a saved shape was refused: which one, and what is wrong with it.
@@ -178,6 +183,9 @@ impl LabelSchema {
         if self.kinds.is_empty() || kinds.len() != self.kinds.len() {
             return Err(SchemaError::Kinds);
         }
+        if self.kinds.contains(&ShapeKind::Mask) {
+            return Err(SchemaError::MasksNotYet);
+        }
         Ok(())
     }
 
@@ -190,6 +198,20 @@ impl LabelSchema {
     pub fn check_shapes(&self, shapes: &[Annotation], width: u32, height: u32) -> Result<(), ShapeError> {
         if shapes.len() > MAX_SHAPES_PER_IMAGE {
             return Err(ShapeError { index: MAX_SHAPES_PER_IMAGE, id: String::new(), why: format!("at most {MAX_SHAPES_PER_IMAGE} shapes on one image") });
+        }
+        let vertices: usize = shapes
+            .iter()
+            .map(|s| match &s.geometry {
+                Geometry::Polygon { points } | Geometry::Polyline { points } | Geometry::Points { points } => points.len(),
+                Geometry::Box { .. } | Geometry::Mask { .. } => 4,
+            })
+            .sum();
+        if vertices > MAX_VERTICES_PER_IMAGE {
+            return Err(ShapeError {
+                index: 0,
+                id: String::new(),
+                why: format!("{vertices} vertices in all; one image takes at most {MAX_VERTICES_PER_IMAGE}"),
+            });
         }
         let mut ids = HashSet::new();
         for (index, shape) in shapes.iter().enumerate() {
@@ -280,6 +302,8 @@ mod tests {
         let mut kinds = schema();
         kinds.kinds.clear();
         assert_eq!(kinds.check(), Err(SchemaError::Kinds));
+        kinds.kinds = vec![ShapeKind::Box, ShapeKind::Mask];
+        assert_eq!(kinds.check(), Err(SchemaError::MasksNotYet));
     }
 
     #[test]
@@ -310,6 +334,13 @@ mod tests {
         bad(serde_json::json!({"id": "ok", "label": "dog", "type": "box", "x": 1, "y": 1, "w": 1, "h": 1}), "same ID");
         bad(serde_json::json!({"id": "a b", "label": "dog", "type": "box", "x": 1, "y": 1, "w": 1, "h": 1}), "an ID of");
         bad(serde_json::json!({"id": "b", "label": "dog", "type": "box", "x": 1, "y": 1, "w": 1, "h": 1, "score": 1.5}), "outside 0..1");
+    }
+
+    #[test]
+    fn a_save_of_too_many_vertices_is_refused() {
+        let big = |i: usize| shape(serde_json::json!({"id": format!("p{i}"), "label": "dog", "type": "points", "points": vec![[1, 1]; 3_000]}));
+        let refused = schema().check_shapes(&(0..7).map(big).collect::<Vec<_>>(), 10, 10).unwrap_err();
+        assert!(refused.why.contains("21000 vertices"), "{refused}");
     }
 
     #[test]

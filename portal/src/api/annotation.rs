@@ -5,8 +5,8 @@
 //! Who sees what: a project is visible to its owner, its members, and — while it has an open
 //! call — any researcher (who may then join as an annotator); to anyone else it does not exist
 //! (`NOT_FOUND`). Annotators see their own work only, and only the images of tasks they hold or
-//! held; reviewers and the owner see everyone's work on complete images; nobody but the owner
-//! changes membership or exports.
+//! held; reviewers and the owner see everyone's work on complete images, decide conflicts and
+//! export them; nobody but the owner changes membership, pushes tasks or makes dataset versions.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -130,6 +130,10 @@ fn check_create(req: &CreateProject) -> ApiResult<()> {
     if let Err(e) = req.schema.check() {
         problems.push(suanli_types::FieldError::new("schema", e.to_string()));
     }
+    if req.pre_annotations && !req.honeypots.is_empty() {
+        // Honeypots would be the images without a model's shapes: easy to spot.
+        problems.push(suanli_types::FieldError::new("pre_annotations", "not with honeypots: the images without pre-annotations would give them away"));
+    }
     if !(5..=24 * 3600).contains(&req.lease_seconds) {
         problems.push(suanli_types::FieldError::new("lease_seconds", "5 to 86400"));
     }
@@ -150,7 +154,9 @@ fn shapes_for(schema: &LabelSchema, objects: &[suanli_cv::annotation::Object], w
         (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn create(State(state): State<AppState>, Researcher(p): Researcher, ApiJson(req): ApiJson<CreateProject>) -> ApiResult<Response> {
     check_create(&req)?;
-    let d = readable(&state, &p, req.dataset).await?;
+    // The owner's own dataset only: a project shows its pictures to annotators (and, with an open
+    // call, to anyone), which a read-only share does not allow.
+    let d = super::datasets::owned(&state, &p, req.dataset).await?;
     let version = super::datasets::pick_version(&d, req.version)?;
     let files = files_of(&state, d.id(), version).await?;
     if files.len() > MAX_PROJECT_IMAGES {
@@ -176,7 +182,16 @@ pub async fn create(State(state): State<AppState>, Researcher(p): Researcher, Ap
         honeypots: honeypots.clone(),
         honeypots_per_task: req.honeypots_per_task as usize,
     })
-    .map_err(|e| ApiError::field("task_size", e.to_string()))?;
+    .map_err(|e| {
+        use suanli_annotation::PlanError as E;
+        let field = match e {
+            E::TaskSize => "task_size",
+            E::Overlap => "overlap",
+            E::NoImages | E::UnknownHoneypot(_) => "honeypots",
+            E::TooFewHoneypots { .. } | E::TooManyHoneypots => "honeypots_per_task",
+        };
+        ApiError::field(field, e.to_string())
+    })?;
     let honeypot_set: HashSet<usize> = honeypots.into_iter().collect();
 
     let id = new_public_id();
@@ -236,21 +251,24 @@ pub async fn create(State(state): State<AppState>, Researcher(p): Researcher, Ap
         }
         query.execute(&mut *tx).await?;
     }
-    for (task_no, images) in plan.iter().enumerate() {
-        sqlx::query("INSERT INTO annotation_tasks (project_id, task_no, images, image_count) VALUES ($1, $2, $3, $4)")
-            .bind(id)
-            .bind(task_no as i64)
-            .bind(serde_json::to_string(images).map_err(ApiError::internal)?)
-            .bind(images.len() as i64)
-            .execute(&mut *tx)
-            .await?;
-        for slot in 0..req.overlap {
-            sqlx::query("INSERT INTO annotation_slots (project_id, task_no, slot, state, generation) VALUES ($1, $2, $3, 'open', 0)")
-                .bind(id)
-                .bind(task_no as i64)
-                .bind(i64::from(slot))
-                .execute(&mut *tx)
-                .await?;
+    for (chunk_no, chunk) in plan.chunks(400).enumerate() {
+        let first = chunk_no * 400;
+        let mut sql = String::from("INSERT INTO annotation_tasks (project_id, task_no, images, image_count) VALUES ");
+        sql.push_str(&(0..chunk.len()).map(|i| format!("(${}, ${}, ${}, ${})", 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4)).collect::<Vec<_>>().join(", "));
+        let mut query = sqlx::query(&sql);
+        for (i, images) in chunk.iter().enumerate() {
+            query = query.bind(id).bind((first + i) as i64).bind(serde_json::to_string(images).map_err(ApiError::internal)?).bind(images.len() as i64);
+        }
+        query.execute(&mut *tx).await?;
+        let slots: Vec<(i64, i64)> = (0..chunk.len()).flat_map(|i| (0..i64::from(req.overlap)).map(move |slot| ((first + i) as i64, slot))).collect();
+        for part in slots.chunks(500) {
+            let mut sql = String::from("INSERT INTO annotation_slots (project_id, task_no, slot, state, generation) VALUES ");
+            sql.push_str(&(0..part.len()).map(|i| format!("(${}, ${}, ${}, 'open', 0)", 3 * i + 1, 3 * i + 2, 3 * i + 3)).collect::<Vec<_>>().join(", "));
+            let mut query = sqlx::query(&sql);
+            for (task_no, slot) in part {
+                query = query.bind(id).bind(*task_no).bind(*slot);
+            }
+            query.execute(&mut *tx).await?;
         }
     }
     tx.commit().await?;
@@ -317,6 +335,10 @@ pub async fn set_member(
         .bind(now_ms())
         .execute(&state.db.pool)
         .await?;
+    if req.role != Role::Annotator {
+        // A reviewer holds no work of their own: what they held goes back to the pool.
+        release_all(&state, project.id, user).await?;
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -326,13 +348,18 @@ pub async fn remove_member(State(state): State<AppState>, Researcher(p): Researc
     let (project, _) = ann::project_as(&state.db, id, p.user.0, &[Role::Owner]).await?;
     let user = super::datasets::user_named(&state, &username).await?;
     sqlx::query("DELETE FROM annotation_members WHERE project_id = $1 AND user_id = $2").bind(project.id).bind(user).execute(&state.db.pool).await?;
-    // What they held goes back to the pool; what they submitted stays.
+    release_all(&state, project.id, user).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// What `user` holds in the project goes back to the pool; what they submitted stays.
+async fn release_all(state: &AppState, project: i64, user: i64) -> ApiResult<()> {
     sqlx::query("UPDATE annotation_slots SET state = 'open', annotator = NULL, lease_until = NULL, generation = generation + 1 WHERE project_id = $1 AND annotator = $2 AND state = 'held'")
-        .bind(project.id)
+        .bind(project)
         .bind(user)
         .execute(&state.db.pool)
         .await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    Ok(())
 }
 
 #[utoipa::path(post, path = "/api/v1/annotation-projects/{id}/join", tag = "annotation", params(("id" = u64, Path)),
@@ -552,10 +579,17 @@ pub async fn save(
         return Err(ApiError::not_found(format!("image {image_no} in task {task}")));
     }
     let image = ann::images_of(&state.db, project.id, &[image_no]).await?.pop().ok_or_else(|| ApiError::not_found(format!("image {image_no}")))?;
-    project.schema.check_shapes(&req.shapes, image.width, image.height).map_err(|e| ApiError::field(&format!("shapes[{}]", e.index), e.to_string()))?;
-    let revision = ann::save(&state.db, project.id, &s, p.user.0, image_no, &req.shapes, to_i64(req.revision)?).await?;
-    ann::add_time(&state.db, project.id, &s, p.user.0, i64::try_from(req.active_ms).unwrap_or(i64::MAX)).await?;
+    // Checking a polygon is quadratic in its vertices: off the async threads.
+    let (schema, shapes) = (project.schema.clone(), req.shapes);
+    let shapes = tokio::task::spawn_blocking(move || schema.check_shapes(&shapes, image.width, image.height).map(|()| shapes))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::field(&format!("shapes[{}]", e.index), e.to_string()))?;
+    // Renewed first: from then on nobody else can take the slot, so the work written next is
+    // the holder's (a lease that went to someone else meanwhile is TASK_NOT_HELD here).
     ann::renew(&state.db, &project, &s, p.user.0).await?;
+    let revision = ann::save(&state.db, project.id, &s, p.user.0, image_no, &shapes, to_i64(req.revision)?).await?;
+    ann::add_time(&state.db, project.id, &s, p.user.0, i64::try_from(req.active_ms).unwrap_or(i64::MAX)).await?;
     let s = ann::slot(&state.db, project.id, s.task as i64, s.slot as i64).await?;
     Ok(axum::Json(Saved { revision: revision as u64, lease_until_ms: s.lease_until_ms }))
 }
@@ -900,7 +934,11 @@ pub struct ExportQuery {
 
 /// The reviewed shapes of every complete, decided image, as an annotation set; refused while
 /// any image is incomplete or undecided unless `partial`.
-async fn reviewed_set(state: &AppState, project: &Project, partial: bool) -> ApiResult<(AnnotationSet, u64)> {
+async fn reviewed_set(state: &AppState, project: &Project, partial: bool, format: Option<Format>) -> ApiResult<(AnnotationSet, u64)> {
+    // Keypoints have no place in VOC or YOLO files; polylines and masks none in any (yet).
+    let fits = |o: &suanli_cv::annotation::Object| {
+        !(matches!(o.shape, suanli_cv::annotation::Shape::Points { .. }) && matches!(format, Some(Format::Voc | Format::Yolo)))
+    };
     let rows = sqlx::query(
         "SELECT i.image_no, i.name, i.width, i.height, r.shapes, r.undecided FROM annotation_images i
          LEFT JOIN annotation_results r ON r.project_id = i.project_id AND r.image_no = i.image_no
@@ -918,7 +956,7 @@ async fn reviewed_set(state: &AppState, project: &Project, partial: bool) -> Api
             continue;
         };
         let shapes: Vec<Annotation> = serde_json::from_str(&shapes).map_err(ApiError::internal)?;
-        let objects: Vec<_> = shapes.iter().filter_map(ann::to_object).collect();
+        let objects: Vec<_> = shapes.iter().filter_map(ann::to_object).filter(|o| fits(o)).collect();
         left_out += (shapes.len() - objects.len()) as u64;
         set.images.push(AnnotatedImage {
             file_name: r.try_get("name")?,
@@ -953,7 +991,7 @@ pub async fn export(
         "yolo" => Format::Yolo,
         _ => return Err(ApiError::field("format", "coco, voc or yolo")),
     };
-    let (set, left_out) = reviewed_set(&state, &project, q.partial.unwrap_or(false)).await?;
+    let (set, left_out) = reviewed_set(&state, &project, q.partial.unwrap_or(false), Some(format)).await?;
     let left_out = HeaderValue::from(left_out);
     if format == Format::Coco {
         let json = suanli_cv::annotation::coco::write(&set).map_err(|e| ApiError::field("project", e.to_string()))?;
@@ -997,7 +1035,7 @@ pub async fn export_version(
     ApiJson(req): ApiJson<ExportVersion>,
 ) -> ApiResult<Response> {
     let (project, _) = ann::project_as(&state.db, id, p.user.0, &[Role::Owner]).await?;
-    let (set, _) = reviewed_set(&state, &project, false).await?;
+    let (set, _) = reviewed_set(&state, &project, false, None).await?;
     let d = super::datasets::owned(&state, &p, project.dataset_id as u64).await?;
     let mut files = files_of(&state, d.id(), project.version).await?;
     let reviewed: HashMap<&str, &AnnotatedImage> = set.images.iter().map(|i| (i.file_name.as_str(), i)).collect();

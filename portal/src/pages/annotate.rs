@@ -167,7 +167,7 @@ pub async fn tool_page(
     let body = html! {
         section #annotator data-project=(id) data-task=(task) data-slot=(slot) data-schema=(schema) {
             div.toolbar {
-                @for (tool, name) in [("select", Msg::SelectTool), ("box", Msg::BoxTool), ("polygon", Msg::PolygonTool), ("points", Msg::PointsTool)] {
+                @for (tool, name) in [("select", Msg::SelectTool), ("box", Msg::BoxTool), ("polygon", Msg::PolygonTool), ("polyline", Msg::PolylineTool), ("points", Msg::PointsTool)] {
                     @if tool == "select" || project.schema.kinds.iter().any(|k| k.as_str() == tool) { button type="button" data-tool=(tool) { (t(name)) } }
                 }
                 span.labels {

@@ -223,6 +223,17 @@ impl Api {
         Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
     }
 
+    /// A `GET` whose answer is not JSON (an archive), refused unless it succeeds.
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(b) = &self.bearer {
+            req = req.bearer_auth(b);
+        }
+        let res = req.send().await?;
+        anyhow::ensure!(res.status().is_success(), "GET {path}: {}", res.status());
+        Ok(res.bytes().await?.to_vec())
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<(StatusCode, Value)> {
         self.send(reqwest::Method::GET, path, None).await
     }
