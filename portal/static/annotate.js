@@ -105,10 +105,17 @@
         im.revision = r.revision;
         if (!images.some((x) => x.dirty)) setStatus("saved", "saved");
       })
-      .catch((e) => {
+      .catch(async (e) => {
+        activeMs += worked;
         if (e.code === "TASK_NOT_HELD") lock("this task is no longer yours (its lease ran out)");
-        else if (e.code === "STALE_REVISION") lock("saved from another tab meanwhile: reload the page");
-        else {
+        else if (e.code === "INVALID_TRANSITION") lock("this task is submitted: read only");
+        else if (e.code === "STALE_REVISION") await rebase(im, shapes);
+        else if (e.code === "INVALID_ARGUMENT") {
+          // The server refused a shape: say which and why; the next change saves again.
+          const index = Number((e.body?.error?.fields?.[0]?.field || "").match(/^shapes\[(\d+)\]$/)?.[1]);
+          if (images[current] === im && Number.isInteger(index) && im.shapes[index]) { selected = im.shapes[index].id; redraw(); }
+          setStatus(`not saved: ${e.body?.error?.fields?.[0]?.problem || e.message}`, "error");
+        } else {
           im.dirty = true;
           setStatus(`not saved: ${e.message}`, "error");
         }
@@ -117,9 +124,28 @@
     return im.saving;
   }
 
+  // A save refused as stale: if the server holds exactly what this page sent last (the answer
+  // to an earlier save was lost), take its revision and save again; anything else was saved from
+  // another tab, which this page must not overwrite.
+  async function rebase(im, sent) {
+    try {
+      const now = (await api("GET", slotPath)).images.find((x) => x.image_no === im.image_no);
+      if (now && now.revision === im.revision + 1 && JSON.stringify(now.shapes) === JSON.stringify(sent)) {
+        im.revision = now.revision;
+        if (JSON.stringify(im.shapes) !== JSON.stringify(sent)) im.dirty = true;
+        if (im.dirty) changed(im);
+        else setStatus("saved", "saved");
+        return;
+      }
+    } catch (_) {
+      // Fall through: locked below.
+    }
+    lock("saved from another tab meanwhile: reload the page");
+  }
+
   let saveTimer = null;
-  function changed() {
-    img().dirty = true;
+  function changed(which) {
+    (which || img()).dirty = true;
     setStatus("unsaved", "dirty");
     clearTimeout(saveTimer);
     saveTimer = setTimeout(() => images.forEach((_, i) => saveImage(i)), SAVE_AFTER_MS);
@@ -343,7 +369,7 @@
     const d = draft;
     draft = null;
     delete d.cursor;
-    const ok = (d.type === "polygon" && d.points.length >= 3) || (d.type === "polyline" && d.points.length >= 2) || (d.type === "points" && d.points.length >= 1) || d.type === "box";
+    const ok = (d.type === "polygon" && d.points.length >= 3 && simple(d.points)) || (d.type === "polyline" && d.points.length >= 2) || (d.type === "points" && d.points.length >= 1) || d.type === "box";
     if (ok) {
       record();
       img().shapes.push(d);
@@ -403,6 +429,31 @@
     redraw();
   }
 
+  // A vertex on the last one (the second click of a double-click) is not a new vertex.
+  function addVertex(d, x, y) {
+    const last = d.points[d.points.length - 1];
+    if (last && Math.hypot(last[0] - x, last[1] - y) * view.s < 2) return;
+    d.points.push([round(x), round(y)]);
+  }
+  // Whether a polygon's edges meet only at shared vertices (the server refuses any other).
+  function simple(points) {
+    const n = points.length;
+    const orient = (a, b, c) => Math.sign((b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0]));
+    const on = (a, b, c) => Math.min(a[0], b[0]) <= c[0] && c[0] <= Math.max(a[0], b[0]) && Math.min(a[1], b[1]) <= c[1] && c[1] <= Math.max(a[1], b[1]);
+    const meet = (a, b, c, d) => {
+      const [o1, o2, o3, o4] = [orient(a, b, c), orient(a, b, d), orient(c, d, a), orient(c, d, b)];
+      if (o1 * o2 < 0 && o3 * o4 < 0) return true;
+      return (o1 === 0 && on(a, b, c)) || (o2 === 0 && on(a, b, d)) || (o3 === 0 && on(c, d, a)) || (o4 === 0 && on(c, d, b));
+    };
+    for (let i = 0; i < n; i++) {
+      for (let j = i + 1; j < n; j++) {
+        if (j === i + 1 || (i === 0 && j === n - 1)) continue;
+        if (meet(points[i], points[(i + 1) % n], points[j], points[(j + 1) % n])) return false;
+      }
+    }
+    return true;
+  }
+
   canvas.addEventListener("contextmenu", (e) => e.preventDefault());
   canvas.addEventListener("pointerdown", (e) => {
     if (lost) return;
@@ -417,17 +468,15 @@
     if (tool === "select") {
       const s0 = img().shapes.find((s) => s.id === selected);
       const h = s0 ? handleAt(s0, sx, sy) : -1;
+      // Undo keeps the shapes as they were before the drag, taken now and recorded only if
+      // something moves (a click that only selects leaves the redo history alone).
       if (s0 && h >= 0) {
-        record();
-        drag = { kind: "handle", shape: s0, index: h };
+        drag = { kind: "handle", shape: s0, index: h, before: clone(img().shapes), moved: false };
         return;
       }
       const hit = [...img().shapes].reverse().find((s) => inside(s, x, y));
       selected = hit ? hit.id : null;
-      if (hit) {
-        record();
-        drag = { kind: "move", shape: hit, from: [x, y], original: clone(hit), moved: false };
-      }
+      if (hit) drag = { kind: "move", shape: hit, from: [x, y], original: clone(hit), before: clone(img().shapes), moved: false };
       redraw();
       renderAttributes();
       return;
@@ -443,10 +492,10 @@
         const [fx, fy] = toCanvas(first[0], first[1]);
         if (Math.hypot(fx - sx, fy - sy) <= CLOSE_PX) return finishDraft();
       }
-      draft.points.push([round(cx), round(cy)]);
+      addVertex(draft, cx, cy);
     } else if (tool === "polyline") {
       if (!draft) draft = { id: newId(), label, type: "polyline", points: [] };
-      draft.points.push([round(cx), round(cy)]);
+      addVertex(draft, cx, cy);
     } else if (tool === "points") {
       if (!draft) draft = { id: newId(), label, type: "points", points: [] };
       draft.points.push([round(cx), round(cy)]);
@@ -502,12 +551,20 @@
       normalizeBox(draft);
       if (draft.w * view.s < 3 || draft.h * view.s < 3) draft = null;
       else finishDraft();
-    } else if (d.kind === "move" || d.kind === "handle") {
-      if (d.kind === "handle" || d.moved) {
-        if (d.shape.type === "box") normalizeBox(d.shape);
-        delete d.shape.score;
+    } else if ((d.kind === "move" || d.kind === "handle") && d.moved) {
+      const s = d.shape;
+      if (s.type === "box") normalizeBox(s);
+      const broken = (s.type === "box" && (s.w < 1 || s.h < 1)) || (s.type === "polygon" && !simple(s.points));
+      if (broken) {
+        // A box without area or a polygon crossing itself is not kept: back to before the drag.
+        img().shapes = d.before;
+        selected = null;
+      } else {
+        img().undo.push(d.before);
+        img().redo = [];
+        delete s.score;
         changed();
-      } else img().undo.pop();
+      }
     }
     redraw();
   });
@@ -554,8 +611,11 @@
     n: () => go(1), ArrowRight: () => go(1), ArrowLeft: () => go(-1), c: copyPrevious,
     a: () => accept(true), f: () => { fit(); redraw(); }, "+": () => zoomAt(canvas.width / 2, canvas.height / 2, 1.25), "-": () => zoomAt(canvas.width / 2, canvas.height / 2, 0.8),
   };
+  const VIEW_KEYS = new Set(["n", "ArrowRight", "ArrowLeft", "f", "+", "-", "Escape"]);
   document.addEventListener("keydown", (e) => {
     if (e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement) return;
+    // A task that is no longer this page's to change can still be looked at.
+    if (lost && !VIEW_KEYS.has(e.key)) return;
     touch();
     if ((e.ctrlKey || e.metaKey) && e.key.toLowerCase() === "z") { e.preventDefault(); return e.shiftKey ? redoIt() : undo(); }
     if ((e.ctrlKey || e.metaKey) && e.key.toLowerCase() === "y") { e.preventDefault(); return redoIt(); }
@@ -568,6 +628,7 @@
   root.addEventListener("click", (e) => {
     const b = e.target.closest("button");
     if (!b) return;
+    if (lost && !["prev", "next", "fit"].includes(b.dataset.action)) return;
     if (b.dataset.tool) setTool(b.dataset.tool);
     else if (b.dataset.label) setLabel(b.dataset.label);
     else ({ undo, redo: redoIt, prev: () => go(-1), next: () => go(1), copy: copyPrevious, accept: () => accept(true), fit: () => { fit(); redraw(); }, submit: submitTask, delete: removeSelected })[b.dataset.action]?.();
