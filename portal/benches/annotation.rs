@@ -83,7 +83,7 @@ async fn seed_project(db: &Db, p: &Project, tasks: usize, complete: bool) -> any
     })
     .await?;
     let annotator = |slot: usize, task: usize| 1000 + ((task + slot) % 50) as i64;
-    insert_many(db, "annotation_slots", &["project_id", "task_no", "slot", "state", "annotator", "generation"], tasks * 3, |r, c| {
+    insert_many(db, "annotation_slots", &["project_id", "task_no", "slot", "state", "annotator", "generation", "images"], tasks * 3, |r, c| {
         let (task, slot) = (r / 3, r % 3);
         match c {
             0 => id.to_string(),
@@ -213,7 +213,13 @@ async fn main() -> anyhow::Result<()> {
                 latencies.push(d);
                 got += 1;
             }
-            Ok((_, false)) | Err(_) => failed += 1,
+            Ok((_, false)) => failed += 1,
+            Err(e) => {
+                if failed == 0 {
+                    println!("first failure: {e}");
+                }
+                failed += 1;
+            }
         }
     }
     let distinct: i64 =

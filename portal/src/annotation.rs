@@ -285,8 +285,13 @@ async fn take(db: &Db, project: i64, candidate: &Slot, user: i64, now: i64, leas
     }
 }
 
-/// "Give me the next task": the slot `user` holds already, else an open one (or one whose
-/// lease ran out) of a task they hold no other slot of. `None` when nothing is left for them.
+/// "Give me the next task": the slot `user` holds already, else the first free one (open, or
+/// its lease ran out) of a task they hold no other slot of, taken in one statement: the
+/// `UPDATE` picks and takes the row together, so concurrent pulls never retry on each other.
+/// On PostgreSQL the pick locks its row and skips rows other pulls have locked (`FOR UPDATE SKIP
+/// LOCKED`, the queue idiom: each concurrent pull gets the next row, nobody waits); SQLite runs
+/// one writer at a time, so its statement is atomic as it is (the one place the two dialects
+/// differ, `Db::backend`). `None` when nothing is left for them.
 pub async fn pull(db: &Db, project: &Project, user: i64) -> ApiResult<Option<Slot>> {
     let now = now_ms();
     let sql = format!("SELECT {SLOT_COLUMNS} FROM annotation_slots WHERE project_id = $1 AND state = 'held' AND annotator = $2 ORDER BY task_no LIMIT 1");
@@ -295,28 +300,45 @@ pub async fn pull(db: &Db, project: &Project, user: i64) -> ApiResult<Option<Slo
         renew(db, project, &mine, user).await?;
         return slot(db, project.id, mine.task as i64, mine.slot as i64).await.map(Some);
     }
-    // Candidates in task order, from a random place among the first few so that many
-    // annotators pulling at once mostly try different rows.
+    let lock = if db.backend == crate::db::Backend::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };
     let sql = format!(
-        "SELECT {SLOT_COLUMNS} FROM annotation_slots s WHERE s.project_id = $1 AND (s.state = 'open' OR (s.state = 'held' AND s.lease_until <= $2))
-           AND NOT EXISTS (SELECT 1 FROM annotation_slots o WHERE o.project_id = s.project_id AND o.task_no = s.task_no AND o.annotator = $3)
-         ORDER BY s.task_no, s.slot LIMIT 32"
+        "UPDATE annotation_slots SET state = 'held', annotator = $1, lease_until = $2, assigned_ms = $3, generation = generation + 1
+         WHERE project_id = $4 AND (state = 'open' OR (state = 'held' AND lease_until <= $3))
+           AND (task_no, slot) IN (
+             SELECT s.task_no, s.slot FROM annotation_slots s
+             WHERE s.project_id = $4 AND (s.state = 'open' OR (s.state = 'held' AND s.lease_until <= $3))
+               AND NOT EXISTS (SELECT 1 FROM annotation_slots o WHERE o.project_id = s.project_id AND o.task_no = s.task_no AND o.annotator = $1)
+             ORDER BY s.task_no, s.slot LIMIT 1{lock})
+         RETURNING task_no, slot"
     );
-    for _round in 0..8 {
-        let rows = sqlx::query(&sql).bind(project.id).bind(now).bind(user).fetch_all(&db.pool).await?;
-        if rows.is_empty() {
+    // A pull finds no row only when none is free for it, or (PostgreSQL) when every free row
+    // was locked by other pulls at that instant: then it asks again.
+    for _ in 0..8 {
+        let taken = sqlx::query(&sql).bind(user).bind(now + project.lease_ms).bind(now).bind(project.id).fetch_optional(&db.pool).await;
+        let row = match taken {
+            Ok(row) => row,
+            // The same annotator pulling twice at once: the other pull took a slot of this task.
+            Err(e) if Db::is_unique_violation(&e) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(row) = row {
+            return slot(db, project.id, row.try_get("task_no")?, row.try_get("slot")?).await.map(Some);
+        }
+        let free = sqlx::query(
+            "SELECT COUNT(*) AS n FROM annotation_slots s WHERE s.project_id = $1 AND (s.state = 'open' OR (s.state = 'held' AND s.lease_until <= $2))
+               AND NOT EXISTS (SELECT 1 FROM annotation_slots o WHERE o.project_id = s.project_id AND o.task_no = s.task_no AND o.annotator = $3)",
+        )
+        .bind(project.id)
+        .bind(now)
+        .bind(user)
+        .fetch_one(&db.pool)
+        .await?
+        .try_get::<i64, _>("n")?;
+        if free == 0 {
             return Ok(None);
         }
-        let mut candidates = rows.iter().map(slot_row).collect::<ApiResult<Vec<_>>>()?;
-        let start = rand::random::<u32>() as usize % candidates.len();
-        candidates.rotate_left(start);
-        for candidate in &candidates {
-            if take(db, project.id, candidate, user, now, now + project.lease_ms).await? {
-                return slot(db, project.id, candidate.task as i64, candidate.slot as i64).await.map(Some);
-            }
-        }
     }
-    Err(ApiError::unavailable("every open slot was taken by someone else meanwhile"))
+    Err(ApiError::unavailable("every free slot was being taken by someone else: ask again"))
 }
 
 /// The owner gives `slot` to `user` (open, or its lease ran out).
@@ -519,7 +541,7 @@ pub async fn submit(db: &Db, project: &Project, s: &Slot, user: i64) -> ApiResul
 async fn record_score(db: &Db, project: i64, user: i64, image_no: i64, kind: &str, f1: f64) -> ApiResult<()> {
     sqlx::query(
         "INSERT INTO annotation_scores (project_id, annotator, image_no, kind, f1_ppm) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (project_id, annotator, image_no, kind) DO UPDATE SET f1_ppm = $5",
+         ON CONFLICT (project_id, annotator, kind, image_no) DO UPDATE SET f1_ppm = $5",
     )
     .bind(project)
     .bind(user)

@@ -402,6 +402,7 @@ pub const MIGRATIONS: &[Migration] = &[
     assigned_ms BIGINT,
     submitted_ms BIGINT,
     generation BIGINT NOT NULL,
+    images BIGINT NOT NULL,
     PRIMARY KEY (project_id, task_no, slot)
 )",
         "CREATE UNIQUE INDEX annotation_slots_one_per_task ON annotation_slots (project_id, task_no, annotator)",
@@ -445,8 +446,10 @@ pub const MIGRATIONS: &[Migration] = &[
     image_no BIGINT NOT NULL,
     kind TEXT NOT NULL,
     f1_ppm BIGINT NOT NULL,
-    PRIMARY KEY (project_id, annotator, image_no, kind)
+    PRIMARY KEY (project_id, annotator, kind, image_no)
 )",
+        // The dashboard's averages read this index alone (no row lookups).
+        "CREATE INDEX annotation_scores_sums ON annotation_scores (project_id, annotator, kind, f1_ppm)",
         "CREATE TABLE annotation_decisions (
     project_id BIGINT NOT NULL,
     image_no BIGINT NOT NULL,

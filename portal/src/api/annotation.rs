@@ -21,7 +21,7 @@ use suanli_annotation::{compare_image, Annotation, LabelSchema, Work};
 use suanli_cv::annotation::{AnnotatedImage, AnnotationSet, Format};
 use utoipa::{IntoParams, ToSchema};
 
-use super::datasets::{files_of, readable};
+use super::datasets::files_of;
 use super::{ApiJson, ApiPath, ApiQuery};
 use crate::annotation::{self as ann, Project, Role, Slot, SlotState};
 use crate::auth::{Principal, Researcher};
@@ -260,13 +260,19 @@ pub async fn create(State(state): State<AppState>, Researcher(p): Researcher, Ap
             query = query.bind(id).bind((first + i) as i64).bind(serde_json::to_string(images).map_err(ApiError::internal)?).bind(images.len() as i64);
         }
         query.execute(&mut *tx).await?;
-        let slots: Vec<(i64, i64)> = (0..chunk.len()).flat_map(|i| (0..i64::from(req.overlap)).map(move |slot| ((first + i) as i64, slot))).collect();
-        for part in slots.chunks(500) {
-            let mut sql = String::from("INSERT INTO annotation_slots (project_id, task_no, slot, state, generation) VALUES ");
-            sql.push_str(&(0..part.len()).map(|i| format!("(${}, ${}, ${}, 'open', 0)", 3 * i + 1, 3 * i + 2, 3 * i + 3)).collect::<Vec<_>>().join(", "));
+        let slots: Vec<(i64, i64, i64)> = chunk
+            .iter()
+            .enumerate()
+            .flat_map(|(i, images)| (0..i64::from(req.overlap)).map(move |slot| ((first + i) as i64, slot, images.len() as i64)))
+            .collect();
+        for part in slots.chunks(400) {
+            let mut sql = String::from("INSERT INTO annotation_slots (project_id, task_no, slot, state, generation, images) VALUES ");
+            sql.push_str(
+                &(0..part.len()).map(|i| format!("(${}, ${}, ${}, 'open', 0, ${})", 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4)).collect::<Vec<_>>().join(", "),
+            );
             let mut query = sqlx::query(&sql);
-            for (task_no, slot) in part {
-                query = query.bind(id).bind(*task_no).bind(*slot);
+            for (task_no, slot, images) in part {
+                query = query.bind(id).bind(*task_no).bind(*slot).bind(*images);
             }
             query.execute(&mut *tx).await?;
         }
@@ -845,29 +851,35 @@ pub async fn dashboard_of(db: &crate::db::Db, project: &Project) -> ApiResult<Da
     let count = |r: &sqlx::any::AnyRow, c: &str| -> ApiResult<u64> { Ok(r.try_get::<Option<i64>, _>(c)?.unwrap_or(0).max(0) as u64) };
     let totals = sqlx::query(
         "SELECT (SELECT COUNT(*) FROM annotation_images WHERE project_id = $1 AND honeypot = 1) AS honeypots,
-                (SELECT COUNT(*) FROM annotation_tasks WHERE project_id = $1) AS tasks,
-                (SELECT COUNT(*) FROM annotation_slots WHERE project_id = $1 AND state = 'open') AS open,
-                (SELECT COUNT(*) FROM annotation_slots WHERE project_id = $1 AND state = 'held') AS held,
-                (SELECT COUNT(*) FROM annotation_slots WHERE project_id = $1 AND state = 'submitted') AS submitted,
-                (SELECT COUNT(*) FROM annotation_results WHERE project_id = $1) AS complete,
-                (SELECT CAST(AVG(agreement_ppm) AS BIGINT) FROM annotation_results WHERE project_id = $1) AS agreement,
-                (SELECT CAST(SUM(conflicts) AS BIGINT) FROM annotation_results WHERE project_id = $1) AS conflicts,
-                (SELECT CAST(SUM(undecided) AS BIGINT) FROM annotation_results WHERE project_id = $1) AS undecided",
+                (SELECT COUNT(*) FROM annotation_tasks WHERE project_id = $1) AS tasks",
     )
     .bind(project.id)
     .fetch_one(pool)
     .await?;
+    let results = sqlx::query(
+        "SELECT COUNT(*) AS complete, CAST(AVG(agreement_ppm) AS BIGINT) AS agreement, CAST(SUM(conflicts) AS BIGINT) AS conflicts,
+                CAST(SUM(undecided) AS BIGINT) AS undecided FROM annotation_results WHERE project_id = $1",
+    )
+    .bind(project.id)
+    .fetch_one(pool)
+    .await?;
+    let mut slots: HashMap<String, u64> = HashMap::new();
+    for r in sqlx::query("SELECT state, COUNT(*) AS n FROM annotation_slots WHERE project_id = $1 GROUP BY state").bind(project.id).fetch_all(pool).await? {
+        slots.insert(r.try_get("state")?, count(&r, "n")?);
+    }
+    let slots_in = |state: SlotState| slots.get(state.as_str()).copied().unwrap_or(0);
     let labels = sqlx::query("SELECT label, CAST(SUM(shapes) AS BIGINT) AS n FROM annotation_labels WHERE project_id = $1 GROUP BY label ORDER BY label")
         .bind(project.id)
         .fetch_all(pool)
         .await?;
     let people = sqlx::query(
-        "SELECT s.annotator, u.username,
-                CAST(SUM(CASE WHEN s.state = 'held' THEN 1 ELSE 0 END) AS BIGINT) AS held,
-                CAST(SUM(CASE WHEN s.state = 'submitted' THEN 1 ELSE 0 END) AS BIGINT) AS submitted,
-                CAST(SUM(CASE WHEN s.state = 'submitted' THEN t.image_count ELSE 0 END) AS BIGINT) AS images
-         FROM annotation_slots s JOIN annotation_tasks t ON t.project_id = s.project_id AND t.task_no = s.task_no LEFT JOIN users u ON u.id = s.annotator
-         WHERE s.project_id = $1 AND s.annotator IS NOT NULL GROUP BY s.annotator, u.username",
+        "SELECT g.annotator, u.username, g.held, g.submitted, g.images FROM (
+           SELECT s.annotator,
+                  CAST(SUM(CASE WHEN s.state = 'held' THEN 1 ELSE 0 END) AS BIGINT) AS held,
+                  CAST(SUM(CASE WHEN s.state = 'submitted' THEN 1 ELSE 0 END) AS BIGINT) AS submitted,
+                  CAST(SUM(CASE WHEN s.state = 'submitted' THEN s.images ELSE 0 END) AS BIGINT) AS images
+           FROM annotation_slots s WHERE s.project_id = $1 AND s.annotator IS NOT NULL GROUP BY s.annotator) g
+         LEFT JOIN users u ON u.id = g.annotator",
     )
     .bind(project.id)
     .fetch_all(pool)
@@ -906,13 +918,13 @@ pub async fn dashboard_of(db: &crate::db::Db, project: &Project) -> ApiResult<Da
         images: project.images as u64,
         honeypots: count(&totals, "honeypots")?,
         tasks: count(&totals, "tasks")?,
-        slots_open: count(&totals, "open")?,
-        slots_held: count(&totals, "held")?,
-        slots_submitted: count(&totals, "submitted")?,
-        images_complete: count(&totals, "complete")?,
-        agreement: average_ppm(&totals, "agreement")?,
-        conflicts: count(&totals, "conflicts")?,
-        undecided: count(&totals, "undecided")?,
+        slots_open: slots_in(SlotState::Open),
+        slots_held: slots_in(SlotState::Held),
+        slots_submitted: slots_in(SlotState::Submitted),
+        images_complete: count(&results, "complete")?,
+        agreement: average_ppm(&results, "agreement")?,
+        conflicts: count(&results, "conflicts")?,
+        undecided: count(&results, "undecided")?,
         labels: labels.iter().map(|r| Ok((r.try_get::<String, _>("label")?, count(r, "n")?))).collect::<ApiResult<_>>()?,
         annotators,
     })
