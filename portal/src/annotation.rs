@@ -12,7 +12,9 @@
 //! ```
 //!
 //! Invariants, each held by SQL rather than by a lock in this process (portals may be many):
-//! - **a slot has one holder**: taking a slot is a compare-and-set on its `generation`;
+//! - **a slot has one holder**: a pull takes a slot in the one `UPDATE` that checks it is free
+//!   (open, or its lease ran out), a push by a compare-and-set on its `generation` (which every
+//!   take, submit and release moves);
 //! - **an annotator holds at most one slot of a task** (so an image's `overlap` annotators are
 //!   different people): a unique index on `(project, task, annotator)`;
 //! - **work is saved against the revision it was based on**, so a second tab or a replayed
