@@ -734,15 +734,8 @@ pub async fn create_version(
     if !problems.is_empty() {
         return Err(ApiError::invalid(problems));
     }
-    if let Some(key) = &req.request_id {
-        let done = sqlx::query("SELECT version FROM dataset_versions WHERE dataset_id = $1 AND request_id = $2")
-            .bind(d.id)
-            .bind(key)
-            .fetch_optional(&state.db.pool)
-            .await?;
-        if let Some(row) = done {
-            return Ok((StatusCode::OK, axum::Json(version_view(&state, &d, row.try_get("version")?, false).await?)).into_response());
-        }
+    if let Some(done) = version_made_by(&state, &d, req.request_id.as_deref()).await? {
+        return Ok(done);
     }
     let mut uploads = Vec::new();
     for upload_id in &req.uploads {
@@ -788,20 +781,7 @@ pub async fn create_version(
     if next.len() > datasets::MAX_ITEMS {
         return Err(ApiError::field("uploads", format!("a version holds at most {} files", datasets::MAX_ITEMS)));
     }
-    let old: BTreeMap<&str, &FileEntry> = base.iter().map(|f| (f.name.as_str(), f)).collect();
-    for (name, file) in &next {
-        match old.get(name.as_str()) {
-            None => report.changes.added.push(name.clone()),
-            Some(before) if *before != file => report.changes.modified.push(name.clone()),
-            Some(_) => {}
-        }
-    }
-    report.changes.removed = old.keys().filter(|n| !next.contains_key(**n)).map(|n| (*n).to_owned()).collect();
-    (report.added, report.removed, report.modified) =
-        (report.changes.added.len() as u64, report.changes.removed.len() as u64, report.changes.modified.len() as u64);
-    for list in [&mut report.changes.added, &mut report.changes.removed, &mut report.changes.modified] {
-        list.truncate(CHANGES_LISTED);
-    }
+    record_changes(&mut report, &base, next.values());
 
     if report.added + report.removed + report.modified == 0 && d.latest > 0 {
         // The same content again: no new version; the uploads are used up all the same.
@@ -823,6 +803,41 @@ pub async fn create_version(
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
+/// The version an earlier request with the same `request_id` made, as the answer to its retry.
+async fn version_made_by(state: &AppState, d: &DatasetRow, request_id: Option<&str>) -> ApiResult<Option<Response>> {
+    let Some(key) = request_id else { return Ok(None) };
+    let done = sqlx::query("SELECT version FROM dataset_versions WHERE dataset_id = $1 AND request_id = $2")
+        .bind(d.id)
+        .bind(key)
+        .fetch_optional(&state.db.pool)
+        .await?;
+    match done {
+        Some(row) => Ok(Some((StatusCode::OK, axum::Json(version_view(state, d, row.try_get("version")?, false).await?)).into_response())),
+        None => Ok(None),
+    }
+}
+
+/// Fills the report's added, modified and removed files of `next` against `base` (the lists
+/// cut at [`CHANGES_LISTED`], the counts whole).
+fn record_changes<'a>(report: &mut VersionReport, base: &[FileEntry], next: impl Iterator<Item = &'a FileEntry>) {
+    let old: BTreeMap<&str, &FileEntry> = base.iter().map(|f| (f.name.as_str(), f)).collect();
+    let mut names = HashSet::new();
+    for file in next {
+        names.insert(file.name.as_str());
+        match old.get(file.name.as_str()) {
+            None => report.changes.added.push(file.name.clone()),
+            Some(before) if *before != file => report.changes.modified.push(file.name.clone()),
+            Some(_) => {}
+        }
+    }
+    report.changes.removed = old.keys().filter(|n| !names.contains(**n)).map(|n| (*n).to_owned()).collect();
+    (report.added, report.removed, report.modified) =
+        (report.changes.added.len() as u64, report.changes.removed.len() as u64, report.changes.modified.len() as u64);
+    for list in [&mut report.changes.added, &mut report.changes.removed, &mut report.changes.modified] {
+        list.truncate(CHANGES_LISTED);
+    }
+}
+
 /// Commits `files` as the dataset's next version (an annotation project's reviewed labels on
 /// its version's images): `201` with the version, or `200` with the one a retry's
 /// `request_id` made already.
@@ -833,33 +848,12 @@ pub(crate) async fn commit_files(state: &AppState, d: &DatasetRow, files: &[File
     if message.chars().count() > 2000 {
         return Err(ApiError::field("message", "at most 2000 characters"));
     }
-    if let Some(key) = &request_id {
-        let done = sqlx::query("SELECT version FROM dataset_versions WHERE dataset_id = $1 AND request_id = $2")
-            .bind(d.id)
-            .bind(key)
-            .fetch_optional(&state.db.pool)
-            .await?;
-        if let Some(row) = done {
-            return Ok((StatusCode::OK, axum::Json(version_view(state, d, row.try_get("version")?, false).await?)).into_response());
-        }
+    if let Some(done) = version_made_by(state, d, request_id.as_deref()).await? {
+        return Ok(done);
     }
     let base = if d.latest > 0 { files_of(state, d.id, d.latest).await? } else { Vec::new() };
-    let old: BTreeMap<&str, &FileEntry> = base.iter().map(|f| (f.name.as_str(), f)).collect();
     let mut report = VersionReport::default();
-    for file in files {
-        match old.get(file.name.as_str()) {
-            None => report.changes.added.push(file.name.clone()),
-            Some(before) if *before != file => report.changes.modified.push(file.name.clone()),
-            Some(_) => {}
-        }
-    }
-    let names: HashSet<&str> = files.iter().map(|f| f.name.as_str()).collect();
-    report.changes.removed = old.keys().filter(|n| !names.contains(**n)).map(|n| (*n).to_owned()).collect();
-    (report.added, report.removed, report.modified) =
-        (report.changes.added.len() as u64, report.changes.removed.len() as u64, report.changes.modified.len() as u64);
-    for list in [&mut report.changes.added, &mut report.changes.removed, &mut report.changes.modified] {
-        list.truncate(CHANGES_LISTED);
-    }
+    record_changes(&mut report, &base, files.iter());
     let req = CreateVersion { uploads: Vec::new(), remove: Vec::new(), message, labels: LabelSource::None, request_id };
     let version = commit(state, d, files, &report, &req).await?;
     let mut view = version_view(state, d, version, false).await?;

@@ -8,25 +8,16 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use maud::html;
 
+use super::data::researcher;
 use super::{error_page, page, Ctx};
 use crate::annotation::{self as ann, Role};
 use crate::api::annotation::{projects_of, ProjectView};
 use crate::api::ApiPath;
-use crate::auth::{MaybePrincipal, Principal};
-use crate::error::ApiError;
+use crate::auth::MaybePrincipal;
 use crate::i18n::Msg;
-use crate::model::UserKind;
 use crate::state::AppState;
 
 pub const ANNOTATE_JS: &str = include_str!("../../static/annotate.js");
-
-fn researcher(ctx: &Ctx) -> Result<Principal, ApiError> {
-    let v = ctx.viewer.clone().ok_or_else(ApiError::unauthenticated)?;
-    if v.kind != UserKind::Researcher {
-        return Err(ApiError::forbidden("annotation projects belong to researchers"));
-    }
-    Ok(v)
-}
 
 fn role_name(role: Option<Role>) -> &'static str {
     role.map_or("—", Role::as_str)

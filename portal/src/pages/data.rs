@@ -22,11 +22,12 @@ use crate::state::AppState;
 /// Pictures shown on a dataset's page (its latest version's first files by name).
 const THUMBNAILS: usize = 200;
 
-/// The signed-in researcher, or why datasets and models are not for this viewer.
-fn researcher(ctx: &Ctx) -> Result<Principal, ApiError> {
+/// The signed-in researcher, or why datasets, models and annotation projects are not for this
+/// viewer.
+pub(super) fn researcher(ctx: &Ctx) -> Result<Principal, ApiError> {
     let v = ctx.viewer.clone().ok_or_else(ApiError::unauthenticated)?;
     if v.kind != UserKind::Researcher {
-        return Err(ApiError::forbidden("datasets and models belong to researchers"));
+        return Err(ApiError::forbidden("datasets, models and annotation projects belong to researchers"));
     }
     Ok(v)
 }
