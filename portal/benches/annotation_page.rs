@@ -121,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
         let (status, slot) = ann.post(&format!("/api/v1/annotation-projects/{id}/next"), json!({})).await?;
         anyhow::ensure!(status.is_success(), "pull: {status} {slot}");
         if slot["images"][0]["width"] == 6000 {
-            let path = format!("/api/v1/annotation-projects/{id}/tasks/{}/slots/{}/images/{}", slot["task"], slot["slot"], slot["images"][0]["image_no"]);
+            let path = format!("/api/v1/annotation-projects/{id}/tasks/{}/slots/{}/images/{}", slot["task"], slot["slot"], slot["images"][0]["position"]);
             let (status, body) = ann.send(reqwest::Method::PUT, &path, Some(json!({"shapes": shapes(6000.0, 4000.0), "revision": 0}))).await?;
             anyhow::ensure!(status.is_success(), "500 shapes: {status} {body}");
         }

@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use suanli_annotation::agreement::{self, Decision};
-use suanli_annotation::{compare_image, score_against_gold, Annotation, Geometry, LabelSchema, Work};
+use suanli_annotation::{compare_image, score_against_gold, Annotation, Geometry, ImageAgreement, LabelSchema, Work};
 use suanli_cv::annotation::{Object, Shape};
 
 use crate::db::{now_ms, opt_i64, opt_str, Db};
@@ -533,11 +533,43 @@ pub async fn submit(db: &Db, project: &Project, s: &Slot, user: i64) -> ApiResul
         .await?
         .try_get::<i64, _>("n")?;
     if open == 0 {
-        for image in images.iter().filter(|i| !i.honeypot) {
-            compare_and_record(db, project, s.task as i64, image).await?;
-        }
+        compare_task(db, project, s.task as i64, &images).await?;
     }
     Ok(())
+}
+
+/// Compares every image of a complete task and then marks the task compared: a crash part way
+/// leaves it unmarked, for [`compare_pending`] to finish.
+async fn compare_task(db: &Db, project: &Project, task_no: i64, images: &[ProjectImage]) -> ApiResult<()> {
+    for image in images.iter().filter(|i| !i.honeypot) {
+        compare_and_record(db, project, task_no, image).await?;
+    }
+    sqlx::query("UPDATE annotation_tasks SET compared_ms = $1 WHERE project_id = $2 AND task_no = $3")
+        .bind(now_ms())
+        .bind(project.id)
+        .bind(task_no)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+/// Compares the complete tasks whose comparison never finished (the portal stopped between the
+/// last submit and the end of [`compare_task`]); reviewers' lists and exports call it first, so
+/// no complete image is missing from them. Returns how many tasks it compared.
+pub async fn compare_pending(db: &Db, project: &Project) -> ApiResult<usize> {
+    let rows = sqlx::query(
+        "SELECT t.task_no FROM annotation_tasks t WHERE t.project_id = $1 AND t.compared_ms IS NULL
+         AND NOT EXISTS (SELECT 1 FROM annotation_slots s WHERE s.project_id = t.project_id AND s.task_no = t.task_no AND s.state <> 'submitted')",
+    )
+    .bind(project.id)
+    .fetch_all(&db.pool)
+    .await?;
+    for r in &rows {
+        let task_no: i64 = r.try_get("task_no")?;
+        let images = images_of(db, project.id, &task_images(db, project.id, task_no).await?).await?;
+        compare_task(db, project, task_no, &images).await?;
+    }
+    Ok(rows.len())
 }
 
 async fn record_score(db: &Db, project: i64, user: i64, image_no: i64, kind: &str, f1: f64) -> ApiResult<()> {
@@ -596,8 +628,39 @@ pub async fn compare_and_record(db: &Db, project: &Project, task_no: i64, image:
     let works = works_on(db, project.id, task_no, image.image_no).await?;
     let views: Vec<Work<'_>> = works.iter().map(|(a, shapes)| Work { annotator: *a as u64, shapes }).collect();
     let result = compare_image(image.width, image.height, &views);
-    let decisions = decisions_on(db, project.id, image.image_no).await?;
-    let (shapes, undecided) = agreement::reviewed_shapes(&result, &views, &decisions);
+    // Two reviewers deciding on one image at once: each writes the result of the decisions it
+    // read, and then reads them again; whoever read a set that has changed since writes again,
+    // so the last result written is that of every decision.
+    let mut decisions = decisions_on(db, project.id, image.image_no).await?;
+    loop {
+        record_result(db, project, task_no, image, &result, &views, &decisions).await?;
+        let now = decisions_on(db, project.id, image.image_no).await?;
+        if now == decisions {
+            break;
+        }
+        decisions = now;
+    }
+    // Each annotator's agreement with each other one on this image.
+    for (a, _) in &works {
+        let mine: Vec<f64> = result.pairs.iter().filter(|p| p.a == *a as u64 || p.b == *a as u64).map(|p| p.f1).collect();
+        if !mine.is_empty() {
+            record_score(db, project.id, *a, image.image_no, "peer", mine.iter().sum::<f64>() / mine.len() as f64).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes one image's result (reviewed shapes, agreement, conflicts left) and label counts.
+async fn record_result(
+    db: &Db,
+    project: &Project,
+    task_no: i64,
+    image: &ProjectImage,
+    result: &ImageAgreement,
+    views: &[Work<'_>],
+    decisions: &HashMap<String, Decision>,
+) -> ApiResult<()> {
+    let (shapes, undecided) = agreement::reviewed_shapes(result, views, decisions);
     let mut tx = db.pool.begin().await?;
     sqlx::query(
         "INSERT INTO annotation_results (project_id, image_no, task_no, agreement_ppm, conflicts, undecided, shapes, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
@@ -628,13 +691,6 @@ pub async fn compare_and_record(db: &Db, project: &Project, task_no: i64, image:
             .await?;
     }
     tx.commit().await?;
-    // Each annotator's agreement with each other one on this image.
-    for (a, _) in &works {
-        let mine: Vec<f64> = result.pairs.iter().filter(|p| p.a == *a as u64 || p.b == *a as u64).map(|p| p.f1).collect();
-        if !mine.is_empty() {
-            record_score(db, project.id, *a, image.image_no, "peer", mine.iter().sum::<f64>() / mine.len() as f64).await?;
-        }
-    }
     Ok(())
 }
 
@@ -644,18 +700,20 @@ pub fn from_object(index: usize, object: &Object) -> Annotation {
         Shape::Box { x, y, w, h } => Geometry::Box { x: *x, y: *y, w: *w, h: *h },
         Shape::Polygon { points } => Geometry::Polygon { points: points.clone() },
         Shape::Points { points } => Geometry::Points { points: points.clone() },
+        Shape::Mask { rle } => Geometry::Mask { rle: rle.clone() },
     };
     Annotation { id: format!("pre{index}"), label: object.category.clone(), geometry, attributes: Default::default(), score: object.score }
 }
 
-/// A reviewed shape as a dataset object; `None` for kinds the COCO/VOC/YOLO model has no
-/// place for (polylines, masks), which an export counts as left out.
+/// A reviewed shape as a dataset object; `None` for polylines, which the COCO/VOC/YOLO model
+/// has no place for (an export counts them as left out).
 pub fn to_object(shape: &Annotation) -> Option<Object> {
     let shape_of = match &shape.geometry {
         Geometry::Box { x, y, w, h } => Shape::Box { x: *x, y: *y, w: *w, h: *h },
         Geometry::Polygon { points } => Shape::Polygon { points: points.clone() },
         Geometry::Points { points } => Shape::Points { points: points.clone() },
-        Geometry::Polyline { .. } | Geometry::Mask { .. } => return None,
+        Geometry::Mask { rle } => Shape::Mask { rle: rle.clone() },
+        Geometry::Polyline { .. } => return None,
     };
     Some(Object { category: shape.label.clone(), shape: shape_of, score: None })
 }

@@ -29,7 +29,7 @@ use crate::state::AppState;
         datasets::share, datasets::unshare,
         models::register, models::list, models::get, models::promote, models::download, models::compare,
         annotation::create, annotation::list, annotation::get, annotation::set_member, annotation::remove_member, annotation::join, annotation::next,
-        annotation::assign, annotation::my_slots, annotation::get_slot, annotation::save, annotation::submit, annotation::release, annotation::image_file,
+        annotation::assign, annotation::my_slots, annotation::get_slot, annotation::save, annotation::submit, annotation::release, annotation::slot_image_file, annotation::image_file,
         annotation::conflicts, annotation::decide, annotation::dashboard, annotation::export, annotation::export_version,
         image_search::list, image_search::add_dataset, image_search::rebuild, image_search::image, image_search::remove_image, image_search::search, image_search::similar, image_search::rebuild_global,
         market::enrollment_token, market::list_nodes, market::list_my_clusters, market::publish, market::modify, market::delist, market::approve,
@@ -113,7 +113,8 @@ pub fn router(state: AppState) -> Router {
         .route("/annotation-projects/{id}/my-slots", get(annotation::my_slots))
         .route("/annotation-projects/{id}/tasks/{task}/slots/{slot}", get(annotation::get_slot))
         .route("/annotation-projects/{id}/tasks/{task}/slots/{slot}/assign", post(annotation::assign))
-        .route("/annotation-projects/{id}/tasks/{task}/slots/{slot}/images/{image_no}", put(annotation::save))
+        .route("/annotation-projects/{id}/tasks/{task}/slots/{slot}/images/{position}", put(annotation::save))
+        .route("/annotation-projects/{id}/tasks/{task}/slots/{slot}/images/{position}/file", get(annotation::slot_image_file))
         .route("/annotation-projects/{id}/tasks/{task}/slots/{slot}/submit", post(annotation::submit))
         .route("/annotation-projects/{id}/tasks/{task}/slots/{slot}/release", post(annotation::release))
         .route("/annotation-projects/{id}/images/{image_no}/file", get(annotation::image_file))

@@ -460,6 +460,12 @@ pub const MIGRATIONS: &[Migration] = &[
     PRIMARY KEY (project_id, image_no, conflict_key)
 )",
     ]),
+    // 11: when a task's images were last compared (NULL: not since its last slot was submitted);
+    // a comparison cut short by a crash is redone from it (`annotation::compare_pending`).
+    expand(&[
+        "ALTER TABLE annotation_tasks ADD COLUMN compared_ms BIGINT",
+        "CREATE INDEX annotation_tasks_uncompared ON annotation_tasks (project_id, compared_ms)",
+    ]),
 ];
 
 impl Db {

@@ -366,7 +366,9 @@ catalogue! {
     PolygonTool => "Polygon", "多边形";
     PolylineTool => "Line", "折线";
     PointsTool => "Points", "关键点";
-    Shortcuts => "Keys: b box · p polygon · l line · k points · v select · 1–9 label · Enter finish polygon or line · Esc cancel · Delete remove · Ctrl+Z / Ctrl+Shift+Z undo/redo · c copy previous · a accept pre-annotations · ← → images · wheel zoom · Shift+drag pan · f fit", "快捷键：b 矩形框 · p 多边形 · l 折线 · k 关键点 · v 选择 · 1–9 类别 · Enter 完成多边形或折线 · Esc 取消 · Delete 删除 · Ctrl+Z / Ctrl+Shift+Z 撤销/重做 · c 复制上一张 · a 接受预标注 · ← → 切换图片 · 滚轮缩放 · Shift+拖动平移 · f 适应窗口";
+    BrushTool => "Brush", "画笔";
+    EraserTool => "Eraser", "橡皮擦";
+    Shortcuts => "Keys: b box · p polygon · l line · k points · m brush · e eraser · [ ] brush size · v select · 1–9 label · Enter finish polygon or line · Esc cancel · Delete remove · Ctrl+Z / Ctrl+Shift+Z undo/redo · c copy previous · a accept pre-annotations · ← → images · wheel zoom · Shift+drag pan · f fit", "快捷键：b 矩形框 · p 多边形 · l 折线 · k 关键点 · m 画笔 · e 橡皮擦 · [ ] 画笔大小 · v 选择 · 1–9 类别 · Enter 完成多边形或折线 · Esc 取消 · Delete 删除 · Ctrl+Z / Ctrl+Shift+Z 撤销/重做 · c 复制上一张 · a 接受预标注 · ← → 切换图片 · 滚轮缩放 · Shift+拖动平移 · f 适应窗口";
     Dashboard => "Dashboard", "看板";
     ImagesComplete => "Images complete", "已完成图片";
     Agreement => "Agreement", "一致性";

@@ -4,6 +4,103 @@
 // is pending with `keepalive`). Plain JavaScript on a <canvas>, no build step.
 "use strict";
 
+// Masks: COCO's uncompressed RLE, `{size: [height, width], counts}`, runs of background and
+// foreground pixels alternating down each column in turn, background first (the form the
+// server checks and exports). The brush paints into a row-major bitmap of the image and the
+// stroke's pixels are the ones whose centre lies within the brush's radius of the pointer's
+// path, so a stroke is the same mask on every screen and zoom.
+const Masks = (() => {
+  const cache = new WeakMap();
+  // The set pixels' bounding box [x0, y0, x1, y1) (x1/y1 exclusive), or null.
+  function bounds(rle) {
+    const h = rle.size[0];
+    let x0 = Infinity, y0 = Infinity, x1 = -1, y1 = -1, at = 0;
+    rle.counts.forEach((c, i) => {
+      const start = at;
+      at += c;
+      if (i % 2 === 0 || c === 0) return;
+      const first = start, last = start + c - 1;
+      const fx = Math.floor(first / h), lx = Math.floor(last / h);
+      x0 = Math.min(x0, fx); x1 = Math.max(x1, lx + 1);
+      if (fx === lx) { y0 = Math.min(y0, first % h); y1 = Math.max(y1, (last % h) + 1); } else { y0 = 0; y1 = h; }
+    });
+    return x1 < 0 ? null : [x0, y0, x1, y1];
+  }
+  // Calls `set(x, y)` for every pixel of the mask.
+  function forEachPixel(rle, set) {
+    const h = rle.size[0];
+    let at = 0;
+    rle.counts.forEach((c, i) => {
+      if (i % 2 === 1) for (let k = at; k < at + c; k++) set(Math.floor(k / h), k % h);
+      at += c;
+    });
+  }
+  function get(rle, x, y) {
+    const index = x * rle.size[0] + y;
+    let at = 0;
+    for (let i = 0; i < rle.counts.length; i++) {
+      at += rle.counts[i];
+      if (index < at) return i % 2 === 1;
+    }
+    return false;
+  }
+  // The RLE of a row-major bitmap whose set pixels all lie in columns [x0, x1).
+  function encode(bitmap, width, height, [x0, , x1]) {
+    const counts = [];
+    let fg = false, runStart = 0;
+    for (let x = x0; x < x1; x++) {
+      for (let y = 0; y < height; y++) {
+        if ((bitmap[y * width + x] === 1) === fg) continue;
+        counts.push(x * height + y - runStart);
+        runStart = x * height + y;
+        fg = !fg;
+      }
+    }
+    const total = width * height;
+    if (fg) { counts.push(x1 * height - runStart); runStart = x1 * height; }
+    if (total > runStart || !counts.length) counts.push(total - runStart);
+    return { size: [height, width], counts };
+  }
+  // Sets (value 1) or clears (0) every pixel whose centre is within `r` of segment a-b, inside
+  // the image; returns the box of pixels it looked at.
+  function paintSegment(bitmap, width, height, [ax, ay], [bx, by], r, value) {
+    const x0 = Math.max(0, Math.floor(Math.min(ax, bx) - r)), x1 = Math.min(width, Math.ceil(Math.max(ax, bx) + r) + 1);
+    const y0 = Math.max(0, Math.floor(Math.min(ay, by) - r)), y1 = Math.min(height, Math.ceil(Math.max(ay, by) + r) + 1);
+    const dx = bx - ax, dy = by - ay, len2 = dx * dx + dy * dy, r2 = r * r;
+    for (let y = y0; y < y1; y++) {
+      for (let x = x0; x < x1; x++) {
+        const px = x + 0.5, py = y + 0.5;
+        const t = len2 ? Math.max(0, Math.min(1, ((px - ax) * dx + (py - ay) * dy) / len2)) : 0;
+        const ex = px - (ax + t * dx), ey = py - (ay + t * dy);
+        if (ex * ex + ey * ey <= r2) bitmap[y * width + x] = value;
+      }
+    }
+    return [x0, y0, x1, y1];
+  }
+  // The mask as a bitmap canvas of its bounding box, in `colour` (cached per RLE object).
+  function picture(rle, colour) {
+    const hit = cache.get(rle);
+    if (hit && hit.colour === colour) return hit;
+    const box = bounds(rle);
+    if (!box) return null;
+    const [x0, y0, x1, y1] = box;
+    const canvas = document.createElement("canvas");
+    canvas.width = x1 - x0; canvas.height = y1 - y0;
+    const c2 = canvas.getContext("2d");
+    const data = c2.createImageData(canvas.width, canvas.height);
+    const [r, g, b] = [1, 3, 5].map((i) => parseInt(colour.slice(i, i + 2), 16));
+    forEachPixel(rle, (x, y) => {
+      const o = ((y - y0) * canvas.width + (x - x0)) * 4;
+      data.data[o] = r; data.data[o + 1] = g; data.data[o + 2] = b; data.data[o + 3] = 110;
+    });
+    c2.putImageData(data, 0, 0);
+    const out = { canvas, box, colour };
+    cache.set(rle, out);
+    return out;
+  }
+  return { bounds, forEachPixel, get, encode, paintSegment, picture };
+})();
+
 (() => {
   const root = document.getElementById("annotator");
   if (!root) return;
@@ -28,7 +125,10 @@
   let label = schema.classes[0].name;
   let selected = null; // a shape's id
   let draft = null; // a shape being drawn
-  let drag = null; // {kind: "move"|"handle"|"pan", …}
+  let drag = null; // {kind: "move"|"handle"|"pan"|"stroke", …}
+  let stroke = null; // a brush or eraser stroke: {erase, target, points}
+  let brush = 10; // the brush's radius, image pixels
+  let pointer = null; // the pointer over the canvas (image pixels), for the brush's outline
   let view = { s: 1, ox: 0, oy: 0 };
   let lost = false;
   let lastActivity = 0, activeSince = Date.now(), activeMs = 0;
@@ -53,15 +153,18 @@
 
   // ---- the server ----
   async function api(method, path, body, keepalive) {
+    const text = body === undefined ? undefined : JSON.stringify(body);
     const r = await fetch(path, {
       method,
       credentials: "same-origin",
-      keepalive: !!keepalive,
+      // Browsers refuse keepalive bodies over 64 KiB (a big mask): those go as a plain request,
+      // which still completes if the page lives on a moment.
+      keepalive: !!keepalive && (text === undefined || text.length < 60000),
       headers: { "Content-Type": "application/json", Accept: "application/json", "X-CSRF-Token": csrf() },
-      body: body === undefined ? undefined : JSON.stringify(body),
+      body: text,
     });
-    const text = await r.text();
-    const json = text ? JSON.parse(text) : null;
+    const answer = await r.text();
+    const json = answer ? JSON.parse(answer) : null;
     if (!r.ok) throw Object.assign(new Error(json?.error?.message || r.statusText), { status: r.status, code: json?.error?.code, body: json });
     return json;
   }
@@ -100,7 +203,7 @@
     const worked = activeMs;
     activeMs = 0;
     setStatus("saving…", "saving");
-    im.saving = api("PUT", `${slotPath}/images/${im.image_no}`, { shapes, revision: im.revision, active_ms: worked }, keepalive)
+    im.saving = api("PUT", `${slotPath}/images/${im.position}`, { shapes, revision: im.revision, active_ms: worked }, keepalive)
       .then((r) => {
         im.revision = r.revision;
         if (!images.some((x) => x.dirty)) setStatus("saved", "saved");
@@ -129,7 +232,7 @@
   // another tab, which this page must not overwrite.
   async function rebase(im, sent) {
     try {
-      const now = (await api("GET", slotPath)).images.find((x) => x.image_no === im.image_no);
+      const now = (await api("GET", slotPath)).images.find((x) => x.position === im.position);
       if (now && now.revision === im.revision + 1 && JSON.stringify(now.shapes) === JSON.stringify(sent)) {
         im.revision = now.revision;
         if (JSON.stringify(im.shapes) !== JSON.stringify(sent)) im.dirty = true;
@@ -189,10 +292,15 @@
     return [e.clientX - r.left, e.clientY - r.top];
   }
   function vertices(s) {
+    if (s.type === "mask") {
+      const [x0, y0, x1, y1] = Masks.bounds(s.rle) || [0, 0, 0, 0];
+      return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]];
+    }
     if (s.type === "box") return [[s.x, s.y], [s.x + s.w, s.y], [s.x + s.w, s.y + s.h], [s.x, s.y + s.h]];
     return s.points;
   }
   function inside(s, x, y) {
+    if (s.type === "mask") return x >= 0 && y >= 0 && x < s.rle.size[1] && y < s.rle.size[0] && Masks.get(s.rle, Math.floor(x), Math.floor(y));
     if (s.type === "box") return x >= s.x && x <= s.x + s.w && y >= s.y && y <= s.y + s.h;
     if (s.type === "polygon") {
       let hit = false;
@@ -211,6 +319,7 @@
     return Math.hypot(x - (ax + t * dx), y - (ay + t * dy));
   }
   function handleAt(s, sx, sy) {
+    if (s.type === "mask") return -1; // painted, not resized
     const vs = vertices(s);
     for (let i = 0; i < vs.length; i++) {
       const [cx, cy] = toCanvas(vs[i][0], vs[i][1]);
@@ -256,6 +365,18 @@
     ctx.fillStyle = c + "33";
     ctx.lineWidth = isSelected ? 3 : 2;
     ctx.setLineDash(s.score !== undefined ? [6, 4] : []);
+    if (s.type === "mask") {
+      const pic = Masks.picture(s.rle, c);
+      if (pic) {
+        const [x0, y0, x1, y1] = pic.box;
+        const [cx, cy] = toCanvas(x0, y0);
+        ctx.imageSmoothingEnabled = false;
+        ctx.drawImage(pic.canvas, cx, cy, (x1 - x0) * view.s, (y1 - y0) * view.s);
+        if (isSelected) { ctx.setLineDash([4, 3]); ctx.strokeRect(cx, cy, (x1 - x0) * view.s, (y1 - y0) * view.s); }
+      }
+      ctx.restore();
+      return;
+    }
     if (s.type === "points") {
       for (const [x, y] of s.points) {
         const [cx, cy] = toCanvas(x, y);
@@ -296,6 +417,25 @@
         ctx.strokeStyle = colour[draft.label];
         ctx.stroke();
       }
+    }
+    if (stroke) {
+      // The stroke as the pointer went; painted into the mask when the button is released.
+      ctx.save();
+      ctx.lineCap = ctx.lineJoin = "round";
+      ctx.lineWidth = 2 * brush * view.s;
+      ctx.strokeStyle = stroke.erase ? "#000000aa" : (colour[stroke.target?.label || label] || "#ffffff") + "88";
+      ctx.beginPath();
+      stroke.points.forEach(([x, y], i) => (i ? ctx.lineTo(...toCanvas(x, y)) : ctx.moveTo(...toCanvas(x, y))));
+      if (stroke.points.length === 1) ctx.lineTo(...toCanvas(...stroke.points[0]));
+      ctx.stroke();
+      ctx.restore();
+    }
+    if (pointer && (tool === "brush" || tool === "eraser")) {
+      ctx.beginPath();
+      ctx.arc(...toCanvas(pointer[0], pointer[1]), brush * view.s, 0, Math.PI * 2);
+      ctx.strokeStyle = "#ffffff";
+      ctx.lineWidth = 1;
+      ctx.stroke();
     }
     renderList();
   }
@@ -350,13 +490,13 @@
     selected = null;
     current = i;
     const im = img();
-    nameEl.textContent = `${i + 1} / ${images.length} · ${im.name}`;
-    root.dataset.image = String(im.image_no);
+    nameEl.textContent = `${im.position} / ${images.length}`;
+    root.dataset.image = String(im.position);
     fit();
     if (!im.bitmap) {
       const el = new Image();
-      el.src = `${base}/images/${im.image_no}/file`;
-      await el.decode().catch(() => setStatus(`image ${im.name} did not load`, "error"));
+      el.src = `${slotPath}/images/${im.position}/file`;
+      await el.decode().catch(() => setStatus(`image ${im.position} did not load`, "error"));
       im.bitmap = el;
     }
     redraw();
@@ -420,13 +560,55 @@
   function copyPrevious() {
     if (current === 0) return;
     const prev = images[current - 1], im = img();
-    const fits = (s) => vertices(s).every(([x, y]) => x >= 0 && y >= 0 && x <= im.width && y <= im.height);
+    const fits = (s) =>
+      s.type === "mask" ? s.rle.size[0] === im.height && s.rle.size[1] === im.width : vertices(s).every(([x, y]) => x >= 0 && y >= 0 && x <= im.width && y <= im.height);
     const copies = prev.shapes.filter(fits).map((s) => ({ ...clone(s), id: newId() }));
     if (!copies.length) return;
     record();
     im.shapes.push(...copies);
     changed();
     redraw();
+  }
+
+  // A brush stroke is painted into its mask (a new one, or the selected mask of the label); an
+  // eraser stroke clears pixels of its mask, and a mask left empty goes.
+  function commitStroke() {
+    const st = stroke, im = img();
+    stroke = null;
+    if (!st) return;
+    const { width, height } = im;
+    const bitmap = (im.paint ||= new Uint8Array(width * height));
+    let box = st.target ? Masks.bounds(st.target.rle) : null;
+    if (st.target) Masks.forEachPixel(st.target.rle, (x, y) => (bitmap[y * width + x] = 1));
+    st.points.forEach((p, i) => {
+      const [x0, y0, x1, y1] = Masks.paintSegment(bitmap, width, height, st.points[Math.max(0, i - 1)], p, brush, st.erase ? 0 : 1);
+      box = box ? [Math.min(box[0], x0), Math.min(box[1], y0), Math.max(box[2], x1), Math.max(box[3], y1)] : [x0, y0, x1, y1];
+    });
+    if (!box || box[2] <= box[0] || box[3] <= box[1]) return redraw();
+    const rle = Masks.encode(bitmap, width, height, box);
+    for (let y = box[1]; y < box[3]; y++) bitmap.fill(0, y * width + box[0], y * width + box[2]);
+    const empty = rle.counts.length < 2;
+    if (!st.target && empty) return redraw();
+    record();
+    if (st.target && empty) {
+      im.shapes = im.shapes.filter((s) => s !== st.target);
+      selected = null;
+    } else if (st.target) {
+      st.target.rle = rle;
+      delete st.target.score;
+    } else {
+      const shape = { id: newId(), label, type: "mask", rle };
+      im.shapes.push(shape);
+      selected = shape.id;
+    }
+    changed();
+    redraw();
+    renderAttributes();
+  }
+  function setBrush(factor) {
+    brush = Math.min(Math.max(Math.round(brush * factor * 4) / 4, 1), 200);
+    root.dataset.brush = String(brush);
+    if (images.length) redraw();
   }
 
   // A vertex on the last one (the second click of a double-click) is not a new vertex.
@@ -476,9 +658,19 @@
       }
       const hit = [...img().shapes].reverse().find((s) => inside(s, x, y));
       selected = hit ? hit.id : null;
-      if (hit) drag = { kind: "move", shape: hit, from: [x, y], original: clone(hit), before: clone(img().shapes), moved: false };
+      if (hit && hit.type !== "mask") drag = { kind: "move", shape: hit, from: [x, y], original: clone(hit), before: clone(img().shapes), moved: false };
       redraw();
       renderAttributes();
+      return;
+    }
+    if (tool === "brush" || tool === "eraser") {
+      const erase = tool === "eraser";
+      const chosen = img().shapes.find((s) => s.id === selected && s.type === "mask" && (erase || s.label === label));
+      const target = chosen || (erase ? [...img().shapes].reverse().find((s) => s.type === "mask" && inside(s, x, y)) : null);
+      if (erase && !target) return;
+      stroke = { erase, target, points: [[round(x), round(y)]] };
+      drag = { kind: "stroke" };
+      redraw();
       return;
     }
     const [cx, cy] = [clampX(x), clampY(y)];
@@ -506,14 +698,17 @@
     const [sx, sy] = eventPoint(e);
     const [x, y] = toImage(sx, sy);
     if (draft && (draft.type === "polygon" || draft.type === "polyline")) draft.cursor = [clampX(x), clampY(y)];
+    pointer = [x, y];
     if (!drag) {
-      if (draft) redraw();
+      if (draft || tool === "brush" || tool === "eraser") redraw();
       return;
     }
     touch();
     if (drag.kind === "pan") {
       view.ox = drag.ox + sx - drag.sx;
       view.oy = drag.oy + sy - drag.sy;
+    } else if (drag.kind === "stroke") {
+      stroke.points.push([round(x), round(y)]);
     } else if (drag.kind === "draw") {
       draft.x = Math.min(drag.from[0], clampX(x));
       draft.y = Math.min(drag.from[1], clampY(y));
@@ -547,6 +742,7 @@
     if (!drag) return;
     const d = drag;
     drag = null;
+    if (d.kind === "stroke") return commitStroke();
     if (d.kind === "draw") {
       normalizeBox(draft);
       if (draft.w * view.s < 3 || draft.h * view.s < 3) draft = null;
@@ -567,6 +763,10 @@
       }
     }
     redraw();
+  });
+  canvas.addEventListener("pointerleave", () => {
+    pointer = null;
+    if (tool === "brush" || tool === "eraser") redraw();
   });
   canvas.addEventListener("dblclick", () => draft && finishDraft());
   canvas.addEventListener("wheel", (e) => {
@@ -607,6 +807,7 @@
 
   const keys = {
     b: () => setTool("box"), p: () => setTool("polygon"), l: () => setTool("polyline"), k: () => setTool("points"), v: () => setTool("select"),
+    m: () => setTool("brush"), e: () => setTool("eraser"), "[": () => setBrush(0.8), "]": () => setBrush(1.25),
     Enter: finishDraft, Escape: () => { draft = null; redraw(); }, Delete: removeSelected, Backspace: removeSelected,
     n: () => go(1), ArrowRight: () => go(1), ArrowLeft: () => go(-1), c: copyPrevious,
     a: () => accept(true), f: () => { fit(); redraw(); }, "+": () => zoomAt(canvas.width / 2, canvas.height / 2, 1.25), "-": () => zoomAt(canvas.width / 2, canvas.height / 2, 0.8),
@@ -650,7 +851,8 @@
     },
   };
 
-  setTool("box");
+  setTool(schema.kinds.includes("box") ? "box" : "select");
+  setBrush(1);
   setLabel(label);
   load().catch((e) => setStatus(`could not load the task: ${e.message}`, "error"));
 })();
@@ -689,6 +891,15 @@
     shapes.forEach((shape, i) => {
       ctx.strokeStyle = palette[i % palette.length];
       ctx.lineWidth = 2;
+      if (shape.type === "mask") {
+        const pic = Masks.picture(shape.rle, palette[i % palette.length]);
+        if (!pic) return;
+        const [x0, y0, x1, y1] = pic.box;
+        ctx.imageSmoothingEnabled = false;
+        ctx.drawImage(pic.canvas, x0 * s, y0 * s, (x1 - x0) * s, (y1 - y0) * s);
+        ctx.strokeRect(x0 * s, y0 * s, (x1 - x0) * s, (y1 - y0) * s);
+        return;
+      }
       ctx.beginPath();
       if (shape.type === "box") ctx.rect(shape.x * s, shape.y * s, shape.w * s, shape.h * s);
       else {

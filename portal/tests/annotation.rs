@@ -60,13 +60,29 @@ fn slot_path(project: u64, slot: &Value) -> String {
     format!("/api/v1/annotation-projects/{project}/tasks/{}/slots/{}", slot["task"], slot["slot"])
 }
 
-async fn save(api: &Api, project: u64, slot: &Value, image_no: u64, shapes: Value, revision: u64) -> anyhow::Result<(StatusCode, Value)> {
+/// Saves the image at `position` (1-based) of the slot's task.
+async fn save(api: &Api, project: u64, slot: &Value, position: u64, shapes: Value, revision: u64) -> anyhow::Result<(StatusCode, Value)> {
     api.send(
         reqwest::Method::PUT,
-        &format!("{}/images/{image_no}", slot_path(project, slot)),
+        &format!("{}/images/{position}", slot_path(project, slot)),
         Some(json!({"shapes": shapes, "revision": revision, "active_ms": 1500})),
     )
     .await
+}
+
+/// Which picture (`img<i>.png` of [`dataset`]) each place of a slot's task shows: the API tells
+/// annotators positions only (a honeypot must not stand out by its name or number), so the test
+/// recognises the pictures by their bytes, as a person would by looking.
+async fn pictures(api: &Api, project: u64, slot: &Value) -> anyhow::Result<Vec<(u64, String)>> {
+    let mut out = Vec::new();
+    for image in slot["images"].as_array().cloned().unwrap_or_default() {
+        anyhow::ensure!(image.get("name").is_none() && image.get("image_no").is_none(), "an annotator sees no name or number: {image}");
+        let position = image["position"].as_u64().unwrap_or_default();
+        let bytes = api.get_bytes(&format!("{}/images/{position}/file", slot_path(project, slot))).await?;
+        let shade = (0..10u8).find(|i| png(120, 80, i * 20) == bytes).ok_or_else(|| anyhow::anyhow!("position {position} shows no picture of the dataset"))?;
+        out.push((position, format!("img{shade}.png")));
+    }
+    Ok(out)
 }
 
 fn cat_box(id: &str, x: f64) -> Value {
@@ -144,7 +160,7 @@ async fn an_expired_lease_returns_the_slot(w: &World) -> anyhow::Result<()> {
     invite(&owner, id, "bob", "annotator").await?;
     let (status, slot) = pull(&ann, id).await?;
     anyhow::ensure!(status == StatusCode::OK, "ann pulls: {status} {slot}");
-    let (status, saved) = save(&ann, id, &slot, 0, json!([cat_box("a", 10.0)]), 0).await?;
+    let (status, saved) = save(&ann, id, &slot, 1, json!([cat_box("a", 10.0)]), 0).await?;
     anyhow::ensure!(status == StatusCode::OK && saved["revision"] == 1, "ann saves: {status} {saved}");
     let (status, body) = pull(&bob, id).await?;
     anyhow::ensure!(status == StatusCode::NOT_FOUND, "while ann's lease runs, bob gets nothing: {status} {body}");
@@ -160,7 +176,7 @@ async fn an_expired_lease_returns_the_slot(w: &World) -> anyhow::Result<()> {
     };
     anyhow::ensure!(taken["task"] == slot["task"] && taken["slot"] == slot["slot"], "bob has ann's slot: {taken}");
     anyhow::ensure!(taken["images"][0]["shapes"].as_array().is_some_and(|s| s.is_empty()), "bob starts clean: {taken}");
-    let (status, body) = save(&ann, id, &slot, 0, json!([cat_box("a", 20.0)]), 1).await?;
+    let (status, body) = save(&ann, id, &slot, 1, json!([cat_box("a", 20.0)]), 1).await?;
     anyhow::ensure!(status == StatusCode::CONFLICT && Api::code(&body) == "TASK_NOT_HELD", "ann's late save: {status} {body}");
     let (status, body) = ann.post(&format!("{}/submit", slot_path(id, &slot)), json!({})).await?;
     anyhow::ensure!(status == StatusCode::CONFLICT && Api::code(&body) == "TASK_NOT_HELD", "ann's late submit: {status} {body}");
@@ -199,7 +215,7 @@ async fn bad_shapes_and_stale_saves_are_refused(w: &World) -> anyhow::Result<()>
         (json!([unknown]), 0, "not a class"),
         (json!([{"id": "x", "label": "cat", "type": "box", "x": 1, "y": 1, "w": 4}]), usize::MAX, "missing field"),
     ] {
-        let (status, body) = save(&ann, id, &slot, 0, shapes, 0).await?;
+        let (status, body) = save(&ann, id, &slot, 1, shapes, 0).await?;
         let field = if index == usize::MAX { "body".to_owned() } else { format!("shapes[{index}]") };
         anyhow::ensure!(
             status == StatusCode::BAD_REQUEST && support::fields(&body).contains(&field) && body.to_string().contains(why),
@@ -210,13 +226,13 @@ async fn bad_shapes_and_stale_saves_are_refused(w: &World) -> anyhow::Result<()>
     anyhow::ensure!(view["images"][0]["revision"] == 0 && view["images"][0]["shapes"] == json!([]), "nothing saved: {view}");
 
     let shapes = json!([cat_box("a", 10.0)]);
-    let first = save(&ann, id, &slot, 0, shapes.clone(), 0).await?;
-    let retry = save(&ann, id, &slot, 0, shapes.clone(), 0).await?;
+    let first = save(&ann, id, &slot, 1, shapes.clone(), 0).await?;
+    let retry = save(&ann, id, &slot, 1, shapes.clone(), 0).await?;
     anyhow::ensure!(
         first.0 == StatusCode::OK && retry.0 == StatusCode::OK && first.1["revision"] == 1 && retry.1["revision"] == 1,
         "retry: {first:?} {retry:?}"
     );
-    let (status, body) = save(&ann, id, &slot, 0, json!([cat_box("b", 30.0)]), 0).await?;
+    let (status, body) = save(&ann, id, &slot, 1, json!([cat_box("b", 30.0)]), 0).await?;
     anyhow::ensure!(status == StatusCode::CONFLICT && Api::code(&body) == "STALE_REVISION", "an old tab's save: {status} {body}");
     let (_, view) = ann.get(&slot_path(id, &slot)).await?;
     anyhow::ensure!(view["images"][0]["revision"] == 1 && view["images"][0]["shapes"][0]["id"] == "a", "the first save stands: {view}");
@@ -253,24 +269,19 @@ async fn overlap_review_and_export(w: &World) -> anyhow::Result<()> {
     invite(&owner, id, "rita", "reviewer").await?;
     let (_, a_slot) = pull(&ann, id).await?;
     let (_, b_slot) = pull(&bob, id).await?;
-    let images: Vec<(u64, String)> = a_slot["images"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|i| (i["image_no"].as_u64().unwrap_or_default(), i["name"].as_str().unwrap_or_default().to_owned()))
-        .collect();
-    anyhow::ensure!(images.len() == 3, "three images: {a_slot}");
+    let images = pictures(&ann, id, &a_slot).await?;
+    anyhow::ensure!(images.len() == 3 && images.iter().map(|(p, _)| *p).eq(1..=3), "three images at places 1 to 3: {images:?}");
+    anyhow::ensure!(pictures(&bob, id, &b_slot).await? == images, "the same order for both annotators");
     let dog = json!({"id": "d", "label": "dog", "type": "polygon", "points": [[70, 40], [110, 40], [110, 75], [70, 75]]});
-    for (image_no, name) in &images {
+    for (position, name) in &images {
         let (a_shapes, b_shapes) = match name.as_str() {
             // The honeypot: ann finds the known cat, bob calls it a dog.
             "img0.png" => (json!([cat_box("h", 10.0)]), json!([{"id": "h", "label": "dog", "type": "box", "x": 10, "y": 10, "w": 40, "h": 30}])),
             "img1.png" => (json!([cat_box("c", 10.0)]), json!([cat_box("c", 11.0)])),
             _ => (json!([cat_box("c", 5.0), dog.clone()]), json!([cat_box("c", 5.0)])),
         };
-        anyhow::ensure!(save(&ann, id, &a_slot, *image_no, a_shapes, 0).await?.0 == StatusCode::OK, "ann saves {name}");
-        anyhow::ensure!(save(&bob, id, &b_slot, *image_no, b_shapes, 0).await?.0 == StatusCode::OK, "bob saves {name}");
+        anyhow::ensure!(save(&ann, id, &a_slot, *position, a_shapes, 0).await?.0 == StatusCode::OK, "ann saves {name}");
+        anyhow::ensure!(save(&bob, id, &b_slot, *position, b_shapes, 0).await?.0 == StatusCode::OK, "bob saves {name}");
     }
     // Nothing to review before every annotator submitted.
     let (_, listed) = rita.get(&format!("/api/v1/annotation-projects/{id}/conflicts")).await?;
@@ -282,6 +293,11 @@ async fn overlap_review_and_export(w: &World) -> anyhow::Result<()> {
     let (status, body) = save(&ann, id, &a_slot, images[0].0, json!([]), 1).await?;
     anyhow::ensure!(status == StatusCode::CONFLICT, "a submitted task no longer changes: {status} {body}");
 
+    // As if the portal had stopped after the last submit, before the comparison was recorded:
+    // the reviewers' list compares the task first.
+    let db = suanli_portal::db::Db::connect(&w.database_url()).await?;
+    sqlx::query("DELETE FROM annotation_results").execute(&db.pool).await?;
+    sqlx::query("UPDATE annotation_tasks SET compared_ms = NULL").execute(&db.pool).await?;
     let (_, listed) = rita.get(&format!("/api/v1/annotation-projects/{id}/conflicts")).await?;
     let conflicts = listed.as_array().cloned().unwrap_or_default();
     anyhow::ensure!(conflicts.len() == 1 && conflicts[0]["name"] == "img2.png", "one image in conflict: {listed}");
@@ -360,10 +376,7 @@ async fn strangers_and_annotators_stay_in_their_lane(w: &World) -> anyhow::Resul
     invite(&owner, id, "bob", "annotator").await?;
     let (_, a_slot) = pull(&ann, id).await?;
     let (_, b_slot) = pull(&bob, id).await?;
-    anyhow::ensure!(
-        save(&bob, id, &b_slot, b_slot["images"][0]["image_no"].as_u64().unwrap_or_default(), json!([cat_box("b", 10.0)]), 0).await?.0 == StatusCode::OK,
-        "bob saves"
-    );
+    anyhow::ensure!(save(&bob, id, &b_slot, 1, json!([cat_box("b", 10.0)]), 0).await?.0 == StatusCode::OK, "bob saves");
 
     let base = format!("/api/v1/annotation-projects/{id}");
     for path in [base.clone(), format!("{base}/dashboard"), format!("{base}/conflicts"), format!("{base}/images/0/file")] {
@@ -381,12 +394,17 @@ async fn strangers_and_annotators_stay_in_their_lane(w: &World) -> anyhow::Resul
     }
     let (status, body) = ann.send(reqwest::Method::PUT, &format!("{base}/members/eve"), Some(json!({"role": "reviewer"}))).await?;
     anyhow::ensure!(status == StatusCode::FORBIDDEN, "an annotator invites: {status} {body}");
-    let bobs_image = b_slot["images"][0]["image_no"].as_u64().unwrap_or_default();
-    let (status, body) = ann.get(&format!("{base}/images/{bobs_image}/file")).await?;
-    anyhow::ensure!(status == StatusCode::NOT_FOUND, "ann fetches an image of bob's task: {status} {body}");
-    let (status, _) = ann.get(&format!("{base}/images/{}/file", a_slot["images"][0]["image_no"])).await?;
+    let (status, body) = ann.get(&format!("{}/images/1/file", slot_path(id, &b_slot))).await?;
+    anyhow::ensure!(status == StatusCode::CONFLICT && Api::code(&body) == "TASK_NOT_HELD", "ann fetches an image of bob's task: {status} {body}");
+    for n in 0..4 {
+        let (status, body) = ann.get(&format!("{base}/images/{n}/file")).await?;
+        anyhow::ensure!(status == StatusCode::FORBIDDEN, "ann fetches image {n} by its number (owner and reviewers only): {status} {body}");
+    }
+    let (status, _) = ann.get(&format!("{}/images/1/file", slot_path(id, &a_slot))).await?;
     anyhow::ensure!(status == StatusCode::OK, "ann fetches her own task's image");
-    let (status, body) = save(&ann, id, &b_slot, bobs_image, json!([]), 1).await?;
+    let (status, body) = ann.get(&format!("{}/images/3/file", slot_path(id, &a_slot))).await?;
+    anyhow::ensure!(status == StatusCode::NOT_FOUND, "a place past the task's end: {status} {body}");
+    let (status, body) = save(&ann, id, &b_slot, 1, json!([]), 1).await?;
     anyhow::ensure!(status == StatusCode::CONFLICT && Api::code(&body) == "TASK_NOT_HELD", "ann writes into bob's slot: {status} {body}");
     let (status, body) = ann.get(&slot_path(id, &b_slot)).await?;
     anyhow::ensure!(status == StatusCode::CONFLICT, "ann reads bob's slot: {status} {body}");
@@ -412,7 +430,8 @@ async fn strangers_and_annotators_stay_in_their_lane_on_postgres() -> anyhow::Re
 /// which would be the images without any); VOC and YOLO exports hold the reviewed shapes.
 async fn open_calls_pushes_pre_annotations_and_exports(w: &World) -> anyhow::Result<()> {
     let owner = w.person("researcher", "olga").await?;
-    let mut entries: Vec<(String, Vec<u8>)> = (0..3u8).map(|i| (format!("img{i}.png"), png(120, 80, i * 40))).collect();
+    // The pictures of [`dataset`] (so that [`pictures`] knows them), with labels of their own.
+    let mut entries: Vec<(String, Vec<u8>)> = (0..3u8).map(|i| (format!("img{i}.png"), png(120, 80, i * 20))).collect();
     let coco = json!({
         "images": [{"id": 1, "file_name": "img0.png", "width": 120, "height": 80}, {"id": 2, "file_name": "img1.png", "width": 120, "height": 80}],
         "annotations": [
@@ -467,8 +486,14 @@ async fn open_calls_pushes_pre_annotations_and_exports(w: &World) -> anyhow::Res
     anyhow::ensure!(eves["task"] == 2, "and eve's hers: {eves}");
 
     // Pre-annotations: img1's cat (the horse is not a class of the schema).
-    let all: Vec<Value> = [&eves, &zeds].iter().flat_map(|s| s["images"].as_array().cloned().unwrap_or_default()).collect();
-    let img1 = all.iter().find(|i| i["name"] == "img1.png").cloned().unwrap_or_default();
+    let mut named = Vec::new();
+    for (api, slot) in [(&eve, &eves), (&zed, &zeds)] {
+        let images = slot["images"].as_array().cloned().unwrap_or_default();
+        for (position, name) in pictures(api, id, slot).await? {
+            named.push((name, images[position as usize - 1].clone()));
+        }
+    }
+    let img1 = named.iter().find(|(name, _)| name == "img1.png").map(|(_, i)| i.clone()).unwrap_or_default();
     anyhow::ensure!(
         img1["pre"].as_array().map(Vec::len) == Some(1) && img1["pre"][0]["label"] == "cat" && img1["pre"][0]["score"] == 0.9,
         "img1's pre-annotation: {img1}"
@@ -476,13 +501,13 @@ async fn open_calls_pushes_pre_annotations_and_exports(w: &World) -> anyhow::Res
 
     // Each accepts what they see (the cat without its score), draws on img2, and submits.
     for (api, slot) in [(&eve, &eves), (&zed, &zeds)] {
-        for image in slot["images"].as_array().cloned().unwrap_or_default() {
-            let shapes = match image["name"].as_str() {
-                Some("img1.png") => json!([{"id": "c", "label": "cat", "type": "box", "x": 20, "y": 20, "w": 30, "h": 30}]),
-                Some("img2.png") => json!([{"id": "d", "label": "dog", "type": "polygon", "points": [[70, 40], [110, 40], [110, 75]]}]),
+        for (position, name) in pictures(api, id, slot).await? {
+            let shapes = match name.as_str() {
+                "img1.png" => json!([{"id": "c", "label": "cat", "type": "box", "x": 20, "y": 20, "w": 30, "h": 30}]),
+                "img2.png" => json!([{"id": "d", "label": "dog", "type": "polygon", "points": [[70, 40], [110, 40], [110, 75]]}]),
                 _ => json!([cat_box("h", 10.0)]),
             };
-            let (status, body) = save(api, id, slot, image["image_no"].as_u64().unwrap_or_default(), shapes, 0).await?;
+            let (status, body) = save(api, id, slot, position, shapes, 0).await?;
             anyhow::ensure!(status == StatusCode::OK, "save: {status} {body}");
         }
         let (status, body) = api.post(&format!("{}/submit", slot_path(id, slot)), json!({})).await?;

@@ -16,6 +16,9 @@ pub const EDGE_TOLERANCE_PX: f32 = 0.5;
 /// The most vertices of one polygon, polyline or point set (a polygon's self-intersection check
 /// is quadratic in them: 2,000 vertices are 2 million segment pairs).
 pub const MAX_VERTICES: usize = 2_000;
+/// The most runs of one mask (100,000 runs are ~600 KB of JSON: a brush outline crossing each
+/// of a 24-megapixel image's 6,000 columns eight times stays well inside).
+pub const MAX_MASK_RUNS: usize = 100_000;
 
 /// One drawn shape, in image pixels.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -92,6 +95,8 @@ pub enum Problem {
     Mask(#[from] RleError),
     #[error("the mask paints no pixel")]
     EmptyMask,
+    #[error("the mask has {found} runs; at most {max}")]
+    TooManyRuns { found: usize, max: usize },
 }
 
 impl Geometry {
@@ -147,6 +152,9 @@ impl Geometry {
                 }
             }
             Geometry::Mask { rle } => {
+                if rle.counts.len() > MAX_MASK_RUNS {
+                    return Err(Problem::TooManyRuns { found: rle.counts.len(), max: MAX_MASK_RUNS });
+                }
                 rle.check(width, height)?;
                 if rle.area() == 0 {
                     return Err(Problem::EmptyMask);
@@ -413,6 +421,8 @@ mod tests {
         let empty = Geometry::Mask { rle: Rle { size: [4, 4], counts: vec![16] } };
         assert_eq!(empty.check(4, 4), Err(Problem::EmptyMask));
         assert!(matches!(empty.check(5, 4), Err(Problem::Mask(_))));
+        let noise = Geometry::Mask { rle: Rle { size: [1000, 1000], counts: vec![5; 200_000] } };
+        assert_eq!(noise.check(1000, 1000), Err(Problem::TooManyRuns { found: 200_000, max: MAX_MASK_RUNS }));
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub enum RleError {
     WrongSize { width: u32, height: u32, found_w: u32, found_h: u32 },
     #[error("the runs cover {covered} pixels; the image has {expected}")]
     WrongLength { covered: u64, expected: u64 },
+    #[error("compressed counts: {0}")]
+    Compressed(&'static str),
 }
 
 impl Rle {
@@ -160,6 +162,65 @@ impl Rle {
     }
 }
 
+/// COCO's compressed counts (the string form `pycocotools.mask.encode` writes): each count in
+/// 5-bit groups, least significant first, as characters from `'0'` (48), `0x20` meaning "more
+/// follows" and `0x10` of the last group its sign; from the fourth count on, each is stored as
+/// the difference from the count two before it (runs of one kind vary slowly).
+pub fn decode_compressed(text: &str) -> Result<Vec<u32>, RleError> {
+    let bytes = text.as_bytes();
+    let mut counts: Vec<u32> = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let mut value: i64 = 0;
+        let mut group = 0u32;
+        loop {
+            let byte = *bytes.get(at).ok_or(RleError::Compressed("ends inside a count"))?;
+            let digit = i64::from(byte.checked_sub(48).filter(|d| *d < 64).ok_or(RleError::Compressed("a character outside '0'..'o'"))?);
+            if group >= 7 {
+                return Err(RleError::Compressed("a count of more than 35 bits"));
+            }
+            value |= (digit & 0x1f) << (5 * group);
+            at += 1;
+            group += 1;
+            if digit & 0x20 == 0 {
+                if digit & 0x10 != 0 {
+                    value |= -1i64 << (5 * group);
+                }
+                break;
+            }
+        }
+        if counts.len() > 2 {
+            value += i64::from(counts[counts.len() - 2]);
+        }
+        counts.push(u32::try_from(value).map_err(|_| RleError::Compressed("a count outside 0..2^32"))?);
+    }
+    Ok(counts)
+}
+
+/// The compressed string of `counts` ([`decode_compressed`] reads it back).
+pub fn encode_compressed(counts: &[u32]) -> String {
+    let mut out = String::new();
+    for (i, &count) in counts.iter().enumerate() {
+        let mut value = i64::from(count);
+        if i > 2 {
+            value -= i64::from(counts[i - 2]);
+        }
+        loop {
+            let mut digit = value & 0x1f;
+            value >>= 5;
+            let more = if digit & 0x10 != 0 { value != -1 } else { value != 0 };
+            if more {
+                digit |= 0x20;
+            }
+            out.push(char::from((digit + 48) as u8));
+            if !more {
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// Reads runs one pixel span at a time.
 struct Runs<'a> {
     counts: &'a [u32],
@@ -286,7 +347,41 @@ mod tests {
         assert_eq!(rle.bounds(), Some((0, 0, 2, 3)));
     }
 
+    /// `pycocotools.mask.encode` (2.0.11) of a 70×40 mask: rows 5..30 of columns 3..50, the
+    /// pixels `(3y mod 70, y)` and all of column 66.
+    const GOLDEN_COMPRESSED: &str = "01W30YM0Ch0<000MXOFh0=000NXODh0>000O11O00000000000001OO1000BXO<h02000CXO:h03000DXO8h04000EXO6h05000FXO4h06000GXO2h07000HXO0h08000IXONh09000JXOLh0:0d1XOe10000000ZOW15iNYM";
+    const GOLDEN_COUNTS: [u32; 137] = [
+        0, 1, 103, 1, 16, 1, 3, 25, 15, 25, 15, 25, 12, 1, 2, 25, 15, 25, 15, 25, 13, 1, 1, 25, 15, 25, 15, 25, 14, 26, 15, 25, 15, 25, 15, 25, 15, 25, 15, 25,
+        15, 25, 15, 25, 15, 26, 14, 25, 15, 25, 15, 25, 1, 1, 13, 25, 15, 25, 15, 25, 2, 1, 12, 25, 15, 25, 15, 25, 3, 1, 11, 25, 15, 25, 15, 25, 4, 1, 10, 25,
+        15, 25, 15, 25, 5, 1, 9, 25, 15, 25, 15, 25, 6, 1, 8, 25, 15, 25, 15, 25, 7, 1, 7, 25, 15, 25, 15, 25, 8, 1, 6, 25, 15, 25, 15, 25, 9, 1, 5, 25, 15,
+        25, 67, 1, 120, 1, 120, 1, 120, 1, 120, 1, 98, 40, 103, 1, 16,
+    ];
+
+    #[test]
+    fn compressed_counts_read_what_pycocotools_writes() {
+        let counts = decode_compressed(GOLDEN_COMPRESSED).expect("decodes");
+        assert_eq!(counts, GOLDEN_COUNTS);
+        assert_eq!(encode_compressed(&counts), GOLDEN_COMPRESSED);
+        let rle = Rle { size: [40, 70], counts };
+        rle.check(70, 40).expect("covers the image");
+        assert!(rle.get(3, 5) && rle.get(49, 29) && !rle.get(50, 29) && rle.get(66, 0) && rle.get(9, 3));
+    }
+
+    #[test]
+    fn broken_compressed_counts_are_refused() {
+        assert_eq!(decode_compressed("1Q"), Err(RleError::Compressed("ends inside a count")), "0x21: more follows, then nothing");
+        assert_eq!(decode_compressed("0 "), Err(RleError::Compressed("a character outside '0'..'o'")));
+        assert_eq!(decode_compressed("@"), Err(RleError::Compressed("a count outside 0..2^32")), "0x10 alone is -16");
+        assert!(decode_compressed("QQQQQQQQ0").is_err(), "too long a count");
+    }
+
     proptest::proptest! {
+        #[test]
+        fn compressed_counts_round_trip(counts in proptest::collection::vec(0u32..5_000_000, 0..40)) {
+            let text = encode_compressed(&counts);
+            proptest::prop_assert_eq!(decode_compressed(&text).expect("decodes"), counts);
+        }
+
         #[test]
         fn rle_round_trips_any_bitmap(width in 1u32..12, height in 1u32..12, seed in proptest::collection::vec(proptest::bool::ANY, 144)) {
             let pixels: Vec<bool> = seed.into_iter().take((width * height) as usize).chain(std::iter::repeat(false)).take((width * height) as usize).collect();

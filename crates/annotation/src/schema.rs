@@ -15,6 +15,9 @@ pub const MAX_SHAPES_PER_IMAGE: usize = 2_000;
 /// The most vertices of all of one save's shapes together (each polygon's check is quadratic
 /// in its own: this bounds what one save may cost).
 pub const MAX_VERTICES_PER_IMAGE: usize = 20_000;
+/// The most mask runs of one save together (each mask's own limit is
+/// [`MAX_MASK_RUNS`](crate::geometry::MAX_MASK_RUNS)): about 1.2 MB of JSON.
+pub const MAX_MASK_RUNS_PER_IMAGE: usize = 200_000;
 
 /// The labels of a project.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -132,8 +135,6 @@ pub enum SchemaError {
     Attribute { name: String, attribute: String, why: &'static str },
     #[error("a schema allows at least one shape kind, each once")]
     Kinds,
-    #[error("masks cannot be drawn in the tool yet: allow boxes, polygons, polylines or points")]
-    MasksNotYet,
 }
 
 /// Why a saved shape was refused: which one, and what is wrong with it.
@@ -183,9 +184,6 @@ impl LabelSchema {
         if self.kinds.is_empty() || kinds.len() != self.kinds.len() {
             return Err(SchemaError::Kinds);
         }
-        if self.kinds.contains(&ShapeKind::Mask) {
-            return Err(SchemaError::MasksNotYet);
-        }
         Ok(())
     }
 
@@ -212,6 +210,10 @@ impl LabelSchema {
                 id: String::new(),
                 why: format!("{vertices} vertices in all; one image takes at most {MAX_VERTICES_PER_IMAGE}"),
             });
+        }
+        let runs: usize = shapes.iter().map(|s| if let Geometry::Mask { rle } = &s.geometry { rle.counts.len() } else { 0 }).sum();
+        if runs > MAX_MASK_RUNS_PER_IMAGE {
+            return Err(ShapeError { index: 0, id: String::new(), why: format!("{runs} mask runs in all; one image takes at most {MAX_MASK_RUNS_PER_IMAGE}") });
         }
         let mut ids = HashSet::new();
         for (index, shape) in shapes.iter().enumerate() {
@@ -302,8 +304,10 @@ mod tests {
         let mut kinds = schema();
         kinds.kinds.clear();
         assert_eq!(kinds.check(), Err(SchemaError::Kinds));
+        kinds.kinds = vec![ShapeKind::Box, ShapeKind::Mask, ShapeKind::Box];
+        assert_eq!(kinds.check(), Err(SchemaError::Kinds));
         kinds.kinds = vec![ShapeKind::Box, ShapeKind::Mask];
-        assert_eq!(kinds.check(), Err(SchemaError::MasksNotYet));
+        kinds.check().expect("masks are painted with the brush");
     }
 
     #[test]
@@ -341,6 +345,17 @@ mod tests {
         let big = |i: usize| shape(serde_json::json!({"id": format!("p{i}"), "label": "dog", "type": "points", "points": vec![[1, 1]; 3_000]}));
         let refused = schema().check_shapes(&(0..7).map(big).collect::<Vec<_>>(), 10, 10).unwrap_err();
         assert!(refused.why.contains("21000 vertices"), "{refused}");
+        let mut masks = schema();
+        masks.kinds.push(ShapeKind::Mask);
+        // Three masks of 80,000 runs each (alternating single pixels over a 2,000 × 120 image).
+        let mask = |i: usize| {
+            shape(
+                serde_json::json!({"id": format!("m{i}"), "label": "dog", "type": "mask", "rle": {"size": [120, 2_000], "counts": std::iter::repeat_n(1u32, 80_000).chain([160_000]).collect::<Vec<u32>>()}}),
+            )
+        };
+        masks.check_shapes(&[mask(0)], 2_000, 120).expect("one mask fits");
+        let refused = masks.check_shapes(&(0..3).map(mask).collect::<Vec<_>>(), 2_000, 120).unwrap_err();
+        assert!(refused.why.contains("240003 mask runs"), "{refused}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use suanli_cv::annotation::{
-    coco, voc, yolo, AnnotatedImage, AnnotationError, AnnotationSet, Format, Location, Object, Problem, Shape, ShapeKind, Unrepresentable,
+    coco, voc, yolo, AnnotatedImage, AnnotationError, AnnotationSet, Format, Location, Object, Problem, Rle, RleError, Shape, ShapeKind, Unrepresentable,
 };
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -71,6 +71,7 @@ fn assert_close(actual: &AnnotatedImage, expected: &AnnotatedImage, tolerance: f
             match s {
                 Shape::Box { x, y, w, h } => vec![*x, *y, *w, *h],
                 Shape::Polygon { points } | Shape::Points { points } => points.iter().flat_map(|&(x, y)| [x, y]).collect(),
+                Shape::Mask { rle } => rle.counts.iter().map(|&c| c as f32).collect(),
             }
         };
         assert_eq!(a.shape.kind(), e.shape.kind());
@@ -111,6 +112,52 @@ fn coco_writes_bbox_area_and_keypoint_fields() {
     assert_eq!(points["keypoints"], serde_json::json!([1.0, 2.0, 2.0, 30.5, 15.25, 2.0]));
     assert_eq!(points["score"], 0.5);
     assert_eq!(json["categories"][0], serde_json::json!({"id": 1, "name": "cat"}));
+}
+
+/// A 6×4 mask: pixels (1,0), (1,1), (2,1) and (5,3).
+fn mask_object() -> Object {
+    let mut pixels = vec![false; 24];
+    for (x, y) in [(1, 0), (1, 1), (2, 1), (5, 3)] {
+        pixels[y * 6 + x] = true;
+    }
+    Object { category: "cat".into(), shape: Shape::Mask { rle: Rle::from_row_major(6, 4, &pixels) }, score: None }
+}
+
+#[test]
+fn coco_writes_a_mask_as_uncompressed_rle_and_reads_it_back() {
+    let set = AnnotationSet { categories: categories(), images: vec![image("m.png", 6, 4, vec![mask_object()])] };
+    let bytes = coco::write(&set).expect("write");
+    let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+    let mask = &json["annotations"][0];
+    // Column-major: column 0 empty (4), column 1 rows 0-1 set, then (2,1), then (5,3) last.
+    assert_eq!(mask["segmentation"], serde_json::json!({"size": [4, 6], "counts": [4, 2, 3, 1, 13, 1]}));
+    assert_eq!(mask["bbox"], serde_json::json!([1.0, 0.0, 5.0, 4.0]));
+    assert_eq!(mask["area"], 4.0);
+    assert_eq!(mask["iscrowd"], 0);
+    assert_eq!(coco::read(&bytes).expect("read"), set);
+}
+
+#[test]
+fn coco_reads_compressed_rle() {
+    // The same mask as above, counts in COCO's compressed string form.
+    let counts = suanli_annotation::rle::encode_compressed(&[4, 2, 3, 1, 13, 1]);
+    let set = coco_with(&format!(r#"{{"image_id": 7, "category_id": 1, "iscrowd": 1, "segmentation": {{"counts": "{counts}", "size": [50, 100]}}}}"#));
+    let error = set.expect_err("runs cover 24 of 5,000 pixels");
+    assert!(matches!(error, AnnotationError::Invalid { problem: Problem::Mask(_), .. }), "{error:?}");
+    let covering = suanli_annotation::rle::encode_compressed(&[4, 2, 3, 1, 13, 1, 4_976]);
+    let set = coco_with(&format!(r#"{{"image_id": 7, "category_id": 1, "iscrowd": 1, "segmentation": {{"counts": "{covering}", "size": [50, 100]}}}}"#))
+        .expect("reads");
+    assert_eq!(set.images[0].objects[0].shape, Shape::Mask { rle: Rle { size: [50, 100], counts: vec![4, 2, 3, 1, 13, 1, 4_976] } });
+}
+
+#[test]
+fn voc_and_yolo_refuse_masks() {
+    let with_mask = image("m.png", 6, 4, vec![bbox("cat", 0.0, 0.0, 1.0, 1.0), mask_object()]);
+    let error = voc::write(&with_mask).expect_err("mask");
+    assert!(matches!(error, AnnotationError::Unsupported { format: Format::Voc, what: Unrepresentable::Shape(ShapeKind::Mask), .. }), "{error:?}");
+    let error = yolo::write(&with_mask, &categories()).expect_err("mask");
+    assert!(matches!(error, AnnotationError::Unsupported { format: Format::Yolo, what: Unrepresentable::Shape(ShapeKind::Mask), .. }), "{error:?}");
+    assert_eq!(location(&error), &Location::Object { image: "m.png".into(), index: 1 });
 }
 
 #[test]
@@ -355,8 +402,18 @@ fn coco_bad_shapes() {
     assert!(matches!(error, AnnotationError::NotANumber { .. }), "{error:?}");
     assert_eq!(location(&error), &Location::JsonPath("annotations[0].segmentation[0][3]".into()));
 
-    let error = coco_with(r#"{"image_id": 7, "category_id": 1, "iscrowd": 1, "segmentation": {"counts": [1, 2], "size": [50, 100]}}"#).expect_err("rle");
-    assert!(matches!(error, AnnotationError::Unsupported { format: Format::Coco, what: Unrepresentable::RleMask, .. }));
+    let error = coco_with(r#"{"image_id": 7, "category_id": 1, "iscrowd": 1, "segmentation": {"counts": [1, 2], "size": [50, 100]}}"#).expect_err("short rle");
+    assert!(matches!(error, AnnotationError::Invalid { problem: Problem::Mask(RleError::WrongLength { covered: 3, expected: 5_000 }), .. }), "{error:?}");
+    assert_eq!(location(&error), &Location::JsonPath("annotations[0].segmentation".into()));
+    let error = coco_with(r#"{"image_id": 7, "category_id": 1, "segmentation": {"counts": [5000], "size": [50, 100]}}"#).expect_err("empty");
+    assert!(matches!(error, AnnotationError::Invalid { problem: Problem::EmptyMask, .. }), "{error:?}");
+    let error = coco_with(r#"{"image_id": 7, "category_id": 1, "segmentation": {"counts": "0 ", "size": [50, 100]}}"#).expect_err("bad string");
+    assert!(matches!(error, AnnotationError::Syntax { .. }), "{error:?}");
+    assert_eq!(location(&error), &Location::JsonPath("annotations[0].segmentation.counts".into()));
+    let error = coco_with(r#"{"image_id": 7, "category_id": 1, "segmentation": {"counts": [1, -2], "size": [50, 100]}}"#).expect_err("negative");
+    assert!(matches!(error, AnnotationError::NotANumber { .. }), "{error:?}");
+    let error = coco_with(r#"{"image_id": 7, "category_id": 1, "segmentation": {"counts": [5000], "size": [50]}}"#).expect_err("size");
+    assert!(matches!(error, AnnotationError::Syntax { .. }), "{error:?}");
 
     let error = coco_with(r#"{"image_id": 7, "category_id": 1}"#).expect_err("no geometry");
     assert!(matches!(error, AnnotationError::Missing { .. }), "{error:?}");

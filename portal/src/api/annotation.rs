@@ -390,9 +390,11 @@ pub async fn join(State(state): State<AppState>, Researcher(p): Researcher, ApiP
 /// One image of a slot as the tool needs it: the annotator's own last save (or, before the
 /// first, the pre-annotations).
 #[derive(Serialize, ToSchema)]
+/// An image of the annotator's task, known by its place in the task only: a honeypot must not
+/// stand out by a number out of sequence, a number seen in another task, or its file name.
 pub struct SlotImage {
-    pub image_no: u64,
-    pub name: String,
+    /// 1-based place in the task; the save and file paths take it.
+    pub position: u64,
     pub width: u32,
     pub height: u32,
     /// 0 before the first save.
@@ -426,11 +428,11 @@ async fn slot_view(state: &AppState, project: &Project, s: &Slot, user: i64) -> 
         lease_until_ms: s.lease_until_ms,
         images: images
             .into_iter()
-            .map(|i| {
+            .zip(1..)
+            .map(|(i, position)| {
                 let saved = work.remove(&i.image_no);
                 SlotImage {
-                    image_no: i.image_no as u64,
-                    name: i.name,
+                    position,
                     width: i.width,
                     height: i.height,
                     revision: saved.as_ref().map_or(0, |s| s.revision as u64),
@@ -567,24 +569,29 @@ pub struct Saved {
     pub lease_until_ms: Option<i64>,
 }
 
-#[utoipa::path(put, path = "/api/v1/annotation-projects/{id}/tasks/{task}/slots/{slot}/images/{image_no}", tag = "annotation",
-    params(("id" = u64, Path), ("task" = u64, Path), ("slot" = u64, Path), ("image_no" = u64, Path)), request_body = SaveWork,
+/// The image at `position` (1-based) of the slot's task.
+async fn image_at(state: &AppState, project: &Project, s: &Slot, position: u64) -> ApiResult<ann::ProjectImage> {
+    let numbers = ann::task_images(&state.db, project.id, s.task as i64).await?;
+    let image_no =
+        position.checked_sub(1).and_then(|i| numbers.get(i as usize)).ok_or_else(|| ApiError::not_found(format!("image {position} of task {}", s.task)))?;
+    ann::images_of(&state.db, project.id, &[*image_no]).await?.pop().ok_or_else(|| ApiError::not_found(format!("image {position} of task {}", s.task)))
+}
+
+#[utoipa::path(put, path = "/api/v1/annotation-projects/{id}/tasks/{task}/slots/{slot}/images/{position}", tag = "annotation",
+    params(("id" = u64, Path), ("task" = u64, Path), ("slot" = u64, Path), ("position" = u64, Path, description = "1-based place in the task")), request_body = SaveWork,
     responses((status = 200, body = Saved), (status = 400, body = crate::error::ErrorBody, description = "a shape the schema or the image refuses, with its index and the reason"),
         (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody),
         (status = 409, body = crate::error::ErrorBody, description = "TASK_NOT_HELD, STALE_REVISION, or the task is submitted")))]
 pub async fn save(
     State(state): State<AppState>,
     Researcher(p): Researcher,
-    ApiPath((id, task, slot, image_no)): ApiPath<(u64, u64, u64, u64)>,
+    ApiPath((id, task, slot, position)): ApiPath<(u64, u64, u64, u64)>,
     ApiJson(req): ApiJson<SaveWork>,
 ) -> ApiResult<axum::Json<Saved>> {
     let (project, _) = ann::project_as(&state.db, id, p.user.0, &[Role::Annotator]).await?;
     let s = ann::held_slot(&state.db, project.id, to_i64(task)?, to_i64(slot)?, p.user.0).await?;
-    let image_no = to_i64(image_no)?;
-    if !ann::task_images(&state.db, project.id, s.task as i64).await?.contains(&image_no) {
-        return Err(ApiError::not_found(format!("image {image_no} in task {task}")));
-    }
-    let image = ann::images_of(&state.db, project.id, &[image_no]).await?.pop().ok_or_else(|| ApiError::not_found(format!("image {image_no}")))?;
+    let image = image_at(&state, &project, &s, position).await?;
+    let image_no = image.image_no;
     // Checking a polygon is quadratic in its vertices: off the async threads.
     let (schema, shapes) = (project.schema.clone(), req.shapes);
     let shapes = tokio::task::spawn_blocking(move || schema.check_shapes(&shapes, image.width, image.height).map(|()| shapes))
@@ -620,28 +627,29 @@ pub async fn release(State(state): State<AppState>, Researcher(p): Researcher, A
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(get, path = "/api/v1/annotation-projects/{id}/images/{image_no}/file", tag = "annotation", params(("id" = u64, Path), ("image_no" = u64, Path)),
+#[utoipa::path(get, path = "/api/v1/annotation-projects/{id}/tasks/{task}/slots/{slot}/images/{position}/file", tag = "annotation",
+    params(("id" = u64, Path), ("task" = u64, Path), ("slot" = u64, Path), ("position" = u64, Path, description = "1-based place in the task")),
     responses((status = 200, description = "the image's bytes", content_type = "application/octet-stream"), (status = 401, body = crate::error::ErrorBody),
-        (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+        (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+pub async fn slot_image_file(
+    State(state): State<AppState>,
+    Researcher(p): Researcher,
+    ApiPath((id, task, slot, position)): ApiPath<(u64, u64, u64, u64)>,
+) -> ApiResult<Response> {
+    let (project, _) = ann::project_as(&state.db, id, p.user.0, &[Role::Annotator]).await?;
+    // The slot's holder, now or when it was submitted.
+    let s = own_slot(&state, &project, task, slot, p.user.0).await?;
+    let image = image_at(&state, &project, &s, position).await?;
+    let store = super::datasets::store(&state)?;
+    super::datasets::blob_response(store, &image.sha256, image.size as u64, None).await
+}
+
+#[utoipa::path(get, path = "/api/v1/annotation-projects/{id}/images/{image_no}/file", tag = "annotation", params(("id" = u64, Path), ("image_no" = u64, Path)),
+    responses((status = 200, description = "the image's bytes (for the owner and reviewers; annotators fetch their task's images by position)", content_type = "application/octet-stream"),
+        (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn image_file(State(state): State<AppState>, Researcher(p): Researcher, ApiPath((id, image_no)): ApiPath<(u64, u64)>) -> ApiResult<Response> {
-    let (project, role) = ann::project_as(&state.db, id, p.user.0, &[Role::Owner, Role::Reviewer, Role::Annotator]).await?;
+    let (project, _) = ann::project_as(&state.db, id, p.user.0, &[Role::Owner, Role::Reviewer]).await?;
     let image_no = to_i64(image_no)?;
-    if role == Role::Annotator {
-        // Only the images of tasks the annotator holds or held.
-        let rows = sqlx::query("SELECT t.images FROM annotation_slots s JOIN annotation_tasks t ON t.project_id = s.project_id AND t.task_no = s.task_no WHERE s.project_id = $1 AND s.annotator = $2")
-            .bind(project.id)
-            .bind(p.user.0)
-            .fetch_all(&state.db.pool)
-            .await?;
-        let mut theirs = false;
-        for r in rows {
-            let images: Vec<i64> = serde_json::from_str(&r.try_get::<String, _>("images")?).map_err(ApiError::internal)?;
-            theirs |= images.contains(&image_no);
-        }
-        if !theirs {
-            return Err(ApiError::not_found(format!("image {image_no} in your tasks")));
-        }
-    }
     let image = ann::images_of(&state.db, project.id, &[image_no]).await?.pop().ok_or_else(|| ApiError::not_found(format!("image {image_no}")))?;
     let store = super::datasets::store(&state)?;
     super::datasets::blob_response(store, &image.sha256, image.size as u64, None).await
@@ -729,6 +737,7 @@ pub async fn conflicts(
     if !(1..=100).contains(&limit) {
         return Err(ApiError::field("limit", "1 to 100"));
     }
+    ann::compare_pending(&state.db, &project).await?;
     let column = if q.undecided.unwrap_or(true) { "undecided" } else { "conflicts" };
     let sql = format!("SELECT image_no, task_no, agreement_ppm FROM annotation_results WHERE project_id = $1 AND {column} > 0 ORDER BY image_no LIMIT $2");
     let rows = sqlx::query(&sql).bind(project.id).bind(i64::from(limit)).fetch_all(&state.db.pool).await?;
@@ -947,10 +956,12 @@ pub struct ExportQuery {
 /// The reviewed shapes of every complete, decided image, as an annotation set; refused while
 /// any image is incomplete or undecided unless `partial`.
 async fn reviewed_set(state: &AppState, project: &Project, partial: bool, format: Option<Format>) -> ApiResult<(AnnotationSet, u64)> {
-    // Keypoints have no place in VOC or YOLO files; polylines and masks none in any (yet).
+    // Keypoints and masks have no place in VOC or YOLO files, polylines none in any.
     let fits = |o: &suanli_cv::annotation::Object| {
-        !(matches!(o.shape, suanli_cv::annotation::Shape::Points { .. }) && matches!(format, Some(Format::Voc | Format::Yolo)))
+        !(matches!(o.shape, suanli_cv::annotation::Shape::Points { .. } | suanli_cv::annotation::Shape::Mask { .. })
+            && matches!(format, Some(Format::Voc | Format::Yolo)))
     };
+    ann::compare_pending(&state.db, project).await?;
     let rows = sqlx::query(
         "SELECT i.image_no, i.name, i.width, i.height, r.shapes, r.undecided FROM annotation_images i
          LEFT JOIN annotation_results r ON r.project_id = i.project_id AND r.image_no = i.image_no
@@ -1038,7 +1049,7 @@ pub struct ExportVersion {
 }
 
 #[utoipa::path(post, path = "/api/v1/annotation-projects/{id}/export-version", tag = "annotation", params(("id" = u64, Path)), request_body = ExportVersion,
-    responses((status = 201, body = super::datasets::VersionView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+    responses((status = 201, body = super::datasets::VersionView, description = "The new version; `x-suanli-left-out` counts shapes a dataset cannot hold (polylines)"), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
         (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn export_version(
     State(state): State<AppState>,
@@ -1047,7 +1058,7 @@ pub async fn export_version(
     ApiJson(req): ApiJson<ExportVersion>,
 ) -> ApiResult<Response> {
     let (project, _) = ann::project_as(&state.db, id, p.user.0, &[Role::Owner]).await?;
-    let (set, _) = reviewed_set(&state, &project, false, None).await?;
+    let (set, left_out) = reviewed_set(&state, &project, false, None).await?;
     let d = super::datasets::owned(&state, &p, project.dataset_id as u64).await?;
     let mut files = files_of(&state, d.id(), project.version).await?;
     let reviewed: HashMap<&str, &AnnotatedImage> = set.images.iter().map(|i| (i.file_name.as_str(), i)).collect();
@@ -1057,5 +1068,8 @@ pub async fn export_version(
         }
     }
     let message = if req.message.is_empty() { format!("annotated in project {}", project.name) } else { req.message };
-    super::datasets::commit_files(&state, &d, &files, message, req.request_id).await
+    let mut response = super::datasets::commit_files(&state, &d, &files, message, req.request_id).await?;
+    // Polylines have no place in a dataset's objects: say how many stayed behind.
+    response.headers_mut().insert(header::HeaderName::from_static("x-suanli-left-out"), HeaderValue::from(left_out));
+    Ok(response)
 }

@@ -7,6 +7,7 @@ use axum::extract::{OriginalUri, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use maud::html;
+use suanli_annotation::ShapeKind;
 
 use super::data::researcher;
 use super::{error_page, page, Ctx};
@@ -137,6 +138,18 @@ pub async fn project_page(
     page(&ctx, &project.name, body)
 }
 
+/// The tool's buttons: name in `annotate.js`, the shape kind it draws (shown only where the
+/// schema allows it; `None`: always), label.
+const TOOLS: [(&str, Option<ShapeKind>, Msg); 7] = [
+    ("select", None, Msg::SelectTool),
+    ("box", Some(ShapeKind::Box), Msg::BoxTool),
+    ("polygon", Some(ShapeKind::Polygon), Msg::PolygonTool),
+    ("polyline", Some(ShapeKind::Polyline), Msg::PolylineTool),
+    ("points", Some(ShapeKind::Points), Msg::PointsTool),
+    ("brush", Some(ShapeKind::Mask), Msg::BrushTool),
+    ("eraser", Some(ShapeKind::Mask), Msg::EraserTool),
+];
+
 pub async fn tool_page(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -158,8 +171,8 @@ pub async fn tool_page(
     let body = html! {
         section #annotator data-project=(id) data-task=(task) data-slot=(slot) data-schema=(schema) {
             div.toolbar {
-                @for (tool, name) in [("select", Msg::SelectTool), ("box", Msg::BoxTool), ("polygon", Msg::PolygonTool), ("polyline", Msg::PolylineTool), ("points", Msg::PointsTool)] {
-                    @if tool == "select" || project.schema.kinds.iter().any(|k| k.as_str() == tool) { button type="button" data-tool=(tool) { (t(name)) } }
+                @for (tool, kind, name) in TOOLS {
+                    @if kind.is_none_or(|kind| project.schema.kinds.contains(&kind)) { button type="button" data-tool=(tool) { (t(name)) } }
                 }
                 span.labels {
                     @for (i, c) in project.schema.classes.iter().enumerate() {

@@ -6,14 +6,16 @@
 //!   [`Shape::Points`]; otherwise its `bbox` `[x, y, w, h]` becomes a [`Shape::Box`].
 //! - a segmentation made of several polygons (an object split by occlusion) becomes one
 //!   object per polygon, same category and score: the model has no multi-part polygons, and
-//!   refusing such files would make most real COCO data unreadable. RLE masks are refused
-//!   ([`Unrepresentable::RleMask`]).
+//!   refusing such files would make most real COCO data unreadable.
+//! - an RLE segmentation `{"size": [h, w], "counts": …}` (crowd regions, brush masks) becomes a
+//!   [`Shape::Mask`], whether its counts are a list of run lengths or COCO's compressed string;
+//!   masks are written with the list (the form pycocotools' `frPyObjects` takes as it is).
 //! - keypoints `[x, y, v, ...]`: points with visibility `v = 0` (not labelled) are dropped,
 //!   the model keeps only labelled points. Written points all get `v = 2`.
 //! - category ids in a file may be anything; the model keeps the categories in file order,
 //!   and writing numbers them `index + 1`. Image ids are likewise renumbered `1..` on write.
-//! - written polygons and keypoints also get their bounding `bbox` and an `area` (polygon
-//!   area, box area, 0 for keypoints), as COCO tools expect; `iscrowd` is always 0. `score`
+//! - written polygons, masks and keypoints also get their bounding `bbox` and an `area`
+//!   (polygon area, pixels of a mask, box area, 0 for keypoints), as COCO tools expect; `iscrowd` is always 0. `score`
 //!   is written for predictions (as in COCO results files).
 //!
 //! Coordinates are written as the shortest `f32` decimal, so write → read is exact.
@@ -23,7 +25,9 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{check_image_size, AnnotatedImage, AnnotationError, AnnotationSet, DuplicateKind, Format, Location, Object, Result, Shape, Unrepresentable, Where};
+use suanli_annotation::rle::decode_compressed;
+
+use super::{check_image_size, AnnotatedImage, AnnotationError, AnnotationSet, DuplicateKind, Location, Object, Result, Rle, Shape, Where};
 
 #[derive(Serialize, Deserialize)]
 struct CocoFile<Segmentation> {
@@ -45,6 +49,14 @@ struct CocoImage {
 struct CocoCategory {
     id: u64,
     name: String,
+}
+
+/// A written segmentation: polygons, or one RLE mask.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WrittenSegmentation<'a> {
+    Polygons(Vec<Vec<f32>>),
+    Rle(&'a Rle),
 }
 
 /// (Missing `Option` fields read as `None`.) Generic over the segmentation so that reading can take any JSON (polygons or RLE, told
@@ -124,6 +136,29 @@ pub fn read(bytes: &[u8]) -> Result<AnnotationSet> {
     Ok(set)
 }
 
+/// An RLE segmentation, uncompressed (`counts` a list) or compressed (`counts` a string).
+fn read_rle(rle: &serde_json::Map<String, Value>, path: &str) -> Result<Rle> {
+    let syntax = |field: &str, message: &str| AnnotationError::Syntax { at: at(format!("{path}.{field}")), message: message.into() };
+    let size = match rle.get("size").and_then(Value::as_array).map(|s| s.iter().map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok())).collect::<Vec<_>>()) {
+        Some(size) if size.len() == 2 && size.iter().all(Option::is_some) => [size[0].unwrap_or_default(), size[1].unwrap_or_default()],
+        _ => return Err(syntax("size", "an RLE mask needs size [height, width]")),
+    };
+    let counts = match rle.get("counts") {
+        Some(Value::Array(counts)) => counts
+            .iter()
+            .enumerate()
+            .map(|(k, v)| {
+                v.as_u64()
+                    .and_then(|v| u32::try_from(v).ok())
+                    .ok_or_else(|| AnnotationError::NotANumber { at: at(format!("{path}.counts[{k}]")), value: v.to_string() })
+            })
+            .collect::<Result<Vec<u32>>>()?,
+        Some(Value::String(text)) => decode_compressed(text).map_err(|e| syntax("counts", &e.to_string()))?,
+        _ => return Err(syntax("counts", "an RLE mask needs counts: a list of run lengths or a compressed string")),
+    };
+    Ok(Rle { size, counts })
+}
+
 fn duplicate(path: String, kind: DuplicateKind, id: u64) -> AnnotationError {
     AnnotationError::Duplicate { at: at(path), kind, id: id.to_string() }
 }
@@ -155,9 +190,7 @@ fn shapes(annotation: &CocoAnnotation<Value>, path: &str) -> Result<Vec<(String,
                 })
                 .collect();
         }
-        Some(Value::Object(_)) => {
-            return Err(AnnotationError::Unsupported { format: Format::Coco, at: at(format!("{path}.segmentation")), what: Unrepresentable::RleMask })
-        }
+        Some(Value::Object(rle)) => return Ok(vec![("segmentation".into(), Shape::Mask { rle: read_rle(rle, &format!("{path}.segmentation"))? })]),
         Some(Value::Array(_) | Value::Null) | None => {}
         Some(other) => {
             return Err(AnnotationError::Syntax { at: at(format!("{path}.segmentation")), message: format!("expected polygons or an RLE mask, found {other}") })
@@ -197,10 +230,11 @@ pub fn write(set: &AnnotationSet) -> Result<Vec<u8>> {
             let (x, y, w, h) = object.shape.bounds().unwrap_or_default();
             let (segmentation, keypoints) = match &object.shape {
                 Shape::Box { .. } => (None, None),
-                Shape::Polygon { points } => (Some(vec![points.iter().flat_map(|&(x, y)| [x, y]).collect()]), None),
+                Shape::Polygon { points } => (Some(WrittenSegmentation::Polygons(vec![points.iter().flat_map(|&(x, y)| [x, y]).collect()])), None),
                 Shape::Points { points } => (None, Some(points.iter().flat_map(|&(x, y)| [x, y, 2.0]).collect())),
+                Shape::Mask { rle } => (Some(WrittenSegmentation::Rle(rle)), None),
             };
-            annotations.push(CocoAnnotation::<Vec<Vec<f32>>> {
+            annotations.push(CocoAnnotation::<WrittenSegmentation> {
                 id: annotations.len() as u64 + 1,
                 image_id,
                 category_id,

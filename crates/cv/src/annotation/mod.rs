@@ -25,6 +25,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+pub use suanli_annotation::rle::{Rle, RleError};
 
 pub type Result<T, E = AnnotationError> = std::result::Result<T, E>;
 
@@ -43,6 +44,9 @@ pub enum Shape {
     Polygon { points: Vec<(f32, f32)> },
     /// Keypoints (pose); only labelled points, at least one.
     Points { points: Vec<(f32, f32)> },
+    /// A region of pixels (a brush mask, a COCO RLE segmentation) over the whole image: COCO's
+    /// uncompressed run-length encoding, column-major, sized `[height, width]` of its image.
+    Mask { rle: Rle },
 }
 
 /// Which kind of [`Shape`] an object has, for errors that talk about shapes without their data.
@@ -52,6 +56,7 @@ pub enum ShapeKind {
     Box,
     Polygon,
     Points,
+    Mask,
 }
 
 impl fmt::Display for ShapeKind {
@@ -60,6 +65,7 @@ impl fmt::Display for ShapeKind {
             ShapeKind::Box => "box",
             ShapeKind::Polygon => "polygon",
             ShapeKind::Points => "keypoints",
+            ShapeKind::Mask => "mask",
         })
     }
 }
@@ -70,6 +76,7 @@ impl Shape {
             Shape::Box { .. } => ShapeKind::Box,
             Shape::Polygon { .. } => ShapeKind::Polygon,
             Shape::Points { .. } => ShapeKind::Points,
+            Shape::Mask { .. } => ShapeKind::Mask,
         }
     }
 
@@ -89,10 +96,12 @@ impl Shape {
                 }
                 Some((x0, y0, x1 - x0, y1 - y0))
             }
+            Shape::Mask { rle } => rle.bounds().map(|(x, y, w, h)| (x as f32, y as f32, w as f32, h as f32)),
         }
     }
 
-    /// Area in square pixels: the box's, the polygon's (shoelace formula), or 0 for keypoints.
+    /// Area in square pixels: the box's, the polygon's (shoelace formula), the mask's pixels
+    /// set, or 0 for keypoints.
     pub fn area(&self) -> f32 {
         match self {
             Shape::Box { w, h, .. } => w * h,
@@ -108,6 +117,7 @@ impl Shape {
                 (twice.abs() / 2.0) as f32
             }
             Shape::Points { .. } => 0.0,
+            Shape::Mask { rle } => rle.area() as f32,
         }
     }
 
@@ -138,6 +148,12 @@ impl Shape {
                 }
                 if !points.iter().all(|&(x, y)| inside(x, y)) {
                     return Err(outside);
+                }
+            }
+            Shape::Mask { rle } => {
+                rle.check(width, height).map_err(Problem::Mask)?;
+                if rle.area() == 0 {
+                    return Err(Problem::EmptyMask);
                 }
             }
         }
@@ -474,14 +490,16 @@ pub enum Problem {
     EmptyImage { width: u32, height: u32 },
     #[error("category name {name:?} cannot be written to a class list (empty, surrounding spaces or a line break)")]
     BadCategoryName { name: String },
+    #[error("mask: {0}")]
+    Mask(RleError),
+    #[error("the mask has no pixel set")]
+    EmptyMask,
 }
 
 /// What a format cannot represent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unrepresentable {
     Shape(ShapeKind),
-    /// COCO run-length-encoded masks (`iscrowd` regions); only polygons are read.
-    RleMask,
     /// A score on a polygon (YOLO only allows a confidence on box lines).
     PolygonScore,
 }
@@ -490,7 +508,6 @@ impl fmt::Display for Unrepresentable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Unrepresentable::Shape(kind) => write!(f, "{kind} objects"),
-            Unrepresentable::RleMask => f.write_str("RLE masks (only polygon segmentations)"),
             Unrepresentable::PolygonScore => f.write_str("a score on a polygon"),
         }
     }

@@ -23,7 +23,8 @@
 //!   object, in the model's 0-based continuous coordinates (as CVAT and LabelMe write
 //!   points), *plus* their bounding `<bndbox>` so that plain VOC readers still see a box. On
 //!   read a `<polygon>` wins over the `<bndbox>`;
-//! - keypoints are refused on write ([`Unrepresentable::Shape`]);
+//! - keypoints and masks are refused on write ([`Unrepresentable::Shape`]; VOC keeps masks as
+//!   class-index PNGs beside the XML, which this layout does not write);
 //! - a prediction's score is written as a `<score>` child of `<object>` and read back.
 //!
 //! `<pose>`, `<truncated>`, `<difficult>` are written with their neutral values and
@@ -219,11 +220,11 @@ pub fn write(image: &AnnotatedImage) -> Result<String> {
         image.height
     );
     for (index, object) in image.objects.iter().enumerate() {
-        if object.shape.kind() == ShapeKind::Points {
+        if let kind @ (ShapeKind::Points | ShapeKind::Mask) = object.shape.kind() {
             return Err(AnnotationError::Unsupported {
                 format: Format::Voc,
                 at: Location::Object { image: image.file_name.clone(), index }.into(),
-                what: Unrepresentable::Shape(ShapeKind::Points),
+                what: Unrepresentable::Shape(kind),
             });
         }
         let _ = write!(

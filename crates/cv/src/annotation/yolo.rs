@@ -107,6 +107,7 @@ pub fn write(image: &AnnotatedImage, categories: &[String]) -> Result<String> {
                 }
             }
             Shape::Points { .. } => return Err(unsupported(Unrepresentable::Shape(ShapeKind::Points))),
+            Shape::Mask { .. } => return Err(unsupported(Unrepresentable::Shape(ShapeKind::Mask))),
         }
         out.push('\n');
     }
