@@ -18,7 +18,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use suanli_testkit::webdriver::{key, Browser};
-use support::{new_dataset, tar_of, token, Api, Backend, Tus, World, PASSWORD};
+use support::{browser_login, new_dataset, screenshots, tar_of, token, Api, Backend, Tus, World};
 
 const WAIT: Duration = Duration::from_secs(30);
 const CAT_BOX: (f64, f64, f64, f64) = (100.0, 60.0, 200.0, 180.0);
@@ -32,23 +32,10 @@ const ERASE: [(f64, f64); 2] = [(290.0, 185.0), (290.0, 215.0)];
 const BRUSH: f64 = 10.0;
 const CAT_SIZE: (u32, u32) = (451, 300);
 
-fn shots() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("portal-screenshots")
-}
-
 fn need(var: &str) -> Option<PathBuf> {
     let value = std::env::var_os(var).map(PathBuf::from);
     assert!(value.is_some() || std::env::var("CI").as_deref() != Ok("true"), "{var} must be set under CI=true");
     value
-}
-
-async fn login(b: &Browser, url: &str, user: &str) -> anyhow::Result<()> {
-    b.goto(&format!("{url}/login")).await?;
-    b.type_into("input[name=login]", user).await?;
-    b.type_into("input[name=password]", PASSWORD).await?;
-    b.click("form.api button[type=submit]").await?;
-    b.wait_for("button[data-logout]", WAIT).await?;
-    Ok(())
 }
 
 /// Where image point `(x, y)` is in the viewport, as the tool shows it now.
@@ -145,7 +132,7 @@ async fn open_task(b: &Browser, url: &str, project: u64, first_time: bool) -> an
 async fn annotate(url: &str, project: u64, who: &str, close_mid_task: bool, extra: bool, undo: bool) -> anyhow::Result<()> {
     let b = Browser::start().await?;
     let result = async {
-        login(&b, url, who).await?;
+        browser_login(&b, url, who).await?;
         open_task(&b, url, project, true).await?;
         b.keys("1").await?;
         draw_box(&b, CAT_BOX).await?;
@@ -187,7 +174,7 @@ async fn annotate(url: &str, project: u64, who: &str, close_mid_task: bool, extr
             draw_box(&b, EXTRA_BOX).await?;
         }
         wait_attribute(&b, "shapes", if extra { "2" } else { "1" }).await?;
-        b.screenshot(&shots().join(format!("annotate-{who}.png"))).await?;
+        b.screenshot(&screenshots().join(format!("annotate-{who}.png"))).await?;
         b.click("button[data-action='submit']").await?;
         wait_attribute(&b, "submitted", "1").await?;
         anyhow::ensure!(save_state(&b).await? == "lost" || save_state(&b).await? == "submitted", "submitted and read-only");
@@ -195,7 +182,7 @@ async fn annotate(url: &str, project: u64, who: &str, close_mid_task: bool, extr
     }
     .await;
     if result.is_err() {
-        let _ = b.screenshot(&shots().join(format!("annotate-{who}-failed.png"))).await;
+        let _ = b.screenshot(&screenshots().join(format!("annotate-{who}-failed.png"))).await;
     }
     result
 }
@@ -244,12 +231,12 @@ async fn three_annotators_and_a_reviewer_in_chromium() -> anyhow::Result<()> {
 
         // The reviewer settles the one conflict in the page.
         let b = Browser::start().await?;
-        login(&b, &url, "rita").await?;
+        browser_login(&b, &url, "rita").await?;
         b.goto(&format!("{url}/annotation/{project}")).await?;
         b.wait_for("#review article.conflict button[data-accept='cid']", WAIT).await?;
         let conflicts = b.execute("return document.querySelectorAll('#review article.conflict').length;", json!([])).await?;
         anyhow::ensure!(conflicts == 1, "one conflict: {conflicts}");
-        b.screenshot(&shots().join("annotate-review.png")).await?;
+        b.screenshot(&screenshots().join("annotate-review.png")).await?;
         b.click("#review article.conflict button[data-accept='cid']").await?;
         b.wait_for("#review p.none", WAIT).await?;
 

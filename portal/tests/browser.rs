@@ -5,26 +5,12 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use suanli_testkit::webdriver::Browser;
-use support::{activation_token, publish_node, running_as_root, Backend, World, PASSWORD};
+use support::{activation_token, browser_login, publish_node, running_as_root, screenshots, Backend, World, PASSWORD};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn shots() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("portal-screenshots")
-}
-
-async fn login(b: &Browser, url: &str, user: &str) -> anyhow::Result<()> {
-    b.goto(&format!("{url}/login")).await?;
-    b.type_into("input[name=login]", user).await?;
-    b.type_into("input[name=password]", PASSWORD).await?;
-    b.click("form.api button[type=submit]").await?;
-    b.wait_for("button[data-logout]", WAIT).await?;
-    Ok(())
-}
 
 /// The lease state shown on a lease page (the attribute, whatever the page's language).
 async fn lease_state(b: &Browser) -> anyhow::Result<String> {
@@ -47,7 +33,7 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
 
     // Register in the browser.
     b.goto(&format!("{url}/register")).await?;
-    b.screenshot(&shots().join("register.png")).await?;
+    b.screenshot(&screenshots().join("register.png")).await?;
     b.select("select[name=user_type]", "personal").await?;
     for (name, value) in [
         ("username", "chen_liu"),
@@ -66,14 +52,14 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     b.click("input[name=agree_terms]").await?;
     b.click("form.api button[type=submit]").await?;
     b.wait_for("[data-after='/api/v1/accounts']:not(.hidden)", WAIT).await?;
-    b.screenshot(&shots().join("registered.png")).await?;
+    b.screenshot(&screenshots().join("registered.png")).await?;
 
     // The activation link from the mail, opened in the browser.
     let mail = w.smtp.wait_for("chen.liu@example.cn", WAIT).await?;
     b.goto(&format!("{url}/activate?token={}", activation_token(&mail.text)?)).await?;
     b.wait_for("#activated", WAIT).await?;
 
-    login(b, url, "chen_liu").await?;
+    browser_login(b, url, "chen_liu").await?;
     // Leases are prepaid: the payment service pays money in for the new account.
     let spend = b.execute("return fetch('/api/v1/me/spend').then(r => r.json())", serde_json::json!([])).await?;
     w.fund(spend["balance"]["account_id"].as_u64().unwrap_or_default(), "chen_liu").await?;
@@ -86,12 +72,12 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     let rows: Vec<String> = serde_json::from_value(rows)?;
     assert_eq!(rows.len(), 1, "one Class A cluster in Shenzhen: {rows:?}");
     assert!(rows[0].contains("Shenzhen") && rows[0].contains("A100"), "{rows:?}");
-    b.screenshot(&shots().join("catalogue.png")).await?;
+    b.screenshot(&screenshots().join("catalogue.png")).await?;
 
     // Request the whole node for a month.
     b.click("table.catalogue tbody tr a").await?;
     b.wait_url(&format!("/clusters/{cluster}"), WAIT).await?;
-    b.screenshot(&shots().join("cluster.png")).await?;
+    b.screenshot(&screenshots().join("cluster.png")).await?;
     b.click("input[name=node_ids]").await?;
     b.select("select[name=billing_mode]", "monthly").await?;
     b.click("section.request button[type=submit]").await?;
@@ -101,14 +87,14 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     logout(b).await?;
 
     // The supplier approves in its own session and reads the code off the page.
-    login(b, url, "shenzhen_gpu").await?;
+    browser_login(b, url, "shenzhen_gpu").await?;
     b.goto(&format!("{url}/leases/{lease}")).await?;
     b.click("form.api button[type=submit]").await?;
     let code = b.wait_text("output.result", WAIT).await?;
     assert_eq!(code.trim().len(), 16, "{code}");
-    b.screenshot(&shots().join("supplier-approved.png")).await?;
+    b.screenshot(&screenshots().join("supplier-approved.png")).await?;
     b.goto(&format!("{url}/supplier")).await?;
-    b.screenshot(&shots().join("supplier.png")).await?;
+    b.screenshot(&screenshots().join("supplier.png")).await?;
     // The supplier modifies its Class B listing from the cluster page.
     b.goto(&format!("{url}/clusters/{class_b}")).await?;
     b.type_into("section.modify input[name=title]", "8*A100 renamed").await?;
@@ -126,12 +112,12 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
         (v.as_str().is_some_and(|t| t != "—")).then_some(())
     })
     .await?;
-    b.screenshot(&shots().join("cluster-live.png")).await?;
+    b.screenshot(&screenshots().join("cluster-live.png")).await?;
 
     logout(b).await?;
 
     // The researcher verifies the code and sees how to log in.
-    login(b, url, "chen_liu").await?;
+    browser_login(b, url, "chen_liu").await?;
     b.goto(&format!("{url}/leases/{lease}")).await?;
     b.type_into("input[name=authorization_code]", code.trim()).await?;
     b.click("form.api button[type=submit]").await?;
@@ -144,7 +130,7 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     } else {
         None
     };
-    b.screenshot(&shots().join("lease-active.png")).await?;
+    b.screenshot(&screenshots().join("lease-active.png")).await?;
 
     // Chinese throughout after the switch.
     b.goto(&format!("{url}/")).await?;
@@ -153,9 +139,9 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     assert_eq!(lang, "zh-CN");
     let title = b.wait_text("main h1", WAIT).await?;
     assert_eq!(title, "资源目录");
-    b.screenshot(&shots().join("catalogue-zh.png")).await?;
+    b.screenshot(&screenshots().join("catalogue-zh.png")).await?;
     b.goto(&format!("{url}/leases")).await?;
-    b.screenshot(&shots().join("leases-zh.png")).await?;
+    b.screenshot(&screenshots().join("leases-zh.png")).await?;
 
     // Ending the lease from its page removes the lease's Unix account on the node.
     b.goto(&format!("{url}/leases/{lease}")).await?;
@@ -177,7 +163,7 @@ async fn newcomer_journey_in_chromium() -> anyhow::Result<()> {
     let b = Browser::start().await?;
     let result = journey(&w, &b).await;
     if result.is_err() {
-        let _ = b.screenshot(&shots().join("failure.png")).await;
+        let _ = b.screenshot(&screenshots().join("failure.png")).await;
     }
     w.explain(result)
 }

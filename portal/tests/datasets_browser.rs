@@ -16,16 +16,12 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use suanli_testkit::webdriver::Browser;
-use support::{Api, Backend, World, PASSWORD};
+use support::{browser_login, screenshots, Api, Backend, World};
 
 const WAIT: Duration = Duration::from_secs(30);
 /// Chromium's upload speed while the upload is to be paused part way: the large picture takes
 /// several seconds.
 const SLOW_BYTES_PER_SECOND: u64 = 512 * 1024;
-
-fn shots() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("portal-screenshots")
-}
 
 fn png(width: u32, height: u32, pixel: impl Fn(u32, u32) -> [u8; 3]) -> Vec<u8> {
     let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb(pixel(x, y)));
@@ -74,15 +70,6 @@ fn pictures(root: &Path) -> anyhow::Result<(PathBuf, u64)> {
     Ok((top, big.len() as u64))
 }
 
-async fn login(b: &Browser, url: &str, user: &str) -> anyhow::Result<()> {
-    b.goto(&format!("{url}/login")).await?;
-    b.type_into("input[name=login]", user).await?;
-    b.type_into("input[name=password]", PASSWORD).await?;
-    b.click("form.api button[type=submit]").await?;
-    b.wait_for("button[data-logout]", WAIT).await?;
-    Ok(())
-}
-
 /// The uploader's rows: name → data attributes.
 async fn rows(b: &Browser) -> anyhow::Result<Vec<Value>> {
     let v = b
@@ -126,7 +113,7 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (folder, big_length) = pictures(dir.path())?;
 
-    login(b, url, "mei_lin").await?;
+    browser_login(b, url, "mei_lin").await?;
     b.goto(&format!("{url}/datasets")).await?;
     b.wait_for("p.empty", WAIT).await?;
     b.type_into("form.api input[name=name]", "digits").await?;
@@ -135,7 +122,7 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     let page = b.wait_url("/datasets/", WAIT).await?;
     let id: u64 = page.rsplit('/').next().unwrap_or_default().parse()?;
     b.wait_for("section.upload", WAIT).await?;
-    b.screenshot(&shots().join("dataset-new.png")).await?;
+    b.screenshot(&screenshots().join("dataset-new.png")).await?;
 
     // Slowly, so that the large picture is part way when Pause is clicked.
     b.throttle(Some(SLOW_BYTES_PER_SECOND)).await?;
@@ -155,7 +142,7 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     })
     .await?;
     b.execute("document.querySelector('section.upload').scrollIntoView()", json!([])).await?;
-    b.screenshot(&shots().join("dataset-paused.png")).await?;
+    b.screenshot(&screenshots().join("dataset-paused.png")).await?;
     let upload = paused["upload"].as_str().ok_or_else(|| anyhow::anyhow!("no upload address: {paused}"))?.to_owned();
     // The portal holds part of the picture: what the page saw arrive, and not all of it. (An
     // aborted piece keeps the bytes that reached the portal, so HEAD may say a little more.)
@@ -257,9 +244,9 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     .await
     .map_err(|e| e.context("four thumbnails, each loaded and at most 128 px wide"))?;
     b.execute("window.scrollTo(0, 0)", json!([])).await?;
-    b.screenshot(&shots().join("dataset-version.png")).await?;
+    b.screenshot(&screenshots().join("dataset-version.png")).await?;
     b.execute("document.querySelector('section.upload').scrollIntoView()", json!([])).await?;
-    b.screenshot(&shots().join("dataset-uploaded.png")).await?;
+    b.screenshot(&screenshots().join("dataset-uploaded.png")).await?;
 
     // The owner shares it from the page (the username goes into the address).
     let kai = w.person("researcher", "kai_chen").await?;
@@ -281,14 +268,14 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
     b.goto(&format!("{url}/datasets")).await?;
     let listed = b.wait_text(&format!("table.datasets tr[data-dataset='{id}'] td.items"), WAIT).await?;
     anyhow::ensure!(listed.trim() == "4", "files listed: {listed}");
-    b.screenshot(&shots().join("datasets.png")).await?;
+    b.screenshot(&screenshots().join("datasets.png")).await?;
 
     // A researcher without models sees the empty state.
     b.goto(&format!("{url}/models")).await?;
     let empty = b.wait_text("main p.empty", WAIT).await?;
     anyhow::ensure!(empty.contains("No models yet"), "{empty}");
     anyhow::ensure!(b.find("table.models").await.is_err(), "no table without models");
-    b.screenshot(&shots().join("models-empty.png")).await?;
+    b.screenshot(&screenshots().join("models-empty.png")).await?;
 
     // With two registered versions (written straight into the registry: registering needs a
     // succeeded job), the page compares them and promotes one.
@@ -310,7 +297,7 @@ async fn journey(w: &World, b: &Browser) -> anyhow::Result<()> {
         compared == json!({"accuracy": ["0.75", "0.875", "+0.125"], "loss": ["0.5", "—", "—"], "macro_f1": ["—", "0.8", "—"]}),
         "v1 against v2: {compared}"
     );
-    b.screenshot(&shots().join("model.png")).await?;
+    b.screenshot(&screenshots().join("model.png")).await?;
     b.click("table.model-versions tr[data-version='1'] form.api button[type=submit]").await?;
     suanli_testkit::eventually(WAIT, Duration::from_millis(100), || async {
         let v = b.execute("return document.querySelector('tr[data-serving=true]')?.dataset.version || null", json!([])).await.ok()?;
@@ -357,7 +344,7 @@ async fn datasets_upload_pause_reload_resume_in_chromium() -> anyhow::Result<()>
     let b = Browser::start().await?;
     let result = tokio::time::timeout(Duration::from_secs(240), journey(&w, &b)).await.unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
     if result.is_err() {
-        let _ = b.screenshot(&shots().join("datasets-failure.png")).await;
+        let _ = b.screenshot(&screenshots().join("datasets-failure.png")).await;
     }
     w.explain(result)
 }

@@ -480,3 +480,20 @@ pub async fn new_dataset(api: &Api, name: &str) -> anyhow::Result<u64> {
     anyhow::ensure!(status == StatusCode::CREATED, "create dataset: {status} {made}");
     Ok(made["dataset_id"].as_u64().unwrap_or_default())
 }
+
+// ---- the browser: Chromium through WebDriver ----
+
+/// Where browser tests save their screenshots (`target/tmp/portal-screenshots/`).
+pub fn screenshots() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("portal-screenshots")
+}
+
+/// Signs `user` in (password [`PASSWORD`]) on the portal's login page, as a person would.
+pub async fn browser_login(b: &suanli_testkit::webdriver::Browser, url: &str, user: &str) -> anyhow::Result<()> {
+    b.goto(&format!("{url}/login")).await?;
+    b.type_into("input[name=login]", user).await?;
+    b.type_into("input[name=password]", PASSWORD).await?;
+    b.click("form.api button[type=submit]").await?;
+    b.wait_for("button[data-logout]", Duration::from_secs(30)).await?;
+    Ok(())
+}
