@@ -302,29 +302,46 @@ pub async fn pull(db: &Db, project: &Project, user: i64) -> ApiResult<Option<Slo
         renew(db, project, &mine, user).await?;
         return slot(db, project.id, mine.task as i64, mine.slot as i64).await.map(Some);
     }
-    let lock = if db.backend == crate::db::Backend::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };
-    let sql = format!(
-        "UPDATE annotation_slots SET state = 'held', annotator = $1, lease_until = $2, assigned_ms = $3, generation = generation + 1
-         WHERE project_id = $4 AND (state = 'open' OR (state = 'held' AND lease_until <= $3))
-           AND (task_no, slot) IN (
-             SELECT s.task_no, s.slot FROM annotation_slots s
-             WHERE s.project_id = $4 AND (s.state = 'open' OR (s.state = 'held' AND s.lease_until <= $3))
-               AND NOT EXISTS (SELECT 1 FROM annotation_slots o WHERE o.project_id = s.project_id AND o.task_no = s.task_no AND o.annotator = $1)
-             ORDER BY s.task_no, s.slot LIMIT 1{lock})
-         RETURNING task_no, slot"
-    );
-    // A pull finds no row only when none is free for it, or (PostgreSQL) when every free row
-    // was locked by other pulls at that instant: then it asks again.
-    for _ in 0..8 {
-        let taken = sqlx::query(&sql).bind(user).bind(now + project.lease_ms).bind(now).bind(project.id).fetch_optional(&db.pool).await;
-        let row = match taken {
-            Ok(row) => row,
-            // The same annotator pulling twice at once: the other pull took a slot of this task.
-            Err(e) if Db::is_unique_violation(&e) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        if let Some(row) = row {
-            return slot(db, project.id, row.try_get("task_no")?, row.try_get("slot")?).await.map(Some);
+    let postgres = db.backend == crate::db::Backend::Postgres;
+    // Slots whose lease ran out first (their work has waited longest), then open ones: each
+    // probe is one statement that reads a partial index of its own (migration 11), so a pull
+    // reads free slots only, never the thousands already taken ahead of them. The slot is
+    // picked by a scalar subquery, which both databases run once per statement (as `IN (…)`,
+    // PostgreSQL may run it again for each candidate row and, skipping its own locks, hand
+    // one annotator two slots of a task).
+    let take = |free: &str, lock: &str| {
+        format!(
+            "UPDATE annotation_slots SET state = 'held', annotator = $1, lease_until = $2, assigned_ms = $3, generation = generation + 1
+             WHERE project_id = $4 AND {free}
+               AND (task_no, slot) = (
+                 SELECT s.task_no, s.slot FROM annotation_slots s
+                 WHERE s.project_id = $4 AND {free}
+                   AND NOT EXISTS (SELECT 1 FROM annotation_slots o WHERE o.project_id = s.project_id AND o.task_no = s.task_no AND o.annotator = $1)
+                 ORDER BY s.task_no, s.slot LIMIT 1{lock})
+             RETURNING task_no, slot"
+        )
+    };
+    // On PostgreSQL the first try skips slots other pulls are taking at that instant; should
+    // every free one be in someone's hands, the next tries wait for them (a taken slot is then
+    // passed over for the next free one) instead of spinning.
+    let (skip, wait) = if postgres { (" FOR UPDATE SKIP LOCKED", " FOR UPDATE") } else { ("", "") };
+    let expired = "state = 'held' AND lease_until <= $3";
+    let first = [take(expired, skip), take("state = 'open'", skip)];
+    let again = [take(expired, wait), take("state = 'open'", wait)];
+    // A pull finds no row only when none is free for it, or when every free row was being taken
+    // by other pulls at that instant: then it asks again.
+    for round in 0..8 {
+        for sql in if round == 0 { &first } else { &again } {
+            let taken = sqlx::query(sql).bind(user).bind(now + project.lease_ms).bind(now).bind(project.id).fetch_optional(&db.pool).await;
+            let row = match taken {
+                Ok(row) => row,
+                // The same annotator pulling twice at once: the other pull took a slot of this task.
+                Err(e) if Db::is_unique_violation(&e) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(row) = row {
+                return slot(db, project.id, row.try_get("task_no")?, row.try_get("slot")?).await.map(Some);
+            }
         }
         let free = sqlx::query(
             "SELECT COUNT(*) AS n FROM annotation_slots s WHERE s.project_id = $1 AND (s.state = 'open' OR (s.state = 'held' AND s.lease_until <= $2))

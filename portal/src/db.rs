@@ -461,10 +461,14 @@ pub const MIGRATIONS: &[Migration] = &[
 )",
     ]),
     // 11: when a task's images were last compared (NULL: not since its last slot was submitted);
-    // a comparison cut short by a crash is redone from it (`annotation::compare_pending`).
+    // a comparison cut short by a crash is redone from it (`annotation::compare_pending`). And
+    // the free slots a pull looks for, each kind in a partial index of its own: the open ones in
+    // task order, the held ones by when their lease runs out.
     expand(&[
         "ALTER TABLE annotation_tasks ADD COLUMN compared_ms BIGINT",
         "CREATE INDEX annotation_tasks_uncompared ON annotation_tasks (project_id, compared_ms)",
+        "CREATE INDEX annotation_slots_open ON annotation_slots (project_id, task_no, slot) WHERE state = 'open'",
+        "CREATE INDEX annotation_slots_leases ON annotation_slots (project_id, lease_until) WHERE state = 'held'",
     ]),
 ];
 
