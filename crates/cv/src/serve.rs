@@ -642,16 +642,84 @@ fn router(app: AppState) -> Router {
 }
 
 /// A running service. Dropping it starts a graceful shutdown in the background.
+/// Where a service listens: a TCP address, or a Unix socket (as a lease's service does, in a
+/// directory only the lease's account may enter, so that only the lease reaches it).
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl From<tokio::net::TcpListener> for Listener {
+    fn from(listener: tokio::net::TcpListener) -> Self {
+        Listener::Tcp(listener)
+    }
+}
+
+impl From<tokio::net::UnixListener> for Listener {
+    fn from(listener: tokio::net::UnixListener) -> Self {
+        Listener::Unix(listener)
+    }
+}
+
+impl Listener {
+    /// `unix:<path>` or a TCP address (`127.0.0.1:8500`). A stale socket file at the path (left
+    /// by an earlier run) is replaced; any other file there is an error.
+    pub async fn bind(listen: &str) -> std::io::Result<Listener> {
+        match listen.strip_prefix("unix:") {
+            Some(path) => {
+                use std::os::unix::fs::FileTypeExt as _;
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    std::fs::remove_file(path)?;
+                }
+                Ok(Listener::Unix(tokio::net::UnixListener::bind(path)?))
+            }
+            None => Ok(Listener::Tcp(tokio::net::TcpListener::bind(listen).await?)),
+        }
+    }
+
+    fn bound(&self) -> std::io::Result<Bound> {
+        Ok(match self {
+            Listener::Tcp(l) => Bound::Tcp(l.local_addr()?),
+            Listener::Unix(l) => Bound::Unix(l.local_addr()?.as_pathname().map(std::path::Path::to_path_buf).unwrap_or_default()),
+        })
+    }
+}
+
+/// Where a started service listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bound {
+    Tcp(SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bound::Tcp(addr) => write!(f, "{addr}"),
+            Bound::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
 pub struct Server {
-    addr: SocketAddr,
+    addr: Bound,
     batcher: Arc<Batcher>,
     shutdown: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
 }
 
 impl Server {
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+    /// Where it listens.
+    pub fn bound(&self) -> &Bound {
+        &self.addr
+    }
+
+    /// Its TCP address; `None` on a Unix socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self.addr {
+            Bound::Tcp(addr) => Some(addr),
+            Bound::Unix(_) => None,
+        }
     }
 
     pub fn stats(&self) -> ServeStats {
@@ -678,7 +746,8 @@ impl Drop for Server {
 
 /// Starts the service on `listener`: the predictor thread and the HTTP/WebSocket server.
 /// Must be called inside a tokio runtime.
-pub async fn serve(listener: tokio::net::TcpListener, predictor: Box<dyn BatchPredictor>, config: ServeConfig) -> Result<Server, ServeError> {
+pub async fn serve(listener: impl Into<Listener>, predictor: Box<dyn BatchPredictor>, config: ServeConfig) -> Result<Server, ServeError> {
+    let listener = listener.into();
     if config.max_batch == 0 {
         return Err(ServeError::InvalidConfig("max_batch must be at least 1".into()));
     }
@@ -691,7 +760,7 @@ pub async fn serve(listener: tokio::net::TcpListener, predictor: Box<dyn BatchPr
     if config.max_wait_ms > 10_000 {
         return Err(ServeError::InvalidConfig("max_wait_ms: at most 10000".into()));
     }
-    let addr = listener.local_addr()?;
+    let addr = listener.bound()?;
     let model = predictor.describe();
     let batcher = Arc::new(Batcher {
         state: Mutex::new(QueueState { jobs: VecDeque::new(), closed: false }),
@@ -712,13 +781,17 @@ pub async fn serve(listener: tokio::net::TcpListener, predictor: Box<dyn BatchPr
     let routes = router(app);
     let mut signal = shutdown_rx;
     let task_batcher = batcher.clone();
+    let task_addr = addr.clone();
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, routes)
-            .with_graceful_shutdown(async move {
-                // Err means the Server handle is gone, which also means stop.
-                let _ = signal.wait_for(|stop| *stop).await;
-            })
-            .await;
+        // Err means the Server handle is gone, which also means stop.
+        let stop = async move {
+            let _ = signal.wait_for(|stop| *stop).await;
+        };
+        let served = match listener {
+            Listener::Tcp(l) => axum::serve(l, routes).with_graceful_shutdown(stop).await,
+            Listener::Unix(l) => axum::serve(l, routes).with_graceful_shutdown(stop).await,
+        };
+        let addr = task_addr;
         // HTTP requests are all answered now; streams got their close. Let the predictor
         // finish what is queued and exit.
         task_batcher.close();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{json, Value};
-use suanli_cv::serve::{serve, BatchPredictor, ServeConfig, ServeStats, Server};
+use suanli_cv::serve::{serve, BatchPredictor, Bound, Listener, ServeConfig, ServeStats, Server};
 use suanli_cv::Image;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -158,7 +158,7 @@ fn error_code(body: &Value) -> &str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_each_get_their_own_result() {
     let server = start(Box::new(ColorPredictor), config(8, 20, 1024)).await;
-    let addr = server.local_addr();
+    let addr = server.local_addr().expect("a TCP service");
     let client = reqwest::Client::new();
     let tasks: Vec<_> = (0..64)
         .map(|i| {
@@ -199,7 +199,7 @@ async fn requests_queued_behind_a_busy_predictor_form_full_batches() {
     let (predictor, mut entered, gate) = gated();
     // A batch fills at 10 or after 200 ms, whichever first.
     let server = start(predictor, config(10, 200, 1024)).await;
-    let addr = server.local_addr();
+    let addr = server.local_addr().expect("a TCP service");
     let client = reqwest::Client::new();
 
     let first = {
@@ -247,7 +247,7 @@ async fn requests_queued_behind_a_busy_predictor_form_full_batches() {
 async fn full_queue_answers_503_then_the_queued_requests_complete() {
     let (predictor, mut entered, gate) = gated();
     let server = start(predictor, config(4, 0, 4)).await;
-    let addr = server.local_addr();
+    let addr = server.local_addr().expect("a TCP service");
     let client = reqwest::Client::new();
 
     let busy = {
@@ -290,7 +290,7 @@ async fn bad_input_gets_4xx_with_a_code_and_the_decoders_reason() {
     cfg.max_body_bytes = 4096;
     cfg.limits.max_width = 64;
     let server = start(Box::new(ColorPredictor), cfg).await;
-    let addr = server.local_addr();
+    let addr = server.local_addr().expect("a TCP service");
     let client = reqwest::Client::new();
 
     let (status, body) = post_image(&client, addr, b"GIF89a definitely not a png".to_vec()).await;
@@ -329,7 +329,7 @@ async fn bad_input_gets_4xx_with_a_code_and_the_decoders_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predictor_failures_are_500_and_the_service_keeps_going() {
     let server = start(Box::new(FlakyPredictor), config(4, 0, 16)).await;
-    let addr = server.local_addr();
+    let addr = server.local_addr().expect("a TCP service");
     let client = reqwest::Client::new();
     for (width, needle) in [(7, "exploded"), (9, "panicked: nine is not allowed"), (11, "returned 0 results for 1 images")] {
         let (status, body) = post_image(&client, addr, png(width, 2, [9, 9, 9])).await;
@@ -346,7 +346,7 @@ async fn predictor_failures_are_500_and_the_service_keeps_going() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_endpoint_reports_bad_images_by_index() {
     let server = start(Box::new(ColorPredictor), config(2, 5, 64)).await;
-    let addr = server.local_addr();
+    let addr = server.local_addr().expect("a TCP service");
     let client = reqwest::Client::new();
     let b64 = |bytes: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(bytes);
     let images = json!([b64(image_bytes(0)), b64(image_bytes(1)), "%%% not base64 %%%", b64(b"plain text".to_vec()), b64(image_bytes(4)), "",]);
@@ -401,7 +401,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn websocket_stream_replies_in_order_and_survives_bad_frames() {
     let server = start(Box::new(ColorPredictor), config(8, 2, 1024)).await;
-    let mut ws = ws_connect(server.local_addr()).await;
+    let mut ws = ws_connect(server.local_addr().expect("a TCP service")).await;
     // 21 frames, frame 10 is garbage; a text message after frame 15.
     for frame in 0..21usize {
         let bytes = if frame == 10 { b"\xFF\xD8\xFF not really a jpeg".to_vec() } else { image_bytes(frame) };
@@ -443,7 +443,7 @@ async fn websocket_stream_replies_in_order_and_survives_bad_frames() {
 async fn stream_frames_are_pipelined_and_batched_with_http_requests() {
     let (predictor, mut entered, gate) = gated();
     let server = start(predictor, config(16, 0, 1024)).await;
-    let addr = server.local_addr();
+    let addr = server.local_addr().expect("a TCP service");
     let client = reqwest::Client::new();
     let busy = {
         let client = client.clone();
@@ -479,7 +479,7 @@ async fn stream_frames_are_pipelined_and_batched_with_http_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_and_health_endpoints() {
     let server = start(Box::new(ColorPredictor), ServeConfig::default()).await;
-    let addr = server.local_addr();
+    let addr = server.local_addr().expect("a TCP service");
     let client = reqwest::Client::new();
     let model: Value = client.get(url(addr, "/v1/model")).send().await.expect("send").json().await.expect("json");
     assert_eq!(model, ColorPredictor.describe());
@@ -487,6 +487,37 @@ async fn model_and_health_endpoints() {
     assert_eq!(health.status().as_u16(), 200);
     assert_eq!(health.text().await.expect("text"), "ok");
     server.shutdown().await.expect("shutdown");
+}
+
+/// One HTTP/1.1 request over a Unix socket; the whole answer as text.
+async fn over_unix(path: &std::path::Path, request: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::UnixStream::connect(path).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_on_a_unix_socket_answers_and_a_stale_socket_is_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("service.sock");
+    let listen = format!("unix:{}", path.display());
+    for round in 0..2 {
+        // The second round binds where the first one's socket file was left behind.
+        let server = serve(Listener::bind(&listen).await.expect("bind"), Box::new(ColorPredictor), ServeConfig::default()).await.expect("serve");
+        assert_eq!(server.bound(), &Bound::Unix(path.clone()));
+        assert_eq!(server.local_addr(), None);
+        let health = over_unix(&path, "GET /v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
+        assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok"), "round {round}: {health}");
+        server.shutdown().await.expect("shutdown");
+    }
+    // A file that is not a socket is never removed to make room.
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "keep me").expect("write");
+    assert!(Listener::bind(&format!("unix:{}", file.display())).await.is_err());
+    assert_eq!(std::fs::read_to_string(&file).expect("still there"), "keep me");
 }
 
 #[test]
@@ -509,7 +540,7 @@ async fn invalid_config_is_refused() {
 async fn shutdown_finishes_in_flight_work_and_closes_streams() {
     let (predictor, mut entered, gate) = gated();
     let server = start(predictor, config(4, 0, 64)).await;
-    let addr = server.local_addr();
+    let addr = server.local_addr().expect("a TCP service");
     let client = reqwest::Client::new();
     let in_flight = {
         let client = client.clone();
@@ -542,7 +573,7 @@ async fn with_a_token_a_call_without_it_is_refused_before_anything_is_predicted(
     let server = start(Box::new(ColorPredictor), ServeConfig { bearer_token: Some("s3cret-token".into()), ..config(4, 1, 16) }).await;
     let client = reqwest::Client::new();
     for auth in [None, Some("Bearer wrong"), Some("s3cret-token"), Some("Bearer s3cret-toke"), Some("Bearer s3cret-token2")] {
-        let mut request = client.post(url(server.local_addr(), "/v1/predict")).body(image_bytes(1));
+        let mut request = client.post(url(server.local_addr().expect("a TCP service"), "/v1/predict")).body(image_bytes(1));
         if let Some(a) = auth {
             request = request.header("authorization", a);
         }
@@ -552,9 +583,15 @@ async fn with_a_token_a_call_without_it_is_refused_before_anything_is_predicted(
         assert_eq!(error_code(&body), "UNAUTHENTICATED");
     }
     assert_eq!(server.stats().images, 0, "nothing predicted");
-    let health = client.get(url(server.local_addr(), "/v1/health")).send().await.expect("health");
+    let health = client.get(url(server.local_addr().expect("a TCP service"), "/v1/health")).send().await.expect("health");
     assert_eq!(health.status().as_u16(), 200, "health needs no token");
-    let ok = client.post(url(server.local_addr(), "/v1/predict")).bearer_auth("s3cret-token").body(image_bytes(1)).send().await.expect("post");
+    let ok = client
+        .post(url(server.local_addr().expect("a TCP service"), "/v1/predict"))
+        .bearer_auth("s3cret-token")
+        .body(image_bytes(1))
+        .send()
+        .await
+        .expect("post");
     assert_eq!(ok.status().as_u16(), 200);
     let body: Value = ok.json().await.expect("json");
     assert_eq!(body["result"], expected(1));

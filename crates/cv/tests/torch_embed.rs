@@ -180,7 +180,7 @@ async fn the_service_in_embed_mode_answers_what_the_embedder_says() {
     let service = EmbedderService { embedder: Embedder::load(dir.path(), Device::Cpu).expect("load") };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let server = suanli_cv::serve::serve(listener, Box::new(service), Default::default()).await.expect("serve");
-    let url = format!("http://{}/v1/predict", server.local_addr());
+    let url = format!("http://{}/v1/predict", server.local_addr().expect("a TCP service"));
     let answer: Value = reqwest::Client::new().post(url).body(bytes).send().await.expect("post").json().await.expect("json");
     assert_eq!(answer["result"]["model"], direct.version());
     let vector: Vec<f32> = serde_json::from_value(answer["result"]["vector"].clone()).expect("vector");

@@ -66,7 +66,7 @@ async fn the_online_service_answers_what_the_model_answers() {
     let service = ClassifierService { model: torchscript_model(&root, dir.path()), top_k: 3 };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let server = suanli_cv::serve::serve(listener, Box::new(service), Default::default()).await.expect("serve");
-    let base = format!("http://{}", server.local_addr());
+    let base = format!("http://{}", server.local_addr().expect("a TCP service"));
     let http = reqwest::Client::new();
     let answers = futures::future::join_all(digits.iter().map(|p| {
         let body = std::fs::read(p).expect("read");
@@ -84,7 +84,7 @@ async fn the_online_service_answers_what_the_model_answers() {
     assert_eq!(model["input"], serde_json::json!([1, 8, 8]));
 
     // The same digits as frames of a stream: one answer per frame, in order.
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/stream", server.local_addr())).await.expect("websocket");
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/stream", server.local_addr().expect("a TCP service"))).await.expect("websocket");
     for p in &digits {
         ws.send(tokio_tungstenite::tungstenite::Message::Binary(std::fs::read(p).expect("read").into())).await.expect("send frame");
     }

@@ -611,6 +611,7 @@ impl Embed {
 #[serde(deny_unknown_fields)]
 pub struct Serve {
     pub model: PathBuf,
+    /// A TCP address, or `unix:<path>` for a Unix socket (a lease's service).
     #[serde(default = "default_listen")]
     pub listen: String,
     #[serde(default)]
@@ -686,14 +687,16 @@ impl Serve {
         };
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(JobError::failed)?;
         runtime.block_on(async {
-            let listener = tokio::net::TcpListener::bind(&self.listen).await.map_err(|e| JobError::Failed(format!("{}: {e}", self.listen)))?;
-            let addr = listener.local_addr().map_err(JobError::failed)?;
+            let listener = crate::serve::Listener::bind(&self.listen).await.map_err(|e| JobError::Failed(format!("{}: {e}", self.listen)))?;
             let config = crate::serve::ServeConfig {
                 bearer_token: std::env::var("SUANLI_SERVE_TOKEN").ok().filter(|t| !t.is_empty()),
                 ..self.config.clone().unwrap_or_default()
             };
             let server = crate::serve::serve(listener, service, config).await.map_err(JobError::failed)?;
-            progress(json!({"event": "serving", "url": format!("http://{addr}/v1/predict")}));
+            match server.bound() {
+                crate::serve::Bound::Tcp(addr) => progress(json!({"event": "serving", "url": format!("http://{addr}/v1/predict")})),
+                crate::serve::Bound::Unix(path) => progress(json!({"event": "serving", "socket": path})),
+            }
             // SIGINT by hand, SIGTERM from the agent ending the job.
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(JobError::failed)?;
             tokio::select! {
