@@ -89,6 +89,9 @@ pub struct FileBroker {
     /// The key the portal signs operator assertions with (hex, 32 bytes; the portal's
     /// `operator_key_file`): with it an operator acts only with the portal's signed word.
     pub operator_key_file: Option<PathBuf>,
+    /// The key agents' tunnel tickets are signed with (hex, 32 bytes; the portal's
+    /// `tunnel_key_file`): with it agents may open their tunnel to the portal.
+    pub tunnel_key_file: Option<PathBuf>,
     /// The largest single deposit, and all deposits over any 24 hours (minor units).
     pub max_deposit_minor: Option<i64>,
     pub max_deposits_per_day_minor: Option<i64>,
@@ -199,6 +202,12 @@ pub fn node_config(path: Option<&Path>, args: Overrides) -> Result<NodeConfig, C
         operator_key: match &file.operator_key_file {
             Some(path) => {
                 Some(suanli_pki::assertion::OperatorKey::load(path, false).map_err(|e| invalid(format!("operator_key_file {}: {e}", path.display())))?)
+            }
+            None => None,
+        },
+        tunnel_key: match &file.tunnel_key_file {
+            Some(path) => {
+                Some(suanli_pki::tunnel_ticket::TunnelKey::load(path, false).map_err(|e| invalid(format!("tunnel_key_file {}: {e}", path.display())))?)
             }
             None => None,
         },

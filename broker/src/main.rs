@@ -406,6 +406,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         services: Default::default(),
         artifact_key: Some(artifact_key),
         operator_key: None,
+        tunnel_key: None,
         peer_overrides: Default::default(),
         agent_listen: Some(args.agent_listen),
         agent_ca: AgentCaSource::DataDir,

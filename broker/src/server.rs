@@ -112,6 +112,8 @@ pub struct NodeConfig {
     pub artifact_key: Option<suanli_artifacts::CapabilityKey>,
     /// The key the portal signs operator assertions with; `None`: none required.
     pub operator_key: Option<suanli_pki::assertion::OperatorKey>,
+    /// The key agents' tunnel tickets are signed with, shared with the portal; `None`: none.
+    pub tunnel_key: Option<suanli_pki::tunnel_ticket::TunnelKey>,
     /// The TLS port: agents by mutual TLS (Icpcss, Irmds), and the public API for clients that
     /// want it encrypted (bearer tokens). `None`: no TLS port, agents cannot connect here.
     pub agent_listen: Option<SocketAddr>,
@@ -260,6 +262,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     shared.services = config.services.clone();
     shared.artifact_key = config.artifact_key.clone();
     shared.operator_key = config.operator_key.clone();
+    shared.tunnel_key = config.tunnel_key.clone();
     shared.peer_formats = peer_formats;
     let mut stop = Vec::new();
     let mut tasks = Vec::new();

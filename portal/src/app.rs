@@ -105,6 +105,7 @@ pub fn router(state: AppState) -> Router {
         .route("/models/{name}/promote", post(models::promote))
         .route("/models/{name}/versions/{version}/download", get(models::download))
         .route("/models/{name}/compare", get(models::compare))
+        .route("/agent-tunnel", get(crate::tunnels::accept))
         .route("/annotation-projects", get(annotation::list).post(annotation::create))
         .route("/annotation-projects/{id}", get(annotation::get))
         .route("/annotation-projects/{id}/members/{username}", put(annotation::set_member).delete(annotation::remove_member))

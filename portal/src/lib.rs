@@ -36,3 +36,4 @@ pub mod model;
 pub mod outbox;
 pub mod pages;
 pub mod state;
+pub mod tunnels;

@@ -120,6 +120,10 @@ struct ServeArgs {
     /// broker then enforces operators' roles itself.
     #[arg(long, env = "SUANLI_PORTAL_OPERATOR_KEY_FILE")]
     operator_key_file: Option<PathBuf>,
+    /// The key agents' tunnel tickets are signed with (the broker's `tunnel_key_file`): with it
+    /// supplier agents open their tunnels here (`/api/v1/agent-tunnel`).
+    #[arg(long, env = "SUANLI_PORTAL_TUNNEL_KEY_FILE")]
+    tunnel_key_file: Option<PathBuf>,
     /// Addresses of the reverse proxies in front of the portal: from them alone the client's
     /// address is taken from `X-Forwarded-For` (login throttle, audit log). Comma-separated.
     #[arg(long, env = "SUANLI_PORTAL_TRUSTED_PROXY", value_delimiter = ',')]
@@ -201,6 +205,7 @@ struct PortalSection {
     #[serde(default)]
     webhook_allow: Vec<String>,
     operator_key_file: Option<PathBuf>,
+    tunnel_key_file: Option<PathBuf>,
     #[serde(default)]
     trusted_proxy: Vec<std::net::IpAddr>,
     federation_api: Option<String>,
@@ -367,6 +372,7 @@ fn offline_state(s: Storage) -> anyhow::Result<AppState> {
         datasets: None,
         image_search: None,
         metrics: Default::default(),
+        tunnels: suanli_portal::tunnels::Tunnels::new(None),
     })))
 }
 
@@ -389,6 +395,10 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
     if let Some(path) = args.operator_key_file.clone().or(file.operator_key_file.clone()) {
         market = market.with_operator_key(suanli_pki::assertion::OperatorKey::load(&path, false)?);
     }
+    let tunnel_key = match args.tunnel_key_file.clone().or(file.tunnel_key_file.clone()) {
+        Some(path) => Some(suanli_pki::tunnel_ticket::TunnelKey::load(&path, false).with_context(|| format!("tunnel_key_file {}", path.display()))?),
+        None => None,
+    };
     let smtp = match (&args.smtp, file.smtp) {
         (Some(hostport), _) => {
             let (host, port) = hostport.rsplit_once(':').context("--smtp is host:port")?;
@@ -507,6 +517,7 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         datasets: Some(Arc::new(datasets)),
         image_search,
         metrics: Default::default(),
+        tunnels: suanli_portal::tunnels::Tunnels::new(tunnel_key),
     }));
     market.spawn_follower();
     outbox::spawn_worker(state.clone());

@@ -76,6 +76,8 @@ pub struct Inner {
     /// Similar-image search, when an embedder is configured (`--image-embedder-url`).
     pub image_search: Option<Arc<crate::image_search::ImageSearch>>,
     pub metrics: crate::metrics::PortalMetrics,
+    /// Agents' tunnels to the portal, by node (`tunnels.rs`).
+    pub tunnels: crate::tunnels::Tunnels,
 }
 
 #[derive(Clone)]

@@ -36,6 +36,10 @@ pub struct AgentArgs {
     /// needs.
     #[arg(long, env = "SUANLI_AGENT_ARTIFACTS_TOKEN", hide_env_values = true)]
     pub artifacts_token: Option<String>,
+    /// The portal's `host:port` to keep a tunnel to, through which the portal reaches services
+    /// on this node (plain HTTP: a portal on this machine or the supplier's network).
+    #[arg(long, env = "SUANLI_AGENT_PORTAL")]
+    pub portal: Option<String>,
     /// One-time enrollment token from the supplier (only needed until the node is enrolled).
     #[arg(long, env = "SUANLI_AGENT_ENROLLMENT_TOKEN", hide_env_values = true)]
     pub enrollment_token: Option<String>,
@@ -125,6 +129,7 @@ struct FileAgent {
     job_binary: Option<PathBuf>,
     artifacts_url: Option<String>,
     artifacts_token: Option<String>,
+    portal: Option<String>,
     enrollment_token: Option<String>,
     metrics_listen: Option<SocketAddr>,
     hostname: Option<String>,
@@ -200,6 +205,8 @@ pub struct AgentConfig {
     pub job_binary: Option<PathBuf>,
     /// The artifact store's URL and, for stores without capabilities, a token.
     pub artifacts: Option<(String, Option<String>)>,
+    /// The portal to keep a tunnel to (`host:port`).
+    pub portal: Option<String>,
     pub enrollment_token: Option<String>,
     pub metrics_listen: SocketAddr,
     pub hostname: Option<String>,
@@ -256,6 +263,7 @@ impl AgentConfig {
                 (None, None) => None,
                 (None, Some(_)) => return Err(ConfigError::Invalid("an artifact token without the store's URL".into())),
             },
+            portal: args.portal.clone().or(file.portal),
             enrollment_token: args.enrollment_token.clone().or(file.enrollment_token),
             metrics_listen: args.metrics_listen.or(file.metrics_listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9400))),
             hostname: args.hostname.clone().or(file.hostname),

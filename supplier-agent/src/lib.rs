@@ -27,6 +27,7 @@ pub mod probe;
 pub mod provisioner;
 pub mod runtime;
 pub mod source;
+pub mod tunnel;
 pub mod uplink;
 
 use suanli_telemetry::CardInfo;

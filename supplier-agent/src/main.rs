@@ -7,7 +7,7 @@ use suanli_agent::config::{AgentArgs, AgentConfig};
 use suanli_agent::identity;
 use suanli_agent::runtime::{self, lock, Agent};
 use suanli_agent::source::Gpus;
-use suanli_agent::{access, exporter, host, inventory, jobs, probe, provisioner, uplink};
+use suanli_agent::{access, exporter, host, inventory, jobs, probe, provisioner, tunnel, uplink};
 use suanli_proto::v1;
 use suanli_telemetry::GpuSource;
 
@@ -160,6 +160,9 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let provisioner =
         provisioner::Provisioner { brokers: config.brokers.clone(), tls: identity.tls.clone(), access, gateway, state_dir: config.state_dir.clone() };
     tokio::spawn(provisioner.run(PROVISION_CHECK_EVERY));
+    if let Some(portal) = config.portal.clone() {
+        tokio::spawn(tunnel::PortalTunnel { brokers: config.brokers.clone(), tls: identity.tls.clone(), portal }.run());
+    }
     let probed = agent.clone();
     let target = config.brokers[0].trim_start_matches("http://").trim_start_matches("https://").to_owned();
     tokio::spawn(async move {

@@ -69,6 +69,8 @@ pub struct Shared {
     /// Checks the portal's operator assertions; `None`: the platform token and a role name
     /// suffice to act as an operator (a deployment without the portal's key).
     pub operator_key: Option<suanli_pki::assertion::OperatorKey>,
+    /// Signs the tickets agents open their tunnel to the portal with; `None`: none issued.
+    pub tunnel_key: Option<suanli_pki::tunnel_ticket::TunnelKey>,
     /// What each peer said of the store format it runs (the leader raises the cluster format
     /// from it, `reaper.rs`).
     pub peer_formats: crate::network::PeerFormats,
@@ -117,6 +119,7 @@ impl Shared {
             services: powers::Services::default(),
             artifact_key: None,
             operator_key: None,
+            tunnel_key: None,
             peer_formats: crate::network::PeerFormats::default(),
             membership_turn: Arc::default(),
             read_barrier: Arc::default(),

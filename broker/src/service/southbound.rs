@@ -162,6 +162,25 @@ impl SupplierService for Icpcss {
             .await
     }
 
+    async fn issue_tunnel_ticket(&self, request: Request<v1::IssueTunnelTicketRequest>) -> Result<Response<v1::IssueTunnelTicketResponse>, Status> {
+        self.shared
+            .observe("IssueTunnelTicket", async {
+                // Its current certificate, not revoked: checked by `caller`.
+                let Caller::Agent(node) = self.shared.caller(&request).await? else {
+                    return Err(to_status(&DomainError::PermissionDenied("agents only, with their certificate".into())));
+                };
+                let key = self
+                    .shared
+                    .tunnel_key
+                    .as_ref()
+                    .ok_or_else(|| status(ErrorCode::Unavailable, "this broker holds no tunnel key ([broker] tunnel_key_file)", &[]))?;
+                let expires_ms = super::now().millis() + suanli_pki::tunnel_ticket::TICKET_LIFETIME_MS;
+                let ticket = key.sign(&suanli_pki::tunnel_ticket::TunnelTicket { node: node.0, expires_ms });
+                Ok(Response::new(v1::IssueTunnelTicketResponse { ticket, expires_ms }))
+            })
+            .await
+    }
+
     async fn report_card_status(&self, request: Request<v1::ReportCardStatusRequest>) -> Result<Response<v1::Card>, Status> {
         self.shared
             .observe("ReportCardStatus", async {

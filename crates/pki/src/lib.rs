@@ -16,6 +16,7 @@
 pub mod assertion;
 pub mod shared_key;
 pub mod ssh;
+pub mod tunnel_ticket;
 
 use std::io::Write;
 use std::net::IpAddr;

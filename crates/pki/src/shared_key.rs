@@ -20,6 +20,12 @@ impl std::fmt::Debug for SharedKey {
 }
 
 impl SharedKey {
+    /// A fixed key, for tests that pin bytes.
+    #[cfg(test)]
+    pub(crate) fn from_bytes(key: [u8; 32]) -> SharedKey {
+        SharedKey(key)
+    }
+
     pub fn generate() -> SharedKey {
         SharedKey(rand::random())
     }

@@ -178,7 +178,7 @@ async fn main() {
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("dial");
         tcp.set_nodelay(true).expect("nodelay");
         let upgraded = agent::dial(tcp, &addr.to_string(), "ticket").await.expect("tunnel");
-        let _ = agent::serve(TokioIo::new(upgraded), resolve).await;
+        let _ = agent::serve(upgraded, resolve).await;
     });
     rx.wait_for(Option::is_some).await.expect("tunnel");
 

@@ -35,7 +35,7 @@ pub trait Resolve: Send + Sync + 'static {
 /// Set `TCP_NODELAY` on the socket (and the portal on its side): HTTP/2 frames small answers
 /// in writes of their own, which Nagle's algorithm would hold back for the peer's delayed ACK
 /// (40 ms a small request, measured by the tunnel bench).
-pub async fn dial<IO>(io: IO, authority: &str, ticket: &str) -> Result<hyper::upgrade::Upgraded, TunnelError>
+pub async fn dial<IO>(io: IO, authority: &str, ticket: &str) -> Result<Connection, TunnelError>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -59,8 +59,11 @@ where
             http_body_util::BodyExt::collect(response.into_body()).await.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned()).unwrap_or_default();
         return Err(TunnelError::Refused { status, message: text });
     }
-    Ok(hyper::upgrade::on(response).await?)
+    Ok(TokioIo::new(hyper::upgrade::on(response).await?))
 }
+
+/// The agent's end of a tunnel the portal accepted, for [`serve`].
+pub type Connection = TokioIo<hyper::upgrade::Upgraded>;
 
 /// Serves the portal's requests on an upgraded connection until the portal closes it.
 pub async fn serve<IO, R>(io: IO, resolve: R) -> Result<(), TunnelError>

@@ -32,6 +32,14 @@ pub fn switching() -> Response<Body> {
     response
 }
 
+/// Takes an agent's connection from its tunnel request (after its ticket was checked; answer
+/// the request with [`switching`]): resolves to the tunnel and the future that drives it once
+/// the `101` has gone out.
+pub fn take<B>(request: &mut Request<B>) -> impl Future<Output = Result<(Tunnel, impl Future<Output = ()> + Send), TunnelError>> + Send + 'static {
+    let upgrade = hyper::upgrade::on(request);
+    async move { Tunnel::handshake(upgrade.await?).await }
+}
+
 /// One agent's tunnel, as the portal holds it: cheap to clone, one per node.
 #[derive(Clone)]
 pub struct Tunnel {

@@ -157,7 +157,7 @@ async fn world() -> World {
         let io = tokio::net::TcpStream::connect(addr).await.expect("dial the portal");
         io.set_nodelay(true).expect("nodelay");
         let upgraded = agent::dial(io, &addr.to_string(), TICKET).await.expect("the tunnel");
-        let _ = agent::serve(hyper_util::rt::TokioIo::new(upgraded), services).await;
+        let _ = agent::serve(upgraded, services).await;
     });
     let mut tunnel = rx.clone();
     tokio::time::timeout(WAIT, tunnel.wait_for(Option::is_some)).await.expect("the agent's tunnel in time").expect("tunnel");

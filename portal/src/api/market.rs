@@ -1038,6 +1038,9 @@ pub struct NodeView {
     pub cluster_id: u64,
     pub gateway: Option<String>,
     pub cards: Vec<CardView>,
+    /// The node's agent's tunnel to this portal, while it is open (how the portal reaches
+    /// services on the node).
+    pub tunnel: Option<crate::tunnels::TunnelStatus>,
 }
 
 pub async fn my_nodes(state: &AppState, p: &Principal) -> ApiResult<Vec<NodeView>> {
@@ -1057,6 +1060,7 @@ pub async fn my_nodes(state: &AppState, p: &Principal) -> ApiResult<Vec<NodeView
                 cluster_id: n.cluster_id,
                 gateway: n.access.as_ref().map(|a| format!("{}:{}", a.ssh_host, a.ssh_port)),
                 cards: r.cards.iter().filter(|c| c.node_id == n.node_id).map(card_view).collect(),
+                tunnel: state.tunnels.status(n.node_id),
             }
         })
         .collect())

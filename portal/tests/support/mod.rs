@@ -49,12 +49,19 @@ impl World {
         // their roles too).
         let operator_key = dir.path().join("operator-key");
         suanli_pki::assertion::OperatorKey::load(&operator_key, true)?;
-        let config = format!("[broker]\noperator_key_file = \"{}\"\n", operator_key.display());
+        // Agents open their tunnels here with tickets the broker signs.
+        let tunnel_key = dir.path().join("tunnel-key");
+        suanli_pki::tunnel_ticket::TunnelKey::load(&tunnel_key, true)?;
+        let config = format!("[broker]\noperator_key_file = \"{}\"\ntunnel_key_file = \"{}\"\n", operator_key.display(), tunnel_key.display());
         let broker = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker")?, 1, Some(&config)).await?;
         broker.leader(Duration::from_secs(20)).await?;
         let smtp = SmtpSink::start(dir.path()).await?;
         let endpoint = format!("http://{}", broker.address(1)?);
         let mut flags: Vec<String> = vec!["--operator-key-file".into(), operator_key.display().to_string()];
+        if binary.is_none() {
+            // Another release's portal (the upgrade tests) may not know the flag.
+            flags.extend(["--tunnel-key-file".into(), tunnel_key.display().to_string()]);
+        }
         flags.extend(extra.iter().cloned());
         let portal = PortalProcess::start(
             dir.path(),
@@ -264,6 +271,19 @@ pub fn fields(body: &Value) -> Vec<String> {
 /// A supplier agent with simulated cards, enrolled with `token` (from the portal). With
 /// `gateway` (root only) it also runs its SSH gateway, so leases get SSH details.
 pub async fn start_agent(w: &World, token: &str, hostname: &str, model: &str, cards: u32, gateway: bool) -> anyhow::Result<suanli_testkit::Service> {
+    start_agent_with(w, token, hostname, model, cards, gateway, &[]).await
+}
+
+/// As [`start_agent`], with more flags.
+pub async fn start_agent_with(
+    w: &World,
+    token: &str,
+    hostname: &str,
+    model: &str,
+    cards: u32,
+    gateway: bool,
+    extra: &[String],
+) -> anyhow::Result<suanli_testkit::Service> {
     let dir = w.dir.path().join(hostname);
     std::fs::create_dir_all(&dir)?;
     let mut args: Vec<String> = vec![
@@ -305,6 +325,7 @@ pub async fn start_agent(w: &World, token: &str, hostname: &str, model: &str, ca
             args.push(value);
         }
     }
+    args.extend(extra.iter().cloned());
     let binary = workspace_binary("suanli-agent", "suanli-agent")?;
     suanli_testkit::Service::start(hostname, &binary, &args, &[], &dir, Duration::from_secs(60)).await
 }

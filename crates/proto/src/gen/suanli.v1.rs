@@ -6387,6 +6387,16 @@ pub mod broker_server {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct IssueTunnelTicketRequest {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct IssueTunnelTicketResponse {
+    #[prost(string, tag = "1")]
+    pub ticket: ::prost::alloc::string::String,
+    /// When it stops being good (unix ms): the agent asks again before then.
+    #[prost(int64, tag = "2")]
+    pub expires_ms: i64,
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewAgentCertificateRequest {
     /// PKCS#10 signing request (PEM) for the key the agent authenticated this call with.
@@ -6852,6 +6862,35 @@ pub mod supplier_service_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// The calling agent gets a short-lived ticket naming its node, to open its tunnel to the
+        /// portal with (suanli_pki::tunnel_ticket: signed with the key broker and portal share, good for
+        /// ten minutes). Nothing is written. UNAVAILABLE where the broker holds no tunnel key.
+        pub async fn issue_tunnel_ticket(
+            &mut self,
+            request: impl tonic::IntoRequest<super::IssueTunnelTicketRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::IssueTunnelTicketResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/suanli.v1.SupplierService/IssueTunnelTicket",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("suanli.v1.SupplierService", "IssueTunnelTicket"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -6927,6 +6966,16 @@ pub mod supplier_service_server {
             request: tonic::Request<super::RenewAgentCertificateRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RenewAgentCertificateResponse>,
+            tonic::Status,
+        >;
+        /// The calling agent gets a short-lived ticket naming its node, to open its tunnel to the
+        /// portal with (suanli_pki::tunnel_ticket: signed with the key broker and portal share, good for
+        /// ten minutes). Nothing is written. UNAVAILABLE where the broker holds no tunnel key.
+        async fn issue_tunnel_ticket(
+            &self,
+            request: tonic::Request<super::IssueTunnelTicketRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::IssueTunnelTicketResponse>,
             tonic::Status,
         >;
     }
@@ -7412,6 +7461,52 @@ pub mod supplier_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RenewAgentCertificateSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/suanli.v1.SupplierService/IssueTunnelTicket" => {
+                    #[allow(non_camel_case_types)]
+                    struct IssueTunnelTicketSvc<T: SupplierService>(pub Arc<T>);
+                    impl<
+                        T: SupplierService,
+                    > tonic::server::UnaryService<super::IssueTunnelTicketRequest>
+                    for IssueTunnelTicketSvc<T> {
+                        type Response = super::IssueTunnelTicketResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::IssueTunnelTicketRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SupplierService>::issue_tunnel_ticket(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = IssueTunnelTicketSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

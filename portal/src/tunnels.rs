@@ -1,0 +1,113 @@
+//! Agents' tunnels (`suanli-tunnel`, issue 23): a supplier's agent dials in to
+//! `GET /api/v1/agent-tunnel` with a ticket the broker issued for its node
+//! (`suanli_pki::tunnel_ticket`, under the key the broker and this portal share), and the portal
+//! keeps one tunnel per node for as long as the ticket is good. Requests for services on a
+//! node go through its tunnel: the node itself listens to nothing from outside.
+//!
+//! The ticket is the only credential here: no session, no API token, no CSRF (an agent is not
+//! a browser). A request without a good ticket is answered before anything is kept.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use suanli_pki::tunnel_ticket::TunnelKey;
+use suanli_tunnel::portal::Tunnel;
+
+use crate::db::now_ms;
+use crate::error::ApiError;
+use crate::state::AppState;
+use suanli_types::ErrorCode;
+
+/// The tunnels open now, by node.
+pub struct Tunnels {
+    key: Option<TunnelKey>,
+    open: Mutex<HashMap<u64, Open>>,
+    generation: AtomicU64,
+}
+
+struct Open {
+    tunnel: Tunnel,
+    since_ms: i64,
+    expires_ms: i64,
+    generation: u64,
+}
+
+/// What the portal knows of a node's tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct TunnelStatus {
+    pub since_ms: i64,
+    /// When its ticket runs out (the agent dials again before).
+    pub expires_ms: i64,
+}
+
+impl Tunnels {
+    /// `key`: the broker's `tunnel_key_file`; without it no agent may open a tunnel.
+    pub fn new(key: Option<TunnelKey>) -> Tunnels {
+        Tunnels { key, open: Mutex::default(), generation: AtomicU64::new(0) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Open>> {
+        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The node's tunnel, while it is open.
+    pub fn of(&self, node: u64) -> Option<Tunnel> {
+        self.lock().get(&node).filter(|o| !o.tunnel.is_closed()).map(|o| o.tunnel.clone())
+    }
+
+    pub fn status(&self, node: u64) -> Option<TunnelStatus> {
+        self.lock().get(&node).filter(|o| !o.tunnel.is_closed()).map(|o| TunnelStatus { since_ms: o.since_ms, expires_ms: o.expires_ms })
+    }
+
+    /// How many are open.
+    pub fn count(&self) -> usize {
+        self.lock().values().filter(|o| !o.tunnel.is_closed()).count()
+    }
+
+    /// Keeps `tunnel` as the node's (a newer dial replaces an older one) until its connection
+    /// closes or its ticket runs out.
+    async fn keep(&self, node: u64, expires_ms: i64, tunnel: Tunnel, driver: impl std::future::Future<Output = ()>) {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(node, Open { tunnel, since_ms: now_ms(), expires_ms, generation });
+        tracing::info!(node, expires_ms, "an agent opened its tunnel");
+        let left = std::time::Duration::from_millis(u64::try_from(expires_ms - now_ms()).unwrap_or(0));
+        tokio::select! {
+            () = driver => tracing::info!(node, "an agent's tunnel closed"),
+            () = tokio::time::sleep(left) => tracing::info!(node, "an agent's tunnel outlived its ticket: closed"),
+        }
+        let mut open = self.lock();
+        if open.get(&node).is_some_and(|o| o.generation == generation) {
+            open.remove(&node);
+        }
+    }
+}
+
+/// `GET /api/v1/agent-tunnel`: an agent's dial (`Connection: upgrade`, `Upgrade:
+/// suanli-tunnel/1`, `Authorization: Bearer <ticket>`). `101` and the tunnel, or `426` for a
+/// version this portal does not speak, `401` for a missing, forged or expired ticket, `503`
+/// where this portal holds no tunnel key.
+pub async fn accept(State(state): State<AppState>, mut request: Request) -> Response {
+    if let Some(refusal) = suanli_tunnel::portal::version_refusal(request.headers()) {
+        return refusal.map(axum::body::Body::new);
+    }
+    let Some(key) = state.tunnels.key.clone() else {
+        return ApiError::broker(ErrorCode::Unavailable, "this portal takes no agent tunnels (no tunnel_key_file)").into_response();
+    };
+    let ticket = request.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let ticket = match ticket.map(|t| key.verify(t, now_ms())) {
+        Some(Ok(ticket)) => ticket,
+        Some(Err(e)) => return ApiError::broker(ErrorCode::Unauthenticated, format!("tunnel ticket: {e}")).into_response(),
+        None => return ApiError::broker(ErrorCode::Unauthenticated, "a tunnel needs the broker's ticket (Authorization: Bearer)").into_response(),
+    };
+    let upgrade = suanli_tunnel::portal::take(&mut request);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok((tunnel, driver)) => state.tunnels.keep(ticket.node, ticket.expires_ms, tunnel, driver).await,
+            Err(e) => tracing::info!(node = ticket.node, error = %e, "an agent's tunnel did not start"),
+        }
+    });
+    suanli_tunnel::portal::switching().map(axum::body::Body::new)
+}

@@ -1,0 +1,91 @@
+//! The agent's tunnel to the portal (`suanli-tunnel`, issue 23): the node listens to nothing
+//! from outside for its services; the agent dials the portal instead, with a ticket the broker
+//! issues for this node (asked for with the node's own certificate), and serves the portal's
+//! requests on that connection. It dials again before the ticket runs out (the portal keeps a
+//! tunnel no longer than its ticket), and after a failure with a growing pause.
+//!
+//! Services are not run yet, so every service the portal names is unknown here
+//! ([`AgentError::UnknownService`]): the tunnel, its credential and its upkeep come first.
+
+use std::time::Duration;
+
+use suanli_proto::v1::{self, supplier_service_client::SupplierServiceClient};
+use suanli_tunnel::agent::{Address, Resolve};
+use suanli_tunnel::wire::AgentError;
+
+use crate::identity::BrokerTls;
+
+/// Pauses between failed dials: from the first to the longest.
+const FIRST_PAUSE: Duration = Duration::from_millis(500);
+const LONGEST_PAUSE: Duration = Duration::from_secs(30);
+/// How long before its ticket runs out a tunnel is dialled again.
+const REDIAL_BEFORE_EXPIRY: Duration = Duration::from_secs(60);
+
+pub struct PortalTunnel {
+    pub brokers: Vec<String>,
+    pub tls: BrokerTls,
+    /// `host:port` of the portal (plain HTTP: a portal on the supplier's network or this
+    /// machine; TLS to a remote portal is not built yet).
+    pub portal: String,
+}
+
+/// Services this node runs for leases: none yet.
+struct NoServices;
+
+impl Resolve for NoServices {
+    async fn resolve(&self, _service: &str) -> Result<Address, AgentError> {
+        Err(AgentError::UnknownService)
+    }
+}
+
+impl PortalTunnel {
+    pub async fn run(self) {
+        let mut pause = FIRST_PAUSE;
+        loop {
+            match self.once().await {
+                Ok(()) => pause = FIRST_PAUSE,
+                Err(e) => {
+                    tracing::warn!(portal = %self.portal, error = %e, pause_ms = pause.as_millis() as u64, "tunnel to the portal: will dial again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(LONGEST_PAUSE);
+                }
+            }
+        }
+    }
+
+    /// One tunnel: a ticket, a dial, serving until it closes or the ticket is nearly spent.
+    async fn once(&self) -> Result<(), String> {
+        let ticket = self.ticket().await?;
+        let tcp = tokio::net::TcpStream::connect(&self.portal).await.map_err(|e| format!("connecting to {}: {e}", self.portal))?;
+        // HTTP/2 writes small frames on their own: without this each small answer would wait
+        // for the portal's delayed ACK.
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        let connection = suanli_tunnel::agent::dial(tcp, &self.portal, &ticket.ticket).await.map_err(|e| e.to_string())?;
+        tracing::info!(portal = %self.portal, "tunnel to the portal open");
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let good_for = Duration::from_millis(u64::try_from(ticket.expires_ms - now_ms).unwrap_or(0)).saturating_sub(REDIAL_BEFORE_EXPIRY);
+        tokio::select! {
+            served = suanli_tunnel::agent::serve(connection, NoServices) => served.map_err(|e| format!("the tunnel closed: {e}")),
+            () = tokio::time::sleep(good_for) => Ok(()),
+        }
+    }
+
+    /// A ticket from the first broker that answers.
+    async fn ticket(&self) -> Result<v1::IssueTunnelTicketResponse, String> {
+        let mut last = String::from("no broker configured");
+        for broker in &self.brokers {
+            let channel = match self.tls.connect(broker).await {
+                Ok(channel) => channel,
+                Err(e) => {
+                    last = format!("{broker}: {e}");
+                    continue;
+                }
+            };
+            match SupplierServiceClient::new(channel).issue_tunnel_ticket(v1::IssueTunnelTicketRequest {}).await {
+                Ok(answer) => return Ok(answer.into_inner()),
+                Err(status) => last = format!("{broker}: {}", status.message()),
+            }
+        }
+        Err(format!("no tunnel ticket: {last}"))
+    }
+}
