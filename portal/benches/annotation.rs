@@ -2,7 +2,8 @@
 //! `SUANLI_TEST_POSTGRES_URL` with `--postgres`), calling the portal's library functions:
 //!
 //! - **task assignment**: `--annotators` (default 1,000) pull a task at once from a project
-//!   with a slot for each (`annotation::pull`: candidates, then a compare-and-set); pulls/s,
+//!   with a slot for each (`annotation::pull`: one statement picks and takes a free slot from
+//!   a partial index of free slots); pulls/s,
 //!   p50 and p99. Baseline in the same run: as many concurrent single-row `UPDATE`s by primary
 //!   key through the same pool (the database's own write rate): the ratio is what the
 //!   assignment's extra reads and lost races cost.

@@ -57,19 +57,12 @@ impl OperatorKey {
     }
 
     pub fn sign(&self, a: &OperatorAssertion) -> String {
-        let signed = format!("{PREFIX}.{}.{}.{}.{}", a.operator, a.roles.join(","), a.acting, a.expires_ms);
-        format!("{signed}.{}", hex::encode(self.0.mac(signed.as_bytes())))
+        self.0.seal(&format!("{PREFIX}.{}.{}.{}.{}", a.operator, a.roles.join(","), a.acting, a.expires_ms))
     }
 
     /// What `text` asserts, if this key signed it and it has not expired at `now_ms`.
     pub fn verify(&self, text: &str, now_ms: i64) -> Result<OperatorAssertion, AssertionError> {
-        let (signed, mac) = text.rsplit_once('.').ok_or(AssertionError::Malformed)?;
-        let mut given = [0u8; 32];
-        hex::decode_to_slice(mac, &mut given).map_err(|_| AssertionError::Malformed)?;
-        if !self.0.verify(signed.as_bytes(), &given) {
-            return Err(AssertionError::BadSignature);
-        }
-        let mut parts = signed.split('.');
+        let mut parts = self.0.unseal(text)?.split('.');
         let (Some(PREFIX), Some(operator), Some(roles), Some(acting), Some(expires), None) =
             (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
         else {

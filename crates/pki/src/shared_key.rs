@@ -55,6 +55,25 @@ impl SharedKey {
         mac.finalize().into_bytes().into()
     }
 
+    /// `<signed>.<hex MAC of signed>`: the dotted text form of the platform's short-lived,
+    /// signed credentials (operator assertions, tunnel tickets).
+    pub fn seal(&self, signed: &str) -> String {
+        format!("{signed}.{}", hex::encode(self.mac(signed.as_bytes())))
+    }
+
+    /// The signed part of a text [`seal`](Self::seal)ed with this key.
+    pub fn unseal<'a>(&self, text: &'a str) -> Result<&'a str, crate::assertion::AssertionError> {
+        use crate::assertion::AssertionError;
+        let (signed, mac) = text.rsplit_once('.').ok_or(AssertionError::Malformed)?;
+        let mut given = [0u8; 32];
+        hex::decode_to_slice(mac, &mut given).map_err(|_| AssertionError::Malformed)?;
+        if self.verify(signed.as_bytes(), &given) {
+            Ok(signed)
+        } else {
+            Err(AssertionError::BadSignature)
+        }
+    }
+
     /// Whether `mac` is this key's MAC of `message` (compared in constant time).
     pub fn verify(&self, message: &[u8], mac: &[u8]) -> bool {
         let mut check = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));

@@ -124,15 +124,7 @@ async fn forward<R: Resolve>(mut request: Request<Incoming>, resolve: &R, pool: 
     };
     strip_hop_by_hop(response.headers_mut());
     if let (Some(from_portal), StatusCode::SWITCHING_PROTOCOLS) = (from_portal, response.status()) {
-        let to_service = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
-            match (from_portal.await, to_service.await) {
-                (Ok(a), Ok(b)) => {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
-                }
-                (a, b) => tracing::debug!(portal = a.is_ok(), service = b.is_ok(), "an upgrade through the tunnel did not complete"),
-            }
-        });
+        crate::splice(from_portal, hyper::upgrade::on(&mut response));
         let (mut parts, _) = response.into_parts();
         parts.status = StatusCode::OK;
         parts.headers.insert(UPGRADED_HEADER, HeaderValue::from_static("101"));

@@ -78,6 +78,21 @@ pub(crate) fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
+/// Copies bytes both ways between two connections once both have switched protocols (an
+/// upgrade through the tunnel: the visitor's and the tunnel's at the portal, the tunnel's and the
+/// service's at the agent), in a task of its own.
+pub(crate) fn splice(near: hyper::upgrade::OnUpgrade, far: hyper::upgrade::OnUpgrade) {
+    use hyper_util::rt::TokioIo;
+    tokio::spawn(async move {
+        match (near.await, far.await) {
+            (Ok(a), Ok(b)) => {
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+            }
+            (a, b) => tracing::debug!(near = a.is_ok(), far = b.is_ok(), "an upgrade through the tunnel did not complete"),
+        }
+    });
+}
+
 /// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` and `Upgrade:`).
 pub(crate) fn upgrade_protocol(headers: &http::HeaderMap) -> Option<String> {
     let asks = headers

@@ -4,7 +4,7 @@ use std::future::Future;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::wire::{SERVICE_HEADER, UPGRADED_HEADER, UPGRADE_TOKEN, VERSIONS};
 use crate::{empty, strip_hop_by_hop, upgrade_protocol, Body, BoxError, TunnelError};
@@ -115,15 +115,7 @@ impl Tunnel {
         let switched = response.headers().get(UPGRADED_HEADER).is_some_and(|v| v == "101");
         match (from_visitor, upgrade, switched && response.status() == StatusCode::OK) {
             (Some(from_visitor), Some(protocol), true) => {
-                let through_tunnel = hyper::upgrade::on(&mut response);
-                tokio::spawn(async move {
-                    match (from_visitor.await, through_tunnel.await) {
-                        (Ok(a), Ok(b)) => {
-                            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
-                        }
-                        (a, b) => tracing::debug!(visitor = a.is_ok(), tunnel = b.is_ok(), "an upgrade through the tunnel did not complete"),
-                    }
-                });
+                crate::splice(from_visitor, hyper::upgrade::on(&mut response));
                 let (mut parts, _) = response.into_parts();
                 parts.status = StatusCode::SWITCHING_PROTOCOLS;
                 parts.headers.remove(UPGRADED_HEADER);
