@@ -467,6 +467,9 @@ pub const MIGRATIONS: &[Migration] = &[
     expand(&[
         "ALTER TABLE annotation_tasks ADD COLUMN compared_ms BIGINT",
         "CREATE INDEX annotation_tasks_uncompared ON annotation_tasks (project_id, compared_ms)",
+        // Tasks complete before this migration were compared when their last slot was
+        // submitted: marked, so that they are not all compared again.
+        "UPDATE annotation_tasks SET compared_ms = 0 WHERE NOT EXISTS (SELECT 1 FROM annotation_slots s WHERE s.project_id = annotation_tasks.project_id AND s.task_no = annotation_tasks.task_no AND s.state <> 'submitted')",
         "CREATE INDEX annotation_slots_open ON annotation_slots (project_id, task_no, slot) WHERE state = 'open'",
         "CREATE INDEX annotation_slots_leases ON annotation_slots (project_id, lease_until) WHERE state = 'held'",
     ]),

@@ -5,7 +5,11 @@
 //! node go through its tunnel: the node itself listens to nothing from outside.
 //!
 //! The ticket is the only credential here: no session, no API token, no CSRF (an agent is not
-//! a browser). A request without a good ticket is answered before anything is kept.
+//! a browser). A request without a good ticket is answered before anything is kept. A ticket is
+//! good for ten minutes and travels in the clear where the agent dials over plain HTTP, so a copy
+//! of it must not take over a tunnel: only a dial with a newer ticket replaces the node's open
+//! one (the agent's own next dial), and the replaced connection is closed. Tunnels live in this
+//! process: with several portal processes, each keeps the tunnels that reached it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +37,8 @@ struct Open {
     since_ms: i64,
     expires_ms: i64,
     generation: u64,
+    /// Closes the connection (the tunnel was replaced by a newer one).
+    close: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// What the portal knows of a node's tunnel.
@@ -67,16 +73,37 @@ impl Tunnels {
         self.lock().values().filter(|o| !o.tunnel.is_closed()).count()
     }
 
-    /// Keeps `tunnel` as the node's (a newer dial replaces an older one) until its connection
-    /// closes or its ticket runs out.
+    /// Whether a dial with a ticket good until `expires_ms` may replace the node's open tunnel:
+    /// only a newer ticket may (the agent's next dial), so a copy of the ticket the open tunnel
+    /// came with takes nothing over.
+    fn may_open(&self, node: u64, expires_ms: i64) -> bool {
+        self.lock().get(&node).is_none_or(|o| o.tunnel.is_closed() || expires_ms > o.expires_ms)
+    }
+
+    /// Keeps `tunnel` as the node's, closing the one it replaces, until its connection closes,
+    /// its ticket runs out or a newer dial replaces it; a dial no newer than the open tunnel's
+    /// is closed at once.
     async fn keep(&self, node: u64, expires_ms: i64, tunnel: Tunnel, driver: impl std::future::Future<Output = ()>) {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(node, Open { tunnel, since_ms: now_ms(), expires_ms, generation });
+        let (close, closed) = tokio::sync::oneshot::channel();
+        {
+            let mut open = self.lock();
+            if open.get(&node).is_some_and(|o| !o.tunnel.is_closed() && o.expires_ms >= expires_ms) {
+                tracing::warn!(node, "a second tunnel with a ticket no newer than the open one's: closed");
+                return;
+            }
+            if let Some(replaced) = open.insert(node, Open { tunnel, since_ms: now_ms(), expires_ms, generation, close: Some(close) }) {
+                if let Some(close) = replaced.close {
+                    let _ = close.send(());
+                }
+            }
+        }
         tracing::info!(node, expires_ms, "an agent opened its tunnel");
         let left = std::time::Duration::from_millis(u64::try_from(expires_ms - now_ms()).unwrap_or(0));
         tokio::select! {
             () = driver => tracing::info!(node, "an agent's tunnel closed"),
             () = tokio::time::sleep(left) => tracing::info!(node, "an agent's tunnel outlived its ticket: closed"),
+            _ = closed => tracing::info!(node, "an agent's tunnel was replaced by its next one: closed"),
         }
         let mut open = self.lock();
         if open.get(&node).is_some_and(|o| o.generation == generation) {
@@ -87,8 +114,9 @@ impl Tunnels {
 
 /// `GET /api/v1/agent-tunnel`: an agent's dial (`Connection: upgrade`, `Upgrade:
 /// suanli-tunnel/1`, `Authorization: Bearer <ticket>`). `101` and the tunnel, or `426` for a
-/// version this portal does not speak, `401` for a missing, forged or expired ticket, `503`
-/// where this portal holds no tunnel key.
+/// version this portal does not speak, `401` for a missing, forged or expired ticket, `409`
+/// for a ticket no newer than that of the node's open tunnel (a copy of it), `503` where this
+/// portal holds no tunnel key.
 pub async fn accept(State(state): State<AppState>, mut request: Request) -> Response {
     if let Some(refusal) = suanli_tunnel::portal::version_refusal(request.headers()) {
         return refusal.map(axum::body::Body::new);
@@ -102,6 +130,9 @@ pub async fn accept(State(state): State<AppState>, mut request: Request) -> Resp
         Some(Err(e)) => return ApiError::broker(ErrorCode::Unauthenticated, format!("tunnel ticket: {e}")).into_response(),
         None => return ApiError::broker(ErrorCode::Unauthenticated, "a tunnel needs the broker's ticket (Authorization: Bearer)").into_response(),
     };
+    if !state.tunnels.may_open(ticket.node, ticket.expires_ms) {
+        return ApiError::broker(ErrorCode::AlreadyExists, "this node's tunnel is open with this ticket or a newer one").into_response();
+    }
     let upgrade = suanli_tunnel::portal::take(&mut request);
     tokio::spawn(async move {
         match upgrade.await {

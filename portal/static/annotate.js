@@ -575,7 +575,8 @@ const Masks = (() => {
   function commitStroke() {
     const st = stroke, im = img();
     stroke = null;
-    if (!st) return;
+    // The image changed, or an undo took the mask away, while the button was held: dropped.
+    if (!st || st.image !== im || (st.target && !im.shapes.includes(st.target))) return redraw();
     const { width, height } = im;
     const bitmap = (im.paint ||= new Uint8Array(width * height));
     let box = st.target ? Masks.bounds(st.target.rle) : null;
@@ -668,7 +669,7 @@ const Masks = (() => {
       const chosen = img().shapes.find((s) => s.id === selected && s.type === "mask" && (erase || s.label === label));
       const target = chosen || (erase ? [...img().shapes].reverse().find((s) => s.type === "mask" && inside(s, x, y)) : null);
       if (erase && !target) return;
-      stroke = { erase, target, points: [[round(x), round(y)]] };
+      stroke = { erase, target, image: img(), points: [[round(x), round(y)]] };
       drag = { kind: "stroke" };
       redraw();
       return;

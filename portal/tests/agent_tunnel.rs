@@ -1,6 +1,7 @@
 //! A supplier's agent keeps a tunnel to the portal (`suanli-tunnel`, issue 23), opened with a
 //! ticket the broker issued for its node; its supplier sees it open. Nobody gets a tunnel
-//! without such a ticket: no ticket, a forged or expired one, another version.
+//! without such a ticket (no ticket, a forged or expired one, another version), and a copy of
+//! the open tunnel's ticket takes nothing over.
 //! Real processes: a broker, the portal, an agent.
 
 mod support;
@@ -59,12 +60,18 @@ async fn an_agent_keeps_a_tunnel_and_only_a_broker_ticket_opens_one() -> anyhow:
         let real = suanli_pki::tunnel_ticket::TunnelKey::load(&w.dir.path().join("tunnel-key"), false)?;
         let forged = suanli_pki::tunnel_ticket::TunnelKey::generate().sign(&suanli_pki::tunnel_ticket::TunnelTicket { node, expires_ms: expires });
         let expired = real.sign(&suanli_pki::tunnel_ticket::TunnelTicket { node, expires_ms: since - 1 });
+        // A copy of the open tunnel's ticket (same node, same expiry), or an older one, takes
+        // nothing over.
+        let copy = real.sign(&suanli_pki::tunnel_ticket::TunnelTicket { node, expires_ms: expires });
+        let older = real.sign(&suanli_pki::tunnel_ticket::TunnelTicket { node, expires_ms: expires - 1_000 });
         for (what, upgrade, ticket, want) in [
             ("no ticket", "suanli-tunnel/1", None, StatusCode::UNAUTHORIZED),
             ("a forged ticket", "suanli-tunnel/1", Some(forged.as_str()), StatusCode::UNAUTHORIZED),
             ("an expired ticket", "suanli-tunnel/1", Some(expired.as_str()), StatusCode::UNAUTHORIZED),
             ("garbage", "suanli-tunnel/1", Some("tt1.1.2.3"), StatusCode::UNAUTHORIZED),
             ("another version", "suanli-tunnel/0", Some(forged.as_str()), StatusCode::UPGRADE_REQUIRED),
+            ("a copy of the open tunnel's ticket", "suanli-tunnel/1", Some(copy.as_str()), StatusCode::CONFLICT),
+            ("an older ticket", "suanli-tunnel/1", Some(older.as_str()), StatusCode::CONFLICT),
         ] {
             let (status, body) = dial(&w.portal.url, upgrade, ticket).await?;
             anyhow::ensure!(status == want, "{what}: {status} {body}");

@@ -20,6 +20,8 @@ const FIRST_PAUSE: Duration = Duration::from_millis(500);
 const LONGEST_PAUSE: Duration = Duration::from_secs(30);
 /// How long before its ticket runs out a tunnel is dialled again.
 const REDIAL_BEFORE_EXPIRY: Duration = Duration::from_secs(60);
+/// A tunnel that would be dialled again sooner than this is not dialled (a clock far ahead).
+const SHORTEST_TUNNEL: Duration = Duration::from_secs(10);
 
 pub struct PortalTunnel {
     pub brokers: Vec<String>,
@@ -64,6 +66,10 @@ impl PortalTunnel {
         tracing::info!(portal = %self.portal, "tunnel to the portal open");
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let good_for = Duration::from_millis(u64::try_from(ticket.expires_ms - now_ms).unwrap_or(0)).saturating_sub(REDIAL_BEFORE_EXPIRY);
+        if good_for < SHORTEST_TUNNEL {
+            // This clock runs ahead of the broker's: dialling again at once would loop.
+            return Err(format!("the ticket is good for only {} s by this node's clock: is it ahead of the broker's?", good_for.as_secs()));
+        }
         tokio::select! {
             served = suanli_tunnel::agent::serve(connection, NoServices) => served.map_err(|e| format!("the tunnel closed: {e}")),
             () = tokio::time::sleep(good_for) => Ok(()),

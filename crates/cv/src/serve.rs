@@ -641,7 +641,6 @@ fn router(app: AppState) -> Router {
     routes.route("/v1/health", get(health)).fallback(not_found).layer(DefaultBodyLimit::max(body_limit)).with_state(app)
 }
 
-/// A running service. Dropping it starts a graceful shutdown in the background.
 /// Where a service listens: a TCP address, or a Unix socket (as a lease's service does, in a
 /// directory only the lease's account may enter, so that only the lease reaches it).
 pub enum Listener {
@@ -701,6 +700,7 @@ impl std::fmt::Display for Bound {
     }
 }
 
+/// A running service. Dropping it starts a graceful shutdown in the background.
 pub struct Server {
     addr: Bound,
     batcher: Arc<Batcher>,

@@ -77,7 +77,14 @@ where
         let (resolve, pool) = (resolve.clone(), pool.clone());
         async move { Ok::<_, std::convert::Infallible>(forward(request, resolve.as_ref(), &pool).await) }
     });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new()).enable_connect_protocol().serve_connection(TokioIo::new(io), service).await?;
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .enable_connect_protocol()
+        // A portal gone without a word is noticed in seconds, not at the ticket's end.
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(std::time::Duration::from_secs(20))
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .serve_connection(TokioIo::new(io), service)
+        .await?;
     Ok(())
 }
 

@@ -57,6 +57,8 @@ impl Tunnel {
             .initial_connection_window_size(16 << 20)
             .adaptive_window(true)
             .keep_alive_interval(std::time::Duration::from_secs(20))
+            // An idle tunnel is pinged too: a NAT that dropped it is noticed in seconds.
+            .keep_alive_while_idle(true)
             .keep_alive_timeout(std::time::Duration::from_secs(20))
             .handshake(upgraded)
             .await?;
