@@ -59,18 +59,8 @@ impl Tunnels {
         self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The node's tunnel, while it is open.
-    pub fn of(&self, node: u64) -> Option<Tunnel> {
-        self.lock().get(&node).filter(|o| !o.tunnel.is_closed()).map(|o| o.tunnel.clone())
-    }
-
     pub fn status(&self, node: u64) -> Option<TunnelStatus> {
         self.lock().get(&node).filter(|o| !o.tunnel.is_closed()).map(|o| TunnelStatus { since_ms: o.since_ms, expires_ms: o.expires_ms })
-    }
-
-    /// How many are open.
-    pub fn count(&self) -> usize {
-        self.lock().values().filter(|o| !o.tunnel.is_closed()).count()
     }
 
     /// Whether a dial with a ticket good until `expires_ms` may replace the node's open tunnel:

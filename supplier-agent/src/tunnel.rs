@@ -64,8 +64,7 @@ impl PortalTunnel {
         tcp.set_nodelay(true).map_err(|e| e.to_string())?;
         let connection = suanli_tunnel::agent::dial(tcp, &self.portal, &ticket.ticket).await.map_err(|e| e.to_string())?;
         tracing::info!(portal = %self.portal, "tunnel to the portal open");
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        let good_for = Duration::from_millis(u64::try_from(ticket.expires_ms - now_ms).unwrap_or(0)).saturating_sub(REDIAL_BEFORE_EXPIRY);
+        let good_for = Duration::from_millis(u64::try_from(ticket.expires_ms - crate::runtime::now_ms()).unwrap_or(0)).saturating_sub(REDIAL_BEFORE_EXPIRY);
         if good_for < SHORTEST_TUNNEL {
             // This clock runs ahead of the broker's: dialling again at once would loop.
             return Err(format!("the ticket is good for only {} s by this node's clock: is it ahead of the broker's?", good_for.as_secs()));
