@@ -7,7 +7,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use utoipa::OpenApi;
 
-use crate::api::{accounts, alerts, annotation, datasets, federation, image_search, jobs, market, models, operations, operator};
+use crate::api::{accounts, alerts, annotation, datasets, federation, image_search, jobs, market, models, operations, operator, services};
 use crate::error::ApiError;
 use crate::pages;
 use crate::state::AppState;
@@ -36,8 +36,9 @@ use crate::state::AppState;
         market::set_card_status,
         operator::list_reviews, operator::decide_review, operator::list_operators, operator::set_roles, operator::audit, operations::alertmanager,
         federation::catalogue, federation::members, federation::lease, federation::list, federation::access, federation::end,
+        services::create, services::list, services::get, services::log, services::update, services::stop, services::public_demos,
     ),
-    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "datasets"), (name = "models"), (name = "image search"), (name = "annotation"), (name = "supplier"), (name = "operator"), (name = "operations"))
+    tags((name = "accounts"), (name = "market"), (name = "leases"), (name = "jobs"), (name = "datasets"), (name = "models"), (name = "image search"), (name = "annotation"), (name = "services"), (name = "supplier"), (name = "operator"), (name = "operations"))
 )]
 pub struct ApiDoc;
 
@@ -106,6 +107,10 @@ pub fn router(state: AppState) -> Router {
         .route("/models/{name}/versions/{version}/download", get(models::download))
         .route("/models/{name}/compare", get(models::compare))
         .route("/agent-tunnel", get(crate::tunnels::accept))
+        .route("/services", get(services::list).post(services::create))
+        .route("/services/{id}", get(services::get).patch(services::update).delete(services::stop))
+        .route("/services/{id}/log", get(services::log))
+        .route("/demos", get(services::public_demos))
         .route("/annotation-projects", get(annotation::list).post(annotation::create))
         .route("/annotation-projects/{id}", get(annotation::get))
         .route("/annotation-projects/{id}/members/{username}", put(annotation::set_member).delete(annotation::remove_member))
@@ -194,6 +199,7 @@ pub fn router(state: AppState) -> Router {
         .route("/terms", get(pages::account::terms_page))
         .route("/federation", get(pages::market::federation_page))
         .route("/privacy", get(pages::account::privacy_page))
+        .route("/services/{id}/open", get(pages::services::open))
         .route("/static/app.js", get(pages::static_js))
         .route("/static/app.css", get(pages::static_css))
         .route("/static/annotate.js", get(pages::annotate::static_annotate_js))
@@ -202,6 +208,8 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(8 * 1024 * 1024))
         .layer(axum::middleware::map_response(security_headers))
         .layer(axum::middleware::from_fn_with_state(state.clone(), request_id))
+        // Outermost: a request to a service's origin is the proxy's alone (`services.rs`).
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::services::route))
         .with_state(state)
 }
 

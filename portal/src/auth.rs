@@ -248,6 +248,16 @@ kind_extractor!(
     UserKind::Operator
 );
 
+/// An active user as the portal acts for them while they are not calling (a service it keeps
+/// running for its owner fetches the owner's model); `None` for a user not active.
+pub async fn principal_of_user(state: &AppState, user: UserId) -> ApiResult<Option<Principal>> {
+    let rows = sqlx::query(&format!("SELECT {USER_AND_ROLE_COLUMNS} FROM users u LEFT JOIN roles r ON r.user_id = u.id WHERE u.id = $1"))
+        .bind(user.0)
+        .fetch_all(&state.db.pool)
+        .await?;
+    Ok(user_of(&rows)?.filter(|(_, s)| *s == AccountState::Active).map(|(p, _)| p))
+}
+
 /// The caller if any (public pages and endpoints).
 pub struct MaybePrincipal(pub Option<Principal>);
 

@@ -473,6 +473,35 @@ pub const MIGRATIONS: &[Migration] = &[
         "CREATE INDEX annotation_slots_open ON annotation_slots (project_id, task_no, slot) WHERE state = 'open'",
         "CREATE INDEX annotation_slots_leases ON annotation_slots (project_id, lease_until) WHERE state = 'held'",
     ]),
+    // 12: services on leased cards (`services.rs`): what should run where, for whom, who may
+    // reach it (its origin is `<slug>.<services domain>`), its generation (raised by each
+    // update), and its metering (from created_ms to stopped_ms; requests).
+    expand(&[
+        "CREATE TABLE services (
+        id BIGINT PRIMARY KEY,
+        owner_id BIGINT NOT NULL,
+        lease_id BIGINT NOT NULL,
+        node_id BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        model_name TEXT,
+        model_version BIGINT,
+        job_id BIGINT NOT NULL,
+        files TEXT NOT NULL,
+        visibility TEXT NOT NULL,
+        slug TEXT NOT NULL UNIQUE,
+        generation BIGINT NOT NULL,
+        replicas BIGINT NOT NULL,
+        rate_per_minute BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        stop_reason TEXT,
+        created_ms BIGINT NOT NULL,
+        stopped_ms BIGINT,
+        requests BIGINT NOT NULL DEFAULT 0,
+        last_request_ms BIGINT
+        )",
+        "CREATE INDEX services_owner ON services (owner_id, created_ms)",
+        "CREATE INDEX services_running ON services (node_id, state)",
+    ]),
 ];
 
 impl Db {

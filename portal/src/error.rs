@@ -34,6 +34,7 @@ pub enum Code {
     BadImage,
     TaskNotHeld,
     StaleRevision,
+    ServiceGone,
 }
 
 /// The portal's own codes with their HTTP status, for the documentation test.
@@ -55,6 +56,7 @@ pub const PORTAL_CODES: &[(Code, &str)] = &[
     (Code::BadImage, "BAD_IMAGE"),
     (Code::TaskNotHeld, "TASK_NOT_HELD"),
     (Code::StaleRevision, "STALE_REVISION"),
+    (Code::ServiceGone, "SERVICE_GONE"),
 ];
 
 impl Code {
@@ -75,6 +77,7 @@ impl Code {
             Code::PayloadTooLarge | Code::QuotaExceeded => StatusCode::PAYLOAD_TOO_LARGE,
             Code::UploadOffsetMismatch | Code::UploadIncomplete | Code::TaskNotHeld | Code::StaleRevision => StatusCode::CONFLICT,
             // tus' checksum extension answers a mismatch with 460.
+            Code::ServiceGone => StatusCode::GONE,
             Code::ChecksumMismatch => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
         }
     }

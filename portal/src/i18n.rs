@@ -415,6 +415,17 @@ catalogue! {
     ModelName => "Model name", "模型名称";
     ModelFile => "The file that is the model", "模型文件";
     ResubmitWithChanges => "Resubmit with changes", "修改后重新提交";
+    Services => "Services on leased cards", "租用卡上的服务";
+    DeployDemo => "Deploy as a demo", "部署为演示";
+    DeployOnLease => "On lease", "部署到租约";
+    NoActiveLease => "A demo runs on an active lease of yours: lease cards first.", "演示运行在您生效中的租约上：请先租用算力卡。";
+    WhoMayOpen => "Who may open it", "谁可以打开";
+    OnlyMe => "Only me", "仅自己";
+    AnyoneWithLink => "Anyone with the link", "持有链接的任何人";
+    PublicListed => "Public (listed)", "公开（列出）";
+    OpenService => "Open", "打开";
+    StopService => "Stop", "停止";
+    Requests => "Requests", "请求数";
     DatasetInputs => "Datasets a spec may name as inputs ({name: data.tar, dataset: NAME@VERSION})", "作业规格可引用为输入的数据集（{name: data.tar, dataset: 名称@版本}）";
 }
 

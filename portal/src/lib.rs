@@ -35,5 +35,6 @@ pub mod metrics;
 pub mod model;
 pub mod outbox;
 pub mod pages;
+pub mod services;
 pub mod state;
 pub mod tunnels;

@@ -124,6 +124,11 @@ struct ServeArgs {
     /// supplier agents open their tunnels here (`/api/v1/agent-tunnel`).
     #[arg(long, env = "SUANLI_PORTAL_TUNNEL_KEY_FILE")]
     tunnel_key_file: Option<PathBuf>,
+    /// The domain services on leased cards are published under: each gets the origin
+    /// `<random name>.<domain>` (a wildcard DNS name pointing at this portal; `localhost`
+    /// locally, whose subdomains browsers resolve to this machine). Without it, no services.
+    #[arg(long, env = "SUANLI_PORTAL_SERVICES_DOMAIN")]
+    services_domain: Option<String>,
     /// Addresses of the reverse proxies in front of the portal: from them alone the client's
     /// address is taken from `X-Forwarded-For` (login throttle, audit log). Comma-separated.
     #[arg(long, env = "SUANLI_PORTAL_TRUSTED_PROXY", value_delimiter = ',')]
@@ -206,6 +211,7 @@ struct PortalSection {
     webhook_allow: Vec<String>,
     operator_key_file: Option<PathBuf>,
     tunnel_key_file: Option<PathBuf>,
+    services_domain: Option<String>,
     #[serde(default)]
     trusted_proxy: Vec<std::net::IpAddr>,
     federation_api: Option<String>,
@@ -373,6 +379,7 @@ fn offline_state(s: Storage) -> anyhow::Result<AppState> {
         image_search: None,
         metrics: Default::default(),
         tunnels: suanli_portal::tunnels::Tunnels::new(None),
+        services: suanli_portal::services::ServiceHub::new(None, ""),
     })))
 }
 
@@ -504,6 +511,8 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let services_domain = args.services_domain.clone().or(file.services_domain.clone());
+    let public_url = settings.public_url.clone();
     let state = AppState(Arc::new(Inner {
         db: s.db,
         keys: s.keys.ring()?,
@@ -518,11 +527,15 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         image_search,
         metrics: Default::default(),
         tunnels: suanli_portal::tunnels::Tunnels::new(tunnel_key),
+        services: suanli_portal::services::ServiceHub::new(services_domain, &public_url),
     }));
     market.spawn_follower();
     outbox::spawn_worker(state.clone());
     suanli_portal::image_search::spawn_indexer(state.clone());
     alerts::spawn(state.clone(), file.alerts);
+    if state.services.enabled() {
+        tokio::spawn(suanli_portal::services::run_sweeper(state.clone()));
+    }
     // This portal says which schema it knows, so a contract migration waits for older ones.
     let instance = suanli_portal::crypto::random_token(12);
     let heartbeat = {
@@ -572,6 +585,11 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
     println!("SUANLI_READY http={addr} metrics={metrics_addr}");
     println!("Suanli portal on {}", state.settings.public_url);
     let app = app::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    // Small answers (an API call, a frame of a service's WebSocket) go out at once, not after
+    // the client's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).with_graceful_shutdown(stop_requested()).await?;
     heartbeat.abort();
     if let Err(e) = db.forget_instance(&instance).await {

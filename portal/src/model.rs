@@ -40,6 +40,12 @@ text_enum!(
 );
 
 text_enum!(
+    /// Who may reach a service on leased cards (`services.rs`): its owner only, anyone with its
+    /// link (its origin's random name), or anyone (and it is listed).
+    ServiceVisibility { Private = "private", Link = "link", Public = "public" }
+);
+
+text_enum!(
     AccountState {
         PendingActivation = "pending_activation",
         PendingReview = "pending_review",

@@ -78,6 +78,8 @@ pub struct Inner {
     pub metrics: crate::metrics::PortalMetrics,
     /// Agents' tunnels to the portal, by node (`tunnels.rs`).
     pub tunnels: crate::tunnels::Tunnels,
+    /// Services on leased cards: their origins, the proxy's state (`services.rs`).
+    pub services: crate::services::ServiceHub,
 }
 
 #[derive(Clone)]

@@ -63,6 +63,11 @@ impl Tunnels {
         self.lock().get(&node).filter(|o| !o.tunnel.is_closed()).map(|o| TunnelStatus { since_ms: o.since_ms, expires_ms: o.expires_ms })
     }
 
+    /// The node's open tunnel.
+    pub fn tunnel(&self, node: u64) -> Option<Tunnel> {
+        self.lock().get(&node).filter(|o| !o.tunnel.is_closed()).map(|o| o.tunnel.clone())
+    }
+
     /// Whether a dial with a ticket good until `expires_ms` may replace the node's open tunnel:
     /// only a newer ticket may (the agent's next dial), so a copy of the ticket the open tunnel
     /// came with takes nothing over.
@@ -126,7 +131,12 @@ pub async fn accept(State(state): State<AppState>, mut request: Request) -> Resp
     let upgrade = suanli_tunnel::portal::take(&mut request);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok((tunnel, driver)) => state.tunnels.keep(ticket.node, ticket.expires_ms, tunnel, driver).await,
+            Ok((tunnel, driver)) => {
+                // The node's services are sent again once the tunnel is kept (its agent keeps
+                // none of them across a restart).
+                tokio::spawn(crate::services::reconcile_node(state.clone(), ticket.node));
+                state.tunnels.keep(ticket.node, ticket.expires_ms, tunnel, driver).await
+            }
             Err(e) => tracing::info!(node = ticket.node, error = %e, "an agent's tunnel did not start"),
         }
     });

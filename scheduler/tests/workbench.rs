@@ -19,7 +19,7 @@ use suanli_testkit::fixtures::register;
 use suanli_testkit::portal::{researcher_portal, PortalProcess};
 use suanli_testkit::workspace_binary;
 use suanli_types::ErrorCode;
-use support::{wait_done, Jobs, World, WAIT};
+use support::{signed_in_browser, wait_done, Jobs, World, WAIT};
 use tokio::io::AsyncBufReadExt;
 
 /// What the gated job prints before the gate opens, and after.
@@ -365,17 +365,6 @@ async fn the_job_page_follows_a_running_job_in_the_browser() {
     assert_ne!(again, job, "a new job");
     let resubmitted = jobs.get_job(v1::GetJobRequest { job_id: again }).await.expect("job").into_inner();
     assert_eq!(resubmitted.name, "watched-again", "with the change");
-}
-
-/// Headless Chromium, signed in at the portal as the world's researcher.
-async fn signed_in_browser(portal: &str) -> suanli_testkit::webdriver::Browser {
-    let browser = suanli_testkit::webdriver::Browser::start().await.expect("chromium (ops/install-build-deps)");
-    browser.goto(&format!("{portal}/login")).await.expect("login page");
-    browser.type_into("input[name=login]", "demo-researcher").await.expect("login");
-    browser.type_into("input[name=password]", suanli_portal::demo::DEMO_PASSWORD).await.expect("password");
-    browser.click("form.api button[type=submit]").await.expect("submit");
-    browser.wait_for("button[data-logout]", WAIT).await.expect("signed in");
-    browser
 }
 
 /// The day's job: a small classifier trained for four epochs on version 1 of the researcher's

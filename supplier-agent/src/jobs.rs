@@ -951,14 +951,14 @@ pub(crate) fn start_time(pid: u32) -> Option<u64> {
 
 /// Kills the process group an earlier agent recorded in `marker`, if its leader is still that
 /// very process.
-fn kill_orphan(marker: &Path) {
+pub(crate) fn kill_orphan(marker: &Path) {
     let recorded = std::fs::read_to_string(marker).unwrap_or_default();
     let mut fields = recorded.split_whitespace().map(|f| f.parse::<u64>().ok());
     let (Some(Some(pid)), Some(Some(started))) = (fields.next(), fields.next()) else { return };
     let Ok(pid32) = u32::try_from(pid) else { return };
     if start_time(pid32) == Some(started) {
         if let Some(group) = rustix::process::Pid::from_raw(pid32 as i32) {
-            tracing::warn!(pid, "killing a job attempt that outlived the previous agent");
+            tracing::warn!(pid, marker = %marker.display(), "killing a process that outlived the previous agent");
             let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
         }
     }

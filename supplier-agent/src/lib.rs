@@ -11,6 +11,8 @@
 //! - [`uplink`]: the telemetry stream to the broker, with reconnects and backpressure.
 //! - [`probe`]: network quality to the broker.
 //! - [`jobs`]: runs the job attempts the scheduler placed on this node's leased cards.
+//! - [`services`]: services on leased cards (demos), run and supervised for the portal.
+//! - [`tunnel`]: the tunnel to the portal, through which the portal reaches and controls them.
 //! - [`provisioner`]: follows this node's leases: provisions access, confirms Class B leases.
 //! - [`exporter`]: `/metrics` (DCGM names), `/healthz`, simulated-GPU controls.
 
@@ -26,6 +28,7 @@ pub mod outbox;
 pub mod probe;
 pub mod provisioner;
 pub mod runtime;
+pub mod services;
 pub mod source;
 pub mod tunnel;
 pub mod uplink;

@@ -7,7 +7,7 @@ use suanli_agent::config::{AgentArgs, AgentConfig};
 use suanli_agent::identity;
 use suanli_agent::runtime::{self, lock, Agent};
 use suanli_agent::source::Gpus;
-use suanli_agent::{access, exporter, host, inventory, jobs, probe, provisioner, tunnel, uplink};
+use suanli_agent::{access, exporter, host, inventory, jobs, probe, provisioner, services, tunnel, uplink};
 use suanli_proto::v1;
 use suanli_telemetry::GpuSource;
 
@@ -137,6 +137,10 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         None => (None, None, None),
     };
     let firewall = Arc::new(access::firewall::RendezvousFirewall::new(config.access.rendezvous_firewall, identity.node_id(), &config.state_dir));
+    let services = match access.clone() {
+        Some(access) => Some(services::Services::new(access, &config.state_dir, config.job_binary.clone()).context("the services' directory")?),
+        None => None,
+    };
     if let Some(access) = access.clone() {
         let runner = jobs::JobRunner {
             brokers: config.brokers.clone(),
@@ -161,7 +165,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         provisioner::Provisioner { brokers: config.brokers.clone(), tls: identity.tls.clone(), access, gateway, state_dir: config.state_dir.clone() };
     tokio::spawn(provisioner.run(PROVISION_CHECK_EVERY));
     if let Some(portal) = config.portal.clone() {
-        tokio::spawn(tunnel::PortalTunnel { brokers: config.brokers.clone(), tls: identity.tls.clone(), portal }.run());
+        tokio::spawn(tunnel::PortalTunnel { brokers: config.brokers.clone(), tls: identity.tls.clone(), portal, services }.run());
     }
     let probed = agent.clone();
     let target = config.brokers[0].trim_start_matches("http://").trim_start_matches("https://").to_owned();

@@ -4,9 +4,11 @@
 //! requests on that connection. It dials again before the ticket runs out (the portal keeps a
 //! tunnel no longer than its ticket), and after a failure with a growing pause.
 //!
-//! Services are not run yet, so every service the portal names is unknown here
-//! ([`AgentError::UnknownService`]): the tunnel, its credential and its upkeep come first.
+//! The requests it serves go to the node's services (`services.rs`), or are the portal's
+//! control of them; an agent without lease access (no `--ssh-listen`) runs none, and every
+//! service the portal names is unknown here ([`AgentError::UnknownService`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use suanli_proto::v1::{self, supplier_service_client::SupplierServiceClient};
@@ -14,6 +16,7 @@ use suanli_tunnel::agent::{Address, Resolve};
 use suanli_tunnel::wire::AgentError;
 
 use crate::identity::BrokerTls;
+use crate::services::Services;
 
 /// Pauses between failed dials: from the first to the longest.
 const FIRST_PAUSE: Duration = Duration::from_millis(500);
@@ -29,14 +32,27 @@ pub struct PortalTunnel {
     /// `host:port` of the portal (plain HTTP: a portal on the supplier's network or this
     /// machine; TLS to a remote portal is not built yet).
     pub portal: String,
+    /// The node's services; `None` where the agent runs none.
+    pub services: Option<Arc<Services>>,
 }
 
-/// Services this node runs for leases: none yet.
-struct NoServices;
+/// What the tunnel reaches: the node's services, or nothing.
+#[derive(Clone)]
+struct NodeServices(Option<Arc<Services>>);
 
-impl Resolve for NoServices {
-    async fn resolve(&self, _service: &str) -> Result<Address, AgentError> {
-        Err(AgentError::UnknownService)
+impl Resolve for NodeServices {
+    async fn resolve(&self, service: &str) -> Result<Address, AgentError> {
+        match &self.0 {
+            Some(services) => services.resolve(service).await,
+            None => Err(AgentError::UnknownService),
+        }
+    }
+
+    async fn control(&self, request: http::Request<suanli_tunnel::Body>) -> http::Response<suanli_tunnel::Body> {
+        match &self.0 {
+            Some(services) => services.control(request).await,
+            None => suanli_tunnel::agent::refuse(AgentError::UnknownService, "this agent runs no services (no lease access)"),
+        }
     }
 }
 
@@ -70,7 +86,7 @@ impl PortalTunnel {
             return Err(format!("the ticket is good for only {} s by this node's clock: is it ahead of the broker's?", good_for.as_secs()));
         }
         tokio::select! {
-            served = suanli_tunnel::agent::serve(connection, NoServices) => served.map_err(|e| format!("the tunnel closed: {e}")),
+            served = suanli_tunnel::agent::serve(connection, NodeServices(self.services.clone())) => served.map_err(|e| format!("the tunnel closed: {e}")),
             () = tokio::time::sleep(good_for) => Ok(()),
         }
     }

@@ -663,7 +663,15 @@ impl From<tokio::net::UnixListener> for Listener {
 impl Listener {
     /// `unix:<path>` or a TCP address (`127.0.0.1:8500`). A stale socket file at the path (left
     /// by an earlier run) is replaced; any other file there is an error.
+    ///
+    /// `fd:<n>`: a listening Unix socket this process was started with (socket activation: the
+    /// supplier's agent binds it where only the agent reaches it and hands it over, so no path
+    /// the service could change ever lies between the agent and the service).
     pub async fn bind(listen: &str) -> std::io::Result<Listener> {
+        if let Some(fd) = listen.strip_prefix("fd:") {
+            let fd: i32 = fd.parse().map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{listen}: not a descriptor number")))?;
+            return inherited(fd);
+        }
         match listen.strip_prefix("unix:") {
             Some(path) => {
                 use std::os::unix::fs::FileTypeExt as _;
@@ -682,6 +690,28 @@ impl Listener {
             Listener::Unix(l) => Bound::Unix(l.local_addr()?.as_pathname().map(std::path::Path::to_path_buf).unwrap_or_default()),
         })
     }
+}
+
+/// The listening Unix socket at descriptor `fd`, which this process was started with.
+#[allow(unsafe_code)]
+fn inherited(fd: i32) -> std::io::Result<Listener> {
+    use std::os::fd::FromRawFd as _;
+    // Descriptors 0-2 are the standard streams, never a listener handed over.
+    if fd < 3 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("fd:{fd} is a standard stream")));
+    }
+    // Only a descriptor that is open is taken over (ownership of a closed number could later be
+    // claimed by another file the process opens).
+    if !std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists() {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("fd:{fd} is not open")));
+    }
+    // SAFETY: the descriptor is open (checked above) and was given to this process at its start
+    // to own; nothing else in the process uses it.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    // A descriptor that is not a listening Unix socket fails here.
+    listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    Ok(Listener::Unix(tokio::net::UnixListener::from_std(listener)?))
 }
 
 /// Where a started service listens.

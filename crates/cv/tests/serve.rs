@@ -520,6 +520,25 @@ async fn a_service_on_a_unix_socket_answers_and_a_stale_socket_is_replaced() {
     assert_eq!(std::fs::read_to_string(&file).expect("still there"), "keep me");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_takes_over_a_listening_socket_it_was_handed_and_refuses_anything_else() {
+    use std::os::fd::IntoRawFd as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("activated.sock");
+    // As the agent hands it over: bound and listening before the service starts.
+    let fd = std::os::unix::net::UnixListener::bind(&path).expect("bind").into_raw_fd();
+    let server = serve(Listener::bind(&format!("fd:{fd}")).await.expect("take over"), Box::new(ColorPredictor), ServeConfig::default()).await.expect("serve");
+    assert_eq!(server.bound(), &Bound::Unix(path.clone()));
+    let health = over_unix(&path, "GET /v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    server.shutdown().await.expect("shutdown");
+    // A standard stream, a number that is not open, not a number, a file that is not a socket.
+    let file = std::fs::File::create(dir.path().join("plain")).expect("file").into_raw_fd();
+    for listen in ["fd:1".to_owned(), "fd:999999".to_owned(), "fd:x".to_owned(), format!("fd:{file}")] {
+        assert!(Listener::bind(&listen).await.is_err(), "{listen} is refused");
+    }
+}
+
 #[test]
 fn config_defaults_and_strict_parsing() {
     let cfg: ServeConfig = serde_json::from_str("{}").expect("defaults");

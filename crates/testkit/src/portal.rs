@@ -38,10 +38,12 @@ impl PortalProcess {
             Some(b) => b.to_owned(),
             None => workspace_binary("suanli-portal", "suanli-portal")?,
         };
-        let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--database-url", o.database_url, "--broker", o.broker, "--platform-token", o.platform_token]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> =
+            ["--database-url", o.database_url, "--broker", o.broker, "--platform-token", o.platform_token].iter().map(|s| s.to_string()).collect();
+        // Any free port, unless the extra flags name one (agents told the address beforehand).
+        if !o.extra.contains(&"--listen") {
+            args.extend(["--listen".to_owned(), "127.0.0.1:0".to_owned()]);
+        }
         args.push("--key-file".into());
         args.push(dir.join("portal-keys.toml").display().to_string());
         if let Some(smtp) = o.smtp {

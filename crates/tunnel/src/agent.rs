@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::wire::{AgentError, AGENT_ERROR_HEADER, SERVICE_HEADER, TUNNEL_PATH, UPGRADED_HEADER, UPGRADE_TOKEN};
+use crate::wire::{AgentError, AGENT_ERROR_HEADER, CONTROL_SERVICE, SERVICE_HEADER, TUNNEL_PATH, UPGRADED_HEADER, UPGRADE_TOKEN};
 use crate::{empty, strip_hop_by_hop, Body, TunnelError};
 
 /// Where a service listens on the node.
@@ -24,10 +24,18 @@ pub enum Address {
     Loopback(u16),
 }
 
-/// Maps the service a request names to where it listens, or refuses (the agent's own check:
-/// the service must be one it runs for a live lease). Called for every request.
+/// The node's services as the tunnel sees them.
 pub trait Resolve: Send + Sync + 'static {
+    /// Maps the service a request names to where it listens, or refuses (the agent's own check:
+    /// the service must be one it runs for a live lease). Called for every request.
     fn resolve(&self, service: &str) -> impl Future<Output = Result<Address, AgentError>> + Send;
+
+    /// Answers a request naming [`CONTROL_SERVICE`] ([`crate::control`]); an agent that runs no
+    /// services knows no such service.
+    fn control(&self, request: Request<Body>) -> impl Future<Output = Response<Body>> + Send {
+        let _ = request;
+        async { refuse(AgentError::UnknownService, "this agent runs no services") }
+    }
 }
 
 /// Dials the portal over `io` (already connected, and TLS-wrapped where the portal is remote):
@@ -88,7 +96,8 @@ where
     Ok(())
 }
 
-fn refuse(error: AgentError, detail: &str) -> Response<Body> {
+/// The agent's own answer to a request it does not forward.
+pub fn refuse(error: AgentError, detail: &str) -> Response<Body> {
     let mut response = Response::new(crate::full(format!("{}: {detail}", error.code())));
     *response.status_mut() = error.status();
     response.headers_mut().insert(AGENT_ERROR_HEADER, HeaderValue::from_static(error.code()));
@@ -100,6 +109,11 @@ async fn forward<R: Resolve>(mut request: Request<Incoming>, resolve: &R, pool: 
     let Some(service) = request.headers().get(SERVICE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned) else {
         return refuse(AgentError::BadRequest, "no service named");
     };
+    if service == CONTROL_SERVICE {
+        let (mut parts, body) = request.into_parts();
+        parts.headers.remove(SERVICE_HEADER);
+        return resolve.control(Request::from_parts(parts, crate::body(body))).await;
+    }
     let address = match resolve.resolve(&service).await {
         Ok(address) => address,
         Err(e) => return refuse(e, &format!("service {service}")),

@@ -15,9 +15,14 @@
 //! upgrade and reports the service's `101` in [`wire::UPGRADED_HEADER`]; from then on bytes are
 //! copied both ways.
 //!
-//! What crosses between agent and portal releases is declared in [`wire`], with its version.
+//! Requests naming [`wire::CONTROL_SERVICE`] are the agent's own to answer: the portal starts,
+//! updates and stops services with them ([`control`]).
+//!
+//! What crosses between agent and portal releases is declared in [`wire`] and [`control`], with
+//! its version.
 
 pub mod agent;
+pub mod control;
 pub mod portal;
 pub mod wire;
 

@@ -16,6 +16,9 @@ pub const SERVICE_HEADER: &str = "suanli-service";
 pub const UPGRADED_HEADER: &str = "suanli-upgraded";
 /// On an answer the agent made itself (not the service): why, as a code below.
 pub const AGENT_ERROR_HEADER: &str = "suanli-agent-error";
+/// The service name the agent answers itself: the portal's control of the node's services
+/// ([`crate::control`]). Services are named by decimal IDs, so no service has this name.
+pub const CONTROL_SERVICE: &str = "agent";
 
 /// Why the agent answered a forwarded request itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +66,7 @@ mod golden_tests {
         assert_eq!(UPGRADE_TOKEN, "suanli-tunnel/1");
         assert_eq!(TUNNEL_PATH, "/api/v1/agent-tunnel");
         assert_eq!([SERVICE_HEADER, UPGRADED_HEADER, AGENT_ERROR_HEADER], ["suanli-service", "suanli-upgraded", "suanli-agent-error"]);
+        assert_eq!(CONTROL_SERVICE, "agent");
         let codes: Vec<(&str, u16)> = AgentError::ALL.iter().map(|e| (e.code(), e.status().as_u16())).collect();
         assert_eq!(codes, [("UNKNOWN_SERVICE", 404), ("SERVICE_UNREACHABLE", 502), ("BAD_REQUEST", 400)]);
         for e in AgentError::ALL {

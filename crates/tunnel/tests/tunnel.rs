@@ -91,6 +91,13 @@ impl Resolve for Services {
             _ => Err(AgentError::UnknownService),
         }
     }
+
+    /// The agent's own answer to the portal's control requests: what it was asked.
+    async fn control(&self, request: axum::http::Request<suanli_tunnel::Body>) -> axum::http::Response<suanli_tunnel::Body> {
+        let named = request.headers().keys().filter(|k| k.as_str().starts_with("suanli-")).count();
+        let body = http_body_util::BodyExt::collect(request.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
+        axum::http::Response::new(suanli_tunnel::full(format!("control {} answered ({named} tunnel headers)", String::from_utf8_lossy(&body))))
+    }
 }
 
 /// A portal that accepts one agent's tunnel and forwards `/s/{service}/…` through it.
@@ -175,6 +182,16 @@ async fn a_request_reaches_the_service_the_portal_names_and_no_other() {
     assert_eq!(body["body"], "hello");
     assert_eq!(body["suanli_headers"], serde_json::json!([]), "the service sees none of the tunnel's headers");
     assert_eq!(body["host"], "localhost");
+}
+
+#[tokio::test]
+async fn a_request_naming_the_control_service_is_the_agents_own_to_answer() {
+    let w = world().await;
+    let response =
+        reqwest::Client::new().put(format!("{}/s/{}/v1/services/7", w.url, suanli_tunnel::wire::CONTROL_SERVICE)).body("spec").send().await.expect("send");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().get(AGENT_ERROR_HEADER).is_none());
+    assert_eq!(response.text().await.expect("text"), "control spec answered (0 tunnel headers)", "answered by the agent, not forwarded");
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ pub mod market;
 pub mod models;
 pub mod operations;
 pub mod operator;
+pub mod services;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};

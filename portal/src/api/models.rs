@@ -292,7 +292,7 @@ pub async fn promote(
     Ok(axum::Json(model_view(&state, &p, &name).await?))
 }
 
-async fn version_of(state: &AppState, p: &Principal, name: &str, version: u32) -> ApiResult<ModelVersionView> {
+pub(crate) async fn version_of(state: &AppState, p: &Principal, name: &str, version: u32) -> ApiResult<ModelVersionView> {
     let (id, serving) = model_id(state, p, name).await?;
     let versions = versions_of(state, id, name).await?;
     let wanted = match version {

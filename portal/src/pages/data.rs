@@ -357,6 +357,14 @@ pub async fn model_page(
         }
     };
     let versions: Vec<u32> = model.versions.iter().map(|v| v.version).collect();
+    // Its demos, and the leases one could run on.
+    let services: Vec<_> =
+        crate::api::services::services_of(&state, &v, None).await.unwrap_or_default().into_iter().filter(|s| s.model == model.name).collect();
+    let active: Vec<u64> = if state.services.enabled() {
+        crate::api::market::my_leases(&state, &v).await.unwrap_or_default().into_iter().filter(|l| l.state == "active").map(|l| l.lease_id).collect()
+    } else {
+        Vec::new()
+    };
     let (a, b) = match versions.as_slice() {
         [.., a, b] => (*a, *b),
         [only] => (*only, *only),
@@ -373,6 +381,24 @@ pub async fn model_page(
         @for mv in model.versions.iter().rev() {
             @if !mv.card.is_empty() {
                 details.card { summary { (t(Msg::ModelCard)) " · v" (mv.version) } pre { (mv.card) } }
+            }
+        }
+        section.services {
+            h2 { (t(Msg::Services)) }
+            @if !services.is_empty() { (super::services::services_table(&ctx, &services)) }
+            @if state.services.enabled() {
+                @if active.is_empty() {
+                    p { (t(Msg::NoActiveLease)) }
+                } @else {
+                    (api_form("/api/v1/services", "POST", Some(&format!("/models/{path}")), None, t(Msg::DeployDemo), html! {
+                        input type="hidden" name="model" value=(model.name);
+                        label.inline { span { (t(Msg::Version)) } select name="version" data-type="number" { @for n in versions.iter().rev() { option value=(n) { "v" (n) } } } }
+                        label.inline { span { (t(Msg::DeployOnLease)) } select name="lease_id" data-type="number" { @for l in &active { option value=(l) { "lease-" (l) } } } }
+                        label.inline { span { (t(Msg::WhoMayOpen)) } select name="visibility" {
+                            option value="private" { (t(Msg::OnlyMe)) } option value="link" { (t(Msg::AnyoneWithLink)) } option value="public" { (t(Msg::PublicListed)) }
+                        } }
+                    }))
+                }
             }
         }
         @if versions.len() > 1 {

@@ -549,8 +549,12 @@ pub async fn lease_page(
     };
     let researcher = v.kind == UserKind::Researcher;
     let access = if lease.state == "active" && v.kind != UserKind::Operator { access_of(&state, &v, id).await.ok() } else { None };
+    let services = if researcher { crate::api::services::services_of(&state, &v, Some(id)).await.unwrap_or_default() } else { Vec::new() };
     let body = html! {
         (lease_table(&ctx, std::slice::from_ref(&lease)))
+        @if !services.is_empty() {
+            section.services { h2 { (ctx.t(Msg::Services)) } (super::services::services_table(&ctx, &services)) }
+        }
         @if researcher && lease.state == "approved" && lease.class == ClusterClass::A {
             h2 { (ctx.t(Msg::VerifyCode)) }
             (api_form(&format!("/api/v1/leases/{id}/verify"), "POST", Some(&format!("/leases/{id}")), None, ctx.t(Msg::VerifyCode), html! {

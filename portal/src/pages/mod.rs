@@ -7,6 +7,7 @@ pub mod account;
 pub mod annotate;
 pub mod data;
 pub mod market;
+pub mod services;
 pub mod staff;
 
 use axum::http::{header, HeaderMap, StatusCode};

@@ -77,7 +77,10 @@ impl World {
         // with this key, which the store checks.
         let key = dir.path().join("artifact-key");
         suanli_artifacts::CapabilityKey::load(&key, true).expect("artifact key");
-        let config = format!("[broker]\nartifact_key_file = \"{}\"\n", key.display());
+        // And agents' tunnel tickets for the portal (`tunnel-key`, which a test's portal is given).
+        let tunnel_key = dir.path().join("tunnel-key");
+        suanli_pki::tunnel_ticket::TunnelKey::load(&tunnel_key, true).expect("tunnel key");
+        let config = format!("[broker]\nartifact_key_file = \"{}\"\ntunnel_key_file = \"{}\"\n", key.display(), tunnel_key.display());
         let broker = BrokerCluster::start(&workspace_binary("suanli-broker", "suanli-broker").expect("broker"), 1, Some(&config)).await.expect("broker");
         let mut schedulers = Vec::new();
         for i in 0..replicas {
@@ -309,4 +312,15 @@ pub async fn wait_done(jobs: &mut Jobs, n: usize, within: Duration) -> Vec<v1::J
     })
     .await
     .unwrap_or_else(|e| panic!("{n} jobs did not end: {e}"))
+}
+
+/// Headless Chromium, signed in at the portal as the world's researcher.
+pub async fn signed_in_browser(portal: &str) -> suanli_testkit::webdriver::Browser {
+    let browser = suanli_testkit::webdriver::Browser::start().await.expect("chromium (ops/install-build-deps)");
+    browser.goto(&format!("{portal}/login")).await.expect("login page");
+    browser.type_into("input[name=login]", "demo-researcher").await.expect("login");
+    browser.type_into("input[name=password]", suanli_portal::demo::DEMO_PASSWORD).await.expect("password");
+    browser.click("form.api button[type=submit]").await.expect("submit");
+    browser.wait_for("button[data-logout]", WAIT).await.expect("signed in");
+    browser
 }

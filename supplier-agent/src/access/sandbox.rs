@@ -116,6 +116,19 @@ impl Sandbox {
     }
 }
 
+/// Hands `listener` to the program `command` starts, at the same descriptor number (socket
+/// activation: the program is told `fd:<n>`). The descriptor stays close-on-exec in the agent,
+/// so no other program it starts inherits it; only this child clears the flag, after the fork.
+pub fn hand_over(command: &mut tokio::process::Command, listener: std::sync::Arc<std::os::fd::OwnedFd>) {
+    // SAFETY: one raw system call on a descriptor the closure keeps open.
+    unsafe {
+        command.pre_exec(move || {
+            rustix::io::fcntl_setfd(&*listener, rustix::io::FdFlags::empty())?;
+            Ok(())
+        });
+    }
+}
+
 /// `/proc/self/fd/<fd>` in `buf`, without allocating (this runs between fork and exec).
 fn fd_path(fd: i32, buf: &mut [u8; 32]) -> &CStr {
     const PREFIX: &[u8] = b"/proc/self/fd/";

@@ -1,0 +1,112 @@
+//! Pages of services on leased cards: the portal's door to a private service
+//! (`/services/{id}/open`), and a demo's own page, served on the demo's origin.
+
+use axum::extract::{OriginalUri, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use maud::{html, Markup, DOCTYPE};
+
+use super::data::researcher;
+use super::{api_form, error_page, Ctx};
+use crate::api::services::ServiceView;
+use crate::api::ApiPath;
+use crate::auth::MaybePrincipal;
+use crate::i18n::{datetime, Msg};
+use crate::services::{Published, DEMO_SCRIPT_PATH, LOGIN_PATH};
+use crate::state::AppState;
+
+pub const DEMO_JS: &str = include_str!("../../static/demo.js");
+
+/// `GET /services/{id}/open`: the owner goes to the service's origin with a grant (one use, a
+/// minute), which becomes that origin's cookie. Anyone else's service is not found.
+pub async fn open(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    viewer: MaybePrincipal,
+    ApiPath(id): ApiPath<u64>,
+) -> Response {
+    let ctx = Ctx::new(&headers, viewer.0, &uri.to_string());
+    let v = match researcher(&ctx) {
+        Ok(v) => v,
+        Err(e) => return error_page(&ctx, e),
+    };
+    let service = match crate::api::services::services_of(&state, &v, None).await {
+        Ok(all) => all.into_iter().find(|s| s.service_id == id),
+        Err(e) => return error_page(&ctx, e),
+    };
+    let Some(service) = service else { return error_page(&ctx, crate::error::ApiError::not_found(format!("service {id}"))) };
+    if service.state != "running" {
+        return error_page(&ctx, crate::services::gone());
+    }
+    let grant = crate::services::grant(&state, id as i64, v.user);
+    let to = format!("{}{LOGIN_PATH}?grant={grant}", service.url.trim_end_matches('/'));
+    (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response()
+}
+
+/// The services of a lease or a model: where each runs, its state, how to open or stop it.
+pub fn services_table(ctx: &Ctx, services: &[ServiceView]) -> Markup {
+    let t = |m| ctx.t(m);
+    html! {
+        table.services {
+            thead { tr { th { (t(Msg::Model)) } th { (t(Msg::Lease)) } th { (t(Msg::WhoMayOpen)) } th { (t(Msg::State)) } th { (t(Msg::Requests)) } th { (t(Msg::Created)) } th { "" } } }
+            tbody {
+                @for s in services {
+                    tr data-service=(s.service_id) data-state=(s.state) {
+                        td { a href={ "/models/" (super::urlencode(&s.model)) } { (s.model) } " v" (s.version) }
+                        td { a href={ "/leases/" (s.lease_id) } { "lease-" (s.lease_id) } }
+                        td { (s.visibility.as_str()) }
+                        td { (s.state) @if let Some(why) = &s.stop_reason { br; small { (why) } } }
+                        td { (s.requests) }
+                        td { (datetime(s.created_ms, ctx.lang)) }
+                        td {
+                            @if s.state == "running" {
+                                a.open href={ "/services/" (s.service_id) "/open" } target="_blank" rel="noopener" { (t(Msg::OpenService)) }
+                                (api_form(&format!("/api/v1/services/{}", s.service_id), "DELETE", Some(&ctx.path), None, t(Msg::StopService), html! {}))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A demo's own pages on its origin: `/` (choose an image, see its classes) and its script.
+pub fn demo(service: &Published, path: &str) -> Response {
+    if path == DEMO_SCRIPT_PATH {
+        return ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], DEMO_JS).into_response();
+    }
+    let title = format!("{} v{}", service.model, service.version);
+    let markup = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · Suanli demo" }
+                script src=(DEMO_SCRIPT_PATH) defer {}
+            }
+            body style="font-family: sans-serif; max-width: 40rem; margin: 2rem auto" {
+                h1 { (service.model) " " small { "v" (service.version) } }
+                p { "Choose an image to classify it. 选择一张图片进行分类。" }
+                input #image type="file" accept="image/*";
+                div { img #preview alt="" style="max-width: 100%; max-height: 20rem; margin-top: 1rem"; }
+                ol #result aria-live="polite" {}
+                h2 { "API" }
+                p { code { "POST /v1/predict" } " with an image's bytes answers " code { "{\"result\": {\"class\", \"score\", \"top\"}}" } "; "
+                    code { "POST /v1/predict/batch" } " takes " code { "{\"images\": [base64, …]}" } "; " code { "GET /v1/model" } " describes the model." }
+            }
+        }
+    };
+    let mut response = Html(markup.into_string()).into_response();
+    let h = response.headers_mut();
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'self'; script-src 'self'; style-src 'unsafe-inline'; img-src 'self' blob: data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+    );
+    response
+}
