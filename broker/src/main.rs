@@ -385,6 +385,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     // Signs the artifact capabilities of jobs, as in production: the local scheduler's store
     // checks them with the same file (`ops/run-local`), and the agents hold no store token.
     let artifact_key = suanli_artifacts::CapabilityKey::load(&args.data_dir.join("artifact.key"), true)?;
+    // And agents' tunnel tickets for the local portal (`--tunnel-key-file .dev/broker/tunnel.key`).
+    let tunnel_key = suanli_pki::tunnel_ticket::TunnelKey::load(&args.data_dir.join("tunnel.key"), true)?;
     let node = server::start(NodeConfig {
         node_id: 1,
         data_dir: args.data_dir.clone(),
@@ -406,7 +408,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         services: Default::default(),
         artifact_key: Some(artifact_key),
         operator_key: None,
-        tunnel_key: None,
+        tunnel_key: Some(tunnel_key),
         peer_overrides: Default::default(),
         agent_listen: Some(args.agent_listen),
         agent_ca: AgentCaSource::DataDir,

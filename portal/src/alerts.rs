@@ -98,6 +98,8 @@ pub enum Subject {
     LeaseExpiring {
         lease: u64,
         ends_ms: i64,
+        /// Services running on the lease, which stop with it.
+        services: u32,
     },
     LeaseIdle {
         lease: u64,
@@ -127,7 +129,15 @@ impl Subject {
             (Subject::Card { host, index, problem }, Lang::Zh) => format!("{host} 的 {index} {}{}", t(Msg::CardOn), t(*problem)),
             (Subject::NodeSilent { host }, _) => format!("{host}: {}", t(Msg::ProblemSilent)),
             (Subject::LeaseRequested { lease, cpc }, _) => format!("lease-{lease} ({cpc}): {}", t(Msg::LeaseRequestedNotice)),
-            (Subject::LeaseExpiring { lease, ends_ms }, _) => format!("lease-{lease}: {} ({})", t(Msg::LeaseExpiringNotice), datetime(*ends_ms, lang)),
+            (Subject::LeaseExpiring { lease, ends_ms, services: 0 }, _) => {
+                format!("lease-{lease}: {} ({})", t(Msg::LeaseExpiringNotice), datetime(*ends_ms, lang))
+            }
+            (Subject::LeaseExpiring { lease, ends_ms, services }, Lang::En) => {
+                format!("lease-{lease}: {} ({}); its {services} service(s) on leased cards stop with it", t(Msg::LeaseExpiringNotice), datetime(*ends_ms, lang))
+            }
+            (Subject::LeaseExpiring { lease, ends_ms, services }, Lang::Zh) => {
+                format!("lease-{lease}: {} ({})；其上的 {services} 个服务将随之停止", t(Msg::LeaseExpiringNotice), datetime(*ends_ms, lang))
+            }
             (Subject::LeaseIdle { lease, minutes }, Lang::En) => format!("lease-{lease}: its cards have been idle for {minutes} min while it is paid for"),
             (Subject::LeaseIdle { lease, minutes }, Lang::Zh) => format!("租用 lease-{lease} 的GPU已空闲 {minutes} 分钟（计费中）"),
             (Subject::JobEnded { job, name, failed: false, .. }, _) => format!("job-{job} ({name}): {}", t(Msg::JobSucceededNotice)),
@@ -326,10 +336,12 @@ async fn check_leases(state: &AppState, settings: AlertSettings) -> ApiResult<()
         // A warning a whole term long says nothing: an hourly lease is not "ending within 24 h".
         for (window, name) in [(3_600_000, "1h"), (86_400_000, "24h")] {
             if left <= window && term > window {
+                // Its owner is told of the demos and terminals that stop with it, too.
+                let services = crate::services::running_on_lease(state, l.lease_id).await?;
                 decisions.push(Decision::Notice {
                     key: format!("lease-expiring-{name}:{}", l.lease_id),
                     kind: "lease_expiring",
-                    subject: Subject::LeaseExpiring { lease: l.lease_id, ends_ms: l.paid_until_ms },
+                    subject: Subject::LeaseExpiring { lease: l.lease_id, ends_ms: l.paid_until_ms, services },
                     accounts: BTreeSet::from([l.researcher_id]),
                 });
                 break;
@@ -650,6 +662,15 @@ pub async fn alerts_of(state: &AppState, user: i64) -> ApiResult<Vec<AlertView>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_ending_names_the_services_that_stop_with_it() {
+        let bare = Subject::LeaseExpiring { lease: 7, ends_ms: 0, services: 0 };
+        let with = Subject::LeaseExpiring { lease: 7, ends_ms: 0, services: 2 };
+        assert!(!bare.render(Lang::En).contains("service"));
+        assert!(with.render(Lang::En).contains("its 2 service(s) on leased cards stop with it"), "{}", with.render(Lang::En));
+        assert!(with.render(Lang::Zh).contains("2 个服务将随之停止"));
+    }
 
     #[test]
     fn quiet_hours_in_china_standard_time() {

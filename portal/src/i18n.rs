@@ -426,6 +426,9 @@ catalogue! {
     OpenService => "Open", "打开";
     StopService => "Stop", "停止";
     Requests => "Requests", "请求数";
+    Terminal => "Terminal", "终端";
+    OpenTerminal => "Open a terminal in the browser", "在浏览器中打开终端";
+    OpenJupyter => "Open JupyterLab", "打开 JupyterLab";
     DatasetInputs => "Datasets a spec may name as inputs ({name: data.tar, dataset: NAME@VERSION})", "作业规格可引用为输入的数据集（{name: data.tar, dataset: 名称@版本}）";
 }
 

@@ -46,6 +46,24 @@ text_enum!(
 );
 
 text_enum!(
+    /// What a service on leased cards is (`services.rs`): a model's demo, a terminal, JupyterLab.
+    ServiceKindName { ClassifierDemo = "classifier_demo", Terminal = "terminal", Jupyter = "jupyter" }
+);
+
+impl ServiceKindName {
+    /// A shell or a notebook as the lease's account is its owner's alone: never shared.
+    pub fn private_only(self) -> bool {
+        matches!(self, ServiceKindName::Terminal | ServiceKindName::Jupyter)
+    }
+
+    /// Whether the portal serves the service's front page itself (the rest of its origin is
+    /// the service's).
+    pub fn has_portal_pages(self) -> bool {
+        matches!(self, ServiceKindName::ClassifierDemo | ServiceKindName::Terminal)
+    }
+}
+
+text_enum!(
     AccountState {
         PendingActivation = "pending_activation",
         PendingReview = "pending_review",

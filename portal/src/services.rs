@@ -39,15 +39,16 @@ use suanli_tunnel::wire::{AgentError, AGENT_ERROR_HEADER, CONTROL_SERVICE};
 
 use crate::db::{now_ms, opt_i64, opt_str};
 use crate::error::{ApiError, ApiResult, Code};
-use crate::model::{ServiceVisibility, UserId};
+use crate::model::{ServiceKindName, ServiceVisibility, UserId};
 use crate::state::AppState;
 
 /// The cookie a service's origin keeps its visitor's grant in (host-only, that origin's).
 pub const SERVICE_COOKIE: &str = "suanli-service";
 /// Where a service's origin takes a grant from the portal.
 pub const LOGIN_PATH: &str = "/.suanli/login";
-/// The demo page's script.
-pub const DEMO_SCRIPT_PATH: &str = "/.suanli/demo.js";
+/// Where the pages the portal serves on a service's origin keep their files (the rest of the
+/// origin is the service's).
+pub const ASSETS_PREFIX: &str = "/.suanli/";
 /// How long a grant from `/services/{id}/open` may wait to be used.
 const GRANT_LIFETIME_MS: i64 = 60_000;
 /// How long a visitor's cookie on a service's origin lasts.
@@ -68,6 +69,7 @@ pub struct Published {
     pub lease: u64,
     pub node: u64,
     pub slug: String,
+    pub kind: ServiceKindName,
     pub visibility: ServiceVisibility,
     pub running: bool,
     pub rate_per_minute: u32,
@@ -198,7 +200,7 @@ pub fn new_slug() -> String {
     bytes.iter().map(|b| ALPHABET[usize::from(b & 31)] as char).collect()
 }
 
-const PUBLISHED_COLUMNS: &str = "id, owner_id, lease_id, node_id, slug, visibility, state, rate_per_minute, model_name, model_version";
+const PUBLISHED_COLUMNS: &str = "id, owner_id, lease_id, node_id, slug, kind, visibility, state, rate_per_minute, model_name, model_version";
 
 fn published_of(row: &sqlx::any::AnyRow) -> ApiResult<Published> {
     Ok(Published {
@@ -207,6 +209,7 @@ fn published_of(row: &sqlx::any::AnyRow) -> ApiResult<Published> {
         lease: row.try_get::<i64, _>("lease_id")? as u64,
         node: row.try_get::<i64, _>("node_id")? as u64,
         slug: row.try_get("slug")?,
+        kind: ServiceKindName::parse(&row.try_get::<String, _>("kind")?).ok_or_else(|| ApiError::internal("a service of an unknown kind"))?,
         visibility: ServiceVisibility::parse(&row.try_get::<String, _>("visibility")?).unwrap_or(ServiceVisibility::Private),
         running: row.try_get::<String, _>("state")? == "running",
         rate_per_minute: row.try_get::<i64, _>("rate_per_minute")?.clamp(1, i64::from(u32::MAX)) as u32,
@@ -243,12 +246,21 @@ fn page_error(status: StatusCode, message: &str) -> Response {
     response
 }
 
+/// How a visitor showed who they are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Credential {
+    /// The origin's own cookie, from a grant.
+    Cookie,
+    /// A portal API token in `Authorization` (taken off before the request goes on).
+    Token,
+}
+
 /// Who the visitor is, by the origin's cookie or a portal API token (`None`: anonymous).
-async fn visitor(state: &AppState, service: &Published, headers: &HeaderMap) -> ApiResult<Option<UserId>> {
+async fn visitor(state: &AppState, service: &Published, headers: &HeaderMap) -> ApiResult<Option<(UserId, Credential)>> {
     if let Some(cookie) = crate::auth::cookie_value(headers, SERVICE_COOKIE) {
         if let Ok(grant) = state.keys.open(&cookie).map_err(|_| ()).and_then(|g| serde_json::from_str::<Grant>(&g).map_err(|_| ())) {
             if grant.s == service.id && grant.e > now_ms() {
-                return Ok(Some(UserId(grant.u)));
+                return Ok(Some((UserId(grant.u), Credential::Cookie)));
             }
         }
     }
@@ -259,7 +271,7 @@ async fn visitor(state: &AppState, service: &Published, headers: &HeaderMap) -> 
         }
         // A token that is not the portal's may be the service's own: not an error here.
         if let Ok(Some(p)) = crate::auth::resolve(state, &only_token).await {
-            return Ok(Some(p.user));
+            return Ok(Some((p.user, Credential::Token)));
         }
     }
     Ok(None)
@@ -275,8 +287,16 @@ async fn visit(state: &AppState, slug: &str, mut request: Request) -> ApiResult<
     if request.uri().path() == LOGIN_PATH {
         return Ok(take_grant(state, &service, request.uri().query().unwrap_or_default()));
     }
+    // A browser says where a request comes from: only the service's own pages may call it, so a
+    // page on another origin (another service's, on the same site) cannot ride its visitor's
+    // cookie into it (a terminal's WebSocket, a notebook's kernel).
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        if origin.as_bytes() != state.services.origin(&service.slug).as_bytes() {
+            return Ok(page_error(StatusCode::FORBIDDEN, "requests from other origins are refused"));
+        }
+    }
     let who = visitor(state, &service, request.headers()).await?;
-    let owner = who == Some(service.owner);
+    let owner = who.is_some_and(|(user, _)| user == service.owner);
     if service.visibility == ServiceVisibility::Private && !owner {
         let open = format!("{}/services/{}/open", state.settings.public_url, service.id);
         return Ok(page_error(StatusCode::FORBIDDEN, &format!("this service is private: its owner opens it from {open}")));
@@ -290,10 +310,10 @@ async fn visit(state: &AppState, slug: &str, mut request: Request) -> ApiResult<
             return Ok(response);
         }
     }
-    if request.method() == Method::GET && matches!(request.uri().path(), "/" | DEMO_SCRIPT_PATH) {
-        return Ok(crate::pages::services::demo(&service, request.uri().path()));
+    if service.kind.has_portal_pages() && request.method() == Method::GET && (request.uri().path() == "/" || request.uri().path().starts_with(ASSETS_PREFIX)) {
+        return Ok(crate::pages::services::on_origin(&service, request.uri().path()));
     }
-    strip_portal_credentials(request.headers_mut(), who.is_some());
+    strip_portal_credentials(request.headers_mut(), who.is_some_and(|(_, by)| by == Credential::Token));
     let Some(tunnel) = state.tunnels.tunnel(service.node) else {
         return Ok(unavailable("the node this service runs on is not connected: try again shortly"));
     };
@@ -304,7 +324,11 @@ async fn visit(state: &AppState, slug: &str, mut request: Request) -> ApiResult<
             Ok(match agent_error {
                 // Not (yet) running there: the agent restarted, or the service is starting.
                 Some(AgentError::UnknownService | AgentError::Unreachable) => unavailable("this service is starting: try again shortly"),
-                _ => response.map(Body::new),
+                _ => {
+                    let mut response = response.map(Body::new);
+                    keep_host_only_cookies(response.headers_mut());
+                    response
+                }
             })
         }
         Err(e) => {
@@ -342,6 +366,21 @@ fn strip_portal_credentials(headers: &mut HeaderMap, authenticated_by_token: boo
     }
     if authenticated_by_token {
         headers.remove(header::AUTHORIZATION);
+    }
+}
+
+/// Drops the cookies a service sets for more than its own host (`Domain=`): a service may keep
+/// cookies on its origin, never plant them where the portal or other services would get them.
+fn keep_host_only_cookies(headers: &mut HeaderMap) {
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| !v.to_str().unwrap_or("domain=").split(';').skip(1).any(|attribute| attribute.trim().to_ascii_lowercase().starts_with("domain")))
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for v in kept {
+        headers.append(header::SET_COOKIE, v);
     }
 }
 
@@ -436,7 +475,7 @@ pub struct Deployment {
     pub spec: ServiceSpec,
 }
 
-const DEPLOYMENT_COLUMNS: &str = "id, owner_id, node_id, lease_id, job_id, generation, replicas, files";
+const DEPLOYMENT_COLUMNS: &str = "id, owner_id, node_id, lease_id, kind, job_id, generation, replicas, files";
 
 fn deployment_of(row: &sqlx::any::AnyRow) -> ApiResult<Deployment> {
     let files: BTreeMap<String, String> = serde_json::from_str(&row.try_get::<String, _>("files")?).map_err(ApiError::internal)?;
@@ -449,7 +488,12 @@ fn deployment_of(row: &sqlx::any::AnyRow) -> ApiResult<Deployment> {
             lease: row.try_get::<i64, _>("lease_id")? as u64,
             generation: row.try_get::<i64, _>("generation")? as u64,
             replicas: row.try_get::<i64, _>("replicas")?.clamp(1, 64) as u32,
-            kind: ServiceKind::ClassifierDemo { files },
+            kind: match ServiceKindName::parse(&row.try_get::<String, _>("kind")?) {
+                Some(ServiceKindName::ClassifierDemo) => ServiceKind::ClassifierDemo { files },
+                Some(ServiceKindName::Terminal) => ServiceKind::Terminal,
+                Some(ServiceKindName::Jupyter) => ServiceKind::Jupyter,
+                None => return Err(ApiError::internal("a service of an unknown kind")),
+            },
         },
     })
 }
@@ -533,9 +577,11 @@ pub async fn reconcile_node(state: AppState, node: u64) {
         Ok(rows) => rows,
         Err(e) => return tracing::warn!(node, error = %e, "services of a node not read"),
     };
+    let mut should_run = std::collections::BTreeSet::new();
     for row in rows {
         match deployment_of(&row) {
             Ok(d) => {
+                should_run.insert(d.id as u64);
                 if let Err(e) = deploy(&state, &d).await {
                     tracing::warn!(node, service = d.id, error = %e, "a service was not sent to its node");
                 }
@@ -543,6 +589,22 @@ pub async fn reconcile_node(state: AppState, node: u64) {
             Err(e) => tracing::warn!(node, error = %e, "a service's row is unreadable"),
         }
     }
+    // What was stopped while the node was away stops now.
+    let running: Vec<ServiceStatus> = match control(&state, node, Method::GET, path::SERVICES, Body::empty()).await {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        Err(e) => return tracing::info!(node, error = %e, "the node's services were not listed"),
+    };
+    for stale in running.iter().filter(|s| !should_run.contains(&s.id)) {
+        if let Err(e) = control(&state, node, Method::DELETE, &path::service(stale.id), Body::empty()).await {
+            tracing::info!(node, service = stale.id, error = %e, "a stopped service was not stopped on its node");
+        }
+    }
+}
+
+/// How many services run on `lease` (its owner is told they stop with it).
+pub async fn running_on_lease(state: &AppState, lease: u64) -> ApiResult<u32> {
+    let row = sqlx::query("SELECT COUNT(*) AS n FROM services WHERE lease_id = $1 AND state = 'running'").bind(lease as i64).fetch_one(&state.db.pool).await?;
+    Ok(row.try_get::<i64, _>("n")?.clamp(0, i64::from(u32::MAX)) as u32)
 }
 
 /// Writes request counts and stops the services of leases that ended, every [`SWEEP_EVERY`].
@@ -614,6 +676,17 @@ mod tests {
         strip_portal_credentials(&mut service_token, false);
         assert!(service_token.get(header::AUTHORIZATION).is_some(), "a service's own token goes on");
         assert!(service_token.get(header::COOKIE).is_none());
+    }
+
+    #[test]
+    fn a_service_keeps_cookies_on_its_own_host_only() {
+        let mut headers = HeaderMap::new();
+        for cookie in ["_xsrf=1; Path=/", "planted=1; Domain=localhost; Path=/", "also=1;domain=.svc.example.org", "notebook=2; HttpOnly"] {
+            headers.append(header::SET_COOKIE, HeaderValue::from_static(cookie));
+        }
+        keep_host_only_cookies(&mut headers);
+        let kept: Vec<&str> = headers.get_all(header::SET_COOKIE).iter().filter_map(|v| v.to_str().ok()).collect();
+        assert_eq!(kept, ["_xsrf=1; Path=/", "notebook=2; HttpOnly"]);
     }
 
     #[test]

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use suanli_proto::v1;
@@ -38,26 +37,13 @@ print(json.dumps({"world": world, "rank": rank, "loss": full, "weights": model.w
 dist.destroy_process_group()
 "#;
 
-/// The project's PyTorch (ops/setup-torch; .ci/run sets `SUANLI_TORCH_VENV`) as a lease's
-/// account can run it: the system's interpreter of the venv's version with the venv's packages
-/// on its path (the venv's own interpreter may link into a home other accounts cannot enter,
-/// as pyenv's under /root does).
-fn python() -> Option<(PathBuf, PathBuf)> {
-    let venv = PathBuf::from(std::env::var_os("SUANLI_TORCH_VENV")?);
-    let config = std::fs::read_to_string(venv.join("pyvenv.cfg")).ok()?;
-    let version = config.lines().find_map(|l| l.strip_prefix("version").map(|v| v.trim_start_matches([' ', '=']).trim().to_owned()))?;
-    let minor = version.splitn(3, '.').take(2).collect::<Vec<_>>().join(".");
-    let (interpreter, packages) = (PathBuf::from(format!("/usr/bin/python{minor}")), venv.join(format!("lib/python{minor}/site-packages")));
-    (interpreter.is_file() && packages.is_dir()).then_some((interpreter, packages))
-}
-
 fn last_json(text: &str) -> serde_json::Value {
     text.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).unwrap_or_else(|| panic!("no JSON line in {text:?}"))
 }
 
 #[tokio::test]
 async fn a_two_node_ddp_job_meets_at_rank_zero_and_trains_as_one_process_would() {
-    let Some((python, packages)) = python() else {
+    let Some((python, packages)) = support::system_python_of_the_venv() else {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
             "SUANLI_TORCH_VENV must name the project's venv, and the system must have its Python version, under CI=true (.ci/run sets it)"

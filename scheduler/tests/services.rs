@@ -14,195 +14,17 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use suanli_testkit::eventually;
-use suanli_testkit::portal::{researcher_portal, PortalProcess};
-use support::{signed_in_browser, wait_done, World, WAIT};
-
-/// Two cards per node: the demo's update runs two generations side by side on one of them.
-const CARDS: u32 = 2;
-
-/// A world with a trained classifier registered twice (versions 1 and 2 of `digits-cls`: the
-/// same weights, so that an update changes the process, not the answers), and a portal that
-/// publishes services under `localhost`.
-struct Stage {
-    w: World,
-    portal: PortalProcess,
-    /// The researcher's API token at the portal.
-    token: String,
-    port: u16,
-    data: PathBuf,
-    job: u64,
-}
-
-async fn stage() -> Option<Stage> {
-    let data = support::cv_data()?;
-    if !suanli_testkit::require_root("lease accounts (Unix users)") {
-        return None;
-    }
-    // The agents are told the portal's address before it runs; they dial until it does.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port();
-    let address = format!("127.0.0.1:{port}");
-    let w = World::start_with(1, CARDS, 1, &["--portal", &address]).await;
-    let mut jobs = w.jobs(&w.researcher_token).await;
-    let spec = json!({
-        "name": "digits", "kind": "training",
-        "resources": { "cards": 1 },
-        "run": { "builtin": { "task": "train_classifier", "params": {
-            "data": data.join("digits/images").display().to_string(),
-            "training.model": r#"{"arch": "small_cnn", "width": 16}"#,
-            "training.optimizer": r#"{"kind": "adam", "lr": 0.003}"#,
-            "training.epochs": "3",
-            "training.batch_size": "64",
-        } } },
-        "outputs": ["model.json", "model.safetensors", "metrics.json"],
-        "max_attempts": 1,
-    });
-    let job = w.submit(&mut jobs, "digits", &spec).await.job_id;
-    let done = wait_done(&mut jobs, 1, Duration::from_secs(300)).await;
-    let trained = done.iter().find(|j| j.job_id == job).expect("the job");
-    assert_eq!(trained.state, "succeeded", "{trained:?}\n{}", w.logs());
-
-    let broker_url = format!("http://{}", w.broker.address(1).expect("address"));
-    let tunnel_key = w.dir.path().join("tunnel-key").display().to_string();
-    let more = ["--artifacts-url", w.artifacts.as_str(), "--listen", &address, "--tunnel-key-file", &tunnel_key, "--services-domain", "localhost"];
-    let researcher = (w.researcher_id, w.researcher_token.as_str());
-    let (portal, token) =
-        researcher_portal(w.dir.path(), &broker_url, suanli_testkit::cluster::PLATFORM_TOKEN, researcher, suanli_portal::demo::DEMO_PASSWORD, &more)
-            .await
-            .expect("portal");
-    let stage = Stage { w, portal, token, port, data, job };
-    for _ in 0..2 {
-        let (status, body) = stage.api("POST", "/api/v1/models", Some(json!({"name": "digits-cls", "job_id": job, "output": "model.safetensors"}))).await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-    }
-    Some(stage)
-}
-
-impl Stage {
-    /// A call to the portal's API with the researcher's token.
-    async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        self.api_as(&self.token, method, path, body).await
-    }
-
-    async fn api_as(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut request = reqwest::Client::new().request(method, format!("{}{path}", self.portal.url)).bearer_auth(token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.expect("portal answers");
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    }
-
-    /// A client (keeping cookies, following redirects) that reaches the service origin `url`
-    /// (a `*.localhost` name) at the portal.
-    fn client_for(&self, url: &str) -> reqwest::Client {
-        self.builder_for(url).build().expect("client")
-    }
-
-    /// As [`Stage::client_for`], answering redirects to the caller.
-    fn client_for_without_redirects(&self, url: &str) -> reqwest::Client {
-        self.builder_for(url).redirect(reqwest::redirect::Policy::none()).build().expect("client")
-    }
-
-    fn builder_for(&self, url: &str) -> reqwest::ClientBuilder {
-        let host = url.trim_start_matches("http://").split([':', '/']).next().expect("host").to_owned();
-        reqwest::Client::builder().cookie_store(true).resolve(&host, std::net::SocketAddr::from(([127, 0, 0, 1], self.port)))
-    }
-
-    /// Deploys `digits-cls` on the lease; waits until the node's tunnel is open and the demo
-    /// answers. Returns the service's view.
-    async fn deploy(&self, visibility: &str) -> Value {
-        let body = json!({"lease_id": self.w.leases[0], "model": "digits-cls", "version": 1, "visibility": visibility});
-        let created = eventually(WAIT, Duration::from_millis(500), || {
-            let body = body.clone();
-            async move {
-                let (status, view) = self.api("POST", "/api/v1/services", Some(body)).await;
-                // 503 until the agent's tunnel is open: nothing is kept, so it is tried again.
-                match status {
-                    StatusCode::CREATED => Some(view),
-                    StatusCode::SERVICE_UNAVAILABLE => None,
-                    other => panic!("deploying: {other} {view}"),
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|e| panic!("the demo was deployed: {e}\n{}", self.w.logs()));
-        self.wait_ready(created["service_id"].as_u64().expect("id"), 1).await;
-        created
-    }
-
-    /// Waits until the agent says the service's `generation` answers.
-    async fn wait_ready(&self, id: u64, generation: u64) -> Value {
-        eventually(Duration::from_secs(180), Duration::from_millis(300), || async move {
-            let (_, view) = self.api("GET", &format!("/api/v1/services/{id}"), None).await;
-            (view["live"]["state"] == "ready" && view["live"]["generation"] == generation).then_some(view)
-        })
-        .await
-        .unwrap_or_else(|e| panic!("service {id} generation {generation} answers: {e}\n{}", self.w.logs()))
-    }
-
-    /// An image of the digit 7 from the test data.
-    fn seven(&self) -> (PathBuf, Vec<u8>) {
-        let dir = self.data.join("digits/images/7");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).expect("sevens").flatten().map(|e| e.path()).collect();
-        files.sort();
-        let path = files.into_iter().next().expect("a seven");
-        let bytes = std::fs::read(&path).expect("image");
-        (path, bytes)
-    }
-
-    /// What `suanli-job infer` says of `image` with the trained model (its files from the job).
-    async fn infer(&self, image: &Path) -> Value {
-        let dir = self.w.dir.path().join("infer");
-        let (model, input) = (dir.join("model"), dir.join("input"));
-        std::fs::create_dir_all(&model).expect("model dir");
-        std::fs::create_dir_all(&input).expect("input dir");
-        std::fs::copy(image, input.join("seven.png")).expect("image");
-        for name in ["model.json", "model.safetensors"] {
-            let bytes = reqwest::Client::new()
-                .get(format!("{}/api/v1/jobs/{}/outputs/{name}", self.portal.url, self.job))
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .expect("output")
-                .bytes()
-                .await
-                .expect("bytes");
-            std::fs::write(model.join(name), bytes).expect("write");
-        }
-        let params = json!({"model": model, "input": input, "top_k": 3, "output": dir.join("out")}).to_string();
-        let job = support::cv_job_binary().expect("suanli-job");
-        let run = tokio::process::Command::new(job).args(["--task", "infer", "--params-json", &params]).output().await.expect("suanli-job infer");
-        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-        let out: Value = serde_json::from_slice(&std::fs::read(dir.join("out/predictions.json")).expect("predictions")).expect("json");
-        out["predictions"][0].clone()
-    }
-}
-
-/// A signed-in session at the portal (its cookie), which also reaches `service_url`.
-async fn session(stage: &Stage, service_url: &str, login: &str) -> reqwest::Client {
-    let http = stage.client_for(service_url);
-    let answer = http
-        .post(format!("{}/api/v1/session", stage.portal.url))
-        .json(&json!({"login": login, "password": suanli_portal::demo::DEMO_PASSWORD}))
-        .send()
-        .await
-        .expect("sign in");
-    assert!(answer.status().is_success(), "{login} signs in: {}", answer.status());
-    http
-}
+use support::services::{session, stage};
+use support::{signed_in_browser, WAIT};
 
 #[tokio::test]
 async fn a_private_demo_answers_as_suanli_job_infer_does_for_its_owner_alone() {
-    let Some(stage) = stage().await else { return };
+    let Some(stage) = stage(true).await else { return };
     let view = stage.deploy("private").await;
     let (id, url) = (view["service_id"].as_u64().expect("id"), view["url"].as_str().expect("url").to_owned());
     assert!(url.starts_with("http://") && url.contains(".localhost:"), "an origin of its own: {url}");
@@ -227,6 +49,10 @@ async fn a_private_demo_answers_as_suanli_job_infer_does_for_its_owner_alone() {
         let status = request.send().await.expect("answer").status();
         assert_eq!(status, StatusCode::FORBIDDEN, "{who}");
     }
+    // Nor a page of another origin riding the owner's credentials (another service's, on the
+    // same site): a browser names it in `Origin`.
+    let elsewhere = owner_api.post(&predict).bearer_auth(&stage.token).header("origin", format!("http://other.localhost:{}", stage.port)).body(image.clone());
+    assert_eq!(elsewhere.send().await.expect("answer").status(), StatusCode::FORBIDDEN, "another origin");
     let supplier = session(&stage, &url, "demo-supplier").await;
     let refused = supplier.get(format!("{}/services/{id}/open", stage.portal.url)).send().await.expect("open");
     assert_eq!(refused.status(), StatusCode::FORBIDDEN, "a supplier opens no researcher's service");
@@ -301,7 +127,7 @@ async fn a_private_demo_answers_as_suanli_job_infer_does_for_its_owner_alone() {
 
 #[tokio::test]
 async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_gone_with_its_lease() {
-    let Some(stage) = stage().await else { return };
+    let Some(stage) = stage(true).await else { return };
     let view = stage.deploy("link").await;
     let (id, url) = (view["service_id"].as_u64().expect("id"), view["url"].as_str().expect("url").to_owned());
     let predict = format!("{url}v1/predict");
@@ -383,4 +209,167 @@ async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_go
     let (status, _) = stage.api("PATCH", &format!("/api/v1/services/{id}"), Some(json!({"visibility": "public"}))).await;
     assert_eq!(status, StatusCode::GONE, "a stopped service is not changed");
     assert_eq!(http.get(&url).send().await.expect("page").status(), StatusCode::GONE);
+}
+
+#[tokio::test]
+async fn a_terminal_in_the_browser_is_a_login_shell_of_the_lease_for_its_owner_alone() {
+    let Some(stage) = stage(false).await else { return };
+    let lease = stage.w.leases[0];
+    // Through the API first: the node's tunnel is then known to be open.
+    let view = stage.create(json!({"lease_id": lease, "kind": "terminal"})).await;
+    let url = view["url"].as_str().expect("url").to_owned();
+    let (status, refused) = stage.api("POST", "/api/v1/services", Some(json!({"lease_id": lease, "kind": "terminal", "visibility": "link"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a terminal is never shared: {refused}");
+
+    // In Chromium: "Open a terminal" on the lease's page, a command typed, its output seen.
+    let browser = signed_in_browser(&stage.portal.url).await;
+    browser.goto(&format!("{}/leases/{lease}", stage.portal.url)).await.expect("lease page");
+    browser.click("div.open-terminal form.api button[type=submit]").await.expect("open a terminal");
+    let at = browser.wait_url(".localhost:", WAIT).await.expect("on the terminal's origin");
+    browser.wait_for("#status[data-state='open']", WAIT).await.expect("the shell connected");
+    browser.type_into(".xterm-helper-textarea", "echo \"cards=$CUDA_VISIBLE_DEVICES\"; id -un > ~/made-in-the-terminal\u{E007}").await.expect("type");
+    let shown = eventually(WAIT, Duration::from_millis(200), || async {
+        let text = browser.execute("return window.terminalText()", json!([])).await.ok()?;
+        text.as_str().filter(|t| t.contains("cards=0,1")).map(str::to_owned)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the command's output on the terminal ({at}): {e}"));
+    assert!(shown.contains("cards=0,1"), "the lease's cards: {shown}");
+    // The file is the lease's, in its home, where SSH sees the same files.
+    let prefix = &stage.w.agents[0].prefix;
+    let login = format!("{prefix}{lease}");
+    let home = stage.w.dir.path().join("agent0").join("homes").join(&login);
+    let made = eventually(WAIT, Duration::from_millis(200), || {
+        let file = home.join("made-in-the-terminal");
+        async move { std::fs::read_to_string(file).ok().filter(|t| !t.is_empty()) }
+    })
+    .await
+    .expect("the file the shell made");
+    assert_eq!(made.trim(), login, "the shell runs as the lease's account");
+    // From that shell, the lease cannot reach the services' sockets, its own included: only the
+    // agent (and through it, the portal) can.
+    let id = view["service_id"].as_u64().expect("id");
+    let socket = stage.w.dir.path().join("agent0/state/services").join(id.to_string()).join("g1-0.sock");
+    assert!(socket.exists(), "the terminal's socket is where the agent keeps it");
+    let probe = format!("python3 -c 'import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' {} 2>&1 | tail -1\u{E007}", socket.display());
+    browser.type_into(".xterm-helper-textarea", &probe).await.expect("type");
+    let refused = eventually(WAIT, Duration::from_millis(200), || async {
+        let text = browser.execute("return window.terminalText()", json!([])).await.ok()?;
+        text.as_str().filter(|t| t.contains("PermissionError")).map(str::to_owned)
+    })
+    .await;
+    assert!(refused.is_ok(), "the lease's shell is refused the service's socket: {refused:?}");
+
+    // Nobody else: another user, no one, a page of another origin with the owner's token.
+    let supplier = session(&stage, &url, "demo-supplier").await;
+    assert_eq!(supplier.get(&url).send().await.expect("page").status(), StatusCode::FORBIDDEN);
+    assert_eq!(stage.client_for(&url).get(format!("{url}pty")).send().await.expect("pty").status(), StatusCode::FORBIDDEN);
+    let hijack = stage
+        .client_for(&url)
+        .get(format!("{url}pty"))
+        .bearer_auth(&stage.token)
+        .header("origin", format!("http://evil.localhost:{}", stage.port))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .expect("hijack");
+    assert_eq!(hijack.status(), StatusCode::FORBIDDEN, "a WebSocket opened from another origin");
+    // The owner's own page is served there.
+    let page = stage.client_for(&url).get(&url).bearer_auth(&stage.token).send().await.expect("page");
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.expect("text").contains("/.suanli/xterm.js"));
+}
+
+/// Runs `code` in a new kernel of the JupyterLab at `url`, as JupyterLab itself does (a kernel
+/// made with `POST /api/kernels`, an `execute_request` on its WebSocket), through the portal
+/// with the owner's token; what it printed.
+async fn run_cell(stage: &support::services::Stage, url: &str, code: &str) -> String {
+    let host = url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let http = reqwest::Client::builder()
+        .cookie_provider(jar.clone())
+        .resolve(host.split(':').next().expect("name"), std::net::SocketAddr::from(([127, 0, 0, 1], stage.port)))
+        .build()
+        .expect("client");
+    // JupyterLab's page sets its XSRF cookie, which every later write echoes.
+    let lab = http.get(format!("{url}lab")).bearer_auth(&stage.token).send().await.expect("lab");
+    assert_eq!(lab.status(), StatusCode::OK);
+    let cookies = reqwest::cookie::CookieStore::cookies(&*jar, &url.parse().expect("url")).expect("cookies");
+    let xsrf = cookies.to_str().expect("text").split("; ").find_map(|c| c.strip_prefix("_xsrf=")).expect("JupyterLab's _xsrf cookie").to_owned();
+    let kernel: Value = http
+        .post(format!("{url}api/kernels"))
+        .bearer_auth(&stage.token)
+        .header("x-xsrftoken", &xsrf)
+        .json(&json!({"name": "python3"}))
+        .send()
+        .await
+        .expect("kernel")
+        .json()
+        .await
+        .expect("json");
+    let kernel = kernel["id"].as_str().unwrap_or_else(|| panic!("a kernel: {kernel}")).to_owned();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", stage.port)).await.expect("portal");
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{host}/api/kernels/{kernel}/channels")).expect("request");
+    request.headers_mut().insert("authorization", format!("Bearer {}", stage.token).parse().expect("header"));
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp).await.expect("the kernel's channels");
+    let execute = json!({
+        "header": {"msg_id": "cell-1", "username": "test", "session": "test", "msg_type": "execute_request", "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": false, "store_history": false, "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
+    });
+    futures::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::Text(execute.to_string().into())).await.expect("execute");
+    let mut printed = String::new();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(message) = futures::StreamExt::next(&mut ws).await {
+            let tokio_tungstenite::tungstenite::Message::Text(text) = message.expect("a message") else { continue };
+            let m: Value = serde_json::from_str(&text).expect("json");
+            if m["parent_header"]["msg_id"] != "cell-1" {
+                continue;
+            }
+            match m["msg_type"].as_str() {
+                Some("stream") => printed.push_str(m["content"]["text"].as_str().unwrap_or_default()),
+                Some("error") => panic!("the cell failed: {}", m["content"]),
+                Some("execute_reply") => return,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the cell's reply; printed so far: {printed}"));
+    printed
+}
+
+#[tokio::test]
+async fn jupyterlab_runs_the_owners_notebook_on_the_leases_cards_in_its_home() {
+    let Some(stage) = stage(false).await else { return };
+    let lease = stage.w.leases[0];
+    let view = stage.create(json!({"lease_id": lease, "kind": "jupyter"})).await;
+    let (id, url) = (view["service_id"].as_u64().expect("id"), view["url"].as_str().expect("url").to_owned());
+
+    // In Chromium: the owner opens it; JupyterLab's own page and scripts load through the proxy.
+    let browser = signed_in_browser(&stage.portal.url).await;
+    browser.goto(&format!("{}/services/{id}/open", stage.portal.url)).await.expect("open");
+    browser.wait_url("/lab", WAIT).await.expect("JupyterLab's page");
+    browser.wait_for("#jp-main-dock-panel", Duration::from_secs(120)).await.expect("JupyterLab's interface");
+
+    // A cell: it sees exactly the lease's cards, imports the project's PyTorch, writes into the
+    // lease's home (where SSH and the terminal see the same files).
+    let code = "import os, getpass\nprint('cards=' + os.environ['CUDA_VISIBLE_DEVICES'])\nopen(os.path.expanduser('~/made-in-a-notebook'), 'w').write(getpass.getuser())\nimport torch\nprint('torch', torch.__version__)\n";
+    let printed = run_cell(&stage, &url, code).await;
+    assert!(printed.contains("cards=0,1"), "{printed}");
+    if support::system_python_of_the_venv().is_some() {
+        assert!(printed.contains("torch 2.11.0"), "the project's PyTorch: {printed}");
+    }
+    let login = format!("{}{lease}", stage.w.agents[0].prefix);
+    let made = stage.w.dir.path().join("agent0/homes").join(&login).join("made-in-a-notebook");
+    assert_eq!(std::fs::read_to_string(&made).expect("the notebook's file"), login, "written as the lease's account");
+
+    // Nobody else: another user, no one.
+    let supplier = session(&stage, &url, "demo-supplier").await;
+    assert_eq!(supplier.get(format!("{url}lab")).send().await.expect("lab").status(), StatusCode::FORBIDDEN);
+    assert_eq!(stage.client_for(&url).get(format!("{url}api/kernels")).send().await.expect("kernels").status(), StatusCode::FORBIDDEN);
 }

@@ -40,6 +40,18 @@ pub struct AgentArgs {
     /// on this node (plain HTTP: a portal on this machine or the supplier's network).
     #[arg(long, env = "SUANLI_AGENT_PORTAL")]
     pub portal: Option<String>,
+    /// Where the environments services run in are installed, once each (JupyterLab's), shared
+    /// by every lease read-only (default /var/lib/suanli/templates).
+    #[arg(long, env = "SUANLI_AGENT_TEMPLATES_DIR")]
+    pub templates_dir: Option<PathBuf>,
+    /// The Python interpreter JupyterLab's environment is made with; every lease's account must
+    /// be able to run it (a system interpreter, not one under a home; default /usr/bin/python3).
+    #[arg(long, env = "SUANLI_AGENT_JUPYTER_PYTHON")]
+    pub jupyter_python: Option<PathBuf>,
+    /// Packages the notebooks import besides JupyterLab's: a `site-packages` of the same Python
+    /// version holding the node's PyTorch.
+    #[arg(long, env = "SUANLI_AGENT_JUPYTER_PACKAGES")]
+    pub jupyter_packages: Option<PathBuf>,
     /// One-time enrollment token from the supplier (only needed until the node is enrolled).
     #[arg(long, env = "SUANLI_AGENT_ENROLLMENT_TOKEN", hide_env_values = true)]
     pub enrollment_token: Option<String>,
@@ -130,6 +142,9 @@ struct FileAgent {
     artifacts_url: Option<String>,
     artifacts_token: Option<String>,
     portal: Option<String>,
+    templates_dir: Option<PathBuf>,
+    jupyter_python: Option<PathBuf>,
+    jupyter_packages: Option<PathBuf>,
     enrollment_token: Option<String>,
     metrics_listen: Option<SocketAddr>,
     hostname: Option<String>,
@@ -207,6 +222,10 @@ pub struct AgentConfig {
     pub artifacts: Option<(String, Option<String>)>,
     /// The portal to keep a tunnel to (`host:port`).
     pub portal: Option<String>,
+    /// Where services' environments are installed, and the Python JupyterLab's is made with.
+    pub templates_dir: PathBuf,
+    pub jupyter_python: PathBuf,
+    pub jupyter_packages: Option<PathBuf>,
     pub enrollment_token: Option<String>,
     pub metrics_listen: SocketAddr,
     pub hostname: Option<String>,
@@ -264,6 +283,9 @@ impl AgentConfig {
                 (None, Some(_)) => return Err(ConfigError::Invalid("an artifact token without the store's URL".into())),
             },
             portal: args.portal.clone().or(file.portal),
+            templates_dir: absolute(args.templates_dir.clone().or(file.templates_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/templates")))?,
+            jupyter_python: args.jupyter_python.clone().or(file.jupyter_python).unwrap_or_else(|| PathBuf::from("/usr/bin/python3")),
+            jupyter_packages: args.jupyter_packages.clone().or(file.jupyter_packages),
             enrollment_token: args.enrollment_token.clone().or(file.enrollment_token),
             metrics_listen: args.metrics_listen.or(file.metrics_listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9400))),
             hostname: args.hostname.clone().or(file.hostname),

@@ -12,11 +12,15 @@
 //! - [`probe`]: network quality to the broker.
 //! - [`jobs`]: runs the job attempts the scheduler placed on this node's leased cards.
 //! - [`services`]: services on leased cards (demos), run and supervised for the portal.
+//! - [`templates`]: the environments services run in (JupyterLab), installed once per node.
+//! - [`bridge`]: carries a service's connections to a program that listens on a path (JupyterLab).
+//! - [`terminal`]: a lease's terminal in the browser (a service the agent serves itself).
 //! - [`tunnel`]: the tunnel to the portal, through which the portal reaches and controls them.
 //! - [`provisioner`]: follows this node's leases: provisions access, confirms Class B leases.
 //! - [`exporter`]: `/metrics` (DCGM names), `/healthz`, simulated-GPU controls.
 
 pub mod access;
+pub mod bridge;
 pub mod config;
 pub mod doctor;
 pub mod exporter;
@@ -30,6 +34,8 @@ pub mod provisioner;
 pub mod runtime;
 pub mod services;
 pub mod source;
+pub mod templates;
+pub mod terminal;
 pub mod tunnel;
 pub mod uplink;
 

@@ -41,6 +41,18 @@ enum Command {
         #[arg(long)]
         cgroup_procs: Vec<std::path::PathBuf>,
     },
+    /// Started by the agent as a lease's user for a service that listens on a path of its own
+    /// (JupyterLab): runs the program after `--` and carries the handed-over socket's
+    /// connections to `--socket` (bridge.rs).
+    #[command(hide = true)]
+    ServiceBridge {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 /// How often the agent looks for Class B leases to provision on its node.
@@ -69,6 +81,10 @@ async fn main() -> anyhow::Result<()> {
             suanli_agent::fence_guard::main(pid, started, Duration::from_millis(after_ms), &cgroup_procs)
                 .with_context(|| format!("guarding job process {pid}"))?;
             Ok(())
+        }
+        Command::ServiceBridge { listen, socket, command } => {
+            let code = suanli_agent::bridge::run(&listen, &socket, &command).await.with_context(|| format!("serving {}", socket.display()))?;
+            std::process::exit(code)
         }
         Command::Inventory(args) => {
             let config = AgentConfig::resolve(&args)?;
@@ -138,7 +154,11 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let firewall = Arc::new(access::firewall::RendezvousFirewall::new(config.access.rendezvous_firewall, identity.node_id(), &config.state_dir));
     let services = match access.clone() {
-        Some(access) => Some(services::Services::new(access, &config.state_dir, config.job_binary.clone()).context("the services' directory")?),
+        Some(access) => {
+            let templates =
+                suanli_agent::templates::Templates::new(config.templates_dir.clone(), config.jupyter_python.clone(), config.jupyter_packages.clone());
+            Some(services::Services::new(access, &config.state_dir, config.job_binary.clone(), templates).context("the services' directory")?)
+        }
         None => None,
     };
     if let Some(access) = access.clone() {

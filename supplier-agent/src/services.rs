@@ -76,6 +76,8 @@ pub struct Services {
     root: PathBuf,
     /// `suanli-job`, which serves models; `None` where it is not installed.
     job_binary: Option<PathBuf>,
+    /// The environments services run in (JupyterLab's).
+    templates: crate::templates::Templates,
     table: Mutex<HashMap<u64, Arc<Service>>>,
 }
 
@@ -183,7 +185,7 @@ fn refusal(status: StatusCode, code: &str, message: impl Into<String>) -> Respon
 
 impl Services {
     /// Kills what an earlier agent's services left running and starts with none.
-    pub fn new(access: Arc<Access>, state_dir: &Path, job_binary: Option<PathBuf>) -> std::io::Result<Arc<Services>> {
+    pub fn new(access: Arc<Access>, state_dir: &Path, job_binary: Option<PathBuf>, templates: crate::templates::Templates) -> std::io::Result<Arc<Services>> {
         let root = state_dir.join("services");
         if root.exists() {
             for marker in glob_markers(&root) {
@@ -193,7 +195,7 @@ impl Services {
         }
         std::fs::create_dir_all(&root)?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
-        Ok(Arc::new(Services { access, root, job_binary, table: Mutex::default() }))
+        Ok(Arc::new(Services { access, root, job_binary, templates, table: Mutex::default() }))
     }
 
     fn live_lease(&self, lease: u64) -> Option<Arc<LiveLease>> {
@@ -255,6 +257,9 @@ impl Services {
     /// Runs replica `k` of `generation` until it is stopped or its lease is over, starting it
     /// again whenever it ends.
     async fn supervise(self: Arc<Self>, service: Arc<Service>, generation: Arc<Generation>, k: usize) {
+        if generation.spec.kind == ServiceKind::Terminal {
+            return self.serve_terminal(service, generation, k).await;
+        }
         let replica = generation.replicas[k].clone();
         let mut stop = generation.stop.subscribe();
         let mut pause = FIRST_PAUSE;
@@ -277,7 +282,7 @@ impl Services {
                     if let Some(pid) = child.id() {
                         let _ = std::fs::write(&marker, format!("{pid} {}", crate::jobs::start_time(pid).unwrap_or(0)));
                     }
-                    let health = healthy(&replica.socket);
+                    let health = healthy(&replica.socket, health_path(&generation.spec.kind));
                     tokio::pin!(health);
                     let mut answered = false;
                     let ended = loop {
@@ -328,6 +333,36 @@ impl Services {
         let _ = std::fs::remove_file(&replica.socket);
     }
 
+    /// A terminal the agent serves itself (`terminal.rs`): its shells are the lease's processes,
+    /// started per browser; nothing runs between them, so there is nothing to restart.
+    async fn serve_terminal(self: Arc<Self>, service: Arc<Service>, generation: Arc<Generation>, k: usize) {
+        let replica = generation.replicas[k].clone();
+        let mut stop = generation.stop.subscribe();
+        let started = async {
+            let lease = self.live_lease(service.lease).ok_or_else(|| format!("lease {} is not live on this node", service.lease))?;
+            let sandbox = self.access.sandbox(&lease).map_err(|e| format!("the lease's sandbox: {e}"))?;
+            let _ = std::fs::remove_file(&replica.socket);
+            let listener = tokio::net::UnixListener::bind(&replica.socket).map_err(|e| format!("{}: {e}", replica.socket.display()))?;
+            std::fs::set_permissions(&replica.socket, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+            Ok::<_, String>((listener, crate::terminal::router(lease, sandbox, self.access.config.shell.clone())))
+        };
+        match started.await {
+            Err(e) => service.log.note(&format!("the terminal did not start: {e}")),
+            Ok((listener, app)) => {
+                replica.ready.store(true, Ordering::Relaxed);
+                service.log.note(&format!("the terminal of generation {} answers", generation.number));
+                let served = axum::serve(listener, app).with_graceful_shutdown(async move { stopped(&mut stop).await }).await;
+                replica.ready.store(false, Ordering::Relaxed);
+                service.log.note(&format!(
+                    "the terminal of generation {} stopped{}",
+                    generation.number,
+                    served.err().map(|e| format!(": {e}")).unwrap_or_default()
+                ));
+            }
+        }
+        let _ = std::fs::remove_file(&replica.socket);
+    }
+
     /// Starts replica `k`: its files copied into the lease's home, its socket bound here and
     /// handed over, its output into the service's log.
     async fn spawn(&self, service: &Arc<Service>, generation: &Generation, k: usize, lease: &LiveLease) -> Result<tokio::process::Child, String> {
@@ -336,29 +371,51 @@ impl Services {
         let home = LeaseDir::open_home(&account.home, account.uid, account.gid).map_err(|e| e.to_string())?;
         let rel = PathBuf::from(".suanli-services").join(service.id.to_string()).join(format!("g{}", generation.number));
         let dir = home.make_dirs(&rel).map_err(|e| e.to_string())?;
-        let (program, args) = match &generation.spec.kind {
+        let _ = std::fs::remove_file(&replica.socket);
+        let listener = std::os::unix::net::UnixListener::bind(&replica.socket).map_err(|e| format!("{}: {e}", replica.socket.display()))?;
+        std::fs::set_permissions(&replica.socket, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+        let listener = Arc::new(OwnedFd::from(listener));
+        let listen = format!("fd:{}", listener.as_raw_fd());
+        let (program, args): (PathBuf, Vec<String>) = match &generation.spec.kind {
             ServiceKind::ClassifierDemo { files } => {
                 for (name, sha256) in files {
                     copy_in(&self.files_dir(service.id).join(sha256), &dir, name)?;
                 }
                 let binary = self.job_binary.clone().ok_or("suanli-job is not installed on this node")?;
-                let params = serde_json::json!({"model": dir.path(), "listen": "", "mode": "classify"});
-                (binary, params)
+                let params = serde_json::json!({"model": dir.path(), "listen": listen, "mode": "classify"});
+                (binary, vec!["--task".into(), "serve".into(), "--params-json".into(), params.to_string()])
             }
+            ServiceKind::Jupyter => {
+                let venv = self.templates.jupyterlab(|note| service.log.note(note)).await?;
+                // JupyterLab listens only on a path of its own: the bridge, as the lease's user,
+                // carries the handed-over socket's connections there (`bridge.rs`).
+                let socket = dir.path().join("jupyter.sock");
+                let agent = std::env::current_exe().map_err(|e| format!("the agent's own program: {e}"))?;
+                let mut args: Vec<String> =
+                    vec!["service-bridge".into(), "--listen".into(), listen, "--socket".into(), socket.display().to_string(), "--".into()];
+                args.push(venv.join("bin/jupyter-lab").display().to_string());
+                args.extend([
+                    "--no-browser".to_owned(),
+                    format!("--ServerApp.sock={}", socket.display()),
+                    "--ServerApp.sock_mode=0600".to_owned(),
+                    // The portal's proxy lets the lease's owner alone through, and only from
+                    // the service's own origin; JupyterLab's own token would ask them again.
+                    "--IdentityProvider.token=".to_owned(),
+                    "--ServerApp.password=".to_owned(),
+                    "--ServerApp.allow_origin=*".to_owned(),
+                    format!("--ServerApp.root_dir={}", account.home.display()),
+                ]);
+                (agent, args)
+            }
+            ServiceKind::Terminal => return Err("a terminal is served by the agent itself".to_owned()),
         };
-        let _ = std::fs::remove_file(&replica.socket);
-        let listener = std::os::unix::net::UnixListener::bind(&replica.socket).map_err(|e| format!("{}: {e}", replica.socket.display()))?;
-        std::fs::set_permissions(&replica.socket, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
-        let listener = Arc::new(OwnedFd::from(listener));
-        let mut params = args;
-        params["listen"] = serde_json::Value::String(format!("fd:{}", listener.as_raw_fd()));
         let card = lease.card_indexes.get(k % lease.card_indexes.len().max(1)).map(u32::to_string).unwrap_or_default();
         let mut env = crate::access::gateway::session_env(lease, &[("SUANLI_SERVICE_ID".to_owned(), service.id.to_string())]);
         env.retain(|(key, _)| key != "CUDA_VISIBLE_DEVICES");
         env.push(("CUDA_VISIBLE_DEVICES".to_owned(), card));
         let mut command = tokio::process::Command::new(&program);
         command
-            .args(["--task", "serve", "--params-json", &params.to_string()])
+            .args(&args)
             .env_clear()
             .envs(env)
             .current_dir(dir.path())
@@ -455,12 +512,20 @@ async fn terminate(child: &mut tokio::process::Child) {
     let _ = child.kill().await;
 }
 
-/// Resolves `true` once `GET /v1/health` on the socket answers 200, `false` after
+/// Where a service of `kind` says it is up.
+fn health_path(kind: &ServiceKind) -> &'static str {
+    match kind {
+        ServiceKind::ClassifierDemo { .. } | ServiceKind::Terminal => "/v1/health",
+        ServiceKind::Jupyter => "/api",
+    }
+}
+
+/// Resolves `true` once `GET <path>` on the socket answers 200, `false` after
 /// [`START_TIMEOUT`].
-async fn healthy(socket: &Path) -> bool {
+async fn healthy(socket: &Path, path: &str) -> bool {
     let deadline = Instant::now() + START_TIMEOUT;
     while Instant::now() < deadline {
-        if health_check(socket).await {
+        if health_check(socket, path).await {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -468,10 +533,10 @@ async fn healthy(socket: &Path) -> bool {
     false
 }
 
-async fn health_check(socket: &Path) -> bool {
+async fn health_check(socket: &Path, path: &str) -> bool {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let Ok(Ok(mut stream)) = tokio::time::timeout(Duration::from_secs(2), tokio::net::UnixStream::connect(socket)).await else { return false };
-    if stream.write_all(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.is_err() {
+    if stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await.is_err() {
         return false;
     }
     let mut head = [0u8; 12];
@@ -527,7 +592,10 @@ async fn ensure(State(services): State<Arc<Services>>, UrlPath(id): UrlPath<u64>
     if spec.replicas as usize > lease.card_indexes.len().max(1) {
         return refusal(StatusCode::BAD_REQUEST, "BAD_SPEC", format!("{} replicas on {} card(s) of the lease here", spec.replicas, lease.card_indexes.len()));
     }
-    if services.job_binary.is_none() {
+    if spec.kind == ServiceKind::Terminal && spec.replicas != 1 {
+        return refusal(StatusCode::BAD_REQUEST, "BAD_SPEC", "a terminal has one replica");
+    }
+    if matches!(spec.kind, ServiceKind::ClassifierDemo { .. }) && services.job_binary.is_none() {
         return refusal(StatusCode::SERVICE_UNAVAILABLE, "NOT_INSTALLED", "suanli-job is not installed on this node");
     }
     if let Some(missing) = spec.kind.files().iter().find(|(_, sha)| !services.files_dir(id).join(sha).is_file()) {

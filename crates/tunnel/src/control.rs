@@ -40,12 +40,20 @@ pub enum ServiceKind {
     /// `suanli-job serve` of a classifier (its `model.json` and `model.safetensors`), put with
     /// `files/{name}` first: `files` maps each name to its SHA-256.
     ClassifierDemo { files: BTreeMap<String, String> },
+    /// A terminal in the browser: each WebSocket at `/pty` a login shell of the lease's user.
+    Terminal,
+    /// JupyterLab, in the lease's home, on the node's Python (and PyTorch).
+    Jupyter,
 }
+
+/// No files.
+static NONE: BTreeMap<String, String> = BTreeMap::new();
 
 impl ServiceKind {
     pub fn files(&self) -> &BTreeMap<String, String> {
         match self {
             ServiceKind::ClassifierDemo { files } => files,
+            ServiceKind::Terminal | ServiceKind::Jupyter => &NONE,
         }
     }
 }
@@ -143,6 +151,9 @@ mod golden_tests {
             [path::service(9), path::file(9, "model.json", "ab"), path::log(9)],
             ["/v1/services/9", "/v1/services/9/files/model.json?sha256=ab", "/v1/services/9/log"]
         );
+        let terminal = ServiceSpec { lease: 7, generation: 1, replicas: 1, kind: ServiceKind::Terminal };
+        assert_eq!(serde_json::to_string(&terminal).unwrap(), r#"{"lease":7,"generation":1,"replicas":1,"kind":{"kind":"terminal"}}"#);
+        assert_eq!(serde_json::to_string(&ServiceKind::Jupyter).unwrap(), r#"{"kind":"jupyter"}"#);
         assert!(
             serde_json::from_str::<ServiceSpec>(r#"{"lease":7,"generation":2,"replicas":1,"kind":{"kind":"unknown"}}"#).is_err(),
             "an unknown kind is refused"

@@ -16,7 +16,7 @@ use super::{ApiJson, ApiPath};
 use crate::auth::{Principal, Researcher};
 use crate::db::{new_public_id, now_ms, opt_i64, opt_str};
 use crate::error::{ApiError, ApiResult, Code};
-use crate::model::ServiceVisibility;
+use crate::model::{ServiceKindName, ServiceVisibility};
 use crate::services::{Deployment, CLASSIFIER_FILES};
 use crate::state::AppState;
 use suanli_tunnel::control::{ServiceKind, ServiceSpec};
@@ -29,11 +29,17 @@ const DEFAULT_RATE_PER_MINUTE: u32 = 600;
 
 #[derive(Deserialize, ToSchema)]
 pub struct CreateService {
-    /// An active lease of the caller's; the demo runs on its first node.
+    /// An active lease of the caller's; the service runs on its first node.
     pub lease_id: u64,
-    /// A model of the caller's whose version is a classifier `suanli-job` trained (its job left
-    /// `model.json` and `model.safetensors`).
-    pub model: String,
+    /// `classifier_demo` (the default): a model's demo; `terminal`: a login shell of the
+    /// lease's account in the browser; `jupyter`: JupyterLab in the lease's home (these two
+    /// private only).
+    #[serde(default)]
+    pub kind: Option<ServiceKindName>,
+    /// For a demo: a model of the caller's whose version is a classifier `suanli-job` trained
+    /// (its job left `model.json` and `model.safetensors`).
+    #[serde(default)]
+    pub model: Option<String>,
     /// 0 or absent: the serving version, else the latest.
     #[serde(default)]
     pub version: u32,
@@ -185,27 +191,35 @@ pub async fn create(State(state): State<AppState>, Researcher(p): Researcher, Ap
         return Err(ApiError::broker(ErrorCode::InvalidTransition, format!("lease {} is {}: a service runs on an active lease", lease.lease_id, lease.state)));
     }
     let node = *lease.node_ids.first().ok_or_else(|| ApiError::internal("an active lease without a node"))?;
-    let (version, job_id, files) = classifier_files(&state, &p, &req.model, req.version).await?;
+    let kind = req.kind.unwrap_or(ServiceKindName::ClassifierDemo);
+    let visibility = req.visibility.unwrap_or(ServiceVisibility::Private);
+    let (model, version, job_id, files, kind_spec) = match kind {
+        ServiceKindName::ClassifierDemo => {
+            let model = req.model.clone().ok_or_else(|| ApiError::field("model", "a demo needs the model to serve"))?;
+            let (version, job_id, files) = classifier_files(&state, &p, &model, req.version).await?;
+            (Some(model), Some(version), job_id, files.clone(), ServiceKind::ClassifierDemo { files })
+        }
+        ServiceKindName::Terminal | ServiceKindName::Jupyter => {
+            // A shell or a notebook as the lease's account is its owner's alone, whatever is asked.
+            if visibility != ServiceVisibility::Private || replicas != 1 {
+                return Err(ApiError::field("visibility", format!("a {kind} is private, with one replica")));
+            }
+            (None, None, 0, BTreeMap::new(), if kind == ServiceKindName::Terminal { ServiceKind::Terminal } else { ServiceKind::Jupyter })
+        }
+    };
     let id = new_public_id();
     let slug = crate::services::new_slug();
-    let visibility = req.visibility.unwrap_or(ServiceVisibility::Private);
-    let d = Deployment {
-        id,
-        owner: p.user,
-        node,
-        job_id,
-        spec: ServiceSpec { lease: lease.lease_id, generation: 1, replicas, kind: ServiceKind::ClassifierDemo { files: files.clone() } },
-    };
+    let d = Deployment { id, owner: p.user, node, job_id, spec: ServiceSpec { lease: lease.lease_id, generation: 1, replicas, kind: kind_spec } };
     sqlx::query(
         "INSERT INTO services (id, owner_id, lease_id, node_id, kind, model_name, model_version, job_id, files, visibility, slug, generation, replicas, rate_per_minute, state, created_ms)
-         VALUES ($1, $2, $3, $4, 'classifier_demo', $5, $6, $7, $8, $9, $10, 1, $11, $12, 'running', $13)",
+         VALUES ($1, $2, $3, $4, $14, $5, $6, $7, $8, $9, $10, 1, $11, $12, 'running', $13)",
     )
     .bind(id)
     .bind(p.user.0)
     .bind(lease.lease_id as i64)
     .bind(node as i64)
-    .bind(&req.model)
-    .bind(i64::from(version))
+    .bind(model)
+    .bind(version.map(i64::from))
     .bind(job_id as i64)
     .bind(serde_json::to_string(&files).map_err(ApiError::internal)?)
     .bind(visibility.as_str())
@@ -213,6 +227,7 @@ pub async fn create(State(state): State<AppState>, Researcher(p): Researcher, Ap
     .bind(i64::from(replicas))
     .bind(i64::from(rate))
     .bind(now_ms())
+    .bind(kind.as_str())
     .execute(&state.db.pool)
     .await?;
     // A service its node was not told of is not kept: the caller sees why and nothing remains.
@@ -261,6 +276,11 @@ pub async fn update(
     let view = own(&state, &p, id).await?;
     if view.state != "running" {
         return Err(crate::services::gone());
+    }
+    if ServiceKindName::parse(&view.kind).is_some_and(ServiceKindName::private_only)
+        && (req.version.is_some() || req.visibility.is_some_and(|v| v != ServiceVisibility::Private))
+    {
+        return Err(ApiError::field("visibility", format!("a {} is private and has no model version", view.kind)));
     }
     if let Some(version) = req.version.filter(|v| *v != view.version) {
         let (version, job_id, files) = classifier_files(&state, &p, &view.model, version).await?;

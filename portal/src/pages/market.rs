@@ -576,6 +576,16 @@ pub async fn lease_page(
                 @if a.nodes.is_empty() { p { (ctx.t(Msg::None)) } }
                 @if researcher {
                     (api_form(&format!("/api/v1/leases/{id}/password"), "POST", None, Some("password"), ctx.t(Msg::NewPassword), html! {}))
+                    @if state.services.enabled() {
+                        @for (class, kind, label) in [("open-terminal", "terminal", ctx.t(Msg::OpenTerminal)), ("open-jupyter", "jupyter", ctx.t(Msg::OpenJupyter))] {
+                            div class=(class) {
+                                (api_form("/api/v1/services", "POST", Some("/services/{service_id}/open"), None, label, html! {
+                                    input type="hidden" name="kind" value=(kind);
+                                    input type="hidden" name="lease_id" value=(id) data-type="number";
+                                }))
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -12,10 +12,17 @@ use crate::api::services::ServiceView;
 use crate::api::ApiPath;
 use crate::auth::MaybePrincipal;
 use crate::i18n::{datetime, Msg};
-use crate::services::{Published, DEMO_SCRIPT_PATH, LOGIN_PATH};
+use crate::model::ServiceKindName;
+use crate::services::{Published, LOGIN_PATH};
 use crate::state::AppState;
 
-pub const DEMO_JS: &str = include_str!("../../static/demo.js");
+/// The files the portal serves under `/.suanli/` on services' origins.
+const DEMO_JS: &str = include_str!("../../static/demo.js");
+const TERMINAL_JS: &str = include_str!("../../static/terminal.js");
+/// xterm.js 6.0.0 and its fit addon, from npm (`ops/vendor-web-deps`; MIT, `vendor/xterm/LICENSE`).
+const XTERM_JS: &str = include_str!("../../static/vendor/xterm/xterm.js");
+const XTERM_CSS: &str = include_str!("../../static/vendor/xterm/xterm.css");
+const XTERM_FIT_JS: &str = include_str!("../../static/vendor/xterm/addon-fit.js");
 
 /// `GET /services/{id}/open`: the owner goes to the service's origin with a grant (one use, a
 /// minute), which becomes that origin's cookie. Anyone else's service is not found.
@@ -53,7 +60,11 @@ pub fn services_table(ctx: &Ctx, services: &[ServiceView]) -> Markup {
             tbody {
                 @for s in services {
                     tr data-service=(s.service_id) data-state=(s.state) {
-                        td { a href={ "/models/" (super::urlencode(&s.model)) } { (s.model) } " v" (s.version) }
+                        td {
+                            @if s.kind == ServiceKindName::Terminal.as_str() { (t(Msg::Terminal)) }
+                            @else if s.kind == ServiceKindName::Jupyter.as_str() { "JupyterLab" }
+                            @else { a href={ "/models/" (super::urlencode(&s.model)) } { (s.model) } " v" (s.version) }
+                        }
                         td { a href={ "/leases/" (s.lease_id) } { "lease-" (s.lease_id) } }
                         td { (s.visibility.as_str()) }
                         td { (s.state) @if let Some(why) = &s.stop_reason { br; small { (why) } } }
@@ -72,11 +83,59 @@ pub fn services_table(ctx: &Ctx, services: &[ServiceView]) -> Markup {
     }
 }
 
-/// A demo's own pages on its origin: `/` (choose an image, see its classes) and its script.
-pub fn demo(service: &Published, path: &str) -> Response {
-    if path == DEMO_SCRIPT_PATH {
-        return ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], DEMO_JS).into_response();
-    }
+/// What the portal serves itself on a service's origin: its front page (`/`) by kind, and the
+/// files under `/.suanli/`.
+pub fn on_origin(service: &Published, path: &str) -> Response {
+    let file =
+        |content_type: &'static str, body: &'static str| ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response();
+    let mut response = match (service.kind, path) {
+        (ServiceKindName::ClassifierDemo, "/") => demo_page(service),
+        (ServiceKindName::ClassifierDemo, "/.suanli/demo.js") => file("text/javascript; charset=utf-8", DEMO_JS),
+        (ServiceKindName::Terminal, "/") => terminal_page(),
+        (ServiceKindName::Terminal, "/.suanli/terminal.js") => file("text/javascript; charset=utf-8", TERMINAL_JS),
+        (ServiceKindName::Terminal, "/.suanli/xterm.js") => file("text/javascript; charset=utf-8", XTERM_JS),
+        (ServiceKindName::Terminal, "/.suanli/addon-fit.js") => file("text/javascript; charset=utf-8", XTERM_FIT_JS),
+        (ServiceKindName::Terminal, "/.suanli/xterm.css") => file("text/css; charset=utf-8", XTERM_CSS),
+        _ => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+    };
+    let h = response.headers_mut();
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' blob: data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+        ),
+    );
+    response
+}
+
+/// A terminal's page: xterm.js, connected to `/pty`.
+fn terminal_page() -> Response {
+    let markup = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { "Terminal · Suanli" }
+                link rel="stylesheet" href="/.suanli/xterm.css";
+                script src="/.suanli/xterm.js" defer {}
+                script src="/.suanli/addon-fit.js" defer {}
+                script src="/.suanli/terminal.js" defer {}
+            }
+            body style="margin: 0; background: #000; height: 100vh; display: flex; flex-direction: column" {
+                p #status style="color: #ccc; font-family: sans-serif; margin: 0.25rem" {}
+                div #terminal style="flex: 1" {}
+            }
+        }
+    };
+    Html(markup.into_string()).into_response()
+}
+
+/// A demo's page: choose an image, see its classes.
+fn demo_page(service: &Published) -> Response {
     let title = format!("{} v{}", service.model, service.version);
     let markup = html! {
         (DOCTYPE)
@@ -85,7 +144,7 @@ pub fn demo(service: &Published, path: &str) -> Response {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · Suanli demo" }
-                script src=(DEMO_SCRIPT_PATH) defer {}
+                script src="/.suanli/demo.js" defer {}
             }
             body style="font-family: sans-serif; max-width: 40rem; margin: 2rem auto" {
                 h1 { (service.model) " " small { "v" (service.version) } }
@@ -99,14 +158,5 @@ pub fn demo(service: &Published, path: &str) -> Response {
             }
         }
     };
-    let mut response = Html(markup.into_string()).into_response();
-    let h = response.headers_mut();
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static("default-src 'self'; script-src 'self'; style-src 'unsafe-inline'; img-src 'self' blob: data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
-    );
-    response
+    Html(markup.into_string()).into_response()
 }

@@ -3,6 +3,8 @@
 //! Class B cluster, and a funded researcher holding one active lease per node.
 #![allow(dead_code)] // each test takes what it needs
 
+pub mod services;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -323,4 +325,17 @@ pub async fn signed_in_browser(portal: &str) -> suanli_testkit::webdriver::Brows
     browser.click("form.api button[type=submit]").await.expect("submit");
     browser.wait_for("button[data-logout]", WAIT).await.expect("signed in");
     browser
+}
+
+/// The project's PyTorch (ops/setup-torch; .ci/run sets `SUANLI_TORCH_VENV`) as a lease's
+/// account can run it: the system's interpreter of the venv's version and the venv's packages
+/// (the venv's own interpreter may link into a home other accounts cannot enter, as pyenv's
+/// under /root does); `None` without the venv or that interpreter.
+pub fn system_python_of_the_venv() -> Option<(PathBuf, PathBuf)> {
+    let venv = PathBuf::from(std::env::var_os("SUANLI_TORCH_VENV")?);
+    let config = std::fs::read_to_string(venv.join("pyvenv.cfg")).ok()?;
+    let version = config.lines().find_map(|l| l.strip_prefix("version").map(|v| v.trim_start_matches([' ', '=']).trim().to_owned()))?;
+    let minor = version.splitn(3, '.').take(2).collect::<Vec<_>>().join(".");
+    let (interpreter, packages) = (PathBuf::from(format!("/usr/bin/python{minor}")), venv.join(format!("lib/python{minor}/site-packages")));
+    (interpreter.is_file() && packages.is_dir()).then_some((interpreter, packages))
 }

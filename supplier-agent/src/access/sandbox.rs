@@ -129,6 +129,24 @@ pub fn hand_over(command: &mut tokio::process::Command, listener: std::sync::Arc
     }
 }
 
+/// The listening Unix socket at descriptor `fd` that this process was started with
+/// ([`hand_over`]): what `suanli-agent service-bridge` serves, as the lease's user.
+pub fn inherited_listener(fd: i32) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::fd::FromRawFd as _;
+    // Only a descriptor past the standard streams, and open: ownership of a closed number could
+    // later be claimed by another file this process opens.
+    if fd < 3 || !Path::new(&format!("/proc/self/fd/{fd}")).exists() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("fd:{fd} is not a descriptor this process was given")));
+    }
+    // SAFETY: the descriptor is open and was handed to this process at its start to own;
+    // nothing else in the process uses it.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    // A descriptor that is not a Unix socket fails here.
+    listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(listener)
+}
+
 /// `/proc/self/fd/<fd>` in `buf`, without allocating (this runs between fork and exec).
 fn fd_path(fd: i32, buf: &mut [u8; 32]) -> &CStr {
     const PREFIX: &[u8] = b"/proc/self/fd/";

@@ -1,0 +1,211 @@
+//! A world whose agents keep a tunnel to a portal that publishes services on leased cards
+//! (`tests/services.rs`, `benches/services.rs`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use suanli_testkit::eventually;
+use suanli_testkit::portal::{researcher_portal, PortalProcess};
+
+use super::{wait_done, World, WAIT};
+
+/// Two cards per node: the demo's update runs two generations side by side on one of them.
+pub const CARDS: u32 = 2;
+
+/// A world with a trained classifier registered twice (versions 1 and 2 of `digits-cls`: the
+/// same weights, so that an update changes the process, not the answers), and a portal that
+/// publishes services under `localhost`.
+pub struct Stage {
+    pub w: World,
+    pub portal: PortalProcess,
+    /// The researcher's API token at the portal.
+    pub token: String,
+    pub port: u16,
+    pub data: PathBuf,
+    pub job: u64,
+}
+
+/// The world and its portal; with `model`, a classifier trained and registered too (`None`
+/// where the CV data is missing, outside CI).
+pub async fn stage(model: bool) -> Option<Stage> {
+    let data = if model { super::cv_data()? } else { PathBuf::new() };
+    if !suanli_testkit::require_root("lease accounts (Unix users)") {
+        return None;
+    }
+    // The agents are told the portal's address before it runs; they dial until it does.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port();
+    let address = format!("127.0.0.1:{port}");
+    // JupyterLab's environment is made once per machine (kept between runs), with the system's
+    // interpreter of the project's venv's version and the venv's packages (its PyTorch).
+    let mut flags: Vec<String> = vec!["--portal".into(), address.clone(), "--templates-dir".into(), "/var/tmp/suanli-cache/agent-templates".into()];
+    if let Some((python, packages)) = super::system_python_of_the_venv() {
+        flags.extend(["--jupyter-python".into(), python.display().to_string(), "--jupyter-packages".into(), packages.display().to_string()]);
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let w = World::start_with(1, CARDS, 1, &flags).await;
+    let job = if model { train(&w, &data).await } else { 0 };
+    let broker_url = format!("http://{}", w.broker.address(1).expect("address"));
+    let tunnel_key = w.dir.path().join("tunnel-key").display().to_string();
+    let more = ["--artifacts-url", w.artifacts.as_str(), "--listen", &address, "--tunnel-key-file", &tunnel_key, "--services-domain", "localhost"];
+    let researcher = (w.researcher_id, w.researcher_token.as_str());
+    let (portal, token) =
+        researcher_portal(w.dir.path(), &broker_url, suanli_testkit::cluster::PLATFORM_TOKEN, researcher, suanli_portal::demo::DEMO_PASSWORD, &more)
+            .await
+            .expect("portal");
+    let stage = Stage { w, portal, token, port, data, job };
+    if model {
+        for _ in 0..2 {
+            let (status, body) = stage.api("POST", "/api/v1/models", Some(json!({"name": "digits-cls", "job_id": job, "output": "model.safetensors"}))).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+        }
+    }
+    Some(stage)
+}
+
+/// A small classifier of the test data's digits, trained on the world's lease; its job.
+async fn train(w: &World, data: &Path) -> u64 {
+    let mut jobs = w.jobs(&w.researcher_token).await;
+    let spec = json!({
+        "name": "digits", "kind": "training",
+        "resources": { "cards": 1 },
+        "run": { "builtin": { "task": "train_classifier", "params": {
+            "data": data.join("digits/images").display().to_string(),
+            "training.model": r#"{"arch": "small_cnn", "width": 16}"#,
+            "training.optimizer": r#"{"kind": "adam", "lr": 0.003}"#,
+            "training.epochs": "3",
+            "training.batch_size": "64",
+        } } },
+        "outputs": ["model.json", "model.safetensors", "metrics.json"],
+        "max_attempts": 1,
+    });
+    let job = w.submit(&mut jobs, "digits", &spec).await.job_id;
+    let done = wait_done(&mut jobs, 1, Duration::from_secs(300)).await;
+    let trained = done.iter().find(|j| j.job_id == job).expect("the job");
+    assert_eq!(trained.state, "succeeded", "{trained:?}\n{}", w.logs());
+    job
+}
+
+impl Stage {
+    /// A call to the portal's API with the researcher's token.
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.api_as(&self.token, method, path, body).await
+    }
+
+    pub async fn api_as(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = reqwest::Client::new().request(method, format!("{}{path}", self.portal.url)).bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("portal answers");
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// A client (keeping cookies, following redirects) that reaches the service origin `url`
+    /// (a `*.localhost` name) at the portal.
+    pub fn client_for(&self, url: &str) -> reqwest::Client {
+        self.builder_for(url).build().expect("client")
+    }
+
+    /// As [`Stage::client_for`], answering redirects to the caller.
+    pub fn client_for_without_redirects(&self, url: &str) -> reqwest::Client {
+        self.builder_for(url).redirect(reqwest::redirect::Policy::none()).build().expect("client")
+    }
+
+    fn builder_for(&self, url: &str) -> reqwest::ClientBuilder {
+        let host = url.trim_start_matches("http://").split([':', '/']).next().expect("host").to_owned();
+        reqwest::Client::builder().cookie_store(true).resolve(&host, std::net::SocketAddr::from(([127, 0, 0, 1], self.port)))
+    }
+
+    /// Deploys `digits-cls` on the lease; waits until the node's tunnel is open and the demo
+    /// answers. Returns the service's view.
+    pub async fn deploy(&self, visibility: &str) -> Value {
+        self.create(json!({"lease_id": self.w.leases[0], "model": "digits-cls", "version": 1, "visibility": visibility})).await
+    }
+
+    /// Creates a service (trying again while the node's tunnel is not open yet) and waits until
+    /// it answers.
+    pub async fn create(&self, body: Value) -> Value {
+        let created = eventually(WAIT, Duration::from_millis(500), || {
+            let body = body.clone();
+            async move {
+                let (status, view) = self.api("POST", "/api/v1/services", Some(body)).await;
+                // 503 until the agent's tunnel is open: nothing is kept, so it is tried again.
+                match status {
+                    StatusCode::CREATED => Some(view),
+                    StatusCode::SERVICE_UNAVAILABLE => None,
+                    other => panic!("deploying: {other} {view}"),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("the demo was deployed: {e}\n{}", self.w.logs()));
+        self.wait_ready(created["service_id"].as_u64().expect("id"), 1).await;
+        created
+    }
+
+    /// Waits until the agent says the service's `generation` answers (a JupyterLab may first be
+    /// installed on the node: minutes, once per machine).
+    pub async fn wait_ready(&self, id: u64, generation: u64) -> Value {
+        eventually(Duration::from_secs(600), Duration::from_millis(300), || async move {
+            let (_, view) = self.api("GET", &format!("/api/v1/services/{id}"), None).await;
+            (view["live"]["state"] == "ready" && view["live"]["generation"] == generation).then_some(view)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("service {id} generation {generation} answers: {e}\n{}", self.w.logs()))
+    }
+
+    /// An image of the digit 7 from the test data.
+    pub fn seven(&self) -> (PathBuf, Vec<u8>) {
+        let dir = self.data.join("digits/images/7");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).expect("sevens").flatten().map(|e| e.path()).collect();
+        files.sort();
+        let path = files.into_iter().next().expect("a seven");
+        let bytes = std::fs::read(&path).expect("image");
+        (path, bytes)
+    }
+
+    /// What `suanli-job infer` says of `image` with the trained model (its files from the job).
+    pub async fn infer(&self, image: &Path) -> Value {
+        let dir = self.w.dir.path().join("infer");
+        let (model, input) = (dir.join("model"), dir.join("input"));
+        std::fs::create_dir_all(&model).expect("model dir");
+        std::fs::create_dir_all(&input).expect("input dir");
+        std::fs::copy(image, input.join("seven.png")).expect("image");
+        for name in ["model.json", "model.safetensors"] {
+            let bytes = reqwest::Client::new()
+                .get(format!("{}/api/v1/jobs/{}/outputs/{name}", self.portal.url, self.job))
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .expect("output")
+                .bytes()
+                .await
+                .expect("bytes");
+            std::fs::write(model.join(name), bytes).expect("write");
+        }
+        let params = json!({"model": model, "input": input, "top_k": 3, "output": dir.join("out")}).to_string();
+        let job = super::cv_job_binary().expect("suanli-job");
+        let run = tokio::process::Command::new(job).args(["--task", "infer", "--params-json", &params]).output().await.expect("suanli-job infer");
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let out: Value = serde_json::from_slice(&std::fs::read(dir.join("out/predictions.json")).expect("predictions")).expect("json");
+        out["predictions"][0].clone()
+    }
+}
+
+/// A signed-in session at the portal (its cookie), which also reaches `service_url`.
+pub async fn session(stage: &Stage, service_url: &str, login: &str) -> reqwest::Client {
+    let http = stage.client_for(service_url);
+    let answer = http
+        .post(format!("{}/api/v1/session", stage.portal.url))
+        .json(&json!({"login": login, "password": suanli_portal::demo::DEMO_PASSWORD}))
+        .send()
+        .await
+        .expect("sign in");
+    assert!(answer.status().is_success(), "{login} signs in: {}", answer.status());
+    http
+}
