@@ -44,6 +44,8 @@ use crate::state::AppState;
 
 /// The cookie a service's origin keeps its visitor's grant in (host-only, that origin's).
 pub const SERVICE_COOKIE: &str = "suanli-service";
+/// The `t` of a sealed grant.
+const GRANT_PURPOSE: &str = "service-visit";
 /// Where a service's origin takes a grant from the portal.
 pub const LOGIN_PATH: &str = "/.suanli/login";
 /// Where the pages the portal serves on a service's origin keep their files (the rest of the
@@ -51,11 +53,17 @@ pub const LOGIN_PATH: &str = "/.suanli/login";
 pub const ASSETS_PREFIX: &str = "/.suanli/";
 /// How long a grant from `/services/{id}/open` may wait to be used.
 const GRANT_LIFETIME_MS: i64 = 60_000;
-/// How long a visitor's cookie on a service's origin lasts.
-const VISIT_LIFETIME_MS: i64 = 12 * 3600 * 1000;
+/// How long a visitor's cookie on a service's origin lasts (it is not revoked with the portal
+/// session it came from: kept short).
+const VISIT_LIFETIME_MS: i64 = 2 * 3600 * 1000;
 /// How long what the proxy read of a service is trusted before it is read again (a stop takes
 /// effect within this).
 const CACHE_FOR: Duration = Duration::from_secs(1);
+/// Services the proxy remembers at most (beyond, what is stale is dropped).
+const CACHE_ENTRIES: usize = 10_000;
+/// How long an agent has to answer a control request, and to take a file.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(20);
+const FILE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// How often the sweeper writes counts and looks for leases that ended.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// The classifier's files `suanli-job serve` loads.
@@ -109,6 +117,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[derive(Serialize, Deserialize)]
 struct Grant {
+    /// What it is for ([`GRANT_PURPOSE`]), so nothing else the portal seals with its keys passes
+    /// for one.
+    t: String,
     /// The service.
     s: i64,
     /// The user.
@@ -126,7 +137,13 @@ impl ServiceHub {
     pub fn new(domain: Option<String>, public_url: &str) -> ServiceHub {
         let (scheme, rest) = public_url.split_once("://").unwrap_or(("http", public_url));
         let authority = rest.split('/').next().unwrap_or_default();
-        let port = authority.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map(|(_, p)| format!(":{p}")).unwrap_or_default();
+        let default_port = if scheme == "https" { "443" } else { "80" };
+        // The port as browsers write it in `Origin`: none when it is the scheme's own.
+        let port = authority
+            .rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()) && *p != default_port)
+            .map(|(_, p)| format!(":{p}"))
+            .unwrap_or_default();
         ServiceHub {
             domain: domain.map(|d| d.trim_matches('.').to_ascii_lowercase()).filter(|d| !d.is_empty()),
             scheme: scheme.to_owned(),
@@ -226,7 +243,14 @@ async fn published(state: &AppState, slug: &str) -> ApiResult<Option<Arc<Publish
     }
     let row = sqlx::query(&format!("SELECT {PUBLISHED_COLUMNS} FROM services WHERE slug = $1")).bind(slug).fetch_optional(&state.db.pool).await?;
     let known = row.as_ref().map(published_of).transpose()?.map(Arc::new);
-    lock(&state.services.cache).insert(slug.to_owned(), (Instant::now(), known.clone()));
+    // Only services are remembered (a name nobody has is asked about again), and not too many.
+    if known.is_some() {
+        let mut cache = lock(&state.services.cache);
+        if cache.len() >= CACHE_ENTRIES {
+            cache.retain(|_, (at, _)| at.elapsed() < CACHE_FOR);
+        }
+        cache.insert(slug.to_owned(), (Instant::now(), known.clone()));
+    }
     Ok(known)
 }
 
@@ -246,35 +270,24 @@ fn page_error(status: StatusCode, message: &str) -> Response {
     response
 }
 
-/// How a visitor showed who they are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Credential {
-    /// The origin's own cookie, from a grant.
-    Cookie,
-    /// A portal API token in `Authorization` (taken off before the request goes on).
-    Token,
-}
-
-/// Who the visitor is, by the origin's cookie or a portal API token (`None`: anonymous).
-async fn visitor(state: &AppState, service: &Published, headers: &HeaderMap) -> ApiResult<Option<(UserId, Credential)>> {
-    if let Some(cookie) = crate::auth::cookie_value(headers, SERVICE_COOKIE) {
-        if let Ok(grant) = state.keys.open(&cookie).map_err(|_| ()).and_then(|g| serde_json::from_str::<Grant>(&g).map_err(|_| ())) {
-            if grant.s == service.id && grant.e > now_ms() {
-                return Ok(Some((UserId(grant.u), Credential::Cookie)));
-            }
-        }
-    }
-    if headers.get(header::AUTHORIZATION).is_some() {
+/// Who the visitor is (`None`: anonymous), and whether their `Authorization` is a portal API
+/// token, which is then taken off the request whoever it names (a service never sees one).
+async fn visitor(state: &AppState, service: &Published, headers: &HeaderMap) -> (Option<UserId>, bool) {
+    let mut by_token = None;
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
         let mut only_token = HeaderMap::new();
-        if let Some(v) = headers.get(header::AUTHORIZATION) {
-            only_token.insert(header::AUTHORIZATION, v.clone());
-        }
+        only_token.insert(header::AUTHORIZATION, v.clone());
         // A token that is not the portal's may be the service's own: not an error here.
         if let Ok(Some(p)) = crate::auth::resolve(state, &only_token).await {
-            return Ok(Some((p.user, Credential::Token)));
+            by_token = Some(p.user);
         }
     }
-    Ok(None)
+    let by_cookie = crate::auth::cookie_value(headers, SERVICE_COOKIE)
+        .and_then(|cookie| state.keys.open(&cookie).ok())
+        .and_then(|g| serde_json::from_str::<Grant>(&g).ok())
+        .filter(|g| g.t == GRANT_PURPOSE && g.s == service.id && g.e > now_ms())
+        .map(|g| UserId(g.u));
+    (by_token.or(by_cookie), by_token.is_some())
 }
 
 async fn visit(state: &AppState, slug: &str, mut request: Request) -> ApiResult<Response> {
@@ -295,8 +308,8 @@ async fn visit(state: &AppState, slug: &str, mut request: Request) -> ApiResult<
             return Ok(page_error(StatusCode::FORBIDDEN, "requests from other origins are refused"));
         }
     }
-    let who = visitor(state, &service, request.headers()).await?;
-    let owner = who.is_some_and(|(user, _)| user == service.owner);
+    let (who, portal_token) = visitor(state, &service, request.headers()).await;
+    let owner = who == Some(service.owner);
     if service.visibility == ServiceVisibility::Private && !owner {
         let open = format!("{}/services/{}/open", state.settings.public_url, service.id);
         return Ok(page_error(StatusCode::FORBIDDEN, &format!("this service is private: its owner opens it from {open}")));
@@ -313,7 +326,7 @@ async fn visit(state: &AppState, slug: &str, mut request: Request) -> ApiResult<
     if service.kind.has_portal_pages() && request.method() == Method::GET && (request.uri().path() == "/" || request.uri().path().starts_with(ASSETS_PREFIX)) {
         return Ok(crate::pages::services::on_origin(&service, request.uri().path()));
     }
-    strip_portal_credentials(request.headers_mut(), who.is_some_and(|(_, by)| by == Credential::Token));
+    strip_portal_credentials(request.headers_mut(), portal_token);
     let Some(tunnel) = state.tunnels.tunnel(service.node) else {
         return Ok(unavailable("the node this service runs on is not connected: try again shortly"));
     };
@@ -375,7 +388,8 @@ fn keep_host_only_cookies(headers: &mut HeaderMap) {
     let kept: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()
-        .filter(|v| !v.to_str().unwrap_or("domain=").split(';').skip(1).any(|attribute| attribute.trim().to_ascii_lowercase().starts_with("domain")))
+        // Unreadable ones go too.
+        .filter(|v| v.to_str().is_ok_and(|c| !c.split(';').skip(1).any(|attribute| attribute.trim().to_ascii_lowercase().starts_with("domain"))))
         .cloned()
         .collect();
     headers.remove(header::SET_COOKIE);
@@ -386,7 +400,7 @@ fn keep_host_only_cookies(headers: &mut HeaderMap) {
 
 /// A grant for `user` to `service`'s origin (what `/services/{id}/open` redirects with).
 pub fn grant(state: &AppState, service: i64, user: UserId) -> String {
-    let grant = Grant { s: service, u: user.0, e: now_ms() + GRANT_LIFETIME_MS, n: crate::crypto::random_token(12) };
+    let grant = Grant { t: GRANT_PURPOSE.into(), s: service, u: user.0, e: now_ms() + GRANT_LIFETIME_MS, n: crate::crypto::random_token(12) };
     state.keys.seal(&serde_json::to_string(&grant).unwrap_or_default())
 }
 
@@ -396,7 +410,7 @@ fn take_grant(state: &AppState, service: &Published, query: &str) -> Response {
     let sealed = query.split('&').find_map(|kv| kv.strip_prefix("grant=")).unwrap_or_default();
     let now = now_ms();
     let grant = state.keys.open(sealed).ok().and_then(|g| serde_json::from_str::<Grant>(&g).ok());
-    let Some(grant) = grant.filter(|g| g.s == service.id && g.e > now && !g.n.is_empty()) else {
+    let Some(grant) = grant.filter(|g| g.t == GRANT_PURPOSE && g.s == service.id && g.e > now && !g.n.is_empty()) else {
         return page_error(StatusCode::FORBIDDEN, "this link has expired or is not for this service: open the service again from the portal");
     };
     {
@@ -406,7 +420,7 @@ fn take_grant(state: &AppState, service: &Published, query: &str) -> Response {
             return page_error(StatusCode::FORBIDDEN, "this link was used already: open the service again from the portal");
         }
     }
-    let visit = Grant { s: service.id, u: grant.u, e: now + VISIT_LIFETIME_MS, n: String::new() };
+    let visit = Grant { t: GRANT_PURPOSE.into(), s: service.id, u: grant.u, e: now + VISIT_LIFETIME_MS, n: String::new() };
     let cookie_value = state.keys.seal(&serde_json::to_string(&visit).unwrap_or_default());
     let secure = if state.services.scheme == "https" { "; Secure" } else { "" };
     let cookie = format!("{SERVICE_COOKIE}={cookie_value}; Path=/; HttpOnly; SameSite=Lax{secure}; Max-Age={}", VISIT_LIFETIME_MS / 1000);
@@ -445,6 +459,14 @@ impl From<ControlFailure> for ApiError {
 
 /// One control request through the node's tunnel; the answer's body when it succeeded.
 async fn control(state: &AppState, node: u64, method: Method, uri: &str, body: Body) -> Result<axum::body::Bytes, ControlFailure> {
+    // A file (a model) may take a while; anything else answers at once or not at all.
+    let limit = if method == Method::PUT && uri.contains("/files/") { FILE_TIMEOUT } else { CONTROL_TIMEOUT };
+    tokio::time::timeout(limit, control_once(state, node, method, uri, body))
+        .await
+        .unwrap_or_else(|_| Err(ControlFailure::Other(format!("the agent did not answer within {} s", limit.as_secs()))))
+}
+
+async fn control_once(state: &AppState, node: u64, method: Method, uri: &str, body: Body) -> Result<axum::body::Bytes, ControlFailure> {
     let tunnel = state.tunnels.tunnel(node).ok_or(ControlFailure::NotConnected)?;
     let request = axum::http::Request::builder().method(method).uri(uri).body(body).map_err(|e| ControlFailure::Other(e.to_string()))?;
     let response = tunnel.forward(CONTROL_SERVICE, request).await.map_err(|e| ControlFailure::Other(e.to_string()))?;
@@ -469,18 +491,21 @@ async fn control(state: &AppState, node: u64, method: Method, uri: &str, body: B
 #[derive(Clone, Debug)]
 pub struct Deployment {
     pub id: i64,
+    /// Whether the table says it runs (else it stopped for good).
+    pub running: bool,
     pub owner: UserId,
     pub node: u64,
     pub job_id: u64,
     pub spec: ServiceSpec,
 }
 
-const DEPLOYMENT_COLUMNS: &str = "id, owner_id, node_id, lease_id, kind, job_id, generation, replicas, files";
+const DEPLOYMENT_COLUMNS: &str = "id, owner_id, node_id, lease_id, kind, job_id, generation, replicas, files, state";
 
 fn deployment_of(row: &sqlx::any::AnyRow) -> ApiResult<Deployment> {
     let files: BTreeMap<String, String> = serde_json::from_str(&row.try_get::<String, _>("files")?).map_err(ApiError::internal)?;
     Ok(Deployment {
         id: row.try_get("id")?,
+        running: row.try_get::<String, _>("state")? == "running",
         owner: UserId(row.try_get("owner_id")?),
         node: row.try_get::<i64, _>("node_id")? as u64,
         job_id: row.try_get::<i64, _>("job_id")? as u64,
@@ -569,32 +594,31 @@ pub async fn reconcile_node(state: AppState, node: u64) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let rows = match sqlx::query(&format!("SELECT {DEPLOYMENT_COLUMNS} FROM services WHERE node_id = $1 AND state = 'running'"))
-        .bind(node as i64)
-        .fetch_all(&state.db.pool)
-        .await
-    {
-        Ok(rows) => rows,
-        Err(e) => return tracing::warn!(node, error = %e, "services of a node not read"),
-    };
-    let mut should_run = std::collections::BTreeSet::new();
-    for row in rows {
-        match deployment_of(&row) {
-            Ok(d) => {
-                should_run.insert(d.id as u64);
-                if let Err(e) = deploy(&state, &d).await {
-                    tracing::warn!(node, service = d.id, error = %e, "a service was not sent to its node");
-                }
-            }
-            Err(e) => tracing::warn!(node, error = %e, "a service's row is unreadable"),
-        }
-    }
-    // What was stopped while the node was away stops now.
-    let running: Vec<ServiceStatus> = match control(&state, node, Method::GET, path::SERVICES, Body::empty()).await {
+    // What the node runs is asked first and the table read after: a service created meanwhile
+    // is then in the table, never taken for a stopped one.
+    let on_node: Vec<ServiceStatus> = match control(&state, node, Method::GET, path::SERVICES, Body::empty()).await {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
         Err(e) => return tracing::info!(node, error = %e, "the node's services were not listed"),
     };
-    for stale in running.iter().filter(|s| !should_run.contains(&s.id)) {
+    let rows = match sqlx::query("SELECT id FROM services WHERE node_id = $1 AND state = 'running'").bind(node as i64).fetch_all(&state.db.pool).await {
+        Ok(rows) => rows,
+        Err(e) => return tracing::warn!(node, error = %e, "services of a node not read"),
+    };
+    let should_run: std::collections::BTreeSet<i64> = rows.iter().filter_map(|r| r.try_get::<i64, _>("id").ok()).collect();
+    for &id in &should_run {
+        // Read again just before: a service stopped meanwhile is not sent.
+        match deployment(&state, id).await {
+            Ok(Some(d)) if d.running => {
+                if let Err(e) = deploy(&state, &d).await {
+                    tracing::warn!(node, service = id, error = %e, "a service was not sent to its node");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(node, service = id, error = %e, "a service's row is unreadable"),
+        }
+    }
+    // What was stopped while the node was away stops now.
+    for stale in on_node.iter().filter(|s| !should_run.contains(&(s.id as i64))) {
         if let Err(e) = control(&state, node, Method::DELETE, &path::service(stale.id), Body::empty()).await {
             tracing::info!(node, service = stale.id, error = %e, "a stopped service was not stopped on its node");
         }
@@ -645,8 +669,10 @@ async fn sweep(state: &AppState) -> ApiResult<()> {
         };
         if ended {
             for id in services {
-                stop(state, id, "the lease ended").await?;
-                tracing::info!(service = id, lease, "a service stopped with its lease");
+                match stop(state, id, "the lease ended").await {
+                    Ok(_) => tracing::info!(service = id, lease, "a service stopped with its lease"),
+                    Err(e) => tracing::warn!(service = id, lease, error = %e, "a service of an ended lease was not stopped: next sweep"),
+                }
             }
         }
     }

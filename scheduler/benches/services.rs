@@ -112,7 +112,7 @@ struct Load {
 }
 
 /// `clients` connections each sending the request back to back for `seconds`.
-async fn load(target: &Target, method: &str, path: &str, body: Arc<Vec<u8>>, clients: u64, seconds: u64) -> Load {
+async fn load(target: &Target, method: &str, path: &str, body: Arc<Vec<u8>>, expect: u16, clients: u64, seconds: u64) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let workers: Vec<_> = (0..clients)
@@ -125,7 +125,7 @@ async fn load(target: &Target, method: &str, path: &str, body: Arc<Vec<u8>>, cli
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
                     match exchange(&mut conn, &head, &body).await {
-                        Ok(200 | 400) => latencies.push(t.elapsed().as_secs_f64() * 1e3),
+                        Ok(status) if status == expect => latencies.push(t.elapsed().as_secs_f64() * 1e3),
                         Ok(_) => failed += 1,
                         Err(_) => {
                             failed += 1;

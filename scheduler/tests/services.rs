@@ -19,7 +19,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use suanli_testkit::eventually;
-use support::services::{session, stage};
+use support::services::{session, signed_in, stage};
 use support::{signed_in_browser, WAIT};
 
 #[tokio::test]
@@ -53,7 +53,20 @@ async fn a_private_demo_answers_as_suanli_job_infer_does_for_its_owner_alone() {
     // same site): a browser names it in `Origin`.
     let elsewhere = owner_api.post(&predict).bearer_auth(&stage.token).header("origin", format!("http://other.localhost:{}", stage.port)).body(image.clone());
     assert_eq!(elsewhere.send().await.expect("answer").status(), StatusCode::FORBIDDEN, "another origin");
-    let supplier = session(&stage, &url, "demo-supplier").await;
+    let (supplier, csrf) = signed_in(&stage, &url, "demo-supplier").await;
+    let theirs: Value = supplier
+        .post(format!("{}/api/v1/me/api-tokens", stage.portal.url))
+        .header("x-csrf-token", csrf)
+        .json(&json!({"name": "theirs", "expires_in_days": 1}))
+        .send()
+        .await
+        .expect("token")
+        .json()
+        .await
+        .expect("json");
+    let theirs = theirs["token"].as_str().expect("another user's token");
+    let with_theirs = anonymous.post(&predict).bearer_auth(theirs).body(image.clone()).send().await.expect("answer").status();
+    assert_eq!(with_theirs, StatusCode::FORBIDDEN, "another user's API token");
     let refused = supplier.get(format!("{}/services/{id}/open", stage.portal.url)).send().await.expect("open");
     assert_eq!(refused.status(), StatusCode::FORBIDDEN, "a supplier opens no researcher's service");
     assert_eq!(supplier.get(&url).send().await.expect("page").status(), StatusCode::FORBIDDEN);
@@ -187,7 +200,10 @@ async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_go
     assert!(answers.len() >= 20, "a steady stream: {} requests", answers.len());
     assert!(failed.is_empty(), "{} of {} requests failed during the update: {failed:?}", failed.len(), answers.len());
 
-    // The lease ends: the service stops, and its URL answers 410 for good.
+    // The lease ends: the service stops, its processes go, and its URL answers 410 for good.
+    let text = log(&stage).await;
+    let pids: Vec<u32> = text.lines().filter_map(|l| l.split("started (pid ").nth(1)).filter_map(|rest| rest.trim_end_matches(')').parse().ok()).collect();
+    assert!(pids.len() >= 3, "the first, the restarted and the updated process: {pids:?}");
     let mut researcher = stage.w.researcher.clone();
     researcher
         .end_lease(suanli_proto::v1::EndLeaseRequest {
@@ -203,6 +219,12 @@ async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_go
     })
     .await;
     assert!(gone.is_ok(), "410 after the lease ended\n{}", stage.w.logs());
+    let alive = eventually(WAIT, Duration::from_millis(200), || {
+        let pids = pids.clone();
+        async move { pids.iter().all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(()) }
+    })
+    .await;
+    assert!(alive.is_ok(), "no process of the demo outlives its lease: {pids:?}");
     let (_, view) = stage.api("GET", &format!("/api/v1/services/{id}"), None).await;
     assert_eq!((view["state"].as_str(), view["stop_reason"].as_str()), (Some("stopped"), Some("the lease ended")), "{view}");
     assert!(view["stopped_ms"].as_i64().is_some() && view["running_ms"].as_i64().unwrap_or(0) > 0, "metered: {view}");

@@ -282,7 +282,14 @@ impl AgentConfig {
                 (None, None) => None,
                 (None, Some(_)) => return Err(ConfigError::Invalid("an artifact token without the store's URL".into())),
             },
-            portal: args.portal.clone().or(file.portal),
+            portal: match args.portal.clone().or(file.portal) {
+                Some(portal) if !portal_is_on_this_host(&portal) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "portal {portal:?}: the tunnel carries control of this node's services and is plain HTTP, so only a portal on this host may take it (TLS to a remote portal is not built yet)"
+                    )))
+                }
+                other => other,
+            },
             templates_dir: absolute(args.templates_dir.clone().or(file.templates_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/templates")))?,
             jupyter_python: args.jupyter_python.clone().or(file.jupyter_python).unwrap_or_else(|| PathBuf::from("/usr/bin/python3")),
             jupyter_packages: args.jupyter_packages.clone().or(file.jupyter_packages),
@@ -424,7 +431,11 @@ fn artifact_url_is_safe(url: &str) -> bool {
         return true;
     }
     let Some(rest) = url.strip_prefix("http://") else { return false };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    portal_is_on_this_host(rest.split(['/', '?', '#']).next().unwrap_or_default())
+}
+
+/// Whether `authority` (`host:port`) names this host (a loopback address or `localhost`).
+fn portal_is_on_this_host(authority: &str) -> bool {
     if authority.contains('@') {
         return false; // `http://127.0.0.1@elsewhere/`: the host is what follows the `@`
     }
@@ -491,6 +502,19 @@ mod tests {
         }
         for url in ["https://store.example:8090", "http://127.0.0.1:8090", "http://localhost:8090", "http://[::1]:8090/"] {
             resolve(&["--artifacts-url", url]).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+    }
+
+    /// Whoever answers at the portal's address controls the node's services (a shell as any
+    /// live lease): until the tunnel speaks TLS, only a portal on this host is dialled.
+    #[test]
+    fn the_tunnel_goes_only_to_a_portal_on_this_host() {
+        for portal in ["portal.example:8080", "10.0.0.5:8080", "127.0.0.1@evil.example:80", "[::1]@evil.example:80"] {
+            let err = resolve(&["--portal", portal]).err().unwrap_or_else(|| panic!("{portal} must be refused"));
+            assert!(err.to_string().contains("portal"), "{portal}: {err}");
+        }
+        for portal in ["127.0.0.1:8080", "localhost:8080", "[::1]:8080"] {
+            assert_eq!(resolve(&["--portal", portal]).unwrap_or_else(|e| panic!("{portal}: {e}")).portal.as_deref(), Some(portal));
         }
     }
 }

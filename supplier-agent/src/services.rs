@@ -44,7 +44,6 @@ use sha2::Digest as _;
 use suanli_tunnel::agent::Address;
 use suanli_tunnel::control::{path, ControlError, ServiceKind, ServiceSpec, ServiceState, ServiceStatus};
 use suanli_tunnel::wire::AgentError;
-use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::watch;
 
 use crate::access::lease_fs::LeaseDir;
@@ -107,6 +106,14 @@ struct Replica {
 }
 
 impl Generation {
+    fn new(service: &Service, spec: ServiceSpec) -> Arc<Generation> {
+        let (stop, _) = watch::channel(false);
+        let replicas = (0..spec.replicas)
+            .map(|k| Arc::new(Replica { socket: service.dir.join(format!("g{}-{k}.sock", spec.generation)), ready: AtomicBool::new(false) }))
+            .collect();
+        Arc::new(Generation { number: spec.generation, spec, replicas, stop })
+    }
+
     fn ready(&self) -> Vec<&Arc<Replica>> {
         self.replicas.iter().filter(|r| r.ready.load(Ordering::Relaxed)).collect()
     }
@@ -216,25 +223,23 @@ impl Services {
         self.root.join(id.to_string()).join("files")
     }
 
-    /// Starts the replicas of `spec` as a new generation of `service`.
-    fn start_generation(self: &Arc<Self>, service: &Arc<Service>, spec: ServiceSpec) {
-        let (stop, _) = watch::channel(false);
-        let replicas = (0..spec.replicas)
-            .map(|k| Arc::new(Replica { socket: service.dir.join(format!("g{}-{k}.sock", spec.generation)), ready: AtomicBool::new(false) }))
-            .collect();
-        let generation = Arc::new(Generation { number: spec.generation, spec, replicas, stop });
-        lock(&service.generations).push(generation.clone());
+    /// Starts the replicas of `generation` (already in `service`'s list).
+    fn launch(self: &Arc<Self>, service: &Arc<Service>, generation: Arc<Generation>) {
         service.log.note(&format!("generation {} starting with {} replica(s)", generation.number, generation.replicas.len()));
         for k in 0..generation.replicas.len() {
             tokio::spawn(self.clone().supervise(service.clone(), generation.clone(), k));
         }
-        // Once the new generation answers, the older ones stop (after the drain pause).
+        // Once the new generation answers, and still does after the drain pause, the older
+        // ones stop.
         let (service, newest) = (service.clone(), generation);
         tokio::spawn(async move {
             let mut stopped = newest.stop.subscribe();
             loop {
                 if !newest.ready().is_empty() {
-                    break;
+                    tokio::time::sleep(DRAIN).await;
+                    if !newest.ready().is_empty() {
+                        break;
+                    }
                 }
                 if *stopped.borrow() {
                     return;
@@ -244,7 +249,6 @@ impl Services {
                     () = tokio::time::sleep(Duration::from_millis(100)) => {}
                 }
             }
-            tokio::time::sleep(DRAIN).await;
             let older: Vec<Arc<Generation>> = lock(&service.generations).iter().filter(|g| g.number < newest.number).cloned().collect();
             for g in older {
                 service.log.note(&format!("generation {} stops: generation {} took the requests", g.number, newest.number));
@@ -344,7 +348,9 @@ impl Services {
             let _ = std::fs::remove_file(&replica.socket);
             let listener = tokio::net::UnixListener::bind(&replica.socket).map_err(|e| format!("{}: {e}", replica.socket.display()))?;
             std::fs::set_permissions(&replica.socket, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
-            Ok::<_, String>((listener, crate::terminal::router(lease, sandbox, self.access.config.shell.clone())))
+            let (services, lease_id) = (self.clone(), service.lease);
+            let live = Arc::new(move || services.live_lease(lease_id).is_some());
+            Ok::<_, String>((listener, crate::terminal::router(lease, sandbox, self.access.config.shell.clone(), live, generation.stop.subscribe())))
         };
         match started.await {
             Err(e) => service.log.note(&format!("the terminal did not start: {e}")),
@@ -369,7 +375,8 @@ impl Services {
         let replica = &generation.replicas[k];
         let account = &lease.account;
         let home = LeaseDir::open_home(&account.home, account.uid, account.gid).map_err(|e| e.to_string())?;
-        let rel = PathBuf::from(".suanli-services").join(service.id.to_string()).join(format!("g{}", generation.number));
+        // One folder per replica, so that no two processes share files being copied in.
+        let rel = PathBuf::from(".suanli-services").join(service.id.to_string()).join(format!("g{}-{k}", generation.number));
         let dir = home.make_dirs(&rel).map_err(|e| e.to_string())?;
         let _ = std::fs::remove_file(&replica.socket);
         let listener = std::os::unix::net::UnixListener::bind(&replica.socket).map_err(|e| format!("{}: {e}", replica.socket.display()))?;
@@ -387,6 +394,10 @@ impl Services {
             }
             ServiceKind::Jupyter => {
                 let venv = self.templates.jupyterlab(|note| service.log.note(note)).await?;
+                // The install may have taken minutes: the lease must still be live.
+                if self.live_lease(lease.id).is_none() {
+                    return Err(format!("lease {} ended while JupyterLab was installed", lease.id));
+                }
                 // JupyterLab listens only on a path of its own: the bridge, as the lease's user,
                 // carries the handed-over socket's connections there (`bridge.rs`).
                 let socket = dir.path().join("jupyter.sock");
@@ -409,16 +420,21 @@ impl Services {
             }
             ServiceKind::Terminal => return Err("a terminal is served by the agent itself".to_owned()),
         };
-        let card = lease.card_indexes.get(k % lease.card_indexes.len().max(1)).map(u32::to_string).unwrap_or_default();
         let mut env = crate::access::gateway::session_env(lease, &[("SUANLI_SERVICE_ID".to_owned(), service.id.to_string())]);
-        env.retain(|(key, _)| key != "CUDA_VISIBLE_DEVICES");
-        env.push(("CUDA_VISIBLE_DEVICES".to_owned(), card));
+        // A demo's replicas take one card each, in turn; anything else has all of the lease's.
+        if matches!(generation.spec.kind, ServiceKind::ClassifierDemo { .. }) {
+            let card = lease.card_indexes.get(k % lease.card_indexes.len().max(1)).map(u32::to_string).unwrap_or_default();
+            env.retain(|(key, _)| key != "CUDA_VISIBLE_DEVICES");
+            env.push(("CUDA_VISIBLE_DEVICES".to_owned(), card));
+        }
         let mut command = tokio::process::Command::new(&program);
         command
             .args(&args)
             .env_clear()
             .envs(env)
-            .current_dir(dir.path())
+            // The home, whose own name the lease cannot change (its parent is root's): never a
+            // folder below it, which root would enter before the sandbox drops to the lease.
+            .current_dir(&account.home)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -456,12 +472,31 @@ impl Services {
     }
 }
 
-/// Writes a process's output into the service's log, line by line.
-fn copy_lines(output: impl tokio::io::AsyncRead + Unpin + Send + 'static, service: Arc<Service>) {
+/// The longest line of a service's output kept whole; a longer one is cut into pieces.
+const LONGEST_LINE: usize = 16 << 10;
+
+/// Writes a process's output into the service's log, line by line (output without newlines in
+/// pieces of [`LONGEST_LINE`], so no process makes the agent hold more).
+fn copy_lines(mut output: impl tokio::io::AsyncRead + Unpin + Send + 'static, service: Arc<Service>) {
+    use tokio::io::AsyncReadExt as _;
     tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(output).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            service.log.write(&line);
+        let (mut pending, mut chunk) = (Vec::new(), vec![0u8; 8 << 10]);
+        loop {
+            let n = match output.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            pending.extend_from_slice(&chunk[..n]);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n').or((pending.len() >= LONGEST_LINE).then_some(LONGEST_LINE)) {
+                let line: Vec<u8> = pending.drain(..end.min(pending.len())).collect();
+                if pending.first() == Some(&b'\n') {
+                    pending.remove(0);
+                }
+                service.log.write(String::from_utf8_lossy(&line).trim_end_matches('\r'));
+            }
+        }
+        if !pending.is_empty() {
+            service.log.write(&String::from_utf8_lossy(&pending));
         }
     });
 }
@@ -592,8 +627,8 @@ async fn ensure(State(services): State<Arc<Services>>, UrlPath(id): UrlPath<u64>
     if spec.replicas as usize > lease.card_indexes.len().max(1) {
         return refusal(StatusCode::BAD_REQUEST, "BAD_SPEC", format!("{} replicas on {} card(s) of the lease here", spec.replicas, lease.card_indexes.len()));
     }
-    if spec.kind == ServiceKind::Terminal && spec.replicas != 1 {
-        return refusal(StatusCode::BAD_REQUEST, "BAD_SPEC", "a terminal has one replica");
+    if !matches!(spec.kind, ServiceKind::ClassifierDemo { .. }) && spec.replicas != 1 {
+        return refusal(StatusCode::BAD_REQUEST, "BAD_SPEC", "only a demo has more than one replica");
     }
     if matches!(spec.kind, ServiceKind::ClassifierDemo { .. }) && services.job_binary.is_none() {
         return refusal(StatusCode::SERVICE_UNAVAILABLE, "NOT_INSTALLED", "suanli-job is not installed on this node");
@@ -601,48 +636,56 @@ async fn ensure(State(services): State<Arc<Services>>, UrlPath(id): UrlPath<u64>
     if let Some(missing) = spec.kind.files().iter().find(|(_, sha)| !services.files_dir(id).join(sha).is_file()) {
         return refusal(StatusCode::CONFLICT, "FILE_MISSING", format!("{} ({}) has not been sent", missing.0, missing.1));
     }
-    let existing = services.service(id);
-    let service = match existing {
-        Some(service) => {
-            if service.lease != spec.lease {
-                return refusal(StatusCode::CONFLICT, "OTHER_LEASE", format!("service {id} runs for lease {}", service.lease));
-            }
-            let newest = lock(&service.generations).last().map(|g| (g.number, g.spec.clone()));
-            match newest {
-                Some((number, _)) if number > spec.generation => {
-                    return refusal(StatusCode::CONFLICT, "STALE_GENERATION", format!("generation {number} is running"));
+    // Decided and recorded under the table's lock, so two requests for one service (the API's
+    // and a reconcile's) never start it, or one generation of it, twice.
+    let decided = {
+        let mut table = lock(&services.table);
+        let service = match table.get(&id) {
+            Some(service) => service.clone(),
+            None => {
+                let dir = services.root.join(id.to_string());
+                if let Err(e) = std::fs::create_dir_all(&dir) {
+                    return refusal(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string());
                 }
-                Some((number, running)) if number == spec.generation => {
-                    if running != spec {
-                        return refusal(StatusCode::CONFLICT, "STALE_GENERATION", format!("generation {number} runs another spec: raise the generation"));
-                    }
-                    return Json(services.status_of(&service)).into_response();
-                }
-                _ => {}
+                let service = Arc::new(Service {
+                    id,
+                    lease: spec.lease,
+                    log: ServiceLog::new(dir.join("service.log")),
+                    dir,
+                    generations: Mutex::default(),
+                    restarts: AtomicU32::new(0),
+                    last_exit: Mutex::new(None),
+                    next: AtomicUsize::new(0),
+                });
+                table.insert(id, service.clone());
+                service
             }
-            service
+        };
+        if service.lease != spec.lease {
+            return refusal(StatusCode::CONFLICT, "OTHER_LEASE", format!("service {id} runs for lease {}", service.lease));
         }
-        None => {
-            let dir = services.root.join(id.to_string());
-            if let Err(e) = std::fs::create_dir_all(&dir) {
-                return refusal(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string());
+        let mut generations = lock(&service.generations);
+        match generations.last() {
+            Some(g) if g.number > spec.generation => return refusal(StatusCode::CONFLICT, "STALE_GENERATION", format!("generation {} is running", g.number)),
+            Some(g) if g.number == spec.generation && g.spec != spec => {
+                return refusal(StatusCode::CONFLICT, "STALE_GENERATION", format!("generation {} runs another spec: raise the generation", g.number))
             }
-            let service = Arc::new(Service {
-                id,
-                lease: spec.lease,
-                log: ServiceLog::new(dir.join("service.log")),
-                dir,
-                generations: Mutex::default(),
-                restarts: AtomicU32::new(0),
-                last_exit: Mutex::new(None),
-                next: AtomicUsize::new(0),
-            });
-            lock(&services.table).insert(id, service.clone());
-            service
+            Some(g) if g.number == spec.generation => Err(service.clone()),
+            _ => {
+                let generation = Generation::new(&service, spec);
+                generations.push(generation.clone());
+                Ok((service.clone(), generation))
+            }
         }
     };
-    services.start_generation(&service, spec);
-    Json(services.status_of(&service)).into_response()
+    match decided {
+        Ok((service, generation)) => {
+            services.launch(&service, generation);
+            Json(services.status_of(&service)).into_response()
+        }
+        // That generation runs already: a retried request gets the same answer.
+        Err(service) => Json(services.status_of(&service)).into_response(),
+    }
 }
 
 /// `DELETE /v1/services/{id}`: stop every generation and forget the service.
@@ -654,6 +697,8 @@ async fn stop(State(services): State<Arc<Services>>, UrlPath(id): UrlPath<u64>) 
         for g in generations {
             g.stop.send_replace(true);
         }
+        // What the portal sent for it (a model's files) goes; its replicas' sockets go as they stop.
+        let _ = std::fs::remove_dir_all(services.files_dir(id));
     }
     StatusCode::NO_CONTENT.into_response()
 }

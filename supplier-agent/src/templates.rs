@@ -41,9 +41,15 @@ impl Templates {
             std::fs::remove_dir_all(&venv).map_err(|e| format!("{}: {e}", venv.display()))?;
         }
         std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        // Root runs what is in there: it must be root's, and nobody else's to change.
+        let meta = std::fs::metadata(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        if std::os::unix::fs::MetadataExt::uid(&meta) != rustix::process::geteuid().as_raw() || std::os::unix::fs::MetadataExt::mode(&meta) & 0o022 != 0 {
+            return Err(format!("{} must be the agent's own and writable by no one else", self.dir.display()));
+        }
         run(&self.python, &["-m", "venv", &venv.display().to_string()]).await?;
         let pip = venv.join("bin/pip");
-        run(&pip, &["install", "--quiet", "--disable-pip-version-check", JUPYTERLAB]).await?;
+        // Wheels only: nothing from PyPI is built (run) as root here.
+        run(&pip, &["install", "--quiet", "--disable-pip-version-check", "--only-binary=:all:", JUPYTERLAB]).await?;
         // The node's PyTorch is importable from the notebooks: its packages go on the
         // environment's path, after the environment's own.
         if let Some(packages) = &self.packages {

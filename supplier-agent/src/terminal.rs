@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::get;
 use axum::Router;
 use futures::{SinkExt as _, StreamExt as _};
@@ -31,6 +31,10 @@ struct Terminal {
     lease: Arc<LiveLease>,
     sandbox: Sandbox,
     shell: PathBuf,
+    /// Whether the lease is still live here (a shell starts only then).
+    live: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Set when the terminal service stops: its open shells hang up.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 #[derive(serde::Deserialize)]
@@ -40,11 +44,21 @@ struct Resize {
 }
 
 /// The terminal service's routes: `/pty` and `/v1/health`.
-pub fn router(lease: Arc<LiveLease>, sandbox: Sandbox, shell: PathBuf) -> Router {
-    Router::new().route(PTY_PATH, get(upgrade)).route("/v1/health", get(|| async { "ok" })).with_state(Terminal { lease, sandbox, shell })
+/// `live` says whether the lease is still live here; `stop` hangs up every open shell.
+pub fn router(
+    lease: Arc<LiveLease>,
+    sandbox: Sandbox,
+    shell: PathBuf,
+    live: Arc<dyn Fn() -> bool + Send + Sync>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Router {
+    Router::new().route(PTY_PATH, get(upgrade)).route("/v1/health", get(|| async { "ok" })).with_state(Terminal { lease, sandbox, shell, live, stop })
 }
 
 async fn upgrade(State(terminal): State<Terminal>, ws: WebSocketUpgrade) -> Response {
+    if !(terminal.live)() {
+        return (axum::http::StatusCode::GONE, "the lease is over").into_response();
+    }
     ws.max_message_size(1 << 20).on_upgrade(move |socket| async move {
         if let Err(e) = session(socket, &terminal).await {
             tracing::info!(lease = terminal.lease.id, error = %e, "a browser terminal could not start");
@@ -77,21 +91,31 @@ async fn session(socket: WebSocket, terminal: &Terminal) -> std::io::Result<()> 
         }
         let _ = to_browser.send(Message::Close(None)).await;
     });
-    while let Some(Ok(message)) = from_browser.next().await {
-        match message {
-            Message::Binary(keys) => to_shell.write_all(&keys).await?,
-            Message::Text(text) => match serde_json::from_str::<Resize>(&text) {
+    let mut stop = terminal.stop.clone();
+    loop {
+        let message = tokio::select! {
+            message = from_browser.next() => message,
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let written = match message {
+            Some(Ok(Message::Binary(keys))) => to_shell.write_all(&keys).await,
+            Some(Ok(Message::Text(text))) => match serde_json::from_str::<Resize>(&text) {
                 Ok(r) => {
                     let size = pty_process::Size::new(r.rows.clamp(1, MAX_SIDE), r.cols.clamp(1, MAX_SIDE));
                     let _ = to_shell.resize(size);
+                    Ok(())
                 }
-                Err(_) => to_shell.write_all(text.as_bytes()).await?,
+                Err(_) => to_shell.write_all(text.as_bytes()).await,
             },
-            Message::Close(_) => break,
-            _ => {}
+            Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+            Some(Ok(_)) => Ok(()),
+        };
+        if written.is_err() {
+            break;
         }
     }
-    // The browser has gone: the shell's session hangs up, as a closed SSH session's does.
+    // The browser has gone (or the service stopped): the shell's session hangs up, as a closed
+    // SSH session's does.
     if let Some(group) = child.id().and_then(|pid| rustix::process::Pid::from_raw(pid as i32)) {
         let _ = rustix::process::kill_process_group(group, rustix::process::Signal::HUP);
     }

@@ -708,8 +708,11 @@ fn inherited(fd: i32) -> std::io::Result<Listener> {
     // SAFETY: the descriptor is open (checked above) and was given to this process at its start
     // to own; nothing else in the process uses it.
     let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
-    // A descriptor that is not a listening Unix socket fails here.
+    // A descriptor that is not a Unix socket fails here.
     listener.local_addr()?;
+    // A copy that is close-on-exec again (the handed-over number closes with the original), so
+    // what this process starts does not inherit the listener.
+    let listener = listener.try_clone()?;
     listener.set_nonblocking(true)?;
     Ok(Listener::Unix(tokio::net::UnixListener::from_std(listener)?))
 }

@@ -174,7 +174,7 @@ fn check_rate(rate: Option<u32>) -> ApiResult<Option<u32>> {
 }
 
 #[utoipa::path(post, path = "/api/v1/services", tag = "services", request_body = CreateService,
-    responses((status = 201, body = ServiceView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
+    responses((status = 201, body = ServiceView), (status = 200, description = "the lease's running terminal or JupyterLab (one of each per lease)", body = ServiceView), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
         (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn create(State(state): State<AppState>, Researcher(p): Researcher, ApiJson(req): ApiJson<CreateService>) -> ApiResult<Response> {
     if !state.services.enabled() {
@@ -204,12 +204,18 @@ pub async fn create(State(state): State<AppState>, Researcher(p): Researcher, Ap
             if visibility != ServiceVisibility::Private || replicas != 1 {
                 return Err(ApiError::field("visibility", format!("a {kind} is private, with one replica")));
             }
+            // One of each per lease: asking again opens the one that runs.
+            let running = services_of(&state, &p, Some(lease.lease_id)).await?.into_iter().find(|s| s.kind == kind.as_str() && s.state == "running");
+            if let Some(running) = running {
+                return Ok((StatusCode::OK, axum::Json(running)).into_response());
+            }
             (None, None, 0, BTreeMap::new(), if kind == ServiceKindName::Terminal { ServiceKind::Terminal } else { ServiceKind::Jupyter })
         }
     };
     let id = new_public_id();
     let slug = crate::services::new_slug();
-    let d = Deployment { id, owner: p.user, node, job_id, spec: ServiceSpec { lease: lease.lease_id, generation: 1, replicas, kind: kind_spec } };
+    let d =
+        Deployment { id, running: true, owner: p.user, node, job_id, spec: ServiceSpec { lease: lease.lease_id, generation: 1, replicas, kind: kind_spec } };
     sqlx::query(
         "INSERT INTO services (id, owner_id, lease_id, node_id, kind, model_name, model_version, job_id, files, visibility, slug, generation, replicas, rate_per_minute, state, created_ms)
          VALUES ($1, $2, $3, $4, $14, $5, $6, $7, $8, $9, $10, 1, $11, $12, 'running', $13)",
@@ -256,9 +262,12 @@ pub async fn get(State(state): State<AppState>, Researcher(p): Researcher, ApiPa
 
 /// The end of the service's log (its output and the agent's notes: starts, ends, restarts).
 #[utoipa::path(get, path = "/api/v1/services/{id}/log", tag = "services", params(("id" = u64, Path)),
-    responses((status = 200, description = "the end of the log", content_type = "text/plain"), (status = 401, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "the end of the log", content_type = "text/plain"), (status = 401, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 410, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn log(State(state): State<AppState>, Researcher(p): Researcher, ApiPath(id): ApiPath<u64>) -> ApiResult<Response> {
     let view = own(&state, &p, id).await?;
+    if view.state != "running" {
+        return Err(crate::services::gone());
+    }
     let text = crate::services::log(&state, view.node_id, id as i64).await.map_err(ApiError::unavailable)?;
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }

@@ -199,6 +199,11 @@ impl Stage {
 
 /// A signed-in session at the portal (its cookie), which also reaches `service_url`.
 pub async fn session(stage: &Stage, service_url: &str, login: &str) -> reqwest::Client {
+    signed_in(stage, service_url, login).await.0
+}
+
+/// As [`session`], with the session's CSRF token (what its writes send).
+pub async fn signed_in(stage: &Stage, service_url: &str, login: &str) -> (reqwest::Client, String) {
     let http = stage.client_for(service_url);
     let answer = http
         .post(format!("{}/api/v1/session", stage.portal.url))
@@ -207,5 +212,6 @@ pub async fn session(stage: &Stage, service_url: &str, login: &str) -> reqwest::
         .await
         .expect("sign in");
     assert!(answer.status().is_success(), "{login} signs in: {}", answer.status());
-    http
+    let session: Value = answer.json().await.expect("json");
+    (http, session["csrf_token"].as_str().expect("a CSRF token").to_owned())
 }

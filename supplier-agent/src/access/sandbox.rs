@@ -143,6 +143,9 @@ pub fn inherited_listener(fd: i32) -> std::io::Result<tokio::net::UnixListener> 
     let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
     // A descriptor that is not a Unix socket fails here.
     listener.local_addr()?;
+    // A copy that is close-on-exec again (the handed-over number closes with the original), so
+    // what this process starts does not inherit the listener.
+    let listener = listener.try_clone()?;
     listener.set_nonblocking(true)?;
     tokio::net::UnixListener::from_std(listener)
 }
