@@ -19,7 +19,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use suanli_testkit::eventually;
-use support::services::{session, signed_in, stage};
+use support::services::{session, signed_in, stage, Stage};
 use support::{signed_in_browser, WAIT};
 
 #[tokio::test]
@@ -148,11 +148,7 @@ async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_go
     let http = stage.client_for(&url);
 
     // Its process killed: started again, and the log says how it ended.
-    let log = |stage: &Stage| {
-        let path = format!("/api/v1/services/{id}/log");
-        async move { stage.api("GET", &path, None).await.1.as_str().unwrap_or_default().to_owned() }
-    };
-    let text = log(&stage).await;
+    let text = log_of(&stage, id).await;
     let pid: i32 = text
         .lines()
         .filter_map(|l| l.split("started (pid ").nth(1))
@@ -166,9 +162,9 @@ async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_go
         (view["live"]["restarts"].as_u64().unwrap_or(0) >= 1 && view["live"]["state"] == "ready").then_some(view)
     })
     .await
-    .unwrap_or_else(|e| panic!("restarted: {e}\n{}", stage.w.logs()));
+    .unwrap_or_else(|e| panic!("restarted: {e}\n{}", stage.logs()));
     assert_eq!(restarted["live"]["last_exit"], "signal 9");
-    let text = log(&stage).await;
+    let text = log_of(&stage, id).await;
     assert!(text.contains("ended (signal 9): starting again"), "{text}");
     assert_eq!(http.post(&predict).body(image.clone()).send().await.expect("predict").status(), StatusCode::OK);
 
@@ -190,7 +186,7 @@ async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_go
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["generation"], 2);
     stage.wait_ready(id, 2).await;
-    eventually(WAIT, Duration::from_millis(300), || async { log(&stage).await.contains("replica 0 of generation 1 stopped").then_some(()) })
+    eventually(WAIT, Duration::from_millis(300), || async { log_of(&stage, id).await.contains("replica 0 of generation 1 stopped").then_some(()) })
         .await
         .expect("the old generation stopped");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -201,7 +197,7 @@ async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_go
     assert!(failed.is_empty(), "{} of {} requests failed during the update: {failed:?}", failed.len(), answers.len());
 
     // The lease ends: the service stops, its processes go, and its URL answers 410 for good.
-    let text = log(&stage).await;
+    let text = log_of(&stage, id).await;
     let pids: Vec<u32> = text.lines().filter_map(|l| l.split("started (pid ").nth(1)).filter_map(|rest| rest.trim_end_matches(')').parse().ok()).collect();
     assert!(pids.len() >= 3, "the first, the restarted and the updated process: {pids:?}");
     let mut researcher = stage.w.researcher.clone();
@@ -218,7 +214,7 @@ async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_go
         async move { (http.post(&predict).body(image).send().await.ok()?.status() == StatusCode::GONE).then_some(()) }
     })
     .await;
-    assert!(gone.is_ok(), "410 after the lease ended\n{}", stage.w.logs());
+    assert!(gone.is_ok(), "410 after the lease ended\n{}", stage.logs());
     let alive = eventually(WAIT, Duration::from_millis(200), || {
         let pids = pids.clone();
         async move { pids.iter().all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(()) }
@@ -305,10 +301,15 @@ async fn a_terminal_in_the_browser_is_a_login_shell_of_the_lease_for_its_owner_a
     assert!(page.text().await.expect("text").contains("/.suanli/xterm.js"));
 }
 
+/// The end of service `id`'s log.
+async fn log_of(stage: &Stage, id: u64) -> String {
+    stage.api("GET", &format!("/api/v1/services/{id}/log"), None).await.1.as_str().unwrap_or_default().to_owned()
+}
+
 /// Runs `code` in a new kernel of the JupyterLab at `url`, as JupyterLab itself does (a kernel
 /// made with `POST /api/kernels`, an `execute_request` on its WebSocket), through the portal
 /// with the owner's token; what it printed.
-async fn run_cell(stage: &support::services::Stage, url: &str, code: &str) -> String {
+async fn run_cell(stage: &Stage, url: &str, code: &str) -> String {
     let host = url.trim_start_matches("http://").trim_end_matches('/').to_owned();
     let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
     let http = reqwest::Client::builder()

@@ -190,7 +190,16 @@ pub async fn create(State(state): State<AppState>, Researcher(p): Researcher, Ap
     if lease.state != "active" {
         return Err(ApiError::broker(ErrorCode::InvalidTransition, format!("lease {} is {}: a service runs on an active lease", lease.lease_id, lease.state)));
     }
-    let node = *lease.node_ids.first().ok_or_else(|| ApiError::internal("an active lease without a node"))?;
+    // The lease's first node (a Class B lease names its cards; the access says their nodes).
+    let node = match lease.node_ids.first() {
+        Some(node) => *node,
+        None => super::market::access_of(&state, &p, lease.lease_id)
+            .await?
+            .nodes
+            .first()
+            .map(|n| n.node_id)
+            .ok_or_else(|| ApiError::unavailable("the lease's node is not known yet"))?,
+    };
     let kind = req.kind.unwrap_or(ServiceKindName::ClassifierDemo);
     let visibility = req.visibility.unwrap_or(ServiceVisibility::Private);
     let (model, version, job_id, files, kind_spec) = match kind {

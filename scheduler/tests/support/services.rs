@@ -88,6 +88,11 @@ async fn train(w: &World, data: &Path) -> u64 {
 }
 
 impl Stage {
+    /// Every process's log: the world's and the portal's.
+    pub fn logs(&self) -> String {
+        format!("{}---- portal ----\n{}\n", self.w.logs(), self.portal.service.log())
+    }
+
     /// A call to the portal's API with the researcher's token.
     pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
         self.api_as(&self.token, method, path, body).await
@@ -138,12 +143,12 @@ impl Stage {
                 match status {
                     StatusCode::CREATED => Some(view),
                     StatusCode::SERVICE_UNAVAILABLE => None,
-                    other => panic!("deploying: {other} {view}"),
+                    other => panic!("deploying: {other} {view}\n{}", self.logs()),
                 }
             }
         })
         .await
-        .unwrap_or_else(|e| panic!("the demo was deployed: {e}\n{}", self.w.logs()));
+        .unwrap_or_else(|e| panic!("the service was made: {e}\n{}", self.logs()));
         self.wait_ready(created["service_id"].as_u64().expect("id"), 1).await;
         created
     }
@@ -156,7 +161,7 @@ impl Stage {
             (view["live"]["state"] == "ready" && view["live"]["generation"] == generation).then_some(view)
         })
         .await
-        .unwrap_or_else(|e| panic!("service {id} generation {generation} answers: {e}\n{}", self.w.logs()))
+        .unwrap_or_else(|e| panic!("service {id} generation {generation} answers: {e}\n{}", self.logs()))
     }
 
     /// An image of the digit 7 from the test data.
@@ -188,7 +193,7 @@ impl Stage {
                 .expect("bytes");
             std::fs::write(model.join(name), bytes).expect("write");
         }
-        let params = json!({"model": model, "input": input, "top_k": 3, "output": dir.join("out")}).to_string();
+        let params = json!({"model": model, "input": input, "top_k": "3", "output": dir.join("out")}).to_string();
         let job = super::cv_job_binary().expect("suanli-job");
         let run = tokio::process::Command::new(job).args(["--task", "infer", "--params-json", &params]).output().await.expect("suanli-job infer");
         assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
