@@ -59,8 +59,11 @@ const VISIT_LIFETIME_MS: i64 = 2 * 3600 * 1000;
 /// How long what the proxy read of a service is trusted before it is read again (a stop takes
 /// effect within this).
 const CACHE_FOR: Duration = Duration::from_secs(1);
-/// Services the proxy remembers at most (beyond, what is stale is dropped).
+/// Services (and tokens) the proxy remembers at most (beyond, what is stale is dropped).
 const CACHE_ENTRIES: usize = 10_000;
+/// How long the proxy trusts what it found an `Authorization` to be (a revoked API token still
+/// opens its owner's services this long; a request is not a database query each).
+const TOKENS_FOR: Duration = Duration::from_secs(5);
 /// How long an agent has to answer a control request, and to take a file.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(20);
 const FILE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -102,6 +105,8 @@ pub struct ServiceHub {
     scheme: String,
     port: String,
     cache: Mutex<HashMap<String, Cached>>,
+    /// What each `Authorization` seen lately was, by its hash: a portal user's API token, or not.
+    tokens: Mutex<HashMap<String, (Option<UserId>, Instant)>>,
     /// Grants used, until they expire (each is good once).
     used_grants: Mutex<HashMap<String, i64>>,
     /// Requests not yet written, per service.
@@ -149,6 +154,7 @@ impl ServiceHub {
             scheme: scheme.to_owned(),
             port,
             cache: Mutex::default(),
+            tokens: Mutex::default(),
             used_grants: Mutex::default(),
             counts: Mutex::default(),
             buckets: Mutex::default(),
@@ -275,12 +281,23 @@ fn page_error(status: StatusCode, message: &str) -> Response {
 async fn visitor(state: &AppState, service: &Published, headers: &HeaderMap) -> (Option<UserId>, bool) {
     let mut by_token = None;
     if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let mut only_token = HeaderMap::new();
-        only_token.insert(header::AUTHORIZATION, v.clone());
-        // A token that is not the portal's may be the service's own: not an error here.
-        if let Ok(Some(p)) = crate::auth::resolve(state, &only_token).await {
-            by_token = Some(p.user);
-        }
+        let key = crate::crypto::token_hash(&String::from_utf8_lossy(v.as_bytes()));
+        let known = lock(&state.services.tokens).get(&key).filter(|(_, at)| at.elapsed() < TOKENS_FOR).map(|(user, _)| *user);
+        by_token = match known {
+            Some(user) => user,
+            None => {
+                let mut only_token = HeaderMap::new();
+                only_token.insert(header::AUTHORIZATION, v.clone());
+                // A token that is not the portal's may be the service's own: not an error here.
+                let user = crate::auth::resolve(state, &only_token).await.ok().flatten().map(|p| p.user);
+                let mut tokens = lock(&state.services.tokens);
+                if tokens.len() >= CACHE_ENTRIES {
+                    tokens.retain(|_, (_, at)| at.elapsed() < TOKENS_FOR);
+                }
+                tokens.insert(key, (user, Instant::now()));
+                user
+            }
+        };
     }
     let by_cookie = crate::auth::cookie_value(headers, SERVICE_COOKIE)
         .and_then(|cookie| state.keys.open(&cookie).ok())

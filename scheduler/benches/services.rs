@@ -15,7 +15,6 @@
 //! Needs root, `SUANLI_JOB_BINARY` (the `torch` build) and `SUANLI_CV_DATA`:
 //! `SUANLI_JOB_BINARY=$CARGO_TARGET_DIR/debug/suanli-job SUANLI_CV_DATA=/var/tmp/suanli-cache/cv-data cargo bench -p suanli-scheduler --bench services -- --seconds 5 --clients 32`
 
-#[allow(dead_code)]
 #[path = "../tests/support/mod.rs"]
 mod support;
 

@@ -149,12 +149,7 @@ async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_go
 
     // Its process killed: started again, and the log says how it ended.
     let text = log_of(&stage, id).await;
-    let pid: i32 = text
-        .lines()
-        .filter_map(|l| l.split("started (pid ").nth(1))
-        .filter_map(|rest| rest.trim_end_matches(')').parse().ok())
-        .last()
-        .expect("a pid in the log");
+    let pid = *started_pids(&text).last().expect("a pid in the log");
     let killed = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill");
     assert!(killed.success());
     let restarted = eventually(Duration::from_secs(180), Duration::from_millis(300), || async {
@@ -198,7 +193,7 @@ async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_go
 
     // The lease ends: the service stops, its processes go, and its URL answers 410 for good.
     let text = log_of(&stage, id).await;
-    let pids: Vec<u32> = text.lines().filter_map(|l| l.split("started (pid ").nth(1)).filter_map(|rest| rest.trim_end_matches(')').parse().ok()).collect();
+    let pids = started_pids(&text);
     assert!(pids.len() >= 3, "the first, the restarted and the updated process: {pids:?}");
     let mut researcher = stage.w.researcher.clone();
     researcher
@@ -299,6 +294,11 @@ async fn a_terminal_in_the_browser_is_a_login_shell_of_the_lease_for_its_owner_a
     let page = stage.client_for(&url).get(&url).bearer_auth(&stage.token).send().await.expect("page");
     assert_eq!(page.status(), StatusCode::OK);
     assert!(page.text().await.expect("text").contains("/.suanli/xterm.js"));
+}
+
+/// The processes a service's log says were started, in order.
+fn started_pids(log: &str) -> Vec<u32> {
+    log.lines().filter_map(|l| l.split("started (pid ").nth(1)).filter_map(|rest| rest.trim_end_matches(')').parse().ok()).collect()
 }
 
 /// The end of service `id`'s log.
