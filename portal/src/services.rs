@@ -42,8 +42,10 @@ use crate::error::{ApiError, ApiResult, Code};
 use crate::model::{ServiceKindName, ServiceVisibility, UserId};
 use crate::state::AppState;
 
-/// The cookie a service's origin keeps its visitor's grant in (host-only, that origin's).
+/// The cookie a service's origin keeps its visitor's grant in (host-only, that origin's); over
+/// https with the `__Host-` prefix, so that no other origin of the site can set one in its place.
 pub const SERVICE_COOKIE: &str = "suanli-service";
+const SERVICE_COOKIE_HTTPS: &str = "__Host-suanli-service";
 /// The `t` of a sealed grant.
 const GRANT_PURPOSE: &str = "service-visit";
 /// Where a service's origin takes a grant from the portal.
@@ -164,6 +166,15 @@ impl ServiceHub {
 
     pub fn enabled(&self) -> bool {
         self.domain.is_some()
+    }
+
+    /// The name of a service origin's own cookie.
+    fn cookie_name(&self) -> &'static str {
+        if self.scheme == "https" {
+            SERVICE_COOKIE_HTTPS
+        } else {
+            SERVICE_COOKIE
+        }
     }
 
     /// The service's origin, `scheme://<slug>.<domain>[:port]`.
@@ -299,7 +310,7 @@ async fn visitor(state: &AppState, service: &Published, headers: &HeaderMap) -> 
             }
         };
     }
-    let by_cookie = crate::auth::cookie_value(headers, SERVICE_COOKIE)
+    let by_cookie = crate::auth::cookie_value(headers, state.services.cookie_name())
         .and_then(|cookie| state.keys.open(&cookie).ok())
         .and_then(|g| serde_json::from_str::<Grant>(&g).ok())
         .filter(|g| g.t == GRANT_PURPOSE && g.s == service.id && g.e > now_ms())
@@ -378,7 +389,7 @@ fn unavailable(message: &str) -> Response {
 /// (under either name), the origin's grant cookie, and the API token a visitor authenticated
 /// with; the visitor's other cookies (a notebook's own) go on.
 fn strip_portal_credentials(headers: &mut HeaderMap, authenticated_by_token: bool) {
-    const OURS: [&str; 3] = ["__Host-suanli", "suanli", SERVICE_COOKIE];
+    const OURS: [&str; 4] = ["__Host-suanli", "suanli", SERVICE_COOKIE, SERVICE_COOKIE_HTTPS];
     let kept: Vec<String> = headers
         .get_all(header::COOKIE)
         .iter()
@@ -440,7 +451,7 @@ fn take_grant(state: &AppState, service: &Published, query: &str) -> Response {
     let visit = Grant { t: GRANT_PURPOSE.into(), s: service.id, u: grant.u, e: now + VISIT_LIFETIME_MS, n: String::new() };
     let cookie_value = state.keys.seal(&serde_json::to_string(&visit).unwrap_or_default());
     let secure = if state.services.scheme == "https" { "; Secure" } else { "" };
-    let cookie = format!("{SERVICE_COOKIE}={cookie_value}; Path=/; HttpOnly; SameSite=Lax{secure}; Max-Age={}", VISIT_LIFETIME_MS / 1000);
+    let cookie = format!("{}={cookie_value}; Path=/; HttpOnly; SameSite=Lax{secure}; Max-Age={}", state.services.cookie_name(), VISIT_LIFETIME_MS / 1000);
     let mut response = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, v);

@@ -19,20 +19,7 @@ async fn a_builtin_training_job_runs_on_a_leased_card_and_its_model_lands_in_the
     }
     let w = World::start(1, 2, 1).await;
     let mut jobs = w.jobs(&w.researcher_token).await;
-    let spec = serde_json::json!({
-        "name": "digits", "kind": "training",
-        "resources": { "cards": 1 },
-        "run": { "builtin": { "task": "train_classifier", "params": {
-            "data": data.join("digits/images").display().to_string(),
-            "training.model": r#"{"arch": "small_cnn", "width": 16}"#,
-            "training.optimizer": r#"{"kind": "adam", "lr": 0.003}"#,
-            "training.epochs": "4",
-            "training.batch_size": "64",
-            "training.checkpoint_every_steps": "10",
-        } } },
-        "outputs": ["model.json", "model.safetensors", "metrics.json"],
-        "max_attempts": 1,
-    });
+    let spec = support::digits_training(&data, 4);
     let job = w.submit(&mut jobs, "digits", &spec).await.job_id;
     let done = wait_done(&mut jobs, 1, Duration::from_secs(300)).await;
     let j = done.iter().find(|j| j.job_id == job).expect("the job");

@@ -385,9 +385,8 @@ impl Services {
         let listen = format!("fd:{}", listener.as_raw_fd());
         let (program, args): (PathBuf, Vec<String>) = match &generation.spec.kind {
             ServiceKind::ClassifierDemo { files } => {
-                for (name, sha256) in files {
-                    copy_in(&self.files_dir(service.id).join(sha256), &dir, name)?;
-                }
+                // Copies of what may be gigabytes: off the runtime's own threads' work.
+                tokio::task::block_in_place(|| files.iter().try_for_each(|(name, sha256)| copy_in(&self.files_dir(service.id).join(sha256), &dir, name)))?;
                 let binary = self.job_binary.clone().ok_or("suanli-job is not installed on this node")?;
                 let params = serde_json::json!({"model": dir.path(), "listen": listen, "mode": "classify"});
                 (binary, vec!["--task".into(), "serve".into(), "--params-json".into(), params.to_string()])

@@ -122,7 +122,7 @@ fn view_of(state: &AppState, row: &sqlx::any::AnyRow) -> ApiResult<ServiceView> 
 }
 
 /// The caller's service `id` (anyone else's is not found).
-async fn own(state: &AppState, p: &Principal, id: u64) -> ApiResult<ServiceView> {
+pub async fn own(state: &AppState, p: &Principal, id: u64) -> ApiResult<ServiceView> {
     let row = sqlx::query(&format!("SELECT {VIEW_COLUMNS} FROM services WHERE id = $1 AND owner_id = $2"))
         .bind(id as i64)
         .bind(p.user.0)

@@ -38,11 +38,10 @@ pub async fn open(
         Ok(v) => v,
         Err(e) => return error_page(&ctx, e),
     };
-    let service = match crate::api::services::services_of(&state, &v, None).await {
-        Ok(all) => all.into_iter().find(|s| s.service_id == id),
+    let service = match crate::api::services::own(&state, &v, id).await {
+        Ok(service) => service,
         Err(e) => return error_page(&ctx, e),
     };
-    let Some(service) = service else { return error_page(&ctx, crate::error::ApiError::not_found(format!("service {id}"))) };
     if service.state != "running" {
         return error_page(&ctx, crate::services::gone());
     }

@@ -339,3 +339,22 @@ pub fn system_python_of_the_venv() -> Option<(PathBuf, PathBuf)> {
     let (interpreter, packages) = (PathBuf::from(format!("/usr/bin/python{minor}")), venv.join(format!("lib/python{minor}/site-packages")));
     (interpreter.is_file() && packages.is_dir()).then_some((interpreter, packages))
 }
+
+/// The test data's small digits classifier as a built-in job of one card: `epochs` epochs,
+/// a checkpoint every ten steps, the model and its metrics as outputs.
+pub fn digits_training(data: &Path, epochs: u32) -> serde_json::Value {
+    serde_json::json!({
+        "name": "digits", "kind": "training",
+        "resources": { "cards": 1 },
+        "run": { "builtin": { "task": "train_classifier", "params": {
+            "data": data.join("digits/images").display().to_string(),
+            "training.model": r#"{"arch": "small_cnn", "width": 16}"#,
+            "training.optimizer": r#"{"kind": "adam", "lr": 0.003}"#,
+            "training.epochs": epochs.to_string(),
+            "training.batch_size": "64",
+            "training.checkpoint_every_steps": "10",
+        } } },
+        "outputs": ["model.json", "model.safetensors", "metrics.json"],
+        "max_attempts": 1,
+    })
+}

@@ -67,19 +67,7 @@ pub async fn stage(model: bool) -> Option<Stage> {
 /// A small classifier of the test data's digits, trained on the world's lease; its job.
 async fn train(w: &World, data: &Path) -> u64 {
     let mut jobs = w.jobs(&w.researcher_token).await;
-    let spec = json!({
-        "name": "digits", "kind": "training",
-        "resources": { "cards": 1 },
-        "run": { "builtin": { "task": "train_classifier", "params": {
-            "data": data.join("digits/images").display().to_string(),
-            "training.model": r#"{"arch": "small_cnn", "width": 16}"#,
-            "training.optimizer": r#"{"kind": "adam", "lr": 0.003}"#,
-            "training.epochs": "3",
-            "training.batch_size": "64",
-        } } },
-        "outputs": ["model.json", "model.safetensors", "metrics.json"],
-        "max_attempts": 1,
-    });
+    let spec = super::digits_training(data, 3);
     let job = w.submit(&mut jobs, "digits", &spec).await.job_id;
     let done = wait_done(&mut jobs, 1, Duration::from_secs(300)).await;
     let trained = done.iter().find(|j| j.job_id == job).expect("the job");
