@@ -216,6 +216,7 @@ async fn routes(w: &World, researcher: &Api, supplier: &Api) -> anyhow::Result<(
         "/api/v1/catalogue",
         "/api/v1/federation/catalogue",
         "/api/v1/federation/members",
+        "/api/v1/demos",
     ];
     let researcher_only = [
         "post /api/v1/leases",
