@@ -110,52 +110,50 @@ pub fn on_origin(service: &Published, path: &str) -> Response {
     response
 }
 
-/// A terminal's page: xterm.js, connected to `/pty`.
-fn terminal_page() -> Response {
+/// A page the portal serves on a service's origin: `title`, the files `head` names, `body`.
+fn origin_page(title: &str, head: Markup, body_style: &str, body: Markup) -> Response {
     let markup = html! {
         (DOCTYPE)
         html lang="en" {
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
-                title { "Terminal · Suanli" }
-                link rel="stylesheet" href="/.suanli/xterm.css";
-                script src="/.suanli/xterm.js" defer {}
-                script src="/.suanli/addon-fit.js" defer {}
-                script src="/.suanli/terminal.js" defer {}
+                title { (title) }
+                (head)
             }
-            body style="margin: 0; background: #000; height: 100vh; display: flex; flex-direction: column" {
-                p #status style="color: #ccc; font-family: sans-serif; margin: 0.25rem" {}
-                div #terminal style="flex: 1" {}
-            }
+            body style=(body_style) { (body) }
         }
     };
     Html(markup.into_string()).into_response()
 }
 
+/// A terminal's page: xterm.js, connected to `/pty`.
+fn terminal_page() -> Response {
+    let head = html! {
+        link rel="stylesheet" href="/.suanli/xterm.css";
+        script src="/.suanli/xterm.js" defer {}
+        script src="/.suanli/addon-fit.js" defer {}
+        script src="/.suanli/terminal.js" defer {}
+    };
+    let body = html! {
+        p #status style="color: #ccc; font-family: sans-serif; margin: 0.25rem" {}
+        div #terminal style="flex: 1" {}
+    };
+    origin_page("Terminal · Suanli", head, "margin: 0; background: #000; height: 100vh; display: flex; flex-direction: column", body)
+}
+
 /// A demo's page: choose an image, see its classes.
 fn demo_page(service: &Published) -> Response {
-    let title = format!("{} v{}", service.model, service.version);
-    let markup = html! {
-        (DOCTYPE)
-        html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · Suanli demo" }
-                script src="/.suanli/demo.js" defer {}
-            }
-            body style="font-family: sans-serif; max-width: 40rem; margin: 2rem auto" {
-                h1 { (service.model) " " small { "v" (service.version) } }
-                p { "Choose an image to classify it. 选择一张图片进行分类。" }
-                input #image type="file" accept="image/*";
-                div { img #preview alt="" style="max-width: 100%; max-height: 20rem; margin-top: 1rem"; }
-                ol #result aria-live="polite" {}
-                h2 { "API" }
-                p { code { "POST /v1/predict" } " with an image's bytes answers " code { "{\"result\": {\"class\", \"score\", \"top\"}}" } "; "
-                    code { "POST /v1/predict/batch" } " takes " code { "{\"images\": [base64, …]}" } "; " code { "GET /v1/model" } " describes the model." }
-            }
-        }
+    let title = format!("{} v{} · Suanli demo", service.model, service.version);
+    let body = html! {
+        h1 { (service.model) " " small { "v" (service.version) } }
+        p { "Choose an image to classify it. 选择一张图片进行分类。" }
+        input #image type="file" accept="image/*";
+        div { img #preview alt="" style="max-width: 100%; max-height: 20rem; margin-top: 1rem"; }
+        ol #result aria-live="polite" {}
+        h2 { "API" }
+        p { code { "POST /v1/predict" } " with an image's bytes answers " code { "{\"result\": {\"class\", \"score\", \"top\"}}" } "; "
+            code { "POST /v1/predict/batch" } " takes " code { "{\"images\": [base64, …]}" } "; " code { "GET /v1/model" } " describes the model." }
     };
-    Html(markup.into_string()).into_response()
+    origin_page(&title, html! { script src="/.suanli/demo.js" defer {} }, "font-family: sans-serif; max-width: 40rem; margin: 2rem auto", body)
 }
