@@ -54,6 +54,10 @@ enum Command {
     /// Make a new agent CA (certificate and key) for a cluster; give both files to every node
     /// (`agent_ca_cert`, `agent_ca_key`). Refuses to overwrite.
     AgentCa(AgentCaArgs),
+    /// Issue a TLS server certificate from the cluster CA for one of the platform's other
+    /// listeners (the portal's agent tunnels, `--tunnel-listen`; the artifact store): agents
+    /// trust it as they trust the brokers. Valid 90 days: issue a new one and restart before.
+    ServerCert(ServerCertArgs),
     /// Back up a running cluster's state into a new directory (manifest + state, checksummed):
     /// everything committed before the call, taken from the leader without stopping anything.
     Backup(BackupArgs),
@@ -115,6 +119,26 @@ struct AgentCaArgs {
     cert: PathBuf,
     /// Written readable by its owner only.
     #[arg(long, default_value = "agent-ca.key")]
+    key: PathBuf,
+}
+
+#[derive(Args)]
+struct ServerCertArgs {
+    /// The cluster CA's certificate and key (`agent_ca_cert`, `agent_ca_key`).
+    #[arg(long, default_value = "agent-ca.pem")]
+    ca_cert: PathBuf,
+    #[arg(long, default_value = "agent-ca.key")]
+    ca_key: PathBuf,
+    /// A DNS name or IP address the listener is reached by (repeat, or comma-separated).
+    #[arg(long = "name", required = true, value_delimiter = ',')]
+    names: Vec<String>,
+    /// What the certificate is for, as its common name (e.g. `suanli-portal tunnels`).
+    #[arg(long, default_value = "suanli")]
+    common_name: String,
+    #[arg(long)]
+    cert: PathBuf,
+    /// Written readable by its owner only.
+    #[arg(long)]
     key: PathBuf,
 }
 
@@ -281,6 +305,7 @@ async fn main() -> anyhow::Result<()> {
         Command::EnrollmentToken(args) => enrollment_token(args).await,
         Command::Cluster(args) => cluster(args).await,
         Command::AgentCa(args) => agent_ca(args),
+        Command::ServerCert(args) => server_cert(args),
         Command::Lease(args) => lease_cli::lease(args).await,
         Command::Backup(args) => {
             let ca = args.ca.as_deref().map(std::fs::read_to_string).transpose().context("reading --ca")?;
@@ -321,6 +346,33 @@ fn agent_ca(args: AgentCaArgs) -> anyhow::Result<()> {
     }
     suanli_pki::Ca::load(&args.cert, &args.key, true)?;
     println!("agent CA: certificate {}, key {} (0600)", args.cert.display(), args.key.display());
+    Ok(())
+}
+
+fn server_cert(args: ServerCertArgs) -> anyhow::Result<()> {
+    // A slip of the flags must not write over the CA itself.
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        std::path::absolute(a).ok() == std::path::absolute(b).ok() || a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a))
+    };
+    for out in [&args.cert, &args.key] {
+        if same(out, &args.ca_cert) || same(out, &args.ca_key) {
+            bail!("{} is the CA's own file: write the server certificate elsewhere", out.display());
+        }
+    }
+    if same(&args.cert, &args.key) {
+        bail!("--cert and --key are one file");
+    }
+    let ca = suanli_pki::Ca::load(&args.ca_cert, &args.ca_key, false).context("the cluster CA")?;
+    let issued = ca.named_server_certificate(&args.common_name, &args.names)?;
+    // Both written beside and then renamed into place: a failed write leaves the old pair whole.
+    let beside = |p: &std::path::Path| PathBuf::from(format!("{}.new", p.display()));
+    let (key_new, cert_new) = (beside(&args.key), beside(&args.cert));
+    suanli_pki::write_private_file(&key_new, &issued.key_pem)?;
+    std::fs::write(&cert_new, &issued.cert_pem).with_context(|| format!("writing {}", cert_new.display()))?;
+    std::fs::rename(&key_new, &args.key).with_context(|| format!("writing {}", args.key.display()))?;
+    std::fs::rename(&cert_new, &args.cert).with_context(|| format!("writing {}", args.cert.display()))?;
+    let not_after = suanli_pki::pem_certificate_not_after(&issued.cert_pem)?;
+    println!("certificate {} for {} (key {}, 0600), valid until {not_after} (unix seconds)", args.cert.display(), args.names.join(", "), args.key.display());
     Ok(())
 }
 

@@ -124,11 +124,27 @@ struct ServeArgs {
     /// supplier agents open their tunnels here (`/api/v1/agent-tunnel`).
     #[arg(long, env = "SUANLI_PORTAL_TUNNEL_KEY_FILE")]
     tunnel_key_file: Option<PathBuf>,
+    /// A listener for agents' tunnels alone (agents' `--portal https://HOST:PORT`), in TLS with
+    /// `--tunnel-tls-cert`/`--tunnel-tls-key` (off loopback it must be). Without it, agents
+    /// dial the portal's own listener (`http://` from the same host, or `https://` through a
+    /// TLS proxy in front of the portal).
+    #[arg(long, env = "SUANLI_PORTAL_TUNNEL_LISTEN")]
+    tunnel_listen: Option<SocketAddr>,
+    /// The tunnel listener's certificate (PEM; from the cluster CA, which agents trust by
+    /// default: `suanli-broker server-cert`) and its key.
+    #[arg(long, env = "SUANLI_PORTAL_TUNNEL_TLS_CERT")]
+    tunnel_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "SUANLI_PORTAL_TUNNEL_TLS_KEY")]
+    tunnel_tls_key: Option<PathBuf>,
     /// The domain services on leased cards are published under: each gets the origin
     /// `<random name>.<domain>` (a wildcard DNS name pointing at this portal; `localhost`
     /// locally, whose subdomains browsers resolve to this machine). Without it, no services.
     #[arg(long, env = "SUANLI_PORTAL_SERVICES_DOMAIN")]
     services_domain: Option<String>,
+    /// An environment (a terminal, JupyterLab) nobody has used for this many seconds stops:
+    /// no request and no browser tab connected (default 3600; 0: never).
+    #[arg(long, env = "SUANLI_PORTAL_ENVIRONMENT_IDLE_S")]
+    environment_idle_s: Option<u64>,
     /// Addresses of the reverse proxies in front of the portal: from them alone the client's
     /// address is taken from `X-Forwarded-For` (login throttle, audit log). Comma-separated.
     #[arg(long, env = "SUANLI_PORTAL_TRUSTED_PROXY", value_delimiter = ',')]
@@ -211,7 +227,11 @@ struct PortalSection {
     webhook_allow: Vec<String>,
     operator_key_file: Option<PathBuf>,
     tunnel_key_file: Option<PathBuf>,
+    tunnel_listen: Option<SocketAddr>,
+    tunnel_tls_cert: Option<PathBuf>,
+    tunnel_tls_key: Option<PathBuf>,
     services_domain: Option<String>,
+    environment_idle_s: Option<u64>,
     #[serde(default)]
     trusted_proxy: Vec<std::net::IpAddr>,
     federation_api: Option<String>,
@@ -383,6 +403,29 @@ fn offline_state(s: Storage) -> anyhow::Result<AppState> {
     })))
 }
 
+/// Warns in the log, daily, once the tunnel listener's certificate has less than 30 days left
+/// (it is read at start: a renewed one takes a restart), and says so louder once it expired.
+async fn watch_certificate_expiry(cert: PathBuf) {
+    const WARN_BEFORE_S: i64 = 30 * 86_400;
+    loop {
+        let left = std::fs::read_to_string(&cert)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| suanli_pki::pem_certificate_not_after(&pem).map_err(|e| e.to_string()))
+            .map(|not_after| not_after - suanli_portal::db::now_ms() / 1000);
+        match left {
+            Ok(left) if left <= 0 => {
+                tracing::error!(cert = %cert.display(), "the tunnel listener's certificate has expired: agents cannot open their tunnels (suanli-broker server-cert, then restart)")
+            }
+            Ok(left) if left < WARN_BEFORE_S => {
+                tracing::warn!(cert = %cert.display(), days_left = left / 86_400, "the tunnel listener's certificate expires soon: issue a new one (suanli-broker server-cert) and restart")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(cert = %cert.display(), error = %e, "the tunnel listener's certificate could not be read"),
+        }
+        tokio::time::sleep(Duration::from_secs(86_400)).await;
+    }
+}
+
 async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
     let args = &cli.serve;
     init_logging(&args.log);
@@ -404,6 +447,28 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
     }
     let tunnel_key = match args.tunnel_key_file.clone().or(file.tunnel_key_file.clone()) {
         Some(path) => Some(suanli_pki::tunnel_ticket::TunnelKey::load(&path, false).with_context(|| format!("tunnel_key_file {}", path.display()))?),
+        None => None,
+    };
+    let tunnel_listener = match args.tunnel_listen.or(file.tunnel_listen) {
+        Some(listen) => {
+            if tunnel_key.is_none() {
+                bail!("--tunnel-listen without --tunnel-key-file: no agent could open a tunnel there");
+            }
+            let cert = args.tunnel_tls_cert.clone().or(file.tunnel_tls_cert.clone());
+            let key = args.tunnel_tls_key.clone().or(file.tunnel_tls_key.clone());
+            let tls = match (cert, key) {
+                (Some(cert), Some(key)) => {
+                    let config = suanli_artifacts::tls::load_server_config(&cert, &key).context("the tunnel listener's certificate")?;
+                    tokio::spawn(watch_certificate_expiry(cert));
+                    Some(config)
+                }
+                (None, None) if listen.ip().is_loopback() => None,
+                (None, None) => bail!("the tunnel listener {listen} is off loopback: give it --tunnel-tls-cert and --tunnel-tls-key"),
+                _ => bail!("give both --tunnel-tls-cert and --tunnel-tls-key, or neither"),
+            };
+            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the tunnel listener {listen}"))?;
+            Some((listener, tls))
+        }
         None => None,
     };
     let smtp = match (&args.smtp, file.smtp) {
@@ -512,7 +577,16 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         None => None,
     };
     let services_domain = args.services_domain.clone().or(file.services_domain.clone());
+    let environment_idle = match args.environment_idle_s.or(file.environment_idle_s) {
+        Some(0) => None,
+        Some(seconds) => Some(Duration::from_secs(seconds)),
+        None => Some(suanli_portal::services::DEFAULT_IDLE_STOP),
+    };
     let public_url = settings.public_url.clone();
+    let services = suanli_portal::services::ServiceHub::new(services_domain, &public_url).with_idle_stop(environment_idle);
+    if services.would_take_the_portals_host(&public_url) {
+        bail!("--services-domain covers the portal's own host ({public_url}): give services a domain of their own, e.g. svc.<the portal's host>");
+    }
     let state = AppState(Arc::new(Inner {
         db: s.db,
         keys: s.keys.ring()?,
@@ -527,7 +601,7 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         image_search,
         metrics: Default::default(),
         tunnels: suanli_portal::tunnels::Tunnels::new(tunnel_key),
-        services: suanli_portal::services::ServiceHub::new(services_domain, &public_url),
+        services,
     }));
     market.spawn_follower();
     outbox::spawn_worker(state.clone());
@@ -582,13 +656,37 @@ async fn serve(cli: &Cli, file: PortalSection) -> anyhow::Result<()> {
         }
         None => "-".into(),
     };
-    println!("SUANLI_READY http={addr} metrics={metrics_addr}");
+    let tunnel_addr = match tunnel_listener {
+        Some((listener, tls)) => {
+            let addr = listener.local_addr()?;
+            let app = suanli_portal::tunnels::router(state.clone());
+            tokio::spawn(async move {
+                let served = match tls {
+                    Some(tls) => match suanli_artifacts::tls::TlsListener::new(listener, tls) {
+                        Ok(listener) => axum::serve(listener, app).await,
+                        Err(e) => Err(e),
+                    },
+                    None => axum::serve(axum::serve::ListenerExt::tap_io(listener, |tcp| drop(tcp.set_nodelay(true))), app).await,
+                };
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the tunnel listener failed");
+                }
+            });
+            addr.to_string()
+        }
+        None => "-".into(),
+    };
+    println!("SUANLI_READY http={addr} metrics={metrics_addr} tunnel={tunnel_addr}");
     println!("Suanli portal on {}", state.settings.public_url);
     let app = app::router(state).into_make_service_with_connect_info::<SocketAddr>();
     // Small answers (an API call, a frame of a service's WebSocket) go out at once, not after
     // the client's delayed ACK.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
+        // A visitor gone without a word (a laptop asleep) is noticed in minutes, so their
+        // WebSocket stops keeping a service in use.
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(15)).with_retries(4);
+        let _ = socket2::SockRef::from(&*tcp).set_tcp_keepalive(&keepalive);
     });
     axum::serve(listener, app).with_graceful_shutdown(stop_requested()).await?;
     heartbeat.abort();

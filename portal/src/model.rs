@@ -56,6 +56,12 @@ impl ServiceKindName {
         matches!(self, ServiceKindName::Terminal | ServiceKindName::Jupyter)
     }
 
+    /// An environment (a shell, a notebook) stops when nobody has used it for a while; a demo
+    /// runs for its visitors until its owner stops it or its lease ends.
+    pub fn stops_when_idle(self) -> bool {
+        matches!(self, ServiceKindName::Terminal | ServiceKindName::Jupyter)
+    }
+
     /// Whether the portal serves the service's front page itself (the rest of its origin is
     /// the service's).
     pub fn has_portal_pages(self) -> bool {

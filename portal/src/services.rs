@@ -15,8 +15,13 @@
 //! with the link or public one takes anyone, each visitor (by address) held to the service's rate.
 //!
 //! **Gone.** A service whose lease is over, or that its owner stopped, answers `410` for good.
-//! The sweeper ([`run_sweeper`]) stops the services of leases that ended, and writes the request
-//! counts (metering: time from start to stop, and requests).
+//! The sweeper ([`run_sweeper`]) stops the services of leases that ended, and environments
+//! (terminals, JupyterLab) nobody has used for the configured time (`--environment-idle-s`):
+//! used means a request, a connection held open (a browser tab's WebSocket), or for JupyterLab
+//! a kernel running code, so an environment stops that long after its last tab closed and its
+//! last cell ended. It also writes the request counts
+//! (metering: time from start to stop, and requests) and when each service was last used, which
+//! every portal process reads when it decides.
 //!
 //! **Agents** keep nothing: when a node's tunnel opens, every service that should run there is
 //! sent again ([`reconcile_node`]). A service's files (a model's) are sent only when the agent
@@ -55,8 +60,8 @@ pub const LOGIN_PATH: &str = "/.suanli/login";
 pub const ASSETS_PREFIX: &str = "/.suanli/";
 /// How long a grant from `/services/{id}/open` may wait to be used.
 const GRANT_LIFETIME_MS: i64 = 60_000;
-/// How long a visitor's cookie on a service's origin lasts (it is not revoked with the portal
-/// session it came from: kept short).
+/// How long a visitor's cookie on a service's origin lasts at most (it also ends with the portal
+/// session it came from).
 const VISIT_LIFETIME_MS: i64 = 2 * 3600 * 1000;
 /// How long what the proxy read of a service is trusted before it is read again (a stop takes
 /// effect within this).
@@ -71,6 +76,8 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(20);
 const FILE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// How often the sweeper writes counts and looks for leases that ended.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// An environment nobody has used for this long stops (`--environment-idle-s`).
+pub const DEFAULT_IDLE_STOP: Duration = Duration::from_secs(3600);
 /// The classifier's files `suanli-job serve` loads.
 pub const CLASSIFIER_FILES: [&str; 2] = ["model.json", "model.safetensors"];
 
@@ -109,6 +116,8 @@ pub struct ServiceHub {
     cache: Mutex<HashMap<String, Cached>>,
     /// What each `Authorization` seen lately was, by its hash: a portal user's API token, or not.
     tokens: Mutex<HashMap<String, (Option<UserId>, Instant)>>,
+    /// Whether each portal session visits came from was still there lately, by its token's hash.
+    sessions: Mutex<HashMap<String, (bool, Instant)>>,
     /// Grants used, until they expire (each is good once).
     used_grants: Mutex<HashMap<String, i64>>,
     /// Requests not yet written, per service.
@@ -116,6 +125,29 @@ pub struct ServiceHub {
     buckets: Mutex<HashMap<(i64, String), Bucket>>,
     /// Requests forwarded since start (the metrics).
     pub forwarded: AtomicU64,
+    /// Visitors' connections open through this portal now (WebSockets), per service.
+    connected: Arc<Mutex<HashMap<i64, u32>>>,
+    /// An environment nobody uses stops after this long (`None`: never).
+    idle_stop: Option<Duration>,
+}
+
+/// A visitor's connection to a service, open (a terminal's or a notebook's WebSocket): the
+/// service is in use while it lasts.
+struct Connected {
+    table: Arc<Mutex<HashMap<i64, u32>>>,
+    service: i64,
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        let mut table = lock(&self.table);
+        if let Some(open) = table.get_mut(&self.service) {
+            *open -= 1;
+            if *open == 0 {
+                table.remove(&self.service);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -136,6 +168,10 @@ struct Grant {
     /// Drawn per grant: a grant is used once.
     #[serde(default)]
     n: String,
+    /// The portal session the grant came from (its token's hash): the visit ends with it (a
+    /// sign-out, a password change, an account disabled).
+    #[serde(default)]
+    k: String,
 }
 
 impl ServiceHub {
@@ -157,11 +193,31 @@ impl ServiceHub {
             port,
             cache: Mutex::default(),
             tokens: Mutex::default(),
+            sessions: Mutex::default(),
             used_grants: Mutex::default(),
             counts: Mutex::default(),
             buckets: Mutex::default(),
             forwarded: AtomicU64::new(0),
+            connected: Arc::default(),
+            idle_stop: Some(DEFAULT_IDLE_STOP),
         }
+    }
+
+    /// Environments nobody uses stop after `idle` (`None`: never).
+    pub fn with_idle_stop(mut self, idle: Option<Duration>) -> ServiceHub {
+        self.idle_stop = idle;
+        self
+    }
+
+    /// Counts a visitor's connection to `service` as open until the guard is dropped.
+    fn connect(&self, service: i64) -> Connected {
+        *lock(&self.connected).entry(service).or_default() += 1;
+        Connected { table: self.connected.clone(), service }
+    }
+
+    /// The services a visitor holds a connection to through this portal now.
+    fn in_use(&self) -> Vec<i64> {
+        lock(&self.connected).keys().copied().collect()
     }
 
     pub fn enabled(&self) -> bool {
@@ -184,11 +240,23 @@ impl ServiceHub {
 
     /// The slug a request's host names, when it is a service's origin.
     fn slug_of(&self, request: &Request) -> Option<String> {
+        self.slug_of_host(request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| request.uri().host())?)
+    }
+
+    /// The slug `host` (`name[:port]`) names, when it is a service's origin.
+    fn slug_of_host(&self, host: &str) -> Option<String> {
         let domain = self.domain.as_deref()?;
-        let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| request.uri().host())?;
         let host = host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h).to_ascii_lowercase();
         let slug = host.strip_suffix(domain)?.strip_suffix('.')?;
         (!slug.is_empty() && slug.len() <= 64 && slug.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())).then(|| slug.to_owned())
+    }
+
+    /// Whether the portal's own address (`public_url`) would be taken for a service's origin:
+    /// its pages would then be answered by the proxy (`--services-domain` must be a domain of
+    /// the services' own, e.g. `svc.portal.example` beside `portal.example`).
+    pub fn would_take_the_portals_host(&self, public_url: &str) -> bool {
+        let authority = public_url.split_once("://").map_or(public_url, |(_, rest)| rest).split('/').next().unwrap_or_default();
+        self.slug_of_host(authority).is_some()
     }
 
     fn forget(&self, slug: &str) {
@@ -310,12 +378,46 @@ async fn visitor(state: &AppState, service: &Published, headers: &HeaderMap) -> 
             }
         };
     }
-    let by_cookie = crate::auth::cookie_value(headers, state.services.cookie_name())
+    let visit = crate::auth::cookie_value(headers, state.services.cookie_name())
         .and_then(|cookie| state.keys.open(&cookie).ok())
         .and_then(|g| serde_json::from_str::<Grant>(&g).ok())
-        .filter(|g| g.t == GRANT_PURPOSE && g.s == service.id && g.e > now_ms())
-        .map(|g| UserId(g.u));
+        .filter(|g| g.t == GRANT_PURPOSE && g.s == service.id && g.e > now_ms() && !g.k.is_empty());
+    let by_cookie = match visit {
+        Some(g) if session_lives(state, &g.k).await => Some(UserId(g.u)),
+        _ => None,
+    };
     (by_token.or(by_cookie), by_token.is_some())
+}
+
+/// Whether the portal session `token_hash` is still there and not expired (checked at most
+/// every [`TOKENS_FOR`]): a session signed out, expired or ended by the account (a password
+/// change ends the others) ends its visits too. A connection already open (a WebSocket) lasts
+/// until it closes.
+async fn session_lives(state: &AppState, token_hash: &str) -> bool {
+    if let Some((lives, _)) = lock(&state.services.sessions).get(token_hash).filter(|(_, at)| at.elapsed() < TOKENS_FOR) {
+        return *lives;
+    }
+    // Its existence and absolute expiry, not its idle time: using a service is not using the
+    // portal's pages, which is what keeps a session from idling out.
+    let row = sqlx::query("SELECT 1 AS one FROM sessions WHERE token_hash = $1 AND expires_ms > $2")
+        .bind(token_hash)
+        .bind(now_ms())
+        .fetch_optional(&state.db.pool)
+        .await;
+    let lives = match row {
+        Ok(row) => row.is_some(),
+        // Not known now: refused, not cached.
+        Err(e) => {
+            tracing::warn!(error = %e, "a visit's session was not read");
+            return false;
+        }
+    };
+    let mut sessions = lock(&state.services.sessions);
+    if sessions.len() >= CACHE_ENTRIES {
+        sessions.retain(|_, (_, at)| at.elapsed() < TOKENS_FOR);
+    }
+    sessions.insert(token_hash.to_owned(), (lives, Instant::now()));
+    lives
 }
 
 async fn visit(state: &AppState, slug: &str, mut request: Request) -> ApiResult<Response> {
@@ -359,7 +461,9 @@ async fn visit(state: &AppState, slug: &str, mut request: Request) -> ApiResult<
         return Ok(unavailable("the node this service runs on is not connected: try again shortly"));
     };
     state.services.count(service.id);
-    match tunnel.forward(&service.id.to_string(), request).await {
+    // A connection that stays open (a WebSocket) keeps the service in use while it lasts.
+    let held = request.headers().contains_key(header::UPGRADE).then(|| state.services.connect(service.id));
+    match tunnel.forward_holding(&service.id.to_string(), request, held).await {
         Ok(response) => {
             let agent_error = response.headers().get(AGENT_ERROR_HEADER).and_then(|v| v.to_str().ok()).and_then(AgentError::from_code);
             Ok(match agent_error {
@@ -427,8 +531,11 @@ fn keep_host_only_cookies(headers: &mut HeaderMap) {
 }
 
 /// A grant for `user` to `service`'s origin (what `/services/{id}/open` redirects with).
-pub fn grant(state: &AppState, service: i64, user: UserId) -> String {
-    let grant = Grant { t: GRANT_PURPOSE.into(), s: service, u: user.0, e: now_ms() + GRANT_LIFETIME_MS, n: crate::crypto::random_token(12) };
+/// A one-use, one-minute grant of service `service` to `user`, signed in with the portal session
+/// `session` (its token's hash), whose end ends the visit.
+pub fn grant(state: &AppState, service: i64, user: UserId, session: &str) -> String {
+    let grant =
+        Grant { t: GRANT_PURPOSE.into(), s: service, u: user.0, e: now_ms() + GRANT_LIFETIME_MS, n: crate::crypto::random_token(12), k: session.to_owned() };
     state.keys.seal(&serde_json::to_string(&grant).unwrap_or_default())
 }
 
@@ -438,7 +545,7 @@ fn take_grant(state: &AppState, service: &Published, query: &str) -> Response {
     let sealed = query.split('&').find_map(|kv| kv.strip_prefix("grant=")).unwrap_or_default();
     let now = now_ms();
     let grant = state.keys.open(sealed).ok().and_then(|g| serde_json::from_str::<Grant>(&g).ok());
-    let Some(grant) = grant.filter(|g| g.t == GRANT_PURPOSE && g.s == service.id && g.e > now && !g.n.is_empty()) else {
+    let Some(grant) = grant.filter(|g| g.t == GRANT_PURPOSE && g.s == service.id && g.e > now && !g.n.is_empty() && !g.k.is_empty()) else {
         return page_error(StatusCode::FORBIDDEN, "this link has expired or is not for this service: open the service again from the portal");
     };
     {
@@ -448,7 +555,7 @@ fn take_grant(state: &AppState, service: &Published, query: &str) -> Response {
             return page_error(StatusCode::FORBIDDEN, "this link was used already: open the service again from the portal");
         }
     }
-    let visit = Grant { t: GRANT_PURPOSE.into(), s: service.id, u: grant.u, e: now + VISIT_LIFETIME_MS, n: String::new() };
+    let visit = Grant { t: GRANT_PURPOSE.into(), s: service.id, u: grant.u, e: now + VISIT_LIFETIME_MS, n: String::new(), k: grant.k };
     let cookie_value = state.keys.seal(&serde_json::to_string(&visit).unwrap_or_default());
     let secure = if state.services.scheme == "https" { "; Secure" } else { "" };
     let cookie = format!("{}={cookie_value}; Path=/; HttpOnly; SameSite=Lax{secure}; Max-Age={}", state.services.cookie_name(), VISIT_LIFETIME_MS / 1000);
@@ -670,15 +777,22 @@ pub async fn run_sweeper(state: AppState) {
 }
 
 async fn sweep(state: &AppState) -> ApiResult<()> {
-    let counts: Vec<(i64, u64)> = lock(&state.services.counts).drain().collect();
+    let mut used: HashMap<i64, u64> = lock(&state.services.counts).drain().collect();
+    // A connection held open is use, though it sends no request.
+    for id in state.services.in_use() {
+        used.entry(id).or_default();
+    }
     let now = now_ms();
-    for (id, n) in counts {
+    for (id, n) in used {
         sqlx::query("UPDATE services SET requests = requests + $1, last_request_ms = $2 WHERE id = $3")
             .bind(n as i64)
             .bind(now)
             .bind(id)
             .execute(&state.db.pool)
             .await?;
+    }
+    if let Some(idle) = state.services.idle_stop {
+        stop_idle_environments(state, now, idle).await?;
     }
     let running = sqlx::query("SELECT id, lease_id FROM services WHERE state = 'running'").fetch_all(&state.db.pool).await?;
     let mut leases: HashMap<i64, Vec<i64>> = HashMap::new();
@@ -705,6 +819,55 @@ async fn sweep(state: &AppState) -> ApiResult<()> {
         }
     }
     Ok(())
+}
+
+/// Stops the environments nobody has used for `idle`: no request and no open connection, by
+/// what every portal process wrote (each writes its own visitors' use at every sweep).
+async fn stop_idle_environments(state: &AppState, now: i64, idle: Duration) -> ApiResult<()> {
+    let idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
+    let rows = sqlx::query("SELECT id, node_id, kind, created_ms, last_request_ms FROM services WHERE state = 'running'").fetch_all(&state.db.pool).await?;
+    for row in rows {
+        let Some(kind) = ServiceKindName::parse(&row.try_get::<String, _>("kind")?).filter(|k| k.stops_when_idle()) else { continue };
+        let last_used = opt_i64(&row, "last_request_ms")?.unwrap_or(row.try_get("created_ms")?);
+        if now.saturating_sub(last_used) < idle_ms {
+            continue;
+        }
+        let (id, node): (i64, i64) = (row.try_get("id")?, row.try_get("node_id")?);
+        // A notebook may be working with no tab open (a long training): asked before it stops.
+        if kind == ServiceKindName::Jupyter && notebook_at_work(state, node as u64, id).await {
+            sqlx::query("UPDATE services SET last_request_ms = $1 WHERE id = $2").bind(now).bind(id).execute(&state.db.pool).await?;
+            continue;
+        }
+        let minutes = idle.as_secs().div_ceil(60);
+        match stop(state, id, &format!("nobody used it for {minutes} min")).await {
+            Ok(_) => tracing::info!(service = id, idle_s = idle.as_secs(), "an environment nobody used stopped"),
+            Err(e) => tracing::warn!(service = id, error = %e, "an idle environment was not stopped: next sweep"),
+        }
+    }
+    Ok(())
+}
+
+/// Whether JupyterLab `id` is at work by its own account: a kernel running code (`busy` in its
+/// `/api/kernels`), or JupyterLab not answering yet (starting: installed the first time, which
+/// takes minutes). Asked through the node's tunnel as a visitor's request would go; a node not
+/// connected says nothing, and the notebook is taken for idle.
+async fn notebook_at_work(state: &AppState, node: u64, id: i64) -> bool {
+    let Some(tunnel) = state.tunnels.tunnel(node) else { return false };
+    let Ok(request) = axum::http::Request::get("/api/kernels").body(Body::empty()) else { return false };
+    let answer = match tokio::time::timeout(CONTROL_TIMEOUT, tunnel.forward(&id.to_string(), request)).await {
+        Ok(Ok(answer)) => answer,
+        _ => return false,
+    };
+    if answer.headers().get(AGENT_ERROR_HEADER).and_then(|v| v.to_str().ok()).and_then(AgentError::from_code).is_some() {
+        // The agent answered for it: JupyterLab is not up (yet).
+        return true;
+    }
+    if !answer.status().is_success() {
+        return false;
+    }
+    let Ok(body) = axum::body::to_bytes(Body::new(answer.into_body()), 1 << 20).await else { return false };
+    let kernels: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap_or_default();
+    kernels.iter().any(|k| k["execution_state"] == "busy")
 }
 
 /// The portal's own codes for the proxy's answers, as documented.
@@ -757,5 +920,17 @@ mod tests {
         assert_eq!(local.origin("x"), "http://x.localhost:8080");
         assert!(new_slug().len() == 26 && new_slug() != new_slug());
         assert!(!ServiceHub::new(None, "http://127.0.0.1:8080").enabled());
+    }
+
+    #[test]
+    fn a_services_domain_that_covers_the_portals_own_host_is_caught() {
+        let hub = ServiceHub::new(Some("example.org".into()), "https://portal.example.org");
+        assert!(hub.would_take_the_portals_host("https://portal.example.org"));
+        assert!(hub.would_take_the_portals_host("https://portal.example.org:8443/"));
+        let hub = ServiceHub::new(Some("svc.example.org".into()), "https://portal.example.org");
+        assert!(!hub.would_take_the_portals_host("https://portal.example.org"));
+        assert!(!hub.would_take_the_portals_host("https://svc.example.org"), "the domain itself is no service's origin");
+        let local = ServiceHub::new(Some("localhost".into()), "http://127.0.0.1:8080");
+        assert!(!local.would_take_the_portals_host("http://127.0.0.1:8080"));
     }
 }

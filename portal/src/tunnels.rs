@@ -4,10 +4,14 @@
 //! keeps one tunnel per node for as long as the ticket is good. Requests for services on a
 //! node go through its tunnel: the node itself listens to nothing from outside.
 //!
+//! Agents dial either the portal's own listener (from its host, or through a TLS proxy in
+//! front) or a listener for tunnels alone ([`router`], `--tunnel-listen`, in TLS with a
+//! certificate from the cluster CA, which agents trust by default).
+//!
 //! The ticket is the only credential here: no session, no API token, no CSRF (an agent is not
 //! a browser). A request without a good ticket is answered before anything is kept. A ticket is
-//! good for ten minutes and travels in the clear where the agent dials over plain HTTP, so a copy
-//! of it must not take over a tunnel: only a dial with a newer ticket replaces the node's open
+//! good for ten minutes and may travel in the clear (an agent on the portal's host dials plain
+//! TCP), so a copy of it must not take over a tunnel: only a dial with a newer ticket replaces the node's open
 //! one (the agent's own next dial), and the replaced connection is closed. Tunnels live in this
 //! process: with several portal processes, each keeps the tunnels that reached it.
 
@@ -105,6 +109,11 @@ impl Tunnels {
             open.remove(&node);
         }
     }
+}
+
+/// The tunnel listener's routes (`--tunnel-listen`): agents' dials, and nothing else.
+pub fn router(state: AppState) -> axum::Router {
+    axum::Router::new().route("/api/v1/agent-tunnel", axum::routing::get(accept)).with_state(state)
 }
 
 /// `GET /api/v1/agent-tunnel`: an agent's dial (`Connection: upgrade`, `Upgrade:

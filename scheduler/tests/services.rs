@@ -19,7 +19,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use suanli_testkit::eventually;
-use support::services::{session, signed_in, stage, Stage};
+use support::services::{session, signed_in, stage, stage_with, Stage};
 use support::{signed_in_browser, WAIT};
 
 #[tokio::test]
@@ -105,12 +105,23 @@ async fn a_private_demo_answers_as_suanli_job_infer_does_for_its_owner_alone() {
         .await
         .expect("sign in");
     assert!(answer.status().is_success());
+    let csrf = answer.json::<Value>().await.expect("json")["csrf_token"].as_str().expect("csrf").to_owned();
     let to = by_hand.get(format!("{}/services/{id}/open", stage.portal.url)).send().await.expect("open");
     assert_eq!(to.status(), StatusCode::SEE_OTHER);
     let login = to.headers()["location"].to_str().expect("location").to_owned();
     assert!(login.starts_with(&format!("{url}.suanli/login?grant=")), "{login}");
     assert_eq!(by_hand.get(&login).send().await.expect("use").status(), StatusCode::SEE_OTHER, "its first use");
     assert_eq!(stage.client_for(&url).get(&login).send().await.expect("replay").status(), StatusCode::FORBIDDEN, "used again");
+    // The visit lasts as long as the portal session it came from: signed out, it ends too.
+    assert_eq!(by_hand.post(&predict).body(image.clone()).send().await.expect("predict").status(), StatusCode::OK, "the visit's cookie");
+    let out = by_hand.delete(format!("{}/api/v1/session", stage.portal.url)).header("x-csrf-token", &csrf).send().await.expect("sign out");
+    assert_eq!(out.status(), StatusCode::NO_CONTENT);
+    let ended = eventually(WAIT, Duration::from_millis(200), || {
+        let (by_hand, predict, image) = (by_hand.clone(), predict.clone(), image.clone());
+        async move { (by_hand.post(&predict).body(image).send().await.ok()?.status() == StatusCode::FORBIDDEN).then_some(()) }
+    })
+    .await;
+    assert!(ended.is_ok(), "a visit ends with the session it came from");
 
     // Anyone with the link, once its owner says so, at the rate its owner sets.
     let (status, _) = stage.api("PATCH", &format!("/api/v1/services/{id}"), Some(json!({"visibility": "link", "rate_per_minute": 8}))).await;
@@ -177,6 +188,9 @@ async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_go
             answers
         })
     };
+    let login = format!("{}{}", stage.w.agents[0].prefix, stage.w.leases[0]);
+    let folder = stage.w.dir.path().join("agent0/homes").join(&login).join(".suanli-services").join(id.to_string());
+    assert!(folder.join("g1-0/model.safetensors").exists(), "generation 1's copy of the model is in the lease's home");
     let (status, body) = stage.api("PATCH", &format!("/api/v1/services/{id}"), Some(json!({"version": 2}))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["generation"], 2);
@@ -190,6 +204,14 @@ async fn a_demo_is_restarted_when_killed_updated_without_a_failed_request_and_go
     let failed: Vec<&StatusCode> = answers.iter().filter(|s| **s != StatusCode::OK).collect();
     assert!(answers.len() >= 20, "a steady stream: {} requests", answers.len());
     assert!(failed.is_empty(), "{} of {} requests failed during the update: {failed:?}", failed.len(), answers.len());
+    // The old generation's copy of the model left the lease's home with it; the new one's is there.
+    let cleared = eventually(WAIT, Duration::from_millis(200), || {
+        let folder = folder.clone();
+        async move { (!folder.join("g1-0").exists()).then_some(()) }
+    })
+    .await;
+    assert!(cleared.is_ok(), "the old generation's files are removed\n{}", log_of(&stage, id).await);
+    assert!(folder.join("g2-0/model.safetensors").exists(), "the running generation's files stay");
 
     // The lease ends: the service stops, its processes go, and its URL answers 410 for good.
     let text = log_of(&stage, id).await;
@@ -296,6 +318,49 @@ async fn a_terminal_in_the_browser_is_a_login_shell_of_the_lease_for_its_owner_a
     assert!(page.text().await.expect("text").contains("/.suanli/xterm.js"));
 }
 
+/// An environment nobody uses stops by itself (the portal's idle time, 15 s here), and not while
+/// a browser holds its WebSocket open, though nobody types: it stops soon after that closes.
+#[tokio::test]
+async fn an_environment_stops_once_nobody_has_used_it_for_the_idle_time() {
+    const IDLE_MS: i64 = 15_000;
+    let Some(stage) = stage_with(false, &["--environment-idle-s", "15"]).await else { return };
+    let view = stage.create(json!({"lease_id": stage.w.leases[0], "kind": "terminal"})).await;
+    let (id, url) = (view["service_id"].as_u64().expect("id"), view["url"].as_str().expect("url").to_owned());
+    let host = url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", stage.port)).await.expect("portal");
+    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{host}/pty")).expect("request");
+    request.headers_mut().insert("authorization", format!("Bearer {}", stage.token).parse().expect("header"));
+    let (ws, _) = tokio_tungstenite::client_async(request, tcp).await.expect("the terminal's WebSocket");
+    let opened_ms = now_ms();
+
+    // Held open past the idle time with nothing typed: still in use, as every sweep records.
+    let held = eventually(Duration::from_secs(60), Duration::from_millis(300), || async {
+        let (_, view) = stage.api("GET", &format!("/api/v1/services/{id}"), None).await;
+        assert_eq!(view["state"], "running", "stopped while a browser was connected: {view}\n{}", stage.logs());
+        (view["last_used_ms"].as_i64().unwrap_or(0) >= opened_ms + IDLE_MS + 3_000).then_some(view)
+    })
+    .await;
+    assert!(held.is_ok(), "a connected terminal is in use: {held:?}");
+
+    // The tab closes: the idle time later, the terminal stops for good.
+    drop(ws);
+    let closed_ms = now_ms();
+    let stopped = eventually(Duration::from_secs(60), Duration::from_millis(300), || async {
+        let (_, view) = stage.api("GET", &format!("/api/v1/services/{id}"), None).await;
+        (view["state"] == "stopped").then_some(view)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("an idle terminal stops: {e}\n{}", stage.logs()));
+    assert!(stopped["stop_reason"].as_str().unwrap_or_default().contains("nobody used it"), "{stopped}");
+    assert!(stopped["stopped_ms"].as_i64().unwrap_or(0) >= closed_ms + IDLE_MS - 3_000, "not before the idle time: {stopped}");
+    let gone = stage.client_for(&url).get(&url).bearer_auth(&stage.token).send().await.expect("page");
+    assert_eq!(gone.status(), StatusCode::GONE);
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64
+}
+
 /// The processes a service's log says were started, in order.
 fn started_pids(log: &str) -> Vec<u32> {
     log.lines().filter_map(|l| l.split("started (pid ").nth(1)).filter_map(|rest| rest.trim_end_matches(')').parse().ok()).collect()
@@ -306,10 +371,37 @@ async fn log_of(stage: &Stage, id: u64) -> String {
     stage.api("GET", &format!("/api/v1/services/{id}/log"), None).await.1.as_str().unwrap_or_default().to_owned()
 }
 
+type KernelChannels = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
 /// Runs `code` in a new kernel of the JupyterLab at `url`, as JupyterLab itself does (a kernel
 /// made with `POST /api/kernels`, an `execute_request` on its WebSocket), through the portal
 /// with the owner's token; what it printed.
 async fn run_cell(stage: &Stage, url: &str, code: &str) -> String {
+    let mut ws = start_cell(stage, url, code).await;
+    let mut printed = String::new();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(message) = futures::StreamExt::next(&mut ws).await {
+            let tokio_tungstenite::tungstenite::Message::Text(text) = message.expect("a message") else { continue };
+            let m: Value = serde_json::from_str(&text).expect("json");
+            if m["parent_header"]["msg_id"] != "cell-1" {
+                continue;
+            }
+            match m["msg_type"].as_str() {
+                Some("stream") => printed.push_str(m["content"]["text"].as_str().unwrap_or_default()),
+                Some("error") => panic!("the cell failed: {}", m["content"]),
+                Some("execute_reply") => return,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the cell's reply; printed so far: {printed}"));
+    printed
+}
+
+/// Starts `code` in a new kernel of the JupyterLab at `url` (as [`run_cell`]); the kernel's
+/// channels, on which its output arrives.
+async fn start_cell(stage: &Stage, url: &str, code: &str) -> KernelChannels {
     let host = url.trim_start_matches("http://").trim_end_matches('/').to_owned();
     let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
     let http = reqwest::Client::builder()
@@ -345,25 +437,38 @@ async fn run_cell(stage: &Stage, url: &str, code: &str) -> String {
         "content": {"code": code, "silent": false, "store_history": false, "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
     });
     futures::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::Text(execute.to_string().into())).await.expect("execute");
-    let mut printed = String::new();
-    tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(message) = futures::StreamExt::next(&mut ws).await {
-            let tokio_tungstenite::tungstenite::Message::Text(text) = message.expect("a message") else { continue };
-            let m: Value = serde_json::from_str(&text).expect("json");
-            if m["parent_header"]["msg_id"] != "cell-1" {
-                continue;
-            }
-            match m["msg_type"].as_str() {
-                Some("stream") => printed.push_str(m["content"]["text"].as_str().unwrap_or_default()),
-                Some("error") => panic!("the cell failed: {}", m["content"]),
-                Some("execute_reply") => return,
-                _ => {}
-            }
-        }
+    ws
+}
+
+/// A notebook at work is in use with no tab open (a long cell, the browser closed); once the
+/// cell has ended, it stops the idle time (30 s here) later.
+#[tokio::test]
+async fn jupyterlab_running_a_cell_with_no_tab_open_is_in_use_until_the_cell_ends() {
+    const IDLE_MS: i64 = 30_000;
+    const CELL_MS: i64 = 50_000;
+    let Some(stage) = stage_with(false, &["--environment-idle-s", "30"]).await else { return };
+    let view = stage.create(json!({"lease_id": stage.w.leases[0], "kind": "jupyter"})).await;
+    let (id, url) = (view["service_id"].as_u64().expect("id"), view["url"].as_str().expect("url").to_owned());
+    let channels = start_cell(&stage, &url, &format!("import time\ntime.sleep({})\nprint('done')\n", CELL_MS / 1000)).await;
+    // The tab closes at once: nothing is connected, nothing requested; the kernel works on.
+    drop(channels);
+    let started_ms = now_ms();
+    let working = eventually(Duration::from_secs(120), Duration::from_millis(500), || async {
+        let (_, view) = stage.api("GET", &format!("/api/v1/services/{id}"), None).await;
+        assert_eq!(view["state"], "running", "stopped while its cell ran: {view}\n{}", stage.logs());
+        (now_ms() >= started_ms + IDLE_MS + 5_000).then_some(view)
     })
     .await
-    .unwrap_or_else(|_| panic!("the cell's reply; printed so far: {printed}"));
-    printed
+    .expect("past the idle time");
+    assert!(working["last_used_ms"].as_i64().unwrap_or(0) >= started_ms + IDLE_MS - 5_000, "its busy kernel counted as use: {working}");
+    let stopped = eventually(Duration::from_secs(180), Duration::from_millis(500), || async {
+        let (_, view) = stage.api("GET", &format!("/api/v1/services/{id}"), None).await;
+        (view["state"] == "stopped").then_some(view)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("an idle notebook stops once its cell ended: {e}\n{}", stage.logs()));
+    assert!(stopped["stop_reason"].as_str().unwrap_or_default().contains("nobody used it"), "{stopped}");
+    assert!(stopped["stopped_ms"].as_i64().unwrap_or(0) >= started_ms + CELL_MS, "not before its cell ended: {stopped}");
 }
 
 #[tokio::test]

@@ -36,10 +36,15 @@ pub struct AgentArgs {
     /// needs.
     #[arg(long, env = "SUANLI_AGENT_ARTIFACTS_TOKEN", hide_env_values = true)]
     pub artifacts_token: Option<String>,
-    /// The portal's `host:port` to keep a tunnel to, through which the portal reaches services
-    /// on this node (plain HTTP: a portal on this machine or the supplier's network).
+    /// The portal to keep a tunnel to, through which the portal reaches services on this node:
+    /// `https://HOST[:PORT]` (its tunnel port, or its public address behind a TLS proxy), or
+    /// `http://HOST:PORT` (or `HOST:PORT`) for a portal on this host only.
     #[arg(long, env = "SUANLI_AGENT_PORTAL")]
     pub portal: Option<String>,
+    /// The CA certificates (PEM) an `https://` portal's certificate must come from; default the
+    /// cluster CA (`broker_ca`). A public CA's bundle where the portal is behind a TLS proxy.
+    #[arg(long, env = "SUANLI_AGENT_PORTAL_CA")]
+    pub portal_ca: Option<PathBuf>,
     /// Where the environments services run in are installed, once each (JupyterLab's), shared
     /// by every lease read-only (default /var/lib/suanli/templates).
     #[arg(long, env = "SUANLI_AGENT_TEMPLATES_DIR")]
@@ -142,6 +147,7 @@ struct FileAgent {
     artifacts_url: Option<String>,
     artifacts_token: Option<String>,
     portal: Option<String>,
+    portal_ca: Option<PathBuf>,
     templates_dir: Option<PathBuf>,
     jupyter_python: Option<PathBuf>,
     jupyter_packages: Option<PathBuf>,
@@ -220,8 +226,10 @@ pub struct AgentConfig {
     pub job_binary: Option<PathBuf>,
     /// The artifact store's URL and, for stores without capabilities, a token.
     pub artifacts: Option<(String, Option<String>)>,
-    /// The portal to keep a tunnel to (`host:port`).
-    pub portal: Option<String>,
+    /// The portal to keep a tunnel to.
+    pub portal: Option<PortalEndpoint>,
+    /// The CA an `https://` portal's certificate must come from (default: `broker_ca`'s).
+    pub portal_ca: Option<PathBuf>,
     /// Where services' environments are installed, and the Python JupyterLab's is made with.
     pub templates_dir: PathBuf,
     pub jupyter_python: PathBuf,
@@ -282,14 +290,8 @@ impl AgentConfig {
                 (None, None) => None,
                 (None, Some(_)) => return Err(ConfigError::Invalid("an artifact token without the store's URL".into())),
             },
-            portal: match args.portal.clone().or(file.portal) {
-                Some(portal) if !portal_is_on_this_host(&portal) => {
-                    return Err(ConfigError::Invalid(format!(
-                        "portal {portal:?}: the tunnel carries control of this node's services and is plain HTTP, so only a portal on this host may take it (TLS to a remote portal is not built yet)"
-                    )))
-                }
-                other => other,
-            },
+            portal: args.portal.clone().or(file.portal).map(|p| PortalEndpoint::parse(&p)).transpose()?,
+            portal_ca: args.portal_ca.clone().or(file.portal_ca),
             templates_dir: absolute(args.templates_dir.clone().or(file.templates_dir).unwrap_or_else(|| PathBuf::from("/var/lib/suanli/templates")))?,
             jupyter_python: args.jupyter_python.clone().or(file.jupyter_python).unwrap_or_else(|| PathBuf::from("/usr/bin/python3")),
             jupyter_packages: args.jupyter_packages.clone().or(file.jupyter_packages),
@@ -434,6 +436,65 @@ fn artifact_url_is_safe(url: &str) -> bool {
     portal_is_on_this_host(rest.split(['/', '?', '#']).next().unwrap_or_default())
 }
 
+/// Where the agent keeps its tunnel: the portal's host and port, and whether the dial is wrapped
+/// in TLS. Plain TCP goes only to this host: whoever answers the dial controls the node's
+/// services (a shell as any live lease), so off this host the portal must prove its name first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortalEndpoint {
+    /// A DNS name or an IP address (IPv6 in brackets), as the portal's certificate names it.
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl PortalEndpoint {
+    /// `https://HOST[:PORT]` (port 443 by default), `http://HOST:PORT` or `HOST:PORT` (this
+    /// host only); nothing after the authority but `/`.
+    pub fn parse(text: &str) -> Result<PortalEndpoint, ConfigError> {
+        let bad = |why: &str| ConfigError::Invalid(format!("portal {text:?}: {why}"));
+        let (tls, rest) = match text.split_once("://") {
+            Some(("https", rest)) => (true, rest),
+            Some(("http", rest)) => (false, rest),
+            Some(_) => return Err(bad("https://HOST[:PORT], or http://HOST:PORT on this host")),
+            None => (false, text),
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+            return Err(bad("only a host and a port: the agent dials the portal's tunnel path itself"));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => (host, Some(port.parse::<u16>().map_err(|_| bad("the port is a number"))?)),
+            _ => (authority, None),
+        };
+        let port = match (port, tls) {
+            (Some(0), _) => return Err(bad("port 0")),
+            (Some(port), _) => port,
+            (None, true) => 443,
+            (None, false) => return Err(bad("give the port")),
+        };
+        let bracketed = host.starts_with('[') && host.ends_with(']');
+        if host.is_empty() || (host.contains(':') && !bracketed) {
+            return Err(bad("an IPv6 address goes in brackets"));
+        }
+        let endpoint = PortalEndpoint { host: host.to_ascii_lowercase(), port, tls };
+        if !tls && !portal_is_on_this_host(&endpoint.authority()) {
+            return Err(bad("the tunnel carries control of this node's services: plain TCP only to a portal on this host, any other over https://"));
+        }
+        Ok(endpoint)
+    }
+
+    /// `host:port`, to dial and for the request's `Host`.
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+impl std::fmt::Display for PortalEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", if self.tls { "https" } else { "http" }, self.authority())
+    }
+}
+
 /// Whether `authority` (`host:port`) names this host (a loopback address or `localhost`).
 fn portal_is_on_this_host(authority: &str) -> bool {
     if authority.contains('@') {
@@ -506,15 +567,37 @@ mod tests {
     }
 
     /// Whoever answers at the portal's address controls the node's services (a shell as any
-    /// live lease): until the tunnel speaks TLS, only a portal on this host is dialled.
+    /// live lease): plain TCP goes only to a portal on this host, any other is dialled in TLS.
     #[test]
-    fn the_tunnel_goes_only_to_a_portal_on_this_host() {
-        for portal in ["portal.example:8080", "10.0.0.5:8080", "127.0.0.1@evil.example:80", "[::1]@evil.example:80"] {
+    fn the_tunnel_goes_in_plain_tcp_only_to_a_portal_on_this_host() {
+        for portal in [
+            "portal.example:8080",
+            "http://portal.example:8080",
+            "10.0.0.5:8080",
+            "127.0.0.1@evil.example:80",
+            "[::1]@evil.example:80",
+            "https://127.0.0.1@evil.example",
+            "https://portal.example/tunnel",
+            "https://portal.example:0",
+            "https://portal.example:x",
+            "https://::1:8443",
+            "ftp://portal.example",
+            "127.0.0.1",
+            "",
+        ] {
             let err = resolve(&["--portal", portal]).err().unwrap_or_else(|| panic!("{portal} must be refused"));
             assert!(err.to_string().contains("portal"), "{portal}: {err}");
         }
-        for portal in ["127.0.0.1:8080", "localhost:8080", "[::1]:8080"] {
-            assert_eq!(resolve(&["--portal", portal]).unwrap_or_else(|e| panic!("{portal}: {e}")).portal.as_deref(), Some(portal));
+        let endpoint = |host: &str, port, tls| Some(PortalEndpoint { host: host.into(), port, tls });
+        for (portal, want) in [
+            ("127.0.0.1:8080", endpoint("127.0.0.1", 8080, false)),
+            ("http://localhost:8080/", endpoint("localhost", 8080, false)),
+            ("[::1]:8080", endpoint("[::1]", 8080, false)),
+            ("https://Portal.Example", endpoint("portal.example", 443, true)),
+            ("https://10.0.0.5:8443", endpoint("10.0.0.5", 8443, true)),
+            ("https://[2001:db8::1]:8443/", endpoint("[2001:db8::1]", 8443, true)),
+        ] {
+            assert_eq!(resolve(&["--portal", portal]).unwrap_or_else(|e| panic!("{portal}: {e}")).portal, want, "{portal}");
         }
     }
 }

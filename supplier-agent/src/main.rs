@@ -185,7 +185,13 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         provisioner::Provisioner { brokers: config.brokers.clone(), tls: identity.tls.clone(), access, gateway, state_dir: config.state_dir.clone() };
     tokio::spawn(provisioner.run(PROVISION_CHECK_EVERY));
     if let Some(portal) = config.portal.clone() {
-        tokio::spawn(tunnel::PortalTunnel { brokers: config.brokers.clone(), tls: identity.tls.clone(), portal, services }.run());
+        // The portal is trusted on the cluster CA's word, as the broker is, unless told otherwise.
+        let portal_ca = match &config.portal_ca {
+            Some(path) => std::fs::read(path).with_context(|| format!("portal_ca {}", path.display()))?,
+            None => cluster_ca_pem.clone().into_bytes(),
+        };
+        let portal_trust = suanli_tunnel::tls::PortalTrust::from_pem(&portal_ca).context("portal_ca")?;
+        tokio::spawn(tunnel::PortalTunnel { brokers: config.brokers.clone(), tls: identity.tls.clone(), portal, portal_trust, services }.run());
     }
     let probed = agent.clone();
     let target = config.brokers[0].trim_start_matches("http://").trim_start_matches("https://").to_owned();

@@ -231,7 +231,7 @@ impl Services {
         }
         // Once the new generation answers, and still does after the drain pause, the older
         // ones stop.
-        let (service, newest) = (service.clone(), generation);
+        let (this, service, newest) = (self.clone(), service.clone(), generation);
         tokio::spawn(async move {
             let mut stopped = newest.stop.subscribe();
             loop {
@@ -250,11 +250,47 @@ impl Services {
                 }
             }
             let older: Vec<Arc<Generation>> = lock(&service.generations).iter().filter(|g| g.number < newest.number).cloned().collect();
+            let mut left = Vec::new();
             for g in older {
                 service.log.note(&format!("generation {} stops: generation {} took the requests", g.number, newest.number));
                 g.stop.send_replace(true);
+                left.extend((0..g.replicas.len()).map(|k| replica_folder(service.id, g.number, k)));
             }
             lock(&service.generations).retain(|g| g.number >= newest.number);
+            // Their copies of the model's files go too: a home would fill up update by update.
+            this.clear_in_home(&service, left);
+        });
+    }
+
+    /// Removes what a service left in its lease's home (`rels`, relative to it) as the lease's
+    /// own user in its sandbox: root never acts on a path the lease can write. A lease no longer
+    /// live here is skipped (its home goes with it).
+    fn clear_in_home(self: &Arc<Self>, service: &Arc<Service>, rels: Vec<PathBuf>) {
+        let Some(lease) = self.live_lease(service.lease) else { return };
+        if rels.is_empty() {
+            return;
+        }
+        let mut command = tokio::process::Command::new("/bin/rm");
+        command
+            .arg("-rf")
+            .arg("--")
+            .args(&rels)
+            .env_clear()
+            .current_dir(&lease.account.home)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        match self.access.sandbox(&lease) {
+            Ok(sandbox) => sandbox.apply(&mut command),
+            Err(e) => return service.log.note(&format!("old files not removed: the lease's sandbox: {e}")),
+        }
+        let service = service.clone();
+        tokio::spawn(async move {
+            match command.output().await {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => service.log.note(&format!("old files not removed: {}", String::from_utf8_lossy(&out.stderr).trim())),
+                Err(e) => service.log.note(&format!("old files not removed: {e}")),
+            }
         });
     }
 
@@ -376,7 +412,7 @@ impl Services {
         let account = &lease.account;
         let home = LeaseDir::open_home(&account.home, account.uid, account.gid).map_err(|e| e.to_string())?;
         // One folder per replica, so that no two processes share files being copied in.
-        let rel = PathBuf::from(".suanli-services").join(service.id.to_string()).join(format!("g{}-{k}", generation.number));
+        let rel = replica_folder(service.id, generation.number, k);
         let dir = home.make_dirs(&rel).map_err(|e| e.to_string())?;
         let _ = std::fs::remove_file(&replica.socket);
         let listener = std::os::unix::net::UnixListener::bind(&replica.socket).map_err(|e| format!("{}: {e}", replica.socket.display()))?;
@@ -687,6 +723,16 @@ async fn ensure(State(services): State<Arc<Services>>, UrlPath(id): UrlPath<u64>
     }
 }
 
+/// Where replica `k` of a service's generation keeps its files, relative to the lease's home.
+fn replica_folder(service: u64, generation: u64, k: usize) -> PathBuf {
+    service_folder(service).join(format!("g{generation}-{k}"))
+}
+
+/// Everything a service keeps in the lease's home, relative to it.
+fn service_folder(service: u64) -> PathBuf {
+    PathBuf::from(".suanli-services").join(service.to_string())
+}
+
 /// `DELETE /v1/services/{id}`: stop every generation and forget the service.
 async fn stop(State(services): State<Arc<Services>>, UrlPath(id): UrlPath<u64>) -> Response {
     let removed = lock(&services.table).remove(&id);
@@ -696,8 +742,10 @@ async fn stop(State(services): State<Arc<Services>>, UrlPath(id): UrlPath<u64>) 
         for g in generations {
             g.stop.send_replace(true);
         }
-        // What the portal sent for it (a model's files) goes; its replicas' sockets go as they stop.
+        // What the portal sent for it (a model's files) goes, and its copies in the lease's
+        // home; its replicas' sockets go as they stop.
         let _ = std::fs::remove_dir_all(services.files_dir(id));
+        services.clear_in_home(&service, vec![service_folder(id)]);
     }
     StatusCode::NO_CONTENT.into_response()
 }

@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use suanli_proto::v1::{self, supplier_service_client::SupplierServiceClient};
 use suanli_tunnel::agent::{Address, Resolve};
+use suanli_tunnel::tls::PortalTrust;
 use suanli_tunnel::wire::AgentError;
 
+use crate::config::PortalEndpoint;
 use crate::identity::BrokerTls;
 use crate::services::Services;
 
@@ -25,13 +27,17 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(30);
 const REDIAL_BEFORE_EXPIRY: Duration = Duration::from_secs(60);
 /// A tunnel that would be dialled again sooner than this is not dialled (a clock far ahead).
 const SHORTEST_TUNNEL: Duration = Duration::from_secs(10);
+/// A dial (TCP, TLS, the upgrade) that has not opened the tunnel by then is given up: across a
+/// network a peer that stalls would otherwise hold the agent's only dial for ever.
+const DIAL_DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct PortalTunnel {
     pub brokers: Vec<String>,
     pub tls: BrokerTls,
-    /// `host:port` of the portal (plain HTTP: a portal on the supplier's network or this
-    /// machine; TLS to a remote portal is not built yet).
-    pub portal: String,
+    /// The portal: dialled in TLS, or in plain TCP on this host only ([`PortalEndpoint`]).
+    pub portal: PortalEndpoint,
+    /// What an `https://` portal's certificate must come from.
+    pub portal_trust: PortalTrust,
     /// The node's services; `None` where the agent runs none.
     pub services: Option<Arc<Services>>,
 }
@@ -74,11 +80,9 @@ impl PortalTunnel {
     /// One tunnel: a ticket, a dial, serving until it closes or the ticket is nearly spent.
     async fn once(&self) -> Result<(), String> {
         let ticket = self.ticket().await?;
-        let tcp = tokio::net::TcpStream::connect(&self.portal).await.map_err(|e| format!("connecting to {}: {e}", self.portal))?;
-        // HTTP/2 writes small frames on their own: without this each small answer would wait
-        // for the portal's delayed ACK.
-        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-        let connection = suanli_tunnel::agent::dial(tcp, &self.portal, &ticket.ticket).await.map_err(|e| e.to_string())?;
+        let connection = tokio::time::timeout(DIAL_DEADLINE, self.dial(&ticket.ticket))
+            .await
+            .unwrap_or_else(|_| Err(format!("no tunnel within {} s", DIAL_DEADLINE.as_secs())))?;
         tracing::info!(portal = %self.portal, "tunnel to the portal open");
         let good_for = Duration::from_millis(u64::try_from(ticket.expires_ms - crate::runtime::now_ms()).unwrap_or(0)).saturating_sub(REDIAL_BEFORE_EXPIRY);
         if good_for < SHORTEST_TUNNEL {
@@ -89,6 +93,23 @@ impl PortalTunnel {
             served = suanli_tunnel::agent::serve(connection, NodeServices(self.services.clone())) => served.map_err(|e| format!("the tunnel closed: {e}")),
             () = tokio::time::sleep(good_for) => Ok(()),
         }
+    }
+
+    /// TCP to the portal, TLS where it is not on this host, the upgrade with `ticket`.
+    async fn dial(&self, ticket: &str) -> Result<suanli_tunnel::agent::Connection, String> {
+        let authority = self.portal.authority();
+        let tcp = tokio::net::TcpStream::connect(&authority).await.map_err(|e| format!("connecting to {authority}: {e}"))?;
+        // HTTP/2 writes small frames on their own: without this each small answer would wait
+        // for the portal's delayed ACK.
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        if self.portal.tls {
+            // The portal proves its name before the ticket goes out.
+            let tls = self.portal_trust.connect(tcp, &self.portal.host).await.map_err(|e| e.to_string())?;
+            suanli_tunnel::agent::dial(tls, &authority, ticket).await
+        } else {
+            suanli_tunnel::agent::dial(tcp, &authority, ticket).await
+        }
+        .map_err(|e| e.to_string())
     }
 
     /// A ticket from the first broker that answers.

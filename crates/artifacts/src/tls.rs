@@ -1,6 +1,7 @@
-//! TLS for the store's listener: a certificate and key (PEM, e.g. issued from the cluster CA)
-//! in, an `axum::serve` listener out. Handshakes run on tasks of their own with a deadline, so
-//! a client that opens a connection and says nothing never holds up the others.
+//! TLS for a listener: a certificate and key (PEM, e.g. issued from the cluster CA) in, an
+//! `axum::serve` listener out. Handshakes run on tasks of their own with a deadline, so a client
+//! that opens a connection and says nothing never holds up the others. The store's listener,
+//! and the portal's for agents' tunnels.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -62,7 +63,7 @@ impl TlsListener {
                 let (tcp, peer) = match listener.accept().await {
                     Ok(accepted) => accepted,
                     Err(e) => {
-                        tracing::warn!(error = %e, "artifact store: accept failed");
+                        tracing::warn!(%local, error = %e, "TLS listener: accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -70,14 +71,17 @@ impl TlsListener {
                 if tx.is_closed() {
                     return; // the listener is gone
                 }
+                // Small answers go out at once, not after the client's delayed ACK (an API call,
+                // a frame in a tunnel).
+                let _ = tcp.set_nodelay(true);
                 let (acceptor, handed) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let _ = handed.send((tls, peer)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "artifact store: TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "artifact store: TLS handshake timed out"),
+                        Ok(Err(e)) => tracing::debug!(%local, %peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%local, %peer, "TLS handshake timed out"),
                     }
                 });
             }

@@ -170,7 +170,16 @@ impl Ca {
 
     /// A TLS server certificate for a broker node, valid for `names` (DNS names or IP addresses).
     pub fn server_certificate(&self, names: &[String]) -> Result<CertifiedKey, PkiError> {
-        self.node_certificate("suanli-broker", san(names)?, vec![ExtendedKeyUsagePurpose::ServerAuth])
+        self.named_server_certificate("suanli-broker", names)
+    }
+
+    /// A TLS server certificate for another listener of the platform (`suanli-broker
+    /// server-cert`: the portal's agent tunnels, the artifact store), valid for `names`.
+    pub fn named_server_certificate(&self, common_name: &str, names: &[String]) -> Result<CertifiedKey, PkiError> {
+        if names.is_empty() {
+            return Err(PkiError::Certificate("a server certificate names at least one host".into()));
+        }
+        self.node_certificate(common_name, san(names)?, vec![ExtendedKeyUsagePurpose::ServerAuth])
     }
 
     /// Broker node `node`'s peer certificate: server and client end of the mutual TLS between

@@ -1,5 +1,6 @@
 //! What the tunnel costs: the same requests to a service on a Unix socket, sent directly (as
 //! a process on the node would) and through a portal and an agent's tunnel (as a visitor's go),
+//! the tunnel dialled in plain TCP and in TLS (a second portal with a tunnel port of its own),
 //! in one process, printing a table and the ratios.
 //!
 //! `cargo bench -p suanli-tunnel --bench tunnel -- [--seconds 5] [--clients 32]`
@@ -164,41 +165,28 @@ async fn main() {
     let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
     tokio::spawn(async move { axum::serve(listener, service).await.expect("service") });
 
-    let (tx, mut rx) = watch::channel(None);
-    let app = Router::new().route(TUNNEL_PATH, get(accept)).route("/s/{service}/{*rest}", any(proxy)).with_state(tx);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    // As the portal serves: small writes go out at once (no Nagle delay on requests' answers).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("portal") });
-    let resolve = One(socket.clone());
-    tokio::spawn(async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await.expect("dial");
-        tcp.set_nodelay(true).expect("nodelay");
-        let upgraded = agent::dial(tcp, &addr.to_string(), "ticket").await.expect("tunnel");
-        let _ = agent::serve(upgraded, resolve).await;
-    });
-    rx.wait_for(Option::is_some).await.expect("tunnel");
+    let addr = portal_with_agent(socket.clone(), false).await;
+    let tls_addr = portal_with_agent(socket.clone(), true).await;
 
     let small = bytes::Bytes::from_static(br#"{"image": "cat.jpg", "top_k": 5}"#);
     let five_mb = bytes::Bytes::from(vec![7u8; 5 << 20]);
     let build = if cfg!(debug_assertions) { "debug build" } else { "release build" };
     println!("tunnel bench: {clients} clients, {seconds} s a row, {build}, one process (all parts share the machine's cores)");
-    println!("{:<28} {:>12} {:>10} {:>10} {:>10}", "row", "requests/s", "p50 ms", "p99 ms", "vs direct");
+    println!("{:<34} {:>12} {:>10} {:>10} {:>10}", "row", "requests/s", "p50 ms", "p99 ms", "vs direct");
     for (name, path, body, n) in [("small JSON", "/json", small, clients), ("5 MB upload", "/upload", five_mb, 4)] {
         let (direct_rps, direct) = load(&Via::Direct(socket.clone()), n, seconds, path, body.clone()).await;
-        let (tunnel_rps, tunnel) = load(&Via::Portal(addr), n, seconds, path, body).await;
-        println!("{:<28} {:>12.0} {:>10.2} {:>10.2} {:>10}", format!("{name}, direct"), direct_rps, pct(&direct, 0.5), pct(&direct, 0.99), "");
-        println!(
-            "{:<28} {:>12.0} {:>10.2} {:>10.2} {:>9.2}×",
-            format!("{name}, through the tunnel"),
-            tunnel_rps,
-            pct(&tunnel, 0.5),
-            pct(&tunnel, 0.99),
-            tunnel_rps / direct_rps
-        );
+        println!("{:<34} {:>12.0} {:>10.2} {:>10.2} {:>10}", format!("{name}, direct"), direct_rps, pct(&direct, 0.5), pct(&direct, 0.99), "");
+        for (how, portal) in [("through the tunnel", addr), ("through the tunnel in TLS", tls_addr)] {
+            let (tunnel_rps, tunnel) = load(&Via::Portal(portal), n, seconds, path, body.clone()).await;
+            println!(
+                "{:<34} {:>12.0} {:>10.2} {:>10.2} {:>9.2}×",
+                format!("{name}, {how}"),
+                tunnel_rps,
+                pct(&tunnel, 0.5),
+                pct(&tunnel, 0.99),
+                tunnel_rps / direct_rps
+            );
+        }
     }
     // The service's WebSocket directly: it listens on a Unix socket, so the bench reaches it
     // through a loopback TCP relay of its own for the baseline (a relay costs a little, too).
@@ -215,14 +203,57 @@ async fn main() {
         }
     });
     let direct = websocket(&format!("ws://{relay_addr}/ws"), 2_000).await;
-    let tunnel = websocket(&format!("ws://{addr}/s/1/ws"), 2_000).await;
-    println!("{:<28} {:>12} {:>10.3} {:>10.3} {:>10}", "WebSocket RTT, direct", "", pct(&direct, 0.5), pct(&direct, 0.99), "");
-    println!(
-        "{:<28} {:>12} {:>10.3} {:>10.3} {:>9.2}×",
-        "WebSocket RTT, tunnel",
-        "",
-        pct(&tunnel, 0.5),
-        pct(&tunnel, 0.99),
-        pct(&tunnel, 0.5) / pct(&direct, 0.5)
-    );
+    println!("{:<34} {:>12} {:>10.3} {:>10.3} {:>10}", "WebSocket RTT, direct", "", pct(&direct, 0.5), pct(&direct, 0.99), "");
+    for (how, portal) in [("tunnel", addr), ("tunnel in TLS", tls_addr)] {
+        let tunnel = websocket(&format!("ws://{portal}/s/1/ws"), 2_000).await;
+        println!(
+            "{:<34} {:>12} {:>10.3} {:>10.3} {:>9.2}×",
+            format!("WebSocket RTT, {how}"),
+            "",
+            pct(&tunnel, 0.5),
+            pct(&tunnel, 0.99),
+            pct(&tunnel, 0.5) / pct(&direct, 0.5)
+        );
+    }
+}
+
+/// A portal whose visitors' listener is plain HTTP and an agent that keeps its tunnel to it,
+/// reaching the service on `socket`: dialled on the same listener, or with `tls` on a listener
+/// of its own in TLS (as `--tunnel-listen` with a certificate); returns the visitors' address.
+async fn portal_with_agent(socket: std::path::PathBuf, tls: bool) -> std::net::SocketAddr {
+    let (tx, mut rx) = watch::channel(None);
+    let app = Router::new().route(TUNNEL_PATH, get(accept)).route("/s/{service}/{*rest}", any(proxy)).with_state(tx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // As the portal serves: small writes go out at once (no Nagle delay on requests' answers).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let tunnels = app.clone();
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("portal") });
+    let (dial_to, trust) = if tls {
+        let ca = suanli_pki::Ca::generate("bench CA").expect("CA");
+        let issued = ca.server_certificate(&["localhost".into()]).expect("certificate");
+        let config = suanli_artifacts::tls::server_config(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).expect("TLS");
+        let listener =
+            suanli_artifacts::tls::TlsListener::new(tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind"), config).expect("TLS listener");
+        let tls_addr = axum::serve::Listener::local_addr(&listener).expect("addr");
+        tokio::spawn(async move { axum::serve(listener, tunnels).await.expect("tunnel port") });
+        (tls_addr, Some(suanli_tunnel::tls::PortalTrust::from_pem(ca.cert_pem().as_bytes()).expect("trust")))
+    } else {
+        (addr, None)
+    };
+    let resolve = One(socket);
+    tokio::spawn(async move {
+        let tcp = tokio::net::TcpStream::connect(dial_to).await.expect("dial");
+        tcp.set_nodelay(true).expect("nodelay");
+        let upgraded = match trust {
+            Some(trust) => agent::dial(trust.connect(tcp, "localhost").await.expect("TLS"), &format!("localhost:{}", dial_to.port()), "ticket").await,
+            None => agent::dial(tcp, &dial_to.to_string(), "ticket").await,
+        }
+        .expect("tunnel");
+        let _ = agent::serve(upgraded, resolve).await;
+    });
+    rx.wait_for(Option::is_some).await.expect("tunnel");
+    addr
 }

@@ -145,7 +145,7 @@ async fn forward<R: Resolve>(mut request: Request<Incoming>, resolve: &R, pool: 
     };
     strip_hop_by_hop(response.headers_mut());
     if let (Some(from_portal), StatusCode::SWITCHING_PROTOCOLS) = (from_portal, response.status()) {
-        crate::splice(from_portal, hyper::upgrade::on(&mut response));
+        crate::splice(from_portal, hyper::upgrade::on(&mut response), ());
         let (mut parts, _) = response.into_parts();
         parts.status = StatusCode::OK;
         parts.headers.insert(UPGRADED_HEADER, HeaderValue::from_static("101"));

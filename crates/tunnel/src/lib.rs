@@ -18,12 +18,16 @@
 //! Requests naming [`wire::CONTROL_SERVICE`] are the agent's own to answer: the portal starts,
 //! updates and stops services with them ([`control`]).
 //!
+//! An agent dials a portal on its own host in plain TCP, any other only inside TLS ([`tls`]): the
+//! portal proves its name before the agent says anything.
+//!
 //! What crosses between agent and portal releases is declared in [`wire`] and [`control`], with
 //! its version.
 
 pub mod agent;
 pub mod control;
 pub mod portal;
+pub mod tls;
 pub mod wire;
 
 /// A body of any origin, boxed: requests and responses cross between hyper, axum and tests.
@@ -60,6 +64,8 @@ pub enum TunnelError {
     Io(#[from] std::io::Error),
     #[error("bad request to forward: {0}")]
     BadRequest(String),
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1): never forwarded.
@@ -85,10 +91,11 @@ pub(crate) fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
 
 /// Copies bytes both ways between two connections once both have switched protocols (an
 /// upgrade through the tunnel: the visitor's and the tunnel's at the portal, the tunnel's and the
-/// service's at the agent), in a task of its own.
-pub(crate) fn splice(near: hyper::upgrade::OnUpgrade, far: hyper::upgrade::OnUpgrade) {
+/// service's at the agent), in a task of its own, which holds `hold` until the copying ends.
+pub(crate) fn splice<H: Send + 'static>(near: hyper::upgrade::OnUpgrade, far: hyper::upgrade::OnUpgrade, hold: H) {
     use hyper_util::rt::TokioIo;
     tokio::spawn(async move {
+        let _hold = hold;
         match (near.await, far.await) {
             (Ok(a), Ok(b)) => {
                 let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;

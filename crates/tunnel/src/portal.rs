@@ -85,10 +85,22 @@ impl Tunnel {
     /// included (a notebook keeps its own): the caller removes the portal's own credentials
     /// (its session cookie, API tokens) first, and serves services from origins of their own so
     /// that a service's pages never run where the portal's cookies are sent.
-    pub async fn forward<B>(&self, service: &str, mut request: Request<B>) -> Result<Response<Body>, TunnelError>
+    pub async fn forward<B>(&self, service: &str, request: Request<B>) -> Result<Response<Body>, TunnelError>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
+    {
+        self.forward_holding(service, request, ()).await
+    }
+
+    /// As [`Tunnel::forward`], keeping `hold` for as long as an upgraded connection (a
+    /// WebSocket) stays open, and dropping it at once for any other request: how the caller
+    /// knows who is connected to a service.
+    pub async fn forward_holding<B, H>(&self, service: &str, mut request: Request<B>, hold: H) -> Result<Response<Body>, TunnelError>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+        H: Send + 'static,
     {
         let upgrade = upgrade_protocol(request.headers());
         let from_visitor = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
@@ -117,7 +129,7 @@ impl Tunnel {
         let switched = response.headers().get(UPGRADED_HEADER).is_some_and(|v| v == "101");
         match (from_visitor, upgrade, switched && response.status() == StatusCode::OK) {
             (Some(from_visitor), Some(protocol), true) => {
-                crate::splice(from_visitor, hyper::upgrade::on(&mut response));
+                crate::splice(from_visitor, hyper::upgrade::on(&mut response), hold);
                 let (mut parts, _) = response.into_parts();
                 parts.status = StatusCode::SWITCHING_PROTOCOLS;
                 parts.headers.remove(UPGRADED_HEADER);

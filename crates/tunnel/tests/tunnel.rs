@@ -3,6 +3,7 @@
 //! forwards visitors' HTTP requests and WebSockets through the tunnel. Visitors try to name
 //! another service, agents try without a ticket or with another version.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,10 +101,28 @@ impl Resolve for Services {
     }
 }
 
-/// A portal that accepts one agent's tunnel and forwards `/s/{service}/…` through it.
+/// A portal that accepts one agent's tunnel and forwards `/s/{service}/…` through it, counting
+/// the visitors' connections open through it.
 #[derive(Clone)]
 struct Portal {
     tunnel: watch::Sender<Option<Tunnel>>,
+    open: Arc<AtomicUsize>,
+}
+
+/// Counted open while it lives: what the portal holds for a visitor's connection.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn new(count: &Arc<AtomicUsize>) -> Open {
+        count.fetch_add(1, Ordering::SeqCst);
+        Open(count.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 async fn accept_tunnel(State(portal): State<Portal>, mut request: Request) -> Response {
@@ -129,7 +148,7 @@ async fn proxy(State(portal): State<Portal>, Path((service, rest)): Path<(String
     };
     let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
     *request.uri_mut() = format!("/{rest}{query}").parse().expect("a path");
-    match tunnel.forward(&service, request).await {
+    match tunnel.forward_holding(&service, request, Open::new(&portal.open)).await {
         Ok(response) => response.map(axum::body::Body::new),
         Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
     }
@@ -140,11 +159,38 @@ struct World {
     addr: std::net::SocketAddr,
     release: Arc<Notify>,
     tunnel: watch::Receiver<Option<Tunnel>>,
+    /// Visitors' connections open through the portal.
+    open: Arc<AtomicUsize>,
     agent: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
 }
 
-async fn world() -> World {
+/// How the agent reaches the portal.
+enum Dial {
+    /// Plain TCP (a portal on the node's own host).
+    Plain,
+    /// TLS: the portal serves `served` (a certificate and its key), the agent trusts `trusted`.
+    Tls { served: suanli_pki::CertifiedKey, trusted: String },
+}
+
+/// A certificate for 127.0.0.1 and localhost from a new CA, and that CA's certificate.
+fn certified(ca: &str) -> (suanli_pki::CertifiedKey, String) {
+    let ca = suanli_pki::Ca::generate(ca).expect("a CA");
+    (ca.server_certificate(&["127.0.0.1".into(), "localhost".into()]).expect("a certificate"), ca.cert_pem().to_owned())
+}
+
+/// The service on its socket and a portal on `127.0.0.1:<port>` (over TLS where `dial` says).
+/// A portal and a service, before any agent dialled.
+struct Ends {
+    addr: std::net::SocketAddr,
+    release: Arc<Notify>,
+    tunnel: watch::Receiver<Option<Tunnel>>,
+    open: Arc<AtomicUsize>,
+    services: Services,
+    dir: tempfile::TempDir,
+}
+
+async fn portal_and_service(dial: &Dial) -> Ends {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("service.sock");
     let release = Arc::new(Notify::new());
@@ -153,22 +199,50 @@ async fn world() -> World {
     tokio::spawn(async move { axum::serve(listener, app).await.expect("service") });
 
     let (tx, rx) = watch::channel(None);
-    let portal = Portal { tunnel: tx };
+    let open = Arc::new(AtomicUsize::new(0));
+    let portal = Portal { tunnel: tx, open: open.clone() };
     let app = Router::new().route(TUNNEL_PATH, get(accept_tunnel)).route("/s/{service}/{*rest}", any(proxy)).with_state(portal);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the portal");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("portal") });
-
+    match dial {
+        Dial::Plain => drop(tokio::spawn(async move { axum::serve(listener, app).await.expect("portal") })),
+        Dial::Tls { served, .. } => {
+            let config = suanli_artifacts::tls::server_config(served.cert_pem.as_bytes(), served.key_pem.as_bytes()).expect("the portal's TLS");
+            let listener = suanli_artifacts::tls::TlsListener::new(listener, config).expect("the TLS listener");
+            tokio::spawn(async move { axum::serve(listener, app).await.expect("portal") });
+        }
+    }
     let services = Services { socket, dead: dir.path().join("nobody.sock") };
+    Ends { addr, release, tunnel: rx, open, services, dir }
+}
+
+/// The agent's dial: TCP, TLS where `dial` says, the upgrade.
+async fn dial_portal(dial: &Dial, addr: std::net::SocketAddr, ticket: &str) -> Result<agent::Connection, TunnelError> {
+    let io = tokio::net::TcpStream::connect(addr).await?;
+    io.set_nodelay(true)?;
+    match dial {
+        Dial::Plain => agent::dial(io, &addr.to_string(), ticket).await,
+        Dial::Tls { trusted, .. } => {
+            let tls = suanli_tunnel::tls::PortalTrust::from_pem(trusted.as_bytes())?.connect(io, "localhost").await?;
+            agent::dial(tls, &format!("localhost:{}", addr.port()), ticket).await
+        }
+    }
+}
+
+async fn world() -> World {
+    world_over(Dial::Plain).await
+}
+
+async fn world_over(dial: Dial) -> World {
+    let Ends { addr, release, tunnel: rx, open, services, dir } = portal_and_service(&dial).await;
+    let scheme = if matches!(dial, Dial::Plain) { "http" } else { "https" };
     let agent = tokio::spawn(async move {
-        let io = tokio::net::TcpStream::connect(addr).await.expect("dial the portal");
-        io.set_nodelay(true).expect("nodelay");
-        let upgraded = agent::dial(io, &addr.to_string(), TICKET).await.expect("the tunnel");
+        let upgraded = dial_portal(&dial, addr, TICKET).await.expect("the tunnel");
         let _ = agent::serve(upgraded, services).await;
     });
     let mut tunnel = rx.clone();
     tokio::time::timeout(WAIT, tunnel.wait_for(Option::is_some)).await.expect("the agent's tunnel in time").expect("tunnel");
-    World { url: format!("http://{addr}"), addr, release, tunnel: rx, agent, _dir: dir }
+    World { url: format!("{scheme}://{addr}"), addr, release, tunnel: rx, open, agent, _dir: dir }
 }
 
 #[tokio::test]
@@ -230,6 +304,25 @@ async fn a_websocket_crosses_the_tunnel() {
     socket.close(None).await.expect("close");
 }
 
+/// What the portal gives a forwarded request to hold lives as long as its WebSocket, and no
+/// longer than an ordinary request: how the portal knows somebody is connected to a service.
+#[tokio::test]
+async fn a_websocket_holds_what_the_portal_gave_it_until_it_closes() {
+    let w = world().await;
+    let answer = reqwest::Client::new().post(format!("{}/s/7/echo", w.url)).body("x").send().await.expect("send");
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(w.open.load(Ordering::SeqCst), 0, "an ordinary request holds nothing once answered");
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/s/7/ws", w.addr)).await.expect("a WebSocket through the portal");
+    assert_eq!(w.open.load(Ordering::SeqCst), 1, "held while the WebSocket is open");
+    use tokio_tungstenite::tungstenite::Message as M;
+    socket.send(M::text("ping")).await.expect("send");
+    assert_eq!(socket.next().await.expect("reply").expect("frame"), M::text("ping"));
+    assert_eq!(w.open.load(Ordering::SeqCst), 1);
+    socket.close(None).await.expect("close");
+    drop(socket);
+    assert!(suanli_tunnel_wait(WAIT, || w.open.load(Ordering::SeqCst) == 0).await, "let go when it closes");
+}
+
 #[tokio::test]
 async fn many_requests_share_the_tunnel() {
     let w = world().await;
@@ -287,6 +380,51 @@ async fn the_portal_sees_the_agent_go() {
     assert!(gone, "the tunnel closes when the agent goes");
     let response = reqwest::Client::new().post(format!("{}/s/7/echo", w.url)).body("x").send().await.expect("send");
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn a_tunnel_inside_tls_carries_requests() {
+    let (served, trusted) = certified("the cluster CA");
+    let w = world_over(Dial::Tls { served, trusted }).await;
+    let tunnel = w.tunnel.borrow().clone().expect("tunnel");
+    let request = axum::http::Request::post("/echo").body(axum::body::Body::from("over tls")).expect("request");
+    let answer = tunnel.forward("7", request).await.expect("through the tunnel");
+    assert_eq!(answer.status(), StatusCode::OK);
+    let body = http_body_util::BodyExt::collect(answer.into_body()).await.expect("body").to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(body["body"], "over tls");
+}
+
+/// A portal with a certificate from a CA the agent was not given (a machine that took the
+/// portal's address): the agent stops at the handshake, and the ticket never leaves it.
+#[tokio::test]
+async fn an_agent_tells_nothing_to_a_portal_it_does_not_trust() {
+    let (impostor, _) = certified("someone else's CA");
+    let (_, trusted) = certified("the cluster CA");
+    let dial = Dial::Tls { served: impostor, trusted };
+    let ends = portal_and_service(&dial).await;
+    match dial_portal(&dial, ends.addr, TICKET).await {
+        Err(TunnelError::Tls(why)) => assert!(why.contains("certificate"), "{why}"),
+        other => panic!("a portal the agent does not trust: {:?}", other.map(|_| ())),
+    }
+    assert!(ends.tunnel.borrow().is_none(), "no tunnel opened");
+    // Nor does a certificate for another name pass, from the trusted CA.
+    let ca = suanli_pki::Ca::generate("the cluster CA").expect("a CA");
+    let elsewhere = ca.server_certificate(&["portal.example".into()]).expect("a certificate");
+    let dial = Dial::Tls { served: elsewhere, trusted: ca.cert_pem().to_owned() };
+    let ends = portal_and_service(&dial).await;
+    match dial_portal(&dial, ends.addr, TICKET).await {
+        Err(TunnelError::Tls(why)) => assert!(why.contains("certificate"), "{why}"),
+        other => panic!("a certificate for another name: {:?}", other.map(|_| ())),
+    }
+    assert!(ends.tunnel.borrow().is_none(), "no tunnel opened");
+}
+
+#[test]
+fn a_ca_file_without_a_certificate_is_refused() {
+    for pem in ["", "not pem at all", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"] {
+        assert!(matches!(suanli_tunnel::tls::PortalTrust::from_pem(pem.as_bytes()), Err(TunnelError::Tls(_))), "{pem:?}");
+    }
 }
 
 /// Polls `done` until it holds or `within` passes (the closing is noticed by another task).

@@ -87,6 +87,9 @@ pub struct ServiceView {
     /// Metering: how long it has run, and the requests it was sent (written every few seconds).
     pub running_ms: i64,
     pub requests: i64,
+    /// When it was last used (a request, or a browser connected), as of the last few seconds;
+    /// an environment stops when nobody has used it for the portal's idle time.
+    pub last_used_ms: Option<i64>,
     /// What its node's agent says now (`state`: starting, ready, restarting, stopped;
     /// `ready_replicas`, `restarts`, `last_exit`); absent when the node is not connected.
     #[schema(value_type = Option<Object>)]
@@ -94,7 +97,7 @@ pub struct ServiceView {
 }
 
 const VIEW_COLUMNS: &str =
-    "id, lease_id, node_id, kind, model_name, model_version, visibility, slug, generation, replicas, rate_per_minute, state, stop_reason, created_ms, stopped_ms, requests";
+    "id, lease_id, node_id, kind, model_name, model_version, visibility, slug, generation, replicas, rate_per_minute, state, stop_reason, created_ms, stopped_ms, requests, last_request_ms";
 
 fn view_of(state: &AppState, row: &sqlx::any::AnyRow) -> ApiResult<ServiceView> {
     let created_ms: i64 = row.try_get("created_ms")?;
@@ -117,6 +120,7 @@ fn view_of(state: &AppState, row: &sqlx::any::AnyRow) -> ApiResult<ServiceView> 
         stopped_ms,
         running_ms: stopped_ms.unwrap_or_else(now_ms) - created_ms,
         requests: row.try_get("requests")?,
+        last_used_ms: opt_i64(row, "last_request_ms")?,
         live: None,
     })
 }

@@ -25,7 +25,8 @@ const XTERM_CSS: &str = include_str!("../../static/vendor/xterm/xterm.css");
 const XTERM_FIT_JS: &str = include_str!("../../static/vendor/xterm/addon-fit.js");
 
 /// `GET /services/{id}/open`: the owner goes to the service's origin with a grant (one use, a
-/// minute), which becomes that origin's cookie. Anyone else's service is not found.
+/// minute), which becomes that origin's cookie for as long as the owner's portal session lasts
+/// (two hours at most). Anyone else's service is not found.
 pub async fn open(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -45,7 +46,11 @@ pub async fn open(
     if service.state != "running" {
         return error_page(&ctx, crate::services::gone());
     }
-    let grant = crate::services::grant(&state, id as i64, v.user);
+    // Pages are signed in by a session; the visit is bound to it (it ends when the session does).
+    let crate::auth::Via::Session { token_hash, .. } = &v.via else {
+        return error_page(&ctx, crate::error::ApiError::unauthenticated());
+    };
+    let grant = crate::services::grant(&state, id as i64, v.user, token_hash);
     let to = format!("{}{LOGIN_PATH}?grant={grant}", service.url.trim_end_matches('/'));
     (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response()
 }

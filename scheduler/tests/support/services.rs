@@ -30,16 +30,24 @@ pub struct Stage {
 /// The world and its portal; with `model`, a classifier trained and registered too (`None`
 /// where the CV data is missing, outside CI).
 pub async fn stage(model: bool) -> Option<Stage> {
+    stage_with(model, &[]).await
+}
+
+/// As [`stage`], the portal started with `portal_flags` too.
+pub async fn stage_with(model: bool, portal_flags: &[&str]) -> Option<Stage> {
     let data = if model { super::cv_data()? } else { PathBuf::new() };
     if !suanli_testkit::require_root("lease accounts (Unix users)") {
         return None;
     }
-    // The agents are told the portal's address before it runs; they dial until it does.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port();
+    // The agents are told the portal's tunnel port before it runs; they dial until it does, in
+    // TLS as a node off the portal's host would (the certificate from the cluster CA).
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port();
+    let (port, tunnel_port) = (free_port(), free_port());
     let address = format!("127.0.0.1:{port}");
     // JupyterLab's environment is made once per machine (kept between runs), with the system's
     // interpreter of the project's venv's version and the venv's packages (its PyTorch).
-    let mut flags: Vec<String> = vec!["--portal".into(), address.clone(), "--templates-dir".into(), "/var/tmp/suanli-cache/agent-templates".into()];
+    let mut flags: Vec<String> =
+        vec!["--portal".into(), format!("https://localhost:{tunnel_port}"), "--templates-dir".into(), "/var/tmp/suanli-cache/agent-templates".into()];
     if let Some((python, packages)) = super::system_python_of_the_venv() {
         flags.extend(["--jupyter-python".into(), python.display().to_string(), "--jupyter-packages".into(), packages.display().to_string()]);
     }
@@ -48,7 +56,25 @@ pub async fn stage(model: bool) -> Option<Stage> {
     let job = if model { train(&w, &data).await } else { 0 };
     let broker_url = format!("http://{}", w.broker.address(1).expect("address"));
     let tunnel_key = w.dir.path().join("tunnel-key").display().to_string();
-    let more = ["--artifacts-url", w.artifacts.as_str(), "--listen", &address, "--tunnel-key-file", &tunnel_key, "--services-domain", "localhost"];
+    let (tunnel_cert, tunnel_cert_key) = tunnel_certificate(&w);
+    let tunnel_listen = format!("127.0.0.1:{tunnel_port}");
+    let mut more = vec![
+        "--artifacts-url",
+        w.artifacts.as_str(),
+        "--listen",
+        &address,
+        "--tunnel-key-file",
+        &tunnel_key,
+        "--tunnel-listen",
+        &tunnel_listen,
+        "--tunnel-tls-cert",
+        &tunnel_cert,
+        "--tunnel-tls-key",
+        &tunnel_cert_key,
+        "--services-domain",
+        "localhost",
+    ];
+    more.extend_from_slice(portal_flags);
     let researcher = (w.researcher_id, w.researcher_token.as_str());
     let (portal, token) =
         researcher_portal(w.dir.path(), &broker_url, suanli_testkit::cluster::PLATFORM_TOKEN, researcher, suanli_portal::demo::DEMO_PASSWORD, &more)
@@ -62,6 +88,28 @@ pub async fn stage(model: bool) -> Option<Stage> {
         }
     }
     Some(stage)
+}
+
+/// The portal's tunnel listener's certificate and key (files), from the cluster CA, as
+/// `suanli-broker server-cert` issues it.
+fn tunnel_certificate(w: &World) -> (String, String) {
+    let (cert, key) = (w.dir.path().join("tunnel.pem"), w.dir.path().join("tunnel.key"));
+    let out = std::process::Command::new(suanli_testkit::workspace_binary("suanli-broker", "suanli-broker").expect("broker binary"))
+        .args(["server-cert", "--ca-cert", &w.broker.agent_ca_cert().display().to_string(), "--ca-key", &w.broker.agent_ca_key().display().to_string()])
+        .args([
+            "--name",
+            "localhost,127.0.0.1",
+            "--common-name",
+            "suanli-portal tunnels",
+            "--cert",
+            &cert.display().to_string(),
+            "--key",
+            &key.display().to_string(),
+        ])
+        .output()
+        .expect("suanli-broker server-cert");
+    assert!(out.status.success(), "server-cert: {}", String::from_utf8_lossy(&out.stderr));
+    (cert.display().to_string(), key.display().to_string())
 }
 
 /// A small classifier of the test data's digits, trained on the world's lease; its job.
