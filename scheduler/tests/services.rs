@@ -147,6 +147,30 @@ async fn a_private_demo_answers_as_suanli_job_infer_does_for_its_owner_alone() {
     })
     .await;
     assert!(counted.is_ok(), "requests counted: {counted:?}");
+
+    // Scaled to the lease's two cards: two processes, one card each, both answering.
+    let scaled = stage.create(json!({"lease_id": stage.w.leases[0], "model": "digits-cls", "version": 1, "replicas": 2})).await;
+    let scaled_id = scaled["service_id"].as_u64().expect("id");
+    let both = eventually(WAIT, Duration::from_millis(300), || async {
+        let (_, view) = stage.api("GET", &format!("/api/v1/services/{scaled_id}"), None).await;
+        (view["live"]["ready_replicas"] == 2).then_some(view)
+    })
+    .await;
+    assert!(both.is_ok(), "both replicas answer: {both:?}\n{}", log_of(&stage, scaled_id).await);
+    let pids = started_pids(&log_of(&stage, scaled_id).await);
+    let cards: std::collections::BTreeSet<String> = pids
+        .iter()
+        .filter_map(|pid| std::fs::read(format!("/proc/{pid}/environ")).ok())
+        .filter_map(|environ| {
+            environ.split(|b| *b == 0).find_map(|var| var.strip_prefix(b"CUDA_VISIBLE_DEVICES=").map(|v| String::from_utf8_lossy(v).into_owned()))
+        })
+        .collect();
+    assert_eq!(cards, ["0", "1"].map(String::from).into(), "one card each: {pids:?}");
+    let scaled_predict = format!("{}v1/predict", scaled["url"].as_str().expect("url"));
+    for _ in 0..4 {
+        let answer = stage.client_for(&scaled_predict).post(&scaled_predict).bearer_auth(&stage.token).body(image.clone()).send().await.expect("predict");
+        assert_eq!(answer.status(), StatusCode::OK);
+    }
 }
 
 #[tokio::test]

@@ -2,7 +2,9 @@
 //! from outside for its services; the agent dials the portal instead, with a ticket the broker
 //! issues for this node (asked for with the node's own certificate), and serves the portal's
 //! requests on that connection. It dials again before the ticket runs out (the portal keeps a
-//! tunnel no longer than its ticket), and after a failure with a growing pause.
+//! tunnel no longer than its ticket), and after a failure with a growing pause. A new tunnel
+//! open, the one before is retired: it takes no new request and closes once what it carries
+//! (a terminal, a notebook's kernel) has ended.
 //!
 //! The requests it serves go to the node's services (`services.rs`), or are the portal's
 //! control of them; an agent without lease access (no `--ssh-listen`) runs none, and every
@@ -15,6 +17,7 @@ use suanli_proto::v1::{self, supplier_service_client::SupplierServiceClient};
 use suanli_tunnel::agent::{Address, Resolve};
 use suanli_tunnel::tls::PortalTrust;
 use suanli_tunnel::wire::AgentError;
+use tokio::sync::oneshot;
 
 use crate::config::PortalEndpoint;
 use crate::identity::BrokerTls;
@@ -65,8 +68,10 @@ impl Resolve for NodeServices {
 impl PortalTunnel {
     pub async fn run(self) {
         let mut pause = FIRST_PAUSE;
+        // Retires the tunnel serving now, once the next one is open.
+        let mut serving = None;
         loop {
-            match self.once().await {
+            match self.once(&mut serving).await {
                 Ok(()) => pause = FIRST_PAUSE,
                 Err(e) => {
                     tracing::warn!(portal = %self.portal, error = %e, pause_ms = pause.as_millis() as u64, "tunnel to the portal: will dial again");
@@ -77,8 +82,11 @@ impl PortalTunnel {
         }
     }
 
-    /// One tunnel: a ticket, a dial, serving until it closes or the ticket is nearly spent.
-    async fn once(&self) -> Result<(), String> {
+    /// One tunnel: a ticket, a dial, then the previous tunnel retired (it takes nothing new and
+    /// ends when what it carries has: no WebSocket is cut by the rotation), and this one served
+    /// until it closes or its ticket is nearly spent (it goes on serving until the next one
+    /// retires it).
+    async fn once(&self, serving: &mut Option<oneshot::Sender<()>>) -> Result<(), String> {
         let ticket = self.ticket().await?;
         let connection = tokio::time::timeout(DIAL_DEADLINE, self.dial(&ticket.ticket))
             .await
@@ -89,8 +97,24 @@ impl PortalTunnel {
             // This clock runs ahead of the broker's: dialling again at once would loop.
             return Err(format!("the ticket is good for only {} s by this node's clock: is it ahead of the broker's?", good_for.as_secs()));
         }
+        if let Some(previous) = serving.take() {
+            let _ = previous.send(());
+        }
+        let (retire, retired) = oneshot::channel::<()>();
+        let services = NodeServices(self.services.clone());
+        let mut served = tokio::spawn(suanli_tunnel::agent::serve_until(connection, services, async move {
+            let _ = retired.await;
+        }));
+        *serving = Some(retire);
         tokio::select! {
-            served = suanli_tunnel::agent::serve(connection, NodeServices(self.services.clone())) => served.map_err(|e| format!("the tunnel closed: {e}")),
+            ended = &mut served => {
+                *serving = None;
+                match ended {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(format!("the tunnel closed: {e}")),
+                    Err(e) => Err(format!("the tunnel's task ended: {e}")),
+                }
+            }
             () = tokio::time::sleep(good_for) => Ok(()),
         }
     }

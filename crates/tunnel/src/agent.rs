@@ -79,20 +79,37 @@ where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     R: Resolve,
 {
+    serve_until(io, resolve, std::future::pending()).await
+}
+
+/// As [`serve`], until `retire` resolves (the agent's next tunnel is open): then the portal is
+/// told to send nothing new here (HTTP/2's GOAWAY), and what is under way (a download, a
+/// terminal's or a notebook's WebSocket) goes on to its end, after which this returns. So a
+/// tunnel's rotation, every few minutes, cuts no connection.
+pub async fn serve_until<IO, R>(io: IO, resolve: R, retire: impl Future<Output = ()>) -> Result<(), TunnelError>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    R: Resolve,
+{
     let resolve = Arc::new(resolve);
     let pool = Pool::default();
     let service = hyper::service::service_fn(move |request| {
         let (resolve, pool) = (resolve.clone(), pool.clone());
         async move { Ok::<_, std::convert::Infallible>(forward(request, resolve.as_ref(), &pool).await) }
     });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .enable_connect_protocol()
         // A portal gone without a word is noticed in seconds, not at the ticket's end.
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(std::time::Duration::from_secs(20))
         .keep_alive_timeout(std::time::Duration::from_secs(20))
-        .serve_connection(TokioIo::new(io), service)
-        .await?;
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection, retire);
+    tokio::select! {
+        served = connection.as_mut() => return Ok(served?),
+        () = retire => connection.as_mut().graceful_shutdown(),
+    }
+    connection.await?;
     Ok(())
 }
 

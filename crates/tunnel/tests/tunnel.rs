@@ -79,6 +79,7 @@ async fn echo(mut socket: WebSocket) {
 }
 
 /// The agent's table: service 7 listens on the socket, service 8 is known but not listening.
+#[derive(Clone)]
 struct Services {
     socket: std::path::PathBuf,
     dead: std::path::PathBuf,
@@ -302,6 +303,45 @@ async fn a_websocket_crosses_the_tunnel() {
     socket.send(M::binary(big.clone())).await.expect("send");
     assert_eq!(socket.next().await.expect("reply").expect("frame"), M::binary(big));
     socket.close(None).await.expect("close");
+}
+
+/// The agent's next tunnel takes over without cutting what the one before carries: retired, the
+/// old tunnel takes nothing new, its WebSocket goes on, and it ends when that closes.
+#[tokio::test]
+async fn a_retired_tunnel_finishes_its_websockets_while_the_next_one_takes_the_requests() {
+    let ends = portal_and_service(&Dial::Plain).await;
+    let mut slot = ends.tunnel.clone();
+    let (retire, retired) = tokio::sync::oneshot::channel::<()>();
+    let first = {
+        let (services, addr) = (ends.services.clone(), ends.addr);
+        let upgraded = dial_portal(&Dial::Plain, addr, TICKET).await.expect("the first tunnel");
+        tokio::spawn(agent::serve_until(upgraded, services, async move {
+            let _ = retired.await;
+        }))
+    };
+    tokio::time::timeout(WAIT, slot.wait_for(Option::is_some)).await.expect("in time").expect("the first tunnel kept");
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/s/7/ws", ends.addr)).await.expect("a WebSocket through the first tunnel");
+    use tokio_tungstenite::tungstenite::Message as M;
+    socket.send(M::text("before")).await.expect("send");
+    assert_eq!(socket.next().await.expect("reply").expect("frame"), M::text("before"));
+
+    // The next tunnel opens and the portal keeps it; the first is retired.
+    slot.mark_unchanged();
+    let upgraded = dial_portal(&Dial::Plain, ends.addr, TICKET).await.expect("the next tunnel");
+    let second = tokio::spawn(agent::serve(upgraded, ends.services.clone()));
+    tokio::time::timeout(WAIT, slot.changed()).await.expect("in time").expect("the next tunnel kept");
+    retire.send(()).expect("retire the first");
+
+    let answer = reqwest::Client::new().post(format!("http://{}/s/7/echo", ends.addr)).body("after").send().await.expect("send");
+    assert_eq!(answer.status(), StatusCode::OK, "new requests go through the next tunnel");
+    socket.send(M::text("during")).await.expect("send");
+    assert_eq!(socket.next().await.expect("reply").expect("frame"), M::text("during"), "the WebSocket outlives its tunnel's retirement");
+    assert!(!first.is_finished(), "the retired tunnel serves on while it carries a WebSocket");
+    socket.close(None).await.expect("close");
+    drop(socket);
+    let finished = tokio::time::timeout(WAIT, first).await.expect("the retired tunnel ends once its WebSocket has").expect("task");
+    assert!(finished.is_ok(), "{finished:?}");
+    assert!(!second.is_finished(), "the next tunnel serves on");
 }
 
 /// What the portal gives a forwarded request to hold lives as long as its WebSocket, and no
