@@ -172,14 +172,14 @@ async fn main() {
     let five_mb = bytes::Bytes::from(vec![7u8; 5 << 20]);
     let build = if cfg!(debug_assertions) { "debug build" } else { "release build" };
     println!("tunnel bench: {clients} clients, {seconds} s a row, {build}, one process (all parts share the machine's cores)");
-    println!("{:<34} {:>12} {:>10} {:>10} {:>10}", "row", "requests/s", "p50 ms", "p99 ms", "vs direct");
+    println!("{:<40} {:>12} {:>10} {:>10} {:>10}", "row", "requests/s", "p50 ms", "p99 ms", "vs direct");
     for (name, path, body, n) in [("small JSON", "/json", small, clients), ("5 MB upload", "/upload", five_mb, 4)] {
         let (direct_rps, direct) = load(&Via::Direct(socket.clone()), n, seconds, path, body.clone()).await;
-        println!("{:<34} {:>12.0} {:>10.2} {:>10.2} {:>10}", format!("{name}, direct"), direct_rps, pct(&direct, 0.5), pct(&direct, 0.99), "");
+        println!("{:<40} {:>12.0} {:>10.2} {:>10.2} {:>10}", format!("{name}, direct"), direct_rps, pct(&direct, 0.5), pct(&direct, 0.99), "");
         for (how, portal) in [("through the tunnel", addr), ("through the tunnel in TLS", tls_addr)] {
             let (tunnel_rps, tunnel) = load(&Via::Portal(portal), n, seconds, path, body.clone()).await;
             println!(
-                "{:<34} {:>12.0} {:>10.2} {:>10.2} {:>9.2}×",
+                "{:<40} {:>12.0} {:>10.2} {:>10.2} {:>9.2}×",
                 format!("{name}, {how}"),
                 tunnel_rps,
                 pct(&tunnel, 0.5),
@@ -203,11 +203,11 @@ async fn main() {
         }
     });
     let direct = websocket(&format!("ws://{relay_addr}/ws"), 2_000).await;
-    println!("{:<34} {:>12} {:>10.3} {:>10.3} {:>10}", "WebSocket RTT, direct", "", pct(&direct, 0.5), pct(&direct, 0.99), "");
+    println!("{:<40} {:>12} {:>10.3} {:>10.3} {:>10}", "WebSocket RTT, direct", "", pct(&direct, 0.5), pct(&direct, 0.99), "");
     for (how, portal) in [("tunnel", addr), ("tunnel in TLS", tls_addr)] {
         let tunnel = websocket(&format!("ws://{portal}/s/1/ws"), 2_000).await;
         println!(
-            "{:<34} {:>12} {:>10.3} {:>10.3} {:>9.2}×",
+            "{:<40} {:>12} {:>10.3} {:>10.3} {:>9.2}×",
             format!("WebSocket RTT, {how}"),
             "",
             pct(&tunnel, 0.5),
