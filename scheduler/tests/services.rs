@@ -369,12 +369,7 @@ async fn an_environment_stops_once_nobody_has_used_it_for_the_idle_time() {
     // The tab closes: the idle time later, the terminal stops for good.
     drop(ws);
     let closed_ms = now_ms();
-    let stopped = eventually(Duration::from_secs(60), Duration::from_millis(300), || async {
-        let (_, view) = stage.api("GET", &format!("/api/v1/services/{id}"), None).await;
-        (view["state"] == "stopped").then_some(view)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("an idle terminal stops: {e}\n{}", stage.logs()));
+    let stopped = stage.wait_stopped(id, Duration::from_secs(60), "an idle terminal stops").await;
     assert!(stopped["stop_reason"].as_str().unwrap_or_default().contains("nobody used it"), "{stopped}");
     assert!(stopped["stopped_ms"].as_i64().unwrap_or(0) >= closed_ms + IDLE_MS - 3_000, "not before the idle time: {stopped}");
     let gone = stage.client_for(&url).get(&url).bearer_auth(&stage.token).send().await.expect("page");
@@ -485,12 +480,7 @@ async fn jupyterlab_running_a_cell_with_no_tab_open_is_in_use_until_the_cell_end
     .await
     .expect("past the idle time");
     assert!(working["last_used_ms"].as_i64().unwrap_or(0) >= started_ms + IDLE_MS - 5_000, "its busy kernel counted as use: {working}");
-    let stopped = eventually(Duration::from_secs(180), Duration::from_millis(500), || async {
-        let (_, view) = stage.api("GET", &format!("/api/v1/services/{id}"), None).await;
-        (view["state"] == "stopped").then_some(view)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("an idle notebook stops once its cell ended: {e}\n{}", stage.logs()));
+    let stopped = stage.wait_stopped(id, Duration::from_secs(180), "an idle notebook stops once its cell ended").await;
     assert!(stopped["stop_reason"].as_str().unwrap_or_default().contains("nobody used it"), "{stopped}");
     assert!(stopped["stopped_ms"].as_i64().unwrap_or(0) >= started_ms + CELL_MS, "not before its cell ended: {stopped}");
 }

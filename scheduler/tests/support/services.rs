@@ -200,6 +200,18 @@ impl Stage {
         .unwrap_or_else(|e| panic!("service {id} generation {generation} answers: {e}\n{}", self.logs()))
     }
 
+    /// The service's view at the portal.
+    pub async fn view(&self, id: u64) -> Value {
+        self.api("GET", &format!("/api/v1/services/{id}"), None).await.1
+    }
+
+    /// Waits until the service has stopped (for good); its view.
+    pub async fn wait_stopped(&self, id: u64, within: Duration, what: &str) -> Value {
+        eventually(within, Duration::from_millis(300), || async move { Some(self.view(id).await).filter(|view| view["state"] == "stopped") })
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", self.logs()))
+    }
+
     /// An image of the digit 7 from the test data.
     pub fn seven(&self) -> (PathBuf, Vec<u8>) {
         let dir = self.data.join("digits/images/7");
