@@ -78,6 +78,9 @@ const FILE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// An environment nobody has used for this long stops (`--environment-idle-s`).
 pub const DEFAULT_IDLE_STOP: Duration = Duration::from_secs(3600);
+/// A JupyterLab not answering yet this long after it was made is not starting any more (its
+/// first install takes minutes): it is idle like any other.
+const STARTUP_GRACE_MS: i64 = 30 * 60 * 1000;
 /// The classifier's files `suanli-job serve` loads.
 pub const CLASSIFIER_FILES: [&str; 2] = ["model.json", "model.safetensors"];
 
@@ -834,7 +837,7 @@ async fn stop_idle_environments(state: &AppState, now: i64, idle: Duration) -> A
         }
         let (id, node): (i64, i64) = (row.try_get("id")?, row.try_get("node_id")?);
         // A notebook may be working with no tab open (a long training): asked before it stops.
-        if kind == ServiceKindName::Jupyter && notebook_at_work(state, node as u64, id).await {
+        if kind == ServiceKindName::Jupyter && notebook_at_work(state, node as u64, id, row.try_get("created_ms")?).await {
             sqlx::query("UPDATE services SET last_request_ms = $1 WHERE id = $2").bind(now).bind(id).execute(&state.db.pool).await?;
             continue;
         }
@@ -848,26 +851,27 @@ async fn stop_idle_environments(state: &AppState, now: i64, idle: Duration) -> A
 }
 
 /// Whether JupyterLab `id` is at work by its own account: a kernel running code (`busy` in its
-/// `/api/kernels`), or JupyterLab not answering yet (starting: installed the first time, which
-/// takes minutes). Asked through the node's tunnel as a visitor's request would go; a node not
-/// connected says nothing, and the notebook is taken for idle.
-async fn notebook_at_work(state: &AppState, node: u64, id: i64) -> bool {
+/// `/api/kernels`), or, within [`STARTUP_GRACE_MS`] of `created_ms`, JupyterLab not answering yet
+/// (installed the first time, which takes minutes). Asked through the node's tunnel as a
+/// visitor's request would go, the whole answer within [`CONTROL_TIMEOUT`] (the lease's own
+/// process answers it: it must not hold up the sweep); a node not connected says nothing, and
+/// the notebook is taken for idle.
+async fn notebook_at_work(state: &AppState, node: u64, id: i64, created_ms: i64) -> bool {
     let Some(tunnel) = state.tunnels.tunnel(node) else { return false };
     let Ok(request) = axum::http::Request::get("/api/kernels").body(Body::empty()) else { return false };
-    let answer = match tokio::time::timeout(CONTROL_TIMEOUT, tunnel.forward(&id.to_string(), request)).await {
-        Ok(Ok(answer)) => answer,
-        _ => return false,
+    let asked = async {
+        let answer = tunnel.forward(&id.to_string(), request).await.ok()?;
+        if answer.headers().get(AGENT_ERROR_HEADER).and_then(|v| v.to_str().ok()).and_then(AgentError::from_code) == Some(AgentError::Unreachable) {
+            return Some(now_ms() - created_ms < STARTUP_GRACE_MS);
+        }
+        if !answer.status().is_success() {
+            return Some(false);
+        }
+        let body = axum::body::to_bytes(Body::new(answer.into_body()), 1 << 20).await.ok()?;
+        let kernels: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap_or_default();
+        Some(kernels.iter().any(|k| k["execution_state"] == "busy"))
     };
-    if answer.headers().get(AGENT_ERROR_HEADER).and_then(|v| v.to_str().ok()).and_then(AgentError::from_code).is_some() {
-        // The agent answered for it: JupyterLab is not up (yet).
-        return true;
-    }
-    if !answer.status().is_success() {
-        return false;
-    }
-    let Ok(body) = axum::body::to_bytes(Body::new(answer.into_body()), 1 << 20).await else { return false };
-    let kernels: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap_or_default();
-    kernels.iter().any(|k| k["execution_state"] == "busy")
+    tokio::time::timeout(CONTROL_TIMEOUT, asked).await.ok().flatten().unwrap_or(false)
 }
 
 /// The portal's own codes for the proxy's answers, as documented.

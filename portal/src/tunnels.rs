@@ -13,9 +13,10 @@
 //! good for ten minutes and may travel in the clear (an agent on the portal's host dials plain
 //! TCP), so a copy of it must not take over a tunnel: only a dial with a newer ticket replaces
 //! the node's open one (the agent's own next dial). The replaced connection takes no new
-//! request; what it carries (a terminal, a notebook's kernel) goes on until it ends, while the
-//! node keeps a tunnel open (a day at most): a tunnel's rotation cuts no connection. Tunnels
-//! live in this process: with several portal processes, each keeps the tunnels that reached it.
+//! request; what it carries (a terminal, a notebook's kernel) goes on until it ends, and the
+//! agent closes it then (a day at most: `suanli_tunnel::agent::serve_until`), so a tunnel's
+//! rotation cuts no connection. Tunnels live in this process: with several portal processes,
+//! each keeps the tunnels that reached it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,11 +31,6 @@ use crate::db::now_ms;
 use crate::error::ApiError;
 use crate::state::AppState;
 use suanli_types::ErrorCode;
-
-/// How often a replaced tunnel, still carrying connections, checks that its node keeps a tunnel.
-const DRAIN_CHECK: std::time::Duration = std::time::Duration::from_secs(15);
-/// The longest a replaced tunnel carries what it carried (a terminal left open for a day).
-const LONGEST_DRAIN: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// The tunnels open now, by node.
 pub struct Tunnels {
@@ -106,46 +102,17 @@ impl Tunnels {
         }
         tracing::info!(node, expires_ms, "an agent opened its tunnel");
         let left = std::time::Duration::from_millis(u64::try_from(expires_ms - now_ms()).unwrap_or(0));
-        tokio::pin!(driver);
-        let replaced = tokio::select! {
-            () = &mut driver => {
-                tracing::info!(node, "an agent's tunnel closed");
-                false
-            }
-            () = tokio::time::sleep(left) => {
-                tracing::info!(node, "an agent's tunnel outlived its ticket: closed");
-                false
-            }
-            _ = closed => true,
-        };
-        {
-            let mut open = self.lock();
-            if open.get(&node).is_some_and(|o| o.generation == generation) {
-                open.remove(&node);
-            }
+        tokio::select! {
+            () = driver => tracing::info!(node, "an agent's tunnel closed"),
+            () = tokio::time::sleep(left) => tracing::info!(node, "an agent's tunnel outlived its ticket: closed"),
+            // The agent's next tunnel takes the new requests. What this one still carries (a
+            // terminal, a notebook's kernel) goes on in hyper's own connection task until it
+            // ends, and the agent closes the connection then (it retired it: GOAWAY).
+            _ = closed => tracing::info!(node, "an agent's tunnel was replaced by its next one"),
         }
-        if replaced {
-            // The agent's next tunnel takes the new requests; what this one carries (a
-            // terminal, a notebook's kernel) goes on until it ends and the agent closes it, for
-            // as long as the node keeps a tunnel open with a good ticket.
-            tracing::info!(node, "an agent's tunnel was replaced by its next one: draining");
-            self.drain(node, driver).await;
-        }
-    }
-
-    /// Drives a replaced tunnel's connection until it closes, the node has no tunnel open any
-    /// more (its tickets stopped: revoked, or gone), or [`LONGEST_DRAIN`] has passed.
-    async fn drain(&self, node: u64, driver: impl std::future::Future<Output = ()>) {
-        let started = tokio::time::Instant::now();
-        tokio::pin!(driver);
-        loop {
-            tokio::select! {
-                () = &mut driver => return tracing::info!(node, "a replaced tunnel finished what it carried"),
-                () = tokio::time::sleep(DRAIN_CHECK) => {}
-            }
-            if self.tunnel(node).is_none() || started.elapsed() > LONGEST_DRAIN {
-                return tracing::info!(node, "a replaced tunnel closed with what it still carried");
-            }
+        let mut open = self.lock();
+        if open.get(&node).is_some_and(|o| o.generation == generation) {
+            open.remove(&node);
         }
     }
 }

@@ -30,6 +30,8 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(30);
 const REDIAL_BEFORE_EXPIRY: Duration = Duration::from_secs(60);
 /// A tunnel that would be dialled again sooner than this is not dialled (a clock far ahead).
 const SHORTEST_TUNNEL: Duration = Duration::from_secs(10);
+/// How long after the next tunnel is open the one before is retired.
+const RETIRE_AFTER: Duration = Duration::from_secs(5);
 /// A dial (TCP, TLS, the upgrade) that has not opened the tunnel by then is given up: across a
 /// network a peer that stalls would otherwise hold the agent's only dial for ever.
 const DIAL_DEADLINE: Duration = Duration::from_secs(30);
@@ -98,7 +100,12 @@ impl PortalTunnel {
             return Err(format!("the ticket is good for only {} s by this node's clock: is it ahead of the broker's?", good_for.as_secs()));
         }
         if let Some(previous) = serving.take() {
-            let _ = previous.send(());
+            // A moment after, once the portal keeps the new tunnel: a GOAWAY before would leave
+            // the node without one there for that moment.
+            tokio::spawn(async move {
+                tokio::time::sleep(RETIRE_AFTER).await;
+                let _ = previous.send(());
+            });
         }
         let (retire, retired) = oneshot::channel::<()>();
         let services = NodeServices(self.services.clone());

@@ -84,8 +84,9 @@ where
 
 /// As [`serve`], until `retire` resolves (the agent's next tunnel is open): then the portal is
 /// told to send nothing new here (HTTP/2's GOAWAY), and what is under way (a download, a
-/// terminal's or a notebook's WebSocket) goes on to its end, after which this returns. So a
-/// tunnel's rotation, every few minutes, cuts no connection.
+/// terminal's or a notebook's WebSocket) goes on to its end, after which this returns (after
+/// [`LONGEST_RETIREMENT`] at the most). So a tunnel's rotation, every few minutes, cuts no
+/// connection.
 pub async fn serve_until<IO, R>(io: IO, resolve: R, retire: impl Future<Output = ()>) -> Result<(), TunnelError>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -109,9 +110,15 @@ where
         served = connection.as_mut() => return Ok(served?),
         () = retire => connection.as_mut().graceful_shutdown(),
     }
-    connection.await?;
-    Ok(())
+    // A connection nobody closes (a visitor gone without a word) does not hold it for ever.
+    match tokio::time::timeout(LONGEST_RETIREMENT, connection).await {
+        Ok(served) => Ok(served?),
+        Err(_) => Ok(()),
+    }
 }
+
+/// The longest a retired tunnel carries what it carried (a terminal left open for a day).
+pub const LONGEST_RETIREMENT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// The agent's own answer to a request it does not forward.
 pub fn refuse(error: AgentError, detail: &str) -> Response<Body> {
