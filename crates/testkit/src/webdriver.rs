@@ -35,6 +35,24 @@ impl Drop for Browser {
 impl Browser {
     /// Starts chromedriver on a port it picks and opens a headless Chromium session.
     pub async fn start() -> anyhow::Result<Browser> {
+        // chromedriver picks its port and binds it again: another one started at the same
+        // moment (a test with several browsers) may take it first, and it exits ("port not
+        // available"). Such a start is made again, saying why.
+        let mut said = Vec::new();
+        for _ in 0..3 {
+            match Browser::start_driver().await? {
+                Ok((driver, port)) => return Browser::open(driver, port).await,
+                Err(lines) => {
+                    eprintln!("chromedriver exited before it listened, starting it again: {lines:?}");
+                    said = lines;
+                }
+            }
+        }
+        bail!("chromedriver exited three times before it listened; it said: {said:?}")
+    }
+
+    /// chromedriver and its port, or what it printed before it exited.
+    async fn start_driver() -> anyhow::Result<Result<(Child, u16), Vec<String>>> {
         let mut driver = Command::new("chromedriver")
             .arg("--port=0")
             .stdout(Stdio::piped())
@@ -46,17 +64,25 @@ impl Browser {
             .context("starting chromedriver (Debian chromium-driver; run ops/install-build-deps)")?;
         let stdout = driver.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut lines = BufReader::new(stdout).lines();
+        let mut said = Vec::new();
         let port = tokio::time::timeout(Duration::from_secs(20), async {
             while let Some(line) = lines.next_line().await? {
                 if let Some(rest) = line.split("started successfully on port ").nth(1) {
-                    return Ok(rest.trim_end_matches('.').trim().parse::<u16>()?);
+                    return Ok(Some(rest.trim_end_matches('.').trim().parse::<u16>()?));
                 }
+                said.push(line);
             }
-            bail!("chromedriver exited")
+            anyhow::Ok(None)
         })
         .await
         .context("chromedriver did not start")??;
+        let Some(port) = port else { return Ok(Err(said)) };
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Ok((driver, port)))
+    }
+
+    /// A headless Chromium session on the chromedriver at `port`.
+    async fn open(driver: Child, port: u16) -> anyhow::Result<Browser> {
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
