@@ -352,7 +352,8 @@ fn agent_ca(args: AgentCaArgs) -> anyhow::Result<()> {
 fn server_cert(args: ServerCertArgs) -> anyhow::Result<()> {
     // A slip of the flags must not write over the CA itself.
     let same = |a: &std::path::Path, b: &std::path::Path| {
-        std::path::absolute(a).ok() == std::path::absolute(b).ok() || a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a))
+        let resolved = |p: &std::path::Path| p.canonicalize().or_else(|_| std::path::absolute(p)).ok();
+        resolved(a).is_some_and(|a| resolved(b) == Some(a))
     };
     for out in [&args.cert, &args.key] {
         if same(out, &args.ca_cert) || same(out, &args.ca_key) {

@@ -118,9 +118,9 @@ pub struct ServiceHub {
     port: String,
     cache: Mutex<HashMap<String, Cached>>,
     /// What each `Authorization` seen lately was, by its hash: a portal user's API token, or not.
-    tokens: Mutex<HashMap<String, (Option<UserId>, Instant)>>,
+    tokens: Recent<Option<UserId>>,
     /// Whether each portal session visits came from was still there lately, by its token's hash.
-    sessions: Mutex<HashMap<String, (bool, Instant)>>,
+    sessions: Recent<bool>,
     /// Grants used, until they expire (each is good once).
     used_grants: Mutex<HashMap<String, i64>>,
     /// Requests not yet written, per service.
@@ -150,6 +150,32 @@ impl Drop for Connected {
                 table.remove(&self.service);
             }
         }
+    }
+}
+
+/// What the proxy learned lately, by key, trusted for [`TOKENS_FOR`] (what an `Authorization`
+/// was, whether a session lives): no database query per request.
+struct Recent<V> {
+    entries: Mutex<HashMap<String, (V, Instant)>>,
+}
+
+impl<V> Default for Recent<V> {
+    fn default() -> Self {
+        Recent { entries: Mutex::default() }
+    }
+}
+
+impl<V: Clone> Recent<V> {
+    fn get(&self, key: &str) -> Option<V> {
+        lock(&self.entries).get(key).filter(|(_, at)| at.elapsed() < TOKENS_FOR).map(|(value, _)| value.clone())
+    }
+
+    fn put(&self, key: String, value: V) {
+        let mut entries = lock(&self.entries);
+        if entries.len() >= CACHE_ENTRIES {
+            entries.retain(|_, (_, at)| at.elapsed() < TOKENS_FOR);
+        }
+        entries.insert(key, (value, Instant::now()));
     }
 }
 
@@ -195,8 +221,8 @@ impl ServiceHub {
             scheme: scheme.to_owned(),
             port,
             cache: Mutex::default(),
-            tokens: Mutex::default(),
-            sessions: Mutex::default(),
+            tokens: Recent::default(),
+            sessions: Recent::default(),
             used_grants: Mutex::default(),
             counts: Mutex::default(),
             buckets: Mutex::default(),
@@ -364,7 +390,7 @@ async fn visitor(state: &AppState, service: &Published, headers: &HeaderMap) -> 
     let mut by_token = None;
     if let Some(v) = headers.get(header::AUTHORIZATION) {
         let key = crate::crypto::token_hash(&String::from_utf8_lossy(v.as_bytes()));
-        let known = lock(&state.services.tokens).get(&key).filter(|(_, at)| at.elapsed() < TOKENS_FOR).map(|(user, _)| *user);
+        let known = state.services.tokens.get(&key);
         by_token = match known {
             Some(user) => user,
             None => {
@@ -372,11 +398,7 @@ async fn visitor(state: &AppState, service: &Published, headers: &HeaderMap) -> 
                 only_token.insert(header::AUTHORIZATION, v.clone());
                 // A token that is not the portal's may be the service's own: not an error here.
                 let user = crate::auth::resolve(state, &only_token).await.ok().flatten().map(|p| p.user);
-                let mut tokens = lock(&state.services.tokens);
-                if tokens.len() >= CACHE_ENTRIES {
-                    tokens.retain(|_, (_, at)| at.elapsed() < TOKENS_FOR);
-                }
-                tokens.insert(key, (user, Instant::now()));
+                state.services.tokens.put(key, user);
                 user
             }
         };
@@ -397,8 +419,8 @@ async fn visitor(state: &AppState, service: &Published, headers: &HeaderMap) -> 
 /// change ends the others) ends its visits too. A connection already open (a WebSocket) lasts
 /// until it closes.
 async fn session_lives(state: &AppState, token_hash: &str) -> bool {
-    if let Some((lives, _)) = lock(&state.services.sessions).get(token_hash).filter(|(_, at)| at.elapsed() < TOKENS_FOR) {
-        return *lives;
+    if let Some(lives) = state.services.sessions.get(token_hash) {
+        return lives;
     }
     // Its existence and absolute expiry, not its idle time: using a service is not using the
     // portal's pages, which is what keeps a session from idling out.
@@ -415,11 +437,7 @@ async fn session_lives(state: &AppState, token_hash: &str) -> bool {
             return false;
         }
     };
-    let mut sessions = lock(&state.services.sessions);
-    if sessions.len() >= CACHE_ENTRIES {
-        sessions.retain(|_, (_, at)| at.elapsed() < TOKENS_FOR);
-    }
-    sessions.insert(token_hash.to_owned(), (lives, Instant::now()));
+    state.services.sessions.put(token_hash.to_owned(), lives);
     lives
 }
 
